@@ -1,0 +1,165 @@
+"""Input checks shared by every public boundary.
+
+Every user error raises ``ValueError`` or ``TypeError`` whose message names the field, the value
+that was given, the rule it broke and how to fix it. Checks run before any collective starts, so
+all ranks of a group fail the same way instead of one rank hanging in an all-to-all.
+
+Shape checks are free. Value checks (id ranges, NaN weights) read the tensor on the host, which
+synchronises a GPU stream; callers skip them with ``validate=False`` on the hot path, and they are
+skipped automatically while a CUDA graph is being captured (a host read is illegal there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def error_message(field: str, value: object, rule: str, fix: str) -> str:
+    """One format for every user error: ``field=value: rule. Fix: fix.``"""
+    return f"{field}={value}: {rule}. Fix: {fix}."
+
+
+def describe(t: object) -> str:
+    """Short description of a tensor for messages (shape, dtype, device), or the repr."""
+    if isinstance(t, torch.Tensor):
+        return f"Tensor(shape={list(t.shape)}, dtype={t.dtype}, device={t.device})"
+    return repr(t)
+
+
+def value_checks_allowed(t: torch.Tensor) -> bool:
+    """Host reads are illegal inside CUDA graph capture; skip value checks there."""
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_tensor(
+    field: str,
+    t: object,
+    *,
+    shape: Sequence[int | None] | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    fix: str = "",
+) -> torch.Tensor:
+    """Check type, shape (``None`` = any size in that dimension) and dtype of a tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(
+            error_message(field, describe(t), "must be a torch.Tensor", fix or "pass a tensor")
+        )
+    if shape is not None:
+        ok = t.dim() == len(shape) and all(
+            want is None or got == want for got, want in zip(t.shape, shape, strict=False)
+        )
+        if not ok:
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(
+                error_message(
+                    f"{field}.shape",
+                    list(t.shape),
+                    f"must be {want}",
+                    fix or f"reshape {field} to {want}",
+                )
+            )
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d) for d in dtypes)
+        raise TypeError(
+            error_message(
+                f"{field}.dtype",
+                t.dtype,
+                f"must be one of ({names})",
+                fix or f"convert with {field}.to({dtypes[0]})",
+            )
+        )
+    return t
+
+
+def check_integer(field: str, t: torch.Tensor) -> None:
+    if t.dtype not in _INT_DTYPES:
+        raise TypeError(
+            error_message(
+                f"{field}.dtype",
+                t.dtype,
+                "expert ids must have an integer dtype",
+                f"pass integer ids, e.g. {field}.to(torch.int32); never reinterpret a buffer",
+            )
+        )
+
+
+def check_id_range(field: str, ids: torch.Tensor, num_experts: int, *, allow_minus_one: bool) -> None:
+    """Every id lies in [0, E), or is -1 (an empty slot) where that is allowed."""
+    if ids.numel() == 0 or not value_checks_allowed(ids):
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    low_ok = lo >= (-1 if allow_minus_one else 0)
+    if low_ok and hi < num_experts:
+        return
+    bad = lo if not low_ok else hi
+    rule = f"expert ids must lie in [0, {num_experts})"
+    if allow_minus_one:
+        rule += " or be -1 for an empty slot"
+    raise ValueError(
+        error_message(
+            field,
+            f"contains {bad}",
+            rule,
+            "check the router and the expert count; an int64 buffer read as int32 gives such "
+            "values",
+        )
+    )
+
+
+def check_unique_rows(field: str, ids: torch.Tensor) -> None:
+    """No id appears twice in one row (ignoring -1 slots)."""
+    if ids.shape[-1] < 2 or ids.numel() == 0 or not value_checks_allowed(ids):
+        return
+    s, _ = ids.sort(dim=-1)
+    dup = (s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)
+    if bool(dup.any()):
+        row = int(dup.any(dim=-1).nonzero()[0, 0])
+        raise ValueError(
+            error_message(
+                f"{field}[{row}]",
+                ids[row].tolist(),
+                "an expert may appear at most once per token",
+                "choose K distinct experts for each token",
+            )
+        )
+
+
+def check_weights(field: str, w: torch.Tensor) -> None:
+    """Routing weights are finite and non-negative."""
+    if w.numel() == 0 or not value_checks_allowed(w):
+        return
+    finite = torch.isfinite(w)
+    if not bool(finite.all()):
+        bad = w[~finite][0].item()
+        raise ValueError(
+            error_message(
+                field, f"contains {bad}", "routing weights must be finite", "check the router"
+            )
+        )
+    if bool((w < 0).any()):
+        bad = w[w < 0][0].item()
+        raise ValueError(
+            error_message(
+                field,
+                f"contains {bad}",
+                "routing weights must be >= 0 (softmax or sigmoid scores)",
+                "pass the router's probabilities, not its logits",
+            )
+        )
+
+
+def check_same_device(fields: dict[str, torch.Tensor]) -> None:
+    devices = {name: t.device for name, t in fields.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(
+            error_message(
+                "devices",
+                {k: str(v) for k, v in devices.items()},
+                "all tensors of one call must be on one device",
+                "move them with .to(x.device)",
+            )
+        )

@@ -1,0 +1,7 @@
+"""Dispatch/combine backends: base (contract), local (W = 1); torch and mori follow."""
+
+from rocm_moe.comm.base import CombineHandle, DispatchResult, Dispatcher, weight_and_reduce
+from rocm_moe.comm.local import LocalDispatcher
+
+__all__ = ["CombineHandle", "DispatchResult", "Dispatcher", "LocalDispatcher",
+           "weight_and_reduce"]

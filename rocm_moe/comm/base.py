@@ -1,0 +1,214 @@
+"""The dispatcher contract every communication backend implements (local, torch, mori).
+
+    dispatch(x_TH, topk_weights_TK, topk_ids_TK) -> DispatchResult
+        x [R, H], topk_ids [R, K] int32 GLOBAL, topk_weights [R, K] float32, handle
+    combine(ExpertsOutput, handle) -> [T, H]        (owner rank sums the partials)
+    combine_raw(ExpertsOutput, handle) -> [T, K, H] (raw per-slot outputs back to the owner)
+
+MORI's semantics are the contract (see notes/dataflow.md): a token goes once to each unique
+destination rank (the owners of its top-k experts) carrying its full [K] ids and weights; ids
+stay global; combine sums one partial per destination rank and never weights.
+
+Exactly-once weighting lives here: ``combine`` reads ``ExpertsOutput.weights_applied``. Weighted
+[R, H] partials are only summed. Raw [R, K, H] outputs are weighted with the dispatched weights
+and reduced over this rank's local slots *before* the return trip (one row per received row on
+the wire either way). Nothing else in the package applies routing weights to routed outputs.
+
+Dispatchers are stateless between dispatch and combine: the frozen handle carries everything
+combine needs, including this rank's own ids, so combine cannot be given another batch's ids.
+All input checks run before any collective, identically on every backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from rocm_moe._checks import (
+    check_id_range,
+    check_integer,
+    check_same_device,
+    check_tensor,
+    check_unique_rows,
+    check_weights,
+    error_message,
+)
+from rocm_moe.experts.base import FLOAT_DTYPES, ExpertsOutput
+from rocm_moe.placement import ExpertMap, Placement
+
+_batch_counter = itertools.count()
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class CombineHandle:
+    """Dispatch's record for combine. Backends subclass it to add their routing state."""
+
+    dispatcher_id: int
+    batch_id: int
+    num_tokens: int  # T on this rank
+    num_received: int  # R on this rank
+    topk_ids: torch.Tensor  # [T, K] int32: this rank's own ids
+    topk_weights: torch.Tensor  # [T, K] float32: this rank's own weights
+    recv_topk_ids: torch.Tensor  # [R, K] int32: ids of the received rows
+    recv_topk_weights: torch.Tensor  # [R, K] float32: weights of the received rows
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class DispatchResult:
+    """Rows this rank must run through its local experts."""
+
+    x: torch.Tensor  # [R, H]
+    topk_ids: torch.Tensor  # [R, K] int32, global
+    topk_weights: torch.Tensor  # [R, K] float32
+    handle: CombineHandle
+
+    @property
+    def num_received(self) -> int:
+        return self.x.shape[0]
+
+
+def weight_and_reduce(
+    raw_RKH: torch.Tensor, topk_weights_RK: torch.Tensor, local_RK: torch.Tensor
+) -> torch.Tensor:
+    """sum_k w[r, k] * raw[r, k] over the slots where ``local_RK`` is true, in float32 (float64
+    for float64 input) and a fixed order, cast back to raw's dtype: [R, K, H] -> [R, H]."""
+    acc = torch.float64 if raw_RKH.dtype == torch.float64 else torch.float32
+    w_RK = torch.where(local_RK, topk_weights_RK, torch.zeros_like(topk_weights_RK)).to(acc)
+    out = raw_RKH.new_zeros(raw_RKH.shape[0], raw_RKH.shape[2], dtype=acc)
+    for k in range(raw_RKH.shape[1]):
+        out += raw_RKH[:, k].to(acc) * w_RK[:, k, None]
+    return out.to(raw_RKH.dtype)
+
+
+class Dispatcher(ABC):
+    """Moves tokens to the ranks that own their experts and partial results back.
+
+    Args:
+        placement: expert ownership, identical on every rank.
+        rank: this process's EP rank.
+        max_tokens_per_rank: capacity; a batch with more tokens is refused before any
+            collective (MORI silently corrupts past its capacity, mori#356). None = unbounded
+            where the backend allows it.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, placement: Placement, rank: int, *, max_tokens_per_rank: int | None = None):
+        if not isinstance(placement, Placement):
+            raise TypeError(error_message("placement", type(placement).__name__,
+                                          "must be a rocm_moe.Placement",
+                                          "use Placement.contiguous(E, W)"))
+        placement.num_local(rank)  # validates rank
+        if max_tokens_per_rank is not None and max_tokens_per_rank < 1:
+            raise ValueError(error_message("max_tokens_per_rank", max_tokens_per_rank,
+                                           "must be >= 1 or None", "pass the largest batch"))
+        self.placement = placement
+        self.rank = rank
+        self.max_tokens_per_rank = max_tokens_per_rank
+        self.expert_map = placement.expert_map(rank)
+        self._maps: dict[torch.device, ExpertMap] = {}
+
+    @property
+    def world_size(self) -> int:
+        return self.placement.world_size
+
+    def expert_map_on(self, device: torch.device) -> ExpertMap:
+        if device not in self._maps:
+            self._maps[device] = self.expert_map.to(device)
+        return self._maps[device]
+
+    # ---- dispatch -------------------------------------------------------------------------------
+    def check_dispatch_inputs(self, x_TH, topk_weights_TK, topk_ids_TK, *, validate: bool = True):
+        """The bad-input catalog, shared by every backend; returns int32 ids."""
+        check_tensor("x", x_TH, shape=(None, None), dtypes=FLOAT_DTYPES)
+        T = x_TH.shape[0]
+        check_tensor("topk_ids", topk_ids_TK, shape=(T, None))
+        check_integer("topk_ids", topk_ids_TK)
+        K = topk_ids_TK.shape[1]
+        check_tensor("topk_weights", topk_weights_TK, shape=(T, K), dtypes=(torch.float32,),
+                     fix="pass float32 routing weights (rocm_moe.route returns them)")
+        check_same_device({"x": x_TH, "topk_ids": topk_ids_TK, "topk_weights": topk_weights_TK})
+        cap = self.max_tokens_per_rank
+        if cap is not None and T > cap:
+            raise ValueError(error_message(
+                "x.shape[0]", T, f"exceeds max_tokens_per_rank={cap} of this dispatcher",
+                "split the batch or build the dispatcher with a larger max_tokens_per_rank"))
+        if validate:
+            check_id_range("topk_ids", topk_ids_TK, self.placement.num_experts,
+                           allow_minus_one=True)
+            check_unique_rows("topk_ids", topk_ids_TK)
+            check_weights("topk_weights", topk_weights_TK)
+        return topk_ids_TK.to(torch.int32)
+
+    def dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, *, validate: bool = True):
+        """Send each token to the owners of its experts. See the module docstring."""
+        ids = self.check_dispatch_inputs(x_TH, topk_weights_TK, topk_ids_TK, validate=validate)
+        return self._dispatch(x_TH, topk_weights_TK, ids, next(_batch_counter))
+
+    # ---- combine --------------------------------------------------------------------------------
+    def _check_handle(self, handle: object, expert_output: object, *, raw: bool) -> None:
+        if not isinstance(handle, CombineHandle) or handle.dispatcher_id != id(self):
+            raise ValueError(error_message(
+                "handle", type(handle).__name__, "must be the handle returned by this "
+                "dispatcher's dispatch() for this batch", "pass dispatch(...).handle"))
+        if not isinstance(expert_output, ExpertsOutput):
+            raise TypeError(error_message(
+                "expert_output", type(expert_output).__name__, "must be an ExpertsOutput that "
+                "declares whether the routing weights are applied",
+                "wrap it: ExpertsOutput(out=y, weights_applied=True)"))
+        R, K = handle.recv_topk_ids.shape
+        y = expert_output.out
+        H = y.shape[-1] if y.dim() else 0
+        if raw and expert_output.weights_applied:
+            raise ValueError(error_message(
+                "expert_output.weights_applied", True, "combine_raw needs raw per-slot outputs",
+                "run the experts with mode='raw'"))
+        want = (R, H) if expert_output.weights_applied else (R, K, H)
+        if tuple(y.shape) != want:
+            raise ValueError(error_message(
+                "expert_output.out.shape", list(y.shape),
+                f"must be {list(want)}: one row per received row of this batch (R={R}); ids or "
+                "outputs of another batch were passed (mori#475)",
+                "pass the experts' output for dispatch(...).x of the same batch"))
+        if y.dtype != handle.dtype:
+            raise TypeError(error_message("expert_output.out.dtype", y.dtype,
+                                          f"must equal the dispatched dtype {handle.dtype}",
+                                          "return outputs in the input dtype"))
+
+    def combine(self, expert_output: ExpertsOutput, handle: CombineHandle) -> torch.Tensor:
+        """[T, H] on the owner: weighted partials summed, raw ones weighted once first."""
+        self._check_handle(handle, expert_output, raw=False)
+        y = expert_output.out
+        if not expert_output.weights_applied:
+            local = self.expert_map_on(y.device).local_ids(handle.recv_topk_ids) >= 0
+            y = weight_and_reduce(y, handle.recv_topk_weights, local)
+        return self._combine(y, handle)
+
+    def combine_raw(self, expert_output: ExpertsOutput, handle: CombineHandle) -> torch.Tensor:
+        """[T, K, H] on the owner: slot k's unweighted output from the rank owning expert k;
+        zeros for empty slots."""
+        self._check_handle(handle, expert_output, raw=True)
+        return self._combine_raw(expert_output.out, handle)
+
+    # ---- backend hooks --------------------------------------------------------------------------
+    @abstractmethod
+    def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id: int) -> DispatchResult: ...
+
+    @abstractmethod
+    def _combine(self, y_RH: torch.Tensor, handle: CombineHandle) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _combine_raw(self, raw_RKH: torch.Tensor, handle: CombineHandle) -> torch.Tensor: ...
+
+    def handle_fields(self, *, batch_id, x_TH, topk_weights_TK, topk_ids_TK, recv_topk_ids,
+                      recv_topk_weights) -> dict:
+        """Common CombineHandle fields, for backends building their handle."""
+        return dict(dispatcher_id=id(self), batch_id=batch_id, num_tokens=x_TH.shape[0],
+                    num_received=recv_topk_ids.shape[0], topk_ids=topk_ids_TK,
+                    topk_weights=topk_weights_TK, recv_topk_ids=recv_topk_ids,
+                    recv_topk_weights=recv_topk_weights, dtype=x_TH.dtype)

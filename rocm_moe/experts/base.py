@@ -1,0 +1,134 @@
+"""The experts contract: every expert backend computes the same thing on the same inputs.
+
+Inputs (on one rank, after dispatch):
+    x_RH            [R, H] received rows, floating (bf16/fp16/fp32/fp64).
+    topk_ids_RK     [R, K] int32 GLOBAL expert ids of each row (-1 = empty slot).
+    topk_weights_RK [R, K] float32 routing weights of each row.
+    w13             [e, 2I, H] local experts' gate (rows 0..I-1) then up (rows I..2I-1) weights.
+    w2              [e, H, I] local experts' down weights.
+    expert_map      ExpertMap of this rank: selects the local slots; other slots are skipped.
+
+Modes:
+    "weighted": out [R, H] = sum over local slots k of w[r, k] * expert_k(x[r]); the backend
+                applied the weights (``weights_applied=True``), as AITER's fused_moe does.
+    "raw":      out [R, K, H] = expert_k(x[r]) unweighted for local slots, exact zeros elsewhere;
+                ``weights_applied=False``, so the combine stage must apply them.
+
+expert(x) = (silu(x @ gate.T) * (x @ up.T)) @ down.T, accumulated in float32 (float64 for
+float64 inputs) and returned in x's dtype.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from rocm_moe._checks import (
+    check_id_range,
+    check_same_device,
+    check_tensor,
+    check_weights,
+    error_message,
+)
+from rocm_moe.placement import ExpertMap, require_expert_map
+
+ExpertsMode = Literal["weighted", "raw"]
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ExpertsOutput:
+    """An expert stage's result, declaring whether the routing weights are already applied."""
+
+    out: torch.Tensor  # [R, H] when weights_applied, else [R, K, H]
+    weights_applied: bool
+
+
+def check_expert_inputs(
+    x_RH: torch.Tensor,
+    topk_ids_RK: torch.Tensor,
+    topk_weights_RK: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    expert_map: ExpertMap,
+    *,
+    mode: str,
+    validate: bool = True,
+) -> None:
+    """Shape, dtype and value checks of the experts contract (see the module docstring)."""
+    require_expert_map("expert_map", expert_map)
+    if mode not in ("weighted", "raw"):
+        raise ValueError(error_message("mode", repr(mode), "must be 'weighted' or 'raw'",
+                                       "pick one"))
+    check_tensor("x", x_RH, shape=(None, None), dtypes=FLOAT_DTYPES)
+    R, H = x_RH.shape
+    check_tensor("topk_ids", topk_ids_RK, shape=(R, None), dtypes=(torch.int32,),
+                 fix="pass int32 global ids (topk_ids.to(torch.int32) after a range check)")
+    K = topk_ids_RK.shape[1]
+    check_tensor("topk_weights", topk_weights_RK, shape=(R, K), dtypes=(torch.float32,),
+                 fix="pass float32 weights (topk_weights.float())")
+    e = expert_map.num_local
+    check_tensor("w13", w13, shape=(e, None, H), dtypes=(x_RH.dtype,),
+                 fix=f"w13 is [e={e}, 2I, H={H}] in x's dtype ({x_RH.dtype})")
+    if w13.shape[1] % 2:
+        raise ValueError(error_message("w13.shape[1]", w13.shape[1], "must be 2I (gate then up)",
+                                       "stack gate and up along dim 1"))
+    check_tensor("w2", w2, shape=(e, H, w13.shape[1] // 2), dtypes=(x_RH.dtype,),
+                 fix=f"w2 is [e={e}, H={H}, I={w13.shape[1] // 2}] in x's dtype")
+    check_same_device({"x": x_RH, "topk_ids": topk_ids_RK, "topk_weights": topk_weights_RK,
+                       "w13": w13, "w2": w2})
+    if validate:
+        check_id_range("topk_ids", topk_ids_RK, expert_map.num_experts, allow_minus_one=True)
+        check_weights("topk_weights", topk_weights_RK)
+
+
+class Experts(ABC):
+    """An expert backend. Stateless: weights and the expert map come with every call."""
+
+    name: ClassVar[str]
+
+    def supports(self, *, mode: ExpertsMode, dtype: torch.dtype, device: torch.device) -> str | None:
+        """None if this backend can run the call, else the reason it cannot."""
+        return None
+
+    def __call__(
+        self,
+        x_RH: torch.Tensor,
+        topk_ids_RK: torch.Tensor,
+        topk_weights_RK: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        expert_map: ExpertMap,
+        *,
+        mode: ExpertsMode,
+        validate: bool = True,
+    ) -> ExpertsOutput:
+        check_expert_inputs(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, mode=mode,
+                            validate=validate)
+        reason = self.supports(mode=mode, dtype=x_RH.dtype, device=x_RH.device)
+        if reason is not None:
+            raise ValueError(error_message(f"experts={self.name}, mode", repr(mode),
+                                           f"unsupported: {reason}", "pick another backend"))
+        out = self._forward(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, mode=mode)
+        R, K = topk_ids_RK.shape
+        want = (R, x_RH.shape[1]) if out.weights_applied else (R, K, x_RH.shape[1])
+        assert tuple(out.out.shape) == want, (self.name, tuple(out.out.shape), want)
+        assert out.weights_applied == (mode == "weighted"), (self.name, mode)
+        return out
+
+    @abstractmethod
+    def _forward(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode):
+        ...
+
+
+def swiglu_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert on rows x [N, H]: w13 [2I, H] (gate then up), w2 [H, I] -> [N, H]."""
+    gate, up = (x @ w13.T).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up) @ w2.T
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32

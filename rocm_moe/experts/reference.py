@@ -1,0 +1,65 @@
+"""Pure-torch reference experts and the dense float64 oracle every backend is judged against.
+
+``ReferenceExperts`` implements the experts contract (``experts/base.py``) with one small GEMM
+pair per local expert, driven by the expert -> row tables of ``layout.build_layout``; it never
+loops over tokens. ``dense_moe_reference`` is an independent oracle: it sends every token through
+each of its K experts straight from the global ids, in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rocm_moe.experts.base import Experts, ExpertsOutput, accumulation_dtype, swiglu_expert
+from rocm_moe.layout import build_layout
+
+
+class ReferenceExperts(Experts):
+    """Readable, exact, slow: the expert stage every fast backend is compared with."""
+
+    name = "reference"
+
+    def _forward(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode):
+        layout = build_layout(topk_ids_RK, expert_map, topk_weights_RK=topk_weights_RK)
+        acc = accumulation_dtype(x_RH.dtype)
+        R, K = topk_ids_RK.shape
+        H = x_RH.shape[1]
+        weighted = mode == "weighted"
+        out = x_RH.new_zeros((R, H) if weighted else (R, K, H), dtype=acc)
+        for j, n in enumerate(layout.tokens_per_expert.tolist()):
+            if n == 0:
+                continue
+            rows = layout.expert_token_table[j, :n].long()
+            y = swiglu_expert(x_RH[rows].to(acc), w13[j].to(acc), w2[j].to(acc))
+            if weighted:
+                # rows are distinct within one expert: gather-add-scatter is deterministic.
+                w = layout.expert_weight_table[j, :n, None].to(acc)
+                out[rows] = out[rows] + y * w
+            else:
+                out[rows, layout.expert_slot_table[j, :n].long()] = y
+        return ExpertsOutput(out=out.to(x_RH.dtype), weights_applied=weighted)
+
+
+def dense_moe_reference(
+    x_TH: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    w13_E: torch.Tensor,
+    w2_E: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 oracle over ALL experts: returns (y [T, H], raw [T, K, H]) in float64.
+
+    y[t] = sum_k w[t, k] * expert_{ids[t, k]}(x[t]); slots with id -1 contribute nothing.
+    ``w13_E`` [E, 2I, H] and ``w2_E`` [E, H, I] hold every global expert.
+    """
+    T, K = topk_ids_TK.shape
+    x = x_TH.double()
+    raw = x.new_zeros(T, K, x.shape[1])
+    ids = topk_ids_TK.long()
+    for g in ids.unique().tolist():
+        if g < 0:
+            continue
+        t, k = torch.where(ids == g)
+        raw[t, k] = swiglu_expert(x[t], w13_E[g].double(), w2_E[g].double())
+    y = (raw * topk_weights_TK.double().unsqueeze(-1)).sum(dim=1)
+    return y, raw

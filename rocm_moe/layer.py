@@ -1,0 +1,270 @@
+"""EPMoE: the expert-parallel MoE block.
+
+    x [T, H] --route--> (topk_weights [T, K] f32, topk_ids [T, K] i32, global)
+             --dispatch--> rows [R, H] + their global ids/weights   (to the experts' owners)
+             --experts--> weighted [R, H]  or  raw [R, K, H]          (local experts only)
+             --combine--> y [T, H]                                    (summed on the owner)
+             + shared experts (optional, dense)
+
+Weights are applied exactly once. ``weight_mode="experts"``: the experts weight and reduce their
+local slots (AITER's fused_moe); combine only sums (MORI). ``weight_mode="combine"``: the experts
+return raw per-slot outputs and the combine stage weights them. With ``return_raw=True`` the raw
+[T, K, H] outputs travel back to the owner, which weights and sums them itself; the layer reports
+which stage applied the weights in ``MoEOutput.weighted_by``. Both modes give the same result up
+to the rounding of the partials (tests compare each with a float64 oracle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rocm_moe._checks import check_tensor, error_message
+from rocm_moe.comm.base import Dispatcher, weight_and_reduce
+from rocm_moe.comm.local import LocalDispatcher
+from rocm_moe.experts.base import FLOAT_DTYPES, Experts, swiglu_expert
+from rocm_moe.experts.reference import ReferenceExperts
+from rocm_moe.placement import Placement
+from rocm_moe.routing import RouterConfig, RoutingResult, route
+
+WeightMode = Literal["experts", "combine"]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class MoEOutput:
+    """Result of a forward with ``return_raw=True``; leading dims follow the input."""
+
+    out: torch.Tensor  # [T, H] or [B, S, H]: routed + shared output
+    raw: torch.Tensor  # [T, K, H] or [B, S, K, H]: unweighted output of each slot, 0 if empty
+    topk_weights: torch.Tensor  # [T, K] float32
+    topk_ids: torch.Tensor  # [T, K] int32
+    weighted_by: Literal["experts", "combine"]
+
+
+class Trace:
+    """Optional per-stage timings (seconds, device-synchronised) and stage tensors."""
+
+    def __init__(self, *, record_tensors: bool = False):
+        self.times: dict[str, float] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.record_tensors = record_tensors
+
+    @contextlib.contextmanager
+    def stage(self, name: str, device: torch.device):
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        yield
+        sync()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    def record(self, name: str, t: torch.Tensor) -> None:
+        if self.record_tensors:
+            self.tensors[name] = t.detach().clone()
+
+
+def _stage(trace: Trace | None, name: str, device: torch.device):
+    return trace.stage(name, device) if trace is not None else contextlib.nullcontext()
+
+
+class SharedExperts(nn.Module):
+    """Dense SwiGLU added to every token (DeepSeek-V3), optionally gated by sigmoid(x @ g)
+    (Qwen2-MoE's shared_expert_gate)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, gated: bool, dtype, device):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.w13 = nn.Parameter(torch.empty(2 * intermediate_size, hidden_size, **kw))
+        self.w2 = nn.Parameter(torch.empty(hidden_size, intermediate_size, **kw))
+        self.gate = nn.Linear(hidden_size, 1, bias=False, **kw) if gated else None
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        y = swiglu_expert(x_TH, self.w13, self.w2)
+        if self.gate is not None:
+            y = torch.sigmoid(self.gate(x_TH)) * y
+        return y
+
+
+class EPMoE(nn.Module):
+    """Expert-parallel MoE block: route -> dispatch -> experts -> combine (+ shared experts).
+
+    Args:
+        hidden_size: H.  intermediate_size: I of each routed expert.
+        router: RouterConfig (E, K, scoring, grouping, normalisation).
+        dispatcher: comm backend; default LocalDispatcher (one rank owning every expert). Its
+            placement and rank decide the local experts: this module holds only their weights,
+            ``w13`` [e, 2I, H] (gate then up) and ``w2`` [e, H, I].
+        experts: expert backend; default ReferenceExperts.
+        weight_mode: "experts" or "combine" (see the module docstring).
+        shared_intermediate_size: I of the shared experts (all of them fused), or None.
+        shared_expert_gate: sigmoid gate on the shared output (Qwen2-MoE).
+        validate: run the value checks (id ranges, weights), which read tensors on the host.
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        intermediate_size: int,
+        router: RouterConfig,
+        dispatcher: Dispatcher | None = None,
+        experts: Experts | None = None,
+        weight_mode: WeightMode = "experts",
+        shared_intermediate_size: int | None = None,
+        shared_expert_gate: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        validate: bool = True,
+    ):
+        super().__init__()
+        if weight_mode not in ("experts", "combine"):
+            raise ValueError(error_message("weight_mode", repr(weight_mode),
+                                           "must be 'experts' or 'combine'", "pick one"))
+        if not isinstance(router, RouterConfig):
+            raise TypeError(error_message("router", type(router).__name__,
+                                          "must be a RouterConfig", "use RouterConfig.qwen3_moe()"))
+        self.dispatcher = dispatcher or LocalDispatcher(Placement.contiguous(router.num_experts, 1))
+        if self.dispatcher.placement.num_experts != router.num_experts:
+            raise ValueError(error_message(
+                "dispatcher.placement.num_experts", self.dispatcher.placement.num_experts,
+                f"must equal router.num_experts={router.num_experts}", "build both from one E"))
+        self.experts = experts or ReferenceExperts()
+        self.router = router
+        self.weight_mode: WeightMode = weight_mode
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.validate = validate
+        E, H, I = router.num_experts, hidden_size, intermediate_size
+        e = self.dispatcher.placement.num_local(self.dispatcher.rank)
+        kw = dict(dtype=dtype, device=device)
+        self.gate = nn.Linear(H, E, bias=False, **kw)
+        if router.scoring == "sigmoid":
+            self.register_buffer("e_score_correction_bias",
+                                 torch.zeros(E, dtype=torch.float32, device=device))
+        else:
+            self.e_score_correction_bias = None
+        self.w13 = nn.Parameter(torch.empty(e, 2 * I, H, **kw))
+        self.w2 = nn.Parameter(torch.empty(e, H, I, **kw))
+        self.shared_experts = None
+        if shared_intermediate_size:
+            self.shared_experts = SharedExperts(H, shared_intermediate_size,
+                                                gated=shared_expert_gate, **kw)
+        self.reset_parameters()
+
+    @property
+    def local_experts(self) -> tuple[int, ...]:
+        return self.dispatcher.placement.local_experts(self.dispatcher.rank)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random weights scaled so activations stay O(1): N(0, 1/fan_in)."""
+        for p in self.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32)
+                    .div_(p.shape[-1] ** 0.5).to(p.dtype))
+        if self.e_score_correction_bias is not None:
+            self.e_score_correction_bias.zero_()
+
+    @torch.no_grad()
+    def load_experts(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Load routed experts from global [E, 2I, H] / [E, H, I] (this rank's slice is taken)
+        or local [e, 2I, H] / [e, H, I] tensors."""
+        E, e = self.router.num_experts, self.w13.shape[0]
+        for name, src, dst in (("w13", w13, self.w13), ("w2", w2, self.w2)):
+            check_tensor(name, src, shape=(None, *dst.shape[1:]))
+            if src.shape[0] == E and E != e:
+                src = src[list(self.local_experts)]
+            elif src.shape[0] != e:
+                raise ValueError(error_message(
+                    f"{name}.shape[0]", src.shape[0], f"must be E={E} (global) or e={e} (local)",
+                    "pass all experts or this rank's experts in local order"))
+            dst.copy_(src)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        forced_expert_ids: torch.Tensor | None = None,
+        return_raw: bool = False,
+        trace: Trace | None = None,
+    ) -> torch.Tensor | MoEOutput:
+        """hidden_states [T, H] or [B, S, H] -> same shape (or MoEOutput with return_raw).
+
+        ``forced_expert_ids`` [T, K] / [B, S, K] replays a routing (see ``routing.route``).
+        """
+        x_TH = self._flatten(hidden_states)
+        with _stage(trace, "route", x_TH.device):
+            if self.router.logits_in_float32:
+                logits = F.linear(x_TH.float(), self.gate.weight.float())
+            else:
+                logits = self.gate(x_TH)
+            routing = route(logits, self.router,
+                            e_score_correction_bias=self.e_score_correction_bias,
+                            forced_expert_ids=forced_expert_ids)
+        return self._run(hidden_states, x_TH, routing, return_raw, trace)
+
+    def forward_routed(
+        self,
+        hidden_states: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        *,
+        return_raw: bool = False,
+        trace: Trace | None = None,
+    ) -> torch.Tensor | MoEOutput:
+        """Skip the router: the caller's [T, K] float32 weights and [T, K] global ids (a
+        framework's own router, or a sanity test). Validated like dispatch inputs."""
+        x_TH = self._flatten(hidden_states)
+        return self._run(hidden_states, x_TH,
+                         RoutingResult(topk_weights=topk_weights, topk_ids=topk_ids),
+                         return_raw, trace)
+
+    def _flatten(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        check_tensor("hidden_states", hidden_states, dtypes=FLOAT_DTYPES)
+        H = self.hidden_size
+        if hidden_states.dim() not in (2, 3) or hidden_states.shape[-1] != H:
+            raise ValueError(error_message(
+                "hidden_states.shape", list(hidden_states.shape),
+                f"must be [T, H] or [B, S, H] with H={H}", "pass the MoE block's input"))
+        if hidden_states.dtype != self.w13.dtype:
+            raise TypeError(error_message(
+                "hidden_states.dtype", hidden_states.dtype,
+                f"must equal the layer's dtype {self.w13.dtype}",
+                f"cast the input or the layer (layer.to({hidden_states.dtype}))"))
+        return hidden_states.reshape(-1, H)
+
+    def _run(self, hidden_states, x_TH, routing: RoutingResult, return_raw: bool, trace):
+        dev = x_TH.device
+        disp = self.dispatcher
+        with _stage(trace, "dispatch", dev):
+            d = disp.dispatch(x_TH, routing.topk_weights, routing.topk_ids,
+                              validate=self.validate)
+        mode = "raw" if (return_raw or self.weight_mode == "combine") else "weighted"
+        with _stage(trace, "experts", dev):
+            eo = self.experts(d.x, d.topk_ids, d.topk_weights, self.w13, self.w2,
+                              disp.expert_map_on(dev), mode=mode, validate=False)
+        with _stage(trace, "combine", dev):
+            if return_raw:
+                raw_TKH = disp.combine_raw(eo, d.handle)
+                y_TH = weight_and_reduce(raw_TKH, routing.topk_weights, routing.topk_ids >= 0)
+            else:
+                y_TH = disp.combine(eo, d.handle)
+        if self.shared_experts is not None:
+            with _stage(trace, "shared", dev):
+                y_TH = y_TH + self.shared_experts(x_TH)
+        if trace is not None:
+            for name, t in (("topk_ids", routing.topk_ids), ("topk_weights", routing.topk_weights),
+                            ("dispatched_x", d.x), ("expert_out", eo.out), ("out", y_TH)):
+                trace.record(name, t)
+        out = y_TH.reshape(hidden_states.shape)
+        if not return_raw:
+            return out
+        lead = hidden_states.shape[:-1]
+        K = routing.topk_ids.shape[1]
+        return MoEOutput(out=out, raw=raw_TKH.reshape(*lead, K, self.hidden_size),
+                         topk_weights=d.handle.topk_weights, topk_ids=d.handle.topk_ids,
+                         weighted_by="experts" if eo.weights_applied else "combine")

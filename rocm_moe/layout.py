@@ -1,0 +1,138 @@
+"""Routing tables for one rank's batch, all derived from one stable sort.
+
+A *slot* is one (row, k) pair of the [R, K] routing, flattened as ``slot = row * K + k``. Only
+slots whose expert is local to the rank (``ExpertMap``) take part; slots of other ranks' experts
+and empty slots (id -1) are dropped.
+
+``build_layout`` sorts the local slots by local expert once and derives everything from that
+sort: counts, offsets, the expert -> row / slot / weight tables (the routing tensors of seed 002)
+and the block-aligned layout a grouped GEMM consumes (each expert's slots padded to a multiple of
+``block_size``, a local expert id per block). Because one function produces all of them, the
+offsets and every padded layout cannot disagree (the failure of seed 001).
+
+It is CUDA-graph safe: no host synchronisation, and every output has a static size computed from
+(R, K, e, block_size) alone. The padded slot list uses the upper bound
+``round_up(R*K + e*(block_size - 1), block_size)`` entries; unused entries hold the sentinel
+``R*K`` and unused blocks hold expert id -1; ``num_padded`` holds the used length.
+
+Worked example (block_size=2, K=2, rank owns global experts 2, 3 as local 0, 1):
+ids [[2, 0], [3, 2]] -> local slots 0 (e0), 2 (e1), 3 (e0); tokens_per_expert [2, 1];
+expert_offsets [0, 2, 3]; padded_offsets [0, 2, 4]; sorted_slot_ids [0, 3, 2, 4, 4, 4, ...];
+block_expert_ids [0, 1, -1, ...]; expert_token_table [[0, 1], [1, -1]].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rocm_moe._checks import check_tensor, error_message
+from rocm_moe.placement import ExpertMap, require_expert_map
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class RoutingLayout:
+    """Routing tables of R rows with K slots each on a rank with e local experts."""
+
+    num_rows: int
+    top_k: int
+    block_size: int
+    local_ids: torch.Tensor  # [R, K] int64: local expert of each slot, -1 if not local
+    tokens_per_expert: torch.Tensor  # [e] int32: local slots per local expert
+    expert_offsets: torch.Tensor  # [e + 1] int32: exclusive prefix sum of tokens_per_expert
+    expert_token_table: torch.Tensor  # [e, R] int32: rows of each expert, -1 padded
+    expert_slot_table: torch.Tensor  # [e, R] int32: the k of each row's slot, -1 padded
+    expert_weight_table: torch.Tensor | None  # [e, R] float32: slot weights, 0 padded
+    padded_offsets: torch.Tensor  # [e + 1] int32: offsets with each expert padded to blocks
+    sorted_slot_ids: torch.Tensor  # [P] int32: slot ids by expert, padded with R*K
+    block_expert_ids: torch.Tensor  # [P / block_size] int32: local expert per block, -1 unused
+    num_padded: torch.Tensor  # [1] int32: padded_offsets[-1], the used part of sorted_slot_ids
+
+    @property
+    def num_local(self) -> int:
+        return self.tokens_per_expert.numel()
+
+    @property
+    def sentinel(self) -> int:
+        return self.num_rows * self.top_k
+
+
+def max_padded_slots(num_slots: int, num_local: int, block_size: int) -> int:
+    """Static length of ``sorted_slot_ids``: room for every expert's last partial block."""
+    n = num_slots + num_local * (block_size - 1)
+    return -(-n // block_size) * block_size
+
+
+def build_layout(
+    topk_ids_RK: torch.Tensor,
+    expert_map: ExpertMap,
+    *,
+    topk_weights_RK: torch.Tensor | None = None,
+    block_size: int = 1,
+) -> RoutingLayout:
+    """Sort this rank's local slots by expert and derive every table and offset from that sort.
+
+    Args:
+        topk_ids_RK: [R, K] integer global expert ids (-1 = empty slot), already validated.
+        expert_map: this rank's ExpertMap (not an AITER 0/1 mask).
+        topk_weights_RK: optional [R, K] float32 weights, to fill ``expert_weight_table``.
+        block_size: grouped-GEMM row block; each expert's slots are padded to a multiple of it.
+    """
+    expert_map = require_expert_map("expert_map", expert_map)
+    check_tensor("topk_ids", topk_ids_RK, shape=(None, None))
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(error_message("block_size", block_size, "must be an int >= 1",
+                                       "use a power of two such as 16, 32 or 64"))
+    R, K = topk_ids_RK.shape
+    e, N, dev = expert_map.num_local, R * K, topk_ids_RK.device
+    local_RK = expert_map.local_ids(topk_ids_RK)
+
+    # One stable sort: local slots grouped by local expert, rows ascending inside an expert;
+    # non-local slots get key e and sort last.
+    key_N = torch.where(local_RK >= 0, local_RK, torch.full_like(local_RK, e)).flatten()
+    sorted_key_N, order_N = torch.sort(key_N, stable=True)
+    counts = torch.zeros(e + 1, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, key_N, torch.ones_like(key_N))
+    counts = counts[:e]
+    zero = torch.zeros(1, dtype=torch.int64, device=dev)
+    offsets = torch.cat([zero, counts.cumsum(0)])
+    padded_offsets = torch.cat([zero, ((counts + block_size - 1) // block_size * block_size)
+                                .cumsum(0)])
+    is_local_N = sorted_key_N < e
+    expert_N = sorted_key_N.clamp(max=max(e - 1, 0))
+    rank_in_expert_N = torch.arange(N, device=dev) - offsets[expert_N] if e else key_N
+
+    # Block-aligned slot list; non-local slots are written to a trash entry that is cut off.
+    P = max_padded_slots(N, e, block_size)
+    dest_N = torch.where(is_local_N, padded_offsets[expert_N] + rank_in_expert_N,
+                         torch.full_like(order_N, P)) if e else torch.full_like(order_N, P)
+    sorted_slot_ids = torch.full((P + 1,), N, dtype=torch.int64, device=dev)
+    sorted_slot_ids.scatter_(0, dest_N, order_N)
+    block_start = torch.arange(0, P, block_size, device=dev)
+    block_expert = torch.searchsorted(padded_offsets[1:], block_start, right=True)
+    block_expert_ids = torch.where(block_expert < e, block_expert, torch.full_like(block_expert,
+                                                                                   -1))
+
+    # Expert -> row / slot / weight tables; a trash column takes non-local slots.
+    col_N = torch.where(is_local_N, rank_in_expert_N.clamp(max=R), torch.full_like(order_N, R))
+    flat_N = expert_N * (R + 1) + col_N
+
+    def table(values_N: torch.Tensor, fill: float, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.full((max(e, 1) * (R + 1),), fill, dtype=dtype, device=dev)
+        t.scatter_(0, flat_N, values_N.to(dtype))
+        return t.view(max(e, 1), R + 1)[:e, :R]
+
+    weight_table = None
+    if topk_weights_RK is not None:
+        weight_table = table(topk_weights_RK.flatten()[order_N], 0.0, torch.float32)
+    i32 = torch.int32
+    return RoutingLayout(
+        num_rows=R, top_k=K, block_size=block_size, local_ids=local_RK,
+        tokens_per_expert=counts.to(i32), expert_offsets=offsets.to(i32),
+        expert_token_table=table(order_N // K, -1, i32), expert_slot_table=table(order_N % K, -1,
+                                                                                 i32),
+        expert_weight_table=weight_table, padded_offsets=padded_offsets.to(i32),
+        sorted_slot_ids=sorted_slot_ids[:P].to(i32), block_expert_ids=block_expert_ids.to(i32),
+        num_padded=padded_offsets[-1:].to(i32),
+    )

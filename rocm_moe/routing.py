@@ -1,0 +1,254 @@
+"""Router: per-token top-k expert selection for softmax (Mixtral, Qwen3-MoE) and sigmoid grouped
+(DeepSeek-V3) routers, with router replay.
+
+Shapes follow the package legend (see ``rocm_moe.__init__``): T tokens, E global experts, K top-k.
+
+Conventions, matching transformers 5 exactly (tests compare against its router modules):
+
+- softmax:  p = softmax(logits in float32); ids = top-k of p; w = p[ids];
+            if norm_topk_prob: w /= sum(w).  Then w *= routed_scaling_factor (1.0 by default).
+- sigmoid:  s = sigmoid(logits in float32); choice = s + e_score_correction_bias;
+            with n_group > 1 keep the topk_group groups with the largest sum of their top-2
+            choice scores, then ids = top-k of choice inside them; w = s[ids] (no bias);
+            if norm_topk_prob: w /= sum(w) + 1e-20; w *= routed_scaling_factor.
+
+Router replay (``forced_expert_ids``): the caller fixes the ids, e.g. to replay the experts chosen
+at rollout time (the R3 contract of RL trainers). The ids are validated (integer dtype, shape
+[T, K], range [0, E), no duplicate in a row) after being moved to the logits' device, before
+anything else runs. The weights are re-derived from the live logits at the forced ids with the
+same scoring, normalisation and scaling as the unforced path (``forced_weights="derived"``), so a
+replay of the router's own choice reproduces its weights bit for bit. ``forced_weights="raw"``
+returns the gathered scores (softmax probability or sigmoid score) with no normalisation and no
+scaling factor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from rocm_moe._checks import (
+    check_id_range,
+    check_integer,
+    check_tensor,
+    check_unique_rows,
+    error_message,
+)
+
+Scoring = Literal["softmax", "sigmoid"]
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """What a router computes. Use the family constructors for known models."""
+
+    num_experts: int
+    top_k: int
+    scoring: Scoring = "softmax"
+    norm_topk_prob: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        def bad(field: str, value: object, rule: str, fix: str) -> ValueError:
+            return ValueError(error_message(f"RouterConfig.{field}", value, rule, fix))
+
+        if self.num_experts < 1:
+            raise bad("num_experts", self.num_experts, "must be >= 1", "pass the expert count")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise bad(
+                "top_k", self.top_k, f"must lie in [1, num_experts={self.num_experts}]",
+                "pass num_experts_per_tok from the model config",
+            )
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise bad("scoring", self.scoring, "must be 'softmax' or 'sigmoid'", "pick one")
+        if self.n_group < 1 or self.num_experts % self.n_group:
+            raise bad(
+                "n_group", self.n_group, f"must be >= 1 and divide num_experts={self.num_experts}",
+                "use the model config's n_group",
+            )
+        if self.n_group > 1 and self.num_experts // self.n_group < 2:
+            raise bad(
+                "n_group", self.n_group, "groups are scored by their top-2, so each needs >= 2 "
+                "experts", "use fewer groups",
+            )
+        if not 1 <= self.topk_group <= self.n_group:
+            raise bad(
+                "topk_group", self.topk_group, f"must lie in [1, n_group={self.n_group}]",
+                "use the model config's topk_group",
+            )
+        if self.n_group > 1 and self.topk_group * (self.num_experts // self.n_group) < self.top_k:
+            raise bad(
+                "topk_group", self.topk_group, "the kept groups must hold at least top_k experts",
+                "raise topk_group or lower top_k",
+            )
+        if self.n_group > 1 and self.scoring != "sigmoid":
+            raise bad("n_group", self.n_group, "grouped top-k is defined for sigmoid scoring",
+                      "set scoring='sigmoid' or n_group=1")
+
+    @classmethod
+    def qwen3_moe(cls, num_experts: int = 128, top_k: int = 8, norm_topk_prob: bool = True):
+        return cls(num_experts=num_experts, top_k=top_k, norm_topk_prob=norm_topk_prob)
+
+    @classmethod
+    def mixtral(cls, num_experts: int = 8, top_k: int = 2):
+        return cls(num_experts=num_experts, top_k=top_k, norm_topk_prob=True)
+
+    @classmethod
+    def deepseek_v3(
+        cls,
+        num_experts: int = 256,
+        top_k: int = 8,
+        n_group: int = 8,
+        topk_group: int = 4,
+        norm_topk_prob: bool = True,
+        routed_scaling_factor: float = 2.5,
+    ):
+        return cls(
+            num_experts=num_experts, top_k=top_k, scoring="sigmoid", n_group=n_group,
+            topk_group=topk_group, norm_topk_prob=norm_topk_prob,
+            routed_scaling_factor=routed_scaling_factor,
+        )
+
+    @classmethod
+    def from_hf_config(cls, config) -> RouterConfig:
+        """From a transformers config of Qwen2/3-MoE, Mixtral or DeepSeek-V3."""
+        model_type = getattr(config, "model_type", "")
+        if model_type in ("qwen3_moe", "qwen2_moe"):
+            return cls.qwen3_moe(config.num_experts, config.num_experts_per_tok,
+                                 bool(config.norm_topk_prob))
+        if model_type == "mixtral":
+            return cls.mixtral(config.num_local_experts, config.num_experts_per_tok)
+        if model_type == "deepseek_v3":
+            return cls.deepseek_v3(
+                config.n_routed_experts, config.num_experts_per_tok, config.n_group,
+                config.topk_group, bool(config.norm_topk_prob),
+                float(config.routed_scaling_factor),
+            )
+        raise ValueError(error_message(
+            "config.model_type", repr(model_type),
+            "known router families are qwen2_moe, qwen3_moe, mixtral, deepseek_v3",
+            "build RouterConfig(...) by hand for other models",
+        ))
+
+    @property
+    def logits_in_float32(self) -> bool:
+        """DeepSeek-V3 computes its gate matmul in float32; softmax routers in the model dtype."""
+        return self.scoring == "sigmoid"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingResult:
+    """Per-token routing. ``topk_weights`` [T, K] float32, ``topk_ids`` [T, K] int32 (global)."""
+
+    topk_weights: torch.Tensor
+    topk_ids: torch.Tensor
+
+
+def _scores(logits_TE: torch.Tensor, config: RouterConfig) -> torch.Tensor:
+    logits = logits_TE.float()
+    return logits.softmax(dim=-1) if config.scoring == "softmax" else logits.sigmoid()
+
+
+def _finish_weights(w_TK: torch.Tensor, config: RouterConfig) -> torch.Tensor:
+    if config.norm_topk_prob:
+        eps = 1e-20 if config.scoring == "sigmoid" else 0.0
+        w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + eps)
+    if config.routed_scaling_factor != 1.0:
+        w_TK = w_TK * config.routed_scaling_factor
+    return w_TK
+
+
+def _choose(scores_TE: torch.Tensor, config: RouterConfig, bias_E: torch.Tensor | None):
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
+    if config.n_group > 1:
+        T, E, G = choice_TE.shape[0], config.num_experts, config.n_group
+        group_scores_TG = choice_TE.view(T, G, E // G).topk(2, dim=-1).values.sum(dim=-1)
+        keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, group_scores_TG.topk(config.topk_group, dim=-1).indices, True)
+        keep_TE = keep_TG.repeat_interleave(E // G, dim=1)
+        choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+    return choice_TE.topk(config.top_k, dim=-1).indices
+
+
+def _check_forced(forced: object, logits_TE: torch.Tensor, lead: tuple, config: RouterConfig):
+    check_tensor("forced_expert_ids", forced)
+    check_integer("forced_expert_ids", forced)
+    forced = forced.to(logits_TE.device)
+    want = (*lead, config.top_k)
+    if tuple(forced.shape) != want:
+        raise ValueError(error_message(
+            "forced_expert_ids.shape", list(forced.shape),
+            f"must be {list(want)} (the logits' leading dims, then top_k={config.top_k})",
+            "pass one row of K expert ids per token",
+        ))
+    forced_TK = forced.reshape(-1, config.top_k)
+    check_id_range("forced_expert_ids", forced_TK, config.num_experts, allow_minus_one=False)
+    check_unique_rows("forced_expert_ids", forced_TK)
+    return forced_TK.long()
+
+
+def route(
+    router_logits: torch.Tensor,
+    config: RouterConfig,
+    *,
+    e_score_correction_bias: torch.Tensor | None = None,
+    forced_expert_ids: torch.Tensor | None = None,
+    forced_weights: Literal["derived", "raw"] = "derived",
+) -> RoutingResult:
+    """Route every token independently.
+
+    Args:
+        router_logits: [T, E] or [B, S, E] floating gate logits (one row per token, never pooled).
+        config: the router's family and parameters.
+        e_score_correction_bias: [E] floating, sigmoid routers only; shifts the choice, never
+            the weights. ``None`` means zeros.
+        forced_expert_ids: router replay; [T, K] or [B, S, K], any integer dtype, any device.
+        forced_weights: "derived" (default) normalises and scales the gathered scores exactly as
+            the unforced path; "raw" returns the gathered scores unchanged.
+
+    Returns:
+        RoutingResult with [T, K] float32 weights and [T, K] int32 global ids, T = B * S for
+        [B, S, E] input. Unforced ids are ordered by decreasing choice score.
+
+    Example: logits [[0, 0, log(2)]] with softmax, K=1 and no normalisation gives ids [[2]] and
+    weights [[0.5]].
+    """
+    check_tensor("router_logits", router_logits, dtypes=_FLOAT_DTYPES)
+    if router_logits.dim() not in (2, 3) or router_logits.shape[-1] != config.num_experts:
+        raise ValueError(error_message(
+            "router_logits.shape", list(router_logits.shape),
+            f"must be [T, E] or [B, S, E] with E = num_experts = {config.num_experts}",
+            "compute logits per token (hidden [T, H] @ gate.T), never pooled over a sequence",
+        ))
+    if forced_weights not in ("derived", "raw"):
+        raise ValueError(error_message("forced_weights", repr(forced_weights),
+                                       "must be 'derived' or 'raw'", "pick one"))
+    lead = tuple(router_logits.shape[:-1])
+    forced_TK = None
+    if forced_expert_ids is not None:
+        forced_TK = _check_forced(forced_expert_ids, router_logits, lead, config)
+    if e_score_correction_bias is not None:
+        if config.scoring != "sigmoid":
+            raise ValueError(error_message(
+                "e_score_correction_bias", "a tensor", "only sigmoid routers take a bias",
+                "drop it or set scoring='sigmoid'"))
+        check_tensor("e_score_correction_bias", e_score_correction_bias,
+                     shape=(config.num_experts,), dtypes=_FLOAT_DTYPES)
+        e_score_correction_bias = e_score_correction_bias.to(router_logits.device)
+
+    logits_TE = router_logits.reshape(-1, config.num_experts)
+    scores_TE = _scores(logits_TE, config)
+    if forced_TK is not None:
+        ids_TK = forced_TK
+    else:
+        ids_TK = _choose(scores_TE, config, e_score_correction_bias)
+    weights_TK = scores_TE.gather(1, ids_TK)
+    if forced_TK is None or forced_weights == "derived":
+        weights_TK = _finish_weights(weights_TK, config)
+    return RoutingResult(topk_weights=weights_TK.float().contiguous(),
+                         topk_ids=ids_TK.to(torch.int32).contiguous())
