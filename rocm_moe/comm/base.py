@@ -136,7 +136,8 @@ class Dispatcher(ABC):
         cap = self.max_tokens_per_rank
         if cap is not None and T > cap:
             raise ValueError(error_message(
-                "x.shape[0]", T, f"exceeds max_tokens_per_rank={cap} of this dispatcher",
+                "x.shape[0]", T, f"exceeds max_tokens_per_rank={cap} of this dispatcher (past its capacity MORI "
+                "corrupts silently, mori#356)",
                 "split the batch or build the dispatcher with a larger max_tokens_per_rank"))
         if validate:
             check_id_range("topk_ids", topk_ids_TK, self.placement.num_experts,

@@ -1,0 +1,88 @@
+"""build_layout against a brute-force loop; every table and offset from one sort agrees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rocm_moe import Placement, build_layout
+from rocm_moe.layout import max_padded_slots
+
+
+def _random_ids(R, K, E, gen, empty_frac=0.1):
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(R)]) if R else \
+        torch.empty(0, K, dtype=torch.int64)
+    empty = torch.rand(R, K, generator=gen) < empty_frac
+    return torch.where(empty, torch.full_like(ids, -1), ids)
+
+
+GRID = [pytest.param(R, K, E, W, bs, id=f"R{R}_K{K}_E{E}_W{W}_bs{bs}")
+        for (R, K, E, W) in [(0, 2, 8, 2), (1, 1, 4, 1), (33, 4, 16, 4), (511, 8, 64, 8),
+                             (33, 2, 8, 1)]
+        for bs in (1, 4, 16)]
+
+
+@pytest.mark.parametrize(("R", "K", "E", "W", "bs"), GRID)
+def test_layout_matches_brute_force(R, K, E, W, bs, gen):
+    placement = Placement.contiguous(E, W)
+    rank = W - 1
+    emap = placement.expert_map(rank)
+    e = emap.num_local
+    ids = _random_ids(R, K, E, gen)
+    weights = torch.rand(R, K, generator=gen)
+    L = build_layout(ids.to(torch.int32), emap, topk_weights_RK=weights, block_size=bs)
+
+    # Brute force: local slots per expert, in row order.
+    per_expert = [[] for _ in range(e)]
+    for r in range(R):
+        for k in range(K):
+            g = int(ids[r, k])
+            if g >= 0 and int(emap.map_E[g]) >= 0:
+                per_expert[int(emap.map_E[g])].append((r, k))
+    counts = [len(s) for s in per_expert]
+    assert L.tokens_per_expert.tolist() == counts
+    assert L.expert_offsets.tolist() == [sum(counts[:j]) for j in range(e + 1)]
+    padded = [-(-c // bs) * bs for c in counts]
+    assert L.padded_offsets.tolist() == [sum(padded[:j]) for j in range(e + 1)]
+    assert L.num_padded.tolist() == [sum(padded)]
+    P = max_padded_slots(R * K, e, bs)
+    assert L.sorted_slot_ids.shape == (P,) and L.block_expert_ids.shape == (P // bs,)
+    sentinel = R * K
+    for j, slots in enumerate(per_expert):
+        n = len(slots)
+        start = L.padded_offsets[j].item()
+        seg = L.sorted_slot_ids[start:start + padded[j]].tolist()
+        assert seg == [r * K + k for r, k in slots] + [sentinel] * (padded[j] - n)
+        assert L.block_expert_ids[start // bs:(start + padded[j]) // bs].tolist() == \
+            [j] * (padded[j] // bs)
+        assert L.expert_token_table[j].tolist() == [r for r, _ in slots] + [-1] * (R - n)
+        assert L.expert_slot_table[j].tolist() == [k for _, k in slots] + [-1] * (R - n)
+        assert L.expert_weight_table[j].tolist() == \
+            [weights[r, k].item() for r, k in slots] + [0.0] * (R - n)
+    assert L.sorted_slot_ids[sum(padded):].eq(sentinel).all()
+    assert L.block_expert_ids[sum(padded) // bs:].eq(-1).all()
+    assert L.expert_token_table.shape == (e, R)
+    assert L.local_ids.tolist() == [[int(emap.map_E[g]) if g >= 0 else -1 for g in row]
+                                    for row in ids.tolist()]
+
+
+def test_all_slots_on_one_expert_and_none_local():
+    emap = Placement.contiguous(8, 2).expert_map(0)
+    ids = torch.tensor([[3, 5]] * 7, dtype=torch.int32)  # expert 3 local, 5 remote
+    L = build_layout(ids, emap, block_size=4)
+    assert L.tokens_per_expert.tolist() == [0, 0, 0, 7]
+    assert L.padded_offsets.tolist() == [0, 0, 0, 0, 8]
+    assert L.sorted_slot_ids[:8].tolist() == [0, 2, 4, 6, 8, 10, 12, 14]
+    none_local = build_layout(torch.tensor([[5, 6]], dtype=torch.int32), emap, block_size=4)
+    assert none_local.tokens_per_expert.tolist() == [0, 0, 0, 0]
+    assert none_local.num_padded.tolist() == [0]
+    assert none_local.block_expert_ids.eq(-1).all()
+
+
+def test_rejects_mask_and_bad_block():
+    p = Placement.contiguous(8, 2)
+    ids = torch.zeros(2, 2, dtype=torch.int32)
+    with pytest.raises(TypeError, match="ExpertMask"):
+        build_layout(ids, p.expert_mask(0, sentinel=True))
+    with pytest.raises(ValueError, match="block_size=0"):
+        build_layout(ids, p.expert_map(0), block_size=0)
