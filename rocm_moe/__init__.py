@@ -11,7 +11,7 @@ Shape legend, used in names (``x_TH``, ``topk_ids_TK``) and docstrings throughou
 Ids are global expert ids in [0, E) unless named local; -1 marks an empty slot.
 """
 
-from rocm_moe.comm import CombineHandle, DispatchResult, Dispatcher, LocalDispatcher
+from rocm_moe.comm import CombineHandle, Dispatcher, DispatchResult, LocalDispatcher
 from rocm_moe.experts import Experts, ExpertsOutput, ReferenceExperts, dense_moe_reference
 from rocm_moe.layer import EPMoE, MoEOutput, SharedExperts, Trace
 from rocm_moe.layout import RoutingLayout, build_layout

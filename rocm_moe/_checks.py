@@ -87,7 +87,9 @@ def check_integer(field: str, t: torch.Tensor) -> None:
         )
 
 
-def check_id_range(field: str, ids: torch.Tensor, num_experts: int, *, allow_minus_one: bool) -> None:
+def check_id_range(
+    field: str, ids: torch.Tensor, num_experts: int, *, allow_minus_one: bool
+) -> None:
     """Every id lies in [0, E), or is -1 (an empty slot) where that is allowed."""
     if ids.numel() == 0 or not value_checks_allowed(ids):
         return

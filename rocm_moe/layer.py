@@ -90,6 +90,15 @@ class SharedExperts(nn.Module):
             y = torch.sigmoid(self.gate(x_TH)) * y
         return y
 
+    @torch.no_grad()
+    def reference(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """The same in float64, for checks."""
+        x = x_TH.double()
+        y = swiglu_expert(x, self.w13.double(), self.w2.double())
+        if self.gate is not None:
+            y = torch.sigmoid(x @ self.gate.weight.double().T) * y
+        return y
+
 
 class EPMoE(nn.Module):
     """Expert-parallel MoE block: route -> dispatch -> experts -> combine (+ shared experts).
@@ -176,7 +185,7 @@ class EPMoE(nn.Module):
         E, e = self.router.num_experts, self.w13.shape[0]
         for name, src, dst in (("w13", w13, self.w13), ("w2", w2, self.w2)):
             check_tensor(name, src, shape=(None, *dst.shape[1:]))
-            if src.shape[0] == E and E != e:
+            if src.shape[0] == E and e != E:
                 src = src[list(self.local_experts)]
             elif src.shape[0] != e:
                 raise ValueError(error_message(

@@ -46,7 +46,8 @@ def test_layout_matches_brute_force(R, K, E, W, bs, gen):
     assert L.padded_offsets.tolist() == [sum(padded[:j]) for j in range(e + 1)]
     assert L.num_padded.tolist() == [sum(padded)]
     P = max_padded_slots(R * K, e, bs)
-    assert L.sorted_slot_ids.shape == (P,) and L.block_expert_ids.shape == (P // bs,)
+    assert L.sorted_slot_ids.shape == (P,)
+    assert L.block_expert_ids.shape == (P // bs,)
     sentinel = R * K
     for j, slots in enumerate(per_expert):
         n = len(slots)

@@ -13,7 +13,8 @@ from rocm_moe.placement import require_expert_map
 def test_contiguous(E, W):
     p = Placement.contiguous(E, W)
     e = E // W
-    assert p.world_size == W and p.is_contiguous
+    assert p.world_size == W
+    assert p.is_contiguous
     ids = torch.arange(E)
     assert p.owner(ids).tolist() == [g // e for g in range(E)]
     for d in range(W):
@@ -28,12 +29,14 @@ def test_contiguous(E, W):
 def test_deepseek_rank5_mask_matches_seed_000():
     # EP8, 256 experts: rank 5 owns 160..191; vLLM's mask has a trailing sentinel slot.
     mask = Placement.contiguous(256, 8).expert_mask(5, sentinel=True)
-    assert mask.mask.shape == (257,) and mask.has_sentinel
+    assert mask.mask.shape == (257,)
+    assert mask.has_sentinel
     assert mask.mask.nonzero().flatten().tolist() == list(range(160, 192))
     assert mask.to_expert_map(5).map_E.tolist() == Placement.contiguous(256, 8).expert_map(5) \
         .map_E.tolist()
     no_sentinel = Placement.contiguous(256, 8).expert_mask(5, sentinel=False)
-    assert no_sentinel.mask.shape == (256,) and not no_sentinel.has_sentinel
+    assert no_sentinel.mask.shape == (256,)
+    assert not no_sentinel.has_sentinel
 
 
 def test_owner_of_empty_slot_is_minus_one():

@@ -63,7 +63,8 @@ def test_matches_transformers_router(family, kw, T, dtype):
     logits, hf_w, hf_ids = router(x)
     ours = route(logits, RouterConfig.from_hf_config(cfg),
                  e_score_correction_bias=getattr(router, "e_score_correction_bias", None))
-    assert ours.topk_ids.dtype == torch.int32 and ours.topk_weights.dtype == torch.float32
+    assert ours.topk_ids.dtype == torch.int32
+    assert ours.topk_weights.dtype == torch.float32
     ids_a, w_a = _sorted_by_id(ours.topk_ids, ours.topk_weights)
     ids_b, w_b = _sorted_by_id(hf_ids, hf_w)
     assert torch.equal(ids_a, ids_b), f"seed={seed}"

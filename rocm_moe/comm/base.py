@@ -136,8 +136,9 @@ class Dispatcher(ABC):
         cap = self.max_tokens_per_rank
         if cap is not None and T > cap:
             raise ValueError(error_message(
-                "x.shape[0]", T, f"exceeds max_tokens_per_rank={cap} of this dispatcher (past its capacity MORI "
-                "corrupts silently, mori#356)",
+                "x.shape[0]", T,
+                f"exceeds max_tokens_per_rank={cap} of this dispatcher (past its capacity "
+                "MORI corrupts silently, mori#356)",
                 "split the batch or build the dispatcher with a larger max_tokens_per_rank"))
         if validate:
             check_id_range("topk_ids", topk_ids_TK, self.placement.num_experts,
@@ -198,7 +199,8 @@ class Dispatcher(ABC):
 
     # ---- backend hooks --------------------------------------------------------------------------
     @abstractmethod
-    def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id: int) -> DispatchResult: ...
+    def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id: int) -> DispatchResult:
+        ...
 
     @abstractmethod
     def _combine(self, y_RH: torch.Tensor, handle: CombineHandle) -> torch.Tensor: ...

@@ -7,7 +7,7 @@ each token (already reduced over all K slots by the combine stage or the experts
 from __future__ import annotations
 
 from rocm_moe._checks import error_message
-from rocm_moe.comm.base import CombineHandle, DispatchResult, Dispatcher
+from rocm_moe.comm.base import CombineHandle, Dispatcher, DispatchResult
 from rocm_moe.placement import Placement
 
 

@@ -90,7 +90,9 @@ class Experts(ABC):
 
     name: ClassVar[str]
 
-    def supports(self, *, mode: ExpertsMode, dtype: torch.dtype, device: torch.device) -> str | None:
+    def supports(
+        self, *, mode: ExpertsMode, dtype: torch.dtype, device: torch.device
+    ) -> str | None:
         """None if this backend can run the call, else the reason it cannot."""
         return None
 

@@ -24,7 +24,8 @@ def test_round_trip_weighted_and_raw():
     d = _disp()
     x, w, ids = _batch()
     res = d.dispatch(x, w, ids)
-    assert res.topk_ids.dtype == torch.int32 and res.num_received == 5
+    assert res.topk_ids.dtype == torch.int32
+    assert res.num_received == 5
     assert torch.equal(res.handle.topk_ids, ids.to(torch.int32))
     y = d.combine(ExpertsOutput(out=res.x, weights_applied=True), res.handle)
     assert torch.equal(y, x)  # one destination rank: combine(dispatch(x)) == x * U, U = 1

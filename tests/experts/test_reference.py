@@ -36,10 +36,13 @@ def test_local_slots_match_oracle(R, K, E, W, dtype, gen):
 
     exp = ReferenceExperts()
     out = exp(x, ids, w, w13[local], w2[local], emap, mode="weighted")
-    assert out.weights_applied and out.out.shape == (R, H) and out.out.dtype == dtype
+    assert out.weights_applied
+    assert out.out.shape == (R, H)
+    assert out.out.dtype == dtype
     assert rel_err(out.out, weighted_ref) < TOL[dtype]
     raw = exp(x, ids, w, w13[local], w2[local], emap, mode="raw")
-    assert not raw.weights_applied and raw.out.shape == (R, K, H)
+    assert not raw.weights_applied
+    assert raw.out.shape == (R, K, H)
     assert rel_err(raw.out, raw_ref) < TOL[dtype]
     assert raw.out[~is_local].eq(0).all()  # non-local slots are exact zeros
 

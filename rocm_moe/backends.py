@@ -1,0 +1,87 @@
+"""Backends by name, and whether each can run here (with the reason when not).
+
+Optional backends are imported only when asked for, so a missing library never breaks import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rocm_moe._checks import error_message
+from rocm_moe.comm.base import Dispatcher
+from rocm_moe.experts.base import Experts
+from rocm_moe.placement import Placement
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    kind: str  # "comm" or "experts"
+    module: str  # where it lives
+    factory: str  # class name in that module
+    availability: Callable[[], str | None]  # None = usable here, else why not
+
+
+def _always() -> str | None:
+    return None
+
+
+def library_version(name: str) -> str | None:
+    """Installed version of a library, or None if it cannot be imported."""
+    if importlib.util.find_spec(name) is None:
+        return None
+    try:
+        mod = importlib.import_module(name)
+    except Exception:  # a broken install is reported as not importable
+        return None
+    return str(getattr(mod, "__version__", "installed"))
+
+
+BACKENDS: dict[str, Backend] = {
+    b.kind + ":" + b.name: b
+    for b in [
+        Backend("local", "comm", "rocm_moe.comm.local", "LocalDispatcher", _always),
+        Backend("reference", "experts", "rocm_moe.experts.reference", "ReferenceExperts", _always),
+    ]
+}
+
+
+def names(kind: str) -> list[str]:
+    return [b.name for b in BACKENDS.values() if b.kind == kind]
+
+
+def _get(kind: str, name: str) -> Backend:
+    key = f"{kind}:{name}"
+    if key not in BACKENDS:
+        raise ValueError(error_message(f"{kind} backend", repr(name),
+                                       f"known {kind} backends are {names(kind)}",
+                                       "pick one of them (rocm-moe info lists what runs here)"))
+    backend = BACKENDS[key]
+    reason = backend.availability()
+    if reason is not None:
+        raise ValueError(error_message(f"{kind} backend", repr(name), f"unavailable: {reason}",
+                                       "install it or pick another backend"))
+    return backend
+
+
+def make_experts(name: str) -> Experts:
+    b = _get("experts", name)
+    return getattr(importlib.import_module(b.module), b.factory)()
+
+
+def make_dispatcher(name: str, placement: Placement, rank: int, **kw) -> Dispatcher:
+    b = _get("comm", name)
+    return getattr(importlib.import_module(b.module), b.factory)(placement, rank, **kw)
+
+
+def device_description() -> str:
+    if torch.cuda.is_available():
+        kind = "ROCm/HIP " + torch.version.hip if torch.version.hip else "CUDA " + str(
+            torch.version.cuda)
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()} ({kind})"
+    return "CPU only"

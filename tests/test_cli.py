@@ -1,0 +1,75 @@
+"""The CLI's commands on small shapes: exit codes and what they print."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rocm_moe import EPMoE, Experts, ExpertsOutput, RouterConfig
+from rocm_moe.cli import main
+from rocm_moe.sanity import run_sanity
+
+SMALL = ["--num-experts", "8", "--hidden", "32", "--intermediate", "16", "--top-k", "2"]
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "reference" in out
+    assert "local" in out
+    assert "mori" in out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_sanity_passes(capsys, dtype):
+    assert main(["sanity", *SMALL, "--dtype", dtype]) == 0
+    out = capsys.readouterr().out
+    assert "9 passed, 0 failed" in out
+    assert "half_weight" in out
+
+
+def test_run_checks_and_writes_json(capsys, tmp_path):
+    path = tmp_path / "run.json"
+    rc = main(["run", *SMALL, "--tokens", "33", "--iters", "2", "--weight-mode", "combine",
+               "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "tokens/s" in out
+    assert "PASS" in out
+    data = json.loads(path.read_text())
+    assert set(data["stage_ms"]) == {"route", "dispatch", "experts", "combine"}
+    assert data["rel_err"]["out vs float64 oracle"] < 1e-5
+
+
+def test_user_error_is_one_line(capsys):
+    assert main(["run", *SMALL, "--experts", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "known experts backends are ['reference']" in err
+
+
+class _TwiceWeighted(Experts):
+    """Applies the routing weights, then applies them again: the classic double weighting."""
+
+    name = "twice"
+
+    def _forward(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode):
+        from rocm_moe.experts.reference import ReferenceExperts
+
+        out = ReferenceExperts()._forward(x_RH, topk_ids_RK, topk_weights_RK, w13, w2,
+                                          expert_map, mode=mode)
+        if mode == "weighted":
+            y = out.out * topk_weights_RK.sum(1, keepdim=True).to(out.out.dtype)
+            return ExpertsOutput(out=y, weights_applied=True)
+        return out
+
+
+def test_sanity_catches_double_weighting():
+    layer = EPMoE(hidden_size=32, intermediate_size=16, router=RouterConfig.mixtral(8, 2),
+                  experts=_TwiceWeighted())
+    rows = {(r.check, r.weight_mode): r for r in run_sanity(layer)}
+    assert not rows[("half_weight", "experts")].passed  # 0.25 instead of 0.5
+    assert rows[("single_expert", "experts")].passed  # weight 1 hides it: why 0.5 is tested
+    assert rows[("half_weight", "combine")].passed
+    assert not rows[("modes_agree", "both")].passed
