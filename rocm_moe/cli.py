@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import statistics
@@ -153,7 +154,9 @@ def cmd_run(args) -> int:
         console.print(f"{name}: rel err {err:.2e} (tolerance {tol:.0e}) {verdict}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": {k: v for k, v in vars(args).items() if k != "func"},
+            json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                       "command": "rocm-moe " + " ".join(sys.argv[1:]),
+                       "config": {k: v for k, v in vars(args).items() if k != "func"},
                        "dtype": str(dtype), "device": backends.device_description(),
                        "stage_ms": {k: v * 1e3 for k, v in stages.items()},
                        "total_ms": total * 1e3, "tokens_per_s": args.tokens / total,
