@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def error_message(field: str, value: object, rule: str, fix: str) -> str:

@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 
 from rocm_moe._checks import (
+    FLOAT_DTYPES,
     check_id_range,
     check_integer,
     check_tensor,
@@ -38,7 +39,6 @@ from rocm_moe._checks import (
 )
 
 Scoring = Literal["softmax", "sigmoid"]
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,7 +218,7 @@ def route(
     Example: logits [[0, 0, log(2)]] with softmax, K=1 and no normalisation gives ids [[2]] and
     weights [[0.5]].
     """
-    check_tensor("router_logits", router_logits, dtypes=_FLOAT_DTYPES)
+    check_tensor("router_logits", router_logits, dtypes=FLOAT_DTYPES)
     if router_logits.dim() not in (2, 3) or router_logits.shape[-1] != config.num_experts:
         raise ValueError(error_message(
             "router_logits.shape", list(router_logits.shape),
@@ -238,7 +238,7 @@ def route(
                 "e_score_correction_bias", "a tensor", "only sigmoid routers take a bias",
                 "drop it or set scoring='sigmoid'"))
         check_tensor("e_score_correction_bias", e_score_correction_bias,
-                     shape=(config.num_experts,), dtypes=_FLOAT_DTYPES)
+                     shape=(config.num_experts,), dtypes=FLOAT_DTYPES)
         e_score_correction_bias = e_score_correction_bias.to(router_logits.device)
 
     logits_TE = router_logits.reshape(-1, config.num_experts)

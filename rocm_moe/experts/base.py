@@ -27,6 +27,7 @@ from typing import ClassVar, Literal
 import torch
 
 from rocm_moe._checks import (
+    FLOAT_DTYPES,
     check_id_range,
     check_same_device,
     check_tensor,
@@ -36,7 +37,6 @@ from rocm_moe._checks import (
 from rocm_moe.placement import ExpertMap, require_expert_map
 
 ExpertsMode = Literal["weighted", "raw"]
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
