@@ -64,7 +64,7 @@ def _build_layer(args, device: torch.device, dtype: torch.dtype, weight_mode: st
     layer = EPMoE(hidden_size=args.hidden, intermediate_size=args.intermediate, router=router,
                   dispatcher=dispatcher, experts=backends.make_experts(args.experts),
                   weight_mode=weight_mode, dtype=dtype, device=device)
-    layer.reset_parameters(generator=torch.Generator().manual_seed(args.seed))
+    layer.reset_parameters(seed=args.seed)
     return layer
 
 

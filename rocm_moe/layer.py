@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rocm_moe import synthetic
 from rocm_moe._checks import check_tensor, error_message
 from rocm_moe.comm.base import Dispatcher, weight_and_reduce
 from rocm_moe.comm.local import LocalDispatcher
@@ -143,6 +144,13 @@ class EPMoE(nn.Module):
             raise ValueError(error_message(
                 "dispatcher.placement.num_experts", self.dispatcher.placement.num_experts,
                 f"must equal router.num_experts={router.num_experts}", "build both from one E"))
+        declared = {"hidden_size": hidden_size, "top_k": router.top_k, "dtype": dtype}
+        for field, want in declared.items():
+            got = getattr(self.dispatcher, field)
+            if got is not None and got != want:
+                raise ValueError(error_message(
+                    f"dispatcher.{field}", got, f"must match the layer's {field}={want}",
+                    "build the dispatcher and the layer from one config"))
         self.experts = experts or ReferenceExperts()
         self.router = router
         self.weight_mode: WeightMode = weight_mode
@@ -170,11 +178,22 @@ class EPMoE(nn.Module):
         return self.dispatcher.placement.local_experts(self.dispatcher.rank)
 
     @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Random weights scaled so activations stay O(1): N(0, 1/fan_in)."""
-        for p in self.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32)
-                    .div_(p.shape[-1] ** 0.5).to(p.dtype))
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Synthetic weights from ``rocm_moe.synthetic``: expert g's weights depend only on
+        (seed, g), so any rank (or a single-process reference) can regenerate them."""
+        E, H, I = self.router.num_experts, self.hidden_size, self.intermediate_size
+        self.gate.weight.copy_(synthetic.gate_weight(seed, E, H))
+        for j, g in enumerate(self.local_experts):
+            w13, w2 = synthetic.expert_weights(seed, g, H, I)
+            self.w13[j].copy_(w13)
+            self.w2[j].copy_(w2)
+        if self.shared_experts is not None:
+            s = self.shared_experts
+            w13, w2, gate = synthetic.shared_weights(seed, H, s.w2.shape[1])
+            s.w13.copy_(w13)
+            s.w2.copy_(w2)
+            if s.gate is not None:
+                s.gate.weight.copy_(gate)
         if self.e_score_correction_bias is not None:
             self.e_score_correction_bias.zero_()
 

@@ -13,10 +13,12 @@ MLP computed independently in float64 from the layer's own weights:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from rocm_moe._checks import error_message
 from rocm_moe.experts.base import swiglu_expert
 from rocm_moe.layer import EPMoE
 
@@ -43,28 +45,47 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (a - e).norm().item() / denom if denom else (a - e).norm().item()
 
 
-def run_sanity(layer: EPMoE, *, seed: int = 0, experts: list[int] | None = None) -> list[SanityRow]:
-    """Run the suite on ``layer`` (its experts, its weights, its device) in both weight modes.
+def run_sanity(
+    layer: EPMoE,
+    *,
+    seed: int = 0,
+    experts: list[int] | None = None,
+    expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> list[SanityRow]:
+    """Run the suite on ``layer`` (its backends, its weights, its device) in both weight modes.
 
-    ``experts`` limits which global experts are tried one by one (default: all local ones).
-    The layer's weight_mode is restored afterwards.
+    Every rank of an EP group calls this with the same arguments (each forward is collective).
+    ``experts``: the global experts tried one by one (default: all E). ``expert_weights(g)``
+    returns expert g's (w13 [2I, H], w2 [H, I]) for the float64 reference; by default they are
+    read from the layer, which holds every expert only on a single rank. The layer's
+    weight_mode is restored afterwards.
     """
     dev, dtype = layer.w13.device, layer.w13.dtype
     gen = torch.Generator().manual_seed(seed)
     H = layer.hidden_size
     local = list(layer.local_experts)
-    tried = experts if experts is not None else local
+    tried = experts if experts is not None else list(range(layer.router.num_experts))
     tol = TOLERANCE[dtype]
+    if expert_weights is None:
+        if len(local) != layer.router.num_experts:
+            raise ValueError(error_message(
+                "expert_weights", None, "with expert parallelism the reference weights of other "
+                "ranks' experts must be given", "pass expert_weights=lambda g: (w13_g, w2_g)"))
+
+        def expert_weights(g: int):
+            j = local.index(g)
+            return layer.w13[j], layer.w2[j]
 
     def mlp(g: int, x: torch.Tensor) -> torch.Tensor:
-        j = local.index(g)
-        return swiglu_expert(x.double(), layer.w13[j].double(), layer.w2[j].double())
+        w13, w2 = expert_weights(g)
+        return swiglu_expert(x.double(), w13.double().to(x.device), w2.double().to(x.device))
 
     x = torch.randn(1, H, generator=gen).to(dtype).to(dev)
     # The dense shared experts are added to every output; take them out of it.
     shared = layer.shared_experts.reference(x) if layer.shared_experts is not None else 0.0
-    K = min(layer.router.top_k, len(local))
-    ids_K = torch.tensor(local)[torch.randperm(len(local), generator=gen)[:K]]
+    K = layer.router.top_k
+    E = layer.router.num_experts
+    ids_K = torch.randperm(E, generator=gen)[:K]  # any experts: other ranks' ones too
     w_K = torch.rand(K, generator=gen) + 0.1
     saved_mode, rows, outs = layer.weight_mode, [], {}
     try:
@@ -72,12 +93,17 @@ def run_sanity(layer: EPMoE, *, seed: int = 0, experts: list[int] | None = None)
             layer.weight_mode = mode
             errs: dict[str, list[float]] = {"single_expert": [], "half_weight": [],
                                             "raw_unweighted": []}
+            K_layer = layer.router.top_k
             for g in tried:
-                ids = torch.tensor([[g]], dtype=torch.int32, device=dev)
+                # One expert per token: slot 0, the other K-1 slots empty (-1, weight 0).
+                ids = torch.full((1, K_layer), -1, dtype=torch.int32, device=dev)
+                ids[0, 0] = g
                 ref = mlp(g, x)
-                one = layer.forward_routed(x, torch.ones(1, 1, device=dev), ids)
+                one_w = torch.zeros(1, K_layer, device=dev)
+                one_w[0, 0] = 1.0
+                one = layer.forward_routed(x, one_w, ids)
                 errs["single_expert"].append(rel_err(one - shared, ref))
-                half_w = torch.full((1, 1), 0.5, device=dev)
+                half_w = one_w * 0.5
                 # Through the weight mode's own path (return_raw would force raw experts).
                 half = layer.forward_routed(x, half_w, ids)
                 errs["half_weight"].append(rel_err(half - shared, 0.5 * ref))

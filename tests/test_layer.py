@@ -19,10 +19,9 @@ ROUTERS = {
 
 def _layer(router, dtype, **kw):
     layer = EPMoE(hidden_size=H, intermediate_size=I, router=router, dtype=dtype, **kw)
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
-    layer.reset_parameters(generator=g)
+    layer.reset_parameters(seed=int(torch.randint(0, 2**31 - 1, (1,))))
     if layer.e_score_correction_bias is not None:
-        layer.e_score_correction_bias.copy_(torch.rand(router.num_experts, generator=g) * 0.1)
+        layer.e_score_correction_bias.copy_(torch.rand(router.num_experts) * 0.1)
     return layer
 
 

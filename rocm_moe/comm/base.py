@@ -78,10 +78,12 @@ def weight_and_reduce(
     """sum_k w[r, k] * raw[r, k] over the slots where ``local_RK`` is true, in float32 (float64
     for float64 input) and a fixed order, cast back to raw's dtype: [R, K, H] -> [R, H]."""
     acc = torch.float64 if raw_RKH.dtype == torch.float64 else torch.float32
-    w_RK = torch.where(local_RK, topk_weights_RK, torch.zeros_like(topk_weights_RK)).to(acc)
+    w_RK = topk_weights_RK.to(acc)
     out = raw_RKH.new_zeros(raw_RKH.shape[0], raw_RKH.shape[2], dtype=acc)
+    zero = out.new_zeros(())
     for k in range(raw_RKH.shape[1]):
-        out += raw_RKH[:, k].to(acc) * w_RK[:, k, None]
+        # where(), not a zero weight: whatever a backend left in a non-local slot is never read.
+        out += torch.where(local_RK[:, k, None], raw_RKH[:, k].to(acc) * w_RK[:, k, None], zero)
     return out.to(raw_RKH.dtype)
 
 
@@ -98,7 +100,16 @@ class Dispatcher(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, placement: Placement, rank: int, *, max_tokens_per_rank: int | None = None):
+    def __init__(
+        self,
+        placement: Placement,
+        rank: int,
+        *,
+        max_tokens_per_rank: int | None = None,
+        hidden_size: int | None = None,
+        top_k: int | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         if not isinstance(placement, Placement):
             raise TypeError(error_message("placement", type(placement).__name__,
                                           "must be a rocm_moe.Placement",
@@ -110,8 +121,17 @@ class Dispatcher(ABC):
         self.placement = placement
         self.rank = rank
         self.max_tokens_per_rank = max_tokens_per_rank
+        self.hidden_size, self.top_k, self.dtype = hidden_size, top_k, dtype
         self.expert_map = placement.expert_map(rank)
         self._maps: dict[torch.device, ExpertMap] = {}
+
+    def config(self) -> dict:
+        """What every rank of a group must agree on (checked at construction by multi-rank
+        backends)."""
+        return dict(backend=self.name, num_experts=self.placement.num_experts,
+                    placement=self.placement.experts_of_rank, top_k=self.top_k,
+                    hidden_size=self.hidden_size, dtype=str(self.dtype),
+                    max_tokens_per_rank=self.max_tokens_per_rank)
 
     @property
     def world_size(self) -> int:
@@ -125,9 +145,13 @@ class Dispatcher(ABC):
     # ---- dispatch -------------------------------------------------------------------------------
     def check_dispatch_inputs(self, x_TH, topk_weights_TK, topk_ids_TK, *, validate: bool = True):
         """The bad-input catalog, shared by every backend; returns int32 ids."""
-        check_tensor("x", x_TH, shape=(None, None), dtypes=FLOAT_DTYPES)
+        check_tensor("x", x_TH, shape=(None, self.hidden_size),
+                     dtypes=(self.dtype,) if self.dtype else FLOAT_DTYPES,
+                     fix=f"pass [T, H={self.hidden_size}] in {self.dtype}, as this dispatcher "
+                     "was built for")
         T = x_TH.shape[0]
-        check_tensor("topk_ids", topk_ids_TK, shape=(T, None))
+        check_tensor("topk_ids", topk_ids_TK, shape=(T, self.top_k),
+                     fix=f"pass [T={T}, K={self.top_k}] ids; pad unused slots with -1")
         check_integer("topk_ids", topk_ids_TK)
         K = topk_ids_TK.shape[1]
         check_tensor("topk_weights", topk_weights_TK, shape=(T, K), dtypes=(torch.float32,),

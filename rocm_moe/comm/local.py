@@ -14,9 +14,8 @@ from rocm_moe.placement import Placement
 class LocalDispatcher(Dispatcher):
     name = "local"
 
-    def __init__(self, placement: Placement, rank: int = 0, *,
-                 max_tokens_per_rank: int | None = None):
-        super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank)
+    def __init__(self, placement: Placement, rank: int = 0, **kw):
+        super().__init__(placement, rank, **kw)
         if placement.world_size != 1:
             raise ValueError(error_message(
                 "placement.world_size", placement.world_size, "the local backend serves one rank",

@@ -8,6 +8,8 @@ each of its K experts straight from the global ids, in float64.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rocm_moe.experts.base import Experts, ExpertsOutput, accumulation_dtype, swiglu_expert
@@ -44,14 +46,21 @@ def dense_moe_reference(
     x_TH: torch.Tensor,
     topk_weights_TK: torch.Tensor,
     topk_ids_TK: torch.Tensor,
-    w13_E: torch.Tensor,
-    w2_E: torch.Tensor,
+    w13_E: torch.Tensor | None = None,
+    w2_E: torch.Tensor | None = None,
+    *,
+    expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 oracle over ALL experts: returns (y [T, H], raw [T, K, H]) in float64.
 
     y[t] = sum_k w[t, k] * expert_{ids[t, k]}(x[t]); slots with id -1 contribute nothing.
-    ``w13_E`` [E, 2I, H] and ``w2_E`` [E, H, I] hold every global expert.
+    Expert weights come from ``w13_E`` [E, 2I, H] and ``w2_E`` [E, H, I] holding every global
+    expert, or from ``expert_weights(g) -> (w13 [2I, H], w2 [H, I])`` (nothing materialised).
     """
+    if expert_weights is None:
+        def expert_weights(g: int):
+            return w13_E[g], w2_E[g]
+
     T, K = topk_ids_TK.shape
     x = x_TH.double()
     raw = x.new_zeros(T, K, x.shape[1])
@@ -60,6 +69,7 @@ def dense_moe_reference(
         if g < 0:
             continue
         t, k = torch.where(ids == g)
-        raw[t, k] = swiglu_expert(x[t], w13_E[g].double(), w2_E[g].double())
+        w13, w2 = expert_weights(g)
+        raw[t, k] = swiglu_expert(x[t], w13.to(x.device).double(), w2.to(x.device).double())
     y = (raw * topk_weights_TK.double().unsqueeze(-1)).sum(dim=1)
     return y, raw

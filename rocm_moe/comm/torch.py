@@ -1,0 +1,187 @@
+"""Dispatch/combine over torch.distributed (gloo on CPU, NCCL on NVIDIA, RCCL on ROCm), with
+MORI's semantics. This is also the executable specification the MORI adapter is checked against.
+
+Dispatch (two collectives):
+  1. each token goes once to every unique owner rank of its valid slots (ids -1 are ignored; a
+     token with no valid slot goes nowhere and combines to zeros); send order is (destination
+     rank, token), so every rank receives rows ordered by (source rank, source token);
+  2. counts: one ``all_to_all_single`` of [W] int64, then one host read of the split sizes;
+  3. payload: one ``all_to_all_single`` of packed rows ``[x row | K int32 ids | K float32
+     weights]`` as bytes. The received x, ids and weights are zero-copy strided views into the
+     receive buffer (``DispatchResult.x.stride(0)`` may exceed H).
+
+Combine (one collective): each received row's partial [R, H] goes back to its source, which adds
+the partials of each token in float32 in a fixed order (by source rank, one ``index_add_`` per
+rank with distinct indices, so no atomics race) and casts once: repeats are bit-identical.
+
+combine_raw (two collectives): only the local slots' raw rows travel back, in (row, slot) order;
+the owner places them at [t, k] of a zero [T, K, H].
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from rocm_moe._checks import error_message
+from rocm_moe.comm.base import CombineHandle, Dispatcher, DispatchResult
+from rocm_moe.placement import Placement
+
+_ALIGN = 16  # bytes; keeps every packed field aligned for its dtype view
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class TorchCombineHandle(CombineHandle):
+    send_token_idx: torch.Tensor  # [S] int64: token of each sent row, ordered (dest, token)
+    send_counts: tuple[int, ...]  # [W] rows sent to each rank
+    recv_counts: tuple[int, ...]  # [W] rows received from each rank
+    owner: torch.Tensor  # [T, K] int64: owner rank of each own slot, -1 if empty
+
+
+class TorchDispatcher(Dispatcher):
+    """Expert-parallel dispatch/combine on a torch.distributed process group.
+
+    Args:
+        placement: expert ownership; ``placement.world_size`` must equal the group's size.
+        group: the EP process group (default: the default group). Its rank is this rank.
+        hidden_size, top_k, dtype: what every batch must have (like MORI's config).
+        max_tokens_per_rank: refuse larger batches before any collective (None = unbounded).
+        timeout: a collective timeout for this dispatcher: a new group with this timeout is
+            created over the same ranks (every rank of the default group must construct the
+            dispatcher then, as ``dist.new_group`` requires).
+
+    Construction is collective: all ranks exchange their configuration and fail together,
+    naming the field, if they disagree.
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        placement: Placement,
+        *,
+        hidden_size: int,
+        top_k: int,
+        dtype: torch.dtype,
+        group: dist.ProcessGroup | None = None,
+        max_tokens_per_rank: int | None = None,
+        timeout: datetime.timedelta | None = None,
+    ):
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError(error_message(
+                "torch.distributed", "not initialised", "the torch backend needs a process group",
+                "call torch.distributed.init_process_group first (or use torchrun)"))
+        group = group or dist.group.WORLD
+        if timeout is not None:
+            group = dist.new_group(dist.get_process_group_ranks(group), timeout=timeout)
+        world = dist.get_world_size(group)
+        if placement.world_size != world:
+            raise ValueError(error_message(
+                "placement.world_size", placement.world_size,
+                f"must equal the process group's size {world}",
+                f"use Placement.contiguous(E, {world})"))
+        super().__init__(placement, dist.get_rank(group), max_tokens_per_rank=max_tokens_per_rank,
+                         hidden_size=hidden_size, top_k=top_k, dtype=dtype)
+        self.group = group
+        self._owner: dict[torch.device, torch.Tensor] = {}
+        self._check_agreement()
+
+    def _check_agreement(self) -> None:
+        mine = self.config()
+        everyone: list[dict | None] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=self.group)
+        for field in mine:
+            values = {r: cfg[field] for r, cfg in enumerate(everyone)}
+            if len({repr(v) for v in values.values()}) > 1:
+                shown = {r: (v if len(repr(v)) < 60 else f"<{hash(repr(v)) & 0xFFFF:04x}>")
+                         for r, v in values.items()}
+                raise ValueError(error_message(
+                    f"dispatcher {field} by rank", shown, "every rank of the EP group must "
+                    "build its dispatcher with the same configuration",
+                    "derive it from one model config on every rank"))
+
+    def _owner_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._owner:
+            self._owner[device] = self.placement.owner_E.to(device).long()
+        return self._owner[device]
+
+    def _a2a(self, out, inp, out_splits, in_splits) -> None:
+        dist.all_to_all_single(out, inp, list(out_splits), list(in_splits), group=self.group)
+
+    # ---- dispatch -------------------------------------------------------------------------------
+    def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
+        T, K = topk_ids_TK.shape
+        W, dev = self.world_size, x_TH.device
+        ids = topk_ids_TK.long()
+        owner_TK = torch.where(ids >= 0, self._owner_on(dev)[ids.clamp(min=0)],
+                               torch.full_like(ids, -1))
+        send_TW = torch.zeros(T, W + 1, dtype=torch.bool, device=dev)
+        send_TW.scatter_(1, owner_TK + 1, True)  # column 0 collects the empty slots
+        send_TW = send_TW[:, 1:]
+        send_token_idx = send_TW.T.nonzero()[:, 1]  # ordered by (destination, token)
+        send_counts_W = send_TW.sum(0)
+        recv_counts_W = torch.empty_like(send_counts_W)
+        dist.all_to_all_single(recv_counts_W, send_counts_W, group=self.group)
+        send_counts = tuple(send_counts_W.tolist())
+        recv_counts = tuple(recv_counts_W.tolist())
+
+        xb = x_TH.shape[1] * x_TH.element_size()
+        row = -(-(xb + 8 * K) // _ALIGN) * _ALIGN
+        packed_T = torch.empty(T, row, dtype=torch.uint8, device=dev)
+        packed_T[:, :xb] = x_TH.contiguous().view(torch.uint8)
+        packed_T[:, xb:xb + 4 * K] = topk_ids_TK.contiguous().view(torch.uint8)
+        packed_T[:, xb + 4 * K:xb + 8 * K] = topk_weights_TK.contiguous().view(torch.uint8)
+        send = packed_T.index_select(0, send_token_idx)
+        recv = torch.empty(sum(recv_counts), row, dtype=torch.uint8, device=dev)
+        self._a2a(recv, send, recv_counts, send_counts)
+
+        recv_x = recv[:, :xb].view(x_TH.dtype)
+        recv_ids = recv[:, xb:xb + 4 * K].view(torch.int32)
+        recv_w = recv[:, xb + 4 * K:xb + 8 * K].view(torch.float32)
+        handle = TorchCombineHandle(
+            **self.handle_fields(batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
+                                 topk_ids_TK=topk_ids_TK, recv_topk_ids=recv_ids,
+                                 recv_topk_weights=recv_w),
+            send_token_idx=send_token_idx, send_counts=send_counts, recv_counts=recv_counts,
+            owner=owner_TK)
+        return DispatchResult(x=recv_x, topk_ids=recv_ids, topk_weights=recv_w, handle=handle)
+
+    # ---- combine --------------------------------------------------------------------------------
+    def _combine(self, y_RH, handle: TorchCombineHandle):
+        H = y_RH.shape[1]
+        back = y_RH.new_empty(sum(handle.send_counts), H)
+        self._a2a(back, y_RH.contiguous(), handle.send_counts, handle.recv_counts)
+        acc = torch.float64 if y_RH.dtype == torch.float64 else torch.float32
+        out = torch.zeros(handle.num_tokens, H, dtype=acc, device=y_RH.device)
+        start = 0
+        for n in handle.send_counts:  # fixed order: source rank 0, 1, ...
+            if n:
+                out.index_add_(0, handle.send_token_idx[start:start + n],
+                               back[start:start + n].to(acc))
+            start += n
+        return out.to(y_RH.dtype)
+
+    def _combine_raw(self, raw_RKH, handle: TorchCombineHandle):
+        R, K, H = raw_RKH.shape
+        dev = raw_RKH.device
+        local_RK = self.expert_map_on(dev).local_ids(handle.recv_topk_ids) >= 0
+        per_row = local_RK.sum(1)
+        src_of_row = torch.repeat_interleave(
+            torch.arange(self.world_size, device=dev),
+            torch.tensor(handle.recv_counts, device=dev), output_size=R)
+        send_counts_W = torch.zeros(self.world_size, dtype=torch.int64, device=dev)
+        send_counts_W.index_add_(0, src_of_row, per_row)
+        send = raw_RKH[local_RK]  # [slots, H] in (row, slot) order
+        # The owner expects, from each rank d, its slots owned by d in (token, slot) order.
+        W, T = self.world_size, handle.num_tokens
+        mask_WTK = handle.owner[None] == torch.arange(W, device=dev)[:, None, None]
+        expect_W = mask_WTK.sum((1, 2))
+        where = mask_WTK.nonzero()  # (d, t, k), lexicographic
+        back = raw_RKH.new_empty(where.shape[0], H)
+        self._a2a(back, send, expect_W.tolist(), send_counts_W.tolist())
+        out = raw_RKH.new_zeros(T, K, H)
+        out[where[:, 1], where[:, 2]] = back
+        return out
