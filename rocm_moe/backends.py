@@ -31,6 +31,12 @@ def _always() -> str | None:
     return None
 
 
+def _torch_distributed() -> str | None:
+    import torch.distributed as dist
+
+    return None if dist.is_available() else "this torch build has no torch.distributed"
+
+
 def library_version(name: str) -> str | None:
     """Installed version of a library, or None if it cannot be imported."""
     if importlib.util.find_spec(name) is None:
@@ -46,6 +52,7 @@ BACKENDS: dict[str, Backend] = {
     b.kind + ":" + b.name: b
     for b in [
         Backend("local", "comm", "rocm_moe.comm.local", "LocalDispatcher", _always),
+        Backend("torch", "comm", "rocm_moe.comm.torch", "TorchDispatcher", _torch_distributed),
         Backend("reference", "experts", "rocm_moe.experts.reference", "ReferenceExperts", _always),
     ]
 }
@@ -75,8 +82,16 @@ def make_experts(name: str) -> Experts:
 
 
 def make_dispatcher(name: str, placement: Placement, rank: int, **kw) -> Dispatcher:
+    """A dispatcher; multi-rank backends take their rank from the process group."""
     b = _get("comm", name)
-    return getattr(importlib.import_module(b.module), b.factory)(placement, rank, **kw)
+    cls = getattr(importlib.import_module(b.module), b.factory)
+    if name == "local":
+        return cls(placement, rank, **kw)
+    dispatcher = cls(placement, **kw)  # multi-rank backends take the rank from their group
+    if dispatcher.rank != rank:
+        raise ValueError(error_message("rank", rank, f"the process group says {dispatcher.rank}",
+                                       "pass the EP group's rank"))
+    return dispatcher
 
 
 def device_description() -> str:

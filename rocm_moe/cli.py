@@ -3,7 +3,11 @@
     rocm-moe info      what this machine has and which backends can run here (and why not)
     rocm-moe sanity    single-token single-expert suite; exits 1 on any failure
     rocm-moe run       the main job: an EPMoE of the Qwen3-30B-A3B MoE shape on seeded random
-                       weights, checked against the float64 oracle, with per-stage times
+                       weights over W ranks, checked against the float64 oracle, with per-stage
+                       times per rank
+
+Several ranks: --world-size N spawns N processes on this host; under torchrun (any number of
+nodes) every rank joins the group from torchrun's environment.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -20,7 +25,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from rocm_moe import backends
+from rocm_moe import backends, synthetic
+from rocm_moe.distributed import WorkerInfo, init_from_env, launch, under_torchrun
 from rocm_moe.experts.reference import dense_moe_reference
 from rocm_moe.layer import EPMoE, Trace
 from rocm_moe.placement import Placement
@@ -29,7 +35,7 @@ from rocm_moe.sanity import TOLERANCE, rel_err, run_sanity
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
-console = Console(highlight=False, soft_wrap=True)
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
 
 
 def _device(name: str) -> torch.device:
@@ -52,20 +58,64 @@ def _add_shape_args(p: argparse.ArgumentParser, *, E: int, H: int, I: int, K: in
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="auto: bfloat16 on a GPU, float32 on a CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--comm", default="local", help=f"comm backend: {backends.names('comm')}")
+    p.add_argument("--comm", default=None,
+                   help=f"comm backend: {backends.names('comm')}; default local for one rank, "
+                   "torch for several")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="EP ranks to spawn (gloo on CPU, NCCL one per GPU); default: torchrun's, "
+                   "else one per GPU, else 2 on a CPU")
     p.add_argument("--experts", default="reference",
                    help=f"experts backend: {backends.names('experts')}")
     p.add_argument("--seed", type=int, default=0)
 
 
-def _build_layer(args, device: torch.device, dtype: torch.dtype, weight_mode: str) -> EPMoE:
+def _world_size(args) -> int:
+    if under_torchrun():
+        return int(os.environ["WORLD_SIZE"])
+    if args.world_size:
+        return args.world_size
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def _build_layer(args, info: WorkerInfo, dtype: torch.dtype, weight_mode: str) -> EPMoE:
+    W = info.world_size
+    comm = args.comm or ("local" if W == 1 else "torch")
     router = RouterConfig.qwen3_moe(args.num_experts, args.top_k)
-    dispatcher = backends.make_dispatcher(args.comm, Placement.contiguous(args.num_experts, 1), 0)
+    dispatcher = backends.make_dispatcher(
+        comm, Placement.contiguous(args.num_experts, W), info.rank, hidden_size=args.hidden,
+        top_k=args.top_k, dtype=dtype)
     layer = EPMoE(hidden_size=args.hidden, intermediate_size=args.intermediate, router=router,
                   dispatcher=dispatcher, experts=backends.make_experts(args.experts),
-                  weight_mode=weight_mode, dtype=dtype, device=device)
+                  weight_mode=weight_mode, dtype=dtype, device=info.device)
     layer.reset_parameters(seed=args.seed)
     return layer
+
+
+def _expert_weights(args, dtype: torch.dtype):
+    """Expert g's synthetic weights as the layer holds them (rounded to its dtype)."""
+    def weights(g: int):
+        w13, w2 = synthetic.expert_weights(args.seed, g, args.hidden, args.intermediate)
+        return w13.to(dtype), w2.to(dtype)
+    return weights
+
+
+def _on_ranks(args, worker) -> list:
+    """Run ``worker(info, args)`` on every rank: in-process (W = 1), under torchrun, or spawned.
+    Returns the results of all ranks (under torchrun: gathered to every rank)."""
+    if under_torchrun():
+        info = init_from_env()
+        try:
+            result = worker(info, args)
+            everyone = [None] * info.world_size
+            torch.distributed.all_gather_object(everyone, result)
+            return everyone if info.rank == 0 else []
+        finally:
+            torch.distributed.destroy_process_group()
+    W = _world_size(args)
+    if W == 1:
+        device = _device(args.device)
+        return [worker(WorkerInfo(0, 1, device, "none"), args)]
+    return launch(W, worker, args)
 
 
 # ---- info ---------------------------------------------------------------------------------------
@@ -89,35 +139,45 @@ def cmd_info(args) -> int:
 
 
 # ---- sanity -------------------------------------------------------------------------------------
+def _sanity_rank(info: WorkerInfo, args) -> list[dict]:
+    dtype = _dtype(args.dtype, info.device)
+    layer = _build_layer(args, info, dtype, "experts")
+    rows = run_sanity(layer, seed=args.seed, expert_weights=_expert_weights(args, dtype))
+    return [dict(vars(r), passed=r.passed, dtype=str(dtype)) for r in rows]
+
+
 def cmd_sanity(args) -> int:
-    device = _device(args.device)
-    dtype = _dtype(args.dtype, device)
-    layer = _build_layer(args, device, dtype, "experts")
-    rows = run_sanity(layer, seed=args.seed)
-    table = Table(title=f"sanity: comm={args.comm} experts={args.experts} dtype={dtype} "
-                        f"E={args.num_experts} H={args.hidden} I={args.intermediate}")
-    for col in ("check", "weight_mode", "cases", "max rel err", "tolerance", "result"):
+    results = _on_ranks(args, _sanity_rank)
+    if not results:  # a torchrun rank other than 0
+        return 0
+    W = len(results)
+    table = Table(title=f"sanity: W={W} comm={args.comm or ('local' if W == 1 else 'torch')} "
+                        f"experts={args.experts} dtype={results[0][0]['dtype']} "
+                        f"E={args.num_experts} H={args.hidden} I={args.intermediate} "
+                        f"K={args.top_k}")
+    for col in ("check", "weight_mode", "cases", "max rel err (all ranks)", "tolerance",
+                "result"):
         table.add_column(col)
-    for r in rows:
-        table.add_row(r.check, r.weight_mode, str(r.cases), f"{r.max_rel_err:.2e}",
-                      f"{r.tolerance:.0e}", "PASS" if r.passed else "[red]FAIL[/red]")
+    failed = 0
+    for i, row in enumerate(results[0]):
+        err = max(rank_rows[i]["max_rel_err"] for rank_rows in results)
+        ok = all(rank_rows[i]["passed"] for rank_rows in results)
+        failed += not ok
+        table.add_row(row["check"], row["weight_mode"], str(row["cases"]), f"{err:.2e}",
+                      f"{row['tolerance']:.0e}", "PASS" if ok else "[red]FAIL[/red]")
     console.print(table)
-    failed = [r for r in rows if not r.passed]
-    console.print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    console.print(f"{len(results[0]) - failed} passed, {failed} failed")
     return 1 if failed else 0
 
 
 # ---- run ----------------------------------------------------------------------------------------
-def cmd_run(args) -> int:
-    device = _device(args.device)
-    dtype = _dtype(args.dtype, device)
+def _run_rank(info: WorkerInfo, args) -> dict:
+    dtype = _dtype(args.dtype, info.device)
     t0 = time.perf_counter()
-    layer = _build_layer(args, device, dtype, args.weight_mode)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    x = torch.randn(args.tokens, args.hidden, generator=gen)
-    x = x.to(dtype).to(device)
+    layer = _build_layer(args, info, dtype, args.weight_mode)
+    x = synthetic.tokens(args.seed, info.rank, args.tokens, args.hidden).to(dtype)
+    x = x.to(info.device)
     build_s = time.perf_counter() - t0
-
     with torch.no_grad():
         layer(x)  # warm-up
         traces, totals = [], []
@@ -125,43 +185,60 @@ def cmd_run(args) -> int:
             trace = Trace()
             start = time.perf_counter()
             layer(x, trace=trace)
+            if info.device.type == "cuda":
+                torch.cuda.synchronize()
             totals.append(time.perf_counter() - start)
             traces.append(trace)
         checked = layer(x, return_raw=True)
         y_ref, raw_ref = dense_moe_reference(x, checked.topk_weights, checked.topk_ids,
-                                             layer.w13, layer.w2)
-    stages = {name: statistics.median(t.times[name] for t in traces) for name in traces[0].times}
-    total = statistics.median(totals)
-    errors = {"out vs float64 oracle": rel_err(checked.out, y_ref),
-              "raw vs float64 oracle": rel_err(checked.raw, raw_ref)}
-    tol = TOLERANCE[dtype]
+                                             expert_weights=_expert_weights(args, dtype))
+    return dict(rank=info.rank, build_s=build_s, dtype=str(dtype), backend=info.backend,
+                device=str(info.device),
+                stage_ms={n: 1e3 * statistics.median(t.times[n] for t in traces)
+                          for n in traces[0].times},
+                total_ms=1e3 * statistics.median(totals),
+                rel_err={"out": rel_err(checked.out, y_ref), "raw": rel_err(checked.raw, raw_ref)},
+                tolerance=TOLERANCE[dtype])
 
+
+def cmd_run(args) -> int:
+    results = _on_ranks(args, _run_rank)
+    if not results:
+        return 0
+    W, r0 = len(results), results[0]
+    comm = args.comm or ("local" if W == 1 else "torch")
     console.print(f"EPMoE E={args.num_experts} H={args.hidden} I={args.intermediate} "
-                  f"K={args.top_k}, T={args.tokens} tokens, {dtype}, {device} "
-                  f"({backends.device_description()}), comm={args.comm}, "
-                  f"experts={args.experts}, weight_mode={args.weight_mode}; built in "
-                  f"{build_s:.1f} s")
-    table = Table(title=f"median of {args.iters} iterations (stage times device-synchronised)")
-    for col in ("stage", "ms", "share"):
-        table.add_column(col, justify="right" if col != "stage" else "left")
-    for name, s in stages.items():
-        table.add_row(name, f"{s * 1e3:.3f}", f"{s / max(sum(stages.values()), 1e-12):.0%}")
-    table.add_row("total (untraced)", f"{total * 1e3:.3f}", "")
+                  f"K={args.top_k}, {args.tokens} tokens per rank, W={W} ({r0['backend']}), "
+                  f"{r0['dtype']}, {r0['device']} ({backends.device_description()}), "
+                  f"comm={comm}, experts={args.experts}, weight_mode={args.weight_mode}; "
+                  f"built in {max(r['build_s'] for r in results):.1f} s")
+    stages = list(r0["stage_ms"])
+    table = Table(title=f"median ms of {args.iters} iterations per rank "
+                        "(stage times device-synchronised)")
+    for col in ("rank", *stages, "total (untraced)", "out rel err", "raw rel err"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(str(r["rank"]), *(f"{r['stage_ms'][n]:.3f}" for n in stages),
+                      f"{r['total_ms']:.3f}", f"{r['rel_err']['out']:.2e}",
+                      f"{r['rel_err']['raw']:.2e}")
     console.print(table)
-    console.print(f"throughput: {args.tokens / total:,.0f} tokens/s")
-    for name, err in errors.items():
-        verdict = "PASS" if err <= tol else "FAIL"
-        console.print(f"{name}: rel err {err:.2e} (tolerance {tol:.0e}) {verdict}")
+    slowest = max(r["total_ms"] for r in results) / 1e3
+    console.print(f"throughput: {W * args.tokens / slowest:,.0f} tokens/s "
+                  f"({W} ranks x {args.tokens} tokens / slowest rank's time)")
+    tol = r0["tolerance"]
+    ok = all(e <= tol for r in results for e in r["rel_err"].values())
+    worst = max(e for r in results for e in r["rel_err"].values())
+    console.print(f"check against the float64 oracle: worst rel err {worst:.2e} "
+                  f"(tolerance {tol:.0e}) {'PASS' if ok else 'FAIL'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                        "command": "rocm-moe " + " ".join(sys.argv[1:]),
                        "config": {k: v for k, v in vars(args).items() if k != "func"},
-                       "dtype": str(dtype), "device": backends.device_description(),
-                       "stage_ms": {k: v * 1e3 for k, v in stages.items()},
-                       "total_ms": total * 1e3, "tokens_per_s": args.tokens / total,
-                       "rel_err": errors, "tolerance": tol}, f, indent=2)
-    return 0 if all(e <= tol for e in errors.values()) else 1
+                       "device": backends.device_description(), "world_size": W,
+                       "ranks": results, "tokens_per_s": W * args.tokens / slowest,
+                       "passed": ok}, f, indent=2)
+    return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,27 +23,38 @@ def test_info(capsys):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
 def test_sanity_passes(capsys, dtype):
-    assert main(["sanity", *SMALL, "--dtype", dtype]) == 0
+    assert main(["sanity", *SMALL, "--world-size", "1", "--dtype", dtype]) == 0
     out = capsys.readouterr().out
     assert "9 passed, 0 failed" in out
     assert "half_weight" in out
 
 
-def test_run_checks_and_writes_json(capsys, tmp_path):
+def test_sanity_two_ranks(capsys):
+    assert main(["sanity", *SMALL, "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "W=2 comm=torch" in out
+    assert "9 passed, 0 failed" in out
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_run_checks_and_writes_json(capsys, tmp_path, world_size):
     path = tmp_path / "run.json"
-    rc = main(["run", *SMALL, "--tokens", "33", "--iters", "2", "--weight-mode", "combine",
-               "--json", str(path)])
+    rc = main(["run", *SMALL, "--world-size", str(world_size), "--tokens", "33", "--iters", "2",
+               "--weight-mode", "combine", "--json", str(path)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "tokens/s" in out
     assert "PASS" in out
     data = json.loads(path.read_text())
-    assert set(data["stage_ms"]) == {"route", "dispatch", "experts", "combine"}
-    assert data["rel_err"]["out vs float64 oracle"] < 1e-5
+    assert data["world_size"] == world_size
+    assert data["passed"]
+    for rank in data["ranks"]:
+        assert set(rank["stage_ms"]) == {"route", "dispatch", "experts", "combine"}
+        assert rank["rel_err"]["out"] < 1e-5
 
 
 def test_user_error_is_one_line(capsys):
-    assert main(["run", *SMALL, "--experts", "nope"]) == 2
+    assert main(["run", *SMALL, "--world-size", "1", "--experts", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "known experts backends are ['reference']" in err
