@@ -2,6 +2,7 @@
 
     rocm-moe info      what this machine has and which backends can run here (and why not)
     rocm-moe sanity    single-token single-expert suite; exits 1 on any failure
+    rocm-moe bench comm  dispatch/combine GB/s against raw all_to_all_single (benchmarks/)
     rocm-moe run       the main job: an EPMoE of the Qwen3-30B-A3B MoE shape on seeded random
                        weights over W ranks, checked against the float64 oracle, with per-stage
                        times per rank
@@ -257,10 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-mode", choices=["experts", "combine"], default="experts")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("bench", help="benchmarks: rocm-moe bench comm --help")
+    p.add_argument("name", choices=sorted(BENCHMARKS))
     return parser
 
 
+BENCHMARKS = {"comm": "rocm_moe.benchmarks.comm"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCHMARKS:
+        import importlib
+
+        return importlib.import_module(BENCHMARKS[argv[1]]).main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -84,3 +84,16 @@ def test_sanity_catches_double_weighting():
     assert rows[("single_expert", "experts")].passed  # weight 1 hides it: why 0.5 is tested
     assert rows[("half_weight", "combine")].passed
     assert not rows[("modes_agree", "both")].passed
+
+
+def test_bench_comm_tiny(capsys, tmp_path):
+    rc = main(["bench", "comm", "--world-size", "2", "--tokens", "1", "33", "--hidden", "64",
+               "--num-experts", "8", "--top-k", "2", "--warmup", "1", "--iters", "2",
+               "--out", str(tmp_path), "--name", "tiny"])
+    assert rc == 0
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    assert [r["tokens"] for r in data["summary"]] == [1, 33]
+    for r in data["summary"]:
+        assert r["dispatch_GBps"] > 0
+        assert r["combine_GBps"] > 0
+        assert r["all_to_all_single_GBps"] > 0

@@ -55,29 +55,29 @@ def _expected_recv(inputs, placement: Placement, rank: int):
     return torch.cat(xs), torch.cat(ws), torch.cat(ids).to(torch.int32)
 
 
-def _check_round_trip(disp: TorchDispatcher, inputs, rank: int) -> None:
+def _check_round_trip(disp: TorchDispatcher, inputs, rank: int, dev: torch.device) -> None:
     p = disp.placement
     x, w, ids = inputs[rank]
-    res = disp.dispatch(x, w, ids)
+    res = disp.dispatch(x.to(dev), w.to(dev), ids.to(dev))
     ex_x, ex_w, ex_ids = _expected_recv(inputs, p, rank)
-    assert torch.equal(res.x, ex_x), "received rows differ (order: source rank, token)"
-    assert torch.equal(res.topk_weights, ex_w)
-    assert torch.equal(res.topk_ids, ex_ids), "ids must arrive global and unchanged"
+    assert torch.equal(res.x.cpu(), ex_x), "received rows differ (order: source rank, token)"
+    assert torch.equal(res.topk_weights.cpu(), ex_w)
+    assert torch.equal(res.topk_ids.cpu(), ex_ids), "ids must arrive global and unchanged"
     # identity experts, weighted: combine(dispatch(x)) == x * U
     U = torch.tensor([p.owner(row[row >= 0]).unique().numel() for row in ids])
     y = disp.combine(ExpertsOutput(out=res.x.clone(), weights_applied=True), res.handle)
-    assert torch.equal(y, x * U[:, None].float())
+    assert torch.equal(y.cpu(), x * U[:, None].float())
     # identity experts, raw, NaN in every slot they do not write
-    local = disp.expert_map.local_ids(res.topk_ids) >= 0
-    raw = torch.full((res.num_received, K, H), float("nan"))
+    local = disp.expert_map_on(dev).local_ids(res.topk_ids) >= 0
+    raw = torch.full((res.num_received, K, H), float("nan"), device=dev)
     raw[local] = res.x[:, None, :].expand(-1, K, -1)[local]
     eo = ExpertsOutput(out=raw, weights_applied=False)
     y = disp.combine(eo, res.handle)
     w_valid = torch.where(ids >= 0, w, torch.zeros_like(w))
-    torch.testing.assert_close(y, x * w_valid.sum(1, keepdim=True), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(y.cpu(), x * w_valid.sum(1, keepdim=True), rtol=1e-6, atol=1e-4)
     back = disp.combine_raw(eo, res.handle)
     want = torch.where((ids >= 0)[..., None], x[:, None, :].expand(-1, K, -1), 0.0)
-    assert torch.equal(back, want)
+    assert torch.equal(back.cpu(), want)
 
 
 def _check_cases(info, seed):
@@ -85,7 +85,7 @@ def _check_cases(info, seed):
     disp = TorchDispatcher(Placement.contiguous(E, W), hidden_size=H, top_k=K,
                            dtype=torch.float32)
     for case in ("random", "zero_rank", "one_rank", "empty_slots", "single"):
-        _check_round_trip(disp, _case_inputs(case, W, seed), info.rank)
+        _check_round_trip(disp, _case_inputs(case, W, seed), info.rank, info.device)
 
 
 def _check_expert_counts(info, seed):
@@ -93,8 +93,8 @@ def _check_expert_counts(info, seed):
     p = Placement.contiguous(E, W)
     disp = TorchDispatcher(p, hidden_size=H, top_k=K, dtype=torch.float32)
     inputs = _case_inputs("random", W, seed)
-    res = disp.dispatch(*inputs[info.rank])
-    counts = build_layout(res.topk_ids, disp.expert_map).tokens_per_expert
+    res = disp.dispatch(*(t.to(info.device) for t in inputs[info.rank]))
+    counts = build_layout(res.topk_ids, disp.expert_map_on(info.device)).tokens_per_expert
     all_ids = torch.cat([i for _, _, i in inputs])
     want = [int((all_ids == g).sum()) for g in p.local_experts(info.rank)]
     assert counts.tolist() == want
@@ -106,13 +106,13 @@ def _check_iterations(info, seed):
                            dtype=torch.float32, max_tokens_per_rank=64)
     cases = ["random", "single", "zero_rank", "empty_slots", "one_rank", "random"]
     for i, case in enumerate(cases):  # 6 batches of different sizes on one dispatcher
-        _check_round_trip(disp, _case_inputs(case, W, seed + i), info.rank)
+        _check_round_trip(disp, _case_inputs(case, W, seed + i), info.rank, info.device)
 
 
-def _layer(W, mode, dtype, dispatcher):
+def _layer(mode, dtype, dispatcher, device):
     layer = EPMoE(hidden_size=H, intermediate_size=I, router=RouterConfig.qwen3_moe(E, K),
                   dispatcher=dispatcher, weight_mode=mode, dtype=dtype,
-                  shared_intermediate_size=5)
+                  shared_intermediate_size=5, device=device)
     layer.reset_parameters(seed=7)
     return layer
 
@@ -125,12 +125,12 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def _check_epmoe_matches_reference(info, seed):
     W, rank = info.world_size, info.rank
     for T in (0 if rank == 0 else 5, 33):
-        x = syn.tokens(seed, rank, T, H).double()
+        x = syn.tokens(seed, rank, T, H).double().to(info.device)
         for mode in ("experts", "combine"):
             disp = TorchDispatcher(Placement.contiguous(E, W), hidden_size=H, top_k=K,
                                    dtype=torch.float64)
-            layer = _layer(W, mode, torch.float64, disp)
-            single = _layer(1, mode, torch.float64, None)  # every expert on one process
+            layer = _layer(mode, torch.float64, disp, info.device)
+            single = _layer(mode, torch.float64, None, info.device)  # all experts, one process
             out = layer(x, return_raw=True)
             y_ref, raw_ref = dense_moe_reference(
                 x, out.topk_weights, out.topk_ids,
@@ -144,8 +144,8 @@ def _check_epmoe_matches_reference(info, seed):
 def _check_bit_identical_repeats(info, seed):
     disp = TorchDispatcher(Placement.contiguous(E, info.world_size), hidden_size=H, top_k=K,
                            dtype=torch.bfloat16)
-    layer = _layer(info.world_size, "combine", torch.bfloat16, disp)
-    x = syn.tokens(seed, info.rank, 33, H).bfloat16()
+    layer = _layer("combine", torch.bfloat16, disp, info.device)
+    x = syn.tokens(seed, info.rank, 33, H).bfloat16().to(info.device)
     first = layer(x)
     for _ in range(19):
         assert torch.equal(layer(x), first)
@@ -173,12 +173,13 @@ def _check_bad_input(info, seed):
     messages = {}
     for name, bad in BAD.items():
         try:
-            disp.dispatch(*bad(*inputs[info.rank]))
+            disp.dispatch(*(t.to(info.device) for t in bad(*inputs[info.rank])))
         except (ValueError, TypeError) as exc:
             messages[name] = f"{type(exc).__name__}: {exc}"
         else:
             raise AssertionError(f"{name} was accepted")
-    _check_round_trip(disp, inputs, info.rank)  # no rank entered a collective: still in step
+    # No rank entered a collective: the group is still in step.
+    _check_round_trip(disp, inputs, info.rank, info.device)
     return messages
 
 
@@ -205,10 +206,19 @@ def _suite(info, seed):
     return results
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W{w}")
+_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(("gloo", 2), id="gloo-W2"),
+    pytest.param(("gloo", 4), id="gloo-W4"),
+    pytest.param(("nccl", 2), id="nccl-W2", marks=[
+        pytest.mark.gpu, pytest.mark.skipif(_GPUS < 2, reason="needs 2 GPUs")]),
+])
 def suite(request):
+    backend, W = request.param
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
-    return request.param, seed, launch(request.param, _suite, seed, timeout_s=60)
+    return W, seed, launch(W, _suite, seed, backend=backend, timeout_s=60)
 
 
 @pytest.mark.parametrize("check", [c for c in CHECKS if c not in ("bad_input",

@@ -1,0 +1,1 @@
+"""Benchmarks runnable as `rocm-moe bench NAME` (scripts in bench/ call the same code)."""
