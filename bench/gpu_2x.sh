@@ -7,7 +7,6 @@ mkdir -p "$OUT"
 # NVLink multicast stays off on the lent machines (device docs); harmless elsewhere.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-rm() { :; }  # never delete anything on the device by accident
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 nvidia-smi topo -m 2>/dev/null | head -4
