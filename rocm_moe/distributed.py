@@ -46,7 +46,8 @@ def _init(rank: int, world_size: int, backend: str, timeout_s: float) -> WorkerI
     else:
         device = torch.device("cpu")
     dist.init_process_group(backend, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+                            timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if backend == "nccl" else None)
     return WorkerInfo(rank, world_size, device, backend)
 
 

@@ -40,7 +40,7 @@ def test_sanity_two_ranks(capsys):
 def test_run_checks_and_writes_json(capsys, tmp_path, world_size):
     path = tmp_path / "run.json"
     rc = main(["run", *SMALL, "--world-size", str(world_size), "--tokens", "33", "--iters", "2",
-               "--weight-mode", "combine", "--json", str(path)])
+               "--weight-mode", "combine", "--dtype", "float32", "--json", str(path)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "tokens/s" in out

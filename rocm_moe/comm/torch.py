@@ -1,18 +1,20 @@
 """Dispatch/combine over torch.distributed (gloo on CPU, NCCL on NVIDIA, RCCL on ROCm), with
 MORI's semantics. This is also the executable specification the MORI adapter is checked against.
 
-Dispatch (two collectives):
+Dispatch (two collectives, one host read):
   1. each token goes once to every unique owner rank of its valid slots (ids -1 are ignored; a
      token with no valid slot goes nowhere and combines to zeros); send order is (destination
      rank, token), so every rank receives rows ordered by (source rank, source token);
-  2. counts: one ``all_to_all_single`` of [W] int64, then one host read of the split sizes;
+  2. counts: an asynchronous ``all_to_all_single`` of [W] int64; while it travels the rows are
+     packed (``rows.pack_rows``: one Triton kernel on GPUs) into a buffer of the upper-bound
+     size; then one host read of the split sizes;
   3. payload: one ``all_to_all_single`` of packed rows ``[x row | K int32 ids | K float32
-     weights]`` as bytes. The received x, ids and weights are zero-copy strided views into the
-     receive buffer (``DispatchResult.x.stride(0)`` may exceed H).
+     weights]`` as 32-bit words. The received x, ids and weights are zero-copy strided views
+     into the receive buffer (``DispatchResult.x.stride(0)`` may exceed H).
 
-Combine (one collective): each received row's partial [R, H] goes back to its source, which adds
-the partials of each token in float32 in a fixed order (by source rank, one ``index_add_`` per
-rank with distinct indices, so no atomics race) and casts once: repeats are bit-identical.
+Combine (one collective): each received row's partial [R, H] goes back to its source, which sums
+each token's partials in float32 in rank order and casts once (``rows.gather_sum``: one Triton
+kernel on GPUs, no atomics), so repeats are bit-identical.
 
 combine_raw (two collectives): only the local slots' raw rows travel back, in (row, slot) order;
 the owner places them at [t, k] of a zero [T, K, H].
@@ -27,15 +29,14 @@ import torch
 import torch.distributed as dist
 
 from rocm_moe._checks import error_message
+from rocm_moe.comm import rows
 from rocm_moe.comm.base import CombineHandle, Dispatcher, DispatchResult
 from rocm_moe.placement import Placement
-
-_ALIGN = 16  # bytes; keeps every packed field aligned for its dtype view
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class TorchCombineHandle(CombineHandle):
-    send_token_idx: torch.Tensor  # [S] int64: token of each sent row, ordered (dest, token)
+    pos: torch.Tensor  # [T, W] int64: send row of token t to rank d (dest-major), -1 if none
     send_counts: tuple[int, ...]  # [W] rows sent to each rank
     recv_counts: tuple[int, ...]  # [W] rows received from each rank
     owner: torch.Tensor  # [T, K] int64: owner rank of each own slot, -1 if empty
@@ -83,6 +84,10 @@ class TorchDispatcher(Dispatcher):
                 "placement.world_size", placement.world_size,
                 f"must equal the process group's size {world}",
                 f"use Placement.contiguous(E, {world})"))
+        if hidden_size * dtype.itemsize % rows.WORD:
+            raise ValueError(error_message(
+                "hidden_size", hidden_size, f"H * {dtype.itemsize} bytes must be a multiple of 4 "
+                "(rows travel as 32-bit words)", "use an even hidden size"))
         super().__init__(placement, dist.get_rank(group), max_tokens_per_rank=max_tokens_per_rank,
                          hidden_size=hidden_size, top_k=top_k, dtype=dtype)
         self.group = group
@@ -118,51 +123,36 @@ class TorchDispatcher(Dispatcher):
         ids = topk_ids_TK.long()
         owner_TK = torch.where(ids >= 0, self._owner_on(dev)[ids.clamp(min=0)],
                                torch.full_like(ids, -1))
-        send_TW = torch.zeros(T, W + 1, dtype=torch.bool, device=dev)
-        send_TW.scatter_(1, owner_TK + 1, True)  # column 0 collects the empty slots
+        send_TW = torch.zeros(T, W + 1, dtype=torch.int64, device=dev)
+        send_TW.scatter_(1, owner_TK + 1, 1)  # column 0 collects the empty slots
         send_TW = send_TW[:, 1:]
-        send_token_idx = send_TW.T.nonzero()[:, 1]  # ordered by (destination, token)
         send_counts_W = send_TW.sum(0)
         recv_counts_W = torch.empty_like(send_counts_W)
-        dist.all_to_all_single(recv_counts_W, send_counts_W, group=self.group)
-        send_counts = tuple(send_counts_W.tolist())
-        recv_counts = tuple(recv_counts_W.tolist())
-
-        xb = x_TH.shape[1] * x_TH.element_size()
-        row = -(-(xb + 8 * K) // _ALIGN) * _ALIGN
-        packed_T = torch.empty(T, row, dtype=torch.uint8, device=dev)
-        packed_T[:, :xb] = x_TH.contiguous().view(torch.uint8)
-        packed_T[:, xb:xb + 4 * K] = topk_ids_TK.contiguous().view(torch.uint8)
-        packed_T[:, xb + 4 * K:xb + 8 * K] = topk_weights_TK.contiguous().view(torch.uint8)
-        send = packed_T.index_select(0, send_token_idx)
-        recv = torch.empty(sum(recv_counts), row, dtype=torch.uint8, device=dev)
-        self._a2a(recv, send, recv_counts, send_counts)
-
-        recv_x = recv[:, :xb].view(x_TH.dtype)
-        recv_ids = recv[:, xb:xb + 4 * K].view(torch.int32)
-        recv_w = recv[:, xb + 4 * K:xb + 8 * K].view(torch.float32)
+        work = dist.all_to_all_single(recv_counts_W, send_counts_W, group=self.group,
+                                      async_op=True)
+        # While the counts travel: each (token, destination)'s row, dest-major, and the packing.
+        offsets_W = send_counts_W.cumsum(0) - send_counts_W
+        pos_TW = torch.where(send_TW > 0, offsets_W + send_TW.cumsum(0) - send_TW,
+                             torch.full_like(send_TW, -1))
+        send = rows.pack_rows(x_TH, topk_ids_TK, topk_weights_TK, pos_TW, T * min(W, K))
+        work.wait()
+        send_counts, recv_counts = (tuple(c) for c in
+                                    torch.stack([send_counts_W, recv_counts_W]).tolist())
+        recv = send.new_empty(sum(recv_counts), send.shape[1])
+        self._a2a(recv, send[:sum(send_counts)], recv_counts, send_counts)
+        recv_x, recv_ids, recv_w = rows.unpack(recv, x_TH.shape[1], x_TH.dtype, K)
         handle = TorchCombineHandle(
             **self.handle_fields(batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
                                  topk_ids_TK=topk_ids_TK, recv_topk_ids=recv_ids,
                                  recv_topk_weights=recv_w),
-            send_token_idx=send_token_idx, send_counts=send_counts, recv_counts=recv_counts,
-            owner=owner_TK)
+            pos=pos_TW, send_counts=send_counts, recv_counts=recv_counts, owner=owner_TK)
         return DispatchResult(x=recv_x, topk_ids=recv_ids, topk_weights=recv_w, handle=handle)
 
     # ---- combine --------------------------------------------------------------------------------
     def _combine(self, y_RH, handle: TorchCombineHandle):
-        H = y_RH.shape[1]
-        back = y_RH.new_empty(sum(handle.send_counts), H)
+        back = y_RH.new_empty(sum(handle.send_counts), y_RH.shape[1])
         self._a2a(back, y_RH.contiguous(), handle.send_counts, handle.recv_counts)
-        acc = torch.float64 if y_RH.dtype == torch.float64 else torch.float32
-        out = torch.zeros(handle.num_tokens, H, dtype=acc, device=y_RH.device)
-        start = 0
-        for n in handle.send_counts:  # fixed order: source rank 0, 1, ...
-            if n:
-                out.index_add_(0, handle.send_token_idx[start:start + n],
-                               back[start:start + n].to(acc))
-            start += n
-        return out.to(y_RH.dtype)
+        return rows.gather_sum(back, handle.pos)
 
     def _combine_raw(self, raw_RKH, handle: TorchCombineHandle):
         R, K, H = raw_RKH.shape

@@ -1,0 +1,45 @@
+"""Triton kernels behind rocm_moe.comm.rows (imported only where triton is installed).
+
+Nothing here is NVIDIA-only: plain loads and stores, so CUDA and ROCm Triton both compile it.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def pack_rows_kernel(x_ptr, meta_ptr, pos_ptr, send_ptr, XW, MW, RW, W, BLOCK: tl.constexpr):
+    """One program per (token, block of row words): read once, write to every destination.
+
+    x_ptr [T, XW] int32 words of x; meta_ptr [T, MW] int32 (ids then weight bits);
+    pos_ptr [T, W] int64 (-1 = not sent); send_ptr [P, RW] int32.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_x = j < XW
+    in_meta = (j >= XW) & (j < XW + MW)
+    v = tl.load(x_ptr + t * XW + j, mask=in_x, other=0)
+    m = tl.load(meta_ptr + t * MW + (j - XW), mask=in_meta, other=0)
+    v = tl.where(in_x, v, m)
+    for d in range(W):
+        p = tl.load(pos_ptr + t * W + d)
+        if p >= 0:
+            tl.store(send_ptr + p * RW + j, v, mask=j < RW)
+
+
+@triton.jit
+def gather_sum_kernel(back_ptr, pos_ptr, out_ptr, H, W, BLOCK: tl.constexpr):
+    """out[t, h] = sum_d back[pos[t, d], h] over d in order, float32 accumulation.
+
+    back_ptr [S, H]; pos_ptr [T, W] int64 (-1 = no partial); out_ptr [T, H] (back's dtype).
+    Example: pos = [[0, 2], [1, -1]], back rows b0, b1, b2 -> out = [b0 + b2, b1].
+    """
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    hm = h < H
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for d in range(W):
+        p = tl.load(pos_ptr + t * W + d)
+        if p >= 0:
+            acc += tl.load(back_ptr + p * H + h, mask=hm, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=hm)
