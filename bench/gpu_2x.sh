@@ -18,3 +18,5 @@ echo "== run, 2 ranks, NCCL, Qwen3-30B-A3B shape =="
 python3 -m rocm_moe.cli run --world-size 2 --tokens 4096 --json "$OUT/run_2xgpu.json" 2>&1 | tee "$OUT/run_2xgpu.txt"
 echo "== comm benchmark, 2 ranks =="
 python3 -m rocm_moe.cli bench comm --world-size 2 --out "$OUT" --name comm_2xgpu 2>&1 | tee "$OUT/comm_2xgpu.txt"
+echo "== profile of dispatch/combine at 4096 tokens (rank 0) =="
+python3 bench/profile_comm.py 4096 2>&1 | grep -v Warning | head -50
