@@ -19,4 +19,4 @@ python3 -m rocm_moe.cli run --world-size 2 --tokens 4096 --json "$OUT/run_2xgpu.
 echo "== comm benchmark, 2 ranks =="
 python3 -m rocm_moe.cli bench comm --world-size 2 --out "$OUT" --name comm_2xgpu 2>&1 | tee "$OUT/comm_2xgpu.txt"
 echo "== profile of dispatch/combine at 4096 tokens (rank 0) =="
-python3 bench/profile_comm.py 4096 2>&1 | grep -v Warning | head -50
+python3 bench/profile_comm.py 128 4096 2>&1 | grep -v Warning | head -40

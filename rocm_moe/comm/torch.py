@@ -123,17 +123,18 @@ class TorchDispatcher(Dispatcher):
         ids = topk_ids_TK.long()
         owner_TK = torch.where(ids >= 0, self._owner_on(dev)[ids.clamp(min=0)],
                                torch.full_like(ids, -1))
-        send_TW = torch.zeros(T, W + 1, dtype=torch.int64, device=dev)
-        send_TW.scatter_(1, owner_TK + 1, 1)  # column 0 collects the empty slots
-        send_TW = send_TW[:, 1:]
-        send_counts_W = send_TW.sum(0)
+        # [W, T] (not [T, W]): the scan below runs along the contiguous token dimension.
+        send_WT = torch.zeros(W + 1, T, dtype=torch.int64, device=dev)
+        send_WT.scatter_(0, owner_TK.T + 1, 1)  # row 0 collects the empty slots
+        send_WT = send_WT[1:]
+        send_counts_W = send_WT.sum(1)
         recv_counts_W = torch.empty_like(send_counts_W)
         work = dist.all_to_all_single(recv_counts_W, send_counts_W, group=self.group,
                                       async_op=True)
         # While the counts travel: each (token, destination)'s row, dest-major, and the packing.
-        offsets_W = send_counts_W.cumsum(0) - send_counts_W
-        pos_TW = torch.where(send_TW > 0, offsets_W + send_TW.cumsum(0) - send_TW,
-                             torch.full_like(send_TW, -1))
+        offsets_W1 = (send_counts_W.cumsum(0) - send_counts_W)[:, None]
+        pos_TW = torch.where(send_WT > 0, offsets_W1 + send_WT.cumsum(1) - send_WT,
+                             torch.full_like(send_WT, -1)).T.contiguous()
         send = rows.pack_rows(x_TH, topk_ids_TK, topk_weights_TK, pos_TW, T * min(W, K))
         work.wait()
         send_counts, recv_counts = (tuple(c) for c in
