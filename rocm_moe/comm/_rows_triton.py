@@ -8,23 +8,32 @@ import triton.language as tl
 
 
 @triton.jit
-def pack_rows_kernel(x_ptr, meta_ptr, pos_ptr, send_ptr, XW, MW, RW, W, BLOCK: tl.constexpr):
+def pack_rows_kernel(x_ptr, meta_ptr, csum_ptr, pos_ptr, send_ptr, T, XW, MW, RW, W,
+                     BLOCK: tl.constexpr):
     """One program per (token, block of row words): read once, write to every destination.
 
     x_ptr [T, XW] int32 words of x; meta_ptr [T, MW] int32 (ids then weight bits);
-    pos_ptr [T, W] int64 (-1 = not sent); send_ptr [P, RW] int32.
+    csum_ptr [W, T] int64 inclusive prefix counts per destination; pos_ptr [T, W] int64 out
+    (written by the first block of each token); send_ptr [P, RW] int32.
     """
     t = tl.program_id(0).to(tl.int64)
+    first_block = tl.program_id(1) == 0
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     in_x = j < XW
     in_meta = (j >= XW) & (j < XW + MW)
     v = tl.load(x_ptr + t * XW + j, mask=in_x, other=0)
     m = tl.load(meta_ptr + t * MW + (j - XW), mask=in_meta, other=0)
     v = tl.where(in_x, v, m)
+    offset = tl.zeros([], dtype=tl.int64)  # rows of the destinations before d
     for d in range(W):
-        p = tl.load(pos_ptr + t * W + d)
+        c = tl.load(csum_ptr + d * T + t)
+        prev = tl.load(csum_ptr + d * T + t - 1, mask=t > 0, other=0)
+        p = tl.where(c > prev, offset + c - 1, -1)
+        if first_block:
+            tl.store(pos_ptr + t * W + d, p)
         if p >= 0:
             tl.store(send_ptr + p * RW + j, v, mask=j < RW)
+        offset += tl.load(csum_ptr + d * T + T - 1)
 
 
 @triton.jit

@@ -1,13 +1,15 @@
 """Row movement for the torch comm backend: packing send rows and summing returned partials.
 
-Both take ``pos_TW`` [T, W] int64: the row of the send buffer that carries token t to rank d
-(dest-major order, so a rank's rows are contiguous and in token order), or -1 where token t
-does not go to rank d. Combine's returned partials come back in the same order, so the same map
-locates them.
+``pos_TW`` [T, W] int64 is the row of the send buffer that carries token t to rank d (dest-major
+order, so a rank's rows are contiguous and in token order), or -1 where token t does not go to
+rank d. It derives from ``csum_WT`` [W, T], the inclusive prefix count of the tokens sent to each
+rank: pos[t, d] = (rows of ranks < d) + csum[d, t] - 1 where token t goes to d. Combine's
+returned partials come back in the same order, so the same map locates them.
 
 - ``pack_rows``: send[pos[t, d]] = [x[t] | ids[t] | weights[t] | pad] as 32-bit words, for
-  every d with pos >= 0. The Triton kernel reads each x row once and writes it to each of its
-  destinations (the minimum traffic); the torch version packs [T, row] then scatters.
+  every d with pos >= 0, and pos itself. The Triton kernel computes pos from csum, reads each x
+  row once and writes it to each of its destinations (the minimum traffic), in one launch; the
+  torch version computes pos, packs [T, row] then scatters.
 - ``gather_sum``: out[t] = sum over d = 0..W-1 (in that order) of back[pos[t, d]], accumulated
   in float32 and cast once: deterministic, no atomics.
 
@@ -61,31 +63,46 @@ def _meta_words(ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
     return torch.cat([ids_TK.to(torch.int32), w_TK.float().view(torch.int32)], dim=1)
 
 
-def pack_rows(x_TH, ids_TK, w_TK, pos_TW, num_rows: int, *, impl: str | None = None):
-    """[num_rows, row_words] int32 send buffer; rows no (t, d) maps to are left unwritten."""
+def positions(csum_WT: torch.Tensor) -> torch.Tensor:
+    """[W, T] inclusive per-destination prefix counts -> pos [T, W] (dest-major send rows)."""
+    W, T = csum_WT.shape
+    if T == 0:
+        return csum_WT.new_empty(0, W)
+    counts = csum_WT[:, -1]
+    sent = torch.diff(csum_WT, dim=1, prepend=csum_WT.new_zeros(W, 1)) > 0
+    pos = (counts.cumsum(0) - counts)[:, None] + csum_WT - 1
+    return torch.where(sent, pos, torch.full_like(pos, -1)).T.contiguous()
+
+
+def pack_rows(x_TH, ids_TK, w_TK, csum_WT, num_rows: int, *, impl: str | None = None):
+    """Pack every (token, destination) row; returns (send [num_rows, row_words] int32, pos
+    [T, W] int64). ``csum_WT`` [W, T] int64 is the inclusive prefix count of the tokens sent to
+    each rank; rows no (t, d) maps to are left unwritten."""
     T, H = x_TH.shape
-    K, W = ids_TK.shape[1], pos_TW.shape[1]
+    K, W = ids_TK.shape[1], csum_WT.shape[0]
     rw = row_words(H, x_TH.dtype, K)
     send = torch.empty(num_rows, rw, dtype=torch.int32, device=x_TH.device)
     if T == 0 or num_rows == 0:
-        return send
+        return send, positions(csum_WT)
     x_words = x_TH.contiguous().view(torch.int32)
     meta = _meta_words(ids_TK, w_TK)
     if _choose(impl, x_TH) == "triton":
         from rocm_moe.comm._rows_triton import pack_rows_kernel
 
+        pos = torch.empty(T, W, dtype=torch.int64, device=x_TH.device)
         BLOCK = 512
         pack_rows_kernel[(T, -(-rw // BLOCK))](
-            x_words, meta, pos_TW.contiguous(), send, x_words.shape[1], 2 * K, rw, W,
+            x_words, meta, csum_WT.contiguous(), pos, send, T, x_words.shape[1], 2 * K, rw, W,
             BLOCK=BLOCK)
-        return send
+        return send, pos
+    pos = positions(csum_WT)
     packed = torch.zeros(T, rw, dtype=torch.int32, device=x_TH.device)
     packed[:, :x_words.shape[1]] = x_words
     packed[:, x_words.shape[1]:x_words.shape[1] + 2 * K] = meta
     for d in range(W):
-        valid = pos_TW[:, d] >= 0
-        send[pos_TW[valid, d]] = packed[valid]
-    return send
+        valid = pos[:, d] >= 0
+        send[pos[valid, d]] = packed[valid]
+    return send, pos
 
 
 def gather_sum(back_SH: torch.Tensor, pos_TW: torch.Tensor, *, impl: str | None = None):

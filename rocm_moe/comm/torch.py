@@ -91,7 +91,7 @@ class TorchDispatcher(Dispatcher):
         super().__init__(placement, dist.get_rank(group), max_tokens_per_rank=max_tokens_per_rank,
                          hidden_size=hidden_size, top_k=top_k, dtype=dtype)
         self.group = group
-        self._owner: dict[torch.device, torch.Tensor] = {}
+        self._dest1: dict[torch.device, torch.Tensor] = {}
         self._check_agreement()
 
     def _check_agreement(self) -> None:
@@ -108,10 +108,12 @@ class TorchDispatcher(Dispatcher):
                     "build its dispatcher with the same configuration",
                     "derive it from one model config on every rank"))
 
-    def _owner_on(self, device: torch.device) -> torch.Tensor:
-        if device not in self._owner:
-            self._owner[device] = self.placement.owner_E.to(device).long()
-        return self._owner[device]
+    def _dest1_on(self, device: torch.device) -> torch.Tensor:
+        """[E + 1] int64: entry g + 1 holds owner(g) + 1; entry 0 (id -1) holds 0."""
+        if device not in self._dest1:
+            owner1 = self.placement.owner_E.long() + 1
+            self._dest1[device] = torch.cat([owner1.new_zeros(1), owner1]).to(device)
+        return self._dest1[device]
 
     def _a2a(self, out, inp, out_splits, in_splits) -> None:
         dist.all_to_all_single(out, inp, list(out_splits), list(in_splits), group=self.group)
@@ -120,22 +122,18 @@ class TorchDispatcher(Dispatcher):
     def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
         T, K = topk_ids_TK.shape
         W, dev = self.world_size, x_TH.device
-        ids = topk_ids_TK.long()
-        owner_TK = torch.where(ids >= 0, self._owner_on(dev)[ids.clamp(min=0)],
-                               torch.full_like(ids, -1))
-        # [W, T] (not [T, W]): the scan below runs along the contiguous token dimension.
+        # dest1 = owner + 1, or 0 for an empty slot (id -1): one lookup in an [E + 1] table.
+        dest1_TK = self._dest1_on(dev)[topk_ids_TK + 1]
         send_WT = torch.zeros(W + 1, T, dtype=torch.int64, device=dev)
-        send_WT.scatter_(0, owner_TK.T + 1, 1)  # row 0 collects the empty slots
-        send_WT = send_WT[1:]
-        send_counts_W = send_WT.sum(1)
+        send_WT.scatter_(0, dest1_TK.T, 1)  # row 0 collects the empty slots
+        # [W, T] (not [T, W]): the scan runs along the contiguous token dimension.
+        csum_WT = send_WT[1:].cumsum(1)
+        send_counts_W = csum_WT[:, -1].contiguous() if T else csum_WT.new_zeros(W)
         recv_counts_W = torch.empty_like(send_counts_W)
         work = dist.all_to_all_single(recv_counts_W, send_counts_W, group=self.group,
                                       async_op=True)
-        # While the counts travel: each (token, destination)'s row, dest-major, and the packing.
-        offsets_W1 = (send_counts_W.cumsum(0) - send_counts_W)[:, None]
-        pos_TW = torch.where(send_WT > 0, offsets_W1 + send_WT.cumsum(1) - send_WT,
-                             torch.full_like(send_WT, -1)).T.contiguous()
-        send = rows.pack_rows(x_TH, topk_ids_TK, topk_weights_TK, pos_TW, T * min(W, K))
+        # While the counts travel: each (token, destination)'s send row, and the packing.
+        send, pos_TW = rows.pack_rows(x_TH, topk_ids_TK, topk_weights_TK, csum_WT, T * min(W, K))
         work.wait()
         send_counts, recv_counts = (tuple(c) for c in
                                     torch.stack([send_counts_W, recv_counts_W]).tolist())
@@ -146,7 +144,7 @@ class TorchDispatcher(Dispatcher):
             **self.handle_fields(batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
                                  topk_ids_TK=topk_ids_TK, recv_topk_ids=recv_ids,
                                  recv_topk_weights=recv_w),
-            pos=pos_TW, send_counts=send_counts, recv_counts=recv_counts, owner=owner_TK)
+            pos=pos_TW, send_counts=send_counts, recv_counts=recv_counts, owner=dest1_TK - 1)
         return DispatchResult(x=recv_x, topk_ids=recv_ids, topk_weights=recv_w, handle=handle)
 
     # ---- combine --------------------------------------------------------------------------------

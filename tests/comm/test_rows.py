@@ -20,11 +20,13 @@ GRID = [pytest.param(T, W, K, H, id=f"T{T}_W{W}_K{K}_H{H}")
 
 
 def _positions(T, W, gen):
-    send_TW = (torch.rand(T, W, generator=gen) < 0.6).long()
-    counts = send_TW.sum(0)
-    pos = torch.where(send_TW > 0, counts.cumsum(0) - counts + send_TW.cumsum(0) - send_TW,
-                      torch.full_like(send_TW, -1))
-    return pos.to(DEVICE), int(counts.sum())
+    """Random destinations: (csum [W, T], pos [T, W], rows sent)."""
+    send_WT = (torch.rand(W, T, generator=gen) < 0.6).long()
+    csum = send_WT.cumsum(1)
+    counts = send_WT.sum(1)
+    pos = torch.where(send_WT > 0, (counts.cumsum(0) - counts)[:, None] + csum - 1,
+                      torch.full_like(send_WT, -1)).T.contiguous()
+    return csum.to(DEVICE), pos.to(DEVICE), int(counts.sum())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -33,9 +35,11 @@ def test_pack_rows_triton_matches_torch(T, W, K, H, dtype, gen):
     x = torch.randn(T, H, generator=gen).to(dtype).to(DEVICE)
     ids = torch.randint(-1, 64, (T, K), generator=gen, dtype=torch.int32).to(DEVICE)
     w = torch.rand(T, K, generator=gen).to(DEVICE)
-    pos, S = _positions(T, W, gen)
-    a = rows.pack_rows(x, ids, w, pos, S, impl="triton")
-    b = rows.pack_rows(x, ids, w, pos, S, impl="torch")
+    csum, pos, S = _positions(T, W, gen)
+    a, pos_a = rows.pack_rows(x, ids, w, csum, S, impl="triton")
+    b, pos_b = rows.pack_rows(x, ids, w, csum, S, impl="torch")
+    assert torch.equal(pos_a, pos)
+    assert torch.equal(pos_b, pos)
     assert torch.equal(a, b)
     rx, rids, rw = rows.unpack(b, H, dtype, K)
     for d in range(W):  # every mapped row carries its token's x, ids and weights
@@ -48,7 +52,7 @@ def test_pack_rows_triton_matches_torch(T, W, K, H, dtype, gen):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("T", "W", "K", "H"), GRID)
 def test_gather_sum_triton_matches_torch(T, W, K, H, dtype, gen):
-    pos, S = _positions(T, W, gen)
+    _, pos, S = _positions(T, W, gen)
     back = torch.randn(S, H, generator=gen).to(dtype).to(DEVICE)
     a = rows.gather_sum(back, pos, impl="triton")
     b = rows.gather_sum(back, pos, impl="torch")
