@@ -15,8 +15,8 @@ python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -4
 echo "== sanity, 2 ranks, NCCL =="
 python3 -m rocm_moe.cli sanity --world-size 2 2>&1 | tail -14
 echo "== run, 2 ranks, NCCL, Qwen3-30B-A3B shape =="
-python3 -m rocm_moe.cli run --world-size 2 --tokens 4096 --json "$OUT/run_2xgpu.json" 2>&1 | tee "$OUT/run_2xgpu.txt"
+python3 -m rocm_moe.cli run --world-size 2 --tokens 4096 --json "$OUT/run_2xh200.json" 2>&1 | tee "$OUT/run_2xh200.txt"
 echo "== comm benchmark, 2 ranks =="
-python3 -m rocm_moe.cli bench comm --world-size 2 --out "$OUT" --name comm_2xgpu 2>&1 | tee "$OUT/comm_2xgpu.txt"
-echo "== profile of dispatch/combine at 4096 tokens (rank 0) =="
-python3 bench/profile_comm.py 128 4096 2>&1 | grep -v Warning | head -40
+python3 -m rocm_moe.cli bench comm --world-size 2 --out "$OUT" --name comm_2xh200 2>&1 | tee "$OUT/comm_2xh200.txt"
+echo "== where dispatch time goes (rank 0) =="
+python3 bench/profile_comm.py 128 4096 2>&1 | grep -v -i warn | tee "$OUT/profile_2xh200.txt" | grep "^T="
