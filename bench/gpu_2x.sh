@@ -11,9 +11,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 nvidia-smi topo -m 2>/dev/null | head -4
 echo "== tests (gpu-marked and all) =="
-python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -4
+python3 -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$OUT/tests_2xh200.txt" | tail -4
 echo "== sanity, 2 ranks, NCCL =="
-python3 -m rocm_moe.cli sanity --world-size 2 2>&1 | tail -14
+python3 -m rocm_moe.cli sanity --world-size 2 2>&1 | tee "$OUT/sanity_2xh200.txt" | tail -3
 echo "== run, 2 ranks, NCCL, Qwen3-30B-A3B shape =="
 python3 -m rocm_moe.cli run --world-size 2 --tokens 4096 --json "$OUT/run_2xh200.json" 2>&1 | tee "$OUT/run_2xh200.txt"
 echo "== comm benchmark, 2 ranks =="
