@@ -37,6 +37,20 @@ def _torch_distributed() -> str | None:
     return None if dist.is_available() else "this torch build has no torch.distributed"
 
 
+def _mori() -> str | None:
+    if importlib.util.find_spec("mori") is None:
+        return "mori is not installed (build it from github.com/ROCm/mori on ROCm)"
+    if torch.version.hip is None:
+        return "this torch is not a ROCm build"
+    return None
+
+
+def _aiter() -> str | None:
+    from rocm_moe.experts.aiter import aiter_availability
+
+    return aiter_availability()
+
+
 def library_version(name: str) -> str | None:
     """Installed version of a library, or None if it cannot be imported."""
     if importlib.util.find_spec(name) is None:
@@ -53,7 +67,9 @@ BACKENDS: dict[str, Backend] = {
     for b in [
         Backend("local", "comm", "rocm_moe.comm.local", "LocalDispatcher", _always),
         Backend("torch", "comm", "rocm_moe.comm.torch", "TorchDispatcher", _torch_distributed),
+        Backend("mori", "comm", "rocm_moe.comm.mori", "MoriDispatcher", _mori),
         Backend("reference", "experts", "rocm_moe.experts.reference", "ReferenceExperts", _always),
+        Backend("aiter", "experts", "rocm_moe.experts.aiter", "AiterExperts", _aiter),
     ]
 }
 

@@ -268,10 +268,19 @@ class EPMoE(nn.Module):
     def _run(self, hidden_states, x_TH, routing: RoutingResult, return_raw: bool, trace):
         dev = x_TH.device
         disp = self.dispatcher
+        mode = "raw" if (return_raw or self.weight_mode == "combine") else "weighted"
+        # Every refusal happens here, before the first collective, identically on all ranks.
+        reason = self.experts.supports(mode=mode, dtype=x_TH.dtype, device=dev)
+        if reason is None and return_raw:
+            reason = disp.raw_unsupported_reason()
+        if reason is not None:
+            raise ValueError(error_message(
+                "return_raw / weight_mode", (return_raw, self.weight_mode),
+                f"comm={disp.name} experts={self.experts.name} cannot run it: {reason}",
+                "use backends that support it (rocm-moe info), or weight_mode='experts'"))
         with _stage(trace, "dispatch", dev):
             d = disp.dispatch(x_TH, routing.topk_weights, routing.topk_ids,
                               validate=self.validate)
-        mode = "raw" if (return_raw or self.weight_mode == "combine") else "weighted"
         with _stage(trace, "experts", dev):
             eo = self.experts(d.x, d.topk_ids, d.topk_weights, self.w13, self.w2,
                               disp.expert_map_on(dev), mode=mode, validate=False)

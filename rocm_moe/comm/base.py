@@ -137,6 +137,10 @@ class Dispatcher(ABC):
     def world_size(self) -> int:
         return self.placement.world_size
 
+    def raw_unsupported_reason(self) -> str | None:
+        """None if ``combine_raw`` works on this backend, else why not."""
+        return None
+
     def expert_map_on(self, device: torch.device) -> ExpertMap:
         if device not in self._maps:
             self._maps[device] = self.expert_map.to(device)
