@@ -78,6 +78,11 @@ def names(kind: str) -> list[str]:
     return [b.name for b in BACKENDS.values() if b.kind == kind]
 
 
+def require(kind: str, name: str) -> None:
+    """Raise the clear ValueError of an unknown or unusable backend."""
+    _get(kind, name)
+
+
 def _get(kind: str, name: str) -> Backend:
     key = f"{kind}:{name}"
     if key not in BACKENDS:

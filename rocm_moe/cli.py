@@ -84,7 +84,7 @@ def _build_layer(args, info: WorkerInfo, dtype: torch.dtype, weight_mode: str) -
     router = RouterConfig.qwen3_moe(args.num_experts, args.top_k)
     dispatcher = backends.make_dispatcher(
         comm, Placement.contiguous(args.num_experts, W), info.rank, hidden_size=args.hidden,
-        top_k=args.top_k, dtype=dtype)
+        top_k=args.top_k, dtype=dtype, max_tokens_per_rank=max(getattr(args, "tokens", 16), 16))
     layer = EPMoE(hidden_size=args.hidden, intermediate_size=args.intermediate, router=router,
                   dispatcher=dispatcher, experts=backends.make_experts(args.experts),
                   weight_mode=weight_mode, dtype=dtype, device=info.device)
@@ -113,6 +113,9 @@ def _on_ranks(args, worker) -> list:
         finally:
             torch.distributed.destroy_process_group()
     W = _world_size(args)
+    # Refuse unusable backends here, in one line, before any rank is spawned.
+    backends.require("experts", args.experts)
+    backends.require("comm", args.comm or ("local" if W == 1 else "torch"))
     if W == 1:
         device = _device(args.device)
         return [worker(WorkerInfo(0, 1, device, "none"), args)]
@@ -164,8 +167,11 @@ def cmd_sanity(args) -> int:
         err = max(rank_rows[i]["max_rel_err"] for rank_rows in results)
         ok = all(rank_rows[i]["passed"] for rank_rows in results)
         failed += not ok
+        verdict = "PASS" if ok else "[red]FAIL[/red]"
+        if row["skipped"]:
+            verdict = f"SKIP: {row['skipped']}"
         table.add_row(row["check"], row["weight_mode"], str(row["cases"]), f"{err:.2e}",
-                      f"{row['tolerance']:.0e}", "PASS" if ok else "[red]FAIL[/red]")
+                      f"{row['tolerance']:.0e}", verdict)
     console.print(table)
     console.print(f"{len(results[0]) - failed} passed, {failed} failed")
     return 1 if failed else 0

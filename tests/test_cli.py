@@ -25,7 +25,7 @@ def test_info(capsys):
 def test_sanity_passes(capsys, dtype):
     assert main(["sanity", *SMALL, "--world-size", "1", "--dtype", dtype]) == 0
     out = capsys.readouterr().out
-    assert "9 passed, 0 failed" in out
+    assert "10 passed, 0 failed" in out
     assert "half_weight" in out
 
 
@@ -33,7 +33,7 @@ def test_sanity_two_ranks(capsys):
     assert main(["sanity", *SMALL, "--world-size", "2"]) == 0
     out = capsys.readouterr().out
     assert "W=2 comm=torch" in out
-    assert "9 passed, 0 failed" in out
+    assert "10 passed, 0 failed" in out
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -97,3 +97,19 @@ def test_bench_comm_tiny(capsys, tmp_path):
         assert r["dispatch_GBps"] > 0
         assert r["combine_GBps"] > 0
         assert r["all_to_all_single_GBps"] > 0
+
+
+@pytest.mark.parametrize(("flag", "name"), [("--comm", "mori"), ("--experts", "aiter")])
+def test_rocm_backends_refused_clearly_without_their_library(capsys, flag, name):
+    pytest.importorskip("torch")
+    if backends_available(name):
+        pytest.skip(f"{name} is installed here")
+    assert main(["sanity", *SMALL, "--world-size", "2", flag, name]) in (1, 2)
+    captured = capsys.readouterr()
+    assert f"{name} is not installed" in captured.err + captured.out
+
+
+def backends_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None

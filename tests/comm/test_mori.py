@@ -193,6 +193,22 @@ def _check_adapter_guards(info, seed):
     return msgs
 
 
+def _check_sanity_suite_on_fakes(info, seed):
+    """What `rocm-moe sanity --comm mori --experts aiter` checks on MI300, on the fakes."""
+    from rocm_moe.sanity import run_sanity
+
+    layer = EPMoE(hidden_size=H, intermediate_size=I, router=RouterConfig.qwen3_moe(E, K),
+                  dispatcher=_mori(info, dtype=torch.bfloat16),
+                  experts=AiterExperts(fused_moe=FakeFusedMoe()), dtype=torch.bfloat16)
+    layer.reset_parameters(seed=3)
+    rows = run_sanity(layer, seed=seed % 1000, expert_weights=lambda g: tuple(
+        t.bfloat16() for t in syn.expert_weights(3, g, H, I)))
+    failed = [r for r in rows if not r.passed]
+    assert not failed, failed
+    assert {r.check for r in rows} >= {"single_expert", "half_weight", "raw_unweighted",
+                                       "topk_sum", "modes_agree", "comm_identity"}
+
+
 CHECKS = {n[len("_check_"):]: f for n, f in globals().items() if n.startswith("_check_")}
 
 
