@@ -72,6 +72,25 @@ class DispatchResult:
         return self.x.shape[0]
 
 
+def join_group(placement: Placement, group, backend: str):
+    """(group, rank) of a multi-rank backend: torch.distributed must be initialised and the
+    group's size must equal the placement's world size."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(error_message(
+            "torch.distributed", "not initialised", f"the {backend} backend runs on a process "
+            "group", "call torch.distributed.init_process_group first (or use torchrun)"))
+    group = group or dist.group.WORLD
+    world = dist.get_world_size(group)
+    if placement.world_size != world:
+        raise ValueError(error_message(
+            "placement.world_size", placement.world_size,
+            f"must equal the process group's size {world}",
+            f"use Placement.contiguous(E, {world})"))
+    return group, dist.get_rank(group)
+
+
 def weight_and_reduce(
     raw_RKH: torch.Tensor, topk_weights_RK: torch.Tensor, local_RK: torch.Tensor
 ) -> torch.Tensor:

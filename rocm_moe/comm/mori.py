@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from rocm_moe._checks import error_message
-from rocm_moe.comm.base import CombineHandle, Dispatcher, DispatchResult
+from rocm_moe.comm.base import CombineHandle, Dispatcher, DispatchResult, join_group
 from rocm_moe.placement import Placement
 
 KERNEL_TYPES = ("IntraNode", "InterNode", "InterNodeV1", "InterNodeV1LL", "AsyncLL")
@@ -128,17 +128,7 @@ class MoriDispatcher(Dispatcher):
         gpu_per_node: int = 8,
         op=None,
     ):
-        if not dist.is_available() or not dist.is_initialized():
-            raise ValueError(error_message(
-                "torch.distributed", "not initialised", "MORI's shmem starts from a torch "
-                "process group", "call torch.distributed.init_process_group first"))
-        group = group or dist.group.WORLD
-        rank = dist.get_rank(group)
-        if placement.world_size != dist.get_world_size(group):
-            raise ValueError(error_message(
-                "placement.world_size", placement.world_size,
-                f"must equal the process group's size {dist.get_world_size(group)}",
-                "use Placement.contiguous(E, W)"))
+        group, rank = join_group(placement, group, self.name)
         self.mori_config = mori_config(placement, rank, hidden_size=hidden_size, top_k=top_k,
                                        dtype=dtype, max_tokens_per_rank=max_tokens_per_rank,
                                        kernel_type=kernel_type, gpu_per_node=gpu_per_node)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from rocm_moe._checks import error_message
 from rocm_moe.comm import rows
-from rocm_moe.comm.base import CombineHandle, Dispatcher, DispatchResult
+from rocm_moe.comm.base import CombineHandle, Dispatcher, DispatchResult, join_group
 from rocm_moe.placement import Placement
 
 
@@ -71,24 +71,15 @@ class TorchDispatcher(Dispatcher):
         max_tokens_per_rank: int | None = None,
         timeout: datetime.timedelta | None = None,
     ):
-        if not dist.is_available() or not dist.is_initialized():
-            raise ValueError(error_message(
-                "torch.distributed", "not initialised", "the torch backend needs a process group",
-                "call torch.distributed.init_process_group first (or use torchrun)"))
-        group = group or dist.group.WORLD
-        if timeout is not None:
+        group = group or (dist.group.WORLD if dist.is_initialized() else None)
+        if timeout is not None and group is not None:
             group = dist.new_group(dist.get_process_group_ranks(group), timeout=timeout)
-        world = dist.get_world_size(group)
-        if placement.world_size != world:
-            raise ValueError(error_message(
-                "placement.world_size", placement.world_size,
-                f"must equal the process group's size {world}",
-                f"use Placement.contiguous(E, {world})"))
+        group, rank = join_group(placement, group, self.name)
         if hidden_size * dtype.itemsize % rows.WORD:
             raise ValueError(error_message(
                 "hidden_size", hidden_size, f"H * {dtype.itemsize} bytes must be a multiple of 4 "
                 "(rows travel as 32-bit words)", "use an even hidden size"))
-        super().__init__(placement, dist.get_rank(group), max_tokens_per_rank=max_tokens_per_rank,
+        super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
                          hidden_size=hidden_size, top_k=top_k, dtype=dtype)
         self.group = group
         self._dest1: dict[torch.device, torch.Tensor] = {}

@@ -3,8 +3,6 @@ contract on spawned gloo ranks (W = 2, 4), with AITER's fake for the experts."""
 
 from __future__ import annotations
 
-import traceback
-
 import pytest
 import torch
 
@@ -15,6 +13,7 @@ from rocm_moe.comm.torch import TorchDispatcher
 from rocm_moe.distributed import launch
 from rocm_moe.experts.aiter import AiterExperts
 from rocm_moe.experts.reference import dense_moe_reference
+from tests.dist_checks import collect_checks, run_checks
 from tests.fakes import ContractError, FakeFusedMoe, FakeMoriOp
 
 E, K, H, I, CAP = 16, 4, 8, 6, 40
@@ -209,17 +208,11 @@ def _check_sanity_suite_on_fakes(info, seed):
                                        "topk_sum", "modes_agree", "comm_identity"}
 
 
-CHECKS = {n[len("_check_"):]: f for n, f in globals().items() if n.startswith("_check_")}
+CHECKS = collect_checks(globals(), skip=())
 
 
 def _suite(info, seed):
-    out = {}
-    for name, fn in CHECKS.items():
-        try:
-            out[name] = {"ok": True, "value": fn(info, seed)}
-        except Exception:
-            out[name] = {"ok": False, "value": traceback.format_exc()}
-    return out
+    return run_checks(CHECKS, info, seed)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"gloo-W{w}")

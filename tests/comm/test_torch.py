@@ -7,8 +7,6 @@ launch per world size runs every check (spawning is slow); each check is its own
 
 from __future__ import annotations
 
-import traceback
-
 import pytest
 import torch
 
@@ -17,6 +15,7 @@ from rocm_moe import synthetic as syn
 from rocm_moe.comm.torch import TorchDispatcher
 from rocm_moe.distributed import launch
 from rocm_moe.experts.reference import dense_moe_reference
+from tests.dist_checks import collect_checks, run_checks
 
 E, K, H, I = 16, 4, 8, 6
 
@@ -192,18 +191,11 @@ def _check_config_mismatch(info, seed):
     raise AssertionError("mismatched hidden_size was accepted")
 
 
-CHECKS = {name[len("_check_"):]: fn for name, fn in globals().items()
-          if name.startswith("_check_") and name != "_check_round_trip"}
+CHECKS = collect_checks(globals(), skip=("round_trip",))
 
 
 def _suite(info, seed):
-    results = {}
-    for name, fn in CHECKS.items():
-        try:
-            results[name] = {"ok": True, "value": fn(info, seed)}
-        except Exception:
-            results[name] = {"ok": False, "value": traceback.format_exc()}
-    return results
+    return run_checks(CHECKS, info, seed)
 
 
 _GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
