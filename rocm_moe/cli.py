@@ -2,6 +2,7 @@
 
     rocm-moe info      what this machine has and which backends can run here (and why not)
     rocm-moe sanity    single-token single-expert suite; exits 1 on any failure
+    rocm-moe diagnose  find the first wrong stage of a pipeline and name the known bug class
     rocm-moe bench comm  dispatch/combine GB/s against raw all_to_all_single (benchmarks/)
     rocm-moe run       the main job: an EPMoE of the Qwen3-30B-A3B MoE shape on seeded random
                        weights over W ranks, checked against the float64 oracle, with per-stage
@@ -29,6 +30,7 @@ from rich.table import Table
 from rocm_moe import backends, synthetic
 from rocm_moe.distributed import WorkerInfo, init_from_env, launch, under_torchrun
 from rocm_moe.experts.reference import dense_moe_reference
+from rocm_moe.faults import FAULTS
 from rocm_moe.layer import EPMoE, Trace
 from rocm_moe.placement import Placement
 from rocm_moe.routing import RouterConfig
@@ -78,13 +80,19 @@ def _world_size(args) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
+def _tokens_per_rank(args) -> int:
+    if hasattr(args, "tokens"):
+        return args.tokens
+    return getattr(args, "batch", 1) * getattr(args, "seq", 1)
+
+
 def _build_layer(args, info: WorkerInfo, dtype: torch.dtype, weight_mode: str) -> EPMoE:
     W = info.world_size
     comm = args.comm or ("local" if W == 1 else "torch")
     router = RouterConfig.qwen3_moe(args.num_experts, args.top_k)
     dispatcher = backends.make_dispatcher(
         comm, Placement.contiguous(args.num_experts, W), info.rank, hidden_size=args.hidden,
-        top_k=args.top_k, dtype=dtype, max_tokens_per_rank=max(getattr(args, "tokens", 16), 16))
+        top_k=args.top_k, dtype=dtype, max_tokens_per_rank=max(_tokens_per_rank(args), 16))
     layer = EPMoE(hidden_size=args.hidden, intermediate_size=args.intermediate, router=router,
                   dispatcher=dispatcher, experts=backends.make_experts(args.experts),
                   weight_mode=weight_mode, dtype=dtype, device=info.device)
@@ -264,9 +272,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-mode", choices=["experts", "combine"], default="experts")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("diagnose", help="find the first wrong stage and name the bug class")
+    _add_shape_args(p, E=16, H=64, I=32, K=4)
+    p.add_argument("--batch", type=int, default=2, help="sequences per rank")
+    p.add_argument("--seq", type=int, default=9, help="tokens per sequence")
+    p.add_argument("--weight-mode", choices=["experts", "combine"], default="experts")
+    p.add_argument("--inject", choices=sorted(FAULTS), default=None,
+                   help="plant a known bug to see its diagnosis")
+    p.add_argument("--json", action="store_true", help="print the per-rank reports as JSON")
+    p.add_argument("--dump", default=None,
+                   help="write the stage tensors to DUMP.rank<r>.safetensors")
+    p.set_defaults(func=cmd_diagnose)
     p = sub.add_parser("bench", help="benchmarks: rocm-moe bench comm --help")
     p.add_argument("name", choices=sorted(BENCHMARKS))
     return parser
+
+
+# ---- diagnose -----------------------------------------------------------------------------------
+def _diagnose_rank(info: WorkerInfo, args) -> dict:
+    from rocm_moe.diagnose import diagnose
+
+    dtype = _dtype(args.dtype, info.device)
+    layer = _build_layer(args, info, dtype, args.weight_mode)
+    layer.fault = args.inject
+    x = synthetic.tokens(args.seed, info.rank, args.batch * args.seq, args.hidden)
+    x = x.reshape(args.batch, args.seq, args.hidden).to(dtype).to(info.device)
+    return diagnose(layer, x, expert_weights=_expert_weights(args, dtype),
+                    dump=args.dump).to_dict()
+
+
+def cmd_diagnose(args) -> int:
+    results = _on_ranks(args, _diagnose_rank)
+    if not results:
+        return 0
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0 if all(r["first_bad"] is None for r in results) else 1
+    W = len(results)
+    console.print(f"diagnose: W={W} comm={args.comm or ('local' if W == 1 else 'torch')} "
+                  f"experts={args.experts} weight_mode={args.weight_mode} "
+                  f"dtype={results[0]['dtype']} E={args.num_experts} K={args.top_k} "
+                  f"tokens/rank={args.batch}x{args.seq}" +
+                  (f" injected={args.inject}" if args.inject else ""))
+    table = Table()
+    table.add_column("stage")
+    for r in results:
+        table.add_column(f"rank {r['rank']} rel err", justify="right")
+    table.add_column("verdict")
+    for i, stage in enumerate(results[0]["stages"]):
+        errs = [r["stages"][i]["rel_err"] for r in results]
+        bad = [r["rank"] for r in results if not r["stages"][i]["ok"]]
+        verdict = "ok" if not bad else f"[red]DIVERGES[/red] on ranks {bad}"
+        table.add_row(stage["stage"], *(f"{e:.1e}" for e in errs), verdict)
+    console.print(table)
+    firsts = {r["first_bad"] for r in results} - {None}
+    if not firsts:
+        console.print(f"all stages clean (tolerance {results[0]['tolerance']:.0e})")
+        return 0
+    order = [s["stage"] for s in results[0]["stages"]]
+    first = min(firsts, key=order.index)
+    found = [r["diagnosis"] for r in results if r["first_bad"] == first and r["diagnosis"]]
+    console.print(f"first wrong stage: [bold]{first}[/bold]")
+    if found:
+        d = found[0]
+        console.print(f"bug: [bold]{d['bug']}[/bold]: {d['signature']} "
+                      f"(prediction matches to {d['match_rel_err']:.1e})", markup=True)
+        console.print(f"fix: {d['fix']}", markup=False)
+    else:
+        console.print("no known bug class matches this stage's output; dump the stage tensors "
+                      "with --dump and compare them offline")
+    return 1
 
 
 BENCHMARKS = {"comm": "rocm_moe.benchmarks.comm"}

@@ -74,7 +74,10 @@ def _entry(rank, world_size, port, backend, timeout_s, threads, out_dir, worker,
         torch.set_num_threads(threads)
     info = _init(rank, world_size, backend, timeout_s)
     try:
-        result = worker(info, *args)
+        try:
+            result = {"result": worker(info, *args)}
+        except (ValueError, TypeError) as exc:  # a user error: hand it to the parent as is
+            result = {"error": type(exc).__name__, "message": str(exc)}
         Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -90,8 +93,9 @@ def launch(
 ) -> list:
     """Run ``worker(info, *args)`` on ``world_size`` spawned ranks; their results in rank order.
 
-    ``worker`` must be a module-level function (it is pickled into the children). A worker that
-    raises makes this raise, with the worker's traceback.
+    ``worker`` must be a module-level function (it is pickled into the children). A worker's
+    ValueError / TypeError (a user error) is raised here as the same error; any other exception
+    makes this raise with the worker's traceback.
     """
     if world_size < 1:
         raise ValueError(error_message("world_size", world_size, "must be >= 1",
@@ -103,4 +107,9 @@ def launch(
         mp.start_processes(_entry, args=(world_size, _free_port(), backend, timeout_s,
                                          threads_per_rank, out_dir, worker, args),
                            nprocs=world_size, start_method="spawn", join=True)
-        return [json.loads(Path(out_dir, f"{r}.json").read_text()) for r in range(world_size)]
+        results = [json.loads(Path(out_dir, f"{r}.json").read_text())
+                   for r in range(world_size)]
+    for res in results:
+        if "error" in res:
+            raise {"ValueError": ValueError, "TypeError": TypeError}[res["error"]](res["message"])
+    return [res["result"] for res in results]

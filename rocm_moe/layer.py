@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rocm_moe import synthetic
+from rocm_moe import faults, synthetic
 from rocm_moe._checks import check_tensor, error_message
 from rocm_moe.comm.base import Dispatcher, weight_and_reduce
 from rocm_moe.comm.local import LocalDispatcher
-from rocm_moe.experts.base import FLOAT_DTYPES, Experts, swiglu_expert
+from rocm_moe.experts.base import FLOAT_DTYPES, Experts, ExpertsOutput, swiglu_expert
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.placement import Placement
 from rocm_moe.routing import RouterConfig, RoutingResult, route
@@ -55,6 +55,7 @@ class Trace:
         self.times: dict[str, float] = {}
         self.tensors: dict[str, torch.Tensor] = {}
         self.record_tensors = record_tensors
+        self.expert_weights_applied: bool | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str, device: torch.device):
@@ -156,6 +157,7 @@ class EPMoE(nn.Module):
         self.weight_mode: WeightMode = weight_mode
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.validate = validate
+        self._fault: str | None = None
         E, H, I = router.num_experts, hidden_size, intermediate_size
         e = self.dispatcher.placement.num_local(self.dispatcher.rank)
         kw = dict(dtype=dtype, device=device)
@@ -172,6 +174,16 @@ class EPMoE(nn.Module):
             self.shared_experts = SharedExperts(H, shared_intermediate_size,
                                                 gated=shared_expert_gate, **kw)
         self.reset_parameters()
+
+    @property
+    def fault(self) -> str | None:
+        """A planted bug (see rocm_moe.faults), for diagnose; None (default) = correct."""
+        return self._fault
+
+    @fault.setter
+    def fault(self, value: str | None) -> None:
+        faults.check_fault(value)
+        self._fault = value
 
     @property
     def local_experts(self) -> tuple[int, ...]:
@@ -226,10 +238,13 @@ class EPMoE(nn.Module):
         """
         x_TH = self._flatten(hidden_states)
         with _stage(trace, "route", x_TH.device):
+            x_route = x_TH
+            if self.fault == "per_sequence_routing":
+                x_route = faults.per_sequence_hidden(hidden_states).reshape(x_TH.shape)
             if self.router.logits_in_float32:
-                logits = F.linear(x_TH.float(), self.gate.weight.float())
+                logits = F.linear(x_route.float(), self.gate.weight.float())
             else:
-                logits = self.gate(x_TH)
+                logits = self.gate(x_route)
             routing = route(logits, self.router,
                             e_score_correction_bias=self.e_score_correction_bias,
                             forced_expert_ids=forced_expert_ids)
@@ -265,6 +280,26 @@ class EPMoE(nn.Module):
                 f"cast the input or the layer (layer.to({hidden_states.dtype}))"))
         return hidden_states.reshape(-1, H)
 
+    def _combine_fault(self, y_TH, x_TH, routing, eo, d):
+        """Replace the correct combine result by what the planted combine-stage bug gives."""
+        f, disp = self.fault, self.dispatcher
+        if f == "scalar_collapse":
+            return y_TH[:, :1].expand_as(y_TH).contiguous()
+        if f == "second_reduction":  # an all-reduce over W ranks holding the same tokens
+            return y_TH * disp.world_size
+        if f == "other_ranks_missing":  # only this rank's local experts, on its own tokens
+            return self.experts(x_TH, routing.topk_ids.to(torch.int32), routing.topk_weights,
+                                self.w13, self.w2, disp.expert_map_on(x_TH.device),
+                                mode="weighted", validate=False).out
+        if f == "dispatched_ids":  # received rows' partials taken for the own tokens
+            y_R = eo.out if eo.weights_applied else weight_and_reduce(
+                eo.out, d.topk_weights, disp.expert_map_on(x_TH.device).local_ids(d.topk_ids) >= 0)
+            out = torch.zeros_like(y_TH)
+            n = min(out.shape[0], y_R.shape[0])
+            out[:n] = y_R[:n]
+            return out
+        return y_TH  # weights_twice / weights_never act at the experts' output
+
     def _run(self, hidden_states, x_TH, routing: RoutingResult, return_raw: bool, trace):
         dev = x_TH.device
         disp = self.dispatcher
@@ -278,25 +313,54 @@ class EPMoE(nn.Module):
                 "return_raw / weight_mode", (return_raw, self.weight_mode),
                 f"comm={disp.name} experts={self.experts.name} cannot run it: {reason}",
                 "use backends that support it (rocm-moe info), or weight_mode='experts'"))
+        x_send, ids_send, validate = x_TH, routing.topk_ids, self.validate
+        if self.fault == "int64_as_int32":
+            ids_send, validate = faults.int64_read_as_int32(ids_send), False
+        elif self.fault == "capacity_overflow":
+            x_send = faults.overflow_tokens(x_TH)
         with _stage(trace, "dispatch", dev):
-            d = disp.dispatch(x_TH, routing.topk_weights, routing.topk_ids,
-                              validate=self.validate)
+            d = disp.dispatch(x_send, routing.topk_weights, ids_send, validate=validate)
         with _stage(trace, "experts", dev):
-            eo = self.experts(d.x, d.topk_ids, d.topk_weights, self.w13, self.w2,
-                              disp.expert_map_on(dev), mode=mode, validate=False)
+            emap = disp.expert_map_on(dev)
+            if self.fault is None or faults.FAULTS[self.fault] != "experts":
+                eo = self.experts(d.x, d.topk_ids, d.topk_weights, self.w13, self.w2, emap,
+                                  mode=mode, validate=False)
+            else:
+                eo = ExpertsOutput(out=faults.experts_with_map(
+                    d.x, d.topk_ids, d.topk_weights, self.w13, self.w2,
+                    faults.confused_map(emap.map_E, self.fault), weighted=mode == "weighted"),
+                    weights_applied=mode == "weighted")
+        wire = eo  # what the combine stage receives
+        if self.fault in ("weights_twice", "weights_never"):
+            raw = self.experts(d.x, d.topk_ids, d.topk_weights, self.w13, self.w2, emap,
+                               mode="raw", validate=False).out
+            w = d.topk_weights ** 2 if self.fault == "weights_twice" else \
+                torch.ones_like(d.topk_weights)
+            wire = ExpertsOutput(out=weight_and_reduce(raw, w, emap.local_ids(d.topk_ids) >= 0),
+                                 weights_applied=True)
+        if trace is not None and trace.record_tensors:  # the [R, H] partials, weighted once
+            trace.record("partials", wire.out if wire.weights_applied else weight_and_reduce(
+                wire.out, d.topk_weights, emap.local_ids(d.topk_ids) >= 0))
         with _stage(trace, "combine", dev):
             if return_raw:
-                raw_TKH = disp.combine_raw(eo, d.handle)
+                raw_TKH = disp.combine_raw(wire, d.handle)
                 y_TH = weight_and_reduce(raw_TKH, routing.topk_weights, routing.topk_ids >= 0)
             else:
-                y_TH = disp.combine(eo, d.handle)
+                y_TH = disp.combine(wire, d.handle)
+            if self.fault is not None and faults.FAULTS[self.fault] == "combine":
+                y_TH = self._combine_fault(y_TH, x_TH, routing, wire, d)
+        if trace is not None:
+            trace.record("combined", y_TH)
         if self.shared_experts is not None:
             with _stage(trace, "shared", dev):
                 y_TH = y_TH + self.shared_experts(x_TH)
         if trace is not None:
             for name, t in (("topk_ids", routing.topk_ids), ("topk_weights", routing.topk_weights),
-                            ("dispatched_x", d.x), ("expert_out", eo.out), ("out", y_TH)):
+                            ("dispatched_x", d.x), ("dispatched_ids", d.topk_ids),
+                            ("dispatched_weights", d.topk_weights), ("expert_out", eo.out),
+                            ("out", y_TH)):
                 trace.record(name, t)
+            trace.expert_weights_applied = eo.weights_applied
         out = y_TH.reshape(hidden_states.shape)
         if not return_raw:
             return out
