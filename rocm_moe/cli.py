@@ -89,21 +89,53 @@ def _tokens_per_rank(args) -> int:
 def _build_layer(args, info: WorkerInfo, dtype: torch.dtype, weight_mode: str) -> EPMoE:
     W = info.world_size
     comm = args.comm or ("local" if W == 1 else "torch")
-    router = RouterConfig.qwen3_moe(args.num_experts, args.top_k)
+    placement = Placement.contiguous(args.num_experts, W)
     dispatcher = backends.make_dispatcher(
-        comm, Placement.contiguous(args.num_experts, W), info.rank, hidden_size=args.hidden,
+        comm, placement, info.rank, hidden_size=args.hidden,
         top_k=args.top_k, dtype=dtype, max_tokens_per_rank=max(_tokens_per_rank(args), 16))
+    experts = backends.make_experts(args.experts)
+    if getattr(args, "checkpoint", None):
+        from rocm_moe import hf
+
+        weights = hf.load_moe_layer(args.checkpoint, args.layer, placement, info.rank)
+        layer = hf.build_layer(weights, dispatcher=dispatcher, experts=experts,
+                               weight_mode=weight_mode, dtype=dtype, device=info.device)
+        layer.weights_nbytes = weights.nbytes
+        return layer
+    router = RouterConfig.qwen3_moe(args.num_experts, args.top_k)
     layer = EPMoE(hidden_size=args.hidden, intermediate_size=args.intermediate, router=router,
-                  dispatcher=dispatcher, experts=backends.make_experts(args.experts),
+                  dispatcher=dispatcher, experts=experts,
                   weight_mode=weight_mode, dtype=dtype, device=info.device)
     layer.reset_parameters(seed=args.seed)
     return layer
 
 
+def _checkpoint_shape(args) -> None:
+    """Take E, H, I, K from the checkpoint's config (before any rank starts)."""
+    if not getattr(args, "checkpoint", None):
+        return
+    from rocm_moe import hf
+
+    cfg = hf.Checkpoint(args.checkpoint).config()
+    _, _, _, inter_key = hf.family(cfg.model_type)
+    router = RouterConfig.from_hf_config(cfg)
+    args.num_experts, args.top_k = router.num_experts, router.top_k
+    args.hidden, args.intermediate = cfg.hidden_size, getattr(cfg, inter_key)
+
+
 def _expert_weights(args, dtype: torch.dtype):
-    """Expert g's synthetic weights as the layer holds them (rounded to its dtype)."""
+    """Expert g's weights as the layer holds them (rounded to its dtype): synthetic, or read
+    from the checkpoint on demand."""
+    if getattr(args, "checkpoint", None):
+        from rocm_moe import hf
+
+        read = hf.expert_reader(args.checkpoint, args.layer)
+    else:
+        def read(g: int):
+            return synthetic.expert_weights(args.seed, g, args.hidden, args.intermediate)
+
     def weights(g: int):
-        w13, w2 = synthetic.expert_weights(args.seed, g, args.hidden, args.intermediate)
+        w13, w2 = read(g)
         return w13.to(dtype), w2.to(dtype)
     return weights
 
@@ -207,7 +239,11 @@ def _run_rank(info: WorkerInfo, args) -> dict:
         checked = layer(x, return_raw=True)
         y_ref, raw_ref = dense_moe_reference(x, checked.topk_weights, checked.topk_ids,
                                              expert_weights=_expert_weights(args, dtype))
+        if layer.shared_experts is not None:
+            y_ref = y_ref + layer.shared_experts.reference(x)
+    params = sum(p.numel() * p.element_size() for p in layer.parameters())
     return dict(rank=info.rank, build_s=build_s, dtype=str(dtype), backend=info.backend,
+                layer_bytes=params,
                 device=str(info.device),
                 stage_ms={n: 1e3 * statistics.median(t.times[n] for t in traces)
                           for n in traces[0].times},
@@ -216,7 +252,14 @@ def _run_rank(info: WorkerInfo, args) -> dict:
                 tolerance=TOLERANCE[dtype])
 
 
+def _weights_source(args) -> str:
+    if getattr(args, "checkpoint", None):
+        return f"{args.checkpoint} layer {args.layer}"
+    return f"synthetic seed {args.seed}"
+
+
 def cmd_run(args) -> int:
+    _checkpoint_shape(args)
     results = _on_ranks(args, _run_rank)
     if not results:
         return 0
@@ -225,17 +268,18 @@ def cmd_run(args) -> int:
     console.print(f"EPMoE E={args.num_experts} H={args.hidden} I={args.intermediate} "
                   f"K={args.top_k}, {args.tokens} tokens per rank, W={W} ({r0['backend']}), "
                   f"{r0['dtype']}, {r0['device']} ({backends.device_description()}), "
-                  f"comm={comm}, experts={args.experts}, weight_mode={args.weight_mode}; "
+                  f"comm={comm}, experts={args.experts}, weight_mode={args.weight_mode}, "
+                  f"weights: {_weights_source(args)}; "
                   f"built in {max(r['build_s'] for r in results):.1f} s")
     stages = list(r0["stage_ms"])
     table = Table(title=f"median ms of {args.iters} iterations per rank "
                         "(stage times device-synchronised)")
-    for col in ("rank", *stages, "total (untraced)", "out rel err", "raw rel err"):
+    for col in ("rank", *stages, "total (untraced)", "out rel err", "raw rel err", "layer MiB"):
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(str(r["rank"]), *(f"{r['stage_ms'][n]:.3f}" for n in stages),
                       f"{r['total_ms']:.3f}", f"{r['rel_err']['out']:.2e}",
-                      f"{r['rel_err']['raw']:.2e}")
+                      f"{r['rel_err']['raw']:.2e}", f"{r['layer_bytes'] / 2**20:.3f}")
     console.print(table)
     slowest = max(r["total_ms"] for r in results) / 1e3
     console.print(f"throughput: {W * args.tokens / slowest:,.0f} tokens/s "
@@ -271,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=5, help="timed iterations (after 1 warm-up)")
     p.add_argument("--weight-mode", choices=["experts", "combine"], default="experts")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--checkpoint", default=None,
+                   help="a safetensors checkpoint directory (Qwen2/3-MoE, Mixtral, DeepSeek-V3):"
+                   " run its MoE layer instead of random weights; E, H, I, K come from it")
+    p.add_argument("--layer", type=int, default=1, help="the checkpoint's MoE layer index")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("diagnose", help="find the first wrong stage and name the bug class")
     _add_shape_args(p, E=16, H=64, I=32, K=4)
