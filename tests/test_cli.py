@@ -119,10 +119,10 @@ def test_run_under_torchrun():
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", "0", "-m", "rocm_moe.cli", "run", *SMALL, "--tokens", "9",
-           "--iters", "1", "--dtype", "float32"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "rocm_moe.cli", "run", *SMALL, "--tokens", "9", "--iters", "1",
+           "--dtype", "float32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "W=2 (gloo)" in proc.stdout
     assert "PASS" in proc.stdout
