@@ -45,6 +45,14 @@ def _mori() -> str | None:
     return None
 
 
+def _triton() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'rocm_moe[triton]')"
+    if not torch.cuda.is_available():
+        return "no CUDA/ROCm device (tests run the kernels in Triton's interpreter)"
+    return None
+
+
 def _aiter() -> str | None:
     from rocm_moe.experts.aiter import aiter_availability
 
@@ -70,6 +78,7 @@ BACKENDS: dict[str, Backend] = {
         Backend("mori", "comm", "rocm_moe.comm.mori", "MoriDispatcher", _mori),
         Backend("reference", "experts", "rocm_moe.experts.reference", "ReferenceExperts", _always),
         Backend("aiter", "experts", "rocm_moe.experts.aiter", "AiterExperts", _aiter),
+        Backend("triton", "experts", "rocm_moe.experts.triton", "TritonExperts", _triton),
     ]
 }
 

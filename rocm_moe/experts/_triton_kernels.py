@@ -1,0 +1,85 @@
+"""Triton kernels of the triton experts backend (imported only where triton is installed).
+
+Plain loads, stores and tl.dot: CUDA and ROCm Triton both compile them; TRITON_INTERPRET=1 runs
+them on CPUs (float16/float32 there).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, w13_ptr, inter_ptr, sorted_ptr, block_expert_ptr,
+    N_SLOTS, H, I, K_TOPK,
+    stride_xr, stride_we, stride_wn, stride_ip,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """inter[p, n] = silu(x[row(p)] @ gate[e].T) * (x[row(p)] @ up[e].T) for the padded slot
+    positions p of one block (one local expert e per block; sentinel slots give zeros)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_ptr + offs_p)
+    valid = slot < N_SLOTS
+    row = tl.where(valid, slot // K_TOPK, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_base = w13_ptr + e.to(tl.int64) * stride_we
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < H
+        a = tl.load(x_ptr + row[:, None] * stride_xr + offs_k[None, :],
+                    mask=valid[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
+                    mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        u = tl.load(w_base + (offs_n[None, :] + I) * stride_wn + offs_k[:, None],
+                    mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc_g = tl.dot(a, g, acc_g)
+        acc_u = tl.dot(a, u, acc_u)
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    tl.store(inter_ptr + offs_p[:, None].to(tl.int64) * stride_ip + offs_n[None, :],
+             h.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    inter_ptr, w2_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
+    N_SLOTS, H, I,
+    stride_ip, stride_we, stride_wn, stride_os,
+    WEIGHTED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[slot(p), n] = (inter[p] @ down[e].T)[n], times the slot's routing weight when
+    WEIGHTED (the epilogue); rows are written only for real slots."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_ptr + offs_p)
+    valid = slot < N_SLOTS
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_base = w2_ptr + e.to(tl.int64) * stride_we
+    for k0 in range(0, I, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < I
+        a = tl.load(inter_ptr + offs_p[:, None].to(tl.int64) * stride_ip + offs_k[None, :],
+                    mask=valid[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
+                    mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc)
+    if WEIGHTED:
+        w = tl.load(weight_ptr + slot, mask=valid, other=0.0)
+        acc = acc * w[:, None]
+    safe = tl.where(valid, slot, 0).to(tl.int64)
+    tl.store(out_ptr + safe[:, None] * stride_os + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])

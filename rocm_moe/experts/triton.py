@@ -1,0 +1,92 @@
+"""Triton experts: grouped SwiGLU GEMMs over the local slots only (CUDA and ROCm Triton).
+
+Pipeline (``TritonExperts``), for R rows with K global ids on a rank with e local experts:
+1. ``build_layout(ids, expert_map, block_size=BLOCK_M)``: the local slots sorted by expert and
+   padded per expert to BLOCK_M; one local expert per block (the layout module is the single
+   source of truth for offsets and padding; non-local slots are never sorted or computed);
+2. gate/up GEMM with SiLU(gate) * up fused: [P, I] intermediate in the input dtype;
+3. down GEMM; in "weighted" mode the slot's routing weight is applied in the epilogue;
+   results go to per-slot rows [R * K, H] (non-local slots stay zero);
+4. "weighted": sum over the K slots in float32, cast to the input dtype -> [R, H];
+   "raw": the per-slot rows as [R, K, H].
+
+Block sizes come from a heuristic on the mean number of slots per local expert (no tuning
+table yet). bf16 and fp16 only: a float32 tl.dot would run through TF32.
+
+Worked example (the test asserts it): one row, K = 1, id 0, weight 0.5, identity-like weights
+(gate = up = I * 4 on the first I hidden dims, down = identity) gives, for x = [1, 0, ...],
+0.5 * silu(4) * 4 on hidden dim 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from rocm_moe.experts.base import Experts, ExpertsOutput
+from rocm_moe.layout import build_layout
+
+TRITON_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block_config(num_slots: int, num_local: int) -> dict:
+    """BLOCK_M by the mean slots per local expert (fewer wasted padded rows at small batches);
+    BLOCK_N / BLOCK_K fixed. A tuning table per device and shape comes with issue 4's tuning."""
+    mean = num_slots / max(num_local, 1)
+    block_m = 16 if mean <= 16 else 32 if mean <= 64 else 64
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64)
+
+
+class TritonExperts(Experts):
+    name = "triton"
+
+    def supports(self, *, mode, dtype, device) -> str | None:
+        if _triton_version() is None:
+            return "triton is not installed (pip install 'rocm_moe[triton]')"
+        if device.type != "cuda" and not _interpreting():
+            return "Triton kernels need a CUDA/ROCm device (or TRITON_INTERPRET=1 for tests)"
+        if dtype not in TRITON_DTYPES:
+            return f"the Triton experts compute in {TRITON_DTYPES}, not {dtype}"
+        return None
+
+    def _forward(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode):
+        from rocm_moe.experts._triton_kernels import _down_kernel, _gate_up_kernel
+
+        R, K = topk_ids_RK.shape
+        H, I = x_RH.shape[1], w2.shape[2]
+        N = R * K
+        cfg = block_config(N, expert_map.num_local)
+        layout = build_layout(topk_ids_RK, expert_map, block_size=cfg["BLOCK_M"])
+        P = layout.sorted_slot_ids.numel()
+        x = x_RH if x_RH.stride(1) == 1 else x_RH.contiguous()
+        w13, w2 = w13.contiguous(), w2.contiguous()
+        inter = torch.empty(P, I, dtype=x.dtype, device=x.device)
+        out_slots = torch.zeros(N, H, dtype=x.dtype, device=x.device)
+        n_blocks = P // cfg["BLOCK_M"]
+        if N and n_blocks:
+            _gate_up_kernel[(n_blocks, -(-I // cfg["BLOCK_N"]))](
+                x, w13, inter, layout.sorted_slot_ids, layout.block_expert_ids, N, H, I, K,
+                x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0), **cfg)
+            _down_kernel[(n_blocks, -(-H // cfg["BLOCK_N"]))](
+                inter, w2, out_slots, layout.sorted_slot_ids, layout.block_expert_ids,
+                topk_weights_RK.contiguous().view(-1), N, H, I, inter.stride(0), w2.stride(0),
+                w2.stride(1), out_slots.stride(0), WEIGHTED=mode == "weighted", **cfg)
+        if mode == "weighted":
+            out = out_slots.view(R, K, H).sum(dim=1, dtype=torch.float32).to(x.dtype)
+            return ExpertsOutput(out=out, weights_applied=True)
+        return ExpertsOutput(out=out_slots.view(R, K, H), weights_applied=False)
