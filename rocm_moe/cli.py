@@ -392,7 +392,7 @@ def cmd_diagnose(args) -> int:
     return 1
 
 
-BENCHMARKS = {"comm": "rocm_moe.benchmarks.comm"}
+BENCHMARKS = {"comm": "rocm_moe.benchmarks.comm", "experts": "rocm_moe.benchmarks.experts"}
 
 
 def main(argv: list[str] | None = None) -> int:

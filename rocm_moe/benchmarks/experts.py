@@ -1,0 +1,165 @@
+"""Expert-stage benchmark: the triton backend against its floor, the torch reference beside it.
+
+Whole stage (layout sort, both GEMMs, activation, weighting, reduction) in "weighted" mode,
+timed as CUDA-graph replays (``triton.testing.do_bench_cudagraph``, median) after warm-up; the
+reference backend (host-synchronising) is timed with events, median of a few calls.
+
+Floor = max(bytes / copy bandwidth, flops / bf16 matmul rate), both ceilings measured in the
+same run: a 1 GiB device-to-device copy (bytes read + written) and an 8192^3 bf16 matmul.
+bytes = weights of the local experts the batch touches + activations in and out;
+flops = 2 * 3 * H * I * (local (row, slot) pairs).
+
+Shapes (issue 4): Qwen3-30B-A3B (E=128 all local, H=2048, I=768, K=8) at M tokens, and
+DeepSeek-V3 rank-local (E=256 global, experts 160..191 local, H=7168, I=2048, K=8) at R rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from rocm_moe.experts.reference import ReferenceExperts
+from rocm_moe.experts.triton import TritonExperts
+from rocm_moe.placement import Placement
+
+SHAPES = {
+    "qwen3": dict(E=128, W=1, rank=0, H=2048, I=768, K=8,
+                  sizes=[1, 4, 16, 64, 256, 1024, 4096, 16384]),
+    "dsv3": dict(E=256, W=8, rank=5, H=7168, I=2048, K=8, sizes=[128, 1024, 8192]),
+}
+
+
+def ceilings() -> dict:
+    from triton.testing import do_bench
+
+    n = 2**29  # 1 GiB of bf16
+    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    t_copy = do_bench(lambda: b.copy_(a), return_mode="median") / 1e3
+    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t_mm = do_bench(lambda: m @ m, return_mode="median") / 1e3
+    del a, b, m
+    return dict(copy_GBps=2 * n * 2 / t_copy / 1e9, matmul_TFLOPs=2 * 8192**3 / t_mm / 1e12)
+
+
+def _case(shape: dict, rows: int, gen: torch.Generator):
+    p = Placement.contiguous(shape["E"], shape["W"])
+    emap = p.expert_map(shape["rank"]).to("cuda")
+    e, H, I, K = emap.num_local, shape["H"], shape["I"], shape["K"]
+    x = torch.randn(rows, H, generator=gen).bfloat16().cuda()
+    ids = torch.rand(rows, shape["E"], generator=gen).topk(K, dim=1).indices.int().cuda()
+    w = torch.rand(rows, K, generator=gen).cuda()
+    w13 = (torch.randn(e, 2 * I, H, generator=gen) / H**0.5).bfloat16().cuda()
+    w2 = (torch.randn(e, H, I, generator=gen) / I**0.5).bfloat16().cuda()
+    return x, ids, w, w13, w2, emap
+
+
+def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int]) -> list[dict]:
+    from triton.testing import do_bench_cudagraph
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for R in sizes:
+        x, ids, w, w13, w2, emap = _case(shape, R, gen)
+        local = emap.local_ids(ids) >= 0
+        pairs = int(local.sum())
+        touched = int((emap.local_ids(ids)[local]).unique().numel())
+        H, I = shape["H"], shape["I"]
+        nbytes = touched * 3 * H * I * 2 + 2 * R * H * 2
+        flops = 2 * 3 * H * I * pairs
+        floor = max(nbytes / (ceil["copy_GBps"] * 1e9), flops / (ceil["matmul_TFLOPs"] * 1e12))
+        tri = TritonExperts()
+
+        def call(tri=tri, x=x, ids=ids, w=w, w13=w13, w2=w2, emap=emap):
+            return tri(x, ids, w, w13, w2, emap, mode="weighted", validate=False)
+
+        out = call().out
+        ref_backend = ReferenceExperts()
+        ref = ref_backend(x, ids, w, w13, w2, emap, mode="weighted", validate=False).out
+        err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+        t = do_bench_cudagraph(call, rep=200, return_mode="median") / 1e3
+        ref_times = []
+        for _ in range(5):
+            s, e_ = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            ref_backend(x, ids, w, w13, w2, emap, mode="weighted", validate=False)
+            e_.record()
+            e_.synchronize()
+            ref_times.append(s.elapsed_time(e_) / 1e3)
+        rows.append(dict(shape=name, rows=R, local_pairs=pairs, experts_touched=touched,
+                         time_us=t * 1e6, floor_us=floor * 1e6, time_over_floor=t / floor,
+                         TFLOPs=flops / t / 1e12, GBps=nbytes / t / 1e9, rel_err=err,
+                         reference_us=statistics.median(ref_times) * 1e6))
+    return rows
+
+
+def _plot(rows: list[dict], path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, name in zip(axes, SHAPES, strict=True):
+        rs = [r for r in rows if r["shape"] == name]
+        if not rs:
+            continue
+        ax.plot([r["rows"] for r in rs], [r["time_over_floor"] for r in rs], "o-",
+                label="triton")
+        ax.plot([r["rows"] for r in rs], [r["reference_us"] / r["floor_us"] for r in rs],
+                "s--", label="torch reference")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens (qwen3) / received rows (dsv3)")
+        ax.set_ylabel("time / floor")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return f"plot: {path}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rocm-moe bench experts", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--name", default="experts")
+    args = p.parse_args(argv)
+    from rich.console import Console
+    from rich.table import Table
+
+    from rocm_moe.backends import device_description
+
+    ceil = ceilings()
+    rows = [r for name in args.shapes for r in run_shape(name, SHAPES[name], ceil,
+                                                          SHAPES[name]["sizes"])]
+    table = Table(title=f"triton experts, {device_description()}: copy "
+                        f"{ceil['copy_GBps']:.0f} GB/s, bf16 matmul "
+                        f"{ceil['matmul_TFLOPs']:.0f} TFLOP/s (measured)")
+    for c in ("shape", "rows", "time us", "floor us", "time/floor", "TFLOP/s", "GB/s",
+              "rel err", "reference us"):
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(r["shape"], str(r["rows"]), f"{r['time_us']:.1f}", f"{r['floor_us']:.1f}",
+                      f"{r['time_over_floor']:.2f}", f"{r['TFLOPs']:.1f}", f"{r['GBps']:.0f}",
+                      f"{r['rel_err']:.1e}", f"{r['reference_us']:.0f}")
+    console = Console(width=150)
+    console.print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        device=device_description(), torch=torch.__version__, ceilings=ceil, rows=rows),
+        indent=1))
+    console.print(f"json: {out / f'{args.name}.json'}")
+    console.print(_plot(rows, out / f"{args.name}.png"), markup=False)
+    return 0
