@@ -57,7 +57,7 @@ def test_user_error_is_one_line(capsys):
     assert main(["run", *SMALL, "--world-size", "1", "--experts", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert "known experts backends are ['reference', 'aiter']" in err
+    assert "known experts backends are ['reference', 'aiter', 'triton']" in err
 
 
 class _TwiceWeighted(Experts):
