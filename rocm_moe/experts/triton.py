@@ -10,8 +10,9 @@ Pipeline (``TritonExperts``), for R rows with K global ids on a rank with e loca
 4. "weighted": sum over the K slots in float32, cast to the input dtype -> [R, H];
    "raw": the per-slot rows as [R, K, H].
 
-Block sizes come from a heuristic on the mean number of slots per local expert (no tuning
-table yet). bf16 and fp16 only: a float32 tl.dot would run through TF32.
+Launch configs come from ``triton_configs.json`` (per device name, H x I and bucket of mean
+slots per local expert; written by ``bench/tune_experts.py`` on the device) with a heuristic
+fallback. bf16 and fp16 only: a float32 tl.dot would run through TF32.
 
 Worked example (the test asserts it): one row, K = 1, id 0, weight 0.5, identity-like weights
 (gate = up = I * 4 on the first I hidden dims, down = identity) gives, for x = [1, 0, ...],
@@ -21,6 +22,7 @@ Worked example (the test asserts it): one row, K = 1, id 0, weight 0.5, identity
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import torch
@@ -44,16 +46,47 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def block_config(num_slots: int, num_local: int) -> dict:
-    """BLOCK_M by the mean slots per local expert (fewer wasted padded rows at small batches);
-    BLOCK_N / BLOCK_K fixed. A tuning table per device and shape comes with issue 4's tuning."""
+CONFIG_FILE = os.path.join(os.path.dirname(__file__), "triton_configs.json")
+_DEFAULT = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def _bucket(mean_slots: float) -> int:
+    """Mean slots per local expert, rounded up to a power of two (the table's key)."""
+    b = 1
+    while b < mean_slots:
+        b *= 2
+    return b
+
+
+@functools.cache
+def _table() -> dict:
+    if not os.path.exists(CONFIG_FILE):
+        return {}
+    with open(CONFIG_FILE) as f:
+        return json.load(f)
+
+
+def block_config(num_slots: int, num_local: int, *, hidden: int = 0, inter: int = 0,
+                 device_name: str = "") -> dict:
+    """Launch config: from the tuned table (device, H x I, mean slots per local expert bucket)
+    when it has the entry (``bench/tune_experts.py`` writes it), else a heuristic: BLOCK_M by
+    the mean slots per local expert, fixed BLOCK_N / BLOCK_K."""
     mean = num_slots / max(num_local, 1)
+    entry = _table().get(device_name, {}).get(f"{hidden}x{inter}", {}).get(str(_bucket(mean)))
+    if entry:
+        return dict(entry)
     block_m = 16 if mean <= 16 else 32 if mean <= 64 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64)
+    return dict(_DEFAULT, BLOCK_M=block_m)
 
 
 class TritonExperts(Experts):
+    """``config``: a fixed launch config (BLOCK_M/N/K, num_warps, num_stages) instead of the
+    table's, for tuning."""
+
     name = "triton"
+
+    def __init__(self, *, config: dict | None = None):
+        self.config = config
 
     def supports(self, *, mode, dtype, device) -> str | None:
         if _triton_version() is None:
@@ -70,7 +103,9 @@ class TritonExperts(Experts):
         R, K = topk_ids_RK.shape
         H, I = x_RH.shape[1], w2.shape[2]
         N = R * K
-        cfg = block_config(N, expert_map.num_local)
+        dev_name = torch.cuda.get_device_name(x_RH.device) if x_RH.is_cuda else ""
+        cfg = self.config or block_config(N, expert_map.num_local, hidden=H, inter=I,
+                                          device_name=dev_name)
         layout = build_layout(topk_ids_RK, expert_map, block_size=cfg["BLOCK_M"])
         P = layout.sorted_slot_ids.numel()
         x = x_RH if x_RH.stride(1) == 1 else x_RH.contiguous()
@@ -79,13 +114,16 @@ class TritonExperts(Experts):
         out_slots = torch.zeros(N, H, dtype=x.dtype, device=x.device)
         n_blocks = P // cfg["BLOCK_M"]
         if N and n_blocks:
+            blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+            launch = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
             _gate_up_kernel[(n_blocks, -(-I // cfg["BLOCK_N"]))](
                 x, w13, inter, layout.sorted_slot_ids, layout.block_expert_ids, N, H, I, K,
-                x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0), **cfg)
+                x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0), **blocks, **launch)
             _down_kernel[(n_blocks, -(-H // cfg["BLOCK_N"]))](
                 inter, w2, out_slots, layout.sorted_slot_ids, layout.block_expert_ids,
                 topk_weights_RK.contiguous().view(-1), N, H, I, inter.stride(0), w2.stride(0),
-                w2.stride(1), out_slots.stride(0), WEIGHTED=mode == "weighted", **cfg)
+                w2.stride(1), out_slots.stride(0), WEIGHTED=mode == "weighted", **blocks,
+                **launch)
         if mode == "weighted":
             out = out_slots.view(R, K, H).sum(dim=1, dtype=torch.float32).to(x.dtype)
             return ExpertsOutput(out=out, weights_applied=True)
