@@ -300,12 +300,10 @@ class EPMoE(nn.Module):
             return out
         return y_TH  # weights_twice / weights_never act at the experts' output
 
-    def _run(self, hidden_states, x_TH, routing: RoutingResult, return_raw: bool, trace):
-        dev = x_TH.device
+    def _refuse_unsupported(self, mode: str, return_raw: bool, x_TH: torch.Tensor) -> None:
+        """Every refusal happens here, before the first collective, identically on all ranks."""
         disp = self.dispatcher
-        mode = "raw" if (return_raw or self.weight_mode == "combine") else "weighted"
-        # Every refusal happens here, before the first collective, identically on all ranks.
-        reason = self.experts.supports(mode=mode, dtype=x_TH.dtype, device=dev)
+        reason = self.experts.supports(mode=mode, dtype=x_TH.dtype, device=x_TH.device)
         if reason is None and return_raw:
             reason = disp.raw_unsupported_reason()
         if reason is not None:
@@ -313,31 +311,46 @@ class EPMoE(nn.Module):
                 "return_raw / weight_mode", (return_raw, self.weight_mode),
                 f"comm={disp.name} experts={self.experts.name} cannot run it: {reason}",
                 "use backends that support it (rocm-moe info), or weight_mode='experts'"))
-        x_send, ids_send, validate = x_TH, routing.topk_ids, self.validate
+
+    def _dispatch_inputs(self, x_TH, routing):
+        """(x, ids, validate) handed to dispatch; a planted dispatch-stage fault alters them."""
         if self.fault == "int64_as_int32":
-            ids_send, validate = faults.int64_read_as_int32(ids_send), False
-        elif self.fault == "capacity_overflow":
-            x_send = faults.overflow_tokens(x_TH)
+            return x_TH, faults.int64_read_as_int32(routing.topk_ids), False
+        if self.fault == "capacity_overflow":
+            return faults.overflow_tokens(x_TH), routing.topk_ids, self.validate
+        return x_TH, routing.topk_ids, self.validate
+
+    def _experts_stage(self, d, mode: str, emap) -> ExpertsOutput:
+        if self.fault is not None and faults.FAULTS[self.fault] == "experts":
+            out = faults.experts_with_map(d.x, d.topk_ids, d.topk_weights, self.w13, self.w2,
+                                          faults.confused_map(emap.map_E, self.fault),
+                                          weighted=mode == "weighted")
+            return ExpertsOutput(out=out, weights_applied=mode == "weighted")
+        return self.experts(d.x, d.topk_ids, d.topk_weights, self.w13, self.w2, emap,
+                            mode=mode, validate=False)
+
+    def _wire(self, eo: ExpertsOutput, d, emap) -> ExpertsOutput:
+        """What the combine stage receives; a planted weighting fault re-weights it."""
+        if self.fault not in ("weights_twice", "weights_never"):
+            return eo
+        raw = self.experts(d.x, d.topk_ids, d.topk_weights, self.w13, self.w2, emap,
+                           mode="raw", validate=False).out
+        w = d.topk_weights ** 2 if self.fault == "weights_twice" else \
+            torch.ones_like(d.topk_weights)
+        return ExpertsOutput(out=weight_and_reduce(raw, w, emap.local_ids(d.topk_ids) >= 0),
+                             weights_applied=True)
+
+    def _run(self, hidden_states, x_TH, routing: RoutingResult, return_raw: bool, trace):
+        dev, disp = x_TH.device, self.dispatcher
+        mode = "raw" if (return_raw or self.weight_mode == "combine") else "weighted"
+        self._refuse_unsupported(mode, return_raw, x_TH)
+        x_send, ids_send, validate = self._dispatch_inputs(x_TH, routing)
         with _stage(trace, "dispatch", dev):
             d = disp.dispatch(x_send, routing.topk_weights, ids_send, validate=validate)
+        emap = disp.expert_map_on(dev)
         with _stage(trace, "experts", dev):
-            emap = disp.expert_map_on(dev)
-            if self.fault is None or faults.FAULTS[self.fault] != "experts":
-                eo = self.experts(d.x, d.topk_ids, d.topk_weights, self.w13, self.w2, emap,
-                                  mode=mode, validate=False)
-            else:
-                eo = ExpertsOutput(out=faults.experts_with_map(
-                    d.x, d.topk_ids, d.topk_weights, self.w13, self.w2,
-                    faults.confused_map(emap.map_E, self.fault), weighted=mode == "weighted"),
-                    weights_applied=mode == "weighted")
-        wire = eo  # what the combine stage receives
-        if self.fault in ("weights_twice", "weights_never"):
-            raw = self.experts(d.x, d.topk_ids, d.topk_weights, self.w13, self.w2, emap,
-                               mode="raw", validate=False).out
-            w = d.topk_weights ** 2 if self.fault == "weights_twice" else \
-                torch.ones_like(d.topk_weights)
-            wire = ExpertsOutput(out=weight_and_reduce(raw, w, emap.local_ids(d.topk_ids) >= 0),
-                                 weights_applied=True)
+            eo = self._experts_stage(d, mode, emap)
+        wire = self._wire(eo, d, emap)
         if trace is not None and trace.record_tensors:  # the [R, H] partials, weighted once
             trace.record("partials", wire.out if wire.weights_applied else weight_and_reduce(
                 wire.out, d.topk_weights, emap.local_ids(d.topk_ids) >= 0))
@@ -350,7 +363,7 @@ class EPMoE(nn.Module):
             if self.fault is not None and faults.FAULTS[self.fault] == "combine":
                 y_TH = self._combine_fault(y_TH, x_TH, routing, wire, d)
         if trace is not None:
-            trace.record("combined", y_TH)
+            trace.record("combined", y_TH)  # the routed output, before shared experts
         if self.shared_experts is not None:
             with _stage(trace, "shared", dev):
                 y_TH = y_TH + self.shared_experts(x_TH)
