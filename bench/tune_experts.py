@@ -5,12 +5,14 @@ BLOCK_K x num_warps x num_stages around the batch's mean slots per local expert,
 CUDA-graph replay (median), and keeps the fastest per (device, H x I, bucket). Merge the output
 into rocm_moe/experts/triton_configs.json.
 
-Usage on the GPU machine: python3 bench/tune_experts.py OUT.json
+Usage on the GPU machine: python3 bench/tune_experts.py OUT.json [MIN_ROWS [BASE.json]]
+(MIN_ROWS skips smaller sizes; BASE is a table to start from, its other entries are kept).
 """
 
 import itertools
 import json
 import sys
+from pathlib import Path
 
 import torch
 from triton.testing import do_bench_cudagraph
@@ -28,9 +30,10 @@ def _time(cfg, args) -> float:
     return do_bench_cudagraph(call, rep=25, return_mode="median")
 
 
-def main(path: str) -> None:
+def main(path: str, min_rows: int = 0, base: str | None = None) -> None:
     dev = torch.cuda.get_device_name()
-    table: dict = {dev: {}}
+    table: dict = json.loads(Path(base).read_text()) if base else {dev: {}}
+    table.setdefault(dev, {})
     gen = torch.Generator().manual_seed(0)
     for name, shape in SHAPES.items():
         key = f"{shape['H']}x{shape['I']}"
@@ -39,9 +42,13 @@ def main(path: str) -> None:
             mean = R * shape["K"] / args[-1].num_local
             bucket = str(tx._bucket(mean))
             bms = [m for m in (16, 32, 64, 128) if m <= max(16, 2 * tx._bucket(mean))][-2:]
+            if R < min_rows:
+                continue
             best = None
-            for bm, bn, bk, nw, ns in itertools.product(bms, (32, 64, 128), (64, 128), (4, 8),
-                                                        (3, 4)):
+            space = list(itertools.product(bms, (32, 64, 128), (64, 128), (4, 8), (3, 4)))
+            if mean >= 64:  # wide tiles for the compute-bound sizes (2 stages fit in smem)
+                space += [(128, 256, 64, 8, 2), (128, 256, 32, 8, 3), (64, 256, 64, 8, 3)]
+            for bm, bn, bk, nw, ns in space:
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
                 try:
                     t = _time(cfg, args)
@@ -57,4 +64,6 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    # python3 bench/tune_experts.py OUT.json [MIN_ROWS [BASE_TABLE.json]]
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0,
+         sys.argv[3] if len(sys.argv) > 3 else None)

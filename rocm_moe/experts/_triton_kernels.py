@@ -83,3 +83,17 @@ def _down_kernel(
     safe = tl.where(valid, slot, 0).to(tl.int64)
     tl.store(out_ptr + safe[:, None] * stride_os + offs_n[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _slot_sum_kernel(slots_ptr, local_ptr, out_ptr, H, K_TOPK, BLOCK_H: tl.constexpr):
+    """out[r] = sum over the local slots k of slots[r * K + k] (float32, slot order); rows of
+    non-local slots are never read, so they need no zero fill."""
+    r = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = h < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in range(K_TOPK):
+        if tl.load(local_ptr + r * K_TOPK + k) != 0:
+            acc += tl.load(slots_ptr + (r * K_TOPK + k) * H + h, mask=hm, other=0.0).to(tl.float32)
+    tl.store(out_ptr + r * H + h, acc.to(out_ptr.dtype.element_ty), mask=hm)

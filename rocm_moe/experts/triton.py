@@ -6,9 +6,10 @@ Pipeline (``TritonExperts``), for R rows with K global ids on a rank with e loca
    source of truth for offsets and padding; non-local slots are never sorted or computed);
 2. gate/up GEMM with SiLU(gate) * up fused: [P, I] intermediate in the input dtype;
 3. down GEMM; in "weighted" mode the slot's routing weight is applied in the epilogue;
-   results go to per-slot rows [R * K, H] (non-local slots stay zero);
-4. "weighted": sum over the K slots in float32, cast to the input dtype -> [R, H];
-   "raw": the per-slot rows as [R, K, H].
+   results go to per-slot rows [R * K, H];
+4. "weighted": sum over each row's local slots in float32 (one kernel that never reads the
+   non-local rows, so they need no zero fill), cast to the input dtype -> [R, H];
+   "raw": the per-slot rows as [R, K, H] (zero-filled, so non-local slots are exact zeros).
 
 Launch configs come from ``triton_configs.json`` (per device name, H x I and bucket of mean
 slots per local expert; written by ``bench/tune_experts.py`` on the device) with a heuristic
@@ -98,7 +99,7 @@ class TritonExperts(Experts):
         return None
 
     def _forward(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode):
-        from rocm_moe.experts._triton_kernels import _down_kernel, _gate_up_kernel
+        from rocm_moe.experts._triton_kernels import _down_kernel, _gate_up_kernel, _slot_sum_kernel
 
         R, K = topk_ids_RK.shape
         H, I = x_RH.shape[1], w2.shape[2]
@@ -111,7 +112,10 @@ class TritonExperts(Experts):
         x = x_RH if x_RH.stride(1) == 1 else x_RH.contiguous()
         w13, w2 = w13.contiguous(), w2.contiguous()
         inter = torch.empty(P, I, dtype=x.dtype, device=x.device)
-        out_slots = torch.zeros(N, H, dtype=x.dtype, device=x.device)
+        weighted = mode == "weighted"
+        # Raw outputs need exact zeros in non-local slots; the weighted sum never reads them.
+        out_slots = (torch.empty if weighted else torch.zeros)(N, H, dtype=x.dtype,
+                                                               device=x.device)
         n_blocks = P // cfg["BLOCK_M"]
         if N and n_blocks:
             blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
@@ -124,7 +128,10 @@ class TritonExperts(Experts):
                 topk_weights_RK.contiguous().view(-1), N, H, I, inter.stride(0), w2.stride(0),
                 w2.stride(1), out_slots.stride(0), WEIGHTED=mode == "weighted", **blocks,
                 **launch)
-        if mode == "weighted":
-            out = out_slots.view(R, K, H).sum(dim=1, dtype=torch.float32).to(x.dtype)
+        if weighted:
+            out = torch.empty(R, H, dtype=x.dtype, device=x.device)
+            if R:
+                local = (layout.local_ids >= 0).to(torch.int8).contiguous()
+                _slot_sum_kernel[(R, -(-H // 1024))](out_slots, local, out, H, K, BLOCK_H=1024)
             return ExpertsOutput(out=out, weights_applied=True)
         return ExpertsOutput(out=out_slots.view(R, K, H), weights_applied=False)
