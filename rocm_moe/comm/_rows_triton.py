@@ -1,6 +1,6 @@
 """Triton kernels behind rocm_moe.comm.rows (imported only where triton is installed).
 
-Nothing here is NVIDIA-only: plain loads and stores, so CUDA and ROCm Triton both compile it.
+Nothing here is NVIDIA-only (plain loads and stores); run with CUDA Triton so far.
 """
 
 import triton

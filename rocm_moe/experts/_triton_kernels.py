@@ -1,7 +1,7 @@
 """Triton kernels of the triton experts backend (imported only where triton is installed).
 
-Plain loads, stores and tl.dot: CUDA and ROCm Triton both compile them; TRITON_INTERPRET=1 runs
-them on CPUs (float16/float32 there).
+Plain loads, stores and tl.dot, nothing NVIDIA-only (run with CUDA Triton so far);
+TRITON_INTERPRET=1 runs them on CPUs (float16/float32 there).
 """
 
 import triton

@@ -1,4 +1,6 @@
-"""Triton experts: grouped SwiGLU GEMMs over the local slots only (CUDA and ROCm Triton).
+"""Triton experts: grouped SwiGLU GEMMs over the local slots only.
+
+Nothing in the kernels is NVIDIA-only, but they have only been run with CUDA Triton (H100).
 
 Pipeline (``TritonExperts``), for R rows with K global ids on a rank with e local experts:
 1. ``build_layout(ids, expert_map, block_size=BLOCK_M)``: the local slots sorted by expert and
