@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rocm_moe.benchmarks import NO_PLOT, pyplot
 from rocm_moe.comm.base import ExpertsOutput
 from rocm_moe.comm.torch import TorchDispatcher
 from rocm_moe.distributed import WorkerInfo, launch
@@ -117,13 +118,9 @@ def summarise(per_rank: list[list[dict]]) -> list[dict]:
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no plot (pip install 'rocm_moe[bench]')"
+    plt = pyplot()
+    if plt is None:
+        return NO_PLOT
     fig, ax = plt.subplots(figsize=(7, 4.5))
     tokens = [r["tokens"] for r in rows]
     for name, style in (("dispatch", "o-"), ("combine", "s-"), ("all_to_all_single", "k--")):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from rocm_moe.benchmarks import NO_PLOT, pyplot
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.experts.triton import TritonExperts
 from rocm_moe.placement import Placement
@@ -98,13 +99,9 @@ def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int]) -> list[dict
 
 
 def _plot(rows: list[dict], path: Path) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no plot"
+    plt = pyplot()
+    if plt is None:
+        return NO_PLOT
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, name in zip(axes, SHAPES, strict=True):
         rs = [r for r in rows if r["shape"] == name]
