@@ -1,5 +1,7 @@
 """Backends by name, and whether each can run here (with the reason when not).
 
+``library_version`` (from ``rocm_moe._libs``) is re-exported for ``rocm-moe info``.
+
 Optional backends are imported only when asked for, so a missing library never breaks import.
 """
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from rocm_moe._checks import error_message
+from rocm_moe._libs import library_version
 from rocm_moe.comm.base import Dispatcher
 from rocm_moe.experts.base import Experts
 from rocm_moe.placement import Placement
@@ -46,7 +49,7 @@ def _mori() -> str | None:
 
 
 def _triton() -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if library_version("triton") is None:
         return "triton is not installed (pip install 'rocm_moe[triton]')"
     if not torch.cuda.is_available():
         return "no CUDA/ROCm device (tests run the kernels in Triton's interpreter)"
@@ -57,17 +60,6 @@ def _aiter() -> str | None:
     from rocm_moe.experts.aiter import aiter_availability
 
     return aiter_availability()
-
-
-def library_version(name: str) -> str | None:
-    """Installed version of a library, or None if it cannot be imported."""
-    if importlib.util.find_spec(name) is None:
-        return None
-    try:
-        mod = importlib.import_module(name)
-    except Exception:  # a broken install is reported as not importable
-        return None
-    return str(getattr(mod, "__version__", "installed"))
 
 
 BACKENDS: dict[str, Backend] = {

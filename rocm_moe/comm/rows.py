@@ -19,9 +19,9 @@ tests force ``impl="triton"`` on CPU tensors under TRITON_INTERPRET=1.
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from rocm_moe._libs import library_version
 
 WORD = 4  # bytes; packed rows are made of 32-bit words
 ALIGN_WORDS = 4  # rows are padded to 16 bytes
@@ -44,19 +44,10 @@ def unpack(recv_words: torch.Tensor, hidden: int, dtype: torch.dtype, top_k: int
     return x, ids, w
 
 
-@functools.cache
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _choose(impl: str | None, t: torch.Tensor) -> str:
     if impl is not None:
         return impl
-    return "triton" if t.device.type == "cuda" and _triton_ok() else "torch"
+    return "triton" if t.device.type == "cuda" and library_version("triton") else "torch"
 
 
 def _meta_words(ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:

@@ -30,19 +30,11 @@ import os
 
 import torch
 
+from rocm_moe._libs import library_version
 from rocm_moe.experts.base import Experts, ExpertsOutput
 from rocm_moe.layout import build_layout
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16)
-
-
-@functools.cache
-def _triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
 
 
 def _interpreting() -> bool:
@@ -92,7 +84,7 @@ class TritonExperts(Experts):
         self.config = config
 
     def supports(self, *, mode, dtype, device) -> str | None:
-        if _triton_version() is None:
+        if library_version("triton") is None:
             return "triton is not installed (pip install 'rocm_moe[triton]')"
         if device.type != "cuda" and not _interpreting():
             return "Triton kernels need a CUDA/ROCm device (or TRITON_INTERPRET=1 for tests)"
