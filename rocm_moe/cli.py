@@ -98,10 +98,8 @@ def _build_layer(args, info: WorkerInfo, dtype: torch.dtype, weight_mode: str) -
         from rocm_moe import hf
 
         weights = hf.load_moe_layer(args.checkpoint, args.layer, placement, info.rank)
-        layer = hf.build_layer(weights, dispatcher=dispatcher, experts=experts,
-                               weight_mode=weight_mode, dtype=dtype, device=info.device)
-        layer.weights_nbytes = weights.nbytes
-        return layer
+        return hf.build_layer(weights, dispatcher=dispatcher, experts=experts,
+                              weight_mode=weight_mode, dtype=dtype, device=info.device)
     router = RouterConfig.qwen3_moe(args.num_experts, args.top_k)
     layer = EPMoE(hidden_size=args.hidden, intermediate_size=args.intermediate, router=router,
                   dispatcher=dispatcher, experts=experts,
