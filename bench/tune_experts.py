@@ -1,15 +1,17 @@
 """Tune the Triton experts' launch configs on this GPU; prints and writes a JSON table.
 
-For each benchmark shape and size (rocm_moe/benchmarks/experts.py), tries BLOCK_M x BLOCK_N x
-BLOCK_K x num_warps x num_stages around the batch's mean slots per local expert, times each with
-CUDA-graph replay (median), and keeps the fastest per (device, H x I, bucket). Merge the output
-into rocm_moe/experts/triton_configs.json.
+For each benchmark shape and size (rocm_moe/benchmarks/experts.py) and each BLOCK_M candidate
+around the batch's mean slots per local expert: build the layout once, then time the gate/up
+GEMM and the down GEMM separately over (BLOCK_N, BLOCK_K, num_warps, num_stages) candidates
+(CUDA-graph replay of the one launch, median). Each kernel keeps its fastest tile; the BLOCK_M
+with the smallest sum of the two wins. The entry is keyed by (device, H x I, bucket of mean
+slots per local expert), the form ``rocm_moe.experts.triton.block_config`` reads.
 
 Usage on the GPU machine: python3 bench/tune_experts.py OUT.json [MIN_ROWS [BASE.json]]
 (MIN_ROWS skips smaller sizes; BASE is a table to start from, its other entries are kept).
 """
 
-import itertools
+import functools
 import json
 import sys
 from pathlib import Path
@@ -19,51 +21,81 @@ from triton.testing import do_bench_cudagraph
 
 from rocm_moe.benchmarks.experts import SHAPES, _case
 from rocm_moe.experts import triton as tx
+from rocm_moe.layout import build_layout
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): memory-bound sizes stream weights with narrow
+# tiles and deep K; compute-bound ones want wide tiles (2 x 128 x 128 fp32 accumulators are
+# the most the gate/up kernel holds at 8 warps).
+SMALL = [(bn, bk, 4, ns) for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for ns in (3, 4)
+         if bn * bk <= 16384]
+LARGE = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3),
+         (128, 128, 8, 3), (256, 32, 8, 4)]
 
 
-def _time(cfg, args) -> float:
-    experts = tx.TritonExperts(config=cfg)
+def _block_ms(mean: float) -> list[int]:
+    if mean <= 4:
+        return [16]
+    if mean <= 16:
+        return [16, 32]
+    if mean <= 64:
+        return [32, 64]
+    return [64, 128]
 
-    def call():
-        return experts(*args, mode="weighted", validate=False)
 
-    return do_bench_cudagraph(call, rep=25, return_mode="median")
+def _best(launch, candidates) -> tuple[float, dict] | None:
+    best = None
+    for bn, bk, nw, ns in candidates:
+        kcfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+        try:
+            launch(kcfg)  # compile outside the graph
+            t = do_bench_cudagraph(lambda kcfg=kcfg: launch(kcfg), rep=20,
+                                   return_mode="median")
+        except Exception as exc:  # out of shared memory / registers and the like
+            print("  skip", kcfg, type(exc).__name__, flush=True)
+            continue
+        if best is None or t < best[0]:
+            best = (t, kcfg)
+    return best
+
+
+def tune_size(shape: dict, rows: int, gen: torch.Generator) -> dict:
+    x, ids, w, w13, w2, emap = _case(shape, rows, gen)
+    R, K, H, I = rows, shape["K"], shape["H"], shape["I"]
+    mean = int((emap.local_ids(ids) >= 0).sum()) / emap.num_local  # local slots per expert
+    space = SMALL if mean <= 64 else LARGE
+    wv = w.contiguous().view(-1)
+    results = []
+    for bm in _block_ms(mean):
+        layout = build_layout(ids, emap, block_size=bm, tables=False)
+        P = layout.sorted_slot_ids.numel()
+        inter = torch.randn(P, I, device="cuda").to(x.dtype)
+        out = torch.empty(R * K, H, dtype=x.dtype, device="cuda")
+        gu = _best(functools.partial(tx.launch_gate_up, x, w13, inter, layout), space)
+        dn = _best(lambda c, inter=inter, out=out, layout=layout: tx.launch_down(
+            inter, w2, out, layout, wv, c, weighted=True), space)
+        print(f"  BLOCK_M={bm}: gate_up {gu}, down {dn}", flush=True)
+        if gu and dn:
+            results.append((gu[0] + dn[0], dict(BLOCK_M=bm, gate_up=gu[1], down=dn[1])))
+    return min(results, key=lambda r: r[0])[1]
 
 
 def main(path: str, min_rows: int = 0, base: str | None = None) -> None:
     dev = torch.cuda.get_device_name()
-    table: dict = json.loads(Path(base).read_text()) if base else {dev: {}}
+    table: dict = json.loads(Path(base).read_text()) if base else {}
     table.setdefault(dev, {})
     gen = torch.Generator().manual_seed(0)
     for name, shape in SHAPES.items():
         key = f"{shape['H']}x{shape['I']}"
         for R in shape["sizes"]:
-            args = _case(shape, R, gen)
-            mean = R * shape["K"] / args[-1].num_local
-            bucket = str(tx._bucket(mean))
-            bms = [m for m in (16, 32, 64, 128) if m <= max(16, 2 * tx._bucket(mean))][-2:]
             if R < min_rows:
                 continue
-            best = None
-            space = list(itertools.product(bms, (32, 64, 128), (64, 128), (4, 8), (3, 4)))
-            if mean >= 64:  # wide tiles for the compute-bound sizes (2 stages fit in smem)
-                space += [(128, 256, 64, 8, 2), (128, 256, 32, 8, 3), (64, 256, 64, 8, 3)]
-            for bm, bn, bk, nw, ns in space:
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
-                try:
-                    t = _time(cfg, args)
-                except Exception as exc:  # out of shared memory and the like
-                    print("skip", cfg, type(exc).__name__, flush=True)
-                    continue
-                if best is None or t < best[0]:
-                    best = (t, cfg)
-            print(name, R, "bucket", bucket, "best", best, flush=True)
-            table[dev].setdefault(key, {})[bucket] = best[1]
+            bucket = str(tx._bucket(R * shape["K"] / (shape["E"] // shape["W"])))  # block_config's
+            print(name, R, "bucket", bucket, flush=True)
+            table[dev].setdefault(key, {})[bucket] = tune_size(shape, R, gen)
             with open(path, "w") as fh:  # after every size: a cut-off run keeps what it found
                 json.dump(table, fh, indent=1)
 
 
 if __name__ == "__main__":
-    # python3 bench/tune_experts.py OUT.json [MIN_ROWS [BASE_TABLE.json]]
     main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0,
          sys.argv[3] if len(sys.argv) > 3 else None)

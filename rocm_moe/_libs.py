@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import os
 
 
 @functools.cache
@@ -17,3 +18,11 @@ def library_version(name: str) -> str | None:
     except Exception:  # a broken install is reported as not importable
         return None
     return str(getattr(mod, "__version__", "installed"))
+
+
+def triton_runs_on(device) -> bool:
+    """Triton kernels can run on tensors of ``device``: a GPU with triton installed, or any
+    device under Triton's interpreter (``TRITON_INTERPRET=1``, how the tests run them on CPUs)."""
+    if library_version("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"

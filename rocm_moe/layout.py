@@ -11,9 +11,15 @@ and the block-aligned layout a grouped GEMM consumes (each expert's slots padded
 offsets and every padded layout cannot disagree (the failure of seed 001).
 
 It is CUDA-graph safe: no host synchronisation, and every output has a static size computed from
-(R, K, e, block_size) alone. The padded slot list uses the upper bound
-``round_up(R*K + e*(block_size - 1), block_size)`` entries; unused entries hold the sentinel
-``R*K`` and unused blocks hold expert id -1; ``num_padded`` holds the used length.
+(R, K, e, block_size) alone. The padded slot list has room for the most blocks any routing can
+need (``max_padded_slots``: n + (R*K - n) // block_size blocks, n = min(R*K, e)); unused entries
+hold the sentinel ``R*K`` and unused blocks hold expert id -1; ``num_padded`` holds the used
+length.
+
+``tables=False`` skips the [e, R] expert tables (a grouped GEMM needs only the block layout);
+on a GPU with Triton (or under ``TRITON_INTERPRET=1``) the layout then comes from two Triton
+kernels (``rocm_moe._layout_triton``) instead of a dozen-odd torch ops around the sort. Both
+give identical tensors (the tests compare them); the torch sort is the reference.
 
 Worked example (block_size=2, K=2, rank owns global experts 2, 3 as local 0, 1):
 ids [[2, 0], [3, 2]] -> local slots 0 (e0), 2 (e1), 3 (e0); tokens_per_expert [2, 1];
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from rocm_moe._checks import check_tensor, error_message
+from rocm_moe._libs import triton_runs_on
 from rocm_moe.placement import ExpertMap, require_expert_map
 
 
@@ -41,9 +48,10 @@ class RoutingLayout:
     local_ids: torch.Tensor  # [R, K] int64: local expert of each slot, -1 if not local
     tokens_per_expert: torch.Tensor  # [e] int32: local slots per local expert
     expert_offsets: torch.Tensor  # [e + 1] int32: exclusive prefix sum of tokens_per_expert
-    expert_token_table: torch.Tensor  # [e, R] int32: rows of each expert, -1 padded
-    expert_slot_table: torch.Tensor  # [e, R] int32: the k of each row's slot, -1 padded
+    expert_token_table: torch.Tensor | None  # [e, R] int32: rows of each expert, -1 padded
+    expert_slot_table: torch.Tensor | None  # [e, R] int32: the k of each row's slot, -1 padded
     expert_weight_table: torch.Tensor | None  # [e, R] float32: slot weights, 0 padded
+    # (the three tables are None when built with tables=False; weights also without weights)
     padded_offsets: torch.Tensor  # [e + 1] int32: offsets with each expert padded to blocks
     sorted_slot_ids: torch.Tensor  # [P] int32: slot ids by expert, padded with R*K
     block_expert_ids: torch.Tensor  # [P / block_size] int32: local expert per block, -1 unused
@@ -59,9 +67,11 @@ class RoutingLayout:
 
 
 def max_padded_slots(num_slots: int, num_local: int, block_size: int) -> int:
-    """Static length of ``sorted_slot_ids``: room for every expert's last partial block."""
-    n = num_slots + num_local * (block_size - 1)
-    return -(-n // block_size) * block_size
+    """Static length of ``sorted_slot_ids``, the most any routing needs: an expert with c >= 1
+    slots takes ceil(c / B) = 1 + floor((c - 1) / B) blocks, so n non-empty experts take at most
+    n + floor((slots - n) / B), largest at n = min(slots, e)."""
+    n = min(num_slots, num_local)
+    return block_size * (n + (num_slots - n) // block_size)
 
 
 def build_layout(
@@ -70,6 +80,7 @@ def build_layout(
     *,
     topk_weights_RK: torch.Tensor | None = None,
     block_size: int = 1,
+    tables: bool = True,
 ) -> RoutingLayout:
     """Sort this rank's local slots by expert and derive every table and offset from that sort.
 
@@ -78,12 +89,16 @@ def build_layout(
         expert_map: this rank's ExpertMap (not an AITER 0/1 mask).
         topk_weights_RK: optional [R, K] float32 weights, to fill ``expert_weight_table``.
         block_size: grouped-GEMM row block; each expert's slots are padded to a multiple of it.
+        tables: build the [e, R] expert -> row / slot / weight tables (False: block layout only,
+            through the Triton kernels where they can run).
     """
     expert_map = require_expert_map("expert_map", expert_map)
     check_tensor("topk_ids", topk_ids_RK, shape=(None, None))
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(error_message("block_size", block_size, "must be an int >= 1",
                                        "use a power of two such as 16, 32 or 64"))
+    if not tables and triton_runs_on(topk_ids_RK.device):
+        return _block_layout_triton(topk_ids_RK, expert_map, block_size)
     R, K = topk_ids_RK.shape
     e, N, dev = expert_map.num_local, R * K, topk_ids_RK.device
     local_RK = expert_map.local_ids(topk_ids_RK)
@@ -123,16 +138,56 @@ def build_layout(
         t.scatter_(0, flat_N, values_N.to(dtype))
         return t.view(max(e, 1), R + 1)[:e, :R]
 
-    weight_table = None
-    if topk_weights_RK is not None:
-        weight_table = table(topk_weights_RK.flatten()[order_N], 0.0, torch.float32)
     i32 = torch.int32
+    token_table = table(order_N // K, -1, i32) if tables else None
+    slot_table = table(order_N % K, -1, i32) if tables else None
+    weight_table = None
+    if tables and topk_weights_RK is not None:
+        weight_table = table(topk_weights_RK.flatten()[order_N], 0.0, torch.float32)
     return RoutingLayout(
         num_rows=R, top_k=K, block_size=block_size, local_ids=local_RK,
         tokens_per_expert=counts.to(i32), expert_offsets=offsets.to(i32),
-        expert_token_table=table(order_N // K, -1, i32), expert_slot_table=table(order_N % K, -1,
-                                                                                 i32),
+        expert_token_table=token_table, expert_slot_table=slot_table,
         expert_weight_table=weight_table, padded_offsets=padded_offsets.to(i32),
         sorted_slot_ids=sorted_slot_ids[:P].to(i32), block_expert_ids=block_expert_ids.to(i32),
         num_padded=padded_offsets[-1:].to(i32),
     )
+
+
+def _block_layout_triton(ids_RK: torch.Tensor, expert_map: ExpertMap,
+                         block_size: int) -> RoutingLayout:
+    """build_layout(..., tables=False) in two Triton launches (see rocm_moe._layout_triton)."""
+    import triton
+
+    from rocm_moe._layout_triton import count_kernel, place_kernel
+
+    R, K = ids_RK.shape
+    e, N, dev = expert_map.num_local, R * K, ids_RK.device
+    P = max_padded_slots(N, e, block_size)
+    n_blocks = P // block_size
+    e_pow2 = triton.next_power_of_2(e + 1)
+    sub = max(8, min(64, 8192 // e_pow2))  # 2-D temporaries near 8K elements: no spills
+    ct = max(8, min(128, 8192 // e_pow2))
+    chunk = max(sub, -(-N // (256 * sub)) * sub)  # at most 256 chunks: place reads them all
+    n_chunks = max(1, -(-N // chunk))
+    i32 = torch.int32
+    local = torch.empty(R, K, dtype=torch.int64, device=dev)
+    counts = torch.empty(n_chunks, e_pow2, dtype=i32, device=dev)
+    sorted_slots = torch.empty(P, dtype=i32, device=dev)
+    block_expert = torch.empty(n_blocks, dtype=i32, device=dev)
+    tpe = torch.empty(e, dtype=i32, device=dev)
+    offsets = torch.empty(e + 1, dtype=i32, device=dev)
+    padded = torch.empty(e + 1, dtype=i32, device=dev)
+    ids = ids_RK if ids_RK.is_contiguous() else ids_RK.contiguous()
+    emap = expert_map.map_E.to(dev)
+    count_kernel[(n_chunks,)](ids, emap, local, counts, sorted_slots, N, expert_map.num_experts,
+                              e, chunk, P, -(-P // n_chunks), E_POW2=e_pow2, SUB=sub,
+                              num_warps=8)
+    place_kernel[(n_chunks,)](local, counts, sorted_slots, block_expert, tpe, offsets, padded,
+                              N, e, chunk, n_chunks, n_blocks, -(-n_blocks // n_chunks),
+                              BLOCK=block_size, E_POW2=e_pow2, SUB=sub, CT=ct, num_warps=8)
+    return RoutingLayout(
+        num_rows=R, top_k=K, block_size=block_size, local_ids=local, tokens_per_expert=tpe,
+        expert_offsets=offsets, expert_token_table=None, expert_slot_table=None,
+        expert_weight_table=None, padded_offsets=padded, sorted_slot_ids=sorted_slots,
+        block_expert_ids=block_expert, num_padded=padded[-1:])

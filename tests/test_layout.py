@@ -7,6 +7,7 @@ import torch
 
 from rocm_moe import Placement, build_layout
 from rocm_moe.layout import max_padded_slots
+from tests.conftest import DEVICE
 
 
 def _random_ids(R, K, E, gen, empty_frac=0.1):
@@ -87,3 +88,46 @@ def test_rejects_mask_and_bad_block():
         build_layout(ids, p.expert_mask(0, sentinel=True))
     with pytest.raises(ValueError, match="block_size=0"):
         build_layout(ids, p.expert_map(0), block_size=0)
+
+
+FIELDS = ("local_ids", "tokens_per_expert", "expert_offsets", "padded_offsets", "sorted_slot_ids",
+          "block_expert_ids", "num_padded")
+
+
+@pytest.mark.parametrize(("R", "K", "E", "W", "bs"), [
+    *GRID, pytest.param(500, 8, 128, 1, 64, id="many_chunks"),
+    pytest.param(33, 3, 300, 1, 16, id="e300_sub64"),
+    pytest.param(64, 4, 16, 2, 8, id="all_on_one")])
+def test_triton_block_layout_equals_the_sort(R, K, E, W, bs, gen):
+    """tables=False (two Triton kernels; interpreter on CPUs) gives the sort's tensors exactly."""
+    pytest.importorskip("triton")
+    from rocm_moe._libs import triton_runs_on
+
+    emap = Placement.contiguous(E, W).expert_map(W - 1).to(DEVICE)
+    ids = _random_ids(R, K, E, gen)
+    if R == 64:
+        ids[:, 0] = E - 1  # every row on the last local expert
+    ids = ids.to(torch.int32).to(DEVICE)
+    assert triton_runs_on(ids.device)
+    ref = build_layout(ids, emap, block_size=bs)
+    fast = build_layout(ids, emap, block_size=bs, tables=False)
+    for f in FIELDS:
+        a, b = getattr(ref, f), getattr(fast, f)
+        assert a.dtype == b.dtype, f
+        assert torch.equal(a, b), f
+    assert fast.expert_token_table is None
+    assert fast.expert_weight_table is None
+
+
+@pytest.mark.parametrize("N", [0, 1, 7, 64, 100])
+@pytest.mark.parametrize("e", [0, 1, 3, 40])
+def test_max_padded_slots_is_the_worst_case(N, e):
+    """Worst case: min(N, e) experts with one slot each, the rest of the slots on expert 0."""
+    bs = 16
+    if e == 0:
+        assert max_padded_slots(N, e, bs) == bs * (N // bs)
+        return
+    busy = min(N, e)
+    counts = [N - busy + 1] + [1] * (busy - 1) if busy else []
+    need = sum(-(-c // bs) * bs for c in counts)
+    assert need == max_padded_slots(N, e, bs)

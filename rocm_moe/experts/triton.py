@@ -3,9 +3,10 @@
 Nothing in the kernels is NVIDIA-only, but they have only been run with CUDA Triton (H100).
 
 Pipeline (``TritonExperts``), for R rows with K global ids on a rank with e local experts:
-1. ``build_layout(ids, expert_map, block_size=BLOCK_M)``: the local slots sorted by expert and
-   padded per expert to BLOCK_M; one local expert per block (the layout module is the single
-   source of truth for offsets and padding; non-local slots are never sorted or computed);
+1. ``build_layout(ids, expert_map, block_size=BLOCK_M, tables=False)``: the local slots sorted
+   by expert and padded per expert to BLOCK_M; one local expert per block (the layout module is
+   the single source of truth for offsets and padding; on GPUs its two Triton kernels build it;
+   non-local slots are never sorted or computed);
 2. gate/up GEMM with SiLU(gate) * up fused: [P, I] intermediate in the input dtype;
 3. down GEMM; in "weighted" mode the slot's routing weight is applied in the epilogue;
    results go to per-slot rows [R * K, H];
@@ -30,19 +31,15 @@ import os
 
 import torch
 
-from rocm_moe._libs import library_version
+from rocm_moe._libs import library_version, triton_runs_on
 from rocm_moe.experts.base import Experts, ExpertsOutput
 from rocm_moe.layout import build_layout
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), "triton_configs.json")
-_DEFAULT = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+_DEFAULT_KERNEL = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
 def _bucket(mean_slots: float) -> int:
@@ -63,20 +60,51 @@ def _table() -> dict:
 
 def block_config(num_slots: int, num_local: int, *, hidden: int = 0, inter: int = 0,
                  device_name: str = "") -> dict:
-    """Launch config: from the tuned table (device, H x I, mean slots per local expert bucket)
-    when it has the entry (``bench/tune_experts.py`` writes it), else a heuristic: BLOCK_M by
-    the mean slots per local expert, fixed BLOCK_N / BLOCK_K."""
+    """Launch config ``{"BLOCK_M": m, "gate_up": {...}, "down": {...}}`` (each kernel's
+    BLOCK_N, BLOCK_K, num_warps, num_stages; BLOCK_M is the layout's block, shared): from the
+    tuned table (device, H x I, mean slots per local expert bucket) when it has the entry
+    (``bench/tune_experts.py`` writes it), else a heuristic: BLOCK_M by the mean slots per
+    local expert, fixed tiles."""
     mean = num_slots / max(num_local, 1)
     entry = _table().get(device_name, {}).get(f"{hidden}x{inter}", {}).get(str(_bucket(mean)))
     if entry:
-        return dict(entry)
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in entry.items()}
     block_m = 16 if mean <= 16 else 32 if mean <= 64 else 64
-    return dict(_DEFAULT, BLOCK_M=block_m)
+    return dict(BLOCK_M=block_m, gate_up=dict(_DEFAULT_KERNEL), down=dict(_DEFAULT_KERNEL))
+
+
+def _launch_args(block_m: int, kcfg: dict) -> dict:
+    return dict(BLOCK_M=block_m, BLOCK_N=kcfg["BLOCK_N"], BLOCK_K=kcfg["BLOCK_K"],
+                num_warps=kcfg.get("num_warps", 4), num_stages=kcfg.get("num_stages", 3))
+
+
+def launch_gate_up(x, w13, inter, layout, kcfg: dict) -> None:
+    """inter[P, I] = SiLU(x[rows] @ gate.T) * (x[rows] @ up.T) over the layout's blocks."""
+    from rocm_moe.experts._triton_kernels import _gate_up_kernel
+
+    H, I, B = x.shape[1], inter.shape[1], layout.block_size
+    n_blocks = layout.block_expert_ids.numel()
+    _gate_up_kernel[(n_blocks * -(-I // kcfg["BLOCK_N"]),)](
+        x, w13, inter, layout.sorted_slot_ids, layout.block_expert_ids, layout.sentinel, H, I,
+        layout.top_k, x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
+        EVEN_K=H % kcfg["BLOCK_K"] == 0, **_launch_args(B, kcfg))
+
+
+def launch_down(inter, w2, out_slots, layout, weights_N, kcfg: dict, *, weighted: bool) -> None:
+    """out_slots[slot] = inter[p] @ down.T (times the slot's weight when ``weighted``)."""
+    from rocm_moe.experts._triton_kernels import _down_kernel
+
+    H, I, B = w2.shape[1], inter.shape[1], layout.block_size
+    n_blocks = layout.block_expert_ids.numel()
+    _down_kernel[(n_blocks * -(-H // kcfg["BLOCK_N"]),)](
+        inter, w2, out_slots, layout.sorted_slot_ids, layout.block_expert_ids, weights_N,
+        layout.sentinel, H, I, inter.stride(0), w2.stride(0), w2.stride(1), out_slots.stride(0),
+        WEIGHTED=weighted, EVEN_K=I % kcfg["BLOCK_K"] == 0, **_launch_args(B, kcfg))
 
 
 class TritonExperts(Experts):
-    """``config``: a fixed launch config (BLOCK_M/N/K, num_warps, num_stages) instead of the
-    table's, for tuning."""
+    """``config``: a fixed launch config (``block_config``'s form) instead of the table's, for
+    tuning."""
 
     name = "triton"
 
@@ -86,14 +114,14 @@ class TritonExperts(Experts):
     def supports(self, *, mode, dtype, device) -> str | None:
         if library_version("triton") is None:
             return "triton is not installed (pip install 'rocm_moe[triton]')"
-        if device.type != "cuda" and not _interpreting():
+        if not triton_runs_on(device):
             return "Triton kernels need a CUDA/ROCm device (or TRITON_INTERPRET=1 for tests)"
         if dtype not in TRITON_DTYPES:
             return f"the Triton experts compute in {TRITON_DTYPES}, not {dtype}"
         return None
 
     def _forward(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode):
-        from rocm_moe.experts._triton_kernels import _down_kernel, _gate_up_kernel, _slot_sum_kernel
+        from rocm_moe.experts._triton_kernels import _slot_sum_kernel
 
         R, K = topk_ids_RK.shape
         H, I = x_RH.shape[1], w2.shape[2]
@@ -101,7 +129,7 @@ class TritonExperts(Experts):
         dev_name = torch.cuda.get_device_name(x_RH.device) if x_RH.is_cuda else ""
         cfg = self.config or block_config(N, expert_map.num_local, hidden=H, inter=I,
                                           device_name=dev_name)
-        layout = build_layout(topk_ids_RK, expert_map, block_size=cfg["BLOCK_M"])
+        layout = build_layout(topk_ids_RK, expert_map, block_size=cfg["BLOCK_M"], tables=False)
         P = layout.sorted_slot_ids.numel()
         x = x_RH if x_RH.stride(1) == 1 else x_RH.contiguous()
         w13, w2 = w13.contiguous(), w2.contiguous()
@@ -110,22 +138,14 @@ class TritonExperts(Experts):
         # Raw outputs need exact zeros in non-local slots; the weighted sum never reads them.
         out_slots = (torch.empty if weighted else torch.zeros)(N, H, dtype=x.dtype,
                                                                device=x.device)
-        n_blocks = P // cfg["BLOCK_M"]
-        if N and n_blocks:
-            blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
-            launch = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
-            _gate_up_kernel[(n_blocks, -(-I // cfg["BLOCK_N"]))](
-                x, w13, inter, layout.sorted_slot_ids, layout.block_expert_ids, N, H, I, K,
-                x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0), **blocks, **launch)
-            _down_kernel[(n_blocks, -(-H // cfg["BLOCK_N"]))](
-                inter, w2, out_slots, layout.sorted_slot_ids, layout.block_expert_ids,
-                topk_weights_RK.contiguous().view(-1), N, H, I, inter.stride(0), w2.stride(0),
-                w2.stride(1), out_slots.stride(0), WEIGHTED=mode == "weighted", **blocks,
-                **launch)
+        if N and P:
+            launch_gate_up(x, w13, inter, layout, cfg["gate_up"])
+            launch_down(inter, w2, out_slots, layout, topk_weights_RK.contiguous().view(-1),
+                        cfg["down"], weighted=weighted)
         if weighted:
             out = torch.empty(R, H, dtype=x.dtype, device=x.device)
             if R:
-                local = (layout.local_ids >= 0).to(torch.int8).contiguous()
-                _slot_sum_kernel[(R, -(-H // 1024))](out_slots, local, out, H, K, BLOCK_H=1024)
+                _slot_sum_kernel[(R, -(-H // 1024))](out_slots, layout.local_ids, out, H, K,
+                                                     BLOCK_H=1024)
             return ExpertsOutput(out=out, weights_applied=True)
         return ExpertsOutput(out=out_slots.view(R, K, H), weights_applied=False)

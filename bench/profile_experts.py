@@ -1,0 +1,59 @@
+"""Where the time of the Triton expert stage goes, per kernel, on one GPU.
+
+For each (shape, rows): the whole stage as a CUDA-graph replay (median, as the benchmark times
+it), then torch.profiler over 10 eager calls: each kernel's mean device time. The difference
+between the replay and the sum of kernel times is launch gaps and idle time.
+
+Usage on the GPU machine: python3 bench/profile_experts.py [shape:rows ...]
+(default qwen3:1 qwen3:64 qwen3:1024 qwen3:4096 qwen3:16384 dsv3:128 dsv3:8192)
+"""
+
+import collections
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from triton.testing import do_bench_cudagraph
+
+from rocm_moe.benchmarks.experts import SHAPES, _case
+from rocm_moe.experts.triton import TritonExperts
+
+DEFAULT = ["qwen3:1", "qwen3:64", "qwen3:1024", "qwen3:4096", "qwen3:16384", "dsv3:128",
+           "dsv3:8192"]
+
+
+def profile_case(name: str, rows: int) -> None:
+    args = _case(SHAPES[name], rows, torch.Generator().manual_seed(0))
+    tri = TritonExperts()
+
+    def call():
+        return tri(*args, mode="weighted", validate=False)
+
+    call()
+    t_graph = do_bench_cudagraph(call, rep=100, return_mode="median") * 1e3
+    torch.cuda.synchronize()
+    n = 10
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            call()
+        torch.cuda.synchronize()
+    per = collections.defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name[:60]] += ev.device_time / n
+    total = sum(per.values())
+    print(f"\n{name} rows={rows}: graph replay {t_graph:.1f} us, kernels {total:.1f} us, "
+          f"{len(per)} kernel kinds")
+    for k, v in sorted(per.items(), key=lambda kv: -kv[1]):
+        print(f"  {v:9.1f} us  {k}")
+
+
+def main(cases: list[str]) -> None:
+    print(torch.cuda.get_device_name())
+    for c in cases:
+        name, rows = c.split(":")
+        profile_case(name, int(rows))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or DEFAULT)
