@@ -7,13 +7,14 @@ GEMM and the down GEMM separately over (BLOCK_N, BLOCK_K, num_warps, num_stages)
 with the smallest sum of the two wins. The entry is keyed by (device, H x I, bucket of mean
 slots per local expert), the form ``rocm_moe.experts.triton.block_config`` reads.
 
-Usage on the GPU machine: python3 bench/tune_experts.py OUT.json [MIN_ROWS [BASE.json]]
-(MIN_ROWS skips smaller sizes; BASE is a table to start from, its other entries are kept).
+Usage on the GPU machine:
+  python3 bench/tune_experts.py OUT.json [--min-rows N] [--max-rows N] [--base TABLE.json]
+(sizes outside [min, max] are skipped; --base is a table to start from, its other entries kept).
 """
 
+import argparse
 import functools
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -79,23 +80,28 @@ def tune_size(shape: dict, rows: int, gen: torch.Generator) -> dict:
     return min(results, key=lambda r: r[0])[1]
 
 
-def main(path: str, min_rows: int = 0, base: str | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out")
+    p.add_argument("--min-rows", type=int, default=0)
+    p.add_argument("--max-rows", type=int, default=1 << 30)
+    p.add_argument("--base", help="table to start from (its other entries are kept)")
+    args = p.parse_args(argv)
     dev = torch.cuda.get_device_name()
-    table: dict = json.loads(Path(base).read_text()) if base else {}
+    table: dict = json.loads(Path(args.base).read_text()) if args.base else {}
     table.setdefault(dev, {})
     gen = torch.Generator().manual_seed(0)
     for name, shape in SHAPES.items():
         key = f"{shape['H']}x{shape['I']}"
         for R in shape["sizes"]:
-            if R < min_rows:
+            if not args.min_rows <= R <= args.max_rows:
                 continue
-            bucket = str(tx._bucket(R * shape["K"] / (shape["E"] // shape["W"])))  # block_config's
+            bucket = tx._bucket(R * shape["K"] / (shape["E"] // shape["W"]))  # block_config's
             print(name, R, "bucket", bucket, flush=True)
             table[dev].setdefault(key, {})[bucket] = tune_size(shape, R, gen)
-            with open(path, "w") as fh:  # after every size: a cut-off run keeps what it found
+            with open(args.out, "w") as fh:  # after every size: a cut-off run keeps what it found
                 json.dump(table, fh, indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0,
-         sys.argv[3] if len(sys.argv) > 3 else None)
+    main()

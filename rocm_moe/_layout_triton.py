@@ -1,5 +1,6 @@
 """Triton kernels behind ``layout.build_layout(..., tables=False)`` (imported only where triton
-is installed): the same block-aligned layout as the sort, in two launches and no host sync.
+is installed): the same block-aligned layout as the sort, in two launches (one for up to 512
+slots) and no host sync.
 
 Slots are cut into chunks, one program each. ``count``: each program maps its slots' global
 ids to local ids, counts its slots per local expert into ``counts[chunk, :]`` (column e takes
@@ -20,13 +21,14 @@ import triton.language as tl
 
 
 @triton.jit
-def count_kernel(ids_ptr, map_ptr, local_ptr, counts_ptr, sorted_ptr,
-                 N, E, NUM_LOCAL, CHUNK, P, FILL,
+def _count_chunk(c, ids_ptr, map_ptr, local_ptr, sorted_ptr, N, E, NUM_LOCAL, CHUNK, P, FILL,
                  E_POW2: tl.constexpr, SUB: tl.constexpr):
-    c = tl.program_id(0)
+    """Local ids of chunk c's slots (stored), its per-expert counts (returned; lane e counts
+    the non-local slots) and the sentinel over its share [c * FILL, (c + 1) * FILL) of the
+    padded slot list."""
     lanes = tl.arange(0, E_POW2)
     hist = tl.zeros([E_POW2], dtype=tl.int32)
-    for s0 in range(0, CHUNK, SUB):
+    for s0 in range(0, tl.minimum(CHUNK, N - c * CHUNK), SUB):
         offs = c * CHUNK + s0 + tl.arange(0, SUB)
         ok = offs < N
         g = tl.load(ids_ptr + offs, mask=ok, other=-1).to(tl.int32)
@@ -35,30 +37,46 @@ def count_kernel(ids_ptr, map_ptr, local_ptr, counts_ptr, sorted_ptr,
         tl.store(local_ptr + offs, loc, mask=ok)
         key = tl.where(ok, tl.where(loc >= 0, loc, NUM_LOCAL), E_POW2)  # E_POW2: no bin
         hist += tl.sum((key[:, None] == lanes[None, :]).to(tl.int32), axis=0)
-    tl.store(counts_ptr + c * E_POW2 + lanes, hist)
     sentinel = N
     for f0 in range(c * FILL, c * FILL + FILL, 1024):
         offs = f0 + tl.arange(0, 1024)
         tl.store(sorted_ptr + offs, tl.zeros([1024], dtype=tl.int32) + sentinel,
                  mask=(offs < P) & (offs < c * FILL + FILL))
+    return hist
 
 
 @triton.jit
-def place_kernel(local_ptr, counts_ptr, sorted_ptr, block_expert_ptr, tpe_ptr, offsets_ptr,
-                 padded_ptr, N, NUM_LOCAL, CHUNK, N_CHUNKS, N_BLOCKS, BLOCKS_PER_PROG,
-                 BLOCK: tl.constexpr, E_POW2: tl.constexpr, SUB: tl.constexpr,
-                 CT: tl.constexpr):
+def count_kernel(ids_ptr, map_ptr, local_ptr, counts_ptr, sorted_ptr,
+                 N, E, NUM_LOCAL, CHUNK, P, FILL,
+                 E_POW2: tl.constexpr, SUB: tl.constexpr):
+    c = tl.program_id(0)
+    hist = _count_chunk(c, ids_ptr, map_ptr, local_ptr, sorted_ptr, N, E, NUM_LOCAL, CHUNK, P,
+                        FILL, E_POW2, SUB)
+    tl.store(counts_ptr + c * E_POW2 + tl.arange(0, E_POW2), hist)
+
+
+@triton.jit
+def place_kernel(ids_ptr, map_ptr, local_ptr, counts_ptr, sorted_ptr, block_expert_ptr, tpe_ptr,
+                 offsets_ptr, padded_ptr, N, E, NUM_LOCAL, CHUNK, N_CHUNKS, N_BLOCKS,
+                 BLOCKS_PER_PROG, P, FILL, FUSED: tl.constexpr, BLOCK: tl.constexpr,
+                 E_POW2: tl.constexpr, SUB: tl.constexpr, CT: tl.constexpr):
+    """FUSED (one chunk holds every slot): count here too, in one launch instead of two."""
     c = tl.program_id(0)
     lanes = tl.arange(0, E_POW2)
     is_expert = lanes < NUM_LOCAL
     total = tl.zeros([E_POW2], dtype=tl.int32)
     before = tl.zeros([E_POW2], dtype=tl.int32)  # slots of each expert in chunks < c
-    for r0 in range(0, N_CHUNKS, CT):
-        rows = r0 + tl.arange(0, CT)
-        t = tl.load(counts_ptr + rows[:, None] * E_POW2 + lanes[None, :],
-                    mask=rows[:, None] < N_CHUNKS, other=0)
-        total += tl.sum(t, axis=0)
-        before += tl.sum(tl.where(rows[:, None] < c, t, 0), axis=0)
+    if FUSED:
+        total = _count_chunk(0, ids_ptr, map_ptr, local_ptr, sorted_ptr, N, E, NUM_LOCAL,
+                             CHUNK, P, FILL, E_POW2, SUB)
+        tl.debug_barrier()  # local ids and sentinels are written before they are read below
+    else:
+        for r0 in range(0, N_CHUNKS, CT):
+            rows = r0 + tl.arange(0, CT)
+            t = tl.load(counts_ptr + rows[:, None] * E_POW2 + lanes[None, :],
+                        mask=rows[:, None] < N_CHUNKS, other=0)
+            total += tl.sum(t, axis=0)
+            before += tl.sum(tl.where(rows[:, None] < c, t, 0), axis=0)
     total = tl.where(is_expert, total, 0)
     padded = (total + BLOCK - 1) // BLOCK * BLOCK
     padded_end = tl.cumsum(padded, axis=0)
@@ -79,7 +97,7 @@ def place_kernel(local_ptr, counts_ptr, sorted_ptr, block_expert_ptr, tpe_ptr, o
     # Positions of this chunk's local slots.
     running = padded_start + before
     i = tl.arange(0, SUB)
-    for s0 in range(0, CHUNK, SUB):
+    for s0 in range(0, tl.minimum(CHUNK, N - c * CHUNK), SUB):
         offs = c * CHUNK + s0 + i
         ok = offs < N
         loc = tl.load(local_ptr + offs, mask=ok, other=-1)

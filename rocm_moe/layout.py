@@ -18,8 +18,9 @@ length.
 
 ``tables=False`` skips the [e, R] expert tables (a grouped GEMM needs only the block layout);
 on a GPU with Triton (or under ``TRITON_INTERPRET=1``) the layout then comes from two Triton
-kernels (``rocm_moe._layout_triton``) instead of a dozen-odd torch ops around the sort. Both
-give identical tensors (the tests compare them); the torch sort is the reference.
+kernels (``rocm_moe._layout_triton``; one for up to 512 slots) instead of a dozen-odd torch ops
+around the sort. Both give identical tensors (the tests compare them); the torch sort is the
+reference.
 
 Worked example (block_size=2, K=2, rank owns global experts 2, 3 as local 0, 1):
 ids [[2, 0], [3, 2]] -> local slots 0 (e0), 2 (e1), 3 (e0); tokens_per_expert [2, 1];
@@ -156,7 +157,7 @@ def build_layout(
 
 def _block_layout_triton(ids_RK: torch.Tensor, expert_map: ExpertMap,
                          block_size: int) -> RoutingLayout:
-    """build_layout(..., tables=False) in two Triton launches (see rocm_moe._layout_triton)."""
+    """build_layout(..., tables=False) in one or two Triton launches (rocm_moe._layout_triton)."""
     import triton
 
     from rocm_moe._layout_triton import count_kernel, place_kernel
@@ -168,7 +169,8 @@ def _block_layout_triton(ids_RK: torch.Tensor, expert_map: ExpertMap,
     e_pow2 = triton.next_power_of_2(e + 1)
     sub = max(8, min(64, 8192 // e_pow2))  # 2-D temporaries near 8K elements: no spills
     ct = max(8, min(128, 8192 // e_pow2))
-    chunk = max(sub, -(-N // (256 * sub)) * sub)  # at most 256 chunks: place reads them all
+    # At most 256 chunks (place reads all their counts); up to 512 slots stay one chunk.
+    chunk = max(512 if N <= 512 else sub, -(-N // (256 * sub)) * sub)
     n_chunks = max(1, -(-N // chunk))
     i32 = torch.int32
     local = torch.empty(R, K, dtype=torch.int64, device=dev)
@@ -180,11 +182,14 @@ def _block_layout_triton(ids_RK: torch.Tensor, expert_map: ExpertMap,
     padded = torch.empty(e + 1, dtype=i32, device=dev)
     ids = ids_RK if ids_RK.is_contiguous() else ids_RK.contiguous()
     emap = expert_map.map_E.to(dev)
-    count_kernel[(n_chunks,)](ids, emap, local, counts, sorted_slots, N, expert_map.num_experts,
-                              e, chunk, P, -(-P // n_chunks), E_POW2=e_pow2, SUB=sub,
-                              num_warps=8)
-    place_kernel[(n_chunks,)](local, counts, sorted_slots, block_expert, tpe, offsets, padded,
-                              N, e, chunk, n_chunks, n_blocks, -(-n_blocks // n_chunks),
+    fill = -(-P // n_chunks)
+    if n_chunks > 1:
+        count_kernel[(n_chunks,)](ids, emap, local, counts, sorted_slots, N,
+                                  expert_map.num_experts, e, chunk, P, fill, E_POW2=e_pow2,
+                                  SUB=sub, num_warps=8)
+    place_kernel[(n_chunks,)](ids, emap, local, counts, sorted_slots, block_expert, tpe, offsets,
+                              padded, N, expert_map.num_experts, e, chunk, n_chunks, n_blocks,
+                              -(-n_blocks // n_chunks), P, fill, FUSED=n_chunks == 1,
                               BLOCK=block_size, E_POW2=e_pow2, SUB=sub, CT=ct, num_warps=8)
     return RoutingLayout(
         num_rows=R, top_k=K, block_size=block_size, local_ids=local, tokens_per_expert=tpe,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 
 import torch
@@ -42,12 +43,13 @@ CONFIG_FILE = os.path.join(os.path.dirname(__file__), "triton_configs.json")
 _DEFAULT_KERNEL = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
-def _bucket(mean_slots: float) -> int:
-    """Mean slots per local expert, rounded up to a power of two (the table's key)."""
-    b = 1
-    while b < mean_slots:
-        b *= 2
-    return b
+def _bucket(mean_slots: float) -> str:
+    """The table's key: slots per local expert, rounded up to a power of two, fractions kept
+    apart (one token with K = 8 over 128 experts is "0.0625", four tokens "0.25")."""
+    if mean_slots <= 0:
+        return "0"
+    b = 2.0 ** math.ceil(math.log2(mean_slots))
+    return str(int(b)) if b >= 1 else str(b)
 
 
 @functools.cache
@@ -66,7 +68,7 @@ def block_config(num_slots: int, num_local: int, *, hidden: int = 0, inter: int 
     (``bench/tune_experts.py`` writes it), else a heuristic: BLOCK_M by the mean slots per
     local expert, fixed tiles."""
     mean = num_slots / max(num_local, 1)
-    entry = _table().get(device_name, {}).get(f"{hidden}x{inter}", {}).get(str(_bucket(mean)))
+    entry = _table().get(device_name, {}).get(f"{hidden}x{inter}", {}).get(_bucket(mean))
     if entry:
         return {k: dict(v) if isinstance(v, dict) else v for k, v in entry.items()}
     block_m = 16 if mean <= 16 else 32 if mean <= 64 else 64

@@ -95,3 +95,11 @@ def test_layer_with_triton_experts(weight_mode):
     assert rel_err(out.out, ref) < 5e-3
     assert rel_err(out.raw, raw) < 5e-3
     assert rel_err(layer(x), ref) < 5e-3
+
+
+def test_config_buckets_keep_tiny_batches_apart():
+    from rocm_moe.experts.triton import _bucket
+
+    assert [_bucket(8 * m / 128) for m in (1, 4, 16, 64)] == ["0.0625", "0.25", "1", "4"]
+    assert _bucket(0) == "0"
+    assert _bucket(3) == "4"
