@@ -18,8 +18,8 @@ length.
 
 ``tables=False`` skips the [e, R] expert tables (a grouped GEMM needs only the block layout);
 on a GPU with Triton (or under ``TRITON_INTERPRET=1``) the layout then comes from two Triton
-kernels (``rocm_moe._layout_triton``; one for up to 512 slots) instead of a dozen-odd torch ops
-around the sort. Both give identical tensors (the tests compare them); the torch sort is the
+kernels (``rocm_moe._layout_triton``; one for up to 512 slots) instead of dozens of small torch
+ops around the sort. Both give identical tensors (the tests compare them); the torch sort is the
 reference.
 
 Worked example (block_size=2, K=2, rank owns global experts 2, 3 as local 0, 1):
@@ -130,21 +130,22 @@ def build_layout(
     block_expert_ids = torch.where(block_expert < e, block_expert, torch.full_like(block_expert,
                                                                                    -1))
 
-    # Expert -> row / slot / weight tables; a trash column takes non-local slots.
-    col_N = torch.where(is_local_N, rank_in_expert_N.clamp(max=R), torch.full_like(order_N, R))
-    flat_N = expert_N * (R + 1) + col_N
-
-    def table(values_N: torch.Tensor, fill: float, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.full((max(e, 1) * (R + 1),), fill, dtype=dtype, device=dev)
-        t.scatter_(0, flat_N, values_N.to(dtype))
-        return t.view(max(e, 1), R + 1)[:e, :R]
-
     i32 = torch.int32
-    token_table = table(order_N // K, -1, i32) if tables else None
-    slot_table = table(order_N % K, -1, i32) if tables else None
-    weight_table = None
-    if tables and topk_weights_RK is not None:
-        weight_table = table(topk_weights_RK.flatten()[order_N], 0.0, torch.float32)
+    token_table = slot_table = weight_table = None
+    if tables:  # expert -> row / slot / weight tables; a trash column takes non-local slots
+        col_N = torch.where(is_local_N, rank_in_expert_N.clamp(max=R),
+                            torch.full_like(order_N, R))
+        flat_N = expert_N * (R + 1) + col_N
+
+        def table(values_N: torch.Tensor, fill: float, dtype: torch.dtype) -> torch.Tensor:
+            t = torch.full((max(e, 1) * (R + 1),), fill, dtype=dtype, device=dev)
+            t.scatter_(0, flat_N, values_N.to(dtype))
+            return t.view(max(e, 1), R + 1)[:e, :R]
+
+        token_table = table(order_N // K, -1, i32)
+        slot_table = table(order_N % K, -1, i32)
+        if topk_weights_RK is not None:
+            weight_table = table(topk_weights_RK.flatten()[order_N], 0.0, torch.float32)
     return RoutingLayout(
         num_rows=R, top_k=K, block_size=block_size, local_ids=local_RK,
         tokens_per_expert=counts.to(i32), expert_offsets=offsets.to(i32),

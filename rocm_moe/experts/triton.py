@@ -5,7 +5,7 @@ Nothing in the kernels is NVIDIA-only, but they have only been run with CUDA Tri
 Pipeline (``TritonExperts``), for R rows with K global ids on a rank with e local experts:
 1. ``build_layout(ids, expert_map, block_size=BLOCK_M, tables=False)``: the local slots sorted
    by expert and padded per expert to BLOCK_M; one local expert per block (the layout module is
-   the single source of truth for offsets and padding; on GPUs its two Triton kernels build it;
+   the single source of truth for offsets and padding; on GPUs its Triton kernels build it;
    non-local slots are never sorted or computed);
 2. gate/up GEMM with SiLU(gate) * up fused: [P, I] intermediate in the input dtype;
 3. down GEMM; in "weighted" mode the slot's routing weight is applied in the epilogue;
