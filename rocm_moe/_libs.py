@@ -26,3 +26,15 @@ def triton_runs_on(device) -> bool:
     if library_version("triton") is None:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def rocm_library_missing(name: str, install: str) -> str | None:
+    """Why the ROCm-only library ``name`` cannot be used here (not installed, or this torch is
+    not a ROCm build), or None. Probed with find_spec, without importing it."""
+    if importlib.util.find_spec(name) is None:
+        return f"{name} is not installed ({install})"
+    import torch
+
+    if torch.version.hip is None:
+        return "this torch is not a ROCm build"
+    return None

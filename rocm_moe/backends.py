@@ -8,14 +8,13 @@ Optional backends are imported only when asked for, so a missing library never b
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from rocm_moe._checks import error_message
-from rocm_moe._libs import library_version
+from rocm_moe._libs import library_version, rocm_library_missing
 from rocm_moe.comm.base import Dispatcher
 from rocm_moe.experts.base import Experts
 from rocm_moe.placement import Placement
@@ -41,11 +40,7 @@ def _torch_distributed() -> str | None:
 
 
 def _mori() -> str | None:
-    if importlib.util.find_spec("mori") is None:
-        return "mori is not installed (build it from github.com/ROCm/mori on ROCm)"
-    if torch.version.hip is None:
-        return "this torch is not a ROCm build"
-    return None
+    return rocm_library_missing("mori", "build it from github.com/ROCm/mori on ROCm")
 
 
 def _triton() -> str | None:

@@ -22,11 +22,10 @@ Modes: "weighted" natively. "raw": K calls, each on one slot with weight 1.0 (ex
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from rocm_moe._checks import error_message
+from rocm_moe._libs import rocm_library_missing
 from rocm_moe.experts.base import Experts, ExpertsOutput
 from rocm_moe.placement import ExpertMap
 
@@ -34,11 +33,7 @@ AITER_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def aiter_availability() -> str | None:
-    if importlib.util.find_spec("aiter") is None:
-        return "aiter is not installed (pip install from github.com/ROCm/aiter on ROCm)"
-    if torch.version.hip is None:
-        return "this torch is not a ROCm build"
-    return None
+    return rocm_library_missing("aiter", "pip install from github.com/ROCm/aiter on ROCm")
 
 
 class AiterExperts(Experts):
