@@ -4,12 +4,13 @@ For each (shape, rows): the whole stage as a CUDA-graph replay (median, as the b
 it), then torch.profiler over 10 eager calls: each kernel's mean device time. The difference
 between the replay and the sum of kernel times is launch gaps and idle time.
 
-Usage on the GPU machine: python3 bench/profile_experts.py [shape:rows ...]
-(default qwen3:1 qwen3:64 qwen3:1024 qwen3:4096 qwen3:16384 dsv3:128 dsv3:8192)
+Usage on the GPU machine: python3 bench/profile_experts.py [shape:rows ...] [--tma auto|on|off|both]
+(default cases qwen3:1 qwen3:64 qwen3:1024 qwen3:4096 qwen3:16384 dsv3:128 dsv3:8192; --tma:
+weights through tensor descriptors or pointers, "both" profiles each case both ways)
 """
 
+import argparse
 import collections
-import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -22,9 +23,9 @@ DEFAULT = ["qwen3:1", "qwen3:64", "qwen3:1024", "qwen3:4096", "qwen3:16384", "ds
            "dsv3:8192"]
 
 
-def profile_case(name: str, rows: int) -> None:
+def profile_case(name: str, rows: int, tma: bool | None) -> None:
     args = _case(SHAPES[name], rows, torch.Generator().manual_seed(0))
-    tri = TritonExperts()
+    tri = TritonExperts(tma=tma)
 
     def call():
         return tri(*args, mode="weighted", validate=False)
@@ -42,18 +43,25 @@ def profile_case(name: str, rows: int) -> None:
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             per[ev.name[:60]] += ev.device_time / n
     total = sum(per.values())
-    print(f"\n{name} rows={rows}: graph replay {t_graph:.1f} us, kernels {total:.1f} us, "
+    label = {None: "", True: " tma=on", False: " tma=off"}[tma]
+    print(f"\n{name} rows={rows}{label}: graph replay {t_graph:.1f} us, kernels {total:.1f} us, "
           f"{len(per)} kernel kinds")
     for k, v in sorted(per.items(), key=lambda kv: -kv[1]):
         print(f"  {v:9.1f} us  {k}")
 
 
-def main(cases: list[str]) -> None:
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("cases", nargs="*", default=DEFAULT, help="shape:rows")
+    p.add_argument("--tma", choices=["auto", "on", "off", "both"], default="auto")
+    args = p.parse_args(argv)
+    modes = {"auto": [None], "on": [True], "off": [False], "both": [True, False]}[args.tma]
     print(torch.cuda.get_device_name())
-    for c in cases:
+    for c in args.cases:
         name, rows = c.split(":")
-        profile_case(name, int(rows))
+        for tma in modes:
+            profile_case(name, int(rows), tma)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or DEFAULT)
+    main()

@@ -9,7 +9,10 @@ slots per local expert), the form ``rocm_moe.experts.triton.block_config`` reads
 
 Usage on the GPU machine:
   python3 bench/tune_experts.py OUT.json [--min-rows N] [--max-rows N] [--base TABLE.json]
-(sizes outside [min, max] are skipped; --base is a table to start from, its other entries kept).
+                                [--no-tma]
+(sizes outside [min, max] are skipped; --base is a table to start from, its other entries kept;
+the kernels load as TritonExperts does by default, through tensor descriptors where
+``tma_supported``, unless --no-tma).
 """
 
 import argparse
@@ -59,7 +62,7 @@ def _best(launch, candidates) -> tuple[float, dict] | None:
     return best
 
 
-def tune_size(shape: dict, rows: int, gen: torch.Generator) -> dict:
+def tune_size(shape: dict, rows: int, gen: torch.Generator, tma: bool) -> dict:
     x, ids, w, w13, w2, emap = _case(shape, rows, gen)
     R, K, H, I = rows, shape["K"], shape["H"], shape["I"]
     mean = int((emap.local_ids(ids) >= 0).sum()) / emap.num_local  # local slots per expert
@@ -71,9 +74,9 @@ def tune_size(shape: dict, rows: int, gen: torch.Generator) -> dict:
         P = layout.sorted_slot_ids.numel()
         inter = torch.randn(P, I, device="cuda").to(x.dtype)
         out = torch.empty(R * K, H, dtype=x.dtype, device="cuda")
-        gu = _best(functools.partial(tx.launch_gate_up, x, w13, inter, layout), space)
+        gu = _best(functools.partial(tx.launch_gate_up, x, w13, inter, layout, tma=tma), space)
         dn = _best(lambda c, inter=inter, out=out, layout=layout: tx.launch_down(
-            inter, w2, out, layout, wv, c, weighted=True), space)
+            inter, w2, out, layout, wv, c, weighted=True, tma=tma), space)
         print(f"  BLOCK_M={bm}: gate_up {gu}, down {dn}", flush=True)
         if gu and dn:
             results.append((gu[0] + dn[0], dict(BLOCK_M=bm, gate_up=gu[1], down=dn[1])))
@@ -86,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-rows", type=int, default=0)
     p.add_argument("--max-rows", type=int, default=1 << 30)
     p.add_argument("--base", help="table to start from (its other entries are kept)")
+    p.add_argument("--no-tma", action="store_true", help="pointer loads only")
     args = p.parse_args(argv)
+    tma = not args.no_tma and tx.tma_supported(torch.device("cuda"))
     dev = torch.cuda.get_device_name()
     table: dict = json.loads(Path(args.base).read_text()) if args.base else {}
     table.setdefault(dev, {})
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             bucket = tx._bucket(R * shape["K"] / (shape["E"] // shape["W"]))  # block_config's
             print(name, R, "bucket", bucket, flush=True)
-            table[dev].setdefault(key, {})[bucket] = tune_size(shape, R, gen)
+            table[dev].setdefault(key, {})[bucket] = tune_size(shape, R, gen, tma)
             with open(args.out, "w") as fh:  # after every size: a cut-off run keeps what it found
                 json.dump(table, fh, indent=1)
 

@@ -1,19 +1,24 @@
 """Triton kernels behind ``layout.build_layout(..., tables=False)`` (imported only where triton
-is installed): the same block-aligned layout as the sort, in two launches (one for up to 512
-slots) and no host sync.
+is installed): the same block-aligned layout as the sort, with no host sync, in three short
+launches (one when every slot fits one chunk).
 
-Slots are cut into chunks, one program each. ``count``: each program maps its slots' global
-ids to local ids, counts its slots per local expert into ``counts[chunk, :]`` (column e takes
-the non-local slots) and writes the sentinel over its share of the padded slot list. ``place``:
-each program reads the whole (small) counts table, so it knows every expert's total (hence the
-padded offsets) and how many slots of each expert the chunks before it hold; a slot's position
-is padded_offset[expert] + earlier chunks' count + its rank among the same expert's slots in
-this chunk, which is exactly the stable sort's order. The ranks inside a chunk come from an
-[SUB, SUB] comparison per sub-tile plus a running per-expert count (one-hot sums: Triton has
-no register gather). SUB and CT keep every 2-D temporary near 8K elements (32 per thread at 8
-warps): at [128, 256] the place kernel spilled and took 53 us for 8 slots on an H100.
+Slots are cut into chunks of CHUNK, one program each. ``count``: each program maps its slots'
+global ids to local ids, ranks each slot among the same expert's slots of its chunk (a
+[CHUNK, CHUNK] comparison) and counts its slots per local expert into ``counts[chunk, :]``
+(column e takes the non-local slots); it also writes the sentinel over its share of the padded
+slot list. ``scan``: per expert column, the exclusive prefix sum of the counts over the chunks
+(in place) and the expert's total. ``place``: each program derives the padded offsets from the
+totals; a slot's position is padded_offset[expert] + slots of its expert in earlier chunks +
+its rank in its chunk, which is exactly the stable sort's order.
 
-Nothing NVIDIA-only: plain loads, stores and reductions.
+Every program does a few wide steps and no long loop: the earlier design (at most 256 chunks,
+each program reading the whole counts table and walking its slots in sub-tiles) spent 57 us
+on the 512 slots of 64 tokens (one program) and 134 us at 131072 slots on an H100
+(``bench/results/profile_experts_h100_tma_ab.txt``). CHUNK keeps the [CHUNK, experts]
+temporaries within 8K elements and the [CHUNK, CHUNK] ones within 4K (at 8 warps no spills;
+at [128, 256] an earlier kernel spilled).
+
+Nothing NVIDIA-only: plain loads, stores, reductions, scans and ``tl.gather``.
 """
 
 import triton
@@ -21,62 +26,76 @@ import triton.language as tl
 
 
 @triton.jit
-def _count_chunk(c, ids_ptr, map_ptr, local_ptr, sorted_ptr, N, E, NUM_LOCAL, CHUNK, P, FILL,
-                 E_POW2: tl.constexpr, SUB: tl.constexpr):
-    """Local ids of chunk c's slots (stored), its per-expert counts (returned; lane e counts
-    the non-local slots) and the sentinel over its share [c * FILL, (c + 1) * FILL) of the
+def _chunk(c, ids_ptr, map_ptr, local_ptr, sorted_ptr, N, E, NUM_LOCAL, P, FILL,
+           E_POW2: tl.constexpr, CHUNK: tl.constexpr):
+    """Chunk c: its slots, their local ids (stored to ``local``; -1: not local), their rank
+    among the same expert's slots of the chunk, the chunk's per-expert counts (lane e counts
+    the non-local slots), and the sentinel over its share [c * FILL, (c + 1) * FILL) of the
     padded slot list."""
-    lanes = tl.arange(0, E_POW2)
-    hist = tl.zeros([E_POW2], dtype=tl.int32)
-    for s0 in range(0, tl.minimum(CHUNK, N - c * CHUNK), SUB):
-        offs = c * CHUNK + s0 + tl.arange(0, SUB)
-        ok = offs < N
-        g = tl.load(ids_ptr + offs, mask=ok, other=-1).to(tl.int32)
-        known = ok & (g >= 0) & (g < E)
-        loc = tl.load(map_ptr + tl.where(known, g, 0), mask=known, other=-1)
-        tl.store(local_ptr + offs, loc, mask=ok)
-        key = tl.where(ok, tl.where(loc >= 0, loc, NUM_LOCAL), E_POW2)  # E_POW2: no bin
-        hist += tl.sum((key[:, None] == lanes[None, :]).to(tl.int32), axis=0)
-    sentinel = N
+    i = tl.arange(0, CHUNK)
+    offs = c * CHUNK + i
+    ok = offs < N
+    g = tl.load(ids_ptr + offs, mask=ok, other=-1).to(tl.int32)
+    known = ok & (g >= 0) & (g < E)
+    loc = tl.load(map_ptr + tl.where(known, g, 0), mask=known, other=-1)
+    tl.store(local_ptr + offs, loc, mask=ok)
+    key = tl.where(ok, tl.where(loc >= 0, loc, NUM_LOCAL), E_POW2)  # E_POW2: no bin
+    hist = tl.sum((key[:, None] == tl.arange(0, E_POW2)[None, :]).to(tl.int32), axis=0)
+    rank = tl.sum(((key[:, None] == key[None, :]) & (i[None, :] < i[:, None])).to(tl.int32),
+                  axis=1)
     for f0 in range(c * FILL, c * FILL + FILL, 1024):
-        offs = f0 + tl.arange(0, 1024)
-        tl.store(sorted_ptr + offs, tl.zeros([1024], dtype=tl.int32) + sentinel,
-                 mask=(offs < P) & (offs < c * FILL + FILL))
-    return hist
+        f = f0 + tl.arange(0, 1024)
+        tl.store(sorted_ptr + f, tl.zeros([1024], dtype=tl.int32) + N,
+                 mask=(f < P) & (f < c * FILL + FILL))
+    return offs, loc, rank, hist
 
 
 @triton.jit
-def count_kernel(ids_ptr, map_ptr, local_ptr, counts_ptr, sorted_ptr,
-                 N, E, NUM_LOCAL, CHUNK, P, FILL,
-                 E_POW2: tl.constexpr, SUB: tl.constexpr):
+def count_kernel(ids_ptr, map_ptr, local_ptr, rank_ptr, counts_ptr, sorted_ptr,
+                 N, E, NUM_LOCAL, P, FILL, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
     c = tl.program_id(0)
-    hist = _count_chunk(c, ids_ptr, map_ptr, local_ptr, sorted_ptr, N, E, NUM_LOCAL, CHUNK, P,
-                        FILL, E_POW2, SUB)
+    offs, loc, rank, hist = _chunk(c, ids_ptr, map_ptr, local_ptr, sorted_ptr, N, E,
+                                   NUM_LOCAL, P, FILL, E_POW2, CHUNK)
+    tl.store(rank_ptr + offs, rank, mask=offs < N)
     tl.store(counts_ptr + c * E_POW2 + tl.arange(0, E_POW2), hist)
 
 
 @triton.jit
-def place_kernel(ids_ptr, map_ptr, local_ptr, counts_ptr, sorted_ptr, block_expert_ptr, tpe_ptr,
-                 offsets_ptr, padded_ptr, N, E, NUM_LOCAL, CHUNK, N_CHUNKS, N_BLOCKS,
+def scan_kernel(counts_ptr, totals_ptr, N_CHUNKS, E_POW2: tl.constexpr, LANES: tl.constexpr,
+                ROWS: tl.constexpr):
+    """counts[c, lane] <- sum of counts[c', lane] over c' < c (in place); totals[lane] <- the
+    column's sum. One program per LANES expert columns, ROWS chunks per step."""
+    lanes = tl.program_id(0) * LANES + tl.arange(0, LANES)
+    run = tl.zeros([LANES], dtype=tl.int32)
+    for r0 in range(0, N_CHUNKS, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        ptrs = counts_ptr + rows[:, None] * E_POW2 + lanes[None, :]
+        t = tl.load(ptrs, mask=rows[:, None] < N_CHUNKS, other=0)
+        tl.store(ptrs, run[None, :] + tl.cumsum(t, axis=0) - t, mask=rows[:, None] < N_CHUNKS)
+        run += tl.sum(t, axis=0)
+    tl.store(totals_ptr + lanes, run)
+
+
+@triton.jit
+def place_kernel(ids_ptr, map_ptr, local_ptr, rank_ptr, before_ptr, totals_ptr, sorted_ptr,
+                 block_expert_ptr, tpe_ptr, offsets_ptr, padded_ptr, N, E, NUM_LOCAL, N_BLOCKS,
                  BLOCKS_PER_PROG, P, FILL, FUSED: tl.constexpr, BLOCK: tl.constexpr,
-                 E_POW2: tl.constexpr, SUB: tl.constexpr, CT: tl.constexpr):
-    """FUSED (one chunk holds every slot): count here too, in one launch instead of two."""
+                 E_POW2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr):
+    """FUSED (one chunk holds every slot): count here too, in one launch instead of three."""
     c = tl.program_id(0)
     lanes = tl.arange(0, E_POW2)
     is_expert = lanes < NUM_LOCAL
-    total = tl.zeros([E_POW2], dtype=tl.int32)
-    before = tl.zeros([E_POW2], dtype=tl.int32)  # slots of each expert in chunks < c
     if FUSED:
-        total = _count_chunk(0, ids_ptr, map_ptr, local_ptr, sorted_ptr, N, E, NUM_LOCAL,
-                             CHUNK, P, FILL, E_POW2, SUB)
-        tl.debug_barrier()  # local ids and sentinels are written before they are read below
+        offs, loc, rank, total = _chunk(0, ids_ptr, map_ptr, local_ptr, sorted_ptr, N, E,
+                                        NUM_LOCAL, P, FILL, E_POW2, CHUNK)
+        before = tl.zeros([E_POW2], dtype=tl.int32)
+        tl.debug_barrier()  # the sentinels are written before slots are placed over them
     else:
-        for r0 in range(0, N_CHUNKS, CT):
-            rows = r0 + tl.arange(0, CT)
-            t = tl.load(counts_ptr + rows[:, None] * E_POW2 + lanes[None, :],
-                        mask=rows[:, None] < N_CHUNKS, other=0)
-            total += tl.sum(t, axis=0)
-            before += tl.sum(tl.where(rows[:, None] < c, t, 0), axis=0)
+        offs = c * CHUNK + tl.arange(0, CHUNK)
+        loc = tl.load(local_ptr + offs, mask=offs < N, other=-1)
+        rank = tl.load(rank_ptr + offs, mask=offs < N, other=0)
+        total = tl.load(totals_ptr + lanes)
+        before = tl.load(before_ptr + c * E_POW2 + lanes)
     total = tl.where(is_expert, total, 0)
     padded = (total + BLOCK - 1) // BLOCK * BLOCK
     padded_end = tl.cumsum(padded, axis=0)
@@ -95,16 +114,6 @@ def place_kernel(ids_ptr, map_ptr, local_ptr, counts_ptr, sorted_ptr, block_expe
                  mask=b < N_BLOCKS)
 
     # Positions of this chunk's local slots.
-    running = padded_start + before
-    i = tl.arange(0, SUB)
-    for s0 in range(0, tl.minimum(CHUNK, N - c * CHUNK), SUB):
-        offs = c * CHUNK + s0 + i
-        ok = offs < N
-        loc = tl.load(local_ptr + offs, mask=ok, other=-1)
-        mine = ok & (loc >= 0)
-        key = tl.where(mine, loc, E_POW2)
-        onehot = (key[:, None] == lanes[None, :]).to(tl.int32)
-        earlier = ((key[:, None] == key[None, :]) & (i[None, :] < i[:, None])).to(tl.int32)
-        dest = tl.sum(onehot * running[None, :], axis=1) + tl.sum(earlier, axis=1)
-        tl.store(sorted_ptr + dest, offs.to(tl.int32), mask=mine)
-        running += tl.sum(onehot, axis=0)
+    mine = loc >= 0
+    dest = tl.gather(padded_start + before, tl.where(mine, loc, 0), 0) + rank
+    tl.store(sorted_ptr + dest, offs.to(tl.int32), mask=mine)

@@ -17,9 +17,9 @@ hold the sentinel ``R*K`` and unused blocks hold expert id -1; ``num_padded`` ho
 length.
 
 ``tables=False`` skips the [e, R] expert tables (a grouped GEMM needs only the block layout);
-on a GPU with Triton (or under ``TRITON_INTERPRET=1``) the layout then comes from two Triton
-kernels (``rocm_moe._layout_triton``; one for up to 512 slots) instead of dozens of small torch
-ops around the sort. Both give identical tensors (the tests compare them); the torch sort is the
+on a GPU with Triton (or under ``TRITON_INTERPRET=1``) the layout then comes from three short
+Triton kernels (``rocm_moe._layout_triton``; one when all slots fit one chunk of 16-64) instead
+of dozens of small torch ops around the sort. Both give identical tensors (the tests compare them); the torch sort is the
 reference.
 
 Worked example (block_size=2, K=2, rank owns global experts 2, 3 as local 0, 1):
@@ -158,24 +158,24 @@ def build_layout(
 
 def _block_layout_triton(ids_RK: torch.Tensor, expert_map: ExpertMap,
                          block_size: int) -> RoutingLayout:
-    """build_layout(..., tables=False) in one or two Triton launches (rocm_moe._layout_triton)."""
+    """build_layout(..., tables=False) in one or three Triton launches (rocm_moe._layout_triton)."""
     import triton
 
-    from rocm_moe._layout_triton import count_kernel, place_kernel
+    from rocm_moe._layout_triton import count_kernel, place_kernel, scan_kernel
 
     R, K = ids_RK.shape
     e, N, dev = expert_map.num_local, R * K, ids_RK.device
     P = max_padded_slots(N, e, block_size)
     n_blocks = P // block_size
     e_pow2 = triton.next_power_of_2(e + 1)
-    sub = max(8, min(64, 8192 // e_pow2))  # 2-D temporaries near 8K elements: no spills
-    ct = max(8, min(128, 8192 // e_pow2))
-    # At most 256 chunks (place reads all their counts); up to 512 slots stay one chunk.
-    chunk = max(512 if N <= 512 else sub, -(-N // (256 * sub)) * sub)
+    # [chunk, e_pow2] temporaries up to 8K elements, [chunk, chunk] up to 4K: no spills.
+    chunk = max(16, min(64, 8192 // e_pow2))
+    if N <= chunk:
+        chunk = max(16, triton.next_power_of_2(N))
     n_chunks = max(1, -(-N // chunk))
+    sub = max(8, min(64, 8192 // e_pow2))
     i32 = torch.int32
     local = torch.empty(R, K, dtype=torch.int64, device=dev)
-    counts = torch.empty(n_chunks, e_pow2, dtype=i32, device=dev)
     sorted_slots = torch.empty(P, dtype=i32, device=dev)
     block_expert = torch.empty(n_blocks, dtype=i32, device=dev)
     tpe = torch.empty(e, dtype=i32, device=dev)
@@ -184,14 +184,22 @@ def _block_layout_triton(ids_RK: torch.Tensor, expert_map: ExpertMap,
     ids = ids_RK if ids_RK.is_contiguous() else ids_RK.contiguous()
     emap = expert_map.map_E.to(dev)
     fill = -(-P // n_chunks)
-    if n_chunks > 1:
-        count_kernel[(n_chunks,)](ids, emap, local, counts, sorted_slots, N,
-                                  expert_map.num_experts, e, chunk, P, fill, E_POW2=e_pow2,
-                                  SUB=sub, num_warps=8)
-    place_kernel[(n_chunks,)](ids, emap, local, counts, sorted_slots, block_expert, tpe, offsets,
-                              padded, N, expert_map.num_experts, e, chunk, n_chunks, n_blocks,
-                              -(-n_blocks // n_chunks), P, fill, FUSED=n_chunks == 1,
-                              BLOCK=block_size, E_POW2=e_pow2, SUB=sub, CT=ct, num_warps=8)
+    fused = n_chunks == 1
+    rank = counts = totals = sorted_slots  # unused by the fused launch
+    if not fused:
+        rank = torch.empty(N, dtype=i32, device=dev)
+        counts = torch.empty(n_chunks, e_pow2, dtype=i32, device=dev)
+        totals = torch.empty(e_pow2, dtype=i32, device=dev)
+        count_kernel[(n_chunks,)](ids, emap, local, rank, counts, sorted_slots, N,
+                                  expert_map.num_experts, e, P, fill, E_POW2=e_pow2,
+                                  CHUNK=chunk, num_warps=8)
+        lanes = min(e_pow2, 16)
+        scan_kernel[(e_pow2 // lanes,)](counts, totals, n_chunks, E_POW2=e_pow2, LANES=lanes,
+                                        ROWS=4096 // lanes, num_warps=8)
+    place_kernel[(n_chunks,)](ids, emap, local, rank, counts, totals, sorted_slots, block_expert,
+                              tpe, offsets, padded, N, expert_map.num_experts, e, n_blocks,
+                              -(-n_blocks // n_chunks), P, fill, FUSED=fused, BLOCK=block_size,
+                              E_POW2=e_pow2, CHUNK=chunk, SUB=sub, num_warps=8)
     return RoutingLayout(
         num_rows=R, top_k=K, block_size=block_size, local_ids=local, tokens_per_expert=tpe,
         expert_offsets=offsets, expert_token_table=None, expert_slot_table=None,

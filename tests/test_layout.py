@@ -97,9 +97,10 @@ FIELDS = ("local_ids", "tokens_per_expert", "expert_offsets", "padded_offsets", 
 @pytest.mark.parametrize(("R", "K", "E", "W", "bs"), [
     *GRID, pytest.param(500, 8, 128, 1, 64, id="many_chunks"),
     pytest.param(33, 3, 300, 1, 16, id="e300_sub64"),
+    pytest.param(4200, 8, 8, 1, 64, id="scan_steps"),  # 525 chunks of 64: two scan steps
     pytest.param(64, 4, 16, 2, 8, id="all_on_one")])
 def test_triton_block_layout_equals_the_sort(R, K, E, W, bs, gen):
-    """tables=False (two Triton kernels; interpreter on CPUs) gives the sort's tensors exactly."""
+    """tables=False (the Triton kernels; interpreter on CPUs) gives the sort's tensors exactly."""
     pytest.importorskip("triton")
     from rocm_moe._libs import triton_runs_on
 

@@ -1,7 +1,11 @@
 """Triton kernels of the triton experts backend (imported only where triton is installed).
 
-Plain loads, stores and tl.dot, nothing NVIDIA-only (run with CUDA Triton so far);
-TRITON_INTERPRET=1 runs them on CPUs (float16/float32 there).
+Loads, stores and tl.dot, nothing NVIDIA-only (run with CUDA Triton so far). The contiguous
+operands (expert weights; the down GEMM's intermediate rows) come either through pointers or
+through tensor descriptors (``DESC``; TMA copies on Hopper, which Triton's pipeliner overlaps
+with the matrix instructions); the gathered input rows of the gate/up GEMM always through
+pointers (Hopper's TMA has no row gather). TRITON_INTERPRET=1 runs both forms on CPUs
+(float16/float32 there).
 """
 
 import triton
@@ -15,15 +19,16 @@ def _tile(block_expert_ptr, sorted_ptr, N_SLOTS, N_OUT, BLOCK_M: tl.constexpr,
     so the programs running together share the block's input rows and the expert's weights
     in L2 (with the block index fastest, every input block was re-read from HBM once per
     column tile). Returns the block's local expert (-1: unused block), slot positions, slot
-    ids, which slots are real, and the tile's columns with their bound mask."""
+    ids, which slots are real, the tile's first column, its columns and their bound mask."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N_OUT, BLOCK_N)
     pid_m = pid // n_tiles
     e = tl.load(block_expert_ptr + pid_m)
     offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slot = tl.load(sorted_ptr + offs_p)
-    offs_n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return e, offs_p, slot, slot < N_SLOTS, offs_n, offs_n < N_OUT
+    n_start = (pid % n_tiles) * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    return e, offs_p, slot, slot < N_SLOTS, n_start, offs_n, offs_n < N_OUT
 
 
 @triton.jit
@@ -35,61 +40,81 @@ def _k_mask(offs_k, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _w_tile(w, row0, n_ok, k0, offs_k, k_ok, stride_wn, DESC: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """[BLOCK_K, BLOCK_N] tile (transposed for tl.dot) of a weight matrix seen as 2-D
+    [experts x out rows, in dim]: rows row0 + [0, BLOCK_N), columns k0 + offs_k. The
+    descriptor zero-fills past the matrix and does not stop at ``n_ok`` (callers mask those
+    output columns when they store)."""
+    if DESC:
+        t = w.load([row0, k0]).T
+    else:  # (an early return would not stop Triton from compiling the pointer path too)
+        rows = row0.to(tl.int64) + tl.arange(0, BLOCK_N)
+        t = tl.load(w + rows[None, :] * stride_wn + offs_k[:, None],
+                    mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+    return t
+
+
+@triton.jit
 def _gate_up_kernel(
-    x_ptr, w13_ptr, inter_ptr, sorted_ptr, block_expert_ptr,
+    x_ptr, w13, inter_ptr, sorted_ptr, block_expert_ptr,
     N_SLOTS, H, I, K_TOPK,
-    stride_xr, stride_we, stride_wn, stride_ip, EVEN_K: tl.constexpr,
+    stride_xr, stride_wn, stride_ip, EVEN_K: tl.constexpr, DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """inter[p, n] = silu(x[row(p)] @ gate[e].T) * (x[row(p)] @ up[e].T) for the padded slot
-    positions p of one block (one local expert e per block; sentinel slots give zeros)."""
-    e, offs_p, slot, valid, offs_n, n_ok = _tile(block_expert_ptr, sorted_ptr, N_SLOTS, I,
-                                                 BLOCK_M, BLOCK_N)
+    positions p of one block (one local expert e per block; its sentinel rows get zeros).
+    ``w13``: the weights as [e * 2I, H] (pointer, or descriptor of [BLOCK_N, BLOCK_K] tiles)."""
+    e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(block_expert_ptr, sorted_ptr,
+                                                          N_SLOTS, I, BLOCK_M, BLOCK_N)
     if e < 0:
         return
     row = tl.where(valid, slot // K_TOPK, 0).to(tl.int64)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    w_base = w13_ptr + e.to(tl.int64) * stride_we
+    n0 = e * 2 * I + n_start  # first weight row of the gate tile; the up tile's is n0 + I
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = _k_mask(offs_k, H, EVEN_K)
         a = tl.load(x_ptr + row[:, None] * stride_xr + offs_k[None, :],
                     mask=valid[:, None] & k_ok[None, :], other=0.0)
-        g = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
-                    mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        u = tl.load(w_base + (offs_n[None, :] + I) * stride_wn + offs_k[:, None],
-                    mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        g = _w_tile(w13, n0, n_ok, k0, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
+        u = _w_tile(w13, n0 + I, n_ok, k0, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
         acc_g = tl.dot(a, g, acc_g)
         acc_u = tl.dot(a, u, acc_u)
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(inter_ptr + offs_p[:, None].to(tl.int64) * stride_ip + offs_n[None, :],
-             h.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+             h.to(inter_ptr.dtype.element_ty), mask=n_ok[None, :])
 
 
 @triton.jit
 def _down_kernel(
-    inter_ptr, w2_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
+    inter, w2, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
     N_SLOTS, H, I,
-    stride_ip, stride_we, stride_wn, stride_os,
-    WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr,
+    stride_ip, stride_wn, stride_os,
+    WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[slot(p), n] = (inter[p] @ down[e].T)[n], times the slot's routing weight when
-    WEIGHTED (the epilogue); rows are written only for real slots."""
-    e, offs_p, slot, valid, offs_n, n_ok = _tile(block_expert_ptr, sorted_ptr, N_SLOTS, H,
-                                                 BLOCK_M, BLOCK_N)
+    WEIGHTED (the epilogue); rows are written only for real slots. ``inter`` [P, I] and
+    ``w2`` as [e * H, I]: pointers, or descriptors of [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K]
+    tiles."""
+    e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(block_expert_ptr, sorted_ptr,
+                                                          N_SLOTS, H, BLOCK_M, BLOCK_N)
     if e < 0:
         return
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    w_base = w2_ptr + e.to(tl.int64) * stride_we
+    n0 = e * H + n_start
+    p0 = tl.program_id(0) // tl.cdiv(H, BLOCK_N) * BLOCK_M  # the block's first position
     for k0 in range(0, I, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = _k_mask(offs_k, I, EVEN_K)
-        a = tl.load(inter_ptr + offs_p[:, None].to(tl.int64) * stride_ip + offs_k[None, :],
-                    mask=valid[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
-                    mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        if DESC:
+            a = inter.load([p0, k0])
+        else:
+            a = tl.load(inter + offs_p[:, None].to(tl.int64) * stride_ip + offs_k[None, :],
+                        mask=valid[:, None] & k_ok[None, :], other=0.0)
+        b = _w_tile(w2, n0, n_ok, k0, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
         acc = tl.dot(a, b, acc)
     if WEIGHTED:
         w = tl.load(weight_ptr + slot, mask=valid, other=0.0)

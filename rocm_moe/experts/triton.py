@@ -80,38 +80,67 @@ def _launch_args(block_m: int, kcfg: dict) -> dict:
                 num_warps=kcfg.get("num_warps", 4), num_stages=kcfg.get("num_stages", 3))
 
 
-def launch_gate_up(x, w13, inter, layout, kcfg: dict) -> None:
-    """inter[P, I] = SiLU(x[rows] @ gate.T) * (x[rows] @ up.T) over the layout's blocks."""
+def tma_supported(device: torch.device) -> bool:
+    """Tensor descriptors pay off where loads become TMA copies: CUDA GPUs of compute
+    capability 9 (Hopper) and later; the interpreter runs them too (so CPU tests cover both
+    forms). Elsewhere (ROCm, older GPUs) the kernels load through pointers."""
+    if device.type == "cuda":
+        return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _operand(t: torch.Tensor, block: list[int], tma: bool):
+    """``t`` (2-D, rows contiguous) as a tensor descriptor of ``block`` tiles when ``tma`` and
+    TMA's rules allow it (16-byte aligned base and row stride), else as itself (pointer)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    ok = tma and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+    return (TensorDescriptor.from_tensor(t, block), True) if ok else (t, False)
+
+
+def launch_gate_up(x, w13, inter, layout, kcfg: dict, *, tma: bool = False) -> None:
+    """inter[P, I] = SiLU(x[rows] @ gate.T) * (x[rows] @ up.T) over the layout's blocks;
+    ``tma``: weights through a tensor descriptor (where ``_operand`` allows)."""
     from rocm_moe.experts._triton_kernels import _gate_up_kernel
 
     H, I, B = x.shape[1], inter.shape[1], layout.block_size
     n_blocks = layout.block_expert_ids.numel()
+    w, desc = _operand(w13.view(-1, H), [kcfg["BLOCK_N"], kcfg["BLOCK_K"]], tma)
     _gate_up_kernel[(n_blocks * -(-I // kcfg["BLOCK_N"]),)](
-        x, w13, inter, layout.sorted_slot_ids, layout.block_expert_ids, layout.sentinel, H, I,
-        layout.top_k, x.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
-        EVEN_K=H % kcfg["BLOCK_K"] == 0, **_launch_args(B, kcfg))
+        x, w, inter, layout.sorted_slot_ids, layout.block_expert_ids, layout.sentinel, H, I,
+        layout.top_k, x.stride(0), w13.stride(1), inter.stride(0),
+        EVEN_K=H % kcfg["BLOCK_K"] == 0, DESC=desc, **_launch_args(B, kcfg))
 
 
-def launch_down(inter, w2, out_slots, layout, weights_N, kcfg: dict, *, weighted: bool) -> None:
-    """out_slots[slot] = inter[p] @ down.T (times the slot's weight when ``weighted``)."""
+def launch_down(inter, w2, out_slots, layout, weights_N, kcfg: dict, *, weighted: bool,
+                tma: bool = False) -> None:
+    """out_slots[slot] = inter[p] @ down.T (times the slot's weight when ``weighted``);
+    ``tma``: intermediate rows and weights through tensor descriptors (where allowed)."""
     from rocm_moe.experts._triton_kernels import _down_kernel
 
     H, I, B = w2.shape[1], inter.shape[1], layout.block_size
     n_blocks = layout.block_expert_ids.numel()
+    a, desc_a = _operand(inter, [B, kcfg["BLOCK_K"]], tma)
+    w, desc_w = _operand(w2.view(-1, I), [kcfg["BLOCK_N"], kcfg["BLOCK_K"]], desc_a)
+    if desc_a and not desc_w:  # both or neither: one constexpr switches the kernel's loads
+        a, desc_a = inter, False
     _down_kernel[(n_blocks * -(-H // kcfg["BLOCK_N"]),)](
-        inter, w2, out_slots, layout.sorted_slot_ids, layout.block_expert_ids, weights_N,
-        layout.sentinel, H, I, inter.stride(0), w2.stride(0), w2.stride(1), out_slots.stride(0),
-        WEIGHTED=weighted, EVEN_K=I % kcfg["BLOCK_K"] == 0, **_launch_args(B, kcfg))
+        a, w, out_slots, layout.sorted_slot_ids, layout.block_expert_ids, weights_N,
+        layout.sentinel, H, I, inter.stride(0), w2.stride(1), out_slots.stride(0),
+        WEIGHTED=weighted, EVEN_K=I % kcfg["BLOCK_K"] == 0, DESC=desc_a,
+        **_launch_args(B, kcfg))
 
 
 class TritonExperts(Experts):
     """``config``: a fixed launch config (``block_config``'s form) instead of the table's, for
-    tuning."""
+    tuning. ``tma``: load weights (and the down GEMM's intermediate) through tensor
+    descriptors; None (default) where ``tma_supported`` says they pay off."""
 
     name = "triton"
 
-    def __init__(self, *, config: dict | None = None):
+    def __init__(self, *, config: dict | None = None, tma: bool | None = None):
         self.config = config
+        self.tma = tma
 
     def supports(self, *, mode, dtype, device) -> str | None:
         if library_version("triton") is None:
@@ -141,9 +170,10 @@ class TritonExperts(Experts):
         out_slots = (torch.empty if weighted else torch.zeros)(N, H, dtype=x.dtype,
                                                                device=x.device)
         if N and P:
-            launch_gate_up(x, w13, inter, layout, cfg["gate_up"])
+            tma = tma_supported(x.device) if self.tma is None else self.tma
+            launch_gate_up(x, w13, inter, layout, cfg["gate_up"], tma=tma)
             launch_down(inter, w2, out_slots, layout, topk_weights_RK.contiguous().view(-1),
-                        cfg["down"], weighted=weighted)
+                        cfg["down"], weighted=weighted, tma=tma)
         if weighted:
             out = torch.empty(R, H, dtype=x.dtype, device=x.device)
             if R:

@@ -15,7 +15,8 @@ DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
 GRID = [pytest.param(R, K, E, W, H, I, id=f"R{R}_K{K}_E{E}_W{W}_H{H}_I{I}")
         for R, K, E, W, H, I in [(1, 1, 4, 1, 64, 32), (33, 4, 16, 2, 64, 32),
-                                 (511, 8, 32, 4, 64, 32), (7, 2, 8, 2, 80, 48)]]
+                                 (511, 8, 32, 4, 64, 32), (7, 2, 8, 2, 80, 48),
+                                 (9, 2, 8, 1, 36, 20)]]  # rows of 72 and 40 bytes: no TMA
 
 
 def _case(R, K, E, W, H, I, dtype, gen, *, all_on_one=False, nonlocal_rows=False):
@@ -43,18 +44,36 @@ def _case(R, K, E, W, H, I, dtype, gen, *, all_on_one=False, nonlocal_rows=False
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("R", "K", "E", "W", "H", "I"), GRID)
 @pytest.mark.parametrize("variant", ["random", "all_on_one", "nonlocal_rows"])
-def test_matches_reference(R, K, E, W, H, I, dtype, variant, gen):
+@pytest.mark.parametrize("tma", [True, False], ids=["desc", "ptr"])
+def test_matches_reference(R, K, E, W, H, I, dtype, variant, tma, gen):
     args = _case(R, K, E, W, H, I, dtype, gen, all_on_one=variant == "all_on_one",
                  nonlocal_rows=variant == "nonlocal_rows")
     for mode in ("weighted", "raw"):
         ref = ReferenceExperts()(*args, mode=mode)
-        out = TritonExperts()(*args, mode=mode)
+        out = TritonExperts(tma=tma)(*args, mode=mode)
         assert out.weights_applied == ref.weights_applied
         assert out.out.shape == ref.out.shape
         assert rel_err(out.out, ref.out) < TOL[dtype], mode
         if mode == "raw":
             local = args[5].local_ids(args[1]) >= 0
             assert out.out[~local].eq(0).all()  # non-local and empty slots are exact zeros
+
+
+def test_operands_use_descriptors_only_where_tma_allows():
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from rocm_moe.experts.triton import _operand
+
+    w = torch.zeros(64, 40, dtype=torch.float16)  # rows of 80 bytes: a multiple of 16
+    d, desc = _operand(w, [16, 32], True)
+    assert desc
+    assert isinstance(d, TensorDescriptor)
+    assert d.block_shape == [16, 32]
+    assert _operand(w, [16, 32], False) == (w, False)
+    odd = torch.zeros(64, 36, dtype=torch.float16)  # 72-byte rows
+    assert _operand(odd, [16, 32], True) == (odd, False)
+    shifted = w.view(-1)[1:].as_strided((60, 32), (40, 1))  # base 2 bytes past an aligned one
+    assert _operand(shifted, [16, 32], True) == (shifted, False)
 
 
 def test_worked_example():
