@@ -18,9 +18,9 @@ length.
 
 ``tables=False`` skips the [e, R] expert tables (a grouped GEMM needs only the block layout);
 on a GPU with Triton (or under ``TRITON_INTERPRET=1``) the layout then comes from three short
-Triton kernels (``rocm_moe._layout_triton``; one when all slots fit one chunk of 16-64) instead
-of dozens of small torch ops around the sort. Both give identical tensors (the tests compare them); the torch sort is the
-reference.
+Triton kernels (``rocm_moe._layout_triton``; one when all slots fit one chunk of 64) instead
+of dozens of small torch ops around the sort. Both give identical tensors (the tests compare
+them); the torch sort is the reference.
 
 Worked example (block_size=2, K=2, rank owns global experts 2, 3 as local 0, 1):
 ids [[2, 0], [3, 2]] -> local slots 0 (e0), 2 (e1), 3 (e0); tokens_per_expert [2, 1];
@@ -156,6 +156,9 @@ def build_layout(
     )
 
 
+_SCAN_TILE = 4096  # elements per scan step (tests shrink it to take several steps)
+
+
 def _block_layout_triton(ids_RK: torch.Tensor, expert_map: ExpertMap,
                          block_size: int) -> RoutingLayout:
     """build_layout(..., tables=False) in one or three Triton launches (rocm_moe._layout_triton)."""
@@ -168,10 +171,7 @@ def _block_layout_triton(ids_RK: torch.Tensor, expert_map: ExpertMap,
     P = max_padded_slots(N, e, block_size)
     n_blocks = P // block_size
     e_pow2 = triton.next_power_of_2(e + 1)
-    # [chunk, e_pow2] temporaries up to 8K elements, [chunk, chunk] up to 4K: no spills.
-    chunk = max(16, min(64, 8192 // e_pow2))
-    if N <= chunk:
-        chunk = max(16, triton.next_power_of_2(N))
+    chunk = 64 if N > 64 else max(16, triton.next_power_of_2(N))  # [chunk, chunk] compare
     n_chunks = max(1, -(-N // chunk))
     sub = max(8, min(64, 8192 // e_pow2))
     i32 = torch.int32
@@ -188,18 +188,19 @@ def _block_layout_triton(ids_RK: torch.Tensor, expert_map: ExpertMap,
     rank = counts = totals = sorted_slots  # unused by the fused launch
     if not fused:
         rank = torch.empty(N, dtype=i32, device=dev)
-        counts = torch.empty(n_chunks, e_pow2, dtype=i32, device=dev)
+        counts = torch.empty(e_pow2, n_chunks, dtype=i32, device=dev)
         totals = torch.empty(e_pow2, dtype=i32, device=dev)
         count_kernel[(n_chunks,)](ids, emap, local, rank, counts, sorted_slots, N,
-                                  expert_map.num_experts, e, P, fill, E_POW2=e_pow2,
-                                  CHUNK=chunk, num_warps=8)
-        lanes = min(e_pow2, 16)
-        scan_kernel[(e_pow2 // lanes,)](counts, totals, n_chunks, E_POW2=e_pow2, LANES=lanes,
-                                        ROWS=4096 // lanes, num_warps=8)
+                                  expert_map.num_experts, e, P, fill, n_chunks, E_POW2=e_pow2,
+                                  CHUNK=chunk, num_warps=4)
+        cols = min(_SCAN_TILE, triton.next_power_of_2(n_chunks))  # [lanes, cols] tiles
+        lanes = min(e_pow2, _SCAN_TILE // cols)
+        scan_kernel[(e_pow2 // lanes,)](counts, totals, n_chunks, LANES=lanes, COLS=cols,
+                                        num_warps=4)
     place_kernel[(n_chunks,)](ids, emap, local, rank, counts, totals, sorted_slots, block_expert,
                               tpe, offsets, padded, N, expert_map.num_experts, e, n_blocks,
-                              -(-n_blocks // n_chunks), P, fill, FUSED=fused, BLOCK=block_size,
-                              E_POW2=e_pow2, CHUNK=chunk, SUB=sub, num_warps=8)
+                              -(-n_blocks // n_chunks), P, fill, n_chunks, FUSED=fused,
+                              BLOCK=block_size, E_POW2=e_pow2, CHUNK=chunk, SUB=sub, num_warps=4)
     return RoutingLayout(
         num_rows=R, top_k=K, block_size=block_size, local_ids=local, tokens_per_expert=tpe,
         expert_offsets=offsets, expert_token_table=None, expert_slot_table=None,
