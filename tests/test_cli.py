@@ -99,6 +99,20 @@ def test_bench_comm_tiny(capsys, tmp_path):
         assert r["all_to_all_single_GBps"] > 0
 
 
+def test_bench_experts_without_a_gpu_says_so(capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the benchmark would run")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "experts", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "torch.cuda.is_available() is False" in err
+    assert "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(("flag", "name"), [("--comm", "mori"), ("--experts", "aiter")])
 def test_rocm_backends_refused_clearly_without_their_library(capsys, flag, name):
     pytest.importorskip("torch")

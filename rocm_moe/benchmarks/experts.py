@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--name", default="experts")
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a GPU (it times the Triton experts), and torch sees none here "
+                "(torch.cuda.is_available() is False); run it on a CUDA or ROCm machine")
     from rich.console import Console
     from rich.table import Table
 
