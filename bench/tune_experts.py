@@ -3,13 +3,18 @@
 For each benchmark shape and size (rocm_moe/benchmarks/experts.py) and each BLOCK_M candidate
 around the batch's mean slots per local expert: build the layout once, then time the gate/up
 GEMM and the down GEMM separately over (BLOCK_N, BLOCK_K, num_warps, num_stages) candidates
-(CUDA-graph replay of the one launch, median). Each kernel keeps its fastest tile; the BLOCK_M
-with the smallest sum of the two wins. The entry is keyed by (device, H x I, bucket of mean
-slots per local expert), the form ``rocm_moe.experts.triton.block_config`` reads.
+(median of ``triton.testing.do_bench``, which clears the L2 cache before every call: in the
+stage each kernel finds its weights cold, e.g. at 1 token the down GEMM's 25 MB follow the
+gate/up GEMM's 50 MB; replayed alone they stay in the 50 MB L2, and the small-size tune of
+2026-11-23, timed that way, credits the down GEMM with 4.4 TB/s, more than HBM gives;
+``--timer graph`` times CUDA-graph replays without clearing, as that tune did). Each kernel
+keeps its fastest tile; the BLOCK_M with the smallest sum of the two wins. The entry is keyed
+by (device, H x I, bucket of mean slots per local expert), the form
+``rocm_moe.experts.triton.block_config`` reads.
 
 Usage on the GPU machine:
   python3 bench/tune_experts.py OUT.json [--min-rows N] [--max-rows N] [--base TABLE.json]
-                                [--no-tma]
+                                [--no-tma] [--timer cold|graph]
 (sizes outside [min, max] are skipped; --base is a table to start from, its other entries kept;
 the kernels load as TritonExperts does by default, through tensor descriptors where
 ``tma_supported``, unless --no-tma).
@@ -21,7 +26,7 @@ import json
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench_cudagraph
+from triton.testing import do_bench, do_bench_cudagraph
 
 from rocm_moe.benchmarks.experts import SHAPES, _case
 from rocm_moe.experts import triton as tx
@@ -46,14 +51,17 @@ def _block_ms(mean: float) -> list[int]:
     return [64, 128]
 
 
-def _best(launch, candidates) -> tuple[float, dict] | None:
+TIMERS = {"cold": lambda fn: do_bench(fn, rep=20, return_mode="median"),
+          "graph": lambda fn: do_bench_cudagraph(fn, rep=20, return_mode="median")}
+
+
+def _best(launch, candidates, timer: str) -> tuple[float, dict] | None:
     best = None
     for bn, bk, nw, ns in candidates:
         kcfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
         try:
-            launch(kcfg)  # compile outside the graph
-            t = do_bench_cudagraph(lambda kcfg=kcfg: launch(kcfg), rep=20,
-                                   return_mode="median")
+            launch(kcfg)  # compile before timing
+            t = TIMERS[timer](lambda kcfg=kcfg: launch(kcfg))
         except Exception as exc:  # out of shared memory / registers and the like
             print("  skip", kcfg, type(exc).__name__, flush=True)
             continue
@@ -62,7 +70,7 @@ def _best(launch, candidates) -> tuple[float, dict] | None:
     return best
 
 
-def tune_size(shape: dict, rows: int, gen: torch.Generator, tma: bool) -> dict:
+def tune_size(shape: dict, rows: int, gen: torch.Generator, tma: bool, timer: str) -> dict:
     x, ids, w, w13, w2, emap = _case(shape, rows, gen)
     R, K, H, I = rows, shape["K"], shape["H"], shape["I"]
     mean = int((emap.local_ids(ids) >= 0).sum()) / emap.num_local  # local slots per expert
@@ -74,9 +82,10 @@ def tune_size(shape: dict, rows: int, gen: torch.Generator, tma: bool) -> dict:
         P = layout.sorted_slot_ids.numel()
         inter = torch.randn(P, I, device="cuda").to(x.dtype)
         out = torch.empty(R * K, H, dtype=x.dtype, device="cuda")
-        gu = _best(functools.partial(tx.launch_gate_up, x, w13, inter, layout, tma=tma), space)
+        gu = _best(functools.partial(tx.launch_gate_up, x, w13, inter, layout, tma=tma), space,
+                   timer)
         dn = _best(lambda c, inter=inter, out=out, layout=layout: tx.launch_down(
-            inter, w2, out, layout, wv, c, weighted=True, tma=tma), space)
+            inter, w2, out, layout, wv, c, weighted=True, tma=tma), space, timer)
         print(f"  BLOCK_M={bm}: gate_up {gu}, down {dn}", flush=True)
         if gu and dn:
             results.append((gu[0] + dn[0], dict(BLOCK_M=bm, gate_up=gu[1], down=dn[1])))
@@ -90,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-rows", type=int, default=1 << 30)
     p.add_argument("--base", help="table to start from (its other entries are kept)")
     p.add_argument("--no-tma", action="store_true", help="pointer loads only")
+    p.add_argument("--timer", choices=list(TIMERS), default="cold",
+                   help="cold: L2 cleared before every call (default); graph: replays")
     args = p.parse_args(argv)
     tma = not args.no_tma and tx.tma_supported(torch.device("cuda"))
     dev = torch.cuda.get_device_name()
@@ -103,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             bucket = tx._bucket(R * shape["K"] / (shape["E"] // shape["W"]))  # block_config's
             print(name, R, "bucket", bucket, flush=True)
-            table[dev].setdefault(key, {})[bucket] = tune_size(shape, R, gen, tma)
+            table[dev].setdefault(key, {})[bucket] = tune_size(shape, R, gen, tma, args.timer)
             with open(args.out, "w") as fh:  # after every size: a cut-off run keeps what it found
                 json.dump(table, fh, indent=1)
 
