@@ -80,10 +80,22 @@ def _launch_args(block_m: int, kcfg: dict) -> dict:
                 num_warps=kcfg.get("num_warps", 4), num_stages=kcfg.get("num_stages", 3))
 
 
+@functools.cache
+def _has_tensor_descriptors() -> bool:
+    try:  # host-side descriptors came with Triton 3.3-3.4; rocm_moe[triton] allows 3.2
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def tma_supported(device: torch.device) -> bool:
     """Tensor descriptors pay off where loads become TMA copies: CUDA GPUs of compute
     capability 9 (Hopper) and later; the interpreter runs them too (so CPU tests cover both
-    forms). Elsewhere (ROCm, older GPUs) the kernels load through pointers."""
+    forms). Elsewhere (ROCm, older GPUs, a Triton without host-side descriptors) the kernels
+    load through pointers."""
+    if not _has_tensor_descriptors():
+        return False
     if device.type == "cuda":
         return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -122,3 +122,26 @@ def test_config_buckets_keep_tiny_batches_apart():
     assert [_bucket(8 * m / 128) for m in (1, 4, 16, 64)] == ["0.0625", "0.25", "1", "4"]
     assert _bucket(0) == "0"
     assert _bucket(3) == "4"
+
+
+def test_old_triton_without_descriptors_loads_through_pointers(monkeypatch):
+    import builtins
+
+    from rocm_moe.experts import triton as tx
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # where descriptors are otherwise used
+    assert tx.tma_supported(torch.device("cpu"))
+    real_import = builtins.__import__
+
+    def no_descriptors(name, *args, **kwargs):
+        if name == "triton.tools.tensor_descriptor":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    tx._has_tensor_descriptors.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", no_descriptors)
+    try:
+        assert not tx.tma_supported(torch.device("cpu"))
+    finally:
+        monkeypatch.setattr(builtins, "__import__", real_import)
+        tx._has_tensor_descriptors.cache_clear()
