@@ -98,7 +98,7 @@ def tma_supported(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton_runs_on(device)  # elsewhere only under the interpreter
 
 
 def _operand(t: torch.Tensor, block: list[int], tma: bool):
