@@ -35,10 +35,10 @@ from rocm_moe.layout import build_layout
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): memory-bound sizes stream weights with narrow
 # tiles and deep K; compute-bound ones want wide tiles (2 x 128 x 128 fp32 accumulators are
 # the most the gate/up kernel holds at 8 warps).
-SMALL = [(bn, bk, 4, ns) for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for ns in (3, 4)
-         if bn * bk <= 16384]
-LARGE = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3),
-         (128, 128, 8, 3), (256, 32, 8, 4)]
+SMALL = [(bn, bk, 4, ns) for bn in (16, 32, 64, 128) for bk in (64, 128, 256, 512)
+         for ns in (3, 4) if bn * bk <= 16384]
+LARGE = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5),
+         (256, 64, 8, 3), (256, 64, 8, 4), (128, 128, 8, 3), (256, 32, 8, 4)]
 
 
 def _block_ms(mean: float) -> list[int]:
