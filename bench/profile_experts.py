@@ -7,6 +7,10 @@ between the replay and the sum of kernel times is launch gaps and idle time.
 Usage on the GPU machine: python3 bench/profile_experts.py [shape:rows ...] [--tma auto|on|off|both]
 (default cases qwen3:1 qwen3:64 qwen3:1024 qwen3:4096 qwen3:16384 dsv3:128 dsv3:8192; --tma:
 weights through tensor descriptors or pointers, "both" profiles each case both ways)
+
+--ncu: no timing; each case runs once to compile and once inside cudaProfilerStart/Stop, for
+  ncu --profile-from-start off --clock-control none [--section ...] \
+      python3 bench/profile_experts.py --ncu CASES
 """
 
 import argparse
@@ -23,7 +27,7 @@ DEFAULT = ["qwen3:1", "qwen3:64", "qwen3:1024", "qwen3:4096", "qwen3:16384", "ds
            "dsv3:8192"]
 
 
-def profile_case(name: str, rows: int, tma: bool | None) -> None:
+def profile_case(name: str, rows: int, tma: bool | None, ncu: bool = False) -> None:
     args = _case(SHAPES[name], rows, torch.Generator().manual_seed(0))
     tri = TritonExperts(tma=tma)
 
@@ -31,6 +35,12 @@ def profile_case(name: str, rows: int, tma: bool | None) -> None:
         return tri(*args, mode="weighted", validate=False)
 
     call()
+    if ncu:  # the profiled call: ncu reads its kernels' hardware counters
+        torch.cuda.synchronize()
+        with torch.cuda.profiler.profile():
+            call()
+            torch.cuda.synchronize()
+        return
     t_graph = do_bench_cudagraph(call, rep=100, return_mode="median") * 1e3
     torch.cuda.synchronize()
     n = 10
@@ -54,13 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("cases", nargs="*", default=DEFAULT, help="shape:rows")
     p.add_argument("--tma", choices=["auto", "on", "off", "both"], default="auto")
+    p.add_argument("--ncu", action="store_true", help="one untimed call per case, for ncu")
     args = p.parse_args(argv)
     modes = {"auto": [None], "on": [True], "off": [False], "both": [True, False]}[args.tma]
     print(torch.cuda.get_device_name())
     for c in args.cases:
         name, rows = c.split(":")
         for tma in modes:
-            profile_case(name, int(rows), tma)
+            profile_case(name, int(rows), tma, args.ncu)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ by (device, H x I, bucket of mean slots per local expert), the form
 
 Usage on the GPU machine:
   python3 bench/tune_experts.py OUT.json [--min-rows N] [--max-rows N] [--base TABLE.json]
-                                [--no-tma] [--timer cold|graph]
+                                [--no-tma] [--timer cold|graph] [--verbose]
 (sizes outside [min, max] are skipped; --base is a table to start from, its other entries kept;
 the kernels load as TritonExperts does by default, through tensor descriptors where
 ``tma_supported``, unless --no-tma).
 """
 
 import argparse
-import functools
 import json
 from pathlib import Path
 
@@ -39,6 +38,10 @@ SMALL = [(bn, bk, 4, ns) for bn in (16, 32, 64, 128) for bk in (64, 128, 256, 51
          for ns in (3, 4) if bn * bk <= 16384]
 LARGE = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5),
          (256, 64, 8, 3), (256, 64, 8, 4), (128, 128, 8, 3), (256, 32, 8, 4)]
+# The down GEMM loads both operands through descriptors, so Triton may warp-specialise its K
+# loop (5th field); tried on top of LARGE's tiles.
+LARGE_DOWN = LARGE + [(bn, bk, nw, ns, True) for bn, bk, nw, ns in
+                      [(128, 64, 4, 4), (128, 64, 8, 4), (256, 64, 8, 3), (256, 64, 8, 4)]]
 
 
 def _block_ms(mean: float) -> list[int]:
@@ -55,26 +58,31 @@ TIMERS = {"cold": lambda fn: do_bench(fn, rep=20, return_mode="median"),
           "graph": lambda fn: do_bench_cudagraph(fn, rep=20, return_mode="median")}
 
 
-def _best(launch, candidates, timer: str) -> tuple[float, dict] | None:
+def _best(launch, candidates, timer: str, verbose: bool) -> tuple[float, dict] | None:
     best = None
-    for bn, bk, nw, ns in candidates:
+    for bn, bk, nw, ns, *ws in candidates:
         kcfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+        if ws:
+            kcfg["warp_specialize"] = ws[0]
         try:
             launch(kcfg)  # compile before timing
             t = TIMERS[timer](lambda kcfg=kcfg: launch(kcfg))
         except Exception as exc:  # out of shared memory / registers and the like
             print("  skip", kcfg, type(exc).__name__, flush=True)
             continue
+        if verbose:
+            print(f"    {launch.__name__} {t * 1e3:9.1f} us {kcfg}", flush=True)
         if best is None or t < best[0]:
             best = (t, kcfg)
     return best
 
 
-def tune_size(shape: dict, rows: int, gen: torch.Generator, tma: bool, timer: str) -> dict:
+def tune_size(shape: dict, rows: int, gen: torch.Generator, tma: bool, timer: str,
+              verbose: bool = False) -> dict:
     x, ids, w, w13, w2, emap = _case(shape, rows, gen)
     R, K, H, I = rows, shape["K"], shape["H"], shape["I"]
     mean = int((emap.local_ids(ids) >= 0).sum()) / emap.num_local  # local slots per expert
-    space = SMALL if mean <= 64 else LARGE
+    space, space_down = (SMALL, SMALL) if mean <= 64 else (LARGE, LARGE_DOWN)
     wv = w.contiguous().view(-1)
     results = []
     for bm in _block_ms(mean):
@@ -82,10 +90,14 @@ def tune_size(shape: dict, rows: int, gen: torch.Generator, tma: bool, timer: st
         P = layout.sorted_slot_ids.numel()
         inter = torch.randn(P, I, device="cuda").to(x.dtype)
         out = torch.empty(R * K, H, dtype=x.dtype, device="cuda")
-        gu = _best(functools.partial(tx.launch_gate_up, x, w13, inter, layout, tma=tma), space,
-                   timer)
-        dn = _best(lambda c, inter=inter, out=out, layout=layout: tx.launch_down(
-            inter, w2, out, layout, wv, c, weighted=True, tma=tma), space, timer)
+        def gate_up(c, inter=inter, layout=layout):
+            tx.launch_gate_up(x, w13, inter, layout, c, tma=tma)
+
+        def down(c, inter=inter, out=out, layout=layout):
+            tx.launch_down(inter, w2, out, layout, wv, c, weighted=True, tma=tma)
+
+        gu = _best(gate_up, space, timer, verbose)
+        dn = _best(down, space_down, timer, verbose)
         print(f"  BLOCK_M={bm}: gate_up {gu}, down {dn}", flush=True)
         if gu and dn:
             results.append((gu[0] + dn[0], dict(BLOCK_M=bm, gate_up=gu[1], down=dn[1])))
@@ -101,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-tma", action="store_true", help="pointer loads only")
     p.add_argument("--timer", choices=list(TIMERS), default="cold",
                    help="cold: L2 cleared before every call (default); graph: replays")
+    p.add_argument("--verbose", action="store_true", help="print every candidate's time")
     args = p.parse_args(argv)
     tma = not args.no_tma and tx.tma_supported(torch.device("cuda"))
     dev = torch.cuda.get_device_name()
@@ -114,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             bucket = tx._bucket(R * shape["K"] / (shape["E"] // shape["W"]))  # block_config's
             print(name, R, "bucket", bucket, flush=True)
-            table[dev].setdefault(key, {})[bucket] = tune_size(shape, R, gen, tma, args.timer)
+            table[dev].setdefault(key, {})[bucket] = tune_size(shape, R, gen, tma, args.timer,
+                                                                args.verbose)
             with open(args.out, "w") as fh:  # after every size: a cut-off run keeps what it found
                 json.dump(table, fh, indent=1)
 

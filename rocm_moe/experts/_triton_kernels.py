@@ -92,13 +92,14 @@ def _down_kernel(
     inter, w2, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
     N_SLOTS, H, I,
     stride_ip, stride_wn, stride_os,
-    WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, DESC: tl.constexpr,
+    WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, DESC: tl.constexpr, WS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[slot(p), n] = (inter[p] @ down[e].T)[n], times the slot's routing weight when
     WEIGHTED (the epilogue); rows are written only for real slots. ``inter`` [P, I] and
     ``w2`` as [e * H, I]: pointers, or descriptors of [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K]
-    tiles."""
+    tiles. ``WS`` (descriptors only): let Triton warp-specialise the K loop (TMA producer warps
+    feeding the MMA warps)."""
     e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(block_expert_ptr, sorted_ptr,
                                                           N_SLOTS, H, BLOCK_M, BLOCK_N)
     if e < 0:
@@ -106,7 +107,7 @@ def _down_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     n0 = e * H + n_start
     p0 = tl.program_id(0) // tl.cdiv(H, BLOCK_N) * BLOCK_M  # the block's first position
-    for k0 in range(0, I, BLOCK_K):
+    for k0 in tl.range(0, I, BLOCK_K, warp_specialize=WS):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = _k_mask(offs_k, I, EVEN_K)
         if DESC:

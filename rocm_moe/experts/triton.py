@@ -63,7 +63,8 @@ def _table() -> dict:
 def block_config(num_slots: int, num_local: int, *, hidden: int = 0, inter: int = 0,
                  device_name: str = "") -> dict:
     """Launch config ``{"BLOCK_M": m, "gate_up": {...}, "down": {...}}`` (each kernel's
-    BLOCK_N, BLOCK_K, num_warps, num_stages; BLOCK_M is the layout's block, shared): from the
+    BLOCK_N, BLOCK_K, num_warps, num_stages; the down kernel's may add ``warp_specialize``;
+    BLOCK_M is the layout's block, shared): from the
     tuned table (device, H x I, mean slots per local expert bucket) when it has the entry
     (``bench/tune_experts.py`` writes it), else a heuristic: BLOCK_M by the mean slots per
     local expert, fixed tiles."""
@@ -140,7 +141,7 @@ def launch_down(inter, w2, out_slots, layout, weights_N, kcfg: dict, *, weighted
         a, w, out_slots, layout.sorted_slot_ids, layout.block_expert_ids, weights_N,
         layout.sentinel, H, I, inter.stride(0), w2.stride(1), out_slots.stride(0),
         WEIGHTED=weighted, EVEN_K=I % kcfg["BLOCK_K"] == 0, DESC=desc_a,
-        **_launch_args(B, kcfg))
+        WS=desc_a and bool(kcfg.get("warp_specialize", False)), **_launch_args(B, kcfg))
 
 
 class TritonExperts(Experts):
