@@ -8,13 +8,16 @@ stage each kernel finds its weights cold, e.g. at 1 token the down GEMM's 25 MB 
 gate/up GEMM's 50 MB; replayed alone they stay in the 50 MB L2, and the small-size tune of
 2026-11-23, timed that way, credits the down GEMM with 4.4 TB/s, more than HBM gives;
 ``--timer graph`` times CUDA-graph replays without clearing, as that tune did). Each kernel
-keeps its fastest tile; the BLOCK_M with the smallest sum of the two wins. The entry is keyed
+keeps its fastest tile; the BLOCK_M with the smallest sum of the two wins. ``--timer stage``
+times the whole stage per candidate instead (CUDA-graph replays, the benchmark's own measure;
+for the launch-bound smallest sizes, where the cold timer's L2 clearing costs more than the
+kernels: 29 us for the 1-token gate/up GEMM that takes 21 us in the stage). The entry is keyed
 by (device, H x I, bucket of mean slots per local expert), the form
 ``rocm_moe.experts.triton.block_config`` reads.
 
 Usage on the GPU machine:
   python3 bench/tune_experts.py OUT.json [--min-rows N] [--max-rows N] [--base TABLE.json]
-                                [--no-tma] [--timer cold|graph] [--verbose]
+                                [--no-tma] [--timer cold|graph|stage] [--verbose]
 (sizes outside [min, max] are skipped; --base is a table to start from, its other entries kept;
 the kernels load as TritonExperts does by default, through tensor descriptors where
 ``tma_supported``, unless --no-tma).
@@ -35,13 +38,9 @@ from rocm_moe.layout import build_layout
 # tiles and deep K; compute-bound ones want wide tiles (2 x 128 x 128 fp32 accumulators are
 # the most the gate/up kernel holds at 8 warps).
 SMALL = [(bn, bk, 4, ns) for bn in (16, 32, 64, 128) for bk in (64, 128, 256, 512)
-         for ns in (3, 4) if bn * bk <= 16384]
+         for ns in (2, 3, 4) if bn * bk <= 16384]
 LARGE = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5),
          (256, 64, 8, 3), (256, 64, 8, 4), (128, 128, 8, 3), (256, 32, 8, 4)]
-# The down GEMM loads both operands through descriptors, so Triton may warp-specialise its K
-# loop (5th field); tried on top of LARGE's tiles.
-LARGE_DOWN = LARGE + [(bn, bk, nw, ns, True) for bn, bk, nw, ns in
-                      [(128, 64, 4, 4), (128, 64, 8, 4), (256, 64, 8, 3), (256, 64, 8, 4)]]
 
 
 def _block_ms(mean: float) -> list[int]:
@@ -56,14 +55,17 @@ def _block_ms(mean: float) -> list[int]:
 
 TIMERS = {"cold": lambda fn: do_bench(fn, rep=20, return_mode="median"),
           "graph": lambda fn: do_bench_cudagraph(fn, rep=20, return_mode="median")}
+TIMERS["stage"] = TIMERS["graph"]  # what is replayed differs (tune_size)
+
+
+def _kcfg(bn: int, bk: int, nw: int, ns: int) -> dict:
+    return dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
 
 
 def _best(launch, candidates, timer: str, verbose: bool) -> tuple[float, dict] | None:
     best = None
-    for bn, bk, nw, ns, *ws in candidates:
-        kcfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
-        if ws:
-            kcfg["warp_specialize"] = ws[0]
+    for cand in candidates:
+        kcfg = _kcfg(*cand)
         try:
             launch(kcfg)  # compile before timing
             t = TIMERS[timer](lambda kcfg=kcfg: launch(kcfg))
@@ -78,13 +80,38 @@ def _best(launch, candidates, timer: str, verbose: bool) -> tuple[float, dict] |
 
 
 def tune_size(shape: dict, rows: int, gen: torch.Generator, tma: bool, timer: str,
-              verbose: bool = False) -> dict:
+              verbose: bool = False, base: dict | None = None) -> dict:
+    """The best entry for this size. ``timer`` "stage": every candidate times the whole stage
+    (CUDA-graph replays, as the benchmark does): gate/up candidates with ``base``'s down tile
+    (or the first candidate), then down candidates with the best gate/up tile."""
     x, ids, w, w13, w2, emap = _case(shape, rows, gen)
     R, K, H, I = rows, shape["K"], shape["H"], shape["I"]
     mean = int((emap.local_ids(ids) >= 0).sum()) / emap.num_local  # local slots per expert
-    space, space_down = (SMALL, SMALL) if mean <= 64 else (LARGE, LARGE_DOWN)
+    space = SMALL if mean <= 64 else LARGE
     wv = w.contiguous().view(-1)
     results = []
+    if timer == "stage":
+        for bm in _block_ms(mean):
+            cfg = dict(BLOCK_M=bm, gate_up=None,
+                       down=dict((base or {}).get("down") or _kcfg(*space[0])))
+
+            def stage(c, part, cfg=cfg):
+                tri = tx.TritonExperts(config={**cfg, part: c}, tma=tma)
+                tri(x, ids, w, w13, w2, emap, mode="weighted", validate=False)
+
+            def gate_up(c):
+                stage(c, "gate_up")
+
+            def down(c):
+                stage(c, "down")
+
+            gu = _best(gate_up, space, timer, verbose)
+            cfg["gate_up"] = gu[1]
+            dn = _best(down, space, timer, verbose)
+            print(f"  BLOCK_M={bm}: stage {dn[0] * 1e3:.1f} us, gate_up {gu[1]}, down {dn[1]}",
+                  flush=True)
+            results.append((dn[0], dict(cfg, down=dn[1])))
+        return min(results, key=lambda r: r[0])[1]
     for bm in _block_ms(mean):
         layout = build_layout(ids, emap, block_size=bm, tables=False)
         P = layout.sorted_slot_ids.numel()
@@ -97,7 +124,7 @@ def tune_size(shape: dict, rows: int, gen: torch.Generator, tma: bool, timer: st
             tx.launch_down(inter, w2, out, layout, wv, c, weighted=True, tma=tma)
 
         gu = _best(gate_up, space, timer, verbose)
-        dn = _best(down, space_down, timer, verbose)
+        dn = _best(down, space, timer, verbose)
         print(f"  BLOCK_M={bm}: gate_up {gu}, down {dn}", flush=True)
         if gu and dn:
             results.append((gu[0] + dn[0], dict(BLOCK_M=bm, gate_up=gu[1], down=dn[1])))
@@ -112,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", help="table to start from (its other entries are kept)")
     p.add_argument("--no-tma", action="store_true", help="pointer loads only")
     p.add_argument("--timer", choices=list(TIMERS), default="cold",
-                   help="cold: L2 cleared before every call (default); graph: replays")
+                   help="cold: each kernel, L2 cleared before every call (default); graph: "
+                   "each kernel, replays; stage: the whole stage, replays")
     p.add_argument("--verbose", action="store_true", help="print every candidate's time")
     args = p.parse_args(argv)
     tma = not args.no_tma and tx.tma_supported(torch.device("cuda"))
@@ -127,8 +155,9 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             bucket = tx._bucket(R * shape["K"] / (shape["E"] // shape["W"]))  # block_config's
             print(name, R, "bucket", bucket, flush=True)
-            table[dev].setdefault(key, {})[bucket] = tune_size(shape, R, gen, tma, args.timer,
-                                                                args.verbose)
+            entries = table[dev].setdefault(key, {})
+            entries[bucket] = tune_size(shape, R, gen, tma, args.timer, args.verbose,
+                                        entries.get(bucket))
             with open(args.out, "w") as fh:  # after every size: a cut-off run keeps what it found
                 json.dump(table, fh, indent=1)
 

@@ -92,14 +92,13 @@ def _down_kernel(
     inter, w2, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
     N_SLOTS, H, I,
     stride_ip, stride_wn, stride_os,
-    WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, DESC: tl.constexpr, WS: tl.constexpr,
+    WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[slot(p), n] = (inter[p] @ down[e].T)[n], times the slot's routing weight when
     WEIGHTED (the epilogue); rows are written only for real slots. ``inter`` [P, I] and
     ``w2`` as [e * H, I]: pointers, or descriptors of [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K]
-    tiles. ``WS`` (descriptors only): let Triton warp-specialise the K loop (TMA producer warps
-    feeding the MMA warps)."""
+    tiles."""
     e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(block_expert_ptr, sorted_ptr,
                                                           N_SLOTS, H, BLOCK_M, BLOCK_N)
     if e < 0:
@@ -107,7 +106,7 @@ def _down_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     n0 = e * H + n_start
     p0 = tl.program_id(0) // tl.cdiv(H, BLOCK_N) * BLOCK_M  # the block's first position
-    for k0 in tl.range(0, I, BLOCK_K, warp_specialize=WS):
+    for k0 in range(0, I, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = _k_mask(offs_k, I, EVEN_K)
         if DESC:
@@ -126,14 +125,17 @@ def _down_kernel(
 
 
 @triton.jit
-def _slot_sum_kernel(slots_ptr, local_ptr, out_ptr, H, K_TOPK, BLOCK_H: tl.constexpr):
-    """out[r] = sum over the local slots k (local id >= 0) of slots[r * K + k] (float32, slot
-    order); rows of non-local slots are never read, so they need no zero fill."""
+def _slot_sum_kernel(slots_ptr, local_ptr, out_ptr, H, K_TOPK, K_POW2: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
+    """out[r] = sum over the local slots k (local id >= 0) of slots[r * K + k], in float32:
+    the row's K slot rows are loaded as one [K, BLOCK_H] tile (one round trip, where a loop
+    over k waited for each slot's local id in turn), rows of non-local slots masked off, so
+    they are never read and need no zero fill."""
     r = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    hm = h < H
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for k in range(K_TOPK):
-        if tl.load(local_ptr + r * K_TOPK + k) >= 0:
-            acc += tl.load(slots_ptr + (r * K_TOPK + k) * H + h, mask=hm, other=0.0).to(tl.float32)
-    tl.store(out_ptr + r * H + h, acc.to(out_ptr.dtype.element_ty), mask=hm)
+    k = tl.arange(0, K_POW2)
+    local = tl.load(local_ptr + r * K_TOPK + k, mask=k < K_TOPK, other=-1) >= 0
+    t = tl.load(slots_ptr + (r * K_TOPK + k)[:, None] * H + h[None, :],
+                mask=local[:, None] & (h < H)[None, :], other=0.0)
+    tl.store(out_ptr + r * H + h, tl.sum(t.to(tl.float32), axis=0).to(out_ptr.dtype.element_ty),
+             mask=h < H)

@@ -10,8 +10,9 @@ Pipeline (``TritonExperts``), for R rows with K global ids on a rank with e loca
 2. gate/up GEMM with SiLU(gate) * up fused: [P, I] intermediate in the input dtype;
 3. down GEMM; in "weighted" mode the slot's routing weight is applied in the epilogue;
    results go to per-slot rows [R * K, H];
-4. "weighted": sum over each row's local slots in float32 (one kernel that never reads the
-   non-local rows, so they need no zero fill), cast to the input dtype -> [R, H];
+4. "weighted": sum over each row's local slots in float32 (one kernel that loads a row's K
+   slot rows as one tile and never reads the non-local ones, so they need no zero fill), cast
+   to the input dtype -> [R, H];
    "raw": the per-slot rows as [R, K, H] (zero-filled, so non-local slots are exact zeros).
 
 Launch configs come from ``triton_configs.json`` (per device name, H x I and bucket of mean
@@ -63,8 +64,7 @@ def _table() -> dict:
 def block_config(num_slots: int, num_local: int, *, hidden: int = 0, inter: int = 0,
                  device_name: str = "") -> dict:
     """Launch config ``{"BLOCK_M": m, "gate_up": {...}, "down": {...}}`` (each kernel's
-    BLOCK_N, BLOCK_K, num_warps, num_stages; the down kernel's may add ``warp_specialize``;
-    BLOCK_M is the layout's block, shared): from the
+    BLOCK_N, BLOCK_K, num_warps, num_stages; BLOCK_M is the layout's block, shared): from the
     tuned table (device, H x I, mean slots per local expert bucket) when it has the entry
     (``bench/tune_experts.py`` writes it), else a heuristic: BLOCK_M by the mean slots per
     local expert, fixed tiles."""
@@ -141,7 +141,7 @@ def launch_down(inter, w2, out_slots, layout, weights_N, kcfg: dict, *, weighted
         a, w, out_slots, layout.sorted_slot_ids, layout.block_expert_ids, weights_N,
         layout.sentinel, H, I, inter.stride(0), w2.stride(1), out_slots.stride(0),
         WEIGHTED=weighted, EVEN_K=I % kcfg["BLOCK_K"] == 0, DESC=desc_a,
-        WS=desc_a and bool(kcfg.get("warp_specialize", False)), **_launch_args(B, kcfg))
+        **_launch_args(B, kcfg))
 
 
 class TritonExperts(Experts):
@@ -190,7 +190,9 @@ class TritonExperts(Experts):
         if weighted:
             out = torch.empty(R, H, dtype=x.dtype, device=x.device)
             if R:
-                _slot_sum_kernel[(R, -(-H // 1024))](out_slots, layout.local_ids, out, H, K,
-                                                     BLOCK_H=1024)
+                k_pow2 = 1 << (K - 1).bit_length()  # [K, BLOCK_H] tiles of 4096 elements
+                block_h = max(32, 4096 // k_pow2)
+                _slot_sum_kernel[(R, -(-H // block_h))](out_slots, layout.local_ids, out, H, K,
+                                                        K_POW2=k_pow2, BLOCK_H=block_h)
             return ExpertsOutput(out=out, weights_applied=True)
         return ExpertsOutput(out=out_slots.view(R, K, H), weights_applied=False)
