@@ -125,17 +125,17 @@ def _down_kernel(
 
 
 @triton.jit
-def _slot_sum_kernel(slots_ptr, local_ptr, out_ptr, H, K_TOPK, K_POW2: tl.constexpr,
+def _slot_sum_kernel(slots_ptr, local_ptr, out_ptr, H, K_TOPK: tl.constexpr,
                      BLOCK_H: tl.constexpr):
-    """out[r] = sum over the local slots k (local id >= 0) of slots[r * K + k], in float32:
-    the row's K slot rows are loaded as one [K, BLOCK_H] tile (one round trip, where a loop
-    over k waited for each slot's local id in turn), rows of non-local slots masked off, so
-    they are never read and need no zero fill."""
+    """out[r] = sum over the local slots k (local id >= 0) of slots[r * K + k], in float32, slot
+    order. The K slots are unrolled, each load predicated on its slot's local id, so no load
+    waits on a branch (a loop that branched on each id waited for it before the next load) and
+    rows of non-local slots are never read (they need no zero fill)."""
     r = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    k = tl.arange(0, K_POW2)
-    local = tl.load(local_ptr + r * K_TOPK + k, mask=k < K_TOPK, other=-1) >= 0
-    t = tl.load(slots_ptr + (r * K_TOPK + k)[:, None] * H + h[None, :],
-                mask=local[:, None] & (h < H)[None, :], other=0.0)
-    tl.store(out_ptr + r * H + h, tl.sum(t.to(tl.float32), axis=0).to(out_ptr.dtype.element_ty),
-             mask=h < H)
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in tl.static_range(K_TOPK):
+        end = tl.where(tl.load(local_ptr + r * K_TOPK + k) >= 0, H, 0)  # non-local: no columns
+        acc += tl.load(slots_ptr + (r * K_TOPK + k) * H + h, mask=h < end,
+                       other=0.0).to(tl.float32)
+    tl.store(out_ptr + r * H + h, acc.to(out_ptr.dtype.element_ty), mask=h < H)

@@ -10,9 +10,9 @@ Pipeline (``TritonExperts``), for R rows with K global ids on a rank with e loca
 2. gate/up GEMM with SiLU(gate) * up fused: [P, I] intermediate in the input dtype;
 3. down GEMM; in "weighted" mode the slot's routing weight is applied in the epilogue;
    results go to per-slot rows [R * K, H];
-4. "weighted": sum over each row's local slots in float32 (one kernel that loads a row's K
-   slot rows as one tile and never reads the non-local ones, so they need no zero fill), cast
-   to the input dtype -> [R, H];
+4. "weighted": sum over each row's local slots in float32 (one kernel; its K slot loads are
+   in flight together and never read the non-local rows, so they need no zero fill), cast to
+   the input dtype -> [R, H];
    "raw": the per-slot rows as [R, K, H] (zero-filled, so non-local slots are exact zeros).
 
 Launch configs come from ``triton_configs.json`` (per device name, H x I and bucket of mean
@@ -190,9 +190,7 @@ class TritonExperts(Experts):
         if weighted:
             out = torch.empty(R, H, dtype=x.dtype, device=x.device)
             if R:
-                k_pow2 = 1 << (K - 1).bit_length()  # [K, BLOCK_H] tiles of 4096 elements
-                block_h = max(32, 4096 // k_pow2)
-                _slot_sum_kernel[(R, -(-H // block_h))](out_slots, layout.local_ids, out, H, K,
-                                                        K_POW2=k_pow2, BLOCK_H=block_h)
+                _slot_sum_kernel[(R, -(-H // 1024))](out_slots, layout.local_ids, out, H,
+                                                     K_TOPK=K, BLOCK_H=1024)
             return ExpertsOutput(out=out, weights_applied=True)
         return ExpertsOutput(out=out_slots.view(R, K, H), weights_applied=False)
