@@ -106,17 +106,19 @@ def tune_size(shape: dict, rows: int, gen: torch.Generator, tma: bool, timer: st
                 stage(c, "down")
 
             gu = _best(gate_up, space, timer, verbose)
-            cfg["gate_up"] = gu[1]
-            dn = _best(down, space, timer, verbose)
-            print(f"  BLOCK_M={bm}: stage {dn[0] * 1e3:.1f} us, gate_up {gu[1]}, down {dn[1]}",
-                  flush=True)
-            results.append((dn[0], dict(cfg, down=dn[1])))
+            cfg["gate_up"] = gu and gu[1]
+            dn = gu and _best(down, space, timer, verbose)
+            if dn:
+                print(f"  BLOCK_M={bm}: stage {dn[0] * 1e3:.1f} us, gate_up {gu[1]}, "
+                      f"down {dn[1]}", flush=True)
+                results.append((dn[0], dict(cfg, down=dn[1])))
         return min(results, key=lambda r: r[0])[1]
     for bm in _block_ms(mean):
         layout = build_layout(ids, emap, block_size=bm, tables=False)
         P = layout.sorted_slot_ids.numel()
         inter = torch.randn(P, I, device="cuda").to(x.dtype)
         out = torch.empty(R * K, H, dtype=x.dtype, device="cuda")
+
         def gate_up(c, inter=inter, layout=layout):
             tx.launch_gate_up(x, w13, inter, layout, c, tma=tma)
 
