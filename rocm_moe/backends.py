@@ -1,7 +1,5 @@
 """Backends by name, and whether each can run here (with the reason when not).
 
-``library_version`` (from ``rocm_moe._libs``) is re-exported for ``rocm-moe info``.
-
 Optional backends are imported only when asked for, so a missing library never breaks import.
 """
 
@@ -14,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rocm_moe._checks import error_message
-from rocm_moe._libs import library_version, rocm_library_missing
+from rocm_moe._libs import rocm_library_missing
 from rocm_moe.comm.base import Dispatcher
 from rocm_moe.experts.base import Experts
 from rocm_moe.placement import Placement
@@ -44,8 +42,10 @@ def _mori() -> str | None:
 
 
 def _triton() -> str | None:
-    if library_version("triton") is None:
-        return "triton is not installed (pip install 'rocm_moe[triton]')"
+    from rocm_moe.experts.triton import triton_availability
+
+    if (reason := triton_availability()) is not None:
+        return reason
     if not torch.cuda.is_available():
         return "no CUDA/ROCm device (tests run the kernels in Triton's interpreter)"
     return None

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rocm_moe import backends, synthetic
+from rocm_moe._libs import library_version
 from rocm_moe.distributed import WorkerInfo, init_from_env, launch, under_torchrun
 from rocm_moe.experts.reference import dense_moe_reference
 from rocm_moe.faults import FAULTS
@@ -175,7 +176,7 @@ def cmd_info(args) -> int:
     for col in ("library", "version"):
         libs.add_column(col)
     for lib in ("triton", "mori", "aiter", "transformers", "safetensors", "matplotlib"):
-        libs.add_row(lib, backends.library_version(lib) or "not installed")
+        libs.add_row(lib, library_version(lib) or "not installed")
     console.print(libs)
     return 0
 

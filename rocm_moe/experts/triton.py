@@ -81,6 +81,13 @@ def _launch_args(block_m: int, kcfg: dict) -> dict:
                 num_warps=kcfg.get("num_warps", 4), num_stages=kcfg.get("num_stages", 3))
 
 
+def triton_availability() -> str | None:
+    """Why the Triton experts cannot run in this process (triton not installed), or None."""
+    if library_version("triton") is None:
+        return "triton is not installed (pip install 'rocm_moe[triton]')"
+    return None
+
+
 @functools.cache
 def _has_tensor_descriptors() -> bool:
     try:  # host-side descriptors came with Triton 3.3-3.4; rocm_moe[triton] allows 3.2
@@ -156,8 +163,8 @@ class TritonExperts(Experts):
         self.tma = tma
 
     def supports(self, *, mode, dtype, device) -> str | None:
-        if library_version("triton") is None:
-            return "triton is not installed (pip install 'rocm_moe[triton]')"
+        if (reason := triton_availability()) is not None:
+            return reason
         if not triton_runs_on(device):
             return "Triton kernels need a CUDA/ROCm device (or TRITON_INTERPRET=1 for tests)"
         if dtype not in TRITON_DTYPES:
