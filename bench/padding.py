@@ -2,25 +2,21 @@
 
 Each local expert's slots are padded to a multiple of BLOCK_M, so a block of the gate/up and
 down GEMMs may hold sentinel rows; this counts them for the experts benchmark's shapes, with
-the routing ``bench/profile_experts.py`` profiles (``rocm_moe.benchmarks.experts._case`` drawn
-from a generator seeded 0 per case: the input rows, then torch.rand(rows, E).topk(K)). CPU only.
+the routing ``bench/profile_experts.py`` profiles (``rocm_moe.benchmarks.experts._routing``, the
+first draws of ``_case``, from a generator seeded 0 per case). CPU only.
 
 Usage: python3 bench/padding.py
 """
 
 import torch
 
-from rocm_moe import Placement
-from rocm_moe.benchmarks.experts import SHAPES
+from rocm_moe.benchmarks.experts import SHAPES, _routing
 
 
 def main() -> None:
     for name, s in SHAPES.items():
-        emap = Placement.contiguous(s["E"], s["W"]).expert_map(s["rank"])
         for rows in s["sizes"]:
-            gen = torch.Generator().manual_seed(0)
-            torch.randn(rows, s["H"], generator=gen)  # _case draws the input rows first
-            ids = torch.rand(rows, s["E"], generator=gen).topk(s["K"], dim=1).indices.int()
+            _, ids, _, emap = _routing(s, rows, torch.Generator().manual_seed(0), device="cpu")
             loc = emap.local_ids(ids)
             counts = torch.bincount(loc[loc >= 0].long(), minlength=emap.num_local)
             real = int(counts.sum())

@@ -47,13 +47,19 @@ def ceilings() -> dict:
     return dict(copy_GBps=2 * n * 2 / t_copy / 1e9, matmul_TFLOPs=2 * 8192**3 / t_mm / 1e12)
 
 
+def _routing(shape: dict, rows: int, gen: torch.Generator, device: str = "cuda"):
+    """The case's input rows, ids, weights and expert map: the first draws of ``gen``, so
+    ``bench/padding.py`` counts the benchmark's routing on a CPU without drawing weights."""
+    emap = Placement.contiguous(shape["E"], shape["W"]).expert_map(shape["rank"]).to(device)
+    x = torch.randn(rows, shape["H"], generator=gen).bfloat16().to(device)
+    ids = torch.rand(rows, shape["E"], generator=gen).topk(shape["K"], dim=1).indices.int()
+    w = torch.rand(rows, shape["K"], generator=gen)
+    return x, ids.to(device), w.to(device), emap
+
+
 def _case(shape: dict, rows: int, gen: torch.Generator):
-    p = Placement.contiguous(shape["E"], shape["W"])
-    emap = p.expert_map(shape["rank"]).to("cuda")
-    e, H, I, K = emap.num_local, shape["H"], shape["I"], shape["K"]
-    x = torch.randn(rows, H, generator=gen).bfloat16().cuda()
-    ids = torch.rand(rows, shape["E"], generator=gen).topk(K, dim=1).indices.int().cuda()
-    w = torch.rand(rows, K, generator=gen).cuda()
+    x, ids, w, emap = _routing(shape, rows, gen)
+    e, H, I = emap.num_local, shape["H"], shape["I"]
     w13 = (torch.randn(e, 2 * I, H, generator=gen) / H**0.5).bfloat16().cuda()
     w2 = (torch.randn(e, H, I, generator=gen) / I**0.5).bfloat16().cuda()
     return x, ids, w, w13, w2, emap
@@ -66,9 +72,9 @@ def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int]) -> list[dict
     rows = []
     for R in sizes:
         x, ids, w, w13, w2, emap = _case(shape, R, gen)
-        local = emap.local_ids(ids) >= 0
-        pairs = int(local.sum())
-        touched = int((emap.local_ids(ids)[local]).unique().numel())
+        loc = emap.local_ids(ids)
+        pairs = int((loc >= 0).sum())
+        touched = int(loc[loc >= 0].unique().numel())
         H, I = shape["H"], shape["I"]
         nbytes = touched * 3 * H * I * 2 + 2 * R * H * 2
         flops = 2 * 3 * H * I * pairs
