@@ -102,6 +102,14 @@ class SharedExperts(nn.Module):
         return y
 
 
+def _partials(eo: ExpertsOutput, d, emap) -> torch.Tensor:
+    """The received rows' [R, H] expert partials, weighted once (raw outputs are weighted and
+    summed over the rows' local slots here)."""
+    if eo.weights_applied:
+        return eo.out
+    return weight_and_reduce(eo.out, d.topk_weights, emap.local_ids(d.topk_ids) >= 0)
+
+
 class EPMoE(nn.Module):
     """Expert-parallel MoE block: route -> dispatch -> experts -> combine (+ shared experts).
 
@@ -292,8 +300,7 @@ class EPMoE(nn.Module):
                                 self.w13, self.w2, disp.expert_map_on(x_TH.device),
                                 mode="weighted", validate=False).out
         if f == "dispatched_ids":  # received rows' partials taken for the own tokens
-            y_R = eo.out if eo.weights_applied else weight_and_reduce(
-                eo.out, d.topk_weights, disp.expert_map_on(x_TH.device).local_ids(d.topk_ids) >= 0)
+            y_R = _partials(eo, d, disp.expert_map_on(x_TH.device))
             out = torch.zeros_like(y_TH)
             n = min(out.shape[0], y_R.shape[0])
             out[:n] = y_R[:n]
@@ -351,9 +358,8 @@ class EPMoE(nn.Module):
         with _stage(trace, "experts", dev):
             eo = self._experts_stage(d, mode, emap)
         wire = self._wire(eo, d, emap)
-        if trace is not None and trace.record_tensors:  # the [R, H] partials, weighted once
-            trace.record("partials", wire.out if wire.weights_applied else weight_and_reduce(
-                wire.out, d.topk_weights, emap.local_ids(d.topk_ids) >= 0))
+        if trace is not None and trace.record_tensors:
+            trace.record("partials", _partials(wire, d, emap))
         with _stage(trace, "combine", dev):
             if return_raw:
                 raw_TKH = disp.combine_raw(wire, d.handle)
