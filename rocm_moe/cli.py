@@ -81,6 +81,11 @@ def _world_size(args) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
+def _comm(args, world_size: int) -> str:
+    """The comm backend asked for, else local for one rank and torch for several."""
+    return args.comm or ("local" if world_size == 1 else "torch")
+
+
 def _tokens_per_rank(args) -> int:
     if hasattr(args, "tokens"):
         return args.tokens
@@ -89,7 +94,7 @@ def _tokens_per_rank(args) -> int:
 
 def _build_layer(args, info: WorkerInfo, dtype: torch.dtype, weight_mode: str) -> EPMoE:
     W = info.world_size
-    comm = args.comm or ("local" if W == 1 else "torch")
+    comm = _comm(args, W)
     placement = Placement.contiguous(args.num_experts, W)
     dispatcher = backends.make_dispatcher(
         comm, placement, info.rank, hidden_size=args.hidden,
@@ -154,7 +159,7 @@ def _on_ranks(args, worker) -> list:
     W = _world_size(args)
     # Refuse unusable backends here, in one line, before any rank is spawned.
     backends.require("experts", args.experts)
-    backends.require("comm", args.comm or ("local" if W == 1 else "torch"))
+    backends.require("comm", _comm(args, W))
     if W == 1:
         device = _device(args.device)
         return [worker(WorkerInfo(0, 1, device, "none"), args)]
@@ -194,7 +199,7 @@ def cmd_sanity(args) -> int:
     if not results:  # a torchrun rank other than 0
         return 0
     W = len(results)
-    table = Table(title=f"sanity: W={W} comm={args.comm or ('local' if W == 1 else 'torch')} "
+    table = Table(title=f"sanity: W={W} comm={_comm(args, W)} "
                         f"experts={args.experts} dtype={results[0][0]['dtype']} "
                         f"E={args.num_experts} H={args.hidden} I={args.intermediate} "
                         f"K={args.top_k}")
@@ -263,7 +268,7 @@ def cmd_run(args) -> int:
     if not results:
         return 0
     W, r0 = len(results), results[0]
-    comm = args.comm or ("local" if W == 1 else "torch")
+    comm = _comm(args, W)
     console.print(f"EPMoE E={args.num_experts} H={args.hidden} I={args.intermediate} "
                   f"K={args.top_k}, {args.tokens} tokens per rank, W={W} ({r0['backend']}), "
                   f"{r0['dtype']}, {r0['device']} ({backends.device_description()}), "
@@ -356,7 +361,7 @@ def cmd_diagnose(args) -> int:
         print(json.dumps(results, indent=1))
         return 0 if all(r["first_bad"] is None for r in results) else 1
     W = len(results)
-    console.print(f"diagnose: W={W} comm={args.comm or ('local' if W == 1 else 'torch')} "
+    console.print(f"diagnose: W={W} comm={_comm(args, W)} "
                   f"experts={args.experts} weight_mode={args.weight_mode} "
                   f"dtype={results[0]['dtype']} E={args.num_experts} K={args.top_k} "
                   f"tokens/rank={args.batch}x{args.seq}" +
