@@ -140,10 +140,14 @@ class _Checker:
 
     def _route_ref(self, hidden):
         L = self.layer
-        x = hidden.reshape(-1, L.hidden_size)
-        logits = (torch.nn.functional.linear(x.float(), L.gate.weight.float())
-                  if L.router.logits_in_float32 else L.gate(x))
-        return route(logits, L.router, e_score_correction_bias=L.e_score_correction_bias)
+        return route(L.router_logits(hidden.reshape(-1, L.hidden_size)), L.router,
+                     e_score_correction_bias=L.e_score_correction_bias)
+
+    def _received(self):
+        """The expert stage's inputs as the trace recorded them: (x, ids, weights, w13, w2)."""
+        t = self.t
+        return (t["dispatched_x"], t["dispatched_ids"].to(torch.int32), t["dispatched_weights"],
+                self.layer.w13, self.layer.w2)
 
     def route(self):
         def err(r):
@@ -177,10 +181,9 @@ class _Checker:
         }
 
     def experts(self):
-        t, L = self.t, self.layer
+        t = self.t
         mode = "weighted" if t["weights_applied"] else "raw"
-        args = (t["dispatched_x"], t["dispatched_ids"].to(torch.int32), t["dispatched_weights"],
-                L.w13, L.w2)
+        args = self._received()
         ref = ReferenceExperts()(*args, self.emap, mode=mode).out
         preds = {f: rel_err(t["expert_out"], faults.experts_with_map(
             *args, faults.confused_map(self.emap.map_E, f), weighted=mode == "weighted"))
@@ -188,10 +191,8 @@ class _Checker:
         return rel_err(t["expert_out"], ref), preds
 
     def weighting(self):
-        t, L = self.t, self.layer
-        args = (t["dispatched_x"], t["dispatched_ids"].to(torch.int32), t["dispatched_weights"],
-                L.w13, L.w2)
-        raw = ReferenceExperts()(*args, self.emap, mode="raw").out
+        t = self.t
+        raw = ReferenceExperts()(*self._received(), self.emap, mode="raw").out
         local = self.emap.local_ids(t["dispatched_ids"]) >= 0
         w = t["dispatched_weights"]
 

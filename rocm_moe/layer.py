@@ -193,6 +193,12 @@ class EPMoE(nn.Module):
         faults.check_fault(value)
         self._fault = value
 
+    def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """[T, E] gate logits of [T, H] tokens (in float32 where the router asks for it)."""
+        if self.router.logits_in_float32:
+            return F.linear(x_TH.float(), self.gate.weight.float())
+        return self.gate(x_TH)
+
     @property
     def local_experts(self) -> tuple[int, ...]:
         return self.dispatcher.placement.local_experts(self.dispatcher.rank)
@@ -249,11 +255,7 @@ class EPMoE(nn.Module):
             x_route = x_TH
             if self.fault == "per_sequence_routing":
                 x_route = faults.per_sequence_hidden(hidden_states).reshape(x_TH.shape)
-            if self.router.logits_in_float32:
-                logits = F.linear(x_route.float(), self.gate.weight.float())
-            else:
-                logits = self.gate(x_route)
-            routing = route(logits, self.router,
+            routing = route(self.router_logits(x_route), self.router,
                             e_score_correction_bias=self.e_score_correction_bias,
                             forced_expert_ids=forced_expert_ids)
         return self._run(hidden_states, x_TH, routing, return_raw, trace)
