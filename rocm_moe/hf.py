@@ -131,23 +131,28 @@ def family(model_type: str) -> tuple:
     return FAMILIES[model_type]
 
 
+def _read_expert(ck: Checkpoint, prefix: str, names: tuple) -> tuple:
+    """(w13 [2I, H]: gate rows then up rows, w2 [H, I]) of the expert at ``prefix``;
+    ``names``: the family's (gate, up, down) tensor names."""
+    g, u, d = names
+    return (torch.cat([ck.tensor(f"{prefix}.{g}.weight"), ck.tensor(f"{prefix}.{u}.weight")]),
+            ck.tensor(f"{prefix}.{d}.weight"))
+
+
 def load_moe_layer(directory: str | Path, layer: int, placement: Placement, rank: int,
                    *, checkpoint: Checkpoint | None = None) -> MoELayerWeights:
     """Read layer ``layer``'s MoE weights for ``rank``: its experts only."""
     ck = checkpoint or Checkpoint(directory)
     cfg = ck.config()
-    prefix_name, (g, u, d), shared, inter_key = family(cfg.model_type)
+    prefix_name, names, shared, inter_key = family(cfg.model_type)
     prefix = f"model.layers.{layer}.{prefix_name}"
     if not ck.has(f"{prefix}.gate.weight"):
         raise ValueError(error_message(
             "layer", layer, f"has no MoE block in this checkpoint ({prefix}.gate.weight)",
             "pick a sparse layer (DeepSeek-V3's first layers are dense)"))
     router = RouterConfig.from_hf_config(cfg)
-    w13, w2 = [], []
-    for e in placement.local_experts(rank):
-        p = f"{prefix}.experts.{e}"
-        w13.append(torch.cat([ck.tensor(f"{p}.{g}.weight"), ck.tensor(f"{p}.{u}.weight")]))
-        w2.append(ck.tensor(f"{p}.{d}.weight"))
+    experts = [_read_expert(ck, f"{prefix}.experts.{e}", names)
+               for e in placement.local_experts(rank)]
     kw = {}
     if shared is not None:
         s = f"{prefix}.{shared}"
@@ -161,18 +166,18 @@ def load_moe_layer(directory: str | Path, layer: int, placement: Placement, rank
         router=router, hidden_size=cfg.hidden_size, intermediate_size=getattr(cfg, inter_key),
         gate=ck.tensor(f"{prefix}.gate.weight"),
         e_score_correction_bias=ck.tensor(bias) if ck.has(bias) else None,
-        w13=torch.stack(w13), w2=torch.stack(w2), **kw)
+        w13=torch.stack([w13 for w13, _ in experts]), w2=torch.stack([w2 for _, w2 in experts]),
+        **kw)
 
 
 def expert_reader(directory: str | Path, layer: int) -> Callable[[int], tuple]:
     """``g -> (w13 [2I, H], w2 [H, I])`` read from the checkpoint on demand (for checks)."""
     ck = Checkpoint(directory)
-    prefix_name, (g_, u, d), _, _ = family(ck.config().model_type)
+    prefix_name, names, _, _ = family(ck.config().model_type)
     p = f"model.layers.{layer}.{prefix_name}.experts"
 
     def read(g: int):
-        return (torch.cat([ck.tensor(f"{p}.{g}.{g_}.weight"), ck.tensor(f"{p}.{g}.{u}.weight")]),
-                ck.tensor(f"{p}.{g}.{d}.weight"))
+        return _read_expert(ck, f"{p}.{g}", names)
     return read
 
 
