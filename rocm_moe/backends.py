@@ -41,6 +41,12 @@ def _mori() -> str | None:
     return rocm_library_missing("mori", "build it from github.com/ROCm/mori on ROCm")
 
 
+def _symm() -> str | None:
+    from rocm_moe.comm.symm import SymmDispatcher
+
+    return SymmDispatcher.availability()
+
+
 def _triton() -> str | None:
     from rocm_moe.experts.triton import triton_availability
 
@@ -63,6 +69,7 @@ BACKENDS: dict[str, Backend] = {
         Backend("local", "comm", "rocm_moe.comm.local", "LocalDispatcher", _always),
         Backend("torch", "comm", "rocm_moe.comm.torch", "TorchDispatcher", _torch_distributed),
         Backend("mori", "comm", "rocm_moe.comm.mori", "MoriDispatcher", _mori),
+        Backend("symm", "comm", "rocm_moe.comm.symm", "SymmDispatcher", _symm),
         Backend("reference", "experts", "rocm_moe.experts.reference", "ReferenceExperts", _always),
         Backend("aiter", "experts", "rocm_moe.experts.aiter", "AiterExperts", _aiter),
         Backend("triton", "experts", "rocm_moe.experts.triton", "TritonExperts", _triton),

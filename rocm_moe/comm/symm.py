@@ -5,8 +5,9 @@ Every rank allocates one symmetric buffer once (sized from ``max_tokens_per_rank
 below) that every peer can address directly:
 
     recv   [W * cap, row words] int32   rows received: [x | K int32 ids | K float32 weights]
-    back   [W * cap, H] x.dtype         partials returned to this rank: rank d's row j for the
+    back   [2, W * cap, H] x.dtype      partials returned to this rank: rank d's row j for the
                                         j-th token this rank sent to d lands on row d * cap + j
+                                        of one half; consecutive combines alternate halves
     counts [W, W] int32                 row s: tokens rank s sends to each rank
     flags  [W] int32                    barrier signals, one per peer
 
@@ -29,6 +30,10 @@ to row ``d * cap + j`` of its source's back section; a barrier; each rank sums i
 partials in float32 in rank order (``rows.gather_sum``, the torch backend's kernel) and casts
 once. combine_raw does the same once per slot k with only the rows whose slot k is local, and
 the owner takes each [t, k] from the one rank that owns expert k (zeros for empty slots).
+The back section has two halves used in turn: a rank may push the next partials (another
+combine of the same batch, the next slot) while a slower peer still sums from the other half;
+any two uses of one half are separated by a barrier every rank passes after the first use
+(the next dispatch's, or the other half's combine), so no extra barrier is needed.
 
 Buffers are reused: DispatchResult tensors are views that the next dispatch overwrites (as
 MORI's are); one batch is in flight per dispatcher (combine refuses an older batch's handle).
@@ -144,7 +149,8 @@ class SymmDispatcher(Dispatcher):
 
         W, cap, H = self.world_size, self.max_tokens_per_rank, self.hidden_size
         self.row_words = rows.row_words(H, self.dtype, self.top_k)
-        sizes = {"recv": W * cap * self.row_words * 4, "back": W * cap * H * self.dtype.itemsize,
+        sizes = {"recv": W * cap * self.row_words * 4,
+                 "back": 2 * W * cap * H * self.dtype.itemsize,
                  "counts": W * W * 4, "flags": W * 4}
         self.offsets, total = {}, 0
         for name, size in sizes.items():
@@ -161,7 +167,8 @@ class SymmDispatcher(Dispatcher):
             return buf[o:o + n].view(dtype).view(shape)
 
         self._recv = section("recv", torch.int32, (W * cap, self.row_words))
-        self._back = section("back", self.dtype, (W * cap, H))
+        self._back = section("back", self.dtype, (2, W * cap, H))
+        self._half = 0  # the back half the next push uses
         self._counts = section("counts", torch.int32, (W, W))
         self._status = torch.zeros(W, dtype=torch.int32, device=self.device)
         self._rows = torch.arange(W * cap, device=self.device)
@@ -247,24 +254,29 @@ class SymmDispatcher(Dispatcher):
                 f"{self._open_batch} now (one batch in flight per dispatcher; the next dispatch "
                 "overwrites the last)", "combine each batch before dispatching the next"))
 
-    def _push(self, y_RH: torch.Tensor, handle, sel_R: torch.Tensor | None) -> None:
+    def _push(self, y_RH: torch.Tensor, handle, sel_R: torch.Tensor | None) -> torch.Tensor:
+        """Send each valid received row's [H] partial to its source (only rows with sel != 0
+        where ``sel_R`` is given); a barrier; returns this rank's back half that holds the
+        partials sent to it."""
         from rocm_moe.comm._symm_triton import push_back_kernel
 
         n_rows, H = y_RH.shape
+        half, self._half = self._half, 1 - self._half
         n_h = -(-H // BLOCK_H)
         grid = (max(1, min(n_rows, 2048 // n_h)), n_h)
+        offset = self.offsets["back"] + half * self._back[0].numel() * self.dtype.itemsize
         push_back_kernel[grid](
             y_RH, y_RH.stride(0), sel_R if sel_R is not None else handle.src, handle.src,
-            handle.back_row, handle.num_valid, self._ptrs, H, self.offsets["back"], grid[0],
+            handle.back_row, handle.num_valid, self._ptrs, H, offset, grid[0],
             USE_SEL=sel_R is not None, BLOCK_H=BLOCK_H)
+        self._barrier()
+        return self._back[half]
 
     def _combine(self, y_RH, handle):
         self._check_open(handle)
         if y_RH.stride(1) != 1:
             y_RH = y_RH.contiguous()
-        self._push(y_RH, handle, None)
-        self._barrier()
-        return rows.gather_sum(self._back, handle.pos)
+        return rows.gather_sum(self._push(y_RH, handle, None), handle.pos)
 
     def _combine_raw(self, raw_RKH, handle):
         self._check_open(handle)
@@ -274,12 +286,10 @@ class SymmDispatcher(Dispatcher):
         local_RK = local_RK.to(torch.int8)
         out = raw_RKH.new_zeros(handle.num_tokens, K, raw_RKH.shape[2])
         ranks = torch.arange(W, device=self.device)
-        for k in range(K):  # one slot at a time through the back section
-            self._push(raw_RKH[:, k], handle, local_RK[:, k].contiguous())
-            self._barrier()
+        for k in range(K):  # one slot at a time through the back halves
+            back = self._push(raw_RKH[:, k], handle, local_RK[:, k].contiguous())
             pos_k = torch.where(handle.owner[:, k, None] == ranks, handle.pos, -1)
-            out[:, k] = rows.gather_sum(self._back, pos_k)
-            self._barrier()  # everyone has read its back section before the next slot's push
+            out[:, k] = rows.gather_sum(back, pos_k)
         return out
 
 
