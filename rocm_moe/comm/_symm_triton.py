@@ -54,61 +54,135 @@ def barrier_kernel(ptrs_ptr, me, FLAG_OFF, status_ptr, SPIN: tl.constexpr):
 
 
 @triton.jit
-def put_counts_kernel(counts_ptr, ptrs_ptr, me, W, COUNTS_OFF, FLAG_OFF, status_ptr,
-                      W_POW2: tl.constexpr, SPIN: tl.constexpr):
-    """Grid (W,): program p writes this rank's send counts [W] into row ``me`` of peer p's
-    [W, W] count matrix, then signals p and waits for p's row (a barrier carrying data)."""
+def route_counts_kernel(ids_ptr, dest1_ptr, pos_ptr, ptrs_ptr, T, K, me, W, CAP, COUNTS_OFF,
+                        FLAG_OFF, status_ptr, K_POW2: tl.constexpr, W_POW2: tl.constexpr,
+                        CHUNK: tl.constexpr, SPIN: tl.constexpr):
+    """Grid (W,): every program scans this rank's [T, K] ids (int32, -1 = empty) in chunks:
+    a token goes once to each unique owner rank (``dest1[g + 1]`` = owner(g) + 1, 0 for -1);
+    its index among the tokens sent to rank d is the running count. Program 0 stores
+    pos[t, d] = d * CAP + index (its partial's row in this rank's back section), or -1.
+    Program p then writes the totals (this rank's send counts) into row ``me`` of peer p's
+    [W, W] count matrix, signals p and waits for p's row: after the launch every rank holds
+    the whole matrix.
+    Example: W = 2, owners of the slots per token [[0, 0], [1, 0], [1, 1]]: pos = [[0, -1],
+    [1, CAP + 0], [-1, CAP + 1]], counts [2, 2]."""
     p = tl.program_id(0)
-    j = tl.arange(0, W_POW2)
-    c = tl.load(counts_ptr + j, mask=j < W, other=0)
+    kk = tl.arange(0, K_POW2)
+    d = tl.arange(0, W_POW2)
+    carry = tl.zeros([W_POW2], dtype=tl.int32)
+    for c in range(0, T, CHUNK):
+        t = c + tl.arange(0, CHUNK)
+        ok = (t[:, None] < T) & (kk[None, :] < K)
+        g = tl.load(ids_ptr + t[:, None] * K + kk[None, :], mask=ok, other=-1)
+        dest1 = tl.load(dest1_ptr + g + 1, mask=ok, other=0)  # [CHUNK, K_POW2]
+        hit = dest1[:, :, None] == (d + 1)[None, None, :]  # [CHUNK, K_POW2, W_POW2]
+        sent = tl.max(hit.to(tl.int32), axis=1)  # [CHUNK, W_POW2]
+        idx = tl.cumsum(sent, axis=0) + carry[None, :] - 1
+        if p == 0:
+            pos = tl.where(sent > 0, d[None, :].to(tl.int64) * CAP + idx, -1)
+            tl.store(pos_ptr + t[:, None].to(tl.int64) * W + d[None, :], pos,
+                     mask=(t[:, None] < T) & (d[None, :] < W))
+        carry += tl.sum(sent, axis=0)
     dst = _addr(ptrs_ptr, p, COUNTS_OFF + me * W * 4).to(tl.pointer_type(tl.int32))
-    tl.store(dst + j, c, mask=j < W)
+    tl.store(dst + d, carry, mask=d < W)
     _signal_wait(ptrs_ptr, p, me, FLAG_OFF, status_ptr, SPIN)
 
 
 @triton.jit
-def pack_put_kernel(x_ptr, meta_ptr, pos_ptr, base_ptr, ptrs_ptr, XW, MW, RW, W, RECV_OFF,
-                    BLOCK: tl.constexpr):
-    """Grid (T, blocks of row words): token t's packed row [x words | meta words | pad] goes
-    to row ``base[d] + pos[t, d]`` of every peer d's receive section where pos[t, d] >= 0.
+def _row_sources(r, recv_ptr, W, me, CAP):
+    """For received rows r (a tensor): (source rank, row in the source's back section, R).
+    ``recv_ptr`` [W] int32: rows received from each rank, in rank order."""
+    end = tl.zeros_like(r)
+    src = tl.zeros_like(r)
+    start = tl.zeros_like(r)
+    for q in range(W):
+        c = tl.load(recv_ptr + q)
+        past = r >= end + c
+        start = tl.where(past, end + c, start)
+        src += past.to(r.dtype)
+        end += c
+    return src, me * CAP + r - start, tl.max(end, axis=0)
 
-    x_ptr [T, XW] int32 words; meta_ptr [T, MW] int32 (ids, weight bits); pos_ptr [T, W]
-    int64 (the token's index among the tokens this rank sends to d, -1 if none); base_ptr [W]
-    int64 (rows that lower ranks put at d: this rank's first row there).
-    Example: W = 2, rank 1 sends tokens 0 and 2 to rank 0, where rank 0 put 5 rows of its own:
-    pos[:, 0] = [0, -1, 1], base[0] = 5, so they land on rank 0's rows 5 and 6.
+
+@triton.jit
+def pack_put_kernel(x_ptr, ids_ptr, w_ptr, pos_ptr, counts_ptr, ptrs_ptr, XW, K, RW, me, W,
+                    CAP, RECV_OFF, BLOCK: tl.constexpr):
+    """Grid (T, blocks of row words): token t's packed row [x words | K ids | K weight bits |
+    pad] goes to every peer d with pos[t, d] >= 0, at row (rows that ranks below this one send
+    to d, from the [W, W] count matrix ``counts_ptr``) + pos[t, d] - d * CAP.
+
+    x_ptr [T, XW] int32 words; ids_ptr [T, K] int32; w_ptr [T, K] float32; pos_ptr [T, W]
+    int64 (``route_counts_kernel``'s). Example: W = 2, this is rank 1, its tokens 0 and 2 go
+    to rank 0 (pos[:, 0] = [0, -1, 1]) where rank 0 keeps 5 rows of its own (counts[0, 0] =
+    5): they land on rank 0's rows 5 and 6.
     """
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     in_x = j < XW
-    in_meta = (j >= XW) & (j < XW + MW)
+    in_ids = (j >= XW) & (j < XW + K)
+    in_w = (j >= XW + K) & (j < XW + 2 * K)
     v = tl.load(x_ptr + t * XW + j, mask=in_x, other=0)
-    m = tl.load(meta_ptr + t * MW + (j - XW), mask=in_meta, other=0)
-    v = tl.where(in_x, v, m)
+    ids = tl.load(ids_ptr + t * K + (j - XW), mask=in_ids, other=0)
+    w = tl.load(w_ptr + t * K + (j - XW - K), mask=in_w, other=0.0).to(tl.int32, bitcast=True)
+    v = tl.where(in_x, v, tl.where(in_ids, ids, w))
     for d in range(W):
         p = tl.load(pos_ptr + t * W + d)
         if p >= 0:
-            row = tl.load(base_ptr + d) + p
+            base = p - d * CAP
+            for s in range(me):
+                base += tl.load(counts_ptr + s * W + d)
             dst = _addr(ptrs_ptr, d, RECV_OFF).to(tl.pointer_type(tl.int32))
-            tl.store(dst + row * RW + j, v, mask=j < RW)
+            tl.store(dst + base * RW + j, v, mask=j < RW)
 
 
 @triton.jit
-def push_back_kernel(y_ptr, y_stride, sel_ptr, src_ptr, back_row_ptr, nvalid_ptr, ptrs_ptr,
-                     H, BACK_OFF, NPROG, USE_SEL: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Grid (NPROG, blocks of H): received row i < R (R = nvalid[0], read on the device) sends
-    y[i] (row stride ``y_stride`` elements) to row ``back_row[i]`` of the back section of its
-    source rank ``src[i]``; with USE_SEL only rows with sel[i] != 0."""
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    hm = h < H
-    R = tl.load(nvalid_ptr)
-    for i in range(tl.program_id(0), R, NPROG):
-        go = True
+def barrier_scrub_kernel(ptrs_ptr, me, W, FLAG_OFF, status_ptr, counts_ptr, recv_ptr,
+                         nvalid_ptr, meta_ptr, RW, K, N_ROWS, SPIN: tl.constexpr,
+                         K_POW2: tl.constexpr, W_POW2: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Grid (W + scrub programs,): programs p < W are a barrier (every rank's rows have
+    arrived); the others, meanwhile, copy column ``me`` of the count matrix (rows received
+    from each rank) to ``recv_ptr`` [W] and R to ``nvalid_ptr`` [1], and mark every row at or
+    past R empty in the receive section (ids -1, weights 0; ``meta_ptr``: the first id word of
+    row 0, rows ``RW`` words apart). Peers only write rows below R, so both run at once."""
+    p = tl.program_id(0)
+    if p < W:
+        _signal_wait(ptrs_ptr, p, me, FLAG_OFF, status_ptr, SPIN)
+    else:
+        q = tl.arange(0, W_POW2)
+        recv = tl.load(counts_ptr + q * W + me, mask=q < W, other=0)
+        R = tl.sum(recv, axis=0)
+        if p == W:
+            tl.store(recv_ptr + q, recv, mask=q < W)
+            tl.store(nvalid_ptr, R)
+        r = (p - W) * BLOCK_R + tl.arange(0, BLOCK_R)
+        kk = tl.arange(0, 2 * K_POW2)
+        m = (r[:, None] >= R) & (r[:, None] < N_ROWS) & (kk[None, :] < 2 * K)
+        val = tl.where(kk < K_POW2, -1, 0)  # ids -1, then weight bits of 0.0
+        col = tl.where(kk < K_POW2, kk, kk - K_POW2 + K)
+        m = m & (tl.where(kk < K_POW2, kk, kk - K_POW2) < K)
+        tl.store(meta_ptr + r[:, None].to(tl.int64) * RW + col[None, :],
+                 tl.zeros([BLOCK_R, 2 * K_POW2], dtype=tl.int32) + val[None, :], mask=m)
+
+
+@triton.jit
+def push_back_kernel(y_ptr, y_stride, sel_ptr, sel_stride, recv_ptr, ptrs_ptr, me, W, CAP, H,
+                     BACK_OFF, USE_SEL: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
+    """Grid (row blocks of the capacity, blocks of H): received rows r < R send y[r] (row
+    stride ``y_stride`` elements) to their source rank's back section, at row (this rank) *
+    CAP + (r's index among the rows from that source); with USE_SEL only rows with
+    sel[r * sel_stride] != 0. Row sources come from ``recv_ptr`` [W] (rows received from each
+    rank); blocks at or past R exit at once."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    src, brow, R = _row_sources(r, recv_ptr, W, me, CAP)
+    if tl.program_id(0) * BLOCK_R < R:
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        m = r < R
         if USE_SEL:
-            go = tl.load(sel_ptr + i) != 0
-        if go:
-            s = tl.load(src_ptr + i)
-            brow = tl.load(back_row_ptr + i).to(tl.int64)
-            v = tl.load(y_ptr + i.to(tl.int64) * y_stride + h, mask=hm)
-            dst = _addr(ptrs_ptr, s, BACK_OFF).to(tl.pointer_type(y_ptr.dtype.element_ty))
-            tl.store(dst + brow * H + h, v, mask=hm)
+            m = m & (tl.load(sel_ptr + r * sel_stride, mask=m, other=0) != 0)
+        mh = m[:, None] & (h[None, :] < H)
+        v = tl.load(y_ptr + r[:, None].to(tl.int64) * y_stride + h[None, :], mask=mh)
+        ELEM: tl.constexpr = y_ptr.dtype.element_ty.primitive_bitwidth // 8
+        base = tl.load(ptrs_ptr + src, mask=m, other=0) + BACK_OFF
+        addr = base[:, None] + (brow[:, None].to(tl.int64) * H + h[None, :]) * ELEM
+        tl.store(addr.to(tl.pointer_type(y_ptr.dtype.element_ty)), v, mask=mh)

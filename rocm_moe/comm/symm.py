@@ -70,15 +70,15 @@ from rocm_moe.placement import Placement
 _ALIGN = 256  # bytes; sections start aligned
 BLOCK_WORDS = 1024  # pack kernel: row words per program
 BLOCK_H = 1024  # push kernel: hidden elements per program
+PUSH_ROWS = 4  # push kernel: rows per program
+SCRUB_ROWS = 64  # rows per program marking rows past R empty
 DEFAULT_SPIN = 1 << 22  # barrier spin bound: seconds on NVLink, far above any healthy wait
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class SymmCombineHandle(CombineHandle):
     pos: torch.Tensor  # [T, W] int64: back-section row of token t's partial from rank d, or -1
-    owner: torch.Tensor  # [T, K] int64: owner rank of each own slot, -1 if empty
-    src: torch.Tensor  # [W * cap] int32: source rank of each received row
-    back_row: torch.Tensor  # [W * cap] int32: the row's back-section row at its source
+    recv_from: torch.Tensor  # [W] int32: rows received from each rank (rank order)
     num_valid: torch.Tensor  # [1] int32: R, rows received (on the device)
 
 
@@ -171,7 +171,7 @@ class SymmDispatcher(Dispatcher):
         self._half = 0  # the back half the next push uses
         self._counts = section("counts", torch.int32, (W, W))
         self._status = torch.zeros(W, dtype=torch.int32, device=self.device)
-        self._rows = torch.arange(W * cap, device=self.device)
+        self._dest1_i32 = self._dest1_on(self.device).to(torch.int32)
         self._w_pow2 = _next_pow2(W)
         self._open_batch: int | None = None
         torch.cuda.synchronize(self.device)
@@ -205,43 +205,40 @@ class SymmDispatcher(Dispatcher):
         return super().dispatch(x_TH, topk_weights_TK, topk_ids_TK, validate=validate)
 
     def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
-        from rocm_moe.comm._symm_triton import pack_put_kernel, put_counts_kernel
+        from rocm_moe.comm._symm_triton import (
+            barrier_scrub_kernel,
+            pack_put_kernel,
+            route_counts_kernel,
+        )
 
         T, K = topk_ids_TK.shape
         W, me, cap, dev = self.world_size, self.rank, self.max_tokens_per_rank, self.device
-        dest1_TK = self._dest1_on(dev)[topk_ids_TK + 1]
-        csum_WT, send_counts_W = rows.send_plan(dest1_TK, W)
-        sent_WT = torch.diff(csum_WT, dim=1, prepend=csum_WT.new_zeros(W, 1)) > 0
-        pos_TW = torch.where(sent_WT, csum_WT - 1, -1).T.contiguous()  # index among d's tokens
-        put_counts_kernel[(W,)](send_counts_W.to(torch.int32), self._ptrs, me, W,
-                                self.offsets["counts"], self.offsets["flags"], self._status,
-                                W_POW2=self._w_pow2, SPIN=self.spin_limit, num_warps=1)
-        counts_WW = self._counts.long()  # a copy: peers overwrite the matrix next batch
+        ids = topk_ids_TK.contiguous()
+        w = topk_weights_TK.contiguous()
+        pos_TW = torch.empty(T, W, dtype=torch.int64, device=dev)
+        k_pow2 = _next_pow2(K)
+        route_counts_kernel[(W,)](
+            ids, self._dest1_i32, pos_TW, self._ptrs, T, K, me, W, cap, self.offsets["counts"],
+            self.offsets["flags"], self._status, K_POW2=k_pow2, W_POW2=self._w_pow2,
+            CHUNK=min(256, max(16, _next_pow2(T))), SPIN=self.spin_limit, num_warps=4)
         if T:
-            base_W = counts_WW[:me].sum(0)  # rows that lower ranks put at each destination
             x_words = x_TH.contiguous().view(torch.int32)
-            meta = rows.meta_words(topk_ids_TK, topk_weights_TK)
             pack_put_kernel[(T, -(-self.row_words // BLOCK_WORDS))](
-                x_words, meta, pos_TW, base_W, self._ptrs, x_words.shape[1], 2 * K,
-                self.row_words, W, self.offsets["recv"], BLOCK=BLOCK_WORDS)
-        self._barrier()
-        # Where each received row came from (on the device: R is never read on the host).
-        recv_from_W = counts_WW[:, me]
-        ends_W = recv_from_W.cumsum(0)
-        nvalid = ends_W[-1:].to(torch.int32)
-        src_R = torch.searchsorted(ends_W, self._rows, right=True).clamp_(max=W - 1)
-        back_row_R = (me * cap + self._rows - (ends_W - recv_from_W)[src_R]).to(torch.int32)
-        valid_R = self._rows < ends_W[-1]
+                x_words, ids, w, pos_TW, self._counts, self._ptrs, x_words.shape[1], K,
+                self.row_words, me, W, cap, self.offsets["recv"], BLOCK=BLOCK_WORDS)
+        recv_W = torch.empty(W, dtype=torch.int32, device=dev)
+        nvalid = torch.empty(1, dtype=torch.int32, device=dev)
+        n_rows = W * cap
         x_R, ids_R, w_R = rows.unpack(self._recv, self.hidden_size, self.dtype, K)
-        ids_R = torch.where(valid_R[:, None], ids_R, -1)
-        w_R = torch.where(valid_R[:, None], w_R, 0.0)
-        pos_back_TW = torch.where(pos_TW >= 0, pos_TW + cap * torch.arange(W, device=dev), -1)
+        barrier_scrub_kernel[(W + -(-n_rows // SCRUB_ROWS),)](
+            self._ptrs, me, W, self.offsets["flags"], self._status, self._counts, recv_W,
+            nvalid, ids_R, self.row_words, K, n_rows, SPIN=self.spin_limit, K_POW2=k_pow2,
+            W_POW2=self._w_pow2, BLOCK_R=SCRUB_ROWS, num_warps=4)
         handle = SymmCombineHandle(
             **self.handle_fields(batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
                                  topk_ids_TK=topk_ids_TK, recv_topk_ids=ids_R,
                                  recv_topk_weights=w_R),
-            pos=pos_back_TW, owner=dest1_TK - 1, src=src_R.to(torch.int32),
-            back_row=back_row_R, num_valid=nvalid)
+            pos=pos_TW, recv_from=recv_W, num_valid=nvalid)
         self._open_batch = batch_id
         return DispatchResult(x=x_R, topk_ids=ids_R, topk_weights=w_R, handle=handle,
                               num_valid=nvalid)
@@ -262,13 +259,12 @@ class SymmDispatcher(Dispatcher):
 
         n_rows, H = y_RH.shape
         half, self._half = self._half, 1 - self._half
-        n_h = -(-H // BLOCK_H)
-        grid = (max(1, min(n_rows, 2048 // n_h)), n_h)
         offset = self.offsets["back"] + half * self._back[0].numel() * self.dtype.itemsize
-        push_back_kernel[grid](
-            y_RH, y_RH.stride(0), sel_R if sel_R is not None else handle.src, handle.src,
-            handle.back_row, handle.num_valid, self._ptrs, H, offset, grid[0],
-            USE_SEL=sel_R is not None, BLOCK_H=BLOCK_H)
+        sel = sel_R if sel_R is not None else handle.recv_from
+        push_back_kernel[(-(-n_rows // PUSH_ROWS), -(-H // BLOCK_H))](
+            y_RH, y_RH.stride(0), sel, sel.stride(0), handle.recv_from, self._ptrs, self.rank,
+            self.world_size, self.max_tokens_per_rank, H, offset, USE_SEL=sel_R is not None,
+            BLOCK_R=PUSH_ROWS, BLOCK_H=BLOCK_H)
         self._barrier()
         return self._back[half]
 
@@ -282,13 +278,14 @@ class SymmDispatcher(Dispatcher):
         self._check_open(handle)
         raw_RKH = raw_RKH.contiguous()
         K, W = raw_RKH.shape[1], self.world_size
-        local_RK = (self.expert_map_on(self.device).local_ids(handle.recv_topk_ids) >= 0)
+        local_RK = self.expert_map_on(self.device).local_ids(handle.recv_topk_ids) >= 0
         local_RK = local_RK.to(torch.int8)
+        owner_TK = self._dest1_on(self.device)[handle.topk_ids + 1] - 1
         out = raw_RKH.new_zeros(handle.num_tokens, K, raw_RKH.shape[2])
         ranks = torch.arange(W, device=self.device)
         for k in range(K):  # one slot at a time through the back halves
-            back = self._push(raw_RKH[:, k], handle, local_RK[:, k].contiguous())
-            pos_k = torch.where(handle.owner[:, k, None] == ranks, handle.pos, -1)
+            back = self._push(raw_RKH[:, k], handle, local_RK[:, k])
+            pos_k = torch.where(owner_TK[:, k, None] == ranks, handle.pos, -1)
             out[:, k] = rows.gather_sum(back, pos_k)
         return out
 
