@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from rocm_moe.experts.base import Experts, ExpertsOutput, accumulation_dtype, swiglu_expert
-from rocm_moe.layout import build_layout
+from rocm_moe.experts.layout import build_layout
 
 
 class ReferenceExperts(Experts):

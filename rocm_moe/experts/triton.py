@@ -35,7 +35,7 @@ import torch
 
 from rocm_moe._libs import library_version, triton_runs_on
 from rocm_moe.experts.base import Experts, ExpertsOutput
-from rocm_moe.layout import build_layout
+from rocm_moe.experts.layout import build_layout
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16)
 
