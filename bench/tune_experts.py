@@ -97,7 +97,7 @@ def tune_size(shape: dict, rows: int, gen: torch.Generator, tma: bool, timer: st
 
             def stage(c, part, cfg=cfg):
                 tri = tx.TritonExperts(config={**cfg, part: c}, tma=tma)
-                tri(x, ids, w, w13, w2, emap, mode="weighted", validate=False)
+                tri(x, ids, w, w13, w2, emap, weight_mode="experts", validate=False)
 
             def gate_up(c):
                 stage(c, "gate_up")

@@ -32,6 +32,7 @@ from rocm_moe._checks import error_message
 from rocm_moe.comm import rows
 from rocm_moe.comm.base import CombineHandle, Dispatcher, DispatchResult, join_group
 from rocm_moe.placement import Placement
+from rocm_moe.weighting import local_slots
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -147,7 +148,7 @@ class TorchDispatcher(Dispatcher):
     def _combine_raw(self, raw_RKH, handle: TorchCombineHandle):
         R, K, H = raw_RKH.shape
         dev = raw_RKH.device
-        local_RK = self.expert_map_on(dev).local_ids(handle.recv_topk_ids) >= 0
+        local_RK = local_slots(handle.recv_topk_ids, self.expert_map_on(dev))
         per_row = local_RK.sum(1)
         src_of_row = torch.repeat_interleave(
             torch.arange(self.world_size, device=dev),

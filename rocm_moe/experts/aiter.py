@@ -26,8 +26,9 @@ import torch
 
 from rocm_moe._checks import error_message
 from rocm_moe._libs import rocm_library_missing
-from rocm_moe.experts.base import Experts, ExpertsOutput
+from rocm_moe.experts.base import Experts
 from rocm_moe.placement import ExpertMap
+from rocm_moe.weighting import ExpertsOutput
 
 AITER_DTYPES = (torch.bfloat16, torch.float16)
 

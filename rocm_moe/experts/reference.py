@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-from rocm_moe.experts.base import Experts, ExpertsOutput, accumulation_dtype, swiglu_expert
+from rocm_moe.experts.base import Experts, swiglu_expert
 from rocm_moe.experts.layout import build_layout
+from rocm_moe.weighting import ExpertsOutput, accumulation_dtype
 
 
 class ReferenceExperts(Experts):

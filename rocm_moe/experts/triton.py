@@ -34,8 +34,9 @@ import os
 import torch
 
 from rocm_moe._libs import library_version, triton_runs_on
-from rocm_moe.experts.base import Experts, ExpertsOutput
+from rocm_moe.experts.base import Experts
 from rocm_moe.experts.layout import build_layout
+from rocm_moe.weighting import ExpertsOutput
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16)
 
