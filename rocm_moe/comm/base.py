@@ -142,6 +142,11 @@ class Dispatcher(ABC):
                     hidden_size=self.hidden_size, dtype=str(self.dtype),
                     max_tokens_per_rank=self.max_tokens_per_rank)
 
+    @classmethod
+    def availability(cls) -> str | None:
+        """None if this backend can run in this process, else why not (a missing library)."""
+        return None
+
     @property
     def world_size(self) -> int:
         return self.placement.world_size

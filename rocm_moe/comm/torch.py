@@ -61,6 +61,10 @@ class TorchDispatcher(Dispatcher):
 
     name = "torch"
 
+    @classmethod
+    def availability(cls) -> str | None:
+        return None if dist.is_available() else "this torch build has no torch.distributed"
+
     def __init__(
         self,
         placement: Placement,

@@ -43,6 +43,10 @@ class AiterExperts(Experts):
 
     name = "aiter"
 
+    @classmethod
+    def availability(cls) -> str | None:
+        return aiter_availability()
+
     def __init__(self, *, mask_sentinel: bool = True, fused_moe=None):
         self.mask_sentinel = mask_sentinel
         self._fused_moe = fused_moe

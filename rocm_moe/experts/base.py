@@ -96,6 +96,12 @@ class Experts(ABC):
 
     name: ClassVar[str]
 
+    @classmethod
+    def availability(cls) -> str | None:
+        """None if this backend can run in this process, else why not (a missing library or
+        device); ``supports`` then judges each call (mode, dtype, device)."""
+        return None
+
     def supports(
         self, *, mode: ExpertsMode, dtype: torch.dtype, device: torch.device
     ) -> str | None:

@@ -159,6 +159,14 @@ class TritonExperts(Experts):
 
     name = "triton"
 
+    @classmethod
+    def availability(cls) -> str | None:
+        if (reason := triton_availability()) is not None:
+            return reason
+        if not triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+            return "no CUDA/ROCm device (TRITON_INTERPRET=1 runs the kernels on a CPU, slowly)"
+        return None
+
     def __init__(self, *, config: dict | None = None, tma: bool | None = None):
         self.config = config
         self.tma = tma
