@@ -236,6 +236,13 @@ class StageRecord:
                 if isinstance(v := getattr(self, f.name), torch.Tensor)}
 
 
+def _delegate(wrapper, name: str):
+    """``name`` looked up on ``wrapper.inner`` (not before ``inner`` is set, as during a copy)."""
+    if name == "inner" or name.startswith("__"):
+        raise AttributeError(name)
+    return getattr(wrapper.inner, name)
+
+
 class _Probe:
     """A stage's backend with the planted fault's transform and the taps; everything else
     (placement, rank, supports, ...) passes through to ``inner``."""
@@ -244,7 +251,7 @@ class _Probe:
         self.inner, self.fault, self.record = inner, fault, record
 
     def __getattr__(self, name: str):
-        return getattr(self.inner, name)
+        return _delegate(self, name)
 
     def _at(self, stage: str) -> bool:
         return self.fault is not None and self.fault.stage == stage
@@ -263,7 +270,7 @@ class _ProbeHandle:
     x_TH: torch.Tensor
 
     def __getattr__(self, name: str):
-        return getattr(self.inner, name)
+        return _delegate(self, name)
 
 
 class ProbedDispatcher(_Probe):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -53,6 +54,7 @@ def test_plant_and_remove_leave_the_layer_bare():
     layer.fault = "scalar_collapse"  # replaces the previous one
     assert layer.fault == "scalar_collapse"
     assert "route_tokens" not in vars(layer)
+    assert copy.deepcopy(layer).fault == "scalar_collapse"
     layer.fault = None
     assert layer.dispatcher is dispatcher
     assert layer.experts is experts
