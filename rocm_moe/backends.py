@@ -39,6 +39,7 @@ BACKENDS: dict[str, Backend] = {
         Backend("local", "comm", "rocm_moe.comm.local", "LocalDispatcher"),
         Backend("torch", "comm", "rocm_moe.comm.torch", "TorchDispatcher"),
         Backend("mori", "comm", "rocm_moe.comm.mori", "MoriDispatcher"),
+        Backend("symm", "comm", "rocm_moe.comm.symm", "SymmDispatcher"),
         Backend("reference", "experts", "rocm_moe.experts.reference", "ReferenceExperts"),
         Backend("aiter", "experts", "rocm_moe.experts.aiter", "AiterExperts"),
         Backend("triton", "experts", "rocm_moe.experts.triton", "TritonExperts"),

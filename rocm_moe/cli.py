@@ -396,7 +396,8 @@ def cmd_diagnose(args) -> int:
     return 1
 
 
-BENCHMARKS = {"comm": "rocm_moe.benchmarks.comm", "experts": "rocm_moe.benchmarks.experts"}
+BENCHMARKS = {"comm": "rocm_moe.benchmarks.comm", "experts": "rocm_moe.benchmarks.experts",
+              "layer": "rocm_moe.benchmarks.layer"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 
 from rocm_moe._checks import error_message
+from rocm_moe._libs import library_version
 from rocm_moe.placement import ExpertMap
 
 WeightMode = Literal["experts", "combine"]  # who applies the routing weights
@@ -82,11 +83,24 @@ def weight_once(
 
 def _weighted_sum(raw_RKH: torch.Tensor, topk_weights_RK: torch.Tensor,
                   local_RK: torch.Tensor) -> torch.Tensor:
+    """[R, H]: sum over k (in order) of w[r, k] * raw[r, k] where ``local_RK``, accumulated in
+    ``accumulation_dtype``. One Triton kernel on GPUs (``rocm_moe._weighting_triton``), K torch
+    passes elsewhere."""
+    R, K, H = raw_RKH.shape
+    if raw_RKH.is_cuda and raw_RKH.dtype != torch.float64 and library_version("triton") \
+            and raw_RKH.stride(2) == 1 and R:
+        from rocm_moe._weighting_triton import weighted_slot_sum_kernel
+
+        out = raw_RKH.new_empty(R, H)
+        weighted_slot_sum_kernel[(R, -(-H // 1024))](
+            raw_RKH, raw_RKH.stride(0), raw_RKH.stride(1), topk_weights_RK.float().contiguous(),
+            local_RK.to(torch.int8).contiguous(), out, H, K_TOPK=K, BLOCK_H=1024)
+        return out
     acc = accumulation_dtype(raw_RKH.dtype)
     w_RK = topk_weights_RK.to(acc)
-    out = raw_RKH.new_zeros(raw_RKH.shape[0], raw_RKH.shape[2], dtype=acc)
+    out = raw_RKH.new_zeros(R, H, dtype=acc)
     zero = out.new_zeros(())
-    for k in range(raw_RKH.shape[1]):
+    for k in range(K):
         # where(), not a zero weight: whatever a backend left in a non-local slot is never read.
         out += torch.where(local_RK[:, k, None], raw_RKH[:, k].to(acc) * w_RK[:, k, None], zero)
     return out.to(raw_RKH.dtype)

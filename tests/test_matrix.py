@@ -20,6 +20,7 @@ from rocm_moe import EPMoE, RouterConfig, dense_moe_reference
 from rocm_moe import synthetic as syn
 from rocm_moe.comm.local import LocalDispatcher
 from rocm_moe.comm.mori import MoriDispatcher
+from rocm_moe.comm.symm import SymmDispatcher
 from rocm_moe.comm.torch import TorchDispatcher
 from rocm_moe.distributed import WorkerInfo, launch
 from rocm_moe.experts.aiter import AiterExperts
@@ -34,6 +35,7 @@ COMM = {
     "local": (LocalDispatcher, 1),
     "torch": (TorchDispatcher, 2),
     "mori": (MoriDispatcher, 2),
+    "symm": (SymmDispatcher, 2),
 }
 # name: experts class (built with no arguments).
 EXPERTS = {

@@ -1,21 +1,27 @@
-"""Dispatch/combine benchmark of a comm backend against raw all_to_all_single of the same bytes.
+"""Dispatch/combine benchmark of comm backends against raw all_to_all_single of the same bytes
+and the machine's peer-to-peer copy bandwidth, in one run.
 
 DeepSeek-V3 shape by default: H=7168 bf16, E=256, K=8, uniform random routing, T tokens per
-rank. For each T it times, on every rank, with a barrier and device synchronisation before each
-iteration and device events around the call:
+rank. For each T it times, on every rank, after a barrier and device synchronisation, with
+device events around the measured region:
 
-- dispatch: the whole call with ``validate=False`` (owner lookup, counts exchange, host read of
-  the splits, packing, payload all-to-all); input validation reads tensors on the host and is
-  meant to run once per batch upstream, not in every layer;
+- dispatch: the whole call with ``validate=False`` (input validation reads tensors on the host
+  and is meant to run once per batch upstream, not in every layer);
 - combine: the whole call on the experts' output (identity experts: the received rows), with
   the float32 per-token sum;
-- ceiling: ``all_to_all_single`` of a contiguous bf16 [S, H] tensor with exactly the split sizes
-  of that dispatch (the bytes MORI counts), in the same run.
+- a2a: ``all_to_all_single`` of a contiguous [S, H] tensor with exactly the split sizes of that
+  dispatch (the bytes MORI counts).
 
-An iteration's time is the slowest rank's; the median over iterations is reported. Bandwidth is
-MORI's counting: rows received by a rank x H x element size / time, averaged over ranks (for
-combine, the same rows travelling back). Dispatch does a host read of the split sizes, so it
-cannot be captured in a CUDA graph; nothing here is graph-replayed.
+The torch backend reads split sizes on the host, so it is timed call by call, eagerly. The
+symm backend and the a2a are captured in a CUDA graph of ``--inner`` back-to-back calls and
+replayed (how an engine runs them); one iteration is one replay divided by ``--inner``. An
+iteration's time is the slowest rank's; the median over iterations is reported. The symm
+dispatcher of each T is built with max_tokens_per_rank = T (``--symm-capacity`` overrides).
+
+Bandwidth is MORI's counting: rows received by a rank x H x element size / time, averaged over
+ranks (for combine, the same rows travelling back). The ceiling ``p2p`` is each rank copying
+``--p2p-mb`` MB to every peer at once through symmetric memory (one copy stream per peer),
+counted as bytes sent per rank / time.
 """
 
 from __future__ import annotations
@@ -60,20 +66,64 @@ def _routing(T: int, E: int, K: int, seed: int, device: torch.device):
     return ids.to(device), torch.rand(T, K, generator=g).to(device)
 
 
-def _bench_rank(info: WorkerInfo, cfg: dict) -> list[dict]:
+def _graphed(fn, inner: int, device: torch.device):
+    """A CUDA graph of ``inner`` back-to-back calls of fn (after one eager warm-up call);
+    returns its replay."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(inner):
+            fn()
+    return g.replay
+
+
+def _p2p_ceiling(info: WorkerInfo, group, mb: int, iters: int) -> float:
+    """GB/s per rank: this rank copying ``mb`` MB to every peer at once (one stream each)
+    through symmetric memory, all ranks together."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    W, dev = info.world_size, info.device
+    n = mb * 2**20 // 2
+    buf = symm_mem.empty(W * n, dtype=torch.bfloat16, device=dev)
+    hdl = symm_mem.rendezvous(buf, group.group_name)
+    src = torch.randn(n, device=dev).bfloat16()
+    dsts = [hdl.get_buffer(d, (n,), torch.bfloat16, info.rank * n)
+            for d in range(W) if d != info.rank]
+    streams = [torch.cuda.Stream(dev) for _ in dsts]
+
+    def copy_all():
+        cur = torch.cuda.current_stream(dev)
+        for st, dst in zip(streams, dsts, strict=True):
+            st.wait_stream(cur)
+            with torch.cuda.stream(st):
+                dst.copy_(src)
+        for st in streams:
+            cur.wait_stream(st)
+
+    copy_all()
+    times = [_timed(copy_all, dev, group) for _ in range(iters)]
+    dist.barrier(group=group)
+    return len(dsts) * n * 2 / statistics.median(times) / 1e9
+
+
+def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
     dtype = getattr(torch, cfg["dtype"])
-    H, E, K = cfg["hidden"], cfg["num_experts"], cfg["top_k"]
+    H, E, K, W = cfg["hidden"], cfg["num_experts"], cfg["top_k"], info.world_size
     dev = info.device
-    disp = TorchDispatcher(Placement.contiguous(E, info.world_size), hidden_size=H, top_k=K,
-                           dtype=dtype)
-    group = disp.group
+    placement = Placement.contiguous(E, W)
+    torch_disp = TorchDispatcher(placement, hidden_size=H, top_k=K, dtype=dtype)
+    group = torch_disp.group
+    graphs = dev.type == "cuda"
     rows = []
     for T in cfg["tokens"]:
         x = torch.randn(T, H, generator=torch.Generator().manual_seed(info.rank)).to(dtype)
         x = x.to(dev)
         ids, w = _routing(T, E, K, cfg["seed"] * 1000 + info.rank, dev)
-        res = disp.dispatch(x, w, ids)
-        eo = ExpertsOutput(out=res.x.contiguous(), weights_applied=True)
+        res = torch_disp.dispatch(x, w, ids)
         h = res.handle
         send = torch.randn(sum(h.send_counts), H, device=dev).to(dtype)
         recv = torch.empty(sum(h.recv_counts), H, device=dev, dtype=dtype)
@@ -82,23 +132,46 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> list[dict]:
             dist.all_to_all_single(recv, send, list(h.recv_counts), list(h.send_counts),
                                    group=group)
 
-        # The hot path: a server validates once upstream, not in every layer's dispatch.
-        fns = {"dispatch": lambda x=x, w=w, ids=ids: disp.dispatch(x, w, ids, validate=False),
-               "combine": lambda eo=eo, h=h: disp.combine(eo, h),
-               "all_to_all_single": raw_a2a}
+        fns, inner = {}, {}
+        if "torch" in cfg["comm"]:
+            eo = ExpertsOutput(out=res.x.contiguous(), weights_applied=True)
+            fns["torch dispatch"] = lambda x=x, w=w, ids=ids: torch_disp.dispatch(
+                x, w, ids, validate=False)
+            fns["torch combine"] = lambda eo=eo, h=h: torch_disp.combine(eo, h)
+        if "symm" in cfg["comm"]:
+            from rocm_moe.comm.symm import SymmDispatcher
+
+            symm = SymmDispatcher(placement, hidden_size=H, top_k=K, dtype=dtype,
+                                  max_tokens_per_rank=cfg["symm_capacity"] or T)
+            fns["symm dispatch"] = _graphed(
+                lambda x=x, w=w, ids=ids, d=symm: d.dispatch(x, w, ids, validate=False),
+                cfg["inner"], dev)
+            r = symm.dispatch(x, w, ids)  # the batch the combine graph returns
+            eo_s = ExpertsOutput(out=r.x.contiguous(), weights_applied=True)
+            fns["symm combine"] = _graphed(lambda eo=eo_s, r=r, d=symm: d.combine(eo, r.handle),
+                                           cfg["inner"], dev)
+            inner["symm dispatch"] = inner["symm combine"] = cfg["inner"]
+            assert int(r.num_valid) == res.num_received, "symm and torch received rows differ"
+        if graphs:
+            fns["a2a"] = _graphed(raw_a2a, cfg["inner"], dev)
+            inner["a2a"] = cfg["inner"]
+        else:
+            fns["a2a"] = raw_a2a
         times: dict[str, list[float]] = {n: [] for n in fns}
         for it in range(cfg["warmup"] + cfg["iters"]):
-            for name, fn in fns.items():  # interleaved: drift hits all three alike
-                t = _timed(fn, dev, group)
+            for name, fn in fns.items():  # interleaved: drift hits all alike
+                t = _timed(fn, dev, group) / inner.get(name, 1)
                 if it >= cfg["warmup"]:
                     times[name].append(t)
         rows.append(dict(tokens=T, rank=info.rank, recv_rows=res.num_received,
                          recv_bytes=res.num_received * H * x.element_size(), times=times))
-    return rows
+    p2p = _p2p_ceiling(info, group, cfg["p2p_mb"], cfg["iters"]) if graphs else None
+    return dict(rows=rows, p2p_GBps=p2p)
 
 
 def summarise(per_rank: list[list[dict]]) -> list[dict]:
-    """Slowest rank per iteration, median over iterations, MORI-counted GB/s."""
+    """Slowest rank per iteration, median over iterations, MORI-counted GB/s, and each
+    dispatch / combine against the a2a of the same bytes (a2a time / its time)."""
     out = []
     for i, first in enumerate(per_rank[0]):
         ranks = [rows[i] for rows in per_rank]
@@ -109,10 +182,11 @@ def summarise(per_rank: list[list[dict]]) -> list[dict]:
             slowest = [max(r["times"][name][j] for r in ranks)
                        for j in range(len(first["times"][name]))]
             t = statistics.median(slowest)
-            row[f"{name}_us"] = t * 1e6
-            row[f"{name}_GBps"] = mean_bytes / t / 1e9
-        for name in ("dispatch", "combine"):
-            row[f"{name}_vs_a2a"] = row[f"{name}_GBps"] / row["all_to_all_single_GBps"]
+            row[f"{name} us"] = t * 1e6
+            row[f"{name} GB/s"] = mean_bytes / t / 1e9
+        for name in first["times"]:
+            if name != "a2a":
+                row[f"{name} / a2a"] = row["a2a us"] / row[f"{name} us"]
         out.append(row)
     return out
 
@@ -123,8 +197,10 @@ def _plot(rows: list[dict], path: Path, title: str) -> str:
         return NO_PLOT
     fig, ax = plt.subplots(figsize=(7, 4.5))
     tokens = [r["tokens"] for r in rows]
-    for name, style in (("dispatch", "o-"), ("combine", "s-"), ("all_to_all_single", "k--")):
-        ax.plot(tokens, [r[f"{name}_GBps"] for r in rows], style, label=name)
+    names = [k[:-len(" GB/s")] for k in rows[0] if k.endswith(" GB/s")]
+    for name in names:
+        style = "k--" if name == "a2a" else ("o-" if "dispatch" in name else "s-")
+        ax.plot(tokens, [r[f"{name} GB/s"] for r in rows], style, label=name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens per rank")
     ax.set_ylabel("GB/s per rank (received rows x H x bytes / time)")
@@ -141,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, default=None,
                    help="ranks to spawn (default: one per GPU, else 2)")
+    p.add_argument("--comm", nargs="+", default=None, choices=["torch", "symm"],
+                   help="backends to time (default: torch, and symm where it can run)")
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 4096, 16384])
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--num-experts", type=int, default=256)
@@ -148,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--inner", type=int, default=10, help="calls per graph replay")
+    p.add_argument("--symm-capacity", type=int, default=None,
+                   help="symm max_tokens_per_rank for every T (default: T itself)")
+    p.add_argument("--p2p-mb", type=int, default=64, help="MB per peer of the p2p ceiling")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results", help="folder for the JSON and the PNG")
     p.add_argument("--name", default=None, help="file stem (default: comm_<device>_W<N>)")
@@ -157,35 +239,41 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from rocm_moe.backends import device_description
+    from rocm_moe.comm.symm import SymmDispatcher
 
+    if args.comm is None:
+        args.comm = ["torch"] + (["symm"] if SymmDispatcher.availability() is None else [])
+    if "symm" in args.comm and (reason := SymmDispatcher.availability()) is not None:
+        p.error(f"--comm symm cannot run here: {reason}")
     W = args.world_size or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
     cfg = vars(args)
-    per_rank = launch(W, _bench_rank, cfg, timeout_s=600)
-    rows = summarise(per_rank)
+    results = launch(W, _bench_rank, cfg, timeout_s=600)
+    rows = summarise([r["rows"] for r in results])
+    p2p = [r["p2p_GBps"] for r in results]
     device = device_description()
-    title = (f"torch comm backend, W={W}, {device}, H={args.hidden} {args.dtype}, "
-             f"E={args.num_experts}, K={args.top_k}")
+    title = (f"comm backends {'+'.join(args.comm)}, W={W}, {device}, H={args.hidden} "
+             f"{args.dtype}, E={args.num_experts}, K={args.top_k}")
     table = Table(title=title)
-    cols = ["tokens", "recv rows", "dispatch us", "dispatch GB/s", "combine us", "combine GB/s",
-            "a2a us", "a2a GB/s", "dispatch/a2a", "combine/a2a"]
-    for c in cols:
+    names = [k[:-len(" us")] for k in rows[0] if k.endswith(" us")]
+    for c in ["tokens", "recv rows"] + [f"{n} us (GB/s)" for n in names] + \
+            [f"{n} / a2a" for n in names if n != "a2a"]:
         table.add_column(c, justify="right")
     for r in rows:
         table.add_row(str(r["tokens"]), f"{r['mean_recv_rows']:.0f}",
-                      f"{r['dispatch_us']:.1f}", f"{r['dispatch_GBps']:.1f}",
-                      f"{r['combine_us']:.1f}", f"{r['combine_GBps']:.1f}",
-                      f"{r['all_to_all_single_us']:.1f}", f"{r['all_to_all_single_GBps']:.1f}",
-                      f"{r['dispatch_vs_a2a']:.0%}", f"{r['combine_vs_a2a']:.0%}")
-    console = Console(width=160)
+                      *[f"{r[n + ' us']:.1f} ({r[n + ' GB/s']:.0f})" for n in names],
+                      *[f"{r[n + ' / a2a']:.0%}" for n in names if n != "a2a"])
+    console = Console(width=200)
     console.print(table)
+    if p2p[0] is not None:
+        console.print(f"p2p copy ceiling (each rank to all peers at once, {args.p2p_mb} MB "
+                      f"each): min {min(p2p):.0f} GB/s, per rank {[round(v) for v in p2p]}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"comm_{'gpu' if torch.cuda.is_available() else 'cpu'}_W{W}"
     (out / f"{stem}.json").write_text(json.dumps(dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(), device=device,
         torch=torch.__version__, world_size=W, config=cfg, dispatch_validate=False,
-        summary=rows, per_rank=per_rank),
-        indent=1))
+        p2p_GBps=p2p, summary=rows, per_rank=[r["rows"] for r in results]), indent=1))
     console.print(f"json: {out / f'{stem}.json'}")
     console.print(_plot(rows, out / f"{stem}.png", title), markup=False)
     return 0

@@ -71,6 +71,9 @@ class DispatchResult:
     topk_ids: torch.Tensor  # [R, K] int32, global
     topk_weights: torch.Tensor  # [R, K] float32
     handle: CombineHandle
+    # [1] int32 on the device: rows received, where R is a capacity (the symm backend). Rows
+    # past it have every id -1 (empty slots, which every experts backend skips). None: all R.
+    num_valid: torch.Tensor | None = None
 
     @property
     def num_received(self) -> int:
@@ -94,6 +97,33 @@ def join_group(placement: Placement, group, backend: str):
             f"must equal the process group's size {world}",
             f"use Placement.contiguous(E, {world})"))
     return group, dist.get_rank(group)
+
+
+def check_row_bytes(hidden_size: int, dtype: torch.dtype) -> None:
+    """Rows travel as 32-bit words (torch and symm backends)."""
+    if hidden_size * dtype.itemsize % 4:
+        raise ValueError(error_message(
+            "hidden_size", hidden_size, f"H * {dtype.itemsize} bytes must be a multiple of 4 "
+            "(rows travel as 32-bit words)", "use an even hidden size"))
+
+
+def check_agreement(dispatcher: Dispatcher, group) -> None:
+    """Collective: every rank's ``dispatcher.config()`` must be the same; all ranks raise
+    together, naming the field and each rank's value, if not."""
+    import torch.distributed as dist
+
+    mine = dispatcher.config()
+    everyone: list[dict | None] = [None] * dispatcher.world_size
+    dist.all_gather_object(everyone, mine, group=group)
+    for field in mine:
+        values = {r: cfg[field] for r, cfg in enumerate(everyone)}
+        if len({repr(v) for v in values.values()}) > 1:
+            shown = {r: (v if len(repr(v)) < 60 else f"<{hash(repr(v)) & 0xFFFF:04x}>")
+                     for r, v in values.items()}
+            raise ValueError(error_message(
+                f"dispatcher {field} by rank", shown, "every rank of the EP group must "
+                "build its dispatcher with the same configuration",
+                "derive it from one model config on every rank"))
 
 
 class Dispatcher(ABC):
@@ -133,6 +163,7 @@ class Dispatcher(ABC):
         self.hidden_size, self.top_k, self.dtype = hidden_size, top_k, dtype
         self.expert_map = placement.expert_map(rank)
         self._maps: dict[torch.device, ExpertMap] = {}
+        self._dest1: dict[torch.device, torch.Tensor] = {}
 
     def config(self) -> dict:
         """What every rank of a group must agree on (checked at construction by multi-rank
@@ -159,6 +190,14 @@ class Dispatcher(ABC):
         if device not in self._maps:
             self._maps[device] = self.expert_map.to(device)
         return self._maps[device]
+
+    def _dest1_on(self, device: torch.device) -> torch.Tensor:
+        """[E + 1] int64: entry g + 1 holds owner(g) + 1; entry 0 (id -1) holds 0, so
+        ``dest1[ids + 1]`` is owner + 1, or 0 for an empty slot, in one lookup."""
+        if device not in self._dest1:
+            owner1 = self.placement.owner_E.long() + 1
+            self._dest1[device] = torch.cat([owner1.new_zeros(1), owner1]).to(device)
+        return self._dest1[device]
 
     # ---- dispatch -------------------------------------------------------------------------------
     def check_dispatch_inputs(self, x_TH, topk_weights_TK, topk_ids_TK, *, validate: bool = True):

@@ -28,9 +28,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from rocm_moe._checks import error_message
 from rocm_moe.comm import rows
-from rocm_moe.comm.base import CombineHandle, Dispatcher, DispatchResult, join_group
+from rocm_moe.comm.base import (
+    CombineHandle,
+    Dispatcher,
+    DispatchResult,
+    check_agreement,
+    check_row_bytes,
+    join_group,
+)
 from rocm_moe.placement import Placement
 from rocm_moe.weighting import local_slots
 
@@ -80,36 +86,11 @@ class TorchDispatcher(Dispatcher):
         if timeout is not None and group is not None:
             group = dist.new_group(dist.get_process_group_ranks(group), timeout=timeout)
         group, rank = join_group(placement, group, self.name)
-        if hidden_size * dtype.itemsize % rows.WORD:
-            raise ValueError(error_message(
-                "hidden_size", hidden_size, f"H * {dtype.itemsize} bytes must be a multiple of 4 "
-                "(rows travel as 32-bit words)", "use an even hidden size"))
+        check_row_bytes(hidden_size, dtype)
         super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
                          hidden_size=hidden_size, top_k=top_k, dtype=dtype)
         self.group = group
-        self._dest1: dict[torch.device, torch.Tensor] = {}
-        self._check_agreement()
-
-    def _check_agreement(self) -> None:
-        mine = self.config()
-        everyone: list[dict | None] = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self.group)
-        for field in mine:
-            values = {r: cfg[field] for r, cfg in enumerate(everyone)}
-            if len({repr(v) for v in values.values()}) > 1:
-                shown = {r: (v if len(repr(v)) < 60 else f"<{hash(repr(v)) & 0xFFFF:04x}>")
-                         for r, v in values.items()}
-                raise ValueError(error_message(
-                    f"dispatcher {field} by rank", shown, "every rank of the EP group must "
-                    "build its dispatcher with the same configuration",
-                    "derive it from one model config on every rank"))
-
-    def _dest1_on(self, device: torch.device) -> torch.Tensor:
-        """[E + 1] int64: entry g + 1 holds owner(g) + 1; entry 0 (id -1) holds 0."""
-        if device not in self._dest1:
-            owner1 = self.placement.owner_E.long() + 1
-            self._dest1[device] = torch.cat([owner1.new_zeros(1), owner1]).to(device)
-        return self._dest1[device]
+        check_agreement(self, group)
 
     def _a2a(self, out, inp, out_splits, in_splits) -> None:
         dist.all_to_all_single(out, inp, list(out_splits), list(in_splits), group=self.group)
@@ -120,11 +101,7 @@ class TorchDispatcher(Dispatcher):
         W, dev = self.world_size, x_TH.device
         # dest1 = owner + 1, or 0 for an empty slot (id -1): one lookup in an [E + 1] table.
         dest1_TK = self._dest1_on(dev)[topk_ids_TK + 1]
-        send_WT = torch.zeros(W + 1, T, dtype=torch.int64, device=dev)
-        send_WT.scatter_(0, dest1_TK.T, 1)  # row 0 collects the empty slots
-        # [W, T] (not [T, W]): the scan runs along the contiguous token dimension.
-        csum_WT = send_WT[1:].cumsum(1)
-        send_counts_W = csum_WT[:, -1].contiguous() if T else csum_WT.new_zeros(W)
+        csum_WT, send_counts_W = rows.send_plan(dest1_TK, W)
         recv_counts_W = torch.empty_like(send_counts_W)
         work = dist.all_to_all_single(recv_counts_W, send_counts_W, group=self.group,
                                       async_op=True)

@@ -1,4 +1,7 @@
-"""TorchDispatcher on spawned gloo ranks (W = 2, 4): MORI's semantics, checked exactly.
+"""Multi-rank dispatchers on spawned ranks: MORI's semantics, checked exactly.
+
+TorchDispatcher on gloo (W = 2, 4) and NCCL (W = 2, GPUs); tests/comm/test_symm.py runs the
+same checks on SymmDispatcher (``_suite(..., backend="symm")``).
 
 Every rank builds ALL ranks' inputs from one seed, so each knows exactly what it must receive.
 Inputs encode their sender (rank and token in the values) so a misrouted row is visible. One
@@ -12,12 +15,34 @@ import torch
 
 from rocm_moe import EPMoE, ExpertsOutput, LocalDispatcher, Placement, RouterConfig, build_layout
 from rocm_moe import synthetic as syn
+from rocm_moe.comm.base import DispatchResult
 from rocm_moe.comm.torch import TorchDispatcher
 from rocm_moe.distributed import launch
 from rocm_moe.experts.reference import dense_moe_reference
 from tests.dist_checks import collect_checks, run_checks
 
 E, K, H, I = 16, 4, 8, 6
+_BACKEND = ["torch"]  # set per spawned rank by _suite
+
+
+def _dispatcher(placement: Placement, **kw):
+    """The backend under test; symm needs a capacity (64 covers every case here)."""
+    if _BACKEND[0] == "symm":
+        from rocm_moe.comm.symm import SymmDispatcher
+
+        kw["max_tokens_per_rank"] = kw.get("max_tokens_per_rank") or 64
+        return SymmDispatcher(placement, **kw)
+    return TorchDispatcher(placement, **kw)
+
+
+def _received(res: DispatchResult):
+    """(x, ids, weights) of the R received rows (a capacity-sized result is cut at num_valid;
+    its rows past R must have every id -1)."""
+    if res.num_valid is None:
+        return res.x, res.topk_ids, res.topk_weights
+    n = int(res.num_valid)
+    assert bool((res.topk_ids[n:] == -1).all()), "rows past num_valid must be empty"
+    return res.x[:n], res.topk_ids[:n], res.topk_weights[:n]
 
 
 def _case_inputs(case: str, W: int, seed: int):
@@ -54,14 +79,15 @@ def _expected_recv(inputs, placement: Placement, rank: int):
     return torch.cat(xs), torch.cat(ws), torch.cat(ids).to(torch.int32)
 
 
-def _check_round_trip(disp: TorchDispatcher, inputs, rank: int, dev: torch.device) -> None:
+def _check_round_trip(disp, inputs, rank: int, dev: torch.device) -> None:
     p = disp.placement
     x, w, ids = inputs[rank]
     res = disp.dispatch(x.to(dev), w.to(dev), ids.to(dev))
     ex_x, ex_w, ex_ids = _expected_recv(inputs, p, rank)
-    assert torch.equal(res.x.cpu(), ex_x), "received rows differ (order: source rank, token)"
-    assert torch.equal(res.topk_weights.cpu(), ex_w)
-    assert torch.equal(res.topk_ids.cpu(), ex_ids), "ids must arrive global and unchanged"
+    got_x, got_ids, got_w = _received(res)
+    assert torch.equal(got_x.cpu(), ex_x), "received rows differ (order: source rank, token)"
+    assert torch.equal(got_w.cpu(), ex_w)
+    assert torch.equal(got_ids.cpu(), ex_ids), "ids must arrive global and unchanged"
     # identity experts, weighted: combine(dispatch(x)) == x * U
     U = torch.tensor([p.owner(row[row >= 0]).unique().numel() for row in ids])
     y = disp.combine(ExpertsOutput(out=res.x.clone(), weights_applied=True), res.handle)
@@ -81,7 +107,7 @@ def _check_round_trip(disp: TorchDispatcher, inputs, rank: int, dev: torch.devic
 
 def _check_cases(info, seed):
     W = info.world_size
-    disp = TorchDispatcher(Placement.contiguous(E, W), hidden_size=H, top_k=K,
+    disp = _dispatcher(Placement.contiguous(E, W), hidden_size=H, top_k=K,
                            dtype=torch.float32)
     for case in ("random", "zero_rank", "one_rank", "empty_slots", "single"):
         _check_round_trip(disp, _case_inputs(case, W, seed), info.rank, info.device)
@@ -90,10 +116,10 @@ def _check_cases(info, seed):
 def _check_expert_counts(info, seed):
     W = info.world_size
     p = Placement.contiguous(E, W)
-    disp = TorchDispatcher(p, hidden_size=H, top_k=K, dtype=torch.float32)
+    disp = _dispatcher(p, hidden_size=H, top_k=K, dtype=torch.float32)
     inputs = _case_inputs("random", W, seed)
     res = disp.dispatch(*(t.to(info.device) for t in inputs[info.rank]))
-    counts = build_layout(res.topk_ids, disp.expert_map_on(info.device)).tokens_per_expert
+    counts = build_layout(_received(res)[1], disp.expert_map_on(info.device)).tokens_per_expert
     all_ids = torch.cat([i for _, _, i in inputs])
     want = [int((all_ids == g).sum()) for g in p.local_experts(info.rank)]
     assert counts.tolist() == want
@@ -101,7 +127,7 @@ def _check_expert_counts(info, seed):
 
 def _check_iterations(info, seed):
     W = info.world_size
-    disp = TorchDispatcher(Placement.contiguous(E, W), hidden_size=H, top_k=K,
+    disp = _dispatcher(Placement.contiguous(E, W), hidden_size=H, top_k=K,
                            dtype=torch.float32, max_tokens_per_rank=64)
     cases = ["random", "single", "zero_rank", "empty_slots", "one_rank", "random"]
     for i, case in enumerate(cases):  # 6 batches of different sizes on one dispatcher
@@ -126,7 +152,7 @@ def _check_epmoe_matches_reference(info, seed):
     for T in (0 if rank == 0 else 5, 33):
         x = syn.tokens(seed, rank, T, H).double().to(info.device)
         for mode in ("experts", "combine"):
-            disp = TorchDispatcher(Placement.contiguous(E, W), hidden_size=H, top_k=K,
+            disp = _dispatcher(Placement.contiguous(E, W), hidden_size=H, top_k=K,
                                    dtype=torch.float64)
             layer = _layer(mode, torch.float64, disp, info.device)
             single = _layer(mode, torch.float64, None, info.device)  # all experts, one process
@@ -141,7 +167,7 @@ def _check_epmoe_matches_reference(info, seed):
 
 
 def _check_bit_identical_repeats(info, seed):
-    disp = TorchDispatcher(Placement.contiguous(E, info.world_size), hidden_size=H, top_k=K,
+    disp = _dispatcher(Placement.contiguous(E, info.world_size), hidden_size=H, top_k=K,
                            dtype=torch.bfloat16)
     layer = _layer("combine", torch.bfloat16, disp, info.device)
     x = syn.tokens(seed, info.rank, 33, H).bfloat16().to(info.device)
@@ -166,7 +192,7 @@ BAD = {
 
 
 def _check_bad_input(info, seed):
-    disp = TorchDispatcher(Placement.contiguous(E, info.world_size), hidden_size=H, top_k=K,
+    disp = _dispatcher(Placement.contiguous(E, info.world_size), hidden_size=H, top_k=K,
                            dtype=torch.float32, max_tokens_per_rank=40)
     inputs = _case_inputs("random", info.world_size, seed)
     messages = {}
@@ -184,7 +210,7 @@ def _check_bad_input(info, seed):
 
 def _check_config_mismatch(info, seed):
     try:
-        TorchDispatcher(Placement.contiguous(E, info.world_size), hidden_size=H + info.rank,
+        _dispatcher(Placement.contiguous(E, info.world_size), hidden_size=H + info.rank,
                         top_k=K, dtype=torch.float32)
     except ValueError as exc:
         return str(exc)  # the test checks every rank's message
@@ -194,7 +220,8 @@ def _check_config_mismatch(info, seed):
 CHECKS = collect_checks(globals(), skip=("round_trip",))
 
 
-def _suite(info, seed):
+def _suite(info, seed, backend="torch"):
+    _BACKEND[0] = backend
     return run_checks(CHECKS, info, seed)
 
 

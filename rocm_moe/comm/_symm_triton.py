@@ -1,0 +1,188 @@
+"""Triton kernels behind rocm_moe.comm.symm (imported only where triton is installed).
+
+Every rank holds one symmetric buffer (same size on every rank, mapped into every peer's
+address space by torch symmetric memory). ``ptrs_ptr`` is a [W] int64 tensor of the buffers'
+base addresses as seen from this rank; a section of peer d's buffer is ``ptrs[d] + offset``
+(bytes), cast to a typed pointer. Sections (``comm.symm`` lays them out): received rows, the
+partials coming back, the [W, W] count matrix, the barrier flags.
+
+Only plain loads, stores and atomic compare-and-swap at system scope: nothing vendor-specific,
+so the same kernels build for CUDA and ROCm (gfx942).
+
+Barrier (``signal_wait``): flag [s] of rank d says "rank s has arrived". Program p of a grid of
+W sets flag [me] on peer p from 0 to 1 (spinning until p consumed the previous signal, so
+consecutive barriers can share the flags) with release semantics, then waits for its own flag
+[p] to turn 1 and resets it to 0 with acquire semantics. Every spin is bounded by ``SPIN``
+iterations; a peer that never arrives leaves ``status[p] = 1`` instead of hanging the GPU.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _addr(ptrs_ptr, rank, offset):
+    """Byte address of ``offset`` in rank's symmetric buffer (int64)."""
+    return tl.load(ptrs_ptr + rank) + offset
+
+
+@triton.jit
+def _signal_wait(ptrs_ptr, peer, me, FLAG_OFF, status_ptr, SPIN: tl.constexpr):
+    out_flag = _addr(ptrs_ptr, peer, FLAG_OFF + me * 4).to(tl.pointer_type(tl.int32))
+    in_flag = _addr(ptrs_ptr, me, FLAG_OFF + peer * 4).to(tl.pointer_type(tl.int32))
+    tl.debug_barrier()  # every thread's earlier stores happen before the release below
+    old = tl.atomic_cas(out_flag, 0, 1, sem="release", scope="sys")
+    n = 1
+    while (old != 0) & (n < SPIN):
+        old = tl.atomic_cas(out_flag, 0, 1, sem="release", scope="sys")
+        n += 1
+    got = tl.atomic_cas(in_flag, 1, 0, sem="acquire", scope="sys")
+    m = 1
+    while (got != 1) & (m < SPIN):
+        got = tl.atomic_cas(in_flag, 1, 0, sem="acquire", scope="sys")
+        m += 1
+    if (old != 0) | (got != 1):
+        tl.store(status_ptr + peer, 1)
+    tl.debug_barrier()
+
+
+@triton.jit
+def barrier_kernel(ptrs_ptr, me, FLAG_OFF, status_ptr, SPIN: tl.constexpr):
+    """Grid (W,): all ranks' earlier kernels on this stream are done (and their stores to any
+    peer visible) once every rank has passed it."""
+    _signal_wait(ptrs_ptr, tl.program_id(0), me, FLAG_OFF, status_ptr, SPIN)
+
+
+@triton.jit
+def route_counts_kernel(ids_ptr, dest1_ptr, pos_ptr, ptrs_ptr, T, K, me, W, CAP, COUNTS_OFF,
+                        FLAG_OFF, status_ptr, K_POW2: tl.constexpr, W_POW2: tl.constexpr,
+                        CHUNK: tl.constexpr, SPIN: tl.constexpr):
+    """Grid (W,): every program scans this rank's [T, K] ids (int32, -1 = empty) in chunks:
+    a token goes once to each unique owner rank (``dest1[g + 1]`` = owner(g) + 1, 0 for -1);
+    its index among the tokens sent to rank d is the running count. Program 0 stores
+    pos[t, d] = d * CAP + index (its partial's row in this rank's back section), or -1.
+    Program p then writes the totals (this rank's send counts) into row ``me`` of peer p's
+    [W, W] count matrix, signals p and waits for p's row: after the launch every rank holds
+    the whole matrix.
+    Example: W = 2, owners of the slots per token [[0, 0], [1, 0], [1, 1]]: pos = [[0, -1],
+    [1, CAP + 0], [-1, CAP + 1]], counts [2, 2]."""
+    p = tl.program_id(0)
+    kk = tl.arange(0, K_POW2)
+    d = tl.arange(0, W_POW2)
+    carry = tl.zeros([W_POW2], dtype=tl.int32)
+    for c in range(0, T, CHUNK):
+        t = c + tl.arange(0, CHUNK)
+        ok = (t[:, None] < T) & (kk[None, :] < K)
+        g = tl.load(ids_ptr + t[:, None] * K + kk[None, :], mask=ok, other=-1)
+        dest1 = tl.load(dest1_ptr + g + 1, mask=ok, other=0)  # [CHUNK, K_POW2]
+        hit = dest1[:, :, None] == (d + 1)[None, None, :]  # [CHUNK, K_POW2, W_POW2]
+        sent = tl.max(hit.to(tl.int32), axis=1)  # [CHUNK, W_POW2]
+        idx = tl.cumsum(sent, axis=0) + carry[None, :] - 1
+        if p == 0:
+            pos = tl.where(sent > 0, d[None, :].to(tl.int64) * CAP + idx, -1)
+            tl.store(pos_ptr + t[:, None].to(tl.int64) * W + d[None, :], pos,
+                     mask=(t[:, None] < T) & (d[None, :] < W))
+        carry += tl.sum(sent, axis=0)
+    dst = _addr(ptrs_ptr, p, COUNTS_OFF + me * W * 4).to(tl.pointer_type(tl.int32))
+    tl.store(dst + d, carry, mask=d < W)
+    _signal_wait(ptrs_ptr, p, me, FLAG_OFF, status_ptr, SPIN)
+
+
+@triton.jit
+def _row_sources(r, recv_ptr, W, me, CAP):
+    """For received rows r (a tensor): (source rank, row in the source's back section, R).
+    ``recv_ptr`` [W] int32: rows received from each rank, in rank order."""
+    end = tl.zeros_like(r)
+    src = tl.zeros_like(r)
+    start = tl.zeros_like(r)
+    for q in range(W):
+        c = tl.load(recv_ptr + q)
+        past = r >= end + c
+        start = tl.where(past, end + c, start)
+        src += past.to(r.dtype)
+        end += c
+    return src, me * CAP + r - start, tl.max(end, axis=0)
+
+
+@triton.jit
+def pack_put_kernel(x_ptr, ids_ptr, w_ptr, pos_ptr, counts_ptr, ptrs_ptr, XW, K, RW, me, W,
+                    CAP, RECV_OFF, BLOCK: tl.constexpr):
+    """Grid (T, blocks of row words): token t's packed row [x words | K ids | K weight bits |
+    pad] goes to every peer d with pos[t, d] >= 0, at row (rows that ranks below this one send
+    to d, from the [W, W] count matrix ``counts_ptr``) + pos[t, d] - d * CAP.
+
+    x_ptr [T, XW] int32 words; ids_ptr [T, K] int32; w_ptr [T, K] float32; pos_ptr [T, W]
+    int64 (``route_counts_kernel``'s). Example: W = 2, this is rank 1, its tokens 0 and 2 go
+    to rank 0 (pos[:, 0] = [0, -1, 1]) where rank 0 keeps 5 rows of its own (counts[0, 0] =
+    5): they land on rank 0's rows 5 and 6.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_x = j < XW
+    in_ids = (j >= XW) & (j < XW + K)
+    in_w = (j >= XW + K) & (j < XW + 2 * K)
+    v = tl.load(x_ptr + t * XW + j, mask=in_x, other=0)
+    ids = tl.load(ids_ptr + t * K + (j - XW), mask=in_ids, other=0)
+    w = tl.load(w_ptr + t * K + (j - XW - K), mask=in_w, other=0.0).to(tl.int32, bitcast=True)
+    v = tl.where(in_x, v, tl.where(in_ids, ids, w))
+    for d in range(W):
+        p = tl.load(pos_ptr + t * W + d)
+        if p >= 0:
+            base = p - d * CAP
+            for s in range(me):
+                base += tl.load(counts_ptr + s * W + d)
+            dst = _addr(ptrs_ptr, d, RECV_OFF).to(tl.pointer_type(tl.int32))
+            tl.store(dst + base * RW + j, v, mask=j < RW)
+
+
+@triton.jit
+def barrier_scrub_kernel(ptrs_ptr, me, W, FLAG_OFF, status_ptr, counts_ptr, recv_ptr,
+                         nvalid_ptr, meta_ptr, RW, K, N_ROWS, SPIN: tl.constexpr,
+                         K_POW2: tl.constexpr, W_POW2: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Grid (W + scrub programs,): programs p < W are a barrier (every rank's rows have
+    arrived); the others, meanwhile, copy column ``me`` of the count matrix (rows received
+    from each rank) to ``recv_ptr`` [W] and R to ``nvalid_ptr`` [1], and mark every row at or
+    past R empty in the receive section (ids -1, weights 0; ``meta_ptr``: the first id word of
+    row 0, rows ``RW`` words apart). Peers only write rows below R, so both run at once."""
+    p = tl.program_id(0)
+    if p < W:
+        _signal_wait(ptrs_ptr, p, me, FLAG_OFF, status_ptr, SPIN)
+    else:
+        q = tl.arange(0, W_POW2)
+        recv = tl.load(counts_ptr + q * W + me, mask=q < W, other=0)
+        R = tl.sum(recv, axis=0)
+        if p == W:
+            tl.store(recv_ptr + q, recv, mask=q < W)
+            tl.store(nvalid_ptr, R)
+        r = (p - W) * BLOCK_R + tl.arange(0, BLOCK_R)
+        kk = tl.arange(0, 2 * K_POW2)
+        m = (r[:, None] >= R) & (r[:, None] < N_ROWS) & (kk[None, :] < 2 * K)
+        val = tl.where(kk < K_POW2, -1, 0)  # ids -1, then weight bits of 0.0
+        col = tl.where(kk < K_POW2, kk, kk - K_POW2 + K)
+        m = m & (tl.where(kk < K_POW2, kk, kk - K_POW2) < K)
+        tl.store(meta_ptr + r[:, None].to(tl.int64) * RW + col[None, :],
+                 tl.zeros([BLOCK_R, 2 * K_POW2], dtype=tl.int32) + val[None, :], mask=m)
+
+
+@triton.jit
+def push_back_kernel(y_ptr, y_stride, sel_ptr, sel_stride, recv_ptr, ptrs_ptr, me, W, CAP, H,
+                     BACK_OFF, USE_SEL: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
+    """Grid (row blocks of the capacity, blocks of H): received rows r < R send y[r] (row
+    stride ``y_stride`` elements) to their source rank's back section, at row (this rank) *
+    CAP + (r's index among the rows from that source); with USE_SEL only rows with
+    sel[r * sel_stride] != 0. Row sources come from ``recv_ptr`` [W] (rows received from each
+    rank); blocks at or past R exit at once."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    src, brow, R = _row_sources(r, recv_ptr, W, me, CAP)
+    if tl.program_id(0) * BLOCK_R < R:
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        m = r < R
+        if USE_SEL:
+            m = m & (tl.load(sel_ptr + r * sel_stride, mask=m, other=0) != 0)
+        mh = m[:, None] & (h[None, :] < H)
+        v = tl.load(y_ptr + r[:, None].to(tl.int64) * y_stride + h[None, :], mask=mh)
+        ELEM: tl.constexpr = y_ptr.dtype.element_ty.primitive_bitwidth // 8
+        base = tl.load(ptrs_ptr + src, mask=m, other=0) + BACK_OFF
+        addr = base[:, None] + (brow[:, None].to(tl.int64) * H + h[None, :]) * ELEM
+        tl.store(addr.to(tl.pointer_type(y_ptr.dtype.element_ty)), v, mask=mh)

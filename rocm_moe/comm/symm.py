@@ -1,0 +1,295 @@
+"""Device-initiated dispatch/combine on torch symmetric memory: no host round trip, CUDA-graph
+capturable. MORI's semantics, exactly as the torch backend (rocm_moe.comm.torch) has them.
+
+Every rank allocates one symmetric buffer once (sized from ``max_tokens_per_rank``, called cap
+below) that every peer can address directly:
+
+    recv   [W * cap, row words] int32   rows received: [x | K int32 ids | K float32 weights]
+    back   [2, W * cap, H] x.dtype      partials returned to this rank: rank d's row j for the
+                                        j-th token this rank sent to d lands on row d * cap + j
+                                        of one half; consecutive combines alternate halves
+    counts [W, W] int32                 row s: tokens rank s sends to each rank
+    flags  [W] int32                    barrier signals, one per peer
+
+Dispatch (four device steps, nothing read on the host):
+  1. owner ranks of each token's slots and the per-destination prefix counts (torch ops);
+  2. ``put_counts``: each rank writes its [W] send counts into every peer's count matrix, then
+     a barrier: every rank knows the whole [W, W] matrix;
+  3. ``pack_put``: each token's packed row is written straight into each owner's receive
+     section at row (tokens that lower ranks send there) + (its index among this rank's tokens
+     for that owner): received rows are compact and ordered by (source rank, token), as with
+     the torch backend, so repeats are bit-identical;
+  4. a barrier: every rank's rows have arrived.
+The received row count R stays on the device (``DispatchResult.num_valid``). The result is
+capacity-sized: ``x`` [W * cap, H] (a strided view of the receive section), and rows past R
+have every id -1 (empty slots), which every experts backend already skips: nothing is computed
+for them and nothing reads their stale x.
+
+Combine: each expert rank pushes the partial of each received row i < R (read on the device)
+to row ``d * cap + j`` of its source's back section; a barrier; each rank sums its tokens'
+partials in float32 in rank order (``rows.gather_sum``, the torch backend's kernel) and casts
+once. combine_raw does the same once per slot k with only the rows whose slot k is local, and
+the owner takes each [t, k] from the one rank that owns expert k (zeros for empty slots).
+The back section has two halves used in turn: a rank may push the next partials (another
+combine of the same batch, the next slot) while a slower peer still sums from the other half;
+any two uses of one half are separated by a barrier every rank passes after the first use
+(the next dispatch's, or the other half's combine), so no extra barrier is needed.
+
+Buffers are reused: DispatchResult tensors are views that the next dispatch overwrites (as
+MORI's are); one batch is in flight per dispatcher (combine refuses an older batch's handle).
+Every barrier spins a bounded number of times; a peer that never arrives is recorded on the
+device and reported by rank (``check_peers``, run by every validated dispatch) instead of a
+hang.
+
+Nothing here is vendor-specific (torch symmetric memory runs on ROCm through HIP VMM or MORI's
+allocator; the kernels use plain pointers and system-scope atomics), but only NVIDIA GPUs have
+run it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from rocm_moe._checks import error_message
+from rocm_moe._libs import library_version
+from rocm_moe.comm import rows
+from rocm_moe.comm.base import (
+    CombineHandle,
+    Dispatcher,
+    DispatchResult,
+    check_agreement,
+    check_row_bytes,
+    join_group,
+)
+from rocm_moe.placement import Placement
+from rocm_moe.weighting import local_slots
+
+_ALIGN = 256  # bytes; sections start aligned
+BLOCK_WORDS = 1024  # pack kernel: row words per program
+BLOCK_H = 1024  # push kernel: hidden elements per program
+PUSH_ROWS = 4  # push kernel: rows per program
+SCRUB_ROWS = 64  # rows per program marking rows past R empty
+DEFAULT_SPIN = 1 << 22  # barrier spin bound: seconds on NVLink, far above any healthy wait
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class SymmCombineHandle(CombineHandle):
+    pos: torch.Tensor  # [T, W] int64: back-section row of token t's partial from rank d, or -1
+    recv_from: torch.Tensor  # [W] int32: rows received from each rank (rank order)
+    num_valid: torch.Tensor  # [1] int32: R, rows received (on the device)
+
+
+def _round_up(n: int, a: int = _ALIGN) -> int:
+    return -(-n // a) * a
+
+
+class SymmDispatcher(Dispatcher):
+    """Dispatch/combine over torch symmetric memory with Triton kernels; CUDA-graph safe.
+
+    Args:
+        placement: expert ownership; ``placement.world_size`` must equal the group's size.
+        hidden_size, top_k, dtype: what every batch must have (they size the buffers).
+        max_tokens_per_rank: capacity per rank (required): a rank receives at most
+            W x max_tokens_per_rank rows; a larger batch is refused before anything moves.
+        group: the EP process group (default: the default group). All its ranks must be on one
+            node with peer access (NVLink / xGMI).
+        spin_limit: bound of every barrier spin (iterations); a peer that does not arrive within
+            it is reported by ``check_peers``.
+
+    Construction is collective (configuration check, then the symmetric allocation).
+    """
+
+    name = "symm"
+
+    @classmethod
+    def availability(cls) -> str | None:
+        """None if this backend can run in this process, else why not."""
+        if library_version("triton") is None:
+            return "triton is not installed (pip install 'rocm_moe[triton]')"
+        if not torch.cuda.is_available():
+            return "no CUDA/ROCm device (symmetric memory maps GPU memory of peer GPUs)"
+        if importlib.util.find_spec("torch.distributed._symmetric_memory") is None:
+            return f"torch {torch.__version__} has no torch.distributed._symmetric_memory"
+        return None
+
+    def __init__(
+        self,
+        placement: Placement,
+        *,
+        hidden_size: int,
+        top_k: int,
+        dtype: torch.dtype,
+        max_tokens_per_rank: int,
+        group: dist.ProcessGroup | None = None,
+        spin_limit: int = DEFAULT_SPIN,
+    ):
+        if (reason := self.availability()) is not None:
+            raise ValueError(error_message("comm backend", "'symm'", f"unavailable: {reason}",
+                                           "use the torch backend (TorchDispatcher)"))
+        if max_tokens_per_rank is None:
+            raise ValueError(error_message(
+                "max_tokens_per_rank", None, "the symm backend sizes its fixed buffers from it",
+                "pass the largest batch a rank will send (e.g. the engine's max batched tokens)"))
+        group, rank = join_group(placement, group or dist.group.WORLD, self.name)
+        check_row_bytes(hidden_size, dtype)
+        super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
+                         hidden_size=hidden_size, top_k=top_k, dtype=dtype)
+        self.group = group
+        self.spin_limit = spin_limit
+        check_agreement(self, group)
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self._allocate()
+
+    # ---- buffers ----------------------------------------------------------------------------
+    def _allocate(self) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        W, cap, H = self.world_size, self.max_tokens_per_rank, self.hidden_size
+        self.row_words = rows.row_words(H, self.dtype, self.top_k)
+        sizes = {"recv": W * cap * self.row_words * 4,
+                 "back": 2 * W * cap * H * self.dtype.itemsize,
+                 "counts": W * W * 4, "flags": W * 4}
+        self.offsets, total = {}, 0
+        for name, size in sizes.items():
+            self.offsets[name] = total
+            total += _round_up(size)
+        buf = symm_mem.empty(total, dtype=torch.uint8, device=self.device)
+        buf.zero_()  # flags start at 0; rows past R are never read, but hold no NaN either
+        hdl = symm_mem.rendezvous(buf, self.group.group_name)
+        self._buf, self._hdl = buf, hdl
+        self._ptrs = torch.tensor(list(hdl.buffer_ptrs), dtype=torch.int64, device=self.device)
+
+        def section(name, dtype, shape):
+            o, n = self.offsets[name], sizes[name]
+            return buf[o:o + n].view(dtype).view(shape)
+
+        self._recv = section("recv", torch.int32, (W * cap, self.row_words))
+        self._back = section("back", self.dtype, (2, W * cap, H))
+        self._half = 0  # the back half the next push uses
+        self._counts = section("counts", torch.int32, (W, W))
+        self._status = torch.zeros(W, dtype=torch.int32, device=self.device)
+        self._dest1_i32 = self._dest1_on(self.device).to(torch.int32)
+        self._w_pow2 = _next_pow2(W)
+        self._open_batch: int | None = None
+        torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)  # every buffer zeroed before any peer signals
+
+    # ---- health ----------------------------------------------------------------------------
+    def check_peers(self) -> None:
+        """Raise naming the peers that did not arrive at a barrier of an earlier call (a host
+        read: not for the hot path; every validated dispatch runs it)."""
+        failed = self._status.nonzero().flatten().tolist()
+        if failed:
+            raise RuntimeError(error_message(
+                "symm dispatcher peers", failed, f"rank {self.rank} waited for them at a barrier "
+                f"past spin_limit={self.spin_limit}: they failed, stalled or ran another batch",
+                "check those ranks' logs; this dispatcher is unusable now, build a new one"))
+
+    def _barrier(self) -> None:
+        from rocm_moe.comm._symm_triton import barrier_kernel
+
+        barrier_kernel[(self.world_size,)](self._ptrs, self.rank, self.offsets["flags"],
+                                           self._status, SPIN=self.spin_limit, num_warps=1)
+
+    # ---- dispatch ---------------------------------------------------------------------------
+    def dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, *, validate: bool = True):
+        if validate and not torch.cuda.is_current_stream_capturing():
+            self.check_peers()
+        if x_TH.device != self.device:
+            raise ValueError(error_message(
+                "x.device", x_TH.device, f"must be this dispatcher's device {self.device}",
+                "move the batch to the rank's GPU (torch.cuda.set_device before building)"))
+        return super().dispatch(x_TH, topk_weights_TK, topk_ids_TK, validate=validate)
+
+    def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
+        from rocm_moe.comm._symm_triton import (
+            barrier_scrub_kernel,
+            pack_put_kernel,
+            route_counts_kernel,
+        )
+
+        T, K = topk_ids_TK.shape
+        W, me, cap, dev = self.world_size, self.rank, self.max_tokens_per_rank, self.device
+        ids = topk_ids_TK.contiguous()
+        w = topk_weights_TK.contiguous()
+        pos_TW = torch.empty(T, W, dtype=torch.int64, device=dev)
+        k_pow2 = _next_pow2(K)
+        route_counts_kernel[(W,)](
+            ids, self._dest1_i32, pos_TW, self._ptrs, T, K, me, W, cap, self.offsets["counts"],
+            self.offsets["flags"], self._status, K_POW2=k_pow2, W_POW2=self._w_pow2,
+            CHUNK=min(256, max(16, _next_pow2(T))), SPIN=self.spin_limit, num_warps=4)
+        if T:
+            x_words = x_TH.contiguous().view(torch.int32)
+            pack_put_kernel[(T, -(-self.row_words // BLOCK_WORDS))](
+                x_words, ids, w, pos_TW, self._counts, self._ptrs, x_words.shape[1], K,
+                self.row_words, me, W, cap, self.offsets["recv"], BLOCK=BLOCK_WORDS)
+        recv_W = torch.empty(W, dtype=torch.int32, device=dev)
+        nvalid = torch.empty(1, dtype=torch.int32, device=dev)
+        n_rows = W * cap
+        x_R, ids_R, w_R = rows.unpack(self._recv, self.hidden_size, self.dtype, K)
+        barrier_scrub_kernel[(W + -(-n_rows // SCRUB_ROWS),)](
+            self._ptrs, me, W, self.offsets["flags"], self._status, self._counts, recv_W,
+            nvalid, ids_R, self.row_words, K, n_rows, SPIN=self.spin_limit, K_POW2=k_pow2,
+            W_POW2=self._w_pow2, BLOCK_R=SCRUB_ROWS, num_warps=4)
+        handle = SymmCombineHandle(
+            **self.handle_fields(batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
+                                 topk_ids_TK=topk_ids_TK, recv_topk_ids=ids_R,
+                                 recv_topk_weights=w_R),
+            pos=pos_TW, recv_from=recv_W, num_valid=nvalid)
+        self._open_batch = batch_id
+        return DispatchResult(x=x_R, topk_ids=ids_R, topk_weights=w_R, handle=handle,
+                              num_valid=nvalid)
+
+    # ---- combine ----------------------------------------------------------------------------
+    def _check_open(self, handle) -> None:
+        if handle.batch_id != self._open_batch:
+            raise ValueError(error_message(
+                "handle.batch_id", handle.batch_id, f"the symm backend's buffers hold batch "
+                f"{self._open_batch} now (one batch in flight per dispatcher; the next dispatch "
+                "overwrites the last)", "combine each batch before dispatching the next"))
+
+    def _push(self, y_RH: torch.Tensor, handle, sel_R: torch.Tensor | None) -> torch.Tensor:
+        """Send each valid received row's [H] partial to its source (only rows with sel != 0
+        where ``sel_R`` is given); a barrier; returns this rank's back half that holds the
+        partials sent to it."""
+        from rocm_moe.comm._symm_triton import push_back_kernel
+
+        n_rows, H = y_RH.shape
+        half, self._half = self._half, 1 - self._half
+        offset = self.offsets["back"] + half * self._back[0].numel() * self.dtype.itemsize
+        sel = sel_R if sel_R is not None else handle.recv_from
+        push_back_kernel[(-(-n_rows // PUSH_ROWS), -(-H // BLOCK_H))](
+            y_RH, y_RH.stride(0), sel, sel.stride(0), handle.recv_from, self._ptrs, self.rank,
+            self.world_size, self.max_tokens_per_rank, H, offset, USE_SEL=sel_R is not None,
+            BLOCK_R=PUSH_ROWS, BLOCK_H=BLOCK_H)
+        self._barrier()
+        return self._back[half]
+
+    def _combine(self, y_RH, handle):
+        self._check_open(handle)
+        if y_RH.stride(1) != 1:
+            y_RH = y_RH.contiguous()
+        return rows.gather_sum(self._push(y_RH, handle, None), handle.pos)
+
+    def _combine_raw(self, raw_RKH, handle):
+        self._check_open(handle)
+        raw_RKH = raw_RKH.contiguous()
+        K, W = raw_RKH.shape[1], self.world_size
+        local_RK = local_slots(handle.recv_topk_ids, self.expert_map_on(self.device))
+        local_RK = local_RK.to(torch.int8)
+        owner_TK = self._dest1_on(self.device)[handle.topk_ids + 1] - 1
+        out = raw_RKH.new_zeros(handle.num_tokens, K, raw_RKH.shape[2])
+        ranks = torch.arange(W, device=self.device)
+        for k in range(K):  # one slot at a time through the back halves
+            back = self._push(raw_RKH[:, k], handle, local_RK[:, k])
+            pos_k = torch.where(owner_TK[:, k, None] == ranks, handle.pos, -1)
+            out[:, k] = rows.gather_sum(back, pos_k)
+        return out
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())

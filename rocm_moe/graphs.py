@@ -1,0 +1,77 @@
+"""CUDA-graph capture of a whole EPMoE forward, one graph per token bucket (what serving engines
+do for decode).
+
+A forward is capturable when every stage keeps its sizes on the device: the symm comm backend
+(rocm_moe.comm.symm) with the Triton experts (or AITER's), the router and shared experts. The
+torch backend reads its split sizes on the host and the reference experts index by host
+counts, so they cannot be captured (``torch.cuda.graph`` raises).
+
+Every rank of the EP group must capture and replay together: the graphs hold the barriers of
+dispatch and combine. A rank may use another bucket than its peers (MORI's semantics: T differs
+per rank), so long as all of them replay once per step.
+
+    graphed = GraphedEPMoE(layer, buckets=(1, 2, 4, 8, 16, 32, 64, 128))   # collective
+    y = graphed(x)          # x [T, H] with T <= 128: copied into the smallest bucket >= T,
+                            # padded with zero rows, replayed; y [T, H] (a view, valid until
+                            # the next call)
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from rocm_moe._checks import error_message
+
+
+class GraphedEPMoE:
+    """CUDA graphs of ``layer.forward`` for fixed token counts; ``__call__`` replays the
+    smallest bucket that holds the batch. Capture is collective over the layer's EP group.
+
+    Padding rows are zeros: they are routed and computed like any token (their outputs are
+    dropped), so a bucket costs what its size costs. ``warmup`` eager calls per bucket come
+    first (they compile the Triton kernels, which capture cannot do).
+    """
+
+    def __init__(self, layer, buckets=(1, 2, 4, 8, 16, 32, 64, 128), *, warmup: int = 2):
+        if not buckets or any(int(b) < 1 for b in buckets):
+            raise ValueError(error_message("buckets", buckets, "must be token counts >= 1",
+                                           "pass e.g. (1, 2, 4, ..., 128)"))
+        self.layer = layer
+        self.buckets = sorted({int(b) for b in buckets})
+        p = next(layer.parameters())
+        self.inputs, self.outputs, self.graphs = {}, {}, {}
+        stream = torch.cuda.Stream(p.device)
+        stream.wait_stream(torch.cuda.current_stream(p.device))
+        with torch.cuda.stream(stream):
+            for T in self.buckets:  # eager first: Triton compiles outside any capture
+                x = torch.zeros(T, layer.hidden_size, dtype=p.dtype, device=p.device)
+                for _ in range(warmup):
+                    layer(x)
+                self.inputs[T] = x
+        torch.cuda.current_stream(p.device).wait_stream(stream)
+        pool = None
+        for T in reversed(self.buckets):  # largest first: smaller graphs reuse its pool
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.outputs[T] = layer(self.inputs[T])
+            pool = g.pool()
+            self.graphs[T] = g
+
+    def bucket(self, num_tokens: int) -> int:
+        i = bisect.bisect_left(self.buckets, num_tokens)
+        if i == len(self.buckets):
+            raise ValueError(error_message(
+                "x.shape[0]", num_tokens, f"exceeds the largest captured bucket "
+                f"{self.buckets[-1]}", "capture a larger bucket or run the layer eagerly"))
+        return self.buckets[i]
+
+    def __call__(self, x_TH: torch.Tensor) -> torch.Tensor:
+        T = x_TH.shape[0]
+        B = self.bucket(T)
+        static = self.inputs[B]
+        static[:T].copy_(x_TH)
+        static[T:].zero_()
+        self.graphs[B].replay()
+        return self.outputs[B][:T]
