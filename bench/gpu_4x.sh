@@ -7,8 +7,11 @@
 set -uo pipefail
 OUT=${1:-bench/results}
 SUF=${2:-h100}
-R=$OUT/r
-mkdir -p "$R"
+ITERS=${ITERS:-30}  # timed iterations per case
+W2_LAYER=${W2_LAYER:-1}  # 0: skip the W = 2 layer benchmark
+R=/tmp/r  # everything comes back as $OUT/results.tgz, rewritten after each step
+mkdir -p "$R" "$OUT"
+save() { tar -C /tmp -czf "$OUT/results.tgz" r; }
 # NVLink multicast stays off on the lent machines (device docs); harmless elsewhere.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -17,12 +20,12 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
   nvidia-smi topo -m 2>/dev/null | head -6; } | tee "$R/machine_4x$SUF.txt"
 echo "== symm GPU tests =="
 python3 -m pytest -q -p no:cacheprovider -rs tests/comm/test_symm.py tests/test_weighting_triton.py 2>&1 \
-  | tee "$R/tests_symm_4x$SUF.txt" | tail -3
+  | tee "$R/tests_symm_4x$SUF.txt" | tail -3; save
 echo "== comm, W=4 =="
-python3 -m rocm_moe.cli bench comm --out "$R" --name "comm_4x$SUF" 2>&1 | grep -v -i warn | tee "$R/comm_4x$SUF.txt"
+python3 -m rocm_moe.cli bench comm --iters "$ITERS" --out "$R" --name "comm_4x$SUF" 2>&1 | grep -v -i warn | tee "$R/comm_4x$SUF.txt"; save
 echo "== layer, W=4 =="
-python3 -m rocm_moe.cli bench layer --out "$R" --name "layer_4x$SUF" 2>&1 | grep -v -i warn | tee "$R/layer_4x$SUF.txt"
+python3 -m rocm_moe.cli bench layer --iters "$ITERS" --out "$R" --name "layer_4x$SUF" 2>&1 | grep -v -i warn | tee "$R/layer_4x$SUF.txt"; save
 echo "== comm and layer, W=2 (GPUs 0, 1) =="
-CUDA_VISIBLE_DEVICES=0,1 python3 -m rocm_moe.cli bench comm --world-size 2 --out "$R" --name "comm_2x$SUF" 2>&1 | grep -v -i warn | tee "$R/comm_2x$SUF.txt" | tail -12
-CUDA_VISIBLE_DEVICES=0,1 python3 -m rocm_moe.cli bench layer --world-size 2 --out "$R" --name "layer_2x$SUF" 2>&1 | grep -v -i warn | tee "$R/layer_2x$SUF.txt" | tail -12
-tar -C "$OUT" -czf "$OUT/results.tgz" r
+CUDA_VISIBLE_DEVICES=0,1 python3 -m rocm_moe.cli bench comm --world-size 2 --iters "$ITERS" --out "$R" --name "comm_2x$SUF" 2>&1 | grep -v -i warn | tee "$R/comm_2x$SUF.txt" | tail -12; save
+[ "$W2_LAYER" = 1 ] && CUDA_VISIBLE_DEVICES=0,1 python3 -m rocm_moe.cli bench layer --world-size 2 --iters "$ITERS" --out "$R" --name "layer_2x$SUF" 2>&1 | grep -v -i warn | tee "$R/layer_2x$SUF.txt" | tail -12
+save

@@ -73,7 +73,9 @@ BLOCK_WORDS = 1024  # pack kernel: row words per program
 BLOCK_H = 1024  # push kernel: hidden elements per program
 PUSH_ROWS = 4  # push kernel: rows per program
 SCRUB_ROWS = 64  # rows per program marking rows past R empty
-DEFAULT_SPIN = 1 << 22  # barrier spin bound: seconds on NVLink, far above any healthy wait
+# Barrier spin bound: minutes (a peer may be late by seconds of host work, a Triton compile or a
+# slow rank's Python; 1 << 22, about a second, timed out such healthy waits).
+DEFAULT_SPIN = 1 << 30
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
