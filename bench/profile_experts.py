@@ -32,7 +32,7 @@ def profile_case(name: str, rows: int, tma: bool | None, ncu: bool = False) -> N
     tri = TritonExperts(tma=tma)
 
     def call():
-        return tri(*args, mode="weighted", validate=False)
+        return tri(*args, weight_mode="experts", validate=False)
 
     call()
     if ncu:  # the profiled call: ncu reads its kernels' hardware counters

@@ -32,7 +32,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from rocm_moe.benchmarks.experts import SHAPES, _case
 from rocm_moe.experts import triton as tx
-from rocm_moe.layout import build_layout
+from rocm_moe.experts.layout import build_layout
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): memory-bound sizes stream weights with narrow
 # tiles and deep K; compute-bound ones want wide tiles (2 x 128 x 128 fp32 accumulators are
@@ -97,7 +97,7 @@ def tune_size(shape: dict, rows: int, gen: torch.Generator, tma: bool, timer: st
 
             def stage(c, part, cfg=cfg):
                 tri = tx.TritonExperts(config={**cfg, part: c}, tma=tma)
-                tri(x, ids, w, w13, w2, emap, mode="weighted", validate=False)
+                tri(x, ids, w, w13, w2, emap, weight_mode="experts", validate=False)
 
             def gate_up(c):
                 stage(c, "gate_up")

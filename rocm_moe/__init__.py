@@ -13,8 +13,8 @@ Ids are global expert ids in [0, E) unless named local; -1 marks an empty slot.
 
 from rocm_moe.comm import CombineHandle, Dispatcher, DispatchResult, LocalDispatcher
 from rocm_moe.experts import Experts, ExpertsOutput, ReferenceExperts, dense_moe_reference
+from rocm_moe.experts.layout import RoutingLayout, build_layout
 from rocm_moe.layer import EPMoE, MoEOutput, SharedExperts, Trace
-from rocm_moe.layout import RoutingLayout, build_layout
 from rocm_moe.placement import ExpertMap, ExpertMask, Placement
 from rocm_moe.routing import RouterConfig, RoutingResult, route
 

@@ -1,4 +1,4 @@
-"""Triton kernel behind ``weight_and_reduce`` on GPUs (imported only where triton is installed).
+"""Triton kernel behind ``weighting.weight_once`` on GPUs (imported only where triton is installed).
 
 One pass over the raw per-slot outputs, reading only the local slots' rows: the torch version
 makes K passes over [R, H] in float32 (for the Qwen3-30B-A3B shape at 4096 tokens per rank on

@@ -1,4 +1,5 @@
-"""Backends by name, and whether each can run here (with the reason when not).
+"""Backends by name, and whether each can run here (with the reason when not): each backend
+class answers that itself (``availability()``); this module only maps names to classes.
 
 Optional backends are imported only when asked for, so a missing library never breaks import.
 """
@@ -6,13 +7,11 @@ Optional backends are imported only when asked for, so a missing library never b
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from rocm_moe._checks import error_message
-from rocm_moe._libs import rocm_library_missing
 from rocm_moe.comm.base import Dispatcher
 from rocm_moe.experts.base import Experts
 from rocm_moe.placement import Placement
@@ -24,55 +23,26 @@ class Backend:
     kind: str  # "comm" or "experts"
     module: str  # where it lives
     factory: str  # class name in that module
-    availability: Callable[[], str | None]  # None = usable here, else why not
 
+    def load(self) -> type[Dispatcher] | type[Experts]:
+        """The backend's class (importing its module never imports its optional library)."""
+        return getattr(importlib.import_module(self.module), self.factory)
 
-def _always() -> str | None:
-    return None
-
-
-def _torch_distributed() -> str | None:
-    import torch.distributed as dist
-
-    return None if dist.is_available() else "this torch build has no torch.distributed"
-
-
-def _mori() -> str | None:
-    return rocm_library_missing("mori", "build it from github.com/ROCm/mori on ROCm")
-
-
-def _symm() -> str | None:
-    from rocm_moe.comm.symm import SymmDispatcher
-
-    return SymmDispatcher.availability()
-
-
-def _triton() -> str | None:
-    from rocm_moe.experts.triton import triton_availability
-
-    if (reason := triton_availability()) is not None:
-        return reason
-    if not torch.cuda.is_available():
-        return "no CUDA/ROCm device (tests run the kernels in Triton's interpreter)"
-    return None
-
-
-def _aiter() -> str | None:
-    from rocm_moe.experts.aiter import aiter_availability
-
-    return aiter_availability()
+    def availability(self) -> str | None:
+        """None if usable here, else why not: the class's own ``availability()``."""
+        return self.load().availability()
 
 
 BACKENDS: dict[str, Backend] = {
     b.kind + ":" + b.name: b
     for b in [
-        Backend("local", "comm", "rocm_moe.comm.local", "LocalDispatcher", _always),
-        Backend("torch", "comm", "rocm_moe.comm.torch", "TorchDispatcher", _torch_distributed),
-        Backend("mori", "comm", "rocm_moe.comm.mori", "MoriDispatcher", _mori),
-        Backend("symm", "comm", "rocm_moe.comm.symm", "SymmDispatcher", _symm),
-        Backend("reference", "experts", "rocm_moe.experts.reference", "ReferenceExperts", _always),
-        Backend("aiter", "experts", "rocm_moe.experts.aiter", "AiterExperts", _aiter),
-        Backend("triton", "experts", "rocm_moe.experts.triton", "TritonExperts", _triton),
+        Backend("local", "comm", "rocm_moe.comm.local", "LocalDispatcher"),
+        Backend("torch", "comm", "rocm_moe.comm.torch", "TorchDispatcher"),
+        Backend("mori", "comm", "rocm_moe.comm.mori", "MoriDispatcher"),
+        Backend("symm", "comm", "rocm_moe.comm.symm", "SymmDispatcher"),
+        Backend("reference", "experts", "rocm_moe.experts.reference", "ReferenceExperts"),
+        Backend("aiter", "experts", "rocm_moe.experts.aiter", "AiterExperts"),
+        Backend("triton", "experts", "rocm_moe.experts.triton", "TritonExperts"),
     ]
 }
 
@@ -101,17 +71,13 @@ def _get(kind: str, name: str) -> Backend:
 
 
 def make_experts(name: str) -> Experts:
-    b = _get("experts", name)
-    return getattr(importlib.import_module(b.module), b.factory)()
+    return _get("experts", name).load()()
 
 
 def make_dispatcher(name: str, placement: Placement, rank: int, **kw) -> Dispatcher:
-    """A dispatcher; multi-rank backends take their rank from the process group."""
-    b = _get("comm", name)
-    cls = getattr(importlib.import_module(b.module), b.factory)
-    if name == "local":
-        return cls(placement, rank, **kw)
-    dispatcher = cls(placement, **kw)  # multi-rank backends take the rank from their group
+    """A dispatcher for ``rank``: multi-rank backends take it from their process group (checked
+    here), the local one is rank 0 of a one-rank placement."""
+    dispatcher = _get("comm", name).load()(placement, **kw)
     if dispatcher.rank != rank:
         raise ValueError(error_message("rank", rank, f"the process group says {dispatcher.rank}",
                                        "pass the EP group's rank"))

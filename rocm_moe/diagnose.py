@@ -13,51 +13,29 @@ inputs, so a wrong stage does not make every later stage look wrong for no reaso
 | combine | [T, H] routed output | float64 oracle: each token through its K experts, weighted |
 
 At the first stage that diverges, each known bug class of that stage predicts what the stage
-would have produced; a prediction that matches names the bug (see ``BUGS``, and
-``rocm_moe.faults`` to plant them). Some classes cannot show on one rank (combine given the
-dispatched ids, other ranks' contributions missing, a second reduction): at W = 1 those bugs
-leave the output correct, and diagnose reports the pipeline clean.
+would have produced; a prediction that matches names the bug (``rocm_moe.faults.FAULTS``, the
+registry that also plants them). The stage tensors come from the probes of ``rocm_moe.faults``
+(a typed ``StageRecord``); the layer itself records nothing. Some classes cannot show on one
+rank (combine given the dispatched ids, other ranks' contributions missing, a second
+reduction): at W = 1 those bugs leave the output correct, and diagnose reports the pipeline
+clean.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 
 from rocm_moe import faults
-from rocm_moe.comm.base import weight_and_reduce
 from rocm_moe.experts.reference import ReferenceExperts, dense_moe_reference
-from rocm_moe.layer import EPMoE, Trace
+from rocm_moe.faults import FAULTS, STAGES, Fault, StageRecord
+from rocm_moe.layer import EPMoE
 from rocm_moe.routing import route
 from rocm_moe.sanity import TOLERANCE, rel_err
-
-BUGS = {  # name: (stage, what it looks like, fix)
-    "per_sequence_routing": ("route", "every token of a sequence got the same experts",
-                             "route each token: logits = hidden [T, H] @ gate.T, never pooled"),
-    "int64_as_int32": ("dispatch", "received ids are [id0, 0, id1, 0, ...]: an int64 buffer "
-                       "read as int32", "convert ids with .to(torch.int32), never reinterpret"),
-    "capacity_overflow": ("dispatch", "tokens past the capacity arrive corrupted",
-                          "raise max_num_inp_token_per_rank or split the batch (mori#356)"),
-    "mask_as_map": ("experts", "the 0/1 expert_mask was used as the expert_map (local ids)",
-                    "use ExpertMap for weight rows, ExpertMask only for AITER (vllm#49758)"),
-    "map_as_mask": ("experts", "the expert_map (local id or -1) was passed as AITER's mask",
-                    "build AITER's mask with ExpertMap.to_expert_mask (ROCm/ATOM#887)"),
-    "weights_twice": ("weighting", "partials scale like w^2: weights applied twice",
-                      "apply weights once: experts OR combine (ExpertsOutput.weights_applied)"),
-    "weights_never": ("weighting", "partials are unweighted sums: weights never applied",
-                      "weight raw outputs before MORI's combine, which only sums"),
-    "dispatched_ids": ("combine", "output rows are the received rows' partials: combine was "
-                       "given the dispatched ids", "pass the rank's own [T, K] ids (mori#475)"),
-    "other_ranks_missing": ("combine", "only this rank's local experts are summed",
-                            "combine must gather every owner's partial (vllm#37529)"),
-    "second_reduction": ("combine", "output is W (or U) times the right one: reduced again "
-                         "after combine", "drop the all-reduce after combine (sglang#34887)"),
-    "scalar_collapse": ("combine", "each row is one number repeated: a [1, H] row read as a "
-                        "scalar", "index the row (out[t] = y[0]), not its first element"),
-}
-STAGES = ("route", "dispatch", "experts", "weighting", "combine")
+from rocm_moe.weighting import ExpertsOutput, weight_once
 
 
 @dataclass(frozen=True)
@@ -129,103 +107,99 @@ def _expected_recv(sources, placement, rank: int):
 
 
 class _Checker:
-    """The references and bug predictions of one diagnose run on one rank."""
+    """The references of one diagnose run on one rank. Each stage method compares the observed
+    stage with its reference computed from that stage's own inputs, or, given a bug's
+    ``inject``, with what the stage would have produced under that bug (``Fault.predict``)."""
 
-    def __init__(self, layer: EPMoE, x_TH, hidden_states, t: dict, expert_weights):
-        self.layer, self.x, self.hidden, self.t = layer, x_TH, hidden_states, t
+    def __init__(self, layer: EPMoE, x_TH, hidden_states, record: StageRecord, expert_weights):
+        self.layer, self.x, self.hidden, self.r = layer, x_TH, hidden_states, record
         self.disp = layer.dispatcher
         self.W, self.rank = self.disp.world_size, self.disp.rank
         self.emap = self.disp.expert_map_on(x_TH.device)
         self.expert_weights = expert_weights
 
-    def _route_ref(self, hidden):
-        L = self.layer
-        return route(L.router_logits(hidden.reshape(-1, L.hidden_size)), L.router,
-                     e_score_correction_bias=L.e_score_correction_bias)
+    def predicted_err(self, fault: Fault) -> float:
+        if not fault.one_rank and self.W == 1:
+            return float("inf")
+        if fault.predict is not None:
+            return fault.predict(self)
+        return getattr(self, fault.stage)(fault.inject)
 
     def _received(self):
-        """The expert stage's inputs as the trace recorded them: (x, ids, weights, w13, w2)."""
-        t = self.t
-        return (t["dispatched_x"], t["dispatched_ids"].to(torch.int32), t["dispatched_weights"],
+        """The expert stage's inputs as the probes recorded them: (x, ids, weights, w13, w2)."""
+        r = self.r
+        return (r.dispatched_x, r.dispatched_ids.to(torch.int32), r.dispatched_weights,
                 self.layer.w13, self.layer.w2)
 
-    def route(self):
-        def err(r):
-            a, b = self.t["topk_ids"].long().sort(1), r.topk_ids.long().sort(1)
-            if not torch.equal(a.values, b.values):
-                return float("inf")
-            return rel_err(self.t["topk_weights"].gather(1, a.indices),
-                           r.topk_weights.gather(1, b.indices))
+    def route(self, inject=None):
+        r, L = self.r, self.layer
+        hidden = self.hidden if inject is None else inject(self.hidden)
+        ref = route(L.router_logits(hidden.reshape(-1, L.hidden_size)), L.router,
+                    e_score_correction_bias=L.e_score_correction_bias)
+        a, b = r.topk_ids.long().sort(1), ref.topk_ids.long().sort(1)
+        if not torch.equal(a.values, b.values):
+            return float("inf")
+        return rel_err(r.topk_weights.gather(1, a.indices), ref.topk_weights.gather(1, b.indices))
 
-        ref = self._route_ref(self.hidden)
-        pooled = self._route_ref(faults.per_sequence_hidden(self.hidden))
-        return err(ref), {"per_sequence_routing": err(pooled)}
+    @functools.cached_property
+    def _sources(self) -> list:
+        """Every rank's (x, weights, ids) as routed (a collective, once)."""
+        r = self.r
+        return _gather((self.x.cpu(), r.topk_weights.cpu(), r.topk_ids.cpu()), self.W)
 
-    def dispatch(self):
-        t = self.t
-        mine = (self.x.cpu(), t["topk_weights"].cpu(), t["topk_ids"].cpu())
-        sources = _gather(mine, self.W)
-        observed = (t["dispatched_x"].cpu(), t["dispatched_ids"].cpu(),
-                    t["dispatched_weights"].cpu())
-        p = self.disp.placement
+    def dispatch(self, inject=None):
+        r = self.r
 
-        def expected(transform):
-            return _expected_recv([transform(*s) for s in sources], p, self.rank)
+        def sent(x, w, i):  # what a rank hands to dispatch (under the bug)
+            if inject is not None:
+                x, i, _ = inject(x, i)
+            return x, w, i
 
-        ref = _rows_err(observed, expected(lambda x, w, i: (x, w, i)))
-        return ref, {
-            "int64_as_int32": _rows_err(observed, expected(
-                lambda x, w, i: (x, w, faults.int64_read_as_int32(i)))),
-            "capacity_overflow": _rows_err(observed, expected(
-                lambda x, w, i: (faults.overflow_tokens(x), w, i))),
-        }
+        sources = [sent(*s) for s in self._sources]
+        observed = (r.dispatched_x.cpu(), r.dispatched_ids.cpu(), r.dispatched_weights.cpu())
+        return _rows_err(observed, _expected_recv(sources, self.disp.placement, self.rank))
 
-    def experts(self):
-        t = self.t
-        mode = "weighted" if t["weights_applied"] else "raw"
+    def experts(self, inject=None):
+        weighted = self.r.weights_applied
         args = self._received()
-        ref = ReferenceExperts()(*args, self.emap, mode=mode).out
-        preds = {f: rel_err(t["expert_out"], faults.experts_with_map(
-            *args, faults.confused_map(self.emap.map_E, f), weighted=mode == "weighted"))
-            for f in ("mask_as_map", "map_as_mask")}
-        return rel_err(t["expert_out"], ref), preds
+        if inject is None:
+            ref = ReferenceExperts()(*args, self.emap,
+                                     weight_mode="experts" if weighted else "combine").out
+        else:
+            ref = faults.experts_with_map(*args, inject(self.emap.map_E), weighted=weighted)
+        return rel_err(self.r.expert_out, ref)
 
-    def weighting(self):
-        t = self.t
-        raw = ReferenceExperts()(*self._received(), self.emap, mode="raw").out
-        local = self.emap.local_ids(t["dispatched_ids"]) >= 0
-        w = t["dispatched_weights"]
+    def weighting(self, inject=None):
+        r = self.r
+        raw = ReferenceExperts()(*self._received(), self.emap, weight_mode="combine")
+        w = r.dispatched_weights if inject is None else inject(r.dispatched_weights)
+        return rel_err(r.partials, weight_once(raw, w, r.dispatched_ids, self.emap))
 
-        def once(weights):
-            return weight_and_reduce(raw, weights, local)
+    def combine(self, inject=None):
+        y_ref = self._oracle[0]
+        if inject is not None:
+            y_ref = inject(y_ref, faults.CombineView(
+                partials_RH=self.r.partials, world_size=self.W, local_only=self._local_only))
+        return rel_err(self.r.combined, y_ref)
 
-        return rel_err(t["partials"], once(w)), {
-            "weights_twice": rel_err(t["partials"], once(w * w)),
-            "weights_never": rel_err(t["partials"], once(torch.ones_like(w))),
-        }
+    @functools.cached_property
+    def _oracle(self):
+        """(y [T, H], raw [T, K, H]) in float64: each token through its K experts."""
+        return dense_moe_reference(self.x, self.r.topk_weights, self.r.topk_ids,
+                                   expert_weights=self.expert_weights)
 
-    def combine(self):
-        t = self.t
-        ids, w = t["topk_ids"], t["topk_weights"]
-        y_ref, raw_ref = dense_moe_reference(self.x, w, ids, expert_weights=self.expert_weights)
-        obs = t["combined"]
+    def _local_only(self):
+        """The oracle over this rank's experts only: what a combine without the other ranks'
+        partials gives."""
+        raw = ExpertsOutput(out=self._oracle[1], weights_applied=False)
+        return weight_once(raw, self.r.topk_weights, self.r.topk_ids, self.emap)
+
+    def unique_owners(self) -> torch.Tensor:
+        """[T]: the number of distinct owner ranks of each token's valid slots."""
+        ids = self.r.topk_ids
         owner = self.disp.placement.owner(ids)
-        local = (owner == self.rank) & (ids >= 0)
-        only_local = (raw_ref * (w.double() * local)[..., None]).sum(1)
-        U = torch.stack([owner[r][ids[r] >= 0].unique().numel() * torch.ones(())
-                         for r in range(ids.shape[0])]) if ids.shape[0] else torch.zeros(0)
-        partials = t["partials"].double()
-        rows = torch.zeros_like(y_ref)
-        n = min(rows.shape[0], partials.shape[0])
-        rows[:n] = partials[:n]
-        return rel_err(obs, y_ref), {
-            "dispatched_ids": rel_err(obs, rows) if self.W > 1 else float("inf"),
-            "other_ranks_missing": rel_err(obs, only_local) if self.W > 1 else float("inf"),
-            "second_reduction": min(rel_err(obs, y_ref * self.W),
-                                    rel_err(obs, y_ref * U.to(y_ref)[:, None]))
-            if self.W > 1 else float("inf"),
-            "scalar_collapse": rel_err(obs, y_ref[:, :1].expand_as(y_ref)),
-        }
+        return torch.stack([owner[t][ids[t] >= 0].unique().numel() * torch.ones(())
+                            for t in range(ids.shape[0])]) if ids.shape[0] else torch.zeros(0)
 
 
 def _default_expert_weights(layer: EPMoE):
@@ -250,19 +224,20 @@ def diagnose(layer: EPMoE, hidden_states: torch.Tensor, *, expert_weights=None,
     """
     was_validate = layer.validate
     layer.validate = False  # diagnose looks at what a non-validating framework would do
-    trace = Trace(record_tensors=True)
     try:
-        layer(hidden_states, trace=trace)
+        with faults.recording(layer) as record:
+            record.out = layer(hidden_states)
     finally:
         layer.validate = was_validate
-    t = dict(trace.tensors, weights_applied=trace.expert_weights_applied)
     x_TH = hidden_states.reshape(-1, layer.hidden_size)
     ew = expert_weights or _default_expert_weights(layer)
-    checker = _Checker(layer, x_TH, hidden_states, t, ew)
+    checker = _Checker(layer, x_TH, hidden_states, record, ew)
     tol = TOLERANCE[x_TH.dtype]
     results, preds = [], {}
     for stage in STAGES:
-        err, preds[stage] = getattr(checker, stage)()
+        err = getattr(checker, stage)()
+        preds[stage] = {f.name: checker.predicted_err(f) for f in FAULTS.values()
+                        if f.stage == stage}
         results.append(StageResult(stage, err, err <= tol))
     # A bug belongs to the pipeline, not to one rank: decide together. The first wrong stage is
     # the earliest that diverges on any rank; each candidate is judged by its worst error over
@@ -277,10 +252,10 @@ def diagnose(layer: EPMoE, hidden_states: torch.Tensor, *, expert_weights=None,
         candidates = {bug: max(p[bug] for p in judged) for bug in judged[0]}
         bug, err = min(candidates.items(), key=lambda kv: kv[1], default=(None, float("inf")))
         if bug is not None and err <= max(5 * tol, 1e-4):
-            stage, signature, fix = BUGS[bug]
-            diagnosis = Diagnosis(bug, stage, signature, fix, err)
+            f = FAULTS[bug]
+            diagnosis = Diagnosis(bug, f.stage, f.signature, f.fix, err)
     if dump:
-        _dump(dump, layer.dispatcher.rank, trace.tensors)
+        _dump(dump, layer.dispatcher.rank, record.tensors())
     return Report(rank=layer.dispatcher.rank, world_size=layer.dispatcher.world_size,
                   dtype=str(x_TH.dtype), tolerance=tol, stages=results, first_bad=first_bad,
                   diagnosis=diagnosis, candidates=candidates)

@@ -11,7 +11,11 @@ local slots (AITER's fused_moe); combine only sums (MORI). ``weight_mode="combin
 return raw per-slot outputs and the combine stage weights them. With ``return_raw=True`` the raw
 [T, K, H] outputs travel back to the owner, which weights and sums them itself; the layer reports
 which stage applied the weights in ``MoEOutput.weighted_by``. Both modes give the same result up
-to the rounding of the partials (tests compare each with a float64 oracle).
+to the rounding of the partials (tests compare each with a float64 oracle). ``rocm_moe.weighting``
+is the one place that applies the weights.
+
+Test machinery stays outside: ``rocm_moe.faults`` plants a known bug by wrapping the layer's
+stages (``layer.fault = "weights_twice"``) and ``rocm_moe.diagnose`` taps their tensors.
 """
 
 from __future__ import annotations
@@ -19,22 +23,20 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rocm_moe import faults, synthetic
-from rocm_moe._checks import check_tensor, error_message
-from rocm_moe.comm.base import Dispatcher, weight_and_reduce
+from rocm_moe._checks import FLOAT_DTYPES, check_tensor, error_message
+from rocm_moe.comm.base import Dispatcher
 from rocm_moe.comm.local import LocalDispatcher
-from rocm_moe.experts.base import FLOAT_DTYPES, Experts, ExpertsOutput, swiglu_expert
+from rocm_moe.experts.base import Experts, output_form, swiglu_expert
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.placement import Placement
 from rocm_moe.routing import RouterConfig, RoutingResult, route
-
-WeightMode = Literal["experts", "combine"]
+from rocm_moe.weighting import ExpertsOutput, WeightMode, resolve_weight_mode, weight_once
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -45,17 +47,16 @@ class MoEOutput:
     raw: torch.Tensor  # [T, K, H] or [B, S, K, H]: unweighted output of each slot, 0 if empty
     topk_weights: torch.Tensor  # [T, K] float32
     topk_ids: torch.Tensor  # [T, K] int32
-    weighted_by: Literal["experts", "combine"]
+    weighted_by: WeightMode  # the stage that applied the routing weights
 
 
 class Trace:
-    """Optional per-stage timings (seconds, device-synchronised) and stage tensors."""
+    """Optional per-stage timings: ``times[stage]`` in seconds, device-synchronised, summed over
+    the forwards traced (stages: route, dispatch, experts, combine, shared). The stage tensors
+    are ``rocm_moe.faults.StageRecord``'s (what ``diagnose`` reads)."""
 
-    def __init__(self, *, record_tensors: bool = False):
+    def __init__(self):
         self.times: dict[str, float] = {}
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.record_tensors = record_tensors
-        self.expert_weights_applied: bool | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str, device: torch.device):
@@ -65,10 +66,6 @@ class Trace:
         yield
         sync()
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
-
-    def record(self, name: str, t: torch.Tensor) -> None:
-        if self.record_tensors:
-            self.tensors[name] = t.detach().clone()
 
 
 def _stage(trace: Trace | None, name: str, device: torch.device):
@@ -100,14 +97,6 @@ class SharedExperts(nn.Module):
         if self.gate is not None:
             y = torch.sigmoid(x @ self.gate.weight.double().T) * y
         return y
-
-
-def _partials(eo: ExpertsOutput, d, emap) -> torch.Tensor:
-    """The received rows' [R, H] expert partials, weighted once (raw outputs are weighted and
-    summed over the rows' local slots here)."""
-    if eo.weights_applied:
-        return eo.out
-    return weight_and_reduce(eo.out, d.topk_weights, emap.local_ids(d.topk_ids) >= 0)
 
 
 class EPMoE(nn.Module):
@@ -142,9 +131,7 @@ class EPMoE(nn.Module):
         validate: bool = True,
     ):
         super().__init__()
-        if weight_mode not in ("experts", "combine"):
-            raise ValueError(error_message("weight_mode", repr(weight_mode),
-                                           "must be 'experts' or 'combine'", "pick one"))
+        resolve_weight_mode(weight_mode)  # validates it
         if not isinstance(router, RouterConfig):
             raise TypeError(error_message("router", type(router).__name__,
                                           "must be a RouterConfig", "use RouterConfig.qwen3_moe()"))
@@ -165,7 +152,6 @@ class EPMoE(nn.Module):
         self.weight_mode: WeightMode = weight_mode
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.validate = validate
-        self._fault: str | None = None
         E, H, I = router.num_experts, hidden_size, intermediate_size
         e = self.dispatcher.placement.num_local(self.dispatcher.rank)
         kw = dict(dtype=dtype, device=device)
@@ -186,12 +172,11 @@ class EPMoE(nn.Module):
     @property
     def fault(self) -> str | None:
         """A planted bug (see rocm_moe.faults), for diagnose; None (default) = correct."""
-        return self._fault
+        return faults.planted(self)
 
     @fault.setter
     def fault(self, value: str | None) -> None:
-        faults.check_fault(value)
-        self._fault = value
+        faults.plant(self, value)
 
     def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         """[T, E] gate logits of [T, H] tokens (in float32 where the router asks for it)."""
@@ -238,6 +223,15 @@ class EPMoE(nn.Module):
                     "pass all experts or this rank's experts in local order"))
             dst.copy_(src)
 
+    def route_tokens(
+        self, hidden_states: torch.Tensor, *, forced_expert_ids: torch.Tensor | None = None
+    ) -> RoutingResult:
+        """[T, H] or [B, S, H] tokens -> their [T, K] routing (``forced_expert_ids`` [T, K]
+        replays a routing, see ``routing.route``)."""
+        return route(self.router_logits(hidden_states.reshape(-1, self.hidden_size)),
+                     self.router, e_score_correction_bias=self.e_score_correction_bias,
+                     forced_expert_ids=forced_expert_ids)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -252,12 +246,7 @@ class EPMoE(nn.Module):
         """
         x_TH = self._flatten(hidden_states)
         with _stage(trace, "route", x_TH.device):
-            x_route = x_TH
-            if self.fault == "per_sequence_routing":
-                x_route = faults.per_sequence_hidden(hidden_states).reshape(x_TH.shape)
-            routing = route(self.router_logits(x_route), self.router,
-                            e_score_correction_bias=self.e_score_correction_bias,
-                            forced_expert_ids=forced_expert_ids)
+            routing = self.route_tokens(hidden_states, forced_expert_ids=forced_expert_ids)
         return self._run(hidden_states, x_TH, routing, return_raw, trace)
 
     def forward_routed(
@@ -290,29 +279,11 @@ class EPMoE(nn.Module):
                 f"cast the input or the layer (layer.to({hidden_states.dtype}))"))
         return hidden_states.reshape(-1, H)
 
-    def _combine_fault(self, y_TH, x_TH, routing, eo, d):
-        """Replace the correct combine result by what the planted combine-stage bug gives."""
-        f, disp = self.fault, self.dispatcher
-        if f == "scalar_collapse":
-            return y_TH[:, :1].expand_as(y_TH).contiguous()
-        if f == "second_reduction":  # an all-reduce over W ranks holding the same tokens
-            return y_TH * disp.world_size
-        if f == "other_ranks_missing":  # only this rank's local experts, on its own tokens
-            return self.experts(x_TH, routing.topk_ids.to(torch.int32), routing.topk_weights,
-                                self.w13, self.w2, disp.expert_map_on(x_TH.device),
-                                mode="weighted", validate=False).out
-        if f == "dispatched_ids":  # received rows' partials taken for the own tokens
-            y_R = _partials(eo, d, disp.expert_map_on(x_TH.device))
-            out = torch.zeros_like(y_TH)
-            n = min(out.shape[0], y_R.shape[0])
-            out[:n] = y_R[:n]
-            return out
-        return y_TH  # weights_twice / weights_never act at the experts' output
-
-    def _refuse_unsupported(self, mode: str, return_raw: bool, x_TH: torch.Tensor) -> None:
+    def _refuse_unsupported(self, weight_mode: WeightMode, return_raw: bool, x_TH) -> None:
         """Every refusal happens here, before the first collective, identically on all ranks."""
         disp = self.dispatcher
-        reason = self.experts.supports(mode=mode, dtype=x_TH.dtype, device=x_TH.device)
+        reason = self.experts.supports(mode=output_form(weight_mode), dtype=x_TH.dtype,
+                                       device=x_TH.device)
         if reason is None and return_raw:
             reason = disp.raw_unsupported_reason()
         if reason is not None:
@@ -321,72 +292,31 @@ class EPMoE(nn.Module):
                 f"comm={disp.name} experts={self.experts.name} cannot run it: {reason}",
                 "use backends that support it (rocm-moe info), or weight_mode='experts'"))
 
-    def _dispatch_inputs(self, x_TH, routing):
-        """(x, ids, validate) handed to dispatch; a planted dispatch-stage fault alters them."""
-        if self.fault == "int64_as_int32":
-            return x_TH, faults.int64_read_as_int32(routing.topk_ids), False
-        if self.fault == "capacity_overflow":
-            return faults.overflow_tokens(x_TH), routing.topk_ids, self.validate
-        return x_TH, routing.topk_ids, self.validate
-
-    def _experts_stage(self, d, mode: str, emap) -> ExpertsOutput:
-        if self.fault is not None and faults.FAULTS[self.fault] == "experts":
-            out = faults.experts_with_map(d.x, d.topk_ids, d.topk_weights, self.w13, self.w2,
-                                          faults.confused_map(emap.map_E, self.fault),
-                                          weighted=mode == "weighted")
-            return ExpertsOutput(out=out, weights_applied=mode == "weighted")
-        return self.experts(d.x, d.topk_ids, d.topk_weights, self.w13, self.w2, emap,
-                            mode=mode, validate=False)
-
-    def _wire(self, eo: ExpertsOutput, d, emap) -> ExpertsOutput:
-        """What the combine stage receives; a planted weighting fault re-weights it."""
-        if self.fault not in ("weights_twice", "weights_never"):
-            return eo
-        raw = self.experts(d.x, d.topk_ids, d.topk_weights, self.w13, self.w2, emap,
-                           mode="raw", validate=False).out
-        w = d.topk_weights ** 2 if self.fault == "weights_twice" else \
-            torch.ones_like(d.topk_weights)
-        return ExpertsOutput(out=weight_and_reduce(raw, w, emap.local_ids(d.topk_ids) >= 0),
-                             weights_applied=True)
-
     def _run(self, hidden_states, x_TH, routing: RoutingResult, return_raw: bool, trace):
+        """dispatch -> experts -> combine (+ shared experts) of routed tokens."""
         dev, disp = x_TH.device, self.dispatcher
-        mode = "raw" if (return_raw or self.weight_mode == "combine") else "weighted"
-        self._refuse_unsupported(mode, return_raw, x_TH)
-        x_send, ids_send, validate = self._dispatch_inputs(x_TH, routing)
+        weight_mode = "combine" if return_raw else self.weight_mode
+        self._refuse_unsupported(weight_mode, return_raw, x_TH)
         with _stage(trace, "dispatch", dev):
-            d = disp.dispatch(x_send, routing.topk_weights, ids_send, validate=validate)
-        emap = disp.expert_map_on(dev)
+            d = disp.dispatch(x_TH, routing.topk_weights, routing.topk_ids,
+                              validate=self.validate)
         with _stage(trace, "experts", dev):
-            eo = self._experts_stage(d, mode, emap)
-        wire = self._wire(eo, d, emap)
-        if trace is not None and trace.record_tensors:
-            trace.record("partials", _partials(wire, d, emap))
+            eo = self.experts(d.x, d.topk_ids, d.topk_weights, self.w13, self.w2,
+                              disp.expert_map_on(dev), weight_mode=weight_mode, validate=False)
         with _stage(trace, "combine", dev):
-            if return_raw:
-                raw_TKH = disp.combine_raw(wire, d.handle)
-                y_TH = weight_and_reduce(raw_TKH, routing.topk_weights, routing.topk_ids >= 0)
+            if return_raw:  # raw [T, K, H] back on the owner, which weights all its slots once
+                raw_TKH = disp.combine_raw(eo, d.handle)
+                y_TH = weight_once(ExpertsOutput(out=raw_TKH, weights_applied=False),
+                                   routing.topk_weights, routing.topk_ids, None)
             else:
-                y_TH = disp.combine(wire, d.handle)
-            if self.fault is not None and faults.FAULTS[self.fault] == "combine":
-                y_TH = self._combine_fault(y_TH, x_TH, routing, wire, d)
-        if trace is not None:
-            trace.record("combined", y_TH)  # the routed output, before shared experts
+                y_TH = disp.combine(eo, d.handle)
         if self.shared_experts is not None:
             with _stage(trace, "shared", dev):
                 y_TH = y_TH + self.shared_experts(x_TH)
-        if trace is not None:
-            for name, t in (("topk_ids", routing.topk_ids), ("topk_weights", routing.topk_weights),
-                            ("dispatched_x", d.x), ("dispatched_ids", d.topk_ids),
-                            ("dispatched_weights", d.topk_weights), ("expert_out", eo.out),
-                            ("out", y_TH)):
-                trace.record(name, t)
-            trace.expert_weights_applied = eo.weights_applied
         out = y_TH.reshape(hidden_states.shape)
         if not return_raw:
             return out
-        lead = hidden_states.shape[:-1]
-        K = routing.topk_ids.shape[1]
+        lead, K = hidden_states.shape[:-1], routing.topk_ids.shape[1]
         return MoEOutput(out=out, raw=raw_TKH.reshape(*lead, K, self.hidden_size),
                          topk_weights=d.handle.topk_weights, topk_ids=d.handle.topk_ids,
                          weighted_by="experts" if eo.weights_applied else "combine")

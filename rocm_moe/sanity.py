@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from rocm_moe._checks import error_message
-from rocm_moe.experts.base import ExpertsOutput, swiglu_expert
+from rocm_moe.experts.base import swiglu_expert
 from rocm_moe.layer import EPMoE
+from rocm_moe.weighting import ExpertsOutput
 
 # Relative error allowed against a float64 oracle, by compute dtype.
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}

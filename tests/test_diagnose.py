@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -11,9 +12,9 @@ from rocm_moe import EPMoE, RouterConfig
 from rocm_moe import synthetic as syn
 from rocm_moe.cli import main
 from rocm_moe.comm.torch import TorchDispatcher
-from rocm_moe.diagnose import BUGS, diagnose
+from rocm_moe.diagnose import diagnose
 from rocm_moe.distributed import launch
-from rocm_moe.faults import FAULTS
+from rocm_moe.faults import FAULTS, STAGES
 from rocm_moe.placement import Placement
 
 E, K, H, I = 16, 4, 32, 16
@@ -31,10 +32,35 @@ def _x(rank, seed, dtype=torch.float32):
     return syn.tokens(seed, rank, 2 * 9, H).reshape(2, 9, H).to(dtype)
 
 
-def test_every_fault_has_a_bug_entry_at_its_stage():
-    assert set(FAULTS) == set(BUGS)
-    for fault, stage in FAULTS.items():
-        assert BUGS[fault][0] in (stage, "weighting")
+def test_registry_entries_are_complete():
+    for name, fault in FAULTS.items():
+        assert fault.name == name
+        assert fault.stage in STAGES
+        assert fault.signature
+        assert fault.fix
+        assert fault.emulates
+        assert callable(fault.inject)
+        assert fault.one_rank == (name not in NEEDS_RANKS)
+
+
+def test_plant_and_remove_leave_the_layer_bare():
+    layer = _layer()
+    dispatcher, experts = layer.dispatcher, layer.experts
+    x = _x(0, 3)
+    clean = layer(x)
+    layer.fault = "per_sequence_routing"
+    assert layer.fault == "per_sequence_routing"
+    assert not torch.equal(layer(x), clean)
+    layer.fault = "scalar_collapse"  # replaces the previous one
+    assert layer.fault == "scalar_collapse"
+    assert "route_tokens" not in vars(layer)
+    assert copy.deepcopy(layer).fault == "scalar_collapse"
+    layer.fault = None
+    assert layer.dispatcher is dispatcher
+    assert layer.experts is experts
+    assert torch.equal(layer(x), clean)
+    with pytest.raises(ValueError, match="known faults"):
+        layer.fault = "typo"
 
 
 @pytest.mark.parametrize("weight_mode", ["experts", "combine"])
@@ -49,7 +75,7 @@ def test_single_rank(fault, weight_mode):
     else:
         assert report.diagnosis is not None, report
         assert report.diagnosis.bug == fault
-        assert report.first_bad == BUGS[fault][0]
+        assert report.first_bad == FAULTS[fault].stage
         assert all(s.ok for s in report.stages[:[s.stage for s in report.stages]
                                               .index(report.first_bad)])
 
@@ -78,7 +104,7 @@ def test_two_ranks():
     for rank, res in enumerate(launch(2, _two_ranks, seed, backend="gloo", timeout_s=120)):
         assert res["None"] == [None, None], (rank, seed)
         for fault in FAULTS:
-            assert res[fault] == [BUGS[fault][0], fault], (rank, fault, seed, res[fault])
+            assert res[fault] == [FAULTS[fault].stage, fault], (rank, fault, seed, res[fault])
 
 
 def test_cli_json_and_dump(capsys, tmp_path):

@@ -36,10 +36,10 @@ import torch
 import torch.distributed as dist
 
 from rocm_moe.benchmarks import NO_PLOT, pyplot
-from rocm_moe.comm.base import ExpertsOutput
 from rocm_moe.comm.torch import TorchDispatcher
 from rocm_moe.distributed import WorkerInfo, launch
 from rocm_moe.placement import Placement
+from rocm_moe.weighting import ExpertsOutput
 
 
 def _timed(fn, device: torch.device, group) -> float:

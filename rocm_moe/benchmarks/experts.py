@@ -82,18 +82,18 @@ def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int]) -> list[dict
         tri = TritonExperts()
 
         def call(tri=tri, x=x, ids=ids, w=w, w13=w13, w2=w2, emap=emap):
-            return tri(x, ids, w, w13, w2, emap, mode="weighted", validate=False)
+            return tri(x, ids, w, w13, w2, emap, weight_mode="experts", validate=False)
 
         out = call().out
         ref_backend = ReferenceExperts()
-        ref = ref_backend(x, ids, w, w13, w2, emap, mode="weighted", validate=False).out
+        ref = ref_backend(x, ids, w, w13, w2, emap, weight_mode="experts", validate=False).out
         err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
         t = do_bench_cudagraph(call, rep=200, return_mode="median") / 1e3
         ref_times = []
         for _ in range(5):
             s, e_ = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
-            ref_backend(x, ids, w, w13, w2, emap, mode="weighted", validate=False)
+            ref_backend(x, ids, w, w13, w2, emap, weight_mode="experts", validate=False)
             e_.record()
             e_.synchronize()
             ref_times.append(s.elapsed_time(e_) / 1e3)

@@ -9,10 +9,10 @@ MORI's semantics are the contract (see notes/dataflow.md): a token goes once to 
 destination rank (the owners of its top-k experts) carrying its full [K] ids and weights; ids
 stay global; combine sums one partial per destination rank and never weights.
 
-Exactly-once weighting lives here: ``combine`` reads ``ExpertsOutput.weights_applied``. Weighted
-[R, H] partials are only summed. Raw [R, K, H] outputs are weighted with the dispatched weights
-and reduced over this rank's local slots *before* the return trip (one row per received row on
-the wire either way). Nothing else in the package applies routing weights to routed outputs.
+Exactly-once weighting (``rocm_moe.weighting``): ``combine`` reads
+``ExpertsOutput.weights_applied``. Weighted [R, H] partials are only summed. Raw [R, K, H] outputs
+are weighted with the dispatched weights over this rank's local slots (``weight_once``) *before*
+the return trip (one row per received row on the wire either way).
 
 Dispatchers are stateless between dispatch and combine: the frozen handle carries everything
 combine needs, including this rank's own ids, so combine cannot be given another batch's ids.
@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 
 from rocm_moe._checks import (
+    FLOAT_DTYPES,
     check_id_range,
     check_integer,
     check_same_device,
@@ -37,9 +38,12 @@ from rocm_moe._checks import (
     check_weights,
     error_message,
 )
-from rocm_moe._libs import library_version
-from rocm_moe.experts.base import FLOAT_DTYPES, ExpertsOutput
 from rocm_moe.placement import ExpertMap, Placement
+from rocm_moe.weighting import (  # noqa: F401 (weight_and_reduce: its former home)
+    ExpertsOutput,
+    weight_and_reduce,
+    weight_once,
+)
 
 _batch_counter = itertools.count()
 
@@ -122,33 +126,6 @@ def check_agreement(dispatcher: Dispatcher, group) -> None:
                 "derive it from one model config on every rank"))
 
 
-def weight_and_reduce(
-    raw_RKH: torch.Tensor, topk_weights_RK: torch.Tensor, local_RK: torch.Tensor
-) -> torch.Tensor:
-    """sum_k w[r, k] * raw[r, k] over the slots where ``local_RK`` is true, in float32 (float64
-    for float64 input) and a fixed order, cast back to raw's dtype: [R, K, H] -> [R, H].
-    Whatever a backend left in a non-local slot is never read. One Triton kernel on GPUs
-    (``rocm_moe._weighting_triton``), K torch passes elsewhere."""
-    R, K, H = raw_RKH.shape
-    if raw_RKH.is_cuda and raw_RKH.dtype != torch.float64 and library_version("triton") \
-            and raw_RKH.stride(2) == 1 and R:
-        from rocm_moe._weighting_triton import weighted_slot_sum_kernel
-
-        out = raw_RKH.new_empty(R, H)
-        weighted_slot_sum_kernel[(R, -(-H // 1024))](
-            raw_RKH, raw_RKH.stride(0), raw_RKH.stride(1), topk_weights_RK.float().contiguous(),
-            local_RK.to(torch.int8).contiguous(), out, H, K_TOPK=K, BLOCK_H=1024)
-        return out
-    acc = torch.float64 if raw_RKH.dtype == torch.float64 else torch.float32
-    w_RK = topk_weights_RK.to(acc)
-    out = raw_RKH.new_zeros(R, H, dtype=acc)
-    zero = out.new_zeros(())
-    for k in range(K):
-        # where(), not a zero weight: whatever a backend left in a non-local slot is never read.
-        out += torch.where(local_RK[:, k, None], raw_RKH[:, k].to(acc) * w_RK[:, k, None], zero)
-    return out.to(raw_RKH.dtype)
-
-
 class Dispatcher(ABC):
     """Moves tokens to the ranks that own their experts and partial results back.
 
@@ -195,6 +172,11 @@ class Dispatcher(ABC):
                     placement=self.placement.experts_of_rank, top_k=self.top_k,
                     hidden_size=self.hidden_size, dtype=str(self.dtype),
                     max_tokens_per_rank=self.max_tokens_per_rank)
+
+    @classmethod
+    def availability(cls) -> str | None:
+        """None if this backend can run in this process, else why not (a missing library)."""
+        return None
 
     @property
     def world_size(self) -> int:
@@ -284,11 +266,9 @@ class Dispatcher(ABC):
     def combine(self, expert_output: ExpertsOutput, handle: CombineHandle) -> torch.Tensor:
         """[T, H] on the owner: weighted partials summed, raw ones weighted once first."""
         self._check_handle(handle, expert_output, raw=False)
-        y = expert_output.out
-        if not expert_output.weights_applied:
-            local = self.expert_map_on(y.device).local_ids(handle.recv_topk_ids) >= 0
-            y = weight_and_reduce(y, handle.recv_topk_weights, local)
-        return self._combine(y, handle)
+        y_RH = weight_once(expert_output, handle.recv_topk_weights, handle.recv_topk_ids,
+                           self.expert_map_on(expert_output.out.device))
+        return self._combine(y_RH, handle)
 
     def combine_raw(self, expert_output: ExpertsOutput, handle: CombineHandle) -> torch.Tensor:
         """[T, K, H] on the owner: slot k's unweighted output from the rank owning expert k;

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from rocm_moe._checks import error_message
+from rocm_moe._libs import rocm_library_missing
 from rocm_moe.comm.base import CombineHandle, Dispatcher, DispatchResult, join_group
 from rocm_moe.placement import Placement
 
@@ -114,6 +115,10 @@ class MoriDispatcher(Dispatcher):
     """
 
     name = "mori"
+
+    @classmethod
+    def availability(cls) -> str | None:
+        return rocm_library_missing("mori", "build it from github.com/ROCm/mori on ROCm")
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from rocm_moe._libs import library_version
+from rocm_moe.weighting import accumulation_dtype
 
 WORD = 4  # bytes; packed rows are made of 32-bit words
 ALIGN_WORDS = 4  # rows are padded to 16 bytes
@@ -120,7 +121,7 @@ def gather_sum(back_SH: torch.Tensor, pos_TW: torch.Tensor, *, impl: str | None 
         gather_sum_kernel[(T, -(-H // BLOCK))](back_SH.contiguous(), pos_TW.contiguous(), out,
                                                H, W, BLOCK=BLOCK)
         return out
-    acc = torch.float64 if back_SH.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(back_SH.dtype)
     out = torch.zeros(T, H, dtype=acc, device=back_SH.device)
     for d in range(W):  # fixed order: rank 0, 1, ...
         valid = pos_TW[:, d] >= 0

@@ -66,6 +66,7 @@ from rocm_moe.comm.base import (
     join_group,
 )
 from rocm_moe.placement import Placement
+from rocm_moe.weighting import local_slots
 
 _ALIGN = 256  # bytes; sections start aligned
 BLOCK_WORDS = 1024  # pack kernel: row words per program
@@ -280,7 +281,7 @@ class SymmDispatcher(Dispatcher):
         self._check_open(handle)
         raw_RKH = raw_RKH.contiguous()
         K, W = raw_RKH.shape[1], self.world_size
-        local_RK = self.expert_map_on(self.device).local_ids(handle.recv_topk_ids) >= 0
+        local_RK = local_slots(handle.recv_topk_ids, self.expert_map_on(self.device))
         local_RK = local_RK.to(torch.int8)
         owner_TK = self._dest1_on(self.device)[handle.topk_ids + 1] - 1
         out = raw_RKH.new_zeros(handle.num_tokens, K, raw_RKH.shape[2])

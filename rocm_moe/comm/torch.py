@@ -38,6 +38,7 @@ from rocm_moe.comm.base import (
     join_group,
 )
 from rocm_moe.placement import Placement
+from rocm_moe.weighting import local_slots
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -65,6 +66,10 @@ class TorchDispatcher(Dispatcher):
     """
 
     name = "torch"
+
+    @classmethod
+    def availability(cls) -> str | None:
+        return None if dist.is_available() else "this torch build has no torch.distributed"
 
     def __init__(
         self,
@@ -124,7 +129,7 @@ class TorchDispatcher(Dispatcher):
     def _combine_raw(self, raw_RKH, handle: TorchCombineHandle):
         R, K, H = raw_RKH.shape
         dev = raw_RKH.device
-        local_RK = self.expert_map_on(dev).local_ids(handle.recv_topk_ids) >= 0
+        local_RK = local_slots(handle.recv_topk_ids, self.expert_map_on(dev))
         per_row = local_RK.sum(1)
         src_of_row = torch.repeat_interleave(
             torch.arange(self.world_size, device=dev),

@@ -26,8 +26,9 @@ import torch
 
 from rocm_moe._checks import error_message
 from rocm_moe._libs import rocm_library_missing
-from rocm_moe.experts.base import Experts, ExpertsOutput
+from rocm_moe.experts.base import Experts
 from rocm_moe.placement import ExpertMap
+from rocm_moe.weighting import ExpertsOutput
 
 AITER_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -41,6 +42,10 @@ class AiterExperts(Experts):
     (tests use a contract-checking fake; default: ``aiter.fused_moe.fused_moe``)."""
 
     name = "aiter"
+
+    @classmethod
+    def availability(cls) -> str | None:
+        return aiter_availability()
 
     def __init__(self, *, mask_sentinel: bool = True, fused_moe=None):
         self.mask_sentinel = mask_sentinel

@@ -8,11 +8,15 @@ Inputs (on one rank, after dispatch):
     w2              [e, H, I] local experts' down weights.
     expert_map      ExpertMap of this rank: selects the local slots; other slots are skipped.
 
-Modes:
-    "weighted": out [R, H] = sum over local slots k of w[r, k] * expert_k(x[r]); the backend
+``weight_mode`` (who applies the routing weights, ``rocm_moe.weighting``):
+    "experts":  out [R, H] = sum over local slots k of w[r, k] * expert_k(x[r]); the backend
                 applied the weights (``weights_applied=True``), as AITER's fused_moe does.
-    "raw":      out [R, K, H] = expert_k(x[r]) unweighted for local slots, exact zeros elsewhere;
-                ``weights_applied=False``, so the combine stage must apply them.
+    "combine":  out [R, K, H] = expert_k(x[r]) unweighted for local slots, exact zeros
+                elsewhere; ``weights_applied=False``, so the combine stage must apply them.
+
+Backends implement two hooks in terms of the output's form, ``mode``: "weighted" (weight_mode
+"experts") or "raw" (weight_mode "combine"): ``supports(mode=...)`` and ``_forward(..., mode)``.
+The public call's old ``mode=`` keyword still works and warns (DeprecationWarning).
 
 expert(x) = (silu(x @ gate.T) * (x @ up.T)) @ down.T, accumulated in float32 (float64 for
 float64 inputs) and returned in x's dtype.
@@ -21,7 +25,6 @@ float64 inputs) and returned in x's dtype.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -35,16 +38,19 @@ from rocm_moe._checks import (
     error_message,
 )
 from rocm_moe.placement import ExpertMap, require_expert_map
+from rocm_moe.weighting import (  # noqa: F401 (accumulation_dtype: its former home)
+    ExpertsOutput,
+    WeightMode,
+    accumulation_dtype,
+    resolve_weight_mode,
+)
 
-ExpertsMode = Literal["weighted", "raw"]
+ExpertsMode = Literal["weighted", "raw"]  # the hooks' output form (see the module docstring)
 
 
-@dataclass(frozen=True, kw_only=True, eq=False)
-class ExpertsOutput:
-    """An expert stage's result, declaring whether the routing weights are already applied."""
-
-    out: torch.Tensor  # [R, H] when weights_applied, else [R, K, H]
-    weights_applied: bool
+def output_form(weight_mode: WeightMode) -> ExpertsMode:
+    """The experts' output form for a weight mode: "weighted" [R, H] or "raw" [R, K, H]."""
+    return "weighted" if weight_mode == "experts" else "raw"
 
 
 def check_expert_inputs(
@@ -61,8 +67,8 @@ def check_expert_inputs(
     """Shape, dtype and value checks of the experts contract (see the module docstring)."""
     require_expert_map("expert_map", expert_map)
     if mode not in ("weighted", "raw"):
-        raise ValueError(error_message("mode", repr(mode), "must be 'weighted' or 'raw'",
-                                       "pick one"))
+        raise ValueError(error_message("mode", repr(mode), "must be 'weighted' or 'raw' (the "
+                                       "output form)", "pass weight_mode='experts' or 'combine'"))
     check_tensor("x", x_RH, shape=(None, None), dtypes=FLOAT_DTYPES)
     R, H = x_RH.shape
     check_tensor("topk_ids", topk_ids_RK, shape=(R, None), dtypes=(torch.int32,),
@@ -90,6 +96,12 @@ class Experts(ABC):
 
     name: ClassVar[str]
 
+    @classmethod
+    def availability(cls) -> str | None:
+        """None if this backend can run in this process, else why not (a missing library or
+        device); ``supports`` then judges each call (mode, dtype, device)."""
+        return None
+
     def supports(
         self, *, mode: ExpertsMode, dtype: torch.dtype, device: torch.device
     ) -> str | None:
@@ -105,9 +117,13 @@ class Experts(ABC):
         w2: torch.Tensor,
         expert_map: ExpertMap,
         *,
-        mode: ExpertsMode,
+        weight_mode: WeightMode | None = None,
         validate: bool = True,
+        mode: ExpertsMode | None = None,
     ) -> ExpertsOutput:
+        """ExpertsOutput of the local slots of ``x_RH``'s rows (see the module docstring);
+        ``mode``: deprecated spelling of ``weight_mode`` ("weighted" or "raw")."""
+        mode = output_form(resolve_weight_mode(weight_mode, mode))
         check_expert_inputs(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, mode=mode,
                             validate=validate)
         reason = self.supports(mode=mode, dtype=x_RH.dtype, device=x_RH.device)
@@ -130,7 +146,3 @@ def swiglu_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch
     """One expert on rows x [N, H]: w13 [2I, H] (gate then up), w2 [H, I] -> [N, H]."""
     gate, up = (x @ w13.T).chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate) * up) @ w2.T
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -2,8 +2,9 @@
 
 ``ReferenceExperts`` implements the experts contract (``experts/base.py``) with one small GEMM
 pair per local expert, driven by the expert -> row tables of ``layout.build_layout``; it never
-loops over tokens. ``dense_moe_reference`` is an independent oracle: it sends every token through
-each of its K experts straight from the global ids, in float64.
+loops over tokens; its weighted mode weights the raw outputs with ``weighting.weight_once``.
+``dense_moe_reference`` is an independent oracle: it sends every token through each of its K
+experts straight from the global ids, in float64 (it weights them on its own, on purpose).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from collections.abc import Callable
 
 import torch
 
-from rocm_moe.experts.base import Experts, ExpertsOutput, accumulation_dtype, swiglu_expert
-from rocm_moe.layout import build_layout
+from rocm_moe.experts.base import Experts, swiglu_expert
+from rocm_moe.experts.layout import build_layout
+from rocm_moe.weighting import ExpertsOutput, accumulation_dtype, weight_once
 
 
 class ReferenceExperts(Experts):
@@ -22,24 +24,21 @@ class ReferenceExperts(Experts):
     name = "reference"
 
     def _forward(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode):
-        layout = build_layout(topk_ids_RK, expert_map, topk_weights_RK=topk_weights_RK)
+        layout = build_layout(topk_ids_RK, expert_map)
         acc = accumulation_dtype(x_RH.dtype)
         R, K = topk_ids_RK.shape
-        H = x_RH.shape[1]
-        weighted = mode == "weighted"
-        out = x_RH.new_zeros((R, H) if weighted else (R, K, H), dtype=acc)
+        raw_RKH = x_RH.new_zeros(R, K, x_RH.shape[1], dtype=acc)
         for j, n in enumerate(layout.tokens_per_expert.tolist()):
             if n == 0:
                 continue
             rows = layout.expert_token_table[j, :n].long()
             y = swiglu_expert(x_RH[rows].to(acc), w13[j].to(acc), w2[j].to(acc))
-            if weighted:
-                # rows are distinct within one expert: gather-add-scatter is deterministic.
-                w = layout.expert_weight_table[j, :n, None].to(acc)
-                out[rows] = out[rows] + y * w
-            else:
-                out[rows, layout.expert_slot_table[j, :n].long()] = y
-        return ExpertsOutput(out=out.to(x_RH.dtype), weights_applied=weighted)
+            raw_RKH[rows, layout.expert_slot_table[j, :n].long()] = y
+        raw = ExpertsOutput(out=raw_RKH, weights_applied=False)
+        if mode == "weighted":  # weighted once by the weighting module, still in acc's dtype
+            y_RH = weight_once(raw, topk_weights_RK, topk_ids_RK, expert_map)
+            return ExpertsOutput(out=y_RH.to(x_RH.dtype), weights_applied=True)
+        return ExpertsOutput(out=raw_RKH.to(x_RH.dtype), weights_applied=False)
 
 
 def dense_moe_reference(

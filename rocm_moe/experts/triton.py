@@ -34,8 +34,9 @@ import os
 import torch
 
 from rocm_moe._libs import library_version, triton_runs_on
-from rocm_moe.experts.base import Experts, ExpertsOutput
-from rocm_moe.layout import build_layout
+from rocm_moe.experts.base import Experts
+from rocm_moe.experts.layout import build_layout
+from rocm_moe.weighting import ExpertsOutput
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -157,6 +158,14 @@ class TritonExperts(Experts):
     descriptors; None (default) where ``tma_supported`` says they pay off."""
 
     name = "triton"
+
+    @classmethod
+    def availability(cls) -> str | None:
+        if (reason := triton_availability()) is not None:
+            return reason
+        if not triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+            return "no CUDA/ROCm device (TRITON_INTERPRET=1 runs the kernels on a CPU, slowly)"
+        return None
 
     def __init__(self, *, config: dict | None = None, tma: bool | None = None):
         self.config = config

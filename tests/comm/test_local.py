@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from rocm_moe import ExpertsOutput, LocalDispatcher, Placement
-from rocm_moe.comm import weight_and_reduce
 
 H = 8
 
@@ -34,16 +33,6 @@ def test_round_trip_weighted_and_raw():
     torch.testing.assert_close(y_raw, x * w.sum(1, keepdim=True))
     back = d.combine_raw(ExpertsOutput(out=raw, weights_applied=False), res.handle)
     assert torch.equal(back, raw)
-
-
-def test_weight_and_reduce_fixed_order_and_mask():
-    raw = torch.randn(4, 3, H)
-    w = torch.rand(4, 3)
-    local = torch.tensor([[True, False, True]] * 4)
-    out = weight_and_reduce(raw, w, local)
-    ref = (raw.double() * (w * local).double()[..., None]).sum(1)
-    torch.testing.assert_close(out.double(), ref)
-    assert torch.equal(out, weight_and_reduce(raw, w, local))
 
 
 def test_handle_of_other_batch_or_dispatcher_rejected():

@@ -35,12 +35,12 @@ def test_local_slots_match_oracle(R, K, E, W, dtype, gen):
     weighted_ref = (raw_ref * w.double()[..., None]).sum(1)
 
     exp = ReferenceExperts()
-    out = exp(x, ids, w, w13[local], w2[local], emap, mode="weighted")
+    out = exp(x, ids, w, w13[local], w2[local], emap, weight_mode="experts")
     assert out.weights_applied
     assert out.out.shape == (R, H)
     assert out.out.dtype == dtype
     assert rel_err(out.out, weighted_ref) < TOL[dtype]
-    raw = exp(x, ids, w, w13[local], w2[local], emap, mode="raw")
+    raw = exp(x, ids, w, w13[local], w2[local], emap, weight_mode="combine")
     assert not raw.weights_applied
     assert raw.out.shape == (R, K, H)
     assert rel_err(raw.out, raw_ref) < TOL[dtype]
@@ -52,9 +52,10 @@ def test_rows_with_no_local_slot_are_zero_and_zero_rows_ok():
     x = torch.randn(3, H)
     w13, w2 = torch.randn(4, 2 * I, H), torch.randn(4, H, I)
     ids = torch.tensor([[4, 5], [6, -1], [-1, -1]], dtype=torch.int32)
-    out = ReferenceExperts()(x, ids, torch.rand(3, 2), w13, w2, emap, mode="weighted")
+    out = ReferenceExperts()(x, ids, torch.rand(3, 2), w13, w2, emap, weight_mode="experts")
     assert out.out.eq(0).all()
-    empty = ReferenceExperts()(x[:0], ids[:0], torch.rand(0, 2), w13, w2, emap, mode="raw")
+    empty = ReferenceExperts()(x[:0], ids[:0], torch.rand(0, 2), w13, w2, emap,
+                               weight_mode="combine")
     assert empty.out.shape == (0, 2, H)
 
 
@@ -69,7 +70,7 @@ def test_rows_with_no_local_slot_are_zero_and_zero_rows_ok():
         (dict(w=torch.tensor([[0.5, float("nan")]] * 3)), ValueError, "must be finite"),
         (dict(w=torch.tensor([[0.5, -0.1]] * 3)), ValueError, ">= 0"),
         (dict(emap="mask"), TypeError, "ExpertMask is AITER"),
-        (dict(mode="sum"), ValueError, "mode='sum'"),
+        (dict(mode="sum"), ValueError, "weight_mode='sum'"),
         (dict(x=torch.randn(3, H, dtype=torch.float64)), TypeError, r"w13.dtype"),
     ],
     ids=["ids_int64", "w_f64", "w13_shape", "w2_shape", "id_range", "nan", "negative", "mask",
@@ -79,10 +80,10 @@ def test_bad_input(change, exc, match):
     p = Placement.contiguous(8, 2)
     args = dict(x=torch.randn(3, H), ids=torch.zeros(3, 2, dtype=torch.int32) + torch.tensor(
         [0, 1], dtype=torch.int32), w=torch.rand(3, 2), w13=torch.randn(4, 2 * I, H),
-        w2=torch.randn(4, H, I), emap=p.expert_map(0), mode="raw")
+        w2=torch.randn(4, H, I), emap=p.expert_map(0), mode="combine")
     args.update(change)
     if args["emap"] == "mask":
         args["emap"] = p.expert_mask(0, sentinel=True)
     with pytest.raises(exc, match=match):
         ReferenceExperts()(args["x"], args["ids"], args["w"], args["w13"], args["w2"],
-                           args["emap"], mode=args["mode"])
+                           args["emap"], weight_mode=args["mode"])

@@ -48,13 +48,13 @@ def _case(R, K, E, W, H, I, dtype, gen, *, all_on_one=False, nonlocal_rows=False
 def test_matches_reference(R, K, E, W, H, I, dtype, variant, tma, gen):
     args = _case(R, K, E, W, H, I, dtype, gen, all_on_one=variant == "all_on_one",
                  nonlocal_rows=variant == "nonlocal_rows")
-    for mode in ("weighted", "raw"):
-        ref = ReferenceExperts()(*args, mode=mode)
-        out = TritonExperts(tma=tma)(*args, mode=mode)
+    for mode in ("experts", "combine"):
+        ref = ReferenceExperts()(*args, weight_mode=mode)
+        out = TritonExperts(tma=tma)(*args, weight_mode=mode)
         assert out.weights_applied == ref.weights_applied
         assert out.out.shape == ref.out.shape
         assert rel_err(out.out, ref.out) < TOL[dtype], mode
-        if mode == "raw":
+        if mode == "combine":
             local = args[5].local_ids(args[1]) >= 0
             assert out.out[~local].eq(0).all()  # non-local and empty slots are exact zeros
 
@@ -87,7 +87,7 @@ def test_worked_example():
     args = [t.to(DEVICE) for t in (x, torch.tensor([[0]], dtype=torch.int32),
                                    torch.tensor([[0.5]]), w13, w2)]
     out = TritonExperts()(*args, Placement.contiguous(1, 1).expert_map(0).to(DEVICE),
-                          mode="weighted").out
+                          weight_mode="experts").out
     expect = 0.5 * torch.nn.functional.silu(torch.tensor(4.0)) * 4
     assert abs(out[0, 0].item() - expect.item()) < 1e-2
     assert out[0, 1:].abs().max().item() == 0

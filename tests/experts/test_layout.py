@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rocm_moe import Placement, build_layout
-from rocm_moe.layout import max_padded_slots
+from rocm_moe.experts.layout import max_padded_slots
 from tests.conftest import DEVICE
 
 
@@ -102,8 +102,8 @@ FIELDS = ("local_ids", "tokens_per_expert", "expert_offsets", "padded_offsets", 
 def test_triton_block_layout_equals_the_sort(R, K, E, W, bs, gen, monkeypatch):
     """tables=False (the Triton kernels; interpreter on CPUs) gives the sort's tensors exactly."""
     pytest.importorskip("triton")
-    from rocm_moe import layout
     from rocm_moe._libs import triton_runs_on
+    from rocm_moe.experts import layout
 
     if R == 300:
         monkeypatch.setattr(layout, "_SCAN_TILE", 16)

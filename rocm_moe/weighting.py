@@ -1,0 +1,138 @@
+"""Exactly-once weighting: the one place that applies routing weights to routed outputs.
+
+Comm and experts backends are siblings that both import this module (neither imports the
+other). An expert stage returns an ``ExpertsOutput`` that declares whether the weights are
+already applied; every stage after it turns that into weighted [R, H] partials with
+``weight_once``, which returns weighted outputs as they are and weights raw ones once:
+
+    weight_mode="experts":  experts -> ExpertsOutput([R, H], weights_applied=True)
+                            weight_once -> the same [R, H] (nothing applied again)
+    weight_mode="combine":  experts -> ExpertsOutput([R, K, H], weights_applied=False)
+                            weight_once -> sum_k w[r, k] * out[r, k] over the local slots
+
+A backend may fuse the multiplication into its kernels (AITER's fused_moe, the Triton
+experts' epilogue) only in weight_mode="experts", where its output says so.
+
+Worked example (a test asserts it): raw [1, 2, 1] = [[[2.], [3.]]], weights [[0.5, 0.25]],
+ids [[0, 1]] on a rank owning expert 0 only -> [[1.]] (slot 1 belongs to another rank).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from rocm_moe._checks import error_message
+from rocm_moe._libs import library_version
+from rocm_moe.placement import ExpertMap
+
+WeightMode = Literal["experts", "combine"]  # who applies the routing weights
+WEIGHT_MODES: tuple[WeightMode, ...] = ("experts", "combine")
+# The experts' former vocabulary (``mode=``), which said what the experts return.
+_OLD_MODES: dict[str, WeightMode] = {"weighted": "experts", "raw": "combine"}
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ExpertsOutput:
+    """An expert stage's result, declaring whether the routing weights are already applied."""
+
+    out: torch.Tensor  # [R, H] when weights_applied, else [R, K, H]
+    weights_applied: bool
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums of routed outputs run in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def local_slots(topk_ids_RK: torch.Tensor, expert_map: ExpertMap | None) -> torch.Tensor:
+    """[R, K] bool: slot k of row r is computed on this rank (its expert is in
+    ``expert_map``); with ``expert_map=None``, every valid slot (id >= 0, on the owner of all
+    the slots' results, after ``combine_raw``)."""
+    if expert_map is None:
+        return topk_ids_RK >= 0
+    return expert_map.local_ids(topk_ids_RK) >= 0
+
+
+def weight_once(
+    expert_output: ExpertsOutput,
+    topk_weights_RK: torch.Tensor,
+    topk_ids_RK: torch.Tensor,
+    expert_map: ExpertMap | None,
+) -> torch.Tensor:
+    """[R, H] partials of ``expert_output`` with the routing weights applied exactly once.
+
+    Weighted outputs are returned as they are. Raw [R, K, H] outputs become
+    sum_k w[r, k] * out[r, k] over the slots ``local_slots(topk_ids_RK, expert_map)`` selects,
+    accumulated in ``accumulation_dtype`` in a fixed slot order and cast back to the output's
+    dtype. Whatever a backend left in an unselected slot is never read.
+    """
+    if not isinstance(expert_output, ExpertsOutput):
+        raise TypeError(error_message(
+            "expert_output", type(expert_output).__name__, "must be an ExpertsOutput that "
+            "declares whether the routing weights are applied",
+            "wrap it: ExpertsOutput(out=y, weights_applied=False)"))
+    if expert_output.weights_applied:
+        return expert_output.out
+    return _weighted_sum(expert_output.out, topk_weights_RK,
+                         local_slots(topk_ids_RK, expert_map))
+
+
+def _weighted_sum(raw_RKH: torch.Tensor, topk_weights_RK: torch.Tensor,
+                  local_RK: torch.Tensor) -> torch.Tensor:
+    """[R, H]: sum over k (in order) of w[r, k] * raw[r, k] where ``local_RK``, accumulated in
+    ``accumulation_dtype``. One Triton kernel on GPUs (``rocm_moe._weighting_triton``), K torch
+    passes elsewhere."""
+    R, K, H = raw_RKH.shape
+    if raw_RKH.is_cuda and raw_RKH.dtype != torch.float64 and library_version("triton") \
+            and raw_RKH.stride(2) == 1 and R:
+        from rocm_moe._weighting_triton import weighted_slot_sum_kernel
+
+        out = raw_RKH.new_empty(R, H)
+        weighted_slot_sum_kernel[(R, -(-H // 1024))](
+            raw_RKH, raw_RKH.stride(0), raw_RKH.stride(1), topk_weights_RK.float().contiguous(),
+            local_RK.to(torch.int8).contiguous(), out, H, K_TOPK=K, BLOCK_H=1024)
+        return out
+    acc = accumulation_dtype(raw_RKH.dtype)
+    w_RK = topk_weights_RK.to(acc)
+    out = raw_RKH.new_zeros(R, H, dtype=acc)
+    zero = out.new_zeros(())
+    for k in range(K):
+        # where(), not a zero weight: whatever a backend left in a non-local slot is never read.
+        out += torch.where(local_RK[:, k, None], raw_RKH[:, k].to(acc) * w_RK[:, k, None], zero)
+    return out.to(raw_RKH.dtype)
+
+
+def weight_and_reduce(
+    raw_RKH: torch.Tensor, topk_weights_RK: torch.Tensor, local_RK: torch.Tensor
+) -> torch.Tensor:
+    """Deprecated: ``weight_once(ExpertsOutput(out=raw, weights_applied=False), w, ids,
+    expert_map)`` computes the same [R, H] from the ids instead of a hand-made mask."""
+    warnings.warn("rocm_moe.comm.weight_and_reduce is deprecated; use "
+                  "rocm_moe.weighting.weight_once", DeprecationWarning, stacklevel=2)
+    return _weighted_sum(raw_RKH, topk_weights_RK, local_RK)
+
+
+def resolve_weight_mode(
+    weight_mode: str | None, old_mode: str | None = None, *, field: str = "weight_mode"
+) -> WeightMode:
+    """The weight mode of a call that may still use the experts' old ``mode=`` keyword
+    ("weighted" = "experts", "raw" = "combine"; deprecated, warns)."""
+    if old_mode is not None:
+        if weight_mode is not None:
+            raise TypeError(error_message("mode", repr(old_mode), "cannot be passed together "
+                                          f"with weight_mode={weight_mode!r}",
+                                          "pass weight_mode only"))
+        if old_mode not in _OLD_MODES:
+            raise ValueError(error_message("mode", repr(old_mode), "must be 'weighted' or 'raw'",
+                                           "pass weight_mode='experts' or 'combine' instead"))
+        weight_mode = _OLD_MODES[old_mode]
+        warnings.warn(f"mode={old_mode!r} is deprecated; use weight_mode={weight_mode!r} "
+                      "(who applies the routing weights)", DeprecationWarning, stacklevel=3)
+    if weight_mode not in WEIGHT_MODES:
+        raise ValueError(error_message(field, repr(weight_mode),
+                                       "must be 'experts' or 'combine'", "pick one"))
+    return weight_mode
