@@ -101,7 +101,7 @@ def _build_layer(args, info: WorkerInfo, dtype: torch.dtype, weight_mode: str) -
         top_k=args.top_k, dtype=dtype, max_tokens_per_rank=max(_tokens_per_rank(args), 16))
     experts = backends.make_experts(args.experts)
     if getattr(args, "checkpoint", None):
-        from rocm_moe import hf
+        from rocm_moe.integrations import hf
 
         weights = hf.load_moe_layer(args.checkpoint, args.layer, placement, info.rank)
         return hf.build_layer(weights, dispatcher=dispatcher, experts=experts,
@@ -118,20 +118,20 @@ def _checkpoint_shape(args) -> None:
     """Take E, H, I, K from the checkpoint's config (before any rank starts)."""
     if not getattr(args, "checkpoint", None):
         return
-    from rocm_moe import hf
+    from rocm_moe.families import family
+    from rocm_moe.integrations import hf
 
     cfg = hf.Checkpoint(args.checkpoint).config()
-    _, _, _, inter_key = hf.family(cfg.model_type)
     router = RouterConfig.from_hf_config(cfg)
     args.num_experts, args.top_k = router.num_experts, router.top_k
-    args.hidden, args.intermediate = cfg.hidden_size, getattr(cfg, inter_key)
+    args.hidden, args.intermediate = cfg.hidden_size, family(cfg.model_type).intermediate_size(cfg)
 
 
 def _expert_weights(args, dtype: torch.dtype):
     """Expert g's weights as the layer holds them (rounded to its dtype): synthetic, or read
     from the checkpoint on demand."""
     if getattr(args, "checkpoint", None):
-        from rocm_moe import hf
+        from rocm_moe.integrations import hf
 
         read = hf.expert_reader(args.checkpoint, args.layer)
     else:
