@@ -216,7 +216,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """This benchmark's flags (``rocm-moe bench comm``)."""
+    """This benchmark's flags (``rocm-moe bench comm``, which ``bench/comm.py`` runs)."""
     p.add_argument("--world-size", type=int, default=None,
                    help="ranks to spawn (default: one per GPU, else 2)")
     p.add_argument("--comm", nargs="+", default=None, choices=["torch", "symm"],
@@ -235,13 +235,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results", help="folder for the JSON and the PNG")
     p.add_argument("--name", default=None, help="file stem (default: comm_<device>_W<N>)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="rocm-moe bench comm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv), p)
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

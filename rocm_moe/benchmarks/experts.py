@@ -132,17 +132,10 @@ def _plot(rows: list[dict], path: Path) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """This benchmark's flags (``rocm-moe bench experts`` and ``bench/experts.py``)."""
+    """This benchmark's flags (``rocm-moe bench experts``, which ``bench/experts.py`` runs)."""
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--out", default="bench/results")
     p.add_argument("--name", default="experts")
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="rocm-moe bench experts", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv), p)
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -125,13 +125,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="file stem (default: layer_W<N>)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="rocm-moe bench layer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv), p)
-
-
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run it with parsed ``args``; ``parser`` reports a machine that cannot run it."""
     from rich.console import Console
