@@ -170,14 +170,17 @@ def test_help_documents_exit_codes(capsys, command):
 def test_backend_choices_come_from_the_registry(capsys, monkeypatch):
     from rocm_moe import backends
 
-    symm = backends.Backend("symm", "comm", "rocm_moe.comm.torch", "TorchDispatcher",
-                            lambda: "a test stand-in")
-    monkeypatch.setitem(backends.BACKENDS, "comm:symm", symm)
+    new = backends.Backend("new_comm", "comm", "rocm_moe.comm.torch", "TorchDispatcher",
+                           lambda: "a test stand-in")
+    monkeypatch.setitem(backends.BACKENDS, "comm:new_comm", new)
     with pytest.raises(SystemExit):
         main(["sanity", "--help"])
-    assert "symm" in " ".join(capsys.readouterr().out.split())
-    assert main(["sanity", *SMALL, "--world-size", "1", "--comm", "symm"]) == 2
-    assert "comm backend='symm': unavailable: a test stand-in" in capsys.readouterr().err
+    out = " ".join(capsys.readouterr().out.split())
+    for name in [*backends.names("comm"), *backends.names("experts")]:
+        assert name in out
+    assert "new_comm" in out
+    assert main(["sanity", *SMALL, "--world-size", "1", "--comm", "new_comm"]) == 2
+    assert "comm backend='new_comm': unavailable: a test stand-in" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("world_size", "comm"), [(1, "local"), (2, "torch")])
@@ -194,22 +197,29 @@ def test_layer_spec_from_arguments(world_size, comm):
 
 
 def test_bench_is_an_ordinary_subcommand():
-    from rocm_moe.benchmarks import comm, experts
+    from rocm_moe.benchmarks import comm, experts, layer
     from rocm_moe.cli import build_parser
 
     parser = build_parser()
-    args = parser.parse_args(["bench", "comm", "--world-size", "4", "--tokens", "1", "33",
-                              "--hidden", "64", "--num-experts", "8", "--top-k", "2",
-                              "--dtype", "float32", "--warmup", "1", "--iters", "2",
-                              "--seed", "7", "--out", "o", "--name", "n"])
+    args = parser.parse_args(["bench", "comm", "--world-size", "4", "--comm", "torch", "symm",
+                              "--tokens", "1", "33", "--hidden", "64", "--num-experts", "8",
+                              "--top-k", "2", "--dtype", "float32", "--warmup", "1",
+                              "--iters", "2", "--inner", "3", "--symm-capacity", "40",
+                              "--p2p-mb", "1", "--seed", "7", "--out", "o", "--name", "n"])
     assert (args.command, args.benchmark) == ("bench", "comm")
     assert args.func.keywords["module"] is comm
     own = {k: v for k, v in vars(args).items() if k not in {"func", "command", "benchmark"}}
-    assert own == dict(world_size=4, tokens=[1, 33], hidden=64, num_experts=8, top_k=2,
-                       dtype="float32", warmup=1, iters=2, seed=7, out="o", name="n")
+    assert own == dict(world_size=4, comm=["torch", "symm"], tokens=[1, 33], hidden=64,
+                       num_experts=8, top_k=2, dtype="float32", warmup=1, iters=2, inner=3,
+                       symm_capacity=40, p2p_mb=1, seed=7, out="o", name="n")
     args = parser.parse_args(["bench", "experts", "--shapes", "dsv3", "--out", "o"])
     assert args.func.keywords["module"] is experts
     assert (args.shapes, args.out, args.name) == (["dsv3"], "o", "experts")
+    args = parser.parse_args(["bench", "layer", "--tokens", "1", "128", "--weight-modes",
+                              "combine", "--experts", "reference", "--baseline", ""])
+    assert args.func.keywords["module"] is layer
+    assert (args.tokens, args.weight_modes, args.experts, args.baseline) == (
+        [1, 128], ["combine"], "reference", "")
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "nope"])
 
