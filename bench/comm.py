@@ -2,7 +2,7 @@
 
 import sys
 
-from rocm_moe.benchmarks.comm import main
+from rocm_moe.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", "comm", *sys.argv[1:]]))

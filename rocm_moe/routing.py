@@ -37,6 +37,7 @@ from rocm_moe._checks import (
     check_unique_rows,
     error_message,
 )
+from rocm_moe.families import family
 
 Scoring = Literal["softmax", "sigmoid"]
 
@@ -116,24 +117,11 @@ class RouterConfig:
 
     @classmethod
     def from_hf_config(cls, config) -> RouterConfig:
-        """From a transformers config of Qwen2/3-MoE, Mixtral or DeepSeek-V3."""
-        model_type = getattr(config, "model_type", "")
-        if model_type in ("qwen3_moe", "qwen2_moe"):
-            return cls.qwen3_moe(config.num_experts, config.num_experts_per_tok,
-                                 bool(config.norm_topk_prob))
-        if model_type == "mixtral":
-            return cls.mixtral(config.num_local_experts, config.num_experts_per_tok)
-        if model_type == "deepseek_v3":
-            return cls.deepseek_v3(
-                config.n_routed_experts, config.num_experts_per_tok, config.n_group,
-                config.topk_group, bool(config.norm_topk_prob),
-                float(config.routed_scaling_factor),
-            )
-        raise ValueError(error_message(
-            "config.model_type", repr(model_type),
-            "known router families are qwen2_moe, qwen3_moe, mixtral, deepseek_v3",
-            "build RouterConfig(...) by hand for other models",
-        ))
+        """From a transformers config of a known family (``rocm_moe.families``: Qwen2/3-MoE,
+        Mixtral, DeepSeek-V3)."""
+        fam = family(getattr(config, "model_type", ""),
+                     fix="build RouterConfig(...) by hand for other models")
+        return cls(**fam.router_kwargs(config))
 
     @property
     def logits_in_float32(self) -> bool:

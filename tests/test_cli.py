@@ -140,3 +140,106 @@ def test_run_under_torchrun():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "W=2 (gloo)" in proc.stdout
     assert "PASS" in proc.stdout
+
+
+COMMANDS = ["info", "sanity", "run", "diagnose", "bench"]
+
+
+def test_help_lists_every_command(capsys):
+    import rocm_moe.cli
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert f"rocm-moe {command}" in rocm_moe.cli.__doc__
+        assert f"\n    {command} " in out  # argparse's list of subcommands
+    assert rocm_moe.cli.__doc__.startswith(f"rocm-moe: {', '.join(COMMANDS)}.")
+
+
+@pytest.mark.parametrize("command", ["sanity", "run", "diagnose"])
+def test_help_documents_exit_codes(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Exit codes: 0" in out
+    assert "2 a usage error" in out
+
+
+def test_backend_choices_come_from_the_registry(capsys, monkeypatch):
+    from rocm_moe import backends
+
+    new = backends.Backend("new_comm", "comm", "rocm_moe.comm.torch", "TorchDispatcher",
+                           lambda: "a test stand-in")
+    monkeypatch.setitem(backends.BACKENDS, "comm:new_comm", new)
+    with pytest.raises(SystemExit):
+        main(["sanity", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name in [*backends.names("comm"), *backends.names("experts")]:
+        assert name in out
+    assert "new_comm" in out
+    assert main(["sanity", *SMALL, "--world-size", "1", "--comm", "new_comm"]) == 2
+    assert "comm backend='new_comm': unavailable: a test stand-in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("world_size", "comm"), [(1, "local"), (2, "torch")])
+def test_layer_spec_from_arguments(world_size, comm):
+    from rocm_moe.cli import build_parser
+    from rocm_moe.cli.spec import LayerSpec, layer_spec
+
+    args = build_parser().parse_args(["run", *SMALL, "--seed", "3", "--dtype", "float32"])
+    spec = layer_spec(args, world_size, weight_mode="combine")
+    assert spec == LayerSpec(num_experts=8, hidden_size=32, intermediate_size=16, top_k=2,
+                             dtype="float32", weight_mode="combine", comm=comm,
+                             experts="reference", seed=3)
+    assert spec.shape == "E=8 H=32 I=16 K=2"
+
+
+def test_bench_is_an_ordinary_subcommand():
+    from rocm_moe.benchmarks import comm, experts, layer
+    from rocm_moe.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["bench", "comm", "--world-size", "4", "--comm", "torch", "symm",
+                              "--tokens", "1", "33", "--hidden", "64", "--num-experts", "8",
+                              "--top-k", "2", "--dtype", "float32", "--warmup", "1",
+                              "--iters", "2", "--inner", "3", "--symm-capacity", "40",
+                              "--p2p-mb", "1", "--seed", "7", "--out", "o", "--name", "n"])
+    assert (args.command, args.benchmark) == ("bench", "comm")
+    assert args.func.keywords["module"] is comm
+    own = {k: v for k, v in vars(args).items() if k not in {"func", "command", "benchmark"}}
+    assert own == dict(world_size=4, comm=["torch", "symm"], tokens=[1, 33], hidden=64,
+                       num_experts=8, top_k=2, dtype="float32", warmup=1, iters=2, inner=3,
+                       symm_capacity=40, p2p_mb=1, seed=7, out="o", name="n")
+    args = parser.parse_args(["bench", "experts", "--shapes", "dsv3", "--out", "o"])
+    assert args.func.keywords["module"] is experts
+    assert (args.shapes, args.out, args.name) == (["dsv3"], "o", "experts")
+    args = parser.parse_args(["bench", "layer", "--tokens", "1", "128", "--weight-modes",
+                              "combine", "--experts", "reference", "--baseline", ""])
+    assert args.func.keywords["module"] is layer
+    assert (args.tokens, args.weight_modes, args.experts, args.baseline) == (
+        [1, 128], ["combine"], "reference", "")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "nope"])
+
+
+def test_progress_goes_to_stderr(capsys):
+    assert main(["run", *SMALL, "--world-size", "1", "--tokens", "9", "--iters", "2",
+                 "--dtype", "float32"]) == 0
+    captured = capsys.readouterr()
+    assert "rank 0/1 ready" in captured.err
+    assert "rank 0: iteration 2/2" in captured.err
+    assert "ready" not in captured.out
+    assert "iteration 2/2" not in captured.out
+    assert captured.out.startswith("EPMoE E=8 H=32 I=16 K=2, 9 tokens per rank, W=1")
+
+
+def test_run_with_shared_experts(capsys, tmp_path):
+    path = tmp_path / "run.json"
+    assert main(["run", *SMALL, "--world-size", "1", "--tokens", "9", "--iters", "1",
+                 "--dtype", "float32", "--shared-intermediate", "24", "--json", str(path)]) == 0
+    assert "PASS" in capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert "shared" in data["ranks"][0]["stage_ms"]
+    assert data["config"]["shared_intermediate"] == 24

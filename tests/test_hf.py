@@ -10,14 +10,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from rocm_moe import (  # noqa: E402
-    LocalDispatcher,
-    Placement,
-    hf,
-)
+from rocm_moe import LocalDispatcher, Placement, RouterConfig  # noqa: E402
 from rocm_moe.cli import main  # noqa: E402
 from rocm_moe.comm.torch import TorchDispatcher  # noqa: E402
 from rocm_moe.distributed import launch  # noqa: E402
+from rocm_moe.integrations import hf  # noqa: E402
 
 COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, num_experts_per_tok=2, tie_word_embeddings=False)
@@ -45,7 +42,7 @@ MOE_LAYER = {"deepseek_v3": 1}  # DeepSeek-V3's first layer is dense here
 
 
 def _num_experts(cfg):
-    return hf.RouterConfig.from_hf_config(cfg).num_experts
+    return RouterConfig.from_hf_config(cfg).num_experts
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +178,23 @@ def test_run_on_a_checkpoint(checkpoints, capsys):
     assert rc == 0, out
     assert "E=8 H=32 I=16 K=2" in out
     assert "PASS" in out
+
+
+def test_old_module_path_is_the_same_module():
+    import rocm_moe.hf
+    from rocm_moe import hf as old
+
+    assert old is hf
+    assert rocm_moe.hf is hf
+
+
+def test_register_keeps_the_backend_in_transformers_registry():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from rocm_moe.experts.reference import ReferenceExperts
+
+    backend = ReferenceExperts()
+    assert hf.register(backend) == "rocm_moe"
+    assert ALL_EXPERTS_FUNCTIONS["rocm_moe"].experts is backend
+    hf.register()  # no backend given: the registered one stays
+    assert ALL_EXPERTS_FUNCTIONS["rocm_moe"].experts is backend

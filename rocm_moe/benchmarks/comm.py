@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rocm_moe._console import progress
 from rocm_moe.benchmarks import NO_PLOT, pyplot
 from rocm_moe.comm.torch import TorchDispatcher
 from rocm_moe.distributed import WorkerInfo, launch
@@ -165,6 +166,8 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
                     times[name].append(t)
         rows.append(dict(tokens=T, rank=info.rank, recv_rows=res.num_received,
                          recv_bytes=res.num_received * H * x.element_size(), times=times))
+        if info.rank == 0:
+            progress(f"rank 0: {T} tokens per rank done")
     p2p = _p2p_ceiling(info, group, cfg["p2p_mb"], cfg["iters"]) if graphs else None
     return dict(rows=rows, p2p_GBps=p2p)
 
@@ -212,9 +215,8 @@ def _plot(rows: list[dict], path: Path, title: str) -> str:
     return f"plot: {path}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="rocm-moe bench comm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This benchmark's flags (``rocm-moe bench comm``, which ``bench/comm.py`` runs)."""
     p.add_argument("--world-size", type=int, default=None,
                    help="ranks to spawn (default: one per GPU, else 2)")
     p.add_argument("--comm", nargs="+", default=None, choices=["torch", "symm"],
@@ -233,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results", help="folder for the JSON and the PNG")
     p.add_argument("--name", default=None, help="file stem (default: comm_<device>_W<N>)")
-    args = p.parse_args(argv)
 
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run it with parsed ``args``; ``parser`` reports a machine that cannot run it."""
     from rich.console import Console
     from rich.table import Table
 
@@ -244,9 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.comm is None:
         args.comm = ["torch"] + (["symm"] if SymmDispatcher.availability() is None else [])
     if "symm" in args.comm and (reason := SymmDispatcher.availability()) is not None:
-        p.error(f"--comm symm cannot run here: {reason}")
+        parser.error(f"--comm symm cannot run here: {reason}")
     W = args.world_size or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
     cfg = vars(args)
+    progress(f"starting {W} ranks: {len(args.tokens)} sizes x {args.warmup} + {args.iters} "
+             "iterations")
     results = launch(W, _bench_rank, cfg, timeout_s=600)
     rows = summarise([r["rows"] for r in results])
     p2p = [r["p2p_GBps"] for r in results]

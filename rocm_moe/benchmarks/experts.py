@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from rocm_moe._console import progress
 from rocm_moe.benchmarks import NO_PLOT, pyplot
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.experts.triton import TritonExperts
@@ -71,6 +72,7 @@ def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int]) -> list[dict
     gen = torch.Generator().manual_seed(0)
     rows = []
     for R in sizes:
+        progress(f"{name}: {R} rows")
         x, ids, w, w13, w2, emap = _case(shape, R, gen)
         loc = emap.local_ids(ids)
         pairs = int((loc >= 0).sum())
@@ -129,21 +131,24 @@ def _plot(rows: list[dict], path: Path) -> str:
     return f"plot: {path}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="rocm-moe bench experts", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This benchmark's flags (``rocm-moe bench experts``, which ``bench/experts.py`` runs)."""
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--out", default="bench/results")
     p.add_argument("--name", default="experts")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run it with parsed ``args``; ``parser`` reports a machine that cannot run it."""
     if not torch.cuda.is_available():
-        p.error("needs a GPU (it times the Triton experts), and torch sees none here "
-                "(torch.cuda.is_available() is False); run it on a CUDA or ROCm machine")
+        parser.error("needs a GPU (it times the Triton experts), and torch sees none here "
+                     "(torch.cuda.is_available() is False); run it on a CUDA or ROCm machine")
     from rich.console import Console
     from rich.table import Table
 
     from rocm_moe.backends import device_description
 
+    progress("measuring the copy and matmul ceilings")
     ceil = ceilings()
     rows = [r for name in args.shapes for r in run_shape(name, SHAPES[name], ceil,
                                                           SHAPES[name]["sizes"])]

@@ -23,6 +23,7 @@ import torch
 
 from rocm_moe import EPMoE, Placement, RouterConfig
 from rocm_moe import synthetic as syn
+from rocm_moe._console import progress
 from rocm_moe.benchmarks.comm import _timed
 from rocm_moe.distributed import WorkerInfo, launch
 
@@ -83,6 +84,8 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> list[dict]:
             row["times"] = times
             layer.dispatcher.check_peers()
             out.append(row)
+            if info.rank == 0:
+                progress(f"rank 0: {T} tokens per rank, weight_mode={mode} done")
             del graphed, layer
             torch.cuda.empty_cache()
     return out
@@ -104,9 +107,8 @@ def summarise(per_rank: list[list[dict]]) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="rocm-moe bench layer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This benchmark's flags (``rocm-moe bench layer``)."""
     p.add_argument("--world-size", type=int, default=None, help="default: one rank per GPU")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 4096])
     p.add_argument("--weight-modes", nargs="+", default=["experts", "combine"],
@@ -123,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--name", default=None, help="file stem (default: layer_W<N>)")
-    args = p.parse_args(argv)
 
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run it with parsed ``args``; ``parser`` reports a machine that cannot run it."""
     from rich.console import Console
     from rich.table import Table
 
@@ -132,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     from rocm_moe.comm.symm import SymmDispatcher
 
     if (reason := SymmDispatcher.availability()) is not None:
-        p.error(f"the layer benchmark runs the symm backend, which cannot run here: {reason}")
+        parser.error(f"the layer benchmark runs the symm backend, which cannot run here: {reason}")
     W = args.world_size or torch.cuda.device_count()
     cfg = vars(args)
+    progress(f"starting {W} ranks (nccl)")
     rows = summarise(launch(W, _bench_rank, cfg, backend="nccl", timeout_s=900))
     device = device_description()
     title = (f"EPMoE forward, symm + {args.experts} graph-replayed vs {args.baseline or '-'} "

@@ -1,0 +1,41 @@
+"""rocm-moe bench NAME: the benchmarks of rocm_moe.benchmarks (the scripts in bench/ run
+the same code). rocm-moe bench NAME --help gives each one's method and flags.
+
+    comm      dispatch/combine of the comm backends (torch, and symm where it runs) against
+              raw all_to_all_single of the same bytes and the peer-to-peer copy ceiling
+    experts   the Triton experts against their floor, the torch reference beside them (a GPU)
+    layer     a whole EPMoE forward per rank: symm graph-replayed against torch eager (GPUs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+
+BENCHMARKS = {
+    "comm": ("rocm_moe.benchmarks.comm",
+             "dispatch/combine GB/s against raw all_to_all_single"),
+    "experts": ("rocm_moe.benchmarks.experts", "Triton experts against their floor (a GPU)"),
+    "layer": ("rocm_moe.benchmarks.layer",
+              "a whole EPMoE forward, symm graph-replayed against torch eager (GPUs)"),
+}
+_CLI_KEYS = {"func", "command", "benchmark"}  # what the CLI adds to a benchmark's arguments
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHMARKS)} (rocm-moe bench NAME "
+                       "--help)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    names = p.add_subparsers(dest="benchmark", required=True, metavar="NAME")
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        module = importlib.import_module(module_name)
+        b = names.add_parser(name, help=help_text, description=module.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(b)
+        b.set_defaults(func=functools.partial(_run, module=module, parser=b))
+
+
+def _run(args: argparse.Namespace, *, module, parser: argparse.ArgumentParser) -> int:
+    own = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in _CLI_KEYS})
+    return module.run(own, parser)

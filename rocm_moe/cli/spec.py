@@ -1,0 +1,149 @@
+"""The layer a command builds on every rank, as a small typed spec, and its command-line arguments.
+
+``add_layer_args`` declares the arguments that sanity, run and diagnose share; ``layer_spec``
+turns them (and a command's own fields) into a ``LayerSpec`` with the comm backend resolved for
+the world size and both backends checked, before any rank starts. A rank builds its layer with
+``spec.build(info, dtype)``; checks regenerate expert weights with ``spec.expert_weights``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from rocm_moe import backends, synthetic
+from rocm_moe.distributed import WorkerInfo
+from rocm_moe.layer import EPMoE
+from rocm_moe.placement import Placement
+from rocm_moe.routing import RouterConfig
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerSpec:
+    """One EPMoE per rank: synthetic weights (``seed``) or a checkpoint's MoE layer."""
+
+    num_experts: int  # E
+    hidden_size: int  # H
+    intermediate_size: int  # I
+    top_k: int  # K
+    dtype: str = "auto"  # a DTYPES name, or auto: bfloat16 on a GPU, float32 on a CPU
+    weight_mode: str = "experts"  # who applies the routing weights: "experts" or "combine"
+    comm: str = "local"  # comm backend (backends.names("comm"))
+    experts: str = "reference"  # experts backend (backends.names("experts"))
+    shared_intermediate_size: int | None = None  # dense shared experts (synthetic weights)
+    seed: int = 0  # synthetic weights and tokens
+    checkpoint: str | None = None  # a safetensors checkpoint directory instead of synthetic
+    layer: int = 1  # the checkpoint's MoE layer
+    max_tokens_per_rank: int = 16  # the dispatcher's capacity
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":  # bf16 GEMMs are the norm on GPUs; a CPU runs float32 faster
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+    @property
+    def shape(self) -> str:
+        return (f"E={self.num_experts} H={self.hidden_size} I={self.intermediate_size} "
+                f"K={self.top_k}")
+
+    @property
+    def weights_source(self) -> str:
+        if self.checkpoint:
+            return f"{self.checkpoint} layer {self.layer}"
+        return f"synthetic seed {self.seed}"
+
+    def build(self, info: WorkerInfo, dtype: torch.dtype) -> EPMoE:
+        """This rank's layer, holding only its experts."""
+        placement = Placement.contiguous(self.num_experts, info.world_size)
+        dispatcher = backends.make_dispatcher(
+            self.comm, placement, info.rank, hidden_size=self.hidden_size, top_k=self.top_k,
+            dtype=dtype, max_tokens_per_rank=self.max_tokens_per_rank)
+        experts = backends.make_experts(self.experts)
+        if self.checkpoint:
+            from rocm_moe.integrations import hf
+
+            weights = hf.load_moe_layer(self.checkpoint, self.layer, placement, info.rank)
+            return hf.build_layer(weights, dispatcher=dispatcher, experts=experts,
+                                  weight_mode=self.weight_mode, dtype=dtype, device=info.device)
+        layer = EPMoE(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                      router=RouterConfig.qwen3_moe(self.num_experts, self.top_k),
+                      dispatcher=dispatcher, experts=experts, weight_mode=self.weight_mode,
+                      shared_intermediate_size=self.shared_intermediate_size, dtype=dtype,
+                      device=info.device)
+        layer.reset_parameters(seed=self.seed)
+        return layer
+
+    def expert_weights(self, dtype: torch.dtype) -> Callable[[int], tuple]:
+        """``g -> (w13 [2I, H], w2 [H, I])``: expert g's weights as the layer holds them
+        (rounded to ``dtype``), synthetic or read from the checkpoint on demand."""
+        if self.checkpoint:
+            from rocm_moe.integrations import hf
+
+            read = hf.expert_reader(self.checkpoint, self.layer)
+        else:
+            def read(g: int):
+                return synthetic.expert_weights(self.seed, g, self.hidden_size,
+                                                self.intermediate_size)
+
+        def weights(g: int):
+            w13, w2 = read(g)
+            return w13.to(dtype), w2.to(dtype)
+        return weights
+
+
+def checkpoint_shape(spec: LayerSpec) -> LayerSpec:
+    """``spec`` with E, H, I, K taken from its checkpoint's config (unchanged without one)."""
+    if not spec.checkpoint:
+        return spec
+    from rocm_moe.families import family
+    from rocm_moe.integrations import hf
+
+    cfg = hf.Checkpoint(spec.checkpoint).config()
+    router = RouterConfig.from_hf_config(cfg)
+    return replace(spec, num_experts=router.num_experts, top_k=router.top_k,
+                   hidden_size=cfg.hidden_size,
+                   intermediate_size=family(cfg.model_type).intermediate_size(cfg))
+
+
+def default_comm(world_size: int) -> str:
+    """The comm backend when none is asked for: local for one rank, torch for several."""
+    return "local" if world_size == 1 else "torch"
+
+
+def add_layer_args(p: argparse.ArgumentParser, *, E: int, H: int, I: int, K: int) -> None:
+    """The arguments of a LayerSpec, the ranks and the device, with these shape defaults."""
+    p.add_argument("--num-experts", type=int, default=E, help="E, routed experts")
+    p.add_argument("--hidden", type=int, default=H, help="H, hidden size")
+    p.add_argument("--intermediate", type=int, default=I, help="I, per-expert intermediate size")
+    p.add_argument("--top-k", type=int, default=K, help="K, experts per token")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="auto: bfloat16 on a GPU, float32 on a CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (one rank)")
+    p.add_argument("--comm", default=None, metavar="NAME",
+                   help=f"comm backend: {', '.join(backends.names('comm'))}; default local for "
+                   "one rank, torch for several")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="EP ranks to spawn (gloo on CPU, NCCL one per GPU); default: torchrun's, "
+                   "else one per GPU, else 2 on a CPU")
+    p.add_argument("--experts", default="reference", metavar="NAME",
+                   help=f"experts backend: {', '.join(backends.names('experts'))}")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def layer_spec(args: argparse.Namespace, world_size: int, **fields) -> LayerSpec:
+    """The LayerSpec of ``add_layer_args``'s arguments plus a command's own ``fields``, its comm
+    resolved for ``world_size``; an unknown or unusable backend raises the ValueError here,
+    before any rank is started."""
+    spec = LayerSpec(num_experts=args.num_experts, hidden_size=args.hidden,
+                     intermediate_size=args.intermediate, top_k=args.top_k, dtype=args.dtype,
+                     comm=args.comm or default_comm(world_size), experts=args.experts,
+                     seed=args.seed, **fields)
+    backends.require("experts", spec.experts)
+    backends.require("comm", spec.comm)
+    return checkpoint_shape(spec)

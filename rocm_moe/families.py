@@ -1,0 +1,127 @@
+"""Model families: everything rocm_moe knows about one family of transformers MoE models, in one
+frozen record per family.
+
+A family says which transformers ``config.model_type`` values it covers, where its MoE block's
+tensors live in a checkpoint, how its router is configured from the transformers config, whether
+it has shared experts, and which config key holds the routed experts' intermediate size. Routing
+(``RouterConfig.from_hf_config``), checkpoint loading (``rocm_moe.integrations.hf``) and the CLI
+read it from here; none of them branches on a model type.
+
+    fam = family("deepseek_v3")               # or family(hf_config.model_type)
+    fam.expert_tensors(3, 17)                 # ExpertTensors(gate=..., up=..., down=...)
+    fam.router_kwargs(hf_config)              # RouterConfig(**...) fields
+    fam.intermediate_size(hf_config)          # I of the routed experts
+
+Adding a family: one ``ModelFamily(...)`` in ``FAMILIES`` below, and its tiny config in
+``tests/test_hf.py`` and ``tests/test_families.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rocm_moe._checks import error_message
+
+PROJ_NAMES = ("gate_proj", "up_proj", "down_proj")  # Qwen/DeepSeek expert and shared names
+
+
+@dataclass(frozen=True)
+class ExpertTensors:
+    """Checkpoint names of one expert MLP's three weights: gate [I, H], up [I, H], down [H, I]."""
+
+    gate: str
+    up: str
+    down: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelFamily:
+    """One family of transformers MoE models (see the module docstring)."""
+
+    name: str
+    model_types: tuple[str, ...]  # transformers config.model_type values it covers
+    block: str  # the MoE block's name in a decoder layer: model.layers.{n}.{block}
+    expert_names: tuple[str, str, str] = PROJ_NAMES  # an expert's (gate, up, down) names
+    shared_experts: str | None = None  # the shared experts' name in the block, if any
+    shared_expert_gate: str | None = None  # the shared output's sigmoid gate (Qwen2-MoE)
+    router_bias: str | None = None  # the router's choice bias beside gate.weight (DeepSeek-V3)
+    intermediate_size_key: str  # config key of the routed experts' intermediate size I
+    num_experts_key: str  # config key of the routed expert count E
+    scoring: str = "softmax"  # the router's scoring, RouterConfig.scoring
+    norm_topk_prob_key: str | None = "norm_topk_prob"  # None: always normalise
+    grouped_router: bool = False  # n_group, topk_group, routed_scaling_factor from the config
+
+    def block_prefix(self, layer: int) -> str:
+        """``model.layers.{layer}.{block}``, the prefix of every tensor of that MoE block."""
+        return f"model.layers.{layer}.{self.block}"
+
+    def gate_weight(self, layer: int) -> str:
+        """The router's [E, H] weight."""
+        return f"{self.block_prefix(layer)}.gate.weight"
+
+    def router_bias_tensor(self, layer: int) -> str | None:
+        """The router's [E] choice bias, or None for families without one."""
+        if self.router_bias is None:
+            return None
+        return f"{self.block_prefix(layer)}.gate.{self.router_bias}"
+
+    def expert_tensors(self, layer: int, expert: int) -> ExpertTensors:
+        """Routed expert ``expert``'s three weights in layer ``layer``."""
+        prefix = f"{self.block_prefix(layer)}.experts.{expert}"
+        return ExpertTensors(*(f"{prefix}.{n}.weight" for n in self.expert_names))
+
+    def shared_expert_tensors(self, layer: int) -> ExpertTensors | None:
+        """The shared experts' three weights (gate_proj, up_proj, down_proj), or None."""
+        if self.shared_experts is None:
+            return None
+        prefix = f"{self.block_prefix(layer)}.{self.shared_experts}"
+        return ExpertTensors(*(f"{prefix}.{n}.weight" for n in PROJ_NAMES))
+
+    def shared_expert_gate_weight(self, layer: int) -> str | None:
+        """The shared output's [1, H] sigmoid gate, or None for families without one."""
+        if self.shared_expert_gate is None:
+            return None
+        return f"{self.block_prefix(layer)}.{self.shared_expert_gate}.weight"
+
+    def router_kwargs(self, config) -> dict:
+        """``RouterConfig`` fields read from a transformers config of this family."""
+        kw = dict(num_experts=getattr(config, self.num_experts_key),
+                  top_k=config.num_experts_per_tok, scoring=self.scoring,
+                  norm_topk_prob=True if self.norm_topk_prob_key is None
+                  else bool(getattr(config, self.norm_topk_prob_key)))
+        if self.grouped_router:
+            kw.update(n_group=config.n_group, topk_group=config.topk_group,
+                      routed_scaling_factor=float(config.routed_scaling_factor))
+        return kw
+
+    def intermediate_size(self, config) -> int:
+        """The routed experts' intermediate size I from a transformers config."""
+        return getattr(config, self.intermediate_size_key)
+
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in [
+    ModelFamily(name="qwen3_moe", model_types=("qwen3_moe",), block="mlp",
+                intermediate_size_key="moe_intermediate_size", num_experts_key="num_experts"),
+    ModelFamily(name="qwen2_moe", model_types=("qwen2_moe",), block="mlp",
+                shared_experts="shared_expert", shared_expert_gate="shared_expert_gate",
+                intermediate_size_key="moe_intermediate_size", num_experts_key="num_experts"),
+    ModelFamily(name="mixtral", model_types=("mixtral",), block="block_sparse_moe",
+                expert_names=("w1", "w3", "w2"), intermediate_size_key="intermediate_size",
+                num_experts_key="num_local_experts", norm_topk_prob_key=None),
+    ModelFamily(name="deepseek_v3", model_types=("deepseek_v3",), block="mlp",
+                shared_experts="shared_experts", router_bias="e_score_correction_bias",
+                intermediate_size_key="moe_intermediate_size",
+                num_experts_key="n_routed_experts", scoring="sigmoid", grouped_router=True),
+]}
+
+
+def family(model_type: str, *, fix: str = "build the layer by hand for other models"
+           ) -> ModelFamily:
+    """The family covering transformers ``config.model_type`` ``model_type``; a ValueError
+    naming the supported ones (and ``fix``) otherwise."""
+    for fam in FAMILIES.values():
+        if model_type in fam.model_types:
+            return fam
+    supported = [t for fam in FAMILIES.values() for t in fam.model_types]
+    raise ValueError(error_message("config.model_type", repr(model_type),
+                                   f"supported MoE families are {supported}", fix))

@@ -1,0 +1,272 @@
+"""Real checkpoints and transformers models.
+
+- ``Checkpoint(dir)``: a safetensors checkpoint directory (one ``model.safetensors`` or shards
+  with ``model.safetensors.index.json``), read tensor by tensor, safetensors only (nothing is
+  unpickled). A missing or corrupt shard raises a ValueError naming the file and the tensor.
+- ``load_moe_layer(dir, layer, placement, rank)``: one MoE layer's router and shared experts
+  plus THIS rank's routed experts only (the others are never read), for the families of
+  ``rocm_moe.families`` (Qwen2/3-MoE, Mixtral, DeepSeek-V3), which name the tensors
+  (``mlp.experts.{e}.{gate,up,down}_proj``, ``block_sparse_moe.experts.{e}.{w1,w3,w2}``,
+  shared experts, ``gate.e_score_correction_bias``). ``weights_from_block`` does the same from a
+  loaded transformers 5 block (fused [E, 2I, H] / [E, H, I] tensors).
+- ``register()``: makes "rocm_moe" a transformers experts implementation, so a model runs its
+  experts through rocm_moe with ``model.set_experts_implementation("rocm_moe")`` (or
+  ``from_pretrained(..., experts_implementation="rocm_moe")``). The backend travels inside the
+  registered ``ExpertsFunction``; transformers' registry is the only place it is kept.
+- ``replace_moe_blocks(model, dispatcher_factory)``: swaps every MoE block of a transformers
+  model for an EPMoE that shares its router and holds only this rank's experts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rocm_moe._checks import error_message
+from rocm_moe.comm.base import Dispatcher
+from rocm_moe.experts.base import Experts
+from rocm_moe.experts.reference import ReferenceExperts
+from rocm_moe.families import ExpertTensors, ModelFamily, family
+from rocm_moe.layer import EPMoE
+from rocm_moe.placement import Placement
+from rocm_moe.routing import RouterConfig
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class Checkpoint:
+    """Read tensors of a safetensors checkpoint directory one at a time."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        index = self.dir / INDEX
+        if index.exists():
+            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif (self.dir / SINGLE).exists():
+            from safetensors import safe_open
+
+            with safe_open(self.dir / SINGLE, "pt") as f:
+                self.weight_map = dict.fromkeys(f.keys(), SINGLE)
+        else:
+            raise ValueError(error_message(
+                "checkpoint", str(self.dir), f"holds neither {SINGLE} nor {INDEX}",
+                "point at a directory written by save_pretrained (safetensors)"))
+        self.bytes_read = 0
+
+    def config(self):
+        """The model's transformers config (config.json with transformers' defaults filled)."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.dir, local_files_only=True)
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError, safe_open
+
+        if name not in self.weight_map:
+            raise ValueError(error_message(
+                "tensor", name, f"is not in the checkpoint's index ({len(self.weight_map)} "
+                "tensors)", "check the layer index and the model family"))
+        path = self.dir / self.weight_map[name]
+        if not path.exists():
+            raise ValueError(error_message(
+                "shard", str(path), f"is missing (it holds tensor {name})",
+                "download the checkpoint again"))
+        try:
+            with safe_open(path, "pt") as f:
+                t = f.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise ValueError(error_message(
+                "shard", str(path), f"cannot be read for tensor {name}: {exc}",
+                "the file is corrupt or truncated: download it again")) from exc
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class MoELayerWeights:
+    """One MoE layer on one rank: router, this rank's routed experts, shared experts."""
+
+    router: RouterConfig
+    hidden_size: int
+    intermediate_size: int
+    gate: torch.Tensor  # [E, H]
+    e_score_correction_bias: torch.Tensor | None  # [E] (DeepSeek-V3)
+    w13: torch.Tensor  # [e, 2I, H] this rank's experts, gate rows then up rows
+    w2: torch.Tensor  # [e, H, I]
+    shared_w13: torch.Tensor | None = None  # [2Is, H]
+    shared_w2: torch.Tensor | None = None  # [H, Is]
+    shared_gate: torch.Tensor | None = None  # [1, H] (Qwen2-MoE)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (
+            self.gate, self.e_score_correction_bias, self.w13, self.w2, self.shared_w13,
+            self.shared_w2, self.shared_gate) if t is not None)
+
+
+def _family(model_type: str) -> ModelFamily:
+    return family(model_type, fix="load other models through weights_from_block")
+
+
+def _read_expert(ck: Checkpoint, names: ExpertTensors) -> tuple:
+    """(w13 [2I, H]: gate rows then up rows, w2 [H, I]) of the expert whose tensors are
+    ``names``."""
+    return torch.cat([ck.tensor(names.gate), ck.tensor(names.up)]), ck.tensor(names.down)
+
+
+def load_moe_layer(directory: str | Path, layer: int, placement: Placement, rank: int,
+                   *, checkpoint: Checkpoint | None = None) -> MoELayerWeights:
+    """Read layer ``layer``'s MoE weights for ``rank``: its experts only."""
+    ck = checkpoint or Checkpoint(directory)
+    cfg = ck.config()
+    fam = _family(cfg.model_type)
+    gate = fam.gate_weight(layer)
+    if not ck.has(gate):
+        raise ValueError(error_message(
+            "layer", layer, f"has no MoE block in this checkpoint ({gate})",
+            "pick a sparse layer (DeepSeek-V3's first layers are dense)"))
+    router = RouterConfig.from_hf_config(cfg)
+    experts = [_read_expert(ck, fam.expert_tensors(layer, e))
+               for e in placement.local_experts(rank)]
+    kw = {}
+    if (shared := fam.shared_expert_tensors(layer)) is not None:
+        kw = dict(zip(("shared_w13", "shared_w2"), _read_expert(ck, shared), strict=True))
+        shared_gate = fam.shared_expert_gate_weight(layer)
+        if shared_gate is not None and ck.has(shared_gate):
+            kw["shared_gate"] = ck.tensor(shared_gate)
+    bias = fam.router_bias_tensor(layer)
+    return MoELayerWeights(
+        router=router, hidden_size=cfg.hidden_size, intermediate_size=fam.intermediate_size(cfg),
+        gate=ck.tensor(gate),
+        e_score_correction_bias=ck.tensor(bias) if bias is not None and ck.has(bias) else None,
+        w13=torch.stack([w13 for w13, _ in experts]), w2=torch.stack([w2 for _, w2 in experts]),
+        **kw)
+
+
+def expert_reader(directory: str | Path, layer: int) -> Callable[[int], tuple]:
+    """``g -> (w13 [2I, H], w2 [H, I])`` read from the checkpoint on demand (for checks)."""
+    ck = Checkpoint(directory)
+    fam = _family(ck.config().model_type)
+
+    def read(g: int):
+        return _read_expert(ck, fam.expert_tensors(layer, g))
+    return read
+
+
+def weights_from_block(block: nn.Module, config, placement: Placement,
+                       rank: int) -> MoELayerWeights:
+    """The same from a transformers 5 MoE block (fused expert tensors), this rank's slice."""
+    local = list(placement.local_experts(rank))
+    ex = block.experts
+    shared = getattr(block, "shared_experts", None) or getattr(block, "shared_expert", None)
+    kw = {}
+    if shared is not None:
+        kw = dict(shared_w13=torch.cat([shared.gate_proj.weight, shared.up_proj.weight]).detach(),
+                  shared_w2=shared.down_proj.weight.detach())
+        if getattr(block, "shared_expert_gate", None) is not None:
+            kw["shared_gate"] = block.shared_expert_gate.weight.detach()
+    bias = getattr(block.gate, "e_score_correction_bias", None)
+    return MoELayerWeights(
+        router=RouterConfig.from_hf_config(config), hidden_size=config.hidden_size,
+        intermediate_size=ex.down_proj.shape[-1], gate=block.gate.weight.detach(),
+        e_score_correction_bias=None if bias is None else bias.detach(),
+        w13=ex.gate_up_proj.detach()[local], w2=ex.down_proj.detach()[local], **kw)
+
+
+def build_layer(weights: MoELayerWeights, *, dispatcher: Dispatcher | None = None,
+                experts: Experts | None = None, weight_mode: str = "experts",
+                dtype: torch.dtype | None = None, device=None) -> EPMoE:
+    """An EPMoE holding ``weights`` (its dispatcher's rank must be the weights' rank)."""
+    dtype = dtype or weights.w13.dtype
+    layer = EPMoE(hidden_size=weights.hidden_size, intermediate_size=weights.intermediate_size,
+                  router=weights.router, dispatcher=dispatcher, experts=experts,
+                  weight_mode=weight_mode,
+                  shared_intermediate_size=None if weights.shared_w2 is None
+                  else weights.shared_w2.shape[1],
+                  shared_expert_gate=weights.shared_gate is not None, dtype=dtype,
+                  device=device)
+    with torch.no_grad():
+        layer.gate.weight.copy_(weights.gate)
+        if weights.e_score_correction_bias is not None:
+            layer.e_score_correction_bias.copy_(weights.e_score_correction_bias)
+        layer.load_experts(weights.w13, weights.w2)
+        if layer.shared_experts is not None:
+            layer.shared_experts.w13.copy_(weights.shared_w13)
+            layer.shared_experts.w2.copy_(weights.shared_w2)
+            if weights.shared_gate is not None:
+                layer.shared_experts.gate.weight.copy_(weights.shared_gate)
+    return layer
+
+
+# ---- transformers integration -------------------------------------------------------------------
+IMPLEMENTATION = "rocm_moe"
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertsFunction:
+    """transformers' experts call, bound to a rocm_moe experts backend: ``(module,
+    hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]``, weighted.
+    ``register`` puts one in transformers' registry of experts implementations."""
+
+    experts: Experts
+
+    def __call__(self, module, hidden_states, top_k_index, top_k_weights):
+        E = module.gate_up_proj.shape[0]
+        emap = getattr(module, "_rocm_moe_map", None)
+        if emap is None or emap.map_E.device != hidden_states.device:
+            emap = Placement.contiguous(E, 1).expert_map(0).to(hidden_states.device)
+            module._rocm_moe_map = emap
+        out = self.experts(hidden_states, top_k_index.to(torch.int32), top_k_weights.float(),
+                           module.gate_up_proj, module.down_proj, emap, mode="weighted",
+                           validate=False)
+        return out.out
+
+
+def register(experts: Experts | None = None) -> str:
+    """Register "rocm_moe" as a transformers experts implementation (idempotent); ``experts``
+    picks the backend (default: the one registered before, else the reference). Returns the
+    implementation's name."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if experts is None:
+        current = ALL_EXPERTS_FUNCTIONS.get(IMPLEMENTATION)
+        if isinstance(current, ExpertsFunction):
+            return IMPLEMENTATION
+        experts = ReferenceExperts()
+    ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, ExpertsFunction(experts))
+    return IMPLEMENTATION
+
+
+def _is_moe_block(module: nn.Module) -> bool:
+    return hasattr(module, "experts") and hasattr(module.experts, "gate_up_proj") \
+        and hasattr(module, "gate") and hasattr(module.gate, "weight")
+
+
+def replace_moe_blocks(model: nn.Module, dispatcher_factory: Callable[[], Dispatcher], *,
+                       experts: Experts | None = None, weight_mode: str = "experts") -> int:
+    """Swap every MoE block of a transformers model for an EPMoE over ``dispatcher_factory()``
+    (called once per block, on every rank in the same order). The EPMoE copies the block's
+    router, its shared experts and this rank's experts; the block is dropped. Returns how
+    many blocks were replaced. Router logits are not recorded for an auxiliary loss."""
+    config = model.config
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not _is_moe_block(module):
+            continue
+        dispatcher = dispatcher_factory()
+        w = weights_from_block(module, config, dispatcher.placement, dispatcher.rank)
+        layer = build_layer(w, dispatcher=dispatcher, experts=experts, weight_mode=weight_mode,
+                            dtype=module.gate.weight.dtype, device=module.gate.weight.device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        count += 1
+    return count
