@@ -8,6 +8,7 @@ import pytest
 
 from rocm_moe import EPMoE, Experts, ExpertsOutput, RouterConfig
 from rocm_moe.cli import main
+from rocm_moe.comm.torch import TorchDispatcher
 from rocm_moe.sanity import run_sanity
 
 SMALL = ["--num-experts", "8", "--hidden", "32", "--intermediate", "16", "--top-k", "2"]
@@ -167,11 +168,18 @@ def test_help_documents_exit_codes(capsys, command):
     assert "2 a usage error" in out
 
 
+class StandInDispatcher(TorchDispatcher):
+    """A registry stand-in that is never available."""
+
+    @classmethod
+    def availability(cls) -> str | None:
+        return "a test stand-in"
+
+
 def test_backend_choices_come_from_the_registry(capsys, monkeypatch):
     from rocm_moe import backends
 
-    new = backends.Backend("new_comm", "comm", "rocm_moe.comm.torch", "TorchDispatcher",
-                           lambda: "a test stand-in")
+    new = backends.Backend("new_comm", "comm", "tests.test_cli", "StandInDispatcher")
     monkeypatch.setitem(backends.BACKENDS, "comm:new_comm", new)
     with pytest.raises(SystemExit):
         main(["sanity", "--help"])

@@ -1,4 +1,4 @@
-"""The Triton weighted slot sum behind weight_and_reduce on GPUs, against the torch path
+"""The Triton weighted slot sum behind rocm_moe.weighting on GPUs, against the torch path
 (Triton's interpreter on CPUs; float16/float32 there, bfloat16 too on GPUs)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rocm_moe._libs import triton_runs_on
-from rocm_moe.comm.base import weight_and_reduce
+from rocm_moe.weighting import _weighted_sum
 from tests.conftest import DEVICE
 
 pytestmark = pytest.mark.skipif(not triton_runs_on(DEVICE), reason="triton cannot run here")
@@ -16,7 +16,7 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "c
 
 
 def _torch_path(raw, w, local):
-    return weight_and_reduce(raw.cpu(), w.cpu(), local.cpu())  # CPU tensors: the torch loop
+    return _weighted_sum(raw.cpu(), w.cpu(), local.cpu())  # CPU tensors: the torch loop
 
 
 def _kernel(raw, w, local):

@@ -226,7 +226,7 @@ class ExpertsFunction:
             emap = Placement.contiguous(E, 1).expert_map(0).to(hidden_states.device)
             module._rocm_moe_map = emap
         out = self.experts(hidden_states, top_k_index.to(torch.int32), top_k_weights.float(),
-                           module.gate_up_proj, module.down_proj, emap, mode="weighted",
+                           module.gate_up_proj, module.down_proj, emap, weight_mode="experts",
                            validate=False)
         return out.out
 
