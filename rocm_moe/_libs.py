@@ -20,6 +20,13 @@ def library_version(name: str) -> str | None:
     return str(getattr(mod, "__version__", "installed"))
 
 
+def triton_missing() -> str | None:
+    """Why Triton kernels cannot run in this process (triton not installed), or None."""
+    if library_version("triton") is None:
+        return "triton is not installed (pip install 'rocm_moe[triton]')"
+    return None
+
+
 def triton_runs_on(device) -> bool:
     """Triton kernels can run on tensors of ``device``: a GPU with triton installed, or any
     device under Triton's interpreter (``TRITON_INTERPRET=1``, how the tests run them on CPUs)."""

@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 
 from rocm_moe._checks import error_message
-from rocm_moe._libs import library_version
+from rocm_moe._libs import triton_missing
 from rocm_moe.comm import rows
 from rocm_moe.comm.base import (
     CombineHandle,
@@ -110,8 +110,8 @@ class SymmDispatcher(Dispatcher):
     @classmethod
     def availability(cls) -> str | None:
         """None if this backend can run in this process, else why not."""
-        if library_version("triton") is None:
-            return "triton is not installed (pip install 'rocm_moe[triton]')"
+        if (reason := triton_missing()) is not None:
+            return reason
         if not torch.cuda.is_available():
             return "no CUDA/ROCm device (symmetric memory maps GPU memory of peer GPUs)"
         if importlib.util.find_spec("torch.distributed._symmetric_memory") is None:

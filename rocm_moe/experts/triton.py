@@ -33,7 +33,7 @@ import os
 
 import torch
 
-from rocm_moe._libs import library_version, triton_runs_on
+from rocm_moe._libs import triton_missing, triton_runs_on
 from rocm_moe.experts.base import Experts
 from rocm_moe.experts.layout import build_layout
 from rocm_moe.weighting import ExpertsOutput
@@ -82,11 +82,7 @@ def _launch_args(block_m: int, kcfg: dict) -> dict:
                 num_warps=kcfg.get("num_warps", 4), num_stages=kcfg.get("num_stages", 3))
 
 
-def triton_availability() -> str | None:
-    """Why the Triton experts cannot run in this process (triton not installed), or None."""
-    if library_version("triton") is None:
-        return "triton is not installed (pip install 'rocm_moe[triton]')"
-    return None
+triton_availability = triton_missing  # why the Triton experts cannot run here, or None
 
 
 @functools.cache
