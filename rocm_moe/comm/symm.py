@@ -11,15 +11,16 @@ below) that every peer can address directly:
     counts [W, W] int32                 row s: tokens rank s sends to each rank
     flags  [W] int32                    barrier signals, one per peer
 
-Dispatch (four device steps, nothing read on the host):
-  1. owner ranks of each token's slots and the per-destination prefix counts (torch ops);
-  2. ``put_counts``: each rank writes its [W] send counts into every peer's count matrix, then
-     a barrier: every rank knows the whole [W, W] matrix;
-  3. ``pack_put``: each token's packed row is written straight into each owner's receive
-     section at row (tokens that lower ranks send there) + (its index among this rank's tokens
-     for that owner): received rows are compact and ordered by (source rank, token), as with
-     the torch backend, so repeats are bit-identical;
-  4. a barrier: every rank's rows have arrived.
+Dispatch (three launches, nothing read on the host):
+  1. ``route_counts``: the owner ranks of each token's slots (a token goes once to each unique
+     owner) and its index among the tokens sent to each owner; each rank writes its [W] send
+     counts into every peer's count matrix, then a barrier: every rank holds the whole matrix;
+  2. ``pack_put``: each token's packed row is written straight into each owner's receive
+     section at row (tokens that lower ranks send there) + (its index): received rows are
+     compact and ordered by (source rank, token), as with the torch backend, so repeats are
+     bit-identical;
+  3. ``barrier_scrub``: a barrier (every rank's rows have arrived) while other programs mark
+     every row at or past R empty (ids -1, weights 0).
 The received row count R stays on the device (``DispatchResult.num_valid``). The result is
 capacity-sized: ``x`` [W * cap, H] (a strided view of the receive section), and rows past R
 have every id -1 (empty slots), which every experts backend already skips: nothing is computed
@@ -132,6 +133,9 @@ class SymmDispatcher(Dispatcher):
         if (reason := self.availability()) is not None:
             raise ValueError(error_message("comm backend", "'symm'", f"unavailable: {reason}",
                                            "use the torch backend (TorchDispatcher)"))
+        if not 1 <= spin_limit < 2**31:
+            raise ValueError(error_message("spin_limit", spin_limit, "must be in [1, 2**31)",
+                                           "keep the default (minutes) or pass a smaller bound"))
         if max_tokens_per_rank is None:
             raise ValueError(error_message(
                 "max_tokens_per_rank", None, "the symm backend sizes its fixed buffers from it",
