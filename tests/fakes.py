@@ -1,13 +1,20 @@
-"""Fakes of MORI's EpDispatchCombineOp and AITER's fused_moe that ENFORCE their documented
-contracts, so that the adapters can be tested on CPUs (vLLM tests its MORI path the same way).
+"""Fakes of MORI (its ``mori`` module: shmem and EpDispatchCombineOp) and of AITER's fused_moe
+and shuffle_weight, so that the adapters can be tested on CPUs (vLLM tests its MORI path the
+same way).
 
-They compute what the real libraries compute (per their source, see ../shared/UPSTREAM.md and
-notes/dataflow.md) and raise where the real library would silently misbehave, so a test fails
-when an adapter passes int64 ids, the dispatched ids to combine, an id map as the mask, too many
-tokens, or skips the reset.
+They model what the real libraries do, per their source (ROCm/mori 624002c8, ROCm/aiter
+e4048607; see ../shared/UPSTREAM.md and notes/dataflow.md): the same numbers, the same
+lifecycle, and an error where the real library would hang, corrupt or silently misbehave (a
+``ContractError``; where the real library raises, the fake raises what it raises). Rules MORI
+does not have (one batch in flight, a reset between batches) are the adapter's, not the fake's.
 """
 
 from __future__ import annotations
+
+import enum
+import os
+import weakref
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -16,143 +23,470 @@ from rocm_moe.experts.base import swiglu_expert
 
 
 class ContractError(AssertionError):
-    """The caller broke a rule the real library does not check (it would misbehave silently)."""
+    """The caller broke a rule the real library does not check (it would misbehave silently,
+    hang or read device memory on the host)."""
+
+
+class DeviceTensor(torch.Tensor):
+    """A value that lives on the GPU: reading it on the host (int(), .item(), indexing a
+    Python sequence with it) is a device sync, which the no-host-read paths must not do."""
+
+    def _host_read(self, *args, **kwargs):
+        raise ContractError("host read of a device-side count (a GPU sync; breaks graph "
+                            "capture): keep it on the device")
+
+    __int__ = __index__ = __bool__ = __float__ = item = tolist = numpy = _host_read
+
+
+def device_value(t: torch.Tensor) -> torch.Tensor:
+    """What a kernel sees: the plain tensor behind a DeviceTensor."""
+    return t.as_subclass(torch.Tensor)
+
+
+# ---- MORI ---------------------------------------------------------------------------------------
+KernelType = enum.Enum("EpDispatchCombineKernelType",
+                       ["IntraNode", "IntraNodeLL", "InterNode", "InterNodeV1", "InterNodeV1LL",
+                        "AsyncLL"])
+_SUFFIX = {torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e4m3fnuz}
+_V1 = ("InterNodeV1", "InterNodeV1LL")
+
+
+def _heap_size() -> int | None:
+    """MORI's static heap (src/shmem/init.cpp): MORI_SHMEM_HEAP_SIZE ("6G", "512M", bytes) or
+    4 GiB; no fixed heap in isolation mode; 16 GiB default in VMM mode."""
+    mode = os.environ.get("MORI_SHMEM_MODE", "").lower()
+    if mode == "isolation":
+        return None
+    text = os.environ.get("MORI_SHMEM_HEAP_SIZE", "")
+    if not text:
+        return (16 if mode == "vmm_heap" else 4) << 30
+    num = text.rstrip("BbIiGgMmKk")
+    unit = text[len(num):].upper().rstrip("B").rstrip("I")
+    return int(num) << {"": 0, "K": 10, "M": 20, "G": 30}[unit]
+
+
+def _op_bytes(c: SimpleNamespace) -> int:
+    """Symmetric allocations of one op, buffer by buffer (dispatch_combine.cpp ~300-490)."""
+    W, T, H, K = c.world_size, c.max_num_inp_token_per_rank, c.hidden_dim, \
+        c.num_experts_per_token
+    tok_bytes = H * c.max_token_type_size
+    xfer = tok_bytes + K * 4 + K * 4 + 4 + c.scale_dim * c.scale_type_size
+    recv, kt = W * T, c.kernel_type.name
+    bufs = [recv * tok_bytes, T * tok_bytes]  # dispatchOut, combineOut
+    if kt in ("IntraNode", "IntraNodeLL"):
+        bufs += [recv * xfer]  # combineInp
+    elif kt in _V1:
+        nodes = W // c.gpu_per_node
+        bufs += [nodes * T * xfer, recv * xfer, 2 * nodes * T * xfer, T * xfer]
+    else:
+        bufs += [recv * xfer] * 3
+    bufs += [recv * K * 4] * 3 + [recv * K * 4] * 2  # weights in/out/combine; indices in/out
+    bufs += [W * 4 * 2] * 2 + [W * 2 * 8 * 2, W // c.gpu_per_node * 8, 4]  # signals
+    bufs += [recv * c.num_experts_per_rank * 4]  # dispTokIdToSrcTokId
+    return sum(bufs)
+
+
+class FakeShmem:
+    """``mori.shmem`` of one process: initialised once (a second init is skipped silently,
+    src/shmem/init.cpp ~671); the torch helper broadcasts the unique id from GLOBAL rank 0
+    (python/mori/shmem/api.py ~115). ``groups``: the torch groups a unique-id init may join
+    (the fake needs a gloo group to move data; MORI uses its own bootstrap)."""
+
+    MORI_SHMEM_INIT_WITH_UNIQUEID = 1
+
+    def __init__(self, groups=()):
+        self.groups = list(groups)
+        self.group = None  # the group the PEs were set up on
+        self.inits = 0
+        self.skipped = 0
+        self.heap_used = 0
+
+    def free(self, nbytes: int) -> None:
+        self.heap_used -= nbytes
+
+    def shmem_torch_process_group_init(self, group_name: str) -> int:
+        group = dist.distributed_c10d._resolve_process_group(group_name)
+        uid = [self.shmem_get_unique_id() if dist.get_rank(group) == 0 else None]
+        dist.broadcast_object_list(uid, src=0, group=group)  # src is a GLOBAL rank in torch
+        self.groups.append(group)
+        return self.shmem_init_attr(1, dist.get_rank(group), dist.get_world_size(group), uid[0])
+
+    def shmem_get_unique_id(self) -> bytes:
+        return f"uid-from-{dist.get_rank()}".encode()
+
+    def shmem_init_attr(self, flags, rank, nranks, unique_id) -> int:
+        if self.group is not None:
+            self.skipped += 1  # MORI_SHMEM_INFO("Shmem already initialized, skipping")
+            return 0
+        origin = int(unique_id.decode().rsplit("-", 1)[1])
+        for g in [*self.groups, dist.group.WORLD]:
+            ranks = dist.get_process_group_ranks(g)
+            if dist.get_rank() in ranks and ranks[0] == origin and len(ranks) == nranks:
+                if ranks.index(dist.get_rank()) != rank:
+                    raise ContractError(f"shmem rank {rank} is not this process's rank in "
+                                        f"the group {ranks}")
+                self.group, self.inits = g, self.inits + 1
+                return 0
+        raise ContractError(f"fake: no group of {nranks} ranks from {origin}; pass it in "
+                            "FakeMori(groups=...)")
+
+
+class FakeMori:
+    """The ``mori`` module of one process (tests make one per simulated process).
+    ``no_host_reads``: the received-row counter is a DeviceTensor (host reads raise)."""
+
+    def __init__(self, groups=(), *, no_host_reads: bool = False):
+        self.shmem = FakeShmem(groups)
+        self.no_host_reads = no_host_reads
+        self.ops = SimpleNamespace(
+            EpDispatchCombineConfig=lambda **kw: SimpleNamespace(**{**_CONFIG_DEFAULTS, **kw}),
+            EpDispatchCombineOp=lambda cfg: FakeMoriOp(cfg, self),
+            EpDispatchCombineKernelType=KernelType)
+        self.built = 0  # ops constructed (they free their heap share when collected)
+
+
+_CONFIG_DEFAULTS = dict(warp_num_per_block=8, block_num=80, max_total_recv_tokens=0,
+                        use_external_inp_buf=True, gpu_per_node=8, rdma_block_num=0,
+                        num_qp_per_pe=1, quant_type="none")
 
 
 class FakeMoriOp:
-    """MORI's EpDispatchCombineOp over a gloo group, CPU tensors, same return values.
+    """MORI's EpDispatchCombineOp over the gloo group its shmem was set up on, CPU tensors.
 
-    Enforced (from MORI's source and tests):
-    - ids are int32 (the binding reads an int32 pointer), weights float32, x in data_type;
+    Modelled (from MORI's source and tests):
+    - construction: WORLD barrier before and after allocating (DC ~406, 649); shmem must be up
+      and agree with the config's rank and world size; ``W % gpu_per_node == 0`` with a power
+      of two (debug-build assert); the buffers come out of the process's symmetric heap;
+    - ids int32 (read as int32), weights float32; x in float32 / bf16 / fp8 (``data_type`` is
+      deprecated: the dtype comes from the input; fp16 has no kernel: KeyError), at most
+      ``max_token_type_size`` bytes wide; ``hidden_dim`` is a maximum;
     - T <= max_num_inp_token_per_rank (MORI would corrupt memory, mori#356);
     - a token is sent once per unique destination rank (e // num_experts_per_rank), with its
-      full [K] global ids and weights; slots < 0 are skipped;
-    - received rows come back in an arbitrary order (here: shuffled), in buffers of
-      world_size * max tokens rows whose unused rows hold NaN; total_recv [1] int32;
-    - combine gets this rank's OWN [T, K] ids (row count and values checked, mori#475), sums one
-      partial per unique destination rank and never applies weights;
-    - reset between iterations (or combine(..., call_reset=True)).
+      full [K] global ids and weights; slots < 0 are skipped; received rows come in an
+      arbitrary order (here: shuffled);
+    - outputs are views of persistent buffers (world_size * max tokens rows, zeroed at
+      allocation) that the next dispatch overwrites; rows past the count keep stale data;
+      total_recv [1] int32 is a device counter that combine zeroes;
+    - launch parameters: InterNodeV1(LL) with rdma_block_num 0 (MORI's MANUAL default) sends
+      nothing across nodes and never completes;
+    - AsyncLL: ``dispatch()`` only sends; rows arrive with ``dispatch_recv()``, sums with
+      ``combine_recv()``;
+    - combine: ``indices`` must have this rank's T rows (ValueError, mori#475); IntraNode uses
+      the routing recorded at dispatch, InterNodeV1(LL) reads the ids given; one partial per
+      unique destination rank, never weighted; weights given -> summed weights (w * U);
+    - ``reset()`` is a no-op (MORI's LaunchReset is empty); ``return_routing`` / ``routing=``
+      (IntraNode, InterNodeV1) snapshot and replay a dispatch's routing;
+    - ``call_local_expert_count``: local_expert_count [e] counts received slots per local
+      expert (dispatch; AsyncLL: dispatch_recv).
     """
 
-    def __init__(self, config: dict, group=None):
-        self.cfg = config
-        self.group = group or dist.group.WORLD
-        self.rank = dist.get_rank(self.group)
-        self.state = "ready"
+    def __init__(self, cfg: SimpleNamespace, mori: FakeMori):
+        self.cfg, self.mori, self.kt = cfg, mori, cfg.kernel_type.name
+        if dist.is_initialized():
+            dist.barrier()  # WORLD, as MORI's constructor
+        sh = mori.shmem
+        if sh.group is None:
+            raise ContractError("MORI op built before shmem init (MORI asserts)")
+        ranks = dist.get_process_group_ranks(sh.group)
+        if cfg.world_size != len(ranks) or ranks[cfg.rank] != dist.get_rank():
+            raise ContractError(f"config rank {cfg.rank} / world {cfg.world_size} != shmem "
+                                f"PEs {ranks}: every peer address would be wrong")
+        g = cfg.gpu_per_node
+        if g < 1 or g & (g - 1) or cfg.world_size % g:
+            raise ContractError(f"gpu_per_node={g} with world_size={cfg.world_size}: MORI "
+                                "asserts W % gpu_per_node == 0 (debug builds only)")
+        need, limit = _op_bytes(cfg), _heap_size()
+        if limit is not None and sh.heap_used + need > limit:
+            raise RuntimeError(f"Out of static heap memory! Requested: {need} bytes. Hint: "
+                               "Increase via MORI_SHMEM_HEAP_SIZE")
+        sh.heap_used += need
+        weakref.finalize(self, FakeShmem.free, sh, need)  # the C++ handle frees its buffers
+        self.group = sh.group  # MORI addresses the PEs shmem was set up with
+        self.rank = cfg.rank
         self.calls: list[str] = []
         self._gen = torch.Generator().manual_seed(1234 + self.rank)
+        R, K = cfg.world_size * cfg.max_num_inp_token_per_rank, cfg.num_experts_per_token
+        self._x = torch.zeros(R * cfg.hidden_dim * cfg.max_token_type_size, dtype=torch.uint8)
+        self._w = torch.zeros(R, K)
+        self._i = torch.zeros(R, K, dtype=torch.int32)
+        self._total = torch.zeros(1, dtype=torch.int32)
+        if mori.no_host_reads:
+            self._total = self._total.as_subclass(DeviceTensor)
+        self._comb = torch.zeros(cfg.max_num_inp_token_per_rank * cfg.hidden_dim *
+                                 cfg.max_token_type_size, dtype=torch.uint8)
+        self._comb_w = torch.zeros(cfg.max_num_inp_token_per_rank, K)
+        self.local_expert_count = torch.zeros(cfg.num_experts_per_rank, dtype=torch.int32)
+        self._pending = None
+        self._T = 0
+        mori.built += 1
+        if dist.is_initialized():
+            dist.barrier()
+
+    # ---- helpers --------------------------------------------------------------------------------
+    def _view(self, buf, rows, H, dtype):
+        return buf[:rows * H * dtype.itemsize].view(dtype).view(rows, H)
 
     def _owner(self, ids: torch.Tensor) -> torch.Tensor:
-        return ids.long() // self.cfg["num_experts_per_rank"]
+        return ids.long() // self.cfg.num_experts_per_rank
 
-    def dispatch(self, input, weights, scales, indices, *args, **kwargs):
+    def _check_launch(self, rdma_block_num, block_num):
+        if self.kt not in _V1:
+            return
+        auto = os.environ.get("MORI_EP_LAUNCH_CONFIG_MODE") == "AUTO"
+        rbn = rdma_block_num if rdma_block_num > 0 else self.cfg.rdma_block_num
+        bn = block_num if block_num > 0 else self.cfg.block_num
+        if not auto and (rbn <= 0 or rbn >= bn):
+            raise ContractError(f"{self.kt} launched with rdma_block_num={rbn}, block_num={bn}:"
+                                " no block sends across nodes and the completion barrier "
+                                "never fires (internode_v1.cpp ~159, 277): MORI would hang")
+
+    def _check_tokens(self, x: torch.Tensor):
+        if x.dtype not in _SUFFIX:
+            raise KeyError(x.dtype)  # MORI: _DTYPE_SUFFIX[input.dtype]
+        if x.element_size() > self.cfg.max_token_type_size or x.shape[1] > self.cfg.hidden_dim:
+            raise ContractError(f"x {tuple(x.shape)} {x.dtype} overflows buffers of hidden_dim "
+                                f"{self.cfg.hidden_dim} x {self.cfg.max_token_type_size} bytes")
+
+    # ---- dispatch -------------------------------------------------------------------------------
+    def dispatch(self, input, weights, scales, indices, block_num=-1, rdma_block_num=-1,
+                 warp_per_block=-1, call_local_expert_count=False, *, routing=None,
+                 return_routing=False):
         self.calls.append("dispatch")
         c = self.cfg
-        if self.state != "ready":
-            raise ContractError(f"dispatch while the op is '{self.state}': reset() first")
+        if (routing is not None or return_routing) and self.kt not in ("IntraNode",
+                                                                        "InterNodeV1"):
+            raise NotImplementedError(f"routing handle path not supported for {self.kt}")
+        self._check_tokens(input)
+        self._check_launch(rdma_block_num, block_num)
         if indices.dtype != torch.int32:
             raise ContractError(f"indices must be int32, got {indices.dtype} (read as int32)")
         if weights.dtype != torch.float32:
             raise ContractError(f"weights must be float32, got {weights.dtype}")
-        if input.dtype != c["data_type"]:
-            raise ContractError(f"input dtype {input.dtype} != config {c['data_type']}")
         T, K = indices.shape
-        if T > c["max_num_inp_token_per_rank"]:
+        if T > c.max_num_inp_token_per_rank:
             raise ContractError(f"{T} tokens > max_num_inp_token_per_rank: MORI would corrupt")
-        if K != c["num_experts_per_token"] or input.shape != (T, c["hidden_dim"]):
+        if K != c.num_experts_per_token or input.shape[0] != T:
             raise ContractError(f"shapes {tuple(input.shape)} / {tuple(indices.shape)} != config")
-        everyone = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(everyone, (input, weights, indices), group=self.group)
+        everyone = [None] * dist.get_world_size(self.group)  # (fp8 does not pickle: bytes)
+        dist.all_gather_object(everyone, (input.contiguous().view(torch.uint8), weights,
+                                          indices), group=self.group)
+        everyone = [(x.view(input.dtype), w, i) for x, w, i in everyone]
         rows = []  # (source rank, source token) delivered here, once per unique destination
         for src, (_, _, ids) in enumerate(everyone):
             for t in range(ids.shape[0]):
-                valid = ids[t][ids[t] >= 0]
-                if (self._owner(valid) == self.rank).any():
+                if (self._owner(ids[t][ids[t] >= 0]) == self.rank).any():
                     rows.append((src, t))
         order = torch.randperm(len(rows), generator=self._gen).tolist()
         rows = [rows[i] for i in order]
-        max_recv = c["world_size"] * c["max_num_inp_token_per_rank"]
-        out = torch.full((max_recv, c["hidden_dim"]), float("nan"), dtype=input.dtype)
-        out_w = torch.full((max_recv, K), float("nan"))
-        out_i = torch.full((max_recv, K), -7, dtype=torch.int32)
-        for r, (src, t) in enumerate(rows):
-            out[r], out_w[r], out_i[r] = everyone[src][0][t], everyone[src][1][t], \
-                everyone[src][2][t]
-        self._rows, self._own_ids, self._T = rows, indices.clone(), T
-        self.state = "dispatched"
-        total = torch.tensor([len(rows)], dtype=torch.int32)
-        return out, out_w, None, out_i, total
+        self._T, self._own_ids, self._rows = T, indices.clone(), rows
+        self._dtype, self._H = input.dtype, input.shape[1]
+        self._pending = (everyone, rows, call_local_expert_count)
+        device_total = device_value(self._total)
+        if self.kt == "AsyncLL":
+            device_total[0] = 0  # the send kernels zero it; dispatch_recv fills it
+        else:
+            self._deliver()
+        out = self._outputs()
+        if return_routing:
+            return (*out, SimpleNamespace(rows=rows, T=T, own_ids=indices.clone(),
+                                          total_recv_token_num=self._total))
+        return out
 
-    def combine(self, input, weights, indices, *args, call_reset=False, **kwargs):
+    def _deliver(self):
+        everyone, rows, count = self._pending
+        x = self._view(self._x, len(rows), self._H, self._dtype)
+        for r, (src, t) in enumerate(rows):
+            x[r] = everyone[src][0][t]
+            self._w[r], self._i[r] = everyone[src][1][t], everyone[src][2][t]
+        device_value(self._total)[0] = len(rows)
+        if count:
+            local = self._i[:len(rows)].long() - self.rank * self.cfg.num_experts_per_rank
+            ok = (local >= 0) & (local < self.cfg.num_experts_per_rank)
+            self.local_expert_count.copy_(torch.bincount(
+                local[ok], minlength=self.cfg.num_experts_per_rank).to(torch.int32))
+
+    def _outputs(self):
+        R = self.cfg.world_size * self.cfg.max_num_inp_token_per_rank
+        return (self._view(self._x, R, self._H, self._dtype), self._w, None, self._i,
+                self._total)
+
+    def dispatch_recv(self, block_num=-1, warp_per_block=-1, call_local_expert_count=False):
+        self.calls.append("dispatch_recv")
+        if self.kt != "AsyncLL":
+            raise ValueError(f"dispatch_recv only supports AsyncLL, got kernel_type={self.kt}")
+        assert self._pending is not None, "dispatch_recv requires a prior dispatch"
+        everyone, rows, _ = self._pending
+        self._pending = (everyone, rows, call_local_expert_count)
+        self._deliver()
+
+    # ---- combine --------------------------------------------------------------------------------
+    def combine(self, input, weights, indices, block_num=-1, rdma_block_num=-1,
+                warp_per_block=-1, use_external_inp_buf=-1, call_reset=False, *, routing=None):
         self.calls.append("combine")
-        if self.state != "dispatched":
-            raise ContractError(f"combine while the op is '{self.state}'")
-        if indices.shape[0] != self._T:
-            raise ContractError(f"combine got {indices.shape[0]} id rows, this rank dispatched "
-                                f"{self._T}: pass the rank's own ids, not the dispatched ones")
-        if indices.dtype != torch.int32 or not torch.equal(indices, self._own_ids):
-            raise ContractError("combine ids differ from the ids this rank dispatched")
-        R = len(self._rows)
-        if input.shape[0] < R or input.dtype != self.cfg["data_type"]:
-            raise ContractError(f"combine input {tuple(input.shape)} {input.dtype}: need >= {R} "
-                                f"rows in {self.cfg['data_type']}")
+        T = routing.T if routing is not None else self._T
+        rows = routing.rows if routing is not None else self._rows
+        if indices.shape[0] != T:
+            raise ValueError(f"combine() indices has {indices.shape[0]} rows but this rank "
+                             f"dispatched {T} tokens. Pass this rank's own [num_tokens, topk] "
+                             "routing, not dispatch()'s returned out_idx (ROCm/mori#475).")
+        if indices.dtype != torch.int32:
+            raise ContractError(f"combine indices must be int32, got {indices.dtype}")
+        self._check_tokens(input)
+        self._check_launch(rdma_block_num, block_num)
+        R = int(device_value(self._total)[0]) if routing is None else len(rows)
+        if input.shape[0] < R:
+            raise ContractError(f"combine input has {input.shape[0]} rows, {R} were received")
+        has_w = weights is not None and weights.shape[0] != 0
         everyone = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(everyone, (input[:R].clone(), self._rows), group=self.group)
-        acc = torch.zeros(self._T, self.cfg["hidden_dim"], dtype=torch.float32)
-        for partials, rows in everyone:  # a plain sum: MORI's combine never weights
-            for r, (src, t) in enumerate(rows):
+        dist.all_gather_object(everyone, (input[:R].clone(),
+                                          weights[:R].clone() if has_w else None, rows),
+                               group=self.group)
+        partial = {}  # (dest rank, my token) -> (row, weights)
+        for d, (part, w, their_rows) in enumerate(everyone):
+            for r, (src, t) in enumerate(their_rows):
                 if src == self.rank:
-                    acc[t] += partials[r].float()
-        out = torch.full((self.cfg["max_num_inp_token_per_rank"], self.cfg["hidden_dim"]),
-                         float("nan"), dtype=input.dtype)
-        out[:self._T] = acc.to(input.dtype)
-        self.state = "ready" if call_reset else "combined"
-        return out, None
+                    partial[d, t] = (part[r].float(), None if w is None else w[r])
+        acc = torch.zeros(T, input.shape[1])
+        acc_w = torch.zeros(T, self.cfg.num_experts_per_token)
+        for t in range(T):  # a plain sum over unique destinations: MORI's combine never weights
+            if self.kt in _V1:  # the V1 kernels walk the ids they are given
+                ids = indices[t][indices[t] >= 0]
+                dests = self._owner(ids).unique().tolist()
+            else:
+                dests = [d for d in range(len(everyone)) if (d, t) in partial]
+            for d in dests:
+                row, w = partial.get((d, t), (torch.full((input.shape[1],), float("nan")), None))
+                acc[t] += row
+                if w is not None:
+                    acc_w[t] += w
+        self._combined = (acc, acc_w if has_w else None, input.dtype, input.shape[1])
+        if routing is None:
+            device_value(self._total)[0] = 0  # the combine kernel zeroes the counter
+        if self.kt != "AsyncLL":
+            self._land()
+        if call_reset:
+            self.reset()
+        return self._comb_outputs(input.dtype, input.shape[1], has_w)
+
+    def _land(self):
+        acc, acc_w, dtype, H = self._combined
+        self._view(self._comb, acc.shape[0], H, dtype).copy_(acc.to(dtype))
+        if acc_w is not None:
+            self._comb_w[:acc.shape[0]] = acc_w
+
+    def _comb_outputs(self, dtype, H, has_w):
+        Tmax = self.cfg.max_num_inp_token_per_rank
+        return self._view(self._comb, Tmax, H, dtype), self._comb_w if has_w else None
+
+    def combine_recv(self, block_num=-1, warp_per_block=-1):
+        self.calls.append("combine_recv")
+        if self.kt != "AsyncLL":
+            raise ValueError(f"combine_recv only supports AsyncLL, got kernel_type={self.kt}")
+        self._land()
 
     def reset(self):
-        self.calls.append("reset")
-        self.state = "ready"
+        self.calls.append("reset")  # EpDispatchCombineHandle::LaunchReset is empty
+
+
+def fake_mori_op(config: dict, groups=()) -> FakeMoriOp:
+    """A FakeMoriOp of an adapter config dict, its shmem set up on WORLD (or ``groups[0]``)."""
+    mori = FakeMori(groups)
+    group = groups[0] if groups else dist.group.WORLD
+    ranks = dist.get_process_group_ranks(group)
+    uid = [mori.shmem.shmem_get_unique_id() if dist.get_rank() == ranks[0] else None]
+    dist.broadcast_object_list(uid, src=ranks[0], group=group)
+    mori.shmem.shmem_init_attr(1, dist.get_rank(group), len(ranks), uid[0])
+    kw = {**config, "kernel_type": getattr(KernelType, config["kernel_type"])}
+    return mori.ops.EpDispatchCombineOp(mori.ops.EpDispatchCombineConfig(**kw))
+
+
+# ---- AITER --------------------------------------------------------------------------------------
+_TILE_N, _TILE_K = 16, 32  # aiter.ops.shuffle.shuffle_weight's default layout (16, 16), bf16
+
+
+def shuffleable(w: torch.Tensor) -> bool:
+    return w.shape[-2] % _TILE_N == 0 and w.shape[-1] % _TILE_K == 0
+
+
+def fake_shuffle_weight(w: torch.Tensor, layout=(16, 16)) -> torch.Tensor:
+    """A tiled re-layout like AITER's shuffle_weight (same shape, elements permuted within
+    16 x 32 tiles), tagged ``is_shuffled``; a plain reader of it gets garbage."""
+    if not shuffleable(w):
+        raise AssertionError(f"{tuple(w.shape)} is not a multiple of {_TILE_N} x {_TILE_K}")
+    e, N, K = w.shape
+    t = w.reshape(e, N // _TILE_N, _TILE_N, K // _TILE_K, _TILE_K)
+    out = t.permute(0, 1, 3, 4, 2).contiguous().view(e, N, K)
+    out.is_shuffled = True
+    return out
+
+
+def _unshuffle(w: torch.Tensor) -> torch.Tensor:
+    e, N, K = w.shape
+    t = w.reshape(e, N // _TILE_N, K // _TILE_K, _TILE_K, _TILE_N)
+    return t.permute(0, 1, 4, 2, 3).reshape(e, N, K)
 
 
 class FakeFusedMoe:
-    """AITER's fused_moe(hidden_states, w1, w2, topk_weight, topk_ids, expert_mask=...).
+    """AITER's fused_moe(hidden_states, w1, w2, topk_weight, topk_ids, expert_mask=...,
+    num_local_tokens=...).
 
-    Enforced: x in bf16/fp16 (CPU tests may use float32, see ``allow_float32``), w1 [e, 2I, H],
-    w2 [e, H, I] in x's dtype, topk_weight float32 [M, K], topk_ids int32 [M, K] (global ids in
-    [0, mask.numel())), expert_mask int32 of 0/1 only (an id map with -1 or local ids is
-    refused) with mask.sum() == e. Computes like AITER: local row = prefix sum of the mask,
-    masked slots skipped, weighted sum in float32, output in x's dtype.
+    Enforced: x in bf16/fp16 (CPU tests may use float32, see ``allow_float32``) with M >= 1
+    (AITER has no guard for M = 0), w1 [e, 2I, H], w2 [e, H, I] in x's dtype, topk_weight
+    float32 [M, K], topk_ids int32 [M, K] (global ids in [0, mask.numel())), expert_mask int32
+    of 0/1 only (an id map with -1 or local ids is refused) with mask.sum() == e. Under EP
+    (a mask given) the last slot of every row must be masked: AITER looks tuned configs up with
+    ``topk - 1`` (aiter#3377). Weights of a shape tuned kernels serve (multiples of the shuffle
+    tile) must be shuffled (``is_shuffled``; tuned kernels read the shuffled layout, FM ~2438).
+    ``num_local_tokens`` [1] int32 on the device: rows past it are not computed (zeros).
+    Computes like AITER: local row = prefix sum of the mask, masked slots skipped, weighted sum
+    in float32, output in x's dtype.
     """
 
     def __init__(self, *, allow_float32: bool = True):
         self.allow_float32 = allow_float32
         self.calls = 0
 
-    def __call__(self, hidden_states, w1, w2, topk_weight, topk_ids, expert_mask=None, **kw):
+    def __call__(self, hidden_states, w1, w2, topk_weight, topk_ids, expert_mask=None,
+                 num_local_tokens=None, **kw):
         self.calls += 1
         x, dtypes = hidden_states, (torch.bfloat16, torch.float16)
         if x.dtype not in dtypes + ((torch.float32,) if self.allow_float32 else ()):
             raise ContractError(f"fused_moe computes in bf16/fp16, got {x.dtype}")
         M, H = x.shape
+        if M == 0:
+            raise ContractError("fused_moe with M = 0 rows: AITER has no guard for it")
         e, I2, _ = w1.shape
         if w1.shape != (e, I2, H) or w2.shape != (e, H, I2 // 2) or w1.dtype != x.dtype:
             raise ContractError(f"weights {tuple(w1.shape)} / {tuple(w2.shape)} for x {(M, H)}")
+        for name, w in (("w1", w1), ("w2", w2)):
+            if shuffleable(w) and not getattr(w, "is_shuffled", False):
+                raise ContractError(f"{name} {tuple(w.shape)} is not shuffled: tuned kernels "
+                                    "assume pre-shuffled weights (incorrect results otherwise)")
+        w1 = _unshuffle(w1) if getattr(w1, "is_shuffled", False) else w1
+        w2 = _unshuffle(w2) if getattr(w2, "is_shuffled", False) else w2
         if topk_ids.dtype != torch.int32:
             raise ContractError(f"topk_ids must be int32, got {topk_ids.dtype} (aiter#5255)")
         if topk_weight.dtype != torch.float32 or topk_weight.shape != topk_ids.shape:
             raise ContractError("topk_weight must be float32 [M, K]")
-        if expert_mask is None or expert_mask.dtype != torch.int32 or expert_mask.dim() != 1:
+        ep = expert_mask is not None
+        if not ep:  # no EP: every expert is local, ids are local ids
+            expert_mask = torch.ones(e, dtype=torch.int32)
+        if expert_mask.dtype != torch.int32 or expert_mask.dim() != 1:
             raise ContractError("expert_mask must be a 1-D int32 tensor under EP")
         if not bool(((expert_mask == 0) | (expert_mask == 1)).all()):
             raise ContractError("expert_mask holds values other than 0/1: an expert_map (local "
                                 "id or -1) was passed as the mask (vllm#49758)")
         if int(expert_mask.sum()) != e:
             raise ContractError(f"mask marks {int(expert_mask.sum())} local experts, w1 has {e}")
-        if topk_ids.numel() and (int(topk_ids.min()) < 0
-                                 or int(topk_ids.max()) >= expert_mask.numel()):
+        n = M if num_local_tokens is None else int(device_value(num_local_tokens)[0])
+        ids = topk_ids[:n].long()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= expert_mask.numel()):
             raise ContractError("topk_ids must be global ids in [0, mask.numel())")
+        if ep and ids.numel() and bool(expert_mask[ids[:, -1]].any()):
+            raise ContractError("the last topk slot is not masked: under EP AITER drops one "
+                                "slot from K for its tuned-config lookup (aiter#3377); append "
+                                "an always-masked slot")
         local = torch.cumsum(expert_mask, 0) - 1  # AITER: local row by prefix sum
-        ids = topk_ids.long()
         out = torch.zeros(M, H, dtype=torch.float32)
         for k in range(ids.shape[1]):
             for g in ids[:, k].unique().tolist():

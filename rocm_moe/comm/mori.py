@@ -1,8 +1,8 @@
 """Dispatch/combine through MORI (ROCm/mori ``mori.ops.EpDispatchCombineOp``) on AMD GPUs.
 
-NOT RUN ON MI300 HARDWARE BY THIS PROJECT: written against MORI's public source
-(python/mori/ops/dispatch_combine.py, src/ops/dispatch_combine/) and tested on CPUs against a
-fake op that enforces MORI's documented contract (tests/fakes.py). ``rocm-moe sanity
+NOT RUN ON MI300 HARDWARE BY THIS PROJECT: written against MORI's public source (624002c8,
+python/mori/ops/dispatch_combine.py = DC, src/ops/dispatch_combine/, src/shmem/) and tested on
+CPUs against a fake ``mori`` that models its lifecycle (tests/fakes.py). ``rocm-moe sanity
 --comm mori`` is the check to run on a machine that has MORI.
 
 What the adapter guarantees at the seams users trip over (see notes/dataflow.md):
@@ -10,19 +10,43 @@ What the adapter guarantees at the seams users trip over (see notes/dataflow.md)
   reinterpreted (MORI's binding reads the pointer as int32 with no dtype check);
 - T <= max_tokens_per_rank is checked before MORI runs (MORI corrupts silently, mori#356);
 - combine always gets this rank's own [T, K] ids, from the handle (never the dispatched ones,
-  mori#475), and resets the op (``call_reset=True``) so the next dispatch starts clean;
+  mori#475);
 - MORI's combine only sums: raw expert outputs (``weight_mode="combine"``) are weighted and
   reduced over the rank's local slots by the shared combine stage before MORI sees them;
-- MORI keeps one batch's routing inside the op, so one batch may be in flight per dispatcher;
-  a handle of another batch is refused instead of combining with the wrong routing;
+- dispatch outputs are views of MORI's persistent buffers, which the next dispatch overwrites,
+  so one batch may be in flight per dispatcher; a handle of another batch is refused;
 - ``return_raw`` is refused: MORI's combine returns one summed row per token, not K slots.
+
+Set-up rules of MORI that the adapter checks or follows before MORI runs:
+- launch parameters: InterNodeV1 / InterNodeV1LL get MORI's own tested block counts at every
+  call (in MORI's default MANUAL mode rdma_block_num stays 0 and no block sends across nodes:
+  the completion barrier never fires, internode_v1.cpp ~159, 277, 644);
+- AsyncLL is split-phase: ``dispatch_recv()`` follows ``dispatch()`` and ``combine_recv()``
+  follows ``combine()`` (DC ~1331, 1731) before anything is read;
+- shmem is initialised once per process (a second init is skipped silently, src/shmem/
+  init.cpp ~671): a second, different EP group in one process is refused. The unique id is
+  broadcast from the group's first rank (MORI's torch helper uses global rank 0, shmem/api.py
+  ~115, which fails for an EP group without it, e.g. DP x EP);
+- the op constructor barriers on the default (WORLD) group (DC ~406, 649): with an EP group
+  smaller than WORLD, every rank of WORLD must build its MORI dispatchers in the same order (a
+  DP x EP model that builds the same layers everywhere does);
+- heap: every op takes its buffers from one symmetric heap per process (4 GiB static default,
+  include/mori/shmem/internal.hpp ~61); the adapter sizes tokens by the dtype, adds up what the
+  process's ops need and refuses with the ``MORI_SHMEM_HEAP_SIZE`` to set when it is too small;
+- gpu_per_node: derived from the group's hosts; MORI asserts (debug builds only) that it is a
+  power of two dividing W (src/ops/dispatch_combine/dispatch_combine.cpp ~117).
 
 Received rows come back in MORI's order (not sorted by source), as views of MORI's buffers that
 stay valid until this batch's combine; the combined output is copied out of MORI's buffer.
+``dispatch`` reads the received row count on the host once; ``dispatch_padded`` does not (the
+whole receive buffer and the count on the device, for AITER's ``num_local_tokens``).
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -30,13 +54,45 @@ import torch.distributed as dist
 
 from rocm_moe._checks import error_message
 from rocm_moe._libs import rocm_library_missing
-from rocm_moe.comm.base import CombineHandle, Dispatcher, DispatchResult, join_group
+from rocm_moe.comm.base import (
+    CombineHandle,
+    Dispatcher,
+    DispatchResult,
+    _batch_counter,
+    join_group,
+)
 from rocm_moe.placement import Placement
 
 KERNEL_TYPES = ("IntraNode", "InterNode", "InterNodeV1", "InterNodeV1LL", "AsyncLL")
 MORI_DTYPES = (torch.bfloat16, torch.float32)
 RAW_REASON = ("MORI's combine returns one summed row per token and one combine per dispatch, so "
               "per-slot [T, K, H] outputs cannot travel back through it")
+# MORI's own settings for the RDMA kernels (tests/python/ops/test_dispatch_combine_internode_v1.py
+# and the AUTO launch mode, DC ~580): block_num blocks, of which rdma_block_num send across nodes.
+LAUNCH = {"InterNodeV1": dict(block_num=96, rdma_block_num=64, warp_per_block=8),
+          "InterNodeV1LL": dict(block_num=256, rdma_block_num=128, warp_per_block=8)}
+GiB = 1 << 30
+
+
+def _bad(field, value, rule, fix):
+    return ValueError(error_message(field, value, rule, fix))
+
+
+def gpus_per_node(hosts: list[str]) -> int:
+    """GPUs per node of an EP group from each rank's host name (rank order): MORI places rank
+    r on node r // gpu_per_node, so ranks must be grouped by host, equally, a power of two.
+
+    >>> gpus_per_node(["a"] * 8 + ["b"] * 8)
+    8
+    """
+    W = len(hosts)
+    n = hosts.count(hosts[0])
+    if W % n or any(hosts[r] != hosts[r - r % n] for r in range(W)) \
+            or len(set(hosts)) != W // n:
+        raise _bad("EP group hosts", hosts, "MORI puts rank r on node r // gpu_per_node: ranks "
+                   "must come in equal, contiguous runs per host",
+                   "launch the same number of ranks per node, in node order")
+    return n
 
 
 def mori_config(
@@ -48,57 +104,170 @@ def mori_config(
     dtype: torch.dtype,
     max_tokens_per_rank: int,
     kernel_type: str = "auto",
-    gpu_per_node: int = 8,
+    gpu_per_node: int | None = None,
 ) -> dict:
     """Keyword arguments of ``mori.ops.EpDispatchCombineConfig`` (kernel_type as a name).
 
     MORI places expert e on rank e // num_experts_per_rank, so only a contiguous placement can
-    be expressed. ``kernel_type="auto"``: IntraNode within one node, InterNodeV1 across nodes.
+    be expressed. ``gpu_per_node``: None = one node of W GPUs (``MoriDispatcher`` derives it from
+    the group's hosts). ``kernel_type="auto"``: IntraNode within one node, InterNodeV1 across.
+    Tokens are sized by ``dtype`` (``max_token_type_size``), which halves MORI's buffers in bf16.
     """
-    def bad(field, value, rule, fix):
-        return ValueError(error_message(field, value, rule, fix))
-
     if not placement.is_contiguous:
-        raise bad("placement", "non-contiguous", "MORI owns expert e on rank e // (E / W)",
-                  "use Placement.contiguous(E, W) with the mori backend")
+        raise _bad("placement", "non-contiguous", "MORI owns expert e on rank e // (E / W)",
+                   "use Placement.contiguous(E, W) with the mori backend")
     if dtype not in MORI_DTYPES:
-        raise bad("dtype", dtype, f"MORI dispatches {MORI_DTYPES}", "run the layer in bf16")
+        raise _bad("dtype", dtype, f"MORI dispatches {MORI_DTYPES}", "run the layer in bf16")
     if max_tokens_per_rank is None or max_tokens_per_rank < 1:
-        raise bad("max_tokens_per_rank", max_tokens_per_rank, "MORI sizes its buffers from it",
-                  "pass the largest batch a rank will dispatch")
+        raise _bad("max_tokens_per_rank", max_tokens_per_rank, "MORI sizes its buffers from it",
+                   "pass the largest batch a rank will dispatch")
     W = placement.world_size
+    gpn = W if gpu_per_node is None else gpu_per_node
+    if gpn < 1 or gpn & (gpn - 1) or W % gpn:
+        raise _bad("gpu_per_node", gpn, f"MORI needs a power of two that divides W={W} (it "
+                   "asserts so only in debug builds; release builds size node buffers W // "
+                   "gpu_per_node)", f"pass gpu_per_node={W} for one node, or run a power of "
+                   "two of ranks on each node")
     if kernel_type == "auto":
-        kernel_type = "IntraNode" if W <= gpu_per_node else "InterNodeV1"
+        kernel_type = "IntraNode" if W == gpn else "InterNodeV1"
     if kernel_type not in KERNEL_TYPES:
-        raise bad("kernel_type", repr(kernel_type), f"must be one of {KERNEL_TYPES} or 'auto'",
-                  "pick IntraNode within a node, InterNodeV1 / InterNodeV1LL across nodes")
+        raise _bad("kernel_type", repr(kernel_type), f"must be one of {KERNEL_TYPES} or 'auto'",
+                   "pick IntraNode within a node, InterNodeV1 / InterNodeV1LL across nodes")
+    if kernel_type in ("IntraNode",) and W != gpn:
+        raise _bad("kernel_type", "'IntraNode'", f"reaches peers over XGMI within a node; "
+                   f"this group spans {W // gpn} nodes", "use kernel_type='auto'")
+    launch = LAUNCH.get(kernel_type, {})
+    extra = dict(block_num=launch["block_num"], rdma_block_num=launch["rdma_block_num"],
+                 warp_num_per_block=launch["warp_per_block"]) if launch else {}
     return dict(
         data_type=dtype, rank=rank, world_size=W, hidden_dim=hidden_size, scale_dim=0,
-        scale_type_size=1, max_token_type_size=4,  # float32: the widest dtype dispatched
+        scale_type_size=1, max_token_type_size=dtype.itemsize,
         max_num_inp_token_per_rank=max_tokens_per_rank,
         num_experts_per_rank=placement.num_experts // W, num_experts_per_token=top_k,
-        kernel_type=kernel_type, gpu_per_node=gpu_per_node)
+        kernel_type=kernel_type, gpu_per_node=gpn, **extra)
 
 
-_SHMEM_READY: set[int] = set()
+def heap_bytes(config: dict) -> int:
+    """Symmetric-heap bytes one op of ``config`` allocates (EpDispatchCombineHandle::
+    InitializeShmemBuf, InitializeTokenNumSignalBuf, InitializeOrderMapBuf; scale_dim 0).
+
+    DeepSeek-V3 on EP8 (H=7168, K=8, 4096 tokens per rank) in bf16: about 1.0 GB; with 4-byte
+    tokens (MORI's examples) about 2.0 GB, half the default 4 GiB heap for one layer.
+    """
+    W, T, H = config["world_size"], config["max_num_inp_token_per_rank"], config["hidden_dim"]
+    K, e, kt = config["num_experts_per_token"], config["num_experts_per_rank"], \
+        config["kernel_type"]
+    tok = H * config["max_token_type_size"]
+    xfer = tok + 8 * K + 4 + config["scale_dim"] * config["scale_type_size"]
+    recv = W * T
+    tokens = recv * tok + T * tok  # dispatch output, combine output
+    if kt == "IntraNode":
+        tokens += recv * xfer  # combine staging
+    elif kt in LAUNCH:
+        nodes = W // config["gpu_per_node"]
+        tokens += (nodes + 2 * nodes + 1) * T * xfer + recv * xfer
+    else:  # InterNode, AsyncLL: three buffers of W * T transfers
+        tokens += 3 * recv * xfer
+    meta = 5 * recv * K * 4 + recv * e * 4  # weights x3, indices x2; token id map
+    signals = 16 * W + 32 * W + W // config["gpu_per_node"] * 8 + 4
+    return tokens + meta + signals
 
 
-def build_mori_op(config: dict, group: dist.ProcessGroup):
-    """Initialise MORI's shmem on ``group`` (once per process) and build the op."""
+def heap_limit() -> int | None:
+    """The symmetric heap of this process as MORI will size it (None: no fixed heap)."""
+    mode = os.environ.get("MORI_SHMEM_MODE", "static_heap").lower()
+    if mode == "isolation":
+        return None
+    text = os.environ.get("MORI_SHMEM_HEAP_SIZE")
+    if not text:
+        return 16 * GiB if mode == "vmm_heap" else 4 * GiB
+    units = {"gib": GiB, "gb": GiB, "g": GiB, "mib": 1 << 20, "mb": 1 << 20, "m": 1 << 20,
+             "kib": 1 << 10, "kb": 1 << 10, "k": 1 << 10}
+    low = text.strip().lower()
+    for suffix, scale in units.items():  # longest suffixes first
+        if low.endswith(suffix):
+            return int(low[:-len(suffix)]) * scale
+    return int(low)
+
+
+@dataclass(eq=False)
+class _Process:
+    """What one process has given MORI (per ``mori`` module, so tests' fakes stay apart)."""
+
+    shmem_ranks: tuple[int, ...] | None = None
+    heap_used: int = 0
+    ops: int = 0
+
+    def release(self, nbytes: int) -> None:
+        self.heap_used -= nbytes
+
+
+_PROCESS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _import_mori():
     try:
         import mori
     except ImportError as exc:
         raise ValueError(error_message(
             "comm backend", "'mori'", f"unavailable: {exc}",
             "install MORI on a ROCm machine (github.com/ROCm/mori) or use comm='torch'")) from exc
-    if id(group) not in _SHMEM_READY:
-        name = f"rocm_moe_{id(group)}"
-        torch._C._distributed_c10d._register_process_group(name, group)
-        mori.shmem.shmem_torch_process_group_init(name)
-        _SHMEM_READY.add(id(group))
+    return mori
+
+
+def init_shmem(mori, group: dist.ProcessGroup) -> None:
+    """MORI's shmem on ``group``, once per process; the unique id goes from the group's first
+    rank (MORI's ``shmem_torch_process_group_init`` broadcasts from global rank 0)."""
+    state = _PROCESS.setdefault(mori, _Process())
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if state.shmem_ranks == ranks:
+        return
+    if state.shmem_ranks is not None:
+        raise _bad("group", f"ranks {list(ranks)}", "MORI initialises its shmem once per "
+                   f"process (a second init is skipped silently); this process joined ranks "
+                   f"{list(state.shmem_ranks)}, so an op on another group would address the "
+                   "wrong peers", "build every MORI dispatcher of a process on the same group")
+    rank = dist.get_rank(group)
+    uid = [mori.shmem.shmem_get_unique_id() if rank == 0 else None]
+    dist.broadcast_object_list(uid, src=ranks[0], group=group)
+    mori.shmem.shmem_init_attr(mori.shmem.MORI_SHMEM_INIT_WITH_UNIQUEID, rank, len(ranks), uid[0])
+    state.shmem_ranks = ranks
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB // 100 else f"{n} bytes"
+
+
+def check_heap(mori, config: dict) -> int:
+    """Refuse before MORI allocates when this op and the process's earlier ones overflow the
+    heap; returns this op's bytes."""
+    state = _PROCESS.setdefault(mori, _Process())
+    need, limit = heap_bytes(config), heap_limit()
+    total = state.heap_used + need
+    if limit is not None and total > limit:
+        want = -(-(total + GiB // 2) // GiB)  # with half a GiB of headroom
+        raise _bad("MORI_SHMEM_HEAP_SIZE", os.environ.get("MORI_SHMEM_HEAP_SIZE", "unset"),
+                   f"this op needs {_size(need)} of symmetric heap ({state.ops} earlier ops "
+                   f"of this process hold {_size(state.heap_used)}) but the heap has "
+                   f"{_size(limit)}; past it MORI's allocation fails",
+                   f"export MORI_SHMEM_HEAP_SIZE={want}G before the first MORI op (or lower "
+                   "max_tokens_per_rank)")
+    return need
+
+
+def build_mori_op(config: dict, group: dist.ProcessGroup, mori=None):
+    """Initialise MORI's shmem on ``group`` (once per process), check the heap, build the op.
+    ``mori``: the module (tests pass a fake); returns (op, heap bytes it holds)."""
+    mori = mori or _import_mori()
+    init_shmem(mori, group)
+    need = check_heap(mori, config)
     kw = dict(config)
     kw["kernel_type"] = getattr(mori.ops.EpDispatchCombineKernelType, kw["kernel_type"])
-    return mori.ops.EpDispatchCombineOp(mori.ops.EpDispatchCombineConfig(**kw))
+    op = mori.ops.EpDispatchCombineOp(mori.ops.EpDispatchCombineConfig(**kw))
+    state = _PROCESS[mori]
+    state.heap_used += need
+    state.ops += 1
+    return op, need
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -106,12 +275,30 @@ class MoriCombineHandle(CombineHandle):
     pass  # MORI keeps the routing itself; the handle pins the batch and this rank's own ids
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PaddedDispatch:
+    """``dispatch_padded``'s result: MORI's whole receive buffers, no host read.
+
+    x [R_max, H], topk_ids [R_max, K] int32 global, topk_weights [R_max, K] float32: rows
+    >= num_rows[0] are stale (earlier batches). num_rows [1] int32 on the device (MORI's own
+    counter: combine zeroes it, so read it before combine); local_expert_count [e] int32 on the
+    device: received slots per local expert (MORI's buffer, overwritten by the next dispatch).
+    """
+
+    x: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    num_rows: torch.Tensor
+    local_expert_count: torch.Tensor
+    handle: MoriCombineHandle
+
+
 class MoriDispatcher(Dispatcher):
     """EP dispatch/combine through a MORI op (one per layer shape; construction is collective).
 
     Args: as TorchDispatcher, plus ``max_tokens_per_rank`` (required: MORI's buffer size),
-    ``kernel_type`` and ``gpu_per_node`` (see ``mori_config``). ``op`` injects a ready op
-    (tests use a fake that enforces MORI's contract).
+    ``kernel_type`` and ``gpu_per_node`` (see ``mori_config``; None: from the group's hosts).
+    ``mori`` injects the module (tests use a fake that models MORI's lifecycle).
     """
 
     name = "mori"
@@ -130,46 +317,95 @@ class MoriDispatcher(Dispatcher):
         max_tokens_per_rank: int,
         group: dist.ProcessGroup | None = None,
         kernel_type: str = "auto",
-        gpu_per_node: int = 8,
-        op=None,
+        gpu_per_node: int | None = None,
+        mori=None,
     ):
         group, rank = join_group(placement, group, self.name)
+        if gpu_per_node is None:
+            hosts = [None] * dist.get_world_size(group)
+            dist.all_gather_object(hosts, socket.gethostname(), group=group)
+            gpu_per_node = gpus_per_node(hosts)
         self.mori_config = mori_config(placement, rank, hidden_size=hidden_size, top_k=top_k,
                                        dtype=dtype, max_tokens_per_rank=max_tokens_per_rank,
                                        kernel_type=kernel_type, gpu_per_node=gpu_per_node)
         super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
                          hidden_size=hidden_size, top_k=top_k, dtype=dtype)
         self.group = group
-        self.op = op if op is not None else build_mori_op(self.mori_config, group)
+        self.kernel_type = self.mori_config["kernel_type"]
+        self.launch = LAUNCH.get(self.kernel_type, {})
+        mori = mori or _import_mori()
+        self.op, nbytes = build_mori_op(self.mori_config, group, mori)
+        weakref.finalize(self, _PROCESS[mori].release, nbytes)
         self._in_flight: int | None = None
 
     def raw_unsupported_reason(self) -> str | None:
         return RAW_REASON
 
-    def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
+    def _mori_dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id, *, count=False):
         if self._in_flight is not None:
-            raise ValueError(error_message(
-                "dispatch", f"batch {batch_id}", f"batch {self._in_flight} is still in MORI: "
-                "MORI holds one batch's routing at a time", "combine it before the next dispatch"))
-        out_x, out_w, _, out_ids, total = self.op.dispatch(
-            x_TH.contiguous(), topk_weights_TK.contiguous(), None, topk_ids_TK.contiguous())
-        R = int(total[0])  # one host read: the rows MORI delivered to this rank
-        x, ids, w = out_x[:R], out_ids[:R], out_w[:R]
-        handle = MoriCombineHandle(**self.handle_fields(
+            raise _bad("dispatch", f"batch {batch_id}", f"batch {self._in_flight} is still in "
+                       "MORI: its received rows are views of MORI's buffers, which the next "
+                       "dispatch overwrites", "combine it before the next dispatch")
+        out = self.op.dispatch(x_TH.contiguous(), topk_weights_TK.contiguous(), None,
+                               topk_ids_TK.contiguous(), call_local_expert_count=count,
+                               **self.launch)
+        if self.kernel_type == "AsyncLL":  # dispatch() only sent; the rows arrive here
+            self.op.dispatch_recv(call_local_expert_count=count)
+        self._in_flight = batch_id
+        return out
+
+    def _handle(self, batch_id, x_TH, topk_weights_TK, topk_ids_TK, ids, w):
+        return MoriCombineHandle(**self.handle_fields(
             batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
             topk_ids_TK=topk_ids_TK, recv_topk_ids=ids, recv_topk_weights=w))
-        self._in_flight = batch_id
+
+    def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
+        out_x, out_w, _, out_ids, total = self._mori_dispatch(x_TH, topk_weights_TK,
+                                                              topk_ids_TK, batch_id)
+        R = int(total[0])  # one host read: the rows MORI delivered to this rank
+        x, ids, w = out_x[:R], out_ids[:R], out_w[:R]
+        handle = self._handle(batch_id, x_TH, topk_weights_TK, topk_ids_TK, ids, w)
         return DispatchResult(x=x, topk_ids=ids, topk_weights=w, handle=handle)
+
+    def dispatch_padded(self, x_TH, topk_weights_TK, topk_ids_TK, *,
+                        validate: bool = False) -> PaddedDispatch:
+        """``dispatch`` without reading the received row count on the host (graph-capturable
+        with ``validate=False``, whose checks read ids on the host). Pair it with experts that
+        take a device row count (``AiterExperts.forward_padded``) and ``combine`` as usual."""
+        ids = self.check_dispatch_inputs(x_TH, topk_weights_TK, topk_ids_TK, validate=validate)
+        batch_id = next(_batch_counter)
+        out_x, out_w, _, out_ids, total = self._mori_dispatch(x_TH, topk_weights_TK, ids,
+                                                              batch_id, count=True)
+        handle = self._handle(batch_id, x_TH, topk_weights_TK, ids, out_ids, out_w)
+        return PaddedDispatch(x=out_x, topk_ids=out_ids, topk_weights=out_w, num_rows=total,
+                              local_expert_count=self.op.local_expert_count, handle=handle)
 
     def _combine(self, y_RH, handle):
         if self._in_flight != handle.batch_id:
-            raise ValueError(error_message(
-                "handle.batch_id", handle.batch_id, f"MORI holds batch {self._in_flight}'s "
-                "routing; combining another batch would sum the wrong rows",
-                "combine each batch right after its own dispatch"))
-        out, _ = self.op.combine(y_RH.contiguous(), None, handle.topk_ids, call_reset=True)
+            raise _bad("handle.batch_id", handle.batch_id, f"MORI holds batch "
+                       f"{self._in_flight}'s routing; combining another batch would sum the "
+                       "wrong rows", "combine each batch right after its own dispatch")
+        # call_reset: MORI's reset has been a no-op since late 2025 (combine zeroes its own
+        # counter); older MORI needs it, and it costs nothing.
+        out, _ = self.op.combine(y_RH.contiguous(), None, handle.topk_ids, call_reset=True,
+                                 **self.launch)
+        if self.kernel_type == "AsyncLL":  # combine() only sent; the sums land here
+            self.op.combine_recv()
         self._in_flight = None
         return out[:handle.num_tokens].clone()  # MORI reuses its output buffer
 
     def _combine_raw(self, raw_RKH, handle):
-        raise ValueError(error_message("return_raw", True, RAW_REASON, "use comm='torch'"))
+        raise _bad("return_raw", True, RAW_REASON, "use comm='torch'")
+
+
+def forward_padded(dispatcher: MoriDispatcher, experts, x_TH, topk_weights_TK, topk_ids_TK,
+                   w13, w2) -> torch.Tensor:
+    """route -> MORI dispatch -> AITER -> MORI combine with no host read: [T, H]. ``experts``:
+    an ``AiterExperts`` (its ``forward_padded`` takes MORI's device row count as AITER's
+    ``num_local_tokens``)."""
+    from rocm_moe.experts.base import ExpertsOutput
+
+    d = dispatcher.dispatch_padded(x_TH, topk_weights_TK, topk_ids_TK)
+    y = experts.forward_padded(d.x, d.topk_ids, d.topk_weights, w13, w2,
+                               dispatcher.expert_map_on(d.x.device), num_rows=d.num_rows)
+    return dispatcher.combine(ExpertsOutput(out=y, weights_applied=True), d.handle)

@@ -8,13 +8,28 @@ import torch
 
 from rocm_moe import EPMoE, ExpertsOutput, Placement, RouterConfig, route
 from rocm_moe import synthetic as syn
-from rocm_moe.comm.mori import MoriDispatcher, mori_config
+from rocm_moe.comm.mori import (
+    MoriDispatcher,
+    check_heap,
+    forward_padded,
+    gpus_per_node,
+    heap_bytes,
+    mori_config,
+)
 from rocm_moe.comm.torch import TorchDispatcher
 from rocm_moe.distributed import launch
 from rocm_moe.experts.aiter import AiterExperts
 from rocm_moe.experts.reference import dense_moe_reference
 from tests.dist_checks import collect_checks, run_checks
-from tests.fakes import ContractError, FakeFusedMoe, FakeMoriOp
+from tests.fakes import (
+    ContractError,
+    FakeFusedMoe,
+    FakeMori,
+    KernelType,
+    _op_bytes,
+    fake_mori_op,
+    fake_shuffle_weight,
+)
 
 E, K, H, I, CAP = 16, 4, 8, 6, 40
 
@@ -24,12 +39,15 @@ def test_config_deepseek_ep8():
     cfg = mori_config(Placement.contiguous(256, 8), 5, hidden_size=7168, top_k=8,
                       dtype=torch.bfloat16, max_tokens_per_rank=4096)
     assert cfg == dict(data_type=torch.bfloat16, rank=5, world_size=8, hidden_dim=7168,
-                       scale_dim=0, scale_type_size=1, max_token_type_size=4,
+                       scale_dim=0, scale_type_size=1, max_token_type_size=2,
                        max_num_inp_token_per_rank=4096, num_experts_per_rank=32,
                        num_experts_per_token=8, kernel_type="IntraNode", gpu_per_node=8)
     across = mori_config(Placement.contiguous(256, 16), 0, hidden_size=7168, top_k=8,
-                         dtype=torch.bfloat16, max_tokens_per_rank=128)
+                         dtype=torch.bfloat16, max_tokens_per_rank=128, gpu_per_node=8)
     assert across["kernel_type"] == "InterNodeV1"
+    # Defect 1: MORI's own launch settings for the RDMA kernels (rdma_block_num 0 would hang).
+    assert (across["block_num"], across["rdma_block_num"], across["warp_num_per_block"]) == \
+        (96, 64, 8)
 
 
 @pytest.mark.parametrize(
@@ -39,8 +57,11 @@ def test_config_deepseek_ep8():
         (dict(dtype=torch.float16), "dtype"),
         (dict(max_tokens_per_rank=None), "max_tokens_per_rank"),
         (dict(kernel_type="Fast"), "kernel_type"),
+        (dict(gpu_per_node=8), "power of two that divides W=2"),  # defect 5
+        (dict(gpu_per_node=3), "gpu_per_node"),
+        (dict(gpu_per_node=1, kernel_type="IntraNode"), "spans 2 nodes"),
     ],
-    ids=["placement", "dtype", "capacity", "kernel"],
+    ids=["placement", "dtype", "capacity", "kernel", "gpn_gt_W", "gpn_not_pow2", "intra_across"],
 )
 def test_config_errors(kw, match):
     args = dict(placement=Placement.contiguous(4, 2), hidden_size=8, top_k=2,
@@ -50,12 +71,70 @@ def test_config_errors(kw, match):
         mori_config(args.pop("placement"), 0, **args)
 
 
+def test_gpus_per_node_from_hosts():
+    """Defect 5: gpu_per_node comes from the group, not a constant 8."""
+    assert gpus_per_node(["a"] * 8 + ["b"] * 8) == 8
+    assert gpus_per_node(["a"] * 4) == 4
+    for hosts in (["a", "b", "a", "b"], ["a", "a", "a", "b"]):
+        with pytest.raises(ValueError, match="contiguous runs per host"):
+            gpus_per_node(hosts)
+
+
+def _cfg(W=8, T=4096, H=7168, dtype=torch.bfloat16, kernel_type="auto", gpn=None):
+    return mori_config(Placement.contiguous(32 * W, W), 0, hidden_size=H, top_k=8,
+                       dtype=dtype, max_tokens_per_rank=T, kernel_type=kernel_type,
+                       gpu_per_node=gpn)
+
+
+@pytest.mark.parametrize(("W", "kernel_type", "gpn"),
+                         [(8, "auto", None), (16, "auto", 8), (16, "InterNodeV1LL", 8),
+                          (8, "AsyncLL", None), (8, "InterNode", None)],
+                         ids=["intra_EP8", "v1_EP16", "v1ll_EP16", "asyncll_EP8", "inter_EP8"])
+def test_heap_bytes_match_the_fake_buffer_by_buffer(W, kernel_type, gpn):
+    from types import SimpleNamespace
+
+    cfg = _cfg(W=W, kernel_type=kernel_type, gpn=gpn)
+    fake_cfg = SimpleNamespace(**{**cfg, "kernel_type": getattr(KernelType, cfg["kernel_type"])})
+    assert heap_bytes(cfg) == _op_bytes(fake_cfg)
+
+
+def test_heap_sized_by_dtype_and_refused_with_the_size_to_set(monkeypatch):
+    """Defect 4: bf16 tokens halve MORI's buffers; an overflowing process is refused before
+    MORI allocates, with the MORI_SHMEM_HEAP_SIZE to export."""
+    import re
+
+    from rocm_moe.comm.mori import _PROCESS
+
+    bf16, fp32 = heap_bytes(_cfg()), heap_bytes(_cfg(dtype=torch.float32))
+    assert 0.95e9 < bf16 < 1.1e9  # DeepSeek-V3, EP8, 4096 tokens per rank
+    assert 1.9e9 < fp32 < 2.1e9  # what max_token_type_size=4 asked for
+    monkeypatch.delenv("MORI_SHMEM_HEAP_SIZE", raising=False)
+    monkeypatch.delenv("MORI_SHMEM_MODE", raising=False)
+    process = FakeMori()  # stands for one process's mori module
+    for _ in range(4):  # four such layers fit the default 4 GiB heap, a fifth does not
+        need = check_heap(process, _cfg())
+        _PROCESS[process].heap_used += need  # what build_mori_op records
+        _PROCESS[process].ops += 1
+    with pytest.raises(ValueError, match=r"MORI_SHMEM_HEAP_SIZE=\d+G") as err:
+        check_heap(process, _cfg())
+    assert "4 earlier ops" in str(err.value)
+    monkeypatch.setenv("MORI_SHMEM_HEAP_SIZE", re.search(r"=(\d+G)", str(err.value)).group(1))
+    assert check_heap(process, _cfg()) == bf16
+    monkeypatch.setenv("MORI_SHMEM_MODE", "isolation")
+    monkeypatch.setenv("MORI_SHMEM_HEAP_SIZE", "1M")
+    assert check_heap(process, _cfg()) == bf16
+
+
 # ---- multi-rank, through the fakes --------------------------------------------------------------
-def _mori(info, cls=MoriDispatcher, dtype=torch.float32):
-    p = Placement.contiguous(E, info.world_size)
-    cfg = mori_config(p, info.rank, hidden_size=H, top_k=K, dtype=dtype, max_tokens_per_rank=CAP)
+def _mori(info, cls=MoriDispatcher, dtype=torch.float32, mori=None, **kw):
+    """A dispatcher on a fresh fake ``mori`` module (one per simulated process)."""
+    p = Placement.contiguous(E, kw.pop("world_size", info.world_size))
     return cls(p, hidden_size=H, top_k=K, dtype=dtype, max_tokens_per_rank=CAP,
-               op=FakeMoriOp(cfg))
+               mori=mori or FakeMori(), **kw)
+
+
+def _aiter():
+    return AiterExperts(fused_moe=FakeFusedMoe(), shuffle_weight=fake_shuffle_weight)
 
 
 def _batch(rank, T, seed, empty=0.2):
@@ -68,9 +147,9 @@ def _batch(rank, T, seed, empty=0.2):
     return x, torch.rand(T, K, generator=g), ids
 
 
-def _check_identity_round_trip(info, seed):
-    d = _mori(info)
-    for i, T in enumerate([33, 0 if info.rank == 0 else 7, 1, 40, 12, 33]):  # 6 batches
+def _identity_round_trip(info, seed, d, batches=(33, 7, 1, 40, 12, 33)):
+    for i, T in enumerate(batches):
+        T = 0 if (info.rank == 0 and i == 1) else T
         x, w, ids = _batch(info.rank, T, seed + i)
         res = d.dispatch(x, w, ids)
         assert not res.x.isnan().any(), "only the delivered rows are exposed"
@@ -79,7 +158,31 @@ def _check_identity_round_trip(info, seed):
         U = torch.tensor([d.placement.owner(r[r >= 0]).unique().numel() for r in ids])
         y = d.combine(ExpertsOutput(out=res.x.clone(), weights_applied=True), res.handle)
         assert torch.equal(y, x * U[:, None].float())
-    assert d.op.calls.count("dispatch") == 6
+    assert d.op.calls.count("dispatch") == len(batches)
+    return d.op.calls
+
+
+def _check_identity_round_trip(info, seed):
+    d = _mori(info)
+    assert d.kernel_type == "IntraNode"
+    assert d.mori_config["gpu_per_node"] == info.world_size  # defect 5: from the hosts
+    _identity_round_trip(info, seed, d)
+
+
+def _check_internode_v1_gets_launch_parameters(info, seed):
+    """Defect 1: with rdma_block_num 0 (MORI's MANUAL default) InterNodeV1 would hang."""
+    for kernel_type in ("auto", "InterNodeV1LL"):
+        d = _mori(info, gpu_per_node=1, kernel_type=kernel_type)  # one GPU per node
+        assert d.kernel_type in ("InterNodeV1", "InterNodeV1LL")
+        _identity_round_trip(info, seed, d, batches=(9, 0, 17))
+
+
+def _check_async_ll_receives_before_reading(info, seed):
+    """Defect 2: AsyncLL's dispatch() only sends; dispatch_recv / combine_recv complete it."""
+    d = _mori(info, kernel_type="AsyncLL")
+    calls = _identity_round_trip(info, seed, d, batches=(9, 3, 17))
+    assert [c for c in calls if c != "reset"][:4] == ["dispatch", "dispatch_recv", "combine",
+                                                     "combine_recv"]
 
 
 def _check_layer_matches_torch_backend(info, seed):
@@ -101,7 +204,7 @@ def _check_mori_aiter_pipeline(info, seed):
     for mode in ("experts", "combine"):
         layer = EPMoE(hidden_size=H, intermediate_size=I, router=RouterConfig.qwen3_moe(E, K),
                       dispatcher=_mori(info, dtype=torch.bfloat16),
-                      experts=AiterExperts(fused_moe=FakeFusedMoe()), weight_mode=mode,
+                      experts=_aiter(), weight_mode=mode,
                       dtype=torch.bfloat16)
         layer.reset_parameters(seed=3)
         y = layer(x)
@@ -140,31 +243,34 @@ class _NoReset(MoriDispatcher):
     def _combine(self, y_RH, handle):
         out, _ = self.op.combine(y_RH, None, handle.topk_ids, call_reset=False)
         self._in_flight = None
-        return out[:handle.num_tokens]
+        return out[:handle.num_tokens].clone()
 
 
-def _expect_contract_error(info, seed, cls, batches=1):
-    d = _mori(info, cls=cls)
+def _expect_error(info, seed, cls, batches=1, **kw):
+    d = _mori(info, cls=cls, **kw)
     try:
         for i in range(batches):
             x, w, ids = _batch(info.rank, 9, seed + i, empty=0.0)
             res = d.dispatch(x, w, ids)
             d.combine(ExpertsOutput(out=res.x.clone(), weights_applied=True), res.handle)
-    except ContractError as exc:
+    except (ContractError, ValueError) as exc:
         return str(exc)
     raise AssertionError(f"{cls.__name__} passed the fake")
 
 
 def _check_fake_catches_dispatched_ids(info, seed):
-    return _expect_contract_error(info, seed, _DispatchedIdsToCombine)
+    return _expect_error(info, seed, _DispatchedIdsToCombine)
 
 
 def _check_fake_catches_int64_ids(info, seed):
-    return _expect_contract_error(info, seed, _Int64Ids)
+    return _expect_error(info, seed, _Int64Ids)
 
 
-def _check_fake_catches_missing_reset(info, seed):
-    return _expect_contract_error(info, seed, _NoReset, batches=2)
+def _check_reset_is_not_needed(info, seed):
+    """MORI's reset kernel is empty and combine zeroes its counter: no reset, same results."""
+    d = _mori(info, cls=_NoReset)
+    _identity_round_trip(info, seed, d, batches=(9, 17))
+    assert "reset" not in d.op.calls
 
 
 def _check_adapter_guards(info, seed):
@@ -198,7 +304,7 @@ def _check_sanity_suite_on_fakes(info, seed):
 
     layer = EPMoE(hidden_size=H, intermediate_size=I, router=RouterConfig.qwen3_moe(E, K),
                   dispatcher=_mori(info, dtype=torch.bfloat16),
-                  experts=AiterExperts(fused_moe=FakeFusedMoe()), dtype=torch.bfloat16)
+                  experts=_aiter(), dtype=torch.bfloat16)
     layer.reset_parameters(seed=3)
     rows = run_sanity(layer, seed=seed % 1000, expert_weights=lambda g: tuple(
         t.bfloat16() for t in syn.expert_weights(3, g, H, I)))
@@ -206,6 +312,131 @@ def _check_sanity_suite_on_fakes(info, seed):
     assert not failed, failed
     assert {r.check for r in rows} >= {"single_expert", "half_weight", "raw_unweighted",
                                        "topk_sum", "modes_agree", "comm_identity"}
+
+
+def _check_dp_x_ep_groups_without_global_rank_0(info, seed):
+    """Defect 3: EP groups {0, 1} and {2, 3} of a DP x EP layout; MORI's torch helper would
+    broadcast the unique id from global rank 0, which group {2, 3} lacks."""
+    import torch.distributed as dist
+
+    if info.world_size < 4:
+        return "needs 4 ranks"
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = groups[info.rank // 2]
+    mori = FakeMori(groups=groups)
+    d = _mori(info, mori=mori, group=mine, world_size=2)
+    _identity_round_trip(info, seed, d, batches=(9, 17))
+    try:  # a second, different group in this process: refused before MORI runs
+        _mori(info, mori=mori)
+    except ValueError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("a second shmem group was accepted")
+    assert mori.built == 1
+    assert mori.shmem.skipped == 0
+    again = _mori(info, mori=mori, group=mine, world_size=2)  # same group: shared shmem
+    _identity_round_trip(info, seed, again, batches=(5,))
+    return message
+
+
+def _check_heap_overflow_refused_before_mori(info, seed):
+    """Defect 4: the second op would overflow the heap: refused with the size to set."""
+    import os
+
+    p = Placement.contiguous(E, info.world_size)
+    need = heap_bytes(mori_config(p, info.rank, hidden_size=H, top_k=K, dtype=torch.float32,
+                                  max_tokens_per_rank=CAP))
+    os.environ["MORI_SHMEM_HEAP_SIZE"] = str(need * 3 // 2)
+    try:
+        mori = FakeMori()
+        first = _mori(info, mori=mori)  # kept alive: its buffers stay allocated
+        try:
+            _mori(info, mori=mori)
+        except ValueError as exc:
+            message = str(exc)
+        else:
+            raise AssertionError("heap overflow accepted")
+    finally:
+        del os.environ["MORI_SHMEM_HEAP_SIZE"]
+    assert mori.built == 1, "refused before MORI allocated"
+    assert first.op.calls == []
+    return message
+
+
+def _check_padded_path_reads_nothing_on_the_host(info, seed):
+    """Defect 8: MORI's device row count goes to AITER's num_local_tokens; no host read."""
+    g = torch.Generator().manual_seed(3)
+    e = E // info.world_size
+    w13 = (torch.randn(e, 2 * I, H, generator=g) / 3).bfloat16()
+    w2 = (torch.randn(e, H, I, generator=g) / 3).bfloat16()
+    strict = _mori(info, dtype=torch.bfloat16, mori=FakeMori(no_host_reads=True))
+    plain = _mori(info, dtype=torch.bfloat16)
+    for i, T in enumerate((17, 0 if info.rank else 5, 40)):
+        x, w, ids = _batch(info.rank, T, seed + i)
+        x = x.bfloat16()
+        y = forward_padded(strict, _aiter(), x, w, ids, w13, w2)
+        d = plain.dispatch(x, w, ids)
+        ref = plain.combine(_aiter()(d.x, d.topk_ids, d.topk_weights, w13, w2,
+                                     plain.expert_map, mode="weighted"), d.handle)
+        torch.testing.assert_close(y, ref, rtol=0, atol=0)
+        counts = torch.bincount(plain.expert_map.local_ids(d.topk_ids)[
+            plain.expert_map.local_ids(d.topk_ids) >= 0].flatten(), minlength=e)
+        assert torch.equal(strict.op.local_expert_count, counts.to(torch.int32))
+    try:
+        x, w, ids = _batch(info.rank, 3, seed)
+        strict.dispatch(x.bfloat16(), w, ids)
+    except ContractError as exc:
+        return str(exc)  # the ordinary dispatch reads the count once: visible here
+    raise AssertionError("host read not caught")
+
+
+def _check_fake_lifecycle(info, seed):
+    """The fake does what MORI does (not the adapter's rules): persistent output buffers,
+    dtypes, hidden_dim as a maximum, combine weights, routing replay, AsyncLL's receives."""
+    p = Placement.contiguous(E, info.world_size)
+    cfg = mori_config(p, info.rank, hidden_size=H, top_k=K, dtype=torch.float32,
+                      max_tokens_per_rank=CAP)
+    op = fake_mori_op(cfg)
+    out = {}
+    x1, w1, i1 = _batch(info.rank, 9, seed)
+    first = op.dispatch(x1, w1, None, i1.int())
+    R1 = int(first[4][0])
+    rows1 = first[0][:R1].clone()
+    op.combine(first[0], None, i1.int())
+    x2, w2, i2 = _batch(info.rank, 9, seed + 1)
+    second = op.dispatch(x2 + 100, w2, None, i2.int())
+    out["buffers_persist"] = second[0].data_ptr() == first[0].data_ptr() and \
+        (R1 == 0 or not torch.equal(first[0][:R1], rows1))
+    _, comb_w = op.combine(second[0], second[1], i2.int())  # weights back: w * U
+    U = torch.tensor([p.owner(r[r >= 0]).unique().numel() for r in i2]).float()
+    out["weights_w_times_U"] = torch.allclose(comb_w[:9], w2 * U[:, None])
+    out["counter_zeroed_by_combine"] = int(second[4][0]) == 0
+    for dtype, ok in ((torch.bfloat16, True), (torch.float8_e4m3fn, True),
+                      (torch.float16, False)):
+        try:
+            op.dispatch(torch.zeros(2, H - 2, dtype=dtype), w1[:2], None, i1[:2].int())
+            op.combine(torch.zeros(CAP * info.world_size, H - 2).to(dtype)
+                       if dtype != torch.float8_e4m3fn else torch.zeros(
+                           CAP * info.world_size, H - 2).to(torch.bfloat16), None, i1[:2].int())
+            out[str(dtype)] = ok
+        except KeyError:
+            out[str(dtype)] = not ok
+    try:
+        op.dispatch(torch.zeros(2, H + 1), w1[:2], None, i1[:2].int())
+        out["hidden_dim_is_a_maximum"] = False
+    except ContractError:
+        out["hidden_dim_is_a_maximum"] = True
+    *_, routing = op.dispatch(x1, w1, None, i1.int(), return_routing=True)
+    back, _ = op.combine(op._outputs()[0], None, i1.int(), routing=routing)
+    U1 = torch.tensor([p.owner(r[r >= 0]).unique().numel() for r in i1]).float()
+    out["routing_replay"] = torch.equal(back[:9], x1 * U1[:, None])
+    a = fake_mori_op({**cfg, "kernel_type": "AsyncLL"})
+    res = a.dispatch(x1, w1, None, i1.int())
+    out["async_ll_nothing_before_recv"] = int(res[4][0]) == 0
+    a.dispatch_recv()
+    out["async_ll_rows_after_recv"] = int(res[4][0]) == R1
+    assert all(out.values()), out
+    return out
 
 
 CHECKS = collect_checks(globals(), skip=())
@@ -231,13 +462,16 @@ def test_mori_adapter(suite, check):
 def test_fake_messages(suite):
     _, results = suite
     for res in results:
-        assert "not the dispatched ones" in res["fake_catches_dispatched_ids"]["value"]
+        assert "mori#475" in res["fake_catches_dispatched_ids"]["value"]
         assert "int32" in res["fake_catches_int64_ids"]["value"]
-        assert "reset() first" in res["fake_catches_missing_reset"]["value"]
         guards = res["adapter_guards"]["value"]
         assert "mori#356" in guards["capacity"]
         assert "still in MORI" in guards["two_in_flight"]
         assert "wrong rows" in guards["stale_handle"]
+        dp_ep = res["dp_x_ep_groups_without_global_rank_0"]["value"]
+        assert dp_ep == "needs 4 ranks" or "once per" in dp_ep
+        assert "MORI_SHMEM_HEAP_SIZE=1G" in res["heap_overflow_refused_before_mori"]["value"]
+        assert "host read" in res["padded_path_reads_nothing_on_the_host"]["value"]
 
 
 @pytest.mark.gpu

@@ -8,15 +8,27 @@ import torch
 from rocm_moe import Placement, ReferenceExperts
 from rocm_moe.experts.aiter import AiterExperts
 from tests.conftest import rel_err
-from tests.fakes import ContractError, FakeFusedMoe
+from tests.fakes import (
+    ContractError,
+    DeviceTensor,
+    FakeFusedMoe,
+    device_value,
+    fake_shuffle_weight,
+)
 
 H, I = 32, 16
 TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
+def _aiter(fake=None, cls=AiterExperts, **kw):
+    """The adapter on the fakes of fused_moe and shuffle_weight."""
+    return cls(fused_moe=fake or FakeFusedMoe(), shuffle_weight=fake_shuffle_weight, **kw)
+
+
 def _inputs(R, K, E, dtype, gen, empty=0.0):
     x = torch.randn(R, H, generator=gen).to(dtype)
-    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(R)]).to(torch.int32)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(R)]).to(torch.int32) \
+        if R else torch.empty(0, K, dtype=torch.int32)
     ids[torch.rand(R, K, generator=gen) < empty] = -1
     w = torch.rand(R, K, generator=gen)
     return x, ids, w
@@ -36,7 +48,7 @@ def test_matches_reference_both_modes(R, K, E, W, dtype, sentinel, gen):
     w13 = (torch.randn(e, 2 * I, H, generator=gen) / H**0.5).to(dtype)
     w2 = (torch.randn(e, H, I, generator=gen) / I**0.5).to(dtype)
     fake = FakeFusedMoe()
-    aiter = AiterExperts(mask_sentinel=sentinel, fused_moe=fake)
+    aiter = _aiter(fake, mask_sentinel=sentinel)
     for mode in ("weighted", "raw"):
         ref = ReferenceExperts()(x, ids, w, w13, w2, emap, mode=mode)
         out = aiter(x, ids, w, w13, w2, emap, mode=mode)
@@ -55,8 +67,8 @@ def test_empty_slots_need_the_sentinel():
     args = (torch.randn(1, H).half(), ids, torch.rand(1, 2), torch.randn(4, 2 * I, H).half(),
             torch.randn(4, H, I).half(), emap)
     with pytest.raises(ValueError, match="mask_sentinel=True"):
-        AiterExperts(mask_sentinel=False, fused_moe=FakeFusedMoe())(*args, mode="weighted")
-    out = AiterExperts(fused_moe=FakeFusedMoe())(*args, mode="weighted")
+        _aiter(mask_sentinel=False)(*args, mode="weighted")
+    out = _aiter()(*args, mode="weighted")
     ref = ReferenceExperts()(*args, mode="weighted")
     assert rel_err(out.out, ref.out) < 5e-3
 
@@ -94,7 +106,7 @@ def _broken_case(cls):
     w13 = (torch.randn(4, 2 * I, H, generator=gen) / H**0.5).half()
     w2 = (torch.randn(4, H, I, generator=gen) / I**0.5).half()
     ref = ReferenceExperts()(x, ids, w, w13, w2, emap, mode="weighted").out
-    return cls(fused_moe=FakeFusedMoe())(x, ids, w, w13, w2, emap, mode="weighted").out, ref
+    return _aiter(cls=cls)(x, ids, w, w13, w2, emap, mode="weighted").out, ref
 
 
 def test_fake_catches_map_as_mask():
@@ -119,10 +131,104 @@ def test_supports_reasons():
         import aiter  # noqa: F401
     except ImportError:
         assert "aiter is not installed" in reason
-    injected = AiterExperts(fused_moe=FakeFusedMoe())
+    injected = _aiter()
     assert "computes in" in injected.supports(mode="raw", dtype=torch.float32,
                                               device=torch.device("cpu"))
     assert injected.supports(mode="raw", dtype=torch.bfloat16, device=torch.device("cpu")) is None
+
+
+# ---- what AITER needs to reach its tuned kernels (issue 23, defects 6-8) ------------------------
+class _NoMaskedSlot(AiterExperts):
+    """Today's call before issue 23: the [R, K] slots only, unshuffled weights."""
+
+    def _call(self, x, w13, w2, weights_RK, ids_RK, expert_map, num_rows=None):
+        return self._fn()(x, w13, w2, weights_RK, ids_RK,
+                          expert_mask=self.mask_for(expert_map, x.device))
+
+
+def _tuned_case(gen, R=33, K=4, E=16, W=2, dtype=torch.bfloat16):
+    """A shape tuned kernels serve (multiples of the shuffle tile): H = 64, I = 32."""
+    emap = Placement.contiguous(E, W).expert_map(W - 1)
+    e = emap.num_local
+    x, ids, w = _inputs(R, K, E, dtype, gen)
+    x = torch.randn(R, 64, generator=gen).to(dtype)
+    w13 = (torch.randn(e, 64, 64, generator=gen) / 8).to(dtype)
+    w2 = (torch.randn(e, 64, 32, generator=gen) / 6).to(dtype)
+    return x, ids, w, w13, w2, emap
+
+
+@pytest.mark.parametrize("sentinel", [True, False], ids=["sent1", "sent0"])
+def test_masked_slot_appended_for_the_tuned_lookup(sentinel, gen):
+    """Defect 6: AITER looks tuned configs up with topk - 1 under EP (aiter#3377)."""
+    args = _tuned_case(gen)
+    seen = []
+
+    class Spy(FakeFusedMoe):
+        def __call__(self, *a, **kw):
+            seen.append((a[4], kw.get("expert_mask")))
+            return super().__call__(*a, **kw)
+
+    for mode in ("weighted", "raw"):
+        out = _aiter(Spy(), mask_sentinel=sentinel)(*args, mode=mode)
+        ref = ReferenceExperts()(*args, mode=mode)
+        assert rel_err(out.out, ref.out) < 2e-2
+    for ids, mask in seen:
+        assert ids.shape[1] in (args[1].shape[1] + 1, 2)
+        assert not bool(mask[ids[:, -1].long()].any()), "the appended slot is masked"
+    with pytest.raises(ContractError, match="aiter#3377"):
+        _aiter(cls=_NoMaskedSlot, mask_sentinel=sentinel)(*args, mode="weighted")
+
+
+def test_weights_shuffled_once_per_version(gen):
+    """Defect 6: tuned kernels read pre-shuffled weights; the layer's stay unshuffled."""
+    x, ids, w, w13, w2, emap = _tuned_case(gen)
+    calls = []
+
+    def shuffle(t, layout):
+        calls.append(tuple(t.shape))
+        return fake_shuffle_weight(t, layout)
+
+    aiter = AiterExperts(fused_moe=FakeFusedMoe(), shuffle_weight=shuffle)
+    for _ in range(2):
+        out = aiter(x, ids, w, w13, w2, emap, mode="weighted")
+    assert calls == [tuple(w13.shape), tuple(w2.shape)], "cached per tensor"
+    w13.mul_(0.5)  # an in-place update (a checkpoint load) bumps the version
+    out = aiter(x, ids, w, w13, w2, emap, mode="weighted")
+    assert len(calls) == 3
+    ref = ReferenceExperts()(x, ids, w, w13, w2, emap, mode="weighted")
+    assert rel_err(out.out, ref.out) < 2e-2
+    assert not getattr(w13, "is_shuffled", False)
+    with pytest.raises(ContractError, match="not shuffled"):
+        _aiter(shuffle=False)(x, ids, w, w13, w2, emap, mode="weighted")
+
+
+@pytest.mark.parametrize("mode", ["weighted", "raw"])
+def test_no_rows_no_call(mode, gen):
+    """Defect 7: a rank that received nothing must not call fused_moe with M = 0."""
+    x, ids, w, w13, w2, emap = _tuned_case(gen, R=0)
+    fake = FakeFusedMoe()
+    out = _aiter(fake)(x, ids, w, w13, w2, emap, mode=mode)
+    assert fake.calls == 0
+    assert out.out.shape == ((0, 64) if mode == "weighted" else (0, 4, 64))
+    with pytest.raises(ContractError, match="M = 0"):
+        fake(x, w13, w2, w, ids, expert_mask=_aiter().mask_for(emap, x.device))
+
+
+def test_forward_padded_reads_no_count_on_the_host(gen):
+    """Defect 8: AITER's num_local_tokens keeps MORI's row count on the device."""
+    x, ids, w, w13, w2, emap = _tuned_case(gen, R=40)
+    stale = ids.clone()
+    stale[25:] = torch.tensor([0, 1, 2, 3], dtype=torch.int32)  # rows past the count: stale
+    n = torch.tensor([25], dtype=torch.int32).as_subclass(DeviceTensor)
+    out = _aiter().forward_padded(x, stale, w, w13, w2, emap, num_rows=n)
+    ref = ReferenceExperts()(x[:25], ids[:25], w[:25], w13, w2, emap, mode="weighted").out
+    assert rel_err(out[:25], ref) < 2e-2
+    assert not out[25:].any(), "rows past the count are not computed"
+    with pytest.raises(ContractError, match="host read"):
+        int(n[0])
+    assert int(device_value(n)[0]) == 25
+    with pytest.raises(ValueError, match="mask_sentinel=True"):
+        _aiter(mask_sentinel=False).forward_padded(x, ids, w, w13, w2, emap, num_rows=n)
 
 
 @pytest.mark.gpu
