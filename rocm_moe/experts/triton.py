@@ -43,6 +43,19 @@ TRITON_DTYPES = (torch.bfloat16, torch.float16)
 
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), "triton_configs.json")
 _DEFAULT_KERNEL = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+# AMD (MI300, gfx942, wave64) fallback by BLOCK_M, chosen from the gfx942 code objects that
+# rocm_moe/_compile.py builds (Triton 3.9; notes/experts-mi300.md), UNTUNED ON HARDWARE: LDS is
+# not the limit there (8-16 KiB per program, any stage count), registers are. 2 stages (the
+# depth AMD's stream pipeliner is built for; 1-3 compile to the same code here); 64 x 64 tiles
+# keep 7 / 3 / 4 waves per SIMD (gate/up) and 8 / 4 / 6 (down) without spills; at BLOCK_M 64,
+# 128-column tiles over 8 waves keep the same waves per SIMD with half the programs re-reading
+# each block's gathered rows.
+_AMD_KERNEL = {m: dict(BLOCK_N=128 if m == 64 else 64, BLOCK_K=64, num_warps=8 if m == 64 else 4,
+                       num_stages=2) for m in (16, 32, 64)}
+
+
+def _is_amd(device_name: str) -> bool:
+    return device_name.startswith(("AMD", "gfx")) or "Instinct" in device_name
 
 
 def _bucket(mean_slots: float) -> str:
@@ -68,13 +81,14 @@ def block_config(num_slots: int, num_local: int, *, hidden: int = 0, inter: int 
     BLOCK_N, BLOCK_K, num_warps, num_stages; BLOCK_M is the layout's block, shared): from the
     tuned table (device, H x I, mean slots per local expert bucket) when it has the entry
     (``bench/tune_experts.py`` writes it), else a heuristic: BLOCK_M by the mean slots per
-    local expert, fixed tiles."""
+    local expert, fixed tiles (AMD devices: their own, ``_AMD_KERNEL``)."""
     mean = num_slots / max(num_local, 1)
     entry = _table().get(device_name, {}).get(f"{hidden}x{inter}", {}).get(_bucket(mean))
     if entry:
         return {k: dict(v) if isinstance(v, dict) else v for k, v in entry.items()}
     block_m = 16 if mean <= 16 else 32 if mean <= 64 else 64
-    return dict(BLOCK_M=block_m, gate_up=dict(_DEFAULT_KERNEL), down=dict(_DEFAULT_KERNEL))
+    kernel = _AMD_KERNEL[block_m] if _is_amd(device_name) else _DEFAULT_KERNEL
+    return dict(BLOCK_M=block_m, gate_up=dict(kernel), down=dict(kernel))
 
 
 def _launch_args(block_m: int, kcfg: dict) -> dict:

@@ -1,0 +1,281 @@
+"""Ahead-of-time compile of the package's Triton kernels for a GPU that is not here.
+
+The PyPI triton wheel carries the AMD and NVIDIA backends with their own LLVM, so on a CPU
+``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("hip", "gfx942", 64))``
+builds the MI300 code object and ``GPUTarget("cuda", 90, 32)`` the H100 one. This module lists
+every kernel with the launch configurations it would really get on a target (the tuned table
+of the target's device, else the heuristic of ``experts.triton.block_config``), compiles each
+distinct one once, and reports shared memory (LDS), registers, spills and, on gfx942, the
+waves per SIMD they allow. ``tests/test_compile_targets.py`` asserts they compile and fit.
+
+Adding a kernel is one line of ``KERNELS``: its import path, the types of its pointer
+arguments (other runtime arguments are i32) and its launch configurations.
+
+Worked example (the test asserts it): ``occupancy(vgprs=108, lds=24576, num_warps=4)`` on
+gfx942 is 2 waves per SIMD: 512 // 112 = 4 by registers, 65536 // 24576 = 2 workgroups of
+4 waves over 4 SIMDs by LDS.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+TARGETS = {  # name -> (backend, arch, warp size, device name of the tuned table, shared bytes,
+    #                  whether the experts load through tensor descriptors there)
+    "gfx942": ("hip", "gfx942", 64, "AMD Instinct MI300X", 64 * 1024, False),
+    "sm_90": ("cuda", 90, 32, "NVIDIA H100 80GB HBM3", 227 * 1024, True),
+}
+# (H, I, K, E local) of the models the package serves, for the heuristic configs:
+# Qwen3-30B-A3B and DeepSeek-V3 on EP8, Mixtral-8x7B on EP2.
+MODEL_SHAPES = ((2048, 768, 8, 16), (7168, 2048, 8, 32), (4096, 14336, 2, 4))
+# Mean slots per local expert: decode, mid and prefill (one per heuristic BLOCK_M branch).
+MEAN_SLOTS = (1.0, 32.0, 256.0)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One compile: constexprs plus num_warps / num_stages; ``origin`` says who chose it."""
+
+    constexprs: tuple[tuple[str, object], ...]
+    num_warps: int = 4
+    num_stages: int = 1
+    origin: str = "fixed"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    path: str  # "module:function"
+    pointers: dict  # pointer argument -> "*bf16", "*i32", ... or f(constexprs) -> type
+    launches: Callable[[str], list[Launch]]  # target name -> its launch configurations
+    scalars: dict[str, str] = field(default_factory=dict)  # non-i32 scalar arguments
+
+    @property
+    def name(self) -> str:
+        return self.path.split(":")[1]
+
+
+def fixed(num_warps: int = 4, **constexprs) -> Callable[[str], list[Launch]]:
+    """The same launch on every target (kernels whose launcher hard-codes it)."""
+    return lambda target: [Launch(tuple(sorted(constexprs.items())), num_warps)]
+
+
+def _expert_configs(target: str) -> list[tuple[dict, int, int, str]]:
+    """(block_config, H, I, origin) the experts would use on ``target``: every tuned entry of
+    its device, plus the heuristic fallback at MODEL_SHAPES x MEAN_SLOTS."""
+    from rocm_moe.experts.triton import _table, block_config
+
+    device = TARGETS[target][3]
+    out = []
+    for hxi, buckets in _table().get(device, {}).items():
+        H, I = map(int, hxi.split("x"))
+        out += [(cfg, H, I, f"table {hxi} bucket {b}") for b, cfg in buckets.items()]
+    for H, I, _, e in MODEL_SHAPES:
+        for mean in MEAN_SLOTS:
+            cfg = block_config(int(mean * e), e, hidden=0, inter=0, device_name=device)
+            out.append((cfg, H, I, f"heuristic {H}x{I} mean {mean:g}"))
+    return out
+
+
+def _gate_up(target: str) -> list[Launch]:
+    return [Launch((("BLOCK_K", c["gate_up"]["BLOCK_K"]), ("BLOCK_M", c["BLOCK_M"]),
+                    ("BLOCK_N", c["gate_up"]["BLOCK_N"]), ("DESC", TARGETS[target][5]),
+                    ("EVEN_K", H % c["gate_up"]["BLOCK_K"] == 0)),
+                   c["gate_up"].get("num_warps", 4), c["gate_up"].get("num_stages", 3), origin)
+            for c, H, _, origin in _expert_configs(target)]
+
+
+def _down(target: str) -> list[Launch]:
+    return [Launch((("BLOCK_K", c["down"]["BLOCK_K"]), ("BLOCK_M", c["BLOCK_M"]),
+                    ("BLOCK_N", c["down"]["BLOCK_N"]), ("DESC", TARGETS[target][5]),
+                    ("EVEN_K", I % c["down"]["BLOCK_K"] == 0), ("WEIGHTED", weighted)),
+                   c["down"].get("num_warps", 4), c["down"].get("num_stages", 3), origin)
+            for c, _, I, origin in _expert_configs(target) for weighted in (True, False)]
+
+
+def _slot_sum(target: str) -> list[Launch]:
+    return [Launch((("BLOCK_H", 1024), ("K_TOPK", K)), 4, 1, f"K={K}")
+            for K in sorted({k for _, _, k, _ in MODEL_SHAPES})]
+
+
+def _layout_launches(target: str) -> dict[str, list[Launch]]:
+    """The constexprs ``layout._block_layout_triton`` picks (kept in step with it by hand) for
+    the local expert counts of MODEL_SHAPES at MEAN_SLOTS slots per expert, and a 64Ki-slot
+    prefill: one fused launch when the slots fit one chunk, else count, scan and place."""
+    out: dict[str, list[Launch]] = {"count": [], "scan": [], "place": []}
+    for *_, e in MODEL_SHAPES:
+        for N in sorted({int(m * e) for m in MEAN_SLOTS} | {65536}):
+            e_pow2 = 1 << e.bit_length()  # next power of two of e + 1
+            chunk = 64 if N > 64 else max(16, 1 << (N - 1).bit_length())
+            n_chunks = -(-N // chunk)
+            sub = max(8, min(64, 8192 // e_pow2))
+            why = f"e={e} slots={N}"
+            # BLOCK (the experts' BLOCK_M) only scales integer arithmetic: one value compiles
+            # the code every BLOCK_M gets.
+            c = dict(BLOCK=16, CHUNK=chunk, E_POW2=e_pow2, FUSED=n_chunks == 1, SUB=sub)
+            out["place"].append(Launch(tuple(sorted(c.items())), 4, 1, why))
+            if n_chunks == 1:
+                continue
+            out["count"].append(Launch((("CHUNK", chunk), ("E_POW2", e_pow2)), 4, 1, why))
+            cols = min(4096, 1 << (n_chunks - 1).bit_length())
+            lanes = min(e_pow2, 4096 // cols)
+            out["scan"].append(Launch((("COLS", cols), ("LANES", lanes)), 4, 1, why))
+    return out
+
+
+def _layout(name: str) -> Callable[[str], list[Launch]]:
+    return lambda target: _layout_launches(target)[name]
+
+
+def _desc(rows: str, cols: str):
+    """A bf16 operand that is a tensor descriptor of [rows, cols] tiles when DESC (the TMA path
+    ``experts.triton.tma_supported`` picks on Hopper), else a pointer."""
+    return lambda c: f"tensordesc<bf16[{c[rows]}, {c[cols]}]>" if c["DESC"] else "*bf16"
+
+_EXPERT_PTRS = dict(x_ptr="*bf16", w13=_desc("BLOCK_N", "BLOCK_K"), inter_ptr="*bf16",
+                    inter=_desc("BLOCK_M", "BLOCK_K"), w2=_desc("BLOCK_N", "BLOCK_K"),
+                    out_ptr="*bf16", sorted_ptr="*i32", block_expert_ptr="*i32",
+                    weight_ptr="*fp32")
+_LAYOUT_PTRS = dict(ids_ptr="*i32", map_ptr="*i32", local_ptr="*i64", rank_ptr="*i32",
+                    counts_ptr="*i32", sorted_ptr="*i32", totals_ptr="*i32", before_ptr="*i32",
+                    block_expert_ptr="*i32", tpe_ptr="*i32", offsets_ptr="*i32",
+                    padded_ptr="*i32")
+
+# Every Triton kernel of the package: one line each.
+KERNELS = [
+    Kernel("rocm_moe.experts._triton_kernels:_gate_up_kernel", _EXPERT_PTRS, _gate_up),
+    Kernel("rocm_moe.experts._triton_kernels:_down_kernel", _EXPERT_PTRS, _down),
+    Kernel("rocm_moe.experts._triton_kernels:_slot_sum_kernel",
+           dict(slots_ptr="*bf16", local_ptr="*i64", out_ptr="*bf16"), _slot_sum),
+    Kernel("rocm_moe._layout_triton:count_kernel", _LAYOUT_PTRS, _layout("count")),
+    Kernel("rocm_moe._layout_triton:scan_kernel", _LAYOUT_PTRS, _layout("scan")),
+    Kernel("rocm_moe._layout_triton:place_kernel", _LAYOUT_PTRS, _layout("place")),
+    Kernel("rocm_moe.comm._rows_triton:pack_rows_kernel",
+           dict(x_ptr="*i32", meta_ptr="*i32", csum_ptr="*i64", pos_ptr="*i64",
+                send_ptr="*i32"), fixed(BLOCK=512)),
+    Kernel("rocm_moe.comm._rows_triton:gather_sum_kernel",
+           dict(back_ptr="*bf16", pos_ptr="*i64", out_ptr="*bf16"), fixed(BLOCK=1024)),
+]
+
+
+@dataclass(frozen=True)
+class Compiled:
+    kernel: str
+    target: str
+    launch: Launch
+    shared: int  # bytes of shared memory / LDS per program
+    vgprs: int | None = None  # gfx942: arch VGPRs + AGPRs; sm_90: registers per thread
+    sgprs: int | None = None
+    vgpr_spills: int | None = None
+    sgpr_spills: int | None = None
+    scratch: int | None = None  # bytes of private (spill) memory per lane
+    mfma: int | None = None  # MFMA instructions in the code object (gfx942)
+    waves_per_simd: int | None = None
+
+    def row(self) -> str:
+        c = " ".join(f"{k}={v}" for k, v in self.launch.constexprs)
+        w = f"w{self.launch.num_warps} s{self.launch.num_stages}"
+        regs = (f"vgpr={self.vgprs} sgpr={self.sgprs} spill={self.vgpr_spills}/"
+                f"{self.sgpr_spills} scratch={self.scratch} mfma={self.mfma} "
+                f"waves/SIMD={self.waves_per_simd}") if self.target == "gfx942" else \
+            f"regs={self.vgprs} local={self.vgpr_spills}"
+        return (f"{self.target:7} {self.kernel:18} {c} {w}: lds={self.shared} {regs} "
+                f"[{self.launch.origin}]")
+
+
+def occupancy(*, vgprs: int, lds: int, num_warps: int) -> int:
+    """Waves per SIMD on gfx942 (CDNA3: 4 SIMDs per CU, 512 VGPRs per lane, granule 8, at most
+    8 waves; 64 KiB LDS per CU shared by its workgroups of ``num_warps`` waves)."""
+    by_regs = 512 // max(8, -(-vgprs // 8) * 8)
+    by_lds = (65536 // lds) * num_warps // 4 if lds else 8
+    return max(0, min(8, by_regs, by_lds))
+
+
+def _amdgcn_stat(asm: str, key: str) -> int | None:
+    m = re.search(rf"\.{key}:\s+(\d+)", asm)
+    return int(m.group(1)) if m else None
+
+
+def signature(fn, kernel: Kernel, constexprs: dict) -> dict[str, str]:
+    def kind(a):
+        t = kernel.pointers.get(a) or kernel.scalars.get(a, "i32")
+        return t(constexprs) if callable(t) else t
+
+    return {a: "constexpr" if a in constexprs else kind(a) for a in fn.arg_names}
+
+
+
+def _cubin_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    """(registers per thread, local memory bytes) from the wheel's cuobjdump."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton.backends.nvidia as nv
+
+    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=False).stdout
+    reg, local = re.search(r"REG:(\d+)", out), re.search(r"LOCAL:(\d+)", out)
+    return (int(reg.group(1)) if reg else None), (int(local.group(1)) if local else None)
+
+
+def compile_one(kernel: Kernel, target: str, launch: Launch) -> Compiled:
+    """Compile ``kernel`` for ``target`` with ``launch``; raises what Triton raises."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, name = kernel.path.split(":")
+    fn = getattr(importlib.import_module(module), name)
+    constexprs = dict(launch.constexprs)
+    backend, arch, warp = TARGETS[target][:3]
+    src = ASTSource(fn, signature(fn, kernel, constexprs), constexprs)
+    options = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
+    ck = triton.compile(src, target=GPUTarget(backend, arch, warp), options=options)
+    md = ck.metadata
+    if backend == "cuda":  # registers and local (spill) bytes from the cubin
+        regs, local = _cubin_usage(ck.asm["cubin"])
+        return Compiled(name, target, launch, md.shared, vgprs=regs, vgpr_spills=local)
+    asm = ck.asm["amdgcn"]
+    v = (_amdgcn_stat(asm, "vgpr_count") or 0) + (_amdgcn_stat(asm, "agpr_count") or 0)
+    return Compiled(name, target, launch, md.shared, vgprs=v,
+                    sgprs=_amdgcn_stat(asm, "sgpr_count"),
+                    vgpr_spills=_amdgcn_stat(asm, "vgpr_spill_count"),
+                    sgpr_spills=_amdgcn_stat(asm, "sgpr_spill_count"),
+                    scratch=_amdgcn_stat(asm, "private_segment_fixed_size"),
+                    mfma=len(re.findall(r"\bv_mfma\w*", asm)),
+                    waves_per_simd=occupancy(vgprs=v, lds=md.shared, num_warps=launch.num_warps))
+
+
+def distinct_launches(target: str) -> list[tuple[Kernel, Launch, list[str]]]:
+    """Each kernel's distinct launches on ``target`` (constexprs, warps, stages), with every
+    origin that chose it."""
+    out = []
+    for kernel in KERNELS:
+        seen: dict[tuple, list[str]] = {}
+        first: dict[tuple, Launch] = {}
+        for launch in kernel.launches(target):
+            key = (launch.constexprs, launch.num_warps, launch.num_stages)
+            seen.setdefault(key, []).append(launch.origin)
+            first.setdefault(key, launch)
+        out += [(kernel, first[k], seen[k]) for k in seen]
+    return out
+
+
+def main() -> None:  # python -m rocm_moe._compile [target ...]
+    import sys
+
+    for target in sys.argv[1:] or list(TARGETS):
+        for kernel, launch, origins in distinct_launches(target):
+            print(compile_one(kernel, target, launch).row(), f"({len(origins)} uses)")
+
+
+if __name__ == "__main__":
+    main()
