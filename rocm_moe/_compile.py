@@ -269,10 +269,18 @@ def distinct_launches(target: str) -> list[tuple[Kernel, Launch, list[str]]]:
     return out
 
 
-def main() -> None:  # python -m rocm_moe._compile [target ...]
-    import sys
+def main() -> None:
+    """python -m rocm_moe._compile [target ...] [--device NAME]: the report; ``--device``
+    compiles another device's tuned table for the targets (e.g. H100's for gfx942)."""
+    import argparse
 
-    for target in sys.argv[1:] or list(TARGETS):
+    ap = argparse.ArgumentParser(prog="python -m rocm_moe._compile")
+    ap.add_argument("targets", nargs="*", default=list(TARGETS))
+    ap.add_argument("--device", help="tuned-table device name to compile instead")
+    args = ap.parse_args()
+    for target in args.targets:
+        if args.device:
+            TARGETS[target] = (*TARGETS[target][:3], args.device, *TARGETS[target][4:])
         for kernel, launch, origins in distinct_launches(target):
             print(compile_one(kernel, target, launch).row(), f"({len(origins)} uses)")
 
