@@ -167,7 +167,7 @@ class Compiled:
     shared: int  # bytes of shared memory / LDS per program
     vgprs: int | None = None  # gfx942: arch VGPRs + AGPRs; sm_90: registers per thread
     sgprs: int | None = None
-    vgpr_spills: int | None = None
+    vgpr_spills: int | None = None  # gfx942: VGPRs spilled; sm_90: local memory bytes
     sgpr_spills: int | None = None
     scratch: int | None = None  # bytes of private (spill) memory per lane
     mfma: int | None = None  # MFMA instructions in the code object (gfx942)

@@ -133,7 +133,7 @@ def mori_config(
     if kernel_type not in KERNEL_TYPES:
         raise _bad("kernel_type", repr(kernel_type), f"must be one of {KERNEL_TYPES} or 'auto'",
                    "pick IntraNode within a node, InterNodeV1 / InterNodeV1LL across nodes")
-    if kernel_type in ("IntraNode",) and W != gpn:
+    if kernel_type == "IntraNode" and W != gpn:
         raise _bad("kernel_type", "'IntraNode'", f"reaches peers over XGMI within a node; "
                    f"this group spans {W // gpn} nodes", "use kernel_type='auto'")
     launch = LAUNCH.get(kernel_type, {})

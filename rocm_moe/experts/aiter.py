@@ -36,6 +36,8 @@ whole receive buffer with the row count on the device (``num_local_tokens``), no
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from rocm_moe._checks import error_message
@@ -75,7 +77,7 @@ class AiterExperts(Experts):
         self._shuffle_weight = shuffle_weight
         self.shuffle = shuffle
         self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._shuffled: dict[tuple[int, int], torch.Tensor] = {}
+        self._shuffled: dict[int, tuple] = {}  # id -> (weakref, version, shuffled copy)
 
     def supports(self, *, mode, dtype, device) -> str | None:
         if self._fused_moe is None and (reason := aiter_availability()) is not None:
@@ -110,15 +112,15 @@ class AiterExperts(Experts):
         """``w`` in the layout AITER's tuned kernels read, cached per tensor and version."""
         if not self.shuffle or getattr(w, "is_shuffled", False) or not shuffleable(w):
             return w
-        key = (id(w), w._version)
-        if key not in self._shuffled:
+        ref, version, out = self._shuffled.get(id(w), (None, -1, None))
+        if ref is None or ref() is not w or version != w._version:  # new tensor or new values
             if self._shuffle_weight is None:
                 from aiter.ops.shuffle import shuffle_weight
 
                 self._shuffle_weight = shuffle_weight
-            self._shuffled = {k: v for k, v in self._shuffled.items() if k[0] != id(w)}
-            self._shuffled[key] = self._shuffle_weight(w, layout=(16, 16))
-        return self._shuffled[key]
+            out = self._shuffle_weight(w, layout=(16, 16))
+            self._shuffled[id(w)] = (weakref.ref(w), w._version, out)
+        return out
 
     def _global_ids(self, ids_RK: torch.Tensor, num_experts: int) -> torch.Tensor:
         if self.mask_sentinel:  # empty slots point at the sentinel expert E (mask 0)
