@@ -22,7 +22,9 @@ Set-up rules of MORI that the adapter checks or follows before MORI runs:
   call (in MORI's default MANUAL mode rdma_block_num stays 0 and no block sends across nodes:
   the completion barrier never fires, internode_v1.cpp ~159, 277, 644);
 - AsyncLL is split-phase: ``dispatch_recv()`` follows ``dispatch()`` and ``combine_recv()``
-  follows ``combine()`` (DC ~1331, 1731) before anything is read;
+  follows ``combine()`` (DC ~1331, 1731) before anything is read. The adapter calls them back
+  to back, so AsyncLL gives no overlap here (and without ``MORI_ENABLE_SDMA=1`` MORI moves the
+  data with compute units and warns that it is slow); IntraNode is the one to use in a node;
 - shmem is initialised once per process (a second init is skipped silently, src/shmem/
   init.cpp ~671): a second, different EP group in one process is refused. The unique id is
   broadcast from the group's first rank (MORI's torch helper uses global rank 0, shmem/api.py

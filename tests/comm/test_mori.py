@@ -125,6 +125,17 @@ def test_heap_sized_by_dtype_and_refused_with_the_size_to_set(monkeypatch):
     assert check_heap(process, _cfg()) == bf16
 
 
+@pytest.mark.parametrize(("text", "size"), [("6G", 6 << 30), ("512MiB", 512 << 20),
+                                             ("1gb", 1 << 30), ("1048576", 1 << 20)])
+def test_heap_size_read_as_mori_reads_it(text, size, monkeypatch):
+    from rocm_moe.comm.mori import heap_limit
+    from tests.fakes import _heap_size
+
+    monkeypatch.delenv("MORI_SHMEM_MODE", raising=False)
+    monkeypatch.setenv("MORI_SHMEM_HEAP_SIZE", text)
+    assert heap_limit() == _heap_size() == size
+
+
 # ---- multi-rank, through the fakes --------------------------------------------------------------
 def _mori(info, cls=MoriDispatcher, dtype=torch.float32, mori=None, **kw):
     """A dispatcher on a fresh fake ``mori`` module (one per simulated process)."""
@@ -430,6 +441,18 @@ def _check_fake_lifecycle(info, seed):
     back, _ = op.combine(op._outputs()[0], None, i1.int(), routing=routing)
     U1 = torch.tensor([p.owner(r[r >= 0]).unique().numel() for r in i1]).float()
     out["routing_replay"] = torch.equal(back[:9], x1 * U1[:, None])
+    wrong = torch.full_like(i1, -1).int()  # right row count, wrong values: expert 0 only
+    wrong[:, 0] = 0
+    sums = {}
+    for kt, extra in (("IntraNode", {}), ("InterNodeV1", dict(gpu_per_node=1, block_num=96,
+                                                              rdma_block_num=64))):
+        o = fake_mori_op({**cfg, "kernel_type": kt, **extra})
+        res = o.dispatch(x1, w1, None, i1.int())
+        sums[kt] = o.combine(res[0], None, wrong)[0][:9].clone()
+    right = x1 * U1[:, None]
+    out["intranode_ignores_combine_id_values"] = torch.equal(sums["IntraNode"], right)
+    out["internode_v1_reads_them"] = bool((U1 == 1).all()) or \
+        not torch.equal(sums["InterNodeV1"].nan_to_num(), right)
     a = fake_mori_op({**cfg, "kernel_type": "AsyncLL"})
     res = a.dispatch(x1, w1, None, i1.int())
     out["async_ll_nothing_before_recv"] = int(res[4][0]) == 0
