@@ -47,7 +47,7 @@ from rocm_moe.placement import ExpertMap
 from rocm_moe.weighting import ExpertsOutput
 
 AITER_DTYPES = (torch.bfloat16, torch.float16)
-SHUFFLE_TILE = (16, 32)  # rows x columns of shuffle_weight's (16, 16) layout in 2-byte types
+SHUFFLE_TILE = (16, 32)  # rows x columns that shuffle_weight's (16, 16) layout needs
 
 
 def aiter_availability() -> str | None:
