@@ -41,7 +41,7 @@ class Launch:
     constexprs: tuple[tuple[str, object], ...]
     num_warps: int = 4
     num_stages: int = 1
-    origin: str = "fixed"
+    origin: str = "grid"
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,6 @@ class Kernel:
     @property
     def name(self) -> str:
         return self.path.split(":")[1]
-
-
-def fixed(num_warps: int = 4, **constexprs) -> Callable[[str], list[Launch]]:
-    """The same launch on every target (kernels whose launcher hard-codes it)."""
-    return lambda target: [Launch(tuple(sorted(constexprs.items())), num_warps)]
 
 
 def _expert_configs(target: str) -> list[tuple[dict, int, int, str]]:
@@ -142,6 +137,28 @@ _LAYOUT_PTRS = dict(ids_ptr="*i32", map_ptr="*i32", local_ptr="*i64", rank_ptr="
                     block_expert_ptr="*i32", tpe_ptr="*i32", offsets_ptr="*i32",
                     padded_ptr="*i32")
 
+def grid(**constexprs) -> Callable[[str], list[Launch]]:
+    """Every combination of the given constexpr values (a tuple: several), the same on every
+    target; ``num_warps=`` sets the warps."""
+    from itertools import product
+
+    def launches(target: str) -> list[Launch]:
+        values = {k: v if isinstance(v, tuple) else (v,) for k, v in constexprs.items()}
+        warps = values.pop("num_warps", (4,))[0]
+        return [Launch(tuple(sorted(zip(values, combo, strict=True))), warps, 1, "grid")
+                for combo in product(*values.values())]
+    return launches
+
+
+# comm/symm.py's launches: its spin bound (DEFAULT_SPIN) and blocks, K_POW2 for the top-k of
+# MODEL_SHAPES, W_POW2 for 2, 4 and 8 ranks, CHUNK for 1, 64 and 4096 tokens.
+_SPIN = 1 << 22  # comm/symm.py DEFAULT_SPIN
+_K_POW2 = tuple(sorted({1 << (k - 1).bit_length() for _, _, k, _ in MODEL_SHAPES}))
+_SYMM_PTRS = dict(ptrs_ptr="*i64", status_ptr="*i32", ids_ptr="*i32", dest1_ptr="*i32",
+                  pos_ptr="*i64", x_ptr="*i32", w_ptr="*fp32", counts_ptr="*i32",
+                  recv_ptr="*i32", nvalid_ptr="*i32", meta_ptr="*i32", y_ptr="*bf16",
+                  sel_ptr="*i32")
+
 # Every Triton kernel of the package: one line each.
 KERNELS = [
     Kernel("rocm_moe.experts._triton_kernels:_gate_up_kernel", _EXPERT_PTRS, _gate_up),
@@ -153,9 +170,21 @@ KERNELS = [
     Kernel("rocm_moe._layout_triton:place_kernel", _LAYOUT_PTRS, _layout("place")),
     Kernel("rocm_moe.comm._rows_triton:pack_rows_kernel",
            dict(x_ptr="*i32", meta_ptr="*i32", csum_ptr="*i64", pos_ptr="*i64",
-                send_ptr="*i32"), fixed(BLOCK=512)),
+                send_ptr="*i32"), grid(BLOCK=512)),
     Kernel("rocm_moe.comm._rows_triton:gather_sum_kernel",
-           dict(back_ptr="*bf16", pos_ptr="*i64", out_ptr="*bf16"), fixed(BLOCK=1024)),
+           dict(back_ptr="*bf16", pos_ptr="*i64", out_ptr="*bf16"), grid(BLOCK=1024)),
+    Kernel("rocm_moe._weighting_triton:weighted_slot_sum_kernel",
+           dict(raw_ptr="*bf16", w_ptr="*fp32", local_ptr="*i8", out_ptr="*bf16"),
+           grid(K_TOPK=tuple(sorted({k for _, _, k, _ in MODEL_SHAPES})), BLOCK_H=1024)),
+    Kernel("rocm_moe.comm._symm_triton:barrier_kernel", _SYMM_PTRS,
+           grid(SPIN=_SPIN, num_warps=1)),
+    Kernel("rocm_moe.comm._symm_triton:route_counts_kernel", _SYMM_PTRS,
+           grid(K_POW2=_K_POW2, W_POW2=(2, 4, 8), CHUNK=(16, 64, 256), SPIN=_SPIN)),
+    Kernel("rocm_moe.comm._symm_triton:pack_put_kernel", _SYMM_PTRS, grid(BLOCK=1024)),
+    Kernel("rocm_moe.comm._symm_triton:barrier_scrub_kernel", _SYMM_PTRS,
+           grid(SPIN=_SPIN, K_POW2=_K_POW2, W_POW2=(2, 4, 8), BLOCK_R=64)),
+    Kernel("rocm_moe.comm._symm_triton:push_back_kernel", _SYMM_PTRS,
+           grid(USE_SEL=(True, False), BLOCK_R=4, BLOCK_H=1024)),
 ]
 
 

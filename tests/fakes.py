@@ -37,6 +37,15 @@ class DeviceTensor(torch.Tensor):
 
     __int__ = __index__ = __bool__ = __float__ = item = tolist = numpy = _host_read
 
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """Views of the count stay guarded (``total[0]``); results computed from it on the
+        device (a comparison, a where) are plain tensors."""
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        keep = func in (torch.Tensor.__getitem__, torch.Tensor.view, torch.Tensor.reshape)
+        return out if keep or not isinstance(out, DeviceTensor) else out.as_subclass(
+            torch.Tensor)
+
 
 def device_value(t: torch.Tensor) -> torch.Tensor:
     """What a kernel sees: the plain tensor behind a DeviceTensor."""

@@ -40,8 +40,12 @@ Set-up rules of MORI that the adapter checks or follows before MORI runs:
 
 Received rows come back in MORI's order (not sorted by source), as views of MORI's buffers that
 stay valid until this batch's combine; the combined output is copied out of MORI's buffer.
-``dispatch`` reads the received row count on the host once; ``dispatch_padded`` does not (the
-whole receive buffer and the count on the device, for AITER's ``num_local_tokens``).
+By default dispatch reads the received row count R on the host once. ``capacity_sized=True``
+reads nothing on the host (graph-capturable with ``validate=False``): the result is MORI's whole
+receive buffer [W * cap, H] with ``num_valid`` = MORI's device counter, and the ids of rows past
+it set to -1 on the device (the package's contract for capacity-sized results, as the symm
+backend has it: every experts backend skips empty slots). ``forward_padded`` also hands the
+count to AITER as ``num_local_tokens``, so AITER does not even sort the padding.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ from rocm_moe.comm.base import (
     CombineHandle,
     Dispatcher,
     DispatchResult,
-    _batch_counter,
+    check_agreement,
     join_group,
 )
 from rocm_moe.placement import Placement
@@ -277,30 +281,13 @@ class MoriCombineHandle(CombineHandle):
     pass  # MORI keeps the routing itself; the handle pins the batch and this rank's own ids
 
 
-@dataclass(frozen=True, kw_only=True, eq=False)
-class PaddedDispatch:
-    """``dispatch_padded``'s result: MORI's whole receive buffers, no host read.
-
-    x [R_max, H], topk_ids [R_max, K] int32 global, topk_weights [R_max, K] float32: rows
-    >= num_rows[0] are stale (earlier batches). num_rows [1] int32 on the device (MORI's own
-    counter: combine zeroes it, so read it before combine); local_expert_count [e] int32 on the
-    device: received slots per local expert (MORI's buffer, overwritten by the next dispatch).
-    """
-
-    x: torch.Tensor
-    topk_ids: torch.Tensor
-    topk_weights: torch.Tensor
-    num_rows: torch.Tensor
-    local_expert_count: torch.Tensor
-    handle: MoriCombineHandle
-
-
 class MoriDispatcher(Dispatcher):
     """EP dispatch/combine through a MORI op (one per layer shape; construction is collective).
 
     Args: as TorchDispatcher, plus ``max_tokens_per_rank`` (required: MORI's buffer size),
-    ``kernel_type`` and ``gpu_per_node`` (see ``mori_config``; None: from the group's hosts).
-    ``mori`` injects the module (tests use a fake that models MORI's lifecycle).
+    ``kernel_type`` and ``gpu_per_node`` (see ``mori_config``; None: from the group's hosts),
+    ``capacity_sized`` (see the module docstring). ``mori`` injects the module (tests use a fake
+    that models MORI's lifecycle).
     """
 
     name = "mori"
@@ -320,6 +307,7 @@ class MoriDispatcher(Dispatcher):
         group: dist.ProcessGroup | None = None,
         kernel_type: str = "auto",
         gpu_per_node: int | None = None,
+        capacity_sized: bool = False,
         mori=None,
     ):
         group, rank = join_group(placement, group, self.name)
@@ -333,8 +321,11 @@ class MoriDispatcher(Dispatcher):
         super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
                          hidden_size=hidden_size, top_k=top_k, dtype=dtype)
         self.group = group
+        check_agreement(self, group)  # every rank the same config, before MORI's barriers
         self.kernel_type = self.mori_config["kernel_type"]
         self.launch = LAUNCH.get(self.kernel_type, {})
+        self.capacity_sized = capacity_sized
+        self._rows: dict[torch.device, torch.Tensor] = {}
         mori = mori or _import_mori()
         self.op, nbytes = build_mori_op(self.mori_config, group, mori)
         weakref.finalize(self, _PROCESS[mori].release, nbytes)
@@ -343,44 +334,31 @@ class MoriDispatcher(Dispatcher):
     def raw_unsupported_reason(self) -> str | None:
         return RAW_REASON
 
-    def _mori_dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id, *, count=False):
+    def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
         if self._in_flight is not None:
             raise _bad("dispatch", f"batch {batch_id}", f"batch {self._in_flight} is still in "
                        "MORI: its received rows are views of MORI's buffers, which the next "
                        "dispatch overwrites", "combine it before the next dispatch")
-        out = self.op.dispatch(x_TH.contiguous(), topk_weights_TK.contiguous(), None,
-                               topk_ids_TK.contiguous(), call_local_expert_count=count,
-                               **self.launch)
+        out_x, out_w, _, out_ids, total = self.op.dispatch(
+            x_TH.contiguous(), topk_weights_TK.contiguous(), None, topk_ids_TK.contiguous(),
+            **self.launch)
         if self.kernel_type == "AsyncLL":  # dispatch() only sent; the rows arrive here
-            self.op.dispatch_recv(call_local_expert_count=count)
+            self.op.dispatch_recv()
         self._in_flight = batch_id
-        return out
-
-    def _handle(self, batch_id, x_TH, topk_weights_TK, topk_ids_TK, ids, w):
-        return MoriCombineHandle(**self.handle_fields(
+        if self.capacity_sized:  # no host read: rows past MORI's counter become empty slots
+            dev = out_ids.device
+            if dev not in self._rows:
+                self._rows[dev] = torch.arange(out_ids.shape[0], device=dev)[:, None]
+            x, w, num_valid = out_x, out_w, total
+            ids = torch.where(self._rows[dev] < total, out_ids, -1)
+        else:
+            R = int(total[0])  # one host read: the rows MORI delivered to this rank
+            x, ids, w, num_valid = out_x[:R], out_ids[:R], out_w[:R], None
+        handle = MoriCombineHandle(**self.handle_fields(
             batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
             topk_ids_TK=topk_ids_TK, recv_topk_ids=ids, recv_topk_weights=w))
-
-    def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
-        out_x, out_w, _, out_ids, total = self._mori_dispatch(x_TH, topk_weights_TK,
-                                                              topk_ids_TK, batch_id)
-        R = int(total[0])  # one host read: the rows MORI delivered to this rank
-        x, ids, w = out_x[:R], out_ids[:R], out_w[:R]
-        handle = self._handle(batch_id, x_TH, topk_weights_TK, topk_ids_TK, ids, w)
-        return DispatchResult(x=x, topk_ids=ids, topk_weights=w, handle=handle)
-
-    def dispatch_padded(self, x_TH, topk_weights_TK, topk_ids_TK, *,
-                        validate: bool = False) -> PaddedDispatch:
-        """``dispatch`` without reading the received row count on the host (graph-capturable
-        with ``validate=False``, whose checks read ids on the host). Pair it with experts that
-        take a device row count (``AiterExperts.forward_padded``) and ``combine`` as usual."""
-        ids = self.check_dispatch_inputs(x_TH, topk_weights_TK, topk_ids_TK, validate=validate)
-        batch_id = next(_batch_counter)
-        out_x, out_w, _, out_ids, total = self._mori_dispatch(x_TH, topk_weights_TK, ids,
-                                                              batch_id, count=True)
-        handle = self._handle(batch_id, x_TH, topk_weights_TK, ids, out_ids, out_w)
-        return PaddedDispatch(x=out_x, topk_ids=out_ids, topk_weights=out_w, num_rows=total,
-                              local_expert_count=self.op.local_expert_count, handle=handle)
+        return DispatchResult(x=x, topk_ids=ids, topk_weights=w, handle=handle,
+                              num_valid=num_valid)
 
     def _combine(self, y_RH, handle):
         if self._in_flight != handle.batch_id:
@@ -402,12 +380,15 @@ class MoriDispatcher(Dispatcher):
 
 def forward_padded(dispatcher: MoriDispatcher, experts, x_TH, topk_weights_TK, topk_ids_TK,
                    w13, w2) -> torch.Tensor:
-    """route -> MORI dispatch -> AITER -> MORI combine with no host read: [T, H]. ``experts``:
-    an ``AiterExperts`` (its ``forward_padded`` takes MORI's device row count as AITER's
-    ``num_local_tokens``)."""
+    """MORI dispatch -> AITER -> MORI combine with no host read: [T, H]. ``dispatcher`` built
+    with ``capacity_sized=True``; ``experts`` an ``AiterExperts`` (``forward_padded`` hands
+    MORI's device row count to AITER as ``num_local_tokens``)."""
     from rocm_moe.experts.base import ExpertsOutput
 
-    d = dispatcher.dispatch_padded(x_TH, topk_weights_TK, topk_ids_TK)
+    if not dispatcher.capacity_sized:
+        raise _bad("dispatcher.capacity_sized", False, "the dispatch must leave its row count "
+                   "on the device", "build MoriDispatcher(..., capacity_sized=True)")
+    d = dispatcher.dispatch(x_TH, topk_weights_TK, topk_ids_TK, validate=False)
     y = experts.forward_padded(d.x, d.topk_ids, d.topk_weights, w13, w2,
-                               dispatcher.expert_map_on(d.x.device), num_rows=d.num_rows)
+                               dispatcher.expert_map_on(d.x.device), num_rows=d.num_valid)
     return dispatcher.combine(ExpertsOutput(out=y, weights_applied=True), d.handle)

@@ -375,12 +375,15 @@ def _check_heap_overflow_refused_before_mori(info, seed):
 
 
 def _check_padded_path_reads_nothing_on_the_host(info, seed):
-    """Defect 8: MORI's device row count goes to AITER's num_local_tokens; no host read."""
+    """Defect 8: capacity_sized keeps MORI's row count on the device (DispatchResult.num_valid,
+    ids past it -1); forward_padded hands it to AITER as num_local_tokens. Nothing is read on
+    the host: the fake's counter raises if it is. EPMoE runs on it unchanged (validate=False)."""
     g = torch.Generator().manual_seed(3)
     e = E // info.world_size
     w13 = (torch.randn(e, 2 * I, H, generator=g) / 3).bfloat16()
     w2 = (torch.randn(e, H, I, generator=g) / 3).bfloat16()
-    strict = _mori(info, dtype=torch.bfloat16, mori=FakeMori(no_host_reads=True))
+    strict = _mori(info, dtype=torch.bfloat16, mori=FakeMori(no_host_reads=True),
+                   capacity_sized=True)
     plain = _mori(info, dtype=torch.bfloat16)
     for i, T in enumerate((17, 0 if info.rank else 5, 40)):
         x, w, ids = _batch(info.rank, T, seed + i)
@@ -390,14 +393,20 @@ def _check_padded_path_reads_nothing_on_the_host(info, seed):
         ref = plain.combine(_aiter()(d.x, d.topk_ids, d.topk_weights, w13, w2,
                                      plain.expert_map, mode="weighted"), d.handle)
         torch.testing.assert_close(y, ref, rtol=0, atol=0)
-        counts = torch.bincount(plain.expert_map.local_ids(d.topk_ids)[
-            plain.expert_map.local_ids(d.topk_ids) >= 0].flatten(), minlength=e)
-        assert torch.equal(strict.op.local_expert_count, counts.to(torch.int32))
+    x = syn.tokens(seed, info.rank, 23, H).bfloat16()
+    outs = []
+    for disp in (strict, plain):
+        layer = EPMoE(hidden_size=H, intermediate_size=I, router=RouterConfig.qwen3_moe(E, K),
+                      dispatcher=disp, experts=_aiter(), dtype=torch.bfloat16, validate=False)
+        layer.reset_parameters(seed=3)
+        outs.append(layer(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    default = _mori(info, dtype=torch.bfloat16, mori=FakeMori(no_host_reads=True))
+    xb, wb, ib = _batch(info.rank, 3, seed)
     try:
-        x, w, ids = _batch(info.rank, 3, seed)
-        strict.dispatch(x.bfloat16(), w, ids)
+        default.dispatch(xb.bfloat16(), wb, ib)
     except ContractError as exc:
-        return str(exc)  # the ordinary dispatch reads the count once: visible here
+        return str(exc)  # the default dispatch reads the count once: caught here
     raise AssertionError("host read not caught")
 
 
