@@ -164,8 +164,9 @@ class AiterExperts(Experts):
                        expert_map: ExpertMap, *, num_rows: torch.Tensor) -> torch.Tensor:
         """Weighted [R_max, H] over the first ``num_rows[0]`` rows (a [1] int32 device tensor,
         AITER's ``num_local_tokens``; later rows are not computed), with no host read: for
-        MORI's whole receive buffer (``MoriDispatcher.dispatch_padded``). Ids past the count
-        may be stale, so empty slots (-1) need ``mask_sentinel=True``."""
+        MORI's whole receive buffer (``MoriDispatcher(capacity_sized=True)``, whose rows past
+        the count have ids -1; ``rocm_moe.comm.mori.forward_padded``). Empty slots (-1) need
+        ``mask_sentinel=True``."""
         check_expert_inputs(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map,
                             mode="weighted", validate=False)
         reason = self.supports(mode="weighted", dtype=x_RH.dtype, device=x_RH.device)
