@@ -22,6 +22,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from rocm_moe.comm import symm
+
 TARGETS = {  # name -> (backend, arch, warp size, device name of the tuned table, shared bytes,
     #                  whether the experts load through tensor descriptors there)
     "gfx942": ("hip", "gfx942", 64, "AMD Instinct MI300X", 64 * 1024, False),
@@ -150,9 +152,9 @@ def grid(**constexprs) -> Callable[[str], list[Launch]]:
     return launches
 
 
-# comm/symm.py's launches: its spin bound (DEFAULT_SPIN) and blocks, K_POW2 for the top-k of
-# MODEL_SHAPES, W_POW2 for 2, 4 and 8 ranks, CHUNK for 1, 64 and 4096 tokens.
-_SPIN = 1 << 22  # comm/symm.py DEFAULT_SPIN
+# comm/symm.py's launches: its spin bound and blocks (its own constants), K_POW2 for the top-k
+# of MODEL_SHAPES, W_POW2 for 2, 4 and 8 ranks, CHUNK for 1, 64 and 4096 tokens.
+_SPIN = symm.DEFAULT_SPIN
 _K_POW2 = tuple(sorted({1 << (k - 1).bit_length() for _, _, k, _ in MODEL_SHAPES}))
 _SYMM_PTRS = dict(ptrs_ptr="*i64", status_ptr="*i32", ids_ptr="*i32", dest1_ptr="*i32",
                   pos_ptr="*i64", x_ptr="*i32", w_ptr="*fp32", counts_ptr="*i32",
@@ -180,11 +182,12 @@ KERNELS = [
            grid(SPIN=_SPIN, num_warps=1)),
     Kernel("rocm_moe.comm._symm_triton:route_counts_kernel", _SYMM_PTRS,
            grid(K_POW2=_K_POW2, W_POW2=(2, 4, 8), CHUNK=(16, 64, 256), SPIN=_SPIN)),
-    Kernel("rocm_moe.comm._symm_triton:pack_put_kernel", _SYMM_PTRS, grid(BLOCK=1024)),
+    Kernel("rocm_moe.comm._symm_triton:pack_put_kernel", _SYMM_PTRS,
+           grid(BLOCK=symm.BLOCK_WORDS)),
     Kernel("rocm_moe.comm._symm_triton:barrier_scrub_kernel", _SYMM_PTRS,
-           grid(SPIN=_SPIN, K_POW2=_K_POW2, W_POW2=(2, 4, 8), BLOCK_R=64)),
+           grid(SPIN=_SPIN, K_POW2=_K_POW2, W_POW2=(2, 4, 8), BLOCK_R=symm.SCRUB_ROWS)),
     Kernel("rocm_moe.comm._symm_triton:push_back_kernel", _SYMM_PTRS,
-           grid(USE_SEL=(True, False), BLOCK_R=4, BLOCK_H=1024)),
+           grid(USE_SEL=(True, False), BLOCK_R=symm.PUSH_ROWS, BLOCK_H=symm.BLOCK_H)),
 ]
 
 
