@@ -321,15 +321,20 @@ class MoriDispatcher(Dispatcher):
         super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
                          hidden_size=hidden_size, top_k=top_k, dtype=dtype)
         self.group = group
-        check_agreement(self, group)  # every rank the same config, before MORI's barriers
         self.kernel_type = self.mori_config["kernel_type"]
         self.launch = LAUNCH.get(self.kernel_type, {})
         self.capacity_sized = capacity_sized
+        check_agreement(self, group)  # every rank the same config, before MORI's barriers
         self._rows: dict[torch.device, torch.Tensor] = {}
         mori = mori or _import_mori()
         self.op, nbytes = build_mori_op(self.mori_config, group, mori)
         weakref.finalize(self, _PROCESS[mori].release, nbytes)
         self._in_flight: int | None = None
+
+    def config(self) -> dict:
+        return dict(super().config(), kernel_type=self.kernel_type,
+                    gpu_per_node=self.mori_config["gpu_per_node"],
+                    capacity_sized=self.capacity_sized)
 
     def raw_unsupported_reason(self) -> str | None:
         return RAW_REASON

@@ -350,6 +350,17 @@ def _check_dp_x_ep_groups_without_global_rank_0(info, seed):
     return message
 
 
+def _check_ranks_disagreeing_refused_before_mori(info, seed):
+    """Ranks with different kernel types would meet MORI's barriers with different ops."""
+    mori = FakeMori()
+    try:
+        _mori(info, mori=mori, kernel_type="AsyncLL" if info.rank == 0 else "auto")
+    except ValueError as exc:
+        assert mori.built == 0
+        return str(exc)
+    raise AssertionError("disagreeing kernel types accepted")
+
+
 def _check_heap_overflow_refused_before_mori(info, seed):
     """Defect 4: the second op would overflow the heap: refused with the size to set."""
     import os
@@ -504,6 +515,7 @@ def test_fake_messages(suite):
         assert dp_ep == "needs 4 ranks" or "once per" in dp_ep
         assert "MORI_SHMEM_HEAP_SIZE=1G" in res["heap_overflow_refused_before_mori"]["value"]
         assert "host read" in res["padded_path_reads_nothing_on_the_host"]["value"]
+        assert "kernel_type by rank" in res["ranks_disagreeing_refused_before_mori"]["value"]
 
 
 @pytest.mark.gpu
