@@ -97,9 +97,10 @@ def _slot_sum(target: str) -> list[Launch]:
 
 
 def _layout_launches(target: str) -> dict[str, list[Launch]]:
-    """The constexprs ``layout._block_layout_triton`` picks (kept in step with it by hand) for
-    the local expert counts of MODEL_SHAPES at MEAN_SLOTS slots per expert, and a 64Ki-slot
-    prefill: one fused launch when the slots fit one chunk, else count, scan and place."""
+    """The constexprs ``experts.layout._block_layout_triton`` picks (kept in step with it by
+    hand) for the local expert counts of MODEL_SHAPES at MEAN_SLOTS slots per expert, and a
+    64Ki-slot prefill: one fused launch when the slots fit one chunk, else count, scan and
+    place."""
     out: dict[str, list[Launch]] = {"count": [], "scan": [], "place": []}
     for *_, e in MODEL_SHAPES:
         for N in sorted({int(m * e) for m in MEAN_SLOTS} | {65536}):
@@ -167,9 +168,9 @@ KERNELS = [
     Kernel("rocm_moe.experts._triton_kernels:_down_kernel", _EXPERT_PTRS, _down),
     Kernel("rocm_moe.experts._triton_kernels:_slot_sum_kernel",
            dict(slots_ptr="*bf16", local_ptr="*i64", out_ptr="*bf16"), _slot_sum),
-    Kernel("rocm_moe._layout_triton:count_kernel", _LAYOUT_PTRS, _layout("count")),
-    Kernel("rocm_moe._layout_triton:scan_kernel", _LAYOUT_PTRS, _layout("scan")),
-    Kernel("rocm_moe._layout_triton:place_kernel", _LAYOUT_PTRS, _layout("place")),
+    Kernel("rocm_moe.experts._layout_triton:count_kernel", _LAYOUT_PTRS, _layout("count")),
+    Kernel("rocm_moe.experts._layout_triton:scan_kernel", _LAYOUT_PTRS, _layout("scan")),
+    Kernel("rocm_moe.experts._layout_triton:place_kernel", _LAYOUT_PTRS, _layout("place")),
     Kernel("rocm_moe.comm._rows_triton:pack_rows_kernel",
            dict(x_ptr="*i32", meta_ptr="*i32", csum_ptr="*i64", pos_ptr="*i64",
                 send_ptr="*i32"), grid(BLOCK=512)),

@@ -402,7 +402,7 @@ def _check_padded_path_reads_nothing_on_the_host(info, seed):
         y = forward_padded(strict, _aiter(), x, w, ids, w13, w2)
         d = plain.dispatch(x, w, ids)
         ref = plain.combine(_aiter()(d.x, d.topk_ids, d.topk_weights, w13, w2,
-                                     plain.expert_map, mode="weighted"), d.handle)
+                                     plain.expert_map, weight_mode="experts"), d.handle)
         torch.testing.assert_close(y, ref, rtol=0, atol=0)
     x = syn.tokens(seed, info.rank, 23, H).bfloat16()
     outs = []

@@ -17,6 +17,7 @@ from tests.fakes import (
 )
 
 H, I = 32, 16
+WEIGHT_MODE = {"weighted": "experts", "raw": "combine"}  # output form -> who weights
 TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
@@ -50,8 +51,8 @@ def test_matches_reference_both_modes(R, K, E, W, dtype, sentinel, gen):
     fake = FakeFusedMoe()
     aiter = _aiter(fake, mask_sentinel=sentinel)
     for mode in ("weighted", "raw"):
-        ref = ReferenceExperts()(x, ids, w, w13, w2, emap, mode=mode)
-        out = aiter(x, ids, w, w13, w2, emap, mode=mode)
+        ref = ReferenceExperts()(x, ids, w, w13, w2, emap, weight_mode=WEIGHT_MODE[mode])
+        out = aiter(x, ids, w, w13, w2, emap, weight_mode=WEIGHT_MODE[mode])
         assert out.weights_applied == (mode == "weighted")
         assert out.out.shape == ref.out.shape
         assert rel_err(out.out, ref.out) < TOL[dtype]
@@ -67,9 +68,9 @@ def test_empty_slots_need_the_sentinel():
     args = (torch.randn(1, H).half(), ids, torch.rand(1, 2), torch.randn(4, 2 * I, H).half(),
             torch.randn(4, H, I).half(), emap)
     with pytest.raises(ValueError, match="mask_sentinel=True"):
-        _aiter(mask_sentinel=False)(*args, mode="weighted")
-    out = _aiter()(*args, mode="weighted")
-    ref = ReferenceExperts()(*args, mode="weighted")
+        _aiter(mask_sentinel=False)(*args, weight_mode="experts")
+    out = _aiter()(*args, weight_mode="experts")
+    ref = ReferenceExperts()(*args, weight_mode="experts")
     assert rel_err(out.out, ref.out) < 5e-3
 
 
@@ -105,8 +106,8 @@ def _broken_case(cls):
     x, ids, w = _inputs(9, 2, 8, torch.float16, gen)
     w13 = (torch.randn(4, 2 * I, H, generator=gen) / H**0.5).half()
     w2 = (torch.randn(4, H, I, generator=gen) / I**0.5).half()
-    ref = ReferenceExperts()(x, ids, w, w13, w2, emap, mode="weighted").out
-    return _aiter(cls=cls)(x, ids, w, w13, w2, emap, mode="weighted").out, ref
+    ref = ReferenceExperts()(x, ids, w, w13, w2, emap, weight_mode="experts").out
+    return _aiter(cls=cls)(x, ids, w, w13, w2, emap, weight_mode="experts").out, ref
 
 
 def test_fake_catches_map_as_mask():
@@ -169,14 +170,14 @@ def test_masked_slot_appended_for_the_tuned_lookup(sentinel, gen):
             return super().__call__(*a, **kw)
 
     for mode in ("weighted", "raw"):
-        out = _aiter(Spy(), mask_sentinel=sentinel)(*args, mode=mode)
-        ref = ReferenceExperts()(*args, mode=mode)
+        out = _aiter(Spy(), mask_sentinel=sentinel)(*args, weight_mode=WEIGHT_MODE[mode])
+        ref = ReferenceExperts()(*args, weight_mode=WEIGHT_MODE[mode])
         assert rel_err(out.out, ref.out) < 2e-2
     for ids, mask in seen:
         assert ids.shape[1] in (args[1].shape[1] + 1, 2)
         assert not bool(mask[ids[:, -1].long()].any()), "the appended slot is masked"
     with pytest.raises(ContractError, match="aiter#3377"):
-        _aiter(cls=_NoMaskedSlot, mask_sentinel=sentinel)(*args, mode="weighted")
+        _aiter(cls=_NoMaskedSlot, mask_sentinel=sentinel)(*args, weight_mode="experts")
 
 
 def test_weights_shuffled_once_per_version(gen):
@@ -190,16 +191,16 @@ def test_weights_shuffled_once_per_version(gen):
 
     aiter = AiterExperts(fused_moe=FakeFusedMoe(), shuffle_weight=shuffle)
     for _ in range(2):
-        out = aiter(x, ids, w, w13, w2, emap, mode="weighted")
+        out = aiter(x, ids, w, w13, w2, emap, weight_mode="experts")
     assert calls == [tuple(w13.shape), tuple(w2.shape)], "cached per tensor"
     w13.mul_(0.5)  # an in-place update (a checkpoint load) bumps the version
-    out = aiter(x, ids, w, w13, w2, emap, mode="weighted")
+    out = aiter(x, ids, w, w13, w2, emap, weight_mode="experts")
     assert len(calls) == 3
-    ref = ReferenceExperts()(x, ids, w, w13, w2, emap, mode="weighted")
+    ref = ReferenceExperts()(x, ids, w, w13, w2, emap, weight_mode="experts")
     assert rel_err(out.out, ref.out) < 2e-2
     assert not getattr(w13, "is_shuffled", False)
     with pytest.raises(ContractError, match="not shuffled"):
-        _aiter(shuffle=False)(x, ids, w, w13, w2, emap, mode="weighted")
+        _aiter(shuffle=False)(x, ids, w, w13, w2, emap, weight_mode="experts")
 
 
 @pytest.mark.parametrize("mode", ["weighted", "raw"])
@@ -207,7 +208,7 @@ def test_no_rows_no_call(mode, gen):
     """Defect 7: a rank that received nothing must not call fused_moe with M = 0."""
     x, ids, w, w13, w2, emap = _tuned_case(gen, R=0)
     fake = FakeFusedMoe()
-    out = _aiter(fake)(x, ids, w, w13, w2, emap, mode=mode)
+    out = _aiter(fake)(x, ids, w, w13, w2, emap, weight_mode=WEIGHT_MODE[mode])
     assert fake.calls == 0
     assert out.out.shape == ((0, 64) if mode == "weighted" else (0, 4, 64))
     with pytest.raises(ContractError, match="M = 0"):
@@ -221,7 +222,7 @@ def test_forward_padded_reads_no_count_on_the_host(gen):
     stale[25:] = torch.tensor([0, 1, 2, 3], dtype=torch.int32)  # rows past the count: stale
     n = torch.tensor([25], dtype=torch.int32).as_subclass(DeviceTensor)
     out = _aiter().forward_padded(x, stale, w, w13, w2, emap, num_rows=n)
-    ref = ReferenceExperts()(x[:25], ids[:25], w[:25], w13, w2, emap, mode="weighted").out
+    ref = ReferenceExperts()(x[:25], ids[:25], w[:25], w13, w2, emap, weight_mode="experts").out
     assert rel_err(out[:25], ref) < 2e-2
     assert not out[25:].any(), "rows past the count are not computed"
     with pytest.raises(ContractError, match="host read"):
@@ -246,6 +247,6 @@ def test_real_aiter_matches_reference():
     x = torch.randn(511, 256, generator=gen).bfloat16()
     args = [t.to(dev) for t in (x, ids, w, w13, w2)] + [emap.to(dev)]
     for mode in ("weighted", "raw"):
-        ref = ReferenceExperts()(*args, mode=mode).out
-        out = AiterExperts()(*args, mode=mode).out
+        ref = ReferenceExperts()(*args, weight_mode=WEIGHT_MODE[mode]).out
+        out = AiterExperts()(*args, weight_mode=WEIGHT_MODE[mode]).out
         assert rel_err(out, ref) < 2e-2
