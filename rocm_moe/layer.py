@@ -267,10 +267,21 @@ class EPMoE(nn.Module):
 
         ``forced_expert_ids`` [T, K] / [B, S, K] replays a routing (see ``routing.route``).
         """
-        x_TH = self._flatten(hidden_states)
-        with _stage(trace, "route", x_TH.device):
-            routing = self.route_tokens(hidden_states, forced_expert_ids=forced_expert_ids)
+        with self._refusals_shared():
+            x_TH = self._flatten(hidden_states)
+            with _stage(trace, "route", x_TH.device):
+                routing = self.route_tokens(hidden_states, forced_expert_ids=forced_expert_ids)
         return self._run(hidden_states, x_TH, routing, return_raw, trace)
+
+    @contextlib.contextmanager
+    def _refusals_shared(self):
+        """A refusal before dispatch (a bad input, a NaN) reaches every rank of the group through
+        the dispatcher, so the other ranks raise too instead of waiting in dispatch."""
+        try:
+            yield
+        except (ValueError, TypeError):
+            self.dispatcher.share_refusal()
+            raise
 
     def forward_routed(
         self,
@@ -283,7 +294,8 @@ class EPMoE(nn.Module):
     ) -> torch.Tensor | MoEOutput:
         """Skip the router: the caller's [T, K] float32 weights and [T, K] global ids (a
         framework's own router, or a sanity test). Validated like dispatch inputs."""
-        x_TH = self._flatten(hidden_states)
+        with self._refusals_shared():
+            x_TH = self._flatten(hidden_states)
         return self._run(hidden_states, x_TH,
                          RoutingResult(topk_weights=topk_weights, topk_ids=topk_ids),
                          return_raw, trace)
