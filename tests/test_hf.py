@@ -292,3 +292,17 @@ def test_malformed_index_config_and_single_file(checkpoints, tmp_path):
     path.write_bytes(path.read_bytes()[:100])  # truncated
     with pytest.raises(ValueError, match=r"model.safetensors: is not a readable safetensors"):
         hf.Checkpoint(single)
+
+
+def test_run_reports_the_failing_ranks_checkpoint_error(checkpoints, tmp_path, capsys):
+    """Rank 1's experts are damaged; rank 0's peers then fail in a collective. The user sees
+    rank 1's own error with its Fix:, in one line, not a peer's gloo traceback."""
+    ck = _copy(checkpoints, tmp_path)
+    _replace_tensor(ck, EXPERT5, torch.full((32, 16), float("nan")))  # expert 5: rank 1 of 2
+    rc = main(["run", "--checkpoint", str(ck), "--layer", "0", "--tokens", "5", "--iters", "1",
+               "--world-size", "2", "--dtype", "float32"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2, err
+    assert err.startswith("rocm-moe run: error: rank 1: "), err
+    assert f"{EXPERT5}.values=contains nan" in err, err
+    assert "Fix: the checkpoint does not match" in err, err

@@ -19,9 +19,10 @@ import torch
 from rich.table import Table
 
 from rocm_moe import backends, synthetic
+from rocm_moe._checks import error_message
 from rocm_moe._console import Steps, console, progress
 from rocm_moe.cli import ranks
-from rocm_moe.cli.spec import LayerSpec, add_layer_args, layer_spec
+from rocm_moe.cli.spec import LayerSpec, add_layer_args, check_positive, layer_spec
 from rocm_moe.distributed import WorkerInfo
 from rocm_moe.experts.reference import dense_moe_reference
 from rocm_moe.layer import Trace
@@ -92,6 +93,11 @@ def _rank(info: WorkerInfo, job: RunJob) -> dict:
 
 
 def command(args: argparse.Namespace) -> int:
+    check_positive(tokens=args.tokens, iters=args.iters,
+                   shared_intermediate=args.shared_intermediate)
+    if args.layer < 0:
+        raise ValueError(error_message("--layer", args.layer, "must be >= 0",
+                                       "pass the checkpoint's MoE layer index"))
     W = ranks.world_size(args.world_size)
     spec = layer_spec(args, W, weight_mode=args.weight_mode,
                       shared_intermediate_size=args.shared_intermediate,
