@@ -307,6 +307,10 @@ class EPMoE(nn.Module):
             raise ValueError(error_message(
                 "hidden_states.shape", list(hidden_states.shape),
                 f"must be [T, H] or [B, S, H] with H={H}", "pass the MoE block's input"))
+        if hidden_states.is_meta:
+            raise ValueError(error_message(
+                "hidden_states.device", hidden_states.device, "holds no data (a meta tensor)",
+                "materialise it on the layer's device"))
         if hidden_states.dtype != self.w13.dtype:
             raise TypeError(error_message(
                 "hidden_states.dtype", hidden_states.dtype,

@@ -265,9 +265,11 @@ def test_run_with_shared_experts(capsys, tmp_path):
         (["--world-size", "3", "--num-experts", "8"],
          "--num-experts=8: must be divisible by the world size 3"),
         (["--device", "nope"], "--device=nope: is not a torch device"),
+        (["--json", "/nonexistent-dir/out.json"], "--json=/nonexistent-dir/out.json: must be a "
+         "file in an existing, writable directory"),
     ],
     ids=["world_size_0", "tokens_negative", "iters_0", "hidden_0", "topk_gt_E",
-         "W_not_dividing_E", "device_name"],
+         "W_not_dividing_E", "device_name", "json_unwritable"],
 )
 def test_run_arguments_refused_before_any_rank_starts(capsys, monkeypatch, argv, match):
     from rocm_moe.cli import ranks

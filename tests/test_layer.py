@@ -143,9 +143,11 @@ def test_backend_that_breaks_the_weighting_contract_is_caught():
                                     torch.tensor([[0, 1]] * 4)), ValueError, ">= 0"),
         (lambda m: m.load_experts(torch.randn(5, 2 * I, H), torch.randn(5, H, I)), ValueError,
          r"E=8 \(global\) or e=8"),
+        (lambda m: m(torch.randn(4, H, device="meta")), ValueError,
+         r"hidden_states.device=meta: holds no data"),
     ],
     ids=["H", "dtype", "4d", "dup_forced", "range_forced", "weights_dtype", "neg_weights",
-         "load_shape"],
+         "load_shape", "meta"],
 )
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.table import Table
@@ -98,6 +100,8 @@ def command(args: argparse.Namespace) -> int:
     if args.layer < 0:
         raise ValueError(error_message("--layer", args.layer, "must be >= 0",
                                        "pass the checkpoint's MoE layer index"))
+    if args.json:
+        _check_writable("--json", args.json)
     W = ranks.world_size(args.world_size)
     spec = layer_spec(args, W, weight_mode=args.weight_mode,
                       shared_intermediate_size=args.shared_intermediate,
@@ -134,6 +138,15 @@ def command(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(args, spec, results, W * args.tokens / slowest, ok)
     return 0 if ok else 1
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """An output file can be written, checked before the run rather than after it."""
+    target = Path(path)
+    folder = target.resolve().parent
+    if target.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(error_message(flag, path, "must be a file in an existing, writable "
+                                       "directory", "pass another path"))
 
 
 def _write_json(args: argparse.Namespace, spec: LayerSpec, results: list[dict],
