@@ -155,6 +155,17 @@ def check_weights(field: str, w: torch.Tensor) -> None:
         )
 
 
+def check_finite(field: str, t: torch.Tensor, fix: str) -> None:
+    """No NaN or infinity in ``t`` (a value check: skipped under CUDA graph capture)."""
+    if t.numel() == 0 or not value_checks_allowed(t):
+        return
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = t[~finite][0].item()
+        where = [int(i) for i in (~finite).nonzero()[0]]
+        raise ValueError(error_message(field, f"contains {bad} at {where}", "must be finite", fix))
+
+
 def check_same_device(fields: dict[str, torch.Tensor]) -> None:
     devices = {name: t.device for name, t in fields.items()}
     if len(set(devices.values())) > 1:

@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from rocm_moe._checks import error_message
+from rocm_moe.comm.base import PeerRefusal
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,31 @@ def _entry(rank, world_size, port, backend, timeout_s, threads, out_dir, worker,
         try:
             result = {"result": worker(info, *args)}
         except (ValueError, TypeError) as exc:  # a user error: hand it to the parent as is
-            result = {"error": type(exc).__name__, "message": str(exc)}
+            result = {"error": type(exc).__name__, "message": str(exc),
+                      "peer": isinstance(exc, PeerRefusal)}
+        except Exception as exc:  # the parent prefers another rank's user error, if any
+            Path(out_dir, f"{rank}.json").write_text(json.dumps(
+                {"crash": f"{type(exc).__name__}: {exc}"}))
+            raise
         Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
+
+
+def _first_user_error(out_dir: str, world_size: int) -> Exception | None:
+    """The lowest rank's own user error (not a PeerRefusal, which only echoes one), as a
+    ValueError / TypeError naming the rank; None if no rank had one."""
+    errors = []
+    for r in range(world_size):
+        path = Path(out_dir, f"{r}.json")
+        res = json.loads(path.read_text()) if path.exists() else {}
+        if "error" in res:
+            errors.append((res.get("peer", False), r, res))
+    if not errors:
+        return None
+    _, r, res = min(errors, key=lambda e: e[:2])
+    kind = {"ValueError": ValueError, "TypeError": TypeError}[res["error"]]
+    return kind(f"rank {r}: {res['message']}")
 
 
 def launch(
@@ -94,8 +117,9 @@ def launch(
     """Run ``worker(info, *args)`` on ``world_size`` spawned ranks; their results in rank order.
 
     ``worker`` must be a module-level function (it is pickled into the children). A worker's
-    ValueError / TypeError (a user error) is raised here as the same error; any other exception
-    makes this raise with the worker's traceback.
+    ValueError / TypeError (a user error) is raised here as the same error, prefixed with its
+    rank: the lowest rank's own error, even where other ranks then failed in a collective or
+    raised ``PeerRefusal``; any other exception makes this raise with the worker's traceback.
     """
     if world_size < 1:
         raise ValueError(error_message("world_size", world_size, "must be >= 1",
@@ -104,12 +128,19 @@ def launch(
     if threads_per_rank is None and backend == "gloo":
         threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_entry, args=(world_size, _free_port(), backend, timeout_s,
-                                         threads_per_rank, out_dir, worker, args),
-                           nprocs=world_size, start_method="spawn", join=True)
-        results = [json.loads(Path(out_dir, f"{r}.json").read_text())
-                   for r in range(world_size)]
-    for res in results:
-        if "error" in res:
-            raise {"ValueError": ValueError, "TypeError": TypeError}[res["error"]](res["message"])
-    return [res["result"] for res in results]
+        try:
+            mp.start_processes(_entry, args=(world_size, _free_port(), backend, timeout_s,
+                                             threads_per_rank, out_dir, worker, args),
+                               nprocs=world_size, start_method="spawn", join=True)
+        except ProcessException as exc:
+            # A rank that failed on a user error left the others to fail in a collective:
+            # report the first rank's real error, not a peer's "Connection closed by peer".
+            user_error = _first_user_error(out_dir, world_size)
+            if user_error is not None:
+                raise user_error from exc
+            raise
+        user_error = _first_user_error(out_dir, world_size)
+        if user_error is not None:
+            raise user_error
+        return [json.loads(Path(out_dir, f"{r}.json").read_text())["result"]
+                for r in range(world_size)]

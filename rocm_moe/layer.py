@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rocm_moe import faults, synthetic
-from rocm_moe._checks import FLOAT_DTYPES, check_tensor, error_message
+from rocm_moe._checks import FLOAT_DTYPES, check_finite, check_tensor, error_message
 from rocm_moe.comm.base import Dispatcher
 from rocm_moe.comm.local import LocalDispatcher
 from rocm_moe.experts.base import Experts, output_form, swiglu_expert
@@ -99,6 +99,19 @@ class SharedExperts(nn.Module):
         return y
 
 
+def _check_sizes(**sizes: int | None) -> None:
+    """Every size is an int >= 1 (``None`` passes: an optional part left out)."""
+    for field, value in sizes.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(error_message(field, repr(value), "must be an int",
+                                          f"pass {field} as an int"))
+        if value < 1:
+            raise ValueError(error_message(field, value, "must be >= 1",
+                                           "take it from the model config"))
+
+
 class EPMoE(nn.Module):
     """Expert-parallel MoE block: route -> dispatch -> experts -> combine (+ shared experts).
 
@@ -112,7 +125,9 @@ class EPMoE(nn.Module):
         weight_mode: "experts" or "combine" (see the module docstring).
         shared_intermediate_size: I of the shared experts (all of them fused), or None.
         shared_expert_gate: sigmoid gate on the shared output (Qwen2-MoE).
-        validate: run the value checks (id ranges, weights), which read tensors on the host.
+        validate: run the value checks (finite hidden states, router logits and bias, id
+            ranges, weights), which read tensors on the host; skipped under CUDA graph capture.
+            ``validate=False`` is the hot path: no host read, and a NaN then propagates.
     """
 
     def __init__(
@@ -132,6 +147,11 @@ class EPMoE(nn.Module):
     ):
         super().__init__()
         resolve_weight_mode(weight_mode)  # validates it
+        _check_sizes(hidden_size=hidden_size, intermediate_size=intermediate_size,
+                     shared_intermediate_size=shared_intermediate_size or None)
+        if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
+            raise TypeError(error_message("dtype", dtype, f"must be one of {FLOAT_DTYPES}",
+                                          "pass torch.bfloat16, torch.float16 or torch.float32"))
         if not isinstance(router, RouterConfig):
             raise TypeError(error_message("router", type(router).__name__,
                                           "must be a RouterConfig", "use RouterConfig.qwen3_moe()"))
@@ -221,16 +241,19 @@ class EPMoE(nn.Module):
                 raise ValueError(error_message(
                     f"{name}.shape[0]", src.shape[0], f"must be E={E} (global) or e={e} (local)",
                     "pass all experts or this rank's experts in local order"))
+            check_finite(name, src, "load the experts' weights again")
             dst.copy_(src)
 
     def route_tokens(
         self, hidden_states: torch.Tensor, *, forced_expert_ids: torch.Tensor | None = None
     ) -> RoutingResult:
-        """[T, H] or [B, S, H] tokens -> their [T, K] routing (``forced_expert_ids`` [T, K]
-        replays a routing, see ``routing.route``)."""
-        return route(self.router_logits(hidden_states.reshape(-1, self.hidden_size)),
-                     self.router, e_score_correction_bias=self.e_score_correction_bias,
-                     forced_expert_ids=forced_expert_ids)
+        """[T, H] or [B, S, H] tokens -> their [T, K] routing (``forced_expert_ids`` [T, K],
+        or [B, S, K] for [B, S, H] tokens, replays a routing, see ``routing.route``)."""
+        logits_TE = self.router_logits(hidden_states.reshape(-1, self.hidden_size))
+        lead = hidden_states.shape[:-1]  # [B, S, E] logits take [B, S, K] (or [T, K]) replays
+        return route(logits_TE.reshape(*lead, self.router.num_experts), self.router,
+                     e_score_correction_bias=self.e_score_correction_bias,
+                     forced_expert_ids=forced_expert_ids, validate=self.validate)
 
     def forward(
         self,
@@ -244,10 +267,21 @@ class EPMoE(nn.Module):
 
         ``forced_expert_ids`` [T, K] / [B, S, K] replays a routing (see ``routing.route``).
         """
-        x_TH = self._flatten(hidden_states)
-        with _stage(trace, "route", x_TH.device):
-            routing = self.route_tokens(hidden_states, forced_expert_ids=forced_expert_ids)
+        with self._refusals_shared():
+            x_TH = self._flatten(hidden_states)
+            with _stage(trace, "route", x_TH.device):
+                routing = self.route_tokens(hidden_states, forced_expert_ids=forced_expert_ids)
         return self._run(hidden_states, x_TH, routing, return_raw, trace)
+
+    @contextlib.contextmanager
+    def _refusals_shared(self):
+        """A refusal before dispatch (a bad input, a NaN) reaches every rank of the group through
+        the dispatcher, so the other ranks raise too instead of waiting in dispatch."""
+        try:
+            yield
+        except (ValueError, TypeError):
+            self.dispatcher.share_refusal()
+            raise
 
     def forward_routed(
         self,
@@ -260,7 +294,8 @@ class EPMoE(nn.Module):
     ) -> torch.Tensor | MoEOutput:
         """Skip the router: the caller's [T, K] float32 weights and [T, K] global ids (a
         framework's own router, or a sanity test). Validated like dispatch inputs."""
-        x_TH = self._flatten(hidden_states)
+        with self._refusals_shared():
+            x_TH = self._flatten(hidden_states)
         return self._run(hidden_states, x_TH,
                          RoutingResult(topk_weights=topk_weights, topk_ids=topk_ids),
                          return_raw, trace)
@@ -272,11 +307,18 @@ class EPMoE(nn.Module):
             raise ValueError(error_message(
                 "hidden_states.shape", list(hidden_states.shape),
                 f"must be [T, H] or [B, S, H] with H={H}", "pass the MoE block's input"))
+        if hidden_states.is_meta:
+            raise ValueError(error_message(
+                "hidden_states.device", hidden_states.device, "holds no data (a meta tensor)",
+                "materialise it on the layer's device"))
         if hidden_states.dtype != self.w13.dtype:
             raise TypeError(error_message(
                 "hidden_states.dtype", hidden_states.dtype,
                 f"must equal the layer's dtype {self.w13.dtype}",
                 f"cast the input or the layer (layer.to({hidden_states.dtype}))"))
+        if self.validate:  # before the router, so a NaN token is not blamed on the router
+            check_finite("hidden_states", hidden_states,
+                         "find the earlier layer that produced it (validate=False skips this)")
         return hidden_states.reshape(-1, H)
 
     def _refuse_unsupported(self, weight_mode: WeightMode, return_raw: bool, x_TH) -> None:

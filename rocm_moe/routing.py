@@ -24,6 +24,7 @@ scaling factor.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,6 +32,7 @@ import torch
 
 from rocm_moe._checks import (
     FLOAT_DTYPES,
+    check_finite,
     check_id_range,
     check_integer,
     check_tensor,
@@ -58,6 +60,15 @@ class RouterConfig:
         def bad(field: str, value: object, rule: str, fix: str) -> ValueError:
             return ValueError(error_message(f"RouterConfig.{field}", value, rule, fix))
 
+        for field in ("num_experts", "top_k", "n_group", "topk_group"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(error_message(
+                    f"RouterConfig.{field}", repr(value), "must be an int",
+                    f"pass an int, e.g. {field}=int(config.{field})"))
+        if not isinstance(self.norm_topk_prob, bool):
+            raise TypeError(error_message("RouterConfig.norm_topk_prob", repr(self.norm_topk_prob),
+                                          "must be a bool", "pass True or False"))
         if self.num_experts < 1:
             raise bad("num_experts", self.num_experts, "must be >= 1", "pass the expert count")
         if not 1 <= self.top_k <= self.num_experts:
@@ -65,6 +76,11 @@ class RouterConfig:
                 "top_k", self.top_k, f"must lie in [1, num_experts={self.num_experts}]",
                 "pass num_experts_per_tok from the model config",
             )
+        f = self.routed_scaling_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) \
+                or f <= 0:
+            raise bad("routed_scaling_factor", f, "must be a finite number > 0",
+                      "use the model config's routed_scaling_factor (1.0 when it has none)")
         if self.scoring not in ("softmax", "sigmoid"):
             raise bad("scoring", self.scoring, "must be 'softmax' or 'sigmoid'", "pick one")
         if self.n_group < 1 or self.num_experts % self.n_group:
@@ -168,10 +184,12 @@ def _check_forced(forced: object, logits_TE: torch.Tensor, lead: tuple, config: 
     check_integer("forced_expert_ids", forced)
     forced = forced.to(logits_TE.device)
     want = (*lead, config.top_k)
-    if tuple(forced.shape) != want:
+    flat = (math.prod(lead), config.top_k)  # [T, K] replays [B, S, E] logits too
+    if tuple(forced.shape) not in (want, flat):
         raise ValueError(error_message(
             "forced_expert_ids.shape", list(forced.shape),
-            f"must be {list(want)} (the logits' leading dims, then top_k={config.top_k})",
+            f"must be {list(want)} (the logits' leading dims, then top_k={config.top_k})"
+            + (f" or {list(flat)}" if flat != want else ""),
             "pass one row of K expert ids per token",
         ))
     forced_TK = forced.reshape(-1, config.top_k)
@@ -187,6 +205,7 @@ def route(
     e_score_correction_bias: torch.Tensor | None = None,
     forced_expert_ids: torch.Tensor | None = None,
     forced_weights: Literal["derived", "raw"] = "derived",
+    validate: bool = True,
 ) -> RoutingResult:
     """Route every token independently.
 
@@ -198,6 +217,8 @@ def route(
         forced_expert_ids: router replay; [T, K] or [B, S, K], any integer dtype, any device.
         forced_weights: "derived" (default) normalises and scales the gathered scores exactly as
             the unforced path; "raw" returns the gathered scores unchanged.
+        validate: refuse NaN / infinite logits or bias (one host read each; skipped under CUDA
+            graph capture). ``False`` on the hot path: a NaN logit then gives NaN weights.
 
     Returns:
         RoutingResult with [T, K] float32 weights and [T, K] int32 global ids, T = B * S for
@@ -228,6 +249,12 @@ def route(
         check_tensor("e_score_correction_bias", e_score_correction_bias,
                      shape=(config.num_experts,), dtypes=FLOAT_DTYPES)
         e_score_correction_bias = e_score_correction_bias.to(router_logits.device)
+        if validate:  # a NaN bias sends every token to its expert with finite outputs
+            check_finite("e_score_correction_bias", e_score_correction_bias,
+                         "load the router's bias from the checkpoint again")
+    if validate:
+        check_finite("router_logits", router_logits, "check the gate weights and, if the "
+                     "logits come from your model, its hidden states")
 
     logits_TE = router_logits.reshape(-1, config.num_experts)
     scores_TE = _scores(logits_TE, config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from rocm_moe import EPMoE, Experts, ExpertsOutput, RouterConfig
 from rocm_moe.cli import main
@@ -251,3 +252,40 @@ def test_run_with_shared_experts(capsys, tmp_path):
     data = json.loads(path.read_text())
     assert "shared" in data["ranks"][0]["stage_ms"]
     assert data["config"]["shared_intermediate"] == 24
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--world-size", "0"], "--world-size=0: must be >= 1"),
+        (["--tokens", "-5"], "--tokens=-5: must be >= 1"),
+        (["--iters", "0"], "--iters=0: must be >= 1"),
+        (["--hidden", "0"], "--hidden=0: must be >= 1"),
+        (["--top-k", "9", "--num-experts", "8"], "--top-k=9: must be <= --num-experts=8"),
+        (["--world-size", "3", "--num-experts", "8"],
+         "--num-experts=8: must be divisible by the world size 3"),
+        (["--device", "nope"], "--device=nope: is not a torch device"),
+        (["--json", "/nonexistent-dir/out.json"], "--json=/nonexistent-dir/out.json: must be a "
+         "file in an existing, writable directory"),
+    ],
+    ids=["world_size_0", "tokens_negative", "iters_0", "hidden_0", "topk_gt_E",
+         "W_not_dividing_E", "device_name", "json_unwritable"],
+)
+def test_run_arguments_refused_before_any_rank_starts(capsys, monkeypatch, argv, match):
+    from rocm_moe.cli import ranks
+
+    def no_ranks(*a, **k):
+        raise AssertionError("a rank was started")
+
+    monkeypatch.setattr(ranks, "launch", no_ranks)
+    assert main(["run", *SMALL, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert match in err, err
+    assert "Fix:" in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU machine")
+def test_run_on_cuda_without_a_gpu_is_a_usage_error(capsys):
+    assert main(["run", *SMALL, "--world-size", "1", "--device", "cuda"]) == 2
+    assert "--device=cuda: this machine has no GPU" in capsys.readouterr().err

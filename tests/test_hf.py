@@ -198,3 +198,111 @@ def test_register_keeps_the_backend_in_transformers_registry():
     assert ALL_EXPERTS_FUNCTIONS["rocm_moe"].experts is backend
     hf.register()  # no backend given: the registered one stays
     assert ALL_EXPERTS_FUNCTIONS["rocm_moe"].experts is backend
+
+
+# ---- checkpoint trust model: confined to its directory, every tensor checked ---------------
+EXPERT5 = "model.layers.0.mlp.experts.5.down_proj.weight"  # qwen3_moe, layer 0, rank 0 of 1
+
+
+def _copy(checkpoints, tmp_path, kind: int = 0):
+    dst = tmp_path / "ck"
+    shutil.copytree(checkpoints["qwen3_moe"][kind], dst)
+    return dst
+
+
+def _rewrite_index(directory, name, shard):
+    import json
+
+    index = directory / hf.INDEX
+    data = json.loads(index.read_text())
+    data["weight_map"][name] = shard
+    index.write_text(json.dumps(data))
+
+
+def _load(directory):
+    return hf.load_moe_layer(directory, 0, Placement.contiguous(8, 1), 0)
+
+
+def test_index_entries_outside_the_directory_are_refused(checkpoints, tmp_path):
+    import os
+
+    ck = _copy(checkpoints, tmp_path)
+    shard = ck / hf.Checkpoint(ck).weight_map[EXPERT5]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(shard, outside / "evil.safetensors")
+    for entry in ("../outside/evil.safetensors", "/etc/passwd", str(shard)):
+        _rewrite_index(ck, EXPERT5, entry)
+        with pytest.raises(ValueError, match=r"index entry.*(outside|relative file name)"):
+            _load(ck)
+    os.symlink(outside / "evil.safetensors", ck / "link.safetensors")  # a symlink out
+    _rewrite_index(ck, EXPERT5, "link.safetensors")
+    with pytest.raises(ValueError, match=r"'link.safetensors'.*outside"):
+        _load(ck)
+    os.mkfifo(ck / "fifo.safetensors")  # never opened (opening it would hang)
+    _rewrite_index(ck, EXPERT5, "fifo.safetensors")
+    with pytest.raises(ValueError, match=r"'fifo.safetensors'.*not a regular file"):
+        _load(ck)
+    os.symlink(shard.name, ck / "inside.safetensors")  # a symlink inside is fine
+    _rewrite_index(ck, EXPERT5, "inside.safetensors")
+    assert _load(ck).w2.shape == (8, 32, 16)
+    # a symlinked file outside is read where the caller names a root that holds it
+    hf.Checkpoint(ck, root=tmp_path)
+
+
+def _replace_tensor(directory, name, value):
+    from safetensors.torch import load_file, save_file
+
+    path = directory / hf.Checkpoint(directory).weight_map[name]
+    tensors = load_file(path)
+    tensors[name] = value
+    save_file(tensors, path, metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize(("value", "match"), [
+    (torch.zeros(32, 16, dtype=torch.int32), r"down_proj.weight.dtype=torch.int32: must be a "
+     "floating dtype"),
+    (torch.zeros(32, 16, dtype=torch.bool), r"dtype=torch.bool: must be a floating"),
+    (torch.zeros(32, 15), r"down_proj.weight.shape=\[32, 15\]: must be \[32, 16\]"),
+    (torch.full((32, 16), float("nan")), r"down_proj.weight.values=contains nan: .*finite"),
+], ids=["int32", "bool", "shape", "nan"])
+def test_tensors_are_checked_against_the_config(checkpoints, tmp_path, value, match):
+    ck = _copy(checkpoints, tmp_path)
+    path = _replace_tensor(ck, EXPERT5, value)
+    with pytest.raises(ValueError, match=rf"{path.name}: {EXPERT5.replace('.', '[.]')}"):
+        _load(ck)
+    with pytest.raises(ValueError, match=match):
+        _load(ck)
+
+
+def test_malformed_index_config_and_single_file(checkpoints, tmp_path):
+    ck = _copy(checkpoints, tmp_path)
+    (ck / hf.INDEX).write_text("{not json")
+    with pytest.raises(ValueError, match=rf"index=.*{hf.INDEX}: is not a valid"):
+        hf.Checkpoint(ck)
+    (ck / hf.INDEX).write_text('{"weight_map": [1, 2]}')
+    with pytest.raises(ValueError, match=r"'weight_map' must map tensor names"):
+        hf.Checkpoint(ck)
+    single = _copy(checkpoints, tmp_path / "s", kind=1)
+    (single / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"config=.*config.json: is not a valid"):
+        _load(single)
+    path = single / hf.SINGLE
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match=r"model.safetensors: is not a readable safetensors"):
+        hf.Checkpoint(single)
+
+
+def test_run_reports_the_failing_ranks_checkpoint_error(checkpoints, tmp_path, capsys):
+    """Rank 1's experts are damaged; rank 0's peers then fail in a collective. The user sees
+    rank 1's own error with its Fix:, in one line, not a peer's gloo traceback."""
+    ck = _copy(checkpoints, tmp_path)
+    _replace_tensor(ck, EXPERT5, torch.full((32, 16), float("nan")))  # expert 5: rank 1 of 2
+    rc = main(["run", "--checkpoint", str(ck), "--layer", "0", "--tokens", "5", "--iters", "1",
+               "--world-size", "2", "--dtype", "float32"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2, err
+    assert err.startswith("rocm-moe run: error: rank 1: "), err
+    assert f"{EXPERT5}.values=contains nan" in err, err
+    assert "Fix: the checkpoint does not match" in err, err

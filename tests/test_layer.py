@@ -143,9 +143,11 @@ def test_backend_that_breaks_the_weighting_contract_is_caught():
                                     torch.tensor([[0, 1]] * 4)), ValueError, ">= 0"),
         (lambda m: m.load_experts(torch.randn(5, 2 * I, H), torch.randn(5, H, I)), ValueError,
          r"E=8 \(global\) or e=8"),
+        (lambda m: m(torch.randn(4, H, device="meta")), ValueError,
+         r"hidden_states.device=meta: holds no data"),
     ],
     ids=["H", "dtype", "4d", "dup_forced", "range_forced", "weights_dtype", "neg_weights",
-         "load_shape"],
+         "load_shape", "meta"],
 )
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -208,3 +210,65 @@ def test_block_matches_transformers(family):
     x = torch.randn(2, 17, H)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), block(x), atol=1e-5, rtol=1e-4)
+
+
+def test_non_finite_values_name_the_real_field():
+    layer = _layer(ROUTERS["dsv3_E32_K4"], torch.float32)
+    x = torch.randn(4, H)
+    x[1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"^hidden_states=contains nan at \[1, 3\]"):
+        layer(x)  # the token's NaN, not a router problem
+    with pytest.raises(ValueError, match=r"^hidden_states=contains nan"):
+        layer(x.view(2, 2, H))
+    good = torch.randn(4, H)
+    with torch.no_grad():
+        layer.e_score_correction_bias[5] = float("nan")
+    with pytest.raises(ValueError, match=r"^e_score_correction_bias=contains nan at \[5\]"):
+        layer(good)
+    with torch.no_grad():
+        layer.e_score_correction_bias.zero_()
+        layer.gate.weight[3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"^router_logits=contains .*check the gate weights"):
+        layer(good)
+    layer.validate = False  # the hot path: no host reads, the NaN propagates
+    assert layer(good).shape == (4, H)
+
+
+def test_non_finite_expert_weights_refused_on_load():
+    layer = _layer(ROUTERS["mixtral_E8_K2"], torch.float32)
+    w13 = torch.randn(8, 2 * I, H)
+    w13[6, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^w13=contains nan at \[6, 1, 2\]"):
+        layer.load_experts(w13, torch.randn(8, H, I))
+
+
+def test_bsh_input_with_bsk_forced_ids():
+    layer = _layer(ROUTERS["qwen3_E16_K4"], torch.float32)
+    x = torch.randn(2, 3, H)
+    forced = torch.stack([torch.randperm(16)[:4] for _ in range(6)])
+    flat = layer(x, forced_expert_ids=forced)
+    bsk = layer(x, forced_expert_ids=forced.view(2, 3, 4))
+    assert bsk.shape == (2, 3, H)
+    torch.testing.assert_close(bsk, flat, rtol=0, atol=0)
+    y, _, _ = _oracle(layer, x, forced)
+    assert rel_err(bsk.reshape(-1, H), y) < TOL[torch.float32]
+    with pytest.raises(ValueError, match=r"forced_expert_ids.shape=\[3, 2, 4\]: must be "
+                       r"\[2, 3, 4\] .* or \[6, 4\]"):
+        layer(x, forced_expert_ids=forced.view(3, 2, 4))
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        (dict(hidden_size=-4), ValueError, r"^hidden_size=-4: must be >= 1"),
+        (dict(hidden_size="32"), TypeError, r"^hidden_size='32': must be an int"),
+        (dict(intermediate_size=0), ValueError, r"^intermediate_size=0: must be >= 1"),
+        (dict(dtype=torch.int32), TypeError, r"^dtype=torch.int32: must be one of"),
+        (dict(dtype="float32"), TypeError, r"^dtype=float32: must be one of"),
+    ],
+    ids=["H_negative", "H_str", "I_zero", "dtype_int", "dtype_str"],
+)
+def test_bad_sizes_and_dtype(kw, exc, match):
+    args = dict(hidden_size=H, intermediate_size=I, router=ROUTERS["mixtral_E8_K2"]) | kw
+    with pytest.raises(exc, match=match):
+        EPMoE(**args)

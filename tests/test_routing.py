@@ -175,3 +175,45 @@ def test_bad_config(kw, match):
 def test_bias_only_for_sigmoid():
     with pytest.raises(ValueError, match="only sigmoid routers"):
         route(torch.randn(2, 8), RouterConfig.mixtral(8, 2), e_score_correction_bias=torch.zeros(8))
+
+
+# ---- non-finite values: refused by name where validation is on ----------------------------------
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("bad", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+def test_non_finite_logits_refused(bad):
+    logits = torch.randn(4, 16)
+    logits[2, 5] = bad
+    with pytest.raises(ValueError, match=rf"router_logits=contains {bad} at \[2, 5\]: must be "
+                       "finite"):
+        route(logits, RouterConfig.qwen3_moe(16, 2))
+    w = route(logits, RouterConfig.qwen3_moe(16, 2), validate=False).topk_weights
+    assert w.shape == (4, 2)  # the hot path skips the check (and its host read)
+
+
+def test_nan_bias_refused():
+    """A NaN bias sent every token to its expert with finite outputs and no error."""
+    bias = torch.zeros(32)
+    bias[7] = NAN
+    with pytest.raises(ValueError, match=r"e_score_correction_bias=contains nan at \[7\]"):
+        route(torch.randn(4, 32), RouterConfig.deepseek_v3(32, 4, n_group=4, topk_group=2),
+              e_score_correction_bias=bias)
+
+
+@pytest.mark.parametrize("factor", [NAN, INF, -1.0, 0.0, "2.5", True],
+                         ids=["nan", "inf", "negative", "zero", "str", "bool"])
+def test_bad_routed_scaling_factor(factor):
+    with pytest.raises(ValueError, match=r"RouterConfig.routed_scaling_factor=.*finite number"):
+        RouterConfig.deepseek_v3(32, 4, n_group=4, topk_group=2, routed_scaling_factor=factor)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(num_experts=8, top_k=2.0), dict(num_experts="8", top_k=2),
+     dict(num_experts=8, top_k=True), dict(num_experts=8, top_k=2, norm_topk_prob="yes")],
+    ids=["topk_float", "E_str", "topk_bool", "norm_str"],
+)
+def test_config_types(kw):
+    with pytest.raises(TypeError, match=r"^RouterConfig\.\w+=.*: must be an? (int|bool)"):
+        RouterConfig(**kw)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rocm_moe._checks import error_message
 from rocm_moe._console import progress
 from rocm_moe.distributed import (
     WorkerInfo,
@@ -24,7 +25,10 @@ def world_size(requested: int | None) -> int:
     """torchrun's world size, else ``requested``, else one rank per GPU, else 2 on a CPU."""
     if under_torchrun():
         return int(os.environ["WORLD_SIZE"])
-    if requested:
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(error_message("--world-size", requested, "must be >= 1",
+                                           "pass the number of EP ranks, or leave it out"))
         return requested
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 

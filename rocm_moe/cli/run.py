@@ -10,18 +10,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.table import Table
 
 from rocm_moe import backends, synthetic
+from rocm_moe._checks import error_message
 from rocm_moe._console import Steps, console, progress
 from rocm_moe.cli import ranks
-from rocm_moe.cli.spec import LayerSpec, add_layer_args, layer_spec
+from rocm_moe.cli.spec import LayerSpec, add_layer_args, check_positive, layer_spec
 from rocm_moe.distributed import WorkerInfo
 from rocm_moe.experts.reference import dense_moe_reference
 from rocm_moe.layer import Trace
@@ -92,6 +95,13 @@ def _rank(info: WorkerInfo, job: RunJob) -> dict:
 
 
 def command(args: argparse.Namespace) -> int:
+    check_positive(tokens=args.tokens, iters=args.iters,
+                   shared_intermediate=args.shared_intermediate)
+    if args.layer < 0:
+        raise ValueError(error_message("--layer", args.layer, "must be >= 0",
+                                       "pass the checkpoint's MoE layer index"))
+    if args.json:
+        _check_writable("--json", args.json)
     W = ranks.world_size(args.world_size)
     spec = layer_spec(args, W, weight_mode=args.weight_mode,
                       shared_intermediate_size=args.shared_intermediate,
@@ -128,6 +138,15 @@ def command(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(args, spec, results, W * args.tokens / slowest, ok)
     return 0 if ok else 1
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """An output file can be written, checked before the run rather than after it."""
+    target = Path(path)
+    folder = target.resolve().parent
+    if target.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(error_message(flag, path, "must be a file in an existing, writable "
+                                       "directory", "pass another path"))
 
 
 def _write_json(args: argparse.Namespace, spec: LayerSpec, results: list[dict],

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from rocm_moe import backends, synthetic
+from rocm_moe._checks import error_message
 from rocm_moe.distributed import WorkerInfo
 from rocm_moe.layer import EPMoE
 from rocm_moe.placement import Placement
@@ -136,10 +137,57 @@ def add_layer_args(p: argparse.ArgumentParser, *, E: int, H: int, I: int, K: int
     p.add_argument("--seed", type=int, default=0)
 
 
+def check_positive(**options: int | None) -> None:
+    """Command-line integers that must be >= 1, given as ``option_name=value`` (``None``:
+    not given); a ValueError naming the option (``--option-name``) otherwise."""
+    for name, value in options.items():
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(error_message(flag, value, "must be >= 1", f"pass {flag} 1 or more"))
+
+
+def check_device(name: str) -> None:
+    """``--device`` names a device this machine has (auto always does)."""
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(error_message("--device", name, f"is not a torch device ({exc})",
+                                       "pass auto, cpu, cuda or cuda:N")) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(error_message("--device", name, "this machine has no GPU "
+                                       "(torch.cuda.is_available() is False)",
+                                       "pass --device cpu or auto"))
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(error_message("--device", name, f"this machine has "
+                                       f"{torch.cuda.device_count()} GPU(s)",
+                                       "pass an existing cuda:N"))
+
+
+def check_layer_args(args: argparse.Namespace, world_size: int) -> None:
+    """``add_layer_args``'s arguments, checked before any rank starts."""
+    check_positive(num_experts=args.num_experts, hidden=args.hidden,
+                   intermediate=args.intermediate, top_k=args.top_k, world_size=world_size)
+    check_device(args.device)
+    if getattr(args, "checkpoint", None):
+        return  # E, H, I, K come from the checkpoint's config (checked by its loader)
+    if args.top_k > args.num_experts:
+        raise ValueError(error_message("--top-k", args.top_k,
+                                       f"must be <= --num-experts={args.num_experts}",
+                                       "pick fewer experts per token"))
+    if args.num_experts % world_size:
+        raise ValueError(error_message(
+            "--num-experts", args.num_experts, f"must be divisible by the world size "
+            f"{world_size} (each rank owns E / W experts)",
+            "choose --world-size dividing --num-experts, or another --num-experts"))
+
+
 def layer_spec(args: argparse.Namespace, world_size: int, **fields) -> LayerSpec:
     """The LayerSpec of ``add_layer_args``'s arguments plus a command's own ``fields``, its comm
     resolved for ``world_size``; an unknown or unusable backend raises the ValueError here,
     before any rank is started."""
+    check_layer_args(args, world_size)
     spec = LayerSpec(num_experts=args.num_experts, hidden_size=args.hidden,
                      intermediate_size=args.intermediate, top_k=args.top_k, dtype=args.dtype,
                      comm=args.comm or default_comm(world_size), experts=args.experts,

@@ -48,6 +48,11 @@ from rocm_moe.weighting import (  # noqa: F401 (weight_and_reduce: its former ho
 _batch_counter = itertools.count()
 
 
+class PeerRefusal(ValueError):
+    """Raised on the ranks whose own batch was fine when another rank of the EP group refused
+    its batch: every rank stops before any payload moves (see ``Dispatcher.share_refusal``)."""
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class CombineHandle:
     """Dispatch's record for combine. Backends subclass it to add their routing state."""
@@ -229,9 +234,25 @@ class Dispatcher(ABC):
         return topk_ids_TK.to(torch.int32)
 
     def dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, *, validate: bool = True):
-        """Send each token to the owners of its experts. See the module docstring."""
-        ids = self.check_dispatch_inputs(x_TH, topk_weights_TK, topk_ids_TK, validate=validate)
+        """Send each token to the owners of its experts. See the module docstring.
+
+        A refusal (ValueError / TypeError) on one rank is a refusal on every rank where the
+        backend supports it (``share_refusal``): that rank raises its own error, the others
+        ``PeerRefusal`` naming it, and no payload moves."""
+        try:
+            ids = self.check_dispatch_inputs(x_TH, topk_weights_TK, topk_ids_TK,
+                                             validate=validate)
+        except (ValueError, TypeError):
+            self.share_refusal()
+            raise
         return self._dispatch(x_TH, topk_weights_TK, ids, next(_batch_counter))
+
+    def share_refusal(self) -> None:
+        """Collective on multi-rank backends that support it: tell every rank of the group
+        that this rank refuses the current batch, in place of the dispatch it will not run (the
+        others' dispatch then raises ``PeerRefusal``). The caller raises its own error next.
+        Nothing to tell by default (one rank, or a backend without it)."""
+        return None
 
     # ---- combine --------------------------------------------------------------------------------
     def _check_handle(self, handle: object, expert_output: object, *, raw: bool) -> None:

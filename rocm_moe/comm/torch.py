@@ -7,7 +7,10 @@ Dispatch (two collectives, one host read):
      rank, token), so every rank receives rows ordered by (source rank, source token);
   2. counts: an asynchronous ``all_to_all_single`` of [W] int64; while it travels the rows are
      packed (``rows.pack_rows``: one Triton kernel on GPUs) into a buffer of the upper-bound
-     size; then one host read of the split sizes;
+     size; then one host read of the split sizes. The counts double as an error flag: a rank
+     that refuses its batch sends -1 to every rank instead (``share_refusal``), so every rank
+     raises before any payload moves (that rank its own error, the others ``PeerRefusal``
+     naming it), and the group stays in step for the next batch;
   3. payload: one ``all_to_all_single`` of packed rows ``[x row | K int32 ids | K float32
      weights]`` as 32-bit words. The received x, ids and weights are zero-copy strided views
      into the receive buffer (``DispatchResult.x.stride(0)`` may exceed H).
@@ -15,6 +18,11 @@ Dispatch (two collectives, one host read):
 Combine (one collective): each received row's partial [R, H] goes back to its source, which sums
 each token's partials in float32 in rank order and casts once (``rows.gather_sum``: one Triton
 kernel on GPUs, no atomics), so repeats are bit-identical.
+
+Failure semantics: every collective of a dispatcher runs with a finite timeout,
+``DEFAULT_TIMEOUT`` (300 s) on the default group unless ``timeout=`` says otherwise, so a rank
+that dies or stalls makes the others raise torch.distributed's error after at most that long,
+never hang for gloo's 30-minute default.
 
 combine_raw (two collectives): only the local slots' raw rows travel back, in (row, slot) order;
 the owner places them at [t, k] of a zero [T, K, H].
@@ -28,17 +36,35 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rocm_moe._checks import error_message
 from rocm_moe.comm import rows
 from rocm_moe.comm.base import (
     CombineHandle,
     Dispatcher,
     DispatchResult,
+    PeerRefusal,
     check_agreement,
     check_row_bytes,
     join_group,
 )
 from rocm_moe.placement import Placement
 from rocm_moe.weighting import local_slots
+
+DEFAULT_TIMEOUT = datetime.timedelta(seconds=300)
+_GROUPS: dict = {}  # (default group, ranks, timeout) -> the group made for them
+
+
+def _group_with_timeout(group: dist.ProcessGroup, timeout: datetime.timedelta):
+    """A group over ``group``'s ranks whose collectives time out after ``timeout``; one per
+    (ranks, timeout), shared by every dispatcher (``dist.new_group`` is collective over the
+    default group, so every rank must construct its dispatchers in the same order)."""
+    world = dist.group.WORLD
+    key = (id(world), tuple(dist.get_process_group_ranks(group)), timeout)
+    cached = _GROUPS.get(key)
+    if cached is None or cached[0] is not world:
+        cached = (world, dist.new_group(list(key[1]), timeout=timeout))
+        _GROUPS[key] = cached
+    return cached[1]
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -57,9 +83,11 @@ class TorchDispatcher(Dispatcher):
         group: the EP process group (default: the default group). Its rank is this rank.
         hidden_size, top_k, dtype: what every batch must have (like MORI's config).
         max_tokens_per_rank: refuse larger batches before any collective (None = unbounded).
-        timeout: a collective timeout for this dispatcher: a new group with this timeout is
+        timeout: the collective timeout of this dispatcher: a group with this timeout is
             created over the same ranks (every rank of the default group must construct the
-            dispatcher then, as ``dist.new_group`` requires).
+            dispatcher then, as ``dist.new_group`` requires; dispatchers share it). Default:
+            ``DEFAULT_TIMEOUT`` (300 s) on the default group; a ``group`` passed explicitly
+            keeps its own timeout unless ``timeout`` is given.
 
     Construction is collective: all ranks exchange their configuration and fail together,
     naming the field, if they disagree.
@@ -82,15 +110,31 @@ class TorchDispatcher(Dispatcher):
         max_tokens_per_rank: int | None = None,
         timeout: datetime.timedelta | None = None,
     ):
-        group = group or (dist.group.WORLD if dist.is_initialized() else None)
+        if group is None and dist.is_initialized():
+            group, timeout = dist.group.WORLD, timeout or DEFAULT_TIMEOUT
         if timeout is not None and group is not None:
-            group = dist.new_group(dist.get_process_group_ranks(group), timeout=timeout)
+            group = _group_with_timeout(group, timeout)
         group, rank = join_group(placement, group, self.name)
         check_row_bytes(hidden_size, dtype)
         super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
                          hidden_size=hidden_size, top_k=top_k, dtype=dtype)
         self.group = group
         check_agreement(self, group)
+
+    def share_refusal(self) -> None:
+        """The counts exchange with -1 in place of every count (see the module docstring)."""
+        dev = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+        flags_W = torch.full((self.world_size,), -1, dtype=torch.int64, device=dev)
+        dist.all_to_all_single(torch.empty_like(flags_W), flags_W, group=self.group)
+
+    def _raise_if_refused(self, recv_counts: tuple[int, ...]) -> None:
+        refused = [r for r, c in enumerate(recv_counts) if c < 0]
+        if refused:
+            raise PeerRefusal(error_message(
+                "dispatch on rank", self.rank, f"rank(s) {refused} of the EP group refused "
+                "their batch, so every rank stops before any payload moves",
+                f"read rank {refused[0]}'s error: it names the bad input"))
 
     def _a2a(self, out, inp, out_splits, in_splits) -> None:
         dist.all_to_all_single(out, inp, list(out_splits), list(in_splits), group=self.group)
@@ -110,6 +154,7 @@ class TorchDispatcher(Dispatcher):
         work.wait()
         send_counts, recv_counts = (tuple(c) for c in
                                     torch.stack([send_counts_W, recv_counts_W]).tolist())
+        self._raise_if_refused(recv_counts)
         recv = send.new_empty(sum(recv_counts), send.shape[1])
         self._a2a(recv, send[:sum(send_counts)], recv_counts, send_counts)
         recv_x, recv_ids, recv_w = rows.unpack(recv, x_TH.shape[1], x_TH.dtype, K)

@@ -34,6 +34,7 @@ from rocm_moe._checks import (
     check_id_range,
     check_same_device,
     check_tensor,
+    check_unique_rows,
     check_weights,
     error_message,
 )
@@ -88,6 +89,7 @@ def check_expert_inputs(
                        "w13": w13, "w2": w2})
     if validate:
         check_id_range("topk_ids", topk_ids_RK, expert_map.num_experts, allow_minus_one=True)
+        check_unique_rows("topk_ids", topk_ids_RK)  # a repeat would drop one slot's output
         check_weights("topk_weights", topk_weights_RK)
 
 

@@ -34,7 +34,13 @@ from dataclasses import dataclass
 
 import torch
 
-from rocm_moe._checks import check_tensor, error_message
+from rocm_moe._checks import (
+    FLOAT_DTYPES,
+    check_id_range,
+    check_integer,
+    check_tensor,
+    error_message,
+)
 from rocm_moe._libs import triton_runs_on
 from rocm_moe.placement import ExpertMap, require_expert_map
 
@@ -82,19 +88,30 @@ def build_layout(
     topk_weights_RK: torch.Tensor | None = None,
     block_size: int = 1,
     tables: bool = True,
+    validate: bool = True,
 ) -> RoutingLayout:
     """Sort this rank's local slots by expert and derive every table and offset from that sort.
 
     Args:
-        topk_ids_RK: [R, K] integer global expert ids (-1 = empty slot), already validated.
+        topk_ids_RK: [R, K] integer global expert ids in [0, E), -1 = empty slot (any other
+            negative id is refused, never read as empty).
         expert_map: this rank's ExpertMap (not an AITER 0/1 mask).
-        topk_weights_RK: optional [R, K] float32 weights, to fill ``expert_weight_table``.
+        topk_weights_RK: optional [R, K] floating weights, to fill ``expert_weight_table``.
         block_size: grouped-GEMM row block; each expert's slots are padded to a multiple of it.
         tables: build the [e, R] expert -> row / slot / weight tables (False: block layout only,
             through the Triton kernels where they can run).
+        validate: check the id range (one host read; skipped under CUDA graph capture). The
+            experts backends pass False: their public call has checked the ids already.
+            Shapes and dtypes are always checked.
     """
     expert_map = require_expert_map("expert_map", expert_map)
     check_tensor("topk_ids", topk_ids_RK, shape=(None, None))
+    check_integer("topk_ids", topk_ids_RK)
+    if topk_weights_RK is not None:
+        check_tensor("topk_weights", topk_weights_RK, shape=tuple(topk_ids_RK.shape),
+                     dtypes=FLOAT_DTYPES, fix="pass one weight per slot, [R, K] like topk_ids")
+    if validate:
+        check_id_range("topk_ids", topk_ids_RK, expert_map.num_experts, allow_minus_one=True)
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(error_message("block_size", block_size, "must be an int >= 1",
                                        "use a power of two such as 16, 32 or 64"))

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,34 +42,98 @@ SINGLE = "model.safetensors"
 
 
 class Checkpoint:
-    """Read tensors of a safetensors checkpoint directory one at a time."""
+    """Read tensors of a safetensors checkpoint directory one at a time.
 
-    def __init__(self, directory: str | Path):
-        self.dir = Path(directory)
+    Trust model: the directory's files are data, never code (safetensors only), and every file
+    read (the index, config.json and each shard the index names) must resolve to a regular file
+    inside ``root`` (default: the checkpoint directory itself). An index entry such as
+    ``../x.safetensors`` or ``/etc/passwd``, a symlink pointing out of ``root``, a FIFO or a
+    device is refused with a ValueError naming the file before anything is opened. A Hugging
+    Face cache snapshot links its files to ``../../blobs``: pass the model's cache folder as
+    ``root`` for it. Every malformed index, config or shard raises a ValueError naming the file.
+    """
+
+    def __init__(self, directory: str | Path, *, root: str | Path | None = None):
+        self.dir = Path(directory).resolve()
+        self.root = Path(root).resolve() if root is not None else self.dir
+        if not self.dir.is_relative_to(self.root):
+            raise ValueError(error_message(
+                "root", str(self.root), f"must contain the checkpoint directory {self.dir}",
+                "pass the checkpoint's directory or a folder above it"))
         index = self.dir / INDEX
-        if index.exists():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        if index.exists() or index.is_symlink():
+            self.weight_map = self._read_index(index)
         elif (self.dir / SINGLE).exists():
-            from safetensors import safe_open
-
-            with safe_open(self.dir / SINGLE, "pt") as f:
-                self.weight_map = dict.fromkeys(f.keys(), SINGLE)
+            path = self.confined(SINGLE, "checkpoint file")
+            self.weight_map = dict.fromkeys(_shard_keys(path), SINGLE)
         else:
             raise ValueError(error_message(
                 "checkpoint", str(self.dir), f"holds neither {SINGLE} nor {INDEX}",
                 "point at a directory written by save_pretrained (safetensors)"))
+        for shard in sorted(set(self.weight_map.values())):
+            self.confined(shard, f"index entry (in {INDEX})", must_exist=False)
         self.bytes_read = 0
+
+    def confined(self, relative: object, what: str, *, must_exist: bool = True) -> Path:
+        """``relative`` resolved inside the checkpoint directory, refused unless it stays in
+        ``root`` and is a regular file (a missing one passes with ``must_exist=False``)."""
+        def refuse(rule: str, fix: str) -> ValueError:
+            return ValueError(error_message(what, repr(relative), rule, fix))
+
+        if not isinstance(relative, str) or not relative or Path(relative).is_absolute():
+            raise refuse("must be a relative file name inside the checkpoint directory",
+                         "the index is malformed or hostile: download the checkpoint again")
+        path = self.dir / relative
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise refuse(f"resolves to {resolved}, outside {self.root} (no file outside the "
+                         "checkpoint is ever read)",
+                         "the index or a symlink points out of the checkpoint: download it "
+                         "again (for a Hugging Face cache snapshot pass root=<its model folder>)")
+        if not resolved.exists():
+            if must_exist:
+                raise refuse("does not exist", "download the checkpoint again")
+            return resolved
+        if not stat.S_ISREG(resolved.stat().st_mode):
+            raise refuse("is not a regular file (a FIFO, device or directory is never opened)",
+                         "replace it with the real safetensors file")
+        return resolved
+
+    def _read_index(self, index: Path) -> dict[str, str]:
+        path = self.confined(INDEX, "checkpoint file")
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(error_message(
+                "index", str(path), f"is not a valid safetensors index ({type(exc).__name__}: "
+                f"{exc})", "it needs a JSON object with a 'weight_map' {tensor: shard}: "
+                "download it again")) from exc
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise ValueError(error_message(
+                "index", str(path), "its 'weight_map' must map tensor names to shard file names",
+                "download the checkpoint again"))
+        return weight_map
 
     def config(self):
         """The model's transformers config (config.json with transformers' defaults filled)."""
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.dir, local_files_only=True)
+        path = self.confined("config.json", "checkpoint file")
+        try:
+            return AutoConfig.from_pretrained(path.parent, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(error_message(
+                "config", str(path), f"is not a valid transformers config ({type(exc).__name__}:"
+                f" {str(exc).splitlines()[0] if str(exc) else ''})",
+                "fix or download config.json again")) from exc
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, shape: tuple[int | None, ...] | None = None) -> torch.Tensor:
+        """Tensor ``name``, checked to be floating, finite and (if given) of ``shape``
+        (``None``: any size in that dimension), before any caller uses it."""
         from safetensors import SafetensorError, safe_open
 
         if name not in self.weight_map:
@@ -80,6 +145,7 @@ class Checkpoint:
             raise ValueError(error_message(
                 "shard", str(path), f"is missing (it holds tensor {name})",
                 "download the checkpoint again"))
+        path = self.confined(self.weight_map[name], "shard")
         try:
             with safe_open(path, "pt") as f:
                 t = f.get_tensor(name)
@@ -87,8 +153,40 @@ class Checkpoint:
             raise ValueError(error_message(
                 "shard", str(path), f"cannot be read for tensor {name}: {exc}",
                 "the file is corrupt or truncated: download it again")) from exc
+        _check_loaded(path, name, t, shape)
         self.bytes_read += t.numel() * t.element_size()
         return t
+
+
+def _shard_keys(path: Path) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ValueError(error_message(
+            "checkpoint file", str(path), f"is not a readable safetensors file: {exc}",
+            "the file is corrupt or truncated: download it again")) from exc
+
+
+def _check_loaded(path: Path, name: str, t: torch.Tensor, shape) -> None:
+    """A loaded tensor is floating, of the expected shape and finite; else a ValueError naming
+    the file, the tensor, what was expected and what was found."""
+    def refuse(field: str, found: object, rule: str) -> ValueError:
+        return ValueError(error_message(
+            f"{path.name}: {name}.{field}", found, rule,
+            "the checkpoint does not match its config.json: download it again or fix the config"))
+
+    if not t.is_floating_point():
+        raise refuse("dtype", t.dtype, "must be a floating dtype (float32, bfloat16, ...)")
+    if shape is not None and not (t.dim() == len(shape) and all(
+            want is None or got == want for got, want in zip(t.shape, shape, strict=True))):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise refuse("shape", list(t.shape), f"must be {want} (from config.json)")
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = t[~torch.isfinite(t)][0].item()
+        raise refuse("values", f"contains {bad}", "weights must be finite")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -117,37 +215,66 @@ def _family(model_type: str) -> ModelFamily:
     return family(model_type, fix="load other models through weights_from_block")
 
 
-def _read_expert(ck: Checkpoint, names: ExpertTensors) -> tuple:
+def _read_expert(ck: Checkpoint, names: ExpertTensors, H: int, I: int | None = None) -> tuple:
     """(w13 [2I, H]: gate rows then up rows, w2 [H, I]) of the expert whose tensors are
-    ``names``."""
-    return torch.cat([ck.tensor(names.gate), ck.tensor(names.up)]), ck.tensor(names.down)
+    ``names``, each checked against the config's H and I (``I=None``: the gate's rows)."""
+    gate = ck.tensor(names.gate, (I, H))
+    I = gate.shape[0]
+    return torch.cat([gate, ck.tensor(names.up, (I, H))]), ck.tensor(names.down, (H, I))
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What config.json says a layer's tensors must be."""
+
+    router: RouterConfig
+    hidden_size: int
+    intermediate_size: int
+
+
+def _shape(ck: Checkpoint, cfg, fam: ModelFamily) -> _Shape:
+    try:
+        router = RouterConfig.from_hf_config(cfg)
+        H, I = cfg.hidden_size, fam.intermediate_size(cfg)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ValueError(error_message(
+            "config", str(ck.dir / "config.json"), f"does not describe a {fam.name} MoE model "
+            f"({exc})", "fix or download config.json again")) from exc
+    for field, value in (("hidden_size", H), (fam.intermediate_size_key, I)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(error_message(
+                f"config.json {field}", repr(value), "must be an int >= 1",
+                "fix or download config.json again"))
+    return _Shape(router=router, hidden_size=H, intermediate_size=I)
 
 
 def load_moe_layer(directory: str | Path, layer: int, placement: Placement, rank: int,
                    *, checkpoint: Checkpoint | None = None) -> MoELayerWeights:
-    """Read layer ``layer``'s MoE weights for ``rank``: its experts only."""
+    """Read layer ``layer``'s MoE weights for ``rank``: its experts only. Every tensor is
+    checked (floating, finite, shaped as config.json says) before use."""
     ck = checkpoint or Checkpoint(directory)
     cfg = ck.config()
     fam = _family(cfg.model_type)
+    shape = _shape(ck, cfg, fam)
+    E, H, I = shape.router.num_experts, shape.hidden_size, shape.intermediate_size
     gate = fam.gate_weight(layer)
     if not ck.has(gate):
         raise ValueError(error_message(
             "layer", layer, f"has no MoE block in this checkpoint ({gate})",
             "pick a sparse layer (DeepSeek-V3's first layers are dense)"))
-    router = RouterConfig.from_hf_config(cfg)
-    experts = [_read_expert(ck, fam.expert_tensors(layer, e))
+    experts = [_read_expert(ck, fam.expert_tensors(layer, e), H, I)
                for e in placement.local_experts(rank)]
     kw = {}
     if (shared := fam.shared_expert_tensors(layer)) is not None:
-        kw = dict(zip(("shared_w13", "shared_w2"), _read_expert(ck, shared), strict=True))
+        kw = dict(zip(("shared_w13", "shared_w2"), _read_expert(ck, shared, H), strict=True))
         shared_gate = fam.shared_expert_gate_weight(layer)
         if shared_gate is not None and ck.has(shared_gate):
-            kw["shared_gate"] = ck.tensor(shared_gate)
+            kw["shared_gate"] = ck.tensor(shared_gate, (1, H))
     bias = fam.router_bias_tensor(layer)
     return MoELayerWeights(
-        router=router, hidden_size=cfg.hidden_size, intermediate_size=fam.intermediate_size(cfg),
-        gate=ck.tensor(gate),
-        e_score_correction_bias=ck.tensor(bias) if bias is not None and ck.has(bias) else None,
+        router=shape.router, hidden_size=H, intermediate_size=I, gate=ck.tensor(gate, (E, H)),
+        e_score_correction_bias=ck.tensor(bias, (E,)) if bias is not None and ck.has(bias)
+        else None,
         w13=torch.stack([w13 for w13, _ in experts]), w2=torch.stack([w2 for _, w2 in experts]),
         **kw)
 
@@ -155,10 +282,13 @@ def load_moe_layer(directory: str | Path, layer: int, placement: Placement, rank
 def expert_reader(directory: str | Path, layer: int) -> Callable[[int], tuple]:
     """``g -> (w13 [2I, H], w2 [H, I])`` read from the checkpoint on demand (for checks)."""
     ck = Checkpoint(directory)
-    fam = _family(ck.config().model_type)
+    cfg = ck.config()
+    fam = _family(cfg.model_type)
+    shape = _shape(ck, cfg, fam)
 
     def read(g: int):
-        return _read_expert(ck, fam.expert_tensors(layer, g))
+        return _read_expert(ck, fam.expert_tensors(layer, g), shape.hidden_size,
+                            shape.intermediate_size)
     return read
 
 

@@ -217,6 +217,56 @@ def _check_config_mismatch(info, seed):
     raise AssertionError("mismatched hidden_size was accepted")
 
 
+def _expect_refusal(call, own: bool, own_match: str, failing: int) -> str:
+    """``call()`` must raise: this rank's own error if ``own``, else PeerRefusal naming the
+    failing rank."""
+    from rocm_moe.comm.base import PeerRefusal
+
+    caught = None
+    try:
+        call()
+    except (ValueError, TypeError) as exc:
+        caught = exc
+    if caught is None:
+        raise AssertionError("the batch was accepted")
+    msg = str(caught)
+    if own:
+        assert not isinstance(caught, PeerRefusal), msg
+        assert own_match in msg, msg
+    else:
+        assert isinstance(caught, PeerRefusal), repr(caught)
+        assert f"rank(s) [{failing}] of the EP group refused" in msg, msg
+        assert f"Fix: read rank {failing}'s error" in msg, msg
+    return f"{type(caught).__name__}: {msg}"
+
+
+def _check_refusal_on_one_rank_reaches_every_rank(info, seed):
+    """A refusal on one rank (a batch over capacity, a NaN token) is a refusal on every rank,
+    before any payload moves; the group stays in step for the next batch."""
+    if _BACKEND[0] != "torch":
+        return "the torch backend's contract"
+    W, rank, dev = info.world_size, info.rank, info.device
+    failing = W - 1
+    disp = _dispatcher(Placement.contiguous(E, W), hidden_size=H, top_k=K,
+                       dtype=torch.float32, max_tokens_per_rank=40)
+    inputs = _case_inputs("random", W, seed)
+    x, w, ids = (t.to(dev) for t in inputs[rank])
+    big = (torch.cat([x, x]), torch.cat([w, w]), torch.cat([ids, ids])) if rank == failing \
+        else (x, w, ids)
+    msgs = [_expect_refusal(lambda: disp.dispatch(*big), rank == failing,
+                            "exceeds max_tokens_per_rank=40", failing)]
+    _check_round_trip(disp, inputs, rank, dev)
+    layer = _layer("experts", torch.float32, _dispatcher(
+        Placement.contiguous(E, W), hidden_size=H, top_k=K, dtype=torch.float32), dev)
+    tokens = syn.tokens(seed, rank, 5, H).float().to(dev)
+    bad = tokens.clone()
+    bad[2, 1] = float("nan")
+    msgs.append(_expect_refusal(lambda: layer(bad if rank == failing else tokens),
+                                rank == failing, "hidden_states=contains nan", failing))
+    assert layer(tokens).shape == (5, H)  # still in step
+    return msgs
+
+
 CHECKS = collect_checks(globals(), skip=("round_trip",))
 
 

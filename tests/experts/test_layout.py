@@ -136,3 +136,22 @@ def test_max_padded_slots_is_the_worst_case(N, e):
     counts = [N - busy + 1] + [1] * (busy - 1) if busy else []
     need = sum(-(-c // bs) * bs for c in counts)
     assert need == max_padded_slots(N, e, bs)
+
+
+@pytest.mark.parametrize(
+    ("ids", "weights", "exc", "match"),
+    [
+        (torch.zeros(2, 2), None, TypeError, r"topk_ids.dtype=torch.float32: expert ids must "
+         "have an integer dtype"),
+        (torch.tensor([[0, -2]]), None, ValueError, r"topk_ids=contains -2: .*or be -1"),
+        (torch.tensor([[0, 8]]), None, ValueError, r"topk_ids=contains 8: .*\[0, 8\)"),
+        (torch.tensor([[0, 1]]), torch.rand(2, 1), ValueError, r"topk_weights.shape=\[2, 1\]: "
+         r"must be \[1, 2\]"),
+        (torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.int32), TypeError,
+         r"topk_weights.dtype"),
+    ],
+    ids=["float_ids", "minus_two", "id_ge_E", "weights_shape", "int_weights"],
+)
+def test_rejects_bad_ids_and_weights(ids, weights, exc, match):
+    with pytest.raises(exc, match=match):
+        build_layout(ids, Placement.contiguous(8, 2).expert_map(1), topk_weights_RK=weights)

@@ -72,9 +72,11 @@ def test_rows_with_no_local_slot_are_zero_and_zero_rows_ok():
         (dict(emap="mask"), TypeError, "ExpertMask is AITER"),
         (dict(mode="sum"), ValueError, "weight_mode='sum'"),
         (dict(x=torch.randn(3, H, dtype=torch.float64)), TypeError, r"w13.dtype"),
+        (dict(ids=torch.tensor([[1, 1]] * 3, dtype=torch.int32)), ValueError,
+         r"topk_ids\[0\]=\[1, 1\]: an expert may appear at most once"),
     ],
     ids=["ids_int64", "w_f64", "w13_shape", "w2_shape", "id_range", "nan", "negative", "mask",
-         "mode", "dtype_mismatch"],
+         "mode", "dtype_mismatch", "duplicate_in_row"],
 )
 def test_bad_input(change, exc, match):
     p = Placement.contiguous(8, 2)
