@@ -13,6 +13,7 @@ import argparse
 import json
 from dataclasses import dataclass
 
+from rich.markup import escape
 from rich.table import Table
 
 from rocm_moe import synthetic
@@ -96,6 +97,17 @@ def _print_stages(spec: LayerSpec, job: DiagnoseJob, results: list[dict]) -> Non
         verdict = "ok" if not bad else f"[red]DIVERGES[/red] on ranks {bad}"
         table.add_row(stage["stage"], *(f"{e:.1e}" for e in errs), verdict)
     console.print(table)
+    for stage in results[0]["stages"]:
+        if stage["note"]:
+            console.print(f"{stage['stage']}: {stage['note']}", markup=False)
+    by_part: dict[str, list[str]] = {}
+    for s in results[0]["stages"]:
+        for part in filter(None, s["shares"].split("; ")):
+            by_part.setdefault(part, []).append(s["stage"])
+    if by_part:
+        console.print("what the references still share with the checked path:")
+        for part, stages in by_part.items():
+            console.print(f"  {', '.join(stages)}: {part}", markup=False)
 
 
 def _print_verdict(results: list[dict]) -> int:
@@ -110,7 +122,8 @@ def _print_verdict(results: list[dict]) -> int:
     console.print(f"first wrong stage: [bold]{first}[/bold]")
     if found:
         d = found[0]
-        console.print(f"bug: [bold]{d['bug']}[/bold]: {d['signature']} "
+        # The signature is text, not markup: "[id0, 0, id1, 0, ...]" must print as it is.
+        console.print(f"bug: [bold]{escape(d['bug'])}[/bold]: {escape(d['signature'])} "
                       f"(prediction matches to {d['match_rel_err']:.1e})", markup=True)
         console.print(f"fix: {d['fix']}", markup=False)
     else:
