@@ -19,7 +19,7 @@ from rich.table import Table
 from rocm_moe import synthetic
 from rocm_moe._console import console, progress
 from rocm_moe.cli import ranks
-from rocm_moe.cli.spec import LayerSpec, add_layer_args, layer_spec
+from rocm_moe.cli.spec import LayerSpec, add_layer_args, add_router_args, layer_spec
 from rocm_moe.distributed import WorkerInfo
 from rocm_moe.faults import FAULTS
 
@@ -29,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "(exit 0 clean, 1 diverges, 2 usage error)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_layer_args(p, E=16, H=64, I=32, K=4)
+    add_router_args(p)
     p.add_argument("--batch", type=int, default=2, help="sequences per rank")
     p.add_argument("--seq", type=int, default=9, help="tokens per sequence")
     p.add_argument("--weight-mode", choices=["experts", "combine"], default="experts")
@@ -67,7 +68,8 @@ def _rank(info: WorkerInfo, job: DiagnoseJob) -> dict:
 def command(args: argparse.Namespace) -> int:
     W = ranks.world_size(args.world_size)
     spec = layer_spec(args, W, weight_mode=args.weight_mode,
-                      max_tokens_per_rank=max(args.batch * args.seq, 16))
+                      max_tokens_per_rank=max(args.batch * args.seq, 16), router=args.router,
+                      shared_intermediate_size=args.shared_intermediate)
     job = DiagnoseJob(spec=spec, batch=args.batch, seq=args.seq, inject=args.inject,
                       dump=args.dump)
     results = ranks.on_ranks(_rank, job, world_size=W, device_name=args.device)
@@ -82,7 +84,7 @@ def command(args: argparse.Namespace) -> int:
 
 def _print_stages(spec: LayerSpec, job: DiagnoseJob, results: list[dict]) -> None:
     console.print(f"diagnose: W={len(results)} comm={spec.comm} "
-                  f"experts={spec.experts} weight_mode={spec.weight_mode} "
+                  f"experts={spec.experts} weight_mode={spec.weight_mode} router={spec.router} "
                   f"dtype={results[0]['dtype']} E={spec.num_experts} K={spec.top_k} "
                   f"tokens/rank={job.batch}x{job.seq}" +
                   (f" injected={job.inject}" if job.inject else ""))
