@@ -295,7 +295,7 @@ _NO_RAW = "raw path skipped: "
 _OWN_WEIGHTS = ("route", "output")
 
 
-def _shares(stage: str, gathered: bool) -> str:
+def _shares(stage: str, gathered: bool, has_shared: bool) -> str:
     """What the reference of ``stage`` still shares with the checked path ('' for nothing)."""
     parts = []
     if stage in ("dispatch", "experts", "weighting"):
@@ -304,7 +304,7 @@ def _shares(stage: str, gathered: bool) -> str:
         parts.append("the routing observed at route (judged there)")
     if stage in ("experts", "weighting", "combine", "output", "combine_raw") and gathered:
         parts.append(_GATHERED)
-    if stage in ("output", "combine_raw"):
+    if stage in ("output", "combine_raw") and has_shared:
         parts.append("the shared experts' parameters are the layer's own")
     return "; ".join(parts)
 
@@ -365,7 +365,8 @@ def diagnose(layer: EPMoE, hidden_states: torch.Tensor, *, expert_weights=None,
         # the route and output references weigh with their own float64 weights.
         stage_tol = max(tol, TOLERANCE[torch.float32]) if stage in _OWN_WEIGHTS else tol
         results.append(StageResult(stage, err, err <= stage_tol, note, REFERENCES[stage],
-                                   _shares(stage, expert_weights is None)))
+                                   _shares(stage, expert_weights is None,
+                                           layer.shared_experts is not None)))
     # A bug belongs to the pipeline, not to one rank: decide together. The first wrong stage is
     # the earliest that diverges on any rank; each candidate is judged by its worst error over
     # the ranks where that stage diverges (one rank alone can be ambiguous).
