@@ -131,7 +131,7 @@ class _Checker:
     The references come from ``rocm_moe.oracle`` and call none of the code they judge."""
 
     def __init__(self, layer: EPMoE, x_TH, hidden_states, record: StageRecord,
-                 raw_record: StageRecord | None, expert_weights):
+                 raw_record: StageRecord | None, expert_weights, *, by_content: bool):
         self.layer, self.x, self.hidden, self.r = layer, x_TH, hidden_states, record
         self.raw_r = raw_record
         self.disp = layer.dispatcher
@@ -139,8 +139,10 @@ class _Checker:
         self.emap = self.disp.expert_map_on(x_TH.device)
         self.expert_weights = expert_weights
         self.tie = 4 * TOLERANCE[x_TH.dtype]
-        # Where the weights are: every rank reports the experts it holds (a collective).
-        self.held = _gather(tuple(int(g) for g in layer.local_experts), self.W)
+        # Where the weights are: every rank reports the experts it holds (a collective), read
+        # from the weights themselves where an independent source of them is given.
+        mine = _held_by_content(layer, expert_weights) if by_content else layer.local_experts
+        self.held = _gather(tuple(int(g) for g in mine), self.W)
         self.mine = self.held[self.rank]
         self.everything = [g for h in self.held for g in h]
 
@@ -263,6 +265,21 @@ class _Checker:
                             dtype=torch.float64)
 
 
+def _held_by_content(layer: EPMoE, expert_weights) -> tuple[int, ...]:
+    """The global experts whose weights this rank's w13 rows are (each claimed expert first,
+    then every other); a row that is no expert's is left out."""
+    def same(j: int, g: int) -> bool:
+        return rel_err(layer.w13[j], expert_weights(g)[0]) <= TOLERANCE[torch.float32]
+
+    held = []
+    for j, g in enumerate(layer.local_experts):
+        if same(j, g):
+            held.append(g)
+        else:
+            held += [h for h in range(layer.router.num_experts) if same(j, h)][:1]
+    return tuple(held)
+
+
 def _default_expert_weights(layer: EPMoE):
     """Every expert's weights for the references: gathered from their holders (small layers)."""
     mine = (list(layer.local_experts), layer.w13.detach().cpu(), layer.w2.detach().cpu())
@@ -288,7 +305,8 @@ REFERENCES = {
                    "oracle, and the output weighted from it against the whole layer",
 }
 _HELD = ("which experts a rank holds is layer.local_experts (Placement.experts_of_rank), the "
-         "list the layer loaded its weights by")
+         "list the layer loaded its weights by (with expert_weights given, it is read from the "
+         "weights themselves)")
 _GATHERED = ("expert weights gathered from the layers themselves: pass expert_weights for an "
              "independent source")
 _NO_RAW = "raw path skipped: "
@@ -298,7 +316,7 @@ _OWN_WEIGHTS = ("route", "output")
 def _shares(stage: str, gathered: bool, has_shared: bool) -> str:
     """What the reference of ``stage`` still shares with the checked path ('' for nothing)."""
     parts = []
-    if stage in ("dispatch", "experts", "weighting"):
+    if stage in ("dispatch", "experts", "weighting") and gathered:
         parts.append(_HELD)
     if stage == "combine":
         parts.append("the routing observed at route (judged there)")
@@ -342,7 +360,8 @@ def diagnose(layer: EPMoE, hidden_states: torch.Tensor, *, expert_weights=None,
     tol = TOLERANCE[x_TH.dtype]
     record = _run_recorded(layer, hidden_states)
     ew = expert_weights or _default_expert_weights(layer)
-    checker = _Checker(layer, x_TH, hidden_states, record, None, ew)
+    checker = _Checker(layer, x_TH, hidden_states, record, None, ew,
+                       by_content=expert_weights is not None)
     no_raw, raw_error = _raw_unsupported(layer, x_TH), None
     # Where dispatch is wrong on some rank, the raw path's exchange need not match between
     # the ranks (a collective could hang): it is judged only after a right dispatch.

@@ -276,3 +276,32 @@ def test_oracle_worked_example():
                                  RouterConfig.qwen3_moe(3, 1, norm_topk_prob=False))
     assert ref.topk_ids.tolist() == [[2]]
     assert ref.topk_weights.item() == pytest.approx(0.5)
+
+
+def _weights_of_the_other_rank(info):
+    """Each rank loaded the other rank's experts: the placement's owners are not where the
+    weights are. With the weights' source given, diagnose reads the held experts from the
+    weights themselves and never reports clean; without it, it trusts the placement."""
+    layer = _layer(BUGS["owners_elsewhere"], info.world_size, "experts")
+    other = Placement.contiguous(E, info.world_size).local_experts(1 - info.rank)
+    with torch.no_grad():
+        for j, g in enumerate(other):
+            w13, w2 = syn.expert_weights(5, g, H, I)
+            layer.w13[j].copy_(w13)
+            layer.w2[j].copy_(w2)
+    x = syn.tokens(4, info.rank, 18, H).reshape(2, 9, H)
+    given = diagnose(layer, x, expert_weights=lambda g: syn.expert_weights(5, g, H, I))
+    gathered = diagnose(layer, x)
+    return given.first_bad, gathered.first_bad, [s.shares for s in gathered.stages]
+
+
+def test_weights_not_where_the_placement_says():
+    for given, gathered, shares in launch(2, _weights_of_the_other_rank, backend="gloo",
+                                          timeout_s=120):
+        # Tokens with experts on both ranks reach both either way: the rows received may be
+        # right, and the slots computed with the wrong expert's weights show at experts.
+        assert given in ("dispatch", "experts")
+        # The gathered weights follow the placement's list: the output is still judged right
+        # by the layer's own account, and the report says what that reference shares.
+        assert gathered is None or gathered == "dispatch"
+        assert "layer.local_experts" in shares[1]
