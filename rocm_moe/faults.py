@@ -8,7 +8,7 @@ looks like, its fix, how to plant it (``inject``) and how ``rocm_moe.diagnose`` 
 | fault | stage | emulates |
 |---|---|---|
 | per_sequence_routing | route | experts chosen from the sequence mean, not per token (seed 004) |
-| int64_as_int32 | dispatch | an int64 id buffer read as int32 (aiter#5255, MORI's binding) |
+| int64_as_int32 | dispatch | an int64 id buffer read as int32, per row or flat (aiter#5255) |
 | capacity_overflow | dispatch | tokens past max_num_inp_token_per_rank overwritten (mori#356) |
 | mask_as_map | experts | AITER's 0/1 expert_mask used as vLLM's expert_map (vllm#49758) |
 | map_as_mask | experts | vLLM's expert_map (local id / -1) passed as AITER's mask (ATOM#887) |
