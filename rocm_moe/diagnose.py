@@ -1,16 +1,24 @@
 """Find the first wrong stage of an EP MoE pipeline and name the known bug class behind it.
 
 ``diagnose(layer, x)`` runs the layer once on every rank (a collective call) with every stage's
-tensors recorded, and compares each stage with a reference computed from THAT stage's own
-inputs, so a wrong stage does not make every later stage look wrong for no reason:
+tensors recorded, once more with ``return_raw=True`` (the raw path, where the backends support
+it), and compares each stage with a reference computed from THAT stage's own inputs, so a wrong
+stage does not make every later stage look wrong for no reason. The references are
+``rocm_moe.oracle``'s, written apart from the code they judge (float64, dense):
 
 | stage | observed | reference |
 |---|---|---|
-| route | topk ids / weights | ``route`` on the layer's own logits, per token |
-| dispatch | rows, ids, weights received | every rank's routed tokens, sent once per unique owner |
-| experts | the experts' output | reference experts on the received rows (same mode) |
-| weighting | [R, H] partials put on the wire | reference outputs weighted once over local slots |
-| combine | [T, H] routed output | float64 oracle: each token through its K experts, weighted |
+| route | topk ids / weights | ``reference_route``: the layer's router family, from x and gate |
+| dispatch | rows, ids, weights received | every rank's routed tokens, once on each rank that |
+| | | reports holding one of their experts (not ``placement.owner``) |
+| experts | the experts' output | ``dense_experts``: each held (row, slot), from global ids |
+| weighting | [R, H] partials put on the wire | the dense slots weighted once |
+| combine | [T, H] routed output | each token through its K observed experts, weighted |
+| output | the layer's [T, H] output | the whole layer: independent routing, shared experts |
+| combine_raw | raw [T, K, H] and its output | the dense per-slot oracle, the whole layer |
+
+What a reference still shares with the checked path (the list of experts each rank holds, expert
+weights gathered from the layers when none are given) is in each ``StageResult.shares``.
 
 At the first stage that diverges, each known bug class of that stage predicts what the stage
 would have produced; a prediction that matches names the bug (``rocm_moe.faults.FAULTS``, the
@@ -30,12 +38,17 @@ import torch
 import torch.distributed as dist
 
 from rocm_moe import faults
-from rocm_moe.experts.reference import ReferenceExperts, dense_moe_reference
 from rocm_moe.faults import FAULTS, STAGES, Fault, StageRecord
 from rocm_moe.layer import EPMoE
-from rocm_moe.routing import route
-from rocm_moe.sanity import TOLERANCE, rel_err
-from rocm_moe.weighting import ExpertsOutput, weight_once
+from rocm_moe.oracle import (
+    dense_experts,
+    dense_shared,
+    match_routing,
+    reference_route,
+    rel_err,
+    weighted_sum,
+)
+from rocm_moe.sanity import TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,8 @@ class StageResult:
     rel_err: float
     ok: bool
     note: str = ""
+    reference: str = ""  # what the stage is compared with
+    shares: str = ""  # what that reference still shares with the checked path ('' = nothing)
 
 
 @dataclass(frozen=True)
@@ -96,10 +111,13 @@ def _rows_err(observed, expected) -> float:
     return max(rel_err(ox, ex), rel_err(ow, ew))
 
 
-def _expected_recv(sources, placement, rank: int):
+def _expected_recv(sources, held: tuple[int, ...]):
+    """What a rank holding the experts ``held`` must receive: every source token with a slot of
+    one of them, once (placement.owner is not consulted: it is what is being checked)."""
     xs, ids, ws = [], [], []
+    mine = torch.tensor(held, dtype=torch.long)
     for x, w, i in sources:
-        keep = (placement.owner(i) == rank).any(1) if i.numel() else torch.zeros(0, dtype=bool)
+        keep = torch.isin(i.long(), mine).any(1) if i.numel() else torch.zeros(0, dtype=bool)
         xs.append(x[keep])
         ids.append(i[keep].to(torch.int32))
         ws.append(w[keep])
@@ -109,14 +127,24 @@ def _expected_recv(sources, placement, rank: int):
 class _Checker:
     """The references of one diagnose run on one rank. Each stage method compares the observed
     stage with its reference computed from that stage's own inputs, or, given a bug's
-    ``inject``, with what the stage would have produced under that bug (``Fault.predict``)."""
+    ``inject``, with what the stage would have produced under that bug (``Fault.predict``).
+    The references come from ``rocm_moe.oracle`` and call none of the code they judge."""
 
-    def __init__(self, layer: EPMoE, x_TH, hidden_states, record: StageRecord, expert_weights):
+    def __init__(self, layer: EPMoE, x_TH, hidden_states, record: StageRecord,
+                 raw_record: StageRecord | None, expert_weights, *, by_content: bool):
         self.layer, self.x, self.hidden, self.r = layer, x_TH, hidden_states, record
+        self.raw_r = raw_record
         self.disp = layer.dispatcher
         self.W, self.rank = self.disp.world_size, self.disp.rank
         self.emap = self.disp.expert_map_on(x_TH.device)
         self.expert_weights = expert_weights
+        self.tie = 4 * TOLERANCE[x_TH.dtype]
+        # Where the weights are: every rank reports the experts it holds (a collective), read
+        # from the weights themselves where an independent source of them is given.
+        mine = _held_by_content(layer, expert_weights) if by_content else layer.local_experts
+        self.held = _gather(tuple(int(g) for g in mine), self.W)
+        self.mine = self.held[self.rank]
+        self.everything = [g for h in self.held for g in h]
 
     def predicted_err(self, fault: Fault) -> float:
         if not fault.one_rank and self.W == 1:
@@ -125,22 +153,21 @@ class _Checker:
             return fault.predict(self)
         return getattr(self, fault.stage)(fault.inject)
 
-    def _received(self):
-        """The expert stage's inputs as the probes recorded them: (x, ids, weights, w13, w2)."""
-        r = self.r
-        return (r.dispatched_x, r.dispatched_ids.to(torch.int32), r.dispatched_weights,
-                self.layer.w13, self.layer.w2)
+    # ---- route ----------------------------------------------------------------------------------
+    def _route_ref(self, hidden):
+        L = self.layer
+        return reference_route(hidden.reshape(-1, L.hidden_size), L.gate.weight, L.router,
+                               L.e_score_correction_bias)
+
+    @functools.cached_property
+    def _routing(self):
+        return self._route_ref(self.hidden)
 
     def route(self, inject=None):
-        r, L = self.r, self.layer
-        hidden = self.hidden if inject is None else inject(self.hidden)
-        ref = route(L.router_logits(hidden.reshape(-1, L.hidden_size)), L.router,
-                    e_score_correction_bias=L.e_score_correction_bias)
-        a, b = r.topk_ids.long().sort(1), ref.topk_ids.long().sort(1)
-        if not torch.equal(a.values, b.values):
-            return float("inf")
-        return rel_err(r.topk_weights.gather(1, a.indices), ref.topk_weights.gather(1, b.indices))
+        ref = self._routing if inject is None else self._route_ref(inject(self.hidden))
+        return match_routing(ref, self.r.topk_ids, self.r.topk_weights, tie=self.tie)[0]
 
+    # ---- dispatch -------------------------------------------------------------------------------
     @functools.cached_property
     def _sources(self) -> list:
         """Every rank's (x, weights, ids) as routed (a collective, once)."""
@@ -157,56 +184,104 @@ class _Checker:
 
         sources = [sent(*s) for s in self._sources]
         observed = (r.dispatched_x.cpu(), r.dispatched_ids.cpu(), r.dispatched_weights.cpu())
-        return _rows_err(observed, _expected_recv(sources, self.disp.placement, self.rank))
+        return _rows_err(observed, _expected_recv(sources, self.mine))
+
+    # ---- experts and weighting ------------------------------------------------------------------
+    @functools.cached_property
+    def _received_raw(self) -> torch.Tensor:
+        """[R, K, H] float64: the received rows' slots of this rank's experts, densely."""
+        r = self.r
+        return dense_experts(r.dispatched_x, r.dispatched_ids, self.mine, self.expert_weights)
+
+    def _held_RK(self, ids_RK) -> torch.Tensor:
+        return torch.isin(ids_RK.long().cpu(), torch.tensor(self.mine, dtype=torch.long))
 
     def experts(self, inject=None):
-        weighted = self.r.weights_applied
-        args = self._received()
-        if inject is None:
-            # validate=False: the recorded rows may be corrupt on purpose (a planted fault
-            # repeats ids); the reference runs on them as they are.
-            ref = ReferenceExperts()(*args, self.emap, validate=False,
-                                     weight_mode="experts" if weighted else "combine").out
-        else:
+        r = self.r
+        weighted = r.weights_applied
+        if inject is not None:
+            args = (r.dispatched_x, r.dispatched_ids.to(torch.int32), r.dispatched_weights,
+                    self.layer.w13, self.layer.w2)
             ref = faults.experts_with_map(*args, inject(self.emap.map_E), weighted=weighted)
-        return rel_err(self.r.expert_out, ref)
+            return rel_err(r.expert_out, ref)
+        if weighted:
+            return rel_err(r.expert_out, weighted_sum(self._received_raw, r.dispatched_weights))
+        held = self._held_RK(r.dispatched_ids)[:, :, None]  # other slots: never read
+        return rel_err(r.expert_out.cpu().double() * held, self._received_raw)
 
     def weighting(self, inject=None):
         r = self.r
-        raw = ReferenceExperts()(*self._received(), self.emap, weight_mode="combine",
-                                 validate=False)
         w = r.dispatched_weights if inject is None else inject(r.dispatched_weights)
-        return rel_err(r.partials, weight_once(raw, w, r.dispatched_ids, self.emap))
+        return rel_err(r.partials, weighted_sum(self._received_raw, w))
+
+    # ---- combine and the whole layer ------------------------------------------------------------
+    @functools.cached_property
+    def _oracle_raw(self) -> torch.Tensor:
+        """[T, K, H] float64: each own token through its K observed experts, from any rank."""
+        return dense_experts(self.x, self.r.topk_ids, self.everything, self.expert_weights)
 
     def combine(self, inject=None):
-        y_ref = self._oracle[0]
+        y_ref = weighted_sum(self._oracle_raw, self.r.topk_weights)
         if inject is not None:
             y_ref = inject(y_ref, faults.CombineView(
-                partials_RH=self.r.partials, world_size=self.W, local_only=self._local_only))
-        return rel_err(self.r.combined, y_ref)
-
-    @functools.cached_property
-    def _oracle(self):
-        """(y [T, H], raw [T, K, H]) in float64: each token through its K experts."""
-        return dense_moe_reference(self.x, self.r.topk_weights, self.r.topk_ids,
-                                   expert_weights=self.expert_weights)
+                partials_RH=self.r.partials.cpu(), world_size=self.W,
+                local_only=self._local_only))
+        return rel_err(self.r.combined.cpu(), y_ref)
 
     def _local_only(self):
         """The oracle over this rank's experts only: what a combine without the other ranks'
         partials gives."""
-        raw = ExpertsOutput(out=self._oracle[1], weights_applied=False)
-        return weight_once(raw, self.r.topk_weights, self.r.topk_ids, self.emap)
+        held = self._held_RK(self.r.topk_ids)[:, :, None]
+        return weighted_sum(self._oracle_raw * held, self.r.topk_weights)
+
+    def output(self, inject=None):
+        """The layer's output against the whole layer in float64: the independent routing (a
+        near tie may pick either expert), every expert, the shared experts."""
+        ref = self._routing
+        ids = match_routing(ref, self.r.topk_ids, self.r.topk_weights, tie=self.tie)[1]
+        raw = dense_experts(self.x, ids, self.everything, self.expert_weights)
+        y = weighted_sum(raw, ref.weights_at(ids)) + dense_shared(self.layer.shared_experts,
+                                                                  self.x)
+        return rel_err(self.r.out.reshape(y.shape).cpu(), y)
+
+    def combine_raw(self, inject=None):
+        """The raw path: each slot's [T, K, H] output back on the owner against the dense
+        per-slot oracle, and the output the owner weights from it against the whole layer."""
+        rr = self.raw_r
+        if rr is None:
+            return 0.0
+        out = rr.out
+        raw_ref = dense_experts(self.x, out.topk_ids, self.everything, self.expert_weights)
+        y = weighted_sum(raw_ref, out.topk_weights) + dense_shared(self.layer.shared_experts,
+                                                                   self.x)
+        return max(rel_err(out.raw.reshape(raw_ref.shape).cpu(), raw_ref),
+                   rel_err(out.out.reshape(y.shape).cpu(), y))
 
     def unique_owners(self) -> torch.Tensor:
-        """[T]: the number of distinct owner ranks of each token's valid slots."""
-        ids = self.r.topk_ids
-        owner = self.disp.placement.owner(ids)
-        return torch.stack([owner[t][ids[t] >= 0].unique().numel() * torch.ones(())
-                            for t in range(ids.shape[0])]) if ids.shape[0] else torch.zeros(0)
+        """[T]: the number of distinct ranks holding the experts of each token's valid slots."""
+        owner = {g: d for d, h in enumerate(self.held) for g in h}
+        ids = self.r.topk_ids.long().cpu().tolist()
+        return torch.tensor([len({owner[g] for g in row if g >= 0}) for row in ids],
+                            dtype=torch.float64)
+
+
+def _held_by_content(layer: EPMoE, expert_weights) -> tuple[int, ...]:
+    """The global experts whose weights this rank's w13 rows are (each claimed expert first,
+    then every other); a row that is no expert's is left out."""
+    def same(j: int, g: int) -> bool:
+        return rel_err(layer.w13[j], expert_weights(g)[0]) <= TOLERANCE[torch.float32]
+
+    held = []
+    for j, g in enumerate(layer.local_experts):
+        if same(j, g):
+            held.append(g)
+        else:
+            held += [h for h in range(layer.router.num_experts) if same(j, h)][:1]
+    return tuple(held)
 
 
 def _default_expert_weights(layer: EPMoE):
-    """Every expert's weights for the oracle: gathered from their owners (small layers)."""
+    """Every expert's weights for the references: gathered from their holders (small layers)."""
     mine = (list(layer.local_experts), layer.w13.detach().cpu(), layer.w2.detach().cpu())
     table = {}
     for experts, w13, w2 in _gather(mine, layer.dispatcher.world_size):
@@ -215,33 +290,102 @@ def _default_expert_weights(layer: EPMoE):
     return lambda g: table[g]
 
 
+# What each stage is compared with, and what that reference still shares with the checked path.
+REFERENCES = {
+    "route": "oracle.reference_route: the layer's router family rewritten in float64 from the "
+             "hidden states and the gate weight (no routing.route)",
+    "dispatch": "the rows each rank must receive: every token once on each rank holding one of "
+                "its experts, as the ranks report them (no placement.owner)",
+    "experts": "oracle.dense_experts: every received (row, slot) of an expert this rank holds "
+               "through its SwiGLU in float64, from the global ids (no layout, no backend)",
+    "weighting": "the dense experts' slots weighted once in float64 (no weighting.weight_once)",
+    "combine": "each own token through its K observed experts in float64, weighted",
+    "output": "the whole layer in float64: independent routing, every expert, shared experts",
+    "combine_raw": "the raw path (return_raw=True): each [T, K] slot against the dense per-slot "
+                   "oracle, and the output weighted from it against the whole layer",
+}
+_HELD = ("which experts a rank holds is layer.local_experts (Placement.experts_of_rank), the "
+         "list the layer loaded its weights by (with expert_weights given, it is read from the "
+         "weights themselves)")
+_GATHERED = ("expert weights gathered from the layers themselves: pass expert_weights for an "
+             "independent source")
+_NO_RAW = "raw path skipped: "
+_OWN_WEIGHTS = ("route", "output")
+
+
+def _shares(stage: str, gathered: bool, has_shared: bool) -> str:
+    """What the reference of ``stage`` still shares with the checked path ('' for nothing)."""
+    parts = []
+    if stage in ("dispatch", "experts", "weighting") and gathered:
+        parts.append(_HELD)
+    if stage == "combine":
+        parts.append("the routing observed at route (judged there)")
+    if stage in ("experts", "weighting", "combine", "output", "combine_raw") and gathered:
+        parts.append(_GATHERED)
+    if stage in ("output", "combine_raw") and has_shared:
+        parts.append("the shared experts' parameters are the layer's own")
+    return "; ".join(parts)
+
+
+def _raw_unsupported(layer: EPMoE, x_TH) -> str | None:
+    reason = layer.dispatcher.raw_unsupported_reason()
+    if reason is None:
+        reason = layer.experts.supports(mode="raw", dtype=x_TH.dtype, device=x_TH.device)
+    return reason
+
+
+def _run_recorded(layer: EPMoE, hidden_states, **kw) -> StageRecord:
+    was_validate = layer.validate
+    layer.validate = False  # diagnose looks at what a non-validating framework would do
+    try:
+        with faults.recording(layer) as record:
+            record.out = layer(hidden_states, **kw)
+    finally:
+        layer.validate = was_validate
+    return record
+
+
 @torch.no_grad()
 def diagnose(layer: EPMoE, hidden_states: torch.Tensor, *, expert_weights=None,
              dump: str | None = None) -> Report:
     """Run ``layer`` on ``hidden_states`` ([T, H] or [B, S, H]) and judge every stage.
 
     Every rank of the layer's group must call this (the pipeline and the references gather).
-    ``expert_weights(g) -> (w13 [2I, H], w2 [H, I])`` gives the oracle every expert (default:
-    gathered from the ranks). ``dump`` writes the stage tensors to ``dump`` (one safetensors
-    file per rank: ``name.rank{r}.safetensors``) for offline comparison.
+    The layer runs twice: as configured, and with ``return_raw=True`` (the raw path) where its
+    backends support it. ``expert_weights(g) -> (w13 [2I, H], w2 [H, I])`` gives the references
+    every expert (default: gathered from the ranks, which the report notes). ``dump`` writes the
+    stage tensors to ``dump`` (one safetensors file per rank: ``name.rank{r}.safetensors``).
     """
-    was_validate = layer.validate
-    layer.validate = False  # diagnose looks at what a non-validating framework would do
-    try:
-        with faults.recording(layer) as record:
-            record.out = layer(hidden_states)
-    finally:
-        layer.validate = was_validate
     x_TH = hidden_states.reshape(-1, layer.hidden_size)
-    ew = expert_weights or _default_expert_weights(layer)
-    checker = _Checker(layer, x_TH, hidden_states, record, ew)
     tol = TOLERANCE[x_TH.dtype]
+    record = _run_recorded(layer, hidden_states)
+    ew = expert_weights or _default_expert_weights(layer)
+    checker = _Checker(layer, x_TH, hidden_states, record, None, ew,
+                       by_content=expert_weights is not None)
+    no_raw, raw_error = _raw_unsupported(layer, x_TH), None
+    # Where dispatch is wrong on some rank, the raw path's exchange need not match between
+    # the ranks (a collective could hang): it is judged only after a right dispatch.
+    if no_raw is None and not all(_gather(checker.dispatch() <= tol, checker.W)):
+        no_raw = "dispatch is wrong, so the raw path's exchange would not match"
+    if no_raw is None:
+        try:  # a bug may make the raw path refuse (every rank alike: the checks precede comm)
+            checker.raw_r = _run_recorded(layer, hidden_states, return_raw=True)
+        except (ValueError, TypeError) as exc:
+            raw_error = f"the raw path raised {type(exc).__name__}: {exc}"
     results, preds = [], {}
     for stage in STAGES:
         err = getattr(checker, stage)()
         preds[stage] = {f.name: checker.predicted_err(f) for f in FAULTS.values()
                         if f.stage == stage}
-        results.append(StageResult(stage, err, err <= tol))
+        note = ""
+        if stage == "combine_raw" and (no_raw or raw_error):
+            err, note = (0.0, _NO_RAW + no_raw) if no_raw else (float("inf"), raw_error)
+        # Routing weights are float32 whatever the layer's dtype (the router's contract), and
+        # the route and output references weigh with their own float64 weights.
+        stage_tol = max(tol, TOLERANCE[torch.float32]) if stage in _OWN_WEIGHTS else tol
+        results.append(StageResult(stage, err, err <= stage_tol, note, REFERENCES[stage],
+                                   _shares(stage, expert_weights is None,
+                                           layer.shared_experts is not None)))
     # A bug belongs to the pipeline, not to one rank: decide together. The first wrong stage is
     # the earliest that diverges on any rank; each candidate is judged by its worst error over
     # the ranks where that stage diverges (one rank alone can be ambiguous).

@@ -8,7 +8,7 @@ looks like, its fix, how to plant it (``inject``) and how ``rocm_moe.diagnose`` 
 | fault | stage | emulates |
 |---|---|---|
 | per_sequence_routing | route | experts chosen from the sequence mean, not per token (seed 004) |
-| int64_as_int32 | dispatch | an int64 id buffer read as int32 (aiter#5255, MORI's binding) |
+| int64_as_int32 | dispatch | an int64 id buffer read as int32, per row or flat (aiter#5255) |
 | capacity_overflow | dispatch | tokens past max_num_inp_token_per_rank overwritten (mori#356) |
 | mask_as_map | experts | AITER's 0/1 expert_mask used as vLLM's expert_map (vllm#49758) |
 | map_as_mask | experts | vLLM's expert_map (local id / -1) passed as AITER's mask (ATOM#887) |
@@ -39,7 +39,9 @@ from rocm_moe._checks import error_message
 from rocm_moe.experts.base import swiglu_expert
 from rocm_moe.weighting import ExpertsOutput, accumulation_dtype, resolve_weight_mode, weight_once
 
-STAGES = ("route", "dispatch", "experts", "weighting", "combine")
+# The stages diagnose judges, in pipeline order. "output" is the layer's final [T, H] (shared
+# experts included); "combine_raw" is the raw path (``return_raw=True``), run separately.
+STAGES = ("route", "dispatch", "experts", "weighting", "combine", "output", "combine_raw")
 
 
 # ---- what the bugs do ---------------------------------------------------------------------------
@@ -54,6 +56,20 @@ def int64_read_as_int32(topk_ids_TK: torch.Tensor) -> torch.Tensor:
     """The first K int32 words of an int64 [T, K] buffer: [id0, 0, id1, 0, ...] (little end)."""
     K = topk_ids_TK.shape[1]
     return topk_ids_TK.long().contiguous().view(torch.int32)[:, :K].contiguous()
+
+
+def int64_read_flat_as_int32(topk_ids_TK: torch.Tensor) -> torch.Tensor:
+    """The first T*K int32 words of an int64 [T, K] buffer read as one flat array, reshaped to
+    [T, K]: row t holds words t*K .. t*K+K-1, so later rows read other tokens' ids."""
+    T, K = topk_ids_TK.shape
+    flat = topk_ids_TK.long().contiguous().view(torch.int32).flatten()
+    return flat[:T * K].reshape(T, K).contiguous()
+
+
+def _int64_either_read(check) -> float:
+    """int64_as_int32: the per-row read or the flat read, whichever matches better."""
+    return min(check.dispatch(lambda x, ids: (x, int64_read_as_int32(ids), False)),
+               check.dispatch(lambda x, ids: (x, int64_read_flat_as_int32(ids), False)))
 
 
 def capacity(num_tokens: int) -> int:
@@ -160,9 +176,10 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
           signature="every token of a sequence got the same experts",
           fix="route each token: logits = hidden [T, H] @ gate.T, never pooled"),
     Fault(name="int64_as_int32", stage="dispatch",
-          inject=lambda x, ids: (x, int64_read_as_int32(ids), False),
+          inject=lambda x, ids: (x, int64_read_as_int32(ids), False), predict=_int64_either_read,
           emulates="an int64 id buffer read as int32 (aiter#5255, MORI's binding)",
-          signature="received ids are [id0, 0, id1, 0, ...]: an int64 buffer read as int32",
+          signature="received ids are [id0, 0, id1, 0, ...]: an int64 buffer read as int32 "
+          "(per row or as one flat buffer)",
           fix="convert ids with .to(torch.int32), never reinterpret"),
     Fault(name="capacity_overflow", stage="dispatch",
           inject=lambda x, ids: (overflow_tokens(x), ids, True),

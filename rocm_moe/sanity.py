@@ -10,7 +10,15 @@ MLP computed independently in float64 from the layer's own weights:
 - ``topk_sum``: K distinct experts with random weights give sum_k w_k expert_k(x);
 - ``modes_agree``: weight_mode "experts" and "combine" give the same output;
 - ``comm_identity``: combine(dispatch(x)) with identity experts is x * U, U the number of
-  unique destination ranks of each token (MORI's own round-trip test).
+  unique destination ranks of each token (MORI's own round-trip test);
+- ``routing``: the layer's router (its family: softmax top-k with or without normalisation,
+  DeepSeek-V3's grouped sigmoid) against ``oracle.reference_route``, written apart from
+  ``routing.py``; a sigmoid router is tried with its own correction bias and with a random one
+  (the bias must choose, never weigh);
+- ``shared_experts`` (layers with shared experts): a token routed nowhere gives exactly the
+  shared experts' output, computed by ``oracle.dense_shared``.
+
+The shared experts' output is taken out of every routed check with the same independent oracle.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 from rocm_moe._checks import error_message
 from rocm_moe.experts.base import swiglu_expert
 from rocm_moe.layer import EPMoE
+from rocm_moe.oracle import dense_shared, match_routing, reference_route
 from rocm_moe.weighting import ExpertsOutput
 
 # Relative error allowed against a float64 oracle, by compute dtype.
@@ -86,7 +95,8 @@ def run_sanity(
 
     x = torch.randn(1, H, generator=gen).to(dtype).to(dev)
     # The dense shared experts are added to every output; take them out of it.
-    shared = layer.shared_experts.reference(x) if layer.shared_experts is not None else 0.0
+    shared = dense_shared(layer.shared_experts, x).to(dev) if layer.shared_experts is not None \
+        else 0.0
     K = layer.router.top_k
     E = layer.router.num_experts
     ids_K = torch.randperm(E, generator=gen)[:K]  # any experts: other ranks' ones too
@@ -130,7 +140,49 @@ def run_sanity(
     rows.append(SanityRow("modes_agree", "both", 1, rel_err(outs["experts"], outs["combine"]),
                           tol))
     rows.append(SanityRow("comm_identity", "-", 1, comm_identity_error(layer, seed), tol))
+    # Routing weights are float32 whatever the layer's dtype (the router's contract).
+    rows.append(SanityRow("routing", layer.router.scoring, 32, routing_error(layer, seed),
+                          max(tol, TOLERANCE[torch.float32])))
+    if layer.shared_experts is not None:
+        rows.append(SanityRow("shared_experts", "-", 4, shared_error(layer, seed), tol))
     return rows
+
+
+@torch.no_grad()
+def routing_error(layer: EPMoE, seed: int, num_tokens: int = 32) -> float:
+    """The layer's routing of random tokens against the independent router of its family
+    (inf where the experts differ beyond a rounding tie). Local: no collective."""
+    dev, dtype, H = layer.w13.device, layer.w13.dtype, layer.hidden_size
+    gen = torch.Generator().manual_seed(seed * 17 + 5)
+    x = torch.randn(num_tokens, H, generator=gen).to(dtype).to(dev)
+    tie = 4 * TOLERANCE[dtype]
+    bias = layer.e_score_correction_bias
+    biases = [None] if bias is None else [bias.clone(), 0.1 * torch.randn(bias.shape,
+                                                                         generator=gen)]
+    errs = []
+    try:
+        for b in biases:
+            if b is not None:
+                bias.copy_(b)
+            got = layer.route_tokens(x)
+            ref = reference_route(x, layer.gate.weight, layer.router, b)
+            errs.append(match_routing(ref, got.topk_ids, got.topk_weights, tie=tie)[0])
+    finally:
+        if bias is not None:
+            bias.copy_(biases[0])
+    return max(errs)
+
+
+@torch.no_grad()
+def shared_error(layer: EPMoE, seed: int, num_tokens: int = 4) -> float:
+    """Tokens routed nowhere (every slot -1) must come out as the shared experts' output alone
+    (collective: every rank runs the forward)."""
+    dev, dtype, K = layer.w13.device, layer.w13.dtype, layer.router.top_k
+    gen = torch.Generator().manual_seed(seed * 13 + 7)
+    x = torch.randn(num_tokens, layer.hidden_size, generator=gen).to(dtype).to(dev)
+    ids = torch.full((num_tokens, K), -1, dtype=torch.int32, device=dev)
+    y = layer.forward_routed(x, torch.zeros(num_tokens, K, device=dev), ids)
+    return rel_err(y, dense_shared(layer.shared_experts, x).to(dev))
 
 
 def comm_identity_error(layer: EPMoE, seed: int, num_tokens: int = 16) -> float:

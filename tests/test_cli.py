@@ -27,7 +27,7 @@ def test_info(capsys):
 def test_sanity_passes(capsys, dtype):
     assert main(["sanity", *SMALL, "--world-size", "1", "--dtype", dtype]) == 0
     out = capsys.readouterr().out
-    assert "10 passed, 0 failed" in out
+    assert "11 passed, 0 failed" in out  # + routing
     assert "half_weight" in out
 
 
@@ -35,7 +35,7 @@ def test_sanity_two_ranks(capsys):
     assert main(["sanity", *SMALL, "--world-size", "2"]) == 0
     out = capsys.readouterr().out
     assert "W=2 comm=torch" in out
-    assert "10 passed, 0 failed" in out
+    assert "11 passed, 0 failed" in out  # + routing
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

@@ -131,3 +131,25 @@ def test_cli_names_the_bug(capsys):
     assert "first wrong stage: experts" in out
     assert "bug: mask_as_map" in out
     assert "fix:" in out
+
+
+def test_cli_prints_the_int64_signature_with_its_example(capsys):
+    assert main(["diagnose", "--world-size", "1", "--inject", "int64_as_int32"]) == 1
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "bug: int64_as_int32: received ids are [id0, 0, id1, 0, ...]" in out
+
+
+@pytest.mark.parametrize("router", ["mixtral", "deepseek_v3"])
+def test_cli_router_and_shared_experts(capsys, router):
+    small = ["--num-experts", "8", "--hidden", "32", "--intermediate", "16", "--top-k", "2",
+             "--world-size", "1", "--router", router, "--shared-intermediate", "8"]
+    assert main(["diagnose", *small, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)[0]
+    assert [s["stage"] for s in report["stages"]] == list(STAGES)
+    assert all(s["reference"] for s in report["stages"])
+    assert "shared experts" in next(s for s in report["stages"] if s["stage"] == "output")["shares"]
+    assert main(["sanity", *small]) == 0
+    out = capsys.readouterr().out
+    assert f"router={router}" in out
+    assert "shared_experts" in out
+    assert "12 passed, 0 failed" in out

@@ -13,12 +13,13 @@ import argparse
 import json
 from dataclasses import dataclass
 
+from rich.markup import escape
 from rich.table import Table
 
 from rocm_moe import synthetic
 from rocm_moe._console import console, progress
 from rocm_moe.cli import ranks
-from rocm_moe.cli.spec import LayerSpec, add_layer_args, layer_spec
+from rocm_moe.cli.spec import LayerSpec, add_layer_args, add_router_args, layer_spec
 from rocm_moe.distributed import WorkerInfo
 from rocm_moe.faults import FAULTS
 
@@ -28,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "(exit 0 clean, 1 diverges, 2 usage error)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_layer_args(p, E=16, H=64, I=32, K=4)
+    add_router_args(p)
     p.add_argument("--batch", type=int, default=2, help="sequences per rank")
     p.add_argument("--seq", type=int, default=9, help="tokens per sequence")
     p.add_argument("--weight-mode", choices=["experts", "combine"], default="experts")
@@ -66,7 +68,8 @@ def _rank(info: WorkerInfo, job: DiagnoseJob) -> dict:
 def command(args: argparse.Namespace) -> int:
     W = ranks.world_size(args.world_size)
     spec = layer_spec(args, W, weight_mode=args.weight_mode,
-                      max_tokens_per_rank=max(args.batch * args.seq, 16))
+                      max_tokens_per_rank=max(args.batch * args.seq, 16), router=args.router,
+                      shared_intermediate_size=args.shared_intermediate)
     job = DiagnoseJob(spec=spec, batch=args.batch, seq=args.seq, inject=args.inject,
                       dump=args.dump)
     results = ranks.on_ranks(_rank, job, world_size=W, device_name=args.device)
@@ -81,7 +84,7 @@ def command(args: argparse.Namespace) -> int:
 
 def _print_stages(spec: LayerSpec, job: DiagnoseJob, results: list[dict]) -> None:
     console.print(f"diagnose: W={len(results)} comm={spec.comm} "
-                  f"experts={spec.experts} weight_mode={spec.weight_mode} "
+                  f"experts={spec.experts} weight_mode={spec.weight_mode} router={spec.router} "
                   f"dtype={results[0]['dtype']} E={spec.num_experts} K={spec.top_k} "
                   f"tokens/rank={job.batch}x{job.seq}" +
                   (f" injected={job.inject}" if job.inject else ""))
@@ -96,6 +99,17 @@ def _print_stages(spec: LayerSpec, job: DiagnoseJob, results: list[dict]) -> Non
         verdict = "ok" if not bad else f"[red]DIVERGES[/red] on ranks {bad}"
         table.add_row(stage["stage"], *(f"{e:.1e}" for e in errs), verdict)
     console.print(table)
+    for stage in results[0]["stages"]:
+        if stage["note"]:
+            console.print(f"{stage['stage']}: {stage['note']}", markup=False)
+    by_part: dict[str, list[str]] = {}
+    for s in results[0]["stages"]:
+        for part in filter(None, s["shares"].split("; ")):
+            by_part.setdefault(part, []).append(s["stage"])
+    if by_part:
+        console.print("what the references still share with the checked path:")
+        for part, stages in by_part.items():
+            console.print(f"  {', '.join(stages)}: {part}", markup=False)
 
 
 def _print_verdict(results: list[dict]) -> int:
@@ -110,7 +124,8 @@ def _print_verdict(results: list[dict]) -> int:
     console.print(f"first wrong stage: [bold]{first}[/bold]")
     if found:
         d = found[0]
-        console.print(f"bug: [bold]{d['bug']}[/bold]: {d['signature']} "
+        # The signature is text, not markup: "[id0, 0, id1, 0, ...]" must print as it is.
+        console.print(f"bug: [bold]{escape(d['bug'])}[/bold]: {escape(d['signature'])} "
                       f"(prediction matches to {d['match_rel_err']:.1e})", markup=True)
         console.print(f"fix: {d['fix']}", markup=False)
     else:

@@ -1,7 +1,9 @@
 """rocm-moe sanity: the single-token single-expert conformance suite on every rank.
 
 Each expert alone (weight 1), weight 0.5 halves it, raw outputs unweighted, K experts sum, both
-weight modes agree, and the comm identity round trip; every rank against float64 references.
+weight modes agree, the comm identity round trip, the router against an independent one of its
+family (--router), and the shared experts alone (--shared-intermediate); every rank against
+float64 references.
 
 Exit codes: 0 every check passed (or was skipped, with the reason); 1 a check failed on some
 rank; 2 a usage error (an unknown or unusable backend, a bad value).
@@ -15,7 +17,7 @@ from rich.table import Table
 
 from rocm_moe._console import console, progress
 from rocm_moe.cli import ranks
-from rocm_moe.cli.spec import LayerSpec, add_layer_args, layer_spec
+from rocm_moe.cli.spec import LayerSpec, add_layer_args, add_router_args, layer_spec
 from rocm_moe.distributed import WorkerInfo
 from rocm_moe.sanity import run_sanity
 
@@ -24,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sanity", help="single-token single-expert suite (exit 1 on failure)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_layer_args(p, E=16, H=256, I=128, K=4)
+    add_router_args(p)
     p.set_defaults(func=command)
 
 
@@ -38,13 +41,16 @@ def _rank(info: WorkerInfo, spec: LayerSpec) -> list[dict]:
 
 def command(args: argparse.Namespace) -> int:
     W = ranks.world_size(args.world_size)
-    spec = layer_spec(args, W, weight_mode="experts")
+    spec = layer_spec(args, W, weight_mode="experts", router=args.router,
+                      shared_intermediate_size=args.shared_intermediate)
     results = ranks.on_ranks(_rank, spec, world_size=W, device_name=args.device)
     if not results:  # a torchrun rank other than 0
         return 0
     W = len(results)
     table = Table(title=f"sanity: W={W} comm={spec.comm} experts={spec.experts} "
-                        f"dtype={results[0][0]['dtype']} {spec.shape}")
+                        f"dtype={results[0][0]['dtype']} {spec.shape} router={spec.router}"
+                        + (f" shared={spec.shared_intermediate_size}"
+                           if spec.shared_intermediate_size else ""))
     for col in ("check", "weight_mode", "cases", "max rel err (all ranks)", "tolerance",
                 "result"):
         table.add_column(col)

@@ -42,6 +42,7 @@ class LayerSpec:
     checkpoint: str | None = None  # a safetensors checkpoint directory instead of synthetic
     layer: int = 1  # the checkpoint's MoE layer
     max_tokens_per_rank: int = 16  # the dispatcher's capacity
+    router: str = "qwen3"  # the synthetic layer's router family (ROUTERS)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":  # bf16 GEMMs are the norm on GPUs; a CPU runs float32 faster
@@ -73,11 +74,14 @@ class LayerSpec:
             return hf.build_layer(weights, dispatcher=dispatcher, experts=experts,
                                   weight_mode=self.weight_mode, dtype=dtype, device=info.device)
         layer = EPMoE(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                      router=RouterConfig.qwen3_moe(self.num_experts, self.top_k),
+                      router=router_config(self.router, self.num_experts, self.top_k),
                       dispatcher=dispatcher, experts=experts, weight_mode=self.weight_mode,
                       shared_intermediate_size=self.shared_intermediate_size, dtype=dtype,
                       device=info.device)
         layer.reset_parameters(seed=self.seed)
+        if layer.e_score_correction_bias is not None:  # a bias that matters, as trained ones do
+            g = torch.Generator().manual_seed(self.seed * 7919 + 3)
+            layer.e_score_correction_bias.copy_(0.1 * torch.randn(self.num_experts, generator=g))
         return layer
 
     def expert_weights(self, dtype: torch.dtype) -> Callable[[int], tuple]:
@@ -96,6 +100,37 @@ class LayerSpec:
             w13, w2 = read(g)
             return w13.to(dtype), w2.to(dtype)
         return weights
+
+
+ROUTERS = ("qwen3", "mixtral", "deepseek_v3")  # --router: the synthetic layer's router family
+
+
+def router_config(name: str, num_experts: int, top_k: int) -> RouterConfig:
+    """The router of family ``name`` (ROUTERS) for E experts and top-k K. DeepSeek-V3 gets the
+    most groups (of 8, 4, 2) that hold >= 2 experts each and the fewest kept groups that hold
+    K experts, so group selection matters; its scaling factor is the model's 2.5."""
+    if name == "qwen3":
+        return RouterConfig.qwen3_moe(num_experts, top_k)
+    if name == "mixtral":
+        return RouterConfig.mixtral(num_experts, top_k)
+    if name != "deepseek_v3":
+        raise ValueError(error_message("router", repr(name), f"must be one of {ROUTERS}",
+                                       "pick one"))
+    for groups in (8, 4, 2):
+        per = num_experts // groups
+        if num_experts % groups == 0 and per >= 2 and -(-top_k // per) < groups:
+            return RouterConfig.deepseek_v3(num_experts, top_k, n_group=groups,
+                                            topk_group=max(1, -(-top_k // per)))
+    return RouterConfig.deepseek_v3(num_experts, top_k, n_group=1, topk_group=1)
+
+
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    """--router and --shared-intermediate: the synthetic layer's router family and shared
+    experts (sanity and diagnose; run declares its own --shared-intermediate)."""
+    p.add_argument("--router", choices=ROUTERS, default="qwen3",
+                   help="router family of the synthetic layer (default qwen3)")
+    p.add_argument("--shared-intermediate", type=int, default=None,
+                   help="add dense shared experts of this intermediate size (default: none)")
 
 
 def checkpoint_shape(spec: LayerSpec) -> LayerSpec:
