@@ -44,6 +44,7 @@ def _bias_in_weights(mp):
 
     def leaky(logits, config, *, e_score_correction_bias=None, **kw):
         out = real(logits, config, e_score_correction_bias=e_score_correction_bias, **kw)
+        logits = logits.reshape(-1, logits.shape[-1])  # the layer may pass [B, S, E]
         s = logits.float().sigmoid() + e_score_correction_bias.float()
         w = s.gather(1, out.topk_ids.long())
         w = w / w.sum(-1, keepdim=True) * config.routed_scaling_factor
