@@ -51,20 +51,8 @@ def _choose(impl: str | None, t: torch.Tensor) -> str:
     return "triton" if t.device.type == "cuda" and library_version("triton") else "torch"
 
 
-def meta_words(ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+def _meta_words(ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
     return torch.cat([ids_TK.to(torch.int32), w_TK.float().view(torch.int32)], dim=1)
-
-
-def send_plan(dest1_TK: torch.Tensor, world_size: int):
-    """(csum_WT [W, T] int64, send_counts_W [W] int64) from ``dest1_TK`` [T, K] (owner rank + 1
-    of each slot, 0 for an empty slot): the inclusive count of the tokens sent to each rank up
-    to token t (a token goes once to each unique owner), and the totals."""
-    T, W = dest1_TK.shape[0], world_size
-    send_WT = torch.zeros(W + 1, T, dtype=torch.int64, device=dest1_TK.device)
-    send_WT.scatter_(0, dest1_TK.T, 1)  # row 0 collects the empty slots
-    # [W, T] (not [T, W]): the scan runs along the contiguous token dimension.
-    csum_WT = send_WT[1:].cumsum(1)
-    return csum_WT, (csum_WT[:, -1].contiguous() if T else csum_WT.new_zeros(W))
 
 
 def positions(csum_WT: torch.Tensor) -> torch.Tensor:
@@ -89,7 +77,7 @@ def pack_rows(x_TH, ids_TK, w_TK, csum_WT, num_rows: int, *, impl: str | None = 
     if T == 0 or num_rows == 0:
         return send, positions(csum_WT)
     x_words = x_TH.contiguous().view(torch.int32)
-    meta = meta_words(ids_TK, w_TK)
+    meta = _meta_words(ids_TK, w_TK)
     if _choose(impl, x_TH) == "triton":
         from rocm_moe.comm._rows_triton import pack_rows_kernel
 

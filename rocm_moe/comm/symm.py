@@ -153,6 +153,7 @@ class SymmDispatcher(Dispatcher):
     # ---- buffers ----------------------------------------------------------------------------
     def _allocate(self) -> None:
         import torch.distributed._symmetric_memory as symm_mem
+        import triton
 
         W, cap, H = self.world_size, self.max_tokens_per_rank, self.hidden_size
         self.row_words = rows.row_words(H, self.dtype, self.top_k)
@@ -174,12 +175,14 @@ class SymmDispatcher(Dispatcher):
             return buf[o:o + n].view(dtype).view(shape)
 
         self._recv = section("recv", torch.int32, (W * cap, self.row_words))
+        # (x [W * cap, H], ids [W * cap, K], weights [W * cap, K]): every batch's views
+        self._recv_views = rows.unpack(self._recv, H, self.dtype, self.top_k)
         self._back = section("back", self.dtype, (2, W * cap, H))
         self._half = 0  # the back half the next push uses
         self._counts = section("counts", torch.int32, (W, W))
         self._status = torch.zeros(W, dtype=torch.int32, device=self.device)
         self._dest1_i32 = self._dest1_on(self.device).to(torch.int32)
-        self._w_pow2 = _next_pow2(W)
+        self._w_pow2 = triton.next_power_of_2(W)
         self._open_batch: int | None = None
         torch.cuda.synchronize(self.device)
         dist.barrier(group=self.group)  # every buffer zeroed before any peer signals
@@ -212,6 +215,8 @@ class SymmDispatcher(Dispatcher):
         return super().dispatch(x_TH, topk_weights_TK, topk_ids_TK, validate=validate)
 
     def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
+        import triton
+
         from rocm_moe.comm._symm_triton import (
             barrier_scrub_kernel,
             pack_put_kernel,
@@ -223,11 +228,11 @@ class SymmDispatcher(Dispatcher):
         ids = topk_ids_TK.contiguous()
         w = topk_weights_TK.contiguous()
         pos_TW = torch.empty(T, W, dtype=torch.int64, device=dev)
-        k_pow2 = _next_pow2(K)
+        k_pow2 = triton.next_power_of_2(K)
         route_counts_kernel[(W,)](
             ids, self._dest1_i32, pos_TW, self._ptrs, T, K, me, W, cap, self.offsets["counts"],
             self.offsets["flags"], self._status, K_POW2=k_pow2, W_POW2=self._w_pow2,
-            CHUNK=min(256, max(16, _next_pow2(T))), SPIN=self.spin_limit, num_warps=4)
+            CHUNK=min(256, max(16, triton.next_power_of_2(T))), SPIN=self.spin_limit, num_warps=4)
         if T:
             x_words = x_TH.contiguous().view(torch.int32)
             pack_put_kernel[(T, -(-self.row_words // BLOCK_WORDS))](
@@ -236,7 +241,7 @@ class SymmDispatcher(Dispatcher):
         recv_W = torch.empty(W, dtype=torch.int32, device=dev)
         nvalid = torch.empty(1, dtype=torch.int32, device=dev)
         n_rows = W * cap
-        x_R, ids_R, w_R = rows.unpack(self._recv, self.hidden_size, self.dtype, K)
+        x_R, ids_R, w_R = self._recv_views
         barrier_scrub_kernel[(W + -(-n_rows // SCRUB_ROWS),)](
             self._ptrs, me, W, self.offsets["flags"], self._status, self._counts, recv_W,
             nvalid, ids_R, self.row_words, K, n_rows, SPIN=self.spin_limit, K_POW2=k_pow2,
@@ -296,6 +301,3 @@ class SymmDispatcher(Dispatcher):
             out[:, k] = rows.gather_sum(back, pos_k)
         return out
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())

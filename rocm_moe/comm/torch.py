@@ -145,7 +145,11 @@ class TorchDispatcher(Dispatcher):
         W, dev = self.world_size, x_TH.device
         # dest1 = owner + 1, or 0 for an empty slot (id -1): one lookup in an [E + 1] table.
         dest1_TK = self._dest1_on(dev)[topk_ids_TK + 1]
-        csum_WT, send_counts_W = rows.send_plan(dest1_TK, W)
+        send_WT = torch.zeros(W + 1, T, dtype=torch.int64, device=dev)
+        send_WT.scatter_(0, dest1_TK.T, 1)  # row 0 collects the empty slots
+        # [W, T] (not [T, W]): the scan runs along the contiguous token dimension.
+        csum_WT = send_WT[1:].cumsum(1)
+        send_counts_W = csum_WT[:, -1].contiguous() if T else csum_WT.new_zeros(W)
         recv_counts_W = torch.empty_like(send_counts_W)
         work = dist.all_to_all_single(recv_counts_W, send_counts_W, group=self.group,
                                       async_op=True)
