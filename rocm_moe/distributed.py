@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,14 +39,15 @@ def default_backend(world_size: int) -> str:
         else "gloo"
 
 
-def _init(rank: int, world_size: int, backend: str, timeout_s: float) -> WorkerInfo:
+def _init(rank: int, world_size: int, backend: str, timeout_s: float,
+          store: dist.Store | None = None) -> WorkerInfo:
     if backend == "nccl":
         local = int(os.environ.get("LOCAL_RANK", rank))
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(backend, rank=rank, world_size=world_size,
+    dist.init_process_group(backend, rank=rank, world_size=world_size, store=store,
                             timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if backend == "nccl" else None)
     return WorkerInfo(rank, world_size, device, backend)
@@ -64,17 +64,13 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world_size, port, backend, timeout_s, threads, out_dir, worker, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _entry(rank, world_size, backend, timeout_s, threads, out_dir, worker, args):
     if threads:
         torch.set_num_threads(threads)
-    info = _init(rank, world_size, backend, timeout_s)
+    # Rendezvous through a file of this launch's own folder: no port is guessed, so two
+    # launches (or anything else on the machine) cannot race for one.
+    store = dist.FileStore(str(Path(out_dir, "store")), world_size)
+    info = _init(rank, world_size, backend, timeout_s, store)
     try:
         try:
             result = {"result": worker(info, *args)}
@@ -86,6 +82,11 @@ def _entry(rank, world_size, port, backend, timeout_s, threads, out_dir, worker,
                 {"crash": f"{type(exc).__name__}: {exc}"}))
             raise
         Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
+        if "result" in result:
+            # Leave together: a rank that tears its groups down while a peer's last
+            # collective is still in flight can abort either process (gloo's
+            # "terminate called without an active exception", seen once in CI).
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -129,7 +130,7 @@ def launch(
         threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
     with tempfile.TemporaryDirectory() as out_dir:
         try:
-            mp.start_processes(_entry, args=(world_size, _free_port(), backend, timeout_s,
+            mp.start_processes(_entry, args=(world_size, backend, timeout_s,
                                              threads_per_rank, out_dir, worker, args),
                                nprocs=world_size, start_method="spawn", join=True)
         except ProcessException as exc:

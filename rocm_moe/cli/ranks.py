@@ -64,6 +64,7 @@ def on_ranks(worker: Callable, job, *, world_size: int, device_name: str = "auto
             result = worker(info, job)
             everyone = [None] * info.world_size
             torch.distributed.all_gather_object(everyone, result)
+            torch.distributed.barrier()  # leave together (see distributed._entry)
             return everyone if info.rank == 0 else []
         finally:
             torch.distributed.destroy_process_group()
