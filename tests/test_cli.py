@@ -225,10 +225,11 @@ def test_bench_is_an_ordinary_subcommand():
     assert args.func.keywords["module"] is experts
     assert (args.shapes, args.out, args.name) == (["dsv3"], "o", "experts")
     args = parser.parse_args(["bench", "layer", "--tokens", "1", "128", "--weight-modes",
-                              "combine", "--experts", "reference", "--baseline", ""])
+                              "combine", "--experts", "reference", "--model", "deepseek-v3",
+                              "--skew", "zipf"])
     assert args.func.keywords["module"] is layer
-    assert (args.tokens, args.weight_modes, args.experts, args.baseline) == (
-        [1, 128], ["combine"], "reference", "")
+    assert (args.tokens, args.weight_modes, args.experts, args.model, args.skew) == (
+        [1, 128], ["combine"], "reference", "deepseek-v3", ["zipf"])
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "nope"])
 
@@ -289,3 +290,77 @@ def test_run_arguments_refused_before_any_rank_starts(capsys, monkeypatch, argv,
 def test_run_on_cuda_without_a_gpu_is_a_usage_error(capsys):
     assert main(["run", *SMALL, "--world-size", "1", "--device", "cuda"]) == 2
     assert "--device=cuda: this machine has no GPU" in capsys.readouterr().err
+
+
+def test_bench_layer_send_rows_and_zipf_bias():
+    import torch
+
+    from rocm_moe import Placement
+    from rocm_moe.benchmarks.layer import send_rows, zipf_bias
+
+    ids = torch.tensor([[0, 2], [2, 3], [-1, 1]])
+    assert send_rows(ids, Placement.contiguous(4, 2), 0, [0, 1]) == ([2, 2], 2)
+    assert send_rows(ids, Placement.contiguous(4, 2), 0, [0, 0]) == ([2, 2], 0)
+    # 4 ranks on 2 nodes of 2: a token wanted by both ranks of node 1 crosses once
+    ids = torch.tensor([[4, 6], [0, 7], [1, 2]])
+    assert send_rows(ids, Placement.contiguous(8, 4), 0, [0, 0, 1, 1]) == ([2, 1, 1, 2], 2)
+    b = zipf_bias(4, 1.0)
+    assert abs(float(b.sum())) < 1e-6
+    assert float(b.max() - b.min()) == pytest.approx(float(torch.log(torch.tensor(4.0))))
+    assert sorted(b.tolist(), reverse=True)[1] == pytest.approx(float(b.max()) - 0.6931472)
+
+
+def test_bench_layer_tiny(tmp_path):
+    rc = main(["bench", "layer", "--world-size", "2", "--tokens", "1", "33", "--hidden", "64",
+               "--num-experts", "8", "--intermediate", "32", "--top-k", "2", "--warmup", "1",
+               "--iters", "2", "--skew", "uniform", "zipf", "--dtype", "float32",
+               "--out", str(tmp_path), "--name", "tiny"])
+    assert rc == 0
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    assert data["nodes"] == [0, 0]
+    rows = data["summary"]
+    assert [(r["tokens"], r["skew"]) for r in rows] == [
+        (1, "uniform"), (1, "zipf"), (33, "uniform"), (33, "zipf")]
+    for r in rows:
+        assert r["eager us"] > 0
+        assert r["tokens/s/GPU"] > 0
+        assert all(r[f"{st} us"] > 0 for st in ("route", "dispatch", "experts", "combine"))
+        assert r["inter_node MB"] == 0
+        assert r["imbalance"] >= 1
+    # 2 ranks x 33 tokens x K=2 over E=8: hot experts skew the ranks' loads
+    assert rows[3]["imbalance"] > rows[2]["imbalance"]
+    assert (tmp_path / "tiny.png").exists()
+
+
+def test_bench_layer_two_emulated_nodes_under_torchrun(tmp_path):
+    """Two torchrun launchers on one host, one rank each: the benchmark sees two nodes from
+    the launcher and times the two-stage dispatch's collectives against the flat one."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # torchrun's rendezvous needs one port known to both
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    args = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--master-addr", "127.0.0.1", "--master-port", port]
+    bench = ["-m", "rocm_moe.cli", "bench", "layer", "--tokens", "17", "--hidden", "64",
+             "--num-experts", "8", "--intermediate", "32", "--top-k", "2", "--warmup", "1",
+             "--iters", "2", "--dtype", "float32", "--out", str(tmp_path), "--name", "nodes"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, *args, "--node-rank", str(n), *bench], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n in (0, 1)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    data = json.loads((tmp_path / "nodes.json").read_text())
+    assert data["nodes"] == [0, 1]
+    (row,) = data["summary"]
+    assert row["inter_node MB"] > 0
+    assert row["intra_node MB"] == 0
+    (probe,) = data["hier_probe"]
+    assert probe["flat us"] > 0
+    assert probe["two-stage network us"] > 0
+    # one rank a node: nothing to deduplicate, the network hop carries the flat's remote rows
+    assert probe["network_rows"] * 64 * 4 == pytest.approx(row["inter_node MB"] * 1e6)

@@ -1,14 +1,29 @@
-"""Whole-layer benchmark: an EPMoE forward (route, dispatch, experts, combine) per rank.
+"""Whole-layer benchmark: the EPMoE forward (route, dispatch, experts, combine) per rank.
 
-Qwen3-30B-A3B MoE shape by default (E=128, H=2048, I=768, K=8, bf16, seeded synthetic weights,
-tokens from rocm_moe.synthetic). For each tokens-per-rank T and weight mode it builds the layer
-on the symm comm backend (max_tokens_per_rank = T) with the given experts backend, captures the
-forward in a CUDA graph (``GraphedEPMoE`` with the single bucket T) and times its replays;
-``--baseline torch`` also times the same layer on the torch backend, eagerly (it cannot be
-captured), in the same run. Each iteration: a barrier, device synchronisation, device events
-around one call; the slowest rank's time; the median over iterations. The replayed output is
-checked bit-identical to the eager forward, and the eager forward against the float64 oracle
-(rank 0's tokens, T <= 512; relative error reported).
+Model shapes (``--model``): Qwen3-30B-A3B (E=128, H=2048, I=768, K=8, softmax router) and
+DeepSeek-V3 (E=256, H=7168, I=2048, K=8, grouped sigmoid router, one shared expert of 2048),
+bf16, seeded synthetic weights; ``--num-experts`` etc. override the shape (small shapes for
+CPUs). Routing skew (``--skew``): ``uniform`` (the synthetic router as is) or ``zipf``, a
+hot-expert mix: every token carries a common component that the gate maps to a per-expert
+logit bias of ``--zipf-tau * log p_e`` with p_e proportional to 1 / rank_e over a random
+expert order, so the real router (inside any CUDA graph) sends more tokens to hot experts.
+
+For every comm backend (``--comm``), tokens per rank T, skew and weight mode, on every rank:
+- per-stage times of an eager forward (``layer.Trace``: device-synchronised; a stage's time
+  includes waiting for slower peers);
+- the eager forward's total, and on GPUs with the symm backend the forward captured in a CUDA
+  graph (``GraphedEPMoE``, one bucket T) and replayed;
+- traffic from the routing itself: rows (token, destination rank) per (source, destination),
+  split into rows that stay on the rank, cross NVLink/xGMI inside a node or cross a node
+  boundary, the inter-node rows a per-node deduplicating (two-stage) dispatch would send, and
+  the load imbalance (max / mean rows received per rank).
+Each timed iteration starts with a barrier; the slowest rank's time; the median over
+iterations. tokens/s per GPU = T / that median (graph replay where there is one). Nodes are
+taken from the launcher (torchrun's GROUP_RANK, else host name + NCCL_HOSTID), never assumed;
+the symm backend is refused across nodes (its puts are peer-to-peer loads/stores).
+
+Runs with ``--world-size N`` (spawned ranks on this host) or under torchrun, single- or
+multi-node (see notes/multinode.md for the emulated two-node layout on one host).
 """
 
 from __future__ import annotations
@@ -16,151 +31,533 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import socket
 import statistics
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from rocm_moe import EPMoE, Placement, RouterConfig
 from rocm_moe import synthetic as syn
 from rocm_moe._console import progress
 from rocm_moe.benchmarks.comm import _timed
-from rocm_moe.distributed import WorkerInfo, launch
+from rocm_moe.distributed import WorkerInfo, init_from_env, launch, under_torchrun
+from rocm_moe.layer import Trace
+
+MODELS = {  # E, H, I, K, router, shared intermediate size
+    "qwen3-30b-a3b": dict(num_experts=128, hidden=2048, intermediate=768, top_k=8,
+                          router="qwen3", shared_intermediate=None),
+    "deepseek-v3": dict(num_experts=256, hidden=7168, intermediate=2048, top_k=8,
+                        router="deepseek_v3", shared_intermediate=2048),
+}
+STAGES = ("route", "dispatch", "experts", "combine", "shared")
+_SKEW_SEED = 12345
 
 
-def _layer(cfg: dict, comm: str, mode: str, T: int, info: WorkerInfo) -> EPMoE:
-    from rocm_moe import backends
-
-    E, H, I, K = cfg["num_experts"], cfg["hidden"], cfg["intermediate"], cfg["top_k"]
-    placement = Placement.contiguous(E, info.world_size)
-    disp = backends.make_dispatcher(comm, placement, info.rank, hidden_size=H, top_k=K,
-                                    dtype=torch.bfloat16, max_tokens_per_rank=T)
-    layer = EPMoE(hidden_size=H, intermediate_size=I, router=RouterConfig.qwen3_moe(E, K),
-                  dispatcher=disp, experts=backends.make_experts(cfg["experts"]),
-                  weight_mode=mode, dtype=torch.bfloat16, device=info.device, validate=False)
-    layer.reset_parameters(seed=cfg["seed"])
-    return layer
-
-
-def _oracle_error(layer: EPMoE, x: torch.Tensor, cfg: dict) -> float:
-    from rocm_moe.experts.reference import dense_moe_reference
-    from rocm_moe.sanity import rel_err
-
-    H, I = cfg["hidden"], cfg["intermediate"]
-    res = layer(x, return_raw=True)
-    y_ref, _ = dense_moe_reference(
-        x.double(), res.topk_weights, res.topk_ids,
-        expert_weights=lambda g: syn.expert_weights(cfg["seed"], g, H, I))
-    return rel_err(layer(x), y_ref)
-
-
-def _bench_rank(info: WorkerInfo, cfg: dict) -> list[dict]:
-    from rocm_moe.graphs import GraphedEPMoE
-
-    group = None
-    out = []
-    for T in cfg["tokens"]:
-        x = syn.tokens(cfg["seed"], info.rank, T, cfg["hidden"]).bfloat16().to(info.device)
-        for mode in cfg["weight_modes"]:
-            row = dict(tokens=T, mode=mode, rank=info.rank)
-            layer = _layer(cfg, "symm", mode, T, info)
-            group = layer.dispatcher.group
-            eager = layer(x)
-            graphed = GraphedEPMoE(layer, buckets=(T,))
-            row["graph_equals_eager"] = bool(torch.equal(graphed(x), eager))
-            if T <= 512:
-                row["rel_err"] = _oracle_error(layer, x, cfg)
-            layer.dispatcher.check_peers()  # a barrier that timed out makes the numbers void
-            fns = {"symm graph": lambda g=graphed, x=x: g(x)}
-            if cfg["baseline"]:
-                base = _layer(cfg, cfg["baseline"], mode, T, info)
-                fns[f"{cfg['baseline']} eager"] = lambda b=base, x=x: b(x)
-            times = {n: [] for n in fns}
-            for it in range(cfg["warmup"] + cfg["iters"]):
-                for name, fn in fns.items():
-                    t = _timed(fn, info.device, group)
-                    if it >= cfg["warmup"]:
-                        times[name].append(t)
-            row["times"] = times
-            layer.dispatcher.check_peers()
-            out.append(row)
-            if info.rank == 0:
-                progress(f"rank 0: {T} tokens per rank, weight_mode={mode} done")
-            del graphed, layer
-            torch.cuda.empty_cache()
+def shape(cfg: dict) -> dict:
+    """The model's shape with the command line's overrides."""
+    out = dict(MODELS[cfg["model"]])
+    for k in ("num_experts", "hidden", "intermediate", "top_k", "shared_intermediate"):
+        if cfg.get(k) is not None:
+            out[k] = cfg[k] or None if k == "shared_intermediate" else cfg[k]
     return out
 
 
-def summarise(per_rank: list[list[dict]]) -> list[dict]:
-    rows = []
-    for i, first in enumerate(per_rank[0]):
-        ranks = [r[i] for r in per_rank]
-        row = dict(tokens=first["tokens"], mode=first["mode"],
-                   graph_equals_eager=all(r["graph_equals_eager"] for r in ranks))
-        if "rel_err" in first:
-            row["rel_err"] = max(r["rel_err"] for r in ranks)
+def _router(s: dict) -> RouterConfig:
+    if s["router"] == "qwen3":
+        return RouterConfig.qwen3_moe(s["num_experts"], s["top_k"])
+    if s["num_experts"] == 256 and s["top_k"] == 8:
+        return RouterConfig.deepseek_v3()  # the model's own groups: 8 of 32, 4 kept
+    from rocm_moe.cli.spec import router_config
+
+    return router_config("deepseek_v3", s["num_experts"], s["top_k"])
+
+
+def zipf_bias(num_experts: int, tau: float) -> torch.Tensor:
+    """[E] float32 logit bias tau * log p_e, p_e ~ 1 / rank_e over a seeded expert order.
+
+    Example: ``zipf_bias(4, 1.0)`` spans log 4 from the hottest expert to the coldest and sums
+    to 0 (a softmax does not see the mean).
+    """
+    g = torch.Generator().manual_seed(_SKEW_SEED)
+    order = torch.randperm(num_experts, generator=g)
+    bias = torch.empty(num_experts)
+    bias[order] = -tau * torch.log(torch.arange(1, num_experts + 1, dtype=torch.float32))
+    return bias - bias.mean()
+
+
+def _skew_direction(hidden: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(_SKEW_SEED + 1)
+    u = torch.randn(hidden, generator=g)
+    return u / u.norm()
+
+
+def _build(cfg: dict, s: dict, comm: str, T: int, info: WorkerInfo, dtype) -> EPMoE:
+    from rocm_moe import backends
+
+    placement = Placement.contiguous(s["num_experts"], info.world_size)
+    disp = backends.make_dispatcher(comm, placement, info.rank, hidden_size=s["hidden"],
+                                    top_k=s["top_k"], dtype=dtype, max_tokens_per_rank=T)
+    layer = EPMoE(hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+                  router=_router(s), dispatcher=disp, experts=backends.make_experts(cfg["experts"]),
+                  shared_intermediate_size=s["shared_intermediate"], dtype=dtype,
+                  device=info.device, validate=False)
+    return layer
+
+
+@torch.no_grad()
+def _set_skew(layer: EPMoE, skew: str, cfg: dict, base_gate: torch.Tensor) -> None:
+    """Gate = the synthetic gate (+ bias_E u^T for zipf: a token with component c*u gets
+    logits + c * bias_E)."""
+    gate = base_gate.clone()
+    if skew == "zipf":
+        u = _skew_direction(layer.hidden_size)
+        gate += torch.outer(zipf_bias(layer.router.num_experts, cfg["zipf_tau"]), u) \
+            / cfg["skew_scale"]
+    layer.gate.weight.copy_(gate.to(layer.gate.weight))
+
+
+def _tokens(cfg: dict, s: dict, skew: str, T: int, info: WorkerInfo, dtype) -> torch.Tensor:
+    x = syn.tokens(cfg["seed"], info.rank, T, s["hidden"])
+    if skew == "zipf":
+        x = x + cfg["skew_scale"] * _skew_direction(s["hidden"])
+    return x.to(dtype).to(info.device)
+
+
+def node_layout(info: WorkerInfo) -> list[int]:
+    """Node index of every rank, from the launcher: torchrun's GROUP_RANK (its node rank),
+    else the host name with NCCL_HOSTID (an emulated node)."""
+    key = os.environ.get("GROUP_RANK") or \
+        f"{socket.gethostname()}/{os.environ.get('NCCL_HOSTID', '')}"
+    if info.world_size == 1:
+        return [0]
+    keys: list = [None] * info.world_size
+    dist.all_gather_object(keys, key)
+    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}  # in order of first rank
+    return [index[k] for k in keys]
+
+
+def send_rows(topk_ids: torch.Tensor, placement: Placement, rank: int,
+              nodes: list[int]) -> tuple[list[int], int]:
+    """This rank's rows (token, destination rank) per destination [W], and the inter-node rows
+    a dispatch that sends each token once per other destination node would send.
+
+    Example: E=4 over W=2 ranks on two nodes, rank 0's ids [[0, 2], [2, 3], [-1, 1]]: rows
+    ([2, 2], 2) (rank 0 gets tokens 0, 2; rank 1 gets tokens 0, 1, once each)."""
+    W = placement.world_size
+    owner = placement.owner(topk_ids.cpu())  # [T, K], -1 for empty slots
+    dest = torch.zeros(topk_ids.shape[0], W, dtype=torch.bool)
+    for k in range(owner.shape[1]):
+        ok = owner[:, k] >= 0
+        dest[ok.nonzero().squeeze(1), owner[ok, k]] = True
+    other = {nodes[d] for d in range(W) if nodes[d] != nodes[rank]}
+    hier = sum(int(dest[:, [d for d in range(W) if nodes[d] == n]].any(1).sum()) for n in other)
+    return dest.sum(0).tolist(), hier
+
+
+def traffic(topk_ids: torch.Tensor, placement: Placement, rank: int, nodes: list[int],
+            group) -> dict:
+    """``send_rows`` of every rank (collective): the [W, W] (source, destination) row matrix,
+    its split into rows that stay on the rank, stay in the node or cross nodes, the two-stage
+    dispatch's inter-node rows and the load imbalance (max / mean rows received per rank)."""
+    W = placement.world_size
+    row, hier = send_rows(topk_ids, placement, rank, nodes)
+    matrix = torch.zeros(W, W + 1, dtype=torch.float64)
+    matrix[rank] = torch.tensor([*row, hier], dtype=torch.float64)
+    if W > 1:
+        dist.all_reduce(matrix, group=group)
+    m = matrix[:, :W]
+    node_of = torch.tensor(nodes)
+    same = node_of[:, None] == node_of[None, :]
+    eye = torch.eye(W, dtype=torch.bool)
+    recv = m.sum(0)
+    return dict(matrix=m.tolist(), local_rows=float(m[eye].sum()),
+                intra_node_rows=float(m[same & ~eye].sum()),
+                inter_node_rows=float(m[~same].sum()), hier_inter_rows=float(matrix[:, W].sum()),
+                imbalance=float(recv.max() / recv.mean()) if recv.sum() > 0 else 1.0)
+
+
+def _node_groups(nodes: list[int]) -> dict[int, object]:
+    """One process group per node (``new_group`` is collective: every rank makes all)."""
+    return {n: dist.new_group([r for r, m in enumerate(nodes) if m == n])
+            for n in sorted(set(nodes))}
+
+
+def hier_probe(topk_ids, placement: Placement, info: WorkerInfo, nodes: list[int],
+               node_groups: dict, x: torch.Tensor, cfg: dict) -> dict:
+    """Raw collectives with this routing's row counts: the flat dispatch (one
+    ``all_to_all_single`` carrying each token once per destination rank) against a two-stage
+    one (each token once per other destination node, to the rank of the same local index there,
+    then an ``all_to_all_single`` inside each node fans rows out to their ranks). Payload rows
+    of H elements only; seconds per stage as lists over iterations."""
+    W, rank = info.world_size, info.rank
+    local = [r for r in range(W) if nodes[r] == nodes[rank]]
+    L, N = len(local), len(set(nodes))
+    if any(sum(1 for m in nodes if m == n) != L for n in set(nodes)):
+        return {"skipped": "nodes of different sizes"}
+    owner = placement.owner(topk_ids.cpu())
+    dest = torch.zeros(topk_ids.shape[0], W, dtype=torch.bool)
+    for k in range(owner.shape[1]):
+        ok = owner[:, k] >= 0
+        dest[ok.nonzero().squeeze(1), owner[ok, k]] = True
+    rank_in = {r: [q for q in range(W) if nodes[q] == nodes[r]].index(r) for r in range(W)}
+    by_node = torch.zeros(topk_ids.shape[0], N, L, dtype=torch.bool)  # [T, node, local]
+    for d in range(W):
+        by_node[:, nodes[d], rank_in[d]] = dest[:, d]
+    flat_send = dest.sum(0).tolist()
+    # stage 1: to (m, my local index) for every other node m the token needs
+    s1 = [0] * W
+    for d in range(W):
+        if nodes[d] != nodes[rank] and rank_in[d] == rank_in[rank]:
+            s1[d] = int(by_node[:, nodes[d]].any(1).sum())
+    # stage 2 counts: per (source rank, local dest) rows that the forwarder of this node fans out
+    need = torch.zeros(N, L, dtype=torch.float64)  # my tokens needing (node, local) ...
+    for m in range(N):  # ... counted once per node that receives them
+        need[m] = by_node[:, m].sum(0).double()
+    everyone = [torch.zeros_like(need) for _ in range(W)]
+    dist.all_gather(everyone, need)
+    s2 = [0] * L  # rows this rank sends to each local rank of its node in stage 2
+    for src in range(W):  # own tokens, and those forwarded to me from my local index elsewhere
+        if src == rank or (nodes[src] != nodes[rank] and rank_in[src] == rank_in[rank]):
+            s2 = [a + int(b) for a, b in zip(s2, everyone[src][nodes[rank]].tolist(),
+                                             strict=True)]
+    group = node_groups[nodes[rank]]
+    counts = torch.tensor([flat_send, s1], dtype=torch.int64)
+    all_counts = [torch.zeros_like(counts) for _ in range(W)]
+    dist.all_gather(all_counts, counts)
+    flat_recv = [int(c[0, rank]) for c in all_counts]
+    s1_recv = [int(c[1, rank]) for c in all_counts]
+    s2_all = [torch.zeros(L, dtype=torch.int64) for _ in range(L)]
+    dist.all_gather(s2_all, torch.tensor(s2, dtype=torch.int64), group=group)
+    s2_recv = [int(c[rank_in[rank]]) for c in s2_all]
+    H, dev = x.shape[1], x.device
+
+    def buf(n):
+        return torch.empty(n, H, dtype=x.dtype, device=dev)
+
+    fsend, frecv = buf(sum(flat_send)), buf(sum(flat_recv))
+    h1s, h1r, h2s, h2r = buf(sum(s1)), buf(sum(s1_recv)), buf(sum(s2)), buf(sum(s2_recv))
+
+    def flat():
+        dist.all_to_all_single(frecv, fsend, flat_recv, flat_send)
+
+    def stage1():
+        dist.all_to_all_single(h1r, h1s, s1_recv, s1)
+
+    def stage2():
+        dist.all_to_all_single(h2r, h2s, s2_recv, s2, group=group)
+
+    times: dict[str, list[float]] = {"flat": [], "two-stage network": [], "two-stage node": []}
+    for it in range(cfg["warmup"] + cfg["iters"]):
+        for name, fn in (("flat", flat), ("two-stage network", stage1),
+                         ("two-stage node", stage2)):
+            t = _timed(fn, dev, None)
+            if it >= cfg["warmup"]:
+                times[name].append(t)
+    return dict(times=times, flat_rows=sum(flat_send), network_rows=sum(s1),
+                node_rows=sum(s2))
+
+
+def _bench_case(layer, x, info, group, cfg, graphed) -> dict:
+    fns = {"eager": lambda: layer(x)}
+    if graphed is not None:
+        fns["graph"] = lambda: graphed(x)
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    stages: dict[str, list[float]] = {}
+    for it in range(cfg["warmup"] + cfg["iters"]):
+        for name, fn in fns.items():
+            t = _timed(fn, info.device, group)
+            if it >= cfg["warmup"]:
+                times[name].append(t)
+        if group is not None:
+            dist.barrier(group=group)
+        trace = Trace()
+        layer(x, trace=trace)
+        if it >= cfg["warmup"]:
+            for st, t in trace.times.items():
+                stages.setdefault(st, []).append(t)
+    return dict(times=times, stages=stages)
+
+
+def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
+    from rocm_moe.graphs import GraphedEPMoE
+
+    s = shape(cfg)
+    dtype = getattr(torch, cfg["dtype"])
+    nodes = node_layout(info)
+    multinode = len(set(nodes)) > 1
+    node_groups = _node_groups(nodes) if multinode and cfg["hier_probe"] else None
+    rows, refused, probes = [], {}, []
+    layer = None
+    for comm in cfg["comm"]:
+        if comm == "symm" and len(set(nodes)) > 1:
+            refused[comm] = (f"the group spans {len(set(nodes))} nodes; symm's puts are "
+                             "peer-to-peer loads/stores inside one node")
+            continue
+        for T in cfg["tokens"]:
+            if layer is None:  # one set of weights, built once (DeepSeek-V3's take a while)
+                layer = _build(cfg, s, comm, T, info, dtype)
+                layer.reset_parameters(seed=cfg["seed"])
+                base_gate = layer.gate.weight.detach().float().clone()
+            else:  # the same weights behind a dispatcher sized for this T
+                from rocm_moe import backends
+
+                layer.dispatcher = backends.make_dispatcher(
+                    comm, layer.dispatcher.placement, info.rank, hidden_size=s["hidden"],
+                    top_k=s["top_k"], dtype=dtype, max_tokens_per_rank=T)
+            group = layer.dispatcher.group if info.world_size > 1 else None
+            for skew in cfg["skew"]:
+                _set_skew(layer, skew, cfg, base_gate)
+                x = _tokens(cfg, s, skew, T, info, dtype)
+                routing = layer.route_tokens(x)
+                tr = traffic(routing.topk_ids, layer.dispatcher.placement, info.rank, nodes,
+                             group)
+                if node_groups is not None and comm == cfg["comm"][0]:
+                    probes.append(dict(tokens=T, skew=skew, **hier_probe(
+                        routing.topk_ids, layer.dispatcher.placement, info, nodes, node_groups,
+                        x, cfg)))
+                for mode in cfg["weight_modes"]:
+                    layer.weight_mode = mode
+                    use_graph = comm == "symm" and info.device.type == "cuda"
+                    graphed = GraphedEPMoE(layer, buckets=(T,)) if use_graph else None
+                    row = dict(comm=comm, tokens=T, skew=skew, mode=mode, rank=info.rank,
+                               traffic=tr, **_bench_case(layer, x, info, group, cfg, graphed))
+                    if graphed is not None:
+                        row["graph_equals_eager"] = bool(torch.equal(graphed(x), layer(x)))
+                        layer.dispatcher.check_peers()  # a timed-out barrier voids the numbers
+                    rows.append(row)
+                    del graphed
+                    if info.rank == 0:
+                        progress(f"rank 0: {comm} T={T} {skew} weight_mode={mode} done")
+            if info.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return dict(rows=rows, refused=refused, nodes=nodes, probes=probes,
+                device=str(info.device))
+
+
+def _median_slowest(ranks: list[dict], get) -> float:
+    series = [get(r) for r in ranks]
+    n = min(len(x) for x in series)
+    return statistics.median(max(x[j] for x in series) for j in range(n)) if n else 0.0
+
+
+def summarise(per_rank: list[dict], cfg: dict) -> list[dict]:
+    """One row per case: slowest-rank medians (us), tokens/s per GPU, traffic, imbalance."""
+    s = shape(cfg)
+    row_bytes = s["hidden"] * torch.empty((), dtype=getattr(torch, cfg["dtype"])).element_size()
+    out = []
+    for i, first in enumerate(per_rank[0]["rows"]):
+        ranks = [r["rows"][i] for r in per_rank]
+        row = {k: first[k] for k in ("comm", "tokens", "skew", "mode")}
+        for st in STAGES:
+            if st in first["stages"]:
+                row[f"{st} us"] = _median_slowest(ranks, lambda r, st=st: r["stages"][st]) * 1e6
         for name in first["times"]:
-            slowest = [max(r["times"][name][j] for r in ranks)
-                       for j in range(len(first["times"][name]))]
-            row[f"{name} us"] = statistics.median(slowest) * 1e6
-        rows.append(row)
-    return rows
+            row[f"{name} us"] = _median_slowest(ranks, lambda r, n=name: r["times"][n]) * 1e6
+        best = row.get("graph us", row["eager us"])
+        row["tokens/s/GPU"] = first["tokens"] / best * 1e6
+        tr = first["traffic"]
+        row.update({f"{k} MB": tr[f"{k}_rows"] * row_bytes / 1e6
+                    for k in ("intra_node", "inter_node", "hier_inter")})
+        row["imbalance"] = tr["imbalance"]
+        if "graph_equals_eager" in first:
+            row["graph == eager"] = all(r["graph_equals_eager"] for r in ranks)
+        out.append(row)
+    return out
+
+
+def summarise_probes(per_rank: list[dict]) -> list[dict]:
+    """Flat against two-stage dispatch (slowest rank, median, us) per (T, skew)."""
+    out = []
+    for i, first in enumerate(per_rank[0]["probes"]):
+        if "skipped" in first:
+            out.append(dict(tokens=first["tokens"], skew=first["skew"], **first))
+            continue
+        ranks = [r["probes"][i] for r in per_rank]
+        row = dict(tokens=first["tokens"], skew=first["skew"])
+        for name in first["times"]:
+            row[f"{name} us"] = _median_slowest(ranks, lambda r, n=name: r["times"][n]) * 1e6
+        row["two-stage / flat"] = (row["two-stage network us"] + row["two-stage node us"]) \
+            / row["flat us"]
+        for k in ("flat_rows", "network_rows", "node_rows"):
+            row[k] = sum(r[k] for r in ranks)
+        out.append(row)
+    return out
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> str:
+    from rocm_moe.benchmarks import NO_PLOT, pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return NO_PLOT
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    cases = sorted({(r["comm"], r["skew"], r["mode"]) for r in rows})
+    for case in cases:
+        pts = [r for r in rows if (r["comm"], r["skew"], r["mode"]) == case]
+        ax.plot([r["tokens"] for r in pts], [r["tokens/s/GPU"] for r in pts], "o-",
+                label=" ".join(case))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens per rank")
+    ax.set_ylabel("tokens/s per GPU (whole layer)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    T = max(r["tokens"] for r in rows)
+    big = [r for r in rows if r["tokens"] == T]
+    left = [0.0] * len(big)
+    for st in STAGES:
+        vals = [r.get(f"{st} us", 0.0) for r in big]
+        bx.barh(range(len(big)), vals, left=left, label=st)
+        left = [a + b for a, b in zip(left, vals, strict=True)]
+    bx.set_yticks(range(len(big)), [f"{r['comm']} {r['skew']} {r['mode']}" for r in big],
+                  fontsize=7)
+    bx.set_xlabel(f"us per stage at {T} tokens/rank (eager, slowest rank)")
+    bx.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return f"plot: {path}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """This benchmark's flags (``rocm-moe bench layer``)."""
-    p.add_argument("--world-size", type=int, default=None, help="default: one rank per GPU")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 4096])
-    p.add_argument("--weight-modes", nargs="+", default=["experts", "combine"],
+    p.add_argument("--world-size", type=int, default=None,
+                   help="ranks to spawn (default: one per GPU, else 2); ignored under torchrun")
+    p.add_argument("--model", choices=list(MODELS), default="qwen3-30b-a3b")
+    p.add_argument("--num-experts", type=int, default=None, help="override the model's E")
+    p.add_argument("--hidden", type=int, default=None, help="override the model's H")
+    p.add_argument("--intermediate", type=int, default=None, help="override the model's I")
+    p.add_argument("--top-k", type=int, default=None, help="override the model's K")
+    p.add_argument("--shared-intermediate", type=int, default=None,
+                   help="override the shared expert's size (0: none)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 4096, 16384],
+                   help="tokens per rank")
+    p.add_argument("--comm", nargs="+", default=None, choices=["torch", "symm", "mori"],
+                   help="comm backends (default: torch, and symm where it runs)")
+    p.add_argument("--experts", default=None,
+                   help="experts backend (default: triton on GPUs, reference on CPUs)")
+    p.add_argument("--weight-modes", nargs="+", default=["experts"],
                    choices=["experts", "combine"])
-    p.add_argument("--experts", default="triton", help="experts backend (default triton)")
-    p.add_argument("--baseline", default="torch", help="comm backend timed eagerly beside "
-                   "(default torch; '' for none)")
-    p.add_argument("--num-experts", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--skew", nargs="+", default=["uniform"], choices=["uniform", "zipf"])
+    p.add_argument("--zipf-tau", type=float, default=1.0,
+                   help="hot-expert strength: logit bias tau * log(1 / rank_e)")
+    p.add_argument("--skew-scale", type=float, default=4.0,
+                   help="size of the tokens' common component that carries the bias")
+    p.add_argument("--hier-probe", action=argparse.BooleanOptionalAction, default=True,
+                   help="across nodes: time a flat against a two-stage dispatch's collectives")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench/results")
-    p.add_argument("--name", default=None, help="file stem (default: layer_W<N>)")
+    p.add_argument("--out", default="bench/results", help="folder for the JSON and the PNG")
+    p.add_argument("--name", default=None, help="file stem (default: layer_<model>_W<N>)")
+
+
+def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from rocm_moe.backends import BACKENDS
+
+    def availability(kind: str, name: str) -> str | None:
+        return BACKENDS[f"{kind}:{name}"].availability()
+
+    for k in ("world_size", "num_experts", "hidden", "intermediate", "top_k", "warmup"):
+        v = getattr(args, k)
+        if v is not None and v < (0 if k == "warmup" else 1):
+            parser.error(f"--{k.replace('_', '-')} {v}: must be >= {0 if k == 'warmup' else 1}")
+    if args.iters < 1 or min(args.tokens) < 1:
+        parser.error("--iters and every --tokens must be >= 1")
+    if args.comm is None:
+        args.comm = ["torch"] + (["symm"] if availability("comm", "symm") is None
+                                 else [])
+    if args.experts is None:
+        args.experts = "triton" if torch.cuda.is_available() else "reference"
+    for kind, names in (("comm", args.comm), ("experts", [args.experts])):
+        for name in names:
+            if (reason := availability(kind, name)) is not None:
+                parser.error(f"--{kind} {name} cannot run here: {reason}")
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run it with parsed ``args``; ``parser`` reports a machine that cannot run it."""
+    _check(args, parser)
+    cfg = vars(args)
+    if under_torchrun():
+        info = init_from_env(timeout_s=900)
+        try:
+            mine = _bench_rank(info, cfg)
+            results: list = [None] * info.world_size
+            dist.all_gather_object(results, mine)
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+        if info.rank != 0:
+            return 0
+        W = info.world_size
+    else:
+        W = args.world_size or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
+        progress(f"starting {W} ranks")
+        results = launch(W, _bench_rank, cfg, timeout_s=900)
+    return report(results, cfg, W)
+
+
+def report(results: list[dict], cfg: dict, W: int) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from rocm_moe.backends import device_description
-    from rocm_moe.comm.symm import SymmDispatcher
 
-    if (reason := SymmDispatcher.availability()) is not None:
-        parser.error(f"the layer benchmark runs the symm backend, which cannot run here: {reason}")
-    W = args.world_size or torch.cuda.device_count()
-    cfg = vars(args)
-    progress(f"starting {W} ranks (nccl)")
-    rows = summarise(launch(W, _bench_rank, cfg, backend="nccl", timeout_s=900))
+    rows = summarise(results, cfg)
+    nodes = results[0]["nodes"]
+    layout = f"{len(set(nodes))} node(s): " + " ".join(
+        f"n{n}:[{','.join(str(r) for r in range(W) if nodes[r] == n)}]"
+        for n in sorted(set(nodes)))
+    s = shape(cfg)
     device = device_description()
-    title = (f"EPMoE forward, symm + {args.experts} graph-replayed vs {args.baseline or '-'} "
-             f"eager, W={W}, {device}, E={args.num_experts} H={args.hidden} "
-             f"I={args.intermediate} K={args.top_k} bf16")
-    table = Table(title=title)
-    names = [k[:-3] for k in rows[0] if k.endswith(" us")]
-    for c in ["tokens/rank", "weight mode", *[f"{n} us" for n in names], "graph == eager",
-              "rel err"]:
+    title = (f"EPMoE forward, {cfg['model']} E={s['num_experts']} H={s['hidden']} "
+             f"I={s['intermediate']} K={s['top_k']} shared={s['shared_intermediate']} "
+             f"{cfg['dtype']}, experts={cfg['experts']}, W={W}, {layout}, {device}")
+    console = Console(width=220)
+    table = Table(title=title, title_justify="left")
+    keys = [k for k in rows[0] if k not in ("comm", "tokens", "skew", "mode")] if rows else []
+    for c in ["comm", "T/rank", "skew", "mode", *keys]:
         table.add_column(c, justify="right")
     for r in rows:
-        table.add_row(str(r["tokens"]), r["mode"], *[f"{r[n + ' us']:.1f}" for n in names],
-                      str(r["graph_equals_eager"]),
-                      f"{r['rel_err']:.1e}" if "rel_err" in r else "-")
-    console = Console(width=200)
+        table.add_row(r["comm"], str(r["tokens"]), r["skew"], r["mode"],
+                      *[_fmt(r.get(k)) for k in keys])
     console.print(table)
-    out = Path(args.out)
+    probes = summarise_probes(results)
+    if probes:
+        pt = Table(title="dispatch collectives across nodes: flat all_to_all vs two-stage "
+                   "(network hop to the same local rank, then inside the node)",
+                   title_justify="left")
+        pkeys = [k for k in probes[0] if k not in ("tokens", "skew")]
+        for c in ["T/rank", "skew", *pkeys]:
+            pt.add_column(c, justify="right")
+        for r in probes:
+            pt.add_row(str(r["tokens"]), r["skew"], *[_fmt(r.get(k)) for k in pkeys])
+        console.print(pt)
+    for comm, why in results[0]["refused"].items():
+        console.print(f"{comm}: not run: {why}")
+    out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"layer_W{W}"
+    stem = cfg["name"] or f"layer_{cfg['model']}_W{W}"
     (out / f"{stem}.json").write_text(json.dumps(dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(), device=device,
-        torch=torch.__version__, world_size=W, config=cfg, summary=rows), indent=1))
+        torch=torch.__version__, world_size=W, nodes=nodes, shape=s, config=cfg,
+        refused=results[0]["refused"], summary=rows, hier_probe=probes), indent=1))
     console.print(f"json: {out / f'{stem}.json'}")
+    if rows:
+        console.print(_plot(rows, out / f"{stem}.png", title))
     return 0
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.3g}" if v < 100 else f"{v:,.0f}"
+    return str(v)

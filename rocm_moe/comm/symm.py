@@ -50,6 +50,7 @@ run it.
 from __future__ import annotations
 
 import importlib.util
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,17 @@ class SymmCombineHandle(CombineHandle):
 
 def _round_up(n: int, a: int = _ALIGN) -> int:
     return -(-n // a) * a
+
+
+def _check_one_host(group) -> None:
+    """Collective: every rank of ``group`` on one host (all raise together if not)."""
+    hosts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    if len(set(hosts)) > 1:
+        raise ValueError(error_message(
+            "EP group hosts", sorted(set(hosts)), "the symm backend's puts are peer-to-peer "
+            "loads/stores, which reach the GPUs of one host only",
+            "use comm='torch' (or 'mori') for a group that spans nodes"))
 
 
 class SymmDispatcher(Dispatcher):
@@ -147,6 +159,7 @@ class SymmDispatcher(Dispatcher):
         self.group = group
         self.spin_limit = spin_limit
         check_agreement(self, group)
+        _check_one_host(group)
         self.device = torch.device("cuda", torch.cuda.current_device())
         self._allocate()
 
