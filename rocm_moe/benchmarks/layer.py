@@ -298,8 +298,9 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
             continue
         for T in cfg["tokens"]:
             if layer is None:  # one set of weights, built once (DeepSeek-V3's take a while)
-                layer = _build(cfg, s, comm, T, info, dtype)
-                layer.reset_parameters(seed=cfg["seed"])
+                layer = _build(cfg, s, comm, T, info, dtype)  # synthetic weights of seed 0
+                if cfg["seed"]:
+                    layer.reset_parameters(seed=cfg["seed"])
                 base_gate = layer.gate.weight.detach().float().clone()
             else:  # the same weights behind a dispatcher sized for this T
                 from rocm_moe import backends
