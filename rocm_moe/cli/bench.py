@@ -4,7 +4,10 @@ the same code). rocm-moe bench NAME --help gives each one's method and flags.
     comm      dispatch/combine of the comm backends (torch, and symm where it runs) against
               raw all_to_all_single of the same bytes and the peer-to-peer copy ceiling
     experts   the Triton experts against their floor, the torch reference beside them (a GPU)
-    layer     a whole EPMoE forward per rank: symm graph-replayed against torch eager (GPUs)
+    layer     the whole EPMoE forward per rank and stage, tokens/s per GPU, traffic by
+              locality; spawned or under torchrun across nodes (CPUs too)
+    scaling   a model of the DeepSeek-V3 layer at EP 8-64 on H100 and MI300X nodes, fed by
+              the measured results (no GPU)
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ BENCHMARKS = {
              "dispatch/combine GB/s against raw all_to_all_single"),
     "experts": ("rocm_moe.benchmarks.experts", "Triton experts against their floor (a GPU)"),
     "layer": ("rocm_moe.benchmarks.layer",
-              "a whole EPMoE forward, symm graph-replayed against torch eager (GPUs)"),
+              "the whole EPMoE forward per stage, any comm x experts, one or more nodes"),
+    "scaling": ("rocm_moe.benchmarks.scaling",
+                "a model of the DeepSeek-V3 layer at EP 8-64, fed by the measured results"),
 }
 _CLI_KEYS = {"func", "command", "benchmark"}  # what the CLI adds to a benchmark's arguments
 
