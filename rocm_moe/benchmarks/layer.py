@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from rocm_moe import EPMoE, Placement, RouterConfig
 from rocm_moe import synthetic as syn
-from rocm_moe._console import progress
+from rocm_moe._console import Steps, progress
 from rocm_moe.benchmarks.comm import _timed
 from rocm_moe.distributed import WorkerInfo, init_from_env, launch, under_torchrun
 from rocm_moe.layer import Trace
@@ -290,11 +290,14 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
     multinode = len(set(nodes)) > 1
     node_groups = _node_groups(nodes) if multinode and cfg["hier_probe"] else None
     rows, refused, probes = [], {}, []
+    steps = Steps("rank 0: cases done", len(cfg["comm"]) * len(cfg["tokens"]) * len(cfg["skew"])
+                  * len(cfg["weight_modes"]), enabled=info.rank == 0, every_s=0.0)
     layer = None
     for comm in cfg["comm"]:
         if comm == "symm" and len(set(nodes)) > 1:
             refused[comm] = (f"the group spans {len(set(nodes))} nodes; symm's puts are "
                              "peer-to-peer loads/stores inside one node")
+            steps.total -= len(cfg["tokens"]) * len(cfg["skew"]) * len(cfg["weight_modes"])
             continue
         for T in cfg["tokens"]:
             if layer is None:  # one set of weights, built once (DeepSeek-V3's take a while)
@@ -330,8 +333,8 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
                         layer.dispatcher.check_peers()  # a timed-out barrier voids the numbers
                     rows.append(row)
                     del graphed
-                    if info.rank == 0:
-                        progress(f"rank 0: {comm} T={T} {skew} weight_mode={mode} done")
+                    steps.what = f"rank 0: {comm} T={T} {skew} {mode} done, cases"
+                    steps.step()
             if info.device.type == "cuda":
                 torch.cuda.empty_cache()
     return dict(rows=rows, refused=refused, nodes=nodes, probes=probes,
