@@ -139,6 +139,14 @@ def node_layout(info: WorkerInfo) -> list[int]:
     return [index[k] for k in keys]
 
 
+def destinations(topk_ids: torch.Tensor, placement: Placement) -> torch.Tensor:
+    """[T, W] bool: token t has an expert on rank d (its row travels there once)."""
+    owner = placement.owner(topk_ids.cpu())  # [T, K], -1 for empty slots
+    dest = torch.zeros(topk_ids.shape[0], placement.world_size + 1, dtype=torch.bool)
+    dest.scatter_(1, torch.where(owner >= 0, owner, placement.world_size), True)
+    return dest[:, :-1]
+
+
 def send_rows(topk_ids: torch.Tensor, placement: Placement, rank: int,
               nodes: list[int]) -> tuple[list[int], int]:
     """This rank's rows (token, destination rank) per destination [W], and the inter-node rows
@@ -147,11 +155,7 @@ def send_rows(topk_ids: torch.Tensor, placement: Placement, rank: int,
     Example: E=4 over W=2 ranks on two nodes, rank 0's ids [[0, 2], [2, 3], [-1, 1]]: rows
     ([2, 2], 2) (rank 0 gets tokens 0, 2; rank 1 gets tokens 0, 1, once each)."""
     W = placement.world_size
-    owner = placement.owner(topk_ids.cpu())  # [T, K], -1 for empty slots
-    dest = torch.zeros(topk_ids.shape[0], W, dtype=torch.bool)
-    for k in range(owner.shape[1]):
-        ok = owner[:, k] >= 0
-        dest[ok.nonzero().squeeze(1), owner[ok, k]] = True
+    dest = destinations(topk_ids, placement)
     other = {nodes[d] for d in range(W) if nodes[d] != nodes[rank]}
     hier = sum(int(dest[:, [d for d in range(W) if nodes[d] == n]].any(1).sum()) for n in other)
     return dest.sum(0).tolist(), hier
@@ -197,11 +201,7 @@ def hier_probe(topk_ids, placement: Placement, info: WorkerInfo, nodes: list[int
     L, N = len(local), len(set(nodes))
     if any(sum(1 for m in nodes if m == n) != L for n in set(nodes)):
         return {"skipped": "nodes of different sizes"}
-    owner = placement.owner(topk_ids.cpu())
-    dest = torch.zeros(topk_ids.shape[0], W, dtype=torch.bool)
-    for k in range(owner.shape[1]):
-        ok = owner[:, k] >= 0
-        dest[ok.nonzero().squeeze(1), owner[ok, k]] = True
+    dest = destinations(topk_ids, placement)
     rank_in = {r: [q for q in range(W) if nodes[q] == nodes[r]].index(r) for r in range(W)}
     by_node = torch.zeros(topk_ids.shape[0], N, L, dtype=torch.bool)  # [T, node, local]
     for d in range(W):
