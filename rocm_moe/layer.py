@@ -14,6 +14,12 @@ which stage applied the weights in ``MoEOutput.weighted_by``. Both modes give th
 to the rounding of the partials (tests compare each with a float64 oracle). ``rocm_moe.weighting``
 is the one place that applies the weights.
 
+``invariant=True`` makes a token's router logits, top-k ids and weights, every slot's expert
+output and the final sum the same bits whatever the EP size, the batch and the token's place in
+it: fixed-order arithmetic (``rocm_moe.invariant``), every slot's raw output back to the owner
+(``combine_raw``), summed there in slot order in float32, shared experts added last
+(notes/invariance.md).
+
 Test machinery stays outside: ``rocm_moe.faults`` plants a known bug by wrapping the layer's
 stages (``layer.fault = "weights_twice"``) and ``rocm_moe.diagnose`` taps their tensors.
 """
@@ -29,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rocm_moe import faults, synthetic
+from rocm_moe import invariant as inv
 from rocm_moe._checks import FLOAT_DTYPES, check_finite, check_tensor, error_message
 from rocm_moe.comm.base import Dispatcher
 from rocm_moe.comm.local import LocalDispatcher
@@ -89,6 +96,16 @@ class SharedExperts(nn.Module):
             y = torch.sigmoid(self.gate(x_TH)) * y
         return y
 
+    def forward_invariant(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """The same with fixed reduction orders (``invariant.swiglu``; the gate's logit
+        accumulated in float32, its sigmoid times y rounded once): a row's bits do not
+        depend on the other rows."""
+        y = inv.swiglu(x_TH, self.w13, self.w2)
+        if self.gate is not None:
+            g = inv.pointwise(torch.sigmoid, inv.linear_acc(x_TH, self.gate.weight))
+            y = (g * y.to(g.dtype)).to(x_TH.dtype)
+        return y
+
     @torch.no_grad()
     def reference(self, x_TH: torch.Tensor) -> torch.Tensor:
         """The same in float64, for checks."""
@@ -125,6 +142,10 @@ class EPMoE(nn.Module):
         weight_mode: "experts" or "combine" (see the module docstring).
         shared_intermediate_size: I of the shared experts (all of them fused), or None.
         shared_expert_gate: sigmoid gate on the shared output (Qwen2-MoE).
+        invariant: bit-identical results per token whatever the EP size, batch size and
+            composition and the token's position (see the module docstring); the backends must
+            support it (ValueError with the reason otherwise: AITER, MORI). The routing weights
+            are then applied on the owner whatever ``weight_mode`` says.
         validate: run the value checks (finite hidden states, router logits and bias, id
             ranges, weights), which read tensors on the host; skipped under CUDA graph capture.
             ``validate=False`` is the hot path: no host read, and a NaN then propagates.
@@ -144,6 +165,7 @@ class EPMoE(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         validate: bool = True,
+        invariant: bool = False,
     ):
         super().__init__()
         resolve_weight_mode(weight_mode)  # validates it
@@ -168,6 +190,16 @@ class EPMoE(nn.Module):
                     f"dispatcher.{field}", got, f"must match the layer's {field}={want}",
                     "build the dispatcher and the layer from one config"))
         self.experts = experts or ReferenceExperts()
+        if not isinstance(invariant, bool):
+            raise TypeError(error_message("invariant", repr(invariant), "must be a bool",
+                                          "pass True or False"))
+        self.invariant = invariant
+        if invariant:
+            if (reason := self.dispatcher.invariant_unsupported_reason()) is not None:
+                raise ValueError(error_message(
+                    "invariant", True, f"comm={self.dispatcher.name} cannot run it: {reason}",
+                    "use the local, torch or symm comm backend, or invariant=False"))
+            self.experts = self.experts.as_invariant()  # ValueError with its reason if none
         self.router = router
         self.weight_mode: WeightMode = weight_mode
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
@@ -200,6 +232,9 @@ class EPMoE(nn.Module):
 
     def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         """[T, E] gate logits of [T, H] tokens (in float32 where the router asks for it)."""
+        if self.invariant:  # accumulated in float32 in a fixed order, rounded once
+            logits = inv.linear_acc(x_TH, self.gate.weight)
+            return logits if self.router.logits_in_float32 else logits.to(x_TH.dtype)
         if self.router.logits_in_float32:
             return F.linear(x_TH.float(), self.gate.weight.float())
         return self.gate(x_TH)
@@ -253,7 +288,8 @@ class EPMoE(nn.Module):
         lead = hidden_states.shape[:-1]  # [B, S, E] logits take [B, S, K] (or [T, K]) replays
         return route(logits_TE.reshape(*lead, self.router.num_experts), self.router,
                      e_score_correction_bias=self.e_score_correction_bias,
-                     forced_expert_ids=forced_expert_ids, validate=self.validate)
+                     forced_expert_ids=forced_expert_ids, validate=self.validate,
+                     invariant=self.invariant)
 
     def forward(
         self,
@@ -337,8 +373,9 @@ class EPMoE(nn.Module):
     def _run(self, hidden_states, x_TH, routing: RoutingResult, return_raw: bool, trace):
         """dispatch -> experts -> combine (+ shared experts) of routed tokens."""
         dev, disp = x_TH.device, self.dispatcher
-        weight_mode = "combine" if return_raw else self.weight_mode
-        self._refuse_unsupported(weight_mode, return_raw, x_TH)
+        raw_path = return_raw or self.invariant  # invariant: the owner sums in slot order
+        weight_mode = "combine" if raw_path else self.weight_mode
+        self._refuse_unsupported(weight_mode, raw_path, x_TH)
         with _stage(trace, "dispatch", dev):
             d = disp.dispatch(x_TH, routing.topk_weights, routing.topk_ids,
                               validate=self.validate)
@@ -346,7 +383,7 @@ class EPMoE(nn.Module):
             eo = self.experts(d.x, d.topk_ids, d.topk_weights, self.w13, self.w2,
                               disp.expert_map_on(dev), weight_mode=weight_mode, validate=False)
         with _stage(trace, "combine", dev):
-            if return_raw:  # raw [T, K, H] back on the owner, which weights all its slots once
+            if raw_path:  # raw [T, K, H] back on the owner, which weights all its slots once
                 raw_TKH = disp.combine_raw(eo, d.handle)
                 y_TH = weight_once(ExpertsOutput(out=raw_TKH, weights_applied=False),
                                    routing.topk_weights, routing.topk_ids, None)
@@ -354,7 +391,9 @@ class EPMoE(nn.Module):
                 y_TH = disp.combine(eo, d.handle)
         if self.shared_experts is not None:
             with _stage(trace, "shared", dev):
-                y_TH = y_TH + self.shared_experts(x_TH)
+                shared = self.shared_experts.forward_invariant(x_TH) if self.invariant \
+                    else self.shared_experts(x_TH)
+                y_TH = y_TH + shared
         out = y_TH.reshape(hidden_states.shape)
         if not return_raw:
             return out

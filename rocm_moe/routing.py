@@ -30,6 +30,7 @@ from typing import Literal
 
 import torch
 
+from rocm_moe import invariant as inv
 from rocm_moe._checks import (
     FLOAT_DTYPES,
     check_finite,
@@ -153,30 +154,41 @@ class RoutingResult:
     topk_ids: torch.Tensor
 
 
-def _scores(logits_TE: torch.Tensor, config: RouterConfig) -> torch.Tensor:
+def _scores(logits_TE: torch.Tensor, config: RouterConfig, invariant: bool = False):
     logits = logits_TE.float()
+    if invariant:
+        return inv.softmax(logits) if config.scoring == "softmax" \
+            else inv.pointwise(torch.sigmoid, logits)
     return logits.softmax(dim=-1) if config.scoring == "softmax" else logits.sigmoid()
 
 
-def _finish_weights(w_TK: torch.Tensor, config: RouterConfig) -> torch.Tensor:
+def _finish_weights(w_TK: torch.Tensor, config: RouterConfig, invariant: bool = False):
     if config.norm_topk_prob:
         eps = 1e-20 if config.scoring == "sigmoid" else 0.0
-        w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + eps)
+        total = inv.tree_sum(w_TK).unsqueeze(-1) if invariant else w_TK.sum(-1, keepdim=True)
+        w_TK = w_TK / (total + eps)
     if config.routed_scaling_factor != 1.0:
         w_TK = w_TK * config.routed_scaling_factor
     return w_TK
 
 
-def _choose(scores_TE: torch.Tensor, config: RouterConfig, bias_E: torch.Tensor | None):
+def _topk(t: torch.Tensor, k: int, invariant: bool) -> torch.Tensor:
+    """Indices of the k largest along the last dim (invariant: ties to the lower index)."""
+    return inv.stable_topk(t, k) if invariant else t.topk(k, dim=-1).indices
+
+
+def _choose(scores_TE: torch.Tensor, config: RouterConfig, bias_E: torch.Tensor | None,
+            invariant: bool = False):
     choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
     if config.n_group > 1:
         T, E, G = choice_TE.shape[0], config.num_experts, config.n_group
-        group_scores_TG = choice_TE.view(T, G, E // G).topk(2, dim=-1).values.sum(dim=-1)
+        top2 = choice_TE.view(T, G, E // G).topk(2, dim=-1).values  # values: ties do not matter
+        group_scores_TG = top2[..., 0] + top2[..., 1] if invariant else top2.sum(dim=-1)
         keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
-        keep_TG.scatter_(1, group_scores_TG.topk(config.topk_group, dim=-1).indices, True)
+        keep_TG.scatter_(1, _topk(group_scores_TG, config.topk_group, invariant), True)
         keep_TE = keep_TG.repeat_interleave(E // G, dim=1)
         choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
-    return choice_TE.topk(config.top_k, dim=-1).indices
+    return _topk(choice_TE, config.top_k, invariant)
 
 
 def _check_forced(forced: object, logits_TE: torch.Tensor, lead: tuple, config: RouterConfig):
@@ -206,6 +218,7 @@ def route(
     forced_expert_ids: torch.Tensor | None = None,
     forced_weights: Literal["derived", "raw"] = "derived",
     validate: bool = True,
+    invariant: bool = False,
 ) -> RoutingResult:
     """Route every token independently.
 
@@ -219,6 +232,9 @@ def route(
             the unforced path; "raw" returns the gathered scores unchanged.
         validate: refuse NaN / infinite logits or bias (one host read each; skipped under CUDA
             graph capture). ``False`` on the hot path: a NaN logit then gives NaN weights.
+        invariant: fixed-order arithmetic (``rocm_moe.invariant``): softmax's sum and the
+            top-k normalisation by a fixed pairwise tree, ties of the top-k to the lower expert
+            id, so a token's ids and weights are the same bits in any batch.
 
     Returns:
         RoutingResult with [T, K] float32 weights and [T, K] int32 global ids, T = B * S for
@@ -257,13 +273,14 @@ def route(
                      "logits come from your model, its hidden states")
 
     logits_TE = router_logits.reshape(-1, config.num_experts)
-    scores_TE = _scores(logits_TE, config)
+    inv_kw = {"invariant": True} if invariant else {}  # (the default path's calls unchanged)
+    scores_TE = _scores(logits_TE, config, **inv_kw)
     if forced_TK is not None:
         ids_TK = forced_TK
     else:
-        ids_TK = _choose(scores_TE, config, e_score_correction_bias)
+        ids_TK = _choose(scores_TE, config, e_score_correction_bias, **inv_kw)
     weights_TK = scores_TE.gather(1, ids_TK)
     if forced_TK is None or forced_weights == "derived":
-        weights_TK = _finish_weights(weights_TK, config)
+        weights_TK = _finish_weights(weights_TK, config, **inv_kw)
     return RoutingResult(topk_weights=weights_TK.float().contiguous(),
                          topk_ids=ids_TK.to(torch.int32).contiguous())

@@ -191,6 +191,12 @@ class Dispatcher(ABC):
         """None if ``combine_raw`` works on this backend, else why not."""
         return None
 
+    def invariant_unsupported_reason(self) -> str | None:
+        """None if ``EPMoE(invariant=True)`` can run on this backend, else why not. Invariant
+        mode returns each slot's raw output to its token's owner (``combine_raw``), which sums
+        the slots in slot order: the backend must move rows without arithmetic."""
+        return self.raw_unsupported_reason()
+
     def expert_map_on(self, device: torch.device) -> ExpertMap:
         if device not in self._maps:
             self._maps[device] = self.expert_map.to(device)

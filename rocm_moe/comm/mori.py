@@ -339,6 +339,11 @@ class MoriDispatcher(Dispatcher):
     def raw_unsupported_reason(self) -> str | None:
         return RAW_REASON
 
+    def invariant_unsupported_reason(self) -> str | None:
+        return ("MORI's combine sums a token's partials in the order they arrive (which varies "
+                "from run to run and with the EP size) and it has no raw per-slot return path "
+                f"({RAW_REASON})")
+
     def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
         if self._in_flight is not None:
             raise _bad("dispatch", f"batch {batch_id}", f"batch {self._in_flight} is still in "

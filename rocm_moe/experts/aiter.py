@@ -79,6 +79,11 @@ class AiterExperts(Experts):
         self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._shuffled: dict[int, tuple] = {}  # id -> (weakref, version, shuffled copy)
 
+    def invariant_unsupported_reason(self) -> str | None:
+        return ("AITER's fused_moe chooses its kernels, tiles and split-K by the batch's token "
+                "count (and sums a token's slots inside its kernels), so a token's bits depend "
+                "on the batch it came in")
+
     def supports(self, *, mode, dtype, device) -> str | None:
         if self._fused_moe is None and (reason := aiter_availability()) is not None:
             return reason

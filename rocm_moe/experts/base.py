@@ -110,6 +110,20 @@ class Experts(ABC):
         """None if this backend can run the call, else the reason it cannot."""
         return None
 
+    def invariant_unsupported_reason(self) -> str | None:
+        """None if ``as_invariant`` gives a batch-invariant variant of this backend (each
+        slot's output the same bits whatever the batch, its size and the slot's position in
+        it; ``rocm_moe.invariant``), else why not."""
+        return f"the {self.name} experts have no batch-invariant variant"
+
+    def as_invariant(self) -> Experts:
+        """This backend with fixed reduction orders and launch configurations (for
+        ``EPMoE(invariant=True)``); raises ValueError with the reason where it has none."""
+        raise ValueError(error_message(
+            "experts", self.name, "cannot run invariant=True: "
+            + (self.invariant_unsupported_reason() or "no invariant variant"),
+            "use experts='reference' or 'triton', or invariant=False"))
+
     def __call__(
         self,
         x_RH: torch.Tensor,

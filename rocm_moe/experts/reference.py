@@ -13,15 +13,28 @@ from collections.abc import Callable
 
 import torch
 
+from rocm_moe import invariant as inv
 from rocm_moe.experts.base import Experts, swiglu_expert
 from rocm_moe.experts.layout import build_layout
 from rocm_moe.weighting import ExpertsOutput, accumulation_dtype, weight_once
 
 
 class ReferenceExperts(Experts):
-    """Readable, exact, slow: the expert stage every fast backend is compared with."""
+    """Readable, exact, slow: the expert stage every fast backend is compared with.
+
+    ``invariant=True``: each slot's output through ``invariant.swiglu`` (fixed-order GEMMs,
+    intermediate rounded to x's dtype), the same bits whichever rows share its expert."""
 
     name = "reference"
+
+    def __init__(self, *, invariant: bool = False):
+        self.invariant = invariant
+
+    def invariant_unsupported_reason(self) -> str | None:
+        return None
+
+    def as_invariant(self) -> ReferenceExperts:
+        return ReferenceExperts(invariant=True)
 
     def _forward(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode):
         layout = build_layout(topk_ids_RK, expert_map, validate=False)
@@ -32,7 +45,10 @@ class ReferenceExperts(Experts):
             if n == 0:
                 continue
             rows = layout.expert_token_table[j, :n].long()
-            y = swiglu_expert(x_RH[rows].to(acc), w13[j].to(acc), w2[j].to(acc))
+            if self.invariant:  # fixed-order GEMMs: a row's bits do not depend on n
+                y = inv.swiglu(x_RH[rows], w13[j], w2[j]).to(acc)
+            else:
+                y = swiglu_expert(x_RH[rows].to(acc), w13[j].to(acc), w2[j].to(acc))
             raw_RKH[rows, layout.expert_slot_table[j, :n].long()] = y
         raw = ExpertsOutput(out=raw_RKH, weights_applied=False)
         if mode == "weighted":  # weighted once by the weighting module, still in acc's dtype

@@ -91,6 +91,19 @@ def block_config(num_slots: int, num_local: int, *, hidden: int = 0, inter: int 
     return dict(BLOCK_M=block_m, gate_up=dict(kernel), down=dict(kernel))
 
 
+def invariant_config(*, hidden: int, inter: int, device_name: str = "") -> dict:
+    """The one launch config of ``TritonExperts(invariant=True)``, whatever the batch: the
+    tuned table's entry for its largest bucket of (device, H x I) (the big-batch tiles), else
+    the heuristic's BLOCK_M = 64 config. It depends on the device and the shapes only, so every
+    slot goes through the same tiles (BLOCK_K fixed, no split-K) in every batch."""
+    buckets = _table().get(device_name, {}).get(f"{hidden}x{inter}", {})
+    if buckets:
+        entry = buckets[max(buckets, key=float)]
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in entry.items()}
+    kernel = _AMD_KERNEL[64] if _is_amd(device_name) else _DEFAULT_KERNEL
+    return dict(BLOCK_M=64, gate_up=dict(kernel), down=dict(kernel))
+
+
 def _launch_args(block_m: int, kcfg: dict) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=kcfg["BLOCK_N"], BLOCK_K=kcfg["BLOCK_K"],
                 num_warps=kcfg.get("num_warps", 4), num_stages=kcfg.get("num_stages", 3))
@@ -177,9 +190,17 @@ class TritonExperts(Experts):
             return "no CUDA/ROCm device (TRITON_INTERPRET=1 runs the kernels on a CPU, slowly)"
         return None
 
-    def __init__(self, *, config: dict | None = None, tma: bool | None = None):
+    def __init__(self, *, config: dict | None = None, tma: bool | None = None,
+                 invariant: bool = False):
         self.config = config
         self.tma = tma
+        self.invariant = invariant  # one launch config for every batch (``invariant_config``)
+
+    def invariant_unsupported_reason(self) -> str | None:
+        return None
+
+    def as_invariant(self) -> TritonExperts:
+        return TritonExperts(config=self.config, tma=self.tma, invariant=True)
 
     def supports(self, *, mode, dtype, device) -> str | None:
         if (reason := triton_availability()) is not None:
@@ -197,8 +218,13 @@ class TritonExperts(Experts):
         H, I = x_RH.shape[1], w2.shape[2]
         N = R * K
         dev_name = torch.cuda.get_device_name(x_RH.device) if x_RH.is_cuda else ""
-        cfg = self.config or block_config(N, expert_map.num_local, hidden=H, inter=I,
-                                          device_name=dev_name)
+        if self.config:
+            cfg = self.config
+        elif self.invariant:
+            cfg = invariant_config(hidden=H, inter=I, device_name=dev_name)
+        else:
+            cfg = block_config(N, expert_map.num_local, hidden=H, inter=I,
+                               device_name=dev_name)
         layout = build_layout(topk_ids_RK, expert_map, block_size=cfg["BLOCK_M"], tables=False,
                               validate=False)
         P = layout.sorted_slot_ids.numel()

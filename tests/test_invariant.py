@@ -1,0 +1,269 @@
+"""Invariant mode: the same tokens give the same bits (``torch.equal``, no tolerance) through
+EP sizes 1, 2, 3, 4 (gloo; NCCL on GPUs), through batches of other sizes, compositions and
+orders, in both weight modes, bf16 and fp32; the float64 oracle shows the accuracy is kept; the
+backends that cannot be invariant refuse with their reason.
+
+Every token's logits, ids, weights, per-slot raw outputs and final output are compared: each
+rank holds its own (uneven, one empty) share of one global token set, and the EP runs are
+compared with one W = 1 run of the whole set in this process.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rocm_moe import EPMoE, Placement, RouterConfig, dense_moe_reference
+from rocm_moe import invariant as inv
+from rocm_moe import synthetic as syn
+from rocm_moe.distributed import launch
+from tests.conftest import TOL, rel_err
+
+E, K, H, I, SHARED_I = 12, 3, 24, 10, 6  # E = 12: divisible by W = 1, 2, 3, 4
+SEED = 5
+ROUTERS = {
+    "qwen3": RouterConfig.qwen3_moe(E, K),
+    "dsv3": RouterConfig.deepseek_v3(num_experts=E, top_k=K, n_group=4, topk_group=2,
+                                     routed_scaling_factor=2.5),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("experts", "combine")
+# Tokens each rank holds at world size W (one rank empty at W >= 3; odd sizes).
+SHARES = {1: (41,), 2: (33, 8), 3: (1, 0, 40), 4: (7, 33, 0, 1)}
+FIELDS = ("logits", "weights", "ids", "raw", "out")
+
+_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _tokens(dtype, device="cpu", n=41) -> torch.Tensor:
+    return (syn.tokens(SEED, 0, n, H) * 3).to(dtype).to(device)  # wide logits: real routing
+
+
+def _layer(router: str, dtype, mode: str, dispatcher=None, experts=None, device="cpu",
+           invariant=True) -> EPMoE:
+    layer = EPMoE(hidden_size=H, intermediate_size=I, router=ROUTERS[router],
+                  dispatcher=dispatcher, experts=experts, weight_mode=mode,
+                  shared_intermediate_size=SHARED_I, shared_expert_gate=True, dtype=dtype,
+                  device=device, invariant=invariant)
+    layer.reset_parameters(seed=SEED)
+    if layer.e_score_correction_bias is not None:
+        layer.e_score_correction_bias.copy_(torch.linspace(-0.1, 0.1, E))
+    return layer
+
+
+def _run(layer: EPMoE, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every per-token quantity of one forward, as float64 / int64 on the CPU (exact)."""
+    res = layer(x, return_raw=True)
+    out = layer(x)  # the plain forward too: it must equal the return_raw one
+    assert torch.equal(out, res.out)
+    return dict(logits=layer.router_logits(x).double().cpu(),
+                weights=res.topk_weights.double().cpu(), ids=res.topk_ids.long().cpu(),
+                raw=res.raw.double().cpu(), out=res.out.double().cpu())
+
+
+def _cases():
+    return [(r, d, m) for r in ROUTERS for d in DTYPES for m in MODES]
+
+
+def _assert_same(got: dict, want: dict, what: str) -> None:
+    for f in FIELDS:
+        assert torch.equal(got[f], want[f]), f"{what}: {f} differs"
+
+
+# ---- building blocks ------------------------------------------------------------------------------
+def test_worked_examples():
+    assert torch.equal(inv.tree_sum(torch.tensor([[1., 2., 3.]])), torch.tensor([6.]))
+    assert inv.stable_topk(torch.tensor([[1., 3., 3.]]), 2).tolist() == [[1, 2]]
+    assert inv.linear_acc(torch.tensor([[1., 2.]]), torch.tensor([[3., 4.]])).tolist() == [[11.]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_building_blocks_do_not_depend_on_the_batch(dtype):
+    """Each row's linear, SiLU and softmax bits are the same in any prefix of the batch (CPU
+    BLAS and ATen's scalar tails make the plain ops fail this: the first assert shows it)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 40, generator=g).to(dtype) * 4
+    w = torch.randn(50, 40, generator=g).to(dtype)
+    silu = torch.nn.functional.silu
+    plain = silu(x.float())
+    assert any(not torch.equal(silu(x[:n].float()), plain[:n]) for n in range(1, 300)), \
+        "ATen's SiLU is position-independent here: the pointwise guard is untested"
+    lin, act, sm = inv.linear_acc(x, w), inv.pointwise(silu, x.float()), inv.softmax(x.float())
+    for n in (1, 2, 33, 64, 65, 299):
+        assert torch.equal(inv.linear_acc(x[:n], w), lin[:n])
+        assert torch.equal(inv.pointwise(silu, x[:n].float()), act[:n])
+        assert torch.equal(inv.softmax(x[:n].float()), sm[:n])
+    ref = x.double() @ w.double().T
+    assert rel_err(lin, ref) < 1e-6
+
+
+def test_stable_topk_breaks_ties_by_lower_index():
+    t = torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.9]])
+    assert inv.stable_topk(t, 2).tolist() == [[1, 2]]
+    assert inv.stable_topk(t.repeat(70, 1), 3).tolist() == [[1, 2, 4]] * 70
+
+
+# ---- one rank: batch size, composition and order -------------------------------------------------
+@pytest.mark.parametrize(("router", "dtype", "mode"), _cases(),
+                         ids=[f"{r}-{d}-{m}" for r, d, m in _cases()])
+def test_batches_of_any_size_order_and_composition(router, dtype, mode):
+    layer = _layer(router, DTYPES[dtype], mode)
+    x = _tokens(DTYPES[dtype])
+    whole = _run(layer, x)
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))
+    shuffled = _run(layer, x[perm])
+    _assert_same({f: v[perm.argsort()] for f, v in shuffled.items()}, whole, "permuted batch")
+    start = 0
+    for n in (1, 33, 7):  # other batch sizes; each token also meets other neighbours
+        part = _run(layer, x[start:start + n])
+        _assert_same(part, {f: v[start:start + n] for f, v in whole.items()}, f"batch of {n}")
+        start += n
+    other = _tokens(DTYPES[dtype], n=90)[50:]  # the same tokens among unrelated ones
+    mixed = _run(layer, torch.cat([other[:5], x[:3], other]))
+    _assert_same({f: v[5:8] for f, v in mixed.items()}, {f: v[:3] for f, v in whole.items()},
+                 "tokens among others")
+    # The other weight mode gives the same bits: the owner applies the weights in both.
+    twin = _layer(router, DTYPES[dtype], "combine" if mode == "experts" else "experts")
+    _assert_same(_run(twin, x), whole, "other weight mode")
+
+
+@pytest.mark.parametrize(("router", "dtype"), [(r, d) for r in ROUTERS for d in DTYPES])
+def test_accuracy_against_the_float64_oracle(router, dtype):
+    layer = _layer(router, DTYPES[dtype], "experts")
+    x = _tokens(DTYPES[dtype])
+    res = layer(x, return_raw=True)
+    y_ref, raw_ref = dense_moe_reference(
+        x.double(), res.topk_weights, res.topk_ids,
+        expert_weights=lambda g: syn.expert_weights(SEED, g, H, I))
+    y_ref = y_ref + layer.shared_experts.reference(x)
+    tol = TOL[DTYPES[dtype]]
+    assert rel_err(res.out, y_ref) < tol
+    assert rel_err(res.raw, raw_ref) < tol
+
+
+def test_the_default_path_is_untouched():
+    """invariant=False runs the library ops (the fast path), not the fixed-order ones."""
+    layer = _layer("qwen3", torch.float32, "experts", invariant=False)
+    x = _tokens(torch.float32)
+    assert torch.equal(layer.router_logits(x), torch.nn.functional.linear(x, layer.gate.weight))
+    assert type(layer.experts).__name__ == "ReferenceExperts" and not layer.experts.invariant
+
+
+def test_refusals():
+    from tests.fakes import FakeFusedMoe, fake_shuffle_weight
+
+    from rocm_moe.experts.aiter import AiterExperts
+
+    aiter = AiterExperts(fused_moe=FakeFusedMoe(), shuffle_weight=fake_shuffle_weight)
+    with pytest.raises(ValueError, match="experts=aiter.*cannot run invariant=True.*split-K"):
+        _layer("qwen3", torch.bfloat16, "experts", experts=aiter)
+    with pytest.raises(TypeError, match="invariant"):
+        _layer("qwen3", torch.float32, "experts", invariant=1)
+
+
+# ---- EP sizes 1, 2, 3, 4 on gloo -----------------------------------------------------------------
+def _ep_worker(info, cases, comm: str, experts: str):
+    from rocm_moe import backends
+
+    W, rank = info.world_size, info.rank
+    share = SHARES[W]
+    lo = sum(share[:rank])
+    results = []
+    for router, dtype, mode in cases:
+        dt = DTYPES[dtype]
+        disp = backends.make_dispatcher(comm, Placement.contiguous(E, W), rank, hidden_size=H,
+                                        top_k=K, dtype=dt, max_tokens_per_rank=64)
+        layer = _layer(router, dt, mode, dispatcher=disp,
+                       experts=backends.make_experts(experts), device=info.device)
+        got = _run(layer, _tokens(dt, info.device)[lo:lo + share[rank]])
+        results.append({f: v.tolist() for f, v in got.items()})
+    refusal = None
+    if comm == "torch" and W == 2:
+        from rocm_moe.comm.mori import MoriDispatcher
+        from tests.fakes import FakeMori
+
+        mori = MoriDispatcher(Placement.contiguous(E, W), hidden_size=H, top_k=K,
+                              dtype=torch.float32, max_tokens_per_rank=8, mori=FakeMori())
+        try:
+            _layer("qwen3", torch.float32, "experts", dispatcher=mori)
+        except ValueError as err:
+            refusal = str(err)
+    return dict(results=results, refusal=refusal)
+
+
+def _check_ep(W: int, comm: str, experts: str, cases, device="cpu", backend="gloo") -> None:
+    out = launch(W, _ep_worker, cases, comm, experts, backend=backend, timeout_s=600)
+    share = SHARES[W]
+    for i, (router, dtype, mode) in enumerate(cases):
+        layer = _layer(router, DTYPES[dtype], mode, device=device,
+                       experts=_experts(experts))
+        whole = _run(layer, _tokens(DTYPES[dtype], device))
+        for rank in range(W):
+            lo = sum(share[:rank])
+            got = out[rank]["results"][i]
+            got = {f: torch.tensor(got[f], dtype=whole[f].dtype).reshape(
+                (share[rank], *whole[f].shape[1:])) for f in FIELDS}
+            _assert_same(got, {f: v[lo:lo + share[rank]] for f, v in whole.items()},
+                         f"{comm}+{experts} W={W} rank={rank} {router} {dtype} {mode}")
+    if comm == "torch" and W == 2:
+        for r in out:
+            assert r["refusal"] and "arrive" in r["refusal"] and "comm=mori" in r["refusal"]
+
+
+def _experts(name: str):
+    from rocm_moe import backends
+
+    return backends.make_experts(name)
+
+
+@pytest.mark.parametrize("W", [2, 3, 4], ids=lambda w: f"gloo-W{w}")
+def test_ep_sizes_give_the_same_bits(W):
+    _check_ep(W, "torch", "reference", _cases())
+
+
+# ---- Triton experts (interpreter on CPUs) --------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests below cover it")
+def test_triton_experts_batch_invariant_in_the_interpreter():
+    from rocm_moe.experts.triton import TritonExperts
+
+    if (reason := TritonExperts.availability()) is not None:
+        pytest.skip(reason)
+    layer = _layer("qwen3", torch.float16, "experts", experts=TritonExperts())
+    x = _tokens(torch.float16, n=20)
+    whole = _run(layer, x)
+    for lo, n in ((0, 1), (1, 12), (13, 7)):
+        _assert_same(_run(layer, x[lo:lo + n]), {f: v[lo:lo + n] for f, v in whole.items()},
+                     f"triton batch of {n}")
+    flipped = _run(layer, x.flip(0))
+    _assert_same({f: v.flip(0) for f, v in flipped.items()}, whole, "triton reversed batch")
+
+
+# ---- GPUs: Triton experts on the torch (NCCL) and symm backends ---------------------------------
+GPU_CASES = [(r, "bf16", m) for r in ROUTERS for m in MODES]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("comm", ["torch", "symm"])
+@pytest.mark.parametrize("W", [1, 2, 4], ids=lambda w: f"nccl-W{w}")
+def test_gpu_ep_sizes_give_the_same_bits(W, comm):
+    if _GPUS < W:
+        pytest.skip(f"needs {W} GPUs")
+    _check_ep(W, comm, "triton", GPU_CASES, device="cuda", backend="nccl")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_GPUS < 1, reason="needs a GPU")
+def test_gpu_batches_of_any_size_and_the_fp32_path():
+    """Triton experts in bf16; fp32 on GPUs through the reference experts' fixed-order GEMMs
+    (the Triton experts refuse fp32: TF32)."""
+    from rocm_moe.experts.reference import ReferenceExperts
+    from rocm_moe.experts.triton import TritonExperts
+
+    for dtype, experts in ((torch.bfloat16, TritonExperts()),
+                           (torch.float32, ReferenceExperts())):
+        layer = _layer("qwen3", dtype, "experts", experts=experts, device="cuda")
+        x = _tokens(dtype, "cuda", n=300)
+        whole = _run(layer, x)
+        for lo, n in ((0, 1), (1, 33), (34, 200)):
+            _assert_same(_run(layer, x[lo:lo + n]), {f: v[lo:lo + n] for f, v in whole.items()},
+                         f"{dtype} batch of {n}")
