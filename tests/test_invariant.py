@@ -70,7 +70,7 @@ def _assert_same(got: dict, want: dict, what: str) -> None:
         assert torch.equal(got[f], want[f]), f"{what}: {f} differs"
 
 
-# ---- building blocks ------------------------------------------------------------------------------
+# ---- building blocks ---------------------------------------------------------------------------
 def test_worked_examples():
     assert torch.equal(inv.tree_sum(torch.tensor([[1., 2., 3.]])), torch.tensor([6.]))
     assert inv.stable_topk(torch.tensor([[1., 3., 3.]]), 2).tolist() == [[1, 2]]
@@ -146,16 +146,16 @@ def test_the_default_path_is_untouched():
     layer = _layer("qwen3", torch.float32, "experts", invariant=False)
     x = _tokens(torch.float32)
     assert torch.equal(layer.router_logits(x), torch.nn.functional.linear(x, layer.gate.weight))
-    assert type(layer.experts).__name__ == "ReferenceExperts" and not layer.experts.invariant
+    assert type(layer.experts).__name__ == "ReferenceExperts"
+    assert not layer.experts.invariant
 
 
 def test_refusals():
+    from rocm_moe.experts.aiter import AiterExperts
     from tests.fakes import FakeFusedMoe, fake_shuffle_weight
 
-    from rocm_moe.experts.aiter import AiterExperts
-
     aiter = AiterExperts(fused_moe=FakeFusedMoe(), shuffle_weight=fake_shuffle_weight)
-    with pytest.raises(ValueError, match="experts=aiter.*cannot run invariant=True.*split-K"):
+    with pytest.raises(ValueError, match=r"experts=aiter.*cannot run invariant=True.*split-K"):
         _layer("qwen3", torch.bfloat16, "experts", experts=aiter)
     with pytest.raises(TypeError, match="invariant"):
         _layer("qwen3", torch.float32, "experts", invariant=1)
@@ -207,7 +207,8 @@ def _check_ep(W: int, comm: str, experts: str, cases, device="cpu", backend="glo
                          f"{comm}+{experts} W={W} rank={rank} {router} {dtype} {mode}")
     if comm == "torch" and W == 2:
         for r in out:
-            assert r["refusal"] and "arrive" in r["refusal"] and "comm=mori" in r["refusal"]
+            assert "arrive" in (r["refusal"] or "")
+            assert "comm=mori" in r["refusal"]
 
 
 def _experts(name: str):
@@ -267,3 +268,25 @@ def test_gpu_batches_of_any_size_and_the_fp32_path():
         for lo, n in ((0, 1), (1, 33), (34, 200)):
             _assert_same(_run(layer, x[lo:lo + n]), {f: v[lo:lo + n] for f, v in whole.items()},
                          f"{dtype} batch of {n}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the kernel for real")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_linear_kernel_in_the_interpreter(dtype):
+    """The GPU path of ``linear_acc`` (the Triton kernel) in Triton's interpreter: its worked
+    example, the float64 reference, and each row the same in any prefix of the batch."""
+    from rocm_moe._libs import triton_missing
+
+    if (reason := triton_missing()) is not None:
+        pytest.skip(reason)
+    one = inv._linear_triton(torch.tensor([[1., 2.]], dtype=dtype),
+                             torch.tensor([[3., 4.]], dtype=dtype))
+    assert one.tolist() == [[11.]]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(70, 80, generator=g).to(dtype)  # 3 row tiles, 2 column tiles, 2 D chunks
+    w = torch.randn(65, 80, generator=g).to(dtype)
+    full = inv._linear_triton(x, w)
+    assert full.dtype == torch.float32
+    assert rel_err(full, x.double() @ w.double().T) < 1e-6
+    for n in (1, 31, 33):
+        assert torch.equal(inv._linear_triton(x[:n], w), full[:n])

@@ -115,7 +115,7 @@ def command(args: argparse.Namespace) -> int:
     console.print(f"EPMoE {spec.shape}, {args.tokens} tokens per rank, W={W} ({r0['backend']}), "
                   f"{r0['dtype']}, {r0['device']} ({backends.device_description()}), "
                   f"comm={spec.comm}, experts={spec.experts}, weight_mode={spec.weight_mode}, "
-                  f"weights: {spec.weights_source}; "
+                  + ("invariant, " if spec.invariant else "") + f"weights: {spec.weights_source}; "
                   f"built in {max(r['build_s'] for r in results):.1f} s")
     stages = list(r0["stage_ms"])
     table = Table(title=f"median ms of {args.iters} iterations per rank "

@@ -43,6 +43,7 @@ class LayerSpec:
     layer: int = 1  # the checkpoint's MoE layer
     max_tokens_per_rank: int = 16  # the dispatcher's capacity
     router: str = "qwen3"  # the synthetic layer's router family (ROUTERS)
+    invariant: bool = False  # EPMoE(invariant=True): the same bits whatever W and the batch
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":  # bf16 GEMMs are the norm on GPUs; a CPU runs float32 faster
@@ -72,12 +73,13 @@ class LayerSpec:
 
             weights = hf.load_moe_layer(self.checkpoint, self.layer, placement, info.rank)
             return hf.build_layer(weights, dispatcher=dispatcher, experts=experts,
-                                  weight_mode=self.weight_mode, dtype=dtype, device=info.device)
+                                  weight_mode=self.weight_mode, dtype=dtype, device=info.device,
+                                  invariant=self.invariant)
         layer = EPMoE(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
                       router=router_config(self.router, self.num_experts, self.top_k),
                       dispatcher=dispatcher, experts=experts, weight_mode=self.weight_mode,
                       shared_intermediate_size=self.shared_intermediate_size, dtype=dtype,
-                      device=info.device)
+                      device=info.device, invariant=self.invariant)
         layer.reset_parameters(seed=self.seed)
         if layer.e_score_correction_bias is not None:  # a bias that matters, as trained ones do
             g = torch.Generator().manual_seed(self.seed * 7919 + 3)
@@ -170,6 +172,9 @@ def add_layer_args(p: argparse.ArgumentParser, *, E: int, H: int, I: int, K: int
     p.add_argument("--experts", default="reference", metavar="NAME",
                    help=f"experts backend: {', '.join(backends.names('experts'))}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--invariant", action="store_true",
+                   help="invariant mode: each token's output the same bits whatever the EP "
+                   "size and the batch (notes/invariance.md; not on aiter or mori)")
 
 
 def check_positive(**options: int | None) -> None:
@@ -226,7 +231,7 @@ def layer_spec(args: argparse.Namespace, world_size: int, **fields) -> LayerSpec
     spec = LayerSpec(num_experts=args.num_experts, hidden_size=args.hidden,
                      intermediate_size=args.intermediate, top_k=args.top_k, dtype=args.dtype,
                      comm=args.comm or default_comm(world_size), experts=args.experts,
-                     seed=args.seed, **fields)
+                     seed=args.seed, invariant=getattr(args, "invariant", False), **fields)
     backends.require("experts", spec.experts)
     backends.require("comm", spec.comm)
     return checkpoint_shape(spec)

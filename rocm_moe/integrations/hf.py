@@ -314,7 +314,8 @@ def weights_from_block(block: nn.Module, config, placement: Placement,
 
 def build_layer(weights: MoELayerWeights, *, dispatcher: Dispatcher | None = None,
                 experts: Experts | None = None, weight_mode: str = "experts",
-                dtype: torch.dtype | None = None, device=None) -> EPMoE:
+                dtype: torch.dtype | None = None, device=None,
+                invariant: bool = False) -> EPMoE:
     """An EPMoE holding ``weights`` (its dispatcher's rank must be the weights' rank)."""
     dtype = dtype or weights.w13.dtype
     layer = EPMoE(hidden_size=weights.hidden_size, intermediate_size=weights.intermediate_size,
@@ -323,7 +324,7 @@ def build_layer(weights: MoELayerWeights, *, dispatcher: Dispatcher | None = Non
                   shared_intermediate_size=None if weights.shared_w2 is None
                   else weights.shared_w2.shape[1],
                   shared_expert_gate=weights.shared_gate is not None, dtype=dtype,
-                  device=device)
+                  device=device, invariant=invariant)
     with torch.no_grad():
         layer.gate.weight.copy_(weights.gate)
         if weights.e_score_correction_bias is not None:
