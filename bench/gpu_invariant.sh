@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Invariant mode (issue 17) on 4 GPUs in one call: its GPU tests (Triton experts on the torch
+# (NCCL) and symm backends at W = 1, 2, 4, batches of other sizes, the fp32 path), then the
+# layer benchmark at W = 4 with the invariant layer timed beside the default in the same run.
+# Usage on the device machine, from the repository root:
+#   bash bench/gpu_invariant.sh "$OUT" [name suffix, default 4xh100]
+set -uo pipefail
+OUT=${1:-bench/results}
+SUF=${2:-4xh100}
+ITERS=${ITERS:-30}
+R=/tmp/r_inv
+mkdir -p "$R" "$OUT"
+save() { tar -C /tmp -czf "$OUT/results_invariant.tgz" r_inv; }
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+{ date -u; git rev-parse --short HEAD 2>/dev/null
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} | tee "$R/machine_invariant_$SUF.txt"
+echo "== invariant GPU tests =="
+python3 -m pytest -q -p no:cacheprovider -rs tests/test_invariant.py 2>&1 \
+  | tee "$R/tests_invariant_$SUF.txt" | tail -15; save
+echo "== layer, W=4, default and invariant =="
+python3 -m rocm_moe.cli bench layer --invariant --tokens 1 128 4096 --iters "$ITERS" \
+  --out "$R" --name "layer_invariant_$SUF" 2>&1 | grep -v -i warn \
+  | tee "$R/layer_invariant_$SUF.txt"; save
