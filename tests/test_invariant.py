@@ -97,6 +97,19 @@ def test_building_blocks_do_not_depend_on_the_batch(dtype):
     assert rel_err(lin, ref) < 1e-6
 
 
+def test_pointwise_across_its_chunks():
+    """Above ``POINTWISE_CHUNK`` elements the CPU calls go chunk by chunk: prefixes that end
+    inside, at and past a chunk boundary give every element the same bits."""
+    x = torch.randn(40000, generator=torch.Generator().manual_seed(2)) * 6
+    silu = torch.nn.functional.silu
+    full = inv.pointwise(silu, x)
+    c = inv.POINTWISE_CHUNK
+    for n in (1, 63, c - 1, c, c + 1, 2 * c + 5, 40000):
+        assert torch.equal(inv.pointwise(silu, x[:n]), full[:n]), n
+    y = x[7:7 + 39000].view(-1, 3)  # another start, another shape
+    assert torch.equal(inv.pointwise(silu, y).flatten(), full[7:7 + 39000])
+
+
 def test_stable_topk_breaks_ties_by_lower_index():
     t = torch.tensor([[0.5, 0.9, 0.9, 0.1, 0.9]])
     assert inv.stable_topk(t, 2).tolist() == [[1, 2]]
@@ -125,6 +138,26 @@ def test_batches_of_any_size_order_and_composition(router, dtype, mode):
     # The other weight mode gives the same bits: the owner applies the weights in both.
     twin = _layer(router, DTYPES[dtype], "combine" if mode == "experts" else "experts")
     _assert_same(_run(twin, x), whole, "other weight mode")
+
+
+def test_511_tokens_split_three_ways():
+    layer = _layer("dsv3", torch.bfloat16, "combine")
+    x = _tokens(torch.bfloat16, n=511)
+    whole = _run(layer, x)
+    for lo, hi in ((0, 255), (255, 256), (256, 511)):
+        _assert_same(_run(layer, x[lo:hi]), {f: v[lo:hi] for f, v in whole.items()},
+                     f"tokens {lo}:{hi} of 511")
+
+
+def test_cli_run_invariant(capsys):
+    from rocm_moe.cli import main
+
+    assert main(["run", "--num-experts", "8", "--hidden", "32", "--intermediate", "16",
+                 "--top-k", "2", "--world-size", "1", "--tokens", "33", "--iters", "1",
+                 "--invariant"]) == 0
+    out = capsys.readouterr().out
+    assert "invariant, " in out
+    assert "PASS" in out
 
 
 @pytest.mark.parametrize(("router", "dtype"), [(r, d) for r in ROUTERS for d in DTYPES])
