@@ -18,7 +18,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } | tee "$R/machine_invariant_$SUF.txt"
 echo "== invariant GPU tests =="
-python3 -m pytest -q -p no:cacheprovider -rs tests/test_invariant.py 2>&1 \
+python3 -m pytest -q -p no:cacheprovider -rs -k gpu tests/test_invariant.py 2>&1 \
   | tee "$R/tests_invariant_$SUF.txt" | tail -15; save
 echo "== layer, W=4, default and invariant =="
 python3 -m rocm_moe.cli bench layer --invariant --tokens 1 128 4096 --iters "$ITERS" \

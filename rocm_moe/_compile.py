@@ -179,6 +179,9 @@ KERNELS = [
     Kernel("rocm_moe._weighting_triton:weighted_slot_sum_kernel",
            dict(raw_ptr="*bf16", w_ptr="*fp32", local_ptr="*i8", out_ptr="*bf16"),
            grid(K_TOPK=tuple(sorted({k for _, _, k, _ in MODEL_SHAPES})), BLOCK_H=1024)),
+    Kernel("rocm_moe._invariant_triton:linear_kernel",
+           dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*fp32"),
+           grid(IEEE=False, BLOCK_N=32, BLOCK_M=32, BLOCK_D=64)),  # invariant.LINEAR_CONFIG
     Kernel("rocm_moe.comm._symm_triton:barrier_kernel", _SYMM_PTRS,
            grid(SPIN=_SPIN, num_warps=1)),
     Kernel("rocm_moe.comm._symm_triton:route_counts_kernel", _SYMM_PTRS,

@@ -42,7 +42,7 @@ from rocm_moe.weighting import accumulation_dtype
 POINTWISE_CHUNK = 16384  # elements per CPU call: a multiple of 64, under ATen's grain (32768)
 _VEC = 64  # CPU calls see a multiple of this many elements (2 x the widest vector, bf16 AVX512)
 # The GPU linear kernel's one configuration (rows, output columns, reduction chunk; warps).
-LINEAR_CONFIG = dict(BLOCK_N=32, BLOCK_M=64, BLOCK_D=64, num_warps=4, num_stages=2)
+LINEAR_CONFIG = dict(BLOCK_N=32, BLOCK_M=32, BLOCK_D=64, num_warps=4, num_stages=3)
 
 
 def pointwise(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:
