@@ -182,6 +182,8 @@ KERNELS = [
     Kernel("rocm_moe._invariant_triton:linear_kernel",
            dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*fp32"),
            grid(IEEE=False, BLOCK_N=32, BLOCK_M=32, BLOCK_D=64)),  # invariant.LINEAR_CONFIG
+    Kernel("rocm_moe._invariant_triton:softmax_kernel",
+           dict(x_ptr="*fp32", out_ptr="*fp32"), grid(BLOCK_E=(8, 64, 128, 256))),
     Kernel("rocm_moe.comm._symm_triton:barrier_kernel", _SYMM_PTRS,
            grid(SPIN=_SPIN, num_warps=1)),
     Kernel("rocm_moe.comm._symm_triton:route_counts_kernel", _SYMM_PTRS,

@@ -34,3 +34,17 @@ def linear_kernel(x_ptr, w_ptr, out_ptr, N, M, D, IEEE: tl.constexpr, BLOCK_N: t
             acc = tl.dot(a, b, acc)
     tl.store(out_ptr + rn[:, None].to(tl.int64) * M + rm[None, :], acc,
              mask=n_ok[:, None] & m_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def softmax_kernel(x_ptr, out_ptr, T, E, BLOCK_E: tl.constexpr):
+    """out[t] = softmax(x[t]) over E float32 values, one program per row: exp(x - max) over
+    their sum, the sum a block reduction whose order depends on BLOCK_E and the warps only
+    (the launcher fixes both), so a row's bits never depend on T. x, out [T, E] contiguous.
+    Example: x = [[0, log(3)]] -> [[0.25, 0.75]]."""
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    ok = e < E
+    logits = tl.load(x_ptr + t * E + e, mask=ok, other=-float("inf"))
+    p = tl.where(ok, tl.exp(logits - tl.max(logits, axis=0)), 0.0)
+    tl.store(out_ptr + t * E + e, p / tl.sum(p, axis=0), mask=ok)

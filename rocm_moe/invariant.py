@@ -21,6 +21,8 @@ other tokens or the EP world size (notes/invariance.md states every order). The 
 - ``tree_sum``: the sum over the last dim by a fixed pairwise tree (padded with zeros to a
   power of two): elementwise adds only; a library reduction may split a row across threads
   differently for different row counts (CUDA's reduction does).
+- ``softmax``: exp(l - max) / sum, the sum by ``tree_sum`` (CPUs) or, on GPUs, by one Triton
+  program per row (a block reduction whose shape depends on E only).
 - ``stable_topk``: top-k indices by a stable descending sort: ties go to the lower index.
 
 Invariance is across batches, positions and EP sizes on one kind of device with one software
@@ -79,9 +81,27 @@ def stable_topk(t: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim: exp(l - max) / tree_sum(exp(l - max)), in logits' dtype."""
+    """Softmax over the last dim of [T, E] float32 logits: exp(l - max) over its sum. On GPUs
+    one Triton program per row (one launch; the sum a block reduction of a fixed shape), else
+    ``pointwise`` exp and ``tree_sum``."""
+    if logits.is_cuda and logits.dtype == torch.float32 and logits.dim() == 2 \
+            and library_version("triton"):
+        return _softmax_triton(logits)
     e = pointwise(torch.exp, logits - logits.amax(dim=-1, keepdim=True))
     return e / tree_sum(e).unsqueeze(-1)
+
+
+def _softmax_triton(logits_TE: torch.Tensor) -> torch.Tensor:
+    import triton
+
+    from rocm_moe._invariant_triton import softmax_kernel
+
+    T, E = logits_TE.shape
+    x = logits_TE.contiguous()
+    out = torch.empty_like(x)
+    if T:
+        softmax_kernel[(T,)](x, out, T, E, BLOCK_E=triton.next_power_of_2(E), num_warps=4)
+    return out
 
 
 def linear_acc(x_ND: torch.Tensor, w_MD: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ compared with one W = 1 run of the whole set in this process.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -330,3 +332,20 @@ def test_linear_kernel_in_the_interpreter(dtype):
     assert rel_err(full, x.double() @ w.double().T) < 1e-6
     for n in (1, 31, 33):
         assert torch.equal(inv._linear_triton(x[:n], w), full[:n])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the kernel for real")
+def test_softmax_kernel_in_the_interpreter():
+    """The GPU softmax (one Triton program per row) in the interpreter: its worked example, the
+    float64 softmax, and each row the same in any prefix of the batch."""
+    from rocm_moe._libs import triton_missing
+
+    if (reason := triton_missing()) is not None:
+        pytest.skip(reason)
+    half = inv._softmax_triton(torch.tensor([[0.0, math.log(3.0)]]))
+    assert torch.allclose(half, torch.tensor([[0.25, 0.75]]))
+    x = torch.randn(40, 12, generator=torch.Generator().manual_seed(4)) * 5  # E not a power of 2
+    full = inv._softmax_triton(x)
+    assert rel_err(full, x.double().softmax(-1)) < 1e-6
+    for n in (1, 17, 39):
+        assert torch.equal(inv._softmax_triton(x[:n]), full[:n])
