@@ -89,6 +89,7 @@ class SharedExperts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(2 * intermediate_size, hidden_size, **kw))
         self.w2 = nn.Parameter(torch.empty(hidden_size, intermediate_size, **kw))
         self.gate = nn.Linear(hidden_size, 1, bias=False, **kw) if gated else None
+        self._one_expert: dict = {}  # device -> ExpertMap of one expert (forward_invariant)
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         y = swiglu_expert(x_TH, self.w13, self.w2)
@@ -96,11 +97,24 @@ class SharedExperts(nn.Module):
             y = torch.sigmoid(self.gate(x_TH)) * y
         return y
 
-    def forward_invariant(self, x_TH: torch.Tensor) -> torch.Tensor:
-        """The same with fixed reduction orders (``invariant.swiglu``; the gate's logit
-        accumulated in float32, its sigmoid times y rounded once): a row's bits do not
-        depend on the other rows."""
-        y = inv.swiglu(x_TH, self.w13, self.w2)
+    def forward_invariant(self, x_TH: torch.Tensor, experts: Experts | None = None):
+        """The same with fixed reduction orders: a row's bits do not depend on the other rows.
+        The SwiGLU runs as one expert that every row goes to, on ``experts`` (an invariant
+        backend: the Triton experts' fixed tiles on GPUs) where it supports the call, else
+        through ``invariant.swiglu`` (the same arithmetic as the invariant reference experts);
+        the gate's logit is accumulated in float32, its sigmoid times y rounded once."""
+        x = x_TH
+        if experts is not None and experts.supports(mode="raw", dtype=x.dtype,
+                                                    device=x.device) is None:
+            if x.device not in self._one_expert:  # (host reads once per device)
+                self._one_expert[x.device] = Placement.contiguous(1, 1).expert_map(0).to(x.device)
+            T = x.shape[0]
+            y = experts(x, torch.zeros(T, 1, dtype=torch.int32, device=x.device),
+                        torch.ones(T, 1, dtype=torch.float32, device=x.device), self.w13[None],
+                        self.w2[None], self._one_expert[x.device], weight_mode="combine",
+                        validate=False).out[:, 0]
+        else:
+            y = inv.swiglu(x_TH, self.w13, self.w2)
         if self.gate is not None:
             g = inv.pointwise(torch.sigmoid, inv.linear_acc(x_TH, self.gate.weight))
             y = (g * y.to(g.dtype)).to(x_TH.dtype)
@@ -391,8 +405,10 @@ class EPMoE(nn.Module):
                 y_TH = disp.combine(eo, d.handle)
         if self.shared_experts is not None:
             with _stage(trace, "shared", dev):
-                shared = self.shared_experts.forward_invariant(x_TH) if self.invariant \
-                    else self.shared_experts(x_TH)
+                if self.invariant:
+                    shared = self.shared_experts.forward_invariant(x_TH, self.experts)
+                else:
+                    shared = self.shared_experts(x_TH)
                 y_TH = y_TH + shared
         out = y_TH.reshape(hidden_states.shape)
         if not return_raw:
