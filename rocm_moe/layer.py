@@ -204,16 +204,8 @@ class EPMoE(nn.Module):
                     f"dispatcher.{field}", got, f"must match the layer's {field}={want}",
                     "build the dispatcher and the layer from one config"))
         self.experts = experts or ReferenceExperts()
-        if not isinstance(invariant, bool):
-            raise TypeError(error_message("invariant", repr(invariant), "must be a bool",
-                                          "pass True or False"))
-        self.invariant = invariant
-        if invariant:
-            if (reason := self.dispatcher.invariant_unsupported_reason()) is not None:
-                raise ValueError(error_message(
-                    "invariant", True, f"comm={self.dispatcher.name} cannot run it: {reason}",
-                    "use the local, torch or symm comm backend, or invariant=False"))
-            self.experts = self.experts.as_invariant()  # ValueError with its reason if none
+        self._invariant = False
+        self.invariant = invariant  # (the setter checks it and swaps in invariant experts)
         self.router = router
         self.weight_mode: WeightMode = weight_mode
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
@@ -234,6 +226,34 @@ class EPMoE(nn.Module):
             self.shared_experts = SharedExperts(H, shared_intermediate_size,
                                                 gated=shared_expert_gate, **kw)
         self.reset_parameters()
+
+    @property
+    def invariant(self) -> bool:
+        """Invariant mode (see the module docstring). Settable: True swaps in the experts
+        backend's invariant variant (``Experts.as_invariant``; ValueError with the reason where
+        the experts or the dispatcher cannot run it), False restores the backend it replaced."""
+        return self._invariant
+
+    @invariant.setter
+    def invariant(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(error_message("invariant", repr(value), "must be a bool",
+                                          "pass True or False"))
+        if value == self._invariant:
+            return
+        if value:
+            self._check_invariant_comm()
+            invariant_experts = self.experts.as_invariant()  # ValueError with its reason if none
+            self._plain_experts, self.experts = self.experts, invariant_experts
+        else:
+            self.experts = self._plain_experts
+        self._invariant = value
+
+    def _check_invariant_comm(self) -> None:
+        if (reason := self.dispatcher.invariant_unsupported_reason()) is not None:
+            raise ValueError(error_message(
+                "invariant", True, f"comm={self.dispatcher.name} cannot run it: {reason}",
+                "use the local, torch or symm comm backend, or invariant=False"))
 
     @property
     def fault(self) -> str | None:
@@ -374,6 +394,8 @@ class EPMoE(nn.Module):
     def _refuse_unsupported(self, weight_mode: WeightMode, return_raw: bool, x_TH) -> None:
         """Every refusal happens here, before the first collective, identically on all ranks."""
         disp = self.dispatcher
+        if self.invariant:  # (the dispatcher may have been swapped since invariant was set)
+            self._check_invariant_comm()
         reason = self.experts.supports(mode=output_form(weight_mode), dtype=x_TH.dtype,
                                        device=x_TH.device)
         if reason is None and return_raw:

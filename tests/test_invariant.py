@@ -185,6 +185,27 @@ def test_the_default_path_is_untouched():
     assert not layer.experts.invariant
 
 
+def test_invariant_can_be_switched_on_and_off():
+    """``layer.invariant = True`` on a built layer gives the bits of a layer built invariant;
+    False gives the default path's bits back."""
+    x = _tokens(torch.float32)
+    plain = _layer("qwen3", torch.float32, "experts", invariant=False)
+    want_plain = _run(plain, x)
+    plain.invariant = True
+    _assert_same(_run(plain, x), _run(_layer("qwen3", torch.float32, "experts"), x), "on")
+    plain.invariant = False
+    _assert_same(_run(plain, x), want_plain, "off again")
+
+
+def test_bench_costs_line():
+    from rocm_moe.benchmarks.layer import invariant_costs
+
+    rows = [dict(comm="torch", tokens=8, skew="uniform", mode=m, **{"eager us": t})
+            for m, t in (("experts", 100.0), ("invariant", 120.0))]
+    assert invariant_costs(rows) == ["torch T=8 uniform: invariant 1.20x experts (eager: 120.0 "
+                                     "vs 100.0 us)"]
+
+
 def test_refusals():
     from rocm_moe.experts.aiter import AiterExperts
     from tests.fakes import FakeFusedMoe, fake_shuffle_weight
@@ -349,3 +370,19 @@ def test_softmax_kernel_in_the_interpreter():
     assert rel_err(full, x.double().softmax(-1)) < 1e-6
     for n in (1, 17, 39):
         assert torch.equal(inv._softmax_triton(x[:n]), full[:n])
+
+
+def test_bench_layer_invariant_on_cpu_ranks(tmp_path, capsys):
+    """``rocm-moe bench layer --invariant`` on two gloo ranks: the mode runs beside the default
+    on the same layer and its cost line is printed and saved."""
+    import json
+
+    from rocm_moe.cli import main
+
+    assert main(["bench", "layer", "--world-size", "2", "--num-experts", "8", "--hidden", "32",
+                 "--intermediate", "16", "--top-k", "2", "--tokens", "5", "--iters", "1",
+                 "--warmup", "0", "--comm", "torch", "--invariant", "--out", str(tmp_path),
+                 "--name", "inv"]) == 0
+    assert "torch T=5 uniform: invariant " in capsys.readouterr().out
+    summary = json.loads((tmp_path / "inv.json").read_text())["summary"]
+    assert [r["mode"] for r in summary] == ["experts", "invariant"]

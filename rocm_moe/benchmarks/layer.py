@@ -24,6 +24,10 @@ the symm backend is refused across nodes (its puts are peer-to-peer loads/stores
 
 Runs with ``--world-size N`` (spawned ranks on this host) or under torchrun, single- or
 multi-node (see notes/multinode.md for the emulated two-node layout on one host).
+
+``--invariant`` adds a mode "invariant" after the weight modes: the same layer, weights and
+tokens with ``layer.invariant = True`` (notes/invariance.md), and reports its time over the
+first weight mode's in the same run.
 """
 
 from __future__ import annotations
@@ -323,7 +327,8 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
                         routing.topk_ids, layer.dispatcher.placement, info, nodes, node_groups,
                         x, cfg)))
                 for mode in cfg["weight_modes"]:
-                    layer.weight_mode = mode
+                    layer.invariant = mode == "invariant"
+                    layer.weight_mode = cfg["weight_modes"][0] if layer.invariant else mode
                     use_graph = comm == "symm" and info.device.type == "cuda"
                     graphed = GraphedEPMoE(layer, buckets=(T,)) if use_graph else None
                     row = dict(comm=comm, tokens=T, skew=skew, mode=mode, rank=info.rank,
@@ -369,6 +374,23 @@ def summarise(per_rank: list[dict], cfg: dict) -> list[dict]:
         if "graph_equals_eager" in first:
             row["graph == eager"] = all(r["graph_equals_eager"] for r in ranks)
         out.append(row)
+    return out
+
+
+def invariant_costs(rows: list[dict]) -> list[str]:
+    """Per (comm, T, skew): the invariant mode's time over the first weight mode's (graph
+    replay where there is one, else eager). Example: rows experts 100 us and invariant 120 us
+    -> "... invariant 1.20x experts ..."."""
+    out = []
+    for inv in (r for r in rows if r["mode"] == "invariant"):
+        base = next((r for r in rows if r["mode"] != "invariant" and all(
+            r[k] == inv[k] for k in ("comm", "tokens", "skew"))), None)
+        if base is None:
+            continue
+        key = "graph us" if "graph us" in inv else "eager us"
+        out.append(f"{inv['comm']} T={inv['tokens']} {inv['skew']}: invariant "
+                   f"{inv[key] / base[key]:.2f}x {base['mode']} ({key[:-3]}: {inv[key]:.1f} vs "
+                   f"{base[key]:.1f} us)")
     return out
 
 
@@ -445,6 +467,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="experts backend (default: triton on GPUs, reference on CPUs)")
     p.add_argument("--weight-modes", nargs="+", default=["experts"],
                    choices=["experts", "combine"])
+    p.add_argument("--invariant", action="store_true",
+                   help="also time the layer with invariant=True (mode 'invariant') in the run")
     p.add_argument("--skew", nargs="+", default=["uniform"], choices=["uniform", "zipf"])
     p.add_argument("--zipf-tau", type=float, default=1.0,
                    help="hot-expert strength: logit bias tau * log(1 / rank_e)")
@@ -477,6 +501,8 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                                  else [])
     if args.experts is None:
         args.experts = "triton" if torch.cuda.is_available() else "reference"
+    if getattr(args, "invariant", False) and "invariant" not in args.weight_modes:
+        args.weight_modes = [*args.weight_modes, "invariant"]
     for kind, names in (("comm", args.comm), ("experts", [args.experts])):
         for name in names:
             if (reason := availability(kind, name)) is not None:
@@ -531,6 +557,8 @@ def report(results: list[dict], cfg: dict, W: int) -> int:
         table.add_row(r["comm"], str(r["tokens"]), r["skew"], r["mode"],
                       *[_fmt(r.get(k)) for k in keys])
     console.print(table)
+    for line in invariant_costs(rows):
+        console.print(line)
     probes = summarise_probes(results)
     if probes:
         pt = Table(title="dispatch collectives across nodes: flat all_to_all vs two-stage "
