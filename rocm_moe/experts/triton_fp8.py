@@ -15,10 +15,10 @@ FP8 ``tl.dot`` needs FP8 matrix instructions (NVIDIA sm_89+, MI300 for e4m3fnuz,
 e4m3fn); elsewhere, and in Triton's interpreter, ``upcast`` converts the FP8 tiles to float16
 first (exact; the same sums). Launch configs: ``fp8_block_config`` (a heuristic, untuned).
 
-Worked example (the test asserts it): one row x = [1, 0, ...] (H = I = 128), K = 1, weight
-0.5, gate = up = 4 on the diagonal and down = identity (all exact in FP8 with scale 1 per
-block... scaled by amax / 448) gives 0.5 * silu(4) * 4 = 7.928... on hidden dim 0, to FP8's
-rounding of the intermediate (3 mantissa bits: within 1/16).
+Worked example (the test asserts it): H = I = 128, one row x = e_0, K = 1, weight 0.5,
+gate = up = 4 * identity, down = identity: every group has one non-zero value, which FP8
+holds exactly (its scale is value / 448), so the output is 0.5 * silu(4) * 4 = 7.8561... on
+hidden dim 0 and 0 elsewhere, as in bfloat16.
 """
 
 from __future__ import annotations
