@@ -23,11 +23,14 @@ SHAPES = [pytest.param(n, k, id=f"N{n}_K{k}") for n, k in [(1, 1), (33, 511), (1
 def test_worked_example():
     r = quantize_rows(torch.tensor([[448.0, -1.0]]))
     assert r.q.dtype == torch.float8_e4m3fn
-    assert r.q.float().tolist() == [[448.0, -1.0]] and r.scale.tolist() == [[1.0]]
+    assert r.q.float().tolist() == [[448.0, -1.0]]
+    assert r.scale.tolist() == [[1.0]]
     f = r.to_format("e4m3fnuz")
     assert f.q.dtype == torch.float8_e4m3fnuz
-    assert f.q.float().tolist() == [[224.0, -0.5]] and f.scale.tolist() == [[2.0]]
-    assert fp8_max(torch.float8_e4m3fn) == 448 and fp8_max(torch.float8_e4m3fnuz) == 240
+    assert f.q.float().tolist() == [[224.0, -0.5]]
+    assert f.scale.tolist() == [[2.0]]
+    assert fp8_max(torch.float8_e4m3fn) == 448
+    assert fp8_max(torch.float8_e4m3fnuz) == 240
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -36,9 +39,11 @@ def test_weight_blocks_round_trip(N, K, fmt, gen):
     w = torch.randn(3, N, K, generator=gen, dtype=torch.float64)
     w[1, : min(N, 128), : min(K, 128)] = 0  # an all-zero block: q 0, any positive scale
     b = quantize_weight_blocks(w, dtype=fmt)
-    assert b.weight.dtype == fp8_dtype(fmt) and b.weight.shape == w.shape
+    assert b.weight.dtype == fp8_dtype(fmt)
+    assert b.weight.shape == w.shape
     assert b.scale_inv.shape == (3, -(-N // 128), -(-K // 128))
-    assert b.scale_inv.dtype == torch.float32 and bool((b.scale_inv > 0).all())
+    assert b.scale_inv.dtype == torch.float32
+    assert bool((b.scale_inv > 0).all())
     d = b.dequantize()
     assert d.dtype == torch.float64
     # Round to nearest with 3 mantissa bits: every value within half a quantum, i.e. 1/16 of
@@ -49,7 +54,8 @@ def test_weight_blocks_round_trip(N, K, fmt, gen):
     assert d[1, : min(N, 128), : min(K, 128)].eq(0).all()
     # Each block's largest magnitude maps to the format's largest value exactly.
     assert b.weight.float().abs().amax().item() == fp8_max(fp8_dtype(fmt))
-    assert b[2].weight.shape == (N, K) and torch.equal(b[2].dequantize(), d[2])
+    assert b[2].weight.shape == (N, K)
+    assert torch.equal(b[2].dequantize(), d[2])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -57,7 +63,8 @@ def test_weight_blocks_round_trip(N, K, fmt, gen):
 def test_rows_round_trip(H, fmt, gen):
     x = torch.randn(7, H, generator=gen) * torch.logspace(-3, 3, 7)[:, None]
     r = quantize_rows(x, dtype=fmt)
-    assert r.scale.shape == (7, -(-H // 128)) and r.scale.dtype == torch.float32
+    assert r.scale.shape == (7, -(-H // 128))
+    assert r.scale.dtype == torch.float32
     err = (r.dequantize() - x.double()).norm() / x.double().norm()
     assert 0 < err.item() < 0.04  # e4m3: ~2% rms
     zero = quantize_rows(torch.zeros(2, H), dtype=fmt)

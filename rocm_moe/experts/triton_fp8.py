@@ -136,7 +136,8 @@ class TritonFP8Experts(FP8Experts):
         n_blocks = layout.block_expert_ids.numel()
         if N and P:
             gu, dn = cfg["gate_up"], cfg["down"]
-            assert gu["BLOCK_N"] == BLOCK and BLOCK % dn["BLOCK_N"] == 0, cfg
+            assert gu["BLOCK_N"] == BLOCK, cfg  # the epilogue quantises whole groups
+            assert BLOCK % dn["BLOCK_N"] == 0, cfg  # a column tile in one weight block
             ws13, ws2 = w13.scale_inv, w2.scale_inv
             _fp8_gate_up_kernel[(n_blocks * (I // gu["BLOCK_N"]),)](
                 aq, as_, w13.weight.view(-1, H), ws13, iq, is_, layout.sorted_slot_ids,

@@ -61,11 +61,13 @@ def test_reference_matches_float64_oracles(R, K, E, W, H, I, fmt, gen):
     args, fw = _case(R, K, E, W, H, I, gen, fmt=fmt, device="cpu")
     y_q, y_model = _oracles(args, fw)
     out = FP8ReferenceExperts()(*args, weight_mode="experts")
-    assert out.weights_applied and out.out.dtype == torch.float32
+    assert out.weights_applied
+    assert out.out.dtype == torch.float32
     assert rel_err(out.out, y_q) < ORACLE_TOL
     assert 5e-3 < rel_err(out.out, y_model) < MODEL_TOL  # FP8 activations do cost accuracy
     raw = FP8ReferenceExperts()(*args, weight_mode="combine")
-    assert not raw.weights_applied and raw.out.shape == (R, K, H)
+    assert not raw.weights_applied
+    assert raw.out.shape == (R, K, H)
     local = args[5].local_ids(args[1]) >= 0
     assert raw.out[~local].eq(0).all()
     y_raw = (raw.out.double() * args[2].double()[..., None] * local[..., None]).sum(1)
@@ -76,11 +78,12 @@ def test_reference_matches_float64_oracles(R, K, E, W, H, I, fmt, gen):
 
 
 def test_fp8_rows_input_needs_no_dequantise_and_matches(gen):
-    args, fw = _case(33, 4, 16, 2, 200, 256, gen, device="cpu")
+    args, _fw = _case(33, 4, 16, 2, 200, 256, gen, device="cpu")
     rows = quantize_rows(args[0])
     a = FP8ReferenceExperts()(rows, *args[1:], weight_mode="experts")
     b = FP8ReferenceExperts()(*args, weight_mode="experts", out_dtype=torch.bfloat16)
-    assert a.out.dtype == torch.bfloat16 and torch.equal(a.out, b.out)
+    assert a.out.dtype == torch.bfloat16
+    assert torch.equal(a.out, b.out)
 
 
 def test_converted_fnuz_weights_give_the_same_model(gen):
@@ -96,7 +99,7 @@ def test_converted_fnuz_weights_give_the_same_model(gen):
 
 
 def test_contract_checks(gen):
-    args, fw = _case(5, 2, 8, 1, 128, 128, gen, device="cpu")
+    args, _fw = _case(5, 2, 8, 1, 128, 128, gen, device="cpu")
     x, ids, w, w13, w2, emap = args
     ref = FP8ReferenceExperts()
     with pytest.raises(TypeError, match=r"w13=Tensor.*must be a quant.BlockFP8Weight"):
@@ -124,8 +127,8 @@ from rocm_moe.experts.triton_fp8 import (  # noqa: E402
     quantize_rows_triton,
 )
 
-TRITON_GRID = GRID[:2] if DEVICE.type == "cpu" else GRID + [
-    pytest.param(4096, 8, 256, 8, 7168, 2048, id="R4096_K8_E256_W8_H7168_I2048"),
+TRITON_GRID = GRID[:2] if DEVICE.type == "cpu" else [
+    *GRID, pytest.param(4096, 8, 256, 8, 7168, 2048, id="R4096_K8_E256_W8_H7168_I2048"),
     pytest.param(1024, 8, 128, 8, 2048, 768, id="R1024_K8_E128_W8_H2048_I768")]
 
 
@@ -142,7 +145,8 @@ def test_triton_matches_reference_and_oracle(R, K, E, W, H, I, fmt, gen):
     for mode in ("experts", "combine"):
         out = TritonFP8Experts()(*args, weight_mode=mode, out_dtype=out_dtype)
         ref = FP8ReferenceExperts()(*args, weight_mode=mode)
-        assert out.out.dtype == out_dtype and out.out.shape == ref.out.shape
+        assert out.out.dtype == out_dtype
+        assert out.out.shape == ref.out.shape
         tol = 1e-2 if out_dtype == torch.bfloat16 else ORACLE_TOL
         assert rel_err(out.out, ref.out) < tol, mode
         if mode == "combine":
@@ -192,4 +196,5 @@ def test_fp8_block_config():
     assert fp8_block_config(256 * 32, 32)["BLOCK_M"] == 128
     for m in (1, 40, 100, 1000):
         cfg = fp8_block_config(m * 8, 8)
-        assert cfg["gate_up"]["BLOCK_N"] == 128 and 128 % cfg["down"]["BLOCK_N"] == 0
+        assert cfg["gate_up"]["BLOCK_N"] == 128
+        assert 128 % cfg["down"]["BLOCK_N"] == 0
