@@ -4,6 +4,7 @@ the same code). rocm-moe bench NAME --help gives each one's method and flags.
     comm      dispatch/combine of the comm backends (torch, and symm where it runs) against
               raw all_to_all_single of the same bytes and the peer-to-peer copy ceiling
     experts   the Triton experts against their floor, the torch reference beside them (a GPU)
+    experts-fp8  the Triton FP8 block-scale experts against their FP8 floor (a GPU)
     layer     a whole EPMoE forward per rank: symm graph-replayed against torch eager (GPUs)
 """
 
@@ -17,6 +18,8 @@ BENCHMARKS = {
     "comm": ("rocm_moe.benchmarks.comm",
              "dispatch/combine GB/s against raw all_to_all_single"),
     "experts": ("rocm_moe.benchmarks.experts", "Triton experts against their floor (a GPU)"),
+    "experts-fp8": ("rocm_moe.benchmarks.experts_fp8",
+                    "Triton FP8 block-scale experts against their floor (a GPU)"),
     "layer": ("rocm_moe.benchmarks.layer",
               "a whole EPMoE forward, symm graph-replayed against torch eager (GPUs)"),
 }

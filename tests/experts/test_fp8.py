@@ -198,3 +198,37 @@ def test_fp8_block_config():
         cfg = fp8_block_config(m * 8, 8)
         assert cfg["gate_up"]["BLOCK_N"] == 128
         assert 128 % cfg["down"]["BLOCK_N"] == 0
+
+
+# ---- benchmark ---------------------------------------------------------------------------------
+def test_bench_without_a_gpu_says_so(capsys, tmp_path):
+    from rocm_moe.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the benchmark would run")
+    with pytest.raises(SystemExit):
+        main(["bench", "experts-fp8", "--out", str(tmp_path)])
+    assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_bench_case_runs_in_the_interpreter(monkeypatch):
+    """The benchmark's per-size code (inputs, floor, both backends, errors) on a tiny shape,
+    with the GPU-only parts stood in for: a CPU, one call instead of graph replays."""
+    import triton.testing
+
+    from rocm_moe.benchmarks import experts as be
+    from rocm_moe.benchmarks import experts_fp8 as b
+
+    if DEVICE.type == "cuda":
+        pytest.skip("the GPU runs the real benchmark")
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **k: (fn(), 1.0)[1])
+    monkeypatch.setattr(b, "_routing", lambda s, R, g: be._routing(s, R, g, device="cpu"))
+    shape = dict(E=16, W=2, rank=1, H=256, I=128, K=4)
+    (row,) = b.run_shape("tiny", shape, dict(copy_GBps=1000.0, fp8_matmul_TFLOPs=100.0), [5])
+    assert row["time_us"] == 1000.0
+    per_expert = 3 * 256 * 128 + 4 * (2 * 2 + 2 * 1)  # FP8 weights + scales of one expert
+    assert row["floor_us"] == pytest.approx(max(
+        row["experts_touched"] * per_expert / 1e12 * 1e6,
+        2 * 3 * 256 * 128 * row["local_pairs"] / 100e12 * 1e6))
+    assert row["rel_err_vs_fp8_reference"] < 1e-2  # bfloat16 output
