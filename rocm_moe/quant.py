@@ -171,6 +171,7 @@ class FP8Rows:
 
     q: torch.Tensor
     scale: torch.Tensor
+    source_dtype: torch.dtype | None = None  # the rows' dtype before quantisation, if known
 
     def __post_init__(self):
         _check_fp8("q", self.q)
@@ -197,7 +198,7 @@ class FP8Rows:
         return self.q.numel() + 4 * self.scale.numel()
 
     def __getitem__(self, rows) -> FP8Rows:
-        return FP8Rows(self.q[rows], self.scale[rows])
+        return FP8Rows(self.q[rows], self.scale[rows], self.source_dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The rows' values [R, H] in ``dtype`` (float64 default: exact)."""
@@ -206,7 +207,7 @@ class FP8Rows:
 
     def to_format(self, dtype: str | torch.dtype) -> FP8Rows:
         q, s = convert_fp8(self.q, self.scale, fp8_dtype(dtype))
-        return FP8Rows(q, s)
+        return FP8Rows(q, s, self.source_dtype)
 
 
 def _check_float(field: str, t: object) -> None:
@@ -257,7 +258,7 @@ def quantize_rows(x: torch.Tensor, *, dtype: str | torch.dtype = "e4m3fn") -> FP
     scale = _scale_of(padded.reshape(R, g, BLOCK).abs().amax(dim=-1), dt)
     m = fp8_max(dt)
     q = (xf / _expand(scale.to(xf.dtype), H, None)).clamp(-m, m).to(dt)
-    return FP8Rows(q, scale)
+    return FP8Rows(q, scale, x.dtype)
 
 
 def convert_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype

@@ -15,7 +15,8 @@ tile with float32 accumulators):
     h    = silu(a @ gate.T) * (a @ up.T)                        float32, dequantised operands
     d    = quantize_rows(h)                                     the down GEMM's FP8 input
     out  = d @ down.T   (times the routing weight in "experts" weight mode)
-returned in ``out_dtype`` (default: x's dtype; bfloat16 for FP8Rows input).
+returned in ``out_dtype`` (default: x's dtype; for FP8Rows the dtype they were quantised from,
+``source_dtype``, else bfloat16).
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ class FP8Experts(Experts):
         check_fp8_inputs(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map,
                          validate=validate)
         fp8_in = isinstance(x_RH, FP8Rows)
-        out_dtype = out_dtype or (torch.bfloat16 if fp8_in else x_RH.dtype)
+        if out_dtype is None:  # FP8 rows: the dtype they were quantised from, else bfloat16
+            out_dtype = (x_RH.source_dtype or torch.bfloat16) if fp8_in else x_RH.dtype
         if out_dtype not in FLOAT_DTYPES:
             raise TypeError(error_message("out_dtype", out_dtype, f"must be one of "
                                           f"{FLOAT_DTYPES}", "pass torch.bfloat16"))

@@ -72,7 +72,7 @@ def quantize_rows_triton(x: torch.Tensor, dtype: torch.dtype) -> FP8Rows:
         _quant_rows_kernel[(R, groups)](x, q, s, H, x.stride(0), q.stride(0), groups,
                                         FP8_MAX=fp8_max(dtype), GROUP=BLOCK,
                                         **_rounding(dtype))
-    return FP8Rows(q, s)
+    return FP8Rows(q, s, x.dtype)
 
 
 def _rounding(dtype: torch.dtype) -> dict:
@@ -127,7 +127,9 @@ class TritonFP8Experts(FP8Experts):
         layout = build_layout(topk_ids_RK, expert_map, block_size=cfg["BLOCK_M"], tables=False,
                               validate=False)
         P = layout.sorted_slot_ids.numel()
-        aq, as_ = rows.q.contiguous(), rows.scale.contiguous()
+        # rows may be strided views into a receive buffer: read in place (unit column stride)
+        aq = rows.q if rows.q.stride(1) == 1 else rows.q.contiguous()
+        as_ = rows.scale if rows.scale.stride(1) == 1 else rows.scale.contiguous()
         w13, w2 = w13.contiguous(), w2.contiguous()
         iq = torch.empty(P, I, dtype=rows.dtype, device=dev)
         is_ = torch.empty(P, I // BLOCK, dtype=torch.float32, device=dev)
