@@ -90,7 +90,8 @@ def test_fp8_dispatch_equals_quantising_in_the_experts(W, fp8_dtype):
     results = launch(W, _worker, 5, fp8_dtype, backend="gloo", timeout_s=120)
     for rank, r in enumerate(results):
         assert r["rows_fp8"], rank
-        assert r["experts_equal"] and r["combine_equal"], (rank, r)
+        assert r["experts_equal"], (rank, r)
+        assert r["combine_equal"], (rank, r)
         assert r["err_q"] < 1e-5, (rank, r)
         assert r["err_model"] < FP8_TOLERANCE, (rank, r)
     assert sum(r["R"] for r in results) > 0
