@@ -14,7 +14,7 @@ import torch
 
 from rocm_moe import Placement
 from rocm_moe.experts.fp8 import FP8ReferenceExperts, fp8_dense_reference, quantize_experts
-from rocm_moe.quant import quantize_rows, quantize_weight_blocks
+from rocm_moe.quant import FP8Rows, quantize_rows, quantize_weight_blocks
 from tests.conftest import DEVICE, rel_err
 
 FORMATS = ["e4m3fn", "e4m3fnuz"]
@@ -81,9 +81,13 @@ def test_fp8_rows_input_needs_no_dequantise_and_matches(gen):
     args, _fw = _case(33, 4, 16, 2, 200, 256, gen, device="cpu")
     rows = quantize_rows(args[0])
     a = FP8ReferenceExperts()(rows, *args[1:], weight_mode="experts")
-    b = FP8ReferenceExperts()(*args, weight_mode="experts", out_dtype=torch.bfloat16)
-    assert a.out.dtype == torch.bfloat16
+    b = FP8ReferenceExperts()(*args, weight_mode="experts")
+    assert a.out.dtype == torch.float32  # the rows' source dtype
     assert torch.equal(a.out, b.out)
+    anonymous = FP8Rows(rows.q, rows.scale)  # source unknown: bfloat16
+    c = FP8ReferenceExperts()(anonymous, *args[1:], weight_mode="experts")
+    assert c.out.dtype == torch.bfloat16
+    assert torch.equal(c.out, b.out.bfloat16())
 
 
 def test_converted_fnuz_weights_give_the_same_model(gen):
