@@ -156,3 +156,14 @@ def test_fp8_checkpoint_refuses_other_experts_backends(fp8_checkpoint):
     w = hf.load_moe_layer(fp8_checkpoint, 1, Placement.contiguous(E, 1), 0)
     with pytest.raises(ValueError, match=r"experts=aiter: has no FP8 block-scale path"):
         hf.build_layer(w, experts=Other(), dtype=torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (Triton FP8 experts)")
+def test_run_on_an_fp8_checkpoint_with_triton_experts_on_gpus(fp8_checkpoint, capsys):
+    W = min(2, torch.cuda.device_count())
+    rc = main(["run", "--checkpoint", str(fp8_checkpoint), "--layer", "1", "--tokens", "65",
+               "--iters", "2", "--world-size", str(W), "--experts", "triton",
+               "--dtype", "bfloat16"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "PASS" in out
