@@ -45,8 +45,9 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, N_GROUPS,
     offs = g * GROUP + tl.arange(0, GROUP)
     m = offs < H
     x = tl.load(x_ptr + r * stride_x + offs, mask=m, other=0.0).to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-10) / FP8_MAX
-    q = tl.clamp(x / s, -FP8_MAX, FP8_MAX)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-10)
+    s = tl.div_rn(amax, amax * 0.0 + FP8_MAX)  # IEEE division, as torch's (CUDA's / is not)
+    q = tl.clamp(tl.div_rn(x, s + tl.zeros_like(x)), -FP8_MAX, FP8_MAX)
     tl.store(q_ptr + r * stride_q + offs, _to_fp8(q, q_ptr.dtype.element_ty, ROUND, MIN_EXP),
              mask=m)
     tl.store(s_ptr + r * N_GROUPS + g, s)
@@ -97,8 +98,9 @@ def _fp8_gate_up_kernel(
         acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * tl.load(ws_g + kb), UPCAST)
         acc_u = _fp8_dot(a, u, acc_u, a_s[:, None] * tl.load(ws_u + kb), UPCAST)
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-    s = tl.maximum(tl.max(tl.abs(h), axis=1), 1e-10) / FP8_MAX
-    q = tl.clamp(h / s[:, None], -FP8_MAX, FP8_MAX)
+    amax = tl.maximum(tl.max(tl.abs(h), axis=1), 1e-10)
+    s = tl.div_rn(amax, amax * 0.0 + FP8_MAX)
+    q = tl.clamp(tl.div_rn(h, s[:, None] + tl.zeros_like(h)), -FP8_MAX, FP8_MAX)
     p64 = offs_p.to(tl.int64)
     tl.store(iq_ptr + p64[:, None] * stride_ip + offs_n[None, :],
              _to_fp8(q, iq_ptr.dtype.element_ty, ROUND, MIN_EXP), mask=n_ok[None, :])
