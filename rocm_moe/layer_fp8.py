@@ -57,6 +57,22 @@ class FP8EPMoE(EPMoE):
         return (BlockFP8Weight(self.w13_fp8, self.w13_scale_inv),
                 BlockFP8Weight(self.w2_fp8, self.w2_scale_inv))
 
+    _FP8_BUFFERS = ("w13_fp8", "w13_scale_inv", "w2_fp8", "w2_scale_inv")
+
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` / ``.cuda()`` move the FP8 experts; a dtype cast (``.to(bf16)``,
+        ``.half()``) leaves them as they are (torch counts float8 as floating and would cast
+        them, and their float32 scales, too)."""
+        held = {n: self._buffers.pop(n) for n in self._FP8_BUFFERS if n in self._buffers}
+        try:
+            out = super()._apply(fn, recurse)
+        finally:
+            if held:
+                device = fn(torch.empty(0, device=next(iter(held.values())).device)).device
+                for n, t in held.items():
+                    self._buffers[n] = t.to(device)
+        return out
+
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
         """EPMoE's synthetic weights, the routed experts quantised to FP8."""

@@ -167,3 +167,20 @@ def test_run_on_an_fp8_checkpoint_with_triton_experts_on_gpus(fp8_checkpoint, ca
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "PASS" in out
+
+
+def test_casting_an_fp8_layer_keeps_its_fp8_experts():
+    from rocm_moe import RouterConfig
+    from rocm_moe.layer_fp8 import FP8EPMoE
+
+    layer = FP8EPMoE(hidden_size=H, intermediate_size=I, router=RouterConfig.qwen3_moe(4, 2),
+                     dtype=torch.float32)
+    before = [t.clone() for t in (layer.w13_fp8, layer.w13_scale_inv)]
+    layer.to(torch.bfloat16)
+    assert layer.gate.weight.dtype == torch.bfloat16
+    assert layer.w13.dtype == torch.bfloat16
+    assert layer.w13_fp8.dtype == torch.float8_e4m3fn
+    assert torch.equal(layer.w13_scale_inv, before[1])  # float32, not rounded to bf16
+    assert layer.expert_bytes == 4 * (3 * H * I + 4 * (2 * 2 + 2))
+    layer.to("cpu")
+    assert torch.equal(layer.w13_fp8.view(torch.uint8), before[0].view(torch.uint8))
