@@ -140,6 +140,14 @@ class FP8Experts(Experts):
 
     fp8 = True
 
+    def quantize(self, x_RH: torch.Tensor, dtype: torch.dtype) -> FP8Rows:
+        """Rows per 1x128 group (``quant.quantize_rows``; backends may run it as a kernel)."""
+        return quantize_rows(x_RH, dtype=dtype)
+
+    def format_unsupported(self, dtype: torch.dtype, device: torch.device) -> str | None:
+        """None if this backend runs FP8 ``dtype`` on ``device``, else why not."""
+        return None
+
     def __call__(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *,
                  weight_mode: WeightMode | None = None, validate: bool = True, mode=None,
                  out_dtype: torch.dtype | None = None) -> ExpertsOutput:
@@ -156,7 +164,11 @@ class FP8Experts(Experts):
         if reason is not None:
             raise ValueError(error_message(f"experts={self.name}, mode", repr(mode),
                                            f"unsupported: {reason}", "pick another backend"))
-        rows = x_RH if fp8_in else quantize_rows(x_RH, dtype=w13.dtype)
+        if (reason := self.format_unsupported(w13.dtype, w13.device)) is not None:
+            raise ValueError(error_message(f"experts={self.name}, weights", w13.dtype,
+                                           f"unsupported: {reason}",
+                                           "convert them: w.to_format('e4m3fn')"))
+        rows = x_RH if fp8_in else self.quantize(x_RH, w13.dtype)
         out = self._forward(rows, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, mode=mode,
                             out_dtype=out_dtype)
         R, K = topk_ids_RK.shape

@@ -113,6 +113,15 @@ class TritonFP8Experts(FP8Experts):
             return "the Triton FP8 experts return bfloat16, float16 or float32, not float64"
         return None
 
+    def quantize(self, x_RH, dtype) -> FP8Rows:
+        return quantize_rows_triton(x_RH, dtype)  # bit-identical to quant.quantize_rows
+
+    def format_unsupported(self, dtype, device) -> str | None:
+        if device.type == "cuda" and torch.version.hip is None and \
+                dtype == torch.float8_e4m3fnuz:
+            return "NVIDIA Triton has no e4m3fnuz type (fp8e4b8 is AMD-only)"
+        return None
+
     def _forward(self, rows: FP8Rows, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *,
                  mode, out_dtype):
         from rocm_moe.experts._triton_fp8 import _fp8_down_kernel, _fp8_gate_up_kernel

@@ -139,9 +139,7 @@ TRITON_GRID = GRID[:2] if DEVICE.type == "cpu" else [
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(("R", "K", "E", "W", "H", "I"), TRITON_GRID)
 def test_triton_matches_reference_and_oracle(R, K, E, W, H, I, fmt, gen):
-    if DEVICE.type == "cuda" and R * H > 10**6 and fmt == "e4m3fnuz" and \
-            torch.version.hip is None:
-        pytest.skip("big shapes: e4m3fn only on NVIDIA")
+    _skip_fnuz_on_nvidia(fmt)
     args, fw = _case(R, K, E, W, H, I, gen, fmt=fmt)
     small = R * H < 10**6  # the float64 oracles of the big shapes take minutes on a CPU
     y_q, y_model = _oracles(args, fw) if small else (None, None)
@@ -161,6 +159,19 @@ def test_triton_matches_reference_and_oracle(R, K, E, W, H, I, fmt, gen):
             assert rel_err(out.out, y_model) < MODEL_TOL
 
 
+def _skip_fnuz_on_nvidia(fmt: str) -> None:
+    if fmt == "e4m3fnuz" and DEVICE.type == "cuda" and torch.version.hip is None:
+        pytest.skip("NVIDIA Triton has no e4m3fnuz type (test_fnuz_refused_on_nvidia)")
+
+
+def test_fnuz_refused_on_nvidia(gen):
+    if not (DEVICE.type == "cuda" and torch.version.hip is None):
+        pytest.skip("NVIDIA GPUs only")
+    args, _ = _case(5, 2, 8, 1, 128, 128, gen, fmt="e4m3fnuz")
+    with pytest.raises(ValueError, match=r"no e4m3fnuz type.*Fix: convert them"):
+        TritonFP8Experts()(*args, weight_mode="experts")
+
+
 @pytest.mark.parametrize("upcast", [True, False], ids=["upcast", "fp8_dot"])
 def test_triton_upcast_and_fp8_dot_agree(upcast, gen):
     args, _ = _case(33, 4, 16, 2, 200, 256, gen)
@@ -171,6 +182,7 @@ def test_triton_upcast_and_fp8_dot_agree(upcast, gen):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_triton_row_quantiser_is_the_reference(fmt, gen):
+    _skip_fnuz_on_nvidia(fmt)
     x = torch.randn(9, 300, generator=gen).to(DEVICE) * 50
     a, b = quantize_rows_triton(x, torch.float8_e4m3fn if fmt == "e4m3fn"
                                 else torch.float8_e4m3fnuz), quantize_rows(x, dtype=fmt)
