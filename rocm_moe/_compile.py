@@ -162,12 +162,53 @@ _SYMM_PTRS = dict(ptrs_ptr="*i64", status_ptr="*i32", ids_ptr="*i32", dest1_ptr=
                   recv_ptr="*i32", nvalid_ptr="*i32", meta_ptr="*i32", y_ptr="*bf16",
                   sel_ptr="*i32")
 
+def _fp8(c: dict) -> str:
+    """The FP8 encoding each target's matrix cores take: e4m3fnuz on gfx942, e4m3fn on sm_90."""
+    return "*fp8e4b8" if c["TARGET"] == "gfx942" else "*fp8e4nv"
+
+
+_FP8_PTRS = dict(x_ptr="*bf16", q_ptr=_fp8, s_ptr="*fp32", aq_ptr=_fp8, as_ptr="*fp32",
+                 w_ptr=_fp8, ws_ptr="*fp32", iq_ptr=_fp8, is_ptr="*fp32", out_ptr="*bf16",
+                 sorted_ptr="*i32", block_expert_ptr="*i32", weight_ptr="*fp32")
+
+
+def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
+    """``experts.triton_fp8.fp8_block_config``'s launches at the MODEL_SHAPES x MEAN_SLOTS
+    (and a prefill mean of 256), FP8 matrix instructions (no upcast)."""
+    def launches(target: str) -> list[Launch]:
+        from rocm_moe.experts.triton_fp8 import fp8_block_config
+
+        fnuz = target == "gfx942"
+        out = []
+        for H, I, _, e in MODEL_SHAPES:
+            for mean in (*MEAN_SLOTS, 128.0):
+                c = fp8_block_config(int(mean * e), e)
+                k = c["gate_up" if kernel == "gate_up" else "down"]
+                cx = dict(BLOCK_K=k["BLOCK_K"], BLOCK_M=c["BLOCK_M"], BLOCK_N=k["BLOCK_N"],
+                          UPCAST=False)
+                if kernel == "gate_up":
+                    cx.update(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6,
+                              ROUND=False)
+                variants = [dict(WEIGHTED=w) for w in (True, False)] if kernel == "down" \
+                    else [{}]
+                out += [Launch(tuple(sorted({**cx, **v}.items())), k["num_warps"],
+                               k["num_stages"], f"{H}x{I} mean {mean:g}") for v in variants]
+        return out
+    return launches
+
+
 # Every Triton kernel of the package: one line each.
 KERNELS = [
     Kernel("rocm_moe.experts._triton_kernels:_gate_up_kernel", _EXPERT_PTRS, _gate_up),
     Kernel("rocm_moe.experts._triton_kernels:_down_kernel", _EXPERT_PTRS, _down),
     Kernel("rocm_moe.experts._triton_kernels:_slot_sum_kernel",
            dict(slots_ptr="*bf16", local_ptr="*i64", out_ptr="*bf16"), _slot_sum),
+    Kernel("rocm_moe.experts._triton_fp8:_quant_rows_kernel", _FP8_PTRS,
+           lambda t: grid(GROUP=128, ROUND=False, MIN_EXP=-7 if t == "gfx942" else -6,
+                          FP8_MAX=240.0 if t == "gfx942" else 448.0)(t)),
+    Kernel("rocm_moe.experts._triton_fp8:_fp8_gate_up_kernel", _FP8_PTRS,
+           _fp8_experts("gate_up")),
+    Kernel("rocm_moe.experts._triton_fp8:_fp8_down_kernel", _FP8_PTRS, _fp8_experts("down")),
     Kernel("rocm_moe.experts._layout_triton:count_kernel", _LAYOUT_PTRS, _layout("count")),
     Kernel("rocm_moe.experts._layout_triton:scan_kernel", _LAYOUT_PTRS, _layout("scan")),
     Kernel("rocm_moe.experts._layout_triton:place_kernel", _LAYOUT_PTRS, _layout("place")),
@@ -235,10 +276,11 @@ def _amdgcn_stat(asm: str, key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def signature(fn, kernel: Kernel, constexprs: dict) -> dict[str, str]:
+def signature(fn, kernel: Kernel, constexprs: dict, target: str = "") -> dict[str, str]:
+    """Triton's signature; a callable type gets the constexprs plus ``"TARGET"``."""
     def kind(a):
         t = kernel.pointers.get(a) or kernel.scalars.get(a, "i32")
-        return t(constexprs) if callable(t) else t
+        return t({**constexprs, "TARGET": target}) if callable(t) else t
 
     return {a: "constexpr" if a in constexprs else kind(a) for a in fn.arg_names}
 
@@ -274,7 +316,7 @@ def compile_one(kernel: Kernel, target: str, launch: Launch) -> Compiled:
     fn = getattr(importlib.import_module(module), name)
     constexprs = dict(launch.constexprs)
     backend, arch, warp = TARGETS[target][:3]
-    src = ASTSource(fn, signature(fn, kernel, constexprs), constexprs)
+    src = ASTSource(fn, signature(fn, kernel, constexprs, target), constexprs)
     options = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
     ck = triton.compile(src, target=GPUTarget(backend, arch, warp), options=options)
     md = ck.metadata

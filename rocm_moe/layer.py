@@ -313,6 +313,10 @@ class EPMoE(nn.Module):
             check_finite(name, src, "load the experts' weights again")
             dst.copy_(src)
 
+    def expert_weights(self) -> tuple:
+        """(w13, w2) as the experts backend takes them (``layer_fp8.FP8EPMoE``: FP8 ones)."""
+        return self.w13, self.w2
+
     def route_tokens(
         self, hidden_states: torch.Tensor, *, forced_expert_ids: torch.Tensor | None = None
     ) -> RoutingResult:
@@ -416,7 +420,7 @@ class EPMoE(nn.Module):
             d = disp.dispatch(x_TH, routing.topk_weights, routing.topk_ids,
                               validate=self.validate)
         with _stage(trace, "experts", dev):
-            eo = self.experts(d.x, d.topk_ids, d.topk_weights, self.w13, self.w2,
+            eo = self.experts(d.x, d.topk_ids, d.topk_weights, *self.expert_weights(),
                               disp.expert_map_on(dev), weight_mode=weight_mode, validate=False)
         with _stage(trace, "combine", dev):
             if raw_path:  # raw [T, K, H] back on the owner, which weights all its slots once

@@ -118,6 +118,11 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
     placement = Placement.contiguous(E, W)
     torch_disp = TorchDispatcher(placement, hidden_size=H, top_k=K, dtype=dtype)
     group = torch_disp.group
+    fp8_disp = None
+    if "torch-fp8" in cfg["comm"]:  # rows in FP8 on the wire (issue 18); built on every rank
+        from rocm_moe.comm.torch_fp8 import TorchFP8Dispatcher
+
+        fp8_disp = TorchFP8Dispatcher(placement, hidden_size=H, top_k=K, dtype=dtype)
     graphs = dev.type == "cuda"
     rows = []
     for T in cfg["tokens"]:
@@ -139,6 +144,9 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
             fns["torch dispatch"] = lambda x=x, w=w, ids=ids: torch_disp.dispatch(
                 x, w, ids, validate=False)
             fns["torch combine"] = lambda eo=eo, h=h: torch_disp.combine(eo, h)
+        if fp8_disp is not None:
+            fns["torch-fp8 dispatch"] = lambda x=x, w=w, ids=ids: fp8_disp.dispatch(
+                x, w, ids, validate=False)
         if "symm" in cfg["comm"]:
             from rocm_moe.comm.symm import SymmDispatcher
 
@@ -165,11 +173,24 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
                 if it >= cfg["warmup"]:
                     times[name].append(t)
         rows.append(dict(tokens=T, rank=info.rank, recv_rows=res.num_received,
-                         recv_bytes=res.num_received * H * x.element_size(), times=times))
+                         recv_bytes=res.num_received * H * x.element_size(), times=times,
+                         wire_row_bytes=_wire_row_bytes(H, dtype, K, fp8_disp is not None)))
         if info.rank == 0:
             progress(f"rank 0: {T} tokens per rank done")
     p2p = _p2p_ceiling(info, group, cfg["p2p_mb"], cfg["iters"]) if graphs else None
     return dict(rows=rows, p2p_GBps=p2p)
+
+
+def _wire_row_bytes(H: int, dtype: torch.dtype, K: int, fp8: bool) -> dict:
+    """Bytes of one packed dispatch row on the wire: torch's, and torch-fp8's when run."""
+    from rocm_moe.comm.rows import row_words
+
+    out = {"torch": 4 * row_words(H, dtype, K)}
+    if fp8:
+        from rocm_moe.comm.torch_fp8 import fp8_row_bytes
+
+        out["torch-fp8"] = 4 * row_words(fp8_row_bytes(H), torch.uint8, K)
+    return out
 
 
 def summarise(per_rank: list[list[dict]]) -> list[dict]:
@@ -219,7 +240,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """This benchmark's flags (``rocm-moe bench comm``, which ``bench/comm.py`` runs)."""
     p.add_argument("--world-size", type=int, default=None,
                    help="ranks to spawn (default: one per GPU, else 2)")
-    p.add_argument("--comm", nargs="+", default=None, choices=["torch", "symm"],
+    p.add_argument("--comm", nargs="+", default=None, choices=["torch", "torch-fp8", "symm"],
                    help="backends to time (default: torch, and symm where it can run)")
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 4096, 16384])
     p.add_argument("--hidden", type=int, default=7168)
@@ -270,6 +291,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                       *[f"{r[n + ' / a2a']:.0%}" for n in names if n != "a2a"])
     console = Console(width=200)
     console.print(table)
+    wire = results[0]["rows"][0]["wire_row_bytes"] if results[0]["rows"] else {}
+    if "torch-fp8" in wire:
+        console.print(f"dispatch row on the wire: torch {wire['torch']} B, torch-fp8 "
+                      f"{wire['torch-fp8']} B ({wire['torch'] / wire['torch-fp8']:.2f}x fewer); "
+                      "time ratio per size: 'torch dispatch us' / 'torch-fp8 dispatch us'")
     if p2p[0] is not None:
         console.print(f"p2p copy ceiling (each rank to all peers at once, {args.p2p_mb} MB "
                       f"each): min {min(p2p):.0f} GB/s, per rank {[round(v) for v in p2p]}")

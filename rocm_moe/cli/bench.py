@@ -4,6 +4,7 @@ the same code). rocm-moe bench NAME --help gives each one's method and flags.
     comm      dispatch/combine of the comm backends (torch, and symm where it runs) against
               raw all_to_all_single of the same bytes and the peer-to-peer copy ceiling
     experts   the Triton experts against their floor, the torch reference beside them (a GPU)
+    experts-fp8  the Triton FP8 block-scale experts against their FP8 floor (a GPU)
     layer     the whole EPMoE forward per rank and stage, tokens/s per GPU, traffic by
               locality; spawned or under torchrun across nodes (CPUs too)
     scaling   a model of the DeepSeek-V3 layer at EP 8-64 on H100 and MI300X nodes, fed by
@@ -20,6 +21,8 @@ BENCHMARKS = {
     "comm": ("rocm_moe.benchmarks.comm",
              "dispatch/combine GB/s against raw all_to_all_single"),
     "experts": ("rocm_moe.benchmarks.experts", "Triton experts against their floor (a GPU)"),
+    "experts-fp8": ("rocm_moe.benchmarks.experts_fp8",
+                    "Triton FP8 block-scale experts against their floor (a GPU)"),
     "layer": ("rocm_moe.benchmarks.layer",
               "the whole EPMoE forward per stage, any comm x experts, one or more nodes"),
     "scaling": ("rocm_moe.benchmarks.scaling",

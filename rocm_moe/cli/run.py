@@ -28,6 +28,7 @@ from rocm_moe.cli.spec import LayerSpec, add_layer_args, check_positive, layer_s
 from rocm_moe.distributed import WorkerInfo
 from rocm_moe.experts.reference import dense_moe_reference
 from rocm_moe.layer import Trace
+from rocm_moe.layer_fp8 import FP8_TOLERANCE
 from rocm_moe.sanity import TOLERANCE, rel_err
 
 
@@ -83,7 +84,9 @@ def _rank(info: WorkerInfo, job: RunJob) -> dict:
             y_ref = y_ref + layer.shared_experts.reference(x)
     if info.rank == 0:
         progress("rank 0: checked against the float64 oracle")
-    params = sum(p.numel() * p.element_size() for p in layer.parameters())
+    params = sum(p.numel() * p.element_size()  # buffers: FP8 experts (layer_fp8)
+                 for p in (*layer.parameters(), *layer.buffers()))
+    fp8 = getattr(layer, "fp8_dtype", None)
     return dict(rank=info.rank, build_s=build_s, dtype=str(dtype), backend=info.backend,
                 layer_bytes=params,
                 device=str(info.device),
@@ -91,7 +94,8 @@ def _rank(info: WorkerInfo, job: RunJob) -> dict:
                           for n in traces[0].times},
                 total_ms=1e3 * statistics.median(totals),
                 rel_err={"out": rel_err(checked.out, y_ref), "raw": rel_err(checked.raw, raw_ref)},
-                tolerance=TOLERANCE[dtype])
+                fp8=None if fp8 is None else str(fp8).removeprefix("torch."),
+                tolerance=FP8_TOLERANCE if fp8 is not None else TOLERANCE[dtype])
 
 
 def command(args: argparse.Namespace) -> int:
@@ -115,7 +119,9 @@ def command(args: argparse.Namespace) -> int:
     console.print(f"EPMoE {spec.shape}, {args.tokens} tokens per rank, W={W} ({r0['backend']}), "
                   f"{r0['dtype']}, {r0['device']} ({backends.device_description()}), "
                   f"comm={spec.comm}, experts={spec.experts}, weight_mode={spec.weight_mode}, "
-                  + ("invariant, " if spec.invariant else "") + f"weights: {spec.weights_source}; "
+                  + ("invariant, " if spec.invariant else "") + f"weights: {spec.weights_source}"
+                  + (f" (FP8 {r0['fp8']}, 128x128 block scales)" if r0.get("fp8") else "")
+                  + "; "
                   f"built in {max(r['build_s'] for r in results):.1f} s")
     stages = list(r0["stage_ms"])
     table = Table(title=f"median ms of {args.iters} iterations per rank "

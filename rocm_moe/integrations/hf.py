@@ -35,6 +35,7 @@ from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.families import ExpertTensors, ModelFamily, family
 from rocm_moe.layer import EPMoE
 from rocm_moe.placement import Placement
+from rocm_moe.quant import FP8_DTYPES, BlockFP8Weight
 from rocm_moe.routing import RouterConfig
 
 INDEX = "model.safetensors.index.json"
@@ -184,8 +185,9 @@ def _check_loaded(path: Path, name: str, t: torch.Tensor, shape) -> None:
             want is None or got == want for got, want in zip(t.shape, shape, strict=True))):
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise refuse("shape", list(t.shape), f"must be {want} (from config.json)")
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        bad = t[~torch.isfinite(t)][0].item()
+    v = t.float() if t.dtype in FP8_DTYPES else t  # (no isfinite for float8 types)
+    if t.numel() and not bool(torch.isfinite(v).all()):
+        bad = v[~torch.isfinite(v)][0].item()
         raise refuse("values", f"contains {bad}", "weights must be finite")
 
 
@@ -198,29 +200,74 @@ class MoELayerWeights:
     intermediate_size: int
     gate: torch.Tensor  # [E, H]
     e_score_correction_bias: torch.Tensor | None  # [E] (DeepSeek-V3)
-    w13: torch.Tensor  # [e, 2I, H] this rank's experts, gate rows then up rows
-    w2: torch.Tensor  # [e, H, I]
+    w13: torch.Tensor | BlockFP8Weight  # [e, 2I, H] this rank's experts, gate then up rows
+    w2: torch.Tensor | BlockFP8Weight  # [e, H, I]; FP8 checkpoints: block-scaled FP8
     shared_w13: torch.Tensor | None = None  # [2Is, H]
     shared_w2: torch.Tensor | None = None  # [H, Is]
     shared_gate: torch.Tensor | None = None  # [1, H] (Qwen2-MoE)
 
     @property
+    def fp8(self) -> bool:
+        """The routed experts are FP8 with 128x128 block scales (an FP8 checkpoint)."""
+        return isinstance(self.w13, BlockFP8Weight)
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of this rank's routed experts (FP8: weights plus float32 block scales)."""
+        return sum(w.nbytes if isinstance(w, BlockFP8Weight) else w.numel() * w.element_size()
+                   for w in (self.w13, self.w2))
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (
-            self.gate, self.e_score_correction_bias, self.w13, self.w2, self.shared_w13,
-            self.shared_w2, self.shared_gate) if t is not None)
+        return self.expert_bytes + sum(t.numel() * t.element_size() for t in (
+            self.gate, self.e_score_correction_bias, self.shared_w13, self.shared_w2,
+            self.shared_gate) if t is not None)
 
 
 def _family(model_type: str) -> ModelFamily:
     return family(model_type, fix="load other models through weights_from_block")
 
 
+SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints: <proj>.weight_scale_inv beside <proj>.weight
+
+
 def _read_expert(ck: Checkpoint, names: ExpertTensors, H: int, I: int | None = None) -> tuple:
     """(w13 [2I, H]: gate rows then up rows, w2 [H, I]) of the expert whose tensors are
-    ``names``, each checked against the config's H and I (``I=None``: the gate's rows)."""
+    ``names``, each checked against the config's H and I (``I=None``: the gate's rows); FP8
+    tensors dequantised to float32 (shared experts, checks)."""
+    if ck.has(names.gate + SCALE_SUFFIX):
+        w13, w2 = _read_expert_fp8(ck, names, H, I)
+        return w13.dequantize(torch.float32), w2.dequantize(torch.float32)
     gate = ck.tensor(names.gate, (I, H))
     I = gate.shape[0]
     return torch.cat([gate, ck.tensor(names.up, (I, H))]), ck.tensor(names.down, (H, I))
+
+
+def _read_fp8(ck: Checkpoint, name: str, shape: tuple) -> BlockFP8Weight:
+    """``name`` (FP8) with its ``name_scale_inv`` [ceil(N/128), ceil(K/128)] float32."""
+    w = ck.tensor(name, shape)
+    if w.dtype not in FP8_DTYPES or not ck.has(name + SCALE_SUFFIX):
+        raise ValueError(error_message(
+            f"{name}.dtype", w.dtype, f"an FP8 checkpoint holds float8 weights with a "
+            f"{name + SCALE_SUFFIX} beside each", "download the checkpoint again"))
+    blocks = tuple(-(-n // 128) for n in w.shape)
+    scale = ck.tensor(name + SCALE_SUFFIX, blocks)
+    try:
+        return BlockFP8Weight(w, scale.float())
+    except (TypeError, ValueError) as exc:
+        raise ValueError(error_message(name + SCALE_SUFFIX, list(scale.shape), str(exc),
+                                       "download the checkpoint again")) from exc
+
+
+def _read_expert_fp8(ck: Checkpoint, names: ExpertTensors, H: int, I: int | None = None
+                     ) -> tuple[BlockFP8Weight, BlockFP8Weight]:
+    """The FP8 expert ``names``: (w13 [2I, H], w2 [H, I]) block-scaled, not dequantised."""
+    gate = _read_fp8(ck, names.gate, (I, H))
+    I = gate.shape[0]
+    up = _read_fp8(ck, names.up, (I, H))
+    w13 = BlockFP8Weight(torch.cat([gate.weight, up.weight]),
+                         torch.cat([gate.scale_inv, up.scale_inv]))
+    return w13, _read_fp8(ck, names.down, (H, I))
 
 
 @dataclass(frozen=True)
@@ -262,8 +309,15 @@ def load_moe_layer(directory: str | Path, layer: int, placement: Placement, rank
         raise ValueError(error_message(
             "layer", layer, f"has no MoE block in this checkpoint ({gate})",
             "pick a sparse layer (DeepSeek-V3's first layers are dense)"))
-    experts = [_read_expert(ck, fam.expert_tensors(layer, e), H, I)
-               for e in placement.local_experts(rank)]
+    local = list(placement.local_experts(rank))
+    fp8 = bool(local) and ck.has(fam.expert_tensors(layer, local[0]).gate + SCALE_SUFFIX)
+    if fp8 and I % 128:
+        raise ValueError(error_message(
+            f"config.json {fam.intermediate_size_key}", I, "an FP8 checkpoint's experts need "
+            "I % 128 == 0 (the up rows start on a 128-row scale block)",
+            "dequantise the checkpoint to bfloat16"))
+    read = _read_expert_fp8 if fp8 else _read_expert
+    experts = [read(ck, fam.expert_tensors(layer, e), H, I) for e in local]
     kw = {}
     if (shared := fam.shared_expert_tensors(layer)) is not None:
         kw = dict(zip(("shared_w13", "shared_w2"), _read_expert(ck, shared, H), strict=True))
@@ -275,8 +329,14 @@ def load_moe_layer(directory: str | Path, layer: int, placement: Placement, rank
         router=shape.router, hidden_size=H, intermediate_size=I, gate=ck.tensor(gate, (E, H)),
         e_score_correction_bias=ck.tensor(bias, (E,)) if bias is not None and ck.has(bias)
         else None,
-        w13=torch.stack([w13 for w13, _ in experts]), w2=torch.stack([w2 for _, w2 in experts]),
-        **kw)
+        w13=_stack([w13 for w13, _ in experts]), w2=_stack([w2 for _, w2 in experts]), **kw)
+
+
+def _stack(ws: list) -> torch.Tensor | BlockFP8Weight:
+    if ws and isinstance(ws[0], BlockFP8Weight):
+        return BlockFP8Weight(torch.stack([w.weight for w in ws]),
+                              torch.stack([w.scale_inv for w in ws]))
+    return torch.stack(ws)
 
 
 def expert_reader(directory: str | Path, layer: int) -> Callable[[int], tuple]:
@@ -317,6 +377,10 @@ def build_layer(weights: MoELayerWeights, *, dispatcher: Dispatcher | None = Non
                 dtype: torch.dtype | None = None, device=None,
                 invariant: bool = False) -> EPMoE:
     """An EPMoE holding ``weights`` (its dispatcher's rank must be the weights' rank)."""
+    if weights.fp8:
+        return _build_fp8_layer(weights, dispatcher=dispatcher, experts=experts,
+                                weight_mode=weight_mode, dtype=dtype or torch.bfloat16,
+                                device=device)
     dtype = dtype or weights.w13.dtype
     layer = EPMoE(hidden_size=weights.hidden_size, intermediate_size=weights.intermediate_size,
                   router=weights.router, dispatcher=dispatcher, experts=experts,
@@ -325,6 +389,44 @@ def build_layer(weights: MoELayerWeights, *, dispatcher: Dispatcher | None = Non
                   else weights.shared_w2.shape[1],
                   shared_expert_gate=weights.shared_gate is not None, dtype=dtype,
                   device=device, invariant=invariant)
+    with torch.no_grad():
+        layer.gate.weight.copy_(weights.gate)
+        if weights.e_score_correction_bias is not None:
+            layer.e_score_correction_bias.copy_(weights.e_score_correction_bias)
+        layer.load_experts(weights.w13, weights.w2)
+        if layer.shared_experts is not None:
+            layer.shared_experts.w13.copy_(weights.shared_w13)
+            layer.shared_experts.w2.copy_(weights.shared_w2)
+            if weights.shared_gate is not None:
+                layer.shared_experts.gate.weight.copy_(weights.shared_gate)
+    return layer
+
+
+def _build_fp8_layer(weights: MoELayerWeights, *, experts, dtype, device, **kw):
+    """An FP8EPMoE (``layer_fp8``) holding an FP8 checkpoint's experts in the device's FP8
+    encoding (e4m3fnuz on MI300: converted with the scale adjustment); ``experts``: an FP8
+    backend, or the float backend of the same name ("reference", "triton")."""
+    from rocm_moe.experts.fp8 import FP8Experts, FP8ReferenceExperts
+    from rocm_moe.layer_fp8 import FP8EPMoE
+    from rocm_moe.quant import native_fp8_dtype
+
+    if experts is None or (not isinstance(experts, FP8Experts) and experts.name == "reference"):
+        experts = FP8ReferenceExperts()
+    elif not isinstance(experts, FP8Experts) and experts.name == "triton":
+        from rocm_moe.experts.triton_fp8 import TritonFP8Experts
+
+        experts = TritonFP8Experts()
+    elif not isinstance(experts, FP8Experts):
+        raise ValueError(error_message(
+            "experts", experts.name, "has no FP8 block-scale path here (an FP8 checkpoint)",
+            "pick --experts reference or triton"))
+    layer = FP8EPMoE(hidden_size=weights.hidden_size,
+                     intermediate_size=weights.intermediate_size, router=weights.router,
+                     experts=experts, fp8_dtype=native_fp8_dtype(device),
+                     shared_intermediate_size=None if weights.shared_w2 is None
+                     else weights.shared_w2.shape[1],
+                     shared_expert_gate=weights.shared_gate is not None, dtype=dtype,
+                     device=device, **kw)
     with torch.no_grad():
         layer.gate.weight.copy_(weights.gate)
         if weights.e_score_correction_bias is not None:

@@ -1,0 +1,139 @@
+"""Triton kernels of the FP8 experts (``experts/triton_fp8.py``; imported only with triton).
+
+w8a8 with block scales: FP8 operands into tl.dot (float32 accumulator), each 128-wide K step's
+partial product scaled by (row scale of the activations) x (block scale of the weights) before
+it is added, the scheme of vLLM's and SGLang's w8a8 block kernels. BLOCK_K is 128, the scale
+group, so one K step reads one scale per row and one per weight tile; BLOCK_N divides 128, so a
+column tile lies in one weight block. ``UPCAST``: FP8 tiles are converted to float16 (exact:
+every e4m3 value is a float16) before tl.dot, for devices without FP8 matrix instructions and
+for Triton's interpreter; the products and sums are the same. ``ROUND``: values are rounded to
+the FP8 grid (round to nearest even) in float32 before the cast, for Triton's interpreter
+(3.9), whose float32 -> FP8 cast drops the carry of a mantissa that rounds up into the next
+binade (124.3 -> 64 instead of 128); on GPUs the cast itself rounds (RNE, saturating).
+"""
+
+import triton
+import triton.language as tl
+
+from rocm_moe.experts._triton_kernels import _tile
+
+
+@triton.jit
+def _to_fp8(x, dtype, ROUND: tl.constexpr, MIN_EXP: tl.constexpr):
+    """x (float32, already clamped to the FP8 range) cast to FP8 ``dtype``; ``ROUND``: rounded
+    to the grid first (MIN_EXP: the smallest normal exponent, -6 e4m3fn, -7 e4m3fnuz)."""
+    if ROUND:
+        a = tl.abs(x)
+        ex = tl.maximum(tl.floor(tl.log2(tl.maximum(a, 1e-30))), MIN_EXP)
+        quantum = tl.exp2(ex - 3.0)  # 3 mantissa bits
+        y = a / quantum
+        r = tl.floor(y + 0.5)
+        odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+        r = tl.where(((r - y) == 0.5) & odd, r - 1.0, r)  # ties to even
+        x = tl.where(x < 0, -r * quantum, r * quantum)
+    return x.to(dtype)
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, N_GROUPS,
+                       FP8_MAX: tl.constexpr, GROUP: tl.constexpr, ROUND: tl.constexpr,
+                       MIN_EXP: tl.constexpr):
+    """q[r, g*128:(g+1)*128] = x / s, s[r, g] = max(amax, 1e-10) / FP8_MAX: one program per
+    (row, group); the same arithmetic as ``quant.quantize_rows``."""
+    r = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    offs = g * GROUP + tl.arange(0, GROUP)
+    m = offs < H
+    x = tl.load(x_ptr + r * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-10)
+    s = tl.div_rn(amax, amax * 0.0 + FP8_MAX)  # IEEE division, as torch's (CUDA's / is not)
+    q = tl.clamp(tl.div_rn(x, s + tl.zeros_like(x)), -FP8_MAX, FP8_MAX)
+    tl.store(q_ptr + r * stride_q + offs, _to_fp8(q, q_ptr.dtype.element_ty, ROUND, MIN_EXP),
+             mask=m)
+    tl.store(s_ptr + r * N_GROUPS + g, s)
+
+
+@triton.jit
+def _fp8_dot(a, b, acc, scale, UPCAST: tl.constexpr):
+    """acc + (a @ b) * scale, a [M, K] and b [K, N] FP8, float32 accumulation."""
+    if UPCAST:
+        a = a.to(tl.float16)
+        b = b.to(tl.float16)
+    return acc + tl.dot(a, b) * scale
+
+
+@triton.jit
+def _fp8_gate_up_kernel(
+    aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr, block_expert_ptr,
+    N_SLOTS, H, I, K_TOPK, N_KB,
+    stride_ar, stride_as, stride_wn, stride_wse, stride_wsn, stride_ip, stride_is,
+    UPCAST: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr, MIN_EXP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """iq[p], is[p] = quantise(silu(a[row(p)] @ gate[e].T) * (a[row(p)] @ up[e].T)) for the
+    padded slot positions p of one block (one local expert e). ``aq`` [R, H] FP8 rows with
+    ``as`` [R, N_KB] scales; ``w`` [e * 2I, H] FP8 with ``ws`` [e, 2I/128, N_KB]; the
+    intermediate ``iq`` [P, I] FP8 with ``is`` [P, I/128] scales, quantised in the epilogue
+    (BLOCK_N == 128: a tile is one scale group of each row)."""
+    e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(block_expert_ptr, sorted_ptr,
+                                                          N_SLOTS, I, BLOCK_M, BLOCK_N)
+    if e < 0:
+        return
+    row = tl.where(valid, slot // K_TOPK, 0).to(tl.int64)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rows_g = e.to(tl.int64) * 2 * I + n_start + tl.arange(0, BLOCK_N)
+    ws_g = ws_ptr + e.to(tl.int64) * stride_wse + (n_start // 128) * stride_wsn
+    ws_u = ws_g + (I // 128) * stride_wsn
+    for kb in range(0, N_KB):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < H
+        a = tl.load(aq_ptr + row[:, None] * stride_ar + offs_k[None, :],
+                    mask=valid[:, None] & k_ok[None, :], other=0.0)
+        a_s = tl.load(as_ptr + row * stride_as + kb, mask=valid, other=0.0)
+        w_mask = n_ok[None, :] & k_ok[:, None]
+        g = tl.load(w_ptr + rows_g[None, :] * stride_wn + offs_k[:, None], mask=w_mask, other=0.0)
+        u = tl.load(w_ptr + (rows_g + I)[None, :] * stride_wn + offs_k[:, None], mask=w_mask,
+                    other=0.0)
+        acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * tl.load(ws_g + kb), UPCAST)
+        acc_u = _fp8_dot(a, u, acc_u, a_s[:, None] * tl.load(ws_u + kb), UPCAST)
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    amax = tl.maximum(tl.max(tl.abs(h), axis=1), 1e-10)
+    s = tl.div_rn(amax, amax * 0.0 + FP8_MAX)
+    q = tl.clamp(tl.div_rn(h, s[:, None] + tl.zeros_like(h)), -FP8_MAX, FP8_MAX)
+    p64 = offs_p.to(tl.int64)
+    tl.store(iq_ptr + p64[:, None] * stride_ip + offs_n[None, :],
+             _to_fp8(q, iq_ptr.dtype.element_ty, ROUND, MIN_EXP), mask=n_ok[None, :])
+    tl.store(is_ptr + p64 * stride_is + n_start // 128, s)
+
+
+@triton.jit
+def _fp8_down_kernel(
+    iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
+    N_SLOTS, H, I, N_KB,
+    stride_ip, stride_is, stride_wn, stride_wse, stride_wsn, stride_os,
+    WEIGHTED: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[slot(p), n] = (d[p] @ down[e].T)[n] (times the slot's weight when WEIGHTED) with
+    d = iq * is the FP8 intermediate; ``w`` [e * H, I] FP8, ``ws`` [e, ceil(H/128), I/128]."""
+    e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(block_expert_ptr, sorted_ptr,
+                                                          N_SLOTS, H, BLOCK_M, BLOCK_N)
+    if e < 0:
+        return
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    p64 = offs_p.to(tl.int64)
+    rows_w = e.to(tl.int64) * H + n_start + tl.arange(0, BLOCK_N)
+    ws = ws_ptr + e.to(tl.int64) * stride_wse + (n_start // 128) * stride_wsn
+    for kb in range(0, N_KB):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = tl.load(iq_ptr + p64[:, None] * stride_ip + offs_k[None, :])
+        a_s = tl.load(is_ptr + p64 * stride_is + kb)
+        b = tl.load(w_ptr + rows_w[None, :] * stride_wn + offs_k[:, None], mask=n_ok[None, :],
+                    other=0.0)
+        acc = _fp8_dot(a, b, acc, a_s[:, None] * tl.load(ws + kb), UPCAST)
+    if WEIGHTED:
+        acc = acc * tl.load(weight_ptr + slot, mask=valid, other=0.0)[:, None]
+    safe = tl.where(valid, slot, 0).to(tl.int64)
+    tl.store(out_ptr + safe[:, None] * stride_os + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])

@@ -1,0 +1,172 @@
+"""Triton FP8 experts: w8a8 grouped SwiGLU GEMMs with 128x128 weight block scales and
+activations quantised per 1x128 group (contract and arithmetic: ``experts/fp8.py``).
+
+Pipeline (``TritonFP8Experts``), for R rows with K ids on a rank with e local experts:
+1. rows quantised per 1x128 group (``quantize_rows_triton``), unless they arrive as FP8Rows;
+2. ``build_layout(..., block_size=BLOCK_M, tables=False)``: the local slots sorted by expert,
+   padded per expert to BLOCK_M (the same layout as the bf16 Triton experts);
+3. gate/up GEMM, FP8 x FP8 -> float32 per 128-wide K step times both scales, SiLU(gate) * up
+   fused, and the intermediate quantised to FP8 per 1x128 group in the epilogue -> [P, I];
+4. down GEMM, FP8 x FP8 the same way; "weighted": the slot's routing weight in the epilogue;
+5. "weighted": the slot sum of ``experts/triton.py`` -> [R, H]; "raw": [R, K, H], non-local
+   slots exact zeros.
+
+FP8 ``tl.dot`` needs FP8 matrix instructions (NVIDIA sm_89+, MI300 for e4m3fnuz, MI350 for
+e4m3fn); elsewhere, and in Triton's interpreter, ``upcast`` converts the FP8 tiles to float16
+first (exact; the same sums). Launch configs: ``fp8_block_config`` (a heuristic, untuned).
+
+Worked example (the test asserts it): H = I = 128, one row x = e_0, K = 1, weight 0.5,
+gate = up = 4 * identity, down = identity: every group has one non-zero value, which FP8
+holds exactly (its scale is value / 448), so the output is 0.5 * silu(4) * 4 = 7.8561... on
+hidden dim 0 and 0 elsewhere, as in bfloat16.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rocm_moe._libs import triton_runs_on
+from rocm_moe.experts.fp8 import FP8Experts
+from rocm_moe.experts.layout import build_layout
+from rocm_moe.experts.triton import triton_availability
+from rocm_moe.quant import BLOCK, FP8Rows, fp8_max
+from rocm_moe.weighting import ExpertsOutput
+
+
+def fp8_block_config(num_slots: int, num_local: int, *, device_name: str = "") -> dict:
+    """Launch config ``{"BLOCK_M", "gate_up": {...}, "down": {...}}`` by mean slots per local
+    expert (BLOCK_K is the scale group, 128; BLOCK_N 128 for gate/up, whose epilogue
+    quantises a whole group). Untuned: ``bench experts --fp8`` measures it against the floor."""
+    mean = num_slots / max(num_local, 1)
+    block_m = 16 if mean <= 16 else 32 if mean <= 32 else 64 if mean <= 128 else 128
+    warps = 8 if block_m >= 128 else 4
+    return dict(BLOCK_M=block_m,
+                gate_up=dict(BLOCK_N=128, BLOCK_K=BLOCK, num_warps=warps, num_stages=3),
+                down=dict(BLOCK_N=128 if block_m >= 64 else 64, BLOCK_K=BLOCK, num_warps=warps,
+                          num_stages=3))
+
+
+def _fp8_dot_native(device: torch.device, dtype: torch.dtype) -> bool:
+    """The device's matrix instructions take ``dtype`` (FP8) operands."""
+    if device.type != "cuda":
+        return False
+    if torch.version.hip is not None:
+        arch = getattr(torch.cuda.get_device_properties(device), "gcnArchName", "")
+        return (arch.startswith("gfx94") and dtype == torch.float8_e4m3fnuz) or \
+            (arch.startswith("gfx95") and dtype == torch.float8_e4m3fn)
+    return torch.cuda.get_device_capability(device) >= (8, 9) and dtype == torch.float8_e4m3fn
+
+
+def quantize_rows_triton(x: torch.Tensor, dtype: torch.dtype) -> FP8Rows:
+    """``quant.quantize_rows`` in one Triton launch (one program per row and 128-group)."""
+    from rocm_moe.experts._triton_fp8 import _quant_rows_kernel
+
+    R, H = x.shape
+    groups = -(-H // BLOCK)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    q = torch.empty(R, H, dtype=dtype, device=x.device)
+    s = torch.empty(R, groups, dtype=torch.float32, device=x.device)
+    if R:
+        _quant_rows_kernel[(R, groups)](x, q, s, H, x.stride(0), q.stride(0), groups,
+                                        FP8_MAX=fp8_max(dtype), GROUP=BLOCK,
+                                        **_rounding(dtype))
+    return FP8Rows(q, s, x.dtype)
+
+
+def _rounding(dtype: torch.dtype) -> dict:
+    """ROUND (the interpreter's cast needs the grid rounding first) and MIN_EXP of ``dtype``."""
+    return dict(ROUND=os.environ.get("TRITON_INTERPRET", "0") == "1",
+                MIN_EXP=-7 if dtype == torch.float8_e4m3fnuz else -6)
+
+
+def _args(block_m: int, kcfg: dict) -> dict:
+    return dict(BLOCK_M=block_m, BLOCK_N=kcfg["BLOCK_N"], BLOCK_K=kcfg["BLOCK_K"],
+                num_warps=kcfg["num_warps"], num_stages=kcfg["num_stages"])
+
+
+class TritonFP8Experts(FP8Experts):
+    """``config``: a fixed ``fp8_block_config``-form launch config (tuning); ``upcast``: FP8
+    tiles to float16 before tl.dot (None: where the device has no FP8 matrix instructions)."""
+
+    name = "triton"
+
+    @classmethod
+    def availability(cls) -> str | None:
+        if (reason := triton_availability()) is not None:
+            return reason
+        if not triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+            return "no CUDA/ROCm device (TRITON_INTERPRET=1 runs the kernels on a CPU, slowly)"
+        return None
+
+    def __init__(self, *, config: dict | None = None, upcast: bool | None = None):
+        self.config = config
+        self.upcast = upcast
+
+    def supports(self, *, mode, dtype, device) -> str | None:
+        if (reason := triton_availability()) is not None:
+            return reason
+        if not triton_runs_on(device):
+            return "Triton kernels need a CUDA/ROCm device (or TRITON_INTERPRET=1 for tests)"
+        if dtype == torch.float64:
+            return "the Triton FP8 experts return bfloat16, float16 or float32, not float64"
+        return None
+
+    def quantize(self, x_RH, dtype) -> FP8Rows:
+        return quantize_rows_triton(x_RH, dtype)  # bit-identical to quant.quantize_rows
+
+    def format_unsupported(self, dtype, device) -> str | None:
+        if device.type == "cuda" and torch.version.hip is None and \
+                dtype == torch.float8_e4m3fnuz:
+            return "NVIDIA Triton has no e4m3fnuz type (fp8e4b8 is AMD-only)"
+        return None
+
+    def _forward(self, rows: FP8Rows, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *,
+                 mode, out_dtype):
+        from rocm_moe.experts._triton_fp8 import _fp8_down_kernel, _fp8_gate_up_kernel
+        from rocm_moe.experts._triton_kernels import _slot_sum_kernel
+
+        R, K = topk_ids_RK.shape
+        H, I = w13.shape[2], w2.shape[2]
+        N, dev = R * K, rows.device
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
+        cfg = self.config or fp8_block_config(N, expert_map.num_local, device_name=name)
+        upcast = (not _fp8_dot_native(dev, rows.dtype)) if self.upcast is None else self.upcast
+        layout = build_layout(topk_ids_RK, expert_map, block_size=cfg["BLOCK_M"], tables=False,
+                              validate=False)
+        P = layout.sorted_slot_ids.numel()
+        # rows may be strided views into a receive buffer: read in place (unit column stride)
+        aq = rows.q if rows.q.stride(1) == 1 else rows.q.contiguous()
+        as_ = rows.scale if rows.scale.stride(1) == 1 else rows.scale.contiguous()
+        w13, w2 = w13.contiguous(), w2.contiguous()
+        iq = torch.empty(P, I, dtype=rows.dtype, device=dev)
+        is_ = torch.empty(P, I // BLOCK, dtype=torch.float32, device=dev)
+        weighted = mode == "weighted"
+        out_slots = (torch.empty if weighted else torch.zeros)(N, H, dtype=out_dtype, device=dev)
+        n_blocks = layout.block_expert_ids.numel()
+        if N and P:
+            gu, dn = cfg["gate_up"], cfg["down"]
+            assert gu["BLOCK_N"] == BLOCK, cfg  # the epilogue quantises whole groups
+            assert BLOCK % dn["BLOCK_N"] == 0, cfg  # a column tile in one weight block
+            ws13, ws2 = w13.scale_inv, w2.scale_inv
+            _fp8_gate_up_kernel[(n_blocks * (I // gu["BLOCK_N"]),)](
+                aq, as_, w13.weight.view(-1, H), ws13, iq, is_, layout.sorted_slot_ids,
+                layout.block_expert_ids, layout.sentinel, H, I, layout.top_k, -(-H // BLOCK),
+                aq.stride(0), as_.stride(0), H, ws13.stride(0), ws13.stride(1), iq.stride(0),
+                is_.stride(0), UPCAST=upcast, FP8_MAX=fp8_max(rows.dtype),
+                **_rounding(rows.dtype),
+                **_args(cfg["BLOCK_M"], gu))
+            _fp8_down_kernel[(n_blocks * -(-H // dn["BLOCK_N"]),)](
+                iq, is_, w2.weight.view(-1, I), ws2, out_slots, layout.sorted_slot_ids,
+                layout.block_expert_ids, topk_weights_RK.contiguous().view(-1), layout.sentinel,
+                H, I, I // BLOCK, iq.stride(0), is_.stride(0), I, ws2.stride(0), ws2.stride(1),
+                out_slots.stride(0), WEIGHTED=weighted, UPCAST=upcast,
+                **_args(cfg["BLOCK_M"], dn))
+        if weighted:
+            out = torch.empty(R, H, dtype=out_dtype, device=dev)
+            if R:
+                _slot_sum_kernel[(R, -(-H // 1024))](out_slots, layout.local_ids, out, H,
+                                                     K_TOPK=K, BLOCK_H=1024)
+            return ExpertsOutput(out=out, weights_applied=True)
+        return ExpertsOutput(out=out_slots.view(R, K, H), weights_applied=False)
