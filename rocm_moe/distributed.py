@@ -5,6 +5,15 @@ one GPU per rank when enough GPUs are present, gloo on CPUs otherwise), calls
 ``worker(info, *args)`` and returns the workers' return values (JSON-serialisable) in rank
 order. Under torchrun, ``init_from_env()`` joins the group its environment describes (multi-node
 works the same way).
+
+Failures: the ranks rendezvous through a FileStore in the launch's own temporary folder. When a
+rank fails, the others get ``GRACE_S`` seconds to report (their own error, or a
+``comm.peers.PeerFailure`` naming the failed rank), then every rank still alive is killed and
+reaped; the parent raises the root cause (a user error with its "Fix:", else the first rank
+that raised, else the first that exited). The same cleanup (kill, reap, remove the folder)
+runs when the parent is interrupted (SIGINT, SIGTERM); on Linux a rank also dies with its
+parent (PR_SET_PDEATHSIG), and the folders of launches whose parent died are removed by the
+next launch.
 """
 
 from __future__ import annotations
@@ -12,7 +21,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
+import signal
+import sys
 import tempfile
+import threading
+import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +35,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessException
 
 from rocm_moe._checks import error_message
+from rocm_moe.comm import peers
 from rocm_moe.comm.base import PeerRefusal
+
+GRACE_S = 15.0  # after a rank fails, how long the others get to report before they are killed
+_PREFIX = "rocm_moe-launch-"  # temporary folders: rocm_moe-launch-<parent pid>-<random>
 
 
 @dataclass(frozen=True)
@@ -64,7 +82,37 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def _entry(rank, world_size, backend, timeout_s, threads, out_dir, worker, args):
+class RankFailed(RuntimeError):
+    """A spawned rank raised (not a user error) or exited without a result. ``rank``: the rank
+    reported as the cause; the message holds its error (and traceback) and every rank's end."""
+
+    def __init__(self, message: str, rank: int):
+        super().__init__(message)
+        self.rank = rank
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel kills this rank when the launching process dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # no libc prctl: the parent's own cleanup still reaps the ranks
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _write(out_dir: str, rank: int, record: dict) -> None:
+    tmp = Path(out_dir, f"{rank}.json.tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(Path(out_dir, f"{rank}.json"))  # the parent never reads half a record
+
+
+def _entry(rank, world_size, backend, timeout_s, threads, out_dir, parent_pid, worker, args):
+    _die_with_parent(parent_pid)
     if threads:
         torch.set_num_threads(threads)
     # Rendezvous through a file of this launch's own folder: no port is guessed, so two
@@ -77,11 +125,15 @@ def _entry(rank, world_size, backend, timeout_s, threads, out_dir, worker, args)
         except (ValueError, TypeError) as exc:  # a user error: hand it to the parent as is
             result = {"error": type(exc).__name__, "message": str(exc),
                       "peer": isinstance(exc, PeerRefusal)}
-        except Exception as exc:  # the parent prefers another rank's user error, if any
-            Path(out_dir, f"{rank}.json").write_text(json.dumps(
-                {"crash": f"{type(exc).__name__}: {exc}"}))
+            if not isinstance(exc, PeerRefusal):  # the peers waiting for it will name it
+                peers.post(stage="its worker", kind="refused", error=peers.short(exc))
+        except BaseException as exc:  # the parent prefers another rank's user error, if any
+            peers.post(stage="its worker", kind="raised", error=peers.short(exc))
+            _write(out_dir, rank, {"crash": peers.short(exc, 2000),
+                                   "peer_failure": isinstance(exc, peers.PeerFailure),
+                                   "traceback": traceback.format_exc()})
             raise
-        Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
+        _write(out_dir, rank, result)
         if "result" in result:
             # Leave together: a rank that tears its groups down while a peer's last
             # collective is still in flight can abort either process (gloo's
@@ -91,20 +143,106 @@ def _entry(rank, world_size, backend, timeout_s, threads, out_dir, worker, args)
         dist.destroy_process_group()
 
 
-def _first_user_error(out_dir: str, world_size: int) -> Exception | None:
+def _first_user_error(records: dict[int, dict]) -> Exception | None:
     """The lowest rank's own user error (not a PeerRefusal, which only echoes one), as a
     ValueError / TypeError naming the rank; None if no rank had one."""
-    errors = []
-    for r in range(world_size):
-        path = Path(out_dir, f"{r}.json")
-        res = json.loads(path.read_text()) if path.exists() else {}
-        if "error" in res:
-            errors.append((res.get("peer", False), r, res))
+    errors = [(res.get("peer", False), r, res) for r, res in records.items() if "error" in res]
     if not errors:
         return None
     _, r, res = min(errors, key=lambda e: e[:2])
     kind = {"ValueError": ValueError, "TypeError": TypeError}[res["error"]]
     return kind(f"rank {r}: {res['message']}")
+
+
+def _end(rank: int, records: dict[int, dict], exitcodes: dict[int, int | None],
+         killed: set[int]) -> str:
+    """How rank ``rank`` ended, in a few words."""
+    rec, code = records.get(rank, {}), exitcodes.get(rank)
+    if "crash" in rec:
+        return f"raised {rec['crash'][:300]}"
+    if "error" in rec:
+        return f"refused: {rec['message'][:200]}"
+    if "result" in rec:
+        return "finished"
+    if rank in killed:
+        return "killed by the launcher (still running after the others failed)"
+    if code is not None and code < 0:
+        return f"killed by signal {signal.Signals(-code).name} before reporting"
+    return f"exited with code {code} before reporting (os._exit, a native crash)"
+
+
+def _rank_failure(records: dict[int, dict], exitcodes: dict[int, int | None],
+                  killed: set[int]) -> RankFailed:
+    """The root cause first: a rank that raised on its own, else one that raised because a
+    peer failed (its PeerFailure names that peer), else one that exited without a report."""
+    crashed = sorted((rec.get("peer_failure", False), r) for r, rec in records.items()
+                     if "crash" in rec)
+    silent = [r for r in sorted(exitcodes) if r not in records and r not in killed]
+    if crashed and not (crashed[0][0] and silent):
+        cause = crashed[0][1]
+        detail = "\n" + records[cause]["traceback"]
+    else:
+        cause = silent[0] if silent else min(exitcodes)
+        detail = ""
+    ends = "\n".join(f"  rank {r}: {_end(r, records, exitcodes, killed)}"
+                      for r in sorted(exitcodes))
+    return RankFailed(f"rank {cause} failed: {_end(cause, records, exitcodes, killed)}\n"
+                      f"every rank:\n{ends}{detail}", cause)
+
+
+class _Signalled(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum, _frame):
+    raise _Signalled(signum)
+
+
+def _sweep_stale_folders() -> None:
+    """Remove the temporary folders of launches whose parent no longer exists (one killed by
+    SIGKILL cannot remove its own)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_PREFIX}*-*"):
+        try:
+            pid = int(folder.name[len(_PREFIX):].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, PermissionError, OSError):
+            continue
+
+
+def _reap(procs: list, killed: set[int]) -> None:
+    """SIGTERM every rank still alive, SIGKILL those alive 3 s later, and wait for all."""
+    for r, p in enumerate(procs):
+        if p.is_alive():
+            killed.add(r)
+            p.terminate()
+    deadline = time.monotonic() + 3
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join()
+
+
+def _wait(procs: list, grace_s: float) -> None:
+    """Until every rank has exited, or ``grace_s`` after the first one failed."""
+    from multiprocessing.connection import wait
+
+    pending = {p.sentinel: p for p in procs}
+    failed_at = None
+    while pending:
+        left = None if failed_at is None else failed_at + grace_s - time.monotonic()
+        if left is not None and left <= 0:
+            return
+        for s in wait(list(pending), timeout=left):
+            p = pending.pop(s)
+            p.join()
+            if p.exitcode != 0 and failed_at is None:
+                failed_at = time.monotonic()
 
 
 def launch(
@@ -114,13 +252,17 @@ def launch(
     backend: str | None = None,
     timeout_s: float = 120,
     threads_per_rank: int | None = None,
+    grace_s: float = GRACE_S,
 ) -> list:
     """Run ``worker(info, *args)`` on ``world_size`` spawned ranks; their results in rank order.
 
     ``worker`` must be a module-level function (it is pickled into the children). A worker's
     ValueError / TypeError (a user error) is raised here as the same error, prefixed with its
     rank: the lowest rank's own error, even where other ranks then failed in a collective or
-    raised ``PeerRefusal``; any other exception makes this raise with the worker's traceback.
+    raised ``PeerRefusal``. Any other failure raises ``RankFailed`` naming the rank that caused
+    it, how every rank ended and the cause's traceback. ``timeout_s``: the process group's
+    collective timeout; ``grace_s``: how long the other ranks may still run after one failed.
+    The ranks and the temporary folder never outlive this call, nor a SIGINT / SIGTERM of it.
     """
     if world_size < 1:
         raise ValueError(error_message("world_size", world_size, "must be >= 1",
@@ -128,20 +270,42 @@ def launch(
     backend = backend or default_backend(world_size)
     if threads_per_rank is None and backend == "gloo":
         threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
-    with tempfile.TemporaryDirectory() as out_dir:
-        try:
-            mp.start_processes(_entry, args=(world_size, backend, timeout_s,
-                                             threads_per_rank, out_dir, worker, args),
-                               nprocs=world_size, start_method="spawn", join=True)
-        except ProcessException as exc:
-            # A rank that failed on a user error left the others to fail in a collective:
-            # report the first rank's real error, not a peer's "Connection closed by peer".
-            user_error = _first_user_error(out_dir, world_size)
-            if user_error is not None:
-                raise user_error from exc
-            raise
-        user_error = _first_user_error(out_dir, world_size)
-        if user_error is not None:
-            raise user_error
-        return [json.loads(Path(out_dir, f"{r}.json").read_text())["result"]
-                for r in range(world_size)]
+    _sweep_stale_folders()
+    out_dir = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
+    ctx = mp.get_context("spawn")
+    procs, killed = [], set()
+    in_main = threading.current_thread() is threading.main_thread()  # signal.signal needs it
+    old = {s: signal.signal(s, _raise_signalled) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if in_main else {}
+    try:
+        for r in range(world_size):
+            procs.append(ctx.Process(target=_entry, name=f"rocm_moe-rank{r}", args=(
+                r, world_size, backend, timeout_s, threads_per_rank, out_dir, os.getpid(),
+                worker, args)))
+            procs[-1].start()
+        _wait(procs, grace_s)
+        _reap(procs, killed)
+        records = {r: json.loads(Path(out_dir, f"{r}.json").read_text())
+                   for r in range(world_size) if Path(out_dir, f"{r}.json").exists()}
+    except _Signalled as sig:
+        _reap(procs, killed)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        old = {}
+        if sig.signum == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        os.kill(os.getpid(), sig.signum)  # the default action now, or the caller's handler
+        raise SystemExit(128 + sig.signum) from None
+    finally:
+        _reap(procs, killed)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    user_error = _first_user_error(records)
+    if user_error is not None:
+        raise user_error
+    exitcodes = {r: p.exitcode for r, p in enumerate(procs)}
+    if any(c != 0 for c in exitcodes.values()) or len(records) < world_size:
+        raise _rank_failure(records, exitcodes, killed)
+    return [records[r]["result"] for r in range(world_size)]

@@ -419,16 +419,23 @@ class EPMoE(nn.Module):
         with _stage(trace, "dispatch", dev):
             d = disp.dispatch(x_TH, routing.topk_weights, routing.topk_ids,
                               validate=self.validate)
-        with _stage(trace, "experts", dev):
-            eo = self.experts(d.x, d.topk_ids, d.topk_weights, *self.expert_weights(),
-                              disp.expert_map_on(dev), weight_mode=weight_mode, validate=False)
-        with _stage(trace, "combine", dev):
-            if raw_path:  # raw [T, K, H] back on the owner, which weights all its slots once
-                raw_TKH = disp.combine_raw(eo, d.handle)
-                y_TH = weight_once(ExpertsOutput(out=raw_TKH, weights_applied=False),
-                                   routing.topk_weights, routing.topk_ids, None)
-            else:
-                y_TH = disp.combine(eo, d.handle)
+        stage = "experts"
+        try:  # a rank leaving here strands its peers in combine: the dispatcher records it
+            with _stage(trace, "experts", dev):
+                eo = self.experts(d.x, d.topk_ids, d.topk_weights, *self.expert_weights(),
+                                  disp.expert_map_on(dev), weight_mode=weight_mode,
+                                  validate=False)
+            stage = "combine"
+            with _stage(trace, "combine", dev):
+                if raw_path:  # raw [T, K, H] back on the owner, which weights its slots once
+                    raw_TKH = disp.combine_raw(eo, d.handle)
+                    y_TH = weight_once(ExpertsOutput(out=raw_TKH, weights_applied=False),
+                                       routing.topk_weights, routing.topk_ids, None)
+                else:
+                    y_TH = disp.combine(eo, d.handle)
+        except BaseException as exc:
+            disp.abandon(d.handle, stage, exc)
+            raise
         if self.shared_experts is not None:
             with _stage(trace, "shared", dev):
                 if self.invariant:

@@ -260,6 +260,13 @@ class Dispatcher(ABC):
         Nothing to tell by default (one rank, or a backend without it)."""
         return None
 
+    def abandon(self, handle: CombineHandle, stage: str, exc: BaseException) -> None:
+        """This rank leaves ``handle``'s batch between dispatch and combine because ``exc`` was
+        raised at ``stage`` (the layer calls it). Multi-rank backends record it for the peers
+        waiting in combine and refuse further collectives on the group (``comm.peers``);
+        nothing to do on one rank."""
+        return None
+
     # ---- combine --------------------------------------------------------------------------------
     def _check_handle(self, handle: object, expert_output: object, *, raw: bool) -> None:
         if not isinstance(handle, CombineHandle) or handle.dispatcher_id != id(self):

@@ -21,8 +21,12 @@ kernel on GPUs, no atomics), so repeats are bit-identical.
 
 Failure semantics: every collective of a dispatcher runs with a finite timeout,
 ``DEFAULT_TIMEOUT`` (300 s) on the default group unless ``timeout=`` says otherwise, so a rank
-that dies or stalls makes the others raise torch.distributed's error after at most that long,
-never hang for gloo's 30-minute default.
+that dies or stalls makes the others fail after at most that long, never hang for gloo's
+30-minute default. A failed collective raises ``peers.PeerFailure`` naming the stage and the
+failing rank (read from the records failing ranks leave in the rendezvous store, see
+``rocm_moe.comm.peers``; nothing is read unless a collective failed). A rank that leaves a batch
+between dispatch and combine (``abandon``: its experts raised) marks the group broken: its next
+dispatch raises instead of pairing with its peers' combine.
 
 combine_raw (two collectives): only the local slots' raw rows travel back, in (row, slot) order;
 the owner places them at [t, k] of a zero [T, K, H].
@@ -37,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from rocm_moe._checks import error_message
-from rocm_moe.comm import rows
+from rocm_moe.comm import peers, rows
 from rocm_moe.comm.base import (
     CombineHandle,
     Dispatcher,
@@ -114,6 +118,7 @@ class TorchDispatcher(Dispatcher):
             group, timeout = dist.group.WORLD, timeout or DEFAULT_TIMEOUT
         if timeout is not None and group is not None:
             group = _group_with_timeout(group, timeout)
+        self.timeout = timeout
         group, rank = join_group(placement, group, self.name)
         check_row_bytes(hidden_size, dtype)
         super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
@@ -126,7 +131,29 @@ class TorchDispatcher(Dispatcher):
         dev = torch.device("cuda", torch.cuda.current_device()) \
             if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
         flags_W = torch.full((self.world_size,), -1, dtype=torch.int64, device=dev)
-        dist.all_to_all_single(torch.empty_like(flags_W), flags_W, group=self.group)
+        if peers.is_broken(self.group):
+            return  # no collective on a broken group: the caller raises its own error next
+        self._collective("dispatch (refusal exchange)", None, lambda: dist.all_to_all_single(
+            torch.empty_like(flags_W), flags_W, group=self.group))
+
+    def _collective(self, stage: str, batch_id: int | None, run):
+        """``run()``; a failure becomes a PeerFailure naming the stage and the failing rank."""
+        try:
+            return run()
+        except Exception as exc:
+            if isinstance(exc, (ValueError, TypeError)):
+                raise  # a usage error of torch.distributed, not a peer's failure
+            timeout_s = self.timeout.total_seconds() if self.timeout else None
+            raise peers.failure(self.group, stage=stage, batch=batch_id, exc=exc,
+                                timeout_s=timeout_s) from exc
+
+    def abandon(self, handle, stage: str, exc: BaseException) -> None:
+        """This rank leaves ``handle``'s batch between dispatch and combine (``exc`` was raised
+        at ``stage``): its peers, waiting in combine, will name it; this rank's next dispatch on
+        the group raises (see the module docstring)."""
+        peers.post(stage=stage, kind="abandoned", error=peers.short(exc), batch=handle.batch_id)
+        peers.mark_broken(self.group, f"rank {self.rank} left batch {handle.batch_id} between "
+                          f"dispatch and combine after {peers.short(exc, 160)} at {stage}")
 
     def _raise_if_refused(self, recv_counts: tuple[int, ...]) -> None:
         refused = [r for r, c in enumerate(recv_counts) if c < 0]
@@ -136,11 +163,13 @@ class TorchDispatcher(Dispatcher):
                 "their batch, so every rank stops before any payload moves",
                 f"read rank {refused[0]}'s error: it names the bad input"))
 
-    def _a2a(self, out, inp, out_splits, in_splits) -> None:
-        dist.all_to_all_single(out, inp, list(out_splits), list(in_splits), group=self.group)
+    def _a2a(self, out, inp, out_splits, in_splits, *, stage: str, batch_id: int) -> None:
+        self._collective(stage, batch_id, lambda: dist.all_to_all_single(
+            out, inp, list(out_splits), list(in_splits), group=self.group))
 
     # ---- dispatch -------------------------------------------------------------------------------
     def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
+        peers.check_usable(self.group, "dispatch")
         T, K = topk_ids_TK.shape
         W, dev = self.world_size, x_TH.device
         # dest1 = owner + 1, or 0 for an empty slot (id -1): one lookup in an [E + 1] table.
@@ -155,12 +184,13 @@ class TorchDispatcher(Dispatcher):
                                       async_op=True)
         # While the counts travel: each (token, destination)'s send row, and the packing.
         send, pos_TW = rows.pack_rows(x_TH, topk_ids_TK, topk_weights_TK, csum_WT, T * min(W, K))
-        work.wait()
+        self._collective("dispatch (counts exchange)", batch_id, work.wait)
         send_counts, recv_counts = (tuple(c) for c in
                                     torch.stack([send_counts_W, recv_counts_W]).tolist())
         self._raise_if_refused(recv_counts)
         recv = send.new_empty(sum(recv_counts), send.shape[1])
-        self._a2a(recv, send[:sum(send_counts)], recv_counts, send_counts)
+        self._a2a(recv, send[:sum(send_counts)], recv_counts, send_counts,
+                  stage="dispatch (payload)", batch_id=batch_id)
         recv_x, recv_ids, recv_w = rows.unpack(recv, x_TH.shape[1], x_TH.dtype, K)
         handle = TorchCombineHandle(
             **self.handle_fields(batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
@@ -171,11 +201,14 @@ class TorchDispatcher(Dispatcher):
 
     # ---- combine --------------------------------------------------------------------------------
     def _combine(self, y_RH, handle: TorchCombineHandle):
+        peers.check_usable(self.group, "combine")
         back = y_RH.new_empty(sum(handle.send_counts), y_RH.shape[1])
-        self._a2a(back, y_RH.contiguous(), handle.send_counts, handle.recv_counts)
+        self._a2a(back, y_RH.contiguous(), handle.send_counts, handle.recv_counts,
+                  stage="combine", batch_id=handle.batch_id)
         return rows.gather_sum(back, handle.pos)
 
     def _combine_raw(self, raw_RKH, handle: TorchCombineHandle):
+        peers.check_usable(self.group, "combine_raw")
         R, K, H = raw_RKH.shape
         dev = raw_RKH.device
         local_RK = local_slots(handle.recv_topk_ids, self.expert_map_on(dev))
@@ -192,7 +225,8 @@ class TorchDispatcher(Dispatcher):
         expect_W = mask_WTK.sum((1, 2))
         where = mask_WTK.nonzero()  # (d, t, k), lexicographic
         back = raw_RKH.new_empty(where.shape[0], H)
-        self._a2a(back, send, expect_W.tolist(), send_counts_W.tolist())
+        self._a2a(back, send, expect_W.tolist(), send_counts_W.tolist(), stage="combine_raw",
+                  batch_id=handle.batch_id)
         out = raw_RKH.new_zeros(T, K, H)
         out[where[:, 1], where[:, 2]] = back
         return out

@@ -1,0 +1,205 @@
+"""Fault injection on spawned ranks (gloo): a rank that raises before dispatch, raises between
+dispatch and combine, catches its experts' error and carries on, stalls, or exits. Every other
+rank must raise an error naming the failing rank and the stage (``PeerFailure``), never gloo's
+bare "Connection closed by peer", a hang or NaN rows; ``launch`` must name the failing rank.
+
+Timeouts are short (the dispatcher's 2 s, the launch's 30 s), so no case can hang CI. Each rank
+writes what it saw to a file (a launch that fails returns no results). W = 2 runs every case;
+W = 3 (a second survivor, which must name the same rank) is marked slow.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rocm_moe import EPMoE, LocalDispatcher, Placement, RouterConfig
+from rocm_moe import synthetic as syn
+from rocm_moe.comm.torch import TorchDispatcher
+from rocm_moe.distributed import RankFailed, launch
+
+E, K, H, I, T = 8, 2, 16, 8, 9
+TIMEOUT = datetime.timedelta(seconds=2)
+
+
+class _Faulty:
+    """The layer's experts, with a fault on one rank: raise, stall or exit when called."""
+
+    def __init__(self, inner, fault: str | None):
+        self.inner, self.fault = inner, fault
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, *args, **kwargs):
+        if self.fault == "raise":
+            raise RuntimeError("experts boom (injected)")
+        if self.fault == "stall":
+            time.sleep(6)  # alive, but past the peers' 2 s timeout
+        if self.fault == "exit":
+            os._exit(3)
+        return self.inner(*args, **kwargs)
+
+
+def _layer(W: int, rank: int, fault: str | None) -> EPMoE:
+    disp = TorchDispatcher(Placement.contiguous(E, W), hidden_size=H, top_k=K,
+                           dtype=torch.float32, timeout=TIMEOUT, max_tokens_per_rank=T)
+    layer = EPMoE(hidden_size=H, intermediate_size=I, router=RouterConfig.qwen3_moe(E, K),
+                  dispatcher=disp)
+    layer.experts = _Faulty(layer.experts, fault)
+    return layer
+
+
+def _seen(call) -> dict:
+    """What ``call()`` did: its result's finiteness, or its error."""
+    try:
+        y = call()
+    except Exception as exc:
+        return dict(type=type(exc).__name__, msg=str(exc), stage=getattr(exc, "stage", None),
+                    culprits=list(getattr(exc, "culprits", ())))
+    return dict(type=None, finite=bool(torch.isfinite(y).all()))
+
+
+def _worker(info, case: str, out: str):
+    W, rank = info.world_size, info.rank
+    failing = W - 1
+    mine = rank == failing
+    fault = {"raise_in_experts": "raise", "carry_on": "raise", "stall": "stall",
+             "exit": "exit"}.get(case) if mine else None
+    layer = _layer(W, rank, fault)
+    x = syn.tokens(0, rank, T, H).float()
+    seen = {}
+    if case == "raise_before_dispatch" and mine:
+        raise RuntimeError("boom before dispatch (injected)")
+    if case == "over_capacity" and mine:
+        x = torch.cat([x, x])  # over max_tokens_per_rank on this rank only
+    if case == "carry_on" and mine:
+        seen["first"] = _seen(lambda: layer(x))
+        layer.experts.fault = None  # "recovered": the rank goes on with the next batch
+        seen["second"] = _seen(lambda: layer(x))
+    else:
+        seen["first"] = _seen(lambda: layer(x))
+    if case == "over_capacity":
+        seen["next"] = _seen(lambda: layer(x[:T]))  # the group is still in step
+    Path(out, f"{rank}.json").write_text(json.dumps(seen))
+    if case == "raise_in_experts" and mine:
+        raise RuntimeError("experts boom (injected)")
+    return rank
+
+
+def _run(W: int, case: str, tmp_path) -> tuple[Exception | None, dict]:
+    err = None
+    try:
+        launch(W, _worker, case, str(tmp_path), backend="gloo", timeout_s=30, grace_s=8)
+    except (RankFailed, ValueError) as exc:
+        err = exc
+    seen = {int(p.stem): json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    return err, seen
+
+
+def _names(seen: dict, failing: int, stage: str, phrase: str) -> None:
+    assert seen["type"] == "PeerFailure", seen
+    assert seen["culprits"] == [failing], seen
+    assert seen["stage"] == stage, seen
+    assert phrase in seen["msg"], seen["msg"]
+    assert "Fix:" in seen["msg"]
+
+
+WS = [2, pytest.param(3, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("W", WS)
+def test_rank_raising_before_dispatch_is_named(W, tmp_path):
+    err, seen = _run(W, "raise_before_dispatch", tmp_path)
+    f = W - 1
+    assert isinstance(err, RankFailed), err
+    assert err.rank == f, err
+    assert "boom before dispatch" in str(err)
+    for r in range(f):
+        _names(seen[r]["first"], f, "dispatch (counts exchange)",
+               f"rank {f} raised in its worker (RuntimeError: boom before dispatch")
+
+
+@pytest.mark.parametrize("W", WS)
+def test_rank_raising_between_dispatch_and_combine_is_named(W, tmp_path):
+    err, seen = _run(W, "raise_in_experts", tmp_path)
+    f = W - 1
+    assert isinstance(err, RankFailed), err
+    assert err.rank == f, err
+    for r in range(f):
+        _names(seen[r]["first"], f, "combine", f"rank {f} left experts of batch")
+        assert "experts boom" in seen[r]["first"]["msg"]
+
+
+@pytest.mark.parametrize("W", WS)
+def test_rank_carrying_on_after_its_experts_raised(W, tmp_path):
+    """The peers do not return NaN rows: they fail naming the rank; the rank's next batch is
+    refused before any collective (it would pair with its peers' combine)."""
+    err, seen = _run(W, "carry_on", tmp_path)
+    f = W - 1
+    assert err is None, err
+    assert seen[f]["first"]["type"] == "RuntimeError"
+    assert seen[f]["second"]["type"] == "PeerFailure"
+    assert "the EP group is unusable on this rank" in seen[f]["second"]["msg"]
+    assert "do not catch the error and carry on" in seen[f]["second"]["msg"]
+    for r in range(f):
+        _names(seen[r]["first"], f, "combine", f"rank {f} left experts of batch")
+
+
+@pytest.mark.parametrize("W", WS)
+def test_stalled_rank_is_named_after_the_timeout(W, tmp_path):
+    t0 = time.monotonic()
+    err, seen = _run(W, "stall", tmp_path)
+    f = W - 1
+    assert err is None, err
+    assert time.monotonic() - t0 < 60
+    for r in range(f):
+        _names(seen[r]["first"], f, "combine", f"rank(s) [{f}] left no record within 2 s")
+        assert "Timed out" in seen[r]["first"]["msg"]
+    late = seen[f]["first"]
+    assert late["type"] == "PeerFailure", late
+    assert "this rank is likely the late one" in late["msg"]
+
+
+@pytest.mark.parametrize("W", WS)
+def test_rank_exiting_mid_forward_is_named(W, tmp_path):
+    err, seen = _run(W, "exit", tmp_path)
+    f = W - 1
+    assert isinstance(err, RankFailed), err
+    assert err.rank == f, err
+    assert f"rank {f} failed: exited with code 3 before reporting" in str(err)
+    for r in range(f):
+        _names(seen[r]["first"], f, "combine", f"rank(s) [{f}] left no record")
+
+
+@pytest.mark.parametrize("W", WS)
+def test_batch_over_capacity_on_one_rank_is_refused_on_every_rank(W, tmp_path):
+    err, seen = _run(W, "over_capacity", tmp_path)
+    f = W - 1
+    assert err is None, err
+    assert seen[f]["first"]["type"] == "ValueError"
+    assert "exceeds max_tokens_per_rank=9" in seen[f]["first"]["msg"]
+    for r in range(W):
+        if r != f:
+            assert seen[r]["first"]["type"] == "PeerRefusal", seen[r]
+            assert f"rank(s) [{f}] of the EP group refused" in seen[r]["first"]["msg"]
+        assert seen[r]["next"] == dict(type=None, finite=True), seen[r]
+
+
+def test_one_rank_experts_error_propagates_and_the_layer_goes_on():
+    """W = 1: no peers, nothing to name; the error is the experts' own and the next batch
+    runs."""
+    layer = EPMoE(hidden_size=H, intermediate_size=I, router=RouterConfig.qwen3_moe(E, K),
+                  dispatcher=LocalDispatcher(Placement.contiguous(E, 1)))
+    layer.experts = _Faulty(layer.experts, "raise")
+    x = syn.tokens(0, 0, T, H).float()
+    with pytest.raises(RuntimeError, match="experts boom"):
+        layer(x)
+    layer.experts.fault = None
+    assert torch.isfinite(layer(x)).all()
