@@ -364,3 +364,49 @@ def test_bench_layer_two_emulated_nodes_under_torchrun(tmp_path):
     assert probe["two-stage network us"] > 0
     # one rank a node: nothing to deduplicate, the network hop carries the flat's remote rows
     assert probe["network_rows"] * 64 * 4 == pytest.approx(row["inter_node MB"] * 1e6)
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["run", "--world-size", "64"], "--world-size=64: 64 CPU ranks of this shape need about"),
+        (["run", *SMALL, "--world-size", "2", "--tokens", "10000000"],
+         "--world-size=2: 2 CPU ranks of this shape need about"),
+        (["diagnose", *SMALL, "--world-size", "1", "--dump", "/nonexistent-dir/d"],
+         "--dump=/nonexistent-dir/d.rank0.safetensors: must be a file in an existing, writable"),
+        (["diagnose", *SMALL, "--world-size", "1", "--batch", "0"], "--batch=0: must be >= 1"),
+    ],
+    ids=["W64_default_shape", "too_many_tokens", "dump_unwritable", "batch_0"],
+)
+def test_refused_before_any_rank_starts(capsys, monkeypatch, argv, match):
+    """A CPU host with 4 GiB available: the memory estimate refuses, naming the flags to
+    change; an output path that cannot be written is refused before the run."""
+    from rocm_moe.cli import ranks
+
+    def no_ranks(*a, **k):
+        raise AssertionError("a rank was started")
+
+    monkeypatch.setattr(ranks, "launch", no_ranks)
+    monkeypatch.setattr(ranks, "available_memory", lambda: 4 * 2**30)
+    monkeypatch.setattr(ranks, "default_backend", lambda W: "gloo")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert match in err, err
+    if "CPU ranks" in match:
+        assert "4.0 GiB is available" in err
+        assert "lower --world-size or --tokens" in err
+    assert "Fix:" in err, err
+
+
+def test_memory_estimate_grows_with_ranks_and_fits_the_small_runs():
+    from rocm_moe.cli.ranks import PROCESS_BYTES, memory_estimate
+
+    shape = dict(num_experts=128, hidden_size=2048, intermediate_size=768, top_k=8, tokens=256,
+                 itemsize=4)
+    one, two, many = (memory_estimate(world_size=w, **shape) for w in (1, 2, 64))
+    experts = 128 * 3 * 768 * 2048 * 4
+    assert experts < one < experts + PROCESS_BYTES + 2**30  # one rank holds every expert
+    assert two < 2 * one  # the experts are split, not copied
+    assert many > 64 * PROCESS_BYTES
+    small = dict(num_experts=8, hidden_size=32, intermediate_size=16, top_k=2, tokens=33,
+                 itemsize=4)
+    assert memory_estimate(world_size=3, **small) < 3 * PROCESS_BYTES + 2**20

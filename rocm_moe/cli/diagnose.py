@@ -19,7 +19,15 @@ from rich.table import Table
 from rocm_moe import synthetic
 from rocm_moe._console import console, progress
 from rocm_moe.cli import ranks
-from rocm_moe.cli.spec import LayerSpec, add_layer_args, add_router_args, layer_spec
+from rocm_moe.cli.spec import (
+    LayerSpec,
+    add_layer_args,
+    add_router_args,
+    check_memory,
+    check_positive,
+    check_writable,
+    layer_spec,
+)
 from rocm_moe.distributed import WorkerInfo
 from rocm_moe.faults import FAULTS
 
@@ -66,10 +74,14 @@ def _rank(info: WorkerInfo, job: DiagnoseJob) -> dict:
 
 
 def command(args: argparse.Namespace) -> int:
+    check_positive(batch=args.batch, seq=args.seq)
+    if args.dump:  # files DUMP.rank<r>.safetensors, checked before the run
+        check_writable("--dump", f"{args.dump}.rank0.safetensors")
     W = ranks.world_size(args.world_size)
     spec = layer_spec(args, W, weight_mode=args.weight_mode,
                       max_tokens_per_rank=max(args.batch * args.seq, 16), router=args.router,
                       shared_intermediate_size=args.shared_intermediate)
+    check_memory(spec, W, args.device, args.batch * args.seq)
     job = DiagnoseJob(spec=spec, batch=args.batch, seq=args.seq, inject=args.inject,
                       dump=args.dump)
     results = ranks.on_ranks(_rank, job, world_size=W, device_name=args.device)

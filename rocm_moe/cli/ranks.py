@@ -33,6 +33,59 @@ def world_size(requested: int | None) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
+PROCESS_BYTES = 400 * 2**20  # a CPU rank's own footprint before its layer: python, torch, gloo
+
+
+def available_memory() -> int | None:
+    """Bytes this host can still give (Linux's MemAvailable); None where it is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_estimate(*, world_size: int, num_experts: int, hidden_size: int,
+                    intermediate_size: int, top_k: int, tokens: int, itemsize: int,
+                    shared_intermediate_size: int | None = None) -> int:
+    """Bytes W ranks on this host's CPU need, roughly: per rank its process, its E / W experts,
+    the gate, the shared experts, and the activations of ``tokens`` tokens (received rows
+    R <= T * min(W, K), raw [R, K, H] outputs, the float64 checks of [T, K, H])."""
+    W, E, H, I, K, T = world_size, num_experts, hidden_size, intermediate_size, top_k, tokens
+    weights = (-(-E // W) * 3 * I * H + E * H + 3 * (shared_intermediate_size or 0) * H)
+    R = T * min(W, K)
+    activations = 2 * (T * H + R * (H + 2 * K) + R * K * H + T * K * H)
+    return W * (PROCESS_BYTES + (weights + activations) * itemsize + 3 * T * K * H * 8)
+
+
+def check_host_memory(world_size: int, device_name: str, tokens: int, *, num_experts: int,
+                      hidden_size: int, intermediate_size: int, top_k: int, dtype: torch.dtype,
+                      shared_intermediate_size: int | None = None,
+                      available: int | None = None) -> None:
+    """Refuse, before any rank starts, W CPU ranks on this host that would not fit in its
+    available memory (``available``: bytes, default MemAvailable). GPUs and torchrun: no check
+    (the ranks' memory is not this host's, or not only)."""
+    on_cpu = default_backend(world_size) == "gloo" if world_size > 1 \
+        else device(device_name).type == "cpu"
+    if under_torchrun() or not on_cpu:
+        return
+    available = available if available is not None else available_memory()
+    need = memory_estimate(world_size=world_size, num_experts=num_experts,
+                           hidden_size=hidden_size, intermediate_size=intermediate_size,
+                           top_k=top_k, tokens=tokens, itemsize=dtype.itemsize,
+                           shared_intermediate_size=shared_intermediate_size)
+    if available is not None and need > available:
+        raise ValueError(error_message(
+            "--world-size", world_size, f"{world_size} CPU ranks of this shape need about "
+            f"{need / 2**30:.1f} GiB on this host ({PROCESS_BYTES // 2**20} MiB per process "
+            f"plus its experts and activations), {available / 2**30:.1f} GiB is available",
+            "lower --world-size or --tokens, or the shape (--num-experts, --hidden, "
+            "--intermediate), or spread the ranks over hosts with torchrun"))
+
+
 def device(name: str) -> torch.device:
     """``--device``: auto (cuda if present, else cpu) or a torch device name."""
     if name == "auto":

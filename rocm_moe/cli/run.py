@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from rich.table import Table
@@ -24,7 +22,14 @@ from rocm_moe import backends, synthetic
 from rocm_moe._checks import error_message
 from rocm_moe._console import Steps, console, progress
 from rocm_moe.cli import ranks
-from rocm_moe.cli.spec import LayerSpec, add_layer_args, check_positive, layer_spec
+from rocm_moe.cli.spec import (
+    LayerSpec,
+    add_layer_args,
+    check_memory,
+    check_positive,
+    check_writable,
+    layer_spec,
+)
 from rocm_moe.distributed import WorkerInfo
 from rocm_moe.experts.reference import dense_moe_reference
 from rocm_moe.layer import Trace
@@ -105,12 +110,13 @@ def command(args: argparse.Namespace) -> int:
         raise ValueError(error_message("--layer", args.layer, "must be >= 0",
                                        "pass the checkpoint's MoE layer index"))
     if args.json:
-        _check_writable("--json", args.json)
+        check_writable("--json", args.json)
     W = ranks.world_size(args.world_size)
     spec = layer_spec(args, W, weight_mode=args.weight_mode,
                       shared_intermediate_size=args.shared_intermediate,
                       checkpoint=args.checkpoint, layer=args.layer,
                       max_tokens_per_rank=max(args.tokens, 16))
+    check_memory(spec, W, args.device, args.tokens)
     results = ranks.on_ranks(_rank, RunJob(spec=spec, tokens=args.tokens, iters=args.iters),
                              world_size=W, device_name=args.device)
     if not results:
@@ -144,15 +150,6 @@ def command(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(args, spec, results, W * args.tokens / slowest, ok)
     return 0 if ok else 1
-
-
-def _check_writable(flag: str, path: str) -> None:
-    """An output file can be written, checked before the run rather than after it."""
-    target = Path(path)
-    folder = target.resolve().parent
-    if target.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise ValueError(error_message(flag, path, "must be a file in an existing, writable "
-                                       "directory", "pass another path"))
 
 
 def _write_json(args: argparse.Namespace, spec: LayerSpec, results: list[dict],

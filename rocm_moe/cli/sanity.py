@@ -17,7 +17,7 @@ from rich.table import Table
 
 from rocm_moe._console import console, progress
 from rocm_moe.cli import ranks
-from rocm_moe.cli.spec import LayerSpec, add_layer_args, add_router_args, layer_spec
+from rocm_moe.cli.spec import LayerSpec, add_layer_args, add_router_args, check_memory, layer_spec
 from rocm_moe.distributed import WorkerInfo
 from rocm_moe.sanity import run_sanity
 
@@ -43,6 +43,7 @@ def command(args: argparse.Namespace) -> int:
     W = ranks.world_size(args.world_size)
     spec = layer_spec(args, W, weight_mode="experts", router=args.router,
                       shared_intermediate_size=args.shared_intermediate)
+    check_memory(spec, W, args.device, 64)  # its cases hold a few dozen tokens
     results = ranks.on_ranks(_rank, spec, world_size=W, device_name=args.device)
     if not results:  # a torchrun rank other than 0
         return 0

@@ -186,6 +186,29 @@ def check_positive(**options: int | None) -> None:
             raise ValueError(error_message(flag, value, "must be >= 1", f"pass {flag} 1 or more"))
 
 
+def check_writable(flag: str, path: str) -> None:
+    """An output file can be written, checked before the run rather than after it."""
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    folder = target.resolve().parent
+    if target.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(error_message(flag, path, "must be a file in an existing, writable "
+                                       "directory", "pass another path"))
+
+
+def check_memory(spec: LayerSpec, world_size: int, device_name: str, tokens: int) -> None:
+    """``ranks.check_host_memory`` for ``spec``'s shape and dtype (auto: float32 on a CPU)."""
+    from rocm_moe.cli import ranks
+
+    ranks.check_host_memory(world_size, device_name, tokens, num_experts=spec.num_experts,
+                            hidden_size=spec.hidden_size,
+                            intermediate_size=spec.intermediate_size, top_k=spec.top_k,
+                            dtype=spec.torch_dtype(torch.device("cpu")),
+                            shared_intermediate_size=spec.shared_intermediate_size)
+
+
 def check_device(name: str) -> None:
     """``--device`` names a device this machine has (auto always does)."""
     if name == "auto":
