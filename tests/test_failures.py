@@ -3,7 +3,7 @@ dispatch and combine, catches its experts' error and carries on, stalls, or exit
 rank must raise an error naming the failing rank and the stage (``PeerFailure``), never gloo's
 bare "Connection closed by peer", a hang or NaN rows; ``launch`` must name the failing rank.
 
-Timeouts are short (the dispatcher's 2 s, the launch's 30 s), so no case can hang CI. Each rank
+Timeouts are short (the dispatcher's 3 s, the launch's 30 s), so no case can hang CI. Each rank
 writes what it saw to a file (a launch that fails returns no results). W = 2 runs every case;
 W = 3 (a second survivor, which must name the same rank) is marked slow.
 """
@@ -24,8 +24,8 @@ from rocm_moe import synthetic as syn
 from rocm_moe.comm.torch import TorchDispatcher
 from rocm_moe.distributed import RankFailed, launch
 
-E, K, H, I, T = 8, 2, 16, 8, 9
-TIMEOUT = datetime.timedelta(seconds=2)
+E, K, H, I, T = 12, 2, 16, 8, 9  # E divisible by W = 2 and 3
+TIMEOUT = datetime.timedelta(seconds=3)
 
 
 class _Faulty:
@@ -41,7 +41,7 @@ class _Faulty:
         if self.fault == "raise":
             raise RuntimeError("experts boom (injected)")
         if self.fault == "stall":
-            time.sleep(6)  # alive, but past the peers' 2 s timeout
+            time.sleep(8)  # alive, but past the peers' 3 s timeout
         if self.fault == "exit":
             os._exit(3)
         return self.inner(*args, **kwargs)
@@ -72,8 +72,11 @@ def _worker(info, case: str, out: str):
     mine = rank == failing
     fault = {"raise_in_experts": "raise", "carry_on": "raise", "stall": "stall",
              "exit": "exit"}.get(case) if mine else None
-    layer = _layer(W, rank, fault)
+    layer = _layer(W, rank, None)
     x = syn.tokens(0, rank, T, H).float()
+    layer(x)  # a healthy batch first, then all ranks start the faulty one together: a loaded
+    torch.distributed.barrier()  # machine must not make a healthy rank look stalled
+    layer.experts.fault = fault
     seen = {}
     if case == "raise_before_dispatch" and mine:
         raise RuntimeError("boom before dispatch (injected)")
@@ -160,7 +163,7 @@ def test_stalled_rank_is_named_after_the_timeout(W, tmp_path):
     assert err is None, err
     assert time.monotonic() - t0 < 60
     for r in range(f):
-        _names(seen[r]["first"], f, "combine", f"rank(s) [{f}] left no record within 2 s")
+        _names(seen[r]["first"], f, "combine", f"rank(s) [{f}] left no record within 3 s")
         assert "Timed out" in seen[r]["first"]["msg"]
     late = seen[f]["first"]
     assert late["type"] == "PeerFailure", late
