@@ -47,11 +47,12 @@ class _Faulty:
         return self.inner(*args, **kwargs)
 
 
-def _layer(W: int, rank: int, fault: str | None) -> EPMoE:
+def _layer(W: int, rank: int, fault: str | None, device=None) -> EPMoE:
     disp = TorchDispatcher(Placement.contiguous(E, W), hidden_size=H, top_k=K,
                            dtype=torch.float32, timeout=TIMEOUT, max_tokens_per_rank=T)
     layer = EPMoE(hidden_size=H, intermediate_size=I, router=RouterConfig.qwen3_moe(E, K),
-                  dispatcher=disp)
+                  dispatcher=disp, device=device)
+    layer.reset_parameters()
     layer.experts = _Faulty(layer.experts, fault)
     return layer
 
@@ -72,8 +73,8 @@ def _worker(info, case: str, out: str):
     mine = rank == failing
     fault = {"raise_in_experts": "raise", "carry_on": "raise", "stall": "stall",
              "exit": "exit"}.get(case) if mine else None
-    layer = _layer(W, rank, None)
-    x = syn.tokens(0, rank, T, H).float()
+    layer = _layer(W, rank, None, info.device)
+    x = syn.tokens(0, rank, T, H).float().to(info.device)
     layer(x)  # a healthy batch first, then all ranks start the faulty one together: a loaded
     torch.distributed.barrier()  # machine must not make a healthy rank look stalled
     layer.experts.fault = fault
@@ -96,10 +97,10 @@ def _worker(info, case: str, out: str):
     return rank
 
 
-def _run(W: int, case: str, tmp_path) -> tuple[Exception | None, dict]:
+def _run(W: int, case: str, tmp_path, backend="gloo") -> tuple[Exception | None, dict]:
     err = None
     try:
-        launch(W, _worker, case, str(tmp_path), backend="gloo", timeout_s=30, grace_s=8)
+        launch(W, _worker, case, str(tmp_path), backend=backend, timeout_s=30, grace_s=8)
     except (RankFailed, ValueError) as exc:
         err = exc
     seen = {int(p.stem): json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
@@ -206,3 +207,22 @@ def test_one_rank_experts_error_propagates_and_the_layer_goes_on():
         layer(x)
     layer.experts.fault = None
     assert torch.isfinite(layer(x)).all()
+
+
+_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_GPUS < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("case", ["raise_before_dispatch", "raise_in_experts", "carry_on",
+                                  "stall", "exit"])
+def test_nccl_failing_rank_is_named_and_no_rank_returns_garbage(case, tmp_path):
+    """NCCL: the same faults. A survivor either raises PeerFailure naming rank 1 or is torn
+    down by NCCL's watchdog after the 3 s timeout (its default mode); none returns rows."""
+    err, seen = _run(2, case, tmp_path, backend="nccl")
+    if case in ("raise_before_dispatch", "raise_in_experts", "exit"):
+        assert isinstance(err, RankFailed), err
+        assert err.rank == 1, err
+    if 0 in seen:
+        assert seen[0]["first"]["type"] == "PeerFailure", seen[0]
+        assert seen[0]["first"]["culprits"] == [1], seen[0]
