@@ -120,6 +120,10 @@ def _entry(rank, world_size, backend, timeout_s, threads, out_dir, parent_pid, w
     store = dist.FileStore(str(Path(out_dir, "store")), world_size)
     info = _init(rank, world_size, backend, timeout_s, store)
     try:
+        # Start together: a rank that fails at once (a user error) and tears its group down
+        # while a peer is still connecting its gloo mesh made that peer's init fail ("Gloo
+        # connectFullMesh failed ... Connection closed by peer"), hiding its own error.
+        dist.barrier()
         try:
             result = {"result": worker(info, *args)}
         except (ValueError, TypeError) as exc:  # a user error: hand it to the parent as is

@@ -38,3 +38,15 @@ def test_dispatchers_get_a_finite_default_timeout():
     assert DEFAULT_TIMEOUT.total_seconds() == 300
     for res in launch(2, _timeouts, timeout_s=30):
         assert res == dict(own_group=True, shared=True)
+
+
+def _refuse_everywhere(info):
+    raise ValueError(f"rank {info.rank}'s input is bad. Fix: another input.")
+
+
+def test_every_rank_refusing_at_once_reports_rank_zero():
+    """Ranks that fail at once tore the group down while rank 0 was still connecting (its init
+    failed with gloo's "connectFullMesh failed", about one launch in three at W = 3), so rank
+    1's error was reported; the ranks now start together."""
+    with pytest.raises(ValueError, match=r"^rank 0: rank 0's input is bad"):
+        launch(3, _refuse_everywhere, timeout_s=30)
