@@ -81,15 +81,20 @@ def _worker(info, case: str, out: str):
     seen = {}
     if case == "raise_before_dispatch" and mine:
         raise RuntimeError("boom before dispatch (injected)")
-    if case == "over_capacity" and mine:
-        x = torch.cat([x, x])  # over max_tokens_per_rank on this rank only
+    if case == "refusals":  # bad input on the failing rank only; the group stays in step
+        seen["forced"] = _seen(lambda: layer(x, forced_expert_ids=torch.full(
+            (T, K), E if mine else 0, device=x.device) + torch.arange(K, device=x.device)))
+        nan = x.clone()
+        nan[3, 5] = float("nan")
+        seen["nan"] = _seen(lambda: layer(nan if mine else x))
+        x = torch.cat([x, x]) if mine else x  # over max_tokens_per_rank on this rank only
     if case == "carry_on" and mine:
         seen["first"] = _seen(lambda: layer(x))
         layer.experts.fault = None  # "recovered": the rank goes on with the next batch
         seen["second"] = _seen(lambda: layer(x))
     else:
         seen["first"] = _seen(lambda: layer(x))
-    if case == "over_capacity":
+    if case == "refusals":
         seen["next"] = _seen(lambda: layer(x[:T]))  # the group is still in step
     Path(out, f"{rank}.json").write_text(json.dumps(seen))
     if case == "raise_in_experts" and mine:
@@ -183,16 +188,24 @@ def test_rank_exiting_mid_forward_is_named(W, tmp_path):
 
 
 @pytest.mark.parametrize("W", WS)
-def test_batch_over_capacity_on_one_rank_is_refused_on_every_rank(W, tmp_path):
-    err, seen = _run(W, "over_capacity", tmp_path)
+def test_bad_input_on_one_rank_is_refused_on_every_rank(W, tmp_path):
+    """Forced ids >= E, a NaN token, a batch over capacity, each on the last rank only: it
+    raises its own error, every other rank PeerRefusal naming it, and the next batch runs."""
+    err, seen = _run(W, "refusals", tmp_path)
     f = W - 1
     assert err is None, err
-    assert seen[f]["first"]["type"] == "ValueError"
-    assert "exceeds max_tokens_per_rank=9" in seen[f]["first"]["msg"]
+    own = {"forced": "forced_expert_ids=contains 13", "nan": "hidden_states=contains nan",
+           "first": "exceeds max_tokens_per_rank=9"}
     for r in range(W):
-        if r != f:
-            assert seen[r]["first"]["type"] == "PeerRefusal", seen[r]
-            assert f"rank(s) [{f}] of the EP group refused" in seen[r]["first"]["msg"]
+        for key, match in own.items():
+            got = seen[r][key]
+            if r == f:
+                assert got["type"] in ("ValueError", "TypeError"), got
+                assert match in got["msg"], got
+                assert "Fix:" in got["msg"]
+            else:
+                assert got["type"] == "PeerRefusal", got
+                assert f"rank(s) [{f}] of the EP group refused" in got["msg"], got
         assert seen[r]["next"] == dict(type=None, finite=True), seen[r]
 
 
