@@ -87,6 +87,9 @@ def _worker(info, case: str, out: str):
         nan = x.clone()
         nan[3, 5] = float("nan")
         seen["nan"] = _seen(lambda: layer(nan if mine else x))
+        layer.experts.fault = "raise"  # on every rank: they all leave the batch, still in step
+        seen["all_raise"] = _seen(lambda: layer(x))
+        layer.experts.fault = None
         x = torch.cat([x, x]) if mine else x  # over max_tokens_per_rank on this rank only
     if case == "carry_on" and mine:
         seen["first"] = _seen(lambda: layer(x))
@@ -190,7 +193,8 @@ def test_rank_exiting_mid_forward_is_named(W, tmp_path):
 @pytest.mark.parametrize("W", WS)
 def test_bad_input_on_one_rank_is_refused_on_every_rank(W, tmp_path):
     """Forced ids >= E, a NaN token, a batch over capacity, each on the last rank only: it
-    raises its own error, every other rank PeerRefusal naming it, and the next batch runs."""
+    raises its own error, every other rank PeerRefusal naming it, and the next batch runs.
+    Experts raising on every rank (all leave the batch): the group stays usable too."""
     err, seen = _run(W, "refusals", tmp_path)
     f = W - 1
     assert err is None, err
@@ -206,6 +210,7 @@ def test_bad_input_on_one_rank_is_refused_on_every_rank(W, tmp_path):
             else:
                 assert got["type"] == "PeerRefusal", got
                 assert f"rank(s) [{f}] of the EP group refused" in got["msg"], got
+        assert seen[r]["all_raise"]["type"] == "RuntimeError", seen[r]
         assert seen[r]["next"] == dict(type=None, finite=True), seen[r]
 
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 PREFIX = "rocm_moe/fault/"
 REPORT_WAIT_S = 10.0  # longest wait for the peers' records (capped by the group's timeout)
 _BROKEN: dict[int, str] = {}  # id(group) -> why this rank must not issue collectives on it
+_LEFT: dict[int, int] = {}  # id(group) -> batches this rank left between dispatch and combine
 
 
 class PeerFailure(RuntimeError):
@@ -149,6 +150,30 @@ def failure(group, *, stage: str, batch: int | None, exc: BaseException,
     message = (f"rank {me}: {stage}{batch_txt} failed ({short(exc, 160)}): {why}. Fix: {fix}")
     mark_broken(group, message)
     return PeerFailure(message, stage=stage, culprits=culprits)
+
+
+def everyone_left(group, wait_s: float) -> bool:
+    """Called by a rank leaving a batch between dispatch and combine: whether every rank of
+    ``group`` leaves that same batch within ``wait_s`` (an error every rank raises, such as a
+    combine_raw the experts cannot feed): then the group is still in step. The ranks compare
+    the count of batches each left on the group, in the store; only this error path pays."""
+    store = _store()
+    if store is None:
+        return False
+    try:
+        ranks = dist.get_process_group_ranks(group)
+        n = _LEFT[id(group)] = _LEFT.get(id(group), 0) + 1
+        tag = f"{PREFIX}left/{getattr(group, 'group_name', '')}/{'-'.join(map(str, ranks))}/{n}/"
+        store.set(tag + str(dist.get_rank()), "1")
+        keys = [tag + str(r) for r in ranks]
+        deadline = time.monotonic() + wait_s
+        while not store.check(keys):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+    except Exception:
+        return False
 
 
 def mark_broken(group, why: str) -> None:

@@ -150,7 +150,12 @@ class TorchDispatcher(Dispatcher):
     def abandon(self, handle, stage: str, exc: BaseException) -> None:
         """This rank leaves ``handle``'s batch between dispatch and combine (``exc`` was raised
         at ``stage``): its peers, waiting in combine, will name it; this rank's next dispatch on
-        the group raises (see the module docstring)."""
+        the group raises (see the module docstring). Unless every rank leaves the same batch
+        (an error they all raise, checked through the store for up to half the timeout): the
+        group is then still in step."""
+        timeout_s = self.timeout.total_seconds() if self.timeout else 2 * peers.REPORT_WAIT_S
+        if peers.everyone_left(self.group, min(peers.REPORT_WAIT_S, timeout_s / 2)):
+            return
         peers.post(stage=stage, kind="abandoned", error=peers.short(exc), batch=handle.batch_id)
         peers.mark_broken(self.group, f"rank {self.rank} left batch {handle.batch_id} between "
                           f"dispatch and combine after {peers.short(exc, 160)} at {stage}")
