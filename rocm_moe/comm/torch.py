@@ -168,7 +168,8 @@ class TorchDispatcher(Dispatcher):
                 "their batch, so every rank stops before any payload moves",
                 f"read rank {refused[0]}'s error: it names the bad input"))
 
-    def _a2a(self, out, inp, out_splits, in_splits, *, stage: str, batch_id: int) -> None:
+    def _a2a(self, out, inp, out_splits, in_splits, *, stage: str = "all_to_all",
+             batch_id: int | None = None) -> None:
         self._collective(stage, batch_id, lambda: dist.all_to_all_single(
             out, inp, list(out_splits), list(in_splits), group=self.group))
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from rocm_moe.comm import rows
+from rocm_moe.comm import peers, rows
 from rocm_moe.comm.base import DispatchResult
 from rocm_moe.comm.torch import TorchCombineHandle, TorchDispatcher
 from rocm_moe.quant import BLOCK, FP8Rows, quantize_rows
@@ -78,6 +78,7 @@ class TorchFP8Dispatcher(TorchDispatcher):
         return quantize_rows(x_TH, dtype=self.fp8_dtype)
 
     def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
+        peers.check_usable(self.group, "dispatch")
         T, K = topk_ids_TK.shape
         W, dev = self.world_size, x_TH.device
         dest1_TK = self._dest1_on(dev)[topk_ids_TK + 1]
@@ -91,12 +92,13 @@ class TorchFP8Dispatcher(TorchDispatcher):
         payload = pack_fp8(self.quantize(x_TH))  # while the counts travel
         send, pos_TW = rows.pack_rows(payload, topk_ids_TK, topk_weights_TK, csum_WT,
                                       T * min(W, K))
-        work.wait()
+        self._collective("dispatch (counts exchange)", batch_id, work.wait)
         send_counts, recv_counts = (tuple(c) for c in
                                     torch.stack([send_counts_W, recv_counts_W]).tolist())
         self._raise_if_refused(recv_counts)
         recv = send.new_empty(sum(recv_counts), send.shape[1])
-        self._a2a(recv, send[:sum(send_counts)], recv_counts, send_counts)
+        self._a2a(recv, send[:sum(send_counts)], recv_counts, send_counts,
+                  stage="dispatch (payload)", batch_id=batch_id)
         recv_p, recv_ids, recv_w = rows.unpack(recv, payload.shape[1], torch.uint8, K)
         recv_x = unpack_fp8(recv_p, x_TH.shape[1], self.fp8_dtype, x_TH.dtype)
         handle = TorchCombineHandle(
