@@ -340,19 +340,22 @@ def test_bench_layer_two_emulated_nodes_under_torchrun(tmp_path):
     import subprocess
     import sys
 
-    with socket.socket() as sock:  # torchrun's rendezvous needs one port known to both
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    args = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-            "--master-addr", "127.0.0.1", "--master-port", port]
     bench = ["-m", "rocm_moe.cli", "bench", "layer", "--tokens", "17", "--hidden", "64",
              "--num-experts", "8", "--intermediate", "32", "--top-k", "2", "--warmup", "1",
              "--iters", "2", "--dtype", "float32", "--out", str(tmp_path), "--name", "nodes"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, *args, "--node-rank", str(n), *bench], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for n in (0, 1)]
-    outs = [p.communicate(timeout=240)[0] for p in procs]
+    for _attempt in range(3):  # torchrun's rendezvous port must be known to both launchers:
+        with socket.socket() as sock:  # a free one, taken by someone else in between at worst
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        args = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--master-addr", "127.0.0.1", "--master-port", port]
+        procs = [subprocess.Popen([sys.executable, *args, "--node-rank", str(n), *bench],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for n in (0, 1)]
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+        if not any("EADDRINUSE" in out for out in outs):
+            break
     assert [p.returncode for p in procs] == [0, 0], outs
     data = json.loads((tmp_path / "nodes.json").read_text())
     assert data["nodes"] == [0, 1]
@@ -364,6 +367,8 @@ def test_bench_layer_two_emulated_nodes_under_torchrun(tmp_path):
     assert probe["two-stage network us"] > 0
     # one rank a node: nothing to deduplicate, the network hop carries the flat's remote rows
     assert probe["network_rows"] * 64 * 4 == pytest.approx(row["inter_node MB"] * 1e6)
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
