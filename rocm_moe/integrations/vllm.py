@@ -117,6 +117,8 @@ def _classes() -> SimpleNamespace:
     _require_vllm()
     import vllm.model_executor.layers.fused_moe.modular_kernel as mk
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
     from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
         TopKWeightAndReduceContiguous,
         TopKWeightAndReduceDelegate,
@@ -299,7 +301,16 @@ def _classes() -> SimpleNamespace:
         The weights stay vLLM's ``w13_weight`` [e, 2I, H] (gate then up) and ``w2_weight``
         [e, H, I], untouched (no backend shuffle). The dispatcher joins vLLM's EP group; the
         backends come from ``ROCM_MOE_VLLM_COMM`` (default "torch"), ``ROCM_MOE_VLLM_EXPERTS``
-        (default "reference") and ``ROCM_MOE_VLLM_WEIGHT_MODE`` (default "experts")."""
+        (default "reference") and ``ROCM_MOE_VLLM_WEIGHT_MODE`` (default "experts"). vLLM's
+        kernel oracle is not consulted (on a CPU-only machine its CPU backend does not even
+        import with vllm 0.33.0's CUDA wheel): the backend is "OOT", so no weight is padded or
+        shuffled for another kernel."""
+
+        def __init__(self, moe):
+            FusedMoEMethodBase.__init__(self, moe)  # CustomOp's set-up, no backend selection
+            self.unquantized_backend = UnquantizedMoeBackend.OOT
+            self.experts_cls = RocmMoEExperts
+            self.supports_pre_processed_weights = True
 
         def create_weights(self, layer, num_experts, hidden_size,
                            intermediate_size_per_partition, params_dtype, **extra):
