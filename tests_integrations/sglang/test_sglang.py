@@ -51,6 +51,21 @@ def _worker(info, shape: dict, tokens: list[int]) -> dict:
         out[f"{mode}-{dt}"] = dict(err=o.rel_err(y, ref) if tokens[r] else float(y.numel()),
                                    shape=list(y.shape), standard=fmt_ok,
                                    weighted=ci.weights_applied, R=d.hidden_states.shape[0])
+    # Every token on rank 0's experts: the other ranks receive no row.
+    for mode in ("experts", "combine"):
+        disp = rs.RocmMoEDispatcher(TorchDispatcher(placement, hidden_size=H, top_k=K,
+                                                    dtype=torch.float32), weight_mode=mode)
+        w13, w2 = o.local_weights(SEED, placement.local_experts(r), H, I, torch.float32)
+        x, w, _ = o.tokens(SEED, r, tokens[r], E, H, K, torch.float32)
+        e0 = placement.num_local(0)
+        ids = torch.stack([torch.randperm(e0)[:K] for _ in range(tokens[r])]).int() \
+            if tokens[r] else torch.empty(0, K, dtype=torch.int32)
+        d = disp.dispatch(x, topk_output(w, ids))
+        y = disp.combine(rs.run_experts(disp, d, w13, w2))
+        ref = o.oracle(SEED, x, w, ids, H, I, torch.float32)
+        out[f"concentrated-{mode}"] = dict(
+            err=o.rel_err(y, ref) if tokens[r] else float(y.numel()),
+            received=d.hidden_states.shape[0])
     out["diagnose"] = _diagnose(info, shape)  # the same launch: each rank imports SGLang once
     return out
 
@@ -72,6 +87,15 @@ def test_dispatcher_and_experts_match_float64_oracle(W, mode, dt):
         assert case["err"] <= o.TOL[getattr(torch, dt)], (r, case)
     print(f"W={W} {mode} {dt}: max rel err {max(x[f'{mode}-{dt}']['err'] for x in res):.2e}, "
           f"rows received {[x[f'{mode}-{dt}']['R'] for x in res]}")
+
+
+@pytest.mark.parametrize("W", [2, 3])
+@pytest.mark.parametrize("mode", ["experts", "combine"])
+def test_ranks_that_receive_no_row(W, mode):
+    res = [r[f"concentrated-{mode}"] for r in results(W)]
+    assert all(r["received"] == 0 for r in res[1:]), res
+    for r in res:
+        assert r["err"] <= 1e-5, res
 
 
 def _one_rank(mode="experts", K=3):

@@ -76,6 +76,28 @@ def _kernel_worker(info, shape: dict, tokens: list[int]) -> dict:
                 shape=list(y.shape), pf=type(kernel.prepare_finalize).__name__,
                 fx=type(kernel.fused_experts).__name__, reduced=kernel.output_is_reduced(),
                 experts=list(experts_here))
+    # Every token on rank 0's experts: the other ranks receive no row (vLLM then skips the
+    # experts and hands finalize an empty [0, H], in either weight mode).
+    placement = rv.vllm_placement(E, W, "linear")
+    for mode in ("experts", "combine"):
+        disp = TorchDispatcher(placement, hidden_size=H, top_k=K, dtype=torch.float32)
+        kernel = rv.build_kernel(moe_config(E, K, H, I, W, r, torch.float32,
+                                            placement.num_local(r)),
+                                 dispatcher=disp, weight_mode=mode)
+        w13, w2 = o.local_weights(SEED, placement.local_experts(r), H, I, torch.float32)
+        x, w, _ = o.tokens(SEED, r, tokens[r], E, H, K, torch.float32)
+        ids = torch.stack([torch.randperm(placement.num_local(0))[:K]
+                           for _ in range(tokens[r])]).int() if tokens[r] else \
+            torch.empty(0, K, dtype=torch.int32)
+        d = disp.dispatch(x, w, ids)  # how many rows this rank receives, for the record
+        y = kernel.apply(hidden_states=x, w1=w13, w2=w2, topk_weights=w, topk_ids=ids,
+                         activation=MoEActivation.SILU, global_num_experts=E,
+                         expert_map=vllm_expert_map(E, W, r, "linear"),
+                         apply_router_weight_on_input=False)
+        ref = o.oracle(SEED, x, w, ids, H, I, torch.float32)
+        out[f"concentrated-{mode}"] = dict(
+            err=o.rel_err(y, ref) if tokens[r] else float(y.numel()),
+            received=d.x.shape[0])
     out["diagnose"] = _diagnose(info, shape)
     return out
 
@@ -100,6 +122,15 @@ def test_fused_moe_kernel_matches_float64_oracle(W, strategy, mode, dt):
         assert case["err"] <= o.TOL[getattr(torch, dt)], (r, case)
     print(f"W={W} {strategy} {mode} {dt}: tokens {o.TOKENS[W]}, max rel err "
           f"{max(res[f'{strategy}-{mode}-{dt}']['err'] for res in results):.2e}")
+
+
+@pytest.mark.parametrize("W", [2, 3])
+@pytest.mark.parametrize("mode", ["experts", "combine"])
+def test_ranks_that_receive_no_row(W, mode):
+    res = [r[f"concentrated-{mode}"] for r in kernel_results(W)]
+    assert all(r["received"] == 0 for r in res[1:]), res
+    for r in res:
+        assert r["err"] <= 1e-5, res
 
 
 # ---- placements ---------------------------------------------------------------------------------
