@@ -195,6 +195,10 @@ def make_sglang_dispatcher(moe_runner_config):
         raise _refuse("activation", cfg.activation, "rocm_moe experts are SwiGLU",
                       f"unset {SWITCH} for this model")
     E, e = cfg.num_experts, cfg.num_local_experts
+    if not e or E % e:
+        raise _refuse("num_experts, num_local_experts", (E, e), "every EP rank must hold "
+                      "E / W experts (redundant EPLB experts are not rocm_moe experts)",
+                      "serve without --ep-num-redundant-experts")
     W = E // e
     experts = backends.make_experts(os.environ.get(ENV_EXPERTS, "reference"))
     mode = resolve_weight_mode(os.environ.get(ENV_WEIGHT_MODE, "experts"),

@@ -160,7 +160,10 @@ def _classes() -> SimpleNamespace:
             return self.dispatcher.world_size
 
         def output_is_reduced(self) -> bool:
-            return True  # combine returns each token's complete output on its own rank
+            # Over an EP group combine returns each token's complete output on its own rank.
+            # One rank (no EP) with tensor-parallel experts holds a TP-partial sum, which
+            # vLLM's runner must still all-reduce.
+            return self.dispatcher.world_size > 1
 
         def prepare(self, a1, topk_weights, topk_ids, num_experts, expert_map,
                     apply_router_weight_on_input, quant_config, defer_input_quant):

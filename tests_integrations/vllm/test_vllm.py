@@ -277,6 +277,8 @@ def test_plugin_is_what_vllm_instantiates(monkeypatch):
         pf, fx = method.moe_kernel.prepare_finalize, method.moe_kernel.fused_experts
         assert type(pf) is rv.RocmMoEPrepareAndFinalize
         assert type(fx) is rv.RocmMoEExperts
+        # One rank, no EP: a TP-sharded layer's output is partial, so vLLM must reduce it.
+        assert method.moe_kernel.output_is_reduced() is False
         x, w, ids = o.tokens(SEED, 0, 33, 8, 64, 3, torch.float32)
         layer.activation = __import__(
             "vllm.model_executor.layers.fused_moe.activation",
