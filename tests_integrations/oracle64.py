@@ -26,6 +26,17 @@ def tokens(seed: int, rank: int, T: int, E: int, H: int, K: int, dtype):
     return x, w.float(), ids.to(torch.int32)
 
 
+def ids_on_rank0(T: int, e0: int, K: int) -> torch.Tensor:
+    """[T, K] int32 ids all among rank 0's experts 0..e0-1 (contiguous placements); slots past
+    e0 are empty (-1), so the other ranks receive no row."""
+    ids = torch.full((T, K), -1, dtype=torch.int32)
+    n = min(K, e0)
+    g = torch.Generator().manual_seed(T * 31 + e0)
+    for t in range(T):
+        ids[t, :n] = torch.randperm(e0, generator=g)[:n].int()
+    return ids
+
+
 def expert_weights(seed: int, g: int, H: int, I: int, dtype):
     w13, w2 = synthetic.expert_weights(seed, g, H, I)
     return w13.to(dtype), w2.to(dtype)

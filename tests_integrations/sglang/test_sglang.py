@@ -57,9 +57,7 @@ def _worker(info, shape: dict, tokens: list[int]) -> dict:
                                                     dtype=torch.float32), weight_mode=mode)
         w13, w2 = o.local_weights(SEED, placement.local_experts(r), H, I, torch.float32)
         x, w, _ = o.tokens(SEED, r, tokens[r], E, H, K, torch.float32)
-        e0 = placement.num_local(0)
-        ids = torch.stack([torch.randperm(e0)[:K] for _ in range(tokens[r])]).int() \
-            if tokens[r] else torch.empty(0, K, dtype=torch.int32)
+        ids = o.ids_on_rank0(tokens[r], placement.num_local(0), K)
         d = disp.dispatch(x, topk_output(w, ids))
         y = disp.combine(rs.run_experts(disp, d, w13, w2))
         ref = o.oracle(SEED, x, w, ids, H, I, torch.float32)

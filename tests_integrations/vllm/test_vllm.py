@@ -86,9 +86,7 @@ def _kernel_worker(info, shape: dict, tokens: list[int]) -> dict:
                                  dispatcher=disp, weight_mode=mode)
         w13, w2 = o.local_weights(SEED, placement.local_experts(r), H, I, torch.float32)
         x, w, _ = o.tokens(SEED, r, tokens[r], E, H, K, torch.float32)
-        ids = torch.stack([torch.randperm(placement.num_local(0))[:K]
-                           for _ in range(tokens[r])]).int() if tokens[r] else \
-            torch.empty(0, K, dtype=torch.int32)
+        ids = o.ids_on_rank0(tokens[r], placement.num_local(0), K)
         d = disp.dispatch(x, w, ids)  # how many rows this rank receives, for the record
         y = kernel.apply(hidden_states=x, w1=w13, w2=w2, topk_weights=w, topk_ids=ids,
                          activation=MoEActivation.SILU, global_num_experts=E,
