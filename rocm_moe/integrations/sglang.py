@@ -20,8 +20,9 @@ The handle travels inside the dispatch output and the combine input (nothing is 
 dispatcher), so combine cannot be given another batch's ids. Weighting is rocm_moe's
 (``rocm_moe.weighting``): exactly once, by the experts (weight_mode "experts") or by combine
 ("combine"). SGLang's runner applies ``routed_scaling_factor`` itself unless the top-k step fused
-it; ``run_experts`` does the same, scaling the dispatched weights (exact: the output is linear in
-them).
+it; the dispatcher does the same to the weights before they travel, so the experts' weighting
+and combine's both see it (scaling only the experts' weights was lost in weight_mode "combine",
+which weighs with the dispatched weights: a test caught it).
 
 The reduction: rocm_moe's combine already sums every expert's contribution on the token's rank.
 ``FusedMoE.forward_impl`` would all-reduce again when ``reduce_results`` (sglang#34006 is this
@@ -110,8 +111,12 @@ def _classes() -> SimpleNamespace:
         ``weight_mode`` are what ``run_experts`` runs on the dispatched rows."""
 
         def __init__(self, dispatcher: Dispatcher, *, experts: Experts | None = None,
-                     weight_mode: WeightMode = "experts"):
+                     weight_mode: WeightMode = "experts",
+                     routed_scaling_factor: float | None = None,
+                     apply_router_weight_on_input: bool = False):
             super().__init__()
+            self.routed_scaling_factor = routed_scaling_factor
+            self.apply_router_weight_on_input = apply_router_weight_on_input
             if not isinstance(dispatcher, Dispatcher):
                 raise TypeError(error_message("dispatcher", type(dispatcher).__name__,
                                               "must be a rocm_moe Dispatcher",
@@ -121,8 +126,22 @@ def _classes() -> SimpleNamespace:
             self.weight_mode = resolve_weight_mode(weight_mode)
 
         def dispatch(self, hidden_states, topk_output):
-            d = self.dispatcher.dispatch(hidden_states, topk_output.topk_weights.float(),
-                                         topk_output.topk_ids)
+            """Routing weights are final before they travel: scaled by
+            ``routed_scaling_factor`` and, with ``apply_router_weight_on_input`` (K = 1), moved
+            onto the token (the weights then read 1), so whichever stage weighs them, experts
+            or combine, weighs them once."""
+            x, w = hidden_states, topk_output.topk_weights.float()
+            if self.apply_router_weight_on_input:
+                if w.shape[1] != 1:
+                    self.dispatcher.share_refusal()
+                    raise _refuse("apply_router_weight_on_input", True,
+                                  f"needs top_k == 1 (got {w.shape[1]}): one input cannot "
+                                  "carry K weights exactly once",
+                                  "route with top_k=1 or apply the weights on the output")
+                x, w = (x.float() * w).to(x.dtype), torch.ones_like(w)
+            if self.routed_scaling_factor not in (None, 1.0):
+                w = w * float(self.routed_scaling_factor)
+            d = self.dispatcher.dispatch(x, w, topk_output.topk_ids)
             router_logits = getattr(topk_output, "router_logits", None)
             topk = StandardTopKOutput(topk_weights=d.topk_weights, topk_ids=d.topk_ids,
                                       router_logits=router_logits)
@@ -150,13 +169,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def run_experts(dispatcher, dispatch_output, w13: torch.Tensor, w2: torch.Tensor, *,
-                routed_scaling_factor: float | None = None,
-                apply_router_weight_on_input: bool = False):
+def run_experts(dispatcher, dispatch_output, w13: torch.Tensor, w2: torch.Tensor):
     """The experts step: ``dispatcher.experts`` on the dispatched rows with this rank's
-    ``w13`` [e, 2I, H] (gate then up) and ``w2`` [e, H, I] -> RocmMoECombineInput.
-    ``routed_scaling_factor`` scales the routing weights (SGLang's runner does the same unless
-    its top-k fused it)."""
+    ``w13`` [e, 2I, H] (gate then up) and ``w2`` [e, H, I] -> RocmMoECombineInput."""
     c = _classes()
     if not isinstance(dispatch_output, c.RocmMoEDispatchOutput):
         raise _refuse("dispatch_output", type(dispatch_output).__name__,
@@ -164,24 +179,14 @@ def run_experts(dispatcher, dispatch_output, w13: torch.Tensor, w2: torch.Tensor
     x = dispatch_output.hidden_states
     ids = dispatch_output.topk_output.topk_ids.to(torch.int32)
     w = dispatch_output.topk_output.topk_weights.float()
-    if apply_router_weight_on_input:
-        if ids.shape[1] != 1:
-            raise _refuse("apply_router_weight_on_input", True,
-                          f"needs top_k == 1 (got {ids.shape[1]})",
-                          "route with top_k=1 or apply the weights on the output")
-        x = (x.float() * w).to(x.dtype)
-        w = torch.ones_like(w)
-    if routed_scaling_factor not in (None, 1.0):
-        w = w * float(routed_scaling_factor)
-    disp = dispatcher.dispatcher
-    eo = dispatcher.experts(x, ids, w, w13, w2, disp.expert_map_on(x.device),
+    eo = dispatcher.experts(x, ids, w, w13, w2, dispatcher.dispatcher.expert_map_on(x.device),
                             weight_mode=dispatcher.weight_mode)
     return c.RocmMoECombineInput(hidden_states=eo.out, weights_applied=eo.weights_applied,
                                  handle=dispatch_output.handle)
 
 
 # ---- the plug-in --------------------------------------------------------------------------------
-def make_sglang_dispatcher(moe_runner_config):
+def make_sglang_dispatcher(moe_runner_config, *, routed_scaling_factor: float | None = None):
     """A RocmMoEDispatcher for a layer's ``MoeRunnerConfig`` on SGLang's MoE EP group
     (contiguous placement: SGLang gives rank d the experts [d * e, (d + 1) * e))."""
     from rocm_moe import backends
@@ -216,7 +221,9 @@ def make_sglang_dispatcher(moe_runner_config):
         disp = backends.make_dispatcher(os.environ.get(ENV_COMM, "torch"), placement,
                                         group.rank_in_group, hidden_size=cfg.hidden_size,
                                         top_k=cfg.top_k, dtype=cfg.params_dtype, group=pg)
-    return _classes().RocmMoEDispatcher(disp, experts=experts, weight_mode=mode)
+    return _classes().RocmMoEDispatcher(
+        disp, experts=experts, weight_mode=mode, routed_scaling_factor=routed_scaling_factor,
+        apply_router_weight_on_input=cfg.apply_router_weight_on_input)
 
 
 def _around_create_moe_dispatcher(original, moe_runner_config, quant_method, *a, **kw):
@@ -226,17 +233,21 @@ def _around_create_moe_dispatcher(original, moe_runner_config, quant_method, *a,
         raise _refuse("quant_method", type(quant_method).__name__,
                       "rocm_moe's SGLang backend runs unquantised experts only",
                       f"serve the unquantised model or unset {SWITCH}")
-    return make_sglang_dispatcher(moe_runner_config)
+    from sglang.srt.layers.moe.fused_moe_triton.layer import (
+        _fuses_routed_scaling_factor_in_topk,
+    )
+
+    # SGLang's runner scales the output unless the top-k step already scaled the weights.
+    fused = _fuses_routed_scaling_factor_in_topk(quant_method, moe_runner_config.runner_backend)
+    return make_sglang_dispatcher(
+        moe_runner_config,
+        routed_scaling_factor=None if fused else moe_runner_config.routed_scaling_factor)
 
 
 def _around_run_moe_core(original, layer, dispatch_output, *a, **kw):
     if not isinstance(getattr(layer, "dispatcher", None), _classes().RocmMoEDispatcher):
         return original(layer, dispatch_output, *a, **kw)
-    cfg = layer.moe_runner_config
-    fused = getattr(layer, "should_fuse_routed_scaling_factor_in_topk", False)
-    return run_experts(layer.dispatcher, dispatch_output, layer.w13_weight, layer.w2_weight,
-                       routed_scaling_factor=None if fused else cfg.routed_scaling_factor,
-                       apply_router_weight_on_input=cfg.apply_router_weight_on_input)
+    return run_experts(layer.dispatcher, dispatch_output, layer.w13_weight, layer.w2_weight)
 
 
 def _around_forward_impl(original, layer, *a, **kw):

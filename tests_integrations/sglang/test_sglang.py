@@ -39,13 +39,14 @@ def _worker(info, shape: dict, tokens: list[int]) -> dict:
     for mode, dt in CASES:
         dtype = getattr(torch, dt)
         disp = rs.RocmMoEDispatcher(TorchDispatcher(placement, hidden_size=H, top_k=K,
-                                                    dtype=dtype), weight_mode=mode)
+                                                    dtype=dtype), weight_mode=mode,
+                                    routed_scaling_factor=2.5)
         assert isinstance(disp, BaseDispatcher)
         w13, w2 = o.local_weights(SEED, placement.local_experts(r), H, I, dtype)
         x, w, ids = o.tokens(SEED, r, tokens[r], E, H, K, dtype)
         d = disp.dispatch(hidden_states=x, topk_output=topk_output(w, ids))
         fmt_ok = d.format.is_standard()
-        ci = rs.run_experts(disp, d, w13, w2, routed_scaling_factor=2.5)
+        ci = rs.run_experts(disp, d, w13, w2)
         y = disp.combine(combine_input=ci)
         ref = 2.5 * o.oracle(SEED, x, w, ids, H, I, dtype)
         out[f"{mode}-{dt}"] = dict(err=o.rel_err(y, ref) if tokens[r] else float(y.numel()),
@@ -114,12 +115,23 @@ def test_combine_refuses_a_runner_output_without_handle():
         disp.combine(StandardCombineInput(hidden_states=x))
 
 
-def test_router_weight_on_input_k3_refused():
-    disp, w13, w2 = _one_rank()
+@pytest.mark.parametrize("mode", ["experts", "combine"])
+def test_router_weight_on_input_k1_weighted_once_and_k3_refused(mode):
+    from rocm_moe.comm.local import LocalDispatcher
+
+    disp = rs.RocmMoEDispatcher(LocalDispatcher(Placement.contiguous(8, 1), hidden_size=64,
+                                                top_k=1, dtype=torch.float32),
+                                weight_mode=mode, apply_router_weight_on_input=True)
+    _, w13, w2 = _one_rank()
+    x, w, ids = o.tokens(SEED, 0, 33, 8, 64, 1, torch.float32)
+    y = disp.combine(rs.run_experts(disp, disp.dispatch(x, topk_output(w, ids)), w13, w2))
+    ref = o.oracle(SEED, x * w, torch.ones_like(w), ids, 64, 32, torch.float32)
+    assert o.rel_err(y, ref) <= 1e-5
+    disp3, _, _ = _one_rank(mode)
+    disp3.apply_router_weight_on_input = True
     x, w, ids = o.tokens(SEED, 0, 5, 8, 64, 3, torch.float32)
-    d = disp.dispatch(x, topk_output(w, ids))
     with pytest.raises(ValueError, match="apply_router_weight_on_input"):
-        rs.run_experts(disp, d, w13, w2, apply_router_weight_on_input=True)
+        disp3.dispatch(x, topk_output(w, ids))
 
 
 # ---- the plug-in as SGLang applies it -----------------------------------------------------------
@@ -152,7 +164,7 @@ def test_plugin_is_what_sglang_instantiates_and_the_reduction_is_skipped(monkeyp
     cfg = MoeRunnerConfig(num_experts=8, num_local_experts=8, hidden_size=64,
                           intermediate_size_per_partition=32, top_k=3,
                           params_dtype=torch.float32, num_fused_shared_experts=0,
-                          routed_scaling_factor=None)
+                          routed_scaling_factor=2.5)
     qm = UnquantizedFusedMoEMethod.__new__(UnquantizedFusedMoEMethod)
     disp = L.create_moe_dispatcher(cfg, qm)
     assert type(disp) is rs.RocmMoEDispatcher
@@ -177,7 +189,8 @@ def test_plugin_is_what_sglang_instantiates_and_the_reduction_is_skipped(monkeyp
     y = L.FusedMoE.forward_impl(layer, x, topk_output(w, ids))
     assert reduced == [], "the all-reduce after rocm_moe's combine must be skipped"
     assert layer.reduce_results is True  # restored
-    assert o.rel_err(y, o.oracle(SEED, x, w, ids, 64, 32, torch.float32)) <= 1e-5
+    # The layer's routed_scaling_factor (2.5) applied once, as SGLang's runner would.
+    assert o.rel_err(y, 2.5 * o.oracle(SEED, x, w, ids, 64, 32, torch.float32)) <= 1e-5
 
 
 # ---- diagnose and sanity ------------------------------------------------------------------------
