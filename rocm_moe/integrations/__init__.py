@@ -1,7 +1,10 @@
 """Adapters between rocm_moe and other frameworks.
 
 - ``hf``: transformers models and safetensors checkpoints (``pip install -e '.[hf]'``).
+- ``vllm``: rocm_moe as vLLM's MoE kernel (``[vllm]``, plug-in behind ``ROCM_MOE_VLLM=1``).
+- ``sglang``: rocm_moe as SGLang's MoE dispatcher and experts (``[sglang]``, plug-in behind
+  ``ROCM_MOE_SGLANG=1``).
 
-Serving-engine executors (vLLM, SGLang) are meant to live here beside it. Each adapter imports
-its framework inside the functions that need it, so importing rocm_moe never requires one.
+Each adapter imports its framework inside the functions that need it, so importing rocm_moe
+never requires one.
 """
