@@ -389,17 +389,22 @@ def build_layer(weights: MoELayerWeights, *, dispatcher: Dispatcher | None = Non
                   else weights.shared_w2.shape[1],
                   shared_expert_gate=weights.shared_gate is not None, dtype=dtype,
                   device=device, invariant=invariant)
-    with torch.no_grad():
-        layer.gate.weight.copy_(weights.gate)
-        if weights.e_score_correction_bias is not None:
-            layer.e_score_correction_bias.copy_(weights.e_score_correction_bias)
-        layer.load_experts(weights.w13, weights.w2)
-        if layer.shared_experts is not None:
-            layer.shared_experts.w13.copy_(weights.shared_w13)
-            layer.shared_experts.w2.copy_(weights.shared_w2)
-            if weights.shared_gate is not None:
-                layer.shared_experts.gate.weight.copy_(weights.shared_gate)
+    _copy_weights(layer, weights)
     return layer
+
+
+@torch.no_grad()
+def _copy_weights(layer, weights: MoELayerWeights) -> None:
+    """The checkpoint's router, experts (this rank's) and shared experts into ``layer``."""
+    layer.gate.weight.copy_(weights.gate)
+    if weights.e_score_correction_bias is not None:
+        layer.e_score_correction_bias.copy_(weights.e_score_correction_bias)
+    layer.load_experts(weights.w13, weights.w2)
+    if layer.shared_experts is not None:
+        layer.shared_experts.w13.copy_(weights.shared_w13)
+        layer.shared_experts.w2.copy_(weights.shared_w2)
+        if weights.shared_gate is not None:
+            layer.shared_experts.gate.weight.copy_(weights.shared_gate)
 
 
 def _build_fp8_layer(weights: MoELayerWeights, *, experts, dtype, device, **kw):
@@ -427,16 +432,7 @@ def _build_fp8_layer(weights: MoELayerWeights, *, experts, dtype, device, **kw):
                      else weights.shared_w2.shape[1],
                      shared_expert_gate=weights.shared_gate is not None, dtype=dtype,
                      device=device, **kw)
-    with torch.no_grad():
-        layer.gate.weight.copy_(weights.gate)
-        if weights.e_score_correction_bias is not None:
-            layer.e_score_correction_bias.copy_(weights.e_score_correction_bias)
-        layer.load_experts(weights.w13, weights.w2)
-        if layer.shared_experts is not None:
-            layer.shared_experts.w13.copy_(weights.shared_w13)
-            layer.shared_experts.w2.copy_(weights.shared_w2)
-            if weights.shared_gate is not None:
-                layer.shared_experts.gate.weight.copy_(weights.shared_gate)
+    _copy_weights(layer, weights)
     return layer
 
 
