@@ -174,6 +174,14 @@ class TorchDispatcher(Dispatcher):
             out, inp, list(out_splits), list(in_splits), group=self.group))
 
     # ---- dispatch -------------------------------------------------------------------------------
+    def _to_wire(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """[T, H] rows -> the [T, P] payload that travels (here: the rows themselves)."""
+        return x_TH
+
+    def _from_wire(self, payload_RP: torch.Tensor, x_TH: torch.Tensor):
+        """Received [R, P] payloads -> ``DispatchResult.x`` (here: the rows themselves)."""
+        return payload_RP
+
     def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
         peers.check_usable(self.group, "dispatch")
         T, K = topk_ids_TK.shape
@@ -189,7 +197,9 @@ class TorchDispatcher(Dispatcher):
         work = dist.all_to_all_single(recv_counts_W, send_counts_W, group=self.group,
                                       async_op=True)
         # While the counts travel: each (token, destination)'s send row, and the packing.
-        send, pos_TW = rows.pack_rows(x_TH, topk_ids_TK, topk_weights_TK, csum_WT, T * min(W, K))
+        payload = self._to_wire(x_TH)
+        send, pos_TW = rows.pack_rows(payload, topk_ids_TK, topk_weights_TK, csum_WT,
+                                      T * min(W, K))
         self._collective("dispatch (counts exchange)", batch_id, work.wait)
         send_counts, recv_counts = (tuple(c) for c in
                                     torch.stack([send_counts_W, recv_counts_W]).tolist())
@@ -197,7 +207,8 @@ class TorchDispatcher(Dispatcher):
         recv = send.new_empty(sum(recv_counts), send.shape[1])
         self._a2a(recv, send[:sum(send_counts)], recv_counts, send_counts,
                   stage="dispatch (payload)", batch_id=batch_id)
-        recv_x, recv_ids, recv_w = rows.unpack(recv, x_TH.shape[1], x_TH.dtype, K)
+        recv_p, recv_ids, recv_w = rows.unpack(recv, payload.shape[1], payload.dtype, K)
+        recv_x = self._from_wire(recv_p, x_TH)
         handle = TorchCombineHandle(
             **self.handle_fields(batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
                                  topk_ids_TK=topk_ids_TK, recv_topk_ids=recv_ids,

@@ -15,18 +15,15 @@ the rows' source dtype. Combine and combine_raw are ``TorchDispatcher``'s, in th
 Bytes per row, H = 7168, K = 8: bfloat16 14400, FP8 7456 (1.93x fewer); the ratio tends to
 2 / (1 + 4/128) = 1.94 for large H.
 
-The dispatch body is ``TorchDispatcher._dispatch``'s, with the FP8 payload in place of x (kept
-apart from it so the two can change independently).
+The dispatch is ``TorchDispatcher``'s with two hooks: ``_to_wire`` (quantise and pack) and
+``_from_wire`` (the FP8Rows views).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from rocm_moe.comm import peers, rows
-from rocm_moe.comm.base import DispatchResult
-from rocm_moe.comm.torch import TorchCombineHandle, TorchDispatcher
+from rocm_moe.comm.torch import TorchDispatcher
 from rocm_moe.quant import BLOCK, FP8Rows, quantize_rows
 from rocm_moe.quant import fp8_dtype as _fp8
 
@@ -77,33 +74,8 @@ class TorchFP8Dispatcher(TorchDispatcher):
             return quantize_rows_triton(x_TH, self.fp8_dtype)
         return quantize_rows(x_TH, dtype=self.fp8_dtype)
 
-    def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
-        peers.check_usable(self.group, "dispatch")
-        T, K = topk_ids_TK.shape
-        W, dev = self.world_size, x_TH.device
-        dest1_TK = self._dest1_on(dev)[topk_ids_TK + 1]
-        send_WT = torch.zeros(W + 1, T, dtype=torch.int64, device=dev)
-        send_WT.scatter_(0, dest1_TK.T, 1)
-        csum_WT = send_WT[1:].cumsum(1)
-        send_counts_W = csum_WT[:, -1].contiguous() if T else csum_WT.new_zeros(W)
-        recv_counts_W = torch.empty_like(send_counts_W)
-        work = dist.all_to_all_single(recv_counts_W, send_counts_W, group=self.group,
-                                      async_op=True)
-        payload = pack_fp8(self.quantize(x_TH))  # while the counts travel
-        send, pos_TW = rows.pack_rows(payload, topk_ids_TK, topk_weights_TK, csum_WT,
-                                      T * min(W, K))
-        self._collective("dispatch (counts exchange)", batch_id, work.wait)
-        send_counts, recv_counts = (tuple(c) for c in
-                                    torch.stack([send_counts_W, recv_counts_W]).tolist())
-        self._raise_if_refused(recv_counts)
-        recv = send.new_empty(sum(recv_counts), send.shape[1])
-        self._a2a(recv, send[:sum(send_counts)], recv_counts, send_counts,
-                  stage="dispatch (payload)", batch_id=batch_id)
-        recv_p, recv_ids, recv_w = rows.unpack(recv, payload.shape[1], torch.uint8, K)
-        recv_x = unpack_fp8(recv_p, x_TH.shape[1], self.fp8_dtype, x_TH.dtype)
-        handle = TorchCombineHandle(
-            **self.handle_fields(batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
-                                 topk_ids_TK=topk_ids_TK, recv_topk_ids=recv_ids,
-                                 recv_topk_weights=recv_w),
-            pos=pos_TW, send_counts=send_counts, recv_counts=recv_counts, owner=dest1_TK - 1)
-        return DispatchResult(x=recv_x, topk_ids=recv_ids, topk_weights=recv_w, handle=handle)
+    def _to_wire(self, x_TH: torch.Tensor) -> torch.Tensor:
+        return pack_fp8(self.quantize(x_TH))
+
+    def _from_wire(self, payload_RP: torch.Tensor, x_TH: torch.Tensor) -> FP8Rows:
+        return unpack_fp8(payload_RP, x_TH.shape[1], self.fp8_dtype, x_TH.dtype)
