@@ -110,6 +110,9 @@ class AiterFP8Experts(FP8Experts):
         return x_RH
 
     def __call__(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, **kw):
+        if self._aiter._fused_moe is None and (reason := aiter_availability()) is not None:
+            raise ValueError(error_message("experts", self.name, f"unavailable: {reason}",
+                                           "install AITER or pick experts='reference'"))
         check_fp8_weights(w13, w2)
         if w13.shape[2] % BLOCK:
             raise ValueError(error_message(

@@ -424,7 +424,9 @@ def _build_fp8_layer(weights: MoELayerWeights, *, experts, dtype, device, **kw):
     elif not isinstance(experts, FP8Experts) and experts.name == "aiter":
         from rocm_moe.experts.aiter_fp8 import AiterFP8Experts
 
-        experts = AiterFP8Experts(mask_sentinel=getattr(experts, "mask_sentinel", True))
+        experts = AiterFP8Experts(mask_sentinel=experts.mask_sentinel,
+                                  fused_moe=experts._fused_moe,
+                                  shuffle_weight=experts._shuffle_weight, shuffle=experts.shuffle)
     elif not isinstance(experts, FP8Experts):
         raise ValueError(error_message(
             "experts", experts.name, "has no FP8 block-scale path here (an FP8 checkpoint)",

@@ -162,6 +162,9 @@ def test_refusals(gen):
         _aiter()(x192, ids, w, odd.w13, odd.w2, emap, weight_mode="experts")
     with pytest.raises(ValueError, match="bfloat16"):  # AITER's FP8 tables: bf16 output only
         _aiter()(x.half(), ids, w, fnuz.w13, fnuz.w2, emap, weight_mode="experts")
+    if AiterFP8Experts.availability() is not None:  # no AITER here: the install message
+        with pytest.raises(ValueError, match="experts=aiter: unavailable"):
+            AiterFP8Experts()(x, ids, w, fnuz.w13, fnuz.w2, emap, weight_mode="experts")
     with pytest.raises(TypeError, match="BlockFP8Weight"):
         _aiter()(x, ids, w, fnuz.w13.weight, fnuz.w2, emap, weight_mode="experts")
 
