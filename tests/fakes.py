@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from rocm_moe.experts.base import swiglu_expert
+from rocm_moe.quant import quantize_rows
 
 
 class ContractError(AssertionError):
@@ -410,6 +411,7 @@ def fake_mori_op(config: dict, groups=()) -> FakeMoriOp:
 
 
 # ---- AITER --------------------------------------------------------------------------------------
+FakeQuantType = enum.Enum("QuantType", "No per_Tensor per_Token per_1x32 per_1x128 per_128x128")
 _TILE_N, _TILE_K = 16, 32  # aiter.ops.shuffle.shuffle_weight's default layout (16, 16), bf16
 
 
@@ -451,21 +453,40 @@ class FakeFusedMoe:
     in float32, output in x's dtype.
     """
 
-    def __init__(self, *, allow_float32: bool = True):
+    def __init__(self, *, allow_float32: bool = True,
+                 fp8_dtype: torch.dtype = torch.float8_e4m3fnuz):
         self.allow_float32 = allow_float32
+        self.fp8_dtype = fp8_dtype  # AITER's dtypes.fp8 on the target (gfx942: e4m3fnuz)
         self.calls = 0
 
     def __call__(self, hidden_states, w1, w2, topk_weight, topk_ids, expert_mask=None,
-                 num_local_tokens=None, **kw):
+                 num_local_tokens=None, quant_type=FakeQuantType.No, w1_scale=None,
+                 w2_scale=None, a1_scale=None, a2_scale=None, dtype=None, **kw):
         self.calls += 1
+        if not isinstance(quant_type, FakeQuantType):
+            raise ContractError(f"quant_type must be a QuantType, got {quant_type!r}")
+        if quant_type not in (FakeQuantType.No, FakeQuantType.per_1x128):
+            raise ContractError(f"the fake models QuantType.No and per_1x128, not {quant_type}")
+        fp8 = quant_type == FakeQuantType.per_1x128
         x, dtypes = hidden_states, (torch.bfloat16, torch.float16)
-        if x.dtype not in dtypes + ((torch.float32,) if self.allow_float32 else ()):
-            raise ContractError(f"fused_moe computes in bf16/fp16, got {x.dtype}")
         M, H = x.shape
+        if fp8:
+            out_dtype = x.dtype if dtype is None else dtype
+            if out_dtype not in dtypes:  # FM: assert dtype in [fp16, bf16]
+                raise ContractError(f"Fused_moe unsupported out dtype: {out_dtype}")
+            scales = _check_fp8_block(self.fp8_dtype, x, w1, w2, w1_scale, w2_scale, a1_scale,
+                                      a2_scale)
+        else:
+            if x.dtype not in dtypes + ((torch.float32,) if self.allow_float32 else ()):
+                raise ContractError(f"fused_moe computes in bf16/fp16, got {x.dtype}")
+            if any(t is not None for t in (w1_scale, w2_scale, a1_scale, a2_scale)):
+                raise ContractError("scales passed with QuantType.No: they would be ignored")
+            out_dtype = x.dtype
         if M == 0:
             raise ContractError("fused_moe with M = 0 rows: AITER has no guard for it")
         e, I2, _ = w1.shape
-        if w1.shape != (e, I2, H) or w2.shape != (e, H, I2 // 2) or w1.dtype != x.dtype:
+        if w1.shape != (e, I2, H) or w2.shape != (e, H, I2 // 2) or (
+                not fp8 and w1.dtype != x.dtype):
             raise ContractError(f"weights {tuple(w1.shape)} / {tuple(w2.shape)} for x {(M, H)}")
         for name, w in (("w1", w1), ("w2", w2)):
             if shuffleable(w) and not getattr(w, "is_shuffled", False):
@@ -503,6 +524,70 @@ class FakeFusedMoe:
                     continue
                 rows = (ids[:, k] == g).nonzero().flatten()
                 j = int(local[g])
-                y = swiglu_expert(x[rows].float(), w1[j].float(), w2[j].float())
+                if fp8:
+                    y = _fp8_block_expert(scales[0][rows], w1[j], w2[j], scales[1][j],
+                                          scales[2][j], self.fp8_dtype, out_dtype)
+                else:
+                    y = swiglu_expert(x[rows].float(), w1[j].float(), w2[j].float())
                 out[rows] += topk_weight[rows, k, None] * y
-        return out.to(x.dtype)
+        return out.to(out_dtype)
+
+
+def _check_fp8_block(fp8, x, w1, w2, w1_scale, w2_scale, a1_scale, a2_scale):
+    """QuantType.per_1x128's contract (FM): weights in dtypes.fp8 (the activation FP8 type is
+    w1.dtype; kernel tables are keyed by dtypes.fp8, e4m3fnuz on gfx942), H and I multiples
+    of 128 (weights viewed as 128x128 blocks), w1_scale [e, 2I/128, H/128] and w2_scale
+    [e, H/128, I/128] float32 multipliers; FP8 input needs a1_scale [M, H/128] float32, float
+    input is quantised inside (a1_scale None: a given one would be used as a static scale)."""
+    for name, w in (("w1", w1), ("w2", w2)):
+        if w.dtype != fp8:
+            raise ContractError(f"{name} is {w.dtype}: AITER's FP8 kernels here read {fp8} "
+                                "(dtypes.fp8); other FP8 bits are misread")
+    e, I2, H = w1.shape
+    if H % 128 or (I2 // 2) % 128:
+        raise ContractError(f"H={H}, I={I2 // 2} must be multiples of 128 for per_1x128")
+    for name, s, want in (("w1_scale", w1_scale, (e, I2 // 128, H // 128)),
+                          ("w2_scale", w2_scale, (e, H // 128, I2 // 256))):
+        if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 \
+                or tuple(s.shape) != want or not s.is_contiguous():
+            raise ContractError(f"{name} must be contiguous float32 {list(want)}, got "
+                                f"{None if s is None else (s.dtype, list(s.shape))}")
+    if a2_scale is not None:
+        raise ContractError("a2_scale given: AITER would use it as a static intermediate scale")
+    M = x.shape[0]
+    if x.dtype == fp8:
+        if a1_scale is None:
+            raise ContractError("a1_scale must be provided for quantized input for fused_moe")
+        if a1_scale.dtype != torch.float32 or tuple(a1_scale.shape) != (M, H // 128) \
+                or not a1_scale.is_contiguous():
+            raise ContractError(f"a1_scale must be contiguous float32 [{M}, {H // 128}]")
+        a = x.double() * a1_scale.double().repeat_interleave(128, dim=1)
+    elif x.dtype in (torch.bfloat16, torch.float16):
+        if a1_scale is not None:
+            raise ContractError("a1_scale given with float input: AITER would quantise with it "
+                                "as a static scale")
+        a = quantize_rows(x, dtype=fp8).dequantize()
+    else:
+        raise ContractError(f"hidden_states must be bf16/fp16 or {fp8}, got {x.dtype}")
+    return a, w1_scale, w2_scale
+
+
+def _fp8_block_expert(a_rows, w1_j, w2_j, w1_scale_j, w2_scale_j, fp8, out_dtype):
+    """One expert as AITER's two stages compute it: dequantised operands, float32 GEMMs, the
+    intermediate written in the output dtype (FM fused_moe_2stages: ``a2`` of ``dtype``) and
+    requantised per 1x128 for stage 2."""
+    w1 = _dequant_blocks(w1_j, w1_scale_j)
+    w2 = _dequant_blocks(w2_j, w2_scale_j)
+    gate, up = (a_rows.float() @ w1.T).chunk(2, dim=-1)
+    h = (torch.nn.functional.silu(gate) * up).to(out_dtype)
+    d = quantize_rows(h, dtype=fp8).dequantize(torch.float32)
+    return d @ w2.T
+
+
+def _dequant_blocks(w, scale):
+    """AITER's torch reference: w viewed as [N/128, 128, K/128, 128] times scale [N/128, K/128]."""
+    N, K = w.shape
+    v = w.float().view(N // 128, 128, K // 128, 128) * scale.view(N // 128, 1, K // 128, 1)
+    return v.view(N, K)
+
+

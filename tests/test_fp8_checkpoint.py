@@ -148,14 +148,24 @@ def test_fp8_checkpoint_refuses_other_experts_backends(fp8_checkpoint):
     from rocm_moe.experts.base import Experts
 
     class Other(Experts):
-        name = "aiter"
+        name = "other"
 
         def _forward(self, *a, **k):
             raise AssertionError
 
     w = hf.load_moe_layer(fp8_checkpoint, 1, Placement.contiguous(E, 1), 0)
-    with pytest.raises(ValueError, match=r"experts=aiter: has no FP8 block-scale path"):
+    with pytest.raises(ValueError, match=r"experts=other: has no FP8 block-scale path"):
         hf.build_layer(w, experts=Other(), dtype=torch.float32)
+
+
+def test_fp8_checkpoint_maps_aiter_to_its_fp8_backend(fp8_checkpoint):
+    from rocm_moe.experts.aiter import AiterExperts
+    from rocm_moe.experts.aiter_fp8 import AiterFP8Experts
+
+    w = hf.load_moe_layer(fp8_checkpoint, 1, Placement.contiguous(E, 1), 0)
+    layer = hf.build_layer(w, experts=AiterExperts(mask_sentinel=False), dtype=torch.bfloat16)
+    assert isinstance(layer.experts, AiterFP8Experts)
+    assert layer.experts.mask_sentinel is False
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (Triton FP8 experts)")

@@ -136,10 +136,11 @@ class AiterExperts(Experts):
                 "empty slot", "use AiterExperts(mask_sentinel=True)"))
         return ids_RK
 
-    def _call(self, x, w13, w2, weights_RK, ids_RK, expert_map, num_rows=None):
-        """fused_moe on [R, K] slots plus the appended masked slot."""
+    def _call(self, x, w13, w2, weights_RK, ids_RK, expert_map, num_rows=None, **extra):
+        """fused_moe on [R, K] slots plus the appended masked slot (``extra``: more keyword
+        arguments for fused_moe, e.g. the FP8 quant type and scales)."""
         masked = self._masked_id(expert_map)
-        kw = {} if num_rows is None else dict(num_local_tokens=num_rows)
+        kw = dict(extra) if num_rows is None else dict(extra, num_local_tokens=num_rows)
         if masked is None:  # one rank, no sentinel: not an EP call at all
             return self._fn()(x, w13, w2, weights_RK, ids_RK, **kw)
         R = ids_RK.shape[0]
