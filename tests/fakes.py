@@ -57,7 +57,11 @@ def device_value(t: torch.Tensor) -> torch.Tensor:
 KernelType = enum.Enum("EpDispatchCombineKernelType",
                        ["IntraNode", "IntraNodeLL", "InterNode", "InterNodeV1", "InterNodeV1LL",
                         "AsyncLL"])
-_SUFFIX = {torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e4m3fnuz}
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8_ocp",
+           torch.float8_e4m3fnuz: "fp8_fnuz"}  # DC _DTYPE_SUFFIX
+# The FP8 kernels a build has: HIP defines one FP8 encoding per GPU (include/mori/utils/
+# data_types.hpp); MORI's tests run fnuz on gfx94x only, ocp on gfx95x only (tests/python/utils.py).
+_ARCH_FP8 = {"gfx942": torch.float8_e4m3fnuz, "gfx950": torch.float8_e4m3fn}
 _V1 = ("InterNodeV1", "InterNodeV1LL")
 
 
@@ -93,6 +97,8 @@ def _op_bytes(c: SimpleNamespace) -> int:
     bufs += [recv * K * 4] * 3 + [recv * K * 4] * 2  # weights in/out/combine; indices in/out
     bufs += [W * 4 * 2] * 2 + [W * 2 * 8 * 2, W // c.gpu_per_node * 8, 4]  # signals
     bufs += [recv * c.num_experts_per_rank * 4]  # dispTokIdToSrcTokId
+    if c.scale_dim > 0 and c.scale_type_size > 0:  # shmemInpScales, shmemOutScales (~362)
+        bufs += [recv * c.scale_dim * c.scale_type_size] * 2
     return sum(bufs)
 
 
@@ -143,11 +149,14 @@ class FakeShmem:
 
 class FakeMori:
     """The ``mori`` module of one process (tests make one per simulated process).
-    ``no_host_reads``: the received-row counter is a DeviceTensor (host reads raise)."""
+    ``no_host_reads``: the received-row counter is a DeviceTensor (host reads raise).
+    ``arch``: the GPU the build targets, which decides its one FP8 encoding (gfx942 = MI300:
+    e4m3fnuz; gfx950 = MI350: e4m3fn)."""
 
-    def __init__(self, groups=(), *, no_host_reads: bool = False):
+    def __init__(self, groups=(), *, no_host_reads: bool = False, arch: str = "gfx942"):
         self.shmem = FakeShmem(groups)
         self.no_host_reads = no_host_reads
+        self.arch = arch
         self.ops = SimpleNamespace(
             EpDispatchCombineConfig=lambda **kw: SimpleNamespace(**{**_CONFIG_DEFAULTS, **kw}),
             EpDispatchCombineOp=lambda cfg: FakeMoriOp(cfg, self),
@@ -168,8 +177,15 @@ class FakeMoriOp:
       and agree with the config's rank and world size; ``W % gpu_per_node == 0`` with a power
       of two (debug-build assert); the buffers come out of the process's symmetric heap;
     - ids int32 (read as int32), weights float32; x in float32 / bf16 / fp8 (``data_type`` is
-      deprecated: the dtype comes from the input; fp16 has no kernel: KeyError), at most
-      ``max_token_type_size`` bytes wide; ``hidden_dim`` is a maximum;
+      deprecated: the dtype comes from the input; fp16 has no kernel: KeyError; the FP8
+      encoding the build's arch lacks: hipModuleGetFunction's RuntimeError), at most
+      ``max_token_type_size`` bytes wide; ``hidden_dim`` is a maximum; dispatch and combine
+      may use different dtypes (MORI's cross-dtype tests: FP8 dispatch, bf16 combine);
+    - scales (DC ``has_scales``, intranode.hpp ~193): used only when ``scale_dim > 0`` (given
+      with 0 they are dropped: refused here); then a contiguous [T, scale_dim] tensor of
+      ``scale_type_size``-byte elements (MORI copies that many raw bytes per token), moved
+      with its row into a persistent [W * T, scale_dim] buffer returned in the scales' dtype;
+      no scales passed: None back;
     - T <= max_num_inp_token_per_rank (MORI would corrupt memory, mori#356);
     - a token is sent once per unique destination rank (e // num_experts_per_rank), with its
       full [K] global ids and weights; slots < 0 are skipped; received rows come in an
@@ -222,6 +238,9 @@ class FakeMoriOp:
         self._total = torch.zeros(1, dtype=torch.int32)
         if mori.no_host_reads:
             self._total = self._total.as_subclass(DeviceTensor)
+        scale_bytes = max(cfg.scale_dim, 0) * max(cfg.scale_type_size, 0)
+        self._s = torch.zeros(R * scale_bytes, dtype=torch.uint8)  # shmemOutScales
+        self._s_dtype = None
         self._comb = torch.zeros(cfg.max_num_inp_token_per_rank * cfg.hidden_dim *
                                  cfg.max_token_type_size, dtype=torch.uint8)
         self._comb_w = torch.zeros(cfg.max_num_inp_token_per_rank, K)
@@ -250,9 +269,13 @@ class FakeMoriOp:
                                 " no block sends across nodes and the completion barrier "
                                 "never fires (internode_v1.cpp ~159, 277): MORI would hang")
 
-    def _check_tokens(self, x: torch.Tensor):
+    def _check_tokens(self, x: torch.Tensor, kernel: str = "EpDispatchIntraNodeKernel"):
         if x.dtype not in _SUFFIX:
             raise KeyError(x.dtype)  # MORI: _DTYPE_SUFFIX[input.dtype]
+        fp8 = _ARCH_FP8.get(self.mori.arch)
+        if x.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz) and x.dtype != fp8:
+            raise RuntimeError(f"HIP error 500: hipModuleGetFunction({kernel}_"
+                               f"{_SUFFIX[x.dtype]}) (a {self.mori.arch} build has {fp8} only)")
         if x.element_size() > self.cfg.max_token_type_size or x.shape[1] > self.cfg.hidden_dim:
             raise ContractError(f"x {tuple(x.shape)} {x.dtype} overflows buffers of hidden_dim "
                                 f"{self.cfg.hidden_dim} x {self.cfg.max_token_type_size} bytes")
@@ -277,12 +300,13 @@ class FakeMoriOp:
             raise ContractError(f"{T} tokens > max_num_inp_token_per_rank: MORI would corrupt")
         if K != c.num_experts_per_token or input.shape[0] != T:
             raise ContractError(f"shapes {tuple(input.shape)} / {tuple(indices.shape)} != config")
+        scales = self._check_scales(scales, T)
         everyone = [None] * dist.get_world_size(self.group)  # (fp8 does not pickle: bytes)
         dist.all_gather_object(everyone, (input.contiguous().view(torch.uint8), weights,
-                                          indices), group=self.group)
-        everyone = [(x.view(input.dtype), w, i) for x, w, i in everyone]
+                                          indices, scales), group=self.group)
+        everyone = [(x.view(input.dtype), w, i, s) for x, w, i, s in everyone]
         rows = []  # (source rank, source token) delivered here, once per unique destination
-        for src, (_, _, ids) in enumerate(everyone):
+        for src, (_, _, ids, _) in enumerate(everyone):
             for t in range(ids.shape[0]):
                 if (self._owner(ids[t][ids[t] >= 0]) == self.rank).any():
                     rows.append((src, t))
@@ -290,6 +314,7 @@ class FakeMoriOp:
         rows = [rows[i] for i in order]
         self._T, self._own_ids, self._rows = T, indices.clone(), rows
         self._dtype, self._H = input.dtype, input.shape[1]
+        self._s_dtype = None if scales is None else self._s_dtype
         self._pending = (everyone, rows, call_local_expert_count)
         device_total = device_value(self._total)
         if self.kt == "AsyncLL":
@@ -302,12 +327,36 @@ class FakeMoriOp:
                                           total_recv_token_num=self._total))
         return out
 
+    def _check_scales(self, scales, T: int):
+        """Scales as MORI reads them (class docstring): their bytes, or None."""
+        c = self.cfg
+        if scales is None:
+            return None
+        if c.scale_dim <= 0:
+            raise ContractError("scales passed with config.scale_dim=0: MORI ignores them "
+                                "(has_scales is False) and returns no scales")
+        if scales.dim() != 2 or tuple(scales.shape) != (T, c.scale_dim) \
+                or scales.element_size() != c.scale_type_size or not scales.is_contiguous():
+            raise ContractError(
+                f"scales {tuple(scales.shape)} {scales.dtype} (contiguous: "
+                f"{scales.is_contiguous()}): MORI copies scale_dim * scale_type_size = "
+                f"{c.scale_dim} * {c.scale_type_size} raw bytes per token from a [T={T}, "
+                f"{c.scale_dim}] buffer; anything else is misread")
+        self._s_dtype = scales.dtype
+        return scales.view(torch.uint8)
+
     def _deliver(self):
         everyone, rows, count = self._pending
         x = self._view(self._x, len(rows), self._H, self._dtype)
+        sb = self.cfg.scale_dim * self.cfg.scale_type_size
         for r, (src, t) in enumerate(rows):
             x[r] = everyone[src][0][t]
             self._w[r], self._i[r] = everyone[src][1][t], everyone[src][2][t]
+            if self._s_dtype is not None:
+                if everyone[src][3] is None:
+                    raise ContractError(f"rank {src} dispatched no scales: its rows' scales "
+                                        "here are whatever the buffer held")
+                self._s[r * sb:(r + 1) * sb] = everyone[src][3][t]
         device_value(self._total)[0] = len(rows)
         if count:
             local = self._i[:len(rows)].long() - self.rank * self.cfg.num_experts_per_rank
@@ -317,7 +366,9 @@ class FakeMoriOp:
 
     def _outputs(self):
         R = self.cfg.world_size * self.cfg.max_num_inp_token_per_rank
-        return (self._view(self._x, R, self._H, self._dtype), self._w, None, self._i,
+        s = None if self._s_dtype is None else \
+            self._s.view(self._s_dtype).view(R, self.cfg.scale_dim)
+        return (self._view(self._x, R, self._H, self._dtype), self._w, s, self._i,
                 self._total)
 
     def dispatch_recv(self, block_num=-1, warp_per_block=-1, call_local_expert_count=False):
@@ -341,7 +392,7 @@ class FakeMoriOp:
                              "routing, not dispatch()'s returned out_idx (ROCm/mori#475).")
         if indices.dtype != torch.int32:
             raise ContractError(f"combine indices must be int32, got {indices.dtype}")
-        self._check_tokens(input)
+        self._check_tokens(input, "EpCombineIntraNodeKernel")
         self._check_launch(rdma_block_num, block_num)
         R = int(device_value(self._total)[0]) if routing is None else len(rows)
         if input.shape[0] < R:
@@ -398,9 +449,9 @@ class FakeMoriOp:
         self.calls.append("reset")  # EpDispatchCombineHandle::LaunchReset is empty
 
 
-def fake_mori_op(config: dict, groups=()) -> FakeMoriOp:
+def fake_mori_op(config: dict, groups=(), arch: str = "gfx942") -> FakeMoriOp:
     """A FakeMoriOp of an adapter config dict, its shmem set up on WORLD (or ``groups[0]``)."""
-    mori = FakeMori(groups)
+    mori = FakeMori(groups, arch=arch)
     group = groups[0] if groups else dist.group.WORLD
     ranks = dist.get_process_group_ranks(group)
     uid = [mori.shmem.shmem_get_unique_id() if dist.get_rank() == ranks[0] else None]

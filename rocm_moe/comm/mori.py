@@ -71,6 +71,7 @@ from rocm_moe.placement import Placement
 
 KERNEL_TYPES = ("IntraNode", "InterNode", "InterNodeV1", "InterNodeV1LL", "AsyncLL")
 MORI_DTYPES = (torch.bfloat16, torch.float32)
+MORI_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)  # fp8_ocp, fp8_fnuz
 RAW_REASON = ("MORI's combine returns one summed row per token and one combine per dispatch, so "
               "per-slot [T, K, H] outputs cannot travel back through it")
 # MORI's own settings for the RDMA kernels (tests/python/ops/test_dispatch_combine_internode_v1.py
@@ -111,6 +112,7 @@ def mori_config(
     max_tokens_per_rank: int,
     kernel_type: str = "auto",
     gpu_per_node: int | None = None,
+    fp8_dtype: torch.dtype | None = None,
 ) -> dict:
     """Keyword arguments of ``mori.ops.EpDispatchCombineConfig`` (kernel_type as a name).
 
@@ -118,12 +120,28 @@ def mori_config(
     be expressed. ``gpu_per_node``: None = one node of W GPUs (``MoriDispatcher`` derives it from
     the group's hosts). ``kernel_type="auto"``: IntraNode within one node, InterNodeV1 across.
     Tokens are sized by ``dtype`` (``max_token_type_size``), which halves MORI's buffers in bf16.
+
+    ``fp8_dtype`` (``comm.mori_fp8``): rows dispatched in that FP8 type with one float32 scale
+    per 1x128 group (``scale_dim`` = H / 128, ``scale_type_size`` = 4); ``dtype`` stays the
+    combine's (bf16), which sizes the token buffers, since one op serves both directions.
     """
     if not placement.is_contiguous:
         raise _bad("placement", "non-contiguous", "MORI owns expert e on rank e // (E / W)",
                    "use Placement.contiguous(E, W) with the mori backend")
     if dtype not in MORI_DTYPES:
         raise _bad("dtype", dtype, f"MORI dispatches {MORI_DTYPES}", "run the layer in bf16")
+    scale_dim, scale_type_size = 0, 1  # no scales (MORI's tests' values)
+    if fp8_dtype is not None:
+        if fp8_dtype not in MORI_FP8_DTYPES:
+            raise _bad("fp8_dtype", fp8_dtype, f"MORI dispatches FP8 as {MORI_FP8_DTYPES} "
+                       "(its fp8_ocp / fp8_fnuz kernels)", "pass 'e4m3fnuz' (MI300) or "
+                       "'e4m3fn' (MI350)")
+        if hidden_size % 128:
+            raise _bad("hidden_size", hidden_size, "must be a multiple of 128 for FP8 rows "
+                       "through MORI: one float32 scale per 128 columns travels as MORI's "
+                       "per-token scales, which AITER's per_1x128 path reads as H / 128 "
+                       "whole groups", "pad H to a multiple of 128 or use comm='torch-fp8'")
+        scale_dim, scale_type_size = hidden_size // 128, 4
     if max_tokens_per_rank is None or max_tokens_per_rank < 1:
         raise _bad("max_tokens_per_rank", max_tokens_per_rank, "MORI sizes its buffers from it",
                    "pass the largest batch a rank will dispatch")
@@ -132,8 +150,10 @@ def mori_config(
     if gpn < 1 or gpn & (gpn - 1) or W % gpn:
         raise _bad("gpu_per_node", gpn, f"MORI needs a power of two that divides W={W} (it "
                    "asserts so only in debug builds; release builds size node buffers W // "
-                   "gpu_per_node)", f"pass gpu_per_node={W} for one node, or run a power of "
-                   "two of ranks on each node")
+                   "gpu_per_node)", (f"pass gpu_per_node={W} for one node, or run a power "
+                   "of two of ranks on each node") if W & (W - 1) == 0 else
+                   f"W={W} is no power of two: pass gpu_per_node=1 (one GPU per node, "
+                   "InterNodeV1) or use a power-of-two EP size")
     if kernel_type == "auto":
         kernel_type = "IntraNode" if W == gpn else "InterNodeV1"
     if kernel_type not in KERNEL_TYPES:
@@ -146,8 +166,8 @@ def mori_config(
     extra = dict(block_num=launch["block_num"], rdma_block_num=launch["rdma_block_num"],
                  warp_num_per_block=launch["warp_per_block"]) if launch else {}
     return dict(
-        data_type=dtype, rank=rank, world_size=W, hidden_dim=hidden_size, scale_dim=0,
-        scale_type_size=1, max_token_type_size=dtype.itemsize,
+        data_type=fp8_dtype or dtype, rank=rank, world_size=W, hidden_dim=hidden_size,
+        scale_dim=scale_dim, scale_type_size=scale_type_size, max_token_type_size=dtype.itemsize,
         max_num_inp_token_per_rank=max_tokens_per_rank,
         num_experts_per_rank=placement.num_experts // W, num_experts_per_token=top_k,
         kernel_type=kernel_type, gpu_per_node=gpn, **extra)
@@ -155,7 +175,8 @@ def mori_config(
 
 def heap_bytes(config: dict) -> int:
     """Symmetric-heap bytes one op of ``config`` allocates (EpDispatchCombineHandle::
-    InitializeShmemBuf, InitializeTokenNumSignalBuf, InitializeOrderMapBuf; scale_dim 0).
+    InitializeShmemBuf, InitializeTokenNumSignalBuf, InitializeOrderMapBuf; with scales, an
+    input and an output scale buffer of W * T * scale_dim * scale_type_size bytes each).
 
     DeepSeek-V3 on EP8 (H=7168, K=8, 4096 tokens per rank) in bf16: about 1.0 GB; with 4-byte
     tokens (MORI's examples) about 2.0 GB, half the default 4 GiB heap for one layer.
@@ -175,6 +196,7 @@ def heap_bytes(config: dict) -> int:
     else:  # InterNode, AsyncLL: three buffers of W * T transfers
         tokens += 3 * recv * xfer
     meta = 5 * recv * K * 4 + recv * e * 4  # weights x3, indices x2; token id map
+    meta += 2 * recv * config["scale_dim"] * config["scale_type_size"]  # scales in, out
     signals = 16 * W + 32 * W + W // config["gpu_per_node"] * 8 + 4
     return tokens + meta + signals
 
@@ -291,6 +313,7 @@ class MoriDispatcher(Dispatcher):
     """
 
     name = "mori"
+    fp8_dtype: torch.dtype | None = None  # rows in FP8 on the wire (``comm.mori_fp8``)
 
     @classmethod
     def availability(cls) -> str | None:
@@ -317,7 +340,8 @@ class MoriDispatcher(Dispatcher):
             gpu_per_node = gpus_per_node(hosts)
         self.mori_config = mori_config(placement, rank, hidden_size=hidden_size, top_k=top_k,
                                        dtype=dtype, max_tokens_per_rank=max_tokens_per_rank,
-                                       kernel_type=kernel_type, gpu_per_node=gpu_per_node)
+                                       kernel_type=kernel_type, gpu_per_node=gpu_per_node,
+                                       fp8_dtype=self.fp8_dtype)
         super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
                          hidden_size=hidden_size, top_k=top_k, dtype=dtype)
         self.group = group
@@ -349,8 +373,9 @@ class MoriDispatcher(Dispatcher):
             raise _bad("dispatch", f"batch {batch_id}", f"batch {self._in_flight} is still in "
                        "MORI: its received rows are views of MORI's buffers, which the next "
                        "dispatch overwrites", "combine it before the next dispatch")
-        out_x, out_w, _, out_ids, total = self.op.dispatch(
-            x_TH.contiguous(), topk_weights_TK.contiguous(), None, topk_ids_TK.contiguous(),
+        tokens, scales = self._to_mori(x_TH)
+        out_x, out_w, out_s, out_ids, total = self.op.dispatch(
+            tokens, topk_weights_TK.contiguous(), scales, topk_ids_TK.contiguous(),
             **self.launch)
         if self.kernel_type == "AsyncLL":  # dispatch() only sent; the rows arrive here
             self.op.dispatch_recv()
@@ -359,16 +384,25 @@ class MoriDispatcher(Dispatcher):
             dev = out_ids.device
             if dev not in self._rows:
                 self._rows[dev] = torch.arange(out_ids.shape[0], device=dev)[:, None]
-            x, w, num_valid = out_x, out_w, total
+            x, w, num_valid = self._from_mori(out_x, out_s, x_TH), out_w, total
             ids = torch.where(self._rows[dev] < total, out_ids, -1)
         else:
             R = int(total[0])  # one host read: the rows MORI delivered to this rank
-            x, ids, w, num_valid = out_x[:R], out_ids[:R], out_w[:R], None
+            x = self._from_mori(out_x[:R], None if out_s is None else out_s[:R], x_TH)
+            ids, w, num_valid = out_ids[:R], out_w[:R], None
         handle = MoriCombineHandle(**self.handle_fields(
             batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
             topk_ids_TK=topk_ids_TK, recv_topk_ids=ids, recv_topk_weights=w))
         return DispatchResult(x=x, topk_ids=ids, topk_weights=w, handle=handle,
                               num_valid=num_valid)
+
+    def _to_mori(self, x_TH):
+        """(tokens, scales) as ``op.dispatch`` takes them: the rows as they are, no scales."""
+        return x_TH.contiguous(), None
+
+    def _from_mori(self, out_x, out_scales, x_TH):
+        """``DispatchResult.x`` from MORI's received rows (and scales): views of its buffers."""
+        return out_x
 
     def _combine(self, y_RH, handle):
         if self._in_flight != handle.batch_id:
@@ -398,6 +432,9 @@ def forward_padded(dispatcher: MoriDispatcher, experts, x_TH, topk_weights_TK, t
     if not dispatcher.capacity_sized:
         raise _bad("dispatcher.capacity_sized", False, "the dispatch must leave its row count "
                    "on the device", "build MoriDispatcher(..., capacity_sized=True)")
+    if dispatcher.fp8_dtype is not None:
+        raise _bad("dispatcher", dispatcher.name, "forward_padded hands AITER bf16 rows",
+                   "run FP8 rows through FP8EPMoE(..., validate=False) with AiterFP8Experts")
     d = dispatcher.dispatch(x_TH, topk_weights_TK, topk_ids_TK, validate=False)
     y = experts.forward_padded(d.x, d.topk_ids, d.topk_weights, w13, w2,
                                dispatcher.expert_map_on(d.x.device), num_rows=d.num_valid)

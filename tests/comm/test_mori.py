@@ -442,16 +442,20 @@ def _check_fake_lifecycle(info, seed):
     U = torch.tensor([p.owner(r[r >= 0]).unique().numel() for r in i2]).float()
     out["weights_w_times_U"] = torch.allclose(comb_w[:9], w2 * U[:, None])
     out["counter_zeroed_by_combine"] = int(second[4][0]) == 0
-    for dtype, ok in ((torch.bfloat16, True), (torch.float8_e4m3fn, True),
-                      (torch.float16, False)):
+    fnuz = torch.float8_e4m3fnuz  # the fake's default build is gfx942's: fp8_fnuz only
+    for dtype, ok in ((torch.bfloat16, True), (fnuz, True), (torch.float16, False)):
         try:
             op.dispatch(torch.zeros(2, H - 2, dtype=dtype), w1[:2], None, i1[:2].int())
-            op.combine(torch.zeros(CAP * info.world_size, H - 2).to(dtype)
-                       if dtype != torch.float8_e4m3fn else torch.zeros(
-                           CAP * info.world_size, H - 2).to(torch.bfloat16), None, i1[:2].int())
+            op.combine(torch.zeros(CAP * info.world_size, H - 2).to(
+                torch.bfloat16 if dtype == fnuz else dtype), None, i1[:2].int())
             out[str(dtype)] = ok
         except KeyError:
             out[str(dtype)] = not ok
+    try:  # the other FP8 encoding has no kernel in a gfx942 build
+        op.dispatch(torch.zeros(2, H - 2, dtype=torch.float8_e4m3fn), w1[:2], None, i1[:2].int())
+        out["ocp_refused_on_gfx942"] = False
+    except RuntimeError as exc:
+        out["ocp_refused_on_gfx942"] = "fp8_ocp" in str(exc)
     try:
         op.dispatch(torch.zeros(2, H + 1), w1[:2], None, i1[:2].int())
         out["hidden_dim_is_a_maximum"] = False
