@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from rocm_moe import ExpertsOutput, Placement, RouterConfig, synthetic
 from rocm_moe.comm.mori import MoriDispatcher, heap_bytes, mori_config
@@ -228,8 +229,14 @@ def _end_to_end(info, arch, seed, experts, dtype):
         assert y.dtype == dtype
         assert torch.equal(y, y_plain), (mode, rel_err(y, y_plain))
         r = fp8_layer.route_tokens(x)
-        errs = {"model": rel_err(y, fp8_dense_reference(
-            x, r.topk_weights, r.topk_ids, w13, w2, quantize_activations=False))}
+        # against the dequantised model: over every rank's tokens (one token's error exceeds
+        # FP8_TOLERANCE for ~1% of random draws, mean 4.4%; 34 tokens' does not)
+        model = fp8_dense_reference(x, r.topk_weights, r.topk_ids, w13, w2,
+                                    quantize_activations=False)
+        world = [None] * info.world_size
+        dist.all_gather_object(world, (y.double(), model))
+        errs = {"model": rel_err(torch.cat([a for a, _ in world]),
+                                 torch.cat([b for _, b in world]))}
         if isinstance(fp8_layer.experts, AiterFP8Experts):
             errs["aiter_oracle"] = rel_err(y, _aiter_oracle(x, r.topk_weights, r.topk_ids,
                                                            w13, w2))
