@@ -68,6 +68,16 @@ def mori_row_bytes(hidden: int, top_k: int, *, fp8: bool, dtype=torch.bfloat16) 
     return token + 8 * top_k + 4 + (4 * (hidden // BLOCK) if fp8 else 0)
 
 
+def quantize_on_owner(x_TH: torch.Tensor, dtype: torch.dtype) -> FP8Rows:
+    """Rows per 1x128 group before they leave their owner: one Triton launch on GPUs, torch
+    elsewhere (the same arithmetic, bit for bit)."""
+    if x_TH.is_cuda:
+        from rocm_moe.experts.triton_fp8 import quantize_rows_triton
+
+        return quantize_rows_triton(x_TH, dtype)
+    return quantize_rows(x_TH, dtype=dtype)
+
+
 def default_fp8_dtype() -> torch.dtype:
     """The encoding this machine's MORI build has kernels for (module docstring)."""
     return native_fp8_dtype("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,16 +112,8 @@ class MoriFP8Dispatcher(MoriDispatcher):
     def config(self) -> dict:
         return {**super().config(), "fp8_dtype": str(self.fp8_dtype)}
 
-    def quantize(self, x_TH: torch.Tensor) -> FP8Rows:
-        """Rows per 1x128 group: Triton on GPUs, torch elsewhere (the same arithmetic)."""
-        if x_TH.is_cuda:
-            from rocm_moe.experts.triton_fp8 import quantize_rows_triton
-
-            return quantize_rows_triton(x_TH, self.fp8_dtype)
-        return quantize_rows(x_TH, dtype=self.fp8_dtype)
-
     def _to_mori(self, x_TH):
-        rows = self.quantize(x_TH)
+        rows = quantize_on_owner(x_TH, self.fp8_dtype)
         return rows.q.contiguous(), rows.scale.contiguous()
 
     def _from_mori(self, out_x, out_scales, x_TH):

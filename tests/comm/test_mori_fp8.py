@@ -114,8 +114,8 @@ def _disp(info, arch, cls=MoriFP8Dispatcher, dtype=torch.bfloat16, **kw):
         kw.setdefault("gpu_per_node", 1)
     if cls is not MoriDispatcher:
         kw.setdefault("fp8_dtype", ARCH_FP8[arch])
-    return cls(p, hidden_size=H, top_k=K, dtype=dtype, max_tokens_per_rank=CAP,
-               mori=FakeMori(arch=arch), **kw)
+    kw.setdefault("mori", FakeMori(arch=arch))
+    return cls(p, hidden_size=H, top_k=K, dtype=dtype, max_tokens_per_rank=CAP, **kw)
 
 
 def _batch(rank, T, seed, *, only_rank0=False, empty=0.2):
@@ -258,6 +258,37 @@ def _check_layer_aiter_fp8_experts(info, arch, seed):
     return _end_to_end(info, arch, seed, _aiter, torch.bfloat16)
 
 
+def _check_capacity_sized_reads_nothing_on_the_host(info, arch, seed):
+    """capacity_sized: FP8Rows over MORI's whole receive buffers, the row count left on the
+    device (the fake's counter raises on a host read); an FP8EPMoE on it (validate=False)
+    equals the default dispatch's."""
+    fp8 = ARCH_FP8[arch]
+    name = "e4m3fnuz" if fp8 == FNUZ else "e4m3fn"
+    strict = _disp(info, arch, dtype=torch.float32, capacity_sized=True,
+                   mori=FakeMori(arch=arch, no_host_reads=True))
+    plain = _disp(info, arch, dtype=torch.float32)
+    layers = [FP8EPMoE(hidden_size=H, intermediate_size=I, router=RouterConfig.qwen3_moe(E, K),
+                       dispatcher=d, fp8_dtype=name, dtype=torch.float32, validate=False)
+              for d in (strict, plain)]
+    for layer in layers:
+        layer.reset_parameters(3)
+    x, w, ids = _batch(info.rank, 7, seed)
+    d = strict.dispatch(x.float(), w, ids, validate=False)
+    assert isinstance(d.x, FP8Rows)
+    assert d.x.shape[0] == info.world_size * CAP
+    assert d.num_valid is not None
+    strict.combine(ExpertsOutput(out=d.x.dequantize(torch.float32), weights_applied=True),
+                   d.handle)
+    for i, T in enumerate((17, 0 if info.rank else 5, CAP)):
+        x = synthetic.tokens(seed + i, info.rank, T, H)
+        for mode in ("experts", "combine"):
+            for layer in layers:
+                layer.weight_mode = mode
+            a, b = (layer(x) for layer in layers)
+            # rows reach the experts in another order (MORI's is arbitrary): float32 GEMM noise
+            assert rel_err(a, b) < 1e-6, (T, mode, rel_err(a, b))
+
+
 def _check_bad_batches_refused_before_mori(info, arch, seed):
     d = _disp(info, arch)
     msgs = {}
@@ -365,6 +396,28 @@ def test_messages(suite):
     if len(results) > 1:  # the batch routed to rank 0 only: the other ranks received nothing
         assert all(r[3] == 0 for r in received[1:])
         assert received[0][3] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 33, 511])
+@pytest.mark.parametrize("hidden", [384, 7168])
+def test_owner_quantiser_on_the_gpu_is_the_torch_one(T, hidden):
+    """The GPU path of the owner-side quantisation (one Triton launch) gives the bytes the
+    CPU path gives, in the device's encoding (e4m3fn on NVIDIA, e4m3fnuz on MI300)."""
+    from rocm_moe.comm.mori_fp8 import quantize_on_owner
+    from rocm_moe.quant import native_fp8_dtype
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    fp8 = native_fp8_dtype("cuda")
+    g = torch.Generator().manual_seed(T * hidden)
+    x = (torch.randn(T, hidden, generator=g) * torch.rand(1, hidden, generator=g) * 8).bfloat16()
+    x[0, :128] = 0  # an all-zero group
+    got = quantize_on_owner(x.cuda(), fp8)
+    want = quantize_rows(x, dtype=fp8)
+    assert got.q.is_cuda
+    assert torch.equal(got.q.cpu().view(torch.uint8), want.q.view(torch.uint8))
+    assert torch.equal(got.scale.cpu(), want.scale)
 
 
 @pytest.mark.gpu
