@@ -176,6 +176,24 @@ def _check_rows_and_scales_equal_torch_fp8(info, arch, seed):
     return received
 
 
+def _check_every_kernel_type_moves_the_scales(info, arch, seed):
+    """AsyncLL (split-phase), InterNodeV1LL and InterNode carry the scales too (MORI copies them
+    in every kernel family: low_latency_async.cpp, internode_v1.cpp, internode.hpp)."""
+    torch_fp8 = TorchFP8Dispatcher(Placement.contiguous(E, info.world_size), hidden_size=H,
+                                   top_k=K, dtype=torch.bfloat16, fp8_dtype=ARCH_FP8[arch])
+    for i, kt in enumerate(("AsyncLL", "InterNodeV1LL", "InterNode")):
+        d = _disp(info, arch, kernel_type=kt, gpu_per_node=1)
+        x, w, ids = _batch(info.rank, (9, 1, 0)[(info.rank + i) % 3], seed + i)
+        dm, dt = d.dispatch(x, w, ids), torch_fp8.dispatch(x, w, ids)
+        assert _signature(dm.x, dm.topk_ids, dm.topk_weights) == \
+            _signature(dt.x, dt.topk_ids, dt.topk_weights), kt
+        d.combine(ExpertsOutput(out=dm.x.dequantize(torch.bfloat16), weights_applied=True),
+                  dm.handle)
+        torch_fp8.combine(ExpertsOutput(out=dt.x.dequantize(torch.bfloat16),
+                                        weights_applied=True), dt.handle)
+        assert ("dispatch_recv" in d.op.calls) == (kt == "AsyncLL")
+
+
 def _aiter(fp8):
     return AiterFP8Experts(fused_moe=FakeFusedMoe(fp8_dtype=fp8),
                            shuffle_weight=fake_shuffle_weight, fp8_dtype=fp8,
