@@ -40,6 +40,11 @@ E, K, H, I, CAP = 12, 3, 384, 128, 40  # H/128 = 3 scales per row
 FNUZ, FN = torch.float8_e4m3fnuz, torch.float8_e4m3fn
 ARCH_FP8 = {"gfx942": FNUZ, "gfx950": FN}
 AITER_TOL = 1e-2  # against the float64 oracle of AITER's arithmetic (bf16 output)
+# Float32 reference experts against the same arithmetic in float64: the two can round an
+# intermediate value to neighbouring FP8 codes when it sits on a rounding boundary, which moves
+# a rank's output by up to ~1.4e-4 (1 of 80 random draws; typically 3e-7). The exact check is
+# the bit equality with the bf16-MORI layer.
+FP8_ORACLE_TOL = 1e-3
 
 
 # ---- pure logic ---------------------------------------------------------------------------------
@@ -148,7 +153,8 @@ def _signature(rows: FP8Rows, ids, w) -> list[bytes]:
 def _check_rows_and_scales_equal_torch_fp8(info, arch, seed):
     mori = _disp(info, arch)
     torch_fp8 = TorchFP8Dispatcher(Placement.contiguous(E, info.world_size), hidden_size=H,
-                                   top_k=K, dtype=torch.bfloat16, fp8_dtype=ARCH_FP8[arch])
+                                   top_k=K, dtype=torch.bfloat16, fp8_dtype=ARCH_FP8[arch],
+                                   group=dist.group.WORLD)
     received = []
     for i, (T, only_rank0) in enumerate(_batches(info)):
         x, w, ids = _batch(info.rank, T, seed + i, only_rank0=only_rank0)
@@ -180,7 +186,8 @@ def _check_every_kernel_type_moves_the_scales(info, arch, seed):
     """AsyncLL (split-phase), InterNodeV1LL and InterNode carry the scales too (MORI copies them
     in every kernel family: low_latency_async.cpp, internode_v1.cpp, internode.hpp)."""
     torch_fp8 = TorchFP8Dispatcher(Placement.contiguous(E, info.world_size), hidden_size=H,
-                                   top_k=K, dtype=torch.bfloat16, fp8_dtype=ARCH_FP8[arch])
+                                   top_k=K, dtype=torch.bfloat16, fp8_dtype=ARCH_FP8[arch],
+                                   group=dist.group.WORLD)
     for i, kt in enumerate(("AsyncLL", "InterNodeV1LL", "InterNode")):
         d = _disp(info, arch, kernel_type=kt, gpu_per_node=1)
         x, w, ids = _batch(info.rank, (9, 1, 0)[(info.rank + i) % 3], seed + i)
@@ -230,7 +237,8 @@ def _aiter_oracle(x, w_TK, ids_TK, w13, w2):
 
 def _end_to_end(info, arch, seed, experts, dtype):
     """FP8EPMoE over mori-fp8 == over bf16 mori (experts quantising on arrival), both modes,
-    and the float64 oracles; {mode: errors}."""
+    and the float64 oracles; {mode: errors}. Every collective runs before any assertion (a rank
+    failing half-way would leave its peers' collectives unpaired)."""
     fp8 = ARCH_FP8[arch]
     name = "e4m3fnuz" if fp8 == FNUZ else "e4m3fn"
     T = (33, 0, 1)[info.rank % 3]  # rank 1 has no tokens
@@ -240,31 +248,34 @@ def _end_to_end(info, arch, seed, experts, dtype):
     plain = _layer(_disp(info, arch, cls=MoriDispatcher, dtype=dtype), experts(fp8), name,
                    dtype, 3)
     w13, w2 = _global_fp8_weights(3, fp8, dtype)
-    out = {}
+    out, ys = {}, {}
     for mode in ("experts", "combine"):
         fp8_layer.weight_mode = plain.weight_mode = mode
-        y, y_plain = fp8_layer(x), plain(x)
-        assert y.dtype == dtype
-        assert torch.equal(y, y_plain), (mode, rel_err(y, y_plain))
+        ys[mode] = fp8_layer(x), plain(x)
+        world = [None] * info.world_size  # the model error over every rank's tokens (below)
         r = fp8_layer.route_tokens(x)
-        # against the dequantised model: over every rank's tokens (one token's error exceeds
-        # FP8_TOLERANCE for ~1% of random draws, mean 4.4%; 34 tokens' does not)
         model = fp8_dense_reference(x, r.topk_weights, r.topk_ids, w13, w2,
                                     quantize_activations=False)
-        world = [None] * info.world_size
-        dist.all_gather_object(world, (y.double(), model))
+        dist.all_gather_object(world, (ys[mode][0].double(), model))
+        y = ys[mode][0]
+        # against the dequantised model: over every rank's tokens (one token's error exceeds
+        # FP8_TOLERANCE for ~1% of random draws, mean 4.4%; 34 tokens' does not)
         errs = {"model": rel_err(torch.cat([a for a, _ in world]),
                                  torch.cat([b for _, b in world]))}
         if isinstance(fp8_layer.experts, AiterFP8Experts):
             errs["aiter_oracle"] = rel_err(y, _aiter_oracle(x, r.topk_weights, r.topk_ids,
                                                            w13, w2))
-            assert errs["aiter_oracle"] < AITER_TOL, (mode, errs)
         else:
             errs["fp8_oracle"] = rel_err(y, fp8_dense_reference(x, r.topk_weights,
                                                                 r.topk_ids, w13, w2))
-            assert errs["fp8_oracle"] < 1e-5, (mode, errs)
-        assert errs["model"] < FP8_TOLERANCE, (mode, errs)
         out[mode] = errs
+    for mode, (y, y_plain) in ys.items():
+        errs = out[mode]
+        assert y.dtype == dtype
+        assert torch.equal(y, y_plain), (mode, rel_err(y, y_plain))
+        assert errs.get("aiter_oracle", 0) < AITER_TOL, (mode, errs)
+        assert errs.get("fp8_oracle", 0) < FP8_ORACLE_TOL, (mode, errs)
+        assert errs["model"] < FP8_TOLERANCE, (mode, errs)
     return out
 
 
@@ -279,7 +290,7 @@ def _check_layer_aiter_fp8_experts(info, arch, seed):
 def _check_capacity_sized_reads_nothing_on_the_host(info, arch, seed):
     """capacity_sized: FP8Rows over MORI's whole receive buffers, the row count left on the
     device (the fake's counter raises on a host read); an FP8EPMoE on it (validate=False)
-    equals the default dispatch's."""
+    equals the default dispatch's, bit for bit."""
     fp8 = ARCH_FP8[arch]
     name = "e4m3fnuz" if fp8 == FNUZ else "e4m3fn"
     strict = _disp(info, arch, dtype=torch.float32, capacity_sized=True,
@@ -291,20 +302,22 @@ def _check_capacity_sized_reads_nothing_on_the_host(info, arch, seed):
     for layer in layers:
         layer.reset_parameters(3)
     x, w, ids = _batch(info.rank, 7, seed)
-    d = strict.dispatch(x.float(), w, ids, validate=False)
-    assert isinstance(d.x, FP8Rows)
-    assert d.x.shape[0] == info.world_size * CAP
-    assert d.num_valid is not None
-    strict.combine(ExpertsOutput(out=d.x.dequantize(torch.float32), weights_applied=True),
-                   d.handle)
+    shapes = []
+    for disp in (strict, plain):  # both ops see the same batches: the fake orders rows alike
+        d = disp.dispatch(x.float(), w, ids, validate=False)
+        shapes.append((type(d.x), d.x.shape[0], d.num_valid is None))
+        disp.combine(ExpertsOutput(out=d.x.dequantize(torch.float32), weights_applied=True),
+                     d.handle)
+    outs = []  # every collective first, the assertions after
     for i, T in enumerate((17, 0 if info.rank else 5, CAP)):
         x = synthetic.tokens(seed + i, info.rank, T, H)
         for mode in ("experts", "combine"):
             for layer in layers:
                 layer.weight_mode = mode
-            a, b = (layer(x) for layer in layers)
-            # rows reach the experts in another order (MORI's is arbitrary): float32 GEMM noise
-            assert rel_err(a, b) < 1e-6, (T, mode, rel_err(a, b))
+            outs.append((T, mode, *(layer(x) for layer in layers)))
+    assert shapes[0] == (FP8Rows, info.world_size * CAP, False), shapes
+    for T, mode, a, b in outs:
+        assert torch.equal(a, b), (T, mode, rel_err(a, b))
 
 
 def _check_bad_batches_refused_before_mori(info, arch, seed):
