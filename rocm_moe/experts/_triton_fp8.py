@@ -54,11 +54,15 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, N_GROUPS,
 
 
 @triton.jit
-def _fp8_dot(a, b, acc, scale, UPCAST: tl.constexpr):
-    """acc + (a @ b) * scale, a [M, K] and b [K, N] FP8, float32 accumulation."""
+def _fp8_dot(a, b, acc, scale, UPCAST: tl.constexpr, PRECISE: tl.constexpr):
+    """acc + (a @ b) * scale, a [M, K] and b [K, N] FP8, float32 accumulation. ``PRECISE``:
+    the FP8 products are promoted to a float32 sum after every MMA instruction (Triton's
+    default on sm_90 keeps the tensor core's reduced-precision accumulator for the whole dot)."""
     if UPCAST:
         a = a.to(tl.float16)
         b = b.to(tl.float16)
+    if PRECISE:
+        return acc + tl.dot(a, b, max_num_imprecise_acc=0) * scale
     return acc + tl.dot(a, b) * scale
 
 
@@ -67,7 +71,8 @@ def _fp8_gate_up_kernel(
     aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr, block_expert_ptr,
     N_SLOTS, H, I, K_TOPK, N_KB,
     stride_ar, stride_as, stride_wn, stride_wse, stride_wsn, stride_ip, stride_is,
-    UPCAST: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr, MIN_EXP: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISE: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
+    MIN_EXP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """iq[p], is[p] = quantise(silu(a[row(p)] @ gate[e].T) * (a[row(p)] @ up[e].T)) for the
@@ -95,8 +100,8 @@ def _fp8_gate_up_kernel(
         g = tl.load(w_ptr + rows_g[None, :] * stride_wn + offs_k[:, None], mask=w_mask, other=0.0)
         u = tl.load(w_ptr + (rows_g + I)[None, :] * stride_wn + offs_k[:, None], mask=w_mask,
                     other=0.0)
-        acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * tl.load(ws_g + kb), UPCAST)
-        acc_u = _fp8_dot(a, u, acc_u, a_s[:, None] * tl.load(ws_u + kb), UPCAST)
+        acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * tl.load(ws_g + kb), UPCAST, PRECISE)
+        acc_u = _fp8_dot(a, u, acc_u, a_s[:, None] * tl.load(ws_u + kb), UPCAST, PRECISE)
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     amax = tl.maximum(tl.max(tl.abs(h), axis=1), 1e-10)
     s = tl.div_rn(amax, amax * 0.0 + FP8_MAX)
@@ -112,7 +117,7 @@ def _fp8_down_kernel(
     iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
     N_SLOTS, H, I, N_KB,
     stride_ip, stride_is, stride_wn, stride_wse, stride_wsn, stride_os,
-    WEIGHTED: tl.constexpr, UPCAST: tl.constexpr,
+    WEIGHTED: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[slot(p), n] = (d[p] @ down[e].T)[n] (times the slot's weight when WEIGHTED) with
@@ -131,7 +136,7 @@ def _fp8_down_kernel(
         a_s = tl.load(is_ptr + p64 * stride_is + kb)
         b = tl.load(w_ptr + rows_w[None, :] * stride_wn + offs_k[:, None], mask=n_ok[None, :],
                     other=0.0)
-        acc = _fp8_dot(a, b, acc, a_s[:, None] * tl.load(ws + kb), UPCAST)
+        acc = _fp8_dot(a, b, acc, a_s[:, None] * tl.load(ws + kb), UPCAST, PRECISE)
     if WEIGHTED:
         acc = acc * tl.load(weight_ptr + slot, mask=valid, other=0.0)[:, None]
     safe = tl.where(valid, slot, 0).to(tl.int64)

@@ -88,7 +88,9 @@ def _args(block_m: int, kcfg: dict) -> dict:
 
 class TritonFP8Experts(FP8Experts):
     """``config``: a fixed ``fp8_block_config``-form launch config (tuning); ``upcast``: FP8
-    tiles to float16 before tl.dot (None: where the device has no FP8 matrix instructions)."""
+    tiles to float16 before tl.dot (None: where the device has no FP8 matrix instructions);
+    ``precise``: FP8 products summed in float32 after every MMA instruction instead of in the
+    tensor core's reduced-precision accumulator over a whole 128-wide K step."""
 
     name = "triton"
 
@@ -100,9 +102,11 @@ class TritonFP8Experts(FP8Experts):
             return "no CUDA/ROCm device (TRITON_INTERPRET=1 runs the kernels on a CPU, slowly)"
         return None
 
-    def __init__(self, *, config: dict | None = None, upcast: bool | None = None):
+    def __init__(self, *, config: dict | None = None, upcast: bool | None = None,
+                 precise: bool = False):
         self.config = config
         self.upcast = upcast
+        self.precise = precise
 
     def supports(self, *, mode, dtype, device) -> str | None:
         if (reason := triton_availability()) is not None:
@@ -154,7 +158,8 @@ class TritonFP8Experts(FP8Experts):
                 aq, as_, w13.weight.view(-1, H), ws13, iq, is_, layout.sorted_slot_ids,
                 layout.block_expert_ids, layout.sentinel, H, I, layout.top_k, -(-H // BLOCK),
                 aq.stride(0), as_.stride(0), H, ws13.stride(0), ws13.stride(1), iq.stride(0),
-                is_.stride(0), UPCAST=upcast, FP8_MAX=fp8_max(rows.dtype),
+                is_.stride(0), UPCAST=upcast, PRECISE=self.precise,
+                FP8_MAX=fp8_max(rows.dtype),
                 **_rounding(rows.dtype),
                 **_args(cfg["BLOCK_M"], gu))
             _fp8_down_kernel[(n_blocks * -(-H // dn["BLOCK_N"]),)](
@@ -162,6 +167,7 @@ class TritonFP8Experts(FP8Experts):
                 layout.block_expert_ids, topk_weights_RK.contiguous().view(-1), layout.sentinel,
                 H, I, I // BLOCK, iq.stride(0), is_.stride(0), I, ws2.stride(0), ws2.stride(1),
                 out_slots.stride(0), WEIGHTED=weighted, UPCAST=upcast,
+                PRECISE=self.precise,
                 **_args(cfg["BLOCK_M"], dn))
         if weighted:
             out = torch.empty(R, H, dtype=out_dtype, device=dev)
