@@ -52,7 +52,7 @@ def main() -> None:
                     print(f"  {cfg}: {type(err).__name__}", flush=True)
                     return float("inf")
 
-            base = fp8_block_config(R * shape["K"], e)
+            base = fp8_block_config(R * shape["K"], e, num_experts=shape["E"])
             t_base = time(base)
             best = (t_base, base)
             for bm in a.block_m:

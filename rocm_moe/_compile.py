@@ -185,7 +185,7 @@ def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
                 c = fp8_block_config(int(mean * e), e)
                 k = c["gate_up" if kernel == "gate_up" else "down"]
                 cx = dict(BLOCK_K=k["BLOCK_K"], BLOCK_M=c["BLOCK_M"], BLOCK_N=k["BLOCK_N"],
-                          UPCAST=False)
+                          UPCAST=False, PRECISE=False)
                 if kernel == "gate_up":
                     cx.update(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6,
                               ROUND=False)

@@ -218,6 +218,8 @@ def test_triton_worked_example():
 def test_fp8_block_config():
     assert fp8_block_config(8, 8)["BLOCK_M"] == 16
     assert fp8_block_config(256 * 32, 32)["BLOCK_M"] == 128
+    # DeepSeek-V3 rank-local, 1024 rows: 32 slots per expert expected, not 256
+    assert fp8_block_config(1024 * 8, 32, num_experts=256)["BLOCK_M"] == 64
     for m in (1, 40, 100, 1000):
         cfg = fp8_block_config(m * 8, 8)
         assert cfg["gate_up"]["BLOCK_N"] == 128
