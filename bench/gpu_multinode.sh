@@ -41,12 +41,14 @@ two_nodes() {  # two_nodes NAME PORT rocm-moe args...
     "$(grep -c -E 'via P2P|via SHM' "$R/${name}_node0.log")"
 }
 
+if [ -z "${LAYER_ONLY:-}" ]; then  # LAYER_ONLY=1: the layer benchmarks alone
 echo "== tests touched by the launcher change (symm on GPUs) =="
 timeout "$STEP_S" python3 -m pytest -q -p no:cacheprovider -x tests/comm/test_symm.py 2>&1 | tail -2 | tee "$R/tests_$SUF.txt"
 echo "== run and sanity under torchrun --nnodes 2 (emulated) =="
 two_nodes "run_$L2" 29612 run --tokens 512 --iters 5 | tee "$R/run_${L2}_$SUF.txt"
 two_nodes "sanity_$L2" 29613 sanity | tee "$R/sanity_${L2}_$SUF.txt"
 save
+fi
 for model in qwen3-30b-a3b deepseek-v3; do
   echo "== 1 node x $NG: $model =="
   timeout "$STEP_S" python3 -m rocm_moe.cli bench layer --model $model --world-size "$NG" \
