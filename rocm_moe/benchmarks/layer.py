@@ -115,7 +115,7 @@ def _build(cfg: dict, s: dict, comm: str, T: int, info: WorkerInfo, dtype) -> EP
 def _set_skew(layer: EPMoE, skew: str, cfg: dict, base_gate: torch.Tensor) -> None:
     """Gate = the synthetic gate (+ bias_E u^T for zipf: a token with component c*u gets
     logits + c * bias_E)."""
-    gate = base_gate.clone()
+    gate = base_gate.to("cpu", copy=True)  # (bias built on the CPU, copied to the layer below)
     if skew == "zipf":
         u = _skew_direction(layer.hidden_size)
         gate += torch.outer(zipf_bias(layer.router.num_experts, cfg["zipf_tau"]), u) \
