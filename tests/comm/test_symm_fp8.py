@@ -109,6 +109,26 @@ def test_wire_round_trip_through_the_packed_row(hidden, gen):
     assert rel_err(got.dequantize(), x) < 5e-2  # FP8 of Gaussian rows: a few per cent
 
 
+@pytest.mark.parametrize("fmt", ["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("hidden", [128, 130, 200])  # 130: a 2-byte pad
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_quantize_to_wire_is_pack_of_quantize(hidden, dtype, fmt, gen):
+    """The GPU path (one launch writing the payload in place) gives torch-fp8's bytes, pad
+    included (Triton's interpreter here: float16/float32 only, it miscomputes bfloat16)."""
+    pytest.importorskip("triton")
+    from rocm_moe.comm.symm_fp8 import quantize_to_wire
+    from rocm_moe.comm.torch_fp8 import pack_fp8
+    from rocm_moe.quant import fp8_dtype
+
+    x = (torch.randn(33, hidden, generator=gen) * 50).to(dtype)
+    x[3] = 0  # an all-zero row: the smallest scale
+    got = quantize_to_wire(x, fp8_dtype(fmt))
+    want = pack_fp8(quantize_rows(x, dtype=fmt))
+    assert got.shape == want.shape == (33, fp8_row_bytes(hidden))
+    assert torch.equal(got, want)
+    assert quantize_to_wire(x[:0], fp8_dtype(fmt)).shape == (0, fp8_row_bytes(hidden))
+
+
 def test_wire_bytes_and_the_bench_line():
     from rocm_moe.benchmarks.comm import _wire_row_bytes, fp8_line
 
