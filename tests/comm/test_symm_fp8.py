@@ -153,6 +153,14 @@ def _batch(seed: int, rank: int, T: int, hidden: int, k: int, device):
     return x.to(device), w.to(device), ids.to(device)
 
 
+def _refusal(call, *args) -> str:
+    try:
+        call(*args)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return "not refused"
+
+
 def _bits_worker(info, seed):
     from rocm_moe.comm.torch_fp8 import TorchFP8Dispatcher
     from rocm_moe.weighting import ExpertsOutput
@@ -166,6 +174,10 @@ def _bits_worker(info, seed):
         ref = TorchFP8Dispatcher(p, **kw)
         sym = SymmFP8Dispatcher(p, max_tokens_per_rank=511, **kw)
         x, w, ids = _batch(seed, rank, T, hidden, k, dev)
+        if (hidden, k) == BIT_CASES[0]:  # refused on every rank before any kernel runs
+            big = _batch(seed, rank, 512, hidden, k, dev)
+            out["too_many_tokens"] = _refusal(sym.dispatch, *big)
+            out["float32_rows"] = _refusal(sym.dispatch, x.float(), w, ids)
         a, b = ref.dispatch(x, w, ids), sym.dispatch(x, w, ids)
         R = a.x.shape[0]
         case = f"H{hidden}_K{k}"
@@ -203,6 +215,8 @@ def test_received_bits_equal_torch_fp8(W):
     for rank, r in enumerate(results):
         bad = [k for k, v in r.items() if v is False]
         assert not bad, (W, rank, bad, r)
+        assert "x.shape[0]=512: exceeds max_tokens_per_rank=511" in r["too_many_tokens"], r
+        assert "x.dtype=torch.float32: must be one of (torch.bfloat16)" in r["float32_rows"], r
         assert r["fp8_vs_bf16_rows"] < 5e-2, (rank, r)
         # the byte count: DeepSeek-V3's row (H = 7168, K = 8) and the receive section
         assert (r["H7168_K8_row_bytes"], r["bf16_row_bytes"]) == (7456, 14400), r
