@@ -303,10 +303,10 @@ def _gather_experts(layer):
     from rocm_moe.quant import BlockFP8Weight
 
     def gather(t):
-        flat = t.view(torch.uint8) if t.dtype != torch.float32 else t
-        out = flat.new_empty(dist.get_world_size() * flat.shape[0], *flat.shape[1:])
-        dist.all_gather_into_tensor(out, flat.contiguous())
-        return out.view(t.dtype)
+        flat = (t.view(torch.uint8) if t.dtype != torch.float32 else t).contiguous()
+        parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, flat)
+        return torch.cat(parts).view(t.dtype)
 
     return (BlockFP8Weight(gather(layer.w13_fp8), gather(layer.w13_scale_inv)),
             BlockFP8Weight(gather(layer.w2_fp8), gather(layer.w2_scale_inv)))
