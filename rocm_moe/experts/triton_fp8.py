@@ -67,17 +67,23 @@ def _fp8_dot_native(device: torch.device, dtype: torch.dtype) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9) and dtype == torch.float8_e4m3fn
 
 
-def quantize_rows_triton(x: torch.Tensor, dtype: torch.dtype) -> FP8Rows:
-    """``quant.quantize_rows`` in one Triton launch (one program per row and 128-group)."""
+def quantize_rows_triton(x: torch.Tensor, dtype: torch.dtype, *, q: torch.Tensor | None = None,
+                         scale: torch.Tensor | None = None) -> FP8Rows:
+    """``quant.quantize_rows`` in one Triton launch (one program per row and 128-group).
+    ``q`` [R, H] ``dtype`` / ``scale`` [R, ceil(H/128)] float32: where to write (any row
+    stride, unit column stride: e.g. views into packed rows, ``comm.symm_fp8``); new tensors
+    by default."""
     from rocm_moe.experts._triton_fp8 import _quant_rows_kernel
 
     R, H = x.shape
     groups = -(-H // BLOCK)
     x = x if x.stride(1) == 1 else x.contiguous()
-    q = torch.empty(R, H, dtype=dtype, device=x.device)
-    s = torch.empty(R, groups, dtype=torch.float32, device=x.device)
-    if R:
-        _quant_rows_kernel[(R, groups)](x, q, s, H, x.stride(0), q.stride(0), groups,
+    q = torch.empty(R, H, dtype=dtype, device=x.device) if q is None else q
+    s = torch.empty(R, groups, dtype=torch.float32, device=x.device) if scale is None else scale
+    assert (tuple(q.shape), q.dtype, q.stride(1)) == ((R, H), dtype, 1), (q.shape, q.dtype)
+    assert (tuple(s.shape), s.dtype, s.stride(1)) == ((R, groups), torch.float32, 1), s.shape
+    if R:  # (the kernel's N_GROUPS is the scale row stride)
+        _quant_rows_kernel[(R, groups)](x, q, s, H, x.stride(0), q.stride(0), s.stride(0),
                                         FP8_MAX=fp8_max(dtype), GROUP=BLOCK,
                                         **_rounding(dtype))
     return FP8Rows(q, s, x.dtype)
