@@ -69,7 +69,7 @@ def _fp8_dot_native(device: torch.device, dtype: torch.dtype) -> bool:
 
 def quantize_rows_triton(x: torch.Tensor, dtype: torch.dtype, *, q: torch.Tensor | None = None,
                          scale: torch.Tensor | None = None) -> FP8Rows:
-    """``quant.quantize_rows`` in one Triton launch (one program per row and 128-group).
+    """``quant.quantize_rows`` in one Triton launch (one program per row and 8 groups of 128).
     ``q`` [R, H] ``dtype`` / ``scale`` [R, ceil(H/128)] float32: where to write (any row
     stride, unit column stride: e.g. views into packed rows, ``comm.symm_fp8``); new tensors
     by default."""
@@ -83,9 +83,10 @@ def quantize_rows_triton(x: torch.Tensor, dtype: torch.dtype, *, q: torch.Tensor
     assert (tuple(q.shape), q.dtype, q.stride(1)) == ((R, H), dtype, 1), (q.shape, q.dtype)
     assert (tuple(s.shape), s.dtype, s.stride(1)) == ((R, groups), torch.float32, 1), s.shape
     if R:  # (the kernel's N_GROUPS is the scale row stride)
-        _quant_rows_kernel[(R, groups)](x, q, s, H, x.stride(0), q.stride(0), s.stride(0),
-                                        FP8_MAX=fp8_max(dtype), GROUP=BLOCK,
-                                        **_rounding(dtype))
+        gpb = min(8, 1 << (groups - 1).bit_length())  # groups per program, a power of two
+        _quant_rows_kernel[(R, -(-groups // gpb))](
+            x, q, s, H, x.stride(0), q.stride(0), s.stride(0), FP8_MAX=fp8_max(dtype),
+            GROUP=BLOCK, GPB=gpb, **_rounding(dtype))
     return FP8Rows(q, s, x.dtype)
 
 
