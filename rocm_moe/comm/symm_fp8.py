@@ -15,8 +15,8 @@ read them in place (no dequantise pass) and return outputs in the rows' source d
 and combine_raw are ``SymmDispatcher``'s in that dtype (bfloat16 partials back).
 
 Everything stays on the device (the symm dispatch's three kernels plus one quantise launch that
-writes the payload in place, ``quantize_to_wire``): dispatch is CUDA-graph capturable, as the
-symm backend's is.
+writes the payload in place, ``torch_fp8.quantize_to_wire``): dispatch is CUDA-graph
+capturable, as the symm backend's is.
 
 Bytes per row, H = 7168, K = 8: bfloat16 14400, FP8 7456 (1.93x fewer; the receive section
 shrinks by the same ratio).
@@ -32,26 +32,10 @@ import torch
 
 from rocm_moe._checks import error_message
 from rocm_moe.comm.symm import SymmDispatcher
-from rocm_moe.comm.torch_fp8 import fp8_row_bytes, pack_fp8, unpack_fp8
-from rocm_moe.quant import BLOCK, FP8Rows, quantize_rows
-from rocm_moe.quant import fp8_dtype as _fp8
+from rocm_moe.comm.torch_fp8 import FP8Wire, fp8_row_bytes, unpack_fp8
+from rocm_moe.quant import FP8Rows
 
 SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def quantize_to_wire(x_TH: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
-    """``pack_fp8(quantize_rows(x))`` in one Triton launch: the row quantiser writes each
-    row's scales and FP8 values straight into its [P] payload (pad bytes zeroed), instead of
-    quantising, zero-filling and copying twice. [T, fp8_row_bytes(H)] uint8, the same bytes."""
-    from rocm_moe.experts.triton_fp8 import quantize_rows_triton
-
-    T, H = x_TH.shape
-    G = -(-H // BLOCK)
-    payload = torch.empty(T, fp8_row_bytes(H), dtype=torch.uint8, device=x_TH.device)
-    payload[:, 4 * G + H:].zero_()
-    quantize_rows_triton(x_TH, fp8_dtype, q=payload[:, 4 * G:4 * G + H].view(fp8_dtype),
-                         scale=payload[:, :4 * G].view(torch.float32))
-    return payload
 
 
 def check_fp8_wire(dtype: object, fp8_dtype: torch.dtype, *, hip: bool) -> None:
@@ -66,37 +50,19 @@ def check_fp8_wire(dtype: object, fp8_dtype: torch.dtype, *, hip: bool) -> None:
             "so the rows cannot be quantised to it here", "pass fp8_dtype='e4m3fn'"))
 
 
-class SymmFP8Dispatcher(SymmDispatcher):
+class SymmFP8Dispatcher(FP8Wire, SymmDispatcher):
     """``SymmDispatcher`` with rows in FP8 on the wire (see the module docstring).
-    ``fp8_dtype``: "e4m3fn" (default) or "e4m3fnuz" (MI300's experts; ROCm only); the experts'
-    weights must be in the same encoding. Other arguments are ``SymmDispatcher``'s; ``dtype``
-    is the rows' dtype before quantisation (and the dtype combine returns)."""
+    ``fp8_dtype``: see ``FP8Wire`` (e4m3fnuz on ROCm only). Other arguments are
+    ``SymmDispatcher``'s; ``dtype`` is the rows' dtype before quantisation (and the dtype
+    combine returns)."""
 
     name = "symm-fp8"
 
-    def __init__(self, *args, fp8_dtype: str | torch.dtype = "e4m3fn", **kw):
-        self.fp8_dtype = _fp8(fp8_dtype)
+    def _check_wire(self, kw: dict) -> None:
         check_fp8_wire(kw.get("dtype"), self.fp8_dtype, hip=torch.version.hip is not None)
-        super().__init__(*args, **kw)
-
-    def config(self) -> dict:
-        return {**super().config(), "fp8_dtype": str(self.fp8_dtype)}
-
-    def quantize(self, x_TH: torch.Tensor) -> FP8Rows:
-        """Rows per 1x128 group: Triton on GPUs, torch elsewhere (the same arithmetic)."""
-        if x_TH.is_cuda:
-            from rocm_moe.experts.triton_fp8 import quantize_rows_triton
-
-            return quantize_rows_triton(x_TH, self.fp8_dtype)
-        return quantize_rows(x_TH, dtype=self.fp8_dtype)
 
     def _wire_format(self) -> tuple[int, torch.dtype]:
         return fp8_row_bytes(self.hidden_size), torch.uint8
-
-    def _to_wire(self, x_TH: torch.Tensor) -> torch.Tensor:
-        if x_TH.is_cuda:
-            return quantize_to_wire(x_TH, self.fp8_dtype)
-        return pack_fp8(self.quantize(x_TH))
 
     def _from_wire(self, payload_RP: torch.Tensor) -> FP8Rows:
         return unpack_fp8(payload_RP, self.hidden_size, self.fp8_dtype, self.dtype)

@@ -116,8 +116,7 @@ def test_quantize_to_wire_is_pack_of_quantize(hidden, dtype, fmt, gen):
     """The GPU path (one launch writing the payload in place) gives torch-fp8's bytes, pad
     included (Triton's interpreter here: float16/float32 only, it miscomputes bfloat16)."""
     pytest.importorskip("triton")
-    from rocm_moe.comm.symm_fp8 import quantize_to_wire
-    from rocm_moe.comm.torch_fp8 import pack_fp8
+    from rocm_moe.comm.torch_fp8 import pack_fp8, quantize_to_wire
     from rocm_moe.quant import fp8_dtype
 
     if fmt == "e4m3fnuz" and DEVICE.type == "cuda" and torch.version.hip is None:
