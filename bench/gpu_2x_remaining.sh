@@ -10,12 +10,8 @@ SUF=${2:-2xh100}
 R=/tmp/r2x
 mkdir -p "$R" "$OUT"
 save() { tar -C /tmp -czf "$OUT/results_2x.tgz" r2x; }
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-{ date -u; git rev-parse --short HEAD 2>/dev/null
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-} | tee "$R/machine_$SUF.txt"
+source bench/gpu_env.sh
+machine_info "$R/machine_$SUF.txt"
 echo "== symm-fp8 GPU tests =="
 timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/comm/test_symm_fp8.py 2>&1 \
   | tee "$R/tests_symm_fp8_$SUF.txt" | tail -6; save

@@ -15,11 +15,8 @@ STEP_S=${STEP_S:-170}  # each step's own time limit
 R=/tmp/mn
 mkdir -p "$R" "$OUT"
 save() { tar -C /tmp -czf "$OUT/multinode.tgz" mn; }
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-{ date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'nccl', torch.cuda.nccl.version())"
-} | tee "$R/machine_$SUF.txt"
+source bench/gpu_env.sh
+machine_info "$R/machine_$SUF.txt"
 
 NG=$(nvidia-smi -L | wc -l)
 PER=$((NG / 2))  # GPUs per emulated node

@@ -5,13 +5,9 @@
 set -uo pipefail
 OUT=${1:-bench/results}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source bench/gpu_env.sh
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1}
-{ date -u; git rev-parse --short HEAD 2>/dev/null
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-} | tee "$OUT/machine_symm_fp8.txt"
+machine_info "$OUT/machine_symm_fp8.txt"
 echo "== symm-fp8 tests (W=2) =="
 timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/comm/test_symm_fp8.py 2>&1 \
   | tee "$OUT/tests_symm_fp8.txt" | tail -15
