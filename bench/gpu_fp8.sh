@@ -6,12 +6,8 @@
 set -uo pipefail
 OUT=${1:-bench/results}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-{ date -u; git rev-parse --short HEAD 2>/dev/null
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-} | tee "$OUT/machine_fp8.txt"
+source bench/gpu_env.sh
+machine_info "$OUT/machine_fp8.txt"
 echo "== FP8 tests, compiled (Triton FP8 experts on the GPU) =="
 python3 -m pytest -q -p no:cacheprovider -rs tests/test_quant.py tests/experts/test_fp8.py \
   tests/test_fp8_checkpoint.py tests/comm/test_torch_fp8.py 2>&1 | tee "$OUT/tests_fp8.txt" | tail -5

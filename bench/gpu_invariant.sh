@@ -13,12 +13,8 @@ ITERS=${ITERS:-30}
 R=/tmp/r_inv
 mkdir -p "$R" "$OUT"
 save() { tar -C /tmp -czf "$OUT/results_invariant.tgz" r_inv; }
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-{ date -u; git rev-parse --short HEAD 2>/dev/null
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-} | tee "$R/machine_invariant_$SUF.txt"
+source bench/gpu_env.sh
+machine_info "$R/machine_invariant_$SUF.txt"
 if [ "$STEP" != bench ]; then
 echo "== invariant GPU tests =="
 python3 -m pytest -q -p no:cacheprovider -rs -k gpu tests/test_invariant.py 2>&1 \

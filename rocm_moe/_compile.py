@@ -185,7 +185,7 @@ def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
                 c = fp8_block_config(int(mean * e), e)
                 k = c["gate_up" if kernel == "gate_up" else "down"]
                 cx = dict(BLOCK_K=k["BLOCK_K"], BLOCK_M=c["BLOCK_M"], BLOCK_N=k["BLOCK_N"],
-                          UPCAST=False)
+                          UPCAST=False, PRECISE=False)
                 if kernel == "gate_up":
                     cx.update(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6,
                               ROUND=False)
@@ -204,7 +204,7 @@ KERNELS = [
     Kernel("rocm_moe.experts._triton_kernels:_slot_sum_kernel",
            dict(slots_ptr="*bf16", local_ptr="*i64", out_ptr="*bf16"), _slot_sum),
     Kernel("rocm_moe.experts._triton_fp8:_quant_rows_kernel", _FP8_PTRS,
-           lambda t: grid(GROUP=128, ROUND=False, MIN_EXP=-7 if t == "gfx942" else -6,
+           lambda t: grid(GROUP=128, GPB=8, ROUND=False, MIN_EXP=-7 if t == "gfx942" else -6,
                           FP8_MAX=240.0 if t == "gfx942" else 448.0)(t)),
     Kernel("rocm_moe.experts._triton_fp8:_fp8_gate_up_kernel", _FP8_PTRS,
            _fp8_experts("gate_up")),

@@ -217,7 +217,11 @@ def _check_float(field: str, t: object) -> None:
 
 
 def _scale_of(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (amax.float().clamp(min=_EPS) / fp8_max(dtype)).float()
+    # divided by a tensor, not a Python number: CUDA torch multiplies by the reciprocal of a
+    # scalar divisor (1 ulp off IEEE division at times), CPU torch and the Triton quantisers
+    # divide; a tensor divisor gives IEEE division everywhere, so every device agrees bit for bit
+    a = amax.float().clamp(min=_EPS)
+    return a / torch.full_like(a, fp8_max(dtype))
 
 
 def quantize_weight_blocks(w: torch.Tensor, *, dtype: str | torch.dtype = "e4m3fn"

@@ -5,6 +5,7 @@ shared-expert projection as float8_e4m3fn ``weight`` + float32 ``weight_scale_in
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -27,9 +28,10 @@ def _is_fp8(name: str) -> bool:
     return ".mlp.experts." in name or ".mlp.shared_experts." in name
 
 
-def save_fp8_deepseek_v3(directory) -> None:
+def save_fp8_deepseek_v3(directory, *, fp8: bool = True) -> None:
     """A random tiny DeepSeek-V3 (layer 0 dense, layer 1 MoE), its expert projections saved in
-    FP8 with block scales, sharded so each expert's tensors are read on their own."""
+    FP8 with block scales, sharded so each expert's tensors are read on their own (``fp8``
+    False: the float checkpoint as transformers saves it)."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, DeepseekV3Config
 
@@ -47,6 +49,8 @@ def save_fp8_deepseek_v3(directory) -> None:
             if "e_score_correction_bias" not in name:
                 p.normal_(0, 0.1)
     model.save_pretrained(directory)  # config.json and the float tensors, replaced below
+    if not fp8:
+        return
     tensors = {}
     for name, t in load_file(directory / "model.safetensors").items():
         if _is_fp8(name) and name.endswith(".weight"):
@@ -142,6 +146,42 @@ def test_run_on_an_fp8_checkpoint(fp8_checkpoint, capsys):
     assert f"E={E} H={H} I={I} K={K}" in out
     assert "FP8 float8_e4m3fn, 128x128 block scales" in out
     assert "PASS" in out
+
+
+def test_run_with_fp8_dispatch_is_the_same_layer(fp8_checkpoint, tmp_path, capsys):
+    """--fp8-dispatch quantises each row once on its owner and moves it in FP8 (torch-fp8)
+    instead of moving float rows that the experts quantise: the same arithmetic, so the same
+    outputs, to the bit (the same errors against the float64 oracle on every rank)."""
+    runs = {}
+    for flag in ([], ["--fp8-dispatch"]):
+        js = tmp_path / f"run{len(flag)}.json"
+        rc = main(["run", "--checkpoint", str(fp8_checkpoint), "--layer", "1", "--tokens", "33",
+                   "--iters", "1", "--world-size", "2", "--dtype", "float32", "--json", str(js),
+                   *flag])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        assert ("comm=torch-fp8" in out) == bool(flag), out
+        runs[bool(flag)] = json.loads(js.read_text())
+    assert runs[True]["config"]["fp8_dispatch"]
+    assert not runs[False]["config"]["fp8_dispatch"]
+    errs = {k: [r["rel_err"] for r in v["ranks"]] for k, v in runs.items()}
+    assert errs[True] == errs[False], errs
+    assert all(0 < e < 6e-2 for r in errs[True] for e in r.values()), errs
+
+
+def test_fp8_dispatch_refusals(fp8_checkpoint, tmp_path_factory, capsys):
+    float_ck = tmp_path_factory.mktemp("deepseek_v3_float")
+    save_fp8_deepseek_v3(float_ck, fp8=False)
+    base = ["run", "--tokens", "5", "--iters", "1", "--dtype", "float32", "--fp8-dispatch"]
+    cases = [([], "--fp8-dispatch.*without --checkpoint.*Fix: pass --checkpoint"),
+             (["--checkpoint", str(fp8_checkpoint), "--world-size", "1"],
+              "--comm.*local.*has no FP8 dispatch.*Fix: pass --comm torch"),
+             (["--checkpoint", str(float_ck), "--world-size", "2"],
+              "its experts are not FP8.*Fix: drop --fp8-dispatch")]
+    for extra, match in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert re.search(match, err), err
 
 
 def test_fp8_checkpoint_refuses_other_experts_backends(fp8_checkpoint):

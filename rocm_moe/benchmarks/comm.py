@@ -161,6 +161,17 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
                                            cfg["inner"], dev)
             inner["symm dispatch"] = inner["symm combine"] = cfg["inner"]
             assert int(r.num_valid) == res.num_received, "symm and torch received rows differ"
+        if "symm-fp8" in cfg["comm"]:  # FP8 rows on the symm transport (issue 18)
+            from rocm_moe.comm.symm_fp8 import SymmFP8Dispatcher
+
+            symm8 = SymmFP8Dispatcher(placement, hidden_size=H, top_k=K, dtype=dtype,
+                                      max_tokens_per_rank=cfg["symm_capacity"] or T)
+            fns["symm-fp8 dispatch"] = _graphed(
+                lambda x=x, w=w, ids=ids, d=symm8: d.dispatch(x, w, ids, validate=False),
+                cfg["inner"], dev)
+            inner["symm-fp8 dispatch"] = cfg["inner"]
+            r8 = symm8.dispatch(x, w, ids)
+            assert int(r8.num_valid) == res.num_received, "symm-fp8 and torch rows differ"
         if graphs:
             fns["a2a"] = _graphed(raw_a2a, cfg["inner"], dev)
             inner["a2a"] = cfg["inner"]
@@ -174,22 +185,26 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
                     times[name].append(t)
         rows.append(dict(tokens=T, rank=info.rank, recv_rows=res.num_received,
                          recv_bytes=res.num_received * H * x.element_size(), times=times,
-                         wire_row_bytes=_wire_row_bytes(H, dtype, K, fp8_disp is not None)))
+                         wire_row_bytes=_wire_row_bytes(H, dtype, K, cfg["comm"])))
         if info.rank == 0:
             progress(f"rank 0: {T} tokens per rank done")
     p2p = _p2p_ceiling(info, group, cfg["p2p_mb"], cfg["iters"]) if graphs else None
     return dict(rows=rows, p2p_GBps=p2p)
 
 
-def _wire_row_bytes(H: int, dtype: torch.dtype, K: int, fp8: bool) -> dict:
-    """Bytes of one packed dispatch row on the wire: torch's, and torch-fp8's when run."""
+def _wire_row_bytes(H: int, dtype: torch.dtype, K: int, comm=()) -> dict:
+    """Bytes of one packed dispatch row on the wire: torch's, and each FP8 backend's that runs
+    (symm rows are torch's: the same packed row)."""
     from rocm_moe.comm.rows import row_words
 
     out = {"torch": 4 * row_words(H, dtype, K)}
-    if fp8:
-        from rocm_moe.comm.torch_fp8 import fp8_row_bytes
+    if "symm" in comm or "symm-fp8" in comm:
+        out["symm"] = out["torch"]
+    for name in ("torch-fp8", "symm-fp8"):
+        if name in comm:
+            from rocm_moe.comm.torch_fp8 import fp8_row_bytes
 
-        out["torch-fp8"] = 4 * row_words(fp8_row_bytes(H), torch.uint8, K)
+            out[name] = 4 * row_words(fp8_row_bytes(H), torch.uint8, K)
     return out
 
 
@@ -213,6 +228,18 @@ def summarise(per_rank: list[list[dict]]) -> list[dict]:
                 row[f"{name} / a2a"] = row["a2a us"] / row[f"{name} us"]
         out.append(row)
     return out
+
+
+def fp8_line(base: str, wire: dict, rows: list[dict]) -> str:
+    """One line: an FP8 backend's row bytes and dispatch time against its bf16 sibling's."""
+    fp8 = f"{base}-fp8"
+    line = (f"dispatch row on the wire: {base} {wire[base]} B, {fp8} {wire[fp8]} B "
+            f"({wire[base] / wire[fp8]:.2f}x fewer)")
+    times = [f"{r['tokens']}: {r[f'{base} dispatch us'] / r[f'{fp8} dispatch us']:.2f}x"
+             for r in rows if f"{base} dispatch us" in r and f"{fp8} dispatch us" in r]
+    if times:
+        line += f"; dispatch time {base} / {fp8} per tokens/rank: {', '.join(times)}"
+    return line
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> str:
@@ -240,7 +267,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """This benchmark's flags (``rocm-moe bench comm``, which ``bench/comm.py`` runs)."""
     p.add_argument("--world-size", type=int, default=None,
                    help="ranks to spawn (default: one per GPU, else 2)")
-    p.add_argument("--comm", nargs="+", default=None, choices=["torch", "torch-fp8", "symm"],
+    p.add_argument("--comm", nargs="+", default=None,
+                   choices=["torch", "torch-fp8", "symm", "symm-fp8"],
                    help="backends to time (default: torch, and symm where it can run)")
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 4096, 16384])
     p.add_argument("--hidden", type=int, default=7168)
@@ -268,8 +296,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if args.comm is None:
         args.comm = ["torch"] + (["symm"] if SymmDispatcher.availability() is None else [])
-    if "symm" in args.comm and (reason := SymmDispatcher.availability()) is not None:
-        parser.error(f"--comm symm cannot run here: {reason}")
+    for name in {"symm", "symm-fp8"} & set(args.comm):
+        if (reason := SymmDispatcher.availability()) is not None:
+            parser.error(f"--comm {name} cannot run here: {reason}")
     W = args.world_size or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
     cfg = vars(args)
     progress(f"starting {W} ranks: {len(args.tokens)} sizes x {args.warmup} + {args.iters} "
@@ -292,10 +321,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     console = Console(width=200)
     console.print(table)
     wire = results[0]["rows"][0]["wire_row_bytes"] if results[0]["rows"] else {}
-    if "torch-fp8" in wire:
-        console.print(f"dispatch row on the wire: torch {wire['torch']} B, torch-fp8 "
-                      f"{wire['torch-fp8']} B ({wire['torch'] / wire['torch-fp8']:.2f}x fewer); "
-                      "time ratio per size: 'torch dispatch us' / 'torch-fp8 dispatch us'")
+    for base in ("torch", "symm"):
+        if f"{base}-fp8" in wire:
+            console.print(fp8_line(base, wire, rows))
     if p2p[0] is not None:
         console.print(f"p2p copy ceiling (each rank to all peers at once, {args.p2p_mb} MB "
                       f"each): min {min(p2p):.0f} GB/s, per rank {[round(v) for v in p2p]}")

@@ -115,7 +115,7 @@ def _build(cfg: dict, s: dict, comm: str, T: int, info: WorkerInfo, dtype) -> EP
 def _set_skew(layer: EPMoE, skew: str, cfg: dict, base_gate: torch.Tensor) -> None:
     """Gate = the synthetic gate (+ bias_E u^T for zipf: a token with component c*u gets
     logits + c * bias_E)."""
-    gate = base_gate.clone()
+    gate = base_gate.to("cpu", copy=True)  # (bias built on the CPU, copied to the layer below)
     if skew == "zipf":
         u = _skew_direction(layer.hidden_size)
         gate += torch.outer(zipf_bias(layer.router.num_experts, cfg["zipf_tau"]), u) \
@@ -172,10 +172,12 @@ def traffic(topk_ids: torch.Tensor, placement: Placement, rank: int, nodes: list
     dispatch's inter-node rows and the load imbalance (max / mean rows received per rank)."""
     W = placement.world_size
     row, hier = send_rows(topk_ids, placement, rank, nodes)
-    matrix = torch.zeros(W, W + 1, dtype=torch.float64)
+    # (collectives on the group's device: NCCL has no CPU tensors)
+    matrix = torch.zeros(W, W + 1, dtype=torch.float64, device=topk_ids.device)
     matrix[rank] = torch.tensor([*row, hier], dtype=torch.float64)
     if W > 1:
         dist.all_reduce(matrix, group=group)
+    matrix = matrix.cpu()
     m = matrix[:, :W]
     node_of = torch.tensor(nodes)
     same = node_of[:, None] == node_of[None, :]
@@ -217,26 +219,29 @@ def hier_probe(topk_ids, placement: Placement, info: WorkerInfo, nodes: list[int
         if nodes[d] != nodes[rank] and rank_in[d] == rank_in[rank]:
             s1[d] = int(by_node[:, nodes[d]].any(1).sum())
     # stage 2 counts: per (source rank, local dest) rows that the forwarder of this node fans out
+    H, dev = x.shape[1], x.device  # (collectives on the group's device: NCCL has no CPU tensors)
     need = torch.zeros(N, L, dtype=torch.float64)  # my tokens needing (node, local) ...
     for m in range(N):  # ... counted once per node that receives them
         need[m] = by_node[:, m].sum(0).double()
+    need = need.to(dev)
     everyone = [torch.zeros_like(need) for _ in range(W)]
     dist.all_gather(everyone, need)
+    everyone = [t.cpu() for t in everyone]
     s2 = [0] * L  # rows this rank sends to each local rank of its node in stage 2
     for src in range(W):  # own tokens, and those forwarded to me from my local index elsewhere
         if src == rank or (nodes[src] != nodes[rank] and rank_in[src] == rank_in[rank]):
             s2 = [a + int(b) for a, b in zip(s2, everyone[src][nodes[rank]].tolist(),
                                              strict=True)]
     group = node_groups[nodes[rank]]
-    counts = torch.tensor([flat_send, s1], dtype=torch.int64)
+    counts = torch.tensor([flat_send, s1], dtype=torch.int64, device=dev)
     all_counts = [torch.zeros_like(counts) for _ in range(W)]
     dist.all_gather(all_counts, counts)
+    all_counts = [c.cpu() for c in all_counts]
     flat_recv = [int(c[0, rank]) for c in all_counts]
     s1_recv = [int(c[1, rank]) for c in all_counts]
-    s2_all = [torch.zeros(L, dtype=torch.int64) for _ in range(L)]
-    dist.all_gather(s2_all, torch.tensor(s2, dtype=torch.int64), group=group)
+    s2_all = [torch.zeros(L, dtype=torch.int64, device=dev) for _ in range(L)]
+    dist.all_gather(s2_all, torch.tensor(s2, dtype=torch.int64, device=dev), group=group)
     s2_recv = [int(c[rank_in[rank]]) for c in s2_all]
-    H, dev = x.shape[1], x.device
 
     def buf(n):
         return torch.empty(n, H, dtype=x.dtype, device=dev)

@@ -51,6 +51,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a safetensors checkpoint directory (Qwen2/3-MoE, Mixtral, DeepSeek-V3):"
                    " run its MoE layer instead of random weights; E, H, I, K come from it")
     p.add_argument("--layer", type=int, default=1, help="the checkpoint's MoE layer index")
+    p.add_argument("--fp8-dispatch", action="store_true",
+                   help="an FP8 checkpoint: rows quantised per 1x128 on their owner and "
+                   "dispatched in FP8 (torch-fp8 / symm-fp8), read by the FP8 experts as they are")
     p.set_defaults(func=command)
 
 
@@ -115,7 +118,7 @@ def command(args: argparse.Namespace) -> int:
     spec = layer_spec(args, W, weight_mode=args.weight_mode,
                       shared_intermediate_size=args.shared_intermediate,
                       checkpoint=args.checkpoint, layer=args.layer,
-                      max_tokens_per_rank=max(args.tokens, 16))
+                      max_tokens_per_rank=max(args.tokens, 16), fp8_dispatch=args.fp8_dispatch)
     check_memory(spec, W, args.device, args.tokens)
     results = ranks.on_ranks(_rank, RunJob(spec=spec, tokens=args.tokens, iters=args.iters),
                              world_size=W, device_name=args.device)
@@ -124,7 +127,7 @@ def command(args: argparse.Namespace) -> int:
     W, r0 = len(results), results[0]
     console.print(f"EPMoE {spec.shape}, {args.tokens} tokens per rank, W={W} ({r0['backend']}), "
                   f"{r0['dtype']}, {r0['device']} ({backends.device_description()}), "
-                  f"comm={spec.comm}, experts={spec.experts}, weight_mode={spec.weight_mode}, "
+                  f"comm={spec.comm_name}, experts={spec.experts}, weight_mode={spec.weight_mode}, "
                   + ("invariant, " if spec.invariant else "") + f"weights: {spec.weights_source}"
                   + (f" (FP8 {r0['fp8']}, 128x128 block scales)" if r0.get("fp8") else "")
                   + "; "

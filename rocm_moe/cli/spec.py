@@ -44,6 +44,7 @@ class LayerSpec:
     max_tokens_per_rank: int = 16  # the dispatcher's capacity
     router: str = "qwen3"  # the synthetic layer's router family (ROUTERS)
     invariant: bool = False  # EPMoE(invariant=True): the same bits whatever W and the batch
+    fp8_dispatch: bool = False  # an FP8 checkpoint's rows dispatched in FP8 (FP8_COMM)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":  # bf16 GEMMs are the norm on GPUs; a CPU runs float32 faster
@@ -56,6 +57,11 @@ class LayerSpec:
                 f"K={self.top_k}")
 
     @property
+    def comm_name(self) -> str:
+        """The dispatcher that runs: ``comm``, or its FP8 form with ``fp8_dispatch``."""
+        return FP8_COMM[self.comm][0] if self.fp8_dispatch else self.comm
+
+    @property
     def weights_source(self) -> str:
         if self.checkpoint:
             return f"{self.checkpoint} layer {self.layer}"
@@ -64,9 +70,18 @@ class LayerSpec:
     def build(self, info: WorkerInfo, dtype: torch.dtype) -> EPMoE:
         """This rank's layer, holding only its experts."""
         placement = Placement.contiguous(self.num_experts, info.world_size)
-        dispatcher = backends.make_dispatcher(
-            self.comm, placement, info.rank, hidden_size=self.hidden_size, top_k=self.top_k,
-            dtype=dtype, max_tokens_per_rank=self.max_tokens_per_rank)
+        kw = dict(hidden_size=self.hidden_size, top_k=self.top_k, dtype=dtype,
+                  max_tokens_per_rank=self.max_tokens_per_rank)
+        if self.fp8_dispatch:  # in the encoding the layer converts its FP8 experts to
+            import importlib
+
+            from rocm_moe.quant import native_fp8_dtype
+
+            _, module, cls = FP8_COMM[self.comm]
+            dispatcher = getattr(importlib.import_module(module), cls)(
+                placement, fp8_dtype=native_fp8_dtype(info.device), **kw)
+        else:
+            dispatcher = backends.make_dispatcher(self.comm, placement, info.rank, **kw)
         experts = backends.make_experts(self.experts)
         if self.checkpoint:
             from rocm_moe.integrations import hf
@@ -105,6 +120,12 @@ class LayerSpec:
 
 
 ROUTERS = ("qwen3", "mixtral", "deepseek_v3")  # --router: the synthetic layer's router family
+
+# --fp8-dispatch: each comm backend's FP8 form (name, module, class); their rows are FP8Rows,
+# which only the FP8 experts of an FP8 checkpoint's layer (layer_fp8.FP8EPMoE) consume.
+FP8_COMM = {"torch": ("torch-fp8", "rocm_moe.comm.torch_fp8", "TorchFP8Dispatcher"),
+            "symm": ("symm-fp8", "rocm_moe.comm.symm_fp8", "SymmFP8Dispatcher"),
+            "mori": ("mori-fp8", "rocm_moe.comm.mori_fp8", "MoriFP8Dispatcher")}
 
 
 def router_config(name: str, num_experts: int, top_k: int) -> RouterConfig:
@@ -257,4 +278,26 @@ def layer_spec(args: argparse.Namespace, world_size: int, **fields) -> LayerSpec
                      seed=args.seed, invariant=getattr(args, "invariant", False), **fields)
     backends.require("experts", spec.experts)
     backends.require("comm", spec.comm)
+    if spec.fp8_dispatch:
+        check_fp8_dispatch(spec)
     return checkpoint_shape(spec)
+
+
+def check_fp8_dispatch(spec: LayerSpec) -> None:
+    """``--fp8-dispatch`` needs an FP8 checkpoint's layer and a comm backend with an FP8 form."""
+    if not spec.checkpoint:
+        raise ValueError(error_message(
+            "--fp8-dispatch", "without --checkpoint", "FP8 rows are consumed only by the FP8 "
+            "experts of an FP8 checkpoint's layer", "pass --checkpoint DIR of an FP8 checkpoint"))
+    if spec.comm not in FP8_COMM:
+        raise ValueError(error_message(
+            "--comm", spec.comm, f"has no FP8 dispatch with --fp8-dispatch (those that do: "
+            f"{sorted(FP8_COMM)}; one rank, local, sends nothing)",
+            "pass --comm torch (or symm on GPUs) with --world-size 2 or more"))
+    from rocm_moe.integrations import hf
+
+    if not hf.is_fp8_layer(spec.checkpoint, spec.layer):
+        raise ValueError(error_message(
+            "--fp8-dispatch", f"{spec.checkpoint} layer {spec.layer}", "its experts are not "
+            "FP8 (no weight_scale_inv beside them): the rows would be quantised for experts "
+            "that cannot read them", "drop --fp8-dispatch"))

@@ -143,10 +143,12 @@ def barrier_scrub_kernel(ptrs_ptr, me, W, FLAG_OFF, status_ptr, counts_ptr, recv
             tl.store(nvalid_ptr, R)
         r = (p - W) * BLOCK_R + tl.arange(0, BLOCK_R)
         kk = tl.arange(0, 2 * K_POW2)
-        m = (r[:, None] >= R) & (r[:, None] < N_ROWS) & (kk[None, :] < 2 * K)
+        # kk < K_POW2: id slot kk; past it, weight slot kk - K_POW2 (not kk < 2K: with K not a
+        # power of two that left the last K_POW2 - K weights of every row past R unscrubbed)
+        m = (r[:, None] >= R) & (r[:, None] < N_ROWS)
         val = tl.where(kk < K_POW2, -1, 0)  # ids -1, then weight bits of 0.0
         col = tl.where(kk < K_POW2, kk, kk - K_POW2 + K)
-        m = m & (tl.where(kk < K_POW2, kk, kk - K_POW2) < K)
+        m = m & (tl.where(kk < K_POW2, kk, kk - K_POW2) < K)[None, :]
         tl.store(meta_ptr + r[:, None].to(tl.int64) * RW + col[None, :],
                  tl.zeros([BLOCK_R, 2 * K_POW2], dtype=tl.int32) + val[None, :], mask=m)
 

@@ -5,6 +5,8 @@ Every rank allocates one symmetric buffer once (sized from ``max_tokens_per_rank
 below) that every peer can address directly:
 
     recv   [W * cap, row words] int32   rows received: [x | K int32 ids | K float32 weights]
+                                        (x as it travels: ``_to_wire``'s payload, x itself
+                                        here, FP8 values and scales in ``comm.symm_fp8``)
     back   [2, W * cap, H] x.dtype      partials returned to this rank: rank d's row j for the
                                         j-th token this rank sent to d lands on row d * cap + j
                                         of one half; consecutive combines alternate halves
@@ -169,7 +171,8 @@ class SymmDispatcher(Dispatcher):
         import triton
 
         W, cap, H = self.world_size, self.max_tokens_per_rank, self.hidden_size
-        self.row_words = rows.row_words(H, self.dtype, self.top_k)
+        P, wire_dtype = self._wire_format()
+        self.row_words = rows.row_words(P, wire_dtype, self.top_k)
         sizes = {"recv": W * cap * self.row_words * 4,
                  "back": 2 * W * cap * H * self.dtype.itemsize,
                  "counts": W * W * 4, "flags": W * 4}
@@ -189,7 +192,8 @@ class SymmDispatcher(Dispatcher):
 
         self._recv = section("recv", torch.int32, (W * cap, self.row_words))
         # (x [W * cap, H], ids [W * cap, K], weights [W * cap, K]): every batch's views
-        self._recv_views = rows.unpack(self._recv, H, self.dtype, self.top_k)
+        payload, ids, w = rows.unpack(self._recv, P, wire_dtype, self.top_k)
+        self._recv_views = (self._from_wire(payload), ids, w)
         self._back = section("back", self.dtype, (2, W * cap, H))
         self._half = 0  # the back half the next push uses
         self._counts = section("counts", torch.int32, (W, W))
@@ -218,6 +222,21 @@ class SymmDispatcher(Dispatcher):
                                            self._status, SPIN=self.spin_limit, num_warps=1)
 
     # ---- dispatch ---------------------------------------------------------------------------
+    def _wire_format(self) -> tuple[int, torch.dtype]:
+        """(P, dtype) of the [T, P] payload one row travels as (here: x itself, [T, H]);
+        P * itemsize must be a multiple of 4 bytes."""
+        return self.hidden_size, self.dtype
+
+    def _to_wire(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """[T, H] rows -> the [T, P] payload that travels (here: the rows themselves); on the
+        device, without host reads (dispatch is captured in CUDA graphs)."""
+        return x_TH
+
+    def _from_wire(self, payload_RP: torch.Tensor):
+        """[W * cap, P] received payloads (views of the receive section, built once) ->
+        ``DispatchResult.x`` (here: the rows themselves)."""
+        return payload_RP
+
     def dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, *, validate: bool = True):
         if validate and not torch.cuda.is_current_stream_capturing():
             self.check_peers()
@@ -247,7 +266,7 @@ class SymmDispatcher(Dispatcher):
             self.offsets["flags"], self._status, K_POW2=k_pow2, W_POW2=self._w_pow2,
             CHUNK=min(256, max(16, triton.next_power_of_2(T))), SPIN=self.spin_limit, num_warps=4)
         if T:
-            x_words = x_TH.contiguous().view(torch.int32)
+            x_words = self._to_wire(x_TH).contiguous().view(torch.int32)
             pack_put_kernel[(T, -(-self.row_words // BLOCK_WORDS))](
                 x_words, ids, w, pos_TW, self._counts, self._ptrs, x_words.shape[1], K,
                 self.row_words, me, W, cap, self.offsets["recv"], BLOCK=BLOCK_WORDS)

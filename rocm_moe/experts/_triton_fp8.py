@@ -36,29 +36,35 @@ def _to_fp8(x, dtype, ROUND: tl.constexpr, MIN_EXP: tl.constexpr):
 
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, N_GROUPS,
-                       FP8_MAX: tl.constexpr, GROUP: tl.constexpr, ROUND: tl.constexpr,
-                       MIN_EXP: tl.constexpr):
-    """q[r, g*128:(g+1)*128] = x / s, s[r, g] = max(amax, 1e-10) / FP8_MAX: one program per
-    (row, group); the same arithmetic as ``quant.quantize_rows``."""
+                       FP8_MAX: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr,
+                       ROUND: tl.constexpr, MIN_EXP: tl.constexpr):
+    """q[r, g*128:(g+1)*128] = x / s, s[r, g] = max(amax, 1e-10) / FP8_MAX (``N_GROUPS``: the
+    scale row stride): one program per row and GPB groups (a [GPB, 128] tile; one program per
+    group left 230k programs of 128 elements at 4096 x 7168); ``quant.quantize_rows``'s
+    arithmetic."""
     r = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1)
-    offs = g * GROUP + tl.arange(0, GROUP)
+    grp = tl.program_id(1) * GPB + tl.arange(0, GPB)
+    offs = grp[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     m = offs < H
     x = tl.load(x_ptr + r * stride_x + offs, mask=m, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-10)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10)
     s = tl.div_rn(amax, amax * 0.0 + FP8_MAX)  # IEEE division, as torch's (CUDA's / is not)
-    q = tl.clamp(tl.div_rn(x, s + tl.zeros_like(x)), -FP8_MAX, FP8_MAX)
+    q = tl.clamp(tl.div_rn(x, s[:, None] + tl.zeros_like(x)), -FP8_MAX, FP8_MAX)
     tl.store(q_ptr + r * stride_q + offs, _to_fp8(q, q_ptr.dtype.element_ty, ROUND, MIN_EXP),
              mask=m)
-    tl.store(s_ptr + r * N_GROUPS + g, s)
+    tl.store(s_ptr + r * N_GROUPS + grp, s, mask=grp * GROUP < H)
 
 
 @triton.jit
-def _fp8_dot(a, b, acc, scale, UPCAST: tl.constexpr):
-    """acc + (a @ b) * scale, a [M, K] and b [K, N] FP8, float32 accumulation."""
+def _fp8_dot(a, b, acc, scale, UPCAST: tl.constexpr, PRECISE: tl.constexpr):
+    """acc + (a @ b) * scale, a [M, K] and b [K, N] FP8, float32 accumulation. ``PRECISE``:
+    the FP8 products are promoted to a float32 sum after every MMA instruction (Triton's
+    default on sm_90 keeps the tensor core's reduced-precision accumulator for the whole dot)."""
     if UPCAST:
         a = a.to(tl.float16)
         b = b.to(tl.float16)
+    if PRECISE:
+        return acc + tl.dot(a, b, max_num_imprecise_acc=0) * scale
     return acc + tl.dot(a, b) * scale
 
 
@@ -67,7 +73,8 @@ def _fp8_gate_up_kernel(
     aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr, block_expert_ptr,
     N_SLOTS, H, I, K_TOPK, N_KB,
     stride_ar, stride_as, stride_wn, stride_wse, stride_wsn, stride_ip, stride_is,
-    UPCAST: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr, MIN_EXP: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISE: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
+    MIN_EXP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """iq[p], is[p] = quantise(silu(a[row(p)] @ gate[e].T) * (a[row(p)] @ up[e].T)) for the
@@ -95,8 +102,8 @@ def _fp8_gate_up_kernel(
         g = tl.load(w_ptr + rows_g[None, :] * stride_wn + offs_k[:, None], mask=w_mask, other=0.0)
         u = tl.load(w_ptr + (rows_g + I)[None, :] * stride_wn + offs_k[:, None], mask=w_mask,
                     other=0.0)
-        acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * tl.load(ws_g + kb), UPCAST)
-        acc_u = _fp8_dot(a, u, acc_u, a_s[:, None] * tl.load(ws_u + kb), UPCAST)
+        acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * tl.load(ws_g + kb), UPCAST, PRECISE)
+        acc_u = _fp8_dot(a, u, acc_u, a_s[:, None] * tl.load(ws_u + kb), UPCAST, PRECISE)
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     amax = tl.maximum(tl.max(tl.abs(h), axis=1), 1e-10)
     s = tl.div_rn(amax, amax * 0.0 + FP8_MAX)
@@ -112,7 +119,7 @@ def _fp8_down_kernel(
     iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
     N_SLOTS, H, I, N_KB,
     stride_ip, stride_is, stride_wn, stride_wse, stride_wsn, stride_os,
-    WEIGHTED: tl.constexpr, UPCAST: tl.constexpr,
+    WEIGHTED: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[slot(p), n] = (d[p] @ down[e].T)[n] (times the slot's weight when WEIGHTED) with
@@ -131,7 +138,7 @@ def _fp8_down_kernel(
         a_s = tl.load(is_ptr + p64 * stride_is + kb)
         b = tl.load(w_ptr + rows_w[None, :] * stride_wn + offs_k[:, None], mask=n_ok[None, :],
                     other=0.0)
-        acc = _fp8_dot(a, b, acc, a_s[:, None] * tl.load(ws + kb), UPCAST)
+        acc = _fp8_dot(a, b, acc, a_s[:, None] * tl.load(ws + kb), UPCAST, PRECISE)
     if WEIGHTED:
         acc = acc * tl.load(weight_ptr + slot, mask=valid, other=0.0)[:, None]
     safe = tl.where(valid, slot, 0).to(tl.int64)

@@ -13,7 +13,7 @@ Pipeline (``TritonFP8Experts``), for R rows with K ids on a rank with e local ex
 
 FP8 ``tl.dot`` needs FP8 matrix instructions (NVIDIA sm_89+, MI300 for e4m3fnuz, MI350 for
 e4m3fn); elsewhere, and in Triton's interpreter, ``upcast`` converts the FP8 tiles to float16
-first (exact; the same sums). Launch configs: ``fp8_block_config`` (a heuristic, untuned).
+first (exact; the same sums). Launch configs: ``fp8_block_config`` (tuned on an H100).
 
 Worked example (the test asserts it): H = I = 128, one row x = e_0, K = 1, weight 0.5,
 gate = up = 4 * identity, down = identity: every group has one non-zero value, which FP8
@@ -35,17 +35,25 @@ from rocm_moe.quant import BLOCK, FP8Rows, fp8_max
 from rocm_moe.weighting import ExpertsOutput
 
 
-def fp8_block_config(num_slots: int, num_local: int, *, device_name: str = "") -> dict:
-    """Launch config ``{"BLOCK_M", "gate_up": {...}, "down": {...}}`` by mean slots per local
-    expert (BLOCK_K is the scale group, 128; BLOCK_N 128 for gate/up, whose epilogue
-    quantises a whole group). Untuned: ``bench experts --fp8`` measures it against the floor."""
-    mean = num_slots / max(num_local, 1)
-    block_m = 16 if mean <= 16 else 32 if mean <= 32 else 64 if mean <= 128 else 128
-    warps = 8 if block_m >= 128 else 4
+def fp8_block_config(num_slots: int, num_local: int, *, num_experts: int | None = None,
+                     device_name: str = "") -> dict:
+    """Launch config ``{"BLOCK_M", "gate_up": {...}, "down": {...}}`` by the expected slots per
+    local expert, ``num_slots / num_experts`` (uniform routing; ``num_experts``: the global
+    count, default ``num_local``). BLOCK_K is the scale group, 128; BLOCK_N 128 for gate/up,
+    whose epilogue quantises a whole group. Tuned on an H100 (bench/tune_experts_fp8.py,
+    bench/results/tune_experts_fp8_h100.*): 64-row tiles with 8 warps and 5 stages for gate/up
+    from 32 to 128 slots per expert (1024 rows: 394 -> 313 us Qwen3, 689 -> 588 us DeepSeek-V3
+    rank-local), 128-row tiles above; the other sizes gained under 2%."""
+    mean = num_slots / max(num_experts or num_local, 1)
+    if mean <= 16:
+        block_m, gu, dn = 16, (4, 3), (64, 4, 3)
+    elif mean <= 128:
+        block_m, gu, dn = 64, (8, 5), (128, 4, 4)
+    else:
+        block_m, gu, dn = 128, (8, 3), (128, 8, 4)
     return dict(BLOCK_M=block_m,
-                gate_up=dict(BLOCK_N=128, BLOCK_K=BLOCK, num_warps=warps, num_stages=3),
-                down=dict(BLOCK_N=128 if block_m >= 64 else 64, BLOCK_K=BLOCK, num_warps=warps,
-                          num_stages=3))
+                gate_up=dict(BLOCK_N=128, BLOCK_K=BLOCK, num_warps=gu[0], num_stages=gu[1]),
+                down=dict(BLOCK_N=dn[0], BLOCK_K=BLOCK, num_warps=dn[1], num_stages=dn[2]))
 
 
 def _fp8_dot_native(device: torch.device, dtype: torch.dtype) -> bool:
@@ -59,19 +67,26 @@ def _fp8_dot_native(device: torch.device, dtype: torch.dtype) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9) and dtype == torch.float8_e4m3fn
 
 
-def quantize_rows_triton(x: torch.Tensor, dtype: torch.dtype) -> FP8Rows:
-    """``quant.quantize_rows`` in one Triton launch (one program per row and 128-group)."""
+def quantize_rows_triton(x: torch.Tensor, dtype: torch.dtype, *, q: torch.Tensor | None = None,
+                         scale: torch.Tensor | None = None) -> FP8Rows:
+    """``quant.quantize_rows`` in one Triton launch (one program per row and 8 groups of 128).
+    ``q`` [R, H] ``dtype`` / ``scale`` [R, ceil(H/128)] float32: where to write (any row
+    stride, unit column stride: e.g. views into packed rows, ``comm.symm_fp8``); new tensors
+    by default."""
     from rocm_moe.experts._triton_fp8 import _quant_rows_kernel
 
     R, H = x.shape
     groups = -(-H // BLOCK)
     x = x if x.stride(1) == 1 else x.contiguous()
-    q = torch.empty(R, H, dtype=dtype, device=x.device)
-    s = torch.empty(R, groups, dtype=torch.float32, device=x.device)
-    if R:
-        _quant_rows_kernel[(R, groups)](x, q, s, H, x.stride(0), q.stride(0), groups,
-                                        FP8_MAX=fp8_max(dtype), GROUP=BLOCK,
-                                        **_rounding(dtype))
+    q = torch.empty(R, H, dtype=dtype, device=x.device) if q is None else q
+    s = torch.empty(R, groups, dtype=torch.float32, device=x.device) if scale is None else scale
+    assert (tuple(q.shape), q.dtype, q.stride(1)) == ((R, H), dtype, 1), (q.shape, q.dtype)
+    assert (tuple(s.shape), s.dtype, s.stride(1)) == ((R, groups), torch.float32, 1), s.shape
+    if R:  # (the kernel's N_GROUPS is the scale row stride)
+        gpb = min(8, 1 << (groups - 1).bit_length())  # groups per program, a power of two
+        _quant_rows_kernel[(R, -(-groups // gpb))](
+            x, q, s, H, x.stride(0), q.stride(0), s.stride(0), FP8_MAX=fp8_max(dtype),
+            GROUP=BLOCK, GPB=gpb, **_rounding(dtype))
     return FP8Rows(q, s, x.dtype)
 
 
@@ -88,7 +103,9 @@ def _args(block_m: int, kcfg: dict) -> dict:
 
 class TritonFP8Experts(FP8Experts):
     """``config``: a fixed ``fp8_block_config``-form launch config (tuning); ``upcast``: FP8
-    tiles to float16 before tl.dot (None: where the device has no FP8 matrix instructions)."""
+    tiles to float16 before tl.dot (None: where the device has no FP8 matrix instructions);
+    ``precise``: FP8 products summed in float32 after every MMA instruction instead of in the
+    tensor core's reduced-precision accumulator over a whole 128-wide K step."""
 
     name = "triton"
 
@@ -100,9 +117,11 @@ class TritonFP8Experts(FP8Experts):
             return "no CUDA/ROCm device (TRITON_INTERPRET=1 runs the kernels on a CPU, slowly)"
         return None
 
-    def __init__(self, *, config: dict | None = None, upcast: bool | None = None):
+    def __init__(self, *, config: dict | None = None, upcast: bool | None = None,
+                 precise: bool = False):
         self.config = config
         self.upcast = upcast
+        self.precise = precise
 
     def supports(self, *, mode, dtype, device) -> str | None:
         if (reason := triton_availability()) is not None:
@@ -131,7 +150,9 @@ class TritonFP8Experts(FP8Experts):
         H, I = w13.shape[2], w2.shape[2]
         N, dev = R * K, rows.device
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
-        cfg = self.config or fp8_block_config(N, expert_map.num_local, device_name=name)
+        cfg = self.config or fp8_block_config(N, expert_map.num_local,
+                                              num_experts=expert_map.num_experts,
+                                              device_name=name)
         upcast = (not _fp8_dot_native(dev, rows.dtype)) if self.upcast is None else self.upcast
         layout = build_layout(topk_ids_RK, expert_map, block_size=cfg["BLOCK_M"], tables=False,
                               validate=False)
@@ -154,7 +175,8 @@ class TritonFP8Experts(FP8Experts):
                 aq, as_, w13.weight.view(-1, H), ws13, iq, is_, layout.sorted_slot_ids,
                 layout.block_expert_ids, layout.sentinel, H, I, layout.top_k, -(-H // BLOCK),
                 aq.stride(0), as_.stride(0), H, ws13.stride(0), ws13.stride(1), iq.stride(0),
-                is_.stride(0), UPCAST=upcast, FP8_MAX=fp8_max(rows.dtype),
+                is_.stride(0), UPCAST=upcast, PRECISE=self.precise,
+                FP8_MAX=fp8_max(rows.dtype),
                 **_rounding(rows.dtype),
                 **_args(cfg["BLOCK_M"], gu))
             _fp8_down_kernel[(n_blocks * -(-H // dn["BLOCK_N"]),)](
@@ -162,6 +184,7 @@ class TritonFP8Experts(FP8Experts):
                 layout.block_expert_ids, topk_weights_RK.contiguous().view(-1), layout.sentinel,
                 H, I, I // BLOCK, iq.stride(0), is_.stride(0), I, ws2.stride(0), ws2.stride(1),
                 out_slots.stride(0), WEIGHTED=weighted, UPCAST=upcast,
+                PRECISE=self.precise,
                 **_args(cfg["BLOCK_M"], dn))
         if weighted:
             out = torch.empty(R, H, dtype=out_dtype, device=dev)

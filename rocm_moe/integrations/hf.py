@@ -332,6 +332,14 @@ def load_moe_layer(directory: str | Path, layer: int, placement: Placement, rank
         w13=_stack([w13 for w13, _ in experts]), w2=_stack([w2 for _, w2 in experts]), **kw)
 
 
+def is_fp8_layer(directory: str | Path, layer: int) -> bool:
+    """Layer ``layer``'s routed experts are FP8 with block scales (expert 0's gate has a
+    ``weight_scale_inv``): what ``load_moe_layer`` will read, known before any rank starts."""
+    ck = Checkpoint(directory)
+    fam = _family(ck.config().model_type)
+    return ck.has(fam.expert_tensors(layer, 0).gate + SCALE_SUFFIX)
+
+
 def _stack(ws: list) -> torch.Tensor | BlockFP8Weight:
     if ws and isinstance(ws[0], BlockFP8Weight):
         return BlockFP8Weight(torch.stack([w.weight for w in ws]),

@@ -110,6 +110,22 @@ def test_mori_config_refuses_fp8_it_cannot_carry():
         mori_config(p, 0, hidden_size=H, fp8_dtype=torch.float8_e5m2, **kw)
 
 
+def test_the_cli_fp8_form_of_mori():
+    """``rocm-moe run --comm mori --fp8-dispatch`` builds a MoriFP8Dispatcher with the CLI's
+    arguments (cli/spec.py)."""
+    import importlib
+    import inspect
+
+    from rocm_moe.cli.spec import FP8_COMM
+
+    name, module, cls = FP8_COMM["mori"]
+    found = getattr(importlib.import_module(module), cls)
+    assert found is MoriFP8Dispatcher
+    assert found.name == name
+    inspect.signature(found).bind(Placement.contiguous(E, 2), fp8_dtype=FNUZ, hidden_size=H,
+                                  top_k=K, dtype=torch.bfloat16, max_tokens_per_rank=CAP)
+
+
 # ---- multi-rank, through the fakes --------------------------------------------------------------
 def _disp(info, arch, cls=MoriFP8Dispatcher, dtype=torch.bfloat16, **kw):
     """W = 3 runs as three one-GPU nodes (MORI needs a power-of-two gpu_per_node dividing W):
