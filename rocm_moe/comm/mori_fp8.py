@@ -53,7 +53,8 @@ import torch
 
 from rocm_moe._checks import error_message
 from rocm_moe.comm.mori import MORI_DTYPES, MORI_FP8_DTYPES, MoriDispatcher
-from rocm_moe.quant import BLOCK, FP8Rows, native_fp8_dtype, quantize_rows
+from rocm_moe.comm.torch_fp8 import quantize_on_owner
+from rocm_moe.quant import BLOCK, FP8Rows, native_fp8_dtype
 from rocm_moe.quant import fp8_dtype as _fp8
 
 
@@ -66,16 +67,6 @@ def mori_row_bytes(hidden: int, top_k: int, *, fp8: bool, dtype=torch.bfloat16) 
     """
     token = hidden if fp8 else hidden * dtype.itemsize
     return token + 8 * top_k + 4 + (4 * (hidden // BLOCK) if fp8 else 0)
-
-
-def quantize_on_owner(x_TH: torch.Tensor, dtype: torch.dtype) -> FP8Rows:
-    """Rows per 1x128 group before they leave their owner: one Triton launch on GPUs, torch
-    elsewhere (the same arithmetic, bit for bit)."""
-    if x_TH.is_cuda:
-        from rocm_moe.experts.triton_fp8 import quantize_rows_triton
-
-        return quantize_rows_triton(x_TH, dtype)
-    return quantize_rows(x_TH, dtype=dtype)
 
 
 def default_fp8_dtype() -> torch.dtype:

@@ -53,6 +53,16 @@ def unpack_fp8(payload: torch.Tensor, hidden: int, dtype: torch.dtype,
     return FP8Rows(q, scale, source_dtype)
 
 
+def quantize_on_owner(x_TH: torch.Tensor, dtype: torch.dtype) -> FP8Rows:
+    """Rows per 1x128 group before they leave their owner: one Triton launch on GPUs, torch
+    elsewhere (the same arithmetic, bit for bit). Every FP8 dispatch quantises with it."""
+    if x_TH.is_cuda:
+        from rocm_moe.experts.triton_fp8 import quantize_rows_triton
+
+        return quantize_rows_triton(x_TH, dtype)
+    return quantize_rows(x_TH, dtype=dtype)
+
+
 def quantize_to_wire(x_TH: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
     """``pack_fp8(quantize_rows(x))`` in one Triton launch (GPUs): the row quantiser writes
     each row's scales and FP8 values straight into its [P] payload (pad bytes zeroed), instead
@@ -86,12 +96,7 @@ class FP8Wire:
         return {**super().config(), "fp8_dtype": str(self.fp8_dtype)}
 
     def quantize(self, x_TH: torch.Tensor) -> FP8Rows:
-        """Rows per 1x128 group: Triton on GPUs, torch elsewhere (the same arithmetic)."""
-        if x_TH.is_cuda:
-            from rocm_moe.experts.triton_fp8 import quantize_rows_triton
-
-            return quantize_rows_triton(x_TH, self.fp8_dtype)
-        return quantize_rows(x_TH, dtype=self.fp8_dtype)
+        return quantize_on_owner(x_TH, self.fp8_dtype)
 
     def _to_wire(self, x_TH: torch.Tensor) -> torch.Tensor:
         if x_TH.is_cuda:
