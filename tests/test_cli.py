@@ -21,6 +21,10 @@ def test_info(capsys):
     assert "reference" in out
     assert "local" in out
     assert "mori" in out
+    # the FP8 dispatches, with the flags that pick them and why they cannot run here
+    flat = " ".join(out.split())
+    assert "torch-fp8 (--comm torch --fp8-dispatch) │ usable" in flat, out
+    assert "mori-fp8 (--comm mori --fp8-dispatch) │ unavailable: mori" in flat, out
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 
 import torch
@@ -11,6 +12,7 @@ from rich.table import Table
 from rocm_moe import __version__, backends
 from rocm_moe._console import console
 from rocm_moe._libs import library_version
+from rocm_moe.cli.spec import FP8_COMM
 
 OPTIONAL_LIBRARIES = ("triton", "mori", "aiter", "transformers", "safetensors", "matplotlib")
 
@@ -30,6 +32,10 @@ def command(args: argparse.Namespace) -> int:
     for b in backends.BACKENDS.values():
         reason = b.availability()
         table.add_row(b.kind, b.name, "usable" if reason is None else f"unavailable: {reason}")
+    for base, (name, module, cls) in FP8_COMM.items():  # FP8 checkpoints' rows in FP8
+        reason = getattr(importlib.import_module(module), cls).availability()
+        table.add_row("comm", f"{name} (--comm {base} --fp8-dispatch)",
+                      "usable" if reason is None else f"unavailable: {reason}")
     console.print(table)
     libs = Table(title="optional libraries")
     for col in ("library", "version"):
