@@ -336,9 +336,9 @@ def test_bench_layer_tiny(tmp_path):
     assert (tmp_path / "tiny.png").exists()
 
 
-def test_bench_layer_two_emulated_nodes_under_torchrun(tmp_path):
-    """Two torchrun launchers on one host, one rank each: the benchmark sees two nodes from
-    the launcher and times the two-stage dispatch's collectives against the flat one."""
+def _bench_on_two_launchers(tmp_path, per_node: int) -> dict:
+    """``bench layer`` under two torchrun launchers on this host (two emulated nodes of
+    ``per_node`` gloo ranks each); its JSON."""
     import os
     import socket
     import subprocess
@@ -352,8 +352,8 @@ def test_bench_layer_two_emulated_nodes_under_torchrun(tmp_path):
         with socket.socket() as sock:  # a free one, taken by someone else in between at worst
             sock.bind(("127.0.0.1", 0))
             port = str(sock.getsockname()[1])
-        args = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                "--master-addr", "127.0.0.1", "--master-port", port]
+        args = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+                str(per_node), "--master-addr", "127.0.0.1", "--master-port", port]
         procs = [subprocess.Popen([sys.executable, *args, "--node-rank", str(n), *bench],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True) for n in (0, 1)]
@@ -361,7 +361,13 @@ def test_bench_layer_two_emulated_nodes_under_torchrun(tmp_path):
         if not any("EADDRINUSE" in out for out in outs):
             break
     assert [p.returncode for p in procs] == [0, 0], outs
-    data = json.loads((tmp_path / "nodes.json").read_text())
+    return json.loads((tmp_path / "nodes.json").read_text())
+
+
+def test_bench_layer_two_emulated_nodes_under_torchrun(tmp_path):
+    """Two torchrun launchers on one host, one rank each: the benchmark sees two nodes from
+    the launcher and times the two-stage dispatch's collectives against the flat one."""
+    data = _bench_on_two_launchers(tmp_path, 1)
     assert data["nodes"] == [0, 1]
     (row,) = data["summary"]
     assert row["inter_node MB"] > 0
@@ -371,6 +377,22 @@ def test_bench_layer_two_emulated_nodes_under_torchrun(tmp_path):
     assert probe["two-stage network us"] > 0
     # one rank a node: nothing to deduplicate, the network hop carries the flat's remote rows
     assert probe["network_rows"] * 64 * 4 == pytest.approx(row["inter_node MB"] * 1e6)
+
+
+def test_bench_layer_two_emulated_nodes_of_two_ranks(tmp_path):
+    """2 x 2 (the layout the two-stage question is about), on gloo: the probe's network hop
+    sends each token once per other node that needs it (what the traffic count predicts, and
+    fewer rows than the flat all-to-all sends across nodes), and its fan-out inside the nodes
+    delivers every (token, destination rank) row of the flat dispatch exactly once."""
+    data = _bench_on_two_launchers(tmp_path, 2)
+    assert data["nodes"] == [0, 0, 1, 1]
+    (row,) = data["summary"]
+    (probe,) = data["hier_probe"]
+    assert row["intra_node MB"] > 0
+    assert probe["two-stage node us"] > 0
+    assert probe["network_rows"] * 64 * 4 == pytest.approx(row["hier_inter MB"] * 1e6)
+    assert probe["network_rows"] * 64 * 4 < row["inter_node MB"] * 1e6  # deduplicated
+    assert probe["node_rows"] == probe["flat_rows"]
 
 
 @pytest.mark.parametrize(
