@@ -175,6 +175,15 @@ def launch_down(inter, w2, out_slots, layout, weights_N, kcfg: dict, *, weighted
         **_launch_args(B, kcfg))
 
 
+def triton_experts_availability() -> str | None:
+    """None where Triton expert kernels run here (bf16 and FP8 alike), else why not."""
+    if (reason := triton_availability()) is not None:
+        return reason
+    if not triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+        return "no CUDA/ROCm device (TRITON_INTERPRET=1 runs the kernels on a CPU, slowly)"
+    return None
+
+
 class TritonExperts(Experts):
     """``config``: a fixed launch config (``block_config``'s form) instead of the table's, for
     tuning. ``tma``: load weights (and the down GEMM's intermediate) through tensor
@@ -184,11 +193,7 @@ class TritonExperts(Experts):
 
     @classmethod
     def availability(cls) -> str | None:
-        if (reason := triton_availability()) is not None:
-            return reason
-        if not triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
-            return "no CUDA/ROCm device (TRITON_INTERPRET=1 runs the kernels on a CPU, slowly)"
-        return None
+        return triton_experts_availability()
 
     def __init__(self, *, config: dict | None = None, tma: bool | None = None,
                  invariant: bool = False):

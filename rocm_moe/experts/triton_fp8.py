@@ -30,7 +30,7 @@ import torch
 from rocm_moe._libs import triton_runs_on
 from rocm_moe.experts.fp8 import FP8Experts
 from rocm_moe.experts.layout import build_layout
-from rocm_moe.experts.triton import triton_availability
+from rocm_moe.experts.triton import triton_availability, triton_experts_availability
 from rocm_moe.quant import BLOCK, FP8Rows, fp8_max
 from rocm_moe.weighting import ExpertsOutput
 
@@ -111,11 +111,7 @@ class TritonFP8Experts(FP8Experts):
 
     @classmethod
     def availability(cls) -> str | None:
-        if (reason := triton_availability()) is not None:
-            return reason
-        if not triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
-            return "no CUDA/ROCm device (TRITON_INTERPRET=1 runs the kernels on a CPU, slowly)"
-        return None
+        return triton_experts_availability()
 
     def __init__(self, *, config: dict | None = None, upcast: bool | None = None,
                  precise: bool = False):
