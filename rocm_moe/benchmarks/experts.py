@@ -36,16 +36,24 @@ SHAPES = {
 }
 
 
-def ceilings() -> dict:
+def copy_rate() -> float:
+    """Device-to-device copy GB/s of 1 GiB of bf16 (bytes read + written), median."""
     from triton.testing import do_bench
 
     n = 2**29  # 1 GiB of bf16
     a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     b = torch.empty_like(a)
     t_copy = do_bench(lambda: b.copy_(a), return_mode="median") / 1e3
+    return 2 * n * 2 / t_copy / 1e9
+
+
+def ceilings() -> dict:
+    from triton.testing import do_bench
+
+    copy = copy_rate()
     m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t_mm = do_bench(lambda: m @ m, return_mode="median") / 1e3
-    return dict(copy_GBps=2 * n * 2 / t_copy / 1e9, matmul_TFLOPs=2 * 8192**3 / t_mm / 1e12)
+    return dict(copy_GBps=copy, matmul_TFLOPs=2 * 8192**3 / t_mm / 1e12)
 
 
 def _routing(shape: dict, rows: int, gen: torch.Generator, device: str = "cuda"):

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from rocm_moe._console import progress
-from rocm_moe.benchmarks.experts import SHAPES, _routing
+from rocm_moe.benchmarks.experts import SHAPES, _routing, copy_rate
 from rocm_moe.experts.fp8 import FP8ReferenceExperts, quantize_experts
 from rocm_moe.experts.triton import TritonExperts
 from rocm_moe.experts.triton_fp8 import TritonFP8Experts
@@ -39,12 +39,8 @@ def ceilings() -> dict:
     """Copy GB/s (1 GiB, read + write) and FP8 TFLOP/s (torch._scaled_mm 8192^3), measured."""
     from triton.testing import do_bench
 
-    n = 2**29
-    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    t_copy = do_bench(lambda: b.copy_(a), return_mode="median") / 1e3
-    a = b = None  # (2 GiB back before the matmul's operands)
-    torch.cuda.empty_cache()
+    copy = copy_rate()
+    torch.cuda.empty_cache()  # (its 2 GiB back before the matmul's operands)
     dt = native_fp8_dtype("cuda")
     m = torch.randn(8192, 8192, device="cuda").to(dt)
     mt = torch.randn(8192, 8192, device="cuda").to(dt).t()  # column-major, as _scaled_mm wants
@@ -57,7 +53,7 @@ def ceilings() -> dict:
     rates = {fast: 2 * 8192**3 / (do_bench(lambda f=fast: mm(f), return_mode="median") / 1e3)
              / 1e12 for fast in (False, True)}
     # the faster of the two accumulation modes: the strictest floor
-    return dict(copy_GBps=2 * n * 2 / t_copy / 1e9, fp8_matmul_TFLOPs=max(rates.values()),
+    return dict(copy_GBps=copy, fp8_matmul_TFLOPs=max(rates.values()),
                 fp8_matmul_TFLOPs_precise_accum=rates[False],
                 fp8_matmul_TFLOPs_fast_accum=rates[True], fp8_dtype=str(dt))
 
