@@ -45,3 +45,13 @@ def rocm_library_missing(name: str, install: str) -> str | None:
     if torch.version.hip is None:
         return "this torch is not a ROCm build"
     return None
+
+
+def import_engine(module: str, label: str, version: str):
+    """The serving engine ``module`` (vllm, sglang) for ``rocm_moe.integrations.<module>``, or
+    an ImportError saying how to install the release the adapter is checked against."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"rocm_moe.integrations.{module} needs {label}: pip install "
+                          f"'rocm_moe[{module}]' (checked against {module}=={version})") from exc

@@ -44,6 +44,7 @@ from types import SimpleNamespace
 import torch
 
 from rocm_moe._checks import error_message
+from rocm_moe._libs import import_engine
 from rocm_moe.comm.base import CombineHandle, Dispatcher
 from rocm_moe.experts.base import Experts
 from rocm_moe.experts.reference import ReferenceExperts
@@ -59,12 +60,7 @@ _EXPORTED = ("RocmMoEDispatcher", "RocmMoEDispatchOutput", "RocmMoECombineInput"
 
 
 def _require_sglang():
-    try:
-        import sglang
-    except ImportError as exc:
-        raise ImportError("rocm_moe.integrations.sglang needs SGLang: pip install "
-                          f"'rocm_moe[sglang]' (checked against sglang=={SGLANG_VERSION})") from exc
-    return sglang
+    return import_engine("sglang", "SGLang", SGLANG_VERSION)
 
 
 def _refuse(field: str, value: object, rule: str, fix: str) -> ValueError:

@@ -37,6 +37,7 @@ from types import SimpleNamespace
 import torch
 
 from rocm_moe._checks import error_message
+from rocm_moe._libs import import_engine
 from rocm_moe.comm.base import CombineHandle, Dispatcher
 from rocm_moe.experts.base import Experts
 from rocm_moe.experts.reference import ReferenceExperts
@@ -52,12 +53,7 @@ _EXPORTED = ("RocmMoEPrepareAndFinalize", "RocmMoEExperts", "RocmMoEFusedMoEMeth
 
 
 def _require_vllm():
-    try:
-        import vllm
-    except ImportError as exc:
-        raise ImportError("rocm_moe.integrations.vllm needs vLLM: pip install "
-                          f"'rocm_moe[vllm]' (checked against vllm=={VLLM_VERSION})") from exc
-    return vllm
+    return import_engine("vllm", "vLLM", VLLM_VERSION)
 
 
 # ---- placement ----------------------------------------------------------------------------------
