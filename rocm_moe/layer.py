@@ -411,15 +411,52 @@ class EPMoE(nn.Module):
                 "use backends that support it (rocm-moe info), or weight_mode='experts'"))
 
     def _run(self, hidden_states, x_TH, routing: RoutingResult, return_raw: bool, trace):
-        """dispatch -> experts -> combine (+ shared experts) of routed tokens."""
-        dev, disp = x_TH.device, self.dispatcher
+        """dispatch -> experts -> combine (+ shared experts) of routed tokens, in chunks of at
+        most the dispatcher's ``max_tokens_per_rank`` tokens (``Dispatcher.num_chunks``: every
+        rank runs the group's largest chunk count, a rank with fewer tokens joins with empty
+        chunks)."""
+        disp = self.dispatcher
         raw_path = return_raw or self.invariant  # invariant: the owner sums in slot order
         weight_mode = "combine" if raw_path else self.weight_mode
         self._refuse_unsupported(weight_mode, raw_path, x_TH)
+        n = disp.num_chunks(x_TH.shape[0])
+        if n == 1:
+            y_TH, raw_TKH, ids_TK, w_TK, weighted = self._run_chunk(
+                x_TH, routing.topk_weights, routing.topk_ids, raw_path, weight_mode, trace)
+        else:
+            cap = disp.max_tokens_per_rank
+            parts = [self._run_chunk(x_TH[i * cap:(i + 1) * cap],
+                                     routing.topk_weights[i * cap:(i + 1) * cap],
+                                     routing.topk_ids[i * cap:(i + 1) * cap], raw_path,
+                                     weight_mode, trace) for i in range(n)]
+            y_TH, raw_TKH, ids_TK, w_TK = (
+                None if parts[0][j] is None else torch.cat([p[j] for p in parts])
+                for j in range(4))
+            weighted = parts[0][4]
+        if self.shared_experts is not None:
+            with _stage(trace, "shared", x_TH.device):
+                if self.invariant:
+                    shared = self.shared_experts.forward_invariant(x_TH, self.experts)
+                else:
+                    shared = self.shared_experts(x_TH)
+                y_TH = y_TH + shared
+        out = y_TH.reshape(hidden_states.shape)
+        if not return_raw:
+            return out
+        lead, K = hidden_states.shape[:-1], ids_TK.shape[1]
+        return MoEOutput(out=out, raw=raw_TKH.reshape(*lead, K, self.hidden_size),
+                         topk_weights=w_TK, topk_ids=ids_TK,
+                         weighted_by="experts" if weighted else "combine")
+
+    def _run_chunk(self, x_TH, topk_weights_TK, topk_ids_TK, raw_path: bool,
+                   weight_mode: WeightMode, trace):
+        """One dispatch -> experts -> combine of at most ``max_tokens_per_rank`` tokens:
+        (y [T, H], raw [T, K, H] or None, the rank's own int32 ids and weights, whether the
+        experts applied the weights)."""
+        dev, disp = x_TH.device, self.dispatcher
         with _stage(trace, "dispatch", dev):
-            d = disp.dispatch(x_TH, routing.topk_weights, routing.topk_ids,
-                              validate=self.validate)
-        stage = "experts"
+            d = disp.dispatch(x_TH, topk_weights_TK, topk_ids_TK, validate=self.validate)
+        stage, raw_TKH = "experts", None
         try:  # a rank leaving here strands its peers in combine: the dispatcher records it
             with _stage(trace, "experts", dev):
                 eo = self.experts(d.x, d.topk_ids, d.topk_weights, *self.expert_weights(),
@@ -430,23 +467,10 @@ class EPMoE(nn.Module):
                 if raw_path:  # raw [T, K, H] back on the owner, which weights its slots once
                     raw_TKH = disp.combine_raw(eo, d.handle)
                     y_TH = weight_once(ExpertsOutput(out=raw_TKH, weights_applied=False),
-                                       routing.topk_weights, routing.topk_ids, None)
+                                       topk_weights_TK, topk_ids_TK, None)
                 else:
                     y_TH = disp.combine(eo, d.handle)
         except BaseException as exc:
             disp.abandon(d.handle, stage, exc)
             raise
-        if self.shared_experts is not None:
-            with _stage(trace, "shared", dev):
-                if self.invariant:
-                    shared = self.shared_experts.forward_invariant(x_TH, self.experts)
-                else:
-                    shared = self.shared_experts(x_TH)
-                y_TH = y_TH + shared
-        out = y_TH.reshape(hidden_states.shape)
-        if not return_raw:
-            return out
-        lead, K = hidden_states.shape[:-1], routing.topk_ids.shape[1]
-        return MoEOutput(out=out, raw=raw_TKH.reshape(*lead, K, self.hidden_size),
-                         topk_weights=d.handle.topk_weights, topk_ids=d.handle.topk_ids,
-                         weighted_by="experts" if eo.weights_applied else "combine")
+        return y_TH, raw_TKH, d.handle.topk_ids, d.handle.topk_weights, eo.weights_applied

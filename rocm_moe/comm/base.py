@@ -32,6 +32,7 @@ from rocm_moe._checks import (
     FLOAT_DTYPES,
     check_id_range,
     check_integer,
+    check_integer_value,
     check_same_device,
     check_tensor,
     check_unique_rows,
@@ -143,6 +144,11 @@ class Dispatcher(ABC):
     """
 
     name: ClassVar[str]
+    # True where DispatchResult tensors are views of the dispatcher's persistent buffers (symm,
+    # MORI): the next dispatch overwrites them, so one batch may be in flight at a time. A
+    # dispatcher shared by every MoE layer of a model (``rocm_moe.comm.pool``) then refuses a
+    # layer's dispatch while another layer's batch is not combined yet.
+    holds_batch: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -169,6 +175,7 @@ class Dispatcher(ABC):
         self.expert_map = placement.expert_map(rank)
         self._maps: dict[torch.device, ExpertMap] = {}
         self._dest1: dict[torch.device, torch.Tensor] = {}
+        self._uncombined: int | None = None  # holds_batch: the batch dispatched, not combined
 
     def config(self) -> dict:
         """What every rank of a group must agree on (checked at construction by multi-rank
@@ -248,10 +255,61 @@ class Dispatcher(ABC):
         try:
             ids = self.check_dispatch_inputs(x_TH, topk_weights_TK, topk_ids_TK,
                                              validate=validate)
+            self._check_free()
         except (ValueError, TypeError):
             self.share_refusal()
             raise
-        return self._dispatch(x_TH, topk_weights_TK, ids, next(_batch_counter))
+        d = self._dispatch(x_TH, topk_weights_TK, ids, next(_batch_counter))
+        if self.holds_batch:
+            self._uncombined = d.handle.batch_id
+        return d
+
+    def _check_free(self) -> None:
+        """A backend whose results are views of its buffers takes a batch only once the last
+        one is combined (or abandoned): another dispatch would overwrite rows not yet run."""
+        if self.holds_batch and self._uncombined is not None:
+            raise ValueError(error_message(
+                "dispatch", "a new batch",
+                f"batch {self._uncombined} of this {self.name} dispatcher is dispatched but not "
+                "combined, and its received rows are views of the buffers this dispatch would "
+                "overwrite (a dispatcher shared by a model's layers serves one layer at a time)",
+                "combine each layer's batch before the next layer dispatches, or give the "
+                "overlapping batch its own dispatcher (pool.shared_dispatcher(..., slot=1))"))
+
+    # ---- batches larger than the buffers -------------------------------------------------------
+    def num_chunks(self, num_tokens: int) -> int:
+        """How many chunks of at most ``max_tokens_per_rank`` tokens every rank of the group runs
+        for a batch of ``num_tokens`` tokens here (the largest count over the group: a rank
+        with fewer chunks joins the others with empty ones, so no rank waits alone).
+
+        One rank, or no capacity: a host computation. Several ranks: a collective (one host
+        read of a [1] int MAX all-reduce) in eager mode; under CUDA-graph capture no collective
+        runs and every rank must fit its batch in one chunk (a graph bucket is at most the
+        capacity), else ValueError before anything is captured."""
+        check_integer_value("num_tokens", num_tokens, minimum=0)
+        cap = self.max_tokens_per_rank
+        mine = 1 if cap is None else max(1, -(-num_tokens // cap))
+        if self.world_size == 1 or cap is None:
+            return mine
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            if mine > 1:
+                raise ValueError(error_message(
+                    "num_tokens", num_tokens, f"a captured batch must fit the dispatcher's "
+                    f"max_tokens_per_rank={cap} (ranks cannot agree on a chunk count inside a "
+                    "CUDA graph)", "capture buckets of at most max_tokens_per_rank tokens"))
+            return 1
+        return self._agree_max(mine)
+
+    def _agree_max(self, value: int) -> int:
+        """Collective: the largest ``value`` over the EP group (multi-rank backends)."""
+        import torch.distributed as dist
+
+        group = getattr(self, "group", None)
+        dev = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        t = torch.tensor([value], dtype=torch.int64, device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return int(t.item())
 
     def share_refusal(self) -> None:
         """Collective on multi-rank backends that support it: tell every rank of the group
@@ -265,7 +323,11 @@ class Dispatcher(ABC):
         raised at ``stage`` (the layer calls it). Multi-rank backends record it for the peers
         waiting in combine and refuse further collectives on the group (``comm.peers``);
         nothing to do on one rank."""
-        return None
+        self._release(handle)
+
+    def _release(self, handle: CombineHandle) -> None:
+        if self._uncombined == handle.batch_id:
+            self._uncombined = None
 
     # ---- combine --------------------------------------------------------------------------------
     def _check_handle(self, handle: object, expert_output: object, *, raw: bool) -> None:
@@ -302,13 +364,17 @@ class Dispatcher(ABC):
         self._check_handle(handle, expert_output, raw=False)
         y_RH = weight_once(expert_output, handle.recv_topk_weights, handle.recv_topk_ids,
                            self.expert_map_on(expert_output.out.device))
-        return self._combine(y_RH, handle)
+        out = self._combine(y_RH, handle)
+        self._release(handle)
+        return out
 
     def combine_raw(self, expert_output: ExpertsOutput, handle: CombineHandle) -> torch.Tensor:
         """[T, K, H] on the owner: slot k's unweighted output from the rank owning expert k;
         zeros for empty slots."""
         self._check_handle(handle, expert_output, raw=True)
-        return self._combine_raw(expert_output.out, handle)
+        out = self._combine_raw(expert_output.out, handle)
+        self._release(handle)
+        return out
 
     # ---- backend hooks --------------------------------------------------------------------------
     @abstractmethod

@@ -313,6 +313,7 @@ class MoriDispatcher(Dispatcher):
     """
 
     name = "mori"
+    holds_batch = True  # received rows are views of MORI's buffers
     fp8_dtype: torch.dtype | None = None  # rows in FP8 on the wire (``comm.mori_fp8``)
 
     @classmethod
@@ -353,7 +354,6 @@ class MoriDispatcher(Dispatcher):
         mori = mori or _import_mori()
         self.op, nbytes = build_mori_op(self.mori_config, group, mori)
         weakref.finalize(self, _PROCESS[mori].release, nbytes)
-        self._in_flight: int | None = None
 
     def config(self) -> dict:
         return dict(super().config(), kernel_type=self.kernel_type,
@@ -369,17 +369,12 @@ class MoriDispatcher(Dispatcher):
                 f"({RAW_REASON})")
 
     def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
-        if self._in_flight is not None:
-            raise _bad("dispatch", f"batch {batch_id}", f"batch {self._in_flight} is still in "
-                       "MORI: its received rows are views of MORI's buffers, which the next "
-                       "dispatch overwrites", "combine it before the next dispatch")
         tokens, scales = self._to_mori(x_TH)
         out_x, out_w, out_s, out_ids, total = self.op.dispatch(
             tokens, topk_weights_TK.contiguous(), scales, topk_ids_TK.contiguous(),
             **self.launch)
         if self.kernel_type == "AsyncLL":  # dispatch() only sent; the rows arrive here
             self.op.dispatch_recv()
-        self._in_flight = batch_id
         if self.capacity_sized:  # no host read: rows past MORI's counter become empty slots
             dev = out_ids.device
             if dev not in self._rows:
@@ -405,9 +400,9 @@ class MoriDispatcher(Dispatcher):
         return out_x
 
     def _combine(self, y_RH, handle):
-        if self._in_flight != handle.batch_id:
+        if self._uncombined != handle.batch_id:
             raise _bad("handle.batch_id", handle.batch_id, f"MORI holds batch "
-                       f"{self._in_flight}'s routing; combining another batch would sum the "
+                       f"{self._uncombined}'s routing; combining another batch would sum the "
                        "wrong rows", "combine each batch right after its own dispatch")
         # call_reset: MORI's reset has been a no-op since late 2025 (combine zeroes its own
         # counter); older MORI needs it, and it costs nothing.
@@ -415,7 +410,6 @@ class MoriDispatcher(Dispatcher):
                                  **self.launch)
         if self.kernel_type == "AsyncLL":  # combine() only sent; the sums land here
             self.op.combine_recv()
-        self._in_flight = None
         return out[:handle.num_tokens].clone()  # MORI reuses its output buffer
 
     def _combine_raw(self, raw_RKH, handle):

@@ -121,6 +121,7 @@ class SymmDispatcher(Dispatcher):
     """
 
     name = "symm"
+    holds_batch = True  # DispatchResult tensors are views of the symmetric buffers
 
     @classmethod
     def availability(cls) -> str | None:

@@ -136,6 +136,21 @@ class TorchDispatcher(Dispatcher):
         self._collective("dispatch (refusal exchange)", None, lambda: dist.all_to_all_single(
             torch.empty_like(flags_W), flags_W, group=self.group))
 
+    def _agree_max(self, value: int) -> int:
+        """The chunk-count agreement of ``num_chunks`` as an exchange of the same shape as the
+        refusal exchange ([W] int64 to every rank): a rank that refuses its batch before it
+        (``share_refusal``'s -1) is named here by its peers, which raise PeerRefusal."""
+        peers.check_usable(self.group, "dispatch (chunk count)")
+        dev = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+        send_W = torch.full((self.world_size,), value, dtype=torch.int64, device=dev)
+        recv_W = torch.empty_like(send_W)
+        self._collective("dispatch (chunk count exchange)", None, lambda: dist.all_to_all_single(
+            recv_W, send_W, group=self.group))
+        got = tuple(recv_W.tolist())
+        self._raise_if_refused(got)
+        return max(got)
+
     def _collective(self, stage: str, batch_id: int | None, run):
         """``run()``; a failure becomes a PeerFailure naming the stage and the failing rank."""
         try:

@@ -1,0 +1,174 @@
+"""One comm resource per model: every MoE layer of a model borrows the same dispatcher.
+
+A dispatcher with fixed buffers (symm: one symmetric allocation; MORI: one op on the process's
+shmem heap) costs memory in proportion to its capacity, not to the layers that use it: MoE
+layers run one after another, so one buffer serves all of them. vLLM (``MoriAll2AllManager``
+and its handle cache) and SGLang (``init_mori_op`` under an lru_cache) build one MORI op for the
+whole model for the same reason; one op per layer exhausts MORI's 4 GiB default heap after 3 or
+4 DeepSeek-V3 layers.
+
+    shared_dispatcher("symm", placement, hidden_size=H, top_k=K, dtype=bf16,
+                      max_tokens_per_rank=cap, group=ep_group)   # the same object every call
+
+Sharing is safe: a backend whose received rows are views of its buffers (``holds_batch``)
+refuses a dispatch while another batch (another layer's) is dispatched but not combined, naming
+both. A second batch in flight at once (two-batch overlap) takes a second dispatcher: ``slot=1``.
+
+``fastest_comm`` / ``fastest_experts``: the backends an engine plug-in defaults to where the user
+named none, with the reason, logged once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import torch
+
+from rocm_moe._checks import check_integer_value, error_message
+from rocm_moe.comm.base import Dispatcher
+from rocm_moe.placement import Placement
+
+log = logging.getLogger("rocm_moe")
+
+_POOL: dict[tuple, tuple[Dispatcher, object]] = {}  # key -> (dispatcher, its group, kept alive)
+_LOGGED: set[str] = set()
+
+
+def _key(name, placement, group, rank, hidden_size, top_k, dtype, cap, slot, extra) -> tuple:
+    return (name, placement.experts_of_rank, placement.num_experts, id(group), rank,
+            hidden_size, top_k, str(dtype), cap, slot, tuple(sorted(extra.items())))
+
+
+def shared_dispatcher(name: str, placement: Placement, *, hidden_size: int, top_k: int,
+                      dtype: torch.dtype, max_tokens_per_rank: int | None, group=None,
+                      rank: int = 0, slot: int = 0, **backend_kw) -> Dispatcher:
+    """The process's dispatcher for (backend, EP group, placement, H, K, dtype, capacity, slot):
+    built on the first call (collectively, on every rank of ``group``: every rank must ask for
+    the same key in the same order, as the layers of one model do) and returned as is after.
+
+    ``rank``: the rank in the group (checked against the group's own); ``slot``: 0 for the
+    model's dispatcher, 1.. for extra batches in flight at once; ``backend_kw``: the backend's
+    own options (e.g. MORI's ``kernel_type``), part of the key."""
+    from rocm_moe import backends
+
+    if not isinstance(placement, Placement):
+        raise TypeError(error_message("placement", type(placement).__name__,
+                                      "must be a rocm_moe.Placement",
+                                      "use Placement.contiguous(E, W)"))
+    check_integer_value("slot", slot, minimum=0)
+    if max_tokens_per_rank is not None:
+        check_integer_value("max_tokens_per_rank", max_tokens_per_rank, minimum=1)
+    key = _key(name, placement, group, rank, hidden_size, top_k, dtype, max_tokens_per_rank,
+               slot, backend_kw)
+    if key in _POOL:
+        return _POOL[key][0]
+    kw = dict(hidden_size=hidden_size, top_k=top_k, dtype=dtype,
+              max_tokens_per_rank=max_tokens_per_rank, **backend_kw)
+    if name != "local":
+        kw["group"] = group
+    disp = backends.make_dispatcher(name, placement, rank, **kw)
+    _POOL[key] = (disp, group)
+    log.info("rocm_moe: built the shared %s dispatcher (W=%d, H=%d, K=%d, %s, %s tokens per "
+             "rank, slot %d): %s per GPU", name, placement.world_size, hidden_size, top_k,
+             dtype, max_tokens_per_rank, slot,
+             _size(comm_bytes(name, placement.world_size, max_tokens_per_rank or 0,
+                              hidden_size, top_k, dtype, placement.num_experts)))
+    return disp
+
+
+def shared_dispatchers() -> list[Dispatcher]:
+    """Every dispatcher of the pool (tests assert that a model's layers share one)."""
+    return [d for d, _ in _POOL.values()]
+
+
+def clear() -> None:
+    """Forget every shared dispatcher (their buffers go when the last layer lets go of them)."""
+    _POOL.clear()
+
+
+# ---- memory ---------------------------------------------------------------------------------
+def comm_bytes(name: str, world_size: int, max_tokens_per_rank: int, hidden_size: int,
+               top_k: int, dtype: torch.dtype = torch.bfloat16, num_experts: int = 256) -> int:
+    """Device bytes one dispatcher of backend ``name`` holds per GPU (the whole model's comm
+    memory, since every layer shares it): symm's symmetric buffer, MORI's heap share of one
+    op; 0 for the torch and local backends (their buffers follow each batch)."""
+    W, cap, H, K = world_size, max_tokens_per_rank, hidden_size, top_k
+    if name == "symm":
+        from rocm_moe.comm import rows
+        from rocm_moe.comm.symm import _round_up
+
+        recv = W * cap * rows.row_words(H, dtype, K) * 4
+        back = 2 * W * cap * H * dtype.itemsize
+        return sum(_round_up(n) for n in (recv, back, W * W * 4, W * 4))
+    if name == "mori":
+        from rocm_moe.comm.mori import heap_bytes, mori_config
+
+        cfg = mori_config(Placement.contiguous(num_experts, W), 0, hidden_size=H, top_k=K,
+                          dtype=dtype, max_tokens_per_rank=cap, kernel_type="auto",
+                          gpu_per_node=min(W, 8), fp8_dtype=None)
+        return heap_bytes(cfg)
+    return 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+# ---- defaults for the engine plug-ins -------------------------------------------------------
+def _log_once(what: str, message: str) -> None:
+    if what not in _LOGGED:
+        _LOGGED.add(what)
+        log.warning("rocm_moe: %s", message)
+
+
+def _one_host(group) -> bool:
+    """Collective: every rank of ``group`` on this host."""
+    import torch.distributed as dist
+
+    hosts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    return len(set(hosts)) == 1
+
+
+def fastest_comm(world_size: int, device: torch.device, group=None, *,
+                 engine: str = "rocm_moe") -> tuple[str, str]:
+    """(backend, reason): the fastest comm backend that runs here. One rank: local. On GPUs:
+    MORI on ROCm with MORI installed, else symm on one host (device-initiated, CUDA-graph
+    capturable), else torch; on CPUs torch. Collective when ``world_size > 1`` on a GPU (the
+    host check); logged once per process."""
+    from rocm_moe import backends
+
+    if world_size == 1:
+        name, why = "local", "one EP rank: nothing to move"
+    elif device.type != "cuda":
+        name, why = "torch", f"ranks on {device.type} (symm and MORI need GPUs)"
+    elif backends.BACKENDS["comm:mori"].availability() is None:
+        name, why = "mori", "ROCm with MORI installed"
+    elif (reason := backends.BACKENDS["comm:symm"].availability()) is not None:
+        name, why = "torch", f"symm cannot run here: {reason}"
+    elif not _one_host(group):
+        name, why = "torch", "the EP group spans hosts (symm reaches the GPUs of one host)"
+    else:
+        name, why = "symm", "GPUs of one host: device-initiated, CUDA-graph capturable"
+    _log_once(f"{engine}-comm", f"{engine} comm backend {name!r} ({why}); set it explicitly "
+              "to override")
+    return name, why
+
+
+def fastest_experts(device: torch.device, *, engine: str = "rocm_moe") -> tuple[str, str]:
+    """(backend, reason): AITER on ROCm with AITER installed, Triton on GPUs, else the reference;
+    logged once per process."""
+    from rocm_moe import backends
+
+    if device.type != "cuda":
+        name, why = "reference", f"experts on {device.type}"
+    elif backends.BACKENDS["experts:aiter"].availability() is None:
+        name, why = "aiter", "ROCm with AITER installed"
+    elif (reason := backends.BACKENDS["experts:triton"].availability()) is None:
+        name, why = "triton", "a GPU with Triton"
+    else:
+        name, why = "reference", f"Triton cannot run here: {reason}"
+    _log_once(f"{engine}-experts", f"{engine} experts backend {name!r} ({why}); set it "
+              "explicitly to override")
+    return name, why
