@@ -7,6 +7,8 @@ the same code). rocm-moe bench NAME --help gives each one's method and flags.
     experts-fp8  the Triton FP8 block-scale experts against their FP8 floor (a GPU)
     layer     the whole EPMoE forward per rank and stage, tokens/s per GPU, traffic by
               locality; spawned or under torchrun across nodes (CPUs too)
+    model     N MoE layers with residuals on one shared dispatcher, in one CUDA graph per
+              bucket, against one layer alone: per-layer time, replay == eager, comm memory
     scaling   a model of the DeepSeek-V3 layer at EP 8-64 on H100 and MI300X nodes, fed by
               the measured results (no GPU)
 """
@@ -25,6 +27,8 @@ BENCHMARKS = {
                     "Triton FP8 block-scale experts against their floor (a GPU)"),
     "layer": ("rocm_moe.benchmarks.layer",
               "the whole EPMoE forward per stage, any comm x experts, one or more nodes"),
+    "model": ("rocm_moe.benchmarks.model",
+              "N MoE layers on one dispatcher in one CUDA graph vs one layer alone"),
     "scaling": ("rocm_moe.benchmarks.scaling",
                 "a model of the DeepSeek-V3 layer at EP 8-64, fed by the measured results"),
 }

@@ -1,0 +1,70 @@
+"""A model's worth of MoE layers: N ``EPMoE`` blocks with a residual between them, every one
+borrowing one dispatcher (``rocm_moe.comm.pool``), as the MoE part of a decoder runs.
+
+    h = x;  for each layer: h = h + layer(h)
+
+Capturing the whole stack in one CUDA graph per token bucket is ``GraphedEPMoE(stack, ...)``:
+every layer's dispatch, experts and combine in one replay, over one set of comm buffers (the
+buffers do not grow with N; ``rocm-moe bench model`` measures the per-layer time of the N-layer
+graph against one layer alone).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rocm_moe._checks import check_integer_value, error_message
+from rocm_moe.comm.base import Dispatcher
+from rocm_moe.experts.base import Experts
+from rocm_moe.layer import EPMoE
+from rocm_moe.routing import RouterConfig
+from rocm_moe.weighting import WeightMode
+
+
+class MoEStack(nn.Module):
+    """N MoE layers with a residual between them; ``hidden_size`` and the dispatcher are the
+    layers' (they must all share one dispatcher, the point of the stack)."""
+
+    def __init__(self, layers: list[EPMoE]):
+        super().__init__()
+        if not layers or not all(isinstance(la, EPMoE) for la in layers):
+            raise TypeError(error_message("layers", [type(la).__name__ for la in layers or []],
+                                          "must be a non-empty list of EPMoE",
+                                          "build them with MoEStack.build"))
+        first = layers[0]
+        for i, la in enumerate(layers):
+            if la.dispatcher is not first.dispatcher or la.hidden_size != first.hidden_size:
+                raise ValueError(error_message(
+                    f"layers[{i}].dispatcher", la.dispatcher.name, "every layer of a stack "
+                    "borrows layer 0's dispatcher and hidden size (one comm buffer per model)",
+                    "build the layers with one pool.shared_dispatcher"))
+        self.layers = nn.ModuleList(layers)
+        self.hidden_size = first.hidden_size
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self.layers[0].dispatcher
+
+    @classmethod
+    def build(cls, num_layers: int, *, hidden_size: int, intermediate_size: int,
+              router: RouterConfig, dispatcher: Dispatcher, experts: Experts | None = None,
+              weight_mode: WeightMode = "experts", dtype: torch.dtype = torch.bfloat16,
+              device=None, seed: int = 0, validate: bool = True) -> MoEStack:
+        """``num_layers`` layers on one dispatcher; layer j holds synthetic weights of seed
+        ``seed + j`` (``EPMoE.reset_parameters``)."""
+        check_integer_value("num_layers", num_layers, minimum=1)
+        layers = []
+        for j in range(num_layers):
+            la = EPMoE(hidden_size=hidden_size, intermediate_size=intermediate_size,
+                       router=router, dispatcher=dispatcher, experts=experts,
+                       weight_mode=weight_mode, dtype=dtype, device=device, validate=validate)
+            la.reset_parameters(seed=seed + j)
+            layers.append(la)
+        return cls(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for layer in self.layers:
+            h = h + layer(h)
+        return h
