@@ -84,6 +84,48 @@ def make_dispatcher(name: str, placement: Placement, rank: int, **kw) -> Dispatc
     return dispatcher
 
 
+def default_experts(device: torch.device, *, dtype: torch.dtype | None = None) -> tuple[str, str]:
+    """(name, reason): the experts backend of a rank that runs on ``device`` when none is asked
+    for. The Triton experts on a GPU, where Triton runs (and computes ``dtype``, if given: bf16
+    and fp16 only); the reference elsewhere. Decided from the rank's own device, never from
+    whether this host has a GPU: a rank spawned on the CPUs of a GPU host gets the reference.
+
+    Example: ``default_experts(torch.device("cpu"))`` -> ``("reference", "default on CPU
+    ranks")``; on ``cuda:0`` with Triton -> ``("triton", "default on GPUs")``.
+    """
+    if device.type != "cuda":
+        return "reference", f"default on {device.type.upper()} ranks"
+    triton_experts = BACKENDS["experts:triton"].load()
+    reason = triton_experts.availability()
+    if reason is None and dtype is not None:
+        reason = triton_experts().supports(mode="weighted", dtype=dtype, device=device)
+    if reason is not None:
+        return "reference", f"triton cannot run: {reason}"
+    return "triton", "default on GPUs"
+
+
+def default_comm(world_size: int, device: torch.device, multi_host: bool) -> tuple[str, str]:
+    """(name, reason): the comm backend of ``world_size`` ranks on ``device`` when none is asked
+    for. One rank: local (nothing moves). GPU ranks of one host: symm (device-initiated, no
+    host read: CUDA-graph capturable). Across hosts (``multi_host``), and on CPU ranks: torch.
+
+    Example: ``default_comm(2, torch.device("cpu"), False)`` -> ``("torch", "default on CPU
+    ranks")``; ``default_comm(1, any device, False)`` -> ``("local", "one rank")``.
+    """
+    if world_size < 1:
+        raise ValueError(error_message("world_size", world_size, "must be >= 1",
+                                       "pass the number of EP ranks"))
+    if world_size == 1:
+        return "local", "one rank"
+    if device.type != "cuda":
+        return "torch", f"default on {device.type.upper()} ranks"
+    if multi_host:
+        return "torch", "ranks on several hosts (symm reaches the GPUs of one host only)"
+    if (reason := BACKENDS["comm:symm"].availability()) is not None:
+        return "torch", f"symm cannot run: {reason}"
+    return "symm", "default on the GPUs of one host (CUDA-graph capturable)"
+
+
 def device_description() -> str:
     if torch.cuda.is_available():
         kind = "ROCm/HIP " + torch.version.hip if torch.version.hip else "CUDA " + str(

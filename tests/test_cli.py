@@ -441,3 +441,50 @@ def test_memory_estimate_grows_with_ranks_and_fits_the_small_runs():
     small = dict(num_experts=8, hidden_size=32, intermediate_size=16, top_k=2, tokens=33,
                  itemsize=4)
     assert memory_estimate(world_size=3, **small) < 3 * PROCESS_BYTES + 2**20
+
+
+# ---- defaults from the rank's own device ------------------------------------------------------
+def _gpu_host(monkeypatch):
+    """This host seen as a GPU host with Triton and symmetric memory: every host-level query
+    says yes, so only the rank's own device can tell a CPU rank from a GPU one."""
+    from rocm_moe.comm.symm import SymmDispatcher
+    from rocm_moe.experts.triton import TritonExperts
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(TritonExperts, "availability", classmethod(lambda cls: None))
+    monkeypatch.setattr(SymmDispatcher, "availability", classmethod(lambda cls: None))
+
+
+def test_default_backends_follow_the_rank_device(monkeypatch):
+    from rocm_moe.backends import default_comm, default_experts
+
+    _gpu_host(monkeypatch)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert default_experts(cpu) == ("reference", "default on CPU ranks")
+    assert default_experts(gpu) == ("triton", "default on GPUs")
+    assert default_experts(gpu, dtype=torch.bfloat16)[0] == "triton"
+    name, why = default_experts(gpu, dtype=torch.float32)  # Triton: bf16 and fp16 only
+    assert name == "reference"
+    assert "triton cannot run" in why
+    assert "float32" in why
+    assert default_comm(1, gpu, False) == ("local", "one rank")
+    assert default_comm(1, cpu, False) == ("local", "one rank")
+    assert default_comm(2, cpu, False) == ("torch", "default on CPU ranks")
+    assert default_comm(2, gpu, False)[0] == "symm"
+    assert default_comm(4, gpu, True)[0] == "torch"
+    assert "several hosts" in default_comm(4, gpu, True)[1]
+    with pytest.raises(ValueError, match="world_size=0: must be >= 1"):
+        default_comm(0, cpu, False)
+
+
+def test_default_backends_fall_back_where_the_fast_ones_cannot_run(monkeypatch):
+    from rocm_moe.backends import default_comm, default_experts
+    from rocm_moe.comm.symm import SymmDispatcher
+    from rocm_moe.experts.triton import TritonExperts
+
+    monkeypatch.setattr(TritonExperts, "availability", classmethod(lambda cls: "no triton"))
+    monkeypatch.setattr(SymmDispatcher, "availability", classmethod(lambda cls: "no symm"))
+    gpu = torch.device("cuda", 0)
+    assert default_experts(gpu) == ("reference", "triton cannot run: no triton")
+    assert default_comm(2, gpu, False) == ("torch", "symm cannot run: no symm")
