@@ -244,7 +244,7 @@ class Compiled:
     target: str
     launch: Launch
     shared: int  # bytes of shared memory / LDS per program
-    vgprs: int | None = None  # gfx942: arch VGPRs + AGPRs; sm_90: registers per thread
+    vgprs: int | None = None  # gfx942: VGPRs allocated (AGPRs included); sm_90: per thread
     sgprs: int | None = None
     vgpr_spills: int | None = None  # gfx942: VGPRs spilled; sm_90: local memory bytes
     sgpr_spills: int | None = None
@@ -274,6 +274,19 @@ def occupancy(*, vgprs: int, lds: int, num_warps: int) -> int:
 def _amdgcn_stat(asm: str, key: str) -> int | None:
     m = re.search(rf"\.{key}:\s+(\d+)", asm)
     return int(m.group(1)) if m else None
+
+
+def vgprs_allocated(asm: str) -> int | None:
+    """Vector registers a lane holds on gfx942 (its one file of 512: arch VGPRs, aligned to 4,
+    then AGPRs): the assembler's ``TotalNumVgprs``, else the metadata's ``.vgpr_count``.
+
+    Not ``.vgpr_count + .agpr_count``: ``.vgpr_count`` already includes the AGPRs on gfx90a
+    and later. The LLVM of Triton 3.6 puts MFMA accumulators in AGPRs (``.agpr_count: 64`` of
+    ``.vgpr_count: 244``), so the sum counted them twice (308 registers, 1 wave per SIMD
+    instead of 2); Triton 3.9's LLVM allocates no AGPRs there, which hid it.
+    Example: ``"; TotalNumVgprs: 244"`` -> 244."""
+    m = re.search(r"TotalNumVgprs:\s+(\d+)", asm)
+    return int(m.group(1)) if m else _amdgcn_stat(asm, "vgpr_count")
 
 
 def signature(fn, kernel: Kernel, constexprs: dict, target: str = "") -> dict[str, str]:
@@ -324,7 +337,7 @@ def compile_one(kernel: Kernel, target: str, launch: Launch) -> Compiled:
         regs, local = _cubin_usage(ck.asm["cubin"])
         return Compiled(name, target, launch, md.shared, vgprs=regs, vgpr_spills=local)
     asm = ck.asm["amdgcn"]
-    v = (_amdgcn_stat(asm, "vgpr_count") or 0) + (_amdgcn_stat(asm, "agpr_count") or 0)
+    v = vgprs_allocated(asm) or 0
     return Compiled(name, target, launch, md.shared, vgprs=v,
                     sgprs=_amdgcn_stat(asm, "sgpr_count"),
                     vgpr_spills=_amdgcn_stat(asm, "vgpr_spill_count"),
