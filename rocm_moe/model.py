@@ -1,7 +1,7 @@
 """A model's worth of MoE layers: N ``EPMoE`` blocks with a residual between them, every one
 borrowing one dispatcher (``rocm_moe.comm.pool``), as the MoE part of a decoder runs.
 
-    h = x;  for each layer: h = h + layer(h)
+    h = x;  for each layer: h = h + layer(rms_norm(h))
 
 Capturing the whole stack in one CUDA graph per token bucket is ``GraphedEPMoE(stack, ...)``:
 every layer's dispatch, experts and combine in one replay, over one set of comm buffers (the
@@ -12,6 +12,7 @@ graph against one layer alone).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rocm_moe._checks import check_integer_value, error_message
@@ -23,8 +24,12 @@ from rocm_moe.weighting import WeightMode
 
 
 class MoEStack(nn.Module):
-    """N MoE layers with a residual between them; ``hidden_size`` and the dispatcher are the
+    """N MoE layers with a pre-norm residual between them (an RMSNorm without weight before each
+    layer, as a decoder has: without it the SwiGLU experts square the residual's scale at every
+    layer and bf16 overflows within a few layers); ``hidden_size`` and the dispatcher are the
     layers' (they must all share one dispatcher, the point of the stack)."""
+
+    EPS = 1e-6
 
     def __init__(self, layers: list[EPMoE]):
         super().__init__()
@@ -63,8 +68,12 @@ class MoEStack(nn.Module):
             layers.append(la)
         return cls(layers)
 
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The pre-norm every layer reads: RMSNorm over H, no weight."""
+        return F.rms_norm(h, (self.hidden_size,), eps=self.EPS)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
         for layer in self.layers:
-            h = h + layer(h)
+            h = h + layer(self.norm(h))
         return h

@@ -74,7 +74,7 @@ def _chunk_worker(info, shares: tuple[int, ...]) -> dict:
 @pytest.mark.parametrize("W", sorted(SHARES))
 def test_batches_above_capacity_run_in_agreed_chunks(W):
     shares = SHARES[W]
-    results = launch(W, _chunk_worker, shares)
+    results = launch(W, _chunk_worker, shares, backend="gloo")
     want_chunks = max(max(1, math.ceil(n / CAP)) for n in shares)
     for r, res in enumerate(results):
         for mode, case in res.items():
@@ -132,7 +132,7 @@ def _refusal_worker(info) -> str:
 
 
 def test_a_refusal_before_the_agreement_reaches_every_rank():
-    msgs = launch(3, _refusal_worker, timeout_s=30)
+    msgs = launch(3, _refusal_worker, backend="gloo", timeout_s=30)
     assert msgs[1].startswith("own: "), msgs
     assert "hidden_states" in msgs[1], msgs
     for r in (0, 2):
@@ -168,7 +168,7 @@ def _pool_worker(info) -> dict:
 
 @pytest.mark.parametrize("W", [1, 2])
 def test_layers_share_one_dispatcher(W):
-    for res in launch(W, _pool_worker):
+    for res in launch(W, _pool_worker, backend="gloo"):
         assert res["n"] == 1, res
         assert res["same"], res
         assert res["other_slot"], res

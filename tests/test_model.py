@@ -24,13 +24,15 @@ def _layer_errors(stack: MoEStack, x: torch.Tensor) -> list[float]:
     """Each layer's output on the stack's own hidden states against the float64 oracle."""
     errs, h = [], x
     for j, layer in enumerate(stack.layers):
-        y = layer(h)
-        r = layer.route_tokens(h)
+        n = stack.norm(h)
+        y = layer(n)
+        r = layer.route_tokens(n)
         ew = lambda g, j=j: syn.expert_weights(SEED + j, g, H, I)  # noqa: E731
-        ref = dense_moe_reference(h.double().cpu(), r.topk_weights.cpu(), r.topk_ids.cpu(),
+        ref = dense_moe_reference(n.double().cpu(), r.topk_weights.cpu(), r.topk_ids.cpu(),
                                   expert_weights=ew)[0]
         errs.append(rel_err(y.cpu(), ref))
         h = h + y
+    assert torch.isfinite(h).all()
     return errs
 
 
@@ -53,7 +55,7 @@ def _cpu_worker(info) -> dict:
 
 @pytest.mark.parametrize("W", [1, 2])
 def test_stack_of_layers_on_one_dispatcher_matches_the_oracle(W):
-    for res in launch(W, _cpu_worker):
+    for res in launch(W, _cpu_worker, backend="gloo"):
         assert res["pooled"] == 1
         assert max(res["errs"]) <= TOL[torch.float32], res["errs"]
 
@@ -94,6 +96,7 @@ def _gpu_worker(info) -> dict:
     eager = stack(x)
     graphed = GraphedEPMoE(stack, buckets=(1, 33, 64))
     replays = [graphed(x).clone() for _ in range(3)]
+    assert torch.isfinite(eager).all()
     big = (syn.tokens(SEED + 1, info.rank, int(3.5 * CAP), H)).to(torch.bfloat16).to(info.device)
     torch.cuda.synchronize()
     return dict(equal=all(torch.equal(r, eager) for r in replays), allocations=len(allocations),
@@ -125,7 +128,7 @@ def _symm_triton_reason() -> str | None:
 
 # ---- rocm-moe bench model -------------------------------------------------------------------
 _TINY = ["--num-experts", "8", "--hidden", "32", "--intermediate", "16", "--top-k", "2",
-         "--layers", "3", "--iters", "2", "--warmup", "1", "--dtype", "float32"]
+         "--layers", "3", "--iters", "2", "--warmup", "1", "--dtype", "float32", "--device", "cpu"]
 
 
 def test_bench_model_on_cpu_ranks(tmp_path, capsys):
@@ -147,7 +150,8 @@ def test_bench_model_on_cpu_ranks(tmp_path, capsys):
     (["--layers", "0"], "--layers 0: must be >= 1"),
     (["--tokens", "0"], "every --tokens >= 1"),
     (["--tokens", "9", "--max-tokens-per-rank", "4"], "a captured batch must fit"),
-    (["--comm", "local", "--world-size", "2"], "--comm local runs one rank"),
+    (["--comm", "local", "--world-size", "2", "--experts", "reference"],
+     "--comm local runs one rank"),
 ])
 def test_bench_model_refuses_bad_flags(flags, message, capsys):
     from rocm_moe.cli import main

@@ -110,6 +110,8 @@ def summarise(per_rank: list[dict], cfg: dict) -> list[dict]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """This benchmark's flags (``rocm-moe bench model``)."""
     p.add_argument("--world-size", type=int, default=1, help="ranks to spawn (one per GPU)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="where the ranks run (auto: one GPU per rank where there are GPUs)")
     p.add_argument("--layers", type=int, default=8, help="N, MoE layers in the stack")
     p.add_argument("--model", choices=list(MODELS), default="qwen3-30b-a3b")
     p.add_argument("--num-experts", type=int, default=None, help="override the model's E")
@@ -141,14 +143,17 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--{k.replace('_', '-')} {v}: must be >= 1")
     if args.warmup < 0 or min(args.tokens) < 1:
         parser.error("--warmup must be >= 0 and every --tokens >= 1")
-    gpu = torch.cuda.is_available()
-    if gpu and args.world_size > torch.cuda.device_count():
-        parser.error(f"--world-size {args.world_size}: {torch.cuda.device_count()} GPU(s) here")
-    if args.comm is None:
-        symm_ok = BACKENDS["comm:symm"].availability() is None
-        args.comm = "symm" if symm_ok else ("local" if args.world_size == 1 else "torch")
     if args.comm == "local" and args.world_size != 1:
         parser.error("--comm local runs one rank: pass --world-size 1")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = args.device == "cuda"
+    if gpu and args.world_size > torch.cuda.device_count():
+        parser.error(f"--world-size {args.world_size}: {torch.cuda.device_count()} GPU(s) here "
+                     "(--device cpu runs CPU ranks)")
+    if args.comm is None:
+        symm_ok = gpu and BACKENDS["comm:symm"].availability() is None
+        args.comm = "symm" if symm_ok else ("local" if args.world_size == 1 else "torch")
     if args.experts is None:
         args.experts = "triton" if gpu else "reference"
     cap = args.max_tokens_per_rank
@@ -173,7 +178,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cfg = vars(args)
     W = args.world_size
     progress(f"starting {W} rank(s)")
-    results = launch(W, _bench_rank, cfg, timeout_s=900)
+    results = launch(W, _bench_rank, cfg, timeout_s=900,
+                     backend="nccl" if args.device == "cuda" else "gloo")
     rows = summarise(results, cfg)
     s, r0 = shape(cfg), results[0]
     device = device_description()
