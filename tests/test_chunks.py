@@ -221,3 +221,20 @@ def test_a_second_dispatch_before_combine_is_refused():
     d.combine_raw(ExpertsOutput(out=third.x[:, None].expand(-1, K, -1).contiguous(),
                                 weights_applied=False), third.handle)
     d.dispatch(x, w, ids)
+
+
+# ---- the engines' defaults ------------------------------------------------------------------
+def test_fastest_backends_follow_the_rank_device(monkeypatch):
+    from rocm_moe import backends
+
+    cpu = torch.device("cpu")
+    assert pool.fastest_comm(1, cpu)[0] == "local"
+    assert pool.fastest_comm(4, cpu)[0] == "torch"
+    assert pool.fastest_experts(cpu)[0] == "reference"
+    # A ROCm GPU with MORI and AITER installed: both preferred (availability faked here).
+    monkeypatch.setattr(type(backends.BACKENDS["comm:mori"]), "availability",
+                        lambda self: None if self.name in ("mori", "aiter") else "absent")
+    gpu = torch.device("cuda", 0)
+    assert pool.fastest_comm(8, gpu)[0] == "mori"
+    assert pool.fastest_experts(gpu)[0] == "aiter"
+    assert pool.fastest_comm(1, gpu)[0] == "local"

@@ -133,42 +133,33 @@ def _one_host(group) -> bool:
 
 def fastest_comm(world_size: int, device: torch.device, group=None, *,
                  engine: str = "rocm_moe") -> tuple[str, str]:
-    """(backend, reason): the fastest comm backend that runs here. One rank: local. On GPUs:
-    MORI on ROCm with MORI installed, else symm on one host (device-initiated, CUDA-graph
-    capturable), else torch; on CPUs torch. Collective when ``world_size > 1`` on a GPU (the
-    host check); logged once per process."""
+    """(backend, reason): the fastest comm backend that runs here: MORI on ROCm GPUs with MORI
+    installed, else ``backends.default_comm`` (local for one rank, symm on the GPUs of one host,
+    torch across hosts and on CPUs). Collective when ``world_size > 1`` on a GPU (the host
+    check); the choice is logged once per process."""
     from rocm_moe import backends
 
-    if world_size == 1:
-        name, why = "local", "one EP rank: nothing to move"
-    elif device.type != "cuda":
-        name, why = "torch", f"ranks on {device.type} (symm and MORI need GPUs)"
-    elif backends.BACKENDS["comm:mori"].availability() is None:
-        name, why = "mori", "ROCm with MORI installed"
-    elif (reason := backends.BACKENDS["comm:symm"].availability()) is not None:
-        name, why = "torch", f"symm cannot run here: {reason}"
-    elif not _one_host(group):
-        name, why = "torch", "the EP group spans hosts (symm reaches the GPUs of one host)"
+    gpus = world_size > 1 and device.type == "cuda"
+    if gpus and backends.BACKENDS["comm:mori"].availability() is None:
+        name, why = "mori", "ROCm GPUs with MORI installed"
     else:
-        name, why = "symm", "GPUs of one host: device-initiated, CUDA-graph capturable"
+        name, why = backends.default_comm(world_size, device,
+                                          multi_host=gpus and not _one_host(group))
     _log_once(f"{engine}-comm", f"{engine} comm backend {name!r} ({why}); set it explicitly "
               "to override")
     return name, why
 
 
-def fastest_experts(device: torch.device, *, engine: str = "rocm_moe") -> tuple[str, str]:
-    """(backend, reason): AITER on ROCm with AITER installed, Triton on GPUs, else the reference;
-    logged once per process."""
+def fastest_experts(device: torch.device, *, dtype: torch.dtype | None = None,
+                    engine: str = "rocm_moe") -> tuple[str, str]:
+    """(backend, reason): AITER on ROCm GPUs with AITER installed, else
+    ``backends.default_experts`` (Triton on GPUs, the reference elsewhere); logged once."""
     from rocm_moe import backends
 
-    if device.type != "cuda":
-        name, why = "reference", f"experts on {device.type}"
-    elif backends.BACKENDS["experts:aiter"].availability() is None:
-        name, why = "aiter", "ROCm with AITER installed"
-    elif (reason := backends.BACKENDS["experts:triton"].availability()) is None:
-        name, why = "triton", "a GPU with Triton"
+    if device.type == "cuda" and backends.BACKENDS["experts:aiter"].availability() is None:
+        name, why = "aiter", "ROCm GPUs with AITER installed"
     else:
-        name, why = "reference", f"Triton cannot run here: {reason}"
+        name, why = backends.default_experts(device, dtype=dtype)
     _log_once(f"{engine}-experts", f"{engine} experts backend {name!r} ({why}); set it "
               "explicitly to override")
     return name, why
