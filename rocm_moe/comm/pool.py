@@ -163,3 +163,18 @@ def fastest_experts(device: torch.device, *, dtype: torch.dtype | None = None,
     _log_once(f"{engine}-experts", f"{engine} experts backend {name!r} ({why}); set it "
               "explicitly to override")
     return name, why
+
+
+MEMORY_MODELS = {"Qwen3-30B-A3B": (128, 2048, 8), "DeepSeek-V3": (256, 7168, 8)}  # E, H, K
+
+
+def memory_rows(tokens_per_rank: int = 4096, ep_sizes=(4, 8, 16)) -> list[dict]:
+    """Comm memory per GPU of one shared dispatcher (the whole model's, whatever its layer
+    count), bf16 rows, for the MEMORY_MODELS at ``ep_sizes``: what ``rocm-moe info`` prints."""
+    rows = []
+    for model, (E, H, K) in MEMORY_MODELS.items():
+        for W in ep_sizes:
+            rows.append(dict(model=model, ep=W, tokens_per_rank=tokens_per_rank, **{
+                name: comm_bytes(name, W, tokens_per_rank, H, K, torch.bfloat16, E)
+                for name in ("symm", "mori")}))
+    return rows
