@@ -42,6 +42,21 @@ class ExpertsOutput:
     out: torch.Tensor  # [R, H] when weights_applied, else [R, K, H]
     weights_applied: bool
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.weights_applied, bool):  # "no" or 0 would be truthy / ambiguous
+            raise TypeError(error_message(
+                "ExpertsOutput.weights_applied", repr(self.weights_applied), "must be a bool",
+                "pass True (the experts applied the routing weights) or False"))
+        if not isinstance(self.out, torch.Tensor):
+            raise TypeError(error_message("ExpertsOutput.out", type(self.out).__name__,
+                                          "must be a torch.Tensor", "pass the experts' output"))
+        want = 2 if self.weights_applied else 3
+        if self.out.dim() != want:
+            shape = "[R, H] (weighted)" if self.weights_applied else "[R, K, H] (raw)"
+            raise ValueError(error_message(
+                "ExpertsOutput.out.shape", list(self.out.shape), f"must be {shape}",
+                "return [R, H] with weights_applied=True or [R, K, H] with False"))
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Sums of routed outputs run in float32, or float64 for float64 inputs."""
@@ -75,10 +90,32 @@ def weight_once(
             "expert_output", type(expert_output).__name__, "must be an ExpertsOutput that "
             "declares whether the routing weights are applied",
             "wrap it: ExpertsOutput(out=y, weights_applied=False)"))
+    _check_slots(expert_output, topk_weights_RK, topk_ids_RK)
     if expert_output.weights_applied:
         return expert_output.out
     return _weighted_sum(expert_output.out, topk_weights_RK,
                          local_slots(topk_ids_RK, expert_map))
+
+
+def _check_slots(expert_output: ExpertsOutput, topk_weights_RK, topk_ids_RK) -> None:
+    """Weights and ids are [R, K] tensors of one shape, and a raw output's [R, K] leads with it
+    (an extra id slot would be silently ignored, a [R, 1] weight broadcast or an IndexError)."""
+    for field, t in (("topk_weights", topk_weights_RK), ("topk_ids", topk_ids_RK)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(error_message(
+                f"{field}.shape", list(t.shape) if isinstance(t, torch.Tensor) else repr(t),
+                "must be a 2-D [R, K] tensor", "pass the dispatched rows' weights and ids"))
+    want = tuple(topk_ids_RK.shape)
+    if not expert_output.weights_applied:
+        want = tuple(expert_output.out.shape[:2])
+        if tuple(topk_ids_RK.shape) != want:
+            raise ValueError(error_message(
+                "topk_ids.shape", list(topk_ids_RK.shape), f"must be the raw output's [R, K] = "
+                f"{list(want)}", "pass the ids of the rows and slots the experts computed"))
+    if tuple(topk_weights_RK.shape) != want:
+        raise ValueError(error_message(
+            "topk_weights.shape", list(topk_weights_RK.shape), f"must be the ids' [R, K] = "
+            f"{list(want)}", "pass one weight per slot (no broadcasting)"))
 
 
 def _weighted_sum(raw_RKH: torch.Tensor, topk_weights_RK: torch.Tensor,
