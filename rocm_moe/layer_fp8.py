@@ -20,7 +20,7 @@ from torch import nn
 from rocm_moe._checks import describe, error_message
 from rocm_moe.experts.fp8 import FP8Experts, FP8ReferenceExperts, check_fp8_weights
 from rocm_moe.layer import EPMoE
-from rocm_moe.quant import BlockFP8Weight, quantize_weight_blocks
+from rocm_moe.quant import BlockFP8Weight, check_block_values, quantize_weight_blocks
 from rocm_moe.quant import fp8_dtype as _fp8_name
 
 # Relative error allowed against the float64 oracle of the DEQUANTISED model: the FP8
@@ -106,6 +106,7 @@ class FP8EPMoE(EPMoE):
                 raise ValueError(error_message(
                     f"{name}.shape[0]", src.shape[0], f"must be E={E} (global) or e={e} (local)",
                     "pass all experts or this rank's experts in local order"))
+            check_block_values(name, src)  # (before to_format: it refuses NaN less clearly)
             out.append(src.to_format(dt).to(self.gate.weight.device).contiguous())
         check_fp8_weights(*out, num_local=e, hidden=H)
         for name, w in zip(("w13", "w2"), out, strict=True):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rocm_moe._checks import describe, error_message
+from rocm_moe._checks import check_finite, describe, error_message, value_checks_allowed
 
 BLOCK = 128  # weight block (rows and columns) and activation group of every FP8 tensor here
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
@@ -164,6 +164,31 @@ class BlockFP8Weight:
         return BlockFP8Weight(q, s)
 
 
+def check_block_values(field: str, w: BlockFP8Weight) -> None:
+    """A weight's values are usable: every block scale finite and > 0 (a zero scale zeroes its
+    block, a negative one flips its sign, NaN / inf spread), no FP8 NaN code in the weight.
+    A value check (one host read): where weights enter (load_experts, a checkpoint), never per
+    forward; skipped under CUDA graph capture."""
+    s = w.scale_inv
+    if s.numel() and value_checks_allowed(s):
+        bad = ~(torch.isfinite(s) & (s > 0))
+        if bool(bad.any()):
+            where = [int(i) for i in bad.nonzero()[0]]
+            raise ValueError(error_message(
+                f"{field}.scale_inv", f"contains {s[bad][0].item()} at {where}",
+                "block scales must be finite and > 0 (value = weight * scale_inv)",
+                "load the checkpoint's weight_scale_inv again, or requantise the float weight "
+                "with quantize_weight_blocks"))
+    q = w.weight
+    if q.numel() and value_checks_allowed(q):
+        nan = torch.isnan(q.float())
+        if bool(nan.any()):
+            where = [int(i) for i in nan.nonzero()[0]]
+            raise ValueError(error_message(
+                f"{field}.weight", f"contains NaN at {where}", "FP8 weights must be finite",
+                "requantise from finite float weights (quantize_weight_blocks)"))
+
+
 @dataclass(frozen=True, eq=False)
 class FP8Rows:
     """Rows in FP8 with one float32 scale per row and group of 128 columns (see the module
@@ -230,6 +255,7 @@ def quantize_weight_blocks(w: torch.Tensor, *, dtype: str | torch.dtype = "e4m3f
     weight = round(w / scale_inv) (round to nearest, saturating), as DeepSeek-V3 was saved."""
     _check_float("w", w)
     dt = fp8_dtype(dtype)
+    check_finite("w", w, "quantise finite weights: an inf gives an inf scale and NaN values")
     if w.dim() < 2:
         raise ValueError(error_message("w.shape", list(w.shape), "must be [..., N, K]",
                                        "pass a weight matrix (or a stack of them)"))

@@ -31,3 +31,114 @@ def test_weight_once_refuses_broadcast_weights():
     raw = ExpertsOutput(out=torch.ones(2, 2, H), weights_applied=False)
     with pytest.raises(ValueError, match=r"topk_weights\.shape"):
         weight_once(raw, torch.rand(2, 1), torch.tensor([[0, 1], [1, 0]]), None)
+
+
+# ---- FP8 weights are value-checked where they enter -------------------------------------------
+
+FP8_H, FP8_I = 128, 128
+
+
+def _fp8_layer(**kw):
+    from rocm_moe import RouterConfig
+    from rocm_moe.layer_fp8 import FP8EPMoE
+
+    return FP8EPMoE(hidden_size=FP8_H, intermediate_size=FP8_I,
+                    router=RouterConfig(num_experts=4, top_k=2), **kw)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1.0],
+                         ids=["nan", "inf", "zero", "negative"])
+def test_fp8_load_refuses_bad_block_scales(bad):
+    from rocm_moe.quant import BlockFP8Weight
+
+    layer = _fp8_layer()
+    w13, w2 = layer.expert_weights()
+    scale = w13.scale_inv.clone()
+    scale[1, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"w13\.scale_inv.*finite and > 0"):
+        layer.load_experts(BlockFP8Weight(w13.weight.clone(), scale), w2)
+
+
+def test_fp8_load_refuses_float_weights_holding_nan():
+    layer = _fp8_layer()
+    w13 = torch.randn(4, 2 * FP8_I, FP8_H)
+    w13[2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"^w=contains nan.*must be finite"):
+        layer.load_experts(w13, torch.randn(4, FP8_H, FP8_I))
+
+
+def test_fp8_load_refuses_nan_codes():
+    from rocm_moe.quant import BlockFP8Weight
+
+    layer = _fp8_layer()
+    w13, w2 = layer.expert_weights()
+    q = w13.weight.clone()
+    q.view(torch.uint8)[0, 0, 0] = 0x7F  # e4m3fn NaN
+    with pytest.raises(ValueError, match=r"w13\.weight=contains NaN"):
+        layer.load_experts(BlockFP8Weight(q, w13.scale_inv), w2)
+
+
+def test_quantize_weight_blocks_refuses_inf():
+    from rocm_moe.quant import quantize_weight_blocks
+
+    w = torch.randn(128, 128)
+    w[5, 6] = float("inf")
+    with pytest.raises(ValueError, match=r"^w=contains inf at \[5, 6\]"):
+        quantize_weight_blocks(w)
+
+
+def _edit_checkpoint(directory, edit) -> None:
+    """Apply ``edit(tensors)`` to every shard of a checkpoint (and drop what it drops from the
+    index)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from rocm_moe.integrations import hf
+
+    index = json.loads((directory / hf.INDEX).read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(directory / shard)
+        edit(tensors)
+        save_file(tensors, directory / shard, metadata={"format": "pt"})
+    kept = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        kept.update(dict.fromkeys(load_file(directory / shard), shard))
+    index["weight_map"] = kept
+    (directory / hf.INDEX).write_text(json.dumps(index))
+
+
+SCALE3 = "model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5], ids=["zero", "negative"])
+def test_fp8_checkpoint_refuses_zero_or_negative_scales(tmp_path, bad):
+    pytest.importorskip("transformers")
+    from rocm_moe.integrations import hf
+    from tests.test_fp8_checkpoint import E, save_fp8_deepseek_v3
+
+    save_fp8_deepseek_v3(tmp_path)
+
+    def edit(t):
+        if SCALE3 in t:
+            t[SCALE3][0, 0] = bad
+    _edit_checkpoint(tmp_path, edit)
+    with pytest.raises(ValueError, match=r"experts\.3\.up_proj\.weight\.scale_inv.*> 0"):
+        hf.load_moe_layer(tmp_path, 1, Placement.contiguous(E, 1), 0)
+
+
+@pytest.mark.parametrize("which", ["some", "all"])
+def test_fp8_checkpoint_missing_scales(tmp_path, which):
+    pytest.importorskip("transformers")
+    from rocm_moe.integrations import hf
+    from tests.test_fp8_checkpoint import E, save_fp8_deepseek_v3
+
+    save_fp8_deepseek_v3(tmp_path)
+
+    def edit(t):
+        for name in list(t):
+            if name.endswith("_scale_inv") and (which == "all" or ".experts.0." in name):
+                del t[name]
+    _edit_checkpoint(tmp_path, edit)
+    with pytest.raises(ValueError, match="weight_scale_inv"):
+        hf.load_moe_layer(tmp_path, 1, Placement.contiguous(E, 1), 0)

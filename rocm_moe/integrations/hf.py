@@ -35,7 +35,7 @@ from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.families import ExpertTensors, ModelFamily, family
 from rocm_moe.layer import EPMoE
 from rocm_moe.placement import Placement
-from rocm_moe.quant import FP8_DTYPES, BlockFP8Weight
+from rocm_moe.quant import FP8_DTYPES, BlockFP8Weight, check_block_values
 from rocm_moe.routing import RouterConfig
 
 INDEX = "model.safetensors.index.json"
@@ -240,7 +240,14 @@ def _read_expert(ck: Checkpoint, names: ExpertTensors, H: int, I: int | None = N
         return w13.dequantize(torch.float32), w2.dequantize(torch.float32)
     gate = ck.tensor(names.gate, (I, H))
     I = gate.shape[0]
-    return torch.cat([gate, ck.tensor(names.up, (I, H))]), ck.tensor(names.down, (H, I))
+    up, down = ck.tensor(names.up, (I, H)), ck.tensor(names.down, (H, I))
+    for name, t in zip((names.gate, names.up, names.down), (gate, up, down), strict=True):
+        if t.dtype in FP8_DTYPES:  # an FP8 weight without its scales is no value at all
+            raise ValueError(error_message(
+                f"{name}.dtype", t.dtype, f"an FP8 weight needs its block scales "
+                f"{name + SCALE_SUFFIX} beside it, and the checkpoint has none",
+                "download the checkpoint again (every FP8 projection has a weight_scale_inv)"))
+    return torch.cat([gate, up]), down
 
 
 def _read_fp8(ck: Checkpoint, name: str, shape: tuple) -> BlockFP8Weight:
@@ -253,10 +260,12 @@ def _read_fp8(ck: Checkpoint, name: str, shape: tuple) -> BlockFP8Weight:
     blocks = tuple(-(-n // 128) for n in w.shape)
     scale = ck.tensor(name + SCALE_SUFFIX, blocks)
     try:
-        return BlockFP8Weight(w, scale.float())
+        weight = BlockFP8Weight(w, scale.float())
     except (TypeError, ValueError) as exc:
         raise ValueError(error_message(name + SCALE_SUFFIX, list(scale.shape), str(exc),
                                        "download the checkpoint again")) from exc
+    check_block_values(name, weight)  # zero / negative scales are finite, yet no weight
+    return weight
 
 
 def _read_expert_fp8(ck: Checkpoint, names: ExpertTensors, H: int, I: int | None = None
