@@ -120,10 +120,10 @@ def default_comm(world_size: int, device: torch.device, multi_host: bool) -> tup
     if device.type != "cuda":
         return "torch", f"default on {device.type.upper()} ranks"
     if multi_host:
-        return "torch", "ranks on several hosts (symm reaches the GPUs of one host only)"
+        return "torch", "ranks on several hosts: symm reaches the GPUs of one host only"
     if (reason := BACKENDS["comm:symm"].availability()) is not None:
         return "torch", f"symm cannot run: {reason}"
-    return "symm", "default on the GPUs of one host (CUDA-graph capturable)"
+    return "symm", "default on the GPUs of one host: CUDA-graph capturable"
 
 
 def device_description() -> str:

@@ -71,10 +71,13 @@ def _init(rank: int, world_size: int, backend: str, timeout_s: float,
     return WorkerInfo(rank, world_size, device, backend)
 
 
-def init_from_env(timeout_s: float = 300) -> WorkerInfo:
-    """Join the group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_*)."""
+def init_from_env(timeout_s: float = 300, backend: str | None = None) -> WorkerInfo:
+    """Join the group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_*).
+    ``backend``: default NCCL where this host has a GPU for each of its ranks
+    (LOCAL_WORLD_SIZE), else gloo: CPU ranks, e.g. 2 ranks on a host with one GPU."""
     world_size = int(os.environ["WORLD_SIZE"])
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    backend = backend or default_backend(local)
     return _init(int(os.environ["RANK"]), world_size, backend, timeout_s)
 
 

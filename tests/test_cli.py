@@ -144,7 +144,12 @@ def test_run_under_torchrun():
            "--dtype", "float32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "W=2 (gloo)" in proc.stdout
+    # two ranks on a host with fewer than 2 GPUs are CPU ranks (gloo), with CPU backends
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert f"W=2 ({'nccl' if gpus >= 2 else 'gloo'})" in proc.stdout, proc.stdout
+    if gpus < 2:
+        assert "comm=torch (default on CPU ranks), experts=reference (default on CPU ranks)" \
+            in " ".join(proc.stdout.split()), proc.stdout
     assert "PASS" in proc.stdout
 
 
@@ -198,15 +203,22 @@ def test_backend_choices_come_from_the_registry(capsys, monkeypatch):
 
 @pytest.mark.parametrize(("world_size", "comm"), [(1, "local"), (2, "torch")])
 def test_layer_spec_from_arguments(world_size, comm):
+    """Backends not asked for stay None until a rank chooses them from its own device."""
     from rocm_moe.cli import build_parser
     from rocm_moe.cli.spec import LayerSpec, layer_spec
+    from rocm_moe.distributed import WorkerInfo
 
     args = build_parser().parse_args(["run", *SMALL, "--seed", "3", "--dtype", "float32"])
     spec = layer_spec(args, world_size, weight_mode="combine")
     assert spec == LayerSpec(num_experts=8, hidden_size=32, intermediate_size=16, top_k=2,
-                             dtype="float32", weight_mode="combine", comm=comm,
-                             experts="reference", seed=3)
+                             dtype="float32", weight_mode="combine", seed=3)
     assert spec.shape == "E=8 H=32 I=16 K=2"
+    ran = spec.on_rank(WorkerInfo(0, world_size, torch.device("cpu"), "gloo"))
+    assert (ran.comm, ran.experts) == (comm, "reference")
+    args = build_parser().parse_args(["run", *SMALL, "--comm", comm, "--experts", "reference"])
+    asked = layer_spec(args, world_size).on_rank(WorkerInfo(0, world_size,
+                                                            torch.device("cpu"), "gloo"))
+    assert asked.backends_chosen == f"comm={comm} (--comm), experts=reference (--experts)"
 
 
 def test_bench_is_an_ordinary_subcommand():
@@ -247,6 +259,29 @@ def test_progress_goes_to_stderr(capsys):
     assert "ready" not in captured.out
     assert "iteration 2/2" not in captured.out
     assert captured.out.startswith("EPMoE E=8 H=32 I=16 K=2, 9 tokens per rank, W=1")
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_run_reports_every_long_step(capfd, world_size):
+    """run's progress on stderr: the layer being built and built (every rank), the warm-up,
+    every iteration (none skipped, however fast), the oracle check starting and done."""
+    assert main(["run", *SMALL, "--world-size", str(world_size), "--tokens", "9", "--iters",
+                 "4", "--dtype", "float32"]) == 0
+    captured = capfd.readouterr()  # (spawned ranks write to the process's stderr)
+    err = captured.err
+    lines = [line.split(" ", 1)[1] for line in err.splitlines()]  # without the time stamp
+    building = "rank 0: building the layer (synthetic seed 0, comm="
+    assert any(line.startswith(building) for line in lines), err
+    for r in range(world_size):
+        assert any(line.startswith(f"rank {r}/{world_size}: weights built in ")
+                   for line in lines), err
+    steps = ["rank 0: warm-up forward done in ",
+             *(f"rank 0: iteration {i}/4 (" for i in range(1, 5)),
+             "rank 0: checking against the float64 oracle",
+             "rank 0: checked against the float64 oracle in "]
+    at = [next(i for i, line in enumerate(lines) if line.startswith(step)) for step in steps]
+    assert at == sorted(at), err  # in this order
+    assert "rank 0: iteration" not in captured.out
 
 
 def test_run_with_shared_experts(capsys, tmp_path):
@@ -347,7 +382,9 @@ def _bench_on_two_launchers(tmp_path, per_node: int) -> dict:
     bench = ["-m", "rocm_moe.cli", "bench", "layer", "--tokens", "17", "--hidden", "64",
              "--num-experts", "8", "--intermediate", "32", "--top-k", "2", "--warmup", "1",
              "--iters", "2", "--dtype", "float32", "--out", str(tmp_path), "--name", "nodes"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # CPU ranks on any host: two launchers on one host would each take its GPU 0 (NCCL refuses
+    # two ranks on one GPU); real emulated nodes give each launcher its own GPUs
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for _attempt in range(3):  # torchrun's rendezvous port must be known to both launchers:
         with socket.socket() as sock:  # a free one, taken by someone else in between at worst
             sock.bind(("127.0.0.1", 0))
@@ -452,6 +489,7 @@ def _gpu_host(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a simulated GPU")
     monkeypatch.setattr(TritonExperts, "availability", classmethod(lambda cls: None))
     monkeypatch.setattr(SymmDispatcher, "availability", classmethod(lambda cls: None))
 
@@ -488,3 +526,99 @@ def test_default_backends_fall_back_where_the_fast_ones_cannot_run(monkeypatch):
     gpu = torch.device("cuda", 0)
     assert default_experts(gpu) == ("reference", "triton cannot run: no triton")
     assert default_comm(2, gpu, False) == ("torch", "symm cannot run: no symm")
+
+
+def test_ranks_on_cpus_of_a_gpu_host_pick_cpu_backends(monkeypatch):
+    """On a host with one GPU, two ranks are CPU ranks (gloo); a rank on a CPU picks the
+    reference experts and torch whatever the host has, one on a GPU triton (and symm, torch
+    across hosts) from its own device and the dtype it computes in."""
+    from rocm_moe.cli import build_parser, ranks
+    from rocm_moe.cli.spec import layer_spec
+    from rocm_moe.distributed import WorkerInfo
+
+    _gpu_host(monkeypatch)
+    assert ranks.spawn_backend(2) == "gloo"
+    assert ranks.spawn_backend(1) == "nccl"
+    assert ranks.spawn_backend(1, "cpu") == "gloo"  # --device cpu: CPU ranks on a GPU host
+    spec = layer_spec(build_parser().parse_args(["run", *SMALL]), 2)
+    cpu_rank = spec.on_rank(WorkerInfo(1, 2, torch.device("cpu"), "gloo"))
+    assert cpu_rank.backends_chosen == ("comm=torch (default on CPU ranks), "
+                                        "experts=reference (default on CPU ranks)")
+    gpu_rank = spec.on_rank(WorkerInfo(1, 2, torch.device("cuda", 1), "nccl"))
+    assert (gpu_rank.comm, gpu_rank.experts) == ("symm", "triton")  # dtype auto: bf16
+    assert "experts=triton (default on GPUs)" in gpu_rank.backends_chosen
+    f32 = layer_spec(build_parser().parse_args(["run", *SMALL, "--dtype", "float32"]), 2)
+    assert f32.on_rank(WorkerInfo(0, 2, torch.device("cuda", 0), "nccl")).experts == "reference"
+    for k, v in dict(RANK="0", WORLD_SIZE="4", LOCAL_WORLD_SIZE="2", MASTER_ADDR="h").items():
+        monkeypatch.setenv(k, v)
+    assert ranks.multi_host()
+    across = spec.on_rank(WorkerInfo(0, 4, torch.device("cuda", 0), "nccl"))
+    assert (across.comm, across.experts) == ("torch", "triton")
+    assert "several hosts" in across.comm_why
+
+
+def test_torchrun_ranks_without_a_gpu_each_are_cpu_ranks(monkeypatch):
+    """torchrun starting 2 ranks on a host with one GPU: gloo on CPUs (NCCL would put rank 1 on
+    a cuda:1 that does not exist); a GPU each: NCCL."""
+    from rocm_moe import distributed
+
+    _gpu_host(monkeypatch)
+    monkeypatch.setattr(distributed, "_init", lambda rank, world, backend, timeout: backend)
+    for k, v in dict(RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="h").items():
+        monkeypatch.setenv(k, v)
+    assert distributed.init_from_env() == "gloo"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.init_from_env() == "nccl"
+    assert distributed.init_from_env(backend="gloo") == "gloo"
+
+
+def test_device_cpu_spawns_cpu_ranks_on_a_gpu_host(capsys, monkeypatch):
+    """--device cpu with two ranks on a host with 2 GPUs: gloo ranks on the CPUs (not NCCL),
+    CPU backends; --device cuda needs a GPU per rank, cuda:N names one rank's."""
+    _gpu_host(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main(["sanity", *SMALL, "--world-size", "2", "--device", "cpu"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "W=2 comm=torch experts=reference" in out
+    assert "backends: comm=torch (default on CPU ranks), experts=reference (default on CPU " \
+        "ranks)" in out
+    for argv, match in ((["--world-size", "3", "--device", "cuda"],
+                         "--device=cuda: 3 ranks need a GPU each, this machine has 2"),
+                        (["--world-size", "2", "--device", "cuda:1"],
+                         "--device=cuda:1: names one GPU; 2 spawned ranks take one GPU each")):
+        assert main(["sanity", "--num-experts", "12", *argv]) == 2
+        assert match in capsys.readouterr().err
+
+
+def test_bench_layer_on_cpu_ranks_of_a_gpu_host(tmp_path, monkeypatch):
+    """bench layer with 2 ranks on a one-GPU host: the ranks run on CPUs and pick torch and the
+    reference experts themselves (the launcher's GPU no longer decides for them)."""
+    _gpu_host(monkeypatch)
+    assert main(["bench", "layer", "--world-size", "2", "--tokens", "3", "--hidden", "32",
+                 "--num-experts", "8", "--intermediate", "16", "--top-k", "2", "--warmup", "0",
+                 "--iters", "1", "--dtype", "float32", "--out", str(tmp_path),
+                 "--name", "cpu_ranks"]) == 0
+    data = json.loads((tmp_path / "cpu_ranks.json").read_text())
+    assert data["config"]["experts"] == "reference"
+    assert data["config"]["comm"] == ["torch"]
+    assert [r["comm"] for r in data["summary"]] == ["torch"]
+
+
+def test_info_tells_the_defaults(capsys, monkeypatch):
+    from rocm_moe.cli.info import default_rows
+
+    assert main(["info"]) == 0
+    assert "defaults here" in capsys.readouterr().out
+    cpu = "reference (default on CPU ranks)"
+    assert default_rows() == [("1 (--world-size 1)", "cpu", "local (one rank)", cpu),
+                              ("2 spawned (gloo)", "cpu", "torch (default on CPU ranks)", cpu)]
+    _gpu_host(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gpu = "triton (default on GPUs)"
+    assert default_rows() == [
+        ("1 (--world-size 1)", "cuda", "local (one rank)", gpu),
+        ("2 spawned (NCCL, a GPU each)", "cuda",
+         "symm (default on the GPUs of one host: CUDA-graph capturable)", gpu),
+        ("3 spawned, or --device cpu (gloo)", "cpu", "torch (default on CPU ranks)", cpu),
+        ("torchrun across hosts (NCCL)", "cuda",
+         "torch (ranks on several hosts: symm reaches the GPUs of one host only)", gpu)]

@@ -112,6 +112,11 @@ def _p2p_ceiling(info: WorkerInfo, group, mb: int, iters: int) -> float:
 
 
 def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
+    if not cfg["comm"]:  # not given: torch, and symm where this rank's device gets it by default
+        from rocm_moe.backends import default_comm
+
+        symm = default_comm(max(2, info.world_size), info.device, False)[0] == "symm"
+        cfg = dict(cfg, comm=["torch"] + (["symm"] if symm else []))
     dtype = getattr(torch, cfg["dtype"])
     H, E, K, W = cfg["hidden"], cfg["num_experts"], cfg["top_k"], info.world_size
     dev = info.device
@@ -189,7 +194,7 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
         if info.rank == 0:
             progress(f"rank 0: {T} tokens per rank done")
     p2p = _p2p_ceiling(info, group, cfg["p2p_mb"], cfg["iters"]) if graphs else None
-    return dict(rows=rows, p2p_GBps=p2p)
+    return dict(rows=rows, p2p_GBps=p2p, comm=cfg["comm"])
 
 
 def _wire_row_bytes(H: int, dtype: torch.dtype, K: int, comm=()) -> dict:
@@ -269,7 +274,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ranks to spawn (default: one per GPU, else 2)")
     p.add_argument("--comm", nargs="+", default=None,
                    choices=["torch", "torch-fp8", "symm", "symm-fp8"],
-                   help="backends to time (default: torch, and symm where it can run)")
+                   help="backends to time (default: torch, and symm on ranks on GPUs)")
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 4096, 16384])
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--num-experts", type=int, default=256)
@@ -294,9 +299,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rocm_moe.backends import device_description
     from rocm_moe.comm.symm import SymmDispatcher
 
-    if args.comm is None:
-        args.comm = ["torch"] + (["symm"] if SymmDispatcher.availability() is None else [])
-    for name in {"symm", "symm-fp8"} & set(args.comm):
+    # --comm not given: each rank picks torch, and symm on GPUs (never on CPU ranks of a GPU host)
+    for name in {"symm", "symm-fp8"} & set(args.comm or []):
         if (reason := SymmDispatcher.availability()) is not None:
             parser.error(f"--comm {name} cannot run here: {reason}")
     W = args.world_size or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
@@ -304,6 +308,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     progress(f"starting {W} ranks: {len(args.tokens)} sizes x {args.warmup} + {args.iters} "
              "iterations")
     results = launch(W, _bench_rank, cfg, timeout_s=600)
+    cfg["comm"] = args.comm = results[0]["comm"]  # as the ranks ran
     rows = summarise([r["rows"] for r in results])
     p2p = [r["p2p_GBps"] for r in results]
     device = device_description()

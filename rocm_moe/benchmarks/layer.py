@@ -290,6 +290,22 @@ def _bench_case(layer, x, info, group, cfg, graphed) -> dict:
     return dict(times=times, stages=stages)
 
 
+def default_backends(cfg: dict, info: WorkerInfo, dtype: torch.dtype, multinode: bool) -> dict:
+    """The comm backends and experts this rank runs where --comm / --experts are not given,
+    chosen from the rank's own device (``backends.default_experts`` / ``default_comm``): torch,
+    plus symm where the defaults pick it (GPUs of one node; W = 1 too), and the Triton
+    experts on GPUs. A rank spawned on the CPUs of a GPU host gets torch and the reference."""
+    from rocm_moe import backends
+
+    experts, why = (cfg["experts"], "--experts") if cfg["experts"] else \
+        backends.default_experts(info.device, dtype=dtype)
+    comm = cfg["comm"]
+    if not comm:
+        symm = backends.default_comm(max(2, info.world_size), info.device, multinode)[0]
+        comm = ["torch"] + (["symm"] if symm == "symm" else [])
+    return dict(cfg, comm=comm, experts=experts, experts_why=why)
+
+
 def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
     from rocm_moe.graphs import GraphedEPMoE
 
@@ -297,6 +313,7 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
     dtype = getattr(torch, cfg["dtype"])
     nodes = node_layout(info)
     multinode = len(set(nodes)) > 1
+    cfg = default_backends(cfg, info, dtype, multinode)
     node_groups = _node_groups(nodes) if multinode and cfg["hier_probe"] else None
     rows, refused, probes = [], {}, []
     steps = Steps("rank 0: cases done", len(cfg["comm"]) * len(cfg["tokens"]) * len(cfg["skew"])
@@ -348,7 +365,8 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
             if info.device.type == "cuda":
                 torch.cuda.empty_cache()
     return dict(rows=rows, refused=refused, nodes=nodes, probes=probes,
-                device=str(info.device))
+                device=str(info.device), comm=cfg["comm"], experts=cfg["experts"],
+                experts_why=cfg["experts_why"])
 
 
 def _median_slowest(ranks: list[dict], get) -> float:
@@ -467,9 +485,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 4096, 16384],
                    help="tokens per rank")
     p.add_argument("--comm", nargs="+", default=None, choices=["torch", "symm", "mori"],
-                   help="comm backends (default: torch, and symm where it runs)")
+                   help="comm backends (default: torch, and symm on ranks on the GPUs of one "
+                   "node)")
     p.add_argument("--experts", default=None,
-                   help="experts backend (default: triton on GPUs, reference on CPUs)")
+                   help="experts backend (default: triton on ranks on GPUs, reference on CPU "
+                   "ranks, even on a GPU host)")
     p.add_argument("--weight-modes", nargs="+", default=["experts"],
                    choices=["experts", "combine"])
     p.add_argument("--invariant", action="store_true",
@@ -501,14 +521,11 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--{k.replace('_', '-')} {v}: must be >= {0 if k == 'warmup' else 1}")
     if args.iters < 1 or min(args.tokens) < 1:
         parser.error("--iters and every --tokens must be >= 1")
-    if args.comm is None:
-        args.comm = ["torch"] + (["symm"] if availability("comm", "symm") is None
-                                 else [])
-    if args.experts is None:
-        args.experts = "triton" if torch.cuda.is_available() else "reference"
+    # --comm / --experts not given: each rank picks them from its own device (default_backends)
     if getattr(args, "invariant", False) and "invariant" not in args.weight_modes:
         args.weight_modes = [*args.weight_modes, "invariant"]
-    for kind, names in (("comm", args.comm), ("experts", [args.experts])):
+    for kind, names in (("comm", args.comm or []), ("experts", [args.experts] if args.experts
+                                                     else [])):
         for name in names:
             if (reason := availability(kind, name)) is not None:
                 parser.error(f"--{kind} {name} cannot run here: {reason}")
@@ -543,6 +560,7 @@ def report(results: list[dict], cfg: dict, W: int) -> int:
 
     from rocm_moe.backends import device_description
 
+    cfg = dict(cfg, comm=results[0]["comm"], experts=results[0]["experts"])  # as the ranks ran
     rows = summarise(results, cfg)
     nodes = results[0]["nodes"]
     layout = f"{len(set(nodes))} node(s): " + " ".join(
@@ -552,7 +570,8 @@ def report(results: list[dict], cfg: dict, W: int) -> int:
     device = device_description()
     title = (f"EPMoE forward, {cfg['model']} E={s['num_experts']} H={s['hidden']} "
              f"I={s['intermediate']} K={s['top_k']} shared={s['shared_intermediate']} "
-             f"{cfg['dtype']}, experts={cfg['experts']}, W={W}, {layout}, {device}")
+             f"{cfg['dtype']}, experts={cfg['experts']} ({results[0]['experts_why']}), "
+             f"W={W}, {layout}, {device}")
     console = Console(width=220)
     table = Table(title=title, title_justify="left")
     keys = [k for k in rows[0] if k not in ("comm", "tokens", "skew", "mode")] if rows else []

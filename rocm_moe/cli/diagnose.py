@@ -61,7 +61,7 @@ class DiagnoseJob:
 def _rank(info: WorkerInfo, job: DiagnoseJob) -> dict:
     from rocm_moe.diagnose import diagnose
 
-    spec = job.spec
+    spec = job.spec.on_rank(info)
     dtype = spec.torch_dtype(info.device)
     layer = spec.build(info, dtype)
     layer.fault = job.inject
@@ -70,7 +70,8 @@ def _rank(info: WorkerInfo, job: DiagnoseJob) -> dict:
     report = diagnose(layer, x, expert_weights=spec.expert_weights(dtype), dump=job.dump)
     if info.rank == 0:
         progress("rank 0: stages judged")
-    return report.to_dict()
+    return dict(report.to_dict(), comm=spec.comm_name, experts=spec.experts,
+                backends=spec.backends_chosen)
 
 
 def command(args: argparse.Namespace) -> int:
@@ -95,8 +96,9 @@ def command(args: argparse.Namespace) -> int:
 
 
 def _print_stages(spec: LayerSpec, job: DiagnoseJob, results: list[dict]) -> None:
-    console.print(f"diagnose: W={len(results)} comm={spec.comm} "
-                  f"experts={spec.experts} weight_mode={spec.weight_mode} router={spec.router} "
+    r0 = results[0]
+    console.print(f"diagnose: W={len(results)} comm={r0['comm']} "
+                  f"experts={r0['experts']} weight_mode={spec.weight_mode} router={spec.router} "
                   f"dtype={results[0]['dtype']} E={spec.num_experts} K={spec.top_k} "
                   f"tokens/rank={job.batch}x{job.seq}" +
                   (f" injected={job.inject}" if job.inject else ""))
@@ -111,6 +113,7 @@ def _print_stages(spec: LayerSpec, job: DiagnoseJob, results: list[dict]) -> Non
         verdict = "ok" if not bad else f"[red]DIVERGES[/red] on ranks {bad}"
         table.add_row(stage["stage"], *(f"{e:.1e}" for e in errs), verdict)
     console.print(table)
+    console.print(f"backends: {r0['backends']}", markup=False)
     for stage in results[0]["stages"]:
         if stage["note"]:
             console.print(f"{stage['stage']}: {stage['note']}", markup=False)

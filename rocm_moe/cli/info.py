@@ -1,4 +1,5 @@
-"""rocm-moe info: versions, the device, and which backends can run here (and why not)."""
+"""rocm-moe info: versions, the device, which backends can run here (and why not), and the ones
+run, sanity, diagnose and bench layer pick here when --comm / --experts are not given."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from rich.table import Table
 from rocm_moe import __version__, backends
 from rocm_moe._console import console
 from rocm_moe._libs import library_version
-from rocm_moe.cli.spec import FP8_COMM
+from rocm_moe.cli import ranks
+from rocm_moe.cli.spec import FP8_COMM, LayerSpec
 
 OPTIONAL_LIBRARIES = ("triton", "mori", "aiter", "transformers", "safetensors", "matplotlib")
 
@@ -37,6 +39,7 @@ def command(args: argparse.Namespace) -> int:
         table.add_row("comm", f"{name} (--comm {base} --fp8-dispatch)",
                       "usable" if reason is None else f"unavailable: {reason}")
     console.print(table)
+    console.print(defaults_table())
     libs = Table(title="optional libraries")
     for col in ("library", "version"):
         libs.add_column(col)
@@ -44,3 +47,37 @@ def command(args: argparse.Namespace) -> int:
         libs.add_row(lib, library_version(lib) or "not installed")
     console.print(libs)
     return 0
+
+
+def default_rows() -> list[tuple[str, str, str, str]]:
+    """(ranks, device, comm, experts) of the ranks a command would start here when --comm /
+    --experts are not given, each backend with its reason, chosen from the device the ranks run
+    on (``LayerSpec.on_rank``): one rank in this process, the default spawned ranks, and on a
+    GPU host CPU ranks (--device cpu, or more ranks than GPUs) and ranks across hosts."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    W = ranks.world_size(None)  # --world-size's default: torchrun's, a rank per GPU, or 2
+    cases = [("1 (--world-size 1)", 1, ranks.device("auto"), False)]
+    if W > 1:
+        on_gpus = ranks.spawn_backend(W) == "nccl"
+        cases.append((f"{W} spawned ({'NCCL, a GPU each' if on_gpus else 'gloo'})", W,
+                      torch.device("cuda" if on_gpus else "cpu"), False))
+    if gpus:
+        cases.append((f"{max(2, gpus + 1)} spawned, or --device cpu (gloo)", max(2, gpus + 1),
+                      torch.device("cpu"), False))
+        cases.append(("torchrun across hosts (NCCL)", 2 * gpus, torch.device("cuda"), True))
+    spec = LayerSpec(num_experts=8, hidden_size=8, intermediate_size=8, top_k=1)  # dtype auto
+    rows = []
+    for label, world, device, multi in cases:
+        experts = backends.default_experts(device, dtype=spec.torch_dtype(device))
+        comm = backends.default_comm(world, device, multi)
+        rows.append((label, device.type, f"{comm[0]} ({comm[1]})", f"{experts[0]} ({experts[1]})"))
+    return rows
+
+
+def defaults_table() -> Table:
+    table = Table(title="defaults here (without --comm / --experts; dtype auto)")
+    for col in ("ranks", "device", "comm", "experts"):
+        table.add_column(col)
+    for row in default_rows():
+        table.add_row(*row)
+    return table

@@ -1,6 +1,8 @@
 """Where a command's ranks run: in this process (W = 1), spawned on this host (``--world-size``),
-or joined from torchrun's environment (any number of nodes). Progress (ranks starting and
-ready) goes to stderr."""
+or joined from torchrun's environment (any number of nodes), and on which device: a GPU per
+rank where the host has one for each (NCCL), else its CPUs (gloo); ``--device cpu`` asks for
+CPU ranks on a GPU host. Each rank then picks its default backends from its own device
+(``spec.LayerSpec.on_rank``). Progress (ranks starting and ready) goes to stderr."""
 
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ def check_host_memory(world_size: int, device_name: str, tokens: int, *, num_exp
     """Refuse, before any rank starts, W CPU ranks on this host that would not fit in its
     available memory (``available``: bytes, default MemAvailable). GPUs and torchrun: no check
     (the ranks' memory is not this host's, or not only)."""
-    on_cpu = default_backend(world_size) == "gloo" if world_size > 1 \
+    on_cpu = spawn_backend(world_size, device_name) == "gloo" if world_size > 1 \
         else device(device_name).type == "cpu"
     if under_torchrun() or not on_cpu:
         return
@@ -87,10 +89,29 @@ def check_host_memory(world_size: int, device_name: str, tokens: int, *, num_exp
 
 
 def device(name: str) -> torch.device:
-    """``--device``: auto (cuda if present, else cpu) or a torch device name."""
+    """``--device`` of one rank in this process: auto (cuda if present, else cpu) or a torch
+    device name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def spawn_backend(world_size: int, device_name: str = "auto") -> str:
+    """The process group of several ranks (spawned, or under torchrun where ``world_size`` is
+    this host's share): gloo on CPUs with ``--device cpu``, NCCL with ``--device cuda``, and for
+    auto NCCL where this host has a GPU for every rank, else gloo (``default_backend``)."""
+    if device_name == "auto":
+        return default_backend(world_size)
+    return "gloo" if torch.device(device_name).type == "cpu" else "nccl"
+
+
+def multi_host() -> bool:
+    """Whether the ranks span hosts: under torchrun, when this host runs fewer of them
+    (LOCAL_WORLD_SIZE) than the group holds; spawned ranks and one rank share this host."""
+    if not under_torchrun():
+        return False
+    world = int(os.environ["WORLD_SIZE"])
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world
 
 
 @dataclass(frozen=True)
@@ -112,7 +133,8 @@ def on_ranks(worker: Callable, job, *, world_size: int, device_name: str = "auto
     to rank 0 and the other ranks get ``[]`` (they print nothing)."""
     worker = _Announced(worker)
     if under_torchrun():
-        info = init_from_env()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        info = init_from_env(backend=spawn_backend(local, device_name))
         try:
             result = worker(info, job)
             everyone = [None] * info.world_size
@@ -123,7 +145,8 @@ def on_ranks(worker: Callable, job, *, world_size: int, device_name: str = "auto
             torch.distributed.destroy_process_group()
     if world_size == 1:
         return [worker(WorkerInfo(0, 1, device(device_name), "none"), job)]
-    progress(f"starting {world_size} ranks ({default_backend(world_size)})")
-    results = launch(world_size, worker, job)
+    backend = spawn_backend(world_size, device_name)
+    progress(f"starting {world_size} ranks ({backend})")
+    results = launch(world_size, worker, job, backend=backend)
     progress(f"{world_size} ranks done")
     return results

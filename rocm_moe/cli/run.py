@@ -20,7 +20,7 @@ from rich.table import Table
 
 from rocm_moe import backends, synthetic
 from rocm_moe._checks import error_message
-from rocm_moe._console import Steps, console, progress
+from rocm_moe._console import console, progress
 from rocm_moe.cli import ranks
 from rocm_moe.cli.spec import (
     LayerSpec,
@@ -64,38 +64,54 @@ class RunJob:
     iters: int  # timed iterations after one warm-up
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _rank(info: WorkerInfo, job: RunJob) -> dict:
-    spec = job.spec
+    spec = job.spec.on_rank(info)
     dtype = spec.torch_dtype(info.device)
+    first = info.rank == 0  # rank 0 tells the steps every rank takes together
+    if first:
+        progress(f"rank 0: building the layer ({spec.weights_source}, {spec.backends_chosen})")
     t0 = time.perf_counter()
     layer = spec.build(info, dtype)
     x = synthetic.tokens(spec.seed, info.rank, job.tokens, spec.hidden_size).to(dtype)
     x = x.to(info.device)
     build_s = time.perf_counter() - t0
-    steps = Steps("rank 0: iteration", job.iters, enabled=info.rank == 0)
+    progress(f"rank {info.rank}/{info.world_size}: weights built in {build_s:.1f} s")
     with torch.no_grad():
-        layer(x)  # warm-up
+        t0 = time.perf_counter()
+        layer(x)  # warm-up (Triton compiles its kernels here)
+        _synchronize(info.device)
+        if first:
+            progress(f"rank 0: warm-up forward done in {time.perf_counter() - t0:.1f} s")
         traces, totals = [], []
-        for _ in range(job.iters):
+        for i in range(job.iters):
             trace = Trace()
             start = time.perf_counter()
             layer(x, trace=trace)
-            if info.device.type == "cuda":
-                torch.cuda.synchronize()
+            _synchronize(info.device)
             totals.append(time.perf_counter() - start)
             traces.append(trace)
-            steps.step()
+            if first:
+                progress(f"rank 0: iteration {i + 1}/{job.iters} ({1e3 * totals[-1]:.1f} ms)")
+        if first:
+            progress("rank 0: checking against the float64 oracle")
+        t0 = time.perf_counter()
         checked = layer(x, return_raw=True)
         y_ref, raw_ref = dense_moe_reference(x, checked.topk_weights, checked.topk_ids,
                                              expert_weights=spec.expert_weights(dtype))
         if layer.shared_experts is not None:
             y_ref = y_ref + layer.shared_experts.reference(x)
-    if info.rank == 0:
-        progress("rank 0: checked against the float64 oracle")
+    if first:
+        progress(f"rank 0: checked against the float64 oracle in {time.perf_counter() - t0:.1f} s")
     params = sum(p.numel() * p.element_size()  # buffers: FP8 experts (layer_fp8)
                  for p in (*layer.parameters(), *layer.buffers()))
     fp8 = getattr(layer, "fp8_dtype", None)
     return dict(rank=info.rank, build_s=build_s, dtype=str(dtype), backend=info.backend,
+                comm=spec.comm_name, experts=spec.experts, backends=spec.backends_chosen,
                 layer_bytes=params,
                 device=str(info.device),
                 stage_ms={n: 1e3 * statistics.median(t.times[n] for t in traces)
@@ -127,7 +143,7 @@ def command(args: argparse.Namespace) -> int:
     W, r0 = len(results), results[0]
     console.print(f"EPMoE {spec.shape}, {args.tokens} tokens per rank, W={W} ({r0['backend']}), "
                   f"{r0['dtype']}, {r0['device']} ({backends.device_description()}), "
-                  f"comm={spec.comm_name}, experts={spec.experts}, weight_mode={spec.weight_mode}, "
+                  f"{r0['backends']}, weight_mode={spec.weight_mode}, "
                   + ("invariant, " if spec.invariant else "") + f"weights: {spec.weights_source}"
                   + (f" (FP8 {r0['fp8']}, 128x128 block scales)" if r0.get("fp8") else "")
                   + "; "

@@ -31,12 +31,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _rank(info: WorkerInfo, spec: LayerSpec) -> list[dict]:
+    spec = spec.on_rank(info)
     dtype = spec.torch_dtype(info.device)
     layer = spec.build(info, dtype)
     rows = run_sanity(layer, seed=spec.seed, expert_weights=spec.expert_weights(dtype))
     if info.rank == 0:
         progress(f"rank 0: {len(rows)} checks done")
-    return [dict(vars(r), passed=r.passed, dtype=str(dtype)) for r in rows]
+    return [dict(vars(r), passed=r.passed, dtype=str(dtype), comm=spec.comm_name,
+                 experts=spec.experts, backends=spec.backends_chosen) for r in rows]
 
 
 def command(args: argparse.Namespace) -> int:
@@ -47,9 +49,9 @@ def command(args: argparse.Namespace) -> int:
     results = ranks.on_ranks(_rank, spec, world_size=W, device_name=args.device)
     if not results:  # a torchrun rank other than 0
         return 0
-    W = len(results)
-    table = Table(title=f"sanity: W={W} comm={spec.comm} experts={spec.experts} "
-                        f"dtype={results[0][0]['dtype']} {spec.shape} router={spec.router}"
+    W, r0 = len(results), results[0][0]
+    table = Table(title=f"sanity: W={W} comm={r0['comm']} experts={r0['experts']} "
+                        f"dtype={r0['dtype']} {spec.shape} router={spec.router}"
                         + (f" shared={spec.shared_intermediate_size}"
                            if spec.shared_intermediate_size else ""))
     for col in ("check", "weight_mode", "cases", "max rel err (all ranks)", "tolerance",
@@ -66,5 +68,6 @@ def command(args: argparse.Namespace) -> int:
         table.add_row(row["check"], row["weight_mode"], str(row["cases"]), f"{err:.2e}",
                       f"{row['tolerance']:.0e}", verdict)
     console.print(table)
+    console.print(f"backends: {r0['backends']}", markup=False)
     console.print(f"{len(results[0]) - failed} passed, {failed} failed")
     return 1 if failed else 0

@@ -1,8 +1,10 @@
 """The layer a command builds on every rank, as a small typed spec, and its command-line arguments.
 
 ``add_layer_args`` declares the arguments that sanity, run and diagnose share; ``layer_spec``
-turns them (and a command's own fields) into a ``LayerSpec`` with the comm backend resolved for
-the world size and both backends checked, before any rank starts. A rank builds its layer with
+turns them (and a command's own fields) into a ``LayerSpec``, the backends asked for checked
+before any rank starts. A backend not asked for is chosen on each rank from the device that rank
+runs on (``spec.on_rank(info)``: ``backends.default_experts`` / ``default_comm``), so ranks
+spawned on the CPUs of a GPU host get CPU backends. A rank builds its layer with
 ``spec.build(info, dtype)``; checks regenerate expert weights with ``spec.expert_weights``.
 """
 
@@ -16,6 +18,7 @@ import torch
 
 from rocm_moe import backends, synthetic
 from rocm_moe._checks import error_message
+from rocm_moe.cli import ranks
 from rocm_moe.distributed import WorkerInfo
 from rocm_moe.layer import EPMoE
 from rocm_moe.placement import Placement
@@ -35,8 +38,10 @@ class LayerSpec:
     top_k: int  # K
     dtype: str = "auto"  # a DTYPES name, or auto: bfloat16 on a GPU, float32 on a CPU
     weight_mode: str = "experts"  # who applies the routing weights: "experts" or "combine"
-    comm: str = "local"  # comm backend (backends.names("comm"))
-    experts: str = "reference"  # experts backend (backends.names("experts"))
+    comm: str | None = None  # comm backend (backends.names("comm")); None: the rank's default
+    experts: str | None = None  # experts backend (backends.names("experts")); None: the default
+    comm_why: str = "--comm"  # why this comm backend: the flag, or the default's reason
+    experts_why: str = "--experts"  # why these experts: the flag, or the default's reason
     shared_intermediate_size: int | None = None  # dense shared experts (synthetic weights)
     seed: int = 0  # synthetic weights and tokens
     checkpoint: str | None = None  # a safetensors checkpoint directory instead of synthetic
@@ -59,7 +64,31 @@ class LayerSpec:
     @property
     def comm_name(self) -> str:
         """The dispatcher that runs: ``comm``, or its FP8 form with ``fp8_dispatch``."""
-        return FP8_COMM[self.comm][0] if self.fp8_dispatch else self.comm
+        if self.comm is None:
+            return "default"
+        return FP8_COMM[self.comm][0] if self.fp8_dispatch and self.comm in FP8_COMM \
+            else self.comm
+
+    @property
+    def backends_chosen(self) -> str:
+        """Which backends run and why, e.g. ``comm=local (one rank), experts=triton (default
+        on GPUs)`` (after ``on_rank``)."""
+        return (f"comm={self.comm_name} ({self.comm_why}), "
+                f"experts={self.experts} ({self.experts_why})")
+
+    def on_rank(self, info: WorkerInfo) -> LayerSpec:
+        """This spec with the backends not asked for chosen from ``info.device``, the device this
+        rank runs on (not from whether the host has a GPU), each with its reason."""
+        spec = self
+        if spec.experts is None:
+            name, why = backends.default_experts(info.device, dtype=self.torch_dtype(info.device))
+            spec = replace(spec, experts=name, experts_why=why)
+        if spec.comm is None:
+            name, why = backends.default_comm(info.world_size, info.device, ranks.multi_host())
+            spec = replace(spec, comm=name, comm_why=why)
+        if spec.fp8_dispatch:
+            check_fp8_comm(spec.comm)
+        return spec
 
     @property
     def weights_source(self) -> str:
@@ -68,7 +97,9 @@ class LayerSpec:
         return f"synthetic seed {self.seed}"
 
     def build(self, info: WorkerInfo, dtype: torch.dtype) -> EPMoE:
-        """This rank's layer, holding only its experts."""
+        """This rank's layer, holding only its experts (default backends: ``on_rank``'s)."""
+        if self.comm is None or self.experts is None:
+            return self.on_rank(info).build(info, dtype)
         placement = Placement.contiguous(self.num_experts, info.world_size)
         kw = dict(hidden_size=self.hidden_size, top_k=self.top_k, dtype=dtype,
                   max_tokens_per_rank=self.max_tokens_per_rank)
@@ -170,11 +201,6 @@ def checkpoint_shape(spec: LayerSpec) -> LayerSpec:
                    intermediate_size=family(cfg.model_type).intermediate_size(cfg))
 
 
-def default_comm(world_size: int) -> str:
-    """The comm backend when none is asked for: local for one rank, torch for several."""
-    return "local" if world_size == 1 else "torch"
-
-
 def add_layer_args(p: argparse.ArgumentParser, *, E: int, H: int, I: int, K: int) -> None:
     """The arguments of a LayerSpec, the ranks and the device, with these shape defaults."""
     p.add_argument("--num-experts", type=int, default=E, help="E, routed experts")
@@ -183,15 +209,19 @@ def add_layer_args(p: argparse.ArgumentParser, *, E: int, H: int, I: int, K: int
     p.add_argument("--top-k", type=int, default=K, help="K, experts per token")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="auto: bfloat16 on a GPU, float32 on a CPU")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (one rank)")
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU per rank where there are enough, else CPUs), cpu (CPU ranks, "
+                   "gloo, even on a GPU host), cuda (a GPU per rank, NCCL), cuda:N (one rank)")
     p.add_argument("--comm", default=None, metavar="NAME",
-                   help=f"comm backend: {', '.join(backends.names('comm'))}; default local for "
-                   "one rank, torch for several")
+                   help=f"comm backend: {', '.join(backends.names('comm'))}; default, per the "
+                   "device each rank runs on: local for one rank, symm for GPUs of one host "
+                   "(CUDA-graph capturable), torch across hosts and on CPUs")
     p.add_argument("--world-size", type=int, default=None,
                    help="EP ranks to spawn (gloo on CPU, NCCL one per GPU); default: torchrun's, "
                    "else one per GPU, else 2 on a CPU")
-    p.add_argument("--experts", default="reference", metavar="NAME",
-                   help=f"experts backend: {', '.join(backends.names('experts'))}")
+    p.add_argument("--experts", default=None, metavar="NAME",
+                   help=f"experts backend: {', '.join(backends.names('experts'))}; default, per "
+                   "the device each rank runs on: triton on GPUs (bf16/fp16), else reference")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--invariant", action="store_true",
                    help="invariant mode: each token's output the same bits whatever the EP "
@@ -230,8 +260,9 @@ def check_memory(spec: LayerSpec, world_size: int, device_name: str, tokens: int
                             shared_intermediate_size=spec.shared_intermediate_size)
 
 
-def check_device(name: str) -> None:
-    """``--device`` names a device this machine has (auto always does)."""
+def check_device(name: str, world_size: int = 1) -> None:
+    """``--device`` names a device this machine has (auto always does): one for a single rank,
+    cpu or one GPU per rank for several."""
     if name == "auto":
         return
     try:
@@ -247,13 +278,22 @@ def check_device(name: str) -> None:
         raise ValueError(error_message("--device", name, f"this machine has "
                                        f"{torch.cuda.device_count()} GPU(s)",
                                        "pass an existing cuda:N"))
+    if world_size > 1 and dev.type == "cuda" and not ranks.under_torchrun():
+        if dev.index is not None:
+            raise ValueError(error_message(
+                "--device", name, f"names one GPU; {world_size} spawned ranks take one GPU each",
+                "pass --device cuda (or auto), or --world-size 1"))
+        if torch.cuda.device_count() < world_size:
+            raise ValueError(error_message(
+                "--device", name, f"{world_size} ranks need a GPU each, this machine has "
+                f"{torch.cuda.device_count()}", "lower --world-size, or pass --device cpu"))
 
 
 def check_layer_args(args: argparse.Namespace, world_size: int) -> None:
     """``add_layer_args``'s arguments, checked before any rank starts."""
     check_positive(num_experts=args.num_experts, hidden=args.hidden,
                    intermediate=args.intermediate, top_k=args.top_k, world_size=world_size)
-    check_device(args.device)
+    check_device(args.device, world_size)
     if getattr(args, "checkpoint", None):
         return  # E, H, I, K come from the checkpoint's config (checked by its loader)
     if args.top_k > args.num_experts:
@@ -268,32 +308,42 @@ def check_layer_args(args: argparse.Namespace, world_size: int) -> None:
 
 
 def layer_spec(args: argparse.Namespace, world_size: int, **fields) -> LayerSpec:
-    """The LayerSpec of ``add_layer_args``'s arguments plus a command's own ``fields``, its comm
-    resolved for ``world_size``; an unknown or unusable backend raises the ValueError here,
-    before any rank is started."""
+    """The LayerSpec of ``add_layer_args``'s arguments plus a command's own ``fields``. A backend
+    asked for (--comm, --experts) that is unknown or cannot run here raises the ValueError here,
+    before any rank is started; one not asked for is left None, for each rank to choose from its
+    own device (``LayerSpec.on_rank``)."""
     check_layer_args(args, world_size)
     spec = LayerSpec(num_experts=args.num_experts, hidden_size=args.hidden,
                      intermediate_size=args.intermediate, top_k=args.top_k, dtype=args.dtype,
-                     comm=args.comm or default_comm(world_size), experts=args.experts,
-                     seed=args.seed, invariant=getattr(args, "invariant", False), **fields)
-    backends.require("experts", spec.experts)
-    backends.require("comm", spec.comm)
+                     comm=args.comm, experts=args.experts, seed=args.seed,
+                     invariant=getattr(args, "invariant", False), **fields)
+    if spec.experts is not None:
+        backends.require("experts", spec.experts)
+    if spec.comm is not None:
+        backends.require("comm", spec.comm)
     if spec.fp8_dispatch:
-        check_fp8_dispatch(spec)
+        check_fp8_dispatch(spec, world_size)
     return checkpoint_shape(spec)
 
 
-def check_fp8_dispatch(spec: LayerSpec) -> None:
-    """``--fp8-dispatch`` needs an FP8 checkpoint's layer and a comm backend with an FP8 form."""
+def check_fp8_comm(comm: str) -> None:
+    """The comm backend of ``--fp8-dispatch`` has an FP8 form (FP8_COMM)."""
+    if comm not in FP8_COMM:
+        raise ValueError(error_message(
+            "--comm", comm, f"has no FP8 dispatch with --fp8-dispatch (those that do: "
+            f"{sorted(FP8_COMM)}; one rank, local, sends nothing)",
+            "pass --comm torch (or symm on GPUs) with --world-size 2 or more"))
+
+
+def check_fp8_dispatch(spec: LayerSpec, world_size: int) -> None:
+    """``--fp8-dispatch`` needs an FP8 checkpoint's layer and a comm backend with an FP8 form
+    (checked here when known before the ranks start: asked for, or local for one rank)."""
     if not spec.checkpoint:
         raise ValueError(error_message(
             "--fp8-dispatch", "without --checkpoint", "FP8 rows are consumed only by the FP8 "
             "experts of an FP8 checkpoint's layer", "pass --checkpoint DIR of an FP8 checkpoint"))
-    if spec.comm not in FP8_COMM:
-        raise ValueError(error_message(
-            "--comm", spec.comm, f"has no FP8 dispatch with --fp8-dispatch (those that do: "
-            f"{sorted(FP8_COMM)}; one rank, local, sends nothing)",
-            "pass --comm torch (or symm on GPUs) with --world-size 2 or more"))
+    if spec.comm is not None or world_size == 1:
+        check_fp8_comm(spec.comm or "local")
     from rocm_moe.integrations import hf
 
     if not hf.is_fp8_layer(spec.checkpoint, spec.layer):
