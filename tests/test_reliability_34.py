@@ -142,3 +142,69 @@ def test_fp8_checkpoint_missing_scales(tmp_path, which):
     _edit_checkpoint(tmp_path, edit)
     with pytest.raises(ValueError, match="weight_scale_inv"):
         hf.load_moe_layer(tmp_path, 1, Placement.contiguous(E, 1), 0)
+
+
+# ---- the invariant flag is kept and checked on every path --------------------------------------
+
+
+def _layer(**kw):
+    from rocm_moe import EPMoE, RouterConfig
+
+    return EPMoE(hidden_size=16, intermediate_size=32, router=RouterConfig.qwen3_moe(8, 2), **kw)
+
+
+def test_fp8_checkpoint_builder_keeps_invariant():
+    from rocm_moe.integrations import hf
+
+    fp8 = _fp8_layer()
+    w13, w2 = fp8.expert_weights()
+    weights = hf.MoELayerWeights(router=fp8.router, hidden_size=FP8_H, intermediate_size=FP8_I,
+                                 gate=fp8.gate.weight.detach(), e_score_correction_bias=None,
+                                 w13=w13, w2=w2)
+    assert not hf.build_layer(weights, dtype=torch.float32).invariant
+    with pytest.raises(ValueError, match="an FP8 layer cannot run it"):
+        hf.build_layer(weights, dtype=torch.float32, invariant=True)
+
+
+def test_swapping_experts_of_an_invariant_layer_is_checked():
+    from rocm_moe import ReferenceExperts
+
+    layer = _layer(invariant=True)
+    with pytest.raises(ValueError, match="must be an invariant backend"):
+        layer.experts = ReferenceExperts()
+    assert layer.experts.invariant
+    mine = ReferenceExperts(invariant=True)
+    layer.experts = mine  # an invariant backend is accepted
+    layer.invariant = False
+    assert layer.experts is mine  # the user's choice is kept, not the one invariant replaced
+
+
+def test_turning_invariant_off_restores_the_replaced_experts():
+    layer = _layer()
+    plain = layer.experts
+    layer.invariant = True
+    assert layer.experts is not plain
+    assert layer.experts.invariant
+    layer.fault = "weights_twice"  # (the fault machinery wraps the experts: not a user's swap)
+    layer.fault = None
+    layer.invariant = False
+    assert layer.experts is plain
+
+
+def _invariant_by_rank_worker(info):
+    from rocm_moe import EPMoE, RouterConfig
+    from rocm_moe.comm.torch import TorchDispatcher
+
+    disp = TorchDispatcher(Placement.contiguous(8, info.world_size), hidden_size=16, top_k=2,
+                           dtype=torch.float32)
+    layer = EPMoE(hidden_size=16, intermediate_size=32, router=RouterConfig.qwen3_moe(8, 2),
+                  dispatcher=disp, invariant=info.rank == 0)
+    layer(torch.randn(3, 16))
+    return "ran"
+
+
+def test_ranks_must_agree_on_invariant():
+    from rocm_moe.distributed import launch
+
+    with pytest.raises(ValueError, match=r"invariant by rank=\{0: True, 1: False\}"):
+        launch(2, _invariant_by_rank_worker, backend="gloo", timeout_s=60)

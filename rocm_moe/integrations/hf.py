@@ -397,7 +397,7 @@ def build_layer(weights: MoELayerWeights, *, dispatcher: Dispatcher | None = Non
     if weights.fp8:
         return _build_fp8_layer(weights, dispatcher=dispatcher, experts=experts,
                                 weight_mode=weight_mode, dtype=dtype or torch.bfloat16,
-                                device=device)
+                                device=device, invariant=invariant)
     dtype = dtype or weights.w13.dtype
     layer = EPMoE(hidden_size=weights.hidden_size, intermediate_size=weights.intermediate_size,
                   router=weights.router, dispatcher=dispatcher, experts=experts,
