@@ -204,7 +204,7 @@ class EPMoE(nn.Module):
                     f"dispatcher.{field}", got, f"must match the layer's {field}={want}",
                     "build the dispatcher and the layer from one config"))
         self.experts = experts or ReferenceExperts()
-        self._invariant = False
+        self._invariant, self._invariant_agreed = False, False
         self.invariant = invariant  # (the setter checks it and swaps in invariant experts)
         self.router = router
         self.weight_mode: WeightMode = weight_mode
@@ -244,10 +244,51 @@ class EPMoE(nn.Module):
         if value:
             self._check_invariant_comm()
             invariant_experts = self.experts.as_invariant()  # ValueError with its reason if none
-            self._plain_experts, self.experts = self.experts, invariant_experts
+            self._plain_experts, self._experts = self.experts, invariant_experts
         else:
-            self.experts = self._plain_experts
+            if self._plain_experts is not None:  # None: the user set other experts since
+                self._experts = self._plain_experts
+            self._plain_experts = None
         self._invariant = value
+        self._invariant_agreed = False  # the group checks it again at the next forward
+
+    @property
+    def experts(self) -> Experts:
+        """The experts backend. Settable; while ``invariant`` is True it must be an invariant
+        backend (``experts.as_invariant()``), else ValueError, and turning invariant off then
+        keeps the experts set since instead of restoring the ones invariant replaced."""
+        return self._experts
+
+    @experts.setter
+    def experts(self, value: Experts) -> None:
+        if getattr(self, "_invariant", False) and getattr(value, "invariant", False) is not True:
+            raise ValueError(error_message(
+                "experts", getattr(value, "name", type(value).__name__),
+                "must be an invariant backend while layer.invariant is True (its sums would "
+                "depend on the batch)",
+                "assign experts.as_invariant(), or set layer.invariant = False first"))
+        current = getattr(self, "_experts", None)
+        if getattr(value, "inner", value) is not getattr(current, "inner", current):
+            self._plain_experts = None  # the user's choice, which invariant=False keeps
+        self._experts = value
+
+    def _agree_invariant(self) -> None:
+        """Every rank of the group runs invariant mode or none does (the owner-side raw sums
+        of one rank paired with another's weighted combine return garbage): one collective at
+        the first forward and at the first after ``invariant`` changes, never per forward."""
+        if self._invariant_agreed:
+            return
+        disp, group = self.dispatcher, getattr(self.dispatcher, "group", None)
+        if disp.world_size > 1 and group is not None and torch.distributed.is_initialized() \
+                and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            everyone: list = [None] * disp.world_size
+            torch.distributed.all_gather_object(everyone, self.invariant, group=group)
+            if len(set(everyone)) > 1:
+                raise ValueError(error_message(
+                    "invariant by rank", dict(enumerate(everyone)),
+                    "every rank of the EP group must run invariant mode, or none",
+                    "set layer.invariant to the same value on every rank before the forward"))
+        self._invariant_agreed = True
 
     def _check_invariant_comm(self) -> None:
         if (reason := self.dispatcher.invariant_unsupported_reason()) is not None:
@@ -341,6 +382,7 @@ class EPMoE(nn.Module):
 
         ``forced_expert_ids`` [T, K] / [B, S, K] replays a routing (see ``routing.route``).
         """
+        self._agree_invariant()
         with self._refusals_shared():
             x_TH = self._flatten(hidden_states)
             with _stage(trace, "route", x_TH.device):
@@ -368,6 +410,7 @@ class EPMoE(nn.Module):
     ) -> torch.Tensor | MoEOutput:
         """Skip the router: the caller's [T, K] float32 weights and [T, K] global ids (a
         framework's own router, or a sanity test). Validated like dispatch inputs."""
+        self._agree_invariant()
         with self._refusals_shared():
             x_TH = self._flatten(hidden_states)
         return self._run(hidden_states, x_TH,

@@ -140,6 +140,16 @@ class FP8Experts(Experts):
 
     fp8 = True
 
+    def invariant_unsupported_reason(self) -> str | None:
+        return (f"the FP8 {self.name} experts have no batch-invariant variant (their row "
+                "quantisation and GEMMs run in batch-dependent tiles)")
+
+    def as_invariant(self) -> Experts:
+        raise ValueError(error_message(
+            "invariant", True, f"an FP8 layer cannot run it: {self.invariant_unsupported_reason()}",
+            "run the FP8 layer with invariant=False, or dequantise the checkpoint to bfloat16 "
+            "and build an EPMoE with invariant=True"))
+
     def quantize(self, x_RH: torch.Tensor, dtype: torch.dtype) -> FP8Rows:
         """Rows per 1x128 group (``quant.quantize_rows``; backends may run it as a kernel)."""
         return quantize_rows(x_RH, dtype=dtype)
