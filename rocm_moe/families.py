@@ -115,6 +115,21 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in [
 ]}
 
 
+# transformers' names of the activation rocm_moe's SwiGLU experts compute (silu(gate) * up).
+SILU_NAMES = ("silu", "swish")
+
+
+def check_activation(config, *, where: str) -> None:
+    """The model's experts are SwiGLU: ``config.hidden_act`` (default "silu") names SiLU, else
+    a ValueError (a GELU model would otherwise run as SwiGLU and give wrong outputs)."""
+    act = getattr(config, "hidden_act", "silu")
+    if act not in SILU_NAMES:
+        raise ValueError(error_message(
+            "config.hidden_act", repr(act), f"rocm_moe experts are SwiGLU (silu(gate) * up); "
+            f"{where} needs hidden_act in {list(SILU_NAMES)}",
+            "run this model's experts with its own implementation"))
+
+
 def family(model_type: str, *, fix: str = "build the layer by hand for other models"
            ) -> ModelFamily:
     """The family covering transformers ``config.model_type`` ``model_type``; a ValueError

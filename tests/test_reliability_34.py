@@ -208,3 +208,49 @@ def test_ranks_must_agree_on_invariant():
 
     with pytest.raises(ValueError, match=r"invariant by rank=\{0: True, 1: False\}"):
         launch(2, _invariant_by_rank_worker, backend="gloo", timeout_s=60)
+
+
+# ---- a non-SiLU model is refused, never run as SwiGLU ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gelu_model(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts_per_tok=2, tie_word_embeddings=False,
+        intermediate_size=48, moe_intermediate_size=16, num_experts=8, mlp_only_layers=[],
+        hidden_act="gelu")
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    directory = tmp_path_factory.mktemp("gelu")
+    model.save_pretrained(directory)
+    return model, directory
+
+
+def test_gelu_checkpoint_is_refused(gelu_model):
+    from rocm_moe.integrations import hf
+
+    with pytest.raises(ValueError, match=r"config\.hidden_act='gelu'.*SwiGLU"):
+        hf.load_moe_layer(gelu_model[1], 0, Placement.contiguous(8, 1), 0)
+
+
+def test_gelu_model_refused_by_replace_moe_blocks(gelu_model):
+    from rocm_moe import LocalDispatcher
+    from rocm_moe.integrations import hf
+
+    with pytest.raises(ValueError, match=r"config\.hidden_act='gelu'"):
+        hf.replace_moe_blocks(gelu_model[0], lambda: LocalDispatcher(Placement.contiguous(8, 1)))
+
+
+def test_gelu_model_refused_by_the_experts_implementation(gelu_model):
+    from rocm_moe.integrations import hf
+
+    model = gelu_model[0]
+    hf.register()
+    model.set_experts_implementation("rocm_moe")
+    try:
+        with pytest.raises(ValueError, match=r"act_fn=GELUActivation.*SwiGLU"), torch.no_grad():
+            model(torch.randint(0, 96, (1, 5)))
+    finally:
+        model.set_experts_implementation("eager")

@@ -32,7 +32,7 @@ from rocm_moe._checks import error_message
 from rocm_moe.comm.base import Dispatcher
 from rocm_moe.experts.base import Experts
 from rocm_moe.experts.reference import ReferenceExperts
-from rocm_moe.families import ExpertTensors, ModelFamily, family
+from rocm_moe.families import ExpertTensors, ModelFamily, check_activation, family
 from rocm_moe.layer import EPMoE
 from rocm_moe.placement import Placement
 from rocm_moe.quant import FP8_DTYPES, BlockFP8Weight, check_block_values
@@ -289,6 +289,7 @@ class _Shape:
 
 
 def _shape(ck: Checkpoint, cfg, fam: ModelFamily) -> _Shape:
+    check_activation(cfg, where=f"the checkpoint {ck.dir}")
     try:
         router = RouterConfig.from_hf_config(cfg)
         H, I = cfg.hidden_size, fam.intermediate_size(cfg)
@@ -372,6 +373,7 @@ def expert_reader(directory: str | Path, layer: int) -> Callable[[int], tuple]:
 def weights_from_block(block: nn.Module, config, placement: Placement,
                        rank: int) -> MoELayerWeights:
     """The same from a transformers 5 MoE block (fused expert tensors), this rank's slice."""
+    check_activation(config, where="replace_moe_blocks")
     local = list(placement.local_experts(rank))
     ex = block.experts
     shared = getattr(block, "shared_experts", None) or getattr(block, "shared_expert", None)
@@ -474,6 +476,15 @@ class ExpertsFunction:
     def __call__(self, module, hidden_states, top_k_index, top_k_weights):
         E = module.gate_up_proj.shape[0]
         emap = getattr(module, "_rocm_moe_map", None)
+        if emap is None:  # the module's first call: its activation must be SiLU
+            act = getattr(module, "act_fn", None)
+            if act is not None and not isinstance(act, nn.SiLU) \
+                    and type(act).__name__ != "SiLUActivation":
+                raise ValueError(error_message(
+                    f"{type(module).__name__}.act_fn", type(act).__name__,
+                    "rocm_moe experts are SwiGLU (silu(gate) * up)",
+                    'use experts_implementation="eager" for models whose hidden_act is not '
+                    "silu"))
         if emap is None or emap.map_E.device != hidden_states.device:
             emap = Placement.contiguous(E, 1).expert_map(0).to(hidden_states.device)
             module._rocm_moe_map = emap
