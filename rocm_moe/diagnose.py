@@ -32,23 +32,26 @@ clean.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 
 from rocm_moe import faults
+from rocm_moe._checks import check_finite, error_message
 from rocm_moe.faults import FAULTS, STAGES, Fault, StageRecord
 from rocm_moe.layer import EPMoE
 from rocm_moe.oracle import (
     dense_experts,
     dense_shared,
+    local_expert_weights,
     match_routing,
     reference_route,
     rel_err,
     weighted_sum,
 )
-from rocm_moe.sanity import TOLERANCE
+from rocm_moe.sanity import TOLERANCE, check_layer, router_config_mismatch, tolerance
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,7 @@ class _Checker:
         self.emap = self.disp.expert_map_on(x_TH.device)
         self.expert_weights = expert_weights
         self.tie = 4 * TOLERANCE[x_TH.dtype]
+        self.config_mismatch: str | None = None  # set by diagnose from hf_config
         # Where the weights are: every rank reports the experts it holds (a collective), read
         # from the weights themselves where an independent source of them is given.
         mine = _held_by_content(layer, expert_weights) if by_content else layer.local_experts
@@ -206,7 +210,7 @@ class _Checker:
         weighted = r.weights_applied
         if inject is not None:
             args = (r.dispatched_x, r.dispatched_ids.to(torch.int32), r.dispatched_weights,
-                    self.layer.w13, self.layer.w2)
+                    *local_expert_weights(self.layer))
             ref = faults.experts_with_map(*args, inject(self.emap.map_E), weighted=weighted)
             return rel_err(r.expert_out, ref)
         if weighted:
@@ -238,6 +242,30 @@ class _Checker:
         partials gives."""
         held = self._held_RK(self.r.topk_ids)[:, :, None]
         return weighted_sum(self._oracle_raw * held, self.r.topk_weights)
+
+    def config(self, inject=None):
+        """The layer's RouterConfig against the model's config (``hf_config``), field by field:
+        the route reference reads the RouterConfig, so a wrong default is seen only here."""
+        return 0.0 if self.config_mismatch is None else float("inf")
+
+    def shared(self, inject=None):
+        """The shared experts' output against ``oracle.dense_shared`` (the gate's sigmoid)."""
+        if self.layer.shared_experts is None:
+            return 0.0
+        if self.r.shared is None:
+            return float("inf")
+        return rel_err(self.r.shared, dense_shared(self.layer.shared_experts, self.x))
+
+    def post_combine(self, inject=None):
+        """The layer's code after combine: its output must be the combined routed output plus
+        the shared experts' output, nothing else (no second scaling)."""
+        r = self.r
+        if r.combined is None:
+            return float("inf")
+        y = r.combined.double().cpu()
+        if r.shared is not None:
+            y = y + r.shared.double().cpu()
+        return rel_err(r.out.reshape(y.shape).cpu(), y)
 
     def output(self, inject=None):
         """The layer's output against the whole layer in float64: the independent routing (a
@@ -273,8 +301,10 @@ class _Checker:
 def _held_by_content(layer: EPMoE, expert_weights) -> tuple[int, ...]:
     """The global experts whose weights this rank's w13 rows are (each claimed expert first,
     then every other); a row that is no expert's is left out."""
+    w13 = local_expert_weights(layer)[0]
+
     def same(j: int, g: int) -> bool:
-        return rel_err(layer.w13[j], expert_weights(g)[0]) <= TOLERANCE[torch.float32]
+        return rel_err(w13[j], expert_weights(g)[0]) <= TOLERANCE[torch.float32]
 
     held = []
     for j, g in enumerate(layer.local_experts):
@@ -287,7 +317,8 @@ def _held_by_content(layer: EPMoE, expert_weights) -> tuple[int, ...]:
 
 def _default_expert_weights(layer: EPMoE):
     """Every expert's weights for the references: gathered from their holders (small layers)."""
-    mine = (list(layer.local_experts), layer.w13.detach().cpu(), layer.w2.detach().cpu())
+    w13, w2 = local_expert_weights(layer)
+    mine = (list(layer.local_experts), w13.cpu(), w2.cpu())
     table = {}
     for experts, w13, w2 in _gather(mine, layer.dispatcher.world_size):
         for j, g in enumerate(experts):
@@ -305,6 +336,11 @@ REFERENCES = {
                "through its SwiGLU in float64, from the global ids (no layout, no backend)",
     "weighting": "the dense experts' slots weighted once in float64 (no weighting.weight_once)",
     "combine": "each own token through its K observed experts in float64, weighted",
+    "config": "the model's transformers config (hf_config): RouterConfig.from_hf_config field "
+              "by field",
+    "shared": "oracle.dense_shared: the shared experts (and their gate's sigmoid) in float64",
+    "post_combine": "the observed combined routed output plus the observed shared experts' "
+                    "output, nothing else (the layer's code after combine)",
     "output": "the whole layer in float64: independent routing, every expert, shared experts",
     "combine_raw": "the raw path (return_raw=True): each [T, K] slot against the dense per-slot "
                    "oracle, and the output weighted from it against the whole layer",
@@ -318,17 +354,23 @@ _NO_RAW = "raw path skipped: "
 _OWN_WEIGHTS = ("route", "output")
 
 
-def _shares(stage: str, gathered: bool, has_shared: bool) -> str:
+def _shares(stage: str, gathered: bool, has_shared: bool, config_checked: bool = False) -> str:
     """What the reference of ``stage`` still shares with the checked path ('' for nothing)."""
     parts = []
+    if stage in ("route", "output", "combine_raw"):
+        parts.append("the gate weight and bias are the layer's own" + (
+            "; its RouterConfig was checked against hf_config (stage config)" if config_checked
+            else "; so is its RouterConfig (pass hf_config to check it against the model's)"))
     if stage in ("dispatch", "experts", "weighting") and gathered:
         parts.append(_HELD)
     if stage == "combine":
         parts.append("the routing observed at route (judged there)")
     if stage in ("experts", "weighting", "combine", "output", "combine_raw") and gathered:
         parts.append(_GATHERED)
-    if stage in ("output", "combine_raw") and has_shared:
+    if stage in ("shared", "output", "combine_raw") and has_shared:
         parts.append("the shared experts' parameters are the layer's own")
+    if stage == "post_combine":
+        parts.append("the combined and shared outputs observed (judged at combine and shared)")
     return "; ".join(parts)
 
 
@@ -358,21 +400,38 @@ def _run_recorded(layer: EPMoE, hidden_states, **kw) -> StageRecord:
 
 @torch.no_grad()
 def diagnose(layer: EPMoE, hidden_states: torch.Tensor, *, expert_weights=None,
-             dump: str | None = None) -> Report:
+             dump: str | None = None, hf_config=None) -> Report:
     """Run ``layer`` on ``hidden_states`` ([T, H] or [B, S, H]) and judge every stage.
 
     Every rank of the layer's group must call this (the pipeline and the references gather).
     The layer runs twice: as configured, and with ``return_raw=True`` (the raw path) where its
-    backends support it. ``expert_weights(g) -> (w13 [2I, H], w2 [H, I])`` gives the references
-    every expert (default: gathered from the ranks, which the report notes). ``dump`` writes the
-    stage tensors to ``dump`` (one safetensors file per rank: ``name.rank{r}.safetensors``).
+    backends support it, each time on a copy of ``hidden_states`` (which are never changed; the
+    references read a copy taken before the run, so a stage writing into its input is named).
+    ``expert_weights(g) -> (w13 [2I, H], w2 [H, I])`` gives the references every expert
+    (default: gathered from the ranks, which the report notes). ``dump`` writes the stage
+    tensors to ``dump`` (one safetensors file per rank: ``name.rank{r}.safetensors``; its folder
+    is checked before the run). ``hf_config``: the model's transformers config, against which
+    the layer's RouterConfig is checked (stage "config"; without it, skipped with a note).
     """
-    x_TH = hidden_states.reshape(-1, layer.hidden_size)
-    tol = TOLERANCE[x_TH.dtype]
-    record = _run_recorded(layer, hidden_states)
+    check_layer("layer", layer)
+    layer._agree_invariant()  # (every rank, before a refusal below is shared)
+    with layer._refusals_shared():  # a refusal here reaches the peers, which raise too
+        layer._flatten(hidden_states)
+        check_finite("hidden_states", hidden_states, "diagnose judges the MoE layer: find the "
+                     "earlier layer that produced the non-finite value")
+        out_path = _dump_path(dump, layer.dispatcher.rank) if dump is not None else None
+        mismatch = router_config_mismatch(layer.router, hf_config) \
+            if hf_config is not None else None
+    hidden = hidden_states.detach().clone()  # the references' input, taken before any run
+    x_TH = hidden.reshape(-1, layer.hidden_size)
+    tol = tolerance(layer)
+    work = hidden.clone()
+    record = _run_recorded(layer, work)
+    input_changed = not torch.equal(work, hidden)
     ew = expert_weights or _default_expert_weights(layer)
-    checker = _Checker(layer, x_TH, hidden_states, record, None, ew,
+    checker = _Checker(layer, x_TH, hidden, record, None, ew,
                        by_content=expert_weights is not None)
+    checker.config_mismatch = mismatch
     no_raw, raw_error = _raw_unsupported(layer, x_TH), None
     # Where dispatch is wrong on some rank, the raw path's exchange need not match between
     # the ranks (a collective could hang): it is judged only after a right dispatch.
@@ -380,7 +439,7 @@ def diagnose(layer: EPMoE, hidden_states: torch.Tensor, *, expert_weights=None,
         no_raw = "dispatch is wrong, so the raw path's exchange would not match"
     if no_raw is None:
         try:  # a bug may make the raw path refuse (every rank alike: the checks precede comm)
-            checker.raw_r = _run_recorded(layer, hidden_states, return_raw=True)
+            checker.raw_r = _run_recorded(layer, hidden.clone(), return_raw=True)
         except (ValueError, TypeError) as exc:
             raw_error = f"the raw path raised {type(exc).__name__}: {exc}"
     results, preds = [], {}
@@ -388,41 +447,86 @@ def diagnose(layer: EPMoE, hidden_states: torch.Tensor, *, expert_weights=None,
         err = getattr(checker, stage)()
         preds[stage] = {f.name: checker.predicted_err(f) for f in FAULTS.values()
                         if f.stage == stage}
-        note = ""
+        note = _stage_note(stage, layer, hf_config, mismatch)
         if stage == "combine_raw" and (no_raw or raw_error):
             err, note = (0.0, _NO_RAW + no_raw) if no_raw else (float("inf"), raw_error)
+        if stage == "experts" and record.experts_wrote_input:
+            err, note = float("inf"), _IN_PLACE
+        if stage == "output" and input_changed and not record.experts_wrote_input:
+            err, note = float("inf"), "the layer changed its input hidden_states in place"
         # Routing weights are float32 whatever the layer's dtype (the router's contract), and
         # the route and output references weigh with their own float64 weights.
         stage_tol = max(tol, TOLERANCE[torch.float32]) if stage in _OWN_WEIGHTS else tol
         results.append(StageResult(stage, err, err <= stage_tol, note, REFERENCES[stage],
                                    _shares(stage, expert_weights is None,
-                                           layer.shared_experts is not None)))
+                                           layer.shared_experts is not None,
+                                           hf_config is not None)))
     # A bug belongs to the pipeline, not to one rank: decide together. The first wrong stage is
     # the earliest that diverges on any rank; each candidate is judged by its worst error over
     # the ranks where that stage diverges (one rank alone can be ambiguous).
-    everyone = _gather(([r.ok for r in results], preds), layer.dispatcher.world_size)
-    bad = [i for i in range(len(STAGES)) if not all(oks[i] for oks, _ in everyone)]
+    everyone = _gather(([r.ok for r in results], preds, bool(record.experts_wrote_input)),
+                       layer.dispatcher.world_size)
+    bad = [i for i in range(len(STAGES)) if not all(oks[i] for oks, _, _ in everyone)]
     first_bad = STAGES[bad[0]] if bad else None
     candidates, diagnosis = {}, None
-    if first_bad is not None:
+    if first_bad == "experts" and any(wrote for _, _, wrote in everyone):
+        diagnosis = IN_PLACE_DIAGNOSIS
+    elif first_bad == "config":
+        diagnosis = Diagnosis("router_config", "config", mismatch or "", "build the RouterConfig "
+                              "with RouterConfig.from_hf_config(model config)", float("inf"))
+    elif first_bad is not None:
         i = STAGES.index(first_bad)
-        judged = [p[first_bad] for oks, p in everyone if not oks[i]]
+        judged = [p[first_bad] for oks, p, _ in everyone if not oks[i]]
         candidates = {bug: max(p[bug] for p in judged) for bug in judged[0]}
         bug, err = min(candidates.items(), key=lambda kv: kv[1], default=(None, float("inf")))
         if bug is not None and err <= max(5 * tol, 1e-4):
             f = FAULTS[bug]
             diagnosis = Diagnosis(bug, f.stage, f.signature, f.fix, err)
-    if dump:
-        _dump(dump, layer.dispatcher.rank, record.tensors())
+    if out_path is not None:
+        _dump(out_path, record.tensors())
     return Report(rank=layer.dispatcher.rank, world_size=layer.dispatcher.world_size,
                   dtype=str(x_TH.dtype), tolerance=tol, stages=results, first_bad=first_bad,
                   diagnosis=diagnosis, candidates=candidates)
 
 
-def _dump(path: str, rank: int, tensors: dict) -> str:
-    from safetensors.torch import save_file
+_IN_PLACE = ("the experts wrote into their input rows (fused_moe's inplace=True style): the "
+             "caller's hidden states are overwritten")
+IN_PLACE_DIAGNOSIS = Diagnosis(
+    "experts_in_place", "experts", _IN_PLACE,
+    "write the experts' output to a new tensor (inplace=False); the layer's input is the "
+    "caller's and the shared experts read it after the routed ones", 0.0)
 
+
+def _stage_note(stage: str, layer: EPMoE, hf_config, mismatch: str | None) -> str:
+    if stage == "config":
+        if hf_config is None:
+            return ("skipped: no hf_config given, so the route and output references read the "
+                    "layer's own RouterConfig (a wrong default there is not seen)")
+        return mismatch or ""
+    if stage == "shared" and layer.shared_experts is None:
+        return "skipped: the layer has no shared experts"
+    return ""
+
+
+def _dump_path(path: object, rank: int) -> str:
+    """Where rank ``rank`` writes its dump, checked before any work: a str whose folder exists
+    and is writable (the file itself is overwritten)."""
+    if not isinstance(path, str) or not path:
+        raise TypeError(error_message("dump", repr(path), "must be a file name (str)",
+                                      "pass e.g. dump='diag' (writes diag.rank{r}.safetensors)"))
     stem = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
     out = f"{stem}.rank{rank}.safetensors"
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK) \
+            or os.path.isdir(out):
+        raise ValueError(error_message(
+            "dump", repr(path), f"{out} cannot be written (its folder {folder} is missing or "
+            "not writable, or the name is a folder)", "pass a path in a writable folder"))
+    return out
+
+
+def _dump(out: str, tensors: dict) -> str:
+    from safetensors.torch import save_file
+
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, out)
     return out

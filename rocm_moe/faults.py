@@ -41,7 +41,8 @@ from rocm_moe.weighting import ExpertsOutput, accumulation_dtype, resolve_weight
 
 # The stages diagnose judges, in pipeline order. "output" is the layer's final [T, H] (shared
 # experts included); "combine_raw" is the raw path (``return_raw=True``), run separately.
-STAGES = ("route", "dispatch", "experts", "weighting", "combine", "output", "combine_raw")
+STAGES = ("config", "route", "dispatch", "experts", "weighting", "combine", "shared",
+          "post_combine", "output", "combine_raw")
 
 
 # ---- what the bugs do ---------------------------------------------------------------------------
@@ -246,7 +247,9 @@ class StageRecord:
     weights_applied: bool | None = None  # the experts' declaration for expert_out
     partials: torch.Tensor | None = None  # [R, H]: put on the wire, weighted once
     combined: torch.Tensor | None = None  # [T, H]: routed output, before shared experts
+    shared: torch.Tensor | None = None  # [T, H]: the shared experts' output (layers with them)
     out: torch.Tensor | None = None  # [T, H]: the layer's output (set by its caller)
+    experts_wrote_input: bool | None = None  # the experts changed their input rows in place
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: v for f in fields(self)
@@ -323,7 +326,14 @@ class ProbedDispatcher(_Probe):
         return y_TH
 
     def combine_raw(self, expert_output, handle):
-        return self.inner.combine_raw(expert_output, handle.inner)
+        """The raw path (return_raw, invariant mode): the owner weights the slots it gets back
+        itself, which the tap records as this stage's combined [T, H] output."""
+        h = handle.inner
+        raw_TKH = self.inner.combine_raw(expert_output, h)
+        if self.record is not None:
+            self._tap(combined=weight_once(ExpertsOutput(out=raw_TKH, weights_applied=False),
+                                           h.topk_weights, h.topk_ids, None))
+        return raw_TKH
 
 
 class ProbedExperts(_Probe):
@@ -334,6 +344,8 @@ class ProbedExperts(_Probe):
                  weight_mode=None, validate: bool = True, mode=None) -> ExpertsOutput:
         weight_mode = resolve_weight_mode(weight_mode, mode)
         args = (x_RH, topk_ids_RK, topk_weights_RK, w13, w2)
+        before = x_RH.detach().clone() if self.record is not None and torch.is_tensor(x_RH) \
+            else None
         if self._at("experts"):
             weighted = weight_mode == "experts"
             eo = ExpertsOutput(out=experts_with_map(
@@ -341,6 +353,8 @@ class ProbedExperts(_Probe):
                 weights_applied=weighted)
         else:
             eo = self.inner(*args, expert_map, weight_mode=weight_mode, validate=validate)
+        if before is not None:  # (fused_moe's inplace=True writes the output over its input)
+            self._tap(experts_wrote_input=not torch.equal(before, x_RH))
         self._tap(expert_out=eo.out, weights_applied=eo.weights_applied)
         if self._at("weighting"):
             raw = self.inner(*args, expert_map, weight_mode="combine", validate=False)
@@ -359,10 +373,30 @@ def _route_with(layer, fault: Fault, hidden_states, *, forced_expert_ids=None):
                                     forced_expert_ids=forced_expert_ids)
 
 
+def _probe_shared(layer, record: StageRecord | None) -> None:
+    """Tap the shared experts' output into ``record`` (None: remove the tap)."""
+    shared = getattr(layer, "shared_experts", None)
+    if shared is None:
+        return
+    for name in ("forward", "forward_invariant"):
+        shared.__dict__.pop(name, None)
+        if record is not None:
+            method = getattr(shared, name)
+
+            def tapped(x_TH, *args, _method=method):
+                # (the invariant path runs the shared SwiGLU on the layer's experts: on the
+                # bare backend, so the routed experts' taps are not overwritten)
+                y = _method(x_TH, *(_inner(a) for a in args))
+                record.shared = y.detach().clone()
+                return y
+            setattr(shared, name, tapped)
+
+
 def _instrument(layer, fault: Fault | None, record: StageRecord | None) -> None:
     """Put ``layer``'s stages behind probes for ``fault`` and ``record`` (none: bare)."""
     layer.dispatcher, layer.experts = _inner(layer.dispatcher), _inner(layer.experts)
     layer.__dict__.pop("route_tokens", None)
+    _probe_shared(layer, record)
     if fault is None and record is None:
         return
     layer.dispatcher = ProbedDispatcher(layer.dispatcher, fault, record, layer=layer)

@@ -171,6 +171,17 @@ def dense_experts(x_RH: torch.Tensor, ids_RK: torch.Tensor, held: Iterable[int],
     return out
 
 
+def local_expert_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's routed experts as float tensors (w13 [e, 2I, H], w2 [e, H, I]): the layer's
+    own, or an FP8 layer's dequantised exactly in float64 (its ``w13`` / ``w2`` are empty)."""
+    from rocm_moe.quant import BlockFP8Weight
+
+    w13, w2 = layer.expert_weights()
+    if isinstance(w13, BlockFP8Weight):
+        return w13.dequantize(torch.float64), w2.dequantize(torch.float64)
+    return w13.detach(), w2.detach()
+
+
 def weighted_sum(raw_RKH: torch.Tensor, weights_RK: torch.Tensor) -> torch.Tensor:
     """[R, H] float64: sum over k of w[r, k] * raw[r, k] (zero slots contribute nothing)."""
     return (raw_RKH.double() * weights_RK.detach().double().cpu()[:, :, None]).sum(1)

@@ -152,4 +152,4 @@ def test_cli_router_and_shared_experts(capsys, router):
     out = capsys.readouterr().out
     assert f"router={router}" in out
     assert "shared_experts" in out
-    assert "12 passed, 0 failed" in out
+    assert "16 passed, 0 failed" in out  # (router_config, raw_slots and input_unchanged too)

@@ -18,7 +18,7 @@ from rocm_moe.comm.torch import TorchDispatcher
 from rocm_moe.diagnose import diagnose
 from rocm_moe.distributed import launch
 from rocm_moe.experts import reference as reference_experts
-from rocm_moe.faults import int64_read_as_int32, int64_read_flat_as_int32
+from rocm_moe.faults import STAGES, int64_read_as_int32, int64_read_flat_as_int32
 from rocm_moe.layer import SharedExperts
 from rocm_moe.placement import Placement
 from rocm_moe.sanity import TOLERANCE, rel_err, run_sanity
@@ -113,7 +113,7 @@ BUGS = {
     "owners_elsewhere": Bug(_owners_elsewhere, "dispatch", stage_w1=None),
     "int64_read_per_row": Bug(_ids_read(int64_read_as_int32), "dispatch", "int64_as_int32"),
     "int64_read_flat": Bug(_ids_read(int64_read_flat_as_int32), "dispatch", "int64_as_int32"),
-    "shared_twice": Bug(_shared_twice, "output", shared=True),
+    "shared_twice": Bug(_shared_twice, "shared", shared=True),
     "combine_raw_slots": Bug(_combine_raw_slots_swapped, "combine_raw"),
 }
 
@@ -305,4 +305,4 @@ def test_weights_not_where_the_placement_says():
         # The gathered weights follow the placement's list: the output is still judged right
         # by the layer's own account, and the report says what that reference shares.
         assert gathered is None or gathered == "dispatch"
-        assert "layer.local_experts" in shares[1]
+        assert "layer.local_experts" in shares[STAGES.index("dispatch")]

@@ -254,3 +254,181 @@ def test_gelu_model_refused_by_the_experts_implementation(gelu_model):
             model(torch.randint(0, 96, (1, 5)))
     finally:
         model.set_experts_implementation("eager")
+
+
+# ---- diagnose and sanity: every layer, every input, and their blind spots ----------------------
+
+
+def _small_fp8_layer():
+    return _fp8_layer(shared_intermediate_size=128)
+
+
+def test_sanity_runs_on_an_fp8_layer():
+    from rocm_moe.sanity import run_sanity
+
+    rows = run_sanity(_small_fp8_layer())
+    assert all(r.passed for r in rows), [r for r in rows if not r.passed]
+
+
+def test_diagnose_runs_on_an_fp8_layer():
+    from rocm_moe.diagnose import diagnose
+
+    report = diagnose(_small_fp8_layer(), torch.randn(7, FP8_H))
+    assert report.first_bad is None, report.stages
+
+
+def test_diagnose_runs_on_an_invariant_layer():
+    from rocm_moe.diagnose import diagnose
+
+    report = diagnose(_layer(invariant=True, shared_intermediate_size=8), torch.randn(7, 16))
+    assert report.first_bad is None, report.stages
+
+
+def test_diagnose_checks_its_arguments_before_the_work(tmp_path):
+    from rocm_moe.diagnose import diagnose
+
+    layer = _layer()
+    calls = []
+    layer.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"^dump=.*cannot be written"):
+        diagnose(layer, torch.randn(3, 16), dump=str(tmp_path / "missing" / "d"))
+    x = torch.randn(3, 16)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^hidden_states=contains nan at \[1, 2\]"):
+        diagnose(layer, x)
+    with pytest.raises(TypeError, match=r"must be a rocm_moe\.EPMoE"):
+        diagnose(torch.nn.Linear(16, 16), torch.randn(3, 16))
+    assert not calls
+    diagnose(layer, torch.randn(3, 16), dump=str(tmp_path / "d"))
+    assert (tmp_path / "d.rank0.safetensors").exists()
+
+
+class _InPlaceExperts:
+    """fused_moe's inplace=True: the (right) weighted output written over the input rows."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, x_RH, *args, **kwargs):
+        eo = self.inner(x_RH, *args, **kwargs)
+        if eo.weights_applied:
+            x_RH.copy_(eo.out)
+            return ExpertsOutput(out=x_RH, weights_applied=True)
+        return eo
+
+
+def test_diagnose_names_experts_writing_into_their_input():
+    from rocm_moe.diagnose import diagnose
+
+    layer = _layer(shared_intermediate_size=8)
+    layer.experts = _InPlaceExperts(layer.experts)
+    x = torch.randn(6, 16)
+    x0 = x.clone()
+    report = diagnose(layer, x)
+    assert torch.equal(x, x0)  # the caller's input is never changed
+    assert report.first_bad == "experts"
+    assert report.diagnosis.bug == "experts_in_place"
+
+
+def test_sanity_checks_its_input_is_unchanged():
+    from rocm_moe.sanity import run_sanity
+
+    layer = _layer()
+    layer.experts = _InPlaceExperts(layer.experts)
+    rows = {(r.check, r.weight_mode): r for r in run_sanity(layer)}
+    assert not rows["input_unchanged", "both"].passed
+
+
+def test_diagnose_and_sanity_check_the_router_config_against_the_model():
+    transformers = pytest.importorskip("transformers")
+    from rocm_moe import RouterConfig
+    from rocm_moe.diagnose import diagnose
+    from rocm_moe.sanity import run_sanity
+
+    cfg = transformers.DeepseekV3Config(
+        hidden_size=16, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+        n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True)
+    right = RouterConfig.from_hf_config(cfg)
+    wrong = RouterConfig(**{**vars(right), "routed_scaling_factor": 1.0})
+    from rocm_moe import EPMoE
+
+    layer = EPMoE(hidden_size=16, intermediate_size=32, router=wrong)
+    report = diagnose(layer, torch.randn(5, 16), hf_config=cfg)
+    assert report.first_bad == "config"
+    assert "routed_scaling_factor: layer 1.0, model 2.5" in report.stages[0].note
+    rows = run_sanity(layer, hf_config=cfg)
+    assert rows[0].check == "router_config"
+    assert not rows[0].passed
+    layer_ok = EPMoE(hidden_size=16, intermediate_size=32, router=right)
+    assert diagnose(layer_ok, torch.randn(5, 16), hf_config=cfg).first_bad is None
+
+
+def test_diagnose_has_a_stage_for_code_after_combine():
+    from rocm_moe import EPMoE
+    from rocm_moe.diagnose import diagnose
+
+    class ScaledTwice(EPMoE):
+        def _run(self, *args):
+            out = super()._run(*args)
+            return out * 2.5 if torch.is_tensor(out) else out
+
+    from rocm_moe import RouterConfig
+
+    layer = ScaledTwice(hidden_size=16, intermediate_size=32,
+                        router=RouterConfig.qwen3_moe(8, 2))
+    assert diagnose(layer, torch.randn(5, 16)).first_bad == "post_combine"
+
+
+def test_diagnose_judges_the_shared_experts_gate():
+    from rocm_moe.diagnose import diagnose
+    from rocm_moe.layer import SharedExperts
+
+    class NoSigmoid(SharedExperts):
+        def forward(self, x_TH):
+            from rocm_moe.experts.base import swiglu_expert
+
+            return self.gate(x_TH) * swiglu_expert(x_TH, self.w13, self.w2)
+
+    layer = _layer(shared_intermediate_size=8, shared_expert_gate=True)
+    layer.shared_experts.__class__ = NoSigmoid
+    report = diagnose(layer, torch.randn(5, 16))
+    assert report.first_bad == "shared"
+
+
+def test_sanity_reference_is_independent_of_swiglu_expert(monkeypatch):
+    import rocm_moe.experts.base
+    import rocm_moe.experts.reference
+    import rocm_moe.sanity
+    from rocm_moe.sanity import run_sanity
+
+    original = rocm_moe.experts.base.swiglu_expert
+
+    def swapped(x, w13, w2):  # gate and up swapped: a bug in the package's own expert
+        half = w13.shape[-2] // 2
+        return original(x, torch.cat([w13[..., half:, :], w13[..., :half, :]], -2), w2)
+
+    for module in (rocm_moe.experts.base, rocm_moe.experts.reference, rocm_moe.sanity):
+        monkeypatch.setattr(module, "swiglu_expert", swapped, raising=False)
+    rows = {(r.check, r.weight_mode): r for r in run_sanity(_layer())}
+    assert not rows["single_expert", "experts"].passed
+
+
+def test_sanity_puts_two_local_slots_in_one_row():
+    from rocm_moe import LocalDispatcher
+    from rocm_moe.sanity import run_sanity
+
+    class SlotOrderBug(LocalDispatcher):
+        """The raw path returns a row's slots reversed where every slot is used."""
+
+        def combine_raw(self, expert_output, handle):
+            raw = super().combine_raw(expert_output, handle)
+            full = (handle.topk_ids >= 0).all(1)
+            raw[full] = raw[full].flip(1)
+            return raw
+
+    layer = _layer(dispatcher=SlotOrderBug(Placement.contiguous(8, 1)))
+    rows = {(r.check, r.weight_mode): r for r in run_sanity(layer)}
+    assert not rows["raw_slots", "experts"].passed
