@@ -197,6 +197,24 @@ def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
     return launches
 
 
+def _router(target: str) -> list[Launch]:
+    """``_routing_triton.launch_config`` for the families the package serves (Qwen3-MoE with
+    and without norm_topk_prob, Mixtral, DeepSeek-V3 with its bias) at the target's warp, one
+    token per program (``fused_route`` on GPUs)."""
+    from rocm_moe._routing_triton import launch_config
+    from rocm_moe.routing import RouterConfig
+
+    out = []
+    for name, cfg in (("qwen3", RouterConfig.qwen3_moe()),
+                      ("qwen3 no norm", RouterConfig.qwen3_moe(norm_topk_prob=False)),
+                      ("mixtral", RouterConfig.mixtral()),
+                      ("deepseek-v3", RouterConfig.deepseek_v3())):
+        c, warps = launch_config(cfg, has_bias=cfg.scoring == "sigmoid",
+                                 warp=TARGETS[target][2])
+        out.append(Launch(tuple(sorted({**c, "ROWS": 1}.items())), warps, 1, name))
+    return out
+
+
 # Every Triton kernel of the package: one line each.
 KERNELS = [
     Kernel("rocm_moe.experts._triton_kernels:_gate_up_kernel", _EXPERT_PTRS, _gate_up),
@@ -220,6 +238,9 @@ KERNELS = [
     Kernel("rocm_moe._weighting_triton:weighted_slot_sum_kernel",
            dict(raw_ptr="*bf16", w_ptr="*fp32", local_ptr="*i8", out_ptr="*bf16"),
            grid(K_TOPK=tuple(sorted({k for _, _, k, _ in MODEL_SHAPES})), BLOCK_H=1024)),
+    Kernel("rocm_moe._routing_triton:_router_kernel",  # DeepSeek-V3's logits are float32
+           dict(logits_ptr=lambda c: "*fp32" if c["SIGMOID"] else "*bf16", bias_ptr="*fp32",
+                w_ptr="*fp32", ids_ptr="*i32"), _router, dict(eps="fp32", scale="fp32")),
     Kernel("rocm_moe._invariant_triton:linear_kernel",
            dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*fp32"),
            grid(IEEE=False, BLOCK_N=32, BLOCK_M=32, BLOCK_D=64)),  # invariant.LINEAR_CONFIG

@@ -39,7 +39,9 @@ from rocm_moe._checks import (
     check_tensor,
     check_unique_rows,
     error_message,
+    value_checks_allowed,
 )
+from rocm_moe._libs import library_version
 from rocm_moe.families import family
 
 Scoring = Literal["softmax", "sigmoid"]
@@ -210,6 +212,20 @@ def _check_forced(forced: object, logits_TE: torch.Tensor, lead: tuple, config: 
     return forced_TK.long()
 
 
+def _check_logits(logits_TE: torch.Tensor, top_k: int) -> None:
+    """NaN and +inf refused; -inf masks an expert (a legitimate way to exclude it), so long as
+    every token keeps at least ``top_k`` finite logits."""
+    fix = "check the gate weights and, if the logits come from your model, its hidden states"
+    check_finite("router_logits", logits_TE.masked_fill(logits_TE == float("-inf"), 0), fix)
+    if logits_TE.numel() and value_checks_allowed(logits_TE):
+        few = torch.isfinite(logits_TE).sum(-1) < top_k
+        if bool(few.any()):
+            t = int(few.nonzero()[0, 0])
+            raise ValueError(error_message(
+                f"router_logits[{t}]", f"{int(torch.isfinite(logits_TE[t]).sum())} finite",
+                f"a token needs at least top_k={top_k} experts not masked with -inf", fix))
+
+
 def route(
     router_logits: torch.Tensor,
     config: RouterConfig,
@@ -240,6 +256,11 @@ def route(
         RoutingResult with [T, K] float32 weights and [T, K] int32 global ids, T = B * S for
         [B, S, E] input. Unforced ids are ordered by decreasing choice score.
 
+    On GPUs (CUDA or ROCm tensors, triton installed) an unforced, non-invariant route is one
+    Triton launch (``rocm_moe._routing_triton.fused_route``): the torch path's bits wherever no
+    two scores tie, and ties to the lower expert id. Elsewhere, and for E > 1024 or K > 32,
+    the torch path runs.
+
     Example: logits [[0, 0, log(2)]] with softmax, K=1 and no normalisation gives ids [[2]] and
     weights [[0.5]].
     """
@@ -269,16 +290,43 @@ def route(
             check_finite("e_score_correction_bias", e_score_correction_bias,
                          "load the router's bias from the checkpoint again")
     if validate:
-        check_finite("router_logits", router_logits, "check the gate weights and, if the "
-                     "logits come from your model, its hidden states")
+        _check_logits(router_logits.reshape(-1, config.num_experts), config.top_k)
 
     logits_TE = router_logits.reshape(-1, config.num_experts)
+    if forced_TK is None and not invariant and _fused_runs(logits_TE, config):
+        from rocm_moe._routing_triton import fused_route
+
+        bias_E = None if e_score_correction_bias is None else e_score_correction_bias.contiguous()
+        return fused_route(logits_TE=logits_TE, config=config, bias_E=bias_E)
+    return _route_torch(logits_TE, config, e_score_correction_bias, forced_TK=forced_TK,
+                        forced_weights=forced_weights, invariant=invariant)
+
+
+def _fused_runs(logits_TE: torch.Tensor, config: RouterConfig) -> bool:
+    """The one-launch Triton router (``rocm_moe._routing_triton``) takes these logits: GPU
+    tensors with triton installed, within its limits. Elsewhere (CPUs, the invariant mode,
+    router replay) the torch path runs."""
+    if not logits_TE.is_cuda or library_version("triton") is None:
+        return False
+    from rocm_moe._routing_triton import fused_route_unsupported
+
+    return fused_route_unsupported(logits_TE, config) is None
+
+
+def _route_torch(
+    logits_TE: torch.Tensor,
+    config: RouterConfig,
+    bias_E: torch.Tensor | None,
+    *,
+    forced_TK: torch.Tensor | None = None,
+    forced_weights: Literal["derived", "raw"] = "derived",
+    invariant: bool = False,
+) -> RoutingResult:
+    """The router in torch operations on [T, E] logits (inputs already checked by ``route``).
+    On CUDA, where no two scores tie, ``fused_route`` computes the same bits in one launch."""
     inv_kw = {"invariant": True} if invariant else {}  # (the default path's calls unchanged)
     scores_TE = _scores(logits_TE, config, **inv_kw)
-    if forced_TK is not None:
-        ids_TK = forced_TK
-    else:
-        ids_TK = _choose(scores_TE, config, e_score_correction_bias, **inv_kw)
+    ids_TK = forced_TK if forced_TK is not None else _choose(scores_TE, config, bias_E, **inv_kw)
     weights_TK = scores_TE.gather(1, ids_TK)
     if forced_TK is None or forced_weights == "derived":
         weights_TK = _finish_weights(weights_TK, config, **inv_kw)

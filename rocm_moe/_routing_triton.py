@@ -1,0 +1,258 @@
+"""Triton kernel behind ``routing.route`` on GPUs (imported only where triton is installed): the
+whole router after the gate GEMM in one launch, one program per token.
+
+    logits [T, E] -> softmax | sigmoid (+ e_score_correction_bias) -> grouped top-k
+                  -> top-k (ties to the lower id) -> gather -> norm_topk_prob
+                  -> routed_scaling_factor -> weights [T, K] float32, ids [T, K] int32
+
+It computes the bits of the torch path (``routing._route_torch``) on CUDA, where that path is
+deterministic (no tied scores), by doing each float operation the torch kernels do, in their
+order:
+
+- softmax as PyTorch's persistent warp softmax (``PersistentSoftmax.cuh``, E <= 1024): the
+  max, e = exp(x - max) with the C library's ``expf`` (libdevice's, not the fast ``ex2``
+  approximation ``tl.exp`` lowers to), per lane l of a WARP-wide warp the sum over
+  it = 0, 1, ... of e[it * WARP + l] in order, then the butterfly: lanes l and l + n / 2
+  added, n halving, so the lane sums add as a tree of halves; p = e / sum rounded as IEEE
+  division (``div_rn``; ``/`` on float32 is approximate in Triton).
+- sigmoid as ``1 / (1 + expf(-x))`` (PyTorch's CUDA sigmoid), IEEE division.
+- the K gathered weights summed as PyTorch's CUDA reduction (``Reduce.cuh``) sums a row of
+  K < 64 contiguous floats: BW = the largest power of two <= K lanes, lane l holding
+  w[l] + w[l + BW] (w[l] when l + BW >= K), the lanes added in an adjacent pairwise tree
+  ((l0 + l1) + (l2 + l3)) + ...; then w / (sum + eps) (IEEE) and w * routed_scaling_factor.
+- a group's score is the sum of its two largest choice scores (one addition: no order).
+
+Ties (equal scores, e.g. two equal bfloat16 logits) go to the lower expert id (and, for
+groups, the lower group id); ``torch.topk`` leaves them to its implementation. A NaN score
+ranks above every number, as in ``torch.topk``; the ids stay distinct and in [0, E) whatever
+the logits hold. No host read: capturable in a CUDA graph.
+
+Under Triton's interpreter (CPU tests) ``exp`` is numpy's and division numpy's, so there the
+kernel computes this order with numpy's ``exp``; the tests compare it with a torch emulation
+of the same order and the same ``exp``, and on GPUs with the torch path itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from rocm_moe._checks import error_message
+
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _expf(x):
+    """The C library's expf: libdevice's (CUDA and HIP) when compiled, numpy's when
+    interpreted (libdevice does not run there)."""
+    if _INTERPRETED:
+        return tl.exp(x)
+    else:
+        return libdevice.exp(x)
+
+
+@triton.jit
+def _halves_tree(v, ROWS: tl.constexpr, N: tl.constexpr):
+    """Per row, the sum of the N (a power of two) values of v [ROWS, N] as a tree of halves:
+    v[l] + v[l + N / 2] for l < N / 2, again until one is left (a warp's butterfly). -> [ROWS].
+    """
+    for s in tl.static_range(N.bit_length() - 1):
+        v = tl.sum(tl.reshape(v, [ROWS, 2, N >> (s + 1)]), axis=1)
+    return tl.sum(v, axis=1)  # one value: exact
+
+
+@triton.jit
+def _pairs_tree(v, ROWS: tl.constexpr, N: tl.constexpr):
+    """Per row, the sum of the N (a power of two) values of v [ROWS, N] as an adjacent pairwise
+    tree ((v0 + v1) + (v2 + v3)) + ... (a warp's shuffle-down reduction). -> [ROWS]."""
+    for s in tl.static_range(N.bit_length() - 1):
+        v = tl.sum(tl.reshape(v, [ROWS, N >> (s + 1), 2]), axis=2)
+    return tl.sum(v, axis=1)
+
+
+@triton.jit
+def _max2(v):
+    return tl.max(tl.max(v, axis=2), axis=1)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _router_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_t, eps, scale,
+                   SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                   K_TOPK: tl.constexpr, K_POW2: tl.constexpr, BW: tl.constexpr,
+                   N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, EPG: tl.constexpr,
+                   G_POW2: tl.constexpr, EPG_POW2: tl.constexpr, WARP: tl.constexpr,
+                   ROWS: tl.constexpr):
+    """Rows [pid * ROWS, pid * ROWS + ROWS) of logits [T, E] (row stride ``stride_t``, any
+    float dtype) -> w [T, K] float32 and ids [T, K] int32 (contiguous). A row's experts are a
+    [N_GROUP, EPG] tile (N_GROUP groups of EPG experts; 1 ungrouped), padded to
+    [G_POW2, EPG_POW2]. SIGMOID: sigmoid scores, else softmax (N_GROUP must be 1: the
+    softmax's lanes are the flat ids). With TOPK_GROUP < N_GROUP the TOPK_GROUP groups with the
+    largest top-2 sum of choice = score + bias are kept. BW: the largest power of two <= K_TOPK,
+    K_POW2: the smallest >= it; WARP: the torch softmax's warp width (min(E_POW2, 32) on
+    NVIDIA, 64 on AMD). eps, scale: float32. A row's bits do not depend on ROWS.
+
+    Example: logits [[0, 0, log(2)]], softmax, K = 1, no normalisation -> w [[0.5]],
+    ids [[2]]."""
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    live = row < T
+    r3 = row[:, None, None].to(tl.int64)
+    g = tl.arange(0, G_POW2)[None, :, None]
+    j = tl.arange(0, EPG_POW2)[None, None, :]
+    gid = g * EPG + j  # [1, G_POW2, EPG_POW2] expert ids
+    valid = (g < N_GROUP) & (j < EPG) & live[:, None, None]  # [ROWS, G_POW2, EPG_POW2]
+    x = tl.load(logits_ptr + r3 * stride_t + gid, mask=valid, other=-float("inf"))
+    x = tl.where(live[:, None, None], x.to(tl.float32), 0.0)  # rows past T: finite, unstored
+    if SIGMOID:
+        score = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + _expf(-x))
+        if HAS_BIAS:
+            choice = score + tl.load(bias_ptr + gid + r3 * 0, mask=valid, other=0.0).to(
+                tl.float32)
+        else:
+            choice = score
+    else:
+        E_POW2: tl.constexpr = G_POW2 * EPG_POW2
+        e = _expf(x - _max2(x)[:, None, None])  # padding: exp(-inf) = 0
+        lanes = tl.reshape(e, [ROWS, E_POW2 // WARP, WARP])  # [., it, l] = e[it * WARP + l]
+        it = tl.arange(0, E_POW2 // WARP)[None, :, None]
+        acc = tl.zeros([ROWS, WARP], tl.float32)
+        for i in tl.static_range(E_POW2 // WARP):  # row i picked exactly (zeros elsewhere)
+            acc += tl.sum(tl.where(it == i, lanes, 0.0), axis=1)
+        total = _halves_tree(acc, ROWS, WARP)
+        score = tl.math.div_rn(e, tl.zeros(e.shape, tl.float32) + total[:, None, None])
+        choice = score
+    choice = tl.where(valid, tl.where(choice != choice, float("inf"), choice), -float("inf"))
+
+    if TOPK_GROUP < N_GROUP:  # grouped top-k: keep the TOPK_GROUP best groups
+        top1 = tl.max(choice, axis=2)
+        j1 = tl.min(tl.where(choice == top1[:, :, None], j, EPG_POW2), axis=2)
+        top2 = tl.max(tl.where(j == j1[:, :, None], -float("inf"), choice), axis=2)
+        gscore = top1 + top2  # [ROWS, G_POW2]
+        gscore = tl.where(gscore != gscore, float("inf"), gscore)
+        gs = tl.arange(0, G_POW2)[None, :]
+        gfree = (gs < N_GROUP) & live[:, None]
+        keep = gs < 0
+        for _ in tl.static_range(TOPK_GROUP):
+            best = tl.max(tl.where(gfree, gscore, -float("inf")), axis=1)
+            pick = tl.min(tl.where(gfree & (gscore == best[:, None]), gs, G_POW2), axis=1)
+            keep |= gs == pick[:, None]
+            gfree &= gs != pick[:, None]
+        choice = tl.where(keep[:, :, None], choice, -float("inf"))
+
+    kk = tl.arange(0, K_POW2)[None, :]
+    w = tl.zeros([ROWS, K_POW2], tl.float32)
+    ids = tl.zeros([ROWS, K_POW2], tl.int32)
+    free = valid
+    for k in tl.static_range(K_TOPK):
+        cand = tl.where(free, choice, -float("inf"))
+        best = _max2(cand)
+        pick = tl.min(tl.min(tl.where(free & (cand == best[:, None, None]), gid, 2**30),
+                             axis=2), axis=1)
+        hit = gid == pick[:, None, None]
+        free &= ~hit
+        wk = tl.sum(tl.sum(tl.where(hit, score, 0.0), axis=2), axis=1)  # one term: exact
+        w = tl.where(kk == k, wk[:, None], w)
+        ids = tl.where(kk == k, pick[:, None].to(tl.int32), ids)
+
+    if NORM:
+        lanes_k = tl.sum(tl.reshape(w, [ROWS, K_POW2 // BW, BW]), axis=1)  # w[l] + w[l + BW]
+        total_k = tl.where(live, _pairs_tree(lanes_k, ROWS, BW) + eps, 1.0)
+        w = tl.math.div_rn(w, tl.zeros(w.shape, tl.float32) + total_k[:, None])
+    w = w * scale
+    out = row[:, None].to(tl.int64) * K_TOPK + kk
+    tl.store(w_ptr + out, w, mask=live[:, None] & (kk < K_TOPK))
+    tl.store(ids_ptr + out, ids, mask=live[:, None] & (kk < K_TOPK))
+
+
+_MAX_E = 1024  # PyTorch's persistent warp softmax (whose order the kernel keeps) ends there
+_MAX_K = 32  # Reduce.cuh: a lane holds at most two of the K weights up to 63; 32 is plenty
+
+
+def fused_route_unsupported(logits_TE: torch.Tensor, config) -> str | None:
+    """Why ``fused_route`` cannot route these logits with this ``RouterConfig``, or None."""
+    if logits_TE.dim() != 2 or logits_TE.shape[1] != config.num_experts:
+        return f"logits must be [T, E={config.num_experts}], got {list(logits_TE.shape)}"
+    if logits_TE.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"logits dtype {logits_TE.dtype} (float16, bfloat16 or float32 only)"
+    if logits_TE.stride(1) != 1:
+        return "logits rows must be contiguous (stride 1 along E)"
+    if config.num_experts > _MAX_E:
+        return f"num_experts={config.num_experts} > {_MAX_E}"
+    if config.top_k > _MAX_K:
+        return f"top_k={config.top_k} > {_MAX_K}"
+    return None
+
+
+def _warp_width(device: torch.device) -> int:
+    """PyTorch's C10_WARP_SIZE on ``device``: 32 on NVIDIA, 64 on CDNA (gfx9)."""
+    props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+    width = getattr(props, "warp_size", None)
+    return int(width) if width else (64 if torch.version.hip else 32)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def launch_config(config, *, has_bias: bool, warp: int) -> tuple[dict, int]:
+    """(constexprs, num_warps) of ``_router_kernel`` for a ``RouterConfig`` on a device whose
+    torch softmax runs ``warp`` lanes wide (``rocm_moe._compile`` compiles these too)."""
+    E, K, G = config.num_experts, config.top_k, config.n_group
+    e_pow2 = _pow2(E)
+    constexprs = dict(
+        SIGMOID=config.scoring == "sigmoid", HAS_BIAS=has_bias, NORM=config.norm_topk_prob,
+        K_TOPK=K, K_POW2=_pow2(K), BW=1 << (K.bit_length() - 1), N_GROUP=G,
+        TOPK_GROUP=config.topk_group, EPG=E // G, G_POW2=_pow2(G), EPG_POW2=_pow2(E // G),
+        WARP=min(e_pow2, warp))
+    return constexprs, 1 if e_pow2 <= 256 else 4
+
+
+def fused_route(*, logits_TE: torch.Tensor, config, bias_E: torch.Tensor | None = None,
+                warp: int | None = None, rows: int | None = None):
+    """``routing.route`` for [T, E] logits in one launch: -> ``RoutingResult`` with [T, K]
+    float32 weights and [T, K] int32 ids, the torch path's bits on CUDA (see the module
+    docstring). No host read (capturable in a CUDA graph); nothing is validated here beyond
+    ``fused_route_unsupported`` (``route`` checks the inputs).
+
+    Args:
+        logits_TE: [T, E] float16 / bfloat16 / float32 gate logits, rows contiguous.
+        config: the ``RouterConfig``.
+        bias_E: [E] floating ``e_score_correction_bias`` (sigmoid routers), or None (zeros).
+        warp: the warp width of the torch softmax whose order is kept (default: the
+            device's, 32 on NVIDIA, 64 on AMD CDNA).
+        rows: tokens per program, a power of two (default 1 on GPUs, 64 under the
+            interpreter, where each program's operations cost the same for 1 or 64 rows).
+
+    Example (a test asserts it): logits [[0, 0, log(2)]], softmax, K = 1,
+    norm_topk_prob=False -> weights [[0.5]], ids [[2]].
+    """
+    from rocm_moe.routing import RoutingResult
+
+    why = fused_route_unsupported(logits_TE, config)
+    if why is not None:
+        raise ValueError(error_message("fused_route", why, "is outside the fused router",
+                                       "call routing.route, which falls back to torch"))
+    T, K = logits_TE.shape[0], config.top_k
+    w = torch.empty(T, K, dtype=torch.float32, device=logits_TE.device)
+    ids = torch.empty(T, K, dtype=torch.int32, device=logits_TE.device)
+    if T == 0:
+        return RoutingResult(topk_weights=w, topk_ids=ids)
+    constexprs, num_warps = launch_config(config, has_bias=bias_E is not None,
+                                          warp=warp or _warp_width(logits_TE.device))
+    # No contraction of a multiply into a later add (torch's kernels round each operation
+    # here; expf's own FMAs are written as FMAs) and, on NVIDIA, libdevice's expf without
+    # flushing denormals (torch is built without -ftz).
+    options = dict(enable_fp_fusion=False)
+    if torch.version.hip is None:
+        options["enable_reflect_ftz"] = False
+    rows = rows or (64 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 1)
+    _router_kernel[(triton.cdiv(T, rows),)](
+        logits_TE, bias_E if bias_E is not None else logits_TE,  # (unread without HAS_BIAS)
+        w, ids, T, logits_TE.stride(0), 1e-20 if config.scoring == "sigmoid" else 0.0,
+        float(config.routed_scaling_factor), ROWS=rows, num_warps=num_warps, **constexprs,
+        **options)
+    return RoutingResult(topk_weights=w, topk_ids=ids)
