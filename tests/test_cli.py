@@ -590,7 +590,7 @@ def test_device_cpu_spawns_cpu_ranks_on_a_gpu_host(capsys, monkeypatch):
         assert match in capsys.readouterr().err
 
 
-def test_bench_layer_on_cpu_ranks_of_a_gpu_host(tmp_path, monkeypatch):
+def test_bench_layer_on_cpu_ranks_of_a_gpu_host(tmp_path, monkeypatch, capsys):
     """bench layer with 2 ranks on a one-GPU host: the ranks run on CPUs and pick torch and the
     reference experts themselves (the launcher's GPU no longer decides for them)."""
     _gpu_host(monkeypatch)
@@ -602,6 +602,10 @@ def test_bench_layer_on_cpu_ranks_of_a_gpu_host(tmp_path, monkeypatch):
     assert data["config"]["experts"] == "reference"
     assert data["config"]["comm"] == ["torch"]
     assert [r["comm"] for r in data["summary"]] == ["torch"]
+    out = " ".join(capsys.readouterr().out.split())
+    assert "experts=reference (default on CPU ranks)" in out
+    assert "backends: comm torch (default on CPU ranks), experts reference (default on CPU " \
+        "ranks)" in out
 
 
 def test_info_tells_the_defaults(capsys, monkeypatch):

@@ -299,11 +299,13 @@ def default_backends(cfg: dict, info: WorkerInfo, dtype: torch.dtype, multinode:
 
     experts, why = (cfg["experts"], "--experts") if cfg["experts"] else \
         backends.default_experts(info.device, dtype=dtype)
-    comm = cfg["comm"]
+    comm, comm_why = cfg["comm"], "--comm"
     if not comm:
-        symm = backends.default_comm(max(2, info.world_size), info.device, multinode)[0]
-        comm = ["torch"] + (["symm"] if symm == "symm" else [])
-    return dict(cfg, comm=comm, experts=experts, experts_why=why)
+        name, comm_why = backends.default_comm(max(2, info.world_size), info.device, multinode)
+        comm = ["torch", "symm"] if name == "symm" else ["torch"]
+        if name == "symm":
+            comm_why += "; torch beside it as the baseline"
+    return dict(cfg, comm=comm, comm_why=comm_why, experts=experts, experts_why=why)
 
 
 def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
@@ -366,7 +368,7 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
                 torch.cuda.empty_cache()
     return dict(rows=rows, refused=refused, nodes=nodes, probes=probes,
                 device=str(info.device), comm=cfg["comm"], experts=cfg["experts"],
-                experts_why=cfg["experts_why"])
+                comm_why=cfg["comm_why"], experts_why=cfg["experts_why"])
 
 
 def _median_slowest(ranks: list[dict], get) -> float:
@@ -581,6 +583,9 @@ def report(results: list[dict], cfg: dict, W: int) -> int:
         table.add_row(r["comm"], str(r["tokens"]), r["skew"], r["mode"],
                       *[_fmt(r.get(k)) for k in keys])
     console.print(table)
+    r0 = results[0]
+    console.print(f"backends: comm {', '.join(r0['comm'])} ({r0['comm_why']}), experts "
+                  f"{r0['experts']} ({r0['experts_why']})", markup=False)
     for line in invariant_costs(rows):
         console.print(line)
     probes = summarise_probes(results)
