@@ -19,10 +19,43 @@ per rank), so long as all of them replay once per step.
 from __future__ import annotations
 
 import bisect
+import numbers
 
 import torch
 
-from rocm_moe._checks import error_message
+from rocm_moe._checks import check_integer_value, describe, error_message
+
+
+def _check_capturable(layer) -> torch.Tensor:
+    """``layer`` is an EPMoE-like module (``hidden_size``, ``parameters()``, callable: an EPMoE
+    or a ``model.MoEStack``) on a CUDA device; returns its first parameter."""
+    if not (callable(layer) and hasattr(layer, "parameters")
+            and isinstance(getattr(layer, "hidden_size", None), int)):
+        raise TypeError(error_message(
+            "layer", describe(layer), "must be a MoE layer (EPMoE, or a model.MoEStack): "
+            "callable, with hidden_size and parameters()", "pass the layer to capture"))
+    p = next(iter(layer.parameters()), None)
+    if p is None or p.device.type != "cuda":
+        raise ValueError(error_message(
+            "layer device", None if p is None else p.device, "CUDA graphs capture GPU work only",
+            "move the layer to a GPU (layer.cuda()), or run it eagerly on the CPU"))
+    return p
+
+
+def _check_buckets(buckets) -> list[int]:
+    """Token counts: a non-empty sequence of ints >= 1 (sorted, duplicates dropped)."""
+    if isinstance(buckets, (str, bytes)) or not hasattr(buckets, "__iter__"):
+        raise TypeError(error_message("buckets", repr(buckets), "must be a sequence of ints",
+                                      "pass e.g. (1, 2, 4, ..., 128)"))
+    buckets = list(buckets)
+    bad = [b for b in buckets if isinstance(b, bool) or not isinstance(b, numbers.Integral)]
+    if bad:
+        raise TypeError(error_message("buckets", buckets, f"must be ints (got {bad[0]!r})",
+                                      "pass token counts, e.g. (1, 2, 4, ..., 128)"))
+    if not buckets or min(buckets) < 1:
+        raise ValueError(error_message("buckets", buckets, "must be token counts >= 1",
+                                       "pass e.g. (1, 2, 4, ..., 128)"))
+    return sorted({int(b) for b in buckets})
 
 
 class GraphedEPMoE:
@@ -35,12 +68,10 @@ class GraphedEPMoE:
     """
 
     def __init__(self, layer, buckets=(1, 2, 4, 8, 16, 32, 64, 128), *, warmup: int = 2):
-        if not buckets or any(int(b) < 1 for b in buckets):
-            raise ValueError(error_message("buckets", buckets, "must be token counts >= 1",
-                                           "pass e.g. (1, 2, 4, ..., 128)"))
+        self.buckets = _check_buckets(buckets)
+        p = _check_capturable(layer)
+        check_integer_value("warmup", warmup, minimum=0)
         self.layer = layer
-        self.buckets = sorted({int(b) for b in buckets})
-        p = next(layer.parameters())
         self.inputs, self.outputs, self.graphs = {}, {}, {}
         stream = torch.cuda.Stream(p.device)
         stream.wait_stream(torch.cuda.current_stream(p.device))

@@ -130,6 +130,21 @@ class SharedExperts(nn.Module):
         return y
 
 
+def _check_call(*, return_raw: object, trace: object, **tensors: object) -> None:
+    """A forward's options: ``return_raw`` a bool, ``trace`` a Trace or None, and no routing
+    tensor a meta tensor (it holds no data to route by)."""
+    if not isinstance(return_raw, bool):
+        raise TypeError(error_message("return_raw", repr(return_raw), "must be a bool",
+                                      "pass True or False"))
+    if trace is not None and not isinstance(trace, Trace):
+        raise TypeError(error_message("trace", repr(trace), "must be a rocm_moe.layer.Trace or "
+                                      "None", "pass trace=Trace() and read trace.times"))
+    for field, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_meta:
+            raise ValueError(error_message(f"{field}.device", t.device, "holds no data (a meta "
+                                           "tensor)", "materialise it on the layer's device"))
+
+
 def _check_sizes(**sizes: int | None) -> None:
     """Every size is an int >= 1 (``None`` passes: an optional part left out)."""
     for field, value in sizes.items():
@@ -344,7 +359,9 @@ class EPMoE(nn.Module):
         or local [e, 2I, H] / [e, H, I] tensors."""
         E, e = self.router.num_experts, self.w13.shape[0]
         for name, src, dst in (("w13", w13, self.w13), ("w2", w2, self.w2)):
-            check_tensor(name, src, shape=(None, *dst.shape[1:]))
+            check_tensor(name, src, shape=(None, *dst.shape[1:]), dtypes=FLOAT_DTYPES,
+                         fix=f"pass float weights; integer ones would be cast silently "
+                         f"(convert on purpose with {name}.to({dst.dtype}))")
             if src.shape[0] == E and e != E:
                 src = src[list(self.local_experts)]
             elif src.shape[0] != e:
@@ -384,6 +401,8 @@ class EPMoE(nn.Module):
         """
         self._agree_invariant()
         with self._refusals_shared():
+            _check_call(return_raw=return_raw, trace=trace,
+                        forced_expert_ids=forced_expert_ids)
             x_TH = self._flatten(hidden_states)
             with _stage(trace, "route", x_TH.device):
                 routing = self.route_tokens(hidden_states, forced_expert_ids=forced_expert_ids)
@@ -412,6 +431,8 @@ class EPMoE(nn.Module):
         framework's own router, or a sanity test). Validated like dispatch inputs."""
         self._agree_invariant()
         with self._refusals_shared():
+            _check_call(return_raw=return_raw, trace=trace, topk_weights=topk_weights,
+                        topk_ids=topk_ids)
             x_TH = self._flatten(hidden_states)
         return self._run(hidden_states, x_TH,
                          RoutingResult(topk_weights=topk_weights, topk_ids=topk_ids),

@@ -13,13 +13,14 @@ distinct types that validate their contents, and functions that take one reject 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
-from rocm_moe._checks import error_message
+from rocm_moe._checks import check_integer_value, error_message
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,6 +114,17 @@ class ExpertMask:
         return ExpertMap(torch.where(owned == 1, local, torch.full_like(local, -1)), rank)
 
 
+def _expert_id(g: object) -> int:
+    """An expert id given as an int or an integer 0-d tensor; TypeError for anything else."""
+    if isinstance(g, torch.Tensor) and g.dim() == 0 and not g.is_floating_point() \
+            and g.dtype != torch.bool:
+        return int(g)
+    if isinstance(g, bool) or not isinstance(g, numbers.Integral):
+        raise TypeError(error_message("Placement.experts_of_rank", f"holds {g!r}", "expert ids "
+                                      "must be ints", "pass integer global expert ids"))
+    return int(g)
+
+
 def _desc(t: object) -> str:
     if isinstance(t, torch.Tensor):
         return f"Tensor(shape={list(t.shape)}, dtype={t.dtype})"
@@ -154,9 +166,29 @@ class Placement:
 
     @classmethod
     def from_lists(cls, experts_of_rank: Sequence[Sequence[int]], num_experts: int) -> Placement:
-        return cls(num_experts, tuple(tuple(int(g) for g in r) for r in experts_of_rank))
+        """Rank d owns ``experts_of_rank[d]`` (global ids in local-id order): ints, or integer
+        0-d tensors; a float is refused, never truncated."""
+        if isinstance(experts_of_rank, (str, bytes)) or not all(
+                hasattr(r, "__iter__") and not isinstance(r, (str, bytes))
+                for r in experts_of_rank):
+            raise TypeError(error_message(
+                "Placement.experts_of_rank", repr(experts_of_rank)[:80],
+                "must be one sequence of expert ids per rank", "pass e.g. [[0, 1], [2, 3]]"))
+        return cls(num_experts, tuple(tuple(_expert_id(g) for g in r) for r in experts_of_rank))
 
     def __post_init__(self) -> None:
+        E = self.num_experts
+        check_integer_value("Placement.num_experts", E, minimum=1)
+        for d, r in enumerate(self.experts_of_rank):
+            for g in r:
+                if isinstance(g, bool) or not isinstance(g, int):
+                    raise TypeError(error_message(
+                        f"Placement.experts_of_rank[{d}]", list(r)[:8], f"holds {g!r}: expert "
+                        "ids must be ints", "build it with Placement.from_lists (ints)"))
+                if not 0 <= g < E:
+                    raise ValueError(error_message(
+                        f"Placement.experts_of_rank[{d}]", list(r)[:8], f"holds {g}: expert "
+                        f"ids must lie in [0, {E})", "list the global experts of each rank"))
         flat = sorted(g for r in self.experts_of_rank for g in r)
         if not self.experts_of_rank or flat != list(range(self.num_experts)):
             raise ValueError(error_message(

@@ -432,3 +432,129 @@ def test_sanity_puts_two_local_slots_in_one_row():
     layer = _layer(dispatcher=SlotOrderBug(Placement.contiguous(8, 1)))
     rows = {(r.check, r.weight_mode): r for r in run_sanity(layer)}
     assert not rows["raw_slots", "experts"].passed
+
+
+# ---- crashes inside the library become clear refusals ----------------------------------------
+
+
+def test_forward_checks_trace_and_return_raw():
+    layer = _layer()
+    with pytest.raises(TypeError, match=r"^trace='yes': must be a rocm_moe\.layer\.Trace"):
+        layer(torch.randn(3, 16), trace="yes")
+    with pytest.raises(TypeError, match=r"^return_raw='no'"):
+        layer(torch.randn(3, 16), return_raw="no")
+    with pytest.raises(TypeError, match=r"^trace=1"):
+        layer.forward_routed(torch.randn(3, 16), torch.rand(3, 2),
+                             torch.zeros(3, 2, dtype=torch.int32), trace=1)
+
+
+def test_meta_routing_tensors_refused():
+    layer = _layer()
+    with pytest.raises(ValueError, match=r"^forced_expert_ids\.device=meta"):
+        layer(torch.randn(3, 16), forced_expert_ids=torch.zeros(3, 2, dtype=torch.int32,
+                                                                device="meta"))
+    with pytest.raises(ValueError, match=r"^topk_weights\.device=meta"):
+        layer.forward_routed(torch.randn(3, 16), torch.rand(3, 2, device="meta"),
+                             torch.tensor([[0, 1]] * 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"^topk_ids\.device=meta"):
+        layer.forward_routed(torch.randn(3, 16), torch.rand(3, 2),
+                             torch.zeros(3, 2, dtype=torch.int32, device="meta"))
+
+
+def test_integer_expert_weights_are_not_cast_silently():
+    layer = _layer()
+    with pytest.raises(TypeError, match=r"^w13\.dtype=torch\.int64.*cast silently"):
+        layer.load_experts(torch.ones(8, 64, 16, dtype=torch.int64), layer.w2.detach())
+
+
+@pytest.mark.parametrize(("buckets", "error", "match"), [
+    ((1, 2.5), TypeError, "must be ints"),
+    ("8", TypeError, "sequence of ints"),
+    ((True,), TypeError, "must be ints"),
+])
+def test_graphs_refuse_non_integer_buckets(buckets, error, match):
+    from rocm_moe.graphs import GraphedEPMoE
+
+    with pytest.raises(error, match=match):
+        GraphedEPMoE(_layer(), buckets=buckets)
+
+
+def test_graphs_refuse_a_cpu_layer_or_a_non_layer():
+    from rocm_moe.graphs import GraphedEPMoE
+
+    with pytest.raises(ValueError, match="CUDA graphs capture GPU work only"):
+        GraphedEPMoE(_layer(), buckets=(1, 2))
+    with pytest.raises(TypeError, match="must be a MoE layer"):
+        GraphedEPMoE(torch.nn.Linear(4, 4), buckets=(1, 2))
+
+
+def test_graphs_take_a_moe_stack():
+    from rocm_moe.graphs import GraphedEPMoE
+    from rocm_moe.model import MoEStack
+
+    with pytest.raises(ValueError, match="CUDA graphs"):  # a CPU stack: taken as a layer
+        GraphedEPMoE(MoEStack([_layer()]), buckets=(1, 2))
+
+
+@pytest.mark.parametrize("experts_of_rank", [[[0, 1.0], [2, 3]], [[0, 1.7], [2, 3]]])
+def test_placement_refuses_float_ids(experts_of_rank):
+    with pytest.raises(TypeError, match="expert ids must be ints"):
+        Placement.from_lists(experts_of_rank, 4)
+    with pytest.raises(TypeError, match="expert ids must be ints"):
+        Placement(4, tuple(tuple(r) for r in experts_of_rank))
+
+
+def test_placement_refuses_out_of_range_ids():
+    with pytest.raises(ValueError, match=r"holds 7: expert ids must lie in \[0, 4\)"):
+        Placement(4, ((0, 1), (2, 7)))
+    with pytest.raises(TypeError, match=r"Placement\.num_experts"):
+        Placement(4.0, ((0, 1), (2, 3)))
+    assert Placement.from_lists(torch.tensor([[0, 1], [2, 3]]), 4) == Placement.contiguous(4, 2)
+
+
+def test_replace_moe_blocks_with_a_dispatcher_for_another_e():
+    transformers = pytest.importorskip("transformers")
+    from rocm_moe import LocalDispatcher
+    from rocm_moe.integrations import hf
+
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts_per_tok=2, intermediate_size=48,
+        moe_intermediate_size=16, num_experts=8, mlp_only_layers=[])
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(ValueError, match=r"placement\.num_experts=16: must be the block's"):
+        hf.replace_moe_blocks(model, lambda: LocalDispatcher(Placement.contiguous(16, 1)))
+
+
+# ---- router logits: -inf masks an expert, NaN is refused --------------------------------------
+
+
+def test_minus_inf_logits_mask_experts():
+    from rocm_moe import RouterConfig, route
+
+    logits = torch.randn(4, 8)
+    logits[:, :5] = float("-inf")
+    logits[0, 5] = float("-inf")
+    logits[0, 0] = 0.0  # row 0 keeps experts 0, 6, 7
+    res = route(logits, RouterConfig.qwen3_moe(8, 2))
+    assert set(res.topk_ids[1].tolist()) <= {5, 6, 7}
+    assert set(res.topk_ids[0].tolist()) <= {0, 6, 7}
+    assert torch.isfinite(res.topk_weights).all()
+    layer = _layer()
+    layer.forward_routed(torch.randn(4, 16), res.topk_weights, res.topk_ids)
+
+
+def test_too_many_minus_inf_or_nan_logits_refused():
+    from rocm_moe import RouterConfig, route
+
+    logits = torch.randn(3, 8)
+    logits[2, 1:] = float("-inf")
+    with pytest.raises(ValueError, match=r"^router_logits\[2\]=1 finite: .*top_k=2"):
+        route(logits, RouterConfig.qwen3_moe(8, 2))
+    logits = torch.randn(3, 8)
+    logits[1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"^router_logits=contains nan"):
+        route(logits, RouterConfig.qwen3_moe(8, 2))
+    logits[1, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"^router_logits=contains inf"):
+        route(logits, RouterConfig.qwen3_moe(8, 2))

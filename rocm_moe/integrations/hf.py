@@ -374,8 +374,14 @@ def weights_from_block(block: nn.Module, config, placement: Placement,
                        rank: int) -> MoELayerWeights:
     """The same from a transformers 5 MoE block (fused expert tensors), this rank's slice."""
     check_activation(config, where="replace_moe_blocks")
-    local = list(placement.local_experts(rank))
     ex = block.experts
+    E = ex.gate_up_proj.shape[0]
+    if placement.num_experts != E:
+        raise ValueError(error_message(
+            "dispatcher.placement.num_experts", placement.num_experts,
+            f"must be the block's expert count E={E}", "build the dispatcher from the model's "
+            "config (its placement over E experts)"))
+    local = list(placement.local_experts(rank))
     shared = getattr(block, "shared_experts", None) or getattr(block, "shared_expert", None)
     kw = {}
     if shared is not None:
