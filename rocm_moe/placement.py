@@ -155,6 +155,8 @@ class Placement:
 
     @classmethod
     def contiguous(cls, num_experts: int, world_size: int) -> Placement:
+        check_integer_value("num_experts", num_experts, minimum=1)
+        check_integer_value("world_size", world_size, minimum=1)
         if world_size < 1 or num_experts < 1 or num_experts % world_size:
             raise ValueError(error_message(
                 "num_experts, world_size", (num_experts, world_size),

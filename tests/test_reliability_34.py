@@ -558,3 +558,10 @@ def test_too_many_minus_inf_or_nan_logits_refused():
     logits[1, 3] = float("inf")
     with pytest.raises(ValueError, match=r"^router_logits=contains inf"):
         route(logits, RouterConfig.qwen3_moe(8, 2))
+
+
+@pytest.mark.parametrize(("args", "match"), [((8.0, 2), "num_experts"), ((8, 2.0), "world_size"),
+                                             ((8, True), "world_size")])
+def test_contiguous_placement_takes_ints(args, match):
+    with pytest.raises(TypeError, match=f"^{match}=.*must be an int"):
+        Placement.contiguous(*args)
