@@ -8,14 +8,22 @@ stage does not make every later stage look wrong for no reason. The references a
 
 | stage | observed | reference |
 |---|---|---|
+| config | the layer's RouterConfig | the model's config (``hf_config``), where one is given |
 | route | topk ids / weights | ``reference_route``: the layer's router family, from x and gate |
 | dispatch | rows, ids, weights received | every rank's routed tokens, once on each rank that |
 | | | reports holding one of their experts (not ``placement.owner``) |
 | experts | the experts' output | ``dense_experts``: each held (row, slot), from global ids |
 | weighting | [R, H] partials put on the wire | the dense slots weighted once |
 | combine | [T, H] routed output | each token through its K observed experts, weighted |
+| shared | the shared experts' [T, H] | ``dense_shared``: their SwiGLU and gate in float64 |
+| post_combine | the layer's output | the observed combined + shared outputs, nothing else |
 | output | the layer's [T, H] output | the whole layer: independent routing, shared experts |
 | combine_raw | raw [T, K, H] and its output | the dense per-slot oracle, the whole layer |
+
+The input is copied before the run and compared after it: experts that write their output into
+their input rows (fused_moe's ``inplace=True``) are named at the experts stage, not blamed on the
+router. Arguments (the layer, a finite input, a writable ``dump`` folder) are checked before any
+work, on every rank together.
 
 What a reference still shares with the checked path (the list of experts each rank holds, expert
 weights gathered from the layers when none are given) is in each ``StageResult.shares``.
