@@ -31,15 +31,16 @@ def test_info(capsys):
 def test_sanity_passes(capsys, dtype):
     assert main(["sanity", *SMALL, "--world-size", "1", "--dtype", dtype]) == 0
     out = capsys.readouterr().out
-    assert "11 passed, 0 failed" in out  # + routing
+    assert "15 passed, 0 failed" in out  # + routing, router_config, raw_slots, input_unchanged
     assert "half_weight" in out
 
 
 def test_sanity_two_ranks(capsys):
     assert main(["sanity", *SMALL, "--world-size", "2"]) == 0
     out = capsys.readouterr().out
-    assert "W=2 comm=torch" in out
-    assert "11 passed, 0 failed" in out  # + routing
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert f"W=2 comm={'symm' if gpus >= 2 else 'torch'}" in out  # the ranks' default
+    assert "15 passed, 0 failed" in out  # + routing, router_config, raw_slots, input_unchanged
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -613,6 +614,7 @@ def test_info_tells_the_defaults(capsys, monkeypatch):
 
     assert main(["info"]) == 0
     assert "defaults here" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU host
     cpu = "reference (default on CPU ranks)"
     assert default_rows() == [("1 (--world-size 1)", "cpu", "local (one rank)", cpu),
                               ("2 spawned (gloo)", "cpu", "torch (default on CPU ranks)", cpu)]
