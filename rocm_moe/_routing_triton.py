@@ -1,5 +1,6 @@
 """Triton kernel behind ``routing.route`` on GPUs (imported only where triton is installed): the
-whole router after the gate GEMM in one launch, one program per token.
+whole router after the gate GEMM in one launch, one program per token (``rows`` per program
+under the interpreter).
 
     logits [T, E] -> softmax | sigmoid (+ e_score_correction_bias) -> grouped top-k
                   -> top-k (ties to the lower id) -> gather -> norm_topk_prob
@@ -30,6 +31,10 @@ the logits hold. No host read: capturable in a CUDA graph.
 Under Triton's interpreter (CPU tests) ``exp`` is numpy's and division numpy's, so there the
 kernel computes this order with numpy's ``exp``; the tests compare it with a torch emulation
 of the same order and the same ``exp``, and on GPUs with the torch path itself.
+
+On AMD (gfx942) the same code keeps the order of torch's ROCm kernels (a softmax warp of 64,
+HIP's ``expf`` from ocml through libdevice); it compiles there (``rocm_moe._compile``), but its
+bits have been compared with torch on NVIDIA only.
 """
 
 from __future__ import annotations
