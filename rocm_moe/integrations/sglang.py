@@ -7,7 +7,13 @@ entry point: with ``ROCM_MOE_SGLANG=1``, ``register()`` puts AROUND hooks (SGLan
 
     create_moe_dispatcher   -> RocmMoEDispatcher over a rocm_moe Dispatcher on SGLang's EP group
     FusedMoE.run_moe_core   -> rocm_moe experts on the dispatched rows (run_experts)
-    FusedMoE.forward_impl   -> the layer's own all-reduce after combine is skipped
+    FusedMoE.forward_impl   -> batches past the dispatcher's capacity run in chunks; the
+                               layer's own all-reduce after combine is skipped
+    DeepEPMoE.forward_impl / run_moe_core -> the same (SGLang builds DeepEPMoE under
+                               --moe-a2a-backend mori on Qwen3/DeepSeek-V2-style models)
+    UnquantizedFusedMoEMethod.process_weights_after_loading -> skipped for rocm_moe's layers:
+                               w13/w2 stay as loaded (no AITER shuffle, AMX packing, gate/up
+                               interleave, TRT-LLM block layout)
 
     dispatch(hidden_states, topk_output) -> RocmMoEDispatchOutput (Standard format: rows [R, H],
         StandardTopKOutput of their [R, K] float32 weights and int32 GLOBAL ids, and the frozen
@@ -31,8 +37,21 @@ Model files that all-reduce the MoE block's output themselves skip it only for t
 they know; with this plug-in run such models with ``--tp-size 1`` and data-parallel attention
 (README).
 
-Refused with a ValueError before any collective: quantised layers, fused shared experts,
-activations other than SiLU, ``apply_router_weight_on_input`` with K > 1.
+One dispatcher per model: every layer's RocmMoEDispatcher holds the process's shared rocm_moe
+Dispatcher (``rocm_moe.comm.pool.shared_dispatcher``), sized by SGLang's own per-rank token
+budget (``token_budget``). A batch larger than it runs in chunks of at most that many tokens, as
+many on every rank as the rank with the most needs (``Dispatcher.num_chunks``); under CUDA-graph
+capture (a decode bucket within the budget) no collective and no host read runs.
+
+Backends: ``ROCM_MOE_SGLANG_COMM`` / ``ROCM_MOE_SGLANG_EXPERTS`` when set, else the fastest that
+runs here (``pool.fastest_comm`` / ``pool.fastest_experts``, logged once).
+
+Refused with a ValueError at construction, before any collective: quantised layers, fused shared
+experts, activations other than SiLU-gated, a clamped or scaled SwiGLU (``swiglu_limit``,
+``gemm1_clamp_limit``, ``gemm1_alpha``/``gemm1_beta``), biased experts, ``no_combine``, EPLB and
+redundant experts, the MoE layout in which SGLang replicates every token on every EP rank
+(``--moe-a2a-backend none`` with EP > 1: SGLang then sums the ranks' outputs, which would count
+rocm_moe's complete outputs W times), ``apply_router_weight_on_input`` with K > 1 (at dispatch).
 """
 
 from __future__ import annotations
@@ -55,7 +74,11 @@ SGLANG_VERSION = "0.5.23"
 SWITCH = "ROCM_MOE_SGLANG"
 ENV_COMM, ENV_EXPERTS, ENV_WEIGHT_MODE = ("ROCM_MOE_SGLANG_COMM", "ROCM_MOE_SGLANG_EXPERTS",
                                           "ROCM_MOE_SGLANG_WEIGHT_MODE")
+ENV_MAX_TOKENS = "ROCM_MOE_SGLANG_MAX_TOKENS"
+DEFAULT_MAX_TOKENS = 4096  # SGLang's SGLANG_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK default
 LAYER_MODULE = "sglang.srt.layers.moe.fused_moe_triton.layer"
+EP_LAYER_MODULE = "sglang.srt.layers.moe.ep_moe.layer"
+UNQUANT_MODULE = "sglang.srt.layers.quantization.unquant"
 _EXPORTED = ("RocmMoEDispatcher", "RocmMoEDispatchOutput", "RocmMoECombineInput")
 
 
@@ -137,12 +160,17 @@ def _classes() -> SimpleNamespace:
                 x, w = (x.float() * w).to(x.dtype), torch.ones_like(w)
             if self.routed_scaling_factor not in (None, 1.0):
                 w = w * float(self.routed_scaling_factor)
-            d = self.dispatcher.dispatch(x, w, topk_output.topk_ids)
+            d = self.dispatcher.dispatch(x, w, topk_output.topk_ids, validate=not capturing())
             router_logits = getattr(topk_output, "router_logits", None)
             topk = StandardTopKOutput(topk_weights=d.topk_weights, topk_ids=d.topk_ids,
                                       router_logits=router_logits)
             return RocmMoEDispatchOutput(hidden_states=d.x, hidden_states_scale=None,
                                          topk_output=topk, handle=d.handle)
+
+        def set_quant_config(self, quant_config: dict) -> None:
+            """SGLang's unquantised method calls this under ``--moe-a2a-backend mori`` to pick
+            MORI's wire dtypes; rocm_moe's rows travel in the layer's dtype."""
+            self.quant_config = quant_config
 
         def combine(self, combine_input):
             if not isinstance(combine_input, RocmMoECombineInput):
@@ -165,6 +193,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def capturing() -> bool:
+    """Whether the current stream is being captured into a CUDA graph (SGLang's decode graphs):
+    then the adapter runs no input check that reads the device on the host."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def run_experts(dispatcher, dispatch_output, w13: torch.Tensor, w2: torch.Tensor):
     """The experts step: ``dispatcher.experts`` on the dispatched rows with this rank's
     ``w13`` [e, 2I, H] (gate then up) and ``w2`` [e, H, I] -> RocmMoECombineInput."""
@@ -176,47 +210,171 @@ def run_experts(dispatcher, dispatch_output, w13: torch.Tensor, w2: torch.Tensor
     ids = dispatch_output.topk_output.topk_ids.to(torch.int32)
     w = dispatch_output.topk_output.topk_weights.float()
     eo = dispatcher.experts(x, ids, w, w13, w2, dispatcher.dispatcher.expert_map_on(x.device),
-                            weight_mode=dispatcher.weight_mode)
+                            weight_mode=dispatcher.weight_mode, validate=not capturing())
     return c.RocmMoECombineInput(hidden_states=eo.out, weights_applied=eo.weights_applied,
                                  handle=dispatch_output.handle)
 
 
 # ---- the plug-in --------------------------------------------------------------------------------
-def make_sglang_dispatcher(moe_runner_config, *, routed_scaling_factor: float | None = None):
-    """A RocmMoEDispatcher for a layer's ``MoeRunnerConfig`` on SGLang's MoE EP group
-    (contiguous placement: SGLang gives rank d the experts [d * e, (d + 1) * e))."""
+def _server_args():
+    """SGLang's resolved server arguments, or None outside a published SGLang context."""
+    try:
+        from sglang.srt.arg_groups.model_override_base import resolved_view
+        from sglang.srt.runtime_context import get_server_args
+
+        return resolved_view(get_server_args())
+    except (ImportError, AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def token_budget(server_args=None) -> tuple[int, str]:
+    """(max_tokens_per_rank, how it was chosen): the most tokens one EP rank hands one MoE layer
+    in one forward, from SGLang's own budget.
+
+    ``ROCM_MOE_SGLANG_MAX_TOKENS`` wins. Else the prefill budget (``--chunked-prefill-size``, or
+    ``--max-prefill-tokens`` with chunking off), divided over the attention-DP ranks as SGLang's
+    MegaMoE check divides it (each DP rank schedules its own chunk; rounded up to a multiple of
+    the attention-TP size), and at least the largest CUDA-graph bucket
+    (``--cuda-graph-max-bs-decode`` / ``-prefill``), so a captured batch never needs chunks.
+    SGLang's own MORI dispatcher takes ``SGLANG_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK``
+    (4096) and checks that the whole chunked prefill size fits it; rocm_moe chunks a larger
+    batch instead, so a smaller budget only costs more chunks. Outside a server: 4096."""
+    env = os.environ.get(ENV_MAX_TOKENS)
+    if env is not None:
+        if not env.isdigit() or int(env) < 1:
+            raise _refuse(ENV_MAX_TOKENS, env, "must be a positive integer (tokens per rank)",
+                          f"unset it to take SGLang's budget, or set e.g. {ENV_MAX_TOKENS}=4096")
+        return int(env), f"{ENV_MAX_TOKENS}={env}"
+    cfg = server_args if server_args is not None else _server_args()
+    if cfg is None:
+        return DEFAULT_MAX_TOKENS, "no SGLang server arguments published: MORI's default"
+    chunk = getattr(cfg, "chunked_prefill_size", None)
+    prefill = chunk if chunk is not None and chunk > 0 else cfg.max_prefill_tokens
+    why = (f"chunked_prefill_size={chunk}" if chunk is not None and chunk > 0
+           else f"max_prefill_tokens={prefill}")
+    dp = getattr(cfg, "attn_dp_size", 1) or 1
+    if dp > 1:
+        align = max(cfg.tp_size // dp // (getattr(cfg, "attn_cp_size", 1) or 1), 1)
+        per_rank = -(-prefill // dp)
+        prefill = -(-per_rank // align) * align
+        why += f" over attn_dp_size={dp}"
+    graphs = [b for b in (getattr(cfg, "cuda_graph_max_bs_decode", None),
+                          getattr(cfg, "cuda_graph_max_bs_prefill", None)) if b]
+    if graphs and max(graphs) > prefill:
+        return max(graphs), f"the largest CUDA-graph bucket ({max(graphs)})"
+    return prefill, why
+
+
+def _backend_choice(kind: str, env: str, default) -> str:
+    """The backend named by ``env``, checked against the known names, else ``default()``."""
     from rocm_moe import backends
 
+    name = os.environ.get(env)
+    if name is None:
+        return default()[0]
+    if name not in backends.names(kind):
+        raise _refuse(env, name, f"known {kind} backends are {backends.names(kind)}",
+                      f"set {env} to one of them, or unset it for the fastest that runs here")
+    return name
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def _bias_refusal() -> ValueError:
+    return _refuse("with_bias", True, "rocm_moe experts have no biases (they would be dropped: "
+                   "rel err 0.77-0.86)", f"unset {SWITCH} for this model")
+
+
+def check_layer(moe_runner_config) -> None:
+    """Refuse (ValueError with the reason) a layer rocm_moe would not compute exactly."""
     cfg = moe_runner_config
     if cfg.num_fused_shared_experts:
         raise _refuse("num_fused_shared_experts", cfg.num_fused_shared_experts,
                       "fused shared experts are extra slots, not rocm_moe experts",
                       "disable shared-expert fusion (--disable-shared-experts-fusion)")
     if cfg.activation != "silu" or not cfg.is_gated:
-        raise _refuse("activation", cfg.activation, "rocm_moe experts are SwiGLU",
+        raise _refuse("activation", cfg.activation if cfg.is_gated else "ungated",
+                      "rocm_moe experts are SwiGLU (silu(gate) * up)",
                       f"unset {SWITCH} for this model")
+    for field in ("swiglu_limit", "gemm1_clamp_limit", "gemm1_alpha", "gemm1_beta"):
+        if getattr(cfg, field, None) is not None:
+            raise _refuse(field, getattr(cfg, field), "rocm_moe's SwiGLU is unclamped and "
+                          "unscaled; this layer's would differ (rel err ~10 on clamped models)",
+                          f"unset {SWITCH} for this model")
+    if getattr(getattr(cfg, "layer", None), "with_bias", False):
+        raise _bias_refusal()
+    if cfg.no_combine:
+        raise _refuse("no_combine", True, "rocm_moe's combine sums the K outputs",
+                      f"unset {SWITCH} or build the layer with no_combine=False")
     E, e = cfg.num_experts, cfg.num_local_experts
     if not e or E % e:
         raise _refuse("num_experts, num_local_experts", (E, e), "every EP rank must hold "
                       "E / W experts (redundant EPLB experts are not rocm_moe experts)",
                       "serve without --ep-num-redundant-experts")
-    W = E // e
-    experts = backends.make_experts(os.environ.get(ENV_EXPERTS, "reference"))
+    _check_engine_flags(W=E // e)
+
+
+def _check_engine_flags(W: int) -> None:
+    """EPLB, redundant experts, and the token layout SGLang gives the MoE (published flags)."""
+    try:
+        from sglang.srt.runtime_context import get_exec
+
+        moe = get_exec().moe
+        eplb, redundant = moe.enable_eplb, moe.ep_num_redundant_experts
+    except (ImportError, AttributeError, RuntimeError, ValueError):
+        return  # no published server arguments (a layer built outside a server)
+    if eplb or redundant:
+        raise _refuse("enable_eplb, ep_num_redundant_experts", (eplb, redundant),
+                      "EPLB moves and replicates experts; rocm_moe places E / W experts per "
+                      "rank, contiguously", "serve without --enable-eplb and redundant experts")
+    from sglang.srt.layers.moe.utils import (
+        get_moe_a2a_backend,
+        is_moe_input_scattered_across_dp_ranks,
+    )
+
+    if W > 1 and not is_moe_input_scattered_across_dp_ranks():
+        raise _refuse("--moe-a2a-backend", get_moe_a2a_backend().value,
+                      "with it SGLang gives every EP rank the same (gathered) tokens and sums "
+                      "the ranks' MoE outputs afterwards; rocm_moe's combine already returns "
+                      "each token's complete output, so it would be counted W times",
+                      "serve with --moe-a2a-backend mori (rocm_moe replaces MORI's dispatcher; "
+                      "SGLang then keeps each rank's own tokens) and --attn-dp-size = --tp-size")
+
+
+def make_sglang_dispatcher(moe_runner_config, *, routed_scaling_factor: float | None = None):
+    """A RocmMoEDispatcher for a layer's ``MoeRunnerConfig`` on SGLang's MoE EP group
+    (contiguous placement: SGLang gives rank d the experts [d * e, (d + 1) * e)), holding the
+    process's shared rocm_moe Dispatcher (one for every layer of the model)."""
+    from rocm_moe import backends
+    from rocm_moe.comm import pool
+
+    cfg = moe_runner_config
+    check_layer(cfg)
+    E, e = cfg.num_experts, cfg.num_local_experts
+    W, device = E // e, _device()
+    experts = backends.make_experts(_backend_choice(
+        "experts", ENV_EXPERTS, lambda: pool.fastest_experts(device, engine="sglang")))
     mode = resolve_weight_mode(os.environ.get(ENV_WEIGHT_MODE, "experts"),
                                field=ENV_WEIGHT_MODE)
+    cap, why = token_budget()
     placement = Placement.contiguous(E, W)
-    if W == 1:
-        disp = backends.make_dispatcher("local", placement, 0, hidden_size=cfg.hidden_size,
-                                        top_k=cfg.top_k, dtype=cfg.params_dtype)
+    kw = dict(hidden_size=cfg.hidden_size, top_k=cfg.top_k, dtype=cfg.params_dtype,
+              max_tokens_per_rank=cap)
+    if W == 1:  # one EP rank: nothing moves, whatever ROCM_MOE_SGLANG_COMM names
+        _backend_choice("comm", ENV_COMM, lambda: ("local", ""))
+        disp = pool.shared_dispatcher("local", placement, **kw)
     else:
         from sglang.srt.distributed.parallel_state import get_moe_ep_group
 
         group = get_moe_ep_group()
-        pg = group.cpu_group if cfg.params_dtype is not None and not torch.cuda.is_available() \
-            else group.device_group
-        disp = backends.make_dispatcher(os.environ.get(ENV_COMM, "torch"), placement,
-                                        group.rank_in_group, hidden_size=cfg.hidden_size,
-                                        top_k=cfg.top_k, dtype=cfg.params_dtype, group=pg)
+        name = _backend_choice("comm", ENV_COMM, lambda: pool.fastest_comm(
+            W, device, group.cpu_group, engine="sglang"))
+        pg = group.device_group if device.type == "cuda" else group.cpu_group
+        disp = pool.shared_dispatcher(name, placement, group=pg, rank=group.rank_in_group, **kw)
+    pool._log_once("sglang-budget", f"sglang dispatcher capacity {cap} tokens per rank ({why})")
     return _classes().RocmMoEDispatcher(
         disp, experts=experts, weight_mode=mode, routed_scaling_factor=routed_scaling_factor,
         apply_router_weight_on_input=cfg.apply_router_weight_on_input)
@@ -229,6 +387,8 @@ def _around_create_moe_dispatcher(original, moe_runner_config, quant_method, *a,
         raise _refuse("quant_method", type(quant_method).__name__,
                       "rocm_moe's SGLang backend runs unquantised experts only",
                       f"serve the unquantised model or unset {SWITCH}")
+    if getattr(quant_method, "with_bias", False):
+        raise _bias_refusal()
     from sglang.srt.layers.moe.fused_moe_triton.layer import (
         _fuses_routed_scaling_factor_in_topk,
     )
@@ -240,29 +400,97 @@ def _around_create_moe_dispatcher(original, moe_runner_config, quant_method, *a,
         routed_scaling_factor=None if fused else moe_runner_config.routed_scaling_factor)
 
 
+def _ours(layer) -> bool:
+    return isinstance(getattr(layer, "dispatcher", None), _classes().RocmMoEDispatcher)
+
+
 def _around_run_moe_core(original, layer, dispatch_output, *a, **kw):
-    if not isinstance(getattr(layer, "dispatcher", None), _classes().RocmMoEDispatcher):
+    if not _ours(layer):
         return original(layer, dispatch_output, *a, **kw)
     return run_experts(layer.dispatcher, dispatch_output, layer.w13_weight, layer.w2_weight)
 
 
-def _around_forward_impl(original, layer, *a, **kw):
-    """rocm_moe's combine is the reduction: the layer's all-reduce after it would sum every
-    rank's complete outputs again (sglang#34006), so it is off for the call."""
-    if not isinstance(getattr(layer, "dispatcher", None), _classes().RocmMoEDispatcher):
-        return original(layer, *a, **kw)
+def _slice_topk(topk_output, rows: slice):
+    return topk_output._replace(
+        topk_weights=topk_output.topk_weights[rows], topk_ids=topk_output.topk_ids[rows],
+        router_logits=None if topk_output.router_logits is None
+        else topk_output.router_logits[rows])
+
+
+def forward_chunked(run, layer, hidden_states, topk_output, **kw):
+    """``run(hidden_states, topk_output)`` in chunks of at most the shared dispatcher's
+    ``max_tokens_per_rank`` rows, as many on every rank as the rank that needs the most (the
+    others run empty chunks). One chunk (a batch within the budget) is ``run`` itself: under
+    CUDA-graph capture that path reads nothing on the host. Row order is kept, so the result
+    is the one-batch result row for row."""
+    from sglang.srt.layers.moe.topk import TopKOutputChecker
+
+    disp = layer.dispatcher.dispatcher
+    T = hidden_states.shape[0]
+    n = disp.num_chunks(T)
+    if n == 1:
+        return run(hidden_states, topk_output, **kw)
+    if not TopKOutputChecker.format_is_standard(topk_output) or kw.get("pre_quant_input"):
+        raise _refuse("topk_output", type(topk_output).__name__, "a batch of more than "
+                      f"max_tokens_per_rank={disp.max_tokens_per_rank} tokens is split, which "
+                      "needs the Standard top-k output and no pre-quantised input",
+                      f"lower the prefill chunk or raise {ENV_MAX_TOKENS}")
+    cap = disp.max_tokens_per_rank
+    out = [run(hidden_states[i * cap:(i + 1) * cap],
+               _slice_topk(topk_output, slice(i * cap, (i + 1) * cap)), **kw)
+           for i in range(n)]
+    return torch.cat(out)
+
+
+def _around_forward_impl(original, layer, hidden_states, topk_output, *a, **kw):
+    """Chunks past the dispatcher's capacity; rocm_moe's combine is the reduction: the layer's
+    all-reduce after it would sum every rank's complete outputs again (sglang#34006), so it is
+    off for the call."""
+    if not _ours(layer):
+        return original(layer, hidden_states, topk_output, *a, **kw)
     saved = layer.reduce_results
     layer.reduce_results = False
     try:
-        return original(layer, *a, **kw)
+        return forward_chunked(lambda h, t, **k: original(layer, h, t, *a, **k), layer,
+                               hidden_states, topk_output, **kw)
     finally:
         layer.reduce_results = saved
+
+
+def _around_deepep_forward_impl(original, layer, hidden_states, topk_output, *a, **kw):
+    """SGLang's DeepEPMoE (built under --moe-a2a-backend mori/deepep) bypasses FusedMoE's
+    forward_impl unless its deprecate_flag is set; rocm_moe's layers take FusedMoE's path."""
+    if not _ours(layer):
+        return original(layer, hidden_states, topk_output, *a, **kw)
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+
+    return FusedMoE.forward_impl(layer, hidden_states, topk_output, *a, **kw)
+
+
+def _around_deepep_run_moe_core(original, layer, dispatch_output, *a, **kw):
+    if not _ours(layer):
+        return original(layer, dispatch_output, *a, **kw)
+    return run_experts(layer.dispatcher, dispatch_output, layer.w13_weight, layer.w2_weight)
+
+
+def _around_process_weights_after_loading(original, method, layer, *a, **kw):
+    """SGLang rewrites w13/w2 in place after loading for its own kernels (AITER's shuffle with
+    SGLANG_USE_AITER=1 on ROCm, AMX packing on CPUs, the gate/up interleave of its CUDA Triton
+    epilogue, FlashInfer TRT-LLM's block layout). rocm_moe's experts read the weights as loaded
+    ([e, 2I, H] gate then up, [e, H, I]), so none of it runs for rocm_moe's layers."""
+    if not _ours(layer):
+        return original(method, layer, *a, **kw)
+    return None
 
 
 HOOKS = {
     f"{LAYER_MODULE}.create_moe_dispatcher": _around_create_moe_dispatcher,
     f"{LAYER_MODULE}.FusedMoE.run_moe_core": _around_run_moe_core,
     f"{LAYER_MODULE}.FusedMoE.forward_impl": _around_forward_impl,
+    f"{EP_LAYER_MODULE}.DeepEPMoE.forward_impl": _around_deepep_forward_impl,
+    f"{EP_LAYER_MODULE}.DeepEPMoE.run_moe_core": _around_deepep_run_moe_core,
+    f"{UNQUANT_MODULE}.UnquantizedFusedMoEMethod.process_weights_after_loading":
+        _around_process_weights_after_loading,
 }
 
 

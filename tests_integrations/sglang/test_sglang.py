@@ -1,7 +1,9 @@
 """rocm_moe inside SGLang 0.5.23: SGLang's BaseDispatcher contract and Standard formats through
 rocm_moe's dispatcher and experts step on 2 and 3 gloo ranks (uneven tokens, a rank with none,
 both weight modes, float32 and bfloat16) against a float64 oracle; the plug-in as SGLang's own
-loader applies it; the skipped all-reduce; signatures; diagnose and sanity on the layer."""
+loader applies it; the skipped all-reduce; signatures; diagnose and sanity on the layer; and, in
+the same launch, a 3-layer model of SGLang's own TopK + FusedMoE / DeepEPMoE (model.py) served
+with ROCM_MOE_SGLANG_COMM unset (the default), =torch, =mori (the MORI fake) and =symm."""
 
 from __future__ import annotations
 
@@ -66,6 +68,9 @@ def _worker(info, shape: dict, tokens: list[int]) -> dict:
             err=o.rel_err(y, ref) if tokens[r] else float(y.numel()),
             received=d.hidden_states.shape[0])
     out["diagnose"] = _diagnose(info, shape)  # the same launch: each rank imports SGLang once
+    from tests_integrations.sglang.model import rank_scenarios
+
+    out["model"] = rank_scenarios(info)  # publishes SGLang's context and loads the plug-in
     return out
 
 
@@ -256,3 +261,61 @@ def test_signatures_the_adapter_relies_on():
     assert "if self.reduce_results and (self.moe_tp_size > 1 or self.moe_ep_size > 1):" in src
     assert _params(HookRegistry.register)[:4] == ["target", "hook", "hook_type", "source"]
     assert HookType.AROUND.value == "around"
+
+
+# ---- the model on W ranks (model.rank_scenarios) ----------------------------------------------
+COMMS = ["default", "torch", "mori"]
+
+
+@pytest.mark.parametrize("W", [2, 3])
+@pytest.mark.parametrize("comm", COMMS)
+def test_model_on_every_comm_setting_matches_float64_oracle(W, comm):
+    """Batches of 1, max_tokens_per_rank (8) and 3.5 x max_tokens_per_rank (28), each rank a
+    different size in each round (uneven chunk counts), through 3 layers that share ONE
+    dispatcher of the named backend (unset: torch, the fastest on CPU ranks) with SGLang's
+    routed_scaling_factor 2.5 on layer 1 applied once, weights as loaded."""
+    from tests_integrations.sglang.model import CAP, SIZES
+
+    if comm == "mori" and W == 3:
+        for rank in results(W):
+            assert "power of two" in rank["model"][comm]["refused"]
+        pytest.skip("MORI takes power-of-two EP sizes only (refused with the reason: checked)")
+    for r, rank in enumerate(results(W)):
+        res = rank["model"][comm]
+        assert res["pooled"] == 1, (r, res)
+        assert res["all_share"], (r, res)
+        assert res["backend"] == ("torch" if comm == "default" else comm)
+        assert res["cap"] == CAP
+        assert res["classes"] == ["FusedMoE", "DeepEPMoE", "FusedMoE"]
+        assert res["as_loaded"]
+        for T in SIZES:
+            assert res[f"T={T}"] <= 1e-5, (r, T, res)
+        # Chunked (4 chunks of <= 8) against one batch of 28: the same to float32 rounding.
+        # Not bitwise on the CPU: the reference experts' matmul of a row depends on how many
+        # rows it runs with (torch's CPU GEMM vs GEMV paths), not on the chunking.
+        assert res["chunks_err"] <= 1e-6, (r, res)
+    print(f"W={W} {comm}: worst rel err {max(x['model'][comm]['T=28'] for x in results(W)):.1e}"
+          f", chunks bitwise: {[x['model'][comm]['chunks_bitwise'] for x in results(W)]}")
+
+
+def test_model_decode_graph_path_reads_nothing_on_the_host():
+    """Under (simulated) capture, batches within max_tokens_per_rank on MORI (W = 2) run
+    without a host read or collective in the adapter's path and give the eager result; a batch
+    past it is refused with the reason before anything runs. (The torch backend reads split
+    sizes on the host by design; one rank: test_model.py.)"""
+    for rank in results(2):
+        res = rank["model"]["mori"]
+        assert res["captured_equal"], res
+        assert "a captured batch must fit" in res["captured_over_cap"]
+
+
+@pytest.mark.parametrize("W", [2, 3])
+def test_symm_gets_max_tokens_per_rank_and_a_clean_refusal_on_cpu(W):
+    """symm runs only on GPUs (not lent with SGLang installed): on CPU ranks the adapter must
+    pass SGLang's budget as max_tokens_per_rank and get symm's own 'no CUDA' refusal, not a
+    TypeError."""
+    for rank in results(W):
+        res = rank["model"]["symm"]
+        assert res["error"] == "ValueError", res
+        assert "no CUDA/ROCm device" in res["message"]
+        assert res["max_tokens_per_rank"] == 8

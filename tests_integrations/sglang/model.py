@@ -1,0 +1,322 @@
+"""A small Qwen3-MoE-shaped model built from SGLang's own classes, and its float64 oracle.
+
+Each layer is what ``qwen3_moe.py``'s ``Qwen3MoeSparseMoeBlock`` builds: a router gate, SGLang's
+``TopK(top_k=K, renormalize=True)`` and the MoE class ``get_moe_impl_class`` returns (FusedMoE,
+or DeepEPMoE under ``--moe-a2a-backend mori`` with MORI EPv1), with the expert weights loaded
+through the layer's own ``weight_loader`` (gate ``w1``, up ``w3``, down ``w2``, global expert
+ids) and then ``process_weights_after_loading``. Layers are joined by a residual:
+``h = h + moe_l(h)``. The oracle recomputes everything in float64 from the seeds: the router
+(softmax, top-k, renormalised), the SwiGLU experts and the routed scaling factor.
+
+    publish(W, rank)          SGLang's runtime context for EP rank ``rank`` of ``W`` (CPU)
+    load_plugin()             ROCM_MOE_SGLANG=1 and SGLang's own plug-in loader
+    build(spec, layer_cls=..) [Layer]; forward(layers, x) -> [T, H]; oracle(spec, x) float64
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from tests_integrations import oracle64 as o
+
+
+@dataclass(frozen=True)
+class Spec:
+    E: int = 6
+    H: int = 64
+    I: int = 32
+    K: int = 2
+    layers: int = 3
+    seed: int = 11
+    scale: tuple[float | None, ...] = (None, 2.5, None)  # routed_scaling_factor per layer
+
+
+def publish(W: int, rank: int, *, a2a: str = "mori", **server_args) -> None:
+    """SGLang's runtime context as its launcher publishes it for one EP rank on the CPU: with
+    ``W`` > 1 the layout rocm_moe needs (attention DP over every rank, ``--moe-a2a-backend
+    mori``; ``a2a="none"``: SGLang's default EP layout, tokens replicated), the MoE EP group
+    the gloo WORLD."""
+    import torch.distributed as dist
+    from sglang.srt.layers.moe.utils import initialize_moe_config
+    from sglang.srt.runtime_context import SpawnRanks, get_parallel, reset_context
+    from sglang.srt.runtime_context import publish as publish_context
+    from sglang.srt.server_args import ServerArgs
+
+    if W > 1:
+        layout = dict(attn_dp_size=W, moe_a2a_backend="mori") if a2a == "mori" else {}
+        server_args = dict(tp_size=W, ep_size=W, **layout, **server_args)
+    reset_context()
+    publish_context(ServerArgs(model_path="dummy", device="cpu", **server_args), role="test",
+                    ranks=SpawnRanks(world_rank=rank, dp_rank=None))
+    initialize_moe_config()
+    groups = dict(tp_group=SimpleNamespace(rank_in_group=rank, world_size=W, device_group=None))
+    if W > 1:
+        world = dist.group.WORLD
+        groups["moe_ep_group"] = SimpleNamespace(rank_in_group=rank, world_size=W,
+                                                 cpu_group=world, device_group=world)
+    get_parallel().override_permanently(**groups)
+
+
+def load_plugin() -> None:
+    import sglang.srt.plugins as plugins
+
+    os.environ["ROCM_MOE_SGLANG"] = "1"
+    plugins._plugins_loaded = False
+    plugins.load_plugins()
+
+
+def gate(spec: Spec, layer: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(spec.seed * 100 + layer)
+    return torch.randn(spec.E, spec.H, generator=g) / spec.H ** 0.5
+
+
+def expert(spec: Spec, layer: int, g: int):
+    """(w13 [2I, H], w2 [H, I]) float32 of layer ``layer``'s global expert ``g``."""
+    return o.expert_weights(spec.seed * 100 + layer, g, spec.H, spec.I, torch.float32)
+
+
+def build(spec: Spec, layer_cls=(), **moe_kw) -> list[SimpleNamespace]:
+    """The model's layers, weights loaded as SGLang loads a checkpoint; ``layer_cls``: the MoE
+    class of each layer in turn (default: what ``get_moe_impl_class`` returns)."""
+    from sglang.srt.layers.moe.ep_moe.layer import get_moe_impl_class
+    from sglang.srt.layers.moe.topk import TopK
+    from sglang.srt.layers.moe.utils import RoutingMethodType
+
+    classes = tuple(layer_cls) or (get_moe_impl_class(None),)
+    layers = []
+    for n in range(spec.layers):
+        cls = classes[n % len(classes)]
+        topk = TopK(top_k=spec.K, renormalize=True, use_grouped_topk=False, layer_id=n)
+        moe = cls(num_experts=spec.E, top_k=spec.K, layer_id=n, hidden_size=spec.H,
+                  intermediate_size=spec.I, params_dtype=torch.float32,
+                  routing_method_type=RoutingMethodType.Renormalize,
+                  routed_scaling_factor=spec.scale[n], **moe_kw)
+        topk.bind_runner_backend(moe.runner_backend, routing_method_type=moe.routing_method_type)
+        for g in range(spec.E):
+            w13, w2 = expert(spec, n, g)
+            moe.weight_loader(moe.w13_weight, w13[:spec.I], "w13_weight", "w1", g)
+            moe.weight_loader(moe.w13_weight, w13[spec.I:], "w13_weight", "w3", g)
+            moe.weight_loader(moe.w2_weight, w2, "w2_weight", "w2", g)
+        loaded = (moe.w13_weight.detach().clone(), moe.w2_weight.detach().clone())
+        moe.quant_method.process_weights_after_loading(moe)
+        layers.append(SimpleNamespace(gate=gate(spec, n), topk=topk, moe=moe, loaded=loaded))
+    return layers
+
+
+def forward(layers, x: torch.Tensor) -> torch.Tensor:
+    """Qwen3MoeSparseMoeBlock.forward_normal per layer, with a residual between layers."""
+    h = x
+    for layer in layers:
+        if h.shape[0]:
+            out = layer.topk(h, h @ layer.gate.T)
+        else:
+            out = layer.topk.empty_topk_output(h.device)
+        h = h + layer.moe(h, out)
+    return h
+
+
+def oracle(spec: Spec, x: torch.Tensor) -> torch.Tensor:
+    """[T, H] float64 of the same model from the seeds."""
+    h = x.double()
+    for n in range(spec.layers):
+        p = torch.softmax(h @ gate(spec, n).double().T, dim=-1)
+        w, ids = p.topk(spec.K, dim=-1)
+        w = w / w.sum(-1, keepdim=True) * (spec.scale[n] or 1.0)
+        y = torch.zeros_like(h)
+        for t in range(h.shape[0]):
+            for k in range(spec.K):
+                w13, w2 = (a.double() for a in expert(spec, n, int(ids[t, k])))
+                a = w13 @ h[t]
+                y[t] += w[t, k] * (w2 @ (torch.nn.functional.silu(a[:spec.I]) * a[spec.I:]))
+        h = h + y
+    return h
+
+
+def tokens(spec: Spec, rank: int, T: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(spec.seed * 1000 + rank * 7 + T)
+    return torch.randn(T, spec.H, generator=g)
+
+
+# ---- the decode-graph contract --------------------------------------------------------------
+class HostRead(AssertionError):
+    """A tensor was read on the host inside the adapter's path under (simulated) capture."""
+
+
+_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+
+
+class CaptureGuard:
+    """Simulated CUDA-graph capture on the CPU: ``torch.cuda.is_available`` and
+    ``is_current_stream_capturing`` answer True, and every host read of a tensor
+    (``Tensor.item/tolist/cpu/numpy``, ``bool()/int()/float()`` of a tensor) raises
+    ``HostRead`` while the guard is on. The backends' own kernels (the shared dispatcher's
+    ``_dispatch`` / ``_combine`` and the experts) are outside the adapter: on the GPU they are
+    device code with their own capture tests, so the guard is off while they run."""
+
+    def __init__(self, monkeypatch, layers):
+        self.on, self.mp = False, monkeypatch
+        for name in _READS:
+            monkeypatch.setattr(torch.Tensor, name, self._guarded(getattr(torch.Tensor, name)))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        rd = layers[0].moe.dispatcher
+        for name in ("_dispatch", "_combine"):
+            monkeypatch.setattr(rd.dispatcher, name, self._outside(getattr(rd.dispatcher, name)))
+        for layer in layers:
+            monkeypatch.setattr(layer.moe.dispatcher, "experts",
+                                self._outside(layer.moe.dispatcher.experts))
+
+    def _guarded(self, read):
+        def guarded(t, *a, **kw):
+            if self.on:
+                raise HostRead(f"Tensor.{read.__name__} under capture")
+            return read(t, *a, **kw)
+        return guarded
+
+    def _outside(self, fn):
+        def outside(*a, **kw):
+            on, self.on = self.on, False
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.on = on
+        return outside
+
+    def forward(self, layers, x):
+        """``forward`` with the routing eager (SGLang's TopK is not the adapter) and each MoE
+        layer's call under the guard."""
+        h = x
+        for layer in layers:
+            out = layer.topk(h, h @ layer.gate.T) if h.shape[0] else \
+                layer.topk.empty_topk_output(h.device)
+            self.on = True
+            try:
+                y = layer.moe(h, out)
+            finally:
+                self.on = False
+            h = h + y
+        return h
+
+
+class _Patch:
+    """A small monkeypatch for spawned ranks (pytest's fixture lives in the parent)."""
+
+    def __init__(self):
+        self.undo = []
+
+    def setattr(self, obj, name, value):
+        self.undo.append((obj, name, vars(obj).get(name, _Missing)))
+        setattr(obj, name, value)
+
+    def undo_all(self):
+        for obj, name, old in reversed(self.undo):
+            if old is _Missing:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+        self.undo.clear()
+
+
+class _Missing:
+    pass
+
+
+# ---- what each spawned rank runs ----------------------------------------------------------
+CAP = 8
+SIZES = (1, CAP, CAP * 7 // 2)  # 1, max_tokens_per_rank, 3.5 x max_tokens_per_rank
+
+
+def _fake_mori():
+    import rocm_moe.comm.mori as rm
+    from tests.fakes import FakeMori
+
+    fake = FakeMori()
+    rm._import_mori = lambda: fake
+    rm.MoriDispatcher.availability = classmethod(lambda cls: None)
+
+
+def _model(spec, comm: str | None, cap: int):
+    from sglang.srt.layers.moe.ep_moe.layer import DeepEPMoE
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+
+    from rocm_moe.comm import pool
+
+    pool.clear()
+    os.environ.pop("ROCM_MOE_SGLANG_COMM", None)
+    if comm:
+        os.environ["ROCM_MOE_SGLANG_COMM"] = comm
+    os.environ["ROCM_MOE_SGLANG_MAX_TOKENS"] = str(cap)
+    return build(spec, (FusedMoE, DeepEPMoE))
+
+
+def _sharing(layers) -> dict:
+    from rocm_moe.comm import pool
+
+    shared = pool.shared_dispatchers()
+    return dict(pooled=len(shared), backend=shared[0].name,
+                cap=shared[0].max_tokens_per_rank,
+                all_share=all(layer.moe.dispatcher.dispatcher is shared[0] for layer in layers),
+                classes=[type(layer.moe).__name__ for layer in layers],
+                as_loaded=all(torch.equal(layer.moe.w13_weight, layer.loaded[0])
+                              and torch.equal(layer.moe.w2_weight, layer.loaded[1])
+                              for layer in layers))
+
+
+def rank_scenarios(info) -> dict:
+    """Every multi-rank check of the SGLang model on one rank (one SGLang import per rank)."""
+    from rocm_moe import backends
+
+    W, r = info.world_size, info.rank
+    spec = Spec()
+    _fake_mori()
+    publish(W, r)
+    load_plugin()
+    out: dict = {}
+    for comm in (None, "torch", "mori"):
+        try:
+            layers = _model(spec, comm, CAP)
+        except ValueError as e:  # MORI at W = 3: a power-of-two EP size only
+            out[comm or "default"] = dict(refused=str(e))
+            continue
+        res = _sharing(layers)
+        for j in range(len(SIZES)):  # every rank a different size each round
+            x = tokens(spec, r, SIZES[(j + r) % len(SIZES)])
+            res[f"T={x.shape[0]}"] = o.rel_err(forward(layers, x), oracle(spec, x))
+        x = tokens(spec, r, SIZES[-1])
+        chunked = forward(layers, x)
+        if comm == "mori":
+            guard = CaptureGuard(_Patch(), layers)
+            try:
+                xs = tokens(spec, r, CAP - r)
+                res["captured_equal"] = torch.equal(guard.forward(layers, xs),
+                                                    forward(layers, xs))
+                try:
+                    guard.forward(layers, tokens(spec, r, CAP + 1))
+                except ValueError as e:
+                    res["captured_over_cap"] = str(e)
+            finally:
+                guard.mp.undo_all()
+        one = forward(_model(spec, comm, 64), x)
+        res["chunks_bitwise"] = torch.equal(chunked, one)
+        res["chunks_err"] = o.rel_err(chunked, one.double())
+        out[comm or "default"] = res
+    seen = {}
+    real = backends.make_dispatcher
+
+    def spy(name, placement, rank, **kw):
+        seen.update(kw)
+        return real(name, placement, rank, **kw)
+
+    backends.make_dispatcher = spy
+    try:
+        _model(spec, "symm", CAP)
+    except (ValueError, TypeError) as e:
+        out["symm"] = dict(error=type(e).__name__, message=str(e),
+                           max_tokens_per_rank=seen.get("max_tokens_per_rank"))
+    finally:
+        backends.make_dispatcher = real
+    return out
