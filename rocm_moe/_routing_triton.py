@@ -33,8 +33,9 @@ kernel computes this order with numpy's ``exp``; the tests compare it with a tor
 of the same order and the same ``exp``, and on GPUs with the torch path itself.
 
 On AMD (gfx942) the same code keeps the order of torch's ROCm kernels (a softmax warp of 64,
-HIP's ``expf`` from ocml through libdevice); it compiles there (``rocm_moe._compile``), but its
-bits have been compared with torch on NVIDIA only.
+HIP's ``expf`` from ocml through libdevice); it compiles there (``rocm_moe._compile``), but the
+GPU tests that compare its bits with torch's (``tests/test_routing_triton.py -m gpu``) were
+written against NVIDIA's torch and have not run on an MI300.
 """
 
 from __future__ import annotations
