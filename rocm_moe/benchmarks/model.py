@@ -155,7 +155,10 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         symm_ok = gpu and BACKENDS["comm:symm"].availability() is None
         args.comm = "symm" if symm_ok else ("local" if args.world_size == 1 else "torch")
     if args.experts is None:
-        args.experts = "triton" if gpu else "reference"
+        from rocm_moe.backends import default_experts
+
+        args.experts = default_experts(torch.device("cuda" if gpu else "cpu"),
+                                       dtype=getattr(torch, args.dtype))[0]
     cap = args.max_tokens_per_rank
     if cap is not None and max(args.tokens) > cap:
         parser.error(f"--tokens {max(args.tokens)} > --max-tokens-per-rank {cap}: a captured "
