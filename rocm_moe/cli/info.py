@@ -40,6 +40,7 @@ def command(args: argparse.Namespace) -> int:
                       "usable" if reason is None else f"unavailable: {reason}")
     console.print(table)
     console.print(defaults_table())
+    console.print(memory_table())
     libs = Table(title="optional libraries")
     for col in ("library", "version"):
         libs.add_column(col)
@@ -80,4 +81,20 @@ def defaults_table() -> Table:
         table.add_column(col)
     for row in default_rows():
         table.add_row(*row)
+    return table
+
+
+def memory_table() -> Table:
+    """Comm memory per GPU of the one dispatcher every MoE layer of a model shares
+    (``rocm_moe.comm.pool``): the whole model's, whatever its layer count."""
+    from rocm_moe.comm.pool import _size, memory_rows
+
+    rows = memory_rows()
+    table = Table(title=f"comm memory per GPU for the whole model (one dispatcher shared by "
+                  f"every MoE layer; bf16 rows, {rows[0]['tokens_per_rank']} tokens per rank, "
+                  "linear in it; torch/local: none reserved)")
+    for col in ("model", "EP", "symm buffer", "MORI heap"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["model"], str(r["ep"]), _size(r["symm"]), _size(r["mori"]))
     return table
