@@ -33,9 +33,10 @@ which weighs with the dispatched weights: a test caught it).
 The reduction: rocm_moe's combine already sums every expert's contribution on the token's rank.
 ``FusedMoE.forward_impl`` would all-reduce again when ``reduce_results`` (sglang#34006 is this
 bug under MORI); the forward_impl hook turns that off for layers that run a RocmMoEDispatcher.
-Model files that all-reduce the MoE block's output themselves skip it only for the a2a backends
-they know; with this plug-in run such models with ``--tp-size 1`` and data-parallel attention
-(README).
+Model files and SGLang's layer boundaries skip their own sum of the MoE output, and keep each
+rank's own tokens, only under an all-to-all backend they know: serve with ``--moe-a2a-backend
+mori`` (rocm_moe's hook replaces MORI's dispatcher; notes/serving-sglang.md). Under ``none``
+with EP > 1 SGLang replicates the tokens and sums the ranks' outputs: refused at build.
 
 One dispatcher per model: every layer's RocmMoEDispatcher holds the process's shared rocm_moe
 Dispatcher (``rocm_moe.comm.pool.shared_dispatcher``), sized by SGLang's own per-rank token
