@@ -3,29 +3,55 @@
 vLLM has no registry for an outside all-to-all or experts backend (vllm#50556, #53897), so this
 adapter uses the extension points that exist:
 
-    FusedMoEKernel(RocmMoEPrepareAndFinalize(dispatcher), RocmMoEExperts(experts, weight_mode))
-        prepare  = rocm_moe dispatch   (the frozen handle rides on the dispatched ids tensor)
-        apply    = rocm_moe experts    (weight_mode "experts": NoOP reduce; "combine": Delegate)
-        finalize = rocm_moe combine    (the handle's own ids, never the ids vLLM hands back)
+    RoutedExperts.forward_modular -> RocmMoEFusedMoEMethod.apply   (chunks of <= capacity)
+        FusedMoEKernel(RocmMoEPrepareAndFinalize(dispatcher), RocmMoEExperts(experts, mode))
+            prepare  = rocm_moe dispatch   (the frozen handle rides on the dispatched ids)
+            apply    = rocm_moe experts    (weight_mode "experts": NoOP reduce; "combine":
+                                            Delegate)
+            finalize = rocm_moe combine    (the handle's own ids, never the ids vLLM hands back)
 
-and ``RocmMoEFusedMoEMethod``, an ``UnquantizedFusedMoEMethod`` whose kernel is the one above,
+``RocmMoEFusedMoEMethod``, an ``UnquantizedFusedMoEMethod`` whose kernel is the one above, is
 put in place of vLLM's by ``register()`` (the ``vllm.general_plugins`` entry point of this
 package) when ``ROCM_MOE_VLLM=1`` is set. Exactly-once weighting stays rocm_moe's
 (``rocm_moe.weighting``): the experts either weight (and say so through vLLM's
 ``TopKWeightAndReduceNoOP``) or return raw [R, K, H] rows that rocm_moe's combine weights
 (``TopKWeightAndReduceDelegate``); vLLM's own reduce never runs. ``routed_scaling_factor`` is
-vLLM's: its router or runner applies it, so nothing here does.
+vLLM's: its router scales the top-k weights (or its runner the output), so nothing here does.
+
+One dispatcher per model: every MoE layer borrows the process's dispatcher from
+``rocm_moe.comm.pool`` (one symmetric buffer, one MORI op), keyed by EP group, shape and
+capacity. Capacity (``max_tokens_per_rank``): vLLM's own token budget, the most tokens one
+forward of a rank brings to a MoE layer. In vLLM 0.33 that is ``FusedMoEConfig.max_num_tokens``
+(= ``scheduler_config.max_num_batched_tokens``): the scheduler never schedules more, the
+profiling run uses exactly that many, CUDA-graph sizes are capped to it and DP padding pads to
+the largest of the ranks' (each within it); the modular kernel no longer chunks and there is no
+DP chunk size (``VLLM_MOE_DP_CHUNK_SIZE`` is gone). ``ROCM_MOE_VLLM_MAX_TOKENS`` lowers it (less
+comm memory): a larger batch then runs in chunks of at most that many tokens, every rank running
+as many chunks as the rank with the most (``Dispatcher.num_chunks``: one small all-reduce per
+layer in eager forwards; a captured batch must fit one chunk, so the value may not be below
+vLLM's largest CUDA-graph size). At the default capacity no rank can exceed it, so no agreement
+runs at all.
+
+Defaults: ``ROCM_MOE_VLLM_COMM`` / ``ROCM_MOE_VLLM_EXPERTS`` unset pick the fastest backend that
+runs here (``pool.fastest_comm`` / ``pool.fastest_experts``: MORI on ROCm with MORI, symm on the
+GPUs of one host, torch otherwise; AITER, Triton, the reference), logged once.
 
 Placement: vLLM's ``expert_map`` ([E] int32, local id or -1) is rocm_moe's ``ExpertMap``;
-``vllm_placement`` rebuilds every rank's ownership the way vLLM's ``determine_expert_map`` does
-("linear", with the remainder on the first ranks, or "round_robin"), and the prepare step checks
-that the map vLLM passes is this rank's (an AITER 0/1 mask taken for the map, vllm#49758, is
-refused).
+``vllm_placement`` rebuilds every rank's ownership the way vLLM's ``determine_expert_map`` does,
+with the strategy vLLM *resolved* (``ExpertMapManager.placement_strategy``: a requested
+"round_robin" falls back to "linear" without expert groups or under DP+EP all-to-all), and the
+kernel checks at construction that the layer's map is this rank's (an AITER 0/1 mask taken for
+the map, vllm#49758, is refused).
 
-Refused with a ValueError before any collective: quantised layers (the experts take unquantised
-bf16/fp16/fp32 weights), ``apply_router_weight_on_input`` with K > 1 (the weights would reach the
-output twice or through the activation), activations other than SiLU, biased experts, and fused
-shared experts (AITER's extra expert slots are not rocm_moe experts).
+CUDA graphs: under capture the adapter reads nothing on the host (no value checks, no chunk
+agreement, capacity-sized received rows passed as they are); eager forwards may read the
+received-row count once per layer (to run the experts on the rows that arrived only).
+
+Refused with a ValueError at construction (``RocmMoEFusedMoEMethod.__init__`` / create_weights /
+process_weights_after_loading), before any collective: activations other than SiLU-and-mul, a
+clamped or parametrised SwiGLU (``swiglu_limit`` / ``swiglu_alpha`` / ``swiglu_beta``, SituGLU
+betas), biased experts, EPLB, fused shared experts, weights that vLLM padded or reshaped; per
+batch: quantised layers and ``apply_router_weight_on_input`` with K > 1.
 """
 
 from __future__ import annotations
@@ -48,6 +74,7 @@ VLLM_VERSION = "0.33.0"  # the release the adapter and its signature tests are c
 SWITCH = "ROCM_MOE_VLLM"  # "1": the plug-in replaces vLLM's unquantised MoE method
 ENV_COMM, ENV_EXPERTS, ENV_WEIGHT_MODE = ("ROCM_MOE_VLLM_COMM", "ROCM_MOE_VLLM_EXPERTS",
                                           "ROCM_MOE_VLLM_WEIGHT_MODE")
+ENV_MAX_TOKENS = "ROCM_MOE_VLLM_MAX_TOKENS"  # capacity below vLLM's budget: larger batches chunk
 _HANDLE_ATTR = "_rocm_moe_handle"  # set on the dispatched ids tensor prepare returns
 _EXPORTED = ("RocmMoEPrepareAndFinalize", "RocmMoEExperts", "RocmMoEFusedMoEMethod")
 
@@ -56,11 +83,19 @@ def _require_vllm():
     return import_engine("vllm", "vLLM", VLLM_VERSION)
 
 
+def _capturing() -> bool:
+    """Whether the current stream is capturing a CUDA graph (never on a machine without CUDA:
+    the CUDA runtime is only asked once it is initialised)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 # ---- placement ----------------------------------------------------------------------------------
 def vllm_placement(num_experts: int, ep_size: int, strategy: str = "linear") -> Placement:
     """Every rank's experts as vLLM's ``determine_expert_map`` assigns them: ``E // W`` each and
     the remainder one by one to the first ranks; "linear" gives rank d a contiguous range,
-    "round_robin" the experts d, d + W, d + 2W, ... (a test compares it with vLLM's own)."""
+    "round_robin" the experts d, d + W, d + 2W, ... (a test compares it with vLLM's own).
+    ``strategy``: the one vLLM resolved (``ExpertMapManager.placement_strategy``), not the one
+    requested."""
     if ep_size < 1 or num_experts < ep_size:
         raise ValueError(error_message("num_experts, ep_size", (num_experts, ep_size),
                                        "need 1 <= ep_size <= num_experts",
@@ -77,7 +112,7 @@ def vllm_placement(num_experts: int, ep_size: int, strategy: str = "linear") -> 
     else:
         raise ValueError(error_message("expert_placement_strategy", repr(strategy),
                                        "must be 'linear' or 'round_robin' (vLLM's)",
-                                       "pass parallel_config.expert_placement_strategy"))
+                                       "pass the layer's expert_map_manager.placement_strategy"))
     return Placement.from_lists(lists, num_experts)
 
 
@@ -107,6 +142,58 @@ def _check_unquantized(quant_config) -> None:
                       f"serve the unquantised model or unset {SWITCH}")
 
 
+def check_layer_config(moe_config) -> None:
+    """Refuse, with the reason, a vLLM MoE layer that rocm_moe would not compute exactly: the
+    experts are SwiGLU (silu(gate) * up), unclamped, without biases, on vLLM's own experts
+    (no EPLB replicas). Runs when vLLM builds the layer's method, before any weight or
+    collective."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    unset = f"unset {SWITCH} for this model"
+    if moe_config.activation != MoEActivation.SILU:
+        raise _refuse("activation", getattr(moe_config.activation, "value",
+                                            moe_config.activation),
+                      "rocm_moe experts are SwiGLU (silu(gate) * up)", unset)
+    for field in ("swiglu_limit", "swiglu_alpha", "swiglu_beta", "activation_situ_beta",
+                  "activation_situ_linear_beta"):
+        value = getattr(moe_config, field, None)
+        if value is not None:
+            raise _refuse(field, value, "rocm_moe experts compute the plain SwiGLU; a clamped "
+                          "or parametrised gate would run unclamped (another model)", unset)
+    if moe_config.has_bias:
+        raise _refuse("has_bias", True, "rocm_moe experts have no biases", unset)
+    if moe_config.moe_parallel_config.enable_eplb:
+        raise _refuse("enable_eplb", True, "rocm_moe's placement is vLLM's static expert map; "
+                      "EPLB moves and replicates experts at run time (not supported yet)",
+                      f"drop --enable-eplb or {unset}")
+
+
+def chunk_count(dispatcher: Dispatcher, num_tokens: int, budget: int) -> int:
+    """How many chunks of at most ``dispatcher.max_tokens_per_rank`` tokens every rank runs for
+    a forward of ``num_tokens`` tokens here; ``budget``: the most tokens any rank's forward can
+    bring (vLLM's ``max_num_batched_tokens``).
+
+    No agreement (nothing read, nothing sent) where no rank can exceed the capacity (one rank,
+    or a capacity of at least the budget: a batch over it is then refused by the dispatcher on
+    every rank) and under CUDA-graph capture (a captured batch must fit one chunk); otherwise
+    ``Dispatcher.num_chunks`` (the group's MAX, one small all-reduce)."""
+    cap = dispatcher.max_tokens_per_rank
+    if cap is None:
+        return 1
+    if dispatcher.world_size == 1:  # nobody to agree with
+        return max(1, -(-num_tokens // cap))
+    if budget <= cap:
+        return 1
+    if _capturing():
+        if num_tokens > cap:
+            raise _refuse("num_tokens", num_tokens, f"a captured batch must fit one chunk of "
+                          f"max_tokens_per_rank={cap} (ranks cannot agree on a chunk count "
+                          "inside a CUDA graph)", f"raise {ENV_MAX_TOKENS} to at least vLLM's "
+                          "largest CUDA-graph size (--max-cudagraph-capture-size)")
+        return 1
+    return dispatcher.num_chunks(num_tokens)
+
+
 @functools.cache
 def _classes() -> SimpleNamespace:
     """The vLLM subclasses, built on first use so importing this module never needs vLLM."""
@@ -132,7 +219,12 @@ def _classes() -> SimpleNamespace:
         ``finalize``. ``finalize`` combines with the handle's own ids (never the ids it is
         given, vllm#52639) and writes [T, H] into vLLM's output; ids that did not come from
         this prepare are refused. No state is kept on ``self`` between the two calls, so
-        micro-batches may interleave."""
+        micro-batches may interleave (on dispatchers that allow it).
+
+        Capacity-sized results (symm, MORI: R = W * capacity rows, the rows past
+        ``num_valid`` empty): in eager mode the rows that arrived are read once and only they
+        reach the experts (finalize pads the output back); under capture all R rows do (empty
+        slots are skipped by every experts backend), without a host read."""
 
         def __init__(self, dispatcher: Dispatcher):
             super().__init__()
@@ -141,6 +233,7 @@ def _classes() -> SimpleNamespace:
                                               "must be a rocm_moe Dispatcher",
                                               "build one with rocm_moe.backends.make_dispatcher"))
             self.dispatcher = dispatcher
+            self._checked_maps: dict[int, torch.Tensor] = {}  # expert_map tensors known good
 
         @property
         def activation_format(self):
@@ -161,23 +254,36 @@ def _classes() -> SimpleNamespace:
             # vLLM's runner must still all-reduce.
             return self.dispatcher.world_size > 1
 
+        def check_expert_map(self, expert_map: torch.Tensor | None, num_experts: int) -> None:
+            """vLLM's map must be this rank's map of the dispatcher's placement (host reads:
+            at kernel construction, and in eager mode for a map not seen before)."""
+            if expert_map is None or id(expert_map) in self._checked_maps:
+                return
+            disp = self.dispatcher
+            given = expert_map_from_vllm(expert_map, disp.rank, num_experts).map_E
+            if not torch.equal(given.cpu(), disp.expert_map.map_E):
+                raise _refuse("expert_map", given.tolist()[:16],
+                              f"must be rank {disp.rank}'s map of the dispatcher's placement",
+                              "build the dispatcher with vllm_placement(E, ep_size, the "
+                              "strategy vLLM resolved)")
+            self._checked_maps[id(expert_map)] = expert_map  # kept alive: the id stays its own
+
         def prepare(self, a1, topk_weights, topk_ids, num_experts, expert_map,
                     apply_router_weight_on_input, quant_config, defer_input_quant):
             disp = self.dispatcher
+            capturing = _capturing()
             try:
                 _check_unquantized(quant_config)
                 if num_experts != disp.placement.num_experts:
                     raise _refuse("num_experts", num_experts,
                                   f"must equal the dispatcher's E={disp.placement.num_experts}",
                                   "build the dispatcher from the layer's global_num_experts")
-                if expert_map is not None:
-                    mine = disp.expert_map.map_E
-                    given = expert_map_from_vllm(expert_map, disp.rank, num_experts).map_E
-                    if not torch.equal(given.cpu(), mine):
-                        raise _refuse("expert_map", given.tolist()[:16],
-                                      f"must be rank {disp.rank}'s map of the dispatcher's "
-                                      "placement", "build the dispatcher with "
-                                      "vllm_placement(E, ep_size, strategy)")
+                if expert_map is not None and id(expert_map) not in self._checked_maps:
+                    if capturing:
+                        raise _refuse("expert_map", "a tensor not seen before",
+                                      "cannot be checked inside a CUDA graph (host read)",
+                                      "run one eager forward first, or keep the layer's map")
+                    self.check_expert_map(expert_map, num_experts)
                 if apply_router_weight_on_input:
                     if topk_ids.shape[1] != 1:
                         raise _refuse("apply_router_weight_on_input", True,
@@ -190,10 +296,14 @@ def _classes() -> SimpleNamespace:
             except (ValueError, TypeError):
                 disp.share_refusal()
                 raise
-            d = disp.dispatch(a1, topk_weights.float(), topk_ids)
-            ids = d.topk_ids
+            d = disp.dispatch(a1, topk_weights.float(), topk_ids, validate=not capturing)
+            x, ids, w = d.x, d.topk_ids, d.topk_weights
+            if d.num_valid is not None and not capturing:
+                n = int(d.num_valid.reshape(-1)[0])  # eager: run the rows that arrived only
+                x, ids, w = x[:n], ids[:n], w[:n]
+            ids = ids.view(ids.shape)  # a fresh tensor object to carry this batch's handle
             setattr(ids, _HANDLE_ATTR, d.handle)
-            return d.x, None, None, ids, d.topk_weights
+            return x, None, None, ids, w
 
         def finalize(self, output, fused_expert_output, topk_weights, topk_ids,
                      apply_router_weight_on_input, weight_and_reduce_impl) -> None:
@@ -214,10 +324,12 @@ def _classes() -> SimpleNamespace:
             R, K = handle.recv_topk_ids.shape
             H = output.shape[-1]
             y = fused_expert_output
-            if R == 0:  # vLLM skips the experts and hands back an empty [0, H]
+            if y.shape[0] == 0:  # vLLM skips the experts and hands back an empty [0, H]
                 y = y.new_zeros((0, H) if weighted else (0, K, H))
             elif not weighted:
-                y = y.reshape(R, K, H)
+                y = y.reshape(-1, K, H)
+            if y.shape[0] < R:  # eager capacity-sized batch: the rows past num_valid are empty
+                y = torch.cat([y, y.new_zeros((R - y.shape[0], *y.shape[1:]))])
             out = self.dispatcher.combine(ExpertsOutput(out=y, weights_applied=weighted),
                                           handle)
             output.copy_(out)
@@ -240,7 +352,9 @@ def _classes() -> SimpleNamespace:
                                               "use rocm_moe.backends.make_experts(name)"))
             self.weight_mode = resolve_weight_mode(weight_mode)
             self.rank = moe_config.moe_parallel_config.ep_rank
-            self._map: tuple[torch.Tensor | None, ExpertMap] | None = None
+            # (vLLM's map tensor, device) -> ExpertMap there: built once (host reads), outside
+            # any captured forward.
+            self._maps: dict[tuple[int, torch.device], tuple[object, ExpertMap]] = {}
 
         @staticmethod
         def activation_format():
@@ -275,11 +389,14 @@ def _classes() -> SimpleNamespace:
             return TopKWeightAndReduceNoOP() if self.weight_mode == "experts" \
                 else TopKWeightAndReduceDelegate()
 
-        def _expert_map(self, expert_map, num_experts: int) -> ExpertMap:
-            if self._map is None or self._map[0] is not expert_map:
-                self._map = (expert_map, expert_map_from_vllm(expert_map, self.rank,
-                                                               num_experts))
-            return self._map[1]
+        def expert_map_on(self, expert_map, num_experts: int,
+                          device: torch.device) -> ExpertMap:
+            key = (id(expert_map), _device(device))
+            if key not in self._maps:
+                emap = expert_map_from_vllm(expert_map, self.rank, num_experts).to(key[1])
+                emap.num_local  # noqa: B018 (computed now: a host read)
+                self._maps[key] = (expert_map, emap)  # the map kept alive with its id
+            return self._maps[key][1]
 
         def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
                   global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
@@ -287,10 +404,15 @@ def _classes() -> SimpleNamespace:
             if activation != MoEActivation.SILU:
                 raise _refuse("activation", activation, "rocm_moe experts are SwiGLU (SiLU "
                               "gate times up)", f"unset {SWITCH} for this model")
-            emap = self._expert_map(expert_map, global_num_experts)
+            capturing = _capturing()
+            key = (id(expert_map), hidden_states.device)
+            if capturing and key not in self._maps:
+                raise _refuse("expert_map", "a tensor not seen before", "cannot be converted "
+                              "inside a CUDA graph (host read)", "run one eager forward first")
+            emap = self.expert_map_on(expert_map, global_num_experts, hidden_states.device)
             eo = self.experts(hidden_states, topk_ids.to(torch.int32), topk_weights.float(),
-                              w1, w2, emap.to(hidden_states.device),
-                              weight_mode=self.weight_mode)
+                              w1, w2, emap, weight_mode=self.weight_mode,
+                              validate=not capturing)
             output.copy_(eo.out.reshape(output.shape))
             return None
 
@@ -298,39 +420,101 @@ def _classes() -> SimpleNamespace:
         """vLLM's unquantised MoE method with rocm_moe's kernel (what ``register()`` installs).
 
         The weights stay vLLM's ``w13_weight`` [e, 2I, H] (gate then up) and ``w2_weight``
-        [e, H, I], untouched (no backend shuffle). The dispatcher joins vLLM's EP group; the
-        backends come from ``ROCM_MOE_VLLM_COMM`` (default "torch"), ``ROCM_MOE_VLLM_EXPERTS``
-        (default "reference") and ``ROCM_MOE_VLLM_WEIGHT_MODE`` (default "experts"). vLLM's
-        kernel oracle is not consulted (on a CPU-only machine its CPU backend does not even
-        import with vllm 0.33.0's CUDA wheel): the backend is "OOT", so no weight is padded or
-        shuffled for another kernel."""
+        [e, H, I], as loaded: no size is rounded up, nothing is padded, shuffled or packed for
+        another kernel (checked after loading). The dispatcher is the model's shared one (see
+        the module docstring); the backends come from ``ROCM_MOE_VLLM_COMM``,
+        ``ROCM_MOE_VLLM_EXPERTS`` (default: the fastest that runs here) and
+        ``ROCM_MOE_VLLM_WEIGHT_MODE`` (default "experts"). vLLM's kernel oracle is not
+        consulted (on a CPU-only machine its CPU backend does not even import with vllm
+        0.33.0's CUDA wheel): the backend is "OOT". ``apply`` runs a batch larger than the
+        dispatcher's capacity in chunks."""
 
         def __init__(self, moe):
+            check_layer_config(moe)
             FusedMoEMethodBase.__init__(self, moe)  # CustomOp's set-up, no backend selection
             self.unquantized_backend = UnquantizedMoeBackend.OOT
             self.experts_cls = RocmMoEExperts
             self.supports_pre_processed_weights = True
 
+        @property
+        def supports_eplb(self) -> bool:
+            return False
+
+        def maybe_roundup_sizes(self, hidden_size, intermediate_size_per_partition, act_dtype,
+                                moe_parallel_config):
+            return hidden_size, intermediate_size_per_partition  # rocm_moe pads nothing
+
         def create_weights(self, layer, num_experts, hidden_size,
                            intermediate_size_per_partition, params_dtype, **extra):
-            if self.moe.has_bias:
-                raise _refuse("has_bias", True, "rocm_moe experts have no biases",
-                              f"unset {SWITCH} for this model")
-            if getattr(layer, "num_fused_shared_experts", 0):
-                raise _refuse("num_fused_shared_experts", layer.num_fused_shared_experts,
+            check_layer_config(self.moe)
+            manager = getattr(layer, "expert_map_manager", None)
+            shared = getattr(manager, "num_fused_shared_experts", 0) or \
+                getattr(layer, "num_fused_shared_experts", 0)
+            if shared:
+                raise _refuse("num_fused_shared_experts", shared,
                               "fused shared experts are AITER's extra slots, not rocm_moe "
-                              "experts", "run the shared experts as a separate MLP")
+                              "experts", "run the shared experts as a separate MLP "
+                              "(VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS=0)")
             super().create_weights(layer, num_experts, hidden_size,
                                    intermediate_size_per_partition, params_dtype, **extra)
 
         def process_weights_after_loading(self, layer) -> None:
+            check_loaded_weights(self.moe, layer)
             self._init_moe_kernel(layer)
 
         def _init_moe_kernel(self, layer) -> None:
             self.moe_quant_config = self.get_fused_moe_quant_config(layer)
-            self.moe_kernel = build_kernel(self.moe, dispatcher=make_vllm_dispatcher(self.moe),
-                                           quant_config=self.moe_quant_config,
-                                           **backends_from_env())
+            manager = getattr(layer, "expert_map_manager", None)
+            strategy = getattr(manager, "placement_strategy", None) or "linear"
+            self.moe_kernel = build_kernel(
+                self.moe, dispatcher=make_vllm_dispatcher(self.moe, strategy=strategy),
+                quant_config=self.moe_quant_config, **backends_from_env(self.moe.device))
+            ready_kernel(self.moe_kernel, getattr(layer, "expert_map", None),
+                         self.moe.num_experts, self.moe.device)
+
+        def apply(self, layer, x, topk_weights, topk_ids, shared_experts,
+                  shared_experts_input):
+            return self._forward_chunked(layer, x, topk_weights, topk_ids, shared_experts,
+                                         shared_experts_input)
+
+        def forward_native(self, layer, x, topk_weights, topk_ids, shared_experts,
+                           shared_experts_input):
+            return self._forward_chunked(layer, x, topk_weights, topk_ids, shared_experts,
+                                         shared_experts_input)
+
+        forward_cuda = forward_native
+
+        def _forward_chunked(self, layer, x, topk_weights, topk_ids, shared_experts,
+                             shared_experts_input):
+            """vLLM's kernel on chunks of at most the dispatcher's capacity (one chunk, the
+            whole batch, in the common case); every rank runs the same number of chunks, a
+            rank past its tokens with empty ones."""
+            kernel = self.moe_kernel
+            assert kernel is not None, "process_weights_after_loading builds the kernel"
+
+            def run(lo: int, hi: int):
+                return kernel.apply(
+                    hidden_states=x[lo:hi], w1=layer.w13_weight, w2=layer.w2_weight,
+                    topk_weights=topk_weights[lo:hi], topk_ids=topk_ids[lo:hi],
+                    activation=layer.activation,
+                    apply_router_weight_on_input=layer.apply_router_weight_on_input,
+                    global_num_experts=layer.global_num_experts, expert_map=layer.expert_map,
+                    shared_experts=shared_experts, shared_experts_input=shared_experts_input)
+
+            disp = kernel.prepare_finalize.dispatcher
+            T = x.shape[0]
+            n = chunk_count(disp, T, self.moe.max_num_tokens)
+            if n == 1:
+                return run(0, T)
+            cap = disp.max_tokens_per_rank
+            out = None
+            for c in range(n):
+                lo, hi = min(c * cap, T), min((c + 1) * cap, T)
+                y = run(lo, hi)
+                if out is None:
+                    out = y.new_empty((T, *y.shape[1:]))
+                out[lo:hi] = y
+            return out
 
     return SimpleNamespace(RocmMoEPrepareAndFinalize=RocmMoEPrepareAndFinalize,
                            RocmMoEExperts=RocmMoEExperts,
@@ -344,36 +528,148 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _device(device) -> torch.device:
+    """``device`` with its index (vLLM's config says "cuda"; tensors live on "cuda:0")."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def ready_kernel(kernel, expert_map: torch.Tensor | None, num_experts: int, device) -> None:
+    """Everything the kernel derives from the layer's ``expert_map`` with host reads, done
+    once at construction: the map checked against the dispatcher's placement, and the
+    ExpertMaps of the experts step and of the dispatcher's combine built on ``device``. A
+    forward captured in a CUDA graph (even the first) then reads nothing on the host."""
+    device = _device(device)
+    kernel.prepare_finalize.check_expert_map(expert_map, num_experts)
+    kernel.fused_experts.expert_map_on(expert_map, num_experts, device)
+    kernel.prepare_finalize.dispatcher.expert_map_on(device).num_local  # noqa: B018
+
+
+def check_loaded_weights(moe_config, layer) -> None:
+    """The weights rocm_moe's experts will read are vLLM's as loaded: w13 [e, 2I, H] (gate then
+    up), w2 [e, H, I] at the checkpoint's sizes (nothing rounded up or padded), row-major
+    (nothing transposed or packed). Refused otherwise, at load time."""
+    e = moe_config.num_local_experts
+    H, I = moe_config.hidden_dim_unpadded, moe_config.intermediate_size_per_partition_unpadded
+    for name, want in (("w13_weight", (e, 2 * I, H)), ("w2_weight", (e, H, I))):
+        w = getattr(layer, name)
+        if tuple(w.shape) != want or not w.is_contiguous():
+            raise _refuse(f"layer.{name}", f"shape {list(w.shape)}, strides {list(w.stride())}",
+                          f"rocm_moe reads vLLM's weights as loaded: a contiguous {list(want)} "
+                          "(something padded, transposed or packed them for another kernel)",
+                          f"unset {SWITCH}, or load without that backend's weight processing")
+
+
 # ---- building and registering -------------------------------------------------------------------
-def backends_from_env() -> dict:
-    """The experts backend and weight mode the environment asks for."""
+def _explicit(env: str, kind: str) -> str | None:
+    """The backend named in ``env`` (None if unset), refused with the variable's name when
+    unknown or unable to run here."""
     from rocm_moe import backends
 
-    return dict(experts=backends.make_experts(os.environ.get(ENV_EXPERTS, "reference")),
+    name = os.environ.get(env) or None
+    if name is None:
+        return None
+    if name not in backends.names(kind):
+        raise _refuse(env, repr(name), f"known {kind} backends are {backends.names(kind)}",
+                      f"set {env} to one of them, or unset it for the fastest that runs here")
+    reason = backends.BACKENDS[f"{kind}:{name}"].availability()
+    if reason is not None:
+        raise _refuse(env, repr(name), f"unavailable here: {reason}",
+                      f"unset {env} (the fastest backend that runs here) or pick another")
+    return name
+
+
+def experts_name(device) -> str:
+    """``ROCM_MOE_VLLM_EXPERTS`` if set, else the fastest experts backend on ``device``."""
+    from rocm_moe.comm import pool
+
+    return _explicit(ENV_EXPERTS, "experts") or \
+        pool.fastest_experts(torch.device(device), engine="vllm")[0]
+
+
+_COMM_DEFAULT: dict[tuple, str] = {}
+
+
+def comm_name(world_size: int, device, group=None) -> str:
+    """``ROCM_MOE_VLLM_COMM`` if set, else the fastest comm backend for ``world_size`` ranks on
+    ``device`` (collective on ``group`` the first time on GPUs: the one-host check)."""
+    from rocm_moe.comm import pool
+
+    name = _explicit(ENV_COMM, "comm")
+    if world_size == 1:
+        return "local"
+    if name is None:
+        key = (world_size, torch.device(device).type, id(group))
+        if key not in _COMM_DEFAULT:
+            _COMM_DEFAULT[key] = pool.fastest_comm(world_size, torch.device(device), group,
+                                                   engine="vllm")[0]
+        name = _COMM_DEFAULT[key]
+    return name
+
+
+def backends_from_env(device="cpu") -> dict:
+    """The experts backend and weight mode the environment asks for (experts unset: the fastest
+    on ``device``)."""
+    from rocm_moe import backends
+
+    return dict(experts=backends.make_experts(experts_name(device)),
                 weight_mode=resolve_weight_mode(os.environ.get(ENV_WEIGHT_MODE, "experts"),
                                                 field=ENV_WEIGHT_MODE))
 
 
-def make_vllm_dispatcher(moe_config) -> Dispatcher:
-    """A rocm_moe dispatcher over vLLM's EP group for a layer's ``FusedMoEConfig``."""
-    from rocm_moe import backends
+def max_tokens_per_rank(moe_config) -> int:
+    """The dispatcher's capacity: vLLM's token budget (``moe_config.max_num_tokens``, its
+    ``max_num_batched_tokens``), or ``ROCM_MOE_VLLM_MAX_TOKENS`` if set (larger batches then
+    run in chunks); never below vLLM's largest CUDA-graph size (a captured batch is one
+    chunk)."""
+    budget = moe_config.max_num_tokens
+    raw = os.environ.get(ENV_MAX_TOKENS)
+    if not raw:
+        return budget
+    graphs = moe_config.max_capture_size or 0
+    try:
+        cap = int(raw)
+    except ValueError:
+        cap = 0
+    if cap < max(1, graphs):
+        raise _refuse(ENV_MAX_TOKENS, repr(raw), f"must be an integer >= 1 and >= vLLM's "
+                      f"largest CUDA-graph size {graphs} (a captured batch runs as one chunk)",
+                      f"unset it (capacity = vLLM's budget, {budget} tokens) or raise it")
+    return cap
+
+
+def make_vllm_dispatcher(moe_config, *, strategy: str = "linear") -> Dispatcher:
+    """The model's shared rocm_moe dispatcher over vLLM's EP group for a layer's
+    ``FusedMoEConfig`` (every layer of one shape gets the same object, ``comm.pool``);
+    ``strategy``: the placement vLLM resolved for the layer."""
+    from rocm_moe.comm import pool
 
     par = moe_config.moe_parallel_config
-    name = os.environ.get(ENV_COMM, "torch")
+    device = torch.device(moe_config.device)
+    cap = max_tokens_per_rank(moe_config)
+    shape = dict(hidden_size=moe_config.hidden_dim, top_k=moe_config.experts_per_token,
+                 dtype=moe_config.in_dtype, max_tokens_per_rank=cap)
     if not par.use_ep or par.ep_size == 1:
-        placement = Placement.contiguous(moe_config.num_experts, 1)
-        return backends.make_dispatcher("local", placement, 0)
-    from vllm.config import get_current_vllm_config
+        comm_name(1, device)  # an explicit ROCM_MOE_VLLM_COMM is still checked
+        return pool.shared_dispatcher("local", Placement.contiguous(moe_config.num_experts, 1),
+                                      **shape)
     from vllm.distributed.parallel_state import get_ep_group
 
-    strategy = get_current_vllm_config().parallel_config.expert_placement_strategy
-    placement = vllm_placement(moe_config.num_experts, par.ep_size, strategy)
     group = get_ep_group()  # gloo's CPU group beside the device group on a CPU run
-    pg = group.cpu_group if str(moe_config.device) == "cpu" else group.device_group
-    return backends.make_dispatcher(name, placement, par.ep_rank,
-                                    hidden_size=moe_config.hidden_dim,
-                                    top_k=moe_config.experts_per_token,
-                                    dtype=moe_config.in_dtype, group=pg)
+    pg = group.cpu_group if device.type == "cpu" else group.device_group
+    name = comm_name(par.ep_size, device, group.cpu_group)
+    placement = vllm_placement(moe_config.num_experts, par.ep_size, strategy)
+    kw = {}
+    if name == "mori":
+        if strategy != "linear":
+            raise _refuse("expert placement", repr(strategy), "MORI places expert e on rank "
+                          "e // (E / W): contiguous ranges only",
+                          "serve with --expert-placement-strategy linear, or "
+                          f"{ENV_COMM}=torch")
+        kw["capacity_sized"] = True  # no host read in a captured dispatch
+    return pool.shared_dispatcher(name, placement, group=pg, rank=par.ep_rank, **shape, **kw)
 
 
 def build_kernel(moe_config, *, dispatcher: Dispatcher, experts: Experts | None = None,

@@ -15,6 +15,7 @@ import torch
 from rocm_moe.distributed import launch
 from rocm_moe.integrations import vllm as rv
 from tests_integrations import oracle64 as o
+from tests_integrations.vllm import model_cases
 
 vllm = pytest.importorskip("vllm")
 SEED = 3
@@ -48,7 +49,8 @@ def vllm_expert_map(E: int, W: int, rank: int, strategy: str):
 
 def _kernel_worker(info, shape: dict, tokens: list[int]) -> dict:
     """Every case on this rank (one launch per W: each rank imports vLLM once): vLLM's
-    FusedMoEKernel.apply vs the float64 oracle, then diagnose and sanity."""
+    FusedMoEKernel.apply vs the float64 oracle, diagnose and sanity, then the served-model
+    cases of test_serving.py (``model_cases.run``)."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
     from rocm_moe.comm.torch import TorchDispatcher
@@ -97,6 +99,7 @@ def _kernel_worker(info, shape: dict, tokens: list[int]) -> dict:
             err=o.rel_err(y, ref) if tokens[r] else float(y.numel()),
             received=d.x.shape[0])
     out["diagnose"] = _diagnose(info, shape)
+    out["model"] = model_cases.run(info)  # test_serving.py: the served-model cases
     return out
 
 

@@ -1,0 +1,325 @@
+"""Rank-side cases of the served-model tests: the plug-in inside vLLM's own layer classes
+(``FusedMoEFactory``: router, RoutedExperts, runner), with vLLM's parallel state up on gloo ranks
+(TP = W with expert parallelism: vLLM's EP group is every rank), as vLLM builds a model:
+
+    register() -> FusedMoEFactory per layer -> weights copied in -> process_weights_after_loading
+    forward: h -> runner.forward(h, h @ gate_l) -> h + y   (a residual between the layers)
+
+Each layer's output is checked against the float64 oracle at that layer's own input, with the
+ids and weights vLLM's router picked (routing is vLLM's; the oracle checks the MoE)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+from rocm_moe.comm import pool
+from rocm_moe.integrations import vllm as rv
+from tests_integrations import oracle64 as o
+
+SEED = 5
+E, K, H, I = 8, 3, 64, 32
+CAP = 8  # ROCM_MOE_VLLM_MAX_TOKENS in the chunked cases
+SIZES = [1, CAP, CAP * 7 // 2]  # 1, capacity, 3.5x capacity
+LAYERS = 3
+# DeepSeek-V3's router: sigmoid scores, grouped top-k with a correction bias (its
+# routed_scaling_factor scales the top-k weights)
+GROUPED = dict(use_grouped_topk=True, num_expert_group=2, topk_group=2, scoring_func="sigmoid",
+               e_score_correction_bias=torch.zeros(E))
+
+
+@contextmanager
+def env(**values: str | None):
+    """Environment variables set (None: unset) for the block, restored after."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def vllm_config(W: int, **parallel):
+    from vllm.config import ParallelConfig, VllmConfig
+
+    return VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=W,
+                                                     enable_expert_parallel=W > 1, **parallel))
+
+
+def init_vllm(info):
+    """vLLM's parallel state on this launch's gloo ranks; returns the base VllmConfig."""
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import parallel_state as ps
+
+    cfg = vllm_config(info.world_size)
+    with set_current_vllm_config(cfg):
+        ps.init_distributed_environment(info.world_size, info.rank, local_rank=info.rank,
+                                        backend="gloo")
+        ps.initialize_model_parallel(tensor_model_parallel_size=info.world_size)
+    os.environ[rv.SWITCH] = "1"
+    assert rv.register()
+    return cfg
+
+
+def gate(layer: int, dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(SEED * 100 + layer)
+    return torch.randn(E, H, generator=g).to(dtype)
+
+
+def local_experts(runner) -> tuple[int, ...]:
+    emap = runner.routed_experts.expert_map
+    if emap is None:
+        return tuple(range(E))
+    pairs = sorted((int(emap[g]), g) for g in range(E) if int(emap[g]) >= 0)
+    return tuple(g for _, g in pairs)
+
+
+def build_model(cfg, name: str, dtype=torch.float32, layers: int = LAYERS, **layer_kw):
+    """``layers`` FusedMoE layers as a vLLM model builds them, weights loaded."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.layers.fused_moe import FusedMoEFactory
+
+    runners = []
+    with set_current_vllm_config(cfg):
+        for i in range(layers):
+            runners.append(FusedMoEFactory(
+                num_experts=E, top_k=K, hidden_size=H, intermediate_size=I,
+                params_dtype=dtype, prefix=f"{name}.layers.{i}.mlp.experts", renormalize=True,
+                **layer_kw))
+        for i, runner in enumerate(runners):
+            re = runner.routed_experts
+            w13, w2 = o.local_weights(SEED + i, local_experts(runner), H, I, dtype)
+            with torch.no_grad():
+                re.w13_weight.copy_(w13)
+                re.w2_weight.copy_(w2)
+            re.quant_method.process_weights_after_loading(re)
+    return runners
+
+
+def forward(cfg, runners, x: torch.Tensor) -> list[tuple]:
+    """The residual stack; per layer (input, logits, output)."""
+    from vllm.forward_context import set_forward_context
+
+    records, h = [], x
+    with set_forward_context({}, cfg):
+        for i, runner in enumerate(runners):
+            logits = (h.float() @ gate(i, h.dtype).float().T).to(h.dtype)
+            y = runner.forward(h, logits)
+            records.append((h, logits, y))
+            h = h + y
+    return records
+
+
+def worst_err(runners, records) -> float:
+    worst = 0.0
+    for i, (runner, (h, logits, y)) in enumerate(zip(runners, records, strict=True)):
+        if h.shape[0] == 0:
+            continue
+        w, ids = runner.router.select_experts(hidden_states=h, router_logits=logits)
+        ref = o.oracle(SEED + i, h, w.float(), ids, H, I, h.dtype)
+        worst = max(worst, o.rel_err(y, ref))
+    return worst
+
+
+def invariant_experts(runners) -> None:
+    """The batch-invariant reference experts (``rocm_moe.invariant``) in every layer: BLAS
+    picks kernels by row count, so the default reference experts' bits for a row depend on
+    how many rows came with it, and chunking changes that."""
+    from rocm_moe.experts.reference import ReferenceExperts
+
+    for r in runners:
+        r.routed_experts.quant_method.moe_kernel.fused_experts.experts = \
+            ReferenceExperts().as_invariant()
+
+
+def dispatchers(runners) -> list:
+    return [r.routed_experts.quant_method.moe_kernel.prepare_finalize.dispatcher
+            for r in runners]
+
+
+def inputs(rank: int, step: int, dtype=torch.float32) -> torch.Tensor:
+    """Step s: rank r brings SIZES[(s + r) % 3] tokens, so every step mixes chunk counts."""
+    T = SIZES[(step + rank) % len(SIZES)]
+    g = torch.Generator().manual_seed(SEED * 1000 + step * 10 + rank)
+    return torch.randn(T, H, generator=g).to(dtype)
+
+
+def serve_case(info, cfg, comm: str) -> dict:
+    """A 3-layer model on ``comm`` at capacity CAP (larger batches chunk): the float64 oracle,
+    one dispatcher for every layer; with comm=torch also bit-identity with the same model at
+    vLLM's default capacity (one chunk), both on the batch-invariant reference experts."""
+    pool.clear()
+    with env(ROCM_MOE_VLLM_COMM=comm, ROCM_MOE_VLLM_MAX_TOKENS=str(CAP)):
+        model = build_model(cfg, f"{comm}-chunked")
+    shared = pool.shared_dispatchers()
+    ds = dispatchers(model)
+    out = dict(pool=len(shared), same=all(d is shared[0] for d in ds),
+               backend=type(ds[0]).__name__, cap=ds[0].max_tokens_per_rank,
+               budget=model[0].moe_config.max_num_tokens, err=[], bitwise=[], tokens=[])
+    ref_model = None
+    if comm == "torch":
+        pool.clear()
+        with env(ROCM_MOE_VLLM_COMM=comm, ROCM_MOE_VLLM_MAX_TOKENS=None):
+            ref_model = build_model(cfg, f"{comm}-whole")
+        invariant_experts(model)
+        invariant_experts(ref_model)
+        out["ref_cap"] = dispatchers(ref_model)[0].max_tokens_per_rank
+    for step in range(len(SIZES)):
+        x = inputs(info.rank, step)
+        recs = forward(cfg, model, x)
+        out["tokens"].append(x.shape[0])
+        out["err"].append(worst_err(model, recs))
+        if ref_model is not None:
+            whole = forward(cfg, ref_model, x)
+            out["bitwise"].append(all(torch.equal(a[2], b[2])
+                                      for a, b in zip(recs, whole, strict=True)))
+    pool.clear()
+    return out
+
+
+def mori_case(info, cfg) -> dict:
+    """comm=mori through the MORI fake (its contract: capacity, int32 ids, one batch in flight,
+    combine's own ids)."""
+    import rocm_moe.comm.mori as rm
+    from tests.fakes import FakeMori
+
+    fake = FakeMori()
+    saved = (rm._import_mori, rm.MoriDispatcher.availability)
+    rm._import_mori = lambda: fake
+    rm.MoriDispatcher.availability = classmethod(lambda cls: None)
+    try:
+        out = serve_case(info, cfg, "mori")
+        out["ops"] = fake.built
+    finally:
+        rm._import_mori, rm.MoriDispatcher.availability = saved
+    return out
+
+
+def symm_case(info, cfg) -> dict:
+    """comm=symm on CPU ranks: what the adapter hands the pool (max_tokens_per_rank = vLLM's
+    budget), and the refusal a user sees (symm's own reason, naming the variable)."""
+    import rocm_moe.comm.symm as rsy
+
+    seen: dict = {}
+    real = pool.shared_dispatcher
+
+    def record(name, placement, **kw):
+        seen.update(kw, name=name, W=placement.world_size)
+        raise RuntimeError("recorded")
+
+    pool.clear()
+    saved = rsy.SymmDispatcher.availability
+    rsy.SymmDispatcher.availability = classmethod(lambda cls: None)
+    pool.shared_dispatcher = record
+    try:
+        with env(ROCM_MOE_VLLM_COMM="symm", ROCM_MOE_VLLM_MAX_TOKENS=None):
+            try:
+                build_model(cfg, "symm-args", layers=1)
+            except RuntimeError as exc:
+                seen["stopped"] = str(exc)
+    finally:
+        pool.shared_dispatcher = real
+        rsy.SymmDispatcher.availability = saved
+    out = dict(kw={k: v for k, v in seen.items() if k in ("name", "W", "max_tokens_per_rank",
+                                                            "hidden_size", "top_k", "stopped")})
+    out["budget"] = vllm_config(info.world_size).scheduler_config.max_num_batched_tokens
+    for what in ("build", "pool"):  # the adapter's refusal, and symm's own constructor's
+        try:
+            with env(ROCM_MOE_VLLM_COMM="symm"):
+                if what == "build":
+                    build_model(cfg, "symm-refused", layers=1)
+                else:
+                    real("symm", rv.vllm_placement(E, info.world_size), group=seen["group"],
+                         rank=seen["rank"], **{k: seen[k] for k in ("hidden_size", "top_k",
+                                                                     "dtype",
+                                                                     "max_tokens_per_rank")})
+            out[what] = "built"
+        except Exception as exc:  # the test checks its type: ValueError, not TypeError
+            out[what] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def placement_case(info) -> dict:
+    """Placement as vLLM resolves it: round_robin requested without expert groups falls back
+    to linear (the batch runs); with expert groups it stays round_robin (torch comm runs it,
+    MORI is refused at construction)."""
+    out = {}
+    grouped = GROUPED
+    for label, kw in (("flat", {}), ("grouped", grouped)):
+        pool.clear()
+        cfg = vllm_config(info.world_size, expert_placement_strategy="round_robin")
+        with env(ROCM_MOE_VLLM_COMM="torch", ROCM_MOE_VLLM_MAX_TOKENS=None):
+            model = build_model(cfg, f"rr-{label}", layers=1, **kw)
+        recs = forward(cfg, model, inputs(info.rank, 0))
+        out[label] = dict(resolved=model[0].expert_placement_strategy,
+                          experts=list(local_experts(model[0])),
+                          placement=list(dispatchers(model)[0].placement.local_experts(
+                              info.rank)),
+                          err=worst_err(model, recs))
+    pool.clear()
+    import rocm_moe.comm.mori as rm
+
+    saved = rm.MoriDispatcher.availability
+    rm.MoriDispatcher.availability = classmethod(lambda cls: None)
+    try:
+        cfg = vllm_config(info.world_size, expert_placement_strategy="round_robin")
+        with env(ROCM_MOE_VLLM_COMM="mori"):
+            build_model(cfg, "rr-mori", layers=1, **grouped)
+        out["mori"] = "built"
+    except ValueError as exc:
+        out["mori"] = str(exc)
+    finally:
+        rm.MoriDispatcher.availability = saved
+    pool.clear()
+    return out
+
+
+def scaling_case(info, cfg) -> dict:
+    """routed_scaling_factor is vLLM's to apply (DeepSeek's grouped router scales the top-k
+    weights, or the runner the output): the layer's output is s times the unscaled layer's,
+    never s**2 or 1; and the oracle at vLLM's (scaled) weights matches."""
+    pool.clear()
+    x = inputs(info.rank, 1)
+    with env(ROCM_MOE_VLLM_COMM="torch", ROCM_MOE_VLLM_MAX_TOKENS=None):
+        plain = build_model(cfg, "scale-1", layers=1, **GROUPED)
+        on_w = build_model(cfg, "scale-w", layers=1, routed_scaling_factor=2.5, **GROUPED)
+        on_out = build_model(cfg, "scale-out", layers=1, routed_scaling_factor=2.5,
+                             apply_routed_scale_to_output=True, **GROUPED)
+    y1 = forward(cfg, plain, x)[0][2]
+    out = {}
+    for label, model in (("weights", on_w), ("output", on_out)):
+        recs = forward(cfg, model, x)
+        out[label] = o.rel_err(recs[0][2], 2.5 * y1.double())
+        if label == "weights":  # the oracle at the router's scaled weights
+            out["weights-oracle"] = worst_err(model, recs)
+    pool.clear()
+    return out
+
+
+def gelu_case(cfg) -> str:
+    try:
+        build_model(cfg, "gelu", layers=1, activation="gelu")
+    except ValueError as exc:
+        return str(exc)
+    return "built"
+
+
+def run(info) -> dict:
+    """Every served-model case on this rank (one vLLM import per rank)."""
+    cfg = init_vllm(info)
+    out = dict(torch=serve_case(info, cfg, "torch"), placement=placement_case(info),
+               gelu=gelu_case(cfg))
+    if info.world_size == 2:  # MORI needs a power-of-two group
+        out.update(mori=mori_case(info, cfg), symm=symm_case(info, cfg),
+                   scaling=scaling_case(info, cfg))
+    return out
