@@ -175,6 +175,8 @@ class EPMoE(nn.Module):
             composition and the token's position (see the module docstring); the backends must
             support it (ValueError with the reason otherwise: AITER, MORI). The routing weights
             are then applied on the owner whatever ``weight_mode`` says.
+        fused_router: on GPUs, the router after the gate GEMM in one Triton launch
+            (``routing.route(fused=True)``: 1-2 ulp from the default torch path's weights).
         validate: run the value checks (finite hidden states, router logits and bias, id
             ranges, weights), which read tensors on the host; skipped under CUDA graph capture.
             ``validate=False`` is the hot path: no host read, and a NaN then propagates.
@@ -195,6 +197,7 @@ class EPMoE(nn.Module):
         device: torch.device | str | None = None,
         validate: bool = True,
         invariant: bool = False,
+        fused_router: bool = False,
     ):
         super().__init__()
         resolve_weight_mode(weight_mode)  # validates it
@@ -225,6 +228,10 @@ class EPMoE(nn.Module):
         self.weight_mode: WeightMode = weight_mode
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.validate = validate
+        if not isinstance(fused_router, bool):
+            raise TypeError(error_message("fused_router", repr(fused_router), "must be a bool",
+                                          "pass True or False"))
+        self.fused_router = fused_router
         E, H, I = router.num_experts, hidden_size, intermediate_size
         e = self.dispatcher.placement.num_local(self.dispatcher.rank)
         kw = dict(dtype=dtype, device=device)
@@ -385,7 +392,7 @@ class EPMoE(nn.Module):
         return route(logits_TE.reshape(*lead, self.router.num_experts), self.router,
                      e_score_correction_bias=self.e_score_correction_bias,
                      forced_expert_ids=forced_expert_ids, validate=self.validate,
-                     invariant=self.invariant)
+                     invariant=self.invariant, fused=self.fused_router)
 
     def forward(
         self,

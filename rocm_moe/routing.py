@@ -235,6 +235,7 @@ def route(
     forced_weights: Literal["derived", "raw"] = "derived",
     validate: bool = True,
     invariant: bool = False,
+    fused: bool = False,
 ) -> RoutingResult:
     """Route every token independently.
 
@@ -251,15 +252,16 @@ def route(
         invariant: fixed-order arithmetic (``rocm_moe.invariant``): softmax's sum and the
             top-k normalisation by a fixed pairwise tree, ties of the top-k to the lower expert
             id, so a token's ids and weights are the same bits in any batch.
+        fused: on GPUs, the router after the gate GEMM in one Triton launch
+            (``rocm_moe._routing_triton.fused_route``; 10-15 us instead of 22-66 us on an H100,
+            bench/results/router_h100.txt). Not the torch path's bits: measured on an H100 its
+            float32 weights are 1-2 ulp from the torch path's, with the same ids except at
+            near-ties (ties go to the lower id), so it is opt-in. Ignored (the torch path
+            runs) on CPUs, with ``invariant``, router replay, E > 1024 or K > 32.
 
     Returns:
         RoutingResult with [T, K] float32 weights and [T, K] int32 global ids, T = B * S for
         [B, S, E] input. Unforced ids are ordered by decreasing choice score.
-
-    On GPUs (CUDA or ROCm tensors, triton installed) an unforced, non-invariant route is one
-    Triton launch (``rocm_moe._routing_triton.fused_route``): the torch path's bits wherever no
-    two scores tie, and ties to the lower expert id. Elsewhere, and for E > 1024 or K > 32,
-    the torch path runs.
 
     Example: logits [[0, 0, log(2)]] with softmax, K=1 and no normalisation gives ids [[2]] and
     weights [[0.5]].
@@ -293,7 +295,7 @@ def route(
         _check_logits(router_logits.reshape(-1, config.num_experts), config.top_k)
 
     logits_TE = router_logits.reshape(-1, config.num_experts)
-    if forced_TK is None and not invariant and _fused_runs(logits_TE, config):
+    if fused and forced_TK is None and not invariant and _fused_runs(logits_TE, config):
         from rocm_moe._routing_triton import fused_route
 
         bias_E = None if e_score_correction_bias is None else e_score_correction_bias.contiguous()
@@ -323,7 +325,7 @@ def _route_torch(
     invariant: bool = False,
 ) -> RoutingResult:
     """The router in torch operations on [T, E] logits (inputs already checked by ``route``).
-    On CUDA, where no two scores tie, ``fused_route`` computes the same bits in one launch."""
+    On CUDA ``fused_route`` computes it in one launch, within 1-2 ulp (``route(fused=True)``)."""
     inv_kw = {"invariant": True} if invariant else {}  # (the default path's calls unchanged)
     scores_TE = _scores(logits_TE, config, **inv_kw)
     ids_TK = forced_TK if forced_TK is not None else _choose(scores_TE, config, bias_E, **inv_kw)

@@ -90,7 +90,7 @@ def _worker(info, case: str, out: str):
         layer.experts.fault = "raise"  # on every rank: they all leave the batch, still in step
         seen["all_raise"] = _seen(lambda: layer(x))
         layer.experts.fault = None
-        x = torch.cat([x, x]) if mine else x  # over max_tokens_per_rank on this rank only
+        x = torch.cat([x, x]) if mine else x  # over max_tokens_per_rank on this rank only: chunks
     if case == "carry_on" and mine:
         seen["first"] = _seen(lambda: layer(x))
         layer.experts.fault = None  # "recovered": the rank goes on with the next batch
@@ -134,7 +134,9 @@ def test_rank_raising_before_dispatch_is_named(W, tmp_path):
     assert err.rank == f, err
     assert "boom before dispatch" in str(err)
     for r in range(f):
-        _names(seen[r]["first"], f, "dispatch (counts exchange)",
+        # The first collective of a forward on a dispatcher with a capacity is the chunk-count
+        # agreement (EPMoE runs batches above max_tokens_per_rank in chunks).
+        _names(seen[r]["first"], f, "dispatch (chunk count exchange)",
                f"rank {f} raised in its worker (RuntimeError: boom before dispatch")
 
 
@@ -192,14 +194,14 @@ def test_rank_exiting_mid_forward_is_named(W, tmp_path):
 
 @pytest.mark.parametrize("W", WS)
 def test_bad_input_on_one_rank_is_refused_on_every_rank(W, tmp_path):
-    """Forced ids >= E, a NaN token, a batch over capacity, each on the last rank only: it
-    raises its own error, every other rank PeerRefusal naming it, and the next batch runs.
-    Experts raising on every rank (all leave the batch): the group stays usable too."""
+    """Forced ids >= E or a NaN token on the last rank only: it raises its own error, every
+    other rank PeerRefusal naming it, and the next batch runs. A batch over capacity on the last
+    rank only runs in chunks (the others join with empty ones). Experts raising on every rank
+    (all leave the batch): the group stays usable too."""
     err, seen = _run(W, "refusals", tmp_path)
     f = W - 1
     assert err is None, err
-    own = {"forced": "forced_expert_ids=contains 13", "nan": "hidden_states=contains nan",
-           "first": "exceeds max_tokens_per_rank=9"}
+    own = {"forced": "forced_expert_ids=contains 13", "nan": "hidden_states=contains nan"}
     for r in range(W):
         for key, match in own.items():
             got = seen[r][key]
@@ -210,6 +212,7 @@ def test_bad_input_on_one_rank_is_refused_on_every_rank(W, tmp_path):
             else:
                 assert got["type"] == "PeerRefusal", got
                 assert f"rank(s) [{f}] of the EP group refused" in got["msg"], got
+        assert seen[r]["first"] == dict(type=None, finite=True), seen[r]  # 2 chunks of 9
         assert seen[r]["all_raise"]["type"] == "RuntimeError", seen[r]
         assert seen[r]["next"] == dict(type=None, finite=True), seen[r]
 

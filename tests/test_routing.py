@@ -181,8 +181,8 @@ def test_bias_only_for_sigmoid():
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.mark.parametrize("bad", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
-def test_non_finite_logits_refused(bad):
+@pytest.mark.parametrize("bad", [NAN, INF], ids=["nan", "inf"])
+def test_non_finite_logits_refused(bad):  # (-inf masks an expert: tests/test_reliability_34.py)
     logits = torch.randn(4, 16)
     logits[2, 5] = bad
     with pytest.raises(ValueError, match=rf"router_logits=contains {bad} at \[2, 5\]: must be "

@@ -251,14 +251,32 @@ needs_gpu = pytest.mark.skipif(not GPU, reason="needs a GPU")
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
+def _assert_close(got, want, what: str, *, ulps: int = 4, max_id_rows: float = 1e-3):
+    """The compiled kernel against the torch path on a GPU (measured on an H100, Triton 3.6:
+    not the same bits: float32 weights 1-2 ulp apart, so ``route`` keeps the torch path unless
+    ``fused=True``): ids equal in all but ``max_id_rows`` of the rows (a near tie of two
+    scores or group sums may pick the other, equally valid, expert), and the weights of rows
+    with equal ids within ``ulps`` float32 ulps."""
+    (gw, gi), (ww, wi) = got, want
+    assert gw.dtype == torch.float32, what
+    assert gi.dtype == torch.int32, what
+    same_ids = (gi == wi).all(1)
+    assert (~same_ids).sum().item() <= max_id_rows * len(gi), (
+        f"{what}: ids differ in {int((~same_ids).sum())} of {len(gi)} rows")
+    ulp = torch.finfo(torch.float32).eps * ww.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    off = ((gw - ww).abs() > ulps * ulp).any(1) & same_ids
+    assert not off.any(), (f"{what}: {int(off.sum())} rows more than {ulps} ulp apart: "
+                           f"{gw[off][0].tolist()} vs {ww[off][0].tolist()}")
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d).split(".")[1])
 @pytest.mark.parametrize("case", list(CASES))
-def test_gpu_kernel_is_the_torch_path_bit_for_bit(gen, case, dtype):
-    """No ties: ``route`` (the kernel) and the kernel itself == ``_route_torch``; the
-    emulation == ``_route_torch`` too (what the CPU test compares with is the real order).
-    Many seeds, T = 1, 33, 511 and 4096."""
+def test_gpu_kernel_is_within_ulps_of_the_torch_path(gen, case, dtype):
+    """No ties: the kernel is within a few ulp of ``_route_torch`` with the same ids;
+    ``route(fused=True)`` is the kernel's bits, ``route()`` the torch path's. Many seeds,
+    T = 1, 33, 511 and 4096."""
     cfg = CASES[case]
     for _ in range(8):
         bias = _bias(cfg, gen)
@@ -266,10 +284,12 @@ def test_gpu_kernel_is_the_torch_path_bit_for_bit(gen, case, dtype):
             x = _tie_free_logits(T, cfg, dtype, gen)
             ref = _route_torch(x, cfg, bias)
             want = (ref.topk_weights, ref.topk_ids)
-            _assert_equal(_fused(x, cfg, bias), want, f"{case} T={T} kernel")
+            got = _fused(x, cfg, bias)
+            _assert_close(got, want, f"{case} T={T} kernel")
+            r = route(x, cfg, e_score_correction_bias=bias, validate=False, fused=True)
+            _assert_equal((r.topk_weights, r.topk_ids), got, f"{case} T={T} route(fused)")
             r = route(x, cfg, e_score_correction_bias=bias, validate=False)
             _assert_equal((r.topk_weights, r.topk_ids), want, f"{case} T={T} route")
-            _assert_equal(_emulated(x, cfg, bias, warp=_warp()), want, f"{case} T={T} emulated")
 
 
 @pytest.mark.gpu
@@ -278,15 +298,15 @@ def test_gpu_kernel_is_the_torch_path_bit_for_bit(gen, case, dtype):
 @pytest.mark.parametrize("case", list(CASES))
 def test_gpu_random_and_tied_scores(gen, case, dtype):
     """Random logits (ties where bfloat16 rounds two logits together) and tie-heavy ones: the
-    kernel == the torch path's own operations with ties to the lower id."""
+    kernel is close to the torch path's own operations with ties to the lower id."""
     cfg = CASES[case]
     for _ in range(4):
         bias = _bias(cfg, gen)
         for T in SIZES:
             for ties in (False, True):
                 x = _logits(T, cfg, dtype, gen, ties=ties)
-                _assert_equal(_fused(x, cfg, bias), _stable_torch_path(x, cfg, bias),
-                              f"{case} T={T} ties={ties}")
+                _assert_close(_fused(x, cfg, bias), _stable_torch_path(x, cfg, bias),
+                              f"{case} T={T} ties={ties}", max_id_rows=0.05)
 
 
 @pytest.mark.gpu
@@ -299,11 +319,24 @@ def test_gpu_route_in_a_cuda_graph(gen, case):
     bias = _bias(cfg, gen)
     dtype = torch.float32 if cfg.scoring == "sigmoid" else torch.bfloat16
     x = _logits(64, cfg, dtype, gen, ties=False)
-    route(x, cfg, e_score_correction_bias=bias, validate=False)  # compile outside the capture
+    kw = dict(e_score_correction_bias=bias, validate=False, fused=True)
+    route(x, cfg, **kw)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = route(x, cfg, e_score_correction_bias=bias, validate=False)
+        out = route(x, cfg, **kw)
     x.copy_(_logits(64, cfg, dtype, gen, ties=False))
     graph.replay()
-    eager = route(x, cfg, e_score_correction_bias=bias, validate=False)
+    eager = route(x, cfg, **kw)
     _assert_equal((out.topk_weights, out.topk_ids), (eager.topk_weights, eager.topk_ids), case)
+
+
+def test_layer_fused_router_flag():
+    from rocm_moe import EPMoE
+
+    cfg = RouterConfig.qwen3_moe(8, 2)
+    with pytest.raises(TypeError, match="fused_router"):
+        EPMoE(hidden_size=8, intermediate_size=4, router=cfg, fused_router="yes")
+    a = EPMoE(hidden_size=8, intermediate_size=4, router=cfg)
+    b = EPMoE(hidden_size=8, intermediate_size=4, router=cfg, fused_router=True)
+    x = torch.randn(5, 8)
+    assert torch.equal(a(x), b(x))  # on CPUs the torch path runs either way
