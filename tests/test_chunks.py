@@ -238,3 +238,13 @@ def test_fastest_backends_follow_the_rank_device(monkeypatch):
     assert pool.fastest_comm(8, gpu)[0] == "mori"
     assert pool.fastest_experts(gpu)[0] == "aiter"
     assert pool.fastest_comm(1, gpu)[0] == "local"
+
+
+def test_num_chunks_from_the_callers_group_maximum(monkeypatch):
+    disp = LocalDispatcher(Placement.contiguous(E, 1), max_tokens_per_rank=CAP)
+    monkeypatch.setattr(type(disp), "world_size", property(lambda self: 2))
+    monkeypatch.setattr(type(disp), "_agree_max", lambda self, v: pytest.fail("a collective"))
+    assert disp.num_chunks(1, group_max_tokens=28) == 4  # a peer has 28 tokens: 4 chunks
+    assert disp.num_chunks(0, group_max_tokens=0) == 1
+    with pytest.raises(ValueError, match="group_max_tokens"):
+        disp.num_chunks(9, group_max_tokens=8)  # below this rank's own count

@@ -277,7 +277,7 @@ class Dispatcher(ABC):
                 "overlapping batch its own dispatcher (pool.shared_dispatcher(..., slot=1))"))
 
     # ---- batches larger than the buffers -------------------------------------------------------
-    def num_chunks(self, num_tokens: int) -> int:
+    def num_chunks(self, num_tokens: int, *, group_max_tokens: int | None = None) -> int:
         """How many chunks of at most ``max_tokens_per_rank`` tokens every rank of the group runs
         for a batch of ``num_tokens`` tokens here (the largest count over the group: a rank
         with fewer chunks joins the others with empty ones, so no rank waits alone).
@@ -285,12 +285,19 @@ class Dispatcher(ABC):
         One rank, or no capacity: a host computation. Several ranks: a collective (one host
         read of a [1] int MAX all-reduce) in eager mode; under CUDA-graph capture no collective
         runs and every rank must fit its batch in one chunk (a graph bucket is at most the
-        capacity), else ValueError before anything is captured."""
+        capacity), else ValueError before anything is captured.
+
+        ``group_max_tokens``: the largest token count of any rank of the group, where the caller
+        already holds it (an engine's DP-synchronised counts, e.g. SGLang's
+        ``get_dp_global_num_tokens``): then no collective runs."""
         check_integer_value("num_tokens", num_tokens, minimum=0)
         cap = self.max_tokens_per_rank
         mine = 1 if cap is None else max(1, -(-num_tokens // cap))
         if self.world_size == 1 or cap is None:
             return mine
+        if group_max_tokens is not None:
+            check_integer_value("group_max_tokens", group_max_tokens, minimum=num_tokens)
+            return max(1, -(-group_max_tokens // cap))
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             if mine > 1:
                 raise ValueError(error_message(

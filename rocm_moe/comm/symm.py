@@ -165,6 +165,7 @@ class SymmDispatcher(Dispatcher):
         _check_one_host(group)
         self.device = torch.device("cuda", torch.cuda.current_device())
         self._allocate()
+        self.expert_map_on(self.device)  # built now: its first use may be inside a graph capture
 
     # ---- buffers ----------------------------------------------------------------------------
     def _allocate(self) -> None:
