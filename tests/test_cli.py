@@ -628,3 +628,13 @@ def test_info_tells_the_defaults(capsys, monkeypatch):
         ("3 spawned, or --device cpu (gloo)", "cpu", "torch (default on CPU ranks)", cpu),
         ("torchrun across hosts (NCCL)", "cuda",
          "torch (ranks on several hosts: symm reaches the GPUs of one host only)", gpu)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_run_on_one_gpu_uses_triton_by_default(capsys):
+    """Issue 27: `rocm-moe run` on one GPU runs the Triton experts, not the reference."""
+    assert main(["run", "--world-size", "1", "--tokens", "16", "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "experts=triton (default on GPUs)" in out, out
+    assert "comm=local (one rank)" in out, out
