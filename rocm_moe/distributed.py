@@ -71,14 +71,110 @@ def _init(rank: int, world_size: int, backend: str, timeout_s: float,
     return WorkerInfo(rank, world_size, device, backend)
 
 
-def init_from_env(timeout_s: float = 300, backend: str | None = None) -> WorkerInfo:
+RENDEZVOUS_TIMEOUT_S = 120.0  # joining torchrun's group; ROCM_MOE_RENDEZVOUS_TIMEOUT_S overrides
+TORCHRUN_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+class RendezvousTimeout(TimeoutError):
+    """The ranks torchrun's environment describes did not all meet at MASTER_ADDR:MASTER_PORT
+    within the rendezvous timeout (a stale environment, or a peer that never started)."""
+
+
+def _env_int(name: str, *, minimum: int, default: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None and default is not None:
+        return default
+    try:
+        value = int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(error_message(
+            name, repr(raw), f"must be an integer >= {minimum} (torchrun's environment)",
+            f"launch with torchrun, or unset {', '.join(TORCHRUN_VARS)} left over from an "
+            "earlier job"))
+    return value
+
+
+def torchrun_env() -> tuple[int, int]:
+    """(rank, world size) of torchrun's environment, checked for consistency before any
+    rendezvous: integers, 0 <= RANK < WORLD_SIZE, LOCAL_RANK < LOCAL_WORLD_SIZE, a MASTER_PORT
+    in [1, 65535] and a MASTER_ADDR. A ValueError naming the variable otherwise."""
+    fix = (f"launch with torchrun, or unset {', '.join(TORCHRUN_VARS)} left over from an "
+           "earlier job")
+    world = _env_int("WORLD_SIZE", minimum=1)
+    rank = _env_int("RANK", minimum=0)
+    if rank >= world:
+        raise ValueError(error_message("RANK", rank, f"must be < WORLD_SIZE={world}", fix))
+    local_world = _env_int("LOCAL_WORLD_SIZE", minimum=1, default=world)
+    local = _env_int("LOCAL_RANK", minimum=0, default=0)
+    if local >= local_world or local_world > world:
+        raise ValueError(error_message(
+            "LOCAL_RANK", local, f"must be < LOCAL_WORLD_SIZE={local_world} <= "
+            f"WORLD_SIZE={world}", fix))
+    port = _env_int("MASTER_PORT", minimum=1)
+    if port > 65535:
+        raise ValueError(error_message("MASTER_PORT", port, "must be <= 65535", fix))
+    if not os.environ.get("MASTER_ADDR", "").strip():
+        raise ValueError(error_message("MASTER_ADDR", repr(os.environ.get("MASTER_ADDR")),
+                                       "must name the host of rank 0", fix))
+    return rank, world
+
+
+def _rendezvous_timeout(given: float | None) -> float:
+    if given is not None:
+        return given
+    raw = os.environ.get("ROCM_MOE_RENDEZVOUS_TIMEOUT_S", str(RENDEZVOUS_TIMEOUT_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(error_message("ROCM_MOE_RENDEZVOUS_TIMEOUT_S", repr(raw),
+                                       "must be a finite number of seconds > 0",
+                                       "unset it (120 s) or pass e.g. 300"))
+    return value
+
+
+def _env_store(rank: int, world_size: int, wait_s: float, timeout_s: float) -> dist.Store:
+    """The store torch's env:// rendezvous makes (rank 0 or torchrun's agent serves it), met
+    within ``wait_s`` seconds, its later operations given ``timeout_s``."""
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    start = time.monotonic()
+    try:
+        store = _create_c10d_store(addr, port, rank, world_size,
+                                   datetime.timedelta(seconds=wait_s))
+    except (RuntimeError, OSError) as exc:  # DistStoreError / DistNetworkError
+        env = " ".join(f"{v}={os.environ.get(v)}" for v in TORCHRUN_VARS)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RendezvousTimeout(
+            f"rank {rank} of {world_size} could not meet the other ranks at {addr}:{port} within "
+            f"{time.monotonic() - start:.0f} s (rendezvous timeout {wait_s:g} s; {env}): "
+            f"{first}. Fix: start every rank with torchrun (rank 0 serves "
+            "MASTER_ADDR:MASTER_PORT), or unset these variables left over from an earlier job; "
+            "ROCM_MOE_RENDEZVOUS_TIMEOUT_S sets the wait") from exc
+    store.set_timeout(datetime.timedelta(seconds=timeout_s))
+    return store
+
+
+def init_from_env(timeout_s: float = 300, backend: str | None = None,
+                  rendezvous_timeout_s: float | None = None) -> WorkerInfo:
     """Join the group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_*).
     ``backend``: default NCCL where this host has a GPU for each of its ranks
-    (LOCAL_WORLD_SIZE), else gloo: CPU ranks, e.g. 2 ranks on a host with one GPU."""
-    world_size = int(os.environ["WORLD_SIZE"])
+    (LOCAL_WORLD_SIZE), else gloo: CPU ranks, e.g. 2 ranks on a host with one GPU.
+
+    The environment is checked first (``torchrun_env``: RANK=3 WORLD_SIZE=2 is refused at
+    once). Meeting the other ranks at MASTER_ADDR:MASTER_PORT takes at most
+    ``rendezvous_timeout_s`` (default ``ROCM_MOE_RENDEZVOUS_TIMEOUT_S`` or 120 s), then raises
+    ``RendezvousTimeout`` naming the variables; ``timeout_s`` is the collectives' timeout."""
+    rank, world_size = torchrun_env()
+    wait_s = _rendezvous_timeout(rendezvous_timeout_s)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     backend = backend or default_backend(local)
-    return _init(int(os.environ["RANK"]), world_size, backend, timeout_s)
+    store = _env_store(rank, world_size, wait_s, timeout_s)
+    return _init(rank, world_size, backend, timeout_s, store)
 
 
 def under_torchrun() -> bool:
@@ -114,8 +210,58 @@ def _write(out_dir: str, rank: int, record: dict) -> None:
     tmp.replace(Path(out_dir, f"{rank}.json"))  # the parent never reads half a record
 
 
+STDERR_TAIL = 20  # lines of a failed rank's stderr in the launcher's report
+
+
+def _stderr_to_file(path: Path) -> None:
+    """This rank's fd 2 (Python's and native code's stderr, and faulthandler's traceback at a
+    SIGSEGV) into ``path``, which the launcher relays to its own stderr and quotes the end of
+    when this rank dies: the bytes are in the file even when the rank is killed by a signal."""
+    import faulthandler
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    sys.stderr.flush()
+    os.dup2(fd, 2)
+    os.close(fd)
+    faulthandler.enable()
+
+
+class _Relay:
+    """Copies what the ranks write to their stderr files onto the launcher's stderr."""
+
+    def __init__(self, out_dir: str, world_size: int):
+        self.paths = [Path(out_dir, f"{r}.stderr") for r in range(world_size)]
+        self.offsets = [0] * world_size
+
+    def pump(self) -> None:
+        for r, path in enumerate(self.paths):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self.offsets[r])
+                    data = f.read()
+            except OSError:
+                continue
+            if data:
+                self.offsets[r] += len(data)
+                sys.stderr.write(data.decode(errors="replace"))
+                sys.stderr.flush()
+
+    def tails(self) -> dict[int, str]:
+        """The last ``STDERR_TAIL`` lines each rank wrote to its stderr."""
+        out = {}
+        for r, path in enumerate(self.paths):
+            try:
+                lines = path.read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+            if lines:
+                out[r] = "\n".join(lines[-STDERR_TAIL:])
+        return out
+
+
 def _entry(rank, world_size, backend, timeout_s, threads, out_dir, parent_pid, worker, args):
     _die_with_parent(parent_pid)
+    _stderr_to_file(Path(out_dir, f"{rank}.stderr"))
     if threads:
         torch.set_num_threads(threads)
     # Rendezvous through a file of this launch's own folder: no port is guessed, so two
@@ -174,12 +320,16 @@ def _end(rank: int, records: dict[int, dict], exitcodes: dict[int, int | None],
     if rank in killed:
         return "killed by the launcher (still running after the others failed)"
     if code is not None and code < 0:
-        return f"killed by signal {signal.Signals(-code).name} before reporting"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return f"killed by signal {name} before reporting"
     return f"exited with code {code} before reporting (os._exit, a native crash)"
 
 
 def _rank_failure(records: dict[int, dict], exitcodes: dict[int, int | None],
-                  killed: set[int]) -> RankFailed:
+                  killed: set[int], tails: dict[int, str] | None = None) -> RankFailed:
     """The root cause first: a rank that raised on its own, else one that raised because a
     peer failed (its PeerFailure names that peer), else one that exited without a report."""
     crashed = sorted((rec.get("peer_failure", False), r) for r, rec in records.items()
@@ -190,7 +340,9 @@ def _rank_failure(records: dict[int, dict], exitcodes: dict[int, int | None],
         detail = "\n" + records[cause]["traceback"]
     else:
         cause = silent[0] if silent else min(exitcodes)
-        detail = ""
+        tail = (tails or {}).get(cause)
+        detail = (f"\nrank {cause}'s last stderr lines:\n" + tail) if tail else \
+            f"\nrank {cause} wrote nothing to stderr"
     ends = "\n".join(f"  rank {r}: {_end(r, records, exitcodes, killed)}"
                       for r in sorted(exitcodes))
     return RankFailed(f"rank {cause} failed: {_end(cause, records, exitcodes, killed)}\n"
@@ -235,21 +387,46 @@ def _reap(procs: list, killed: set[int]) -> None:
         p.join()
 
 
-def _wait(procs: list, grace_s: float) -> None:
-    """Until every rank has exited, or ``grace_s`` after the first one failed."""
+def _wait(procs: list, grace_s: float, relay: _Relay) -> None:
+    """Until every rank has exited, or ``grace_s`` after the first one failed, relaying the
+    ranks' stderr meanwhile."""
     from multiprocessing.connection import wait
 
     pending = {p.sentinel: p for p in procs}
     failed_at = None
     while pending:
+        relay.pump()
         left = None if failed_at is None else failed_at + grace_s - time.monotonic()
         if left is not None and left <= 0:
             return
-        for s in wait(list(pending), timeout=left):
+        for s in wait(list(pending), timeout=0.2 if left is None else min(left, 0.2)):
             p = pending.pop(s)
             p.join()
             if p.exitcode != 0 and failed_at is None:
                 failed_at = time.monotonic()
+
+
+def _check_launch(world_size: int, worker: Callable, args: tuple, backend: str) -> None:
+    """What a spawned rank needs, checked before any process starts: a known backend, a GPU
+    per rank for NCCL, and a worker and arguments that pickle (spawn sends them)."""
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(error_message("backend", repr(backend), "must be 'gloo' or 'nccl'",
+                                       "pass gloo for CPU ranks, nccl for a GPU per rank"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if backend == "nccl" and gpus < world_size:
+        raise ValueError(error_message(
+            "backend", "'nccl'", f"needs a GPU per rank: {world_size} ranks, {gpus} GPU(s) here",
+            "pass backend='gloo' (CPU ranks), or fewer ranks"))
+    import pickle
+
+    for field, value in (("worker", worker), ("args", args)):
+        try:
+            pickle.dumps(value)
+        except Exception as exc:  # PicklingError, AttributeError (lambdas, local functions)
+            raise TypeError(error_message(
+                field, repr(value)[:120], f"must pickle, spawned ranks receive it ({exc})",
+                "use a module-level function and picklable arguments (no lambda, no local "
+                "function)")) from exc
 
 
 def launch(
@@ -275,12 +452,14 @@ def launch(
         raise ValueError(error_message("world_size", world_size, "must be >= 1",
                                        "pass the number of EP ranks"))
     backend = backend or default_backend(world_size)
+    _check_launch(world_size, worker, args, backend)
     if threads_per_rank is None and backend == "gloo":
         threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
     _sweep_stale_folders()
     out_dir = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
     ctx = mp.get_context("spawn")
     procs, killed = [], set()
+    relay, tails = _Relay(out_dir, world_size), {}
     in_main = threading.current_thread() is threading.main_thread()  # signal.signal needs it
     old = {s: signal.signal(s, _raise_signalled) for s in (signal.SIGINT, signal.SIGTERM)} \
         if in_main else {}
@@ -290,8 +469,10 @@ def launch(
                 r, world_size, backend, timeout_s, threads_per_rank, out_dir, os.getpid(),
                 worker, args)))
             procs[-1].start()
-        _wait(procs, grace_s)
+        _wait(procs, grace_s, relay)
         _reap(procs, killed)
+        relay.pump()
+        tails = relay.tails()
         records = {r: json.loads(Path(out_dir, f"{r}.json").read_text())
                    for r in range(world_size) if Path(out_dir, f"{r}.json").exists()}
     except _Signalled as sig:
@@ -314,5 +495,5 @@ def launch(
         raise user_error
     exitcodes = {r: p.exitcode for r, p in enumerate(procs)}
     if any(c != 0 for c in exitcodes.values()) or len(records) < world_size:
-        raise _rank_failure(records, exitcodes, killed)
+        raise _rank_failure(records, exitcodes, killed, tails)
     return [records[r]["result"] for r in range(world_size)]

@@ -5,6 +5,7 @@ removes the folder."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -104,3 +105,30 @@ def test_killed_cli_takes_its_ranks_along(tmp_path):
     assert len(_folders(proc.pid)) == 1  # nobody could remove it: the next launch does
     _sweep_stale_folders()
     assert _folders(proc.pid) == []
+
+
+def _die_by(info, signum):
+    """Rank 1 writes a line to its stderr, then dies by ``signum`` without a report."""
+    if info.rank == 1:
+        print(f"rank 1 about to die by {signal.Signals(signum).name}", file=sys.stderr,
+              flush=True)
+        os.kill(os.getpid(), signum)
+    time.sleep(30)  # rank 0 waits; the launcher kills it after the grace period
+    return "unreachable"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL", "SIGSEGV"])
+def test_rank_killed_by_a_signal_is_reported_with_its_last_stderr_lines(signum):
+    """A rank dying by a signal was reported by exit code only ("no message reached the
+    parent"); now by rank, signal name and the last lines it wrote to stderr."""
+    from rocm_moe.distributed import RankFailed, launch
+
+    with pytest.raises(RankFailed) as err:
+        launch(2, _die_by, int(signum), backend="gloo", timeout_s=30, grace_s=2)
+    msg = str(err.value)
+    name = signal.Signals(signum).name
+    assert err.value.rank == 1
+    assert msg.startswith(f"rank 1 failed: killed by signal {name} before reporting"), msg
+    assert f"rank 1's last stderr lines:\nrank 1 about to die by {name}" in msg, msg
+    if signum == signal.SIGSEGV:  # faulthandler's traceback of the dying rank
+        assert "Fatal Python error: Segmentation fault" in msg, msg

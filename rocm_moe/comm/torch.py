@@ -114,6 +114,11 @@ class TorchDispatcher(Dispatcher):
         max_tokens_per_rank: int | None = None,
         timeout: datetime.timedelta | None = None,
     ):
+        if timeout is not None and (not isinstance(timeout, datetime.timedelta)
+                                    or timeout.total_seconds() <= 0):
+            raise TypeError(error_message(
+                "timeout", repr(timeout), "must be a datetime.timedelta > 0 (or None: 300 s)",
+                "pass datetime.timedelta(seconds=...)"))
         if group is None and dist.is_initialized():
             group, timeout = dist.group.WORLD, timeout or DEFAULT_TIMEOUT
         if timeout is not None and group is not None:
