@@ -298,19 +298,12 @@ def test_run_with_shared_experts(capsys, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
-        (["--world-size", "0"], "--world-size=0: must be >= 1"),
-        (["--tokens", "-5"], "--tokens=-5: must be >= 1"),
-        (["--iters", "0"], "--iters=0: must be >= 1"),
-        (["--hidden", "0"], "--hidden=0: must be >= 1"),
         (["--top-k", "9", "--num-experts", "8"], "--top-k=9: must be <= --num-experts=8"),
         (["--world-size", "3", "--num-experts", "8"],
          "--num-experts=8: must be divisible by the world size 3"),
         (["--device", "nope"], "--device=nope: is not a torch device"),
-        (["--json", "/nonexistent-dir/out.json"], "--json=/nonexistent-dir/out.json: must be a "
-         "file in an existing, writable directory"),
     ],
-    ids=["world_size_0", "tokens_negative", "iters_0", "hidden_0", "topk_gt_E",
-         "W_not_dividing_E", "device_name", "json_unwritable"],
+    ids=["topk_gt_E", "W_not_dividing_E", "device_name"],
 )
 def test_run_arguments_refused_before_any_rank_starts(capsys, monkeypatch, argv, match):
     from rocm_moe.cli import ranks
@@ -440,10 +433,10 @@ def test_bench_layer_two_emulated_nodes_of_two_ranks(tmp_path):
         (["run", *SMALL, "--world-size", "2", "--tokens", "10000000"],
          "--world-size=2: 2 CPU ranks of this shape need about"),
         (["diagnose", *SMALL, "--world-size", "1", "--dump", "/nonexistent-dir/d"],
-         "--dump=/nonexistent-dir/d.rank0.safetensors: must be a file in an existing, writable"),
-        (["diagnose", *SMALL, "--world-size", "1", "--batch", "0"], "--batch=0: must be >= 1"),
+         "--dump: value='/nonexistent-dir/d.rank0.safetensors': its folder /nonexistent-dir does "
+         "not exist or is not writable"),
     ],
-    ids=["W64_default_shape", "too_many_tokens", "dump_unwritable", "batch_0"],
+    ids=["W64_default_shape", "too_many_tokens", "dump_unwritable"],
 )
 def test_refused_before_any_rank_starts(capsys, monkeypatch, argv, match):
     """A CPU host with 4 GiB available: the memory estimate refuses, naming the flags to
@@ -564,8 +557,10 @@ def test_torchrun_ranks_without_a_gpu_each_are_cpu_ranks(monkeypatch):
     from rocm_moe import distributed
 
     _gpu_host(monkeypatch)
-    monkeypatch.setattr(distributed, "_init", lambda rank, world, backend, timeout: backend)
-    for k, v in dict(RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="h").items():
+    monkeypatch.setattr(distributed, "_init", lambda rank, world, backend, timeout, store: backend)
+    monkeypatch.setattr(distributed, "_env_store", lambda *a: None)
+    for k, v in dict(RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="h",
+                     MASTER_PORT="29500").items():
         monkeypatch.setenv(k, v)
     assert distributed.init_from_env() == "gloo"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from rocm_moe._console import progress
 from rocm_moe.benchmarks import NO_PLOT, pyplot
+from rocm_moe.cli import argtypes
 from rocm_moe.comm.torch import TorchDispatcher
 from rocm_moe.distributed import WorkerInfo, launch
 from rocm_moe.placement import Placement
@@ -270,25 +271,29 @@ def _plot(rows: list[dict], path: Path, title: str) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """This benchmark's flags (``rocm-moe bench comm``, which ``bench/comm.py`` runs)."""
-    p.add_argument("--world-size", type=int, default=None,
+    p.add_argument("--world-size", type=argtypes.positive_int, default=None,
                    help="ranks to spawn (default: one per GPU, else 2)")
     p.add_argument("--comm", nargs="+", default=None,
                    choices=["torch", "torch-fp8", "symm", "symm-fp8"],
                    help="backends to time (default: torch, and symm on ranks on GPUs)")
-    p.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 4096, 16384])
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--num-experts", type=int, default=256)
-    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--tokens", type=argtypes.positive_int, nargs="+",
+                   default=[128, 512, 4096, 16384])
+    p.add_argument("--hidden", type=argtypes.positive_int, default=7168)
+    p.add_argument("--num-experts", type=argtypes.positive_int, default=256)
+    p.add_argument("--top-k", type=argtypes.positive_int, default=8)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--inner", type=int, default=10, help="calls per graph replay")
-    p.add_argument("--symm-capacity", type=int, default=None,
+    p.add_argument("--warmup", type=argtypes.nonnegative_int, default=5)
+    p.add_argument("--iters", type=argtypes.positive_int, default=30)
+    p.add_argument("--inner", type=argtypes.positive_int, default=10, help="calls per graph replay")
+    p.add_argument("--symm-capacity", type=argtypes.positive_int, default=None,
                    help="symm max_tokens_per_rank for every T (default: T itself)")
-    p.add_argument("--p2p-mb", type=int, default=64, help="MB per peer of the p2p ceiling")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench/results", help="folder for the JSON and the PNG")
-    p.add_argument("--name", default=None, help="file stem (default: comm_<device>_W<N>)")
+    p.add_argument("--p2p-mb", type=argtypes.positive_int, default=64,
+                   help="MB per peer of the p2p ceiling")
+    p.add_argument("--seed", type=argtypes.seed_int, default=0)
+    p.add_argument("--out", type=argtypes.output_dir, default="bench/results",
+                   help="folder for the JSON and the PNG")
+    p.add_argument("--name", type=argtypes.file_stem, default=None,
+                   help="file stem (default: comm_<device>_W<N>)")
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -25,6 +25,7 @@ import torch
 
 from rocm_moe._console import progress
 from rocm_moe.benchmarks import NO_PLOT, pyplot
+from rocm_moe.cli import argtypes
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.experts.triton import TritonExperts
 from rocm_moe.placement import Placement
@@ -142,8 +143,8 @@ def _plot(rows: list[dict], path: Path) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """This benchmark's flags (``rocm-moe bench experts``, which ``bench/experts.py`` runs)."""
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--out", default="bench/results")
-    p.add_argument("--name", default="experts")
+    p.add_argument("--out", type=argtypes.output_dir, default="bench/results")
+    p.add_argument("--name", type=argtypes.file_stem, default="experts")
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -29,6 +29,7 @@ import torch
 
 from rocm_moe._console import progress
 from rocm_moe.benchmarks.experts import SHAPES, _routing, copy_rate
+from rocm_moe.cli import argtypes
 from rocm_moe.experts.fp8 import FP8ReferenceExperts, quantize_experts
 from rocm_moe.experts.triton import TritonExperts
 from rocm_moe.experts.triton_fp8 import TritonFP8Experts
@@ -111,10 +112,10 @@ def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int]) -> list[dict
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """This benchmark's flags (``rocm-moe bench experts-fp8``)."""
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--sizes", nargs="+", type=int, default=None,
+    p.add_argument("--sizes", nargs="+", type=argtypes.positive_int, default=None,
                    help="rows (dsv3) / tokens (qwen3) instead of each shape's default sizes")
-    p.add_argument("--out", default="bench/results")
-    p.add_argument("--name", default="experts_fp8")
+    p.add_argument("--out", type=argtypes.output_dir, default="bench/results")
+    p.add_argument("--name", type=argtypes.file_stem, default="experts_fp8")
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

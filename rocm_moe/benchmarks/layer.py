@@ -43,10 +43,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rocm_moe import EPMoE, Placement, RouterConfig
+from rocm_moe import EPMoE, Placement, RouterConfig, backends
 from rocm_moe import synthetic as syn
 from rocm_moe._console import Steps, progress
 from rocm_moe.benchmarks.comm import _timed
+from rocm_moe.cli import argtypes
 from rocm_moe.distributed import WorkerInfo, init_from_env, launch, under_torchrun
 from rocm_moe.layer import Trace
 
@@ -475,21 +476,26 @@ def _plot(rows: list[dict], path: Path, title: str) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """This benchmark's flags (``rocm-moe bench layer``)."""
-    p.add_argument("--world-size", type=int, default=None,
+    p.add_argument("--world-size", type=argtypes.positive_int, default=None,
                    help="ranks to spawn (default: one per GPU, else 2); ignored under torchrun")
     p.add_argument("--model", choices=list(MODELS), default="qwen3-30b-a3b")
-    p.add_argument("--num-experts", type=int, default=None, help="override the model's E")
-    p.add_argument("--hidden", type=int, default=None, help="override the model's H")
-    p.add_argument("--intermediate", type=int, default=None, help="override the model's I")
-    p.add_argument("--top-k", type=int, default=None, help="override the model's K")
-    p.add_argument("--shared-intermediate", type=int, default=None,
-                   help="override the shared expert's size (0: none)")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 4096, 16384],
+    p.add_argument("--num-experts", type=argtypes.positive_int, default=None,
+                   help="override the model's E")
+    p.add_argument("--hidden", type=argtypes.positive_int, default=None,
+                   help="override the model's H")
+    p.add_argument("--intermediate", type=argtypes.positive_int, default=None,
+                   help="override the model's I")
+    p.add_argument("--top-k", type=argtypes.positive_int, default=None,
+                   help="override the model's K")
+    p.add_argument("--shared-intermediate", type=argtypes.nonnegative_int, default=None,
+                   help="override the model's shared expert size (0: none, where the model "
+                   "has one)")
+    p.add_argument("--tokens", type=argtypes.positive_int, nargs="+", default=[1, 128, 4096, 16384],
                    help="tokens per rank")
     p.add_argument("--comm", nargs="+", default=None, choices=["torch", "symm", "mori"],
                    help="comm backends (default: torch, and symm on ranks on the GPUs of one "
                    "node)")
-    p.add_argument("--experts", default=None,
+    p.add_argument("--experts", default=None, choices=backends.names("experts"),
                    help="experts backend (default: triton on ranks on GPUs, reference on CPU "
                    "ranks, even on a GPU host)")
     p.add_argument("--weight-modes", nargs="+", default=["experts"],
@@ -497,18 +503,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--invariant", action="store_true",
                    help="also time the layer with invariant=True (mode 'invariant') in the run")
     p.add_argument("--skew", nargs="+", default=["uniform"], choices=["uniform", "zipf"])
-    p.add_argument("--zipf-tau", type=float, default=1.0,
+    p.add_argument("--zipf-tau", type=argtypes.finite_nonnegative_float, default=1.0,
                    help="hot-expert strength: logit bias tau * log(1 / rank_e)")
-    p.add_argument("--skew-scale", type=float, default=4.0,
+    p.add_argument("--skew-scale", type=argtypes.finite_positive_float, default=4.0,
                    help="size of the tokens' common component that carries the bias")
     p.add_argument("--hier-probe", action=argparse.BooleanOptionalAction, default=True,
                    help="across nodes: time a flat against a two-stage dispatch's collectives")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench/results", help="folder for the JSON and the PNG")
-    p.add_argument("--name", default=None, help="file stem (default: layer_<model>_W<N>)")
+    p.add_argument("--warmup", type=argtypes.nonnegative_int, default=3)
+    p.add_argument("--iters", type=argtypes.positive_int, default=20)
+    p.add_argument("--seed", type=argtypes.seed_int, default=0)
+    p.add_argument("--out", type=argtypes.output_dir, default="bench/results",
+                   help="folder for the JSON and the PNG")
+    p.add_argument("--name", type=argtypes.file_stem, default=None,
+                   help="file stem (default: layer_<model>_W<N>)")
 
 
 def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -517,12 +525,7 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     def availability(kind: str, name: str) -> str | None:
         return BACKENDS[f"{kind}:{name}"].availability()
 
-    for k in ("world_size", "num_experts", "hidden", "intermediate", "top_k", "warmup"):
-        v = getattr(args, k)
-        if v is not None and v < (0 if k == "warmup" else 1):
-            parser.error(f"--{k.replace('_', '-')} {v}: must be >= {0 if k == 'warmup' else 1}")
-    if args.iters < 1 or min(args.tokens) < 1:
-        parser.error("--iters and every --tokens must be >= 1")
+    # numbers and paths: checked by their argparse types (rocm_moe.cli.argtypes)
     # --comm / --experts not given: each rank picks them from its own device (default_backends)
     if getattr(args, "invariant", False) and "invariant" not in args.weight_modes:
         args.weight_modes = [*args.weight_modes, "invariant"]

@@ -32,6 +32,7 @@ from rocm_moe import synthetic as syn
 from rocm_moe._console import progress
 from rocm_moe.benchmarks.comm import _timed
 from rocm_moe.benchmarks.layer import MODELS, _router, shape
+from rocm_moe.cli import argtypes
 from rocm_moe.distributed import WorkerInfo, launch
 
 
@@ -109,40 +110,43 @@ def summarise(per_rank: list[dict], cfg: dict) -> list[dict]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """This benchmark's flags (``rocm-moe bench model``)."""
-    p.add_argument("--world-size", type=int, default=1, help="ranks to spawn (one per GPU)")
+    p.add_argument("--world-size", type=argtypes.positive_int, default=1,
+                   help="ranks to spawn (one per GPU)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="where the ranks run (auto: one GPU per rank where there are GPUs)")
-    p.add_argument("--layers", type=int, default=8, help="N, MoE layers in the stack")
+    p.add_argument("--layers", type=argtypes.positive_int, default=8,
+                   help="N, MoE layers in the stack")
     p.add_argument("--model", choices=list(MODELS), default="qwen3-30b-a3b")
-    p.add_argument("--num-experts", type=int, default=None, help="override the model's E")
-    p.add_argument("--hidden", type=int, default=None, help="override the model's H")
-    p.add_argument("--intermediate", type=int, default=None, help="override the model's I")
-    p.add_argument("--top-k", type=int, default=None, help="override the model's K")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 128], help="tokens per rank")
-    p.add_argument("--max-tokens-per-rank", type=int, default=None,
+    p.add_argument("--num-experts", type=argtypes.positive_int, default=None,
+                   help="override the model's E")
+    p.add_argument("--hidden", type=argtypes.positive_int, default=None,
+                   help="override the model's H")
+    p.add_argument("--intermediate", type=argtypes.positive_int, default=None,
+                   help="override the model's I")
+    p.add_argument("--top-k", type=argtypes.positive_int, default=None,
+                   help="override the model's K")
+    p.add_argument("--tokens", type=argtypes.positive_int, nargs="+", default=[1, 8, 128],
+                   help="tokens per rank")
+    p.add_argument("--max-tokens-per-rank", type=argtypes.positive_int, default=None,
                    help="the shared dispatcher's capacity (default: the largest --tokens)")
     p.add_argument("--comm", default=None, choices=["local", "torch", "symm", "mori"],
                    help="comm backend (default: symm on GPUs, local (W=1) or torch on CPUs)")
     p.add_argument("--experts", default=None,
                    help="experts backend (default: triton on GPUs, reference on CPUs)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench/results", help="folder for the JSON")
-    p.add_argument("--name", default=None, help="file stem (default: model_<model>_W<N>)")
+    p.add_argument("--warmup", type=argtypes.nonnegative_int, default=3)
+    p.add_argument("--iters", type=argtypes.positive_int, default=20)
+    p.add_argument("--seed", type=argtypes.seed_int, default=0)
+    p.add_argument("--out", type=argtypes.output_dir, default="bench/results",
+                   help="folder for the JSON")
+    p.add_argument("--name", type=argtypes.file_stem, default=None,
+                   help="file stem (default: model_<model>_W<N>)")
 
 
 def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from rocm_moe.backends import BACKENDS
 
-    for k in ("world_size", "layers", "num_experts", "hidden", "intermediate", "top_k",
-              "iters", "max_tokens_per_rank"):
-        v = getattr(args, k)
-        if v is not None and v < 1:
-            parser.error(f"--{k.replace('_', '-')} {v}: must be >= 1")
-    if args.warmup < 0 or min(args.tokens) < 1:
-        parser.error("--warmup must be >= 0 and every --tokens >= 1")
+    # numbers and paths: checked by their argparse types (rocm_moe.cli.argtypes)
     if args.comm == "local" and args.world_size != 1:
         parser.error("--comm local runs one rank: pass --world-size 1")
     if args.device == "auto":

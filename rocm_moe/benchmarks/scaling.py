@@ -30,6 +30,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from rocm_moe.cli import argtypes
+
 E, K, H, I, SHARED_I = 256, 8, 7168, 2048, 2048
 BYTES = 2  # bf16
 
@@ -152,18 +154,21 @@ def routing_check(comm: dict) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--results", default="bench/results", help="folder of the measured JSON")
-    p.add_argument("--ep", type=int, nargs="+", default=[4, 8, 16, 32, 64])
-    p.add_argument("--tokens", type=int, nargs="+", default=[128, 4096])
-    p.add_argument("--nic-GBps", type=float, default=50.0, help="per GPU (400 Gb/s)")
-    p.add_argument("--nic-efficiency", type=float, default=0.8)
-    p.add_argument("--nic-latency-us", type=float, default=15.0,
+    p.add_argument("--results", type=argtypes.existing_dir, default="bench/results",
+                   help="folder of the measured JSON")
+    p.add_argument("--ep", type=argtypes.positive_int, nargs="+", default=[4, 8, 16, 32, 64])
+    p.add_argument("--tokens", type=argtypes.positive_int, nargs="+", default=[128, 4096])
+    p.add_argument("--nic-GBps", type=argtypes.finite_positive_float, default=50.0,
+                   help="per GPU (400 Gb/s)")
+    p.add_argument("--nic-efficiency", type=argtypes.fraction, default=0.8)
+    p.add_argument("--nic-latency-us", type=argtypes.finite_nonnegative_float, default=15.0,
                    help="added to a dispatch or combine that crosses nodes")
-    p.add_argument("--mi300x-intra-GBps", type=float, default=307.0,
+    p.add_argument("--mi300x-intra-GBps", type=argtypes.finite_positive_float, default=307.0,
                    help="MORI's published EP8 dispatch rate on MI300X")
-    p.add_argument("--mi300x-hbm-GBps", type=float, default=5300.0)
-    p.add_argument("--mi300x-bf16-TFLOPs", type=float, default=1307.0)
-    p.add_argument("--json", default=None, help="also write the table here")
+    p.add_argument("--mi300x-hbm-GBps", type=argtypes.finite_positive_float, default=5300.0)
+    p.add_argument("--mi300x-bf16-TFLOPs", type=argtypes.finite_positive_float, default=1307.0)
+    p.add_argument("--json", type=argtypes.writable_file, default=None,
+                   help="also write the table here")
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

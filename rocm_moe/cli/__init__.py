@@ -12,8 +12,11 @@
     rocm-moe bench layer    a whole EPMoE forward, symm graph-replayed against torch eager (GPUs)
 
 Several ranks: --world-size N spawns N processes on this host; under torchrun (any number of
-nodes) every rank joins the group from torchrun's environment. Results go to stdout, progress
-(ranks starting, iterations done) to stderr. A usage error prints one line and exits 2.
+nodes) every rank joins the group from torchrun's environment (checked first; a rendezvous that
+nobody completes gives up after ROCM_MOE_RENDEZVOUS_TIMEOUT_S, 120 s). Results go to stdout,
+progress (ranks starting, iterations done) to stderr. Every flag's number or path is checked
+while the command line is parsed (rocm_moe.cli.argtypes), before any rank starts: argparse's
+usage and one error line, exit 2. Any other usage error prints one line and exits 2.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import sys
 
 from rocm_moe.cli import bench, diagnose, info, run, sanity
+from rocm_moe.distributed import RendezvousTimeout
 
 COMMANDS = (info, sanity, run, diagnose, bench)  # one module per command, in --help order
 
@@ -39,6 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as exc:  # user errors: one clear line, no traceback
-        print(f"rocm-moe {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, RendezvousTimeout) as exc:  # one clear line, no traceback
+        print(f"rocm-moe {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

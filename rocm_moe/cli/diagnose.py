@@ -18,14 +18,15 @@ from rich.table import Table
 
 from rocm_moe import synthetic
 from rocm_moe._console import console, progress
-from rocm_moe.cli import ranks
+from rocm_moe.cli import argtypes, ranks
 from rocm_moe.cli.spec import (
     LayerSpec,
+    add_checkpoint_args,
     add_layer_args,
     add_router_args,
     check_memory,
-    check_positive,
     check_writable,
+    hf_config,
     layer_spec,
 )
 from rocm_moe.distributed import WorkerInfo
@@ -38,8 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_layer_args(p, E=16, H=64, I=32, K=4)
     add_router_args(p)
-    p.add_argument("--batch", type=int, default=2, help="sequences per rank")
-    p.add_argument("--seq", type=int, default=9, help="tokens per sequence")
+    add_checkpoint_args(p)
+    p.add_argument("--batch", type=argtypes.positive_int, default=2, help="sequences per rank")
+    p.add_argument("--seq", type=argtypes.positive_int, default=9, help="tokens per sequence")
     p.add_argument("--weight-mode", choices=["experts", "combine"], default="experts")
     p.add_argument("--inject", choices=sorted(FAULTS), default=None,
                    help="plant a known bug to see its diagnosis")
@@ -67,7 +69,8 @@ def _rank(info: WorkerInfo, job: DiagnoseJob) -> dict:
     layer.fault = job.inject
     x = synthetic.tokens(spec.seed, info.rank, job.batch * job.seq, spec.hidden_size)
     x = x.reshape(job.batch, job.seq, spec.hidden_size).to(dtype).to(info.device)
-    report = diagnose(layer, x, expert_weights=spec.expert_weights(dtype), dump=job.dump)
+    report = diagnose(layer, x, expert_weights=spec.expert_weights(dtype), dump=job.dump,
+                      hf_config=hf_config(spec))
     if info.rank == 0:
         progress("rank 0: stages judged")
     return dict(report.to_dict(), comm=spec.comm_name, experts=spec.experts,
@@ -75,13 +78,13 @@ def _rank(info: WorkerInfo, job: DiagnoseJob) -> dict:
 
 
 def command(args: argparse.Namespace) -> int:
-    check_positive(batch=args.batch, seq=args.seq)
     if args.dump:  # files DUMP.rank<r>.safetensors, checked before the run
         check_writable("--dump", f"{args.dump}.rank0.safetensors")
     W = ranks.world_size(args.world_size)
     spec = layer_spec(args, W, weight_mode=args.weight_mode,
                       max_tokens_per_rank=max(args.batch * args.seq, 16), router=args.router,
-                      shared_intermediate_size=args.shared_intermediate)
+                      shared_intermediate_size=args.shared_intermediate,
+                      checkpoint=args.checkpoint, layer=args.layer)
     check_memory(spec, W, args.device, args.batch * args.seq)
     job = DiagnoseJob(spec=spec, batch=args.batch, seq=args.seq, inject=args.inject,
                       dump=args.dump)

@@ -19,6 +19,7 @@ from rocm_moe.distributed import (
     default_backend,
     init_from_env,
     launch,
+    torchrun_env,
     under_torchrun,
 )
 
@@ -26,7 +27,7 @@ from rocm_moe.distributed import (
 def world_size(requested: int | None) -> int:
     """torchrun's world size, else ``requested``, else one rank per GPU, else 2 on a CPU."""
     if under_torchrun():
-        return int(os.environ["WORLD_SIZE"])
+        return torchrun_env()[1]  # an inconsistent environment refused before any rendezvous
     if requested is not None:
         if requested < 1:
             raise ValueError(error_message("--world-size", requested, "must be >= 1",

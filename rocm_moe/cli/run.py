@@ -19,15 +19,13 @@ import torch
 from rich.table import Table
 
 from rocm_moe import backends, synthetic
-from rocm_moe._checks import error_message
 from rocm_moe._console import console, progress
-from rocm_moe.cli import ranks
+from rocm_moe.cli import argtypes, ranks
 from rocm_moe.cli.spec import (
     LayerSpec,
+    add_checkpoint_args,
     add_layer_args,
     check_memory,
-    check_positive,
-    check_writable,
     layer_spec,
 )
 from rocm_moe.distributed import WorkerInfo
@@ -41,16 +39,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="main job: Qwen3-30B-A3B MoE shape, checked, timed",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_layer_args(p, E=128, H=2048, I=768, K=8)
-    p.add_argument("--tokens", type=int, default=256, help="T, tokens in the batch")
-    p.add_argument("--iters", type=int, default=5, help="timed iterations (after 1 warm-up)")
+    p.add_argument("--tokens", type=argtypes.positive_int, default=256,
+                   help="T, tokens in the batch")
+    p.add_argument("--iters", type=argtypes.positive_int, default=5,
+                   help="timed iterations (after 1 warm-up)")
     p.add_argument("--weight-mode", choices=["experts", "combine"], default="experts")
-    p.add_argument("--shared-intermediate", type=int, default=None,
+    p.add_argument("--shared-intermediate", type=argtypes.shared_intermediate, default=None,
                    help="add dense shared experts of this intermediate size (synthetic weights)")
-    p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--checkpoint", default=None,
-                   help="a safetensors checkpoint directory (Qwen2/3-MoE, Mixtral, DeepSeek-V3):"
-                   " run its MoE layer instead of random weights; E, H, I, K come from it")
-    p.add_argument("--layer", type=int, default=1, help="the checkpoint's MoE layer index")
+    p.add_argument("--json", type=argtypes.writable_file,
+                   help="also write the results to this JSON file")
+    add_checkpoint_args(p)
     p.add_argument("--fp8-dispatch", action="store_true",
                    help="an FP8 checkpoint: rows quantised per 1x128 on their owner and "
                    "dispatched in FP8 (torch-fp8 / symm-fp8), read by the FP8 experts as they are")
@@ -123,13 +121,6 @@ def _rank(info: WorkerInfo, job: RunJob) -> dict:
 
 
 def command(args: argparse.Namespace) -> int:
-    check_positive(tokens=args.tokens, iters=args.iters,
-                   shared_intermediate=args.shared_intermediate)
-    if args.layer < 0:
-        raise ValueError(error_message("--layer", args.layer, "must be >= 0",
-                                       "pass the checkpoint's MoE layer index"))
-    if args.json:
-        check_writable("--json", args.json)
     W = ranks.world_size(args.world_size)
     spec = layer_spec(args, W, weight_mode=args.weight_mode,
                       shared_intermediate_size=args.shared_intermediate,

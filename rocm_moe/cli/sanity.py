@@ -17,7 +17,15 @@ from rich.table import Table
 
 from rocm_moe._console import console, progress
 from rocm_moe.cli import ranks
-from rocm_moe.cli.spec import LayerSpec, add_layer_args, add_router_args, check_memory, layer_spec
+from rocm_moe.cli.spec import (
+    LayerSpec,
+    add_checkpoint_args,
+    add_layer_args,
+    add_router_args,
+    check_memory,
+    hf_config,
+    layer_spec,
+)
 from rocm_moe.distributed import WorkerInfo
 from rocm_moe.sanity import run_sanity
 
@@ -27,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_layer_args(p, E=16, H=256, I=128, K=4)
     add_router_args(p)
+    add_checkpoint_args(p)
     p.set_defaults(func=command)
 
 
@@ -34,7 +43,8 @@ def _rank(info: WorkerInfo, spec: LayerSpec) -> list[dict]:
     spec = spec.on_rank(info)
     dtype = spec.torch_dtype(info.device)
     layer = spec.build(info, dtype)
-    rows = run_sanity(layer, seed=spec.seed, expert_weights=spec.expert_weights(dtype))
+    rows = run_sanity(layer, seed=spec.seed, expert_weights=spec.expert_weights(dtype),
+                      hf_config=hf_config(spec))
     if info.rank == 0:
         progress(f"rank 0: {len(rows)} checks done")
     return [dict(vars(r), passed=r.passed, dtype=str(dtype), comm=spec.comm_name,
@@ -44,7 +54,8 @@ def _rank(info: WorkerInfo, spec: LayerSpec) -> list[dict]:
 def command(args: argparse.Namespace) -> int:
     W = ranks.world_size(args.world_size)
     spec = layer_spec(args, W, weight_mode="experts", router=args.router,
-                      shared_intermediate_size=args.shared_intermediate)
+                      shared_intermediate_size=args.shared_intermediate,
+                      checkpoint=args.checkpoint, layer=args.layer)
     check_memory(spec, W, args.device, 64)  # its cases hold a few dozen tokens
     results = ranks.on_ranks(_rank, spec, world_size=W, device_name=args.device)
     if not results:  # a torchrun rank other than 0

@@ -18,7 +18,7 @@ import torch
 
 from rocm_moe import backends, synthetic
 from rocm_moe._checks import error_message
-from rocm_moe.cli import ranks
+from rocm_moe.cli import argtypes, ranks
 from rocm_moe.distributed import WorkerInfo
 from rocm_moe.layer import EPMoE
 from rocm_moe.placement import Placement
@@ -183,8 +183,27 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     experts (sanity and diagnose; run declares its own --shared-intermediate)."""
     p.add_argument("--router", choices=ROUTERS, default="qwen3",
                    help="router family of the synthetic layer (default qwen3)")
-    p.add_argument("--shared-intermediate", type=int, default=None,
+    p.add_argument("--shared-intermediate", type=argtypes.shared_intermediate, default=None,
                    help="add dense shared experts of this intermediate size (default: none)")
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """--checkpoint and --layer: a checkpoint's MoE layer instead of synthetic weights (run,
+    sanity, diagnose; sanity and diagnose then check the router against its config)."""
+    p.add_argument("--checkpoint", type=argtypes.existing_dir, default=None,
+                   help="a safetensors checkpoint directory (Qwen2/3-MoE, Mixtral, DeepSeek-V3):"
+                   " its MoE layer instead of random weights; E, H, I, K come from it")
+    p.add_argument("--layer", type=argtypes.nonnegative_int, default=1,
+                   help="the checkpoint's MoE layer index")
+
+
+def hf_config(spec: LayerSpec):
+    """The checkpoint's transformers config (the router's source), None without one."""
+    if not spec.checkpoint:
+        return None
+    from rocm_moe.integrations import hf
+
+    return hf.Checkpoint(spec.checkpoint).config()
 
 
 def checkpoint_shape(spec: LayerSpec) -> LayerSpec:
@@ -203,10 +222,12 @@ def checkpoint_shape(spec: LayerSpec) -> LayerSpec:
 
 def add_layer_args(p: argparse.ArgumentParser, *, E: int, H: int, I: int, K: int) -> None:
     """The arguments of a LayerSpec, the ranks and the device, with these shape defaults."""
-    p.add_argument("--num-experts", type=int, default=E, help="E, routed experts")
-    p.add_argument("--hidden", type=int, default=H, help="H, hidden size")
-    p.add_argument("--intermediate", type=int, default=I, help="I, per-expert intermediate size")
-    p.add_argument("--top-k", type=int, default=K, help="K, experts per token")
+    p.add_argument("--num-experts", type=argtypes.positive_int, default=E,
+                   help="E, routed experts")
+    p.add_argument("--hidden", type=argtypes.positive_int, default=H, help="H, hidden size")
+    p.add_argument("--intermediate", type=argtypes.positive_int, default=I,
+                   help="I, per-expert intermediate size")
+    p.add_argument("--top-k", type=argtypes.positive_int, default=K, help="K, experts per token")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="auto: bfloat16 on a GPU, float32 on a CPU")
     p.add_argument("--device", default="auto",
@@ -216,37 +237,24 @@ def add_layer_args(p: argparse.ArgumentParser, *, E: int, H: int, I: int, K: int
                    help=f"comm backend: {', '.join(backends.names('comm'))}; default, per the "
                    "device each rank runs on: local for one rank, symm for GPUs of one host "
                    "(CUDA-graph capturable), torch across hosts and on CPUs")
-    p.add_argument("--world-size", type=int, default=None,
+    p.add_argument("--world-size", type=argtypes.positive_int, default=None,
                    help="EP ranks to spawn (gloo on CPU, NCCL one per GPU); default: torchrun's, "
                    "else one per GPU, else 2 on a CPU")
     p.add_argument("--experts", default=None, metavar="NAME",
                    help=f"experts backend: {', '.join(backends.names('experts'))}; default, per "
                    "the device each rank runs on: triton on GPUs (bf16/fp16), else reference")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=argtypes.seed_int, default=0)
     p.add_argument("--invariant", action="store_true",
                    help="invariant mode: each token's output the same bits whatever the EP "
                    "size and the batch (notes/invariance.md; not on aiter or mori)")
 
 
-def check_positive(**options: int | None) -> None:
-    """Command-line integers that must be >= 1, given as ``option_name=value`` (``None``:
-    not given); a ValueError naming the option (``--option-name``) otherwise."""
-    for name, value in options.items():
-        if value is not None and value < 1:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(error_message(flag, value, "must be >= 1", f"pass {flag} 1 or more"))
-
-
 def check_writable(flag: str, path: str) -> None:
     """An output file can be written, checked before the run rather than after it."""
-    import os
-    from pathlib import Path
-
-    target = Path(path)
-    folder = target.resolve().parent
-    if target.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise ValueError(error_message(flag, path, "must be a file in an existing, writable "
-                                       "directory", "pass another path"))
+    try:
+        argtypes.writable_file(path)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
 
 
 def check_memory(spec: LayerSpec, world_size: int, device_name: str, tokens: int) -> None:
@@ -291,8 +299,6 @@ def check_device(name: str, world_size: int = 1) -> None:
 
 def check_layer_args(args: argparse.Namespace, world_size: int) -> None:
     """``add_layer_args``'s arguments, checked before any rank starts."""
-    check_positive(num_experts=args.num_experts, hidden=args.hidden,
-                   intermediate=args.intermediate, top_k=args.top_k, world_size=world_size)
     check_device(args.device, world_size)
     if getattr(args, "checkpoint", None):
         return  # E, H, I, K come from the checkpoint's config (checked by its loader)

@@ -1,0 +1,216 @@
+"""Issue 34, the command line and launch half: every flag of every command checked while the
+command line is parsed (rocm_moe.cli.argtypes), before any rank starts; the checkpoint's config
+given to diagnose and sanity; a stale torchrun environment refused at once or timed out
+naming its variables; the library's refusal printed as one line."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rocm_moe.cli import main
+
+SMALL = ["--num-experts", "8", "--hidden", "32", "--intermediate", "16", "--top-k", "2"]
+LONG = "n" * 300  # longer than any file system's name limit (255 bytes)
+
+
+@pytest.fixture
+def no_ranks(monkeypatch):
+    """Fail the test if any command starts a rank or runs a benchmark."""
+    from rocm_moe.benchmarks import comm, layer, model
+    from rocm_moe.cli import ranks
+
+    def started(*a, **k):
+        raise AssertionError("a rank was started")
+
+    for module in (ranks, comm, layer, model):
+        monkeypatch.setattr(module, "launch", started)
+
+
+A_FILE = __file__  # an existing file: a folder "under" it cannot be made
+
+CASES = {
+    # the issue's list
+    "layer_experts_unknown": (["bench", "layer", "--experts", "nope"],
+                              "argument --experts: invalid choice: 'nope'"),
+    "layer_out_under_a_file": (["bench", "layer", "--out", f"{A_FILE}/results"],
+                               "argument --out: value="),
+    "comm_iters_0": (["bench", "comm", "--iters", "0"], "argument --iters: value='0': must be an "
+                     "integer >= 1"),
+    "scaling_ep_0": (["bench", "scaling", "--ep", "8", "0"], "argument --ep: value='0'"),
+    "scaling_nic_0": (["bench", "scaling", "--nic-GBps", "0"],
+                      "argument --nic-GBps: value='0': must be > 0"),
+    "run_json_too_long": (["run", *SMALL, "--json", f"/tmp/{LONG}.json"],
+                          "argument --json: value="),
+    "layer_zipf_tau_nan": (["bench", "layer", "--zipf-tau", "nan"],
+                           "argument --zipf-tau: value='nan': must be finite"),
+    "layer_skew_scale_0": (["bench", "layer", "--skew-scale", "0"],
+                           "argument --skew-scale: value='0': must be > 0"),
+    "layer_skew_scale_inf": (["bench", "layer", "--skew-scale", "inf"],
+                             "argument --skew-scale: value='inf': must be finite"),
+    "diagnose_shared_0": (["diagnose", *SMALL, "--shared-intermediate", "0"],
+                          "Fix: omit the flag for no shared experts"),
+    "sanity_shared_0": (["sanity", *SMALL, "--shared-intermediate", "0"],
+                        "Fix: omit the flag for no shared experts"),
+    "run_shared_0": (["run", *SMALL, "--shared-intermediate", "0"],
+                     "Fix: omit the flag for no shared experts"),
+    # their siblings
+    "run_tokens_negative": (["run", *SMALL, "--tokens", "-5"], "argument --tokens: value='-5'"),
+    "run_world_size_0": (["run", *SMALL, "--world-size", "0"], "argument --world-size:"),
+    "run_hidden_0": (["run", *SMALL, "--hidden", "0"], "argument --hidden: value='0'"),
+    "run_iters_float": (["run", *SMALL, "--iters", "2.5"], "must be an integer"),
+    "run_json_folder": (["run", *SMALL, "--json", "/tmp"], "is a folder, not a file"),
+    "run_json_no_folder": (["run", *SMALL, "--json", "/nonexistent-dir/o.json"],
+                           "its folder /nonexistent-dir does not exist"),
+    "run_layer_negative": (["run", *SMALL, "--layer", "-1"], "argument --layer: value='-1'"),
+    "run_checkpoint_missing": (["run", "--checkpoint", "/nonexistent-ckpt"],
+                               "argument --checkpoint: value='/nonexistent-ckpt': is not an "
+                               "existing folder"),
+    "run_seed_negative": (["run", *SMALL, "--seed", "-1"], "argument --seed: value='-1'"),
+    "diagnose_batch_0": (["diagnose", *SMALL, "--batch", "0"], "argument --batch: value='0'"),
+    "comm_tokens_0": (["bench", "comm", "--tokens", "0"], "argument --tokens: value='0'"),
+    "comm_warmup_negative": (["bench", "comm", "--warmup", "-1"], "argument --warmup:"),
+    "comm_inner_0": (["bench", "comm", "--inner", "0"], "argument --inner:"),
+    "comm_p2p_0": (["bench", "comm", "--p2p-mb", "0"], "argument --p2p-mb:"),
+    "comm_name_with_slash": (["bench", "comm", "--name", "a/b"],
+                             "argument --name: value='a/b': must be a plain file name"),
+    "layer_tokens_0": (["bench", "layer", "--tokens", "0"], "argument --tokens: value='0'"),
+    "layer_zipf_tau_negative": (["bench", "layer", "--zipf-tau", "-1"], "must be >= 0"),
+    "layer_name_too_long": (["bench", "layer", "--name", LONG], "is 300 bytes long"),
+    "model_layers_0": (["bench", "model", "--layers", "0"], "argument --layers: value='0'"),
+    "model_out_under_a_file": (["bench", "model", "--out", f"{A_FILE}/x"], "is a file"),
+    "fp8_sizes_0": (["bench", "experts-fp8", "--sizes", "0"], "argument --sizes: value='0'"),
+    "experts_out_under_a_file": (["bench", "experts", "--out", f"{A_FILE}/x"], "is a file"),
+    "scaling_efficiency_above_1": (["bench", "scaling", "--nic-efficiency", "1.5"],
+                                   "must lie in (0, 1]"),
+    "scaling_latency_nan": (["bench", "scaling", "--nic-latency-us", "nan"], "must be finite"),
+    "scaling_hbm_negative": (["bench", "scaling", "--mi300x-hbm-GBps", "-1"], "must be > 0"),
+    "scaling_results_missing": (["bench", "scaling", "--results", "/nonexistent-results"],
+                                "is not an existing folder"),
+    "scaling_json_no_folder": (["bench", "scaling", "--json", "/nonexistent-dir/s.json"],
+                               "does not exist"),
+}
+
+
+@pytest.mark.parametrize(("argv", "match"), list(CASES.values()), ids=list(CASES))
+def test_flags_refused_while_parsing(capsys, no_ranks, argv, match):
+    """Each was a crash (KeyError, ZeroDivisionError, OSError after the whole run) or a run on
+    a NaN/inf gate that exited 0; now argparse's error line, exit 2, before any rank starts."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"rocm-moe {argv[0]}"), err
+    assert match in last, err
+    assert "Traceback" not in err
+
+
+def test_run_on_an_fp8_checkpoint_refuses_invariant_in_one_line(tmp_path, capsys):
+    """--invariant on an FP8 checkpoint: the library's ValueError, one line, exit 2 (it printed
+    "invariant" and ran non-invariant)."""
+    pytest.importorskip("transformers")
+    from tests.test_fp8_checkpoint import save_fp8_deepseek_v3
+
+    save_fp8_deepseek_v3(tmp_path)
+    rc = main(["run", "--checkpoint", str(tmp_path), "--world-size", "1", "--tokens", "4",
+               "--iters", "1", "--invariant"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert lines == [err.strip().splitlines()[-1]], err
+    assert lines[0].startswith("rocm-moe run: error: invariant=True: an FP8 layer cannot run "
+                               "it"), err
+    assert "Fix:" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def deepseek_checkpoint(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from tests.test_fp8_checkpoint import save_fp8_deepseek_v3
+
+    d = tmp_path_factory.mktemp("deepseek_v3_bf16")
+    save_fp8_deepseek_v3(d, fp8=False)
+    return d
+
+
+@pytest.mark.parametrize("command", ["diagnose", "sanity"])
+def test_diagnose_and_sanity_check_the_router_against_the_checkpoints_config(
+        deepseek_checkpoint, capsys, monkeypatch, command):
+    """Given --checkpoint, the layer's RouterConfig is checked against the checkpoint's config
+    (hf_config=): clean as loaded, and a config that says otherwise (routed_scaling_factor
+    1.0, the default left in by mistake) is reported (neither command took --checkpoint)."""
+    import importlib
+
+    module = importlib.import_module(f"rocm_moe.cli.{command}")
+    argv = [command, "--checkpoint", str(deepseek_checkpoint), "--layer", "1",
+            "--world-size", "1", "--dtype", "float32"]
+    assert main(argv) == 0, capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    if command == "diagnose":
+        assert "its RouterConfig was checked against hf_config (stage config)" in out, out
+    else:
+        assert "router_config" in out, out
+        assert "FAIL" not in out, out
+    real = module.hf_config
+
+    def stale(spec):
+        config = real(spec)
+        config.routed_scaling_factor = 1.0
+        return config
+
+    monkeypatch.setattr(module, "hf_config", stale)
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "routed_scaling_factor" in out or "router_config" in out, out
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_under(env: dict, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                         "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")}
+    full.update(env)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "rocm_moe.cli", "run", *SMALL, "--tokens", "4",
+                           "--iters", "1", "--dtype", "float32"], env=full, capture_output=True,
+                          text=True, timeout=timeout)
+    return proc, time.monotonic() - t0
+
+
+def test_run_under_an_inconsistent_torchrun_environment_is_refused_at_once():
+    """RANK=3 WORLD_SIZE=2 waited in the rendezvous for more than 7 minutes, printing nothing."""
+    proc, took = _run_under(dict(RANK="3", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                 MASTER_PORT=str(_unused_port())), timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "rocm-moe run: error: RANK=3: must be < WORLD_SIZE=2"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert took < 30
+
+
+def test_run_under_a_stale_torchrun_environment_times_out_naming_its_variables():
+    """A MASTER_ADDR:MASTER_PORT nobody serves: the rendezvous gives up after its timeout
+    (ROCM_MOE_RENDEZVOUS_TIMEOUT_S, here 2 s) with one line naming the variables."""
+    port = _unused_port()
+    proc, took = _run_under(dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1",
+                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                 ROCM_MOE_RENDEZVOUS_TIMEOUT_S="2"), timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("rocm-moe run: error: rank 1 of 2 could not meet the other ranks"), \
+        proc.stderr
+    for var in ("MASTER_ADDR=127.0.0.1", f"MASTER_PORT={port}", "RANK=1", "WORLD_SIZE=2",
+                "LOCAL_RANK=1", "Fix:"):
+        assert var in last, last
+    assert took < 40
