@@ -214,3 +214,63 @@ def test_run_under_a_stale_torchrun_environment_times_out_naming_its_variables()
                 "LOCAL_RANK=1", "Fix:"):
         assert var in last, last
     assert took < 40
+
+
+def _entry_points():
+    from types import SimpleNamespace as NS
+
+    vllm_config = NS(moe_parallel_config=NS(use_ep=True, ep_size=2, ep_rank=0), device="cpu",
+                     hidden_dim=8, experts_per_token=2, in_dtype=None, num_experts=8)
+    sglang_config = NS(num_experts=8, num_local_experts=4, hidden_size=8, top_k=2)
+
+    def vllm(name):
+        from rocm_moe.integrations import vllm as module
+
+        return module if name is None else getattr(module, name)
+
+    def sglang(name):
+        from rocm_moe.integrations import sglang as module
+
+        return module if name is None else getattr(module, name)
+
+    return {
+        "vllm_make_vllm_dispatcher": ("vllm", lambda: vllm(None).make_vllm_dispatcher(
+            vllm_config)),
+        "vllm_RocmMoEFusedMoEMethod": ("vllm", lambda: vllm("RocmMoEFusedMoEMethod")),
+        "vllm_register": ("vllm", lambda: vllm(None).register()),
+        "sglang_make_sglang_dispatcher": ("sglang", lambda: sglang(None).make_sglang_dispatcher(
+            sglang_config)),
+        "sglang_RocmMoEDispatcher": ("sglang", lambda: sglang("RocmMoEDispatcher")),
+        "sglang_register": ("sglang", lambda: sglang(None).register()),
+    }
+
+
+@pytest.mark.parametrize("case", list(_entry_points()))
+def test_engine_entry_points_without_the_engine_say_what_to_install(monkeypatch, case):
+    """make_vllm_dispatcher and register() (switch on), and SGLang's, raised a bare
+    ModuleNotFoundError ("No module named 'vllm'"); now the package's ImportError."""
+    import importlib.util
+
+    engine, call = _entry_points()[case]
+    if importlib.util.find_spec(engine) is not None:
+        pytest.skip(f"{engine} is installed here")
+    monkeypatch.setenv("ROCM_MOE_VLLM", "1")
+    monkeypatch.setenv("ROCM_MOE_SGLANG", "1")
+    with pytest.raises(ImportError) as err:
+        call()
+    assert not isinstance(err.value, ModuleNotFoundError), repr(err.value)
+    assert f"pip install 'rocm_moe[{engine}]'" in str(err.value)
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    ((8.0, 2), r"^num_experts='?8.0'?: must be an int"),
+    ((8, 2.0), r"^ep_size='?2.0'?: must be an int"),
+    ((8, True), r"^ep_size='?True'?: must be an int"),
+])
+def test_vllm_placement_refuses_non_integers(args, match):
+    """vllm_placement(8.0, 2) crashed in range() (TypeError: 'float' object cannot be
+    interpreted as an integer); now the package's TypeError naming the field."""
+    from rocm_moe.integrations.vllm import vllm_placement
+
+    with pytest.raises(TypeError, match=match):
+        vllm_placement(*args)

@@ -349,6 +349,7 @@ def make_sglang_dispatcher(moe_runner_config, *, routed_scaling_factor: float | 
     """A RocmMoEDispatcher for a layer's ``MoeRunnerConfig`` on SGLang's MoE EP group
     (contiguous placement: SGLang gives rank d the experts [d * e, (d + 1) * e)), holding the
     process's shared rocm_moe Dispatcher (one for every layer of the model)."""
+    _require_sglang()  # the package's ImportError, not a bare ModuleNotFoundError further down
     from rocm_moe import backends
     from rocm_moe.comm import pool
 
@@ -500,6 +501,7 @@ def register() -> bool:
     ``HOOKS`` are registered (SGLang's loader applies them); returns whether it is active."""
     if os.environ.get(SWITCH, "0") not in ("1", "true", "True"):
         return False
+    _require_sglang()  # the package's ImportError, not a bare ModuleNotFoundError
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     for target, hook in HOOKS.items():

@@ -62,7 +62,7 @@ from types import SimpleNamespace
 
 import torch
 
-from rocm_moe._checks import error_message
+from rocm_moe._checks import check_integer_value, error_message
 from rocm_moe._libs import import_engine
 from rocm_moe.comm.base import CombineHandle, Dispatcher
 from rocm_moe.experts.base import Experts
@@ -96,6 +96,8 @@ def vllm_placement(num_experts: int, ep_size: int, strategy: str = "linear") -> 
     "round_robin" the experts d, d + W, d + 2W, ... (a test compares it with vLLM's own).
     ``strategy``: the one vLLM resolved (``ExpertMapManager.placement_strategy``), not the one
     requested."""
+    check_integer_value("num_experts", num_experts, minimum=1)
+    check_integer_value("ep_size", ep_size, minimum=1)
     if ep_size < 1 or num_experts < ep_size:
         raise ValueError(error_message("num_experts, ep_size", (num_experts, ep_size),
                                        "need 1 <= ep_size <= num_experts",
@@ -644,6 +646,7 @@ def make_vllm_dispatcher(moe_config, *, strategy: str = "linear") -> Dispatcher:
     """The model's shared rocm_moe dispatcher over vLLM's EP group for a layer's
     ``FusedMoEConfig`` (every layer of one shape gets the same object, ``comm.pool``);
     ``strategy``: the placement vLLM resolved for the layer."""
+    _require_vllm()  # the package's ImportError, not a bare ModuleNotFoundError further down
     from rocm_moe.comm import pool
 
     par = moe_config.moe_parallel_config
@@ -691,6 +694,7 @@ def register() -> bool:
     Returns whether the plug-in is active."""
     if os.environ.get(SWITCH, "0") not in ("1", "true", "True"):
         return False
+    _require_vllm()  # the package's ImportError, not a bare ModuleNotFoundError
     from vllm.model_executor.custom_op import op_registry_oot
 
     c = _classes()
