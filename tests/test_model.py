@@ -147,8 +147,8 @@ def test_bench_model_on_cpu_ranks(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--layers", "0"], "--layers 0: must be >= 1"),
-    (["--tokens", "0"], "every --tokens >= 1"),
+    (["--layers", "0"], "argument --layers: value='0': must be an integer >= 1"),
+    (["--tokens", "0"], "argument --tokens: value='0': must be an integer >= 1"),
     (["--tokens", "9", "--max-tokens-per-rank", "4"], "a captured batch must fit"),
     (["--comm", "local", "--world-size", "2", "--experts", "reference"],
      "--comm local runs one rank"),
