@@ -101,7 +101,8 @@ def command(args: argparse.Namespace) -> int:
 def _print_stages(spec: LayerSpec, job: DiagnoseJob, results: list[dict]) -> None:
     r0 = results[0]
     console.print(f"diagnose: W={len(results)} comm={r0['comm']} "
-                  f"experts={r0['experts']} weight_mode={spec.weight_mode} router={spec.router} "
+                  f"experts={r0['experts']} weight_mode={spec.weight_mode} "
+                  f"router={spec.router_name} "
                   f"dtype={results[0]['dtype']} E={spec.num_experts} K={spec.top_k} "
                   f"tokens/rank={job.batch}x{job.seq}" +
                   (f" injected={job.inject}" if job.inject else ""))

@@ -62,7 +62,7 @@ def command(args: argparse.Namespace) -> int:
         return 0
     W, r0 = len(results), results[0][0]
     table = Table(title=f"sanity: W={W} comm={r0['comm']} experts={r0['experts']} "
-                        f"dtype={r0['dtype']} {spec.shape} router={spec.router}"
+                        f"dtype={r0['dtype']} {spec.shape} router={spec.router_name}"
                         + (f" shared={spec.shared_intermediate_size}"
                            if spec.shared_intermediate_size else ""))
     for col in ("check", "weight_mode", "cases", "max rel err (all ranks)", "tolerance",

@@ -91,6 +91,11 @@ class LayerSpec:
         return spec
 
     @property
+    def router_name(self) -> str:
+        """The router family that runs: ``router``, or the checkpoint's (its config's)."""
+        return "the checkpoint's" if self.checkpoint else self.router
+
+    @property
     def weights_source(self) -> str:
         if self.checkpoint:
             return f"{self.checkpoint} layer {self.layer}"
