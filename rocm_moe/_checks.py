@@ -88,14 +88,16 @@ def check_integer(field: str, t: torch.Tensor) -> None:
         )
 
 
-def check_integer_value(field: str, value: object, *, minimum: int) -> None:
-    """A Python int (not a bool, not a float) of at least ``minimum``."""
+def check_integer_value(field: str, value: object, *, minimum: int,
+                        fix: str | None = None) -> None:
+    """A Python int (not a bool, not a float) of at least ``minimum`` (``fix``: what the
+    ValueError of a smaller one says to do)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(error_message(field, repr(value), "must be an int",
                                       f"pass {field} as an int"))
     if value < minimum:
         raise ValueError(error_message(field, value, f"must be >= {minimum}",
-                                       f"pass an int >= {minimum}"))
+                                       fix or f"pass an int >= {minimum}"))
 
 
 def check_id_range(

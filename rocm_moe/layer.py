@@ -36,7 +36,13 @@ from torch import nn
 
 from rocm_moe import faults, synthetic
 from rocm_moe import invariant as inv
-from rocm_moe._checks import FLOAT_DTYPES, check_finite, check_tensor, error_message
+from rocm_moe._checks import (
+    FLOAT_DTYPES,
+    check_finite,
+    check_integer_value,
+    check_tensor,
+    error_message,
+)
 from rocm_moe.comm.base import Dispatcher
 from rocm_moe.comm.local import LocalDispatcher
 from rocm_moe.experts.base import Experts, output_form, swiglu_expert
@@ -148,14 +154,8 @@ def _check_call(*, return_raw: object, trace: object, **tensors: object) -> None
 def _check_sizes(**sizes: int | None) -> None:
     """Every size is an int >= 1 (``None`` passes: an optional part left out)."""
     for field, value in sizes.items():
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(error_message(field, repr(value), "must be an int",
-                                          f"pass {field} as an int"))
-        if value < 1:
-            raise ValueError(error_message(field, value, "must be >= 1",
-                                           "take it from the model config"))
+        if value is not None:
+            check_integer_value(field, value, minimum=1, fix="take it from the model config")
 
 
 class EPMoE(nn.Module):
