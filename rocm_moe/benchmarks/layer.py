@@ -474,10 +474,8 @@ def _plot(rows: list[dict], path: Path, title: str) -> str:
     return f"plot: {path}"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """This benchmark's flags (``rocm-moe bench layer``)."""
-    p.add_argument("--world-size", type=argtypes.positive_int, default=None,
-                   help="ranks to spawn (default: one per GPU, else 2); ignored under torchrun")
+def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+    """--model and its shape overrides (``shape``), shared by bench layer and bench model."""
     p.add_argument("--model", choices=list(MODELS), default="qwen3-30b-a3b")
     p.add_argument("--num-experts", type=argtypes.positive_int, default=None,
                    help="override the model's E")
@@ -487,6 +485,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override the model's I")
     p.add_argument("--top-k", type=argtypes.positive_int, default=None,
                    help="override the model's K")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """--dtype, --warmup, --iters, --seed, shared by bench layer and bench model."""
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--warmup", type=argtypes.nonnegative_int, default=3)
+    p.add_argument("--iters", type=argtypes.positive_int, default=20)
+    p.add_argument("--seed", type=argtypes.seed_int, default=0)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This benchmark's flags (``rocm-moe bench layer``)."""
+    p.add_argument("--world-size", type=argtypes.positive_int, default=None,
+                   help="ranks to spawn (default: one per GPU, else 2); ignored under torchrun")
+    add_shape_arguments(p)
     p.add_argument("--shared-intermediate", type=argtypes.nonnegative_int, default=None,
                    help="override the model's shared expert size (0: none, where the model "
                    "has one)")
@@ -509,10 +522,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="size of the tokens' common component that carries the bias")
     p.add_argument("--hier-probe", action=argparse.BooleanOptionalAction, default=True,
                    help="across nodes: time a flat against a two-stage dispatch's collectives")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--warmup", type=argtypes.nonnegative_int, default=3)
-    p.add_argument("--iters", type=argtypes.positive_int, default=20)
-    p.add_argument("--seed", type=argtypes.seed_int, default=0)
+    add_run_arguments(p)
     p.add_argument("--out", type=argtypes.output_dir, default="bench/results",
                    help="folder for the JSON and the PNG")
     p.add_argument("--name", type=argtypes.file_stem, default=None,

@@ -31,7 +31,7 @@ from rocm_moe import Placement
 from rocm_moe import synthetic as syn
 from rocm_moe._console import progress
 from rocm_moe.benchmarks.comm import _timed
-from rocm_moe.benchmarks.layer import MODELS, _router, shape
+from rocm_moe.benchmarks.layer import _router, add_run_arguments, add_shape_arguments, shape
 from rocm_moe.cli import argtypes
 from rocm_moe.distributed import WorkerInfo, launch
 
@@ -116,15 +116,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the ranks run (auto: one GPU per rank where there are GPUs)")
     p.add_argument("--layers", type=argtypes.positive_int, default=8,
                    help="N, MoE layers in the stack")
-    p.add_argument("--model", choices=list(MODELS), default="qwen3-30b-a3b")
-    p.add_argument("--num-experts", type=argtypes.positive_int, default=None,
-                   help="override the model's E")
-    p.add_argument("--hidden", type=argtypes.positive_int, default=None,
-                   help="override the model's H")
-    p.add_argument("--intermediate", type=argtypes.positive_int, default=None,
-                   help="override the model's I")
-    p.add_argument("--top-k", type=argtypes.positive_int, default=None,
-                   help="override the model's K")
+    add_shape_arguments(p)
     p.add_argument("--tokens", type=argtypes.positive_int, nargs="+", default=[1, 8, 128],
                    help="tokens per rank")
     p.add_argument("--max-tokens-per-rank", type=argtypes.positive_int, default=None,
@@ -133,10 +125,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comm backend (default: symm on GPUs, local (W=1) or torch on CPUs)")
     p.add_argument("--experts", default=None,
                    help="experts backend (default: triton on GPUs, reference on CPUs)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--warmup", type=argtypes.nonnegative_int, default=3)
-    p.add_argument("--iters", type=argtypes.positive_int, default=20)
-    p.add_argument("--seed", type=argtypes.seed_int, default=0)
+    add_run_arguments(p)
     p.add_argument("--out", type=argtypes.output_dir, default="bench/results",
                    help="folder for the JSON")
     p.add_argument("--name", type=argtypes.file_stem, default=None,
