@@ -87,7 +87,7 @@ def defaults_table() -> Table:
 def memory_table() -> Table:
     """Comm memory per GPU of the one dispatcher every MoE layer of a model shares
     (``rocm_moe.comm.pool``): the whole model's, whatever its layer count."""
-    from rocm_moe.comm.pool import _size, memory_rows
+    from rocm_moe.comm.pool import human_bytes, memory_rows
 
     rows = memory_rows()
     table = Table(title=f"comm memory per GPU for the whole model (one dispatcher shared by "
@@ -96,5 +96,5 @@ def memory_table() -> Table:
     for col in ("model", "EP", "symm buffer", "MORI heap"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r["model"], str(r["ep"]), _size(r["symm"]), _size(r["mori"]))
+        table.add_row(r["model"], str(r["ep"]), human_bytes(r["symm"]), human_bytes(r["mori"]))
     return table

@@ -105,6 +105,17 @@ def join_group(placement: Placement, group, backend: str):
     return group, dist.get_rank(group)
 
 
+def group_hosts(group) -> list[str]:
+    """Collective: the host name of every rank of ``group``, in rank order."""
+    import socket
+
+    import torch.distributed as dist
+
+    hosts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    return hosts
+
+
 def check_row_bytes(hidden_size: int, dtype: torch.dtype) -> None:
     """Rows travel as 32-bit words (torch and symm backends)."""
     if hidden_size * dtype.itemsize % 4:

@@ -51,7 +51,6 @@ count to AITER as ``num_local_tokens``, so AITER does not even sort the padding.
 from __future__ import annotations
 
 import os
-import socket
 import weakref
 from dataclasses import dataclass
 
@@ -65,6 +64,7 @@ from rocm_moe.comm.base import (
     Dispatcher,
     DispatchResult,
     check_agreement,
+    group_hosts,
     join_group,
 )
 from rocm_moe.placement import Placement
@@ -336,9 +336,7 @@ class MoriDispatcher(Dispatcher):
     ):
         group, rank = join_group(placement, group, self.name)
         if gpu_per_node is None:
-            hosts = [None] * dist.get_world_size(group)
-            dist.all_gather_object(hosts, socket.gethostname(), group=group)
-            gpu_per_node = gpus_per_node(hosts)
+            gpu_per_node = gpus_per_node(group_hosts(group))
         self.mori_config = mori_config(placement, rank, hidden_size=hidden_size, top_k=top_k,
                                        dtype=dtype, max_tokens_per_rank=max_tokens_per_rank,
                                        kernel_type=kernel_type, gpu_per_node=gpu_per_node,

@@ -21,12 +21,11 @@ named none, with the reason, logged once per process.
 from __future__ import annotations
 
 import logging
-import socket
 
 import torch
 
 from rocm_moe._checks import check_integer_value, error_message
-from rocm_moe.comm.base import Dispatcher
+from rocm_moe.comm.base import Dispatcher, group_hosts
 from rocm_moe.placement import Placement
 
 log = logging.getLogger("rocm_moe")
@@ -72,7 +71,7 @@ def shared_dispatcher(name: str, placement: Placement, *, hidden_size: int, top_
     log.info("rocm_moe: built the shared %s dispatcher (W=%d, H=%d, K=%d, %s, %s tokens per "
              "rank, slot %d): %s per GPU", name, placement.world_size, hidden_size, top_k,
              dtype, max_tokens_per_rank, slot,
-             _size(comm_bytes(name, placement.world_size, max_tokens_per_rank or 0,
+             human_bytes(comm_bytes(name, placement.world_size, max_tokens_per_rank or 0,
                               hidden_size, top_k, dtype, placement.num_experts)))
     return disp
 
@@ -111,7 +110,8 @@ def comm_bytes(name: str, world_size: int, max_tokens_per_rank: int, hidden_size
     return 0
 
 
-def _size(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """``n`` bytes in MiB, or GiB from 1 GiB on."""
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
@@ -124,11 +124,7 @@ def _log_once(what: str, message: str) -> None:
 
 def _one_host(group) -> bool:
     """Collective: every rank of ``group`` on this host."""
-    import torch.distributed as dist
-
-    hosts: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(hosts, socket.gethostname(), group=group)
-    return len(set(hosts)) == 1
+    return len(set(group_hosts(group))) == 1
 
 
 def fastest_comm(world_size: int, device: torch.device, group=None, *,

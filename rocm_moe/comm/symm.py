@@ -52,7 +52,6 @@ run it.
 from __future__ import annotations
 
 import importlib.util
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +66,7 @@ from rocm_moe.comm.base import (
     DispatchResult,
     check_agreement,
     check_row_bytes,
+    group_hosts,
     join_group,
 )
 from rocm_moe.placement import Placement
@@ -95,8 +95,7 @@ def _round_up(n: int, a: int = _ALIGN) -> int:
 
 def _check_one_host(group) -> None:
     """Collective: every rank of ``group`` on one host (all raise together if not)."""
-    hosts: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    hosts = group_hosts(group)
     if len(set(hosts)) > 1:
         raise ValueError(error_message(
             "EP group hosts", sorted(set(hosts)), "the symm backend's puts are peer-to-peer "
