@@ -180,10 +180,8 @@ def chunk_count(dispatcher: Dispatcher, num_tokens: int, budget: int) -> int:
     every rank) and under CUDA-graph capture (a captured batch must fit one chunk); otherwise
     ``Dispatcher.num_chunks`` (the group's MAX, one small all-reduce)."""
     cap = dispatcher.max_tokens_per_rank
-    if cap is None:
-        return 1
-    if dispatcher.world_size == 1:  # nobody to agree with
-        return max(1, -(-num_tokens // cap))
+    if cap is None or dispatcher.world_size == 1:  # no capacity, or nobody to agree with
+        return dispatcher.num_chunks(num_tokens)  # (a host computation: no collective)
     if budget <= cap:
         return 1
     if _capturing():
