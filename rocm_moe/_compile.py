@@ -78,22 +78,24 @@ def _expert_configs(target: str) -> list[tuple[dict, int, int, str]]:
 def _gate_up(target: str) -> list[Launch]:
     return [Launch((("BLOCK_K", c["gate_up"]["BLOCK_K"]), ("BLOCK_M", c["BLOCK_M"]),
                     ("BLOCK_N", c["gate_up"]["BLOCK_N"]), ("DESC", TARGETS[target][5]),
-                    ("EVEN_K", H % c["gate_up"]["BLOCK_K"] == 0)),
+                    ("EVEN_K", H % c["gate_up"]["BLOCK_K"] == 0), ("PERSISTENT", persistent)),
                    c["gate_up"].get("num_warps", 4), c["gate_up"].get("num_stages", 3), origin)
-            for c, H, _, origin in _expert_configs(target)]
+            for c, H, _, origin in _expert_configs(target) for persistent in (False, True)]
 
 
 def _down(target: str) -> list[Launch]:
     return [Launch((("BLOCK_K", c["down"]["BLOCK_K"]), ("BLOCK_M", c["BLOCK_M"]),
                     ("BLOCK_N", c["down"]["BLOCK_N"]), ("DESC", TARGETS[target][5]),
-                    ("EVEN_K", I % c["down"]["BLOCK_K"] == 0), ("WEIGHTED", weighted)),
+                    ("EVEN_K", I % c["down"]["BLOCK_K"] == 0), ("PERSISTENT", persistent),
+                    ("WEIGHTED", weighted)),
                    c["down"].get("num_warps", 4), c["down"].get("num_stages", 3), origin)
-            for c, _, I, origin in _expert_configs(target) for weighted in (True, False)]
+            for c, _, I, origin in _expert_configs(target) for weighted in (True, False)
+            for persistent in (False, True)]
 
 
 def _slot_sum(target: str) -> list[Launch]:
-    return [Launch((("BLOCK_H", 1024), ("K_TOPK", K)), 4, 1, f"K={K}")
-            for K in sorted({k for _, _, k, _ in MODEL_SHAPES})]
+    return [Launch((("BLOCK_H", 1024), ("BOUNDED", bounded), ("K_TOPK", K)), 4, 1, f"K={K}")
+            for K in sorted({k for _, _, k, _ in MODEL_SHAPES}) for bounded in (False, True)]
 
 
 def _layout_launches(target: str) -> dict[str, list[Launch]]:
@@ -134,7 +136,7 @@ def _desc(rows: str, cols: str):
 _EXPERT_PTRS = dict(x_ptr="*bf16", w13=_desc("BLOCK_N", "BLOCK_K"), inter_ptr="*bf16",
                     inter=_desc("BLOCK_M", "BLOCK_K"), w2=_desc("BLOCK_N", "BLOCK_K"),
                     out_ptr="*bf16", sorted_ptr="*i32", block_expert_ptr="*i32",
-                    weight_ptr="*fp32")
+                    weight_ptr="*fp32", num_padded_ptr="*i32")
 _LAYOUT_PTRS = dict(ids_ptr="*i32", map_ptr="*i32", local_ptr="*i64", rank_ptr="*i32",
                     counts_ptr="*i32", sorted_ptr="*i32", totals_ptr="*i32", before_ptr="*i32",
                     block_expert_ptr="*i32", tpe_ptr="*i32", offsets_ptr="*i32",
@@ -220,7 +222,8 @@ KERNELS = [
     Kernel("rocm_moe.experts._triton_kernels:_gate_up_kernel", _EXPERT_PTRS, _gate_up),
     Kernel("rocm_moe.experts._triton_kernels:_down_kernel", _EXPERT_PTRS, _down),
     Kernel("rocm_moe.experts._triton_kernels:_slot_sum_kernel",
-           dict(slots_ptr="*bf16", local_ptr="*i64", out_ptr="*bf16"), _slot_sum),
+           dict(slots_ptr="*bf16", local_ptr="*i64", out_ptr="*bf16", num_rows_ptr="*i32"),
+           _slot_sum),
     Kernel("rocm_moe.experts._triton_fp8:_quant_rows_kernel", _FP8_PTRS,
            lambda t: grid(GROUP=128, GPB=8, ROUND=False, MIN_EXP=-7 if t == "gfx942" else -6,
                           FP8_MAX=240.0 if t == "gfx942" else 448.0)(t)),

@@ -27,6 +27,7 @@ stages (``layer.fault = "weights_twice"``) and ``rocm_moe.diagnose`` taps their 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ from rocm_moe import invariant as inv
 from rocm_moe._checks import (
     FLOAT_DTYPES,
     check_finite,
+    check_id_range,
+    check_integer,
     check_integer_value,
     check_tensor,
     error_message,
@@ -48,6 +51,7 @@ from rocm_moe.comm.local import LocalDispatcher
 from rocm_moe.experts.base import Experts, output_form, swiglu_expert
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.placement import Placement
+from rocm_moe.replicas import ReplicaChoice, ReplicatedPlacement
 from rocm_moe.routing import RouterConfig, RoutingResult, route
 from rocm_moe.weighting import ExpertsOutput, WeightMode, resolve_weight_mode, weight_once
 
@@ -158,6 +162,53 @@ def _check_sizes(**sizes: int | None) -> None:
             check_integer_value(field, value, minimum=1, fix="take it from the model config")
 
 
+def _eplb_placement(E: int, world: int, num_redundant: int | None,
+                    given: ReplicatedPlacement | None) -> ReplicatedPlacement | None:
+    """The layer's first replica placement, or None (no EPLB); checks the two arguments."""
+    if num_redundant is not None:
+        check_integer_value("num_redundant_experts", num_redundant, minimum=0,
+                            fix="pass R >= 0 redundant experts, or None for no EPLB")
+    if given is None:
+        return None if num_redundant is None else \
+            ReplicatedPlacement.initial(E, num_redundant, world)
+    if not isinstance(given, ReplicatedPlacement):
+        raise TypeError(error_message(
+            "replica_placement", type(given).__name__, "must be a ReplicatedPlacement",
+            "build it with ReplicatedPlacement(phys_to_log, world_size, num_experts)"))
+    if given.num_experts != E or given.world_size != world:
+        raise ValueError(error_message(
+            "replica_placement (E, W)", (given.num_experts, given.world_size),
+            f"must match the router's E={E} and the dispatcher's W={world}",
+            "build it for this layer's experts and EP group"))
+    if num_redundant is not None and given.num_redundant != num_redundant:
+        raise ValueError(error_message(
+            "num_redundant_experts", num_redundant, f"must equal replica_placement's R = P - E "
+            f"= {given.num_redundant}", "leave num_redundant_experts out"))
+    return given
+
+
+def _check_physical_dispatcher(disp: Dispatcher, replicas: ReplicatedPlacement) -> None:
+    """With EPLB the dispatcher moves physical ids: its placement must be the contiguous one
+    of P = E + R experts."""
+    P, W, got = replicas.num_physical, replicas.world_size, disp.placement
+    if got != replicas.physical:
+        raise ValueError(error_message(
+            "dispatcher.placement", f"{got.num_experts} experts over {got.world_size} ranks"
+            f"{'' if got.is_contiguous else ' (not contiguous)'}",
+            f"with EPLB it must be the contiguous placement of the P = E + R = {P} physical "
+            "experts (the dispatcher moves physical ids)",
+            f"build the dispatcher with Placement.contiguous({P}, {W})"))
+
+
+def _row_bound(d, num_tokens: int, world_size: int) -> dict:
+    """A capacity-sized dispatch's device row count for the experts, so their cost follows the
+    rows received, not the capacity (issue 33), and the host's estimate of it (every rank
+    sending ``num_tokens``); nothing for a dispatch sized to its rows."""
+    if d.num_valid is None:
+        return {}
+    return dict(num_rows=d.num_valid, expected_rows=min(d.x.shape[0], num_tokens * world_size))
+
+
 class EPMoE(nn.Module):
     """Expert-parallel MoE block: route -> dispatch -> experts -> combine (+ shared experts).
 
@@ -180,6 +231,16 @@ class EPMoE(nn.Module):
         validate: run the value checks (finite hidden states, router logits and bias, id
             ranges, weights), which read tensors on the host; skipped under CUDA graph capture.
             ``validate=False`` is the hot path: no host read, and a NaN then propagates.
+        num_redundant_experts: R >= 0 turns on expert-parallel load balancing (EPLB,
+            notes/eplb.md): the ranks hold P = E + R physical experts, copies of the E logical
+            ones (``replicas``, a ``ReplicatedPlacement``; initially
+            ``ReplicatedPlacement.initial``), the dispatcher must be built over
+            ``Placement.contiguous(E + R, W)``, each (token, slot) goes to one replica of its
+            expert (chosen on the device), the load is counted (``expert_load``) and
+            ``rebalance`` moves experts between ranks. None (default): no EPLB.
+        replica_placement: an explicit first ``ReplicatedPlacement`` (an engine's map); it sets
+            R (``num_redundant_experts`` may then be left out, or must agree).
+        load_window: forwards the EPLB load counters sum over (a ring of that many steps).
     """
 
     def __init__(
@@ -198,6 +259,9 @@ class EPMoE(nn.Module):
         validate: bool = True,
         invariant: bool = False,
         fused_router: bool = False,
+        num_redundant_experts: int | None = None,
+        replica_placement: ReplicatedPlacement | None = None,
+        load_window: int = 64,
     ):
         super().__init__()
         resolve_weight_mode(weight_mode)  # validates it
@@ -209,8 +273,14 @@ class EPMoE(nn.Module):
         if not isinstance(router, RouterConfig):
             raise TypeError(error_message("router", type(router).__name__,
                                           "must be a RouterConfig", "use RouterConfig.qwen3_moe()"))
-        self.dispatcher = dispatcher or LocalDispatcher(Placement.contiguous(router.num_experts, 1))
-        if self.dispatcher.placement.num_experts != router.num_experts:
+        world = dispatcher.world_size if isinstance(dispatcher, Dispatcher) else 1
+        self._replicas = _eplb_placement(router.num_experts, world, num_redundant_experts,
+                                         replica_placement)
+        P = router.num_experts if self._replicas is None else self._replicas.num_physical
+        self.dispatcher = dispatcher or LocalDispatcher(Placement.contiguous(P, 1))
+        if self._replicas is not None:
+            _check_physical_dispatcher(self.dispatcher, self._replicas)
+        elif self.dispatcher.placement.num_experts != router.num_experts:
             raise ValueError(error_message(
                 "dispatcher.placement.num_experts", self.dispatcher.placement.num_experts,
                 f"must equal router.num_experts={router.num_experts}", "build both from one E"))
@@ -232,6 +302,8 @@ class EPMoE(nn.Module):
             raise TypeError(error_message("fused_router", repr(fused_router), "must be a bool",
                                           "pass True or False"))
         self.fused_router = fused_router
+        check_integer_value("load_window", load_window, minimum=1,
+                            fix="pass the number of forwards the EPLB load is summed over")
         E, H, I = router.num_experts, hidden_size, intermediate_size
         e = self.dispatcher.placement.num_local(self.dispatcher.rank)
         kw = dict(dtype=dtype, device=device)
@@ -247,6 +319,14 @@ class EPMoE(nn.Module):
         if shared_intermediate_size:
             self.shared_experts = SharedExperts(H, shared_intermediate_size,
                                                 gated=shared_expert_gate, **kw)
+        self._choice: ReplicaChoice | None = None
+        self._load = None
+        if self._replicas is not None:
+            from rocm_moe.eplb import ExpertLoad
+
+            dev = self.gate.weight.device
+            self._choice = ReplicaChoice(self._replicas, self.dispatcher.rank, dev)
+            self._load = ExpertLoad(E, self._replicas.num_physical, load_window, dev)
         self.reset_parameters()
 
     @property
@@ -338,7 +418,115 @@ class EPMoE(nn.Module):
 
     @property
     def local_experts(self) -> tuple[int, ...]:
+        """The (logical) expert of each local weight row: the placement's local experts, or
+        with EPLB the logical expert each local physical expert holds (a replica's twin
+        rows hold the same expert)."""
+        if self._replicas is not None:
+            return self._replicas.logical_experts(self.dispatcher.rank)
         return self.dispatcher.placement.local_experts(self.dispatcher.rank)
+
+    # ---- expert-parallel load balancing (notes/eplb.md) --------------------------------------
+    @property
+    def replicas(self) -> ReplicatedPlacement | None:
+        """The current replica placement (EPLB), or None (a layer without EPLB)."""
+        return self._replicas
+
+    def _require_eplb(self, what: str) -> None:
+        if self._replicas is None:
+            raise ValueError(error_message(
+                what, "called on a layer without EPLB", "it needs replicated experts",
+                "build the layer with EPMoE(..., num_redundant_experts=R), R >= 0"))
+
+    def _eplb_group(self):
+        """The EP group (None on one rank) and its collective timeout in seconds."""
+        disp = self.dispatcher
+        if disp.world_size == 1:
+            return None, None
+        timeout = getattr(disp, "timeout", None)
+        return disp.group, (timeout.total_seconds() if timeout is not None else None)
+
+    def expert_load(self, *, scope: str = "group"):
+        """The EPLB load over the last ``load_window`` forwards (``eplb.LoadReport``: [E]
+        logical, [P] physical, [W] per-rank (token, slot) counts). ``scope="group"`` sums every
+        rank's (a collective: every rank calls it); ``"rank"``: this rank's tokens only."""
+        self._require_eplb("expert_load")
+        if scope not in ("group", "rank"):
+            raise ValueError(error_message("scope", repr(scope), "must be 'group' or 'rank'",
+                                           "pass scope='group' (collective) or 'rank'"))
+        group = self._eplb_group()[0] if scope == "group" else None
+        report = self._load.report(self._replicas, group=group)
+        return report if group is not None or scope == "rank" else \
+            dataclasses.replace(report, scope="group")
+
+    def _expert_tensors(self) -> list[torch.Tensor]:
+        """Every [e, ...] per-expert tensor the experts read (float w13/w2, or an FP8 layer's
+        weights and block scales), as tensors to copy into in place."""
+        out: list[torch.Tensor] = []
+        for w in self.expert_weights():
+            out.extend([w] if isinstance(w, torch.Tensor) else [w.weight, w.scale_inv])
+        out += [b for b in (getattr(self, "w13_bias", None), getattr(self, "w2_bias", None))
+                if isinstance(b, torch.Tensor)]  # (an expert variant's per-expert biases)
+        return [t.data if isinstance(t, nn.Parameter) else t for t in out]
+
+    @torch.no_grad()
+    def rebalance(self, phys_to_log: torch.Tensor | None = None, *, num_nodes: int = 1,
+                  experts_per_round: int = 1):
+        """Move to a new replica placement between forwards; collective: every rank of the EP
+        group calls it with the same ``phys_to_log`` [P] (int, logical id of each physical
+        expert; None: ``eplb_balance.rebalance`` of the group's ``expert_load`` over
+        ``num_nodes`` nodes). The ranks exchange the table (a bad or differing one is refused
+        on every rank before any weight moves), send the experts that change owner
+        (``experts_per_round`` experts of the group at a time) into a staging buffer, agree
+        that every rank succeeded, and only then swap weights and placement on every rank
+        (``eplb.RebalanceResult``). A rank failing in the move is named on the others
+        (``PeerFailure``); every rank then keeps its old placement and weights."""
+        from rocm_moe import eplb
+
+        self._require_eplb("rebalance")
+        check_integer_value("experts_per_round", experts_per_round, minimum=1,
+                            fix="pass how many experts the group moves per round")
+        old, rank = self._replicas, self.dispatcher.rank
+        group, timeout_s = self._eplb_group()
+        if phys_to_log is None:
+            phys_to_log = self._balanced_placement(num_nodes)
+        try:
+            mine: ReplicatedPlacement | Exception = ReplicatedPlacement(
+                phys_to_log, old.world_size, old.num_experts)
+            eplb.plan_move(old, mine)  # (checks the sizes)
+        except (ValueError, TypeError) as exc:
+            mine = exc
+        if group is not None:
+            new = eplb.agree_placement(mine, rank, group, timeout_s)
+        elif isinstance(mine, Exception):
+            raise mine
+        else:
+            new = mine
+        plan = eplb.plan_move(old, new)
+        tensors = self._expert_tensors()
+        staged = eplb.move_weights(tensors, plan, rank, group,
+                                   experts_per_round=experts_per_round, timeout_s=timeout_s)
+        eplb.commit(tensors, staged, plan, rank)  # every rank succeeded: swap
+        self._replicas = new
+        self._choice.update(new)
+        self._load.restart_physical()
+        expert_bytes = sum(t[0].nbytes for t in tensors)
+        return eplb.RebalanceResult(
+            placement=new, moved=sum(t.src_rank != t.dst_rank for t in plan),
+            copied=sum(t.src_rank == t.dst_rank for t in plan),
+            received_bytes=expert_bytes * sum(t.dst_rank == rank != t.src_rank for t in plan))
+
+    def _balanced_placement(self, num_nodes: int) -> torch.Tensor:
+        """``eplb_balance.rebalance`` of the group's logical load (the same on every rank)."""
+        try:
+            from rocm_moe.eplb_balance import rebalance as balance
+        except ImportError as exc:
+            raise ValueError(error_message(
+                "phys_to_log", None, f"no balancing algorithm to compute it ({exc})",
+                "pass the new phys_to_log [P] yourself")) from exc
+        load = self.expert_load(scope="group")
+        r = self._replicas
+        return balance(load.logical, num_physical=r.num_physical, num_ranks=r.world_size,
+                       num_nodes=num_nodes, num_groups=self.router.n_group)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
@@ -369,8 +557,8 @@ class EPMoE(nn.Module):
             check_tensor(name, src, shape=(None, *dst.shape[1:]), dtypes=FLOAT_DTYPES,
                          fix=f"pass float weights; integer ones would be cast silently "
                          f"(convert on purpose with {name}.to({dst.dtype}))")
-            if src.shape[0] == E and e != E:
-                src = src[list(self.local_experts)]
+            if src.shape[0] == E and (e != E or self._replicas is not None):
+                src = src[list(self.local_experts)]  # (EPLB: [E] rows are the logical ones)
             elif src.shape[0] != e:
                 raise ValueError(error_message(
                     f"{name}.shape[0]", src.shape[0], f"must be E={E} (global) or e={e} (local)",
@@ -441,6 +629,13 @@ class EPMoE(nn.Module):
             _check_call(return_raw=return_raw, trace=trace, topk_weights=topk_weights,
                         topk_ids=topk_ids)
             x_TH = self._flatten(hidden_states)
+            if self._replicas is not None:  # logical ids: [T, K] in [0, E), not [0, P)
+                check_tensor("topk_ids", topk_ids, shape=(x_TH.shape[0], self.router.top_k),
+                             fix="pass [T, K] logical expert ids; pad unused slots with -1")
+                check_integer("topk_ids", topk_ids)
+                if self.validate:
+                    check_id_range("topk_ids", topk_ids, self.router.num_experts,
+                                   allow_minus_one=True)
         return self._run(hidden_states, x_TH,
                          RoutingResult(topk_weights=topk_weights, topk_ids=topk_ids),
                          return_raw, trace)
@@ -490,6 +685,11 @@ class EPMoE(nn.Module):
         raw_path = return_raw or self.invariant  # invariant: the owner sums in slot order
         weight_mode = "combine" if raw_path else self.weight_mode
         self._refuse_unsupported(weight_mode, raw_path, x_TH)
+        logical = routing
+        if self._replicas is not None:  # each (token, slot) to one replica, on the device
+            phys_TK = self._choice.to_physical(routing.topk_ids)
+            self._load.record(routing.topk_ids, phys_TK)
+            routing = RoutingResult(topk_weights=routing.topk_weights, topk_ids=phys_TK)
         n = disp.num_chunks(x_TH.shape[0])
         if n == 1:
             y_TH, raw_TKH, ids_TK, w_TK, weighted = self._run_chunk(
@@ -515,6 +715,8 @@ class EPMoE(nn.Module):
         if not return_raw:
             return out
         lead, K = hidden_states.shape[:-1], ids_TK.shape[1]
+        if self._replicas is not None:  # the caller's logical ids, not the replicas'
+            ids_TK = logical.topk_ids.to(torch.int32)
         return MoEOutput(out=out, raw=raw_TKH.reshape(*lead, K, self.hidden_size),
                          topk_weights=w_TK, topk_ids=ids_TK,
                          weighted_by="experts" if weighted else "combine")

@@ -82,8 +82,8 @@ def _fp8_gate_up_kernel(
     ``as`` [R, N_KB] scales; ``w`` [e * 2I, H] FP8 with ``ws`` [e, 2I/128, N_KB]; the
     intermediate ``iq`` [P, I] FP8 with ``is`` [P, I/128] scales, quantised in the epilogue
     (BLOCK_N == 128: a tile is one scale group of each row)."""
-    e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(block_expert_ptr, sorted_ptr,
-                                                          N_SLOTS, I, BLOCK_M, BLOCK_N)
+    e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(
+        tl.program_id(0), block_expert_ptr, sorted_ptr, N_SLOTS, I, BLOCK_M, BLOCK_N)
     if e < 0:
         return
     row = tl.where(valid, slot // K_TOPK, 0).to(tl.int64)
@@ -124,8 +124,8 @@ def _fp8_down_kernel(
 ):
     """out[slot(p), n] = (d[p] @ down[e].T)[n] (times the slot's weight when WEIGHTED) with
     d = iq * is the FP8 intermediate; ``w`` [e * H, I] FP8, ``ws`` [e, ceil(H/128), I/128]."""
-    e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(block_expert_ptr, sorted_ptr,
-                                                          N_SLOTS, H, BLOCK_M, BLOCK_N)
+    e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(
+        tl.program_id(0), block_expert_ptr, sorted_ptr, N_SLOTS, H, BLOCK_M, BLOCK_N)
     if e < 0:
         return
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -13,22 +13,29 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile(block_expert_ptr, sorted_ptr, N_SLOTS, N_OUT, BLOCK_M: tl.constexpr,
+def _tile(t, block_expert_ptr, sorted_ptr, N_SLOTS, N_OUT, BLOCK_M: tl.constexpr,
           BLOCK_N: tl.constexpr):
-    """The (row block, column tile) of this program. Column tiles vary fastest in launch order,
-    so the programs running together share the block's input rows and the expert's weights
-    in L2 (with the block index fastest, every input block was re-read from HBM once per
-    column tile). Returns the block's local expert (-1: unused block), slot positions, slot
-    ids, which slots are real, the tile's first column, its columns and their bound mask."""
-    pid = tl.program_id(0)
+    """Tile ``t``: (row block, column tile). Column tiles vary fastest in tile order, so the
+    tiles running together share the block's input rows and the expert's weights in L2 (with
+    the block index fastest, every input block was re-read from HBM once per column tile).
+    Returns the block's local expert (-1: unused block), slot positions, slot ids, which slots
+    are real, the tile's first column, its columns and their bound mask."""
     n_tiles = tl.cdiv(N_OUT, BLOCK_N)
-    pid_m = pid // n_tiles
+    pid_m = t // n_tiles
     e = tl.load(block_expert_ptr + pid_m)
     offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slot = tl.load(sorted_ptr + offs_p)
-    n_start = (pid % n_tiles) * BLOCK_N
+    n_start = (t % n_tiles) * BLOCK_N
     offs_n = n_start + tl.arange(0, BLOCK_N)
     return e, offs_p, slot, slot < N_SLOTS, n_start, offs_n, offs_n < N_OUT
+
+
+@triton.jit
+def _num_tiles(num_padded_ptr, N_OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tiles of the blocks in use (``layout.num_padded``, read on the device): a PERSISTENT
+    launch loops over these only, so its cost follows the rows received, not the capacity
+    its buffers were sized for (every block below num_padded has a local expert)."""
+    return tl.load(num_padded_ptr) // BLOCK_M * tl.cdiv(N_OUT, BLOCK_N)
 
 
 @triton.jit
@@ -56,86 +63,127 @@ def _w_tile(w, row0, n_ok, k0, offs_k, k_ok, stride_wn, DESC: tl.constexpr,
 
 
 @triton.jit
+def _gate_up_tile(
+    t, x_ptr, w13, inter_ptr, sorted_ptr, block_expert_ptr, N_SLOTS, H, I, K_TOPK,
+    stride_xr, stride_wn, stride_ip, EVEN_K: tl.constexpr, DESC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(t, block_expert_ptr, sorted_ptr,
+                                                          N_SLOTS, I, BLOCK_M, BLOCK_N)
+    if e >= 0:
+        row = tl.where(valid, slot // K_TOPK, 0).to(tl.int64)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        n0 = e * 2 * I + n_start  # first weight row of the gate tile; the up tile's is n0 + I
+        for k0 in range(0, H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = _k_mask(offs_k, H, EVEN_K)
+            a = tl.load(x_ptr + row[:, None] * stride_xr + offs_k[None, :],
+                        mask=valid[:, None] & k_ok[None, :], other=0.0)
+            g = _w_tile(w13, n0, n_ok, k0, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
+            u = _w_tile(w13, n0 + I, n_ok, k0, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
+            acc_g = tl.dot(a, g, acc_g)
+            acc_u = tl.dot(a, u, acc_u)
+        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        tl.store(inter_ptr + offs_p[:, None].to(tl.int64) * stride_ip + offs_n[None, :],
+                 h.to(inter_ptr.dtype.element_ty), mask=n_ok[None, :])
+
+
+@triton.jit
 def _gate_up_kernel(
-    x_ptr, w13, inter_ptr, sorted_ptr, block_expert_ptr,
+    x_ptr, w13, inter_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     N_SLOTS, H, I, K_TOPK,
     stride_xr, stride_wn, stride_ip, EVEN_K: tl.constexpr, DESC: tl.constexpr,
+    PERSISTENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """inter[p, n] = silu(x[row(p)] @ gate[e].T) * (x[row(p)] @ up[e].T) for the padded slot
     positions p of one block (one local expert e per block; its sentinel rows get zeros).
-    ``w13``: the weights as [e * 2I, H] (pointer, or descriptor of [BLOCK_N, BLOCK_K] tiles)."""
-    e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(block_expert_ptr, sorted_ptr,
-                                                          N_SLOTS, I, BLOCK_M, BLOCK_N)
-    if e < 0:
-        return
-    row = tl.where(valid, slot // K_TOPK, 0).to(tl.int64)
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    n0 = e * 2 * I + n_start  # first weight row of the gate tile; the up tile's is n0 + I
-    for k0 in range(0, H, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = _k_mask(offs_k, H, EVEN_K)
-        a = tl.load(x_ptr + row[:, None] * stride_xr + offs_k[None, :],
-                    mask=valid[:, None] & k_ok[None, :], other=0.0)
-        g = _w_tile(w13, n0, n_ok, k0, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
-        u = _w_tile(w13, n0 + I, n_ok, k0, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
-        acc_g = tl.dot(a, g, acc_g)
-        acc_u = tl.dot(a, u, acc_u)
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-    tl.store(inter_ptr + offs_p[:, None].to(tl.int64) * stride_ip + offs_n[None, :],
-             h.to(inter_ptr.dtype.element_ty), mask=n_ok[None, :])
+    ``w13``: the weights as [e * 2I, H] (pointer, or descriptor of [BLOCK_N, BLOCK_K] tiles).
+    One tile per program, or PERSISTENT: the programs stride over the tiles in use."""
+    if PERSISTENT:
+        for t in range(tl.program_id(0), _num_tiles(num_padded_ptr, I, BLOCK_M, BLOCK_N),
+                       tl.num_programs(0)):
+            _gate_up_tile(t, x_ptr, w13, inter_ptr, sorted_ptr, block_expert_ptr, N_SLOTS, H,
+                          I, K_TOPK, stride_xr, stride_wn, stride_ip, EVEN_K, DESC, BLOCK_M,
+                          BLOCK_N, BLOCK_K)
+    else:
+        _gate_up_tile(tl.program_id(0), x_ptr, w13, inter_ptr, sorted_ptr, block_expert_ptr,
+                      N_SLOTS, H, I, K_TOPK, stride_xr, stride_wn, stride_ip, EVEN_K, DESC,
+                      BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _down_tile(
+    t, inter, w2, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr, N_SLOTS, H, I,
+    stride_ip, stride_wn, stride_os,
+    WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, DESC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(t, block_expert_ptr, sorted_ptr,
+                                                          N_SLOTS, H, BLOCK_M, BLOCK_N)
+    if e >= 0:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        n0 = e * H + n_start
+        p0 = t // tl.cdiv(H, BLOCK_N) * BLOCK_M  # the block's first position
+        for k0 in range(0, I, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = _k_mask(offs_k, I, EVEN_K)
+            if DESC:
+                a = inter.load([p0, k0])
+            else:
+                a = tl.load(inter + offs_p[:, None].to(tl.int64) * stride_ip + offs_k[None, :],
+                            mask=valid[:, None] & k_ok[None, :], other=0.0)
+            b = _w_tile(w2, n0, n_ok, k0, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
+            acc = tl.dot(a, b, acc)
+        if WEIGHTED:
+            w = tl.load(weight_ptr + slot, mask=valid, other=0.0)
+            acc = acc * w[:, None]
+        safe = tl.where(valid, slot, 0).to(tl.int64)
+        tl.store(out_ptr + safe[:, None] * stride_os + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _down_kernel(
-    inter, w2, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
+    inter, w2, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr, num_padded_ptr,
     N_SLOTS, H, I,
     stride_ip, stride_wn, stride_os,
-    WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, DESC: tl.constexpr,
+    WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, DESC: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[slot(p), n] = (inter[p] @ down[e].T)[n], times the slot's routing weight when
     WEIGHTED (the epilogue); rows are written only for real slots. ``inter`` [P, I] and
     ``w2`` as [e * H, I]: pointers, or descriptors of [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K]
-    tiles."""
-    e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(block_expert_ptr, sorted_ptr,
-                                                          N_SLOTS, H, BLOCK_M, BLOCK_N)
-    if e < 0:
-        return
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    n0 = e * H + n_start
-    p0 = tl.program_id(0) // tl.cdiv(H, BLOCK_N) * BLOCK_M  # the block's first position
-    for k0 in range(0, I, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = _k_mask(offs_k, I, EVEN_K)
-        if DESC:
-            a = inter.load([p0, k0])
-        else:
-            a = tl.load(inter + offs_p[:, None].to(tl.int64) * stride_ip + offs_k[None, :],
-                        mask=valid[:, None] & k_ok[None, :], other=0.0)
-        b = _w_tile(w2, n0, n_ok, k0, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
-        acc = tl.dot(a, b, acc)
-    if WEIGHTED:
-        w = tl.load(weight_ptr + slot, mask=valid, other=0.0)
-        acc = acc * w[:, None]
-    safe = tl.where(valid, slot, 0).to(tl.int64)
-    tl.store(out_ptr + safe[:, None] * stride_os + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+    tiles. One tile per program, or PERSISTENT: the programs stride over the tiles in use."""
+    if PERSISTENT:
+        for t in range(tl.program_id(0), _num_tiles(num_padded_ptr, H, BLOCK_M, BLOCK_N),
+                       tl.num_programs(0)):
+            _down_tile(t, inter, w2, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr, N_SLOTS,
+                       H, I, stride_ip, stride_wn, stride_os, WEIGHTED, EVEN_K, DESC, BLOCK_M,
+                       BLOCK_N, BLOCK_K)
+    else:
+        _down_tile(tl.program_id(0), inter, w2, out_ptr, sorted_ptr, block_expert_ptr,
+                   weight_ptr, N_SLOTS, H, I, stride_ip, stride_wn, stride_os, WEIGHTED,
+                   EVEN_K, DESC, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
-def _slot_sum_kernel(slots_ptr, local_ptr, out_ptr, H, K_TOPK: tl.constexpr,
-                     BLOCK_H: tl.constexpr):
+def _slot_sum_kernel(slots_ptr, local_ptr, out_ptr, num_rows_ptr, R, H, K_TOPK: tl.constexpr,
+                     BOUNDED: tl.constexpr, BLOCK_H: tl.constexpr):
     """out[r] = sum over the local slots k (local id >= 0) of slots[r * K + k], in float32, slot
     order. The K slots are unrolled, each load predicated on its slot's local id, so no load
     waits on a branch (a loop that branched on each id waited for it before the next load) and
-    rows of non-local slots are never read (they need no zero fill)."""
-    r = tl.program_id(0).to(tl.int64)
+    rows of non-local slots are never read (they need no zero fill). The programs stride over
+    the rows: all R, or BOUNDED: the first ``num_rows[0]`` (read on the device; the rest of
+    ``out`` is not written)."""
+    end = tl.load(num_rows_ptr) if BOUNDED else R
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for k in tl.static_range(K_TOPK):
-        end = tl.where(tl.load(local_ptr + r * K_TOPK + k) >= 0, H, 0)  # non-local: no columns
-        acc += tl.load(slots_ptr + (r * K_TOPK + k) * H + h, mask=h < end,
-                       other=0.0).to(tl.float32)
-    tl.store(out_ptr + r * H + h, acc.to(out_ptr.dtype.element_ty), mask=h < H)
+    for r in range(tl.program_id(0), end, tl.num_programs(0)):
+        r64 = tl.cast(r, tl.int64)
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for k in tl.static_range(K_TOPK):
+            stop = tl.where(tl.load(local_ptr + r64 * K_TOPK + k) >= 0, H, 0)  # non-local: none
+            acc += tl.load(slots_ptr + (r64 * K_TOPK + k) * H + h, mask=h < stop,
+                           other=0.0).to(tl.float32)
+        tl.store(out_ptr + r64 * H + h, acc.to(out_ptr.dtype.element_ty), mask=h < H)

@@ -8,6 +8,14 @@ Inputs (on one rank, after dispatch):
     w2              [e, H, I] local experts' down weights.
     expert_map      ExpertMap of this rank: selects the local slots; other slots are skipped.
 
+    num_rows        optional [1] int32 device tensor: only rows r < num_rows[0] hold slots
+                    (the rest have every id -1, e.g. a capacity-sized receive buffer, whose row
+                    count stays on the device). A backend with ``bounded_rows`` then sizes its
+                    work by the rows received, not R, and leaves weighted output rows past the
+                    count unwritten (their values are unspecified; raw outputs stay zero there);
+                    others compute every row. ``expected_rows``: a host-side estimate of that
+                    count (no sync) to pick launch configurations by.
+
 ``weight_mode`` (who applies the routing weights, ``rocm_moe.weighting``):
     "experts":  out [R, H] = sum over local slots k of w[r, k] * expert_k(x[r]); the backend
                 applied the weights (``weights_applied=True``), as AITER's fused_moe does.
@@ -93,10 +101,40 @@ def check_expert_inputs(
         check_weights("topk_weights", topk_weights_RK)
 
 
+def check_row_bound(num_rows: object, expected_rows: object, topk_ids_RK: torch.Tensor, *,
+                    validate: bool) -> None:
+    """``num_rows``: None or a [1] int32 tensor on the ids' device; with ``validate`` (one host
+    read) its value lies in [0, R] and every row past it is empty (all ids -1).
+    ``expected_rows``: None or an int in [0, R]."""
+    R = topk_ids_RK.shape[0]
+    if expected_rows is not None and (isinstance(expected_rows, bool)
+                                      or not isinstance(expected_rows, int)
+                                      or not 0 <= expected_rows <= R):
+        raise ValueError(error_message(
+            "expected_rows", repr(expected_rows), f"must be None or an int in [0, R={R}]",
+            "pass the host's estimate of the rows received, or None"))
+    if num_rows is None:
+        return
+    check_tensor("num_rows", num_rows, shape=(1,), dtypes=(torch.int32,),
+                 fix="pass the dispatch's [1] int32 device row count (DispatchResult.num_valid)")
+    check_same_device({"topk_ids": topk_ids_RK, "num_rows": num_rows})
+    if validate:
+        n = int(num_rows[0])
+        if not 0 <= n <= R:
+            raise ValueError(error_message("num_rows[0]", n, f"must lie in [0, R={R}]",
+                                           "pass the number of rows received"))
+        if bool((topk_ids_RK[n:] != -1).any()):
+            raise ValueError(error_message(
+                "topk_ids[num_rows:]", f"rows past num_rows={n} hold expert ids",
+                "rows past num_rows must be empty (every id -1)",
+                "pass the row count the dispatch left, or num_rows=None"))
+
+
 class Experts(ABC):
     """An expert backend. Stateless: weights and the expert map come with every call."""
 
     name: ClassVar[str]
+    bounded_rows: ClassVar[bool] = False  # _forward takes num_rows / expected_rows
 
     @classmethod
     def availability(cls) -> str | None:
@@ -136,17 +174,22 @@ class Experts(ABC):
         weight_mode: WeightMode | None = None,
         validate: bool = True,
         mode: ExpertsMode | None = None,
+        num_rows: torch.Tensor | None = None,
+        expected_rows: int | None = None,
     ) -> ExpertsOutput:
         """ExpertsOutput of the local slots of ``x_RH``'s rows (see the module docstring);
         ``mode``: deprecated spelling of ``weight_mode`` ("weighted" or "raw")."""
         mode = output_form(resolve_weight_mode(weight_mode, mode))
         check_expert_inputs(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, mode=mode,
                             validate=validate)
+        check_row_bound(num_rows, expected_rows, topk_ids_RK, validate=validate)
         reason = self.supports(mode=mode, dtype=x_RH.dtype, device=x_RH.device)
         if reason is not None:
             raise ValueError(error_message(f"experts={self.name}, mode", repr(mode),
                                            f"unsupported: {reason}", "pick another backend"))
-        out = self._forward(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, mode=mode)
+        rows = dict(num_rows=num_rows, expected_rows=expected_rows) if self.bounded_rows else {}
+        out = self._forward(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, mode=mode,
+                            **rows)
         R, K = topk_ids_RK.shape
         want = (R, x_RH.shape[1]) if out.weights_applied else (R, K, x_RH.shape[1])
         assert tuple(out.out.shape) == want, (self.name, tuple(out.out.shape), want)

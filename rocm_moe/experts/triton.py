@@ -142,24 +142,49 @@ def _operand(t: torch.Tensor, block: list[int], tma: bool):
     return (TensorDescriptor.from_tensor(t, block), True) if ok else (t, False)
 
 
-def launch_gate_up(x, w13, inter, layout, kcfg: dict, *, tma: bool = False) -> None:
+def persistent_programs(device: torch.device) -> int:
+    """Programs of a PERSISTENT launch (``num_rows`` given): enough to keep every SM busy
+    (PROGRAMS_PER_SM each), whatever the capacity; under the interpreter a few, so the CPU tests
+    take several turns of the loop."""
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * _sm_count(device.index or 0)
+    return 3
+
+
+PROGRAMS_PER_SM = 4
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _grid(n_tiles: int, persistent: bool, device: torch.device) -> tuple[int]:
+    return (max(1, min(n_tiles, persistent_programs(device))) if persistent else n_tiles,)
+
+
+def launch_gate_up(x, w13, inter, layout, kcfg: dict, *, tma: bool = False,
+                   persistent: bool = False) -> None:
     """inter[P, I] = SiLU(x[rows] @ gate.T) * (x[rows] @ up.T) over the layout's blocks;
-    ``tma``: weights through a tensor descriptor (where ``_operand`` allows)."""
+    ``tma``: weights through a tensor descriptor (where ``_operand`` allows); ``persistent``:
+    a fixed grid that strides over the blocks in use (``layout.num_padded``, on the device)."""
     from rocm_moe.experts._triton_kernels import _gate_up_kernel
 
     H, I, B = x.shape[1], inter.shape[1], layout.block_size
     n_blocks = layout.block_expert_ids.numel()
     w, desc = _operand(w13.view(-1, H), [kcfg["BLOCK_N"], kcfg["BLOCK_K"]], tma)
-    _gate_up_kernel[(n_blocks * -(-I // kcfg["BLOCK_N"]),)](
-        x, w, inter, layout.sorted_slot_ids, layout.block_expert_ids, layout.sentinel, H, I,
-        layout.top_k, x.stride(0), w13.stride(1), inter.stride(0),
-        EVEN_K=H % kcfg["BLOCK_K"] == 0, DESC=desc, **_launch_args(B, kcfg))
+    _gate_up_kernel[_grid(n_blocks * -(-I // kcfg["BLOCK_N"]), persistent, x.device)](
+        x, w, inter, layout.sorted_slot_ids, layout.block_expert_ids, layout.num_padded,
+        layout.sentinel, H, I, layout.top_k, x.stride(0), w13.stride(1), inter.stride(0),
+        EVEN_K=H % kcfg["BLOCK_K"] == 0, DESC=desc, PERSISTENT=persistent,
+        **_launch_args(B, kcfg))
 
 
 def launch_down(inter, w2, out_slots, layout, weights_N, kcfg: dict, *, weighted: bool,
-                tma: bool = False) -> None:
+                tma: bool = False, persistent: bool = False) -> None:
     """out_slots[slot] = inter[p] @ down.T (times the slot's weight when ``weighted``);
-    ``tma``: intermediate rows and weights through tensor descriptors (where allowed)."""
+    ``tma``: intermediate rows and weights through tensor descriptors (where allowed);
+    ``persistent``: as ``launch_gate_up``."""
     from rocm_moe.experts._triton_kernels import _down_kernel
 
     H, I, B = w2.shape[1], inter.shape[1], layout.block_size
@@ -168,11 +193,28 @@ def launch_down(inter, w2, out_slots, layout, weights_N, kcfg: dict, *, weighted
     w, desc_w = _operand(w2.view(-1, I), [kcfg["BLOCK_N"], kcfg["BLOCK_K"]], desc_a)
     if desc_a and not desc_w:  # both or neither: one constexpr switches the kernel's loads
         a, desc_a = inter, False
-    _down_kernel[(n_blocks * -(-H // kcfg["BLOCK_N"]),)](
+    _down_kernel[_grid(n_blocks * -(-H // kcfg["BLOCK_N"]), persistent, inter.device)](
         a, w, out_slots, layout.sorted_slot_ids, layout.block_expert_ids, weights_N,
-        layout.sentinel, H, I, inter.stride(0), w2.stride(1), out_slots.stride(0),
-        WEIGHTED=weighted, EVEN_K=I % kcfg["BLOCK_K"] == 0, DESC=desc_a,
-        **_launch_args(B, kcfg))
+        layout.num_padded, layout.sentinel, H, I, inter.stride(0), w2.stride(1),
+        out_slots.stride(0), WEIGHTED=weighted, EVEN_K=I % kcfg["BLOCK_K"] == 0, DESC=desc_a,
+        PERSISTENT=persistent, **_launch_args(B, kcfg))
+
+
+def slot_sum(out_slots: torch.Tensor, local_ids: torch.Tensor, out: torch.Tensor,
+             num_rows: torch.Tensor | None) -> None:
+    """out[r] = sum of row r's local slots of out_slots [R * K, H] (float32, slot order), for
+    every row, or for the first ``num_rows[0]`` (a [1] int32 device tensor; then a fixed grid
+    strides over them and the rest of ``out`` is left unwritten)."""
+    from rocm_moe.experts._triton_kernels import _slot_sum_kernel
+
+    R, H = out.shape
+    K = local_ids.shape[1]
+    bounded = num_rows is not None
+    rows = min(R, persistent_programs(out.device)) if bounded else R
+    if R:
+        _slot_sum_kernel[(max(rows, 1), -(-H // 1024))](
+            out_slots, local_ids, out, num_rows if bounded else local_ids, R, H, K_TOPK=K,
+            BOUNDED=bounded, BLOCK_H=1024)
 
 
 def triton_experts_availability() -> str | None:
@@ -190,6 +232,7 @@ class TritonExperts(Experts):
     descriptors; None (default) where ``tma_supported`` says they pay off."""
 
     name = "triton"
+    bounded_rows = True
 
     @classmethod
     def availability(cls) -> str | None:
@@ -216,9 +259,8 @@ class TritonExperts(Experts):
             return f"the Triton experts compute in {TRITON_DTYPES}, not {dtype}"
         return None
 
-    def _forward(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode):
-        from rocm_moe.experts._triton_kernels import _slot_sum_kernel
-
+    def _forward(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode,
+                 num_rows=None, expected_rows=None):
         R, K = topk_ids_RK.shape
         H, I = x_RH.shape[1], w2.shape[2]
         N = R * K
@@ -227,8 +269,9 @@ class TritonExperts(Experts):
             cfg = self.config
         elif self.invariant:
             cfg = invariant_config(hidden=H, inter=I, device_name=dev_name)
-        else:
-            cfg = block_config(N, expert_map.num_local, hidden=H, inter=I,
+        else:  # a capacity-sized batch: tiles for the rows expected, not the capacity
+            rows = R if num_rows is None or expected_rows is None else expected_rows
+            cfg = block_config(rows * K, expert_map.num_local, hidden=H, inter=I,
                                device_name=dev_name)
         layout = build_layout(topk_ids_RK, expert_map, block_size=cfg["BLOCK_M"], tables=False,
                               validate=False)
@@ -240,15 +283,14 @@ class TritonExperts(Experts):
         # Raw outputs need exact zeros in non-local slots; the weighted sum never reads them.
         out_slots = (torch.empty if weighted else torch.zeros)(N, H, dtype=x.dtype,
                                                                device=x.device)
+        persistent = num_rows is not None
         if N and P:
             tma = tma_supported(x.device) if self.tma is None else self.tma
-            launch_gate_up(x, w13, inter, layout, cfg["gate_up"], tma=tma)
+            launch_gate_up(x, w13, inter, layout, cfg["gate_up"], tma=tma, persistent=persistent)
             launch_down(inter, w2, out_slots, layout, topk_weights_RK.contiguous().view(-1),
-                        cfg["down"], weighted=weighted, tma=tma)
+                        cfg["down"], weighted=weighted, tma=tma, persistent=persistent)
         if weighted:
             out = torch.empty(R, H, dtype=x.dtype, device=x.device)
-            if R:
-                _slot_sum_kernel[(R, -(-H // 1024))](out_slots, layout.local_ids, out, H,
-                                                     K_TOPK=K, BLOCK_H=1024)
+            slot_sum(out_slots, layout.local_ids, out, num_rows)
             return ExpertsOutput(out=out, weights_applied=True)
         return ExpertsOutput(out=out_slots.view(R, K, H), weights_applied=False)

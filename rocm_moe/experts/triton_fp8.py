@@ -30,7 +30,11 @@ import torch
 from rocm_moe._libs import triton_runs_on
 from rocm_moe.experts.fp8 import FP8Experts
 from rocm_moe.experts.layout import build_layout
-from rocm_moe.experts.triton import triton_availability, triton_experts_availability
+from rocm_moe.experts.triton import (
+    slot_sum,
+    triton_availability,
+    triton_experts_availability,
+)
 from rocm_moe.quant import BLOCK, FP8Rows, fp8_max
 from rocm_moe.weighting import ExpertsOutput
 
@@ -140,7 +144,6 @@ class TritonFP8Experts(FP8Experts):
     def _forward(self, rows: FP8Rows, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *,
                  mode, out_dtype):
         from rocm_moe.experts._triton_fp8 import _fp8_down_kernel, _fp8_gate_up_kernel
-        from rocm_moe.experts._triton_kernels import _slot_sum_kernel
 
         R, K = topk_ids_RK.shape
         H, I = w13.shape[2], w2.shape[2]
@@ -184,8 +187,6 @@ class TritonFP8Experts(FP8Experts):
                 **_args(cfg["BLOCK_M"], dn))
         if weighted:
             out = torch.empty(R, H, dtype=out_dtype, device=dev)
-            if R:
-                _slot_sum_kernel[(R, -(-H // 1024))](out_slots, layout.local_ids, out, H,
-                                                     K_TOPK=K, BLOCK_H=1024)
+            slot_sum(out_slots, layout.local_ids, out, None)
             return ExpertsOutput(out=out, weights_applied=True)
         return ExpertsOutput(out=out_slots.view(R, K, H), weights_applied=False)
