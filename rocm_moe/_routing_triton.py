@@ -190,6 +190,8 @@ def fused_route_unsupported(logits_TE: torch.Tensor, config) -> str | None:
         return f"num_experts={config.num_experts} > {_MAX_E}"
     if config.top_k > _MAX_K:
         return f"top_k={config.top_k} > {_MAX_K}"
+    if getattr(config, "score_after_topk", False):
+        return "score_after_topk (gpt-oss, Llama 4) is not implemented in the fused router"
     return None
 
 

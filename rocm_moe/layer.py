@@ -48,7 +48,16 @@ from rocm_moe._checks import (
 )
 from rocm_moe.comm.base import Dispatcher
 from rocm_moe.comm.local import LocalDispatcher
-from rocm_moe.experts.base import Experts, output_form, swiglu_expert
+from rocm_moe.experts.base import (
+    PLAIN,
+    Experts,
+    ExpertVariant,
+    expert_biases,
+    output_form,
+    swiglu_expert,
+    variant_kwargs,
+    variant_refusal,
+)
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.placement import Placement
 from rocm_moe.replicas import ReplicaChoice, ReplicatedPlacement
@@ -228,6 +237,9 @@ class EPMoE(nn.Module):
             are then applied on the owner whatever ``weight_mode`` says.
         fused_router: on GPUs, the router after the gate GEMM in one Triton launch
             (``routing.route(fused=True)``: 1-2 ulp from the default torch path's weights).
+        expert_variant: what each routed expert computes (``experts.base.ExpertVariant``:
+            biases ``w13_bias`` [e, 2I] / ``w2_bias`` [e, H], gpt-oss's activation, weights on
+            the input); None: plain SwiGLU. ``router.gate_bias`` gives the gate a bias.
         validate: run the value checks (finite hidden states, router logits and bias, id
             ranges, weights), which read tensors on the host; skipped under CUDA graph capture.
             ``validate=False`` is the hot path: no host read, and a NaN then propagates.
@@ -259,6 +271,7 @@ class EPMoE(nn.Module):
         validate: bool = True,
         invariant: bool = False,
         fused_router: bool = False,
+        expert_variant: ExpertVariant | None = None,
         num_redundant_experts: int | None = None,
         replica_placement: ReplicatedPlacement | None = None,
         load_window: int = 64,
@@ -307,7 +320,9 @@ class EPMoE(nn.Module):
         E, H, I = router.num_experts, hidden_size, intermediate_size
         e = self.dispatcher.placement.num_local(self.dispatcher.rank)
         kw = dict(dtype=dtype, device=device)
-        self.gate = nn.Linear(H, E, bias=False, **kw)
+        self.gate = nn.Linear(H, E, bias=router.gate_bias, **kw)
+        self.expert_variant = PLAIN if expert_variant is None else expert_variant
+        self.w13_bias, self.w2_bias = expert_biases(self.expert_variant, e, H, I, **kw)
         if router.scoring == "sigmoid":
             self.register_buffer("e_score_correction_bias",
                                  torch.zeros(E, dtype=torch.float32, device=device))
@@ -411,9 +426,12 @@ class EPMoE(nn.Module):
         """[T, E] gate logits of [T, H] tokens (in float32 where the router asks for it)."""
         if self.invariant:  # accumulated in float32 in a fixed order, rounded once
             logits = inv.linear_acc(x_TH, self.gate.weight)
+            if self.gate.bias is not None:
+                logits = logits + self.gate.bias.float()
             return logits if self.router.logits_in_float32 else logits.to(x_TH.dtype)
         if self.router.logits_in_float32:
-            return F.linear(x_TH.float(), self.gate.weight.float())
+            return F.linear(x_TH.float(), self.gate.weight.float(),
+                            None if self.gate.bias is None else self.gate.bias.float())
         return self.gate(x_TH)
 
     @property
@@ -534,6 +552,8 @@ class EPMoE(nn.Module):
         (seed, g), so any rank (or a single-process reference) can regenerate them."""
         E, H, I = self.router.num_experts, self.hidden_size, self.intermediate_size
         self.gate.weight.copy_(synthetic.gate_weight(seed, E, H))
+        if self.gate.bias is not None:
+            self.gate.bias.zero_()
         for j, g in enumerate(self.local_experts):
             w13, w2 = synthetic.expert_weights(seed, g, H, I)
             self.w13[j].copy_(w13)
@@ -670,6 +690,7 @@ class EPMoE(nn.Module):
                                        device=x_TH.device)
         if reason is None and return_raw:
             reason = disp.raw_unsupported_reason()
+        reason = reason or variant_refusal(self.experts, self.expert_variant, weight_mode)
         if reason is not None:
             raise ValueError(error_message(
                 "return_raw / weight_mode", (return_raw, self.weight_mode),
@@ -734,7 +755,8 @@ class EPMoE(nn.Module):
             with _stage(trace, "experts", dev):
                 eo = self.experts(d.x, d.topk_ids, d.topk_weights, *self.expert_weights(),
                                   disp.expert_map_on(dev), weight_mode=weight_mode,
-                                  validate=False)
+                                  validate=False, **variant_kwargs(
+                                      self.expert_variant, self.w13_bias, self.w2_bias))
             stage = "combine"
             with _stage(trace, "combine", dev):
                 if raw_path:  # raw [T, K, H] back on the owner, which weights its slots once

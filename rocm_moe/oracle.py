@@ -6,11 +6,13 @@ densely and in float64, from the definitions (a test patches the checked functio
 runs these, and compares ``reference_route`` with the families' published rules):
 
 - ``reference_route``: the router of each family from hidden states and the gate weight:
-  softmax top-k (Qwen2/3-MoE with or without ``norm_topk_prob``, Mixtral always normalised) and
+  softmax top-k (Qwen2/3-MoE with or without ``norm_topk_prob``, Mixtral always normalised),
   DeepSeek-V3's grouped sigmoid (the correction bias chooses, never weighs; then
-  ``routed_scaling_factor``).
-- ``dense_experts``: every (row, slot) whose expert a rank holds through that expert's SwiGLU,
-  straight from the global ids (no layout, no local ids).
+  ``routed_scaling_factor``), and scoring after the top-k of the logits (gpt-oss: softmax over
+  the K chosen; Llama 4: sigmoid of each), with the gate's own bias in the logits (gpt-oss).
+- ``dense_experts``: every (row, slot) whose expert a rank holds through that expert's SwiGLU
+  (or the expert variant's MLP: biases, gpt-oss's clamped SwiGLU, the routing weight on the
+  input), straight from the global ids (no layout, no local ids).
 - ``dense_shared``: the shared experts (optionally gated) of a layer.
 
 Worked example (a test asserts it): gate rows [[0, 0], [0, 0], [ln 2, 0]] and a token [1, 0]
@@ -55,8 +57,14 @@ class ReferenceRouting:
 
 def _weights_at(scores_TE, ids_TK, *, scoring: str, norm_topk_prob: bool,
                 routed_scaling_factor: float) -> torch.Tensor:
-    """The scores of the chosen experts (never the bias), normalised if asked, then scaled."""
+    """The scores of the chosen experts (never the bias), normalised if asked, then scaled
+    (after-top-k scorings: ``scores_TE`` holds the logits, scored at the chosen ids)."""
     w = torch.gather(scores_TE, 1, ids_TK.long().cpu())
+    if scoring == "after_topk_softmax":
+        e = torch.exp(w - w.max(dim=1, keepdim=True).values)
+        return e / e.sum(dim=1, keepdim=True) * routed_scaling_factor
+    if scoring == "after_topk_sigmoid":
+        w, scoring = 1.0 / (1.0 + torch.exp(-w)), "sigmoid"
     if norm_topk_prob:
         w = w / (w.sum(1, keepdim=True) + (1e-20 if scoring == "sigmoid" else 0.0))
     return w * routed_scaling_factor
@@ -73,16 +81,41 @@ def _top(values_TN: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return order[:, :n], gap
 
 
+def _route_after_topk(logits: torch.Tensor, config, bias_E) -> ReferenceRouting:
+    """Choose the top-k logits (plus the choice bias, if any), then score only those: softmax
+    over the K chosen (gpt-oss) or the sigmoid of each (Llama 4), then the scaling factor."""
+    choice = logits + (0.0 if bias_E is None else bias_E.detach().double().cpu()[None])
+    ids, gap = _top(choice, config.top_k)
+    chosen = torch.gather(logits, 1, ids)
+    if config.scoring == "softmax":
+        e = torch.exp(chosen - chosen.max(dim=1, keepdim=True).values)
+        w = e / e.sum(dim=1, keepdim=True)
+    else:
+        w = 1.0 / (1.0 + torch.exp(-chosen))
+        if config.norm_topk_prob:
+            w = w / (w.sum(1, keepdim=True) + 1e-20)
+    f = float(config.routed_scaling_factor)
+    return ReferenceRouting(choice_TE=choice, scores_TE=logits, topk_ids=ids,
+                            topk_weights=w * f, gap_T=gap, scoring="after_topk_" + config.scoring,
+                            norm_topk_prob=config.norm_topk_prob, routed_scaling_factor=f)
+
+
 def reference_route(x_TH: torch.Tensor, gate_EH: torch.Tensor, config,
-                    bias_E: torch.Tensor | None = None) -> ReferenceRouting:
+                    bias_E: torch.Tensor | None = None,
+                    gate_bias_E: torch.Tensor | None = None) -> ReferenceRouting:
     """Route [T, H] tokens with the [E, H] gate the way ``config``'s family defines it.
 
     ``config`` is read for its fields only (scoring, top_k, norm_topk_prob, n_group,
-    topk_group, routed_scaling_factor). Logits are x @ gate.T in float64.
+    topk_group, routed_scaling_factor, score_after_topk). Logits are x @ gate.T (+
+    ``gate_bias_E``, the gate's own bias) in float64.
     """
     x, gate = x_TH.detach().double().cpu(), gate_EH.detach().double().cpu()
     logits = x @ gate.T
+    if gate_bias_E is not None:
+        logits = logits + gate_bias_E.detach().double().cpu()[None]
     K, E = config.top_k, gate.shape[0]
+    if getattr(config, "score_after_topk", False):
+        return _route_after_topk(logits, config, bias_E)
     if config.scoring == "softmax":
         shifted = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
         scores = shifted / shifted.sum(dim=1, keepdim=True)
@@ -149,11 +182,46 @@ def swiglu64(x_NH: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.T
     return (g * torch.sigmoid(g) * u) @ w2.T
 
 
+def expert64(x_NH: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, variant=None,
+             w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """One expert of ``variant`` in float64 (read for its fields: activation, alpha, limit;
+    None: plain SwiGLU): h = x @ w13.T + b13, gate = h[:, :I], up = h[:, I:]; silu: silu(gate)
+    * up; swiglu_oai: gate <= limit, -limit <= up <= limit, (up + 1) * gate * sigmoid(alpha *
+    gate); then @ w2.T + b2."""
+    if variant is None or (variant.activation == "silu" and w13_bias is None):
+        y = swiglu64(x_NH, w13, w2)
+        return y if w2_bias is None else y + w2_bias.double().to(y.device)
+    x, w13, w2 = x_NH.double(), w13.double().to(x_NH.device), w2.double().to(x_NH.device)
+    h = x @ w13.T + (0.0 if w13_bias is None else w13_bias.double().to(x.device))
+    inter = w13.shape[0] // 2
+    g, u = h[:, :inter], h[:, inter:]
+    if variant.activation == "silu":
+        a = g / (1.0 + torch.exp(-g)) * u
+    else:
+        assert variant.activation == "swiglu_oai", variant.activation
+        if variant.limit is not None:
+            g = torch.minimum(g, torch.full_like(g, variant.limit))
+            u = torch.maximum(torch.minimum(u, torch.full_like(u, variant.limit)),
+                              torch.full_like(u, -variant.limit))
+        a = (u + 1.0) * g / (1.0 + torch.exp(-variant.alpha * g))
+    return a @ w2.T + (0.0 if w2_bias is None else w2_bias.double().to(x.device))
+
+
 def dense_experts(x_RH: torch.Tensor, ids_RK: torch.Tensor, held: Iterable[int],
-                  expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
-                  ) -> torch.Tensor:
+                  expert_weights: Callable[[int], tuple[torch.Tensor, ...]], *,
+                  variant=None, weights_RK: torch.Tensor | None = None) -> torch.Tensor:
     """[R, K, H] float64: slot (r, k) through expert ids[r, k] where its expert is in ``held``
-    (the experts whose weights this rank holds), zeros elsewhere (other ranks' and empty)."""
+    (the experts whose weights this rank holds), zeros elsewhere (other ranks' and empty).
+
+    ``variant`` (an ExpertVariant, read for its fields) runs ``expert64``; ``expert_weights(g)``
+    then returns (w13, w2, w13_bias, w2_bias) where it has biases. With its
+    ``weights_on_input``, slot (r, k) is expert(weights[r, k] * x[r]) (``weights_RK`` needed)
+    and is summed with weight 1 (``summed``)."""
+    on_input = variant is not None and variant.weights_on_input
+    if on_input and weights_RK is None:
+        raise ValueError("weights_RK is needed for a variant with weights_on_input")
+    w_RK = None if weights_RK is None else weights_RK.detach().double().cpu()
     x = x_RH.detach().double().cpu()
     ids = ids_RK.detach().long().cpu()
     R, K = ids.shape
@@ -167,8 +235,15 @@ def dense_experts(x_RH: torch.Tensor, ids_RK: torch.Tensor, held: Iterable[int],
                 continue
             if g not in cache:
                 cache[g] = tuple(w.detach().double().cpu() for w in expert_weights(g))
-            out[r, k] = swiglu64(x[r:r + 1], *cache[g])[0]
+            xr = x[r:r + 1] * w_RK[r, k] if on_input else x[r:r + 1]
+            out[r, k] = (swiglu64(xr, *cache[g]) if variant is None
+                         else expert64(xr, *cache[g][:2], variant, *cache[g][2:]))[0]
     return out
+
+
+def summed(raw_RKH: torch.Tensor) -> torch.Tensor:
+    """[R, H] float64: sum over k of raw[r, k] (slots whose inputs carried the weights)."""
+    return raw_RKH.double().sum(1)
 
 
 def local_expert_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:

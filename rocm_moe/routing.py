@@ -11,6 +11,12 @@ Conventions, matching transformers 5 exactly (tests compare against its router m
             with n_group > 1 keep the topk_group groups with the largest sum of their top-2
             choice scores, then ids = top-k of choice inside them; w = s[ids] (no bias);
             if norm_topk_prob: w /= sum(w) + 1e-20; w *= routed_scaling_factor.
+- score_after_topk (gpt-oss with softmax, Llama 4 with sigmoid): ids = top-k of the logits
+            (+ e_score_correction_bias, which shifts the choice only); softmax: w = softmax of
+            the K chosen logits (they sum to 1: norm_topk_prob must be True); sigmoid: w =
+            sigmoid(chosen logits), normalised if norm_topk_prob. Then the scaling factor.
+- gate_bias (gpt-oss's router.bias): the gate linear has a bias, part of the logits (the
+            layer adds it); the router itself sees only the logits.
 
 Router replay (``forced_expert_ids``): the caller fixes the ids, e.g. to replay the experts chosen
 at rollout time (the R3 contract of RL trainers). The ids are validated (integer dtype, shape
@@ -58,6 +64,8 @@ class RouterConfig:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
+    score_after_topk: bool = False  # top-k of the logits first, then score only those
+    gate_bias: bool = False  # the gate linear has a bias (logits = x @ W.T + b)
 
     def __post_init__(self) -> None:
         def bad(field: str, value: object, rule: str, fix: str) -> ValueError:
@@ -69,9 +77,18 @@ class RouterConfig:
                 raise TypeError(error_message(
                     f"RouterConfig.{field}", repr(value), "must be an int",
                     f"pass an int, e.g. {field}=int(config.{field})"))
-        if not isinstance(self.norm_topk_prob, bool):
-            raise TypeError(error_message("RouterConfig.norm_topk_prob", repr(self.norm_topk_prob),
-                                          "must be a bool", "pass True or False"))
+        for field in ("norm_topk_prob", "score_after_topk", "gate_bias"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(error_message(f"RouterConfig.{field}", repr(getattr(self, field)),
+                                              "must be a bool", "pass True or False"))
+        if self.score_after_topk and self.n_group > 1:
+            raise bad("n_group", self.n_group, "score_after_topk routers are not grouped",
+                      "set n_group=1 or score_after_topk=False")
+        if self.score_after_topk and self.scoring == "softmax" and not self.norm_topk_prob:
+            raise bad("norm_topk_prob", False, "a softmax over the top-k logits always sums to 1 "
+                      "(score_after_topk with softmax scoring)",
+                      "pass norm_topk_prob=True, or score_after_topk=False for an unnormalised "
+                      "softmax over all experts")
         if self.num_experts < 1:
             raise bad("num_experts", self.num_experts, "must be >= 1", "pass the expert count")
         if not 1 <= self.top_k <= self.num_experts:
@@ -135,6 +152,24 @@ class RouterConfig:
         )
 
     @classmethod
+    def gpt_oss(cls, num_experts: int = 128, top_k: int = 4):
+        """gpt-oss: top-k of the biased gate logits, then a softmax over the K chosen."""
+        return cls(num_experts=num_experts, top_k=top_k, score_after_topk=True, gate_bias=True)
+
+    @classmethod
+    def llama4(cls, num_experts: int = 16, top_k: int = 1):
+        """Llama 4: top-k of the logits, weight = sigmoid of each (not normalised)."""
+        return cls(num_experts=num_experts, top_k=top_k, scoring="sigmoid",
+                   norm_topk_prob=False, score_after_topk=True)
+
+    @classmethod
+    def kimi_k2(cls, num_experts: int = 384, top_k: int = 8,
+                routed_scaling_factor: float = 2.827):
+        """Kimi K2: DeepSeek-V3's sigmoid router with 384 experts in one group."""
+        return cls.deepseek_v3(num_experts, top_k, n_group=1, topk_group=1,
+                               routed_scaling_factor=routed_scaling_factor)
+
+    @classmethod
     def from_hf_config(cls, config) -> RouterConfig:
         """From a transformers config of a known family (``rocm_moe.families``: Qwen2/3-MoE,
         Mixtral, DeepSeek-V3)."""
@@ -144,8 +179,9 @@ class RouterConfig:
 
     @property
     def logits_in_float32(self) -> bool:
-        """DeepSeek-V3 computes its gate matmul in float32; softmax routers in the model dtype."""
-        return self.scoring == "sigmoid"
+        """DeepSeek-V3 computes its gate matmul in float32; softmax routers and Llama 4's
+        (sigmoid after the top-k) in the model dtype."""
+        return self.scoring == "sigmoid" and not self.score_after_topk
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -257,7 +293,8 @@ def route(
             bench/results/router_h100.txt). Not the torch path's bits: measured on an H100 its
             float32 weights are 1-2 ulp from the torch path's, with the same ids except at
             near-ties (ties go to the lower id), so it is opt-in. Ignored (the torch path
-            runs) on CPUs, with ``invariant``, router replay, E > 1024 or K > 32.
+            runs) on CPUs, with ``invariant``, router replay, E > 1024, K > 32 or
+            ``score_after_topk`` (gpt-oss, Llama 4), which it does not implement.
 
     Returns:
         RoutingResult with [T, K] float32 weights and [T, K] int32 global ids, T = B * S for
@@ -315,6 +352,26 @@ def _fused_runs(logits_TE: torch.Tensor, config: RouterConfig) -> bool:
     return fused_route_unsupported(logits_TE, config) is None
 
 
+def _route_after_topk(logits_TE: torch.Tensor, config: RouterConfig,
+                      bias_E: torch.Tensor | None, forced_TK: torch.Tensor | None,
+                      forced_weights: str, invariant: bool) -> RoutingResult:
+    """``score_after_topk``: ids = top-k of the logits (+ bias), then only those are scored."""
+    choice_TE = logits_TE if bias_E is None else logits_TE.float() + bias_E.float()
+    ids_TK = forced_TK if forced_TK is not None else _topk(choice_TE, config.top_k, invariant)
+    chosen_TK = logits_TE.gather(1, ids_TK).float()
+    if forced_TK is not None and forced_weights == "raw":
+        w_TK = chosen_TK.sigmoid() if config.scoring == "sigmoid" else chosen_TK.softmax(-1)
+    elif config.scoring == "softmax":  # (sums to 1: no normalisation after it)
+        w_TK = inv.softmax(chosen_TK) if invariant else chosen_TK.softmax(dim=-1)
+        if config.routed_scaling_factor != 1.0:
+            w_TK = w_TK * config.routed_scaling_factor
+    else:
+        w_TK = inv.pointwise(torch.sigmoid, chosen_TK) if invariant else chosen_TK.sigmoid()
+        w_TK = _finish_weights(w_TK, config, **({"invariant": True} if invariant else {}))
+    return RoutingResult(topk_weights=w_TK.float().contiguous(),
+                         topk_ids=ids_TK.to(torch.int32).contiguous())
+
+
 def _route_torch(
     logits_TE: torch.Tensor,
     config: RouterConfig,
@@ -326,6 +383,8 @@ def _route_torch(
 ) -> RoutingResult:
     """The router in torch operations on [T, E] logits (inputs already checked by ``route``).
     On CUDA ``fused_route`` computes it in one launch, within 1-2 ulp (``route(fused=True)``)."""
+    if config.score_after_topk:
+        return _route_after_topk(logits_TE, config, bias_E, forced_TK, forced_weights, invariant)
     inv_kw = {"invariant": True} if invariant else {}  # (the default path's calls unchanged)
     scores_TE = _scores(logits_TE, config, **inv_kw)
     ids_TK = forced_TK if forced_TK is not None else _choose(scores_TE, config, bias_E, **inv_kw)

@@ -13,6 +13,11 @@ already applied; every stage after it turns that into weighted [R, H] partials w
 A backend may fuse the multiplication into its kernels (AITER's fused_moe, the Triton
 experts' epilogue) only in weight_mode="experts", where its output says so.
 
+Weights on the input (Llama 4, ``ExpertVariant.weights_on_input``): slot k of row r computes
+expert(w[r, k] * x[r]) (``weight_inputs``) and the slots are only summed
+(``sum_input_weighted``); the experts return weighted [R, H] (``weights_applied=True``), so no
+later stage weights them again. Their raw [R, K, H] form is refused (``experts.base``).
+
 Worked example (a test asserts it): raw [1, 2, 1] = [[[2.], [3.]]], weights [[0.5, 0.25]],
 ids [[0, 1]] on a rank owning expert 0 only -> [[1.]] (slot 1 belongs to another rank).
 """
@@ -141,6 +146,27 @@ def _weighted_sum(raw_RKH: torch.Tensor, topk_weights_RK: torch.Tensor,
         # where(), not a zero weight: whatever a backend left in a non-local slot is never read.
         out += torch.where(local_RK[:, k, None], raw_RKH[:, k].to(acc) * w_RK[:, k, None], zero)
     return out.to(raw_RKH.dtype)
+
+
+def weight_inputs(x_NH: torch.Tensor, topk_weights_N: torch.Tensor) -> torch.Tensor:
+    """[N, H] inputs of N (row, slot) pairs scaled by their routing weights (weights on the
+    input), in x's dtype: the only multiplication of those weights for such experts."""
+    return (x_NH * topk_weights_N.to(x_NH.dtype)[:, None])
+
+
+def sum_input_weighted(raw_RKH: torch.Tensor, topk_ids_RK: torch.Tensor,
+                       expert_map: ExpertMap | None) -> ExpertsOutput:
+    """Weighted [R, H] partials of slots whose inputs carried the routing weights
+    (``weight_inputs``): the local slots summed in slot order without a second weighting,
+    returned with ``weights_applied=True``."""
+    local_RK = local_slots(topk_ids_RK, expert_map)
+    R, K, H = raw_RKH.shape
+    acc = accumulation_dtype(raw_RKH.dtype)
+    out = raw_RKH.new_zeros(R, H, dtype=acc)
+    zero = out.new_zeros(())
+    for k in range(K):
+        out += torch.where(local_RK[:, k, None], raw_RKH[:, k].to(acc), zero)
+    return ExpertsOutput(out=out.to(raw_RKH.dtype), weights_applied=True)
 
 
 def weight_and_reduce(

@@ -28,11 +28,24 @@ The public call's old ``mode=`` keyword still works and warns (DeprecationWarnin
 
 expert(x) = (silu(x @ gate.T) * (x @ up.T)) @ down.T, accumulated in float32 (float64 for
 float64 inputs) and returned in x's dtype.
+
+Expert variants (``ExpertVariant``, passed with every call as ``variant=``; default ``PLAIN``,
+the SwiGLU above): biases on both projections (``w13_bias`` [e, 2I], ``w2_bias`` [e, H] come
+with the call), the activation (``"silu"``, or gpt-oss's ``"swiglu_oai"``: gate clamped to
+<= limit, up to [-limit, limit], (up + 1) * gate * sigmoid(alpha * gate); its checkpoints'
+interleaved gate/up columns are de-interleaved by the loader, so w13 stays gate rows then up
+rows), and ``weights_on_input`` (Llama 4: slot k computes expert(w[r, k] * x[r]) and is not
+weighted again, so only weight_mode "experts" runs it). A backend states what it runs with
+``variant_unsupported_reason``; the base class runs only ``PLAIN``.
+
+    expert(x) = act(x @ w13.T + w13_bias) @ w2.T + w2_bias,  act(h) = act(gate, up)
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -55,6 +68,144 @@ from rocm_moe.weighting import (  # noqa: F401 (accumulation_dtype: its former h
 )
 
 ExpertsMode = Literal["weighted", "raw"]  # the hooks' output form (see the module docstring)
+
+
+ACTIVATIONS = ("silu", "swiglu_oai")  # ExpertVariant.activation values
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertVariant:
+    """What every expert of a layer computes beyond plain SwiGLU (see the module docstring).
+
+    ``activation``: "silu" (silu(gate) * up) or "swiglu_oai" (gpt-oss); ``alpha`` and
+    ``limit``: swiglu_oai's sigmoid slope and clamp (``limit=None``: no clamp); ``bias``: both
+    projections have a bias; ``weights_on_input``: the routing weight scales the expert's input
+    (Llama 4's ``apply_router_weight_on_input``), not its output.
+
+    Worked example (a test asserts it): swiglu_oai with alpha=1, limit=1 on gate=2, up=3 gives
+    (1 + 1) * 1 * sigmoid(1) = 1.4621...
+    """
+
+    activation: str = "silu"
+    alpha: float = 1.0
+    limit: float | None = None
+    bias: bool = False
+    weights_on_input: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(field: str, value: object, rule: str, fix: str) -> ValueError:
+            return ValueError(error_message(f"ExpertVariant.{field}", repr(value), rule, fix))
+
+        if self.activation not in ACTIVATIONS:
+            raise bad("activation", self.activation, f"must be one of {list(ACTIVATIONS)}",
+                      "pick one (a model with another activation runs with its own experts)")
+        for field in ("bias", "weights_on_input"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(error_message(f"ExpertVariant.{field}", repr(getattr(self, field)),
+                                              "must be a bool", "pass True or False"))
+        for field in ("alpha", "limit"):
+            v = getattr(self, field)
+            if v is None and field == "limit":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v <= 0:
+                raise bad(field, v, "must be a finite number > 0",
+                          "take it from the model config (gpt-oss: swiglu_alpha, swiglu_limit)")
+        if self.activation == "silu" and (self.alpha != 1.0 or self.limit is not None):
+            raise bad("alpha/limit", (self.alpha, self.limit), "belong to "
+                      "activation='swiglu_oai' (silu has neither)",
+                      "drop them or set activation='swiglu_oai'")
+
+    @classmethod
+    def gpt_oss(cls, alpha: float = 1.702, limit: float | None = 7.0) -> ExpertVariant:
+        """gpt-oss's experts: clamped SwiGLU with alpha and limit, biases on both projections."""
+        return cls(activation="swiglu_oai", alpha=alpha, limit=limit, bias=True)
+
+    @classmethod
+    def llama4(cls) -> ExpertVariant:
+        """Llama 4's routed experts: SwiGLU of the routing-weighted input."""
+        return cls(weights_on_input=True)
+
+
+PLAIN = ExpertVariant()  # today's SwiGLU without biases, weighted on the output
+
+
+def activate(gate: torch.Tensor, up: torch.Tensor, variant: ExpertVariant = PLAIN
+             ) -> torch.Tensor:
+    """The gated activation of ``variant`` on [N, I] gate and up projections."""
+    if variant.activation == "silu":
+        return torch.nn.functional.silu(gate) * up
+    if variant.limit is not None:
+        gate = gate.clamp(max=variant.limit)
+        up = up.clamp(min=-variant.limit, max=variant.limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * variant.alpha))
+
+
+def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+               variant: ExpertVariant = PLAIN, w13_bias: torch.Tensor | None = None,
+               w2_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One expert of ``variant`` on rows x [N, H]: w13 [2I, H] (gate then up), w2 [H, I],
+    biases [2I] and [H] (or None) -> [N, H]."""
+    if variant == PLAIN and w13_bias is None and w2_bias is None:
+        return swiglu_expert(x, w13, w2)
+    h = x @ w13.T if w13_bias is None else x @ w13.T + w13_bias
+    gate, up = h.chunk(2, dim=-1)
+    y = activate(gate, up, variant) @ w2.T
+    return y if w2_bias is None else y + w2_bias
+
+
+def check_variant(variant: object, w13_bias: object, w2_bias: object, x_RH: torch.Tensor,
+                  w13: torch.Tensor, *, mode: str) -> ExpertVariant:
+    """The call's variant and biases: an ExpertVariant (None: PLAIN), biases given exactly when
+    ``variant.bias`` ([e, 2I] and [e, H] in x's dtype), and weights on the input only in the
+    weighted form (a raw slot of a weighted input would be weighted again by combine)."""
+    variant = PLAIN if variant is None else variant
+    if not isinstance(variant, ExpertVariant):
+        raise TypeError(error_message("variant", type(variant).__name__,
+                                      "must be an ExpertVariant or None",
+                                      "pass ExpertVariant(...) or ExpertVariant.gpt_oss()"))
+    e, two_i, H = w13.shape
+    for name, b, shape in (("w13_bias", w13_bias, (e, two_i)), ("w2_bias", w2_bias, (e, H))):
+        if variant.bias:
+            check_tensor(name, b, shape=shape, dtypes=(x_RH.dtype,),
+                         fix=f"{name} is {list(shape)} in x's dtype ({x_RH.dtype})")
+            check_same_device({"x": x_RH, name: b})
+        elif b is not None:
+            raise ValueError(error_message(name, "a tensor", "variant.bias is False",
+                                           "drop the biases or pass a variant with bias=True"))
+    if variant.weights_on_input and mode != "weighted":
+        raise ValueError(error_message(
+            "weight_mode", "'combine'", "weights_on_input experts scale each slot's input by "
+            "its routing weight, so their raw per-slot outputs are already weighted and combine "
+            "would weight them again", "use weight_mode='experts' (no return_raw, no invariant)"))
+    return variant
+
+
+def expert_biases(variant: ExpertVariant, num_local: int, hidden_size: int,
+                  intermediate_size: int, *, dtype, device) -> tuple:
+    """A layer's (w13_bias [e, 2I], w2_bias [e, H]) parameters, zeros, for a variant with
+    biases; (None, None) otherwise."""
+    if not variant.bias:
+        return None, None
+    kw = dict(dtype=dtype, device=device)
+    return (torch.nn.Parameter(torch.zeros(num_local, 2 * intermediate_size, **kw)),
+            torch.nn.Parameter(torch.zeros(num_local, hidden_size, **kw)))
+
+
+def variant_kwargs(variant: ExpertVariant, w13_bias, w2_bias) -> dict:
+    """The experts call's variant keywords: none for PLAIN (every backend takes that call)."""
+    if variant == PLAIN:
+        return {}
+    return dict(variant=variant, w13_bias=w13_bias, w2_bias=w2_bias)
+
+
+def variant_refusal(experts: Experts, variant: ExpertVariant, weight_mode: str) -> str | None:
+    """Why ``experts`` cannot run ``variant`` in ``weight_mode`` ("experts" or "combine"),
+    or None: checked by the layer before any collective."""
+    if variant.weights_on_input and weight_mode != "experts":
+        return ("weights_on_input experts (Llama 4) return weighted sums only: no raw per-slot "
+                "output (return_raw, invariant, weight_mode='combine') exists for them")
+    return experts.variant_unsupported_reason(variant)
 
 
 def output_form(weight_mode: WeightMode) -> ExpertsMode:
@@ -148,6 +299,14 @@ class Experts(ABC):
         """None if this backend can run the call, else the reason it cannot."""
         return None
 
+    def variant_unsupported_reason(self, variant: ExpertVariant) -> str | None:
+        """None if this backend computes ``variant`` (biases, activation, weights on the input),
+        else why not. The base class runs only ``PLAIN``; a backend that runs more says so."""
+        if variant == PLAIN:
+            return None
+        return (f"the {self.name} experts run only plain SwiGLU (silu, no biases, weights on the"
+                f" output), not {variant}; use experts='reference'")
+
     def invariant_unsupported_reason(self) -> str | None:
         """None if ``as_invariant`` gives a batch-invariant variant of this backend (each
         slot's output the same bits whatever the batch, its size and the slot's position in
@@ -176,18 +335,27 @@ class Experts(ABC):
         mode: ExpertsMode | None = None,
         num_rows: torch.Tensor | None = None,
         expected_rows: int | None = None,
+        variant: ExpertVariant | None = None,
+        w13_bias: torch.Tensor | None = None,
+        w2_bias: torch.Tensor | None = None,
     ) -> ExpertsOutput:
         """ExpertsOutput of the local slots of ``x_RH``'s rows (see the module docstring);
-        ``mode``: deprecated spelling of ``weight_mode`` ("weighted" or "raw")."""
+        ``mode``: deprecated spelling of ``weight_mode`` ("weighted" or "raw"); ``variant``
+        (default PLAIN) with its biases ``w13_bias`` [e, 2I] and ``w2_bias`` [e, H]."""
         mode = output_form(resolve_weight_mode(weight_mode, mode))
         check_expert_inputs(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, mode=mode,
                             validate=validate)
         check_row_bound(num_rows, expected_rows, topk_ids_RK, validate=validate)
+        variant = check_variant(variant, w13_bias, w2_bias, x_RH, w13, mode=mode)
         reason = self.supports(mode=mode, dtype=x_RH.dtype, device=x_RH.device)
         if reason is not None:
             raise ValueError(error_message(f"experts={self.name}, mode", repr(mode),
                                            f"unsupported: {reason}", "pick another backend"))
+        if (reason := self.variant_unsupported_reason(variant)) is not None:
+            raise ValueError(error_message(f"experts={self.name}, variant", variant,
+                                           f"unsupported: {reason}", "pick another backend"))
         rows = dict(num_rows=num_rows, expected_rows=expected_rows) if self.bounded_rows else {}
+        rows.update(variant_kwargs(variant, w13_bias, w2_bias))
         out = self._forward(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, mode=mode,
                             **rows)
         R, K = topk_ids_RK.shape

@@ -14,16 +14,24 @@ from collections.abc import Callable
 import torch
 
 from rocm_moe import invariant as inv
-from rocm_moe.experts.base import Experts, swiglu_expert
+from rocm_moe.experts.base import PLAIN, Experts, ExpertVariant, expert_mlp, swiglu_expert
 from rocm_moe.experts.layout import build_layout
-from rocm_moe.weighting import ExpertsOutput, accumulation_dtype, weight_once
+from rocm_moe.weighting import (
+    ExpertsOutput,
+    accumulation_dtype,
+    sum_input_weighted,
+    weight_inputs,
+    weight_once,
+)
 
 
 class ReferenceExperts(Experts):
     """Readable, exact, slow: the expert stage every fast backend is compared with.
 
     ``invariant=True``: each slot's output through ``invariant.swiglu`` (fixed-order GEMMs,
-    intermediate rounded to x's dtype), the same bits whichever rows share its expert."""
+    intermediate rounded to x's dtype), the same bits whichever rows share its expert.
+
+    Runs every ``ExpertVariant`` (biases, swiglu_oai, weights on the input), not invariantly."""
 
     name = "reference"
 
@@ -36,7 +44,13 @@ class ReferenceExperts(Experts):
     def as_invariant(self) -> ReferenceExperts:
         return ReferenceExperts(invariant=True)
 
-    def _forward(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode):
+    def variant_unsupported_reason(self, variant: ExpertVariant) -> str | None:
+        if self.invariant and variant != PLAIN:
+            return "the invariant reference experts run only plain SwiGLU"
+        return None
+
+    def _forward(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode,
+                 variant: ExpertVariant = PLAIN, w13_bias=None, w2_bias=None):
         layout = build_layout(topk_ids_RK, expert_map, validate=False)
         acc = accumulation_dtype(x_RH.dtype)
         R, K = topk_ids_RK.shape
@@ -45,11 +59,22 @@ class ReferenceExperts(Experts):
             if n == 0:
                 continue
             rows = layout.expert_token_table[j, :n].long()
+            slots = layout.expert_slot_table[j, :n].long()
             if self.invariant:  # fixed-order GEMMs: a row's bits do not depend on n
                 y = inv.swiglu(x_RH[rows], w13[j], w2[j]).to(acc)
-            else:
+            elif variant == PLAIN:
                 y = swiglu_expert(x_RH[rows].to(acc), w13[j].to(acc), w2[j].to(acc))
-            raw_RKH[rows, layout.expert_slot_table[j, :n].long()] = y
+            else:
+                x = x_RH[rows]
+                if variant.weights_on_input:  # in x's dtype, as the model scales its input
+                    x = weight_inputs(x, topk_weights_RK[rows, slots])
+                y = expert_mlp(x.to(acc), w13[j].to(acc), w2[j].to(acc), variant,
+                               None if w13_bias is None else w13_bias[j].to(acc),
+                               None if w2_bias is None else w2_bias[j].to(acc))
+            raw_RKH[rows, slots] = y
+        if variant.weights_on_input:  # (only the weighted form: experts.base refuses raw)
+            eo = sum_input_weighted(raw_RKH, topk_ids_RK, expert_map)
+            return ExpertsOutput(out=eo.out.to(x_RH.dtype), weights_applied=True)
         raw = ExpertsOutput(out=raw_RKH, weights_applied=False)
         if mode == "weighted":  # weighted once by the weighting module, still in acc's dtype
             y_RH = weight_once(raw, topk_weights_RK, topk_ids_RK, expert_map)
@@ -64,27 +89,40 @@ def dense_moe_reference(
     w13_E: torch.Tensor | None = None,
     w2_E: torch.Tensor | None = None,
     *,
-    expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    expert_weights: Callable[[int], tuple[torch.Tensor, ...]] | None = None,
+    variant: ExpertVariant = PLAIN,
+    w13_bias_E: torch.Tensor | None = None,
+    w2_bias_E: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 oracle over ALL experts: returns (y [T, H], raw [T, K, H]) in float64.
 
     y[t] = sum_k w[t, k] * expert_{ids[t, k]}(x[t]); slots with id -1 contribute nothing.
     Expert weights come from ``w13_E`` [E, 2I, H] and ``w2_E`` [E, H, I] holding every global
-    expert, or from ``expert_weights(g) -> (w13 [2I, H], w2 [H, I])`` (nothing materialised).
+    expert (biases ``w13_bias_E`` [E, 2I], ``w2_bias_E`` [E, H] for a ``variant`` with bias),
+    or from ``expert_weights(g) -> (w13 [2I, H], w2 [H, I])``, with ``(w13_bias [2I], w2_bias
+    [H])`` appended for a variant with bias (nothing materialised). With
+    ``variant.weights_on_input``, raw[t, k] = expert(w[t, k] * x[t]) and y[t] = sum_k raw[t, k].
     """
     if expert_weights is None:
         def expert_weights(g: int):
+            if variant.bias:
+                return w13_E[g], w2_E[g], w13_bias_E[g], w2_bias_E[g]
             return w13_E[g], w2_E[g]
 
     T, K = topk_ids_TK.shape
     x = x_TH.double()
+    w_TK = topk_weights_TK.double().to(x.device)
     raw = x.new_zeros(T, K, x.shape[1])
     ids = topk_ids_TK.long()
     for g in ids.unique().tolist():
         if g < 0:
             continue
         t, k = torch.where(ids == g)
-        w13, w2 = expert_weights(g)
-        raw[t, k] = swiglu_expert(x[t], w13.to(x.device).double(), w2.to(x.device).double())
-    y = (raw * topk_weights_TK.double().unsqueeze(-1)).sum(dim=1)
+        w = [p.to(x.device).double() for p in expert_weights(g)]
+        xin = x[t] * w_TK[t, k, None] if variant.weights_on_input else x[t]
+        if variant == PLAIN:
+            raw[t, k] = swiglu_expert(xin, *w)
+        else:
+            raw[t, k] = expert_mlp(xin, *w[:2], variant, *w[2:])
+    y = raw.sum(dim=1) if variant.weights_on_input else (raw * w_TK.unsqueeze(-1)).sum(dim=1)
     return y, raw
