@@ -102,6 +102,17 @@ def _op_bytes(c: SimpleNamespace) -> int:
     return sum(bufs)
 
 
+def _check_row_major(name: str, t: torch.Tensor) -> None:
+    """MORI hands ``t.data_ptr()`` to its kernels, which index it as a dense row-major [T, K]
+    array (``tokenIndices[tokenId * numExpertPerToken + e]``, internode_v1.cpp ~125, 1291;
+    DC ``dispatch`` / ``combine`` pass ``indices.data_ptr()`` with no layout check): a strided
+    view is read as the wrong ids, silently."""
+    if not t.is_contiguous():
+        raise ContractError(f"{name} {tuple(t.shape)} with strides {t.stride()} is not "
+                            "contiguous: MORI reads data_ptr() as a row-major [T, K] array, so "
+                            "these ids would be read as other tokens' ids")
+
+
 class FakeShmem:
     """``mori.shmem`` of one process: initialised once (a second init is skipped silently,
     src/shmem/init.cpp ~671); the torch helper broadcasts the unique id from GLOBAL rank 0
@@ -293,6 +304,7 @@ class FakeMoriOp:
         self._check_launch(rdma_block_num, block_num)
         if indices.dtype != torch.int32:
             raise ContractError(f"indices must be int32, got {indices.dtype} (read as int32)")
+        _check_row_major("dispatch indices", indices)
         if weights.dtype != torch.float32:
             raise ContractError(f"weights must be float32, got {weights.dtype}")
         T, K = indices.shape
@@ -392,6 +404,7 @@ class FakeMoriOp:
                              "routing, not dispatch()'s returned out_idx (ROCm/mori#475).")
         if indices.dtype != torch.int32:
             raise ContractError(f"combine indices must be int32, got {indices.dtype}")
+        _check_row_major("combine indices", indices)
         self._check_tokens(input, "EpCombineIntraNodeKernel")
         self._check_launch(rdma_block_num, block_num)
         R = int(device_value(self._total)[0]) if routing is None else len(rows)

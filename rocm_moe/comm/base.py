@@ -230,7 +230,10 @@ class Dispatcher(ABC):
 
     # ---- dispatch -------------------------------------------------------------------------------
     def check_dispatch_inputs(self, x_TH, topk_weights_TK, topk_ids_TK, *, validate: bool = True):
-        """The bad-input catalog, shared by every backend; returns int32 ids."""
+        """The bad-input catalog, shared by every backend; returns contiguous int32 ids,
+        which the backend dispatches and the handle keeps for combine (MORI reads the ids'
+        data_ptr() as a dense [T, K] array in both, issue 32: a caller's strided view must not
+        reach combine as it is)."""
         check_tensor("x", x_TH, shape=(None, self.hidden_size),
                      dtypes=(self.dtype,) if self.dtype else FLOAT_DTYPES,
                      fix=f"pass [T, H={self.hidden_size}] in {self.dtype}, as this dispatcher "
@@ -255,7 +258,7 @@ class Dispatcher(ABC):
                            allow_minus_one=True)
             check_unique_rows("topk_ids", topk_ids_TK)
             check_weights("topk_weights", topk_weights_TK)
-        return topk_ids_TK.to(torch.int32)
+        return topk_ids_TK.to(torch.int32).contiguous()
 
     def dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, *, validate: bool = True):
         """Send each token to the owners of its experts. See the module docstring.

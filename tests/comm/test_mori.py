@@ -188,6 +188,38 @@ def _check_internode_v1_gets_launch_parameters(info, seed):
         _identity_round_trip(info, seed, d, batches=(9, 0, 17))
 
 
+def _strided(ids: torch.Tensor) -> torch.Tensor:
+    """The same int32 ids as a column slice of a wider tensor (a strided view, as a caller
+    slicing [T, K + extra] routing output holds them)."""
+    wide = torch.cat([ids, torch.full_like(ids, 7)], dim=1).to(torch.int32)
+    return wide[:, :ids.shape[1]]
+
+
+def _check_internode_v1_non_contiguous_ids(info, seed):
+    """Issue 32 item 1: MORI's kernels read the ids' data_ptr() as a dense row-major [T, K]
+    array, in dispatch and in combine (internode_v1.cpp ~125, 1291 at 624002c8; InterNodeV1
+    combine walks them). The caller's strided int32 view must reach MORI contiguous at combine
+    too: the handle keeps what dispatch used. MORI's own round-trip test, combine(dispatch(x))
+    == x * U, with strided ids on InterNodeV1 and IntraNode."""
+    for kw in (dict(gpu_per_node=1), {}):
+        d = _mori(info, **kw)
+        for i, T in enumerate((9, 33, 1, 40)):
+            x, w, ids = _batch(info.rank, T, seed + i)
+            sids = _strided(ids)
+            assert T < 2 or not sids.is_contiguous()
+            res = d.dispatch(x, w, sids)
+            U = torch.tensor([d.placement.owner(r[r >= 0]).unique().numel() for r in ids])
+            y = d.combine(ExpertsOutput(out=res.x.clone(), weights_applied=True), res.handle)
+            assert torch.equal(y, x * U[:, None].float()), (d.kernel_type, T)
+    op = fake_mori_op(dict(d.mori_config))  # the fake reads ids as MORI does: refused
+    x, w, ids = _batch(info.rank, 9, seed)
+    try:
+        op.dispatch(x, w, None, _strided(ids))
+    except ContractError as exc:
+        return str(exc)
+    raise AssertionError("the fake accepted strided ids")
+
+
 def _check_async_ll_receives_before_reading(info, seed):
     """Defect 2: AsyncLL's dispatch() only sends; dispatch_recv / combine_recv complete it."""
     d = _mori(info, kernel_type="AsyncLL")
@@ -495,7 +527,7 @@ def _suite(info, seed):
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"gloo-W{w}")
 def suite(request):
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
-    return seed, launch(request.param, _suite, seed, backend="gloo", timeout_s=60)
+    return seed, launch(request.param, _suite, seed, backend="gloo", timeout_s=180)
 
 
 @pytest.mark.parametrize("check", list(CHECKS))
@@ -510,6 +542,7 @@ def test_fake_messages(suite):
     for res in results:
         assert "mori#475" in res["fake_catches_dispatched_ids"]["value"]
         assert "int32" in res["fake_catches_int64_ids"]["value"]
+        assert "row-major" in res["internode_v1_non_contiguous_ids"]["value"]
         guards = res["adapter_guards"]["value"]
         assert "mori#356" in guards["capacity"]
         assert "dispatched but not combined" in guards["two_in_flight"]
