@@ -36,7 +36,9 @@ Set-up rules of MORI that the adapter checks or follows before MORI runs:
   include/mori/shmem/internal.hpp ~61); the adapter sizes tokens by the dtype, adds up what the
   process's ops need and refuses with the ``MORI_SHMEM_HEAP_SIZE`` to set when it is too small;
 - gpu_per_node: derived from the group's hosts; MORI asserts (debug builds only) that it is a
-  power of two dividing W (src/ops/dispatch_combine/dispatch_combine.cpp ~117).
+  power of two dividing W (src/ops/dispatch_combine/dispatch_combine.cpp ~117), and at most
+  MAX_GPUS_PER_NODE = 8 (the intra-node kernels' per-peer arrays, intranode.hpp ~40); the
+  InterNode kernel assumes 8 GPUs per node (internode.hpp ~67), so other node sizes are refused.
 
 Received rows come back in MORI's order (not sorted by source), as views of MORI's buffers that
 stay valid until this batch's combine; the combined output is copied out of MORI's buffer.
@@ -79,6 +81,7 @@ RAW_REASON = ("MORI's combine returns one summed row per token and one combine p
 LAUNCH = {"InterNodeV1": dict(block_num=96, rdma_block_num=64, warp_per_block=8),
           "InterNodeV1LL": dict(block_num=256, rdma_block_num=128, warp_per_block=8)}
 GiB = 1 << 30
+MAX_GPUS_PER_NODE = 8  # src/ops/dispatch_combine/intranode.hpp ~40, internode.hpp ~31
 
 
 def _bad(field, value, rule, fix):
@@ -154,6 +157,12 @@ def mori_config(
                    "of two of ranks on each node") if W & (W - 1) == 0 else
                    f"W={W} is no power of two: pass gpu_per_node=1 (one GPU per node, "
                    "InterNodeV1) or use a power-of-two EP size")
+    if gpn > MAX_GPUS_PER_NODE:
+        raise _bad("gpu_per_node", gpn, f"MORI reaches at most {MAX_GPUS_PER_NODE} peers "
+                   "within a node (per-peer arrays of MAX_GPUS_PER_NODE in intranode.hpp and "
+                   "intranode_ll.hpp; past it they overflow)",
+                   "run at most 8 ranks per node (an MI300X node has 8 GPUs) and span nodes "
+                   "with InterNodeV1 (kernel_type='auto')")
     if kernel_type == "auto":
         kernel_type = "IntraNode" if W == gpn else "InterNodeV1"
     if kernel_type not in KERNEL_TYPES:
@@ -162,6 +171,11 @@ def mori_config(
     if kernel_type == "IntraNode" and W != gpn:
         raise _bad("kernel_type", "'IntraNode'", f"reaches peers over XGMI within a node; "
                    f"this group spans {W // gpn} nodes", "use kernel_type='auto'")
+    if kernel_type == "InterNode" and W > gpn and gpn != MAX_GPUS_PER_NODE:
+        raise _bad("kernel_type", "'InterNode'", f"MORI's InterNode kernel puts rank r on node "
+                   f"r // MAX_GPUS_PER_NODE ({MAX_GPUS_PER_NODE}) whatever gpu_per_node says "
+                   f"(internode.hpp ~67, 140); with {gpn} GPUs per node it would address the "
+                   "wrong node", "use kernel_type='auto' (InterNodeV1 reads gpu_per_node)")
     launch = LAUNCH.get(kernel_type, {})
     extra = dict(block_num=launch["block_num"], rdma_block_num=launch["rdma_block_num"],
                  warp_num_per_block=launch["warp_per_block"]) if launch else {}

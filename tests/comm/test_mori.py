@@ -71,6 +71,27 @@ def test_config_errors(kw, match):
         mori_config(args.pop("placement"), 0, **args)
 
 
+@pytest.mark.parametrize(
+    ("W", "kw", "match"),
+    [(16, {}, "at most 8"), (16, dict(gpu_per_node=16), "at most 8"),
+     (16, dict(gpu_per_node=16, kernel_type="InterNodeV1"), "at most 8"),
+     (16, dict(gpu_per_node=4, kernel_type="InterNode"), "MAX_GPUS_PER_NODE"),
+     (32, dict(gpu_per_node=4, kernel_type="InterNode"), "MAX_GPUS_PER_NODE")],
+    ids=["intra_W16", "gpn16", "v1_gpn16", "internode_gpn4", "internode_W32_gpn4"])
+def test_config_refuses_nodes_past_mori_limit(W, kw, match):
+    """Issue 32 item 5: MORI's intra-node kernels keep per-peer state in arrays of
+    MAX_GPUS_PER_NODE = 8 (intranode.hpp ~40, 110; intranode_ll.hpp kMaxGpusPerNode at
+    624002c8), and the InterNode kernel puts rank r on node r // 8 whatever gpu_per_node says
+    (internode.hpp ~67, 140)."""
+    with pytest.raises(ValueError, match=match):
+        mori_config(Placement.contiguous(2 * W, W), 0, hidden_size=8, top_k=2,
+                    dtype=torch.bfloat16, max_tokens_per_rank=16, **kw)
+    ok = mori_config(Placement.contiguous(2 * W, W), 0, hidden_size=8, top_k=2,
+                     dtype=torch.bfloat16, max_tokens_per_rank=16, gpu_per_node=8,
+                     kernel_type=kw.get("kernel_type", "auto"))
+    assert ok["gpu_per_node"] == 8
+
+
 def test_gpus_per_node_from_hosts():
     """Defect 5: gpu_per_node comes from the group, not a constant 8."""
     assert gpus_per_node(["a"] * 8 + ["b"] * 8) == 8
