@@ -1,6 +1,8 @@
 """rocm-moe bench NAME: the benchmarks of rocm_moe.benchmarks (the scripts in bench/ run
 the same code). rocm-moe bench NAME --help gives each one's method and flags.
 
+    decode    one GPU, W = 1: the layer, its experts alone and its router alone, graph-replayed,
+              against the experts' weight-read floor, at one or more buffer capacities
     comm      dispatch/combine of the comm backends (torch, and symm where it runs) against
               raw all_to_all_single of the same bytes and the peer-to-peer copy ceiling
     experts   the Triton experts against their floor, the torch reference beside them (a GPU)
@@ -20,6 +22,8 @@ import functools
 import importlib
 
 BENCHMARKS = {
+    "decode": ("rocm_moe.benchmarks.decode",
+               "W = 1 layer / experts / router, graph-replayed, against the weight-read floor"),
     "comm": ("rocm_moe.benchmarks.comm",
              "dispatch/combine GB/s against raw all_to_all_single"),
     "experts": ("rocm_moe.benchmarks.experts", "Triton experts against their floor (a GPU)"),

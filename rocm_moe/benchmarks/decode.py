@@ -1,0 +1,244 @@
+"""Decode at W = 1: the whole layer, its experts alone and its router alone, each replayed from a
+CUDA graph, in one run (issue 33), and the layer's cost against the capacity its comm buffers
+were sized for.
+
+One rank on one GPU (W = 1; ``--comm local``, or ``--comm symm`` on a one-rank group, the
+engines' capturable backend), the Triton experts, model shapes from ``--model`` (Qwen3-30B-A3B;
+DeepSeek-V3, whose 256 experts fit one GPU in bf16), seeded synthetic weights and tokens. For
+every capacity (``--max-tokens-per-rank``, several values: one layer and dispatcher each) and
+tokens T (``--tokens``):
+- layer: ``GraphedEPMoE`` of the layer (route, dispatch, experts, combine, shared experts);
+- router: ``layer.route_tokens`` (gate GEMM + router; ``--fused-router`` picks the one-launch
+  Triton router, the default, or the torch path);
+- experts: ``layer.experts`` on the routed tokens (what a one-rank dispatch hands them);
+- floor: the weight bytes of the distinct experts the batch touches (plus the shared expert's
+  for the layer's floor) / the device's copy rate measured in the same run (a graph-replayed
+  device-to-device copy of 1 GiB, bytes read + written / time).
+Each graph holds ``--inner`` back-to-back calls; a replay is timed with CUDA events; the
+median over ``--iters`` replays (after ``--warmup``), in us per call. Columns ``layer /
+experts`` and ``experts / floor`` are the issue's ratios; ``cap / first`` is the layer's time
+over the same T at the first capacity of the run.
+
+On a CPU it runs eagerly once per stage as a smoke test (times meaningless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rocm_moe import synthetic as syn
+from rocm_moe._console import progress
+from rocm_moe.benchmarks.layer import _router, add_run_arguments, add_shape_arguments, shape
+from rocm_moe.cli import argtypes
+from rocm_moe.distributed import WorkerInfo, launch
+
+
+def _timer(fn, device: torch.device, inner: int):
+    """A callable returning seconds per call of fn: a CUDA graph of ``inner`` calls replayed
+    and timed with events on GPUs; one eager call on CPUs."""
+    if device.type != "cuda":
+        def eager() -> float:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        return eager
+    from rocm_moe.benchmarks.comm import _graphed
+
+    replay = _graphed(fn, inner, device)
+
+    def timed() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / inner
+    return timed
+
+
+def _median_us(timer, cfg: dict) -> float:
+    times = [timer() for _ in range(cfg["warmup"] + cfg["iters"])][cfg["warmup"]:]
+    return statistics.median(times) * 1e6
+
+
+def copy_rate(device: torch.device, cfg: dict) -> float | None:
+    """Bytes per second of a device-to-device copy (read + write), graph-replayed."""
+    if device.type != "cuda":
+        return None
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    us = _median_us(_timer(lambda: b.copy_(a), device, 4), cfg)
+    return 2 * a.numel() / (us * 1e-6)
+
+
+def _layer(cfg: dict, s: dict, cap: int, info: WorkerInfo, dtype):
+    from rocm_moe import EPMoE, Placement, backends
+    from rocm_moe.layer_fp8 import FP8EPMoE
+
+    placement = Placement.contiguous(s["num_experts"], 1)
+    kw = dict(hidden_size=s["hidden"], top_k=s["top_k"], dtype=dtype)
+    if cfg["comm"] == "local":
+        disp = backends.make_dispatcher("local", placement, 0)
+    else:
+        disp = backends.make_dispatcher(cfg["comm"], placement, 0, max_tokens_per_rank=cap,
+                                        group=dist.group.WORLD, **kw)
+    fp8, gpu = cfg["format"] == "fp8", info.device.type == "cuda"
+    if fp8:
+        from rocm_moe.experts.triton_fp8 import TritonFP8Experts
+
+        experts = TritonFP8Experts() if gpu else None
+    else:
+        experts = backends.make_experts("triton") if gpu else None
+    cls = FP8EPMoE if fp8 else EPMoE
+    layer = cls(hidden_size=s["hidden"], intermediate_size=s["intermediate"], router=_router(s),
+                dispatcher=disp, experts=experts,
+                shared_intermediate_size=s["shared_intermediate"],
+                dtype=dtype, device=info.device, validate=False,
+                fused_router=cfg["fused_router"] and gpu)
+    layer.reset_parameters(cfg["seed"])
+    return layer
+
+
+def _expert_bytes(layer, ids: torch.Tensor) -> int:
+    """Weight bytes of the distinct local experts ``ids`` touch (FP8: values + scales)."""
+    used = ids[ids >= 0].unique().numel()
+    w13, w2 = layer.expert_weights()[:2]
+    e = w13.shape[0] if isinstance(w13, torch.Tensor) else w13.weight.shape[0]
+    return used * (_nbytes(w13) + _nbytes(w2)) // e
+
+
+def _nbytes(w) -> int:
+    if isinstance(w, torch.Tensor):
+        return w.numel() * w.element_size()
+    return sum(_nbytes(t) for t in (w.weight, w.scale_inv))  # quant.BlockFP8Weight
+
+
+def _time_case(layer, x: torch.Tensor, cfg: dict) -> tuple[dict, torch.Tensor]:
+    """us per call of the graph-replayed layer, router and experts on tokens x; the ids."""
+    from rocm_moe.graphs import GraphedEPMoE
+
+    dev = x.device
+    r = layer.route_tokens(x)
+    ids, w = r.topk_ids.to(torch.int32), r.topk_weights.float()
+    emap = layer.dispatcher.expert_map_on(dev)
+    weights = layer.expert_weights()
+    graphed = GraphedEPMoE(layer, buckets=(x.shape[0],)) if dev.type == "cuda" else layer
+    fns = {"layer": lambda: graphed(x), "router": lambda: layer.route_tokens(x),
+           "experts": lambda: layer.experts(x, ids, w, *weights, emap,
+                                            weight_mode=layer.weight_mode, validate=False)}
+    return {k: _median_us(_timer(fn, dev, cfg["inner"]), cfg) for k, fn in fns.items()}, ids
+
+
+def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
+    s = shape(cfg)
+    dtype = getattr(torch, cfg["dtype"])
+    dev = info.device
+    rate = copy_rate(dev, cfg)
+    rows = []
+    for cap in cfg["max_tokens_per_rank"]:
+        layer = _layer(cfg, s, cap, info, dtype)
+        for T in [t for t in cfg["tokens"] if t <= cap]:
+            x = syn.tokens(cfg["seed"], 0, T, s["hidden"]).to(dtype).to(dev)
+            times, ids = _time_case(layer, x, cfg)
+            floor = None if rate is None else _expert_bytes(layer, ids) / rate * 1e6
+            rows.append(dict(cap=cap, tokens=T, **{f"{k} us": v for k, v in times.items()},
+                             floor_us=floor))
+            progress(f"cap={cap} T={T}: layer {times['layer']:.1f} us")
+        if dev.type == "cuda":
+            layer = None
+            torch.cuda.empty_cache()
+    return dict(rows=rows, copy_rate=rate)
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    first = {r["tokens"]: r["layer us"] for r in rows if r["cap"] == rows[0]["cap"]}
+    out = []
+    for r in rows:
+        f = r["floor_us"]
+        out.append({"cap": r["cap"], "T": r["tokens"], "layer us": r["layer us"],
+                    "experts us": r["experts us"], "router us": r["router us"],
+                    "layer / experts": r["layer us"] / r["experts us"],
+                    "experts floor us": f,
+                    "experts / floor": None if not f else r["experts us"] / f,
+                    "cap / first": (r["layer us"] / first[r["tokens"]]
+                                    if r["tokens"] in first else None)})
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This benchmark's flags (``rocm-moe bench decode``)."""
+    add_shape_arguments(p)
+    p.add_argument("--tokens", type=argtypes.positive_int, nargs="+",
+                   default=[1, 8, 64, 128], help="tokens T")
+    p.add_argument("--max-tokens-per-rank", type=argtypes.positive_int, nargs="+",
+                   default=[128], help="capacities to size the comm buffers for (symm)")
+    p.add_argument("--comm", choices=["local", "symm"], default="local",
+                   help="local (no comm) or symm on a one-rank group")
+    p.add_argument("--format", choices=["bf16", "fp8"], default="bf16",
+                   help="expert weights: bf16 or block-FP8 (128x128)")
+    p.add_argument("--fused-router", action=argparse.BooleanOptionalAction, default=True,
+                   help="the one-launch Triton router (GPUs; --no-fused-router: torch path)")
+    p.add_argument("--inner", type=argtypes.positive_int, default=20,
+                   help="calls per CUDA graph")
+    add_run_arguments(p)
+    p.add_argument("--out", type=argtypes.output_dir, default="bench/results",
+                   help="folder for the JSON")
+    p.add_argument("--name", type=argtypes.file_stem, default=None,
+                   help="file stem (default: decode_<model>_<format>_<comm>)")
+
+
+def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.format == "fp8" and args.dtype != "bfloat16":
+        parser.error("--format fp8 computes in bfloat16: pass --dtype bfloat16")
+    if args.comm == "symm" and not torch.cuda.is_available():
+        parser.error("--comm symm needs a GPU (torch symmetric memory)")
+    if args.comm == "local" and len(args.max_tokens_per_rank) > 1:
+        parser.error("--comm local has no buffers to size: pass one --max-tokens-per-rank")
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from rocm_moe.backends import device_description
+
+    _check(args, parser)
+    cfg = vars(args)
+    gpu = torch.cuda.is_available()
+    if not gpu:
+        cfg.update(warmup=0, iters=1)
+    progress("starting 1 rank")
+    res = launch(1, _bench_rank, cfg, timeout_s=900, backend="nccl" if gpu else "gloo")[0]
+    rows = summarise(res["rows"])
+    s, device = shape(cfg), device_description()
+    rate = res["copy_rate"]
+    title = (f"decode at W=1, {cfg['model']} E={s['num_experts']} H={s['hidden']} "
+             f"I={s['intermediate']} K={s['top_k']} {cfg['format']}, comm={cfg['comm']}, "
+             f"router={'fused' if cfg['fused_router'] else 'torch'}, "
+             + (f"CUDA-graph replay x{cfg['inner']}, median of {cfg['iters']}, copy rate "
+                f"{rate / 1e12:.2f} TB/s" if rate else "eager smoke run (no GPU)")
+             + f", {device}")
+    table = Table(title=title, title_justify="left")
+    for c in rows[0]:
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(*["-" if v is None else f"{v:.2f}" if isinstance(v, float) and v < 10
+                        else f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()])
+    console = Console(width=220)
+    console.print(table)
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    stem = cfg["name"] or f"decode_{cfg['model']}_{cfg['format']}_{cfg['comm']}"
+    (out / f"{stem}.json").write_text(json.dumps(dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(), device=device,
+        torch=torch.__version__, shape=s, config=cfg, copy_rate=rate, summary=rows), indent=1))
+    console.print(f"json: {out / f'{stem}.json'}")
+    return 0
