@@ -5,8 +5,12 @@ waiting 300000ms for recv", naming no rank; on NCCL it hangs until the timeout. 
 that into a ``PeerFailure`` naming the failing rank and the stage, at no cost on the hot path:
 
 - every rank that fails (a collective raised, its experts raised between dispatch and combine,
-  it refused a batch, its worker raised) posts ONE record, its first, to the rendezvous store
-  of the default process group (``post``): stage, batch, kind and error;
+  it refused a batch, its worker raised) posts ONE record per group, its first on that group,
+  to the rendezvous store of the default process group (``post``): stage, batch, kind and
+  error. Records are keyed by the group (its name and ranks), so a process that carries on
+  with a new group after a failure (``dist.new_group``) starts with a clean slate there: its
+  old group's records are never read for the new one. A record posted without a group (the
+  launcher's worker raised) stands for every group of that process, which is ending;
 - a rank whose collective raised posts its own record, then waits up to ``report_wait`` seconds
   for every peer's (``failure``): a peer with a record other than a failed collective is the
   cause; a peer with no record exited without one (``os._exit``, a native crash, a kill) or is
@@ -26,13 +30,17 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 
 import torch.distributed as dist
 
 PREFIX = "rocm_moe/fault/"
+PROCESS = "process"  # the scope of a record posted without a group (it stands for all of them)
 REPORT_WAIT_S = 10.0  # longest wait for the peers' records (capped by the group's timeout)
-_BROKEN: dict[int, str] = {}  # id(group) -> why this rank must not issue collectives on it
-_LEFT: dict[int, int] = {}  # id(group) -> batches this rank left between dispatch and combine
+# Keyed by the group object itself (weakly): an id() could be reused by a later group once the
+# first is collected, which would then be refused as broken.
+_BROKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> why it is unusable
+_LEFT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> batches left
 
 
 class PeerFailure(RuntimeError):
@@ -61,8 +69,23 @@ def short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def post(*, stage: str, kind: str, error: str, batch: int | None = None) -> None:
-    """This rank's record (the first one only: later failures only follow from it).
+def scope(group) -> str:
+    """The key of ``group``'s records: its name and global ranks, the same on every rank (torch
+    names groups in the order ranks create them, which must be the same on every rank);
+    ``PROCESS`` for ``None``."""
+    if group is None:
+        return PROCESS
+    try:
+        ranks = dist.get_process_group_ranks(group)
+    except Exception:
+        ranks = range(dist.get_world_size())
+    return f"{getattr(group, 'group_name', '')}:{'-'.join(map(str, ranks))}"
+
+
+def post(*, stage: str, kind: str, error: str, batch: int | None = None, group=None) -> None:
+    """This rank's record on ``group`` (the first one only: later failures on that group only
+    follow from it). ``group=None``: a record for every group (the worker raised; the process
+    ends).
 
     ``kind``: "collective" (a collective raised), "abandoned" (left a batch between dispatch and
     combine), "refused" (a bad batch or input, raised before any payload moved), "raised" (the
@@ -71,30 +94,35 @@ def post(*, stage: str, kind: str, error: str, batch: int | None = None) -> None
     if store is None:
         return
     rank = dist.get_rank()
+    key = f"{PREFIX}{scope(group)}/{rank}"
     try:
-        if store.add(f"{PREFIX}{rank}/n", 1) == 1:
-            store.set(f"{PREFIX}{rank}", json.dumps(dict(stage=stage, kind=kind, error=error,
-                                                         batch=batch)))
+        if store.add(f"{key}/n", 1) == 1:
+            store.set(key, json.dumps(dict(stage=stage, kind=kind, error=error, batch=batch)))
     except Exception:  # the store's host may be the rank that died
         pass
 
 
-def _read(store, rank: int) -> dict | None:
-    key = f"{PREFIX}{rank}"
-    return json.loads(store.get(key)) if store.check([key]) else None
+def _read(store, where: str, rank: int) -> dict | None:
+    """``rank``'s record on the group of scope ``where``, else its process-wide one."""
+    for key in (f"{PREFIX}{where}/{rank}", f"{PREFIX}{PROCESS}/{rank}"):
+        if store.check([key]):
+            return json.loads(store.get(key))
+    return None
 
 
-def _collect(peers: list[int], wait_s: float) -> tuple[dict[int, dict], str | None]:
-    """The peers' records, waiting up to ``wait_s`` for all of them; (records, store problem)."""
+def _collect(group, peers: list[int], wait_s: float) -> tuple[dict[int, dict], str | None]:
+    """The peers' records on ``group``, waiting up to ``wait_s`` for all of them; (records,
+    store problem)."""
     store = _store()
     if store is None:
         return {}, "no rendezvous store to read the peers' records from"
     found: dict[int, dict] = {}
+    where = scope(group)
     deadline = time.monotonic() + wait_s
     try:
         while True:
             for r in peers:
-                if r not in found and (rec := _read(store, r)) is not None:
+                if r not in found and (rec := _read(store, where, r)) is not None:
                     found[r] = rec
             if len(found) == len(peers) or time.monotonic() >= deadline:
                 return found, None
@@ -119,13 +147,13 @@ def failure(group, *, stage: str, batch: int | None, exc: BaseException,
     """Called when a collective of ``group`` raised ``exc`` on this rank: post this rank's
     record, read the peers' and return the PeerFailure to raise (the group is marked broken)."""
     me = dist.get_rank()
-    post(stage=stage, kind="collective", error=short(exc), batch=batch)
+    post(stage=stage, kind="collective", error=short(exc), batch=batch, group=group)
     try:
         peers = [r for r in dist.get_process_group_ranks(group) if r != me]
     except Exception:
         peers = [r for r in range(dist.get_world_size()) if r != me]
     wait_s = min(REPORT_WAIT_S, timeout_s or REPORT_WAIT_S)
-    found, store_problem = _collect(peers, wait_s)
+    found, store_problem = _collect(group, peers, wait_s)
     causes = {r: rec for r, rec in found.items() if rec["kind"] != "collective"}
     silent = [r for r in peers if r not in found]
     if causes:
@@ -162,8 +190,8 @@ def everyone_left(group, wait_s: float) -> bool:
         return False
     try:
         ranks = dist.get_process_group_ranks(group)
-        n = _LEFT[id(group)] = _LEFT.get(id(group), 0) + 1
-        tag = f"{PREFIX}left/{getattr(group, 'group_name', '')}/{'-'.join(map(str, ranks))}/{n}/"
+        n = _LEFT[group] = _LEFT.get(group, 0) + 1
+        tag = f"{PREFIX}left/{scope(group)}/{n}/"
         store.set(tag + str(dist.get_rank()), "1")
         keys = [tag + str(r) for r in ranks]
         deadline = time.monotonic() + wait_s
@@ -177,17 +205,17 @@ def everyone_left(group, wait_s: float) -> bool:
 
 
 def mark_broken(group, why: str) -> None:
-    _BROKEN.setdefault(id(group), why)  # the first reason is the cause
+    _BROKEN.setdefault(group, why)  # the first reason is the cause
 
 
 def is_broken(group) -> bool:
-    return id(group) in _BROKEN
+    return group in _BROKEN
 
 
 def check_usable(group, stage: str) -> None:
     """Raise at once if this rank must not issue collectives on ``group`` any more (one dict
     lookup: the only cost on the hot path)."""
-    why = _BROKEN.get(id(group))
+    why = _BROKEN.get(group)
     if why is not None:
         raise PeerFailure(
             f"rank {dist.get_rank()}: {stage} refused: the EP group is unusable on this rank "
@@ -197,5 +225,6 @@ def check_usable(group, stage: str) -> None:
 
 
 def forget(group) -> None:
-    """Drop ``group``'s broken mark (a group that is destroyed and whose id may be reused)."""
-    _BROKEN.pop(id(group), None)
+    """Drop ``group``'s broken mark (its records in the store stay: a group that failed is not
+    used again; carry on with a new group)."""
+    _BROKEN.pop(group, None)

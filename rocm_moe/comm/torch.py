@@ -35,6 +35,7 @@ the owner places them at [t, k] of a zero [T, K, H].
 from __future__ import annotations
 
 import datetime
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -55,20 +56,20 @@ from rocm_moe.placement import Placement
 from rocm_moe.weighting import local_slots
 
 DEFAULT_TIMEOUT = datetime.timedelta(seconds=300)
-_GROUPS: dict = {}  # (default group, ranks, timeout) -> the group made for them
+# group -> {timeout: the group made over its ranks}; keyed by the group object (weakly), so a
+# new group (the recovery after a failure) gets a new one, never the broken one of the group
+# before it over the same ranks.
+_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _group_with_timeout(group: dist.ProcessGroup, timeout: datetime.timedelta):
     """A group over ``group``'s ranks whose collectives time out after ``timeout``; one per
-    (ranks, timeout), shared by every dispatcher (``dist.new_group`` is collective over the
+    (group, timeout), shared by every dispatcher (``dist.new_group`` is collective over the
     default group, so every rank must construct its dispatchers in the same order)."""
-    world = dist.group.WORLD
-    key = (id(world), tuple(dist.get_process_group_ranks(group)), timeout)
-    cached = _GROUPS.get(key)
-    if cached is None or cached[0] is not world:
-        cached = (world, dist.new_group(list(key[1]), timeout=timeout))
-        _GROUPS[key] = cached
-    return cached[1]
+    made = _GROUPS.setdefault(group, {})
+    if timeout not in made:
+        made[timeout] = dist.new_group(dist.get_process_group_ranks(group), timeout=timeout)
+    return made[timeout]
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -176,7 +177,8 @@ class TorchDispatcher(Dispatcher):
         timeout_s = self.timeout.total_seconds() if self.timeout else 2 * peers.REPORT_WAIT_S
         if peers.everyone_left(self.group, min(peers.REPORT_WAIT_S, timeout_s / 2)):
             return
-        peers.post(stage=stage, kind="abandoned", error=peers.short(exc), batch=handle.batch_id)
+        peers.post(stage=stage, kind="abandoned", error=peers.short(exc), batch=handle.batch_id,
+                   group=self.group)
         peers.mark_broken(self.group, f"rank {self.rank} left batch {handle.batch_id} between "
                           f"dispatch and combine after {peers.short(exc, 160)} at {stage}")
 
