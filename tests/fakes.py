@@ -552,12 +552,16 @@ class FakeFusedMoe:
         if w1.shape != (e, I2, H) or w2.shape != (e, H, I2 // 2) or (
                 not fp8 and w1.dtype != x.dtype):
             raise ContractError(f"weights {tuple(w1.shape)} / {tuple(w2.shape)} for x {(M, H)}")
-        for name, w in (("w1", w1), ("w2", w2)):
-            if shuffleable(w) and not getattr(w, "is_shuffled", False):
-                raise ContractError(f"{name} {tuple(w.shape)} is not shuffled: tuned kernels "
-                                    "assume pre-shuffled weights (incorrect results otherwise)")
-        w1 = _unshuffle(w1) if getattr(w1, "is_shuffled", False) else w1
-        w2 = _unshuffle(w2) if getattr(w2, "is_shuffled", False) else w2
+        tags = {"w1": getattr(w1, "is_shuffled", False), "w2": getattr(w2, "is_shuffled", False)}
+        if any(tags.values()):  # FM ~747: isShuffled = w1.is_shuffled or w2.is_shuffled
+            if not all(tags.values()):
+                raise ContractError(f"is_shuffled {tags}: AITER reads both weights as shuffled "
+                                    "when either is tagged, so the plain one is misread")
+            w1, w2 = _unshuffle(w1), _unshuffle(w2)
+        elif shuffleable(w1) and shuffleable(w2):
+            raise ContractError(f"w1 {tuple(w1.shape)} / w2 {tuple(w2.shape)} are not shuffled: "
+                                "tuned kernels assume pre-shuffled weights (incorrect results "
+                                "otherwise, FM ~2438)")
         if topk_ids.dtype != torch.int32:
             raise ContractError(f"topk_ids must be int32, got {topk_ids.dtype} (aiter#5255)")
         if topk_weight.dtype != torch.float32 or topk_weight.shape != topk_ids.shape:

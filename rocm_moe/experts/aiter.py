@@ -17,9 +17,10 @@ What the adapter does as vLLM's AITER path does, so that AITER reaches its tuned
 - weights are shuffled into the layout tuned kernels read (``aiter.ops.shuffle.shuffle_weight``,
   tagged ``is_shuffled``; FM ~2438 warns of incorrect results otherwise). The layer owns
   unshuffled weights (every other backend reads them), so the shuffled copies are cached here
-  per weight tensor and version: AITER's expert weights take twice the memory. Shapes that are
-  not multiples of the shuffle tile (16 rows x 32 columns, tiny test shapes) go unshuffled:
-  no tuned config exists for them.
+  per weight tensor and version: AITER's expert weights take twice the memory. Both weights
+  are shuffled or neither (AITER treats both as shuffled when either is tagged, FM ~747): a
+  pair where one is not a multiple of the shuffle tile (16 rows x 32 columns, tiny test
+  shapes, I % 32 != 0) goes unshuffled: no tuned config exists for it.
 - no rows (a rank that received nothing): no call (AITER has no guard for M = 0).
 
 The mask is built by the placement module (``ExpertMap.to_expert_mask``), never taken from an
@@ -113,8 +114,27 @@ class AiterExperts(Experts):
         others = (expert_map.map_E < 0).nonzero()
         return int(others[0, 0]) if others.numel() else None
 
+    def shuffled_pair(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple:
+        """(w13, w2) both shuffled or both as they are: AITER reads both weights as shuffled
+        when either is tagged ``is_shuffled`` (FM ~747), so a pair where only one fits the
+        shuffle tile (I % 32 != 0 with H % 32 == 0) goes unshuffled (no tuned kernel serves it),
+        and a caller's half-shuffled pair is refused."""
+        tags = (getattr(w13, "is_shuffled", False), getattr(w2, "is_shuffled", False))
+        if any(tags):
+            if not all(tags):
+                raise ValueError(error_message(
+                    "w13.is_shuffled / w2.is_shuffled", tags, "AITER reads both weights as "
+                    "shuffled when either is tagged (aiter/fused_moe.py), so the plain one "
+                    "would be misread", "pass both shuffled (aiter.ops.shuffle.shuffle_weight) "
+                    "or both plain (the adapter shuffles them)"))
+            return w13, w2
+        if not self.shuffle or not (shuffleable(w13) and shuffleable(w2)):
+            return w13, w2
+        return self.shuffled(w13), self.shuffled(w2)
+
     def shuffled(self, w: torch.Tensor) -> torch.Tensor:
-        """``w`` in the layout AITER's tuned kernels read, cached per tensor and version."""
+        """``w`` in the layout AITER's tuned kernels read, cached per tensor and version (one
+        of a pair: use ``shuffled_pair``)."""
         if not self.shuffle or getattr(w, "is_shuffled", False) or not shuffleable(w):
             return w
         ref, version, out = self._shuffled.get(id(w), (None, -1, None))
@@ -156,7 +176,7 @@ class AiterExperts(Experts):
             shape = (0, H) if mode == "weighted" else (0, K, H)
             return ExpertsOutput(out=x_RH.new_zeros(shape), weights_applied=mode == "weighted")
         ids = self._global_ids(topk_ids_RK, expert_map.num_experts).to(torch.int32)
-        x, w13, w2 = x_RH.contiguous(), self.shuffled(w13), self.shuffled(w2)
+        x, (w13, w2) = x_RH.contiguous(), self.shuffled_pair(w13, w2)
         if mode == "weighted":
             out = self._call(x, w13, w2, topk_weights_RK.float().contiguous(), ids.contiguous(),
                              expert_map)
@@ -182,6 +202,6 @@ class AiterExperts(Experts):
                 "mask_sentinel=True (empty slots cannot be refused without a host read)",
                 "use AiterExperts(mask_sentinel=True) in bf16/fp16 with AITER installed"))
         ids = self._global_ids(topk_ids_RK, expert_map.num_experts).to(torch.int32)
-        return self._call(x_RH.contiguous(), self.shuffled(w13), self.shuffled(w2),
+        return self._call(x_RH.contiguous(), *self.shuffled_pair(w13, w2),
                           topk_weights_RK.float().contiguous(), ids.contiguous(), expert_map,
                           num_rows=num_rows)

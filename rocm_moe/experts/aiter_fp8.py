@@ -143,7 +143,7 @@ class AiterFP8Experts(FP8Experts):
             x, a1_scale = rows.to(out_dtype).contiguous(), None
         extra = dict(quant_type=self._qtype(), w1_scale=w13.scale_inv.contiguous(),
                      w2_scale=w2.scale_inv.contiguous(), a1_scale=a1_scale, dtype=out_dtype)
-        w1q, w2q = a.shuffled(w13.weight), a.shuffled(w2.weight)
+        w1q, w2q = a.shuffled_pair(w13.weight, w2.weight)
         if mode == "weighted":
             out = a._call(x, w1q, w2q, topk_weights_RK.float().contiguous(), ids.contiguous(),
                           expert_map, **extra)

@@ -203,6 +203,37 @@ def test_weights_shuffled_once_per_version(gen):
         _aiter(shuffle=False)(x, ids, w, w13, w2, emap, weight_mode="experts")
 
 
+@pytest.mark.parametrize(("Hs", "Is"), [(32, 24), (64, 40), (32, 16)],
+                         ids=["H32_I24", "H64_I40", "H32_I16"])
+def test_shuffle_both_or_neither(Hs, Is, gen):
+    """Issue 32 item 7: AITER reads both weights as shuffled when either is tagged
+    (``isShuffled = w1.is_shuffled or w2.is_shuffled``, aiter/fused_moe.py ~747 at e4048607).
+    Here w13 [e, 2I, H] fits the shuffle tile and w2 [e, H, I] does not (I % 32 != 0): shuffling
+    w13 alone made AITER read the plain w2 as shuffled. Both or neither."""
+    emap = Placement.contiguous(8, 2).expert_map(1)
+    x = torch.randn(33, Hs, generator=gen).bfloat16()
+    _, ids, w = _inputs(33, 2, 8, torch.bfloat16, gen)
+    w13 = (torch.randn(4, 2 * Is, Hs, generator=gen) / Hs**0.5).bfloat16()
+    w2 = (torch.randn(4, Hs, Is, generator=gen) / Is**0.5).bfloat16()
+    calls = []
+
+    def shuffle(t, layout):
+        calls.append(tuple(t.shape))
+        return fake_shuffle_weight(t, layout)
+
+    aiter = AiterExperts(fused_moe=FakeFusedMoe(), shuffle_weight=shuffle)
+    out = aiter(x, ids, w, w13, w2, emap, weight_mode="experts")
+    ref = ReferenceExperts()(x, ids, w, w13, w2, emap, weight_mode="experts")
+    assert rel_err(out.out, ref.out) < 2e-2
+    assert calls == [], "one of the pair does not fit the tile: neither is shuffled"
+    with pytest.raises(ContractError, match="either"):  # the fake reads the pair as AITER does
+        FakeFusedMoe()(x, fake_shuffle_weight(w13), w2, torch.cat([w, w[:, :1] * 0], 1),
+                       torch.cat([ids, ids[:, :1] * 0 + 8], 1),
+                       expert_mask=aiter.mask_for(emap, x.device))
+    with pytest.raises(ValueError, match="is_shuffled"):  # a caller's half-shuffled pair
+        aiter(x, ids, w, fake_shuffle_weight(w13), w2, emap, weight_mode="experts")
+
+
 @pytest.mark.parametrize("mode", ["weighted", "raw"])
 def test_no_rows_no_call(mode, gen):
     """Defect 7: a rank that received nothing must not call fused_moe with M = 0."""
