@@ -9,6 +9,9 @@
 # $OUT/tests_gpu_<tag>_<K>of<N>.txt: on one H100 the whole suite took more than the device's
 # 600 s per call on 2026-12-06 (it was 515 s without the tests added that day), so run it as
 # "1/2" and "2/2" in two calls.
+# XDIST=N (environment): N pytest-xdist workers, files kept whole per worker (--dist loadfile),
+# from the wheels in .whl/ (pytest-xdist, execnet: the device has no network; carry .whl);
+# every test that fails there is then rerun alone, serially, and both results are written.
 set -uo pipefail
 OUT=${1:-${OUT:-bench/results}}
 TAG=${2:-h100}
@@ -26,10 +29,27 @@ if [ -n "$PART" ]; then
     if [ $(( i % N )) -eq $(( K - 1 )) ]; then TARGETS+=("${ALL[$i]}"); fi
   done
 fi
+XARGS=()
+if [ -n "${XDIST:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps .whl/execnet-*.whl .whl/pytest_xdist-*.whl
+  XARGS=(-n "$XDIST" --dist loadfile)
+fi
 machine_info "$FILE"
-echo "== python3 -m pytest ${PART:+part $PART: }(this machine's torch) ${TARGETS[*]} ==" | tee -a "$FILE"
-python3 -m pytest -q -p no:cacheprovider -rs --durations=15 "${TARGETS[@]}" >> "$FILE" 2>&1
+echo "== python3 -m pytest ${XARGS[*]} ${PART:+part $PART: }(this machine's torch)" \
+  "${TARGETS[*]} ==" | tee -a "$FILE"
+python3 -m pytest -q -p no:cacheprovider -rs --durations=15 "${XARGS[@]}" "${TARGETS[@]}" \
+  >> "$FILE" 2>&1
 rc=$?
 grep -E "^(FAILED|ERROR) " "$FILE"
 tail -n 1 "$FILE"
+if [ -n "${XDIST:-}" ] && [ "$rc" -ne 0 ]; then
+  mapfile -t FAILED < <(grep -E "^(FAILED|ERROR) " "$FILE" | awk '{print $2}' | sort -u)
+  if [ "${#FAILED[@]}" -gt 0 ]; then
+    echo "== rerun alone, serially: ${#FAILED[@]} test(s) that failed under xdist ==" \
+      | tee -a "$FILE"
+    python3 -m pytest -q -p no:cacheprovider -rs "${FAILED[@]}" >> "$FILE" 2>&1
+    rc=$?
+    tail -n 1 "$FILE"
+  fi
+fi
 exit "$rc"
