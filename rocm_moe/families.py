@@ -12,15 +12,26 @@ read it from here; none of them branches on a model type.
     fam.router_kwargs(hf_config)              # RouterConfig(**...) fields
     fam.intermediate_size(hf_config)          # I of the routed experts
 
+Two checkpoint layouts: one tensor per expert projection (``experts.{e}.gate_proj.weight``,
+Qwen, DeepSeek, GLM, OLMoE, ...) or fused tensors over all experts (``fused_experts``: gpt-oss
+and Llama 4 hold ``experts.gate_up_proj`` [E, H, 2I] and ``experts.down_proj`` [E, I, H], the
+transformers block's own layout; gpt-oss interleaves gate and up columns and has biases).
+A family also says what its experts compute (``expert_variant``) and how its router scores
+(after the top-k for gpt-oss and Llama 4, a gate bias for gpt-oss).
+
 Adding a family: one ``ModelFamily(...)`` in ``FAMILIES`` below, and its tiny config in
-``tests/test_hf.py`` and ``tests/test_families.py``.
+``tests/test_families_models.py`` and ``tests/test_families.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rocm_moe._checks import error_message
+
+if TYPE_CHECKING:
+    from rocm_moe.experts.base import ExpertVariant
 
 PROJ_NAMES = ("gate_proj", "up_proj", "down_proj")  # Qwen/DeepSeek expert and shared names
 
@@ -32,6 +43,17 @@ class ExpertTensors:
     gate: str
     up: str
     down: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class FusedExpertTensors:
+    """Checkpoint names of a fused family's expert tensors: gate_up [E, H, 2I], down [E, I, H]
+    and, where the family has them, their biases [E, 2I] and [E, H]."""
+
+    gate_up: str
+    down: str
+    gate_up_bias: str | None = None
+    down_bias: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +72,14 @@ class ModelFamily:
     scoring: str = "softmax"  # the router's scoring, RouterConfig.scoring
     norm_topk_prob_key: str | None = "norm_topk_prob"  # None: always normalise
     grouped_router: bool = False  # n_group, topk_group, routed_scaling_factor from the config
+    router: str = "gate"  # the router's name in the block (gpt-oss, Llama 4: "router")
+    gate_bias: bool = False  # the router linear has a bias, part of the logits (gpt-oss)
+    score_after_topk: bool = False  # top-k of the logits, then scored (gpt-oss, Llama 4)
+    fused_experts: bool = False  # experts.gate_up_proj [E, H, 2I], experts.down_proj [E, I, H]
+    interleaved_gate_up: bool = False  # gate_up_proj's columns alternate gate, up (gpt-oss)
+    activation: str = "silu"  # ExpertVariant.activation of the routed experts
+    expert_bias: bool = False  # the routed experts' projections have biases (gpt-oss)
+    weights_on_input: bool = False  # the routing weight scales the expert's input (Llama 4)
 
     def block_prefix(self, layer: int) -> str:
         """``model.layers.{layer}.{block}``, the prefix of every tensor of that MoE block."""
@@ -57,18 +87,44 @@ class ModelFamily:
 
     def gate_weight(self, layer: int) -> str:
         """The router's [E, H] weight."""
-        return f"{self.block_prefix(layer)}.gate.weight"
+        return f"{self.block_prefix(layer)}.{self.router}.weight"
+
+    def gate_bias_tensor(self, layer: int) -> str | None:
+        """The router linear's [E] bias (part of the logits), or None."""
+        return f"{self.block_prefix(layer)}.{self.router}.bias" if self.gate_bias else None
 
     def router_bias_tensor(self, layer: int) -> str | None:
         """The router's [E] choice bias, or None for families without one."""
         if self.router_bias is None:
             return None
-        return f"{self.block_prefix(layer)}.gate.{self.router_bias}"
+        return f"{self.block_prefix(layer)}.{self.router}.{self.router_bias}"
 
     def expert_tensors(self, layer: int, expert: int) -> ExpertTensors:
-        """Routed expert ``expert``'s three weights in layer ``layer``."""
+        """Routed expert ``expert``'s three weights in layer ``layer`` (per-expert layout)."""
+        if self.fused_experts:
+            raise ValueError(error_message(
+                "family", self.name, "holds its experts in fused tensors, not one per expert",
+                "use fused_expert_tensors(layer)"))
         prefix = f"{self.block_prefix(layer)}.experts.{expert}"
         return ExpertTensors(*(f"{prefix}.{n}.weight" for n in self.expert_names))
+
+    def fused_expert_tensors(self, layer: int) -> FusedExpertTensors:
+        """A fused family's expert tensors in layer ``layer`` (every expert in each)."""
+        p = f"{self.block_prefix(layer)}.experts"
+        return FusedExpertTensors(
+            gate_up=f"{p}.gate_up_proj", down=f"{p}.down_proj",
+            gate_up_bias=f"{p}.gate_up_proj_bias" if self.expert_bias else None,
+            down_bias=f"{p}.down_proj_bias" if self.expert_bias else None)
+
+    def expert_variant(self, config) -> ExpertVariant:
+        """What this family's routed experts compute (gpt-oss: alpha and limit from config)."""
+        from rocm_moe.experts.base import ExpertVariant
+
+        kw = {}
+        if self.activation == "swiglu_oai":
+            kw = dict(alpha=float(config.swiglu_alpha), limit=float(config.swiglu_limit))
+        return ExpertVariant(activation=self.activation, bias=self.expert_bias,
+                             weights_on_input=self.weights_on_input, **kw)
 
     def shared_expert_tensors(self, layer: int) -> ExpertTensors | None:
         """The shared experts' three weights (gate_proj, up_proj, down_proj), or None."""
@@ -88,7 +144,8 @@ class ModelFamily:
         kw = dict(num_experts=getattr(config, self.num_experts_key),
                   top_k=config.num_experts_per_tok, scoring=self.scoring,
                   norm_topk_prob=True if self.norm_topk_prob_key is None
-                  else bool(getattr(config, self.norm_topk_prob_key)))
+                  else bool(getattr(config, self.norm_topk_prob_key)),
+                  score_after_topk=self.score_after_topk, gate_bias=self.gate_bias)
         if self.grouped_router:
             kw.update(n_group=config.n_group, topk_group=config.topk_group,
                       routed_scaling_factor=float(config.routed_scaling_factor))
@@ -112,6 +169,11 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in [
                 shared_experts="shared_experts", router_bias="e_score_correction_bias",
                 intermediate_size_key="moe_intermediate_size",
                 num_experts_key="n_routed_experts", scoring="sigmoid", grouped_router=True),
+    ModelFamily(name="gpt_oss", model_types=("gpt_oss",), block="mlp", router="router",
+                gate_bias=True, score_after_topk=True, fused_experts=True,
+                interleaved_gate_up=True, activation="swiglu_oai", expert_bias=True,
+                intermediate_size_key="intermediate_size", num_experts_key="num_local_experts",
+                norm_topk_prob_key=None),
 ]}
 
 

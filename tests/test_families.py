@@ -22,6 +22,8 @@ def _config(name: str):
                                            intermediate_size=48, norm_topk_prob=True)
     if name == "mixtral":
         return transformers.MixtralConfig(**common, num_local_experts=12, intermediate_size=16)
+    if name == "gpt_oss":
+        return transformers.GptOssConfig(**common, num_local_experts=12, intermediate_size=16)
     assert name == "deepseek_v3"
     return transformers.DeepseekV3Config(**common, n_routed_experts=12, moe_intermediate_size=16,
                                          intermediate_size=48, n_group=4, topk_group=2,
@@ -35,6 +37,7 @@ EXPECTED_ROUTER = {
     "mixtral": RouterConfig.mixtral(12, 3),
     "deepseek_v3": RouterConfig.deepseek_v3(12, 3, n_group=4, topk_group=2,
                                             norm_topk_prob=False, routed_scaling_factor=1.5),
+    "gpt_oss": RouterConfig.gpt_oss(12, 3),
 }
 
 
@@ -62,6 +65,7 @@ def test_router_and_sizes_round_trip(name):
      "model.layers.3.mlp.gate.e_score_correction_bias"),
 ])
 def test_checkpoint_tensor_names(name, expert, shared, shared_gate, bias):
+    """Per-expert families (the fused ones: their own test files)."""
     fam = FAMILIES[name]
     block, g, u, d = expert
     p = f"model.layers.3.{block}"

@@ -100,7 +100,8 @@ def _rank(info: WorkerInfo, job: RunJob) -> dict:
         t0 = time.perf_counter()
         checked = layer(x, return_raw=True)
         y_ref, raw_ref = dense_moe_reference(x, checked.topk_weights, checked.topk_ids,
-                                             expert_weights=spec.expert_weights(dtype))
+                                             expert_weights=spec.expert_weights(dtype),
+                                             variant=layer.expert_variant)
         if layer.shared_experts is not None:
             y_ref = y_ref + layer.shared_experts.reference(x)
     if first:

@@ -139,7 +139,8 @@ class LayerSpec:
 
     def expert_weights(self, dtype: torch.dtype) -> Callable[[int], tuple]:
         """``g -> (w13 [2I, H], w2 [H, I])``: expert g's weights as the layer holds them
-        (rounded to ``dtype``), synthetic or read from the checkpoint on demand."""
+        (rounded to ``dtype``), synthetic or read from the checkpoint on demand; a family with
+        expert biases (gpt-oss) appends (w13_bias [2I], w2_bias [H])."""
         if self.checkpoint:
             from rocm_moe.integrations import hf
 
@@ -149,9 +150,8 @@ class LayerSpec:
                 return synthetic.expert_weights(self.seed, g, self.hidden_size,
                                                 self.intermediate_size)
 
-        def weights(g: int):
-            w13, w2 = read(g)
-            return w13.to(dtype), w2.to(dtype)
+        def weights(g: int):  # (w13, w2), with (w13_bias, w2_bias) for a biased family
+            return tuple(w.to(dtype) for w in read(g))
         return weights
 
 
@@ -196,8 +196,9 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     """--checkpoint and --layer: a checkpoint's MoE layer instead of synthetic weights (run,
     sanity, diagnose; sanity and diagnose then check the router against its config)."""
     p.add_argument("--checkpoint", type=argtypes.existing_dir, default=None,
-                   help="a safetensors checkpoint directory (Qwen2/3-MoE, Mixtral, DeepSeek-V3):"
-                   " its MoE layer instead of random weights; E, H, I, K come from it")
+                   help="a safetensors checkpoint directory (a family of rocm_moe.families: "
+                   "Qwen2/3-MoE, Mixtral, DeepSeek-V3, gpt-oss, ...): its MoE layer instead of "
+                   "random weights; E, H, I, K come from it")
     p.add_argument("--layer", type=argtypes.nonnegative_int, default=1,
                    help="the checkpoint's MoE layer index")
 

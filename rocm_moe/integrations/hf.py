@@ -5,10 +5,11 @@
   unpickled). A missing or corrupt shard raises a ValueError naming the file and the tensor.
 - ``load_moe_layer(dir, layer, placement, rank)``: one MoE layer's router and shared experts
   plus THIS rank's routed experts only (the others are never read), for the families of
-  ``rocm_moe.families`` (Qwen2/3-MoE, Mixtral, DeepSeek-V3), which name the tensors
-  (``mlp.experts.{e}.{gate,up,down}_proj``, ``block_sparse_moe.experts.{e}.{w1,w3,w2}``,
-  shared experts, ``gate.e_score_correction_bias``). ``weights_from_block`` does the same from a
-  loaded transformers 5 block (fused [E, 2I, H] / [E, H, I] tensors).
+  ``rocm_moe.families``, which name the tensors (``mlp.experts.{e}.{gate,up,down}_proj``,
+  ``block_sparse_moe.experts.{e}.{w1,w3,w2}``, shared experts, ``gate.e_score_correction_bias``;
+  gpt-oss's and Llama 4's fused ``experts.gate_up_proj`` [E, H, 2I], of which only this rank's
+  rows are read, de-interleaved into gate rows then up rows for gpt-oss, with its biases).
+  ``weights_from_block`` does the same from a loaded transformers 5 block.
 - ``register()``: makes "rocm_moe" a transformers experts implementation, so a model runs its
   experts through rocm_moe with ``model.set_experts_implementation("rocm_moe")`` (or
   ``from_pretrained(..., experts_implementation="rocm_moe")``). The backend travels inside the
@@ -28,11 +29,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rocm_moe._checks import error_message
+from rocm_moe._checks import check_finite, error_message
 from rocm_moe.comm.base import Dispatcher
-from rocm_moe.experts.base import Experts
+from rocm_moe.experts.base import PLAIN, Experts, ExpertVariant
 from rocm_moe.experts.reference import ReferenceExperts
-from rocm_moe.families import ExpertTensors, ModelFamily, check_activation, family
+from rocm_moe.families import (
+    ExpertTensors,
+    FusedExpertTensors,
+    ModelFamily,
+    check_activation,
+    family,
+)
 from rocm_moe.layer import EPMoE
 from rocm_moe.placement import Placement
 from rocm_moe.quant import FP8_DTYPES, BlockFP8Weight, check_block_values
@@ -159,6 +166,38 @@ class Checkpoint:
         return t
 
 
+    def tensor_row(self, name: str, index: int, shape: tuple[int | None, ...]) -> torch.Tensor:
+        """Row ``index`` of tensor ``name`` (one expert of a fused [E, ...] tensor): only that
+        row is read; the whole tensor must be ``shape`` ([E, ...]), the row is checked like
+        ``tensor``'s (floating, finite)."""
+        from safetensors import SafetensorError, safe_open
+
+        if name not in self.weight_map:
+            raise ValueError(error_message(
+                "tensor", name, f"is not in the checkpoint's index ({len(self.weight_map)} "
+                "tensors)", "check the layer index and the model family"))
+        path = self.confined(self.weight_map[name], "shard")
+        try:
+            with safe_open(path, "pt") as f:
+                part = f.get_slice(name)
+                full = tuple(part.get_shape())
+                if not (len(full) == len(shape) and all(
+                        w is None or g == w for g, w in zip(full, shape, strict=True))):
+                    want = "[" + ", ".join("*" if d is None else str(d) for d in shape) + "]"
+                    raise ValueError(error_message(
+                        f"{path.name}: {name}.shape", list(full), f"must be {want} (from "
+                        "config.json)", "the checkpoint does not match its config.json: "
+                        "download it again or fix the config"))
+                t = part[index:index + 1][0]
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise ValueError(error_message(
+                "shard", str(path), f"cannot be read for tensor {name}: {exc}",
+                "the file is corrupt or truncated: download it again")) from exc
+        _check_loaded(path, f"{name}[{index}]", t, None)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+
 def _shard_keys(path: Path) -> list[str]:
     from safetensors import SafetensorError, safe_open
 
@@ -205,6 +244,10 @@ class MoELayerWeights:
     shared_w13: torch.Tensor | None = None  # [2Is, H]
     shared_w2: torch.Tensor | None = None  # [H, Is]
     shared_gate: torch.Tensor | None = None  # [1, H] (Qwen2-MoE)
+    gate_bias: torch.Tensor | None = None  # [E] the router linear's bias (gpt-oss)
+    expert_variant: ExpertVariant = PLAIN  # what the routed experts compute (families.py)
+    w13_bias: torch.Tensor | None = None  # [e, 2I] (gpt-oss), gate then up like w13
+    w2_bias: torch.Tensor | None = None  # [e, H]
 
     @property
     def fp8(self) -> bool:
@@ -221,7 +264,7 @@ class MoELayerWeights:
     def nbytes(self) -> int:
         return self.expert_bytes + sum(t.numel() * t.element_size() for t in (
             self.gate, self.e_score_correction_bias, self.shared_w13, self.shared_w2,
-            self.shared_gate) if t is not None)
+            self.shared_gate, self.gate_bias, self.w13_bias, self.w2_bias) if t is not None)
 
 
 def _family(model_type: str) -> ModelFamily:
@@ -279,6 +322,33 @@ def _read_expert_fp8(ck: Checkpoint, names: ExpertTensors, H: int, I: int | None
     return w13, _read_fp8(ck, names.down, (H, I))
 
 
+def fused_to_local(gate_up_HJ: torch.Tensor, down_IH: torch.Tensor, *, interleaved: bool,
+                   gate_up_bias: torch.Tensor | None = None) -> tuple:
+    """One expert of a fused family in rocm_moe's layout: gate_up [H, 2I] (columns gate then
+    up, or alternating gate, up where ``interleaved``), down [I, H] -> (w13 [2I, H] gate rows
+    then up rows, w2 [H, I], w13_bias [2I] or None)."""
+    w13 = gate_up_HJ.T
+    b13 = gate_up_bias
+    if interleaved:
+        w13 = torch.cat([w13[0::2], w13[1::2]])
+        b13 = None if b13 is None else torch.cat([b13[0::2], b13[1::2]])
+    return w13.contiguous(), down_IH.T.contiguous(), b13
+
+
+def _read_fused_expert(ck: Checkpoint, fam: ModelFamily, names: FusedExpertTensors, e: int,
+                       E: int, H: int, I: int) -> tuple:
+    """Expert ``e`` of a fused family: (w13 [2I, H], w2 [H, I]) and, with biases, (w13_bias
+    [2I], w2_bias [H]); only row e of each fused tensor is read."""
+    gate_up = ck.tensor_row(names.gate_up, e, (E, H, 2 * I))
+    down = ck.tensor_row(names.down, e, (E, I, H))
+    b13 = None if names.gate_up_bias is None else ck.tensor_row(names.gate_up_bias, e, (E, 2 * I))
+    w13, w2, b13 = fused_to_local(gate_up, down, interleaved=fam.interleaved_gate_up,
+                                  gate_up_bias=b13)
+    if names.down_bias is None:
+        return w13, w2
+    return w13, w2, b13, ck.tensor_row(names.down_bias, e, (E, H))
+
+
 @dataclass(frozen=True)
 class _Shape:
     """What config.json says a layer's tensors must be."""
@@ -320,6 +390,8 @@ def load_moe_layer(directory: str | Path, layer: int, placement: Placement, rank
             "layer", layer, f"has no MoE block in this checkpoint ({gate})",
             "pick a sparse layer (DeepSeek-V3's first layers are dense)"))
     local = list(placement.local_experts(rank))
+    if fam.fused_experts:
+        return _load_fused_layer(ck, cfg, fam, shape, layer, local)
     fp8 = bool(local) and ck.has(fam.expert_tensors(layer, local[0]).gate + SCALE_SUFFIX)
     if fp8 and I % 128:
         raise ValueError(error_message(
@@ -328,12 +400,7 @@ def load_moe_layer(directory: str | Path, layer: int, placement: Placement, rank
             "dequantise the checkpoint to bfloat16"))
     read = _read_expert_fp8 if fp8 else _read_expert
     experts = [read(ck, fam.expert_tensors(layer, e), H, I) for e in local]
-    kw = {}
-    if (shared := fam.shared_expert_tensors(layer)) is not None:
-        kw = dict(zip(("shared_w13", "shared_w2"), _read_expert(ck, shared, H), strict=True))
-        shared_gate = fam.shared_expert_gate_weight(layer)
-        if shared_gate is not None and ck.has(shared_gate):
-            kw["shared_gate"] = ck.tensor(shared_gate, (1, H))
+    kw = _shared_kwargs(ck, fam, layer, H)
     bias = fam.router_bias_tensor(layer)
     return MoELayerWeights(
         router=shape.router, hidden_size=H, intermediate_size=I, gate=ck.tensor(gate, (E, H)),
@@ -342,11 +409,53 @@ def load_moe_layer(directory: str | Path, layer: int, placement: Placement, rank
         w13=_stack([w13 for w13, _ in experts]), w2=_stack([w2 for _, w2 in experts]), **kw)
 
 
+def _shared_kwargs(ck: Checkpoint, fam: ModelFamily, layer: int, H: int) -> dict:
+    """The shared experts (and their sigmoid gate) of the layer, as MoELayerWeights fields."""
+    kw = {}
+    if (shared := fam.shared_expert_tensors(layer)) is not None:
+        kw = dict(zip(("shared_w13", "shared_w2"), _read_expert(ck, shared, H), strict=True))
+        shared_gate = fam.shared_expert_gate_weight(layer)
+        if shared_gate is not None and ck.has(shared_gate):
+            kw["shared_gate"] = ck.tensor(shared_gate, (1, H))
+    return kw
+
+
+def _load_fused_layer(ck: Checkpoint, cfg, fam: ModelFamily, shape: _Shape, layer: int,
+                      local: list[int]) -> MoELayerWeights:
+    """``load_moe_layer`` for a family with fused expert tensors (gpt-oss, Llama 4)."""
+    E, H, I = shape.router.num_experts, shape.hidden_size, shape.intermediate_size
+    names = fam.fused_expert_tensors(layer)
+    experts = [_read_fused_expert(ck, fam, names, e, E, H, I) for e in local]
+    if not experts:  # a rank without experts still holds [0, ...] tensors
+        experts = [(torch.empty(0, 2 * I, H), torch.empty(0, H, I), torch.empty(0, 2 * I),
+                    torch.empty(0, H))]
+        stack = torch.cat
+    else:
+        stack = torch.stack
+    bias_kw = {}
+    if fam.expert_bias:
+        bias_kw = dict(w13_bias=stack([x[2] for x in experts]),
+                       w2_bias=stack([x[3] for x in experts]))
+    gate_bias = fam.gate_bias_tensor(layer)
+    router_bias = fam.router_bias_tensor(layer)
+    return MoELayerWeights(
+        router=shape.router, hidden_size=H, intermediate_size=I,
+        gate=ck.tensor(fam.gate_weight(layer), (E, H)),
+        e_score_correction_bias=ck.tensor(router_bias, (E,))
+        if router_bias is not None and ck.has(router_bias) else None,
+        gate_bias=None if gate_bias is None else ck.tensor(gate_bias, (E,)),
+        w13=stack([x[0] for x in experts]), w2=stack([x[1] for x in experts]),
+        expert_variant=fam.expert_variant(cfg), **bias_kw,
+        **_shared_kwargs(ck, fam, layer, H))
+
+
 def is_fp8_layer(directory: str | Path, layer: int) -> bool:
     """Layer ``layer``'s routed experts are FP8 with block scales (expert 0's gate has a
     ``weight_scale_inv``): what ``load_moe_layer`` will read, known before any rank starts."""
     ck = Checkpoint(directory)
     fam = _family(ck.config().model_type)
+    if fam.fused_experts:  # (their quantised formats are read elsewhere, later)
+        return False
     return ck.has(fam.expert_tensors(layer, 0).gate + SCALE_SUFFIX)
 
 
@@ -365,6 +474,10 @@ def expert_reader(directory: str | Path, layer: int) -> Callable[[int], tuple]:
     shape = _shape(ck, cfg, fam)
 
     def read(g: int):
+        if fam.fused_experts:
+            return _read_fused_expert(ck, fam, fam.fused_expert_tensors(layer), g,
+                                      shape.router.num_experts, shape.hidden_size,
+                                      shape.intermediate_size)
         return _read_expert(ck, fam.expert_tensors(layer, g), shape.hidden_size,
                             shape.intermediate_size)
     return read
@@ -389,12 +502,30 @@ def weights_from_block(block: nn.Module, config, placement: Placement,
                   shared_w2=shared.down_proj.weight.detach())
         if getattr(block, "shared_expert_gate", None) is not None:
             kw["shared_gate"] = block.shared_expert_gate.weight.detach()
-    bias = getattr(block.gate, "e_score_correction_bias", None)
+    fam = _family(config.model_type)
+    router = getattr(block, fam.router)
+    bias = getattr(router, "e_score_correction_bias", None)
+    if fam.fused_experts:  # [E, H, 2I] / [E, I, H], as on disk
+        experts = [fused_to_local(ex.gate_up_proj[e].detach(), ex.down_proj[e].detach(),
+                                  interleaved=fam.interleaved_gate_up,
+                                  gate_up_bias=ex.gate_up_proj_bias[e].detach()
+                                  if fam.expert_bias else None) for e in local]
+        I = ex.down_proj.shape[1]
+        w13 = torch.stack([x[0] for x in experts]) if experts else ex.gate_up_proj[:0].mT
+        w2 = torch.stack([x[1] for x in experts]) if experts else ex.down_proj[:0].mT
+        if fam.expert_bias:
+            kw.update(w13_bias=torch.stack([x[2] for x in experts]) if experts
+                      else ex.gate_up_proj_bias[:0].detach(),
+                      w2_bias=ex.down_proj_bias.detach()[local])
+    else:
+        I = ex.down_proj.shape[-1]
+        w13, w2 = ex.gate_up_proj.detach()[local], ex.down_proj.detach()[local]
     return MoELayerWeights(
         router=RouterConfig.from_hf_config(config), hidden_size=config.hidden_size,
-        intermediate_size=ex.down_proj.shape[-1], gate=block.gate.weight.detach(),
+        intermediate_size=I, gate=router.weight.detach(),
         e_score_correction_bias=None if bias is None else bias.detach(),
-        w13=ex.gate_up_proj.detach()[local], w2=ex.down_proj.detach()[local], **kw)
+        gate_bias=router.bias.detach() if fam.gate_bias else None,
+        expert_variant=fam.expert_variant(config), w13=w13, w2=w2, **kw)
 
 
 def build_layer(weights: MoELayerWeights, *, dispatcher: Dispatcher | None = None,
@@ -403,6 +534,10 @@ def build_layer(weights: MoELayerWeights, *, dispatcher: Dispatcher | None = Non
                 invariant: bool = False) -> EPMoE:
     """An EPMoE holding ``weights`` (its dispatcher's rank must be the weights' rank)."""
     if weights.fp8:
+        if weights.expert_variant != PLAIN:
+            raise ValueError(error_message(
+                "expert_variant", weights.expert_variant, "FP8 block-scale experts run plain "
+                "SwiGLU only", "dequantise the checkpoint to bfloat16"))
         return _build_fp8_layer(weights, dispatcher=dispatcher, experts=experts,
                                 weight_mode=weight_mode, dtype=dtype or torch.bfloat16,
                                 device=device, invariant=invariant)
@@ -413,7 +548,7 @@ def build_layer(weights: MoELayerWeights, *, dispatcher: Dispatcher | None = Non
                   shared_intermediate_size=None if weights.shared_w2 is None
                   else weights.shared_w2.shape[1],
                   shared_expert_gate=weights.shared_gate is not None, dtype=dtype,
-                  device=device, invariant=invariant)
+                  device=device, invariant=invariant, expert_variant=weights.expert_variant)
     _copy_weights(layer, weights)
     return layer
 
@@ -422,6 +557,13 @@ def build_layer(weights: MoELayerWeights, *, dispatcher: Dispatcher | None = Non
 def _copy_weights(layer, weights: MoELayerWeights) -> None:
     """The checkpoint's router, experts (this rank's) and shared experts into ``layer``."""
     layer.gate.weight.copy_(weights.gate)
+    if weights.gate_bias is not None:
+        layer.gate.bias.copy_(weights.gate_bias)
+    if weights.w13_bias is not None:  # (this rank's experts: the loader read only those)
+        check_finite("w13_bias", weights.w13_bias, "load the experts' biases again")
+        check_finite("w2_bias", weights.w2_bias, "load the experts' biases again")
+        layer.w13_bias.copy_(weights.w13_bias)
+        layer.w2_bias.copy_(weights.w2_bias)
     if weights.e_score_correction_bias is not None:
         layer.e_score_correction_bias.copy_(weights.e_score_correction_bias)
     layer.load_experts(weights.w13, weights.w2)
@@ -516,8 +658,21 @@ def register(experts: Experts | None = None) -> str:
 
 
 def _is_moe_block(module: nn.Module) -> bool:
+    router = getattr(module, "gate", None) or getattr(module, "router", None)
     return hasattr(module, "experts") and hasattr(module.experts, "gate_up_proj") \
-        and hasattr(module, "gate") and hasattr(module.gate, "weight")
+        and hasattr(router, "weight")
+
+
+class TupleOutput(nn.Module):
+    """An EPMoE in place of a block that returns (hidden_states, router scores) (gpt-oss, Llama
+    4): returns (its output, None); the scores are not recorded."""
+
+    def __init__(self, moe: EPMoE):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, hidden_states: torch.Tensor):
+        return self.moe(hidden_states), None
 
 
 def replace_moe_blocks(model: nn.Module, dispatcher_factory: Callable[[], Dispatcher], *,
@@ -534,7 +689,9 @@ def replace_moe_blocks(model: nn.Module, dispatcher_factory: Callable[[], Dispat
         dispatcher = dispatcher_factory()
         w = weights_from_block(module, config, dispatcher.placement, dispatcher.rank)
         layer = build_layer(w, dispatcher=dispatcher, experts=experts, weight_mode=weight_mode,
-                            dtype=module.gate.weight.dtype, device=module.gate.weight.device)
+                            dtype=w.gate.dtype, device=w.gate.device)
+        if _family(config.model_type).fused_experts:  # their blocks return (out, scores)
+            layer = TupleOutput(layer)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         count += 1

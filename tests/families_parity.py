@@ -1,0 +1,132 @@
+"""Shared checks of the family parity tests (tests/test_families_*.py): a tiny random model of a
+transformers family, saved with save_pretrained (no downloads), and its MoE block against
+rocm_moe's layer built from the block and from the checkpoint (this rank's experts only)."""
+
+from __future__ import annotations
+
+import torch
+
+from rocm_moe import Placement, RouterConfig, oracle
+from rocm_moe.cli import main
+from rocm_moe.integrations import hf
+
+COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, num_experts_per_tok=2, tie_word_embeddings=False)
+
+
+def save_tiny(cfg, directory, *, skip=("e_score_correction_bias",), std: float = 0.2):
+    """A randomly initialised model of ``cfg`` (weights N(0, std), ``skip`` names left as
+    initialised) saved in ``directory`` (two shards, so the index is exercised)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not any(s in name for s in skip):
+                p.normal_(0, std)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:  # a bias that matters, as trained ones do
+                b.copy_(0.1 * torch.randn(b.shape))
+    model.save_pretrained(directory, max_shard_size="60KB")
+    return directory
+
+
+def load_model(directory, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    # eager: the model's own expert loop (grouped_mm needs 16-byte strides, not tiny sizes)
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype,
+                                                experts_implementation="eager").eval()
+
+
+def block_of(model, layer: int):
+    decoder = model.model.layers[layer]
+    return getattr(decoder, "mlp", None) or decoder.feed_forward
+
+
+def block_out(block, x):
+    y = block(x)
+    return y[0] if isinstance(y, tuple) else y
+
+
+def num_experts(cfg) -> int:
+    return RouterConfig.from_hf_config(cfg).num_experts
+
+
+def parity(directory, layer: int, *, tokens: int = 33) -> dict:
+    """rel errors of rocm_moe's layer against the model's own block: float32 (built from the
+    block and from the checkpoint), bf16 (ours and the block's own, both against float32)."""
+    torch.manual_seed(1)
+    model = load_model(directory)
+    block = block_of(model, layer)
+    H = model.config.hidden_size
+    x = torch.randn(1, tokens, H)
+    out = {}
+    with torch.no_grad():
+        ref = block_out(block, x)
+        E = num_experts(model.config)
+        p = Placement.contiguous(E, 1)
+        from_block = hf.build_layer(hf.weights_from_block(block, model.config, p, 0))
+        out["f32_block"] = oracle.rel_err(from_block(x[0]), ref[0])
+        from_ck = hf.build_layer(hf.load_moe_layer(directory, layer, p, 0))
+        out["f32_ckpt"] = oracle.rel_err(from_ck(x[0]), ref[0])
+        model16 = load_model(directory, torch.bfloat16)
+        block16 = block_of(model16, layer)
+        xb = x.bfloat16()
+        out["bf16_model"] = oracle.rel_err(block_out(block16, xb)[0], ref[0])
+        ours16 = hf.build_layer(hf.weights_from_block(block16, model16.config, p, 0))
+        out["bf16_ours"] = oracle.rel_err(ours16(xb[0]), ref[0])
+    return out
+
+
+def check_parity(directory, layer: int) -> dict:
+    errs = parity(directory, layer)
+    assert errs["f32_block"] <= 1e-5, errs
+    assert errs["f32_ckpt"] <= 1e-5, errs
+    # bf16: within the model's own bf16 error (a factor 2 and a floor for routing near-ties)
+    assert errs["bf16_ours"] <= max(2 * errs["bf16_model"], 1e-2), errs
+    return errs
+
+
+def check_local_experts_only(directory, layer: int, world_size: int = 2) -> None:
+    """Every rank reads its own experts (and the router, shared experts), never the others'."""
+    ck0 = hf.Checkpoint(directory)
+    E = num_experts(ck0.config())
+    p = Placement.contiguous(E, world_size)
+    whole = hf.load_moe_layer(directory, layer, Placement.contiguous(E, 1), 0)
+    for rank in range(world_size):
+        ck = hf.Checkpoint(directory)
+        w = hf.load_moe_layer(directory, layer, p, rank, checkpoint=ck)
+        local = list(p.local_experts(rank))
+        assert torch.equal(w.w13, whole.w13[local])
+        assert torch.equal(w.w2, whole.w2[local])
+        if whole.w13_bias is not None:
+            assert torch.equal(w.w13_bias, whole.w13_bias[local])
+            assert torch.equal(w.w2_bias, whole.w2_bias[local])
+        assert ck.bytes_read <= w.nbytes, (ck.bytes_read, w.nbytes)  # nothing else was read
+
+
+def check_whole_model(directory, *, ep_layer_count: int) -> None:
+    """replace_moe_blocks on one rank: the model's logits unchanged within float32 rounding."""
+    from rocm_moe import LocalDispatcher
+
+    model = load_model(directory)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids).logits
+        E = num_experts(model.config)
+        n = hf.replace_moe_blocks(model, lambda: LocalDispatcher(Placement.contiguous(E, 1)))
+        assert oracle.rel_err(model(ids).logits, ref) <= 1e-5
+    assert n == ep_layer_count
+
+
+def check_run(directory, layer: int, world_size: int, capsys) -> str:
+    """``rocm-moe run --checkpoint`` at this W on gloo: PASS against the float64 oracle."""
+    rc = main(["run", "--checkpoint", str(directory), "--layer", str(layer), "--tokens", "17",
+               "--iters", "1", "--world-size", str(world_size), "--dtype", "float32",
+               "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "PASS" in out, out
+    return out

@@ -1,0 +1,74 @@
+"""gpt-oss (dense bf16/float32 checkpoints; its MXFP4 format is a later item): biased experts with
+the clamped SwiGLU, interleaved gate/up columns in fused tensors, a biased router scored by a
+softmax after the top-k; against transformers' own GptOssMLP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import families_parity as fp
+
+transformers = pytest.importorskip("transformers")
+
+LAYER = 1
+
+
+def _config():
+    # I=12 != H/2 (a transposed read shows), limit 0.5 so the clamps bite at these scales
+    return transformers.GptOssConfig(**{**fp.COMMON, "num_experts_per_tok": 3},
+                                     intermediate_size=12, num_local_experts=8, swiglu_limit=0.5,
+                                     layer_types=["sliding_attention", "full_attention"])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return fp.save_tiny(_config(), tmp_path_factory.mktemp("gpt_oss"))
+
+
+def test_family_reads_the_config():
+    from rocm_moe import RouterConfig
+    from rocm_moe.experts.base import ExpertVariant
+    from rocm_moe.families import family
+
+    cfg = _config()
+    fam = family("gpt_oss")
+    assert RouterConfig.from_hf_config(cfg) == RouterConfig.gpt_oss(8, 3)
+    assert fam.expert_variant(cfg) == ExpertVariant.gpt_oss(alpha=1.702, limit=0.5)
+    assert fam.gate_weight(4) == "model.layers.4.mlp.router.weight"
+    assert fam.gate_bias_tensor(4) == "model.layers.4.mlp.router.bias"
+    names = fam.fused_expert_tensors(4)
+    assert (names.gate_up, names.down_bias) == ("model.layers.4.mlp.experts.gate_up_proj",
+                                                "model.layers.4.mlp.experts.down_proj_bias")
+    with pytest.raises(ValueError, match=r"family=gpt_oss: holds its experts in fused tensors"):
+        fam.expert_tensors(4, 0)
+
+
+def test_parity_with_the_transformers_block(checkpoint):
+    errs = fp.check_parity(checkpoint, LAYER)
+    print(errs)
+
+
+def test_interleaved_columns_are_gate_then_up():
+    from rocm_moe.integrations.hf import fused_to_local
+
+    gate_up = torch.arange(8.0).reshape(1, 8).repeat(3, 1)  # H=3, columns g0 u0 g1 u1 ...
+    w13, w2, b13 = fused_to_local(gate_up, torch.zeros(4, 3), interleaved=True,
+                                  gate_up_bias=torch.arange(8.0))
+    assert w13[:, 0].tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+    assert b13.tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+    assert w2.shape == (3, 4)
+
+
+def test_loader_reads_only_this_ranks_experts(checkpoint):
+    fp.check_local_experts_only(checkpoint, LAYER)
+
+
+def test_whole_model_single_rank(checkpoint):
+    fp.check_whole_model(checkpoint, ep_layer_count=2)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_run_on_the_checkpoint(checkpoint, world_size, capsys):
+    out = fp.check_run(checkpoint, LAYER, world_size, capsys)
+    assert "E=8 H=32 I=12 K=3" in out
