@@ -156,8 +156,23 @@ def _wire(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype.itemsize == 1 and t.is_floating_point() else t
 
 
+def _round_ops(transfers, tensors, staged, slot_of, rank: int, group) -> list:
+    """This rank's sends and receives of one round (a seam the failure tests patch)."""
+    ops = []
+    for n, t in transfers:
+        for k, (x, s) in enumerate(zip(tensors, staged, strict=True)):
+            tag = n * len(tensors) + k
+            if t.src_rank == rank:
+                ops.append(dist.P2POp(dist.isend, _wire(x[t.src_slot]),
+                                      dist.get_global_rank(group, t.dst_rank), group, tag))
+            elif t.dst_rank == rank:
+                ops.append(dist.P2POp(dist.irecv, _wire(s[slot_of[id(t)]]),
+                                      dist.get_global_rank(group, t.src_rank), group, tag))
+    return ops
+
+
 def _exchange_round(ops: list) -> None:
-    """One round of point-to-point messages (a seam the failure tests patch)."""
+    """One round of point-to-point messages."""
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
@@ -181,18 +196,8 @@ def move_weights(tensors: list[torch.Tensor], plan: tuple[Transfer, ...], rank: 
         remote = [(i, t) for i, t in enumerate(plan) if t.src_rank != t.dst_rank]
         slot_of = {id(t): i for i, t in enumerate(incoming)}
         for start in range(0, len(remote), experts_per_round):
-            ops = []
-            for n, t in remote[start:start + experts_per_round]:
-                for k, (x, s) in enumerate(zip(tensors, staged, strict=True)):
-                    tag = n * len(tensors) + k
-                    if t.src_rank == rank:
-                        ops.append(dist.P2POp(dist.isend, _wire(x[t.src_slot]),
-                                              dist.get_global_rank(group, t.dst_rank),
-                                              group, tag))
-                    elif t.dst_rank == rank:
-                        ops.append(dist.P2POp(dist.irecv, _wire(s[slot_of[id(t)]]),
-                                              dist.get_global_rank(group, t.src_rank),
-                                              group, tag))
+            ops = _round_ops(remote[start:start + experts_per_round], tensors, staged, slot_of,
+                             rank, group)
             _collective(group, f"{MOVE_STAGE}, round {start // experts_per_round}",
                         lambda ops=ops: _exchange_round(ops), timeout_s)
         if group is not None:
