@@ -171,7 +171,8 @@ def _fp8(c: dict) -> str:
 
 _FP8_PTRS = dict(x_ptr="*bf16", q_ptr=_fp8, s_ptr="*fp32", aq_ptr=_fp8, as_ptr="*fp32",
                  w_ptr=_fp8, ws_ptr="*fp32", iq_ptr=_fp8, is_ptr="*fp32", out_ptr="*bf16",
-                 sorted_ptr="*i32", block_expert_ptr="*i32", weight_ptr="*fp32")
+                 sorted_ptr="*i32", block_expert_ptr="*i32", weight_ptr="*fp32",
+                 num_padded_ptr="*i32")
 
 
 def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
@@ -191,8 +192,9 @@ def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
                 if kernel == "gate_up":
                     cx.update(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6,
                               ROUND=False)
-                variants = [dict(WEIGHTED=w) for w in (True, False)] if kernel == "down" \
-                    else [{}]
+                variants = [dict(WEIGHTED=w, PERSISTENT=p) for w in (True, False)
+                            for p in (False, True)] if kernel == "down" \
+                    else [dict(PERSISTENT=p) for p in (False, True)]
                 out += [Launch(tuple(sorted({**cx, **v}.items())), k["num_warps"],
                                k["num_stages"], f"{H}x{I} mean {mean:g}") for v in variants]
         return out

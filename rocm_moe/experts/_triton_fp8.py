@@ -15,7 +15,7 @@ binade (124.3 -> 64 instead of 128); on GPUs the cast itself rounds (RNE, satura
 import triton
 import triton.language as tl
 
-from rocm_moe.experts._triton_kernels import _tile
+from rocm_moe.experts._triton_kernels import _num_tiles, _tile
 
 
 @triton.jit
@@ -69,21 +69,16 @@ def _fp8_dot(a, b, acc, scale, UPCAST: tl.constexpr, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _fp8_gate_up_kernel(
-    aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr, block_expert_ptr,
+def _fp8_gate_up_tile(
+    t, aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr, block_expert_ptr,
     N_SLOTS, H, I, K_TOPK, N_KB,
     stride_ar, stride_as, stride_wn, stride_wse, stride_wsn, stride_ip, stride_is,
     UPCAST: tl.constexpr, PRECISE: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
     MIN_EXP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """iq[p], is[p] = quantise(silu(a[row(p)] @ gate[e].T) * (a[row(p)] @ up[e].T)) for the
-    padded slot positions p of one block (one local expert e). ``aq`` [R, H] FP8 rows with
-    ``as`` [R, N_KB] scales; ``w`` [e * 2I, H] FP8 with ``ws`` [e, 2I/128, N_KB]; the
-    intermediate ``iq`` [P, I] FP8 with ``is`` [P, I/128] scales, quantised in the epilogue
-    (BLOCK_N == 128: a tile is one scale group of each row)."""
     e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(
-        tl.program_id(0), block_expert_ptr, sorted_ptr, N_SLOTS, I, BLOCK_M, BLOCK_N)
+        t, block_expert_ptr, sorted_ptr, N_SLOTS, I, BLOCK_M, BLOCK_N)
     if e < 0:
         return
     row = tl.where(valid, slot // K_TOPK, 0).to(tl.int64)
@@ -115,17 +110,47 @@ def _fp8_gate_up_kernel(
 
 
 @triton.jit
-def _fp8_down_kernel(
-    iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
+def _fp8_gate_up_kernel(
+    aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
+    N_SLOTS, H, I, K_TOPK, N_KB,
+    stride_ar, stride_as, stride_wn, stride_wse, stride_wsn, stride_ip, stride_is,
+    UPCAST: tl.constexpr, PRECISE: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
+    MIN_EXP: tl.constexpr, PERSISTENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """iq[p], is[p] = quantise(silu(a[row(p)] @ gate[e].T) * (a[row(p)] @ up[e].T)) for the
+    padded slot positions p of one block (one local expert e). ``aq`` [R, H] FP8 rows with
+    ``as`` [R, N_KB] scales; ``w`` [e * 2I, H] FP8 with ``ws`` [e, 2I/128, N_KB]; the
+    intermediate ``iq`` [P, I] FP8 with ``is`` [P, I/128] scales, quantised in the epilogue
+    (BLOCK_N == 128: a tile is one scale group of each row)."""
+    if PERSISTENT:  # the programs stride over the tiles in use (as _gate_up_kernel)
+        for t in range(tl.program_id(0), _num_tiles(num_padded_ptr, I, BLOCK_M, BLOCK_N),
+                       tl.num_programs(0)):
+            _fp8_gate_up_tile(
+                t,
+                aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr, block_expert_ptr,
+                N_SLOTS, H, I,
+                K_TOPK, N_KB, stride_ar, stride_as, stride_wn, stride_wse, stride_wsn, stride_ip,
+                stride_is, UPCAST, PRECISE, FP8_MAX, ROUND, MIN_EXP, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        _fp8_gate_up_tile(
+            tl.program_id(0),
+            aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr, block_expert_ptr,
+            N_SLOTS, H, I,
+            K_TOPK, N_KB, stride_ar, stride_as, stride_wn, stride_wse, stride_wsn, stride_ip,
+            stride_is, UPCAST, PRECISE, FP8_MAX, ROUND, MIN_EXP, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _fp8_down_tile(
+    t, iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
     N_SLOTS, H, I, N_KB,
     stride_ip, stride_is, stride_wn, stride_wse, stride_wsn, stride_os,
     WEIGHTED: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[slot(p), n] = (d[p] @ down[e].T)[n] (times the slot's weight when WEIGHTED) with
-    d = iq * is the FP8 intermediate; ``w`` [e * H, I] FP8, ``ws`` [e, ceil(H/128), I/128]."""
     e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(
-        tl.program_id(0), block_expert_ptr, sorted_ptr, N_SLOTS, H, BLOCK_M, BLOCK_N)
+        t, block_expert_ptr, sorted_ptr, N_SLOTS, H, BLOCK_M, BLOCK_N)
     if e < 0:
         return
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -144,3 +169,29 @@ def _fp8_down_kernel(
     safe = tl.where(valid, slot, 0).to(tl.int64)
     tl.store(out_ptr + safe[:, None] * stride_os + offs_n[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _fp8_down_kernel(
+    iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
+    num_padded_ptr, N_SLOTS, H, I, N_KB,
+    stride_ip, stride_is, stride_wn, stride_wse, stride_wsn, stride_os,
+    PERSISTENT: tl.constexpr, WEIGHTED: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[slot(p), n] = (d[p] @ down[e].T)[n] (times the slot's weight when WEIGHTED) with
+    d = iq * is the FP8 intermediate; ``w`` [e * H, I] FP8, ``ws`` [e, ceil(H/128), I/128]."""
+    if PERSISTENT:  # the programs stride over the tiles in use (as _down_kernel)
+        for t in range(tl.program_id(0), _num_tiles(num_padded_ptr, H, BLOCK_M, BLOCK_N),
+                       tl.num_programs(0)):
+            _fp8_down_tile(
+                t,
+                iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
+                N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn, stride_wse, stride_wsn,
+                stride_os, WEIGHTED, UPCAST, PRECISE, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        _fp8_down_tile(
+            tl.program_id(0),
+            iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
+            N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn, stride_wse, stride_wsn,
+            stride_os, WEIGHTED, UPCAST, PRECISE, BLOCK_M, BLOCK_N, BLOCK_K)

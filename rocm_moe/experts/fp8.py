@@ -35,7 +35,7 @@ from rocm_moe._checks import (
     describe,
     error_message,
 )
-from rocm_moe.experts.base import Experts, output_form
+from rocm_moe.experts.base import Experts, check_row_bound, output_form
 from rocm_moe.experts.layout import build_layout
 from rocm_moe.placement import ExpertMap, require_expert_map
 from rocm_moe.quant import BLOCK, BlockFP8Weight, FP8Rows, quantize_rows, quantize_weight_blocks
@@ -160,10 +160,14 @@ class FP8Experts(Experts):
 
     def __call__(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *,
                  weight_mode: WeightMode | None = None, validate: bool = True, mode=None,
-                 out_dtype: torch.dtype | None = None) -> ExpertsOutput:
+                 out_dtype: torch.dtype | None = None, num_rows: torch.Tensor | None = None,
+                 expected_rows: int | None = None) -> ExpertsOutput:
+        """``num_rows`` / ``expected_rows``: as ``Experts.__call__`` (rows past a device count
+        are empty; backends with ``bounded_rows`` size their work by it)."""
         mode = output_form(resolve_weight_mode(weight_mode, mode))
         check_fp8_inputs(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map,
                          validate=validate)
+        check_row_bound(num_rows, expected_rows, topk_ids_RK, validate=validate)
         fp8_in = isinstance(x_RH, FP8Rows)
         if out_dtype is None:  # FP8 rows: the dtype they were quantised from, else bfloat16
             out_dtype = (x_RH.source_dtype or torch.bfloat16) if fp8_in else x_RH.dtype
@@ -179,8 +183,10 @@ class FP8Experts(Experts):
                                            f"unsupported: {reason}",
                                            "convert them: w.to_format('e4m3fn')"))
         rows = x_RH if fp8_in else self.quantize(x_RH, w13.dtype)
+        bound = dict(num_rows=num_rows, expected_rows=expected_rows) if self.bounded_rows \
+            else {}
         out = self._forward(rows, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, mode=mode,
-                            out_dtype=out_dtype)
+                            out_dtype=out_dtype, **bound)
         R, K = topk_ids_RK.shape
         H = w13.shape[2]
         want = (R, H) if out.weights_applied else (R, K, H)

@@ -159,7 +159,7 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _grid(n_tiles: int, persistent: bool, device: torch.device) -> tuple[int]:
+def persistent_grid(n_tiles: int, persistent: bool, device: torch.device) -> tuple[int]:
     return (max(1, min(n_tiles, persistent_programs(device))) if persistent else n_tiles,)
 
 
@@ -173,7 +173,8 @@ def launch_gate_up(x, w13, inter, layout, kcfg: dict, *, tma: bool = False,
     H, I, B = x.shape[1], inter.shape[1], layout.block_size
     n_blocks = layout.block_expert_ids.numel()
     w, desc = _operand(w13.view(-1, H), [kcfg["BLOCK_N"], kcfg["BLOCK_K"]], tma)
-    _gate_up_kernel[_grid(n_blocks * -(-I // kcfg["BLOCK_N"]), persistent, x.device)](
+    grid = persistent_grid(n_blocks * -(-I // kcfg["BLOCK_N"]), persistent, x.device)
+    _gate_up_kernel[grid](
         x, w, inter, layout.sorted_slot_ids, layout.block_expert_ids, layout.num_padded,
         layout.sentinel, H, I, layout.top_k, x.stride(0), w13.stride(1), inter.stride(0),
         EVEN_K=H % kcfg["BLOCK_K"] == 0, DESC=desc, PERSISTENT=persistent,
@@ -193,7 +194,8 @@ def launch_down(inter, w2, out_slots, layout, weights_N, kcfg: dict, *, weighted
     w, desc_w = _operand(w2.view(-1, I), [kcfg["BLOCK_N"], kcfg["BLOCK_K"]], desc_a)
     if desc_a and not desc_w:  # both or neither: one constexpr switches the kernel's loads
         a, desc_a = inter, False
-    _down_kernel[_grid(n_blocks * -(-H // kcfg["BLOCK_N"]), persistent, inter.device)](
+    grid = persistent_grid(n_blocks * -(-H // kcfg["BLOCK_N"]), persistent, inter.device)
+    _down_kernel[grid](
         a, w, out_slots, layout.sorted_slot_ids, layout.block_expert_ids, weights_N,
         layout.num_padded, layout.sentinel, H, I, inter.stride(0), w2.stride(1),
         out_slots.stride(0), WEIGHTED=weighted, EVEN_K=I % kcfg["BLOCK_K"] == 0, DESC=desc_a,

@@ -31,6 +31,7 @@ from rocm_moe._libs import triton_runs_on
 from rocm_moe.experts.fp8 import FP8Experts
 from rocm_moe.experts.layout import build_layout
 from rocm_moe.experts.triton import (
+    persistent_grid,
     slot_sum,
     triton_availability,
     triton_experts_availability,
@@ -141,15 +142,19 @@ class TritonFP8Experts(FP8Experts):
             return "NVIDIA Triton has no e4m3fnuz type (fp8e4b8 is AMD-only)"
         return None
 
+    bounded_rows = True
+
     def _forward(self, rows: FP8Rows, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *,
-                 mode, out_dtype):
+                 mode, out_dtype, num_rows=None, expected_rows=None):
         from rocm_moe.experts._triton_fp8 import _fp8_down_kernel, _fp8_gate_up_kernel
 
         R, K = topk_ids_RK.shape
         H, I = w13.shape[2], w2.shape[2]
         N, dev = R * K, rows.device
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
-        cfg = self.config or fp8_block_config(N, expert_map.num_local,
+        # a capacity-sized batch: tiles for the rows expected, not the capacity
+        slots = N if num_rows is None or expected_rows is None else expected_rows * K
+        cfg = self.config or fp8_block_config(slots, expert_map.num_local,
                                               num_experts=expert_map.num_experts,
                                               device_name=name)
         upcast = (not _fp8_dot_native(dev, rows.dtype)) if self.upcast is None else self.upcast
@@ -165,28 +170,33 @@ class TritonFP8Experts(FP8Experts):
         weighted = mode == "weighted"
         out_slots = (torch.empty if weighted else torch.zeros)(N, H, dtype=out_dtype, device=dev)
         n_blocks = layout.block_expert_ids.numel()
+        persistent = num_rows is not None
         if N and P:
             gu, dn = cfg["gate_up"], cfg["down"]
             assert gu["BLOCK_N"] == BLOCK, cfg  # the epilogue quantises whole groups
             assert BLOCK % dn["BLOCK_N"] == 0, cfg  # a column tile in one weight block
             ws13, ws2 = w13.scale_inv, w2.scale_inv
-            _fp8_gate_up_kernel[(n_blocks * (I // gu["BLOCK_N"]),)](
+            grid = persistent_grid(n_blocks * (I // gu["BLOCK_N"]), persistent, dev)
+            _fp8_gate_up_kernel[grid](
                 aq, as_, w13.weight.view(-1, H), ws13, iq, is_, layout.sorted_slot_ids,
-                layout.block_expert_ids, layout.sentinel, H, I, layout.top_k, -(-H // BLOCK),
+                layout.block_expert_ids, layout.num_padded, layout.sentinel, H, I, layout.top_k,
+                -(-H // BLOCK),
                 aq.stride(0), as_.stride(0), H, ws13.stride(0), ws13.stride(1), iq.stride(0),
-                is_.stride(0), UPCAST=upcast, PRECISE=self.precise,
+                is_.stride(0), UPCAST=upcast, PRECISE=self.precise, PERSISTENT=persistent,
                 FP8_MAX=fp8_max(rows.dtype),
                 **_rounding(rows.dtype),
                 **_args(cfg["BLOCK_M"], gu))
-            _fp8_down_kernel[(n_blocks * -(-H // dn["BLOCK_N"]),)](
+            grid = persistent_grid(n_blocks * -(-H // dn["BLOCK_N"]), persistent, dev)
+            _fp8_down_kernel[grid](
                 iq, is_, w2.weight.view(-1, I), ws2, out_slots, layout.sorted_slot_ids,
-                layout.block_expert_ids, topk_weights_RK.contiguous().view(-1), layout.sentinel,
+                layout.block_expert_ids, topk_weights_RK.contiguous().view(-1),
+                layout.num_padded, layout.sentinel,
                 H, I, I // BLOCK, iq.stride(0), is_.stride(0), I, ws2.stride(0), ws2.stride(1),
-                out_slots.stride(0), WEIGHTED=weighted, UPCAST=upcast,
+                out_slots.stride(0), PERSISTENT=persistent, WEIGHTED=weighted, UPCAST=upcast,
                 PRECISE=self.precise,
                 **_args(cfg["BLOCK_M"], dn))
         if weighted:
             out = torch.empty(R, H, dtype=out_dtype, device=dev)
-            slot_sum(out_slots, layout.local_ids, out, None)
+            slot_sum(out_slots, layout.local_ids, out, num_rows)
             return ExpertsOutput(out=out, weights_applied=True)
         return ExpertsOutput(out=out_slots.view(R, K, H), weights_applied=False)

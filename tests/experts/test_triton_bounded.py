@@ -93,3 +93,30 @@ def test_reference_ignores_bound_and_checks_it(gen):
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="expected_rows"):
         ReferenceExperts()(*args, weight_mode="experts", expected_rows=-1)
+
+
+@pytest.mark.parametrize("n", [0, 1, 13], ids=lambda n: f"n{n}")
+def test_fp8_bounded_rows_equal_unbounded(n, gen):
+    """The FP8 experts' persistent launches and bounded slot sum: the rows below the count
+    are the same bits as the one-tile-per-program launches give; raw rows past it stay zero."""
+    from rocm_moe.experts.triton_fp8 import TritonFP8Experts
+    from rocm_moe.quant import quantize_weight_blocks
+
+    cap, K, E, H, I = 20, 2, 8, 128, 128
+    emap = Placement.contiguous(E, 2).expert_map(1).to(DEVICE)
+    x = torch.randn(cap, H, generator=gen).to(DEVICE)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(cap)])
+    ids[n:] = -1
+    ids = ids.to(torch.int32).to(DEVICE)
+    w = torch.rand(cap, K, generator=gen).to(DEVICE)
+    w13 = quantize_weight_blocks(torch.randn(4, 2 * I, H, generator=gen) / H**0.5).to(DEVICE)
+    w2 = quantize_weight_blocks(torch.randn(4, H, I, generator=gen) / I**0.5).to(DEVICE)
+    num_rows = torch.tensor([n], dtype=torch.int32, device=DEVICE)
+    dt = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    for mode in ("experts", "combine"):
+        a = TritonFP8Experts()(x, ids, w, w13, w2, emap, weight_mode=mode, out_dtype=dt).out
+        b = TritonFP8Experts()(x, ids, w, w13, w2, emap, weight_mode=mode, out_dtype=dt,
+                               num_rows=num_rows, expected_rows=n).out
+        assert torch.equal(a[:n], b[:n]), mode
+        if mode == "combine":
+            assert b[n:].eq(0).all()
