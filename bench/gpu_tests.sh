@@ -31,8 +31,10 @@ if [ -n "$PART" ]; then
 fi
 XARGS=()
 if [ -n "${XDIST:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps .whl/execnet-*.whl .whl/pytest_xdist-*.whl
-  XARGS=(-n "$XDIST" --dist loadfile)
+  if python3 -m pip install -q --no-index --no-deps .whl/execnet-*.whl .whl/pytest_xdist-*.whl
+  then XARGS=(-n "$XDIST" --dist loadfile)
+  else echo "pytest-xdist did not install: running serially" | tee -a "$FILE"
+  fi
 fi
 machine_info "$FILE"
 echo "== python3 -m pytest ${XARGS[*]} ${PART:+part $PART: }(this machine's torch)" \
