@@ -204,8 +204,10 @@ class FakeMoriOp:
     - outputs are views of persistent buffers (world_size * max tokens rows, zeroed at
       allocation) that the next dispatch overwrites; rows past the count keep stale data;
       total_recv [1] int32 is a device counter that combine zeroes;
-    - launch parameters: InterNodeV1(LL) with rdma_block_num 0 (MORI's MANUAL default) sends
-      nothing across nodes and never completes;
+    - launch parameters: the mode (MORI_EP_LAUNCH_CONFIG_MODE, read at construction); in
+      MANUAL, IntraNode dispatch's own 256 x 16 and combine's config values (``launches``);
+      InterNodeV1(LL) with rdma_block_num 0 (MORI's MANUAL default) sends nothing across nodes
+      and never completes;
     - AsyncLL: ``dispatch()`` only sends; rows arrive with ``dispatch_recv()``, sums with
       ``combine_recv()``;
     - combine: ``indices`` must have this rank's T rows (ValueError, mori#475); IntraNode uses
@@ -239,6 +241,13 @@ class FakeMoriOp:
         sh.heap_used += need
         weakref.finalize(self, FakeShmem.free, sh, need)  # the C++ handle frees its buffers
         self.group = sh.group  # MORI addresses the PEs shmem was set up with
+        # Read once, in the constructor (DC ~535): AUTO looks launch values up in the tuned
+        # tables per token count (MI300X: IntraNode EP2/4/8, IntraNodeLL EP8), else fixed ones.
+        self.launch_mode = os.environ.get("MORI_EP_LAUNCH_CONFIG_MODE", "MANUAL")
+        if self.launch_mode not in ("MANUAL", "AUTO"):
+            raise ValueError("invalid MORI_EP_LAUNCH_CONFIG_MODE, must be ['MANUAL', 'AUTO'], "
+                             f"got '{self.launch_mode}'")
+        self.launches: list[tuple] = []  # (phase, block_num, warp_per_block) as launched
         self.rank = cfg.rank
         self.calls: list[str] = []
         self._gen = torch.Generator().manual_seed(1234 + self.rank)
@@ -269,10 +278,23 @@ class FakeMoriOp:
     def _owner(self, ids: torch.Tensor) -> torch.Tensor:
         return ids.long() // self.cfg.num_experts_per_rank
 
+    def _resolve_launch(self, phase, block_num, warp_per_block):
+        """What MORI launches (DC ``_resolve_launch_params``): in AUTO mode its tables' values
+        ('tuned'); in MANUAL the caller's, else IntraNode dispatch's own 256 x 16 (gfx942's
+        portable body, DC ``_intranode_dispatch_default_launch``), else the config's."""
+        if self.launch_mode == "AUTO":
+            self.launches.append((phase, "tuned", "tuned"))
+            return
+        c = self.cfg
+        own = (256, 16) if self.kt == "IntraNode" and phase == "dispatch" else (0, 0)
+        bn = block_num if block_num > 0 else (own[0] or c.block_num)
+        wpb = warp_per_block if warp_per_block > 0 else (own[1] or c.warp_num_per_block)
+        self.launches.append((phase, bn, wpb))
+
     def _check_launch(self, rdma_block_num, block_num):
         if self.kt not in _V1:
             return
-        auto = os.environ.get("MORI_EP_LAUNCH_CONFIG_MODE") == "AUTO"
+        auto = self.launch_mode == "AUTO"
         rbn = rdma_block_num if rdma_block_num > 0 else self.cfg.rdma_block_num
         bn = block_num if block_num > 0 else self.cfg.block_num
         if not auto and (rbn <= 0 or rbn >= bn):
@@ -302,6 +324,7 @@ class FakeMoriOp:
             raise NotImplementedError(f"routing handle path not supported for {self.kt}")
         self._check_tokens(input)
         self._check_launch(rdma_block_num, block_num)
+        self._resolve_launch("dispatch", block_num, warp_per_block)
         if indices.dtype != torch.int32:
             raise ContractError(f"indices must be int32, got {indices.dtype} (read as int32)")
         _check_row_major("dispatch indices", indices)
@@ -407,6 +430,7 @@ class FakeMoriOp:
         _check_row_major("combine indices", indices)
         self._check_tokens(input, "EpCombineIntraNodeKernel")
         self._check_launch(rdma_block_num, block_num)
+        self._resolve_launch("combine", block_num, warp_per_block)
         R = int(device_value(self._total)[0]) if routing is None else len(rows)
         if input.shape[0] < R:
             raise ContractError(f"combine input has {input.shape[0]} rows, {R} were received")

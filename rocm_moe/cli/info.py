@@ -41,6 +41,7 @@ def command(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(defaults_table())
     console.print(memory_table())
+    console.print(mori_launch_table())
     libs = Table(title="optional libraries")
     for col in ("library", "version"):
         libs.add_column(col)
@@ -97,4 +98,22 @@ def memory_table() -> Table:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r["model"], str(r["ep"]), human_bytes(r["symm"]), human_bytes(r["mori"]))
+    return table
+
+
+def mori_launch_table() -> Table:
+    """How MORI will launch its kernels here (``comm.mori.launch_description``): AUTO mode with
+    its tuned MI300X tables unless MORI_EP_LAUNCH_CONFIG_MODE says otherwise."""
+    from rocm_moe.comm.mori import launch_description
+
+    table = Table(title="MORI launch configuration (--comm mori)")
+    for col in ("kernel type", "EP", "launch"):
+        table.add_column(col)
+    for kernel_type, ep in (("IntraNode", 2), ("IntraNode", 4), ("IntraNode", 8),
+                            ("IntraNodeLL", 8), ("InterNodeV1", 16), ("InterNodeV1LL", 16)):
+        try:
+            text = launch_description(kernel_type, ep)
+        except ValueError as exc:  # a bad MORI_EP_LAUNCH_CONFIG_MODE: say so, info goes on
+            text = str(exc).splitlines()[0]
+        table.add_row(kernel_type, str(ep), text)
     return table

@@ -18,9 +18,12 @@ What the adapter guarantees at the seams users trip over (see notes/dataflow.md)
 - ``return_raw`` is refused: MORI's combine returns one summed row per token, not K slots.
 
 Set-up rules of MORI that the adapter checks or follows before MORI runs:
-- launch parameters: InterNodeV1 / InterNodeV1LL get MORI's own tested block counts at every
-  call (in MORI's default MANUAL mode rdma_block_num stays 0 and no block sends across nodes:
-  the completion barrier never fires, internode_v1.cpp ~159, 277, 644);
+- launch parameters: ops are built in MORI's AUTO launch mode (its tuned MI300X tables per
+  token count for IntraNode EP2/4/8 and IntraNodeLL EP8) unless the user sets
+  MORI_EP_LAUNCH_CONFIG_MODE (MANUAL: IntraNode's config carries the engines' 80 x 16);
+  InterNodeV1 / InterNodeV1LL get MORI's own tested block counts at every call (in MORI's
+  default MANUAL mode rdma_block_num stays 0 and no block sends across nodes: the completion
+  barrier never fires, internode_v1.cpp ~159, 277, 644);
 - AsyncLL is split-phase: ``dispatch_recv()`` follows ``dispatch()`` and ``combine_recv()``
   follows ``combine()`` (DC ~1331, 1731) before anything is read. The adapter calls them back
   to back, so AsyncLL gives no overlap here (and without ``MORI_ENABLE_SDMA=1`` MORI moves the
@@ -80,6 +83,10 @@ RAW_REASON = ("MORI's combine returns one summed row per token and one combine p
 # and the AUTO launch mode, DC ~580): block_num blocks, of which rdma_block_num send across nodes.
 LAUNCH = {"InterNodeV1": dict(block_num=96, rdma_block_num=64, warp_per_block=8),
           "InterNodeV1LL": dict(block_num=256, rdma_block_num=128, warp_per_block=8)}
+# vLLM's and SGLang's IntraNode config values (their MORI set-up; in MORI's MANUAL launch mode
+# combine launches the config's, dispatch its own 256 x 16, DC _resolve_launch_params).
+INTRANODE_CONFIG = dict(block_num=80, warp_num_per_block=16)
+LAUNCH_MODE_VAR = "MORI_EP_LAUNCH_CONFIG_MODE"  # read once, by the op constructor (DC ~535)
 GiB = 1 << 30
 MAX_GPUS_PER_NODE = 8  # src/ops/dispatch_combine/intranode.hpp ~40, internode.hpp ~31
 
@@ -179,12 +186,51 @@ def mori_config(
     launch = LAUNCH.get(kernel_type, {})
     extra = dict(block_num=launch["block_num"], rdma_block_num=launch["rdma_block_num"],
                  warp_num_per_block=launch["warp_per_block"]) if launch else {}
+    if kernel_type in ("IntraNode", "IntraNodeLL"):
+        extra = dict(INTRANODE_CONFIG)
     return dict(
         data_type=fp8_dtype or dtype, rank=rank, world_size=W, hidden_dim=hidden_size,
         scale_dim=scale_dim, scale_type_size=scale_type_size, max_token_type_size=dtype.itemsize,
         max_num_inp_token_per_rank=max_tokens_per_rank,
         num_experts_per_rank=placement.num_experts // W, num_experts_per_token=top_k,
         kernel_type=kernel_type, gpu_per_node=gpn, **extra)
+
+
+def launch_mode() -> str:
+    """MORI's launch mode for the next op: the user's ``MORI_EP_LAUNCH_CONFIG_MODE`` if set,
+    else AUTO, in which MORI launches each dispatch and combine with its tuned values for the
+    token count (python/mori/ops/tuning_configs/: MI300X IntraNode EP2/4/8, IntraNodeLL EP8;
+    where no table fits, its fixed 128 x 16, or 96/64/8 and 256/128/8 for InterNodeV1 /
+    InterNodeV1LL). MANUAL: the config's values (``mori_config``) and the adapter's."""
+    mode = os.environ.get(LAUNCH_MODE_VAR)
+    if mode is None:
+        return "AUTO"
+    if mode not in ("MANUAL", "AUTO"):
+        raise _bad(LAUNCH_MODE_VAR, repr(mode), "MORI accepts 'MANUAL' or 'AUTO' (upper case; "
+                   "its constructor raises otherwise)", f"unset {LAUNCH_MODE_VAR} (the adapter "
+                   "then builds its ops in AUTO mode) or set it to AUTO or MANUAL")
+    return mode
+
+
+def launch_description(kernel_type: str, world_size: int, mode: str | None = None) -> str:
+    """How MORI launches an op of this kernel type: what ``rocm-moe info`` shows."""
+    mode = mode or launch_mode()
+    fixed = LAUNCH.get(kernel_type)
+    if mode == "AUTO":
+        tuned = (kernel_type == "IntraNode" and world_size in (2, 4, 8)) or \
+            (kernel_type == "IntraNodeLL" and world_size == 8)
+        if tuned:
+            return (f"AUTO: MORI's MI300X {kernel_type} EP{world_size} tables, per token count "
+                    "(gfx942_mi300x_*.json)")
+        if fixed:
+            return (f"AUTO: no MI300X table; MORI's fixed {fixed['block_num']} blocks "
+                    f"({fixed['rdma_block_num']} RDMA) x {fixed['warp_per_block']} warps")
+        return "AUTO: no MI300X table; MORI's fixed 128 blocks x 16 warps"
+    if fixed:
+        return (f"MANUAL: {fixed['block_num']} blocks ({fixed['rdma_block_num']} RDMA) x "
+                f"{fixed['warp_per_block']} warps at every call")
+    return (f"MANUAL: dispatch MORI's own 256 x 16; combine the config's "
+            f"{INTRANODE_CONFIG['block_num']} x {INTRANODE_CONFIG['warp_num_per_block']}")
 
 
 def heap_bytes(config: dict) -> int:
@@ -301,11 +347,18 @@ def build_mori_op(config: dict, group: dist.ProcessGroup, mori=None):
     """Initialise MORI's shmem on ``group`` (once per process), check the heap, build the op.
     ``mori``: the module (tests pass a fake); returns (op, heap bytes it holds)."""
     mori = mori or _import_mori()
+    mode = launch_mode()
     init_shmem(mori, group)
     need = check_heap(mori, config)
     kw = dict(config)
     kw["kernel_type"] = getattr(mori.ops.EpDispatchCombineKernelType, kw["kernel_type"])
-    op = mori.ops.EpDispatchCombineOp(mori.ops.EpDispatchCombineConfig(**kw))
+    user = os.environ.get(LAUNCH_MODE_VAR)
+    os.environ[LAUNCH_MODE_VAR] = mode  # MORI reads it in its constructor only
+    try:
+        op = mori.ops.EpDispatchCombineOp(mori.ops.EpDispatchCombineConfig(**kw))
+    finally:
+        if user is None:
+            del os.environ[LAUNCH_MODE_VAR]
     state = _PROCESS[mori]
     state.heap_used += need
     state.ops += 1
@@ -361,6 +414,7 @@ class MoriDispatcher(Dispatcher):
         self.kernel_type = self.mori_config["kernel_type"]
         self.launch = LAUNCH.get(self.kernel_type, {})
         self.capacity_sized = capacity_sized
+        self.launch_mode = launch_mode()
         check_agreement(self, group)  # every rank the same config, before MORI's barriers
         self._rows: dict[torch.device, torch.Tensor] = {}
         mori = mori or _import_mori()
@@ -370,7 +424,7 @@ class MoriDispatcher(Dispatcher):
     def config(self) -> dict:
         return dict(super().config(), kernel_type=self.kernel_type,
                     gpu_per_node=self.mori_config["gpu_per_node"],
-                    capacity_sized=self.capacity_sized)
+                    capacity_sized=self.capacity_sized, launch_mode=self.launch_mode)
 
     def raw_unsupported_reason(self) -> str | None:
         return RAW_REASON

@@ -41,7 +41,8 @@ def test_config_deepseek_ep8():
     assert cfg == dict(data_type=torch.bfloat16, rank=5, world_size=8, hidden_dim=7168,
                        scale_dim=0, scale_type_size=1, max_token_type_size=2,
                        max_num_inp_token_per_rank=4096, num_experts_per_rank=32,
-                       num_experts_per_token=8, kernel_type="IntraNode", gpu_per_node=8)
+                       num_experts_per_token=8, kernel_type="IntraNode", gpu_per_node=8,
+                       block_num=80, warp_num_per_block=16)  # the engines' (issue 32 item 2)
     across = mori_config(Placement.contiguous(256, 16), 0, hidden_size=7168, top_k=8,
                          dtype=torch.bfloat16, max_tokens_per_rank=128, gpu_per_node=8)
     assert across["kernel_type"] == "InterNodeV1"
@@ -90,6 +91,23 @@ def test_config_refuses_nodes_past_mori_limit(W, kw, match):
                      dtype=torch.bfloat16, max_tokens_per_rank=16, gpu_per_node=8,
                      kernel_type=kw.get("kernel_type", "auto"))
     assert ok["gpu_per_node"] == 8
+
+
+def test_info_shows_the_launch_config(monkeypatch):
+    """Issue 32 item 2: ``rocm-moe info`` says how MORI launches each kernel type."""
+    from rocm_moe.cli.info import mori_launch_table
+    from rocm_moe.comm.mori import launch_description
+
+    monkeypatch.delenv("MORI_EP_LAUNCH_CONFIG_MODE", raising=False)
+    assert "MI300X IntraNode EP8 tables" in launch_description("IntraNode", 8)
+    assert "fixed 96 blocks (64 RDMA) x 8 warps" in launch_description("InterNodeV1", 16)
+    rows = [tuple(c._cells) for c in mori_launch_table().columns]
+    assert any("AUTO" in cell for cell in rows[-1])
+    monkeypatch.setenv("MORI_EP_LAUNCH_CONFIG_MODE", "MANUAL")
+    assert "combine the config's 80 x 16" in launch_description("IntraNode", 8)
+    monkeypatch.setenv("MORI_EP_LAUNCH_CONFIG_MODE", "auto")
+    with pytest.raises(ValueError, match="MORI_EP_LAUNCH_CONFIG_MODE"):
+        launch_description("IntraNode", 8)
 
 
 def test_gpus_per_node_from_hosts():
@@ -239,6 +257,44 @@ def _check_internode_v1_non_contiguous_ids(info, seed):
     except ContractError as exc:
         return str(exc)
     raise AssertionError("the fake accepted strided ids")
+
+
+def _check_intranode_launch_tuned(info, seed):
+    """Issue 32 item 2: MORI reads MORI_EP_LAUNCH_CONFIG_MODE once, in the op constructor
+    (python/mori/ops/dispatch_combine.py ~535 at 624002c8). The adapter builds its op in AUTO
+    mode (MORI's tuned tables per token count: python/mori/ops/tuning_configs/gfx942_mi300x_
+    IntraNode_ep{2,4,8}_*.json) and leaves the environment as it was; a user's MANUAL is kept,
+    and then the config carries the engines' 80 blocks x 16 warps (combine's; dispatch keeps
+    its own 256 x 16, DC ``_intranode_dispatch_default_launch``)."""
+    import os
+
+    var = "MORI_EP_LAUNCH_CONFIG_MODE"
+    assert var not in os.environ
+    d = _mori(info)
+    assert var not in os.environ, "the environment is left as it was"
+    assert d.op.launch_mode == d.launch_mode == "AUTO"
+    _identity_round_trip(info, seed, d, batches=(9,))
+    assert d.op.launches == [("dispatch", "tuned", "tuned"), ("combine", "tuned", "tuned")]
+    os.environ[var] = "MANUAL"
+    try:
+        m = _mori(info)
+    finally:
+        del os.environ[var]
+    assert m.op.launch_mode == m.launch_mode == "MANUAL"
+    _identity_round_trip(info, seed, m, batches=(9,))
+    assert m.op.launches == [("dispatch", 256, 16), ("combine", 80, 16)]
+    os.environ[var] = "auto"  # MORI raises in its constructor: refused before it
+    mori = FakeMori()
+    try:
+        _mori(info, mori=mori)
+    except ValueError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("a bad launch mode was accepted")
+    finally:
+        del os.environ[var]
+    assert mori.built == 0
+    return message
 
 
 def _check_async_ll_receives_before_reading(info, seed):
