@@ -111,22 +111,23 @@ def test_flags_refused_while_parsing(capsys, no_ranks, argv, match):
     assert "Traceback" not in err
 
 
-def test_run_on_an_fp8_checkpoint_refuses_invariant_in_one_line(tmp_path, capsys):
-    """--invariant on an FP8 checkpoint: the library's ValueError, one line, exit 2 (it printed
-    "invariant" and ran non-invariant)."""
+def test_run_on_an_fp8_checkpoint_refuses_invariant_before_any_rank(tmp_path, capsys,
+                                                                     no_ranks):
+    """--invariant on an FP8 checkpoint: one line, exit 2, before any rank starts (it printed
+    "invariant" and ran non-invariant; then each rank loaded the checkpoint and refused)."""
     pytest.importorskip("transformers")
     from tests.test_fp8_checkpoint import save_fp8_deepseek_v3
 
     save_fp8_deepseek_v3(tmp_path)
-    rc = main(["run", "--checkpoint", str(tmp_path), "--world-size", "1", "--tokens", "4",
+    rc = main(["run", "--checkpoint", str(tmp_path), "--world-size", "2", "--tokens", "4",
                "--iters", "1", "--invariant"])
     err = capsys.readouterr().err
     assert rc == 2
     lines = [line for line in err.splitlines() if "error:" in line]
     assert lines == [err.strip().splitlines()[-1]], err
-    assert lines[0].startswith("rocm-moe run: error: invariant=True: an FP8 layer cannot run "
-                               "it"), err
-    assert "Fix:" in lines[0]
+    assert lines[0].startswith(f"rocm-moe run: error: --invariant=with --checkpoint {tmp_path} "
+                               "layer 1: an FP8 layer cannot run it"), err
+    assert "Fix: drop --invariant" in lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +275,41 @@ def test_vllm_placement_refuses_non_integers(args, match):
 
     with pytest.raises(TypeError, match=match):
         vllm_placement(*args)
+
+
+CHECKPOINT_FLAGS = {  # each was ignored with --checkpoint: the checkpoint's config set it
+    "run_num_experts": ["run", "--num-experts", "4"],
+    "run_shared": ["run", "--shared-intermediate", "8"],
+    "sanity_router": ["sanity", "--router", "mixtral"],
+    "sanity_router_default": ["sanity", "--router", "qwen3"],
+    "sanity_top_k": ["sanity", "--top-k", "2"],
+    "diagnose_router": ["diagnose", "--router", "qwen3"],
+    "diagnose_hidden": ["diagnose", "--hidden", "32"],
+    "diagnose_intermediate": ["diagnose", "--intermediate", "16"],
+    "diagnose_shared": ["diagnose", "--shared-intermediate", "8"],
+}
+
+
+@pytest.mark.parametrize("argv", list(CHECKPOINT_FLAGS.values()), ids=list(CHECKPOINT_FLAGS))
+def test_flags_the_checkpoint_sets_are_refused_with_it(deepseek_checkpoint, capsys, no_ranks,
+                                                       argv):
+    """sanity/diagnose --router deepseek_v3-or-anything --checkpoint ran the checkpoint's
+    router and printed it, the flag silently ignored (so did --num-experts, --hidden,
+    --intermediate, --top-k and --shared-intermediate, on run too); now refused before any rank,
+    even a value equal to the default."""
+    rc = main([*argv, "--checkpoint", str(deepseek_checkpoint), "--world-size", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"rocm-moe {argv[0]}: error: {argv[1]}="), err
+    assert "cannot be given with --checkpoint" in last, err
+    assert f"Fix: drop {argv[1]}" in last, err
+
+
+def test_run_has_no_router_flag(capsys, no_ranks):
+    """run builds a synthetic layer with the qwen3 router or a checkpoint's: --router is not
+    one of its flags (argparse refuses it, exit 2), so it cannot be ignored either."""
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--router", "mixtral", *SMALL])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --router mixtral" in capsys.readouterr().err

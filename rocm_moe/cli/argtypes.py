@@ -7,6 +7,9 @@ crash in a rank or after the whole run.
     finite_positive_float, finite_nonnegative_float, fraction
     writable_file (an output file), output_dir (a folder made if missing), existing_dir,
     file_stem (a file name without folder)
+
+and ``Given``, an ``action=`` that stores the value and records that the flag was on the
+command line (``given(args)``), for flags whose default cannot tell "not given" apart.
 """
 
 from __future__ import annotations
@@ -163,3 +166,21 @@ def file_stem(text: str) -> str:
         raise _bad(text, f"is {len(text.encode())} bytes long, at most 200", "pass a shorter "
                    "name")
     return text
+
+
+class Given(argparse.Action):
+    """Stores the value as argparse's default action does, and records the flag (its first
+    option string) in the namespace, read back with ``given``: a command can then refuse a
+    flag given with another one that overrides it (``--router`` with ``--checkpoint``), even
+    where the value given equals the default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        flags = set(getattr(namespace, "_given", ()))
+        flags.add(self.option_strings[0])
+        namespace._given = frozenset(flags)
+
+
+def given(args: argparse.Namespace) -> frozenset[str]:
+    """The ``Given`` flags that were on the command line."""
+    return getattr(args, "_given", frozenset())

@@ -45,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="timed iterations (after 1 warm-up)")
     p.add_argument("--weight-mode", choices=["experts", "combine"], default="experts")
     p.add_argument("--shared-intermediate", type=argtypes.shared_intermediate, default=None,
+                   action=argtypes.Given,
                    help="add dense shared experts of this intermediate size (synthetic weights)")
     p.add_argument("--json", type=argtypes.writable_file,
                    help="also write the results to this JSON file")

@@ -186,9 +186,10 @@ def router_config(name: str, num_experts: int, top_k: int) -> RouterConfig:
 def add_router_args(p: argparse.ArgumentParser) -> None:
     """--router and --shared-intermediate: the synthetic layer's router family and shared
     experts (sanity and diagnose; run declares its own --shared-intermediate)."""
-    p.add_argument("--router", choices=ROUTERS, default="qwen3",
+    p.add_argument("--router", choices=ROUTERS, default="qwen3", action=argtypes.Given,
                    help="router family of the synthetic layer (default qwen3)")
     p.add_argument("--shared-intermediate", type=argtypes.shared_intermediate, default=None,
+                   action=argtypes.Given,
                    help="add dense shared experts of this intermediate size (default: none)")
 
 
@@ -229,11 +230,15 @@ def checkpoint_shape(spec: LayerSpec) -> LayerSpec:
 def add_layer_args(p: argparse.ArgumentParser, *, E: int, H: int, I: int, K: int) -> None:
     """The arguments of a LayerSpec, the ranks and the device, with these shape defaults."""
     p.add_argument("--num-experts", type=argtypes.positive_int, default=E,
+                   action=argtypes.Given,
                    help="E, routed experts")
-    p.add_argument("--hidden", type=argtypes.positive_int, default=H, help="H, hidden size")
+    p.add_argument("--hidden", type=argtypes.positive_int, default=H, action=argtypes.Given,
+                   help="H, hidden size")
     p.add_argument("--intermediate", type=argtypes.positive_int, default=I,
+                   action=argtypes.Given,
                    help="I, per-expert intermediate size")
-    p.add_argument("--top-k", type=argtypes.positive_int, default=K, help="K, experts per token")
+    p.add_argument("--top-k", type=argtypes.positive_int, default=K, action=argtypes.Given,
+                   help="K, experts per token")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="auto: bfloat16 on a GPU, float32 on a CPU")
     p.add_argument("--device", default="auto",
@@ -303,10 +308,22 @@ def check_device(name: str, world_size: int = 1) -> None:
                 f"{torch.cuda.device_count()}", "lower --world-size, or pass --device cpu"))
 
 
+# Flags that set what a checkpoint's config sets: refused with --checkpoint (they were ignored).
+CHECKPOINT_SETS = ("--num-experts", "--hidden", "--intermediate", "--top-k", "--router",
+                   "--shared-intermediate")
+
+
 def check_layer_args(args: argparse.Namespace, world_size: int) -> None:
     """``add_layer_args``'s arguments, checked before any rank starts."""
     check_device(args.device, world_size)
     if getattr(args, "checkpoint", None):
+        for flag in CHECKPOINT_SETS:
+            if flag in argtypes.given(args):
+                raise ValueError(error_message(
+                    flag, getattr(args, flag[2:].replace("-", "_")), "cannot be given with "
+                    "--checkpoint: the checkpoint's config sets the layer's shape, router and "
+                    "shared experts (the flag would be ignored)",
+                    f"drop {flag}, or drop --checkpoint to run synthetic weights"))
         return  # E, H, I, K come from the checkpoint's config (checked by its loader)
     if args.top_k > args.num_experts:
         raise ValueError(error_message("--top-k", args.top_k,
@@ -335,7 +352,22 @@ def layer_spec(args: argparse.Namespace, world_size: int, **fields) -> LayerSpec
         backends.require("comm", spec.comm)
     if spec.fp8_dispatch:
         check_fp8_dispatch(spec, world_size)
+    if spec.invariant and spec.checkpoint:
+        check_invariant_checkpoint(spec)
     return checkpoint_shape(spec)
+
+
+def check_invariant_checkpoint(spec: LayerSpec) -> None:
+    """``--invariant`` needs experts with an invariant variant: an FP8 checkpoint's layer has
+    none (its ranks refused it after spawning, each loading the checkpoint first)."""
+    from rocm_moe.integrations import hf
+
+    if hf.is_fp8_layer(spec.checkpoint, spec.layer):
+        raise ValueError(error_message(
+            "--invariant", f"with --checkpoint {spec.checkpoint} layer {spec.layer}", "an FP8 "
+            "layer cannot run it: the FP8 experts have no batch-invariant variant (their row "
+            "quantisation and GEMMs run in batch-dependent tiles)",
+            "drop --invariant, or dequantise the checkpoint to bfloat16 and run that"))
 
 
 def check_fp8_comm(comm: str) -> None:
