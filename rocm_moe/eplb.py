@@ -93,6 +93,12 @@ class ExpertLoad(nn.Module):
     def restart_physical(self) -> None:
         self.physical_NP.zero_()
 
+    def reset(self) -> None:
+        """Forget every recorded step (the window starts empty)."""
+        self.logical_NE.zero_()
+        self.physical_NP.zero_()
+        self.step.zero_()
+
     def report(self, placement: ReplicatedPlacement, *, group=None) -> LoadReport:
         """The window's sums; with ``group`` (collective) summed over the EP group."""
         both = torch.cat([self.logical_NE.sum(0), self.physical_NP.sum(0)])

@@ -476,6 +476,16 @@ class EPMoE(nn.Module):
         return report if group is not None or scope == "rank" else \
             dataclasses.replace(report, scope="group")
 
+    def reset_expert_load(self) -> None:
+        """Empty the EPLB load window (e.g. before measuring a new workload)."""
+        self._require_eplb("reset_expert_load")
+        self._load.reset()
+
+    def to_physical(self, topk_ids_TK: torch.Tensor) -> torch.Tensor:
+        """[T, K] logical ids -> the physical ids this rank's forward dispatches them to (the
+        same tensor without EPLB); -1 stays -1. Device ops only."""
+        return topk_ids_TK if self._choice is None else self._choice.to_physical(topk_ids_TK)
+
     def _expert_tensors(self) -> list[torch.Tensor]:
         """Every [e, ...] per-expert tensor the experts read (float w13/w2, or an FP8 layer's
         weights and block scales), as tensors to copy into in place."""

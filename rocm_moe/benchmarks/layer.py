@@ -28,6 +28,16 @@ multi-node (see notes/multinode.md for the emulated two-node layout on one host)
 ``--invariant`` adds a mode "invariant" after the weight modes: the same layer, weights and
 tokens with ``layer.invariant = True`` (notes/invariance.md), and reports its time over the
 first weight mode's in the same run.
+
+Expert work: every case reports the (token, slot) pairs each rank's experts compute (``work``)
+and its max / mean over the ranks, and over the physical experts: the load that sets the
+layer's time, which the row imbalance (one row per (token, destination rank)) hides.
+``--redundant-experts R`` builds the layer with EPLB (notes/eplb.md: P = E + R physical
+experts, initially ``ReplicatedPlacement.initial``); ``--rebalance`` then, for every (comm, T,
+skew), times the cases "before", rebalances from the load the layer measured in them
+(``layer.rebalance()``: ``eplb_balance.rebalance`` of the group's load) and times them again
+"after", in the same run, and prints the work and time before and after, and the time after
+over the uniform routing's.
 """
 
 from __future__ import annotations
@@ -102,14 +112,41 @@ def _skew_direction(hidden: int) -> torch.Tensor:
 def _build(cfg: dict, s: dict, comm: str, T: int, info: WorkerInfo, dtype) -> EPMoE:
     from rocm_moe import backends
 
-    placement = Placement.contiguous(s["num_experts"], info.world_size)
+    R = cfg.get("redundant_experts")
+    placement = Placement.contiguous(s["num_experts"] + (R or 0), info.world_size)
     disp = backends.make_dispatcher(comm, placement, info.rank, hidden_size=s["hidden"],
                                     top_k=s["top_k"], dtype=dtype, max_tokens_per_rank=T)
     layer = EPMoE(hidden_size=s["hidden"], intermediate_size=s["intermediate"],
                   router=_router(s), dispatcher=disp, experts=backends.make_experts(cfg["experts"]),
                   shared_intermediate_size=s["shared_intermediate"], dtype=dtype,
-                  device=info.device, validate=False)
+                  device=info.device, validate=False, num_redundant_experts=R)
     return layer
+
+
+def expert_work(layer: EPMoE, topk_ids: torch.Tensor, group) -> dict:
+    """Collective: the (token, slot) pairs each physical expert and each rank computes for
+    every rank's ``topk_ids`` (logical; mapped to the replicas the layer's forward picks), and
+    their max / mean.
+
+    Example: W = 2, E = 4, every rank's ids [[0, 1], [0, 2]]: experts [4, 2, 2, 0], ranks
+    [6, 2], rank max / mean 1.5."""
+    P = layer.dispatcher.placement.num_experts
+    W = layer.dispatcher.world_size
+    ids = layer.to_physical(topk_ids).reshape(-1).long()
+    per_expert = torch.zeros(P + 1, dtype=torch.float64, device=ids.device)
+    per_expert.index_add_(0, ids + 1, torch.ones_like(ids, dtype=torch.float64))
+    per_expert = per_expert[1:]
+    if W > 1:
+        dist.all_reduce(per_expert, group=group)
+    per_expert = per_expert.cpu()
+    per_rank = per_expert.reshape(W, P // W).sum(1)
+
+    def ratio(t: torch.Tensor) -> float:
+        return float(t.max() / t.mean()) if float(t.sum()) > 0 else 1.0
+
+    return dict(per_rank=[int(v) for v in per_rank.tolist()],
+                per_expert=[int(v) for v in per_expert.tolist()],
+                rank_max_mean=ratio(per_rank), expert_max_mean=ratio(per_expert))
 
 
 @torch.no_grad()
@@ -319,14 +356,16 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
     cfg = default_backends(cfg, info, dtype, multinode)
     node_groups = _node_groups(nodes) if multinode and cfg["hier_probe"] else None
     rows, refused, probes = [], {}, []
+    n_stages = 2 if cfg.get("rebalance") else 1
     steps = Steps("rank 0: cases done", len(cfg["comm"]) * len(cfg["tokens"]) * len(cfg["skew"])
-                  * len(cfg["weight_modes"]), enabled=info.rank == 0, every_s=0.0)
+                  * len(cfg["weight_modes"]) * n_stages, enabled=info.rank == 0, every_s=0.0)
     layer = None
     for comm in cfg["comm"]:
         if comm == "symm" and len(set(nodes)) > 1:
             refused[comm] = (f"the group spans {len(set(nodes))} nodes; symm's puts are "
                              "peer-to-peer loads/stores inside one node")
-            steps.total -= len(cfg["tokens"]) * len(cfg["skew"]) * len(cfg["weight_modes"])
+            steps.total -= len(cfg["tokens"]) * len(cfg["skew"]) * len(cfg["weight_modes"]) \
+                * n_stages
             continue
         for T in cfg["tokens"]:
             if layer is None:  # one set of weights, built once (DeepSeek-V3's take a while)
@@ -334,6 +373,7 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
                 if cfg["seed"]:
                     layer.reset_parameters(seed=cfg["seed"])
                 base_gate = layer.gate.weight.detach().float().clone()
+                initial = layer.replicas
             else:  # the same weights behind a dispatcher sized for this T
                 from rocm_moe import backends
 
@@ -345,26 +385,39 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
                 _set_skew(layer, skew, cfg, base_gate)
                 x = _tokens(cfg, s, skew, T, info, dtype)
                 routing = layer.route_tokens(x)
-                tr = traffic(routing.topk_ids, layer.dispatcher.placement, info.rank, nodes,
-                             group)
                 if node_groups is not None and comm == cfg["comm"][0]:
                     probes.append(dict(tokens=T, skew=skew, **hier_probe(
                         routing.topk_ids, layer.dispatcher.placement, info, nodes, node_groups,
                         x, cfg)))
-                for mode in cfg["weight_modes"]:
-                    layer.invariant = mode == "invariant"
-                    layer.weight_mode = cfg["weight_modes"][0] if layer.invariant else mode
-                    use_graph = comm == "symm" and info.device.type == "cuda"
-                    graphed = GraphedEPMoE(layer, buckets=(T,)) if use_graph else None
-                    row = dict(comm=comm, tokens=T, skew=skew, mode=mode, rank=info.rank,
-                               traffic=tr, **_bench_case(layer, x, info, group, cfg, graphed))
-                    if graphed is not None:
-                        row["graph_equals_eager"] = bool(torch.equal(graphed(x), layer(x)))
-                        layer.dispatcher.check_peers()  # a timed-out barrier voids the numbers
-                    rows.append(row)
-                    del graphed
-                    steps.what = f"rank 0: {comm} T={T} {skew} {mode} done, cases"
-                    steps.step()
+                stages = ["before", "after"] if cfg.get("rebalance") else [
+                    "-" if layer.replicas is None else f"R={layer.replicas.num_redundant}"]
+                for stage in stages:
+                    if stage == "before":  # every skew starts from the same placement
+                        if layer.replicas != initial:
+                            layer.rebalance(initial.phys_to_log)
+                        layer.reset_expert_load()
+                    elif stage == "after":  # the load the layer counts in one forward of
+                        layer.reset_expert_load()  # these tokens (graph warmups route zeros)
+                        layer(x)
+                        layer.rebalance(num_nodes=len(set(nodes)))
+                    tr = traffic(layer.to_physical(routing.topk_ids), layer.dispatcher.placement,
+                                 info.rank, nodes, group)
+                    work = expert_work(layer, routing.topk_ids, group)
+                    for mode in cfg["weight_modes"]:
+                        layer.invariant = mode == "invariant"
+                        layer.weight_mode = cfg["weight_modes"][0] if layer.invariant else mode
+                        use_graph = comm == "symm" and info.device.type == "cuda"
+                        graphed = GraphedEPMoE(layer, buckets=(T,)) if use_graph else None
+                        row = dict(comm=comm, tokens=T, skew=skew, mode=mode, rank=info.rank,
+                                   eplb=stage, traffic=tr, work=work,
+                                   **_bench_case(layer, x, info, group, cfg, graphed))
+                        if graphed is not None:
+                            row["graph_equals_eager"] = bool(torch.equal(graphed(x), layer(x)))
+                            layer.dispatcher.check_peers()  # a timed-out barrier voids them
+                        rows.append(row)
+                        del graphed
+                        steps.what = f"rank 0: {comm} T={T} {skew} {mode} {stage} done, cases"
+                        steps.step()
             if info.device.type == "cuda":
                 torch.cuda.empty_cache()
     return dict(rows=rows, refused=refused, nodes=nodes, probes=probes,
@@ -386,6 +439,7 @@ def summarise(per_rank: list[dict], cfg: dict) -> list[dict]:
     for i, first in enumerate(per_rank[0]["rows"]):
         ranks = [r["rows"][i] for r in per_rank]
         row = {k: first[k] for k in ("comm", "tokens", "skew", "mode")}
+        row["eplb"] = first.get("eplb", "-")
         for st in STAGES:
             if st in first["stages"]:
                 row[f"{st} us"] = _median_slowest(ranks, lambda r, st=st: r["stages"][st]) * 1e6
@@ -397,6 +451,10 @@ def summarise(per_rank: list[dict], cfg: dict) -> list[dict]:
         row.update({f"{k} MB": tr[f"{k}_rows"] * row_bytes / 1e6
                     for k in ("intra_node", "inter_node", "hier_inter")})
         row["imbalance"] = tr["imbalance"]
+        if "work" in first:
+            row["work max/mean"] = first["work"]["rank_max_mean"]
+            row["expert max/mean"] = first["work"]["expert_max_mean"]
+            row["work per rank"] = first["work"]["per_rank"]  # (JSON only: a list)
         if "graph_equals_eager" in first:
             row["graph == eager"] = all(r["graph_equals_eager"] for r in ranks)
         out.append(row)
@@ -410,13 +468,40 @@ def invariant_costs(rows: list[dict]) -> list[str]:
     out = []
     for inv in (r for r in rows if r["mode"] == "invariant"):
         base = next((r for r in rows if r["mode"] != "invariant" and all(
-            r[k] == inv[k] for k in ("comm", "tokens", "skew"))), None)
+            r.get(k) == inv.get(k) for k in ("comm", "tokens", "skew", "eplb"))), None)
         if base is None:
             continue
         key = "graph us" if "graph us" in inv else "eager us"
         out.append(f"{inv['comm']} T={inv['tokens']} {inv['skew']}: invariant "
                    f"{inv[key] / base[key]:.2f}x {base['mode']} ({key[:-3]}: {inv[key]:.1f} vs "
                    f"{base[key]:.1f} us)")
+    return out
+
+
+def eplb_effects(rows: list[dict]) -> list[str]:
+    """Per (comm, T, skew, mode) run before and after a rebalance: the expert work's max / mean
+    over the ranks and the layer's time (graph replay where there is one, else eager) before
+    and after, and the time after over the same case's uniform routing before.
+
+    Example: zipf work 2.00 -> 1.05 and 200 -> 110 us, uniform 100 us -> "... (after / before
+    0.55x); after / uniform 1.10x"."""
+    out = []
+    for after in (r for r in rows if r.get("eplb") == "after"):
+        same = ("comm", "tokens", "skew", "mode")
+        before = next((r for r in rows if r.get("eplb") == "before"
+                       and all(r[k] == after[k] for k in same)), None)
+        if before is None:
+            continue
+        key = "graph us" if "graph us" in after else "eager us"
+        line = (f"{after['comm']} T={after['tokens']} {after['skew']} {after['mode']}: work "
+                f"max/mean {before['work max/mean']:.2f} -> {after['work max/mean']:.2f}, "
+                f"{key[:-3]} {before[key]:.1f} -> {after[key]:.1f} us (after / before "
+                f"{after[key] / before[key]:.2f}x)")
+        uniform = next((r for r in rows if r.get("eplb") == "before" and r["skew"] == "uniform"
+                        and all(r[k] == after[k] for k in ("comm", "tokens", "mode"))), None)
+        if uniform is not None and after["skew"] != "uniform":
+            line += f"; after / uniform {after[key] / uniform[key]:.2f}x"
+        out.append(line)
     return out
 
 
@@ -446,9 +531,9 @@ def _plot(rows: list[dict], path: Path, title: str) -> str:
     if plt is None:
         return NO_PLOT
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    cases = sorted({(r["comm"], r["skew"], r["mode"]) for r in rows})
+    cases = sorted({(r["comm"], r["skew"], r["mode"], r.get("eplb", "-")) for r in rows})
     for case in cases:
-        pts = [r for r in rows if (r["comm"], r["skew"], r["mode"]) == case]
+        pts = [r for r in rows if (r["comm"], r["skew"], r["mode"], r.get("eplb", "-")) == case]
         ax.plot([r["tokens"] for r in pts], [r["tokens/s/GPU"] for r in pts], "o-",
                 label=" ".join(case))
     ax.set_xscale("log", base=2)
@@ -464,7 +549,8 @@ def _plot(rows: list[dict], path: Path, title: str) -> str:
         vals = [r.get(f"{st} us", 0.0) for r in big]
         bx.barh(range(len(big)), vals, left=left, label=st)
         left = [a + b for a, b in zip(left, vals, strict=True)]
-    bx.set_yticks(range(len(big)), [f"{r['comm']} {r['skew']} {r['mode']}" for r in big],
+    bx.set_yticks(range(len(big)), [f"{r['comm']} {r['skew']} {r['mode']} {r.get('eplb', '-')}"
+                                    for r in big],
                   fontsize=7)
     bx.set_xlabel(f"us per stage at {T} tokens/rank (eager, slowest rank)")
     bx.legend(fontsize=7)
@@ -520,6 +606,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hot-expert strength: logit bias tau * log(1 / rank_e)")
     p.add_argument("--skew-scale", type=argtypes.finite_positive_float, default=4.0,
                    help="size of the tokens' common component that carries the bias")
+    p.add_argument("--redundant-experts", type=argtypes.nonnegative_int, default=None,
+                   help="EPLB: R redundant experts (E + R divisible by the ranks; 0: no "
+                   "replicas, placement still movable); default: no EPLB")
+    p.add_argument("--rebalance", action="store_true",
+                   help="with --redundant-experts: time each case before and after a "
+                   "rebalance from the measured load")
     p.add_argument("--hier-probe", action=argparse.BooleanOptionalAction, default=True,
                    help="across nodes: time a flat against a two-stage dispatch's collectives")
     add_run_arguments(p)
@@ -537,6 +629,17 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
     # numbers and paths: checked by their argparse types (rocm_moe.cli.argtypes)
     # --comm / --experts not given: each rank picks them from its own device (default_backends)
+    if getattr(args, "rebalance", False) and args.redundant_experts is None:
+        parser.error("--rebalance needs --redundant-experts R (R = 0: rebalance without "
+                     "replicas)")
+    R = getattr(args, "redundant_experts", None)
+    W = getattr(args, "world_size", None)
+    if R is not None and W is not None and not under_torchrun():
+        E = shape(vars(args))["num_experts"]
+        if (E + R) % W:
+            parser.error(f"--redundant-experts {R}: E + R = {E + R} must be divisible by the "
+                         f"{W} ranks (each holds (E + R) / W physical experts); use R = "
+                         f"{-E % W} + a multiple of {W}")
     if getattr(args, "invariant", False) and "invariant" not in args.weight_modes:
         args.weight_modes = [*args.weight_modes, "invariant"]
     for kind, names in (("comm", args.comm or []), ("experts", [args.experts] if args.experts
@@ -589,7 +692,8 @@ def report(results: list[dict], cfg: dict, W: int) -> int:
              f"W={W}, {layout}, {device}")
     console = Console(width=220)
     table = Table(title=title, title_justify="left")
-    keys = [k for k in rows[0] if k not in ("comm", "tokens", "skew", "mode")] if rows else []
+    keys = [k for k in rows[0] if k not in ("comm", "tokens", "skew", "mode")
+            and not isinstance(rows[0][k], list)] if rows else []
     for c in ["comm", "T/rank", "skew", "mode", *keys]:
         table.add_column(c, justify="right")
     for r in rows:
@@ -601,6 +705,8 @@ def report(results: list[dict], cfg: dict, W: int) -> int:
                   f"{r0['experts']} ({r0['experts_why']})", markup=False)
     for line in invariant_costs(rows):
         console.print(line)
+    for line in eplb_effects(rows):
+        console.print(f"rebalance: {line}", markup=False)
     probes = summarise_probes(results)
     if probes:
         pt = Table(title="dispatch collectives across nodes: flat all_to_all vs two-stage "
