@@ -74,7 +74,11 @@ from rocm_moe.comm.base import (
 )
 from rocm_moe.placement import Placement
 
-KERNEL_TYPES = ("IntraNode", "InterNode", "InterNodeV1", "InterNodeV1LL", "AsyncLL")
+# EpDispatchCombineKernelType (624002c8); IntraNodeLL: the IntraNode buffers with a low-latency
+# kernel (dispatch_combine.cpp ~321, intranode_ll.hpp), within one node of at most 8 GPUs.
+KERNEL_TYPES = ("IntraNode", "IntraNodeLL", "InterNode", "InterNodeV1", "InterNodeV1LL",
+                "AsyncLL")
+INTRA_NODE = ("IntraNode", "IntraNodeLL")
 MORI_DTYPES = (torch.bfloat16, torch.float32)
 MORI_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)  # fp8_ocp, fp8_fnuz
 RAW_REASON = ("MORI's combine returns one summed row per token and one combine per dispatch, so "
@@ -175,8 +179,8 @@ def mori_config(
     if kernel_type not in KERNEL_TYPES:
         raise _bad("kernel_type", repr(kernel_type), f"must be one of {KERNEL_TYPES} or 'auto'",
                    "pick IntraNode within a node, InterNodeV1 / InterNodeV1LL across nodes")
-    if kernel_type == "IntraNode" and W != gpn:
-        raise _bad("kernel_type", "'IntraNode'", f"reaches peers over XGMI within a node; "
+    if kernel_type in INTRA_NODE and W != gpn:
+        raise _bad("kernel_type", repr(kernel_type), f"reaches peers over XGMI within a node; "
                    f"this group spans {W // gpn} nodes", "use kernel_type='auto'")
     if kernel_type == "InterNode" and W > gpn and gpn != MAX_GPUS_PER_NODE:
         raise _bad("kernel_type", "'InterNode'", f"MORI's InterNode kernel puts rank r on node "
@@ -186,7 +190,7 @@ def mori_config(
     launch = LAUNCH.get(kernel_type, {})
     extra = dict(block_num=launch["block_num"], rdma_block_num=launch["rdma_block_num"],
                  warp_num_per_block=launch["warp_per_block"]) if launch else {}
-    if kernel_type in ("IntraNode", "IntraNodeLL"):
+    if kernel_type in INTRA_NODE:
         extra = dict(INTRANODE_CONFIG)
     return dict(
         data_type=fp8_dtype or dtype, rank=rank, world_size=W, hidden_dim=hidden_size,
@@ -248,7 +252,7 @@ def heap_bytes(config: dict) -> int:
     xfer = tok + 8 * K + 4 + config["scale_dim"] * config["scale_type_size"]
     recv = W * T
     tokens = recv * tok + T * tok  # dispatch output, combine output
-    if kt == "IntraNode":
+    if kt in INTRA_NODE:
         tokens += recv * xfer  # combine staging
     elif kt in LAUNCH:
         nodes = W // config["gpu_per_node"]

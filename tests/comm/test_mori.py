@@ -61,8 +61,10 @@ def test_config_deepseek_ep8():
         (dict(gpu_per_node=8), "power of two that divides W=2"),  # defect 5
         (dict(gpu_per_node=3), "gpu_per_node"),
         (dict(gpu_per_node=1, kernel_type="IntraNode"), "spans 2 nodes"),
+        (dict(gpu_per_node=1, kernel_type="IntraNodeLL"), "spans 2 nodes"),
     ],
-    ids=["placement", "dtype", "capacity", "kernel", "gpn_gt_W", "gpn_not_pow2", "intra_across"],
+    ids=["placement", "dtype", "capacity", "kernel", "gpn_gt_W", "gpn_not_pow2", "intra_across",
+         "intra_ll_across"],
 )
 def test_config_errors(kw, match):
     args = dict(placement=Placement.contiguous(4, 2), hidden_size=8, top_k=2,
@@ -127,8 +129,9 @@ def _cfg(W=8, T=4096, H=7168, dtype=torch.bfloat16, kernel_type="auto", gpn=None
 
 @pytest.mark.parametrize(("W", "kernel_type", "gpn"),
                          [(8, "auto", None), (16, "auto", 8), (16, "InterNodeV1LL", 8),
-                          (8, "AsyncLL", None), (8, "InterNode", None)],
-                         ids=["intra_EP8", "v1_EP16", "v1ll_EP16", "asyncll_EP8", "inter_EP8"])
+                          (8, "AsyncLL", None), (8, "InterNode", None), (8, "IntraNodeLL", None)],
+                         ids=["intra_EP8", "v1_EP16", "v1ll_EP16", "asyncll_EP8", "inter_EP8",
+                              "intra_ll_EP8"])
 def test_heap_bytes_match_the_fake_buffer_by_buffer(W, kernel_type, gpn):
     from types import SimpleNamespace
 
@@ -295,6 +298,15 @@ def _check_intranode_launch_tuned(info, seed):
         del os.environ[var]
     assert mori.built == 0
     return message
+
+
+def _check_intranode_ll_round_trip(info, seed):
+    """Issue 32 item 3: IntraNodeLL is a kernel type upstream (EpDispatchCombineKernelType,
+    with an MI300X EP8 tuned table, gfx942_mi300x_IntraNodeLL_ep8_*.json at 624002c8): the
+    IntraNode buffers (dispatch_combine.cpp ~321, 397), within one node."""
+    d = _mori(info, kernel_type="IntraNodeLL")
+    assert d.kernel_type == d.op.kt == "IntraNodeLL"
+    _identity_round_trip(info, seed, d, batches=(9, 0, 33))
 
 
 def _check_async_ll_receives_before_reading(info, seed):
