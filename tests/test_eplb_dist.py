@@ -1,9 +1,9 @@
 """EPLB (issue 29) on spawned gloo ranks, W = 2, 3, 4: outputs with replicas (R = 0, 1, E/2)
 against the float64 oracle and the plain layer (invariant mode: its bits), a rebalance mid-run
-(the load of the group, a stand-in balancing rule, then a permutation that moves most experts
-between ranks) that changes no output beyond rounding and moves the right weights, refusals of
-a bad or differing table on every rank, and a rank that fails in the weight move: named by its
-peers, and no rank keeps half a placement.
+(from the group's measured load with eplb_balance's algorithm, then a permutation that moves
+most experts between ranks) that changes no output beyond rounding and moves the right
+weights, refusals of a bad or differing table on every rank, and a rank that fails in the
+weight move: named by its peers, and no rank keeps half a placement.
 
 One launch per W runs every check (spawning ranks takes seconds); each check is its own test
 through the results. The failing-rank launches use a 3 s collective timeout."""
@@ -68,14 +68,6 @@ def _hot(E: int, T: int) -> torch.Tensor:
     return torch.tensor([0, 1, E - 1]).repeat(T, 1)
 
 
-def stand_in_balance(load_E: torch.Tensor, num_physical: int) -> torch.Tensor:
-    """Until rocm_moe.eplb_balance lands: logical e at physical e, then the hottest experts
-    replicated in turn."""
-    E = load_E.numel()
-    hot = torch.argsort(-load_E.double(), stable=True)
-    return torch.cat([torch.arange(E), hot[torch.arange(num_physical - E) % E]])
-
-
 def _weights_ok(layer: EPMoE) -> bool:
     """Every local row holds the synthetic weights of the logical expert it should."""
     E = layer.router.num_experts
@@ -118,9 +110,10 @@ def _check_invariant_bits(info) -> dict:
 
 
 def _check_rebalance_mid_run(info) -> dict:
-    """Forward, rebalance from the group's load, forward, rebalance to a permutation, forward:
-    the outputs agree (bits in invariant mode), every rank holds the new placement and the
-    right weights."""
+    """Forward, rebalance from the group's load (``layer.rebalance()``: eplb_balance's
+    algorithm on every rank), forward, rebalance to a permutation of that table that moves most
+    experts to another rank, forward: the outputs agree (bits in invariant mode), every rank
+    holds the same new placement and the right weights."""
     W, rank = info.world_size, info.rank
     E, R = 8, 4
     x = _x(rank)
@@ -133,11 +126,14 @@ def _check_rebalance_mid_run(info) -> dict:
         out[f"inv{invariant}_load_total"] = int(load.logical.sum())
         out[f"inv{invariant}_rank_total"] = int(load.per_rank.sum())
         out[f"inv{invariant}_steps"] = load.steps
-        first = stand_in_balance(load.logical, E + R)
         perm = torch.randperm(E + R, generator=torch.Generator().manual_seed(2))
-        second = first[perm].roll((E + R) // W)  # most experts change rank
-        for step, (table, per_round) in enumerate(((first, 1), (second, 5))):
-            res = layer.rebalance(table, experts_per_round=per_round)
+        for step, per_round in enumerate((1, 5)):
+            if step == 0:
+                res = layer.rebalance(experts_per_round=per_round)  # from the measured load
+                table = layer.replicas.phys_to_log
+            else:
+                table = table[perm].roll((E + R) // W)  # most experts change rank
+                res = layer.rebalance(table, experts_per_round=per_round)
             after = layer.expert_load(scope="rank")
             everyone: list = [None] * W
             torch.distributed.all_gather_object(everyone, layer.replicas.phys_to_log.tolist())
