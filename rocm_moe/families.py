@@ -165,16 +165,37 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in [
     ModelFamily(name="mixtral", model_types=("mixtral",), block="block_sparse_moe",
                 expert_names=("w1", "w3", "w2"), intermediate_size_key="intermediate_size",
                 num_experts_key="num_local_experts", norm_topk_prob_key=None),
-    ModelFamily(name="deepseek_v3", model_types=("deepseek_v3",), block="mlp",
+    # Kimi K2 is a DeepSeek-V3 model (384 experts, one group); its config.json says "kimi_k2"
+    ModelFamily(name="deepseek_v3", model_types=("deepseek_v3", "kimi_k2"), block="mlp",
                 shared_experts="shared_experts", router_bias="e_score_correction_bias",
                 intermediate_size_key="moe_intermediate_size",
                 num_experts_key="n_routed_experts", scoring="sigmoid", grouped_router=True),
+    # GLM-4.5 and dots.llm1: DeepSeek-V3's grouped sigmoid router with their own group counts
+    ModelFamily(name="glm4_moe", model_types=("glm4_moe",), block="mlp",
+                shared_experts="shared_experts", router_bias="e_score_correction_bias",
+                intermediate_size_key="moe_intermediate_size",
+                num_experts_key="n_routed_experts", scoring="sigmoid", grouped_router=True),
+    ModelFamily(name="dots1", model_types=("dots1",), block="mlp",
+                shared_experts="shared_experts", router_bias="e_score_correction_bias",
+                intermediate_size_key="moe_intermediate_size",
+                num_experts_key="n_routed_experts", scoring="sigmoid", grouped_router=True),
+    # OLMoE and Qwen3-Next: Qwen's softmax router (Qwen3-Next: a gated shared expert)
+    ModelFamily(name="olmoe", model_types=("olmoe",), block="mlp",
+                intermediate_size_key="intermediate_size", num_experts_key="num_experts"),
+    ModelFamily(name="qwen3_next", model_types=("qwen3_next",), block="mlp",
+                shared_experts="shared_expert", shared_expert_gate="shared_expert_gate",
+                intermediate_size_key="moe_intermediate_size", num_experts_key="num_experts"),
     ModelFamily(name="gpt_oss", model_types=("gpt_oss",), block="mlp", router="router",
                 gate_bias=True, score_after_topk=True, fused_experts=True,
                 interleaved_gate_up=True, activation="swiglu_oai", expert_bias=True,
                 intermediate_size_key="intermediate_size", num_experts_key="num_local_experts",
                 norm_topk_prob_key=None),
 ]}
+
+
+# config.json model types transformers has no class for, read with another family's config
+# class (Kimi K2's checkpoints say "kimi_k2" and ship DeepSeek-V3's code as remote code).
+CONFIG_ALIASES = {"kimi_k2": "deepseek_v3"}
 
 
 # transformers' names of the activation rocm_moe's SwiGLU experts compute (silu(gate) * up).

@@ -34,6 +34,7 @@ from rocm_moe.comm.base import Dispatcher
 from rocm_moe.experts.base import PLAIN, Experts, ExpertVariant
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.families import (
+    CONFIG_ALIASES,
     ExpertTensors,
     FusedExpertTensors,
     ModelFamily,
@@ -129,6 +130,13 @@ class Checkpoint:
 
         path = self.confined("config.json", "checkpoint file")
         try:
+            alias = CONFIG_ALIASES.get(_model_type(path))
+            if alias is not None:  # e.g. Kimi K2's "kimi_k2": a DeepSeek-V3 config
+                from transformers import CONFIG_MAPPING
+
+                data = json.loads(path.read_text())
+                data.pop("model_type", None)
+                return CONFIG_MAPPING[alias].from_dict(data)
             return AutoConfig.from_pretrained(path.parent, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(error_message(
@@ -196,6 +204,15 @@ class Checkpoint:
         _check_loaded(path, f"{name}[{index}]", t, None)
         self.bytes_read += t.numel() * t.element_size()
         return t
+
+
+def _model_type(path: Path) -> object:
+    """config.json's model_type (None where the file is not a JSON object)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data.get("model_type") if isinstance(data, dict) else None
 
 
 def _shard_keys(path: Path) -> list[str]:
