@@ -172,6 +172,31 @@ def _check_refusals(info) -> dict:
     return seen
 
 
+def _check_fp8_move(info) -> dict:
+    """An FP8 layer: its FP8 weights and block scales travel (as bytes) in the move."""
+    from rocm_moe.layer_fp8 import FP8EPMoE
+
+    W, rank = info.world_size, info.rank
+    E, R, Hq = 8, 4, 128
+    disp = TorchDispatcher(Placement.contiguous(E + R, W), hidden_size=Hq, top_k=K,
+                           dtype=torch.float32, timeout=TIMEOUT)
+    kw = dict(hidden_size=Hq, intermediate_size=128, router=RouterConfig.qwen3_moe(E, K))
+    layer = FP8EPMoE(dispatcher=disp, num_redundant_experts=R, **kw)
+    plain = FP8EPMoE(**kw)
+    x = syn.tokens(SEED, rank, 5, Hq)
+    err0 = rel_err(layer(x), plain(x))
+    table = layer.replicas.phys_to_log.roll((E + R) // W)
+    res = layer.rebalance(table)
+    same_bytes = all(
+        torch.equal(layer.w13_fp8[j].view(torch.uint8), plain.w13_fp8[g].view(torch.uint8))
+        and torch.equal(layer.w2_fp8[j].view(torch.uint8), plain.w2_fp8[g].view(torch.uint8))
+        and torch.equal(layer.w13_scale_inv[j], plain.w13_scale_inv[g])
+        and torch.equal(layer.w2_scale_inv[j], plain.w2_scale_inv[g])
+        for j, g in enumerate(layer.local_experts))
+    return dict(err0=err0, err1=rel_err(layer(x), plain(x)), same_bytes=same_bytes,
+                moved=res.moved)
+
+
 CHECKS = {n[len("_check_"):]: f for n, f in dict(globals()).items() if n.startswith("_check_")}
 
 
@@ -256,6 +281,15 @@ def test_bad_or_differing_tables_are_refused_on_every_rank(W):
         assert "Fix:" in msg
         assert seen["placement_kept"]
         assert seen["still_in_step"]
+
+
+@pytest.mark.parametrize("W", WS)
+def test_fp8_weights_and_scales_move(W):
+    for rank, v in enumerate(_values(W, "fp8_move")):
+        assert v["same_bytes"], (rank, v)
+        assert v["moved"] > 0
+        assert v["err0"] < TOL[torch.float32], (rank, v)  # the same FP8 experts, summed
+        assert v["err1"] < TOL[torch.float32], (rank, v)  # in another order at most
 
 
 # ---- a rank failing in the weight move ----------------------------------------------------------
