@@ -179,7 +179,7 @@ def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
     """``experts.triton_fp8.fp8_block_config``'s launches at the MODEL_SHAPES x MEAN_SLOTS
     (and a prefill mean of 256), FP8 matrix instructions (no upcast)."""
     def launches(target: str) -> list[Launch]:
-        from rocm_moe.experts.triton_fp8 import fp8_block_config
+        from rocm_moe.experts.triton_fp8 import PERSISTENT_MAX_BLOCK_M, fp8_block_config
 
         fnuz = target == "gfx942"
         out = []
@@ -192,9 +192,10 @@ def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
                 if kernel == "gate_up":
                     cx.update(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6,
                               ROUND=False)
+                persist = (False, True) if c["BLOCK_M"] <= PERSISTENT_MAX_BLOCK_M else (False,)
                 variants = [dict(WEIGHTED=w, PERSISTENT=p) for w in (True, False)
-                            for p in (False, True)] if kernel == "down" \
-                    else [dict(PERSISTENT=p) for p in (False, True)]
+                            for p in persist] if kernel == "down" \
+                    else [dict(PERSISTENT=p) for p in persist]
                 out += [Launch(tuple(sorted({**cx, **v}.items())), k["num_warps"],
                                k["num_stages"], f"{H}x{I} mean {mean:g}") for v in variants]
         return out

@@ -106,6 +106,9 @@ def _args(block_m: int, kcfg: dict) -> dict:
                 num_warps=kcfg["num_warps"], num_stages=kcfg["num_stages"])
 
 
+PERSISTENT_MAX_BLOCK_M = 64  # largest BLOCK_M launched persistent (``_forward``)
+
+
 class TritonFP8Experts(FP8Experts):
     """``config``: a fixed ``fp8_block_config``-form launch config (tuning); ``upcast``: FP8
     tiles to float16 before tl.dot (None: where the device has no FP8 matrix instructions);
@@ -170,7 +173,10 @@ class TritonFP8Experts(FP8Experts):
         weighted = mode == "weighted"
         out_slots = (torch.empty if weighted else torch.zeros)(N, H, dtype=out_dtype, device=dev)
         n_blocks = layout.block_expert_ids.numel()
-        persistent = num_rows is not None
+        # Persistent launches where a capacity-sized batch picks decode-to-mid tiles; the
+        # BLOCK_M = 128 (prefill) gate/up spills 3 VGPRs in the loop on gfx942 (Triton 3.9),
+        # and a batch that picks it fills most of its capacity anyway.
+        persistent = num_rows is not None and cfg["BLOCK_M"] <= PERSISTENT_MAX_BLOCK_M
         if N and P:
             gu, dn = cfg["gate_up"], cfg["down"]
             assert gu["BLOCK_N"] == BLOCK, cfg  # the epilogue quantises whole groups
