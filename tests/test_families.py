@@ -22,6 +22,16 @@ def _config(name: str):
                                            intermediate_size=48, norm_topk_prob=True)
     if name == "mixtral":
         return transformers.MixtralConfig(**common, num_local_experts=12, intermediate_size=16)
+    if name in ("glm4_moe", "dots1"):
+        cls = transformers.Glm4MoeConfig if name == "glm4_moe" else transformers.Dots1Config
+        return cls(**common, n_routed_experts=12, moe_intermediate_size=16, intermediate_size=48,
+                   n_group=4, topk_group=2, norm_topk_prob=False, routed_scaling_factor=1.5)
+    if name == "olmoe":
+        return transformers.OlmoeConfig(**common, num_experts=12, intermediate_size=16,
+                                        norm_topk_prob=True)
+    if name == "qwen3_next":
+        return transformers.Qwen3NextConfig(**common, num_experts=12, moe_intermediate_size=16,
+                                            intermediate_size=48, norm_topk_prob=False)
     if name == "gpt_oss":
         return transformers.GptOssConfig(**common, num_local_experts=12, intermediate_size=16)
     assert name == "deepseek_v3"
@@ -38,6 +48,12 @@ EXPECTED_ROUTER = {
     "deepseek_v3": RouterConfig.deepseek_v3(12, 3, n_group=4, topk_group=2,
                                             norm_topk_prob=False, routed_scaling_factor=1.5),
     "gpt_oss": RouterConfig.gpt_oss(12, 3),
+    "glm4_moe": RouterConfig.deepseek_v3(12, 3, n_group=4, topk_group=2, norm_topk_prob=False,
+                                         routed_scaling_factor=1.5),
+    "dots1": RouterConfig.deepseek_v3(12, 3, n_group=4, topk_group=2, norm_topk_prob=False,
+                                      routed_scaling_factor=1.5),
+    "olmoe": RouterConfig.qwen3_moe(12, 3, norm_topk_prob=True),
+    "qwen3_next": RouterConfig.qwen3_moe(12, 3, norm_topk_prob=False),
 }
 
 
@@ -63,6 +79,13 @@ def test_router_and_sizes_round_trip(name):
     ("mixtral", ("block_sparse_moe", "w1", "w3", "w2"), None, None, None),
     ("deepseek_v3", ("mlp", "gate_proj", "up_proj", "down_proj"), "shared_experts", None,
      "model.layers.3.mlp.gate.e_score_correction_bias"),
+    ("glm4_moe", ("mlp", "gate_proj", "up_proj", "down_proj"), "shared_experts", None,
+     "model.layers.3.mlp.gate.e_score_correction_bias"),
+    ("dots1", ("mlp", "gate_proj", "up_proj", "down_proj"), "shared_experts", None,
+     "model.layers.3.mlp.gate.e_score_correction_bias"),
+    ("olmoe", ("mlp", "gate_proj", "up_proj", "down_proj"), None, None, None),
+    ("qwen3_next", ("mlp", "gate_proj", "up_proj", "down_proj"), "shared_expert",
+     "model.layers.3.mlp.shared_expert_gate.weight", None),
 ])
 def test_checkpoint_tensor_names(name, expert, shared, shared_gate, bias):
     """Per-expert families (the fused ones: their own test files)."""
