@@ -31,8 +31,9 @@ if [ -n "$PART" ]; then
 fi
 XARGS=()
 if [ -n "${XDIST:-}" ]; then
-  if python3 -m pip install -q --no-index --no-deps .whl/execnet-*.whl .whl/pytest_xdist-*.whl
-  then XARGS=(-n "$XDIST" --dist loadfile)
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/execnet-*.whl .whl/pytest_xdist-*.whl
+  then export PYTHONPATH=/tmp/site:$PYTHONPATH; XARGS=(-n "$XDIST" --dist loadfile)
   else echo "pytest-xdist did not install: running serially" | tee -a "$FILE"
   fi
 fi
