@@ -10,7 +10,7 @@
 # 600 s per call on 2026-12-06 (it was 515 s without the tests added that day), so run it as
 # "1/2" and "2/2" in two calls.
 # XDIST=N (environment): N pytest-xdist workers, files kept whole per worker (--dist loadfile),
-# from the wheels in .whl/ (pytest-xdist, execnet: the device has no network; carry .whl);
+# (the device image has pytest-xdist; else from the wheels in .whl/, carried: no network);
 # every test that fails there is then rerun alone, serially, and both results are written.
 set -uo pipefail
 OUT=${1:-${OUT:-bench/results}}
@@ -31,7 +31,8 @@ if [ -n "$PART" ]; then
 fi
 XARGS=()
 if [ -n "${XDIST:-}" ]; then
-  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  if python3 -c "import xdist" 2>/dev/null; then XARGS=(-n "$XDIST" --dist loadfile)
+  elif python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/execnet-*.whl .whl/pytest_xdist-*.whl
   then export PYTHONPATH=/tmp/site:$PYTHONPATH; XARGS=(-n "$XDIST" --dist loadfile)
   else echo "pytest-xdist did not install: running serially" | tee -a "$FILE"
