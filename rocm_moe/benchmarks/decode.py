@@ -17,7 +17,8 @@ tokens T (``--tokens``):
 Each graph holds ``--inner`` back-to-back calls; a replay is timed with CUDA events; the
 median over ``--iters`` replays (after ``--warmup``), in us per call. Columns ``layer /
 experts`` and ``experts / floor`` are the issue's ratios; ``cap / first`` is the layer's time
-over the same T at the first capacity of the run.
+over the same T at the first capacity of the run; ``kernels``: the GPU kernels one eager layer
+forward launches (torch.profiler; copies and memsets not counted).
 
 On a CPU it runs eagerly once per stage as a smoke test (times meaningless).
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import statistics
 import time
@@ -121,6 +123,21 @@ def _nbytes(w) -> int:
     return sum(_nbytes(t) for t in (w.weight, w.scale_inv))  # quant.BlockFP8Weight
 
 
+def kernel_launches(fn, device: torch.device) -> int | None:
+    """GPU kernels one call of fn launches (torch.profiler's device events; None on CPUs)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA"
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+
+
 def _time_case(layer, x: torch.Tensor, cfg: dict) -> tuple[dict, torch.Tensor]:
     """us per call of the graph-replayed layer, router and experts on tokens x; the ids."""
     from rocm_moe.graphs import GraphedEPMoE
@@ -149,8 +166,9 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
             x = syn.tokens(cfg["seed"], 0, T, s["hidden"]).to(dtype).to(dev)
             times, ids = _time_case(layer, x, cfg)
             floor = None if rate is None else _expert_bytes(layer, ids) / rate * 1e6
+            launches = kernel_launches(functools.partial(layer, x), dev)
             rows.append(dict(cap=cap, tokens=T, **{f"{k} us": v for k, v in times.items()},
-                             floor_us=floor))
+                             floor_us=floor, launches=launches))
             progress(f"cap={cap} T={T}: layer {times['layer']:.1f} us")
         if dev.type == "cuda":
             layer = None
@@ -169,7 +187,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "experts floor us": f,
                     "experts / floor": None if not f else r["experts us"] / f,
                     "cap / first": (r["layer us"] / first[r["tokens"]]
-                                    if r["tokens"] in first else None)})
+                                    if r["tokens"] in first else None),
+                    "kernels": r["launches"]})
     return out
 
 
