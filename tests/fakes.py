@@ -65,24 +65,49 @@ _ARCH_FP8 = {"gfx942": torch.float8_e4m3fnuz, "gfx950": torch.float8_e4m3fn}
 _V1 = ("InterNodeV1", "InterNodeV1LL")
 
 
+def _parse_size(text: str) -> int:
+    """MORI's ParseSizeString (src/shmem/init.cpp ~96): a three-letter suffix GiB/gib, MiB/mib,
+    KiB/kib; else two letters GB/gb/Gb, MB/mb/Mb, KB/kb/Kb; else one letter G/g, M/m, K/k; then
+    std::stoull, which reads the leading digits and ignores the rest ("6GIB" is 6 bytes)."""
+    units = [({"GiB", "gib"}, 30), ({"MiB", "mib"}, 20), ({"KiB", "kib"}, 10),
+             ({"GB", "gb", "Gb"}, 30), ({"MB", "mb", "Mb"}, 20), ({"KB", "kb", "Kb"}, 10),
+             ({"G", "g"}, 30), ({"M", "m"}, 20), ({"K", "k"}, 10)]
+    shift, num = 0, text
+    for names, bits in units:
+        n = len(next(iter(names)))
+        if len(text) >= n and text[-n:] in names:
+            shift, num = bits, text[:-n]
+            break
+    digits = ""
+    for ch in num.strip():
+        if not ch.isdigit():
+            break
+        digits += ch
+    if not digits:
+        raise ValueError(f"stoull: no conversion of {text!r}")  # std::invalid_argument
+    return int(digits) << shift
+
+
 def _heap_size() -> int | None:
-    """MORI's static heap (src/shmem/init.cpp): MORI_SHMEM_HEAP_SIZE ("6G", "512M", bytes) or
-    4 GiB; no fixed heap in isolation mode; 16 GiB default in VMM mode."""
-    mode = os.environ.get("MORI_SHMEM_MODE", "").lower()
-    if mode == "isolation":
+    """MORI's heap limit: MORI_SHMEM_MODE 'isolation'/'ISOLATION' has none; VMM mode on a
+    machine without VMM (what the fake models: no GPU to ask) falls back to the static heap;
+    anything else is the static heap of MORI_SHMEM_HEAP_SIZE or 4 GiB (init.cpp ~223, 282,
+    616)."""
+    if os.environ.get("MORI_SHMEM_MODE", "") in ("isolation", "ISOLATION"):
         return None
-    text = os.environ.get("MORI_SHMEM_HEAP_SIZE", "")
-    if not text:
-        return (16 if mode == "vmm_heap" else 4) << 30
-    num = text.rstrip("BbIiGgMmKk")
-    unit = text[len(num):].upper().rstrip("B").rstrip("I")
-    return int(num) << {"": 0, "K": 10, "M": 20, "G": 30}[unit]
+    text = os.environ.get("MORI_SHMEM_HEAP_SIZE")
+    return 4 << 30 if text is None else _parse_size(text)
+
+
+_SHMEM_OWN = 256 + 128 * 8  # the static heap's initial offset; shmem's internal sync buffer
 
 
 def _op_bytes(c: SimpleNamespace) -> int:
-    """Symmetric allocations of one op, buffer by buffer (dispatch_combine.cpp ~300-490)."""
+    """Symmetric allocations of one op, buffer by buffer (dispatch_combine.cpp ~300-560), each
+    aligned to 256 B by the static heap (shmem/memory.cpp ~37)."""
     W, T, H, K = c.world_size, c.max_num_inp_token_per_rank, c.hidden_dim, \
         c.num_experts_per_token
+    nodes = W // c.gpu_per_node
     tok_bytes = H * c.max_token_type_size
     xfer = tok_bytes + K * 4 + K * 4 + 4 + c.scale_dim * c.scale_type_size
     recv, kt = W * T, c.kernel_type.name
@@ -90,16 +115,17 @@ def _op_bytes(c: SimpleNamespace) -> int:
     if kt in ("IntraNode", "IntraNodeLL"):
         bufs += [recv * xfer]  # combineInp
     elif kt in _V1:
-        nodes = W // c.gpu_per_node
         bufs += [nodes * T * xfer, recv * xfer, 2 * nodes * T * xfer, T * xfer]
     else:
         bufs += [recv * xfer] * 3
     bufs += [recv * K * 4] * 3 + [recv * K * 4] * 2  # weights in/out/combine; indices in/out
-    bufs += [W * 4 * 2] * 2 + [W * 2 * 8 * 2, W // c.gpu_per_node * 8, 4]  # signals
+    qp = getattr(c, "num_qp_per_pe", 1)
+    bufs += [W * 4 * 2 * qp] * 2 + [W * 2 * 8 * 2, nodes * 8, 4]  # signals
     bufs += [recv * c.num_experts_per_rank * 4]  # dispTokIdToSrcTokId
+    bufs += [W * 4 * 2 * 8, nodes * T * 8]  # crossDeviceBarrier, interNodeChunkFlag (~540)
     if c.scale_dim > 0 and c.scale_type_size > 0:  # shmemInpScales, shmemOutScales (~362)
         bufs += [recv * c.scale_dim * c.scale_type_size] * 2
-    return sum(bufs)
+    return sum((b + 255) // 256 * 256 for b in bufs)
 
 
 def _check_row_major(name: str, t: torch.Tensor) -> None:
@@ -126,7 +152,7 @@ class FakeShmem:
         self.group = None  # the group the PEs were set up on
         self.inits = 0
         self.skipped = 0
-        self.heap_used = 0
+        self.heap_used = _SHMEM_OWN  # taken at init, before any op
 
     def free(self, nbytes: int) -> None:
         self.heap_used -= nbytes

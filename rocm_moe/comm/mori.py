@@ -37,7 +37,9 @@ Set-up rules of MORI that the adapter checks or follows before MORI runs:
   DP x EP model that builds the same layers everywhere does);
 - heap: every op takes its buffers from one symmetric heap per process (4 GiB static default,
   include/mori/shmem/internal.hpp ~61); the adapter sizes tokens by the dtype, adds up what the
-  process's ops need and refuses with the ``MORI_SHMEM_HEAP_SIZE`` to set when it is too small;
+  process's ops need (each allocation rounded to 256 B, the barrier and chunk flags, shmem's own
+  1.25 KiB) and refuses with the ``MORI_SHMEM_HEAP_SIZE`` to set when it is too small; the size
+  and mode variables are read as MORI reads them (case-sensitive: "6GIB" is 6 bytes);
 - gpu_per_node: derived from the group's hosts; MORI asserts (debug builds only) that it is a
   power of two dividing W (src/ops/dispatch_combine/dispatch_combine.cpp ~117), and at most
   MAX_GPUS_PER_NODE = 8 (the intra-node kernels' per-peer arrays, intranode.hpp ~40); the
@@ -56,6 +58,7 @@ count to AITER as ``num_local_tokens``, so AITER does not even sort the padding.
 from __future__ import annotations
 
 import os
+import re
 import weakref
 from dataclasses import dataclass
 
@@ -237,49 +240,85 @@ def launch_description(kernel_type: str, world_size: int, mode: str | None = Non
             f"{INTRANODE_CONFIG['block_num']} x {INTRANODE_CONFIG['warp_num_per_block']}")
 
 
+HEAP_ALIGN = 256  # the static heap's VA manager aligns every allocation (shmem/memory.cpp ~37)
+# Before any op: the static heap starts 256 B in, and shmem's internal sync buffer takes 128 x 8 B
+# (src/shmem/init.cpp ~262, ~505).
+SHMEM_RESERVED = 256 + 1024
+
+
+def _allocations(config: dict) -> list[int]:
+    """The symmetric allocations of one op, in bytes (EpDispatchCombineHandle::
+    InitializeShmemBuf, InitializeTokenNumSignalBuf, InitializeOrderMapBuf, InitializeBarrier in
+    src/ops/dispatch_combine/dispatch_combine.cpp)."""
+    W, T, H = config["world_size"], config["max_num_inp_token_per_rank"], config["hidden_dim"]
+    K, e, kt = config["num_experts_per_token"], config["num_experts_per_rank"], \
+        config["kernel_type"]
+    nodes = W // config["gpu_per_node"]
+    scale = config["scale_dim"] * config["scale_type_size"]
+    tok = H * config["max_token_type_size"]
+    xfer = tok + 4 * K + 4 * K + 4 + scale  # row, ids, weights, source token id, scales
+    recv = W * T
+    out = [recv * tok, T * tok]  # dispatch output, combine output
+    if kt in INTRA_NODE:
+        out += [recv * xfer]  # combine staging
+    elif kt in LAUNCH:  # InterNodeV1(LL): per-node input and staging, receive staging
+        out += [nodes * T * xfer, recv * xfer, 2 * nodes * T * xfer, T * xfer]
+    else:  # InterNode, AsyncLL: three buffers of W * T transfers
+        out += [recv * xfer] * 3
+    out += [recv * K * 4] * 5  # weights in / dispatch out / combine out; ids in / out
+    if scale:
+        out += [recv * scale] * 2  # scales in, out
+    qp = config.get("num_qp_per_pe", 1)
+    out += [W * 4 * 2 * qp] * 2 + [W * 2 * 8 * 2, nodes * 8]  # token-count signals
+    out += [4, recv * e * 4]  # dispatch offset, dispatched-token -> source-token map
+    out += [W * 4 * 2 * 8, nodes * T * 8]  # cross-device barrier, inter-node chunk flags
+    return out
+
+
 def heap_bytes(config: dict) -> int:
-    """Symmetric-heap bytes one op of ``config`` allocates (EpDispatchCombineHandle::
-    InitializeShmemBuf, InitializeTokenNumSignalBuf, InitializeOrderMapBuf; with scales, an
-    input and an output scale buffer of W * T * scale_dim * scale_type_size bytes each).
+    """Symmetric-heap bytes one op of ``config`` takes: its allocations (``_allocations``),
+    each rounded up to 256 B.
 
     DeepSeek-V3 on EP8 (H=7168, K=8, 4096 tokens per rank) in bf16: about 1.0 GB; with 4-byte
     tokens (MORI's examples) about 2.0 GB, half the default 4 GiB heap for one layer.
     """
-    W, T, H = config["world_size"], config["max_num_inp_token_per_rank"], config["hidden_dim"]
-    K, e, kt = config["num_experts_per_token"], config["num_experts_per_rank"], \
-        config["kernel_type"]
-    tok = H * config["max_token_type_size"]
-    xfer = tok + 8 * K + 4 + config["scale_dim"] * config["scale_type_size"]
-    recv = W * T
-    tokens = recv * tok + T * tok  # dispatch output, combine output
-    if kt in INTRA_NODE:
-        tokens += recv * xfer  # combine staging
-    elif kt in LAUNCH:
-        nodes = W // config["gpu_per_node"]
-        tokens += (nodes + 2 * nodes + 1) * T * xfer + recv * xfer
-    else:  # InterNode, AsyncLL: three buffers of W * T transfers
-        tokens += 3 * recv * xfer
-    meta = 5 * recv * K * 4 + recv * e * 4  # weights x3, indices x2; token id map
-    meta += 2 * recv * config["scale_dim"] * config["scale_type_size"]  # scales in, out
-    signals = 16 * W + 32 * W + W // config["gpu_per_node"] * 8 + 4
-    return tokens + meta + signals
+    return sum(-(-n // HEAP_ALIGN) * HEAP_ALIGN for n in _allocations(config))
+
+
+def parse_size(text: str) -> int:
+    """``MORI_SHMEM_HEAP_SIZE`` as MORI's ParseSizeString reads it (src/shmem/init.cpp ~96):
+    the suffixes GiB/gib, MiB/mib, KiB/kib, GB/gb/Gb (and M, K alike), G/g, M/m, K/k, and
+    otherwise the leading digits only, so "6GIB" is 6 bytes."""
+    three = {"GiB": 30, "gib": 30, "MiB": 20, "mib": 20, "KiB": 10, "kib": 10}
+    two = {f"{u}{b}": shift for u, shift in (("G", 30), ("M", 20), ("K", 10))
+           for b in ("B", "b")} | {"gb": 30, "mb": 20, "kb": 10}
+    shift = three.get(text[-3:]) if len(text) >= 3 else None
+    num = text[:-3] if shift is not None else text
+    if shift is None and len(text) >= 2 and text[-2:] in two:
+        shift, num = two[text[-2:]], text[:-2]
+    if shift is None and text and text[-1] in "GgMmKk":
+        shift, num = {"g": 30, "m": 20, "k": 10}[text[-1].lower()], text[:-1]
+    match = re.match(r"\s*\+?(\d+)", num)
+    if match is None:
+        raise _bad("MORI_SHMEM_HEAP_SIZE", repr(text), "MORI reads a number with an optional "
+                   "G/GB/GiB, M/MB/MiB or K/KB/KiB suffix (std::stoull throws otherwise)",
+                   "export e.g. MORI_SHMEM_HEAP_SIZE=8G")
+    return int(match.group(1)) << (shift or 0)
 
 
 def heap_limit() -> int | None:
-    """The symmetric heap of this process as MORI will size it (None: no fixed heap)."""
-    mode = os.environ.get("MORI_SHMEM_MODE", "static_heap").lower()
-    if mode == "isolation":
+    """The symmetric heap of this process as MORI will size it (None: no fixed heap).
+
+    MORI_SHMEM_MODE as MORI reads it (src/shmem/init.cpp ~616): 'isolation' / 'ISOLATION'
+    has no heap; 'vmm_heap' / 'VMM_HEAP' takes 16 GiB of virtual heap where ROCm >= 7 and the
+    GPU support VMM and otherwise falls back to the static heap, which no CPU can tell, so its
+    limit here is the fallback's (4 GiB, or MORI_SHMEM_HEAP_SIZE, which sizes both); anything
+    else is the static heap."""
+    mode = os.environ.get("MORI_SHMEM_MODE", "static_heap")
+    if mode in ("isolation", "ISOLATION"):
         return None
     text = os.environ.get("MORI_SHMEM_HEAP_SIZE")
-    if not text:
-        return 16 * GiB if mode == "vmm_heap" else 4 * GiB
-    units = {"gib": GiB, "gb": GiB, "g": GiB, "mib": 1 << 20, "mb": 1 << 20, "m": 1 << 20,
-             "kib": 1 << 10, "kb": 1 << 10, "k": 1 << 10}
-    low = text.strip().lower()
-    for suffix, scale in units.items():  # longest suffixes first
-        if low.endswith(suffix):
-            return int(low[:-len(suffix)]) * scale
-    return int(low)
+    return 4 * GiB if text is None else parse_size(text)
 
 
 @dataclass(eq=False)
@@ -335,7 +374,7 @@ def check_heap(mori, config: dict) -> int:
     heap; returns this op's bytes."""
     state = _PROCESS.setdefault(mori, _Process())
     need, limit = heap_bytes(config), heap_limit()
-    total = state.heap_used + need
+    total = SHMEM_RESERVED + state.heap_used + need
     if limit is not None and total > limit:
         want = -(-(total + GiB // 2) // GiB)  # with half a GiB of headroom
         raise _bad("MORI_SHMEM_HEAP_SIZE", os.environ.get("MORI_SHMEM_HEAP_SIZE", "unset"),

@@ -167,15 +167,69 @@ def test_heap_sized_by_dtype_and_refused_with_the_size_to_set(monkeypatch):
     assert check_heap(process, _cfg()) == bf16
 
 
+def test_heap_bytes_by_hand():
+    """Issue 32 item 6: every symmetric allocation of an op, each rounded up to 256 B (the
+    static heap's VA manager, src/shmem/memory.cpp ~37 at 624002c8), including the cross-device
+    barrier (64 B x W) and the inter-node chunk flags (nodes x T x 8 B), dispatch_combine.cpp
+    InitializeBarrier. W = 2, T = 3, H = 8 bf16, K = 2, IntraNode: 16 allocations, each under
+    256 B."""
+    from types import SimpleNamespace
+
+    cfg = mori_config(Placement.contiguous(4, 2), 0, hidden_size=8, top_k=2,
+                      dtype=torch.bfloat16, max_tokens_per_rank=3)
+    fake_cfg = SimpleNamespace(**{**cfg, "kernel_type": KernelType.IntraNode})
+    assert heap_bytes(cfg) == _op_bytes(fake_cfg) == 16 * 256
+    big = _cfg()  # DeepSeek-V3 EP8: the barrier and chunk flags are there too
+    assert heap_bytes(big) - heap_bytes({**big, "max_num_inp_token_per_rank": 4095}) > \
+        (8 * 7168 + 7168) * 2  # the token rows, and more: flags, maps, staging
+
+
 @pytest.mark.parametrize(("text", "size"), [("6G", 6 << 30), ("512MiB", 512 << 20),
-                                             ("1gb", 1 << 30), ("1048576", 1 << 20)])
+                                             ("1gb", 1 << 30), ("1048576", 1 << 20),
+                                             ("6GIB", 6), ("6gB", 6), ("6Gb", 6 << 30),
+                                             ("6gib", 6 << 30), ("2KiB", 2048), ("3k", 3072)])
 def test_heap_size_read_as_mori_reads_it(text, size, monkeypatch):
+    """Issue 32 item 6: MORI's ParseSizeString (src/shmem/init.cpp ~96) is case-sensitive past
+    the forms it lists: "6GIB" is 6 bytes (stoull stops at the letters)."""
     from rocm_moe.comm.mori import heap_limit
     from tests.fakes import _heap_size
 
     monkeypatch.delenv("MORI_SHMEM_MODE", raising=False)
     monkeypatch.setenv("MORI_SHMEM_HEAP_SIZE", text)
     assert heap_limit() == _heap_size() == size
+
+
+@pytest.mark.parametrize(("mode", "size", "limit"),
+                         [("ISOLATION", None, None), ("isolation", "1G", None),
+                          ("Isolation", None, 4 << 30), ("vmm_heap", None, 4 << 30),
+                          ("VMM_HEAP", "8G", 8 << 30), ("bogus", None, 4 << 30)])
+def test_heap_mode_read_as_mori_reads_it(mode, size, limit, monkeypatch):
+    """Issue 32 item 6: MORI_SHMEM_MODE matches only its lower- or upper-case names, anything
+    else is the static heap (init.cpp ~616); VMM mode falls back to the static heap (4 GiB by
+    default) where VMM is unsupported (init.cpp ~282, 365), which no CPU can tell: the limit is
+    the fallback's unless MORI_SHMEM_HEAP_SIZE sizes both."""
+    from rocm_moe.comm.mori import heap_limit
+    from tests.fakes import _heap_size
+
+    monkeypatch.setenv("MORI_SHMEM_MODE", mode)
+    if size is None:
+        monkeypatch.delenv("MORI_SHMEM_HEAP_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("MORI_SHMEM_HEAP_SIZE", size)
+    assert heap_limit() == _heap_size() == limit
+
+
+def test_heap_check_counts_shmem_own_bytes(monkeypatch):
+    """Issue 32 item 6: the static heap starts 256 B in and shmem takes a 1 KiB sync buffer
+    (init.cpp ~262, 505) before any op: an op of exactly the heap's size does not fit."""
+    monkeypatch.delenv("MORI_SHMEM_MODE", raising=False)
+    cfg = mori_config(Placement.contiguous(4, 2), 0, hidden_size=8, top_k=2,
+                      dtype=torch.bfloat16, max_tokens_per_rank=3)
+    monkeypatch.setenv("MORI_SHMEM_HEAP_SIZE", str(heap_bytes(cfg)))
+    with pytest.raises(ValueError, match="MORI_SHMEM_HEAP_SIZE"):
+        check_heap(FakeMori(), cfg)
+    monkeypatch.setenv("MORI_SHMEM_HEAP_SIZE", str(heap_bytes(cfg) + 256 + 1024))
+    assert check_heap(FakeMori(), cfg) == heap_bytes(cfg)
 
 
 # ---- multi-rank, through the fakes --------------------------------------------------------------
