@@ -771,7 +771,8 @@ class EPMoE(nn.Module):
             with _stage(trace, "combine", dev):
                 if raw_path:  # raw [T, K, H] back on the owner, which weights its slots once
                     raw_TKH = disp.combine_raw(eo, d.handle)
-                    y_TH = weight_once(ExpertsOutput(out=raw_TKH, weights_applied=False),
+                    y_TH = weight_once(ExpertsOutput(out=raw_TKH, weights_applied=False,
+                                                     weighted_inputs=eo.weighted_inputs),
                                        topk_weights_TK, topk_ids_TK, None)
                 else:
                     y_TH = disp.combine(eo, d.handle)

@@ -14,9 +14,10 @@ A backend may fuse the multiplication into its kernels (AITER's fused_moe, the T
 experts' epilogue) only in weight_mode="experts", where its output says so.
 
 Weights on the input (Llama 4, ``ExpertVariant.weights_on_input``): slot k of row r computes
-expert(w[r, k] * x[r]) (``weight_inputs``) and the slots are only summed
-(``sum_input_weighted``); the experts return weighted [R, H] (``weights_applied=True``), so no
-later stage weights them again. Their raw [R, K, H] form is refused (``experts.base``).
+expert(w[r, k] * x[r]) (``weight_inputs``, the one multiplication) and the slots are only
+summed. Weighted [R, H] outputs say so as above; raw [R, K, H] ones carry
+``weighted_inputs=True``, and ``weight_once`` then sums them with weight 1 (every combine path,
+the owner's sum after ``combine_raw`` too), so no stage weights them a second time.
 
 Worked example (a test asserts it): raw [1, 2, 1] = [[[2.], [3.]]], weights [[0.5, 0.25]],
 ids [[0, 1]] on a rank owning expert 0 only -> [[1.]] (slot 1 belongs to another rank).
@@ -46,12 +47,22 @@ class ExpertsOutput:
 
     out: torch.Tensor  # [R, H] when weights_applied, else [R, K, H]
     weights_applied: bool
+    weighted_inputs: bool = False  # raw slots of routing-weighted inputs: summed, not weighted
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights_applied, bool):  # "no" or 0 would be truthy / ambiguous
             raise TypeError(error_message(
                 "ExpertsOutput.weights_applied", repr(self.weights_applied), "must be a bool",
                 "pass True (the experts applied the routing weights) or False"))
+        if not isinstance(self.weighted_inputs, bool):
+            raise TypeError(error_message(
+                "ExpertsOutput.weighted_inputs", repr(self.weighted_inputs), "must be a bool",
+                "pass True (raw slots of routing-weighted inputs) or False"))
+        if self.weighted_inputs and self.weights_applied:
+            raise ValueError(error_message(
+                "ExpertsOutput.weighted_inputs", True, "describes raw [R, K, H] slots "
+                "(weights_applied=False); weighted [R, H] sums need no flag",
+                "pass weights_applied=False with the raw slots, or weighted_inputs=False"))
         if not isinstance(self.out, torch.Tensor):
             raise TypeError(error_message("ExpertsOutput.out", type(self.out).__name__,
                                           "must be a torch.Tensor", "pass the experts' output"))
@@ -88,7 +99,8 @@ def weight_once(
     Weighted outputs are returned as they are. Raw [R, K, H] outputs become
     sum_k w[r, k] * out[r, k] over the slots ``local_slots(topk_ids_RK, expert_map)`` selects,
     accumulated in ``accumulation_dtype`` in a fixed slot order and cast back to the output's
-    dtype. Whatever a backend left in an unselected slot is never read.
+    dtype (``weighted_inputs``: with w = 1, the weights being in the slots' inputs already).
+    Whatever a backend left in an unselected slot is never read.
     """
     if not isinstance(expert_output, ExpertsOutput):
         raise TypeError(error_message(
@@ -98,6 +110,8 @@ def weight_once(
     _check_slots(expert_output, topk_weights_RK, topk_ids_RK)
     if expert_output.weights_applied:
         return expert_output.out
+    if expert_output.weighted_inputs:  # the weights multiplied the inputs: sum only
+        topk_weights_RK = torch.ones_like(topk_weights_RK)
     return _weighted_sum(expert_output.out, topk_weights_RK,
                          local_slots(topk_ids_RK, expert_map))
 
@@ -152,21 +166,6 @@ def weight_inputs(x_NH: torch.Tensor, topk_weights_N: torch.Tensor) -> torch.Ten
     """[N, H] inputs of N (row, slot) pairs scaled by their routing weights (weights on the
     input), in x's dtype: the only multiplication of those weights for such experts."""
     return (x_NH * topk_weights_N.to(x_NH.dtype)[:, None])
-
-
-def sum_input_weighted(raw_RKH: torch.Tensor, topk_ids_RK: torch.Tensor,
-                       expert_map: ExpertMap | None) -> ExpertsOutput:
-    """Weighted [R, H] partials of slots whose inputs carried the routing weights
-    (``weight_inputs``): the local slots summed in slot order without a second weighting,
-    returned with ``weights_applied=True``."""
-    local_RK = local_slots(topk_ids_RK, expert_map)
-    R, K, H = raw_RKH.shape
-    acc = accumulation_dtype(raw_RKH.dtype)
-    out = raw_RKH.new_zeros(R, H, dtype=acc)
-    zero = out.new_zeros(())
-    for k in range(K):
-        out += torch.where(local_RK[:, k, None], raw_RKH[:, k].to(acc), zero)
-    return ExpertsOutput(out=out.to(raw_RKH.dtype), weights_applied=True)
 
 
 def weight_and_reduce(

@@ -84,9 +84,12 @@ def test_weights_on_input_are_applied_exactly_once(R, K, W):
         assert out.weights_applied  # so weight_once / combine only sum it
         assert weight_once(out, w, ids, p.expert_map(rank)) is out.out
         total += out.out.double()
-        with pytest.raises(ValueError, match=r"weight_mode='combine'.*weight them again"):
-            ReferenceExperts()(x, ids, w, w13[local], w2[local], p.expert_map(rank),
-                               weight_mode="combine", variant=v)
+        raw = ReferenceExperts()(x, ids, w, w13[local], w2[local], p.expert_map(rank),
+                                 weight_mode="combine", variant=v)
+        assert raw.weighted_inputs
+        assert not raw.weights_applied
+        # weight_once sums the raw slots without weighting them again
+        assert oracle.rel_err(weight_once(raw, w, ids, p.expert_map(rank)), out.out) < 1e-6
     raw = oracle.dense_experts(x, ids, range(E), lambda g: (w13[g], w2[g]), variant=v,
                                weights_RK=w)
     assert oracle.rel_err(total, oracle.summed(raw)) < 1e-6
@@ -170,27 +173,44 @@ def test_gpt_oss_layer_matches_the_oracle(dtype):
     assert not torch.equal(plain.topk_ids, ref.topk_ids)
 
 
-def test_llama4_layer_weights_the_input_once_and_refuses_raw_outputs():
+def test_weighted_inputs_flag_is_checked():
+    with pytest.raises(ValueError, match=r"weighted_inputs=True: describes raw"):
+        ExpertsOutput(out=torch.ones(2, 3), weights_applied=True, weighted_inputs=True)
+    with pytest.raises(TypeError, match=r"weighted_inputs=1: must be a bool"):
+        ExpertsOutput(out=torch.ones(2, 1, 3), weights_applied=False, weighted_inputs=1)
+    raw = torch.tensor([[[2.0], [3.0]]])
+    w, ids = torch.tensor([[0.5, 0.25]]), torch.tensor([[0, 1]], dtype=torch.int32)
+    plain = ExpertsOutput(out=raw, weights_applied=False)
+    assert weight_once(plain, w, ids, None).item() == 1.75
+    assert weight_once(ExpertsOutput(out=raw, weights_applied=False, weighted_inputs=True), w,
+                       ids, None).item() == 5.0
+
+
+def test_llama4_layer_weights_the_input_once_in_every_mode():
+    """weight_mode experts and combine, and return_raw (the owner's sum): the same, once
+    weighted (W=2 in tests/test_families_llama4.py's run)."""
     torch.manual_seed(12)
-    layer = EPMoE(hidden_size=H, intermediate_size=I, router=RouterConfig.llama4(E, 1),
+    layer = EPMoE(hidden_size=H, intermediate_size=I, router=RouterConfig.llama4(E, 2),
                   expert_variant=ExpertVariant.llama4())
     x = torch.randn(17, H)
-    y = layer(x)
     r = layer.route_tokens(x)
     ref = oracle.reference_route(x, layer.gate.weight, layer.router)
     assert torch.equal(ref.topk_ids.int(), r.topk_ids)
     assert oracle.rel_err(r.topk_weights, ref.topk_weights) < 1e-6
     raw = oracle.dense_experts(x, r.topk_ids, range(E), lambda g: (layer.w13[g], layer.w2[g]),
                                variant=layer.expert_variant, weights_RK=r.topk_weights)
-    assert oracle.rel_err(y, oracle.summed(raw)) < 1e-6
-    with pytest.raises(ValueError, match=r"weights_on_input experts .* no raw per-slot"):
-        layer(x, return_raw=True)
-    layer.weight_mode = "combine"
-    with pytest.raises(ValueError, match=r"weights_on_input"):
-        layer(x)
-    layer.weight_mode = "experts"
-    layer.invariant = True
-    with pytest.raises(ValueError, match=r"weights_on_input experts"):
+    for weight_mode in ("experts", "combine"):
+        layer.weight_mode = weight_mode
+        assert oracle.rel_err(layer(x), oracle.summed(raw)) < 1e-6, weight_mode
+    out = layer(x, return_raw=True)  # raw slots: expert(w x), summed once on the owner
+    assert oracle.rel_err(out.raw, raw) < 1e-6
+    assert oracle.rel_err(out.out, oracle.summed(raw)) < 1e-6
+    y, raw_ref = dense_moe_reference(x, out.topk_weights, out.topk_ids, layer.w13, layer.w2,
+                                     variant=layer.expert_variant)
+    assert oracle.rel_err(out.raw, raw_ref) < 1e-6
+    assert oracle.rel_err(out.out, y) < 1e-6
+    layer.invariant = True  # the invariant reference experts run plain SwiGLU only
+    with pytest.raises(ValueError, match=r"plain SwiGLU"):
         layer(x)
 
 

@@ -35,8 +35,10 @@ with the call), the activation (``"silu"``, or gpt-oss's ``"swiglu_oai"``: gate 
 <= limit, up to [-limit, limit], (up + 1) * gate * sigmoid(alpha * gate); its checkpoints'
 interleaved gate/up columns are de-interleaved by the loader, so w13 stays gate rows then up
 rows), and ``weights_on_input`` (Llama 4: slot k computes expert(w[r, k] * x[r]) and is not
-weighted again, so only weight_mode "experts" runs it). A backend states what it runs with
-``variant_unsupported_reason``; the base class runs only ``PLAIN``.
+weighted again: the weighted form sums the slots, the raw form says
+``ExpertsOutput.weighted_inputs=True`` so that ``weighting.weight_once`` only sums it). A
+backend states what it runs with ``variant_unsupported_reason``; the base class runs only
+``PLAIN``.
 
     expert(x) = act(x @ w13.T + w13_bias) @ w2.T + w2_bias,  act(h) = act(gate, up)
 """
@@ -157,8 +159,7 @@ def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 def check_variant(variant: object, w13_bias: object, w2_bias: object, x_RH: torch.Tensor,
                   w13: torch.Tensor, *, mode: str) -> ExpertVariant:
     """The call's variant and biases: an ExpertVariant (None: PLAIN), biases given exactly when
-    ``variant.bias`` ([e, 2I] and [e, H] in x's dtype), and weights on the input only in the
-    weighted form (a raw slot of a weighted input would be weighted again by combine)."""
+    ``variant.bias`` ([e, 2I] and [e, H] in x's dtype)."""
     variant = PLAIN if variant is None else variant
     if not isinstance(variant, ExpertVariant):
         raise TypeError(error_message("variant", type(variant).__name__,
@@ -173,11 +174,7 @@ def check_variant(variant: object, w13_bias: object, w2_bias: object, x_RH: torc
         elif b is not None:
             raise ValueError(error_message(name, "a tensor", "variant.bias is False",
                                            "drop the biases or pass a variant with bias=True"))
-    if variant.weights_on_input and mode != "weighted":
-        raise ValueError(error_message(
-            "weight_mode", "'combine'", "weights_on_input experts scale each slot's input by "
-            "its routing weight, so their raw per-slot outputs are already weighted and combine "
-            "would weight them again", "use weight_mode='experts' (no return_raw, no invariant)"))
+    del mode  # (every form runs every variant: raw slots of weighted inputs say so)
     return variant
 
 
@@ -202,9 +199,7 @@ def variant_kwargs(variant: ExpertVariant, w13_bias, w2_bias) -> dict:
 def variant_refusal(experts: Experts, variant: ExpertVariant, weight_mode: str) -> str | None:
     """Why ``experts`` cannot run ``variant`` in ``weight_mode`` ("experts" or "combine"),
     or None: checked by the layer before any collective."""
-    if variant.weights_on_input and weight_mode != "experts":
-        return ("weights_on_input experts (Llama 4) return weighted sums only: no raw per-slot "
-                "output (return_raw, invariant, weight_mode='combine') exists for them")
+    del weight_mode  # (both weight modes run every variant the backend runs)
     return experts.variant_unsupported_reason(variant)
 
 
@@ -362,6 +357,7 @@ class Experts(ABC):
         want = (R, x_RH.shape[1]) if out.weights_applied else (R, K, x_RH.shape[1])
         assert tuple(out.out.shape) == want, (self.name, tuple(out.out.shape), want)
         assert out.weights_applied == (mode == "weighted"), (self.name, mode)
+        assert out.weights_applied or out.weighted_inputs == variant.weights_on_input, self.name
         return out
 
     @abstractmethod

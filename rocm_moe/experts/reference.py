@@ -19,7 +19,6 @@ from rocm_moe.experts.layout import build_layout
 from rocm_moe.weighting import (
     ExpertsOutput,
     accumulation_dtype,
-    sum_input_weighted,
     weight_inputs,
     weight_once,
 )
@@ -72,14 +71,13 @@ class ReferenceExperts(Experts):
                                None if w13_bias is None else w13_bias[j].to(acc),
                                None if w2_bias is None else w2_bias[j].to(acc))
             raw_RKH[rows, slots] = y
-        if variant.weights_on_input:  # (only the weighted form: experts.base refuses raw)
-            eo = sum_input_weighted(raw_RKH, topk_ids_RK, expert_map)
-            return ExpertsOutput(out=eo.out.to(x_RH.dtype), weights_applied=True)
-        raw = ExpertsOutput(out=raw_RKH, weights_applied=False)
+        raw = ExpertsOutput(out=raw_RKH, weights_applied=False,
+                            weighted_inputs=variant.weights_on_input)
         if mode == "weighted":  # weighted once by the weighting module, still in acc's dtype
             y_RH = weight_once(raw, topk_weights_RK, topk_ids_RK, expert_map)
             return ExpertsOutput(out=y_RH.to(x_RH.dtype), weights_applied=True)
-        return ExpertsOutput(out=raw_RKH.to(x_RH.dtype), weights_applied=False)
+        return ExpertsOutput(out=raw_RKH.to(x_RH.dtype), weights_applied=False,
+                             weighted_inputs=variant.weights_on_input)
 
 
 def dense_moe_reference(
