@@ -70,7 +70,8 @@ class ModelFamily:
     intermediate_size_key: str  # config key of the routed experts' intermediate size I
     num_experts_key: str  # config key of the routed expert count E
     scoring: str = "softmax"  # the router's scoring, RouterConfig.scoring
-    norm_topk_prob_key: str | None = "norm_topk_prob"  # None: always normalise
+    norm_topk_prob_key: str | None = "norm_topk_prob"  # None: ``norm_topk_prob`` below
+    norm_topk_prob: bool = True  # the family's fixed choice where its config has no key
     grouped_router: bool = False  # n_group, topk_group, routed_scaling_factor from the config
     router: str = "gate"  # the router's name in the block (gpt-oss, Llama 4: "router")
     gate_bias: bool = False  # the router linear has a bias, part of the logits (gpt-oss)
@@ -143,7 +144,7 @@ class ModelFamily:
         """``RouterConfig`` fields read from a transformers config of this family."""
         kw = dict(num_experts=getattr(config, self.num_experts_key),
                   top_k=config.num_experts_per_tok, scoring=self.scoring,
-                  norm_topk_prob=True if self.norm_topk_prob_key is None
+                  norm_topk_prob=self.norm_topk_prob if self.norm_topk_prob_key is None
                   else bool(getattr(config, self.norm_topk_prob_key)),
                   score_after_topk=self.score_after_topk, gate_bias=self.gate_bias)
         if self.grouped_router:
@@ -185,6 +186,12 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in [
     ModelFamily(name="qwen3_next", model_types=("qwen3_next",), block="mlp",
                 shared_experts="shared_expert", shared_expert_gate="shared_expert_gate",
                 intermediate_size_key="moe_intermediate_size", num_experts_key="num_experts"),
+    # Llama 4's text MoE: sigmoid of the top-k logit, weight on the input, a shared expert
+    ModelFamily(name="llama4", model_types=("llama4_text",), block="feed_forward",
+                router="router", scoring="sigmoid", score_after_topk=True, fused_experts=True,
+                weights_on_input=True, shared_experts="shared_expert",
+                intermediate_size_key="intermediate_size", num_experts_key="num_local_experts",
+                norm_topk_prob_key=None, norm_topk_prob=False),
     ModelFamily(name="gpt_oss", model_types=("gpt_oss",), block="mlp", router="router",
                 gate_bias=True, score_after_topk=True, fused_experts=True,
                 interleaved_gate_up=True, activation="swiglu_oai", expert_bias=True,

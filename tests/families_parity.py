@@ -46,8 +46,9 @@ def block_of(model, layer: int):
 
 
 def block_out(block, x):
+    """The block's output for x [1, T, H] as [1, T, H] (Llama 4's block returns [T, H])."""
     y = block(x)
-    return y[0] if isinstance(y, tuple) else y
+    return (y[0] if isinstance(y, tuple) else y).reshape(x.shape)
 
 
 def num_experts(cfg) -> int:

@@ -32,6 +32,8 @@ def _config(name: str):
     if name == "qwen3_next":
         return transformers.Qwen3NextConfig(**common, num_experts=12, moe_intermediate_size=16,
                                             intermediate_size=48, norm_topk_prob=False)
+    if name == "llama4":
+        return transformers.Llama4TextConfig(**common, num_local_experts=12, intermediate_size=16)
     if name == "gpt_oss":
         return transformers.GptOssConfig(**common, num_local_experts=12, intermediate_size=16)
     assert name == "deepseek_v3"
@@ -48,6 +50,7 @@ EXPECTED_ROUTER = {
     "deepseek_v3": RouterConfig.deepseek_v3(12, 3, n_group=4, topk_group=2,
                                             norm_topk_prob=False, routed_scaling_factor=1.5),
     "gpt_oss": RouterConfig.gpt_oss(12, 3),
+    "llama4": RouterConfig.llama4(12, 3),
     "glm4_moe": RouterConfig.deepseek_v3(12, 3, n_group=4, topk_group=2, norm_topk_prob=False,
                                          routed_scaling_factor=1.5),
     "dots1": RouterConfig.deepseek_v3(12, 3, n_group=4, topk_group=2, norm_topk_prob=False,
