@@ -6,7 +6,9 @@ weights, refusals of a bad or differing table on every rank, and a rank that fai
 weight move: named by its peers, and no rank keeps half a placement.
 
 One launch per W runs every check (spawning ranks takes seconds); each check is its own test
-through the results. The failing-rank launches use a 3 s collective timeout."""
+through the results. The failing-rank launches use an 8 s collective timeout: a survivor waits
+that long at most for its peers' failure records, and on a loaded machine a healthy peer may
+post its own late (3 s named a slow healthy rank as silent once, on 2 cores at load 15)."""
 
 from __future__ import annotations
 
@@ -300,7 +302,7 @@ def _fail_worker(info, how: str, out: str) -> int:
     W, rank = info.world_size, info.rank
     failing = W - 1
     E, R = 8, 4
-    layer = _layer(E, R, W, timeout=datetime.timedelta(seconds=3))
+    layer = _layer(E, R, W, timeout=datetime.timedelta(seconds=8))
     x = _x(rank)
     layer(x)
     w13 = layer.w13.detach().clone()
@@ -347,11 +349,15 @@ def _write(out: str, rank: int, seen: dict) -> None:
     Path(out, f"{rank}.json").write_text(json.dumps(seen))
 
 
-@pytest.mark.parametrize(("W", "how"), [(2, "raise"), (3, "exit")])
+@pytest.mark.parametrize(("W", "how"), [
+    (2, "raise"), (2, "exit"),
+    # a second survivor, which must name the same rank (35 s on 2 loaded cores: chains of
+    # ranks waiting on live peers reach the timeout)
+    pytest.param(3, "exit", marks=pytest.mark.slow)])
 def test_rank_failing_in_the_move_is_named_and_no_rank_swaps(W, how, tmp_path):
     err = None
     try:
-        launch(W, _fail_worker, how, str(tmp_path), backend="gloo", timeout_s=30, grace_s=8)
+        launch(W, _fail_worker, how, str(tmp_path), backend="gloo", timeout_s=30, grace_s=25)
     except (RankFailed, ValueError) as exc:
         err = exc
     seen = {int(p.stem): json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
