@@ -568,9 +568,15 @@ class FakeFusedMoe:
     """
 
     def __init__(self, *, allow_float32: bool = True,
-                 fp8_dtype: torch.dtype = torch.float8_e4m3fnuz):
+                 fp8_dtype: torch.dtype = torch.float8_e4m3fnuz, asm_stage1=False):
         self.allow_float32 = allow_float32
         self.fp8_dtype = fp8_dtype  # AITER's dtypes.fp8 on the target (gfx942: e4m3fnuz)
+        # Whether the tuned table picks AITER's asm stage-1 kernel for a per_1x128 call of M
+        # rows (a bool, or a function of M): that kernel reads a1_scale by its pointer as
+        # [H/128, M] (csrc/py_itfs_cu/asm_moe_2stage.cu ~245, no strides); AITER transposes
+        # the scales it makes from float rows (FM fused_moe_2stages, transpose_scale=True) and
+        # passes an FP8 input's a1_scale as it is.
+        self.asm_stage1 = asm_stage1
         self.calls = 0
 
     def __call__(self, hidden_states, w1, w2, topk_weight, topk_ids, expert_mask=None,
@@ -588,6 +594,8 @@ class FakeFusedMoe:
             out_dtype = x.dtype if dtype is None else dtype
             if out_dtype not in dtypes:  # FM: assert dtype in [fp16, bf16]
                 raise ContractError(f"Fused_moe unsupported out dtype: {out_dtype}")
+            if self.stage1_is_asm(M=M) and x.dtype == self.fp8_dtype:
+                a1_scale = _asm_scale(a1_scale, M, H)
             scales = _check_fp8_block(self.fp8_dtype, x, w1, w2, w1_scale, w2_scale, a1_scale,
                                       a2_scale)
         else:
@@ -649,6 +657,24 @@ class FakeFusedMoe:
                     y = swiglu_expert(x[rows].float(), w1[j].float(), w2[j].float())
                 out[rows] += topk_weight[rows, k, None] * y
         return out.to(out_dtype)
+
+
+    def stage1_is_asm(self, *, M: int, **_) -> bool:
+        """The fake's choice of stage-1 kernel for M rows (what the adapter's probe asks)."""
+        return bool(self.asm_stage1(M) if callable(self.asm_stage1) else self.asm_stage1)
+
+
+def _asm_scale(a1_scale, M: int, H: int) -> torch.Tensor:
+    """a1_scale as the asm stage-1 kernel reads it: contiguous float32 [H/128, M], returned as
+    the [M, H/128] it means. A row-major [M, H/128] is misread (refused here)."""
+    want = (H // 128, M)
+    if not isinstance(a1_scale, torch.Tensor) or a1_scale.dtype != torch.float32 \
+            or tuple(a1_scale.shape) != want or not a1_scale.is_contiguous():
+        got = None if a1_scale is None else (tuple(a1_scale.shape), a1_scale.is_contiguous())
+        raise ContractError(f"asm stage 1 reads a1_scale as a contiguous float32 {list(want)} "
+                            f"(transposed; asm_moe_2stage.cu takes its pointer, no strides), got "
+                            f"{got}: a row-major [M, H/128] is read as other tokens' scales")
+    return a1_scale.t().contiguous()
 
 
 def _check_fp8_block(fp8, x, w1, w2, w1_scale, w2_scale, a1_scale, a2_scale):

@@ -19,7 +19,12 @@ the appended always-masked slot, shuffled weights, no call for R = 0):
 - Float rows go in as they are (bf16) with ``a1_scale=None``: AITER quantises them per 1x128
   itself (as vLLM's AITER path does). FP8Rows go in as ``q`` with ``a1_scale`` = their scales
   [R, H/128] float32 row-major (AITER asserts a1_scale for FP8 input and transposes it itself
-  on its 1-stage path) and ``dtype`` = the output dtype (it defaults to the input's).
+  on its 1-stage path) and ``dtype`` = the output dtype (it defaults to the input's). Where
+  AITER's tuned tables pick its asm stage-1 kernel, which reads a1_scale by its pointer as
+  [H/128, R] (csrc/py_itfs_cu/asm_moe_2stage.cu; FM fused_moe_2stages transposes only the
+  scales it makes itself), the scales go in transposed; the choice is asked of AITER's own
+  config lookup (``aiter_stage1_is_asm``), and where that cannot answer (AITER's internals
+  moved) the rows go in as bf16, which is right on every path.
 - Output bfloat16 only: AITER asserts fp16/bf16, and its FP8 block-scale kernel tables
   (``fused_moe_1stage_dict``, the bypass of tuned configs) list bf16 only.
 - The intermediate is written in the output dtype and requantised per 1x128 by AITER between
@@ -31,6 +36,8 @@ Modes as ``AiterExperts``: "weighted" natively; "raw" as K calls of one slot wit
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from rocm_moe._checks import error_message
@@ -40,6 +47,26 @@ from rocm_moe.quant import BLOCK, BlockFP8Weight, FP8Rows, fp8_dtype, native_fp8
 from rocm_moe.weighting import ExpertsOutput
 
 AITER_FP8_OUT_DTYPES = (torch.bfloat16,)
+log = logging.getLogger(__name__)
+
+
+def aiter_stage1_is_asm(*, M: int, H: int, I: int, e: int, topk: int, shuffled: bool,
+                        out_dtype: torch.dtype) -> bool | None:
+    """Whether AITER's fused_moe runs its asm stage-1 kernel for a per_1x128 call with FP8 rows
+    (M rows, topk slots including the appended masked one, e local experts): AITER's own
+    lookup (``get_2stage_cfgs``, as FM ``fused_moe_`` calls it, e4048607). None where it cannot
+    be asked (AITER absent, or its internals changed)."""
+    try:
+        from aiter import ActivationType, QuantType, dtypes
+        from aiter.fused_moe import asm_stage1, get_2stage_cfgs, get_padded_M
+
+        meta = get_2stage_cfgs(get_padded_M(M), H, I, e, topk, out_dtype, dtypes.fp8,
+                               dtypes.fp8, QuantType.per_1x128, True, ActivationType.Silu,
+                               False, 0, 0, shuffled, is_ep=True)
+        return getattr(meta.stage1, "func", meta.stage1) is asm_stage1
+    except Exception as exc:  # an import or signature AITER no longer has: do not guess
+        log.debug("AITER's stage-1 choice unknown (%s): FP8 rows go in as bf16", exc)
+        return None
 
 
 class AiterFP8Experts(FP8Experts):
@@ -47,7 +74,9 @@ class AiterFP8Experts(FP8Experts):
     ``shuffle``), plus ``fp8_dtype``: the encoding AITER's ``dtypes.fp8`` is on the target
     (default: AITER's own when it is imported, else the device's, ``quant.native_fp8_dtype``)
     and ``quant_type``: the value passed as ``quant_type`` (default
-    ``aiter.QuantType.per_1x128``; tests pass the fake's)."""
+    ``aiter.QuantType.per_1x128``; tests pass the fake's); ``stage1_probe``: the function that
+    tells whether AITER takes its asm stage-1 path for a call (default
+    ``aiter_stage1_is_asm``; tests pass the fake's)."""
 
     name = "aiter"
 
@@ -56,11 +85,12 @@ class AiterFP8Experts(FP8Experts):
         return aiter_availability()
 
     def __init__(self, *, mask_sentinel: bool = True, fused_moe=None, shuffle_weight=None,
-                 shuffle: bool = True, fp8_dtype=None, quant_type=None):
+                 shuffle: bool = True, fp8_dtype=None, quant_type=None, stage1_probe=None):
         self._aiter = AiterExperts(mask_sentinel=mask_sentinel, fused_moe=fused_moe,
                                    shuffle_weight=shuffle_weight, shuffle=shuffle)
         self._fp8_dtype = None if fp8_dtype is None else _fp8(fp8_dtype)
         self._quant_type = quant_type
+        self._stage1_probe = stage1_probe or aiter_stage1_is_asm
 
     @property
     def mask_sentinel(self) -> bool:
@@ -137,13 +167,21 @@ class AiterFP8Experts(FP8Experts):
                                  weights_applied=mode == "weighted")
         a = self._aiter
         ids = a._global_ids(topk_ids_RK, expert_map.num_experts).to(torch.int32)
+        w1q, w2q = a.shuffled_pair(w13.weight, w2.weight)
         if isinstance(rows, FP8Rows):
-            x, a1_scale = rows.q.contiguous(), rows.scale.contiguous()
+            asm = self._stage1_probe(
+                M=R, H=H, I=w2.shape[2], e=w13.shape[0], topk=K + 1, out_dtype=out_dtype,
+                shuffled=bool(getattr(w1q, "is_shuffled", False)))
+            if asm is None:  # the path is unknown: bf16 rows are right on every one
+                x, a1_scale = rows.dequantize(out_dtype).contiguous(), None
+            elif asm:  # the asm kernel reads [H/128, R] by its pointer
+                x, a1_scale = rows.q.contiguous(), rows.scale.t().contiguous()
+            else:
+                x, a1_scale = rows.q.contiguous(), rows.scale.contiguous()
         else:
             x, a1_scale = rows.to(out_dtype).contiguous(), None
         extra = dict(quant_type=self._qtype(), w1_scale=w13.scale_inv.contiguous(),
                      w2_scale=w2.scale_inv.contiguous(), a1_scale=a1_scale, dtype=out_dtype)
-        w1q, w2q = a.shuffled_pair(w13.weight, w2.weight)
         if mode == "weighted":
             out = a._call(x, w1q, w2q, topk_weights_RK.float().contiguous(), ids.contiguous(),
                           expert_map, **extra)

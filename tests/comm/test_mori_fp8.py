@@ -221,9 +221,9 @@ def _check_every_kernel_type_moves_the_scales(info, arch, seed):
 
 
 def _aiter(fp8):
-    return AiterFP8Experts(fused_moe=FakeFusedMoe(fp8_dtype=fp8),
-                           shuffle_weight=fake_shuffle_weight, fp8_dtype=fp8,
-                           quant_type=FakeQuantType.per_1x128)
+    fake = FakeFusedMoe(fp8_dtype=fp8, asm_stage1=lambda M: M % 2 == 1)  # both stage-1 paths
+    return AiterFP8Experts(fused_moe=fake, shuffle_weight=fake_shuffle_weight, fp8_dtype=fp8,
+                           quant_type=FakeQuantType.per_1x128, stage1_probe=fake.stage1_is_asm)
 
 
 def _layer(disp, experts, fp8, dtype, seed):

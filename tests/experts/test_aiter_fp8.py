@@ -42,7 +42,9 @@ def _oracle(rows, ids, w, wt, emap, mode):
 
 
 def _aiter(fake=None, fp8=FNUZ, **kw):
+    """The adapter on the fakes; its stage-1 probe asks the fake, as by default it asks AITER."""
     fake = fake or FakeFusedMoe(fp8_dtype=fp8)
+    kw.setdefault("stage1_probe", getattr(fake, "stage1_is_asm", lambda **_: False))
     return AiterFP8Experts(fused_moe=fake, shuffle_weight=fake_shuffle_weight, fp8_dtype=fp8,
                            quant_type=FakeQuantType.per_1x128, **kw)
 
@@ -142,6 +144,42 @@ def test_passes_scales_as_aiter_reads_them(gen):
     assert torch.equal(kw_q["a1_scale"],
                                                 quantize_rows(x, dtype=FNUZ).scale)
     assert a_f[1] is a_q[1]  # the shuffled copy is cached
+
+
+@pytest.mark.parametrize("R", [1, 33, 511])
+def test_asm_stage1_gets_transposed_scales(R, gen):
+    """Issue 32 item 4: AITER's asm stage-1 kernel reads a1_scale by its pointer as [H/128, M]
+    (csrc/py_itfs_cu/asm_moe_2stage.cu ~245, no strides, e4048607); fused_moe transposes the
+    scales it makes from bf16 rows (aiter/fused_moe.py ~3129, transpose_scale=True) but passes
+    an FP8 input's a1_scale as it is. Where AITER's tables pick that kernel the adapter hands
+    the scales transposed; where it cannot tell (AITER's internals unknown), bf16 rows, which
+    AITER quantises itself on either path."""
+    from rocm_moe.experts.aiter_fp8 import aiter_stage1_is_asm
+
+    emap = Placement.contiguous(8, 2).expert_map(1)
+    wt = _weights(4, FNUZ, gen)
+    x, ids, w = _inputs(R, 2, 8, gen)
+    rows = quantize_rows(x, dtype=FNUZ)
+    asm = FakeFusedMoe(asm_stage1=lambda M: M > 1)  # a tuned table's choice by token count
+    for mode in ("weighted", "raw"):
+        out = _aiter(asm)(rows, ids, w, wt.w13, wt.w2, emap, weight_mode=WEIGHT_MODE[mode])
+        assert rel_err(out.out.double(), _oracle(rows, ids, w, wt, emap, mode)) < TOL
+    with pytest.raises(ContractError, match="transposed"):  # row-major scales on the asm path
+        _aiter(FakeFusedMoe(asm_stage1=True), stage1_probe=lambda **_: False)(
+            rows, ids, w, wt.w13, wt.w2, emap, weight_mode="experts")
+    seen = []
+
+    def spy(*a, **kw):
+        seen.append((a[0].dtype, kw["a1_scale"]))
+        return FakeFusedMoe(asm_stage1=True)(*a, **kw)
+
+    out = _aiter(spy, stage1_probe=lambda **_: None)(rows, ids, w, wt.w13, wt.w2, emap,
+                                                      weight_mode="experts")
+    assert seen == [(torch.bfloat16, None)], "unknown path: bf16 rows, AITER quantises"
+    assert rel_err(out.out.double(), _oracle(rows, ids, w, wt, emap, "weighted")) < TOL_REF
+    if AiterFP8Experts.availability() is not None:  # no AITER here: the probe cannot tell
+        assert aiter_stage1_is_asm(M=R, H=H, I=I, e=4, topk=3, shuffled=True,
+                                   out_dtype=torch.bfloat16) is None
 
 
 def test_refusals(gen):
