@@ -266,6 +266,11 @@ def test_real_aiter_fp8_matches_reference():
     w2 = torch.randn(8, 512, 256, generator=gen) / 16
     wt = quantize_experts(w13, w2, dtype=dtypes.fp8)
     args = [x.to(dev), ids.to(dev), w.to(dev), wt.w13.to(dev), wt.w2.to(dev), emap.to(dev)]
+    from rocm_moe.experts.aiter_fp8 import aiter_stage1_is_asm
+
+    for M in (1, 33, 511, 4096):  # issue 32 item 4: AITER's own stage-1 choice is readable
+        assert aiter_stage1_is_asm(M=M, H=512, I=256, e=8, topk=9, shuffled=True,
+                                   out_dtype=torch.bfloat16) is not None
     for rows in (args[0], quantize_rows(args[0], dtype=dtypes.fp8)):
         for mode in ("weighted", "raw"):
             kw = dict(weight_mode=WEIGHT_MODE[mode])
