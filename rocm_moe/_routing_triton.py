@@ -192,6 +192,8 @@ def fused_route_unsupported(logits_TE: torch.Tensor, config) -> str | None:
         return f"top_k={config.top_k} > {_MAX_K}"
     if getattr(config, "score_after_topk", False):
         return "score_after_topk (gpt-oss, Llama 4) is not implemented in the fused router"
+    if config.scoring == "softmax" and getattr(config, "choice_bias", False):
+        return "a softmax router's choice bias (ERNIE 4.5) is not implemented in the fused router"
     return None
 
 

@@ -66,7 +66,8 @@ class ModelFamily:
     expert_names: tuple[str, str, str] = PROJ_NAMES  # an expert's (gate, up, down) names
     shared_experts: str | None = None  # the shared experts' name in the block, if any
     shared_expert_gate: str | None = None  # the shared output's sigmoid gate (Qwen2-MoE)
-    router_bias: str | None = None  # the router's choice bias beside gate.weight (DeepSeek-V3)
+    router_bias: str | None = None  # the router's choice bias in the block (DeepSeek-V3)
+    choice_bias: bool = False  # a softmax router with a choice bias (ERNIE 4.5)
     intermediate_size_key: str  # config key of the routed experts' intermediate size I
     num_experts_key: str  # config key of the routed expert count E
     scoring: str = "softmax"  # the router's scoring, RouterConfig.scoring
@@ -81,6 +82,17 @@ class ModelFamily:
     activation: str = "silu"  # ExpertVariant.activation of the routed experts
     expert_bias: bool = False  # the routed experts' projections have biases (gpt-oss)
     weights_on_input: bool = False  # the routing weight scales the expert's input (Llama 4)
+    unsupported_flags: tuple[str, ...] = ()  # config flags whose models rocm_moe cannot run
+
+    def check_config(self, config, *, where: str) -> None:
+        """A ValueError naming the first of ``unsupported_flags`` set in ``config`` (ERNIE 4.5's
+        use_bias gives its shared experts biases, which rocm_moe's shared experts lack)."""
+        for flag in self.unsupported_flags:
+            if getattr(config, flag, False):
+                raise ValueError(error_message(
+                    f"config.{flag}", repr(getattr(config, flag)), f"{where}: rocm_moe runs "
+                    f"{self.name} models only with {flag} off", "run this model's MoE blocks "
+                    "with its own implementation"))
 
     def block_prefix(self, layer: int) -> str:
         """``model.layers.{layer}.{block}``, the prefix of every tensor of that MoE block."""
@@ -98,7 +110,7 @@ class ModelFamily:
         """The router's [E] choice bias, or None for families without one."""
         if self.router_bias is None:
             return None
-        return f"{self.block_prefix(layer)}.{self.router}.{self.router_bias}"
+        return f"{self.block_prefix(layer)}.{self.router_bias}"
 
     def expert_tensors(self, layer: int, expert: int) -> ExpertTensors:
         """Routed expert ``expert``'s three weights in layer ``layer`` (per-expert layout)."""
@@ -146,7 +158,8 @@ class ModelFamily:
                   top_k=config.num_experts_per_tok, scoring=self.scoring,
                   norm_topk_prob=self.norm_topk_prob if self.norm_topk_prob_key is None
                   else bool(getattr(config, self.norm_topk_prob_key)),
-                  score_after_topk=self.score_after_topk, gate_bias=self.gate_bias)
+                  score_after_topk=self.score_after_topk, gate_bias=self.gate_bias,
+                  choice_bias=self.choice_bias)
         if self.grouped_router:
             kw.update(n_group=config.n_group, topk_group=config.topk_group,
                       routed_scaling_factor=float(config.routed_scaling_factor))
@@ -168,16 +181,16 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in [
                 num_experts_key="num_local_experts", norm_topk_prob_key=None),
     # Kimi K2 is a DeepSeek-V3 model (384 experts, one group); its config.json says "kimi_k2"
     ModelFamily(name="deepseek_v3", model_types=("deepseek_v3", "kimi_k2"), block="mlp",
-                shared_experts="shared_experts", router_bias="e_score_correction_bias",
+                shared_experts="shared_experts", router_bias="gate.e_score_correction_bias",
                 intermediate_size_key="moe_intermediate_size",
                 num_experts_key="n_routed_experts", scoring="sigmoid", grouped_router=True),
     # GLM-4.5 and dots.llm1: DeepSeek-V3's grouped sigmoid router with their own group counts
     ModelFamily(name="glm4_moe", model_types=("glm4_moe",), block="mlp",
-                shared_experts="shared_experts", router_bias="e_score_correction_bias",
+                shared_experts="shared_experts", router_bias="gate.e_score_correction_bias",
                 intermediate_size_key="moe_intermediate_size",
                 num_experts_key="n_routed_experts", scoring="sigmoid", grouped_router=True),
     ModelFamily(name="dots1", model_types=("dots1",), block="mlp",
-                shared_experts="shared_experts", router_bias="e_score_correction_bias",
+                shared_experts="shared_experts", router_bias="gate.e_score_correction_bias",
                 intermediate_size_key="moe_intermediate_size",
                 num_experts_key="n_routed_experts", scoring="sigmoid", grouped_router=True),
     # OLMoE and Qwen3-Next: Qwen's softmax router (Qwen3-Next: a gated shared expert)
@@ -192,6 +205,13 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in [
                 weights_on_input=True, shared_experts="shared_expert",
                 intermediate_size_key="intermediate_size", num_experts_key="num_local_experts",
                 norm_topk_prob_key=None, norm_topk_prob=False),
+    # ERNIE 4.5 MoE: softmax router whose bias (moe_statics) shifts the choice; shared experts
+    ModelFamily(name="ernie4_5_moe", model_types=("ernie4_5_moe",), block="mlp",
+                shared_experts="shared_experts",
+                router_bias="moe_statics.e_score_correction_bias", choice_bias=True,
+                unsupported_flags=("use_bias",),
+                intermediate_size_key="moe_intermediate_size", num_experts_key="moe_num_experts",
+                norm_topk_prob_key=None),
     ModelFamily(name="gpt_oss", model_types=("gpt_oss",), block="mlp", router="router",
                 gate_bias=True, score_after_topk=True, fused_experts=True,
                 interleaved_gate_up=True, activation="swiglu_oai", expert_bias=True,

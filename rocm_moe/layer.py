@@ -323,7 +323,7 @@ class EPMoE(nn.Module):
         self.gate = nn.Linear(H, E, bias=router.gate_bias, **kw)
         self.expert_variant = PLAIN if expert_variant is None else expert_variant
         self.w13_bias, self.w2_bias = expert_biases(self.expert_variant, e, H, I, **kw)
-        if router.scoring == "sigmoid":
+        if router.scoring == "sigmoid" or router.choice_bias:  # (the choice bias)
             self.register_buffer("e_score_correction_bias",
                                  torch.zeros(E, dtype=torch.float32, device=device))
         else:

@@ -116,10 +116,10 @@ def reference_route(x_TH: torch.Tensor, gate_EH: torch.Tensor, config,
     K, E = config.top_k, gate.shape[0]
     if getattr(config, "score_after_topk", False):
         return _route_after_topk(logits, config, bias_E)
-    if config.scoring == "softmax":
+    if config.scoring == "softmax":  # (ERNIE 4.5: a bias shifts the choice, never the weights)
         shifted = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
         scores = shifted / shifted.sum(dim=1, keepdim=True)
-        choice = scores
+        choice = scores + (0.0 if bias_E is None else bias_E.detach().double().cpu()[None])
     else:
         scores = 1.0 / (1.0 + torch.exp(-logits))
         choice = scores + (0.0 if bias_E is None else bias_E.detach().double().cpu()[None])

@@ -15,6 +15,8 @@ Conventions, matching transformers 5 exactly (tests compare against its router m
             (+ e_score_correction_bias, which shifts the choice only); softmax: w = softmax of
             the K chosen logits (they sum to 1: norm_topk_prob must be True); sigmoid: w =
             sigmoid(chosen logits), normalised if norm_topk_prob. Then the scaling factor.
+- choice_bias (ERNIE 4.5): a softmax router whose e_score_correction_bias shifts the choice
+            (choice = p + bias; w = p[ids]), as sigmoid routers' always may.
 - gate_bias (gpt-oss's router.bias): the gate linear has a bias, part of the logits (the
             layer adds it); the router itself sees only the logits.
 
@@ -66,6 +68,7 @@ class RouterConfig:
     routed_scaling_factor: float = 1.0
     score_after_topk: bool = False  # top-k of the logits first, then score only those
     gate_bias: bool = False  # the gate linear has a bias (logits = x @ W.T + b)
+    choice_bias: bool = False  # a softmax router takes e_score_correction_bias (ERNIE 4.5)
 
     def __post_init__(self) -> None:
         def bad(field: str, value: object, rule: str, fix: str) -> ValueError:
@@ -77,7 +80,7 @@ class RouterConfig:
                 raise TypeError(error_message(
                     f"RouterConfig.{field}", repr(value), "must be an int",
                     f"pass an int, e.g. {field}=int(config.{field})"))
-        for field in ("norm_topk_prob", "score_after_topk", "gate_bias"):
+        for field in ("norm_topk_prob", "score_after_topk", "gate_bias", "choice_bias"):
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(error_message(f"RouterConfig.{field}", repr(getattr(self, field)),
                                               "must be a bool", "pass True or False"))
@@ -318,10 +321,10 @@ def route(
     if forced_expert_ids is not None:
         forced_TK = _check_forced(forced_expert_ids, router_logits, lead, config)
     if e_score_correction_bias is not None:
-        if config.scoring != "sigmoid":
+        if config.scoring != "sigmoid" and not config.choice_bias:
             raise ValueError(error_message(
-                "e_score_correction_bias", "a tensor", "only sigmoid routers take a bias",
-                "drop it or set scoring='sigmoid'"))
+                "e_score_correction_bias", "a tensor", "only sigmoid routers (and softmax ones "
+                "with choice_bias=True) take a bias", "drop it or set scoring='sigmoid'"))
         check_tensor("e_score_correction_bias", e_score_correction_bias,
                      shape=(config.num_experts,), dtypes=FLOAT_DTYPES)
         e_score_correction_bias = e_score_correction_bias.to(router_logits.device)

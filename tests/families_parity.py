@@ -25,7 +25,7 @@ def save_tiny(cfg, directory, *, skip=("e_score_correction_bias",), std: float =
         for name, p in model.named_parameters():
             if not any(s in name for s in skip):
                 p.normal_(0, std)
-        for name, b in model.named_buffers():
+        for name, b in [*model.named_buffers(), *model.named_parameters()]:
             if "e_score_correction_bias" in name:  # a bias that matters, as trained ones do
                 b.copy_(0.1 * torch.randn(b.shape))
     model.save_pretrained(directory, max_shard_size="60KB")

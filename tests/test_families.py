@@ -32,6 +32,9 @@ def _config(name: str):
     if name == "qwen3_next":
         return transformers.Qwen3NextConfig(**common, num_experts=12, moe_intermediate_size=16,
                                             intermediate_size=48, norm_topk_prob=False)
+    if name == "ernie4_5_moe":
+        return transformers.Ernie4_5_MoeConfig(**common, moe_num_experts=12,
+                                               moe_intermediate_size=16, intermediate_size=48)
     if name == "llama4":
         return transformers.Llama4TextConfig(**common, num_local_experts=12, intermediate_size=16)
     if name == "gpt_oss":
@@ -51,6 +54,7 @@ EXPECTED_ROUTER = {
                                             norm_topk_prob=False, routed_scaling_factor=1.5),
     "gpt_oss": RouterConfig.gpt_oss(12, 3),
     "llama4": RouterConfig.llama4(12, 3),
+    "ernie4_5_moe": RouterConfig(num_experts=12, top_k=3, choice_bias=True),
     "glm4_moe": RouterConfig.deepseek_v3(12, 3, n_group=4, topk_group=2, norm_topk_prob=False,
                                          routed_scaling_factor=1.5),
     "dots1": RouterConfig.deepseek_v3(12, 3, n_group=4, topk_group=2, norm_topk_prob=False,
@@ -87,6 +91,8 @@ def test_router_and_sizes_round_trip(name):
     ("dots1", ("mlp", "gate_proj", "up_proj", "down_proj"), "shared_experts", None,
      "model.layers.3.mlp.gate.e_score_correction_bias"),
     ("olmoe", ("mlp", "gate_proj", "up_proj", "down_proj"), None, None, None),
+    ("ernie4_5_moe", ("mlp", "gate_proj", "up_proj", "down_proj"), "shared_experts", None,
+     "model.layers.3.mlp.moe_statics.e_score_correction_bias"),
     ("qwen3_next", ("mlp", "gate_proj", "up_proj", "down_proj"), "shared_expert",
      "model.layers.3.mlp.shared_expert_gate.weight", None),
 ])

@@ -260,6 +260,28 @@ def test_after_topk_router_refusals():
         RouterConfig(num_experts=8, top_k=2, gate_bias=1)
 
 
+def test_softmax_router_with_a_choice_bias():
+    """ERNIE 4.5: the bias shifts the choice only; without choice_bias a softmax router refuses
+    a bias; the fused router does not implement it (route(fused=True) runs the torch path)."""
+    from rocm_moe._routing_triton import fused_route_unsupported
+
+    cfg = RouterConfig(num_experts=E, top_k=3, choice_bias=True)
+    g = torch.Generator().manual_seed(15)
+    x, gate, bias = torch.randn(33, H, generator=g), torch.randn(E, H, generator=g), \
+        0.3 * torch.randn(E, generator=g)
+    r = route(x @ gate.T, cfg, e_score_correction_bias=bias)
+    ref = oracle.reference_route(x, gate, cfg, bias)
+    assert torch.equal(r.topk_ids, ref.topk_ids.int())
+    assert oracle.rel_err(r.topk_weights, ref.topk_weights) < 1e-6
+    assert not torch.equal(r.topk_ids, route(x @ gate.T, cfg).topk_ids)  # the bias chose
+    p = torch.softmax((x @ gate.T).double(), -1)
+    w = p.gather(1, r.topk_ids.long())
+    assert oracle.rel_err(r.topk_weights, w / w.sum(1, keepdim=True)) < 1e-6  # not biased
+    with pytest.raises(ValueError, match=r"only sigmoid routers \(and softmax ones"):
+        route(x @ gate.T, RouterConfig(num_experts=E, top_k=3), e_score_correction_bias=bias)
+    assert "choice bias" in fused_route_unsupported(x @ gate.T, cfg)
+
+
 def test_fused_router_refuses_after_topk_scoring():
     from rocm_moe._routing_triton import fused_route_unsupported
 

@@ -174,6 +174,19 @@ class Checkpoint:
         return t
 
 
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name`` from its shard's header (no data read)."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self.confined(self.weight_map[name], "shard")
+        try:
+            with safe_open(path, "pt") as f:
+                return tuple(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise ValueError(error_message(
+                "shard", str(path), f"cannot be read for tensor {name}: {exc}",
+                "the file is corrupt or truncated: download it again")) from exc
+
     def tensor_row(self, name: str, index: int, shape: tuple[int | None, ...]) -> torch.Tensor:
         """Row ``index`` of tensor ``name`` (one expert of a fused [E, ...] tensor): only that
         row is read; the whole tensor must be ``shape`` ([E, ...]), the row is checked like
@@ -377,6 +390,7 @@ class _Shape:
 
 def _shape(ck: Checkpoint, cfg, fam: ModelFamily) -> _Shape:
     check_activation(cfg, where=f"the checkpoint {ck.dir}")
+    fam.check_config(cfg, where=f"the checkpoint {ck.dir}")
     try:
         router = RouterConfig.from_hf_config(cfg)
         H, I = cfg.hidden_size, fam.intermediate_size(cfg)
@@ -421,9 +435,20 @@ def load_moe_layer(directory: str | Path, layer: int, placement: Placement, rank
     bias = fam.router_bias_tensor(layer)
     return MoELayerWeights(
         router=shape.router, hidden_size=H, intermediate_size=I, gate=ck.tensor(gate, (E, H)),
-        e_score_correction_bias=ck.tensor(bias, (E,)) if bias is not None and ck.has(bias)
-        else None,
+        e_score_correction_bias=_router_bias(ck, bias, E),
         w13=_stack([w13 for w13, _ in experts]), w2=_stack([w2 for _, w2 in experts]), **kw)
+
+
+def _router_bias(ck: Checkpoint, name: str | None, E: int) -> torch.Tensor | None:
+    """The router's [E] choice bias (ERNIE 4.5 stores it as [1, E]), or None without one."""
+    if name is None or not ck.has(name):
+        return None
+    t = ck.tensor(name, (None,) * (2 if len(ck.tensor_shape(name)) == 2 else 1))
+    if tuple(t.shape) not in ((E,), (1, E)):
+        raise ValueError(error_message(
+            f"{name}.shape", list(t.shape), f"must be [{E}] or [1, {E}] (from config.json)",
+            "the checkpoint does not match its config.json: download it again or fix the config"))
+    return t.reshape(E)
 
 
 def _shared_kwargs(ck: Checkpoint, fam: ModelFamily, layer: int, H: int) -> dict:
@@ -458,8 +483,7 @@ def _load_fused_layer(ck: Checkpoint, cfg, fam: ModelFamily, shape: _Shape, laye
     return MoELayerWeights(
         router=shape.router, hidden_size=H, intermediate_size=I,
         gate=ck.tensor(fam.gate_weight(layer), (E, H)),
-        e_score_correction_bias=ck.tensor(router_bias, (E,))
-        if router_bias is not None and ck.has(router_bias) else None,
+        e_score_correction_bias=_router_bias(ck, router_bias, E),
         gate_bias=None if gate_bias is None else ck.tensor(gate_bias, (E,)),
         w13=stack([x[0] for x in experts]), w2=stack([x[1] for x in experts]),
         expert_variant=fam.expert_variant(cfg), **bias_kw,
@@ -520,8 +544,11 @@ def weights_from_block(block: nn.Module, config, placement: Placement,
         if getattr(block, "shared_expert_gate", None) is not None:
             kw["shared_gate"] = block.shared_expert_gate.weight.detach()
     fam = _family(config.model_type)
+    fam.check_config(config, where="replace_moe_blocks")
     router = getattr(block, fam.router)
     bias = getattr(router, "e_score_correction_bias", None)
+    if bias is None and hasattr(router, "moe_statics"):  # ERNIE 4.5: [1, E]
+        bias = router.moe_statics.e_score_correction_bias.reshape(-1)
     if fam.fused_experts:  # [E, H, 2I] / [E, I, H], as on disk
         experts = [fused_to_local(ex.gate_up_proj[e].detach(), ex.down_proj[e].detach(),
                                   interleaved=fam.interleaved_gate_up,
