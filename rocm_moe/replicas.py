@@ -86,19 +86,30 @@ class ReplicatedPlacement:
     @classmethod
     def initial(cls, num_experts: int, num_redundant: int, world_size: int
                 ) -> ReplicatedPlacement:
-        """Before any load is known: physical p holds logical p mod E, so logical experts
-        0..R-1 have two replicas (R <= E), laid out after the E originals (mostly on the last
-        ranks). Example: E = 4, R = 2, W = 2 -> phys_to_log [0, 1, 2, 3, 0, 1]."""
+        """Before any load is known. Where W divides E and R: rank r holds its E / W logical
+        experts [r E/W, (r+1) E/W) followed by replicas of the first R / W experts of rank
+        r - 1 (mod W), so under uniform routing every rank does the same work (each gives
+        away half of R / W experts' load and takes half of R / W others'). Otherwise physical
+        p holds logical p mod E. Examples: E = 4, R = 2, W = 2 -> [0, 1, 2, 2, 3, 0];
+        E = 3, R = 1, W = 2 -> [0, 1, 2, 0]."""
         check_integer_value("num_experts", num_experts, minimum=1)
         check_integer_value("num_redundant_experts", num_redundant, minimum=0)
         check_integer_value("world_size", world_size, minimum=1)
-        P = num_experts + num_redundant
-        if P % world_size:
+        E, R, W = num_experts, num_redundant, world_size
+        if (E + R) % W:
             raise ValueError(error_message(
-                "num_redundant_experts", num_redundant, f"E + R = {P} must be divisible by the "
-                f"EP size W={world_size} (every rank holds (E + R) / W physical experts)",
-                f"use R = {-num_experts % world_size} + a multiple of {world_size}"))
-        return cls(torch.arange(P) % num_experts, world_size, num_experts)
+                "num_redundant_experts", R, f"E + R = {E + R} must be divisible by the "
+                f"EP size W={W} (every rank holds (E + R) / W physical experts)",
+                f"use R = {-E % W} + a multiple of {W}"))
+        if E % W or R % W:
+            return cls(torch.arange(E + R) % E, W, E)
+        own, extra = E // W, R // W
+        table = []
+        for r in range(W):
+            prev = (r - 1) % W
+            table += list(range(r * own, (r + 1) * own))
+            table += [prev * own + j % own for j in range(extra)]
+        return cls(torch.tensor(table), W, E)
 
     # ---- sizes and tables ---------------------------------------------------------------------
     @property

@@ -49,7 +49,8 @@ def test_worked_example_of_the_module_docstring():
     assert isinstance(p.expert_map(1), ExpertMap)
     assert p.expert_map(1).map_E.tolist() == [-1, -1, 0, 1]
     assert isinstance(p.expert_mask(0, sentinel=True), ExpertMask)
-    assert ReplicatedPlacement.initial(4, 2, 2).phys_to_log.tolist() == [0, 1, 2, 3, 0, 1]
+    assert ReplicatedPlacement.initial(4, 2, 2).phys_to_log.tolist() == [0, 1, 2, 2, 3, 0]
+    assert ReplicatedPlacement.initial(3, 1, 2).phys_to_log.tolist() == [0, 1, 2, 0]
 
 
 def test_placement_is_immutable_and_copies_its_table():
@@ -88,6 +89,15 @@ def test_initial_refuses_a_size_the_ranks_cannot_share():
         ReplicatedPlacement.initial(8, 1, 2)
     with pytest.raises(ValueError, match="num_redundant_experts"):
         ReplicatedPlacement.initial(8, -2, 2)
+
+
+@pytest.mark.parametrize(("E_", "R", "W"), [(128, 32, 4), (8, 4, 2), (16, 8, 8), (12, 0, 3)])
+def test_initial_placement_gives_every_rank_the_same_uniform_work(E_, R, W):
+    p = ReplicatedPlacement.initial(E_, R, W)
+    share_P = 1.0 / p.replica_count[p.phys_to_log].double()  # each replica's share of 1
+    per_rank = p.rank_load(share_P)
+    assert torch.allclose(per_rank, torch.full((W,), E_ / W, dtype=torch.float64))
+    assert p.replica_count.max() <= 2
 
 
 def test_log_to_phys_inverts_phys_to_log():
@@ -167,7 +177,7 @@ def test_layer_counts_every_token_slot_per_expert():
     layer(x, forced_expert_ids=forced)
     rep = layer.expert_load(scope="rank")
     assert rep.logical.tolist() == [33, 33, 33, 0, 0, 0, 0, 0]
-    # logical 0, 1, 2 have two replicas each (initial: p mod 8): split 17 / 16
+    # logical 0, 1, 2 have two replicas each (initial at W = 1: p mod 8): split 17 / 16
     assert rep.physical.tolist() == [17, 17, 17, 0, 0, 0, 0, 0, 16, 16, 16, 0]
     assert rep.per_rank.tolist() == [99]
     y = layer(x)

@@ -66,7 +66,8 @@ def _oracle(layer: EPMoE, x: torch.Tensor, forced=None) -> torch.Tensor:
 
 
 def _hot(E: int, T: int) -> torch.Tensor:
-    """Every token on the same K experts (the replicated ones of the initial placement)."""
+    """Every token on the same K experts (0 and 1 have replicas in the initial placement
+    wherever it has any)."""
     return torch.tensor([0, 1, E - 1]).repeat(T, 1)
 
 
