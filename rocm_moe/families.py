@@ -83,6 +83,19 @@ class ModelFamily:
     expert_bias: bool = False  # the routed experts' projections have biases (gpt-oss)
     weights_on_input: bool = False  # the routing weight scales the expert's input (Llama 4)
     unsupported_flags: tuple[str, ...] = ()  # config flags whose models rocm_moe cannot run
+    fused_hidden_first: bool = True  # the block's fused tensors are [E, H, 2I] / [E, I, H]
+    block_returns_tuple: bool = False  # the block returns (hidden_states, router scores)
+    layers_prefix: str = "model.layers"  # the decoder layers (a VL model: its language model)
+    text_config: bool = False  # the MoE fields live in config.text_config (a VL model)
+
+    def text(self, config):
+        """The config holding the MoE fields: ``config.text_config`` for a VL model's config,
+        else ``config`` itself (its text config passes through too)."""
+        return getattr(config, "text_config", None) or config if self.text_config else config
+
+    def hidden_size(self, config) -> int:
+        """H from a transformers config of this family."""
+        return self.text(config).hidden_size
 
     def check_config(self, config, *, where: str) -> None:
         """A ValueError naming the first of ``unsupported_flags`` set in ``config`` (ERNIE 4.5's
@@ -96,7 +109,7 @@ class ModelFamily:
 
     def block_prefix(self, layer: int) -> str:
         """``model.layers.{layer}.{block}``, the prefix of every tensor of that MoE block."""
-        return f"model.layers.{layer}.{self.block}"
+        return f"{self.layers_prefix}.{layer}.{self.block}"
 
     def gate_weight(self, layer: int) -> str:
         """The router's [E, H] weight."""
@@ -154,6 +167,7 @@ class ModelFamily:
 
     def router_kwargs(self, config) -> dict:
         """``RouterConfig`` fields read from a transformers config of this family."""
+        config = self.text(config)
         kw = dict(num_experts=getattr(config, self.num_experts_key),
                   top_k=config.num_experts_per_tok, scoring=self.scoring,
                   norm_topk_prob=self.norm_topk_prob if self.norm_topk_prob_key is None
@@ -167,7 +181,7 @@ class ModelFamily:
 
     def intermediate_size(self, config) -> int:
         """The routed experts' intermediate size I from a transformers config."""
-        return getattr(config, self.intermediate_size_key)
+        return getattr(self.text(config), self.intermediate_size_key)
 
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in [
@@ -202,7 +216,7 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in [
     # Llama 4's text MoE: sigmoid of the top-k logit, weight on the input, a shared expert
     ModelFamily(name="llama4", model_types=("llama4_text",), block="feed_forward",
                 router="router", scoring="sigmoid", score_after_topk=True, fused_experts=True,
-                weights_on_input=True, shared_experts="shared_expert",
+                weights_on_input=True, shared_experts="shared_expert", block_returns_tuple=True,
                 intermediate_size_key="intermediate_size", num_experts_key="num_local_experts",
                 norm_topk_prob_key=None, norm_topk_prob=False),
     # ERNIE 4.5 MoE: softmax router whose bias (moe_statics) shifts the choice; shared experts
@@ -212,9 +226,17 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in [
                 unsupported_flags=("use_bias",),
                 intermediate_size_key="moe_intermediate_size", num_experts_key="moe_num_experts",
                 norm_topk_prob_key=None),
+    # Qwen3-VL-MoE's language model: Qwen's router (always normalised), fused experts on disk
+    # ([E, 2I, H] as transformers 5 saves them, [E, H, 2I] in Qwen's release: either is read)
+    ModelFamily(name="qwen3_vl_moe", model_types=("qwen3_vl_moe", "qwen3_vl_moe_text"),
+                block="mlp", fused_experts=True, fused_hidden_first=False,
+                layers_prefix="model.language_model.layers", text_config=True,
+                intermediate_size_key="moe_intermediate_size", num_experts_key="num_experts",
+                norm_topk_prob_key=None),
     ModelFamily(name="gpt_oss", model_types=("gpt_oss",), block="mlp", router="router",
                 gate_bias=True, score_after_topk=True, fused_experts=True,
                 interleaved_gate_up=True, activation="swiglu_oai", expert_bias=True,
+                block_returns_tuple=True,
                 intermediate_size_key="intermediate_size", num_experts_key="num_local_experts",
                 norm_topk_prob_key=None),
 ]}

@@ -14,13 +14,20 @@ COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_
               num_key_value_heads=2, head_dim=8, num_experts_per_tok=2, tie_word_embeddings=False)
 
 
+def _auto(cfg):
+    """The transformers auto class of a config: causal LM, or image-text-to-text (a VL model)."""
+    import transformers
+
+    if hasattr(cfg, "text_config") and hasattr(cfg, "vision_config"):
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
 def save_tiny(cfg, directory, *, skip=("e_score_correction_bias",), std: float = 0.2):
     """A randomly initialised model of ``cfg`` (weights N(0, std), ``skip`` names left as
     initialised) saved in ``directory`` (two shards, so the index is exercised)."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = _auto(cfg).from_config(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not any(s in name for s in skip):
@@ -33,15 +40,21 @@ def save_tiny(cfg, directory, *, skip=("e_score_correction_bias",), std: float =
 
 
 def load_model(directory, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    cfg = AutoConfig.from_pretrained(directory, local_files_only=True)
     # eager: the model's own expert loop (grouped_mm needs 16-byte strides, not tiny sizes)
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype,
-                                                experts_implementation="eager").eval()
+    return _auto(cfg).from_pretrained(directory, dtype=dtype,
+                                      experts_implementation="eager").eval()
+
+
+def text_config(config):
+    return getattr(config, "text_config", None) or config
 
 
 def block_of(model, layer: int):
-    decoder = model.model.layers[layer]
+    inner = getattr(model.model, "language_model", model.model)
+    decoder = inner.layers[layer]
     return getattr(decoder, "mlp", None) or decoder.feed_forward
 
 
@@ -61,7 +74,7 @@ def parity(directory, layer: int, *, tokens: int = 33) -> dict:
     torch.manual_seed(1)
     model = load_model(directory)
     block = block_of(model, layer)
-    H = model.config.hidden_size
+    H = text_config(model.config).hidden_size
     x = torch.randn(1, tokens, H)
     out = {}
     with torch.no_grad():

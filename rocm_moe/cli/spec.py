@@ -223,7 +223,7 @@ def checkpoint_shape(spec: LayerSpec) -> LayerSpec:
     cfg = hf.Checkpoint(spec.checkpoint).config()
     router = RouterConfig.from_hf_config(cfg)
     return replace(spec, num_experts=router.num_experts, top_k=router.top_k,
-                   hidden_size=cfg.hidden_size,
+                   hidden_size=family(cfg.model_type).hidden_size(cfg),
                    intermediate_size=family(cfg.model_type).intermediate_size(cfg))
 
 

@@ -368,9 +368,17 @@ def fused_to_local(gate_up_HJ: torch.Tensor, down_IH: torch.Tensor, *, interleav
 def _read_fused_expert(ck: Checkpoint, fam: ModelFamily, names: FusedExpertTensors, e: int,
                        E: int, H: int, I: int) -> tuple:
     """Expert ``e`` of a fused family: (w13 [2I, H], w2 [H, I]) and, with biases, (w13_bias
-    [2I], w2_bias [H]); only row e of each fused tensor is read."""
-    gate_up = ck.tensor_row(names.gate_up, e, (E, H, 2 * I))
-    down = ck.tensor_row(names.down, e, (E, I, H))
+    [2I], w2_bias [H]); only row e of each fused tensor is read. The tensors may be [E, H, 2I]
+    / [E, I, H] or [E, 2I, H] / [E, H, I] (their shapes tell; the family's layout where
+    2I == H)."""
+    hidden_first = fam.fused_hidden_first if 2 * I == H else \
+        ck.tensor_shape(names.gate_up) == (E, H, 2 * I)
+    if hidden_first:
+        gate_up = ck.tensor_row(names.gate_up, e, (E, H, 2 * I))
+        down = ck.tensor_row(names.down, e, (E, I, H))
+    else:
+        gate_up = ck.tensor_row(names.gate_up, e, (E, 2 * I, H)).T
+        down = ck.tensor_row(names.down, e, (E, H, I)).T
     b13 = None if names.gate_up_bias is None else ck.tensor_row(names.gate_up_bias, e, (E, 2 * I))
     w13, w2, b13 = fused_to_local(gate_up, down, interleaved=fam.interleaved_gate_up,
                                   gate_up_bias=b13)
@@ -389,11 +397,11 @@ class _Shape:
 
 
 def _shape(ck: Checkpoint, cfg, fam: ModelFamily) -> _Shape:
-    check_activation(cfg, where=f"the checkpoint {ck.dir}")
+    check_activation(fam.text(cfg), where=f"the checkpoint {ck.dir}")
     fam.check_config(cfg, where=f"the checkpoint {ck.dir}")
     try:
         router = RouterConfig.from_hf_config(cfg)
-        H, I = cfg.hidden_size, fam.intermediate_size(cfg)
+        H, I = fam.hidden_size(cfg), fam.intermediate_size(cfg)
     except (AttributeError, TypeError, ValueError) as exc:
         raise ValueError(error_message(
             "config", str(ck.dir / "config.json"), f"does not describe a {fam.name} MoE model "
@@ -527,6 +535,8 @@ def expert_reader(directory: str | Path, layer: int) -> Callable[[int], tuple]:
 def weights_from_block(block: nn.Module, config, placement: Placement,
                        rank: int) -> MoELayerWeights:
     """The same from a transformers 5 MoE block (fused expert tensors), this rank's slice."""
+    fam = _family(config.model_type)
+    config = fam.text(config)
     check_activation(config, where="replace_moe_blocks")
     ex = block.experts
     E = ex.gate_up_proj.shape[0]
@@ -543,13 +553,12 @@ def weights_from_block(block: nn.Module, config, placement: Placement,
                   shared_w2=shared.down_proj.weight.detach())
         if getattr(block, "shared_expert_gate", None) is not None:
             kw["shared_gate"] = block.shared_expert_gate.weight.detach()
-    fam = _family(config.model_type)
     fam.check_config(config, where="replace_moe_blocks")
     router = getattr(block, fam.router)
     bias = getattr(router, "e_score_correction_bias", None)
     if bias is None and hasattr(router, "moe_statics"):  # ERNIE 4.5: [1, E]
         bias = router.moe_statics.e_score_correction_bias.reshape(-1)
-    if fam.fused_experts:  # [E, H, 2I] / [E, I, H], as on disk
+    if fam.fused_hidden_first:  # [E, H, 2I] / [E, I, H] (gpt-oss, Llama 4)
         experts = [fused_to_local(ex.gate_up_proj[e].detach(), ex.down_proj[e].detach(),
                                   interleaved=fam.interleaved_gate_up,
                                   gate_up_bias=ex.gate_up_proj_bias[e].detach()
@@ -734,7 +743,7 @@ def replace_moe_blocks(model: nn.Module, dispatcher_factory: Callable[[], Dispat
         w = weights_from_block(module, config, dispatcher.placement, dispatcher.rank)
         layer = build_layer(w, dispatcher=dispatcher, experts=experts, weight_mode=weight_mode,
                             dtype=w.gate.dtype, device=w.gate.device)
-        if _family(config.model_type).fused_experts:  # their blocks return (out, scores)
+        if _family(config.model_type).block_returns_tuple:  # (out, scores)
             layer = TupleOutput(layer)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
