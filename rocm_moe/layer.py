@@ -253,6 +253,9 @@ class EPMoE(nn.Module):
         replica_placement: an explicit first ``ReplicatedPlacement`` (an engine's map); it sets
             R (``num_redundant_experts`` may then be left out, or must agree).
         load_window: forwards the EPLB load counters sum over (a ring of that many steps).
+        replica_nodes: the node index of every EP rank (rank order); with it, a token whose
+            rank holds no replica of an expert goes to a replica on its node where there is
+            one (fewer rows cross nodes). None: every replica is as near as any other.
     """
 
     def __init__(
@@ -275,6 +278,7 @@ class EPMoE(nn.Module):
         num_redundant_experts: int | None = None,
         replica_placement: ReplicatedPlacement | None = None,
         load_window: int = 64,
+        replica_nodes: tuple[int, ...] | None = None,
     ):
         super().__init__()
         resolve_weight_mode(weight_mode)  # validates it
@@ -293,6 +297,10 @@ class EPMoE(nn.Module):
         self.dispatcher = dispatcher or LocalDispatcher(Placement.contiguous(P, 1))
         if self._replicas is not None:
             _check_physical_dispatcher(self.dispatcher, self._replicas)
+        elif replica_nodes is not None:
+            raise ValueError(error_message(
+                "replica_nodes", replica_nodes, "only means something with EPLB (replicas)",
+                "pass num_redundant_experts=R too, or leave replica_nodes out"))
         elif self.dispatcher.placement.num_experts != router.num_experts:
             raise ValueError(error_message(
                 "dispatcher.placement.num_experts", self.dispatcher.placement.num_experts,
@@ -340,7 +348,8 @@ class EPMoE(nn.Module):
             from rocm_moe.eplb import ExpertLoad
 
             dev = self.gate.weight.device
-            self._choice = ReplicaChoice(self._replicas, self.dispatcher.rank, dev)
+            nodes = self._replicas.check_nodes(replica_nodes)
+            self._choice = ReplicaChoice(self._replicas, self.dispatcher.rank, dev, nodes)
             self._load = ExpertLoad(E, self._replicas.num_physical, load_window, dev)
         self.reset_parameters()
 

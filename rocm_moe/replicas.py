@@ -15,8 +15,9 @@ The layer keeps the router, comm and experts as they are and maps ids between ro
 dispatch: each (token, slot) of logical expert g goes to ONE replica of g, chosen on the
 device (``ReplicaChoice``: two table lookups, no host read, fixed shapes, so a CUDA graph
 captures it and a rebalance updates the tables in place): a replica on the token's own rank if
-there is one, else replica ``(t + rank) mod replica_count[g]`` (token index t): the tokens of
-every rank spread evenly over the replicas. Distinct logical experts have distinct replicas, so
+there is one, else (where the layer knows the ranks' nodes, ``replica_nodes``) one on its node,
+else replica ``(t + rank) mod`` their count (token index t): the tokens of every rank spread
+evenly over the replicas. Distinct logical experts have distinct replicas, so
 a token's rows stay unique and weighting stays exactly-once.
 
 Worked example (a test asserts it): E = 3, W = 2, ``phys_to_log = [0, 1, 2, 0]`` (logical 0 has
@@ -189,12 +190,30 @@ class ReplicatedPlacement:
                 f"{'...' if self.num_physical > 16 else ''})")
 
     # ---- the choice of a replica --------------------------------------------------------------
-    def choice_tables(self, rank: int, max_replicas: int | None = None
+    def check_nodes(self, nodes: object) -> tuple[int, ...] | None:
+        """``nodes``: None, or the node index of every rank (W ints >= 0, rank order)."""
+        if nodes is None:
+            return None
+        if isinstance(nodes, (str, bytes)) or not hasattr(nodes, "__len__") or any(
+                isinstance(n, bool) or not isinstance(n, int) for n in nodes):
+            raise TypeError(error_message(
+                "replica_nodes", repr(nodes)[:60], "must be a sequence of ints (the node "
+                "index of every EP rank)", "pass e.g. [0, 0, 1, 1], or None"))
+        if len(nodes) != self.world_size or min(nodes) < 0:
+            raise ValueError(error_message(
+                "replica_nodes", list(nodes)[:16], f"must hold W={self.world_size} node "
+                "indices >= 0, one per EP rank", "pass the node of every rank in rank order"))
+        return tuple(nodes)
+
+    def choice_tables(self, rank: int, max_replicas: int | None = None,
+                      nodes: tuple[int, ...] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """(candidates [E, C] int64, counts [E] int64) of ``rank``: the replicas on ``rank``
-        where a logical expert has any, else all its replicas; C = ``max_replicas`` (default
+        where a logical expert has any, else (with ``nodes``, the node of every rank) those on
+        ``rank``'s node where it has any, else all its replicas; C = ``max_replicas`` (default
         R + 1: fixed for a given R, so tables of later placements fit the same buffers)."""
         self._check_rank(rank)
+        nodes = self.check_nodes(nodes)
         C = self.num_redundant + 1 if max_replicas is None else max_replicas
         if C < int(self.replica_count.max()):
             raise ValueError(error_message(
@@ -202,9 +221,13 @@ class ReplicatedPlacement:
                 f"({int(self.replica_count.max())})", "leave it None (R + 1)"))
         lp = self.log_to_phys
         owner = torch.where(lp >= 0, lp // self.num_local, -1)
-        local = owner == rank
-        has_local = local.any(1, keepdim=True)
-        use = torch.where(has_local, local, lp >= 0)  # [E, C'] replicas to choose from
+        use = lp >= 0  # [E, C'] replicas to choose from: all, narrowed below
+        near = [owner == rank]
+        if nodes is not None:
+            node_of = torch.tensor(nodes)
+            near.append((owner >= 0) & (node_of[owner.clamp(min=0)] == nodes[rank]))
+        for pref in reversed(near):  # the nearest set that holds any replica wins
+            use = torch.where(pref.any(1, keepdim=True), pref, use)
         counts = use.sum(1)
         # the chosen replicas first (stable: in increasing physical id), -1 after
         order = torch.argsort((~use).to(torch.int8), dim=1, stable=True)
@@ -219,15 +242,16 @@ class ReplicaChoice(nn.Module):
     so ``layer.to(device)`` moves them), updated in place by ``update`` so a captured CUDA
     graph sees a new placement."""
 
-    def __init__(self, placement: ReplicatedPlacement, rank: int, device):
+    def __init__(self, placement: ReplicatedPlacement, rank: int, device,
+                 nodes: tuple[int, ...] | None = None):
         super().__init__()
-        cand, counts = placement.choice_tables(rank)
-        self.rank = rank
+        cand, counts = placement.choice_tables(rank, nodes=nodes)
+        self.rank, self.nodes = rank, nodes
         self.register_buffer("cand_EC", cand.to(device), persistent=False)
         self.register_buffer("count_E", counts.to(device), persistent=False)
 
     def update(self, placement: ReplicatedPlacement) -> None:
-        cand, counts = placement.choice_tables(self.rank, self.cand_EC.shape[1])
+        cand, counts = placement.choice_tables(self.rank, self.cand_EC.shape[1], self.nodes)
         self.cand_EC.copy_(cand)
         self.count_E.copy_(counts)
 

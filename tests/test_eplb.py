@@ -137,6 +137,32 @@ def test_replica_choice_prefers_the_own_rank_and_spreads_the_rest():
     assert empty.tolist() == [[-1, 0]]
 
 
+def test_replica_choice_prefers_the_own_node_next():
+    # logical 0 on ranks 0 and 2 (physical 0, 4); nodes [0, 0, 1, 1]
+    p = ReplicatedPlacement(torch.tensor([0, 1, 2, 3, 0, 4, 5, 6]), 4)
+    ids = torch.zeros(8, 1, dtype=torch.int64)
+    for rank, want in ((1, {0}), (3, {4})):
+        near = ReplicaChoice(p, rank, "cpu", nodes=(0, 0, 1, 1)).to_physical(ids)
+        assert set(near.flatten().tolist()) == want  # the replica on its own node
+        spread = ReplicaChoice(p, rank, "cpu").to_physical(ids)
+        assert set(spread.flatten().tolist()) == {0, 4}  # no nodes: both replicas
+    # a node without a replica spreads over all of them
+    far = ReplicaChoice(p, 1, "cpu", nodes=(0, 1, 2, 2)).to_physical(ids)
+    assert set(far.flatten().tolist()) == {0, 4}
+    layer = _layer(R=4, replica_nodes=(0,))
+    assert layer(syn.tokens(SEED, 0, 3, H)).shape == (3, H)
+
+
+@pytest.mark.parametrize(("nodes", "exc", "match"), [
+    ((0, 1), ValueError, "must hold W=1 node"), ((-1,), ValueError, "indices >= 0"),
+    ("0", TypeError, "sequence of ints"), ((0.0,), TypeError, "sequence of ints")])
+def test_bad_replica_nodes(nodes, exc, match):
+    with pytest.raises(exc, match=match):
+        _layer(R=4, replica_nodes=nodes)
+    with pytest.raises(ValueError, match="only means something with EPLB"):
+        _layer(R=None, replica_nodes=(0,))
+
+
 def test_choice_tables_keep_their_shape_across_placements():
     a = ReplicatedPlacement.initial(4, 2, 2)
     b = ReplicatedPlacement(torch.tensor([0, 0, 0, 1, 2, 3]), 2)  # 3 replicas of logical 0

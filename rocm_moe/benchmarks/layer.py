@@ -109,7 +109,8 @@ def _skew_direction(hidden: int) -> torch.Tensor:
     return u / u.norm()
 
 
-def _build(cfg: dict, s: dict, comm: str, T: int, info: WorkerInfo, dtype) -> EPMoE:
+def _build(cfg: dict, s: dict, comm: str, T: int, info: WorkerInfo, dtype,
+           nodes: list[int] | None = None) -> EPMoE:
     from rocm_moe import backends
 
     R = cfg.get("redundant_experts")
@@ -119,7 +120,8 @@ def _build(cfg: dict, s: dict, comm: str, T: int, info: WorkerInfo, dtype) -> EP
     layer = EPMoE(hidden_size=s["hidden"], intermediate_size=s["intermediate"],
                   router=_router(s), dispatcher=disp, experts=backends.make_experts(cfg["experts"]),
                   shared_intermediate_size=s["shared_intermediate"], dtype=dtype,
-                  device=info.device, validate=False, num_redundant_experts=R)
+                  device=info.device, validate=False, num_redundant_experts=R,
+                  replica_nodes=None if R is None or nodes is None else tuple(nodes))
     return layer
 
 
@@ -369,7 +371,7 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
             continue
         for T in cfg["tokens"]:
             if layer is None:  # one set of weights, built once (DeepSeek-V3's take a while)
-                layer = _build(cfg, s, comm, T, info, dtype)  # synthetic weights of seed 0
+                layer = _build(cfg, s, comm, T, info, dtype, nodes)  # synthetic weights, seed 0
                 if cfg["seed"]:
                     layer.reset_parameters(seed=cfg["seed"])
                 base_gate = layer.gate.weight.detach().float().clone()
