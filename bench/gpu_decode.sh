@@ -17,8 +17,8 @@ run() {  # name, flags...
   python3 -m rocm_moe.cli bench decode --out "$OUT" --name "decode_${name}_$TAG" "$@" \
     2>&1 | tee "$OUT/decode_${name}_$TAG.txt"
 }
-run qwen3_bf16_local --model qwen3-30b-a3b --tokens 1 8 64 128
 run qwen3_bf16_symm --model qwen3-30b-a3b --comm symm --max-tokens-per-rank 128 1024 16384 \
   --tokens 1 8 128
+run qwen3_bf16_local --model qwen3-30b-a3b --tokens 1 8 64 128
 run qwen3_fp8_local --model qwen3-30b-a3b --format fp8 --tokens 1 8 64 128
 run dsv3_bf16_local --model deepseek-v3 --tokens 1 8 128
