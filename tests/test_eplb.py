@@ -367,17 +367,43 @@ def test_fp8_layer_rebalances_its_fp8_weights_and_scales():
     assert rel_err(layer(x), y0) < TOL[torch.float32]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_captured_graph_follows_a_rebalance():
+def _graph_worker(info) -> dict:
+    """bench layer's GPU path: symm dispatch, Triton experts, bf16, a CUDA graph captured
+    before a rebalance and replayed after it."""
+    from rocm_moe.comm.symm import SymmDispatcher
+    from rocm_moe.experts.triton import TritonExperts
     from rocm_moe.graphs import GraphedEPMoE
 
-    layer = _layer(R=4, device="cuda", validate=False, invariant=True)
-    x = (syn.tokens(SEED, 0, 16, H) * 3).cuda()
-    graphed = GraphedEPMoE(layer, buckets=(16,))
+    W, R, T = info.world_size, 4, 16
+    disp = SymmDispatcher(Placement.contiguous(E + R, W), hidden_size=H, top_k=K,
+                          dtype=torch.bfloat16, max_tokens_per_rank=T)
+    layer = EPMoE(hidden_size=H, intermediate_size=I, router=ROUTER, dispatcher=disp,
+                  experts=TritonExperts(), dtype=torch.bfloat16, device=info.device,
+                  validate=False, num_redundant_experts=R)
+    layer.reset_parameters(seed=SEED)
+    x = (syn.tokens(SEED, info.rank, T, H) * 3).bfloat16().to(info.device)
+    graphed = GraphedEPMoE(layer, buckets=(T,))
     y0 = graphed(x).clone()
-    assert torch.equal(y0, layer(x))
-    layer.rebalance(torch.tensor([7, 6, 5, 4, 3, 2, 1, 0, 0, 0, 1, 1]))
-    assert torch.equal(graphed(x), y0)  # the tables and weights changed in place
+    out = dict(before=bool(torch.equal(y0, layer(x))))
+    table = layer.replicas.phys_to_log.flip(0)
+    layer.rebalance(table)
     steps = layer.expert_load(scope="rank").steps
-    graphed(x)
-    assert layer.expert_load(scope="rank").steps == min(steps + 1, 64)  # counted in the graph
+    y1 = graphed(x).clone()
+    out.update(after=bool(torch.equal(y1, layer(x))), err=rel_err(y1, y0),
+               counted=layer.expert_load(scope="rank").steps - steps,
+               same_table=layer.replicas.phys_to_log.tolist() == table.tolist())
+    return out
+
+
+@pytest.mark.parametrize("W", [
+    pytest.param(W, marks=pytest.mark.skipif(torch.cuda.device_count() < W,
+                                              reason=f"needs {W} GPU(s)")) for W in (1, 2)])
+def test_captured_graph_follows_a_rebalance(W):
+    from rocm_moe.distributed import launch
+
+    for rank, r in enumerate(launch(W, _graph_worker, backend="nccl", timeout_s=120)):
+        assert r["before"], rank  # replay == eager, bit for bit
+        assert r["after"], rank  # the tables and weights changed in place under the graph
+        assert r["same_table"], rank
+        assert r["err"] < TOL[torch.bfloat16], (rank, r)
+        assert r["counted"] == 2, (rank, r)  # the replay and the eager forward were counted
