@@ -6,9 +6,10 @@ weights, refusals of a bad or differing table on every rank, and a rank that fai
 weight move: named by its peers, and no rank keeps half a placement.
 
 One launch per W runs every check (spawning ranks takes seconds); each check is its own test
-through the results. The failing-rank launches use an 8 s collective timeout: a survivor waits
-that long at most for its peers' failure records, and on a loaded machine a healthy peer may
-post its own late (3 s named a slow healthy rank as silent once, on 2 cores at load 15)."""
+through the results. The failing-rank launches at W = 3 use an 8 s collective timeout: a
+survivor waits that long at most for its peers' failure records, and on a loaded machine a
+healthy peer may post its own late (3 s named a slow healthy rank as silent once, on 2 cores at
+load 15); W = 2 (one survivor) uses 3 s."""
 
 from __future__ import annotations
 
@@ -303,7 +304,8 @@ def _fail_worker(info, how: str, out: str) -> int:
     W, rank = info.world_size, info.rank
     failing = W - 1
     E, R = 8, 4
-    layer = _layer(E, R, W, timeout=datetime.timedelta(seconds=8))
+    # W = 2: the one survivor waits only for the failing rank; W = 3: see the module docstring
+    layer = _layer(E, R, W, timeout=datetime.timedelta(seconds=3 if W == 2 else 8))
     x = _x(rank)
     layer(x)
     w13 = layer.w13.detach().clone()
