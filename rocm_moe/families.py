@@ -83,7 +83,7 @@ class ModelFamily:
     expert_bias: bool = False  # the routed experts' projections have biases (gpt-oss)
     weights_on_input: bool = False  # the routing weight scales the expert's input (Llama 4)
     unsupported_flags: tuple[str, ...] = ()  # config flags whose models rocm_moe cannot run
-    fused_hidden_first: bool = True  # the block's fused tensors are [E, H, 2I] / [E, I, H]
+    fused_hidden_first: bool = True  # a fused family's block holds [E, H, 2I] / [E, I, H]
     block_returns_tuple: bool = False  # the block returns (hidden_states, router scores)
     layers_prefix: str = "model.layers"  # the decoder layers (a VL model: its language model)
     text_config: bool = False  # the MoE fields live in config.text_config (a VL model)

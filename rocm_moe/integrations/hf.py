@@ -558,7 +558,7 @@ def weights_from_block(block: nn.Module, config, placement: Placement,
     bias = getattr(router, "e_score_correction_bias", None)
     if bias is None and hasattr(router, "moe_statics"):  # ERNIE 4.5: [1, E]
         bias = router.moe_statics.e_score_correction_bias.reshape(-1)
-    if fam.fused_hidden_first:  # [E, H, 2I] / [E, I, H] (gpt-oss, Llama 4)
+    if fam.fused_experts and fam.fused_hidden_first:  # [E, H, 2I] / [E, I, H] (gpt-oss, ...)
         experts = [fused_to_local(ex.gate_up_proj[e].detach(), ex.down_proj[e].detach(),
                                   interleaved=fam.interleaved_gate_up,
                                   gate_up_bias=ex.gate_up_proj_bias[e].detach()
