@@ -58,10 +58,13 @@ KernelType = enum.Enum("EpDispatchCombineKernelType",
                        ["IntraNode", "IntraNodeLL", "InterNode", "InterNodeV1", "InterNodeV1LL",
                         "AsyncLL"])
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8_ocp",
-           torch.float8_e4m3fnuz: "fp8_fnuz"}  # DC _DTYPE_SUFFIX
+           torch.float8_e4m3fnuz: "fp8_fnuz", torch.float4_e2m1fn_x2: "fp4"}  # DC _DTYPE_SUFFIX
 # The FP8 kernels a build has: HIP defines one FP8 encoding per GPU (include/mori/utils/
 # data_types.hpp); MORI's tests run fnuz on gfx94x only, ocp on gfx95x only (tests/python/utils.py).
 _ARCH_FP8 = {"gfx942": torch.float8_e4m3fnuz, "gfx950": torch.float8_e4m3fn}
+# FP4 (two e2m1 per byte, H/2 bytes a row) has kernels on gfx950 only (the fp4 conversion
+# instructions; DC refuses fp4_blockwise elsewhere, ~520).
+_ARCH_FP4 = {"gfx950"}
 _V1 = ("InterNodeV1", "InterNodeV1LL")
 
 
@@ -335,6 +338,9 @@ class FakeMoriOp:
         if x.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz) and x.dtype != fp8:
             raise RuntimeError(f"HIP error 500: hipModuleGetFunction({kernel}_"
                                f"{_SUFFIX[x.dtype]}) (a {self.mori.arch} build has {fp8} only)")
+        if x.dtype == torch.float4_e2m1fn_x2 and self.mori.arch not in _ARCH_FP4:
+            raise RuntimeError(f"HIP error 500: hipModuleGetFunction({kernel}_fp4) (FP4 kernels "
+                               f"are built for gfx950, not {self.mori.arch})")
         if x.element_size() > self.cfg.max_token_type_size or x.shape[1] > self.cfg.hidden_dim:
             raise ContractError(f"x {tuple(x.shape)} {x.dtype} overflows buffers of hidden_dim "
                                 f"{self.cfg.hidden_dim} x {self.cfg.max_token_type_size} bytes")
@@ -354,7 +360,11 @@ class FakeMoriOp:
         if indices.dtype != torch.int32:
             raise ContractError(f"indices must be int32, got {indices.dtype} (read as int32)")
         _check_row_major("dispatch indices", indices)
-        if weights.dtype != torch.float32:
+        if weights is None:  # weight_ptr 0: the kernels skip the weights where they check
+            if self.kt in _V1:  # internode_v1.cpp ~685 copies from weightsBuf unchecked
+                raise ContractError(f"{self.kt} dispatch reads the weights unchecked: None "
+                                    "is a null-pointer read")
+        elif weights.dtype != torch.float32:
             raise ContractError(f"weights must be float32, got {weights.dtype}")
         T, K = indices.shape
         if T > c.max_num_inp_token_per_rank:
@@ -365,7 +375,6 @@ class FakeMoriOp:
         everyone = [None] * dist.get_world_size(self.group)  # (fp8 does not pickle: bytes)
         dist.all_gather_object(everyone, (input.contiguous().view(torch.uint8), weights,
                                           indices, scales), group=self.group)
-        everyone = [(x.view(input.dtype), w, i, s) for x, w, i, s in everyone]
         rows = []  # (source rank, source token) delivered here, once per unique destination
         for src, (_, _, ids, _) in enumerate(everyone):
             for t in range(ids.shape[0]):
@@ -393,6 +402,8 @@ class FakeMoriOp:
         c = self.cfg
         if scales is None:
             return None
+        if c.scale_dim <= 0 and scales.numel() == 0:
+            return None  # empty [T, 0] scales with scale_dim 0: has_scales False, nothing lost
         if c.scale_dim <= 0:
             raise ContractError("scales passed with config.scale_dim=0: MORI ignores them "
                                 "(has_scales is False) and returns no scales")
@@ -408,17 +419,22 @@ class FakeMoriOp:
 
     def _deliver(self):
         everyone, rows, count = self._pending
-        x = self._view(self._x, len(rows), self._H, self._dtype)
+        x = self._view(self._x, len(rows), self._H * self._dtype.itemsize, torch.uint8)
         sb = self.cfg.scale_dim * self.cfg.scale_type_size
-        for r, (src, t) in enumerate(rows):
+        for r, (src, t) in enumerate(rows):  # rows move as bytes (FP8 and FP4 alike)
             x[r] = everyone[src][0][t]
-            self._w[r], self._i[r] = everyone[src][1][t], everyone[src][2][t]
+            self._i[r] = everyone[src][2][t]
+            if everyone[src][1] is not None:  # no weights: the buffer keeps what it held
+                self._w[r] = everyone[src][1][t]
             if self._s_dtype is not None:
                 if everyone[src][3] is None:
                     raise ContractError(f"rank {src} dispatched no scales: its rows' scales "
                                         "here are whatever the buffer held")
                 self._s[r * sb:(r + 1) * sb] = everyone[src][3][t]
-        device_value(self._total)[0] = len(rows)
+        if self.kt == "AsyncLL":  # its receive sets the count (prefix sum)
+            device_value(self._total)[0] = len(rows)
+        else:  # the others atomicAdd it (intranode.hpp ~227); only combine zeroes it (~482)
+            device_value(self._total)[0] += len(rows)
         if count:
             local = self._i[:len(rows)].long() - self.rank * self.cfg.num_experts_per_rank
             ok = (local >= 0) & (local < self.cfg.num_experts_per_rank)
@@ -462,11 +478,12 @@ class FakeMoriOp:
             raise ContractError(f"combine input has {input.shape[0]} rows, {R} were received")
         has_w = weights is not None and weights.shape[0] != 0
         everyone = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(everyone, (input[:R].clone(),
+        dist.all_gather_object(everyone, (input[:R].contiguous().view(torch.uint8).clone(),
                                           weights[:R].clone() if has_w else None, rows),
-                               group=self.group)
+                               group=self.group)  # as bytes: FP8 tensors do not pickle
         partial = {}  # (dest rank, my token) -> (row, weights)
         for d, (part, w, their_rows) in enumerate(everyone):
+            part = part.view(input.dtype)
             for r, (src, t) in enumerate(their_rows):
                 if src == self.rank:
                     partial[d, t] = (part[r].float(), None if w is None else w[r])
@@ -525,30 +542,40 @@ def fake_mori_op(config: dict, groups=(), arch: str = "gfx942") -> FakeMoriOp:
 
 
 # ---- AITER --------------------------------------------------------------------------------------
-FakeQuantType = enum.Enum("QuantType", "No per_Tensor per_Token per_1x32 per_1x128 per_128x128")
-_TILE_N, _TILE_K = 16, 32  # aiter.ops.shuffle.shuffle_weight's default layout (16, 16), bf16
+# csrc/include/aiter_enum.h (aiter/ops/enum.py parses it): a C++ enum class, so 0-based.
+_QUANT_TYPES = ["No", "per_Tensor", "per_Token", "per_1x32", "per_1x128", "per_128x128",
+                "per_256x128", "per_1024x128"]
+FakeQuantType = enum.IntEnum("QuantType", [(n, i) for i, n in enumerate(_QUANT_TYPES)])
+_TILE_N, _TILE_K = 16, 32  # aiter.ops.shuffle.shuffle_weight's default layout (16, 16)
 
 
 def shuffleable(w: torch.Tensor) -> bool:
     return w.shape[-2] % _TILE_N == 0 and w.shape[-1] % _TILE_K == 0
 
 
+def _tiles(w: torch.Tensor) -> tuple[int, ...]:
+    """[e, N, K] as AITER's shuffle views it: [e, N/16, 16, K/32, 32/P, P], P = 16 bytes."""
+    e, N, K = w.shape
+    P = 16 // w.element_size()
+    return e, N // _TILE_N, _TILE_N, K // _TILE_K, _TILE_K // P, P
+
+
 def fake_shuffle_weight(w: torch.Tensor, layout=(16, 16)) -> torch.Tensor:
-    """A tiled re-layout like AITER's shuffle_weight (same shape, elements permuted within
-    16 x 32 tiles), tagged ``is_shuffled``; a plain reader of it gets garbage."""
+    """AITER's shuffle_weight layout (aiter/ops/shuffle.py ~192, layout (16, 16)): the same
+    shape, each 16 x 32 tile stored as its 16-byte packs of a row, pack-major then row-major;
+    tagged ``is_shuffled``. A plain reader of it gets garbage."""
     if not shuffleable(w):
         raise AssertionError(f"{tuple(w.shape)} is not a multiple of {_TILE_N} x {_TILE_K}")
-    e, N, K = w.shape
-    t = w.reshape(e, N // _TILE_N, _TILE_N, K // _TILE_K, _TILE_K)
-    out = t.permute(0, 1, 3, 4, 2).contiguous().view(e, N, K)
+    dims = _tiles(w)
+    out = w.reshape(dims).permute(0, 1, 3, 4, 2, 5).contiguous().view(w.shape)
     out.is_shuffled = True
     return out
 
 
 def _unshuffle(w: torch.Tensor) -> torch.Tensor:
-    e, N, K = w.shape
-    t = w.reshape(e, N // _TILE_N, K // _TILE_K, _TILE_K, _TILE_N)
-    return t.permute(0, 1, 4, 2, 3).reshape(e, N, K)
+    e, tn, n, tk, pk, p = _tiles(w)
+    t = w.reshape(e, tn, tk, pk, n, p)
+    return t.permute(0, 1, 4, 2, 3, 5).reshape(w.shape)
 
 
 class FakeFusedMoe:
@@ -583,8 +610,10 @@ class FakeFusedMoe:
                  num_local_tokens=None, quant_type=FakeQuantType.No, w1_scale=None,
                  w2_scale=None, a1_scale=None, a2_scale=None, dtype=None, **kw):
         self.calls += 1
-        if not isinstance(quant_type, FakeQuantType):
-            raise ContractError(f"quant_type must be a QuantType, got {quant_type!r}")
+        if isinstance(quant_type, bool) or not isinstance(quant_type, int) or \
+                quant_type not in set(FakeQuantType):  # FM: QuantType(quant_type)
+            raise ContractError(f"quant_type must be a QuantType or its int, got {quant_type!r}")
+        quant_type = FakeQuantType(quant_type)
         if quant_type not in (FakeQuantType.No, FakeQuantType.per_1x128):
             raise ContractError(f"the fake models QuantType.No and per_1x128, not {quant_type}")
         fp8 = quant_type == FakeQuantType.per_1x128

@@ -458,6 +458,7 @@ class MoriDispatcher(Dispatcher):
         self.launch = LAUNCH.get(self.kernel_type, {})
         self.capacity_sized = capacity_sized
         self.launch_mode = launch_mode()
+        self._abandoned: int | None = None  # a batch left uncombined: MORI's count is stale
         check_agreement(self, group)  # every rank the same config, before MORI's barriers
         self._rows: dict[torch.device, torch.Tensor] = {}
         mori = mori or _import_mori()
@@ -468,6 +469,22 @@ class MoriDispatcher(Dispatcher):
         return dict(super().config(), kernel_type=self.kernel_type,
                     gpu_per_node=self.mori_config["gpu_per_node"],
                     capacity_sized=self.capacity_sized, launch_mode=self.launch_mode)
+
+    def abandon(self, handle, stage: str, exc: BaseException) -> None:
+        """MORI's dispatch adds to its received-row counter and only its combine zeroes it
+        (intranode.hpp ~227, 482): a batch left uncombined leaves the count behind, so this op
+        takes no further batch (``_check_free``)."""
+        self._abandoned = handle.batch_id
+        super().abandon(handle, stage, exc)
+
+    def _check_free(self) -> None:
+        if self._abandoned is not None:
+            raise _bad("dispatch", "a new batch", f"batch {self._abandoned} of this MORI "
+                       "dispatcher was left between dispatch and combine, and MORI's dispatch "
+                       "adds to a received-row counter that only its combine zeroes: the "
+                       "next count would include the old rows",
+                       "build a new MoriDispatcher (and a new EP group if a peer failed)")
+        super()._check_free()
 
     def raw_unsupported_reason(self) -> str | None:
         return RAW_REASON

@@ -483,6 +483,30 @@ def _check_adapter_guards(info, seed):
     return msgs
 
 
+def _check_abandoned_batch_refuses_the_next(info, seed):
+    """Issue 32 item 8: MORI's dispatch ADDS the rows it delivers to its received-row counter
+    and only combine zeroes it (intranode.hpp ~227, 482 at 624002c8; the fake does so now), so
+    after a batch left between dispatch and combine (the layer's ``abandon``, its experts
+    raised) the next dispatch would read the old rows' count plus its own. The dispatcher
+    refuses instead, naming the fix."""
+    d = _mori(info)
+    x, w, ids = _batch(info.rank, 9, seed, empty=0.0)
+    first = d.dispatch(x, w, ids)
+    R1 = first.num_received
+    d.abandon(first.handle, "experts", RuntimeError("an expert raised"))
+    try:
+        d.dispatch(x, w, ids)
+    except ValueError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("a dispatch after an abandoned batch was accepted")
+    assert d.op.calls == ["dispatch"], "refused before MORI ran"
+    op = d.op  # what MORI itself does with a second dispatch: the counts add up
+    op.dispatch(x, w, None, ids.int())
+    assert int(op._outputs()[4][0]) == 2 * R1
+    return message
+
+
 def _check_sanity_suite_on_fakes(info, seed):
     """What `rocm-moe sanity --comm mori --experts aiter` checks on MI300, on the fakes."""
     from rocm_moe.sanity import run_sanity
@@ -660,6 +684,54 @@ def _check_fake_lifecycle(info, seed):
     return out
 
 
+def _check_fake_follows_upstream_details(info, seed):
+    """Issue 32 item 8, what MORI does (624002c8): empty [T, 0] scales with scale_dim 0 are
+    accepted and dropped (DC dispatch: has_scales needs scale_dim > 0); weights=None is
+    accepted where the kernels check the pointer (IntraNode) and a null read on InterNodeV1
+    (internode_v1.cpp ~685); FP8 rows combine in FP8 (sums in FP8); FP4 (float4_e2m1fn_x2,
+    DC _DTYPE_SUFFIX) has kernels on gfx950 builds only."""
+    p = Placement.contiguous(E, info.world_size)
+    cfg = mori_config(p, info.rank, hidden_size=H, top_k=K, dtype=torch.float32,
+                      max_tokens_per_rank=CAP)
+    x, w, ids = _batch(info.rank, 9, seed, empty=0.0)
+    U = torch.tensor([p.owner(r[r >= 0]).unique().numel() for r in ids]).float()
+    op = fake_mori_op(cfg)
+    out = op.dispatch(x, None, torch.empty(9, 0), ids.int())
+    R = int(out[4][0])
+    assert out[2] is None, "empty scales: none back"
+    back, _ = op.combine(out[0], None, ids.int())
+    assert torch.equal(back[:9], x * U[:, None])
+    fnuz = torch.float8_e4m3fnuz
+    q = (x / 4).to(fnuz)
+    out = op.dispatch(q, w, None, ids.int())
+    assert int(out[4][0]) == R
+    back, _ = op.combine(out[0][:R].clone(), None, ids.int())
+    assert back.dtype == fnuz  # the same FP8 both ways: MORI sums and writes FP8
+    torch.testing.assert_close(back[:9].float(), (q.float() * U[:, None]).to(fnuz).float(),
+                               rtol=0.13, atol=0)
+    v1 = fake_mori_op({**cfg, "kernel_type": "InterNodeV1", "gpu_per_node": 1, "block_num": 96,
+                       "rdma_block_num": 64})
+    try:
+        v1.dispatch(x, None, None, ids.int())
+        raise AssertionError("InterNodeV1 took weights=None")
+    except ContractError:
+        pass
+    fp4 = torch.randint(0, 255, (9, H // 2), dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    found = {}
+    for arch in ("gfx942", "gfx950"):
+        o = fake_mori_op(cfg, arch=arch)
+        try:
+            res = o.dispatch(fp4, w, None, ids.int())
+            mine = [t for s, t in o._rows if s == info.rank]
+            found[arch] = all(torch.equal(res[0][r].view(torch.uint8), fp4[t].view(torch.uint8))
+                              for r, (s, t) in enumerate(o._rows) if s == info.rank) and \
+                len(mine) == sum(1 for r in ids if (p.owner(r[r >= 0]) == info.rank).any())
+        except RuntimeError as exc:
+            found[arch] = "fp4" in str(exc) and "error"
+    assert found == {"gfx942": "error", "gfx950": True}, found
+    return found
+
+
 CHECKS = collect_checks(globals(), skip=())
 
 
@@ -695,6 +767,7 @@ def test_fake_messages(suite):
         assert "MORI_SHMEM_HEAP_SIZE=1G" in res["heap_overflow_refused_before_mori"]["value"]
         assert "host read" in res["padded_path_reads_nothing_on_the_host"]["value"]
         assert "kernel_type by rank" in res["ranks_disagreeing_refused_before_mori"]["value"]
+        assert "combine zeroes" in res["abandoned_batch_refuses_the_next"]["value"]
 
 
 @pytest.mark.gpu

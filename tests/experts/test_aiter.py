@@ -234,6 +234,39 @@ def test_shuffle_both_or_neither(Hs, Is, gen):
         aiter(x, ids, w, fake_shuffle_weight(w13), w2, emap, weight_mode="experts")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fnuz, torch.float32])
+def test_fake_shuffle_is_aiters_permutation(dtype):
+    """Issue 32 item 8: AITER's shuffle_weight (aiter/ops/shuffle.py ~192 at e4048607, layout
+    (16, 16)) cuts [N, K] into 16-row x 32-column tiles and inside a tile puts packs of
+    P = 16 bytes / element size columns outermost, then the 16 rows, then the P columns of a
+    pack: out, read in order, holds w[16 tn + n, 32 tk + P pk + j] for (tn, tk, pk, n, j).
+    Checked element by element, the rows and the columns each numbered in the dtype's bits."""
+    N, K = 32, 64
+    P = 16 // dtype.itemsize
+    order = [(16 * tn + n, 32 * tk + P * pk + j)
+             for tn in range(N // 16) for tk in range(K // 32) for pk in range(32 // P)
+             for n in range(16) for j in range(P)]
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[dtype.itemsize]
+    rows = torch.arange(N)[:, None].expand(N, K)
+    cols = torch.arange(K)[None, :].expand(N, K)
+    got = [fake_shuffle_weight(t.to(bits)[None].contiguous().view(dtype))
+           for t in (rows, cols)]
+    assert all(g.is_shuffled for g in got)
+    seen = list(zip(*(g.view(bits).flatten().tolist() for g in got), strict=True))
+    assert seen == order
+
+
+def test_fake_quant_type_is_zero_based():
+    """Issue 32 item 8: AITER's QuantType comes from csrc/include/aiter_enum.h (No = 0 ...
+    per_1x128 = 4) and fused_moe takes it as an int (``quant_type: int``, FM ~706)."""
+    from tests.fakes import FakeQuantType
+
+    assert FakeQuantType.No.value == 0
+    assert FakeQuantType.per_1x128.value == 4
+    assert FakeQuantType.per_1024x128.value == 7
+    assert FakeQuantType(4) is FakeQuantType.per_1x128
+
+
 @pytest.mark.parametrize("mode", ["weighted", "raw"])
 def test_no_rows_no_call(mode, gen):
     """Defect 7: a rank that received nothing must not call fused_moe with M = 0."""

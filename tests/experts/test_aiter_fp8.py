@@ -229,7 +229,7 @@ def test_fake_enforces_the_fp8_contract(gen):
         (dict(good, a2_scale=q.scale), "a2_scale"),
         (dict(good, dtype=torch.float32), "unsupported out dtype"),
         (dict(good, quant_type=FakeQuantType.per_Token), "per_1x128"),
-        (dict(good, quant_type=4), "QuantType"),
+        (dict(good, quant_type=9), "QuantType"),  # AITER takes the int (0-based); 9 is none
     ]
     for kw, msg in bad:
         with pytest.raises(ContractError, match=msg):
