@@ -47,12 +47,25 @@ capture (a decode bucket within the budget) no collective and no host read runs.
 Backends: ``ROCM_MOE_SGLANG_COMM`` / ``ROCM_MOE_SGLANG_EXPERTS`` when set, else the fastest that
 runs here (``pool.fastest_comm`` / ``pool.fastest_experts``, logged once).
 
+EPLB and redundant experts (``--enable-eplb``, ``--ep-num-redundant-experts R``): SGLang's EPLB
+drives, rocm_moe computes physical experts. The layer holds P = E + R physical experts, P / W per
+rank, contiguous (``ExpertLocationMetadata``: physical p on rank p // (P / W)), so the
+dispatcher's placement is the contiguous one of P; SGLang's TopK maps each logical id to a
+physical one (``topk_ids_logical_to_physical``: "static" prefers a replica on the token's own
+rank) before dispatch. Its expert distribution recorder, under ``--moe-a2a-backend mori``, reads
+the dispatcher's per-local-expert counts: rocm_moe's dispatcher reports them in MORI's place
+(``record_expert_distribution``). Its EPLB manager moves the weights inside ``w13_weight`` /
+``w2_weight`` and rewrites the metadata, in place, between steps; the experts read the weights at
+every call and the physical -> local map never changes. ``replicas_from_sglang`` gives a layer's
+placement as rocm_moe's ``ReplicatedPlacement``.
+
 Refused with a ValueError at construction, before any collective: quantised layers, fused shared
 experts, activations other than SiLU-gated, a clamped or scaled SwiGLU (``swiglu_limit``,
-``gemm1_clamp_limit``, ``gemm1_alpha``/``gemm1_beta``), biased experts, ``no_combine``, EPLB and
-redundant experts, the MoE layout in which SGLang replicates every token on every EP rank
-(``--moe-a2a-backend none`` with EP > 1: SGLang then sums the ranks' outputs, which would count
-rocm_moe's complete outputs W times), ``apply_router_weight_on_input`` with K > 1 (at dispatch).
+``gemm1_clamp_limit``, ``gemm1_alpha``/``gemm1_beta``), biased experts, ``no_combine``, physical
+experts that do not split evenly over the EP ranks, the MoE layout in which SGLang replicates
+every token on every EP rank (``--moe-a2a-backend none`` with EP > 1: SGLang then sums the
+ranks' outputs, which would count rocm_moe's complete outputs W times),
+``apply_router_weight_on_input`` with K > 1 (at dispatch).
 """
 
 from __future__ import annotations
@@ -69,6 +82,7 @@ from rocm_moe.comm.base import CombineHandle, Dispatcher
 from rocm_moe.experts.base import Experts
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.placement import Placement
+from rocm_moe.replicas import ReplicatedPlacement
 from rocm_moe.weighting import ExpertsOutput, WeightMode, resolve_weight_mode
 
 SGLANG_VERSION = "0.5.23"
@@ -162,6 +176,7 @@ def _classes() -> SimpleNamespace:
             if self.routed_scaling_factor not in (None, 1.0):
                 w = w * float(self.routed_scaling_factor)
             d = self.dispatcher.dispatch(x, w, topk_output.topk_ids, validate=not capturing())
+            record_expert_distribution(self.dispatcher, d)
             router_logits = getattr(topk_output, "router_logits", None)
             topk = StandardTopKOutput(topk_weights=d.topk_weights, topk_ids=d.topk_ids,
                                       router_logits=router_logits)
@@ -192,6 +207,47 @@ def __getattr__(name: str):
     if name in _EXPORTED:
         return getattr(_classes(), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def record_expert_distribution(dispatcher: Dispatcher, d) -> None:
+    """Under ``--moe-a2a-backend mori`` SGLang's expert distribution recorder (what its EPLB
+    manager rebalances from) counts the (row, slot) pairs each rank's local physical experts
+    receive, from MORI's dispatcher; rocm_moe's dispatcher runs in MORI's place, so it hands
+    the recorder the same [e] counts, when and as MORI's would (the rule of SGLang's
+    ``_should_record_expert_distribution``, its ``_record_local_expert_count``). Device ops only:
+    a scatter-add over the received ids (also under CUDA-graph capture)."""
+    try:
+        from sglang.srt.layers.moe.token_dispatcher import moriep
+    except ImportError:  # (the pinned SGLang has it; a build without MORI's module records
+        return  # nothing from the dispatcher, as SGLang itself would)
+    # moriep._should_record_expert_distribution's rule, with a capture test that does not
+    # initialise CUDA on a machine without a GPU (SGLang's asks torch.get_device_module())
+    recorder = moriep.get_global_expert_distribution_recorder()
+    if not recorder.recording and not (
+            capturing() and not isinstance(recorder, moriep._ExpertDistributionRecorderNoop)):
+        return
+    emap = dispatcher.expert_map_on(d.x.device)
+    local = emap.local_ids(d.topk_ids).reshape(-1) + 1  # 0: not local or empty
+    counts = torch.zeros(emap.num_local + 1, dtype=torch.int64, device=local.device)
+    counts.scatter_add_(0, local, torch.ones_like(local))
+    moriep._record_local_expert_count(counts[1:])
+
+
+def replicas_from_sglang(layer_id: int, metadata=None) -> ReplicatedPlacement:
+    """Layer ``layer_id``'s placement in SGLang's ``ExpertLocationMetadata`` (default: the
+    process's, ``get_global_expert_location_metadata()``) as rocm_moe's
+    ``ReplicatedPlacement``: ``physical_to_logical_map[layer_id]`` [P], rank r holding
+    physical experts [r P / W, (r + 1) P / W) in both. SGLang rewrites the metadata in place at
+    each rebalance: call again after one."""
+    if metadata is None:
+        from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+
+        metadata = get_global_expert_location_metadata()
+        if metadata is None:
+            raise _refuse("expert_location_metadata", None, "SGLang has not set it",
+                          "call this inside a server, after the model runner initialised it")
+    return ReplicatedPlacement(metadata.physical_to_logical_map_cpu[layer_id],
+                               metadata.ep_size, metadata.num_logical_experts)
 
 
 def capturing() -> bool:
@@ -313,24 +369,20 @@ def check_layer(moe_runner_config) -> None:
     E, e = cfg.num_experts, cfg.num_local_experts
     if not e or E % e:
         raise _refuse("num_experts, num_local_experts", (E, e), "every EP rank must hold "
-                      "E / W experts (redundant EPLB experts are not rocm_moe experts)",
-                      "serve without --ep-num-redundant-experts")
+                      "the same number of (physical) experts: (E + redundant) / W",
+                      "pick --ep-num-redundant-experts so that E + R is a multiple of the EP "
+                      "size")
     _check_engine_flags(W=E // e)
 
 
 def _check_engine_flags(W: int) -> None:
-    """EPLB, redundant experts, and the token layout SGLang gives the MoE (published flags)."""
+    """The token layout SGLang gives the MoE (published flags)."""
     try:
         from sglang.srt.runtime_context import get_exec
 
-        moe = get_exec().moe
-        eplb, redundant = moe.enable_eplb, moe.ep_num_redundant_experts
+        get_exec().moe  # noqa: B018 (published server arguments, else not in a server)
     except (ImportError, AttributeError, RuntimeError, ValueError):
         return  # no published server arguments (a layer built outside a server)
-    if eplb or redundant:
-        raise _refuse("enable_eplb, ep_num_redundant_experts", (eplb, redundant),
-                      "EPLB moves and replicates experts; rocm_moe places E / W experts per "
-                      "rank, contiguously", "serve without --enable-eplb and redundant experts")
     from sglang.srt.layers.moe.utils import (
         get_moe_a2a_backend,
         is_moe_input_scattered_across_dp_ranks,

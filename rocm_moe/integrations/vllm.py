@@ -47,11 +47,25 @@ CUDA graphs: under capture the adapter reads nothing on the host (no value check
 agreement, capacity-sized received rows passed as they are); eager forwards may read the
 received-row count once per layer (to run the experts on the rows that arrived only).
 
+EPLB (``--enable-eplb``, ``--eplb-config '{"num_redundant_experts": R, ...}'``): vLLM's EPLB
+drives, rocm_moe computes physical experts. The layer holds P = E + R physical experts, P / W
+per rank, contiguous (vLLM's linear expert map; the dispatcher's placement is the contiguous
+one of P); vLLM's router maps each logical id to a physical one and counts the load in its
+``expert_load_view`` before the kernel sees the ids, so prepare / finalize and the experts run
+physical ids as they run expert ids without EPLB. vLLM's ``EplbState`` rearranges between
+steps: its policy picks the new placement (``ROCM_MOE_VLLM_EPLB_POLICY=rocm_moe`` puts rocm_moe's
+balancer in its place: ``eplb_policy``), its communicator moves the weights inside
+``w13_weight`` / ``w2_weight`` and it rewrites the tables, all in place; the kernel reads the
+weights at every call and the expert map (physical -> local) never changes, so nothing here goes
+stale. ``EplbLink`` reads a layer's state as rocm_moe's ``ReplicatedPlacement`` and
+``LoadReport`` (``rocm_layer`` builds its EPMoE with that placement).
+
 Refused with a ValueError at construction (``RocmMoEFusedMoEMethod.__init__`` / create_weights /
 process_weights_after_loading), before any collective: activations other than SiLU-and-mul, a
 clamped or parametrised SwiGLU (``swiglu_limit`` / ``swiglu_alpha`` / ``swiglu_beta``, SituGLU
-betas), biased experts, EPLB, fused shared experts, weights that vLLM padded or reshaped; per
-batch: quantised layers and ``apply_router_weight_on_input`` with K > 1.
+betas), biased experts, EPLB with physical experts that do not split evenly over the EP ranks,
+fused shared experts, weights that vLLM padded or reshaped; per batch: quantised layers and
+``apply_router_weight_on_input`` with K > 1.
 """
 
 from __future__ import annotations
@@ -68,6 +82,7 @@ from rocm_moe.comm.base import CombineHandle, Dispatcher
 from rocm_moe.experts.base import Experts
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.placement import ExpertMap, Placement
+from rocm_moe.replicas import ReplicatedPlacement
 from rocm_moe.weighting import ExpertsOutput, WeightMode, resolve_weight_mode
 
 VLLM_VERSION = "0.33.0"  # the release the adapter and its signature tests are checked against
@@ -132,6 +147,134 @@ def expert_map_from_vllm(expert_map: torch.Tensor | None, rank: int,
     return ExpertMap(expert_map.to(torch.int32), rank)
 
 
+# ---- expert-parallel load balancing (EPLB) -------------------------------------------------------
+def replicas_from_vllm(physical_to_logical_map: torch.Tensor, ep_size: int,
+                       num_logical_experts: int) -> ReplicatedPlacement:
+    """One layer's row of vLLM's ``EplbModelState.physical_to_logical_map`` ([P] logical id of
+    each physical expert) as rocm_moe's ``ReplicatedPlacement``: the same convention (rank r
+    holds physical experts [r P / W, (r + 1) P / W), vLLM's linear expert map under EPLB).
+    Refused: -1 entries (elastic EP's unused slots), a logical expert without a replica."""
+    t = physical_to_logical_map
+    if isinstance(t, torch.Tensor) and t.numel() and int(t.min()) < 0:
+        raise _refuse("physical_to_logical_map", t.tolist()[:16], "holds -1 (slots of an "
+                      "elastic EP group not in use)", "pass the layer's row cut to the "
+                      "model's num_physical_experts")
+    return ReplicatedPlacement(t, ep_size, num_logical_experts)
+
+
+class EplbLink:
+    """The plug-in's view of vLLM's EPLB state for one layer (module docstring: EPLB).
+
+    vLLM (0.33) keeps it in the layer's router (``EplbLayerState``: views of
+    ``EplbModelState``'s ``logical_to_physical_map`` [E, S] (-1 padded),
+    ``logical_replica_count`` [E] and the pass's ``expert_load_view`` [P], set after loading by
+    ``EplbState.add_model`` and rewritten in place by every rearrangement). Its router maps the
+    logical ids to physical ones and counts the load (``router/base_router.py``; vLLM refuses
+    EPLB on platforms where it does not), so the kernel receives physical ids and needs nothing
+    from here per batch. This reads the state as rocm_moe's types, on demand (host reads)."""
+
+    def __init__(self, state, *, ep_size: int):
+        self.state, self.ep_size = state, ep_size
+
+    @classmethod
+    def for_layer(cls, moe_config, layer) -> EplbLink:
+        """The link of a loaded ``RoutedExperts``: its runner (vLLM registers it by layer name
+        in the static forward context) holds the router's ``EplbLayerState``."""
+        from vllm.config import get_current_vllm_config
+
+        ctx = get_current_vllm_config().compilation_config.static_forward_context
+        runner = ctx.get(getattr(layer, "layer_name", None))
+        state = getattr(getattr(runner, "router", None), "eplb_state", None)
+        par = moe_config.moe_parallel_config
+        return cls(state, ep_size=par.ep_size if par.use_ep else 1)
+
+    @property
+    def ready(self) -> bool:
+        """vLLM has set the tables (``EplbState.add_model``; not yet during its profile run)."""
+        st = self.state
+        return st is not None and st.logical_to_physical_map is not None \
+            and st.logical_replica_count is not None
+
+    def _require_ready(self) -> None:
+        if not self.ready:
+            raise _refuse("eplb_state", None, "vLLM has not set the layer's EPLB tables yet",
+                          "call this after the model is loaded and EplbState.add_model ran")
+
+    def placement(self) -> ReplicatedPlacement:
+        """The layer's current placement."""
+        self._require_ready()
+        l2p = self.state.logical_to_physical_map.cpu()
+        count = self.state.logical_replica_count.cpu()
+        phys_to_log = torch.full((int(count.sum()),), -1, dtype=torch.int64)
+        for e in range(l2p.shape[0]):
+            phys_to_log[l2p[e, :int(count[e])]] = e
+        return replicas_from_vllm(phys_to_log, self.ep_size, l2p.shape[0])
+
+    def load(self):
+        """This rank's (token, slot) counts of the current pass (vLLM's ``expert_load_view``)
+        as rocm_moe's ``eplb.LoadReport`` (scope "rank"; vLLM sums the ranks' in its step)."""
+        from rocm_moe.eplb import LoadReport
+
+        self._require_ready()
+        placement = self.placement()
+        physical = self.state.expert_load_view.detach().cpu().long()
+        logical = torch.zeros(placement.num_experts, dtype=torch.int64).index_add_(
+            0, placement.phys_to_log, physical)
+        return LoadReport(logical=logical, physical=physical,
+                          per_rank=placement.rank_load(physical), steps=1, scope="rank")
+
+
+ENV_EPLB_POLICY = "ROCM_MOE_VLLM_EPLB_POLICY"  # "rocm_moe": vLLM's EPLB uses rocm_moe's balancer
+
+
+def eplb_policy():
+    """vLLM's EPLB policy with rocm_moe's balancing algorithm (``rocm_moe.eplb_balance.
+    rebalance``: DeepSeek's hierarchical rules plus swaps and spare replicas, never worse than
+    them on max / mean rank load), then vLLM's own ``preserve_intragpu_slots`` (experts that
+    stay on a GPU keep their slot, so fewer weights move)."""
+    _require_vllm()
+    from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
+
+    return _policy_class(DefaultEplbPolicy)
+
+
+@functools.cache
+def _policy_class(base):
+    class RocmMoEEplbPolicy(base):
+        @classmethod
+        def rebalance_experts(cls, weight, num_replicas, num_groups, num_nodes, num_ranks,
+                              old_global_expert_indices=None):
+            from rocm_moe.eplb_balance import rebalance
+
+            table = rebalance(weight, num_physical=num_replicas, num_ranks=num_ranks,
+                              num_nodes=num_nodes, num_groups=num_groups)
+            if old_global_expert_indices is not None:
+                table = torch.from_numpy(cls.preserve_intragpu_slots(
+                    table.numpy(), num_ranks, old_global_expert_indices.cpu().numpy()))
+            return table
+
+    return RocmMoEEplbPolicy
+
+
+def install_eplb_policy() -> bool:
+    """With ``ROCM_MOE_VLLM_EPLB_POLICY=rocm_moe``: vLLM's EPLB policy "default" (the only
+    name its config accepts in 0.33) becomes ``eplb_policy()`` in this process; unset or
+    "vllm": vLLM's own. Returns whether rocm_moe's is in place."""
+    choice = os.environ.get(ENV_EPLB_POLICY) or "vllm"
+    if choice not in ("rocm_moe", "vllm"):
+        raise _refuse(ENV_EPLB_POLICY, repr(choice), "must be 'rocm_moe' or 'vllm'",
+                      "set rocm_moe for rocm_moe's balancer, or unset it for vLLM's")
+    from vllm.distributed.eplb import policy
+
+    if choice == "rocm_moe":
+        policy.EPLB_POLICIES["default"] = eplb_policy()
+        return True
+    from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
+
+    policy.EPLB_POLICIES["default"] = DefaultEplbPolicy
+    return False
+
+
 # ---- the pieces vLLM calls ---------------------------------------------------------------------
 def _refuse(field: str, value: object, rule: str, fix: str) -> ValueError:
     return ValueError(error_message(field, value, rule, fix))
@@ -146,9 +289,9 @@ def _check_unquantized(quant_config) -> None:
 
 def check_layer_config(moe_config) -> None:
     """Refuse, with the reason, a vLLM MoE layer that rocm_moe would not compute exactly: the
-    experts are SwiGLU (silu(gate) * up), unclamped, without biases, on vLLM's own experts
-    (no EPLB replicas). Runs when vLLM builds the layer's method, before any weight or
-    collective."""
+    experts are SwiGLU (silu(gate) * up), unclamped, without biases; with EPLB the physical
+    experts split evenly over the EP ranks. Runs when vLLM builds the layer's method, before any
+    weight or collective."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
     unset = f"unset {SWITCH} for this model"
@@ -164,10 +307,12 @@ def check_layer_config(moe_config) -> None:
                           "or parametrised gate would run unclamped (another model)", unset)
     if moe_config.has_bias:
         raise _refuse("has_bias", True, "rocm_moe experts have no biases", unset)
-    if moe_config.moe_parallel_config.enable_eplb:
-        raise _refuse("enable_eplb", True, "rocm_moe's placement is vLLM's static expert map; "
-                      "EPLB moves and replicates experts at run time (not supported yet)",
-                      f"drop --enable-eplb or {unset}")
+    par = moe_config.moe_parallel_config
+    if par.enable_eplb and par.use_ep and moe_config.num_experts % par.ep_size:
+        raise _refuse("num_experts", moe_config.num_experts, f"with EPLB the physical experts "
+                      f"(logical + redundant) must split evenly over ep_size={par.ep_size}",
+                      "pick --eplb-config num_redundant_experts so that E + R is a multiple "
+                      "of the EP size")
 
 
 def chunk_count(dispatcher: Dispatcher, num_tokens: int, budget: int) -> int:
@@ -435,10 +580,11 @@ def _classes() -> SimpleNamespace:
             self.unquantized_backend = UnquantizedMoeBackend.OOT
             self.experts_cls = RocmMoEExperts
             self.supports_pre_processed_weights = True
+            self.eplb: EplbLink | None = None  # set after loading when EPLB is on
 
         @property
         def supports_eplb(self) -> bool:
-            return False
+            return True  # physical ids over the contiguous placement of P (module docstring)
 
         def maybe_roundup_sizes(self, hidden_size, intermediate_size_per_partition, act_dtype,
                                 moe_parallel_config):
@@ -461,6 +607,8 @@ def _classes() -> SimpleNamespace:
         def process_weights_after_loading(self, layer) -> None:
             check_loaded_weights(self.moe, layer)
             self._init_moe_kernel(layer)
+            if self.moe.moe_parallel_config.enable_eplb:
+                self.eplb = EplbLink.for_layer(self.moe, layer)
 
         def _init_moe_kernel(self, layer) -> None:
             self.moe_quant_config = self.get_fused_moe_quant_config(layer)
@@ -699,6 +847,7 @@ def register() -> bool:
     if op_registry_oot.get("UnquantizedFusedMoEMethod") is not c.RocmMoEFusedMoEMethod:
         op_registry_oot.pop("UnquantizedFusedMoEMethod", None)
         c.UnquantizedFusedMoEMethod.register_oot(c.RocmMoEFusedMoEMethod)
+    install_eplb_policy()
     return True
 
 
@@ -707,7 +856,9 @@ def rocm_layer(vllm_layer, *, router, gate_weight: torch.Tensor | None = None,
     """An ``EPMoE`` that shares a vLLM MoE layer's expert weights (``w13_weight``, ``w2_weight``,
     no copy) and its kernel's dispatcher and experts, so ``rocm_moe.diagnose`` and
     ``rocm_moe.sanity`` run on what vLLM runs. ``router``: the model's RouterConfig (vLLM keeps
-    the gate outside the layer: pass its ``gate_weight`` [E, H])."""
+    the gate outside the layer: pass its ``gate_weight`` [E, H]). Under EPLB the EPMoE holds
+    vLLM's current replica placement (``EplbLink.placement``: a later rearrangement by vLLM is
+    not seen by it; build it again)."""
     from rocm_moe.layer import EPMoE
 
     kernel = getattr(getattr(vllm_layer, "quant_method", None), "moe_kernel", None)
@@ -719,9 +870,12 @@ def rocm_layer(vllm_layer, *, router, gate_weight: torch.Tensor | None = None,
             f"set {SWITCH}=1 before vLLM builds the model, or pass dispatcher="))
     fx = kernel.fused_experts
     w13, w2 = vllm_layer.w13_weight, vllm_layer.w2_weight
+    link = getattr(vllm_layer.quant_method, "eplb", None)  # EPLB: vLLM's current placement
     layer = EPMoE(hidden_size=w13.shape[2], intermediate_size=w2.shape[2], router=router,
                   dispatcher=dispatcher, experts=fx.experts, weight_mode=fx.weight_mode,
-                  dtype=w13.dtype, device=w13.device)
+                  dtype=w13.dtype, device=w13.device,
+                  replica_placement=link.placement() if link is not None and link.ready
+                  else None)
     layer.w13, layer.w2 = w13, w2  # the same Parameters: no copy
     if gate_weight is not None:
         with torch.no_grad():

@@ -121,14 +121,13 @@ def test_layers_it_would_not_compute_exactly_are_refused(one_rank, kw, field):
         _layers(**kw)
 
 
-def test_eplb_refused(one_rank):
+def test_eplb_flags_accepted(one_rank):  # (the EPLB model itself: test_eplb.py)
     from sglang.srt.runtime_context import get_exec
 
-    with get_exec().moe.override(ep_num_redundant_experts=2), \
-            pytest.raises(ValueError, match="ep_num_redundant_experts"):
-        _layers()
-    with get_exec().moe.override(enable_eplb=True), pytest.raises(ValueError, match="eplb"):
-        _layers()
+    x = m.tokens(SPEC, 0, 5)
+    with get_exec().moe.override(ep_num_redundant_experts=2, enable_eplb=True):
+        layers = _layers()
+    assert o.rel_err(m.forward(layers, x), m.oracle(SPEC, x)) <= 1e-5
 
 
 def test_replicated_token_layout_refused(monkeypatch):

@@ -361,9 +361,8 @@ def test_capture_past_capacity_is_refused_before_anything_is_captured(monkeypatc
         (dict(swiglu_beta=1.0), "swiglu_beta"),
         (dict(activation_situ_beta=0.5), "activation_situ_beta"),
         (dict(has_bias=True), "has_bias=True"),
-        (dict(enable_eplb=True), "enable_eplb=True"),
     ],
-    ids=["gelu", "swiglu_limit", "swiglu_alpha", "swiglu_beta", "situ", "bias", "eplb"],
+    ids=["gelu", "swiglu_limit", "swiglu_alpha", "swiglu_beta", "situ", "bias"],
 )
 def test_layers_it_would_not_compute_are_refused_at_construction(kw, match):
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
@@ -412,8 +411,8 @@ def test_no_rounding_and_weights_left_as_loaded(monkeypatch):
                                                 requires_grad=False))
 
 
-def test_eplb_is_not_claimed():
-    assert method_for(moe_config()).supports_eplb is False
+def test_eplb_is_claimed():  # (the EPLB cases: test_eplb.py)
+    assert method_for(moe_config(enable_eplb=True)).supports_eplb is True
 
 
 # ---- the switches -------------------------------------------------------------------------------
