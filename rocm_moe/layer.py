@@ -60,7 +60,7 @@ from rocm_moe.experts.base import (
 )
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.placement import Placement
-from rocm_moe.replicas import ReplicaChoice, ReplicatedPlacement
+from rocm_moe.replicas import ReplicaChoice, ReplicatedPlacement, check_choice
 from rocm_moe.routing import RouterConfig, RoutingResult, route
 from rocm_moe.weighting import ExpertsOutput, WeightMode, resolve_weight_mode, weight_once
 
@@ -253,9 +253,11 @@ class EPMoE(nn.Module):
         replica_placement: an explicit first ``ReplicatedPlacement`` (an engine's map); it sets
             R (``num_redundant_experts`` may then be left out, or must agree).
         load_window: forwards the EPLB load counters sum over (a ring of that many steps).
-        replica_nodes: the node index of every EP rank (rank order); with it, a token whose
-            rank holds no replica of an expert goes to a replica on its node where there is
-            one (fewer rows cross nodes). None: every replica is as near as any other.
+        replica_choice: how a (token, slot) picks one of its expert's replicas (on the
+            device): "spread" (default) over all of them evenly, or "local": a replica on the
+            token's rank where there is one, else on its node (``replica_nodes``), else any
+            (fewer rows travel, a less even load: ``rocm_moe.replicas``).
+        replica_nodes: with replica_choice="local", the node index of every EP rank.
     """
 
     def __init__(
@@ -278,6 +280,7 @@ class EPMoE(nn.Module):
         num_redundant_experts: int | None = None,
         replica_placement: ReplicatedPlacement | None = None,
         load_window: int = 64,
+        replica_choice: str = "spread",
         replica_nodes: tuple[int, ...] | None = None,
     ):
         super().__init__()
@@ -297,10 +300,11 @@ class EPMoE(nn.Module):
         self.dispatcher = dispatcher or LocalDispatcher(Placement.contiguous(P, 1))
         if self._replicas is not None:
             _check_physical_dispatcher(self.dispatcher, self._replicas)
-        elif replica_nodes is not None:
+        elif replica_nodes is not None or replica_choice != "spread":
             raise ValueError(error_message(
-                "replica_nodes", replica_nodes, "only means something with EPLB (replicas)",
-                "pass num_redundant_experts=R too, or leave replica_nodes out"))
+                "replica_nodes / replica_choice", (replica_nodes, replica_choice),
+                "only mean something with EPLB (replicas)",
+                "pass num_redundant_experts=R too, or leave them out"))
         elif self.dispatcher.placement.num_experts != router.num_experts:
             raise ValueError(error_message(
                 "dispatcher.placement.num_experts", self.dispatcher.placement.num_experts,
@@ -349,7 +353,9 @@ class EPMoE(nn.Module):
 
             dev = self.gate.weight.device
             nodes = self._replicas.check_nodes(replica_nodes)
-            self._choice = ReplicaChoice(self._replicas, self.dispatcher.rank, dev, nodes)
+            check_choice(replica_choice, nodes)
+            self._choice = ReplicaChoice(self._replicas, self.dispatcher.rank, dev,
+                                         choice=replica_choice, nodes=nodes)
             self._load = ExpertLoad(E, self._replicas.num_physical, load_window, dev)
         self.reset_parameters()
 

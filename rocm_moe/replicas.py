@@ -14,11 +14,16 @@ padded), ``replica_count`` [E].
 The layer keeps the router, comm and experts as they are and maps ids between route and
 dispatch: each (token, slot) of logical expert g goes to ONE replica of g, chosen on the
 device (``ReplicaChoice``: two table lookups, no host read, fixed shapes, so a CUDA graph
-captures it and a rebalance updates the tables in place): a replica on the token's own rank if
-there is one, else (where the layer knows the ranks' nodes, ``replica_nodes``) one on its node,
-else replica ``(t + rank) mod`` their count (token index t): the tokens of every rank spread
-evenly over the replicas. Distinct logical experts have distinct replicas, so
-a token's rows stay unique and weighting stays exactly-once.
+captures it and a rebalance updates the tables in place): replica ``(t + k + rank) mod
+replica_count[g]`` of slot k of token t ("spread", the default: every rank's slots spread
+evenly over all the replicas, so each carries 1 / count of the expert's load, as the balancing
+algorithm assumes), or with ``choice="local"`` among the replicas on the token's own rank
+where there are any, else on its node (``nodes``), else all of them (fewer rows leave the rank,
+but a replica then carries one rank's tokens, whose count varies: on bench layer's zipf
+routing at W = 4, E = 128, K = 8, R = 32, T = 256 per rank, with eplb_balance's table, the
+ranks' work max / mean is 1.051 local against 1.016 spread). Distinct
+logical experts have distinct replicas, so a token's rows stay unique and weighting stays
+exactly-once.
 
 Worked example (a test asserts it): E = 3, W = 2, ``phys_to_log = [0, 1, 2, 0]`` (logical 0 has
 a replica on each rank): ``log_to_phys = [[0, 3], [1, -1], [2, -1]]``, ``replica_count =
@@ -206,14 +211,16 @@ class ReplicatedPlacement:
         return tuple(nodes)
 
     def choice_tables(self, rank: int, max_replicas: int | None = None,
-                      nodes: tuple[int, ...] | None = None
+                      nodes: tuple[int, ...] | None = None, *, choice: str = "spread"
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(candidates [E, C] int64, counts [E] int64) of ``rank``: the replicas on ``rank``
-        where a logical expert has any, else (with ``nodes``, the node of every rank) those on
-        ``rank``'s node where it has any, else all its replicas; C = ``max_replicas`` (default
-        R + 1: fixed for a given R, so tables of later placements fit the same buffers)."""
+        """(candidates [E, C] int64, counts [E] int64) of ``rank``: every replica of each
+        logical expert (``choice="spread"``), or (``"local"``) the replicas on ``rank`` where
+        it has any, else (with ``nodes``, the node of every rank) those on ``rank``'s node
+        where it has any, else all; C = ``max_replicas`` (default R + 1: fixed for a given R,
+        so tables of later placements fit the same buffers)."""
         self._check_rank(rank)
         nodes = self.check_nodes(nodes)
+        check_choice(choice, nodes)
         C = self.num_redundant + 1 if max_replicas is None else max_replicas
         if C < int(self.replica_count.max()):
             raise ValueError(error_message(
@@ -222,7 +229,7 @@ class ReplicatedPlacement:
         lp = self.log_to_phys
         owner = torch.where(lp >= 0, lp // self.num_local, -1)
         use = lp >= 0  # [E, C'] replicas to choose from: all, narrowed below
-        near = [owner == rank]
+        near = [owner == rank] if choice == "local" else []
         if nodes is not None:
             node_of = torch.tensor(nodes)
             near.append((owner >= 0) & (node_of[owner.clamp(min=0)] == nodes[rank]))
@@ -237,21 +244,36 @@ class ReplicatedPlacement:
         return out, counts
 
 
+CHOICES = ("spread", "local")
+
+
+def check_choice(choice: object, nodes: object) -> None:
+    """``choice`` is one of ``CHOICES``; ``nodes`` only with "local"."""
+    if choice not in CHOICES:
+        raise ValueError(error_message("replica_choice", repr(choice), f"must be one of "
+                                       f"{CHOICES}", "pass 'spread' (default) or 'local'"))
+    if nodes is not None and choice != "local":
+        raise ValueError(error_message(
+            "replica_nodes", list(nodes)[:16], "only applies to replica_choice='local' "
+            "(spread uses every replica alike)", "pass replica_choice='local' too, or no nodes"))
+
+
 class ReplicaChoice(nn.Module):
     """The device tables of one rank's replica choice (fixed shapes [E, R + 1] and [E]; buffers,
     so ``layer.to(device)`` moves them), updated in place by ``update`` so a captured CUDA
     graph sees a new placement."""
 
-    def __init__(self, placement: ReplicatedPlacement, rank: int, device,
-                 nodes: tuple[int, ...] | None = None):
+    def __init__(self, placement: ReplicatedPlacement, rank: int, device, *,
+                 choice: str = "spread", nodes: tuple[int, ...] | None = None):
         super().__init__()
-        cand, counts = placement.choice_tables(rank, nodes=nodes)
-        self.rank, self.nodes = rank, nodes
+        cand, counts = placement.choice_tables(rank, nodes=nodes, choice=choice)
+        self.rank, self.nodes, self.choice = rank, nodes, choice
         self.register_buffer("cand_EC", cand.to(device), persistent=False)
         self.register_buffer("count_E", counts.to(device), persistent=False)
 
     def update(self, placement: ReplicatedPlacement) -> None:
-        cand, counts = placement.choice_tables(self.rank, self.cand_EC.shape[1], self.nodes)
+        cand, counts = placement.choice_tables(self.rank, self.cand_EC.shape[1], self.nodes,
+                                               choice=self.choice)
         self.cand_EC.copy_(cand)
         self.count_E.copy_(counts)
 
@@ -260,10 +282,11 @@ class ReplicaChoice(nn.Module):
 
     def to_physical(self, topk_ids_TK: torch.Tensor) -> torch.Tensor:
         """[T, K] logical ids (-1 = empty slot) -> [T, K] physical ids in the same dtype, -1
-        kept; replica (t + rank) mod count among the candidates (see the module docstring)."""
-        T = topk_ids_TK.shape[0]
+        kept; candidate (t + k + rank) mod count (see the module docstring)."""
+        T, K = topk_ids_TK.shape
         g = topk_ids_TK.long().clamp(min=0)
-        t = torch.arange(T, device=topk_ids_TK.device)[:, None] + self.rank
+        dev = topk_ids_TK.device
+        t = torch.arange(T, device=dev)[:, None] + torch.arange(K, device=dev) + self.rank
         pick = torch.remainder(t, self.count_E[g])
         phys = self.cand_EC[g, pick]
         return torch.where(topk_ids_TK >= 0, phys, -1).to(topk_ids_TK.dtype)

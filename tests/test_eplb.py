@@ -119,6 +119,20 @@ def test_log_to_phys_inverts_phys_to_log():
             assert int(p.replica_count[e]) == row.numel()
 
 
+def test_spread_choice_uses_every_replica_evenly():
+    table = torch.tensor([0, 2, 3, 0, 4, 5, 0, 6, 7, 1, 1, 8])  # 0 on ranks 0-2, 1 twice on 3
+    p = ReplicatedPlacement(table, 4)
+    ids = torch.tensor([[0, 1]] * 12)
+    for rank in range(4):
+        phys = ReplicaChoice(p, rank, "cpu").to_physical(ids)
+        assert phys[:, 0].bincount(minlength=12)[[0, 3, 6]].tolist() == [4, 4, 4]
+        assert phys[:, 1].bincount(minlength=12)[9:11].tolist() == [6, 6]
+    with pytest.raises(ValueError, match="replica_choice"):
+        ReplicaChoice(p, 0, "cpu", choice="nearest")
+    with pytest.raises(ValueError, match="only applies to replica_choice='local'"):
+        ReplicaChoice(p, 0, "cpu", nodes=(0, 0, 1, 1))
+
+
 def test_replica_choice_prefers_the_own_rank_and_spreads_the_rest():
     # logical 0 on ranks 0, 1, 2 (physical 0, 3, 6); logical 1 on rank 3 only (9), twice (10)
     table = torch.tensor([0, 2, 3, 0, 4, 5, 0, 6, 7, 1, 1, 8])
@@ -126,14 +140,15 @@ def test_replica_choice_prefers_the_own_rank_and_spreads_the_rest():
     T = 12
     ids = torch.tensor([[0, 1]] * T, dtype=torch.int64)
     for rank, local0 in ((0, {0}), (1, {3}), (2, {6})):
-        phys = ReplicaChoice(p, rank, "cpu").to_physical(ids)
+        phys = ReplicaChoice(p, rank, "cpu", choice="local").to_physical(ids)
         assert set(phys[:, 0].tolist()) == local0  # its own replica of logical 0
         assert phys[:, 1].bincount(minlength=12)[9:11].tolist() == [6, 6]  # spread evenly
         assert phys.dtype == ids.dtype
-    phys = ReplicaChoice(p, 3, "cpu").to_physical(ids)
+    phys = ReplicaChoice(p, 3, "cpu", choice="local").to_physical(ids)
     assert phys[:, 0].bincount(minlength=12)[[0, 3, 6]].tolist() == [4, 4, 4]
     assert set(phys[:, 1].tolist()) == {9, 10}  # rank 3 holds both replicas of logical 1
-    empty = ReplicaChoice(p, 0, "cpu").to_physical(torch.tensor([[-1, 0]], dtype=torch.int32))
+    empty = ReplicaChoice(p, 0, "cpu", choice="local").to_physical(
+        torch.tensor([[-1, 0]], dtype=torch.int32))
     assert empty.tolist() == [[-1, 0]]
 
 
@@ -142,14 +157,14 @@ def test_replica_choice_prefers_the_own_node_next():
     p = ReplicatedPlacement(torch.tensor([0, 1, 2, 3, 0, 4, 5, 6]), 4)
     ids = torch.zeros(8, 1, dtype=torch.int64)
     for rank, want in ((1, {0}), (3, {4})):
-        near = ReplicaChoice(p, rank, "cpu", nodes=(0, 0, 1, 1)).to_physical(ids)
+        near = ReplicaChoice(p, rank, "cpu", choice="local", nodes=(0, 0, 1, 1)).to_physical(ids)
         assert set(near.flatten().tolist()) == want  # the replica on its own node
-        spread = ReplicaChoice(p, rank, "cpu").to_physical(ids)
+        spread = ReplicaChoice(p, rank, "cpu", choice="local").to_physical(ids)
         assert set(spread.flatten().tolist()) == {0, 4}  # no nodes: both replicas
     # a node without a replica spreads over all of them
-    far = ReplicaChoice(p, 1, "cpu", nodes=(0, 1, 2, 2)).to_physical(ids)
+    far = ReplicaChoice(p, 1, "cpu", choice="local", nodes=(0, 1, 2, 2)).to_physical(ids)
     assert set(far.flatten().tolist()) == {0, 4}
-    layer = _layer(R=4, replica_nodes=(0,))
+    layer = _layer(R=4, replica_choice="local", replica_nodes=(0,))
     assert layer(syn.tokens(SEED, 0, 3, H)).shape == (3, H)
 
 
@@ -158,9 +173,15 @@ def test_replica_choice_prefers_the_own_node_next():
     ("0", TypeError, "sequence of ints"), ((0.0,), TypeError, "sequence of ints")])
 def test_bad_replica_nodes(nodes, exc, match):
     with pytest.raises(exc, match=match):
-        _layer(R=4, replica_nodes=nodes)
-    with pytest.raises(ValueError, match="only means something with EPLB"):
+        _layer(R=4, replica_choice="local", replica_nodes=nodes)
+    with pytest.raises(ValueError, match="only mean something with EPLB"):
         _layer(R=None, replica_nodes=(0,))
+    with pytest.raises(ValueError, match="only mean something with EPLB"):
+        _layer(R=None, replica_choice="local")
+    with pytest.raises(ValueError, match="only applies to replica_choice='local'"):
+        _layer(R=4, replica_nodes=(0,))
+    with pytest.raises(ValueError, match=r"replica_choice='nearest'.*must be one of"):
+        _layer(R=4, replica_choice="nearest")
 
 
 def test_choice_tables_keep_their_shape_across_placements():
@@ -203,8 +224,9 @@ def test_layer_counts_every_token_slot_per_expert():
     layer(x, forced_expert_ids=forced)
     rep = layer.expert_load(scope="rank")
     assert rep.logical.tolist() == [33, 33, 33, 0, 0, 0, 0, 0]
-    # logical 0, 1, 2 have two replicas each (initial at W = 1: p mod 8): split 17 / 16
-    assert rep.physical.tolist() == [17, 17, 17, 0, 0, 0, 0, 0, 16, 16, 16, 0]
+    # logical 0, 1, 2 have two replicas each (initial at W = 1: p mod 8); slot k of token t
+    # takes replica (t + k) mod 2: 17 / 16, 16 / 17, 17 / 16
+    assert rep.physical.tolist() == [17, 16, 17, 0, 0, 0, 0, 0, 16, 17, 16, 0]
     assert rep.per_rank.tolist() == [99]
     y = layer(x)
     ids = layer.route_tokens(x).topk_ids

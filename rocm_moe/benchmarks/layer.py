@@ -37,7 +37,8 @@ experts, initially ``ReplicatedPlacement.initial``); ``--rebalance`` then, for e
 skew), times the cases "before", rebalances from the load the layer measured in them
 (``layer.rebalance()``: ``eplb_balance.rebalance`` of the group's load) and times them again
 "after", in the same run, and prints the work and time before and after, and the time after
-over the uniform routing's.
+over the uniform routing's. ``--replica-choice local`` sends a (token, slot) to a replica on
+its own rank or node first (default spread: all replicas alike).
 """
 
 from __future__ import annotations
@@ -121,7 +122,9 @@ def _build(cfg: dict, s: dict, comm: str, T: int, info: WorkerInfo, dtype,
                   router=_router(s), dispatcher=disp, experts=backends.make_experts(cfg["experts"]),
                   shared_intermediate_size=s["shared_intermediate"], dtype=dtype,
                   device=info.device, validate=False, num_redundant_experts=R,
-                  replica_nodes=None if R is None or nodes is None else tuple(nodes))
+                  replica_choice=cfg.get("replica_choice") or "spread",
+                  replica_nodes=tuple(nodes) if R is not None and nodes is not None
+                  and cfg.get("replica_choice") == "local" else None)
     return layer
 
 
@@ -611,6 +614,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redundant-experts", type=argtypes.nonnegative_int, default=None,
                    help="EPLB: R redundant experts (E + R divisible by the ranks; 0: no "
                    "replicas, placement still movable); default: no EPLB")
+    p.add_argument("--replica-choice", choices=["spread", "local"], default="spread",
+                   help="with --redundant-experts: a (token, slot) picks among all replicas "
+                   "evenly, or a replica on its own rank / node first")
     p.add_argument("--rebalance", action="store_true",
                    help="with --redundant-experts: time each case before and after a "
                    "rebalance from the measured load")
