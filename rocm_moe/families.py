@@ -25,7 +25,7 @@ Adding a family: one ``ModelFamily(...)`` in ``FAMILIES`` below, and its tiny co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from rocm_moe._checks import error_message
@@ -184,7 +184,7 @@ class ModelFamily:
         return getattr(self.text(config), self.intermediate_size_key)
 
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in [
+_FAMILIES: list[ModelFamily] = [
     ModelFamily(name="qwen3_moe", model_types=("qwen3_moe",), block="mlp",
                 intermediate_size_key="moe_intermediate_size", num_experts_key="num_experts"),
     ModelFamily(name="qwen2_moe", model_types=("qwen2_moe",), block="mlp",
@@ -239,7 +239,12 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in [
                 block_returns_tuple=True,
                 intermediate_size_key="intermediate_size", num_experts_key="num_local_experts",
                 norm_topk_prob_key=None),
-]}
+]
+# Llama 4's released checkpoints are its VL model: the same text MoE under language_model
+_FAMILIES.append(replace(next(f for f in _FAMILIES if f.name == "llama4"), name="llama4_vl",
+                         model_types=("llama4",), layers_prefix="language_model.model.layers",
+                         text_config=True))
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in _FAMILIES}
 
 
 # config.json model types transformers has no class for, read with another family's config

@@ -53,9 +53,11 @@ def text_config(config):
 
 
 def block_of(model, layer: int):
-    inner = getattr(model.model, "language_model", model.model)
-    decoder = inner.layers[layer]
-    return getattr(decoder, "mlp", None) or decoder.feed_forward
+    """Decoder layer ``layer``'s MoE block (of the language model in a VL model)."""
+    import re
+
+    pattern = re.compile(rf"(^|\.)layers\.{layer}\.(mlp|feed_forward)$")
+    return next(m for n, m in model.named_modules() if pattern.search(n) and "vision" not in n)
 
 
 def block_out(block, x):

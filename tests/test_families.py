@@ -38,6 +38,9 @@ def _config(name: str):
     if name == "qwen3_vl_moe":
         return transformers.Qwen3VLMoeConfig(text_config=dict(
             **common, num_experts=12, moe_intermediate_size=16, intermediate_size=48))
+    if name == "llama4_vl":
+        return transformers.Llama4Config(text_config=dict(
+            **common, num_local_experts=12, intermediate_size=16))
     if name == "llama4":
         return transformers.Llama4TextConfig(**common, num_local_experts=12, intermediate_size=16)
     if name == "gpt_oss":
@@ -57,6 +60,7 @@ EXPECTED_ROUTER = {
                                             norm_topk_prob=False, routed_scaling_factor=1.5),
     "gpt_oss": RouterConfig.gpt_oss(12, 3),
     "llama4": RouterConfig.llama4(12, 3),
+    "llama4_vl": RouterConfig.llama4(12, 3),
     "qwen3_vl_moe": RouterConfig.qwen3_moe(12, 3),
     "ernie4_5_moe": RouterConfig(num_experts=12, top_k=3, choice_bias=True),
     "glm4_moe": RouterConfig.deepseek_v3(12, 3, n_group=4, topk_group=2, norm_topk_prob=False,

@@ -59,3 +59,29 @@ def test_whole_model_single_rank(checkpoint):
 def test_run_on_the_checkpoint(checkpoint, world_size, capsys):
     out = fp.check_run(checkpoint, LAYER, world_size, capsys)
     assert "E=8 H=32 I=12 K=1" in out
+
+
+# ---- the released checkpoints' form: the VL model (llama4), its text MoE under language_model
+VISION = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+              image_size=8, patch_size=4, vision_output_dim=16, projector_input_dim=16,
+              projector_output_dim=32, pixel_shuffle_ratio=0.5)
+
+
+@pytest.fixture(scope="module")
+def vl_checkpoint(tmp_path_factory):
+    cfg = transformers.Llama4Config(text_config=_config().to_dict(), vision_config=VISION)
+    return fp.save_tiny(cfg, tmp_path_factory.mktemp("llama4_vl"))
+
+
+def test_vl_checkpoint_parity_and_local_loading(vl_checkpoint):
+    from rocm_moe.families import family
+
+    assert family("llama4").fused_expert_tensors(1).gate_up == \
+        "language_model.model.layers.1.feed_forward.experts.gate_up_proj"
+    fp.check_parity(vl_checkpoint, LAYER)
+    fp.check_local_experts_only(vl_checkpoint, LAYER)
+
+
+def test_vl_checkpoint_run_two_ranks(vl_checkpoint, capsys):
+    out = fp.check_run(vl_checkpoint, LAYER, 2, capsys)
+    assert "E=8 H=32 I=12 K=1" in out

@@ -312,3 +312,41 @@ def test_weight_once_returns_weighted_outputs_unchanged():
     out = ExpertsOutput(out=torch.ones(2, 3), weights_applied=True)
     assert weight_once(out, torch.full((2, 2), 7.0), torch.zeros(2, 2, dtype=torch.int32),
                        None) is out.out
+
+
+# ---- the fast backends refuse what they do not run (a GPU runs them; CPUs check the refusal) ---
+@pytest.mark.parametrize("variant", [OAI, ExpertVariant.llama4(), ExpertVariant(bias=True)],
+                         ids=["swiglu_oai", "weights_on_input", "bias"])
+def test_triton_and_aiter_experts_refuse_variants(variant):
+    from rocm_moe.experts.aiter import AiterExperts
+    from rocm_moe.experts.triton import TritonExperts
+
+    for backend in (TritonExperts(), AiterExperts()):
+        assert backend.variant_unsupported_reason(PLAIN) is None
+        reason = backend.variant_unsupported_reason(variant)
+        assert reason is not None
+        assert "plain SwiGLU" in reason
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the Triton experts)")
+def test_triton_layer_refuses_a_variant_before_dispatch():
+    from rocm_moe.experts.triton import TritonExperts
+
+    layer = EPMoE(hidden_size=64, intermediate_size=32, router=RouterConfig.gpt_oss(E, 2),
+                  experts=TritonExperts(), expert_variant=OAI, dtype=torch.bfloat16,
+                  device="cuda")
+    with pytest.raises(ValueError, match=r"experts=triton cannot run it: .*plain SwiGLU"):
+        layer(torch.randn(5, 64, dtype=torch.bfloat16, device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the fused router)")
+@pytest.mark.parametrize("cfg", [RouterConfig.gpt_oss(E, 2), RouterConfig.llama4(E, 1),
+                                 RouterConfig(num_experts=E, top_k=2, choice_bias=True)],
+                         ids=["gpt_oss", "llama4", "choice_bias"])
+def test_fused_router_falls_back_to_the_torch_path_on_gpu(cfg):
+    logits = torch.randn(33, E, device="cuda")
+    bias = 0.1 * torch.randn(E, device="cuda") if cfg.choice_bias else None
+    a = route(logits, cfg, fused=True, e_score_correction_bias=bias)
+    b = route(logits, cfg, e_score_correction_bias=bias)
+    assert torch.equal(a.topk_ids, b.topk_ids)
+    assert torch.equal(a.topk_weights, b.topk_weights)
