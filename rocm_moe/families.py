@@ -15,12 +15,16 @@ read it from here; none of them branches on a model type.
 Two checkpoint layouts: one tensor per expert projection (``experts.{e}.gate_proj.weight``,
 Qwen, DeepSeek, GLM, OLMoE, ...) or fused tensors over all experts (``fused_experts``: gpt-oss
 and Llama 4 hold ``experts.gate_up_proj`` [E, H, 2I] and ``experts.down_proj`` [E, I, H], the
-transformers block's own layout; gpt-oss interleaves gate and up columns and has biases).
+transformers block's own layout; gpt-oss interleaves gate and up columns and has biases;
+Qwen3-VL-MoE's are read in either orientation, their shapes tell). A VL model's family reads
+its MoE fields from ``config.text_config`` and its layers under its language model.
 A family also says what its experts compute (``expert_variant``) and how its router scores
 (after the top-k for gpt-oss and Llama 4, a gate bias for gpt-oss).
 
-Adding a family: one ``ModelFamily(...)`` in ``FAMILIES`` below, and its tiny config in
-``tests/test_families_models.py`` and ``tests/test_families.py``.
+Adding a family: one ``ModelFamily(...)`` in the table below, its config in
+``tests/test_families.py`` and a ``tests/test_families_<name>.py`` (parity with the transformers
+block in float32 and bf16, loading of this rank's experts only, ``rocm-moe run --checkpoint``
+at W = 1 and 2), with the helpers of ``tests/families_parity.py``.
 """
 
 from __future__ import annotations
