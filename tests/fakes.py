@@ -105,6 +105,13 @@ def _heap_size() -> int | None:
 _SHMEM_OWN = 256 + 128 * 8  # the static heap's initial offset; shmem's internal sync buffer
 
 
+def _recv_rows(c: SimpleNamespace) -> int:
+    """MaxNumTokensToRecv (dispatch_combine.hpp ~160): W x max_num_inp_token_per_rank, or with
+    max_total_recv_tokens M > 0, W x min(ceil(M / W), max_num_inp_token_per_rank)."""
+    W, T, M = c.world_size, c.max_num_inp_token_per_rank, getattr(c, "max_total_recv_tokens", 0)
+    return W * (min(-(-M // W), T) if M > 0 else T)
+
+
 def _op_bytes(c: SimpleNamespace) -> int:
     """Symmetric allocations of one op, buffer by buffer (dispatch_combine.cpp ~300-560), each
     aligned to 256 B by the static heap (shmem/memory.cpp ~37)."""
@@ -113,18 +120,18 @@ def _op_bytes(c: SimpleNamespace) -> int:
     nodes = W // c.gpu_per_node
     tok_bytes = H * c.max_token_type_size
     xfer = tok_bytes + K * 4 + K * 4 + 4 + c.scale_dim * c.scale_type_size
-    recv, kt = W * T, c.kernel_type.name
+    recv, send, kt = _recv_rows(c), W * T, c.kernel_type.name
     bufs = [recv * tok_bytes, T * tok_bytes]  # dispatchOut, combineOut
     if kt in ("IntraNode", "IntraNodeLL"):
         bufs += [recv * xfer]  # combineInp
     elif kt in _V1:
         bufs += [nodes * T * xfer, recv * xfer, 2 * nodes * T * xfer, T * xfer]
     else:
-        bufs += [recv * xfer] * 3
+        bufs += [send * xfer] * 3  # MaxNumTokensToSend
     bufs += [recv * K * 4] * 3 + [recv * K * 4] * 2  # weights in/out/combine; indices in/out
     qp = getattr(c, "num_qp_per_pe", 1)
     bufs += [W * 4 * 2 * qp] * 2 + [W * 2 * 8 * 2, nodes * 8, 4]  # signals
-    bufs += [recv * c.num_experts_per_rank * 4]  # dispTokIdToSrcTokId
+    bufs += [send * c.num_experts_per_rank * 4]  # dispTokIdToSrcTokId (MaxNumTokensToSend)
     bufs += [W * 4 * 2 * 8, nodes * T * 8]  # crossDeviceBarrier, interNodeChunkFlag (~540)
     if c.scale_dim > 0 and c.scale_type_size > 0:  # shmemInpScales, shmemOutScales (~362)
         bufs += [recv * c.scale_dim * c.scale_type_size] * 2
@@ -280,7 +287,7 @@ class FakeMoriOp:
         self.rank = cfg.rank
         self.calls: list[str] = []
         self._gen = torch.Generator().manual_seed(1234 + self.rank)
-        R, K = cfg.world_size * cfg.max_num_inp_token_per_rank, cfg.num_experts_per_token
+        R, K = _recv_rows(cfg), cfg.num_experts_per_token
         self._x = torch.zeros(R * cfg.hidden_dim * cfg.max_token_type_size, dtype=torch.uint8)
         self._w = torch.zeros(R, K)
         self._i = torch.zeros(R, K, dtype=torch.int32)
@@ -419,6 +426,10 @@ class FakeMoriOp:
 
     def _deliver(self):
         everyone, rows, count = self._pending
+        if len(rows) > _recv_rows(self.cfg):  # MORI: "the kernel currently asserts" (DC ~240)
+            raise ContractError(f"{len(rows)} rows received, buffers hold {_recv_rows(self.cfg)}"
+                                f" (max_total_recv_tokens={self.cfg.max_total_recv_tokens}): "
+                                "MORI's kernel asserts")
         x = self._view(self._x, len(rows), self._H * self._dtype.itemsize, torch.uint8)
         sb = self.cfg.scale_dim * self.cfg.scale_type_size
         for r, (src, t) in enumerate(rows):  # rows move as bytes (FP8 and FP4 alike)
@@ -442,7 +453,7 @@ class FakeMoriOp:
                 local[ok], minlength=self.cfg.num_experts_per_rank).to(torch.int32))
 
     def _outputs(self):
-        R = self.cfg.world_size * self.cfg.max_num_inp_token_per_rank
+        R = _recv_rows(self.cfg)
         s = None if self._s_dtype is None else \
             self._s.view(self._s_dtype).view(R, self.cfg.scale_dim)
         return (self._view(self._x, R, self._H, self._dtype), self._w, s, self._i,

@@ -130,6 +130,7 @@ def mori_config(
     kernel_type: str = "auto",
     gpu_per_node: int | None = None,
     fp8_dtype: torch.dtype | None = None,
+    max_total_recv_tokens: int | None = None,
 ) -> dict:
     """Keyword arguments of ``mori.ops.EpDispatchCombineConfig`` (kernel_type as a name).
 
@@ -137,6 +138,10 @@ def mori_config(
     be expressed. ``gpu_per_node``: None = one node of W GPUs (``MoriDispatcher`` derives it from
     the group's hosts). ``kernel_type="auto"``: IntraNode within one node, InterNodeV1 across.
     Tokens are sized by ``dtype`` (``max_token_type_size``), which halves MORI's buffers in bf16.
+
+    ``max_total_recv_tokens`` (IntraNode, IntraNodeLL): the rows a rank's receive buffers
+    hold, W x ceil(M / W) instead of W x max_tokens_per_rank (MORI's config field; its kernel
+    asserts past it; ``MoriDispatcher`` refuses such a batch first).
 
     ``fp8_dtype`` (``comm.mori_fp8``): rows dispatched in that FP8 type with one float32 scale
     per 1x128 group (``scale_dim`` = H / 128, ``scale_type_size`` = 4); ``dtype`` stays the
@@ -195,6 +200,19 @@ def mori_config(
                  warp_num_per_block=launch["warp_per_block"]) if launch else {}
     if kernel_type in INTRA_NODE:
         extra = dict(INTRANODE_CONFIG)
+    if max_total_recv_tokens is not None:
+        if isinstance(max_total_recv_tokens, bool) or not isinstance(max_total_recv_tokens, int) \
+                or not 1 <= max_total_recv_tokens <= W * max_tokens_per_rank:
+            raise _bad("max_total_recv_tokens", max_total_recv_tokens, f"must be an int in [1, "
+                       f"W x max_tokens_per_rank = {W * max_tokens_per_rank}] (MORI's receive "
+                       "buffers hold W x ceil(M / W) rows)", "pass the most rows one rank may "
+                       "receive in a batch, or None for W x max_tokens_per_rank")
+        if kernel_type not in INTRA_NODE:
+            raise _bad("max_total_recv_tokens", max_total_recv_tokens, f"is adopted for "
+                       f"{INTRA_NODE} only: {kernel_type} lays its receive buffers out per "
+                       "source rank (internode.hpp ~118), a cap this adapter does not check",
+                       "omit it across nodes")
+        extra["max_total_recv_tokens"] = max_total_recv_tokens
     return dict(
         data_type=fp8_dtype or dtype, rank=rank, world_size=W, hidden_dim=hidden_size,
         scale_dim=scale_dim, scale_type_size=scale_type_size, max_token_type_size=dtype.itemsize,
@@ -246,6 +264,14 @@ HEAP_ALIGN = 256  # the static heap's VA manager aligns every allocation (shmem/
 SHMEM_RESERVED = 256 + 1024
 
 
+def recv_rows(config: dict) -> int:
+    """Rows MORI's receive buffers hold (MaxNumTokensToRecv, dispatch_combine.hpp ~160): W x
+    max tokens, or with ``max_total_recv_tokens`` M, W x min(ceil(M / W), max tokens)."""
+    W, T = config["world_size"], config["max_num_inp_token_per_rank"]
+    M = config.get("max_total_recv_tokens", 0)
+    return W * (min(-(-M // W), T) if M > 0 else T)
+
+
 def _allocations(config: dict) -> list[int]:
     """The symmetric allocations of one op, in bytes (EpDispatchCombineHandle::
     InitializeShmemBuf, InitializeTokenNumSignalBuf, InitializeOrderMapBuf, InitializeBarrier in
@@ -257,20 +283,20 @@ def _allocations(config: dict) -> list[int]:
     scale = config["scale_dim"] * config["scale_type_size"]
     tok = H * config["max_token_type_size"]
     xfer = tok + 4 * K + 4 * K + 4 + scale  # row, ids, weights, source token id, scales
-    recv = W * T
+    recv, send = recv_rows(config), W * T  # MaxNumTokensToRecv, MaxNumTokensToSend
     out = [recv * tok, T * tok]  # dispatch output, combine output
     if kt in INTRA_NODE:
         out += [recv * xfer]  # combine staging
     elif kt in LAUNCH:  # InterNodeV1(LL): per-node input and staging, receive staging
         out += [nodes * T * xfer, recv * xfer, 2 * nodes * T * xfer, T * xfer]
     else:  # InterNode, AsyncLL: three buffers of W * T transfers
-        out += [recv * xfer] * 3
+        out += [send * xfer] * 3
     out += [recv * K * 4] * 5  # weights in / dispatch out / combine out; ids in / out
     if scale:
         out += [recv * scale] * 2  # scales in, out
     qp = config.get("num_qp_per_pe", 1)
     out += [W * 4 * 2 * qp] * 2 + [W * 2 * 8 * 2, nodes * 8]  # token-count signals
-    out += [4, recv * e * 4]  # dispatch offset, dispatched-token -> source-token map
+    out += [4, send * e * 4]  # dispatch offset, dispatched-token -> source-token map
     out += [W * 4 * 2 * 8, nodes * T * 8]  # cross-device barrier, inter-node chunk flags
     return out
 
@@ -442,15 +468,21 @@ class MoriDispatcher(Dispatcher):
         kernel_type: str = "auto",
         gpu_per_node: int | None = None,
         capacity_sized: bool = False,
+        max_total_recv_tokens: int | None = None,
         mori=None,
     ):
         group, rank = join_group(placement, group, self.name)
+        if max_total_recv_tokens is not None and capacity_sized:
+            raise _bad("max_total_recv_tokens", max_total_recv_tokens, "is checked per batch "
+                       "with a host read of the group's counts, which capacity_sized=True "
+                       "avoids", "drop one of the two")
         if gpu_per_node is None:
             gpu_per_node = gpus_per_node(group_hosts(group))
         self.mori_config = mori_config(placement, rank, hidden_size=hidden_size, top_k=top_k,
                                        dtype=dtype, max_tokens_per_rank=max_tokens_per_rank,
                                        kernel_type=kernel_type, gpu_per_node=gpu_per_node,
-                                       fp8_dtype=self.fp8_dtype)
+                                       fp8_dtype=self.fp8_dtype,
+                                       max_total_recv_tokens=max_total_recv_tokens)
         super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
                          hidden_size=hidden_size, top_k=top_k, dtype=dtype)
         self.group = group
@@ -468,7 +500,8 @@ class MoriDispatcher(Dispatcher):
     def config(self) -> dict:
         return dict(super().config(), kernel_type=self.kernel_type,
                     gpu_per_node=self.mori_config["gpu_per_node"],
-                    capacity_sized=self.capacity_sized, launch_mode=self.launch_mode)
+                    capacity_sized=self.capacity_sized, launch_mode=self.launch_mode,
+                    max_total_recv_tokens=self.mori_config.get("max_total_recv_tokens"))
 
     def abandon(self, handle, stage: str, exc: BaseException) -> None:
         """MORI's dispatch adds to its received-row counter and only its combine zeroes it
@@ -494,7 +527,30 @@ class MoriDispatcher(Dispatcher):
                 "from run to run and with the EP size) and it has no raw per-slot return path "
                 f"({RAW_REASON})")
 
+    def _check_recv_cap(self, topk_ids_TK) -> None:
+        """With ``max_total_recv_tokens``: every rank's received rows (one per token per unique
+        destination, from one SUM all-reduce of what each rank sends where) must fit MORI's
+        smaller receive buffers; every rank sees the same counts and refuses together."""
+        if "max_total_recv_tokens" not in self.mori_config:
+            return
+        W = self.world_size
+        dest1 = self._dest1_on(topk_ids_TK.device)[topk_ids_TK.long() + 1]  # owner + 1, 0: empty
+        hit = torch.zeros(topk_ids_TK.shape[0], W + 1, dtype=torch.int64,
+                          device=topk_ids_TK.device).scatter_(1, dest1, 1)[:, 1:]
+        counts = hit.sum(0)
+        if dist.get_backend(self.group) != "nccl":
+            counts = counts.cpu()
+        dist.all_reduce(counts, group=self.group)
+        cap = recv_rows(self.mori_config)
+        over = {r: int(n) for r, n in enumerate(counts.tolist()) if n > cap}
+        if over:
+            raise _bad("max_total_recv_tokens", self.mori_config["max_total_recv_tokens"],
+                       f"this batch sends {over} rows to ranks whose MORI receive buffers hold "
+                       f"{cap} (past it MORI's kernel asserts)", "raise max_total_recv_tokens "
+                       "(or omit it), or split the batch")
+
     def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
+        self._check_recv_cap(topk_ids_TK)
         tokens, scales = self._to_mori(x_TH)
         out_x, out_w, out_s, out_ids, total = self.op.dispatch(
             tokens, topk_weights_TK.contiguous(), scales, topk_ids_TK.contiguous(),

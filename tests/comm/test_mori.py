@@ -112,6 +112,31 @@ def test_info_shows_the_launch_config(monkeypatch):
         launch_description("IntraNode", 8)
 
 
+def test_max_total_recv_tokens_config():
+    """Issue 32 item 9: MORI's max_total_recv_tokens M sizes the receive buffers W x
+    min(ceil(M / W), T) rows (dispatch_combine.hpp MaxNumTokensToRecvPerRank, ~160 at
+    624002c8; dispatch_combine.cpp ~305-381), the send side stays W x T; adopted for the
+    intra-node kernels."""
+    from types import SimpleNamespace
+
+    base = _cfg()
+    small = mori_config(Placement.contiguous(256, 8), 0, hidden_size=7168, top_k=8,
+                        dtype=torch.bfloat16, max_tokens_per_rank=4096,
+                        max_total_recv_tokens=6 * 4096)
+    assert small["max_total_recv_tokens"] == 6 * 4096
+    fake_cfg = SimpleNamespace(**{**small, "kernel_type": KernelType.IntraNode})
+    assert heap_bytes(small) == _op_bytes(fake_cfg)
+    saved = heap_bytes(base) - heap_bytes(small)
+    assert saved > 2 * 4096 * 7168 * 2 * 2  # two of eight rank-slices of rows and staging
+    for kw, match in ((dict(max_total_recv_tokens=0), r"\[1, "),
+                      (dict(max_total_recv_tokens=8 * 4096 + 1), "W x max_tokens_per_rank"),
+                      (dict(max_total_recv_tokens=4096.0), "an int"),
+                      (dict(max_total_recv_tokens=4096, gpu_per_node=4), "per source rank")):
+        with pytest.raises(ValueError, match=match):
+            mori_config(Placement.contiguous(256, 8), 0, hidden_size=7168, top_k=8,
+                        dtype=torch.bfloat16, max_tokens_per_rank=4096, **kw)
+
+
 def test_gpus_per_node_from_hosts():
     """Defect 5: gpu_per_node comes from the group, not a constant 8."""
     assert gpus_per_node(["a"] * 8 + ["b"] * 8) == 8
@@ -684,6 +709,35 @@ def _check_fake_lifecycle(info, seed):
     return out
 
 
+def _check_max_total_recv_tokens(info, seed):
+    """Issue 32 item 9: smaller receive buffers (MORI's max_total_recv_tokens): batches that
+    fit round-trip as MORI's test wants; one that would overflow a rank's buffers (every token
+    to rank 0's experts) is refused on every rank before MORI runs (MORI's kernel asserts)."""
+    W = info.world_size
+    d = _mori(info, max_total_recv_tokens=(W - 1) * CAP)  # buffers of (W - 1) x CAP rows
+    full = _mori(info)
+    assert d.op._x.numel() * W == full.op._x.numel() * (W - 1)
+    _identity_round_trip(info, seed, d, batches=(9, 1, 12))  # at most W x 12 rows a rank
+    x, w, ids = _batch(info.rank, CAP, seed, empty=0.0)
+    for row in ids:  # every token reaches rank 0 (expert 0 first, K still distinct)
+        j = int((row == 0).nonzero()[0, 0]) if bool((row == 0).any()) else 0
+        row[j], row[0] = row[0].clone(), 0
+    calls = list(d.op.calls)
+    try:
+        d.dispatch(x, w, ids)
+    except ValueError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("an overflowing batch was accepted")
+    assert d.op.calls == calls, "refused before MORI ran"
+    x, w, ids = _batch(info.rank, 5, seed + 7)  # and the next batch runs
+    res = d.dispatch(x, w, ids)
+    U = torch.tensor([d.placement.owner(r[r >= 0]).unique().numel() for r in ids])
+    y = d.combine(ExpertsOutput(out=res.x.clone(), weights_applied=True), res.handle)
+    assert torch.equal(y, x * U[:, None].float())
+    return message
+
+
 def _check_fake_follows_upstream_details(info, seed):
     """Issue 32 item 8, what MORI does (624002c8): empty [T, 0] scales with scale_dim 0 are
     accepted and dropped (DC dispatch: has_scales needs scale_dim > 0); weights=None is
@@ -768,6 +822,7 @@ def test_fake_messages(suite):
         assert "host read" in res["padded_path_reads_nothing_on_the_host"]["value"]
         assert "kernel_type by rank" in res["ranks_disagreeing_refused_before_mori"]["value"]
         assert "combine zeroes" in res["abandoned_batch_refuses_the_next"]["value"]
+        assert "MORI's kernel asserts" in res["max_total_recv_tokens"]["value"]
 
 
 @pytest.mark.gpu
