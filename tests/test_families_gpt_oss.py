@@ -72,3 +72,26 @@ def test_whole_model_single_rank(checkpoint):
 def test_run_on_the_checkpoint(checkpoint, world_size, capsys):
     out = fp.check_run(checkpoint, LAYER, world_size, capsys)
     assert "E=8 H=32 I=12 K=3" in out
+
+
+def test_experts_implementation_matches_eager(checkpoint):
+    """transformers' experts implementation "rocm_moe" on gpt-oss's transposed, interleaved,
+    biased experts: the model's logits as with its own experts."""
+    from rocm_moe import oracle
+    from rocm_moe.integrations import hf
+
+    hf.register()
+    model = fp.load_model(checkpoint)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(ids).logits
+        model.set_experts_implementation("rocm_moe")
+        ours = model(ids).logits
+        assert oracle.rel_err(ours, ref) <= 1e-5
+        assert oracle.rel_err(model(ids).logits, ref) <= 1e-5  # (the cached weights)
+    experts = fp.block_of(model, LAYER).experts
+    experts.has_post_expert_norm = True  # what rocm_moe's experts do not compute
+    experts._rocm_moe_map = None
+    with pytest.raises(ValueError, match=r"GptOssExperts.has_post_expert_norm=True"), \
+            torch.no_grad():
+        model(ids)

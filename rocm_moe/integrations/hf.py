@@ -31,7 +31,7 @@ from torch import nn
 
 from rocm_moe._checks import check_finite, error_message
 from rocm_moe.comm.base import Dispatcher
-from rocm_moe.experts.base import PLAIN, Experts, ExpertVariant
+from rocm_moe.experts.base import PLAIN, Experts, ExpertVariant, variant_kwargs
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.families import (
     CONFIG_ALIASES,
@@ -677,22 +677,78 @@ class ExpertsFunction:
     def __call__(self, module, hidden_states, top_k_index, top_k_weights):
         E = module.gate_up_proj.shape[0]
         emap = getattr(module, "_rocm_moe_map", None)
-        if emap is None:  # the module's first call: its activation must be SiLU
-            act = getattr(module, "act_fn", None)
-            if act is not None and not isinstance(act, nn.SiLU) \
-                    and type(act).__name__ != "SiLUActivation":
-                raise ValueError(error_message(
-                    f"{type(module).__name__}.act_fn", type(act).__name__,
-                    "rocm_moe experts are SwiGLU (silu(gate) * up)",
-                    'use experts_implementation="eager" for models whose hidden_act is not '
-                    "silu"))
+        if emap is None:  # the module's first call: what its experts compute must be ours
+            _check_experts_module(module)
         if emap is None or emap.map_E.device != hidden_states.device:
             emap = Placement.contiguous(E, 1).expert_map(0).to(hidden_states.device)
             module._rocm_moe_map = emap
+        w13, w2, kw = _module_weights(module)
         out = self.experts(hidden_states, top_k_index.to(torch.int32), top_k_weights.float(),
-                           module.gate_up_proj, module.down_proj, emap, weight_mode="experts",
-                           validate=False)
+                           w13, w2, emap, weight_mode="experts", validate=False, **kw)
         return out.out
+
+
+def _module_variant(module) -> ExpertVariant:
+    """The variant of a transformers experts module: its family's (gpt-oss: from its config),
+    PLAIN for a module without a config of a known family."""
+    config = getattr(module, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        return PLAIN
+    try:
+        fam = family(model_type)
+    except ValueError:
+        return PLAIN
+    return fam.expert_variant(config)
+
+
+def _check_experts_module(module) -> None:
+    """A ValueError unless rocm_moe computes what ``module`` does: SwiGLU with SiLU (or its
+    family's variant, gpt-oss's clamped one), a gate, no norm after each expert, biases only
+    where its family has them."""
+    name = type(module).__name__
+    variant = _module_variant(module)
+    act = getattr(module, "act_fn", None)
+    if variant.activation == "silu" and act is not None and not isinstance(act, nn.SiLU) \
+            and type(act).__name__ != "SiLUActivation":
+        raise ValueError(error_message(
+            f"{name}.act_fn", type(act).__name__, "rocm_moe experts are SwiGLU (silu(gate) * up)",
+            'use experts_implementation="eager" for models whose hidden_act is not silu'))
+    for flag, ok in (("has_gate", True), ("has_post_expert_norm", False),
+                     ("has_bias", variant.bias)):
+        if getattr(module, flag, ok) != ok:
+            raise ValueError(error_message(
+                f"{name}.{flag}", getattr(module, flag), f"rocm_moe's experts need {flag}={ok} "
+                f"here (variant {variant})", 'use experts_implementation="eager" for this model'))
+
+
+def _module_weights(module) -> tuple:
+    """(w13 [E, 2I, H] gate rows then up rows, w2 [E, H, I], variant keywords) of a transformers
+    experts module, converted from its transposed / interleaved layout once per weight version
+    (kept on the module)."""
+    variant = _module_variant(module)
+    if not getattr(module, "is_transposed", False) and getattr(module, "is_concatenated", True) \
+            and not variant.bias:
+        return module.gate_up_proj, module.down_proj, variant_kwargs(variant, None, None)
+    tensors = [module.gate_up_proj, module.down_proj]
+    if variant.bias:
+        tensors += [module.gate_up_proj_bias, module.down_proj_bias]
+    key = tuple((t.data_ptr(), t._version, t.device) for t in tensors)
+    cached = getattr(module, "_rocm_moe_weights", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            gu, down = tensors[0].detach(), tensors[1].detach()
+            if module.is_transposed:  # [E, H, 2I] / [E, I, H]
+                gu, down = gu.transpose(1, 2), down.transpose(1, 2)
+            b13 = tensors[2].detach() if variant.bias else None
+            if not getattr(module, "is_concatenated", True):  # gate0, up0, gate1, ...
+                gu = torch.cat([gu[:, 0::2], gu[:, 1::2]], dim=1)
+                b13 = None if b13 is None else torch.cat([b13[:, 0::2], b13[:, 1::2]], dim=1)
+            b2 = tensors[3].detach() if variant.bias else None
+            cached = (key, gu.contiguous(), down.contiguous(),
+                      variant_kwargs(variant, None if b13 is None else b13.contiguous(), b2))
+        module._rocm_moe_weights = cached
+    return cached[1], cached[2], cached[3]
 
 
 def register(experts: Experts | None = None) -> str:
