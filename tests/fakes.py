@@ -621,10 +621,9 @@ class FakeFusedMoe:
                  num_local_tokens=None, quant_type=FakeQuantType.No, w1_scale=None,
                  w2_scale=None, a1_scale=None, a2_scale=None, dtype=None, **kw):
         self.calls += 1
-        if isinstance(quant_type, bool) or not isinstance(quant_type, int) or \
-                quant_type not in set(FakeQuantType):  # FM: QuantType(quant_type)
-            raise ContractError(f"quant_type must be a QuantType or its int, got {quant_type!r}")
-        quant_type = FakeQuantType(quant_type)
+        if not isinstance(quant_type, FakeQuantType):  # FM fused_moe: quant_type.value
+            raise AttributeError(f"{type(quant_type).__name__!r} object has no attribute "
+                                 "'value' (fused_moe takes a QuantType)")
         if quant_type not in (FakeQuantType.No, FakeQuantType.per_1x128):
             raise ContractError(f"the fake models QuantType.No and per_1x128, not {quant_type}")
         fp8 = quant_type == FakeQuantType.per_1x128

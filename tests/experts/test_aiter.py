@@ -258,13 +258,18 @@ def test_fake_shuffle_is_aiters_permutation(dtype):
 
 def test_fake_quant_type_is_zero_based():
     """Issue 32 item 8: AITER's QuantType comes from csrc/include/aiter_enum.h (No = 0 ...
-    per_1x128 = 4) and fused_moe takes it as an int (``quant_type: int``, FM ~706)."""
+    per_1x128 = 4); the public fused_moe takes the enum (it passes ``quant_type.value`` on to
+    the custom op, FM ~545), so an int is an AttributeError there."""
     from tests.fakes import FakeQuantType
 
     assert FakeQuantType.No.value == 0
     assert FakeQuantType.per_1x128.value == 4
     assert FakeQuantType.per_1024x128.value == 7
     assert FakeQuantType(4) is FakeQuantType.per_1x128
+    with pytest.raises(AttributeError, match="value"):
+        FakeFusedMoe()(torch.zeros(1, H).half(), torch.zeros(1, 2 * I, H).half(),
+                       torch.zeros(1, H, I).half(), torch.ones(1, 1), torch.zeros(1, 1).int(),
+                       quant_type=0)
 
 
 @pytest.mark.parametrize("mode", ["weighted", "raw"])

@@ -229,11 +229,12 @@ def test_fake_enforces_the_fp8_contract(gen):
         (dict(good, a2_scale=q.scale), "a2_scale"),
         (dict(good, dtype=torch.float32), "unsupported out dtype"),
         (dict(good, quant_type=FakeQuantType.per_Token), "per_1x128"),
-        (dict(good, quant_type=9), "QuantType"),  # AITER takes the int (0-based); 9 is none
     ]
     for kw, msg in bad:
         with pytest.raises(ContractError, match=msg):
             fake(x, w1, w2, tw, ids, **kw)
+    with pytest.raises(AttributeError, match="value"):  # public fused_moe: quant_type.value
+        fake(x, w1, w2, tw, ids, **dict(good, quant_type=4))
     with pytest.raises(ContractError, match="a1_scale must be provided"):
         fake(q.q, w1, w2, tw, ids, **good)
     with pytest.raises(ContractError, match="a1_scale must be contiguous"):
