@@ -24,6 +24,8 @@ and the group is marked broken (a restart is needed, as after any failed collect
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -184,16 +186,66 @@ def _exchange_round(ops: list) -> None:
             work.wait()
 
 
+_EPOCHS: dict[str, int] = {}  # group -> moves so far (the same count on every rank)
+
+
+class _Outcomes:
+    """Each rank's end state of one move, through the default group's rendezvous store (the
+    move's agreement): "ok" (its transfers completed), "collective" (a transfer with a peer
+    failed) or "raised" (its own step failed). Every rank posts its state BEFORE it waits for
+    the others', so a rank that failed fast does not wait for a peer still blocked in a transfer
+    to time out; a rank that posts nothing within the wait died or stalled."""
+
+    def __init__(self, group, timeout_s: float | None):
+        from torch.distributed import distributed_c10d as c10d
+
+        self.ranks = dist.get_process_group_ranks(group)
+        scope = f"{getattr(group, 'group_name', '')}:{'-'.join(map(str, self.ranks))}"
+        n = _EPOCHS[scope] = _EPOCHS.get(scope, 0) + 1
+        self.prefix = f"rocm_moe/eplb/{scope}/{n}/"
+        self.me = dist.get_rank()
+        self.timeout_s = timeout_s or 300.0
+        self.store = c10d._get_default_store()
+
+    def post(self, state: str) -> None:
+        with contextlib.suppress(Exception):  # the store's host may be the rank that died
+            self.store.set(self.prefix + str(self.me), state)
+
+    def settle(self) -> tuple[dict[int, str], list[int]]:
+        """(every rank's posted state, the ranks that posted none): returns once all posted,
+        at once when a rank "raised", else when nothing new came for twice the timeout (a peer
+        blocked in a transfer on a live rank posts after its own timeout)."""
+        states: dict[int, str] = {}
+        last = time.monotonic()
+        while True:
+            try:
+                for r in self.ranks:
+                    key = self.prefix + str(r)
+                    if r not in states and self.store.check([key]):
+                        states[r] = self.store.get(key).decode()
+                        last = time.monotonic()
+            except Exception:
+                break  # the store is gone with its host: what we have is what we know
+            if len(states) == len(self.ranks) or "raised" in states.values() \
+                    or time.monotonic() - last > 2 * self.timeout_s:
+                break
+            time.sleep(0.02)
+        return states, [r for r in self.ranks if r not in states]
+
+
 def move_weights(tensors: list[torch.Tensor], plan: tuple[Transfer, ...], rank: int, group, *,
                  experts_per_round: int = 1, timeout_s: float | None = None
                  ) -> list[torch.Tensor]:
     """This rank's part of ``plan`` for the [e, ...] ``tensors`` (every per-expert tensor of the
     layer): the staging tensors [n_in, ...] of its incoming slots in plan order (nothing in
-    ``tensors`` changes). Collective over ``group`` (None: one rank, local copies only).
-    Raises ``PeerFailure`` naming the failing rank; this rank's own failure is posted for its
-    peers first."""
+    ``tensors`` changes). Collective over ``group`` (None: one rank, local copies only):
+    returns only when every rank's transfers completed. Otherwise raises this rank's own error
+    (its failure posted for its peers first) or ``PeerFailure`` naming the failing rank(s):
+    those whose own step raised, else those that reported nothing (died or stalled)."""
     incoming = [t for t in plan if t.dst_rank == rank]
     staged = [x.new_empty((len(incoming), *x.shape[1:])) for x in tensors]
+    outcomes = _Outcomes(group, timeout_s) if group is not None else None
+    state, error = "raised", None
     try:
         for i, t in enumerate(incoming):
             if t.src_rank == rank:
@@ -204,24 +256,46 @@ def move_weights(tensors: list[torch.Tensor], plan: tuple[Transfer, ...], rank: 
         for start in range(0, len(remote), experts_per_round):
             ops = _round_ops(remote[start:start + experts_per_round], tensors, staged, slot_of,
                              rank, group)
-            _collective(group, f"{MOVE_STAGE}, round {start // experts_per_round}",
-                        lambda ops=ops: _exchange_round(ops), timeout_s)
-        if group is not None:
-            ok = torch.ones(1, dtype=torch.int64, device=tensors[0].device)
-            _collective(group, "rebalance (agreement)", lambda: dist.all_reduce(
-                ok, op=dist.ReduceOp.MIN, group=group), timeout_s)
-            if int(ok.item()) != 1:  # (every rank contributes 1 or fails: kept for safety)
-                raise peers.PeerFailure(f"rank {dist.get_rank()}: {MOVE_STAGE}: a peer "
-                                        "reported failure", stage=MOVE_STAGE)
-    except peers.PeerFailure:
-        raise
-    except Exception as exc:  # this rank's own failure: its peers will wait for it
-        if group is not None:
-            peers.post(stage=MOVE_STAGE, kind="raised", error=peers.short(exc))
-            peers.mark_broken(group, f"rank {rank} failed in {MOVE_STAGE}: "
-                              f"{peers.short(exc, 160)}")
-        raise
-    return staged
+            state = "collective"
+            _exchange_round(ops)
+            state = "raised"
+        if tensors and tensors[0].is_cuda:
+            torch.cuda.synchronize(tensors[0].device)  # (NCCL's wait only orders the stream)
+        state = "ok"
+    except Exception as exc:
+        error = exc
+        if outcomes is None:
+            raise
+        kind = "raised" if state == "raised" or isinstance(exc, (ValueError, TypeError)) \
+            else "collective"
+        state = kind
+        peers.post(stage=MOVE_STAGE, kind=kind, error=peers.short(exc))
+        peers.mark_broken(group, f"rank {rank} failed in {MOVE_STAGE}: {peers.short(exc, 160)}")
+    if outcomes is None:
+        return staged
+    outcomes.post(state)
+    if state == "raised":
+        raise error  # this rank's own failure: its peers name it
+    states, missing = outcomes.settle()
+    if state == "ok" and not missing and all(v == "ok" for v in states.values()):
+        return staged
+    raised = sorted(r for r, v in states.items() if v == "raised")
+    culprits = tuple(raised or missing)
+    if raised:
+        why = f"rank(s) {raised} failed in their own step of the move"
+        fix = f"read rank {raised[0]}'s own error: it is the cause"
+    elif missing:
+        why = (f"rank(s) {missing} reported nothing within {2 * outcomes.timeout_s:.0f} s: "
+               "exited (os._exit, a native crash, killed) or stalled")
+        fix = (f"read rank {missing[0]}'s log; if it is only slow, raise the group's timeout "
+               "(TorchDispatcher(timeout=...))")
+    else:
+        why, fix = "every failing rank failed in a transfer", "read every rank's log"
+    seen = f" ({peers.short(error, 160)})" if error is not None else ""
+    message = (f"rank {dist.get_rank()}: {MOVE_STAGE} failed{seen}: {why}; every rank keeps "
+               f"its old placement and weights. Fix: {fix}")
+    peers.mark_broken(group, message)
+    raise peers.PeerFailure(message, stage=MOVE_STAGE, culprits=culprits) from error
 
 
 def _collective(group, stage: str, run, timeout_s: float | None):
