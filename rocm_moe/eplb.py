@@ -15,11 +15,12 @@ the same rank's old slot where that rank held it (a local copy), else from a ran
 (its replicas taken in turn). Each rank receives its incoming experts into a staging buffer
 (memory: the rank's changed slots, at most its e experts, one copy) in rounds of point-to-point
 messages (``torch.distributed.batch_isend_irecv``, ``experts_per_round`` transfers of the whole
-group per round, straight from the live weights to the staging rows); then every rank reports
-success in one all-reduce and only when every rank succeeded does each copy its staging rows
-into its weights and swap its placement. A rank that fails in the move is named by its peers
-(``comm.peers``: a ``PeerFailure`` naming it), every rank keeps its old placement and weights,
-and the group is marked broken (a restart is needed, as after any failed collective).
+group per round, straight from the live weights to the staging rows); then every rank posts its
+end state to the rendezvous store and waits for all of them (``_Outcomes``), and only when every
+rank succeeded does each copy its staging rows into its weights and swap its placement. A rank
+that fails in the move is named by its peers (a ``comm.peers.PeerFailure`` naming it), every
+rank keeps its old placement and weights, and the group is marked broken (a restart is needed,
+as after any failed collective).
 """
 
 from __future__ import annotations
