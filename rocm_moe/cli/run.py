@@ -167,7 +167,7 @@ def command(args: argparse.Namespace) -> int:
 def _write_json(args: argparse.Namespace, spec: LayerSpec, results: list[dict],
                 tokens_per_s: float, passed: bool) -> None:
     # The command line's arguments, with the shape the layer had (a checkpoint's, if any).
-    config = {k: v for k, v in vars(args).items() if k != "func"}
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "_given")}
     config.update(num_experts=spec.num_experts, hidden=spec.hidden_size,
                   intermediate=spec.intermediate_size, top_k=spec.top_k)
     with open(args.json, "w") as f:
