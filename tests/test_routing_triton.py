@@ -225,8 +225,8 @@ def test_kernel_agrees_with_the_cpu_router(gen, case):
     with no near-ties, weights within 8 float32 ulps."""
     cfg = CASES[case]
     bias = _bias(cfg, gen)
-    x = _tie_free_logits(64, cfg, torch.float32, gen) + torch.rand(64, cfg.num_experts,
-                                                                   generator=gen) * 0.01
+    x = _tie_free_logits(64, cfg, torch.float32, gen).cpu() + torch.rand(
+        64, cfg.num_experts, generator=gen) * 0.01
     w, ids = _fused(x.to(DEVICE), cfg, bias)
     ref = _route_torch(x.cpu(), cfg, None if bias is None else bias.cpu())
     assert torch.equal(ids.cpu(), ref.topk_ids)
@@ -255,13 +255,14 @@ def _assert_close(got, want, what: str, *, ulps: int = 4, max_id_rows: float = 1
     """The compiled kernel against the torch path on a GPU (measured on an H100, Triton 3.6:
     not the same bits: float32 weights 1-2 ulp apart, so ``route`` keeps the torch path unless
     ``fused=True``): ids equal in all but ``max_id_rows`` of the rows (a near tie of two
-    scores or group sums may pick the other, equally valid, expert), and the weights of rows
+    scores or group sums may pick the other, equally valid, expert; at least one row in any
+    batch: DeepSeek-V3's T=511 had one on an H100), and the weights of rows
     with equal ids within ``ulps`` float32 ulps."""
     (gw, gi), (ww, wi) = got, want
     assert gw.dtype == torch.float32, what
     assert gi.dtype == torch.int32, what
-    same_ids = (gi == wi).all(1)
-    assert (~same_ids).sum().item() <= max_id_rows * len(gi), (
+    same_ids = (gi == wi).all(1)  # (one near tie is allowed in any batch: 1 of 511 seen)
+    assert (~same_ids).sum().item() <= max(1.0, max_id_rows * len(gi)), (
         f"{what}: ids differ in {int((~same_ids).sum())} of {len(gi)} rows")
     ulp = torch.finfo(torch.float32).eps * ww.abs().clamp_min(torch.finfo(torch.float32).tiny)
     off = ((gw - ww).abs() > ulps * ulp).any(1) & same_ids
