@@ -152,7 +152,10 @@ class ModelFamily:
 
         kw = {}
         if self.activation == "swiglu_oai":
-            kw = dict(alpha=float(config.swiglu_alpha), limit=float(config.swiglu_limit))
+            # transformers before swiglu_alpha became a config field (5.17 has none) hard-code
+            # alpha = 1.702 in GptOssExperts: the same default here
+            kw = dict(alpha=float(getattr(config, "swiglu_alpha", 1.702)),
+                      limit=float(config.swiglu_limit))
         return ExpertVariant(activation=self.activation, bias=self.expert_bias,
                              weights_on_input=self.weights_on_input, **kw)
 
