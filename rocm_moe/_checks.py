@@ -189,3 +189,15 @@ def check_same_device(fields: dict[str, torch.Tensor]) -> None:
                 "move them with .to(x.device)",
             )
         )
+
+
+def check_routing_rows(topk_weights: object, topk_ids: object, num_tokens: int,
+                       top_k: int) -> None:
+    """A caller's routing of ``num_tokens`` tokens: [T, K] weights and ids, checked against
+    the whole batch before it is cut into chunks (a mismatch was refused per chunk, naming the
+    chunk's size, after the earlier chunks had run)."""
+    for field, t, what in (("topk_weights", topk_weights, "float32 weights"),
+                           ("topk_ids", topk_ids, "ids (pad unused slots with -1)")):
+        check_tensor(field, t, shape=(num_tokens, top_k),
+                     fix=f"pass [T={num_tokens}, K={top_k}] {what}, one row per token of "
+                     "hidden_states")

@@ -43,6 +43,7 @@ from rocm_moe._checks import (
     check_id_range,
     check_integer,
     check_integer_value,
+    check_routing_rows,
     check_tensor,
     error_message,
 )
@@ -674,6 +675,7 @@ class EPMoE(nn.Module):
             _check_call(return_raw=return_raw, trace=trace, topk_weights=topk_weights,
                         topk_ids=topk_ids)
             x_TH = self._flatten(hidden_states)
+            check_routing_rows(topk_weights, topk_ids, x_TH.shape[0], self.router.top_k)
             if self._replicas is not None:  # logical ids: [T, K] in [0, E), not [0, P)
                 check_tensor("topk_ids", topk_ids, shape=(x_TH.shape[0], self.router.top_k),
                              fix="pass [T, K] logical expert ids; pad unused slots with -1")
