@@ -782,7 +782,9 @@ class EPMoE(nn.Module):
             with _stage(trace, "experts", dev):
                 eo = self.experts(d.x, d.topk_ids, d.topk_weights, *self.expert_weights(),
                                   disp.expert_map_on(dev), weight_mode=weight_mode,
-                                  validate=False, **variant_kwargs(
+                                  validate=False, **_row_bound(d, x_TH.shape[0],
+                                                               disp.world_size),
+                                  **variant_kwargs(
                                       self.expert_variant, self.w13_bias, self.w2_bias))
             stage = "combine"
             with _stage(trace, "combine", dev):
