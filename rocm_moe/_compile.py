@@ -75,12 +75,20 @@ def _expert_configs(target: str) -> list[tuple[dict, int, int, str]]:
     return out
 
 
+def _persistent(target: str) -> tuple[bool, ...]:
+    """The PERSISTENT values the experts launch on ``target`` with this Triton
+    (``experts.triton.persistent_supported``)."""
+    from rocm_moe.experts.triton import persistent_supported
+
+    return (False, True) if persistent_supported(amd=target == "gfx942") else (False,)
+
+
 def _gate_up(target: str) -> list[Launch]:
     return [Launch((("BLOCK_K", c["gate_up"]["BLOCK_K"]), ("BLOCK_M", c["BLOCK_M"]),
                     ("BLOCK_N", c["gate_up"]["BLOCK_N"]), ("DESC", TARGETS[target][5]),
                     ("EVEN_K", H % c["gate_up"]["BLOCK_K"] == 0), ("PERSISTENT", persistent)),
                    c["gate_up"].get("num_warps", 4), c["gate_up"].get("num_stages", 3), origin)
-            for c, H, _, origin in _expert_configs(target) for persistent in (False, True)]
+            for c, H, _, origin in _expert_configs(target) for persistent in _persistent(target)]
 
 
 def _down(target: str) -> list[Launch]:
@@ -90,7 +98,7 @@ def _down(target: str) -> list[Launch]:
                     ("WEIGHTED", weighted)),
                    c["down"].get("num_warps", 4), c["down"].get("num_stages", 3), origin)
             for c, _, I, origin in _expert_configs(target) for weighted in (True, False)
-            for persistent in (False, True)]
+            for persistent in _persistent(target)]
 
 
 def _slot_sum(target: str) -> list[Launch]:
@@ -192,7 +200,8 @@ def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
                 if kernel == "gate_up":
                     cx.update(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6,
                               ROUND=False)
-                persist = (False, True) if c["BLOCK_M"] <= PERSISTENT_MAX_BLOCK_M else (False,)
+                persist = _persistent(target) if c["BLOCK_M"] <= PERSISTENT_MAX_BLOCK_M \
+                    else (False,)
                 variants = [dict(WEIGHTED=w, PERSISTENT=p) for w in (True, False)
                             for p in persist] if kernel == "down" \
                     else [dict(PERSISTENT=p) for p in persist]

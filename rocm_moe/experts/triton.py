@@ -152,6 +152,30 @@ def persistent_programs(device: torch.device) -> int:
 
 
 PROGRAMS_PER_SM = 4
+# Triton releases before this one compile the persistent gate/up loop for gfx942 with too many
+# VGPRs (3.6.0: 280 at BLOCK_M 32, one wave per SIMD, against 244 and two waves for the
+# one-tile launch; 3.9.0: two waves): there the experts keep the one-tile launches.
+PERSISTENT_MIN_TRITON_ON_GFX = (3, 8)
+
+
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton; ``3.6.0+git1234`` -> (3, 6)."""
+    import re
+
+    import triton
+
+    major, minor = re.findall(r"\d+", triton.__version__)[:2]
+    return int(major), int(minor)
+
+
+def persistent_supported(*, amd: bool) -> bool:
+    """Whether the experts launch persistent grids for capacity-sized batches (``num_rows``):
+    everywhere but AMD GPUs with a Triton older than PERSISTENT_MIN_TRITON_ON_GFX."""
+    return not amd or triton_version() >= PERSISTENT_MIN_TRITON_ON_GFX
+
+
+def _on_amd(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.version.hip is not None
 
 
 @functools.cache
@@ -285,7 +309,7 @@ class TritonExperts(Experts):
         # Raw outputs need exact zeros in non-local slots; the weighted sum never reads them.
         out_slots = (torch.empty if weighted else torch.zeros)(N, H, dtype=x.dtype,
                                                                device=x.device)
-        persistent = num_rows is not None
+        persistent = num_rows is not None and persistent_supported(amd=_on_amd(x.device))
         if N and P:
             tma = tma_supported(x.device) if self.tma is None else self.tma
             launch_gate_up(x, w13, inter, layout, cfg["gate_up"], tma=tma, persistent=persistent)

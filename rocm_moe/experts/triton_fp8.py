@@ -32,6 +32,7 @@ from rocm_moe.experts.fp8 import FP8Experts
 from rocm_moe.experts.layout import build_layout
 from rocm_moe.experts.triton import (
     persistent_grid,
+    persistent_supported,
     slot_sum,
     triton_availability,
     triton_experts_availability,
@@ -176,7 +177,8 @@ class TritonFP8Experts(FP8Experts):
         # Persistent launches where a capacity-sized batch picks decode-to-mid tiles; the
         # BLOCK_M = 128 (prefill) gate/up spills 3 VGPRs in the loop on gfx942 (Triton 3.9),
         # and a batch that picks it fills most of its capacity anyway.
-        persistent = num_rows is not None and cfg["BLOCK_M"] <= PERSISTENT_MAX_BLOCK_M
+        persistent = num_rows is not None and cfg["BLOCK_M"] <= PERSISTENT_MAX_BLOCK_M \
+            and persistent_supported(amd=torch.version.hip is not None and dev.type == "cuda")
         if N and P:
             gu, dn = cfg["gate_up"], cfg["down"]
             assert gu["BLOCK_N"] == BLOCK, cfg  # the epilogue quantises whole groups
