@@ -316,6 +316,10 @@ def route(
     if forced_weights not in ("derived", "raw"):
         raise ValueError(error_message("forced_weights", repr(forced_weights),
                                        "must be 'derived' or 'raw'", "pick one"))
+    for field, flag in (("fused", fused), ("invariant", invariant), ("validate", validate)):
+        if not isinstance(flag, bool):  # fused="no" is truthy: it took the Triton router
+            raise TypeError(error_message(field, repr(flag), "must be a bool",
+                                          "pass True or False"))
     lead = tuple(router_logits.shape[:-1])
     forced_TK = None
     if forced_expert_ids is not None:

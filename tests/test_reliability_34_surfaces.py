@@ -41,3 +41,18 @@ def test_routed_rows_checked_against_the_whole_batch(rows):
                        r"\[20, 2\]") as err:
         layer.forward_routed(x, r.topk_weights, r.topk_ids)
     assert "Fix: pass [T=20, K=2]" in str(err.value)
+
+
+# ---- route(fused=...) ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["fused", "invariant", "validate"])
+@pytest.mark.parametrize("value", ["no", 1, None], ids=["str", "int", "none"])
+def test_route_flags_must_be_bools(field, value):
+    """route(fused="no") was taken as True (the Triton router on GPUs; silently ignored on
+    CPUs), and so were invariant="no" and validate="no"; EPMoE(fused_router=) already refused
+    it."""
+    from rocm_moe.routing import route
+
+    with pytest.raises(TypeError, match=rf"^{field}={value!r}: must be a bool"):
+        route(torch.randn(3, E), RouterConfig.qwen3_moe(E, K), **{field: value})
