@@ -7,7 +7,7 @@ engines' capturable backend), the Triton experts, model shapes from ``--model`` 
 DeepSeek-V3, whose 256 experts fit one GPU in bf16), seeded synthetic weights and tokens. For
 every capacity (``--max-tokens-per-rank``, several values: one layer and dispatcher each) and
 tokens T (``--tokens``):
-- layer: ``GraphedEPMoE`` of the layer (route, dispatch, experts, combine, shared experts);
+- layer: the layer's forward (route, dispatch, experts, combine, shared experts);
 - router: ``layer.route_tokens`` (gate GEMM + router; ``--fused-router`` picks the one-launch
   Triton router, the default, or the torch path);
 - experts: ``layer.experts`` on the routed tokens (what a one-rank dispatch hands them);
@@ -140,15 +140,12 @@ def kernel_launches(fn, device: torch.device) -> int | None:
 
 def _time_case(layer, x: torch.Tensor, cfg: dict) -> tuple[dict, torch.Tensor]:
     """us per call of the graph-replayed layer, router and experts on tokens x; the ids."""
-    from rocm_moe.graphs import GraphedEPMoE
-
     dev = x.device
     r = layer.route_tokens(x)
     ids, w = r.topk_ids.to(torch.int32), r.topk_weights.float()
     emap = layer.dispatcher.expert_map_on(dev)
     weights = layer.expert_weights()
-    graphed = GraphedEPMoE(layer, buckets=(x.shape[0],)) if dev.type == "cuda" else layer
-    fns = {"layer": lambda: graphed(x), "router": lambda: layer.route_tokens(x),
+    fns = {"layer": lambda: layer(x), "router": lambda: layer.route_tokens(x),
            "experts": lambda: layer.experts(x, ids, w, *weights, emap,
                                             weight_mode=layer.weight_mode, validate=False)}
     return {k: _median_us(_timer(fn, dev, cfg["inner"]), cfg) for k, fn in fns.items()}, ids
