@@ -41,7 +41,7 @@ fi
 machine_info "$FILE"
 echo "== python3 -m pytest ${XARGS[*]} ${PART:+part $PART: }(this machine's torch)" \
   "${TARGETS[*]} ==" | tee -a "$FILE"
-python3 -m pytest -q -p no:cacheprovider -rs --durations=15 "${XARGS[@]}" "${TARGETS[@]}" \
+python3 -m pytest -q -p no:cacheprovider -rfEs --durations=15 "${XARGS[@]}" "${TARGETS[@]}" \
   >> "$FILE" 2>&1
 rc=$?
 grep -E "^(FAILED|ERROR) " "$FILE"
