@@ -16,6 +16,7 @@ from rocm_moe.experts import Experts, ExpertsOutput, ReferenceExperts, dense_moe
 from rocm_moe.experts.layout import RoutingLayout, build_layout
 from rocm_moe.layer import EPMoE, MoEOutput, SharedExperts, Trace
 from rocm_moe.placement import ExpertMap, ExpertMask, Placement
+from rocm_moe.replicas import ReplicatedPlacement
 from rocm_moe.routing import RouterConfig, RoutingResult, route
 
 __version__ = "0.1.0"
@@ -23,6 +24,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CombineHandle", "DispatchResult", "Dispatcher", "EPMoE", "ExpertMap", "ExpertMask",
     "Experts", "ExpertsOutput", "LocalDispatcher", "MoEOutput", "Placement",
-    "ReferenceExperts", "RouterConfig", "RoutingLayout", "RoutingResult", "SharedExperts",
-    "Trace", "build_layout", "dense_moe_reference", "route",
+    "ReferenceExperts", "ReplicatedPlacement", "RouterConfig", "RoutingLayout",
+    "RoutingResult", "SharedExperts", "Trace", "build_layout", "dense_moe_reference", "route",
 ]
