@@ -33,6 +33,10 @@ class MoEStack(nn.Module):
 
     def __init__(self, layers: list[EPMoE]):
         super().__init__()
+        try:
+            layers = list(layers)  # a tuple, a generator, an nn.ModuleList
+        except TypeError:
+            layers = [layers]
         if not layers or not all(isinstance(la, EPMoE) for la in layers):
             raise TypeError(error_message("layers", [type(la).__name__ for la in layers or []],
                                           "must be a non-empty list of EPMoE",
@@ -59,6 +63,9 @@ class MoEStack(nn.Module):
         """``num_layers`` layers on one dispatcher; layer j holds synthetic weights of seed
         ``seed + j`` (``EPMoE.reset_parameters``)."""
         check_integer_value("num_layers", num_layers, minimum=1)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(error_message("seed", repr(seed), "must be an int",
+                                          "pass an int seed"))
         layers = []
         for j in range(num_layers):
             la = EPMoE(hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -73,6 +80,13 @@ class MoEStack(nn.Module):
         return F.rms_norm(h, (self.hidden_size,), eps=self.EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] or [B, S, H] -> the same shape. The input is checked here, before the first
+        norm (which crashed on a wrong H or an integer input, and turned an inf into a NaN that
+        layer 0 then reported), with the refusal shared with the peers as a layer shares it."""
+        first = self.layers[0]
+        first._agree_invariant()  # (layer 0's first collective, as in its own forward)
+        with first._refusals_shared():
+            first._flatten(x)
         h = x
         for layer in self.layers:
             h = h + layer(self.norm(h))

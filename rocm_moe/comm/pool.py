@@ -35,8 +35,45 @@ _LOGGED: set[str] = set()
 
 
 def _key(name, placement, group, rank, hidden_size, top_k, dtype, cap, slot, extra) -> tuple:
-    return (name, placement.experts_of_rank, placement.num_experts, id(group), rank,
-            hidden_size, top_k, str(dtype), cap, slot, tuple(sorted(extra.items())))
+    key = (name, placement.experts_of_rank, placement.num_experts, id(group), rank,
+           hidden_size, top_k, str(dtype), cap, slot, tuple(sorted(extra.items())))
+    try:
+        hash(key)
+    except TypeError:
+        bad = next(k for k, v in extra.items() if not _hashable(v))
+        raise TypeError(error_message(
+            bad, repr(extra[bad]), "backend options are part of the pool's key, so they must "
+            "be hashable", "pass a tuple, a str or a number (not a list or dict)")) from None
+    return key
+
+
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_sizes(*, name: object, world_size: object = None, **sizes: object) -> None:
+    """A backend name of ``backends.names("comm")`` and sizes that are ints >= 1 (the shared
+    checks of ``shared_dispatcher``, ``comm_bytes`` and ``memory_rows``)."""
+    from rocm_moe import backends
+
+    if name is not None and name not in backends.names("comm"):
+        raise ValueError(error_message(
+            "name", repr(name), f"must be one of {backends.names('comm')}", "pick one of them "
+            "(an FP8 form such as symm-fp8 is not a pooled backend)"))
+    if world_size is not None:
+        check_integer_value("world_size", world_size, minimum=1)
+    for field, value in sizes.items():
+        check_integer_value(field, value, minimum=1)
+
+
+def _check_dtype(dtype: object) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(error_message("dtype", repr(dtype), "must be a floating torch.dtype",
+                                      "pass e.g. torch.bfloat16"))
 
 
 def shared_dispatcher(name: str, placement: Placement, *, hidden_size: int, top_k: int,
@@ -58,6 +95,8 @@ def shared_dispatcher(name: str, placement: Placement, *, hidden_size: int, top_
     check_integer_value("slot", slot, minimum=0)
     if max_tokens_per_rank is not None:
         check_integer_value("max_tokens_per_rank", max_tokens_per_rank, minimum=1)
+    _check_sizes(name=None, hidden_size=hidden_size, top_k=top_k)  # (name: backends checks it)
+    _check_dtype(dtype)
     key = _key(name, placement, group, rank, hidden_size, top_k, dtype, max_tokens_per_rank,
                slot, backend_kw)
     if key in _POOL:
@@ -68,11 +107,12 @@ def shared_dispatcher(name: str, placement: Placement, *, hidden_size: int, top_
         kw["group"] = group
     disp = backends.make_dispatcher(name, placement, rank, **kw)
     _POOL[key] = (disp, group)
+    held = 0 if max_tokens_per_rank is None else comm_bytes(
+        name, placement.world_size, max_tokens_per_rank, hidden_size, top_k, dtype,
+        placement.num_experts)
     log.info("rocm_moe: built the shared %s dispatcher (W=%d, H=%d, K=%d, %s, %s tokens per "
              "rank, slot %d): %s per GPU", name, placement.world_size, hidden_size, top_k,
-             dtype, max_tokens_per_rank, slot,
-             human_bytes(comm_bytes(name, placement.world_size, max_tokens_per_rank or 0,
-                              hidden_size, top_k, dtype, placement.num_experts)))
+             dtype, max_tokens_per_rank, slot, human_bytes(held))
     return disp
 
 
@@ -91,7 +131,11 @@ def comm_bytes(name: str, world_size: int, max_tokens_per_rank: int, hidden_size
                top_k: int, dtype: torch.dtype = torch.bfloat16, num_experts: int = 256) -> int:
     """Device bytes one dispatcher of backend ``name`` holds per GPU (the whole model's comm
     memory, since every layer shares it): symm's symmetric buffer, MORI's heap share of one
-    op; 0 for the torch and local backends (their buffers follow each batch)."""
+    op; 0 for the torch and local backends (their buffers follow each batch). An unknown name
+    is refused (it returned 0, as if the backend held nothing)."""
+    _check_sizes(name=name, world_size=world_size, max_tokens_per_rank=max_tokens_per_rank,
+                 hidden_size=hidden_size, top_k=top_k, num_experts=num_experts)
+    _check_dtype(dtype)
     W, cap, H, K = world_size, max_tokens_per_rank, hidden_size, top_k
     if name == "symm":
         from rocm_moe.comm import rows
@@ -127,6 +171,18 @@ def _one_host(group) -> bool:
     return len(set(group_hosts(group))) == 1
 
 
+def _device(device: object) -> torch.device:
+    """``device`` as a torch.device (a str such as "cuda:0" is converted)."""
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TypeError(error_message(
+            "device", repr(device), "must be a torch.device or a device string",
+            "pass e.g. torch.device('cuda', 0)")) from None
+
+
 def fastest_comm(world_size: int, device: torch.device, group=None, *,
                  engine: str = "rocm_moe") -> tuple[str, str]:
     """(backend, reason): the fastest comm backend that runs here: MORI on ROCm GPUs with MORI
@@ -135,6 +191,8 @@ def fastest_comm(world_size: int, device: torch.device, group=None, *,
     check); the choice is logged once per process."""
     from rocm_moe import backends
 
+    check_integer_value("world_size", world_size, minimum=1)
+    device = _device(device)
     gpus = world_size > 1 and device.type == "cuda"
     if gpus and backends.BACKENDS["comm:mori"].availability() is None:
         name, why = "mori", "ROCm GPUs with MORI installed"
@@ -152,6 +210,7 @@ def fastest_experts(device: torch.device, *, dtype: torch.dtype | None = None,
     ``backends.default_experts`` (Triton on GPUs, the reference elsewhere); logged once."""
     from rocm_moe import backends
 
+    device = _device(device)
     if device.type == "cuda" and backends.BACKENDS["experts:aiter"].availability() is None:
         name, why = "aiter", "ROCm GPUs with AITER installed"
     else:
@@ -167,6 +226,9 @@ MEMORY_MODELS = {"Qwen3-30B-A3B": (128, 2048, 8), "DeepSeek-V3": (256, 7168, 8)}
 def memory_rows(tokens_per_rank: int = 4096, ep_sizes=(4, 8, 16)) -> list[dict]:
     """Comm memory per GPU of one shared dispatcher (the whole model's, whatever its layer
     count), bf16 rows, for the MEMORY_MODELS at ``ep_sizes``: what ``rocm-moe info`` prints."""
+    check_integer_value("tokens_per_rank", tokens_per_rank, minimum=1)
+    for W in ep_sizes:
+        check_integer_value("ep_sizes[]", W, minimum=1)
     rows = []
     for model, (E, H, K) in MEMORY_MODELS.items():
         for W in ep_sizes:
