@@ -91,6 +91,9 @@ ENV_COMM, ENV_EXPERTS, ENV_WEIGHT_MODE = ("ROCM_MOE_VLLM_COMM", "ROCM_MOE_VLLM_E
                                           "ROCM_MOE_VLLM_WEIGHT_MODE")
 ENV_MAX_TOKENS = "ROCM_MOE_VLLM_MAX_TOKENS"  # capacity below vLLM's budget: larger batches chunk
 _HANDLE_ATTR = "_rocm_moe_handle"  # set on the dispatched ids tensor prepare returns
+# Set there too under capture for a capacity-sized dispatch: the experts' row bound
+# (Experts(num_rows=, expected_rows=): a decode step's graph costs the rows received)
+_ROWS_ATTR = "_rocm_moe_rows"
 _EXPORTED = ("RocmMoEPrepareAndFinalize", "RocmMoEExperts", "RocmMoEFusedMoEMethod")
 
 
@@ -448,6 +451,9 @@ def _classes() -> SimpleNamespace:
                 x, ids, w = x[:n], ids[:n], w[:n]
             ids = ids.view(ids.shape)  # a fresh tensor object to carry this batch's handle
             setattr(ids, _HANDLE_ATTR, d.handle)
+            if d.num_valid is not None and capturing:  # all R rows go on: bound them
+                setattr(ids, _ROWS_ATTR, dict(num_rows=d.num_valid, expected_rows=min(
+                    x.shape[0], a1.shape[0] * disp.world_size)))
             return x, None, None, ids, w
 
         def finalize(self, output, fused_expert_output, topk_weights, topk_ids,
@@ -557,7 +563,7 @@ def _classes() -> SimpleNamespace:
             emap = self.expert_map_on(expert_map, global_num_experts, hidden_states.device)
             eo = self.experts(hidden_states, topk_ids.to(torch.int32), topk_weights.float(),
                               w1, w2, emap, weight_mode=self.weight_mode,
-                              validate=not capturing)
+                              validate=not capturing, **getattr(topk_ids, _ROWS_ATTR, {}))
             output.copy_(eo.out.reshape(output.shape))
             return None
 

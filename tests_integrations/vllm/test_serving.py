@@ -296,6 +296,47 @@ class CapacityLocal(LocalDispatcher):
         return y_RH[:handle.num_tokens]
 
 
+class BoundedDenseExperts(DenseExperts):
+    """DenseExperts that take the capacity-sized row bound and record what they were given."""
+
+    bounded_rows = True
+
+    def __init__(self):
+        self.bounds = []
+
+    def _forward(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode,
+                 num_rows=None, expected_rows=None):
+        self.bounds.append((x_RH.shape[0], num_rows, expected_rows))
+        return super()._forward(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map,
+                                mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["experts", "combine"])
+def test_captured_capacity_sized_batch_bounds_the_experts(mode, monkeypatch):
+    """Under capture a capacity-sized dispatch hands all R rows on: the experts get its device
+    row count and the host's estimate (so the Triton experts cost the rows received); eager
+    batches are cut to the rows received and get no bound."""
+    monkeypatch.setenv(rv.ENV_WEIGHT_MODE, mode)
+    method, layer = one_rank_layer(SEED)
+    fx = method.moe_kernel.fused_experts
+    fx.experts = BoundedDenseExperts()
+    disp = CapacityLocal(rv.vllm_placement(E, 1), hidden_size=H, top_k=K,
+                         dtype=torch.float32, max_tokens_per_rank=mc.CAP)
+    method.moe_kernel.impl.prepare_finalize = rv.build_kernel(
+        method.moe, dispatcher=disp, experts=fx.experts, weight_mode=mode).prepare_finalize
+    rv.ready_kernel(method.moe_kernel, None, E, "cpu")
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(3))
+    w, ids = routing(3, 0)
+    with capturing(monkeypatch):
+        y = method.apply(layer, x, w, ids, None, None)
+    assert o.rel_err(y, o.oracle(SEED, x, w, ids, H, I, torch.float32)) <= 1e-5
+    R, num_rows, expected = fx.experts.bounds[-1]
+    assert (R, expected) == (mc.CAP, 3)
+    assert num_rows.tolist() == [3]
+    method.apply(layer, x, w, ids, None, None)  # eager: 3 rows, no bound
+    assert fx.experts.bounds[-1] == (3, None, None)
+
+
 @pytest.mark.parametrize("shape", ["local", "capacity-sized"])
 @pytest.mark.parametrize("mode", ["experts", "combine"])
 def test_no_host_read_under_capture(shape, mode, monkeypatch):
