@@ -96,8 +96,8 @@ def parity(directory, layer: int, *, tokens: int = 33) -> dict:
     return out
 
 
-def check_parity(directory, layer: int) -> dict:
-    errs = parity(directory, layer)
+def check_parity(directory, layer: int, *, tokens: int = 33) -> dict:
+    errs = parity(directory, layer, tokens=tokens)
     assert errs["f32_block"] <= 1e-5, errs
     assert errs["f32_ckpt"] <= 1e-5, errs
     # bf16: within the model's own bf16 error (a factor 2 and a floor for routing near-ties)

@@ -53,7 +53,7 @@ def test_parity_with_the_transformers_block(checkpoint, tmp_path):
     data = json.loads((copy / "config.json").read_text())
     data["model_type"] = "deepseek_v3"
     (copy / "config.json").write_text(json.dumps(data))
-    fp.check_parity(copy, LAYER)
+    fp.check_parity(copy, LAYER, tokens=9)  # (transformers' block loops over the experts hit)
     # ...and the kimi_k2 checkpoint itself gives the same layer
     from rocm_moe import Placement
     from rocm_moe.integrations import hf
@@ -65,7 +65,7 @@ def test_parity_with_the_transformers_block(checkpoint, tmp_path):
 
 
 def test_loader_reads_only_this_ranks_experts(checkpoint):
-    fp.check_local_experts_only(checkpoint, LAYER, world_size=4)
+    fp.check_local_experts_only(checkpoint, LAYER, world_size=2)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

@@ -144,13 +144,23 @@ class Checkpoint:
                 f" {str(exc).splitlines()[0] if str(exc) else ''})",
                 "fix or download config.json again")) from exc
 
+    def _shard(self, path: Path):
+        """The safetensors file at ``path`` (confined by the caller), opened once per
+        Checkpoint (a layer's thousand expert tensors do not reopen their shard each)."""
+        from safetensors import safe_open
+
+        handles = self.__dict__.setdefault("_handles", {})
+        if path not in handles:
+            handles[path] = safe_open(path, "pt")
+        return handles[path]
+
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
     def tensor(self, name: str, shape: tuple[int | None, ...] | None = None) -> torch.Tensor:
         """Tensor ``name``, checked to be floating, finite and (if given) of ``shape``
         (``None``: any size in that dimension), before any caller uses it."""
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
 
         if name not in self.weight_map:
             raise ValueError(error_message(
@@ -163,8 +173,7 @@ class Checkpoint:
                 "download the checkpoint again"))
         path = self.confined(self.weight_map[name], "shard")
         try:
-            with safe_open(path, "pt") as f:
-                t = f.get_tensor(name)
+            t = self._shard(path).get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise ValueError(error_message(
                 "shard", str(path), f"cannot be read for tensor {name}: {exc}",
@@ -176,12 +185,11 @@ class Checkpoint:
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
         """The shape of tensor ``name`` from its shard's header (no data read)."""
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
 
         path = self.confined(self.weight_map[name], "shard")
         try:
-            with safe_open(path, "pt") as f:
-                return tuple(f.get_slice(name).get_shape())
+            return tuple(self._shard(path).get_slice(name).get_shape())
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise ValueError(error_message(
                 "shard", str(path), f"cannot be read for tensor {name}: {exc}",
@@ -191,7 +199,7 @@ class Checkpoint:
         """Row ``index`` of tensor ``name`` (one expert of a fused [E, ...] tensor): only that
         row is read; the whole tensor must be ``shape`` ([E, ...]), the row is checked like
         ``tensor``'s (floating, finite)."""
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
 
         if name not in self.weight_map:
             raise ValueError(error_message(
@@ -199,17 +207,16 @@ class Checkpoint:
                 "tensors)", "check the layer index and the model family"))
         path = self.confined(self.weight_map[name], "shard")
         try:
-            with safe_open(path, "pt") as f:
-                part = f.get_slice(name)
-                full = tuple(part.get_shape())
-                if not (len(full) == len(shape) and all(
-                        w is None or g == w for g, w in zip(full, shape, strict=True))):
-                    want = "[" + ", ".join("*" if d is None else str(d) for d in shape) + "]"
-                    raise ValueError(error_message(
-                        f"{path.name}: {name}.shape", list(full), f"must be {want} (from "
-                        "config.json)", "the checkpoint does not match its config.json: "
-                        "download it again or fix the config"))
-                t = part[index:index + 1][0]
+            part = self._shard(path).get_slice(name)
+            full = tuple(part.get_shape())
+            if not (len(full) == len(shape) and all(
+                    w is None or g == w for g, w in zip(full, shape, strict=True))):
+                want = "[" + ", ".join("*" if d is None else str(d) for d in shape) + "]"
+                raise ValueError(error_message(
+                    f"{path.name}: {name}.shape", list(full), f"must be {want} (from "
+                    "config.json)", "the checkpoint does not match its config.json: "
+                    "download it again or fix the config"))
+            t = part[index:index + 1][0]
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise ValueError(error_message(
                 "shard", str(path), f"cannot be read for tensor {name}: {exc}",
