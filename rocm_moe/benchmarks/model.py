@@ -162,6 +162,12 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--{kind} {name}: unknown")
         if (reason := BACKENDS[key].availability()) is not None:
             parser.error(f"--{kind} {name} cannot run here: {reason}")
+    s = shape(vars(args))  # the router and the placement each rank builds, refused here
+    try:
+        _router(s)
+        Placement.contiguous(s["num_experts"], args.world_size)
+    except (ValueError, TypeError) as exc:  # (they were refused by every rank, after spawning)
+        parser.error(str(exc))
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
