@@ -117,7 +117,8 @@ def _die_by(info, signum):
     return "unreachable"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL", "SIGSEGV"])
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT],
+                         ids=["SIGKILL", "SIGSEGV", "SIGABRT"])
 def test_rank_killed_by_a_signal_is_reported_with_its_last_stderr_lines(signum):
     """A rank dying by a signal was reported by exit code only ("no message reached the
     parent"); now by rank, signal name and the last lines it wrote to stderr."""
@@ -132,3 +133,5 @@ def test_rank_killed_by_a_signal_is_reported_with_its_last_stderr_lines(signum):
     assert f"rank 1's last stderr lines:\nrank 1 about to die by {name}" in msg, msg
     if signum == signal.SIGSEGV:  # faulthandler's traceback of the dying rank
         assert "Fatal Python error: Segmentation fault" in msg, msg
+    if signum == signal.SIGABRT:  # (issue 34: a rank 0 died so under load, with no message)
+        assert "Fatal Python error: Aborted" in msg, msg
