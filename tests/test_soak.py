@@ -7,9 +7,10 @@ kind is checked against the float64 oracle, every later one must equal it bit fo
 across fresh groups: the same weights, the same global batch).
 
 A fresh group is a fresh launch (new processes), the recovery ``peers.check_usable`` asks for
-("restart every rank"): a second failure inside the same processes is misattributed, because
-``peers.post`` keeps one record per rank per process (the first), so the peers blame the rank
-that failed first (seen with a new ``dist.new_group`` per failure; issue 34 report).
+("restart every rank"). Carrying on in the same processes with a new group per failure is
+tested in tests/test_reliability_34_peers.py: this soak found that ``peers.post`` kept one
+record per rank per process, so the peers blamed the rank that failed first; records are now
+kept per group.
 
 Every rank draws the same schedule from one seed, so the ranks agree on each step's kind, which
 rank misbehaves and how, without a collective of their own. Shapes are tiny (E=12, H=16, I=8,
