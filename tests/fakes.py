@@ -426,10 +426,10 @@ class FakeMoriOp:
 
     def _deliver(self):
         everyone, rows, count = self._pending
-        if len(rows) > _recv_rows(self.cfg):  # MORI: "the kernel currently asserts" (DC ~240)
+        if len(rows) > _recv_rows(self.cfg):  # no bound check (intranode.hpp ~148)
             raise ContractError(f"{len(rows)} rows received, buffers hold {_recv_rows(self.cfg)}"
                                 f" (max_total_recv_tokens={self.cfg.max_total_recv_tokens}): "
-                                "MORI's kernel asserts")
+                                "MORI would write past its buffers")
         x = self._view(self._x, len(rows), self._H * self._dtype.itemsize, torch.uint8)
         sb = self.cfg.scale_dim * self.cfg.scale_type_size
         for r, (src, t) in enumerate(rows):  # rows move as bytes (FP8 and FP4 alike)

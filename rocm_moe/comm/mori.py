@@ -140,8 +140,8 @@ def mori_config(
     Tokens are sized by ``dtype`` (``max_token_type_size``), which halves MORI's buffers in bf16.
 
     ``max_total_recv_tokens`` (IntraNode, IntraNodeLL): the rows a rank's receive buffers
-    hold, W x ceil(M / W) instead of W x max_tokens_per_rank (MORI's config field; its kernel
-    asserts past it; ``MoriDispatcher`` refuses such a batch first).
+    hold, W x ceil(M / W) instead of W x max_tokens_per_rank (MORI's config field; past it
+    its IntraNode dispatch writes off the buffers; ``MoriDispatcher`` refuses such a batch).
 
     ``fp8_dtype`` (``comm.mori_fp8``): rows dispatched in that FP8 type with one float32 scale
     per 1x128 group (``scale_dim`` = H / 128, ``scale_type_size`` = 4); ``dtype`` stays the
@@ -546,7 +546,8 @@ class MoriDispatcher(Dispatcher):
         if over:
             raise _bad("max_total_recv_tokens", self.mori_config["max_total_recv_tokens"],
                        f"this batch sends {over} rows to ranks whose MORI receive buffers hold "
-                       f"{cap} (past it MORI's kernel asserts)", "raise max_total_recv_tokens "
+                       f"{cap} (MORI's IntraNode dispatch has no bound check: past it the "
+                       "rows are written off its buffers)", "raise max_total_recv_tokens "
                        "(or omit it), or split the batch")
 
     def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):

@@ -712,7 +712,8 @@ def _check_fake_lifecycle(info, seed):
 def _check_max_total_recv_tokens(info, seed):
     """Issue 32 item 9: smaller receive buffers (MORI's max_total_recv_tokens): batches that
     fit round-trip as MORI's test wants; one that would overflow a rank's buffers (every token
-    to rank 0's experts) is refused on every rank before MORI runs (MORI's kernel asserts)."""
+    to rank 0's experts) is refused on every rank before MORI runs (its IntraNode dispatch has
+    no bound check, intranode.hpp ~148)."""
     W = info.world_size
     d = _mori(info, max_total_recv_tokens=(W - 1) * CAP)  # buffers of (W - 1) x CAP rows
     full = _mori(info)
@@ -822,7 +823,7 @@ def test_fake_messages(suite):
         assert "host read" in res["padded_path_reads_nothing_on_the_host"]["value"]
         assert "kernel_type by rank" in res["ranks_disagreeing_refused_before_mori"]["value"]
         assert "combine zeroes" in res["abandoned_batch_refuses_the_next"]["value"]
-        assert "MORI's kernel asserts" in res["max_total_recv_tokens"]["value"]
+        assert "no bound check" in res["max_total_recv_tokens"]["value"]
 
 
 @pytest.mark.gpu
