@@ -489,9 +489,12 @@ class MoriDispatcher(Dispatcher):
         self.kernel_type = self.mori_config["kernel_type"]
         self.launch = LAUNCH.get(self.kernel_type, {})
         self.capacity_sized = capacity_sized
-        self.launch_mode = launch_mode()
+        # The raw value first: ranks that disagree (one with a bad value) fail together in
+        # check_agreement; a bad value every rank shares is refused right after it.
+        self.launch_mode = os.environ.get(LAUNCH_MODE_VAR) or "AUTO"
         self._abandoned: int | None = None  # a batch left uncombined: MORI's count is stale
         check_agreement(self, group)  # every rank the same config, before MORI's barriers
+        launch_mode()
         self._rows: dict[torch.device, torch.Tensor] = {}
         mori = mori or _import_mori()
         self.op, nbytes = build_mori_op(self.mori_config, group, mori)

@@ -376,6 +376,17 @@ def _check_intranode_launch_tuned(info, seed):
     finally:
         del os.environ[var]
     assert mori.built == 0
+    if info.rank == 0:  # ranks that disagree refuse together, before MORI's barriers
+        os.environ[var] = "MANUAL"
+    try:
+        _mori(info, mori=FakeMori())
+    except ValueError as exc:
+        disagree = str(exc)
+    else:
+        raise AssertionError("ranks with different launch modes were accepted")
+    finally:
+        os.environ.pop(var, None)
+    assert "launch_mode by rank" in disagree
     return message
 
 
