@@ -12,6 +12,7 @@ import torch
 
 from rocm_moe.distributed import launch
 from rocm_moe.integrations import sglang as rs
+from rocm_moe.replicas import ReplicatedPlacement
 from tests_integrations.sglang import eplb_model as em
 
 sglang = pytest.importorskip("sglang")
@@ -29,7 +30,7 @@ def results(W: int) -> list[dict]:
 
 def test_eplb_model_matches_oracle_before_and_after_sglangs_weight_move():
     res = results(2)
-    initial = list(range(em.SPEC.E)) + list(range(R))
+    initial = ReplicatedPlacement.initial(em.SPEC.E, R, 2).phys_to_log.tolist()  # the worker's
     for r, out in enumerate(res):
         assert out["P"] == em.SPEC.E + R
         assert out["placement"] == initial
