@@ -124,6 +124,9 @@ def _classes() -> SimpleNamespace:
         hidden_states_scale: torch.Tensor | None  # always None (unquantised)
         topk_output: StandardTopKOutput  # [R, K] float32 weights, int32 global ids
         handle: CombineHandle
+        # a capacity-sized dispatch (symm, MORI): the experts' row bound (Experts(num_rows=,
+        # expected_rows=)), so their cost follows the rows received; empty otherwise
+        row_bound: dict | None = None
 
         @property
         def format(self):
@@ -180,8 +183,11 @@ def _classes() -> SimpleNamespace:
             router_logits = getattr(topk_output, "router_logits", None)
             topk = StandardTopKOutput(topk_weights=d.topk_weights, topk_ids=d.topk_ids,
                                       router_logits=router_logits)
+            bound = None if d.num_valid is None else dict(
+                num_rows=d.num_valid,
+                expected_rows=min(d.x.shape[0], x.shape[0] * self.dispatcher.world_size))
             return RocmMoEDispatchOutput(hidden_states=d.x, hidden_states_scale=None,
-                                         topk_output=topk, handle=d.handle)
+                                         topk_output=topk, handle=d.handle, row_bound=bound)
 
         def set_quant_config(self, quant_config: dict) -> None:
             """SGLang's unquantised method calls this under ``--moe-a2a-backend mori`` to pick
@@ -267,7 +273,8 @@ def run_experts(dispatcher, dispatch_output, w13: torch.Tensor, w2: torch.Tensor
     ids = dispatch_output.topk_output.topk_ids.to(torch.int32)
     w = dispatch_output.topk_output.topk_weights.float()
     eo = dispatcher.experts(x, ids, w, w13, w2, dispatcher.dispatcher.expert_map_on(x.device),
-                            weight_mode=dispatcher.weight_mode, validate=not capturing())
+                            weight_mode=dispatcher.weight_mode, validate=not capturing(),
+                            **(dispatch_output.row_bound or {}))
     return c.RocmMoECombineInput(hidden_states=eo.out, weights_applied=eo.weights_applied,
                                  handle=dispatch_output.handle)
 

@@ -139,6 +139,56 @@ def test_router_weight_on_input_k1_weighted_once_and_k3_refused(mode):
         disp3.dispatch(x, topk_output(w, ids))
 
 
+@pytest.mark.parametrize("mode", ["experts", "combine"])
+def test_capacity_sized_dispatch_bounds_the_experts(mode):
+    """A capacity-sized dispatch (symm / MORI shape: R = capacity rows, rows past a [1] device
+    count empty) hands the experts its row count and the host's estimate, so the Triton
+    experts cost the rows received; the result is the oracle's."""
+    from rocm_moe.comm.base import CombineHandle, DispatchResult
+    from rocm_moe.comm.local import LocalDispatcher
+    from rocm_moe.experts.reference import ReferenceExperts
+
+    class CapacityLocal(LocalDispatcher):
+        def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
+            T, cap = x_TH.shape[0], self.max_tokens_per_rank
+            x_R = x_TH.new_zeros(cap, x_TH.shape[1])
+            ids_R = torch.full((cap, self.top_k), -1, dtype=torch.int32)
+            w_R = torch.zeros(cap, self.top_k)
+            x_R[:T], ids_R[:T], w_R[:T] = x_TH, topk_ids_TK, topk_weights_TK
+            handle = CombineHandle(**self.handle_fields(
+                batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
+                topk_ids_TK=topk_ids_TK, recv_topk_ids=ids_R, recv_topk_weights=w_R))
+            return DispatchResult(x=x_R, topk_ids=ids_R, topk_weights=w_R, handle=handle,
+                                  num_valid=torch.full((1,), T, dtype=torch.int32))
+
+        def _combine(self, y_RH, handle):
+            return y_RH[:handle.num_tokens]
+
+    class Recording(ReferenceExperts):
+        bounded_rows = True
+
+        def __init__(self):
+            super().__init__()
+            self.bounds = []
+
+        def _forward(self, *args, mode, num_rows=None, expected_rows=None):
+            self.bounds.append((args[0].shape[0], num_rows, expected_rows))
+            return super()._forward(*args, mode=mode)
+
+    experts = Recording()
+    disp = rs.RocmMoEDispatcher(CapacityLocal(Placement.contiguous(8, 1), hidden_size=64,
+                                              top_k=3, dtype=torch.float32,
+                                              max_tokens_per_rank=16),
+                                experts=experts, weight_mode=mode)
+    _, w13, w2 = _one_rank(mode)
+    x, w, ids = o.tokens(SEED, 0, 5, 8, 64, 3, torch.float32)
+    y = disp.combine(rs.run_experts(disp, disp.dispatch(x, topk_output(w, ids)), w13, w2))
+    assert o.rel_err(y, o.oracle(SEED, x, w, ids, 64, 32, torch.float32)) <= 1e-5
+    R, num_rows, expected = experts.bounds[-1]
+    assert (R, expected) == (16, 5)
+    assert num_rows.tolist() == [5]
+
+
 # ---- the plug-in as SGLang applies it -----------------------------------------------------------
 def test_entry_point_is_declared():
     from importlib.metadata import entry_points
