@@ -341,23 +341,32 @@ class ProbedExperts(_Probe):
     experts' output before it leaves the rank."""
 
     def __call__(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *,
-                 weight_mode=None, validate: bool = True, mode=None) -> ExpertsOutput:
+                 weight_mode=None, validate: bool = True, mode=None, **extra) -> ExpertsOutput:
+        """``extra``: the layer's other experts keywords (an expert variant and its biases, a
+        capacity-sized batch's row bound), passed on to the experts unchanged."""
         weight_mode = resolve_weight_mode(weight_mode, mode)
         args = (x_RH, topk_ids_RK, topk_weights_RK, w13, w2)
         before = x_RH.detach().clone() if self.record is not None and torch.is_tensor(x_RH) \
             else None
+        variant = {k: v for k, v in extra.items() if k not in ("num_rows", "expected_rows")}
+        if self._at("experts") and variant:
+            raise ValueError(error_message(
+                "fault", self.fault.name, "an experts-stage fault computes plain SwiGLU "
+                f"experts; this layer's experts take {sorted(variant)}",
+                "plant it in a layer without an expert variant"))
         if self._at("experts"):
             weighted = weight_mode == "experts"
             eo = ExpertsOutput(out=experts_with_map(
                 *args, self.fault.inject(expert_map.map_E), weighted=weighted),
                 weights_applied=weighted)
         else:
-            eo = self.inner(*args, expert_map, weight_mode=weight_mode, validate=validate)
+            eo = self.inner(*args, expert_map, weight_mode=weight_mode, validate=validate,
+                            **extra)
         if before is not None:  # (fused_moe's inplace=True writes the output over its input)
             self._tap(experts_wrote_input=not torch.equal(before, x_RH))
         self._tap(expert_out=eo.out, weights_applied=eo.weights_applied)
         if self._at("weighting"):
-            raw = self.inner(*args, expert_map, weight_mode="combine", validate=False)
+            raw = self.inner(*args, expert_map, weight_mode="combine", validate=False, **extra)
             eo = ExpertsOutput(out=weight_once(raw, self.fault.inject(topk_weights_RK),
                                                topk_ids_RK, expert_map), weights_applied=True)
         self._tap(partials=weight_once(eo, topk_weights_RK, topk_ids_RK, expert_map))

@@ -335,6 +335,12 @@ class EPMoE(nn.Module):
         kw = dict(dtype=dtype, device=device)
         self.gate = nn.Linear(H, E, bias=router.gate_bias, **kw)
         self.expert_variant = PLAIN if expert_variant is None else expert_variant
+        if self._replicas is not None and getattr(self.expert_variant, "bias", False):
+            raise ValueError(error_message(
+                "num_redundant_experts / replica_placement", "with expert biases",
+                "a rebalance moves w13 / w2 between ranks but not the expert biases (the "
+                "moved experts would run with another expert's bias)",
+                "serve this model without EPLB replicas"))
         self.w13_bias, self.w2_bias = expert_biases(self.expert_variant, e, H, I, **kw)
         if router.scoring == "sigmoid" or router.choice_bias:  # (the choice bias)
             self.register_buffer("e_score_correction_bias",

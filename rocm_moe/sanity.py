@@ -78,10 +78,26 @@ def tolerance(layer: EPMoE) -> float:
 
 
 def check_layer(field: str, layer: object) -> EPMoE:
-    """``layer`` is an EPMoE (or FP8EPMoE): a TypeError naming what was given otherwise."""
+    """``layer`` is an EPMoE (or FP8EPMoE) that the references here model: a TypeError naming
+    what was given otherwise, a ValueError for a layer whose experts or routing they do not
+    compute yet (an expert variant or a gate bias: they would report a false FAIL; replicated
+    experts: the stages see physical ids)."""
     if not isinstance(layer, EPMoE):
         raise TypeError(error_message(field, describe(layer), "must be a rocm_moe.EPMoE",
                                       "pass the MoE layer (EPMoE or FP8EPMoE)"))
+    from rocm_moe.experts.base import PLAIN
+
+    unmodelled = [what for what, on in (
+        (f"expert_variant={layer.expert_variant}", layer.expert_variant != PLAIN),
+        ("router.gate_bias=True", getattr(layer.router, "gate_bias", False)),
+        ("num_redundant_experts (EPLB replicas)", getattr(layer, "_replicas", None) is not None),
+    ) if on]
+    if unmodelled:
+        raise ValueError(error_message(
+            field, ", ".join(unmodelled), "diagnose and sanity's references compute plain "
+            "SwiGLU experts, routers without a gate bias and one replica per expert",
+            "check this layer with rocm-moe run's float64 oracle (it takes the variant), or "
+            "a plain layer of the same shape"))
     return layer
 
 
