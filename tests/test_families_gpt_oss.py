@@ -95,3 +95,24 @@ def test_experts_implementation_matches_eager(checkpoint):
     with pytest.raises(ValueError, match=r"GptOssExperts.has_post_expert_norm=True"), \
             torch.no_grad():
         model(ids)
+
+
+def test_default_experts_fall_back_where_the_gpu_default_cannot_run_them(checkpoint,
+                                                                          monkeypatch):
+    """rocm-moe run on a GPU picks the Triton experts by default; they run plain SwiGLU only,
+    so a gpt-oss checkpoint gets the reference experts, with the reason, instead of a
+    refusal; an explicit --experts stays as given."""
+    from rocm_moe import backends
+    from rocm_moe.cli.spec import LayerSpec
+    from rocm_moe.distributed import WorkerInfo
+
+    monkeypatch.setattr(backends, "default_experts",
+                        lambda device, dtype=None: ("triton", "default on GPUs"))
+    info = WorkerInfo(0, 1, torch.device("cpu"), "gloo")
+    shape = dict(num_experts=8, hidden_size=32, intermediate_size=12, top_k=3)
+    spec = LayerSpec(checkpoint=str(checkpoint), **shape).on_rank(info)
+    assert spec.experts == "reference"
+    assert "triton cannot run them" in spec.experts_why
+    assert "swiglu_oai" in spec.experts_why
+    given = LayerSpec(checkpoint=str(checkpoint), experts="triton", **shape).on_rank(info)
+    assert given.experts == "triton"

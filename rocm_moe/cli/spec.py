@@ -82,6 +82,9 @@ class LayerSpec:
         spec = self
         if spec.experts is None:
             name, why = backends.default_experts(info.device, dtype=self.torch_dtype(info.device))
+            reason = _variant_refusal(spec, name)
+            if reason is not None:  # e.g. gpt-oss's clamped SwiGLU on a GPU: the reference
+                name, why = "reference", f"default: {name} cannot run them ({reason})"
             spec = replace(spec, experts=name, experts_why=why)
         if spec.comm is None:
             name, why = backends.default_comm(info.world_size, info.device, ranks.multi_host())
@@ -202,6 +205,18 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    "random weights; E, H, I, K come from it")
     p.add_argument("--layer", type=argtypes.nonnegative_int, default=1,
                    help="the checkpoint's MoE layer index")
+
+
+def _variant_refusal(spec: LayerSpec, experts: str) -> str | None:
+    """Why the ``experts`` backend cannot compute the checkpoint's experts (an expert variant
+    such as gpt-oss's), or None (no checkpoint, or it can)."""
+    cfg = hf_config(spec)
+    if cfg is None:
+        return None
+    from rocm_moe.families import family
+
+    variant = family(cfg.model_type).expert_variant(cfg)
+    return backends.make_experts(experts).variant_unsupported_reason(variant)
 
 
 def hf_config(spec: LayerSpec):
