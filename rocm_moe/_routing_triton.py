@@ -48,6 +48,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from rocm_moe._checks import error_message
+from rocm_moe._libs import triton_runs_on
 
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
@@ -182,6 +183,9 @@ def fused_route_unsupported(logits_TE: torch.Tensor, config) -> str | None:
     """Why ``fused_route`` cannot route these logits with this ``RouterConfig``, or None."""
     if logits_TE.dim() != 2 or logits_TE.shape[1] != config.num_experts:
         return f"logits must be [T, E={config.num_experts}], got {list(logits_TE.shape)}"
+    if not triton_runs_on(logits_TE.device):
+        return (f"logits on {logits_TE.device}: Triton runs on CUDA/ROCm devices (or under "
+                "TRITON_INTERPRET=1)")
     if logits_TE.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"logits dtype {logits_TE.dtype} (float16, bfloat16 or float32 only)"
     if logits_TE.stride(1) != 1:
@@ -195,6 +199,23 @@ def fused_route_unsupported(logits_TE: torch.Tensor, config) -> str | None:
     if config.scoring == "softmax" and getattr(config, "choice_bias", False):
         return "a softmax router's choice bias (ERNIE 4.5) is not implemented in the fused router"
     return None
+
+
+def _check_bias(bias_E, logits_TE: torch.Tensor, num_experts: int) -> None:
+    """bias_E: None, or a floating [E] tensor on the logits' device (the kernel reads E
+    values from it: a shorter one was read out of bounds)."""
+    if bias_E is None:
+        return
+    if not isinstance(bias_E, torch.Tensor) or not bias_E.is_floating_point() \
+            or tuple(bias_E.shape) != (num_experts,):
+        got = f"{list(bias_E.shape)} {bias_E.dtype}" if isinstance(bias_E, torch.Tensor) \
+            else type(bias_E).__name__
+        raise ValueError(error_message("bias_E", got, f"must be a floating [E={num_experts}] "
+                                       "tensor", "pass the layer's e_score_correction_bias"))
+    if bias_E.device != logits_TE.device:
+        raise ValueError(error_message("bias_E.device", str(bias_E.device), "must be the "
+                                       f"logits' device ({logits_TE.device})",
+                                       "move it with bias_E.to(logits.device)"))
 
 
 def _warp_width(device: torch.device) -> int:
@@ -246,6 +267,7 @@ def fused_route(*, logits_TE: torch.Tensor, config, bias_E: torch.Tensor | None 
     if why is not None:
         raise ValueError(error_message("fused_route", why, "is outside the fused router",
                                        "call routing.route, which falls back to torch"))
+    _check_bias(bias_E, logits_TE, config.num_experts)
     T, K = logits_TE.shape[0], config.top_k
     w = torch.empty(T, K, dtype=torch.float32, device=logits_TE.device)
     ids = torch.empty(T, K, dtype=torch.int32, device=logits_TE.device)
