@@ -323,6 +323,9 @@ class EPMoE(nn.Module):
         self.router = router
         self.weight_mode: WeightMode = weight_mode
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        if not isinstance(validate, bool):
+            raise TypeError(error_message("validate", repr(validate), "must be a bool",
+                                          "pass True (check inputs) or False (hot path)"))
         self.validate = validate
         if not isinstance(fused_router, bool):
             raise TypeError(error_message("fused_router", repr(fused_router), "must be a bool",

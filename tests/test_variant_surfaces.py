@@ -69,3 +69,16 @@ def test_experts_probe_passes_keywords_on():
           expected_rows=3)
     assert seen["num_rows"] is rows
     assert seen["expected_rows"] == 3
+
+
+def test_layer_validate_must_be_a_bool():
+    with pytest.raises(TypeError, match="validate"):
+        _layer(validate=1)
+
+
+def test_num_chunks_checks_group_max_tokens_on_one_rank():
+    disp = LocalDispatcher(Placement.contiguous(E, 1), hidden_size=H, top_k=K,
+                           dtype=torch.float32, max_tokens_per_rank=4)
+    assert disp.num_chunks(9, group_max_tokens=9) == 3
+    with pytest.raises(ValueError, match="group_max_tokens"):
+        disp.num_chunks(9, group_max_tokens=2)  # fewer than this rank's own tokens

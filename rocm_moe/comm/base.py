@@ -305,12 +305,13 @@ class Dispatcher(ABC):
         already holds it (an engine's DP-synchronised counts, e.g. SGLang's
         ``get_dp_global_num_tokens``): then no collective runs."""
         check_integer_value("num_tokens", num_tokens, minimum=0)
+        if group_max_tokens is not None:  # checked whatever the group's size
+            check_integer_value("group_max_tokens", group_max_tokens, minimum=num_tokens)
         cap = self.max_tokens_per_rank
         mine = 1 if cap is None else max(1, -(-num_tokens // cap))
         if self.world_size == 1 or cap is None:
             return mine
         if group_max_tokens is not None:
-            check_integer_value("group_max_tokens", group_max_tokens, minimum=num_tokens)
             return max(1, -(-group_max_tokens // cap))
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             if mine > 1:
