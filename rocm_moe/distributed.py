@@ -288,10 +288,15 @@ def _entry(rank, world_size, backend, timeout_s, threads, out_dir, parent_pid, w
             raise
         _write(out_dir, rank, result)
         if "result" in result:
-            # Leave together: a rank that tears its groups down while a peer's last
-            # collective is still in flight can abort either process (gloo's
-            # "terminate called without an active exception", seen once in CI).
+            # Leave together, then without tearing anything down: every rank's result is
+            # written and no collective is in flight, and the teardown itself (destroy, then
+            # the interpreter's C++ destructors) aborted finished ranks under load (gloo's
+            # "terminate called without an active exception", issue 34: a passing run
+            # reported as a failure). The OS releases the rest.
             dist.barrier()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     finally:
         dist.destroy_process_group()
 
@@ -316,16 +321,25 @@ def _end(rank: int, records: dict[int, dict], exitcodes: dict[int, int | None],
     if "error" in rec:
         return f"refused: {rec['message'][:200]}"
     if "result" in rec:
+        if code:  # its result is written, then its process ended badly
+            return f"finished, then {_exit_words(code)} while exiting"
         return "finished"
     if rank in killed:
         return "killed by the launcher (still running after the others failed)"
     if code is not None and code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = str(-code)
-        return f"killed by signal {name} before reporting"
+        return f"{_exit_words(code)} before reporting"
     return f"exited with code {code} before reporting (os._exit, a native crash)"
+
+
+def _exit_words(code: int) -> str:
+    """A process exit code in words: ``-6`` -> "killed by signal SIGABRT"."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = str(-code)
+    return f"killed by signal {name}"
 
 
 def _rank_failure(records: dict[int, dict], exitcodes: dict[int, int | None],
@@ -339,7 +353,8 @@ def _rank_failure(records: dict[int, dict], exitcodes: dict[int, int | None],
         cause = crashed[0][1]
         detail = "\n" + records[cause]["traceback"]
     else:
-        cause = silent[0] if silent else min(exitcodes)
+        bad = [r for r in sorted(exitcodes) if exitcodes[r]]  # (a finished rank dying at exit)
+        cause = silent[0] if silent else (bad[0] if bad else min(exitcodes))
         tail = (tails or {}).get(cause)
         detail = (f"\nrank {cause}'s last stderr lines:\n" + tail) if tail else \
             f"\nrank {cause} wrote nothing to stderr"

@@ -135,3 +135,35 @@ def test_rank_killed_by_a_signal_is_reported_with_its_last_stderr_lines(signum):
         assert "Fatal Python error: Segmentation fault" in msg, msg
     if signum == signal.SIGABRT:  # (issue 34: a rank 0 died so under load, with no message)
         assert "Fatal Python error: Aborted" in msg, msg
+
+
+def test_a_finished_rank_dying_at_exit_is_named_not_rank_0():
+    """Both ranks wrote their results, then rank 1's process aborted while exiting (gloo's
+    teardown under load, issue 34): the failure names rank 1 and says it finished first
+    (it named rank 0 as 'failed: finished')."""
+    from rocm_moe.distributed import _rank_failure
+
+    records = {0: {"result": 1}, 1: {"result": 1}}
+    err = _rank_failure(records, {0: 0, 1: -6}, set(), {1: "terminate called without an "
+                                                           "active exception"})
+    assert err.rank == 1
+    assert "rank 1 failed: finished, then killed by signal SIGABRT while exiting" in str(err)
+    assert "rank 0: finished\n" in str(err)
+    assert "terminate called" in str(err)
+
+
+def test_finished_ranks_leave_without_teardown(tmp_path):
+    """A successful launch's ranks exit 0 straight after their last barrier (no teardown to
+    abort in), and the results come back."""
+    from rocm_moe.distributed import launch
+
+    assert launch(2, _rank_sum, backend="gloo", timeout_s=60) == [1, 1]
+
+
+def _rank_sum(info):
+    import torch
+    import torch.distributed as dist
+
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return int(t.item()) - 1
