@@ -424,7 +424,13 @@ def diagnose(layer: EPMoE, hidden_states: torch.Tensor, *, expert_weights=None,
     check_layer("layer", layer)
     layer._agree_invariant()  # (every rank, before a refusal below is shared)
     with layer._refusals_shared():  # a refusal here reaches the peers, which raise too
-        layer._flatten(hidden_states)
+        tokens = layer._flatten(hidden_states).shape[0]
+        cap = layer.dispatcher.max_tokens_per_rank
+        if cap is not None and tokens > cap:  # (its taps follow one dispatch)
+            raise ValueError(error_message(
+                "hidden_states", f"{tokens} tokens", "diagnose judges one dispatch: at most "
+                f"the dispatcher's max_tokens_per_rank={cap} tokens per rank (the layer runs "
+                "larger batches in chunks of that size)", f"pass at most {cap} tokens"))
         check_finite("hidden_states", hidden_states, "diagnose judges the MoE layer: find the "
                      "earlier layer that produced the non-finite value")
         out_path = _dump_path(dump, layer.dispatcher.rank) if dump is not None else None

@@ -82,3 +82,15 @@ def test_num_chunks_checks_group_max_tokens_on_one_rank():
     assert disp.num_chunks(9, group_max_tokens=9) == 3
     with pytest.raises(ValueError, match="group_max_tokens"):
         disp.num_chunks(9, group_max_tokens=2)  # fewer than this rank's own tokens
+
+
+def test_diagnose_refuses_a_batch_above_capacity():
+    """diagnose's taps follow one dispatch: a batch the layer would run in chunks is refused by
+    name (it crashed with an IndexError inside the dispatch check)."""
+    disp = LocalDispatcher(Placement.contiguous(E, 1), hidden_size=H, top_k=K,
+                           dtype=torch.float32, max_tokens_per_rank=4)
+    layer = _layer(dispatcher=disp)
+    layer.reset_parameters(0)
+    with pytest.raises(ValueError, match="max_tokens_per_rank=4"):
+        diagnose(layer, torch.randn(9, H))
+    assert diagnose(layer, torch.randn(4, H)) is not None
