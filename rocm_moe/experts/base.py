@@ -281,6 +281,7 @@ class Experts(ABC):
 
     name: ClassVar[str]
     bounded_rows: ClassVar[bool] = False  # _forward takes num_rows / expected_rows
+    weight_formats: ClassVar[tuple[str, ...]] = ("dense",)  # the formats it computes (formats/)
 
     @classmethod
     def availability(cls) -> str | None:

@@ -32,13 +32,13 @@ from rocm_moe._checks import (
     check_tensor,
     check_unique_rows,
     check_weights,
-    describe,
     error_message,
 )
 from rocm_moe.experts.base import Experts, check_row_bound, output_form
 from rocm_moe.experts.layout import build_layout
+from rocm_moe.formats.block_fp8 import check_fp8_weights  # (its former home was here)
 from rocm_moe.placement import ExpertMap, require_expert_map
-from rocm_moe.quant import BLOCK, BlockFP8Weight, FP8Rows, quantize_rows, quantize_weight_blocks
+from rocm_moe.quant import BlockFP8Weight, FP8Rows, quantize_rows, quantize_weight_blocks
 from rocm_moe.weighting import ExpertsOutput, WeightMode, resolve_weight_mode, weight_once
 
 
@@ -69,38 +69,6 @@ def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, *, dtype="e4m3fn") -> 
     that is the same as quantising the stack."""
     return FP8ExpertWeights(quantize_weight_blocks(w13, dtype=dtype),
                             quantize_weight_blocks(w2, dtype=dtype))
-
-
-def check_fp8_weights(w13: object, w2: object, *, num_local: int | None = None,
-                      hidden: int | None = None) -> None:
-    """w13 / w2 are BlockFP8Weights of [e, 2I, H] / [e, H, I] in one encoding, I % 128 == 0."""
-    for field, w in (("w13", w13), ("w2", w2)):
-        if not isinstance(w, BlockFP8Weight):
-            raise TypeError(error_message(field, describe(w), "must be a quant.BlockFP8Weight "
-                                          "for FP8 experts", "quantise it: quantize_experts(w13, "
-                                          "w2), or load an FP8 checkpoint"))
-        if w.weight.dim() != 3:
-            raise ValueError(error_message(f"{field}.shape", list(w.shape), "must be 3-D [e, N, K]",
-                                           "stack the local experts along dim 0"))
-    e, two_i, H = w13.shape
-    if two_i % (2 * BLOCK):
-        raise ValueError(error_message(
-            "w13.shape[1]", two_i, f"must be 2I with I a multiple of {BLOCK}",
-            f"FP8 block scales need the up rows to start on a {BLOCK}-row block"))
-    if num_local is not None and e != num_local:
-        raise ValueError(error_message("w13.shape[0]", e, f"must be e={num_local} local experts",
-                                       "load this rank's experts"))
-    if hidden is not None and H != hidden:
-        raise ValueError(error_message("w13.shape[2]", H, f"must be H={hidden}",
-                                       "pass the weights of this hidden size"))
-    if tuple(w2.shape) != (e, H, two_i // 2):
-        raise ValueError(error_message("w2.shape", list(w2.shape),
-                                       f"must be [e={e}, H={H}, I={two_i // 2}]",
-                                       "pass the down weights of the same experts"))
-    if w13.dtype != w2.dtype or w13.device != w2.device:
-        raise ValueError(error_message(
-            "w2.dtype / device", (w2.dtype, w2.device), f"must match w13's ({w13.dtype}, "
-            f"{w13.device})", "convert both with to_format / to"))
 
 
 def check_fp8_inputs(x, topk_ids_RK, topk_weights_RK, w13, w2, expert_map: ExpertMap, *,
@@ -139,6 +107,12 @@ class FP8Experts(Experts):
     FP8Rows)."""
 
     fp8 = True
+    weight_formats = ("block_fp8",)
+
+    def weight_format_unsupported_reason(self, weights) -> str | None:
+        """None if this backend runs ``weights`` (block-FP8) in their encoding on their
+        device, else why not (``formats.WeightFormat.supports`` asks)."""
+        return self.format_unsupported(weights.fp8_dtype, weights.device)
 
     def invariant_unsupported_reason(self) -> str | None:
         return (f"the FP8 {self.name} experts have no batch-invariant variant (their row "
