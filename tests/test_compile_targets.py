@@ -20,6 +20,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 from rocm_moe import _compile  # noqa: E402
+from rocm_moe.experts.triton import triton_version  # noqa: E402
 
 
 def _has_backend(name: str) -> bool:
@@ -101,14 +102,6 @@ def test_compiles_and_fits(compiled):
 # 3.6.0 spills 30-152 VGPRs, 124-612 scratch bytes per lane, at BLOCK_M 64 and 128; 3.8.0 and
 # 3.9.0 spill none; 3.7 not tried). Those kernels still compile and run, slower.
 FP8_SPILLS_ON_GFX942_BEFORE = (3, 8)
-
-
-def triton_version() -> tuple[int, int]:
-    """(major, minor) of the installed triton; ``3.6.0+git1234`` -> (3, 6)."""
-    import re
-
-    major, minor = re.findall(r"\d+", triton.__version__)[:2]
-    return int(major), int(minor)
 
 
 def test_no_register_spills(compiled):
