@@ -58,20 +58,34 @@ class Kernel:
         return self.path.split(":")[1]
 
 
-def _expert_configs(target: str) -> list[tuple[dict, int, int, str]]:
-    """(block_config, H, I, origin) the experts would use on ``target``: every tuned entry of
-    its device, plus the heuristic fallback at MODEL_SHAPES x MEAN_SLOTS."""
+# gpt-oss-20b on one rank (E = 32, H = I = 2880, K = 4) with its expert variant (biases,
+# clamped SwiGLU): the Triton experts' variant constexprs compile there.
+GPT_OSS_SHAPE = (2880, 2880, 4, 32)
+
+
+def _variant_constexprs(gpt_oss: bool) -> tuple[tuple[str, object], ...]:
+    """The gate/up kernel's variant constexprs: plain SwiGLU, or gpt-oss's."""
+    from rocm_moe.experts.base import PLAIN, ExpertVariant
+    from rocm_moe.experts.triton import _variant_args
+
+    return tuple(_variant_args(ExpertVariant.gpt_oss() if gpt_oss else PLAIN).items())
+
+
+def _expert_configs(target: str) -> list[tuple[dict, int, int, str, bool]]:
+    """(block_config, H, I, origin, gpt_oss) the experts would use on ``target``: every tuned
+    entry of its device, plus the heuristic fallback at MODEL_SHAPES x MEAN_SLOTS (plain
+    SwiGLU) and GPT_OSS_SHAPE x MEAN_SLOTS (gpt-oss's variant)."""
     from rocm_moe.experts.triton import _table, block_config
 
     device = TARGETS[target][3]
     out = []
     for hxi, buckets in _table().get(device, {}).items():
         H, I = map(int, hxi.split("x"))
-        out += [(cfg, H, I, f"table {hxi} bucket {b}") for b, cfg in buckets.items()]
-    for H, I, _, e in MODEL_SHAPES:
+        out += [(cfg, H, I, f"table {hxi} bucket {b}", False) for b, cfg in buckets.items()]
+    for (H, I, _, e), oss in [(s, False) for s in MODEL_SHAPES] + [(GPT_OSS_SHAPE, True)]:
         for mean in MEAN_SLOTS:
             cfg = block_config(int(mean * e), e, hidden=0, inter=0, device_name=device)
-            out.append((cfg, H, I, f"heuristic {H}x{I} mean {mean:g}"))
+            out.append((cfg, H, I, f"heuristic {H}x{I} mean {mean:g}", oss))
     return out
 
 
@@ -84,20 +98,22 @@ def _persistent(target: str) -> tuple[bool, ...]:
 
 
 def _gate_up(target: str) -> list[Launch]:
-    return [Launch((("BLOCK_K", c["gate_up"]["BLOCK_K"]), ("BLOCK_M", c["BLOCK_M"]),
+    return [Launch(tuple(sorted((("BLOCK_K", c["gate_up"]["BLOCK_K"]), ("BLOCK_M", c["BLOCK_M"]),
                     ("BLOCK_N", c["gate_up"]["BLOCK_N"]), ("DESC", TARGETS[target][5]),
-                    ("EVEN_K", H % c["gate_up"]["BLOCK_K"] == 0), ("PERSISTENT", persistent)),
+                    ("EVEN_K", H % c["gate_up"]["BLOCK_K"] == 0), ("PERSISTENT", persistent),
+                    *_variant_constexprs(oss)))),
                    c["gate_up"].get("num_warps", 4), c["gate_up"].get("num_stages", 3), origin)
-            for c, H, _, origin in _expert_configs(target) for persistent in _persistent(target)]
+            for c, H, _, origin, oss in _expert_configs(target)
+            for persistent in _persistent(target)]
 
 
 def _down(target: str) -> list[Launch]:
-    return [Launch((("BLOCK_K", c["down"]["BLOCK_K"]), ("BLOCK_M", c["BLOCK_M"]),
+    return [Launch((("BIAS", oss), ("BLOCK_K", c["down"]["BLOCK_K"]), ("BLOCK_M", c["BLOCK_M"]),
                     ("BLOCK_N", c["down"]["BLOCK_N"]), ("DESC", TARGETS[target][5]),
                     ("EVEN_K", I % c["down"]["BLOCK_K"] == 0), ("PERSISTENT", persistent),
                     ("WEIGHTED", weighted)),
                    c["down"].get("num_warps", 4), c["down"].get("num_stages", 3), origin)
-            for c, _, I, origin in _expert_configs(target) for weighted in (True, False)
+            for c, _, I, origin, oss in _expert_configs(target) for weighted in (True, False)
             for persistent in _persistent(target)]
 
 
@@ -144,7 +160,7 @@ def _desc(rows: str, cols: str):
 _EXPERT_PTRS = dict(x_ptr="*bf16", w13=_desc("BLOCK_N", "BLOCK_K"), inter_ptr="*bf16",
                     inter=_desc("BLOCK_M", "BLOCK_K"), w2=_desc("BLOCK_N", "BLOCK_K"),
                     out_ptr="*bf16", sorted_ptr="*i32", block_expert_ptr="*i32",
-                    weight_ptr="*fp32", num_padded_ptr="*i32")
+                    weight_ptr="*fp32", num_padded_ptr="*i32", b13_ptr="*bf16", b2_ptr="*bf16")
 _LAYOUT_PTRS = dict(ids_ptr="*i32", map_ptr="*i32", local_ptr="*i64", rank_ptr="*i32",
                     counts_ptr="*i32", sorted_ptr="*i32", totals_ptr="*i32", before_ptr="*i32",
                     block_expert_ptr="*i32", tpe_ptr="*i32", offsets_ptr="*i32",

@@ -97,22 +97,26 @@ def test_experts_implementation_matches_eager(checkpoint):
         model(ids)
 
 
-def test_default_experts_fall_back_where_the_gpu_default_cannot_run_them(checkpoint,
-                                                                          monkeypatch):
-    """rocm-moe run on a GPU picks the Triton experts by default; they run plain SwiGLU only,
-    so a gpt-oss checkpoint gets the reference experts, with the reason, instead of a
-    refusal; an explicit --experts stays as given."""
+def test_default_experts_keep_triton_for_gpt_oss(checkpoint, monkeypatch):
+    """rocm-moe run on a GPU picks the Triton experts by default; they run gpt-oss's biased,
+    clamped SwiGLU, so a gpt-oss checkpoint keeps them. A default that could not run the
+    variant would fall back to the reference, with the reason; an explicit --experts stays as
+    given."""
     from rocm_moe import backends
     from rocm_moe.cli.spec import LayerSpec
     from rocm_moe.distributed import WorkerInfo
+    from rocm_moe.experts.triton import TritonExperts
 
     monkeypatch.setattr(backends, "default_experts",
                         lambda device, dtype=None: ("triton", "default on GPUs"))
     info = WorkerInfo(0, 1, torch.device("cpu"), "gloo")
     shape = dict(num_experts=8, hidden_size=32, intermediate_size=12, top_k=3)
     spec = LayerSpec(checkpoint=str(checkpoint), **shape).on_rank(info)
+    assert (spec.experts, spec.experts_why) == ("triton", "default on GPUs")
+    monkeypatch.setattr(TritonExperts, "variant_unsupported_reason",
+                        lambda self, v: f"no {v.activation} here")
+    spec = LayerSpec(checkpoint=str(checkpoint), **shape).on_rank(info)
     assert spec.experts == "reference"
-    assert "triton cannot run them" in spec.experts_why
-    assert "swiglu_oai" in spec.experts_why
+    assert "triton cannot run them (no swiglu_oai here)" in spec.experts_why
     given = LayerSpec(checkpoint=str(checkpoint), experts="triton", **shape).on_rank(info)
     assert given.experts == "triton"

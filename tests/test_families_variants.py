@@ -124,7 +124,7 @@ def test_variant_fields_are_checked():
 
 
 class _PlainOnly(Experts):
-    """A backend that runs only plain SwiGLU (what the Triton and AITER experts declare)."""
+    """A backend that runs only plain SwiGLU (what the AITER experts declare)."""
 
     name = "plain-only"
 
@@ -314,39 +314,36 @@ def test_weight_once_returns_weighted_outputs_unchanged():
                        None) is out.out
 
 
-# ---- the fast backends refuse what they do not run (a GPU runs them; CPUs check the refusal) ---
+# ---- the AITER experts refuse what they do not run (the Triton experts run every variant:
+# tests/experts/test_triton_variants.py) ---
 @pytest.mark.parametrize("variant", [OAI, ExpertVariant.llama4(), ExpertVariant(bias=True)],
                          ids=["swiglu_oai", "weights_on_input", "bias"])
-def test_triton_and_aiter_experts_refuse_variants(variant):
+def test_aiter_experts_refuse_variants(variant):
     from rocm_moe.experts.aiter import AiterExperts
-    from rocm_moe.experts.triton import TritonExperts
 
-    for backend in (TritonExperts(), AiterExperts()):
-        assert backend.variant_unsupported_reason(PLAIN) is None
-        reason = backend.variant_unsupported_reason(variant)
-        assert reason is not None
-        assert "plain SwiGLU" in reason
+    backend = AiterExperts()
+    assert backend.variant_unsupported_reason(PLAIN) is None
+    reason = backend.variant_unsupported_reason(variant)
+    assert reason is not None
+    assert "plain SwiGLU" in reason
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the Triton experts)")
-def test_triton_layer_refuses_a_variant_before_dispatch():
+@pytest.mark.parametrize("weight_mode", ["experts", "combine"])
+def test_triton_gpt_oss_layer_matches_the_oracle_on_a_gpu(weight_mode):
     from rocm_moe.experts.triton import TritonExperts
 
+    torch.manual_seed(12)
     layer = EPMoE(hidden_size=64, intermediate_size=32, router=RouterConfig.gpt_oss(E, 2),
                   experts=TritonExperts(), expert_variant=OAI, dtype=torch.bfloat16,
-                  device="cuda")
-    with pytest.raises(ValueError, match=r"experts=triton cannot run it: .*plain SwiGLU"):
-        layer(torch.randn(5, 64, dtype=torch.bfloat16, device="cuda"))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the fused router)")
-@pytest.mark.parametrize("cfg", [RouterConfig.gpt_oss(E, 2), RouterConfig.llama4(E, 1),
-                                 RouterConfig(num_experts=E, top_k=2, choice_bias=True)],
-                         ids=["gpt_oss", "llama4", "choice_bias"])
-def test_fused_router_falls_back_to_the_torch_path_on_gpu(cfg):
-    logits = torch.randn(33, E, device="cuda")
-    bias = 0.1 * torch.randn(E, device="cuda") if cfg.choice_bias else None
-    a = route(logits, cfg, fused=True, e_score_correction_bias=bias)
-    b = route(logits, cfg, e_score_correction_bias=bias)
-    assert torch.equal(a.topk_ids, b.topk_ids)
-    assert torch.equal(a.topk_weights, b.topk_weights)
+                  device="cuda", weight_mode=weight_mode)
+    with torch.no_grad():
+        for p in (layer.w13, layer.w2, layer.w13_bias, layer.w2_bias):
+            p.copy_(0.3 * torch.randn(p.shape))
+    x = torch.randn(33, 64, dtype=torch.bfloat16, device="cuda")
+    out = layer(x, return_raw=True)
+    w13, w2 = layer.w13.detach(), layer.w2.detach()
+    b13, b2 = layer.w13_bias.detach(), layer.w2_bias.detach()
+    y, _ = dense_moe_reference(x, out.topk_weights, out.topk_ids, w13, w2, variant=OAI,
+                               w13_bias_E=b13, w2_bias_E=b2)
+    assert oracle.rel_err(out.out, y) < 2e-2

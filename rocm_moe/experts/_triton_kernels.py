@@ -63,9 +63,24 @@ def _w_tile(w, row0, n_ok, k0, offs_k, k_ok, stride_wn, DESC: tl.constexpr,
 
 
 @triton.jit
+def _activate(g, u, OAI: tl.constexpr, ALPHA: tl.constexpr, CLAMP: tl.constexpr,
+              LIMIT: tl.constexpr):
+    """The gated activation of float32 gate and up tiles: silu(g) * u, or gpt-oss's (OAI)
+    (min(u, L) clamped to [-L, L] + 1) * g * sigmoid(ALPHA * g) with g = min(g, L) (CLAMP)."""
+    if OAI:
+        if CLAMP:
+            g = tl.minimum(g, LIMIT)
+            u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
+        return (u + 1.0) * (g / (1.0 + tl.exp(-ALPHA * g)))
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
 def _gate_up_tile(
-    t, x_ptr, w13, inter_ptr, sorted_ptr, block_expert_ptr, N_SLOTS, H, I, K_TOPK,
-    stride_xr, stride_wn, stride_ip, EVEN_K: tl.constexpr, DESC: tl.constexpr,
+    t, x_ptr, w13, inter_ptr, sorted_ptr, block_expert_ptr, b13_ptr, weight_ptr, N_SLOTS, H, I,
+    K_TOPK, stride_xr, stride_wn, stride_ip, EVEN_K: tl.constexpr, DESC: tl.constexpr,
+    BIAS: tl.constexpr, ON_INPUT: tl.constexpr, OAI: tl.constexpr, ALPHA: tl.constexpr,
+    CLAMP: tl.constexpr, LIMIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(t, block_expert_ptr, sorted_ptr,
@@ -74,50 +89,65 @@ def _gate_up_tile(
         row = tl.where(valid, slot // K_TOPK, 0).to(tl.int64)
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if ON_INPUT:  # the slot's routing weight in x's dtype, as weighting.weight_inputs
+            w_in = tl.load(weight_ptr + slot, mask=valid, other=0.0)
+            w_in = w_in.to(x_ptr.dtype.element_ty).to(tl.float32)
         n0 = e * 2 * I + n_start  # first weight row of the gate tile; the up tile's is n0 + I
         for k0 in range(0, H, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = _k_mask(offs_k, H, EVEN_K)
             a = tl.load(x_ptr + row[:, None] * stride_xr + offs_k[None, :],
                         mask=valid[:, None] & k_ok[None, :], other=0.0)
+            if ON_INPUT:  # rounded to x's dtype: the model scales its input there
+                a = (a.to(tl.float32) * w_in[:, None]).to(x_ptr.dtype.element_ty)
             g = _w_tile(w13, n0, n_ok, k0, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
             u = _w_tile(w13, n0 + I, n_ok, k0, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
             acc_g = tl.dot(a, g, acc_g)
             acc_u = tl.dot(a, u, acc_u)
-        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        if BIAS:  # [e, 2I] in x's dtype: gate columns then up columns
+            b = b13_ptr + e.to(tl.int64) * 2 * I + offs_n
+            acc_g += tl.load(b, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(b + I, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        h = _activate(acc_g, acc_u, OAI, ALPHA, CLAMP, LIMIT)
         tl.store(inter_ptr + offs_p[:, None].to(tl.int64) * stride_ip + offs_n[None, :],
                  h.to(inter_ptr.dtype.element_ty), mask=n_ok[None, :])
 
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w13, inter_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
+    x_ptr, w13, inter_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, b13_ptr, weight_ptr,
     N_SLOTS, H, I, K_TOPK,
     stride_xr, stride_wn, stride_ip, EVEN_K: tl.constexpr, DESC: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    PERSISTENT: tl.constexpr, BIAS: tl.constexpr, ON_INPUT: tl.constexpr, OAI: tl.constexpr,
+    ALPHA: tl.constexpr, CLAMP: tl.constexpr, LIMIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """inter[p, n] = silu(x[row(p)] @ gate[e].T) * (x[row(p)] @ up[e].T) for the padded slot
-    positions p of one block (one local expert e per block; its sentinel rows get zeros).
+    """inter[p, n] = act(x[row(p)] @ gate[e].T, x[row(p)] @ up[e].T) for the padded slot
+    positions p of one block (one local expert e per block; its sentinel rows get zeros);
+    act = silu(gate) * up, or gpt-oss's clamped SwiGLU (OAI; ``_activate``).
     ``w13``: the weights as [e * 2I, H] (pointer, or descriptor of [BLOCK_N, BLOCK_K] tiles).
+    Expert variants: ``BIAS``: ``b13`` [e, 2I] added to gate and up; ``ON_INPUT``: each row
+    scaled by its slot's routing weight (``weight_ptr`` [R * K]) before the GEMM (Llama 4).
     One tile per program, or PERSISTENT: the programs stride over the tiles in use."""
     if PERSISTENT:
         for t in range(tl.program_id(0), _num_tiles(num_padded_ptr, I, BLOCK_M, BLOCK_N),
                        tl.num_programs(0)):
-            _gate_up_tile(t, x_ptr, w13, inter_ptr, sorted_ptr, block_expert_ptr, N_SLOTS, H,
-                          I, K_TOPK, stride_xr, stride_wn, stride_ip, EVEN_K, DESC, BLOCK_M,
+            _gate_up_tile(t, x_ptr, w13, inter_ptr, sorted_ptr, block_expert_ptr, b13_ptr,
+                          weight_ptr, N_SLOTS, H, I, K_TOPK, stride_xr, stride_wn, stride_ip,
+                          EVEN_K, DESC, BIAS, ON_INPUT, OAI, ALPHA, CLAMP, LIMIT, BLOCK_M,
                           BLOCK_N, BLOCK_K)
     else:
         _gate_up_tile(tl.program_id(0), x_ptr, w13, inter_ptr, sorted_ptr, block_expert_ptr,
-                      N_SLOTS, H, I, K_TOPK, stride_xr, stride_wn, stride_ip, EVEN_K, DESC,
+                      b13_ptr, weight_ptr, N_SLOTS, H, I, K_TOPK, stride_xr, stride_wn,
+                      stride_ip, EVEN_K, DESC, BIAS, ON_INPUT, OAI, ALPHA, CLAMP, LIMIT,
                       BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
 def _down_tile(
-    t, inter, w2, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr, N_SLOTS, H, I,
+    t, inter, w2, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr, b2_ptr, N_SLOTS, H, I,
     stride_ip, stride_wn, stride_os,
-    WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, DESC: tl.constexpr,
+    WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, DESC: tl.constexpr, BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(t, block_expert_ptr, sorted_ptr,
@@ -136,6 +166,9 @@ def _down_tile(
                             mask=valid[:, None] & k_ok[None, :], other=0.0)
             b = _w_tile(w2, n0, n_ok, k0, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
             acc = tl.dot(a, b, acc)
+        if BIAS:  # [e, H] in the output's dtype, before the routing weight
+            acc += tl.load(b2_ptr + e.to(tl.int64) * H + offs_n, mask=n_ok,
+                           other=0.0).to(tl.float32)[None, :]
         if WEIGHTED:
             w = tl.load(weight_ptr + slot, mask=valid, other=0.0)
             acc = acc * w[:, None]
@@ -146,26 +179,28 @@ def _down_tile(
 
 @triton.jit
 def _down_kernel(
-    inter, w2, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr, num_padded_ptr,
+    inter, w2, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr, num_padded_ptr, b2_ptr,
     N_SLOTS, H, I,
     stride_ip, stride_wn, stride_os,
     WEIGHTED: tl.constexpr, EVEN_K: tl.constexpr, DESC: tl.constexpr, PERSISTENT: tl.constexpr,
+    BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[slot(p), n] = (inter[p] @ down[e].T)[n], times the slot's routing weight when
-    WEIGHTED (the epilogue); rows are written only for real slots. ``inter`` [P, I] and
-    ``w2`` as [e * H, I]: pointers, or descriptors of [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K]
-    tiles. One tile per program, or PERSISTENT: the programs stride over the tiles in use."""
+    """out[slot(p), n] = (inter[p] @ down[e].T)[n] (plus ``b2`` [e, H] when BIAS), times the
+    slot's routing weight when WEIGHTED (the epilogue); rows are written only for real slots.
+    ``inter`` [P, I] and ``w2`` as [e * H, I]: pointers, or descriptors of [BLOCK_M, BLOCK_K]
+    and [BLOCK_N, BLOCK_K] tiles. One tile per program, or PERSISTENT: the programs stride
+    over the tiles in use."""
     if PERSISTENT:
         for t in range(tl.program_id(0), _num_tiles(num_padded_ptr, H, BLOCK_M, BLOCK_N),
                        tl.num_programs(0)):
-            _down_tile(t, inter, w2, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr, N_SLOTS,
-                       H, I, stride_ip, stride_wn, stride_os, WEIGHTED, EVEN_K, DESC, BLOCK_M,
-                       BLOCK_N, BLOCK_K)
+            _down_tile(t, inter, w2, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr, b2_ptr,
+                       N_SLOTS, H, I, stride_ip, stride_wn, stride_os, WEIGHTED, EVEN_K, DESC,
+                       BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         _down_tile(tl.program_id(0), inter, w2, out_ptr, sorted_ptr, block_expert_ptr,
-                   weight_ptr, N_SLOTS, H, I, stride_ip, stride_wn, stride_os, WEIGHTED,
-                   EVEN_K, DESC, BLOCK_M, BLOCK_N, BLOCK_K)
+                   weight_ptr, b2_ptr, N_SLOTS, H, I, stride_ip, stride_wn, stride_os, WEIGHTED,
+                   EVEN_K, DESC, BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit

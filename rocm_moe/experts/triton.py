@@ -8,8 +8,10 @@ Pipeline (``TritonExperts``), for R rows with K global ids on a rank with e loca
    the single source of truth for offsets and padding; on GPUs its Triton kernels build it;
    non-local slots are never sorted or computed);
 2. gate/up GEMM with SiLU(gate) * up fused: [P, I] intermediate in the input dtype;
-3. down GEMM; in "weighted" mode the slot's routing weight is applied in the epilogue;
-   results go to per-slot rows [R * K, H];
+   expert variants (``ExpertVariant``) there too: the gate/up bias and gpt-oss's clamped
+   SwiGLU in the epilogue, the routing weight on the input rows as they load (Llama 4);
+3. down GEMM; its bias, then in "weighted" mode the slot's routing weight (unless it went on
+   the input) in the epilogue; results go to per-slot rows [R * K, H];
 4. "weighted": sum over each row's local slots in float32 (one kernel; its K slot loads are
    in flight together and never read the non-local rows, so they need no zero fill), cast to
    the input dtype -> [R, H];
@@ -34,7 +36,7 @@ import os
 import torch
 
 from rocm_moe._libs import triton_missing, triton_runs_on
-from rocm_moe.experts.base import Experts
+from rocm_moe.experts.base import PLAIN, Experts, ExpertVariant
 from rocm_moe.experts.layout import build_layout
 from rocm_moe.weighting import ExpertsOutput
 
@@ -187,29 +189,45 @@ def persistent_grid(n_tiles: int, persistent: bool, device: torch.device) -> tup
     return (max(1, min(n_tiles, persistent_programs(device))) if persistent else n_tiles,)
 
 
+def _variant_args(variant: ExpertVariant) -> dict:
+    """The gate/up kernel's variant constexprs (see ``_triton_kernels._activate``)."""
+    oai = variant.activation == "swiglu_oai"
+    return dict(BIAS=variant.bias, ON_INPUT=variant.weights_on_input, OAI=oai,
+                ALPHA=float(variant.alpha), CLAMP=oai and variant.limit is not None,
+                LIMIT=float(variant.limit or 0.0))
+
+
 def launch_gate_up(x, w13, inter, layout, kcfg: dict, *, tma: bool = False,
-                   persistent: bool = False) -> None:
-    """inter[P, I] = SiLU(x[rows] @ gate.T) * (x[rows] @ up.T) over the layout's blocks;
-    ``tma``: weights through a tensor descriptor (where ``_operand`` allows); ``persistent``:
-    a fixed grid that strides over the blocks in use (``layout.num_padded``, on the device)."""
+                   persistent: bool = False, variant: ExpertVariant = PLAIN,
+                   w13_bias: torch.Tensor | None = None,
+                   weights_N: torch.Tensor | None = None) -> None:
+    """inter[P, I] = act(x[rows] @ gate.T, x[rows] @ up.T) over the layout's blocks (act:
+    ``variant``'s, with ``w13_bias`` [e, 2I] for a variant with bias and the slots' routing
+    weights ``weights_N`` [R * K] on the input for ``weights_on_input``); ``tma``: weights
+    through a tensor descriptor (where ``_operand`` allows); ``persistent``: a fixed grid that
+    strides over the blocks in use (``layout.num_padded``, on the device)."""
     from rocm_moe.experts._triton_kernels import _gate_up_kernel
 
+    assert not variant.bias or w13_bias is not None, "a variant with bias needs w13_bias"
+    assert not variant.weights_on_input or weights_N is not None, "weights on input need them"
     H, I, B = x.shape[1], inter.shape[1], layout.block_size
     n_blocks = layout.block_expert_ids.numel()
     w, desc = _operand(w13.view(-1, H), [kcfg["BLOCK_N"], kcfg["BLOCK_K"]], tma)
     grid = persistent_grid(n_blocks * -(-I // kcfg["BLOCK_N"]), persistent, x.device)
     _gate_up_kernel[grid](
         x, w, inter, layout.sorted_slot_ids, layout.block_expert_ids, layout.num_padded,
+        x if w13_bias is None else w13_bias.contiguous(), x if weights_N is None else weights_N,
         layout.sentinel, H, I, layout.top_k, x.stride(0), w13.stride(1), inter.stride(0),
         EVEN_K=H % kcfg["BLOCK_K"] == 0, DESC=desc, PERSISTENT=persistent,
-        **_launch_args(B, kcfg))
+        **_variant_args(variant), **_launch_args(B, kcfg))
 
 
 def launch_down(inter, w2, out_slots, layout, weights_N, kcfg: dict, *, weighted: bool,
-                tma: bool = False, persistent: bool = False) -> None:
-    """out_slots[slot] = inter[p] @ down.T (times the slot's weight when ``weighted``);
-    ``tma``: intermediate rows and weights through tensor descriptors (where allowed);
-    ``persistent``: as ``launch_gate_up``."""
+                tma: bool = False, persistent: bool = False,
+                w2_bias: torch.Tensor | None = None) -> None:
+    """out_slots[slot] = inter[p] @ down.T (plus ``w2_bias`` [e, H] when given; times the
+    slot's weight when ``weighted``); ``tma``: intermediate rows and weights through tensor
+    descriptors (where allowed); ``persistent``: as ``launch_gate_up``."""
     from rocm_moe.experts._triton_kernels import _down_kernel
 
     H, I, B = w2.shape[1], inter.shape[1], layout.block_size
@@ -221,9 +239,10 @@ def launch_down(inter, w2, out_slots, layout, weights_N, kcfg: dict, *, weighted
     grid = persistent_grid(n_blocks * -(-H // kcfg["BLOCK_N"]), persistent, inter.device)
     _down_kernel[grid](
         a, w, out_slots, layout.sorted_slot_ids, layout.block_expert_ids, weights_N,
-        layout.num_padded, layout.sentinel, H, I, inter.stride(0), w2.stride(1),
+        layout.num_padded, out_slots if w2_bias is None else w2_bias.contiguous(),
+        layout.sentinel, H, I, inter.stride(0), w2.stride(1),
         out_slots.stride(0), WEIGHTED=weighted, EVEN_K=I % kcfg["BLOCK_K"] == 0, DESC=desc_a,
-        PERSISTENT=persistent, **_launch_args(B, kcfg))
+        PERSISTENT=persistent, BIAS=w2_bias is not None, **_launch_args(B, kcfg))
 
 
 def slot_sum(out_slots: torch.Tensor, local_ids: torch.Tensor, out: torch.Tensor,
@@ -255,7 +274,9 @@ def triton_experts_availability() -> str | None:
 class TritonExperts(Experts):
     """``config``: a fixed launch config (``block_config``'s form) instead of the table's, for
     tuning. ``tma``: load weights (and the down GEMM's intermediate) through tensor
-    descriptors; None (default) where ``tma_supported`` says they pay off."""
+    descriptors; None (default) where ``tma_supported`` says they pay off. ``path``: "auto"
+    (default: small batches take ``triton_small``'s two-launch path, up to ``small_max_slots``
+    slots, default ``triton_small.SMALL_MAX_SLOTS``), "small" or "grouped" to force either."""
 
     name = "triton"
     bounded_rows = True
@@ -265,16 +286,21 @@ class TritonExperts(Experts):
         return triton_experts_availability()
 
     def __init__(self, *, config: dict | None = None, tma: bool | None = None,
-                 invariant: bool = False):
+                 invariant: bool = False, path: str = "auto", small_max_slots: int | None = None):
+        from rocm_moe.experts.triton_small import check_path
+
+        check_path(path, small_max_slots, invariant=invariant)
         self.config = config
         self.tma = tma
         self.invariant = invariant  # one launch config for every batch (``invariant_config``)
+        self.path, self.small_max_slots = path, small_max_slots
 
     def invariant_unsupported_reason(self) -> str | None:
         return None
 
     def as_invariant(self) -> TritonExperts:
-        return TritonExperts(config=self.config, tma=self.tma, invariant=True)
+        return TritonExperts(config=self.config, tma=self.tma, invariant=True,
+                             path="grouped" if self.path == "small" else self.path)
 
     def supports(self, *, mode, dtype, device) -> str | None:
         if (reason := triton_availability()) is not None:
@@ -285,9 +311,19 @@ class TritonExperts(Experts):
             return f"the Triton experts compute in {TRITON_DTYPES}, not {dtype}"
         return None
 
+    def variant_unsupported_reason(self, variant: ExpertVariant) -> str | None:
+        return None  # biases, swiglu_oai and weights on the input run in the kernels
+
     def _forward(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode,
-                 num_rows=None, expected_rows=None):
+                 num_rows=None, expected_rows=None, variant: ExpertVariant = PLAIN,
+                 w13_bias=None, w2_bias=None):
         R, K = topk_ids_RK.shape
+        from rocm_moe.experts import triton_small as small
+
+        if small.takes_small_path(self, R, K, num_rows, expected_rows, variant):
+            return small.small_experts(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map,
+                                       weighted=mode == "weighted", num_rows=num_rows,
+                                       expected_rows=expected_rows)
         H, I = x_RH.shape[1], w2.shape[2]
         N = R * K
         dev_name = torch.cuda.get_device_name(x_RH.device) if x_RH.is_cuda else ""
@@ -312,11 +348,16 @@ class TritonExperts(Experts):
         persistent = num_rows is not None and persistent_supported(amd=_on_amd(x.device))
         if N and P:
             tma = tma_supported(x.device) if self.tma is None else self.tma
-            launch_gate_up(x, w13, inter, layout, cfg["gate_up"], tma=tma, persistent=persistent)
-            launch_down(inter, w2, out_slots, layout, topk_weights_RK.contiguous().view(-1),
-                        cfg["down"], weighted=weighted, tma=tma, persistent=persistent)
+            weights_N = topk_weights_RK.contiguous().view(-1)
+            launch_gate_up(x, w13, inter, layout, cfg["gate_up"], tma=tma, persistent=persistent,
+                           variant=variant, w13_bias=w13_bias, weights_N=weights_N)
+            # weights on the input were applied there: the slots are only summed
+            launch_down(inter, w2, out_slots, layout, weights_N, cfg["down"],
+                        weighted=weighted and not variant.weights_on_input, tma=tma,
+                        persistent=persistent, w2_bias=w2_bias)
         if weighted:
             out = torch.empty(R, H, dtype=x.dtype, device=x.device)
             slot_sum(out_slots, layout.local_ids, out, num_rows)
             return ExpertsOutput(out=out, weights_applied=True)
-        return ExpertsOutput(out=out_slots.view(R, K, H), weights_applied=False)
+        return ExpertsOutput(out=out_slots.view(R, K, H), weights_applied=False,
+                             weighted_inputs=variant.weights_on_input)
