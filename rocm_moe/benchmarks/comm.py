@@ -27,8 +27,6 @@ counted as bytes sent per rank / time.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 from pathlib import Path
 
@@ -36,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from rocm_moe._console import progress
-from rocm_moe.benchmarks import NO_PLOT, pyplot
+from rocm_moe.benchmarks import NO_PLOT, pyplot, write_json
 from rocm_moe.cli import argtypes
 from rocm_moe.comm.torch import TorchDispatcher
 from rocm_moe.distributed import WorkerInfo, launch
@@ -337,13 +335,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if p2p[0] is not None:
         console.print(f"p2p copy ceiling (each rank to all peers at once, {args.p2p_mb} MB "
                       f"each): min {min(p2p):.0f} GB/s, per rank {[round(v) for v in p2p]}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"comm_{'gpu' if torch.cuda.is_available() else 'cpu'}_W{W}"
-    (out / f"{stem}.json").write_text(json.dumps(dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(), device=device,
-        torch=torch.__version__, world_size=W, config=cfg, dispatch_validate=False,
-        p2p_GBps=p2p, summary=rows, per_rank=[r["rows"] for r in results]), indent=1))
-    console.print(f"json: {out / f'{stem}.json'}")
-    console.print(_plot(rows, out / f"{stem}.png", title), markup=False)
+    path = write_json(args.out, stem, device=device, world_size=W, config=cfg,
+                      dispatch_validate=False, p2p_GBps=p2p, summary=rows,
+                      per_rank=[r["rows"] for r in results])
+    console.print(f"json: {path}")
+    console.print(_plot(rows, path.with_suffix(".png"), title), markup=False)
     return 0

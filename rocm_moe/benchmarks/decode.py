@@ -26,18 +26,16 @@ On a CPU it runs eagerly once per stage as a smoke test (times meaningless).
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from rocm_moe import synthetic as syn
 from rocm_moe._console import progress
+from rocm_moe.benchmarks import print_rows, write_json
 from rocm_moe.benchmarks.layer import _router, add_run_arguments, add_shape_arguments, shape
 from rocm_moe.cli import argtypes
 from rocm_moe.distributed import WorkerInfo, launch
@@ -222,7 +220,6 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from rocm_moe.backends import device_description
 
@@ -242,19 +239,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
              + (f"CUDA-graph replay x{cfg['inner']}, median of {cfg['iters']}, copy rate "
                 f"{rate / 1e12:.2f} TB/s" if rate else "eager smoke run (no GPU)")
              + f", {device}")
-    table = Table(title=title, title_justify="left")
-    for c in rows[0]:
-        table.add_column(c, justify="right")
-    for r in rows:
-        table.add_row(*["-" if v is None else f"{v:.2f}" if isinstance(v, float) and v < 10
-                        else f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()])
     console = Console(width=220)
-    console.print(table)
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    print_rows(console, rows, title=title)
     stem = cfg["name"] or f"decode_{cfg['model']}_{cfg['format']}_{cfg['comm']}"
-    (out / f"{stem}.json").write_text(json.dumps(dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(), device=device,
-        torch=torch.__version__, shape=s, config=cfg, copy_rate=rate, summary=rows), indent=1))
-    console.print(f"json: {out / f'{stem}.json'}")
+    path = write_json(cfg["out"], stem, device=device, shape=s, config=cfg, copy_rate=rate,
+                      summary=rows)
+    console.print(f"json: {path}")
     return 0

@@ -16,15 +16,13 @@ DeepSeek-V3 rank-local (E=256 global, experts 160..191 local, H=7168, I=2048, K=
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 from pathlib import Path
 
 import torch
 
 from rocm_moe._console import progress
-from rocm_moe.benchmarks import NO_PLOT, pyplot
+from rocm_moe.benchmarks import NO_PLOT, pyplot, write_json
 from rocm_moe.cli import argtypes
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.experts.triton import TritonExperts
@@ -173,12 +171,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                       f"{r['rel_err']:.1e}", f"{r['reference_us']:.0f}")
     console = Console(width=150)
     console.print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        device=device_description(), torch=torch.__version__, ceilings=ceil, rows=rows),
-        indent=1))
-    console.print(f"json: {out / f'{args.name}.json'}")
-    console.print(_plot(rows, out / f"{args.name}.png"), markup=False)
+    path = write_json(args.out, args.name, device=device_description(), ceilings=ceil, rows=rows)
+    console.print(f"json: {path}")
+    console.print(_plot(rows, path.with_suffix(".png")), markup=False)
     return 0

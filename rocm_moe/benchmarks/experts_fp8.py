@@ -21,13 +21,11 @@ rank-local (E=256 global, experts 160..191 local, H=7168, I=2048, K=8) at R rows
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-from pathlib import Path
 
 import torch
 
 from rocm_moe._console import progress
+from rocm_moe.benchmarks import write_json
 from rocm_moe.benchmarks.experts import SHAPES, _routing, copy_rate
 from rocm_moe.cli import argtypes
 from rocm_moe.experts.fp8 import FP8ReferenceExperts, quantize_experts
@@ -146,11 +144,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                       f"{r['rel_err_vs_bf16']:.1e}")
     console = Console(width=170)
     console.print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        device=device_description(), torch=torch.__version__, ceilings=ceil, rows=rows),
-        indent=1))
-    console.print(f"json: {out / f'{args.name}.json'}")
+    path = write_json(args.out, args.name, device=device_description(), ceilings=ceil, rows=rows)
+    console.print(f"json: {path}")
     return 0

@@ -44,8 +44,6 @@ its own rank or node first (default spread: all replicas alike).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import socket
 import statistics
@@ -57,6 +55,7 @@ import torch.distributed as dist
 from rocm_moe import EPMoE, Placement, RouterConfig, backends
 from rocm_moe import synthetic as syn
 from rocm_moe._console import Steps, progress
+from rocm_moe.benchmarks import write_json
 from rocm_moe.benchmarks.comm import _timed
 from rocm_moe.cli import argtypes
 from rocm_moe.distributed import WorkerInfo, init_from_env, launch, under_torchrun
@@ -728,16 +727,12 @@ def report(results: list[dict], cfg: dict, W: int) -> int:
         console.print(pt)
     for comm, why in results[0]["refused"].items():
         console.print(f"{comm}: not run: {why}")
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
     stem = cfg["name"] or f"layer_{cfg['model']}_W{W}"
-    (out / f"{stem}.json").write_text(json.dumps(dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(), device=device,
-        torch=torch.__version__, world_size=W, nodes=nodes, shape=s, config=cfg,
-        refused=results[0]["refused"], summary=rows, hier_probe=probes), indent=1))
-    console.print(f"json: {out / f'{stem}.json'}")
+    path = write_json(cfg["out"], stem, device=device, world_size=W, nodes=nodes, shape=s,
+                      config=cfg, refused=results[0]["refused"], summary=rows, hier_probe=probes)
+    console.print(f"json: {path}")
     if rows:
-        console.print(_plot(rows, out / f"{stem}.png", title))
+        console.print(_plot(rows, path.with_suffix(".png"), title))
     return 0
 
 

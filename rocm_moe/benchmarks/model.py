@@ -18,11 +18,8 @@ etc. override (small shapes for CPUs).
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
 import statistics
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,6 +27,7 @@ import torch.distributed as dist
 from rocm_moe import Placement
 from rocm_moe import synthetic as syn
 from rocm_moe._console import progress
+from rocm_moe.benchmarks import print_rows, write_json
 from rocm_moe.benchmarks.comm import _timed
 from rocm_moe.benchmarks.layer import _router, add_run_arguments, add_shape_arguments, shape
 from rocm_moe.cli import argtypes
@@ -172,7 +170,6 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from rocm_moe.backends import device_description
 
@@ -190,25 +187,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
              f"{cfg['model']} E={s['num_experts']} H={s['hidden']} I={s['intermediate']} "
              f"K={s['top_k']} {cfg['dtype']}, experts={cfg['experts']}, W={W}, {mode}, "
              f"slowest rank, median of {cfg['iters']}, {device}")
-    table = Table(title=title, title_justify="left")
-    for c in rows[0]:
-        table.add_column(c, justify="right")
-    for r in rows:
-        table.add_row(*["-" if v is None else f"{v:.3f}" if isinstance(v, float) and v < 10
-                        else f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()])
     console = Console(width=220)
-    console.print(table)
+    print_rows(console, rows, title=title, small_digits=3)
     measured = r0["comm_measured"]
     console.print(f"comm memory: {r0['pooled']} dispatcher(s) for {cfg['layers']} layers; "
                   f"{r0['comm_bytes'] / 2**20:.1f} MiB by its layout"
                   + ("" if measured is None else
                      f", {measured / 2**20:.1f} MiB of device memory taken by its construction"))
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
     stem = cfg["name"] or f"model_{cfg['model']}_W{W}"
-    (out / f"{stem}.json").write_text(json.dumps(dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(), device=device,
-        torch=torch.__version__, world_size=W, shape=s, config=cfg, summary=rows,
-        pooled=r0["pooled"], comm_bytes=r0["comm_bytes"], comm_measured=measured), indent=1))
-    console.print(f"json: {out / f'{stem}.json'}")
+    path = write_json(cfg["out"], stem, device=device, world_size=W, shape=s, config=cfg,
+                      summary=rows, pooled=r0["pooled"], comm_bytes=r0["comm_bytes"],
+                      comm_measured=measured)
+    console.print(f"json: {path}")
     return 0
