@@ -1,0 +1,204 @@
+"""The small-batch path of the Triton experts (issue 33 item 2): decode-sized batches in two
+launches that read the routing ids directly, no layout sort, no slot-sum pass.
+
+Pipeline (kernels in ``_triton_small.py``), for R rows with K global ids on a rank with e local
+experts (bf16/fp16, or block-FP8 rows already quantised per 1x128 group):
+1. gate/up: inter[slot] = SiLU(x @ gate.T) * (x @ up.T) of every local slot, one column tile
+   of I per program, the programs striding over the slots; per slot as a GEMV (``per_slot``,
+   batches of at most PER_SLOT_MAX_SLOTS slots) or per local expert (its first slot gathers
+   all of that expert's slots and runs them through tl.dot: each weight tile read once);
+2. down: per row and column tile of H, the K slots in order: "weighted" sums
+   weight[r, k] * (inter[slot] @ down.T) in float32 (deterministic, no atomics) -> [R, H];
+   "raw" writes each slot -> [R, K, H], exact zeros for non-local and empty slots.
+Slots with id -1 and experts outside the rank's ExpertMap contribute nothing; no host reads
+(CUDA-graph capturable); with ``num_rows`` the kernels stride over the device count of rows,
+their grids sized by ``expected_rows``.
+
+``TritonExperts`` and ``TritonFP8Experts`` take it (``path="auto"``) when the batch's slots
+(rows x K; with ``num_rows``, ``expected_rows`` x K) are at most their ``small_max_slots``
+(default SMALL_MAX_SLOTS); ``path="small"`` / ``"grouped"`` force either (tests, benchmarks);
+invariant mode and a fixed tuning ``config`` keep the grouped path.
+
+Worked example (the test asserts it): ``choose_path("auto", rows=1, top_k=8)`` is "small"
+(8 slots), ``choose_path("auto", rows=65, top_k=8)`` is "grouped" (520 > 512 slots).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rocm_moe._checks import error_message
+from rocm_moe.placement import ExpertMap
+from rocm_moe.weighting import ExpertsOutput
+
+PATHS = ("auto", "small", "grouped")
+SMALL_MAX_SLOTS = 512  # "auto" takes the small path up to this many slots (64 tokens x top-8)
+PER_SLOT_MAX_SLOTS = 64  # gate/up per slot (GEMV) up to here; per expert (tl.dot) above
+
+
+def check_path(path: object, small_max_slots: object, *, invariant: bool = False) -> None:
+    """The experts' ``path`` ("auto", "small" or "grouped") and ``small_max_slots`` (int >= 0)
+    arguments; invariant experts (one launch config for every batch) run only "grouped"."""
+    if path not in PATHS:
+        raise ValueError(error_message("path", repr(path), f"must be one of {list(PATHS)}",
+                                       "pass 'auto' (by batch size), 'small' or 'grouped'"))
+    if invariant and path == "small":
+        raise ValueError(error_message(
+            "path", repr(path), "invariant=True runs the grouped path's one launch config for "
+            "every batch size", "pass path='auto' (or 'grouped') with invariant=True"))
+    if small_max_slots is not None and (isinstance(small_max_slots, bool) or not isinstance(
+            small_max_slots, int) or small_max_slots < 0):
+        raise ValueError(error_message(
+            "small_max_slots", repr(small_max_slots), "must be None or an int >= 0",
+            f"pass the most slots (rows x top_k) of the small path, e.g. {SMALL_MAX_SLOTS}"))
+
+
+def choose_path(path: str, *, rows: int, top_k: int, max_slots: int | None = None) -> str:
+    """"small" or "grouped": ``path`` itself unless "auto", then "small" for at most
+    ``max_slots`` (default SMALL_MAX_SLOTS) slots, rows x top_k."""
+    if path != "auto":
+        return path
+    limit = SMALL_MAX_SLOTS if max_slots is None else max_slots
+    return "small" if rows * top_k <= limit else "grouped"
+
+
+def takes_small_path(experts, R: int, K: int, num_rows, expected_rows, variant=None) -> bool:
+    """Whether ``experts`` (a TritonExperts or TritonFP8Experts, with ``path`` and
+    ``small_max_slots``) run this call on the small path: forced, or "auto" and small enough;
+    never in invariant mode, with a fixed tuning ``config`` under "auto", or for an expert
+    variant other than plain SwiGLU (refused when forced)."""
+    from rocm_moe.experts.base import PLAIN
+
+    plain = variant is None or variant == PLAIN
+    if experts.path == "small" and not plain:
+        raise ValueError(error_message(
+            "path", "'small'", f"the small path runs plain SwiGLU only, not {variant}",
+            "pass path='auto' or 'grouped' for this expert variant"))
+    if not plain or getattr(experts, "invariant", False) or (
+            experts.path == "auto" and experts.config is not None):
+        return False
+    rows = expected_rows_of(R, num_rows, expected_rows)
+    return choose_path(experts.path, rows=rows, top_k=K,
+                       max_slots=experts.small_max_slots) == "small"
+
+
+def expected_rows_of(R: int, num_rows: torch.Tensor | None, expected_rows: int | None) -> int:
+    """The rows a launch is sized for: R, or the host's ``expected_rows`` for a capacity-sized
+    batch (``num_rows`` on the device)."""
+    return R if num_rows is None or expected_rows is None else expected_rows
+
+
+def small_config(slots: int, *, fp8: bool, device_name: str = "") -> dict:
+    """Launch config of the small path for a batch of ``slots`` (rows x K) expected:
+    ``{"per_slot", "gate_up": {BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, num_warps, num_stages},
+    "down": {BLOCK_N, BLOCK_K, num_warps, num_stages}}``. Heuristic, UNTUNED ON HARDWARE:
+    narrow column tiles (16-32) so that one token's 8 experts give every SM tiles to stream;
+    FP8: BLOCK_K is the 128 group."""
+    del device_name  # (one heuristic for now; a tuned table would key on it)
+    per_slot = slots <= PER_SLOT_MAX_SLOTS
+    bk = 128 if fp8 else 256
+    gate_up = dict(BLOCK_M=16, BLOCK_N=16 if per_slot else 32,
+                   BLOCK_K=bk if per_slot or fp8 else 64, CHUNK=128, num_warps=4,
+                   num_stages=2 if per_slot else 3)
+    down = dict(BLOCK_N=16, BLOCK_K=bk, num_warps=4, num_stages=2)
+    return dict(per_slot=per_slot, gate_up=gate_up, down=down)
+
+
+def _launch(x, xs, w13, ws13, w2, ws2, inter, out, topk_ids_RK, topk_weights_RK,
+            expert_map: ExpertMap, *, weighted: bool, num_rows, expected_rows, cfg: dict,
+            fp8: dict | None) -> None:
+    """Both kernels; ``fp8``: None (bf16/fp16) or the FP8 constexprs (UPCAST, PRECISE, FP8_MAX,
+    ROUND, MIN_EXP); ``xs`` / ``ws13`` / ``ws2``: the FP8 scales (unused otherwise)."""
+    from rocm_moe.experts._triton_small import _small_down_kernel, _small_gate_up_kernel
+
+    R, K = topk_ids_RK.shape
+    H, I = x.shape[1], w2.shape[2]
+    dev = x.device
+    rows = max(1, min(R, expected_rows_of(R, num_rows, expected_rows)))
+    ids = topk_ids_RK.contiguous().view(-1)
+    emap = expert_map.map_E.to(dev)
+    bounded = num_rows is not None
+    nr = num_rows if bounded else ids
+    gu, dn = cfg["gate_up"], cfg["down"]
+    f = fp8 or {}
+    s13 = (ws13.stride(0), ws13.stride(1)) if fp8 else (0, 0)
+    s2 = (ws2.stride(0), ws2.stride(1)) if fp8 else (0, 0)
+    _small_gate_up_kernel[(rows * K, -(-I // gu["BLOCK_N"]))](
+        x, xs, w13.view(-1, H), ws13, inter, ids, emap, nr, R, H, I, K,
+        x.stride(0), xs.stride(0), H, *s13, inter.stride(0),
+        FP8=fp8 is not None, UPCAST=f.get("UPCAST", False), PRECISE=f.get("PRECISE", False),
+        BOUNDED=bounded, PER_SLOT=cfg["per_slot"], BLOCK_M=gu["BLOCK_M"],
+        BLOCK_N=gu["BLOCK_N"], BLOCK_K=gu["BLOCK_K"], CHUNK=gu["CHUNK"],
+        num_warps=gu["num_warps"], num_stages=gu["num_stages"])
+    raw_k = 0 if weighted else out.stride(1)
+    _small_down_kernel[(rows, -(-H // dn["BLOCK_N"]))](
+        inter, w2.view(-1, I), ws2, out, ids, emap, topk_weights_RK.contiguous().view(-1), nr,
+        R, H, I, inter.stride(0), I, *s2, out.stride(0), raw_k,
+        K_TOPK=K, FP8=fp8 is not None, FP8_MAX=f.get("FP8_MAX", 448.0),
+        ROUND=f.get("ROUND", False), MIN_EXP=f.get("MIN_EXP", -6), WEIGHTED=weighted,
+        BOUNDED=bounded, BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"],
+        num_warps=dn["num_warps"], num_stages=dn["num_stages"])
+
+
+def _outputs(R: int, K: int, H: int, *, weighted: bool, bounded: bool, dtype, device):
+    """The output: weighted [R, H] (rows past a device count unwritten), raw [R, K, H]
+    (zero-filled only where rows past a device count must stay zero: the kernel writes every
+    slot of the rows it covers, zeros included)."""
+    if weighted:
+        return torch.empty(R, H, dtype=dtype, device=device)
+    return (torch.zeros if bounded else torch.empty)(R, K, H, dtype=dtype, device=device)
+
+
+def small_experts(x_RH: torch.Tensor, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.Tensor,
+                  w13: torch.Tensor, w2: torch.Tensor, expert_map: ExpertMap, *, weighted: bool,
+                  num_rows: torch.Tensor | None = None, expected_rows: int | None = None,
+                  config: dict | None = None) -> ExpertsOutput:
+    """The bf16/fp16 experts of a small batch (checked inputs: ``TritonExperts`` calls it);
+    ``config``: ``small_config``'s form (default: by the slots expected)."""
+    R, K = topk_ids_RK.shape
+    H, I = x_RH.shape[1], w2.shape[2]
+    dev = x_RH.device
+    cfg = config or small_config(expected_rows_of(R, num_rows, expected_rows) * K, fp8=False)
+    x = x_RH if x_RH.stride(1) == 1 else x_RH.contiguous()
+    out = _outputs(R, K, H, weighted=weighted, bounded=num_rows is not None, dtype=x.dtype,
+                   device=dev)
+    if R * K:
+        inter = torch.empty(R * K, I, dtype=x.dtype, device=dev)
+        _launch(x, x, w13.contiguous(), x, w2.contiguous(), x, inter, out, topk_ids_RK,
+                topk_weights_RK, expert_map, weighted=weighted, num_rows=num_rows,
+                expected_rows=expected_rows, cfg=cfg, fp8=None)
+    return ExpertsOutput(out=out, weights_applied=weighted)
+
+
+def small_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.Tensor, w13, w2,
+                      expert_map: ExpertMap, *, weighted: bool, out_dtype: torch.dtype,
+                      upcast: bool, precise: bool, num_rows: torch.Tensor | None = None,
+                      expected_rows: int | None = None,
+                      config: dict | None = None) -> ExpertsOutput:
+    """The block-FP8 experts of a small batch: ``rows`` FP8Rows [R, H] (1x128 groups), ``w13``
+    / ``w2`` BlockFP8Weights (checked: ``TritonFP8Experts`` calls it); the intermediate is
+    kept in float32 and quantised per 1x128 group by the down kernel; ``upcast`` / ``precise``
+    as ``TritonFP8Experts`` (the per-expert gate/up's tl.dot)."""
+    from rocm_moe.experts.triton_fp8 import _rounding
+    from rocm_moe.quant import fp8_max
+
+    R, K = topk_ids_RK.shape
+    H, I = w13.shape[2], w2.shape[2]
+    dev = rows.device
+    cfg = config or small_config(expected_rows_of(R, num_rows, expected_rows) * K, fp8=True)
+    assert cfg["gate_up"]["BLOCK_K"] == cfg["down"]["BLOCK_K"] == 128, cfg  # one group a step
+    assert 128 % cfg["gate_up"]["BLOCK_N"] == 0, cfg  # a column tile in one weight block
+    assert 128 % cfg["down"]["BLOCK_N"] == 0, cfg
+    aq = rows.q if rows.q.stride(1) == 1 else rows.q.contiguous()
+    as_ = rows.scale if rows.scale.stride(1) == 1 else rows.scale.contiguous()
+    out = _outputs(R, K, H, weighted=weighted, bounded=num_rows is not None, dtype=out_dtype,
+                   device=dev)
+    if R * K:
+        inter = torch.empty(R * K, I, dtype=torch.float32, device=dev)
+        fp8 = dict(UPCAST=upcast, PRECISE=precise, FP8_MAX=fp8_max(rows.dtype),
+                   **_rounding(rows.dtype))
+        _launch(aq, as_, w13.weight.contiguous(), w13.scale_inv.contiguous(),
+                w2.weight.contiguous(), w2.scale_inv.contiguous(), inter, out, topk_ids_RK,
+                topk_weights_RK, expert_map, weighted=weighted, num_rows=num_rows,
+                expected_rows=expected_rows, cfg=cfg, fp8=fp8)
+    return ExpertsOutput(out=out, weights_applied=weighted)

@@ -1,0 +1,300 @@
+"""The small-batch path of the Triton experts (``experts/triton_small.py``, issue 33 item 2)
+against float64 oracles: bf16/fp16 and block-FP8, both weight modes, per-slot and per-expert
+gate/up, -1 slots, experts outside the rank's map, zero-token experts, every token on one
+expert, duplicated experts across tokens, capacity-sized batches (``num_rows``). Triton's
+interpreter on CPUs (float16, small shapes, wide tiles: few programs), compiled on GPUs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rocm_moe import Placement, ReferenceExperts
+from rocm_moe.experts import triton_small as small
+from rocm_moe.experts.triton import TritonExperts
+from tests.conftest import DEVICE, rel_err
+
+pytest.importorskip("triton")
+
+GPU = DEVICE.type == "cuda"
+DTYPE = torch.bfloat16 if GPU else torch.float16
+TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}[DTYPE]
+# (T, K, E, W, H, I); W > 1: the inputs of the last rank (the others' experts are skipped)
+CASES = [pytest.param(*c, id="T{}_K{}_E{}_W{}_H{}_I{}".format(*c)) for c in
+         [(1, 1, 4, 1, 64, 32), (1, 8, 16, 2, 64, 32), (2, 2, 8, 1, 80, 48),
+          (7, 8, 16, 1, 40, 32), (33, 2, 8, 2, 64, 32)]]
+ROUTINGS = ["random", "all_on_one", "shared"]
+
+
+def _config(per_slot: bool, *, fp8: bool = False) -> dict:
+    """Wide tiles for the interpreter (few programs); the kernels' logic is the same."""
+    if GPU:
+        return small.small_config(1 if per_slot else 10**6, fp8=fp8)
+    bk = 128 if fp8 else 32
+    return dict(per_slot=per_slot,
+                gate_up=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, CHUNK=16, num_warps=4,
+                             num_stages=1),
+                down=dict(BLOCK_N=128 if fp8 else 64, BLOCK_K=bk, num_warps=4, num_stages=1))
+
+
+def _ids(T, K, E, W, routing, gen) -> torch.Tensor:
+    """[T, K] ids: random distinct experts per token, ~15% of slots -1 (never a whole batch);
+    all_on_one: every token's slot 0 on the last rank's first expert; shared: every token
+    picks from the same K + 1 experts (each expert in many tokens' slots)."""
+    if routing == "shared":
+        pool = torch.randperm(E, generator=gen)[:K + 1]
+        ids = torch.stack([pool[torch.randperm(K + 1, generator=gen)[:K]] for _ in range(T)])
+    elif routing == "all_on_one":
+        L = Placement.contiguous(E, W).local_experts(W - 1)[0]
+        others = torch.tensor([g for g in range(E) if g != L])
+        ids = torch.stack([torch.cat([torch.tensor([L]), others[torch.randperm(
+            E - 1, generator=gen)[:K - 1]]]) for _ in range(T)])
+    else:
+        ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    drop = torch.rand(T, K, generator=gen) < 0.15
+    drop[0, 0] = False
+    ids[drop] = -1
+    return ids.to(torch.int32)
+
+
+def _case(T, K, E, W, H, I, routing, gen):
+    emap = Placement.contiguous(E, W).expert_map(W - 1)
+    e = emap.num_local
+    x = torch.randn(T, H, generator=gen)
+    w = torch.rand(T, K, generator=gen)
+    w13 = torch.randn(e, 2 * I, H, generator=gen) / H**0.5
+    w2 = torch.randn(e, H, I, generator=gen) / I**0.5
+    ids = _ids(T, K, E, W, routing, gen)
+    x, w13, w2 = (t.to(DTYPE) for t in (x, w13, w2))
+    return [x, ids, w, w13, w2, emap]
+
+
+def _dev(args):
+    return [a.to(DEVICE) for a in args]
+
+
+def _oracle(args, mode):
+    """ReferenceExperts in float64 on the same (rounded) inputs."""
+    x, ids, w, w13, w2, emap = args
+    return ReferenceExperts()(x.double(), ids, w, w13.double(), w2.double(), emap,
+                              weight_mode=mode).out
+
+
+@pytest.mark.parametrize(("T", "K", "E", "W", "H", "I"), CASES)
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("per_slot", [True, False], ids=["per_slot", "per_expert"])
+def test_matches_float64_oracle(T, K, E, W, H, I, routing, per_slot, gen):
+    args = _case(T, K, E, W, H, I, routing, gen)
+    local = args[5].local_ids(args[1]) >= 0
+    for mode in ("experts", "combine"):
+        want = _oracle(args, mode)
+        out = small.small_experts(*_dev(args), weighted=mode == "experts",
+                                  config=_config(per_slot))
+        assert out.weights_applied == (mode == "experts")
+        assert out.out.shape == want.shape
+        assert out.out.dtype == DTYPE
+        got = out.out.cpu()
+        if local.any():
+            assert rel_err(got, want) < TOL, mode
+        else:
+            assert got.eq(0).all()
+        if mode == "combine":
+            assert got[~local].eq(0).all()  # non-local and empty slots: exact zeros
+
+
+@pytest.mark.parametrize("per_slot", [True, False], ids=["per_slot", "per_expert"])
+def test_zero_token_experts_and_nothing_local(per_slot, gen):
+    """A batch whose slots are all -1 or other ranks' experts: zeros, and no stale values."""
+    args = _case(5, 2, 8, 2, 64, 32, "random", gen)
+    args[1] = torch.where(args[5].local_ids(args[1]) >= 0, -1, args[1]).to(torch.int32)
+    for weighted in (True, False):
+        out = small.small_experts(*_dev(args), weighted=weighted, config=_config(per_slot))
+        assert out.out.eq(0).all()
+
+
+@pytest.mark.parametrize("per_slot", [True, False], ids=["per_slot", "per_expert"])
+def test_bounded_rows(per_slot, gen):
+    """A capacity-sized batch (num_rows on the device): rows past the count are never read
+    (NaN there), raw rows past it stay zeros, and a grid sized for fewer rows than arrive
+    (expected_rows too small) still covers every row."""
+    cap, n = 9, 5
+    args = _case(cap, 2, 8, 2, 64, 32, "random", gen)
+    args[0][n:] = float("nan")
+    args[1][n:] = -1
+    clean = [args[0].nan_to_num(0.0), *args[1:]]
+    num_rows = torch.tensor([n], dtype=torch.int32, device=DEVICE)
+    for mode in ("experts", "combine"):
+        want = _oracle(clean, mode)[:n]
+        for expected in (None, 1, n, cap):
+            out = small.small_experts(*_dev(args), weighted=mode == "experts",
+                                      num_rows=num_rows, expected_rows=expected,
+                                      config=_config(per_slot)).out.cpu()
+            assert not out[:n].isnan().any()
+            assert rel_err(out[:n], want) < TOL, (mode, expected)
+            if mode == "combine":
+                assert out[n:].eq(0).all()
+
+
+def test_auto_path_by_size_and_forced(monkeypatch, gen):
+    """TritonExperts takes the small path for small batches (auto), the grouped one above
+    small_max_slots, either when forced; both agree with the oracle."""
+    calls = []
+    real = small.small_experts
+
+    def spy(*a, **kw):
+        calls.append(a[0].shape[0])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(small, "small_experts", spy)
+    args = _dev(_case(3, 2, 8, 1, 64, 32, "random", gen))
+    want = _oracle([a.cpu() if isinstance(a, torch.Tensor) else a for a in args], "experts")
+    for experts, taken in ((TritonExperts(), True), (TritonExperts(small_max_slots=5), False),
+                           (TritonExperts(path="small", small_max_slots=0), True),
+                           (TritonExperts(path="grouped"), False),
+                           (TritonExperts(config={"BLOCK_M": 16, "gate_up": dict(
+                               BLOCK_N=32, BLOCK_K=32), "down": dict(BLOCK_N=32, BLOCK_K=32)}),
+                            False)):
+        calls.clear()
+        out = experts(*args, weight_mode="experts").out
+        assert bool(calls) == taken, experts.__dict__
+        assert rel_err(out.cpu(), want) < TOL
+
+
+def test_choose_path_worked_example():
+    assert small.choose_path("auto", rows=1, top_k=8) == "small"
+    assert small.choose_path("auto", rows=64, top_k=8) == "small"
+    assert small.choose_path("auto", rows=65, top_k=8) == "grouped"
+    assert small.choose_path("grouped", rows=1, top_k=8) == "grouped"
+    assert small.choose_path("small", rows=10**5, top_k=8) == "small"
+    assert small.choose_path("auto", rows=2, top_k=8, max_slots=8) == "grouped"
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(path="fast"), "path"), (dict(path=None), "path"),
+    (dict(small_max_slots=-1), "small_max_slots"), (dict(small_max_slots=True), "small_max_slots"),
+    (dict(small_max_slots=8.0), "small_max_slots"),
+    (dict(path="small", invariant=True), "invariant"),
+])
+def test_bad_path_arguments_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TritonExperts(**kwargs)
+
+
+def test_invariant_and_variants_keep_the_grouped_path():
+    from rocm_moe.experts.base import ExpertVariant
+
+    inv = TritonExperts(path="small").as_invariant()
+    assert not small.takes_small_path(inv, 1, 8, None, None)
+    assert small.takes_small_path(TritonExperts(), 1, 8, None, None)
+    assert not small.takes_small_path(TritonExperts(), 1, 8, None, None, ExpertVariant.llama4())
+    with pytest.raises(ValueError, match="plain SwiGLU"):
+        small.takes_small_path(TritonExperts(path="small"), 1, 8, None, None,
+                               ExpertVariant.llama4())
+    # a capacity-sized batch is judged by the rows expected, not the capacity
+    assert small.takes_small_path(TritonExperts(), 4096, 8, torch.ones(1), 2)
+    assert not small.takes_small_path(TritonExperts(), 4096, 8, torch.ones(1), None)
+
+
+# ---- FP8 -------------------------------------------------------------------------------------
+
+FP8_CASES = [pytest.param(*c, id="T{}_K{}_E{}_W{}_H{}_I{}".format(*c)) for c in
+             [(1, 8, 16, 1, 128, 128), (2, 2, 8, 2, 200, 128), (7, 2, 4, 1, 128, 256)]]
+
+
+def _fp8_case(T, K, E, W, H, I, routing, gen):
+    from rocm_moe.experts.fp8 import quantize_experts
+    from rocm_moe.quant import native_fp8_dtype
+
+    emap = Placement.contiguous(E, W).expert_map(W - 1)
+    e = emap.num_local
+    fw = quantize_experts(torch.randn(e, 2 * I, H, generator=gen) / H**0.5,
+                          torch.randn(e, H, I, generator=gen) / I**0.5,
+                          dtype=native_fp8_dtype(DEVICE))
+    x = torch.randn(T, H, generator=gen).to(DTYPE)
+    w = torch.rand(T, K, generator=gen)
+    ids = _ids(T, K, E, W, routing, gen)
+    return x, ids, w, fw, emap
+
+
+@pytest.mark.parametrize(("T", "K", "E", "W", "H", "I"), FP8_CASES)
+@pytest.mark.parametrize("routing", ["random", "shared"])
+@pytest.mark.parametrize("per_slot", [True, False], ids=["per_slot", "per_expert"])
+def test_fp8_matches_reference(T, K, E, W, H, I, routing, per_slot, gen):
+    """Against the FP8 torch reference (the same activation and intermediate quantisation,
+    float32 GEMMs); per-expert gate/up through tl.dot (upcast to float16 off-GPU)."""
+    from rocm_moe.experts.fp8 import FP8ReferenceExperts
+    from rocm_moe.experts.triton_fp8 import TritonFP8Experts
+
+    x, ids, w, fw, emap = _fp8_case(T, K, E, W, H, I, routing, gen)
+    local = emap.local_ids(ids) >= 0
+    for mode in ("experts", "combine"):
+        want = FP8ReferenceExperts()(x.float(), ids, w, fw.w13, fw.w2, emap,
+                                     weight_mode=mode).out.to(DTYPE).double()
+        experts = TritonFP8Experts(path="small")
+        rows = experts.quantize(x.to(DEVICE), fw.w13.dtype)
+        out = small.small_fp8_experts(
+            rows, ids.to(DEVICE), w.to(DEVICE), fw.w13.to(DEVICE), fw.w2.to(DEVICE),
+            emap.to(DEVICE), weighted=mode == "experts", out_dtype=DTYPE, upcast=not GPU,
+            precise=False, config=_config(per_slot, fp8=True))
+        got = out.out.cpu()
+        assert got.dtype == DTYPE
+        assert rel_err(got, want) < TOL, mode
+        if mode == "combine":
+            assert got[~local].eq(0).all()
+
+
+def test_fp8_auto_path_and_bounded_rows(gen):
+    """TritonFP8Experts (auto) on a capacity-sized batch: the small path's rows agree with the
+    grouped path's and with the reference; raw rows past the count are zeros."""
+    from rocm_moe.experts.fp8 import FP8ReferenceExperts
+    from rocm_moe.experts.triton_fp8 import TritonFP8Experts
+
+    cap, n = 6, 3
+    x, ids, w, fw, emap = _fp8_case(cap, 2, 8, 2, 128, 128, "random", gen)
+    ids[n:] = -1
+    num_rows = torch.tensor([n], dtype=torch.int32, device=DEVICE)
+    dev = [t.to(DEVICE) for t in (x, ids, w)] + [fw.w13.to(DEVICE), fw.w2.to(DEVICE),
+                                                  emap.to(DEVICE)]
+    for mode in ("experts", "combine"):
+        want = FP8ReferenceExperts()(x.float(), ids, w, fw.w13, fw.w2, emap,
+                                     weight_mode=mode).out[:n].double()
+        got = TritonFP8Experts()(*dev, weight_mode=mode, num_rows=num_rows,
+                                 expected_rows=n).out.cpu()
+        assert rel_err(got[:n], want) < TOL, mode
+        if mode == "combine":
+            assert got[n:].eq(0).all()
+
+
+# ---- GPU only -----------------------------------------------------------------------------
+
+gpu_only = pytest.mark.skipif(not GPU, reason="needs a GPU (compiled kernels, bf16, graphs)")
+
+
+@gpu_only
+@pytest.mark.parametrize("T", [1, 8, 64])
+def test_gpu_qwen3_shape_small_equals_grouped(T, gen):
+    """Qwen3-30B-A3B's experts (E=128, H=2048, I=768, K=8) in bf16: the small path and the
+    grouped path agree with the float64 oracle; the small path replays from a CUDA graph."""
+    E, H, I, K = 128, 2048, 768, 8
+    emap = Placement.contiguous(E, 1).expert_map(0).to(DEVICE)
+    x = torch.randn(T, H, generator=gen).bfloat16().to(DEVICE)
+    ids = torch.rand(T, E, generator=gen).topk(K, dim=1).indices.int().to(DEVICE)
+    w = torch.rand(T, K, generator=gen).to(DEVICE)
+    w13 = (torch.randn(E, 2 * I, H, generator=gen) / H**0.5).bfloat16().to(DEVICE)
+    w2 = (torch.randn(E, H, I, generator=gen) / I**0.5).bfloat16().to(DEVICE)
+    args = (x, ids, w, w13, w2, emap)
+    for mode in ("experts", "combine"):
+        want = ReferenceExperts()(x.double(), ids, w, w13.double(), w2.double(), emap,
+                                  weight_mode=mode).out
+        for path in ("small", "grouped"):
+            out = TritonExperts(path=path)(*args, weight_mode=mode).out
+            assert rel_err(out, want) < 2e-2, (mode, path)
+    experts = TritonExperts(path="small")
+    eager = experts(*args, weight_mode="experts", validate=False).out.clone()
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        captured = experts(*args, weight_mode="experts", validate=False).out
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)  # deterministic: no atomics, fixed slot order
