@@ -195,10 +195,12 @@ class Checkpoint:
                 "shard", str(path), f"cannot be read for tensor {name}: {exc}",
                 "the file is corrupt or truncated: download it again")) from exc
 
-    def tensor_row(self, name: str, index: int, shape: tuple[int | None, ...]) -> torch.Tensor:
+    def tensor_row(self, name: str, index: int, shape: tuple[int | None, ...], *,
+                   packed: bool = False) -> torch.Tensor:
         """Row ``index`` of tensor ``name`` (one expert of a fused [E, ...] tensor): only that
         row is read; the whole tensor must be ``shape`` ([E, ...]), the row is checked like
-        ``tensor``'s (floating, finite)."""
+        ``tensor``'s (floating, finite; ``packed``: uint8 instead, e.g. MXFP4 blocks and
+        scales)."""
         from safetensors import SafetensorError
 
         if name not in self.weight_map:
@@ -221,7 +223,7 @@ class Checkpoint:
             raise ValueError(error_message(
                 "shard", str(path), f"cannot be read for tensor {name}: {exc}",
                 "the file is corrupt or truncated: download it again")) from exc
-        _check_loaded(path, f"{name}[{index}]", t, None)
+        _check_loaded(path, f"{name}[{index}]", t, None, packed=packed)
         self.bytes_read += t.numel() * t.element_size()
         return t
 
@@ -247,15 +249,19 @@ def _shard_keys(path: Path) -> list[str]:
             "the file is corrupt or truncated: download it again")) from exc
 
 
-def _check_loaded(path: Path, name: str, t: torch.Tensor, shape) -> None:
-    """A loaded tensor is floating, of the expected shape and finite; else a ValueError naming
-    the file, the tensor, what was expected and what was found."""
+def _check_loaded(path: Path, name: str, t: torch.Tensor, shape, *, packed: bool = False
+                  ) -> None:
+    """A loaded tensor is floating (``packed``: uint8), of the expected shape and finite; else
+    a ValueError naming the file, the tensor, what was expected and what was found."""
     def refuse(field: str, found: object, rule: str) -> ValueError:
         return ValueError(error_message(
             f"{path.name}: {name}.{field}", found, rule,
             "the checkpoint does not match its config.json: download it again or fix the config"))
 
-    if not t.is_floating_point():
+    if packed:
+        if t.dtype != torch.uint8:
+            raise refuse("dtype", t.dtype, "must be uint8 (packed MXFP4 blocks / E8M0 scales)")
+    elif not t.is_floating_point():
         raise refuse("dtype", t.dtype, "must be a floating dtype (float32, bfloat16, ...)")
     if shape is not None and not (t.dim() == len(shape) and all(
             want is None or got == want for got, want in zip(t.shape, shape, strict=True))):
