@@ -144,25 +144,8 @@ def test_capacity_sized_dispatch_bounds_the_experts(mode):
     """A capacity-sized dispatch (symm / MORI shape: R = capacity rows, rows past a [1] device
     count empty) hands the experts its row count and the host's estimate, so the Triton
     experts cost the rows received; the result is the oracle's."""
-    from rocm_moe.comm.base import CombineHandle, DispatchResult
-    from rocm_moe.comm.local import LocalDispatcher
     from rocm_moe.experts.reference import ReferenceExperts
-
-    class CapacityLocal(LocalDispatcher):
-        def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
-            T, cap = x_TH.shape[0], self.max_tokens_per_rank
-            x_R = x_TH.new_zeros(cap, x_TH.shape[1])
-            ids_R = torch.full((cap, self.top_k), -1, dtype=torch.int32)
-            w_R = torch.zeros(cap, self.top_k)
-            x_R[:T], ids_R[:T], w_R[:T] = x_TH, topk_ids_TK, topk_weights_TK
-            handle = CombineHandle(**self.handle_fields(
-                batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
-                topk_ids_TK=topk_ids_TK, recv_topk_ids=ids_R, recv_topk_weights=w_R))
-            return DispatchResult(x=x_R, topk_ids=ids_R, topk_weights=w_R, handle=handle,
-                                  num_valid=torch.full((1,), T, dtype=torch.int32))
-
-        def _combine(self, y_RH, handle):
-            return y_RH[:handle.num_tokens]
+    from tests_integrations.capacity import CapacityLocal
 
     class Recording(ReferenceExperts):
         bounded_rows = True

@@ -17,13 +17,13 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from rocm_moe.comm import pool
-from rocm_moe.comm.base import CombineHandle, DispatchResult
 from rocm_moe.comm.local import LocalDispatcher
 from rocm_moe.experts.base import Experts
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.integrations import vllm as rv
 from rocm_moe.weighting import ExpertsOutput
 from tests_integrations import oracle64 as o
+from tests_integrations.capacity import CapacityLocal
 from tests_integrations.vllm import model_cases as mc
 from tests_integrations.vllm.test_vllm import kernel_results
 
@@ -266,34 +266,6 @@ class DenseExperts(Experts):
             else:
                 out = out + sel[..., None] * y[:, None, :]
         return ExpertsOutput(out=out, weights_applied=weighted)
-
-
-class CapacityLocal(LocalDispatcher):
-    """The symm/MORI shape of a dispatch on one rank: R = capacity rows, views of one
-    persistent buffer, rows past ``num_valid`` (a [1] device count) empty (ids -1), one batch
-    in flight."""
-
-    holds_batch = True
-
-    def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
-        T, cap = x_TH.shape[0], self.max_tokens_per_rank
-        if not hasattr(self, "_buf"):
-            self._buf = (x_TH.new_zeros(cap, x_TH.shape[1]),
-                         torch.full((cap, self.top_k), -1, dtype=torch.int32),
-                         torch.zeros(cap, self.top_k))
-        x_R, ids_R, w_R = self._buf
-        x_R.zero_()
-        ids_R.fill_(-1)
-        w_R.zero_()
-        x_R[:T], ids_R[:T], w_R[:T] = x_TH, topk_ids_TK, topk_weights_TK
-        handle = CombineHandle(**self.handle_fields(
-            batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
-            topk_ids_TK=topk_ids_TK, recv_topk_ids=ids_R, recv_topk_weights=w_R))
-        return DispatchResult(x=x_R, topk_ids=ids_R, topk_weights=w_R, handle=handle,
-                              num_valid=torch.full((1,), T, dtype=torch.int32))
-
-    def _combine(self, y_RH, handle):
-        return y_RH[:handle.num_tokens]
 
 
 class BoundedDenseExperts(DenseExperts):
