@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from rocm_moe._checks import error_message
-from rocm_moe.comm.base import Dispatcher
-from rocm_moe.experts.base import Experts
 from rocm_moe.placement import Placement
+
+if TYPE_CHECKING:  # (types only: this registry imports a backend only when one is asked for)
+    from rocm_moe.comm.base import Dispatcher
+    from rocm_moe.experts.base import Experts
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ with scale [[2.0]].
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -314,3 +315,41 @@ def convert_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
             "q", "contains +-240 (0x7F/0xFF)", "is +-480 in e4m3fn, past its largest value 448",
             "requantise: quantize_weight_blocks(w.dequantize(), dtype='e4m3fn')"))
     return bits.view(torch.float8_e4m3fn), scale * 0.5
+
+
+def quantize_rows_triton(x: torch.Tensor, dtype: torch.dtype, *, q: torch.Tensor | None = None,
+                         scale: torch.Tensor | None = None) -> FP8Rows:
+    """``quant.quantize_rows`` in one Triton launch (one program per row and 8 groups of 128).
+    ``q`` [R, H] ``dtype`` / ``scale`` [R, ceil(H/128)] float32: where to write (any row
+    stride, unit column stride: e.g. views into packed rows, ``comm.symm_fp8``); new tensors
+    by default."""
+    from rocm_moe._quant_triton import _quant_rows_kernel
+
+    R, H = x.shape
+    groups = -(-H // BLOCK)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    q = torch.empty(R, H, dtype=dtype, device=x.device) if q is None else q
+    s = torch.empty(R, groups, dtype=torch.float32, device=x.device) if scale is None else scale
+    assert (tuple(q.shape), q.dtype, q.stride(1)) == ((R, H), dtype, 1), (q.shape, q.dtype)
+    assert (tuple(s.shape), s.dtype, s.stride(1)) == ((R, groups), torch.float32, 1), s.shape
+    if R:  # (the kernel's N_GROUPS is the scale row stride)
+        gpb = min(8, 1 << (groups - 1).bit_length())  # groups per program, a power of two
+        _quant_rows_kernel[(R, -(-groups // gpb))](
+            x, q, s, H, x.stride(0), q.stride(0), s.stride(0), FP8_MAX=fp8_max(dtype),
+            GROUP=BLOCK, GPB=gpb, **fp8_rounding(dtype))
+    return FP8Rows(q, s, x.dtype)
+
+
+def fp8_rounding(dtype: torch.dtype) -> dict:
+    """ROUND (the interpreter's cast needs the grid rounding first) and MIN_EXP of ``dtype``."""
+    return dict(ROUND=os.environ.get("TRITON_INTERPRET", "0") == "1",
+                MIN_EXP=-7 if dtype == torch.float8_e4m3fnuz else -6)
+
+
+def quantize_rows_on_owner(x_TH: torch.Tensor, dtype: torch.dtype) -> FP8Rows:
+    """Rows per 1x128 group before they leave their owner: one Triton launch on GPUs
+    (``quantize_rows_triton``), torch elsewhere (the same arithmetic, bit for bit). Every FP8
+    dispatch quantises with it."""
+    if x_TH.is_cuda:
+        return quantize_rows_triton(x_TH, dtype)
+    return quantize_rows(x_TH, dtype=dtype)

@@ -607,7 +607,7 @@ def forward_padded(dispatcher: MoriDispatcher, experts, x_TH, topk_weights_TK, t
     """MORI dispatch -> AITER -> MORI combine with no host read: [T, H]. ``dispatcher`` built
     with ``capacity_sized=True``; ``experts`` an ``AiterExperts`` (``forward_padded`` hands
     MORI's device row count to AITER as ``num_local_tokens``)."""
-    from rocm_moe.experts.base import ExpertsOutput
+    from rocm_moe.weighting import ExpertsOutput
 
     if not dispatcher.capacity_sized:
         raise _bad("dispatcher.capacity_sized", False, "the dispatch must leave its row count "

@@ -25,7 +25,12 @@ from __future__ import annotations
 import torch
 
 from rocm_moe.comm.torch import TorchDispatcher
-from rocm_moe.quant import BLOCK, FP8Rows, quantize_rows
+from rocm_moe.quant import (
+    BLOCK,
+    FP8Rows,
+    quantize_rows_on_owner,
+    quantize_rows_triton,
+)
 from rocm_moe.quant import fp8_dtype as _fp8
 
 
@@ -53,22 +58,13 @@ def unpack_fp8(payload: torch.Tensor, hidden: int, dtype: torch.dtype,
     return FP8Rows(q, scale, source_dtype)
 
 
-def quantize_on_owner(x_TH: torch.Tensor, dtype: torch.dtype) -> FP8Rows:
-    """Rows per 1x128 group before they leave their owner: one Triton launch on GPUs, torch
-    elsewhere (the same arithmetic, bit for bit). Every FP8 dispatch quantises with it."""
-    if x_TH.is_cuda:
-        from rocm_moe.experts.triton_fp8 import quantize_rows_triton
-
-        return quantize_rows_triton(x_TH, dtype)
-    return quantize_rows(x_TH, dtype=dtype)
+quantize_on_owner = quantize_rows_on_owner  # (its former name; quant.py holds it now)
 
 
 def quantize_to_wire(x_TH: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
     """``pack_fp8(quantize_rows(x))`` in one Triton launch (GPUs): the row quantiser writes
     each row's scales and FP8 values straight into its [P] payload (pad bytes zeroed), instead
     of quantising, zero-filling and copying twice. [T, fp8_row_bytes(H)] uint8, the same bytes."""
-    from rocm_moe.experts.triton_fp8 import quantize_rows_triton
-
     T, H = x_TH.shape
     G = -(-H // BLOCK)
     payload = torch.empty(T, fp8_row_bytes(H), dtype=torch.uint8, device=x_TH.device)

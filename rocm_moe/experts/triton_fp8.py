@@ -23,21 +23,21 @@ hidden dim 0 and 0 elsewhere, as in bfloat16.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from rocm_moe._libs import triton_runs_on
 from rocm_moe.experts.fp8 import FP8Experts
 from rocm_moe.experts.layout import build_layout
 from rocm_moe.experts.triton import (
+    _on_amd,
     persistent_grid,
     persistent_supported,
     slot_sum,
     triton_availability,
     triton_experts_availability,
 )
-from rocm_moe.quant import BLOCK, FP8Rows, fp8_max
+from rocm_moe.quant import BLOCK, FP8Rows, fp8_max, quantize_rows_triton  # (its former home)
+from rocm_moe.quant import fp8_rounding as _rounding
 from rocm_moe.weighting import ExpertsOutput
 
 
@@ -73,35 +73,6 @@ def _fp8_dot_native(device: torch.device, dtype: torch.dtype) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9) and dtype == torch.float8_e4m3fn
 
 
-def quantize_rows_triton(x: torch.Tensor, dtype: torch.dtype, *, q: torch.Tensor | None = None,
-                         scale: torch.Tensor | None = None) -> FP8Rows:
-    """``quant.quantize_rows`` in one Triton launch (one program per row and 8 groups of 128).
-    ``q`` [R, H] ``dtype`` / ``scale`` [R, ceil(H/128)] float32: where to write (any row
-    stride, unit column stride: e.g. views into packed rows, ``comm.symm_fp8``); new tensors
-    by default."""
-    from rocm_moe.experts._triton_fp8 import _quant_rows_kernel
-
-    R, H = x.shape
-    groups = -(-H // BLOCK)
-    x = x if x.stride(1) == 1 else x.contiguous()
-    q = torch.empty(R, H, dtype=dtype, device=x.device) if q is None else q
-    s = torch.empty(R, groups, dtype=torch.float32, device=x.device) if scale is None else scale
-    assert (tuple(q.shape), q.dtype, q.stride(1)) == ((R, H), dtype, 1), (q.shape, q.dtype)
-    assert (tuple(s.shape), s.dtype, s.stride(1)) == ((R, groups), torch.float32, 1), s.shape
-    if R:  # (the kernel's N_GROUPS is the scale row stride)
-        gpb = min(8, 1 << (groups - 1).bit_length())  # groups per program, a power of two
-        _quant_rows_kernel[(R, -(-groups // gpb))](
-            x, q, s, H, x.stride(0), q.stride(0), s.stride(0), FP8_MAX=fp8_max(dtype),
-            GROUP=BLOCK, GPB=gpb, **_rounding(dtype))
-    return FP8Rows(q, s, x.dtype)
-
-
-def _rounding(dtype: torch.dtype) -> dict:
-    """ROUND (the interpreter's cast needs the grid rounding first) and MIN_EXP of ``dtype``."""
-    return dict(ROUND=os.environ.get("TRITON_INTERPRET", "0") == "1",
-                MIN_EXP=-7 if dtype == torch.float8_e4m3fnuz else -6)
-
-
 def _args(block_m: int, kcfg: dict) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=kcfg["BLOCK_N"], BLOCK_K=kcfg["BLOCK_K"],
                 num_warps=kcfg["num_warps"], num_stages=kcfg["num_stages"])
@@ -114,7 +85,8 @@ class TritonFP8Experts(FP8Experts):
     """``config``: a fixed ``fp8_block_config``-form launch config (tuning); ``upcast``: FP8
     tiles to float16 before tl.dot (None: where the device has no FP8 matrix instructions);
     ``precise``: FP8 products summed in float32 after every MMA instruction instead of in the
-    tensor core's reduced-precision accumulator over a whole 128-wide K step."""
+    tensor core's reduced-precision accumulator over a whole 128-wide K step. ``path`` /
+    ``small_max_slots``: as ``TritonExperts`` (small batches: ``triton_small``'s two launches)."""
 
     name = "triton"
 
@@ -123,10 +95,14 @@ class TritonFP8Experts(FP8Experts):
         return triton_experts_availability()
 
     def __init__(self, *, config: dict | None = None, upcast: bool | None = None,
-                 precise: bool = False):
+                 precise: bool = False, path: str = "auto", small_max_slots: int | None = None):
+        from rocm_moe.experts.triton_small import check_path
+
+        check_path(path, small_max_slots)
         self.config = config
         self.upcast = upcast
         self.precise = precise
+        self.path, self.small_max_slots = path, small_max_slots
 
     def supports(self, *, mode, dtype, device) -> str | None:
         if (reason := triton_availability()) is not None:
@@ -162,6 +138,13 @@ class TritonFP8Experts(FP8Experts):
                                               num_experts=expert_map.num_experts,
                                               device_name=name)
         upcast = (not _fp8_dot_native(dev, rows.dtype)) if self.upcast is None else self.upcast
+        from rocm_moe.experts import triton_small as small
+
+        if small.takes_small_path(self, R, K, num_rows, expected_rows):
+            return small.small_fp8_experts(
+                rows, topk_ids_RK, topk_weights_RK, w13, w2, expert_map,
+                weighted=mode == "weighted", out_dtype=out_dtype, upcast=upcast,
+                precise=self.precise, num_rows=num_rows, expected_rows=expected_rows)
         layout = build_layout(topk_ids_RK, expert_map, block_size=cfg["BLOCK_M"], tables=False,
                               validate=False)
         P = layout.sorted_slot_ids.numel()
@@ -178,7 +161,7 @@ class TritonFP8Experts(FP8Experts):
         # BLOCK_M = 128 (prefill) gate/up spills 3 VGPRs in the loop on gfx942 (Triton 3.9),
         # and a batch that picks it fills most of its capacity anyway.
         persistent = num_rows is not None and cfg["BLOCK_M"] <= PERSISTENT_MAX_BLOCK_M \
-            and persistent_supported(amd=torch.version.hip is not None and dev.type == "cuda")
+            and persistent_supported(amd=_on_amd(dev))
         if N and P:
             gu, dn = cfg["gate_up"], cfg["down"]
             assert gu["BLOCK_N"] == BLOCK, cfg  # the epilogue quantises whole groups
