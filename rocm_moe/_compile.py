@@ -227,6 +227,38 @@ def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
     return launches
 
 
+_MXFP4_PTRS = dict(x_ptr="*bf16", wb_ptr="*u8", ws_ptr="*u8", inter_ptr="*bf16",
+                   out_ptr="*bf16", sorted_ptr="*i32", block_expert_ptr="*i32",
+                   num_padded_ptr="*i32", b13_ptr="*bf16", b2_ptr="*bf16", weight_ptr="*fp32")
+
+
+def _mxfp4_experts(kernel: str) -> Callable[[str], list[Launch]]:
+    """``experts.mxfp4.mxfp4_block_config``'s launches for gpt-oss (GPT_OSS_SHAPE, and 120b's
+    16 local experts on EP8) at MEAN_SLOTS, with gpt-oss's variant (biases, clamped SwiGLU)."""
+    def launches(target: str) -> list[Launch]:
+        from rocm_moe.experts.mxfp4 import mxfp4_block_config
+
+        H, I, _, e = GPT_OSS_SHAPE
+        out = []
+        for local in (e, 16):
+            for mean in MEAN_SLOTS:
+                c = mxfp4_block_config(int(mean * local), local, amd=target == "gfx942")
+                k = c["gate_up" if kernel == "gate_up" else "down"]
+                cx = dict(BLOCK_K=k["BLOCK_K"], BLOCK_M=c["BLOCK_M"], BLOCK_N=k["BLOCK_N"],
+                          EVEN_K=(H if kernel == "gate_up" else I) % k["BLOCK_K"] == 0)
+                if kernel == "gate_up":
+                    cx.update(_variant_constexprs(True))
+                    variants = [dict(PERSISTENT=p) for p in _persistent(target)]
+                else:
+                    variants = [dict(BIAS=True, WEIGHTED=w, PERSISTENT=p) for w in (True, False)
+                                for p in _persistent(target)]
+                out += [Launch(tuple(sorted({**cx, **v}.items())), k["num_warps"],
+                               k["num_stages"], f"gpt-oss e={local} mean {mean:g}")
+                        for v in variants]
+        return out
+    return launches
+
+
 def _router(target: str) -> list[Launch]:
     """``_routing_triton.launch_config`` for the families the package serves (Qwen3-MoE with
     and without norm_topk_prob, Mixtral, DeepSeek-V3 with its bias) at the target's warp, one
@@ -245,6 +277,49 @@ def _router(target: str) -> list[Launch]:
     return out
 
 
+def _small_ptr(fp8: str, dense: str):
+    """A pointer of the small experts path: ``fp8`` ("fp8": the target's FP8 encoding, or a
+    type) in FP8 mode, ``dense`` otherwise (the bf16 path passes x for unused scales)."""
+    return lambda c: (_fp8(c) if fp8 == "fp8" else fp8) if c["FP8"] else dense
+
+
+_SMALL_PTRS = dict(x_ptr=_small_ptr("fp8", "*bf16"), xs_ptr=_small_ptr("*fp32", "*bf16"),
+                   w_ptr=_small_ptr("fp8", "*bf16"), ws_ptr=_small_ptr("*fp32", "*bf16"),
+                   inter_ptr=_small_ptr("*fp32", "*bf16"), out_ptr="*bf16", ids_ptr="*i32",
+                   map_ptr="*i32", weight_ptr="*fp32", num_rows_ptr="*i32")
+
+
+def _small(kernel: str) -> Callable[[str], list[Launch]]:
+    """``experts.triton_small.small_config``'s launches: per-slot (one token) and per-expert
+    (64 tokens) gate/up, bf16 and FP8 (native FP8 dots), both row bounds; the down kernel in
+    both weight modes at the MODEL_SHAPES' top-k."""
+    def launches(target: str) -> list[Launch]:
+        from rocm_moe.experts.triton_small import PER_SLOT_MAX_SLOTS, small_config
+
+        fnuz = target == "gfx942"
+        out = []
+        for fp8 in (False, True):
+            for slots in (8, 8 * PER_SLOT_MAX_SLOTS):
+                c = small_config(slots, fp8=fp8)
+                k = c["gate_up" if kernel == "gate_up" else "down"]
+                cx = dict(FP8=fp8, BLOCK_N=k["BLOCK_N"], BLOCK_K=k["BLOCK_K"])
+                if kernel == "gate_up":
+                    cx.update(UPCAST=False, PRECISE=False, PER_SLOT=c["per_slot"],
+                              BLOCK_M=k["BLOCK_M"], CHUNK=k["CHUNK"])
+                    variants = [dict(BOUNDED=b) for b in (False, True)]
+                else:
+                    cx.update(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6,
+                              ROUND=False)
+                    variants = [dict(WEIGHTED=w, BOUNDED=b, K_TOPK=kk) for w in (True, False)
+                                for b in (False, True)
+                                for kk in sorted({t for _, _, t, _ in MODEL_SHAPES})]
+                why = f"{'fp8' if fp8 else 'bf16'} {slots} slots"
+                out += [Launch(tuple(sorted({**cx, **v}.items())), k["num_warps"],
+                               k["num_stages"], why) for v in variants]
+        return out
+    return launches
+
+
 # Every Triton kernel of the package: one line each.
 KERNELS = [
     Kernel("rocm_moe.experts._triton_kernels:_gate_up_kernel", _EXPERT_PTRS, _gate_up),
@@ -258,6 +333,13 @@ KERNELS = [
     Kernel("rocm_moe.experts._triton_fp8:_fp8_gate_up_kernel", _FP8_PTRS,
            _fp8_experts("gate_up")),
     Kernel("rocm_moe.experts._triton_fp8:_fp8_down_kernel", _FP8_PTRS, _fp8_experts("down")),
+    Kernel("rocm_moe.experts._triton_small:_small_gate_up_kernel", _SMALL_PTRS,
+           _small("gate_up")),
+    Kernel("rocm_moe.experts._triton_small:_small_down_kernel", _SMALL_PTRS, _small("down")),
+    Kernel("rocm_moe.experts._triton_mxfp4:_mxfp4_gate_up_kernel", _MXFP4_PTRS,
+           _mxfp4_experts("gate_up")),
+    Kernel("rocm_moe.experts._triton_mxfp4:_mxfp4_down_kernel", _MXFP4_PTRS,
+           _mxfp4_experts("down")),
     Kernel("rocm_moe.experts._layout_triton:count_kernel", _LAYOUT_PTRS, _layout("count")),
     Kernel("rocm_moe.experts._layout_triton:scan_kernel", _LAYOUT_PTRS, _layout("scan")),
     Kernel("rocm_moe.experts._layout_triton:place_kernel", _LAYOUT_PTRS, _layout("place")),

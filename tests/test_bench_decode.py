@@ -47,3 +47,14 @@ def test_bad_flags_refused(args, match, tmp_path):
     assert r.returncode == 2, r.stdout
     assert match in r.stderr
     assert "starting" not in r.stderr  # refused before a rank starts
+
+
+def test_experts_paths_give_a_row_set_each(tmp_path):
+    """--experts-path small grouped: one row per (path, T), the path in each row (on GPUs the
+    Triton experts take that path; a CPU smoke run has the reference experts)."""
+    r = _bench("--tokens", "1", "--experts-path", "small", "grouped", "--name", "p",
+               tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "p.json").read_text())["summary"]
+    assert [(row["path"], row["T"]) for row in rows] == [("small", 1), ("grouped", 1)]
+    assert all(row["cap / first"] == 1.0 for row in rows)

@@ -18,7 +18,9 @@ Each graph holds ``--inner`` back-to-back calls; a replay is timed with CUDA eve
 median over ``--iters`` replays (after ``--warmup``), in us per call. Columns ``layer /
 experts`` and ``experts / floor`` are the issue's ratios; ``cap / first`` is the layer's time
 over the same T at the first capacity of the run; ``kernels``: the GPU kernels one eager layer
-forward launches (torch.profiler; copies and memsets not counted).
+forward launches (torch.profiler; copies and memsets not counted). ``--experts-path`` (several
+values: a row set each, one layer each) picks the Triton experts' path: "auto" (by batch size),
+"small" (``experts/triton_small.py``'s two launches) or "grouped" (layout + grouped GEMMs).
 
 On a CPU it runs eagerly once per stage as a smoke test (times meaningless).
 """
@@ -79,7 +81,7 @@ def copy_rate(device: torch.device, cfg: dict) -> float | None:
     return 2 * a.numel() / (us * 1e-6)
 
 
-def _layer(cfg: dict, s: dict, cap: int, info: WorkerInfo, dtype):
+def _layer(cfg: dict, s: dict, cap: int, info: WorkerInfo, dtype, path: str = "auto"):
     from rocm_moe import EPMoE, Placement, backends
     from rocm_moe.layer_fp8 import FP8EPMoE
 
@@ -94,9 +96,11 @@ def _layer(cfg: dict, s: dict, cap: int, info: WorkerInfo, dtype):
     if fp8:
         from rocm_moe.experts.triton_fp8 import TritonFP8Experts
 
-        experts = TritonFP8Experts() if gpu else None
+        experts = TritonFP8Experts(path=path) if gpu else None
     else:
-        experts = backends.make_experts("triton") if gpu else None
+        from rocm_moe.experts.triton import TritonExperts
+
+        experts = TritonExperts(path=path) if gpu else None
     cls = FP8EPMoE if fp8 else EPMoE
     layer = cls(hidden_size=s["hidden"], intermediate_size=s["intermediate"], router=_router(s),
                 dispatcher=disp, experts=experts,
@@ -156,33 +160,36 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
     rate = copy_rate(dev, cfg)
     rows = []
     for cap in cfg["max_tokens_per_rank"]:
-        layer = _layer(cfg, s, cap, info, dtype)
-        for T in [t for t in cfg["tokens"] if t <= cap]:
-            x = syn.tokens(cfg["seed"], 0, T, s["hidden"]).to(dtype).to(dev)
-            times, ids = _time_case(layer, x, cfg)
-            floor = None if rate is None else _expert_bytes(layer, ids) / rate * 1e6
-            launches = kernel_launches(functools.partial(layer, x), dev)
-            rows.append(dict(cap=cap, tokens=T, **{f"{k} us": v for k, v in times.items()},
-                             floor_us=floor, launches=launches))
-            progress(f"cap={cap} T={T}: layer {times['layer']:.1f} us")
-        if dev.type == "cuda":
-            layer = None
-            torch.cuda.empty_cache()
+        for path in cfg["experts_path"]:
+            layer = _layer(cfg, s, cap, info, dtype, path)
+            for T in [t for t in cfg["tokens"] if t <= cap]:
+                x = syn.tokens(cfg["seed"], 0, T, s["hidden"]).to(dtype).to(dev)
+                times, ids = _time_case(layer, x, cfg)
+                floor = None if rate is None else _expert_bytes(layer, ids) / rate * 1e6
+                launches = kernel_launches(functools.partial(layer, x), dev)
+                rows.append(dict(cap=cap, path=path, tokens=T,
+                                 **{f"{k} us": v for k, v in times.items()},
+                                 floor_us=floor, launches=launches))
+                progress(f"cap={cap} path={path} T={T}: layer {times['layer']:.1f} us")
+            if dev.type == "cuda":
+                layer = None
+                torch.cuda.empty_cache()
     return dict(rows=rows, copy_rate=rate)
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    first = {r["tokens"]: r["layer us"] for r in rows if r["cap"] == rows[0]["cap"]}
+    first = {(r["path"], r["tokens"]): r["layer us"] for r in rows if r["cap"] == rows[0]["cap"]}
     out = []
     for r in rows:
         f = r["floor_us"]
-        out.append({"cap": r["cap"], "T": r["tokens"], "layer us": r["layer us"],
+        key = (r["path"], r["tokens"])
+        out.append({"cap": r["cap"], "path": r["path"], "T": r["tokens"],
+                    "layer us": r["layer us"],
                     "experts us": r["experts us"], "router us": r["router us"],
                     "layer / experts": r["layer us"] / r["experts us"],
                     "experts floor us": f,
                     "experts / floor": None if not f else r["experts us"] / f,
-                    "cap / first": (r["layer us"] / first[r["tokens"]]
-                                    if r["tokens"] in first else None),
+                    "cap / first": r["layer us"] / first[key] if key in first else None,
                     "kernels": r["launches"]})
     return out
 
@@ -200,6 +207,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="expert weights: bf16 or block-FP8 (128x128)")
     p.add_argument("--fused-router", action=argparse.BooleanOptionalAction, default=True,
                    help="the one-launch Triton router (GPUs; --no-fused-router: torch path)")
+    p.add_argument("--experts-path", nargs="+", choices=["auto", "small", "grouped"],
+                   default=["auto"], help="the Triton experts' path (several: a row set each): "
+                   "auto (by batch size), small (two launches) or grouped (layout + GEMMs)")
     p.add_argument("--inner", type=argtypes.positive_int, default=20,
                    help="calls per CUDA graph")
     add_run_arguments(p)

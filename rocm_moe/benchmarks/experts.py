@@ -73,7 +73,10 @@ def _case(shape: dict, rows: int, gen: torch.Generator):
     return x, ids, w, w13, w2, emap
 
 
-def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int]) -> list[dict]:
+def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int],
+              paths: tuple[str, ...] = ("auto",)) -> list[dict]:
+    """Rows of one shape: each size, once per Triton experts ``path`` (auto, small, grouped;
+    the reference timed once per size)."""
     from triton.testing import do_bench_cudagraph
 
     gen = torch.Generator().manual_seed(0)
@@ -88,16 +91,18 @@ def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int]) -> list[dict
         nbytes = touched * 3 * H * I * 2 + 2 * R * H * 2
         flops = 2 * 3 * H * I * pairs
         floor = max(nbytes / (ceil["copy_GBps"] * 1e9), flops / (ceil["matmul_TFLOPs"] * 1e12))
-        tri = TritonExperts()
-
-        def call(tri=tri, x=x, ids=ids, w=w, w13=w13, w2=w2, emap=emap):
-            return tri(x, ids, w, w13, w2, emap, weight_mode="experts", validate=False)
-
-        out = call().out
         ref_backend = ReferenceExperts()
         ref = ref_backend(x, ids, w, w13, w2, emap, weight_mode="experts", validate=False).out
-        err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-        t = do_bench_cudagraph(call, rep=200, return_mode="median") / 1e3
+        times, errs = {}, {}
+        for path in paths:
+            tri = TritonExperts(path=path)
+
+            def call(tri=tri, x=x, ids=ids, w=w, w13=w13, w2=w2, emap=emap):
+                return tri(x, ids, w, w13, w2, emap, weight_mode="experts", validate=False)
+
+            out = call().out
+            errs[path] = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+            times[path] = do_bench_cudagraph(call, rep=200, return_mode="median") / 1e3
         ref_times = []
         for _ in range(5):
             s, e_ = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -106,10 +111,11 @@ def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int]) -> list[dict
             e_.record()
             e_.synchronize()
             ref_times.append(s.elapsed_time(e_) / 1e3)
-        rows.append(dict(shape=name, rows=R, local_pairs=pairs, experts_touched=touched,
-                         time_us=t * 1e6, floor_us=floor * 1e6, time_over_floor=t / floor,
-                         TFLOPs=flops / t / 1e12, GBps=nbytes / t / 1e9, rel_err=err,
-                         reference_us=statistics.median(ref_times) * 1e6))
+        rows += [dict(shape=name, path=path, rows=R, local_pairs=pairs,
+                      experts_touched=touched, time_us=t * 1e6, floor_us=floor * 1e6,
+                      time_over_floor=t / floor, TFLOPs=flops / t / 1e12, GBps=nbytes / t / 1e9,
+                      rel_err=errs[path], reference_us=statistics.median(ref_times) * 1e6)
+                 for path, t in times.items()]
     return rows
 
 
@@ -122,9 +128,12 @@ def _plot(rows: list[dict], path: Path) -> str:
         rs = [r for r in rows if r["shape"] == name]
         if not rs:
             continue
-        ax.plot([r["rows"] for r in rs], [r["time_over_floor"] for r in rs], "o-",
-                label="triton")
-        ax.plot([r["rows"] for r in rs], [r["reference_us"] / r["floor_us"] for r in rs],
+        for p in dict.fromkeys(r["path"] for r in rs):
+            rp = [r for r in rs if r["path"] == p]
+            ax.plot([r["rows"] for r in rp], [r["time_over_floor"] for r in rp], "o-",
+                    label=f"triton ({p})")
+        ref = list({r["rows"]: r for r in rs}.values())
+        ax.plot([r["rows"] for r in ref], [r["reference_us"] / r["floor_us"] for r in ref],
                 "s--", label="torch reference")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -141,6 +150,11 @@ def _plot(rows: list[dict], path: Path) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """This benchmark's flags (``rocm-moe bench experts``, which ``bench/experts.py`` runs)."""
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--paths", nargs="+", default=["auto"], choices=["auto", "small", "grouped"],
+                   help="the Triton experts' paths to time (a row each): auto (by batch size), "
+                   "small (two launches, experts/triton_small.py) or grouped")
+    p.add_argument("--sizes", type=argtypes.positive_int, nargs="+", default=None,
+                   help="tokens / rows to time (default: each shape's list)")
     p.add_argument("--out", type=argtypes.output_dir, default="bench/results")
     p.add_argument("--name", type=argtypes.file_stem, default="experts")
 
@@ -157,16 +171,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     progress("measuring the copy and matmul ceilings")
     ceil = ceilings()
-    rows = [r for name in args.shapes for r in run_shape(name, SHAPES[name], ceil,
-                                                          SHAPES[name]["sizes"])]
+    rows = [r for name in args.shapes for r in run_shape(
+        name, SHAPES[name], ceil, args.sizes or SHAPES[name]["sizes"], tuple(args.paths))]
     table = Table(title=f"triton experts, {device_description()}: copy "
                         f"{ceil['copy_GBps']:.0f} GB/s, bf16 matmul "
                         f"{ceil['matmul_TFLOPs']:.0f} TFLOP/s (measured)")
-    for c in ("shape", "rows", "time us", "floor us", "time/floor", "TFLOP/s", "GB/s",
+    for c in ("shape", "path", "rows", "time us", "floor us", "time/floor", "TFLOP/s", "GB/s",
               "rel err", "reference us"):
         table.add_column(c, justify="right")
     for r in rows:
-        table.add_row(r["shape"], str(r["rows"]), f"{r['time_us']:.1f}", f"{r['floor_us']:.1f}",
+        table.add_row(r["shape"], r["path"], str(r["rows"]), f"{r['time_us']:.1f}",
+                      f"{r['floor_us']:.1f}",
                       f"{r['time_over_floor']:.2f}", f"{r['TFLOPs']:.1f}", f"{r['GBps']:.0f}",
                       f"{r['rel_err']:.1e}", f"{r['reference_us']:.0f}")
     console = Console(width=150)

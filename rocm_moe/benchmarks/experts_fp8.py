@@ -61,7 +61,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int]) -> list[dict]:
+def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int],
+              paths: tuple[str, ...] = ("auto",)) -> list[dict]:
+    """Rows of one shape: each size once per Triton experts ``path`` (auto, small, grouped)."""
     from triton.testing import do_bench_cudagraph
 
     gen = torch.Generator().manual_seed(0)
@@ -83,26 +85,28 @@ def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int]) -> list[dict
         flops = 2 * 3 * H * I * pairs
         floor = max(nbytes / (ceil["copy_GBps"] * 1e9),
                     flops / (ceil["fp8_matmul_TFLOPs"] * 1e12))
-        fp8, bf16 = TritonFP8Experts(), TritonExperts()
-
-        def call_fp8(fp8=fp8, x=x, ids=ids, w=w, fw=fw, emap=emap):
-            return fp8(x, ids, w, fw.w13, fw.w2, emap, weight_mode="experts", validate=False)
-
-        def call_bf16(bf16=bf16, x=x, ids=ids, w=w, d13=d13, d2=d2, emap=emap):
-            return bf16(x, ids, w, d13, d2, emap, weight_mode="experts", validate=False)
-
-        out = call_fp8().out
         ref = FP8ReferenceExperts()(x, ids, w, fw.w13, fw.w2, emap, weight_mode="experts",
                                     validate=False, out_dtype=torch.float32).out
-        out_bf16 = call_bf16().out
-        t = do_bench_cudagraph(call_fp8, rep=200, return_mode="median") / 1e3
-        t_bf16 = do_bench_cudagraph(call_bf16, rep=200, return_mode="median") / 1e3
-        rows.append(dict(shape=name, rows=R, local_pairs=pairs, experts_touched=touched,
-                         time_us=t * 1e6, floor_us=floor * 1e6, time_over_floor=t / floor,
-                         bf16_time_us=t_bf16 * 1e6, fp8_speedup_over_bf16=t_bf16 / t,
-                         TFLOPs=flops / t / 1e12, GBps=nbytes / t / 1e9,
-                         rel_err_vs_fp8_reference=_rel(out, ref),
-                         rel_err_vs_bf16=_rel(out, out_bf16)))
+        for path in paths:
+            fp8, bf16 = TritonFP8Experts(path=path), TritonExperts(path=path)
+
+            def call_fp8(fp8=fp8, x=x, ids=ids, w=w, fw=fw, emap=emap):
+                return fp8(x, ids, w, fw.w13, fw.w2, emap, weight_mode="experts", validate=False)
+
+            def call_bf16(bf16=bf16, x=x, ids=ids, w=w, d13=d13, d2=d2, emap=emap):
+                return bf16(x, ids, w, d13, d2, emap, weight_mode="experts", validate=False)
+
+            out = call_fp8().out
+            out_bf16 = call_bf16().out
+            t = do_bench_cudagraph(call_fp8, rep=200, return_mode="median") / 1e3
+            t_bf16 = do_bench_cudagraph(call_bf16, rep=200, return_mode="median") / 1e3
+            rows.append(dict(shape=name, path=path, rows=R, local_pairs=pairs,
+                             experts_touched=touched, time_us=t * 1e6, floor_us=floor * 1e6,
+                             time_over_floor=t / floor,
+                             bf16_time_us=t_bf16 * 1e6, fp8_speedup_over_bf16=t_bf16 / t,
+                             TFLOPs=flops / t / 1e12, GBps=nbytes / t / 1e9,
+                             rel_err_vs_fp8_reference=_rel(out, ref),
+                             rel_err_vs_bf16=_rel(out, out_bf16)))
         torch.cuda.empty_cache()
     return rows
 
@@ -112,6 +116,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--sizes", nargs="+", type=argtypes.positive_int, default=None,
                    help="rows (dsv3) / tokens (qwen3) instead of each shape's default sizes")
+    p.add_argument("--paths", nargs="+", default=["auto"], choices=["auto", "small", "grouped"],
+                   help="the Triton experts' paths to time (a row each): auto (by batch size), "
+                   "small (two launches, experts/triton_small.py) or grouped")
     p.add_argument("--out", type=argtypes.output_dir, default="bench/results")
     p.add_argument("--name", type=argtypes.file_stem, default="experts_fp8")
 
@@ -129,15 +136,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     progress("measuring the copy and FP8 matmul ceilings")
     ceil = ceilings()
     rows = [r for name in args.shapes for r in run_shape(
-        name, SHAPES[name], ceil, args.sizes or SHAPES[name]["sizes"])]
+        name, SHAPES[name], ceil, args.sizes or SHAPES[name]["sizes"], tuple(args.paths))]
     table = Table(title=f"triton FP8 experts ({ceil['fp8_dtype']}), {device_description()}: "
                         f"copy {ceil['copy_GBps']:.0f} GB/s, FP8 _scaled_mm "
                         f"{ceil['fp8_matmul_TFLOPs']:.0f} TFLOP/s (measured)")
-    for c in ("shape", "rows", "time us", "floor us", "time/floor", "bf16 us", "bf16/fp8",
+    for c in ("shape", "path", "rows", "time us", "floor us", "time/floor", "bf16 us", "bf16/fp8",
               "TFLOP/s", "GB/s", "err vs fp8 ref", "err vs bf16"):
         table.add_column(c, justify="right")
     for r in rows:
-        table.add_row(r["shape"], str(r["rows"]), f"{r['time_us']:.1f}", f"{r['floor_us']:.1f}",
+        table.add_row(r["shape"], r["path"], str(r["rows"]), f"{r['time_us']:.1f}",
+                      f"{r['floor_us']:.1f}",
                       f"{r['time_over_floor']:.2f}", f"{r['bf16_time_us']:.1f}",
                       f"{r['fp8_speedup_over_bf16']:.2f}", f"{r['TFLOPs']:.1f}",
                       f"{r['GBps']:.0f}", f"{r['rel_err_vs_fp8_reference']:.1e}",
