@@ -11,6 +11,14 @@ flops = 2 * 3 * H * I * (local (row, slot) pairs).
 
 Shapes (issue 4): Qwen3-30B-A3B (E=128 all local, H=2048, I=768, K=8) at M tokens, and
 DeepSeek-V3 rank-local (E=256 global, experts 160..191 local, H=7168, I=2048, K=8) at R rows.
+
+gpt-oss (issue 30; ``--shapes gpt-oss-20b gpt-oss-120b``: E=32 / 128 all local, H=I=2880,
+K=4, its expert variant: biases, clamped SwiGLU): one row set per weight format (``--formats``):
+"bf16" (the Triton experts) and "mxfp4" (``experts/mxfp4.py``: MXFP4 weights dequantised in
+registers), both on the same values (random MXFP4 codes and scales, the bf16 weights their
+exact dequantisation), so rel err is against the same reference (the reference experts in
+bf16). Each format's floor counts its own weight bytes: bf16 2 B per value, MXFP4 0.5 B per
+value + 1 B per 32 (4.25 bits); ``vs_bf16`` is the bf16 row's time over this one's.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from pathlib import Path
 import torch
 
 from rocm_moe._console import progress
-from rocm_moe.benchmarks import NO_PLOT, pyplot, write_json
+from rocm_moe.benchmarks import NO_PLOT, cell, pyplot, write_json
 from rocm_moe.cli import argtypes
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.experts.triton import TritonExperts
@@ -32,7 +40,15 @@ SHAPES = {
     "qwen3": dict(E=128, W=1, rank=0, H=2048, I=768, K=8,
                   sizes=[1, 4, 16, 64, 256, 1024, 4096, 16384]),
     "dsv3": dict(E=256, W=8, rank=5, H=7168, I=2048, K=8, sizes=[128, 1024, 8192]),
+    "gpt-oss-20b": dict(E=32, W=1, rank=0, H=2880, I=2880, K=4,
+                        sizes=[1, 4, 16, 64, 256, 1024, 4096]),
+    "gpt-oss-120b": dict(E=128, W=1, rank=0, H=2880, I=2880, K=4,
+                         sizes=[1, 4, 16, 64, 256, 1024, 4096]),
 }
+DEFAULT_SHAPES = ["qwen3", "dsv3"]
+GPT_OSS = ("gpt-oss-20b", "gpt-oss-120b")  # MXFP4 checkpoints, gpt-oss's expert variant
+FORMATS = ("bf16", "mxfp4")
+BYTES_PER_VALUE = {"bf16": 2.0, "mxfp4": 0.5 + 1 / 32}  # weights read by each format
 
 
 def copy_rate() -> float:
@@ -111,11 +127,89 @@ def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int],
             e_.record()
             e_.synchronize()
             ref_times.append(s.elapsed_time(e_) / 1e3)
-        rows += [dict(shape=name, path=path, rows=R, local_pairs=pairs,
+        rows += [dict(shape=name, format="bf16", path=path, rows=R, local_pairs=pairs,
                       experts_touched=touched, time_us=t * 1e6, floor_us=floor * 1e6,
                       time_over_floor=t / floor, TFLOPs=flops / t / 1e12, GBps=nbytes / t / 1e9,
-                      rel_err=errs[path], reference_us=statistics.median(ref_times) * 1e6)
+                      rel_err=errs[path], reference_us=statistics.median(ref_times) * 1e6,
+                      vs_bf16=None)
                  for path, t in times.items()]
+    return rows
+
+
+def _mxfp4_case(shape: dict, gen: torch.Generator, device: str = "cuda"):
+    """gpt-oss's local experts: random MXFP4 codes with scales 2**-9..2**-6 (trained weights'
+    range), their exact bf16 dequantisation, bf16 biases; built on the GPU, one expert at a
+    time (the 120b's e = 128 in float64 at once would not fit)."""
+    from rocm_moe.formats.mxfp4 import MXFP4Tensor
+
+    e, H, I = shape["E"] // shape["W"], shape["H"], shape["I"]
+    g = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31, (1,),
+                                                                     generator=gen)))
+    q = [MXFP4Tensor(torch.randint(0, 256, (e, n, k // 2), generator=g, device=device,
+                                   dtype=torch.uint8),
+                     torch.randint(118, 122, (e, n, k // 32), generator=g, device=device,
+                                   dtype=torch.uint8)) for n, k in ((2 * I, H), (H, I))]
+    dense = [torch.stack([t[j].dequantize(torch.float32).bfloat16() for j in range(e)])
+             for t in q]
+    biases = (0.1 * torch.randn(e, 2 * I, generator=g, device=device)).bfloat16(), \
+        (0.1 * torch.randn(e, H, generator=g, device=device)).bfloat16()
+    return q, dense, biases
+
+
+def _graph_time(call) -> float:
+    """Seconds per CUDA-graph replay of ``call``, median."""
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(call, rep=200, return_mode="median") / 1e3
+
+
+def run_gpt_oss(name: str, shape: dict, ceil: dict, sizes: list[int],
+                paths: tuple[str, ...] = ("auto",), formats: tuple[str, ...] = FORMATS, *,
+                device: str = "cuda", timer=_graph_time, dtype=torch.bfloat16) -> list[dict]:
+    """Rows of a gpt-oss shape: each size, the bf16 Triton experts (once per ``path``) and the
+    MXFP4 ones, gpt-oss's variant, each against its own weight-read floor (``device``,
+    ``timer`` and ``dtype``: a CPU test runs it in the interpreter, float16)."""
+    from rocm_moe.experts.base import ExpertVariant
+    from rocm_moe.experts.mxfp4 import TritonMXFP4Experts
+
+    gen = torch.Generator().manual_seed(0)
+    (q13, q2), (w13, w2), (b13, b2) = _mxfp4_case(shape, gen, device)
+    w13, w2, b13, b2 = (t.to(dtype) for t in (w13, w2, b13, b2))
+    var = dict(variant=ExpertVariant.gpt_oss(), w13_bias=b13, w2_bias=b2)
+    H, I = shape["H"], shape["I"]
+    rows = []
+    for R in sizes:
+        progress(f"{name}: {R} rows")
+        x, ids, w, emap = _routing(shape, R, gen, device)
+        x = x.to(dtype)
+        loc = emap.local_ids(ids)
+        pairs = int((loc >= 0).sum())
+        touched = int(loc[loc >= 0].unique().numel())
+        flops = 2 * 3 * H * I * pairs
+        ref = ReferenceExperts()(x, ids, w, w13, w2, emap, weight_mode="experts",
+                                 validate=False, **var).out.double()
+        runs = [("bf16", p, TritonExperts(path=p), (w13, w2)) for p in paths
+                if "bf16" in formats]
+        if "mxfp4" in formats:
+            runs.append(("mxfp4", "auto", TritonMXFP4Experts(), (q13, q2)))
+        bf16_t = None
+        for fmt, path, backend, weights in runs:
+            def call(backend=backend, weights=weights, x=x, ids=ids, w=w, emap=emap):
+                return backend(x, ids, w, *weights, emap, weight_mode="experts",
+                               validate=False, **var)
+
+            err = ((call().out.double() - ref).norm() / ref.norm()).item()
+            t = timer(call)
+            nbytes = touched * 3 * H * I * BYTES_PER_VALUE[fmt] + 2 * R * H * 2
+            floor = max(nbytes / (ceil["copy_GBps"] * 1e9),
+                        flops / (ceil["matmul_TFLOPs"] * 1e12))
+            if fmt == "bf16" and bf16_t is None:
+                bf16_t = t
+            rows.append(dict(shape=name, format=fmt, path=path, rows=R, local_pairs=pairs,
+                             experts_touched=touched, time_us=t * 1e6, floor_us=floor * 1e6,
+                             time_over_floor=t / floor, TFLOPs=flops / t / 1e12,
+                             GBps=nbytes / t / 1e9, rel_err=err, reference_us=None,
+                             vs_bf16=None if bf16_t is None else bf16_t / t))
     return rows
 
 
@@ -123,18 +217,18 @@ def _plot(rows: list[dict], path: Path) -> str:
     plt = pyplot()
     if plt is None:
         return NO_PLOT
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, name in zip(axes, SHAPES, strict=True):
+    names = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
         rs = [r for r in rows if r["shape"] == name]
-        if not rs:
-            continue
-        for p in dict.fromkeys(r["path"] for r in rs):
-            rp = [r for r in rs if r["path"] == p]
+        for fp in dict.fromkeys((r["format"], r["path"]) for r in rs):
+            rp = [r for r in rs if (r["format"], r["path"]) == fp]
             ax.plot([r["rows"] for r in rp], [r["time_over_floor"] for r in rp], "o-",
-                    label=f"triton ({p})")
-        ref = list({r["rows"]: r for r in rs}.values())
-        ax.plot([r["rows"] for r in ref], [r["reference_us"] / r["floor_us"] for r in ref],
-                "s--", label="torch reference")
+                    label=f"triton {fp[0]} ({fp[1]})")
+        ref = [r for r in {r["rows"]: r for r in rs}.values() if r["reference_us"] is not None]
+        if ref:
+            ax.plot([r["rows"] for r in ref], [r["reference_us"] / r["floor_us"] for r in ref],
+                    "s--", label="torch reference")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens (qwen3) / received rows (dsv3)")
@@ -149,7 +243,12 @@ def _plot(rows: list[dict], path: Path) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """This benchmark's flags (``rocm-moe bench experts``, which ``bench/experts.py`` runs)."""
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=list(SHAPES),
+                   help=f"default {DEFAULT_SHAPES}; {list(GPT_OSS)}: gpt-oss's experts, a row "
+                   "set per --formats")
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS),
+                   help="gpt-oss shapes: the weight formats to time (bf16: the Triton experts, "
+                   "mxfp4: the MXFP4 ones), each against its own weight-read floor")
     p.add_argument("--paths", nargs="+", default=["auto"], choices=["auto", "small", "grouped"],
                    help="the Triton experts' paths to time (a row each): auto (by batch size), "
                    "small (two launches, experts/triton_small.py) or grouped")
@@ -171,19 +270,26 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     progress("measuring the copy and matmul ceilings")
     ceil = ceilings()
-    rows = [r for name in args.shapes for r in run_shape(
-        name, SHAPES[name], ceil, args.sizes or SHAPES[name]["sizes"], tuple(args.paths))]
+    rows = []
+    for name in args.shapes:
+        sizes = args.sizes or SHAPES[name]["sizes"]
+        if name in GPT_OSS:
+            rows += run_gpt_oss(name, SHAPES[name], ceil, sizes, tuple(args.paths),
+                                tuple(args.formats))
+        else:
+            rows += run_shape(name, SHAPES[name], ceil, sizes, tuple(args.paths))
     table = Table(title=f"triton experts, {device_description()}: copy "
                         f"{ceil['copy_GBps']:.0f} GB/s, bf16 matmul "
                         f"{ceil['matmul_TFLOPs']:.0f} TFLOP/s (measured)")
-    for c in ("shape", "path", "rows", "time us", "floor us", "time/floor", "TFLOP/s", "GB/s",
-              "rel err", "reference us"):
+    for c in ("shape", "format", "path", "rows", "time us", "floor us", "time/floor",
+              "TFLOP/s", "GB/s", "rel err", "reference us", "bf16 / this"):
         table.add_column(c, justify="right")
     for r in rows:
-        table.add_row(r["shape"], r["path"], str(r["rows"]), f"{r['time_us']:.1f}",
+        table.add_row(r["shape"], r["format"], r["path"], str(r["rows"]), f"{r['time_us']:.1f}",
                       f"{r['floor_us']:.1f}",
                       f"{r['time_over_floor']:.2f}", f"{r['TFLOPs']:.1f}", f"{r['GBps']:.0f}",
-                      f"{r['rel_err']:.1e}", f"{r['reference_us']:.0f}")
+                      f"{r['rel_err']:.1e}", cell(r["reference_us"], small_digits=0),
+                      cell(r["vs_bf16"]))
     console = Console(width=150)
     console.print(table)
     path = write_json(args.out, args.name, device=device_description(), ceilings=ceil, rows=rows)
