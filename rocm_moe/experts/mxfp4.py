@@ -133,6 +133,18 @@ class MXFP4ReferenceExperts(MXFP4Experts):
                                            mode=mode, **variant)
 
 
+def mxfp4_sibling(experts: Experts | None) -> MXFP4Experts | None:
+    """The MXFP4 backend of a float backend's name (MXFP4 weights): reference (also for None)
+    and triton; an MXFP4 backend itself; None for any other (AITER has no MXFP4 path here)."""
+    if experts is None or isinstance(experts, MXFP4Experts):
+        return experts or MXFP4ReferenceExperts()
+    if experts.name == "reference":
+        return MXFP4ReferenceExperts()
+    if experts.name == "triton":
+        return TritonMXFP4Experts()
+    return None
+
+
 MXFP4_DTYPES = (torch.bfloat16, torch.float16)
 
 

@@ -41,6 +41,7 @@ from rocm_moe.families import (
     check_activation,
     family,
 )
+from rocm_moe.formats.mxfp4 import FusedExpert, MXFP4Tensor, MXFP4Weights, deinterleave_rows
 from rocm_moe.layer import EPMoE
 from rocm_moe.placement import Placement
 from rocm_moe.quant import FP8_DTYPES, BlockFP8Weight, check_block_values
@@ -282,8 +283,9 @@ class MoELayerWeights:
     intermediate_size: int
     gate: torch.Tensor  # [E, H]
     e_score_correction_bias: torch.Tensor | None  # [E] (DeepSeek-V3)
-    w13: torch.Tensor | BlockFP8Weight  # [e, 2I, H] this rank's experts, gate then up rows
-    w2: torch.Tensor | BlockFP8Weight  # [e, H, I]; FP8 checkpoints: block-scaled FP8
+    w13: torch.Tensor | BlockFP8Weight | MXFP4Tensor  # [e, 2I, H] this rank's experts, gate
+    w2: torch.Tensor | BlockFP8Weight | MXFP4Tensor  # then up rows; [e, H, I]; FP8 / MXFP4
+    #                                                  checkpoints: in their format
     shared_w13: torch.Tensor | None = None  # [2Is, H]
     shared_w2: torch.Tensor | None = None  # [H, Is]
     shared_gate: torch.Tensor | None = None  # [1, H] (Qwen2-MoE)
@@ -298,10 +300,16 @@ class MoELayerWeights:
         return isinstance(self.w13, BlockFP8Weight)
 
     @property
+    def mxfp4(self) -> bool:
+        """The routed experts are MXFP4 (gpt-oss's checkpoints; ``formats.mxfp4``)."""
+        return isinstance(self.w13, MXFP4Tensor)
+
+    @property
     def expert_bytes(self) -> int:
-        """Bytes of this rank's routed experts (FP8: weights plus float32 block scales)."""
-        return sum(w.nbytes if isinstance(w, BlockFP8Weight) else w.numel() * w.element_size()
-                   for w in (self.w13, self.w2))
+        """Bytes of this rank's routed experts (FP8: weights plus float32 block scales; MXFP4:
+        packed values plus E8M0 scales)."""
+        return sum(w.nbytes if isinstance(w, (BlockFP8Weight, MXFP4Tensor))
+                   else w.numel() * w.element_size() for w in (self.w13, self.w2))
 
     @property
     def nbytes(self) -> int:
@@ -488,6 +496,8 @@ def _load_fused_layer(ck: Checkpoint, cfg, fam: ModelFamily, shape: _Shape, laye
     """``load_moe_layer`` for a family with fused expert tensors (gpt-oss, Llama 4)."""
     E, H, I = shape.router.num_experts, shape.hidden_size, shape.intermediate_size
     names = fam.fused_expert_tensors(layer)
+    if MXFP4Weights.in_checkpoint(ck, names):
+        return _load_mxfp4_layer(ck, cfg, fam, shape, layer, local)
     experts = [_read_fused_expert(ck, fam, names, e, E, H, I) for e in local]
     if not experts:  # a rank without experts still holds [0, ...] tensors
         experts = [(torch.empty(0, 2 * I, H), torch.empty(0, H, I), torch.empty(0, 2 * I),
@@ -508,6 +518,42 @@ def _load_fused_layer(ck: Checkpoint, cfg, fam: ModelFamily, shape: _Shape, laye
         gate_bias=None if gate_bias is None else ck.tensor(gate_bias, (E,)),
         w13=stack([x[0] for x in experts]), w2=stack([x[1] for x in experts]),
         expert_variant=fam.expert_variant(cfg), **bias_kw,
+        **_shared_kwargs(ck, fam, layer, H))
+
+
+def _fused_biases(ck: Checkpoint, fam: ModelFamily, names: FusedExpertTensors, e: int, E: int,
+                  H: int, I: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ``e``'s (w13_bias [2I] gate then up, w2_bias [H]) of a fused family."""
+    b13 = ck.tensor_row(names.gate_up_bias, e, (E, 2 * I))
+    if fam.interleaved_gate_up:
+        b13 = deinterleave_rows(b13[:, None])[:, 0]
+    return b13, ck.tensor_row(names.down_bias, e, (E, H))
+
+
+def _load_mxfp4_layer(ck: Checkpoint, cfg, fam: ModelFamily, shape: _Shape, layer: int,
+                      local: list[int]) -> MoELayerWeights:
+    """``load_moe_layer`` of an MXFP4 checkpoint (gpt-oss's ``experts.*_proj_blocks`` and
+    ``_scales``): this rank's experts read in MXFP4 (``formats.mxfp4``: only their rows, gate
+    and up de-interleaved, never dequantised), their biases, the router."""
+    E, H, I = shape.router.num_experts, shape.hidden_size, shape.intermediate_size
+    names = fam.fused_expert_tensors(layer)
+    weights = MXFP4Weights.from_checkpoint(
+        ck, [FusedExpert(names, e, E) for e in local], hidden_size=H, intermediate_size=I,
+        interleaved=fam.interleaved_gate_up)
+    bias_kw = {}
+    if fam.expert_bias:
+        biases = [_fused_biases(ck, fam, names, e, E, H, I) for e in local]
+        bias_kw = dict(w13_bias=torch.stack([b[0] for b in biases]) if biases
+                       else torch.empty(0, 2 * I),
+                       w2_bias=torch.stack([b[1] for b in biases]) if biases
+                       else torch.empty(0, H))
+    gate_bias = fam.gate_bias_tensor(layer)
+    return MoELayerWeights(
+        router=shape.router, hidden_size=H, intermediate_size=I,
+        gate=ck.tensor(fam.gate_weight(layer), (E, H)),
+        e_score_correction_bias=_router_bias(ck, fam.router_bias_tensor(layer), E),
+        gate_bias=None if gate_bias is None else ck.tensor(gate_bias, (E,)),
+        w13=weights.w13, w2=weights.w2, expert_variant=fam.expert_variant(cfg), **bias_kw,
         **_shared_kwargs(ck, fam, layer, H))
 
 
@@ -537,9 +583,15 @@ def expert_reader(directory: str | Path, layer: int) -> Callable[[int], tuple]:
 
     def read(g: int):
         if fam.fused_experts:
-            return _read_fused_expert(ck, fam, fam.fused_expert_tensors(layer), g,
-                                      shape.router.num_experts, shape.hidden_size,
-                                      shape.intermediate_size)
+            names = fam.fused_expert_tensors(layer)
+            E, H, I = shape.router.num_experts, shape.hidden_size, shape.intermediate_size
+            if MXFP4Weights.in_checkpoint(ck, names):  # dequantised (float32 is exact)
+                w13, w2 = MXFP4Weights.from_checkpoint(
+                    ck, [FusedExpert(names, g, E)], hidden_size=H, intermediate_size=I,
+                    interleaved=fam.interleaved_gate_up).dequantize(torch.float32)
+                biases = _fused_biases(ck, fam, names, g, E, H, I) if fam.expert_bias else ()
+                return (w13[0], w2[0], *biases)
+            return _read_fused_expert(ck, fam, names, g, E, H, I)
         return _read_expert(ck, fam.expert_tensors(layer, g), shape.hidden_size,
                             shape.intermediate_size)
     return read
@@ -599,6 +651,10 @@ def build_layer(weights: MoELayerWeights, *, dispatcher: Dispatcher | None = Non
                 dtype: torch.dtype | None = None, device=None,
                 invariant: bool = False) -> EPMoE:
     """An EPMoE holding ``weights`` (its dispatcher's rank must be the weights' rank)."""
+    if weights.mxfp4:
+        return _build_mxfp4_layer(weights, dispatcher=dispatcher, experts=experts,
+                                  weight_mode=weight_mode, dtype=dtype, device=device,
+                                  invariant=invariant)
     if weights.fp8:
         if weights.expert_variant != PLAIN:
             raise ValueError(error_message(
@@ -671,6 +727,37 @@ def _build_fp8_layer(weights: MoELayerWeights, *, experts, dtype, device, **kw):
                      else weights.shared_w2.shape[1],
                      shared_expert_gate=weights.shared_gate is not None, dtype=dtype,
                      device=device, **kw)
+    _copy_weights(layer, weights)
+    return layer
+
+
+def _build_mxfp4_layer(weights: MoELayerWeights, *, experts, dtype, device, **kw):
+    """An EPMoE of the MXFP4 weight format (``formats.mxfp4``) holding an MXFP4 checkpoint's
+    experts as read (``experts``: an MXFP4 backend, or the float backend of the same name,
+    ``experts.mxfp4.mxfp4_sibling``). Where the layer has no ``weight_format`` yet (before the
+    formats axis of ``layer.py``), the experts are dequantised (exact in float32 / bfloat16)
+    into a dense layer with the float backend."""
+    import dataclasses
+    import inspect
+
+    from rocm_moe.experts.mxfp4 import mxfp4_sibling
+
+    if "weight_format" not in inspect.signature(EPMoE.__init__).parameters:
+        w13, w2 = MXFP4Weights(weights.w13, weights.w2).dequantize(torch.float32)
+        return build_layer(dataclasses.replace(weights, w13=w13, w2=w2), experts=experts,
+                           dtype=dtype or torch.float32, device=device, **kw)
+    mx_experts = mxfp4_sibling(experts)
+    if mx_experts is None:
+        raise ValueError(error_message(
+            "experts", experts.name, "has no MXFP4 path (an MXFP4 checkpoint)",
+            "pick --experts reference or triton"))
+    layer = EPMoE(hidden_size=weights.hidden_size, intermediate_size=weights.intermediate_size,
+                  router=weights.router, experts=mx_experts, weight_format="mxfp4",
+                  shared_intermediate_size=None if weights.shared_w2 is None
+                  else weights.shared_w2.shape[1],
+                  shared_expert_gate=weights.shared_gate is not None,
+                  dtype=dtype or torch.bfloat16, device=device,
+                  expert_variant=weights.expert_variant, **kw)
     _copy_weights(layer, weights)
     return layer
 
