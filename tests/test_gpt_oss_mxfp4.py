@@ -136,3 +136,17 @@ def test_layer_holds_mxfp4_where_the_layer_has_formats(checkpoint):
 def test_run_on_the_mxfp4_checkpoint(checkpoint, world_size, capsys):
     out = fp.check_run(checkpoint, LAYER, world_size, capsys)
     assert f"E={E} H={H} I={I} K={K}" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the Triton experts)")
+def test_run_on_the_mxfp4_checkpoint_with_triton_on_a_gpu(checkpoint, capsys):
+    """On a GPU the default experts (Triton) keep gpt-oss's variant and compute the MXFP4
+    weights (the MXFP4 kernels where the layer holds the format), bf16 against the oracle."""
+    from rocm_moe.cli import main
+
+    rc = main(["run", "--checkpoint", str(checkpoint), "--layer", str(LAYER), "--tokens", "33",
+               "--iters", "1", "--world-size", "1", "--dtype", "bfloat16", "--device", "cuda"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "PASS" in out, out
+    assert "experts=triton" in out, out
