@@ -44,11 +44,15 @@ def test_sanity_two_ranks(capsys):
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_run_checks_and_writes_json(capsys, tmp_path, world_size):
+def test_run_checks_writes_json_and_reports_every_long_step(capfd, tmp_path, world_size):
+    """run checks against the oracle and writes its JSON; its progress on stderr: the layer
+    being built and built (every rank), the warm-up, every iteration (none skipped, however
+    fast), the oracle check starting and done. (One run for both: each spawns its ranks.)"""
     path = tmp_path / "run.json"
-    rc = main(["run", *SMALL, "--world-size", str(world_size), "--tokens", "33", "--iters", "2",
+    rc = main(["run", *SMALL, "--world-size", str(world_size), "--tokens", "33", "--iters", "4",
                "--weight-mode", "combine", "--dtype", "float32", "--json", str(path)])
-    out = capsys.readouterr().out
+    captured = capfd.readouterr()  # (spawned ranks write to the process's stderr)
+    out, err = captured.out, captured.err
     assert rc == 0, out
     assert "tokens/s" in out
     assert "PASS" in out
@@ -58,6 +62,19 @@ def test_run_checks_and_writes_json(capsys, tmp_path, world_size):
     for rank in data["ranks"]:
         assert set(rank["stage_ms"]) == {"route", "dispatch", "experts", "combine"}
         assert rank["rel_err"]["out"] < 1e-5
+    lines = [line.split(" ", 1)[1] for line in err.splitlines()]  # without the time stamp
+    building = "rank 0: building the layer (synthetic seed 0, comm="
+    assert any(line.startswith(building) for line in lines), err
+    for r in range(world_size):
+        assert any(line.startswith(f"rank {r}/{world_size}: weights built in ")
+                   for line in lines), err
+    steps = ["rank 0: warm-up forward done in ",
+             *(f"rank 0: iteration {i}/4 (" for i in range(1, 5)),
+             "rank 0: checking against the float64 oracle",
+             "rank 0: checked against the float64 oracle in "]
+    at = [next(i for i, line in enumerate(lines) if line.startswith(step)) for step in steps]
+    assert at == sorted(at), err  # in this order
+    assert "rank 0: iteration" not in out
 
 
 def test_user_error_is_one_line(capsys):
@@ -260,29 +277,6 @@ def test_progress_goes_to_stderr(capsys):
     assert "ready" not in captured.out
     assert "iteration 2/2" not in captured.out
     assert captured.out.startswith("EPMoE E=8 H=32 I=16 K=2, 9 tokens per rank, W=1")
-
-
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_run_reports_every_long_step(capfd, world_size):
-    """run's progress on stderr: the layer being built and built (every rank), the warm-up,
-    every iteration (none skipped, however fast), the oracle check starting and done."""
-    assert main(["run", *SMALL, "--world-size", str(world_size), "--tokens", "9", "--iters",
-                 "4", "--dtype", "float32"]) == 0
-    captured = capfd.readouterr()  # (spawned ranks write to the process's stderr)
-    err = captured.err
-    lines = [line.split(" ", 1)[1] for line in err.splitlines()]  # without the time stamp
-    building = "rank 0: building the layer (synthetic seed 0, comm="
-    assert any(line.startswith(building) for line in lines), err
-    for r in range(world_size):
-        assert any(line.startswith(f"rank {r}/{world_size}: weights built in ")
-                   for line in lines), err
-    steps = ["rank 0: warm-up forward done in ",
-             *(f"rank 0: iteration {i}/4 (" for i in range(1, 5)),
-             "rank 0: checking against the float64 oracle",
-             "rank 0: checked against the float64 oracle in "]
-    at = [next(i for i, line in enumerate(lines) if line.startswith(step)) for step in steps]
-    assert at == sorted(at), err  # in this order
-    assert "rank 0: iteration" not in captured.out
 
 
 def test_run_with_shared_experts(capsys, tmp_path):
