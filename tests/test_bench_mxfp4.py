@@ -44,3 +44,10 @@ def test_cli_takes_the_gpt_oss_shapes_and_formats():
     assert default.formats == ["bf16", "mxfp4"]
     assert bench.SHAPES["gpt-oss-120b"] == dict(E=128, W=1, rank=0, H=2880, I=2880, K=4,
                                                 sizes=[1, 4, 16, 64, 256, 1024, 4096])
+
+
+def test_gpt_oss_rows_skip_the_small_path():
+    """The small path runs plain SwiGLU only: gpt-oss's rows time the grouped one."""
+    rows = bench.run_gpt_oss("gpt-oss-20b", TINY, CEIL, [1], ("small", "grouped"),
+                             device="cpu", timer=lambda call: 1e-3, dtype=torch.float16)
+    assert [(r["format"], r["path"]) for r in rows] == [("bf16", "grouped"), ("mxfp4", "auto")]
