@@ -1,33 +1,40 @@
 """Triton kernels of the small-batch experts path (``experts/triton_small.py``; imported only
-where triton is installed): two launches, read ``topk_ids`` directly (no layout sort).
+where triton is installed): two launches (three for a weighted per-expert down) that read
+``topk_ids`` directly (no layout sort).
 
 ``_small_gate_up_kernel``: inter[slot] = SiLU(x[row] @ gate[e].T) * (x[row] @ up[e].T) for the
-local slots, one column tile of I per program, the programs striding over the slots:
-  - PER_SLOT: one slot per turn as a GEMV on the vector units (the weight tile times the row,
-    summed along H); a slot whose expert another slot shares re-reads its weights (from L2).
-  - otherwise (leader): the first slot of each local expert gathers every slot of that expert
-    (a scan of the ids with a cumulative count; BLOCK_M slots per pass) and runs them through
-    tl.dot, so each weight tile is read once per expert; the other slots' turns end at once.
+local slots, one column tile of I per program:
+  - PER_SLOT: the programs stride over the slots, one slot per turn as a GEMV on the vector
+    units (the weight tile times the row, summed along H); a slot whose expert another slot
+    shares re-reads its weights (from L2).
+  - otherwise: one program per local expert (and tile) gathers that expert's slots (a scan of
+    the ids with a running count; BLOCK_M slots per pass) and runs them through tl.dot, so
+    each weight tile is read once per expert; experts without slots end after the scan.
 ``_small_down_kernel``: one row and one column tile of H per program; its K slots in order
 (unrolled, each load predicated on the slot being local): the down GEMV of each, then either
 the routing-weighted sum in float32 (WEIGHTED: one store per row, deterministic, no atomics)
 or each slot's raw output (exact zeros for non-local and empty slots).
+``_small_down_expert_kernel``: the down projection per local expert through tl.dot (each
+weight tile read once), into per-slot rows; ``_small_sum_kernel`` adds a row's weighted slots
+in slot order.
 
 FP8 (block-scaled weights, 1x128 activation groups; ``experts/fp8.py``): the rows come
 quantised; the gate/up products are scaled per 128-wide K step by (row scale) x (weight block
 scale); the intermediate is stored unquantised in float32 and quantised per 1x128 group by the
 down kernel as it reads it (each group is whole there), the arithmetic of
-``quant.quantize_rows`` (``_triton_fp8._to_fp8``). BLOCK_K is then 128 and BLOCK_N divides 128,
+``quant.quantize_rows`` (``_quant_triton._to_fp8``). BLOCK_K is then 128 and BLOCK_N divides 128,
 so a tile lies in one weight block.
 
 BOUNDED: only the first ``num_rows[0]`` rows (a device count) hold slots; the programs stride
-over those, so a grid sized for the rows expected stays correct for any count.
+over those (or scan only their slots), so a grid sized for the rows expected stays correct for
+any count.
 """
 
 import triton
 import triton.language as tl
 
-from rocm_moe.experts._triton_fp8 import _fp8_dot, _to_fp8
+from rocm_moe._quant_triton import _to_fp8
+from rocm_moe.experts._triton_fp8 import _fp8_dot
 
 
 @triton.jit
@@ -82,74 +89,69 @@ def _gemv_slot(s, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, H, I, K_TOPK,
 
 
 @triton.jit
-def _gather_expert(u, e, ids_ptr, map_ptr, n_slots, p0, CHUNK: tl.constexpr,
+def _gather_expert(e, ids_ptr, map_ptr, n_slots, p0, CHUNK: tl.constexpr,
                    BLOCK_M: tl.constexpr):
-    """Slot ids of local expert ``e``'s matches number p0 .. p0 + BLOCK_M - 1, counted from slot
-    ``u`` on (its first slot), in slot order; ``n_slots`` where there are fewer."""
+    """(slot ids of local expert ``e``'s matches number p0 .. p0 + BLOCK_M - 1 in slot order,
+    ``n_slots`` where there are fewer; the number of its slots): a scan of the ids in chunks
+    with a running count (the layout sort, for one expert, without a launch of its own)."""
     sel = tl.full((BLOCK_M,), 0, tl.int32) + n_slots
     want = p0 + tl.arange(0, BLOCK_M)
     base = p0 * 0
-    for c0 in range(u - u % CHUNK, n_slots, CHUNK):
+    for c0 in range(0, n_slots, CHUNK):
         s = c0 + tl.arange(0, CHUNK)
-        m = (_locals(ids_ptr, map_ptr, s, n_slots) == e) & (s >= u)
+        m = _locals(ids_ptr, map_ptr, s, n_slots) == e
         rank = base + tl.cumsum(m.to(tl.int32), axis=0) - 1
         hit = m[None, :] & (rank[None, :] == want[:, None])
         sel = tl.minimum(sel, tl.min(tl.where(hit, s[None, :], n_slots), axis=1))
         base += tl.sum(m.to(tl.int32), axis=0)
-    return sel
+    return sel, base
 
 
 @triton.jit
-def _dot_expert(u, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, ids_ptr, map_ptr, n_slots, H, I,
+def _dot_expert(e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, ids_ptr, map_ptr, n_slots, H, I,
                 K_TOPK, stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn, stride_ir,
                 FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 CHUNK: tl.constexpr):
-    """inter[tile] of every slot of local expert ``e`` if slot ``u`` is its first (leader)
-    slot, BLOCK_M slots per pass through tl.dot; nothing otherwise."""
-    before = u * 0
-    total = u * 0
-    for c0 in range(0, n_slots, CHUNK):
-        s = c0 + tl.arange(0, CHUNK)
-        m = (_locals(ids_ptr, map_ptr, s, n_slots) == e).to(tl.int32)
-        before += tl.sum(tl.where(s < u, m, 0), axis=0)
-        total += tl.sum(m, axis=0)
-    if before == 0:
-        n_start = tl.program_id(1) * BLOCK_N
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < I
-        rows_g = e.to(tl.int64) * 2 * I + offs_n
-        ws_g = ws_ptr + e.to(tl.int64) * stride_wse + (n_start // 128) * stride_wsn
-        ws_u = ws_g + (I // 128) * stride_wsn
-        for p0 in range(0, total, BLOCK_M):
-            sel = _gather_expert(u, e, ids_ptr, map_ptr, n_slots, p0, CHUNK, BLOCK_M)
-            valid = sel < n_slots
-            row = tl.where(valid, sel // K_TOPK, 0).to(tl.int64)
-            acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, H, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < H
-                a = tl.load(x_ptr + row[:, None] * stride_xr + offs_k[None, :],
-                            mask=valid[:, None] & k_ok[None, :], other=0.0)
-                m = n_ok[None, :] & k_ok[:, None]
-                g = tl.load(w_ptr + rows_g[None, :] * stride_wn + offs_k[:, None], mask=m,
-                            other=0.0)
-                up = tl.load(w_ptr + (rows_g + I)[None, :] * stride_wn + offs_k[:, None],
-                             mask=m, other=0.0)
-                if FP8:
-                    kb = k0 // BLOCK_K
-                    a_s = tl.load(xs_ptr + row * stride_xs + kb, mask=valid, other=0.0)
-                    acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * tl.load(ws_g + kb), UPCAST,
-                                     PRECISE)
-                    acc_u = _fp8_dot(a, up, acc_u, a_s[:, None] * tl.load(ws_u + kb), UPCAST,
-                                     PRECISE)
-                else:
-                    acc_g = tl.dot(a, g, acc_g)
-                    acc_u = tl.dot(a, up, acc_u)
-            h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-            tl.store(inter_ptr + sel[:, None].to(tl.int64) * stride_ir + offs_n[None, :],
-                     h.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+    """inter[tile] of every slot of local expert ``e``, BLOCK_M slots per pass through
+    tl.dot (one pass unless the expert has more slots)."""
+    sel, total = _gather_expert(e, ids_ptr, map_ptr, n_slots, 0, CHUNK, BLOCK_M)
+    n_start = tl.program_id(1) * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    rows_g = e.to(tl.int64) * 2 * I + offs_n
+    ws_g = ws_ptr + e.to(tl.int64) * stride_wse + (n_start // 128) * stride_wsn
+    ws_u = ws_g + (I // 128) * stride_wsn
+    for p0 in range(0, total, BLOCK_M):
+        if p0 > 0:
+            sel, _ = _gather_expert(e, ids_ptr, map_ptr, n_slots, p0, CHUNK, BLOCK_M)
+        valid = sel < n_slots
+        row = tl.where(valid, sel // K_TOPK, 0).to(tl.int64)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < H
+            a = tl.load(x_ptr + row[:, None] * stride_xr + offs_k[None, :],
+                        mask=valid[:, None] & k_ok[None, :], other=0.0)
+            m = n_ok[None, :] & k_ok[:, None]
+            g = tl.load(w_ptr + rows_g[None, :] * stride_wn + offs_k[:, None], mask=m,
+                        other=0.0)
+            up = tl.load(w_ptr + (rows_g + I)[None, :] * stride_wn + offs_k[:, None],
+                         mask=m, other=0.0)
+            if FP8:
+                kb = k0 // BLOCK_K
+                a_s = tl.load(xs_ptr + row * stride_xs + kb, mask=valid, other=0.0)
+                acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * tl.load(ws_g + kb), UPCAST,
+                                 PRECISE)
+                acc_u = _fp8_dot(a, up, acc_u, a_s[:, None] * tl.load(ws_u + kb), UPCAST,
+                                 PRECISE)
+            else:
+                acc_g = tl.dot(a, g, acc_g)
+                acc_u = tl.dot(a, up, acc_u)
+        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        tl.store(inter_ptr + sel[:, None].to(tl.int64) * stride_ir + offs_n[None, :],
+                 h.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -164,21 +166,106 @@ def _small_gate_up_kernel(
     """inter [R * K, I] (rows by slot) = SiLU(gate) * up of each local slot (module docstring);
     rows of other slots are not written. ``x`` [R, H] (FP8: quantised, ``xs`` [R, H/128]
     scales); ``w`` [e * 2I, H] (FP8: ``ws`` [e, 2I/128, H/128]); ``ids`` [R * K] int32 global
-    ids (-1 empty); ``map`` [E] int32 global -> local (-1 elsewhere). Grid: (programs striding
-    over the slots, column tiles of I)."""
+    ids (-1 empty); ``map`` [E] int32 global -> local (-1 elsewhere). Grid: (PER_SLOT:
+    programs striding over the slots, else one per local expert; column tiles of I)."""
     n_slots = (tl.load(num_rows_ptr) if BOUNDED else R) * K_TOPK
-    for u in range(tl.program_id(0), n_slots, tl.num_programs(0)):
-        e = _local(ids_ptr, map_ptr, u)
-        if e >= 0:
-            if PER_SLOT:
+    if PER_SLOT:
+        for u in range(tl.program_id(0), n_slots, tl.num_programs(0)):
+            e = _local(ids_ptr, map_ptr, u)
+            if e >= 0:
                 _gemv_slot(u, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, H, I, K_TOPK,
                            stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn, stride_ir,
                            FP8, BLOCK_N, BLOCK_K)
+    else:
+        _dot_expert(tl.program_id(0), x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, ids_ptr,
+                    map_ptr, n_slots, H, I, K_TOPK, stride_xr, stride_xs, stride_wn,
+                    stride_wse, stride_wsn, stride_ir, FP8, UPCAST, PRECISE, BLOCK_M, BLOCK_N,
+                    BLOCK_K, CHUNK)
+
+
+@triton.jit
+def _quant_group(a, dtype, FP8_MAX: tl.constexpr, ROUND: tl.constexpr, MIN_EXP: tl.constexpr):
+    """(q, s): one 1x128 group of float32 ``a`` ([128]) quantised to FP8 ``dtype`` as
+    ``quant.quantize_rows`` does, and its scale."""
+    amax = tl.maximum(tl.max(tl.abs(a), axis=0), 1e-10)
+    s = tl.div_rn(amax, amax * 0.0 + FP8_MAX)
+    q = tl.clamp(tl.div_rn(a, s + tl.zeros_like(a)), -FP8_MAX, FP8_MAX)
+    return _to_fp8(q, dtype, ROUND, MIN_EXP), s
+
+
+@triton.jit
+def _quant_groups(a, dtype, FP8_MAX: tl.constexpr, ROUND: tl.constexpr, MIN_EXP: tl.constexpr):
+    """``_quant_group`` of each row of ``a`` ([M, 128]): (q [M, 128], s [M])."""
+    amax = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10)
+    s = tl.div_rn(amax, amax * 0.0 + FP8_MAX)
+    q = tl.clamp(tl.div_rn(a, s[:, None] + tl.zeros_like(a)), -FP8_MAX, FP8_MAX)
+    return _to_fp8(q, dtype, ROUND, MIN_EXP), s
+
+
+@triton.jit
+def _small_down_expert_kernel(
+    inter_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, map_ptr, weight_ptr, num_rows_ptr,
+    R, H, I, K_TOPK,
+    stride_ir, stride_wn, stride_wse, stride_wsn, stride_os,
+    FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr, FP8_MAX: tl.constexpr,
+    ROUND: tl.constexpr, MIN_EXP: tl.constexpr, WEIGHTED: tl.constexpr, BOUNDED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """out[slot] = inter[slot] @ down[e].T (times the slot's weight when WEIGHTED) for every
+    slot of local expert e = program_id(0), one column tile of H each, through tl.dot: each
+    weight tile read once per expert (FP8: the intermediate quantised per 1x128 group as it
+    loads). ``out`` [R * K, H]: the raw [R, K, H] output or the weighted slots that
+    ``_small_sum_kernel`` adds up; rows of other slots are not written."""
+    n_slots = (tl.load(num_rows_ptr) if BOUNDED else R) * K_TOPK
+    e = tl.program_id(0)
+    sel, total = _gather_expert(e, ids_ptr, map_ptr, n_slots, 0, CHUNK, BLOCK_M)
+    n_start = tl.program_id(1) * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    rows_w = e.to(tl.int64) * H + offs_n
+    ws = ws_ptr + e.to(tl.int64) * stride_wse + (n_start // 128) * stride_wsn
+    for p0 in range(0, total, BLOCK_M):
+        if p0 > 0:
+            sel, _ = _gather_expert(e, ids_ptr, map_ptr, n_slots, p0, CHUNK, BLOCK_M)
+        valid = sel < n_slots
+        s64 = tl.where(valid, sel, 0).to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < I
+            a = tl.load(inter_ptr + s64[:, None] * stride_ir + offs_k[None, :],
+                        mask=valid[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + rows_w[None, :] * stride_wn + offs_k[:, None],
+                        mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            if FP8:
+                q, a_s = _quant_groups(a.to(tl.float32), w_ptr.dtype.element_ty, FP8_MAX,
+                                       ROUND, MIN_EXP)
+                acc = _fp8_dot(q, b, acc, a_s[:, None] * tl.load(ws + k0 // BLOCK_K), UPCAST,
+                               PRECISE)
             else:
-                _dot_expert(u, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, ids_ptr, map_ptr,
-                            n_slots, H, I, K_TOPK, stride_xr, stride_xs, stride_wn, stride_wse,
-                            stride_wsn, stride_ir, FP8, UPCAST, PRECISE, BLOCK_M, BLOCK_N,
-                            BLOCK_K, CHUNK)
+                acc = tl.dot(a, b, acc)
+        if WEIGHTED:
+            acc = acc * tl.load(weight_ptr + s64, mask=valid, other=0.0)[:, None]
+        tl.store(out_ptr + s64[:, None] * stride_os + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _small_sum_kernel(slots_ptr, ids_ptr, map_ptr, out_ptr, num_rows_ptr, R, H,
+                      K_TOPK: tl.constexpr, BOUNDED: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[r] = sum over the local slots k of slots[r * K + k] (float32, slot order; loads of
+    other slots predicated off, their rows never read), for the rows r below ``num_rows[0]``
+    (BOUNDED) or R, the programs striding over them."""
+    n_rows = tl.load(num_rows_ptr) if BOUNDED else R
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        r64 = tl.cast(r, tl.int64)
+        acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for k in tl.static_range(K_TOPK):
+            stop = tl.where(_local(ids_ptr, map_ptr, r64 * K_TOPK + k) >= 0, H, 0)
+            acc += tl.load(slots_ptr + (r64 * K_TOPK + k) * H + h, mask=h < stop,
+                           other=0.0).to(tl.float32)
+        tl.store(out_ptr + r64 * H + h, acc.to(out_ptr.dtype.element_ty), mask=h < H)
 
 
 @triton.jit
@@ -214,10 +301,8 @@ def _small_down_kernel(
                 a = tl.load(inter_ptr + s * stride_ir + offs_k, mask=k_ok,
                             other=0.0).to(tl.float32)
                 if FP8:  # quant.quantize_rows of the group, as the grouped kernels store it
-                    amax = tl.maximum(tl.max(tl.abs(a), axis=0), 1e-10)
-                    a_s = tl.div_rn(amax, amax * 0.0 + FP8_MAX)
-                    q = tl.clamp(tl.div_rn(a, a_s + tl.zeros_like(a)), -FP8_MAX, FP8_MAX)
-                    a = _to_fp8(q, w_ptr.dtype.element_ty, ROUND, MIN_EXP).to(tl.float32)
+                    q, a_s = _quant_group(a, w_ptr.dtype.element_ty, FP8_MAX, ROUND, MIN_EXP)
+                    a = q.to(tl.float32)
                 b = tl.load(w_ptr + rows_w[:, None] * stride_wn + offs_k[None, :],
                             mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 part = tl.sum(b.to(tl.float32) * a[None, :], axis=1)

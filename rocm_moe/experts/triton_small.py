@@ -4,12 +4,16 @@ launches that read the routing ids directly, no layout sort, no slot-sum pass.
 Pipeline (kernels in ``_triton_small.py``), for R rows with K global ids on a rank with e local
 experts (bf16/fp16, or block-FP8 rows already quantised per 1x128 group):
 1. gate/up: inter[slot] = SiLU(x @ gate.T) * (x @ up.T) of every local slot, one column tile
-   of I per program, the programs striding over the slots; per slot as a GEMV (``per_slot``,
-   batches of at most PER_SLOT_MAX_SLOTS slots) or per local expert (its first slot gathers
-   all of that expert's slots and runs them through tl.dot: each weight tile read once);
-2. down: per row and column tile of H, the K slots in order: "weighted" sums
-   weight[r, k] * (inter[slot] @ down.T) in float32 (deterministic, no atomics) -> [R, H];
-   "raw" writes each slot -> [R, K, H], exact zeros for non-local and empty slots.
+   of I per program: per slot as a GEMV (``per_slot``, batches of at most PER_SLOT_MAX_SLOTS
+   slots; the programs stride over the slots), or per local expert (one program per expert
+   and tile gathers that expert's slots with a scan of the ids and runs them through tl.dot:
+   each weight tile read once);
+2. down, per row (one token's batches: GEMVs over the row's K slots in order, then "weighted"
+   sums weight[r, k] * y_k in float32 in the same launch -> [R, H], deterministic, no
+   atomics; "raw" writes each slot -> [R, K, H], exact zeros for non-local and empty slots),
+   or per local expert (tl.dot, each weight tile read once; raw slots straight into the
+   zero-filled [R, K, H]; weighted slots into float32 rows that
+3. a third launch sums per row, in slot order).
 Slots with id -1 and experts outside the rank's ExpertMap contribute nothing; no host reads
 (CUDA-graph capturable); with ``num_rows`` the kernels stride over the device count of rows,
 their grids sized by ``expected_rows``.
@@ -90,63 +94,91 @@ def expected_rows_of(R: int, num_rows: torch.Tensor | None, expected_rows: int |
 
 def small_config(slots: int, *, fp8: bool, device_name: str = "") -> dict:
     """Launch config of the small path for a batch of ``slots`` (rows x K) expected:
-    ``{"per_slot", "gate_up": {BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, num_warps, num_stages},
-    "down": {BLOCK_N, BLOCK_K, num_warps, num_stages}}``. Heuristic, UNTUNED ON HARDWARE:
-    narrow column tiles (16-32) so that one token's 8 experts give every SM tiles to stream;
-    FP8: BLOCK_K is the 128 group."""
+    ``{"per_slot": gate/up per slot (GEMV) or per local expert (tl.dot), "down_per_expert":
+    down per local expert (tl.dot; then a third launch sums the weighted slots) or per row
+    (GEMVs, the weighted sum in the same launch), "gate_up" / "down": {BLOCK_M, BLOCK_N,
+    BLOCK_K, CHUNK, num_warps, num_stages}}``. Heuristic, UNTUNED ON HARDWARE: narrow column
+    tiles so that one token's experts give every SM tiles to stream (one token: 8 x 48
+    gate/up and 256 down programs at Qwen3's I=768, H=2048); per expert from
+    PER_SLOT_MAX_SLOTS on, where tokens share experts and per-slot reads would repeat.
+    FP8: BLOCK_K is the 128 group, BLOCK_N divides 128."""
     del device_name  # (one heuristic for now; a tuned table would key on it)
     per_slot = slots <= PER_SLOT_MAX_SLOTS
     bk = 128 if fp8 else 256
-    gate_up = dict(BLOCK_M=16, BLOCK_N=16 if per_slot else 32,
-                   BLOCK_K=bk if per_slot or fp8 else 64, CHUNK=128, num_warps=4,
-                   num_stages=2 if per_slot else 3)
-    down = dict(BLOCK_N=16, BLOCK_K=bk, num_warps=4, num_stages=2)
-    return dict(per_slot=per_slot, gate_up=gate_up, down=down)
+    if per_slot:
+        gate_up = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, CHUNK=128, num_warps=4, num_stages=2)
+        down = dict(BLOCK_M=16, BLOCK_N=8 if slots <= 16 else 16, BLOCK_K=bk, CHUNK=128,
+                    num_warps=4, num_stages=2)
+    else:
+        gate_up = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if fp8 else 64, CHUNK=128,
+                       num_warps=4, num_stages=3)
+        down = dict(gate_up)
+    return dict(per_slot=per_slot, down_per_expert=not per_slot, gate_up=gate_up, down=down)
 
 
 def _launch(x, xs, w13, ws13, w2, ws2, inter, out, topk_ids_RK, topk_weights_RK,
             expert_map: ExpertMap, *, weighted: bool, num_rows, expected_rows, cfg: dict,
             fp8: dict | None) -> None:
-    """Both kernels; ``fp8``: None (bf16/fp16) or the FP8 constexprs (UPCAST, PRECISE, FP8_MAX,
+    """The kernels; ``fp8``: None (bf16/fp16) or the FP8 constexprs (UPCAST, PRECISE, FP8_MAX,
     ROUND, MIN_EXP); ``xs`` / ``ws13`` / ``ws2``: the FP8 scales (unused otherwise)."""
-    from rocm_moe.experts._triton_small import _small_down_kernel, _small_gate_up_kernel
+    from rocm_moe.experts import _triton_small as k
 
     R, K = topk_ids_RK.shape
-    H, I = x.shape[1], w2.shape[2]
+    e, H, I = w13.shape[0], x.shape[1], w2.shape[2]
     dev = x.device
     rows = max(1, min(R, expected_rows_of(R, num_rows, expected_rows)))
     ids = topk_ids_RK.contiguous().view(-1)
+    weights = topk_weights_RK.contiguous().view(-1)
     emap = expert_map.map_E.to(dev)
     bounded = num_rows is not None
     nr = num_rows if bounded else ids
     gu, dn = cfg["gate_up"], cfg["down"]
     f = fp8 or {}
+    fp8_args = dict(FP8=fp8 is not None, UPCAST=f.get("UPCAST", False),
+                    PRECISE=f.get("PRECISE", False))
+    quant = dict(FP8_MAX=f.get("FP8_MAX", 448.0), ROUND=f.get("ROUND", False),
+                 MIN_EXP=f.get("MIN_EXP", -6))
     s13 = (ws13.stride(0), ws13.stride(1)) if fp8 else (0, 0)
     s2 = (ws2.stride(0), ws2.stride(1)) if fp8 else (0, 0)
-    _small_gate_up_kernel[(rows * K, -(-I // gu["BLOCK_N"]))](
+    k._small_gate_up_kernel[(rows * K if cfg["per_slot"] else e, -(-I // gu["BLOCK_N"]))](
         x, xs, w13.view(-1, H), ws13, inter, ids, emap, nr, R, H, I, K,
-        x.stride(0), xs.stride(0), H, *s13, inter.stride(0),
-        FP8=fp8 is not None, UPCAST=f.get("UPCAST", False), PRECISE=f.get("PRECISE", False),
+        x.stride(0), xs.stride(0), H, *s13, inter.stride(0), **fp8_args,
         BOUNDED=bounded, PER_SLOT=cfg["per_slot"], BLOCK_M=gu["BLOCK_M"],
         BLOCK_N=gu["BLOCK_N"], BLOCK_K=gu["BLOCK_K"], CHUNK=gu["CHUNK"],
         num_warps=gu["num_warps"], num_stages=gu["num_stages"])
-    raw_k = 0 if weighted else out.stride(1)
-    _small_down_kernel[(rows, -(-H // dn["BLOCK_N"]))](
-        inter, w2.view(-1, I), ws2, out, ids, emap, topk_weights_RK.contiguous().view(-1), nr,
-        R, H, I, inter.stride(0), I, *s2, out.stride(0), raw_k,
-        K_TOPK=K, FP8=fp8 is not None, FP8_MAX=f.get("FP8_MAX", 448.0),
-        ROUND=f.get("ROUND", False), MIN_EXP=f.get("MIN_EXP", -6), WEIGHTED=weighted,
-        BOUNDED=bounded, BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"],
-        num_warps=dn["num_warps"], num_stages=dn["num_stages"])
+    tiles = dict(BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"], num_warps=dn["num_warps"],
+                 num_stages=dn["num_stages"])
+    if not cfg["down_per_expert"]:
+        k._small_down_kernel[(rows, -(-H // dn["BLOCK_N"]))](
+            inter, w2.view(-1, I), ws2, out, ids, emap, weights, nr,
+            R, H, I, inter.stride(0), I, *s2, out.stride(0), 0 if weighted else out.stride(1),
+            K_TOPK=K, FP8=fp8 is not None, **quant, WEIGHTED=weighted, BOUNDED=bounded,
+            **tiles)
+        return
+    # per expert: raw slots straight into out ([R, K, H] = [R * K, H], zero-filled), weighted
+    # ones into float32 slot rows that a third launch sums per row
+    slots = out.view(R * K, H) if not weighted else torch.empty(R * K, H, dtype=torch.float32,
+                                                                device=dev)
+    k._small_down_expert_kernel[(e, -(-H // dn["BLOCK_N"]))](
+        inter, w2.view(-1, I), ws2, slots, ids, emap, weights, nr, R, H, I, K,
+        inter.stride(0), I, *s2, slots.stride(0), **fp8_args, **quant, WEIGHTED=weighted,
+        BOUNDED=bounded, BLOCK_M=dn["BLOCK_M"], CHUNK=dn["CHUNK"], **tiles)
+    if weighted:
+        k._small_sum_kernel[(rows, -(-H // SUM_BLOCK_H))](
+            slots, ids, emap, out, nr, R, H, K_TOPK=K, BOUNDED=bounded, BLOCK_H=SUM_BLOCK_H)
 
 
-def _outputs(R: int, K: int, H: int, *, weighted: bool, bounded: bool, dtype, device):
-    """The output: weighted [R, H] (rows past a device count unwritten), raw [R, K, H]
-    (zero-filled only where rows past a device count must stay zero: the kernel writes every
-    slot of the rows it covers, zeros included)."""
+SUM_BLOCK_H = 1024  # columns per program of the weighted slots' sum (per-expert down only)
+
+
+def _outputs(R: int, K: int, H: int, *, weighted: bool, zeros: bool, dtype, device):
+    """The output: weighted [R, H] (rows past a device count unwritten), raw [R, K, H],
+    zero-filled where the kernels leave slots unwritten (``zeros``: the per-expert down, or
+    rows past a device count, which must stay zero; the per-row down writes every slot of
+    its rows, zeros included)."""
     if weighted:
         return torch.empty(R, H, dtype=dtype, device=device)
-    return (torch.zeros if bounded else torch.empty)(R, K, H, dtype=dtype, device=device)
+    return (torch.zeros if zeros else torch.empty)(R, K, H, dtype=dtype, device=device)
 
 
 def small_experts(x_RH: torch.Tensor, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.Tensor,
@@ -160,8 +192,8 @@ def small_experts(x_RH: torch.Tensor, topk_ids_RK: torch.Tensor, topk_weights_RK
     dev = x_RH.device
     cfg = config or small_config(expected_rows_of(R, num_rows, expected_rows) * K, fp8=False)
     x = x_RH if x_RH.stride(1) == 1 else x_RH.contiguous()
-    out = _outputs(R, K, H, weighted=weighted, bounded=num_rows is not None, dtype=x.dtype,
-                   device=dev)
+    out = _outputs(R, K, H, weighted=weighted, dtype=x.dtype, device=dev,
+                   zeros=num_rows is not None or cfg["down_per_expert"])
     if R * K:
         inter = torch.empty(R * K, I, dtype=x.dtype, device=dev)
         _launch(x, x, w13.contiguous(), x, w2.contiguous(), x, inter, out, topk_ids_RK,
@@ -179,24 +211,24 @@ def small_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.Te
     / ``w2`` BlockFP8Weights (checked: ``TritonFP8Experts`` calls it); the intermediate is
     kept in float32 and quantised per 1x128 group by the down kernel; ``upcast`` / ``precise``
     as ``TritonFP8Experts`` (the per-expert gate/up's tl.dot)."""
-    from rocm_moe.experts.triton_fp8 import _rounding
-    from rocm_moe.quant import fp8_max
+    from rocm_moe.quant import fp8_max, fp8_rounding
 
     R, K = topk_ids_RK.shape
     H, I = w13.shape[2], w2.shape[2]
     dev = rows.device
     cfg = config or small_config(expected_rows_of(R, num_rows, expected_rows) * K, fp8=True)
-    assert cfg["gate_up"]["BLOCK_K"] == cfg["down"]["BLOCK_K"] == 128, cfg  # one group a step
+    assert cfg["gate_up"]["BLOCK_K"] == 128, cfg  # one activation group a K step
+    assert cfg["down"]["BLOCK_K"] == 128, cfg
     assert 128 % cfg["gate_up"]["BLOCK_N"] == 0, cfg  # a column tile in one weight block
     assert 128 % cfg["down"]["BLOCK_N"] == 0, cfg
     aq = rows.q if rows.q.stride(1) == 1 else rows.q.contiguous()
     as_ = rows.scale if rows.scale.stride(1) == 1 else rows.scale.contiguous()
-    out = _outputs(R, K, H, weighted=weighted, bounded=num_rows is not None, dtype=out_dtype,
-                   device=dev)
+    out = _outputs(R, K, H, weighted=weighted, dtype=out_dtype, device=dev,
+                   zeros=num_rows is not None or cfg["down_per_expert"])
     if R * K:
         inter = torch.empty(R * K, I, dtype=torch.float32, device=dev)
         fp8 = dict(UPCAST=upcast, PRECISE=precise, FP8_MAX=fp8_max(rows.dtype),
-                   **_rounding(rows.dtype))
+                   **fp8_rounding(rows.dtype))
         _launch(aq, as_, w13.weight.contiguous(), w13.scale_inv.contiguous(),
                 w2.weight.contiguous(), w2.scale_inv.contiguous(), inter, out, topk_ids_RK,
                 topk_weights_RK, expert_map, weighted=weighted, num_rows=num_rows,

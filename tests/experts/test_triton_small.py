@@ -19,22 +19,29 @@ pytest.importorskip("triton")
 GPU = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if GPU else torch.float16
 TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}[DTYPE]
-# (T, K, E, W, H, I); W > 1: the inputs of the last rank (the others' experts are skipped)
-CASES = [pytest.param(*c, id="T{}_K{}_E{}_W{}_H{}_I{}".format(*c)) for c in
-         [(1, 1, 4, 1, 64, 32), (1, 8, 16, 2, 64, 32), (2, 2, 8, 1, 80, 48),
-          (7, 8, 16, 1, 40, 32), (33, 2, 8, 2, 64, 32)]]
-ROUTINGS = ["random", "all_on_one", "shared"]
+# (T, K, E, W, H, I, routing); W > 1: the inputs of the last rank (the others' experts are
+# skipped). Routings: random; all_on_one (every token on one expert); shared (every token
+# picks K of the same K + 1 experts: each expert in many tokens' slots).
+CASES = [pytest.param(*c, id="T{}_K{}_E{}_W{}_H{}_I{}_{}".format(*c)) for c in
+         [(1, 1, 4, 1, 64, 32, "random"), (1, 8, 16, 2, 64, 32, "random"),
+          (2, 2, 8, 1, 80, 48, "shared"), (7, 8, 16, 1, 40, 32, "all_on_one"),
+          (7, 8, 16, 1, 40, 32, "shared"), (33, 2, 8, 2, 64, 32, "random"),
+          (33, 2, 8, 1, 64, 32, "all_on_one")]]
 
 
-def _config(per_slot: bool, *, fp8: bool = False) -> dict:
-    """Wide tiles for the interpreter (few programs); the kernels' logic is the same."""
-    if GPU:
-        return small.small_config(1 if per_slot else 10**6, fp8=fp8)
-    bk = 128 if fp8 else 32
-    return dict(per_slot=per_slot,
-                gate_up=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, CHUNK=16, num_warps=4,
-                             num_stages=1),
-                down=dict(BLOCK_N=128 if fp8 else 64, BLOCK_K=bk, num_warps=4, num_stages=1))
+def _config(per_slot: bool, *, fp8: bool = False, down_per_expert: bool | None = None) -> dict:
+    """per_slot: GEMV gate/up and per-row down (one token's launch config); else per expert
+    (tl.dot) for both, or as ``down_per_expert`` says. Off-GPU: wide tiles for the
+    interpreter (few programs); the kernels' logic is the same."""
+    cfg = small.small_config(1 if per_slot else 10**6, fp8=fp8)
+    if not GPU:
+        bk = 128 if fp8 else 32
+        cfg["gate_up"] = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, CHUNK=16, num_warps=4,
+                              num_stages=1)
+        cfg["down"] = dict(cfg["gate_up"], BLOCK_N=128 if fp8 else 64)
+    if down_per_expert is not None:
+        cfg["down_per_expert"] = down_per_expert
+    return cfg
 
 
 def _ids(T, K, E, W, routing, gen) -> torch.Tensor:
@@ -80,16 +87,17 @@ def _oracle(args, mode):
                               weight_mode=mode).out
 
 
-@pytest.mark.parametrize(("T", "K", "E", "W", "H", "I"), CASES)
-@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize(("T", "K", "E", "W", "H", "I", "routing"), CASES)
 @pytest.mark.parametrize("per_slot", [True, False], ids=["per_slot", "per_expert"])
 def test_matches_float64_oracle(T, K, E, W, H, I, routing, per_slot, gen):
+    """Both weight modes; T = 2 crosses the kernels (GEMV gate/up with the per-expert down,
+    and the other way round)."""
     args = _case(T, K, E, W, H, I, routing, gen)
     local = args[5].local_ids(args[1]) >= 0
     for mode in ("experts", "combine"):
         want = _oracle(args, mode)
-        out = small.small_experts(*_dev(args), weighted=mode == "experts",
-                                  config=_config(per_slot))
+        cfg = _config(per_slot, down_per_expert=per_slot if T == 2 else None)
+        out = small.small_experts(*_dev(args), weighted=mode == "experts", config=cfg)
         assert out.weights_applied == (mode == "experts")
         assert out.out.shape == want.shape
         assert out.out.dtype == DTYPE
@@ -197,8 +205,11 @@ def test_invariant_and_variants_keep_the_grouped_path():
 
 # ---- FP8 -------------------------------------------------------------------------------------
 
-FP8_CASES = [pytest.param(*c, id="T{}_K{}_E{}_W{}_H{}_I{}".format(*c)) for c in
-             [(1, 8, 16, 1, 128, 128), (2, 2, 8, 2, 200, 128), (7, 2, 4, 1, 128, 256)]]
+# (T, K, E, W, H, I, routing, per_slot)
+FP8_CASES = [pytest.param(*c, id="T{}_K{}_E{}_W{}_H{}_I{}_{}_{}".format(*c)) for c in
+             [(1, 8, 16, 1, 128, 128, "random", True), (1, 8, 16, 1, 128, 128, "random", False),
+              (2, 2, 8, 2, 200, 128, "shared", True), (2, 2, 8, 2, 200, 128, "shared", False),
+              (7, 2, 4, 1, 128, 256, "shared", False)]]
 
 
 def _fp8_case(T, K, E, W, H, I, routing, gen):
@@ -216,9 +227,7 @@ def _fp8_case(T, K, E, W, H, I, routing, gen):
     return x, ids, w, fw, emap
 
 
-@pytest.mark.parametrize(("T", "K", "E", "W", "H", "I"), FP8_CASES)
-@pytest.mark.parametrize("routing", ["random", "shared"])
-@pytest.mark.parametrize("per_slot", [True, False], ids=["per_slot", "per_expert"])
+@pytest.mark.parametrize(("T", "K", "E", "W", "H", "I", "routing", "per_slot"), FP8_CASES)
 def test_fp8_matches_reference(T, K, E, W, H, I, routing, per_slot, gen):
     """Against the FP8 torch reference (the same activation and intermediate quantisation,
     float32 GEMMs); per-expert gate/up through tl.dot (upcast to float16 off-GPU)."""
