@@ -125,7 +125,12 @@ def test_replace_blocks_single_rank(checkpoints, family):
     assert n == model.config.num_hidden_layers - MOE_LAYER.get(family, 0)
 
 
-def _ep_worker(info, directory):
+def _ep_worker(info, directories):
+    """Each family's model on these ranks, one after the other (one launch for all)."""
+    return {family: _ep_one(info, directory) for family, directory in directories.items()}
+
+
+def _ep_one(info, directory):
     torch.manual_seed(0)
     model = _model(directory)
     ids = torch.randint(0, 96, (2, 9))  # the same batch on every rank (same seed)
@@ -143,9 +148,18 @@ def _ep_worker(info, directory):
                 ref_tokens), expert_params=held)
 
 
+@pytest.fixture(scope="module")
+def ep_results(checkpoints):
+    """{family: [rank 0's result, rank 1's]}: every family on one launch of 2 gloo ranks
+    (spawning ranks that import transformers costs more than the models' runs)."""
+    dirs = {family: str(checkpoints[family][0]) for family in FAMILIES}
+    results = launch(2, _ep_worker, dirs, backend="gloo", timeout_s=120)
+    return {family: [r[family] for r in results] for family in FAMILIES}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_expert_parallel_two_ranks_logits_and_greedy(checkpoints, family):
-    results = launch(2, _ep_worker, str(checkpoints[family][0]), backend="gloo", timeout_s=120)
+def test_expert_parallel_two_ranks_logits_and_greedy(ep_results, family):
+    results = ep_results[family]
     for r in results:
         assert r["max_diff"] < 1e-5, r
         assert r["same_tokens"], r
