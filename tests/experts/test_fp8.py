@@ -153,7 +153,7 @@ def test_triton_matches_reference_and_oracle(R, K, E, W, H, I, fmt, gen):
     y_q, y_model = _oracles(args, fw) if small else (None, None)
     out_dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     for mode in ("experts", "combine"):
-        out = TritonFP8Experts()(*args, weight_mode=mode, out_dtype=out_dtype)
+        out = TritonFP8Experts(path="grouped")(*args, weight_mode=mode, out_dtype=out_dtype)
         ref = FP8ReferenceExperts()(*args, weight_mode=mode)
         assert out.out.dtype == out_dtype
         assert out.out.shape == ref.out.shape
@@ -184,7 +184,8 @@ def test_fnuz_refused_on_nvidia(gen):
 def test_triton_upcast_and_fp8_dot_agree(upcast, gen):
     args, _ = _case(33, 4, 16, 2, 200, 256, gen)
     ref = FP8ReferenceExperts()(*args, weight_mode="experts")
-    out = TritonFP8Experts(upcast=upcast)(*args, weight_mode="experts", out_dtype=torch.float32)
+    out = TritonFP8Experts(upcast=upcast, path="grouped")(*args, weight_mode="experts",
+                                                          out_dtype=torch.float32)
     assert rel_err(out.out, ref.out) < ORACLE_TOL
 
 
