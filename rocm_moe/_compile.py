@@ -290,42 +290,47 @@ _SMALL_PTRS = dict(x_ptr=_small_ptr("fp8", "*bf16"), xs_ptr=_small_ptr("*fp32", 
 
 
 def _small(kernel: str) -> Callable[[str], list[Launch]]:
-    """``experts.triton_small.small_config``'s launches for one token (per-slot gate/up,
-    per-row down) and 64 tokens (per-expert gate/up and down, then the sum), bf16 and FP8
-    (native FP8 dots), both row bounds and weight modes, at the MODEL_SHAPES' top-k."""
+    """``experts.triton_small.small_config``'s launches: its heuristic for one token (per-slot
+    gate/up, per-row down) and 64 tokens (per-expert gate/up and down, then the sum) and every
+    entry of the target device's tuned table, bf16 and FP8 (native FP8 dots), both row bounds
+    and weight modes, at the MODEL_SHAPES' top-k."""
     def launches(target: str) -> list[Launch]:
         from rocm_moe.experts.triton_small import PER_SLOT_MAX_SLOTS, SUM_BLOCK_H, small_config
+        from rocm_moe.experts.triton_small import _table as _small_table
 
         fnuz = target == "gfx942"
         quant = dict(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6, ROUND=False)
         top_k = sorted({t for _, _, t, _ in MODEL_SHAPES})
         out = []
-        for fp8 in (False, True):
-            for slots in (8, 8 * PER_SLOT_MAX_SLOTS):
-                c = small_config(slots, fp8=fp8)
-                k = c["gate_up" if kernel == "gate_up" else "down"]
-                cx = dict(FP8=fp8, BLOCK_N=k["BLOCK_N"], BLOCK_K=k["BLOCK_K"])
-                dot = dict(UPCAST=False, PRECISE=False, BLOCK_M=k["BLOCK_M"], CHUNK=k["CHUNK"])
-                bounds = [dict(BOUNDED=b) for b in (False, True)]
-                weights = [dict(WEIGHTED=w, **b) for w in (True, False) for b in bounds]
-                if kernel == "gate_up":
-                    cx.update(dot, PER_SLOT=c["per_slot"])
-                    variants = bounds
-                elif kernel == "down" and not c["down_per_expert"]:
-                    cx.update(quant)
-                    variants = [dict(K_TOPK=kk, **w) for w in weights for kk in top_k]
-                elif kernel == "down_expert" and c["down_per_expert"]:
-                    cx.update(dot, **quant)
-                    variants = weights
-                elif kernel == "sum" and c["down_per_expert"] and not fp8:
-                    cx = dict(BLOCK_H=SUM_BLOCK_H)
-                    variants = [dict(K_TOPK=kk, **b) for b in bounds for kk in top_k]
-                else:
-                    continue
-                why = f"{'fp8' if fp8 else 'bf16'} {slots} slots"
-                warps = (k["num_warps"], k["num_stages"]) if kernel != "sum" else (4, 1)
-                out += [Launch(tuple(sorted({**cx, **v}.items())), *warps, why)
-                        for v in variants]
+        configs = [(fp8, small_config(slots, fp8=fp8), f"{slots} slots") for fp8 in (False, True)
+                   for slots in (8, 8 * PER_SLOT_MAX_SLOTS)]
+        for hxi, formats in _small_table().get(TARGETS[target][3], {}).items():
+            configs += [(f == "fp8", c, f"table {hxi} {b}") for f, entries in formats.items()
+                        for b, c in entries.items()]
+        for fp8, c, origin in configs:
+            k = c["gate_up" if kernel == "gate_up" else "down"]
+            cx = dict(FP8=fp8, BLOCK_N=k["BLOCK_N"], BLOCK_K=k["BLOCK_K"])
+            dot = dict(UPCAST=False, PRECISE=False, BLOCK_M=k["BLOCK_M"], CHUNK=k["CHUNK"])
+            bounds = [dict(BOUNDED=b) for b in (False, True)]
+            weights = [dict(WEIGHTED=w, **b) for w in (True, False) for b in bounds]
+            if kernel == "gate_up":
+                cx.update(dot, PER_SLOT=c["per_slot"])
+                variants = bounds
+            elif kernel == "down" and not c["down_per_expert"]:
+                cx.update(quant)
+                variants = [dict(K_TOPK=kk, **w) for w in weights for kk in top_k]
+            elif kernel == "down_expert" and c["down_per_expert"]:
+                cx.update(dot, **quant)
+                variants = weights
+            elif kernel == "sum" and c["down_per_expert"] and not fp8:
+                cx = dict(BLOCK_H=SUM_BLOCK_H)
+                variants = [dict(K_TOPK=kk, **b) for b in bounds for kk in top_k]
+            else:
+                continue
+            why = f"{'fp8' if fp8 else 'bf16'} {origin}"
+            warps = (k["num_warps"], k["num_stages"]) if kernel != "sum" else (4, 1)
+            out += [Launch(tuple(sorted({**cx, **v}.items())), *warps, why)
+                    for v in variants]
         return out
     return launches
 

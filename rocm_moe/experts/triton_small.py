@@ -29,6 +29,10 @@ Worked example (the test asserts it): ``choose_path("auto", rows=1, top_k=8)`` i
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+
 import torch
 
 from rocm_moe._checks import error_message
@@ -92,8 +96,36 @@ def expected_rows_of(R: int, num_rows: torch.Tensor | None, expected_rows: int |
     return R if num_rows is None or expected_rows is None else expected_rows
 
 
-def small_config(slots: int, *, fp8: bool, device_name: str = "") -> dict:
-    """Launch config of the small path for a batch of ``slots`` (rows x K) expected:
+CONFIG_FILE = os.path.join(os.path.dirname(__file__), "triton_small_configs.json")
+
+
+@functools.cache
+def _table() -> dict:
+    """``bench/tune_experts_small.py``'s table: device -> "HxI" -> "bf16"/"fp8" -> slots (a
+    power of two, as a string) -> config; {} where none was written."""
+    if not os.path.exists(CONFIG_FILE):
+        return {}
+    with open(CONFIG_FILE) as f:
+        return json.load(f)
+
+
+def tuned_config(slots: int, *, fp8: bool, hidden: int, inter: int,
+                 device_name: str) -> dict | None:
+    """The tuned entry for the smallest tuned slot count >= ``slots`` (else the largest), or
+    None where the table has nothing for this device, shape and format."""
+    entries = _table().get(device_name, {}).get(f"{hidden}x{inter}", {}).get(
+        "fp8" if fp8 else "bf16", {})
+    if not entries:
+        return None
+    keys = sorted(entries, key=int)
+    key = next((k for k in keys if int(k) >= slots), keys[-1])
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in entries[key].items()}
+
+
+def small_config(slots: int, *, fp8: bool, hidden: int = 0, inter: int = 0,
+                 device_name: str = "") -> dict:
+    """Launch config of the small path for a batch of ``slots`` (rows x K) expected: the
+    tuned table's (``tuned_config``) where it has this device and H x I, else a heuristic:
     ``{"per_slot": gate/up per slot (GEMV) or per local expert (tl.dot), "down_per_expert":
     down per local expert (tl.dot; then a third launch sums the weighted slots) or per row
     (GEMVs, the weighted sum in the same launch), "gate_up" / "down": {BLOCK_M, BLOCK_N,
@@ -102,7 +134,9 @@ def small_config(slots: int, *, fp8: bool, device_name: str = "") -> dict:
     gate/up and 256 down programs at Qwen3's I=768, H=2048); per expert from
     PER_SLOT_MAX_SLOTS on, where tokens share experts and per-slot reads would repeat.
     FP8: BLOCK_K is the 128 group, BLOCK_N divides 128."""
-    del device_name  # (one heuristic for now; a tuned table would key on it)
+    tuned = tuned_config(slots, fp8=fp8, hidden=hidden, inter=inter, device_name=device_name)
+    if tuned is not None:
+        return tuned
     per_slot = slots <= PER_SLOT_MAX_SLOTS
     bk = 128 if fp8 else 256
     if per_slot:
@@ -171,6 +205,10 @@ def _launch(x, xs, w13, ws13, w2, ws2, inter, out, topk_ids_RK, topk_weights_RK,
 SUM_BLOCK_H = 1024  # columns per program of the weighted slots' sum (per-expert down only)
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+
+
 def _outputs(R: int, K: int, H: int, *, weighted: bool, zeros: bool, dtype, device):
     """The output: weighted [R, H] (rows past a device count unwritten), raw [R, K, H],
     zero-filled where the kernels leave slots unwritten (``zeros``: the per-expert down, or
@@ -190,7 +228,8 @@ def small_experts(x_RH: torch.Tensor, topk_ids_RK: torch.Tensor, topk_weights_RK
     R, K = topk_ids_RK.shape
     H, I = x_RH.shape[1], w2.shape[2]
     dev = x_RH.device
-    cfg = config or small_config(expected_rows_of(R, num_rows, expected_rows) * K, fp8=False)
+    cfg = config or small_config(expected_rows_of(R, num_rows, expected_rows) * K, fp8=False,
+                                 hidden=H, inter=I, device_name=_device_name(dev))
     x = x_RH if x_RH.stride(1) == 1 else x_RH.contiguous()
     out = _outputs(R, K, H, weighted=weighted, dtype=x.dtype, device=dev,
                    zeros=num_rows is not None or cfg["down_per_expert"])
@@ -216,7 +255,8 @@ def small_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.Te
     R, K = topk_ids_RK.shape
     H, I = w13.shape[2], w2.shape[2]
     dev = rows.device
-    cfg = config or small_config(expected_rows_of(R, num_rows, expected_rows) * K, fp8=True)
+    cfg = config or small_config(expected_rows_of(R, num_rows, expected_rows) * K, fp8=True,
+                                 hidden=H, inter=I, device_name=_device_name(dev))
     assert cfg["gate_up"]["BLOCK_K"] == 128, cfg  # one activation group a K step
     assert cfg["down"]["BLOCK_K"] == 128, cfg
     assert 128 % cfg["gate_up"]["BLOCK_N"] == 0, cfg  # a column tile in one weight block

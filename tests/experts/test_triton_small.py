@@ -177,6 +177,23 @@ def test_choose_path_worked_example():
     assert small.choose_path("auto", rows=2, top_k=8, max_slots=8) == "grouped"
 
 
+def test_tuned_table_entries_are_taken(monkeypatch):
+    """small_config takes bench/tune_experts_small.py's entry of the device and H x I for the
+    smallest tuned slot count >= the batch's (the largest above them), else its heuristic."""
+    tiles = dict(BLOCK_M=16, BLOCK_N=8, BLOCK_K=64, CHUNK=32, num_warps=2, num_stages=1)
+    one = dict(per_slot=True, down_per_expert=True, gate_up=tiles, down=tiles)
+    many = dict(one, per_slot=False)
+    monkeypatch.setattr(small, "_table", lambda: {"dev": {"64x32": {"bf16": {"8": one,
+                                                                             "64": many}}}})
+    kw = dict(hidden=64, inter=32, device_name="dev")
+    assert small.small_config(3, fp8=False, **kw) == one
+    assert small.small_config(9, fp8=False, **kw) == many
+    assert small.small_config(10**4, fp8=False, **kw) == many
+    assert small.small_config(3, fp8=True, **kw) == small.small_config(3, fp8=True)
+    assert small.small_config(3, fp8=False, hidden=64, inter=48, device_name="dev") == \
+        small.small_config(3, fp8=False)
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     (dict(path="fast"), "path"), (dict(path=None), "path"),
     (dict(small_max_slots=-1), "small_max_slots"), (dict(small_max_slots=True), "small_max_slots"),
