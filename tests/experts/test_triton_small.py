@@ -324,3 +324,37 @@ def test_gpu_qwen3_shape_small_equals_grouped(T, gen):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)  # deterministic: no atomics, fixed slot order
+
+
+@gpu_only
+@pytest.mark.parametrize("T", [1, 8, 64])
+def test_gpu_qwen3_shape_fp8_small_equals_grouped(T, gen):
+    """Qwen3's experts in block-FP8 (native FP8 dots): the small and the grouped paths agree
+    with the FP8 torch reference in both weight modes; the small path replays from a graph."""
+    from rocm_moe.experts.fp8 import FP8ReferenceExperts, quantize_experts
+    from rocm_moe.experts.triton_fp8 import TritonFP8Experts
+    from rocm_moe.quant import native_fp8_dtype
+
+    E, H, I, K = 128, 2048, 768, 8
+    emap = Placement.contiguous(E, 1).expert_map(0).to(DEVICE)
+    x = torch.randn(T, H, generator=gen).bfloat16().to(DEVICE)
+    ids = torch.rand(T, E, generator=gen).topk(K, dim=1).indices.int().to(DEVICE)
+    w = torch.rand(T, K, generator=gen).to(DEVICE)
+    fw = quantize_experts((torch.randn(E, 2 * I, H, generator=gen) / H**0.5).to(DEVICE),
+                          (torch.randn(E, H, I, generator=gen) / I**0.5).to(DEVICE),
+                          dtype=native_fp8_dtype(DEVICE))
+    args = (x, ids, w, fw.w13, fw.w2, emap)
+    for mode in ("experts", "combine"):
+        want = FP8ReferenceExperts()(*args, weight_mode=mode, out_dtype=torch.float32).out
+        for path in ("small", "grouped"):
+            out = TritonFP8Experts(path=path)(*args, weight_mode=mode).out
+            assert rel_err(out, want) < 1e-2, (mode, path)
+    experts = TritonFP8Experts(path="small")
+    eager = experts(*args, weight_mode="experts", validate=False).out.clone()
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        captured = experts(*args, weight_mode="experts", validate=False).out
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
