@@ -138,20 +138,11 @@ def test_layer_matches_the_dequantised_model(fp8_checkpoint):
     assert rel_err(out.out, y_model) < 6e-2
 
 
-def test_run_on_an_fp8_checkpoint(fp8_checkpoint, capsys):
-    rc = main(["run", "--checkpoint", str(fp8_checkpoint), "--layer", "1", "--tokens", "17",
-               "--iters", "1", "--world-size", "2", "--dtype", "float32"])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    assert f"E={E} H={H} I={I} K={K}" in out
-    assert "FP8 float8_e4m3fn, 128x128 block scales" in out
-    assert "PASS" in out
-
-
-def test_run_with_fp8_dispatch_is_the_same_layer(fp8_checkpoint, tmp_path, capsys):
-    """--fp8-dispatch quantises each row once on its owner and moves it in FP8 (torch-fp8)
-    instead of moving float rows that the experts quantise: the same arithmetic, so the same
-    outputs, to the bit (the same errors against the float64 oracle on every rank)."""
+def test_run_on_an_fp8_checkpoint_and_with_fp8_dispatch(fp8_checkpoint, tmp_path, capsys):
+    """run on an FP8 checkpoint at W = 2 passes against the float64 oracle; --fp8-dispatch
+    quantises each row once on its owner and moves it in FP8 (torch-fp8) instead of moving
+    float rows that the experts quantise: the same arithmetic, so the same outputs, to the bit
+    (the same errors against the float64 oracle on every rank)."""
     runs = {}
     for flag in ([], ["--fp8-dispatch"]):
         js = tmp_path / f"run{len(flag)}.json"
@@ -160,6 +151,9 @@ def test_run_with_fp8_dispatch_is_the_same_layer(fp8_checkpoint, tmp_path, capsy
                    *flag])
         out = capsys.readouterr().out
         assert rc == 0, out
+        assert f"E={E} H={H} I={I} K={K}" in out
+        assert "FP8 float8_e4m3fn, 128x128 block scales" in out
+        assert "PASS" in out
         assert ("comm=torch-fp8" in out) == bool(flag), out
         runs[bool(flag)] = json.loads(js.read_text())
     assert runs[True]["config"]["fp8_dispatch"]
