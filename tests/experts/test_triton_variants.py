@@ -131,3 +131,14 @@ def test_bounded_rows_with_a_variant(name):
     out = TritonExperts()(*args, weight_mode="experts", num_rows=num_rows, expected_rows=n, **kw)
     want = oracle.summed(raw64) if variant.weights_on_input else oracle.weighted_sum(raw64, w)
     assert oracle.rel_err(out.out[:n], want[:n]) < TOL[torch.float16]
+
+
+def test_invariant_triton_runs_a_variant_batch_invariantly():
+    """TritonExperts(invariant=True) with gpt-oss's variant: a row's output has the same bits
+    in a batch of 33 and in one of its first 5 rows."""
+    args, kw, raw64, w = _case(33, 4, 16, 2, 80, 48, OAI, torch.float16, seed=3)
+    whole = TritonExperts(invariant=True)(*args, weight_mode="experts", **kw).out
+    part = TritonExperts(invariant=True)(*[t[:5] for t in args[:3]], *args[3:],
+                                         weight_mode="experts", **kw).out
+    assert torch.equal(whole[:5], part)
+    assert oracle.rel_err(whole, oracle.weighted_sum(raw64, w)) < TOL[torch.float16]
