@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rocm_moe import EPMoE, RouterConfig, dense_moe_reference
 from rocm_moe.experts.fp8 import FP8ReferenceExperts, fp8_dense_reference
-from rocm_moe.layer_fp8 import FP8EPMoE
 
 CASES = {  # name: (E, H, I, K, T, router)
     "qwen3-like E32 H1024 I384 K8": (32, 1024, 384, 8, 256, "qwen3"),
@@ -56,7 +55,7 @@ def random_case(E, H, I, K, T, router, experts, device) -> dict:
         RouterConfig.deepseek_v3(E, K, n_group=4, topk_group=2)
     kw = dict(hidden_size=H, intermediate_size=I, router=rc, device=device)
     bf16 = EPMoE(**kw, dtype=torch.bfloat16)
-    fp8 = FP8EPMoE(**kw, experts=_experts(experts), dtype=torch.bfloat16)
+    fp8 = EPMoE(**kw, experts=_experts(experts), weight_format="block_fp8", dtype=torch.bfloat16)
     f32 = EPMoE(**kw, dtype=torch.float32)  # the original weights, unrounded
     for layer in (bf16, fp8, f32):
         layer.reset_parameters(seed=1)

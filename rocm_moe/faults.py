@@ -1,7 +1,8 @@
 """Fault injection: plant one known MoE integration bug in an EPMoE, to see its signature.
 
-``layer.fault = "weights_twice"`` (or ``rocm-moe diagnose --inject weights_twice``) makes the
-layer misbehave the way real pipelines did; ``layer.fault = None`` (the default) restores it.
+``plant(layer, "weights_twice")`` (or ``rocm-moe diagnose --inject weights_twice``) makes the
+layer misbehave the way real pipelines did; ``plant(layer, None)`` restores it, ``planted(layer)``
+names the bug planted (None: none, the default).
 ``FAULTS`` is the one registry of the bug classes: where each acts, what it emulates, what it
 looks like, its fix, how to plant it (``inject``) and how ``rocm_moe.diagnose`` predicts it:
 

@@ -21,7 +21,8 @@ it: fixed-order arithmetic (``rocm_moe.invariant``), every slot's raw output bac
 (notes/invariance.md).
 
 Test machinery stays outside: ``rocm_moe.faults`` plants a known bug by wrapping the layer's
-stages (``layer.fault = "weights_twice"``) and ``rocm_moe.diagnose`` taps their tensors.
+stages (``faults.plant(layer, "weights_twice")``; the layer has no fault code or property) and
+``rocm_moe.diagnose`` taps their tensors.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rocm_moe import faults, synthetic
 from rocm_moe import invariant as inv
+from rocm_moe import synthetic
 from rocm_moe._checks import (
     FLOAT_DTYPES,
     check_finite,
@@ -45,6 +46,7 @@ from rocm_moe._checks import (
     check_integer_value,
     check_routing_rows,
     check_tensor,
+    describe,
     error_message,
 )
 from rocm_moe.comm.base import Dispatcher
@@ -60,6 +62,7 @@ from rocm_moe.experts.base import (
     variant_refusal,
 )
 from rocm_moe.experts.reference import ReferenceExperts
+from rocm_moe.formats.base import WeightFormat, check_format_options, format_class
 from rocm_moe.placement import Placement
 from rocm_moe.replicas import ReplicaChoice, ReplicatedPlacement, check_choice
 from rocm_moe.routing import RouterConfig, RoutingResult, route
@@ -210,13 +213,22 @@ def _check_physical_dispatcher(disp: Dispatcher, replicas: ReplicatedPlacement) 
             f"build the dispatcher with Placement.contiguous({P}, {W})"))
 
 
-def _row_bound(d, num_tokens: int, world_size: int) -> dict:
-    """A capacity-sized dispatch's device row count for the experts, so their cost follows the
-    rows received, not the capacity (issue 33), and the host's estimate of it (every rank
-    sending ``num_tokens``); nothing for a dispatch sized to its rows."""
-    if d.num_valid is None:
-        return {}
-    return dict(num_rows=d.num_valid, expected_rows=min(d.x.shape[0], num_tokens * world_size))
+def _experts_for_format(experts: Experts, weights_cls: type[WeightFormat]) -> Experts:
+    """The experts backend that computes ``weights_cls``'s format: ``experts`` itself, or its
+    kernel for that format (``Experts.for_weight_format``: the FP8 backend of the same name for
+    block-FP8), else a ValueError naming both."""
+    name = weights_cls.name
+    if name in getattr(experts, "weight_formats", ("dense",)):
+        return experts
+    other = experts.for_weight_format(name) if hasattr(experts, "for_weight_format") else None
+    if other is None:
+        computes = list(getattr(experts, "weight_formats", ("dense",)))
+        raise ValueError(error_message(
+            "experts", getattr(experts, "name", type(experts).__name__),
+            f"computes {computes} expert weights, not weight_format={name!r}",
+            "pick an experts backend that computes it (rocm-moe info; block_fp8: reference, "
+            "triton, aiter)"))
+    return other
 
 
 class EPMoE(nn.Module):
@@ -228,7 +240,17 @@ class EPMoE(nn.Module):
         dispatcher: comm backend; default LocalDispatcher (one rank owning every expert). Its
             placement and rank decide the local experts: this module holds only their weights,
             ``w13`` [e, 2I, H] (gate then up) and ``w2`` [e, H, I].
-        experts: expert backend; default ReferenceExperts.
+        experts: expert backend; default ReferenceExperts. For a quantised ``weight_format``
+            a float backend's kernel for it is taken (``Experts.for_weight_format``: the FP8
+            backend of the same name for block-FP8).
+        weight_format: how the routed experts are held (``rocm_moe.formats``): "dense" (float
+            parameters ``w13`` / ``w2`` in ``dtype``), "block_fp8" (FP8 with 128x128 block
+            scales, buffers ``w13_fp8`` / ``w13_scale_inv`` / ``w2_fp8`` / ``w2_scale_inv``;
+            ``w13`` / ``w2`` stay as empty [0, ...] parameters that carry the compute dtype),
+            "mxfp4", or a ``formats.WeightFormat`` class. ``weights`` gives them as a format
+            object, ``expert_bytes`` their memory.
+        format_options: the format's options (block_fp8: ``fp8_dtype`` "e4m3fn" or
+            "e4m3fnuz"); None: its defaults.
         weight_mode: "experts" or "combine" (see the module docstring).
         shared_intermediate_size: I of the shared experts (all of them fused), or None.
         shared_expert_gate: sigmoid gate on the shared output (Qwen2-MoE).
@@ -283,9 +305,13 @@ class EPMoE(nn.Module):
         load_window: int = 64,
         replica_choice: str = "spread",
         replica_nodes: tuple[int, ...] | None = None,
+        weight_format: str | type[WeightFormat] = "dense",
+        format_options: dict | None = None,
     ):
         super().__init__()
         resolve_weight_mode(weight_mode)  # validates it
+        self._weights_cls = format_class(weight_format)
+        self._format_options = check_format_options(self._weights_cls, format_options)
         _check_sizes(hidden_size=hidden_size, intermediate_size=intermediate_size,
                      shared_intermediate_size=shared_intermediate_size or None)
         if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
@@ -317,7 +343,7 @@ class EPMoE(nn.Module):
                 raise ValueError(error_message(
                     f"dispatcher.{field}", got, f"must match the layer's {field}={want}",
                     "build the dispatcher and the layer from one config"))
-        self.experts = experts or ReferenceExperts()
+        self.experts = _experts_for_format(experts or ReferenceExperts(), self._weights_cls)
         self._invariant, self._invariant_agreed = False, False
         self.invariant = invariant  # (the setter checks it and swaps in invariant experts)
         self.router = router
@@ -438,15 +464,6 @@ class EPMoE(nn.Module):
                 "invariant", True, f"comm={self.dispatcher.name} cannot run it: {reason}",
                 "use the local, torch or symm comm backend, or invariant=False"))
 
-    @property
-    def fault(self) -> str | None:
-        """A planted bug (see rocm_moe.faults), for diagnose; None (default) = correct."""
-        return faults.planted(self)
-
-    @fault.setter
-    def fault(self, value: str | None) -> None:
-        faults.plant(self, value)
-
     def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         """[T, E] gate logits of [T, H] tokens (in float32 where the router asks for it)."""
         if self.invariant:  # accumulated in float32 in a fixed order, rounded once
@@ -514,9 +531,7 @@ class EPMoE(nn.Module):
     def _expert_tensors(self) -> list[torch.Tensor]:
         """Every [e, ...] per-expert tensor the experts read (float w13/w2, or an FP8 layer's
         weights and block scales), as tensors to copy into in place."""
-        out: list[torch.Tensor] = []
-        for w in self.expert_weights():
-            out.extend([w] if isinstance(w, torch.Tensor) else [w.weight, w.scale_inv])
+        out: list[torch.Tensor] = list(self.weights.tensors().values())
         out += [b for b in (getattr(self, "w13_bias", None), getattr(self, "w2_bias", None))
                 if isinstance(b, torch.Tensor)]  # (an expert variant's per-expert biases)
         return [t.data if isinstance(t, nn.Parameter) else t for t in out]
@@ -586,6 +601,11 @@ class EPMoE(nn.Module):
         """Synthetic weights from ``rocm_moe.synthetic``: expert g's weights depend only on
         (seed, g), so any rank (or a single-process reference) can regenerate them."""
         E, H, I = self.router.num_experts, self.hidden_size, self.intermediate_size
+        e = len(self.local_experts)
+        if self.w13.shape[0] != e:  # a quantised format dropped the float weights
+            kw = dict(dtype=self.w13.dtype, device=self.w13.device)
+            self.w13 = nn.Parameter(torch.empty(e, 2 * I, H, **kw))
+            self.w2 = nn.Parameter(torch.empty(e, H, I, **kw))
         self.gate.weight.copy_(synthetic.gate_weight(seed, E, H))
         if self.gate.bias is not None:
             self.gate.bias.zero_()
@@ -602,11 +622,23 @@ class EPMoE(nn.Module):
                 s.gate.weight.copy_(gate)
         if self.e_score_correction_bias is not None:
             self.e_score_correction_bias.zero_()
+        if not self._weights_cls.trainable:  # quantised: the synthetic weights in the format
+            self.load_experts(self.w13.detach(), self.w2.detach())
 
     @torch.no_grad()
-    def load_experts(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    def load_experts(self, w13, w2=None) -> None:
         """Load routed experts from global [E, 2I, H] / [E, H, I] (this rank's slice is taken)
-        or local [e, 2I, H] / [e, H, I] tensors."""
+        or local [e, 2I, H] / [e, H, I] weights: float tensors (quantised to the layer's
+        format), the format's own pieces (block_fp8: ``quant.BlockFP8Weight``, converted to
+        the layer's encoding), or one ``formats.WeightFormat`` object (``w2`` None)."""
+        if isinstance(w13, WeightFormat):
+            if w2 is not None:
+                raise TypeError(error_message(
+                    "w2", describe(w2), "must be None when w13 is a WeightFormat (it holds both)",
+                    "pass layer.load_experts(weights)"))
+            w13, w2 = w13.expert_args()
+        if not self._weights_cls.trainable:
+            return self._load_quantised(w13, w2)
         E, e = self.router.num_experts, self.w13.shape[0]
         for name, src, dst in (("w13", w13, self.w13), ("w2", w2, self.w2)):
             check_tensor(name, src, shape=(None, *dst.shape[1:]), dtypes=FLOAT_DTYPES,
@@ -621,9 +653,96 @@ class EPMoE(nn.Module):
             check_finite(name, src, "load the experts' weights again")
             dst.copy_(src)
 
+    def _load_quantised(self, w13, w2) -> None:
+        """``load_experts`` of a quantised format: this rank's experts selected, quantised (or
+        converted) to the layer's format, checked and registered as buffers; the float
+        parameters shrink to [0, ...] dtype carriers."""
+        E, e = self.router.num_experts, len(self.local_experts)
+        H, I = self.hidden_size, self.intermediate_size
+        cls = self._weights_cls
+        for name, src, shape in (("w13", w13, (2 * I, H)), ("w2", w2, (H, I))):
+            if not hasattr(src, "shape") or len(src.shape) != 3 \
+                    or tuple(src.shape[1:]) != shape:
+                raise ValueError(error_message(
+                    name, describe(src), f"must be [E or e, {shape[0]}, {shape[1]}]",
+                    f"pass the experts' weights (float, or {cls.name}'s own)"))
+        n = w13.shape[0]
+        if n == E and (e != E or self._replicas is not None):
+            idx = torch.tensor(self.local_experts, dtype=torch.long, device=w13.device)
+            w13, w2 = w13[idx], w2[idx]  # (EPLB: [E] rows are the logical ones)
+        elif n != e or w2.shape[0] != n:
+            raise ValueError(error_message(
+                "w13.shape[0]", n, f"must be E={E} (global) or e={e} (local)",
+                "pass all experts or this rank's experts in local order"))
+        weights = cls.quantize(w13, w2, **self._format_options)
+        weights.check_values("weights")
+        weights = weights.to(self.gate.weight.device)
+        if weights.shape() != (e, H, I):
+            raise ValueError(error_message(
+                f"{cls.name} weights (e, H, I)", weights.shape(), f"must be ({e}, {H}, {I})",
+                "pass this layer's experts"))
+        for name, t in weights.tensors().items():
+            self.register_buffer(name, t.contiguous())
+        kw = dict(dtype=self.w13.dtype, device=self.w13.device)
+        self.w13 = nn.Parameter(torch.empty(0, 2 * I, H, **kw))  # dtype carriers only
+        self.w2 = nn.Parameter(torch.empty(0, H, I, **kw))
+
+    @property
+    def weight_format(self) -> str:
+        """The routed experts' format (``rocm_moe.formats``): "dense", "block_fp8", ..."""
+        return self._weights_cls.name
+
+    @property
+    def format_options(self) -> dict:
+        return dict(self._format_options)
+
+    @property
+    def weights(self) -> WeightFormat:
+        """This rank's routed experts as a format object (views of the layer's tensors)."""
+        cls = self._weights_cls
+        return cls.from_tensors({n: getattr(self, n) for n in cls.tensor_names},
+                                **self._format_options)
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of this rank's routed experts in their format (scales included)."""
+        return self.weights.nbytes
+
+    @property
+    def fp8_dtype(self) -> torch.dtype | None:
+        """The FP8 encoding of the routed experts (block-FP8 formats), else None."""
+        return getattr(self.weights, "fp8_dtype", None)
+
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` / ``.cuda()`` move a quantised format's buffers; a dtype cast
+        (``.to(bf16)``, ``.half()``) leaves them as they are (torch counts float8 as floating
+        and would cast them, and their float32 scales, too)."""
+        cls = getattr(self, "_weights_cls", None)
+        if cls is None or cls.trainable:
+            return super()._apply(fn, recurse)
+        held = {n: self._buffers.pop(n) for n in cls.tensor_names if n in self._buffers}
+        try:
+            out = super()._apply(fn, recurse)
+        finally:
+            if held:
+                device = fn(torch.empty(0, device=next(iter(held.values())).device)).device
+                for n, t in held.items():
+                    self._buffers[n] = t.to(device)
+        return out
+
     def expert_weights(self) -> tuple:
-        """(w13, w2) as the experts backend takes them (``layer_fp8.FP8EPMoE``: FP8 ones)."""
-        return self.w13, self.w2
+        """(w13, w2) as the experts backend takes them (a quantised format's own pieces)."""
+        if self._weights_cls.trainable:
+            return self.w13, self.w2
+        return self.weights.expert_args()
+
+    def _format_refusal(self) -> str | None:
+        """Why the experts backend cannot compute the layer's weight format here, or None."""
+        experts = self.experts
+        if self._weights_cls.name in getattr(experts, "weight_formats", ("dense",)) and \
+                not hasattr(experts, "weight_format_unsupported_reason"):
+            return None
+        return self.weights.supports(getattr(experts, "inner", experts))
 
     def route_tokens(
         self, hidden_states: torch.Tensor, *, forced_expert_ids: torch.Tensor | None = None
@@ -727,6 +846,12 @@ class EPMoE(nn.Module):
         if reason is None and return_raw:
             reason = disp.raw_unsupported_reason()
         reason = reason or variant_refusal(self.experts, self.expert_variant, weight_mode)
+        if reason is None and (fmt := self._format_refusal()) is not None:
+            raise ValueError(error_message(
+                "weight_format", self.weight_format,
+                f"experts={self.experts.name} cannot compute it: {fmt}",
+                "use an experts backend that computes it (rocm-moe info), or load the "
+                "weights in another format"))
         if reason is not None:
             raise ValueError(error_message(
                 "return_raw / weight_mode", (return_raw, self.weight_mode),
@@ -791,8 +916,8 @@ class EPMoE(nn.Module):
             with _stage(trace, "experts", dev):
                 eo = self.experts(d.x, d.topk_ids, d.topk_weights, *self.expert_weights(),
                                   disp.expert_map_on(dev), weight_mode=weight_mode,
-                                  validate=False, **_row_bound(d, x_TH.shape[0],
-                                                               disp.world_size),
+                                  validate=False, **d.row_bound(x_TH.shape[0],
+                                                                disp.world_size),
                                   **variant_kwargs(
                                       self.expert_variant, self.w13_bias, self.w2_bias))
             stage = "combine"

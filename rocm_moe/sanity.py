@@ -65,26 +65,26 @@ class SanityRow:
 
 def tolerance(layer: EPMoE) -> float:
     """Relative error allowed for ``layer`` against a float64 oracle of its (dequantised)
-    weights: by compute dtype, and for an FP8 layer twice ``layer_fp8.FP8_TOLERANCE`` (its
+    weights: by compute dtype, and for an FP8 layer twice ``formats.block_fp8.FP8_TOLERANCE`` (its
     activations are quantised too, and one token's error is not averaged over a batch: up to
     6% measured at H = 128; a weight applied twice or never, or gate and up swapped, are off by
     50% and more)."""
     tol = TOLERANCE[layer.w13.dtype]
     if getattr(layer.experts, "fp8", False):
-        from rocm_moe.layer_fp8 import FP8_TOLERANCE
+        from rocm_moe.formats.block_fp8 import FP8_TOLERANCE
 
         tol = max(tol, 2 * FP8_TOLERANCE)
     return tol
 
 
 def check_layer(field: str, layer: object) -> EPMoE:
-    """``layer`` is an EPMoE (or FP8EPMoE) that the references here model: a TypeError naming
-    what was given otherwise, a ValueError for a layer whose experts or routing they do not
+    """``layer`` is an EPMoE (any weight format) that the references here model: a TypeError
+    naming what was given otherwise, a ValueError for a layer whose experts or routing they do not
     compute yet (an expert variant or a gate bias: they would report a false FAIL; replicated
     experts: the stages see physical ids)."""
     if not isinstance(layer, EPMoE):
         raise TypeError(error_message(field, describe(layer), "must be a rocm_moe.EPMoE",
-                                      "pass the MoE layer (EPMoE or FP8EPMoE)"))
+                                      "pass the MoE layer (an EPMoE)"))
     from rocm_moe.experts.base import PLAIN
 
     unmodelled = [what for what, on in (

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from rocm_moe import EPMoE, RouterConfig
+from rocm_moe import EPMoE, RouterConfig, faults
 from rocm_moe import synthetic as syn
 from rocm_moe.cli import main
 from rocm_moe.comm.torch import TorchDispatcher
@@ -48,26 +48,29 @@ def test_plant_and_remove_leave_the_layer_bare():
     dispatcher, experts = layer.dispatcher, layer.experts
     x = _x(0, 3)
     clean = layer(x)
-    layer.fault = "per_sequence_routing"
-    assert layer.fault == "per_sequence_routing"
+    faults.plant(layer, "per_sequence_routing")
+    assert faults.planted(layer) == "per_sequence_routing"
     assert not torch.equal(layer(x), clean)
-    layer.fault = "scalar_collapse"  # replaces the previous one
-    assert layer.fault == "scalar_collapse"
+    faults.plant(layer, "scalar_collapse")  # replaces the previous one
+    assert faults.planted(layer) == "scalar_collapse"
     assert "route_tokens" not in vars(layer)
-    assert copy.deepcopy(layer).fault == "scalar_collapse"
-    layer.fault = None
+    assert faults.planted(copy.deepcopy(layer)) == "scalar_collapse"
+    faults.plant(layer, None)
     assert layer.dispatcher is dispatcher
     assert layer.experts is experts
     assert torch.equal(layer(x), clean)
     with pytest.raises(ValueError, match="known faults"):
-        layer.fault = "typo"
+        faults.plant(layer, "typo")
+    # the layer carries no fault code: faults plant from outside (issue 30)
+    assert not hasattr(EPMoE, "fault")
+    assert not hasattr(layer, "fault")
 
 
 @pytest.mark.parametrize("weight_mode", ["experts", "combine"])
 @pytest.mark.parametrize("fault", [None, *FAULTS])
 def test_single_rank(fault, weight_mode):
     layer = _layer(weight_mode)
-    layer.fault = fault
+    faults.plant(layer, fault)
     report = diagnose(layer, _x(0, int(torch.randint(0, 10**6, (1,)))))
     if fault is None or fault in NEEDS_RANKS:
         assert report.first_bad is None, report
@@ -83,7 +86,7 @@ def test_single_rank(fault, weight_mode):
 def test_bf16_weights_twice_and_clean():
     layer = _layer(dtype=torch.bfloat16)
     assert diagnose(layer, _x(0, 1, torch.bfloat16)).first_bad is None
-    layer.fault = "weights_twice"
+    faults.plant(layer, "weights_twice")
     assert diagnose(layer, _x(0, 1, torch.bfloat16)).diagnosis.bug == "weights_twice"
 
 
@@ -93,7 +96,7 @@ def _two_ranks(info, seed):
         disp = TorchDispatcher(Placement.contiguous(E, info.world_size), hidden_size=H,
                                top_k=K, dtype=torch.float32)
         layer = _layer(dispatcher=disp)
-        layer.fault = fault
+        faults.plant(layer, fault)
         r = diagnose(layer, _x(info.rank, seed))
         out[str(fault)] = [r.first_bad, r.diagnosis.bug if r.diagnosis else None]
     return out

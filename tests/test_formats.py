@@ -174,7 +174,7 @@ def test_block_fp8_refuses_bad_weights_by_field():
         BlockFP8Weights(torch.zeros(1, 256, 33), torch.zeros(1, 33, 128))
     fp8 = BlockFP8Weights.quantize(*_float_weights(1, 33, 128))
     fp8.w2.scale_inv[0, 0, 0] = 0.0
-    with pytest.raises(ValueError, match=r"w.scale_inv=contains 0.0.*Fix:"):
+    with pytest.raises(ValueError, match=r"w2.scale_inv=contains 0.0.*Fix:"):
         BlockFP8Weights.quantize(fp8.w13, fp8.w2)
 
 

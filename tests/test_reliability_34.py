@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rocm_moe import ExpertsOutput, Placement
+from rocm_moe import ExpertsOutput, Placement, faults
 from rocm_moe.weighting import weight_once
 
 H = 8
@@ -185,8 +185,8 @@ def test_turning_invariant_off_restores_the_replaced_experts():
     layer.invariant = True
     assert layer.experts is not plain
     assert layer.experts.invariant
-    layer.fault = "weights_twice"  # (the fault machinery wraps the experts: not a user's swap)
-    layer.fault = None
+    faults.plant(layer, "weights_twice")  # (it wraps the experts: not a user's swap)
+    faults.plant(layer, None)
     layer.invariant = False
     assert layer.experts is plain
 

@@ -124,9 +124,8 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
     group = torch_disp.group
     fp8_disp = None
     if "torch-fp8" in cfg["comm"]:  # rows in FP8 on the wire (issue 18); built on every rank
-        from rocm_moe.comm.torch_fp8 import TorchFP8Dispatcher
-
-        fp8_disp = TorchFP8Dispatcher(placement, hidden_size=H, top_k=K, dtype=dtype)
+        fp8_disp = TorchDispatcher(placement, hidden_size=H, top_k=K, dtype=dtype,
+                                   fp8_dtype="e4m3fn")
     graphs = dev.type == "cuda"
     rows = []
     for T in cfg["tokens"]:
@@ -166,10 +165,11 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
             inner["symm dispatch"] = inner["symm combine"] = cfg["inner"]
             assert int(r.num_valid) == res.num_received, "symm and torch received rows differ"
         if "symm-fp8" in cfg["comm"]:  # FP8 rows on the symm transport (issue 18)
-            from rocm_moe.comm.symm_fp8 import SymmFP8Dispatcher
+            from rocm_moe.comm.symm import SymmDispatcher
 
-            symm8 = SymmFP8Dispatcher(placement, hidden_size=H, top_k=K, dtype=dtype,
-                                      max_tokens_per_rank=cfg["symm_capacity"] or T)
+            symm8 = SymmDispatcher(placement, hidden_size=H, top_k=K, dtype=dtype,
+                                   max_tokens_per_rank=cfg["symm_capacity"] or T,
+                                   fp8_dtype="e4m3fn")
             fns["symm-fp8 dispatch"] = _graphed(
                 lambda x=x, w=w, ids=ids, d=symm8: d.dispatch(x, w, ids, validate=False),
                 cfg["inner"], dev)
@@ -206,7 +206,7 @@ def _wire_row_bytes(H: int, dtype: torch.dtype, K: int, comm=()) -> dict:
         out["symm"] = out["torch"]
     for name in ("torch-fp8", "symm-fp8"):
         if name in comm:
-            from rocm_moe.comm.torch_fp8 import fp8_row_bytes
+            from rocm_moe.comm.wire import fp8_row_bytes
 
             out[name] = 4 * row_words(fp8_row_bytes(H), torch.uint8, K)
     return out

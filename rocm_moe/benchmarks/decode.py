@@ -83,7 +83,6 @@ def copy_rate(device: torch.device, cfg: dict) -> float | None:
 
 def _layer(cfg: dict, s: dict, cap: int, info: WorkerInfo, dtype, path: str = "auto"):
     from rocm_moe import EPMoE, Placement, backends
-    from rocm_moe.layer_fp8 import FP8EPMoE
 
     placement = Placement.contiguous(s["num_experts"], 1)
     kw = dict(hidden_size=s["hidden"], top_k=s["top_k"], dtype=dtype)
@@ -101,12 +100,12 @@ def _layer(cfg: dict, s: dict, cap: int, info: WorkerInfo, dtype, path: str = "a
         from rocm_moe.experts.triton import TritonExperts
 
         experts = TritonExperts(path=path) if gpu else None
-    cls = FP8EPMoE if fp8 else EPMoE
-    layer = cls(hidden_size=s["hidden"], intermediate_size=s["intermediate"], router=_router(s),
-                dispatcher=disp, experts=experts,
-                shared_intermediate_size=s["shared_intermediate"],
-                dtype=dtype, device=info.device, validate=False,
-                fused_router=cfg["fused_router"] and gpu)
+    layer = EPMoE(hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+                  router=_router(s), dispatcher=disp, experts=experts,
+                  weight_format="block_fp8" if fp8 else "dense",
+                  shared_intermediate_size=s["shared_intermediate"],
+                  dtype=dtype, device=info.device, validate=False,
+                  fused_router=cfg["fused_router"] and gpu)
     layer.reset_parameters(cfg["seed"])
     return layer
 

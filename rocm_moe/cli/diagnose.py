@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from rich.markup import escape
 from rich.table import Table
 
-from rocm_moe import synthetic
+from rocm_moe import faults, synthetic
 from rocm_moe._console import console, progress
 from rocm_moe.cli import argtypes, ranks
 from rocm_moe.cli.spec import (
@@ -66,7 +66,7 @@ def _rank(info: WorkerInfo, job: DiagnoseJob) -> dict:
     spec = job.spec.on_rank(info)
     dtype = spec.torch_dtype(info.device)
     layer = spec.build(info, dtype)
-    layer.fault = job.inject
+    faults.plant(layer, job.inject)  # (from outside: the layer carries no fault code)
     x = synthetic.tokens(spec.seed, info.rank, job.batch * job.seq, spec.hidden_size)
     x = x.reshape(job.batch, job.seq, spec.hidden_size).to(dtype).to(info.device)
     report = diagnose(layer, x, expert_weights=spec.expert_weights(dtype), dump=job.dump,

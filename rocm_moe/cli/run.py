@@ -30,8 +30,8 @@ from rocm_moe.cli.spec import (
 )
 from rocm_moe.distributed import WorkerInfo
 from rocm_moe.experts.reference import dense_moe_reference
+from rocm_moe.formats.block_fp8 import FP8_TOLERANCE
 from rocm_moe.layer import Trace
-from rocm_moe.layer_fp8 import FP8_TOLERANCE
 from rocm_moe.sanity import TOLERANCE, rel_err
 
 
@@ -107,7 +107,7 @@ def _rank(info: WorkerInfo, job: RunJob) -> dict:
             y_ref = y_ref + layer.shared_experts.reference(x)
     if first:
         progress(f"rank 0: checked against the float64 oracle in {time.perf_counter() - t0:.1f} s")
-    params = sum(p.numel() * p.element_size()  # buffers: FP8 experts (layer_fp8)
+    params = sum(p.numel() * p.element_size()  # buffers: quantised experts (formats)
                  for p in (*layer.parameters(), *layer.buffers()))
     fp8 = getattr(layer, "fp8_dtype", None)
     return dict(rank=info.rank, build_s=build_s, dtype=str(dtype), backend=info.backend,

@@ -66,7 +66,7 @@ class LayerSpec:
         """The dispatcher that runs: ``comm``, or its FP8 form with ``fp8_dispatch``."""
         if self.comm is None:
             return "default"
-        return FP8_COMM[self.comm][0] if self.fp8_dispatch and self.comm in FP8_COMM \
+        return FP8_COMM[self.comm] if self.fp8_dispatch and self.comm in FP8_COMM \
             else self.comm
 
     @property
@@ -112,15 +112,10 @@ class LayerSpec:
         kw = dict(hidden_size=self.hidden_size, top_k=self.top_k, dtype=dtype,
                   max_tokens_per_rank=self.max_tokens_per_rank)
         if self.fp8_dispatch:  # in the encoding the layer converts its FP8 experts to
-            import importlib
-
             from rocm_moe.quant import native_fp8_dtype
 
-            _, module, cls = FP8_COMM[self.comm]
-            dispatcher = getattr(importlib.import_module(module), cls)(
-                placement, fp8_dtype=native_fp8_dtype(info.device), **kw)
-        else:
-            dispatcher = backends.make_dispatcher(self.comm, placement, info.rank, **kw)
+            kw["fp8_dtype"] = native_fp8_dtype(info.device)  # (the transport's wire format)
+        dispatcher = backends.make_dispatcher(self.comm, placement, info.rank, **kw)
         experts = backends.make_experts(self.experts)
         if self.checkpoint:
             from rocm_moe.integrations import hf
@@ -160,11 +155,10 @@ class LayerSpec:
 
 ROUTERS = ("qwen3", "mixtral", "deepseek_v3")  # --router: the synthetic layer's router family
 
-# --fp8-dispatch: each comm backend's FP8 form (name, module, class); their rows are FP8Rows,
-# which only the FP8 experts of an FP8 checkpoint's layer (layer_fp8.FP8EPMoE) consume.
-FP8_COMM = {"torch": ("torch-fp8", "rocm_moe.comm.torch_fp8", "TorchFP8Dispatcher"),
-            "symm": ("symm-fp8", "rocm_moe.comm.symm_fp8", "SymmFP8Dispatcher"),
-            "mori": ("mori-fp8", "rocm_moe.comm.mori_fp8", "MoriFP8Dispatcher")}
+# --fp8-dispatch: the comm backends that carry FP8 rows (their wire format, ``fp8_dtype``, a
+# parameter of the transport's one dispatcher class: comm.wire) and the name they run under;
+# the rows are FP8Rows, which only the FP8 experts of an FP8 checkpoint's layer consume.
+FP8_COMM = {"torch": "torch-fp8", "symm": "symm-fp8", "mori": "mori-fp8"}
 
 
 def router_config(name: str, num_experts: int, top_k: int) -> RouterConfig:

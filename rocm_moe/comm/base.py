@@ -85,6 +85,25 @@ class DispatchResult:
     def num_received(self) -> int:
         return self.x.shape[0]
 
+    def row_bound(self, num_tokens: int, world_size: int) -> dict:
+        """The experts' row-bound keywords of this dispatch: for a capacity-sized one (its row
+        count on the device, ``num_valid``) ``num_rows`` and the host's estimate
+        ``expected_rows`` (every rank sending ``num_tokens``, at most R), so the experts' cost
+        follows the rows received, not the capacity (issue 33); nothing for a dispatch sized
+        to its rows. The one place the layer and the engine adapters compute it.
+
+        Example: R = 64 capacity rows, 3 tokens a rank, W = 4 -> ``dict(num_rows=num_valid,
+        expected_rows=12)``."""
+        for field, value in (("num_tokens", num_tokens), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TypeError(error_message(
+                    field, repr(value), "must be an int >= 0", "pass the batch's token count "
+                    "on this rank and the EP group's size"))
+        if self.num_valid is None:
+            return {}
+        return dict(num_rows=self.num_valid,
+                    expected_rows=min(self.x.shape[0], num_tokens * world_size))
+
 
 def join_group(placement: Placement, group, backend: str):
     """(group, rank) of a multi-rank backend: torch.distributed must be initialised and the
@@ -155,6 +174,10 @@ class Dispatcher(ABC):
     """
 
     name: ClassVar[str]
+    # The wire format (``comm.wire``): None, rows travel in the compute dtype; an FP8 dtype,
+    # FP8 rows of 1x128 groups (a dispatcher built with ``fp8_dtype=``; its ``name`` gains
+    # "-fp8").
+    fp8_dtype: torch.dtype | None = None
     # True where DispatchResult tensors are views of the dispatcher's persistent buffers (symm,
     # MORI): the next dispatch overwrites them, so one batch may be in flight at a time. A
     # dispatcher shared by every MoE layer of a model (``rocm_moe.comm.pool``) then refuses a
@@ -194,7 +217,18 @@ class Dispatcher(ABC):
         return dict(backend=self.name, num_experts=self.placement.num_experts,
                     placement=self.placement.experts_of_rank, top_k=self.top_k,
                     hidden_size=self.hidden_size, dtype=str(self.dtype),
-                    max_tokens_per_rank=self.max_tokens_per_rank)
+                    max_tokens_per_rank=self.max_tokens_per_rank,
+                    **({} if self.fp8_dtype is None else {"fp8_dtype": str(self.fp8_dtype)}))
+
+    def _set_wire(self, fp8_dtype: object, dtype: object) -> None:
+        """The wire format (``comm.wire``) from the ``fp8_dtype`` argument, checked before any
+        collective: FP8 rows name the dispatcher ``<transport>-fp8``."""
+        from rocm_moe.comm.wire import check_wire_source, wire_fp8_dtype
+
+        self.fp8_dtype = wire_fp8_dtype(fp8_dtype)
+        check_wire_source(dtype, self.fp8_dtype)
+        if self.fp8_dtype is not None and not self.name.endswith("-fp8"):
+            self.name = f"{self.name}-fp8"
 
     @classmethod
     def availability(cls) -> str | None:

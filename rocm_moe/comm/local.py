@@ -6,15 +6,24 @@ each token (already reduced over all K slots by the combine stage or the experts
 
 from __future__ import annotations
 
+import torch
+
 from rocm_moe._checks import error_message
 from rocm_moe.comm.base import CombineHandle, Dispatcher, DispatchResult
 from rocm_moe.placement import Placement
+from rocm_moe.quant import quantize_rows_on_owner
 
 
 class LocalDispatcher(Dispatcher):
+    """``fp8_dtype``: the wire format (``comm.wire``): None, the rows as they are; an FP8
+    encoding, the rows quantised per 1x128 group (``quant.FP8Rows``, as the other transports
+    deliver them to the FP8 experts)."""
+
     name = "local"
 
-    def __init__(self, placement: Placement, rank: int = 0, **kw):
+    def __init__(self, placement: Placement, rank: int = 0, *,
+                 fp8_dtype: str | torch.dtype | None = None, **kw):
+        self._set_wire(fp8_dtype, kw.get("dtype"))
         super().__init__(placement, rank, **kw)
         if placement.world_size != 1:
             raise ValueError(error_message(
@@ -26,7 +35,8 @@ class LocalDispatcher(Dispatcher):
             batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
             topk_ids_TK=topk_ids_TK, recv_topk_ids=topk_ids_TK,
             recv_topk_weights=topk_weights_TK))
-        return DispatchResult(x=x_TH, topk_ids=topk_ids_TK, topk_weights=topk_weights_TK,
+        x = x_TH if self.fp8_dtype is None else quantize_rows_on_owner(x_TH, self.fp8_dtype)
+        return DispatchResult(x=x, topk_ids=topk_ids_TK, topk_weights=topk_weights_TK,
                               handle=handle)
 
     def _combine(self, y_RH, handle):

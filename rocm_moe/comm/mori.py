@@ -76,6 +76,8 @@ from rocm_moe.comm.base import (
     join_group,
 )
 from rocm_moe.placement import Placement
+from rocm_moe.quant import BLOCK, FP8Rows, quantize_rows_on_owner
+from rocm_moe.quant import fp8_dtype as _fp8_name
 
 # EpDispatchCombineKernelType (624002c8); IntraNodeLL: the IntraNode buffers with a low-latency
 # kernel (dispatch_combine.cpp ~321, intranode_ll.hpp), within one node of at most 8 GPUs.
@@ -439,18 +441,39 @@ class MoriCombineHandle(CombineHandle):
     pass  # MORI keeps the routing itself; the handle pins the batch and this rank's own ids
 
 
+def _check_fp8_wire(fp8_dtype: object, dtype: object, hidden_size: object) -> None:
+    """What FP8 rows through MORI need (``MoriDispatcher(fp8_dtype=...)``), before any
+    collective or MORI call: one of MORI's FP8 types, a combine dtype MORI has kernels for,
+    H a multiple of 128."""
+    dt = fp8_dtype if isinstance(fp8_dtype, torch.dtype) else _fp8_name(fp8_dtype)
+    if dt not in MORI_FP8_DTYPES:
+        raise _bad("fp8_dtype", dt, f"MORI dispatches FP8 as {MORI_FP8_DTYPES} (fp8_ocp / "
+                   "fp8_fnuz)", "pass 'e4m3fnuz' (MI300) or 'e4m3fn' (MI350)")
+    if dtype not in MORI_DTYPES:
+        raise _bad("dtype", dtype, f"the rows' dtype before quantisation is the combine's, and "
+                   f"MORI combines {MORI_DTYPES} (float16 has no MORI kernel; FP8 rows are made "
+                   "here)", "build the layer in torch.bfloat16")
+    if not isinstance(hidden_size, int) or hidden_size < 1 or hidden_size % BLOCK:
+        raise _bad("hidden_size", hidden_size, f"must be a multiple of {BLOCK} for FP8 rows "
+                   f"through MORI (one float32 scale per {BLOCK} columns; AITER's per_1x128 path "
+                   "reads whole groups)", "pad H to a multiple of 128 or use comm='torch' with "
+                   "fp8_dtype")
+
+
 class MoriDispatcher(Dispatcher):
     """EP dispatch/combine through a MORI op (one per layer shape; construction is collective).
 
     Args: as TorchDispatcher, plus ``max_tokens_per_rank`` (required: MORI's buffer size),
     ``kernel_type`` and ``gpu_per_node`` (see ``mori_config``; None: from the group's hosts),
     ``capacity_sized`` (see the module docstring). ``mori`` injects the module (tests use a fake
-    that models MORI's lifecycle).
+    that models MORI's lifecycle). ``fp8_dtype``: the wire format (``comm.wire``): None, rows
+    in ``dtype``; "e4m3fnuz" (MI300) or "e4m3fn" (MI350), FP8 rows with their float32 scales
+    through MORI's FP8 token types (``comm.mori_fp8``'s docstring: what MORI does with them;
+    ``mori_fp8.default_fp8_dtype()`` is the encoding this machine's MORI build has).
     """
 
     name = "mori"
     holds_batch = True  # received rows are views of MORI's buffers
-    fp8_dtype: torch.dtype | None = None  # rows in FP8 on the wire (``comm.mori_fp8``)
 
     @classmethod
     def availability(cls) -> str | None:
@@ -470,7 +493,11 @@ class MoriDispatcher(Dispatcher):
         capacity_sized: bool = False,
         max_total_recv_tokens: int | None = None,
         mori=None,
+        fp8_dtype: str | torch.dtype | None = None,
     ):
+        if fp8_dtype is not None:
+            _check_fp8_wire(fp8_dtype, dtype, hidden_size)
+        self._set_wire(fp8_dtype, dtype)
         group, rank = join_group(placement, group, self.name)
         if max_total_recv_tokens is not None and capacity_sized:
             raise _bad("max_total_recv_tokens", max_total_recv_tokens, "is checked per batch "
@@ -578,12 +605,19 @@ class MoriDispatcher(Dispatcher):
                               num_valid=num_valid)
 
     def _to_mori(self, x_TH):
-        """(tokens, scales) as ``op.dispatch`` takes them: the rows as they are, no scales."""
-        return x_TH.contiguous(), None
+        """(tokens, scales) as ``op.dispatch`` takes them: the rows as they are, no scales; or
+        FP8 rows and their [T, H/128] float32 scales (quantised once on the owner)."""
+        if self.fp8_dtype is None:
+            return x_TH.contiguous(), None
+        rows = quantize_rows_on_owner(x_TH, self.fp8_dtype)
+        return rows.q.contiguous(), rows.scale.contiguous()
 
     def _from_mori(self, out_x, out_scales, x_TH):
         """``DispatchResult.x`` from MORI's received rows (and scales): views of its buffers."""
-        return out_x
+        if self.fp8_dtype is None:
+            return out_x
+        assert out_scales is not None, "MORI returned no scales: config.scale_dim is 0"
+        return FP8Rows(out_x, out_scales, x_TH.dtype)
 
     def _combine(self, y_RH, handle):
         if self._uncombined != handle.batch_id:
@@ -614,7 +648,8 @@ def forward_padded(dispatcher: MoriDispatcher, experts, x_TH, topk_weights_TK, t
                    "on the device", "build MoriDispatcher(..., capacity_sized=True)")
     if dispatcher.fp8_dtype is not None:
         raise _bad("dispatcher", dispatcher.name, "forward_padded hands AITER bf16 rows",
-                   "run FP8 rows through FP8EPMoE(..., validate=False) with AiterFP8Experts")
+                   "run FP8 rows through EPMoE(weight_format='block_fp8', validate=False) "
+                   "with AiterFP8Experts")
     d = dispatcher.dispatch(x_TH, topk_weights_TK, topk_ids_TK, validate=False)
     y = experts.forward_padded(d.x, d.topk_ids, d.topk_weights, w13, w2,
                                dispatcher.expert_map_on(d.x.device), num_rows=d.num_valid)

@@ -1,4 +1,5 @@
-"""FP8 dispatch through MORI's FP8 token types: ``MoriDispatcher`` whose rows travel in FP8.
+"""FP8 dispatch through MORI's FP8 token types: ``MoriDispatcher(..., fp8_dtype=...)``, whose
+rows travel in FP8 (``MoriFP8Dispatcher``, the class it was, is kept one release as an alias).
 
 NOT RUN ON MI300 HARDWARE BY THIS PROJECT: written against MORI's public source (ROCm/mori
 624002c8) and tested on CPUs through the fake ``mori`` (tests/fakes.py), which enforces what
@@ -51,11 +52,10 @@ from __future__ import annotations
 
 import torch
 
-from rocm_moe._checks import error_message
-from rocm_moe.comm.mori import MORI_DTYPES, MORI_FP8_DTYPES, MoriDispatcher
-from rocm_moe.comm.torch_fp8 import quantize_on_owner
-from rocm_moe.quant import BLOCK, FP8Rows, native_fp8_dtype
-from rocm_moe.quant import fp8_dtype as _fp8
+from rocm_moe.comm.mori import MoriDispatcher
+from rocm_moe.quant import BLOCK, native_fp8_dtype, quantize_rows_on_owner
+
+quantize_on_owner = quantize_rows_on_owner  # (its former home was comm.torch_fp8)
 
 
 def mori_row_bytes(hidden: int, top_k: int, *, fp8: bool, dtype=torch.bfloat16) -> int:
@@ -75,47 +75,12 @@ def default_fp8_dtype() -> torch.dtype:
 
 
 class MoriFP8Dispatcher(MoriDispatcher):
-    """``MoriDispatcher`` with rows in FP8 on the wire (see the module docstring).
-
-    ``fp8_dtype``: "e4m3fnuz" (MI300) or "e4m3fn" (MI350); None: the device's. The experts'
-    weights must be in the same encoding. ``dtype``: the rows' dtype before quantisation and the
-    combine's (bf16; float32 also runs). Other arguments are ``MoriDispatcher``'s. Everything
-    below is refused before any collective or MORI call."""
+    """Deprecated alias: ``MoriDispatcher(..., fp8_dtype=...)``, ``fp8_dtype`` None meaning
+    the device's encoding (``default_fp8_dtype``). Everything is refused before any
+    collective or MORI call, as ``MoriDispatcher`` does."""
 
     name = "mori-fp8"
 
-    def __init__(self, placement, *, hidden_size: int, dtype: torch.dtype,
-                 fp8_dtype: str | torch.dtype | None = None, **kw):
-        fp8 = default_fp8_dtype() if fp8_dtype is None else _fp8_checked(fp8_dtype)
-        if dtype not in MORI_DTYPES:
-            raise ValueError(error_message(
-                "dtype", dtype, f"the rows' dtype before quantisation is the combine's, and MORI "
-                f"combines {MORI_DTYPES} (float16 has no MORI kernel; FP8 rows are made here)",
-                "build the layer in torch.bfloat16"))
-        if not isinstance(hidden_size, int) or hidden_size < 1 or hidden_size % BLOCK:
-            raise ValueError(error_message(
-                "hidden_size", hidden_size, f"must be a multiple of {BLOCK} for FP8 rows through "
-                f"MORI (one float32 scale per {BLOCK} columns; AITER's per_1x128 path reads "
-                "whole groups)", "pad H to a multiple of 128 or use comm='torch-fp8'"))
-        self.fp8_dtype = fp8
-        super().__init__(placement, hidden_size=hidden_size, dtype=dtype, **kw)
-
-    def config(self) -> dict:
-        return {**super().config(), "fp8_dtype": str(self.fp8_dtype)}
-
-    def _to_mori(self, x_TH):
-        rows = quantize_on_owner(x_TH, self.fp8_dtype)
-        return rows.q.contiguous(), rows.scale.contiguous()
-
-    def _from_mori(self, out_x, out_scales, x_TH):
-        assert out_scales is not None, "MORI returned no scales: config.scale_dim is 0"
-        return FP8Rows(out_x, out_scales, x_TH.dtype)
-
-
-def _fp8_checked(name) -> torch.dtype:
-    dt = name if isinstance(name, torch.dtype) else _fp8(name)
-    if dt not in MORI_FP8_DTYPES:
-        raise ValueError(error_message(
-            "fp8_dtype", dt, f"MORI dispatches FP8 as {MORI_FP8_DTYPES} (fp8_ocp / fp8_fnuz)",
-            "pass 'e4m3fnuz' (MI300) or 'e4m3fn' (MI350)"))
-    return dt
+    def __init__(self, placement, *, fp8_dtype: str | torch.dtype | None = None, **kw):
+        fp8 = default_fp8_dtype() if fp8_dtype is None else fp8_dtype
+        super().__init__(placement, fp8_dtype=fp8, **kw)

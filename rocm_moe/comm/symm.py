@@ -59,7 +59,7 @@ import torch.distributed as dist
 
 from rocm_moe._checks import error_message
 from rocm_moe._libs import triton_missing
-from rocm_moe.comm import rows
+from rocm_moe.comm import rows, wire
 from rocm_moe.comm.base import (
     CombineHandle,
     Dispatcher,
@@ -113,6 +113,9 @@ class SymmDispatcher(Dispatcher):
             W x max_tokens_per_rank rows; a larger batch is refused before anything moves.
         group: the EP process group (default: the default group). All its ranks must be on one
             node with peer access (NVLink / xGMI).
+        fp8_dtype: the wire format (``comm.wire``): None, rows in ``dtype``; "e4m3fn" (or
+            "e4m3fnuz" on ROCm), FP8 rows quantised on their owner in one launch, received as
+            ``quant.FP8Rows`` views of the receive section (combine stays in ``dtype``).
         spin_limit: bound of every barrier spin (iterations); a peer that does not arrive within
             it is reported by ``check_peers``.
 
@@ -143,7 +146,14 @@ class SymmDispatcher(Dispatcher):
         max_tokens_per_rank: int,
         group: dist.ProcessGroup | None = None,
         spin_limit: int = DEFAULT_SPIN,
+        fp8_dtype: str | torch.dtype | None = None,
     ):
+        self._set_wire(fp8_dtype, dtype)
+        if self.fp8_dtype == torch.float8_e4m3fnuz and torch.version.hip is None:
+            raise ValueError(error_message(
+                "fp8_dtype", "e4m3fnuz", "NVIDIA Triton has no e4m3fnuz type (fp8e4b8 is "
+                "AMD-only), so the rows cannot be quantised to it here",
+                "pass fp8_dtype='e4m3fn'"))
         if (reason := self.availability()) is not None:
             raise ValueError(error_message("comm backend", "'symm'", f"unavailable: {reason}",
                                            "use the torch backend (TorchDispatcher)"))
@@ -224,19 +234,19 @@ class SymmDispatcher(Dispatcher):
 
     # ---- dispatch ---------------------------------------------------------------------------
     def _wire_format(self) -> tuple[int, torch.dtype]:
-        """(P, dtype) of the [T, P] payload one row travels as (here: x itself, [T, H]);
-        P * itemsize must be a multiple of 4 bytes."""
-        return self.hidden_size, self.dtype
+        """(P, dtype) of the [T, P] payload one row travels as (``comm.wire``: x itself,
+        [T, H], or packed FP8 rows); P * itemsize must be a multiple of 4 bytes."""
+        return wire.wire_format(self.hidden_size, self.dtype, self.fp8_dtype)
 
     def _to_wire(self, x_TH: torch.Tensor) -> torch.Tensor:
-        """[T, H] rows -> the [T, P] payload that travels (here: the rows themselves); on the
-        device, without host reads (dispatch is captured in CUDA graphs)."""
-        return x_TH
+        """[T, H] rows -> the [T, P] payload that travels (the rows, or FP8 rows quantised in
+        one launch); on the device, without host reads (dispatch is captured in CUDA graphs)."""
+        return wire.to_wire(x_TH, self.fp8_dtype)
 
     def _from_wire(self, payload_RP: torch.Tensor):
         """[W * cap, P] received payloads (views of the receive section, built once) ->
-        ``DispatchResult.x`` (here: the rows themselves)."""
-        return payload_RP
+        ``DispatchResult.x`` (the rows, or FP8Rows views)."""
+        return wire.from_wire(payload_RP, self.hidden_size, self.fp8_dtype, self.dtype)
 
     def dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, *, validate: bool = True):
         if validate and not torch.cuda.is_current_stream_capturing():

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from rocm_moe._checks import error_message
-from rocm_moe.comm import peers, rows
+from rocm_moe.comm import peers, rows, wire
 from rocm_moe.comm.base import (
     CombineHandle,
     Dispatcher,
@@ -88,6 +88,9 @@ class TorchDispatcher(Dispatcher):
         group: the EP process group (default: the default group). Its rank is this rank.
         hidden_size, top_k, dtype: what every batch must have (like MORI's config).
         max_tokens_per_rank: refuse larger batches before any collective (None = unbounded).
+        fp8_dtype: the wire format (``comm.wire``): None, rows in ``dtype``; "e4m3fn" or
+            "e4m3fnuz", each row quantised once on its owner to FP8 per 1x128 group (received
+            as ``quant.FP8Rows`` views, for the FP8 experts; combine stays in ``dtype``).
         timeout: the collective timeout of this dispatcher: a group with this timeout is
             created over the same ranks (every rank of the default group must construct the
             dispatcher then, as ``dist.new_group`` requires; dispatchers share it). Default:
@@ -114,7 +117,9 @@ class TorchDispatcher(Dispatcher):
         group: dist.ProcessGroup | None = None,
         max_tokens_per_rank: int | None = None,
         timeout: datetime.timedelta | None = None,
+        fp8_dtype: str | torch.dtype | None = None,
     ):
+        self._set_wire(fp8_dtype, dtype)
         if timeout is not None and (not isinstance(timeout, datetime.timedelta)
                                     or timeout.total_seconds() <= 0):
             raise TypeError(error_message(
@@ -197,12 +202,13 @@ class TorchDispatcher(Dispatcher):
 
     # ---- dispatch -------------------------------------------------------------------------------
     def _to_wire(self, x_TH: torch.Tensor) -> torch.Tensor:
-        """[T, H] rows -> the [T, P] payload that travels (here: the rows themselves)."""
-        return x_TH
+        """[T, H] rows -> the [T, P] payload that travels (``comm.wire``: the rows themselves,
+        or packed FP8 rows)."""
+        return wire.to_wire(x_TH, self.fp8_dtype)
 
     def _from_wire(self, payload_RP: torch.Tensor, x_TH: torch.Tensor):
-        """Received [R, P] payloads -> ``DispatchResult.x`` (here: the rows themselves)."""
-        return payload_RP
+        """Received [R, P] payloads -> ``DispatchResult.x`` (the rows, or FP8Rows views)."""
+        return wire.from_wire(payload_RP, x_TH.shape[1], self.fp8_dtype, x_TH.dtype)
 
     def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
         peers.check_usable(self.group, "dispatch")

@@ -295,6 +295,23 @@ class Experts(ABC):
         """None if this backend can run the call, else the reason it cannot."""
         return None
 
+    def for_weight_format(self, name: str) -> Experts | None:
+        """This backend's kernel for expert weights of format ``name`` (``rocm_moe.formats``):
+        itself where it computes them (``weight_formats``), the backend of the same name for
+        that format ("block_fp8": reference, triton, aiter; "mxfp4": reference, triton), else
+        None (the layer refuses by name)."""
+        if name in self.weight_formats:
+            return self
+        if name == "block_fp8":
+            from rocm_moe.experts.fp8 import fp8_sibling
+
+            return fp8_sibling(self)
+        if name == "mxfp4":
+            from rocm_moe.experts.mxfp4 import mxfp4_sibling
+
+            return mxfp4_sibling(self)
+        return None
+
     def variant_unsupported_reason(self, variant: ExpertVariant) -> str | None:
         """None if this backend computes ``variant`` (biases, activation, weights on the input),
         else why not. The base class runs only ``PLAIN``; a backend that runs more says so."""

@@ -170,6 +170,26 @@ class FP8Experts(Experts):
         return out
 
 
+def fp8_sibling(experts: Experts) -> FP8Experts | None:
+    """The FP8 backend of a float backend's name (block-FP8 weights): reference, triton, aiter
+    (with the float one's AITER settings); None for any other."""
+    if isinstance(experts, FP8Experts):
+        return experts
+    if experts.name == "reference":
+        return FP8ReferenceExperts()
+    if experts.name == "triton":
+        from rocm_moe.experts.triton_fp8 import TritonFP8Experts
+
+        return TritonFP8Experts()
+    if experts.name == "aiter":
+        from rocm_moe.experts.aiter_fp8 import AiterFP8Experts
+
+        return AiterFP8Experts(mask_sentinel=experts.mask_sentinel,
+                               fused_moe=experts._fused_moe,
+                               shuffle_weight=experts._shuffle_weight, shuffle=experts.shuffle)
+    return None
+
+
 class FP8ReferenceExperts(FP8Experts):
     """Readable FP8 experts in torch: dequantised operands, float32 GEMMs (float64 when the
     output is float64), the intermediate requantised per 1x128 group like the kernels do."""

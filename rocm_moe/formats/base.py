@@ -237,3 +237,24 @@ def check_expert_shapes(w13: object, w2: object, *, fix: str) -> tuple[int, int,
                                        f"must be [e={e}, H={H}, I={two_i // 2}] (w13's)",
                                        "pass the down weights of the same experts"))
     return e, H, two_i // 2
+
+
+def check_format_options(cls: type[WeightFormat], options: object) -> dict:
+    """``format_options`` of a layer for format ``cls``: a dict of the options its
+    ``check_options`` takes (an unknown one is named with the ones it knows), checked."""
+    import inspect
+
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise TypeError(error_message("format_options", describe(options),
+                                      "must be a dict or None", "pass e.g. {'fp8_dtype': "
+                                      "'e4m3fnuz'} for block_fp8, or leave it out"))
+    known = [n for n, p in inspect.signature(cls.check_options).parameters.items()
+             if p.kind == p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(known))
+    if unknown and known:
+        raise TypeError(error_message(
+            "format_options", unknown, f"the {cls.name} format takes {known}",
+            "drop the others"))
+    return cls.check_options(**options)

@@ -697,36 +697,26 @@ def _copy_weights(layer, weights: MoELayerWeights) -> None:
 
 
 def _build_fp8_layer(weights: MoELayerWeights, *, experts, dtype, device, **kw):
-    """An FP8EPMoE (``layer_fp8``) holding an FP8 checkpoint's experts in the device's FP8
-    encoding (e4m3fnuz on MI300: converted with the scale adjustment); ``experts``: an FP8
-    backend, or the float backend of the same name ("reference", "triton", "aiter")."""
-    from rocm_moe.experts.fp8 import FP8Experts, FP8ReferenceExperts
-    from rocm_moe.layer_fp8 import FP8EPMoE
+    """An EPMoE of the block-FP8 weight format (``formats.block_fp8``) holding an FP8
+    checkpoint's experts in the device's FP8 encoding (e4m3fnuz on MI300: converted with the
+    scale adjustment); ``experts``: an FP8 backend, or the float backend of the same name
+    ("reference", "triton", "aiter")."""
+    from rocm_moe.experts.fp8 import FP8ReferenceExperts, fp8_sibling
     from rocm_moe.quant import native_fp8_dtype
 
-    if experts is None or (not isinstance(experts, FP8Experts) and experts.name == "reference"):
-        experts = FP8ReferenceExperts()
-    elif not isinstance(experts, FP8Experts) and experts.name == "triton":
-        from rocm_moe.experts.triton_fp8 import TritonFP8Experts
-
-        experts = TritonFP8Experts()
-    elif not isinstance(experts, FP8Experts) and experts.name == "aiter":
-        from rocm_moe.experts.aiter_fp8 import AiterFP8Experts
-
-        experts = AiterFP8Experts(mask_sentinel=experts.mask_sentinel,
-                                  fused_moe=experts._fused_moe,
-                                  shuffle_weight=experts._shuffle_weight, shuffle=experts.shuffle)
-    elif not isinstance(experts, FP8Experts):
+    fp8_experts = FP8ReferenceExperts() if experts is None else fp8_sibling(experts)
+    if fp8_experts is None:
         raise ValueError(error_message(
             "experts", experts.name, "has no FP8 block-scale path here (an FP8 checkpoint)",
             "pick --experts reference, triton or aiter"))
-    layer = FP8EPMoE(hidden_size=weights.hidden_size,
-                     intermediate_size=weights.intermediate_size, router=weights.router,
-                     experts=experts, fp8_dtype=native_fp8_dtype(device),
-                     shared_intermediate_size=None if weights.shared_w2 is None
-                     else weights.shared_w2.shape[1],
-                     shared_expert_gate=weights.shared_gate is not None, dtype=dtype,
-                     device=device, **kw)
+    layer = EPMoE(hidden_size=weights.hidden_size,
+                  intermediate_size=weights.intermediate_size, router=weights.router,
+                  experts=fp8_experts, weight_format="block_fp8",
+                  format_options={"fp8_dtype": native_fp8_dtype(device)},
+                  shared_intermediate_size=None if weights.shared_w2 is None
+                  else weights.shared_w2.shape[1],
+                  shared_expert_gate=weights.shared_gate is not None, dtype=dtype,
+                  device=device, **kw)
     _copy_weights(layer, weights)
     return layer
 

@@ -183,9 +183,7 @@ def _classes() -> SimpleNamespace:
             router_logits = getattr(topk_output, "router_logits", None)
             topk = StandardTopKOutput(topk_weights=d.topk_weights, topk_ids=d.topk_ids,
                                       router_logits=router_logits)
-            bound = None if d.num_valid is None else dict(
-                num_rows=d.num_valid,
-                expected_rows=min(d.x.shape[0], x.shape[0] * self.dispatcher.world_size))
+            bound = d.row_bound(x.shape[0], self.dispatcher.world_size) or None
             return RocmMoEDispatchOutput(hidden_states=d.x, hidden_states_scale=None,
                                          topk_output=topk, handle=d.handle, row_bound=bound)
 

@@ -452,8 +452,7 @@ def _classes() -> SimpleNamespace:
             ids = ids.view(ids.shape)  # a fresh tensor object to carry this batch's handle
             setattr(ids, _HANDLE_ATTR, d.handle)
             if d.num_valid is not None and capturing:  # all R rows go on: bound them
-                setattr(ids, _ROWS_ATTR, dict(num_rows=d.num_valid, expected_rows=min(
-                    x.shape[0], a1.shape[0] * disp.world_size)))
+                setattr(ids, _ROWS_ATTR, d.row_bound(a1.shape[0], disp.world_size))
             return x, None, None, ids, w
 
         def finalize(self, output, fused_expert_output, topk_weights, topk_ids,

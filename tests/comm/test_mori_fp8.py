@@ -111,17 +111,16 @@ def test_mori_config_refuses_fp8_it_cannot_carry():
 
 
 def test_the_cli_fp8_form_of_mori():
-    """``rocm-moe run --comm mori --fp8-dispatch`` builds a MoriFP8Dispatcher with the CLI's
-    arguments (cli/spec.py)."""
-    import importlib
+    """``rocm-moe run --comm mori --fp8-dispatch`` builds the mori backend's dispatcher with
+    ``fp8_dtype`` and the CLI's arguments (cli/spec.py); it runs as "mori-fp8"."""
     import inspect
 
+    from rocm_moe import backends
     from rocm_moe.cli.spec import FP8_COMM
 
-    name, module, cls = FP8_COMM["mori"]
-    found = getattr(importlib.import_module(module), cls)
-    assert found is MoriFP8Dispatcher
-    assert found.name == name
+    found = backends.BACKENDS["comm:mori"].load()
+    assert found is MoriDispatcher
+    assert FP8_COMM["mori"] == MoriFP8Dispatcher.name == "mori-fp8"
     inspect.signature(found).bind(Placement.contiguous(E, 2), fp8_dtype=FNUZ, hidden_size=H,
                                   top_k=K, dtype=torch.bfloat16, max_tokens_per_rank=CAP)
 
