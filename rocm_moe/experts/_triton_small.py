@@ -63,8 +63,9 @@ def _gemv_slot(s, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, H, I, K_TOPK,
     offs_n = n_start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
     rows_g = e.to(tl.int64) * 2 * I + offs_n
-    acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # element-wise float32 partial sums, reduced along H once at the end (not every K step)
+    acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < H
@@ -73,16 +74,18 @@ def _gemv_slot(s, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, H, I, K_TOPK,
         g = tl.load(w_ptr + rows_g[:, None] * stride_wn + offs_k[None, :], mask=m, other=0.0)
         u = tl.load(w_ptr + (rows_g + I)[:, None] * stride_wn + offs_k[None, :], mask=m,
                     other=0.0)
-        pg = tl.sum(g.to(tl.float32) * a[None, :], axis=1)
-        pu = tl.sum(u.to(tl.float32) * a[None, :], axis=1)
         if FP8:  # one activation group and one weight block per K step (BLOCK_K == 128)
             kb = k0 // BLOCK_K
             a_s = tl.load(xs_ptr + row * stride_xs + kb)
             ws = ws_ptr + e.to(tl.int64) * stride_wse + (n_start // 128) * stride_wsn + kb
-            pg = pg * (a_s * tl.load(ws))
-            pu = pu * (a_s * tl.load(ws + (I // 128) * stride_wsn))
-        acc_g += pg
-        acc_u += pu
+            acc_g += g.to(tl.float32) * (a * (a_s * tl.load(ws)))[None, :]
+            acc_u += u.to(tl.float32) * (a * (a_s * tl.load(ws + (I // 128) * stride_wsn)))[
+                None, :]
+        else:
+            acc_g += g.to(tl.float32) * a[None, :]
+            acc_u += u.to(tl.float32) * a[None, :]
+    acc_g = tl.sum(acc_g, axis=1)
+    acc_u = tl.sum(acc_u, axis=1)
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(inter_ptr + tl.cast(s, tl.int64) * stride_ir + offs_n,
              h.to(inter_ptr.dtype.element_ty), mask=n_ok)
@@ -279,7 +282,7 @@ def _small_down_kernel(
 ):
     """Per row r and column tile of H: y_k = inter[r * K + k] @ down[e_k].T for its local slots
     (FP8: the intermediate quantised per 1x128 group on the way in; ``ws`` [e, H/128, I/128]);
-    WEIGHTED: out[r] = sum_k weight[r * K + k] * y_k in float32, slot order ([R, H]); else
+    WEIGHTED: out[r] = sum_k weight[r * K + k] * y_k in float32, a fixed order ([R, H]); else
     out[r, k] = y_k, zeros for other slots ([R, K, H]). Grid: (programs striding over the
     rows, column tiles of H); rows past ``num_rows[0]`` (BOUNDED) are not written."""
     n_rows = tl.load(num_rows_ptr) if BOUNDED else R
@@ -288,34 +291,35 @@ def _small_down_kernel(
     n_ok = offs_n < H
     for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         r64 = tl.cast(r, tl.int64)
-        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # element-wise float32 partial sums, reduced along I once per slot (raw) or once per
+        # row (weighted: every slot's products enter scaled by its routing weight)
+        total = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k in tl.static_range(K_TOPK):
             s = r64 * K_TOPK + k
             e = _local(ids_ptr, map_ptr, s)
             stop = tl.where(e >= 0, I, 0)  # another rank's or an empty slot: nothing loaded
             rows_w = tl.maximum(e, 0).to(tl.int64) * H + offs_n
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            c = tl.where(e >= 0, tl.load(weight_ptr + s), 0.0) if WEIGHTED else 1.0
+            if not WEIGHTED:
+                total = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             for k0 in range(0, I, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_ok = offs_k < stop
                 a = tl.load(inter_ptr + s * stride_ir + offs_k, mask=k_ok,
                             other=0.0).to(tl.float32)
-                if FP8:  # quant.quantize_rows of the group, as the grouped kernels store it
-                    q, a_s = _quant_group(a, w_ptr.dtype.element_ty, FP8_MAX, ROUND, MIN_EXP)
-                    a = q.to(tl.float32)
                 b = tl.load(w_ptr + rows_w[:, None] * stride_wn + offs_k[None, :],
                             mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                part = tl.sum(b.to(tl.float32) * a[None, :], axis=1)
-                if FP8:
+                if FP8:  # quant.quantize_rows of the group, as the grouped kernels store it
+                    q, a_s = _quant_group(a, w_ptr.dtype.element_ty, FP8_MAX, ROUND, MIN_EXP)
                     ws = ws_ptr + tl.maximum(e, 0).to(tl.int64) * stride_wse \
                         + (n_start // 128) * stride_wsn + k0 // BLOCK_K
-                    part = part * (a_s * tl.load(ws))
-                acc += part
-            if WEIGHTED:
-                total += acc * tl.where(e >= 0, tl.load(weight_ptr + s), 0.0)
-            else:
+                    a = q.to(tl.float32) * (a_s * tl.load(ws) * c)
+                else:
+                    a = a * c
+                total += b.to(tl.float32) * a[None, :]
+            if not WEIGHTED:
                 tl.store(out_ptr + r64 * stride_or + k * stride_ok + offs_n,
-                         acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+                         tl.sum(total, axis=1).to(out_ptr.dtype.element_ty), mask=n_ok)
         if WEIGHTED:
-            tl.store(out_ptr + r64 * stride_or + offs_n, total.to(out_ptr.dtype.element_ty),
-                     mask=n_ok)
+            tl.store(out_ptr + r64 * stride_or + offs_n,
+                     tl.sum(total, axis=1).to(out_ptr.dtype.element_ty), mask=n_ok)
