@@ -180,7 +180,9 @@ def fp8_sibling(experts: Experts) -> FP8Experts | None:
     if experts.name == "triton":
         from rocm_moe.experts.triton_fp8 import TritonFP8Experts
 
-        return TritonFP8Experts()
+        # the float backend's path choice (experts/triton_small.py) carries over
+        return TritonFP8Experts(path=getattr(experts, "path", "auto"),
+                                small_max_slots=getattr(experts, "small_max_slots", None))
     if experts.name == "aiter":
         from rocm_moe.experts.aiter_fp8 import AiterFP8Experts
 

@@ -168,6 +168,14 @@ def test_auto_path_by_size_and_forced(monkeypatch, gen):
         assert rel_err(out.cpu(), want) < TOL
 
 
+def test_fp8_sibling_keeps_the_path():
+    """EPMoE(weight_format="block_fp8", experts=TritonExperts(path=...)) runs the FP8 sibling
+    with the same path choice."""
+    fp8 = TritonExperts(path="small", small_max_slots=7).for_weight_format("block_fp8")
+    assert (fp8.name, fp8.path, fp8.small_max_slots) == ("triton", "small", 7)
+    assert TritonExperts().for_weight_format("block_fp8").path == "auto"
+
+
 def test_choose_path_worked_example():
     assert small.choose_path("auto", rows=1, top_k=8) == "small"
     assert small.choose_path("auto", rows=64, top_k=8) == "small"
