@@ -12,6 +12,11 @@ from rocm_moe import sanity as _sanity
 # Without a GPU, Triton kernels run in Triton's interpreter (set before any kernel is defined).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # One intra-op thread in the test process: its tensors are tiny, and on a small CPU host
+    # shared with spawned ranks (or other jobs) a second OpenMP thread spinning for a core made
+    # in-process tests 3-5x slower (tests/test_layer.py + test_planted.py at load ~8 on 2 cores:
+    # 33-43 s -> 8-11 s). Spawned ranks set their own count (rocm_moe.distributed.launch).
+    torch.set_num_threads(1)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
