@@ -119,17 +119,19 @@ def test_loader_reads_only_this_ranks_experts(checkpoint):
     assert whole.expert_bytes == E * 3 * H * I * 17 // 32
 
 
-def test_layer_holds_mxfp4_where_the_layer_has_formats(checkpoint):
-    import inspect
+def test_layer_holds_the_checkpoints_mxfp4(checkpoint):
+    from rocm_moe.experts.mxfp4 import MXFP4ReferenceExperts
 
-    from rocm_moe.layer import EPMoE
-
-    if "weight_format" not in inspect.signature(EPMoE.__init__).parameters:
-        pytest.skip("EPMoE has no weight_format yet: the experts are dequantised into it")
     w = hf.load_moe_layer(checkpoint, LAYER, Placement.contiguous(E, 1), 0)
     layer = hf.build_layer(w, dtype=torch.float32)
     assert layer.weight_format == "mxfp4"
+    assert isinstance(layer.experts, MXFP4ReferenceExperts)
     assert layer.expert_bytes == w.expert_bytes
+    assert torch.equal(layer.weights.w13.blocks, w.w13.blocks)  # as read, not requantised
+    from rocm_moe.experts.aiter import AiterExperts
+
+    with pytest.raises(ValueError, match=r"experts=aiter: has no MXFP4 path"):
+        hf.build_layer(w, experts=AiterExperts(), dtype=torch.float32)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

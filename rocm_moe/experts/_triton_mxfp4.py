@@ -1,11 +1,16 @@
 """Triton kernels of the MXFP4 experts (``experts/mxfp4.py``; imported only with triton).
 
 Weight-only MXFP4: the weights stay packed in memory (``formats/mxfp4.py``: two E2M1 values per
-byte, one E8M0 scale per 32 values along the input dim) and each [BLOCK_N, BLOCK_K] weight tile
-is dequantised in registers to the activations' dtype (bfloat16 on GPUs; H100 and MI300 have no
-FP4 matrix instructions), then ``tl.dot`` with float32 accumulation, as the bf16 experts do
+byte, one E8M0 scale per 32 values along the input dim) and each weight tile is dequantised in
+registers to the activations' dtype (bfloat16 on GPUs; H100 and MI300 have no FP4 matrix
+instructions), then ``tl.dot`` with float32 accumulation, as the bf16 experts do
 (``_triton_kernels.py``: the same layout of blocks, one local expert each, the same expert
 variants and epilogues). A tile reads 0.5 byte per weight plus 1 per 32, against 2 for bf16.
+
+A K step of BLOCK_K values loads BLOCK_K / 2 bytes per weight row, contiguous (vectorised
+loads), and splits them instead of interleaving: the low nibbles (values 2j) and the high ones
+(2j + 1) make two [BLOCK_K/2, BLOCK_N] tiles, each met by the activations' even or odd columns
+in its own ``tl.dot`` (the same products and sums as one dot over BLOCK_K).
 
 Decoding (exact in float32): code c = sign (bit 3), exponent e (bits 2-1), mantissa m (bit 0);
 2 * |value| = m if e == 0 else (2 + m) << (e - 1), i.e. 0, 1, 2, 3, 4, 6, 8, 12; the E8M0 scale
@@ -36,21 +41,29 @@ def _e8m0_half(s):
 
 
 @triton.jit
-def _mxfp4_tile(blk_ptr, scl_ptr, rows, n_ok, k0, K, stride_b, stride_s, dtype,
-                EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_K, BLOCK_N] tile (transposed for tl.dot) in ``dtype`` of an MXFP4 matrix whose
-    ``rows`` (int64 [BLOCK_N]) are read, columns k0 + [0, BLOCK_K) of K: bytes ``blk`` [rows,
-    K/2] (value 2j low nibble, 2j + 1 high), scales ``scl`` [rows, K/32]. Each element loads
-    its own byte and scale (neighbours share addresses, so memory traffic is the packed
-    bytes'), so the decode is elementwise: no interleave or reshape of register tiles. Rows
-    past ``n_ok`` and columns past K read as zeros (K % 32 == 0: whole groups)."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    m = n_ok[None, :] if EVEN_K else n_ok[None, :] & (offs_k < K)[:, None]
-    b = tl.load(blk_ptr + rows[None, :] * stride_b + (offs_k // 2)[:, None], mask=m, other=0)
-    s = tl.load(scl_ptr + rows[None, :] * stride_s + (offs_k // 32)[:, None], mask=m,
+def _mxfp4_halves(blk_ptr, scl_ptr, rows, n_ok, offs_j, K, stride_b, stride_s, dtype,
+                  EVEN_K: tl.constexpr):
+    """The weights of packed columns ``offs_j`` ([BLOCK_K/2] byte indices: values 2j and
+    2j + 1) of an MXFP4 matrix's ``rows`` (int64 [BLOCK_N]), as two [BLOCK_K/2, BLOCK_N] tiles
+    (transposed for tl.dot) in ``dtype``: the even values (low nibbles) and the odd ones (high
+    nibbles). Bytes ``blk`` [rows, K/2] load contiguously along K (vectorised), scales ``scl``
+    [rows, K/32] once per 16 bytes. Rows past ``n_ok`` and columns past K read as zeros."""
+    m = n_ok[None, :] if EVEN_K else n_ok[None, :] & (offs_j < K // 2)[:, None]
+    b = tl.load(blk_ptr + rows[None, :] * stride_b + offs_j[:, None], mask=m, other=0)
+    s = tl.load(scl_ptr + rows[None, :] * stride_s + (offs_j // 16)[:, None], mask=m,
                 other=128)
-    c = (b.to(tl.int32) >> ((offs_k & 1) * 4)[:, None]) & 15
-    return (_e2m1_x2(c) * _e8m0_half(s.to(tl.int32))).to(dtype)
+    b = b.to(tl.int32)
+    scale = _e8m0_half(s.to(tl.int32))
+    return (_e2m1_x2(b & 15) * scale).to(dtype), (_e2m1_x2(b >> 4) * scale).to(dtype)
+
+
+@triton.jit
+def _rows_even_odd(ptr, rows, row_ok, stride, offs_j, K):
+    """[BLOCK_M, BLOCK_K/2] tiles of columns 2j and 2j + 1 of the rows ``rows`` of a
+    row-major [*, K] matrix (the activations that meet the even and odd weights)."""
+    base = ptr + rows[:, None] * stride + 2 * offs_j[None, :]
+    m = row_ok[:, None] & (2 * offs_j < K)[None, :]
+    return tl.load(base, mask=m, other=0.0), tl.load(base + 1, mask=m, other=0.0)
 
 
 @triton.jit
@@ -72,17 +85,17 @@ def _mxfp4_gate_up_tile(
             w_in = tl.load(weight_ptr + slot, mask=valid, other=0.0).to(dt).to(tl.float32)
         rows_g = e.to(tl.int64) * 2 * I + offs_n  # the gate tile's weight rows; up: + I
         for k0 in range(0, H, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_ptr + row[:, None] * stride_xr + offs_k[None, :],
-                        mask=valid[:, None] & (offs_k < H)[None, :], other=0.0)
+            offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            a0, a1 = _rows_even_odd(x_ptr, row, valid, stride_xr, offs_j, H)
             if ON_INPUT:
-                a = (a.to(tl.float32) * w_in[:, None]).to(dt)
-            g = _mxfp4_tile(wb_ptr, ws_ptr, rows_g, n_ok, k0, H, stride_wb, stride_ws, dt,
-                            EVEN_K, BLOCK_N, BLOCK_K)
-            u = _mxfp4_tile(wb_ptr, ws_ptr, rows_g + I, n_ok, k0, H, stride_wb, stride_ws, dt,
-                            EVEN_K, BLOCK_N, BLOCK_K)
-            acc_g = tl.dot(a, g, acc_g)
-            acc_u = tl.dot(a, u, acc_u)
+                a0 = (a0.to(tl.float32) * w_in[:, None]).to(dt)
+                a1 = (a1.to(tl.float32) * w_in[:, None]).to(dt)
+            g0, g1 = _mxfp4_halves(wb_ptr, ws_ptr, rows_g, n_ok, offs_j, H, stride_wb,
+                                   stride_ws, dt, EVEN_K)
+            acc_g = tl.dot(a1, g1, tl.dot(a0, g0, acc_g))
+            u0, u1 = _mxfp4_halves(wb_ptr, ws_ptr, rows_g + I, n_ok, offs_j, H, stride_wb,
+                                   stride_ws, dt, EVEN_K)
+            acc_u = tl.dot(a1, u1, tl.dot(a0, u0, acc_u))
         if BIAS:  # [e, 2I] in x's dtype: gate columns then up columns
             bp = b13_ptr + e.to(tl.int64) * 2 * I + offs_n
             acc_g += tl.load(bp, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -137,12 +150,11 @@ def _mxfp4_down_tile(
         rows_w = e.to(tl.int64) * H + offs_n
         p64 = offs_p.to(tl.int64)
         for k0 in range(0, I, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(inter_ptr + p64[:, None] * stride_ip + offs_k[None, :],
-                        mask=valid[:, None] & (offs_k < I)[None, :], other=0.0)
-            b = _mxfp4_tile(wb_ptr, ws_ptr, rows_w, n_ok, k0, I, stride_wb, stride_ws, dt,
-                            EVEN_K, BLOCK_N, BLOCK_K)
-            acc = tl.dot(a, b, acc)
+            offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            a0, a1 = _rows_even_odd(inter_ptr, p64, valid, stride_ip, offs_j, I)
+            b0, b1 = _mxfp4_halves(wb_ptr, ws_ptr, rows_w, n_ok, offs_j, I, stride_wb,
+                                   stride_ws, dt, EVEN_K)
+            acc = tl.dot(a1, b1, tl.dot(a0, b0, acc))
         if BIAS:  # [e, H], before the routing weight
             acc += tl.load(b2_ptr + e.to(tl.int64) * H + offs_n, mask=n_ok,
                            other=0.0).to(tl.float32)[None, :]

@@ -155,7 +155,10 @@ def mxfp4_block_config(num_slots: int, num_local: int, *, amd: bool = False) -> 
     mean = num_slots / max(num_local, 1)
     block_m = 16 if mean <= 16 else 32 if mean <= 64 else 64
     k = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2 if amd else 3)
-    return dict(BLOCK_M=block_m, gate_up=dict(k), down=dict(k))
+    # gfx942: the gate/up tiles from BLOCK_M 32 over 8 waves (4 left the persistent BLOCK_M 32
+    # launch 276 VGPRs, one wave per SIMD; Triton 3.9)
+    gu = dict(k, num_warps=8) if amd and block_m >= 32 else dict(k)
+    return dict(BLOCK_M=block_m, gate_up=gu, down=dict(k))
 
 
 class TritonMXFP4Experts(MXFP4Experts):

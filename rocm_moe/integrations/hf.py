@@ -723,19 +723,10 @@ def _build_fp8_layer(weights: MoELayerWeights, *, experts, dtype, device, **kw):
 
 def _build_mxfp4_layer(weights: MoELayerWeights, *, experts, dtype, device, **kw):
     """An EPMoE of the MXFP4 weight format (``formats.mxfp4``) holding an MXFP4 checkpoint's
-    experts as read (``experts``: an MXFP4 backend, or the float backend of the same name,
-    ``experts.mxfp4.mxfp4_sibling``). Where the layer has no ``weight_format`` yet (before the
-    formats axis of ``layer.py``), the experts are dequantised (exact in float32 / bfloat16)
-    into a dense layer with the float backend."""
-    import dataclasses
-    import inspect
-
+    experts as read (never dequantised); ``experts``: an MXFP4 backend, or the float backend
+    of the same name ("reference", "triton": ``experts.mxfp4.mxfp4_sibling``)."""
     from rocm_moe.experts.mxfp4 import mxfp4_sibling
 
-    if "weight_format" not in inspect.signature(EPMoE.__init__).parameters:
-        w13, w2 = MXFP4Weights(weights.w13, weights.w2).dequantize(torch.float32)
-        return build_layer(dataclasses.replace(weights, w13=w13, w2=w2), experts=experts,
-                           dtype=dtype or torch.float32, device=device, **kw)
     mx_experts = mxfp4_sibling(experts)
     if mx_experts is None:
         raise ValueError(error_message(

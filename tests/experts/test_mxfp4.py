@@ -145,3 +145,34 @@ def test_refusals():
                              variant=ExpertVariant.gpt_oss())
     with pytest.raises(ValueError, match=r"MXFP4Tensor.scales.shape=\[4, 1, 2\]"):
         MXFP4Tensor(q13.blocks, q13.scales[:, :1])
+
+
+@pytest.mark.parametrize("weight_mode", ["experts", "combine"])
+def test_layer_of_the_mxfp4_format(weight_mode):
+    """EPMoE(weight_format="mxfp4") with the Triton MXFP4 experts (a float backend is swapped
+    for its MXFP4 sibling): gpt-oss's router and variant, against the float64 oracle of the
+    dequantised weights."""
+    from rocm_moe import EPMoE, RouterConfig, dense_moe_reference
+    from rocm_moe.experts.triton import TritonExperts
+
+    E, H, I = 8, 64, 32
+    variant = VARIANTS["gpt_oss"]
+    layer = EPMoE(hidden_size=H, intermediate_size=I, router=RouterConfig.gpt_oss(E, 2),
+                  experts=TritonMXFP4Experts(), weight_format="mxfp4", expert_variant=variant,
+                  weight_mode=weight_mode, dtype=torch.float16, device=DEVICE)
+    assert layer.weight_format == "mxfp4"
+    assert TritonExperts().for_weight_format("mxfp4").__class__ is TritonMXFP4Experts
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(4)
+        layer.load_experts(torch.randn(E, 2 * I, H, generator=g) / H**0.5,
+                           torch.randn(E, H, I, generator=g) / I**0.5)
+        layer.w13_bias.copy_(0.3 * torch.randn(E, 2 * I, generator=g))
+        layer.w2_bias.copy_(0.3 * torch.randn(E, H, generator=g))
+    x = torch.randn(33, H, generator=g).half().to(DEVICE)
+    out = layer(x, return_raw=True)
+    d13, d2 = layer.weights.dequantize()
+    ref, raw = dense_moe_reference(x, out.topk_weights, out.topk_ids, d13, d2, variant=variant,
+                                   w13_bias_E=layer.w13_bias.detach(),
+                                   w2_bias_E=layer.w2_bias.detach())
+    assert oracle.rel_err(out.out, ref) < TOL[torch.float16]
+    assert oracle.rel_err(out.raw, raw) < TOL[torch.float16]
