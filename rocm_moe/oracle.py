@@ -248,12 +248,11 @@ def summed(raw_RKH: torch.Tensor) -> torch.Tensor:
 
 def local_expert_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's routed experts as float tensors (w13 [e, 2I, H], w2 [e, H, I]): the layer's
-    own, or an FP8 layer's dequantised exactly in float64 (its ``w13`` / ``w2`` are empty)."""
-    from rocm_moe.quant import BlockFP8Weight
-
+    own, or a quantised format's (block-FP8, MXFP4) dequantised exactly in float64
+    (``formats.WeightFormat.dequantize``; the layer's ``w13`` / ``w2`` are empty then)."""
+    if getattr(layer, "weight_format", "dense") != "dense":
+        return layer.weights.dequantize(torch.float64)
     w13, w2 = layer.expert_weights()
-    if isinstance(w13, BlockFP8Weight):
-        return w13.dequantize(torch.float64), w2.dequantize(torch.float64)
     return w13.detach(), w2.detach()
 
 
