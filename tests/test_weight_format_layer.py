@@ -102,6 +102,25 @@ def test_experts_swapped_for_another_format_are_refused_before_dispatch():
         layer(_x(3))
 
 
+def test_backends_name_their_kernel_for_a_format():
+    ref = ReferenceExperts()
+    assert ref.for_weight_format("dense") is ref
+    assert isinstance(ref.for_weight_format("block_fp8"), FP8ReferenceExperts)
+    assert ref.for_weight_format("int4") is None
+    fp8 = FP8ReferenceExperts()
+    assert fp8.for_weight_format("block_fp8") is fp8
+    assert fp8.for_weight_format("dense") is None
+
+
+def test_fp8_dispatcher_aliases_are_deprecated():
+    from rocm_moe.comm.torch_fp8 import TorchFP8Dispatcher
+
+    with pytest.warns(DeprecationWarning, match="TorchDispatcher"), \
+            pytest.raises(ValueError, match=r"torch\.distributed=not initialised"):
+        TorchFP8Dispatcher(Placement.contiguous(E, 1), hidden_size=H, top_k=K,
+                           dtype=torch.float32)
+
+
 def test_local_dispatcher_wire_format():
     p = Placement.contiguous(E, 1)
     disp = LocalDispatcher(p, fp8_dtype="e4m3fn", hidden_size=H, top_k=K, dtype=torch.float32)

@@ -50,6 +50,8 @@ group, which AITER's per_1x128 path requires of the same rows.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from rocm_moe.comm.mori import MoriDispatcher
@@ -82,5 +84,7 @@ class MoriFP8Dispatcher(MoriDispatcher):
     name = "mori-fp8"
 
     def __init__(self, placement, *, fp8_dtype: str | torch.dtype | None = None, **kw):
+        warnings.warn("MoriFP8Dispatcher is deprecated: use MoriDispatcher(..., fp8_dtype=...)",
+                      DeprecationWarning, stacklevel=2)
         fp8 = default_fp8_dtype() if fp8_dtype is None else fp8_dtype
         super().__init__(placement, fp8_dtype=fp8, **kw)

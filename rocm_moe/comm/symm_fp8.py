@@ -7,6 +7,8 @@ refused on NVIDIA (its Triton has no e4m3fnuz type), before any collective.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from rocm_moe._checks import error_message
@@ -32,4 +34,6 @@ class SymmFP8Dispatcher(SymmDispatcher):
     name = "symm-fp8"
 
     def __init__(self, *args, fp8_dtype: str | torch.dtype = "e4m3fn", **kw):
+        warnings.warn("SymmFP8Dispatcher is deprecated: use SymmDispatcher(..., fp8_dtype=...)",
+                      DeprecationWarning, stacklevel=2)
         super().__init__(*args, fp8_dtype=fp8_dtype, **kw)

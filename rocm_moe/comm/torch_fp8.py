@@ -8,6 +8,8 @@ Bytes per row, H = 7168, K = 8: bfloat16 14400, FP8 7456 (1.93x fewer).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from rocm_moe.comm.torch import TorchDispatcher
@@ -28,4 +30,6 @@ class TorchFP8Dispatcher(TorchDispatcher):
     name = "torch-fp8"
 
     def __init__(self, *args, fp8_dtype: str | torch.dtype = "e4m3fn", **kw):
+        warnings.warn("TorchFP8Dispatcher is deprecated: use TorchDispatcher(..., fp8_dtype=...)",
+                      DeprecationWarning, stacklevel=2)
         super().__init__(*args, fp8_dtype=fp8_dtype, **kw)
