@@ -283,7 +283,13 @@ def _small_ptr(fp8: str, dense: str):
     return lambda c: (_fp8(c) if fp8 == "fp8" else fp8) if c["FP8"] else dense
 
 
-_SMALL_PTRS = dict(x_ptr=_small_ptr("fp8", "*bf16"), xs_ptr=_small_ptr("*fp32", "*bf16"),
+def _small_x(fp8: str):
+    """x / xs of the small gate/up: float rows (the x pointer passed for xs too) where the
+    kernel quantises them (QUANT_X)."""
+    return lambda c: "*bf16" if c.get("QUANT_X") else _small_ptr(fp8, "*bf16")(c)
+
+
+_SMALL_PTRS = dict(x_ptr=_small_x("fp8"), xs_ptr=_small_x("*fp32"),
                    w_ptr=_small_ptr("fp8", "*bf16"), ws_ptr=_small_ptr("*fp32", "*bf16"),
                    inter_ptr=_small_ptr("*fp32", "*bf16"), out_ptr="*bf16", ids_ptr="*i32",
                    map_ptr="*i32", weight_ptr="*fp32", num_rows_ptr="*i32")
@@ -313,9 +319,10 @@ def _small(kernel: str) -> Callable[[str], list[Launch]]:
             dot = dict(UPCAST=False, PRECISE=False, BLOCK_M=k["BLOCK_M"], CHUNK=k["CHUNK"])
             bounds = [dict(BOUNDED=b) for b in (False, True)]
             weights = [dict(WEIGHTED=w, **b) for w in (True, False) for b in bounds]
-            if kernel == "gate_up":
-                cx.update(dot, PER_SLOT=c["per_slot"])
-                variants = bounds
+            if kernel == "gate_up":  # FP8: rows quantised before, or in the kernel
+                cx.update(dot, **quant, PER_SLOT=c["per_slot"])
+                variants = [dict(QUANT_X=q, **b) for b in bounds
+                            for q in ((False, True) if fp8 else (False,))]
             elif kernel == "down" and not c["down_per_expert"]:
                 cx.update(quant)
                 variants = [dict(K_TOPK=kk, **w) for w in weights for kk in top_k]

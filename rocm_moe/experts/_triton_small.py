@@ -56,8 +56,11 @@ def _locals(ids_ptr, map_ptr, s, n_slots):
 @triton.jit
 def _gemv_slot(s, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, H, I, K_TOPK,
                stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn, stride_ir,
-               FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """inter[s, tile] for one slot ``s`` of local expert ``e``, on the vector units."""
+               FP8: tl.constexpr, QUANT_X: tl.constexpr, FP8_MAX: tl.constexpr,
+               ROUND: tl.constexpr, MIN_EXP: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """inter[s, tile] for one slot ``s`` of local expert ``e``, on the vector units
+    (QUANT_X: the float row quantised per 1x128 group here, as ``quant.quantize_rows``)."""
     row = (s // K_TOPK).to(tl.int64)
     n_start = tl.program_id(1) * BLOCK_N
     offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -76,7 +79,11 @@ def _gemv_slot(s, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, H, I, K_TOPK,
                     other=0.0)
         if FP8:  # one activation group and one weight block per K step (BLOCK_K == 128)
             kb = k0 // BLOCK_K
-            a_s = tl.load(xs_ptr + row * stride_xs + kb)
+            if QUANT_X:
+                q, a_s = _quant_group(a, w_ptr.dtype.element_ty, FP8_MAX, ROUND, MIN_EXP)
+                a = q.to(tl.float32)
+            else:
+                a_s = tl.load(xs_ptr + row * stride_xs + kb)
             ws = ws_ptr + e.to(tl.int64) * stride_wse + (n_start // 128) * stride_wsn + kb
             acc_g += g.to(tl.float32) * (a * (a_s * tl.load(ws)))[None, :]
             acc_u += u.to(tl.float32) * (a * (a_s * tl.load(ws + (I // 128) * stride_wsn)))[
@@ -114,10 +121,11 @@ def _gather_expert(e, ids_ptr, map_ptr, n_slots, p0, CHUNK: tl.constexpr,
 def _dot_expert(e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, ids_ptr, map_ptr, n_slots, H, I,
                 K_TOPK, stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn, stride_ir,
                 FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                CHUNK: tl.constexpr):
+                QUANT_X: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
+                MIN_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
     """inter[tile] of every slot of local expert ``e``, BLOCK_M slots per pass through
-    tl.dot (one pass unless the expert has more slots)."""
+    tl.dot (one pass unless the expert has more slots; QUANT_X: as ``_gemv_slot``)."""
     sel, total = _gather_expert(e, ids_ptr, map_ptr, n_slots, 0, CHUNK, BLOCK_M)
     n_start = tl.program_id(1) * BLOCK_N
     offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -144,7 +152,11 @@ def _dot_expert(e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, ids_ptr, map_ptr, n_
                          mask=m, other=0.0)
             if FP8:
                 kb = k0 // BLOCK_K
-                a_s = tl.load(xs_ptr + row * stride_xs + kb, mask=valid, other=0.0)
+                if QUANT_X:
+                    a, a_s = _quant_groups(a.to(tl.float32), w_ptr.dtype.element_ty, FP8_MAX,
+                                           ROUND, MIN_EXP)
+                else:
+                    a_s = tl.load(xs_ptr + row * stride_xs + kb, mask=valid, other=0.0)
                 acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * tl.load(ws_g + kb), UPCAST,
                                  PRECISE)
                 acc_u = _fp8_dot(a, up, acc_u, a_s[:, None] * tl.load(ws_u + kb), UPCAST,
@@ -162,14 +174,16 @@ def _small_gate_up_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, ids_ptr, map_ptr, num_rows_ptr,
     R, H, I, K_TOPK,
     stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn, stride_ir,
-    FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr, BOUNDED: tl.constexpr,
+    FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr, QUANT_X: tl.constexpr,
+    FP8_MAX: tl.constexpr, ROUND: tl.constexpr, MIN_EXP: tl.constexpr, BOUNDED: tl.constexpr,
     PER_SLOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """inter [R * K, I] (rows by slot) = SiLU(gate) * up of each local slot (module docstring);
     rows of other slots are not written. ``x`` [R, H] (FP8: quantised, ``xs`` [R, H/128]
-    scales); ``w`` [e * 2I, H] (FP8: ``ws`` [e, 2I/128, H/128]); ``ids`` [R * K] int32 global
-    ids (-1 empty); ``map`` [E] int32 global -> local (-1 elsewhere). Grid: (PER_SLOT:
+    scales, or QUANT_X: float rows quantised per 1x128 group as they load); ``w`` [e * 2I, H]
+    (FP8: ``ws`` [e, 2I/128, H/128]); ``ids`` [R * K] int32 global ids (-1 empty); ``map``
+    [E] int32 global -> local (-1 elsewhere). Grid: (PER_SLOT:
     programs striding over the slots, else one per local expert; column tiles of I)."""
     n_slots = (tl.load(num_rows_ptr) if BOUNDED else R) * K_TOPK
     if PER_SLOT:
@@ -178,12 +192,12 @@ def _small_gate_up_kernel(
             if e >= 0:
                 _gemv_slot(u, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, H, I, K_TOPK,
                            stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn, stride_ir,
-                           FP8, BLOCK_N, BLOCK_K)
+                           FP8, QUANT_X, FP8_MAX, ROUND, MIN_EXP, BLOCK_N, BLOCK_K)
     else:
         _dot_expert(tl.program_id(0), x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, ids_ptr,
                     map_ptr, n_slots, H, I, K_TOPK, stride_xr, stride_xs, stride_wn,
-                    stride_wse, stride_wsn, stride_ir, FP8, UPCAST, PRECISE, BLOCK_M, BLOCK_N,
-                    BLOCK_K, CHUNK)
+                    stride_wse, stride_wsn, stride_ir, FP8, UPCAST, PRECISE, QUANT_X, FP8_MAX,
+                    ROUND, MIN_EXP, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
 
 
 @triton.jit

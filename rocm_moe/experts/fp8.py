@@ -128,6 +128,13 @@ class FP8Experts(Experts):
         """Rows per 1x128 group (``quant.quantize_rows``; backends may run it as a kernel)."""
         return quantize_rows(x_RH, dtype=dtype)
 
+    def quantizes_rows(self, R: int, K: int, num_rows: torch.Tensor | None,
+                       expected_rows: int | None) -> bool:
+        """Whether ``_forward`` takes this call's float rows [R, H] unquantised and quantises
+        them in its own kernels, bit for bit as ``quantize`` (no launch before it); False
+        here: the rows are quantised first."""
+        return False
+
     def format_unsupported(self, dtype: torch.dtype, device: torch.device) -> str | None:
         """None if this backend runs FP8 ``dtype`` on ``device``, else why not."""
         return None
@@ -156,7 +163,9 @@ class FP8Experts(Experts):
             raise ValueError(error_message(f"experts={self.name}, weights", w13.dtype,
                                            f"unsupported: {reason}",
                                            "convert them: w.to_format('e4m3fn')"))
-        rows = x_RH if fp8_in else self.quantize(x_RH, w13.dtype)
+        # float rows stay float where the backend's kernels quantise them as they load
+        inside = not fp8_in and self.quantizes_rows(*topk_ids_RK.shape, num_rows, expected_rows)
+        rows = x_RH if fp8_in or inside else self.quantize(x_RH, w13.dtype)
         bound = dict(num_rows=num_rows, expected_rows=expected_rows) if self.bounded_rows \
             else {}
         out = self._forward(rows, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, mode=mode,

@@ -116,6 +116,12 @@ class TritonFP8Experts(FP8Experts):
     def quantize(self, x_RH, dtype) -> FP8Rows:
         return quantize_rows_triton(x_RH, dtype)  # bit-identical to quant.quantize_rows
 
+    def quantizes_rows(self, R, K, num_rows, expected_rows) -> bool:
+        """The small path (``triton_small``) quantises float rows in its gate/up kernel."""
+        from rocm_moe.experts import triton_small as small
+
+        return small.takes_small_path(self, R, K, num_rows, expected_rows)
+
     def format_unsupported(self, dtype, device) -> str | None:
         if device.type == "cuda" and torch.version.hip is None and \
                 dtype == torch.float8_e4m3fnuz:
@@ -124,8 +130,9 @@ class TritonFP8Experts(FP8Experts):
 
     bounded_rows = True
 
-    def _forward(self, rows: FP8Rows, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *,
-                 mode, out_dtype, num_rows=None, expected_rows=None):
+    def _forward(self, rows: FP8Rows | torch.Tensor, topk_ids_RK, topk_weights_RK, w13, w2,
+                 expert_map, *, mode, out_dtype, num_rows=None, expected_rows=None):
+        """``rows``: FP8Rows, or float rows where ``quantizes_rows`` (the small path)."""
         from rocm_moe.experts._triton_fp8 import _fp8_down_kernel, _fp8_gate_up_kernel
 
         R, K = topk_ids_RK.shape
@@ -137,7 +144,7 @@ class TritonFP8Experts(FP8Experts):
         cfg = self.config or fp8_block_config(slots, expert_map.num_local,
                                               num_experts=expert_map.num_experts,
                                               device_name=name)
-        upcast = (not _fp8_dot_native(dev, rows.dtype)) if self.upcast is None else self.upcast
+        upcast = (not _fp8_dot_native(dev, w13.dtype)) if self.upcast is None else self.upcast
         from rocm_moe.experts import triton_small as small
 
         if small.takes_small_path(self, R, K, num_rows, expected_rows):

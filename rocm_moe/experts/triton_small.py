@@ -176,9 +176,9 @@ def _launch(x, xs, w13, ws13, w2, ws2, inter, out, topk_ids_RK, topk_weights_RK,
     s2 = (ws2.stride(0), ws2.stride(1)) if fp8 else (0, 0)
     k._small_gate_up_kernel[(rows * K if cfg["per_slot"] else e, -(-I // gu["BLOCK_N"]))](
         x, xs, w13.view(-1, H), ws13, inter, ids, emap, nr, R, H, I, K,
-        x.stride(0), xs.stride(0), H, *s13, inter.stride(0), **fp8_args,
-        BOUNDED=bounded, PER_SLOT=cfg["per_slot"], BLOCK_M=gu["BLOCK_M"],
-        BLOCK_N=gu["BLOCK_N"], BLOCK_K=gu["BLOCK_K"], CHUNK=gu["CHUNK"],
+        x.stride(0), xs.stride(0), H, *s13, inter.stride(0), **fp8_args, **quant,
+        QUANT_X=f.get("QUANT_X", False), BOUNDED=bounded, PER_SLOT=cfg["per_slot"],
+        BLOCK_M=gu["BLOCK_M"], BLOCK_N=gu["BLOCK_N"], BLOCK_K=gu["BLOCK_K"], CHUNK=gu["CHUNK"],
         num_warps=gu["num_warps"], num_stages=gu["num_stages"])
     tiles = dict(BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"], num_warps=dn["num_warps"],
                  num_stages=dn["num_stages"])
@@ -246,11 +246,13 @@ def small_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.Te
                       upcast: bool, precise: bool, num_rows: torch.Tensor | None = None,
                       expected_rows: int | None = None,
                       config: dict | None = None) -> ExpertsOutput:
-    """The block-FP8 experts of a small batch: ``rows`` FP8Rows [R, H] (1x128 groups), ``w13``
-    / ``w2`` BlockFP8Weights (checked: ``TritonFP8Experts`` calls it); the intermediate is
-    kept in float32 and quantised per 1x128 group by the down kernel; ``upcast`` / ``precise``
-    as ``TritonFP8Experts`` (the per-expert gate/up's tl.dot)."""
-    from rocm_moe.quant import fp8_max, fp8_rounding
+    """The block-FP8 experts of a small batch: ``rows`` FP8Rows [R, H] (1x128 groups) or float
+    rows [R, H] that the gate/up kernel quantises per 1x128 group as it loads them (as
+    ``quant.quantize_rows``, bit for bit: no launch of their own), ``w13`` / ``w2``
+    BlockFP8Weights (checked: ``TritonFP8Experts`` calls it); the intermediate is kept in
+    float32 and quantised per 1x128 group by the down kernel; ``upcast`` / ``precise`` as
+    ``TritonFP8Experts`` (the per-expert kernels' tl.dot)."""
+    from rocm_moe.quant import FP8Rows, fp8_max, fp8_rounding
 
     R, K = topk_ids_RK.shape
     H, I = w13.shape[2], w2.shape[2]
@@ -261,14 +263,18 @@ def small_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.Te
     assert cfg["down"]["BLOCK_K"] == 128, cfg
     assert 128 % cfg["gate_up"]["BLOCK_N"] == 0, cfg  # a column tile in one weight block
     assert 128 % cfg["down"]["BLOCK_N"] == 0, cfg
-    aq = rows.q if rows.q.stride(1) == 1 else rows.q.contiguous()
-    as_ = rows.scale if rows.scale.stride(1) == 1 else rows.scale.contiguous()
+    quant_x = not isinstance(rows, FP8Rows)
+    if quant_x:  # float rows: quantised in the gate/up kernel
+        aq = as_ = rows if rows.stride(1) == 1 else rows.contiguous()
+    else:
+        aq = rows.q if rows.q.stride(1) == 1 else rows.q.contiguous()
+        as_ = rows.scale if rows.scale.stride(1) == 1 else rows.scale.contiguous()
     out = _outputs(R, K, H, weighted=weighted, dtype=out_dtype, device=dev,
                    zeros=num_rows is not None or cfg["down_per_expert"])
     if R * K:
         inter = torch.empty(R * K, I, dtype=torch.float32, device=dev)
-        fp8 = dict(UPCAST=upcast, PRECISE=precise, FP8_MAX=fp8_max(rows.dtype),
-                   **fp8_rounding(rows.dtype))
+        fp8 = dict(UPCAST=upcast, PRECISE=precise, QUANT_X=quant_x,
+                   FP8_MAX=fp8_max(w13.dtype), **fp8_rounding(w13.dtype))
         _launch(aq, as_, w13.weight.contiguous(), w13.scale_inv.contiguous(),
                 w2.weight.contiguous(), w2.scale_inv.contiguous(), inter, out, topk_ids_RK,
                 topk_weights_RK, expert_map, weighted=weighted, num_rows=num_rows,

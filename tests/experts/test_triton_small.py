@@ -277,6 +277,48 @@ def test_fp8_matches_reference(T, K, E, W, H, I, routing, per_slot, gen):
             assert got[~local].eq(0).all()
 
 
+@pytest.mark.parametrize("per_slot", [True, False], ids=["per_slot", "per_expert"])
+def test_fp8_float_rows_quantised_in_kernel_match_quantised_rows(per_slot, gen):
+    """Float rows into the small FP8 path are quantised per 1x128 group by the gate/up kernel
+    (no launch of their own) exactly as quant.quantize_rows does: the same output bits as with
+    the rows quantised first (H = 200: a partial last group)."""
+    x, ids, w, fw, emap = _fp8_case(3, 2, 8, 1, 200, 128, "random", gen)
+    x = x * 7  # (groups of different ranges)
+    dev = [t.to(DEVICE) for t in (ids, w)] + [fw.w13.to(DEVICE), fw.w2.to(DEVICE),
+                                              emap.to(DEVICE)]
+    rows = _quantize(x.to(DEVICE), fw.w13.dtype)
+    for weighted in (True, False):
+        kw = dict(weighted=weighted, out_dtype=DTYPE, upcast=not GPU, precise=False,
+                  config=_config(per_slot, fp8=True))
+        a = small.small_fp8_experts(rows, *dev, **kw).out
+        b = small.small_fp8_experts(x.to(DEVICE), *dev, **kw).out
+        assert torch.equal(a, b), weighted
+
+
+def _quantize(x, dtype):
+    """The Triton FP8 experts' own row quantiser (a kernel; quant.quantize_rows's bits)."""
+    from rocm_moe.experts.triton_fp8 import TritonFP8Experts
+
+    return TritonFP8Experts().quantize(x, dtype)
+
+
+def test_fp8_small_path_has_no_quantise_launch(monkeypatch, gen):
+    """TritonFP8Experts hands float rows to the small path unquantised (its gate/up kernel
+    quantises them); the grouped path still quantises them first."""
+    from rocm_moe.experts.triton_fp8 import TritonFP8Experts
+
+    def refuse(*args):
+        raise AssertionError("rows quantised before the experts")
+
+    monkeypatch.setattr(TritonFP8Experts, "quantize", refuse)
+    x, ids, w, fw, emap = _fp8_case(2, 2, 4, 1, 128, 128, "random", gen)
+    args = [t.to(DEVICE) for t in (x, ids, w)] + [fw.w13.to(DEVICE), fw.w2.to(DEVICE),
+                                                   emap.to(DEVICE)]
+    assert TritonFP8Experts()(*args, weight_mode="experts").out.shape == (2, 128)
+    with pytest.raises(AssertionError, match="quantised before"):
+        TritonFP8Experts(path="grouped")(*args, weight_mode="experts")
+
+
 def test_fp8_auto_path_and_bounded_rows(gen):
     """TritonFP8Experts (auto) on a capacity-sized batch: the small path's rows agree with the
     grouped path's and with the reference; raw rows past the count are zeros."""
