@@ -140,6 +140,20 @@ def test_run_on_the_mxfp4_checkpoint(checkpoint, world_size, capsys):
     assert f"E={E} H={H} I={I} K={K}" in out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's run: CPU hosts")
+def test_run_with_the_triton_mxfp4_experts_in_the_interpreter(checkpoint, capsys):
+    """--experts triton on an MXFP4 checkpoint: the Triton MXFP4 kernels (Triton's interpreter,
+    float16) in the layer on 2 gloo ranks, PASS against the float64 oracle."""
+    from rocm_moe.cli import main
+
+    rc = main(["run", "--checkpoint", str(checkpoint), "--layer", str(LAYER), "--tokens", "17",
+               "--iters", "1", "--world-size", "2", "--dtype", "float16", "--device", "cpu",
+               "--experts", "triton"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "PASS" in out, out
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the Triton experts)")
 def test_run_on_the_mxfp4_checkpoint_with_triton_on_a_gpu(checkpoint, capsys):
     """On a GPU the default experts (Triton) keep gpt-oss's variant and compute the MXFP4
