@@ -19,8 +19,10 @@ order:
 - sigmoid as ``1 / (1 + expf(-x))`` (PyTorch's CUDA sigmoid), IEEE division.
 - the K gathered weights summed as PyTorch's CUDA reduction (``Reduce.cuh``) sums a row of
   K < 64 contiguous floats: BW = the largest power of two <= K lanes, lane l holding
-  w[l] + w[l + BW] (w[l] when l + BW >= K), the lanes added in an adjacent pairwise tree
-  ((l0 + l1) + (l2 + l3)) + ...; then w / (sum + eps) (IEEE) and w * routed_scaling_factor.
+  w[l] + w[l + BW] (w[l] when l + BW >= K), the lanes added as a tree of halves (lanes l and
+  l + n / 2, n halving: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)) for 8 lanes; torch
+  2.11 on an H100 sums so for K = 2..16, ``bench/router_bits.py``); then w / (sum + eps)
+  (IEEE) and w * routed_scaling_factor.
 - a group's score is the sum of its two largest choice scores (one addition: no order).
 
 Ties (equal scores, e.g. two equal bfloat16 logits) go to the lower expert id (and, for
@@ -71,15 +73,6 @@ def _halves_tree(v, ROWS: tl.constexpr, N: tl.constexpr):
     for s in tl.static_range(N.bit_length() - 1):
         v = tl.sum(tl.reshape(v, [ROWS, 2, N >> (s + 1)]), axis=1)
     return tl.sum(v, axis=1)  # one value: exact
-
-
-@triton.jit
-def _pairs_tree(v, ROWS: tl.constexpr, N: tl.constexpr):
-    """Per row, the sum of the N (a power of two) values of v [ROWS, N] as an adjacent pairwise
-    tree ((v0 + v1) + (v2 + v3)) + ... (a warp's shuffle-down reduction). -> [ROWS]."""
-    for s in tl.static_range(N.bit_length() - 1):
-        v = tl.sum(tl.reshape(v, [ROWS, N >> (s + 1), 2]), axis=2)
-    return tl.sum(v, axis=1)
 
 
 @triton.jit
@@ -167,7 +160,9 @@ def _router_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_t, eps, scale
 
     if NORM:
         lanes_k = tl.sum(tl.reshape(w, [ROWS, K_POW2 // BW, BW]), axis=1)  # w[l] + w[l + BW]
-        total_k = tl.where(live, _pairs_tree(lanes_k, ROWS, BW) + eps, 1.0)
+        # then lanes l and l + n / 2, n halving: torch 2.11's CUDA sum of K contiguous floats
+        # (measured on an H100 for K = 2..16, bench/results/router_bits_h100.txt)
+        total_k = tl.where(live, _halves_tree(lanes_k, ROWS, BW) + eps, 1.0)
         w = tl.math.div_rn(w, tl.zeros(w.shape, tl.float32) + total_k[:, None])
     w = w * scale
     out = row[:, None].to(tl.int64) * K_TOPK + kk
@@ -183,9 +178,6 @@ def fused_route_unsupported(logits_TE: torch.Tensor, config) -> str | None:
     """Why ``fused_route`` cannot route these logits with this ``RouterConfig``, or None."""
     if logits_TE.dim() != 2 or logits_TE.shape[1] != config.num_experts:
         return f"logits must be [T, E={config.num_experts}], got {list(logits_TE.shape)}"
-    if not triton_runs_on(logits_TE.device):
-        return (f"logits on {logits_TE.device}: Triton runs on CUDA/ROCm devices (or under "
-                "TRITON_INTERPRET=1)")
     if logits_TE.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"logits dtype {logits_TE.dtype} (float16, bfloat16 or float32 only)"
     if logits_TE.stride(1) != 1:
@@ -198,6 +190,9 @@ def fused_route_unsupported(logits_TE: torch.Tensor, config) -> str | None:
         return "score_after_topk (gpt-oss, Llama 4) is not implemented in the fused router"
     if config.scoring == "softmax" and getattr(config, "choice_bias", False):
         return "a softmax router's choice bias (ERNIE 4.5) is not implemented in the fused router"
+    if not triton_runs_on(logits_TE.device):  # last: what the config rules out comes first
+        return (f"logits on {logits_TE.device}: Triton runs on CUDA/ROCm devices (or under "
+                "TRITON_INTERPRET=1)")
     return None
 
 
@@ -263,11 +258,11 @@ def fused_route(*, logits_TE: torch.Tensor, config, bias_E: torch.Tensor | None 
     """
     from rocm_moe.routing import RoutingResult
 
+    _check_bias(bias_E, logits_TE, config.num_experts)
     why = fused_route_unsupported(logits_TE, config)
     if why is not None:
         raise ValueError(error_message("fused_route", why, "is outside the fused router",
                                        "call routing.route, which falls back to torch"))
-    _check_bias(bias_E, logits_TE, config.num_experts)
     T, K = logits_TE.shape[0], config.top_k
     w = torch.empty(T, K, dtype=torch.float32, device=logits_TE.device)
     ids = torch.empty(T, K, dtype=torch.int32, device=logits_TE.device)

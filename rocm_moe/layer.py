@@ -258,8 +258,10 @@ class EPMoE(nn.Module):
             composition and the token's position (see the module docstring); the backends must
             support it (ValueError with the reason otherwise: AITER, MORI). The routing weights
             are then applied on the owner whatever ``weight_mode`` says.
-        fused_router: on GPUs, the router after the gate GEMM in one Triton launch
-            (``routing.route(fused=True)``: 1-2 ulp from the default torch path's weights).
+        fused_router: on GPUs (default), the router after the gate GEMM in one Triton launch
+            (``routing.route(fused=True)``: the torch path's bits on tie-free scores, ties to
+            the lower id); the torch path runs where it cannot (CPUs, invariant mode, router
+            replay, gpt-oss / Llama 4 scoring). False: always the torch path.
         expert_variant: what each routed expert computes (``experts.base.ExpertVariant``:
             biases ``w13_bias`` [e, 2I] / ``w2_bias`` [e, H], gpt-oss's activation, weights on
             the input); None: plain SwiGLU. ``router.gate_bias`` gives the gate a bias.
@@ -298,7 +300,7 @@ class EPMoE(nn.Module):
         device: torch.device | str | None = None,
         validate: bool = True,
         invariant: bool = False,
-        fused_router: bool = False,
+        fused_router: bool = True,
         expert_variant: ExpertVariant | None = None,
         num_redundant_experts: int | None = None,
         replica_placement: ReplicatedPlacement | None = None,

@@ -293,9 +293,9 @@ def route(
             id, so a token's ids and weights are the same bits in any batch.
         fused: on GPUs, the router after the gate GEMM in one Triton launch
             (``rocm_moe._routing_triton.fused_route``; 10-15 us instead of 22-66 us on an H100,
-            bench/results/router_h100.txt). Not the torch path's bits: measured on an H100 its
-            float32 weights are 1-2 ulp from the torch path's, with the same ids except at
-            near-ties (ties go to the lower id), so it is opt-in. Ignored (the torch path
+            bench/results/router_h100.txt): the torch path's bits on CUDA where the scores do
+            not tie (each stage measured equal on an H100, bench/results/router_bits_h100.txt),
+            ties to the lower id. ``EPMoE`` passes True by default. Ignored (the torch path
             runs) on CPUs, with ``invariant``, router replay, E > 1024, K > 32 or
             ``score_after_topk`` (gpt-oss, Llama 4), which it does not implement.
 
@@ -389,7 +389,7 @@ def _route_torch(
     invariant: bool = False,
 ) -> RoutingResult:
     """The router in torch operations on [T, E] logits (inputs already checked by ``route``).
-    On CUDA ``fused_route`` computes it in one launch, within 1-2 ulp (``route(fused=True)``)."""
+    On CUDA ``fused_route`` computes its bits in one launch (``route(fused=True)``)."""
     if config.score_after_topk:
         return _route_after_topk(logits_TE, config, bias_E, forced_TK, forced_weights, invariant)
     inv_kw = {"invariant": True} if invariant else {}  # (the default path's calls unchanged)

@@ -284,9 +284,11 @@ def test_softmax_router_with_a_choice_bias():
 
 def test_fused_router_refuses_after_topk_scoring():
     from rocm_moe._routing_triton import fused_route_unsupported
+    from tests.conftest import DEVICE
 
     logits = torch.randn(4, E)
-    assert fused_route_unsupported(logits, RouterConfig.qwen3_moe(E, 2)) is None
+    # (on a GPU host CPU logits are unsupported for their device; the Triton device's are not)
+    assert fused_route_unsupported(logits.to(DEVICE), RouterConfig.qwen3_moe(E, 2)) is None
     assert "score_after_topk" in fused_route_unsupported(logits, RouterConfig.gpt_oss(E, 2))
     assert "score_after_topk" in fused_route_unsupported(logits, RouterConfig.llama4(E, 1))
     # route(fused=True) documents the fallback: the torch path runs for these configs
