@@ -117,6 +117,17 @@ def test_refusals():
         MXFP4Weights(quantize_mxfp4(torch.zeros(1, 64, 32)), quantize_mxfp4(torch.zeros(1, 32, 64)))
 
 
+def test_layer_sizes_off_the_groups_are_refused_by_name():
+    from rocm_moe import EPMoE, RouterConfig
+
+    with pytest.raises(ValueError, match=r"hidden_size H=48: must be a multiple of 32 for "
+                                         r"MXFP4 experts"):
+        EPMoE(hidden_size=48, intermediate_size=32, router=RouterConfig.gpt_oss(8, 2),
+              weight_format="mxfp4")
+    with pytest.raises(ValueError, match=r"intermediate_size I=40: must be a multiple of 32"):
+        MXFP4Weights.quantize(torch.zeros(1, 80, 64), torch.zeros(1, 64, 40))
+
+
 class _Fused:
     gate_up = "L.mlp.experts.gate_up_proj"
     down = "L.mlp.experts.down_proj"

@@ -215,6 +215,13 @@ class MXFP4Weights(WeightFormat):
     def quantize(cls, w13, w2, **options: Any) -> MXFP4Weights:
         """Float [e, 2I, H] / [e, H, I] -> MXFP4 (``quantize_mxfp4``); MXFP4Tensors pass."""
         cls.check_options(**options)
+        _, H, I = check_expert_shapes(w13, w2, fix="pass [e, 2I, H] and [e, H, I] weights")
+        for field, n in (("hidden_size H", H), ("intermediate_size I", I)):
+            if n % GROUP:
+                raise ValueError(error_message(
+                    field, n, f"must be a multiple of {GROUP} for MXFP4 experts (one E8M0 scale "
+                    f"per {GROUP} values along each projection's input dim)",
+                    "keep this layer's experts dense (weight_format='dense')"))
         return cls(*(w if isinstance(w, MXFP4Tensor) else quantize_mxfp4(w) for w in (w13, w2)))
 
     @classmethod
