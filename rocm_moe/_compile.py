@@ -349,7 +349,7 @@ KERNELS = [
     Kernel("rocm_moe.experts._triton_kernels:_slot_sum_kernel",
            dict(slots_ptr="*bf16", local_ptr="*i64", out_ptr="*bf16", num_rows_ptr="*i32"),
            _slot_sum),
-    Kernel("rocm_moe.experts._triton_fp8:_quant_rows_kernel", _FP8_PTRS,
+    Kernel("rocm_moe._quant_triton:_quant_rows_kernel", _FP8_PTRS,
            lambda t: grid(GROUP=128, GPB=8, ROUND=False, MIN_EXP=-7 if t == "gfx942" else -6,
                           FP8_MAX=240.0 if t == "gfx942" else 448.0)(t)),
     Kernel("rocm_moe.experts._triton_fp8:_fp8_gate_up_kernel", _FP8_PTRS,
