@@ -1,6 +1,6 @@
-"""gpt-oss (dense bf16/float32 checkpoints; its MXFP4 format is a later item): biased experts with
-the clamped SwiGLU, interleaved gate/up columns in fused tensors, a biased router scored by a
-softmax after the top-k; against transformers' own GptOssMLP."""
+"""gpt-oss (dense bf16/float32 checkpoints; MXFP4 ones: tests/test_gpt_oss_mxfp4.py): biased
+experts with the clamped SwiGLU, interleaved gate/up columns in fused tensors, a biased router
+scored by a softmax after the top-k; against transformers' own GptOssMLP."""
 
 from __future__ import annotations
 
