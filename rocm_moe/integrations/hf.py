@@ -41,10 +41,11 @@ from rocm_moe.families import (
     check_activation,
     family,
 )
+from rocm_moe.formats.block_fp8 import read_block_fp8
 from rocm_moe.formats.mxfp4 import FusedExpert, MXFP4Tensor, MXFP4Weights, deinterleave_rows
 from rocm_moe.layer import EPMoE
 from rocm_moe.placement import Placement
-from rocm_moe.quant import FP8_DTYPES, BlockFP8Weight, check_block_values
+from rocm_moe.quant import FP8_DTYPES, BlockFP8Weight
 from rocm_moe.routing import RouterConfig
 
 INDEX = "model.safetensors.index.json"
@@ -344,22 +345,7 @@ def _read_expert(ck: Checkpoint, names: ExpertTensors, H: int, I: int | None = N
     return torch.cat([gate, up]), down
 
 
-def _read_fp8(ck: Checkpoint, name: str, shape: tuple) -> BlockFP8Weight:
-    """``name`` (FP8) with its ``name_scale_inv`` [ceil(N/128), ceil(K/128)] float32."""
-    w = ck.tensor(name, shape)
-    if w.dtype not in FP8_DTYPES or not ck.has(name + SCALE_SUFFIX):
-        raise ValueError(error_message(
-            f"{name}.dtype", w.dtype, f"an FP8 checkpoint holds float8 weights with a "
-            f"{name + SCALE_SUFFIX} beside each", "download the checkpoint again"))
-    blocks = tuple(-(-n // 128) for n in w.shape)
-    scale = ck.tensor(name + SCALE_SUFFIX, blocks)
-    try:
-        weight = BlockFP8Weight(w, scale.float())
-    except (TypeError, ValueError) as exc:
-        raise ValueError(error_message(name + SCALE_SUFFIX, list(scale.shape), str(exc),
-                                       "download the checkpoint again")) from exc
-    check_block_values(name, weight)  # zero / negative scales are finite, yet no weight
-    return weight
+_read_fp8 = read_block_fp8  # an FP8 projection with its block scales (formats.block_fp8)
 
 
 def _read_expert_fp8(ck: Checkpoint, names: ExpertTensors, H: int, I: int | None = None
