@@ -71,10 +71,35 @@ def _chunk_worker(info, shares: tuple[int, ...]) -> dict:
     return out
 
 
+def _group_worker(info, parts: tuple[str, ...]) -> dict:
+    """This file's multi-rank checks, in order, on one launch per W (spawning the ranks costs
+    more than the checks): ``chunks``, ``pool`` (one dispatcher for every layer), ``refusal``
+    (last: a refusal leaves the group in step, but nothing after it relies on that)."""
+    run = {"chunks": lambda: _chunk_worker(info, SHARES[info.world_size]),
+           "pool": lambda: _pool_worker(info), "refusal": lambda: _refusal_worker(info)}
+    return {part: run[part]() for part in parts}
+
+
+PARTS = {1: ("chunks", "pool"), 2: ("chunks", "pool"), 3: ("chunks", "refusal")}
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """``ranks(W)``: every rank's results of ``_group_worker`` at W, launched once."""
+    done = {}
+
+    def get(W: int) -> list[dict]:
+        if W not in done:
+            done[W] = launch(W, _group_worker, PARTS[W], backend="gloo", timeout_s=120)
+        return done[W]
+
+    return get
+
+
 @pytest.mark.parametrize("W", sorted(SHARES))
-def test_batches_above_capacity_run_in_agreed_chunks(W):
+def test_batches_above_capacity_run_in_agreed_chunks(W, ranks):
     shares = SHARES[W]
-    results = launch(W, _chunk_worker, shares, backend="gloo")
+    results = [res["chunks"] for res in ranks(W)]
     want_chunks = max(max(1, math.ceil(n / CAP)) for n in shares)
     for r, res in enumerate(results):
         for mode, case in res.items():
@@ -131,8 +156,8 @@ def _refusal_worker(info) -> str:
     return "ran"
 
 
-def test_a_refusal_before_the_agreement_reaches_every_rank():
-    msgs = launch(3, _refusal_worker, backend="gloo", timeout_s=30)
+def test_a_refusal_before_the_agreement_reaches_every_rank(ranks):
+    msgs = [res["refusal"] for res in ranks(3)]
     assert msgs[1].startswith("own: "), msgs
     assert "hidden_states" in msgs[1], msgs
     for r in (0, 2):
@@ -167,8 +192,8 @@ def _pool_worker(info) -> dict:
 
 
 @pytest.mark.parametrize("W", [1, 2])
-def test_layers_share_one_dispatcher(W):
-    for res in launch(W, _pool_worker, backend="gloo"):
+def test_layers_share_one_dispatcher(W, ranks):
+    for res in (r["pool"] for r in ranks(W)):
         assert res["n"] == 1, res
         assert res["same"], res
         assert res["other_slot"], res
