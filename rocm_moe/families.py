@@ -22,9 +22,9 @@ A family also says what its experts compute (``expert_variant``) and how its rou
 (after the top-k for gpt-oss and Llama 4, a gate bias for gpt-oss).
 
 Adding a family: one ``ModelFamily(...)`` in the table below, its config in
-``tests/test_families.py`` and a ``tests/test_families_<name>.py`` (parity with the transformers
-block in float32 and bf16, loading of this rank's experts only, ``rocm-moe run --checkpoint``
-at W = 1 and 2), with the helpers of ``tests/families_parity.py``.
+``tests/test_families.py`` and a ``Tiny`` row in ``FAMILIES`` of ``tests/test_families_parity.py``
+(parity with the transformers block in float32 and bf16, loading of this rank's experts only,
+``rocm-moe run --checkpoint`` at W = 1 and 2), with the helpers of ``tests/families_parity.py``.
 """
 
 from __future__ import annotations

@@ -188,7 +188,7 @@ def test_weighted_inputs_flag_is_checked():
 
 def test_llama4_layer_weights_the_input_once_in_every_mode():
     """weight_mode experts and combine, and return_raw (the owner's sum): the same, once
-    weighted (W=2 in tests/test_families_llama4.py's run)."""
+    weighted (W=2 in tests/test_families_parity.py's llama4 runs)."""
     torch.manual_seed(12)
     layer = EPMoE(hidden_size=H, intermediate_size=I, router=RouterConfig.llama4(E, 2),
                   expert_variant=ExpertVariant.llama4())
