@@ -71,9 +71,11 @@ def _transformers_model(directory):
     """transformers' own reader of the MXFP4 checkpoint, dequantised (its CPU path)."""
     cfg = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     qc = transformers.Mxfp4Config(dequantize=True)
-    return transformers.AutoModelForCausalLM.from_pretrained(
+    model = transformers.AutoModelForCausalLM.from_pretrained(
         directory, config=cfg, quantization_config=qc, dtype=torch.float32,
         experts_implementation="eager").eval()
+    return model.float()  # (some transformers releases dequantise to bf16 whatever the dtype:
+    #                        exact for E2M1 x 2**k, and float32 keeps it)
 
 
 def test_checkpoint_is_in_the_models_format(checkpoint):

@@ -18,7 +18,8 @@ K=4, its expert variant: biases, clamped SwiGLU): one row set per weight format 
 registers), both on the same values (random MXFP4 codes and scales, the bf16 weights their
 exact dequantisation), so rel err is against the same reference (the reference experts in
 bf16). Each format's floor counts its own weight bytes: bf16 2 B per value, MXFP4 0.5 B per
-value + 1 B per 32 (4.25 bits); ``vs_bf16`` is the bf16 row's time over this one's.
+value + 1 B per 32 (4.25 bits); ``vs_bf16`` is the bf16 row's time over this one's. MXFP4 rows:
+path "auto" (its heuristic launch config) and "w8" (the same tiles on 8 warps, for tuning).
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def run_gpt_oss(name: str, shape: dict, ceil: dict, sizes: list[int],
     MXFP4 ones, gpt-oss's variant, each against its own weight-read floor (``device``,
     ``timer`` and ``dtype``: a CPU test runs it in the interpreter, float16)."""
     from rocm_moe.experts.base import ExpertVariant
-    from rocm_moe.experts.mxfp4 import TritonMXFP4Experts
+    from rocm_moe.experts.mxfp4 import TritonMXFP4Experts, mxfp4_block_config
 
     if "small" in paths:  # (triton_small runs plain SwiGLU only)
         progress(f"{name}: the small path runs plain SwiGLU only; gpt-oss's variant skips it")
@@ -193,8 +194,12 @@ def run_gpt_oss(name: str, shape: dict, ceil: dict, sizes: list[int],
                                  validate=False, **var).out.double()
         runs = [("bf16", p, TritonExperts(path=p), (w13, w2)) for p in paths
                 if "bf16" in formats]
-        if "mxfp4" in formats:
+        if "mxfp4" in formats:  # its heuristic config, and the same tiles on 8 warps (tuning)
             runs.append(("mxfp4", "auto", TritonMXFP4Experts(), (q13, q2)))
+            cfg = mxfp4_block_config(R * shape["K"], emap.num_local,
+                                     amd=torch.version.hip is not None and device == "cuda")
+            w8 = {**cfg, **{k: dict(cfg[k], num_warps=8) for k in ("gate_up", "down")}}
+            runs.append(("mxfp4", "w8", TritonMXFP4Experts(config=w8), (q13, q2)))
         bf16_t = None
         for fmt, path, backend, weights in runs:
             def call(backend=backend, weights=weights, x=x, ids=ids, w=w, emap=emap):
