@@ -120,3 +120,22 @@ def test_default_experts_keep_triton_for_gpt_oss(checkpoint, monkeypatch):
     assert "triton cannot run them (no swiglu_oai here)" in spec.experts_why
     given = LayerSpec(checkpoint=str(checkpoint), experts="triton", **shape).on_rank(info)
     assert given.experts == "triton"
+
+
+def test_experts_implementation_computes_the_modules_own_constants(checkpoint):
+    """A GptOssExperts whose alpha / limit differ from its config's (transformers 5.17
+    hard-codes 1.702 / 7.0 and ignores swiglu_limit): rocm_moe's implementation computes what
+    the module computes, not what the config says."""
+    from rocm_moe import oracle
+    from rocm_moe.integrations import hf
+
+    hf.register()
+    model = fp.load_model(checkpoint)
+    for m in model.modules():
+        if type(m).__name__ == "GptOssExperts":
+            m.limit, m.alpha = 0.3, 1.5
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(ids).logits
+        model.set_experts_implementation("rocm_moe")
+        assert oracle.rel_err(model(ids).logits, ref) <= 1e-5

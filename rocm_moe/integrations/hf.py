@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -629,7 +629,18 @@ def weights_from_block(block: nn.Module, config, placement: Placement,
         intermediate_size=I, gate=router.weight.detach(),
         e_score_correction_bias=None if bias is None else bias.detach(),
         gate_bias=router.bias.detach() if fam.gate_bias else None,
-        expert_variant=fam.expert_variant(config), w13=w13, w2=w2, **kw)
+        expert_variant=_as_computed_by(ex, fam.expert_variant(config)), w13=w13, w2=w2, **kw)
+
+
+def _as_computed_by(module, variant: ExpertVariant) -> ExpertVariant:
+    """``variant`` with the activation constants ``module`` itself computes with: transformers
+    5.17's GptOssExperts hard-codes alpha = 1.702 and limit = 7.0 and ignores the config's
+    swiglu_limit (5.25 reads it), so a block's own ``alpha`` / ``limit`` win over its config."""
+    if variant.activation != "swiglu_oai":
+        return variant
+    kw = {k: float(getattr(module, k)) for k in ("alpha", "limit")
+          if isinstance(getattr(module, k, None), (int, float))}
+    return replace(variant, **kw) if kw else variant
 
 
 def build_layer(weights: MoELayerWeights, *, dispatcher: Dispatcher | None = None,
@@ -766,7 +777,7 @@ def _module_variant(module) -> ExpertVariant:
         fam = family(model_type)
     except ValueError:
         return PLAIN
-    return fam.expert_variant(config)
+    return _as_computed_by(module, fam.expert_variant(config))
 
 
 def _check_experts_module(module) -> None:
