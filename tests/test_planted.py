@@ -172,13 +172,20 @@ def test_planted_bugs_one_rank():
 
 
 def _worker(info, seed):
-    return _verdicts(info.world_size, info.rank, seed)
+    """Both two-rank checks of this file on one launch (spawning costs more than either)."""
+    return dict(verdicts=_verdicts(info.world_size, info.rank, seed),
+                other_rank=_weights_of_the_other_rank(info))
 
 
-def test_planted_bugs_two_ranks():
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
     seed = int(torch.randint(0, 10**6, (1,)))
-    for verdicts in launch(2, _worker, seed, backend="gloo", timeout_s=300):
-        _check(verdicts, 2)
+    return launch(2, _worker, seed, backend="gloo", timeout_s=300)
+
+
+def test_planted_bugs_two_ranks(two_ranks):
+    for res in two_ranks:
+        _check(res["verdicts"], 2)
 
 
 # ---- sanity -------------------------------------------------------------------------------------
@@ -296,9 +303,8 @@ def _weights_of_the_other_rank(info):
     return given.first_bad, gathered.first_bad, [s.shares for s in gathered.stages]
 
 
-def test_weights_not_where_the_placement_says():
-    for given, gathered, shares in launch(2, _weights_of_the_other_rank, backend="gloo",
-                                          timeout_s=120):
+def test_weights_not_where_the_placement_says(two_ranks):
+    for given, gathered, shares in (res["other_rank"] for res in two_ranks):
         # Tokens with experts on both ranks reach both either way: the rows received may be
         # right, and the slots computed with the wrong expert's weights show at experts.
         assert given in ("dispatch", "experts")
