@@ -319,13 +319,20 @@ def _small(kernel: str) -> Callable[[str], list[Launch]]:
             dot = dict(UPCAST=False, PRECISE=False, BLOCK_M=k["BLOCK_M"], CHUNK=k["CHUNK"])
             bounds = [dict(BOUNDED=b) for b in (False, True)]
             weights = [dict(WEIGHTED=w, **b) for w in (True, False) for b in bounds]
+            # the per-slot / per-row forms: the config's DOT, and the other one (for tuning)
+            # with the top-k of the served models' largest, unbounded
+            dots = (k.get("DOT", False), not k.get("DOT", False))
             if kernel == "gate_up":  # FP8: rows quantised before, or in the kernel
                 cx.update(dot, **quant, PER_SLOT=c["per_slot"])
-                variants = [dict(QUANT_X=q, **b) for b in bounds
-                            for q in ((False, True) if fp8 else (False,))]
+                variants = [dict(QUANT_X=q, DOT=d, **b) for b in bounds
+                            for q in ((False, True) if fp8 else (False,))
+                            for d in (dots if c["per_slot"] else dots[:1])
+                            if d == dots[0] or not b["BOUNDED"]]
             elif kernel == "down" and not c["down_per_expert"]:
-                cx.update(quant)
-                variants = [dict(K_TOPK=kk, **w) for w in weights for kk in top_k]
+                cx.update({k: v for k, v in dot.items() if k != "CHUNK"}, **quant)
+                variants = [dict(K_TOPK=kk, DOT=d, **w) for w in weights for kk in top_k
+                            for d in dots if d == dots[0] or (kk == max(top_k)
+                                                              and not w["BOUNDED"])]
             elif kernel == "down_expert" and c["down_per_expert"]:
                 cx.update(dot, **quant)
                 variants = weights

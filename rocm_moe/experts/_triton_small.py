@@ -118,6 +118,51 @@ def _gather_expert(e, ids_ptr, map_ptr, n_slots, p0, CHUNK: tl.constexpr,
 
 
 @triton.jit
+def _dot_tile(sel, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, n_slots, H, I, K_TOPK,
+              stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn, stride_ir,
+              FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
+              QUANT_X: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
+              MIN_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """inter[sel, tile] of slots ``sel`` ([BLOCK_M] slot ids of local expert ``e``, n_slots
+    where unused) through tl.dot (QUANT_X: as ``_gemv_slot``)."""
+    n_start = tl.program_id(1) * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    rows_g = e.to(tl.int64) * 2 * I + offs_n
+    ws_g = ws_ptr + e.to(tl.int64) * stride_wse + (n_start // 128) * stride_wsn
+    ws_u = ws_g + (I // 128) * stride_wsn
+    valid = sel < n_slots
+    row = tl.where(valid, sel // K_TOPK, 0).to(tl.int64)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < H
+        a = tl.load(x_ptr + row[:, None] * stride_xr + offs_k[None, :],
+                    mask=valid[:, None] & k_ok[None, :], other=0.0)
+        m = n_ok[None, :] & k_ok[:, None]
+        g = tl.load(w_ptr + rows_g[None, :] * stride_wn + offs_k[:, None], mask=m, other=0.0)
+        up = tl.load(w_ptr + (rows_g + I)[None, :] * stride_wn + offs_k[:, None], mask=m,
+                     other=0.0)
+        if FP8:
+            kb = k0 // BLOCK_K
+            if QUANT_X:
+                a, a_s = _quant_groups(a.to(tl.float32), w_ptr.dtype.element_ty, FP8_MAX,
+                                       ROUND, MIN_EXP)
+            else:
+                a_s = tl.load(xs_ptr + row * stride_xs + kb, mask=valid, other=0.0)
+            acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * tl.load(ws_g + kb), UPCAST, PRECISE)
+            acc_u = _fp8_dot(a, up, acc_u, a_s[:, None] * tl.load(ws_u + kb), UPCAST, PRECISE)
+        else:
+            acc_g = tl.dot(a, g, acc_g)
+            acc_u = tl.dot(a, up, acc_u)
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    tl.store(inter_ptr + sel[:, None].to(tl.int64) * stride_ir + offs_n[None, :],
+             h.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _dot_expert(e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, ids_ptr, map_ptr, n_slots, H, I,
                 K_TOPK, stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn, stride_ir,
                 FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
@@ -125,48 +170,14 @@ def _dot_expert(e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, ids_ptr, map_ptr, n_
                 MIN_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
     """inter[tile] of every slot of local expert ``e``, BLOCK_M slots per pass through
-    tl.dot (one pass unless the expert has more slots; QUANT_X: as ``_gemv_slot``)."""
+    ``_dot_tile`` (one pass unless the expert has more slots)."""
     sel, total = _gather_expert(e, ids_ptr, map_ptr, n_slots, 0, CHUNK, BLOCK_M)
-    n_start = tl.program_id(1) * BLOCK_N
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < I
-    rows_g = e.to(tl.int64) * 2 * I + offs_n
-    ws_g = ws_ptr + e.to(tl.int64) * stride_wse + (n_start // 128) * stride_wsn
-    ws_u = ws_g + (I // 128) * stride_wsn
     for p0 in range(0, total, BLOCK_M):
         if p0 > 0:
             sel, _ = _gather_expert(e, ids_ptr, map_ptr, n_slots, p0, CHUNK, BLOCK_M)
-        valid = sel < n_slots
-        row = tl.where(valid, sel // K_TOPK, 0).to(tl.int64)
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < H
-            a = tl.load(x_ptr + row[:, None] * stride_xr + offs_k[None, :],
-                        mask=valid[:, None] & k_ok[None, :], other=0.0)
-            m = n_ok[None, :] & k_ok[:, None]
-            g = tl.load(w_ptr + rows_g[None, :] * stride_wn + offs_k[:, None], mask=m,
-                        other=0.0)
-            up = tl.load(w_ptr + (rows_g + I)[None, :] * stride_wn + offs_k[:, None],
-                         mask=m, other=0.0)
-            if FP8:
-                kb = k0 // BLOCK_K
-                if QUANT_X:
-                    a, a_s = _quant_groups(a.to(tl.float32), w_ptr.dtype.element_ty, FP8_MAX,
-                                           ROUND, MIN_EXP)
-                else:
-                    a_s = tl.load(xs_ptr + row * stride_xs + kb, mask=valid, other=0.0)
-                acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * tl.load(ws_g + kb), UPCAST,
-                                 PRECISE)
-                acc_u = _fp8_dot(a, up, acc_u, a_s[:, None] * tl.load(ws_u + kb), UPCAST,
-                                 PRECISE)
-            else:
-                acc_g = tl.dot(a, g, acc_g)
-                acc_u = tl.dot(a, up, acc_u)
-        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-        tl.store(inter_ptr + sel[:, None].to(tl.int64) * stride_ir + offs_n[None, :],
-                 h.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+        _dot_tile(sel, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, n_slots, H, I, K_TOPK,
+                  stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn, stride_ir, FP8,
+                  UPCAST, PRECISE, QUANT_X, FP8_MAX, ROUND, MIN_EXP, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -176,7 +187,7 @@ def _small_gate_up_kernel(
     stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn, stride_ir,
     FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr, QUANT_X: tl.constexpr,
     FP8_MAX: tl.constexpr, ROUND: tl.constexpr, MIN_EXP: tl.constexpr, BOUNDED: tl.constexpr,
-    PER_SLOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PER_SLOT: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """inter [R * K, I] (rows by slot) = SiLU(gate) * up of each local slot (module docstring);
@@ -190,9 +201,17 @@ def _small_gate_up_kernel(
         for u in range(tl.program_id(0), n_slots, tl.num_programs(0)):
             e = _local(ids_ptr, map_ptr, u)
             if e >= 0:
-                _gemv_slot(u, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, H, I, K_TOPK,
-                           stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn, stride_ir,
-                           FP8, QUANT_X, FP8_MAX, ROUND, MIN_EXP, BLOCK_N, BLOCK_K)
+                if DOT:  # the slot as the one row of a BLOCK_M tile: tl.dot's pipelined loads
+                    sel = tl.where(tl.arange(0, BLOCK_M) == 0, u, n_slots)
+                    _dot_tile(sel, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, n_slots, H, I,
+                              K_TOPK, stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn,
+                              stride_ir, FP8, UPCAST, PRECISE, QUANT_X, FP8_MAX, ROUND,
+                              MIN_EXP, BLOCK_M, BLOCK_N, BLOCK_K)
+                else:
+                    _gemv_slot(u, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, H, I, K_TOPK,
+                               stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn,
+                               stride_ir, FP8, QUANT_X, FP8_MAX, ROUND, MIN_EXP, BLOCK_N,
+                               BLOCK_K)
     else:
         _dot_expert(tl.program_id(0), x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, ids_ptr,
                     map_ptr, n_slots, H, I, K_TOPK, stride_xr, stride_xs, stride_wn,
@@ -286,54 +305,121 @@ def _small_sum_kernel(slots_ptr, ids_ptr, map_ptr, out_ptr, num_rows_ptr, R, H,
 
 
 @triton.jit
+def _down_row_dot(r64, n_start, inter_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, map_ptr, weight_ptr,
+                  H, I, stride_ir, stride_wn, stride_wse, stride_wsn, stride_or, stride_ok,
+                  K_TOPK: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr,
+                  PRECISE: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
+                  MIN_EXP: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_small_down_kernel``'s row ``r64`` through tl.dot: each slot's intermediate row as
+    the one row of a BLOCK_M tile (tl.dot's pipelined weight loads), the slots in order."""
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    row0 = tl.arange(0, BLOCK_M) == 0
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k in tl.static_range(K_TOPK):
+        s = r64 * K_TOPK + k
+        e = _local(ids_ptr, map_ptr, s)
+        stop = tl.where(e >= 0, I, 0)  # another rank's or an empty slot: nothing loaded
+        e64 = tl.maximum(e, 0).to(tl.int64)
+        rows_w = e64 * H + offs_n
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < stop
+            a = tl.load(inter_ptr + s * stride_ir + offs_k[None, :]
+                        + tl.zeros((BLOCK_M, 1), dtype=tl.int64),
+                        mask=row0[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + rows_w[None, :] * stride_wn + offs_k[:, None],
+                        mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            if FP8:
+                q, a_s = _quant_groups(a.to(tl.float32), w_ptr.dtype.element_ty, FP8_MAX,
+                                       ROUND, MIN_EXP)
+                ws = ws_ptr + e64 * stride_wse + (n_start // 128) * stride_wsn + k0 // BLOCK_K
+                acc = _fp8_dot(q, b, acc, a_s[:, None] * tl.load(ws), UPCAST, PRECISE)
+            else:
+                acc = tl.dot(a, b, acc)
+        y = tl.sum(tl.where(row0[:, None], acc, 0.0), axis=0)
+        if WEIGHTED:
+            total += y * tl.where(e >= 0, tl.load(weight_ptr + s), 0.0)
+        else:
+            tl.store(out_ptr + r64 * stride_or + k * stride_ok + offs_n,
+                     y.to(out_ptr.dtype.element_ty), mask=n_ok)
+    if WEIGHTED:
+        tl.store(out_ptr + r64 * stride_or + offs_n, total.to(out_ptr.dtype.element_ty),
+                 mask=n_ok)
+
+
+@triton.jit
 def _small_down_kernel(
     inter_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, map_ptr, weight_ptr, num_rows_ptr,
     R, H, I,
     stride_ir, stride_wn, stride_wse, stride_wsn, stride_or, stride_ok,
-    K_TOPK: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
-    MIN_EXP: tl.constexpr, WEIGHTED: tl.constexpr, BOUNDED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    K_TOPK: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
+    FP8_MAX: tl.constexpr, ROUND: tl.constexpr, MIN_EXP: tl.constexpr, WEIGHTED: tl.constexpr,
+    BOUNDED: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Per row r and column tile of H: y_k = inter[r * K + k] @ down[e_k].T for its local slots
     (FP8: the intermediate quantised per 1x128 group on the way in; ``ws`` [e, H/128, I/128]);
     WEIGHTED: out[r] = sum_k weight[r * K + k] * y_k in float32, a fixed order ([R, H]); else
-    out[r, k] = y_k, zeros for other slots ([R, K, H]). Grid: (programs striding over the
-    rows, column tiles of H); rows past ``num_rows[0]`` (BOUNDED) are not written."""
+    out[r, k] = y_k, zeros for other slots ([R, K, H]). GEMVs on the vector units, or DOT:
+    ``_down_row_dot``. Grid: (programs striding over the rows, column tiles of H); rows past
+    ``num_rows[0]`` (BOUNDED) are not written."""
     n_rows = tl.load(num_rows_ptr) if BOUNDED else R
     n_start = tl.program_id(1) * BLOCK_N
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < H
     for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         r64 = tl.cast(r, tl.int64)
-        # element-wise float32 partial sums, reduced along I once per slot (raw) or once per
-        # row (weighted: every slot's products enter scaled by its routing weight)
-        total = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k in tl.static_range(K_TOPK):
-            s = r64 * K_TOPK + k
-            e = _local(ids_ptr, map_ptr, s)
-            stop = tl.where(e >= 0, I, 0)  # another rank's or an empty slot: nothing loaded
-            rows_w = tl.maximum(e, 0).to(tl.int64) * H + offs_n
-            c = tl.where(e >= 0, tl.load(weight_ptr + s), 0.0) if WEIGHTED else 1.0
-            if not WEIGHTED:
-                total = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, I, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < stop
-                a = tl.load(inter_ptr + s * stride_ir + offs_k, mask=k_ok,
-                            other=0.0).to(tl.float32)
-                b = tl.load(w_ptr + rows_w[:, None] * stride_wn + offs_k[None, :],
-                            mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                if FP8:  # quant.quantize_rows of the group, as the grouped kernels store it
-                    q, a_s = _quant_group(a, w_ptr.dtype.element_ty, FP8_MAX, ROUND, MIN_EXP)
-                    ws = ws_ptr + tl.maximum(e, 0).to(tl.int64) * stride_wse \
-                        + (n_start // 128) * stride_wsn + k0 // BLOCK_K
-                    a = q.to(tl.float32) * (a_s * tl.load(ws) * c)
-                else:
-                    a = a * c
-                total += b.to(tl.float32) * a[None, :]
-            if not WEIGHTED:
-                tl.store(out_ptr + r64 * stride_or + k * stride_ok + offs_n,
-                         tl.sum(total, axis=1).to(out_ptr.dtype.element_ty), mask=n_ok)
-        if WEIGHTED:
-            tl.store(out_ptr + r64 * stride_or + offs_n,
+        if DOT:
+            _down_row_dot(r64, n_start, inter_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, map_ptr,
+                          weight_ptr, H, I, stride_ir, stride_wn, stride_wse, stride_wsn,
+                          stride_or, stride_ok, K_TOPK, FP8, UPCAST, PRECISE, FP8_MAX, ROUND,
+                          MIN_EXP, WEIGHTED, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            _down_row_gemv(r64, n_start, inter_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, map_ptr,
+                           weight_ptr, H, I, stride_ir, stride_wn, stride_wse, stride_wsn,
+                           stride_or, stride_ok, K_TOPK, FP8, FP8_MAX, ROUND, MIN_EXP,
+                           WEIGHTED, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _down_row_gemv(r64, n_start, inter_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, map_ptr,
+                   weight_ptr, H, I, stride_ir, stride_wn, stride_wse, stride_wsn, stride_or,
+                   stride_ok, K_TOPK: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
+                   ROUND: tl.constexpr, MIN_EXP: tl.constexpr, WEIGHTED: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_small_down_kernel``'s row ``r64`` as GEMVs on the vector units."""
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    # element-wise float32 partial sums, reduced along I once per slot (raw) or once per
+    # row (weighted: every slot's products enter scaled by its routing weight)
+    total = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in tl.static_range(K_TOPK):
+        s = r64 * K_TOPK + k
+        e = _local(ids_ptr, map_ptr, s)
+        stop = tl.where(e >= 0, I, 0)  # another rank's or an empty slot: nothing loaded
+        rows_w = tl.maximum(e, 0).to(tl.int64) * H + offs_n
+        c = tl.where(e >= 0, tl.load(weight_ptr + s), 0.0) if WEIGHTED else 1.0
+        if not WEIGHTED:
+            total = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < stop
+            a = tl.load(inter_ptr + s * stride_ir + offs_k, mask=k_ok,
+                        other=0.0).to(tl.float32)
+            b = tl.load(w_ptr + rows_w[:, None] * stride_wn + offs_k[None, :],
+                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if FP8:  # quant.quantize_rows of the group, as the grouped kernels store it
+                q, a_s = _quant_group(a, w_ptr.dtype.element_ty, FP8_MAX, ROUND, MIN_EXP)
+                ws = ws_ptr + tl.maximum(e, 0).to(tl.int64) * stride_wse \
+                    + (n_start // 128) * stride_wsn + k0 // BLOCK_K
+                a = q.to(tl.float32) * (a_s * tl.load(ws) * c)
+            else:
+                a = a * c
+            total += b.to(tl.float32) * a[None, :]
+        if not WEIGHTED:
+            tl.store(out_ptr + r64 * stride_or + k * stride_ok + offs_n,
                      tl.sum(total, axis=1).to(out_ptr.dtype.element_ty), mask=n_ok)
+    if WEIGHTED:
+        tl.store(out_ptr + r64 * stride_or + offs_n,
+                 tl.sum(total, axis=1).to(out_ptr.dtype.element_ty), mask=n_ok)

@@ -126,23 +126,26 @@ def small_config(slots: int, *, fp8: bool, hidden: int = 0, inter: int = 0,
                  device_name: str = "") -> dict:
     """Launch config of the small path for a batch of ``slots`` (rows x K) expected: the
     tuned table's (``tuned_config``) where it has this device and H x I, else a heuristic:
-    ``{"per_slot": gate/up per slot (GEMV) or per local expert (tl.dot), "down_per_expert":
-    down per local expert (tl.dot; then a third launch sums the weighted slots) or per row
-    (GEMVs, the weighted sum in the same launch), "gate_up" / "down": {BLOCK_M, BLOCK_N,
-    BLOCK_K, CHUNK, num_warps, num_stages}}``. Heuristic, UNTUNED ON HARDWARE: narrow column
-    tiles so that one token's experts give every SM tiles to stream (one token: 8 x 48
-    gate/up and 256 down programs at Qwen3's I=768, H=2048); per expert from
-    PER_SLOT_MAX_SLOTS on, where tokens share experts and per-slot reads would repeat.
-    FP8: BLOCK_K is the 128 group, BLOCK_N divides 128."""
+    ``{"per_slot": gate/up per slot or per local expert (tl.dot), "down_per_expert": down
+    per local expert (tl.dot; then a third launch sums the weighted slots) or per row (the
+    weighted sum in the same launch), "gate_up" / "down": {BLOCK_M, BLOCK_N, BLOCK_K, CHUNK,
+    num_warps, num_stages, DOT}}``; DOT: the per-slot gate/up and the per-row down through
+    tl.dot (the slot as the one row of a BLOCK_M tile: pipelined weight loads) instead of
+    GEMVs on the vector units. Heuristic, UNTUNED ON HARDWARE for this path: per slot up to
+    PER_SLOT_MAX_SLOTS (gate/up with the grouped path's tuned one-token H100 tiles; the down
+    as GEMVs over narrow column tiles, 256 programs at H=2048), per expert above, where
+    tokens share experts and per-slot reads would repeat. FP8: BLOCK_K is the 128 group,
+    BLOCK_N divides 128."""
     tuned = tuned_config(slots, fp8=fp8, hidden=hidden, inter=inter, device_name=device_name)
     if tuned is not None:
         return tuned
     per_slot = slots <= PER_SLOT_MAX_SLOTS
     bk = 128 if fp8 else 256
-    if per_slot:
-        gate_up = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, CHUNK=128, num_warps=4, num_stages=2)
+    if per_slot:  # gate/up: the grouped path's H100 tiles at one token (tl.dot, 3 stages)
+        gate_up = dict(BLOCK_M=16, BLOCK_N=32 if fp8 else 64, BLOCK_K=128, CHUNK=128,
+                       num_warps=4, num_stages=3, DOT=True)
         down = dict(BLOCK_M=16, BLOCK_N=8 if slots <= 16 else 16, BLOCK_K=bk, CHUNK=128,
-                    num_warps=4, num_stages=2)
+                    num_warps=4, num_stages=2, DOT=False)
     else:
         gate_up = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if fp8 else 64, CHUNK=128,
                        num_warps=4, num_stages=3)
@@ -178,7 +181,8 @@ def _launch(x, xs, w13, ws13, w2, ws2, inter, out, topk_ids_RK, topk_weights_RK,
         x, xs, w13.view(-1, H), ws13, inter, ids, emap, nr, R, H, I, K,
         x.stride(0), xs.stride(0), H, *s13, inter.stride(0), **fp8_args, **quant,
         QUANT_X=f.get("QUANT_X", False), BOUNDED=bounded, PER_SLOT=cfg["per_slot"],
-        BLOCK_M=gu["BLOCK_M"], BLOCK_N=gu["BLOCK_N"], BLOCK_K=gu["BLOCK_K"], CHUNK=gu["CHUNK"],
+        DOT=gu.get("DOT", False), BLOCK_M=gu["BLOCK_M"], BLOCK_N=gu["BLOCK_N"],
+        BLOCK_K=gu["BLOCK_K"], CHUNK=gu["CHUNK"],
         num_warps=gu["num_warps"], num_stages=gu["num_stages"])
     tiles = dict(BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"], num_warps=dn["num_warps"],
                  num_stages=dn["num_stages"])
@@ -186,8 +190,8 @@ def _launch(x, xs, w13, ws13, w2, ws2, inter, out, topk_ids_RK, topk_weights_RK,
         k._small_down_kernel[(rows, -(-H // dn["BLOCK_N"]))](
             inter, w2.view(-1, I), ws2, out, ids, emap, weights, nr,
             R, H, I, inter.stride(0), I, *s2, out.stride(0), 0 if weighted else out.stride(1),
-            K_TOPK=K, FP8=fp8 is not None, **quant, WEIGHTED=weighted, BOUNDED=bounded,
-            **tiles)
+            K_TOPK=K, **fp8_args, **quant, WEIGHTED=weighted, BOUNDED=bounded,
+            DOT=dn.get("DOT", False), BLOCK_M=dn["BLOCK_M"], **tiles)
         return
     # per expert: raw slots straight into out ([R, K, H] = [R * K, H], zero-filled), weighted
     # ones into float32 slot rows that a third launch sums per row

@@ -25,20 +25,26 @@ TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}[DTYPE]
 CASES = [pytest.param(*c, id="T{}_K{}_E{}_W{}_H{}_I{}_{}".format(*c)) for c in
          [(1, 1, 4, 1, 64, 32, "random"), (1, 8, 16, 2, 64, 32, "random"),
           (2, 2, 8, 1, 80, 48, "shared"), (7, 8, 16, 1, 40, 32, "all_on_one"),
-          (7, 8, 16, 1, 40, 32, "shared"), (33, 2, 8, 2, 64, 32, "random"),
+          (33, 2, 8, 2, 64, 32, "random"),
           (33, 2, 8, 1, 64, 32, "all_on_one")]]
 
 
-def _config(per_slot: bool, *, fp8: bool = False, down_per_expert: bool | None = None) -> dict:
-    """per_slot: GEMV gate/up and per-row down (one token's launch config); else per expert
-    (tl.dot) for both, or as ``down_per_expert`` says. Off-GPU: wide tiles for the
+FORMS = ["gemv", "dot", "expert"]  # per slot / per row on the vector units or via tl.dot; per
+# local expert (the per-slot gate/up and per-row down forms run up to PER_SLOT_MAX_SLOTS)
+
+
+def _config(form: str, *, fp8: bool = False, down_per_expert: bool | None = None) -> dict:
+    """The launch config of ``form`` (FORMS), the down per expert or per row as
+    ``down_per_expert`` says (default: per expert for "expert"). Off-GPU: wide tiles for the
     interpreter (few programs); the kernels' logic is the same."""
-    cfg = small.small_config(1 if per_slot else 10**6, fp8=fp8)
+    cfg = small.small_config(10**6 if form == "expert" else 1, fp8=fp8)
     if not GPU:
         bk = 128 if fp8 else 32
         cfg["gate_up"] = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, CHUNK=16, num_warps=4,
                               num_stages=1)
         cfg["down"] = dict(cfg["gate_up"], BLOCK_N=128 if fp8 else 64)
+    for kernel in ("gate_up", "down"):
+        cfg[kernel]["DOT"] = form == "dot"
     if down_per_expert is not None:
         cfg["down_per_expert"] = down_per_expert
     return cfg
@@ -88,15 +94,15 @@ def _oracle(args, mode):
 
 
 @pytest.mark.parametrize(("T", "K", "E", "W", "H", "I", "routing"), CASES)
-@pytest.mark.parametrize("per_slot", [True, False], ids=["per_slot", "per_expert"])
-def test_matches_float64_oracle(T, K, E, W, H, I, routing, per_slot, gen):
+@pytest.mark.parametrize("form", FORMS)
+def test_matches_float64_oracle(T, K, E, W, H, I, routing, form, gen):
     """Both weight modes; T = 2 crosses the kernels (GEMV gate/up with the per-expert down,
     and the other way round)."""
     args = _case(T, K, E, W, H, I, routing, gen)
     local = args[5].local_ids(args[1]) >= 0
     for mode in ("experts", "combine"):
         want = _oracle(args, mode)
-        cfg = _config(per_slot, down_per_expert=per_slot if T == 2 else None)
+        cfg = _config(form, down_per_expert=(form != "expert") if T == 2 else None)
         out = small.small_experts(*_dev(args), weighted=mode == "experts", config=cfg)
         assert out.weights_applied == (mode == "experts")
         assert out.out.shape == want.shape
@@ -110,18 +116,18 @@ def test_matches_float64_oracle(T, K, E, W, H, I, routing, per_slot, gen):
             assert got[~local].eq(0).all()  # non-local and empty slots: exact zeros
 
 
-@pytest.mark.parametrize("per_slot", [True, False], ids=["per_slot", "per_expert"])
-def test_zero_token_experts_and_nothing_local(per_slot, gen):
+@pytest.mark.parametrize("form", FORMS)
+def test_zero_token_experts_and_nothing_local(form, gen):
     """A batch whose slots are all -1 or other ranks' experts: zeros, and no stale values."""
     args = _case(5, 2, 8, 2, 64, 32, "random", gen)
     args[1] = torch.where(args[5].local_ids(args[1]) >= 0, -1, args[1]).to(torch.int32)
     for weighted in (True, False):
-        out = small.small_experts(*_dev(args), weighted=weighted, config=_config(per_slot))
+        out = small.small_experts(*_dev(args), weighted=weighted, config=_config(form))
         assert out.out.eq(0).all()
 
 
-@pytest.mark.parametrize("per_slot", [True, False], ids=["per_slot", "per_expert"])
-def test_bounded_rows(per_slot, gen):
+@pytest.mark.parametrize("form", FORMS)
+def test_bounded_rows(form, gen):
     """A capacity-sized batch (num_rows on the device): rows past the count are never read
     (NaN there), raw rows past it stay zeros, and a grid sized for fewer rows than arrive
     (expected_rows too small) still covers every row."""
@@ -136,7 +142,7 @@ def test_bounded_rows(per_slot, gen):
         for expected in (None, 1, n, cap):
             out = small.small_experts(*_dev(args), weighted=mode == "experts",
                                       num_rows=num_rows, expected_rows=expected,
-                                      config=_config(per_slot)).out.cpu()
+                                      config=_config(form)).out.cpu()
             assert not out[:n].isnan().any()
             assert rel_err(out[:n], want) < TOL, (mode, expected)
             if mode == "combine":
@@ -230,11 +236,12 @@ def test_invariant_and_variants_keep_the_grouped_path():
 
 # ---- FP8 -------------------------------------------------------------------------------------
 
-# (T, K, E, W, H, I, routing, per_slot)
+# (T, K, E, W, H, I, routing, form)
 FP8_CASES = [pytest.param(*c, id="T{}_K{}_E{}_W{}_H{}_I{}_{}_{}".format(*c)) for c in
-             [(1, 8, 16, 1, 128, 128, "random", True), (1, 8, 16, 1, 128, 128, "random", False),
-              (2, 2, 8, 2, 200, 128, "shared", True), (2, 2, 8, 2, 200, 128, "shared", False),
-              (7, 2, 4, 1, 128, 256, "shared", False)]]
+             [(1, 8, 16, 1, 128, 128, "random", "gemv"), (1, 8, 16, 1, 128, 128, "random", "dot"),
+              (1, 8, 16, 1, 128, 128, "random", "expert"),
+              (2, 2, 8, 2, 200, 128, "shared", "gemv"), (2, 2, 8, 2, 200, 128, "shared", "dot"),
+              (7, 2, 4, 1, 128, 256, "shared", "expert")]]
 
 
 def _fp8_case(T, K, E, W, H, I, routing, gen):
@@ -252,8 +259,8 @@ def _fp8_case(T, K, E, W, H, I, routing, gen):
     return x, ids, w, fw, emap
 
 
-@pytest.mark.parametrize(("T", "K", "E", "W", "H", "I", "routing", "per_slot"), FP8_CASES)
-def test_fp8_matches_reference(T, K, E, W, H, I, routing, per_slot, gen):
+@pytest.mark.parametrize(("T", "K", "E", "W", "H", "I", "routing", "form"), FP8_CASES)
+def test_fp8_matches_reference(T, K, E, W, H, I, routing, form, gen):
     """Against the FP8 torch reference (the same activation and intermediate quantisation,
     float32 GEMMs); per-expert gate/up through tl.dot (upcast to float16 off-GPU)."""
     from rocm_moe.experts.fp8 import FP8ReferenceExperts
@@ -269,7 +276,7 @@ def test_fp8_matches_reference(T, K, E, W, H, I, routing, per_slot, gen):
         out = small.small_fp8_experts(
             rows, ids.to(DEVICE), w.to(DEVICE), fw.w13.to(DEVICE), fw.w2.to(DEVICE),
             emap.to(DEVICE), weighted=mode == "experts", out_dtype=DTYPE, upcast=not GPU,
-            precise=False, config=_config(per_slot, fp8=True))
+            precise=False, config=_config(form, fp8=True))
         got = out.out.cpu()
         assert got.dtype == DTYPE
         assert rel_err(got, want) < TOL, mode
@@ -277,8 +284,8 @@ def test_fp8_matches_reference(T, K, E, W, H, I, routing, per_slot, gen):
             assert got[~local].eq(0).all()
 
 
-@pytest.mark.parametrize("per_slot", [True, False], ids=["per_slot", "per_expert"])
-def test_fp8_float_rows_quantised_in_kernel_match_quantised_rows(per_slot, gen):
+@pytest.mark.parametrize("form", FORMS)
+def test_fp8_float_rows_quantised_in_kernel_match_quantised_rows(form, gen):
     """Float rows into the small FP8 path are quantised per 1x128 group by the gate/up kernel
     (no launch of their own) exactly as quant.quantize_rows does: the same output bits as with
     the rows quantised first (H = 200: a partial last group)."""
@@ -289,7 +296,7 @@ def test_fp8_float_rows_quantised_in_kernel_match_quantised_rows(per_slot, gen):
     rows = _quantize(x.to(DEVICE), fw.w13.dtype)
     for weighted in (True, False):
         kw = dict(weighted=weighted, out_dtype=DTYPE, upcast=not GPU, precise=False,
-                  config=_config(per_slot, fp8=True))
+                  config=_config(form, fp8=True))
         a = small.small_fp8_experts(rows, *dev, **kw).out
         b = small.small_fp8_experts(x.to(DEVICE), *dev, **kw).out
         assert torch.equal(a, b), weighted
