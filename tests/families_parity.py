@@ -46,11 +46,15 @@ def load_model(directory, dtype=torch.float32):
     # eager: the model's own expert loop (grouped_mm needs 16-byte strides, not tiny sizes)
     model = _auto(cfg).from_pretrained(directory, dtype=dtype,
                                        experts_implementation="eager").eval()
+    return with_config_constants(model, cfg)
+
+
+def with_config_constants(model, cfg):
+    """transformers 5.17's GptOssExperts hard-codes limit 7.0 and alpha 1.702, ignoring the
+    config's swiglu_limit (5.25 reads it, as vLLM does): the reference computes the config's
+    constants, which the tiny checkpoints set so that the clamps bite."""
     text = text_config(cfg)
     for m in model.modules():
-        # transformers 5.17's GptOssExperts hard-codes limit 7.0 and alpha 1.702, ignoring the
-        # config's swiglu_limit (5.25 reads it, as vLLM does): the reference computes the
-        # config's constants, which the tiny checkpoints set so that the clamps bite
         if type(m).__name__ == "GptOssExperts" and hasattr(text, "swiglu_limit"):
             m.limit = float(text.swiglu_limit)
             m.alpha = float(getattr(text, "swiglu_alpha", m.alpha))

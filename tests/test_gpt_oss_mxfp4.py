@@ -74,8 +74,9 @@ def _transformers_model(directory):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         directory, config=cfg, quantization_config=qc, dtype=torch.float32,
         experts_implementation="eager").eval()
-    return model.float()  # (some transformers releases dequantise to bf16 whatever the dtype:
-    #                        exact for E2M1 x 2**k, and float32 keeps it)
+    # (some transformers releases dequantise to bf16 whatever the dtype: exact for E2M1 x 2**k,
+    # and float32 keeps it)
+    return fp.with_config_constants(model.float(), cfg)
 
 
 def test_checkpoint_is_in_the_models_format(checkpoint):
