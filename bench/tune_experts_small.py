@@ -2,11 +2,12 @@
 prints a table and writes the JSON that ``triton_small.small_config`` reads.
 
 For each format (bf16, block-FP8), shape (rocm_moe/benchmarks/experts.py's SHAPES) and token
-count T: the gate/up kernel's candidates (per slot: GEMV tiles; per expert: tl.dot tiles) are
-timed with the down kernel at its heuristic config, then the down kernel's (per row; per
-expert), each on the whole stage (activation quantisation included for FP8). The four
-combinations of the best of each kernel's two forms are timed last; the fastest is the entry
-for T x K slots. The grouped path (``path="grouped"``, today's launches) is timed beside it.
+count T: the gate/up kernel's candidates (per slot: GEMV and tl.dot tiles; per expert: tl.dot
+tiles) are timed with the down kernel at its heuristic config, then the down kernel's (per
+row: GEMV and tl.dot tiles; per expert: tl.dot tiles), each on the whole stage (FP8 rows
+quantised in the gate/up kernel, as TritonFP8Experts runs the path). The four combinations
+of the best of each kernel's two forms are timed last; the fastest is the entry for T x K
+slots. The grouped path (``path="grouped"``, today's launches) is timed beside it.
 Timer: ``triton.testing.do_bench`` (median; it clears the L2 cache before every call, so the
 weights come from HBM as in a model's step, where 48-61 layers' weights pass through the L2
 between two calls of a layer), or ``--timer graph`` (CUDA-graph replays without clearing).
@@ -54,9 +55,17 @@ def _dot(fp8: bool):
     return list(itertools.product((16, 32, 64), bks, (4,), (2, 3, 4)))
 
 
-def _tiles(c, block_m=16):
+def _tiles(c, dot: bool, block_m=16):
     bn, bk, w, s = c
-    return dict(BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, CHUNK=128, num_warps=w, num_stages=s)
+    return dict(BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, CHUNK=128, num_warps=w, num_stages=s,
+                DOT=dot)
+
+
+def _candidates(per_x: bool, fp8: bool) -> list[dict]:
+    """A kernel's candidates: per slot / per row, GEMVs and tl.dot tiles; per expert, tl.dot
+    tiles."""
+    dots = [_tiles(c, True) for c in _dot(fp8)]
+    return [_tiles(c, False) for c in _gemv(fp8)] + dots if per_x else dots
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # (CPU: TRITON_INTERPRET=1 smoke)
@@ -84,15 +93,10 @@ def _stage(case, fp8: bool, cfg: dict | None):
         return lambda: experts(x, ids, w, w13, w2, emap, weight_mode="experts", validate=False)
     if not fp8:
         return lambda: small.small_experts(x, ids, w, w13, w2, emap, weighted=True, config=cfg)
-    quant = TritonFP8Experts()
     upcast = not _fp8_dot_native(x.device, w13.dtype)
-
-    def call():
-        rows = quant.quantize(x, w13.dtype)
-        return small.small_fp8_experts(rows, ids, w, w13, w2, emap, weighted=True,
-                                       out_dtype=x.dtype, upcast=upcast, precise=False,
-                                       config=cfg)
-    return call
+    return lambda: small.small_fp8_experts(x, ids, w, w13, w2, emap, weighted=True,
+                                           out_dtype=x.dtype, upcast=upcast, precise=False,
+                                           config=cfg)
 
 
 def _best(case, fp8, timer, base: dict, key: str, candidates: list[dict]):
@@ -120,10 +124,8 @@ def tune(shape_name: str, T: int, fp8: bool, timer, rate: float, gen) -> dict:
     for per_slot, down_per_expert in ((True, False), (False, True)):
         base = small.small_config(1 if per_slot else 10**6, fp8=fp8)
         base["down_per_expert"] = down_per_expert
-        gu = [_tiles(c) for c in (_gemv(fp8) if per_slot else _dot(fp8))]
-        _, cfg = _best(case, fp8, timer, base, "gate_up", gu)
-        dn = [_tiles(c) for c in (_dot(fp8) if down_per_expert else _gemv(fp8))]
-        us, cfg = _best(case, fp8, timer, cfg, "down", dn)
+        _, cfg = _best(case, fp8, timer, base, "gate_up", _candidates(per_slot, fp8))
+        us, cfg = _best(case, fp8, timer, cfg, "down", _candidates(not down_per_expert, fp8))
         results[(per_slot, down_per_expert)] = (us, cfg)
     # the crossed combinations of the best tiles
     (_, a), (_, b) = results[(True, False)], results[(False, True)]
