@@ -272,3 +272,30 @@ def test_bad_sizes_and_dtype(kw, exc, match):
     args = dict(hidden_size=H, intermediate_size=I, router=ROUTERS["mixtral_E8_K2"]) | kw
     with pytest.raises(exc, match=match):
         EPMoE(**args)
+
+
+def test_float32_gate_weight_is_cast_once_and_follows_updates():
+    """A float32 router (DeepSeek-V3) casts its bf16 gate weight once, not every call; an
+    in-place weight update (load_state_dict, copy_) or a new Parameter is picked up at once."""
+    from rocm_moe import EPMoE, RouterConfig
+
+    torch.manual_seed(0)
+    layer = EPMoE(hidden_size=16, intermediate_size=8, dtype=torch.bfloat16,
+                  router=RouterConfig.deepseek_v3(8, 2, n_group=1, topk_group=1))
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+
+    def want():
+        return x.float() @ layer.gate.weight.float().T
+
+    with torch.no_grad():
+        first = layer.router_logits(x)
+        assert torch.equal(first, want())
+        assert layer._gate_weight_f32() is layer._gate_weight_f32()  # cached
+        layer.gate.weight.mul_(-1.0)  # in place: a new version
+        assert torch.equal(layer.router_logits(x), want())
+        assert torch.equal(layer.router_logits(x), -first)
+        layer.load_state_dict({**layer.state_dict(),
+                               "gate.weight": torch.randn(8, 16, dtype=torch.bfloat16)})
+        assert torch.equal(layer.router_logits(x), want())
+        layer.gate.weight = torch.nn.Parameter(torch.randn(8, 16, dtype=torch.bfloat16))
+        assert torch.equal(layer.router_logits(x), want())

@@ -152,6 +152,7 @@ def _time_case(layer, x: torch.Tensor, cfg: dict) -> tuple[dict, torch.Tensor]:
     return {k: _median_us(_timer(fn, dev, cfg["inner"]), cfg) for k, fn in fns.items()}, ids
 
 
+@torch.no_grad()  # as engines run a step (no autograd records; the gate cast cache holds)
 def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
     s = shape(cfg)
     dtype = getattr(torch, cfg["dtype"])
