@@ -444,6 +444,22 @@ def _check_launch(world_size: int, worker: Callable, args: tuple, backend: str) 
                 "function)")) from exc
 
 
+THREADS_ENV = "ROCM_MOE_THREADS_PER_RANK"
+
+
+def _default_threads(world_size: int) -> int:
+    """Intra-op threads of a gloo rank: ``$ROCM_MOE_THREADS_PER_RANK``, else the CPUs divided
+    among the ranks (at least 1)."""
+    raw = os.environ.get(THREADS_ENV)
+    if raw is None:
+        return max(1, (os.cpu_count() or 1) // world_size)
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ValueError(error_message(
+            THREADS_ENV, repr(raw), "must be an integer >= 1 (intra-op threads per CPU rank)",
+            f"unset it, or set e.g. {THREADS_ENV}=1"))
+    return int(raw)
+
+
 def launch(
     world_size: int,
     worker: Callable,
@@ -455,7 +471,10 @@ def launch(
 ) -> list:
     """Run ``worker(info, *args)`` on ``world_size`` spawned ranks; their results in rank order.
 
-    ``worker`` must be a module-level function (it is pickled into the children). A worker's
+    ``worker`` must be a module-level function (it is pickled into the children). On gloo each
+    rank runs ``threads_per_rank`` intra-op threads: by default ``$ROCM_MOE_THREADS_PER_RANK``
+    where set (an integer >= 1; a test suite on a small shared machine sets 1), else the CPUs
+    divided among the ranks. A worker's
     ValueError / TypeError (a user error) is raised here as the same error, prefixed with its
     rank: the lowest rank's own error, even where other ranks then failed in a collective or
     raised ``PeerRefusal``. Any other failure raises ``RankFailed`` naming the rank that caused
@@ -469,7 +488,7 @@ def launch(
     backend = backend or default_backend(world_size)
     _check_launch(world_size, worker, args, backend)
     if threads_per_rank is None and backend == "gloo":
-        threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
+        threads_per_rank = _default_threads(world_size)
     _sweep_stale_folders()
     out_dir = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
     ctx = mp.get_context("spawn")

@@ -15,8 +15,10 @@ if not torch.cuda.is_available():
     # One intra-op thread in the test process: its tensors are tiny, and on a small CPU host
     # shared with spawned ranks (or other jobs) a second OpenMP thread spinning for a core made
     # in-process tests 3-5x slower (tests/test_layer.py + test_planted.py at load ~8 on 2 cores:
-    # 33-43 s -> 8-11 s). Spawned ranks set their own count (rocm_moe.distributed.launch).
+    # 33-43 s -> 8-11 s). Spawned CPU ranks likewise (rocm_moe.distributed.launch reads it;
+    # at W = 1 a rank took two: test_model's W = 1 stack 55.7 s with two, 1.6 s with one).
     torch.set_num_threads(1)
+    os.environ.setdefault("ROCM_MOE_THREADS_PER_RANK", "1")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -34,13 +34,23 @@ def _timeouts(info):
                            dtype=torch.float32)
     again = TorchDispatcher(Placement.contiguous(E, info.world_size), hidden_size=H, top_k=K,
                             dtype=torch.float32)
-    return dict(own_group=disp.group is not dist.group.WORLD, shared=disp.group is again.group)
+    return dict(own_group=disp.group is not dist.group.WORLD, shared=disp.group is again.group,
+                threads=torch.get_num_threads())
 
 
-def test_dispatchers_get_a_finite_default_timeout():
+def test_dispatchers_get_a_finite_default_timeout(monkeypatch):
+    """(The same ranks report their intra-op threads: ROCM_MOE_THREADS_PER_RANK when set.)"""
     assert DEFAULT_TIMEOUT.total_seconds() == 300
+    monkeypatch.setenv("ROCM_MOE_THREADS_PER_RANK", "3")
     for res in launch(2, _timeouts, timeout_s=30):
-        assert res == dict(own_group=True, shared=True)
+        assert res == dict(own_group=True, shared=True, threads=3)
+
+
+@pytest.mark.parametrize("value", ["0", "two", "", "-1"])
+def test_launch_refuses_a_bad_threads_per_rank_variable_before_spawning(monkeypatch, value):
+    monkeypatch.setenv("ROCM_MOE_THREADS_PER_RANK", value)
+    with pytest.raises(ValueError, match=r"^ROCM_MOE_THREADS_PER_RANK=.*integer >= 1.*Fix: unset"):
+        launch(2, _refuse_everywhere)
 
 
 def _refuse_everywhere(info):
