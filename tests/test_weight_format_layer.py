@@ -190,3 +190,25 @@ def test_torch_dispatcher_wire_format_W2():
         assert r["fp8_rows"]
         assert r["cfg"]["fp8_dtype"] == "torch.float8_e4m3fn"
         assert r["equal"]
+
+
+@pytest.mark.gpu
+def test_block_fp8_layer_takes_the_triton_fp8_kernel_on_a_gpu():
+    """EPMoE(weight_format="block_fp8", experts=TritonExperts()) runs the Triton FP8 experts
+    (the float backend's kernel for the format) and agrees with the reference FP8 layer."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU (Triton FP8 experts)")
+    from rocm_moe.experts.triton import TritonExperts
+    from rocm_moe.experts.triton_fp8 import TritonFP8Experts
+    from rocm_moe.formats.block_fp8 import FP8_TOLERANCE
+    from rocm_moe.quant import native_fp8_dtype
+
+    opts = {"fp8_dtype": native_fp8_dtype("cuda")}
+    kw = dict(weight_format="block_fp8", format_options=opts, dtype=torch.bfloat16)
+    gpu = _layer(experts=TritonExperts(), device="cuda", **kw)
+    ref = _layer(**kw)
+    assert isinstance(gpu.experts, TritonFP8Experts)
+    for T in (1, 33, 511):
+        x = _x(T, seed=T).bfloat16()
+        got, want = gpu(x.cuda()).cpu().double(), ref(x).double()
+        assert (got - want).norm() / want.norm() < FP8_TOLERANCE, T
