@@ -4,7 +4,6 @@ run, sanity, diagnose and bench layer pick here when --comm / --experts are not 
 from __future__ import annotations
 
 import argparse
-import importlib
 import platform
 
 import torch
@@ -34,8 +33,8 @@ def command(args: argparse.Namespace) -> int:
     for b in backends.BACKENDS.values():
         reason = b.availability()
         table.add_row(b.kind, b.name, "usable" if reason is None else f"unavailable: {reason}")
-    for base, (name, module, cls) in FP8_COMM.items():  # FP8 checkpoints' rows in FP8
-        reason = getattr(importlib.import_module(module), cls).availability()
+    for base, name in FP8_COMM.items():  # FP8 checkpoints' rows in FP8 (the fp8_dtype wire)
+        reason = backends.BACKENDS[f"comm:{base}"].availability()
         table.add_row("comm", f"{name} (--comm {base} --fp8-dispatch)",
                       "usable" if reason is None else f"unavailable: {reason}")
     console.print(table)
