@@ -3,11 +3,11 @@ prints a table and writes the JSON that ``triton_small.small_config`` reads.
 
 For each format (bf16, block-FP8), shape (rocm_moe/benchmarks/experts.py's SHAPES) and token
 count T: the gate/up kernel's candidates (per slot: GEMV and tl.dot tiles; per expert: tl.dot
-tiles) are timed with the down kernel at its heuristic config, then the down kernel's (per
-row: GEMV and tl.dot tiles; per expert: tl.dot tiles), each on the whole stage (FP8 rows
-quantised in the gate/up kernel, as TritonFP8Experts runs the path). The four combinations
-of the best of each kernel's two forms are timed last; the fastest is the entry for T x K
-slots. The grouped path (``path="grouped"``, today's launches) is timed beside it.
+tiles) are timed with the down kernel at its heuristic config, then, with the faster gate/up,
+the down kernel's (per row: GEMV and tl.dot tiles; per slot and per expert: tl.dot tiles), each
+on the whole stage (FP8 rows quantised in the gate/up kernel, as TritonFP8Experts runs the
+path); the fastest is the entry for T x K slots. The grouped path (``path="grouped"``, today's
+launches) is timed beside it.
 Timer: ``triton.testing.do_bench`` (median; it clears the L2 cache before every call, so the
 weights come from HBM as in a model's step, where 48-61 layers' weights pass through the L2
 between two calls of a layer), or ``--timer graph`` (CUDA-graph replays without clearing).
@@ -120,27 +120,22 @@ def tune(shape_name: str, T: int, fp8: bool, timer, rate: float, gen) -> dict:
     loc = emap.local_ids(ids)
     floor_us = loc[loc >= 0].unique().numel() * per_expert_bytes / rate * 1e6
     slots = T * shape["K"]
-    results = {}
-    for per_slot, down_per_expert in ((True, False), (False, True)):
+    gate_up = {}  # per slot / per expert -> (us, cfg), the down at the heuristic's
+    for per_slot in (True, False):
         base = small.small_config(1 if per_slot else 10**6, fp8=fp8)
-        base["down_per_expert"] = down_per_expert
-        _, cfg = _best(case, fp8, timer, base, "gate_up", _candidates(per_slot, fp8))
-        us, cfg = _best(case, fp8, timer, cfg, "down", _candidates(not down_per_expert, fp8))
-        results[(per_slot, down_per_expert)] = (us, cfg)
-    # the crossed combinations of the best tiles
-    (_, a), (_, b) = results[(True, False)], results[(False, True)]
-    for gu_from, dn_from, key in ((a, b, (True, True)), (b, a, (False, False))):
-        cfg = dict(per_slot=gu_from["per_slot"], down_per_expert=dn_from["down_per_expert"],
-                   gate_up=gu_from["gate_up"], down=dn_from["down"])
-        results[key] = (timer(_stage(case, fp8, cfg)) * 1e3, cfg)
-    us, cfg = min(results.values(), key=lambda t: t[0])
+        gate_up[per_slot] = _best(case, fp8, timer, base, "gate_up", _candidates(per_slot, fp8))
+    _, base = min(gate_up.values(), key=lambda t: t[0])
+    down = {form: _best(case, fp8, timer, base, "down",
+                        [dict(c, FORM=form) for c in _candidates(form == "row", fp8)])
+            for form in small.DOWN_FORMS}  # with the faster gate/up
+    us, cfg = min(down.values(), key=lambda t: t[0])
+    forms = {**{f"gate_up per {'slot' if k else 'expert'}": v[0] for k, v in gate_up.items()},
+             **{f"down per {f}": v[0] for f, v in down.items()}}
     grouped_us = timer(_stage(case, fp8, None)) * 1e3
     default_us = timer(_stage(case, fp8, small.small_config(slots, fp8=fp8))) * 1e3
     row = dict(shape=shape_name, format="fp8" if fp8 else "bf16", tokens=T, slots=slots,
                best_us=us, heuristic_us=default_us, grouped_us=grouped_us, floor_us=floor_us,
-               best_over_floor=us / floor_us, config=cfg,
-               forms={f"{'slot' if k[0] else 'expert'}/{'expert' if k[1] else 'row'}": v[0]
-                      for k, v in results.items()})
+               best_over_floor=us / floor_us, config=cfg, forms=forms)
     print(f"{shape_name} {row['format']} T={T}: best {us:.1f} us ({us / floor_us:.2f}x floor "
           f"{floor_us:.1f}), heuristic {default_us:.1f}, grouped {grouped_us:.1f}; "
           f"forms {row['forms']}; {cfg}", flush=True)

@@ -297,9 +297,10 @@ _SMALL_PTRS = dict(x_ptr=_small_x("fp8"), xs_ptr=_small_x("*fp32"),
 
 def _small(kernel: str) -> Callable[[str], list[Launch]]:
     """``experts.triton_small.small_config``'s launches: its heuristic for one token (per-slot
-    gate/up, per-row down) and 64 tokens (per-expert gate/up and down, then the sum) and every
-    entry of the target device's tuned table, bf16 and FP8 (native FP8 dots), both row bounds
-    and weight modes, at the MODEL_SHAPES' top-k."""
+    gate/up, per-slot down, then the sum) and 64 tokens (per-expert gate/up and down, then the
+    sum), the other per-slot / per-row forms (for tuning) and every entry of the target
+    device's tuned table, bf16 and FP8 (native FP8 dots), both row bounds and weight modes,
+    at the MODEL_SHAPES' top-k."""
     def launches(target: str) -> list[Launch]:
         from rocm_moe.experts.triton_small import PER_SLOT_MAX_SLOTS, SUM_BLOCK_H, small_config
         from rocm_moe.experts.triton_small import _table as _small_table
@@ -307,44 +308,45 @@ def _small(kernel: str) -> Callable[[str], list[Launch]]:
         fnuz = target == "gfx942"
         quant = dict(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6, ROUND=False)
         top_k = sorted({t for _, _, t, _ in MODEL_SHAPES})
-        out = []
-        configs = [(fp8, small_config(slots, fp8=fp8), f"{slots} slots") for fp8 in (False, True)
-                   for slots in (8, 8 * PER_SLOT_MAX_SLOTS)]
+        configs = []
+        for fp8 in (False, True):
+            one, many = small_config(8, fp8=fp8), small_config(8 * PER_SLOT_MAX_SLOTS, fp8=fp8)
+            gemv = dict(one, gate_up=dict(one["gate_up"], DOT=False),
+                        down=dict(one["down"], FORM="row", DOT=False, BLOCK_N=16))
+            row_dot = dict(one, down=dict(one["down"], FORM="row", DOT=True))
+            configs += [(fp8, one, "8 slots"), (fp8, many, f"{8 * PER_SLOT_MAX_SLOTS} slots"),
+                        (fp8, gemv, "8 slots GEMV"), (fp8, row_dot, "8 slots row dot")]
         for hxi, formats in _small_table().get(TARGETS[target][3], {}).items():
             configs += [(f == "fp8", c, f"table {hxi} {b}") for f, entries in formats.items()
                         for b, c in entries.items()]
+        out = []
         for fp8, c, origin in configs:
             k = c["gate_up" if kernel == "gate_up" else "down"]
+            form = c["down"]["FORM"]
             cx = dict(FP8=fp8, BLOCK_N=k["BLOCK_N"], BLOCK_K=k["BLOCK_K"])
-            dot = dict(UPCAST=False, PRECISE=False, BLOCK_M=k["BLOCK_M"], CHUNK=k["CHUNK"])
+            dot = dict(UPCAST=False, PRECISE=False, BLOCK_M=k["BLOCK_M"])
             bounds = [dict(BOUNDED=b) for b in (False, True)]
             weights = [dict(WEIGHTED=w, **b) for w in (True, False) for b in bounds]
-            # the per-slot / per-row forms: the config's DOT, and the other one (for tuning)
-            # with the top-k of the served models' largest, unbounded
-            dots = (k.get("DOT", False), not k.get("DOT", False))
             if kernel == "gate_up":  # FP8: rows quantised before, or in the kernel
-                cx.update(dot, **quant, PER_SLOT=c["per_slot"])
-                variants = [dict(QUANT_X=q, DOT=d, **b) for b in bounds
-                            for q in ((False, True) if fp8 else (False,))
-                            for d in (dots if c["per_slot"] else dots[:1])
-                            if d == dots[0] or not b["BOUNDED"]]
-            elif kernel == "down" and not c["down_per_expert"]:
-                cx.update({k: v for k, v in dot.items() if k != "CHUNK"}, **quant)
-                variants = [dict(K_TOPK=kk, DOT=d, **w) for w in weights for kk in top_k
-                            for d in dots if d == dots[0] or (kk == max(top_k)
-                                                              and not w["BOUNDED"])]
-            elif kernel == "down_expert" and c["down_per_expert"]:
-                cx.update(dot, **quant)
+                cx.update(dot, **quant, CHUNK=k["CHUNK"], PER_SLOT=c["per_slot"],
+                          DOT=k.get("DOT", False))
+                variants = [dict(QUANT_X=q, **b) for b in bounds
+                            for q in ((False, True) if fp8 else (False,))]
+            elif kernel == "down" and form == "row":  # (the tuner's alternative: top-8)
+                cx.update(dot, **quant, DOT=k.get("DOT", False))
+                variants = [dict(K_TOPK=max(top_k), WEIGHTED=w, BOUNDED=False)
+                            for w in (True, False)]
+            elif kernel == "down_slots" and form != "row":
+                cx.update(dot, **quant, CHUNK=k["CHUNK"], PER_SLOT=form == "slot")
                 variants = weights
-            elif kernel == "sum" and c["down_per_expert"] and not fp8:
+            elif kernel == "sum" and form != "row" and not fp8:
                 cx = dict(BLOCK_H=SUM_BLOCK_H)
                 variants = [dict(K_TOPK=kk, **b) for b in bounds for kk in top_k]
             else:
                 continue
             why = f"{'fp8' if fp8 else 'bf16'} {origin}"
             warps = (k["num_warps"], k["num_stages"]) if kernel != "sum" else (4, 1)
-            out += [Launch(tuple(sorted({**cx, **v}.items())), *warps, why)
-                    for v in variants]
+            out += [Launch(tuple(sorted({**cx, **v}.items())), *warps, why) for v in variants]
         return out
     return launches
 
@@ -365,9 +367,9 @@ KERNELS = [
     Kernel("rocm_moe.experts._triton_small:_small_gate_up_kernel", _SMALL_PTRS,
            _small("gate_up")),
     Kernel("rocm_moe.experts._triton_small:_small_down_kernel", _SMALL_PTRS, _small("down")),
-    Kernel("rocm_moe.experts._triton_small:_small_down_expert_kernel",
+    Kernel("rocm_moe.experts._triton_small:_small_down_slots_kernel",
            dict(_SMALL_PTRS, out_ptr=lambda c: "*fp32" if c["WEIGHTED"] else "*bf16"),
-           _small("down_expert")),
+           _small("down_slots")),
     Kernel("rocm_moe.experts._triton_small:_small_sum_kernel",
            dict(_SMALL_PTRS, slots_ptr="*fp32"), _small("sum")),
     Kernel("rocm_moe.experts._triton_mxfp4:_mxfp4_gate_up_kernel", _MXFP4_PTRS,

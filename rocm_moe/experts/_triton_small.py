@@ -1,6 +1,6 @@
 """Triton kernels of the small-batch experts path (``experts/triton_small.py``; imported only
-where triton is installed): two launches (three for a weighted per-expert down) that read
-``topk_ids`` directly (no layout sort).
+where triton is installed): two launches (three where a weighted down writes per-slot rows)
+that read ``topk_ids`` directly (no layout sort).
 
 ``_small_gate_up_kernel``: inter[slot] = SiLU(x[row] @ gate[e].T) * (x[row] @ up[e].T) for the
 local slots, one column tile of I per program:
@@ -14,9 +14,9 @@ local slots, one column tile of I per program:
 (unrolled, each load predicated on the slot being local): the down GEMV of each, then either
 the routing-weighted sum in float32 (WEIGHTED: one store per row, deterministic, no atomics)
 or each slot's raw output (exact zeros for non-local and empty slots).
-``_small_down_expert_kernel``: the down projection per local expert through tl.dot (each
-weight tile read once), into per-slot rows; ``_small_sum_kernel`` adds a row's weighted slots
-in slot order.
+``_small_down_slots_kernel``: the down projection into per-slot rows through tl.dot, per slot
+(the grouped path's down without its layout) or per local expert (each weight tile read
+once); ``_small_sum_kernel`` adds a row's weighted slots in slot order.
 
 FP8 (block-scaled weights, 1x128 activation groups; ``experts/fp8.py``): the rows come
 quantised; the gate/up products are scaled per 128-wide K step by (row scale) x (weight block
@@ -239,51 +239,79 @@ def _quant_groups(a, dtype, FP8_MAX: tl.constexpr, ROUND: tl.constexpr, MIN_EXP:
 
 
 @triton.jit
-def _small_down_expert_kernel(
-    inter_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, map_ptr, weight_ptr, num_rows_ptr,
-    R, H, I, K_TOPK,
-    stride_ir, stride_wn, stride_wse, stride_wsn, stride_os,
-    FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr, FP8_MAX: tl.constexpr,
-    ROUND: tl.constexpr, MIN_EXP: tl.constexpr, WEIGHTED: tl.constexpr, BOUNDED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-):
-    """out[slot] = inter[slot] @ down[e].T (times the slot's weight when WEIGHTED) for every
-    slot of local expert e = program_id(0), one column tile of H each, through tl.dot: each
-    weight tile read once per expert (FP8: the intermediate quantised per 1x128 group as it
-    loads). ``out`` [R * K, H]: the raw [R, K, H] output or the weighted slots that
-    ``_small_sum_kernel`` adds up; rows of other slots are not written."""
-    n_slots = (tl.load(num_rows_ptr) if BOUNDED else R) * K_TOPK
-    e = tl.program_id(0)
-    sel, total = _gather_expert(e, ids_ptr, map_ptr, n_slots, 0, CHUNK, BLOCK_M)
+def _down_dot_tile(sel, e, inter_ptr, w_ptr, ws_ptr, out_ptr, weight_ptr, n_slots, H, I,
+                   stride_ir, stride_wn, stride_wse, stride_wsn, stride_os,
+                   FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
+                   FP8_MAX: tl.constexpr, ROUND: tl.constexpr, MIN_EXP: tl.constexpr,
+                   WEIGHTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """out[sel, tile] = inter[sel] @ down[e].T (times each slot's weight when WEIGHTED) for
+    slots ``sel`` ([BLOCK_M] slot ids of local expert ``e``, n_slots where unused) through
+    tl.dot (FP8: the intermediate quantised per 1x128 group as it loads)."""
     n_start = tl.program_id(1) * BLOCK_N
     offs_n = n_start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < H
     rows_w = e.to(tl.int64) * H + offs_n
     ws = ws_ptr + e.to(tl.int64) * stride_wse + (n_start // 128) * stride_wsn
-    for p0 in range(0, total, BLOCK_M):
-        if p0 > 0:
-            sel, _ = _gather_expert(e, ids_ptr, map_ptr, n_slots, p0, CHUNK, BLOCK_M)
-        valid = sel < n_slots
-        s64 = tl.where(valid, sel, 0).to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < I
-            a = tl.load(inter_ptr + s64[:, None] * stride_ir + offs_k[None, :],
-                        mask=valid[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + rows_w[None, :] * stride_wn + offs_k[:, None],
-                        mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-            if FP8:
-                q, a_s = _quant_groups(a.to(tl.float32), w_ptr.dtype.element_ty, FP8_MAX,
-                                       ROUND, MIN_EXP)
-                acc = _fp8_dot(q, b, acc, a_s[:, None] * tl.load(ws + k0 // BLOCK_K), UPCAST,
-                               PRECISE)
-            else:
-                acc = tl.dot(a, b, acc)
-        if WEIGHTED:
-            acc = acc * tl.load(weight_ptr + s64, mask=valid, other=0.0)[:, None]
-        tl.store(out_ptr + s64[:, None] * stride_os + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+    valid = sel < n_slots
+    s64 = tl.where(valid, sel, 0).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < I
+        a = tl.load(inter_ptr + s64[:, None] * stride_ir + offs_k[None, :],
+                    mask=valid[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + rows_w[None, :] * stride_wn + offs_k[:, None],
+                    mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        if FP8:
+            q, a_s = _quant_groups(a.to(tl.float32), w_ptr.dtype.element_ty, FP8_MAX, ROUND,
+                                   MIN_EXP)
+            acc = _fp8_dot(q, b, acc, a_s[:, None] * tl.load(ws + k0 // BLOCK_K), UPCAST,
+                           PRECISE)
+        else:
+            acc = tl.dot(a, b, acc)
+    if WEIGHTED:
+        acc = acc * tl.load(weight_ptr + s64, mask=valid, other=0.0)[:, None]
+    tl.store(out_ptr + s64[:, None] * stride_os + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _small_down_slots_kernel(
+    inter_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, map_ptr, weight_ptr, num_rows_ptr,
+    R, H, I, K_TOPK,
+    stride_ir, stride_wn, stride_wse, stride_wsn, stride_os,
+    FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr, FP8_MAX: tl.constexpr,
+    ROUND: tl.constexpr, MIN_EXP: tl.constexpr, WEIGHTED: tl.constexpr, BOUNDED: tl.constexpr,
+    PER_SLOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """out[slot] = inter[slot] @ down[e].T (times the slot's weight when WEIGHTED) for the
+    local slots, one column tile of H per program, through tl.dot: PER_SLOT, the programs
+    stride over the slots (each slot the one row of a BLOCK_M tile; the grouped path's down
+    without its layout); else one program per local expert gathers its slots (each weight
+    tile read once per expert). ``out`` [R * K, H]: the raw [R, K, H] output or the weighted
+    slots that ``_small_sum_kernel`` adds up; rows of other slots are not written."""
+    n_slots = (tl.load(num_rows_ptr) if BOUNDED else R) * K_TOPK
+    if PER_SLOT:
+        for u in range(tl.program_id(0), n_slots, tl.num_programs(0)):
+            e = _local(ids_ptr, map_ptr, u)
+            if e >= 0:
+                sel = tl.where(tl.arange(0, BLOCK_M) == 0, u, n_slots)
+                _down_dot_tile(sel, e, inter_ptr, w_ptr, ws_ptr, out_ptr, weight_ptr, n_slots,
+                               H, I, stride_ir, stride_wn, stride_wse, stride_wsn, stride_os,
+                               FP8, UPCAST, PRECISE, FP8_MAX, ROUND, MIN_EXP, WEIGHTED,
+                               BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        e = tl.program_id(0)
+        sel, total = _gather_expert(e, ids_ptr, map_ptr, n_slots, 0, CHUNK, BLOCK_M)
+        for p0 in range(0, total, BLOCK_M):
+            if p0 > 0:
+                sel, _ = _gather_expert(e, ids_ptr, map_ptr, n_slots, p0, CHUNK, BLOCK_M)
+            _down_dot_tile(sel, e, inter_ptr, w_ptr, ws_ptr, out_ptr, weight_ptr, n_slots, H,
+                           I, stride_ir, stride_wn, stride_wse, stride_wsn, stride_os, FP8,
+                           UPCAST, PRECISE, FP8_MAX, ROUND, MIN_EXP, WEIGHTED, BLOCK_M,
+                           BLOCK_N, BLOCK_K)
 
 
 @triton.jit

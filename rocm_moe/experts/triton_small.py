@@ -1,17 +1,18 @@
-"""The small-batch path of the Triton experts (issue 33 item 2): decode-sized batches in two
-launches that read the routing ids directly, no layout sort, no slot-sum pass.
+"""The small-batch path of the Triton experts (issue 33 item 2): decode-sized batches in two or
+three launches that read the routing ids directly: no layout sort.
 
 Pipeline (kernels in ``_triton_small.py``), for R rows with K global ids on a rank with e local
-experts (bf16/fp16, or block-FP8 rows already quantised per 1x128 group):
+experts (bf16/fp16; block-FP8 rows quantised per 1x128 group, or float rows that the gate/up
+kernel quantises as it loads them):
 1. gate/up: inter[slot] = SiLU(x @ gate.T) * (x @ up.T) of every local slot, one column tile
-   of I per program: per slot as a GEMV (``per_slot``, batches of at most PER_SLOT_MAX_SLOTS
-   slots; the programs stride over the slots), or per local expert (one program per expert
-   and tile gathers that expert's slots with a scan of the ids and runs them through tl.dot:
-   each weight tile read once);
-2. down, per row (one token's batches: GEMVs over the row's K slots in order, then "weighted"
-   sums weight[r, k] * y_k in float32 in the same launch -> [R, H], deterministic, no
-   atomics; "raw" writes each slot -> [R, K, H], exact zeros for non-local and empty slots),
-   or per local expert (tl.dot, each weight tile read once; raw slots straight into the
+   of I per program: per slot (``per_slot``, up to PER_SLOT_MAX_SLOTS slots; the programs
+   stride over the slots; tl.dot with the slot as the one row of a 16-row tile, or GEMVs), or
+   per local expert (its program gathers the expert's slots with a scan of the ids and runs
+   them through tl.dot: each weight tile read once);
+2. down, in one of three FORMs: per row (the row's K slots in order, "weighted" summing
+   weight[r, k] * y_k in float32 in the same launch -> [R, H], deterministic, no atomics;
+   "raw" writing each slot -> [R, K, H], exact zeros for non-local and empty slots), or into
+   per-slot rows through tl.dot, per slot or per local expert (raw slots straight into the
    zero-filled [R, K, H]; weighted slots into float32 rows that
 3. a third launch sums per row, in slot order).
 Slots with id -1 and experts outside the rank's ExpertMap contribute nothing; no host reads
@@ -126,31 +127,43 @@ def small_config(slots: int, *, fp8: bool, hidden: int = 0, inter: int = 0,
                  device_name: str = "") -> dict:
     """Launch config of the small path for a batch of ``slots`` (rows x K) expected: the
     tuned table's (``tuned_config``) where it has this device and H x I, else a heuristic:
-    ``{"per_slot": gate/up per slot or per local expert (tl.dot), "down_per_expert": down
-    per local expert (tl.dot; then a third launch sums the weighted slots) or per row (the
-    weighted sum in the same launch), "gate_up" / "down": {BLOCK_M, BLOCK_N, BLOCK_K, CHUNK,
-    num_warps, num_stages, DOT}}``; DOT: the per-slot gate/up and the per-row down through
-    tl.dot (the slot as the one row of a BLOCK_M tile: pipelined weight loads) instead of
-    GEMVs on the vector units. Heuristic, UNTUNED ON HARDWARE for this path: per slot up to
-    PER_SLOT_MAX_SLOTS (gate/up with the grouped path's tuned one-token H100 tiles; the down
-    as GEMVs over narrow column tiles, 256 programs at H=2048), per expert above, where
-    tokens share experts and per-slot reads would repeat. FP8: BLOCK_K is the 128 group,
-    BLOCK_N divides 128."""
+    ``{"per_slot": gate/up per slot or per local expert (tl.dot), "gate_up": {BLOCK_M,
+    BLOCK_N, BLOCK_K, CHUNK, num_warps, num_stages, DOT}, "down": {the same, FORM}}``.
+    gate_up DOT: the per-slot gate/up through tl.dot (the slot as the one row of a BLOCK_M
+    tile: weight loads pipelined through shared memory) instead of GEMVs on the vector units.
+    down FORM: "row" (one program per row and tile, the K slots in order, the weighted sum in
+    the same launch; DOT as for gate/up), "slot" or "expert" (tl.dot into per-slot rows, one
+    program per slot or per local expert and tile; a weighted sum is a third launch).
+    Heuristic, UNTUNED ON HARDWARE for this path: up to PER_SLOT_MAX_SLOTS the grouped path's
+    kernels without its layout (per slot, tl.dot, the grouped path's tuned one-token H100
+    tiles: gate/up 64 x 128, down 32 x 256; FP8: 32-column gate/up tiles); per local expert
+    above, where tokens share experts and per-slot reads would repeat. FP8: BLOCK_K is the
+    128 group, BLOCK_N divides 128."""
     tuned = tuned_config(slots, fp8=fp8, hidden=hidden, inter=inter, device_name=device_name)
     if tuned is not None:
         return tuned
     per_slot = slots <= PER_SLOT_MAX_SLOTS
-    bk = 128 if fp8 else 256
-    if per_slot:  # gate/up: the grouped path's H100 tiles at one token (tl.dot, 3 stages)
+    if per_slot:  # the grouped path's H100 tiles at one token (tl.dot)
         gate_up = dict(BLOCK_M=16, BLOCK_N=32 if fp8 else 64, BLOCK_K=128, CHUNK=128,
                        num_warps=4, num_stages=3, DOT=True)
-        down = dict(BLOCK_M=16, BLOCK_N=8 if slots <= 16 else 16, BLOCK_K=bk, CHUNK=128,
-                    num_warps=4, num_stages=2, DOT=False)
+        down = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if fp8 else 256, CHUNK=128,
+                    num_warps=4, num_stages=3 if fp8 else 2, DOT=True, FORM="slot")
     else:
         gate_up = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if fp8 else 64, CHUNK=128,
-                       num_warps=4, num_stages=3)
-        down = dict(gate_up)
-    return dict(per_slot=per_slot, down_per_expert=not per_slot, gate_up=gate_up, down=down)
+                       num_warps=4, num_stages=3, DOT=True)
+        down = dict(gate_up, FORM="expert")
+    return dict(per_slot=per_slot, gate_up=gate_up, down=down)
+
+
+DOWN_FORMS = ("row", "slot", "expert")
+
+
+def _per_slot_rows(cfg: dict) -> bool:
+    """The down kernel writes per-slot rows (FORM "slot" or "expert"): raw outputs need a
+    zero fill, weighted ones a third launch."""
+    form = cfg["down"]["FORM"]
+    assert form in DOWN_FORMS, cfg
+    return form != "row"
 
 
 def _launch(x, xs, w13, ws13, w2, ws2, inter, out, topk_ids_RK, topk_weights_RK,
@@ -186,27 +199,29 @@ def _launch(x, xs, w13, ws13, w2, ws2, inter, out, topk_ids_RK, topk_weights_RK,
         num_warps=gu["num_warps"], num_stages=gu["num_stages"])
     tiles = dict(BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"], num_warps=dn["num_warps"],
                  num_stages=dn["num_stages"])
-    if not cfg["down_per_expert"]:
+    if not _per_slot_rows(cfg):
         k._small_down_kernel[(rows, -(-H // dn["BLOCK_N"]))](
             inter, w2.view(-1, I), ws2, out, ids, emap, weights, nr,
             R, H, I, inter.stride(0), I, *s2, out.stride(0), 0 if weighted else out.stride(1),
             K_TOPK=K, **fp8_args, **quant, WEIGHTED=weighted, BOUNDED=bounded,
             DOT=dn.get("DOT", False), BLOCK_M=dn["BLOCK_M"], **tiles)
         return
-    # per expert: raw slots straight into out ([R, K, H] = [R * K, H], zero-filled), weighted
-    # ones into float32 slot rows that a third launch sums per row
+    # per-slot rows: raw slots straight into out ([R, K, H] = [R * K, H], zero-filled),
+    # weighted ones into float32 slot rows that a third launch sums per row
     slots = out.view(R * K, H) if not weighted else torch.empty(R * K, H, dtype=torch.float32,
                                                                 device=dev)
-    k._small_down_expert_kernel[(e, -(-H // dn["BLOCK_N"]))](
+    per_slot = dn["FORM"] == "slot"
+    k._small_down_slots_kernel[(rows * K if per_slot else e, -(-H // dn["BLOCK_N"]))](
         inter, w2.view(-1, I), ws2, slots, ids, emap, weights, nr, R, H, I, K,
         inter.stride(0), I, *s2, slots.stride(0), **fp8_args, **quant, WEIGHTED=weighted,
-        BOUNDED=bounded, BLOCK_M=dn["BLOCK_M"], CHUNK=dn["CHUNK"], **tiles)
+        BOUNDED=bounded, PER_SLOT=per_slot, BLOCK_M=dn["BLOCK_M"], CHUNK=dn["CHUNK"],
+        **tiles)
     if weighted:
         k._small_sum_kernel[(rows, -(-H // SUM_BLOCK_H))](
             slots, ids, emap, out, nr, R, H, K_TOPK=K, BOUNDED=bounded, BLOCK_H=SUM_BLOCK_H)
 
 
-SUM_BLOCK_H = 1024  # columns per program of the weighted slots' sum (per-expert down only)
+SUM_BLOCK_H = 1024  # columns per program of the weighted slots' sum (per-slot-row downs)
 
 
 def _device_name(device: torch.device) -> str:
@@ -236,7 +251,7 @@ def small_experts(x_RH: torch.Tensor, topk_ids_RK: torch.Tensor, topk_weights_RK
                                  hidden=H, inter=I, device_name=_device_name(dev))
     x = x_RH if x_RH.stride(1) == 1 else x_RH.contiguous()
     out = _outputs(R, K, H, weighted=weighted, dtype=x.dtype, device=dev,
-                   zeros=num_rows is not None or cfg["down_per_expert"])
+                   zeros=num_rows is not None or _per_slot_rows(cfg))
     if R * K:
         inter = torch.empty(R * K, I, dtype=x.dtype, device=dev)
         _launch(x, x, w13.contiguous(), x, w2.contiguous(), x, inter, out, topk_ids_RK,
@@ -274,7 +289,7 @@ def small_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.Te
         aq = rows.q if rows.q.stride(1) == 1 else rows.q.contiguous()
         as_ = rows.scale if rows.scale.stride(1) == 1 else rows.scale.contiguous()
     out = _outputs(R, K, H, weighted=weighted, dtype=out_dtype, device=dev,
-                   zeros=num_rows is not None or cfg["down_per_expert"])
+                   zeros=num_rows is not None or _per_slot_rows(cfg))
     if R * K:
         inter = torch.empty(R * K, I, dtype=torch.float32, device=dev)
         fp8 = dict(UPCAST=upcast, PRECISE=precise, QUANT_X=quant_x,

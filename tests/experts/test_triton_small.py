@@ -29,24 +29,24 @@ CASES = [pytest.param(*c, id="T{}_K{}_E{}_W{}_H{}_I{}_{}".format(*c)) for c in
           (33, 2, 8, 1, 64, 32, "all_on_one")]]
 
 
-FORMS = ["gemv", "dot", "expert"]  # per slot / per row on the vector units or via tl.dot; per
-# local expert (the per-slot gate/up and per-row down forms run up to PER_SLOT_MAX_SLOTS)
+FORMS = ["gemv", "dot", "slot", "expert"]  # per slot (gate/up) and per row (down) on the
+# vector units or via tl.dot; per slot via tl.dot with the down into per-slot rows; per local
+# expert (the per-slot forms run up to PER_SLOT_MAX_SLOTS)
+CROSSED = {"gemv": "expert", "dot": "slot", "slot": "row", "expert": "row"}  # T = 2's down
 
 
-def _config(form: str, *, fp8: bool = False, down_per_expert: bool | None = None) -> dict:
-    """The launch config of ``form`` (FORMS), the down per expert or per row as
-    ``down_per_expert`` says (default: per expert for "expert"). Off-GPU: wide tiles for the
-    interpreter (few programs); the kernels' logic is the same."""
+def _config(form: str, *, fp8: bool = False, down_form: str | None = None) -> dict:
+    """The launch config of ``form`` (FORMS), the down's FORM ``down_form`` if given.
+    Off-GPU: wide tiles for the interpreter (few programs); the kernels' logic is the same."""
     cfg = small.small_config(10**6 if form == "expert" else 1, fp8=fp8)
     if not GPU:
         bk = 128 if fp8 else 32
         cfg["gate_up"] = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, CHUNK=16, num_warps=4,
                               num_stages=1)
         cfg["down"] = dict(cfg["gate_up"], BLOCK_N=128 if fp8 else 64)
-    for kernel in ("gate_up", "down"):
-        cfg[kernel]["DOT"] = form == "dot"
-    if down_per_expert is not None:
-        cfg["down_per_expert"] = down_per_expert
+    cfg["gate_up"]["DOT"] = form != "gemv"
+    cfg["down"]["DOT"] = form != "gemv"
+    cfg["down"]["FORM"] = down_form or {"gemv": "row", "dot": "row"}.get(form, form)
     return cfg
 
 
@@ -96,13 +96,12 @@ def _oracle(args, mode):
 @pytest.mark.parametrize(("T", "K", "E", "W", "H", "I", "routing"), CASES)
 @pytest.mark.parametrize("form", FORMS)
 def test_matches_float64_oracle(T, K, E, W, H, I, routing, form, gen):
-    """Both weight modes; T = 2 crosses the kernels (GEMV gate/up with the per-expert down,
-    and the other way round)."""
+    """Both weight modes; T = 2 crosses the kernels' forms (CROSSED)."""
     args = _case(T, K, E, W, H, I, routing, gen)
     local = args[5].local_ids(args[1]) >= 0
     for mode in ("experts", "combine"):
         want = _oracle(args, mode)
-        cfg = _config(form, down_per_expert=(form != "expert") if T == 2 else None)
+        cfg = _config(form, down_form=CROSSED[form] if T == 2 else None)
         out = small.small_experts(*_dev(args), weighted=mode == "experts", config=cfg)
         assert out.weights_applied == (mode == "experts")
         assert out.out.shape == want.shape
@@ -195,7 +194,7 @@ def test_tuned_table_entries_are_taken(monkeypatch):
     """small_config takes bench/tune_experts_small.py's entry of the device and H x I for the
     smallest tuned slot count >= the batch's (the largest above them), else its heuristic."""
     tiles = dict(BLOCK_M=16, BLOCK_N=8, BLOCK_K=64, CHUNK=32, num_warps=2, num_stages=1)
-    one = dict(per_slot=True, down_per_expert=True, gate_up=tiles, down=tiles)
+    one = dict(per_slot=True, gate_up=tiles, down=dict(tiles, FORM="slot"))
     many = dict(one, per_slot=False)
     monkeypatch.setattr(small, "_table", lambda: {"dev": {"64x32": {"bf16": {"8": one,
                                                                              "64": many}}}})
@@ -239,8 +238,9 @@ def test_invariant_and_variants_keep_the_grouped_path():
 # (T, K, E, W, H, I, routing, form)
 FP8_CASES = [pytest.param(*c, id="T{}_K{}_E{}_W{}_H{}_I{}_{}_{}".format(*c)) for c in
              [(1, 8, 16, 1, 128, 128, "random", "gemv"), (1, 8, 16, 1, 128, 128, "random", "dot"),
+              (1, 8, 16, 1, 128, 128, "random", "slot"),
               (1, 8, 16, 1, 128, 128, "random", "expert"),
-              (2, 2, 8, 2, 200, 128, "shared", "gemv"), (2, 2, 8, 2, 200, 128, "shared", "dot"),
+              (2, 2, 8, 2, 200, 128, "shared", "gemv"), (2, 2, 8, 2, 200, 128, "shared", "slot"),
               (7, 2, 4, 1, 128, 256, "shared", "expert")]]
 
 
