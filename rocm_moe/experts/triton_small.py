@@ -25,7 +25,7 @@ their grids sized by ``expected_rows``.
 invariant mode and a fixed tuning ``config`` keep the grouped path.
 
 Worked example (the test asserts it): ``choose_path("auto", rows=1, top_k=8)`` is "small"
-(8 slots), ``choose_path("auto", rows=65, top_k=8)`` is "grouped" (520 > 512 slots).
+(8 slots), ``choose_path("auto", rows=9, top_k=8)`` is "grouped" (72 > 64 slots).
 """
 
 from __future__ import annotations
@@ -41,7 +41,11 @@ from rocm_moe.placement import ExpertMap
 from rocm_moe.weighting import ExpertsOutput
 
 PATHS = ("auto", "small", "grouped")
-SMALL_MAX_SLOTS = 512  # "auto" takes the small path up to this many slots (64 tokens x top-8)
+# "auto" takes the small path up to this many slots: 8 tokens x top-8, where its default is the
+# grouped path's kernels without the layout. The per-expert forms for up to 64 tokens (512) run
+# with path="small" until GPU timings (bench/gpu_small.sh) show them ahead of the grouped path:
+# the first H100 run (825871e, earlier forms) had them behind at 32 and 64 tokens.
+SMALL_MAX_SLOTS = 64
 PER_SLOT_MAX_SLOTS = 64  # gate/up per slot (GEMV) up to here; per expert (tl.dot) above
 
 

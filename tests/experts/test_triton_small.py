@@ -183,8 +183,9 @@ def test_fp8_sibling_keeps_the_path():
 
 def test_choose_path_worked_example():
     assert small.choose_path("auto", rows=1, top_k=8) == "small"
-    assert small.choose_path("auto", rows=64, top_k=8) == "small"
-    assert small.choose_path("auto", rows=65, top_k=8) == "grouped"
+    assert small.choose_path("auto", rows=8, top_k=8) == "small"
+    assert small.choose_path("auto", rows=9, top_k=8) == "grouped"
+    assert small.choose_path("auto", rows=9, top_k=8, max_slots=512) == "small"
     assert small.choose_path("grouped", rows=1, top_k=8) == "grouped"
     assert small.choose_path("small", rows=10**5, top_k=8) == "small"
     assert small.choose_path("auto", rows=2, top_k=8, max_slots=8) == "grouped"
