@@ -290,7 +290,8 @@ def _small_x(fp8: str):
 
 
 _SMALL_PTRS = dict(x_ptr=_small_x("fp8"), xs_ptr=_small_x("*fp32"),
-                   w_ptr=_small_ptr("fp8", "*bf16"), ws_ptr=_small_ptr("*fp32", "*bf16"),
+                   w_ptr=lambda c: _desc("BLOCK_N", "BLOCK_K")(c) if c.get("DESC")
+                   else _small_ptr("fp8", "*bf16")(c), ws_ptr=_small_ptr("*fp32", "*bf16"),
                    inter_ptr=_small_ptr("*fp32", "*bf16"), out_ptr="*bf16", ids_ptr="*i32",
                    map_ptr="*i32", weight_ptr="*fp32", num_rows_ptr="*i32")
 
@@ -327,9 +328,13 @@ def _small(kernel: str) -> Callable[[str], list[Launch]]:
             dot = dict(UPCAST=False, PRECISE=False, BLOCK_M=k["BLOCK_M"])
             bounds = [dict(BOUNDED=b) for b in (False, True)]
             weights = [dict(WEIGHTED=w, **b) for w in (True, False) for b in bounds]
+            # bf16 weights of the tl.dot forms through tensor descriptors where the target's
+            # experts take them (experts.triton.tma_supported: sm_90)
+            desc = TARGETS[target][5] and not fp8
             if kernel == "gate_up":  # FP8: rows quantised before, or in the kernel
                 cx.update(dot, **quant, CHUNK=k["CHUNK"], PER_SLOT=c["per_slot"],
-                          DOT=k.get("DOT", False))
+                          DOT=k.get("DOT", False),
+                          DESC=desc and (k.get("DOT", False) or not c["per_slot"]))
                 variants = [dict(QUANT_X=q, **b) for b in bounds
                             for q in ((False, True) if fp8 else (False,))]
             elif kernel == "down" and form == "row":  # (the tuner's alternative: top-8)
@@ -337,7 +342,7 @@ def _small(kernel: str) -> Callable[[str], list[Launch]]:
                 variants = [dict(K_TOPK=max(top_k), WEIGHTED=w, BOUNDED=False)
                             for w in (True, False)]
             elif kernel == "down_slots" and form != "row":
-                cx.update(dot, **quant, CHUNK=k["CHUNK"], PER_SLOT=form == "slot")
+                cx.update(dot, **quant, CHUNK=k["CHUNK"], PER_SLOT=form == "slot", DESC=desc)
                 variants = weights
             elif kernel == "sum" and form != "row" and not fp8:
                 cx = dict(BLOCK_H=SUM_BLOCK_H)

@@ -122,10 +122,11 @@ def _dot_tile(sel, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, n_slots, H, I, K_
               stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn, stride_ir,
               FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
               QUANT_X: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
-              MIN_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr):
+              MIN_EXP: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """inter[sel, tile] of slots ``sel`` ([BLOCK_M] slot ids of local expert ``e``, n_slots
-    where unused) through tl.dot (QUANT_X: as ``_gemv_slot``)."""
+    where unused) through tl.dot (QUANT_X: as ``_gemv_slot``; DESC: ``w_ptr`` is a tensor
+    descriptor of [BLOCK_N, BLOCK_K] weight tiles, TMA copies on Hopper)."""
     n_start = tl.program_id(1) * BLOCK_N
     offs_n = n_start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
@@ -141,10 +142,15 @@ def _dot_tile(sel, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, n_slots, H, I, K_
         k_ok = offs_k < H
         a = tl.load(x_ptr + row[:, None] * stride_xr + offs_k[None, :],
                     mask=valid[:, None] & k_ok[None, :], other=0.0)
-        m = n_ok[None, :] & k_ok[:, None]
-        g = tl.load(w_ptr + rows_g[None, :] * stride_wn + offs_k[:, None], mask=m, other=0.0)
-        up = tl.load(w_ptr + (rows_g + I)[None, :] * stride_wn + offs_k[:, None], mask=m,
-                     other=0.0)
+        if DESC:  # (zero-filled past the matrix; columns past I are not stored)
+            g = w_ptr.load([e * 2 * I + n_start, k0]).T
+            up = w_ptr.load([e * 2 * I + I + n_start, k0]).T
+        else:
+            m = n_ok[None, :] & k_ok[:, None]
+            g = tl.load(w_ptr + rows_g[None, :] * stride_wn + offs_k[:, None], mask=m,
+                        other=0.0)
+            up = tl.load(w_ptr + (rows_g + I)[None, :] * stride_wn + offs_k[:, None], mask=m,
+                         other=0.0)
         if FP8:
             kb = k0 // BLOCK_K
             if QUANT_X:
@@ -167,8 +173,8 @@ def _dot_expert(e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, ids_ptr, map_ptr, n_
                 K_TOPK, stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn, stride_ir,
                 FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
                 QUANT_X: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
-                MIN_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+                MIN_EXP: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
     """inter[tile] of every slot of local expert ``e``, BLOCK_M slots per pass through
     ``_dot_tile`` (one pass unless the expert has more slots)."""
     sel, total = _gather_expert(e, ids_ptr, map_ptr, n_slots, 0, CHUNK, BLOCK_M)
@@ -177,7 +183,8 @@ def _dot_expert(e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, ids_ptr, map_ptr, n_
             sel, _ = _gather_expert(e, ids_ptr, map_ptr, n_slots, p0, CHUNK, BLOCK_M)
         _dot_tile(sel, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, n_slots, H, I, K_TOPK,
                   stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn, stride_ir, FP8,
-                  UPCAST, PRECISE, QUANT_X, FP8_MAX, ROUND, MIN_EXP, BLOCK_M, BLOCK_N, BLOCK_K)
+                  UPCAST, PRECISE, QUANT_X, FP8_MAX, ROUND, MIN_EXP, DESC, BLOCK_M, BLOCK_N,
+                  BLOCK_K)
 
 
 @triton.jit
@@ -187,8 +194,8 @@ def _small_gate_up_kernel(
     stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn, stride_ir,
     FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr, QUANT_X: tl.constexpr,
     FP8_MAX: tl.constexpr, ROUND: tl.constexpr, MIN_EXP: tl.constexpr, BOUNDED: tl.constexpr,
-    PER_SLOT: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+    PER_SLOT: tl.constexpr, DOT: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """inter [R * K, I] (rows by slot) = SiLU(gate) * up of each local slot (module docstring);
     rows of other slots are not written. ``x`` [R, H] (FP8: quantised, ``xs`` [R, H/128]
@@ -206,7 +213,7 @@ def _small_gate_up_kernel(
                     _dot_tile(sel, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, n_slots, H, I,
                               K_TOPK, stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn,
                               stride_ir, FP8, UPCAST, PRECISE, QUANT_X, FP8_MAX, ROUND,
-                              MIN_EXP, BLOCK_M, BLOCK_N, BLOCK_K)
+                              MIN_EXP, DESC, BLOCK_M, BLOCK_N, BLOCK_K)
                 else:
                     _gemv_slot(u, e, x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, H, I, K_TOPK,
                                stride_xr, stride_xs, stride_wn, stride_wse, stride_wsn,
@@ -216,7 +223,7 @@ def _small_gate_up_kernel(
         _dot_expert(tl.program_id(0), x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, ids_ptr,
                     map_ptr, n_slots, H, I, K_TOPK, stride_xr, stride_xs, stride_wn,
                     stride_wse, stride_wsn, stride_ir, FP8, UPCAST, PRECISE, QUANT_X, FP8_MAX,
-                    ROUND, MIN_EXP, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
+                    ROUND, MIN_EXP, DESC, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
 
 
 @triton.jit
@@ -243,8 +250,8 @@ def _down_dot_tile(sel, e, inter_ptr, w_ptr, ws_ptr, out_ptr, weight_ptr, n_slot
                    stride_ir, stride_wn, stride_wse, stride_wsn, stride_os,
                    FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
                    FP8_MAX: tl.constexpr, ROUND: tl.constexpr, MIN_EXP: tl.constexpr,
-                   WEIGHTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   WEIGHTED: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[sel, tile] = inter[sel] @ down[e].T (times each slot's weight when WEIGHTED) for
     slots ``sel`` ([BLOCK_M] slot ids of local expert ``e``, n_slots where unused) through
     tl.dot (FP8: the intermediate quantised per 1x128 group as it loads)."""
@@ -261,8 +268,11 @@ def _down_dot_tile(sel, e, inter_ptr, w_ptr, ws_ptr, out_ptr, weight_ptr, n_slot
         k_ok = offs_k < I
         a = tl.load(inter_ptr + s64[:, None] * stride_ir + offs_k[None, :],
                     mask=valid[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + rows_w[None, :] * stride_wn + offs_k[:, None],
-                    mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        if DESC:  # (as in _dot_tile)
+            b = w_ptr.load([e * H + n_start, k0]).T
+        else:
+            b = tl.load(w_ptr + rows_w[None, :] * stride_wn + offs_k[:, None],
+                        mask=n_ok[None, :] & k_ok[:, None], other=0.0)
         if FP8:
             q, a_s = _quant_groups(a.to(tl.float32), w_ptr.dtype.element_ty, FP8_MAX, ROUND,
                                    MIN_EXP)
@@ -283,7 +293,7 @@ def _small_down_slots_kernel(
     stride_ir, stride_wn, stride_wse, stride_wsn, stride_os,
     FP8: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr, FP8_MAX: tl.constexpr,
     ROUND: tl.constexpr, MIN_EXP: tl.constexpr, WEIGHTED: tl.constexpr, BOUNDED: tl.constexpr,
-    PER_SLOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PER_SLOT: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """out[slot] = inter[slot] @ down[e].T (times the slot's weight when WEIGHTED) for the
@@ -300,7 +310,7 @@ def _small_down_slots_kernel(
                 sel = tl.where(tl.arange(0, BLOCK_M) == 0, u, n_slots)
                 _down_dot_tile(sel, e, inter_ptr, w_ptr, ws_ptr, out_ptr, weight_ptr, n_slots,
                                H, I, stride_ir, stride_wn, stride_wse, stride_wsn, stride_os,
-                               FP8, UPCAST, PRECISE, FP8_MAX, ROUND, MIN_EXP, WEIGHTED,
+                               FP8, UPCAST, PRECISE, FP8_MAX, ROUND, MIN_EXP, WEIGHTED, DESC,
                                BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         e = tl.program_id(0)
@@ -310,7 +320,7 @@ def _small_down_slots_kernel(
                 sel, _ = _gather_expert(e, ids_ptr, map_ptr, n_slots, p0, CHUNK, BLOCK_M)
             _down_dot_tile(sel, e, inter_ptr, w_ptr, ws_ptr, out_ptr, weight_ptr, n_slots, H,
                            I, stride_ir, stride_wn, stride_wse, stride_wsn, stride_os, FP8,
-                           UPCAST, PRECISE, FP8_MAX, ROUND, MIN_EXP, WEIGHTED, BLOCK_M,
+                           UPCAST, PRECISE, FP8_MAX, ROUND, MIN_EXP, WEIGHTED, DESC, BLOCK_M,
                            BLOCK_N, BLOCK_K)
 
 

@@ -323,7 +323,7 @@ class TritonExperts(Experts):
         if small.takes_small_path(self, R, K, num_rows, expected_rows, variant):
             return small.small_experts(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map,
                                        weighted=mode == "weighted", num_rows=num_rows,
-                                       expected_rows=expected_rows)
+                                       expected_rows=expected_rows, tma=self.tma)
         H, I = x_RH.shape[1], w2.shape[2]
         N = R * K
         dev_name = torch.cuda.get_device_name(x_RH.device) if x_RH.is_cuda else ""

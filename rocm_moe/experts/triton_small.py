@@ -172,10 +172,13 @@ def _per_slot_rows(cfg: dict) -> bool:
 
 def _launch(x, xs, w13, ws13, w2, ws2, inter, out, topk_ids_RK, topk_weights_RK,
             expert_map: ExpertMap, *, weighted: bool, num_rows, expected_rows, cfg: dict,
-            fp8: dict | None) -> None:
+            fp8: dict | None, tma: bool = False) -> None:
     """The kernels; ``fp8``: None (bf16/fp16) or the FP8 constexprs (UPCAST, PRECISE, FP8_MAX,
-    ROUND, MIN_EXP); ``xs`` / ``ws13`` / ``ws2``: the FP8 scales (unused otherwise)."""
+    ROUND, MIN_EXP); ``xs`` / ``ws13`` / ``ws2``: the FP8 scales (unused otherwise); ``tma``:
+    the tl.dot forms load bf16/fp16 weights through tensor descriptors (where
+    ``triton._operand`` allows)."""
     from rocm_moe.experts import _triton_small as k
+    from rocm_moe.experts.triton import _operand
 
     R, K = topk_ids_RK.shape
     e, H, I = w13.shape[0], x.shape[1], w2.shape[2]
@@ -194,11 +197,14 @@ def _launch(x, xs, w13, ws13, w2, ws2, inter, out, topk_ids_RK, topk_weights_RK,
                  MIN_EXP=f.get("MIN_EXP", -6))
     s13 = (ws13.stride(0), ws13.stride(1)) if fp8 else (0, 0)
     s2 = (ws2.stride(0), ws2.stride(1)) if fp8 else (0, 0)
+    dot_gu = gu.get("DOT", False) or not cfg["per_slot"]
+    w13_op, desc13 = _operand(w13.view(-1, H), [gu["BLOCK_N"], gu["BLOCK_K"]],
+                              tma and dot_gu and fp8 is None)
     k._small_gate_up_kernel[(rows * K if cfg["per_slot"] else e, -(-I // gu["BLOCK_N"]))](
-        x, xs, w13.view(-1, H), ws13, inter, ids, emap, nr, R, H, I, K,
+        x, xs, w13_op, ws13, inter, ids, emap, nr, R, H, I, K,
         x.stride(0), xs.stride(0), H, *s13, inter.stride(0), **fp8_args, **quant,
         QUANT_X=f.get("QUANT_X", False), BOUNDED=bounded, PER_SLOT=cfg["per_slot"],
-        DOT=gu.get("DOT", False), BLOCK_M=gu["BLOCK_M"], BLOCK_N=gu["BLOCK_N"],
+        DOT=gu.get("DOT", False), DESC=desc13, BLOCK_M=gu["BLOCK_M"], BLOCK_N=gu["BLOCK_N"],
         BLOCK_K=gu["BLOCK_K"], CHUNK=gu["CHUNK"],
         num_warps=gu["num_warps"], num_stages=gu["num_stages"])
     tiles = dict(BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"], num_warps=dn["num_warps"],
@@ -215,10 +221,11 @@ def _launch(x, xs, w13, ws13, w2, ws2, inter, out, topk_ids_RK, topk_weights_RK,
     slots = out.view(R * K, H) if not weighted else torch.empty(R * K, H, dtype=torch.float32,
                                                                 device=dev)
     per_slot = dn["FORM"] == "slot"
+    w2_op, desc2 = _operand(w2.view(-1, I), [dn["BLOCK_N"], dn["BLOCK_K"]], tma and fp8 is None)
     k._small_down_slots_kernel[(rows * K if per_slot else e, -(-H // dn["BLOCK_N"]))](
-        inter, w2.view(-1, I), ws2, slots, ids, emap, weights, nr, R, H, I, K,
+        inter, w2_op, ws2, slots, ids, emap, weights, nr, R, H, I, K,
         inter.stride(0), I, *s2, slots.stride(0), **fp8_args, **quant, WEIGHTED=weighted,
-        BOUNDED=bounded, PER_SLOT=per_slot, BLOCK_M=dn["BLOCK_M"], CHUNK=dn["CHUNK"],
+        BOUNDED=bounded, PER_SLOT=per_slot, DESC=desc2, BLOCK_M=dn["BLOCK_M"], CHUNK=dn["CHUNK"],
         **tiles)
     if weighted:
         k._small_sum_kernel[(rows, -(-H // SUM_BLOCK_H))](
@@ -245,9 +252,12 @@ def _outputs(R: int, K: int, H: int, *, weighted: bool, zeros: bool, dtype, devi
 def small_experts(x_RH: torch.Tensor, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.Tensor,
                   w13: torch.Tensor, w2: torch.Tensor, expert_map: ExpertMap, *, weighted: bool,
                   num_rows: torch.Tensor | None = None, expected_rows: int | None = None,
-                  config: dict | None = None) -> ExpertsOutput:
+                  config: dict | None = None, tma: bool | None = None) -> ExpertsOutput:
     """The bf16/fp16 experts of a small batch (checked inputs: ``TritonExperts`` calls it);
-    ``config``: ``small_config``'s form (default: by the slots expected)."""
+    ``config``: ``small_config``'s form (default: by the slots expected); ``tma``: weights of
+    the tl.dot forms through tensor descriptors (None: where ``triton.tma_supported``)."""
+    from rocm_moe.experts.triton import tma_supported
+
     R, K = topk_ids_RK.shape
     H, I = x_RH.shape[1], w2.shape[2]
     dev = x_RH.device
@@ -260,7 +270,8 @@ def small_experts(x_RH: torch.Tensor, topk_ids_RK: torch.Tensor, topk_weights_RK
         inter = torch.empty(R * K, I, dtype=x.dtype, device=dev)
         _launch(x, x, w13.contiguous(), x, w2.contiguous(), x, inter, out, topk_ids_RK,
                 topk_weights_RK, expert_map, weighted=weighted, num_rows=num_rows,
-                expected_rows=expected_rows, cfg=cfg, fp8=None)
+                expected_rows=expected_rows, cfg=cfg, fp8=None,
+                tma=tma_supported(dev) if tma is None else tma)
     return ExpertsOutput(out=out, weights_applied=weighted)
 
 

@@ -102,7 +102,8 @@ def test_matches_float64_oracle(T, K, E, W, H, I, routing, form, gen):
     for mode in ("experts", "combine"):
         want = _oracle(args, mode)
         cfg = _config(form, down_form=CROSSED[form] if T == 2 else None)
-        out = small.small_experts(*_dev(args), weighted=mode == "experts", config=cfg)
+        tma = form in ("slot", "expert")  # weights through tensor descriptors ("dot": pointers)
+        out = small.small_experts(*_dev(args), weighted=mode == "experts", config=cfg, tma=tma)
         assert out.weights_applied == (mode == "experts")
         assert out.out.shape == want.shape
         assert out.out.dtype == DTYPE
