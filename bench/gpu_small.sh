@@ -6,8 +6,9 @@
 #            against the weight-read floor), Qwen3-30B-A3B, 1-128 tokens
 #   decode   bench decode --experts-path small grouped (layer / experts / router), bf16 + FP8
 #   tune-bf16, tune-fp8   bench/tune_experts_small.py (writes $OUT/triton_small_configs_<tag>_
-#            <fmt>.json; copied to rocm_moe/experts/triton_small_configs.json, the second with
-#            --base the first, its entries become the default on this device)
+#            <fmt>.json, the second run's table holding both formats; copied to
+#            rocm_moe/experts/triton_small_configs.json, its entries become the default on
+#            this device)
 # Usage on the device machine, from the repository root:
 #   bash bench/gpu_small.sh "$OUT" [tag] [part ...]     (tag default h100; parts default
 #                                                        "experts decode")
@@ -38,10 +39,13 @@ for part in $PARTS; do
           --name "decode_small_qwen3_${fmt}_$TAG" 2>&1 \
           | tee "$OUT/decode_small_qwen3_${fmt}_$TAG.txt"
       done ;;
-    tune-bf16|tune-fp8)
+    tune-bf16|tune-fp8)  # the second format's table starts from the first one's
       fmt=${part#tune-}
+      other=$OUT/triton_small_configs_${TAG}_$([ "$fmt" = fp8 ] && echo bf16 || echo fp8).json
+      base=(); [ -f "$other" ] && base=(--base "$other")
       python3 bench/tune_experts_small.py "$OUT/triton_small_configs_${TAG}_$fmt.json" \
-        --shapes qwen3 --formats "$fmt" 2>&1 | tee "$OUT/tune_small_${TAG}_$fmt.txt" ;;
+        --shapes qwen3 --formats "$fmt" ${base[@]+"${base[@]}"} 2>&1 \
+        | tee "$OUT/tune_small_${TAG}_$fmt.txt" ;;
     *) echo "unknown part: $part (tests experts decode tune-bf16 tune-fp8)" >&2; exit 2 ;;
   esac
 done
