@@ -20,7 +20,7 @@ experts`` and ``experts / floor`` are the issue's ratios; ``cap / first`` is the
 over the same T at the first capacity of the run; ``kernels``: the GPU kernels one eager layer
 forward launches (torch.profiler; copies and memsets not counted). ``--experts-path`` (several
 values: a row set each, one layer each) picks the Triton experts' path: "auto" (by batch size),
-"small" (``experts/triton_small.py``'s two launches) or "grouped" (layout + grouped GEMMs).
+"small" (``experts/triton_small.py``, no layout sort) or "grouped" (layout + grouped GEMMs).
 
 On a CPU it runs eagerly once per stage as a smoke test (times meaningless).
 """
@@ -209,7 +209,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the one-launch Triton router (GPUs; --no-fused-router: torch path)")
     p.add_argument("--experts-path", nargs="+", choices=["auto", "small", "grouped"],
                    default=["auto"], help="the Triton experts' path (several: a row set each): "
-                   "auto (by batch size), small (two launches) or grouped (layout + GEMMs)")
+                   "auto (by batch size), small (no layout sort) or grouped (layout + GEMMs)")
     p.add_argument("--inner", type=argtypes.positive_int, default=20,
                    help="calls per CUDA graph")
     add_run_arguments(p)

@@ -259,7 +259,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "mxfp4: the MXFP4 ones), each against its own weight-read floor")
     p.add_argument("--paths", nargs="+", default=["auto"], choices=["auto", "small", "grouped"],
                    help="the Triton experts' paths to time (a row each): auto (by batch size), "
-                   "small (two launches, experts/triton_small.py) or grouped")
+                   "small (no layout sort, experts/triton_small.py) or grouped")
     p.add_argument("--sizes", type=argtypes.positive_int, nargs="+", default=None,
                    help="tokens / rows to time (default: each shape's list)")
     p.add_argument("--out", type=argtypes.output_dir, default="bench/results")

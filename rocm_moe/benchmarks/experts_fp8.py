@@ -118,7 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows (dsv3) / tokens (qwen3) instead of each shape's default sizes")
     p.add_argument("--paths", nargs="+", default=["auto"], choices=["auto", "small", "grouped"],
                    help="the Triton experts' paths to time (a row each): auto (by batch size), "
-                   "small (two launches, experts/triton_small.py) or grouped")
+                   "small (no layout sort, experts/triton_small.py) or grouped")
     p.add_argument("--out", type=argtypes.output_dir, default="bench/results")
     p.add_argument("--name", type=argtypes.file_stem, default="experts_fp8")
 

@@ -275,7 +275,7 @@ class TritonExperts(Experts):
     """``config``: a fixed launch config (``block_config``'s form) instead of the table's, for
     tuning. ``tma``: load weights (and the down GEMM's intermediate) through tensor
     descriptors; None (default) where ``tma_supported`` says they pay off. ``path``: "auto"
-    (default: small batches take ``triton_small``'s two-launch path, up to ``small_max_slots``
+    (default: small batches take ``triton_small``'s layout-free path, up to ``small_max_slots``
     slots, default ``triton_small.SMALL_MAX_SLOTS``), "small" or "grouped" to force either."""
 
     name = "triton"

@@ -86,7 +86,7 @@ class TritonFP8Experts(FP8Experts):
     tiles to float16 before tl.dot (None: where the device has no FP8 matrix instructions);
     ``precise``: FP8 products summed in float32 after every MMA instruction instead of in the
     tensor core's reduced-precision accumulator over a whole 128-wide K step. ``path`` /
-    ``small_max_slots``: as ``TritonExperts`` (small batches: ``triton_small``'s two launches)."""
+    ``small_max_slots``: as ``TritonExperts`` (small batches: ``triton_small``)."""
 
     name = "triton"
 
