@@ -46,6 +46,10 @@ PATHS = ("auto", "small", "grouped")
 # with path="small" until GPU timings (bench/gpu_small.sh) show them ahead of the grouped path:
 # the first H100 run (825871e, earlier forms) had them behind at 32 and 64 tokens.
 SMALL_MAX_SLOTS = 64
+# Block-FP8 keeps the grouped path under "auto": on an H100 at c599ea3 the FP8 small path took
+# 86.5 / 362.6 / 874.3 us at 1 / 8 / 64 tokens against the grouped path's 32.1 / 112.6 / 230.0
+# (Qwen3-30B-A3B, bench/results/decode_check_qwen3_fp8_h100.txt); path="small" still runs it.
+FP8_SMALL_MAX_SLOTS = 0
 PER_SLOT_MAX_SLOTS = 64  # gate/up per slot (GEMV) up to here; per expert (tl.dot) above
 
 
