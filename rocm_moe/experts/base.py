@@ -225,12 +225,7 @@ def check_expert_inputs(
         raise ValueError(error_message("mode", repr(mode), "must be 'weighted' or 'raw' (the "
                                        "output form)", "pass weight_mode='experts' or 'combine'"))
     check_tensor("x", x_RH, shape=(None, None), dtypes=FLOAT_DTYPES)
-    R, H = x_RH.shape
-    check_tensor("topk_ids", topk_ids_RK, shape=(R, None), dtypes=(torch.int32,),
-                 fix="pass int32 global ids (topk_ids.to(torch.int32) after a range check)")
-    K = topk_ids_RK.shape[1]
-    check_tensor("topk_weights", topk_weights_RK, shape=(R, K), dtypes=(torch.float32,),
-                 fix="pass float32 weights (topk_weights.float())")
+    H = x_RH.shape[1]
     e = expert_map.num_local
     check_tensor("w13", w13, shape=(e, None, H), dtypes=(x_RH.dtype,),
                  fix=f"w13 is [e={e}, 2I, H={H}] in x's dtype ({x_RH.dtype})")
@@ -239,8 +234,25 @@ def check_expert_inputs(
                                        "stack gate and up along dim 1"))
     check_tensor("w2", w2, shape=(e, H, w13.shape[1] // 2), dtypes=(x_RH.dtype,),
                  fix=f"w2 is [e={e}, H={H}, I={w13.shape[1] // 2}] in x's dtype")
+    check_routing_inputs(x_RH, topk_ids_RK, topk_weights_RK, expert_map,
+                         weights={"w13": w13, "w2": w2}, validate=validate)
+
+
+def check_routing_inputs(x_RH: torch.Tensor, topk_ids_RK: torch.Tensor,
+                         topk_weights_RK: torch.Tensor, expert_map: ExpertMap, *,
+                         weights: dict[str, torch.Tensor], validate: bool) -> None:
+    """The routing half of every experts contract (dense, FP8, MXFP4): [R, K] int32 ids and
+    [R, K] float32 weights for x's R rows, all on the device of x and of ``weights`` (name ->
+    the weights' storage tensor); with ``validate``, ids in range or -1, no id twice in a row,
+    finite weights."""
+    R = x_RH.shape[0]
+    check_tensor("topk_ids", topk_ids_RK, shape=(R, None), dtypes=(torch.int32,),
+                 fix="pass int32 global ids (topk_ids.to(torch.int32) after a range check)")
+    K = topk_ids_RK.shape[1]
+    check_tensor("topk_weights", topk_weights_RK, shape=(R, K), dtypes=(torch.float32,),
+                 fix="pass float32 weights (topk_weights.float())")
     check_same_device({"x": x_RH, "topk_ids": topk_ids_RK, "topk_weights": topk_weights_RK,
-                       "w13": w13, "w2": w2})
+                       **weights})
     if validate:
         check_id_range("topk_ids", topk_ids_RK, expert_map.num_experts, allow_minus_one=True)
         check_unique_rows("topk_ids", topk_ids_RK)  # a repeat would drop one slot's output
@@ -356,8 +368,8 @@ class Experts(ABC):
         ``mode``: deprecated spelling of ``weight_mode`` ("weighted" or "raw"); ``variant``
         (default PLAIN) with its biases ``w13_bias`` [e, 2I] and ``w2_bias`` [e, H]."""
         mode = output_form(resolve_weight_mode(weight_mode, mode))
-        check_expert_inputs(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, mode=mode,
-                            validate=validate)
+        self._check_inputs(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, mode=mode,
+                           validate=validate)
         check_row_bound(num_rows, expected_rows, topk_ids_RK, validate=validate)
         variant = check_variant(variant, w13_bias, w2_bias, x_RH, w13, mode=mode)
         reason = self.supports(mode=mode, dtype=x_RH.dtype, device=x_RH.device)
@@ -377,6 +389,13 @@ class Experts(ABC):
         assert out.weights_applied == (mode == "weighted"), (self.name, mode)
         assert out.weights_applied or out.weighted_inputs == variant.weights_on_input, self.name
         return out
+
+    def _check_inputs(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode,
+                      validate: bool) -> None:
+        """The contract's input checks for this backend's weights (dense: ``check_expert_inputs``;
+        a quantised format's backend checks its own weight objects)."""
+        check_expert_inputs(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, mode=mode,
+                            validate=validate)
 
     @abstractmethod
     def _forward(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode):

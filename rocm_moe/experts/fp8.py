@@ -27,14 +27,10 @@ import torch
 
 from rocm_moe._checks import (
     FLOAT_DTYPES,
-    check_id_range,
-    check_same_device,
     check_tensor,
-    check_unique_rows,
-    check_weights,
     error_message,
 )
-from rocm_moe.experts.base import Experts, check_row_bound, output_form
+from rocm_moe.experts.base import Experts, check_routing_inputs, check_row_bound, output_form
 from rocm_moe.experts.layout import build_layout
 from rocm_moe.formats.block_fp8 import check_fp8_weights  # (its former home was here)
 from rocm_moe.placement import ExpertMap, require_expert_map
@@ -84,21 +80,12 @@ def check_fp8_inputs(x, topk_ids_RK, topk_weights_RK, w13, w2, expert_map: Exper
     else:
         check_tensor("x", x, shape=(None, None), dtypes=FLOAT_DTYPES)
         data = x
-    R, H = data.shape
+    H = data.shape[1]
     if H != w13.shape[2]:
         raise ValueError(error_message("x.shape[1]", H, f"must be H={w13.shape[2]} (the weights')",
                                        "pass rows of the layer's hidden size"))
-    check_tensor("topk_ids", topk_ids_RK, shape=(R, None), dtypes=(torch.int32,),
-                 fix="pass int32 global ids")
-    K = topk_ids_RK.shape[1]
-    check_tensor("topk_weights", topk_weights_RK, shape=(R, K), dtypes=(torch.float32,),
-                 fix="pass float32 weights (topk_weights.float())")
-    check_same_device({"x": data, "topk_ids": topk_ids_RK, "topk_weights": topk_weights_RK,
-                       "w13": w13.weight, "w2": w2.weight})
-    if validate:
-        check_id_range("topk_ids", topk_ids_RK, expert_map.num_experts, allow_minus_one=True)
-        check_unique_rows("topk_ids", topk_ids_RK)
-        check_weights("topk_weights", topk_weights_RK)
+    check_routing_inputs(data, topk_ids_RK, topk_weights_RK, expert_map,
+                         weights={"w13": w13.weight, "w2": w2.weight}, validate=validate)
 
 
 class FP8Experts(Experts):

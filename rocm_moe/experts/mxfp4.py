@@ -32,22 +32,14 @@ import torch
 
 from rocm_moe._checks import (
     FLOAT_DTYPES,
-    check_id_range,
-    check_same_device,
     check_tensor,
-    check_unique_rows,
-    check_weights,
-    error_message,
 )
 from rocm_moe._libs import triton_runs_on
 from rocm_moe.experts.base import (
     PLAIN,
     Experts,
     ExpertVariant,
-    check_row_bound,
-    check_variant,
-    output_form,
-    variant_kwargs,
+    check_routing_inputs,
 )
 from rocm_moe.experts.layout import build_layout
 from rocm_moe.experts.reference import ReferenceExperts
@@ -62,7 +54,7 @@ from rocm_moe.experts.triton import (
 )
 from rocm_moe.formats.mxfp4 import MXFP4Tensor, check_mxfp4_weights
 from rocm_moe.placement import ExpertMap, require_expert_map
-from rocm_moe.weighting import ExpertsOutput, WeightMode, accumulation_dtype, resolve_weight_mode
+from rocm_moe.weighting import ExpertsOutput, accumulation_dtype
 
 
 def check_mxfp4_inputs(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map: ExpertMap, *,
@@ -70,19 +62,9 @@ def check_mxfp4_inputs(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map: 
     """The MXFP4 experts contract's checks (see the module docstring)."""
     require_expert_map("expert_map", expert_map)
     check_tensor("x", x_RH, shape=(None, None), dtypes=FLOAT_DTYPES)
-    R, H = x_RH.shape
-    check_mxfp4_weights(w13, w2, num_local=expert_map.num_local, hidden=H)
-    check_tensor("topk_ids", topk_ids_RK, shape=(R, None), dtypes=(torch.int32,),
-                 fix="pass int32 global ids")
-    K = topk_ids_RK.shape[1]
-    check_tensor("topk_weights", topk_weights_RK, shape=(R, K), dtypes=(torch.float32,),
-                 fix="pass float32 weights (topk_weights.float())")
-    check_same_device({"x": x_RH, "topk_ids": topk_ids_RK, "topk_weights": topk_weights_RK,
-                       "w13": w13.blocks, "w2": w2.blocks})
-    if validate:
-        check_id_range("topk_ids", topk_ids_RK, expert_map.num_experts, allow_minus_one=True)
-        check_unique_rows("topk_ids", topk_ids_RK)
-        check_weights("topk_weights", topk_weights_RK)
+    check_mxfp4_weights(w13, w2, num_local=expert_map.num_local, hidden=x_RH.shape[1])
+    check_routing_inputs(x_RH, topk_ids_RK, topk_weights_RK, expert_map,
+                         weights={"w13": w13.blocks, "w2": w2.blocks}, validate=validate)
 
 
 class MXFP4Experts(Experts):
@@ -94,30 +76,10 @@ class MXFP4Experts(Experts):
     def variant_unsupported_reason(self, variant: ExpertVariant) -> str | None:
         return None
 
-    def __call__(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *,
-                 weight_mode: WeightMode | None = None, validate: bool = True, mode=None,
-                 num_rows: torch.Tensor | None = None, expected_rows: int | None = None,
-                 variant: ExpertVariant | None = None, w13_bias: torch.Tensor | None = None,
-                 w2_bias: torch.Tensor | None = None) -> ExpertsOutput:
-        mode = output_form(resolve_weight_mode(weight_mode, mode))
+    def _check_inputs(self, x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, *, mode,
+                      validate: bool) -> None:
         check_mxfp4_inputs(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map,
                            validate=validate)
-        check_row_bound(num_rows, expected_rows, topk_ids_RK, validate=validate)
-        variant = check_variant(variant, w13_bias, w2_bias, x_RH, w13, mode=mode)
-        reason = self.supports(mode=mode, dtype=x_RH.dtype, device=x_RH.device)
-        if reason is not None:
-            raise ValueError(error_message(f"experts={self.name}, mode", repr(mode),
-                                           f"unsupported: {reason}", "pick another backend"))
-        kw = dict(num_rows=num_rows, expected_rows=expected_rows) if self.bounded_rows else {}
-        kw.update(variant_kwargs(variant, w13_bias, w2_bias))
-        out = self._forward(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map, mode=mode,
-                            **kw)
-        R, K = topk_ids_RK.shape
-        want = (R, x_RH.shape[1]) if out.weights_applied else (R, K, x_RH.shape[1])
-        assert tuple(out.out.shape) == want, (self.name, tuple(out.out.shape), want)
-        assert out.weights_applied == (mode == "weighted"), (self.name, mode)
-        assert out.weights_applied or out.weighted_inputs == variant.weights_on_input, self.name
-        return out
 
 
 class MXFP4ReferenceExperts(MXFP4Experts):
