@@ -55,11 +55,15 @@ class WeightFormat(ABC):
     Subclasses set ``name`` (what backends list in ``weight_formats`` and the layer's
     ``weight_format`` names), ``tensor_names`` (the tensors a layer registers, in the order of
     ``tensors()``) and ``trainable`` (dense float weights are parameters; quantised ones are
-    buffers a dtype cast must not touch)."""
+    buffers a dtype cast must not touch). An instance holds ``w13`` [e, 2I, H] and ``w2``
+    [e, H, I]: tensors, or the format's weight objects (with a ``shape``), as its experts
+    backends take them."""
 
     name: ClassVar[str]
     tensor_names: ClassVar[tuple[str, ...]]
     trainable: ClassVar[bool] = False
+    w13: Any
+    w2: Any
 
     # ---- the format's hooks (class level: no weights yet) ---------------------------------
     @classmethod
@@ -124,13 +128,14 @@ class WeightFormat(ABC):
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 [e, 2I, H], w2 [e, H, I]) in ``dtype`` (float64 default: the exact values)."""
 
-    @abstractmethod
     def expert_args(self) -> tuple:
         """(w13, w2) as this format's experts backends take them."""
+        return self.w13, self.w2
 
-    @abstractmethod
     def shape(self) -> tuple[int, int, int]:
         """(e, H, I) of the weights held."""
+        e, two_i, H = self.w13.shape
+        return e, H, two_i // 2
 
     def options(self) -> dict:
         """The options ``quantize`` needs to write more weights like these."""

@@ -152,10 +152,6 @@ class BlockFP8Weights(WeightFormat):
         return {"w13_fp8": self.w13.weight, "w13_scale_inv": self.w13.scale_inv,
                 "w2_fp8": self.w2.weight, "w2_scale_inv": self.w2.scale_inv}
 
-    def shape(self) -> tuple[int, int, int]:
-        e, two_i, H = self.w13.shape
-        return e, H, two_i // 2
-
     @property
     def fp8_dtype(self) -> torch.dtype:
         return self.w13.dtype
@@ -170,9 +166,6 @@ class BlockFP8Weights(WeightFormat):
     def dequantize(self, dtype: torch.dtype = torch.float64
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.w13.dequantize(dtype), self.w2.dequantize(dtype)
-
-    def expert_args(self) -> tuple[BlockFP8Weight, BlockFP8Weight]:
-        return self.w13, self.w2
 
     def check_values(self, field: str = "weights") -> None:
         """Every block scale finite and > 0, no FP8 NaN code (``quant.check_block_values``)."""

@@ -105,10 +105,6 @@ class DenseWeights(WeightFormat):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"w13": self.w13, "w2": self.w2}
 
-    def shape(self) -> tuple[int, int, int]:
-        e, two_i, H = self.w13.shape
-        return e, H, two_i // 2
-
     @property
     def dtype(self) -> torch.dtype:
         return self.w13.dtype
@@ -116,9 +112,6 @@ class DenseWeights(WeightFormat):
     def dequantize(self, dtype: torch.dtype = torch.float64
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.w13.to(dtype), self.w2.to(dtype)
-
-    def expert_args(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.w13, self.w2
 
     def check_values(self, field: str = "weights") -> None:
         for name, w in (("w13", self.w13), ("w2", self.w2)):

@@ -283,16 +283,9 @@ class MXFP4Weights(WeightFormat):
         return {"w13_blocks": self.w13.blocks, "w13_scales": self.w13.scales,
                 "w2_blocks": self.w2.blocks, "w2_scales": self.w2.scales}
 
-    def shape(self) -> tuple[int, int, int]:
-        e, two_i, H = self.w13.shape
-        return e, H, two_i // 2
-
     def dequantize(self, dtype: torch.dtype = torch.float64
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.w13.dequantize(dtype), self.w2.dequantize(dtype)
-
-    def expert_args(self) -> tuple[MXFP4Tensor, MXFP4Tensor]:
-        return self.w13, self.w2
 
     def check_values(self, field: str = "weights") -> None:
         self.w13.check_values(f"{field}.w13")
