@@ -277,6 +277,39 @@ def _router(target: str) -> list[Launch]:
     return out
 
 
+def _splitk_router(target: str) -> list[Launch]:
+    """``_routing_triton.splitk_route`` after the Triton gate GEMM (``_gate_triton``):
+    DeepSeek-V3 (float32 logits), Kimi K2 (384 experts, one group) and Qwen3 (bf16 logits)."""
+    from rocm_moe._routing_triton import launch_config
+    from rocm_moe.routing import RouterConfig
+
+    out = []
+    for name, cfg, rnd in (("deepseek-v3", RouterConfig.deepseek_v3(), 0),
+                           ("kimi-k2", RouterConfig.kimi_k2(), 0),
+                           ("qwen3", RouterConfig.qwen3_moe(), 1)):
+        c, warps = launch_config(cfg, has_bias=cfg.scoring == "sigmoid",
+                                 warp=TARGETS[target][2])
+        out.append(Launch(tuple(sorted({**c, "ROWS": 1, "ROUND": rnd}.items())), warps, 1, name))
+    return out
+
+
+def _gate_gemm(target: str) -> list[Launch]:
+    """``_gate_triton.gate_plan`` at 1-128 tokens for DeepSeek-V3's gate (E = 256, H = 7168,
+    bf16; float32 operands too) and Kimi K2's (E = 384) on the target's SM count."""
+    from rocm_moe._gate_triton import gate_plan
+
+    out = {}
+    for E, H in ((256, 7168), (384, 7168)):
+        for T in (1, 8, 33, 64, 128):
+            for fp32 in (False, True):
+                p = gate_plan(T, E, H, ieee_fp32=fp32, sms=304 if target == "gfx942" else 132,
+                              amd=target == "gfx942")
+                c = (("BLOCK_E", p.block_e), ("BLOCK_K", p.block_k), ("BLOCK_T", p.block_t),
+                     ("E", E), ("IEEE", fp32))
+                out.setdefault((c, p.num_warps, p.num_stages), f"E={E} T={T}")
+    return [Launch(c, w, s, why) for (c, w, s), why in out.items()]
+
+
 def _small_ptr(fp8: str, dense: str):
     """A pointer of the small experts path: ``fp8`` ("fp8": the target's FP8 encoding, or a
     type) in FP8 mode, ``dense`` otherwise (the bf16 path passes x for unused scales)."""
@@ -395,6 +428,14 @@ KERNELS = [
     Kernel("rocm_moe._routing_triton:_router_kernel",  # DeepSeek-V3's logits are float32
            dict(logits_ptr=lambda c: "*fp32" if c["SIGMOID"] else "*bf16", bias_ptr="*fp32",
                 w_ptr="*fp32", ids_ptr="*i32"), _router, dict(eps="fp32", scale="fp32")),
+    Kernel("rocm_moe._routing_triton:_splitk_router_kernel",
+           dict(part_ptr="*fp32", bias_ptr="*fp32", logits_ptr=lambda c: "*bf16" if c["ROUND"]
+                else "*fp32", w_ptr="*fp32", ids_ptr="*i32"), _splitk_router,
+           dict(eps="fp32", scale="fp32")),
+    Kernel("rocm_moe._gate_triton:_gate_splitk_kernel",
+           dict(x_ptr=lambda c: "*fp32" if c["IEEE"] else "*bf16",
+                w_ptr=lambda c: "*fp32" if c["IEEE"] else "*bf16", part_ptr="*fp32"),
+           _gate_gemm),
     Kernel("rocm_moe._invariant_triton:linear_kernel",
            dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*fp32"),
            grid(IEEE=False, BLOCK_N=32, BLOCK_M=32, BLOCK_D=64)),  # invariant.LINEAR_CONFIG

@@ -80,33 +80,14 @@ def _max2(v):
     return tl.max(tl.max(v, axis=2), axis=1)
 
 
-@triton.jit(do_not_specialize=["T"])
-def _router_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_t, eps, scale,
-                   SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                   K_TOPK: tl.constexpr, K_POW2: tl.constexpr, BW: tl.constexpr,
-                   N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, EPG: tl.constexpr,
-                   G_POW2: tl.constexpr, EPG_POW2: tl.constexpr, WARP: tl.constexpr,
-                   ROWS: tl.constexpr):
-    """Rows [pid * ROWS, pid * ROWS + ROWS) of logits [T, E] (row stride ``stride_t``, any
-    float dtype) -> w [T, K] float32 and ids [T, K] int32 (contiguous). A row's experts are a
-    [N_GROUP, EPG] tile (N_GROUP groups of EPG experts; 1 ungrouped), padded to
-    [G_POW2, EPG_POW2]. SIGMOID: sigmoid scores, else softmax (N_GROUP must be 1: the
-    softmax's lanes are the flat ids). With TOPK_GROUP < N_GROUP the TOPK_GROUP groups with the
-    largest top-2 sum of choice = score + bias are kept. BW: the largest power of two <= K_TOPK,
-    K_POW2: the smallest >= it; WARP: the torch softmax's warp width (min(E_POW2, 32) on
-    NVIDIA, 64 on AMD). eps, scale: float32. A row's bits do not depend on ROWS.
-
-    Example: logits [[0, 0, log(2)]], softmax, K = 1, no normalisation -> w [[0.5]],
-    ids [[2]]."""
-    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    live = row < T
-    r3 = row[:, None, None].to(tl.int64)
-    g = tl.arange(0, G_POW2)[None, :, None]
-    j = tl.arange(0, EPG_POW2)[None, None, :]
-    gid = g * EPG + j  # [1, G_POW2, EPG_POW2] expert ids
-    valid = (g < N_GROUP) & (j < EPG) & live[:, None, None]  # [ROWS, G_POW2, EPG_POW2]
-    x = tl.load(logits_ptr + r3 * stride_t + gid, mask=valid, other=-float("inf"))
-    x = tl.where(live[:, None, None], x.to(tl.float32), 0.0)  # rows past T: finite, unstored
+@triton.jit
+def _route_rows(x, row, live, r3, j, gid, valid, bias_ptr, w_ptr, ids_ptr, eps, scale,
+                SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                K_TOPK: tl.constexpr, K_POW2: tl.constexpr, BW: tl.constexpr,
+                N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, EPG_POW2: tl.constexpr,
+                G_POW2: tl.constexpr, WARP: tl.constexpr, ROWS: tl.constexpr):
+    """The router on float32 logits x [ROWS, G_POW2, EPG_POW2] (-inf where not ``valid``, 0
+    in rows past T): scores, choice, groups, top-k, weights; stores w and ids of live rows."""
     if SIGMOID:
         score = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + _expf(-x))
         if HAS_BIAS:
@@ -170,8 +151,95 @@ def _router_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_t, eps, scale
     tl.store(ids_ptr + out, ids, mask=live[:, None] & (kk < K_TOPK))
 
 
+@triton.jit(do_not_specialize=["T"])
+def _router_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_t, eps, scale,
+                   SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                   K_TOPK: tl.constexpr, K_POW2: tl.constexpr, BW: tl.constexpr,
+                   N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, EPG: tl.constexpr,
+                   G_POW2: tl.constexpr, EPG_POW2: tl.constexpr, WARP: tl.constexpr,
+                   ROWS: tl.constexpr):
+    """Rows [pid * ROWS, pid * ROWS + ROWS) of logits [T, E] (row stride ``stride_t``, any
+    float dtype) -> w [T, K] float32 and ids [T, K] int32 (contiguous). A row's experts are a
+    [N_GROUP, EPG] tile (N_GROUP groups of EPG experts; 1 ungrouped), padded to
+    [G_POW2, EPG_POW2]. SIGMOID: sigmoid scores, else softmax (N_GROUP must be 1: the
+    softmax's lanes are the flat ids). With TOPK_GROUP < N_GROUP the TOPK_GROUP groups with the
+    largest top-2 sum of choice = score + bias are kept. BW: the largest power of two <= K_TOPK,
+    K_POW2: the smallest >= it; WARP: the torch softmax's warp width (min(E_POW2, 32) on
+    NVIDIA, 64 on AMD). eps, scale: float32. A row's bits do not depend on ROWS.
+
+    Example: logits [[0, 0, log(2)]], softmax, K = 1, no normalisation -> w [[0.5]],
+    ids [[2]]."""
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    live = row < T
+    r3 = row[:, None, None].to(tl.int64)
+    g = tl.arange(0, G_POW2)[None, :, None]
+    j = tl.arange(0, EPG_POW2)[None, None, :]
+    gid = g * EPG + j  # [1, G_POW2, EPG_POW2] expert ids
+    valid = (g < N_GROUP) & (j < EPG) & live[:, None, None]  # [ROWS, G_POW2, EPG_POW2]
+    x = tl.load(logits_ptr + r3 * stride_t + gid, mask=valid, other=-float("inf"))
+    x = tl.where(live[:, None, None], x.to(tl.float32), 0.0)  # rows past T: finite, unstored
+    _route_rows(x, row, live, r3, j, gid, valid, bias_ptr, w_ptr, ids_ptr, eps, scale,
+                SIGMOID, HAS_BIAS, NORM, K_TOPK, K_POW2, BW, N_GROUP, TOPK_GROUP, EPG_POW2,
+                G_POW2, WARP, ROWS)
+
+
+@triton.jit(do_not_specialize=["T", "S"])
+def _splitk_router_kernel(part_ptr, bias_ptr, logits_ptr, w_ptr, ids_ptr, T, S, eps, scale,
+                          ROUND: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          NORM: tl.constexpr, K_TOPK: tl.constexpr, K_POW2: tl.constexpr,
+                          BW: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                          EPG: tl.constexpr, G_POW2: tl.constexpr, EPG_POW2: tl.constexpr,
+                          WARP: tl.constexpr, ROWS: tl.constexpr):
+    """The router of ``_router_kernel`` on gate logits given as S split-K partial sums
+    ``part`` [S, T, E] float32 (``rocm_moe._gate_triton``): a row's logits are
+    ((part[0] + part[1]) + part[2]) + ... in this fixed order (deterministic: no atomics),
+    rounded once to bfloat16 (ROUND = 1) or float16 (ROUND = 2) where the router's logits are
+    in the model dtype (0: kept in float32), stored to ``logits`` [T, E] (its dtype; the
+    layer's value checks read them), then routed as ``_router_kernel`` routes them.
+
+    Example: part [[[1, 0]], [[2, 5]]] (S = 2, T = 1, E = 2), softmax, K = 1 -> logits
+    [[3, 5]], ids [[1]]."""
+    E: tl.constexpr = N_GROUP * EPG
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    live = row < T
+    r3 = row[:, None, None].to(tl.int64)
+    g = tl.arange(0, G_POW2)[None, :, None]
+    j = tl.arange(0, EPG_POW2)[None, None, :]
+    gid = g * EPG + j
+    valid = (g < N_GROUP) & (j < EPG) & live[:, None, None]
+    x = tl.zeros([ROWS, G_POW2, EPG_POW2], tl.float32)
+    ptrs = part_ptr + r3 * E + gid
+    step = T.to(tl.int64) * E
+    for _ in range(S):  # the fixed order of the split-K sum
+        x += tl.load(ptrs, mask=valid, other=0.0)
+        ptrs += step
+    if ROUND == 1:
+        x = x.to(tl.bfloat16).to(tl.float32)
+    elif ROUND == 2:
+        x = x.to(tl.float16).to(tl.float32)
+    tl.store(logits_ptr + r3 * E + gid, x.to(logits_ptr.dtype.element_ty), mask=valid)
+    x = tl.where(valid, x, -float("inf"))
+    x = tl.where(live[:, None, None], x, 0.0)  # rows past T: finite, unstored
+    _route_rows(x, row, live, r3, j, gid, valid, bias_ptr, w_ptr, ids_ptr, eps, scale,
+                SIGMOID, HAS_BIAS, NORM, K_TOPK, K_POW2, BW, N_GROUP, TOPK_GROUP, EPG_POW2,
+                G_POW2, WARP, ROWS)
+
+
 _MAX_E = 1024  # PyTorch's persistent warp softmax (whose order the kernel keeps) ends there
 _MAX_K = 32  # Reduce.cuh: a lane holds at most two of the K weights up to 63; 32 is plenty
+
+
+def config_unsupported(config) -> str | None:
+    """Why the Triton router cannot compute this ``RouterConfig`` at all, or None."""
+    if config.num_experts > _MAX_E:
+        return f"num_experts={config.num_experts} > {_MAX_E}"
+    if config.top_k > _MAX_K:
+        return f"top_k={config.top_k} > {_MAX_K}"
+    if getattr(config, "score_after_topk", False):
+        return "score_after_topk (gpt-oss, Llama 4) is not implemented in the fused router"
+    if config.scoring == "softmax" and getattr(config, "choice_bias", False):
+        return "a softmax router's choice bias (ERNIE 4.5) is not implemented in the fused router"
+    return None
 
 
 def fused_route_unsupported(logits_TE: torch.Tensor, config) -> str | None:
@@ -182,14 +250,8 @@ def fused_route_unsupported(logits_TE: torch.Tensor, config) -> str | None:
         return f"logits dtype {logits_TE.dtype} (float16, bfloat16 or float32 only)"
     if logits_TE.stride(1) != 1:
         return "logits rows must be contiguous (stride 1 along E)"
-    if config.num_experts > _MAX_E:
-        return f"num_experts={config.num_experts} > {_MAX_E}"
-    if config.top_k > _MAX_K:
-        return f"top_k={config.top_k} > {_MAX_K}"
-    if getattr(config, "score_after_topk", False):
-        return "score_after_topk (gpt-oss, Llama 4) is not implemented in the fused router"
-    if config.scoring == "softmax" and getattr(config, "choice_bias", False):
-        return "a softmax router's choice bias (ERNIE 4.5) is not implemented in the fused router"
+    if (why := config_unsupported(config)) is not None:
+        return why
     if not triton_runs_on(logits_TE.device):  # last: what the config rules out comes first
         return (f"logits on {logits_TE.device}: Triton runs on CUDA/ROCm devices (or under "
                 "TRITON_INTERPRET=1)")
@@ -218,6 +280,22 @@ def _warp_width(device: torch.device) -> int:
     props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
     width = getattr(props, "warp_size", None)
     return int(width) if width else (64 if torch.version.hip else 32)
+
+
+def _exact_options() -> dict:
+    """No contraction of a multiply into a later add (torch's kernels round each operation
+    here; expf's own FMAs are written as FMAs) and, on NVIDIA, libdevice's expf without
+    flushing denormals (torch is built without -ftz)."""
+    options = dict(enable_fp_fusion=False)
+    if torch.version.hip is None:
+        options["enable_reflect_ftz"] = False
+    return options
+
+
+def _default_rows() -> int:
+    """Tokens per program: 1 on GPUs, 64 under the interpreter (where each program's
+    operations cost the same for 1 or 64 rows)."""
+    return 64 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 1
 
 
 def _pow2(n: int) -> int:
@@ -270,16 +348,45 @@ def fused_route(*, logits_TE: torch.Tensor, config, bias_E: torch.Tensor | None 
         return RoutingResult(topk_weights=w, topk_ids=ids)
     constexprs, num_warps = launch_config(config, has_bias=bias_E is not None,
                                           warp=warp or _warp_width(logits_TE.device))
-    # No contraction of a multiply into a later add (torch's kernels round each operation
-    # here; expf's own FMAs are written as FMAs) and, on NVIDIA, libdevice's expf without
-    # flushing denormals (torch is built without -ftz).
-    options = dict(enable_fp_fusion=False)
-    if torch.version.hip is None:
-        options["enable_reflect_ftz"] = False
-    rows = rows or (64 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 1)
+    options = _exact_options()
+    rows = rows or _default_rows()
     _router_kernel[(triton.cdiv(T, rows),)](
         logits_TE, bias_E if bias_E is not None else logits_TE,  # (unread without HAS_BIAS)
         w, ids, T, logits_TE.stride(0), 1e-20 if config.scoring == "sigmoid" else 0.0,
         float(config.routed_scaling_factor), ROWS=rows, num_warps=num_warps, **constexprs,
         **options)
+    return RoutingResult(topk_weights=w, topk_ids=ids)
+
+
+_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def splitk_route(*, part_STE: torch.Tensor, logits_TE: torch.Tensor, config,
+                 bias_E: torch.Tensor | None = None, warp: int | None = None,
+                 rows: int | None = None):
+    """The router on split-K partial gate logits, one launch (``_splitk_router_kernel``): the
+    partials ``part_STE`` [S, T, E] float32 (contiguous) are summed over S in order, rounded to
+    ``logits_TE``'s dtype and written there (``logits_TE`` [T, E] contiguous float32, or
+    bfloat16 / float16 for a router whose logits are in the model dtype), then routed as
+    ``fused_route`` routes them -> ``RoutingResult``. No host read. Called by
+    ``rocm_moe._gate_triton.gate_route``, which checks the arguments.
+
+    Example (a test asserts it): part [[[1, 0]], [[2, 5]]], softmax, K = 1 -> logits
+    [[3, 5]], ids [[1]]."""
+    from rocm_moe.routing import RoutingResult
+
+    S, T = part_STE.shape[:2]
+    K = config.top_k
+    w = torch.empty(T, K, dtype=torch.float32, device=part_STE.device)
+    ids = torch.empty(T, K, dtype=torch.int32, device=part_STE.device)
+    if T == 0:
+        return RoutingResult(topk_weights=w, topk_ids=ids)
+    constexprs, num_warps = launch_config(config, has_bias=bias_E is not None,
+                                          warp=warp or _warp_width(part_STE.device))
+    rows = rows or _default_rows()
+    _splitk_router_kernel[(triton.cdiv(T, rows),)](
+        part_STE, bias_E if bias_E is not None else part_STE, logits_TE, w, ids, T, S,
+        1e-20 if config.scoring == "sigmoid" else 0.0, float(config.routed_scaling_factor),
+        ROUND=_ROUND[logits_TE.dtype], ROWS=rows, num_warps=num_warps, **constexprs,
+        **_exact_options())
     return RoutingResult(topk_weights=w, topk_ids=ids)

@@ -65,7 +65,14 @@ from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.formats.base import WeightFormat, check_format_options, format_class
 from rocm_moe.placement import Placement
 from rocm_moe.replicas import ReplicaChoice, ReplicatedPlacement, check_choice
-from rocm_moe.routing import RouterConfig, RoutingResult, route
+from rocm_moe.routing import (
+    RouterConfig,
+    RoutingResult,
+    check_fused_gate,
+    gate_route,
+    gate_route_unsupported,
+    route,
+)
 from rocm_moe.weighting import ExpertsOutput, WeightMode, resolve_weight_mode, weight_once
 
 
@@ -262,6 +269,11 @@ class EPMoE(nn.Module):
             (``routing.route(fused=True)``: the torch path's bits on tie-free scores, ties to
             the lower id); the torch path runs where it cannot (CPUs, invariant mode, router
             replay, gpt-oss / Llama 4 scoring). False: always the torch path.
+        fused_gate: the gate GEMM in Triton too, read as stored, with the router
+            (``routing.gate_route``: two launches, float32 products): "float32" for routers
+            whose gate GEMM is float32 (DeepSeek-V3, Kimi K2, GLM-4.5), "all", "off"; None:
+            ``routing.FUSED_GATE_DEFAULT``. Only with ``fused_router``, on GPUs, outside
+            autograd, invariant mode and router replay (``routing.gate_route_unsupported``).
         expert_variant: what each routed expert computes (``experts.base.ExpertVariant``:
             biases ``w13_bias`` [e, 2I] / ``w2_bias`` [e, H], gpt-oss's activation, weights on
             the input); None: plain SwiGLU. ``router.gate_bias`` gives the gate a bias.
@@ -301,6 +313,7 @@ class EPMoE(nn.Module):
         validate: bool = True,
         invariant: bool = False,
         fused_router: bool = True,
+        fused_gate: str | None = None,
         expert_variant: ExpertVariant | None = None,
         num_redundant_experts: int | None = None,
         replica_placement: ReplicatedPlacement | None = None,
@@ -359,6 +372,7 @@ class EPMoE(nn.Module):
             raise TypeError(error_message("fused_router", repr(fused_router), "must be a bool",
                                           "pass True or False"))
         self.fused_router = fused_router
+        self.fused_gate = check_fused_gate(fused_gate)
         self._gate_f32: tuple[tuple, torch.Tensor] | None = None  # (key, float32 gate weight)
         check_integer_value("load_window", load_window, minimum=1,
                             fix="pass the number of forwards the EPLB load is summed over")
@@ -765,7 +779,13 @@ class EPMoE(nn.Module):
     ) -> RoutingResult:
         """[T, H] or [B, S, H] tokens -> their [T, K] routing (``forced_expert_ids`` [T, K],
         or [B, S, K] for [B, S, H] tokens, replays a routing, see ``routing.route``)."""
-        logits_TE = self.router_logits(hidden_states.reshape(-1, self.hidden_size))
+        x_TH = hidden_states.reshape(-1, self.hidden_size)
+        if forced_expert_ids is None and not self.invariant and self.fused_router and \
+                gate_route_unsupported(x_TH, self.gate.weight, self.router, mode=self.fused_gate,
+                                       gate_bias_E=self.gate.bias) is None:
+            return gate_route(x_TH, self.gate.weight, self.router, validate=self.validate,
+                              e_score_correction_bias=self.e_score_correction_bias)
+        logits_TE = self.router_logits(x_TH)
         lead = hidden_states.shape[:-1]  # [B, S, E] logits take [B, S, K] (or [T, K]) replays
         return route(logits_TE.reshape(*lead, self.router.num_experts), self.router,
                      e_score_correction_bias=self.e_score_correction_bias,

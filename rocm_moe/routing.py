@@ -49,10 +49,18 @@ from rocm_moe._checks import (
     error_message,
     value_checks_allowed,
 )
-from rocm_moe._libs import library_version
+from rocm_moe._libs import library_version, triton_runs_on
 from rocm_moe.families import family
 
 Scoring = Literal["softmax", "sigmoid"]
+FusedGate = Literal["off", "float32", "all"]
+
+# Where the gate GEMM runs in Triton with the router (``gate_route``; EPMoE(fused_gate=None)):
+# "off" (torch's GEMM, then the router), "float32" (routers whose gate GEMM is float32:
+# DeepSeek-V3, Kimi K2, GLM-4.5), "all" (also bf16/fp16 gates: Qwen3, Mixtral). Set from the
+# GPU measurement of bench/router.py (bench/gpu_router_gate.sh).
+FUSED_GATE_MODES: tuple[str, ...] = ("off", "float32", "all")
+FUSED_GATE_DEFAULT: FusedGate = "off"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -400,3 +408,127 @@ def _route_torch(
         weights_TK = _finish_weights(weights_TK, config, **inv_kw)
     return RoutingResult(topk_weights=weights_TK.float().contiguous(),
                          topk_ids=ids_TK.to(torch.int32).contiguous())
+
+
+def check_fused_gate(value: object) -> FusedGate:
+    """``fused_gate`` of ``EPMoE`` / ``gate_route_unsupported``: None -> FUSED_GATE_DEFAULT,
+    else one of FUSED_GATE_MODES (TypeError / ValueError otherwise)."""
+    if value is None:
+        return FUSED_GATE_DEFAULT
+    if not isinstance(value, str):  # fused_gate=True: which routers? say it
+        raise TypeError(error_message(
+            "fused_gate", repr(value), f"must be one of {FUSED_GATE_MODES} or None",
+            "pass 'float32' (DeepSeek-V3-style float32 gates), 'all', 'off', or None (the "
+            f"default, {FUSED_GATE_DEFAULT!r})"))
+    if value not in FUSED_GATE_MODES:
+        raise ValueError(error_message("fused_gate", repr(value),
+                                       f"must be one of {FUSED_GATE_MODES} or None", "pick one"))
+    return value  # type: ignore[return-value]
+
+
+def gate_route_unsupported(hidden_TH: torch.Tensor, gate_weight_EH: torch.Tensor,
+                           config: RouterConfig, *, mode: FusedGate = "all",
+                           gate_bias_E: torch.Tensor | None = None) -> str | None:
+    """Why ``gate_route`` (Triton gate GEMM + router) cannot or should not run here under
+    ``mode`` (``check_fused_gate``'s value), or None. The torch path (gate GEMM, ``route``)
+    runs instead: on CPUs, in autograd, with a gate bias, float64, and for routers the Triton
+    router does not implement (``_routing_triton.config_unsupported``)."""
+    if mode == "off":
+        return "fused_gate='off'"
+    if mode == "float32" and not config.logits_in_float32:
+        return "fused_gate='float32' and this router's gate GEMM is in the model dtype"
+    if not _on_gpu(hidden_TH) or library_version("triton") is None:
+        return f"hidden states on {hidden_TH.device} (Triton's gate GEMM runs on GPUs)"
+    return _gate_unsupported(hidden_TH, gate_weight_EH, config, gate_bias_E)
+
+
+def _gate_unsupported(hidden_TH: torch.Tensor, gate_weight_EH: torch.Tensor,
+                      config: RouterConfig, gate_bias_E: torch.Tensor | None) -> str | None:
+    """What ``gate_route`` cannot compute on any device, or None."""
+    if torch.is_grad_enabled() and (hidden_TH.requires_grad or gate_weight_EH.requires_grad):
+        return "autograd records the gate (the Triton gate GEMM has no backward)"
+    if gate_bias_E is not None:
+        return "the gate has a bias (gpt-oss)"
+    for name, t in (("hidden_states", hidden_TH), ("gate weight", gate_weight_EH)):
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"{name} dtype {t.dtype} (float16, bfloat16 or float32 only)"
+        if t.dim() != 2 or (t.shape[0] > 1 and t.stride(1) != 1) or t.device != hidden_TH.device:
+            return f"{name} must be a 2-D tensor on {hidden_TH.device} with unit stride along H"
+    from rocm_moe._routing_triton import config_unsupported
+
+    return config_unsupported(config)
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    """The automatic choice takes the Triton gate on GPU tensors only (tests patch this to run
+    it under the interpreter)."""
+    return t.is_cuda
+
+
+def gate_route(
+    hidden_TH: torch.Tensor,
+    gate_weight_EH: torch.Tensor,
+    config: RouterConfig,
+    *,
+    e_score_correction_bias: torch.Tensor | None = None,
+    validate: bool = True,
+) -> RoutingResult:
+    """Gate GEMM and router in two Triton launches (``rocm_moe._gate_triton``): the weight
+    read as stored (bf16 for DeepSeek-V3), split over H and experts so that every SM streams
+    it, the products formed in float32 (exact for bf16 / fp16 operands, IEEE float32 for
+    float32 ones), the split-K partials summed in a fixed order inside the router's launch.
+
+    The logits are those of ``F.linear(x.float(), W.float())`` for float32-gate routers
+    (``config.logits_in_float32``) up to the order of the float32 additions (relative error
+    ~1e-7 of sum |x w|), else of ``F.linear(x, W)`` rounded once to x's dtype; routed as
+    ``route(fused=True)`` routes them. Deterministic, capturable (no host read with
+    ``validate=False``), not batch-invariant. Runs on GPUs (and under TRITON_INTERPRET=1);
+    ``gate_route_unsupported`` says where it cannot (``EPMoE(fused_gate=...)`` then takes the
+    torch path).
+
+    Args:
+        hidden_TH: [T, H] float16 / bfloat16 / float32 tokens.
+        gate_weight_EH: [E, H] float16 / bfloat16 / float32 gate weight (no bias).
+        config: the ``RouterConfig``.
+        e_score_correction_bias: [E] floating (sigmoid routers), or None.
+        validate: check the logits (NaN, +inf: one host read, skipped under capture) after
+            they are computed, as ``route`` checks them.
+
+    Example (a test asserts it): x [[1, 2]], W [[3, 4], [5, 6]], softmax, K = 1, no
+    normalisation -> ids [[1]], weights [[sigmoid(17 - 11)]] = [[0.99753]].
+    """
+    check_tensor("hidden_states", hidden_TH, dtypes=FLOAT_DTYPES)
+    check_tensor("gate_weight", gate_weight_EH, shape=(config.num_experts, None),
+                 dtypes=FLOAT_DTYPES)
+    if hidden_TH.dim() != 2 or hidden_TH.shape[1] != gate_weight_EH.shape[1]:
+        raise ValueError(error_message(
+            "hidden_states.shape", list(hidden_TH.shape),
+            f"must be [T, H] with H = gate_weight.shape[1] = {gate_weight_EH.shape[1]}",
+            "flatten [B, S, H] to [B * S, H]"))
+    if not isinstance(validate, bool):
+        raise TypeError(error_message("validate", repr(validate), "must be a bool",
+                                      "pass True or False"))
+    if e_score_correction_bias is not None:
+        if config.scoring != "sigmoid":
+            raise ValueError(error_message(
+                "e_score_correction_bias", "a tensor", "only sigmoid routers take a bias here",
+                "drop it, or route a softmax router with choice_bias through route()"))
+        check_tensor("e_score_correction_bias", e_score_correction_bias,
+                     shape=(config.num_experts,), dtypes=FLOAT_DTYPES)
+        e_score_correction_bias = e_score_correction_bias.to(hidden_TH.device).contiguous()
+        if validate:
+            check_finite("e_score_correction_bias", e_score_correction_bias,
+                         "load the router's bias from the checkpoint again")
+    why = None if triton_runs_on(hidden_TH.device) else \
+        f"hidden states on {hidden_TH.device}: Triton runs on CUDA/ROCm devices"
+    why = why or _gate_unsupported(hidden_TH, gate_weight_EH, config, None)
+    if why is not None:
+        raise ValueError(error_message("gate_route", why, "is outside the Triton gate",
+                                       "compute the logits with the gate and call route()"))
+    from rocm_moe._gate_triton import gate_route as _gate_route
+
+    routing, logits_TE = _gate_route(x_TH=hidden_TH, weight_EH=gate_weight_EH, config=config,
+                                     bias_E=e_score_correction_bias)
+    if validate:
+        _check_logits(logits_TE, config.top_k)
+    return routing

@@ -1,0 +1,173 @@
+"""Triton gate GEMM + router (imported only where triton is installed): the router's logits
+from the hidden states and the gate weight as stored, in two launches.
+
+    x [T, H] (bf16 / fp16 / fp32)  W [E, H] (as stored: bf16 for DeepSeek-V3, Kimi K2, GLM-4.5)
+      -> _gate_splitk_kernel: grid (E tiles, S splits of H, T tiles); program (e, s, t) sums
+         x[t-tile, k] * W[e-tile, k] over its k-range in float32 -> part [S, T, E] float32
+      -> _splitk_router_kernel (``rocm_moe._routing_triton``): logits = part[0] + part[1] +
+         ... in order (no atomics: deterministic), rounded to the logits' dtype, routed
+      -> weights [T, K] float32, ids [T, K] int32, logits [T, E]
+
+Why: DeepSeek-V3's gate is ``F.linear(x.float(), W.float())`` (transformers), a float32 GEMM
+whose cuBLAS kernel takes 7-28 us on an H100 at 1-128 tokens for a weight that is 3.7 MB in
+bf16 (~1.2 us to read). Here every SM streams a slice of the bf16 weight (split over H and
+over experts), and the float32 sum is the only thing float32 about it:
+
+- bf16 x bf16 (and fp16 x fp16) products are exact in float32 (8 + 8 and 11 + 11 significant
+  bits <= 24), so ``tl.dot`` on the 16-bit operands with a float32 accumulator computes the
+  float32 GEMM's products exactly; the logits differ from torch's float32 GEMM only in the
+  order (and the hardware's rounding) of the float32 additions. Other pairs (a float32
+  operand, or two different 16-bit dtypes) are converted to float32 and multiplied with
+  ``input_precision="ieee"`` (never TF32).
+- Routers whose logits are in the model dtype (Qwen3, Mixtral: ``RouterConfig
+  .logits_in_float32`` False) get the float32 sum rounded once to that dtype, as cuBLAS rounds
+  its float32 accumulator.
+
+Not batch-invariant (S and the tiles follow T): ``invariant=True`` keeps the torch path
+(``invariant.linear_acc``). No host read: capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["T", "KB_PER_SPLIT"])
+def _gate_splitk_kernel(x_ptr, w_ptr, part_ptr, T, H, stride_xt, stride_we, KB_PER_SPLIT,
+                        E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """part[s, t, e] = sum over k in split s (KB_PER_SPLIT blocks of BLOCK_K) of
+    x[t, k] * w[e, k], float32, for program (e tile, s, t tile). x [T, H] and w [E, H] with
+    unit stride along H; part [S, T, E] contiguous. IEEE: operands converted to float32 and
+    multiplied in IEEE float32 (else the 16-bit operands go to the tensor cores, products
+    exact in the float32 accumulator).
+
+    Example: x [[1, 2]], w [[3, 4], [5, 6]], one split -> part [[[11, 17]]]."""
+    pid_e = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    k = tl.arange(0, BLOCK_K)
+    k0 = pid_s * KB_PER_SPLIT * BLOCK_K
+    x_ptrs = x_ptr + t[:, None].to(tl.int64) * stride_xt + (k0 + k)[None, :]
+    w_ptrs = w_ptr + e[:, None].to(tl.int64) * stride_we + (k0 + k)[None, :]
+    t_in = t[:, None] < T
+    e_in = e[:, None] < E
+    acc = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
+    n = tl.minimum(KB_PER_SPLIT, tl.cdiv(H - k0, BLOCK_K))
+    for i in range(n):
+        k_in = (k0 + i * BLOCK_K + k)[None, :] < H
+        a = tl.load(x_ptrs, mask=t_in & k_in, other=0.0)
+        b = tl.load(w_ptrs, mask=e_in & k_in, other=0.0)
+        if IEEE:
+            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    out = part_ptr + (pid_s * T + t)[:, None].to(tl.int64) * E + e[None, :]
+    tl.store(out, acc, mask=t_in & (e[None, :] < E))
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatePlan:
+    """Tiles and split of ``_gate_splitk_kernel`` for one call: ``splits`` S programs along H,
+    each ``kb_per_split`` blocks of ``block_k``."""
+
+    block_t: int
+    block_e: int
+    block_k: int
+    splits: int
+    kb_per_split: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def grid(self, T: int, E: int) -> tuple[int, int, int]:
+        return (triton.cdiv(E, self.block_e), self.splits, triton.cdiv(T, self.block_t))
+
+
+def ieee(x_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
+    """Whether the kernel multiplies in IEEE float32: unless both operands are the same
+    16-bit float (whose products are exact in float32 on the tensor cores)."""
+    return not (x_dtype == w_dtype and x_dtype in (torch.bfloat16, torch.float16))
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: few programs, fast tests
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gate_plan(T: int, E: int, H: int, *, ieee_fp32: bool, sms: int, amd: bool,
+              block_e: int | None = None, waves: float = 2.0) -> GatePlan:
+    """The plan for [T, H] x [E, H]: T tiles of 16-64 rows, expert tiles of 64, and enough
+    splits of H that about ``waves`` programs per SM stream the weight (each SM reads a
+    slice: the weight read is the floor at small T), with the [S, T, E] float32 workspace no
+    larger than the weight itself (it is written and read back, from L2 on a GPU). gfx942's
+    64 KiB of LDS bounds the tiles there (2 stages).
+
+    Example (a test asserts it): T = 1, E = 256, H = 7168, bf16 on 132 SMs -> 16-row tiles,
+    4 expert tiles, 128-wide k blocks, S = 56 splits of one block (224 programs)."""
+    block_t = 16 if T <= 16 else 32 if T <= 32 else 64
+    block_e = block_e or 64
+    block_k = 32 if ieee_fp32 else (64 if block_t >= 64 else 128)
+    n_kb = triton.cdiv(H, block_k)
+    tiles = triton.cdiv(E, block_e) * triton.cdiv(T, block_t)
+    want = max(1, round(waves * sms / tiles))
+    weight_bytes = E * H * (4 if ieee_fp32 else 2)
+    cap = max(1, weight_bytes // max(1, T * E * 4))
+    s = max(1, min(n_kb, want, cap))
+    kb = triton.cdiv(n_kb, s)
+    return GatePlan(block_t=block_t, block_e=block_e, block_k=block_k,
+                    splits=triton.cdiv(n_kb, kb), kb_per_split=kb,
+                    num_stages=2 if amd else 3)
+
+
+def gate_route(*, x_TH: torch.Tensor, weight_EH: torch.Tensor, config,
+               bias_E: torch.Tensor | None = None, plan: GatePlan | None = None,
+               warp: int | None = None):
+    """Gate GEMM + router in two launches -> (``RoutingResult``, logits [T, E]). The logits
+    are float32 where ``config.logits_in_float32`` (DeepSeek-V3's sigmoid routers), else in
+    x's dtype (rounded once from the float32 sum, as a bf16 GEMM rounds its accumulator).
+    Nothing is checked here (``routing.gate_route`` checks the inputs); ``plan`` overrides
+    ``gate_plan`` (the bench's sweep).
+
+    Args:
+        x_TH: [T, H] float16 / bfloat16 / float32 hidden states, unit stride along H.
+        weight_EH: [E, H] float16 / bfloat16 / float32 gate weight as stored, unit stride
+            along H.
+        config: the ``RouterConfig`` (within ``_routing_triton.config_unsupported``).
+        bias_E: [E] floating ``e_score_correction_bias``, or None.
+
+    Example (a test asserts it): x [[1, 2]], weight [[3, 4], [5, 6]], softmax, K = 1, no
+    normalisation -> logits [[11, 17]], ids [[1]].
+    """
+    from rocm_moe._routing_triton import splitk_route
+
+    T, H = x_TH.shape
+    E = weight_EH.shape[0]
+    dev = x_TH.device
+    fp32 = ieee(x_TH.dtype, weight_EH.dtype)
+    out_dtype = torch.float32 if config.logits_in_float32 or x_TH.dtype == torch.float32 \
+        else x_TH.dtype
+    plan = plan or gate_plan(T, E, H, ieee_fp32=fp32, sms=_sm_count(dev),
+                             amd=torch.version.hip is not None)
+    part = torch.empty(plan.splits, T, E, dtype=torch.float32, device=dev)
+    logits = torch.empty(T, E, dtype=out_dtype, device=dev)
+    if T > 0:
+        _gate_splitk_kernel[plan.grid(T, E)](
+            x_TH, weight_EH, part, T, H, x_TH.stride(0), weight_EH.stride(0),
+            plan.kb_per_split, E=E, BLOCK_T=plan.block_t, BLOCK_E=plan.block_e,
+            BLOCK_K=plan.block_k, IEEE=fp32, num_warps=plan.num_warps,
+            num_stages=plan.num_stages)
+    routing = splitk_route(part_STE=part, logits_TE=logits, config=config, bias_E=bias_E,
+                           warp=warp)
+    return routing, logits
