@@ -20,6 +20,10 @@ it: fixed-order arithmetic (``rocm_moe.invariant``), every slot's raw output bac
 (``combine_raw``), summed there in slot order in float32, shared experts added last
 (notes/invariance.md).
 
+``micro_batches=2`` splits the tokens in two micro-batches whose dispatch / experts / combine
+interleave (``rocm_moe.overlap``): on GPUs one micro-batch's communication runs on a side stream
+while the other's experts compute; the result is the un-split layer's (see ``EPMoE``).
+
 Test machinery stays outside: ``rocm_moe.faults`` plants a known bug by wrapping the layer's
 stages (``faults.plant(layer, "weights_twice")``; the layer has no fault code or property) and
 ``rocm_moe.diagnose`` taps their tensors.
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rocm_moe import invariant as inv
-from rocm_moe import synthetic
+from rocm_moe import overlap, synthetic
 from rocm_moe._checks import (
     FLOAT_DTYPES,
     check_finite,
@@ -295,6 +299,19 @@ class EPMoE(nn.Module):
             token's rank where there is one, else on its node (``replica_nodes``), else any
             (fewer rows travel, a less even load: ``rocm_moe.replicas``).
         replica_nodes: with replica_choice="local", the node index of every EP rank.
+        micro_batches: 1 (default), or n >= 2 micro-batches per forward whose communication
+            overlaps the other micro-batch's experts (``rocm_moe.overlap``: the comm calls on a
+            side CUDA stream, no host synchronisation added, so the layer still captures in a
+            CUDA graph; on CPUs the same schedule runs in order). Every rank runs n
+            micro-batches per capacity chunk, empty ones included, and all ranks must set the
+            same n (checked at the first forward). A dispatcher whose results are views of its
+            buffers (symm, MORI) must hold two batches: build it with ``batches_in_flight=2``.
+            The result is the un-split layer's: the same bits where a row's expert output does
+            not depend on the rows beside it (invariant mode; ``ReferenceExperts(invariant=
+            True)``; the Triton experts' tiles on GPUs, which tests/test_overlap.py checks there)
+            since every comm backend sums a token's partials alone, in a fixed order; within
+            the float64 oracle's tolerance always (the default reference experts' CPU GEMMs
+            round differently for another row count).
     """
 
     def __init__(
@@ -322,8 +339,10 @@ class EPMoE(nn.Module):
         replica_nodes: tuple[int, ...] | None = None,
         weight_format: str | type[WeightFormat] = "dense",
         format_options: dict | None = None,
+        micro_batches: int = 1,
     ):
         super().__init__()
+        overlap.check_micro_batches(micro_batches)
         resolve_weight_mode(weight_mode)  # validates it
         self._weights_cls = format_class(weight_format)
         self._format_options = check_format_options(self._weights_cls, format_options)
@@ -361,6 +380,7 @@ class EPMoE(nn.Module):
         self.experts = _experts_for_format(experts or ReferenceExperts(), self._weights_cls)
         self._invariant, self._invariant_agreed = False, False
         self.invariant = invariant  # (the setter checks it and swaps in invariant experts)
+        self.micro_batches = micro_batches  # (the setter checks the dispatcher can hold them)
         self.router = router
         self.weight_mode: WeightMode = weight_mode
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
@@ -438,6 +458,32 @@ class EPMoE(nn.Module):
         self._invariant_agreed = False  # the group checks it again at the next forward
 
     @property
+    def micro_batches(self) -> int:
+        """Micro-batches per forward (see the class docstring). Settable; every rank of the
+        group must hold the same value (checked at the next forward)."""
+        return self._micro_batches
+
+    @micro_batches.setter
+    def micro_batches(self, value: int) -> None:
+        overlap.check_micro_batches(value)
+        self._micro_batches = value
+        self._check_micro_batch_comm()
+        self._invariant_agreed = False  # the group checks it again at the next forward
+
+    def _check_micro_batch_comm(self) -> None:
+        """Two micro-batches are dispatched and not combined at once: a dispatcher whose results
+        are views of its buffers must hold two (the dispatcher may be swapped after the
+        setter ran, so ``_refuse_unsupported`` checks again)."""
+        disp = self.dispatcher
+        if self._micro_batches > 1 and disp.holds_batch and disp.batches_in_flight < 2:
+            raise ValueError(error_message(
+                "micro_batches", self._micro_batches, f"the {disp.name} dispatcher holds "
+                f"batches_in_flight={disp.batches_in_flight} batch (its received rows are views "
+                "of its buffers) and the overlap dispatches the next micro-batch before the "
+                "last one is combined", "build the dispatcher with batches_in_flight=2 (one "
+                "more receive buffer), or micro_batches=1"))
+
+    @property
     def experts(self) -> Experts:
         """The experts backend. Settable; while ``invariant`` is True it must be an invariant
         backend (``experts.as_invariant()``), else ValueError, and turning invariant off then
@@ -459,20 +505,28 @@ class EPMoE(nn.Module):
 
     def _agree_invariant(self) -> None:
         """Every rank of the group runs invariant mode or none does (the owner-side raw sums
-        of one rank paired with another's weighted combine return garbage): one collective at
-        the first forward and at the first after ``invariant`` changes, never per forward."""
+        of one rank paired with another's weighted combine return garbage), and every rank the
+        same ``micro_batches`` (else dispatches pair with another rank's combines): one
+        collective at the first forward and at the first after either changes, never per
+        forward."""
         if self._invariant_agreed:
             return
         disp, group = self.dispatcher, getattr(self.dispatcher, "group", None)
         if disp.world_size > 1 and group is not None and torch.distributed.is_initialized() \
                 and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
             everyone: list = [None] * disp.world_size
-            torch.distributed.all_gather_object(everyone, self.invariant, group=group)
-            if len(set(everyone)) > 1:
-                raise ValueError(error_message(
-                    "invariant by rank", dict(enumerate(everyone)),
-                    "every rank of the EP group must run invariant mode, or none",
-                    "set layer.invariant to the same value on every rank before the forward"))
+            torch.distributed.all_gather_object(everyone, (self.invariant, self.micro_batches),
+                                                group=group)
+            for j, (field, fix) in enumerate((
+                    ("invariant", "set layer.invariant to the same value on every rank before "
+                     "the forward"),
+                    ("micro_batches", "build every rank's layer with the same micro_batches"))):
+                values = {r: v[j] for r, v in enumerate(everyone)}
+                if len(set(values.values())) > 1:
+                    rule = "every rank of the EP group must run invariant mode, or none" \
+                        if field == "invariant" else "every rank of the EP group must split " \
+                        "its tokens into the same number of micro-batches"
+                    raise ValueError(error_message(f"{field} by rank", values, rule, fix))
         self._invariant_agreed = True
 
     def _check_invariant_comm(self) -> None:
@@ -877,6 +931,7 @@ class EPMoE(nn.Module):
         disp = self.dispatcher
         if self.invariant:  # (the dispatcher may have been swapped since invariant was set)
             self._check_invariant_comm()
+        self._check_micro_batch_comm()
         reason = self.experts.supports(mode=output_form(weight_mode), dtype=x_TH.dtype,
                                        device=x_TH.device)
         if reason is None and return_raw:
@@ -895,10 +950,11 @@ class EPMoE(nn.Module):
                 "use backends that support it (rocm-moe info), or weight_mode='experts'"))
 
     def _run(self, hidden_states, x_TH, routing: RoutingResult, return_raw: bool, trace):
-        """dispatch -> experts -> combine (+ shared experts) of routed tokens, in chunks of at
-        most the dispatcher's ``max_tokens_per_rank`` tokens (``Dispatcher.num_chunks``: every
-        rank runs the group's largest chunk count, a rank with fewer tokens joins with empty
-        chunks)."""
+        """dispatch -> experts -> combine (+ shared experts) of routed tokens, in pieces: chunks
+        of at most the dispatcher's ``max_tokens_per_rank`` tokens (``Dispatcher.num_chunks``:
+        every rank runs the group's largest chunk count, a rank with fewer tokens joins with
+        empty chunks), each split into ``micro_batches`` micro-batches that ``overlap.run``
+        pipelines (one in turn where micro_batches is 1)."""
         disp = self.dispatcher
         raw_path = return_raw or self.invariant  # invariant: the owner sums in slot order
         weight_mode = "combine" if raw_path else self.weight_mode
@@ -908,27 +964,30 @@ class EPMoE(nn.Module):
             phys_TK = self._choice.to_physical(routing.topk_ids)
             self._load.record(routing.topk_ids, phys_TK)
             routing = RoutingResult(topk_weights=routing.topk_weights, topk_ids=phys_TK)
-        n = disp.num_chunks(x_TH.shape[0])
-        if n == 1:
-            y_TH, raw_TKH, ids_TK, w_TK, weighted = self._run_chunk(
-                x_TH, routing.topk_weights, routing.topk_ids, raw_path, weight_mode, trace)
-        else:
-            cap = disp.max_tokens_per_rank
-            parts = [self._run_chunk(x_TH[i * cap:(i + 1) * cap],
-                                     routing.topk_weights[i * cap:(i + 1) * cap],
-                                     routing.topk_ids[i * cap:(i + 1) * cap], raw_path,
-                                     weight_mode, trace) for i in range(n)]
-            y_TH, raw_TKH, ids_TK, w_TK = (
-                None if parts[0][j] is None else torch.cat([p[j] for p in parts])
-                for j in range(4))
-            weighted = parts[0][4]
-        if self.shared_experts is not None:
-            with _stage(trace, "shared", x_TH.device):
-                if self.invariant:
-                    shared = self.shared_experts.forward_invariant(x_TH, self.experts)
-                else:
-                    shared = self.shared_experts(x_TH)
-                y_TH = y_TH + shared
+        T, dev = x_TH.shape[0], x_TH.device
+        w_TK, ids_TK = routing.topk_weights, routing.topk_ids
+        n = disp.num_chunks(T)
+        pieces = overlap.split(T, disp.max_tokens_per_rank if n > 1 else None, n,
+                               self.micro_batches)
+        if self.micro_batches > 1 and self.validate:
+            with self._refusals_shared():  # every piece's values, before the first dispatch
+                for lo, hi in pieces:
+                    disp.check_dispatch_inputs(x_TH[lo:hi], w_TK[lo:hi], ids_TK[lo:hi])
+        stages = overlap.Stages(
+            dispatch=lambda i: self._dispatch_piece(x_TH, w_TK, ids_TK, pieces[i], trace),
+            experts=lambda i, d: self._experts_piece(d, pieces[i], dev, weight_mode, trace),
+            combine=lambda i, d, eo: self._combine_piece(d, eo, w_TK, ids_TK, pieces[i],
+                                                         raw_path, trace),
+            abandon=lambda d, stage, exc: disp.abandon(d.handle, stage, exc))
+        after = None if self.shared_experts is None else (lambda: self._shared(x_TH, trace))
+        parts, shared = overlap.run(len(pieces), stages, device=dev,
+                                    overlap=self.micro_batches > 1, after=after)
+        y_TH, raw_TKH, ids_TK, w_TK = (
+            None if getattr(parts[0], f) is None else
+            getattr(parts[0], f) if len(parts) == 1 else torch.cat([getattr(p, f) for p in parts])
+            for f in ("y", "raw", "topk_ids", "topk_weights"))
+        if shared is not None:
+            y_TH = y_TH + shared
         out = y_TH.reshape(hidden_states.shape)
         if not return_raw:
             return out
@@ -937,35 +996,53 @@ class EPMoE(nn.Module):
             ids_TK = logical.topk_ids.to(torch.int32)
         return MoEOutput(out=out, raw=raw_TKH.reshape(*lead, K, self.hidden_size),
                          topk_weights=w_TK, topk_ids=ids_TK,
-                         weighted_by="experts" if weighted else "combine")
+                         weighted_by="experts" if parts[0].weights_applied else "combine")
 
-    def _run_chunk(self, x_TH, topk_weights_TK, topk_ids_TK, raw_path: bool,
-                   weight_mode: WeightMode, trace):
-        """One dispatch -> experts -> combine of at most ``max_tokens_per_rank`` tokens:
-        (y [T, H], raw [T, K, H] or None, the rank's own int32 ids and weights, whether the
-        experts applied the weights)."""
-        dev, disp = x_TH.device, self.dispatcher
-        with _stage(trace, "dispatch", dev):
-            d = disp.dispatch(x_TH, topk_weights_TK, topk_ids_TK, validate=self.validate)
-        stage, raw_TKH = "experts", None
-        try:  # a rank leaving here strands its peers in combine: the dispatcher records it
-            with _stage(trace, "experts", dev):
-                eo = self.experts(d.x, d.topk_ids, d.topk_weights, *self.expert_weights(),
-                                  disp.expert_map_on(dev), weight_mode=weight_mode,
-                                  validate=False, **d.row_bound(x_TH.shape[0],
-                                                                disp.world_size),
-                                  **variant_kwargs(
-                                      self.expert_variant, self.w13_bias, self.w2_bias))
-            stage = "combine"
-            with _stage(trace, "combine", dev):
-                if raw_path:  # raw [T, K, H] back on the owner, which weights its slots once
-                    raw_TKH = disp.combine_raw(eo, d.handle)
-                    y_TH = weight_once(ExpertsOutput(out=raw_TKH, weights_applied=False,
-                                                     weighted_inputs=eo.weighted_inputs),
-                                       topk_weights_TK, topk_ids_TK, None)
-                else:
-                    y_TH = disp.combine(eo, d.handle)
-        except BaseException as exc:
-            disp.abandon(d.handle, stage, exc)
-            raise
-        return y_TH, raw_TKH, d.handle.topk_ids, d.handle.topk_weights, eo.weights_applied
+    def _shared(self, x_TH, trace):
+        with _stage(trace, "shared", x_TH.device):
+            if self.invariant:
+                return self.shared_experts.forward_invariant(x_TH, self.experts)
+            return self.shared_experts(x_TH)
+
+    # ---- one piece (at most max_tokens_per_rank tokens): dispatch -> experts -> combine -----
+    def _dispatch_piece(self, x_TH, topk_weights_TK, topk_ids_TK, piece, trace):
+        lo, hi = piece
+        with _stage(trace, "dispatch", x_TH.device):
+            return self.dispatcher.dispatch(x_TH[lo:hi], topk_weights_TK[lo:hi],
+                                            topk_ids_TK[lo:hi], validate=self.validate)
+
+    def _experts_piece(self, d, piece, dev, weight_mode: WeightMode, trace) -> ExpertsOutput:
+        disp = self.dispatcher
+        with _stage(trace, "experts", dev):
+            return self.experts(d.x, d.topk_ids, d.topk_weights, *self.expert_weights(),
+                                disp.expert_map_on(dev), weight_mode=weight_mode,
+                                validate=False, **d.row_bound(piece[1] - piece[0],
+                                                              disp.world_size),
+                                **variant_kwargs(self.expert_variant, self.w13_bias,
+                                                 self.w2_bias))
+
+    def _combine_piece(self, d, eo: ExpertsOutput, topk_weights_TK, topk_ids_TK, piece,
+                       raw_path: bool, trace) -> _PieceOut:
+        lo, hi = piece
+        disp, raw_TKH = self.dispatcher, None
+        with _stage(trace, "combine", topk_ids_TK.device):
+            if raw_path:  # raw [T, K, H] back on the owner, which weights its slots once
+                raw_TKH = disp.combine_raw(eo, d.handle)
+                y_TH = weight_once(ExpertsOutput(out=raw_TKH, weights_applied=False,
+                                                 weighted_inputs=eo.weighted_inputs),
+                                   topk_weights_TK[lo:hi], topk_ids_TK[lo:hi], None)
+            else:
+                y_TH = disp.combine(eo, d.handle)
+        return _PieceOut(y=y_TH, raw=raw_TKH, topk_ids=d.handle.topk_ids,
+                         topk_weights=d.handle.topk_weights, weights_applied=eo.weights_applied)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class _PieceOut:
+    """One piece's result (``EPMoE._combine_piece``)."""
+
+    y: torch.Tensor  # [T, H]
+    raw: torch.Tensor | None  # [T, K, H] on the raw path
+    topk_ids: torch.Tensor  # [T, K] int32: the rank's own ids
+    topk_weights: torch.Tensor  # [T, K] float32
+    weights_applied: bool  # the experts applied the routing weights

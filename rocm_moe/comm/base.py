@@ -183,6 +183,11 @@ class Dispatcher(ABC):
     # dispatcher shared by every MoE layer of a model (``rocm_moe.comm.pool``) then refuses a
     # layer's dispatch while another layer's batch is not combined yet.
     holds_batch: ClassVar[bool] = False
+    # How many batches a ``holds_batch`` dispatcher holds dispatched and not yet combined at
+    # once, each in its own buffers (a "lane"): 1, or more where the backend was built with
+    # ``batches_in_flight=`` (symm, MORI; EPMoE(micro_batches >= 2) needs 2). Lanes are taken
+    # lowest free first, the same on every rank (every rank dispatches and combines in one order).
+    batches_in_flight: int = 1
 
     def __init__(
         self,
@@ -209,16 +214,46 @@ class Dispatcher(ABC):
         self.expert_map = placement.expert_map(rank)
         self._maps: dict[torch.device, ExpertMap] = {}
         self._dest1: dict[torch.device, torch.Tensor] = {}
-        self._uncombined: int | None = None  # holds_batch: the batch dispatched, not combined
+        # holds_batch: the batch each lane holds (dispatched, not combined), or None
+        self._lanes: list[int | None] = [None] * self.batches_in_flight
 
     def config(self) -> dict:
         """What every rank of a group must agree on (checked at construction by multi-rank
         backends)."""
+        n = self.batches_in_flight
         return dict(backend=self.name, num_experts=self.placement.num_experts,
                     placement=self.placement.experts_of_rank, top_k=self.top_k,
                     hidden_size=self.hidden_size, dtype=str(self.dtype),
                     max_tokens_per_rank=self.max_tokens_per_rank,
-                    **({} if self.fp8_dtype is None else {"fp8_dtype": str(self.fp8_dtype)}))
+                    **({} if self.fp8_dtype is None else {"fp8_dtype": str(self.fp8_dtype)}),
+                    **({} if n == 1 else {"batches_in_flight": n}))
+
+    def _set_batches_in_flight(self, value: object) -> None:
+        """``batches_in_flight`` of a buffer-holding backend, checked before any collective and
+        before ``Dispatcher.__init__`` (which sizes the lanes from it)."""
+        check_integer_value("batches_in_flight", value, minimum=1,
+                            fix="pass 1, or 2 for EPMoE(micro_batches >= 2) (one more set of "
+                            "receive buffers)")
+        self.batches_in_flight = value
+
+    @property
+    def _uncombined(self) -> int | None:
+        """The oldest batch held (dispatched, not combined), or None; setting None frees every
+        lane (a test's reset after an abandoned batch)."""
+        held = [b for b in self._lanes if b is not None]
+        return min(held) if held else None
+
+    @_uncombined.setter
+    def _uncombined(self, value: None) -> None:
+        assert value is None, "only None (free every lane) may be set"
+        self._lanes = [None] * self.batches_in_flight
+
+    def _free_lane(self) -> int:
+        """The lane the next dispatch fills: the lowest free one (``_check_free`` ran)."""
+        return self._lanes.index(None)
+
+    def _holds(self, handle: CombineHandle) -> bool:
+        return handle.batch_id in self._lanes
 
     def _set_wire(self, fp8_dtype: object, dtype: object) -> None:
         """The wire format (``comm.wire``) from the ``fp8_dtype`` argument, checked before any
@@ -307,22 +342,26 @@ class Dispatcher(ABC):
         except (ValueError, TypeError):
             self.share_refusal()
             raise
+        lane = self._free_lane() if self.holds_batch else 0
         d = self._dispatch(x_TH, topk_weights_TK, ids, next(_batch_counter))
         if self.holds_batch:
-            self._uncombined = d.handle.batch_id
+            self._lanes[lane] = d.handle.batch_id
         return d
 
     def _check_free(self) -> None:
         """A backend whose results are views of its buffers takes a batch only once the last
         one is combined (or abandoned): another dispatch would overwrite rows not yet run."""
-        if self.holds_batch and self._uncombined is not None:
+        if self.holds_batch and None not in self._lanes:
+            held = sorted(b for b in self._lanes if b is not None)
             raise ValueError(error_message(
                 "dispatch", "a new batch",
-                f"batch {self._uncombined} of this {self.name} dispatcher is dispatched but not "
-                "combined, and its received rows are views of the buffers this dispatch would "
-                "overwrite (a dispatcher shared by a model's layers serves one layer at a time)",
-                "combine each layer's batch before the next layer dispatches, or give the "
-                "overlapping batch its own dispatcher (pool.shared_dispatcher(..., slot=1))"))
+                f"batch(es) {held} of this {self.name} dispatcher are dispatched but not "
+                f"combined, holding all its batches_in_flight={self.batches_in_flight} "
+                "buffers, and their received rows are views of the buffers this dispatch "
+                "would overwrite (a dispatcher shared by a model's layers serves one layer at a "
+                "time)", "combine each layer's batch before the next layer dispatches, build "
+                "the dispatcher with batches_in_flight=2, or give the overlapping batch its own "
+                "dispatcher (pool.shared_dispatcher(..., slot=1))"))
 
     # ---- batches larger than the buffers -------------------------------------------------------
     def num_chunks(self, num_tokens: int, *, group_max_tokens: int | None = None) -> int:
@@ -382,8 +421,7 @@ class Dispatcher(ABC):
         self._release(handle)
 
     def _release(self, handle: CombineHandle) -> None:
-        if self._uncombined == handle.batch_id:
-            self._uncombined = None
+        self._lanes = [None if b == handle.batch_id else b for b in self._lanes]
 
     # ---- combine --------------------------------------------------------------------------------
     def _check_handle(self, handle: object, expert_output: object, *, raw: bool) -> None:

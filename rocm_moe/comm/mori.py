@@ -438,7 +438,9 @@ def build_mori_op(config: dict, group: dist.ProcessGroup, mori=None):
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class MoriCombineHandle(CombineHandle):
-    pass  # MORI keeps the routing itself; the handle pins the batch and this rank's own ids
+    # MORI keeps the routing itself; the handle pins the batch, this rank's own ids and the op
+    # (of ``batches_in_flight``) that holds the batch.
+    lane: int = 0
 
 
 def _check_fp8_wire(fp8_dtype: object, dtype: object, hidden_size: object) -> None:
@@ -470,6 +472,9 @@ class MoriDispatcher(Dispatcher):
     in ``dtype``; "e4m3fnuz" (MI300) or "e4m3fn" (MI350), FP8 rows with their float32 scales
     through MORI's FP8 token types (``comm.mori_fp8``'s docstring: what MORI does with them;
     ``mori_fp8.default_fp8_dtype()`` is the encoding this machine's MORI build has).
+    ``batches_in_flight``: 1, or 2 for ``EPMoE(micro_batches >= 2)``: one MORI op per batch in
+    flight (``ops``; MORI keeps a batch's routing and received rows in its op until combine, so
+    a second batch needs a second op: twice the heap share, ``pool.comm_bytes``).
     """
 
     name = "mori"
@@ -494,7 +499,9 @@ class MoriDispatcher(Dispatcher):
         max_total_recv_tokens: int | None = None,
         mori=None,
         fp8_dtype: str | torch.dtype | None = None,
+        batches_in_flight: int = 1,
     ):
+        self._set_batches_in_flight(batches_in_flight)
         if fp8_dtype is not None:
             _check_fp8_wire(fp8_dtype, dtype, hidden_size)
         self._set_wire(fp8_dtype, dtype)
@@ -524,8 +531,12 @@ class MoriDispatcher(Dispatcher):
         launch_mode()
         self._rows: dict[torch.device, torch.Tensor] = {}
         mori = mori or _import_mori()
-        self.op, nbytes = build_mori_op(self.mori_config, group, mori)
-        weakref.finalize(self, _PROCESS[mori].release, nbytes)
+        self.ops = []  # one per batch in flight (lane); ``op`` is the first
+        for _ in range(self.batches_in_flight):
+            op, nbytes = build_mori_op(self.mori_config, group, mori)
+            self.ops.append(op)
+            weakref.finalize(self, _PROCESS[mori].release, nbytes)
+        self.op = self.ops[0]
 
     def config(self) -> dict:
         return dict(super().config(), kernel_type=self.kernel_type,
@@ -583,11 +594,13 @@ class MoriDispatcher(Dispatcher):
     def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id):
         self._check_recv_cap(topk_ids_TK)
         tokens, scales = self._to_mori(x_TH)
-        out_x, out_w, out_s, out_ids, total = self.op.dispatch(
+        lane = self._free_lane()  # (the base class records the batch in it after this call)
+        op = self.ops[lane]
+        out_x, out_w, out_s, out_ids, total = op.dispatch(
             tokens, topk_weights_TK.contiguous(), scales, topk_ids_TK.contiguous(),
             **self.launch)
         if self.kernel_type == "AsyncLL":  # dispatch() only sent; the rows arrive here
-            self.op.dispatch_recv()
+            op.dispatch_recv()
         if self.capacity_sized:  # no host read: rows past MORI's counter become empty slots
             dev = out_ids.device
             if dev not in self._rows:
@@ -600,7 +613,7 @@ class MoriDispatcher(Dispatcher):
             ids, w, num_valid = out_ids[:R], out_w[:R], None
         handle = MoriCombineHandle(**self.handle_fields(
             batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
-            topk_ids_TK=topk_ids_TK, recv_topk_ids=ids, recv_topk_weights=w))
+            topk_ids_TK=topk_ids_TK, recv_topk_ids=ids, recv_topk_weights=w), lane=lane)
         return DispatchResult(x=x, topk_ids=ids, topk_weights=w, handle=handle,
                               num_valid=num_valid)
 
@@ -620,16 +633,18 @@ class MoriDispatcher(Dispatcher):
         return FP8Rows(out_x, out_scales, x_TH.dtype)
 
     def _combine(self, y_RH, handle):
-        if self._uncombined != handle.batch_id:
-            raise _bad("handle.batch_id", handle.batch_id, f"MORI holds batch "
-                       f"{self._uncombined}'s routing; combining another batch would sum the "
-                       "wrong rows", "combine each batch right after its own dispatch")
+        if not self._holds(handle):
+            held = [b for b in self._lanes if b is not None]
+            raise _bad("handle.batch_id", handle.batch_id, f"MORI holds batch(es) {held}'s "
+                       "routing; combining another batch would sum the wrong rows",
+                       "combine each batch right after its own dispatch")
+        op = self.ops[handle.lane]
         # call_reset: MORI's reset has been a no-op since late 2025 (combine zeroes its own
         # counter); older MORI needs it, and it costs nothing.
-        out, _ = self.op.combine(y_RH.contiguous(), None, handle.topk_ids, call_reset=True,
-                                 **self.launch)
+        out, _ = op.combine(y_RH.contiguous(), None, handle.topk_ids, call_reset=True,
+                            **self.launch)
         if self.kernel_type == "AsyncLL":  # combine() only sent; the sums land here
-            self.op.combine_recv()
+            op.combine_recv()
         return out[:handle.num_tokens].clone()  # MORI reuses its output buffer
 
     def _combine_raw(self, raw_RKH, handle):

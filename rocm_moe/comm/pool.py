@@ -12,7 +12,10 @@ whole model for the same reason; one op per layer exhausts MORI's 4 GiB default 
 
 Sharing is safe: a backend whose received rows are views of its buffers (``holds_batch``)
 refuses a dispatch while another batch (another layer's) is dispatched but not combined, naming
-both. A second batch in flight at once (two-batch overlap) takes a second dispatcher: ``slot=1``.
+both. A second batch in flight at once takes more buffers: a dispatcher built with
+``batches_in_flight=2`` (``EPMoE(micro_batches=2)``'s overlap: one more receive section on symm,
+one more op on MORI; a layer that dispatches while both hold un-combined batches is refused the
+same way), or a second dispatcher: ``slot=1``.
 
 ``fastest_comm`` / ``fastest_experts``: the backends an engine plug-in defaults to where the user
 named none, with the reason, logged once per process.
@@ -109,7 +112,7 @@ def shared_dispatcher(name: str, placement: Placement, *, hidden_size: int, top_
     _POOL[key] = (disp, group)
     held = 0 if max_tokens_per_rank is None else comm_bytes(
         name, placement.world_size, max_tokens_per_rank, hidden_size, top_k, dtype,
-        placement.num_experts)
+        placement.num_experts, batches_in_flight=backend_kw.get("batches_in_flight", 1))
     log.info("rocm_moe: built the shared %s dispatcher (W=%d, H=%d, K=%d, %s, %s tokens per "
              "rank, slot %d): %s per GPU", name, placement.world_size, hidden_size, top_k,
              dtype, max_tokens_per_rank, slot, human_bytes(held))
@@ -128,29 +131,33 @@ def clear() -> None:
 
 # ---- memory ---------------------------------------------------------------------------------
 def comm_bytes(name: str, world_size: int, max_tokens_per_rank: int, hidden_size: int,
-               top_k: int, dtype: torch.dtype = torch.bfloat16, num_experts: int = 256) -> int:
+               top_k: int, dtype: torch.dtype = torch.bfloat16, num_experts: int = 256, *,
+               batches_in_flight: int = 1) -> int:
     """Device bytes one dispatcher of backend ``name`` holds per GPU (the whole model's comm
     memory, since every layer shares it): symm's symmetric buffer, MORI's heap share of one
-    op; 0 for the torch and local backends (their buffers follow each batch). An unknown name
-    is refused (it returned 0, as if the backend held nothing)."""
+    op per batch in flight; 0 for the torch and local backends (their buffers follow each
+    batch). An unknown name is refused (it returned 0, as if the backend held nothing).
+    ``batches_in_flight=2`` (micro-batch overlap): symm adds a receive section and a count
+    matrix, MORI a second op."""
     _check_sizes(name=name, world_size=world_size, max_tokens_per_rank=max_tokens_per_rank,
-                 hidden_size=hidden_size, top_k=top_k, num_experts=num_experts)
+                 hidden_size=hidden_size, top_k=top_k, num_experts=num_experts,
+                 batches_in_flight=batches_in_flight)
     _check_dtype(dtype)
-    W, cap, H, K = world_size, max_tokens_per_rank, hidden_size, top_k
+    W, cap, H, K, L = world_size, max_tokens_per_rank, hidden_size, top_k, batches_in_flight
     if name == "symm":
         from rocm_moe.comm import rows
         from rocm_moe.comm.symm import _round_up
 
-        recv = W * cap * rows.row_words(H, dtype, K) * 4
+        recv = L * _round_up(W * cap * rows.row_words(H, dtype, K) * 4)
         back = 2 * W * cap * H * dtype.itemsize
-        return sum(_round_up(n) for n in (recv, back, W * W * 4, W * 4))
+        return sum(_round_up(n) for n in (recv, back, L * _round_up(W * W * 4), W * 4))
     if name == "mori":
         from rocm_moe.comm.mori import heap_bytes, mori_config
 
         cfg = mori_config(Placement.contiguous(num_experts, W), 0, hidden_size=H, top_k=K,
                           dtype=dtype, max_tokens_per_rank=cap, kernel_type="auto",
                           gpu_per_node=min(W, 8), fp8_dtype=None)
-        return heap_bytes(cfg)
+        return L * heap_bytes(cfg)
     return 0
 
 

@@ -38,8 +38,15 @@ combine of the same batch, the next slot) while a slower peer still sums from th
 any two uses of one half are separated by a barrier every rank passes after the first use
 (the next dispatch's, or the other half's combine), so no extra barrier is needed.
 
-Buffers are reused: DispatchResult tensors are views that the next dispatch overwrites (as
-MORI's are); one batch is in flight per dispatcher (combine refuses an older batch's handle).
+Buffers are reused: DispatchResult tensors are views that the next dispatch into the same
+receive section overwrites (as MORI's are); one batch is in flight per dispatcher, or
+``batches_in_flight`` (each in its own receive section and count matrix, a "lane", taken lowest
+free first; combine refuses a handle whose lane was reused). Two in flight (the micro-batch
+overlap of ``rocm_moe.overlap``) keep the race-free order above: their comm kernels run on one
+stream in the same order on every rank (D0 D1 C0 D2 C1 ...), a lane is dispatched into again
+only after its batch's combine barrier (which every rank passes after its experts read the
+lane), and a lane's count matrix is rewritten only after that barrier too (the next dispatch
+into the other lane may run while a slow peer still reads this lane's counts).
 Every barrier spins a bounded number of times; a peer that never arrives is recorded on the
 device and reported by rank (``check_peers``, run by every validated dispatch) instead of a
 hang.
@@ -52,6 +59,7 @@ run it.
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +95,7 @@ class SymmCombineHandle(CombineHandle):
     pos: torch.Tensor  # [T, W] int64: back-section row of token t's partial from rank d, or -1
     recv_from: torch.Tensor  # [W] int32: rows received from each rank (rank order)
     num_valid: torch.Tensor  # [1] int32: R, rows received (on the device)
+    lane: int  # the receive buffers (of ``batches_in_flight``) this batch's rows are in
 
 
 def _round_up(n: int, a: int = _ALIGN) -> int:
@@ -118,6 +127,14 @@ class SymmDispatcher(Dispatcher):
             ``quant.FP8Rows`` views of the receive section (combine stays in ``dtype``).
         spin_limit: bound of every barrier spin (iterations); a peer that does not arrive within
             it is reported by ``check_peers``.
+        batches_in_flight: batches held dispatched and not combined at once (1, or 2 for
+            ``EPMoE(micro_batches >= 2)``, whose next micro-batch is dispatched while the last
+            one's experts run): each has its own receive section and count matrix at full
+            capacity (double buffering: + W x max_tokens_per_rank rows of memory), not two
+            halves of one (a layer sharing the dispatcher without micro-batches keeps the whole
+            capacity, and an odd capacity splits into no two equal halves). The partials' back
+            section and the barrier flags stay shared: every rank runs its comm in one order,
+            on one stream.
 
     Construction is collective (configuration check, then the symmetric allocation).
     """
@@ -147,8 +164,10 @@ class SymmDispatcher(Dispatcher):
         group: dist.ProcessGroup | None = None,
         spin_limit: int = DEFAULT_SPIN,
         fp8_dtype: str | torch.dtype | None = None,
+        batches_in_flight: int = 1,
     ):
         self._set_wire(fp8_dtype, dtype)
+        self._set_batches_in_flight(batches_in_flight)
         if self.fp8_dtype == torch.float8_e4m3fnuz and torch.version.hip is None:
             raise ValueError(error_message(
                 "fp8_dtype", "e4m3fnuz", "NVIDIA Triton has no e4m3fnuz type (fp8e4b8 is "
@@ -182,11 +201,16 @@ class SymmDispatcher(Dispatcher):
         import triton
 
         W, cap, H = self.world_size, self.max_tokens_per_rank, self.hidden_size
+        L = self.batches_in_flight
         P, wire_dtype = self._wire_format()
         self.row_words = rows.row_words(P, wire_dtype, self.top_k)
-        sizes = {"recv": W * cap * self.row_words * 4,
+        # Per lane (``batches_in_flight``): a receive section and a count matrix, each starting
+        # aligned; one back section and one set of flags for all.
+        self._lane_bytes = {"recv": _round_up(W * cap * self.row_words * 4),
+                            "counts": _round_up(W * W * 4)}
+        sizes = {"recv": L * self._lane_bytes["recv"],
                  "back": 2 * W * cap * H * self.dtype.itemsize,
-                 "counts": W * W * 4, "flags": W * 4}
+                 "counts": L * self._lane_bytes["counts"], "flags": W * 4}
         self.offsets, total = {}, 0
         for name, size in sizes.items():
             self.offsets[name] = total
@@ -197,21 +221,23 @@ class SymmDispatcher(Dispatcher):
         self._buf, self._hdl = buf, hdl
         self._ptrs = torch.tensor(list(hdl.buffer_ptrs), dtype=torch.int64, device=self.device)
 
-        def section(name, dtype, shape):
-            o, n = self.offsets[name], sizes[name]
-            return buf[o:o + n].view(dtype).view(shape)
+        def section(name, dtype, shape, lane=0):
+            o = self.offsets[name] + lane * self._lane_bytes.get(name, 0)
+            n = self._lane_bytes.get(name, sizes[name])
+            return buf[o:o + n].view(dtype)[:math.prod(shape)].view(shape)
 
-        self._recv = section("recv", torch.int32, (W * cap, self.row_words))
-        # (x [W * cap, H], ids [W * cap, K], weights [W * cap, K]): every batch's views
-        payload, ids, w = rows.unpack(self._recv, P, wire_dtype, self.top_k)
-        self._recv_views = (self._from_wire(payload), ids, w)
+        self._recv_views, self._counts = [], []
+        for lane in range(L):
+            recv = section("recv", torch.int32, (W * cap, self.row_words), lane)
+            # (x [W * cap, H], ids [W * cap, K], weights [W * cap, K]): the lane's views
+            payload, ids, w = rows.unpack(recv, P, wire_dtype, self.top_k)
+            self._recv_views.append((self._from_wire(payload), ids, w))
+            self._counts.append(section("counts", torch.int32, (W, W), lane))
         self._back = section("back", self.dtype, (2, W * cap, H))
         self._half = 0  # the back half the next push uses
-        self._counts = section("counts", torch.int32, (W, W))
         self._status = torch.zeros(W, dtype=torch.int32, device=self.device)
         self._dest1_i32 = self._dest1_on(self.device).to(torch.int32)
         self._w_pow2 = triton.next_power_of_2(W)
-        self._open_batch: int | None = None
         torch.cuda.synchronize(self.device)
         dist.barrier(group=self.group)  # every buffer zeroed before any peer signals
 
@@ -268,43 +294,48 @@ class SymmDispatcher(Dispatcher):
 
         T, K = topk_ids_TK.shape
         W, me, cap, dev = self.world_size, self.rank, self.max_tokens_per_rank, self.device
+        lane = self._free_lane()  # (the base class records the batch in it after this call)
+        counts_off = self.offsets["counts"] + lane * self._lane_bytes["counts"]
+        recv_off = self.offsets["recv"] + lane * self._lane_bytes["recv"]
+        counts_WW = self._counts[lane]
         ids = topk_ids_TK.contiguous()
         w = topk_weights_TK.contiguous()
         pos_TW = torch.empty(T, W, dtype=torch.int64, device=dev)
         k_pow2 = triton.next_power_of_2(K)
         route_counts_kernel[(W,)](
-            ids, self._dest1_i32, pos_TW, self._ptrs, T, K, me, W, cap, self.offsets["counts"],
+            ids, self._dest1_i32, pos_TW, self._ptrs, T, K, me, W, cap, counts_off,
             self.offsets["flags"], self._status, K_POW2=k_pow2, W_POW2=self._w_pow2,
             CHUNK=min(256, max(16, triton.next_power_of_2(T))), SPIN=self.spin_limit, num_warps=4)
         if T:
             x_words = self._to_wire(x_TH).contiguous().view(torch.int32)
             pack_put_kernel[(T, -(-self.row_words // BLOCK_WORDS))](
-                x_words, ids, w, pos_TW, self._counts, self._ptrs, x_words.shape[1], K,
-                self.row_words, me, W, cap, self.offsets["recv"], BLOCK=BLOCK_WORDS)
+                x_words, ids, w, pos_TW, counts_WW, self._ptrs, x_words.shape[1], K,
+                self.row_words, me, W, cap, recv_off, BLOCK=BLOCK_WORDS)
         recv_W = torch.empty(W, dtype=torch.int32, device=dev)
         nvalid = torch.empty(1, dtype=torch.int32, device=dev)
         n_rows = W * cap
-        x_R, ids_R, w_R = self._recv_views
+        x_R, ids_R, w_R = self._recv_views[lane]
         barrier_scrub_kernel[(W + -(-n_rows // SCRUB_ROWS),)](
-            self._ptrs, me, W, self.offsets["flags"], self._status, self._counts, recv_W,
+            self._ptrs, me, W, self.offsets["flags"], self._status, counts_WW, recv_W,
             nvalid, ids_R, self.row_words, K, n_rows, SPIN=self.spin_limit, K_POW2=k_pow2,
             W_POW2=self._w_pow2, BLOCK_R=SCRUB_ROWS, num_warps=4)
         handle = SymmCombineHandle(
             **self.handle_fields(batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
                                  topk_ids_TK=topk_ids_TK, recv_topk_ids=ids_R,
                                  recv_topk_weights=w_R),
-            pos=pos_TW, recv_from=recv_W, num_valid=nvalid)
-        self._open_batch = batch_id
+            pos=pos_TW, recv_from=recv_W, num_valid=nvalid, lane=lane)
         return DispatchResult(x=x_R, topk_ids=ids_R, topk_weights=w_R, handle=handle,
                               num_valid=nvalid)
 
     # ---- combine ----------------------------------------------------------------------------
     def _check_open(self, handle) -> None:
-        if handle.batch_id != self._open_batch:
+        if not self._holds(handle):
+            held = [b for b in self._lanes if b is not None]
             raise ValueError(error_message(
-                "handle.batch_id", handle.batch_id, f"the symm backend's buffers hold batch "
-                f"{self._open_batch} now (one batch in flight per dispatcher; the next dispatch "
-                "overwrites the last)", "combine each batch before dispatching the next"))
+                "handle.batch_id", handle.batch_id, f"the symm backend's buffers hold batch(es) "
+                f"{held} now (batches_in_flight={self.batches_in_flight} per dispatcher; a "
+                "later dispatch overwrote this one's rows)",
+                "combine each batch before dispatching past the buffers it holds"))
 
     def _push(self, y_RH: torch.Tensor, handle, sel_R: torch.Tensor | None) -> torch.Tensor:
         """Send each valid received row's [H] partial to its source (only rows with sel != 0
