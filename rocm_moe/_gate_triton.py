@@ -120,7 +120,7 @@ def gate_plan(T: int, E: int, H: int, *, ieee_fp32: bool, sms: int, amd: bool,
     block_e = block_e or 64
     block_k = 32 if ieee_fp32 else (64 if block_t >= 64 else 128)
     n_kb = triton.cdiv(H, block_k)
-    tiles = triton.cdiv(E, block_e) * triton.cdiv(T, block_t)
+    tiles = triton.cdiv(E, block_e) * triton.cdiv(max(T, 1), block_t)
     want = max(1, round(waves * sms / tiles))
     weight_bytes = E * H * (4 if ieee_fp32 else 2)
     cap = max(1, weight_bytes // max(1, T * E * 4))
