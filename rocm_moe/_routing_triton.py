@@ -208,11 +208,19 @@ def _splitk_router_kernel(part_ptr, bias_ptr, logits_ptr, w_ptr, ids_ptr, T, S, 
     gid = g * EPG + j
     valid = (g < N_GROUP) & (j < EPG) & live[:, None, None]
     x = tl.zeros([ROWS, G_POW2, EPG_POW2], tl.float32)
-    ptrs = part_ptr + r3 * E + gid
     step = T.to(tl.int64) * E
-    for _ in range(S):  # the fixed order of the split-K sum
-        x += tl.load(ptrs, mask=valid, other=0.0)
-        ptrs += step
+    for c in range(0, S, 8):  # 8 loads in flight, then added in order (L2 latency once)
+        p = part_ptr + c * step + r3 * E + gid
+        left = r3 * 0 + S - c  # partials left from c on ([ROWS, 1, 1]: a tensor mask)
+        p0 = tl.load(p, mask=valid, other=0.0)
+        p1 = tl.load(p + step, mask=valid & (left > 1), other=0.0)
+        p2 = tl.load(p + 2 * step, mask=valid & (left > 2), other=0.0)
+        p3 = tl.load(p + 3 * step, mask=valid & (left > 3), other=0.0)
+        p4 = tl.load(p + 4 * step, mask=valid & (left > 4), other=0.0)
+        p5 = tl.load(p + 5 * step, mask=valid & (left > 5), other=0.0)
+        p6 = tl.load(p + 6 * step, mask=valid & (left > 6), other=0.0)
+        p7 = tl.load(p + 7 * step, mask=valid & (left > 7), other=0.0)
+        x = (((((((x + p0) + p1) + p2) + p3) + p4) + p5) + p6) + p7  # (+ 0.0 past S: exact)
     if ROUND == 1:
         x = x.to(tl.bfloat16).to(tl.float32)
     elif ROUND == 2:
