@@ -318,6 +318,41 @@ def test_bad_values_name_the_field_the_rule_and_the_fix():
     assert layer.micro_batches == 2
 
 
+# ---- rocm-moe bench layer --overlap ---------------------------------------------------------
+def test_overlap_report_efficiency():
+    from rocm_moe.benchmarks.layer import overlap_report
+
+    key = dict(comm="symm", tokens=4096, skew="uniform", eplb="-")
+    base = dict(key, mode="experts", **{"route us": 20.0, "dispatch us": 300.0,
+                                        "experts us": 500.0, "combine us": 300.0,
+                                        "eager us": 1200.0})
+    split = dict(key, mode="overlap", **{"eager us": 660.0, "split == unsplit": True})
+    (line,) = overlap_report([base, split])
+    assert "comm 600.0 us, experts 500.0 us" in line
+    assert "un-split 1200.0 us, micro_batches=2 660.0 us (0.55x)" in line
+    assert "efficiency 1.10x max(comm, experts)" in line
+    assert line.endswith("split == unsplit: True")
+
+
+def test_bench_layer_overlap_smoke(tmp_path, capsys):
+    import json
+
+    from rocm_moe.cli import main
+
+    rc = main(["bench", "layer", "--world-size", "2", "--tokens", "1", "33", "--hidden", "32",
+               "--num-experts", "8", "--intermediate", "16", "--top-k", "2", "--warmup", "0",
+               "--iters", "1", "--dtype", "float32", "--overlap", "--out", str(tmp_path),
+               "--name", "ov"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "ov.json").read_text())["summary"]
+    assert [(r["tokens"], r["mode"]) for r in rows] == [
+        (1, "experts"), (1, "overlap"), (33, "experts"), (33, "overlap")]
+    assert all(isinstance(r["split == unsplit"], bool) for r in rows if r["mode"] == "overlap")
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("overlap:")]
+    assert len(lines) == 2, lines
+    assert all("efficiency" in ln and "eager stages route" in ln for ln in lines)
+
+
 # ---- GPU: two streams, bits and a CUDA graph -------------------------------------------
 _GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 GH, GI, GE, GK = 128, 64, 16, 4  # Triton-sized

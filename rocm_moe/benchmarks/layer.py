@@ -29,6 +29,16 @@ multi-node (see notes/multinode.md for the emulated two-node layout on one host)
 tokens with ``layer.invariant = True`` (notes/invariance.md), and reports its time over the
 first weight mode's in the same run.
 
+``--overlap`` adds a mode "overlap": the same layer with ``micro_batches`` (``--micro-batches``,
+default 2; ``rocm_moe.overlap``: one micro-batch's dispatch / combine on a side stream while the
+other's experts compute; symm and MORI dispatchers are then built with ``batches_in_flight=2``),
+checks its output equals the un-split layer's bit for bit (column "split == unsplit"), and prints
+per (comm, T, skew) the overlap report (``overlap_report``): the un-split layer's eager stage
+times (route, dispatch, experts, combine), comm = dispatch + combine and experts, the layer
+un-split and split (graph replay where there is one, else eager) and the overlap efficiency =
+split layer time / max(comm, experts) (issue 28's target: <= 1.15 at W = 2 and 4; the layer
+time also holds route and shared experts, which the denominator leaves out).
+
 Expert work: every case reports the (token, slot) pairs each rank's experts compute (``work``)
 and its max / mean over the ranks, and over the physical experts: the load that sets the
 layer's time, which the row imbalance (one row per (token, destination rank)) hides.
@@ -116,7 +126,8 @@ def _build(cfg: dict, s: dict, comm: str, T: int, info: WorkerInfo, dtype,
     R = cfg.get("redundant_experts")
     placement = Placement.contiguous(s["num_experts"] + (R or 0), info.world_size)
     disp = backends.make_dispatcher(comm, placement, info.rank, hidden_size=s["hidden"],
-                                    top_k=s["top_k"], dtype=dtype, max_tokens_per_rank=T)
+                                    top_k=s["top_k"], dtype=dtype, max_tokens_per_rank=T,
+                                    **_lanes(cfg, comm))
     layer = EPMoE(hidden_size=s["hidden"], intermediate_size=s["intermediate"],
                   router=_router(s), dispatcher=disp, experts=backends.make_experts(cfg["experts"]),
                   shared_intermediate_size=s["shared_intermediate"], dtype=dtype,
@@ -125,6 +136,21 @@ def _build(cfg: dict, s: dict, comm: str, T: int, info: WorkerInfo, dtype,
                   replica_nodes=tuple(nodes) if R is not None and nodes is not None
                   and cfg.get("replica_choice") == "local" else None)
     return layer
+
+
+def _lanes(cfg: dict, comm: str) -> dict:
+    """The dispatcher's ``batches_in_flight`` for the overlap mode: 2 on the backends whose
+    results are views of their buffers (symm, MORI), nothing elsewhere."""
+    held = backends.BACKENDS[f"comm:{comm}"].load().holds_batch
+    return {"batches_in_flight": 2} if "overlap" in cfg.get("weight_modes", ()) and held else {}
+
+
+def _set_mode(layer: EPMoE, mode: str, cfg: dict) -> None:
+    """A case's mode: a weight mode, "invariant" or "overlap" (the first weight mode with
+    ``--micro-batches``)."""
+    layer.invariant = mode == "invariant"
+    layer.weight_mode = cfg["weight_modes"][0] if mode in ("invariant", "overlap") else mode
+    layer.micro_batches = cfg.get("micro_batches", 2) if mode == "overlap" else 1
 
 
 def expert_work(layer: EPMoE, topk_ids: torch.Tensor, group) -> dict:
@@ -383,7 +409,7 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
 
                 layer.dispatcher = backends.make_dispatcher(
                     comm, layer.dispatcher.placement, info.rank, hidden_size=s["hidden"],
-                    top_k=s["top_k"], dtype=dtype, max_tokens_per_rank=T)
+                    top_k=s["top_k"], dtype=dtype, max_tokens_per_rank=T, **_lanes(cfg, comm))
             group = layer.dispatcher.group if info.world_size > 1 else None
             for skew in cfg["skew"]:
                 _set_skew(layer, skew, cfg, base_gate)
@@ -408,8 +434,13 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
                                  info.rank, nodes, group)
                     work = expert_work(layer, routing.topk_ids, group)
                     for mode in cfg["weight_modes"]:
-                        layer.invariant = mode == "invariant"
-                        layer.weight_mode = cfg["weight_modes"][0] if layer.invariant else mode
+                        split_bits = None
+                        if mode == "overlap":  # split == unsplit, bit for bit
+                            _set_mode(layer, cfg["weight_modes"][0], cfg)
+                            unsplit = layer(x)
+                            _set_mode(layer, mode, cfg)
+                            split_bits = bool(torch.equal(layer(x), unsplit))
+                        _set_mode(layer, mode, cfg)
                         use_graph = comm == "symm" and info.device.type == "cuda"
                         graphed = GraphedEPMoE(layer, buckets=(T,)) if use_graph else None
                         row = dict(comm=comm, tokens=T, skew=skew, mode=mode, rank=info.rank,
@@ -418,6 +449,8 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
                         if graphed is not None:
                             row["graph_equals_eager"] = bool(torch.equal(graphed(x), layer(x)))
                             layer.dispatcher.check_peers()  # a timed-out barrier voids them
+                        if split_bits is not None:
+                            row["split_equals_unsplit"] = split_bits
                         rows.append(row)
                         del graphed
                         steps.what = f"rank 0: {comm} T={T} {skew} {mode} {stage} done, cases"
@@ -461,6 +494,8 @@ def summarise(per_rank: list[dict], cfg: dict) -> list[dict]:
             row["work per rank"] = first["work"]["per_rank"]  # (JSON only: a list)
         if "graph_equals_eager" in first:
             row["graph == eager"] = all(r["graph_equals_eager"] for r in ranks)
+        if "split_equals_unsplit" in first:
+            row["split == unsplit"] = all(r["split_equals_unsplit"] for r in ranks)
         out.append(row)
     return out
 
@@ -479,6 +514,35 @@ def invariant_costs(rows: list[dict]) -> list[str]:
         out.append(f"{inv['comm']} T={inv['tokens']} {inv['skew']}: invariant "
                    f"{inv[key] / base[key]:.2f}x {base['mode']} ({key[:-3]}: {inv[key]:.1f} vs "
                    f"{base[key]:.1f} us)")
+    return out
+
+
+def overlap_report(rows: list[dict], micro_batches: int = 2) -> list[str]:
+    """Per (comm, T, skew, eplb) with an "overlap" row: the un-split layer's eager stage times
+    (slowest rank, median), comm = dispatch + combine, experts, the layer's time un-split and
+    split (graph replay where both have one, else eager) and the overlap efficiency = split
+    time / max(comm, experts).
+
+    Example: stages dispatch 300, experts 500, combine 300 us (comm 600), split layer 660 us
+    -> "... efficiency 1.10x max(comm 600.0, experts 500.0) ..."."""
+    out = []
+    for ov in (r for r in rows if r["mode"] == "overlap"):
+        base = next((r for r in rows if r["mode"] not in ("invariant", "overlap") and all(
+            r.get(k) == ov.get(k) for k in ("comm", "tokens", "skew", "eplb"))), None)
+        if base is None:
+            continue
+        st = {k: base.get(f"{k} us", 0.0) for k in ("route", "dispatch", "experts", "combine")}
+        comm, experts = st["dispatch"] + st["combine"], st["experts"]
+        key = "graph us" if "graph us" in ov and "graph us" in base else "eager us"
+        bound = max(comm, experts)
+        eff = f"{ov[key] / bound:.2f}x" if bound > 0 else "-"
+        out.append(
+            f"{ov['comm']} T={ov['tokens']} {ov['skew']}: eager stages "
+            + " ".join(f"{k} {v:.1f}" for k, v in st.items())
+            + f" us; comm {comm:.1f} us, experts {experts:.1f} us; layer ({key[:-3]}) "
+            f"un-split {base[key]:.1f} us, micro_batches={micro_batches} {ov[key]:.1f} us "
+            f"({ov[key] / base[key]:.2f}x); efficiency {eff} max(comm, experts) (target "
+            f"<= 1.15); split == unsplit: {ov.get('split == unsplit', '-')}")
     return out
 
 
@@ -605,6 +669,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=["experts", "combine"])
     p.add_argument("--invariant", action="store_true",
                    help="also time the layer with invariant=True (mode 'invariant') in the run")
+    p.add_argument("--overlap", action="store_true",
+                   help="also time the layer with --micro-batches micro-batches (mode "
+                   "'overlap': comm on a side stream) and print the overlap report")
+    p.add_argument("--micro-batches", type=argtypes.positive_int, default=2,
+                   help="with --overlap: micro-batches of the overlapped layer (>= 2)")
     p.add_argument("--skew", nargs="+", default=["uniform"], choices=["uniform", "zipf"])
     p.add_argument("--zipf-tau", type=argtypes.finite_nonnegative_float, default=1.0,
                    help="hot-expert strength: logit bias tau * log(1 / rank_e)")
@@ -649,6 +718,12 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                          f"{-E % W} + a multiple of {W}")
     if getattr(args, "invariant", False) and "invariant" not in args.weight_modes:
         args.weight_modes = [*args.weight_modes, "invariant"]
+    if getattr(args, "overlap", False):
+        if args.micro_batches < 2:
+            parser.error(f"--micro-batches {args.micro_batches}: the overlapped layer needs >= "
+                         "2 (1 is the un-split layer, timed anyway)")
+        if "overlap" not in args.weight_modes:
+            args.weight_modes = [*args.weight_modes, "overlap"]
     for kind, names in (("comm", args.comm or []), ("experts", [args.experts] if args.experts
                                                      else [])):
         for name in names:
@@ -712,6 +787,8 @@ def report(results: list[dict], cfg: dict, W: int) -> int:
                   f"{r0['experts']} ({r0['experts_why']})", markup=False)
     for line in invariant_costs(rows):
         console.print(line)
+    for line in overlap_report(rows, cfg.get("micro_batches", 2)):
+        console.print(f"overlap: {line}", markup=False)
     for line in eplb_effects(rows):
         console.print(f"rebalance: {line}", markup=False)
     probes = summarise_probes(results)
