@@ -441,3 +441,37 @@ def test_gpu_qwen3_bf16_gate(gen):
         want = route(torch.nn.functional.linear(x, w), cfg, fused=True)
         same = (r.topk_ids == want.topk_ids).all(-1)
         assert float(same.float().mean()) >= 0.75  # bf16 logits tie; ties may differ
+
+
+_PRECISION_PROBE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rocm_moe._gate_triton import _gate_splitk_kernel as fn
+sig = dict(x_ptr="*fp32", w_ptr="*fp32", part_ptr="*fp32", T="i32", H="i32", stride_xt="i32",
+           stride_we="i32", KB_PER_SPLIT="i32", E="constexpr", BLOCK_T="constexpr",
+           BLOCK_E="constexpr", BLOCK_K="constexpr", IEEE="constexpr")
+c = dict(E=256, BLOCK_T=16, BLOCK_E=64, BLOCK_K=32, IEEE=True)
+for backend, arch, warp, key in (("cuda", 90, 32, "ptx"), ("hip", "gfx942", 64, "amdgcn")):
+    try:
+        k = triton.compile(ASTSource(fn, sig, c), target=GPUTarget(backend, arch, warp))
+    except Exception as exc:  # a wheel without this backend
+        print(backend, "skip", type(exc).__name__)
+        continue
+    asm = k.asm[key].lower()
+    print(backend, "tf32" if ("tf32" in asm or "xf32" in asm) else "ieee")
+"""
+
+
+def test_float32_operands_multiply_in_ieee_not_tf32():
+    """The IEEE=True gate compiles to no TF32 MMA on sm_90 and no XF32 MFMA on gfx942 (a
+    float32 gate weight keeps float32 products; TF32 would round them to 10 bits)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    out = subprocess.run([sys.executable, "-c", _PRECISION_PROBE], capture_output=True,
+                         text=True, env=env, check=True, timeout=300).stdout
+    assert "tf32" not in out, out
+    assert "ieee" in out, out
