@@ -60,12 +60,22 @@ weights at every call and the expert map (physical -> local) never changes, so n
 stale. ``EplbLink`` reads a layer's state as rocm_moe's ``ReplicatedPlacement`` and
 ``LoadReport`` (``rocm_layer`` builds its EPMoE with that placement).
 
+Expert variants (``expert_variant``): SiLU SwiGLU, gpt-oss's SWIGLUOAI (alpha 1.702, limit 7.0,
+w13 rows interleaved by vLLM's loader: de-interleaved in place once after loading) and MiniMax-M3's
+SWIGLUOAI_UNINTERLEAVE (beta 1), each with or without biases (vLLM's own ``w13_bias`` /
+``w2_bias``, read at every call); ``apply_router_weight_on_input`` (Llama 4, top-1) as vLLM's
+prepare does it (the weight onto the token before dispatch).
+
 Refused with a ValueError at construction (``RocmMoEFusedMoEMethod.__init__`` / create_weights /
-process_weights_after_loading), before any collective: activations other than SiLU-and-mul, a
-clamped or parametrised SwiGLU (``swiglu_limit`` / ``swiglu_alpha`` / ``swiglu_beta``, SituGLU
-betas), biased experts, EPLB with physical experts that do not split evenly over the EP ranks,
-fused shared experts, weights that vLLM padded or reshaped; per batch: quantised layers and
-``apply_router_weight_on_input`` with K > 1.
+process_weights_after_loading), before any collective: other activations (gelu, gelu_tanh,
+situ, swiglustep, relu2, ungated), SiLU with a clamp or swiglu_alpha / beta (exaone_moe,
+bailing_moe_v3), SWIGLUOAI with other parameters than the ones vLLM's kernels compute,
+SWIGLUOAI_UNINTERLEAVE with beta != 1, an experts backend that does not run the variant, EPLB
+with physical experts that do not split evenly over the EP ranks, fused shared experts, weights
+that vLLM padded or reshaped; per batch: quantised layers and ``apply_router_weight_on_input``
+with K > 1 (vLLM asserts the same). Quantised MoE layers (FP8, MXFP4 gpt-oss) are not rocm_moe's
+at all: the plug-in replaces vLLM's unquantised method only, so vLLM's own quantised method and
+kernel run them.
 """
 
 from __future__ import annotations
@@ -79,7 +89,7 @@ import torch
 from rocm_moe._checks import check_integer_value, error_message
 from rocm_moe._libs import import_engine
 from rocm_moe.comm.base import CombineHandle, Dispatcher
-from rocm_moe.experts.base import Experts
+from rocm_moe.experts.base import Experts, ExpertVariant, variant_kwargs, variant_refusal
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.placement import ExpertMap, Placement
 from rocm_moe.replicas import ReplicatedPlacement
@@ -290,32 +300,130 @@ def _check_unquantized(quant_config) -> None:
                       f"serve the unquantised model or unset {SWITCH}")
 
 
-def check_layer_config(moe_config) -> None:
-    """Refuse, with the reason, a vLLM MoE layer that rocm_moe would not compute exactly: the
-    experts are SwiGLU (silu(gate) * up), unclamped, without biases; with EPLB the physical
-    experts split evenly over the EP ranks. Runs when vLLM builds the layer's method, before any
-    weight or collective."""
+# vLLM's gpt-oss defaults: what torch.ops._C.swigluoai_and_mul computes when vLLM's generic
+# activation step (fused_moe/activation.py apply_moe_activation) calls it without arguments,
+# and what its gpt-oss Triton experts fall back to (gpt_oss_triton_kernels_moe.py)
+SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT = 1.702, 7.0
+_GATE_UP_ATTR = "_rocm_moe_gate_up"  # set on a w13 (and its bias) de-interleaved in place
+
+
+def _swiglu_params(moe_config, quant_config=None) -> dict:
+    """The layer's SwiGLU parameters as vLLM resolves them (``ApplyMoEActivationConfig.
+    from_configs``: the quant config's gemm1_* first, then the FusedMoEConfig's swiglu_*),
+    None where unset."""
+    out = {}
+    for field, qfield in (("limit", "gemm1_clamp_limit"), ("alpha", "gemm1_alpha"),
+                          ("beta", "gemm1_beta")):
+        value = getattr(quant_config, qfield, None) if quant_config is not None else None
+        out[field] = value if value is not None else getattr(moe_config, f"swiglu_{field}",
+                                                             None)
+    return out
+
+
+def expert_variant(moe_config, quant_config=None) -> ExpertVariant:
+    """What every routed expert of a vLLM MoE layer computes, as rocm_moe's ``ExpertVariant``;
+    a ValueError naming the field where rocm_moe would compute something else.
+
+    vLLM (0.33) -> rocm_moe:
+      SILU, no swiglu_* set                      -> "silu" (plain SwiGLU)
+      SWIGLUOAI (gpt-oss; w13 rows interleaved:  -> "swiglu_oai", alpha 1.702, limit 7.0 (the
+        gate0, up0, gate1, ...)                     values vLLM's kernels compute; w13 is
+                                                    de-interleaved once after loading)
+      SWIGLUOAI_UNINTERLEAVE (MiniMax-M3) with   -> "swiglu_oai", that alpha and limit
+        swiglu_beta = 1 (the ``up + 1``)
+      has_bias (w13_bias [e, 2I], w2_bias [e, H]) -> bias=True (vLLM adds b2 before the
+                                                    routing weight, as rocm_moe does)
+    ``apply_router_weight_on_input`` (Llama 4, K = 1) is not part of the variant: the weight
+    moves onto the token in prepare, as vLLM's own prepare does (``a1 * w.to(a1.dtype)``).
+    Refused: every other activation (gelu, gelu_tanh: Gemma 4; situ: Kimi; swiglustep, relu2,
+    ungated), SILU with a clamp (exaone_moe, bailing_moe_v3: silu(min(gate, limit)) *
+    clamp(up), no ``+ 1``), SILU with swiglu_alpha / beta or situ betas, SWIGLUOAI with
+    parameters other than vLLM's fixed ones, SWIGLUOAI_UNINTERLEAVE with beta != 1."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
     unset = f"unset {SWITCH} for this model"
-    if moe_config.activation != MoEActivation.SILU:
-        raise _refuse("activation", getattr(moe_config.activation, "value",
-                                            moe_config.activation),
-                      "rocm_moe experts are SwiGLU (silu(gate) * up)", unset)
-    for field in ("swiglu_limit", "swiglu_alpha", "swiglu_beta", "activation_situ_beta",
-                  "activation_situ_linear_beta"):
-        value = getattr(moe_config, field, None)
-        if value is not None:
-            raise _refuse(field, value, "rocm_moe experts compute the plain SwiGLU; a clamped "
-                          "or parametrised gate would run unclamped (another model)", unset)
-    if moe_config.has_bias:
-        raise _refuse("has_bias", True, "rocm_moe experts have no biases", unset)
+    act = moe_config.activation
+    p = _swiglu_params(moe_config, quant_config)
+    bias = bool(moe_config.has_bias)
+    for field in ("activation_situ_beta", "activation_situ_linear_beta"):
+        if getattr(moe_config, field, None) is not None:
+            raise _refuse(field, getattr(moe_config, field), "SituGLU (Kimi's sit activation) "
+                          "is not an activation rocm_moe's experts compute", unset)
+    if act == MoEActivation.SILU:
+        for field in ("limit", "alpha", "beta"):
+            if p[field] is not None:
+                raise _refuse(f"swiglu_{field}", p[field], "with activation silu vLLM "
+                              "computes silu(min(gate, limit)) * clamp(up, -limit, limit) "
+                              "(exaone_moe, bailing_moe_v3); rocm_moe's clamped SwiGLU is "
+                              "gpt-oss's (up + 1) form, so it would compute another model",
+                              unset)
+        return ExpertVariant(bias=bias)
+    if act == MoEActivation.SWIGLUOAI:
+        fixed = dict(limit=SWIGLUOAI_LIMIT, alpha=SWIGLUOAI_ALPHA, beta=1.0)
+        for field, want in fixed.items():
+            if p[field] is not None and float(p[field]) != want:
+                raise _refuse(f"swiglu_{field}", p[field], f"vLLM's swigluoai kernels "
+                              f"compute {field}={want} whatever the config says "
+                              "(apply_moe_activation calls swigluoai_and_mul without it), so "
+                              "rocm_moe computes that too and refuses another value",
+                              f"use activation 'swigluoai_uninterleave' with that {field}, "
+                              f"or {unset}")
+        return ExpertVariant.gpt_oss(alpha=SWIGLUOAI_ALPHA, limit=SWIGLUOAI_LIMIT) \
+            if bias else ExpertVariant(activation="swiglu_oai", alpha=SWIGLUOAI_ALPHA,
+                                       limit=SWIGLUOAI_LIMIT)
+    if act == MoEActivation.SWIGLUOAI_UNINTERLEAVE:
+        beta = 0.0 if p["beta"] is None else float(p["beta"])
+        if beta != 1.0:
+            raise _refuse("swiglu_beta", p["beta"], "rocm_moe's swiglu_oai computes "
+                          "(up + 1) * glu: beta must be 1 (vLLM's default is 0)", unset)
+        if p["limit"] is None:
+            raise _refuse("swiglu_limit", None, "vLLM requires a clamp limit for "
+                          "swigluoai_uninterleave", "set swiglu_limit from the model config")
+        alpha = 1.0 if p["alpha"] is None else float(p["alpha"])
+        return ExpertVariant(activation="swiglu_oai", alpha=alpha, limit=float(p["limit"]),
+                             bias=bias)
+    raise _refuse("activation", getattr(act, "value", act), "rocm_moe experts compute silu "
+                  "(SwiGLU) and swigluoai / swigluoai_uninterleave (gpt-oss's clamped SwiGLU) "
+                  "only", unset)
+
+
+def interleaved_gate_up(moe_config) -> bool:
+    """Whether vLLM loads this layer's w13 rows interleaved (gate0, up0, gate1, ...): its
+    SWIGLUOAI activation (gpt-oss checkpoints; ``GptOssRoutedExperts`` transposes each
+    expert's [H, 2I] block and keeps the column order)."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    return moe_config.activation == MoEActivation.SWIGLUOAI
+
+
+def uninterleave_gate_up(w13: torch.Tensor, w13_bias: torch.Tensor | None = None, *,
+                         permute: bool = True) -> None:
+    """vLLM's interleaved w13 [e, 2I, H] (and w13_bias [e, 2I]) rewritten in place as gate rows
+    then up rows, rocm_moe's layout, and marked so (``RocmMoEExperts`` refuses an interleaved-
+    layout layer whose w13 is not marked); ``permute=False`` only marks them (weights vLLM
+    loaded already processed). Storage and Parameter objects stay the same (CUDA graphs, the
+    quant config's bias references and vLLM's EPLB hold them)."""
+    with torch.no_grad():
+        for t in (w13, w13_bias):
+            if t is not None:
+                if permute:
+                    t.copy_(torch.cat([t[:, 0::2], t[:, 1::2]], dim=1))
+                setattr(t, _GATE_UP_ATTR, True)
+
+
+def check_layer_config(moe_config) -> ExpertVariant:
+    """Refuse, with the reason, a vLLM MoE layer that rocm_moe would not compute exactly
+    (``expert_variant``: activation, clamp, parameters); with EPLB the physical experts split
+    evenly over the EP ranks. Runs when vLLM builds the layer's method, before any weight or
+    collective. Returns the layer's ExpertVariant."""
+    variant = expert_variant(moe_config)
     par = moe_config.moe_parallel_config
     if par.enable_eplb and par.use_ep and moe_config.num_experts % par.ep_size:
         raise _refuse("num_experts", moe_config.num_experts, f"with EPLB the physical experts "
                       f"(logical + redundant) must split evenly over ep_size={par.ep_size}",
                       "pick --eplb-config num_redundant_experts so that E + R is a multiple "
                       "of the EP size")
+    return variant
 
 
 def chunk_count(dispatcher: Dispatcher, num_tokens: int, budget: int) -> int:
@@ -438,8 +546,9 @@ def _classes() -> SimpleNamespace:
                                       f"needs top_k == 1 (got {topk_ids.shape[1]}): with K > 1 "
                                       "one input cannot carry K weights exactly once",
                                       "route with top_k=1 or apply the weights on the output")
-                    # The weight moves onto the token; the experts then weigh it by 1.
-                    a1 = (a1.float() * topk_weights.float()).to(a1.dtype)
+                    # The weight moves onto the token as vLLM's own prepare moves it
+                    # (no_dp_ep.py: a1 * w.to(a1.dtype)); the experts then weigh it by 1.
+                    a1 = a1 * topk_weights.to(a1.dtype)
                     topk_weights = torch.ones_like(topk_weights, dtype=torch.float32)
             except (ValueError, TypeError):
                 disp.share_refusal()
@@ -489,7 +598,13 @@ def _classes() -> SimpleNamespace:
 
         weight_mode "experts": the backend weights its local slots ([R, H]) and the finalize
         step is told so (``TopKWeightAndReduceNoOP``); "combine": raw [R, K, H] rows with
-        ``TopKWeightAndReduceDelegate``, weighted once by rocm_moe's combine."""
+        ``TopKWeightAndReduceDelegate``, weighted once by rocm_moe's combine.
+
+        The layer's expert variant (``expert_variant``: activation, clamp, biases) is read from
+        vLLM's configs once; the biases are vLLM's own ``w13_bias`` / ``w2_bias`` Parameters
+        that its quant config holds (``quant_config.w1_bias`` / ``w2_bias``), read at every
+        call. A SWIGLUOAI layer's w13 must have been de-interleaved (``uninterleave_gate_up``,
+        which ``RocmMoEFusedMoEMethod.process_weights_after_loading`` runs)."""
 
         def __init__(self, moe_config, quant_config, *, experts: Experts | None = None,
                      weight_mode: WeightMode = "experts"):
@@ -501,6 +616,13 @@ def _classes() -> SimpleNamespace:
                                               "must be a rocm_moe Experts",
                                               "use rocm_moe.backends.make_experts(name)"))
             self.weight_mode = resolve_weight_mode(weight_mode)
+            self.variant = expert_variant(moe_config, quant_config)
+            self.interleaved = interleaved_gate_up(moe_config)
+            reason = variant_refusal(self.experts, self.variant, self.weight_mode)
+            if reason is not None:
+                raise _refuse(ENV_EXPERTS, self.experts.name, f"cannot run this layer's "
+                              f"experts ({self.variant}): {reason}",
+                              f"set {ENV_EXPERTS}=reference (or a backend that runs it)")
             self.rank = moe_config.moe_parallel_config.ep_rank
             # (vLLM's map tensor, device) -> ExpertMap there: built once (host reads), outside
             # any captured forward.
@@ -524,7 +646,8 @@ def _classes() -> SimpleNamespace:
 
         @staticmethod
         def _supports_activation(activation) -> bool:
-            return activation == MoEActivation.SILU
+            return activation in (MoEActivation.SILU, MoEActivation.SWIGLUOAI,
+                                  MoEActivation.SWIGLUOAI_UNINTERLEAVE)
 
         @staticmethod
         def _supports_parallel_config(moe_parallel_config) -> bool:
@@ -551,18 +674,29 @@ def _classes() -> SimpleNamespace:
         def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
                   global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
                   expert_tokens_meta, apply_router_weight_on_input):
-            if activation != MoEActivation.SILU:
-                raise _refuse("activation", activation, "rocm_moe experts are SwiGLU (SiLU "
-                              "gate times up)", f"unset {SWITCH} for this model")
+            if activation != self.moe_config.activation:
+                raise _refuse("activation", getattr(activation, "value", activation),
+                              "must be the layer's own (the experts were built for "
+                              f"{self.moe_config.activation.value})",
+                              "pass layer.activation")
+            if self.interleaved and not getattr(w1, _GATE_UP_ATTR, False):
+                raise _refuse("w1", "vLLM's interleaved gate/up rows (SWIGLUOAI)",
+                              "rocm_moe's experts read w13 as gate rows then up rows",
+                              "load through RocmMoEFusedMoEMethod (its "
+                              "process_weights_after_loading de-interleaves them) or call "
+                              "uninterleave_gate_up(w13, w13_bias) once")
             capturing = _capturing()
             key = (id(expert_map), hidden_states.device)
             if capturing and key not in self._maps:
                 raise _refuse("expert_map", "a tensor not seen before", "cannot be converted "
                               "inside a CUDA graph (host read)", "run one eager forward first")
             emap = self.expert_map_on(expert_map, global_num_experts, hidden_states.device)
+            q = self.quant_config
+            variant = variant_kwargs(self.variant, q.w1_bias, q.w2_bias)
             eo = self.experts(hidden_states, topk_ids.to(torch.int32), topk_weights.float(),
                               w1, w2, emap, weight_mode=self.weight_mode,
-                              validate=not capturing, **getattr(topk_ids, _ROWS_ATTR, {}))
+                              validate=not capturing, **getattr(topk_ids, _ROWS_ATTR, {}),
+                              **variant)
             output.copy_(eo.out.reshape(output.shape))
             return None
 
@@ -610,7 +744,15 @@ def _classes() -> SimpleNamespace:
                                    intermediate_size_per_partition, params_dtype, **extra)
 
         def process_weights_after_loading(self, layer) -> None:
+            """Every call follows a load of checkpoint-layout weights (vLLM's contract, its
+            own kernels re-shuffle on each): a SWIGLUOAI layer's w13 / w13_bias are
+            de-interleaved in place, unless vLLM loaded already processed weights."""
+            from vllm.model_executor.utils import is_weights_pre_processed
+
             check_loaded_weights(self.moe, layer)
+            if interleaved_gate_up(self.moe):
+                uninterleave_gate_up(layer.w13_weight, getattr(layer, "w13_bias", None),
+                                     permute=not is_weights_pre_processed())
             self._init_moe_kernel(layer)
             if self.moe.moe_parallel_config.enable_eplb:
                 self.eplb = EplbLink.for_layer(self.moe, layer)
@@ -706,7 +848,10 @@ def check_loaded_weights(moe_config, layer) -> None:
     (nothing transposed or packed). Refused otherwise, at load time."""
     e = moe_config.num_local_experts
     H, I = moe_config.hidden_dim_unpadded, moe_config.intermediate_size_per_partition_unpadded
-    for name, want in (("w13_weight", (e, 2 * I, H)), ("w2_weight", (e, H, I))):
+    wants = [("w13_weight", (e, 2 * I, H)), ("w2_weight", (e, H, I))]
+    if moe_config.has_bias:
+        wants += [("w13_bias", (e, 2 * I)), ("w2_bias", (e, H))]
+    for name, want in wants:
         w = getattr(layer, name)
         if tuple(w.shape) != want or not w.is_contiguous():
             raise _refuse(f"layer.{name}", f"shape {list(w.shape)}, strides {list(w.stride())}",
@@ -878,10 +1023,12 @@ def rocm_layer(vllm_layer, *, router, gate_weight: torch.Tensor | None = None,
     link = getattr(vllm_layer.quant_method, "eplb", None)  # EPLB: vLLM's current placement
     layer = EPMoE(hidden_size=w13.shape[2], intermediate_size=w2.shape[2], router=router,
                   dispatcher=dispatcher, experts=fx.experts, weight_mode=fx.weight_mode,
-                  dtype=w13.dtype, device=w13.device,
+                  dtype=w13.dtype, device=w13.device, expert_variant=fx.variant,
                   replica_placement=link.placement() if link is not None and link.ready
                   else None)
     layer.w13, layer.w2 = w13, w2  # the same Parameters: no copy
+    if fx.variant.bias:
+        layer.w13_bias, layer.w2_bias = vllm_layer.w13_bias, vllm_layer.w2_bias
     if gate_weight is not None:
         with torch.no_grad():
             layer.gate.weight.copy_(gate_weight)

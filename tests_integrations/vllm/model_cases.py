@@ -314,11 +314,111 @@ def gelu_case(cfg) -> str:
     return "built"
 
 
+def gpt_oss_case(info, cfg) -> dict:
+    """gpt-oss's MoE layer as vLLM's model builds it (``FusedMoEFactory(activation=
+    "swigluoai", has_bias=True, routed_experts_cls=GptOssRoutedExperts)``), its checkpoint
+    tensors loaded through vLLM's own gpt-oss weight loader (the streamed per-expert path,
+    ``GptOssRoutedExperts.weight_loader``, which keeps the interleaved gate/up rows): the
+    float64 oracle on the checkpoint's semantics, and vLLM's ``SwigluOAIAndMul.forward_native``
+    composed on the weights vLLM loaded (before the plug-in de-interleaves them)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.layers.activation import SwigluOAIAndMul
+    from vllm.model_executor.layers.fused_moe import FusedMoEFactory
+    from vllm.model_executor.models.gpt_oss import GptOssRoutedExperts
+
+    from tests_integrations import variants64 as v64
+
+    pool.clear()
+    p = v64.expert_params(SEED, E, H, I, torch.float32)
+    ck = v64.gpt_oss_checkpoint(p)
+    with env(ROCM_MOE_VLLM_COMM="torch", ROCM_MOE_VLLM_MAX_TOKENS=None), \
+            set_current_vllm_config(cfg):
+        runner = FusedMoEFactory(num_experts=E, top_k=K, hidden_size=H, intermediate_size=I,
+                                 params_dtype=torch.float32, renormalize=True, has_bias=True,
+                                 prefix="gpt-oss.layers.0.mlp.experts", activation="swigluoai",
+                                 routed_experts_cls=GptOssRoutedExperts)
+        re = runner.routed_experts
+        for name, key, shard in (("w13_weight", "gate_up_proj", "gpt_oss_w13"),
+                                 ("w13_bias", "gate_up_proj_bias", "gpt_oss_w13"),
+                                 ("w2_weight", "down_proj", "gpt_oss_w2"),
+                                 ("w2_bias", "down_proj_bias", "gpt_oss_w2")):
+            param = getattr(re, name)
+            for g in range(E):
+                re.weight_loader(param, ck[key][g], name, shard, g)
+        here = local_experts(runner)
+        loaded = dict(w13=re.w13_weight.detach().clone(), b13=re.w13_bias.detach().clone(),
+                      w2=re.w2_weight.detach().clone(), b2=re.w2_bias.detach().clone())
+        re.quant_method.process_weights_after_loading(re)
+        op = SwigluOAIAndMul(1.702, 7.0)  # vLLM's own op (a CustomOp: built in the config)
+    out = dict(activation=re.activation.value, err=[], engine_err=[],
+               variant="gpt_oss" if re.quant_method.moe_kernel.fused_experts.variant
+               == rv.ExpertVariant.gpt_oss(alpha=1.702, limit=7.0) else "other")
+    for step in range(len(SIZES)):
+        h = inputs(info.rank, step)
+        _, logits, y = forward(cfg, [runner], h)[0]
+        w, ids = runner.router.select_experts(hidden_states=h, router_logits=logits)
+        out["err"].append(o.rel_err(y, v64.oracle(h, w.float(), ids, p)))
+        # vLLM's own op on the rows vLLM's loader left for this rank's experts equals the
+        # oracle's part for those experts (the oracle is the engine's semantics)
+        local_ids = torch.where(torch.isin(ids, torch.tensor(here, dtype=ids.dtype)), ids, -1)
+        engine = torch.zeros(h.shape[0], H, dtype=torch.float64)
+        for t, k in (local_ids >= 0).nonzero().tolist():
+            j = here.index(int(ids[t, k]))
+            a = h[t].double() @ loaded["w13"][j].double().T + loaded["b13"][j].double()
+            e_out = op.forward_native(a[None])[0] @ loaded["w2"][j].double().T
+            engine[t] += float(w[t, k]) * (e_out + loaded["b2"][j].double())
+        out["engine_err"].append(o.rel_err(engine, v64.oracle(h, w.float(), local_ids, p)))
+    pool.clear()
+    return out
+
+
+def llama4_case(info, cfg) -> dict:
+    """Llama 4's routed experts as vLLM builds them (``FusedMoEFactory(top_k=1,
+    custom_routing_function=Llama4MoE.custom_routing_function, apply_router_weight_on_input=
+    True, renormalize=False)``): the sigmoid of the top-1 logit scales the token before the
+    expert (vLLM's rounding: ``x * w.to(x.dtype)``), the float64 oracle at vLLM's ids."""
+    from vllm.model_executor.models.llama4 import Llama4MoE
+
+    pool.clear()
+    with env(ROCM_MOE_VLLM_COMM="torch", ROCM_MOE_VLLM_MAX_TOKENS=None):
+        runners = build_llama4(cfg, Llama4MoE.custom_routing_function)
+    out = dict(err=[], top_k=runners[0].routed_experts.top_k)
+    for step in range(len(SIZES)):
+        h = inputs(info.rank, step)
+        _, logits, y = forward(cfg, runners, h)[0]
+        w, ids = runners[0].router.select_experts(hidden_states=h, router_logits=logits)
+        ref = o.oracle(SEED, h * w.to(h.dtype), torch.ones_like(w), ids, H, I, h.dtype)
+        out["err"].append(o.rel_err(y, ref) if h.shape[0] else 0.0)
+        # Llama 4's router: the sigmoid of the top-1 logit (vLLM's custom routing function)
+        assert torch.allclose(w.float(), torch.sigmoid(logits.float().max(-1).values)[:, None])
+    pool.clear()
+    return out
+
+
+def build_llama4(cfg, routing):
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.layers.fused_moe import FusedMoEFactory
+
+    with set_current_vllm_config(cfg):
+        runner = FusedMoEFactory(num_experts=E, top_k=1, hidden_size=H, intermediate_size=I,
+                                 params_dtype=torch.float32, prefix="llama4.layers.0.experts",
+                                 renormalize=False, custom_routing_function=routing,
+                                 apply_router_weight_on_input=True)
+        re = runner.routed_experts
+        w13, w2 = o.local_weights(SEED, local_experts(runner), H, I, torch.float32)
+        with torch.no_grad():
+            re.w13_weight.copy_(w13)
+            re.w2_weight.copy_(w2)
+        re.quant_method.process_weights_after_loading(re)
+    return [runner]
+
+
 def run(info) -> dict:
     """Every served-model case on this rank (one vLLM import per rank)."""
     cfg = init_vllm(info)
     out = dict(torch=serve_case(info, cfg, "torch"), placement=placement_case(info),
-               gelu=gelu_case(cfg))
+               gelu=gelu_case(cfg),
+               variants=dict(gpt_oss=gpt_oss_case(info, cfg), llama4=llama4_case(info, cfg)))
     if info.world_size == 2:  # MORI needs a power-of-two group
         out.update(mori=mori_case(info, cfg), symm=symm_case(info, cfg),
                    scaling=scaling_case(info, cfg))
