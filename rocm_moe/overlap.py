@@ -19,11 +19,15 @@ On CUDA the comm calls run on one side stream per device (high priority, so its 
 scheduled first when both streams have work):
 - the side stream waits for the caller's stream before D0 (the routed inputs);
 - E(i) waits for an event recorded after D(i), C(i) for one recorded after E(i);
-- tensors made on one stream and read on the other are marked with ``record_stream``, so the
-  caching allocator does not give their memory to the other stream's next allocation while a
-  read is pending (the experts' output freed on the host right after C(i) is issued, say);
-- the caller's stream waits for the side stream at the end (the outputs; ``after`` runs before
-  that join, overlapping the last combine).
+- every piece's dispatch result and experts' output stays referenced until the caller's stream
+  has waited for the side stream at the end (``after`` runs before that join, overlapping the
+  last combine): a tensor made on one stream and read on the other is freed only then, so the
+  caching allocator cannot give its memory to the next allocation of its stream while the other
+  stream still reads it (the experts' output of piece i, freed on the host right after C(i) is
+  issued, would otherwise be E(i+1)'s workspace while C(i) sends it); eagerly, such tensors and
+  the results are also marked with ``record_stream`` (not under capture, where the allocator
+  defers those events and the join already orders every use).
+
 No host synchronisation is added, so a CUDA graph captures the layer: the side stream forks from
 the capturing stream and joins it again (the graph holds both). Backends that read the host
 inside dispatch (the torch backend's split sizes) block only until the side stream gets there.
@@ -124,6 +128,7 @@ def _one_piece(i: int, stages: Stages):
 def _pipeline(n: int, stages: Stages, streams: _Streams | None, after):
     out: list = [None] * n
     held: dict[int, Any] = {}  # piece -> DispatchResult, dispatched and not combined
+    alive: list = []  # every DispatchResult and ExpertsOutput, until the join (docstring)
     stage = "dispatch"
     ctx = streams or _Host()
     try:
@@ -131,16 +136,19 @@ def _pipeline(n: int, stages: Stages, streams: _Streams | None, after):
         with ctx.comm():
             held[0] = stages.dispatch(0)
         ctx.dispatched(held[0])
+        alive.append(held[0])
         for i in range(n):
             stage = "experts"
             with ctx.compute():
                 eo = stages.experts(i, held[i])
             ctx.computed(eo)
+            alive.append(eo)
             if i + 1 < n:
                 stage = "dispatch"
                 with ctx.comm():
                     held[i + 1] = stages.dispatch(i + 1)
                 ctx.dispatched(held[i + 1])
+                alive.append(held[i + 1])
             stage = "combine"
             with ctx.comm(after_compute=True):
                 out[i] = stages.combine(i, held[i], eo)
@@ -153,6 +161,7 @@ def _pipeline(n: int, stages: Stages, streams: _Streams | None, after):
         raise
     finally:
         ctx.join()
+        alive.clear()  # (after the join: see the module docstring)
     return out, extra
 
 
@@ -223,16 +232,22 @@ class _Streams:
 
 def _record(obj, stream) -> None:
     """``record_stream(stream)`` on every CUDA tensor inside ``obj`` (tensors, tuples, lists,
-    dicts and dataclasses of them)."""
+    dicts and dataclasses of them); nothing while a CUDA graph is being captured."""
+    if torch.cuda.is_current_stream_capturing():
+        return
+    _record_all(obj, stream)
+
+
+def _record_all(obj, stream) -> None:
     if isinstance(obj, torch.Tensor):
         if obj.is_cuda:
             obj.record_stream(stream)
     elif isinstance(obj, (tuple, list)):
         for o in obj:
-            _record(o, stream)
+            _record_all(o, stream)
     elif isinstance(obj, dict):
         for o in obj.values():
-            _record(o, stream)
+            _record_all(o, stream)
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
-            _record(getattr(obj, f.name), stream)
+            _record_all(getattr(obj, f.name), stream)

@@ -101,10 +101,11 @@ def _dispatchers(info):
     p = Placement.contiguous(E, W)
     out = {"torch": TorchDispatcher(p, hidden_size=H, top_k=K, dtype=torch.float32,
                                     max_tokens_per_rank=300)}
-    if W in MORI_W:
-        out["mori"] = MoriDispatcher(p, hidden_size=H, top_k=K, dtype=torch.float32,
-                                     max_tokens_per_rank=300, mori=FakeMori(),
-                                     batches_in_flight=2)
+    if W in MORI_W:  # two ops; AsyncLL: each op's sends and receives split (MORI's ROCm form)
+        for name, kernel in (("mori", "auto"), ("mori_asyncll", "AsyncLL")):
+            out[name] = MoriDispatcher(p, hidden_size=H, top_k=K, dtype=torch.float32,
+                                       max_tokens_per_rank=300, mori=FakeMori(),
+                                       batches_in_flight=2, kernel_type=kernel)
     return out
 
 
@@ -114,14 +115,21 @@ def _equal_worker(info) -> dict:
     for name, disp in _dispatchers(info).items():
         for mode in ("experts", "combine"):
             one, two = _layer(disp, 1, mode), _layer(disp, 2, mode)
-            for shares in TOKENS[W]:
+            raw = not name.startswith("mori")  # (MORI has no raw return path)
+            for shares in TOKENS[W] if name != "mori_asyncll" else TOKENS[W][1:2]:
                 T = shares[r]
                 x = syn.tokens(SEED + T, r, T, H) * 3
-                res[f"{name}_{mode}_T{sum(shares)}"] = _compare(one, two, x, raw=name != "mori")
-            T = TOKENS[W][1][r]
-            res[f"{name}_{mode}_one_expert"] = _compare(
-                one, two, syn.tokens(SEED, r, T, H), forced=_one_hot_routing(T),
-                raw=name != "mori")
+                res[f"{name}_{mode}_T{sum(shares)}"] = _compare(one, two, x, raw=raw)
+            if name != "mori_asyncll":
+                T = TOKENS[W][1][r]
+                res[f"{name}_{mode}_one_expert"] = _compare(
+                    one, two, syn.tokens(SEED, r, T, H), forced=_one_hot_routing(T), raw=raw)
+        if name == "mori_asyncll":  # every receive right after its send, op by op
+            calls = [c for op in disp.ops for c in op.calls if c != "reset"]
+            res["mori_asyncll_calls"] = dict(
+                bits=all(a + "_recv" == b for a, b in zip(calls[::2], calls[1::2], strict=True)),
+                shape=len(disp.ops) == 2 and all(op.calls for op in disp.ops), err=0.0,
+                raw_err=0.0)
         if name == "torch":  # invariant mode with shared experts; 3 micro-batches
             kw = dict(invariant=True, shared_intermediate_size=SHARED_I)
             x = syn.tokens(SEED, r, TOKENS[W][1][r], H)
@@ -186,7 +194,7 @@ def ranks():
 def test_two_micro_batches_equal_the_unsplit_layer_and_the_oracle(W, ranks):
     for r, res in enumerate(ranks(W)):
         cases = res["equal"]
-        assert len(cases) == (19 if W in MORI_W else 11), sorted(cases)
+        assert len(cases) == (22 if W in MORI_W else 11), sorted(cases)
         for case, got in cases.items():
             assert got["bits"], (W, r, case)
             assert got["shape"], (W, r, case)
