@@ -82,8 +82,8 @@ def _max2(v):
 
 @triton.jit
 def _route_rows(x, row, live, r3, j, gid, valid, bias_ptr, w_ptr, ids_ptr, eps, scale,
-                SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                K_TOPK: tl.constexpr, K_POW2: tl.constexpr, BW: tl.constexpr,
+                EPG: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                NORM: tl.constexpr, K_TOPK: tl.constexpr, K_POW2: tl.constexpr, BW: tl.constexpr,
                 N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, EPG_POW2: tl.constexpr,
                 G_POW2: tl.constexpr, WARP: tl.constexpr, ROWS: tl.constexpr):
     """The router on float32 logits x [ROWS, G_POW2, EPG_POW2] (-inf where not ``valid``, 0
@@ -109,8 +109,8 @@ def _route_rows(x, row, live, r3, j, gid, valid, bias_ptr, w_ptr, ids_ptr, eps, 
     choice = tl.where(valid, tl.where(choice != choice, float("inf"), choice), -float("inf"))
 
     if TOPK_GROUP < N_GROUP:  # grouped top-k: keep the TOPK_GROUP best groups
-        top1 = tl.max(choice, axis=2)
-        j1 = tl.min(tl.where(choice == top1[:, :, None], j, EPG_POW2), axis=2)
+        top1, j1 = tl.max(choice, axis=2, return_indices=True,
+                          return_indices_tie_break_left=True)  # j1: its lowest j
         top2 = tl.max(tl.where(j == j1[:, :, None], -float("inf"), choice), axis=2)
         gscore = top1 + top2  # [ROWS, G_POW2]
         gscore = tl.where(gscore != gscore, float("inf"), gscore)
@@ -124,20 +124,27 @@ def _route_rows(x, row, live, r3, j, gid, valid, bias_ptr, w_ptr, ids_ptr, eps, 
             gfree &= gs != pick[:, None]
         choice = tl.where(keep[:, :, None], choice, -float("inf"))
 
+    # Top-k: one (key, index) reduction per pick over the flat [G_POW2 * EPG_POW2] positions
+    # (flat = g * EPG_POW2 + j, in the order of the ids). key: choice's bits ordered as the
+    # floats (-0.0 as +0.0, NaN already +inf), the smallest int32 for taken and padded
+    # positions, so the pick is the largest free choice, ties to the lowest id, and a free
+    # expert even where every free choice is -inf (the ids stay distinct).
+    E_FLAT: tl.constexpr = G_POW2 * EPG_POW2
+    bits = choice.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = tl.where(bits == -2147483648, 0, key)  # -0.0 ties with +0.0
+    key = tl.reshape(tl.where(valid, key, -2147483648), [ROWS, E_FLAT])
+    flat = tl.arange(0, E_FLAT)[None, :]
     kk = tl.arange(0, K_POW2)[None, :]
-    w = tl.zeros([ROWS, K_POW2], tl.float32)
-    ids = tl.zeros([ROWS, K_POW2], tl.int32)
-    free = valid
+    picks = tl.full([ROWS, K_POW2], -1, tl.int32)  # flat positions (-1: k >= K_TOPK)
     for k in tl.static_range(K_TOPK):
-        cand = tl.where(free, choice, -float("inf"))
-        best = _max2(cand)
-        pick = tl.min(tl.min(tl.where(free & (cand == best[:, None, None]), gid, 2**30),
-                             axis=2), axis=1)
-        hit = gid == pick[:, None, None]
-        free &= ~hit
-        wk = tl.sum(tl.sum(tl.where(hit, score, 0.0), axis=2), axis=1)  # one term: exact
-        w = tl.where(kk == k, wk[:, None], w)
-        ids = tl.where(kk == k, pick[:, None].to(tl.int32), ids)
+        _, at = tl.max(key, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        key = tl.where(flat == at[:, None], -2147483648, key)
+        picks = tl.where(kk == k, at[:, None].to(tl.int32), picks)
+    ids = (picks // EPG_POW2) * EPG + picks % EPG_POW2
+    hit = flat[:, None, :] == picks[:, :, None]  # [ROWS, K_POW2, E_FLAT]: one position each
+    w = tl.sum(tl.where(hit, tl.reshape(score, [ROWS, E_FLAT])[:, None, :], 0.0),
+               axis=2)  # one term: exact
 
     if NORM:
         lanes_k = tl.sum(tl.reshape(w, [ROWS, K_POW2 // BW, BW]), axis=1)  # w[l] + w[l + BW]
@@ -178,7 +185,7 @@ def _router_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_t, eps, scale
     valid = (g < N_GROUP) & (j < EPG) & live[:, None, None]  # [ROWS, G_POW2, EPG_POW2]
     x = tl.load(logits_ptr + r3 * stride_t + gid, mask=valid, other=-float("inf"))
     x = tl.where(live[:, None, None], x.to(tl.float32), 0.0)  # rows past T: finite, unstored
-    _route_rows(x, row, live, r3, j, gid, valid, bias_ptr, w_ptr, ids_ptr, eps, scale,
+    _route_rows(x, row, live, r3, j, gid, valid, bias_ptr, w_ptr, ids_ptr, eps, scale, EPG,
                 SIGMOID, HAS_BIAS, NORM, K_TOPK, K_POW2, BW, N_GROUP, TOPK_GROUP, EPG_POW2,
                 G_POW2, WARP, ROWS)
 
@@ -228,7 +235,7 @@ def _splitk_router_kernel(part_ptr, bias_ptr, logits_ptr, w_ptr, ids_ptr, T, S, 
     tl.store(logits_ptr + r3 * E + gid, x.to(logits_ptr.dtype.element_ty), mask=valid)
     x = tl.where(valid, x, -float("inf"))
     x = tl.where(live[:, None, None], x, 0.0)  # rows past T: finite, unstored
-    _route_rows(x, row, live, r3, j, gid, valid, bias_ptr, w_ptr, ids_ptr, eps, scale,
+    _route_rows(x, row, live, r3, j, gid, valid, bias_ptr, w_ptr, ids_ptr, eps, scale, EPG,
                 SIGMOID, HAS_BIAS, NORM, K_TOPK, K_POW2, BW, N_GROUP, TOPK_GROUP, EPG_POW2,
                 G_POW2, WARP, ROWS)
 

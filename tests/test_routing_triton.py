@@ -349,3 +349,33 @@ def test_layer_fused_router_flag():
     b = EPMoE(hidden_size=8, intermediate_size=4, router=cfg, fused_router=True)
     x = torch.randn(5, 8)
     assert torch.equal(a(x), b(x))  # on CPUs the torch path runs either way
+
+
+@pytest.mark.parametrize("case", ["dsv3_E256_K8_G8_TG4", "sigmoid_E160_K8_G8_TG4",
+                                  "softmax_E60_K4", "sigmoid_E96_K5_G3_TG2_nonorm"])
+def test_ids_distinct_whatever_the_scores(gen, case):
+    """NaN and infinite logits, a -inf bias (every choice -inf), zero scores with a bias of
+    -0.0 and +0.0: the ids of a row stay distinct and in [0, E) (route(validate=False) lets
+    such values through), and equal choices go to the lower ids."""
+    cfg = CASES[case]
+    E, K = cfg.num_experts, cfg.top_k
+    x = torch.randn(6, E, generator=gen) * 2
+    x[0] = math.nan
+    x[1, ::3] = math.nan
+    x[2] = math.inf
+    x[3] = -math.inf
+    x[4, 1::2] = -math.inf
+    rows = [x]
+    biases = [None]
+    if cfg.scoring == "sigmoid":
+        rows.append(torch.randn(6, E, generator=gen))
+        biases.append(torch.full((E,), -math.inf))
+        z = torch.full((2, E), -20000.0)  # sigmoid 0: +0.0 scores; bias -0.0 / +0.0 per id
+        rows.append(z)
+        biases.append(torch.where(torch.arange(E) % 2 == 0, -0.0, 0.0))
+    for logits, bias in zip(rows, biases, strict=True):
+        bias = None if bias is None else bias.to(DEVICE)
+        ids = _fused(logits.to(DEVICE), cfg, bias)[1].cpu()
+        assert bool(((ids >= 0) & (ids < E)).all()), ids
+        assert all(len(set(r)) == K for r in ids.tolist()), ids
+    assert ids.tolist()[0] == list(range(K))  # equal choices (0 or +inf): the lowest ids
