@@ -9,9 +9,12 @@ unevenly over the ranks (one rank with none), all tokens on one expert, both wei
 return_raw, invariant mode and shared experts, on the torch backend and on MORI's fakes (two ops,
 ``batches_in_flight=2``). Bad values are refused on every rank before any collective; ranks that
 disagree on micro_batches are refused together at the first forward. The schedule itself (order,
-at most two batches in flight, abandoning on failure) is checked in-process. On a GPU (W = 1,
-skipped without CUDA): the two-stream run on the torch and symm backends equals micro_batches=1
-bit for bit, and the symm layer captures in a CUDA graph whose replay equals its eager run."""
+at most two batches in flight, abandoning on failure) is checked in-process, and so is the
+overlap report of ``rocm-moe bench layer --overlap``. On GPUs (W = 1, and 2 / 4 where there are
+as many; skipped without CUDA): the two-stream run with the Triton experts on the torch (NCCL)
+and symm backends equals micro_batches=1 bit for bit (both weight modes, return_raw, invariant
+mode, shared experts) and the oracle, and the symm layer captures in a CUDA graph whose replay
+equals its eager run."""
 
 from __future__ import annotations
 
@@ -362,9 +365,9 @@ def test_bench_layer_overlap_smoke(tmp_path, capsys):
 
 
 # ---- GPU: two streams, bits and a CUDA graph -------------------------------------------
-_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 GH, GI, GE, GK = 128, 64, 16, 4  # Triton-sized
-GPU_T = (96, 130)  # both halves past the small-batch experts path (64 slots)
+GPU_T = (96, 130)  # + 5 per rank; both halves past the small-batch experts path (64 slots)
 
 
 def _gpu_worker(info) -> dict:
@@ -372,8 +375,9 @@ def _gpu_worker(info) -> dict:
     from rocm_moe.experts.triton import TritonExperts
     from rocm_moe.graphs import GraphedEPMoE
 
+    W, r = info.world_size, info.rank
     router = RouterConfig.qwen3_moe(GE, GK)
-    p = Placement.contiguous(GE, 1)
+    p = Placement.contiguous(GE, W)
     kw = dict(hidden_size=GH, top_k=GK, dtype=torch.bfloat16, max_tokens_per_rank=256)
     comms = {"torch": TorchDispatcher(p, **kw),
              "symm": SymmDispatcher(p, **kw, batches_in_flight=2)}
@@ -388,13 +392,14 @@ def _gpu_worker(info) -> dict:
                               device=info.device, invariant=invariant, micro_batches=mb)
                 layer.reset_parameters(seed=7)
                 layers.append(layer)
-            for T in GPU_T:
-                x = syn.tokens(SEED, 0, T, GH).bfloat16().to(info.device)
+            for T0 in GPU_T:
+                T = T0 + 5 * r
+                x = syn.tokens(SEED, r, T, GH).bfloat16().to(info.device)
                 a, b = layers[0](x), layers[1](x)
                 ra = layers[0](x, return_raw=True)
                 rb = layers[1](x, return_raw=True)
                 torch.cuda.synchronize()
-                key = f"{name}_{mode}{'_invariant' if invariant else ''}_T{T}"
+                key = f"{name}_{mode}{'_invariant' if invariant else ''}_T{T0}"
                 y_ref, _ = dense_moe_reference(
                     x.double(), rb.topk_weights, rb.topk_ids,
                     expert_weights=lambda g: syn.expert_weights(7, g, GH, GI))
@@ -402,19 +407,20 @@ def _gpu_worker(info) -> dict:
                 out[key] = dict(bits=torch.equal(a, b) and torch.equal(ra.raw, rb.raw),
                                 err=rel_err(b, y_ref))
             if name == "symm":  # the 2-micro-batch layer in a graph: replay == eager
-                graphed = GraphedEPMoE(layers[1], buckets=(max(GPU_T),))
-                for T in GPU_T:
-                    x = syn.tokens(SEED, 0, T, GH).bfloat16().to(info.device)
+                graphed = GraphedEPMoE(layers[1], buckets=(max(GPU_T) + 5 * (W - 1),))
+                for T0 in GPU_T:  # (collective: every rank replays, then runs eagerly)
+                    x = syn.tokens(SEED, r, T0 + 5 * r, GH).bfloat16().to(info.device)
                     replay = graphed(x).clone()
-                    out[f"graph_{mode}{'_invariant' if invariant else ''}_T{T}"] = dict(
+                    out[f"graph_{mode}{'_invariant' if invariant else ''}_T{T0}"] = dict(
                         bits=torch.equal(replay, layers[1](x)), err=0.0)
     return out
 
 
-@pytest.mark.parametrize("W", [pytest.param(1, marks=_GPU)])
+@pytest.mark.parametrize("W", [pytest.param(W, marks=[pytest.mark.gpu, pytest.mark.skipif(
+    _GPUS < W, reason=f"needs {W} GPU(s)")]) for W in (1, 2, 4)])
 def test_gpu_two_streams_equal_one_and_capture(W):
-    res = launch(W, _gpu_worker, backend="nccl", timeout_s=300)[0]
-    assert len(res) == 2 * 3 * len(GPU_T) + 3 * len(GPU_T), sorted(res)
-    for case, got in res.items():
-        assert got["bits"], case
-        assert got["err"] <= TOL[torch.bfloat16], (case, got)
+    for r, res in enumerate(launch(W, _gpu_worker, backend="nccl", timeout_s=300)):
+        assert len(res) == 2 * 3 * len(GPU_T) + 3 * len(GPU_T), sorted(res)
+        for case, got in res.items():
+            assert got["bits"], (r, case)
+            assert got["err"] <= TOL[torch.bfloat16], (r, case, got)
