@@ -5,9 +5,13 @@ capacity chunks); every piece runs dispatch (D) -> experts (E) -> combine (C). `
 ``overlap=True`` pipelines them, so one piece's communication runs while another's experts
 compute:
 
-    host issues:        D0 | E0 D1 C0 | E1 D2 C1 | ... | E(n-1) C(n-1) | after()
-    comm (side stream): D0   D1 [wait E0] C0   D2 [wait E1] C1 ...
-    compute (caller's):  [wait D0] E0   [wait D1] E1   ...   after() (e.g. shared experts)
+    host issues:        D0 E0 | D1 E1 C0 | D2 E2 C1 | ... | C(n-1) | after()
+    comm (side stream): D0  D1  [wait E0] C0  D2  [wait E1] C1 ...  C(n-1)
+    compute (caller's):   [wait D0] E0  [wait D1] E1  [wait D2] E2 ...  after() (shared experts)
+
+E(i + 1) is issued before C(i), so a backend that reads the host inside combine (the torch
+backend's combine_raw) or dispatch (its split sizes) blocks the host only while the experts
+already issued keep the GPU busy.
 
 At most two pieces are dispatched and not yet combined at once (a dispatcher whose results are
 views of its buffers needs ``batches_in_flight=2``), and every rank issues the same comm calls in
@@ -128,36 +132,38 @@ def _one_piece(i: int, stages: Stages):
 def _pipeline(n: int, stages: Stages, streams: _Streams | None, after):
     out: list = [None] * n
     held: dict[int, Any] = {}  # piece -> DispatchResult, dispatched and not combined
+    done: dict[int, Any] = {}  # piece -> ExpertsOutput, not combined yet
     alive: list = []  # every DispatchResult and ExpertsOutput, until the join (docstring)
-    stage = "dispatch"
     ctx = streams or _Host()
+    where = (0, "dispatch")  # the piece and stage running, for the abandon below
+
+    def dispatch_and_compute(i: int) -> None:
+        nonlocal where
+        where = (i, "dispatch")
+        with ctx.comm():
+            held[i] = stages.dispatch(i)
+        ctx.dispatched(held[i])
+        where = (i, "experts")
+        with ctx.compute():
+            done[i] = stages.experts(i, held[i])
+        ctx.computed(done[i])
+        alive.extend((held[i], done[i]))
+
     try:
         ctx.fork()
-        with ctx.comm():
-            held[0] = stages.dispatch(0)
-        ctx.dispatched(held[0])
-        alive.append(held[0])
+        dispatch_and_compute(0)
         for i in range(n):
-            stage = "experts"
-            with ctx.compute():
-                eo = stages.experts(i, held[i])
-            ctx.computed(eo)
-            alive.append(eo)
-            if i + 1 < n:
-                stage = "dispatch"
-                with ctx.comm():
-                    held[i + 1] = stages.dispatch(i + 1)
-                ctx.dispatched(held[i + 1])
-                alive.append(held[i + 1])
-            stage = "combine"
+            if i + 1 < n:  # the next piece's dispatch and experts before this one's combine
+                dispatch_and_compute(i + 1)
+            where = (i, "combine")
             with ctx.comm(after_compute=True):
-                out[i] = stages.combine(i, held[i], eo)
+                out[i] = stages.combine(i, held[i], done.pop(i))
             del held[i]
             ctx.combined(out[i])
         extra = after() if after is not None else None
     except BaseException as exc:
-        for j, d in held.items():  # the piece that raised, and the one dispatched after it
-            stages.abandon(d, stage if j == min(held) else "experts", exc)
+        for j, d in held.items():  # the piece that raised, and the other one in flight
+            stages.abandon(d, where[1] if j == where[0] else "experts", exc)
         raise
     finally:
         ctx.join()
@@ -199,8 +205,9 @@ class _Streams:
             raise ValueError(error_message(
                 "current stream", self.main, "is the micro-batch overlap's own side stream",
                 "call the layer from another stream (the default one)"))
-        self._dispatched: list[torch.cuda.Event] = []  # after D(i), not yet waited for by E(i)
-        self._computed: torch.cuda.Event | None = None  # after the last E(i)
+        # Events after D(i) and after E(i), each waited for once, in piece order.
+        self._dispatched: list[torch.cuda.Event] = []
+        self._computed: list[torch.cuda.Event] = []
 
     def fork(self) -> None:
         self.side.wait_stream(self.main)  # the routed inputs, made on the caller's stream
@@ -209,8 +216,8 @@ class _Streams:
         self.main.wait_stream(self.side)  # the outputs; reads of the caller's tensors
 
     def comm(self, *, after_compute: bool = False):
-        if after_compute:  # C(i) waits for E(i) only, not for later work of the caller
-            self.side.wait_event(self._computed)
+        if after_compute:  # C(i) waits for E(i) only, not for E(i + 1) issued since
+            self.side.wait_event(self._computed.pop(0))
         return torch.cuda.stream(self.side)
 
     def dispatched(self, d) -> None:
@@ -223,7 +230,7 @@ class _Streams:
         yield
 
     def computed(self, eo) -> None:
-        self._computed = self.main.record_event()
+        self._computed.append(self.main.record_event())
         _record(eo, self.side)  # the experts' output, read by combine
 
     def combined(self, out) -> None:

@@ -250,7 +250,8 @@ def test_pipeline_order_keeps_two_batches_in_flight():
     log: list = []
     out, after = overlap.run(3, _stages(log), device=torch.device("cpu"), overlap=True,
                              after=lambda: log.append("shared") or "s")
-    assert log == ["D0", "E0", "D1", "C0", "E1", "D2", "C1", "E2", "C2", "shared"]
+    # E(i + 1) before C(i); the comm calls in the order D0 D1 C0 D2 C1 C2
+    assert log == ["D0", "E0", "D1", "E1", "C0", "D2", "E2", "C1", "C2", "shared"]
     assert out == ["C0", "C1", "C2"]
     assert after == "s"
     log.clear()
@@ -260,8 +261,10 @@ def test_pipeline_order_keeps_two_batches_in_flight():
 
 @pytest.mark.parametrize(("fail", "abandoned"), [
     ("E0", ["abandon D0 at experts"]),
-    ("D1", ["abandon D0 at dispatch"]),
+    ("D1", ["abandon D0 at experts"]),
+    ("E1", ["abandon D0 at experts", "abandon D1 at experts"]),
     ("C0", ["abandon D0 at combine", "abandon D1 at experts"]),
+    ("C1", ["abandon D1 at combine"]),
     ("D0", []),
 ])
 def test_pipeline_abandons_every_batch_in_flight(fail, abandoned):
