@@ -31,5 +31,5 @@ for MODEL in qwen3-30b-a3b deepseek-v3; do
   timeout "$LIMIT" python3 -m rocm_moe.cli bench layer --overlap --world-size "$W" --model "$MODEL" \
     --tokens 4096 16384 --iters "$ITERS" --out "$R" --name "layer_overlap_${MODEL}_$SUF" 2>&1 \
     | grep -v -i warn | tee "$R/layer_overlap_${MODEL}_$SUF.txt" \
-    | grep -A1 -E "^overlap:|^json|Error" | head -24; save
+    | grep -E "^overlap:|^json|Error" | head -12; save
 done

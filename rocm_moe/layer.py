@@ -982,7 +982,7 @@ class EPMoE(nn.Module):
         after = None if self.shared_experts is None else (lambda: self._shared(x_TH, trace))
         parts, shared = overlap.run(len(pieces), stages, device=dev,
                                     overlap=self.micro_batches > 1, after=after)
-        y_TH, raw_TKH, ids_TK, w_TK = (
+        y_TH, raw_TKH, own_ids_TK, own_w_TK = (  # the pieces in token order
             None if getattr(parts[0], f) is None else
             getattr(parts[0], f) if len(parts) == 1 else torch.cat([getattr(p, f) for p in parts])
             for f in ("y", "raw", "topk_ids", "topk_weights"))
@@ -991,11 +991,11 @@ class EPMoE(nn.Module):
         out = y_TH.reshape(hidden_states.shape)
         if not return_raw:
             return out
-        lead, K = hidden_states.shape[:-1], ids_TK.shape[1]
+        lead, K = hidden_states.shape[:-1], own_ids_TK.shape[1]
         if self._replicas is not None:  # the caller's logical ids, not the replicas'
-            ids_TK = logical.topk_ids.to(torch.int32)
+            own_ids_TK = logical.topk_ids.to(torch.int32)
         return MoEOutput(out=out, raw=raw_TKH.reshape(*lead, K, self.hidden_size),
-                         topk_weights=w_TK, topk_ids=ids_TK,
+                         topk_weights=own_w_TK, topk_ids=own_ids_TK,
                          weighted_by="experts" if parts[0].weights_applied else "combine")
 
     def _shared(self, x_TH, trace):

@@ -192,7 +192,7 @@ class _Host:
 class _Streams:
     """The caller's stream (compute) and the device's side stream (comm), with the events
     between them (see the module docstring): pieces are dispatched, computed and combined in
-    order, so one pending event of each kind is enough."""
+    piece order, so each kind of event is a queue."""
 
     def __init__(self, device: torch.device):
         if device.index is None:

@@ -788,7 +788,7 @@ def report(results: list[dict], cfg: dict, W: int) -> int:
     for line in invariant_costs(rows):
         console.print(line)
     for line in overlap_report(rows, cfg.get("micro_batches", 2)):
-        console.print(f"overlap: {line}", markup=False)
+        console.print(f"overlap: {line}", markup=False, soft_wrap=True)  # one line each
     for line in eplb_effects(rows):
         console.print(f"rebalance: {line}", markup=False)
     probes = summarise_probes(results)
