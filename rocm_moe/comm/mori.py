@@ -26,8 +26,11 @@ Set-up rules of MORI that the adapter checks or follows before MORI runs:
   barrier never fires, internode_v1.cpp ~159, 277, 644);
 - AsyncLL is split-phase: ``dispatch_recv()`` follows ``dispatch()`` and ``combine_recv()``
   follows ``combine()`` (DC ~1331, 1731) before anything is read. The adapter calls them back
-  to back, so AsyncLL gives no overlap here (and without ``MORI_ENABLE_SDMA=1`` MORI moves the
-  data with compute units and warns that it is slow); IntraNode is the one to use in a node;
+  to back, so AsyncLL gives no overlap of its own here (and without ``MORI_ENABLE_SDMA=1`` MORI
+  moves the data with compute units and warns that it is slow); IntraNode is the one to use in
+  a node. ``EPMoE(micro_batches=2)`` overlaps every kernel type's dispatch and combine with the
+  other micro-batch's experts on a side stream (``rocm_moe.overlap``; ``batches_in_flight=2``:
+  one op per batch in flight, as MORI keeps a batch's routing in its op until combine);
 - shmem is initialised once per process (a second init is skipped silently, src/shmem/
   init.cpp ~671): a second, different EP group in one process is refused. The unique id is
   broadcast from the group's first rank (MORI's torch helper uses global rank 0, shmem/api.py
