@@ -278,12 +278,33 @@ def _assert_close(got, want, what: str, *, ulps: int = 4, max_id_rows: float = 1
                            f"{gw[off][0].tolist()} vs {ww[off][0].tolist()}")
 
 
+def _biased_ties(x, cfg: RouterConfig, bias_E) -> torch.Tensor:
+    """[T] bool: rows whose choice (score + correction bias) ties exactly where the selection
+    looks (the K-th and (K+1)-th kept choices, or two of the K, or the group scores at the
+    topk_group boundary). Distinct logits give distinct scores, but a bias can make two biased
+    scores equal; torch.topk's order among equals is unspecified on CUDA, the kernel's is the
+    lower id first (``test_ties_go_to_the_lower_id``), so such rows agree as sets only."""
+    choice = _scores(x, cfg).float()
+    if bias_E is not None:
+        choice = choice + bias_E.float()
+    T, E = choice.shape
+    tied = torch.zeros(T, dtype=torch.bool, device=choice.device)
+    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
+        top2 = choice.view(T, cfg.n_group, -1).topk(2, dim=-1).values.sum(-1)
+        g = top2.sort(dim=1, descending=True).values[:, : cfg.topk_group + 1]
+        tied |= (g[:, 1:] == g[:, :-1]).any(1)
+    k = min(cfg.top_k + 1, E)
+    c = choice.sort(dim=1, descending=True).values[:, :k]
+    return tied | (c[:, 1:] == c[:, :-1]).any(1)
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d).split(".")[1])
 @pytest.mark.parametrize("case", list(CASES))
 def test_gpu_kernel_is_the_torch_paths_bits(gen, case, dtype):
-    """No ties: the kernel's ids and weights are ``_route_torch``'s bits on CUDA (each stage
+    """No ties (rows where the bias makes two choices equal agree as sets: ``_biased_ties``):
+    the kernel's ids and weights are ``_route_torch``'s bits on CUDA (each stage
     measured equal on an H100, bench/results/router_bits_h100.txt); ``route(fused=True)`` is
     the kernel's bits, ``route()`` the torch path's. Many seeds, T = 1, 33, 511 and 4096."""
     cfg = CASES[case]
@@ -294,7 +315,12 @@ def test_gpu_kernel_is_the_torch_paths_bits(gen, case, dtype):
             ref = _route_torch(x, cfg, bias)
             want = (ref.topk_weights, ref.topk_ids)
             got = _fused(x, cfg, bias)
-            _assert_equal(got, want, f"{case} T={T} kernel")
+            tied = _biased_ties(x, cfg, bias)
+            assert tied.sum().item() <= max(1.0, 1e-3 * T), f"{case} T={T}: many biased ties"
+            assert torch.equal(got[1][tied].sort(1).values, want[1][tied].sort(1).values), (
+                f"{case} T={T}: a row with a biased tie chose other experts")
+            _assert_equal((got[0][~tied], got[1][~tied]), (want[0][~tied], want[1][~tied]),
+                          f"{case} T={T} kernel")
             r = route(x, cfg, e_score_correction_bias=bias, validate=False, fused=True)
             _assert_equal((r.topk_weights, r.topk_ids), got, f"{case} T={T} route(fused)")
             r = route(x, cfg, e_score_correction_bias=bias, validate=False)
