@@ -105,7 +105,7 @@ def _layer(cfg: dict, s: dict, cap: int, info: WorkerInfo, dtype, path: str = "a
                   weight_format="block_fp8" if fp8 else "dense",
                   shared_intermediate_size=s["shared_intermediate"],
                   dtype=dtype, device=info.device, validate=False,
-                  fused_router=cfg["fused_router"] and gpu)
+                  fused_router=cfg["fused_router"] and gpu, fused_gate=cfg.get("fused_gate"))
     layer.reset_parameters(cfg["seed"])
     return layer
 
@@ -207,6 +207,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="expert weights: bf16 or block-FP8 (128x128)")
     p.add_argument("--fused-router", action=argparse.BooleanOptionalAction, default=True,
                    help="the one-launch Triton router (GPUs; --no-fused-router: torch path)")
+    p.add_argument("--fused-gate", choices=["off", "float32", "all"], default=None,
+                   help="the Triton gate GEMM with the router (routing.gate_route; default "
+                   "routing.FUSED_GATE_DEFAULT): float32 gates (DeepSeek-V3) or all")
     p.add_argument("--experts-path", nargs="+", choices=["auto", "small", "grouped"],
                    default=["auto"], help="the Triton experts' path (several: a row set each): "
                    "auto (by batch size), small (no layout sort) or grouped (layout + GEMMs)")
@@ -246,6 +249,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     title = (f"decode at W=1, {cfg['model']} E={s['num_experts']} H={s['hidden']} "
              f"I={s['intermediate']} K={s['top_k']} {cfg['format']}, comm={cfg['comm']}, "
              f"router={'fused' if cfg['fused_router'] else 'torch'}, "
+             f"gate={cfg.get('fused_gate') or 'default'}, "
              + (f"CUDA-graph replay x{cfg['inner']}, median of {cfg['iters']}, copy rate "
                 f"{rate / 1e12:.2f} TB/s" if rate else "eager smoke run (no GPU)")
              + f", {device}")
