@@ -119,7 +119,9 @@ def _equal_worker(info) -> dict:
         for mode in ("experts", "combine"):
             one, two = _layer(disp, 1, mode), _layer(disp, 2, mode)
             raw = not name.startswith("mori")  # (MORI has no raw return path)
-            for shares in TOKENS[W] if name != "mori_asyncll" else TOKENS[W][1:2]:
+            # (MORI's fakes move rows in Python: 511 tokens on the torch backend only)
+            for shares in dict(mori=TOKENS[W][:2], mori_asyncll=TOKENS[W][1:2]).get(name,
+                                                                                  TOKENS[W]):
                 T = shares[r]
                 x = syn.tokens(SEED + T, r, T, H) * 3
                 res[f"{name}_{mode}_T{sum(shares)}"] = _compare(one, two, x, raw=raw)
@@ -197,7 +199,7 @@ def ranks():
 def test_two_micro_batches_equal_the_unsplit_layer_and_the_oracle(W, ranks):
     for r, res in enumerate(ranks(W)):
         cases = res["equal"]
-        assert len(cases) == (22 if W in MORI_W else 11), sorted(cases)
+        assert len(cases) == (20 if W in MORI_W else 11), sorted(cases)
         for case, got in cases.items():
             assert got["bits"], (W, r, case)
             assert got["shape"], (W, r, case)
