@@ -276,6 +276,64 @@ def test_pipeline_abandons_every_batch_in_flight(fail, abandoned):
     assert [e for e in log if e.startswith("abandon")] == abandoned
 
 
+class _FakeStream:
+    """Stands for a CUDA stream: logs what runs on it and the events it records and waits."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log, self.n = name, log, 0
+
+    def record_event(self):
+        self.n += 1
+        ev = f"{self.name}{self.n}"
+        self.log.append(f"{self.name}: record {ev}")
+        return ev
+
+    def wait_event(self, ev):
+        self.log.append(f"{self.name}: wait {ev}")
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name}: wait stream {other.name}")
+
+
+def test_pipeline_events_on_two_streams(monkeypatch):
+    """The CUDA wiring with fake streams: E(i) waits for the event after D(i) (not after the
+    combine issued since), C(i) for the one after E(i) (not E(i + 1)), fork and join."""
+    import contextlib
+
+    log: list = []
+    main, side = _FakeStream("main", log), _FakeStream("side", log)
+    current = [main]
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(overlap, "_SIDE_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device, priority: side)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+    def stage(name):
+        return lambda i, *args: log.append(f"{current[-1].name}: {name}{i}")
+
+    stages = overlap.Stages(dispatch=stage("D"), experts=stage("E"), combine=stage("C"),
+                            abandon=lambda *a: pytest.fail("nothing raised"))
+    overlap.run(3, stages, device=torch.device("cuda", 0), overlap=True,
+                after=lambda: log.append(f"{current[-1].name}: shared"))
+    assert log == [
+        "side: wait stream main",  # fork: the routed inputs
+        "side: D0", "side: record side1", "main: wait side1", "main: E0", "main: record main1",
+        "side: D1", "side: record side2", "main: wait side2", "main: E1", "main: record main2",
+        "side: wait main1", "side: C0",
+        "side: D2", "side: record side3", "main: wait side3", "main: E2", "main: record main3",
+        "side: wait main2", "side: C1",
+        "side: wait main3", "side: C2",
+        "main: shared", "main: wait stream side"]  # join
+
+
 class _Holding(LocalDispatcher):
     """Results are views of its buffers (as symm and MORI), ``batches_in_flight`` of them."""
 
