@@ -59,9 +59,16 @@ the dispatcher's per-local-expert counts: rocm_moe's dispatcher reports them in 
 every call and the physical -> local map never changes. ``replicas_from_sglang`` gives a layer's
 placement as rocm_moe's ``ReplicatedPlacement``.
 
+Expert variants (``expert_variant``): SiLU SwiGLU and gpt-oss's clamped SwiGLU (``gemm1_alpha``,
+``gemm1_clamp_limit``; w13 rows interleaved by SGLang's loader, de-interleaved in place once after
+loading), each with or without biases (``with_bias``: SGLang's ``w13_weight_bias`` /
+``w2_weight_bias``, read at every call); ``apply_router_weight_on_input`` (Llama 4, top-1): the
+weight onto the token before dispatch.
+
 Refused with a ValueError at construction, before any collective: quantised layers, fused shared
-experts, activations other than SiLU-gated, a clamped or scaled SwiGLU (``swiglu_limit``,
-``gemm1_clamp_limit``, ``gemm1_alpha``/``gemm1_beta``), biased experts, ``no_combine``, physical
+experts, activations other than SiLU-gated, a SiLU clamp without gemm1_alpha
+(``gemm1_clamp_limit`` alone, ``swiglu_limit``), ``gemm1_beta`` other than 1, an experts backend
+that does not run the layer's variant, ``no_combine``, physical
 experts that do not split evenly over the EP ranks, the MoE layout in which SGLang replicates
 every token on every EP rank (``--moe-a2a-backend none`` with EP > 1: SGLang then sums the
 ranks' outputs, which would count rocm_moe's complete outputs W times),
@@ -79,8 +86,9 @@ import torch
 from rocm_moe._checks import error_message
 from rocm_moe._libs import import_engine
 from rocm_moe.comm.base import CombineHandle, Dispatcher
-from rocm_moe.experts.base import Experts
+from rocm_moe.experts.base import PLAIN, Experts, ExpertVariant, variant_kwargs, variant_refusal
 from rocm_moe.experts.reference import ReferenceExperts
+from rocm_moe.integrations._gate_up import is_gate_up, uninterleave_gate_up
 from rocm_moe.placement import Placement
 from rocm_moe.replicas import ReplicatedPlacement
 from rocm_moe.weighting import ExpertsOutput, WeightMode, resolve_weight_mode
@@ -150,10 +158,14 @@ def _classes() -> SimpleNamespace:
         def __init__(self, dispatcher: Dispatcher, *, experts: Experts | None = None,
                      weight_mode: WeightMode = "experts",
                      routed_scaling_factor: float | None = None,
-                     apply_router_weight_on_input: bool = False):
+                     apply_router_weight_on_input: bool = False,
+                     variant: ExpertVariant = PLAIN, interleaved_gate_up: bool = False):
             super().__init__()
             self.routed_scaling_factor = routed_scaling_factor
             self.apply_router_weight_on_input = apply_router_weight_on_input
+            # what the layer's experts compute (``expert_variant``) and whether SGLang loads
+            # its w13 interleaved (de-interleaved once after loading, then marked)
+            self.variant, self.interleaved_gate_up = variant, interleaved_gate_up
             if not isinstance(dispatcher, Dispatcher):
                 raise TypeError(error_message("dispatcher", type(dispatcher).__name__,
                                               "must be a rocm_moe Dispatcher",
@@ -161,6 +173,11 @@ def _classes() -> SimpleNamespace:
             self.dispatcher = dispatcher
             self.experts = experts or ReferenceExperts()
             self.weight_mode = resolve_weight_mode(weight_mode)
+            reason = variant_refusal(self.experts, variant, self.weight_mode)
+            if reason is not None:
+                raise _refuse(ENV_EXPERTS, self.experts.name, f"cannot run this layer's "
+                              f"experts ({variant}): {reason}",
+                              f"set {ENV_EXPERTS}=reference (or a backend that runs it)")
 
         def dispatch(self, hidden_states, topk_output):
             """Routing weights are final before they travel: scaled by
@@ -260,19 +277,27 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def run_experts(dispatcher, dispatch_output, w13: torch.Tensor, w2: torch.Tensor):
+def run_experts(dispatcher, dispatch_output, w13: torch.Tensor, w2: torch.Tensor,
+                w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None):
     """The experts step: ``dispatcher.experts`` on the dispatched rows with this rank's
-    ``w13`` [e, 2I, H] (gate then up) and ``w2`` [e, H, I] -> RocmMoECombineInput."""
+    ``w13`` [e, 2I, H] (gate then up) and ``w2`` [e, H, I] (and, for a biased layer, SGLang's
+    ``w13_weight_bias`` [e, 2I] / ``w2_weight_bias`` [e, H]) -> RocmMoECombineInput."""
     c = _classes()
     if not isinstance(dispatch_output, c.RocmMoEDispatchOutput):
         raise _refuse("dispatch_output", type(dispatch_output).__name__,
                       "must come from RocmMoEDispatcher.dispatch", "dispatch with it first")
+    if dispatcher.interleaved_gate_up and not is_gate_up(w13):
+        raise _refuse("w13", "SGLang's interleaved gate/up rows (gate_up_interleaved)",
+                      "rocm_moe's experts read w13 as gate rows then up rows",
+                      f"load with {SWITCH}=1 (its process_weights_after_loading hook "
+                      "de-interleaves them) or call uninterleave_gate_up(w13, w13_bias) once")
     x = dispatch_output.hidden_states
     ids = dispatch_output.topk_output.topk_ids.to(torch.int32)
     w = dispatch_output.topk_output.topk_weights.float()
     eo = dispatcher.experts(x, ids, w, w13, w2, dispatcher.dispatcher.expert_map_on(x.device),
                             weight_mode=dispatcher.weight_mode, validate=not capturing(),
-                            **(dispatch_output.row_bound or {}))
+                            **(dispatch_output.row_bound or {}),
+                            **variant_kwargs(dispatcher.variant, w13_bias, w2_bias))
     return c.RocmMoECombineInput(hidden_states=eo.out, weights_applied=eo.weights_applied,
                                  handle=dispatch_output.handle)
 
@@ -345,9 +370,61 @@ def _device() -> torch.device:
         else torch.device("cpu")
 
 
-def _bias_refusal() -> ValueError:
-    return _refuse("with_bias", True, "rocm_moe experts have no biases (they would be dropped: "
-                   "rel err 0.77-0.86)", f"unset {SWITCH} for this model")
+def expert_variant(moe_runner_config, *, with_bias: bool = False) -> ExpertVariant:
+    """What every routed expert of an SGLang MoE layer computes, as rocm_moe's
+    ``ExpertVariant`` (the rules of SGLang's Triton runner, ``moe_runner/triton_utils/
+    fused_moe.py``); a ValueError naming the field where rocm_moe would compute another model.
+
+      activation "silu", gated, no gemm1_* / swiglu_limit  -> plain SwiGLU
+      "silu" with gemm1_alpha and gemm1_clamp_limit (gpt-oss: 1.702, 7.0; gemm1_beta None
+        or 1)                                              -> "swiglu_oai" with them
+        (``swiglu_gpt_oss_sigmoid_alpha`` on interleaved rows when ``gate_up_interleaved``,
+        its default; ``swiglu_no_interleaved_with_alpha_and_limit`` otherwise)
+      ``with_bias`` (w13_weight_bias, w2_weight_bias)      -> bias=True (b2 before the
+                                                              routing weight, as SGLang's)
+    Refused: other activations or ungated experts; gemm1_clamp_limit without gemm1_alpha
+    (``_swiglu_silu_clamp_mul``: min(silu(gate), limit) * clamp(up)); swiglu_limit (DeepSeek
+    V4's clamp before silu_and_mul); gemm1_beta other than 1."""
+    cfg = moe_runner_config
+    unset = f"unset {SWITCH} for this model"
+    if cfg.activation != "silu" or not cfg.is_gated:
+        raise _refuse("activation", cfg.activation if cfg.is_gated else "ungated",
+                      "rocm_moe experts compute gated silu (SwiGLU), plain or with gpt-oss's "
+                      "gemm1_alpha / gemm1_clamp_limit", unset)
+    if getattr(cfg, "swiglu_limit", None) is not None:
+        raise _refuse("swiglu_limit", cfg.swiglu_limit, "SGLang clamps before silu_and_mul "
+                      "(DeepSeek V4); rocm_moe's clamped SwiGLU is gpt-oss's (up + 1) form, "
+                      "so it would compute another model", unset)
+    alpha, limit = cfg.gemm1_alpha, cfg.gemm1_clamp_limit
+    beta = getattr(cfg, "gemm1_beta", None)
+    if alpha is None:
+        for field, value in (("gemm1_clamp_limit", limit), ("gemm1_beta", beta)):
+            if value is not None:
+                raise _refuse(field, value, "without gemm1_alpha SGLang computes "
+                              "min(silu(gate), limit) * clamp(up, -limit, limit), not "
+                              "gpt-oss's (up + 1) form that rocm_moe computes", unset)
+        return ExpertVariant(bias=bool(with_bias))
+    if limit is None:
+        raise _refuse("gemm1_clamp_limit", None, "SGLang requires it with gemm1_alpha",
+                      "set it from the model config (gpt-oss: swiglu_limit)")
+    if beta is not None and float(beta) != 1.0:
+        raise _refuse("gemm1_beta", beta, "rocm_moe's swiglu_oai computes (up + 1) * glu: "
+                      "beta must be 1", unset)
+    return ExpertVariant(activation="swiglu_oai", alpha=float(alpha), limit=float(limit),
+                         bias=bool(with_bias))
+
+
+def interleaved_gate_up(moe_runner_config) -> bool:
+    """Whether SGLang's kernels read this layer's w13 rows interleaved (gate0, up0, ...): its
+    gpt-oss activation (gemm1_alpha set) with ``gate_up_interleaved`` (the default; its loader
+    keeps the checkpoint's column order)."""
+    cfg = moe_runner_config
+    return cfg.gemm1_alpha is not None and bool(getattr(cfg, "gate_up_interleaved", True))
+
+
+def _with_bias(moe_runner_config, quant_method=None) -> bool:
+    return bool(getattr(getattr(moe_runner_config, "layer", None), "with_bias", False)
+                or getattr(quant_method, "with_bias", False))
 
 
 def check_layer(moe_runner_config) -> None:
@@ -357,17 +434,7 @@ def check_layer(moe_runner_config) -> None:
         raise _refuse("num_fused_shared_experts", cfg.num_fused_shared_experts,
                       "fused shared experts are extra slots, not rocm_moe experts",
                       "disable shared-expert fusion (--disable-shared-experts-fusion)")
-    if cfg.activation != "silu" or not cfg.is_gated:
-        raise _refuse("activation", cfg.activation if cfg.is_gated else "ungated",
-                      "rocm_moe experts are SwiGLU (silu(gate) * up)",
-                      f"unset {SWITCH} for this model")
-    for field in ("swiglu_limit", "gemm1_clamp_limit", "gemm1_alpha", "gemm1_beta"):
-        if getattr(cfg, field, None) is not None:
-            raise _refuse(field, getattr(cfg, field), "rocm_moe's SwiGLU is unclamped and "
-                          "unscaled; this layer's would differ (rel err ~10 on clamped models)",
-                          f"unset {SWITCH} for this model")
-    if getattr(getattr(cfg, "layer", None), "with_bias", False):
-        raise _bias_refusal()
+    expert_variant(cfg, with_bias=_with_bias(cfg))
     if cfg.no_combine:
         raise _refuse("no_combine", True, "rocm_moe's combine sums the K outputs",
                       f"unset {SWITCH} or build the layer with no_combine=False")
@@ -402,7 +469,8 @@ def _check_engine_flags(W: int) -> None:
                       "SGLang then keeps each rank's own tokens) and --attn-dp-size = --tp-size")
 
 
-def make_sglang_dispatcher(moe_runner_config, *, routed_scaling_factor: float | None = None):
+def make_sglang_dispatcher(moe_runner_config, *, routed_scaling_factor: float | None = None,
+                           with_bias: bool = False):
     """A RocmMoEDispatcher for a layer's ``MoeRunnerConfig`` on SGLang's MoE EP group
     (contiguous placement: SGLang gives rank d the experts [d * e, (d + 1) * e)), holding the
     process's shared rocm_moe Dispatcher (one for every layer of the model)."""
@@ -436,7 +504,9 @@ def make_sglang_dispatcher(moe_runner_config, *, routed_scaling_factor: float | 
     pool._log_once("sglang-budget", f"sglang dispatcher capacity {cap} tokens per rank ({why})")
     return _classes().RocmMoEDispatcher(
         disp, experts=experts, weight_mode=mode, routed_scaling_factor=routed_scaling_factor,
-        apply_router_weight_on_input=cfg.apply_router_weight_on_input)
+        apply_router_weight_on_input=cfg.apply_router_weight_on_input,
+        variant=expert_variant(cfg, with_bias=with_bias or _with_bias(cfg)),
+        interleaved_gate_up=interleaved_gate_up(cfg))
 
 
 def _around_create_moe_dispatcher(original, moe_runner_config, quant_method, *a, **kw):
@@ -446,8 +516,6 @@ def _around_create_moe_dispatcher(original, moe_runner_config, quant_method, *a,
         raise _refuse("quant_method", type(quant_method).__name__,
                       "rocm_moe's SGLang backend runs unquantised experts only",
                       f"serve the unquantised model or unset {SWITCH}")
-    if getattr(quant_method, "with_bias", False):
-        raise _bias_refusal()
     from sglang.srt.layers.moe.fused_moe_triton.layer import (
         _fuses_routed_scaling_factor_in_topk,
     )
@@ -456,17 +524,23 @@ def _around_create_moe_dispatcher(original, moe_runner_config, quant_method, *a,
     fused = _fuses_routed_scaling_factor_in_topk(quant_method, moe_runner_config.runner_backend)
     return make_sglang_dispatcher(
         moe_runner_config,
-        routed_scaling_factor=None if fused else moe_runner_config.routed_scaling_factor)
+        routed_scaling_factor=None if fused else moe_runner_config.routed_scaling_factor,
+        with_bias=_with_bias(moe_runner_config, quant_method))
 
 
 def _ours(layer) -> bool:
     return isinstance(getattr(layer, "dispatcher", None), _classes().RocmMoEDispatcher)
 
 
+def _layer_weights(layer) -> tuple:
+    return (layer.w13_weight, layer.w2_weight, getattr(layer, "w13_weight_bias", None),
+            getattr(layer, "w2_weight_bias", None))
+
+
 def _around_run_moe_core(original, layer, dispatch_output, *a, **kw):
     if not _ours(layer):
         return original(layer, dispatch_output, *a, **kw)
-    return run_experts(layer.dispatcher, dispatch_output, layer.w13_weight, layer.w2_weight)
+    return run_experts(layer.dispatcher, dispatch_output, *_layer_weights(layer))
 
 
 def _slice_topk(topk_output, rows: slice):
@@ -529,16 +603,20 @@ def _around_deepep_forward_impl(original, layer, hidden_states, topk_output, *a,
 def _around_deepep_run_moe_core(original, layer, dispatch_output, *a, **kw):
     if not _ours(layer):
         return original(layer, dispatch_output, *a, **kw)
-    return run_experts(layer.dispatcher, dispatch_output, layer.w13_weight, layer.w2_weight)
+    return run_experts(layer.dispatcher, dispatch_output, *_layer_weights(layer))
 
 
 def _around_process_weights_after_loading(original, method, layer, *a, **kw):
     """SGLang rewrites w13/w2 in place after loading for its own kernels (AITER's shuffle with
     SGLANG_USE_AITER=1 on ROCm, AMX packing on CPUs, the gate/up interleave of its CUDA Triton
     epilogue, FlashInfer TRT-LLM's block layout). rocm_moe's experts read the weights as loaded
-    ([e, 2I, H] gate then up, [e, H, I]), so none of it runs for rocm_moe's layers."""
+    ([e, 2I, H] gate then up, [e, H, I]), so none of it runs for rocm_moe's layers; a gpt-oss
+    layer's interleaved w13 / w13_weight_bias (``interleaved_gate_up``) are de-interleaved in
+    place instead (every call follows a load of checkpoint-layout weights)."""
     if not _ours(layer):
         return original(method, layer, *a, **kw)
+    if layer.dispatcher.interleaved_gate_up:
+        uninterleave_gate_up(layer.w13_weight, getattr(layer, "w13_weight_bias", None))
     return None
 
 
@@ -580,8 +658,11 @@ def rocm_layer(sglang_layer, *, router, gate_weight: torch.Tensor | None = None)
     w13, w2 = sglang_layer.w13_weight, sglang_layer.w2_weight
     layer = EPMoE(hidden_size=w13.shape[2], intermediate_size=w2.shape[2], router=router,
                   dispatcher=rd.dispatcher, experts=rd.experts, weight_mode=rd.weight_mode,
-                  dtype=w13.dtype, device=w13.device)
+                  dtype=w13.dtype, device=w13.device, expert_variant=rd.variant)
     layer.w13, layer.w2 = w13, w2
+    if rd.variant.bias:
+        layer.w13_bias, layer.w2_bias = (sglang_layer.w13_weight_bias,
+                                         sglang_layer.w2_weight_bias)
     if gate_weight is not None:
         with torch.no_grad():
             layer.gate.weight.copy_(gate_weight)

@@ -91,6 +91,7 @@ from rocm_moe._libs import import_engine
 from rocm_moe.comm.base import CombineHandle, Dispatcher
 from rocm_moe.experts.base import Experts, ExpertVariant, variant_kwargs, variant_refusal
 from rocm_moe.experts.reference import ReferenceExperts
+from rocm_moe.integrations._gate_up import is_gate_up, uninterleave_gate_up
 from rocm_moe.placement import ExpertMap, Placement
 from rocm_moe.replicas import ReplicatedPlacement
 from rocm_moe.weighting import ExpertsOutput, WeightMode, resolve_weight_mode
@@ -304,7 +305,6 @@ def _check_unquantized(quant_config) -> None:
 # activation step (fused_moe/activation.py apply_moe_activation) calls it without arguments,
 # and what its gpt-oss Triton experts fall back to (gpt_oss_triton_kernels_moe.py)
 SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT = 1.702, 7.0
-_GATE_UP_ATTR = "_rocm_moe_gate_up"  # set on a w13 (and its bias) de-interleaved in place
 
 
 def _swiglu_params(moe_config, quant_config=None) -> dict:
@@ -394,21 +394,6 @@ def interleaved_gate_up(moe_config) -> bool:
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
     return moe_config.activation == MoEActivation.SWIGLUOAI
-
-
-def uninterleave_gate_up(w13: torch.Tensor, w13_bias: torch.Tensor | None = None, *,
-                         permute: bool = True) -> None:
-    """vLLM's interleaved w13 [e, 2I, H] (and w13_bias [e, 2I]) rewritten in place as gate rows
-    then up rows, rocm_moe's layout, and marked so (``RocmMoEExperts`` refuses an interleaved-
-    layout layer whose w13 is not marked); ``permute=False`` only marks them (weights vLLM
-    loaded already processed). Storage and Parameter objects stay the same (CUDA graphs, the
-    quant config's bias references and vLLM's EPLB hold them)."""
-    with torch.no_grad():
-        for t in (w13, w13_bias):
-            if t is not None:
-                if permute:
-                    t.copy_(torch.cat([t[:, 0::2], t[:, 1::2]], dim=1))
-                setattr(t, _GATE_UP_ATTR, True)
 
 
 def check_layer_config(moe_config) -> ExpertVariant:
@@ -679,7 +664,7 @@ def _classes() -> SimpleNamespace:
                               "must be the layer's own (the experts were built for "
                               f"{self.moe_config.activation.value})",
                               "pass layer.activation")
-            if self.interleaved and not getattr(w1, _GATE_UP_ATTR, False):
+            if self.interleaved and not is_gate_up(w1):
                 raise _refuse("w1", "vLLM's interleaved gate/up rows (SWIGLUOAI)",
                               "rocm_moe's experts read w13 as gate rows then up rows",
                               "load through RocmMoEFusedMoEMethod (its "

@@ -79,9 +79,11 @@ def expert(spec: Spec, layer: int, g: int):
     return o.expert_weights(spec.seed * 100 + layer, g, spec.H, spec.I, torch.float32)
 
 
-def build(spec: Spec, layer_cls=(), **moe_kw) -> list[SimpleNamespace]:
+def build(spec: Spec, layer_cls=(), topk_kw: dict | None = None,
+          **moe_kw) -> list[SimpleNamespace]:
     """The model's layers, weights loaded as SGLang loads a checkpoint; ``layer_cls``: the MoE
-    class of each layer in turn (default: what ``get_moe_impl_class`` returns)."""
+    class of each layer in turn (default: what ``get_moe_impl_class`` returns); ``topk_kw``:
+    TopK's routing arguments (default: renormalised softmax)."""
     from sglang.srt.layers.moe.ep_moe.layer import get_moe_impl_class
     from sglang.srt.layers.moe.topk import TopK
     from sglang.srt.layers.moe.utils import RoutingMethodType
@@ -90,7 +92,8 @@ def build(spec: Spec, layer_cls=(), **moe_kw) -> list[SimpleNamespace]:
     layers = []
     for n in range(spec.layers):
         cls = classes[n % len(classes)]
-        topk = TopK(top_k=spec.K, renormalize=True, use_grouped_topk=False, layer_id=n)
+        topk = TopK(top_k=spec.K, use_grouped_topk=False, layer_id=n,
+                    **(topk_kw or dict(renormalize=True)))
         moe = cls(num_experts=spec.E, top_k=spec.K, layer_id=n, hidden_size=spec.H,
                   intermediate_size=spec.I, params_dtype=torch.float32,
                   routing_method_type=RoutingMethodType.Renormalize,
@@ -105,6 +108,54 @@ def build(spec: Spec, layer_cls=(), **moe_kw) -> list[SimpleNamespace]:
         moe.quant_method.process_weights_after_loading(moe)
         layers.append(SimpleNamespace(gate=gate(spec, n), topk=topk, moe=moe, loaded=loaded))
     return layers
+
+
+def build_gpt_oss(p: dict, *, E: int, K: int, **moe_kw) -> SimpleNamespace:
+    """gpt-oss's MoE layer as SGLang's ``models/gpt_oss.py`` builds it (TopK renormalised,
+    ``FusedMoE(activation="silu", gemm1_alpha=1.702, gemm1_clamp_limit=7.0, with_bias=True,
+    use_weight_loader_fused=True)``), the experts ``p`` (``variants64.expert_params``) written
+    as gpt-oss's checkpoint holds them and loaded as its ``load_weights`` loads them (each fused
+    tensor through the layer's weight loader, weights transposed, biases as they are).
+    ``loaded``: the tensors as SGLang's loader left them, before process_weights_after_loading."""
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+    from sglang.srt.layers.moe.topk import TopK
+
+    from tests_integrations import variants64 as v64
+
+    H, I = p["w13"].shape[2], p["w2"].shape[2]
+    topk = TopK(top_k=K, renormalize=True, layer_id=0)
+    moe = FusedMoE(num_experts=E, top_k=K, layer_id=0, hidden_size=H, intermediate_size=I,
+                   params_dtype=p["w13"].dtype, activation="silu", gemm1_alpha=1.702,
+                   gemm1_clamp_limit=7.0, with_bias=True, use_weight_loader_fused=True,
+                   **moe_kw)
+    topk.bind_runner_backend(moe.runner_backend)
+    ck = v64.gpt_oss_checkpoint(p)
+    if not moe_kw.get("gate_up_interleaved", True):  # a split-layout checkpoint
+        ck.update(gate_up_proj=p["w13"].transpose(1, 2).contiguous(), gate_up_proj_bias=p["b13"])
+    # EP: this rank's experts of the fused tensors (SGLang's fused loader copies the whole
+    # tensor it is given; gpt_oss.py slices [ep_rank * e, (ep_rank + 1) * e) before it)
+    e = moe.w13_weight.shape[0]
+    lo = moe.moe_ep_rank * e
+    for param_name, weight_name, shard in FusedMoE.make_expert_params_mapping_fused(
+            "gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+        name = param_name.split(".")[-1]
+        w = ck[weight_name.split(".")[-1]][lo:lo + e]
+        w = w if "bias" in name else w.transpose(-2, -1)
+        param = getattr(moe, name)
+        param.weight_loader(param, w, name, shard_id=shard)  # gpt_oss.py's call
+    loaded = dict(w13=moe.w13_weight.detach().clone(), b13=moe.w13_weight_bias.detach().clone(),
+                  w2=moe.w2_weight.detach().clone(), b2=moe.w2_weight_bias.detach().clone())
+    moe.quant_method.process_weights_after_loading(moe)
+    g = torch.Generator().manual_seed(E * 7 + K)
+    return SimpleNamespace(gate=torch.randn(E, H, generator=g) / H ** 0.5, topk=topk, moe=moe,
+                           loaded=loaded)
+
+
+def forward_one(layer, x: torch.Tensor):
+    """One MoE layer (no residual): (y [T, H], its routing weights [T, K], ids [T, K])."""
+    out = layer.topk(x, x @ layer.gate.T) if x.shape[0] else \
+        layer.topk.empty_topk_output(x.device)
+    return layer.moe(x, out), out.topk_weights, out.topk_ids
 
 
 def forward(layers, x: torch.Tensor) -> torch.Tensor:
@@ -319,4 +370,35 @@ def rank_scenarios(info) -> dict:
                            max_tokens_per_rank=seen.get("max_tokens_per_rank"))
     finally:
         backends.make_dispatcher = real
+    out["gpt_oss"] = gpt_oss_scenario(info)
     return out
+
+
+def gpt_oss_scenario(info) -> dict:
+    """SGLang's gpt-oss layer (``build_gpt_oss``) on this EP rank, comm torch: the float64
+    oracle of the checkpoint's experts at SGLang's routing, batches of every size."""
+    from rocm_moe.comm import pool
+    from tests_integrations import variants64 as v64
+
+    pool.clear()
+    os.environ["ROCM_MOE_SGLANG_COMM"] = "torch"
+    os.environ["ROCM_MOE_SGLANG_MAX_TOKENS"] = str(CAP)
+    E, K = (6 if info.world_size == 3 else 8), 2  # SGLang splits the experts evenly
+    p = v64.expert_params(29, E, 64, 32, torch.float32)
+    # every rank loads the whole checkpoint; SGLang's loader keeps this rank's experts
+    layer = build_gpt_oss(p, E=E, K=K)
+    out = dict(err=[], variant="gpt_oss" if layer.moe.dispatcher.variant
+               == rs_variant() else "other")
+    for j in range(len(SIZES)):
+        x = tokens(Spec(), info.rank, SIZES[(j + info.rank) % len(SIZES)])
+        y, w, ids = forward_one(layer, x)
+        out["err"].append(o.rel_err(y, v64.oracle(x, w, ids, p)))
+    os.environ.pop("ROCM_MOE_SGLANG_COMM", None)
+    pool.clear()
+    return out
+
+
+def rs_variant():
+    from rocm_moe.integrations import sglang as rs
+
+    return rs.ExpertVariant.gpt_oss(alpha=1.702, limit=7.0)

@@ -111,7 +111,6 @@ def test_weights_stay_as_loaded_where_sglang_would_rewrite_them(one_rank, monkey
     (dict(swiglu_limit=7.0), "swiglu_limit"),
     (dict(gemm1_clamp_limit=7.0), "gemm1_clamp_limit"),
     (dict(gemm1_alpha=1.702), "gemm1_alpha"),
-    (dict(with_bias=True), "with_bias"),
     (dict(activation="gelu"), "activation"),
     (dict(is_gated=False), "activation"),
     (dict(no_combine=True), "no_combine"),
