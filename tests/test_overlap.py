@@ -413,8 +413,9 @@ def test_bench_layer_overlap_smoke(tmp_path, capsys):
 
     from rocm_moe.cli import main
 
-    rc = main(["bench", "layer", "--world-size", "2", "--tokens", "1", "33", "--hidden", "32",
-               "--num-experts", "8", "--intermediate", "16", "--top-k", "2", "--warmup", "0",
+    # (test_cli's tiny bench shape, which also runs where the 2 ranks get GPUs)
+    rc = main(["bench", "layer", "--world-size", "2", "--tokens", "1", "33", "--hidden", "64",
+               "--num-experts", "8", "--intermediate", "32", "--top-k", "2", "--warmup", "0",
                "--iters", "1", "--dtype", "float32", "--overlap", "--out", str(tmp_path),
                "--name", "ov"])
     assert rc == 0
