@@ -416,7 +416,8 @@ def test_bench_layer_overlap_smoke(tmp_path, capsys):
     # (test_cli's tiny bench shape, which also runs where the 2 ranks get GPUs)
     rc = main(["bench", "layer", "--world-size", "2", "--tokens", "1", "33", "--hidden", "64",
                "--num-experts", "8", "--intermediate", "32", "--top-k", "2", "--warmup", "0",
-               "--iters", "1", "--dtype", "float32", "--overlap", "--out", str(tmp_path),
+               "--iters", "1", "--dtype", "float32", "--comm", "torch", "--overlap",
+               "--out", str(tmp_path),
                "--name", "ov"])
     assert rc == 0
     rows = json.loads((tmp_path / "ov.json").read_text())["summary"]
