@@ -25,6 +25,14 @@ order:
   (IEEE) and w * routed_scaling_factor.
 - a group's score is the sum of its two largest choice scores (one addition: no order).
 
+The top-k is one (key, index) max per pick over the flat expert positions, the key being the
+choice score's bits as an int32 ordered as the floats (taken and padded positions lowest), and
+the K weights are gathered in one reduction after the picks.
+
+``_splitk_router_kernel`` is the same router on split-K partial gate logits [S, T, E]
+(``rocm_moe._gate_triton``): it sums them in order (part[0] + part[1] + ..., loaded 8 at a
+time), rounds them to the logits' dtype, writes the logits and routes them.
+
 Ties (equal scores, e.g. two equal bfloat16 logits) go to the lower expert id (and, for
 groups, the lower group id); ``torch.topk`` leaves them to its implementation. A NaN score
 ranks above every number, as in ``torch.topk``; the ids stay distinct and in [0, E) whatever

@@ -28,6 +28,14 @@ same scoring, normalisation and scaling as the unforced path (``forced_weights="
 replay of the router's own choice reproduces its weights bit for bit. ``forced_weights="raw"``
 returns the gathered scores (softmax probability or sigmoid score) with no normalisation and no
 scaling factor.
+
+Gate GEMM and router together (``gate_route``, ``EPMoE(fused_gate=...)``): on GPUs the gate
+GEMM can run in Triton with the router, two launches (``rocm_moe._gate_triton``): the weight
+read as stored (bf16 for DeepSeek-V3, Kimi K2, GLM-4.5, whose gate GEMM transformers runs in
+float32), split over H and experts, products formed exactly in float32, the split-K partials
+summed in a fixed order inside the router's launch. Its logits differ from torch's float32 GEMM
+only in the order of the float32 additions. Chosen by ``fused_gate`` ("off", "float32", "all";
+``FUSED_GATE_DEFAULT``); the torch path stays for CPUs, autograd, invariant mode and replay.
 """
 
 from __future__ import annotations
