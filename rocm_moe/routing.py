@@ -460,7 +460,7 @@ def _gate_unsupported(hidden_TH: torch.Tensor, gate_weight_EH: torch.Tensor,
     for name, t in (("hidden_states", hidden_TH), ("gate weight", gate_weight_EH)):
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return f"{name} dtype {t.dtype} (float16, bfloat16 or float32 only)"
-        if t.dim() != 2 or (t.shape[0] > 1 and t.stride(1) != 1) or t.device != hidden_TH.device:
+        if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1) or t.device != hidden_TH.device:
             return f"{name} must be a 2-D tensor on {hidden_TH.device} with unit stride along H"
     from rocm_moe._routing_triton import config_unsupported
 

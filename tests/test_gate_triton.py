@@ -239,6 +239,8 @@ def test_unsupported_reasons(monkeypatch):
     assert "bias" in gate_route_unsupported(x, w, dsv3, gate_bias_E=torch.zeros(256))
     assert "float64" in gate_route_unsupported(x.double(), w, dsv3)
     assert "unit stride" in gate_route_unsupported(torch.zeros(16, 2).t(), w, dsv3)
+    one_strided = torch.zeros(1, 32, device=DEVICE)[:, ::2]  # one token, stride 2 along H
+    assert "unit stride" in gate_route_unsupported(one_strided, w, dsv3)
     assert "score_after_topk" in gate_route_unsupported(x, w, RouterConfig.llama4(256, 1))
     wg = w.clone().requires_grad_()
     assert "autograd" in gate_route_unsupported(x, wg, dsv3)
