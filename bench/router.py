@@ -21,7 +21,9 @@ over the device's copy bandwidth, measured in the same run (a 1 GiB device copy,
 bytes over its time). "ids" counts the rows whose fused ids equal a float64 router's (float64
 gate GEMM, float64 scores) outside near-ties (rows whose float64 choice scores have a gap
 < 1e-4 around the top-k or its groups are left out and counted as "near"). ``--sweep`` also
-times a few other gate plans (expert tile 32/64/128, programs per SM) and prints the best.
+times a few other gate plans (expert tile 32/64/128, programs per SM) and prints the best;
+"(gemm route)" are the fused path's two launches timed alone (its gate GEMM into the split-K
+workspace, then the split-K router).
 
 Usage on the GPU machine: python3 bench/router.py --out bench/results/router_h100.json
 (prints the tables; ``--sizes``, ``--replays``, ``--inner`` to change the sweep; the lead's
@@ -236,6 +238,32 @@ def _gate_paths(case: dict):
     return today, fused
 
 
+def _gate_stages(case: dict, plan) -> dict:
+    """The two launches of the Triton gate + router alone (``plan``): "gemm" (the split-K gate
+    GEMM into its [S, T, E] workspace) and "reduce+route" (the split-K router on it)."""
+    from rocm_moe._gate_triton import _gate_splitk_kernel, ieee
+    from rocm_moe._routing_triton import splitk_route
+
+    x, stored, bias, cfg = (case[k] for k in ("x", "w_stored", "bias", "config"))
+    (T, H), E = x.shape, stored.shape[0]
+    part = torch.zeros(plan.splits, T, E, dtype=torch.float32, device=x.device)
+    logits = torch.empty(T, E, dtype=torch.float32 if cfg.logits_in_float32 else x.dtype,
+                         device=x.device)
+
+    def gemm():
+        _gate_splitk_kernel[plan.grid(T, E)](
+            x, stored, part, T, H, x.stride(0), stored.stride(0), plan.kb_per_split, E=E,
+            BLOCK_T=plan.block_t, BLOCK_E=plan.block_e, BLOCK_K=plan.block_k,
+            IEEE=ieee(x.dtype, stored.dtype), num_warps=plan.num_warps,
+            num_stages=plan.num_stages)
+
+    def route():
+        r = splitk_route(part_STE=part, logits_TE=logits, config=cfg, bias_E=bias)
+        return r.topk_weights, r.topk_ids
+
+    return {"gemm": gemm, "reduce+route": route}
+
+
 def run_gate(sizes, replays: int, inner: int, device: torch.device, bw: float,
              sweep: bool) -> list[dict]:
     from rocm_moe._gate_triton import _sm_count, gate_plan
@@ -251,13 +279,16 @@ def run_gate(sizes, replays: int, inner: int, device: torch.device, bw: float,
             plans = {k: _time_us(functools.partial(fused, p), device, replays, inner)
                      for k, p in _gate_plans(case, sweep).items()}
             best = min(plans, key=plans.get)
+            auto = gate_plan(T, cfg.num_experts, x.shape[1], ieee_fp32=False,
+                             sms=_sm_count(device), amd=torch.version.hip is not None)
+            stages = {k: _time_us(fn, device, replays, inner)
+                      for k, fn in _gate_stages(case, auto).items()}
             floor = stored.numel() * stored.element_size() / bw * 1e6
             ids64, near = _route64(x, stored, bias, cfg)
             ids = fused()[1].long().sort(-1).values
             same64 = int(((ids == ids64).all(-1) & ~near).sum())
-            auto = gate_plan(T, cfg.num_experts, x.shape[1], ieee_fp32=False,
-                             sms=_sm_count(device), amd=torch.version.hip is not None)
             rows.append(dict(router=name, T=T, today_us=t_today, fused_us=plans["auto"],
+                             gemm_us=stages["gemm"], route_us=stages["reduce+route"],
                              floor_us=floor, plans_us=plans, best_plan=best,
                              ids_same_f64=same64, near_ties=int(near.sum()), rows=T,
                              auto_plan=f"t{auto.block_t} e{auto.block_e} k{auto.block_k} "
@@ -266,7 +297,8 @@ def run_gate(sizes, replays: int, inner: int, device: torch.device, bw: float,
     return rows
 
 
-GATE_HEADER = (f"{'router':14} {'T':>5} {'gate+triton':>12} {'fused':>8} {'floor':>7} "
+GATE_HEADER = (f"{'router':14} {'T':>5} {'gate+triton':>12} {'fused':>8} {'(gemm':>7} "
+               f"{'route)':>7} {'floor':>7} "
                f"{'fused/floor':>11} {'speedup':>8} {'ids=f64':>9} {'near':>5}  plan (best)")
 
 
@@ -274,6 +306,7 @@ def _print_gate_row(r: dict) -> None:
     best = "" if r["best_plan"] == "auto" else \
         f" ({r['best_plan']}: {r['plans_us'][r['best_plan']]:.1f})"
     print(f"{r['router']:14} {r['T']:5d} {r['today_us']:12.1f} {r['fused_us']:8.1f} "
+          f"{r['gemm_us']:7.1f} {r['route_us']:7.1f} "
           f"{r['floor_us']:7.2f} {r['fused_us'] / r['floor_us']:10.2f}x "
           f"{r['today_us'] / r['fused_us']:7.2f}x {r['ids_same_f64']:>4}/{r['rows']:<4} "
           f"{r['near_ties']:>5}  {r['auto_plan']}{best}", flush=True)
