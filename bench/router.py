@@ -21,7 +21,7 @@ over the device's copy bandwidth, measured in the same run (a 1 GiB device copy,
 bytes over its time). "ids" counts the rows whose fused ids equal a float64 router's (float64
 gate GEMM, float64 scores) outside near-ties (rows whose float64 choice scores have a gap
 < 1e-4 around the top-k or its groups are left out and counted as "near"). ``--sweep`` also
-times a few other gate plans (expert tile 32/64/128, programs per SM) and prints the best;
+times a few other gate plans (expert tile 16-128, programs per SM) and prints the best;
 "(gemm route)" are the fused path's two launches timed alone (its gate GEMM into the split-K
 workspace, then the split-K router).
 
@@ -210,7 +210,7 @@ def _gate_plans(case: dict, sweep: bool) -> dict:
     x, w = case["x"], case["w_stored"]
     (T, H), E = x.shape, w.shape[0]
     sms = _sm_count(x.device)
-    for block_e in (32, 64, 128):
+    for block_e in (16, 32, 64, 128):
         for waves in (1.0, 2.0, 4.0):
             plans[f"e{block_e} w{waves:g}"] = gate_plan(
                 T, E, H, ieee_fp32=False, sms=sms, amd=torch.version.hip is not None,

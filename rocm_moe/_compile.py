@@ -294,13 +294,14 @@ def _splitk_router(target: str) -> list[Launch]:
 
 
 def _gate_gemm(target: str) -> list[Launch]:
-    """``_gate_triton.gate_plan`` at 1-128 tokens for DeepSeek-V3's gate (E = 256, H = 7168,
-    bf16; float32 operands too) and Kimi K2's (E = 384) on the target's SM count."""
+    """``_gate_triton.gate_plan`` at 1-128 tokens and a 4096-token prefill for DeepSeek-V3's
+    gate (E = 256, H = 7168, bf16; float32 operands too), Kimi K2's (E = 384) and Qwen3's
+    (E = 128, H = 2048) on the target's SM count."""
     from rocm_moe._gate_triton import gate_plan
 
     out = {}
-    for E, H in ((256, 7168), (384, 7168)):
-        for T in (1, 8, 33, 64, 128):
+    for E, H in ((256, 7168), (384, 7168), (128, 2048)):
+        for T in (1, 8, 33, 64, 128, 4096):
             for fp32 in (False, True):
                 p = gate_plan(T, E, H, ieee_fp32=fp32, sms=304 if target == "gfx942" else 132,
                               amd=target == "gfx942")

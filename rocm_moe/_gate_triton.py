@@ -106,25 +106,31 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+S_MAX = 16  # splits of H at most (the split-K router loads 8 partials per round trip)
+
+
 def gate_plan(T: int, E: int, H: int, *, ieee_fp32: bool, sms: int, amd: bool,
               block_e: int | None = None, waves: float = 2.0) -> GatePlan:
-    """The plan for [T, H] x [E, H]: T tiles of 16-64 rows, expert tiles of 64, and enough
-    splits of H that about ``waves`` programs per SM stream the weight (each SM reads a
-    slice: the weight read is the floor at small T), with the [S, T, E] float32 workspace no
-    larger than the weight itself (it is written and read back, from L2 on a GPU). gfx942's
-    64 KiB of LDS bounds the tiles there (2 stages).
+    """The plan for [T, H] x [E, H]: T tiles of 16 rows (T <= 16), 32 (T <= 128) or 64,
+    expert tiles of 16 (T <= 16), 32 (T <= 64) or 64 (each expert tile reads x again, each T
+    tile the weight, from L2 after the first), and enough splits of H that about ``waves``
+    programs per SM stream the weight (each SM reads a slice: the weight read is the floor at
+    small T), at most S_MAX (the router sums the S partials 8 at a time: two round trips to
+    L2) and with the [S, T, E] float32 workspace no larger than the weight itself. On gfx942
+    (64 KiB of LDS, 512 VGPRs) 2 stages and 64-wide k blocks for the 32 x 64 tiles.
 
     Example (a test asserts it): T = 1, E = 256, H = 7168, bf16 on 132 SMs -> 16-row tiles,
-    4 expert tiles, 128-wide k blocks, S = 56 splits of one block (224 programs)."""
-    block_t = 16 if T <= 16 else 32 if T <= 32 else 64
-    block_e = block_e or 64
-    block_k = 32 if ieee_fp32 else (64 if block_t >= 64 else 128)
+    16 expert tiles of 16, 128-wide k blocks, S = 14 splits of 4 blocks (224 programs)."""
+    block_t = 16 if T <= 16 else 32 if T <= 128 else 64
+    block_e = block_e or (16 if T <= 16 else 32 if T <= 64 else 64)
+    block_k = 32 if ieee_fp32 else 64 if block_t >= 64 or (amd and block_t * block_e >= 2048) \
+        else 128  # (gfx942 at 32 x 64 x 128: 269 VGPRs, 44 SGPRs spilled, 1 wave per SIMD)
     n_kb = triton.cdiv(H, block_k)
     tiles = triton.cdiv(E, block_e) * triton.cdiv(max(T, 1), block_t)
     want = max(1, round(waves * sms / tiles))
     weight_bytes = E * H * (4 if ieee_fp32 else 2)
     cap = max(1, weight_bytes // max(1, T * E * 4))
-    s = max(1, min(n_kb, want, cap))
+    s = max(1, min(n_kb, want, cap, S_MAX))
     kb = triton.cdiv(n_kb, s)
     return GatePlan(block_t=block_t, block_e=block_e, block_k=block_k,
                     splits=triton.cdiv(n_kb, kb), kb_per_split=kb,

@@ -129,8 +129,8 @@ def test_docstring_examples():
     assert logits.tolist() == [[3.0, 5.0]]
     assert r.topk_ids.tolist() == [[1]]
     p = gate_plan(1, 256, 7168, ieee_fp32=False, sms=132, amd=False)
-    assert (p.block_t, p.block_e, p.block_k, p.splits, p.kb_per_split) == (16, 64, 128, 56, 1)
-    assert p.grid(1, 256) == (4, 56, 1)
+    assert (p.block_t, p.block_e, p.block_k, p.splits, p.kb_per_split) == (16, 16, 128, 14, 4)
+    assert p.grid(1, 256) == (16, 14, 1)
 
 
 def test_split_k_partials_summed_in_order():
