@@ -24,8 +24,9 @@ echo "pytest exit $?" >> "$OUT/tests_router_gate_$TAG.txt"
 grep -E "^(FAILED|ERROR)|passed|failed|pytest exit" "$OUT/tests_router_gate_$TAG.txt" | tail -25
 echo "== router alone; gate + router: torch gate + Triton router vs Triton gate + router =="
 { cat "$OUT/machine_router_gate_$TAG.txt"
-  echo "python3 bench/router.py --sizes 1 8 64 128 --inner 20 --replays 200 --sweep"
+  echo "python3 bench/router.py --sizes 1 8 64 128 --inner 20 --replays 200 --sweep --routers qwen3-30b-a3b deepseek-v3 kimi-k2"
   timeout 200 python3 bench/router.py --sizes 1 8 64 128 --inner 20 --replays 200 --sweep \
+    --routers qwen3-30b-a3b deepseek-v3 kimi-k2 \
     --out "$OUT/router_gate_$TAG.json" 2>&1 | grep -v -i warn
 } | tee "$OUT/router_gate_$TAG.txt"
 for gate in off float32; do

@@ -5,7 +5,8 @@ Triton router (``rocm_moe._routing_triton.fused_route``), each after the same ga
 Routers (issue 33): Qwen3-30B-A3B (E=128, K=8, softmax, norm_topk_prob, H=2048, bf16 logits)
 and DeepSeek-V3 (E=256, K=8, sigmoid, n_group=8, topk_group=4, e_score_correction_bias,
 routed_scaling_factor=2.5, H=7168; its gate GEMM in float32 as ``EPMoE.router_logits`` does,
-the weight kept in float32). Hidden states are bf16, T tokens.
+the weight kept in float32); ``--routers`` adds Kimi K2 (E=384, one group, H=7168, float32
+gate). Hidden states are bf16, T tokens.
 
 Each path is captured in a CUDA graph (``--inner`` calls per graph) and replayed; a replay is
 timed with CUDA events, the median over ``--replays`` replays (>= 200), in us per call. Columns:
@@ -49,7 +50,9 @@ from rocm_moe.routing import RouterConfig, _route_torch
 ROUTERS = {
     "qwen3-30b-a3b": dict(H=2048, config=RouterConfig.qwen3_moe(128, 8)),
     "deepseek-v3": dict(H=7168, config=RouterConfig.deepseek_v3(256, 8)),
+    "kimi-k2": dict(H=7168, config=RouterConfig.kimi_k2(384, 8)),  # --routers to add it
 }
+DEFAULT_ROUTERS = ("qwen3-30b-a3b", "deepseek-v3")
 SIZES = (1, 8, 64, 128, 4096)
 
 
@@ -132,9 +135,10 @@ def _same_rows(a, b) -> tuple[int, int]:
     return int(same.sum()), same.numel()
 
 
-def run(sizes, replays: int, inner: int, device: torch.device) -> list[dict]:
+def run(sizes, replays: int, inner: int, device: torch.device,
+        routers=DEFAULT_ROUTERS) -> list[dict]:
     rows = []
-    for name in ROUTERS:
+    for name in routers:
         for T in sizes:
             case = _case(name, T, device, torch.Generator().manual_seed(T))
             paths = _paths(case)
@@ -265,11 +269,11 @@ def _gate_stages(case: dict, plan) -> dict:
 
 
 def run_gate(sizes, replays: int, inner: int, device: torch.device, bw: float,
-             sweep: bool) -> list[dict]:
+             sweep: bool, routers=DEFAULT_ROUTERS) -> list[dict]:
     from rocm_moe._gate_triton import _sm_count, gate_plan
 
     rows = []
-    for name in ROUTERS:
+    for name in routers:
         for T in sizes:
             case = _case(name, T, device, torch.Generator().manual_seed(T))
             x, stored, bias, cfg = (case[k] for k in ("x", "w_stored", "bias", "config"))
@@ -321,6 +325,7 @@ def main() -> None:
     ap.add_argument("--no-gate", dest="gate", action="store_false",
                     help="skip the Triton gate GEMM + router table")
     ap.add_argument("--sweep", action="store_true", help="also time other gate plans")
+    ap.add_argument("--routers", nargs="+", choices=list(ROUTERS), default=list(DEFAULT_ROUTERS))
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and args.replays < 200:
@@ -329,7 +334,7 @@ def main() -> None:
     print(f"router alone and with its gate GEMM, us per call (median of {args.replays} "
           f"replays, {args.inner} call(s) per CUDA graph) on {name}")
     print(HEADER)
-    rows = run(args.sizes, args.replays, args.inner, device)
+    rows = run(args.sizes, args.replays, args.inner, device, args.routers)
     gate_rows = []
     if args.gate:
         bw = copy_bandwidth(device)
@@ -337,7 +342,8 @@ def main() -> None:
               f"torch gate + Triton router; floor = bf16 gate weight bytes / {bw / 1e12:.2f} "
               "TB/s (this device's copy bandwidth, measured now)")
         print(GATE_HEADER)
-        gate_rows = run_gate(args.sizes, args.replays, args.inner, device, bw, args.sweep)
+        gate_rows = run_gate(args.sizes, args.replays, args.inner, device, bw, args.sweep,
+                             args.routers)
     if args.out:
         import triton
 
