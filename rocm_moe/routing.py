@@ -441,6 +441,7 @@ def gate_route_unsupported(hidden_TH: torch.Tensor, gate_weight_EH: torch.Tensor
     ``mode`` (``check_fused_gate``'s value), or None. The torch path (gate GEMM, ``route``)
     runs instead: on CPUs, in autograd, with a gate bias, float64, and for routers the Triton
     router does not implement (``_routing_triton.config_unsupported``)."""
+    mode = check_fused_gate(mode)  # (a value assigned to EPMoE.fused_gate after __init__)
     if mode == "off":
         return "fused_gate='off'"
     if mode == "float32" and not config.logits_in_float32:

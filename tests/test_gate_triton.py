@@ -224,8 +224,11 @@ def test_fused_gate_values():
         EPMoE(hidden_size=8, intermediate_size=4, router=cfg, fused_gate=1)
     with pytest.raises(ValueError, match="fused_gate"):
         EPMoE(hidden_size=8, intermediate_size=4, router=cfg, fused_gate="float64")
-    assert EPMoE(hidden_size=8, intermediate_size=4, router=cfg,
-                 fused_gate="float32").fused_gate == "float32"
+    layer = EPMoE(hidden_size=8, intermediate_size=4, router=cfg, fused_gate="float32")
+    assert layer.fused_gate == "float32"
+    layer.fused_gate = "on"  # assigned later: refused at the next forward
+    with pytest.raises(ValueError, match=r"fused_gate.*'on'"):
+        layer(torch.randn(3, 8))
 
 
 def test_unsupported_reasons(monkeypatch):
