@@ -18,7 +18,7 @@ machine_info "$OUT/machine_router_gate_$TAG.txt"
 XDIST=()
 python3 -c "import xdist" 2>/dev/null && XDIST=(-n 2 --dist loadfile)
 echo "== GPU tests: the Triton gate + router, the router =="
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rfEs "${XDIST[@]}" tests/test_gate_triton.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -rfEs ${XDIST[@]+"${XDIST[@]}"} tests/test_gate_triton.py \
   tests/test_routing_triton.py > "$OUT/tests_router_gate_$TAG.txt" 2>&1
 echo "pytest exit $?" >> "$OUT/tests_router_gate_$TAG.txt"
 grep -E "^(FAILED|ERROR)|passed|failed|pytest exit" "$OUT/tests_router_gate_$TAG.txt" | tail -25
