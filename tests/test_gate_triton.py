@@ -491,3 +491,40 @@ def test_float32_operands_multiply_in_ieee_not_tf32():
                          text=True, env=env, check=True, timeout=300).stdout
     assert "tf32" not in out, out
     assert "ieee" in out, out
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_layer_with_the_triton_gate_in_a_cuda_graph(gen, monkeypatch):
+    """EPMoE(fused_gate="float32", validate=False), bf16, DeepSeek-V3's router and H: the
+    forward captures in a CUDA graph with the Triton gate in it (it ran: counted), a replay
+    on new tokens gives the eager output, and the routing equals the torch gate's outside
+    near-ties."""
+    from rocm_moe.experts.triton import TritonExperts
+
+    calls = _spy(monkeypatch)
+    cfg = RouterConfig.deepseek_v3(256, 8)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    layer = EPMoE(hidden_size=7168, intermediate_size=64, router=cfg, dtype=torch.bfloat16,
+                  device=DEVICE, experts=TritonExperts(), fused_gate="float32", validate=False)
+    layer.reset_parameters(seed=2)
+    x = torch.randn(33, 7168, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        side = torch.cuda.Stream(DEVICE)  # warm-up (compiles) on a side stream, as capture wants
+        side.wait_stream(torch.cuda.current_stream(DEVICE))
+        with torch.cuda.stream(side):
+            layer(x)
+        torch.cuda.current_stream(DEVICE).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x)
+        x.copy_(torch.randn(33, 7168, device=DEVICE, dtype=torch.bfloat16))
+        graph.replay()
+        assert torch.equal(out, layer(x))
+        got = layer.route_tokens(x)
+        layer.fused_gate = "off"
+        want = layer.route_tokens(x)
+    assert len(calls) >= 4
+    ref = x.double() @ layer.gate.weight.double().T
+    *_, near = _route64(ref, cfg, layer.e_score_correction_bias, gap=1e-5)
+    assert torch.equal(_sorted(got)[1][~near], _sorted(want)[1][~near])
