@@ -19,9 +19,10 @@ A second table (``--gate``, on by default) times the Triton gate GEMM + router
 split-K partials summed inside the router's launch; ``EPMoE(fused_gate=...)``) against
 today's torch gate + Triton router, with the weight-read floor: the bf16 gate weight's bytes
 over the device's copy bandwidth, measured in the same run (a 1 GiB device copy, read + write
-bytes over its time). "ids" counts the rows whose fused ids equal a float64 router's (float64
-gate GEMM, float64 scores) outside near-ties (rows whose float64 choice scores have a gap
-< 1e-4 around the top-k or its groups are left out and counted as "near"). ``--sweep`` also
+bytes over its time). "ids=f64" counts the rows whose fused ids equal a float64 router's
+(float64 gate GEMM, float64 scores) among the rows without a near-tie (rows whose float64
+choice scores have a gap < 1e-4 around the top-k or its groups are left out and counted as
+"near"; Qwen3's bf16 logits tie often). ``--sweep`` also
 times a few other gate plans (expert tile 16-128, programs per SM) and prints the best;
 "(gemm route)" are the fused path's two launches timed alone (its gate GEMM into the split-K
 workspace, then the split-K router).
@@ -312,7 +313,8 @@ def _print_gate_row(r: dict) -> None:
     print(f"{r['router']:14} {r['T']:5d} {r['today_us']:12.1f} {r['fused_us']:8.1f} "
           f"{r['gemm_us']:7.1f} {r['route_us']:7.1f} "
           f"{r['floor_us']:7.2f} {r['fused_us'] / r['floor_us']:10.2f}x "
-          f"{r['today_us'] / r['fused_us']:7.2f}x {r['ids_same_f64']:>4}/{r['rows']:<4} "
+          f"{r['today_us'] / r['fused_us']:7.2f}x "
+          f"{r['ids_same_f64']:>4}/{r['rows'] - r['near_ties']:<4} "
           f"{r['near_ties']:>5}  {r['auto_plan']}{best}", flush=True)
 
 
