@@ -80,6 +80,7 @@ kernel run them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from types import SimpleNamespace
@@ -290,6 +291,44 @@ def install_eplb_policy() -> bool:
 
 
 # ---- the pieces vLLM calls ---------------------------------------------------------------------
+@contextlib.contextmanager
+def _comm_region(capturing: bool):
+    """Where prepare's dispatch and finalize's combine run. Outside vLLM's dual-batch overlap
+    (``--enable-dbo``), on the calling stream. Under it (two micro-batch threads, vLLM's
+    ``v1/worker/ubatching.py``), the micro-batch hands the CPU to the other one first, so that
+    one queues its compute, then runs its collective on the comm stream, and the compute stream
+    waits for it on exit: ``dbo_yield_and_switch_from_compute_to_comm`` /
+    ``dbo_switch_to_compute_sync``, the hand-off of vLLM's own DeepEP-HT and naive DP/EP
+    prepare/finalize. Under CUDA-graph capture the collective stays on the capture stream."""
+    from vllm.v1.worker.ubatching import (
+        dbo_enabled,
+        dbo_switch_to_compute_sync,
+        dbo_yield_and_switch_from_compute_to_comm,
+    )
+
+    if capturing or not dbo_enabled():
+        yield
+        return
+    dbo_yield_and_switch_from_compute_to_comm()
+    try:
+        yield
+    finally:
+        dbo_switch_to_compute_sync()
+
+
+def micro_batches(vllm_config=None) -> int:
+    """How many micro-batches of one step vLLM runs at once (``--enable-dbo``: 2, its
+    ``ParallelConfig.num_ubatches``; else 1), from the current vLLM config."""
+    if vllm_config is None:
+        from vllm.config import get_current_vllm_config_or_none
+
+        vllm_config = get_current_vllm_config_or_none()
+    par = getattr(vllm_config, "parallel_config", None)
+    if par is None or not par.use_ubatching:
+        return 1
+    return int(par.num_ubatches)
+
+
 def _refuse(field: str, value: object, rule: str, fix: str) -> ValueError:
     return ValueError(error_message(field, value, rule, fix))
 
@@ -489,6 +528,13 @@ def _classes() -> SimpleNamespace:
         def num_dispatchers(self) -> int:
             return self.dispatcher.world_size
 
+        def supports_dbo(self) -> bool:
+            # prepare / finalize hand their collective to vLLM's comm stream themselves
+            # (_comm_region); the handle rides on each micro-batch's ids, nothing on self.
+            # supports_async stays False: it would also switch vLLM to kernel-internal
+            # shared-expert overlap.
+            return True
+
         def output_is_reduced(self) -> bool:
             # Over an EP group combine returns each token's complete output on its own rank.
             # One rank (no EP) with tensor-parallel experts holds a TP-partial sum, which
@@ -538,7 +584,8 @@ def _classes() -> SimpleNamespace:
             except (ValueError, TypeError):
                 disp.share_refusal()
                 raise
-            d = disp.dispatch(a1, topk_weights.float(), topk_ids, validate=not capturing)
+            with _comm_region(capturing):
+                d = disp.dispatch(a1, topk_weights.float(), topk_ids, validate=not capturing)
             x, ids, w = d.x, d.topk_ids, d.topk_weights
             if d.num_valid is not None and not capturing:
                 n = int(d.num_valid.reshape(-1)[0])  # eager: run the rows that arrived only
@@ -574,8 +621,9 @@ def _classes() -> SimpleNamespace:
                 y = y.reshape(-1, K, H)
             if y.shape[0] < R:  # eager capacity-sized batch: the rows past num_valid are empty
                 y = torch.cat([y, y.new_zeros((R - y.shape[0], *y.shape[1:]))])
-            out = self.dispatcher.combine(ExpertsOutput(out=y, weights_applied=weighted),
-                                          handle)
+            with _comm_region(_capturing()):
+                out = self.dispatcher.combine(ExpertsOutput(out=y, weights_applied=weighted),
+                                              handle)
             output.copy_(out)
 
     class RocmMoEExperts(mk.FusedMoEExpertsModular):
@@ -705,6 +753,7 @@ def _classes() -> SimpleNamespace:
             self.experts_cls = RocmMoEExperts
             self.supports_pre_processed_weights = True
             self.eplb: EplbLink | None = None  # set after loading when EPLB is on
+            self.micro_batches = micro_batches()  # read while vLLM's config is current
 
         @property
         def supports_eplb(self) -> bool:
@@ -747,7 +796,8 @@ def _classes() -> SimpleNamespace:
             manager = getattr(layer, "expert_map_manager", None)
             strategy = getattr(manager, "placement_strategy", None) or "linear"
             self.moe_kernel = build_kernel(
-                self.moe, dispatcher=make_vllm_dispatcher(self.moe, strategy=strategy),
+                self.moe, dispatcher=make_vllm_dispatcher(
+                    self.moe, strategy=strategy, micro_batches=self.micro_batches),
                 quant_config=self.moe_quant_config, **backends_from_env(self.moe.device))
             ready_kernel(self.moe_kernel, getattr(layer, "expert_map", None),
                          self.moe.num_experts, self.moe.device)
@@ -923,10 +973,14 @@ def max_tokens_per_rank(moe_config) -> int:
     return cap
 
 
-def make_vllm_dispatcher(moe_config, *, strategy: str = "linear") -> Dispatcher:
+def make_vllm_dispatcher(moe_config, *, strategy: str = "linear",
+                         micro_batches: int = 1) -> Dispatcher:
     """The model's shared rocm_moe dispatcher over vLLM's EP group for a layer's
     ``FusedMoEConfig`` (every layer of one shape gets the same object, ``comm.pool``);
-    ``strategy``: the placement vLLM resolved for the layer."""
+    ``strategy``: the placement vLLM resolved for the layer; ``micro_batches``: vLLM's
+    micro-batches in flight at once (2 under ``--enable-dbo``: a backend that holds its batch
+    in buffers, symm or MORI, is built with ``batches_in_flight=2``, one lane per
+    micro-batch)."""
     _require_vllm()  # the package's ImportError, not a bare ModuleNotFoundError further down
     from rocm_moe.comm import pool
 
@@ -945,7 +999,7 @@ def make_vllm_dispatcher(moe_config, *, strategy: str = "linear") -> Dispatcher:
     pg = group.cpu_group if device.type == "cpu" else group.device_group
     name = comm_name(par.ep_size, device, group.cpu_group)
     placement = vllm_placement(moe_config.num_experts, par.ep_size, strategy)
-    kw = {}
+    kw = _lanes(name, micro_batches)
     if name == "mori":
         if strategy != "linear":
             raise _refuse("expert placement", repr(strategy), "MORI places expert e on rank "
@@ -954,6 +1008,17 @@ def make_vllm_dispatcher(moe_config, *, strategy: str = "linear") -> Dispatcher:
                           f"{ENV_COMM}=torch")
         kw["capacity_sized"] = True  # no host read in a captured dispatch
     return pool.shared_dispatcher(name, placement, group=pg, rank=par.ep_rank, **shape, **kw)
+
+
+def _lanes(name: str, micro_batches: int) -> dict:
+    """``batches_in_flight`` for a backend that holds its batch in buffers, where micro-batches
+    overlap (the others hold nothing between dispatch and combine)."""
+    from rocm_moe import backends
+
+    entry = backends.BACKENDS.get(f"comm:{name}")
+    if micro_batches > 1 and entry is not None and entry.load().holds_batch:
+        return dict(batches_in_flight=micro_batches)
+    return {}
 
 
 def build_kernel(moe_config, *, dispatcher: Dispatcher, experts: Experts | None = None,

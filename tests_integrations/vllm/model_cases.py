@@ -187,6 +187,24 @@ def serve_case(info, cfg, comm: str) -> dict:
     return out
 
 
+def with_fake_mori(fn):
+    """``fn()`` with comm=mori served by the MORI fake (its contract: capacity, int32 ids,
+    one batch per op, combine's own ids); the fake's op count in ``fn``'s result."""
+    import rocm_moe.comm.mori as rm
+    from tests.fakes import FakeMori
+
+    fake = FakeMori()
+    saved = (rm._import_mori, rm.MoriDispatcher.availability)
+    rm._import_mori = lambda: fake
+    rm.MoriDispatcher.availability = classmethod(lambda cls: None)
+    try:
+        out = fn()
+        out["ops"] = fake.built
+    finally:
+        rm._import_mori, rm.MoriDispatcher.availability = saved
+    return out
+
+
 def mori_case(info, cfg) -> dict:
     """comm=mori through the MORI fake (its contract: capacity, int32 ids, one batch in flight,
     combine's own ids)."""
@@ -413,13 +431,163 @@ def build_llama4(cfg, routing):
     return [runner]
 
 
+# ---- vLLM's dual-batch overlap (--enable-dbo) ---------------------------------------------------
+class _Stub:
+    """A CUDA stream or event of vLLM's ubatch contexts on the CPU: record / wait do nothing
+    (one device queue), so the CPU hand-offs between the micro-batch threads are what runs."""
+
+    def __init__(self, *a, **kw):
+        pass
+
+    def record(self, *a):
+        pass
+
+    def wait_event(self, *a):
+        pass
+
+
+@contextmanager
+def cpu_streams():
+    """vLLM's ``ubatching`` with its streams and events stubbed (``_Stub``) and the current
+    stream a thread-local (vLLM's ``current_stream`` is one on CUDA as well)."""
+    import threading
+
+    from vllm.v1.worker import ubatching
+
+    tls = threading.local()
+    saved = (ubatching.current_stream, torch.cuda.set_stream, ubatching.torch.Event)
+    ubatching.current_stream = lambda: getattr(tls, "stream", None)
+    torch.cuda.set_stream = lambda stream: setattr(tls, "stream", stream)
+    ubatching.torch.Event = _Stub
+    try:
+        yield
+    finally:
+        ubatching.current_stream, torch.cuda.set_stream, ubatching.torch.Event = saved
+
+
+def run_ubatched(cfg, runners, x: torch.Tensor, split: int) -> torch.Tensor:
+    """The residual stack as vLLM's ``UBatchWrapper._run_ubatches`` runs a DBO step
+    (v1/worker/gpu_ubatch_wrapper.py): the batch cut at ``split`` into two micro-batches, each
+    run by its own thread inside its ``UBatchContext`` (``make_ubatch_contexts``, one forward
+    context each), the threads released by the ready barrier and the first context's event;
+    vLLM's own yields (here: the adapter's prepare / finalize hand-offs) interleave them. The
+    outputs are concatenated in micro-batch order."""
+    import threading
+
+    from vllm.forward_context import create_forward_context
+    from vllm.v1.worker.ubatching import make_ubatch_contexts
+
+    slices = [x[:split], x[split:]]
+    barrier = threading.Barrier(len(slices) + 1)
+    with cpu_streams():
+        ctxs = make_ubatch_contexts(
+            num_micro_batches=len(slices), compute_stream=_Stub(), comm_stream=_Stub(),
+            forward_contexts=[create_forward_context(None, cfg) for _ in slices],
+            ready_barrier=barrier, token_offsets=[0, split])
+        results: dict[int, torch.Tensor] = {}
+        errors: list[BaseException] = []
+
+        def ubatch(ctx, h):
+            try:
+                with ctx:
+                    for i, runner in enumerate(runners):
+                        h = h + runner.forward(h, row_logits(h, i))
+                results[ctx.id] = h
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+                raise
+
+        threads = [threading.Thread(target=ubatch, args=(c, s))
+                   for c, s in zip(ctxs, slices, strict=True)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        ctxs[0].cpu_wait_event.set()
+        for t in threads:
+            t.join(timeout=300)
+    if errors:
+        raise errors[0]
+    return torch.cat([results[0], results[1]])
+
+
+def row_logits(h: torch.Tensor, layer: int) -> torch.Tensor:
+    """The router logits one row at a time (a 1-row GEMM each), so a token's logits are the
+    same bits in a micro-batch as in the whole batch (BLAS picks kernels by row count)."""
+    g = gate(layer, h.dtype).float()
+    rows = [h[t:t + 1].float() @ g.T for t in range(h.shape[0])]
+    return (torch.cat(rows) if rows else h.new_zeros(0, E).float()).to(h.dtype)
+
+
+def _log_order(disp, log: list) -> None:
+    """Record (op, micro-batch) of every dispatch and combine of ``disp`` (DBO's interleave)."""
+    from vllm.v1.worker.ubatching import dbo_current_ubatch_id
+
+    for op in ("dispatch", "combine"):
+        real = getattr(disp, op)
+
+        def logged(*a, _real=real, _op=op, **kw):
+            log.append(f"{_op[0].upper()}{dbo_current_ubatch_id()}")
+            return _real(*a, **kw)
+
+        setattr(disp, op, logged)
+
+
+def dbo_case(info, comm: str) -> dict:
+    """A 3-layer model built with ``--enable-dbo`` (``ParallelConfig(enable_dbo=True)``) on
+    ``comm``: each rank's batch run as vLLM's two DBO micro-batches (``run_ubatched``; the
+    ranks split at different points, a micro-batch of 1 token) equals the same batch in one
+    forward, bit for bit on the batch-invariant reference experts, and the float64 oracle;
+    the dispatcher holds both micro-batches at once (D0 D1 before C0)."""
+    cfg = vllm_config(info.world_size, enable_dbo=True)
+    # vLLM's CPU platform switches DBO off in the config ("not supported on CPU"); the layer
+    # is built as on a GPU host, where the flag stays on
+    cfg.parallel_config.enable_dbo = True
+    pool.clear()
+    with env(ROCM_MOE_VLLM_COMM=comm, ROCM_MOE_VLLM_MAX_TOKENS=None):
+        model = build_model(cfg, f"dbo-{comm}")
+    invariant_experts(model)
+    disp = dispatchers(model)[0]
+    out = dict(lanes=getattr(disp, "batches_in_flight", 1), holds=disp.holds_batch,
+               micro_batches=model[0].routed_experts.quant_method.micro_batches)
+    order: list[str] = []
+    _log_order(disp, order)
+    T, split = ((9, 1), (33, 17), (2, 1))[info.rank % 3]  # a 1-token micro-batch, uneven
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(SEED + info.rank))
+    y = run_ubatched(cfg, model, x, split)
+    out["order"] = order[:4]
+    order.clear()
+    with set_forward_context_for(cfg):
+        h = x
+        recs = []
+        for i, runner in enumerate(model):
+            logits = row_logits(h, i)
+            yi = runner.forward(h, logits)
+            recs.append((h, logits, yi))
+            h = h + yi
+    out["bitwise"] = torch.equal(y, h)
+    out["err"] = worst_err(model, recs)
+    out["split"] = [split, x.shape[0] - split]
+    pool.clear()
+    return out
+
+
+@contextmanager
+def set_forward_context_for(cfg):
+    from vllm.forward_context import set_forward_context
+
+    with set_forward_context({}, cfg):
+        yield
+
+
 def run(info) -> dict:
     """Every served-model case on this rank (one vLLM import per rank)."""
     cfg = init_vllm(info)
     out = dict(torch=serve_case(info, cfg, "torch"), placement=placement_case(info),
                gelu=gelu_case(cfg),
                variants=dict(gpt_oss=gpt_oss_case(info, cfg), llama4=llama4_case(info, cfg)))
+    out["dbo"] = dict(torch=dbo_case(info, "torch"))
     if info.world_size == 2:  # MORI needs a power-of-two group
         out.update(mori=mori_case(info, cfg), symm=symm_case(info, cfg),
                    scaling=scaling_case(info, cfg))
+        out["dbo"]["mori"] = with_fake_mori(lambda: dbo_case(info, "mori"))
     return out
