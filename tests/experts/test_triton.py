@@ -13,10 +13,20 @@ pytest.importorskip("triton")
 
 DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
-GRID = [pytest.param(R, K, E, W, H, I, id=f"R{R}_K{K}_E{E}_W{W}_H{H}_I{I}")
-        for R, K, E, W, H, I in [(1, 1, 4, 1, 64, 32), (33, 4, 16, 2, 64, 32),
-                                 (511, 8, 32, 4, 64, 32), (7, 2, 8, 2, 80, 48),
-                                 (9, 2, 8, 1, 36, 20)]]  # rows of 72 and 40 bytes: no TMA
+# (R, K, E, W, H, I), every routing variant. BLOCK_M by mean slots per local expert: 16 (R1),
+# 32 (R33), 64 (BLOCK64 below).
+SHAPES = [(1, 1, 4, 1, 64, 32), (33, 4, 16, 2, 64, 32), (7, 2, 8, 2, 80, 48),
+          (9, 2, 8, 1, 36, 20)]  # rows of 72 and 40 bytes: no TMA
+# BLOCK_M 64: random routing at R511 (8 tiles of 64 per expert, the last partial; ~9 s a case in
+# the interpreter); all_on_one / nonlocal_rows at R97 (776 slots on 8 local experts; all_on_one
+# puts 97 rows on one expert: 2 tiles, the second partial), ~2 s a case. On a GPU every variant
+# runs at R511, as before.
+VARIANTS = ["random", "all_on_one", "nonlocal_rows"]
+R511 = (511, 8, 32, 4, 64, 32)
+BLOCK64 = [(v, R511) for v in VARIANTS] if DEVICE.type == "cuda" else \
+    [("random", R511), ("all_on_one", (97, *R511[1:])), ("nonlocal_rows", (97, *R511[1:]))]
+CASES = [pytest.param(v, *s, id=f"{v}-R{s[0]}_K{s[1]}_E{s[2]}_W{s[3]}_H{s[4]}_I{s[5]}")
+         for v, s in [(v, s) for v in VARIANTS for s in SHAPES] + BLOCK64]
 
 
 def _case(R, K, E, W, H, I, dtype, gen, *, all_on_one=False, nonlocal_rows=False):
@@ -42,8 +52,7 @@ def _case(R, K, E, W, H, I, dtype, gen, *, all_on_one=False, nonlocal_rows=False
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("R", "K", "E", "W", "H", "I"), GRID)
-@pytest.mark.parametrize("variant", ["random", "all_on_one", "nonlocal_rows"])
+@pytest.mark.parametrize(("variant", "R", "K", "E", "W", "H", "I"), CASES)
 @pytest.mark.parametrize("tma", [True, False], ids=["desc", "ptr"])
 def test_matches_reference(R, K, E, W, H, I, dtype, variant, tma, gen):
     args = _case(R, K, E, W, H, I, dtype, gen, all_on_one=variant == "all_on_one",
