@@ -17,6 +17,10 @@ pytest.importorskip("triton")
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 GRID = [pytest.param(T, W, K, H, id=f"T{T}_W{W}_K{K}_H{H}")
         for T, W, K, H in [(1, 1, 1, 2), (33, 2, 4, 64), (511, 4, 8, 96), (7, 8, 2, 1030)]]
+# pack_rows at T511 runs 511 programs (~6 s in the interpreter): float16 only there on CPUs;
+# float32's row words are packed at T1, T33 and T7 (H1030: three column blocks).
+PACK_CASES = [pytest.param(*p.values, d, id=f"{p.id}-{d}") for p in GRID for d in DTYPES
+              if DEVICE.type == "cuda" or not (p.values[0] == 511 and d == torch.float32)]
 
 
 def _positions(T, W, gen):
@@ -29,8 +33,7 @@ def _positions(T, W, gen):
     return csum.to(DEVICE), pos.to(DEVICE), int(counts.sum())
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("T", "W", "K", "H"), GRID)
+@pytest.mark.parametrize(("T", "W", "K", "H", "dtype"), PACK_CASES)
 def test_pack_rows_triton_matches_torch(T, W, K, H, dtype, gen):
     x = torch.randn(T, H, generator=gen).to(dtype).to(DEVICE)
     ids = torch.randint(-1, 64, (T, K), generator=gen, dtype=torch.int32).to(DEVICE)
