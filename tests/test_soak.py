@@ -14,9 +14,10 @@ kept per group.
 
 Every rank draws the same schedule from one seed, so the ranks agree on each step's kind, which
 rank misbehaves and how, without a collective of their own. Shapes are tiny (E=12, H=16, I=8,
-K=2, capacity 8 tokens per rank) so the forwards cost what the EP machinery costs. On a 2-core
-machine the whole soak takes about 100 s (6 launches of 500 steps; 10 of 300 took 122 s: each
-launch costs ~6 s of spawning and a failure 3 s of the peers' collective timeout).
+K=2, capacity 8 tokens per rank) so the forwards cost what the EP machinery costs. 3 launches of
+1000 steps: each rank fails once, and the bits are compared across two fresh groups (6 launches
+of 500 took ~100 s on a 2-core machine, 10 of 300 122 s: each launch costs ~6 s of spawning and a
+failure 3 s of the peers' collective timeout).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from rocm_moe.experts.reference import dense_moe_reference
 
 W, E, K, H, I, CAP = 3, 12, 2, 16, 8, 8
 STEPS = 3000
-SEGMENTS = 6  # launches of 500 steps, each ending with one rank failing (6 failures)
+SEGMENTS = 3  # launches of 1000 steps, each ending with one rank failing: rank i in launch i
 BAD_RATE = 0.08  # share of steps with a bad input on one rank
 SIZES = (1, 5, 8, 13, 20)  # tokens per rank of the batch kinds; 13 and 20 run in 2-3 chunks
 TOLERANCE = 1e-5  # float32 layer against the float64 oracle (relative, whole output)
