@@ -219,6 +219,44 @@ def _classes() -> SimpleNamespace:
                                weights_applied=combine_input.weights_applied)
             return self.dispatcher.combine(eo, combine_input.handle)
 
+        # ---- two-batch overlap (--enable-two-batch-overlap) -------------------------------
+        # SGLang's TBO runs a layer as staged operations (``batch_overlap/operations.py``,
+        # e.g. Qwen3MoeSparseMoeBlock.op_dispatch_a / op_dispatch_b / op_experts /
+        # op_combine_a / op_combine_b), with a yield to the other sub-batch between the _a and
+        # _b halves, and names the sub-batch (``tbo_subbatch_index``). The collective runs in
+        # the _a half (the other sub-batch's operations queue after it, as after MORI's and
+        # DeepEP's send); the _b half hands its result over. Each sub-batch's dispatch carries
+        # its own handle, so two sub-batches may be in flight (a buffer-holding dispatcher has
+        # batches_in_flight=2 under TBO: ``make_sglang_dispatcher``).
+        def dispatch_a(self, hidden_states, topk_output, tbo_subbatch_index=None):
+            self._stage_put("dispatch_a", tbo_subbatch_index,
+                            self.dispatch(hidden_states, topk_output))
+
+        def dispatch_b(self, tbo_subbatch_index=None):
+            return self._stage_take("dispatch_a", "dispatch_b", tbo_subbatch_index)
+
+        def combine_a(self, combine_input, tbo_subbatch_index=None):
+            self._stage_put("combine_a", tbo_subbatch_index, self.combine(combine_input))
+
+        def combine_b(self, tbo_subbatch_index=None):
+            return self._stage_take("combine_a", "combine_b", tbo_subbatch_index)
+
+        def _stage_put(self, stage: str, index, value) -> None:
+            staged = self.__dict__.setdefault("_staged", {})
+            if (stage, index) in staged:
+                raise _refuse(f"{stage}(tbo_subbatch_index={index})", "called twice",
+                              f"each {stage} of a sub-batch is followed by its _b half",
+                              "call the _b half first (SGLang's operations do)")
+            staged[(stage, index)] = value
+
+        def _stage_take(self, stage: str, half: str, index):
+            staged = self.__dict__.setdefault("_staged", {})
+            if (stage, index) not in staged:
+                raise _refuse(f"{half}(tbo_subbatch_index={index})", "without its _a half",
+                              f"{stage} of the same sub-batch must run first",
+                              "run SGLang's staged operations in order")
+            return staged.pop((stage, index))
+
     return SimpleNamespace(RocmMoEDispatcher=RocmMoEDispatcher,
                            RocmMoEDispatchOutput=RocmMoEDispatchOutput,
                            RocmMoECombineInput=RocmMoECombineInput)
@@ -469,6 +507,17 @@ def _check_engine_flags(W: int) -> None:
                       "SGLang then keeps each rank's own tokens) and --attn-dp-size = --tp-size")
 
 
+def _tbo_enabled() -> bool:
+    """SGLang's ``--enable-two-batch-overlap`` (its published MoE flags; False outside a
+    server)."""
+    try:
+        from sglang.srt.layers.moe.utils import is_tbo_enabled
+
+        return bool(is_tbo_enabled())
+    except (ImportError, AttributeError, RuntimeError, ValueError, AssertionError):
+        return False
+
+
 def make_sglang_dispatcher(moe_runner_config, *, routed_scaling_factor: float | None = None,
                            with_bias: bool = False):
     """A RocmMoEDispatcher for a layer's ``MoeRunnerConfig`` on SGLang's MoE EP group
@@ -490,6 +539,7 @@ def make_sglang_dispatcher(moe_runner_config, *, routed_scaling_factor: float | 
     placement = Placement.contiguous(E, W)
     kw = dict(hidden_size=cfg.hidden_size, top_k=cfg.top_k, dtype=cfg.params_dtype,
               max_tokens_per_rank=cap)
+    lanes = 2 if _tbo_enabled() else 1
     if W == 1:  # one EP rank: nothing moves, whatever ROCM_MOE_SGLANG_COMM names
         _backend_choice("comm", ENV_COMM, lambda: ("local", ""))
         disp = pool.shared_dispatcher("local", placement, **kw)
@@ -500,6 +550,8 @@ def make_sglang_dispatcher(moe_runner_config, *, routed_scaling_factor: float | 
         name = _backend_choice("comm", ENV_COMM, lambda: pool.fastest_comm(
             W, device, group.cpu_group, engine="sglang"))
         pg = group.device_group if device.type == "cuda" else group.cpu_group
+        if lanes > 1 and backends.BACKENDS[f"comm:{name}"].load().holds_batch:
+            kw["batches_in_flight"] = lanes  # one lane per TBO sub-batch (symm, MORI)
         disp = pool.shared_dispatcher(name, placement, group=pg, rank=group.rank_in_group, **kw)
     pool._log_once("sglang-budget", f"sglang dispatcher capacity {cap} tokens per rank ({why})")
     return _classes().RocmMoEDispatcher(

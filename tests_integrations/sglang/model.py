@@ -371,6 +371,7 @@ def rank_scenarios(info) -> dict:
     finally:
         backends.make_dispatcher = real
     out["gpt_oss"] = gpt_oss_scenario(info)
+    out["tbo"] = tbo_scenario(info)
     return out
 
 
@@ -402,3 +403,128 @@ def rs_variant():
     from rocm_moe.integrations import sglang as rs
 
     return rs.ExpertVariant.gpt_oss(alpha=1.702, limit=7.0)
+
+
+# ---- SGLang's two-batch overlap (--enable-two-batch-overlap) ------------------------------------
+def tbo_operations(spec: Spec, layers, strategy: str) -> list:
+    """The operations of SGLang's TBO strategy for Qwen3-MoE layers (``batch_overlap/
+    operations_strategy.py``: ``_compute_moe_qwen3_prefill``, yields after op_dispatch_a and
+    op_combine_a, delta 0; ``_compute_moe_qwen3_decode``, yields also before op_dispatch_a and
+    after the layer, delta 2) without the attention: per layer, SGLang's own
+    ``Qwen3MoeSparseMoeBlock.op_gate / op_select_experts / op_dispatch_a / op_dispatch_b /
+    op_experts / op_combine_a / op_combine_b / op_output`` bound to that layer's gate, TopK
+    and MoE, between a prologue that puts the layer input in the state and an epilogue that
+    adds the residual."""
+    from sglang.srt.batch_overlap.operations import YieldOperation
+    from sglang.srt.models.qwen3_moe import Qwen3MoeSparseMoeBlock as Block
+
+    ops = []
+    for n, layer in enumerate(layers):
+        gate = layer.gate
+        block = SimpleNamespace(layer_id=n, ep_size=layer.moe.moe_ep_size, topk=layer.topk,
+                                experts=layer.moe, gate=lambda h, g=gate: (h @ g.T, None))
+
+        def begin(state, hidden_states, forward_batch, tbo_subbatch_index):
+            state.update(dict(hidden_states_mlp_input=hidden_states, residual=hidden_states,
+                              forward_batch=forward_batch,
+                              tbo_subbatch_index=tbo_subbatch_index))
+
+        def end(state):
+            h = state.pop("residual") + state.pop("hidden_states_mlp_output")
+            out = dict(hidden_states=h, forward_batch=state.pop("forward_batch"),
+                       tbo_subbatch_index=state.pop("tbo_subbatch_index"))
+            state.clear([])
+            return out
+
+        bound = {name: _bind(getattr(Block, name), block, name)
+                 for name in ("op_gate", "op_select_experts", "op_dispatch_a", "op_dispatch_b",
+                              "op_experts", "op_combine_a", "op_combine_b", "op_output")}
+        y = YieldOperation
+        if strategy == "prefill":
+            ops += [begin, bound["op_gate"], bound["op_select_experts"], bound["op_dispatch_a"],
+                    y(), bound["op_dispatch_b"], bound["op_experts"], bound["op_combine_a"],
+                    y(), bound["op_combine_b"], bound["op_output"], end]
+        else:
+            ops += [begin, bound["op_gate"], bound["op_select_experts"], y(),
+                    bound["op_dispatch_a"], y(), bound["op_dispatch_b"], bound["op_experts"],
+                    bound["op_combine_a"], y(), bound["op_combine_b"], bound["op_output"], end,
+                    y()]
+    return ops
+
+
+def _bind(fn, block, name: str):
+    def op(state):
+        return fn(block, state)
+
+    op.__name__ = name
+    return op
+
+
+def _forward_batch(T: int):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    class _Padding:
+        @staticmethod
+        def is_max_len():
+            return False
+
+    return SimpleNamespace(forward_mode=ForwardMode.EXTEND, moe_num_token_non_padded=None,
+                           global_dp_buffer_len=T, tbo_padded_len=T,
+                           global_num_tokens_cpu=None, dp_padding_mode=_Padding())
+
+
+def run_tbo(spec: Spec, layers, x: torch.Tensor, split: int, strategy: str, log: list):
+    """``x`` as SGLang's TBO runs it: two sub-batches (cut at ``split``) through
+    ``execute_overlapped_operations`` (SGLang's own stage executor) with the strategy's
+    delta; the dispatcher's dispatch / combine calls are logged as (op, sub-batch)."""
+    from sglang.srt.batch_overlap.operations import execute_overlapped_operations
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+
+    ops = tbo_operations(spec, layers, strategy)
+    for layer in layers:
+        for op in ("dispatch_a", "combine_a"):
+            real = layer.moe.dispatcher.__class__.__dict__[op].__get__(layer.moe.dispatcher)
+
+            def logged(*a, _real=real, _op=op, tbo_subbatch_index=None, **kw):
+                log.append(f"{_op[0].upper()}{tbo_subbatch_index}")
+                return _real(*a, tbo_subbatch_index=tbo_subbatch_index, **kw)
+
+            setattr(layer.moe.dispatcher, op, logged)
+    parts = [x[:split], x[split:]]
+    inputs = [dict(hidden_states=p, forward_batch=_forward_batch(p.shape[0]),
+                   tbo_subbatch_index=i) for i, p in enumerate(parts)]
+    with forward_context(ForwardContext(attn_backend=None)):
+        outs = execute_overlapped_operations(inputs, [ops, ops],
+                                             [0, 0 if strategy == "prefill" else 2])
+    return torch.cat([o_["hidden_states"] for o_ in outs])
+
+
+def tbo_scenario(info) -> dict:
+    """A 3-layer model built with ``--enable-two-batch-overlap`` (SGLang's MoE flag
+    ``tbo_enabled``) on comm torch and MORI (the fake, W = 2), run as SGLang's TBO runs it,
+    prefill and decode strategies: equal to the same model's one-batch forward (to float32
+    rounding: the router GEMM of a sub-batch) and to the float64 oracle."""
+    from sglang.srt.runtime_context import get_flags
+
+    W, r = info.world_size, info.rank
+    spec = Spec()
+    out: dict = {}
+    get_flags().moe.tbo_enabled = True
+    try:
+        for comm in ("torch", "mori") if W == 2 else ("torch",):
+            layers = _model(spec, comm, 64)
+            rd = layers[0].moe.dispatcher
+            res = dict(lanes=rd.dispatcher.batches_in_flight,
+                       holds=rd.dispatcher.holds_batch)
+            T, split = ((9, 1), (33, 17), (2, 1))[r % 3]
+            x = tokens(spec, r, T)
+            for strategy in ("prefill", "decode"):
+                log: list = []
+                y = run_tbo(spec, layers, x, split, strategy, log)
+                res[strategy] = dict(order=log[:4], err=o.rel_err(y, oracle(spec, x)),
+                                     vs_one=o.rel_err(y, forward(layers, x).double()))
+            out[comm] = res
+    finally:
+        get_flags().moe.tbo_enabled = False
+        os.environ.pop("ROCM_MOE_SGLANG_COMM", None)
+    return out
