@@ -59,6 +59,14 @@ the dispatcher's per-local-expert counts: rocm_moe's dispatcher reports them in 
 every call and the physical -> local map never changes. ``replicas_from_sglang`` gives a layer's
 placement as rocm_moe's ``ReplicatedPlacement``.
 
+Two-batch overlap (``--enable-two-batch-overlap``): SGLang's TBO operations call the layer
+dispatcher's staged ``dispatch_a`` / ``dispatch_b`` / ``combine_a`` / ``combine_b`` per sub-batch
+(``tbo_subbatch_index``); ``RocmMoEDispatcher`` runs the collective in the _a half and hands the
+result over in the _b half, each sub-batch's handle in its own dispatch output, and a
+buffer-holding dispatcher (symm, MORI) is built with ``batches_in_flight=2`` when SGLang's
+``tbo_enabled`` flag is on. A TBO sub-batch runs as one chunk: one larger than the capacity is
+refused by the dispatcher with the reason (raise ``ROCM_MOE_SGLANG_MAX_TOKENS``).
+
 Expert variants (``expert_variant``): SiLU SwiGLU and gpt-oss's clamped SwiGLU (``gemm1_alpha``,
 ``gemm1_clamp_limit``; w13 rows interleaved by SGLang's loader, de-interleaved in place once after
 loading), each with or without biases (``with_bias``: SGLang's ``w13_weight_bias`` /

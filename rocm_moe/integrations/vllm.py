@@ -60,6 +60,12 @@ weights at every call and the expert map (physical -> local) never changes, so n
 stale. ``EplbLink`` reads a layer's state as rocm_moe's ``ReplicatedPlacement`` and
 ``LoadReport`` (``rocm_layer`` builds its EPMoE with that placement).
 
+Dual-batch overlap (``--enable-dbo``): vLLM runs a step as two micro-batch threads
+(``v1/worker/ubatching.py``); prepare and finalize hand the CPU to the other micro-batch and run
+their collective on vLLM's comm stream (``_comm_region``, vLLM's own DeepEP-HT hand-off;
+``supports_dbo``), each micro-batch's handle on its own ids, and a buffer-holding dispatcher
+(symm, MORI) is built with ``batches_in_flight=2`` (``micro_batches``).
+
 Expert variants (``expert_variant``): SiLU SwiGLU, gpt-oss's SWIGLUOAI (alpha 1.702, limit 7.0,
 w13 rows interleaved by vLLM's loader: de-interleaved in place once after loading) and MiniMax-M3's
 SWIGLUOAI_UNINTERLEAVE (beta 1), each with or without biases (vLLM's own ``w13_bias`` /
