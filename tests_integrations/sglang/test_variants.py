@@ -162,3 +162,21 @@ def test_gpt_oss_layer_on_ep_ranks(W):
         g = res["model"]["gpt_oss"]
         assert g["variant"] == "gpt_oss", g
         assert max(g["err"]) <= 1e-5, (r, g)
+
+
+def test_experts_backend_without_the_variant_is_refused():
+    from rocm_moe.comm.local import LocalDispatcher
+    from rocm_moe.experts.base import Experts
+    from rocm_moe.placement import Placement
+
+    class PlainOnly(Experts):  # the base class runs only PLAIN
+        name = "plain-only"
+
+        def _forward(self, *a, **kw):
+            raise AssertionError("not reached")
+
+    with pytest.raises(ValueError, match=r"ROCM_MOE_SGLANG_EXPERTS=plain-only"):
+        rs.RocmMoEDispatcher(
+            LocalDispatcher(Placement.contiguous(E, 1), hidden_size=H, top_k=K,
+                            dtype=torch.float32), experts=PlainOnly(),
+            variant=rs.ExpertVariant.gpt_oss(alpha=1.702, limit=7.0))
