@@ -293,6 +293,10 @@ def _biased_ties(x, cfg: RouterConfig, bias_E) -> torch.Tensor:
         top2 = choice.view(T, cfg.n_group, -1).topk(2, dim=-1).values.sum(-1)
         g = top2.sort(dim=1, descending=True).values[:, : cfg.topk_group + 1]
         tied |= (g[:, 1:] == g[:, :-1]).any(1)
+        keep = torch.zeros_like(top2, dtype=torch.bool)
+        keep.scatter_(1, _stable_topk(top2, cfg.topk_group), True)
+        # the experts are chosen among the kept groups only: look for ties there
+        choice = choice.masked_fill(~keep.repeat_interleave(E // cfg.n_group, dim=1), -math.inf)
     k = min(cfg.top_k + 1, E)
     c = choice.sort(dim=1, descending=True).values[:, :k]
     return tied | (c[:, 1:] == c[:, :-1]).any(1)
