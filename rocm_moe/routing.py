@@ -67,8 +67,17 @@ FusedGate = Literal["off", "float32", "all"]
 # "off" (torch's GEMM, then the router), "float32" (routers whose gate GEMM is float32:
 # DeepSeek-V3, Kimi K2, GLM-4.5), "all" (also bf16/fp16 gates: Qwen3, Mixtral). Set from the
 # GPU measurement of bench/router.py (bench/gpu_router_gate.sh).
+# Measured on one H100 (bench/results/router_gate_h100.txt, 1-128 tokens): gate + router 5.3-6.4
+# us against 7.6-8.1 (Qwen3, "all") and 7.6-10.7 against 11.4-31.8 (DeepSeek-V3, "float32").
+# The default stays "off": the Triton gate's plan (tiles, splits) follows T, so a row's logits
+# may differ in their last bits between batch sizes, and the layer's micro-batch and chunk
+# bit-identity guarantees were checked on GPUs with the torch GEMM only.
 FUSED_GATE_MODES: tuple[str, ...] = ("off", "float32", "all")
 FUSED_GATE_DEFAULT: FusedGate = "off"
+# The Triton gate runs for at most this many tokens (decode steps: the sizes measured above);
+# larger batches take torch's GEMM, whose cost there is small beside the experts', and whose
+# K-sum is not one sequential float32 accumulation over all of H (the kernel's plan at large T).
+FUSED_GATE_MAX_TOKENS = 128
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -446,6 +455,9 @@ def gate_route_unsupported(hidden_TH: torch.Tensor, gate_weight_EH: torch.Tensor
         return "fused_gate='off'"
     if mode == "float32" and not config.logits_in_float32:
         return "fused_gate='float32' and this router's gate GEMM is in the model dtype"
+    if hidden_TH.dim() == 2 and hidden_TH.shape[0] > FUSED_GATE_MAX_TOKENS:
+        return (f"{hidden_TH.shape[0]} tokens > FUSED_GATE_MAX_TOKENS = {FUSED_GATE_MAX_TOKENS} "
+                "(the Triton gate serves decode-sized batches; torch's GEMM runs larger ones)")
     if not _on_gpu(hidden_TH) or library_version("triton") is None:
         return f"hidden states on {hidden_TH.device} (Triton's gate GEMM runs on GPUs)"
     return _gate_unsupported(hidden_TH, gate_weight_EH, config, gate_bias_E)

@@ -81,8 +81,12 @@ def _sorted(r):
     return r.topk_weights.double().gather(1, order), r.topk_ids.long().gather(1, order)
 
 
-def _check_against_float64(x, w, bias, cfg, what: str, *, max_near: float = 0.05):
-    """gate_route's logits, ids and weights against the float64 GEMM and router."""
+def _check_against_float64(x, w, bias, cfg, what: str, *, max_near: float = 0.05,
+                           median: bool = True):
+    """gate_route's logits, ids and weights against the float64 GEMM and router (``median``:
+    also the median error relative to |logit| <= 1e-6; above FUSED_GATE_MAX_TOKENS the plan
+    sums all of H in one float32 accumulator, ~8e-6 there on an H100 at T = 4096,
+    bench/results/tests_gpu_2415763_h100.txt, so only the bound relative to sum |x w| holds)."""
     from rocm_moe._gate_triton import gate_route as kernel
 
     r, logits = kernel(x_TH=x, weight_EH=w, config=cfg, bias_E=bias)
@@ -93,7 +97,8 @@ def _check_against_float64(x, w, bias, cfg, what: str, *, max_near: float = 0.05
     err = (logits.double() - ref).abs()
     scale = x.double().abs() @ w.double().abs().T
     assert float((err / scale).max()) <= 1e-6, f"{what}: {float((err / scale).max())}"
-    assert float((err / ref.abs()).median()) <= 1e-6, what
+    if median:
+        assert float((err / ref.abs()).median()) <= 1e-6, what
     # near-ties: choice gaps within what the logits' float32 error can move (a score moves by
     # at most its logit's error); the weights within 1e-6 plus that error
     err_max = float(err.max())
@@ -253,6 +258,10 @@ def test_unsupported_reasons(monkeypatch):
         assert gate_route_unsupported(x, wg, dsv3) is None
     monkeypatch.setattr(routing, "_on_gpu", lambda t: False)
     assert "runs on GPUs" in gate_route_unsupported(x, w, dsv3)
+    monkeypatch.setattr(routing, "_on_gpu", lambda t: True)
+    big = torch.zeros(routing.FUSED_GATE_MAX_TOKENS + 1, 16, device=DEVICE)
+    assert "FUSED_GATE_MAX_TOKENS" in gate_route_unsupported(big, w, dsv3, mode="float32")
+    assert gate_route_unsupported(big[:-1], w, dsv3, mode="float32") is None
 
 
 def test_bad_inputs_refused(gen):
@@ -406,7 +415,8 @@ def test_gpu_against_float64_and_torch(gen, name, dtype):
     cfg = ROUTERS[name]
     for T in (1, 8, 33, 64, 128, 129, 4096):
         x, w, bias = _inputs(T, REAL[name], cfg, dtype, gen)
-        r, logits = _check_against_float64(x, w, bias, cfg, f"{name} T={T} {dtype}")
+        r, logits = _check_against_float64(x, w, bias, cfg, f"{name} T={T} {dtype}",
+                                           median=T <= routing.FUSED_GATE_MAX_TOKENS)
         torch_logits = torch.nn.functional.linear(x.float(), w.float())
         torch_r = route(torch_logits, cfg, e_score_correction_bias=bias)
         ref = x.double() @ w.double().T
