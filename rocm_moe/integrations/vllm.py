@@ -322,6 +322,22 @@ def _comm_region(capturing: bool):
         dbo_switch_to_compute_sync()
 
 
+def _dbo_record_stream(*tensors) -> None:
+    """Under DBO, mark CUDA tensors made on one of vLLM's two streams as used by the current
+    one, so the caching allocator does not hand their memory to the other micro-batch while
+    this stream still reads them (what vLLM's DeepEP-HT prepare/finalize does). Nothing
+    outside DBO or on a CPU."""
+    from vllm.v1.worker.ubatching import dbo_enabled
+
+    if not dbo_enabled():
+        return
+    stream = None
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            stream = stream or torch.cuda.current_stream()
+            t.record_stream(stream)
+
+
 def micro_batches(vllm_config=None) -> int:
     """How many micro-batches of one step vLLM runs at once (``--enable-dbo``: 2, its
     ``ParallelConfig.num_ubatches``; else 1), from the current vLLM config."""
@@ -590,9 +606,12 @@ def _classes() -> SimpleNamespace:
             except (ValueError, TypeError):
                 disp.share_refusal()
                 raise
+            topk_weights = topk_weights.float()
             with _comm_region(capturing):
-                d = disp.dispatch(a1, topk_weights.float(), topk_ids, validate=not capturing)
+                _dbo_record_stream(a1, topk_weights, topk_ids)  # read on the comm stream
+                d = disp.dispatch(a1, topk_weights, topk_ids, validate=not capturing)
             x, ids, w = d.x, d.topk_ids, d.topk_weights
+            _dbo_record_stream(x, ids, w, d.num_valid)  # read on the compute stream
             if d.num_valid is not None and not capturing:
                 n = int(d.num_valid.reshape(-1)[0])  # eager: run the rows that arrived only
                 x, ids, w = x[:n], ids[:n], w[:n]
@@ -628,8 +647,10 @@ def _classes() -> SimpleNamespace:
             if y.shape[0] < R:  # eager capacity-sized batch: the rows past num_valid are empty
                 y = torch.cat([y, y.new_zeros((R - y.shape[0], *y.shape[1:]))])
             with _comm_region(_capturing()):
+                _dbo_record_stream(y)  # the experts' output, read on the comm stream
                 out = self.dispatcher.combine(ExpertsOutput(out=y, weights_applied=weighted),
                                               handle)
+            _dbo_record_stream(out)  # read on the compute stream
             output.copy_(out)
 
     class RocmMoEExperts(mk.FusedMoEExpertsModular):
