@@ -91,6 +91,10 @@ class ModelFamily:
     block_returns_tuple: bool = False  # the block returns (hidden_states, router scores)
     layers_prefix: str = "model.layers"  # the decoder layers (a VL model: its language model)
     text_config: bool = False  # the MoE fields live in config.text_config (a VL model)
+    # config key of the zero-computation (identity) expert count, RouterConfig.zero_experts:
+    # the router scores num_experts_key + this many experts (LongCat-Flash)
+    zero_experts_key: str | None = None
+    scaled_router: bool = False  # routed_scaling_factor from the config (ungrouped routers)
 
     def text(self, config):
         """The config holding the MoE fields: ``config.text_config`` for a VL model's config,
@@ -184,6 +188,11 @@ class ModelFamily:
         if self.grouped_router:
             kw.update(n_group=config.n_group, topk_group=config.topk_group,
                       routed_scaling_factor=float(config.routed_scaling_factor))
+        if self.scaled_router:
+            kw.update(routed_scaling_factor=float(config.routed_scaling_factor))
+        if self.zero_experts_key is not None:
+            zero = getattr(config, self.zero_experts_key) or 0
+            kw.update(num_experts=kw["num_experts"] + zero, zero_experts=zero)
         return kw
 
     def intermediate_size(self, config) -> int:
@@ -240,6 +249,18 @@ _FAMILIES: list[ModelFamily] = [
                 layers_prefix="model.language_model.layers", text_config=True,
                 intermediate_size_key="moe_intermediate_size", num_experts_key="num_experts",
                 norm_topk_prob_key=None),
+    # LongCat-Flash: softmax router over n_routed_experts + zero_expert_num (its last ids are
+    # identity experts, RouterConfig.zero_experts), a choice bias, no normalisation, a scale;
+    # fused experts [E, 2I, H] / [E, H, I] as transformers 5 holds them. EPMoE runs its MoE
+    # block; the checkpoint loader and rocm-moe run --checkpoint do not read it yet.
+    ModelFamily(name="longcat_flash", model_types=("longcat_flash",), block="mlp",
+                router="router.classifier", router_bias="router.e_score_correction_bias",
+                choice_bias=True, fused_experts=True, fused_hidden_first=False,
+                scaled_router=True, zero_experts_key="zero_expert_num",
+                unsupported_flags=("router_bias",),
+                intermediate_size_key="expert_ffn_hidden_size",
+                num_experts_key="n_routed_experts", norm_topk_prob_key=None,
+                norm_topk_prob=False),
     ModelFamily(name="gpt_oss", model_types=("gpt_oss",), block="mlp", router="router",
                 gate_bias=True, score_after_topk=True, fused_experts=True,
                 interleaved_gate_up=True, activation="swiglu_oai", expert_bias=True,

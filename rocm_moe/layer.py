@@ -355,9 +355,14 @@ class EPMoE(nn.Module):
             raise TypeError(error_message("router", type(router).__name__,
                                           "must be a RouterConfig", "use RouterConfig.qwen3_moe()"))
         world = dispatcher.world_size if isinstance(dispatcher, Dispatcher) else 1
-        self._replicas = _eplb_placement(router.num_experts, world, num_redundant_experts,
-                                         replica_placement)
-        P = router.num_experts if self._replicas is None else self._replicas.num_physical
+        E_r = router.routed_experts  # the experts that compute; zero experts are not placed
+        if router.zero_experts and (num_redundant_experts or replica_placement is not None):
+            raise ValueError(error_message(
+                "num_redundant_experts / replica_placement", "with router.zero_experts",
+                "EPLB replicas are not implemented for routers with zero-computation experts",
+                "serve this model without EPLB replicas"))
+        self._replicas = _eplb_placement(E_r, world, num_redundant_experts, replica_placement)
+        P = E_r if self._replicas is None else self._replicas.num_physical
         self.dispatcher = dispatcher or LocalDispatcher(Placement.contiguous(P, 1))
         if self._replicas is not None:
             _check_physical_dispatcher(self.dispatcher, self._replicas)
@@ -366,10 +371,11 @@ class EPMoE(nn.Module):
                 "replica_nodes / replica_choice", (replica_nodes, replica_choice),
                 "only mean something with EPLB (replicas)",
                 "pass num_redundant_experts=R too, or leave them out"))
-        elif self.dispatcher.placement.num_experts != router.num_experts:
+        elif self.dispatcher.placement.num_experts != E_r:
             raise ValueError(error_message(
                 "dispatcher.placement.num_experts", self.dispatcher.placement.num_experts,
-                f"must equal router.num_experts={router.num_experts}", "build both from one E"))
+                f"must equal router.num_experts - router.zero_experts={E_r} (the routed "
+                "experts)", "build both from one E"))
         declared = {"hidden_size": hidden_size, "top_k": router.top_k, "dtype": dtype}
         for field, want in declared.items():
             got = getattr(self.dispatcher, field)
@@ -723,7 +729,7 @@ class EPMoE(nn.Module):
             w13, w2 = w13.expert_args()
         if not self._weights_cls.trainable:
             return self._load_quantised(w13, w2)
-        E, e = self.router.num_experts, self.w13.shape[0]
+        E, e = self.router.routed_experts, self.w13.shape[0]
         for name, src, dst in (("w13", w13, self.w13), ("w2", w2, self.w2)):
             check_tensor(name, src, shape=(None, *dst.shape[1:]), dtypes=FLOAT_DTYPES,
                          fix=f"pass float weights; integer ones would be cast silently "
@@ -741,7 +747,7 @@ class EPMoE(nn.Module):
         """``load_experts`` of a quantised format: this rank's experts selected, quantised (or
         converted) to the layer's format, checked and registered as buffers; the float
         parameters shrink to [0, ...] dtype carriers."""
-        E, e = self.router.num_experts, len(self.local_experts)
+        E, e = self.router.routed_experts, len(self.local_experts)
         H, I = self.hidden_size, self.intermediate_size
         cls = self._weights_cls
         for name, src, shape in (("w13", w13, (2 * I, H)), ("w2", w2, (H, I))):
@@ -865,7 +871,36 @@ class EPMoE(nn.Module):
             x_TH = self._flatten(hidden_states)
             with _stage(trace, "route", x_TH.device):
                 routing = self.route_tokens(hidden_states, forced_expert_ids=forced_expert_ids)
-        return self._run(hidden_states, x_TH, routing, return_raw, trace)
+            routing, identity_T1 = self._split_zero_experts(routing, return_raw)
+        out = self._run(hidden_states, x_TH, routing, return_raw, trace)
+        return self._add_identity(out, x_TH, identity_T1)
+
+    def _split_zero_experts(self, routing: RoutingResult, return_raw: bool):
+        """LongCat-Flash's zero-computation experts (ids >= E_r = ``router.routed_experts``):
+        -> (the routing with those slots emptied: id -1, weight 0, and [T, 1] float32 identity
+        weight per token, the sum of their weights), or (routing, None) without zero experts."""
+        if not self.router.zero_experts:
+            return routing, None
+        if return_raw:
+            raise ValueError(error_message(
+                "return_raw", True, "is not implemented for routers with zero_experts (the "
+                "identity experts' slots have no raw output)", "pass return_raw=False"))
+        w_TK, ids_TK = routing.topk_weights, routing.topk_ids
+        zero_TK = ids_TK >= self.router.routed_experts
+        w_zero_TK = torch.where(zero_TK, w_TK, torch.zeros_like(w_TK)).float()
+        identity_T = inv.tree_sum(w_zero_TK) if self.invariant else w_zero_TK.sum(-1)
+        routed = RoutingResult(topk_weights=w_TK.masked_fill(zero_TK, 0.0),
+                               topk_ids=ids_TK.masked_fill(zero_TK, -1))
+        return routed, identity_T.unsqueeze(-1)
+
+    @staticmethod
+    def _add_identity(out: torch.Tensor, x_TH: torch.Tensor, identity_T1):
+        """out + x * identity weight, as transformers' LongcatFlashMoE adds it: the float32
+        product cast to the output's dtype, added after the experts' output."""
+        if identity_T1 is None:
+            return out
+        y_TH = out.reshape(x_TH.shape) + (x_TH * identity_T1).to(out.dtype)
+        return y_TH.reshape(out.shape)
 
     @contextlib.contextmanager
     def _refusals_shared(self):
@@ -894,16 +929,18 @@ class EPMoE(nn.Module):
                         topk_ids=topk_ids)
             x_TH = self._flatten(hidden_states)
             check_routing_rows(topk_weights, topk_ids, x_TH.shape[0], self.router.top_k)
-            if self._replicas is not None:  # logical ids: [T, K] in [0, E), not [0, P)
+            # logical ids [0, E) with replicas, not [0, P); with zero experts [0, E_r + Z)
+            if self._replicas is not None or self.router.zero_experts:
                 check_tensor("topk_ids", topk_ids, shape=(x_TH.shape[0], self.router.top_k),
                              fix="pass [T, K] logical expert ids; pad unused slots with -1")
                 check_integer("topk_ids", topk_ids)
                 if self.validate:
                     check_id_range("topk_ids", topk_ids, self.router.num_experts,
                                    allow_minus_one=True)
-        return self._run(hidden_states, x_TH,
-                         RoutingResult(topk_weights=topk_weights, topk_ids=topk_ids),
-                         return_raw, trace)
+            routing, identity_T1 = self._split_zero_experts(
+                RoutingResult(topk_weights=topk_weights, topk_ids=topk_ids), return_raw)
+        out = self._run(hidden_states, x_TH, routing, return_raw, trace)
+        return self._add_identity(out, x_TH, identity_T1)
 
     def _flatten(self, hidden_states: torch.Tensor) -> torch.Tensor:
         check_tensor("hidden_states", hidden_states, dtypes=FLOAT_DTYPES)

@@ -94,12 +94,15 @@ class RouterConfig:
     score_after_topk: bool = False  # top-k of the logits first, then score only those
     gate_bias: bool = False  # the gate linear has a bias (logits = x @ W.T + b)
     choice_bias: bool = False  # a softmax router takes e_score_correction_bias (ERNIE 4.5)
+    # LongCat-Flash: the last zero_experts of the num_experts ids are zero-computation
+    # (identity) experts; EPMoE adds x * their weight on the token's rank, without dispatch
+    zero_experts: int = 0
 
     def __post_init__(self) -> None:
         def bad(field: str, value: object, rule: str, fix: str) -> ValueError:
             return ValueError(error_message(f"RouterConfig.{field}", value, rule, fix))
 
-        for field in ("num_experts", "top_k", "n_group", "topk_group"):
+        for field in ("num_experts", "top_k", "n_group", "topk_group", "zero_experts"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(error_message(
@@ -124,6 +127,11 @@ class RouterConfig:
                 "top_k", self.top_k, f"must lie in [1, num_experts={self.num_experts}]",
                 "pass num_experts_per_tok from the model config",
             )
+        if not 0 <= self.zero_experts < self.num_experts:
+            raise bad("zero_experts", self.zero_experts,
+                      f"must lie in [0, num_experts={self.num_experts}) (the last zero_experts "
+                      "ids are identity experts; at least one routed expert must remain)",
+                      "pass the model config's zero_expert_num, and num_experts = routed + zero")
         f = self.routed_scaling_factor
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) \
                 or f <= 0:
@@ -204,6 +212,11 @@ class RouterConfig:
         fam = family(getattr(config, "model_type", ""),
                      fix="build RouterConfig(...) by hand for other models")
         return cls(**fam.router_kwargs(config))
+
+    @property
+    def routed_experts(self) -> int:
+        """E_r: the experts that compute (``num_experts - zero_experts``), ids [0, E_r)."""
+        return self.num_experts - self.zero_experts
 
     @property
     def logits_in_float32(self) -> bool:

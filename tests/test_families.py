@@ -45,6 +45,10 @@ def _config(name: str):
         return transformers.Llama4TextConfig(**common, num_local_experts=12, intermediate_size=16)
     if name == "gpt_oss":
         return transformers.GptOssConfig(**common, num_local_experts=12, intermediate_size=16)
+    if name == "longcat_flash":  # 12 routed + 4 zero-computation experts
+        return transformers.LongcatFlashConfig(
+            hidden_size=32, moe_topk=3, num_hidden_layers=2, n_routed_experts=12,
+            zero_expert_num=4, expert_ffn_hidden_size=16, routed_scaling_factor=1.5)
     assert name == "deepseek_v3"
     return transformers.DeepseekV3Config(**common, n_routed_experts=12, moe_intermediate_size=16,
                                          intermediate_size=48, n_group=4, topk_group=2,
@@ -59,6 +63,8 @@ EXPECTED_ROUTER = {
     "deepseek_v3": RouterConfig.deepseek_v3(12, 3, n_group=4, topk_group=2,
                                             norm_topk_prob=False, routed_scaling_factor=1.5),
     "gpt_oss": RouterConfig.gpt_oss(12, 3),
+    "longcat_flash": RouterConfig(num_experts=16, top_k=3, norm_topk_prob=False,
+                                  routed_scaling_factor=1.5, choice_bias=True, zero_experts=4),
     "llama4": RouterConfig.llama4(12, 3),
     "llama4_vl": RouterConfig.llama4(12, 3),
     "qwen3_vl_moe": RouterConfig.qwen3_moe(12, 3),

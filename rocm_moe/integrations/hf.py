@@ -320,7 +320,14 @@ class MoELayerWeights:
 
 
 def _family(model_type: str) -> ModelFamily:
-    return family(model_type, fix="load other models through weights_from_block")
+    fam = family(model_type, fix="load other models through weights_from_block")
+    if fam.zero_experts_key is not None:  # the loader sizes experts by the router's count
+        raise ValueError(error_message(
+            "config.model_type", repr(model_type), "rocm_moe.integrations.hf does not load or "
+            "replace MoE blocks with zero-computation experts yet",
+            "build EPMoE(router=RouterConfig.from_hf_config(config), ...) and load_experts "
+            "the block's experts yourself (tests/test_families_longcat.py does)"))
+    return fam
 
 
 SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints: <proj>.weight_scale_inv beside <proj>.weight
