@@ -95,6 +95,7 @@ class ModelFamily:
     # the router scores num_experts_key + this many experts (LongCat-Flash)
     zero_experts_key: str | None = None
     scaled_router: bool = False  # routed_scaling_factor from the config (ungrouped routers)
+    float32_gate: bool = False  # the router's gate GEMM is float32 (LongCat-Flash)
 
     def text(self, config):
         """The config holding the MoE fields: ``config.text_config`` for a VL model's config,
@@ -190,6 +191,8 @@ class ModelFamily:
                       routed_scaling_factor=float(config.routed_scaling_factor))
         if self.scaled_router:
             kw.update(routed_scaling_factor=float(config.routed_scaling_factor))
+        if self.float32_gate:
+            kw.update(float32_logits=True)
         if self.zero_experts_key is not None:
             zero = getattr(config, self.zero_experts_key) or 0
             kw.update(num_experts=kw["num_experts"] + zero, zero_experts=zero)
@@ -250,13 +253,14 @@ _FAMILIES: list[ModelFamily] = [
                 intermediate_size_key="moe_intermediate_size", num_experts_key="num_experts",
                 norm_topk_prob_key=None),
     # LongCat-Flash: softmax router over n_routed_experts + zero_expert_num (its last ids are
-    # identity experts, RouterConfig.zero_experts), a choice bias, no normalisation, a scale;
+    # identity experts, RouterConfig.zero_experts) of float32 logits, a choice bias, no
+    # normalisation, a scale;
     # fused experts [E, 2I, H] / [E, H, I] as transformers 5 holds them. EPMoE runs its MoE
     # block; the checkpoint loader and rocm-moe run --checkpoint do not read it yet.
     ModelFamily(name="longcat_flash", model_types=("longcat_flash",), block="mlp",
                 router="router.classifier", router_bias="router.e_score_correction_bias",
                 choice_bias=True, fused_experts=True, fused_hidden_first=False,
-                scaled_router=True, zero_experts_key="zero_expert_num",
+                scaled_router=True, zero_experts_key="zero_expert_num", float32_gate=True,
                 unsupported_flags=("router_bias",),
                 intermediate_size_key="expert_ffn_hidden_size",
                 num_experts_key="n_routed_experts", norm_topk_prob_key=None,

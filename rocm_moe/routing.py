@@ -97,6 +97,7 @@ class RouterConfig:
     # LongCat-Flash: the last zero_experts of the num_experts ids are zero-computation
     # (identity) experts; EPMoE adds x * their weight on the token's rank, without dispatch
     zero_experts: int = 0
+    float32_logits: bool = False  # the gate GEMM in float32 whatever x's dtype (LongCat-Flash)
 
     def __post_init__(self) -> None:
         def bad(field: str, value: object, rule: str, fix: str) -> ValueError:
@@ -108,7 +109,8 @@ class RouterConfig:
                 raise TypeError(error_message(
                     f"RouterConfig.{field}", repr(value), "must be an int",
                     f"pass an int, e.g. {field}=int(config.{field})"))
-        for field in ("norm_topk_prob", "score_after_topk", "gate_bias", "choice_bias"):
+        for field in ("norm_topk_prob", "score_after_topk", "gate_bias", "choice_bias",
+                      "float32_logits"):
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(error_message(f"RouterConfig.{field}", repr(getattr(self, field)),
                                               "must be a bool", "pass True or False"))
@@ -220,9 +222,10 @@ class RouterConfig:
 
     @property
     def logits_in_float32(self) -> bool:
-        """DeepSeek-V3 computes its gate matmul in float32; softmax routers and Llama 4's
-        (sigmoid after the top-k) in the model dtype."""
-        return self.scoring == "sigmoid" and not self.score_after_topk
+        """DeepSeek-V3 and LongCat-Flash (``float32_logits``) compute their gate matmul in
+        float32; other softmax routers and Llama 4's (sigmoid after the top-k) in the model
+        dtype."""
+        return self.float32_logits or (self.scoring == "sigmoid" and not self.score_after_topk)
 
 
 @dataclass(frozen=True, kw_only=True)

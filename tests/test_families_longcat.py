@@ -81,7 +81,7 @@ def test_family_reads_the_config():
     assert fam.name == "longcat_flash"
     assert RouterConfig.from_hf_config(cfg) == RouterConfig(
         num_experts=E_R + 3, top_k=K, norm_topk_prob=False, routed_scaling_factor=SCALE,
-        choice_bias=True, zero_experts=3)
+        choice_bias=True, zero_experts=3, float32_logits=True)
     assert fam.intermediate_size(cfg) == I
     assert fam.gate_weight(2) == "model.layers.2.mlp.router.classifier.weight"
     assert fam.router_bias_tensor(2) == "model.layers.2.mlp.router.e_score_correction_bias"
@@ -107,6 +107,25 @@ def test_parity_with_the_transformers_block(zero, T):
     if T > 1:
         assert zero_slots[1] == 0
         assert 0 < zero_slots.sum() < T * K
+
+
+def test_bf16_within_the_blocks_own_error():
+    """bf16: the router's logits in float32 as the block computes them (F.linear of float32
+    x and W), and the output within the bf16 block's own error against float32."""
+    block, u = _with_config(3)
+    x = _tokens(33, u)
+    with torch.no_grad():
+        ref = block(x[None])[0]
+        block16 = block.to(torch.bfloat16)
+        ours16 = _layer(block16).to(torch.bfloat16)
+        x16 = x.bfloat16()
+        logits = ours16.router_logits(x16)
+        assert logits.dtype == torch.float32
+        assert torch.equal(logits, torch.nn.functional.linear(
+            x16.float(), block16.router.classifier.weight.float()))
+        err_model = rel_err(block16(x16[None])[0], ref)
+        err_ours = rel_err(ours16(x16), ref)
+    assert err_ours <= max(2 * err_model, 1e-2), (err_ours, err_model)
 
 
 def test_invariant_mode_keeps_parity():
