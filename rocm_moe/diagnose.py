@@ -319,7 +319,7 @@ def _held_by_content(layer: EPMoE, expert_weights) -> tuple[int, ...]:
         if same(j, g):
             held.append(g)
         else:
-            held += [h for h in range(layer.router.num_experts) if same(j, h)][:1]
+            held += [h for h in range(layer.router.routed_experts) if same(j, h)][:1]
     return tuple(held)
 
 

@@ -91,6 +91,15 @@ class MoEOutput:
     weighted_by: WeightMode  # the stage that applied the routing weights
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class _ZeroSlots:
+    """A routing's zero-computation slots (``EPMoE._split_zero_experts``)."""
+
+    routing: RoutingResult  # the router's own [T, K] weights and ids (ids >= E_r included)
+    zero_TK: torch.Tensor  # [T, K] bool: the slot went to a zero-computation expert
+    identity_T1: torch.Tensor  # [T, 1] float32: the sum of those slots' weights
+
+
 class Trace:
     """Optional per-stage timings: ``times[stage]`` in seconds, device-synchronised, summed over
     the forwards traced (stages: route, dispatch, experts, combine, shared). The stage tensors
@@ -871,36 +880,47 @@ class EPMoE(nn.Module):
             x_TH = self._flatten(hidden_states)
             with _stage(trace, "route", x_TH.device):
                 routing = self.route_tokens(hidden_states, forced_expert_ids=forced_expert_ids)
-            routing, identity_T1 = self._split_zero_experts(routing, return_raw)
+            routing, zero = self._split_zero_experts(routing)
         out = self._run(hidden_states, x_TH, routing, return_raw, trace)
-        return self._add_identity(out, x_TH, identity_T1)
+        return self._add_identity(out, x_TH, zero)
 
-    def _split_zero_experts(self, routing: RoutingResult, return_raw: bool):
+    def _split_zero_experts(self, routing: RoutingResult):
         """LongCat-Flash's zero-computation experts (ids >= E_r = ``router.routed_experts``):
-        -> (the routing with those slots emptied: id -1, weight 0, and [T, 1] float32 identity
-        weight per token, the sum of their weights), or (routing, None) without zero experts."""
+        -> (the routing with those slots emptied: id -1, weight 0; ``_ZeroSlots`` for
+        ``_add_identity``), or (routing, None) without zero experts."""
         if not self.router.zero_experts:
             return routing, None
-        if return_raw:
-            raise ValueError(error_message(
-                "return_raw", True, "is not implemented for routers with zero_experts (the "
-                "identity experts' slots have no raw output)", "pass return_raw=False"))
         w_TK, ids_TK = routing.topk_weights, routing.topk_ids
         zero_TK = ids_TK >= self.router.routed_experts
         w_zero_TK = torch.where(zero_TK, w_TK, torch.zeros_like(w_TK)).float()
         identity_T = inv.tree_sum(w_zero_TK) if self.invariant else w_zero_TK.sum(-1)
         routed = RoutingResult(topk_weights=w_TK.masked_fill(zero_TK, 0.0),
                                topk_ids=ids_TK.masked_fill(zero_TK, -1))
-        return routed, identity_T.unsqueeze(-1)
+        return routed, _ZeroSlots(routing=routing, zero_TK=zero_TK,
+                                  identity_T1=identity_T.unsqueeze(-1))
 
     @staticmethod
-    def _add_identity(out: torch.Tensor, x_TH: torch.Tensor, identity_T1):
+    def _add_identity(out, x_TH: torch.Tensor, zero: _ZeroSlots | None):
         """out + x * identity weight, as transformers' LongcatFlashMoE adds it: the float32
-        product cast to the output's dtype, added after the experts' output."""
-        if identity_T1 is None:
+        product cast to the output's dtype, added after the experts' output. With
+        ``return_raw``: a zero-computation slot's raw (unweighted) output is the token itself,
+        and the MoEOutput carries the router's own ids and weights."""
+        if zero is None:
             return out
-        y_TH = out.reshape(x_TH.shape) + (x_TH * identity_T1).to(out.dtype)
-        return y_TH.reshape(out.shape)
+        raw = None
+        if isinstance(out, MoEOutput):
+            raw, out = out, out.out
+        y_TH = out.reshape(x_TH.shape) + (x_TH * zero.identity_T1).to(out.dtype)
+        y = y_TH.reshape(out.shape)
+        if raw is None:
+            return y
+        K = zero.zero_TK.shape[1]
+        raw_TKH = raw.raw.reshape(x_TH.shape[0], K, x_TH.shape[1])
+        raw_TKH = torch.where(zero.zero_TK[..., None], x_TH[:, None, :].to(raw_TKH.dtype),
+                              raw_TKH)
+        return dataclasses.replace(raw, out=y, raw=raw_TKH.reshape(raw.raw.shape),
+                                   topk_weights=zero.routing.topk_weights,
+                                   topk_ids=zero.routing.topk_ids)
 
     @contextlib.contextmanager
     def _refusals_shared(self):
@@ -937,10 +957,10 @@ class EPMoE(nn.Module):
                 if self.validate:
                     check_id_range("topk_ids", topk_ids, self.router.num_experts,
                                    allow_minus_one=True)
-            routing, identity_T1 = self._split_zero_experts(
-                RoutingResult(topk_weights=topk_weights, topk_ids=topk_ids), return_raw)
+            routing, zero = self._split_zero_experts(
+                RoutingResult(topk_weights=topk_weights, topk_ids=topk_ids))
         out = self._run(hidden_states, x_TH, routing, return_raw, trace)
-        return self._add_identity(out, x_TH, identity_T1)
+        return self._add_identity(out, x_TH, zero)
 
     def _flatten(self, hidden_states: torch.Tensor) -> torch.Tensor:
         check_tensor("hidden_states", hidden_states, dtypes=FLOAT_DTYPES)

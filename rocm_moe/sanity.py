@@ -152,10 +152,10 @@ def run_sanity(
     gen = torch.Generator().manual_seed(seed)
     H = layer.hidden_size
     local = list(layer.local_experts)
-    tried = experts if experts is not None else list(range(layer.router.num_experts))
+    tried = experts if experts is not None else list(range(layer.router.routed_experts))
     tol = tolerance(layer)
     if expert_weights is None:
-        if len(local) != layer.router.num_experts:
+        if len(local) != layer.router.routed_experts:
             raise ValueError(error_message(
                 "expert_weights", None, "with expert parallelism the reference weights of other "
                 "ranks' experts must be given", "pass expert_weights=lambda g: (w13_g, w2_g)"))
@@ -174,7 +174,7 @@ def run_sanity(
     shared = dense_shared(layer.shared_experts, x).to(dev) if layer.shared_experts is not None \
         else 0.0
     K = layer.router.top_k
-    E = layer.router.num_experts
+    E = layer.router.routed_experts
     ids_K = torch.randperm(E, generator=gen)[:K]  # any experts: other ranks' ones too
     w_K = torch.rand(K, generator=gen) + 0.1
     pair_K = _two_local_slots(layer, gen)  # two slots of one rank's experts in one row
@@ -307,7 +307,7 @@ def comm_identity_error(layer: EPMoE, seed: int, num_tokens: int = 16) -> float:
     of each token): MORI's own round-trip test, run on the layer's comm backend."""
     disp = layer.dispatcher
     dev, dtype = layer.w13.device, layer.w13.dtype
-    E, K = layer.router.num_experts, layer.router.top_k
+    E, K = layer.router.routed_experts, layer.router.top_k
     T = min(num_tokens, disp.max_tokens_per_rank or num_tokens)
     gen = torch.Generator().manual_seed(seed * 31 + disp.rank)
     ids = torch.rand(T, E, generator=gen).topk(K, dim=1).indices
