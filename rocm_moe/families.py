@@ -78,7 +78,8 @@ class ModelFamily:
     norm_topk_prob_key: str | None = "norm_topk_prob"  # None: ``norm_topk_prob`` below
     norm_topk_prob: bool = True  # the family's fixed choice where its config has no key
     grouped_router: bool = False  # n_group, topk_group, routed_scaling_factor from the config
-    router: str = "gate"  # the router's name in the block (gpt-oss, Llama 4: "router")
+    router: str = "gate"  # the router linear's path in the block (gpt-oss, Llama 4: "router";
+    #                       LongCat-Flash: "router.classifier")
     gate_bias: bool = False  # the router linear has a bias, part of the logits (gpt-oss)
     score_after_topk: bool = False  # top-k of the logits, then scored (gpt-oss, Llama 4)
     fused_experts: bool = False  # experts.gate_up_proj [E, H, 2I], experts.down_proj [E, I, H]
@@ -254,14 +255,13 @@ _FAMILIES: list[ModelFamily] = [
                 norm_topk_prob_key=None),
     # LongCat-Flash: softmax router over n_routed_experts + zero_expert_num (its last ids are
     # identity experts, RouterConfig.zero_experts) of float32 logits, a choice bias, no
-    # normalisation, a scale;
-    # fused experts [E, 2I, H] / [E, H, I] as transformers 5 holds them. EPMoE runs its MoE
-    # block; the checkpoint loader and rocm-moe run --checkpoint do not read it yet.
+    # normalisation, a scale; one tensor per expert on disk (experts.{e}.gate_proj, ... of the
+    # E_r routed experts only; the block holds them fused [E_r, 2I, H] / [E_r, H, I]), the gate
+    # nested in the router (router.classifier)
     ModelFamily(name="longcat_flash", model_types=("longcat_flash",), block="mlp",
                 router="router.classifier", router_bias="router.e_score_correction_bias",
-                choice_bias=True, fused_experts=True, fused_hidden_first=False,
-                scaled_router=True, zero_experts_key="zero_expert_num", float32_gate=True,
-                unsupported_flags=("router_bias",),
+                choice_bias=True, scaled_router=True, zero_experts_key="zero_expert_num",
+                float32_gate=True, unsupported_flags=("router_bias",),
                 intermediate_size_key="expert_ffn_hidden_size",
                 num_experts_key="n_routed_experts", norm_topk_prob_key=None,
                 norm_topk_prob=False),

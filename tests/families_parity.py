@@ -80,7 +80,9 @@ def block_out(block, x):
 
 
 def num_experts(cfg) -> int:
-    return RouterConfig.from_hf_config(cfg).num_experts
+    """The experts placed over the ranks: the routed ones (LongCat-Flash's zero-computation
+    experts are not placed)."""
+    return RouterConfig.from_hf_config(cfg).routed_experts
 
 
 def parity(directory, layer: int, *, tokens: int = 33) -> dict:

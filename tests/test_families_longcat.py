@@ -178,12 +178,27 @@ def test_placement_counts_the_routed_experts_only():
               dispatcher=LocalDispatcher(Placement.contiguous(E_R + 2, 1)))
 
 
-def test_checkpoint_loader_refuses_the_family():
+def test_weights_from_block_reads_the_nested_gate_and_bias():
+    """hf.weights_from_block: the gate [E_r + Z, H] from router.classifier, the choice bias
+    beside it, this rank's routed experts only (placed over E_r); the layer built from them
+    matches the block. (The checkpoint loader: tests/test_families_parity.py's FAMILIES row.)"""
     from rocm_moe.integrations import hf
 
-    block, _ = _with_config(2)
-    with pytest.raises(ValueError, match="zero-computation experts"):
-        hf.weights_from_block(block, block.router_config, Placement.contiguous(E_R, 1), 0)
+    block, u = _with_config(2)
+    cfg = block.router_config
+    for rank in (0, 1):
+        w = hf.weights_from_block(block, cfg, Placement.contiguous(E_R, 2), rank)
+        assert torch.equal(w.gate, block.router.classifier.weight)
+        assert torch.equal(w.e_score_correction_bias, block.router.e_score_correction_bias)
+        local = slice(4 * rank, 4 * rank + 4)
+        assert torch.equal(w.w13, block.experts.gate_up_proj[local])
+        assert torch.equal(w.w2, block.experts.down_proj[local])
+    layer = hf.build_layer(hf.weights_from_block(block, cfg, Placement.contiguous(E_R, 1), 0))
+    x = _tokens(33, u)
+    with torch.no_grad():
+        assert rel_err(layer(x), block(x[None])[0]) <= 1e-5
+    with pytest.raises(ValueError, match=r"placement\.num_experts=10.*E=8"):
+        hf.weights_from_block(block, cfg, Placement.contiguous(E_R + 2, 1), 0)
 
 
 @pytest.mark.parametrize(("zero", "rule"), [(-1, "must lie in"), (10, "must lie in"),

@@ -64,6 +64,18 @@ def _llama4(top_k: int = 1, **kw):
         intermediate_size_mlp=48, num_local_experts=8, **kw)
 
 
+def _longcat_flash(**kw):
+    # 8 routed + 2 zero-computation experts, K=3; each decoder layer: two MLA attentions, two
+    # dense MLPs (mlps) and the MoE block (mlp), on num_layers (not num_hidden_layers)
+    common = {k: v for k, v in fp.COMMON.items()
+              if k not in ("num_hidden_layers", "num_experts_per_tok", "num_key_value_heads")}
+    return transformers.LongcatFlashConfig(
+        **common, num_layers=2, moe_topk=3, n_routed_experts=8, zero_expert_num=2,
+        expert_ffn_hidden_size=12, ffn_hidden_size=48, routed_scaling_factor=2.5,
+        kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8, qk_nope_head_dim=4, v_head_dim=8,
+        **kw)
+
+
 QWEN3_VL_TEXT = dict(**{**fp.COMMON, "num_experts_per_tok": 3}, intermediate_size=48,
                      moe_intermediate_size=12, num_experts=12,
                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -114,6 +126,12 @@ FAMILIES = {
     # (Qwen3VLMoeTextSparseMoeBlock)
     "qwen3_vl_moe": Tiny(_qwen3_vl_moe, 1, "E=12 H=32 I=12 K=3", 2,
                          lambda: RouterConfig.qwen3_moe(12, 3)),
+    # a float32 softmax router over 8 routed + 2 zero-computation (identity) experts with a
+    # choice bias, no normalisation, a scale; E counts the routed experts, the only ones placed
+    # and read (LongcatFlashMoE)
+    "longcat_flash": Tiny(_longcat_flash, 1, "E=8 H=32 I=12 K=3", 2, lambda: RouterConfig(
+        num_experts=10, top_k=3, norm_topk_prob=False, routed_scaling_factor=2.5,
+        choice_bias=True, zero_experts=2, float32_logits=True)),
 }
 
 
@@ -253,3 +271,25 @@ def test_qwen3_vl_hidden_first_checkpoint_reads_the_same(checkpoint, tmp_path):
         b = hf.load_moe_layer(copy, 1, p, rank)
         assert torch.equal(a.w13, b.w13)
         assert torch.equal(a.w2, b.w2)
+
+
+# ---- longcat_flash -----------------------------------------------------------------------------
+def test_longcat_checkpoint_layer_and_the_runs_tokens(checkpoint):
+    """The loader reads the gate over all 10 ids and the choice bias, the experts of the 8 routed
+    ones; the tokens `rocm-moe run` feeds each rank (W = 2) route some slots to zero experts and
+    some to routed ones, so test_run_on_the_checkpoint checks both against the oracle."""
+    from rocm_moe import Placement, synthetic
+    from rocm_moe.integrations import hf
+
+    directory = checkpoint("longcat_flash")
+    ck = hf.Checkpoint(directory)
+    w = hf.load_moe_layer(directory, 1, Placement.contiguous(8, 2), 1, checkpoint=ck)
+    assert w.gate.shape == (10, 32)
+    assert w.w13.shape == (4, 24, 32)
+    assert torch.equal(w.e_score_correction_bias, ck.tensor(
+        "model.layers.1.mlp.router.e_score_correction_bias"))
+    assert w.e_score_correction_bias.abs().sum() > 0
+    layer = hf.build_layer(hf.load_moe_layer(directory, 1, Placement.contiguous(8, 1), 0))
+    for rank in (0, 1):
+        ids = layer.route_tokens(synthetic.tokens(0, rank, 17, 32)).topk_ids
+        assert 0 < int((ids >= 8).sum()) < ids.numel(), ids

@@ -100,9 +100,15 @@ def _rank(info: WorkerInfo, job: RunJob) -> dict:
             progress("rank 0: checking against the float64 oracle")
         t0 = time.perf_counter()
         checked = layer(x, return_raw=True)
-        y_ref, raw_ref = dense_moe_reference(x, checked.topk_weights, checked.topk_ids,
+        # zero-computation experts (LongCat-Flash): identity, raw output the token itself
+        zero_TK = checked.topk_ids >= layer.router.routed_experts
+        y_ref, raw_ref = dense_moe_reference(x, checked.topk_weights.masked_fill(zero_TK, 0.0),
+                                             checked.topk_ids.masked_fill(zero_TK, -1),
                                              expert_weights=spec.expert_weights(dtype),
                                              variant=layer.expert_variant)
+        x64 = x.double()
+        y_ref = y_ref + x64 * (checked.topk_weights.double() * zero_TK).sum(-1, keepdim=True)
+        raw_ref = torch.where(zero_TK[..., None], x64[:, None, :], raw_ref)
         if layer.shared_experts is not None:
             y_ref = y_ref + layer.shared_experts.reference(x)
     if first:

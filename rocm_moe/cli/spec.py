@@ -223,7 +223,8 @@ def hf_config(spec: LayerSpec):
 
 
 def checkpoint_shape(spec: LayerSpec) -> LayerSpec:
-    """``spec`` with E, H, I, K taken from its checkpoint's config (unchanged without one)."""
+    """``spec`` with E, H, I, K taken from its checkpoint's config (unchanged without one); E
+    counts the routed experts (LongCat-Flash's zero-computation ones are not placed)."""
     if not spec.checkpoint:
         return spec
     from rocm_moe.families import family
@@ -231,7 +232,7 @@ def checkpoint_shape(spec: LayerSpec) -> LayerSpec:
 
     cfg = hf.Checkpoint(spec.checkpoint).config()
     router = RouterConfig.from_hf_config(cfg)
-    return replace(spec, num_experts=router.num_experts, top_k=router.top_k,
+    return replace(spec, num_experts=router.routed_experts, top_k=router.top_k,
                    hidden_size=family(cfg.model_type).hidden_size(cfg),
                    intermediate_size=family(cfg.model_type).intermediate_size(cfg))
 

@@ -24,6 +24,7 @@ import json
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -320,14 +321,7 @@ class MoELayerWeights:
 
 
 def _family(model_type: str) -> ModelFamily:
-    fam = family(model_type, fix="load other models through weights_from_block")
-    if fam.zero_experts_key is not None:  # the loader sizes experts by the router's count
-        raise ValueError(error_message(
-            "config.model_type", repr(model_type), "rocm_moe.integrations.hf does not load or "
-            "replace MoE blocks with zero-computation experts yet",
-            "build EPMoE(router=RouterConfig.from_hf_config(config), ...) and load_experts "
-            "the block's experts yourself (tests/test_families_longcat.py does)"))
-    return fam
+    return family(model_type, fix="load other models through weights_from_block")
 
 
 SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints: <proj>.weight_scale_inv beside <proj>.weight
@@ -612,10 +606,12 @@ def weights_from_block(block: nn.Module, config, placement: Placement,
         if getattr(block, "shared_expert_gate", None) is not None:
             kw["shared_gate"] = block.shared_expert_gate.weight.detach()
     fam.check_config(config, where="replace_moe_blocks")
-    router = getattr(block, fam.router)
+    router = block.get_submodule(fam.router)  # (LongCat-Flash: router.classifier)
     bias = getattr(router, "e_score_correction_bias", None)
     if bias is None and hasattr(router, "moe_statics"):  # ERNIE 4.5: [1, E]
         bias = router.moe_statics.e_score_correction_bias.reshape(-1)
+    if bias is None and fam.router_bias is not None:  # LongCat-Flash: beside the linear
+        bias = attrgetter(fam.router_bias)(block)
     if fam.fused_experts and fam.fused_hidden_first:  # [E, H, 2I] / [E, I, H] (gpt-oss, ...)
         experts = [fused_to_local(ex.gate_up_proj[e].detach(), ex.down_proj[e].detach(),
                                   interleaved=fam.interleaved_gate_up,
@@ -853,6 +849,7 @@ def register(experts: Experts | None = None) -> str:
 
 def _is_moe_block(module: nn.Module) -> bool:
     router = getattr(module, "gate", None) or getattr(module, "router", None)
+    router = getattr(router, "classifier", router)  # LongCat-Flash's router.classifier
     return hasattr(module, "experts") and hasattr(module.experts, "gate_up_proj") \
         and hasattr(router, "weight")
 
