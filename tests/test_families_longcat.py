@@ -85,6 +85,7 @@ def test_family_reads_the_config():
     assert fam.intermediate_size(cfg) == I
     assert fam.gate_weight(2) == "model.layers.2.mlp.router.classifier.weight"
     assert fam.router_bias_tensor(2) == "model.layers.2.mlp.router.e_score_correction_bias"
+    assert fam.expert_tensors(2, 7).gate == "model.layers.2.mlp.experts.7.gate_proj.weight"
 
 
 @pytest.mark.parametrize("zero", [2, 3])
