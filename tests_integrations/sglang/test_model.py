@@ -20,19 +20,6 @@ from tests_integrations.sglang import model as m
 SPEC = m.Spec()
 
 
-@pytest.fixture
-def one_rank(monkeypatch):
-    """SGLang's context for one EP rank with the plug-in loaded; a fresh dispatcher pool."""
-    for env in (rs.ENV_COMM, rs.ENV_EXPERTS, rs.ENV_WEIGHT_MODE):
-        monkeypatch.delenv(env, raising=False)
-    monkeypatch.setenv(rs.ENV_MAX_TOKENS, str(m.CAP))
-    m.publish(1, 0)
-    m.load_plugin()
-    pool.clear()
-    yield
-    pool.clear()
-
-
 def _layers(**kw):
     from sglang.srt.layers.moe.ep_moe.layer import DeepEPMoE
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE

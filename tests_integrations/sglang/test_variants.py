@@ -17,7 +17,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rocm_moe.comm import pool
 from rocm_moe.integrations import sglang as rs
 from tests_integrations import oracle64 as o
 from tests_integrations import variants64 as v64
@@ -28,18 +27,6 @@ from tests_integrations.sglang.test_sglang import results
 
 E, K, H, I = 8, 2, 64, 32
 SEED = 23
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    for env in (rs.ENV_COMM, rs.ENV_EXPERTS, rs.ENV_WEIGHT_MODE):
-        monkeypatch.delenv(env, raising=False)
-    monkeypatch.setenv(rs.ENV_MAX_TOKENS, str(m.CAP))
-    m.publish(1, 0)
-    m.load_plugin()
-    pool.clear()
-    yield
-    pool.clear()
 
 
 def sglang_swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:

@@ -123,7 +123,9 @@ def test_gelu_refused_when_vllm_builds_the_layer(W):
 
 
 # ---- one rank, in this process ------------------------------------------------------------------
-def moe_config(dtype=torch.float32, **kw):
+def moe_config(dtype=torch.float32, *, num_experts: int = E, top_k: int = K, hidden: int = H,
+               inter: int = I, **kw):
+    """vLLM's FusedMoEConfig of one EP rank (vLLM's fields in ``kw`` override the defaults)."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.config import (
         FusedMoEConfig,
@@ -135,8 +137,9 @@ def moe_config(dtype=torch.float32, **kw):
     par = FusedMoEParallelConfig(tp_size=1, pcp_size=1, dp_size=1, ep_size=1, tp_rank=0,
                                  pcp_rank=0, dp_rank=0, ep_rank=0, sp_size=1, use_ep=False,
                                  all2all_backend="allgather_reducescatter", enable_eplb=eplb)
-    args = dict(num_experts=E, experts_per_token=K, hidden_dim=H, intermediate_size=I,
-                num_local_experts=E, num_logical_experts=E, activation=MoEActivation.SILU,
+    args = dict(num_experts=num_experts, experts_per_token=top_k, hidden_dim=hidden,
+                intermediate_size=inter, num_local_experts=num_experts,
+                num_logical_experts=num_experts, activation=MoEActivation.SILU,
                 device="cpu", routing_method=RoutingMethodType.Renormalize,
                 moe_parallel_config=par, in_dtype=dtype, max_num_tokens=BUDGET)
     args.update(kw)

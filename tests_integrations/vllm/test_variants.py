@@ -15,8 +15,6 @@ Llama 4's routing function) on W = 2 and 3 gloo ranks run in ``model_cases``."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -25,6 +23,8 @@ from rocm_moe.experts.base import Experts
 from rocm_moe.integrations import vllm as rv
 from tests_integrations import oracle64 as o
 from tests_integrations import variants64 as v64
+from tests_integrations.vllm import test_serving as serving
+from tests_integrations.vllm.test_serving import _vllm_config, method_for
 from tests_integrations.vllm.test_vllm import kernel_results
 
 vllm = pytest.importorskip("vllm")
@@ -49,35 +49,8 @@ def act(name: str):
 
 
 def moe_config(dtype=torch.float32, *, top_k: int = K, **kw):
-    from vllm.model_executor.layers.fused_moe.config import (
-        FusedMoEConfig,
-        FusedMoEParallelConfig,
-        RoutingMethodType,
-    )
-
-    par = FusedMoEParallelConfig(tp_size=1, pcp_size=1, dp_size=1, ep_size=1, tp_rank=0,
-                                 pcp_rank=0, dp_rank=0, ep_rank=0, sp_size=1, use_ep=False,
-                                 all2all_backend="allgather_reducescatter", enable_eplb=False)
-    args = dict(num_experts=E, experts_per_token=top_k, hidden_dim=H, intermediate_size=I,
-                num_local_experts=E, num_logical_experts=E, activation=act("silu"),
-                device="cpu", routing_method=RoutingMethodType.Renormalize,
-                moe_parallel_config=par, in_dtype=dtype, max_num_tokens=64)
-    args.update(kw)
-    return FusedMoEConfig(**args)
-
-
-@functools.cache
-def _vllm_config():
-    from vllm.config import VllmConfig
-
-    return VllmConfig()
-
-
-def method_for(moe):
-    from vllm.config import set_current_vllm_config
-
-    with set_current_vllm_config(_vllm_config()):
-        return rv.RocmMoEFusedMoEMethod(moe)
+    """test_serving's one-rank FusedMoEConfig at this file's sizes."""
+    return serving.moe_config(dtype, num_experts=E, top_k=top_k, hidden=H, inter=I, **kw)
 
 
 def vllm_op(cls, *args):
