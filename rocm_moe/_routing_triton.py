@@ -364,21 +364,31 @@ def fused_route(*, logits_TE: torch.Tensor, config, bias_E: torch.Tensor | None 
     if why is not None:
         raise ValueError(error_message("fused_route", why, "is outside the fused router",
                                        "call routing.route, which falls back to torch"))
-    T, K = logits_TE.shape[0], config.top_k
-    w = torch.empty(T, K, dtype=torch.float32, device=logits_TE.device)
-    ids = torch.empty(T, K, dtype=torch.int32, device=logits_TE.device)
-    if T == 0:
-        return RoutingResult(topk_weights=w, topk_ids=ids)
-    constexprs, num_warps = launch_config(config, has_bias=bias_E is not None,
-                                          warp=warp or _warp_width(logits_TE.device))
-    options = _exact_options()
-    rows = rows or _default_rows()
-    _router_kernel[(triton.cdiv(T, rows),)](
-        logits_TE, bias_E if bias_E is not None else logits_TE,  # (unread without HAS_BIAS)
-        w, ids, T, logits_TE.stride(0), 1e-20 if config.scoring == "sigmoid" else 0.0,
-        float(config.routed_scaling_factor), ROWS=rows, num_warps=num_warps, **constexprs,
-        **options)
+    T = logits_TE.shape[0]
+    w, ids, grid, kw = _launch(T, config, bias_E, logits_TE.device, warp, rows)
+    if T:
+        _router_kernel[grid](
+            logits_TE, bias_E if bias_E is not None else logits_TE,  # (unread without HAS_BIAS)
+            w, ids, T, logits_TE.stride(0), *_scalars(config), **kw)
     return RoutingResult(topk_weights=w, topk_ids=ids)
+
+
+def _launch(T: int, config, bias_E, device, warp: int | None, rows: int | None):
+    """What both router launches share: (the [T, K] float32 weights and int32 ids to fill, the
+    grid, the launch keywords: rows per program, warps, the config's constexprs, exact math)."""
+    K = config.top_k
+    w = torch.empty(T, K, dtype=torch.float32, device=device)
+    ids = torch.empty(T, K, dtype=torch.int32, device=device)
+    constexprs, num_warps = launch_config(config, has_bias=bias_E is not None,
+                                          warp=warp or _warp_width(device))
+    rows = rows or _default_rows()
+    kw = dict(ROWS=rows, num_warps=num_warps, **constexprs, **_exact_options())
+    return w, ids, (triton.cdiv(T, rows),), kw
+
+
+def _scalars(config) -> tuple[float, float]:
+    """The kernels' (norm epsilon, routed scaling) arguments."""
+    return 1e-20 if config.scoring == "sigmoid" else 0.0, float(config.routed_scaling_factor)
 
 
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -399,17 +409,9 @@ def splitk_route(*, part_STE: torch.Tensor, logits_TE: torch.Tensor, config,
     from rocm_moe.routing import RoutingResult
 
     S, T = part_STE.shape[:2]
-    K = config.top_k
-    w = torch.empty(T, K, dtype=torch.float32, device=part_STE.device)
-    ids = torch.empty(T, K, dtype=torch.int32, device=part_STE.device)
-    if T == 0:
-        return RoutingResult(topk_weights=w, topk_ids=ids)
-    constexprs, num_warps = launch_config(config, has_bias=bias_E is not None,
-                                          warp=warp or _warp_width(part_STE.device))
-    rows = rows or _default_rows()
-    _splitk_router_kernel[(triton.cdiv(T, rows),)](
-        part_STE, bias_E if bias_E is not None else part_STE, logits_TE, w, ids, T, S,
-        1e-20 if config.scoring == "sigmoid" else 0.0, float(config.routed_scaling_factor),
-        ROUND=_ROUND[logits_TE.dtype], ROWS=rows, num_warps=num_warps, **constexprs,
-        **_exact_options())
+    w, ids, grid, kw = _launch(T, config, bias_E, part_STE.device, warp, rows)
+    if T:
+        _splitk_router_kernel[grid](
+            part_STE, bias_E if bias_E is not None else part_STE, logits_TE, w, ids, T, S,
+            *_scalars(config), ROUND=_ROUND[logits_TE.dtype], **kw)
     return RoutingResult(topk_weights=w, topk_ids=ids)
