@@ -71,6 +71,21 @@ def _stable_topk(t: torch.Tensor, k: int) -> torch.Tensor:
     return t.sort(dim=-1, descending=True, stable=True).indices[:, :k]
 
 
+def _kept_groups(choice_TE, cfg: RouterConfig):
+    """Grouped routers: (the choice with the experts of groups outside the topk_group best,
+    by the sum of their two best choices, ties to the lower group, at -inf; the [T, G] group
+    scores), else (the choice unchanged, None)."""
+    if not (cfg.n_group > 1 and cfg.topk_group < cfg.n_group):
+        return choice_TE, None
+    T, E = choice_TE.shape
+    G = cfg.n_group
+    top2 = choice_TE.view(T, G, E // G).sort(dim=-1, descending=True).values
+    group = top2[..., 0] + top2[..., 1]
+    keep = torch.zeros_like(group, dtype=torch.bool)
+    keep.scatter_(1, _stable_topk(group, cfg.topk_group), True)
+    return choice_TE.masked_fill(~keep.repeat_interleave(E // G, dim=1), -math.inf), group
+
+
 def _emulated(logits_TE, cfg: RouterConfig, bias_E, *, warp: int):
     """The torch router's CUDA arithmetic, one operation at a time in its order, ties to the
     lower id: (weights [T, K] float32, ids [T, K] int32)."""
@@ -92,13 +107,7 @@ def _emulated(logits_TE, cfg: RouterConfig, bias_E, *, warp: int):
     else:
         score = torch.ones_like(x) / (1.0 + _exp(-x))
     choice = score if bias_E is None else score + bias_E.float()
-    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
-        G = cfg.n_group
-        top2 = choice.view(T, G, E // G).sort(dim=-1, descending=True).values
-        group = top2[..., 0] + top2[..., 1]
-        keep = torch.zeros_like(group, dtype=torch.bool)
-        keep.scatter_(1, _stable_topk(group, cfg.topk_group), True)
-        choice = choice.masked_fill(~keep.repeat_interleave(E // G, dim=1), -math.inf)
+    choice, _ = _kept_groups(choice, cfg)
     ids = _stable_topk(choice, cfg.top_k)
     wk = score.gather(1, ids)
     K = cfg.top_k
@@ -289,14 +298,11 @@ def _biased_ties(x, cfg: RouterConfig, bias_E) -> torch.Tensor:
         choice = choice + bias_E.float()
     T, E = choice.shape
     tied = torch.zeros(T, dtype=torch.bool, device=choice.device)
-    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
-        top2 = choice.view(T, cfg.n_group, -1).topk(2, dim=-1).values.sum(-1)
-        g = top2.sort(dim=1, descending=True).values[:, : cfg.topk_group + 1]
+    # the experts are chosen among the kept groups only: look for ties there
+    choice, group = _kept_groups(choice, cfg)
+    if group is not None:
+        g = group.sort(dim=1, descending=True).values[:, : cfg.topk_group + 1]
         tied |= (g[:, 1:] == g[:, :-1]).any(1)
-        keep = torch.zeros_like(top2, dtype=torch.bool)
-        keep.scatter_(1, _stable_topk(top2, cfg.topk_group), True)
-        # the experts are chosen among the kept groups only: look for ties there
-        choice = choice.masked_fill(~keep.repeat_interleave(E // cfg.n_group, dim=1), -math.inf)
     k = min(cfg.top_k + 1, E)
     c = choice.sort(dim=1, descending=True).values[:, :k]
     return tied | (c[:, 1:] == c[:, :-1]).any(1)
