@@ -18,7 +18,8 @@ Each graph holds ``--inner`` back-to-back calls; a replay is timed with CUDA eve
 median over ``--iters`` replays (after ``--warmup``), in us per call. Columns ``layer /
 experts`` and ``experts / floor`` are the issue's ratios; ``cap / first`` is the layer's time
 over the same T at the first capacity of the run; ``kernels``: the GPU kernels one eager layer
-forward launches (torch.profiler; copies and memsets not counted). ``--experts-path`` (several
+forward launches (torch.profiler; copies and memsets not counted; ``--kernel-table`` prints
+each with its device time). ``--experts-path`` (several
 values: a row set each, one layer each) picks the Triton experts' path: "auto" (by batch size),
 "small" (``experts/triton_small.py``, no layout sort) or "grouped" (layout + grouped GEMMs).
 
@@ -124,8 +125,9 @@ def _nbytes(w) -> int:
     return sum(_nbytes(t) for t in (w.weight, w.scale_inv))  # quant.BlockFP8Weight
 
 
-def kernel_launches(fn, device: torch.device) -> int | None:
-    """GPU kernels one call of fn launches (torch.profiler's device events; None on CPUs)."""
+def device_kernels(fn, device: torch.device) -> list[tuple[str, float]] | None:
+    """(name, device us) of each GPU kernel one call of fn launches, in launch order
+    (torch.profiler's device events; copies and memsets left out; None on CPUs)."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -135,8 +137,8 @@ def kernel_launches(fn, device: torch.device) -> int | None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize(device)
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA"
-               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+    return [(e.name, e.device_time) for e in prof.events() if e.device_type.name == "CUDA"
+            and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
 
 
 def _time_case(layer, x: torch.Tensor, cfg: dict) -> tuple[dict, torch.Tensor]:
@@ -166,11 +168,15 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
                 x = syn.tokens(cfg["seed"], 0, T, s["hidden"]).to(dtype).to(dev)
                 times, ids = _time_case(layer, x, cfg)
                 floor = None if rate is None else _expert_bytes(layer, ids) / rate * 1e6
-                launches = kernel_launches(functools.partial(layer, x), dev)
+                kernels = device_kernels(functools.partial(layer, x), dev)
                 rows.append(dict(cap=cap, path=path, tokens=T,
                                  **{f"{k} us": v for k, v in times.items()},
-                                 floor_us=floor, launches=launches))
+                                 floor_us=floor,
+                                 launches=None if kernels is None else len(kernels)))
                 progress(f"cap={cap} path={path} T={T}: layer {times['layer']:.1f} us")
+                if cfg["kernel_table"] and kernels:
+                    for name, us in kernels:  # eager: device time each, launch order
+                        progress(f"  {us:8.1f} us  {name[:100]}")
             if dev.type == "cuda":
                 layer = None
                 torch.cuda.empty_cache()
@@ -213,6 +219,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts-path", nargs="+", choices=["auto", "small", "grouped"],
                    default=["auto"], help="the Triton experts' path (several: a row set each): "
                    "auto (by batch size), small (no layout sort) or grouped (layout + GEMMs)")
+    p.add_argument("--kernel-table", action="store_true",
+                   help="print each case's kernels with their device time (one eager layer "
+                   "forward under torch.profiler; GPUs)")
     p.add_argument("--inner", type=argtypes.positive_int, default=20,
                    help="calls per CUDA graph")
     add_run_arguments(p)
