@@ -289,7 +289,8 @@ def _splitk_router(target: str) -> list[Launch]:
                            ("qwen3", RouterConfig.qwen3_moe(), 1)):
         c, warps = launch_config(cfg, has_bias=cfg.scoring == "sigmoid",
                                  warp=TARGETS[target][2])
-        out.append(Launch(tuple(sorted({**c, "ROWS": 1, "ROUND": rnd}.items())), warps, 1, name))
+        out.append(Launch(tuple(sorted({**c, "ROWS": 1, "ROUND": rnd, "PDL": False}.items())),
+                          warps, 1, name))
     return out
 
 
@@ -306,7 +307,7 @@ def _gate_gemm(target: str) -> list[Launch]:
                 p = gate_plan(T, E, H, ieee_fp32=fp32, sms=304 if target == "gfx942" else 132,
                               amd=target == "gfx942")
                 c = (("BLOCK_E", p.block_e), ("BLOCK_K", p.block_k), ("BLOCK_T", p.block_t),
-                     ("E", E), ("IEEE", fp32))
+                     ("E", E), ("IEEE", fp32), ("PDL", False))
                 out.setdefault((c, p.num_warps, p.num_stages), f"E={E} T={T}")
     return [Launch(c, w, s, why) for (c, w, s), why in out.items()]
 

@@ -30,24 +30,31 @@ Not batch-invariant (S and the tiles follow T): ``invariant=True`` keeps the tor
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
+from rocm_moe._checks import error_message
+from rocm_moe._routing_triton import _grid_launch_dependents
+
 
 @triton.jit(do_not_specialize=["T", "KB_PER_SPLIT"])
 def _gate_splitk_kernel(x_ptr, w_ptr, part_ptr, T, H, stride_xt, stride_we, KB_PER_SPLIT,
                         E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+                        BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
     """part[s, t, e] = sum over k in split s (KB_PER_SPLIT blocks of BLOCK_K) of
     x[t, k] * w[e, k], float32, for program (e tile, s, t tile). x [T, H] and w [E, H] with
     unit stride along H; part [S, T, E] contiguous. IEEE: operands converted to float32 and
     multiplied in IEEE float32 (else the 16-bit operands go to the tensor cores, products
-    exact in the float32 accumulator).
+    exact in the float32 accumulator). PDL: let the router launched behind it with
+    ``launch_pdl=True`` start now (it waits for these partials before reading them).
 
     Example: x [[1, 2]], w [[3, 4], [5, 6]], one split -> part [[[11, 17]]]."""
+    if PDL:
+        _grid_launch_dependents()
     pid_e = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -79,7 +86,12 @@ def _gate_splitk_kernel(x_ptr, w_ptr, part_ptr, T, H, stride_xt, stride_we, KB_P
 @dataclass(frozen=True, kw_only=True)
 class GatePlan:
     """Tiles and split of ``_gate_splitk_kernel`` for one call: ``splits`` S programs along H,
-    each ``kb_per_split`` blocks of ``block_k``."""
+    each ``kb_per_split`` blocks of ``block_k``; and the split-K router's launch behind it:
+    ``route_rows`` tokens per program (None: 1 on GPUs, 64 interpreted), ``route_warps``
+    (None: ``_routing_triton.launch_config``'s), ``pdl`` (NVIDIA sm_90+: the router launched
+    as a programmatic dependent of the GEMM, so its launch overlaps the GEMM's tail). None of
+    the router's fields changes a bit of the result; the GEMM's change the order of the
+    float32 additions only."""
 
     block_t: int
     block_e: int
@@ -88,9 +100,23 @@ class GatePlan:
     kb_per_split: int
     num_warps: int = 4
     num_stages: int = 3
+    route_rows: int | None = None
+    route_warps: int | None = None
+    pdl: bool = False
 
     def grid(self, T: int, E: int) -> tuple[int, int, int]:
         return (triton.cdiv(E, self.block_e), self.splits, triton.cdiv(T, self.block_t))
+
+    @property
+    def spec(self) -> str:
+        """The plan as ``plan_from_spec`` reads it (every field)."""
+        out = (f"t{self.block_t} e{self.block_e} k{self.block_k} s{self.splits} "
+               f"w{self.num_warps} n{self.num_stages}")
+        if self.route_rows:
+            out += f" rr{self.route_rows}"
+        if self.route_warps:
+            out += f" rw{self.route_warps}"
+        return out + (" pdl" if self.pdl else "")
 
 
 def ieee(x_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
@@ -110,7 +136,8 @@ S_MAX = 16  # splits of H at most (the split-K router loads 8 partials per round
 
 
 def gate_plan(T: int, E: int, H: int, *, ieee_fp32: bool, sms: int, amd: bool,
-              block_e: int | None = None, waves: float = 2.0) -> GatePlan:
+              block_e: int | None = None, waves: float = 2.0, block_t: int | None = None,
+              block_k: int | None = None) -> GatePlan:
     """The plan for [T, H] x [E, H]: T tiles of 16 rows (T <= 16), 32 (T <= 128) or 64,
     expert tiles of 16 (T <= 16), 32 (T <= 64) or 64 (each expert tile reads x again, each T
     tile the weight, from L2 after the first), and enough splits of H that about ``waves``
@@ -121,10 +148,11 @@ def gate_plan(T: int, E: int, H: int, *, ieee_fp32: bool, sms: int, amd: bool,
 
     Example (a test asserts it): T = 1, E = 256, H = 7168, bf16 on 132 SMs -> 16-row tiles,
     16 expert tiles of 16, 128-wide k blocks, S = 14 splits of 4 blocks (224 programs)."""
-    block_t = 16 if T <= 16 else 32 if T <= 128 else 64
+    block_t = block_t or (16 if T <= 16 else 32 if T <= 128 else 64)
     block_e = block_e or (16 if T <= 16 else 32 if T <= 64 else 64)
-    block_k = 32 if ieee_fp32 else 64 if block_t >= 64 or (amd and block_t * block_e >= 2048) \
-        else 128  # (gfx942 at 32 x 64 x 128: 269 VGPRs, 44 SGPRs spilled, 1 wave per SIMD)
+    block_k = block_k or (32 if ieee_fp32 else 64 if block_t >= 64 or (
+        amd and block_t * block_e >= 2048) else 128)
+    # (gfx942 at 32 x 64 x 128: 269 VGPRs, 44 SGPRs spilled, 1 wave per SIMD)
     n_kb = triton.cdiv(H, block_k)
     tiles = triton.cdiv(E, block_e) * triton.cdiv(max(T, 1), block_t)
     want = max(1, round(waves * sms / tiles))
@@ -135,6 +163,69 @@ def gate_plan(T: int, E: int, H: int, *, ieee_fp32: bool, sms: int, amd: bool,
     return GatePlan(block_t=block_t, block_e=block_e, block_k=block_k,
                     splits=triton.cdiv(n_kb, kb), kb_per_split=kb,
                     num_stages=2 if amd else 3)
+
+
+PLAN_ENV = "ROCM_MOE_GATE_PLAN"  # a plan_from_spec string for every call (bench sweeps)
+_POW2_FIELDS = {"t": "block_t", "e": "block_e", "k": "block_k"}
+_INT_FIELDS = {"s": "splits", "w": "num_warps", "n": "num_stages", "rr": "route_rows",
+               "rw": "route_warps"}
+
+
+def _spec_fields(spec: str) -> dict:
+    """``"t64 e64 s8 pdl"`` -> {"block_t": 64, "block_e": 64, "splits": 8, "pdl": True}."""
+    fields: dict = {}
+    for word in spec.replace(",", " ").split():
+        if word in ("auto", ""):
+            continue
+        if word == "pdl":
+            fields["pdl"] = True
+            continue
+        key = word.rstrip("0123456789")
+        num = word[len(key):]
+        name = _POW2_FIELDS.get(key) or _INT_FIELDS.get(key)
+        if name is None or not num:
+            raise ValueError(error_message(
+                "gate plan", repr(word), "must be t<int> e<int> k<int> (tiles), s<int> "
+                "(splits of H), w<int> n<int> (GEMM warps, stages), rr<int> rw<int> (router "
+                "rows per program, warps) or pdl", f"fix {PLAN_ENV} or the spec"))
+        value = int(num)
+        ok = {"block_t": (16, 256), "block_e": (16, 256), "block_k": (16, 512),
+              "splits": (1, 1024), "num_warps": (1, 16), "num_stages": (1, 8),
+              "route_rows": (1, 256), "route_warps": (1, 16)}[name]
+        pow2 = name != "splits" and name != "num_stages"
+        if not ok[0] <= value <= ok[1] or (pow2 and value & (value - 1)):
+            raise ValueError(error_message(
+                f"gate plan {name}", value, f"must be {'a power of two ' if pow2 else ''}"
+                f"in [{ok[0]}, {ok[1]}]", f"fix {PLAN_ENV} or the spec"))
+        fields[name] = value
+    return fields
+
+
+@functools.lru_cache(maxsize=256)
+def plan_from_spec(spec: str, T: int, E: int, H: int, *, ieee_fp32: bool, sms: int,
+                   amd: bool) -> GatePlan:
+    """``gate_plan``'s plan with the fields a spec names changed: ``t`` ``e`` ``k`` the tiles
+    (the splits then follow ``gate_plan``'s rule), ``s`` the splits of H (whole k blocks each:
+    the count may come out lower), ``w`` ``n`` the GEMM's warps and stages, ``rr`` ``rw`` the
+    router's rows per program and warps, ``pdl`` the router as a programmatic dependent launch
+    (NVIDIA only). ``"auto"`` or ``""``: ``gate_plan``'s. Also read from the environment
+    variable ``ROCM_MOE_GATE_PLAN`` by ``gate_route`` (the bench's sweeps).
+
+    Example (a test asserts it): "t64 e64 s8 pdl" at T = 128, E = 256, H = 7168, bf16 ->
+    64 x 64 tiles, 64-wide k blocks (gate_plan's for 64-row tiles), 8 splits of 14 blocks."""
+    f = _spec_fields(spec)
+    if f.get("pdl") and amd:
+        raise ValueError(error_message("gate plan pdl", True, "is NVIDIA's programmatic "
+                                       "dependent launch (sm_90+)", f"drop pdl from {PLAN_ENV}"))
+    plan = gate_plan(T, E, H, ieee_fp32=ieee_fp32, sms=sms, amd=amd,
+                     block_e=f.get("block_e"), block_t=f.get("block_t"),
+                     block_k=f.get("block_k"))
+    if "splits" in f:
+        n_kb = triton.cdiv(H, plan.block_k)
+        kb = triton.cdiv(n_kb, min(f["splits"], n_kb))
+        plan = replace(plan, splits=triton.cdiv(n_kb, kb), kb_per_split=kb)
+    rest = {k: v for k, v in f.items() if k not in ("block_t", "block_e", "block_k", "splits")}
+    return replace(plan, **rest)
 
 
 def gate_route(*, x_TH: torch.Tensor, weight_EH: torch.Tensor, config,
@@ -164,16 +255,27 @@ def gate_route(*, x_TH: torch.Tensor, weight_EH: torch.Tensor, config,
     fp32 = ieee(x_TH.dtype, weight_EH.dtype)
     out_dtype = torch.float32 if config.logits_in_float32 or x_TH.dtype == torch.float32 \
         else x_TH.dtype
-    plan = plan or gate_plan(T, E, H, ieee_fp32=fp32, sms=_sm_count(dev),
-                             amd=torch.version.hip is not None)
+    if plan is None:
+        plan = plan_from_spec(os.environ.get(PLAN_ENV, ""), T, E, H, ieee_fp32=fp32,
+                              sms=_sm_count(dev), amd=torch.version.hip is not None)
     part = torch.empty(plan.splits, T, E, dtype=torch.float32, device=dev)
     logits = torch.empty(T, E, dtype=out_dtype, device=dev)
+    pdl = plan.pdl and dev.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
     if T > 0:
-        _gate_splitk_kernel[plan.grid(T, E)](
-            x_TH, weight_EH, part, T, H, x_TH.stride(0), weight_EH.stride(0),
-            plan.kb_per_split, E=E, BLOCK_T=plan.block_t, BLOCK_E=plan.block_e,
-            BLOCK_K=plan.block_k, IEEE=fp32, num_warps=plan.num_warps,
-            num_stages=plan.num_stages)
+        gate_gemm(x_TH, weight_EH, part, plan, pdl=pdl)
     routing = splitk_route(part_STE=part, logits_TE=logits, config=config, bias_E=bias_E,
-                           warp=warp)
+                           warp=warp, rows=plan.route_rows, num_warps=plan.route_warps,
+                           pdl=pdl and T > 0)
     return routing, logits
+
+
+def gate_gemm(x_TH: torch.Tensor, weight_EH: torch.Tensor, part_STE: torch.Tensor,
+              plan: GatePlan, *, pdl: bool = False) -> None:
+    """The split-K gate GEMM alone: fills ``part_STE`` [plan.splits, T, E] float32 with
+    ``plan`` (``pdl``: lets a router launched with ``launch_pdl=True`` start early)."""
+    (T, H), E = x_TH.shape, weight_EH.shape[0]
+    _gate_splitk_kernel[plan.grid(T, E)](
+        x_TH, weight_EH, part_STE, T, H, x_TH.stride(0), weight_EH.stride(0),
+        plan.kb_per_split, E=E, BLOCK_T=plan.block_t, BLOCK_E=plan.block_e,
+        BLOCK_K=plan.block_k, IEEE=ieee(x_TH.dtype, weight_EH.dtype), PDL=pdl,
+        num_warps=plan.num_warps, num_stages=plan.num_stages)

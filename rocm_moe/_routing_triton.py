@@ -74,6 +74,24 @@ def _expf(x):
 
 
 @triton.jit
+def _grid_wait():
+    """PTX ``griddepcontrol.wait``: block until the grid this one programmatically depends on
+    (launched with ``launch_pdl=True`` after it) has finished and its writes are visible. Only
+    traced where the caller's PDL constexpr is set (NVIDIA sm_90+, compiled: never under the
+    interpreter or on AMD)."""
+    tl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _grid_launch_dependents():
+    """PTX ``griddepcontrol.launch_dependents``: the grid launched after this one with
+    ``launch_pdl=True`` may start now (it waits in ``_grid_wait`` for this one's writes)."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _halves_tree(v, ROWS: tl.constexpr, N: tl.constexpr):
     """Per row, the sum of the N (a power of two) values of v [ROWS, N] as a tree of halves:
     v[l] + v[l + N / 2] for l < N / 2, again until one is left (a warp's butterfly). -> [ROWS].
@@ -204,13 +222,14 @@ def _splitk_router_kernel(part_ptr, bias_ptr, logits_ptr, w_ptr, ids_ptr, T, S, 
                           NORM: tl.constexpr, K_TOPK: tl.constexpr, K_POW2: tl.constexpr,
                           BW: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                           EPG: tl.constexpr, G_POW2: tl.constexpr, EPG_POW2: tl.constexpr,
-                          WARP: tl.constexpr, ROWS: tl.constexpr):
+                          WARP: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr = False):
     """The router of ``_router_kernel`` on gate logits given as S split-K partial sums
     ``part`` [S, T, E] float32 (``rocm_moe._gate_triton``): a row's logits are
     ((part[0] + part[1]) + part[2]) + ... in this fixed order (deterministic: no atomics),
     rounded once to bfloat16 (ROUND = 1) or float16 (ROUND = 2) where the router's logits are
     in the model dtype (0: kept in float32), stored to ``logits`` [T, E] (its dtype; the
-    layer's value checks read them), then routed as ``_router_kernel`` routes them.
+    layer's value checks read them), then routed as ``_router_kernel`` routes them. PDL: launched
+    with ``launch_pdl=True`` right behind the gate GEMM (NVIDIA): wait for it before the loads.
 
     Example: part [[[1, 0]], [[2, 5]]] (S = 2, T = 1, E = 2), softmax, K = 1 -> logits
     [[3, 5]], ids [[1]]."""
@@ -224,6 +243,8 @@ def _splitk_router_kernel(part_ptr, bias_ptr, logits_ptr, w_ptr, ids_ptr, T, S, 
     valid = (g < N_GROUP) & (j < EPG) & live[:, None, None]
     x = tl.zeros([ROWS, G_POW2, EPG_POW2], tl.float32)
     step = T.to(tl.int64) * E
+    if PDL:
+        _grid_wait()
     for c in range(0, S, 8):  # 8 loads in flight, then added in order (L2 latency once)
         p = part_ptr + c * step + r3 * E + gid
         left = r3 * 0 + S - c  # partials left from c on ([ROWS, 1, 1]: a tensor mask)
@@ -373,16 +394,18 @@ def fused_route(*, logits_TE: torch.Tensor, config, bias_E: torch.Tensor | None 
     return RoutingResult(topk_weights=w, topk_ids=ids)
 
 
-def _launch(T: int, config, bias_E, device, warp: int | None, rows: int | None):
+def _launch(T: int, config, bias_E, device, warp: int | None, rows: int | None,
+            num_warps: int | None = None):
     """What both router launches share: (the [T, K] float32 weights and int32 ids to fill, the
-    grid, the launch keywords: rows per program, warps, the config's constexprs, exact math)."""
+    grid, the launch keywords: rows per program, warps (``num_warps``: launch_config's where
+    None), the config's constexprs, exact math)."""
     K = config.top_k
     w = torch.empty(T, K, dtype=torch.float32, device=device)
     ids = torch.empty(T, K, dtype=torch.int32, device=device)
-    constexprs, num_warps = launch_config(config, has_bias=bias_E is not None,
-                                          warp=warp or _warp_width(device))
+    constexprs, warps = launch_config(config, has_bias=bias_E is not None,
+                                      warp=warp or _warp_width(device))
     rows = rows or _default_rows()
-    kw = dict(ROWS=rows, num_warps=num_warps, **constexprs, **_exact_options())
+    kw = dict(ROWS=rows, num_warps=num_warps or warps, **constexprs, **_exact_options())
     return w, ids, (triton.cdiv(T, rows),), kw
 
 
@@ -396,22 +419,26 @@ _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 def splitk_route(*, part_STE: torch.Tensor, logits_TE: torch.Tensor, config,
                  bias_E: torch.Tensor | None = None, warp: int | None = None,
-                 rows: int | None = None):
+                 rows: int | None = None, num_warps: int | None = None, pdl: bool = False):
     """The router on split-K partial gate logits, one launch (``_splitk_router_kernel``): the
     partials ``part_STE`` [S, T, E] float32 (contiguous) are summed over S in order, rounded to
     ``logits_TE``'s dtype and written there (``logits_TE`` [T, E] contiguous float32, or
     bfloat16 / float16 for a router whose logits are in the model dtype), then routed as
     ``fused_route`` routes them -> ``RoutingResult``. No host read. Called by
-    ``rocm_moe._gate_triton.gate_route``, which checks the arguments.
+    ``rocm_moe._gate_triton.gate_route``, which checks the arguments and chooses ``rows``
+    (tokens per program), ``num_warps`` and ``pdl`` (NVIDIA only: a programmatic dependent
+    launch behind the gate GEMM, which lets it start early; the bits do not depend on them).
 
     Example (a test asserts it): part [[[1, 0]], [[2, 5]]], softmax, K = 1 -> logits
     [[3, 5]], ids [[1]]."""
     from rocm_moe.routing import RoutingResult
 
     S, T = part_STE.shape[:2]
-    w, ids, grid, kw = _launch(T, config, bias_E, part_STE.device, warp, rows)
+    w, ids, grid, kw = _launch(T, config, bias_E, part_STE.device, warp, rows, num_warps)
+    if pdl:
+        kw["launch_pdl"] = True
     if T:
         _splitk_router_kernel[grid](
             part_STE, bias_E if bias_E is not None else part_STE, logits_TE, w, ids, T, S,
-            *_scalars(config), ROUND=_ROUND[logits_TE.dtype], **kw)
+            *_scalars(config), ROUND=_ROUND[logits_TE.dtype], PDL=pdl, **kw)
     return RoutingResult(topk_weights=w, topk_ids=ids)

@@ -1,0 +1,181 @@
+"""The Triton gate GEMM + router's selectable plans (``rocm_moe._gate_triton.plan_from_spec``,
+``ROCM_MOE_GATE_PLAN``; bench/router_plans.py sweeps them): the spec's worked example, refusals
+naming the field, the environment variable read by ``gate_route``, the router's rows / warps /
+PDL changing no bit of the result, and PDL compiled to ``griddepcontrol`` on sm_90 only where
+asked (float16/float32 under the interpreter; the GPU test in bf16 with a CUDA graph).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rocm_moe import RouterConfig
+from rocm_moe._libs import triton_runs_on
+from tests.conftest import DEVICE
+
+pytestmark = pytest.mark.skipif(not triton_runs_on(DEVICE), reason="triton cannot run here")
+
+DSV3 = RouterConfig.deepseek_v3(256, 8)
+
+
+def _plan(spec: str, T: int = 128, *, amd: bool = False, fp32: bool = False):
+    from rocm_moe._gate_triton import plan_from_spec
+
+    return plan_from_spec(spec, T, 256, 7168, ieee_fp32=fp32, sms=132, amd=amd)
+
+
+def test_spec_worked_example_and_round_trip():
+    from rocm_moe._gate_triton import gate_plan
+
+    p = _plan("t64 e64 s8 pdl")
+    assert (p.block_t, p.block_e, p.block_k, p.splits, p.kb_per_split, p.pdl) == \
+        (64, 64, 64, 8, 14, True)
+    assert p.route_rows is None
+    assert p.route_warps is None
+    assert _plan("auto") == _plan("") == gate_plan(128, 256, 7168, ieee_fp32=False, sms=132,
+                                                   amd=False)
+    q = _plan("t32 e128 k64 s5 w8 n2 rr4 rw2")  # 112 k blocks in 5 splits: 23 each, 5 splits
+    assert (q.block_t, q.block_e, q.block_k, q.splits, q.kb_per_split, q.num_warps,
+            q.num_stages, q.route_rows, q.route_warps) == (32, 128, 64, 5, 23, 8, 2, 4, 2)
+    assert _plan(q.spec) == q
+    assert _plan("s1000").splits == 56  # at most one k block (of 128) per split
+    assert _plan("t128,e32").grid(128, 256) == (8, _plan("t128,e32").splits, 1)
+
+
+@pytest.mark.parametrize(("spec", "match"), [
+    ("t48", r"block_t.*48.*power of two"),
+    ("e8", r"block_e.*8.*\[16, 256\]"),
+    ("s0", r"splits.*0"),
+    ("x4", r"'x4'.*must be t<int>"),
+    ("t", r"'t'.*must be"),
+    ("rw3", r"route_warps.*3"),
+])
+def test_bad_specs_refused(spec, match):
+    with pytest.raises(ValueError, match=match):
+        _plan(spec)
+
+
+def test_pdl_refused_on_amd():
+    with pytest.raises(ValueError, match=r"pdl.*NVIDIA"):
+        _plan("pdl", amd=True)
+    assert not _plan("t64", amd=True).pdl
+
+
+def _inputs(T, H, dtype, gen):
+    x = torch.randn(T, H, generator=gen).to(dtype).to(DEVICE)
+    w = (torch.randn(256, H, generator=gen) / math.sqrt(H)).to(dtype).to(DEVICE)
+    return x, w, (torch.rand(256, generator=gen) * 0.1).to(DEVICE)
+
+
+def _same(a, b) -> bool:
+    (ra, la), (rb, lb) = a, b
+    return torch.equal(la, lb) and torch.equal(ra.topk_ids, rb.topk_ids) and \
+        torch.equal(ra.topk_weights, rb.topk_weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_router_launch_fields_change_no_bit(gen, dtype):
+    """The same GEMM plan with other router rows / warps and PDL (ignored by the interpreter,
+    a programmatic dependent launch on NVIDIA GPUs) gives the same bits; the plan from the
+    environment is the one used."""
+    from rocm_moe._gate_triton import PLAN_ENV, ieee, plan_from_spec
+    from rocm_moe._gate_triton import gate_route as kernel
+
+    T, H = 9, 96
+    x, w, bias = _inputs(T, H, dtype, gen)
+    kw = dict(x_TH=x, weight_EH=w, config=DSV3, bias_E=bias)
+    sms = 132 if DEVICE.type == "cuda" else 8
+
+    def plan(spec):
+        return plan_from_spec(spec, T, 256, H, ieee_fp32=ieee(dtype, dtype), sms=sms,
+                              amd=torch.version.hip is not None)
+
+    base = kernel(**kw, plan=plan("t32 e32 s2"))
+    for spec in ("t32 e32 s2 rr1 rw1", "t32 e32 s2 rr4 rw2",
+                 "t32 e32 s2 pdl" if torch.version.hip is None else "t32 e32 s2 rr8"):
+        assert _same(kernel(**kw, plan=plan(spec)), base), spec
+    old = os.environ.get(PLAN_ENV)
+    try:
+        os.environ[PLAN_ENV] = "t32 e32 s2 rr2"
+        assert _same(kernel(**kw), base)
+        os.environ[PLAN_ENV] = "t32 e32 s3"  # another split of H: another float32 order
+        other = kernel(**kw)
+        torch.testing.assert_close(other[1], base[1], rtol=0,
+                                   atol=1e-6 * float(base[1].abs().max()))
+        os.environ[PLAN_ENV] = "t32 q2"
+        with pytest.raises(ValueError, match=r"gate plan.*'q2'"):
+            kernel(**kw)
+    finally:
+        if old is None:
+            os.environ.pop(PLAN_ENV, None)
+        else:
+            os.environ[PLAN_ENV] = old
+
+
+_PDL_PROBE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rocm_moe import _compile
+from rocm_moe.routing import RouterConfig
+from rocm_moe._gate_triton import _gate_splitk_kernel
+from rocm_moe._routing_triton import _splitk_router_kernel, launch_config
+gate_sig = dict(x_ptr="*bf16", w_ptr="*bf16", part_ptr="*fp32", T="i32", H="i32",
+                stride_xt="i32", stride_we="i32", KB_PER_SPLIT="i32")
+c, warps = launch_config(RouterConfig.deepseek_v3(), has_bias=True, warp=32)
+for pdl in (False, True):
+    g = dict(E=256, BLOCK_T=64, BLOCK_E=64, BLOCK_K=64, IEEE=False, PDL=pdl)
+    sig = {**gate_sig, **{k: "constexpr" for k in g}}
+    k = triton.compile(ASTSource(_gate_splitk_kernel, sig, g), target=GPUTarget("cuda", 90, 32))
+    print("gate", pdl, k.asm["ptx"].count("griddepcontrol.launch_dependents"))
+    r = {**c, "ROWS": 1, "ROUND": 0, "PDL": pdl}
+    sig = {a: "constexpr" if a in r else "*fp32" if a.endswith("_ptr") else "fp32"
+           if a in ("eps", "scale") else "i32" for a in _splitk_router_kernel.arg_names}
+    sig["ids_ptr"] = "*i32"
+    k = triton.compile(ASTSource(_splitk_router_kernel, sig, r), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, enable_fp_fusion=False))
+    print("route", pdl, k.asm["ptx"].count("griddepcontrol.wait"))
+"""
+
+
+def test_pdl_compiles_to_griddepcontrol_on_sm90():
+    """PDL=True: the GEMM lets its dependents launch and the router waits for the GEMM
+    (``griddepcontrol``); PDL=False: neither instruction (what gfx942 and the defaults get)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    try:
+        from triton.backends import backends
+    except ImportError:
+        pytest.skip("no triton backends")
+    if "nvidia" not in backends:
+        pytest.skip("this triton has no nvidia backend")
+    out = subprocess.run([sys.executable, "-c", _PDL_PROBE], capture_output=True, text=True,
+                         env=env, check=True, timeout=300).stdout.split("\n")
+    assert out[:4] == ["gate False 0", "route False 0", "gate True 1", "route True 1"], out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE.type != "cuda" or torch.version.hip is not None,
+                    reason="needs an NVIDIA GPU")
+def test_gpu_pdl_same_bits_and_captured(gen):
+    """bf16 at DeepSeek-V3's size, T = 1 / 64 / 128: the PDL launch pair gives the plain pair's
+    bits, eagerly and replayed from a CUDA graph on new hidden states."""
+    from rocm_moe._gate_triton import gate_route as kernel
+
+    for T in (1, 64, 128):
+        x, w, bias = _inputs(T, 7168, torch.bfloat16, gen)
+        kw = dict(x_TH=x, weight_EH=w, config=DSV3, bias_E=bias)
+        base = kernel(**kw, plan=_plan("t64 e64 s16", T))
+        pdl = _plan("t64 e64 s16 pdl", T)
+        assert _same(kernel(**kw, plan=pdl), base), T
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = kernel(**kw, plan=pdl)
+        x.copy_(torch.randn(x.shape, generator=gen).to(x))
+        graph.replay()
+        assert _same(out, kernel(**kw, plan=_plan("t64 e64 s16", T))), T
