@@ -212,7 +212,7 @@ def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
                 c = fp8_block_config(int(mean * e), e)
                 k = c["gate_up" if kernel == "gate_up" else "down"]
                 cx = dict(BLOCK_K=k["BLOCK_K"], BLOCK_M=c["BLOCK_M"], BLOCK_N=k["BLOCK_N"],
-                          UPCAST=False, PRECISE=False)
+                          UPCAST=False, PRECISE=False, DESC=False, WS=False, FLATTEN=False)
                 if kernel == "gate_up":
                     cx.update(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6,
                               ROUND=False)
@@ -310,6 +310,27 @@ def _gate_gemm(target: str) -> list[Launch]:
                      ("E", E), ("IEEE", fp32), ("PDL", False))
                 out.setdefault((c, p.num_warps, p.num_stages), f"E={E} T={T}")
     return [Launch(c, w, s, why) for (c, w, s), why in out.items()]
+
+
+def _gate_route(target: str) -> list[Launch]:
+    """``_gate_triton._gate_route_kernel`` (gate_plan's tiles at 1 and 128 tokens with
+    ``fuse``) for DeepSeek-V3 (float32 logits) and Qwen3 (bf16 logits)."""
+    from rocm_moe._gate_triton import gate_plan
+    from rocm_moe._routing_triton import launch_config
+    from rocm_moe.routing import RouterConfig
+
+    out = []
+    for name, cfg, H, rnd in (("deepseek-v3", RouterConfig.deepseek_v3(), 7168, 0),
+                              ("qwen3", RouterConfig.qwen3_moe(), 2048, 1)):
+        c, _ = launch_config(cfg, has_bias=cfg.scoring == "sigmoid", warp=TARGETS[target][2])
+        for T in (1, 128):
+            p = gate_plan(T, cfg.num_experts, H, ieee_fp32=False, amd=target == "gfx942",
+                          sms=304 if target == "gfx942" else 132)
+            g = dict(E=cfg.num_experts, BLOCK_T=p.block_t, BLOCK_E=p.block_e,
+                     BLOCK_K=p.block_k, IEEE=False, ROUND=rnd, ROWS=min(p.block_t, 8))
+            out.append(Launch(tuple(sorted({**c, **g}.items())), p.num_warps, p.num_stages,
+                              f"{name} T={T} fuse"))
+    return out
 
 
 def _small_ptr(fp8: str, dense: str):
@@ -438,6 +459,10 @@ KERNELS = [
            dict(x_ptr=lambda c: "*fp32" if c["IEEE"] else "*bf16",
                 w_ptr=lambda c: "*fp32" if c["IEEE"] else "*bf16", part_ptr="*fp32"),
            _gate_gemm),
+    Kernel("rocm_moe._gate_triton:_gate_route_kernel",
+           dict(x_ptr="*bf16", w_ptr="*bf16", part_ptr="*fp32", count_ptr="*i32",
+                bias_ptr="*fp32", logits_ptr=lambda c: "*bf16" if c["ROUND"] else "*fp32",
+                wout_ptr="*fp32", ids_ptr="*i32"), _gate_route, dict(eps="fp32", scale="fp32")),
     Kernel("rocm_moe._invariant_triton:linear_kernel",
            dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*fp32"),
            grid(IEEE=False, BLOCK_N=32, BLOCK_M=32, BLOCK_D=64)),  # invariant.LINEAR_CONFIG

@@ -63,13 +63,74 @@ def copy_rate() -> float:
     return 2 * n * 2 / t_copy / 1e9
 
 
+def fp8_matmul_rates(n: int = 8192) -> dict | None:
+    """The FP8 ceiling of this GPU, measured: TFLOP/s of ``torch._scaled_mm`` on n^3 FP8 (the
+    device's encoding, ``quant.native_fp8_dtype``) with a bfloat16 output, per-tensor scales
+    (precise and fast accumulation) and rowwise scales (float32 [n, 1] x [1, n]) where this
+    torch has them; ``fp8_matmul_TFLOPs`` is the fastest, the strictest floor. None where there
+    is nothing to measure: no CUDA/ROCm GPU, or one whose matrix units take no FP8 (NVIDIA
+    before sm_89, ROCm before gfx94x)."""
+    if not torch.cuda.is_available():
+        return None
+    from triton.testing import do_bench
+
+    from rocm_moe.experts.triton_fp8 import _fp8_dot_native
+    from rocm_moe.quant import native_fp8_dtype
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    dt = native_fp8_dtype("cuda")
+    if not _fp8_dot_native(dev, dt):
+        return None
+    torch.cuda.empty_cache()
+    m = torch.randn(n, n, device=dev).to(dt)
+    mt = torch.randn(n, n, device=dev).to(dt).t()  # column-major, as _scaled_mm wants
+    one = torch.ones((), device=dev)
+    calls = {"precise_accum": lambda: torch._scaled_mm(m, mt, scale_a=one, scale_b=one,
+                                                       out_dtype=torch.bfloat16),
+             "fast_accum": lambda: torch._scaled_mm(m, mt, scale_a=one, scale_b=one,
+                                                    out_dtype=torch.bfloat16,
+                                                    use_fast_accum=True),
+             "rowwise": lambda: torch._scaled_mm(m, mt, scale_a=torch.ones(n, 1, device=dev),
+                                                 scale_b=torch.ones(1, n, device=dev),
+                                                 out_dtype=torch.bfloat16)}
+    rates = {}
+    for name, call in calls.items():
+        try:
+            call()
+        except (RuntimeError, NotImplementedError):  # (rowwise scales: not in every torch)
+            continue
+        rates[name] = 2 * n**3 / (do_bench(call, return_mode="median") / 1e3) / 1e12
+    if not rates:
+        return None
+    out = {f"fp8_matmul_TFLOPs_{k}": v for k, v in rates.items()}
+    return dict(out, fp8_matmul_TFLOPs=max(rates.values()), fp8_dtype=str(dt))
+
+
+def ceiling_line(ceil: dict) -> str:
+    """The ceilings of a benchmark's header: ``copy 3000 GB/s, bf16 matmul 700 TFLOP/s, FP8
+    _scaled_mm 1400 TFLOP/s (measured)``; the parts measured only (FP8: "none" when the GPU
+    has no FP8 matrix units)."""
+    parts = [f"copy {ceil['copy_GBps']:.0f} GB/s"]
+    if "matmul_TFLOPs" in ceil:
+        parts.append(f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s")
+    if "fp8_matmul_TFLOPs" in ceil:
+        fp8 = ceil["fp8_matmul_TFLOPs"]
+        parts.append("FP8 _scaled_mm " + ("none" if fp8 is None else f"{fp8:.0f} TFLOP/s"))
+    return ", ".join(parts) + " (measured)"
+
+
 def ceilings() -> dict:
+    """Copy GB/s, bf16 matmul TFLOP/s (8192^3) and the FP8 ceiling (``fp8_matmul_rates``,
+    None fields where the GPU has no FP8 matrix units), measured now."""
     from triton.testing import do_bench
 
     copy = copy_rate()
+    torch.cuda.empty_cache()  # (its 2 GiB back before the matmuls' operands)
     m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t_mm = do_bench(lambda: m @ m, return_mode="median") / 1e3
-    return dict(copy_GBps=copy, matmul_TFLOPs=2 * 8192**3 / t_mm / 1e12)
+    m = None  # (freed before the FP8 operands)
+    fp8 = fp8_matmul_rates() or dict(fp8_matmul_TFLOPs=None)
+    return dict(copy_GBps=copy, matmul_TFLOPs=2 * 8192**3 / t_mm / 1e12, **fp8)
 
 
 def _routing(shape: dict, rows: int, gen: torch.Generator, device: str = "cuda"):
@@ -286,9 +347,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                 tuple(args.formats))
         else:
             rows += run_shape(name, SHAPES[name], ceil, sizes, tuple(args.paths))
-    table = Table(title=f"triton experts, {device_description()}: copy "
-                        f"{ceil['copy_GBps']:.0f} GB/s, bf16 matmul "
-                        f"{ceil['matmul_TFLOPs']:.0f} TFLOP/s (measured)")
+    table = Table(title=f"triton experts, {device_description()}: {ceiling_line(ceil)}")
     for c in ("shape", "format", "path", "rows", "time us", "floor us", "time/floor",
               "TFLOP/s", "GB/s", "rel err", "reference us", "bf16 / this"):
         table.add_column(c, justify="right")

@@ -7,8 +7,9 @@ timed as CUDA-graph replays (``triton.testing.do_bench_cudagraph``, median) afte
 
 Floor = max(FP8 bytes / copy bandwidth, flops / FP8 matmul rate), both ceilings measured in
 the same run: a 1 GiB device-to-device copy (bytes read + written) and ``torch._scaled_mm`` of
-8192^3 FP8 (e4m3fn; e4m3fnuz on MI300) with float32 scales and a bfloat16 output, the faster
-of its precise and fast accumulation (both recorded).
+8192^3 FP8 (e4m3fn; e4m3fnuz on MI300) with a bfloat16 output, the fastest of per-tensor
+scales with precise and with fast accumulation and rowwise scales (each recorded;
+``benchmarks.experts.fp8_matmul_rates``).
 FP8 bytes = weights and block scales of the local experts the batch touches (issue 18's
 floor: activations not counted); flops = 2 * 3 * H * I * (local (row, slot) pairs).
 Accuracy: relative error against the FP8 torch reference (same quantisation) and against
@@ -25,8 +26,14 @@ import argparse
 import torch
 
 from rocm_moe._console import progress
-from rocm_moe.benchmarks import write_json
-from rocm_moe.benchmarks.experts import SHAPES, _routing, copy_rate
+from rocm_moe.benchmarks import cell, write_json
+from rocm_moe.benchmarks.experts import (
+    SHAPES,
+    _routing,
+    ceiling_line,
+    copy_rate,
+    fp8_matmul_rates,
+)
 from rocm_moe.cli import argtypes
 from rocm_moe.experts.fp8 import FP8ReferenceExperts, quantize_experts
 from rocm_moe.experts.triton import TritonExperts
@@ -35,26 +42,16 @@ from rocm_moe.quant import native_fp8_dtype
 
 
 def ceilings() -> dict:
-    """Copy GB/s (1 GiB, read + write) and FP8 TFLOP/s (torch._scaled_mm 8192^3), measured."""
-    from triton.testing import do_bench
-
+    """Copy GB/s (1 GiB, read + write) and the FP8 TFLOP/s of ``torch._scaled_mm`` 8192^3
+    (``benchmarks.experts.fp8_matmul_rates``: per-tensor precise / fast and rowwise scales, the
+    fastest the floor's), measured now; a GPU without FP8 matrix units is refused."""
     copy = copy_rate()
-    torch.cuda.empty_cache()  # (its 2 GiB back before the matmul's operands)
-    dt = native_fp8_dtype("cuda")
-    m = torch.randn(8192, 8192, device="cuda").to(dt)
-    mt = torch.randn(8192, 8192, device="cuda").to(dt).t()  # column-major, as _scaled_mm wants
-    one = torch.ones((), device="cuda")
-
-    def mm(fast: bool):
-        return torch._scaled_mm(m, mt, scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
-                                use_fast_accum=fast)
-
-    rates = {fast: 2 * 8192**3 / (do_bench(lambda f=fast: mm(f), return_mode="median") / 1e3)
-             / 1e12 for fast in (False, True)}
-    # the faster of the two accumulation modes: the strictest floor
-    return dict(copy_GBps=copy, fp8_matmul_TFLOPs=max(rates.values()),
-                fp8_matmul_TFLOPs_precise_accum=rates[False],
-                fp8_matmul_TFLOPs_fast_accum=rates[True], fp8_dtype=str(dt))
+    fp8 = fp8_matmul_rates()
+    if fp8 is None:
+        raise RuntimeError(
+            "torch._scaled_mm has no FP8 rate here: the GPU's matrix units take no FP8 "
+            "(NVIDIA sm_89+ and MI300/MI350 do); this benchmark needs one of those")
+    return dict(copy_GBps=copy, **fp8)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -62,8 +59,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int],
-              paths: tuple[str, ...] = ("auto",)) -> list[dict]:
-    """Rows of one shape: each size once per Triton experts ``path`` (auto, small, grouped)."""
+              paths: tuple[str, ...] = ("auto",), *, bf16: bool = True) -> list[dict]:
+    """Rows of one shape: each size once per Triton experts ``path`` (auto, small, grouped);
+    ``bf16``: the bf16 Triton experts on the dequantised weights timed beside them."""
     from triton.testing import do_bench_cudagraph
 
     gen = torch.Generator().manual_seed(0)
@@ -97,16 +95,19 @@ def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int],
                 return bf16(x, ids, w, d13, d2, emap, weight_mode="experts", validate=False)
 
             out = call_fp8().out
-            out_bf16 = call_bf16().out
             t = do_bench_cudagraph(call_fp8, rep=200, return_mode="median") / 1e3
-            t_bf16 = do_bench_cudagraph(call_bf16, rep=200, return_mode="median") / 1e3
-            rows.append(dict(shape=name, path=path, rows=R, local_pairs=pairs,
-                             experts_touched=touched, time_us=t * 1e6, floor_us=floor * 1e6,
-                             time_over_floor=t / floor,
-                             bf16_time_us=t_bf16 * 1e6, fp8_speedup_over_bf16=t_bf16 / t,
-                             TFLOPs=flops / t / 1e12, GBps=nbytes / t / 1e9,
-                             rel_err_vs_fp8_reference=_rel(out, ref),
-                             rel_err_vs_bf16=_rel(out, out_bf16)))
+            row = dict(shape=name, path=path, rows=R, local_pairs=pairs,
+                       experts_touched=touched, time_us=t * 1e6, floor_us=floor * 1e6,
+                       time_over_floor=t / floor, bf16_time_us=None,
+                       fp8_speedup_over_bf16=None, TFLOPs=flops / t / 1e12,
+                       GBps=nbytes / t / 1e9, rel_err_vs_fp8_reference=_rel(out, ref),
+                       rel_err_vs_bf16=None)
+            if bf16:
+                out_bf16 = call_bf16().out
+                t_bf16 = do_bench_cudagraph(call_bf16, rep=200, return_mode="median") / 1e3
+                row.update(bf16_time_us=t_bf16 * 1e6, fp8_speedup_over_bf16=t_bf16 / t,
+                           rel_err_vs_bf16=_rel(out, out_bf16))
+            rows.append(row)
         torch.cuda.empty_cache()
     return rows
 
@@ -119,6 +120,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paths", nargs="+", default=["auto"], choices=["auto", "small", "grouped"],
                    help="the Triton experts' paths to time (a row each): auto (by batch size), "
                    "small (no layout sort, experts/triton_small.py) or grouped")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false",
+                   help="skip the bf16 Triton experts beside each row (half the run time)")
     p.add_argument("--out", type=argtypes.output_dir, default="bench/results")
     p.add_argument("--name", type=argtypes.file_stem, default="experts_fp8")
 
@@ -136,20 +139,20 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     progress("measuring the copy and FP8 matmul ceilings")
     ceil = ceilings()
     rows = [r for name in args.shapes for r in run_shape(
-        name, SHAPES[name], ceil, args.sizes or SHAPES[name]["sizes"], tuple(args.paths))]
+        name, SHAPES[name], ceil, args.sizes or SHAPES[name]["sizes"], tuple(args.paths),
+        bf16=args.bf16)]
     table = Table(title=f"triton FP8 experts ({ceil['fp8_dtype']}), {device_description()}: "
-                        f"copy {ceil['copy_GBps']:.0f} GB/s, FP8 _scaled_mm "
-                        f"{ceil['fp8_matmul_TFLOPs']:.0f} TFLOP/s (measured)")
+                        f"{ceiling_line(ceil)}")
     for c in ("shape", "path", "rows", "time us", "floor us", "time/floor", "bf16 us", "bf16/fp8",
               "TFLOP/s", "GB/s", "err vs fp8 ref", "err vs bf16"):
         table.add_column(c, justify="right")
     for r in rows:
         table.add_row(r["shape"], r["path"], str(r["rows"]), f"{r['time_us']:.1f}",
                       f"{r['floor_us']:.1f}",
-                      f"{r['time_over_floor']:.2f}", f"{r['bf16_time_us']:.1f}",
-                      f"{r['fp8_speedup_over_bf16']:.2f}", f"{r['TFLOPs']:.1f}",
+                      f"{r['time_over_floor']:.2f}", cell(r["bf16_time_us"], small_digits=1),
+                      cell(r["fp8_speedup_over_bf16"]), f"{r['TFLOPs']:.1f}",
                       f"{r['GBps']:.0f}", f"{r['rel_err_vs_fp8_reference']:.1e}",
-                      f"{r['rel_err_vs_bf16']:.1e}")
+                      "-" if r["rel_err_vs_bf16"] is None else f"{r['rel_err_vs_bf16']:.1e}")
     console = Console(width=170)
     console.print(table)
     path = write_json(args.out, args.name, device=device_description(), ceilings=ceil, rows=rows)

@@ -10,13 +10,22 @@ for Triton's interpreter; the products and sums are the same. ``ROUND``: values 
 the FP8 grid (round to nearest even) in float32 before the cast, for Triton's interpreter
 (3.9), whose float32 -> FP8 cast drops the carry of a mantissa that rounds up into the next
 binade (124.3 -> 64 instead of 128); on GPUs the cast itself rounds (RNE, saturating).
+
+Launch variants (constexprs, chosen by the launch config; issue 31): ``DESC``: the weights (and
+the down GEMM's intermediate rows, which are contiguous per block) through tensor descriptors
+(TMA on Hopper; the gathered activation rows stay pointer loads); ``WS``: the K loop as
+``tl.range(..., warp_specialize=True)`` (Hopper/Blackwell warp specialisation, where the
+installed Triton accepts it); ``FLATTEN``: the persistent tile loop as ``tl.range(...,
+flatten=True)`` (tile epilogues overlapped with the next tile's loads); the down GEMM's BLOCK_N
+may be 256 (two weight-scale blocks: the scale product becomes a [BLOCK_M, BLOCK_N] outer
+product, computed once per K step). Every variant computes the same sums in the same order.
 """
 
 import triton
 import triton.language as tl
 
 from rocm_moe._quant_triton import _quant_rows_kernel, _to_fp8  # noqa: F401 (moved there)
-from rocm_moe.experts._triton_kernels import _num_tiles, _tile
+from rocm_moe.experts._triton_kernels import _num_tiles, _tile, _w_tile
 
 
 @triton.jit
@@ -33,12 +42,33 @@ def _fp8_dot(a, b, acc, scale, UPCAST: tl.constexpr, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _fp8_gate_up_step(
+    kb, acc_g, acc_u, aq_ptr, as_ptr, w_ptr, ws_g, ws_u, row, valid, n0, n_ok, H, I,
+    stride_ar, stride_as, stride_wn,
+    UPCAST: tl.constexpr, PRECISE: tl.constexpr, DESC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One 128-wide K step of the gate/up tile: both partial products, each scaled by (row
+    scale) x (weight block scale), that product computed once for the step."""
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < H
+    a = tl.load(aq_ptr + row[:, None] * stride_ar + offs_k[None, :],
+                mask=valid[:, None] & k_ok[None, :], other=0.0)
+    a_s = tl.load(as_ptr + row * stride_as + kb, mask=valid, other=0.0)
+    g = _w_tile(w_ptr, n0, n_ok, kb * BLOCK_K, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
+    u = _w_tile(w_ptr, n0 + I, n_ok, kb * BLOCK_K, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
+    acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * tl.load(ws_g + kb), UPCAST, PRECISE)
+    acc_u = _fp8_dot(a, u, acc_u, a_s[:, None] * tl.load(ws_u + kb), UPCAST, PRECISE)
+    return acc_g, acc_u
+
+
+@triton.jit
 def _fp8_gate_up_tile(
     t, aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr, block_expert_ptr,
     N_SLOTS, H, I, K_TOPK, N_KB,
     stride_ar, stride_as, stride_wn, stride_wse, stride_wsn, stride_ip, stride_is,
     UPCAST: tl.constexpr, PRECISE: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
-    MIN_EXP: tl.constexpr,
+    MIN_EXP: tl.constexpr, DESC: tl.constexpr, WS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(
@@ -48,21 +78,19 @@ def _fp8_gate_up_tile(
     row = tl.where(valid, slot // K_TOPK, 0).to(tl.int64)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    rows_g = e.to(tl.int64) * 2 * I + n_start + tl.arange(0, BLOCK_N)
+    n0 = e * 2 * I + n_start  # the gate tile's first weight row; the up tile's is n0 + I
     ws_g = ws_ptr + e.to(tl.int64) * stride_wse + (n_start // 128) * stride_wsn
     ws_u = ws_g + (I // 128) * stride_wsn
-    for kb in range(0, N_KB):
-        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < H
-        a = tl.load(aq_ptr + row[:, None] * stride_ar + offs_k[None, :],
-                    mask=valid[:, None] & k_ok[None, :], other=0.0)
-        a_s = tl.load(as_ptr + row * stride_as + kb, mask=valid, other=0.0)
-        w_mask = n_ok[None, :] & k_ok[:, None]
-        g = tl.load(w_ptr + rows_g[None, :] * stride_wn + offs_k[:, None], mask=w_mask, other=0.0)
-        u = tl.load(w_ptr + (rows_g + I)[None, :] * stride_wn + offs_k[:, None], mask=w_mask,
-                    other=0.0)
-        acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * tl.load(ws_g + kb), UPCAST, PRECISE)
-        acc_u = _fp8_dot(a, u, acc_u, a_s[:, None] * tl.load(ws_u + kb), UPCAST, PRECISE)
+    if WS:  # (a constexpr branch: Triton releases without warp_specialize never see it)
+        for kb in tl.range(0, N_KB, warp_specialize=True):
+            acc_g, acc_u = _fp8_gate_up_step(
+                kb, acc_g, acc_u, aq_ptr, as_ptr, w_ptr, ws_g, ws_u, row, valid, n0, n_ok, H,
+                I, stride_ar, stride_as, stride_wn, UPCAST, PRECISE, DESC, BLOCK_N, BLOCK_K)
+    else:
+        for kb in range(0, N_KB):
+            acc_g, acc_u = _fp8_gate_up_step(
+                kb, acc_g, acc_u, aq_ptr, as_ptr, w_ptr, ws_g, ws_u, row, valid, n0, n_ok, H,
+                I, stride_ar, stride_as, stride_wn, UPCAST, PRECISE, DESC, BLOCK_N, BLOCK_K)
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     amax = tl.maximum(tl.max(tl.abs(h), axis=1), 1e-10)
     s = tl.div_rn(amax, amax * 0.0 + FP8_MAX)
@@ -81,28 +109,61 @@ def _fp8_gate_up_kernel(
     UPCAST: tl.constexpr, PRECISE: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
     MIN_EXP: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DESC: tl.constexpr = False, WS: tl.constexpr = False, FLATTEN: tl.constexpr = False,
 ):
     """iq[p], is[p] = quantise(silu(a[row(p)] @ gate[e].T) * (a[row(p)] @ up[e].T)) for the
     padded slot positions p of one block (one local expert e). ``aq`` [R, H] FP8 rows with
-    ``as`` [R, N_KB] scales; ``w`` [e * 2I, H] FP8 with ``ws`` [e, 2I/128, N_KB]; the
-    intermediate ``iq`` [P, I] FP8 with ``is`` [P, I/128] scales, quantised in the epilogue
-    (BLOCK_N == 128: a tile is one scale group of each row)."""
+    ``as`` [R, N_KB] scales; ``w`` [e * 2I, H] FP8 (pointer, or with DESC a descriptor of
+    [BLOCK_N, BLOCK_K] tiles) with ``ws`` [e, 2I/128, N_KB]; the intermediate ``iq`` [P, I] FP8
+    with ``is`` [P, I/128] scales, quantised in the epilogue (BLOCK_N == 128: a tile is one
+    scale group of each row). ``DESC``, ``WS``, ``FLATTEN``: the module's launch variants."""
     if PERSISTENT:  # the programs stride over the tiles in use (as _gate_up_kernel)
-        for t in range(tl.program_id(0), _num_tiles(num_padded_ptr, I, BLOCK_M, BLOCK_N),
-                       tl.num_programs(0)):
-            _fp8_gate_up_tile(
-                t,
-                aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr, block_expert_ptr,
-                N_SLOTS, H, I,
-                K_TOPK, N_KB, stride_ar, stride_as, stride_wn, stride_wse, stride_wsn, stride_ip,
-                stride_is, UPCAST, PRECISE, FP8_MAX, ROUND, MIN_EXP, BLOCK_M, BLOCK_N, BLOCK_K)
+        n_tiles = _num_tiles(num_padded_ptr, I, BLOCK_M, BLOCK_N)
+        if FLATTEN:
+            for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=True):
+                _fp8_gate_up_tile(
+                    t, aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr,
+                    block_expert_ptr, N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as,
+                    stride_wn, stride_wse, stride_wsn, stride_ip, stride_is, UPCAST, PRECISE,
+                    FP8_MAX, ROUND, MIN_EXP, DESC, WS, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+                _fp8_gate_up_tile(
+                    t, aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr,
+                    block_expert_ptr, N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as,
+                    stride_wn, stride_wse, stride_wsn, stride_ip, stride_is, UPCAST, PRECISE,
+                    FP8_MAX, ROUND, MIN_EXP, DESC, WS, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         _fp8_gate_up_tile(
-            tl.program_id(0),
-            aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr, block_expert_ptr,
-            N_SLOTS, H, I,
-            K_TOPK, N_KB, stride_ar, stride_as, stride_wn, stride_wse, stride_wsn, stride_ip,
-            stride_is, UPCAST, PRECISE, FP8_MAX, ROUND, MIN_EXP, BLOCK_M, BLOCK_N, BLOCK_K)
+            tl.program_id(0), aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr,
+            block_expert_ptr, N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as, stride_wn,
+            stride_wse, stride_wsn, stride_ip, stride_is, UPCAST, PRECISE, FP8_MAX, ROUND,
+            MIN_EXP, DESC, WS, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _fp8_down_step(
+    kb, acc, iq_ptr, is_ptr, w_ptr, ws, p0, p64, n0, offs_n, n_ok, stride_ip, stride_is,
+    stride_wn, stride_wsn, UPCAST: tl.constexpr, PRECISE: tl.constexpr, DESC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One 128-wide K step of the down tile. BLOCK_N <= 128: one weight-scale block per step
+    (a scalar); 256: a scale per column (its block's), the product with the row scales an
+    outer product."""
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    if DESC:
+        a = iq_ptr.load([p0, kb * BLOCK_K])
+    else:
+        a = tl.load(iq_ptr + p64[:, None] * stride_ip + offs_k[None, :])
+    a_s = tl.load(is_ptr + p64 * stride_is + kb)
+    b = _w_tile(w_ptr, n0, n_ok, kb * BLOCK_K, offs_k, tl.full(offs_k.shape, 1, tl.int1),
+                stride_wn, DESC, BLOCK_N)  # (I % 128 == 0: no K bound)
+    if BLOCK_N > 128:
+        w_s = tl.load(ws + (offs_n // 128) * stride_wsn + kb, mask=n_ok, other=0.0)
+        scale = a_s[:, None] * w_s[None, :]
+    else:
+        scale = a_s[:, None] * tl.load(ws + kb)
+    return _fp8_dot(a, b, acc, scale, UPCAST, PRECISE)
 
 
 @triton.jit
@@ -110,8 +171,8 @@ def _fp8_down_tile(
     t, iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
     N_SLOTS, H, I, N_KB,
     stride_ip, stride_is, stride_wn, stride_wse, stride_wsn, stride_os,
-    WEIGHTED: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WEIGHTED: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr, DESC: tl.constexpr,
+    WS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(
         t, block_expert_ptr, sorted_ptr, N_SLOTS, H, BLOCK_M, BLOCK_N)
@@ -119,15 +180,21 @@ def _fp8_down_tile(
         return
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     p64 = offs_p.to(tl.int64)
-    rows_w = e.to(tl.int64) * H + n_start + tl.arange(0, BLOCK_N)
-    ws = ws_ptr + e.to(tl.int64) * stride_wse + (n_start // 128) * stride_wsn
-    for kb in range(0, N_KB):
-        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        a = tl.load(iq_ptr + p64[:, None] * stride_ip + offs_k[None, :])
-        a_s = tl.load(is_ptr + p64 * stride_is + kb)
-        b = tl.load(w_ptr + rows_w[None, :] * stride_wn + offs_k[:, None], mask=n_ok[None, :],
-                    other=0.0)
-        acc = _fp8_dot(a, b, acc, a_s[:, None] * tl.load(ws + kb), UPCAST, PRECISE)
+    p0 = t // tl.cdiv(H, BLOCK_N) * BLOCK_M  # the block's first position
+    n0 = e * H + n_start  # the tile's first weight row
+    ws = ws_ptr + e.to(tl.int64) * stride_wse
+    if BLOCK_N <= 128:
+        ws += (n_start // 128) * stride_wsn
+    if WS:  # (a constexpr branch: Triton releases without warp_specialize never see it)
+        for kb in tl.range(0, N_KB, warp_specialize=True):
+            acc = _fp8_down_step(kb, acc, iq_ptr, is_ptr, w_ptr, ws, p0, p64, n0, offs_n, n_ok,
+                                 stride_ip, stride_is, stride_wn, stride_wsn, UPCAST, PRECISE,
+                                 DESC, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        for kb in range(0, N_KB):
+            acc = _fp8_down_step(kb, acc, iq_ptr, is_ptr, w_ptr, ws, p0, p64, n0, offs_n, n_ok,
+                                 stride_ip, stride_is, stride_wn, stride_wsn, UPCAST, PRECISE,
+                                 DESC, BLOCK_M, BLOCK_N, BLOCK_K)
     if WEIGHTED:
         acc = acc * tl.load(weight_ptr + slot, mask=valid, other=0.0)[:, None]
     safe = tl.where(valid, slot, 0).to(tl.int64)
@@ -142,20 +209,31 @@ def _fp8_down_kernel(
     stride_ip, stride_is, stride_wn, stride_wse, stride_wsn, stride_os,
     PERSISTENT: tl.constexpr, WEIGHTED: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DESC: tl.constexpr = False, WS: tl.constexpr = False, FLATTEN: tl.constexpr = False,
 ):
     """out[slot(p), n] = (d[p] @ down[e].T)[n] (times the slot's weight when WEIGHTED) with
-    d = iq * is the FP8 intermediate; ``w`` [e * H, I] FP8, ``ws`` [e, ceil(H/128), I/128]."""
+    d = iq * is the FP8 intermediate; ``w`` [e * H, I] FP8, ``ws`` [e, ceil(H/128), I/128].
+    With DESC, ``iq`` and ``w`` are descriptors of [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K]
+    tiles. BLOCK_N: 16-128 (within one weight-scale block) or 256."""
     if PERSISTENT:  # the programs stride over the tiles in use (as _down_kernel)
-        for t in range(tl.program_id(0), _num_tiles(num_padded_ptr, H, BLOCK_M, BLOCK_N),
-                       tl.num_programs(0)):
-            _fp8_down_tile(
-                t,
-                iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
-                N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn, stride_wse, stride_wsn,
-                stride_os, WEIGHTED, UPCAST, PRECISE, BLOCK_M, BLOCK_N, BLOCK_K)
+        n_tiles = _num_tiles(num_padded_ptr, H, BLOCK_M, BLOCK_N)
+        if FLATTEN:
+            for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=True):
+                _fp8_down_tile(
+                    t, iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr,
+                    weight_ptr, N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn,
+                    stride_wse, stride_wsn, stride_os, WEIGHTED, UPCAST, PRECISE, DESC, WS,
+                    BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+                _fp8_down_tile(
+                    t, iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr,
+                    weight_ptr, N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn,
+                    stride_wse, stride_wsn, stride_os, WEIGHTED, UPCAST, PRECISE, DESC, WS,
+                    BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         _fp8_down_tile(
-            tl.program_id(0),
-            iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
-            N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn, stride_wse, stride_wsn,
-            stride_os, WEIGHTED, UPCAST, PRECISE, BLOCK_M, BLOCK_N, BLOCK_K)
+            tl.program_id(0), iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr,
+            block_expert_ptr, weight_ptr, N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn,
+            stride_wse, stride_wsn, stride_os, WEIGHTED, UPCAST, PRECISE, DESC, WS, BLOCK_M,
+            BLOCK_N, BLOCK_K)

@@ -23,16 +23,23 @@ hidden dim 0 and 0 elsewhere, as in bfloat16.
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+
 import torch
 
 from rocm_moe._libs import triton_runs_on
 from rocm_moe.experts.fp8 import FP8Experts
 from rocm_moe.experts.layout import build_layout
 from rocm_moe.experts.triton import (
+    _bucket,
     _on_amd,
+    _operand,
     persistent_grid,
     persistent_supported,
     slot_sum,
+    tma_supported,
     triton_availability,
     triton_experts_availability,
 )
@@ -40,17 +47,49 @@ from rocm_moe.quant import BLOCK, FP8Rows, fp8_max, quantize_rows_triton  # (its
 from rocm_moe.quant import fp8_rounding as _rounding
 from rocm_moe.weighting import ExpertsOutput
 
+CONFIG_FILE = os.path.join(os.path.dirname(__file__), "triton_fp8_configs.json")
+CONFIG_ENV = "ROCM_MOE_FP8_CONFIGS"  # a table file read instead of CONFIG_FILE (tuning runs)
+
+
+def fp8_config_table() -> dict:
+    """The tuned table ``{device name: {"HxI": {bucket: config}}}`` (``bench/tune_experts_fp8.py
+    --table`` writes it; buckets as ``experts.triton._bucket``): the file named by
+    $ROCM_MOE_FP8_CONFIGS, else the packaged ``triton_fp8_configs.json``, else empty."""
+    return _read_table(os.environ.get(CONFIG_ENV) or CONFIG_FILE)
+
+
+@functools.cache
+def _read_table(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
 
 def fp8_block_config(num_slots: int, num_local: int, *, num_experts: int | None = None,
-                     device_name: str = "") -> dict:
+                     device_name: str = "", hidden: int = 0, inter: int = 0) -> dict:
     """Launch config ``{"BLOCK_M", "gate_up": {...}, "down": {...}}`` by the expected slots per
     local expert, ``num_slots / num_experts`` (uniform routing; ``num_experts``: the global
-    count, default ``num_local``). BLOCK_K is the scale group, 128; BLOCK_N 128 for gate/up,
-    whose epilogue quantises a whole group. Tuned on an H100 (bench/tune_experts_fp8.py,
-    bench/results/tune_experts_fp8_h100.*): 64-row tiles with 8 warps and 5 stages for gate/up
-    from 32 to 128 slots per expert (1024 rows: 394 -> 313 us Qwen3, 689 -> 588 us DeepSeek-V3
-    rank-local), 128-row tiles above; the other sizes gained under 2%."""
+    count, default ``num_local``). The tuned table's entry for (``device_name``, H x I, bucket)
+    when it has one (above its largest bucket: that bucket's, the prefill tiles), else the
+    heuristic: BLOCK_K is the scale group, 128; BLOCK_N 128 for gate/up, whose epilogue
+    quantises a whole group. Heuristic tuned on an H100 (bench/results/tune_experts_fp8_h100.*):
+    64-row tiles with 8 warps and 5 stages for gate/up from 32 to 128 slots per expert (1024
+    rows: 394 -> 313 us Qwen3, 689 -> 588 us DeepSeek-V3 rank-local), 128-row tiles above; the
+    other sizes gained under 2%."""
     mean = num_slots / max(num_experts or num_local, 1)
+    buckets = fp8_config_table().get(device_name, {}).get(f"{hidden}x{inter}", {})
+    bucket = _bucket(mean)
+    if bucket not in buckets and buckets and mean > max(map(float, buckets)):
+        bucket = max(buckets, key=float)
+    if bucket in buckets:
+        try:
+            check_config(buckets[bucket])
+        except ValueError as err:  # a hand-edited or foreign table
+            table = os.environ.get(CONFIG_ENV) or CONFIG_FILE
+            raise ValueError(f"{table}, entry [{device_name!r}][{hidden}x{inter}][{bucket}]: "
+                             f"{err}") from None
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in buckets[bucket].items()}
     if mean <= 16:
         block_m, gu, dn = 16, (4, 3), (64, 4, 3)
     elif mean <= 128:
@@ -78,6 +117,59 @@ def _args(block_m: int, kcfg: dict) -> dict:
                 num_warps=kcfg["num_warps"], num_stages=kcfg["num_stages"])
 
 
+# Launch-variant keys a config may carry (issue 31; absent = today's launch): per kernel
+# ("gate_up" / "down") "desc" (weights, and the down GEMM's intermediate, through tensor
+# descriptors where ``tma_supported``) and "ws" (warp-specialised K loop); at the top level
+# "persistent" (a persistent grid at any batch and BLOCK_M) and "flatten" (its tile loop
+# flattened; needs "persistent").
+KERNEL_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "desc", "ws")
+TOP_KEYS = ("BLOCK_M", "gate_up", "down", "persistent", "flatten")
+
+
+def check_config(cfg: dict) -> None:
+    """ValueError naming the key, value, rule and fix for a launch config the FP8 kernels
+    cannot run (a user's ``config=`` or a table entry)."""
+    from rocm_moe._checks import error_message
+
+    def bad(field, value, rule, fix):
+        raise ValueError(error_message(field, value, rule, fix))
+
+    if not isinstance(cfg, dict):
+        bad("config", type(cfg).__name__, "must be a dict", "pass fp8_block_config(...)'s form")
+    for k in cfg:
+        if k not in TOP_KEYS:
+            bad(f"config[{k!r}]", cfg[k], f"unknown key (known: {', '.join(TOP_KEYS)})",
+                "drop it")
+    for name in ("gate_up", "down"):
+        kc = cfg.get(name)
+        if not isinstance(kc, dict):
+            bad(f"config[{name!r}]", kc, "must be a dict of BLOCK_N, BLOCK_K, num_warps, "
+                "num_stages", "give both kernels' entries")
+        for k in kc:
+            if k not in KERNEL_KEYS:
+                bad(f"config[{name!r}][{k!r}]", kc[k],
+                    f"unknown key (known: {', '.join(KERNEL_KEYS)})", "drop it")
+        if kc.get("BLOCK_K") != BLOCK:
+            bad(f"config[{name!r}]['BLOCK_K']", kc.get("BLOCK_K"),
+                f"must be {BLOCK}, the scale group", f"set it to {BLOCK}")
+    if cfg["gate_up"].get("BLOCK_N") != BLOCK:
+        bad("config['gate_up']['BLOCK_N']", cfg["gate_up"].get("BLOCK_N"),
+            f"must be {BLOCK} (the epilogue quantises whole 1x{BLOCK} groups)",
+            f"set it to {BLOCK}")
+    bn = cfg["down"].get("BLOCK_N")
+    if bn not in (16, 32, 64, 128, 256):
+        bad("config['down']['BLOCK_N']", bn, "must be 16, 32, 64, 128 (within one weight "
+            "block) or 256 (two)", "pick one of those")
+    if cfg.get("flatten") and not cfg.get("persistent"):
+        bad("config['flatten']", True, "flattens the persistent tile loop",
+            "set config['persistent'] = True too, or drop flatten")
+
+
+def _variant_args(kcfg: dict, desc: bool, persistent_cfg: dict) -> dict:
+    return dict(DESC=desc, WS=bool(kcfg.get("ws", False)),
+                FLATTEN=bool(persistent_cfg.get("flatten", False)))
+
+
 PERSISTENT_MAX_BLOCK_M = 64  # largest BLOCK_M launched persistent (``_forward``)
 
 
@@ -101,6 +193,8 @@ class TritonFP8Experts(FP8Experts):
         from rocm_moe.experts.triton_small import FP8_SMALL_MAX_SLOTS, check_path
 
         check_path(path, small_max_slots)
+        if config is not None:
+            check_config(config)
         self.config = config
         self.upcast = upcast
         self.precise = precise
@@ -146,7 +240,7 @@ class TritonFP8Experts(FP8Experts):
         slots = N if num_rows is None or expected_rows is None else expected_rows * K
         cfg = self.config or fp8_block_config(slots, expert_map.num_local,
                                               num_experts=expert_map.num_experts,
-                                              device_name=name)
+                                              device_name=name, hidden=H, inter=I)
         upcast = (not _fp8_dot_native(dev, w13.dtype)) if self.upcast is None else self.upcast
         from rocm_moe.experts import triton_small as small
 
@@ -172,29 +266,39 @@ class TritonFP8Experts(FP8Experts):
         # and a batch that picks it fills most of its capacity anyway.
         persistent = num_rows is not None and cfg["BLOCK_M"] <= PERSISTENT_MAX_BLOCK_M \
             and persistent_supported(amd=_on_amd(dev))
+        persistent = persistent or (bool(cfg.get("persistent", False))
+                                    and persistent_supported(amd=_on_amd(dev)))
         if N and P:
             gu, dn = cfg["gate_up"], cfg["down"]
             assert gu["BLOCK_N"] == BLOCK, cfg  # the epilogue quantises whole groups
-            assert BLOCK % dn["BLOCK_N"] == 0, cfg  # a column tile in one weight block
+            assert BLOCK % dn["BLOCK_N"] == 0 or dn["BLOCK_N"] == 2 * BLOCK, cfg
             ws13, ws2 = w13.scale_inv, w2.scale_inv
+            tma = tma_supported(dev)
+            w13_op, d13 = _operand(w13.weight.view(-1, H), [gu["BLOCK_N"], BLOCK],
+                                   tma and bool(gu.get("desc")))
             grid = persistent_grid(n_blocks * (I // gu["BLOCK_N"]), persistent, dev)
             _fp8_gate_up_kernel[grid](
-                aq, as_, w13.weight.view(-1, H), ws13, iq, is_, layout.sorted_slot_ids,
+                aq, as_, w13_op, ws13, iq, is_, layout.sorted_slot_ids,
                 layout.block_expert_ids, layout.num_padded, layout.sentinel, H, I, layout.top_k,
                 -(-H // BLOCK),
                 aq.stride(0), as_.stride(0), H, ws13.stride(0), ws13.stride(1), iq.stride(0),
                 is_.stride(0), UPCAST=upcast, PRECISE=self.precise, PERSISTENT=persistent,
                 FP8_MAX=fp8_max(rows.dtype),
-                **_rounding(rows.dtype),
+                **_rounding(rows.dtype), **_variant_args(gu, d13, cfg),
                 **_args(cfg["BLOCK_M"], gu))
+            want = tma and bool(dn.get("desc"))
+            iq_op, d_iq = _operand(iq, [cfg["BLOCK_M"], BLOCK], want)
+            w2_op, d2 = _operand(w2.weight.view(-1, I), [dn["BLOCK_N"], BLOCK], want)
+            if d_iq != d2:  # (one DESC flag for both operands)
+                iq_op, w2_op, d2 = iq, w2.weight.view(-1, I), False
             grid = persistent_grid(n_blocks * -(-H // dn["BLOCK_N"]), persistent, dev)
             _fp8_down_kernel[grid](
-                iq, is_, w2.weight.view(-1, I), ws2, out_slots, layout.sorted_slot_ids,
+                iq_op, is_, w2_op, ws2, out_slots, layout.sorted_slot_ids,
                 layout.block_expert_ids, topk_weights_RK.contiguous().view(-1),
                 layout.num_padded, layout.sentinel,
                 H, I, I // BLOCK, iq.stride(0), is_.stride(0), I, ws2.stride(0), ws2.stride(1),
                 out_slots.stride(0), PERSISTENT=persistent, WEIGHTED=weighted, UPCAST=upcast,
-                PRECISE=self.precise,
+                PRECISE=self.precise, **_variant_args(dn, d2, cfg),
                 **_args(cfg["BLOCK_M"], dn))
         if weighted:
             out = torch.empty(R, H, dtype=out_dtype, device=dev)

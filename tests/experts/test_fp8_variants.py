@@ -1,0 +1,213 @@
+"""The Triton FP8 experts' launch variants (issue 31: tensor descriptors, warp-specialised K
+loops, persistent and flattened tile loops, 256-wide down tiles), the config checks and table,
+the tuner's candidate lists and correctness gate, and the benchmarks' FP8 ceiling.
+
+Every variant computes the same sums as today's launch, so each is held to the FP8 reference
+(same quantisation) like ``test_fp8.py``'s Triton tests: rows with -1 slots, a local expert with
+no tokens, both weight modes (non-local slots exact zeros). In Triton's interpreter on CPUs
+(float32 outputs, FP8 tiles upcast to float16), compiled on GPUs (bfloat16, native FP8 dots; a
+Qwen3-sized shape so the descriptors are 16-byte aligned, and H = 200 where they fall back).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rocm_moe.experts.fp8 import FP8ReferenceExperts
+from tests.conftest import DEVICE, rel_err
+from tests.experts.test_fp8 import ORACLE_TOL, _case
+
+triton = pytest.importorskip("triton")
+
+from rocm_moe.experts import triton_fp8 as tf  # noqa: E402
+from rocm_moe.experts.triton_fp8 import (  # noqa: E402
+    TritonFP8Experts,
+    check_config,
+    fp8_block_config,
+)
+
+
+def _cfg(block_m, *, desc=False, ws=False, down_n=128, persistent=False, flatten=False):
+    def k(bn):
+        return dict(BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=2, desc=desc, ws=ws)
+    cfg = dict(BLOCK_M=block_m, gate_up=k(128), down=k(down_n))
+    if persistent:
+        cfg["persistent"] = True
+    if flatten:
+        cfg["flatten"] = True
+    return cfg
+
+
+VARIANTS = [
+    pytest.param(_cfg(16, desc=True), id="M16_desc"),
+    pytest.param(_cfg(16, desc=True, ws=True, down_n=256, persistent=True, flatten=True),
+                 id="M16_desc_ws_dn256_persistent_flatten"),
+    pytest.param(_cfg(32, down_n=256, persistent=True), id="M32_ptr_dn256_persistent"),
+    pytest.param(_cfg(64, desc=True, down_n=64), id="M64_desc_dn64"),
+    pytest.param(_cfg(128, desc=True, down_n=256), id="M128_desc_dn256"),
+]
+SHAPES = [(33, 2, 8, 2, 256, 256)] if DEVICE.type == "cpu" else [
+    (1024, 8, 128, 8, 2048, 768), (33, 4, 16, 2, 200, 256)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "R{}_K{}_E{}_W{}_H{}_I{}".format(*s))
+@pytest.mark.parametrize("cfg", VARIANTS)
+def test_variant_matches_reference(cfg, shape, gen):
+    args, _ = _case(*shape, gen)
+    out_dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    tol = ORACLE_TOL if out_dtype == torch.float32 else 1e-2
+    local = args[5].local_ids(args[1]) >= 0
+    for mode in ("experts", "combine"):
+        out = TritonFP8Experts(config=cfg, path="grouped")(*args, weight_mode=mode,
+                                                           out_dtype=out_dtype).out
+        ref = FP8ReferenceExperts()(*args, weight_mode=mode).out
+        assert rel_err(out, ref) < tol, mode
+        if mode == "combine":
+            assert out[~local].eq(0).all()
+
+
+@pytest.mark.skipif(DEVICE.type == "cpu", reason="the interpreter has no reduced-precision "
+                    "accumulator: precise=True computes the same there")
+@pytest.mark.parametrize("cfg", VARIANTS)
+def test_variant_precise_float32(cfg, gen):
+    """precise=True (float32 promotion every MMA) with every variant: float32 rounding only."""
+    args, _ = _case(*SHAPES[0], gen)
+    out = TritonFP8Experts(config=cfg, precise=True, path="grouped")(
+        *args, weight_mode="experts", out_dtype=torch.float32).out
+    ref = FP8ReferenceExperts()(*args, weight_mode="experts").out
+    assert rel_err(out, ref) < 1e-3
+
+
+def test_heuristic_config_is_valid():
+    for slots in (8, 40 * 8, 1000 * 8):
+        check_config(fp8_block_config(slots, 8))
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (dict(BLOCK_Q=1), r"config\['BLOCK_Q'\]=1: unknown key"),
+    (dict(gate_up=dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2)),
+     r"config\['gate_up'\]\['BLOCK_N'\]=64: must be 128"),
+    (dict(down=dict(BLOCK_N=96, BLOCK_K=128, num_warps=4, num_stages=2)),
+     r"config\['down'\]\['BLOCK_N'\]=96: must be 16, 32, 64, 128"),
+    (dict(down=dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=2)),
+     r"config\['down'\]\['BLOCK_K'\]=64: must be 128, the scale group"),
+    (dict(down=dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2, tma=True)),
+     r"config\['down'\]\['tma'\]=True: unknown key"),
+    (dict(flatten=True), r"config\['flatten'\]=True: flattens the persistent tile loop"),
+    (dict(down=None), r"config\['down'\]=None: must be a dict"),
+])
+def test_bad_config_is_refused_with_the_fix(change, match):
+    with pytest.raises(ValueError, match=match + r".*Fix: "):
+        TritonFP8Experts(config={**_cfg(16), **change})
+
+
+def test_table_entry_is_read(tmp_path, monkeypatch):
+    """A table file (ROCM_MOE_FP8_CONFIGS) gives its entry for (device, H x I, bucket), the
+    largest bucket's above it, and the heuristic where it has none."""
+    tuned = _cfg(64, desc=True, down_n=256, persistent=True)
+    table = {"GPU X": {"2048x768": {"256": tuned, "16": _cfg(16)}}}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv(tf.CONFIG_ENV, str(path))
+    kw = dict(num_experts=128, device_name="GPU X", hidden=2048, inter=768)
+    assert fp8_block_config(4096 * 8, 128, **kw) == tuned  # 256 slots per expert
+    assert fp8_block_config(16384 * 8, 128, **kw) == tuned  # 1024: above the largest
+    assert fp8_block_config(2 * 8, 128, **kw)["BLOCK_M"] == 16  # 0.125: the heuristic
+    assert fp8_block_config(4096 * 8, 128, **dict(kw, hidden=7168)) == \
+        fp8_block_config(4096 * 8, 128, num_experts=128)  # another shape: the heuristic
+    fp8_block_config(4096 * 8, 128, **kw)["down"]["BLOCK_N"] = 0  # a copy: the table keeps
+    assert fp8_block_config(4096 * 8, 128, **kw)["down"]["BLOCK_N"] == 256
+
+
+def test_bad_table_entry_is_refused_naming_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "bad.json"
+    bad = dict(_cfg(64), down=dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=2))
+    path.write_text(json.dumps({"GPU X": {"2048x768": {"256": bad}}}))
+    monkeypatch.setenv(tf.CONFIG_ENV, str(path))
+    with pytest.raises(ValueError, match=r"bad.json, entry \['GPU X'\]\[2048x768\]\[256\]: "
+                       r"config\['down'\]\['BLOCK_K'\]=64"):
+        fp8_block_config(4096 * 8, 128, num_experts=128, device_name="GPU X", hidden=2048,
+                         inter=768)
+
+
+# ---- the tuner (bench/tune_experts_fp8.py) -----------------------------------------------------
+@pytest.fixture
+def tuner():
+    sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
+    try:
+        import tune_experts_fp8
+    finally:
+        sys.path.pop(0)
+    return tune_experts_fp8
+
+
+def test_tuner_candidates_are_valid_configs(tuner):
+    cands = [dict(BLOCK_M=m, gate_up=gu, down=tuner.HEURISTIC_DOWN[m], **top)
+             for m, gu, top in tuner.GATE_UP]
+    cands += [dict(cands[0], down=dn) for dn in tuner.DOWN]
+    for c in cands:
+        check_config(c)
+    assert len(cands) <= 30  # the GPU sweep's time (bench/gpu_fp8_gemm.sh)
+    assert len({tuner._label(c) for c in cands}) == len(cands)  # each one once
+
+
+def test_tuner_flags_a_wrong_candidate_and_times_none(tuner, monkeypatch):
+    import triton.testing
+
+    class Case:  # a stand-in: the reference, and a "kernel" that is off by 5%
+        name, R, flops, floor = "tiny", 3, 1e9, 1e-6
+        ref = torch.ones(3, 4)
+
+        def run(self, cfg, **kw):
+            return self.ref * (1.05 if cfg["BLOCK_M"] == 64 else 1.0)
+
+    timed = []
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph",
+                        lambda fn, **k: timed.append(fn) or 2e-3)
+    good = tuner.measure(Case(), _cfg(16), 20)
+    bad = tuner.measure(Case(), _cfg(64), 20)
+    assert good["status"] == "ok"
+    assert good["us"] == pytest.approx(2.0)
+    assert good["over_floor"] == pytest.approx(2.0)
+    assert bad["status"] == "WRONG"
+    assert bad["rel_err"] == pytest.approx(0.05)
+    assert len(timed) == 1
+    broken = tuner.measure(Case(), dict(_cfg(16), flatten=True), 20)  # refused config
+    assert broken["status"].startswith("ValueError")
+
+
+# ---- the benchmarks' FP8 ceiling ----------------------------------------------------------------
+def test_fp8_ceiling_without_a_gpu_is_none():
+    from rocm_moe.benchmarks.experts import fp8_matmul_rates
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: it measures")
+    assert fp8_matmul_rates() is None
+
+
+def test_ceiling_line():
+    from rocm_moe.benchmarks.experts import ceiling_line
+
+    assert ceiling_line(dict(copy_GBps=3000.4, matmul_TFLOPs=701.2, fp8_matmul_TFLOPs=1402.6)) \
+        == "copy 3000 GB/s, bf16 matmul 701 TFLOP/s, FP8 _scaled_mm 1403 TFLOP/s (measured)"
+    assert ceiling_line(dict(copy_GBps=900.0, matmul_TFLOPs=300.0, fp8_matmul_TFLOPs=None)) \
+        == "copy 900 GB/s, bf16 matmul 300 TFLOP/s, FP8 _scaled_mm none (measured)"
+    assert ceiling_line(dict(copy_GBps=1.0, fp8_matmul_TFLOPs=2.0)) \
+        == "copy 1 GB/s, FP8 _scaled_mm 2 TFLOP/s (measured)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fp8_ceiling_on_the_gpu():
+    from rocm_moe.benchmarks.experts import fp8_matmul_rates
+
+    rates = fp8_matmul_rates(n=2048)
+    if rates is None:
+        pytest.skip("this GPU's matrix units take no FP8")
+    assert rates["fp8_matmul_TFLOPs"] == max(v for k, v in rates.items()
+                                             if k.startswith("fp8_matmul_TFLOPs_"))
+    assert rates["fp8_matmul_TFLOPs"] > 10
