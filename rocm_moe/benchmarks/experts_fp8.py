@@ -86,13 +86,13 @@ def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int],
         ref = FP8ReferenceExperts()(x, ids, w, fw.w13, fw.w2, emap, weight_mode="experts",
                                     validate=False, out_dtype=torch.float32).out
         for path in paths:
-            fp8, bf16 = TritonFP8Experts(path=path), TritonExperts(path=path)
+            fp8_ex, bf16_ex = TritonFP8Experts(path=path), TritonExperts(path=path)
 
-            def call_fp8(fp8=fp8, x=x, ids=ids, w=w, fw=fw, emap=emap):
-                return fp8(x, ids, w, fw.w13, fw.w2, emap, weight_mode="experts", validate=False)
+            def call_fp8(ex=fp8_ex, x=x, ids=ids, w=w, fw=fw, emap=emap):
+                return ex(x, ids, w, fw.w13, fw.w2, emap, weight_mode="experts", validate=False)
 
-            def call_bf16(bf16=bf16, x=x, ids=ids, w=w, d13=d13, d2=d2, emap=emap):
-                return bf16(x, ids, w, d13, d2, emap, weight_mode="experts", validate=False)
+            def call_bf16(ex=bf16_ex, x=x, ids=ids, w=w, d13=d13, d2=d2, emap=emap):
+                return ex(x, ids, w, d13, d2, emap, weight_mode="experts", validate=False)
 
             out = call_fp8().out
             t = do_bench_cudagraph(call_fp8, rep=200, return_mode="median") / 1e3

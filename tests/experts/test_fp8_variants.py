@@ -211,3 +211,25 @@ def test_fp8_ceiling_on_the_gpu():
     assert rates["fp8_matmul_TFLOPs"] == max(v for k, v in rates.items()
                                              if k.startswith("fp8_matmul_TFLOPs_"))
     assert rates["fp8_matmul_TFLOPs"] > 10
+
+
+def test_bench_without_bf16_leaves_its_columns_empty(monkeypatch):
+    """``bench experts-fp8 --no-bf16`` (bench/gpu_fp8_gemm.sh): the FP8 row only."""
+    import triton.testing
+
+    from rocm_moe.benchmarks import experts as be
+    from rocm_moe.benchmarks import experts_fp8 as b
+
+    if DEVICE.type == "cuda":
+        pytest.skip("the GPU runs the real benchmark")
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph",
+                        lambda fn, **k: (calls.append(fn), 1.0)[1])
+    monkeypatch.setattr(b, "_routing", lambda s, R, g: be._routing(s, R, g, device="cpu"))
+    shape = dict(E=8, W=2, rank=1, H=128, I=128, K=2)
+    (row,) = b.run_shape("tiny", shape, dict(copy_GBps=1e3, fp8_matmul_TFLOPs=1e2), [3],
+                         bf16=False)
+    assert len(calls) == 1  # the FP8 stage only
+    assert row["bf16_time_us"] is row["rel_err_vs_bf16"] is row["fp8_speedup_over_bf16"] is None
+    assert row["rel_err_vs_fp8_reference"] < 1e-2
