@@ -37,6 +37,7 @@ import os
 import torch
 
 from rocm_moe._checks import error_message
+from rocm_moe.experts.triton_small_fp8 import max_slots as _fp8_max_slots
 from rocm_moe.placement import ExpertMap
 from rocm_moe.weighting import ExpertsOutput
 
@@ -46,10 +47,12 @@ PATHS = ("auto", "small", "grouped")
 # with path="small" until GPU timings (bench/gpu_small.sh) show them ahead of the grouped path:
 # the first H100 run (825871e, earlier forms) had them behind at 32 and 64 tokens.
 SMALL_MAX_SLOTS = 64
-# Block-FP8 keeps the grouped path under "auto": on an H100 at c599ea3 the FP8 small path took
-# 86.5 / 362.6 / 874.3 us at 1 / 8 / 64 tokens against the grouped path's 32.1 / 112.6 / 230.0
-# (Qwen3-30B-A3B, bench/results/decode_check_qwen3_fp8_h100.txt); path="small" still runs it.
-FP8_SMALL_MAX_SLOTS = 0
+# Block-FP8: "auto" takes the small path up to this many slots (ROCM_MOE_FP8_SMALL_MAX_SLOTS at
+# import, else triton_small_fp8.FP8_SMALL_MAX_SLOTS), where it runs the streaming kernels of
+# ``triton_small_fp8``; the tl.dot forms here took 86.5 / 362.6 / 874.3 us at 1 / 8 / 64 tokens
+# on an H100 at c599ea3 against the grouped path's 32.1 / 112.6 / 230.0
+# (bench/results/decode_check_qwen3_fp8_h100.txt) and run only with an explicit config.
+FP8_SMALL_MAX_SLOTS = _fp8_max_slots()
 PER_SLOT_MAX_SLOTS = 64  # gate/up per slot (GEMV) up to here; per expert (tl.dot) above
 
 
@@ -289,9 +292,17 @@ def small_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.Te
     ``quant.quantize_rows``, bit for bit: no launch of their own), ``w13`` / ``w2``
     BlockFP8Weights (checked: ``TritonFP8Experts`` calls it); the intermediate is kept in
     float32 and quantised per 1x128 group by the down kernel; ``upcast`` / ``precise`` as
-    ``TritonFP8Experts`` (the per-expert kernels' tl.dot)."""
+    ``TritonFP8Experts`` (the per-expert kernels' tl.dot). ``config`` None or of kind "stream":
+    the streaming kernels of ``triton_small_fp8`` (float32 sums, no tl.dot); else
+    ``small_config``'s tl.dot / GEMV forms here."""
     from rocm_moe.quant import FP8Rows, fp8_max, fp8_rounding
 
+    if config is None or config.get("kind") == "stream":  # the default: streaming kernels
+        from rocm_moe.experts.triton_small_fp8 import stream_fp8_experts
+
+        return stream_fp8_experts(rows, topk_ids_RK, topk_weights_RK, w13, w2, expert_map,
+                                  weighted=weighted, out_dtype=out_dtype, num_rows=num_rows,
+                                  expected_rows=expected_rows, config=config)
     R, K = topk_ids_RK.shape
     H, I = w13.shape[2], w2.shape[2]
     dev = rows.device

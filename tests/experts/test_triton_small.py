@@ -331,12 +331,14 @@ def test_fp8_small_path_has_no_quantise_launch(monkeypatch, gen):
 def test_fp8_auto_path_and_bounded_rows(gen):
     """TritonFP8Experts (auto, small up to 64 slots) on a capacity-sized batch: the small
     path's rows agree with the grouped path's and with the reference; raw rows past the count
-    are zeros. (By default "auto" keeps FP8 on the grouped path, measured faster.)"""
+    are zeros. (By default "auto" takes the FP8 small path up to FP8_SMALL_MAX_SLOTS slots.)"""
     from rocm_moe.experts import triton_small
     from rocm_moe.experts.triton_fp8 import TritonFP8Experts as F8
 
-    assert F8().small_max_slots == triton_small.FP8_SMALL_MAX_SLOTS == 0
-    assert not triton_small.takes_small_path(F8(), 1, 8, None, None)
+    limit = triton_small.FP8_SMALL_MAX_SLOTS
+    assert F8().small_max_slots == limit
+    assert not triton_small.takes_small_path(F8(), limit + 1, 1, None, None)
+    assert triton_small.takes_small_path(F8(), limit, 1, None, None) == (limit > 0)
     from rocm_moe.experts.fp8 import FP8ReferenceExperts
     from rocm_moe.experts.triton_fp8 import TritonFP8Experts
 

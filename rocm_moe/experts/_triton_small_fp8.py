@@ -1,0 +1,190 @@
+"""Triton kernels of the streaming block-FP8 small-batch experts (``experts/triton_small_fp8.py``;
+imported only with triton): two launches (three for weighted per-slot down rows) that read
+``topk_ids`` directly and stream each FP8 weight tile once through the vector units.
+
+Why not tl.dot: at 1-8 tokens an expert sees one row, so a [16, N] x [N, K] tensor-core tile
+is 15/16 padding, and the tl.dot forms of ``_triton_small.py`` move FP8 weight tiles through
+shared memory in 32-128-column tiles that leave too few bytes in flight (66.8 us for 15.4 us
+of weight reads at one token on an H100). Here each program loads [S, BLOCK_N, BLOCK_K] FP8
+weight tiles straight into registers (BLOCK_K up to 512: several 128-groups per load, many
+16-byte loads in flight per thread), converts them to float32 and multiplies them with the
+activation already scaled by the weight block scale (one multiply per activation element,
+amortised over BLOCK_N weight rows), float32 sums.
+
+Arithmetic (``ACT_Q``, the FP8 contract of ``experts/fp8.py``): the rows quantised per 1x128
+group (``quant.quantize_rows``'s bits: FP8Rows dequantised, or float rows quantised here as they
+load), SiLU(gate) * up in float32 into an unquantised float32 intermediate, quantised per 1x128
+group by the down kernel as it reads it. Without ``ACT_Q`` the activations stay float (bf16 /
+fp16 / float32 rows, the float32 intermediate): only the weights are FP8 (w8a16).
+
+``_stream_gate_up_kernel``: one program per (slot, column tile of I) (``PER_ROW`` False, S = 1)
+or per (row, tile) with the row's K slots as S = next_pow2(K) lanes of one 3-D tile.
+``_stream_down_kernel``: per (row, column tile of H) with the row's K slots as S lanes (the
+weighted sum in the same launch, a fixed order, no atomics; raw: each slot, exact zeros for
+non-local and empty slots), or per (slot, tile) into per-slot rows (``PER_ROW`` False).
+BOUNDED: the programs stride over the first ``num_rows[0]`` rows (a device count).
+"""
+
+import triton
+import triton.language as tl
+
+from rocm_moe._quant_triton import _to_fp8
+from rocm_moe.experts._triton_small import _locals
+
+
+@triton.jit
+def _dequant_groups(a, dtype, S: tl.constexpr, BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr,
+                    ROUND: tl.constexpr, MIN_EXP: tl.constexpr):
+    """a [S, BLOCK_K] float32 quantised per 1x128 group to FP8 ``dtype`` as
+    ``quant.quantize_rows`` does, returned dequantised (q * scale, float32)."""
+    g = tl.reshape(a, (S * (BLOCK_K // 128), 128))
+    amax = tl.maximum(tl.max(tl.abs(g), axis=1), 1e-10)
+    s = tl.div_rn(amax, amax * 0.0 + FP8_MAX)
+    q = tl.clamp(tl.div_rn(g, s[:, None] + tl.zeros_like(g)), -FP8_MAX, FP8_MAX)
+    d = _to_fp8(q, dtype, ROUND, MIN_EXP).to(tl.float32) * s[:, None]
+    return tl.reshape(d, (S, BLOCK_K))
+
+
+@triton.jit
+def _act_tile(x_ptr, xs_ptr, row, ok, offs_k, k_ok, stride_xr, stride_xs, dtype,
+              XFP8: tl.constexpr, ACT_Q: tl.constexpr, FP8_MAX: tl.constexpr,
+              ROUND: tl.constexpr, MIN_EXP: tl.constexpr, S: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """Activations [S, BLOCK_K] float32 of rows ``row`` ([S] int64, lanes ``ok``): FP8 rows
+    times their group scales (XFP8), float rows quantised per group (ACT_Q), or as they are."""
+    m = ok[:, None] & k_ok[None, :]
+    a = tl.load(x_ptr + row[:, None] * stride_xr + offs_k[None, :], mask=m,
+                other=0.0).to(tl.float32)
+    if XFP8:
+        a = a * tl.load(xs_ptr + row[:, None] * stride_xs + (offs_k // 128)[None, :], mask=m,
+                        other=0.0)
+    elif ACT_Q:
+        a = _dequant_groups(a, dtype, S, BLOCK_K, FP8_MAX, ROUND, MIN_EXP)
+    return a
+
+
+@triton.jit
+def _lanes(u, ids_ptr, map_ptr, n_slots, K_TOPK: tl.constexpr, PER_ROW: tl.constexpr,
+           S: tl.constexpr):
+    """(slots [S], local experts [S], -1 for lanes without a local slot) of work unit ``u``:
+    row u's K slots (PER_ROW) or slot u (S = 1)."""
+    j = tl.arange(0, S)
+    if PER_ROW:
+        slot = u * K_TOPK + j
+        lane = j < K_TOPK
+    else:
+        slot = u + j
+        lane = j < 1
+    e = tl.where(lane, _locals(ids_ptr, map_ptr, slot, n_slots), -1)
+    return slot, e
+
+
+@triton.jit(do_not_specialize=["R", "stride_xs", "stride_wse", "stride_wsn"])
+def _stream_gate_up_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, ids_ptr, map_ptr, num_rows_ptr,
+    R, H, I, stride_xr, stride_xs, stride_wse, stride_wsn, stride_ir,
+    K_TOPK: tl.constexpr, XFP8: tl.constexpr, ACT_Q: tl.constexpr, FP8_MAX: tl.constexpr,
+    ROUND: tl.constexpr, MIN_EXP: tl.constexpr, BOUNDED: tl.constexpr, PER_ROW: tl.constexpr,
+    S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """inter[slot, tile] = SiLU(a @ gate[e].T) * (a @ up[e].T) (float32) of the local slots;
+    other slots' rows are not written. ``x`` [R, H] float rows, or FP8 (XFP8) with ``xs``
+    [R, ceil(H/128)] scales; ``w`` [e * 2I, H] FP8 (row stride H), ``ws`` [e, 2I/128,
+    ceil(H/128)]; ``inter`` [R * K, I]. Grid: (rows or slots expected, column tiles of I)."""
+    n_rows = tl.load(num_rows_ptr) if BOUNDED else R
+    n_slots = n_rows * K_TOPK
+    n_units = n_rows if PER_ROW else n_slots
+    n_start = tl.program_id(1) * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    for u in range(tl.program_id(0), n_units, tl.num_programs(0)):
+        slot, e = _lanes(u, ids_ptr, map_ptr, n_slots, K_TOPK, PER_ROW, S)
+        if tl.max(e, axis=0) >= 0:
+            ok = e >= 0
+            e64 = tl.maximum(e, 0).to(tl.int64)
+            row = tl.where(ok, slot // K_TOPK, 0).to(tl.int64)
+            rows_g = e64[:, None] * 2 * I + offs_n[None, :]  # [S, BLOCK_N] gate rows
+            ws_g = ws_ptr + e64 * stride_wse + (n_start // 128) * stride_wsn  # [S]
+            ws_u = ws_g + (I // 128) * stride_wsn
+            wm = ok[:, None, None] & n_ok[None, :, None]
+            acc_g = tl.zeros((S, BLOCK_N), dtype=tl.float32)
+            acc_u = tl.zeros((S, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < H
+                m3 = wm & k_ok[None, None, :]
+                g = tl.load(w_ptr + rows_g[:, :, None] * H + offs_k[None, None, :], mask=m3,
+                            other=0.0)
+                up = tl.load(w_ptr + (rows_g + I)[:, :, None] * H + offs_k[None, None, :],
+                             mask=m3, other=0.0)
+                a = _act_tile(x_ptr, xs_ptr, row, ok, offs_k, k_ok, stride_xr, stride_xs,
+                              w_ptr.dtype.element_ty, XFP8, ACT_Q, FP8_MAX, ROUND, MIN_EXP, S,
+                              BLOCK_K)
+                sm = ok[:, None] & k_ok[None, :]
+                kb = (offs_k // 128)[None, :]
+                a_g = a * tl.load(ws_g[:, None] + kb, mask=sm, other=0.0)
+                a_u = a * tl.load(ws_u[:, None] + kb, mask=sm, other=0.0)
+                acc_g += tl.sum(g.to(tl.float32) * a_g[:, None, :], axis=2)
+                acc_u += tl.sum(up.to(tl.float32) * a_u[:, None, :], axis=2)
+            h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+            tl.store(inter_ptr + slot.to(tl.int64)[:, None] * stride_ir + offs_n[None, :], h,
+                     mask=ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["R", "stride_wse", "stride_wsn", "stride_ok"])
+def _stream_down_kernel(
+    inter_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, map_ptr, weight_ptr, num_rows_ptr,
+    R, H, I, stride_ir, stride_wse, stride_wsn, stride_or, stride_ok,
+    K_TOPK: tl.constexpr, ACT_Q: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
+    MIN_EXP: tl.constexpr, WEIGHTED: tl.constexpr, BOUNDED: tl.constexpr,
+    PER_ROW: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y_slot = d_slot @ down[e].T for the local slots, d the float32 intermediate (ACT_Q:
+    quantised per 1x128 group as it loads); ``w`` [e * H, I] FP8, ``ws`` [e, ceil(H/128),
+    I/128]. PER_ROW (S lanes = the row's K slots): WEIGHTED out[r] = sum_k weight_k * y_k
+    ([R, H], row stride ``stride_or``), else out[r, k] = y_k with exact zeros for other slots
+    (``stride_or``, ``stride_ok``); per slot (S = 1): out[slot] = y (times its weight when
+    WEIGHTED), rows of other slots not written (``stride_ok``: the slot row stride).
+    Grid: (rows or slots expected, column tiles of H)."""
+    n_rows = tl.load(num_rows_ptr) if BOUNDED else R
+    n_slots = n_rows * K_TOPK
+    n_units = n_rows if PER_ROW else n_slots
+    n_start = tl.program_id(1) * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    for u in range(tl.program_id(0), n_units, tl.num_programs(0)):
+        slot, e = _lanes(u, ids_ptr, map_ptr, n_slots, K_TOPK, PER_ROW, S)
+        ok = e >= 0
+        e64 = tl.maximum(e, 0).to(tl.int64)
+        s64 = tl.where(ok, slot, 0).to(tl.int64)
+        rows_w = e64[:, None] * H + offs_n[None, :]  # [S, BLOCK_N]
+        ws = ws_ptr + e64 * stride_wse + (n_start // 128) * stride_wsn  # [S]
+        wm = ok[:, None, None] & n_ok[None, :, None]
+        acc = tl.zeros((S, BLOCK_N), dtype=tl.float32)
+        if tl.max(e, axis=0) >= 0:
+            for k0 in range(0, I, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < I
+                b = tl.load(w_ptr + rows_w[:, :, None] * I + offs_k[None, None, :],
+                            mask=wm & k_ok[None, None, :], other=0.0)
+                a = _act_tile(inter_ptr, inter_ptr, s64, ok, offs_k, k_ok, stride_ir, 0,
+                              w_ptr.dtype.element_ty, False, ACT_Q, FP8_MAX, ROUND, MIN_EXP,
+                              S, BLOCK_K)
+                a = a * tl.load(ws[:, None] + (offs_k // 128)[None, :],
+                                mask=ok[:, None] & k_ok[None, :], other=0.0)
+                acc += tl.sum(b.to(tl.float32) * a[:, None, :], axis=2)
+        if WEIGHTED:
+            acc = acc * tl.load(weight_ptr + s64, mask=ok, other=0.0)[:, None]
+        if PER_ROW:
+            r64 = tl.cast(u, tl.int64)
+            if WEIGHTED:
+                tl.store(out_ptr + r64 * stride_or + offs_n,
+                         tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
+            else:
+                j = tl.arange(0, S)
+                tl.store(out_ptr + r64 * stride_or + j[:, None] * stride_ok + offs_n[None, :],
+                         acc.to(out_ptr.dtype.element_ty),
+                         mask=(j < K_TOPK)[:, None] & n_ok[None, :])
+        else:
+            tl.store(out_ptr + s64[:, None] * stride_ok + offs_n[None, :],
+                     acc.to(out_ptr.dtype.element_ty), mask=ok[:, None] & n_ok[None, :])

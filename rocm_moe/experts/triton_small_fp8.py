@@ -1,0 +1,211 @@
+"""The streaming block-FP8 small-batch experts (issue 33 item 2): decode-sized batches in two
+launches (three for a weighted per-slot down) that read ``topk_ids`` directly and stream every
+FP8 weight tile once through the vector units (kernels: ``_triton_small_fp8.py``).
+
+Pipeline, for R rows with K global ids on a rank with e local experts:
+1. gate/up: inter[slot] = SiLU(a @ gate.T) * (a @ up.T) in float32, one column tile of I per
+   program, per slot (FORM "slot": R * K x I / BLOCK_N programs) or per row (FORM "row": the
+   row's K slots as lanes of one tile); ``a`` the rows quantised per 1x128 group as they load
+   (float rows: no quantise launch; FP8Rows: dequantised), or kept float (ACT "float");
+2. down: per row (FORM "row": the K slots as lanes; "weighted" sums weight_k * y_k in float32
+   in the same launch, deterministic, no atomics; "raw" writes [R, K, H] with exact zeros for
+   non-local and empty slots) or per slot (FORM "slot": weighted slots into float32 rows that
+   ``_triton_small._small_sum_kernel`` adds in slot order); the intermediate quantised per
+   1x128 group as it loads (ACT "fp8", the FP8 contract of ``experts/fp8.py``).
+Slots with id -1 and experts outside the rank's ExpertMap contribute nothing; no host reads
+(CUDA-graph capturable); with ``num_rows`` the programs stride over the device count of rows,
+their grids sized by ``expected_rows``. Sums are float32 per element (``precise`` holds by
+construction; ``upcast`` does not apply: no tl.dot).
+
+Config (``stream_config``): ``{"kind": "stream", "ACT": "fp8" | "float", "gate_up": {FORM,
+BLOCK_N, BLOCK_K, num_warps, num_stages}, "down": {the same}}``; BLOCK_K 128, 256 or 512 (whole
+1x128 groups), BLOCK_N a power of two dividing 128 (a tile inside one weight block). The
+environment overrides the defaults without a code change (``bench/gpu_fp8_decode.sh`` prints
+the lines to set):
+  ROCM_MOE_FP8_SMALL_CONFIG     JSON: one config for every size, or {"<slots>": config, ...}
+                                (the entry of the smallest key >= the batch's slots, else the
+                                largest); partial configs are merged into the default.
+  ROCM_MOE_FP8_SMALL_MAX_SLOTS  TritonFP8Experts(path="auto") takes this path up to this many
+                                slots (rows x K); default FP8_SMALL_MAX_SLOTS.
+
+Worked example (the test asserts it): ``stream_config(8)["gate_up"]["FORM"]`` is "slot" and
+``stream_config(8)["down"]["FORM"]`` is "row".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from rocm_moe._checks import error_message
+from rocm_moe.placement import ExpertMap
+from rocm_moe.weighting import ExpertsOutput
+
+CONFIG_ENV = "ROCM_MOE_FP8_SMALL_CONFIG"
+MAX_SLOTS_ENV = "ROCM_MOE_FP8_SMALL_MAX_SLOTS"
+# "auto" runs this path up to 8 slots (one token x top-8), UNMEASURED ON HARDWARE when set:
+# the tl.dot small path it replaces took 66.8 us at one token (grouped 32.3, floor 15.4;
+# bench/results/decode_paths_qwen3_fp8_h100.txt). bench/gpu_fp8_decode.sh measures both.
+FP8_SMALL_MAX_SLOTS = 8
+FORMS = ("slot", "row")
+ACTS = ("fp8", "float")
+# Defaults by the slots expected (key: the most slots an entry serves). Heuristic, untuned:
+# per-slot gate/up (R * K * I / 16 programs: 384 at one Qwen3 token) with 2 x 8 KiB of FP8
+# weights per K step; per-row down with the row's 8 slots as lanes of a [8, 16, 128] tile.
+DEFAULTS = {
+    "64": dict(kind="stream", ACT="fp8",
+               gate_up=dict(FORM="slot", BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=1),
+               down=dict(FORM="row", BLOCK_N=16, BLOCK_K=128, num_warps=8, num_stages=1)),
+}
+
+
+def _bad(field: str, value, rule: str):
+    return ValueError(error_message(field, repr(value), rule,
+                                    f"fix {CONFIG_ENV} (see rocm_moe/experts/triton_small_fp8.py)"))
+
+
+def check_config(cfg: object) -> dict:
+    """``cfg`` as a complete stream config, or ValueError naming the field."""
+    if not isinstance(cfg, dict):
+        raise _bad("config", cfg, "must be a dict")
+    if cfg.get("kind") != "stream":
+        raise _bad("config.kind", cfg.get("kind"), "must be 'stream'")
+    if cfg.get("ACT") not in ACTS:
+        raise _bad("config.ACT", cfg.get("ACT"), f"must be one of {list(ACTS)}")
+    for stage in ("gate_up", "down"):
+        k = cfg.get(stage)
+        if not isinstance(k, dict):
+            raise _bad(f"config.{stage}", k, "must be a dict")
+        if k.get("FORM") not in FORMS:
+            raise _bad(f"config.{stage}.FORM", k.get("FORM"), f"must be one of {list(FORMS)}")
+        if k.get("BLOCK_K") not in (128, 256, 512):
+            raise _bad(f"config.{stage}.BLOCK_K", k.get("BLOCK_K"), "must be 128, 256 or 512")
+        bn = k.get("BLOCK_N")
+        if not isinstance(bn, int) or bn < 1 or 128 % bn:
+            raise _bad(f"config.{stage}.BLOCK_N", bn, "must be a power of two dividing 128")
+        for key, ok in (("num_warps", (1, 2, 4, 8, 16)), ("num_stages", (1, 2, 3, 4, 5))):
+            if k.get(key) not in ok:
+                raise _bad(f"config.{stage}.{key}", k.get(key), f"must be one of {list(ok)}")
+    return cfg
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = {**base, **{k: v for k, v in over.items() if not isinstance(v, dict)}}
+    for stage in ("gate_up", "down"):
+        out[stage] = {**base[stage], **over.get(stage, {})}
+    return out
+
+
+def _pick(table: dict, slots: int) -> dict:
+    keys = sorted(table, key=int)
+    return table[next((k for k in keys if int(k) >= slots), keys[-1])]
+
+
+def stream_config(slots: int) -> dict:
+    """The launch config for a batch of ``slots`` (rows x K) expected: DEFAULTS, overridden by
+    ROCM_MOE_FP8_SMALL_CONFIG (module docstring)."""
+    cfg = _pick(DEFAULTS, slots)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        try:
+            over = json.loads(env)
+        except json.JSONDecodeError as exc:
+            raise _bad(CONFIG_ENV, env, f"must be JSON ({exc})") from None
+        if not isinstance(over, dict):
+            raise _bad(CONFIG_ENV, env, "must be a JSON object")
+        if over and all(k.isdigit() for k in over):
+            over = _pick(over, slots)
+        cfg = _merge(cfg, over)
+    return check_config({**cfg, "gate_up": dict(cfg["gate_up"]), "down": dict(cfg["down"])})
+
+
+def max_slots() -> int:
+    """The most slots "auto" sends here: ROCM_MOE_FP8_SMALL_MAX_SLOTS, else
+    FP8_SMALL_MAX_SLOTS."""
+    env = os.environ.get(MAX_SLOTS_ENV)
+    if env is None or env == "":
+        return FP8_SMALL_MAX_SLOTS
+    if not env.isdigit():
+        raise ValueError(error_message(MAX_SLOTS_ENV, repr(env), "must be an int >= 0",
+                                       "set it to the most slots (rows x top_k), e.g. 8"))
+    return int(env)
+
+
+def _lanes(K: int) -> int:
+    return 1 << max(0, (K - 1).bit_length())
+
+
+def stream_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.Tensor, w13, w2,
+                       expert_map: ExpertMap, *, weighted: bool, out_dtype: torch.dtype,
+                       num_rows: torch.Tensor | None = None, expected_rows: int | None = None,
+                       config: dict | None = None) -> ExpertsOutput:
+    """The block-FP8 experts of a small batch (checked inputs: ``TritonFP8Experts`` calls it
+    through ``triton_small.small_fp8_experts``): ``rows`` FP8Rows [R, H] or float rows [R, H];
+    ``w13`` / ``w2`` BlockFP8Weights; ``config``: ``stream_config``'s form (default: by the
+    slots expected). Returns [R, H] (``weighted``) or [R, K, H] in ``out_dtype``."""
+    from rocm_moe.experts import _triton_small as small_k
+    from rocm_moe.experts import _triton_small_fp8 as k
+    from rocm_moe.experts.triton_small import expected_rows_of
+    from rocm_moe.quant import FP8Rows, fp8_max, fp8_rounding
+
+    R, K = topk_ids_RK.shape
+    H, I = w13.shape[2], w2.shape[2]
+    dev = rows.device
+    expect = max(1, min(R, expected_rows_of(R, num_rows, expected_rows)))
+    cfg = check_config(config) if config is not None else stream_config(expect * K)
+    gu, dn = cfg["gate_up"], cfg["down"]
+    xfp8 = isinstance(rows, FP8Rows)
+    if xfp8:
+        x = rows.q if rows.q.stride(1) == 1 else rows.q.contiguous()
+        xs = rows.scale if rows.scale.stride(1) == 1 else rows.scale.contiguous()
+    else:
+        x = xs = rows if rows.stride(1) == 1 else rows.contiguous()
+    bounded = num_rows is not None
+    row_down = dn["FORM"] == "row"
+    if weighted:
+        out = torch.empty(R, H, dtype=out_dtype, device=dev)
+    else:  # per-row downs write every slot of their rows; per-slot ones only local slots
+        out = (torch.empty if row_down and not bounded else torch.zeros)(
+            R, K, H, dtype=out_dtype, device=dev)
+    if R * K == 0:
+        return ExpertsOutput(out=out, weights_applied=weighted)
+    ids = topk_ids_RK.contiguous().view(-1)
+    wts = topk_weights_RK.contiguous().view(-1)
+    emap = expert_map.map_E.to(dev)
+    nr = num_rows if bounded else ids
+    ws13, ws2 = w13.scale_inv.contiguous(), w2.scale_inv.contiguous()
+    w13q, w2q = w13.weight.contiguous(), w2.weight.contiguous()
+    common = dict(ACT_Q=cfg["ACT"] == "fp8", FP8_MAX=fp8_max(w13.dtype),
+                  **fp8_rounding(w13.dtype), BOUNDED=bounded)
+    inter = torch.empty(R * K, I, dtype=torch.float32, device=dev)
+    per_row = gu["FORM"] == "row"
+    k._stream_gate_up_kernel[(expect if per_row else expect * K, -(-I // gu["BLOCK_N"]))](
+        x, xs, w13q, ws13, inter, ids, emap, nr, R, H, I, x.stride(0),
+        xs.stride(0) if xfp8 else 0, ws13.stride(0), ws13.stride(1), inter.stride(0),
+        K_TOPK=K, XFP8=xfp8, **common, PER_ROW=per_row, S=_lanes(K) if per_row else 1,
+        BLOCK_N=gu["BLOCK_N"], BLOCK_K=gu["BLOCK_K"], num_warps=gu["num_warps"],
+        num_stages=gu["num_stages"])
+    launch = dict(K_TOPK=K, **common, BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"],
+                  num_warps=dn["num_warps"], num_stages=dn["num_stages"])
+    if row_down:
+        k._stream_down_kernel[(expect, -(-H // dn["BLOCK_N"]))](
+            inter, w2q, ws2, out, ids, emap, wts, nr, R, H, I, inter.stride(0),
+            ws2.stride(0), ws2.stride(1), out.stride(0), 0 if weighted else out.stride(1),
+            WEIGHTED=weighted, PER_ROW=True, S=_lanes(K), **launch)
+        return ExpertsOutput(out=out, weights_applied=weighted)
+    # per-slot rows: raw straight into out ([R * K, H], zero-filled); weighted into float32
+    # slot rows that a third launch sums per row in slot order
+    slots = out.view(R * K, H) if not weighted else torch.empty(R * K, H, dtype=torch.float32,
+                                                                device=dev)
+    k._stream_down_kernel[(expect * K, -(-H // dn["BLOCK_N"]))](
+        inter, w2q, ws2, slots, ids, emap, wts, nr, R, H, I, inter.stride(0),
+        ws2.stride(0), ws2.stride(1), 0, slots.stride(0), WEIGHTED=weighted, PER_ROW=False, S=1,
+        **launch)
+    if weighted:
+        from rocm_moe.experts.triton_small import SUM_BLOCK_H
+
+        small_k._small_sum_kernel[(expect, -(-H // SUM_BLOCK_H))](
+            slots, ids, emap, out, nr, R, H, K_TOPK=K, BOUNDED=bounded, BLOCK_H=SUM_BLOCK_H)
+    return ExpertsOutput(out=out, weights_applied=weighted)

@@ -1,0 +1,235 @@
+"""The streaming block-FP8 small-batch experts (``experts/triton_small_fp8.py``, issue 33 item 2)
+against float64 oracles: the FP8 reference in float64 (the same activation and intermediate
+quantisation) and, for float activations (ACT "float"), the dequantised model in float64; both
+weight modes, per-slot and per-row forms of both kernels, float rows and FP8Rows, -1 slots,
+experts outside the rank's map, zero-token experts, every token on one expert, capacity-sized
+batches; the config's environment overrides and checks. Triton's interpreter on CPUs (float16
+rows, small shapes, wide tiles: few programs), compiled on GPUs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rocm_moe import Placement
+from rocm_moe.experts import triton_small_fp8 as stream
+from tests.conftest import DEVICE, rel_err
+
+pytest.importorskip("triton")
+
+GPU = DEVICE.type == "cuda"
+DTYPE = torch.bfloat16 if GPU else torch.float16
+TOL = 5e-3 if not GPU else 1e-2
+
+
+def _k(form, bn, bk, warps=4):
+    return dict(FORM=form, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1)
+
+
+# (gate/up, down) forms, wide tiles for the interpreter (few programs): BLOCK_K 256 / 512 span
+# several 128-groups (H = 200: a partial one), 128 loops over two
+FORMS = {"slot_row": (_k("slot", 64, 256), _k("row", 128, 128)),
+         "row_slot": (_k("row", 128, 128), _k("slot", 128, 256)),
+         "slot_slot": (_k("slot", 128, 512), _k("slot", 128, 128)),
+         "row_row": (_k("row", 32, 256), _k("row", 128, 512))}
+
+
+def _cfg(form: str, act: str = "fp8") -> dict:
+    gu, dn = FORMS[form]
+    return dict(kind="stream", ACT=act, gate_up=gu, down=dn)
+
+
+def _ids(T, K, E, W, routing, gen) -> torch.Tensor:
+    """[T, K] distinct ids per token, ~15% of slots -1 (slot [0, 0] kept, the last one -1);
+    all_on_one: every
+    token's slot 0 on the last rank's first expert."""
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    if routing == "all_on_one":
+        first = Placement.contiguous(E, W).local_experts(W - 1)[0]
+        for t in range(T):
+            row = ids[t]
+            row[row == first] = row[0]
+            row[0] = first
+    drop = torch.rand(T, K, generator=gen) < 0.15
+    drop[-1, -1] = True
+    drop[0, 0] = False
+    ids[drop] = -1
+    return ids.to(torch.int32)
+
+
+def _case(T, K, E, W, H, I, routing, gen):
+    from rocm_moe.experts.fp8 import quantize_experts
+    from rocm_moe.quant import native_fp8_dtype
+
+    emap = Placement.contiguous(E, W).expert_map(W - 1)
+    e = emap.num_local
+    fw = quantize_experts(torch.randn(e, 2 * I, H, generator=gen) / H**0.5,
+                          torch.randn(e, H, I, generator=gen) / I**0.5,
+                          dtype=native_fp8_dtype(DEVICE))
+    x = (torch.randn(T, H, generator=gen) * 3).to(DTYPE)
+    w = torch.rand(T, K, generator=gen)
+    return x, _ids(T, K, E, W, routing, gen), w, fw, emap
+
+
+def _run(x, ids, w, fw, emap, mode, cfg, **kw):
+    return stream.stream_fp8_experts(
+        x.to(DEVICE) if isinstance(x, torch.Tensor) else x, ids.to(DEVICE), w.to(DEVICE),
+        fw.w13.to(DEVICE), fw.w2.to(DEVICE), emap.to(DEVICE), weighted=mode == "experts",
+        out_dtype=torch.float32, config=cfg, **kw)
+
+
+# (T, K, E, W, H, I, routing, form): T = 1 with most experts empty (every form); 33 rows on W = 2
+# (the other rank's experts skipped) with H = 200 (a partial last group); every token on one
+# expert
+CASES = [pytest.param(*c, id="T{}_K{}_E{}_W{}_H{}_I{}_{}_{}".format(*c)) for c in
+         [(1, 8, 16, 1, 128, 128, "random", f) for f in FORMS]
+         + [(33, 2, 8, 2, 200, 128, "random", f) for f in ("slot_row", "row_slot")]
+         + [(5, 3, 8, 1, 256, 256, "all_on_one", "row_row")]]
+
+
+@pytest.mark.parametrize(("T", "K", "E", "W", "H", "I", "routing", "form"), CASES)
+def test_matches_float64_fp8_reference(T, K, E, W, H, I, routing, form, gen):
+    """Both weight modes against the FP8 reference computed in float64 (the same row and
+    intermediate quantisation); raw non-local and -1 slots are exact zeros."""
+    from rocm_moe.experts.fp8 import FP8ReferenceExperts
+
+    x, ids, w, fw, emap = _case(T, K, E, W, H, I, routing, gen)
+    local = emap.local_ids(ids) >= 0
+    assert (~local).any()  # the case has slots to skip
+    for mode in ("experts", "combine"):
+        want = FP8ReferenceExperts()(x.double(), ids, w, fw.w13, fw.w2, emap, weight_mode=mode,
+                                     out_dtype=torch.float64).out
+        out = _run(x, ids, w, fw, emap, mode, _cfg(form))
+        assert out.weights_applied == (mode == "experts")
+        got = out.out.cpu()
+        assert got.shape == want.shape
+        assert got.dtype == torch.float32
+        assert rel_err(got, want) < TOL, mode
+        if mode == "combine":
+            assert got[~local].eq(0).all()
+
+
+@pytest.mark.parametrize("form", ["slot_row", "row_slot"])
+def test_fp8_rows_give_the_bits_of_float_rows(form, gen):
+    """FP8Rows (quantised before) and float rows (quantised per 1x128 group in the gate/up
+    kernel): the same output bits (H = 200: a partial group)."""
+    from rocm_moe.quant import quantize_rows
+
+    x, ids, w, fw, emap = _case(3, 2, 8, 1, 200, 128, "random", gen)
+    rows = quantize_rows(x.to(DEVICE), dtype=fw.w13.dtype)
+    for mode in ("experts", "combine"):
+        a = _run(rows, ids, w, fw, emap, mode, _cfg(form)).out
+        b = _run(x, ids, w, fw, emap, mode, _cfg(form)).out
+        assert torch.equal(a, b), mode
+
+
+def test_float_activations_match_the_dequantised_model(gen):
+    """ACT "float" (w8a16: only the weights FP8) against the float64 oracle of the dequantised
+    model, tighter than the w8a8 contract can be."""
+    from rocm_moe.experts.fp8 import fp8_dense_reference
+
+    x, ids, w, fw, emap = _case(4, 4, 8, 1, 256, 128, "random", gen)
+    want = fp8_dense_reference(x, w, ids, fw.w13, fw.w2, quantize_activations=False)
+    for form in ("slot_row", "row_slot"):
+        got = _run(x, ids, w, fw, emap, "experts", _cfg(form, act="float")).out.cpu()
+        assert rel_err(got, want) < 1e-4, form
+    quantised = _run(x, ids, w, fw, emap, "experts", _cfg("slot_row")).out.cpu()
+    assert rel_err(quantised, want) > 1e-3  # (the w8a8 rows' error, for comparison)
+
+
+@pytest.mark.parametrize("form", ["slot_row", "row_slot"])
+def test_zero_token_experts_and_nothing_local(form, gen):
+    """A batch whose slots are all -1 or another rank's: zeros in both modes."""
+    x, ids, w, fw, emap = _case(3, 2, 8, 2, 128, 128, "random", gen)
+    ids[:] = -1
+    ids[1, 0] = 0  # rank 0's expert; this is rank 1
+    for mode in ("experts", "combine"):
+        got = _run(x, ids, w, fw, emap, mode, _cfg(form)).out
+        assert got.eq(0).all(), mode
+
+
+@pytest.mark.parametrize("form", ["slot_row", "row_slot"])
+def test_bounded_rows(form, gen):
+    """A capacity-sized batch (num_rows on the device, grids sized by expected_rows): the rows
+    below the count as the reference's; raw rows past it zeros."""
+    from rocm_moe.experts.fp8 import FP8ReferenceExperts
+
+    cap, n = 6, 4
+    x, ids, w, fw, emap = _case(cap, 2, 8, 1, 128, 128, "random", gen)
+    ids[n:] = -1
+    num_rows = torch.tensor([n], dtype=torch.int32, device=DEVICE)
+    for mode in ("experts", "combine"):
+        want = FP8ReferenceExperts()(x.double(), ids, w, fw.w13, fw.w2, emap, weight_mode=mode,
+                                     out_dtype=torch.float64).out[:n]
+        got = _run(x, ids, w, fw, emap, mode, _cfg(form), num_rows=num_rows,
+                   expected_rows=2).out.cpu()
+        assert rel_err(got[:n], want) < TOL, mode
+        if mode == "combine":
+            assert got[n:].eq(0).all()
+
+
+def test_worked_example_and_defaults():
+    cfg = stream.stream_config(8)
+    assert cfg["gate_up"]["FORM"] == "slot"
+    assert cfg["down"]["FORM"] == "row"
+    assert stream.check_config(cfg) is cfg
+
+
+def test_environment_overrides(monkeypatch):
+    """ROCM_MOE_FP8_SMALL_CONFIG: one partial config for every size, or by slot buckets;
+    ROCM_MOE_FP8_SMALL_MAX_SLOTS: the auto limit."""
+    monkeypatch.setenv(stream.CONFIG_ENV, json.dumps({"gate_up": {"BLOCK_N": 8}}))
+    cfg = stream.stream_config(64)
+    assert cfg["gate_up"]["BLOCK_N"] == 8
+    assert cfg["down"] == stream.DEFAULTS["64"]["down"]
+    table = {"8": {"ACT": "float"}, "64": {"down": {"FORM": "slot"}}}
+    monkeypatch.setenv(stream.CONFIG_ENV, json.dumps(table))
+    assert stream.stream_config(8)["ACT"] == "float"
+    assert stream.stream_config(9)["down"]["FORM"] == "slot"
+    assert stream.stream_config(10**4)["ACT"] == "fp8"  # (the largest bucket's)
+    monkeypatch.setenv(stream.MAX_SLOTS_ENV, "16")
+    assert stream.max_slots() == 16
+    monkeypatch.delenv(stream.MAX_SLOTS_ENV)
+    assert stream.max_slots() == stream.FP8_SMALL_MAX_SLOTS
+
+
+@pytest.mark.parametrize(("env", "match"), [
+    ("{", "must be JSON"), ("[1]", "must be a JSON object"),
+    ('{"gate_up": {"BLOCK_K": 64}}', r"gate_up\.BLOCK_K"),
+    ('{"down": {"BLOCK_N": 48}}', r"down\.BLOCK_N"),
+    ('{"down": {"FORM": "expert"}}', r"down\.FORM"), ('{"ACT": "fp4"}', "ACT"),
+    ('{"8": {"gate_up": {"num_warps": 3}}}', "num_warps")])
+def test_bad_config_refused(monkeypatch, env, match):
+    monkeypatch.setenv(stream.CONFIG_ENV, env)
+    with pytest.raises(ValueError, match=match):
+        stream.stream_config(8)
+
+
+def test_bad_max_slots_refused(monkeypatch):
+    monkeypatch.setenv(stream.MAX_SLOTS_ENV, "-1")
+    with pytest.raises(ValueError, match=stream.MAX_SLOTS_ENV):
+        stream.max_slots()
+
+
+def test_auto_takes_the_stream_path_by_size(monkeypatch, gen):
+    """TritonFP8Experts(path="auto") runs the streaming kernels up to small_max_slots slots
+    (float rows unquantised: no quantise launch) and the grouped path above."""
+    from rocm_moe.experts import triton_small
+    from rocm_moe.experts.triton_fp8 import TritonFP8Experts
+
+    assert TritonFP8Experts().small_max_slots == triton_small.FP8_SMALL_MAX_SLOTS
+    calls = []
+    real = stream.stream_fp8_experts
+    monkeypatch.setattr(stream, "stream_fp8_experts",
+                        lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
+    x, ids, w, fw, emap = _case(3, 2, 8, 1, 128, 128, "random", gen)
+    args = [t.to(DEVICE) for t in (x, ids, w)] + [fw.w13.to(DEVICE), fw.w2.to(DEVICE),
+                                                  emap.to(DEVICE)]
+    experts = TritonFP8Experts(small_max_slots=6)
+    assert experts.quantizes_rows(3, 2, None, None)
+    experts(*args, weight_mode="experts")
+    assert calls == [(3, 2)]
+    TritonFP8Experts(small_max_slots=5)(*args, weight_mode="experts")
+    assert calls == [(3, 2)]  # 6 slots > 5: grouped
