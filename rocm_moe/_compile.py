@@ -52,6 +52,13 @@ class Kernel:
     pointers: dict  # pointer argument -> "*bf16", "*i32", ... or f(constexprs) -> type
     launches: Callable[[str], list[Launch]]  # target name -> its launch configurations
     scalars: dict[str, str] = field(default_factory=dict)  # non-i32 scalar arguments
+    # Integer arguments that the served shapes pass as multiples of 16 (strides, H, I): with
+    # them and every pointer specialised as Triton's launcher does (16-byte aligned torch
+    # allocations, ints divisible by 16), its pipeliners multi-buffer the loads (cp.async /
+    # TMA on NVIDIA, the stream pipeliner's LDS buffers on AMD) and shared memory is counted
+    # as launched. Without it the FP8 experts compiled at 16-48 KiB of LDS on gfx942 where
+    # their launches need 69-164 KiB. Empty: no specialisation (counts can be low).
+    aligned: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -199,32 +206,55 @@ _FP8_PTRS = dict(x_ptr="*bf16", q_ptr=_fp8, s_ptr="*fp32", aq_ptr=_fp8, as_ptr="
                  num_padded_ptr="*i32")
 
 
+def _fp8_configs(target: str) -> list[tuple[dict, str]]:
+    """(config, origin) the FP8 experts would use on ``target``: every entry of its device in
+    the FP8 table (``experts.triton_fp8.fp8_config_table``) and the heuristic for that device
+    at the MODEL_SHAPES x MEAN_SLOTS (and a mean of 128)."""
+    from rocm_moe.experts.triton_fp8 import fp8_block_config, fp8_config_table
+
+    device = TARGETS[target][3]
+    out = [(cfg, f"table {hxi} bucket {b}")
+           for hxi, buckets in fp8_config_table().get(device, {}).items()
+           for b, cfg in buckets.items()]
+    for H, I, _, e in MODEL_SHAPES:
+        out += [(fp8_block_config(int(mean * e), e, device_name=device), f"{H}x{I} mean {mean:g}")
+                for mean in (*MEAN_SLOTS, 128.0)]
+    return out
+
+
 def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
-    """``experts.triton_fp8.fp8_block_config``'s launches at the MODEL_SHAPES x MEAN_SLOTS
-    (and a prefill mean of 256), FP8 matrix instructions (no upcast)."""
+    """``experts.triton_fp8``'s launches on the target (``_fp8_configs``), FP8 matrix
+    instructions (no upcast), the launch variants a config names (descriptors only where the
+    target loads through them)."""
     def launches(target: str) -> list[Launch]:
-        from rocm_moe.experts.triton_fp8 import PERSISTENT_MAX_BLOCK_M, fp8_block_config
+        from rocm_moe.experts.triton_fp8 import PERSISTENT_MAX_BLOCK_M
 
         fnuz = target == "gfx942"
         out = []
-        for H, I, _, e in MODEL_SHAPES:
-            for mean in (*MEAN_SLOTS, 128.0):
-                c = fp8_block_config(int(mean * e), e)
-                k = c["gate_up" if kernel == "gate_up" else "down"]
-                cx = dict(BLOCK_K=k["BLOCK_K"], BLOCK_M=c["BLOCK_M"], BLOCK_N=k["BLOCK_N"],
-                          UPCAST=False, PRECISE=False, DESC=False, WS=False, FLATTEN=False)
-                if kernel == "gate_up":
-                    cx.update(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6,
-                              ROUND=False)
-                persist = _persistent(target) if c["BLOCK_M"] <= PERSISTENT_MAX_BLOCK_M \
-                    else (False,)
-                variants = [dict(WEIGHTED=w, PERSISTENT=p) for w in (True, False)
-                            for p in persist] if kernel == "down" \
-                    else [dict(PERSISTENT=p) for p in persist]
-                out += [Launch(tuple(sorted({**cx, **v}.items())), k["num_warps"],
-                               k["num_stages"], f"{H}x{I} mean {mean:g}") for v in variants]
+        for c, origin in _fp8_configs(target):
+            k = c["gate_up" if kernel == "gate_up" else "down"]
+            cx = dict(BLOCK_K=k["BLOCK_K"], BLOCK_M=c["BLOCK_M"], BLOCK_N=k["BLOCK_N"],
+                      UPCAST=False, PRECISE=False, DESC=TARGETS[target][5] and bool(k.get("desc")),
+                      WS=bool(k.get("ws")), FLATTEN=bool(c.get("flatten")))
+            if kernel == "gate_up":
+                cx.update(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6,
+                          ROUND=False)
+            persist = _persistent(target) if c["BLOCK_M"] <= PERSISTENT_MAX_BLOCK_M else (False,)
+            if c.get("persistent"):
+                persist = tuple(p for p in persist if p) or (False,)
+            variants = [dict(WEIGHTED=w, PERSISTENT=p) for w in (True, False)
+                        for p in persist] if kernel == "down" \
+                else [dict(PERSISTENT=p) for p in persist]
+            out += [Launch(tuple(sorted({**cx, **v}.items())), k["num_warps"],
+                           k["num_stages"], origin) for v in variants]
         return out
     return launches
+
+
+def _fp8_desc(rows: str, ptr) -> Callable[[dict], str]:
+    """An FP8 operand of the FP8 experts: a descriptor of [``rows``, 128] tiles when DESC."""
+    return lambda c: f"tensordesc<{_fp8(c)[1:]}[{c[rows]}, 128]>" if c.get("DESC") else \
+        (ptr(c) if callable(ptr) else ptr)
 
 
 _MXFP4_PTRS = dict(x_ptr="*bf16", wb_ptr="*u8", ws_ptr="*u8", inter_ptr="*bf16",
@@ -422,9 +452,12 @@ KERNELS = [
     Kernel("rocm_moe._quant_triton:_quant_rows_kernel", _FP8_PTRS,
            lambda t: grid(GROUP=128, GPB=8, ROUND=False, MIN_EXP=-7 if t == "gfx942" else -6,
                           FP8_MAX=240.0 if t == "gfx942" else 448.0)(t)),
-    Kernel("rocm_moe.experts._triton_fp8:_fp8_gate_up_kernel", _FP8_PTRS,
-           _fp8_experts("gate_up")),
-    Kernel("rocm_moe.experts._triton_fp8:_fp8_down_kernel", _FP8_PTRS, _fp8_experts("down")),
+    Kernel("rocm_moe.experts._triton_fp8:_fp8_gate_up_kernel",
+           dict(_FP8_PTRS, w_ptr=_fp8_desc("BLOCK_N", _fp8)), _fp8_experts("gate_up"),
+           aligned=("H", "I", "stride_ar", "stride_wn", "stride_ip")),
+    Kernel("rocm_moe.experts._triton_fp8:_fp8_down_kernel",
+           dict(_FP8_PTRS, w_ptr=_fp8_desc("BLOCK_N", _fp8), iq_ptr=_fp8_desc("BLOCK_M", _fp8)),
+           _fp8_experts("down"), aligned=("H", "I", "stride_ip", "stride_wn", "stride_os")),
     Kernel("rocm_moe.experts._triton_small:_small_gate_up_kernel", _SMALL_PTRS,
            _small("gate_up")),
     Kernel("rocm_moe.experts._triton_small:_small_down_kernel", _SMALL_PTRS, _small("down")),
@@ -542,6 +575,14 @@ def signature(fn, kernel: Kernel, constexprs: dict, target: str = "") -> dict[st
 
 
 
+def aligned_attrs(fn, sig: dict[str, str], ints: tuple[str, ...] = ()) -> dict:
+    """Triton's specialisation of 16-byte aligned pointers and of integers divisible by 16
+    (``tt.divisibility`` 16), for every pointer of ``sig`` and the ``ints`` named:
+    ``{(index,): [["tt.divisibility", 16]], ...}``."""
+    return {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+            if sig[a].startswith("*") or a in ints}
+
+
 def _cubin_usage(cubin: bytes) -> tuple[int | None, int | None]:
     """(registers per thread, local memory bytes) from the wheel's cuobjdump."""
     import os
@@ -572,7 +613,9 @@ def compile_one(kernel: Kernel, target: str, launch: Launch) -> Compiled:
     fn = getattr(importlib.import_module(module), name)
     constexprs = dict(launch.constexprs)
     backend, arch, warp = TARGETS[target][:3]
-    src = ASTSource(fn, signature(fn, kernel, constexprs, target), constexprs)
+    sig = signature(fn, kernel, constexprs, target)
+    attrs = aligned_attrs(fn, sig, kernel.aligned) if kernel.aligned else None
+    src = ASTSource(fn, sig, constexprs, attrs)
     options = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
     ck = triton.compile(src, target=GPUTarget(backend, arch, warp), options=options)
     md = ck.metadata

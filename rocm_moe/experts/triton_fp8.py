@@ -34,6 +34,7 @@ from rocm_moe.experts.fp8 import FP8Experts
 from rocm_moe.experts.layout import build_layout
 from rocm_moe.experts.triton import (
     _bucket,
+    _is_amd,
     _on_amd,
     _operand,
     persistent_grid,
@@ -66,6 +67,17 @@ def _read_table(path: str) -> dict:
         return json.load(f)
 
 
+# AMD (MI300, gfx942) heuristic, by mean slots per expert: (BLOCK_M, gate/up (warps, stages),
+# down (BLOCK_N, warps, stages)). The NVIDIA tiles' shared memory does not fit gfx942's 64 KiB
+# of LDS once the loads are pipelined (every real launch: Triton's AMD stream pipeliner keeps
+# num_stages - 1 LDS buffers of 16-byte-aligned operands; 69-164 KiB at the NVIDIA configs,
+# rocm_moe/_compile.py, Triton 3.9), so: one buffer (2 stages), gate/up on 8 waves (BLOCK_N is
+# the 128-wide scale group: 34-48 KiB, 2 waves per SIMD), down on 8 waves at BLOCK_M 128 (2
+# waves per SIMD, 4 waves spill to one). UNTUNED on hardware: they compile and fit.
+AMD_FP8_CONFIGS = ((16, (16, (8, 2), (64, 4, 2))), (128, (64, (8, 2), (128, 4, 2))),
+                   (float("inf"), (128, (8, 2), (128, 8, 2))))
+
+
 def fp8_block_config(num_slots: int, num_local: int, *, num_experts: int | None = None,
                      device_name: str = "", hidden: int = 0, inter: int = 0) -> dict:
     """Launch config ``{"BLOCK_M", "gate_up": {...}, "down": {...}}`` by the expected slots per
@@ -73,10 +85,10 @@ def fp8_block_config(num_slots: int, num_local: int, *, num_experts: int | None 
     count, default ``num_local``). The tuned table's entry for (``device_name``, H x I, bucket)
     when it has one (above its largest bucket: that bucket's, the prefill tiles), else the
     heuristic: BLOCK_K is the scale group, 128; BLOCK_N 128 for gate/up, whose epilogue
-    quantises a whole group. Heuristic tuned on an H100 (bench/results/tune_experts_fp8_h100.*):
-    64-row tiles with 8 warps and 5 stages for gate/up from 32 to 128 slots per expert (1024
-    rows: 394 -> 313 us Qwen3, 689 -> 588 us DeepSeek-V3 rank-local), 128-row tiles above; the
-    other sizes gained under 2%."""
+    quantises a whole group; AMD devices their own (``AMD_FP8_CONFIGS``). Heuristic tuned on
+    an H100 (bench/results/tune_experts_fp8_h100.*): 64-row tiles with 8 warps and 5 stages
+    for gate/up from 32 to 128 slots per expert (1024 rows: 394 -> 313 us Qwen3, 689 -> 588 us
+    DeepSeek-V3 rank-local), 128-row tiles above; the other sizes gained under 2%."""
     mean = num_slots / max(num_experts or num_local, 1)
     buckets = fp8_config_table().get(device_name, {}).get(f"{hidden}x{inter}", {})
     bucket = _bucket(mean)
@@ -90,7 +102,9 @@ def fp8_block_config(num_slots: int, num_local: int, *, num_experts: int | None 
             raise ValueError(f"{table}, entry [{device_name!r}][{hidden}x{inter}][{bucket}]: "
                              f"{err}") from None
         return {k: dict(v) if isinstance(v, dict) else v for k, v in buckets[bucket].items()}
-    if mean <= 16:
+    if _is_amd(device_name):  # AMD_FP8_CONFIGS: fits gfx942's 64 KiB of LDS
+        block_m, gu, dn = next(c for m, c in AMD_FP8_CONFIGS if mean <= m)
+    elif mean <= 16:
         block_m, gu, dn = 16, (4, 3), (64, 4, 3)
     elif mean <= 128:
         block_m, gu, dn = 64, (8, 5), (128, 4, 4)

@@ -233,3 +233,32 @@ def test_bench_without_bf16_leaves_its_columns_empty(monkeypatch):
     assert len(calls) == 1  # the FP8 stage only
     assert row["bf16_time_us"] is row["rel_err_vs_bf16"] is row["fp8_speedup_over_bf16"] is None
     assert row["rel_err_vs_fp8_reference"] < 1e-2
+
+
+def test_amd_heuristic_keeps_one_lds_buffer():
+    """MI300's FP8 configs (``AMD_FP8_CONFIGS``): 2 stages (one LDS buffer of the pipelined
+    loads: 34-48 KiB of gfx942's 64 KiB, compiled in tests/test_compile_targets.py with the
+    launches' alignment); NVIDIA keeps its deeper pipelines."""
+    for slots in (8, 40 * 8, 1000 * 8):
+        amd = fp8_block_config(slots, 8, device_name="AMD Instinct MI300X")
+        nv = fp8_block_config(slots, 8, device_name="NVIDIA H100 80GB HBM3")
+        check_config(amd)
+        assert amd["BLOCK_M"] == nv["BLOCK_M"]
+        assert amd["gate_up"]["num_stages"] == amd["down"]["num_stages"] == 2
+        assert nv["gate_up"]["num_stages"] >= 3
+
+
+def test_compile_specialises_aligned_launch_arguments():
+    """``_compile.aligned_attrs``: every pointer and the named ints divisible by 16, as
+    Triton's launcher specialises a real launch (which sizes the pipelined shared memory)."""
+    from rocm_moe import _compile
+    from rocm_moe.experts._triton_fp8 import _fp8_down_kernel
+
+    kernel = next(k for k in _compile.KERNELS if k.name == "_fp8_down_kernel")
+    cx = dict(BLOCK_M=128, BLOCK_N=128, DESC=True)
+    sig = _compile.signature(_fp8_down_kernel, kernel, cx, "sm_90")
+    assert sig["iq_ptr"] == "tensordesc<fp8e4nv[128, 128]>"  # DESC: descriptors, not pointers
+    attrs = _compile.aligned_attrs(_fp8_down_kernel, sig, kernel.aligned)
+    names = {_fp8_down_kernel.arg_names[i] for (i,) in attrs}
+    assert {"is_ptr", "out_ptr", "weight_ptr", "H", "I", "stride_os"} <= names
+    assert not names & {"iq_ptr", "w_ptr", "N_SLOTS", "N_KB", "stride_is"}
