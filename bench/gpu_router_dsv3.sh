@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Issue 33's router target (<= 8 us at 1-128 tokens) on one GPU: bench/router_plans.py checks
 # every candidate plan of the Triton gate GEMM + router (tiles, splits of H, router rows /
-# warps, PDL) against the float64 GEMM, today's Triton router bits and the torch router, eager
-# and CUDA-graph replayed (exit 1 on any failure), and times gate + route, the GEMM alone and the
-# router alone for Qwen3-30B-A3B and DeepSeek-V3 at 1, 8, 64, 128 tokens (31 plans), then prints
-# the best plan per size; then bench/router.py's tables for both routers at 1, 8, 128 tokens with
-# today's defaults. About 2 minutes (100 + 80 s limits); "tests" as a third argument adds the
-# Triton gate's and router's GPU tests (150 s more).
+# warps, PDL, one fused launch) against the float64 GEMM, today's Triton router bits and the
+# torch router, eager and CUDA-graph replayed (exit 1 on any failure), and times gate + route,
+# the GEMM alone and the router alone for Qwen3-30B-A3B and DeepSeek-V3 at 1, 8, 64, 128 tokens
+# (35 plans), then prints the best plan per size; then bench/router.py's tables for both
+# routers at 1, 8, 128 tokens with today's defaults. About 2 minutes (100 + 80 s limits);
+# "tests" as a third argument adds the Triton gate's and router's GPU tests (150 s more).
 # Usage on the device machine, from the repository root:
 #   bash bench/gpu_router_dsv3.sh "$OUT" [tag] [tests]
 # Writes $OUT/machine_router_dsv3_<tag>.txt, router_plans_<tag>.{txt,json},
@@ -33,7 +33,7 @@ echo "== bench/router.py, today's defaults =="
 if [ "${3:-}" = tests ]; then
   echo "== GPU tests: the Triton gate + router =="
   timeout 150 python3 -m pytest -q -p no:cacheprovider -rfEs tests/test_gate_triton.py \
-    tests/test_routing_triton.py > "$OUT/tests_router_dsv3_$TAG.txt" 2>&1
+    tests/test_gate_plans.py tests/test_routing_triton.py > "$OUT/tests_router_dsv3_$TAG.txt" 2>&1
   echo "pytest exit $?" >> "$OUT/tests_router_dsv3_$TAG.txt"
   grep -E "^(FAILED|ERROR)|passed|failed|pytest exit" "$OUT/tests_router_dsv3_$TAG.txt" | tail -25
 fi

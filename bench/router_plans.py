@@ -5,7 +5,8 @@ tokens).
 
 For every (router, T, plan): the medians (us per call, ``--inner`` calls per graph, ``--replays``
 replays) of gate + route (``gate_route`` with the plan), of its GEMM alone (into the [S, T, E]
-workspace) and of its split-K router alone (on that workspace); then the best plan per size.
+workspace) and of its split-K router alone (on that workspace; for a ``fuse`` plan these two are
+its tiles as two launches, for comparison); then the best plan per size.
 
 Every plan is checked first, and the run exits 1 naming the failures (after the table):
 - the logits within 1e-6 of sum |x w| of the float64 GEMM (float32 logits), or within one
@@ -48,21 +49,23 @@ from rocm_moe.routing import _route_torch
 # (router, T) -> plan specs ("auto": gate_plan's choice today). DeepSeek-V3 at 64-128 tokens is
 # the one over 8 us (bench/results/router_gate_h100.txt: GEMM 5.7 + route 4.5 at T = 128): its
 # candidates trade the weight's re-reads (one per T tile), x's (one per expert tile) and the
-# [S, T, E] float32 partials (written by the GEMM, read by the router) against parallelism.
+# [S, T, E] float32 partials (written by the GEMM, read by the router) against parallelism;
+# "pdl" overlaps the router's launch with the GEMM, "fuse" drops the second launch (the last
+# GEMM program of each T tile routes its rows). 35 plans.
 PLANS: dict[tuple[str, int], tuple[str, ...]] = {
-    ("qwen3-30b-a3b", 1): ("auto", "pdl"),
-    ("qwen3-30b-a3b", 8): ("auto", "pdl"),
-    ("qwen3-30b-a3b", 64): ("auto", "pdl", "t64 e32 pdl"),
-    ("qwen3-30b-a3b", 128): ("auto", "pdl", "t64 e64 pdl", "t128 e32 pdl"),
-    ("deepseek-v3", 1): ("auto", "pdl", "e32 pdl", "pdl rw2"),
-    ("deepseek-v3", 8): ("auto", "pdl", "e32 pdl"),
-    ("deepseek-v3", 64): ("auto", "pdl", "t64 e64 s16", "t64 e64 s16 pdl", "t64 e32 s8 pdl"),
+    ("qwen3-30b-a3b", 1): ("auto", "pdl", "fuse"),
+    ("qwen3-30b-a3b", 8): ("auto", "pdl", "fuse"),
+    ("qwen3-30b-a3b", 64): ("auto", "pdl", "fuse"),
+    ("qwen3-30b-a3b", 128): ("auto", "pdl", "fuse", "t64 e64 pdl"),
+    ("deepseek-v3", 1): ("auto", "pdl", "fuse", "fuse rr1"),
+    ("deepseek-v3", 8): ("auto", "pdl", "fuse"),
+    ("deepseek-v3", 64): ("auto", "pdl", "t64 e64 s16 pdl", "fuse", "t16 e64 fuse"),
     ("deepseek-v3", 128): ("auto", "pdl", "t64 e64 s16", "t64 e64 s8", "t128 e64 s16",
-                           "t64 e128 s16 w8", "t128 e128 s8 w8", "t32 e64 s28",
-                           "t64 e64 s16 pdl", "t64 e64 s16 pdl rw2"),
+                           "t64 e128 s16 w8", "t64 e64 s16 pdl", "fuse", "t32 e64 w8 fuse",
+                           "t16 e64 fuse"),
 }
-SMOKE = {("deepseek-v3", 33): ("auto", "t64 e64 s4", "e32 rr2 rw2"),
-         ("qwen3-30b-a3b", 33): ("auto", "t64 e32 s2")}
+SMOKE = {("deepseek-v3", 33): ("auto", "t64 e64 s4", "e32 rr2 rw2", "t16 e64 fuse"),
+         ("qwen3-30b-a3b", 33): ("auto", "t64 e32 s2", "fuse")}
 
 
 def _case(name: str, T: int, device: torch.device, smoke: bool) -> dict:

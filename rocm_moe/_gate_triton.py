@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from rocm_moe._checks import error_message
-from rocm_moe._routing_triton import _grid_launch_dependents
+from rocm_moe._routing_triton import _grid_launch_dependents, _splitk_rows
 
 
 @triton.jit(do_not_specialize=["T", "KB_PER_SPLIT"])
@@ -55,6 +55,15 @@ def _gate_splitk_kernel(x_ptr, w_ptr, part_ptr, T, H, stride_xt, stride_we, KB_P
     Example: x [[1, 2]], w [[3, 4], [5, 6]], one split -> part [[[11, 17]]]."""
     if PDL:
         _grid_launch_dependents()
+    _partial_tile(x_ptr, w_ptr, part_ptr, T, H, stride_xt, stride_we, KB_PER_SPLIT, E, BLOCK_T,
+                  BLOCK_E, BLOCK_K, IEEE)
+
+
+@triton.jit
+def _partial_tile(x_ptr, w_ptr, part_ptr, T, H, stride_xt, stride_we, KB_PER_SPLIT,
+                  E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                  BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """``_gate_splitk_kernel``'s work for program (e tile, s, t tile): the partial stored."""
     pid_e = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -83,13 +92,51 @@ def _gate_splitk_kernel(x_ptr, w_ptr, part_ptr, T, H, stride_xt, stride_we, KB_P
     tl.store(out, acc, mask=t_in & (e[None, :] < E))
 
 
+@triton.jit(do_not_specialize=["T", "KB_PER_SPLIT", "S"])
+def _gate_route_kernel(x_ptr, w_ptr, part_ptr, count_ptr, bias_ptr, logits_ptr, wout_ptr,
+                       ids_ptr, T, H, stride_xt, stride_we, KB_PER_SPLIT, S, eps, scale,
+                       E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                       BLOCK_K: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr,
+                       SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                       K_TOPK: tl.constexpr, K_POW2: tl.constexpr, BW: tl.constexpr,
+                       N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, EPG: tl.constexpr,
+                       G_POW2: tl.constexpr, EPG_POW2: tl.constexpr, WARP: tl.constexpr,
+                       ROWS: tl.constexpr):
+    """Gate GEMM + router in one launch: program (e tile, s, t tile) stores its partial as
+    ``_gate_splitk_kernel`` does, then counts itself done on ``count[t tile]`` (int32, zero
+    before the launch; an acquire-release atomic after a barrier); the last of the tile's
+    (E tiles x S) programs sets the count back to zero and routes the tile's rows, ROWS at a
+    time, as ``_splitk_router_kernel`` does (the partials summed in the same fixed order: the
+    same bits), loading the partials past L1.
+
+    Example: x [[1, 2]], w [[3, 4], [5, 6]], one split, softmax, K = 1 -> logits [[11, 17]],
+    ids [[1]], count [0]."""
+    _partial_tile(x_ptr, w_ptr, part_ptr, T, H, stride_xt, stride_we, KB_PER_SPLIT, E, BLOCK_T,
+                  BLOCK_E, BLOCK_K, IEEE)
+    tl.debug_barrier()  # every thread's partial stored before the count (released by it)
+    pid_t = tl.program_id(2)
+    done = tl.atomic_add(count_ptr + pid_t, 1, sem="acq_rel", scope="gpu")
+    if done == tl.num_programs(0) * tl.num_programs(1) - 1:  # the tile's last program
+        tl.atomic_xchg(count_ptr + pid_t, 0, sem="relaxed", scope="gpu")
+        for c in tl.static_range(BLOCK_T // ROWS):
+            row0 = pid_t * BLOCK_T + c * ROWS
+            if row0 < T:
+                _splitk_rows(part_ptr, bias_ptr, logits_ptr, wout_ptr, ids_ptr, row0, T, S, eps,
+                             scale, ROUND, SIGMOID, HAS_BIAS, NORM, K_TOPK, K_POW2, BW,
+                             N_GROUP, TOPK_GROUP, EPG, G_POW2, EPG_POW2, WARP, ROWS, True,
+                             True)
+
+
 @dataclass(frozen=True, kw_only=True)
 class GatePlan:
     """Tiles and split of ``_gate_splitk_kernel`` for one call: ``splits`` S programs along H,
     each ``kb_per_split`` blocks of ``block_k``; and the split-K router's launch behind it:
     ``route_rows`` tokens per program (None: 1 on GPUs, 64 interpreted), ``route_warps``
     (None: ``_routing_triton.launch_config``'s), ``pdl`` (NVIDIA sm_90+: the router launched
-    as a programmatic dependent of the GEMM, so its launch overlaps the GEMM's tail). None of
+    as a programmatic dependent of the GEMM, so its launch overlaps the GEMM's tail); ``fuse``:
+    one launch (``_gate_route_kernel``: the last program of each T tile routes its rows,
+    ``route_rows`` at a time, default min(block_t, 8), with the GEMM's warps; pdl and
+    route_warps unused). None of
     the router's fields changes a bit of the result; the GEMM's change the order of the
     float32 additions only."""
 
@@ -103,6 +150,7 @@ class GatePlan:
     route_rows: int | None = None
     route_warps: int | None = None
     pdl: bool = False
+    fuse: bool = False
 
     def grid(self, T: int, E: int) -> tuple[int, int, int]:
         return (triton.cdiv(E, self.block_e), self.splits, triton.cdiv(T, self.block_t))
@@ -116,7 +164,7 @@ class GatePlan:
             out += f" rr{self.route_rows}"
         if self.route_warps:
             out += f" rw{self.route_warps}"
-        return out + (" pdl" if self.pdl else "")
+        return out + (" pdl" if self.pdl else "") + (" fuse" if self.fuse else "")
 
 
 def ieee(x_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
@@ -166,6 +214,22 @@ def gate_plan(T: int, E: int, H: int, *, ieee_fp32: bool, sms: int, amd: bool,
 
 
 PLAN_ENV = "ROCM_MOE_GATE_PLAN"  # a plan_from_spec string for every call (bench sweeps)
+# Measured plans by gate shape: (E, H) -> ((T_max, spec), ...) in increasing T_max; a call
+# with T <= T_max takes the first such spec (else gate_plan's). Filled from
+# bench/router_plans.py's "best plan per size" on an H100 (bench/gpu_router_dsv3.sh).
+TUNED: dict[tuple[int, int], tuple[tuple[int, str], ...]] = {}
+
+
+def default_spec(T: int, E: int, H: int) -> str:
+    """The spec ``gate_route`` uses without a plan: ``ROCM_MOE_GATE_PLAN`` if set, else the
+    ``TUNED`` entry of this (E, H) for T (measured on NVIDIA: not on ROCm), else ""
+    (``gate_plan``'s)."""
+    env = os.environ.get(PLAN_ENV)
+    if env is not None:
+        return env
+    if torch.version.hip is not None:
+        return ""
+    return next((spec for t_max, spec in TUNED.get((E, H), ()) if T <= t_max), "")
 _POW2_FIELDS = {"t": "block_t", "e": "block_e", "k": "block_k"}
 _INT_FIELDS = {"s": "splits", "w": "num_warps", "n": "num_stages", "rr": "route_rows",
                "rw": "route_warps"}
@@ -177,8 +241,8 @@ def _spec_fields(spec: str) -> dict:
     for word in spec.replace(",", " ").split():
         if word in ("auto", ""):
             continue
-        if word == "pdl":
-            fields["pdl"] = True
+        if word in ("pdl", "fuse"):
+            fields[word] = True
             continue
         key = word.rstrip("0123456789")
         num = word[len(key):]
@@ -187,7 +251,7 @@ def _spec_fields(spec: str) -> dict:
             raise ValueError(error_message(
                 "gate plan", repr(word), "must be t<int> e<int> k<int> (tiles), s<int> "
                 "(splits of H), w<int> n<int> (GEMM warps, stages), rr<int> rw<int> (router "
-                "rows per program, warps) or pdl", f"fix {PLAN_ENV} or the spec"))
+                "rows per program, warps), pdl or fuse", f"fix {PLAN_ENV} or the spec"))
         value = int(num)
         ok = {"block_t": (16, 256), "block_e": (16, 256), "block_k": (16, 512),
               "splits": (1, 1024), "num_warps": (1, 16), "num_stages": (1, 8),
@@ -225,7 +289,12 @@ def plan_from_spec(spec: str, T: int, E: int, H: int, *, ieee_fp32: bool, sms: i
         kb = triton.cdiv(n_kb, min(f["splits"], n_kb))
         plan = replace(plan, splits=triton.cdiv(n_kb, kb), kb_per_split=kb)
     rest = {k: v for k, v in f.items() if k not in ("block_t", "block_e", "block_k", "splits")}
-    return replace(plan, **rest)
+    plan = replace(plan, **rest)
+    if plan.fuse and (plan.route_rows or 1) > plan.block_t:
+        raise ValueError(error_message("gate plan route_rows", plan.route_rows, "must be <= "
+                                       f"block_t={plan.block_t} with fuse (rows of one T tile)",
+                                       "lower rr or raise t"))
+    return plan
 
 
 def gate_route(*, x_TH: torch.Tensor, weight_EH: torch.Tensor, config,
@@ -256,10 +325,12 @@ def gate_route(*, x_TH: torch.Tensor, weight_EH: torch.Tensor, config,
     out_dtype = torch.float32 if config.logits_in_float32 or x_TH.dtype == torch.float32 \
         else x_TH.dtype
     if plan is None:
-        plan = plan_from_spec(os.environ.get(PLAN_ENV, ""), T, E, H, ieee_fp32=fp32,
+        plan = plan_from_spec(default_spec(T, E, H), T, E, H, ieee_fp32=fp32,
                               sms=_sm_count(dev), amd=torch.version.hip is not None)
     part = torch.empty(plan.splits, T, E, dtype=torch.float32, device=dev)
     logits = torch.empty(T, E, dtype=out_dtype, device=dev)
+    if plan.fuse:
+        return _fused(x_TH, weight_EH, part, logits, plan, config, bias_E, warp), logits
     pdl = plan.pdl and dev.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
     if T > 0:
         gate_gemm(x_TH, weight_EH, part, plan, pdl=pdl)
@@ -279,3 +350,42 @@ def gate_gemm(x_TH: torch.Tensor, weight_EH: torch.Tensor, part_STE: torch.Tenso
         plan.kb_per_split, E=E, BLOCK_T=plan.block_t, BLOCK_E=plan.block_e,
         BLOCK_K=plan.block_k, IEEE=ieee(x_TH.dtype, weight_EH.dtype), PDL=pdl,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
+
+
+_COUNTS: dict = {}  # (device, stream) -> int32 zeros, one per T tile (each launch leaves zeros)
+
+
+def _counts(device: torch.device, n: int) -> torch.Tensor:
+    """The fused kernel's tile counters: zeros kept per (device, stream), so two launches that
+    may run at once (on two streams) never share one; a fresh zeroed tensor while a CUDA graph
+    is being captured without a big enough one (its memset is then part of the graph)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    have = _COUNTS.get(key)
+    if have is not None and have.numel() >= n:
+        return have
+    fresh = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        _COUNTS[key] = fresh
+    return fresh
+
+
+def _fused(x_TH, weight_EH, part, logits, plan: GatePlan, config, bias_E, warp):
+    """``_gate_route_kernel``: the GEMM and the router in one launch -> ``RoutingResult``."""
+    from rocm_moe._routing_triton import _ROUND, _launch, _scalars
+
+    (T, H), E = x_TH.shape, weight_EH.shape[0]
+    rows = plan.route_rows or min(plan.block_t, 8)
+    w, ids, _, kw = _launch(T, config, bias_E, x_TH.device, warp, rows, plan.num_warps)
+    kw.update(num_stages=plan.num_stages)
+    if T > 0:
+        grid = plan.grid(T, E)
+        _gate_route_kernel[grid](
+            x_TH, weight_EH, part, _counts(x_TH.device, grid[2]),
+            bias_E if bias_E is not None else part, logits, w, ids, T, H, x_TH.stride(0),
+            weight_EH.stride(0), plan.kb_per_split, plan.splits, *_scalars(config), E=E,
+            BLOCK_T=plan.block_t, BLOCK_E=plan.block_e, BLOCK_K=plan.block_k,
+            IEEE=ieee(x_TH.dtype, weight_EH.dtype), ROUND=_ROUND[logits.dtype], **kw)
+    from rocm_moe.routing import RoutingResult
+
+    return RoutingResult(topk_weights=w, topk_ids=ids)

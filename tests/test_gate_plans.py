@@ -1,8 +1,9 @@
 """The Triton gate GEMM + router's selectable plans (``rocm_moe._gate_triton.plan_from_spec``,
 ``ROCM_MOE_GATE_PLAN``; bench/router_plans.py sweeps them): the spec's worked example, refusals
 naming the field, the environment variable read by ``gate_route``, the router's rows / warps /
-PDL changing no bit of the result, and PDL compiled to ``griddepcontrol`` on sm_90 only where
-asked (float16/float32 under the interpreter; the GPU test in bf16 with a CUDA graph).
+PDL and the one-launch ``fuse`` changing no bit of the result, and PDL compiled to
+``griddepcontrol`` on sm_90 only where asked (float16/float32 under the interpreter; the GPU
+test in bf16 with a CUDA graph).
 """
 
 from __future__ import annotations
@@ -79,15 +80,14 @@ def _same(a, b) -> bool:
         torch.equal(ra.topk_weights, rb.topk_weights)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-def test_router_launch_fields_change_no_bit(gen, dtype):
+def test_router_launch_fields_change_no_bit(gen):
     """The same GEMM plan with other router rows / warps and PDL (ignored by the interpreter,
     a programmatic dependent launch on NVIDIA GPUs) gives the same bits; the plan from the
     environment is the one used."""
     from rocm_moe._gate_triton import PLAN_ENV, ieee, plan_from_spec
     from rocm_moe._gate_triton import gate_route as kernel
 
-    T, H = 9, 96
+    T, H, dtype = 9, 96, torch.float16
     x, w, bias = _inputs(T, H, dtype, gen)
     kw = dict(x_TH=x, weight_EH=w, config=DSV3, bias_E=bias)
     sms = 132 if DEVICE.type == "cuda" else 8
@@ -116,6 +116,79 @@ def test_router_launch_fields_change_no_bit(gen, dtype):
             os.environ.pop(PLAN_ENV, None)
         else:
             os.environ[PLAN_ENV] = old
+
+
+def test_tuned_table_and_environment(monkeypatch):
+    """``default_spec``: the environment variable first, then the TUNED entry of the gate's
+    (E, H) whose T_max covers T, else gate_plan's ("")."""
+    from rocm_moe import _gate_triton as gt
+
+    monkeypatch.delenv(gt.PLAN_ENV, raising=False)
+    monkeypatch.setattr(gt, "TUNED", {(256, 7168): ((8, "e32 pdl"), (128, "t64 e64 s16"))})
+    nvidia = torch.version.hip is None
+    assert gt.default_spec(1, 256, 7168) == ("e32 pdl" if nvidia else "")
+    assert gt.default_spec(9, 256, 7168) == ("t64 e64 s16" if nvidia else "")
+    assert gt.default_spec(129, 256, 7168) == ""
+    assert gt.default_spec(1, 128, 2048) == ""
+    monkeypatch.setenv(gt.PLAN_ENV, "t16")
+    assert gt.default_spec(1, 256, 7168) == "t16"
+
+
+def test_fused_worked_example():
+    """``_gate_route_kernel``'s docstring: one launch, logits [[11, 17]], ids [[1]], and the
+    tile counter back at zero."""
+    from rocm_moe._gate_triton import _COUNTS, plan_from_spec
+    from rocm_moe._gate_triton import gate_route as kernel
+
+    x = torch.tensor([[1.0, 2.0]], device=DEVICE)
+    w = torch.tensor([[3.0, 4.0], [5.0, 6.0]], device=DEVICE)
+    cfg = RouterConfig(num_experts=2, top_k=1, norm_topk_prob=False)
+    plan = plan_from_spec("fuse", 1, 2, 2, ieee_fp32=True, sms=8, amd=False)
+    r, logits = kernel(x_TH=x, weight_EH=w, config=cfg, plan=plan)
+    assert logits.tolist() == [[11.0, 17.0]]
+    assert r.topk_ids.tolist() == [[1]]
+    assert r.topk_weights.item() == pytest.approx(1 / (1 + math.exp(-6)), rel=1e-6)
+    assert _COUNTS
+    assert all(int(c.abs().sum()) == 0 for c in _COUNTS.values())
+
+
+# (router, T, dtype, spec): DeepSeek-V3's groups and bias, Qwen3's softmax and rounded logits,
+# a 3-group router with float32 operands; tiles of 16 / 32 rows routed 1-8 rows at a time.
+FUSED = [("dsv3", 33, torch.float16, "t16 e32 s2"), ("dsv3", 33, torch.float16, "t32 e64 s3 rr8"),
+         ("qwen3", 9, torch.float16, "t16 e64 s2 rr4"), ("g3", 17, torch.float32, "t16 e32 rr2")]
+CONFIGS = {"dsv3": DSV3, "qwen3": RouterConfig.qwen3_moe(128, 8),
+           "g3": RouterConfig.deepseek_v3(96, 5, n_group=3, topk_group=2)}
+
+
+@pytest.mark.parametrize(("name", "T", "dtype", "spec"), FUSED,
+                         ids=[f"{n}_T{T}_{s.replace(' ', '_')}" for n, T, _, s in FUSED])
+def test_fused_launch_same_bits(gen, name, T, dtype, spec):
+    """``fuse`` (the GEMM's last program per T tile routes its rows) gives the bits of the two
+    launches with the same GEMM plan, logits included, and leaves its counters at zero."""
+    from rocm_moe._gate_triton import _COUNTS, ieee, plan_from_spec
+    from rocm_moe._gate_triton import gate_route as kernel
+
+    cfg, H = CONFIGS[name], 96
+    x = torch.randn(T, H, generator=gen).to(dtype).to(DEVICE)
+    w = (torch.randn(cfg.num_experts, H, generator=gen) / 10).to(dtype).to(DEVICE)
+    bias = (torch.rand(cfg.num_experts, generator=gen) * 0.1).to(DEVICE) \
+        if cfg.scoring == "sigmoid" else None
+    kw = dict(x_TH=x, weight_EH=w, config=cfg, bias_E=bias)
+
+    def plan(s):
+        return plan_from_spec(s, T, cfg.num_experts, H, ieee_fp32=ieee(dtype, dtype), sms=8,
+                              amd=torch.version.hip is not None)
+
+    fused = plan(spec + " fuse")
+    assert fused.fuse
+    assert _same(kernel(**kw, plan=fused), kernel(**kw, plan=plan(spec)))
+    assert all(int(c.abs().sum()) == 0 for c in _COUNTS.values())
+
+
+def test_fused_rows_within_a_tile():
+    with pytest.raises(ValueError, match=r"route_rows.*32.*block_t=16"):
+        _plan("t16 rr32 fuse")
+    assert _plan("t16 rr32").route_rows == 32  # two launches: any rows per program
 
 
 _PDL_PROBE = """
@@ -162,20 +235,24 @@ def test_pdl_compiles_to_griddepcontrol_on_sm90():
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda" or torch.version.hip is not None,
                     reason="needs an NVIDIA GPU")
-def test_gpu_pdl_same_bits_and_captured(gen):
-    """bf16 at DeepSeek-V3's size, T = 1 / 64 / 128: the PDL launch pair gives the plain pair's
-    bits, eagerly and replayed from a CUDA graph on new hidden states."""
+def test_gpu_pdl_and_fused_same_bits_and_captured(gen):
+    """bf16 at DeepSeek-V3's size, T = 1 / 64 / 128: the PDL launch pair and the fused launch
+    give the plain pair's bits, eagerly and replayed (three times: the counters reset) from a
+    CUDA graph on new hidden states."""
     from rocm_moe._gate_triton import gate_route as kernel
 
     for T in (1, 64, 128):
         x, w, bias = _inputs(T, 7168, torch.bfloat16, gen)
         kw = dict(x_TH=x, weight_EH=w, config=DSV3, bias_E=bias)
         base = kernel(**kw, plan=_plan("t64 e64 s16", T))
-        pdl = _plan("t64 e64 s16 pdl", T)
-        assert _same(kernel(**kw, plan=pdl), base), T
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = kernel(**kw, plan=pdl)
-        x.copy_(torch.randn(x.shape, generator=gen).to(x))
-        graph.replay()
-        assert _same(out, kernel(**kw, plan=_plan("t64 e64 s16", T))), T
+        for spec in ("t64 e64 s16 pdl", "t64 e64 s16 fuse"):
+            plan = _plan(spec, T)
+            assert _same(kernel(**kw, plan=plan), base), (T, spec)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = kernel(**kw, plan=plan)
+            x.copy_(torch.randn(x.shape, generator=gen).to(x))
+            for _ in range(3):
+                graph.replay()
+            base = kernel(**kw, plan=_plan("t64 e64 s16", T))
+            assert _same(out, base), (T, spec)
