@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from rocm_moe.benchmarks.experts import SHAPES, _routing
-from rocm_moe.benchmarks.experts_fp8 import ceilings
+from rocm_moe.benchmarks.experts_fp8 import ceilings, expert_weights
 from rocm_moe.experts.fp8 import FP8ReferenceExperts, quantize_experts
 from rocm_moe.experts.triton import _bucket
 from rocm_moe.experts.triton_fp8 import (
@@ -73,6 +73,7 @@ GATE_UP = [  # (the heuristic's BLOCK_M 128 tiles without descriptors are the fi
     (64, _kernel(128, 8, 3), {}),
     (64, _kernel(128, 8, 5), {}),
     (64, _kernel(128, 4, 2), {"persistent": True}),
+    (64, _kernel(128, 4, 2), {"persistent": True, "flatten": True}),
 ]
 # the heuristic's down tiles at each BLOCK_M (``fp8_block_config``), for the gate/up pass
 HEURISTIC_DOWN = {64: _kernel(128, 4, 4, desc=False), 128: _kernel(128, 8, 4, desc=False)}
@@ -81,6 +82,7 @@ DOWN = [  # (the heuristic's, without descriptors, ran in the gate/up pass)
     _kernel(128, 8, 4),
     _kernel(128, 8, 3),
     _kernel(128, 4, 3),
+    _kernel(128, 4, 2),
     _kernel(128, 8, 2),
     _kernel(256, 8, 3),
     _kernel(256, 8, 2),
@@ -110,8 +112,7 @@ class Case:
         self.name, self.R, self.shape = name, R, shape
         x, ids, w, emap = _routing(shape, R, gen)
         e, H, I = emap.num_local, shape["H"], shape["I"]
-        fw = quantize_experts((torch.randn(e, 2 * I, H, generator=gen) / H**0.5).cuda(),
-                              (torch.randn(e, H, I, generator=gen) / I**0.5).cuda(),
+        fw = quantize_experts(*expert_weights(e, H, I, gen, x.device),
                               dtype=native_fp8_dtype("cuda"))
         self.args = (x, ids, w, fw.w13, fw.w2, emap)
         loc = emap.local_ids(ids)
