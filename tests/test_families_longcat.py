@@ -65,7 +65,9 @@ def _layer(block, dispatcher=None) -> EPMoE:
     with torch.no_grad():
         layer.gate.weight.copy_(block.router.classifier.weight)
         layer.e_score_correction_bias.copy_(block.router.e_score_correction_bias)
-        layer.load_experts(block.experts.gate_up_proj.detach(), block.experts.down_proj.detach())
+        E = block.experts.down_proj.shape[0]  # (transformers 5.17 also holds zero-expert rows
+        layer.load_experts(block.experts.gate_up_proj.detach()[:E],  # in gate_up_proj)
+                           block.experts.down_proj.detach())
     return layer
 
 
@@ -98,7 +100,7 @@ def test_parity_with_the_transformers_block(zero, T):
         x = torch.randn(1, H, generator=torch.Generator().manual_seed(5))  # a plain token
     with torch.no_grad():
         ref = block(x[None])[0]
-        _, _, ids_TK = block.router(x)
+        *_, ids_TK = block.router(x)  # (transformers 5.17: 2 outputs; 5.25: 3)
         out = layer(x)
     assert out.shape == x.shape
     assert rel_err(out, ref) <= 1e-5
@@ -146,7 +148,7 @@ def test_forward_routed_splits_the_zero_slots():
     layer = _layer(block)
     x = _tokens(5, u)
     with torch.no_grad():
-        _, w_TK, ids_TK = block.router(x)
+        w_TK, ids_TK = block.router(x)[-2:]  # (transformers 5.17: 2 outputs; 5.25: 3)
         ref = block(x[None])[0]
         out = layer.forward_routed(x, w_TK.float(), ids_TK.int())
         assert rel_err(out, ref) <= 1e-5
@@ -200,6 +202,20 @@ def test_weights_from_block_reads_the_nested_gate_and_bias():
         assert rel_err(layer(x), block(x[None])[0]) <= 1e-5
     with pytest.raises(ValueError, match=r"placement\.num_experts=10.*E=8"):
         hf.weights_from_block(block, cfg, Placement.contiguous(E_R + 2, 1), 0)
+    # transformers 5.17 holds gate_up_proj [E_r + Z, 2I, H] (rows for the zero experts, unused)
+    # beside down_proj [E_r, H, I]: the routed rows are read; any other count is refused
+    routed = block.experts.gate_up_proj.detach()[:E_R].clone()
+    for extra, ok in ((2, True), (1, False), (3, False)):
+        rows = torch.cat([routed, torch.randn(extra, *routed.shape[1:])])
+        block.experts.gate_up_proj = torch.nn.Parameter(rows)
+        if ok:
+            w = hf.weights_from_block(block, cfg, Placement.contiguous(E_R, 1), 0)
+            assert torch.equal(w.w13, routed)
+        else:
+            with pytest.raises(ValueError, match=rf"experts\.gate_up_proj\.shape\[0\]="
+                               rf"{E_R + extra}: must be down_proj's expert count E=8 or "
+                               rf"E \+ zero_expert_num = 10"):
+                hf.weights_from_block(block, cfg, Placement.contiguous(E_R, 1), 0)
 
 
 @pytest.mark.parametrize(("zero", "rule"), [(-1, "must lie in"), (10, "must lie in"),

@@ -591,7 +591,14 @@ def weights_from_block(block: nn.Module, config, placement: Placement,
     config = fam.text(config)
     check_activation(config, where="replace_moe_blocks")
     ex = block.experts
-    E = ex.gate_up_proj.shape[0]
+    E = ex.down_proj.shape[0]
+    zero = getattr(config, "zero_expert_num", None) or 0
+    if ex.gate_up_proj.shape[0] not in (E, E + zero):  # (transformers 5.17's LongCat-Flash
+        raise ValueError(error_message(                 # holds unused rows for its zero experts)
+            "experts.gate_up_proj.shape[0]", ex.gate_up_proj.shape[0],
+            f"must be down_proj's expert count E={E}"
+            + (f" or E + zero_expert_num = {E + zero}" if zero else ""),
+            "pass a block whose two expert tensors hold the same experts"))
     if placement.num_experts != E:
         raise ValueError(error_message(
             "dispatcher.placement.num_experts", placement.num_experts,
