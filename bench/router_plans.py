@@ -51,18 +51,18 @@ from rocm_moe.routing import _route_torch
 # candidates trade the weight's re-reads (one per T tile), x's (one per expert tile) and the
 # [S, T, E] float32 partials (written by the GEMM, read by the router) against parallelism;
 # "pdl" overlaps the router's launch with the GEMM, "fuse" drops the second launch (the last
-# GEMM program of each T tile routes its rows). 35 plans.
-PLANS: dict[tuple[str, int], tuple[str, ...]] = {
-    ("qwen3-30b-a3b", 1): ("auto", "pdl", "fuse"),
-    ("qwen3-30b-a3b", 8): ("auto", "pdl", "fuse"),
-    ("qwen3-30b-a3b", 64): ("auto", "pdl", "fuse"),
-    ("qwen3-30b-a3b", 128): ("auto", "pdl", "fuse", "t64 e64 pdl"),
-    ("deepseek-v3", 1): ("auto", "pdl", "fuse", "fuse rr1"),
-    ("deepseek-v3", 8): ("auto", "pdl", "fuse"),
-    ("deepseek-v3", 64): ("auto", "pdl", "t64 e64 s16 pdl", "fuse", "t16 e64 fuse"),
+# GEMM program of each T tile routes its rows). 34 plans.
+PLANS: dict[tuple[str, int], tuple[str, ...]] = {  # the missed target first
     ("deepseek-v3", 128): ("auto", "pdl", "t64 e64 s16", "t64 e64 s8", "t128 e64 s16",
                            "t64 e128 s16 w8", "t64 e64 s16 pdl", "fuse", "t32 e64 w8 fuse",
                            "t16 e64 fuse"),
+    ("deepseek-v3", 64): ("auto", "pdl", "t64 e64 s16 pdl", "fuse", "t16 e64 fuse"),
+    ("deepseek-v3", 8): ("auto", "pdl", "fuse"),
+    ("deepseek-v3", 1): ("auto", "pdl", "fuse"),
+    ("qwen3-30b-a3b", 128): ("auto", "pdl", "fuse", "t64 e64 pdl"),
+    ("qwen3-30b-a3b", 64): ("auto", "pdl", "fuse"),
+    ("qwen3-30b-a3b", 8): ("auto", "pdl", "fuse"),
+    ("qwen3-30b-a3b", 1): ("auto", "pdl", "fuse"),
 }
 SMOKE = {("deepseek-v3", 33): ("auto", "t64 e64 s4", "e32 rr2 rw2", "t16 e64 fuse"),
          ("qwen3-30b-a3b", 33): ("auto", "t64 e32 s2", "fuse")}
@@ -209,6 +209,22 @@ def best(rows: list) -> list[str]:
     return out
 
 
+def tuned(rows: list) -> list[str]:
+    """``_gate_triton.TUNED`` entries from the best plans (by the gate's (E, H))."""
+    shapes = {name: (rb.ROUTERS[name]["config"].num_experts, rb.ROUTERS[name]["H"])
+              for name in dict.fromkeys(r["router"] for r in rows)}
+    out = []
+    for name, shape in shapes.items():
+        picks = []
+        for T in sorted({r["T"] for r in rows if r["router"] == name}):
+            ok = [r for r in rows if r["router"] == name and r["T"] == T and r["ok"]
+                  and "gate+route us" in r]
+            if ok:
+                picks.append((T, min(ok, key=lambda r: r["gate+route us"])["spec"]))
+        out.append(f"    {shape}: {tuple(picks)},  # {name}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
@@ -227,6 +243,7 @@ def main() -> None:
           f"{args.inner} calls per CUDA graph)")
     rows, fails = run(plans, args.replays, args.inner, device, smoke)
     print("\n".join(["", "best plan per size (among plans that passed):", *best(rows)]))
+    print("\n".join(["_gate_triton.TUNED from these (T_max, spec):", *tuned(rows)]))
     print(f"({time.time() - t0:.0f} s)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

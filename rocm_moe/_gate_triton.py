@@ -118,13 +118,11 @@ def _gate_route_kernel(x_ptr, w_ptr, part_ptr, count_ptr, bias_ptr, logits_ptr, 
     done = tl.atomic_add(count_ptr + pid_t, 1, sem="acq_rel", scope="gpu")
     if done == tl.num_programs(0) * tl.num_programs(1) - 1:  # the tile's last program
         tl.atomic_xchg(count_ptr + pid_t, 0, sem="relaxed", scope="gpu")
-        for c in tl.static_range(BLOCK_T // ROWS):
-            row0 = pid_t * BLOCK_T + c * ROWS
-            if row0 < T:
-                _splitk_rows(part_ptr, bias_ptr, logits_ptr, wout_ptr, ids_ptr, row0, T, S, eps,
-                             scale, ROUND, SIGMOID, HAS_BIAS, NORM, K_TOPK, K_POW2, BW,
-                             N_GROUP, TOPK_GROUP, EPG, G_POW2, EPG_POW2, WARP, ROWS, True,
-                             True)
+        end = tl.minimum(pid_t * BLOCK_T + BLOCK_T, T)
+        for row0 in range(pid_t * BLOCK_T, end, ROWS):  # the tile's live rows, ROWS at a time
+            _splitk_rows(part_ptr, bias_ptr, logits_ptr, wout_ptr, ids_ptr, row0, T, S, eps,
+                         scale, ROUND, SIGMOID, HAS_BIAS, NORM, K_TOPK, K_POW2, BW, N_GROUP,
+                         TOPK_GROUP, EPG, G_POW2, EPG_POW2, WARP, ROWS, True, True)
 
 
 @dataclass(frozen=True, kw_only=True)
