@@ -350,22 +350,29 @@ def gate_gemm(x_TH: torch.Tensor, weight_EH: torch.Tensor, part_STE: torch.Tenso
         num_warps=plan.num_warps, num_stages=plan.num_stages)
 
 
-_COUNTS: dict = {}  # (device, stream) -> int32 zeros, one per T tile (each launch leaves zeros)
+RING_SLOTS, RING_TILES = 4096, 8  # the fused kernel's counters: launches x T tiles (T <= 128)
+_RINGS: dict = {}  # device -> (int32 zeros [RING_SLOTS * RING_TILES], itertools.count)
 
 
 def _counts(device: torch.device, n: int) -> torch.Tensor:
-    """The fused kernel's tile counters: zeros kept per (device, stream), so two launches that
-    may run at once (on two streams) never share one; a fresh zeroed tensor while a CUDA graph
-    is being captured without a big enough one (its memset is then part of the graph)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    have = _COUNTS.get(key)
-    if have is not None and have.numel() >= n:
-        return have
-    fresh = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
-    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-        _COUNTS[key] = fresh
-    return fresh
+    """Zeroed int32 counters for one fused launch of ``n`` T tiles. Each launch leaves its
+    counters at zero; a launch takes the next of RING_SLOTS slots of one zeroed block per
+    device, so launches that may run at once (two streams, two micro-batches captured in one
+    CUDA graph) use different counters unless RING_SLOTS launches apart. A fresh zeroed
+    tensor (its memset recorded with the launch) where ``n`` > RING_TILES or the block does
+    not exist yet while a CUDA graph is being captured."""
+    import itertools
+
+    key = str(device)
+    ring = _RINGS.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if n > RING_TILES or (ring is None and capturing):
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    if ring is None:
+        ring = _RINGS[key] = (torch.zeros(RING_SLOTS * RING_TILES, dtype=torch.int32,
+                                          device=device), itertools.count())
+    slot = next(ring[1]) % RING_SLOTS
+    return ring[0][slot * RING_TILES:(slot + 1) * RING_TILES]
 
 
 def _fused(x_TH, weight_EH, part, logits, plan: GatePlan, config, bias_E, warp):

@@ -137,7 +137,7 @@ def test_tuned_table_and_environment(monkeypatch):
 def test_fused_worked_example():
     """``_gate_route_kernel``'s docstring: one launch, logits [[11, 17]], ids [[1]], and the
     tile counter back at zero."""
-    from rocm_moe._gate_triton import _COUNTS, plan_from_spec
+    from rocm_moe._gate_triton import _RINGS, plan_from_spec
     from rocm_moe._gate_triton import gate_route as kernel
 
     x = torch.tensor([[1.0, 2.0]], device=DEVICE)
@@ -148,8 +148,8 @@ def test_fused_worked_example():
     assert logits.tolist() == [[11.0, 17.0]]
     assert r.topk_ids.tolist() == [[1]]
     assert r.topk_weights.item() == pytest.approx(1 / (1 + math.exp(-6)), rel=1e-6)
-    assert _COUNTS
-    assert all(int(c.abs().sum()) == 0 for c in _COUNTS.values())
+    assert _RINGS
+    assert all(int(ring.abs().sum()) == 0 for ring, _ in _RINGS.values())
 
 
 # (router, T, dtype, spec): DeepSeek-V3's groups and bias, Qwen3's softmax and rounded logits,
@@ -165,7 +165,7 @@ CONFIGS = {"dsv3": DSV3, "qwen3": RouterConfig.qwen3_moe(128, 8),
 def test_fused_launch_same_bits(gen, name, T, dtype, spec):
     """``fuse`` (the GEMM's last program per T tile routes its rows) gives the bits of the two
     launches with the same GEMM plan, logits included, and leaves its counters at zero."""
-    from rocm_moe._gate_triton import _COUNTS, ieee, plan_from_spec
+    from rocm_moe._gate_triton import _RINGS, ieee, plan_from_spec
     from rocm_moe._gate_triton import gate_route as kernel
 
     cfg, H = CONFIGS[name], 96
@@ -182,7 +182,30 @@ def test_fused_launch_same_bits(gen, name, T, dtype, spec):
     fused = plan(spec + " fuse")
     assert fused.fuse
     assert _same(kernel(**kw, plan=fused), kernel(**kw, plan=plan(spec)))
-    assert all(int(c.abs().sum()) == 0 for c in _COUNTS.values())
+    assert all(int(ring.abs().sum()) == 0 for ring, _ in _RINGS.values())
+
+
+def test_fused_counters(gen):
+    """Each fused launch takes the next slot of the device's zeroed block (launches that may
+    overlap use different counters); more T tiles than a slot holds get fresh zeros, and the
+    launch still gives the two launches' bits."""
+    from rocm_moe._gate_triton import RING_TILES, _counts, plan_from_spec
+    from rocm_moe._gate_triton import gate_route as kernel
+
+    a, b = _counts(DEVICE, 2), _counts(DEVICE, 2)
+    assert a.numel() == b.numel() == RING_TILES
+    assert a.data_ptr() != b.data_ptr()
+    assert _counts(DEVICE, RING_TILES + 1).numel() == RING_TILES + 1
+    cfg = RouterConfig(num_experts=16, top_k=2)
+    T = 16 * RING_TILES + 1
+    x = torch.randn(T, 32, generator=gen).to(DEVICE)
+    w = torch.randn(16, 32, generator=gen).to(DEVICE)
+
+    def plan(spec):
+        return plan_from_spec(spec, T, 16, 32, ieee_fp32=True, sms=8, amd=False)
+
+    kw = dict(x_TH=x, weight_EH=w, config=cfg)
+    assert _same(kernel(**kw, plan=plan("t16 e16 fuse rr16")), kernel(**kw, plan=plan("t16 e16")))
 
 
 def test_fused_rows_within_a_tile():
