@@ -48,11 +48,12 @@ def _k(form, bn, bk, warps, stages=1):
     return dict(FORM=form, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
-GATE_UP = [_k("slot", 16, 256, 4), _k("slot", 8, 512, 4), _k("slot", 32, 128, 4),
-           _k("slot", 16, 512, 8), _k("slot", 16, 256, 4, 3), _k("row", 16, 128, 8),
+# candidates: the default first (triton_small_fp8.DEFAULTS), then tiles / warps / stages / forms
+GATE_UP = [_k("slot", 16, 512, 8), _k("slot", 16, 256, 4), _k("slot", 8, 512, 4),
+           _k("slot", 32, 256, 8), _k("slot", 16, 512, 8, 3), _k("row", 16, 128, 8),
            _k("row", 8, 256, 8)]
-DOWN = [_k("row", 16, 128, 8), _k("row", 8, 256, 8), _k("row", 8, 128, 4),
-        _k("row", 32, 128, 16), _k("slot", 32, 256, 4), _k("slot", 16, 512, 4)]
+DOWN = [_k("row", 8, 256, 8), _k("row", 16, 128, 8), _k("row", 8, 128, 4),
+        _k("row", 4, 512, 8), _k("slot", 32, 256, 4), _k("slot", 16, 512, 4)]
 
 
 def _cfg(gate_up=None, down=None, act="fp8"):
