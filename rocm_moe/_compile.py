@@ -235,7 +235,8 @@ def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
             k = c["gate_up" if kernel == "gate_up" else "down"]
             cx = dict(BLOCK_K=k["BLOCK_K"], BLOCK_M=c["BLOCK_M"], BLOCK_N=k["BLOCK_N"],
                       UPCAST=False, PRECISE=False, DESC=TARGETS[target][5] and bool(k.get("desc")),
-                      WS=bool(k.get("ws")), FLATTEN=bool(c.get("flatten")))
+                      WS=bool(k.get("ws")), AHEAD=bool(k.get("ahead")),
+                      FLATTEN=bool(c.get("flatten")))
             if kernel == "gate_up":
                 cx.update(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6,
                           ROUND=False)
@@ -343,23 +344,23 @@ def _gate_gemm(target: str) -> list[Launch]:
 
 
 def _gate_route(target: str) -> list[Launch]:
-    """``_gate_triton._gate_route_kernel`` (gate_plan's tiles at 1 and 128 tokens with
-    ``fuse``) for DeepSeek-V3 (float32 logits) and Qwen3 (bf16 logits)."""
+    """``_gate_triton._gate_route_kernel`` (``fuse`` on gate_plan's tiles) for DeepSeek-V3
+    at 128 tokens (float32 logits, groups, bias) and Qwen3 at 1 token (bf16 logits, softmax);
+    two compiles per target (each ~10 s of CPU)."""
     from rocm_moe._gate_triton import gate_plan
     from rocm_moe._routing_triton import launch_config
     from rocm_moe.routing import RouterConfig
 
     out = []
-    for name, cfg, H, rnd in (("deepseek-v3", RouterConfig.deepseek_v3(), 7168, 0),
-                              ("qwen3", RouterConfig.qwen3_moe(), 2048, 1)):
+    for name, cfg, H, rnd, T in (("deepseek-v3", RouterConfig.deepseek_v3(), 7168, 0, 128),
+                                 ("qwen3", RouterConfig.qwen3_moe(), 2048, 1, 1)):
         c, _ = launch_config(cfg, has_bias=cfg.scoring == "sigmoid", warp=TARGETS[target][2])
-        for T in (1, 128):
-            p = gate_plan(T, cfg.num_experts, H, ieee_fp32=False, amd=target == "gfx942",
-                          sms=304 if target == "gfx942" else 132)
-            g = dict(E=cfg.num_experts, BLOCK_T=p.block_t, BLOCK_E=p.block_e,
-                     BLOCK_K=p.block_k, IEEE=False, ROUND=rnd, ROWS=min(p.block_t, 8))
-            out.append(Launch(tuple(sorted({**c, **g}.items())), p.num_warps, p.num_stages,
-                              f"{name} T={T} fuse"))
+        p = gate_plan(T, cfg.num_experts, H, ieee_fp32=False, amd=target == "gfx942",
+                      sms=304 if target == "gfx942" else 132)
+        g = dict(E=cfg.num_experts, BLOCK_T=p.block_t, BLOCK_E=p.block_e, BLOCK_K=p.block_k,
+                 IEEE=False, ROUND=rnd, ROWS=min(p.block_t, 8))
+        out.append(Launch(tuple(sorted({**c, **g}.items())), p.num_warps, p.num_stages,
+                          f"{name} T={T} fuse"))
     return out
 
 
