@@ -25,6 +25,15 @@ over experts), and the float32 sum is the only thing float32 about it:
 
 Not batch-invariant (S and the tiles follow T): ``invariant=True`` keeps the torch path
 (``invariant.linear_acc``). No host read: capturable in a CUDA graph.
+
+Plans (``GatePlan``; ``plan_from_spec`` reads them from a short spec such as "t64 e64 s16 pdl",
+``ROCM_MOE_GATE_PLAN`` sets one for every call, ``TUNED`` holds measured ones by gate shape,
+bench/router_plans.py sweeps them): the tiles and splits above; the router's rows and warps per
+program; ``pdl`` (NVIDIA sm_90+: the router launched as a programmatic dependent of the GEMM,
+``griddepcontrol``, so its launch overlaps the GEMM); ``fuse`` (one launch,
+``_gate_route_kernel``: each program counts itself done on its T tile's counter and the last
+one sums the tile's partials in the same order and routes its rows). The router's fields never
+change a bit; the GEMM's change only the order of the float32 additions.
 """
 
 from __future__ import annotations
