@@ -1,9 +1,10 @@
 """Tune the Triton FP8 experts' launch configs on this GPU, in one command (issues 18, 31).
 
-For each shape and size: whole-stage CUDA-graph replays (median, the benchmark's own measure)
-of the heuristic config, then of each GATE_UP candidate (BLOCK_M, gate/up tiles and the launch
-variants: tensor descriptors, warp specialisation, persistent and flattened tile loops; down at
-the heuristic's tiles for that BLOCK_M), then of each DOWN candidate with the best gate/up.
+For every shape and size at once: whole-stage CUDA-graph replays (median, the benchmark's own
+measure) of the heuristic config, then of each GATE_UP candidate (BLOCK_M, gate/up tiles and
+the launch variants: tensor descriptors, scales loaded a step ahead, warp specialisation,
+persistent and flattened tile loops; down at the heuristic's tiles for that BLOCK_M) on every
+size, then of each DOWN candidate with each size's best gate/up.
 Every candidate's output is checked against the FP8 torch reference (same quantisation) before
 it is timed; a wrong one is reported as WRONG and makes the run exit 1 at the end (a variant
 that does not compile or launch is reported and skipped). The best config per size is run once
@@ -48,44 +49,47 @@ WRONG_TOL = 1e-2  # bf16 output vs the FP8 reference (the GPU test's tolerance)
 PRECISE_TOL = 1e-3  # precise=True, float32 output (measured 2-3e-4 on an H100)
 
 
-def _kernel(bn: int, warps: int, stages: int, desc: bool = True, ws: bool = False) -> dict:
+def _kernel(bn: int, warps: int, stages: int, *, desc: bool = True, ahead: bool = True,
+            ws: bool = False) -> dict:
     k = dict(BLOCK_N=bn, BLOCK_K=128, num_warps=warps, num_stages=stages)
-    if desc:
-        k["desc"] = True
-    if ws:
-        k["ws"] = True
+    k.update({f: True for f, on in (("desc", desc), ("ahead", ahead), ("ws", ws)) if on})
     return k
 
 
-# (BLOCK_M, gate/up kernel, top-level variant keys). Registers: the gate/up tile holds two
-# BLOCK_M x 128 float32 accumulators (255 registers at 128 x 8 warps, none spilled on sm_90);
-# shared memory: 48 KiB a stage at BLOCK_M 128 (4 stages fit the H100's 227 KiB), 40 KiB at 64
-# (2 stages: two programs per SM, whose MMAs and rescaling interleave).
-GATE_UP = [  # (the heuristic's BLOCK_M 128 tiles without descriptors are the first row)
+# (BLOCK_M, gate/up kernel, top-level variant keys), most promising first (a time budget cuts
+# the tail). Registers: the gate/up tile holds two BLOCK_M x 128 float32 accumulators (255
+# registers at 128 x 8 warps, none spilled on sm_90: one program per SM); shared memory: 48 KiB
+# a stage at BLOCK_M 128 (4 stages fit the H100's 227 KiB), 40 KiB at 64 (4 warps x 2 stages:
+# two programs per SM, whose MMAs, rescaling and epilogues interleave).
+GATE_UP = [
     (128, _kernel(128, 8, 3), {}),
-    (128, _kernel(128, 8, 4), {}),
-    (128, _kernel(128, 8, 2), {}),
-    (128, _kernel(128, 8, 3, ws=True), {}),
-    (128, _kernel(128, 8, 3), {"persistent": True}),
-    (128, _kernel(128, 8, 3), {"persistent": True, "flatten": True}),
     (64, _kernel(128, 4, 2), {}),
-    (64, _kernel(128, 4, 3), {}),
-    (64, _kernel(128, 8, 3), {}),
-    (64, _kernel(128, 8, 5), {}),
-    (64, _kernel(128, 4, 2), {"persistent": True}),
+    (128, _kernel(128, 8, 3, desc=False), {}),
+    (128, _kernel(128, 8, 3, ahead=False), {}),
+    (128, _kernel(128, 8, 4), {}),
+    (128, _kernel(128, 8, 3), {"persistent": True, "flatten": True}),
     (64, _kernel(128, 4, 2), {"persistent": True, "flatten": True}),
+    (64, _kernel(128, 8, 3), {}),
+    (128, _kernel(128, 8, 2), {}),
+    (64, _kernel(128, 4, 3), {}),
+    (128, _kernel(128, 8, 3), {"persistent": True}),
+    (128, _kernel(128, 8, 3, ws=True), {}),
+    (64, _kernel(128, 8, 5), {}),
 ]
 # the heuristic's down tiles at each BLOCK_M (``fp8_block_config``), for the gate/up pass
-HEURISTIC_DOWN = {64: _kernel(128, 4, 4, desc=False), 128: _kernel(128, 8, 4, desc=False)}
-# down kernels (BLOCK_N 256: two weight-scale blocks per tile, the outer-product scale)
-DOWN = [  # (the heuristic's, without descriptors, ran in the gate/up pass)
+HEURISTIC_DOWN = {64: _kernel(128, 4, 4, desc=False, ahead=False),
+                  128: _kernel(128, 8, 4, desc=False, ahead=False)}
+# down kernels with the best gate/up (BLOCK_N 256: two weight-scale blocks, the outer-product
+# scale; 4 warps x 2-3 stages at 128 x 128: two programs per SM)
+DOWN = [
     _kernel(128, 8, 4),
+    _kernel(256, 8, 3),
+    _kernel(128, 4, 2),
+    _kernel(128, 8, 4, ahead=False),
     _kernel(128, 8, 3),
     _kernel(128, 4, 3),
-    _kernel(128, 4, 2),
-    _kernel(128, 8, 2),
-    _kernel(256, 8, 3),
     _kernel(256, 8, 2),
+    _kernel(128, 8, 2),
     _kernel(64, 4, 3),
     _kernel(128, 8, 4, ws=True),
 ]
@@ -97,11 +101,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _label(cfg: dict) -> str:
     def k(c):
-        flags = "".join(f for f, on in (("d", c.get("desc")), ("w", c.get("ws"))) if on)
+        flags = "".join(f for f, on in (("d", c.get("desc")), ("a", c.get("ahead")),
+                                         ("w", c.get("ws"))) if on)
         return f"{c['BLOCK_N']}w{c['num_warps']}s{c['num_stages']}{flags}"
     top = "".join(f for f, on in (("P", cfg.get("persistent")), ("F", cfg.get("flatten")))
                   if on)
     return f"M{cfg['BLOCK_M']} gu {k(cfg['gate_up'])} dn {k(cfg['down'])} {top}".rstrip()
+    # (e.g. "M128 gu 128w8s3da dn 256w8s3da PF": descriptors, scales ahead, persistent, flat)
 
 
 class Case:
@@ -159,29 +165,39 @@ def _print(row: dict, ceil: dict) -> None:
           f"{row['rel_err']:.1e}", flush=True)
 
 
-def tune_case(case: Case, ceil: dict, rep_ms: int, deadline: float) -> tuple[dict, list]:
-    rows = [measure(case, case.heuristic, rep_ms)]
-    _print(rows[-1], ceil)
+def tune(cases: list[Case], ceil: dict, rep_ms: int, deadline: float) -> list[list[dict]]:
+    """Every case's rows: the heuristic, each GATE_UP candidate on every case (its down tiles
+    the heuristic's for its BLOCK_M; compiled once), then each DOWN candidate with each case's
+    best gate/up. Candidates past ``deadline`` are skipped (said once)."""
+    rows = [[measure(c, c.heuristic, rep_ms)] for c in cases]
+    for r in rows:
+        _print(r[-1], ceil)
 
-    def best() -> dict:
-        ok = [r for r in rows if r["status"] == "ok"]
-        return min(ok, key=lambda r: r["us"]) if ok else rows[0]
+    def best(r: list[dict]) -> dict:
+        ok = [x for x in r if x["status"] == "ok"]
+        return min(ok, key=lambda x: x["us"]) if ok else r[0]
+
+    def late() -> bool:
+        if time.monotonic() > deadline:
+            print("  (time budget spent: the remaining candidates skipped)", flush=True)
+            return True
+        return False
 
     for block_m, gu, top in GATE_UP:
-        if time.monotonic() > deadline:
-            print("  (time budget spent: the remaining candidates skipped)", flush=True)
+        if late():
             break
         cfg = dict(BLOCK_M=block_m, gate_up=gu, down=HEURISTIC_DOWN[block_m], **top)
-        rows.append(measure(case, cfg, rep_ms))
-        _print(rows[-1], ceil)
-    base = best()["config"]
+        for c, r in zip(cases, rows, strict=True):
+            r.append(measure(c, cfg, rep_ms))
+            _print(r[-1], ceil)
+    bases = [best(r)["config"] for r in rows]
     for dn in DOWN:
-        if time.monotonic() > deadline:
-            print("  (time budget spent: the remaining candidates skipped)", flush=True)
+        if late():
             break
-        rows.append(measure(case, dict(base, down=dn), rep_ms))
-        _print(rows[-1], ceil)
-    return best(), rows
+        for c, r, base in zip(cases, rows, bases, strict=True):
+            r.append(measure(c, dict(base, down=dn), rep_ms))
+            _print(r[-1], ceil)
+    return rows
 
 
 def main() -> int:
@@ -194,8 +210,7 @@ def main() -> int:
     p.add_argument("--sizes", nargs="+", type=int, default=None)
     p.add_argument("--rep-ms", type=int, default=20)
     p.add_argument("--budget-s", type=float, default=1e9,
-                   help="stop trying candidates after this many seconds (per shape and size, "
-                        "shared evenly)")
+                   help="start no candidate after this many seconds (the rest are skipped)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         p.error("needs a GPU (torch.cuda.is_available() is False)")
@@ -209,27 +224,24 @@ def main() -> int:
           flush=True)
     print(f"  {'shape':5} {'rows':>6} {'config':44} {'us':>9} {'TFLOP/s':>8} {'t/floor':>7} "
           f"{'ceiling':>7} rel err", flush=True)
-    cases = [(n, R) for n in a.shapes for R in (a.sizes or DEFAULT_SIZES[n])]
+    cases = [Case(n, R, ceil, gen) for n in a.shapes for R in (a.sizes or DEFAULT_SIZES[n])]
     table = json.loads(a.base.read_text()) if a.base.exists() else {}
     all_rows, bests, wrong = [], [], False
-    for i, (name, R) in enumerate(cases):
-        case = Case(name, R, ceil, gen)
-        left = a.budget_s - (time.monotonic() - t0)
-        deadline = time.monotonic() + max(0.0, left / (len(cases) - i))
-        best, rows = tune_case(case, ceil, a.rep_ms, deadline)
+    for case, rows in zip(cases, tune(cases, ceil, a.rep_ms, t0 + a.budget_s), strict=True):
         wrong |= any(r["status"] == "WRONG" for r in rows)
+        ok = [r for r in rows if r["status"] == "ok"]
+        best = min(ok, key=lambda r: r["us"]) if ok else rows[0]
         precise = None
         if best["status"] == "ok":
             precise = _rel(case.run(best["config"], precise=True, out_dtype=torch.float32),
                            case.ref)
-            wrong |= not precise < PRECISE_TOL
-            table.setdefault(device, {}).setdefault(case.key[0], {})[case.key[1]] = \
-                best["config"]
-        heur = rows[0]
-        bests.append((case, best, heur, precise))
+            if precise < PRECISE_TOL:
+                table.setdefault(device, {}).setdefault(case.key[0], {})[case.key[1]] = \
+                    best["config"]
+            else:
+                wrong = True
+        bests.append((case, best, rows[0], precise))
         all_rows += rows
-        del case
-        torch.cuda.empty_cache()
     print("# best per size (heuristic -> best; precise: precise=True float32 vs reference)")
     for case, best, heur, precise in bests:
         if best["status"] != "ok":

@@ -16,7 +16,9 @@ the down GEMM's intermediate rows, which are contiguous per block) through tenso
 (TMA on Hopper; the gathered activation rows stay pointer loads); ``WS``: the K loop as
 ``tl.range(..., warp_specialize=True)`` (Hopper/Blackwell warp specialisation, where the
 installed Triton accepts it); ``FLATTEN``: the persistent tile loop as ``tl.range(...,
-flatten=True)`` (tile epilogues overlapped with the next tile's loads); the down GEMM's BLOCK_N
+flatten=True)`` (tile epilogues overlapped with the next tile's loads); ``AHEAD``: each K
+step's scales loaded one step ahead (Triton's pipeliner prefetches only the dot operands: the
+scale loads otherwise stall every step on their latency); the down GEMM's BLOCK_N
 may be 256 (two weight-scale blocks: the scale product becomes a [BLOCK_M, BLOCK_N] outer
 product, computed once per K step). Every variant computes the same sums in the same order.
 """
@@ -42,23 +44,30 @@ def _fp8_dot(a, b, acc, scale, UPCAST: tl.constexpr, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _fp8_gate_up_scales(kb, as_ptr, row, valid, ws_g, ws_u, stride_as):
+    """K step ``kb``'s scales of the gate/up tile: the rows' [BLOCK_M], the gate and the up
+    weight block's (scalars); multiplied where they are used (``_fp8_gate_up_step``), so a
+    load issued a step ahead is not waited for at once."""
+    return (tl.load(as_ptr + row * stride_as + kb, mask=valid, other=0.0), tl.load(ws_g + kb),
+            tl.load(ws_u + kb))
+
+
+@triton.jit
 def _fp8_gate_up_step(
-    kb, acc_g, acc_u, aq_ptr, as_ptr, w_ptr, ws_g, ws_u, row, valid, n0, n_ok, H, I,
-    stride_ar, stride_as, stride_wn,
-    UPCAST: tl.constexpr, PRECISE: tl.constexpr, DESC: tl.constexpr,
+    kb, acc_g, acc_u, a_s, w_g, w_u, aq_ptr, w_ptr, row, valid, n0, n_ok, H, I, stride_ar,
+    stride_wn, UPCAST: tl.constexpr, PRECISE: tl.constexpr, DESC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One 128-wide K step of the gate/up tile: both partial products, each scaled by (row
-    scale) x (weight block scale), that product computed once for the step."""
+    scale ``a_s``) x (its weight block's, ``w_g`` / ``w_u``), that product computed once."""
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < H
     a = tl.load(aq_ptr + row[:, None] * stride_ar + offs_k[None, :],
                 mask=valid[:, None] & k_ok[None, :], other=0.0)
-    a_s = tl.load(as_ptr + row * stride_as + kb, mask=valid, other=0.0)
     g = _w_tile(w_ptr, n0, n_ok, kb * BLOCK_K, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
     u = _w_tile(w_ptr, n0 + I, n_ok, kb * BLOCK_K, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
-    acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * tl.load(ws_g + kb), UPCAST, PRECISE)
-    acc_u = _fp8_dot(a, u, acc_u, a_s[:, None] * tl.load(ws_u + kb), UPCAST, PRECISE)
+    acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * w_g, UPCAST, PRECISE)
+    acc_u = _fp8_dot(a, u, acc_u, a_s[:, None] * w_u, UPCAST, PRECISE)
     return acc_g, acc_u
 
 
@@ -68,7 +77,7 @@ def _fp8_gate_up_tile(
     N_SLOTS, H, I, K_TOPK, N_KB,
     stride_ar, stride_as, stride_wn, stride_wse, stride_wsn, stride_ip, stride_is,
     UPCAST: tl.constexpr, PRECISE: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
-    MIN_EXP: tl.constexpr, DESC: tl.constexpr, WS: tl.constexpr,
+    MIN_EXP: tl.constexpr, DESC: tl.constexpr, WS: tl.constexpr, AHEAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(
@@ -83,14 +92,25 @@ def _fp8_gate_up_tile(
     ws_u = ws_g + (I // 128) * stride_wsn
     if WS:  # (a constexpr branch: Triton releases without warp_specialize never see it)
         for kb in tl.range(0, N_KB, warp_specialize=True):
+            a_s, w_g, w_u = _fp8_gate_up_scales(kb, as_ptr, row, valid, ws_g, ws_u, stride_as)
             acc_g, acc_u = _fp8_gate_up_step(
-                kb, acc_g, acc_u, aq_ptr, as_ptr, w_ptr, ws_g, ws_u, row, valid, n0, n_ok, H,
-                I, stride_ar, stride_as, stride_wn, UPCAST, PRECISE, DESC, BLOCK_N, BLOCK_K)
+                kb, acc_g, acc_u, a_s, w_g, w_u, aq_ptr, w_ptr, row, valid, n0, n_ok, H, I,
+                stride_ar, stride_wn, UPCAST, PRECISE, DESC, BLOCK_N, BLOCK_K)
+    elif AHEAD:  # the scales' loads one K step ahead of their use (their latency hidden)
+        a_s, w_g, w_u = _fp8_gate_up_scales(0, as_ptr, row, valid, ws_g, ws_u, stride_as)
+        for kb in range(0, N_KB):
+            n_a, n_g, n_u = _fp8_gate_up_scales(tl.minimum(kb + 1, N_KB - 1), as_ptr, row,
+                                                valid, ws_g, ws_u, stride_as)
+            acc_g, acc_u = _fp8_gate_up_step(
+                kb, acc_g, acc_u, a_s, w_g, w_u, aq_ptr, w_ptr, row, valid, n0, n_ok, H, I,
+                stride_ar, stride_wn, UPCAST, PRECISE, DESC, BLOCK_N, BLOCK_K)
+            a_s, w_g, w_u = n_a, n_g, n_u
     else:
         for kb in range(0, N_KB):
+            a_s, w_g, w_u = _fp8_gate_up_scales(kb, as_ptr, row, valid, ws_g, ws_u, stride_as)
             acc_g, acc_u = _fp8_gate_up_step(
-                kb, acc_g, acc_u, aq_ptr, as_ptr, w_ptr, ws_g, ws_u, row, valid, n0, n_ok, H,
-                I, stride_ar, stride_as, stride_wn, UPCAST, PRECISE, DESC, BLOCK_N, BLOCK_K)
+                kb, acc_g, acc_u, a_s, w_g, w_u, aq_ptr, w_ptr, row, valid, n0, n_ok, H, I,
+                stride_ar, stride_wn, UPCAST, PRECISE, DESC, BLOCK_N, BLOCK_K)
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     amax = tl.maximum(tl.max(tl.abs(h), axis=1), 1e-10)
     s = tl.div_rn(amax, amax * 0.0 + FP8_MAX)
@@ -110,6 +130,7 @@ def _fp8_gate_up_kernel(
     MIN_EXP: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DESC: tl.constexpr = False, WS: tl.constexpr = False, FLATTEN: tl.constexpr = False,
+    AHEAD: tl.constexpr = False,
 ):
     """iq[p], is[p] = quantise(silu(a[row(p)] @ gate[e].T) * (a[row(p)] @ up[e].T)) for the
     padded slot positions p of one block (one local expert e). ``aq`` [R, H] FP8 rows with
@@ -125,44 +146,54 @@ def _fp8_gate_up_kernel(
                     t, aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr,
                     block_expert_ptr, N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as,
                     stride_wn, stride_wse, stride_wsn, stride_ip, stride_is, UPCAST, PRECISE,
-                    FP8_MAX, ROUND, MIN_EXP, DESC, WS, BLOCK_M, BLOCK_N, BLOCK_K)
+                    FP8_MAX, ROUND, MIN_EXP, DESC, WS, AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
         else:
             for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
                 _fp8_gate_up_tile(
                     t, aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr,
                     block_expert_ptr, N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as,
                     stride_wn, stride_wse, stride_wsn, stride_ip, stride_is, UPCAST, PRECISE,
-                    FP8_MAX, ROUND, MIN_EXP, DESC, WS, BLOCK_M, BLOCK_N, BLOCK_K)
+                    FP8_MAX, ROUND, MIN_EXP, DESC, WS, AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         _fp8_gate_up_tile(
             tl.program_id(0), aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr,
             block_expert_ptr, N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as, stride_wn,
             stride_wse, stride_wsn, stride_ip, stride_is, UPCAST, PRECISE, FP8_MAX, ROUND,
-            MIN_EXP, DESC, WS, BLOCK_M, BLOCK_N, BLOCK_K)
+            MIN_EXP, DESC, WS, AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _fp8_down_scales(kb, is_ptr, ws, p64, offs_n, n_ok, stride_is, stride_wsn,
+                     BLOCK_N: tl.constexpr):
+    """K step ``kb``'s scales of the down tile: the rows' [BLOCK_M] and the weights' (BLOCK_N
+    <= 128: the tile's one block, a scalar; 256: each column's block, [BLOCK_N])."""
+    a_s = tl.load(is_ptr + p64 * stride_is + kb)
+    if BLOCK_N > 128:
+        w_s = tl.load(ws + (offs_n // 128) * stride_wsn + kb, mask=n_ok, other=0.0)
+    else:
+        w_s = tl.load(ws + kb)
+    return a_s, w_s
 
 
 @triton.jit
 def _fp8_down_step(
-    kb, acc, iq_ptr, is_ptr, w_ptr, ws, p0, p64, n0, offs_n, n_ok, stride_ip, stride_is,
-    stride_wn, stride_wsn, UPCAST: tl.constexpr, PRECISE: tl.constexpr, DESC: tl.constexpr,
+    kb, acc, a_s, w_s, iq_ptr, w_ptr, p0, p64, n0, n_ok, stride_ip, stride_wn,
+    UPCAST: tl.constexpr, PRECISE: tl.constexpr, DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One 128-wide K step of the down tile. BLOCK_N <= 128: one weight-scale block per step
-    (a scalar); 256: a scale per column (its block's), the product with the row scales an
-    outer product."""
+    """One 128-wide K step of the down tile, scaled by a_s x w_s (``_fp8_down_scales``; 256
+    columns: an outer product, computed once for the step)."""
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     if DESC:
         a = iq_ptr.load([p0, kb * BLOCK_K])
     else:
         a = tl.load(iq_ptr + p64[:, None] * stride_ip + offs_k[None, :])
-    a_s = tl.load(is_ptr + p64 * stride_is + kb)
     b = _w_tile(w_ptr, n0, n_ok, kb * BLOCK_K, offs_k, tl.full(offs_k.shape, 1, tl.int1),
                 stride_wn, DESC, BLOCK_N)  # (I % 128 == 0: no K bound)
-    if BLOCK_N > 128:
-        w_s = tl.load(ws + (offs_n // 128) * stride_wsn + kb, mask=n_ok, other=0.0)
+    if BLOCK_N > 128:  # noqa: SIM108 (a constexpr branch)
         scale = a_s[:, None] * w_s[None, :]
     else:
-        scale = a_s[:, None] * tl.load(ws + kb)
+        scale = a_s[:, None] * w_s
     return _fp8_dot(a, b, acc, scale, UPCAST, PRECISE)
 
 
@@ -172,7 +203,8 @@ def _fp8_down_tile(
     N_SLOTS, H, I, N_KB,
     stride_ip, stride_is, stride_wn, stride_wse, stride_wsn, stride_os,
     WEIGHTED: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr, DESC: tl.constexpr,
-    WS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WS: tl.constexpr, AHEAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(
         t, block_expert_ptr, sorted_ptr, N_SLOTS, H, BLOCK_M, BLOCK_N)
@@ -187,14 +219,28 @@ def _fp8_down_tile(
         ws += (n_start // 128) * stride_wsn
     if WS:  # (a constexpr branch: Triton releases without warp_specialize never see it)
         for kb in tl.range(0, N_KB, warp_specialize=True):
-            acc = _fp8_down_step(kb, acc, iq_ptr, is_ptr, w_ptr, ws, p0, p64, n0, offs_n, n_ok,
-                                 stride_ip, stride_is, stride_wn, stride_wsn, UPCAST, PRECISE,
-                                 DESC, BLOCK_M, BLOCK_N, BLOCK_K)
+            a_s, w_s = _fp8_down_scales(kb, is_ptr, ws, p64, offs_n, n_ok, stride_is,
+                                        stride_wsn, BLOCK_N)
+            acc = _fp8_down_step(kb, acc, a_s, w_s, iq_ptr, w_ptr, p0, p64, n0, n_ok,
+                                 stride_ip, stride_wn, UPCAST, PRECISE, DESC, BLOCK_M, BLOCK_N,
+                                 BLOCK_K)
+    elif AHEAD:  # the scales' loads one K step ahead of their use (their latency hidden)
+        a_s, w_s = _fp8_down_scales(0, is_ptr, ws, p64, offs_n, n_ok, stride_is, stride_wsn,
+                                    BLOCK_N)
+        for kb in range(0, N_KB):
+            n_a, n_w = _fp8_down_scales(tl.minimum(kb + 1, N_KB - 1), is_ptr, ws, p64, offs_n,
+                                        n_ok, stride_is, stride_wsn, BLOCK_N)
+            acc = _fp8_down_step(kb, acc, a_s, w_s, iq_ptr, w_ptr, p0, p64, n0, n_ok,
+                                 stride_ip, stride_wn, UPCAST, PRECISE, DESC, BLOCK_M, BLOCK_N,
+                                 BLOCK_K)
+            a_s, w_s = n_a, n_w
     else:
         for kb in range(0, N_KB):
-            acc = _fp8_down_step(kb, acc, iq_ptr, is_ptr, w_ptr, ws, p0, p64, n0, offs_n, n_ok,
-                                 stride_ip, stride_is, stride_wn, stride_wsn, UPCAST, PRECISE,
-                                 DESC, BLOCK_M, BLOCK_N, BLOCK_K)
+            a_s, w_s = _fp8_down_scales(kb, is_ptr, ws, p64, offs_n, n_ok, stride_is,
+                                        stride_wsn, BLOCK_N)
+            acc = _fp8_down_step(kb, acc, a_s, w_s, iq_ptr, w_ptr, p0, p64, n0, n_ok,
+                                 stride_ip, stride_wn, UPCAST, PRECISE, DESC, BLOCK_M, BLOCK_N,
+                                 BLOCK_K)
     if WEIGHTED:
         acc = acc * tl.load(weight_ptr + slot, mask=valid, other=0.0)[:, None]
     safe = tl.where(valid, slot, 0).to(tl.int64)
@@ -210,6 +256,7 @@ def _fp8_down_kernel(
     PERSISTENT: tl.constexpr, WEIGHTED: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DESC: tl.constexpr = False, WS: tl.constexpr = False, FLATTEN: tl.constexpr = False,
+    AHEAD: tl.constexpr = False,
 ):
     """out[slot(p), n] = (d[p] @ down[e].T)[n] (times the slot's weight when WEIGHTED) with
     d = iq * is the FP8 intermediate; ``w`` [e * H, I] FP8, ``ws`` [e, ceil(H/128), I/128].
@@ -223,17 +270,17 @@ def _fp8_down_kernel(
                     t, iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr,
                     weight_ptr, N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn,
                     stride_wse, stride_wsn, stride_os, WEIGHTED, UPCAST, PRECISE, DESC, WS,
-                    BLOCK_M, BLOCK_N, BLOCK_K)
+                    AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
         else:
             for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
                 _fp8_down_tile(
                     t, iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr,
                     weight_ptr, N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn,
                     stride_wse, stride_wsn, stride_os, WEIGHTED, UPCAST, PRECISE, DESC, WS,
-                    BLOCK_M, BLOCK_N, BLOCK_K)
+                    AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         _fp8_down_tile(
             tl.program_id(0), iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr,
             block_expert_ptr, weight_ptr, N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn,
-            stride_wse, stride_wsn, stride_os, WEIGHTED, UPCAST, PRECISE, DESC, WS, BLOCK_M,
-            BLOCK_N, BLOCK_K)
+            stride_wse, stride_wsn, stride_os, WEIGHTED, UPCAST, PRECISE, DESC, WS, AHEAD,
+            BLOCK_M, BLOCK_N, BLOCK_K)

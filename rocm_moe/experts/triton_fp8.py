@@ -133,10 +133,11 @@ def _args(block_m: int, kcfg: dict) -> dict:
 
 # Launch-variant keys a config may carry (issue 31; absent = today's launch): per kernel
 # ("gate_up" / "down") "desc" (weights, and the down GEMM's intermediate, through tensor
-# descriptors where ``tma_supported``) and "ws" (warp-specialised K loop); at the top level
+# descriptors where ``tma_supported``), "ws" (warp-specialised K loop) and "ahead" (each K
+# step's scales loaded one step ahead); at the top level
 # "persistent" (a persistent grid at any batch and BLOCK_M) and "flatten" (its tile loop
 # flattened; needs "persistent").
-KERNEL_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "desc", "ws")
+KERNEL_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "desc", "ws", "ahead")
 TOP_KEYS = ("BLOCK_M", "gate_up", "down", "persistent", "flatten")
 
 
@@ -180,7 +181,7 @@ def check_config(cfg: dict) -> None:
 
 
 def _variant_args(kcfg: dict, desc: bool, persistent_cfg: dict) -> dict:
-    return dict(DESC=desc, WS=bool(kcfg.get("ws", False)),
+    return dict(DESC=desc, WS=bool(kcfg.get("ws", False)), AHEAD=bool(kcfg.get("ahead", False)),
                 FLATTEN=bool(persistent_cfg.get("flatten", False)))
 
 

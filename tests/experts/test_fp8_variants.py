@@ -1,6 +1,7 @@
-"""The Triton FP8 experts' launch variants (issue 31: tensor descriptors, warp-specialised K
-loops, persistent and flattened tile loops, 256-wide down tiles), the config checks and table,
-the tuner's candidate lists and correctness gate, and the benchmarks' FP8 ceiling.
+"""The Triton FP8 experts' launch variants (issue 31: tensor descriptors, scales loaded a K step
+ahead, warp-specialised K loops, persistent and flattened tile loops, 256-wide down tiles), the
+config checks and table, the tuner's candidate lists and correctness gate, and the benchmarks'
+FP8 ceiling.
 
 Every variant computes the same sums as today's launch, so each is held to the FP8 reference
 (same quantisation) like ``test_fp8.py``'s Triton tests: rows with -1 slots, a local expert with
@@ -32,9 +33,11 @@ from rocm_moe.experts.triton_fp8 import (  # noqa: E402
 )
 
 
-def _cfg(block_m, *, desc=False, ws=False, down_n=128, persistent=False, flatten=False):
+def _cfg(block_m, *, desc=False, ws=False, ahead=False, down_n=128, persistent=False,
+         flatten=False):
     def k(bn):
-        return dict(BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=2, desc=desc, ws=ws)
+        return dict(BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=2, desc=desc, ws=ws,
+                    ahead=ahead)
     cfg = dict(BLOCK_M=block_m, gate_up=k(128), down=k(down_n))
     if persistent:
         cfg["persistent"] = True
@@ -47,9 +50,10 @@ VARIANTS = [
     pytest.param(_cfg(16, desc=True), id="M16_desc"),
     pytest.param(_cfg(16, desc=True, ws=True, down_n=256, persistent=True, flatten=True),
                  id="M16_desc_ws_dn256_persistent_flatten"),
-    pytest.param(_cfg(32, down_n=256, persistent=True), id="M32_ptr_dn256_persistent"),
-    pytest.param(_cfg(64, desc=True, down_n=64), id="M64_desc_dn64"),
-    pytest.param(_cfg(128, desc=True, down_n=256), id="M128_desc_dn256"),
+    pytest.param(_cfg(32, ahead=True, down_n=256, persistent=True),
+                 id="M32_ptr_ahead_dn256_persistent"),
+    pytest.param(_cfg(64, desc=True, ahead=True, down_n=64), id="M64_desc_ahead_dn64"),
+    pytest.param(_cfg(128, desc=True, ahead=True, down_n=256), id="M128_desc_ahead_dn256"),
 ]
 SHAPES = [(33, 2, 8, 2, 256, 256)] if DEVICE.type == "cpu" else [
     (1024, 8, 128, 8, 2048, 768), (33, 4, 16, 2, 200, 256)]
