@@ -25,7 +25,9 @@ choice scores have a gap < 1e-4 around the top-k or its groups are left out and 
 "near"; Qwen3's bf16 logits tie often). ``--sweep`` also
 times a few other gate plans (expert tile 16-128, programs per SM) and prints the best;
 "(gemm route)" are the fused path's two launches timed alone (its gate GEMM into the split-K
-workspace, then the split-K router).
+workspace, then the split-K router; for a default plan with ``fuse``, its tiles as two launches).
+"plan" is the default plan (``_gate_triton.default_spec``: ``ROCM_MOE_GATE_PLAN``, ``TUNED``,
+else ``gate_plan``).
 
 Usage on the GPU machine: python3 bench/router.py --out bench/results/router_h100.json
 (prints the tables; ``--sizes``, ``--replays``, ``--inner`` to change the sweep; the lead's
@@ -246,24 +248,21 @@ def _gate_paths(case: dict):
 def _gate_stages(case: dict, plan) -> dict:
     """The two launches of the Triton gate + router alone (``plan``): "gemm" (the split-K gate
     GEMM into its [S, T, E] workspace) and "reduce+route" (the split-K router on it)."""
-    from rocm_moe._gate_triton import _gate_splitk_kernel, ieee
+    from rocm_moe._gate_triton import gate_gemm
     from rocm_moe._routing_triton import splitk_route
 
     x, stored, bias, cfg = (case[k] for k in ("x", "w_stored", "bias", "config"))
-    (T, H), E = x.shape, stored.shape[0]
+    T, E = x.shape[0], stored.shape[0]
     part = torch.zeros(plan.splits, T, E, dtype=torch.float32, device=x.device)
     logits = torch.empty(T, E, dtype=torch.float32 if cfg.logits_in_float32 else x.dtype,
                          device=x.device)
 
     def gemm():
-        _gate_splitk_kernel[plan.grid(T, E)](
-            x, stored, part, T, H, x.stride(0), stored.stride(0), plan.kb_per_split, E=E,
-            BLOCK_T=plan.block_t, BLOCK_E=plan.block_e, BLOCK_K=plan.block_k,
-            IEEE=ieee(x.dtype, stored.dtype), num_warps=plan.num_warps,
-            num_stages=plan.num_stages)
+        gate_gemm(x, stored, part, plan)
 
     def route():
-        r = splitk_route(part_STE=part, logits_TE=logits, config=cfg, bias_E=bias)
+        r = splitk_route(part_STE=part, logits_TE=logits, config=cfg, bias_E=bias,
+                         rows=plan.route_rows, num_warps=plan.route_warps)
         return r.topk_weights, r.topk_ids
 
     return {"gemm": gemm, "reduce+route": route}
@@ -271,7 +270,7 @@ def _gate_stages(case: dict, plan) -> dict:
 
 def run_gate(sizes, replays: int, inner: int, device: torch.device, bw: float,
              sweep: bool, routers=DEFAULT_ROUTERS) -> list[dict]:
-    from rocm_moe._gate_triton import _sm_count, gate_plan
+    from rocm_moe._gate_triton import _sm_count, default_spec, plan_from_spec
 
     rows = []
     for name in routers:
@@ -284,8 +283,9 @@ def run_gate(sizes, replays: int, inner: int, device: torch.device, bw: float,
             plans = {k: _time_us(functools.partial(fused, p), device, replays, inner)
                      for k, p in _gate_plans(case, sweep).items()}
             best = min(plans, key=plans.get)
-            auto = gate_plan(T, cfg.num_experts, x.shape[1], ieee_fp32=False,
-                             sms=_sm_count(device), amd=torch.version.hip is not None)
+            auto = plan_from_spec(default_spec(T, cfg.num_experts, x.shape[1]), T,
+                                  cfg.num_experts, x.shape[1], ieee_fp32=False,
+                                  sms=_sm_count(device), amd=torch.version.hip is not None)
             stages = {k: _time_us(fn, device, replays, inner)
                       for k, fn in _gate_stages(case, auto).items()}
             floor = stored.numel() * stored.element_size() / bw * 1e6
@@ -296,8 +296,7 @@ def run_gate(sizes, replays: int, inner: int, device: torch.device, bw: float,
                              gemm_us=stages["gemm"], route_us=stages["reduce+route"],
                              floor_us=floor, plans_us=plans, best_plan=best,
                              ids_same_f64=same64, near_ties=int(near.sum()), rows=T,
-                             auto_plan=f"t{auto.block_t} e{auto.block_e} k{auto.block_k} "
-                                       f"S{auto.splits}x{auto.kb_per_split}"))
+                             auto_plan=auto.spec))
             _print_gate_row(rows[-1])
     return rows
 
