@@ -443,6 +443,43 @@ def _small(kernel: str) -> Callable[[str], list[Launch]]:
     return launches
 
 
+_STREAM_PTRS = dict(x_ptr=lambda c: _fp8(c) if c["XFP8"] else "*bf16",
+                    xs_ptr=lambda c: "*fp32" if c["XFP8"] else "*bf16", w_ptr=_fp8,
+                    ws_ptr="*fp32", inter_ptr="*fp32",
+                    out_ptr=lambda c: "*bf16" if c["PER_ROW"] or not c["WEIGHTED"] else "*fp32",
+                    ids_ptr="*i32", map_ptr="*i32", weight_ptr="*fp32", num_rows_ptr="*i32")
+
+
+def _stream(kernel: str) -> Callable[[str], list[Launch]]:
+    """``experts.triton_small_fp8``'s launches: each DEFAULTS entry at top-8 (gate/up on float
+    rows, quantised in the kernel, and on FP8Rows; down in both weight modes; both row bounds)
+    and its other FORM with the same tiles (float rows, weighted, unbounded)."""
+    def launches(target: str) -> list[Launch]:
+        from rocm_moe.experts.triton_small_fp8 import DEFAULTS
+
+        fnuz = target == "gfx942"
+        quant = dict(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6, ROUND=False,
+                     ACT_Q=True, K_TOPK=8)
+        out = []
+        for bucket, cfg in DEFAULTS.items():
+            k = cfg[kernel]
+            for form in ("slot", "row"):
+                cx = dict(quant, PER_ROW=form == "row", S=8 if form == "row" else 1,
+                          BLOCK_N=k["BLOCK_N"], BLOCK_K=k["BLOCK_K"])
+                extra = [dict(XFP8=x) for x in (False, True)] if kernel == "gate_up" else \
+                    [dict(WEIGHTED=w) for w in (True, False)]
+                if form != k["FORM"]:  # (the other form: one variant)
+                    extra = extra[:1]
+                out += [Launch(tuple(sorted({**cx, **v, "BOUNDED": b}.items())),
+                               k["num_warps"], k["num_stages"], f"{bucket} slots {form}")
+                        for v in extra for b in ((False, True) if form == k["FORM"] else (False,))]
+        return out
+    return launches
+
+
+_STREAM_ALIGNED = ("H", "I", "stride_xr", "stride_ir", "stride_or", "stride_ok")
+
+
 # Every Triton kernel of the package: one line each.
 KERNELS = [
     Kernel("rocm_moe.experts._triton_kernels:_gate_up_kernel", _EXPERT_PTRS, _gate_up),
@@ -467,6 +504,10 @@ KERNELS = [
            _small("down_slots")),
     Kernel("rocm_moe.experts._triton_small:_small_sum_kernel",
            dict(_SMALL_PTRS, slots_ptr="*fp32"), _small("sum")),
+    Kernel("rocm_moe.experts._triton_small_fp8:_stream_gate_up_kernel", _STREAM_PTRS,
+           _stream("gate_up"), aligned=_STREAM_ALIGNED),
+    Kernel("rocm_moe.experts._triton_small_fp8:_stream_down_kernel", _STREAM_PTRS,
+           _stream("down"), aligned=_STREAM_ALIGNED),
     Kernel("rocm_moe.experts._triton_mxfp4:_mxfp4_gate_up_kernel", _MXFP4_PTRS,
            _mxfp4_experts("gate_up")),
     Kernel("rocm_moe.experts._triton_mxfp4:_mxfp4_down_kernel", _MXFP4_PTRS,

@@ -131,7 +131,7 @@ def _stream_gate_up_kernel(
                      mask=ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["R", "stride_wse", "stride_wsn", "stride_ok"])
+@triton.jit(do_not_specialize=["R", "stride_wse", "stride_wsn"])
 def _stream_down_kernel(
     inter_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, map_ptr, weight_ptr, num_rows_ptr,
     R, H, I, stride_ir, stride_wse, stride_wsn, stride_or, stride_ok,
