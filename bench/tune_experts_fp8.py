@@ -47,6 +47,7 @@ from rocm_moe.quant import native_fp8_dtype
 DEFAULT_SIZES = {"qwen3": [4096, 16384], "dsv3": [8192]}  # the compute-bound sizes (issue 31)
 WRONG_TOL = 1e-2  # bf16 output vs the FP8 reference (the GPU test's tolerance)
 PRECISE_TOL = 1e-3  # precise=True, float32 output (measured 2-3e-4 on an H100)
+GATE_UP_SHARE = 0.65  # of the time budget, for the gate/up candidates (the down ones: the rest)
 
 
 def _kernel(bn: int, warps: int, stages: int, *, desc: bool = True, ahead: bool = True,
@@ -168,7 +169,8 @@ def _print(row: dict, ceil: dict) -> None:
 def tune(cases: list[Case], ceil: dict, rep_ms: int, deadline: float) -> list[list[dict]]:
     """Every case's rows: the heuristic, each GATE_UP candidate on every case (its down tiles
     the heuristic's for its BLOCK_M; compiled once), then each DOWN candidate with each case's
-    best gate/up. Candidates past ``deadline`` are skipped (said once)."""
+    best gate/up. No gate/up candidate starts after GATE_UP_SHARE of the time to ``deadline``,
+    no down candidate after it (the rest are skipped, and said so)."""
     rows = [[measure(c, c.heuristic, rep_ms)] for c in cases]
     for r in rows:
         _print(r[-1], ceil)
@@ -177,14 +179,17 @@ def tune(cases: list[Case], ceil: dict, rep_ms: int, deadline: float) -> list[li
         ok = [x for x in r if x["status"] == "ok"]
         return min(ok, key=lambda x: x["us"]) if ok else r[0]
 
-    def late() -> bool:
-        if time.monotonic() > deadline:
+    start = time.monotonic()
+    gate_up_deadline = start + GATE_UP_SHARE * (deadline - start)
+
+    def late(until: float) -> bool:
+        if time.monotonic() > until:
             print("  (time budget spent: the remaining candidates skipped)", flush=True)
             return True
         return False
 
     for block_m, gu, top in GATE_UP:
-        if late():
+        if late(gate_up_deadline):
             break
         cfg = dict(BLOCK_M=block_m, gate_up=gu, down=HEURISTIC_DOWN[block_m], **top)
         for c, r in zip(cases, rows, strict=True):
@@ -192,7 +197,7 @@ def tune(cases: list[Case], ceil: dict, rep_ms: int, deadline: float) -> list[li
             _print(r[-1], ceil)
     bases = [best(r)["config"] for r in rows]
     for dn in DOWN:
-        if late():
+        if late(deadline):
             break
         for c, r, base in zip(cases, rows, bases, strict=True):
             r.append(measure(c, dict(base, down=dn), rep_ms))

@@ -266,3 +266,41 @@ def test_compile_specialises_aligned_launch_arguments():
     names = {_fp8_down_kernel.arg_names[i] for (i,) in attrs}
     assert {"is_ptr", "out_ptr", "weight_ptr", "H", "I", "stride_os"} <= names
     assert not names & {"iq_ptr", "w_ptr", "N_SLOTS", "N_KB", "stride_is"}
+
+
+def test_tuner_picks_the_fastest_correct_candidate(tuner, monkeypatch):
+    """``tune``: every gate/up candidate on every case, then the down ones on each case's best;
+    a wrong candidate is never the best however fast; a spent budget skips the rest."""
+    import triton.testing
+
+    fast_but_wrong, fast = _cfg(64, desc=True), _cfg(32)
+    times = {64: 1e-3, 32: 2e-3, 16: 3e-3}  # ms by BLOCK_M; down BLOCK_N 256: 10% faster
+
+    class Case:
+        name, flops, floor, heuristic = "tiny", 1e9, 1e-6, _cfg(16)
+        ref = torch.ones(2, 2)
+
+        def __init__(self, R):
+            self.R = R
+
+        def run(self, cfg, **kw):
+            self.last = cfg
+            return self.ref * (2.0 if cfg == fast_but_wrong else 1.0)
+
+    def bench(fn, **kw):  # the time of the config the timed call ran
+        fn()
+        cfg = cases[0].last
+        return times[cfg["BLOCK_M"]] * (0.9 if cfg["down"]["BLOCK_N"] == 256 else 1.0)
+
+    cases = [Case(1)]
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", bench)
+    monkeypatch.setattr(tuner, "GATE_UP", [(64, fast_but_wrong["gate_up"], {}),
+                                           (32, fast["gate_up"], {})])
+    monkeypatch.setattr(tuner, "HEURISTIC_DOWN", {64: fast_but_wrong["down"], 32: fast["down"]})
+    monkeypatch.setattr(tuner, "DOWN", [dict(fast["down"], BLOCK_N=256)])
+    (rows,) = tuner.tune(cases, dict(fp8_matmul_TFLOPs=1.0), 20, deadline=float("inf"))
+    assert [r["status"] for r in rows] == ["ok", "WRONG", "ok", "ok"]
+    best = min((r for r in rows if r["status"] == "ok"), key=lambda r: r["us"])
+    assert best["config"] == dict(fast, down=dict(fast["down"], BLOCK_N=256))
+    (rows,) = tuner.tune(cases, dict(fp8_matmul_TFLOPs=1.0), 20, deadline=0.0)
+    assert len(rows) == 1  # the heuristic only
