@@ -248,7 +248,13 @@ def main() -> int:
     print(f"{_device()}, torch {torch.__version__}")
     failures = []
     if not args.skip_check:
-        check(failures)
+        try:
+            check(failures)
+        except Exception as exc:  # said and counted; the sweep still runs
+            import traceback
+
+            traceback.print_exc()
+            failures.append(f"check raised {type(exc).__name__}: {exc}")
     rate = 1e11 if SMOKE else copy_rate() * 1e9
     print(f"copy rate {rate / 1e12:.2f} TB/s; stage = gate/up + down (weighted), graph of "
           f"{ROT} calls on {ROT} routings; defaults {json.dumps(stream.stream_config(8))}")
