@@ -21,7 +21,7 @@ import torch
 
 from rocm_moe.experts.fp8 import FP8ReferenceExperts
 from tests.conftest import DEVICE, rel_err
-from tests.experts.test_fp8 import ORACLE_TOL, _case
+from tests.experts.test_fp8 import MODEL_TOL, ORACLE_TOL, _case, _oracles
 
 triton = pytest.importorskip("triton")
 
@@ -62,7 +62,7 @@ SHAPES = [(33, 2, 8, 2, 256, 256)] if DEVICE.type == "cpu" else [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "R{}_K{}_E{}_W{}_H{}_I{}".format(*s))
 @pytest.mark.parametrize("cfg", VARIANTS)
 def test_variant_matches_reference(cfg, shape, gen):
-    args, _ = _case(*shape, gen)
+    args, fw = _case(*shape, gen)
     out_dtype = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
     tol = ORACLE_TOL if out_dtype == torch.float32 else 1e-2
     local = args[5].local_ids(args[1]) >= 0
@@ -73,6 +73,10 @@ def test_variant_matches_reference(cfg, shape, gen):
         assert rel_err(out, ref) < tol, mode
         if mode == "combine":
             assert out[~local].eq(0).all()
+        elif fw is not None:  # the float64 oracles (small shapes: all experts drawn)
+            y_q, y_model = _oracles(args, fw)
+            assert rel_err(out.cpu(), y_q) < tol
+            assert rel_err(out.cpu(), y_model) < MODEL_TOL
 
 
 @pytest.mark.skipif(DEVICE.type == "cpu", reason="the interpreter has no reduced-precision "
