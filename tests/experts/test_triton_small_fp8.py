@@ -30,7 +30,7 @@ def _k(form, bn, bk, warps=4):
 
 # (gate/up, down) forms, wide tiles for the interpreter (few programs): BLOCK_K 256 / 512 span
 # several 128-groups (H = 200: a partial one), 128 loops over two
-FORMS = {"slot_row": (_k("slot", 64, 256), _k("row", 128, 128)),
+FORMS = {"slot_row": (_k("slot", 128, 256), _k("row", 128, 128)),
          "row_slot": (_k("row", 128, 128), _k("slot", 128, 256)),
          "slot_slot": (_k("slot", 128, 512), _k("slot", 128, 128)),
          "row_row": (_k("row", 32, 256), _k("row", 128, 512))}
