@@ -13,7 +13,9 @@ Pipeline (``TritonFP8Experts``), for R rows with K ids on a rank with e local ex
 
 FP8 ``tl.dot`` needs FP8 matrix instructions (NVIDIA sm_89+, MI300 for e4m3fnuz, MI350 for
 e4m3fn); elsewhere, and in Triton's interpreter, ``upcast`` converts the FP8 tiles to float16
-first (exact; the same sums). Launch configs: ``fp8_block_config`` (tuned on an H100).
+first (exact; the same sums). Launch configs: ``fp8_block_config`` (a per-device table written
+by ``bench/tune_experts_fp8.py``, else a heuristic tuned on an H100; AMD's own, fitting 64 KiB
+of LDS); a config may name launch variants (``KERNEL_KEYS`` / ``TOP_KEYS``, issue 31).
 
 Worked example (the test asserts it): H = I = 128, one row x = e_0, K = 1, weight 0.5,
 gate = up = 4 * identity, down = identity: every group has one non-zero value, which FP8
@@ -73,7 +75,7 @@ def _read_table(path: str) -> dict:
 # num_stages - 1 LDS buffers of 16-byte-aligned operands; 69-164 KiB at the NVIDIA configs,
 # rocm_moe/_compile.py, Triton 3.9), so: one buffer (2 stages), gate/up on 8 waves (BLOCK_N is
 # the 128-wide scale group: 34-48 KiB, 2 waves per SIMD), down on 8 waves at BLOCK_M 128 (2
-# waves per SIMD, 4 waves spill to one). UNTUNED on hardware: they compile and fit.
+# waves per SIMD; on 4 waves 260 VGPRs allow one). UNTUNED on hardware: they compile and fit.
 AMD_FP8_CONFIGS = ((16, (16, (8, 2), (64, 4, 2))), (128, (64, (8, 2), (128, 4, 2))),
                    (float("inf"), (128, (8, 2), (128, 8, 2))))
 
@@ -155,6 +157,9 @@ def check_config(cfg: dict) -> None:
         if k not in TOP_KEYS:
             bad(f"config[{k!r}]", cfg[k], f"unknown key (known: {', '.join(TOP_KEYS)})",
                 "drop it")
+    if cfg.get("BLOCK_M") not in (16, 32, 64, 128, 256):
+        bad("config['BLOCK_M']", cfg.get("BLOCK_M"), "must be 16, 32, 64, 128 or 256 (the "
+            "layout's block of rows)", "pick one of those")
     for name in ("gate_up", "down"):
         kc = cfg.get(name)
         if not isinstance(kc, dict):
@@ -164,6 +169,10 @@ def check_config(cfg: dict) -> None:
             if k not in KERNEL_KEYS:
                 bad(f"config[{name!r}][{k!r}]", kc[k],
                     f"unknown key (known: {', '.join(KERNEL_KEYS)})", "drop it")
+        for k in ("num_warps", "num_stages"):
+            if not isinstance(kc.get(k), int) or kc[k] < 1:
+                bad(f"config[{name!r}][{k!r}]", kc.get(k), "must be a positive int",
+                    "give it (fp8_block_config's are examples)")
         if kc.get("BLOCK_K") != BLOCK:
             bad(f"config[{name!r}]['BLOCK_K']", kc.get("BLOCK_K"),
                 f"must be {BLOCK}, the scale group", f"set it to {BLOCK}")

@@ -108,6 +108,9 @@ def test_heuristic_config_is_valid():
      r"config\['down'\]\['tma'\]=True: unknown key"),
     (dict(flatten=True), r"config\['flatten'\]=True: flattens the persistent tile loop"),
     (dict(down=None), r"config\['down'\]=None: must be a dict"),
+    (dict(BLOCK_M=48), r"config\['BLOCK_M'\]=48: must be 16, 32, 64, 128 or 256"),
+    (dict(gate_up=dict(BLOCK_N=128, BLOCK_K=128, num_stages=2)),
+     r"config\['gate_up'\]\['num_warps'\]=None: must be a positive int"),
 ])
 def test_bad_config_is_refused_with_the_fix(change, match):
     with pytest.raises(ValueError, match=match + r".*Fix: "):
