@@ -83,7 +83,8 @@ from rocm_moe.weighting import local_slots
 _ALIGN = 256  # bytes; sections start aligned
 BLOCK_WORDS = 1024  # pack kernel: row words per program
 BLOCK_H = 1024  # push kernel: hidden elements per program
-PUSH_ROWS = 4  # push kernel: rows per program
+PUSH_ROWS = 4  # push kernel: rows per program and step
+PUSH_PROGRAMS = 512  # push kernel: programs over the rows at most (each loops over blocks)
 SCRUB_ROWS = 64  # rows per program marking rows past R empty
 # Barrier spin bound: minutes (a peer may be late by seconds of host work, a Triton compile or a
 # slow rank's Python; 1 << 22, about a second, timed out such healthy waits).
@@ -347,7 +348,7 @@ class SymmDispatcher(Dispatcher):
         half, self._half = self._half, 1 - self._half
         offset = self.offsets["back"] + half * self._back[0].numel() * self.dtype.itemsize
         sel = sel_R if sel_R is not None else handle.recv_from
-        push_back_kernel[(-(-n_rows // PUSH_ROWS), -(-H // BLOCK_H))](
+        push_back_kernel[(min(-(-n_rows // PUSH_ROWS), PUSH_PROGRAMS), -(-H // BLOCK_H))](
             y_RH, y_RH.stride(0), sel, sel.stride(0), handle.recv_from, self._ptrs, self.rank,
             self.world_size, self.max_tokens_per_rank, H, offset, USE_SEL=sel_R is not None,
             BLOCK_R=PUSH_ROWS, BLOCK_H=BLOCK_H)
