@@ -358,7 +358,7 @@ def _gate_route(target: str) -> list[Launch]:
         p = gate_plan(T, cfg.num_experts, H, ieee_fp32=False, amd=target == "gfx942",
                       sms=304 if target == "gfx942" else 132)
         g = dict(E=cfg.num_experts, BLOCK_T=p.block_t, BLOCK_E=p.block_e, BLOCK_K=p.block_k,
-                 IEEE=False, ROUND=rnd, ROWS=min(p.block_t, 8))
+                 IEEE=False, ROUND=rnd, ROWS=min(p.block_t, 8), ROW_WARPS=True)
         out.append(Launch(tuple(sorted({**c, **g}.items())), p.num_warps, p.num_stages,
                           f"{name} T={T} fuse"))
     return out
@@ -465,7 +465,8 @@ def _stream(kernel: str) -> Callable[[str], list[Launch]]:
             k = cfg[kernel]
             for form in ("slot", "row"):
                 cx = dict(quant, PER_ROW=form == "row", S=8 if form == "row" else 1,
-                          BLOCK_N=k["BLOCK_N"], BLOCK_K=k["BLOCK_K"])
+                          BLOCK_N=k["BLOCK_N"], BLOCK_K=k["BLOCK_K"],
+                          PREFETCH=k.get("PREFETCH", True))
                 extra = [dict(XFP8=x) for x in (False, True)] if kernel == "gate_up" else \
                     [dict(WEIGHTED=w) for w in (True, False)]
                 if form != k["FORM"]:  # (the other form: one variant)

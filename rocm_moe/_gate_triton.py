@@ -110,7 +110,7 @@ def _gate_route_kernel(x_ptr, w_ptr, part_ptr, count_ptr, bias_ptr, logits_ptr, 
                        K_TOPK: tl.constexpr, K_POW2: tl.constexpr, BW: tl.constexpr,
                        N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, EPG: tl.constexpr,
                        G_POW2: tl.constexpr, EPG_POW2: tl.constexpr, WARP: tl.constexpr,
-                       ROWS: tl.constexpr):
+                       ROWS: tl.constexpr, ROW_WARPS: tl.constexpr = True):
     """Gate GEMM + router in one launch: program (e tile, s, t tile) stores its partial as
     ``_gate_splitk_kernel`` does, then counts itself done on ``count[t tile]`` (int32, zero
     before the launch; an acquire-release atomic after a barrier); the last of the tile's
@@ -131,7 +131,8 @@ def _gate_route_kernel(x_ptr, w_ptr, part_ptr, count_ptr, bias_ptr, logits_ptr, 
         for row0 in range(pid_t * BLOCK_T, end, ROWS):  # the tile's live rows, ROWS at a time
             _splitk_rows(part_ptr, bias_ptr, logits_ptr, wout_ptr, ids_ptr, row0, T, S, eps,
                          scale, ROUND, SIGMOID, HAS_BIAS, NORM, K_TOPK, K_POW2, BW, N_GROUP,
-                         TOPK_GROUP, EPG, G_POW2, EPG_POW2, WARP, ROWS, True, True)
+                         TOPK_GROUP, EPG, G_POW2, EPG_POW2, WARP, ROWS, True, True,
+                         ROW_WARPS)
 
 
 @dataclass(frozen=True, kw_only=True)
