@@ -125,9 +125,11 @@ def _nbytes(w) -> int:
     return sum(_nbytes(t) for t in (w.weight, w.scale_inv))  # quant.BlockFP8Weight
 
 
-def device_kernels(fn, device: torch.device) -> list[tuple[str, float]] | None:
+def device_kernels(fn, device: torch.device,
+                   copies: bool = False) -> list[tuple[str, float]] | None:
     """(name, device us) of each GPU kernel one call of fn launches, in launch order
-    (torch.profiler's device events; copies and memsets left out; None on CPUs)."""
+    (torch.profiler's device events; copies and memsets only with ``copies``; None on
+    CPUs)."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -138,7 +140,7 @@ def device_kernels(fn, device: torch.device) -> list[tuple[str, float]] | None:
         fn()
         torch.cuda.synchronize(device)
     return [(e.name, e.device_time) for e in prof.events() if e.device_type.name == "CUDA"
-            and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+            and (copies or ("memcpy" not in e.name.lower() and "memset" not in e.name.lower()))]
 
 
 def _time_case(layer, x: torch.Tensor, cfg: dict) -> tuple[dict, torch.Tensor]:
@@ -174,8 +176,8 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
                                  floor_us=floor,
                                  launches=None if kernels is None else len(kernels)))
                 progress(f"cap={cap} path={path} T={T}: layer {times['layer']:.1f} us")
-                if cfg["kernel_table"] and kernels:
-                    for name, us in kernels:  # eager: device time each, launch order
+                if cfg["kernel_table"] and dev.type == "cuda":  # eager, launch order
+                    for name, us in device_kernels(functools.partial(layer, x), dev, True):
                         progress(f"  {us:8.1f} us  {name[:100]}")
             if dev.type == "cuda":
                 layer = None
@@ -220,8 +222,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=["auto"], help="the Triton experts' path (several: a row set each): "
                    "auto (by batch size), small (no layout sort) or grouped (layout + GEMMs)")
     p.add_argument("--kernel-table", action="store_true",
-                   help="print each case's kernels with their device time (one eager layer "
-                   "forward under torch.profiler; GPUs)")
+                   help="print each case's kernels, copies and memsets with their device "
+                   "time (one eager layer forward under torch.profiler; GPUs)")
     p.add_argument("--inner", type=argtypes.positive_int, default=20,
                    help="calls per CUDA graph")
     add_run_arguments(p)
