@@ -51,12 +51,13 @@ from rocm_moe.routing import _route_torch
 # candidates trade the weight's re-reads (one per T tile), x's (one per expert tile) and the
 # [S, T, E] float32 partials (written by the GEMM, read by the router) against parallelism;
 # "pdl" overlaps the router's launch with the GEMM, "fuse" drops the second launch (the last
-# GEMM program of each T tile routes its rows; "w1": one-warp programs). 36 plans.
+# GEMM program of each T tile routes its rows; "w1": one-warp programs). 38 plans.
 PLANS: dict[tuple[str, int], tuple[str, ...]] = {  # the missed target first
-    ("deepseek-v3", 128): ("auto", "pdl", "t64 e64 s16", "t64 e64 s8", "t128 e64 s16",
-                           "t64 e128 s16 w8", "t64 e64 s16 pdl", "fuse", "t32 e64 w8 fuse",
-                           "t16 e64 fuse"),
-    ("deepseek-v3", 64): ("auto", "pdl", "t64 e64 s16 pdl", "fuse", "t16 e64 fuse"),
+    ("deepseek-v3", 128): ("auto", "pdl", "t64 e64 s16", "t64 e64 s28", "t128 e64 s28",
+                           "t64 e128 s28 w8", "t64 e64 s16 pdl", "fuse", "t32 e64 w8 fuse",
+                           "t32 e64 w8 fuse rr32", "t16 e64 fuse"),
+    ("deepseek-v3", 64): ("auto", "pdl", "t64 e64 s16 pdl", "fuse", "w8 fuse rr32",
+                          "t16 e64 fuse"),
     ("deepseek-v3", 8): ("auto", "pdl", "fuse", "w2 fuse"),
     ("deepseek-v3", 1): ("auto", "pdl", "fuse", "w1 fuse rr1"),
     ("qwen3-30b-a3b", 128): ("auto", "pdl", "fuse", "t64 e64 pdl"),
