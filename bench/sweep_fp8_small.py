@@ -44,16 +44,21 @@ if SMOKE:
               "dsv3": dict(E=16, W=4, rank=1, H=256, I=128, K=4)}
 
 
-def _k(form, bn, bk, warps, stages=1):
-    return dict(FORM=form, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+def _k(form, bn, bk, warps, stages=1, prefetch=False):
+    return dict(FORM=form, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                PREFETCH=prefetch)
 
 
-# candidates: the default first (triton_small_fp8.DEFAULTS), then tiles / warps / stages / forms
-GATE_UP = [_k("slot", 16, 512, 8), _k("slot", 16, 256, 4), _k("slot", 8, 512, 4),
-           _k("slot", 32, 256, 8), _k("slot", 16, 512, 8, 3), _k("row", 16, 128, 8),
-           _k("row", 8, 256, 8)]
-DOWN = [_k("row", 8, 256, 8), _k("row", 16, 128, 8), _k("row", 8, 128, 4),
-        _k("row", 4, 512, 8), _k("slot", 32, 256, 4), _k("slot", 16, 512, 4)]
+# candidates: the default first (triton_small_fp8.DEFAULTS), then tiles / warps / stages /
+# register prefetch / forms (split-K: none; at one token the grids already have 256-896
+# programs on both shapes)
+GATE_UP = [_k("slot", 16, 512, 8), _k("slot", 16, 512, 8, prefetch=True),
+           _k("slot", 16, 256, 4), _k("slot", 16, 256, 4, prefetch=True),
+           _k("slot", 8, 512, 4), _k("slot", 32, 256, 8), _k("slot", 16, 512, 8, 3),
+           _k("row", 16, 128, 8)]
+DOWN = [_k("row", 8, 256, 8), _k("row", 8, 256, 8, prefetch=True), _k("row", 16, 128, 8),
+        _k("row", 8, 128, 4), _k("row", 8, 128, 4, prefetch=True), _k("slot", 32, 256, 4),
+        _k("slot", 16, 512, 4)]
 
 
 def _cfg(gate_up=None, down=None, act="fp8"):
@@ -113,7 +118,8 @@ def _graph_us(fns, iters=10) -> float:
 def _short(k: dict | None) -> str:
     if k is None:
         return "default"
-    return f"{k['FORM']}/{k['BLOCK_N']}x{k['BLOCK_K']}/w{k['num_warps']}/s{k['num_stages']}"
+    return (f"{k['FORM']}/{k['BLOCK_N']}x{k['BLOCK_K']}/w{k['num_warps']}/s{k['num_stages']}"
+            f"{'/prefetch' if k.get('PREFETCH') else ''}")
 
 
 def check(failures: list) -> None:

@@ -466,7 +466,7 @@ def _stream(kernel: str) -> Callable[[str], list[Launch]]:
             for form in ("slot", "row"):
                 cx = dict(quant, PER_ROW=form == "row", S=8 if form == "row" else 1,
                           BLOCK_N=k["BLOCK_N"], BLOCK_K=k["BLOCK_K"],
-                          PREFETCH=k.get("PREFETCH", True))
+                          PREFETCH=k.get("PREFETCH", False))
                 extra = [dict(XFP8=x) for x in (False, True)] if kernel == "gate_up" else \
                     [dict(WEIGHTED=w) for w in (True, False)]
                 if form != k["FORM"]:  # (the other form: one variant)

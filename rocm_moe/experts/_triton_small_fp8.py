@@ -23,6 +23,8 @@ or per (row, tile) with the row's K slots as S = next_pow2(K) lanes of one 3-D t
 weighted sum in the same launch, a fixed order, no atomics; raw: each slot, exact zeros for
 non-local and empty slots), or per (slot, tile) into per-slot rows (``PER_ROW`` False).
 BOUNDED: the programs stride over the first ``num_rows[0]`` rows (a device count).
+PREFETCH: the weight tiles of K step k + 1 are loaded before step k's are summed (two steps of
+loads in flight a thread; Triton pipelines only loads that feed tl.dot).
 """
 
 import triton
@@ -64,6 +66,15 @@ def _act_tile(x_ptr, xs_ptr, row, ok, offs_k, k_ok, stride_xr, stride_xs, dtype,
 
 
 @triton.jit
+def _w_tile(w_ptr, rows, k0, wm, K_DIM, BLOCK_K: tl.constexpr):
+    """FP8 weight tile [S, BLOCK_N, BLOCK_K] of ``rows`` ([S, BLOCK_N], row length K_DIM) at
+    K step ``k0``; zeros past K_DIM (a step past the end loads nothing) and off ``wm``."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + rows[:, :, None] * K_DIM + offs_k[None, None, :],
+                   mask=wm & (offs_k < K_DIM)[None, None, :], other=0.0)
+
+
+@triton.jit
 def _lanes(u, ids_ptr, map_ptr, n_slots, K_TOPK: tl.constexpr, PER_ROW: tl.constexpr,
            S: tl.constexpr):
     """(slots [S], local experts [S], -1 for lanes without a local slot) of work unit ``u``:
@@ -85,7 +96,7 @@ def _stream_gate_up_kernel(
     R, H, I, stride_xr, stride_xs, stride_wse, stride_wsn, stride_ir,
     K_TOPK: tl.constexpr, XFP8: tl.constexpr, ACT_Q: tl.constexpr, FP8_MAX: tl.constexpr,
     ROUND: tl.constexpr, MIN_EXP: tl.constexpr, BOUNDED: tl.constexpr, PER_ROW: tl.constexpr,
-    S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """inter[slot, tile] = SiLU(a @ gate[e].T) * (a @ up[e].T) (float32) of the local slots;
     other slots' rows are not written. ``x`` [R, H] float rows, or FP8 (XFP8) with ``xs``
@@ -109,14 +120,20 @@ def _stream_gate_up_kernel(
             wm = ok[:, None, None] & n_ok[None, :, None]
             acc_g = tl.zeros((S, BLOCK_N), dtype=tl.float32)
             acc_u = tl.zeros((S, BLOCK_N), dtype=tl.float32)
+            if PREFETCH:  # the next K step's tiles load while this one's are summed
+                g_n = _w_tile(w_ptr, rows_g, 0, wm, H, BLOCK_K)
+                u_n = _w_tile(w_ptr, rows_g + I, 0, wm, H, BLOCK_K)
             for k0 in range(0, H, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_ok = offs_k < H
-                m3 = wm & k_ok[None, None, :]
-                g = tl.load(w_ptr + rows_g[:, :, None] * H + offs_k[None, None, :], mask=m3,
-                            other=0.0)
-                up = tl.load(w_ptr + (rows_g + I)[:, :, None] * H + offs_k[None, None, :],
-                             mask=m3, other=0.0)
+                if PREFETCH:
+                    g = g_n
+                    up = u_n
+                    g_n = _w_tile(w_ptr, rows_g, k0 + BLOCK_K, wm, H, BLOCK_K)
+                    u_n = _w_tile(w_ptr, rows_g + I, k0 + BLOCK_K, wm, H, BLOCK_K)
+                else:
+                    g = _w_tile(w_ptr, rows_g, k0, wm, H, BLOCK_K)
+                    up = _w_tile(w_ptr, rows_g + I, k0, wm, H, BLOCK_K)
                 a = _act_tile(x_ptr, xs_ptr, row, ok, offs_k, k_ok, stride_xr, stride_xs,
                               w_ptr.dtype.element_ty, XFP8, ACT_Q, FP8_MAX, ROUND, MIN_EXP, S,
                               BLOCK_K)
@@ -138,6 +155,7 @@ def _stream_down_kernel(
     K_TOPK: tl.constexpr, ACT_Q: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
     MIN_EXP: tl.constexpr, WEIGHTED: tl.constexpr, BOUNDED: tl.constexpr,
     PER_ROW: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """y_slot = d_slot @ down[e].T for the local slots, d the float32 intermediate (ACT_Q:
     quantised per 1x128 group as it loads); ``w`` [e * H, I] FP8, ``ws`` [e, ceil(H/128),
@@ -162,11 +180,16 @@ def _stream_down_kernel(
         wm = ok[:, None, None] & n_ok[None, :, None]
         acc = tl.zeros((S, BLOCK_N), dtype=tl.float32)
         if tl.max(e, axis=0) >= 0:
+            if PREFETCH:  # (as in the gate/up kernel)
+                b_n = _w_tile(w_ptr, rows_w, 0, wm, I, BLOCK_K)
             for k0 in range(0, I, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_ok = offs_k < I
-                b = tl.load(w_ptr + rows_w[:, :, None] * I + offs_k[None, None, :],
-                            mask=wm & k_ok[None, None, :], other=0.0)
+                if PREFETCH:
+                    b = b_n
+                    b_n = _w_tile(w_ptr, rows_w, k0 + BLOCK_K, wm, I, BLOCK_K)
+                else:
+                    b = _w_tile(w_ptr, rows_w, k0, wm, I, BLOCK_K)
                 a = _act_tile(inter_ptr, inter_ptr, s64, ok, offs_k, k_ok, stride_ir, 0,
                               w_ptr.dtype.element_ty, False, ACT_Q, FP8_MAX, ROUND, MIN_EXP,
                               S, BLOCK_K)

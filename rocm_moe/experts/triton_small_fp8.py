@@ -18,8 +18,11 @@ their grids sized by ``expected_rows``. Sums are float32 per element (``precise`
 construction; ``upcast`` does not apply: no tl.dot).
 
 Config (``stream_config``): ``{"kind": "stream", "ACT": "fp8" | "float", "gate_up": {FORM,
-BLOCK_N, BLOCK_K, num_warps, num_stages}, "down": {the same}}``; BLOCK_K 128, 256 or 512 (whole
-1x128 groups), BLOCK_N a power of two dividing 128 (a tile inside one weight block). The
+BLOCK_N, BLOCK_K, num_warps, num_stages, PREFETCH}, "down": {the same}}``; BLOCK_K 128, 256 or
+512 (whole 1x128 groups), BLOCK_N a power of two dividing 128 (a tile inside one weight block),
+PREFETCH (default false) the next K step's weights loaded before this step's sums (twice the
+bytes in flight a thread, but 190-220 registers instead of 80-130 on sm_90 compiled offline:
+fewer programs per SM; the sweep times both). The
 environment overrides the defaults without a code change (``bench/gpu_fp8_decode.sh`` prints
 the lines to set):
   ROCM_MOE_FP8_SMALL_CONFIG     JSON: one config for every size, or {"<slots>": config, ...}
@@ -53,13 +56,15 @@ FORMS = ("slot", "row")
 ACTS = ("fp8", "float")
 # Defaults by the slots expected (key: the most slots an entry serves). Heuristic, untuned:
 # per-slot gate/up (R * K * I / 16 programs: 384 at one Qwen3 token), 2 x 8 KiB of FP8 weights
-# per K step (64 bytes a thread in 16-byte loads; 71 registers on sm_90 compiled offline);
-# per-row down with the row's 8 slots as lanes of a [8, 8, 256] tile (H / 8 programs: 256 at
-# one Qwen3 token, 16 KiB a K step).
+# per K step (64 bytes a thread in 16-byte loads; 80 registers on sm_90 compiled offline: 3
+# programs of 8 warps per SM); per-row down with the row's 8 slots as lanes of a [8, 8, 256]
+# tile (H / 8 programs: 256 at one Qwen3 token, 16 KiB a K step, 128 registers).
 DEFAULTS = {
     "64": dict(kind="stream", ACT="fp8",
-               gate_up=dict(FORM="slot", BLOCK_N=16, BLOCK_K=512, num_warps=8, num_stages=1),
-               down=dict(FORM="row", BLOCK_N=8, BLOCK_K=256, num_warps=8, num_stages=1)),
+               gate_up=dict(FORM="slot", BLOCK_N=16, BLOCK_K=512, num_warps=8, num_stages=1,
+                            PREFETCH=False),
+               down=dict(FORM="row", BLOCK_N=8, BLOCK_K=256, num_warps=8, num_stages=1,
+                         PREFETCH=False)),
 }
 
 
@@ -87,6 +92,8 @@ def check_config(cfg: object) -> dict:
         bn = k.get("BLOCK_N")
         if not isinstance(bn, int) or bn < 1 or 128 % bn:
             raise _bad(f"config.{stage}.BLOCK_N", bn, "must be a power of two dividing 128")
+        if not isinstance(k.get("PREFETCH", False), bool):
+            raise _bad(f"config.{stage}.PREFETCH", k.get("PREFETCH"), "must be true or false")
         for key, ok in (("num_warps", (1, 2, 4, 8, 16)), ("num_stages", (1, 2, 3, 4, 5))):
             if k.get(key) not in ok:
                 raise _bad(f"config.{stage}.{key}", k.get(key), f"must be one of {list(ok)}")
@@ -187,10 +194,11 @@ def stream_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.T
         x, xs, w13q, ws13, inter, ids, emap, nr, R, H, I, x.stride(0),
         xs.stride(0) if xfp8 else 0, ws13.stride(0), ws13.stride(1), inter.stride(0),
         K_TOPK=K, XFP8=xfp8, **common, PER_ROW=per_row, S=_lanes(K) if per_row else 1,
-        BLOCK_N=gu["BLOCK_N"], BLOCK_K=gu["BLOCK_K"], num_warps=gu["num_warps"],
-        num_stages=gu["num_stages"])
+        BLOCK_N=gu["BLOCK_N"], BLOCK_K=gu["BLOCK_K"], PREFETCH=gu.get("PREFETCH", False),
+        num_warps=gu["num_warps"], num_stages=gu["num_stages"])
     launch = dict(K_TOPK=K, **common, BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"],
-                  num_warps=dn["num_warps"], num_stages=dn["num_stages"])
+                  PREFETCH=dn.get("PREFETCH", False), num_warps=dn["num_warps"],
+                  num_stages=dn["num_stages"])
     if row_down:
         k._stream_down_kernel[(expect, -(-H // dn["BLOCK_N"]))](
             inter, w2q, ws2, out, ids, emap, wts, nr, R, H, I, inter.stride(0),

@@ -24,14 +24,16 @@ DTYPE = torch.bfloat16 if GPU else torch.float16
 TOL = 5e-3 if not GPU else 1e-2
 
 
-def _k(form, bn, bk, warps=4):
-    return dict(FORM=form, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1)
+def _k(form, bn, bk, warps=4, prefetch=False):
+    return dict(FORM=form, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
+                PREFETCH=prefetch)
 
 
 # (gate/up, down) forms, wide tiles for the interpreter (few programs): BLOCK_K 256 / 512 span
-# several 128-groups (H = 200: a partial one), 128 loops over two
-FORMS = {"slot_row": (_k("slot", 128, 256), _k("row", 128, 128)),
-         "row_slot": (_k("row", 128, 128), _k("slot", 128, 256)),
+# several 128-groups (H = 200: a partial one), 128 loops over two (with and without the
+# next step's weights prefetched)
+FORMS = {"slot_row": (_k("slot", 128, 256), _k("row", 128, 128, prefetch=True)),
+         "row_slot": (_k("row", 128, 128, prefetch=True), _k("slot", 128, 256)),
          "slot_slot": (_k("slot", 128, 512), _k("slot", 128, 128)),
          "row_row": (_k("row", 32, 256), _k("row", 128, 512))}
 
@@ -200,7 +202,8 @@ def test_environment_overrides(monkeypatch):
     ('{"gate_up": {"BLOCK_K": 64}}', r"gate_up\.BLOCK_K"),
     ('{"down": {"BLOCK_N": 48}}', r"down\.BLOCK_N"),
     ('{"down": {"FORM": "expert"}}', r"down\.FORM"), ('{"ACT": "fp4"}', "ACT"),
-    ('{"8": {"gate_up": {"num_warps": 3}}}', "num_warps")])
+    ('{"8": {"gate_up": {"num_warps": 3}}}', "num_warps"),
+    ('{"down": {"PREFETCH": 1}}', r"down\.PREFETCH")])
 def test_bad_config_refused(monkeypatch, env, match):
     monkeypatch.setenv(stream.CONFIG_ENV, env)
     with pytest.raises(ValueError, match=match):
