@@ -52,8 +52,8 @@ from rocm_moe.routing import _route_torch
 # candidates trade the weight's re-reads (one per T tile), x's (one per expert tile) and the
 # [S, T, E] float32 partials (written by the GEMM, read by the router) against parallelism;
 # "pdl" overlaps the router's launch with the GEMM, "fuse" drops the second launch (the last
-# GEMM program of each T tile routes its rows; "w1": one-warp programs). 36 plans; a SIGTERM (the script's timeout) still
-# prints the summary of the plans measured so far.
+# GEMM program of each T tile routes its rows; "w1": one-warp programs). 36 plans; a SIGTERM
+# (the script's timeout) still prints the summary of the plans measured so far.
 PLANS: dict[tuple[str, int], tuple[str, ...]] = {  # the missed target first
     ("deepseek-v3", 128): ("auto", "pdl", "t64 e64 s16", "t64 e64 s28", "t128 e64 s28",
                            "t64 e128 s28 w8", "t64 e64 s16 pdl", "fuse", "t32 e64 w8 fuse",
