@@ -283,7 +283,7 @@ def run_gate(sizes, replays: int, inner: int, device: torch.device, bw: float,
             plans = {k: _time_us(functools.partial(fused, p), device, replays, inner)
                      for k, p in _gate_plans(case, sweep).items()}
             best = min(plans, key=plans.get)
-            auto = plan_from_spec(default_spec(T, cfg.num_experts, x.shape[1]), T,
+            auto = plan_from_spec(default_spec(T, cfg.num_experts, x.shape[1], device), T,
                                   cfg.num_experts, x.shape[1], ieee_fp32=False,
                                   sms=_sm_count(device), amd=torch.version.hip is not None)
             stages = {k: _time_us(fn, device, replays, inner)

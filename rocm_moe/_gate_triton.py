@@ -228,16 +228,25 @@ PLAN_ENV = "ROCM_MOE_GATE_PLAN"  # a plan_from_spec string for every call (bench
 TUNED: dict[tuple[int, int], tuple[tuple[int, str], ...]] = {}
 
 
-def default_spec(T: int, E: int, H: int) -> str:
+def default_spec(T: int, E: int, H: int, device: torch.device | None = None) -> str:
     """The spec ``gate_route`` uses without a plan: ``ROCM_MOE_GATE_PLAN`` if set, else the
-    ``TUNED`` entry of this (E, H) for T (measured on NVIDIA: not on ROCm), else ""
-    (``gate_plan``'s)."""
+    ``TUNED`` entry of this (E, H) for T (measured on an H100: used on NVIDIA sm_90+ only;
+    ``device`` None: assumed so), else "" (``gate_plan``'s)."""
     env = os.environ.get(PLAN_ENV)
     if env is not None:
         return env
-    if torch.version.hip is not None:
+    if torch.version.hip is not None or (device is not None and not _sm90(device)):
         return ""
     return next((spec for t_max, spec in TUNED.get((E, H), ()) if T <= t_max), "")
+
+
+@functools.lru_cache(maxsize=16)
+def _sm90(device: torch.device) -> bool:
+    """Whether ``device`` is an NVIDIA GPU of compute capability 9.0+ (PDL, TUNED)."""
+    return device.type == "cuda" and torch.version.hip is None and \
+        torch.cuda.get_device_capability(device)[0] >= 9
+
+
 _POW2_FIELDS = {"t": "block_t", "e": "block_e", "k": "block_k"}
 _INT_FIELDS = {"s": "splits", "w": "num_warps", "n": "num_stages", "rr": "route_rows",
                "rw": "route_warps"}
@@ -333,13 +342,17 @@ def gate_route(*, x_TH: torch.Tensor, weight_EH: torch.Tensor, config,
     out_dtype = torch.float32 if config.logits_in_float32 or x_TH.dtype == torch.float32 \
         else x_TH.dtype
     if plan is None:
-        plan = plan_from_spec(default_spec(T, E, H), T, E, H, ieee_fp32=fp32,
+        plan = plan_from_spec(default_spec(T, E, H, dev), T, E, H, ieee_fp32=fp32,
                               sms=_sm_count(dev), amd=torch.version.hip is not None)
     part = torch.empty(plan.splits, T, E, dtype=torch.float32, device=dev)
     logits = torch.empty(T, E, dtype=out_dtype, device=dev)
     if plan.fuse:
         return _fused(x_TH, weight_EH, part, logits, plan, config, bias_E, warp), logits
     pdl = plan.pdl and dev.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    if pdl and not _sm90(dev):
+        raise ValueError(error_message("gate plan pdl", True, "needs an NVIDIA GPU of compute "
+                                       f"capability 9.0+ ({dev} is not)",
+                                       f"drop pdl from {PLAN_ENV} or the plan"))
     if T > 0:
         gate_gemm(x_TH, weight_EH, part, plan, pdl=pdl)
     routing = splitk_route(part_STE=part, logits_TE=logits, config=config, bias_E=bias_E,

@@ -130,8 +130,10 @@ def test_tuned_table_and_environment(monkeypatch):
     assert gt.default_spec(9, 256, 7168) == ("t64 e64 s16" if nvidia else "")
     assert gt.default_spec(129, 256, 7168) == ""
     assert gt.default_spec(1, 128, 2048) == ""
+    assert gt.default_spec(1, 256, 7168, torch.device("cpu")) == ""  # measured on sm_90
     monkeypatch.setenv(gt.PLAN_ENV, "t16")
     assert gt.default_spec(1, 256, 7168) == "t16"
+    assert gt.default_spec(1, 256, 7168, torch.device("cpu")) == "t16"
 
 
 def test_fused_worked_example():
