@@ -260,6 +260,20 @@ def test_pdl_compiles_to_griddepcontrol_on_sm90():
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda" or torch.version.hip is not None,
                     reason="needs an NVIDIA GPU")
+def test_gpu_pdl_refused_below_sm90(gen, monkeypatch):
+    """A pdl plan on an NVIDIA GPU below sm_90 (griddepcontrol needs 9.0): refused, naming it
+    (``_sm90`` reports such a GPU here)."""
+    from rocm_moe import _gate_triton as gt
+
+    monkeypatch.setattr(gt, "_sm90", lambda device: False)
+    x, w, bias = _inputs(2, 256, torch.bfloat16, gen)
+    with pytest.raises(ValueError, match=r"gate plan pdl.*capability 9\.0"):
+        gt.gate_route(x_TH=x, weight_EH=w, config=DSV3, bias_E=bias, plan=_plan("pdl", 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE.type != "cuda" or torch.version.hip is not None,
+                    reason="needs an NVIDIA GPU")
 def test_gpu_pdl_and_fused_same_bits_and_captured(gen):
     """bf16 at DeepSeek-V3's size, T = 1 / 64 / 128: the PDL launch pair and the fused launch
     give the plain pair's bits, eagerly and replayed (three times: the counters reset) from a
