@@ -143,8 +143,8 @@ class GatePlan:
     (None: ``_routing_triton.launch_config``'s), ``pdl`` (NVIDIA sm_90+: the router launched
     as a programmatic dependent of the GEMM, so its launch overlaps the GEMM's tail); ``fuse``:
     one launch (``_gate_route_kernel``: the last program of each T tile routes its rows,
-    ``route_rows`` at a time, default min(block_t, 8), with the GEMM's warps; pdl and
-    route_warps unused). None of
+    ``route_rows`` at a time, default min(block_t, 8), with the GEMM's warps; refused with pdl
+    or route_warps). None of
     the router's fields changes a bit of the result; the GEMM's change the order of the
     float32 additions only."""
 
@@ -307,6 +307,10 @@ def plan_from_spec(spec: str, T: int, E: int, H: int, *, ieee_fp32: bool, sms: i
         plan = replace(plan, splits=triton.cdiv(n_kb, kb), kb_per_split=kb)
     rest = {k: v for k, v in f.items() if k not in ("block_t", "block_e", "block_k", "splits")}
     plan = replace(plan, **rest)
+    if plan.fuse and (plan.pdl or plan.route_warps):
+        raise ValueError(error_message(
+            "gate plan", repr(spec), "fuse is one launch: no pdl, and it routes with the "
+            "GEMM's warps (w), not rw", "drop pdl / rw, or fuse"))
     if plan.fuse and (plan.route_rows or 1) > plan.block_t:
         raise ValueError(error_message("gate plan route_rows", plan.route_rows, "must be <= "
                                        f"block_t={plan.block_t} with fuse (rows of one T tile)",

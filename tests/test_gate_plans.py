@@ -213,6 +213,9 @@ def test_fused_counters(gen):
 def test_fused_rows_within_a_tile():
     with pytest.raises(ValueError, match=r"route_rows.*32.*block_t=16"):
         _plan("t16 rr32 fuse")
+    for spec in ("fuse pdl", "fuse rw2"):
+        with pytest.raises(ValueError, match=r"gate plan.*fuse is one launch"):
+            _plan(spec)
     assert _plan("t16 rr32").route_rows == 32  # two launches: any rows per program
 
 
