@@ -68,12 +68,12 @@ GATE_UP = [
     (128, _kernel(128, 8, 3, desc=False), {}),
     (128, _kernel(128, 8, 3, ahead=False), {}),
     (128, _kernel(128, 8, 4), {}),
-    (128, _kernel(128, 8, 3), {"persistent": True, "flatten": True}),
-    (64, _kernel(128, 4, 2), {"persistent": True, "flatten": True}),
+    (128, _kernel(128, 8, 3), {"persistent": True, "flatten": True, "programs_per_sm": 1}),
+    (64, _kernel(128, 4, 2), {"persistent": True, "flatten": True, "programs_per_sm": 2}),
     (64, _kernel(128, 8, 3), {}),
     (128, _kernel(128, 8, 2), {}),
     (64, _kernel(128, 4, 3), {}),
-    (128, _kernel(128, 8, 3), {"persistent": True}),
+    (128, _kernel(128, 8, 3), {"persistent": True, "programs_per_sm": 1}),
     (128, _kernel(128, 8, 3, ws=True), {}),
     (64, _kernel(128, 8, 5), {}),
 ]
@@ -106,7 +106,7 @@ def _label(cfg: dict) -> str:
                                          ("w", c.get("ws"))) if on)
         return f"{c['BLOCK_N']}w{c['num_warps']}s{c['num_stages']}{flags}"
     top = "".join(f for f, on in (("P", cfg.get("persistent")), ("F", cfg.get("flatten")))
-                  if on)
+                  if on) + str(cfg.get("programs_per_sm", ""))
     return f"M{cfg['BLOCK_M']} gu {k(cfg['gate_up'])} dn {k(cfg['down'])} {top}".rstrip()
     # (e.g. "M128 gu 128w8s3da dn 256w8s3da PF": descriptors, scales ahead, persistent, flat)
 

@@ -39,6 +39,7 @@ from rocm_moe.experts.triton import (
     _is_amd,
     _on_amd,
     _operand,
+    _sm_count,
     persistent_grid,
     persistent_supported,
     slot_sum,
@@ -137,10 +138,11 @@ def _args(block_m: int, kcfg: dict) -> dict:
 # ("gate_up" / "down") "desc" (weights, and the down GEMM's intermediate, through tensor
 # descriptors where ``tma_supported``), "ws" (warp-specialised K loop) and "ahead" (each K
 # step's scales loaded one step ahead); at the top level
-# "persistent" (a persistent grid at any batch and BLOCK_M) and "flatten" (its tile loop
-# flattened; needs "persistent").
+# "persistent" (a persistent grid at any batch and BLOCK_M), "flatten" (its tile loop
+# flattened) and "programs_per_sm" (its programs per SM, default ``PROGRAMS_PER_SM``; 1 or 2
+# for tiles of which only one or two fit an SM); the last two need "persistent".
 KERNEL_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "desc", "ws", "ahead")
-TOP_KEYS = ("BLOCK_M", "gate_up", "down", "persistent", "flatten")
+TOP_KEYS = ("BLOCK_M", "gate_up", "down", "persistent", "flatten", "programs_per_sm")
 
 
 def check_config(cfg: dict) -> None:
@@ -184,14 +186,27 @@ def check_config(cfg: dict) -> None:
     if bn not in (16, 32, 64, 128, 256):
         bad("config['down']['BLOCK_N']", bn, "must be 16, 32, 64, 128 (within one weight "
             "block) or 256 (two)", "pick one of those")
-    if cfg.get("flatten") and not cfg.get("persistent"):
-        bad("config['flatten']", True, "flattens the persistent tile loop",
-            "set config['persistent'] = True too, or drop flatten")
+    for k in ("flatten", "programs_per_sm"):
+        if k in cfg and not cfg.get("persistent"):
+            bad(f"config[{k!r}]", cfg[k], "sets the persistent launch",
+                f"set config['persistent'] = True too, or drop {k}")
+    pps = cfg.get("programs_per_sm", 1)
+    if not isinstance(pps, int) or pps < 1:
+        bad("config['programs_per_sm']", pps, "must be a positive int", "use 1, 2 or 4")
 
 
 def _variant_args(kcfg: dict, desc: bool, persistent_cfg: dict) -> dict:
     return dict(DESC=desc, WS=bool(kcfg.get("ws", False)), AHEAD=bool(kcfg.get("ahead", False)),
                 FLATTEN=bool(persistent_cfg.get("flatten", False)))
+
+
+def _grid(n_tiles: int, persistent: bool, dev: torch.device, cfg: dict) -> tuple[int]:
+    """One program per tile, or persistent: ``persistent_grid``'s programs, or the config's
+    ``programs_per_sm`` per SM (GPUs; the interpreter keeps its few)."""
+    pps = cfg.get("programs_per_sm")
+    if not persistent or pps is None or dev.type != "cuda":
+        return persistent_grid(n_tiles, persistent, dev)
+    return (max(1, min(n_tiles, pps * _sm_count(dev.index or 0))),)
 
 
 PERSISTENT_MAX_BLOCK_M = 64  # largest BLOCK_M launched persistent (``_forward``)
@@ -300,7 +315,7 @@ class TritonFP8Experts(FP8Experts):
             tma = tma_supported(dev)
             w13_op, d13 = _operand(w13.weight.view(-1, H), [gu["BLOCK_N"], BLOCK],
                                    tma and bool(gu.get("desc")))
-            grid = persistent_grid(n_blocks * (I // gu["BLOCK_N"]), persistent, dev)
+            grid = _grid(n_blocks * (I // gu["BLOCK_N"]), persistent, dev, cfg)
             _fp8_gate_up_kernel[grid](
                 aq, as_, w13_op, ws13, iq, is_, layout.sorted_slot_ids,
                 layout.block_expert_ids, layout.num_padded, layout.sentinel, H, I, layout.top_k,
@@ -315,7 +330,7 @@ class TritonFP8Experts(FP8Experts):
             w2_op, d2 = _operand(w2.weight.view(-1, I), [dn["BLOCK_N"], BLOCK], want)
             if d_iq != d2:  # (one DESC flag for both operands)
                 iq_op, w2_op, d2 = iq, w2.weight.view(-1, I), False
-            grid = persistent_grid(n_blocks * -(-H // dn["BLOCK_N"]), persistent, dev)
+            grid = _grid(n_blocks * -(-H // dn["BLOCK_N"]), persistent, dev, cfg)
             _fp8_down_kernel[grid](
                 iq_op, is_, w2_op, ws2, out_slots, layout.sorted_slot_ids,
                 layout.block_expert_ids, topk_weights_RK.contiguous().view(-1),

@@ -34,7 +34,7 @@ from rocm_moe.experts.triton_fp8 import (  # noqa: E402
 
 
 def _cfg(block_m, *, desc=False, ws=False, ahead=False, down_n=128, persistent=False,
-         flatten=False):
+         flatten=False, programs_per_sm=None):
     def k(bn):
         return dict(BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=2, desc=desc, ws=ws,
                     ahead=ahead)
@@ -43,13 +43,15 @@ def _cfg(block_m, *, desc=False, ws=False, ahead=False, down_n=128, persistent=F
         cfg["persistent"] = True
     if flatten:
         cfg["flatten"] = True
+    if programs_per_sm:
+        cfg["programs_per_sm"] = programs_per_sm
     return cfg
 
 
 VARIANTS = [
     pytest.param(_cfg(16, desc=True), id="M16_desc"),
-    pytest.param(_cfg(16, desc=True, ws=True, down_n=256, persistent=True, flatten=True),
-                 id="M16_desc_ws_dn256_persistent_flatten"),
+    pytest.param(_cfg(16, desc=True, ws=True, down_n=256, persistent=True, flatten=True,
+                      programs_per_sm=1), id="M16_desc_ws_dn256_persistent1_flatten"),
     pytest.param(_cfg(32, ahead=True, down_n=256, persistent=True),
                  id="M32_ptr_ahead_dn256_persistent"),
     pytest.param(_cfg(64, desc=True, ahead=True, down_n=64), id="M64_desc_ahead_dn64"),
@@ -106,7 +108,10 @@ def test_heuristic_config_is_valid():
      r"config\['down'\]\['BLOCK_K'\]=64: must be 128, the scale group"),
     (dict(down=dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2, tma=True)),
      r"config\['down'\]\['tma'\]=True: unknown key"),
-    (dict(flatten=True), r"config\['flatten'\]=True: flattens the persistent tile loop"),
+    (dict(flatten=True), r"config\['flatten'\]=True: sets the persistent launch"),
+    (dict(programs_per_sm=1), r"config\['programs_per_sm'\]=1: sets the persistent launch"),
+    (dict(persistent=True, programs_per_sm=0),
+     r"config\['programs_per_sm'\]=0: must be a positive int"),
     (dict(down=None), r"config\['down'\]=None: must be a dict"),
     (dict(BLOCK_M=48), r"config\['BLOCK_M'\]=48: must be 16, 32, 64, 128 or 256"),
     (dict(gate_up=dict(BLOCK_N=128, BLOCK_K=128, num_stages=2)),
