@@ -44,16 +44,17 @@ if SMOKE:
               "dsv3": dict(E=16, W=4, rank=1, H=256, I=128, K=4)}
 
 
-def _k(form, bn, bk, warps, stages=1, prefetch=False):
-    return dict(FORM=form, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-                PREFETCH=prefetch)
+def _k(form, bn, bk, warps, stages=1, prefetch=False, split=1):
+    k = dict(FORM=form, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+             PREFETCH=prefetch)
+    return dict(k, SPLIT=split) if split > 1 else k
 
 
 # candidates: the default first (triton_small_fp8.DEFAULTS), then tiles / warps / stages /
-# register prefetch / forms (split-K: none; at one token the grids already have 256-896
-# programs on both shapes)
+# register prefetch / split-K (gate/up) / forms
 GATE_UP = [_k("slot", 16, 512, 8), _k("slot", 16, 512, 8, prefetch=True),
            _k("slot", 16, 256, 4), _k("slot", 16, 256, 4, prefetch=True),
+           _k("slot", 16, 512, 8, split=2), _k("slot", 16, 256, 4, split=4),
            _k("slot", 8, 512, 4), _k("slot", 32, 256, 8), _k("slot", 16, 512, 8, 3),
            _k("row", 16, 128, 8)]
 DOWN = [_k("row", 8, 256, 8), _k("row", 8, 256, 8, prefetch=True), _k("row", 16, 128, 8),
@@ -119,7 +120,8 @@ def _short(k: dict | None) -> str:
     if k is None:
         return "default"
     return (f"{k['FORM']}/{k['BLOCK_N']}x{k['BLOCK_K']}/w{k['num_warps']}/s{k['num_stages']}"
-            f"{'/prefetch' if k.get('PREFETCH') else ''}")
+            f"{'/prefetch' if k.get('PREFETCH') else ''}"
+            f"{'/split' + str(k['SPLIT']) if k.get('SPLIT', 1) > 1 else ''}")
 
 
 def check(failures: list) -> None:

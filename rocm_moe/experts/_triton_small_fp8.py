@@ -23,6 +23,8 @@ or per (row, tile) with the row's K slots as S = next_pow2(K) lanes of one 3-D t
 weighted sum in the same launch, a fixed order, no atomics; raw: each slot, exact zeros for
 non-local and empty slots), or per (slot, tile) into per-slot rows (``PER_ROW`` False).
 BOUNDED: the programs stride over the first ``num_rows[0]`` rows (a device count).
+SPLIT (split-K, for grids with too few programs: one local slot, DeepSeek-V3's H = 7168): the
+gate/up programs split H and store partial sums that the down kernel adds in a fixed order.
 PREFETCH: the weight tiles of K step k + 1 are loaded before step k's are summed (two steps of
 loads in flight a thread; Triton pipelines only loads that feed tl.dot).
 """
@@ -66,12 +68,30 @@ def _act_tile(x_ptr, xs_ptr, row, ok, offs_k, k_ok, stride_xr, stride_xs, dtype,
 
 
 @triton.jit
-def _w_tile(w_ptr, rows, k0, wm, K_DIM, BLOCK_K: tl.constexpr):
+def _w_tile(w_ptr, rows, k0, wm, K_DIM, k_end, BLOCK_K: tl.constexpr):
     """FP8 weight tile [S, BLOCK_N, BLOCK_K] of ``rows`` ([S, BLOCK_N], row length K_DIM) at
-    K step ``k0``; zeros past K_DIM (a step past the end loads nothing) and off ``wm``."""
+    K step ``k0``; zeros from ``k_end`` on (a step past the end loads nothing) and off ``wm``."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     return tl.load(w_ptr + rows[:, :, None] * K_DIM + offs_k[None, None, :],
-                   mask=wm & (offs_k < K_DIM)[None, None, :], other=0.0)
+                   mask=wm & (offs_k < k_end)[None, None, :], other=0.0)
+
+
+@triton.jit
+def _inter_tile(inter_ptr, s64, ok, offs_k, k_ok, stride_ir, stride_ip, SPLIT: tl.constexpr):
+    """The intermediate [S, BLOCK_K] (float32) of slots ``s64``: as stored (SPLIT 1), or
+    SiLU(sum of the gate partials) * (sum of the up partials) over the SPLIT K splits of the
+    gate/up kernel, summed in split order (planes ``stride_ip`` apart: split 0 gate, split 0
+    up, split 1 gate, ...)."""
+    ptrs = inter_ptr + s64[:, None] * stride_ir + offs_k[None, :]
+    m = ok[:, None] & k_ok[None, :]
+    if SPLIT == 1:
+        return tl.load(ptrs, mask=m, other=0.0)
+    g = tl.load(ptrs, mask=m, other=0.0)
+    u = tl.load(ptrs + stride_ip, mask=m, other=0.0)
+    for sp in tl.static_range(1, SPLIT):
+        g += tl.load(ptrs + (2 * sp) * stride_ip, mask=m, other=0.0)
+        u += tl.load(ptrs + (2 * sp + 1) * stride_ip, mask=m, other=0.0)
+    return g / (1.0 + tl.exp(-g)) * u
 
 
 @triton.jit
@@ -90,18 +110,24 @@ def _lanes(u, ids_ptr, map_ptr, n_slots, K_TOPK: tl.constexpr, PER_ROW: tl.const
     return slot, e
 
 
-@triton.jit(do_not_specialize=["R", "stride_xs", "stride_wse", "stride_wsn"])
+@triton.jit(do_not_specialize=["R", "stride_xs", "stride_wse", "stride_wsn", "stride_ip",
+                               "K_STEPS"])
 def _stream_gate_up_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, inter_ptr, ids_ptr, map_ptr, num_rows_ptr,
-    R, H, I, stride_xr, stride_xs, stride_wse, stride_wsn, stride_ir,
+    R, H, I, stride_xr, stride_xs, stride_wse, stride_wsn, stride_ir, stride_ip, K_STEPS,
     K_TOPK: tl.constexpr, XFP8: tl.constexpr, ACT_Q: tl.constexpr, FP8_MAX: tl.constexpr,
     ROUND: tl.constexpr, MIN_EXP: tl.constexpr, BOUNDED: tl.constexpr, PER_ROW: tl.constexpr,
     S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """inter[slot, tile] = SiLU(a @ gate[e].T) * (a @ up[e].T) (float32) of the local slots;
     other slots' rows are not written. ``x`` [R, H] float rows, or FP8 (XFP8) with ``xs``
     [R, ceil(H/128)] scales; ``w`` [e * 2I, H] FP8 (row stride H), ``ws`` [e, 2I/128,
-    ceil(H/128)]; ``inter`` [R * K, I]. Grid: (rows or slots expected, column tiles of I)."""
+    ceil(H/128)]; ``inter`` [R * K, I]. SPLIT > 1 (split-K): program (., ., sp) sums the
+    K_STEPS * BLOCK_K columns of H from sp times that and stores its gate and up partials (no
+    SiLU) in planes 2 sp and 2 sp + 1 of ``inter`` [2 SPLIT, R * K, I] (``stride_ip``
+    apart), which the down kernel adds up. Grid: (rows or slots expected, column tiles of I,
+    SPLIT)."""
     n_rows = tl.load(num_rows_ptr) if BOUNDED else R
     n_slots = n_rows * K_TOPK
     n_units = n_rows if PER_ROW else n_slots
@@ -120,20 +146,22 @@ def _stream_gate_up_kernel(
             wm = ok[:, None, None] & n_ok[None, :, None]
             acc_g = tl.zeros((S, BLOCK_N), dtype=tl.float32)
             acc_u = tl.zeros((S, BLOCK_N), dtype=tl.float32)
+            k_lo = tl.program_id(2) * K_STEPS * BLOCK_K  # (a multiple of BLOCK_K: aligned)
+            k_hi = tl.minimum(k_lo + K_STEPS * BLOCK_K, H)
             if PREFETCH:  # the next K step's tiles load while this one's are summed
-                g_n = _w_tile(w_ptr, rows_g, 0, wm, H, BLOCK_K)
-                u_n = _w_tile(w_ptr, rows_g + I, 0, wm, H, BLOCK_K)
-            for k0 in range(0, H, BLOCK_K):
+                g_n = _w_tile(w_ptr, rows_g, k_lo, wm, H, k_hi, BLOCK_K)
+                u_n = _w_tile(w_ptr, rows_g + I, k_lo, wm, H, k_hi, BLOCK_K)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_ok = offs_k < H
                 if PREFETCH:
                     g = g_n
                     up = u_n
-                    g_n = _w_tile(w_ptr, rows_g, k0 + BLOCK_K, wm, H, BLOCK_K)
-                    u_n = _w_tile(w_ptr, rows_g + I, k0 + BLOCK_K, wm, H, BLOCK_K)
+                    g_n = _w_tile(w_ptr, rows_g, k0 + BLOCK_K, wm, H, k_hi, BLOCK_K)
+                    u_n = _w_tile(w_ptr, rows_g + I, k0 + BLOCK_K, wm, H, k_hi, BLOCK_K)
                 else:
-                    g = _w_tile(w_ptr, rows_g, k0, wm, H, BLOCK_K)
-                    up = _w_tile(w_ptr, rows_g + I, k0, wm, H, BLOCK_K)
+                    g = _w_tile(w_ptr, rows_g, k0, wm, H, H, BLOCK_K)
+                    up = _w_tile(w_ptr, rows_g + I, k0, wm, H, H, BLOCK_K)
                 a = _act_tile(x_ptr, xs_ptr, row, ok, offs_k, k_ok, stride_xr, stride_xs,
                               w_ptr.dtype.element_ty, XFP8, ACT_Q, FP8_MAX, ROUND, MIN_EXP, S,
                               BLOCK_K)
@@ -143,23 +171,29 @@ def _stream_gate_up_kernel(
                 a_u = a * tl.load(ws_u[:, None] + kb, mask=sm, other=0.0)
                 acc_g += tl.sum(g.to(tl.float32) * a_g[:, None, :], axis=2)
                 acc_u += tl.sum(up.to(tl.float32) * a_u[:, None, :], axis=2)
-            h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-            tl.store(inter_ptr + slot.to(tl.int64)[:, None] * stride_ir + offs_n[None, :], h,
-                     mask=ok[:, None] & n_ok[None, :])
+            ptrs = inter_ptr + slot.to(tl.int64)[:, None] * stride_ir + offs_n[None, :]
+            m = ok[:, None] & n_ok[None, :]
+            if SPLIT == 1:
+                tl.store(ptrs, acc_g / (1.0 + tl.exp(-acc_g)) * acc_u, mask=m)
+            else:
+                plane = (2 * tl.program_id(2)).to(tl.int64) * stride_ip
+                tl.store(ptrs + plane, acc_g, mask=m)
+                tl.store(ptrs + plane + stride_ip, acc_u, mask=m)
 
 
-@triton.jit(do_not_specialize=["R", "stride_wse", "stride_wsn"])
+@triton.jit(do_not_specialize=["R", "stride_wse", "stride_wsn", "stride_ip"])
 def _stream_down_kernel(
     inter_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, map_ptr, weight_ptr, num_rows_ptr,
-    R, H, I, stride_ir, stride_wse, stride_wsn, stride_or, stride_ok,
+    R, H, I, stride_ir, stride_ip, stride_wse, stride_wsn, stride_or, stride_ok,
     K_TOPK: tl.constexpr, ACT_Q: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
     MIN_EXP: tl.constexpr, WEIGHTED: tl.constexpr, BOUNDED: tl.constexpr,
     PER_ROW: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """y_slot = d_slot @ down[e].T for the local slots, d the float32 intermediate (ACT_Q:
-    quantised per 1x128 group as it loads); ``w`` [e * H, I] FP8, ``ws`` [e, ceil(H/128),
-    I/128]. PER_ROW (S lanes = the row's K slots): WEIGHTED out[r] = sum_k weight_k * y_k
+    quantised per 1x128 group as it loads; SPLIT > 1: made from the gate/up kernel's split-K
+    partials, ``_inter_tile``); ``w`` [e * H, I] FP8, ``ws`` [e, ceil(H/128), I/128].
+    PER_ROW (S lanes = the row's K slots): WEIGHTED out[r] = sum_k weight_k * y_k
     ([R, H], row stride ``stride_or``), else out[r, k] = y_k with exact zeros for other slots
     (``stride_or``, ``stride_ok``); per slot (S = 1): out[slot] = y (times its weight when
     WEIGHTED), rows of other slots not written (``stride_ok``: the slot row stride).
@@ -181,18 +215,19 @@ def _stream_down_kernel(
         acc = tl.zeros((S, BLOCK_N), dtype=tl.float32)
         if tl.max(e, axis=0) >= 0:
             if PREFETCH:  # (as in the gate/up kernel)
-                b_n = _w_tile(w_ptr, rows_w, 0, wm, I, BLOCK_K)
+                b_n = _w_tile(w_ptr, rows_w, 0, wm, I, I, BLOCK_K)
             for k0 in range(0, I, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_ok = offs_k < I
                 if PREFETCH:
                     b = b_n
-                    b_n = _w_tile(w_ptr, rows_w, k0 + BLOCK_K, wm, I, BLOCK_K)
+                    b_n = _w_tile(w_ptr, rows_w, k0 + BLOCK_K, wm, I, I, BLOCK_K)
                 else:
-                    b = _w_tile(w_ptr, rows_w, k0, wm, I, BLOCK_K)
-                a = _act_tile(inter_ptr, inter_ptr, s64, ok, offs_k, k_ok, stride_ir, 0,
-                              w_ptr.dtype.element_ty, False, ACT_Q, FP8_MAX, ROUND, MIN_EXP,
-                              S, BLOCK_K)
+                    b = _w_tile(w_ptr, rows_w, k0, wm, I, I, BLOCK_K)
+                a = _inter_tile(inter_ptr, s64, ok, offs_k, k_ok, stride_ir, stride_ip, SPLIT)
+                if ACT_Q:
+                    a = _dequant_groups(a, w_ptr.dtype.element_ty, S, BLOCK_K, FP8_MAX, ROUND,
+                                        MIN_EXP)
                 a = a * tl.load(ws[:, None] + (offs_k // 128)[None, :],
                                 mask=ok[:, None] & k_ok[None, :], other=0.0)
                 acc += tl.sum(b.to(tl.float32) * a[:, None, :], axis=2)

@@ -20,7 +20,8 @@ construction; ``upcast`` does not apply: no tl.dot).
 Config (``stream_config``): ``{"kind": "stream", "ACT": "fp8" | "float", "gate_up": {FORM,
 BLOCK_N, BLOCK_K, num_warps, num_stages, PREFETCH}, "down": {the same}}``; BLOCK_K 128, 256 or
 512 (whole 1x128 groups), BLOCK_N a power of two dividing 128 (a tile inside one weight block),
-PREFETCH (default false) the next K step's weights loaded before this step's sums (twice the
+gate/up SPLIT (default 1) split-K over H (partials summed by the down kernel), PREFETCH
+(default false) the next K step's weights loaded before this step's sums (twice the
 bytes in flight a thread, but 190-220 registers instead of 80-130 on sm_90 compiled offline:
 fewer programs per SM; the sweep times both). The
 environment overrides the defaults without a code change (``bench/gpu_fp8_decode.sh`` prints
@@ -92,6 +93,11 @@ def check_config(cfg: object) -> dict:
         bn = k.get("BLOCK_N")
         if not isinstance(bn, int) or bn < 1 or 128 % bn:
             raise _bad(f"config.{stage}.BLOCK_N", bn, "must be a power of two dividing 128")
+        split = k.get("SPLIT", 1)
+        if isinstance(split, bool) or not isinstance(split, int) or not 1 <= split <= 16 or (
+                stage == "down" and split != 1):
+            raise _bad(f"config.{stage}.SPLIT", split,
+                       "must be an int 1-16 (gate/up; the down kernel takes no split)")
         if not isinstance(k.get("PREFETCH", False), bool):
             raise _bad(f"config.{stage}.PREFETCH", k.get("PREFETCH"), "must be true or false")
         for key, ok in (("num_warps", (1, 2, 4, 8, 16)), ("num_stages", (1, 2, 3, 4, 5))):
@@ -188,20 +194,26 @@ def stream_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.T
     w13q, w2q = w13.weight.contiguous(), w2.weight.contiguous()
     common = dict(ACT_Q=cfg["ACT"] == "fp8", FP8_MAX=fp8_max(w13.dtype),
                   **fp8_rounding(w13.dtype), BOUNDED=bounded)
-    inter = torch.empty(R * K, I, dtype=torch.float32, device=dev)
+    split = gu.get("SPLIT", 1)  # split-K: gate and up partials per split, summed by the down
+    inter = torch.empty(R * K, I, dtype=torch.float32, device=dev) if split == 1 else \
+        torch.empty(2 * split, R * K, I, dtype=torch.float32, device=dev)
+    plane = R * K * I
+    steps = -(-H // (gu["BLOCK_K"] * split))  # K steps per split
     per_row = gu["FORM"] == "row"
-    k._stream_gate_up_kernel[(expect if per_row else expect * K, -(-I // gu["BLOCK_N"]))](
+    grid = (expect if per_row else expect * K, -(-I // gu["BLOCK_N"]), split)
+    k._stream_gate_up_kernel[grid](
         x, xs, w13q, ws13, inter, ids, emap, nr, R, H, I, x.stride(0),
-        xs.stride(0) if xfp8 else 0, ws13.stride(0), ws13.stride(1), inter.stride(0),
+        xs.stride(0) if xfp8 else 0, ws13.stride(0), ws13.stride(1), I, plane, steps,
         K_TOPK=K, XFP8=xfp8, **common, PER_ROW=per_row, S=_lanes(K) if per_row else 1,
+        SPLIT=split,
         BLOCK_N=gu["BLOCK_N"], BLOCK_K=gu["BLOCK_K"], PREFETCH=gu.get("PREFETCH", False),
         num_warps=gu["num_warps"], num_stages=gu["num_stages"])
-    launch = dict(K_TOPK=K, **common, BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"],
+    launch = dict(K_TOPK=K, **common, SPLIT=split, BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"],
                   PREFETCH=dn.get("PREFETCH", False), num_warps=dn["num_warps"],
                   num_stages=dn["num_stages"])
     if row_down:
         k._stream_down_kernel[(expect, -(-H // dn["BLOCK_N"]))](
-            inter, w2q, ws2, out, ids, emap, wts, nr, R, H, I, inter.stride(0),
+            inter, w2q, ws2, out, ids, emap, wts, nr, R, H, I, I, plane,
             ws2.stride(0), ws2.stride(1), out.stride(0), 0 if weighted else out.stride(1),
             WEIGHTED=weighted, PER_ROW=True, S=_lanes(K), **launch)
         return ExpertsOutput(out=out, weights_applied=weighted)
@@ -210,7 +222,7 @@ def stream_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.T
     slots = out.view(R * K, H) if not weighted else torch.empty(R * K, H, dtype=torch.float32,
                                                                 device=dev)
     k._stream_down_kernel[(expect * K, -(-H // dn["BLOCK_N"]))](
-        inter, w2q, ws2, slots, ids, emap, wts, nr, R, H, I, inter.stride(0),
+        inter, w2q, ws2, slots, ids, emap, wts, nr, R, H, I, I, plane,
         ws2.stride(0), ws2.stride(1), 0, slots.stride(0), WEIGHTED=weighted, PER_ROW=False, S=1,
         **launch)
     if weighted:
