@@ -51,21 +51,23 @@ from rocm_moe.routing import _route_torch
 # the one over 8 us (bench/results/router_gate_h100.txt: GEMM 5.7 + route 4.5 at T = 128): its
 # candidates trade the weight's re-reads (one per T tile), x's (one per expert tile) and the
 # [S, T, E] float32 partials (written by the GEMM, read by the router) against parallelism;
-# "pdl" overlaps the router's launch with the GEMM, "fuse" drops the second launch (the last
-# GEMM program of each T tile routes its rows; "w1": one-warp programs). 36 plans; a SIGTERM
+# "pdl" overlaps the router's launch with the GEMM, "pdlin" the GEMM's with the kernel before
+# it (here the previous call's router), "fuse" drops the second launch (the last GEMM program
+# of each T tile routes its rows; "w1": one-warp programs). 40 plans; a SIGTERM
 # (the script's timeout) still prints the summary of the plans measured so far.
 PLANS: dict[tuple[str, int], tuple[str, ...]] = {  # the missed target first
     ("deepseek-v3", 128): ("auto", "pdl", "t64 e64 s16", "t64 e64 s28", "t128 e64 s28",
-                           "t64 e128 s28 w8", "t64 e64 s16 pdl", "fuse", "t32 e64 w8 fuse",
+                           "t64 e128 s28 w8", "t64 e64 s16 pdl", "t64 e64 s16 pdl pdlin",
+                           "fuse", "t32 e64 w8 fuse",
                            "t32 e64 w8 fuse rr32", "t16 e64 fuse"),
     ("deepseek-v3", 64): ("auto", "pdl", "t64 e64 s16 pdl", "fuse", "w8 fuse rr32",
                           "t16 e64 fuse"),
     ("deepseek-v3", 8): ("auto", "pdl", "fuse"),
-    ("deepseek-v3", 1): ("auto", "pdl", "fuse", "w1 fuse rr1"),
+    ("deepseek-v3", 1): ("auto", "pdl", "pdl pdlin", "fuse", "fuse pdlin", "w1 fuse rr1"),
     ("qwen3-30b-a3b", 128): ("auto", "pdl", "fuse", "t64 e64 pdl"),
     ("qwen3-30b-a3b", 64): ("auto", "pdl"),
     ("qwen3-30b-a3b", 8): ("auto", "pdl", "fuse"),
-    ("qwen3-30b-a3b", 1): ("auto", "pdl", "fuse"),
+    ("qwen3-30b-a3b", 1): ("auto", "pdl", "fuse", "fuse pdlin"),
 }
 SMOKE = {("deepseek-v3", 33): ("auto", "t64 e64 s4", "e32 rr2 rw2", "t16 e64 fuse"),
          ("qwen3-30b-a3b", 33): ("auto", "t64 e32 s2", "fuse")}

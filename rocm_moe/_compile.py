@@ -338,7 +338,7 @@ def _gate_gemm(target: str) -> list[Launch]:
                 p = gate_plan(T, E, H, ieee_fp32=fp32, sms=304 if target == "gfx942" else 132,
                               amd=target == "gfx942")
                 c = (("BLOCK_E", p.block_e), ("BLOCK_K", p.block_k), ("BLOCK_T", p.block_t),
-                     ("E", E), ("IEEE", fp32), ("PDL", False))
+                     ("E", E), ("IEEE", fp32), ("PDL", False), ("PDL_IN", False))
                 out.setdefault((c, p.num_warps, p.num_stages), f"E={E} T={T}")
     return [Launch(c, w, s, why) for (c, w, s), why in out.items()]
 
@@ -358,7 +358,8 @@ def _gate_route(target: str) -> list[Launch]:
         p = gate_plan(T, cfg.num_experts, H, ieee_fp32=False, amd=target == "gfx942",
                       sms=304 if target == "gfx942" else 132)
         g = dict(E=cfg.num_experts, BLOCK_T=p.block_t, BLOCK_E=p.block_e, BLOCK_K=p.block_k,
-                 IEEE=False, ROUND=rnd, ROWS=min(p.block_t, 8), ROW_WARPS=True)
+                 IEEE=False, ROUND=rnd, ROWS=min(p.block_t, 8), ROW_WARPS=True,
+                 PDL_IN=False)
         out.append(Launch(tuple(sorted({**c, **g}.items())), p.num_warps, p.num_stages,
                           f"{name} T={T} fuse"))
     return out

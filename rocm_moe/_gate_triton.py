@@ -30,7 +30,8 @@ Plans (``GatePlan``; ``plan_from_spec`` reads them from a short spec such as "t6
 ``ROCM_MOE_GATE_PLAN`` sets one for every call, ``TUNED`` holds measured ones by gate shape,
 bench/router_plans.py sweeps them): the tiles and splits above; the router's rows and warps per
 program; ``pdl`` (NVIDIA sm_90+: the router launched as a programmatic dependent of the GEMM,
-``griddepcontrol``, so its launch overlaps the GEMM); ``fuse`` (one launch,
+``griddepcontrol``, so its launch overlaps the GEMM); ``pdlin`` (the GEMM, or the fused
+kernel, launched the same way behind whatever wrote x); ``fuse`` (one launch,
 ``_gate_route_kernel``: each program counts itself done on its T tile's counter and the last
 one sums the tile's partials in the same order and routes its rows). The router's fields never
 change a bit; the GEMM's change only the order of the float32 additions.
@@ -47,21 +48,25 @@ import triton
 import triton.language as tl
 
 from rocm_moe._checks import error_message
-from rocm_moe._routing_triton import _grid_launch_dependents, _splitk_rows
+from rocm_moe._routing_triton import _grid_launch_dependents, _grid_wait, _splitk_rows
 
 
 @triton.jit(do_not_specialize=["T", "KB_PER_SPLIT"])
 def _gate_splitk_kernel(x_ptr, w_ptr, part_ptr, T, H, stride_xt, stride_we, KB_PER_SPLIT,
                         E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
+                        BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False,
+                        PDL_IN: tl.constexpr = False):
     """part[s, t, e] = sum over k in split s (KB_PER_SPLIT blocks of BLOCK_K) of
     x[t, k] * w[e, k], float32, for program (e tile, s, t tile). x [T, H] and w [E, H] with
     unit stride along H; part [S, T, E] contiguous. IEEE: operands converted to float32 and
     multiplied in IEEE float32 (else the 16-bit operands go to the tensor cores, products
     exact in the float32 accumulator). PDL: let the router launched behind it with
-    ``launch_pdl=True`` start now (it waits for these partials before reading them).
+    ``launch_pdl=True`` start now (it waits for these partials before reading them). PDL_IN:
+    launched itself with ``launch_pdl=True`` behind whatever wrote x: wait for it first.
 
     Example: x [[1, 2]], w [[3, 4], [5, 6]], one split -> part [[[11, 17]]]."""
+    if PDL_IN:
+        _grid_wait()
     if PDL:
         _grid_launch_dependents()
     _partial_tile(x_ptr, w_ptr, part_ptr, T, H, stride_xt, stride_we, KB_PER_SPLIT, E, BLOCK_T,
@@ -110,16 +115,20 @@ def _gate_route_kernel(x_ptr, w_ptr, part_ptr, count_ptr, bias_ptr, logits_ptr, 
                        K_TOPK: tl.constexpr, K_POW2: tl.constexpr, BW: tl.constexpr,
                        N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, EPG: tl.constexpr,
                        G_POW2: tl.constexpr, EPG_POW2: tl.constexpr, WARP: tl.constexpr,
-                       ROWS: tl.constexpr, ROW_WARPS: tl.constexpr = True):
+                       ROWS: tl.constexpr, ROW_WARPS: tl.constexpr = True,
+                       PDL_IN: tl.constexpr = False):
     """Gate GEMM + router in one launch: program (e tile, s, t tile) stores its partial as
     ``_gate_splitk_kernel`` does, then counts itself done on ``count[t tile]`` (int32, zero
     before the launch; an acquire-release atomic after a barrier); the last of the tile's
     (E tiles x S) programs sets the count back to zero and routes the tile's rows, ROWS at a
     time, as ``_splitk_router_kernel`` does (the partials summed in the same fixed order: the
-    same bits), loading the partials past L1.
+    same bits), loading the partials past L1. PDL_IN: launched with ``launch_pdl=True``
+    behind whatever wrote x: wait for it before anything else.
 
     Example: x [[1, 2]], w [[3, 4], [5, 6]], one split, softmax, K = 1 -> logits [[11, 17]],
     ids [[1]], count [0]."""
+    if PDL_IN:
+        _grid_wait()
     _partial_tile(x_ptr, w_ptr, part_ptr, T, H, stride_xt, stride_we, KB_PER_SPLIT, E, BLOCK_T,
                   BLOCK_E, BLOCK_K, IEEE)
     tl.debug_barrier()  # every thread's partial stored before the count (released by it)
@@ -144,7 +153,8 @@ class GatePlan:
     as a programmatic dependent of the GEMM, so its launch overlaps the GEMM's tail); ``fuse``:
     one launch (``_gate_route_kernel``: the last program of each T tile routes its rows,
     ``route_rows`` at a time, default min(block_t, 8), with the GEMM's warps; refused with pdl
-    or route_warps). None of
+    or route_warps); ``pdl_in`` (NVIDIA sm_90+: the GEMM, or the fused kernel, launched as a
+    programmatic dependent of whatever ran before it, waiting for it before reading x). None of
     the router's fields changes a bit of the result; the GEMM's change the order of the
     float32 additions only."""
 
@@ -159,6 +169,7 @@ class GatePlan:
     route_warps: int | None = None
     pdl: bool = False
     fuse: bool = False
+    pdl_in: bool = False
 
     def grid(self, T: int, E: int) -> tuple[int, int, int]:
         return (triton.cdiv(E, self.block_e), self.splits, triton.cdiv(T, self.block_t))
@@ -172,7 +183,8 @@ class GatePlan:
             out += f" rr{self.route_rows}"
         if self.route_warps:
             out += f" rw{self.route_warps}"
-        return out + (" pdl" if self.pdl else "") + (" fuse" if self.fuse else "")
+        return out + (" pdl" if self.pdl else "") + (" fuse" if self.fuse else "") + \
+            (" pdlin" if self.pdl_in else "")
 
 
 def ieee(x_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
@@ -258,8 +270,8 @@ def _spec_fields(spec: str) -> dict:
     for word in spec.replace(",", " ").split():
         if word in ("auto", ""):
             continue
-        if word in ("pdl", "fuse"):
-            fields[word] = True
+        if word in ("pdl", "fuse", "pdlin"):
+            fields["pdl_in" if word == "pdlin" else word] = True
             continue
         key = word.rstrip("0123456789")
         num = word[len(key):]
@@ -268,7 +280,7 @@ def _spec_fields(spec: str) -> dict:
             raise ValueError(error_message(
                 "gate plan", repr(word), "must be t<int> e<int> k<int> (tiles), s<int> "
                 "(splits of H), w<int> n<int> (GEMM warps, stages), rr<int> rw<int> (router "
-                "rows per program, warps), pdl or fuse", f"fix {PLAN_ENV} or the spec"))
+                "rows per program, warps), pdl, fuse or pdlin", f"fix {PLAN_ENV} or the spec"))
         value = int(num)
         ok = {"block_t": (16, 256), "block_e": (16, 256), "block_k": (16, 512),
               "splits": (1, 1024), "num_warps": (1, 16), "num_stages": (1, 8),
@@ -295,9 +307,11 @@ def plan_from_spec(spec: str, T: int, E: int, H: int, *, ieee_fp32: bool, sms: i
     Example (a test asserts it): "t64 e64 s8 pdl" at T = 128, E = 256, H = 7168, bf16 ->
     64 x 64 tiles, 64-wide k blocks (gate_plan's for 64-row tiles), 8 splits of 14 blocks."""
     f = _spec_fields(spec)
-    if f.get("pdl") and amd:
-        raise ValueError(error_message("gate plan pdl", True, "is NVIDIA's programmatic "
-                                       "dependent launch (sm_90+)", f"drop pdl from {PLAN_ENV}"))
+    for word, name in (("pdl", "pdl"), ("pdlin", "pdl_in")):
+        if f.get(name) and amd:
+            raise ValueError(error_message(f"gate plan {word}", True, "is NVIDIA's programmatic "
+                                           "dependent launch (sm_90+)",
+                                           f"drop {word} from {PLAN_ENV}"))
     plan = gate_plan(T, E, H, ieee_fp32=ieee_fp32, sms=sms, amd=amd,
                      block_e=f.get("block_e"), block_t=f.get("block_t"),
                      block_k=f.get("block_k"))
@@ -350,15 +364,18 @@ def gate_route(*, x_TH: torch.Tensor, weight_EH: torch.Tensor, config,
                               sms=_sm_count(dev), amd=torch.version.hip is not None)
     part = torch.empty(plan.splits, T, E, dtype=torch.float32, device=dev)
     logits = torch.empty(T, E, dtype=out_dtype, device=dev)
+    compiled = dev.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    pdl, pdl_in = plan.pdl and compiled, plan.pdl_in and compiled
+    for word, on in (("pdl", pdl), ("pdlin", pdl_in)):
+        if on and not _sm90(dev):
+            raise ValueError(error_message(f"gate plan {word}", True, "needs an NVIDIA GPU of "
+                                           f"compute capability 9.0+ ({dev} is not)",
+                                           f"drop {word} from {PLAN_ENV} or the plan"))
     if plan.fuse:
-        return _fused(x_TH, weight_EH, part, logits, plan, config, bias_E, warp), logits
-    pdl = plan.pdl and dev.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
-    if pdl and not _sm90(dev):
-        raise ValueError(error_message("gate plan pdl", True, "needs an NVIDIA GPU of compute "
-                                       f"capability 9.0+ ({dev} is not)",
-                                       f"drop pdl from {PLAN_ENV} or the plan"))
+        return _fused(x_TH, weight_EH, part, logits, plan, config, bias_E, warp,
+                      pdl_in), logits
     if T > 0:
-        gate_gemm(x_TH, weight_EH, part, plan, pdl=pdl)
+        gate_gemm(x_TH, weight_EH, part, plan, pdl=pdl, pdl_in=pdl_in)
     routing = splitk_route(part_STE=part, logits_TE=logits, config=config, bias_E=bias_E,
                            warp=warp, rows=plan.route_rows, num_warps=plan.route_warps,
                            pdl=pdl and T > 0)
@@ -366,15 +383,17 @@ def gate_route(*, x_TH: torch.Tensor, weight_EH: torch.Tensor, config,
 
 
 def gate_gemm(x_TH: torch.Tensor, weight_EH: torch.Tensor, part_STE: torch.Tensor,
-              plan: GatePlan, *, pdl: bool = False) -> None:
+              plan: GatePlan, *, pdl: bool = False, pdl_in: bool = False) -> None:
     """The split-K gate GEMM alone: fills ``part_STE`` [plan.splits, T, E] float32 with
-    ``plan`` (``pdl``: lets a router launched with ``launch_pdl=True`` start early)."""
+    ``plan`` (``pdl``: lets a router launched with ``launch_pdl=True`` start early;
+    ``pdl_in``: itself launched so, behind whatever wrote x)."""
     (T, H), E = x_TH.shape, weight_EH.shape[0]
+    extra = dict(launch_pdl=True) if pdl_in else {}
     _gate_splitk_kernel[plan.grid(T, E)](
         x_TH, weight_EH, part_STE, T, H, x_TH.stride(0), weight_EH.stride(0),
         plan.kb_per_split, E=E, BLOCK_T=plan.block_t, BLOCK_E=plan.block_e,
-        BLOCK_K=plan.block_k, IEEE=ieee(x_TH.dtype, weight_EH.dtype), PDL=pdl,
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
+        BLOCK_K=plan.block_k, IEEE=ieee(x_TH.dtype, weight_EH.dtype), PDL=pdl, PDL_IN=pdl_in,
+        num_warps=plan.num_warps, num_stages=plan.num_stages, **extra)
 
 
 RING_SLOTS, RING_TILES = 4096, 8  # the fused kernel's counters: launches x T tiles (T <= 128)
@@ -402,14 +421,18 @@ def _counts(device: torch.device, n: int) -> torch.Tensor:
     return ring[0][slot * RING_TILES:(slot + 1) * RING_TILES]
 
 
-def _fused(x_TH, weight_EH, part, logits, plan: GatePlan, config, bias_E, warp):
-    """``_gate_route_kernel``: the GEMM and the router in one launch -> ``RoutingResult``."""
+def _fused(x_TH, weight_EH, part, logits, plan: GatePlan, config, bias_E, warp,
+           pdl_in: bool = False):
+    """``_gate_route_kernel``: the GEMM and the router in one launch -> ``RoutingResult``
+    (``pdl_in``: launched with ``launch_pdl=True`` behind whatever wrote x)."""
     from rocm_moe._routing_triton import _ROUND, _launch, _scalars
 
     (T, H), E = x_TH.shape, weight_EH.shape[0]
     rows = plan.route_rows or min(plan.block_t, 8)
     w, ids, _, kw = _launch(T, config, bias_E, x_TH.device, warp, rows, plan.num_warps)
-    kw.update(num_stages=plan.num_stages)
+    kw.update(num_stages=plan.num_stages, PDL_IN=pdl_in)
+    if pdl_in:
+        kw["launch_pdl"] = True
     if T > 0:
         grid = plan.grid(T, E)
         _gate_route_kernel[grid](

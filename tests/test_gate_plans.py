@@ -41,6 +41,8 @@ def test_spec_worked_example_and_round_trip():
     assert p.route_warps is None
     assert _plan("auto") == _plan("") == gate_plan(128, 256, 7168, ieee_fp32=False, sms=132,
                                                    amd=False)
+    assert _plan("pdlin").pdl_in
+    assert _plan(_plan("t16 pdl pdlin").spec) == _plan("t16 pdl pdlin")
     q = _plan("t32 e128 k64 s5 w8 n2 rr4 rw2")  # 112 k blocks in 5 splits: 23 each, 5 splits
     assert (q.block_t, q.block_e, q.block_k, q.splits, q.kb_per_split, q.num_warps,
             q.num_stages, q.route_rows, q.route_warps) == (32, 128, 64, 5, 23, 8, 2, 4, 2)
@@ -65,6 +67,8 @@ def test_bad_specs_refused(spec, match):
 def test_pdl_refused_on_amd():
     with pytest.raises(ValueError, match=r"pdl.*NVIDIA"):
         _plan("pdl", amd=True)
+    with pytest.raises(ValueError, match=r"pdlin.*NVIDIA"):
+        _plan("fuse pdlin", amd=True)
     assert not _plan("t64", amd=True).pdl
 
 
@@ -98,7 +102,7 @@ def test_router_launch_fields_change_no_bit(gen):
 
     base = kernel(**kw, plan=plan("t32 e32 s2"))
     for spec in ("t32 e32 s2 rr1 rw1", "t32 e32 s2 rr4 rw2",
-                 "t32 e32 s2 pdl" if torch.version.hip is None else "t32 e32 s2 rr8"):
+                 "t32 e32 s2 pdl pdlin" if torch.version.hip is None else "t32 e32 s2 rr8"):
         assert _same(kernel(**kw, plan=plan(spec)), base), spec
     old = os.environ.get(PLAN_ENV)
     try:
@@ -181,7 +185,7 @@ def test_fused_launch_same_bits(gen, name, T, dtype, spec):
         return plan_from_spec(s, T, cfg.num_experts, H, ieee_fp32=ieee(dtype, dtype), sms=8,
                               amd=torch.version.hip is not None)
 
-    fused = plan(spec + " fuse")
+    fused = plan(spec + " fuse" + (" pdlin" if torch.version.hip is None else ""))
     assert fused.fuse
     assert _same(kernel(**kw, plan=fused), kernel(**kw, plan=plan(spec)))
     assert all(int(ring.abs().sum()) == 0 for ring, _ in _RINGS.values())
@@ -231,10 +235,12 @@ gate_sig = dict(x_ptr="*bf16", w_ptr="*bf16", part_ptr="*fp32", T="i32", H="i32"
                 stride_xt="i32", stride_we="i32", KB_PER_SPLIT="i32")
 c, warps = launch_config(RouterConfig.deepseek_v3(), has_bias=True, warp=32)
 for pdl in (False, True):
-    g = dict(E=256, BLOCK_T=64, BLOCK_E=64, BLOCK_K=64, IEEE=False, PDL=pdl)
+    g = dict(E=256, BLOCK_T=64, BLOCK_E=64, BLOCK_K=64, IEEE=False, PDL=pdl, PDL_IN=pdl)
     sig = {**gate_sig, **{k: "constexpr" for k in g}}
     k = triton.compile(ASTSource(_gate_splitk_kernel, sig, g), target=GPUTarget("cuda", 90, 32))
-    print("gate", pdl, k.asm["ptx"].count("griddepcontrol.launch_dependents"))
+    ptx = k.asm["ptx"]
+    print("gate", pdl, ptx.count("griddepcontrol.launch_dependents"),
+          ptx.count("griddepcontrol.wait"))
     r = {**c, "ROWS": 1, "ROUND": 0, "PDL": pdl}
     sig = {a: "constexpr" if a in r else "*fp32" if a.endswith("_ptr") else "fp32"
            if a in ("eps", "scale") else "i32" for a in _splitk_router_kernel.arg_names}
@@ -246,8 +252,9 @@ for pdl in (False, True):
 
 
 def test_pdl_compiles_to_griddepcontrol_on_sm90():
-    """PDL=True: the GEMM lets its dependents launch and the router waits for the GEMM
-    (``griddepcontrol``); PDL=False: neither instruction (what gfx942 and the defaults get)."""
+    """PDL=True: the GEMM lets its dependents launch and the router waits for the GEMM; with
+    PDL_IN the GEMM waits for its own predecessor (``griddepcontrol``); False: neither
+    instruction (what gfx942 and the defaults get)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     try:
         from triton.backends import backends
@@ -257,7 +264,7 @@ def test_pdl_compiles_to_griddepcontrol_on_sm90():
         pytest.skip("this triton has no nvidia backend")
     out = subprocess.run([sys.executable, "-c", _PDL_PROBE], capture_output=True, text=True,
                          env=env, check=True, timeout=300).stdout.split("\n")
-    assert out[:4] == ["gate False 0", "route False 0", "gate True 1", "route True 1"], out
+    assert out[:4] == ["gate False 0 0", "route False 0", "gate True 1 1", "route True 1"], out
 
 
 @pytest.mark.gpu
@@ -287,7 +294,8 @@ def test_gpu_pdl_and_fused_same_bits_and_captured(gen):
         x, w, bias = _inputs(T, 7168, torch.bfloat16, gen)
         kw = dict(x_TH=x, weight_EH=w, config=DSV3, bias_E=bias)
         base = kernel(**kw, plan=_plan("t64 e64 s16", T))
-        for spec in ("t64 e64 s16 pdl", "t64 e64 s16 fuse"):
+        for spec in ("t64 e64 s16 pdl", "t64 e64 s16 fuse", "t64 e64 s16 pdl pdlin",
+                     "t64 e64 s16 fuse pdlin"):
             plan = _plan(spec, T)
             assert _same(kernel(**kw, plan=plan), base), (T, spec)
             graph = torch.cuda.CUDAGraph()

@@ -488,8 +488,9 @@ from triton.compiler import ASTSource
 from rocm_moe._gate_triton import _gate_splitk_kernel as fn
 sig = dict(x_ptr="*fp32", w_ptr="*fp32", part_ptr="*fp32", T="i32", H="i32", stride_xt="i32",
            stride_we="i32", KB_PER_SPLIT="i32", E="constexpr", BLOCK_T="constexpr",
-           BLOCK_E="constexpr", BLOCK_K="constexpr", IEEE="constexpr", PDL="constexpr")
-c = dict(E=256, BLOCK_T=16, BLOCK_E=64, BLOCK_K=32, IEEE=True, PDL=False)
+           BLOCK_E="constexpr", BLOCK_K="constexpr", IEEE="constexpr", PDL="constexpr",
+           PDL_IN="constexpr")
+c = dict(E=256, BLOCK_T=16, BLOCK_E=64, BLOCK_K=32, IEEE=True, PDL=False, PDL_IN=False)
 for backend, arch, warp, key in (("cuda", 90, 32, "ptx"), ("hip", "gfx942", 64, "amdgcn")):
     try:
         k = triton.compile(ASTSource(fn, sig, c), target=GPUTarget(backend, arch, warp))
