@@ -4,7 +4,7 @@
 #  1. bench/tune_experts_fp8.py at Qwen3 4096 / 16384 tokens and DeepSeek-V3 8192 rows: every
 #     candidate (<= 24) checked against the FP8 reference (WRONG rows fail the run) and timed:
 #     us, TFLOP/s, time/floor, the torch._scaled_mm FP8 ceiling measured in the run; the best
-#     per size again with precise=True (float32 out, < 1e-3); no candidate starts after 90 s.
+#     per size again with precise=True (float32 out, < 1e-3); no candidate starts after 80 s.
 #     Writes $OUT/triton_fp8_configs.json (to ship it: copy it to
 #     rocm_moe/experts/triton_fp8_configs.json) and $OUT/tune_experts_fp8_variants.{txt,json};
 #  2. rocm-moe bench experts-fp8 at the standard sizes with that table (ROCM_MOE_FP8_CONFIGS),
@@ -21,7 +21,7 @@ status=0
 SECONDS=0
 echo "== 1. sweep =="
 python3 bench/tune_experts_fp8.py --table "$OUT/triton_fp8_configs.json" \
-  --json "$OUT/tune_experts_fp8_variants.json" --budget-s 90 --rep-ms 20 2>&1 \
+  --json "$OUT/tune_experts_fp8_variants.json" --budget-s 80 --rep-ms 20 2>&1 \
   | grep -v -i warn | tee "$OUT/tune_experts_fp8_variants.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FAILED: sweep (WRONG candidate or crash)"; status=1; }
 echo "== 2. rocm-moe bench experts-fp8 with the swept table (${SECONDS} s so far) =="
