@@ -85,13 +85,13 @@ def fp8_matmul_rates(n: int = 8192) -> dict | None:
     m = torch.randn(n, n, device=dev).to(dt)
     mt = torch.randn(n, n, device=dev).to(dt).t()  # column-major, as _scaled_mm wants
     one = torch.ones((), device=dev)
+    rows, cols = torch.ones(n, 1, device=dev), torch.ones(1, n, device=dev)
     calls = {"precise_accum": lambda: torch._scaled_mm(m, mt, scale_a=one, scale_b=one,
                                                        out_dtype=torch.bfloat16),
              "fast_accum": lambda: torch._scaled_mm(m, mt, scale_a=one, scale_b=one,
                                                     out_dtype=torch.bfloat16,
                                                     use_fast_accum=True),
-             "rowwise": lambda: torch._scaled_mm(m, mt, scale_a=torch.ones(n, 1, device=dev),
-                                                 scale_b=torch.ones(1, n, device=dev),
+             "rowwise": lambda: torch._scaled_mm(m, mt, scale_a=rows, scale_b=cols,
                                                  out_dtype=torch.bfloat16)}
     rates = {}
     for name, call in calls.items():
