@@ -133,10 +133,12 @@ def check(failures: list) -> None:
         fw, emap = _weights(shape, gen)
         for T in (1, 3) if SMOKE else (1, 8, 33, 64):
             x, ids, w = _routing(shape, T, gen, drop=0.1)
-            forms = [(None, None)]
-            if T in (1, 33) or SMOKE:
-                forms += [(g, d) for g, d in zip(GATE_UP[:len(DOWN)], DOWN, strict=True)]
-            for mode in ("experts", "combine"):
+            n = max(len(GATE_UP), len(DOWN))  # every candidate once (weighted, as swept);
+            pairs = [(GATE_UP[i % len(GATE_UP)], DOWN[i % len(DOWN)]) for i in range(n)]
+            for mode in ("experts", "combine"):  # raw: the default and row gate/up + slot down
+                forms = [(None, None)]
+                if T in (1, 33) or SMOKE:
+                    forms += pairs if mode == "experts" else [(GATE_UP[-1], DOWN[-1])]
                 ref = FP8ReferenceExperts()(x, ids, w, fw.w13, fw.w2, emap, weight_mode=mode,
                                             out_dtype=torch.float32).out.double()
                 oq = on = None
