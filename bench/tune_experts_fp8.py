@@ -2,9 +2,10 @@
 
 For every shape and size at once: whole-stage CUDA-graph replays (median, the benchmark's own
 measure) of the heuristic config, then of each GATE_UP candidate (BLOCK_M, gate/up tiles and
-the launch variants: tensor descriptors, scales loaded a step ahead, warp specialisation,
-persistent and flattened tile loops; down at the heuristic's tiles for that BLOCK_M) on every
-size, then of each DOWN candidate with each size's best gate/up.
+the launch variants: tensor descriptors, scales loaded a step ahead, gate and up in one
+256-wide dot, warp specialisation, persistent and flattened tile loops; down at the
+heuristic's tiles for that BLOCK_M) on every size, then of each DOWN candidate with each
+size's best gate/up.
 Every candidate's output is checked against the FP8 torch reference (same quantisation) before
 it is timed; a wrong one is reported as WRONG and makes the run exit 1 at the end (a variant
 that does not compile or launch is reported and skipped). The best config per size is run once
@@ -51,9 +52,10 @@ GATE_UP_SHARE = 0.65  # of the time budget, for the gate/up candidates (the down
 
 
 def _kernel(bn: int, warps: int, stages: int, *, desc: bool = True, ahead: bool = True,
-            ws: bool = False) -> dict:
+            ws: bool = False, fused: bool = False) -> dict:
     k = dict(BLOCK_N=bn, BLOCK_K=128, num_warps=warps, num_stages=stages)
-    k.update({f: True for f, on in (("desc", desc), ("ahead", ahead), ("ws", ws)) if on})
+    k.update({f: True for f, on in (("desc", desc and not fused), ("ahead", ahead), ("ws", ws),
+                                    ("fused", fused)) if on})
     return k
 
 
@@ -64,7 +66,9 @@ def _kernel(bn: int, warps: int, stages: int, *, desc: bool = True, ahead: bool 
 # two programs per SM, whose MMAs, rescaling and epilogues interleave).
 GATE_UP = [
     (128, _kernel(128, 8, 3), {}),
+    (128, _kernel(128, 8, 3, fused=True), {}),
     (64, _kernel(128, 4, 2), {}),
+    (64, _kernel(128, 4, 2, fused=True), {}),
     (128, _kernel(128, 8, 3, desc=False), {}),
     (128, _kernel(128, 8, 3, ahead=False), {}),
     (128, _kernel(128, 8, 4), {}),
@@ -103,7 +107,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _label(cfg: dict) -> str:
     def k(c):
         flags = "".join(f for f, on in (("d", c.get("desc")), ("a", c.get("ahead")),
-                                         ("w", c.get("ws"))) if on)
+                                         ("w", c.get("ws")), ("f", c.get("fused"))) if on)
         return f"{c['BLOCK_N']}w{c['num_warps']}s{c['num_stages']}{flags}"
     top = "".join(f for f, on in (("P", cfg.get("persistent")), ("F", cfg.get("flatten")))
                   if on) + str(cfg.get("programs_per_sm", ""))

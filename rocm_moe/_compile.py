@@ -239,7 +239,7 @@ def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
                       FLATTEN=bool(c.get("flatten")))
             if kernel == "gate_up":
                 cx.update(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6,
-                          ROUND=False)
+                          ROUND=False, FUSED=bool(k.get("fused")))
             persist = _persistent(target) if c["BLOCK_M"] <= PERSISTENT_MAX_BLOCK_M else (False,)
             if c.get("persistent"):
                 persist = tuple(p for p in persist if p) or (False,)

@@ -18,7 +18,9 @@ the down GEMM's intermediate rows, which are contiguous per block) through tenso
 installed Triton accepts it); ``FLATTEN``: the persistent tile loop as ``tl.range(...,
 flatten=True)`` (tile epilogues overlapped with the next tile's loads); ``AHEAD``: each K
 step's scales loaded one step ahead (Triton's pipeliner prefetches only the dot operands: the
-scale loads otherwise stall every step on their latency); the down GEMM's BLOCK_N
+scale loads otherwise stall every step on their latency); ``FUSED`` (gate/up): the gate and up
+tiles as one [BLOCK_K, 256] operand and one dot (one MMA chain and one wait per K step instead
+of two; pointer loads); the down GEMM's BLOCK_N
 may be 256 (two weight-scale blocks: the scale product becomes a [BLOCK_M, BLOCK_N] outer
 product, computed once per K step). Every variant computes the same sums in the same order.
 """
@@ -56,18 +58,29 @@ def _fp8_gate_up_scales(kb, as_ptr, row, valid, ws_g, ws_u, stride_as):
 def _fp8_gate_up_step(
     kb, acc_g, acc_u, a_s, w_g, w_u, aq_ptr, w_ptr, row, valid, n0, n_ok, H, I, stride_ar,
     stride_wn, UPCAST: tl.constexpr, PRECISE: tl.constexpr, DESC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FUSED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One 128-wide K step of the gate/up tile: both partial products, each scaled by (row
-    scale ``a_s``) x (its weight block's, ``w_g`` / ``w_u``), that product computed once."""
+    scale ``a_s``) x (its weight block's, ``w_g`` / ``w_u``), that product computed once.
+    FUSED: one [BLOCK_K, 2 * BLOCK_N] weight tile (the gate rows, then the up rows) and one
+    dot into ``acc_g`` [BLOCK_M, 2 * BLOCK_N] (``acc_u`` unused), its scale per column half."""
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < H
     a = tl.load(aq_ptr + row[:, None] * stride_ar + offs_k[None, :],
                 mask=valid[:, None] & k_ok[None, :], other=0.0)
-    g = _w_tile(w_ptr, n0, n_ok, kb * BLOCK_K, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
-    u = _w_tile(w_ptr, n0 + I, n_ok, kb * BLOCK_K, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
-    acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * w_g, UPCAST, PRECISE)
-    acc_u = _fp8_dot(a, u, acc_u, a_s[:, None] * w_u, UPCAST, PRECISE)
+    if FUSED:  # (pointer loads: the two row ranges are one gather; I % 128 == 0, no n bound)
+        j = tl.arange(0, 2 * BLOCK_N)
+        up = j >= BLOCK_N
+        rows = (n0 + j + tl.where(up, I - BLOCK_N, 0)).to(tl.int64)
+        b = tl.load(w_ptr + rows[None, :] * stride_wn + offs_k[:, None], mask=k_ok[:, None],
+                    other=0.0)
+        acc_g = _fp8_dot(a, b, acc_g, a_s[:, None] * tl.where(up, w_u, w_g)[None, :], UPCAST,
+                         PRECISE)
+    else:
+        g = _w_tile(w_ptr, n0, n_ok, kb * BLOCK_K, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
+        u = _w_tile(w_ptr, n0 + I, n_ok, kb * BLOCK_K, offs_k, k_ok, stride_wn, DESC, BLOCK_N)
+        acc_g = _fp8_dot(a, g, acc_g, a_s[:, None] * w_g, UPCAST, PRECISE)
+        acc_u = _fp8_dot(a, u, acc_u, a_s[:, None] * w_u, UPCAST, PRECISE)
     return acc_g, acc_u
 
 
@@ -78,15 +91,19 @@ def _fp8_gate_up_tile(
     stride_ar, stride_as, stride_wn, stride_wse, stride_wsn, stride_ip, stride_is,
     UPCAST: tl.constexpr, PRECISE: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
     MIN_EXP: tl.constexpr, DESC: tl.constexpr, WS: tl.constexpr, AHEAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FUSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(
         t, block_expert_ptr, sorted_ptr, N_SLOTS, I, BLOCK_M, BLOCK_N)
     if e < 0:
         return
     row = tl.where(valid, slot // K_TOPK, 0).to(tl.int64)
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FUSED:  # gate columns then up columns in one accumulator
+        acc_g = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((1, 1), dtype=tl.float32)
+    else:
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     n0 = e * 2 * I + n_start  # the gate tile's first weight row; the up tile's is n0 + I
     ws_g = ws_ptr + e.to(tl.int64) * stride_wse + (n_start // 128) * stride_wsn
     ws_u = ws_g + (I // 128) * stride_wsn
@@ -95,7 +112,7 @@ def _fp8_gate_up_tile(
             a_s, w_g, w_u = _fp8_gate_up_scales(kb, as_ptr, row, valid, ws_g, ws_u, stride_as)
             acc_g, acc_u = _fp8_gate_up_step(
                 kb, acc_g, acc_u, a_s, w_g, w_u, aq_ptr, w_ptr, row, valid, n0, n_ok, H, I,
-                stride_ar, stride_wn, UPCAST, PRECISE, DESC, BLOCK_N, BLOCK_K)
+                stride_ar, stride_wn, UPCAST, PRECISE, DESC, FUSED, BLOCK_N, BLOCK_K)
     elif AHEAD:  # the scales' loads one K step ahead of their use (their latency hidden)
         a_s, w_g, w_u = _fp8_gate_up_scales(0, as_ptr, row, valid, ws_g, ws_u, stride_as)
         for kb in range(0, N_KB):
@@ -103,14 +120,16 @@ def _fp8_gate_up_tile(
                                                 valid, ws_g, ws_u, stride_as)
             acc_g, acc_u = _fp8_gate_up_step(
                 kb, acc_g, acc_u, a_s, w_g, w_u, aq_ptr, w_ptr, row, valid, n0, n_ok, H, I,
-                stride_ar, stride_wn, UPCAST, PRECISE, DESC, BLOCK_N, BLOCK_K)
+                stride_ar, stride_wn, UPCAST, PRECISE, DESC, FUSED, BLOCK_N, BLOCK_K)
             a_s, w_g, w_u = n_a, n_g, n_u
     else:
         for kb in range(0, N_KB):
             a_s, w_g, w_u = _fp8_gate_up_scales(kb, as_ptr, row, valid, ws_g, ws_u, stride_as)
             acc_g, acc_u = _fp8_gate_up_step(
                 kb, acc_g, acc_u, a_s, w_g, w_u, aq_ptr, w_ptr, row, valid, n0, n_ok, H, I,
-                stride_ar, stride_wn, UPCAST, PRECISE, DESC, BLOCK_N, BLOCK_K)
+                stride_ar, stride_wn, UPCAST, PRECISE, DESC, FUSED, BLOCK_N, BLOCK_K)
+    if FUSED:  # [BLOCK_M, 2, BLOCK_N] -> [BLOCK_M, BLOCK_N, 2] -> the two halves
+        acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc_g, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     amax = tl.maximum(tl.max(tl.abs(h), axis=1), 1e-10)
     s = tl.div_rn(amax, amax * 0.0 + FP8_MAX)
@@ -130,7 +149,7 @@ def _fp8_gate_up_kernel(
     MIN_EXP: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DESC: tl.constexpr = False, WS: tl.constexpr = False, FLATTEN: tl.constexpr = False,
-    AHEAD: tl.constexpr = False,
+    AHEAD: tl.constexpr = False, FUSED: tl.constexpr = False,
 ):
     """iq[p], is[p] = quantise(silu(a[row(p)] @ gate[e].T) * (a[row(p)] @ up[e].T)) for the
     padded slot positions p of one block (one local expert e). ``aq`` [R, H] FP8 rows with
@@ -146,20 +165,22 @@ def _fp8_gate_up_kernel(
                     t, aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr,
                     block_expert_ptr, N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as,
                     stride_wn, stride_wse, stride_wsn, stride_ip, stride_is, UPCAST, PRECISE,
-                    FP8_MAX, ROUND, MIN_EXP, DESC, WS, AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
+                    FP8_MAX, ROUND, MIN_EXP, DESC, WS, AHEAD, FUSED, BLOCK_M, BLOCK_N,
+                    BLOCK_K)
         else:
             for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
                 _fp8_gate_up_tile(
                     t, aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr,
                     block_expert_ptr, N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as,
                     stride_wn, stride_wse, stride_wsn, stride_ip, stride_is, UPCAST, PRECISE,
-                    FP8_MAX, ROUND, MIN_EXP, DESC, WS, AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
+                    FP8_MAX, ROUND, MIN_EXP, DESC, WS, AHEAD, FUSED, BLOCK_M, BLOCK_N,
+                    BLOCK_K)
     else:
         _fp8_gate_up_tile(
             tl.program_id(0), aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr,
             block_expert_ptr, N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as, stride_wn,
             stride_wse, stride_wsn, stride_ip, stride_is, UPCAST, PRECISE, FP8_MAX, ROUND,
-            MIN_EXP, DESC, WS, AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
+            MIN_EXP, DESC, WS, AHEAD, FUSED, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit

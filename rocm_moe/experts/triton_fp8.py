@@ -136,12 +136,13 @@ def _args(block_m: int, kcfg: dict) -> dict:
 
 # Launch-variant keys a config may carry (issue 31; absent = today's launch): per kernel
 # ("gate_up" / "down") "desc" (weights, and the down GEMM's intermediate, through tensor
-# descriptors where ``tma_supported``), "ws" (warp-specialised K loop) and "ahead" (each K
-# step's scales loaded one step ahead); at the top level
+# descriptors where ``tma_supported``), "ws" (warp-specialised K loop), "ahead" (each K
+# step's scales loaded one step ahead) and, gate/up only, "fused" (gate and up tiles as one
+# 256-wide dot; pointer loads); at the top level
 # "persistent" (a persistent grid at any batch and BLOCK_M), "flatten" (its tile loop
 # flattened) and "programs_per_sm" (its programs per SM, default ``PROGRAMS_PER_SM``; 1 or 2
 # for tiles of which only one or two fit an SM); the last two need "persistent".
-KERNEL_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "desc", "ws", "ahead")
+KERNEL_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "desc", "ws", "ahead", "fused")
 TOP_KEYS = ("BLOCK_M", "gate_up", "down", "persistent", "flatten", "programs_per_sm")
 
 
@@ -182,6 +183,12 @@ def check_config(cfg: dict) -> None:
         bad("config['gate_up']['BLOCK_N']", cfg["gate_up"].get("BLOCK_N"),
             f"must be {BLOCK} (the epilogue quantises whole 1x{BLOCK} groups)",
             f"set it to {BLOCK}")
+    if cfg["down"].get("fused"):
+        bad("config['down']['fused']", True, "fuses the gate and up tiles (gate_up only)",
+            "drop it from 'down'")
+    if cfg["gate_up"].get("fused") and cfg["gate_up"].get("desc"):
+        bad("config['gate_up']['fused']", True, "loads its one gate+up tile through pointers "
+            "(the two row ranges are not one descriptor box)", "drop 'desc' or 'fused'")
     bn = cfg["down"].get("BLOCK_N")
     if bn not in (16, 32, 64, 128, 256):
         bad("config['down']['BLOCK_N']", bn, "must be 16, 32, 64, 128 (within one weight "
@@ -195,9 +202,10 @@ def check_config(cfg: dict) -> None:
         bad("config['programs_per_sm']", pps, "must be a positive int", "use 1, 2 or 4")
 
 
-def _variant_args(kcfg: dict, desc: bool, persistent_cfg: dict) -> dict:
-    return dict(DESC=desc, WS=bool(kcfg.get("ws", False)), AHEAD=bool(kcfg.get("ahead", False)),
-                FLATTEN=bool(persistent_cfg.get("flatten", False)))
+def _variant_args(kcfg: dict, desc: bool, persistent_cfg: dict, *, gate_up: bool) -> dict:
+    out = dict(DESC=desc, WS=bool(kcfg.get("ws", False)), AHEAD=bool(kcfg.get("ahead", False)),
+               FLATTEN=bool(persistent_cfg.get("flatten", False)))
+    return dict(out, FUSED=bool(kcfg.get("fused", False))) if gate_up else out
 
 
 def _grid(n_tiles: int, persistent: bool, dev: torch.device, cfg: dict) -> tuple[int]:
@@ -323,7 +331,7 @@ class TritonFP8Experts(FP8Experts):
                 aq.stride(0), as_.stride(0), H, ws13.stride(0), ws13.stride(1), iq.stride(0),
                 is_.stride(0), UPCAST=upcast, PRECISE=self.precise, PERSISTENT=persistent,
                 FP8_MAX=fp8_max(rows.dtype),
-                **_rounding(rows.dtype), **_variant_args(gu, d13, cfg),
+                **_rounding(rows.dtype), **_variant_args(gu, d13, cfg, gate_up=True),
                 **_args(cfg["BLOCK_M"], gu))
             want = tma and bool(dn.get("desc"))
             iq_op, d_iq = _operand(iq, [cfg["BLOCK_M"], BLOCK], want)
@@ -337,7 +345,7 @@ class TritonFP8Experts(FP8Experts):
                 layout.num_padded, layout.sentinel,
                 H, I, I // BLOCK, iq.stride(0), is_.stride(0), I, ws2.stride(0), ws2.stride(1),
                 out_slots.stride(0), PERSISTENT=persistent, WEIGHTED=weighted, UPCAST=upcast,
-                PRECISE=self.precise, **_variant_args(dn, d2, cfg),
+                PRECISE=self.precise, **_variant_args(dn, d2, cfg, gate_up=False),
                 **_args(cfg["BLOCK_M"], dn))
         if weighted:
             out = torch.empty(R, H, dtype=out_dtype, device=dev)

@@ -55,6 +55,8 @@ VARIANTS = [
     pytest.param(_cfg(32, ahead=True, down_n=256, persistent=True),
                  id="M32_ptr_ahead_dn256_persistent"),
     pytest.param(_cfg(64, desc=True, ahead=True, down_n=64), id="M64_desc_ahead_dn64"),
+    pytest.param(dict(_cfg(32, ahead=True), gate_up=dict(_cfg(32)["gate_up"], fused=True)),
+                 id="M32_fused_ahead"),
     pytest.param(_cfg(128, desc=True, ahead=True, down_n=256), id="M128_desc_ahead_dn256"),
 ]
 SHAPES = [(33, 2, 8, 2, 256, 256)] if DEVICE.type == "cpu" else [
@@ -114,6 +116,10 @@ def test_heuristic_config_is_valid():
      r"config\['programs_per_sm'\]=0: must be a positive int"),
     (dict(down=None), r"config\['down'\]=None: must be a dict"),
     (dict(BLOCK_M=48), r"config\['BLOCK_M'\]=48: must be 16, 32, 64, 128 or 256"),
+    (dict(gate_up=dict(_cfg(16, desc=True)["gate_up"], fused=True)),
+     r"config\['gate_up'\]\['fused'\]=True: loads its one gate\+up tile through pointers"),
+    (dict(down=dict(_cfg(16)["down"], fused=True)),
+     r"config\['down'\]\['fused'\]=True: fuses the gate and up tiles \(gate_up only\)"),
     (dict(gate_up=dict(BLOCK_N=128, BLOCK_K=128, num_stages=2)),
      r"config\['gate_up'\]\['num_warps'\]=None: must be a positive int"),
 ])
