@@ -241,8 +241,8 @@ def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
                 cx.update(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6,
                           ROUND=False, FUSED=bool(k.get("fused")))
             persist = _persistent(target) if c["BLOCK_M"] <= PERSISTENT_MAX_BLOCK_M else (False,)
-            if c.get("persistent"):
-                persist = tuple(p for p in persist if p) or (False,)
+            if c.get("persistent"):  # every launch persistent (where the target allows it)
+                persist = (True in _persistent(target),)
             variants = [dict(WEIGHTED=w, PERSISTENT=p) for w in (True, False)
                         for p in persist] if kernel == "down" \
                 else [dict(PERSISTENT=p) for p in persist]

@@ -322,3 +322,24 @@ def test_tuner_picks_the_fastest_correct_candidate(tuner, monkeypatch):
     assert best["config"] == dict(fast, down=dict(fast["down"], BLOCK_N=256))
     (rows,) = tuner.tune(cases, dict(fp8_matmul_TFLOPs=1.0), 20, deadline=0.0)
     assert len(rows) == 1  # the heuristic only
+
+
+def test_compile_list_takes_the_table_variants(monkeypatch):
+    """A tuned sm_90 entry's variants reach the compile list (``_compile._fp8_experts``):
+    descriptors, scales ahead, fused gate/up, persistent + flattened at BLOCK_M 128."""
+    from rocm_moe import _compile
+
+    entry = dict(_cfg(128, desc=True, ahead=True, down_n=256, persistent=True, flatten=True),
+                 programs_per_sm=1)
+    entry["gate_up"] = dict(entry["gate_up"], desc=False, fused=True)
+    device = _compile.TARGETS["sm_90"][3]
+    monkeypatch.setattr(tf, "fp8_config_table", lambda: {device: {"2048x768": {"256": entry}}})
+    gu = [dict(x.constexprs) for x in _compile._fp8_experts("gate_up")("sm_90")
+          if x.origin.startswith("table")]
+    dn = [dict(x.constexprs) for x in _compile._fp8_experts("down")("sm_90")
+          if x.origin.startswith("table")]
+    assert [(c["FUSED"], c["DESC"], c["AHEAD"], c["PERSISTENT"], c["FLATTEN"]) for c in gu] \
+        == [(True, False, True, True, True)]
+    assert {(c["BLOCK_N"], c["DESC"], c["AHEAD"], c["PERSISTENT"]) for c in dn} \
+        == {(256, True, True, True)}
+    assert {c["WEIGHTED"] for c in dn} == {True, False}
