@@ -64,10 +64,21 @@ def fp8_config_table() -> dict:
 
 @functools.cache
 def _read_table(path: str) -> dict:
+    """The table at ``path`` ({} if there is none), every entry checked once (``check_config``;
+    a bad one raises naming the file and the entry)."""
     if not os.path.exists(path):
         return {}
     with open(path) as f:
-        return json.load(f)
+        table = json.load(f)
+    for device, shapes in table.items():
+        for hxi, buckets in shapes.items():
+            for bucket, cfg in buckets.items():
+                try:
+                    check_config(cfg)
+                except ValueError as err:  # a hand-edited or foreign table
+                    raise ValueError(f"{path}, entry [{device!r}][{hxi}][{bucket}]: {err}") \
+                        from None
+    return table
 
 
 # AMD (MI300, gfx942) heuristic, by mean slots per expert: (BLOCK_M, gate/up (warps, stages),
@@ -97,13 +108,7 @@ def fp8_block_config(num_slots: int, num_local: int, *, num_experts: int | None 
     bucket = _bucket(mean)
     if bucket not in buckets and buckets and mean > max(map(float, buckets)):
         bucket = max(buckets, key=float)
-    if bucket in buckets:
-        try:
-            check_config(buckets[bucket])
-        except ValueError as err:  # a hand-edited or foreign table
-            table = os.environ.get(CONFIG_ENV) or CONFIG_FILE
-            raise ValueError(f"{table}, entry [{device_name!r}][{hidden}x{inter}][{bucket}]: "
-                             f"{err}") from None
+    if bucket in buckets:  # (checked when the table was read)
         return {k: dict(v) if isinstance(v, dict) else v for k, v in buckets[bucket].items()}
     if _is_amd(device_name):  # AMD_FP8_CONFIGS: fits gfx942's 64 KiB of LDS
         block_m, gu, dn = next(c for m, c in AMD_FP8_CONFIGS if mean <= m)
