@@ -225,8 +225,9 @@ def _sweep_case(name, T, fw, emap, rate, gen) -> dict:
     best = min(res, key=res.get)
     g_us = _graph_us(_stage(cases, fw, emap, None))
     us, cfg = res[best], json.loads(best)
+    per = floor or float("nan")  # (no local expert in any routing: no floor)
     print(f"{name:5} T={T:3}  best {us:7.1f} us  floor {floor:6.1f}  ratio "
-          f"{us / floor:5.2f}  grouped {g_us:7.1f} ({g_us / floor:5.2f})  "
+          f"{us / per:5.2f}  grouped {g_us:7.1f} ({g_us / per:5.2f})  "
           f"gate_up {_short(cfg['gate_up'])}  down {_short(cfg['down'])}  [{len(res)} configs]",
           flush=True)
     return dict(shape=name, T=T, slots=T * shape["K"], us=us, floor=floor, grouped=g_us,
