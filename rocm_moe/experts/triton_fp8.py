@@ -230,9 +230,10 @@ class TritonFP8Experts(FP8Experts):
     tiles to float16 before tl.dot (None: where the device has no FP8 matrix instructions);
     ``precise``: FP8 products summed in float32 after every MMA instruction instead of in the
     tensor core's reduced-precision accumulator over a whole 128-wide K step. ``path`` /
-    ``small_max_slots``: as ``TritonExperts`` (small batches: ``triton_small``), except that
-    "auto" keeps the grouped path by default (``triton_small.FP8_SMALL_MAX_SLOTS`` = 0: the FP8
-    small path measured 2.7-3.8x slower on an H100)."""
+    ``small_max_slots``: as ``TritonExperts``; the FP8 small path is the streaming kernels of
+    ``triton_small_fp8`` (FP8 weights into registers, float32 sums, so ``precise`` holds
+    there by construction and ``upcast`` does not apply), which "auto" takes up to
+    ``triton_small.FP8_SMALL_MAX_SLOTS`` slots (ROCM_MOE_FP8_SMALL_MAX_SLOTS, default 8)."""
 
     name = "triton"
 
