@@ -19,10 +19,12 @@ Slots with id -1 and experts outside the rank's ExpertMap contribute nothing; no
 (CUDA-graph capturable); with ``num_rows`` the kernels stride over the device count of rows,
 their grids sized by ``expected_rows``.
 
+Block-FP8 batches run the streaming kernels of ``triton_small_fp8`` by default (the FP8 forms
+here only with an explicit ``config``: they measured slower on an H100).
 ``TritonExperts`` and ``TritonFP8Experts`` take it (``path="auto"``) when the batch's slots
 (rows x K; with ``num_rows``, ``expected_rows`` x K) are at most their ``small_max_slots``
-(default SMALL_MAX_SLOTS); ``path="small"`` / ``"grouped"`` force either (tests, benchmarks);
-invariant mode and a fixed tuning ``config`` keep the grouped path.
+(default SMALL_MAX_SLOTS; FP8: FP8_SMALL_MAX_SLOTS); ``path="small"`` / ``"grouped"`` force
+either (tests, benchmarks); invariant mode and a fixed tuning ``config`` keep the grouped path.
 
 Worked example (the test asserts it): ``choose_path("auto", rows=1, top_k=8)`` is "small"
 (8 slots), ``choose_path("auto", rows=9, top_k=8)`` is "grouped" (72 > 64 slots).
