@@ -255,3 +255,40 @@ def test_auto_takes_the_stream_path_by_size(monkeypatch, gen):
     assert calls == [(3, 2)]
     TritonFP8Experts(small_max_slots=5)(*args, weight_mode="experts")
     assert calls == [(3, 2)]  # 6 slots > 5: grouped
+
+
+# ---- GPU only -----------------------------------------------------------------------------
+
+@pytest.mark.skipif(not GPU, reason="needs a GPU (compiled kernels, graphs)")
+@pytest.mark.parametrize("T", [1, 8, 33])
+def test_gpu_qwen3_shape_every_form_and_graph_replay(T, gen):
+    """Qwen3-30B-A3B's experts in block-FP8 (E=128, H=2048, I=768, K=8, -1 slots): the default
+    config, split-K, prefetch and the row / slot forms agree with the FP8 reference in both
+    weight modes; a CUDA-graph replay gives the eager call's bits."""
+    from rocm_moe.experts.fp8 import FP8ReferenceExperts
+
+    E, H, I, K = 128, 2048, 768, 8
+    x, ids, w, fw, emap = _case(T, K, E, 1, H, I, "random", gen)
+    default = stream.stream_config(T * K)
+    cfgs = [default, dict(default, gate_up=dict(default["gate_up"], SPLIT=2, PREFETCH=True)),
+            dict(default, gate_up=_k("row", 16, 128, 8), down=_k("slot", 32, 256, 4))]
+    args = [t.to(DEVICE) for t in (x, ids, w)] + [fw.w13.to(DEVICE), fw.w2.to(DEVICE),
+                                                  emap.to(DEVICE)]
+    for mode in ("experts", "combine"):
+        want = FP8ReferenceExperts()(*args, weight_mode=mode, out_dtype=torch.float32).out
+        for cfg in cfgs:
+            got = stream.stream_fp8_experts(*args, weighted=mode == "experts",
+                                            out_dtype=torch.bfloat16, config=cfg).out
+            assert rel_err(got, want) < 1e-2, (mode, cfg)
+
+    def call():
+        return stream.stream_fp8_experts(*args, weighted=True, out_dtype=torch.bfloat16).out
+
+    eager = call().clone()
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        captured = call()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
