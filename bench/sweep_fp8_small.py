@@ -13,7 +13,7 @@ triton_small_fp8.py) on this GPU, beside the grouped FP8 path; bench/gpu_fp8_dec
    the L2 of the call before), median of replays; the grouped path timed the same way; the
    floor: the bytes of the distinct local experts of each call / the copy rate measured here.
 3. writes ENV_FILE (shell ``export`` lines: ROCM_MOE_FP8_SMALL_CONFIG with the best config per
-   slot bucket, ROCM_MOE_FP8_SMALL_MAX_SLOTS = the most Qwen3 slots where the best stream
+   shape and slot bucket, ROCM_MOE_FP8_SMALL_MAX_SLOTS = the most Qwen3 slots where the best stream
    config beat the grouped path) for ``rocm-moe bench decode``.
 
 Usage (GPU): python3 bench/sweep_fp8_small.py ENV_FILE [--skip-check] [--tokens 1 8 16 32 64]
@@ -270,11 +270,10 @@ def main() -> int:
     print(f"copy rate {rate / 1e12:.2f} TB/s; stage = gate/up + down (weighted), graph of "
           f"{ROT} calls on {ROT} routings; defaults {json.dumps(stream.stream_config(8))}")
     rows = sweep(args.shapes, args.tokens, rate)
-    table = {}
-    for r in rows:  # bucket: the batch's slots; qwen3's entry where both shapes have one
-        key = str(r["slots"])
-        if r["shape"] == "qwen3" or key not in table:
-            table[key] = r["config"]
+    table = {}  # "HxI" -> the batch's slots -> the best config
+    for r in rows:
+        shape = SHAPES[r["shape"]]
+        table.setdefault(f"{shape['H']}x{shape['I']}", {})[str(r["slots"])] = r["config"]
     wins = [r["slots"] for r in rows if r["shape"] == "qwen3" and r["us"] < r["grouped"]]
     limit = 0
     for r in sorted((r for r in rows if r["shape"] == "qwen3"), key=lambda r: r["slots"]):

@@ -28,7 +28,9 @@ environment overrides the defaults without a code change (``bench/gpu_fp8_decode
 the lines to set):
   ROCM_MOE_FP8_SMALL_CONFIG     JSON: one config for every size, or {"<slots>": config, ...}
                                 (the entry of the smallest key >= the batch's slots, else the
-                                largest); partial configs are merged into the default.
+                                largest), either of them per shape as {"<H>x<I>": ...} (other
+                                shapes: the defaults); partial configs are merged into the
+                                default.
   ROCM_MOE_FP8_SMALL_MAX_SLOTS  TritonFP8Experts(path="auto") takes this path up to this many
                                 slots (rows x K); default FP8_SMALL_MAX_SLOTS.
 
@@ -118,9 +120,15 @@ def _pick(table: dict, slots: int) -> dict:
     return table[next((k for k in keys if int(k) >= slots), keys[-1])]
 
 
-def stream_config(slots: int) -> dict:
-    """The launch config for a batch of ``slots`` (rows x K) expected: DEFAULTS, overridden by
-    ROCM_MOE_FP8_SMALL_CONFIG (module docstring)."""
+def _is_shape(key: str) -> bool:
+    h, _, i = key.partition("x")
+    return h.isdigit() and i.isdigit()
+
+
+def stream_config(slots: int, *, hidden: int = 0, inter: int = 0) -> dict:
+    """The launch config for a batch of ``slots`` (rows x K) expected of experts with H =
+    ``hidden``, I = ``inter``: DEFAULTS, overridden by ROCM_MOE_FP8_SMALL_CONFIG (module
+    docstring; a table keyed "HxI" holds one per shape, other shapes keep the defaults)."""
     cfg = _pick(DEFAULTS, slots)
     env = os.environ.get(CONFIG_ENV)
     if env:
@@ -130,6 +138,10 @@ def stream_config(slots: int) -> dict:
             raise _bad(CONFIG_ENV, env, f"must be JSON ({exc})") from None
         if not isinstance(over, dict):
             raise _bad(CONFIG_ENV, env, "must be a JSON object")
+        if over and all(_is_shape(k) for k in over):
+            over = over.get(f"{hidden}x{inter}", {})
+            if not isinstance(over, dict):
+                raise _bad(f"{CONFIG_ENV}[{hidden}x{inter}]", over, "must be a JSON object")
         if over and all(k.isdigit() for k in over):
             over = _pick(over, slots)
         cfg = _merge(cfg, over)
@@ -169,7 +181,8 @@ def stream_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.T
     H, I = w13.shape[2], w2.shape[2]
     dev = rows.device
     expect = max(1, min(R, expected_rows_of(R, num_rows, expected_rows)))
-    cfg = check_config(config) if config is not None else stream_config(expect * K)
+    cfg = check_config(config) if config is not None else stream_config(expect * K, hidden=H,
+                                                                        inter=I)
     gu, dn = cfg["gate_up"], cfg["down"]
     xfp8 = isinstance(rows, FP8Rows)
     if xfp8:

@@ -198,8 +198,8 @@ def test_worked_example_and_defaults():
 
 
 def test_environment_overrides(monkeypatch):
-    """ROCM_MOE_FP8_SMALL_CONFIG: one partial config for every size, or by slot buckets;
-    ROCM_MOE_FP8_SMALL_MAX_SLOTS: the auto limit."""
+    """ROCM_MOE_FP8_SMALL_CONFIG: one partial config for every size, by slot buckets, or by
+    shape; ROCM_MOE_FP8_SMALL_MAX_SLOTS: the auto limit."""
     monkeypatch.setenv(stream.CONFIG_ENV, json.dumps({"gate_up": {"BLOCK_N": 8}}))
     cfg = stream.stream_config(64)
     assert cfg["gate_up"]["BLOCK_N"] == 8
@@ -209,6 +209,11 @@ def test_environment_overrides(monkeypatch):
     assert stream.stream_config(8)["ACT"] == "float"
     assert stream.stream_config(9)["down"]["FORM"] == "slot"
     assert stream.stream_config(10**4)["ACT"] == "fp8"  # (the largest bucket's)
+    by_shape = {"2048x768": {"8": {"down": {"BLOCK_N": 4}}}, "7168x2048": {"gate_up": {"SPLIT": 2}}}
+    monkeypatch.setenv(stream.CONFIG_ENV, json.dumps(by_shape))
+    assert stream.stream_config(8, hidden=2048, inter=768)["down"]["BLOCK_N"] == 4
+    assert stream.stream_config(8, hidden=7168, inter=2048)["gate_up"]["SPLIT"] == 2
+    assert stream.stream_config(8, hidden=64, inter=128) == stream.DEFAULTS["64"]  # another
     monkeypatch.setenv(stream.MAX_SLOTS_ENV, "16")
     assert stream.max_slots() == 16
     monkeypatch.delenv(stream.MAX_SLOTS_ENV)
