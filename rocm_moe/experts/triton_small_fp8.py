@@ -51,10 +51,12 @@ from rocm_moe.weighting import ExpertsOutput
 
 CONFIG_ENV = "ROCM_MOE_FP8_SMALL_CONFIG"
 MAX_SLOTS_ENV = "ROCM_MOE_FP8_SMALL_MAX_SLOTS"
-# "auto" runs this path up to 8 slots (one token x top-8), UNMEASURED ON HARDWARE when set:
-# the tl.dot small path it replaces took 66.8 us at one token (grouped 32.3, floor 15.4;
-# bench/results/decode_paths_qwen3_fp8_h100.txt). bench/gpu_fp8_decode.sh measures both.
-FP8_SMALL_MAX_SLOTS = 8
+# "auto" runs this path up to this many slots. 0: not under "auto" until it is measured
+# faster than the grouped path on a GPU (the tl.dot small path it replaces took 66.8 us at one
+# token, grouped 32.3, floor 15.4: bench/results/decode_paths_qwen3_fp8_h100.txt; no device
+# time was left on 2026-12-06 to time these kernels). bench/gpu_fp8_decode.sh measures both
+# and prints the limit to set (ROCM_MOE_FP8_SMALL_MAX_SLOTS, e.g. 8 for one token x top-8).
+FP8_SMALL_MAX_SLOTS = 0
 FORMS = ("slot", "row")
 ACTS = ("fp8", "float")
 # Defaults by the slots expected (key: the most slots an entry serves). Heuristic, untuned:
