@@ -246,7 +246,9 @@ FP8_CASES = [pytest.param(*c, id="T{}_K{}_E{}_W{}_H{}_I{}_{}_{}".format(*c)) for
               (7, 2, 4, 1, 128, 256, "shared", "expert")]]
 
 
-def _fp8_case(T, K, E, W, H, I, routing, gen):
+def _fp8_case(T, K, E, W, H, I, routing, gen, *, ids_of=None, x_scale: float = 1.0):
+    """(x [T, H], ids [T, K], w [T, K], block-FP8 experts, expert map) of the last rank;
+    ``ids_of``: the routing's ids (default ``_ids``), ``x_scale``: the rows' spread."""
     from rocm_moe.experts.fp8 import quantize_experts
     from rocm_moe.quant import native_fp8_dtype
 
@@ -255,9 +257,9 @@ def _fp8_case(T, K, E, W, H, I, routing, gen):
     fw = quantize_experts(torch.randn(e, 2 * I, H, generator=gen) / H**0.5,
                           torch.randn(e, H, I, generator=gen) / I**0.5,
                           dtype=native_fp8_dtype(DEVICE))
-    x = torch.randn(T, H, generator=gen).to(DTYPE)
+    x = (torch.randn(T, H, generator=gen) * x_scale).to(DTYPE)
     w = torch.rand(T, K, generator=gen)
-    ids = _ids(T, K, E, W, routing, gen)
+    ids = (ids_of or _ids)(T, K, E, W, routing, gen)
     return x, ids, w, fw, emap
 
 

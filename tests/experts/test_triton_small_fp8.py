@@ -16,6 +16,7 @@ import torch
 from rocm_moe import Placement
 from rocm_moe.experts import triton_small_fp8 as stream
 from tests.conftest import DEVICE, rel_err
+from tests.experts.test_triton_small import _fp8_case
 
 pytest.importorskip("triton")
 
@@ -62,17 +63,7 @@ def _ids(T, K, E, W, routing, gen) -> torch.Tensor:
 
 
 def _case(T, K, E, W, H, I, routing, gen):
-    from rocm_moe.experts.fp8 import quantize_experts
-    from rocm_moe.quant import native_fp8_dtype
-
-    emap = Placement.contiguous(E, W).expert_map(W - 1)
-    e = emap.num_local
-    fw = quantize_experts(torch.randn(e, 2 * I, H, generator=gen) / H**0.5,
-                          torch.randn(e, H, I, generator=gen) / I**0.5,
-                          dtype=native_fp8_dtype(DEVICE))
-    x = (torch.randn(T, H, generator=gen) * 3).to(DTYPE)
-    w = torch.rand(T, K, generator=gen)
-    return x, _ids(T, K, E, W, routing, gen), w, fw, emap
+    return _fp8_case(T, K, E, W, H, I, routing, gen, ids_of=_ids, x_scale=3.0)
 
 
 def _run(x, ids, w, fw, emap, mode, cfg, **kw):
