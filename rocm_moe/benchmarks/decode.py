@@ -125,11 +125,9 @@ def _nbytes(w) -> int:
     return sum(_nbytes(t) for t in (w.weight, w.scale_inv))  # quant.BlockFP8Weight
 
 
-def device_kernels(fn, device: torch.device,
-                   copies: bool = False) -> list[tuple[str, float]] | None:
-    """(name, device us) of each GPU kernel one call of fn launches, in launch order
-    (torch.profiler's device events; copies and memsets only with ``copies``; None on
-    CPUs)."""
+def device_kernels(fn, device: torch.device) -> list[tuple[str, float]] | None:
+    """(name, device us) of each GPU kernel, copy and memset one call of fn launches, in
+    launch order (torch.profiler's device events; None on CPUs)."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -139,8 +137,12 @@ def device_kernels(fn, device: torch.device,
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize(device)
-    return [(e.name, e.device_time) for e in prof.events() if e.device_type.name == "CUDA"
-            and (copies or ("memcpy" not in e.name.lower() and "memset" not in e.name.lower()))]
+    return [(e.name, e.device_time) for e in prof.events() if e.device_type.name == "CUDA"]
+
+
+def _is_copy(name: str) -> bool:
+    """A copy or memset event (not counted as a kernel launch)."""
+    return "memcpy" in name.lower() or "memset" in name.lower()
 
 
 def _time_case(layer, x: torch.Tensor, cfg: dict) -> tuple[dict, torch.Tensor]:
@@ -170,14 +172,14 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
                 x = syn.tokens(cfg["seed"], 0, T, s["hidden"]).to(dtype).to(dev)
                 times, ids = _time_case(layer, x, cfg)
                 floor = None if rate is None else _expert_bytes(layer, ids) / rate * 1e6
-                kernels = device_kernels(functools.partial(layer, x), dev)
+                events = device_kernels(functools.partial(layer, x), dev)
                 rows.append(dict(cap=cap, path=path, tokens=T,
                                  **{f"{k} us": v for k, v in times.items()},
-                                 floor_us=floor,
-                                 launches=None if kernels is None else len(kernels)))
+                                 floor_us=floor, launches=None if events is None else
+                                 sum(not _is_copy(name) for name, _ in events)))
                 progress(f"cap={cap} path={path} T={T}: layer {times['layer']:.1f} us")
-                if cfg["kernel_table"] and dev.type == "cuda":  # eager, launch order
-                    for name, us in device_kernels(functools.partial(layer, x), dev, True):
+                if cfg["kernel_table"] and events:  # eager, launch order
+                    for name, us in events:
                         progress(f"  {us:8.1f} us  {name[:100]}")
             if dev.type == "cuda":
                 layer = None
