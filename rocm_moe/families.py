@@ -195,9 +195,15 @@ class ModelFamily:
         if self.float32_gate:
             kw.update(float32_logits=True)
         if self.zero_experts_key is not None:
-            zero = getattr(config, self.zero_experts_key) or 0
+            zero = self.zero_experts(config)
             kw.update(num_experts=kw["num_experts"] + zero, zero_experts=zero)
         return kw
+
+    def zero_experts(self, config) -> int:
+        """The zero-computation experts of a (text) transformers config (0 without them)."""
+        if self.zero_experts_key is None:
+            return 0
+        return getattr(config, self.zero_experts_key) or 0
 
     def intermediate_size(self, config) -> int:
         """The routed experts' intermediate size I from a transformers config."""

@@ -592,7 +592,7 @@ def weights_from_block(block: nn.Module, config, placement: Placement,
     check_activation(config, where="replace_moe_blocks")
     ex = block.experts
     E = ex.down_proj.shape[0]
-    zero = getattr(config, "zero_expert_num", None) or 0
+    zero = fam.zero_experts(config)
     if ex.gate_up_proj.shape[0] not in (E, E + zero):  # (transformers 5.17's LongCat-Flash
         raise ValueError(error_message(                 # holds unused rows for its zero experts)
             "experts.gate_up_proj.shape[0]", ex.gate_up_proj.shape[0],
