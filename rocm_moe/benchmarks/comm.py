@@ -197,18 +197,24 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
 
 
 def _wire_row_bytes(H: int, dtype: torch.dtype, K: int, comm=()) -> dict:
-    """Bytes of one packed dispatch row on the wire: torch's, and each FP8 backend's that runs
-    (symm rows are torch's: the same packed row)."""
+    """Bytes of one dispatch row on the wire: torch's packed row, and each other backend's
+    that runs (symm: the payload padded to 16 bytes, then its ids and weights, 8 K bytes, to
+    sections of their own)."""
     from rocm_moe.comm.rows import row_words
+    from rocm_moe.comm.wire import fp8_row_bytes
+
+    def symm(P: int, wire_dtype: torch.dtype) -> int:
+        from rocm_moe.comm.symm import buffer_layout
+
+        return 4 * buffer_layout(1, 1, H, K, dtype, payload=(P, wire_dtype)).row_words + 8 * K
 
     out = {"torch": 4 * row_words(H, dtype, K)}
     if "symm" in comm or "symm-fp8" in comm:
-        out["symm"] = out["torch"]
-    for name in ("torch-fp8", "symm-fp8"):
-        if name in comm:
-            from rocm_moe.comm.wire import fp8_row_bytes
-
-            out[name] = 4 * row_words(fp8_row_bytes(H), torch.uint8, K)
+        out["symm"] = symm(H, dtype)
+    if "torch-fp8" in comm:
+        out["torch-fp8"] = 4 * row_words(fp8_row_bytes(H), torch.uint8, K)
+    if "symm-fp8" in comm:
+        out["symm-fp8"] = symm(fp8_row_bytes(H), torch.uint8)
     return out
 
 

@@ -3,8 +3,8 @@
 Every rank holds one symmetric buffer (same size on every rank, mapped into every peer's
 address space by torch symmetric memory). ``ptrs_ptr`` is a [W] int64 tensor of the buffers'
 base addresses as seen from this rank; a section of peer d's buffer is ``ptrs[d] + offset``
-(bytes), cast to a typed pointer. Sections (``comm.symm`` lays them out): received rows, the
-partials coming back, the [W, W] count matrix, the barrier flags.
+(bytes), cast to a typed pointer. Sections (``comm.symm`` lays them out): received rows, their
+ids and weights, the partials coming back, the [W, W] count matrix, the barrier flags.
 
 Only plain loads, stores and atomic compare-and-swap at system scope: nothing vendor-specific,
 so the same kernels build for CUDA and ROCm (gfx942).
@@ -90,10 +90,12 @@ def route_counts_kernel(ids_ptr, dest1_ptr, pos_ptr, ptrs_ptr, T, K, me, W, CAP,
 
 @triton.jit
 def pack_put_kernel(x_ptr, ids_ptr, w_ptr, pos_ptr, counts_ptr, ptrs_ptr, XW, K, RW, me, W,
-                    CAP, RECV_OFF, BLOCK: tl.constexpr):
-    """Grid (T, blocks of row words): token t's packed row [x words | K ids | K weight bits |
-    pad] goes to every peer d with pos[t, d] >= 0, at row (rows that ranks below this one send
-    to d, from the [W, W] count matrix ``counts_ptr``) + pos[t, d] - d * CAP.
+                    CAP, RECV_OFF, IDS_OFF, WTS_OFF, K_POW2: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (T, blocks of row words): token t's payload row [x words | pad] goes to every peer
+    d with pos[t, d] >= 0, at row (rows that ranks below this one send to d, from the [W, W]
+    count matrix ``counts_ptr``) + pos[t, d] - d * CAP of d's receive section; the programs of
+    the first block also write its K ids and K weights to the same row of d's ids and weights
+    sections ([rows, K] each, so the receiver's routing is contiguous).
 
     x_ptr [T, XW] int32 words; ids_ptr [T, K] int32; w_ptr [T, K] float32; pos_ptr [T, W]
     int64 (``route_counts_kernel``'s). Example: W = 2, this is rank 1, its tokens 0 and 2 go
@@ -102,35 +104,37 @@ def pack_put_kernel(x_ptr, ids_ptr, w_ptr, pos_ptr, counts_ptr, ptrs_ptr, XW, K,
     """
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    in_x = j < XW
-    in_ids = (j >= XW) & (j < XW + K)
-    in_w = (j >= XW + K) & (j < XW + 2 * K)
-    v = tl.load(x_ptr + t * XW + j, mask=in_x, other=0)
-    ids = tl.load(ids_ptr + t * K + (j - XW), mask=in_ids, other=0)
-    w = tl.load(w_ptr + t * K + (j - XW - K), mask=in_w, other=0.0).to(tl.int32, bitcast=True)
-    v = tl.where(in_x, v, tl.where(in_ids, ids, w))
+    v = tl.load(x_ptr + t * XW + j, mask=j < XW, other=0)  # pad words: 0
+    kk = tl.arange(0, K_POW2)
+    km = kk < tl.where(tl.program_id(1) == 0, K, 0)  # the first block's programs only
+    ids = tl.load(ids_ptr + t * K + kk, mask=km, other=-1)
+    w = tl.load(w_ptr + t * K + kk, mask=km, other=0.0)
     for d in range(W):
         p = tl.load(pos_ptr + t * W + d)
         if p >= 0:
             base = p - d * CAP
             for s in range(me):
                 base += tl.load(counts_ptr + s * W + d)
+            peer = tl.load(ptrs_ptr + d)
             # One aligned scalar row pointer: the stores stay 16-byte vectors (rows are padded
             # to 16 bytes; an address cast to a pointer carries no alignment of its own).
-            dst = _addr(ptrs_ptr, d, RECV_OFF + base * RW * 4).to(tl.pointer_type(tl.int32))
+            dst = (peer + RECV_OFF + base * RW * 4).to(tl.pointer_type(tl.int32))
             dst = tl.multiple_of(dst, 16)
             tl.store(dst + j, v, mask=j < RW)
+            meta = base * K * 4
+            tl.store((peer + IDS_OFF + meta).to(tl.pointer_type(tl.int32)) + kk, ids, mask=km)
+            tl.store((peer + WTS_OFF + meta).to(tl.pointer_type(tl.float32)) + kk, w, mask=km)
 
 
 @triton.jit
 def barrier_scrub_kernel(ptrs_ptr, me, W, FLAG_OFF, status_ptr, counts_ptr, recv_ptr,
-                         nvalid_ptr, meta_ptr, RW, K, N_ROWS, SPIN: tl.constexpr,
+                         nvalid_ptr, ids_ptr, w_ptr, K, N_ROWS, SPIN: tl.constexpr,
                          K_POW2: tl.constexpr, W_POW2: tl.constexpr, BLOCK_R: tl.constexpr):
     """Grid (W + scrub programs,): programs p < W are a barrier (every rank's rows have
     arrived); the others, meanwhile, copy column ``me`` of the count matrix (rows received
     from each rank) to ``recv_ptr`` [W] and R to ``nvalid_ptr`` [1], and mark every row at or
-    past R empty in the receive section (ids -1, weights 0; ``meta_ptr``: the first id word of
-    row 0, rows ``RW`` words apart). Peers only write rows below R, so both run at once."""
+    past R empty in this rank's ids and weights sections (``ids_ptr`` / ``w_ptr``, [N_ROWS, K]:
+    ids -1, weights 0). Peers only write rows below R, so both run at once."""
     p = tl.program_id(0)
     if p < W:
         _signal_wait(ptrs_ptr, p, me, FLAG_OFF, status_ptr, SPIN)
@@ -142,15 +146,11 @@ def barrier_scrub_kernel(ptrs_ptr, me, W, FLAG_OFF, status_ptr, counts_ptr, recv
             tl.store(recv_ptr + q, recv, mask=q < W)
             tl.store(nvalid_ptr, R)
         r = (p - W) * BLOCK_R + tl.arange(0, BLOCK_R)
-        kk = tl.arange(0, 2 * K_POW2)
-        # kk < K_POW2: id slot kk; past it, weight slot kk - K_POW2 (not kk < 2K: with K not a
-        # power of two that left the last K_POW2 - K weights of every row past R unscrubbed)
-        m = (r[:, None] >= R) & (r[:, None] < N_ROWS)
-        val = tl.where(kk < K_POW2, -1, 0)  # ids -1, then weight bits of 0.0
-        col = tl.where(kk < K_POW2, kk, kk - K_POW2 + K)
-        m = m & (tl.where(kk < K_POW2, kk, kk - K_POW2) < K)[None, :]
-        tl.store(meta_ptr + r[:, None].to(tl.int64) * RW + col[None, :],
-                 tl.zeros([BLOCK_R, 2 * K_POW2], dtype=tl.int32) + val[None, :], mask=m)
+        kk = tl.arange(0, K_POW2)
+        m = (r[:, None] >= R) & (r[:, None] < N_ROWS) & (kk[None, :] < K)
+        at = r[:, None].to(tl.int64) * K + kk[None, :]
+        tl.store(ids_ptr + at, tl.full([BLOCK_R, K_POW2], -1, tl.int32), mask=m)
+        tl.store(w_ptr + at, tl.zeros([BLOCK_R, K_POW2], dtype=tl.float32), mask=m)
 
 
 @triton.jit
@@ -187,9 +187,12 @@ def push_back_kernel(y_ptr, y_stride, sel_ptr, sel_stride, recv_ptr, ptrs_ptr, m
             ok = r < R
             if USE_SEL:
                 ok = ok & (tl.load(sel_ptr + r * sel_stride, mask=ok, other=0) != 0)
-            v = tl.load(y_ptr + r.to(tl.int64) * y_stride + h, mask=hm & ok)
+            # (the row's flag as a [BLOCK_H] mask: Triton's interpreter refuses a tensor
+            # mask and-ed with a scalar one, so CPU tests could not run this kernel)
+            m = hm & ((tl.zeros([BLOCK_H], dtype=tl.int32) + ok.to(tl.int32)) != 0)
+            v = tl.load(y_ptr + r.to(tl.int64) * y_stride + h, mask=m)
             row = tl.load(ptrs_ptr + src, mask=ok, other=0) + BACK_OFF + \
                 (me * CAP + r - start).to(tl.int64) * H * ELEM
             dst = row.to(tl.pointer_type(y_ptr.dtype.element_ty))
             dst = tl.multiple_of(dst, 16)  # as in pack_put_kernel: rows are 16-byte aligned
-            tl.store(dst + h, v, mask=hm & ok)
+            tl.store(dst + h, v, mask=m)

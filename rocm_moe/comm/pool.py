@@ -145,12 +145,9 @@ def comm_bytes(name: str, world_size: int, max_tokens_per_rank: int, hidden_size
     _check_dtype(dtype)
     W, cap, H, K, L = world_size, max_tokens_per_rank, hidden_size, top_k, batches_in_flight
     if name == "symm":
-        from rocm_moe.comm import rows
-        from rocm_moe.comm.symm import _round_up
+        from rocm_moe.comm.symm import buffer_layout
 
-        recv = L * _round_up(W * cap * rows.row_words(H, dtype, K) * 4)
-        back = 2 * W * cap * H * dtype.itemsize
-        return sum(_round_up(n) for n in (recv, back, L * _round_up(W * W * 4), W * 4))
+        return buffer_layout(W, cap, H, K, dtype, batches_in_flight=L).total
     if name == "mori":
         from rocm_moe.comm.mori import heap_bytes, mori_config
 

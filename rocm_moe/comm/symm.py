@@ -4,9 +4,14 @@ capturable. MORI's semantics, exactly as the torch backend (rocm_moe.comm.torch)
 Every rank allocates one symmetric buffer once (sized from ``max_tokens_per_rank``, called cap
 below) that every peer can address directly:
 
-    recv   [W * cap, row words] int32   rows received: [x | K int32 ids | K float32 weights]
-                                        (x as it travels: ``_to_wire``'s payload, x itself
-                                        here, FP8 values and scales in ``comm.symm_fp8``)
+    recv   [W * cap, row words] int32   rows received, as they travel (``_to_wire``'s payload:
+                                        x itself, or FP8 values and scales, ``comm.wire``),
+                                        each padded to 16 bytes
+    ids    [W * cap, K] int32           their global ids, and
+    weights [W * cap, K] float32        their routing weights, each in a section of its own
+                                        (contiguous [R, K] results: no experts backend copies
+                                        them, issue 33: two copies of the strided ids and
+                                        weights cost 1.5-2.0 us each per decode layer)
     back   [2, W * cap, H] x.dtype      partials returned to this rank: rank d's row j for the
                                         j-th token this rank sent to d lands on row d * cap + j
                                         of one half; consecutive combines alternate halves
@@ -17,10 +22,10 @@ Dispatch (three launches, nothing read on the host):
   1. ``route_counts``: the owner ranks of each token's slots (a token goes once to each unique
      owner) and its index among the tokens sent to each owner; each rank writes its [W] send
      counts into every peer's count matrix, then a barrier: every rank holds the whole matrix;
-  2. ``pack_put``: each token's packed row is written straight into each owner's receive
-     section at row (tokens that lower ranks send there) + (its index): received rows are
-     compact and ordered by (source rank, token), as with the torch backend, so repeats are
-     bit-identical;
+  2. ``pack_put``: each token's payload, ids and weights are written straight into each
+     owner's receive, ids and weights sections at row (tokens that lower ranks send there) +
+     (its index): received rows are compact and ordered by (source rank, token), as with the
+     torch backend, so repeats are bit-identical;
   3. ``barrier_scrub``: a barrier (every rank's rows have arrived) while other programs mark
      every row at or past R empty (ids -1, weights 0).
 The received row count R stays on the device (``DispatchResult.num_valid``). The result is
@@ -65,7 +70,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from rocm_moe._checks import error_message
+from rocm_moe._checks import error_message, value_checks_allowed
 from rocm_moe._libs import triton_missing
 from rocm_moe.comm import rows, wire
 from rocm_moe.comm.base import (
@@ -111,6 +116,43 @@ def _check_one_host(group) -> None:
             "EP group hosts", sorted(set(hosts)), "the symm backend's puts are peer-to-peer "
             "loads/stores, which reach the GPUs of one host only",
             "use comm='torch' (or 'mori') for a group that spans nodes"))
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """Where each section of the symmetric buffer lies (bytes; see the module docstring)."""
+
+    row_words: int  # 32-bit words of one received row (the payload, padded to 16 bytes)
+    sizes: dict[str, int]  # section -> bytes (all lanes)
+    lane_bytes: dict[str, int]  # per-lane section -> bytes of one lane (each starts aligned)
+    offsets: dict[str, int]  # section -> byte offset of its first lane
+    total: int
+
+
+def buffer_layout(world_size: int, max_tokens_per_rank: int, hidden_size: int, top_k: int,
+                  dtype: torch.dtype, *, payload: tuple[int, torch.dtype] | None = None,
+                  batches_in_flight: int = 1) -> BufferLayout:
+    """The symmetric buffer's sections for these sizes (pure: what ``SymmDispatcher``
+    allocates and ``pool.comm_bytes`` reports). ``payload``: (P, dtype) of the [T, P] rows as
+    they travel (``comm.wire``); default x itself, [T, H] in ``dtype``. Per lane
+    (``batches_in_flight``): a receive section, an ids and a weights section, a count matrix,
+    each starting aligned; one back section and one set of flags for all."""
+    W, cap, H, K, L = world_size, max_tokens_per_rank, hidden_size, top_k, batches_in_flight
+    P, wire_dtype = payload or (H, dtype)
+    pbytes = P * wire_dtype.itemsize
+    assert pbytes % rows.WORD == 0, "the payload must be whole 32-bit words"
+    words = -(-(pbytes // rows.WORD) // rows.ALIGN_WORDS) * rows.ALIGN_WORDS
+    lane = {"recv": _round_up(W * cap * words * rows.WORD), "ids": _round_up(W * cap * K * 4),
+            "weights": _round_up(W * cap * K * 4), "counts": _round_up(W * W * 4)}
+    sizes = {"recv": L * lane["recv"], "ids": L * lane["ids"], "weights": L * lane["weights"],
+             "back": 2 * W * cap * H * dtype.itemsize, "counts": L * lane["counts"],
+             "flags": W * 4}
+    offsets, total = {}, 0
+    for name, size in sizes.items():
+        offsets[name] = total
+        total += _round_up(size)
+    return BufferLayout(row_words=words, sizes=sizes, lane_bytes=lane, offsets=offsets,
+                        total=total)
 
 
 class SymmDispatcher(Dispatcher):
@@ -192,55 +234,60 @@ class SymmDispatcher(Dispatcher):
         self.spin_limit = spin_limit
         check_agreement(self, group)
         _check_one_host(group)
-        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = self._rank_device()
         self._allocate()
         self.expert_map_on(self.device)  # built now: its first use may be inside a graph capture
 
     # ---- buffers ----------------------------------------------------------------------------
     def _allocate(self) -> None:
-        import torch.distributed._symmetric_memory as symm_mem
         import triton
 
-        W, cap, H = self.world_size, self.max_tokens_per_rank, self.hidden_size
+        W, cap, H, K = self.world_size, self.max_tokens_per_rank, self.hidden_size, self.top_k
         L = self.batches_in_flight
         P, wire_dtype = self._wire_format()
-        self.row_words = rows.row_words(P, wire_dtype, self.top_k)
-        # Per lane (``batches_in_flight``): a receive section and a count matrix, each starting
-        # aligned; one back section and one set of flags for all.
-        self._lane_bytes = {"recv": _round_up(W * cap * self.row_words * 4),
-                            "counts": _round_up(W * W * 4)}
-        sizes = {"recv": L * self._lane_bytes["recv"],
-                 "back": 2 * W * cap * H * self.dtype.itemsize,
-                 "counts": L * self._lane_bytes["counts"], "flags": W * 4}
-        self.offsets, total = {}, 0
-        for name, size in sizes.items():
-            self.offsets[name] = total
-            total += _round_up(size)
-        buf = symm_mem.empty(total, dtype=torch.uint8, device=self.device)
-        buf.zero_()  # flags start at 0; rows past R are never read, but hold no NaN either
-        hdl = symm_mem.rendezvous(buf, self.group.group_name)
-        self._buf, self._hdl = buf, hdl
-        self._ptrs = torch.tensor(list(hdl.buffer_ptrs), dtype=torch.int64, device=self.device)
+        lay = buffer_layout(W, cap, H, K, self.dtype, payload=(P, wire_dtype),
+                            batches_in_flight=L)
+        self.row_words, self.offsets, self._lane_bytes = lay.row_words, lay.offsets, lay.lane_bytes
+        buf, ptrs = self._map_buffer(lay.total)
+        self._buf, self._ptrs = buf, ptrs
 
         def section(name, dtype, shape, lane=0):
             o = self.offsets[name] + lane * self._lane_bytes.get(name, 0)
-            n = self._lane_bytes.get(name, sizes[name])
+            n = self._lane_bytes.get(name, lay.sizes[name])
             return buf[o:o + n].view(dtype)[:math.prod(shape)].view(shape)
 
         self._recv_views, self._counts = [], []
         for lane in range(L):
             recv = section("recv", torch.int32, (W * cap, self.row_words), lane)
+            payload = recv[:, :P * wire_dtype.itemsize // rows.WORD].view(wire_dtype)
             # (x [W * cap, H], ids [W * cap, K], weights [W * cap, K]): the lane's views
-            payload, ids, w = rows.unpack(recv, P, wire_dtype, self.top_k)
-            self._recv_views.append((self._from_wire(payload), ids, w))
+            self._recv_views.append((self._from_wire(payload),
+                                     section("ids", torch.int32, (W * cap, K), lane),
+                                     section("weights", torch.float32, (W * cap, K), lane)))
             self._counts.append(section("counts", torch.int32, (W, W), lane))
+        self._rows_of: list[int | None] = [None] * L  # the batch whose rows each lane holds
         self._back = section("back", self.dtype, (2, W * cap, H))
         self._half = 0  # the back half the next push uses
         self._status = torch.zeros(W, dtype=torch.int32, device=self.device)
         self._dest1_i32 = self._dest1_on(self.device).to(torch.int32)
         self._w_pow2 = triton.next_power_of_2(W)
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         dist.barrier(group=self.group)  # every buffer zeroed before any peer signals
+
+    def _rank_device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device())
+
+    def _map_buffer(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Collective: this rank's zeroed symmetric buffer of ``nbytes`` (uint8) and the [W]
+        int64 base addresses of every rank's buffer as this rank addresses them."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
+        buf.zero_()  # flags start at 0; rows past R are never read, but hold no NaN either
+        self._hdl = symm_mem.rendezvous(buf, self.group.group_name)
+        return buf, torch.tensor(list(self._hdl.buffer_ptrs), dtype=torch.int64,
+                                 device=self.device)
 
     # ---- health ----------------------------------------------------------------------------
     def check_peers(self) -> None:
@@ -276,7 +323,7 @@ class SymmDispatcher(Dispatcher):
         return wire.from_wire(payload_RP, self.hidden_size, self.fp8_dtype, self.dtype)
 
     def dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, *, validate: bool = True):
-        if validate and not torch.cuda.is_current_stream_capturing():
+        if validate and value_checks_allowed(x_TH):
             self.check_peers()
         if x_TH.device != self.device:
             raise ValueError(error_message(
@@ -296,29 +343,31 @@ class SymmDispatcher(Dispatcher):
         T, K = topk_ids_TK.shape
         W, me, cap, dev = self.world_size, self.rank, self.max_tokens_per_rank, self.device
         lane = self._free_lane()  # (the base class records the batch in it after this call)
-        counts_off = self.offsets["counts"] + lane * self._lane_bytes["counts"]
-        recv_off = self.offsets["recv"] + lane * self._lane_bytes["recv"]
+        off = {name: self.offsets[name] + lane * self._lane_bytes[name]
+               for name in ("counts", "recv", "ids", "weights")}
         counts_WW = self._counts[lane]
         ids = topk_ids_TK.contiguous()
         w = topk_weights_TK.contiguous()
         pos_TW = torch.empty(T, W, dtype=torch.int64, device=dev)
         k_pow2 = triton.next_power_of_2(K)
         route_counts_kernel[(W,)](
-            ids, self._dest1_i32, pos_TW, self._ptrs, T, K, me, W, cap, counts_off,
+            ids, self._dest1_i32, pos_TW, self._ptrs, T, K, me, W, cap, off["counts"],
             self.offsets["flags"], self._status, K_POW2=k_pow2, W_POW2=self._w_pow2,
             CHUNK=min(256, max(16, triton.next_power_of_2(T))), SPIN=self.spin_limit, num_warps=4)
         if T:
             x_words = self._to_wire(x_TH).contiguous().view(torch.int32)
             pack_put_kernel[(T, -(-self.row_words // BLOCK_WORDS))](
                 x_words, ids, w, pos_TW, counts_WW, self._ptrs, x_words.shape[1], K,
-                self.row_words, me, W, cap, recv_off, BLOCK=BLOCK_WORDS)
+                self.row_words, me, W, cap, off["recv"], off["ids"], off["weights"],
+                K_POW2=k_pow2, BLOCK=BLOCK_WORDS)
         recv_W = torch.empty(W, dtype=torch.int32, device=dev)
         nvalid = torch.empty(1, dtype=torch.int32, device=dev)
         n_rows = W * cap
         x_R, ids_R, w_R = self._recv_views[lane]
+        self._rows_of[lane] = batch_id
         barrier_scrub_kernel[(W + -(-n_rows // SCRUB_ROWS),)](
             self._ptrs, me, W, self.offsets["flags"], self._status, counts_WW, recv_W,
-            nvalid, ids_R, self.row_words, K, n_rows, SPIN=self.spin_limit, K_POW2=k_pow2,
+            nvalid, ids_R, w_R, K, n_rows, SPIN=self.spin_limit, K_POW2=k_pow2,
             W_POW2=self._w_pow2, BLOCK_R=SCRUB_ROWS, num_warps=4)
         handle = SymmCombineHandle(
             **self.handle_fields(batch_id=batch_id, x_TH=x_TH, topk_weights_TK=topk_weights_TK,
@@ -330,8 +379,11 @@ class SymmDispatcher(Dispatcher):
 
     # ---- combine ----------------------------------------------------------------------------
     def _check_open(self, handle) -> None:
-        if not self._holds(handle):
-            held = [b for b in self._lanes if b is not None]
+        """A batch may be combined again (another weight mode, combine_raw) until a later
+        dispatch fills its lane: its received ids and weights are views of the lane, and
+        consecutive pushes alternate the back halves (module docstring)."""
+        if self._rows_of[handle.lane] != handle.batch_id:
+            held = [b for b in self._rows_of if b is not None]
             raise ValueError(error_message(
                 "handle.batch_id", handle.batch_id, f"the symm backend's buffers hold batch(es) "
                 f"{held} now (batches_in_flight={self.batches_in_flight} per dispatcher; a "

@@ -1,7 +1,8 @@
 """SymmDispatcher: the torch backend's whole check catalogue on NCCL ranks (W = 2, 4; GPUs
-with peer access), a captured CUDA graph of the whole EPMoE forward against the eager one and
-the float64 oracle, and a peer that never arrives reported by rank. On CPUs only the
-availability reason is checked (nothing else can run there)."""
+with peer access) and on gloo ranks (W = 2: the same kernels in Triton's interpreter, the
+buffers in shared memory of the ranks' processes, tests/symm_shm.py), a captured CUDA graph of
+the whole EPMoE forward against the eager one and the float64 oracle, and a peer that never
+arrives reported by rank."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from rocm_moe.distributed import launch
 from rocm_moe.experts.reference import dense_moe_reference
 from tests.comm import test_torch as catalogue
 from tests.conftest import TOL, rel_err
+from tests.symm_shm import shm_available
 
 _GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 E, K, H, I = 16, 4, 128, 64  # Triton-sized for the graph checks
@@ -35,12 +37,17 @@ def test_unavailable_reason_without_gpu():
                            dtype=torch.bfloat16, max_tokens_per_rank=8)
 
 
-@pytest.fixture(scope="module", params=[pytest.param(W, id=f"nccl-W{W}", marks=_gpus(W))
-                                        for W in (2, 4)])
+_SHM = [pytest.mark.skipif(shm_available() is not None, reason=str(shm_available()))]
+
+
+@pytest.fixture(scope="module", params=[
+    *[pytest.param(("nccl", W), id=f"nccl-W{W}", marks=_gpus(W)) for W in (2, 4)],
+    *[pytest.param(("gloo", W), id=f"shm-W{W}", marks=_SHM) for W in (2,)]])
 def suite(request):
-    W = request.param
+    backend, W = request.param
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
-    return W, seed, launch(W, catalogue._suite, seed, "symm", backend="nccl", timeout_s=180)
+    return W, seed, launch(W, catalogue._suite, seed, "symm" if backend == "nccl" else
+                           "symm-shm", backend=backend, timeout_s=600)
 
 
 @pytest.mark.parametrize("check", list(catalogue.CHECKS))
@@ -92,15 +99,30 @@ def test_graph_replay_equals_eager_and_oracle(W):
     launch(W, _graph_worker, 11, backend="nccl", timeout_s=300)
 
 
-def _dead_peer_worker(info, seed):
-    disp = SymmDispatcher(Placement.contiguous(E, info.world_size), hidden_size=H, top_k=K,
-                          dtype=torch.bfloat16, max_tokens_per_rank=8, spin_limit=1 << 14)
+def _symm_class(backend: str):
+    """The dispatcher a test's ranks build: SymmDispatcher on NCCL ranks, its shared-memory
+    form (tests/symm_shm.py) on gloo ranks."""
+    if backend == "nccl":
+        return SymmDispatcher
+    from tests.symm_shm import ShmSymmDispatcher
+
+    return ShmSymmDispatcher
+
+
+_DEAD_SPIN = {"nccl": 1 << 14, "gloo": 1 << 11}  # interpreted spins take about 1 ms each
+
+
+def _dead_peer_worker(info, backend):
+    disp = _symm_class(backend)(Placement.contiguous(E, info.world_size), hidden_size=H,
+                                top_k=K, dtype=torch.bfloat16, max_tokens_per_rank=8,
+                                spin_limit=_DEAD_SPIN[backend])
     msg = "stayed away"  # rank 1 never dispatches, but keeps its memory mapped until the end
     if info.rank == 0:
         x = torch.randn(3, H, device=info.device).bfloat16()
         ids = torch.tensor([[0, 1, 8, 9]] * 3, device=info.device)
         disp.dispatch(x, torch.rand(3, K, device=info.device), ids)  # returns: no hang
-        torch.cuda.synchronize()
+        if info.device.type == "cuda":
+            torch.cuda.synchronize()
         try:
             disp.check_peers()
         except RuntimeError as exc:
@@ -111,9 +133,58 @@ def _dead_peer_worker(info, seed):
     return msg
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(_GPUS < 2, reason="needs 2 GPUs")
-def test_peer_that_never_arrives_is_named():
-    msgs = launch(2, _dead_peer_worker, 0, backend="nccl", timeout_s=120)
+@pytest.mark.parametrize("backend", [pytest.param("nccl", marks=_gpus(2)),
+                                     pytest.param("gloo", id="shm", marks=_SHM)])
+def test_peer_that_never_arrives_is_named(backend):
+    msgs = launch(2, _dead_peer_worker, backend, backend=backend, timeout_s=120)
     assert "symm dispatcher peers=[1]" in msgs[0], msgs[0]
-    assert "spin_limit=16384" in msgs[0]
+    assert f"spin_limit={_DEAD_SPIN[backend]}" in msgs[0]
+
+
+# ---- W = 3 on CPU ranks: uneven ownership, a rank without tokens, repeated combines ---------
+_UNEVEN = ([0, 1, 2, 3, 4], [5, 6], [7, 8, 9])  # 10 experts over 3 ranks, unevenly
+
+
+def _uneven_worker(info, seed):
+    from rocm_moe.comm.torch import TorchDispatcher
+    from rocm_moe.weighting import ExpertsOutput
+    from tests.symm_shm import ShmSymmDispatcher
+
+    p = Placement.from_lists(_UNEVEN, 10)
+    kw = dict(hidden_size=24, top_k=3, dtype=torch.float16)  # K = 3: not a power of two
+    ref, sym = TorchDispatcher(p, **kw), ShmSymmDispatcher(p, max_tokens_per_rank=13, **kw)
+    out = {}
+    for step, T in enumerate(([13, 0, 1], [2, 5, 0])[i][info.rank] for i in range(2)):
+        g = torch.Generator().manual_seed(seed * 10 + step * 3 + info.rank)
+        x = torch.randn(T, 24, generator=g).half()
+        ids = torch.rand(T, 10, generator=g).topk(3, dim=1).indices.to(torch.int32)
+        ids[torch.rand(T, 3, generator=g) < 0.2] = -1
+        w = torch.rand(T, 3, generator=g)
+        a, b = ref.dispatch(x, w, ids), sym.dispatch(x, w, ids)
+        R = a.x.shape[0]
+        y = torch.randn(a.x.shape[0], 3, 24, generator=g).half()
+        y_sym = torch.zeros(b.x.shape[0], 3, 24, dtype=torch.float16)
+        y_sym[:R] = y
+        raw_a, raw_b = (ExpertsOutput(out=t, weights_applied=False) for t in (y, y_sym))
+        out[f"step{step}"] = dict(
+            capacity=tuple(b.x.shape) == (3 * 13, 24), num_valid=int(b.num_valid) == R,
+            rows=torch.equal(b.x[:R], a.x), ids=torch.equal(b.topk_ids[:R], a.topk_ids),
+            weights=torch.equal(b.topk_weights[:R], a.topk_weights),
+            contiguous=b.topk_ids.is_contiguous() and b.topk_weights.is_contiguous(),
+            empty=bool((b.topk_ids[R:] == -1).all() and (b.topk_weights[R:] == 0).all()),
+            combine=torch.equal(sym.combine(raw_b, b.handle), ref.combine(raw_a, a.handle)),
+            again=torch.equal(sym.combine(raw_b, b.handle), ref.combine(raw_a, a.handle)),
+            raw=torch.equal(sym.combine_raw(raw_b, b.handle), ref.combine_raw(raw_a, a.handle)))
+    return out
+
+
+@pytest.mark.skipif(shm_available() is not None, reason=str(shm_available()))
+def test_uneven_ranks_on_cpu_ranks():
+    """W = 3 over shared memory: ranks owning 5, 2 and 3 experts, batches of 13 / 0 / 1 then
+    2 / 5 / 0 tokens on one dispatcher (buffers reused), -1 slots: the received rows, ids and
+    weights equal the torch backend's bit for bit (ids and weights contiguous), rows past R
+    empty, combine (twice: a batch may be combined again until the next dispatch) and
+    combine_raw equal torch's."""
+    for rank, res in enumerate(launch(3, _uneven_worker, 5, backend="gloo", timeout_s=600)):
+        for step, checks in res.items():
+            assert all(checks.values()), (rank, step, checks)

@@ -144,31 +144,6 @@ def test_wire_bytes_and_the_bench_line():
     assert fp8_row_bytes(200) == 208
 
 
-def _fake_symmetric_memory() -> None:
-    """One rank's symm backend on a CPU (call it in a spawned rank only): the "symmetric"
-    buffer is ordinary memory and its one peer pointer is its own address, which the kernels
-    (in Triton's interpreter) load and store through as on a GPU."""
-    import torch.distributed._symmetric_memory as symm_mem
-
-    class Handle:
-        def __init__(self, buf):
-            self.buffer_ptrs = [buf.data_ptr()]
-
-    symm_mem.empty = lambda n, dtype, device: torch.empty(n, dtype=dtype)
-    symm_mem.rendezvous = lambda buf, name: Handle(buf)
-    torch.cuda.current_device = lambda: 0
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.is_current_stream_capturing = lambda: False
-    SymmDispatcher.availability = classmethod(lambda cls: None)
-    allocate = SymmDispatcher._allocate
-
-    def on_cpu(self):
-        self.device = torch.device("cpu")
-        allocate(self)
-
-    SymmDispatcher._allocate = on_cpu
-
-
 def _same_rows(a, b, R: int) -> bool:
     """b's first R received rows (capacity-sized, symm) are a's (torch backend), bit for bit."""
     if isinstance(a.x, FP8Rows):
@@ -180,19 +155,24 @@ def _same_rows(a, b, R: int) -> bool:
 def _interpreted_worker(info, seed):
     from rocm_moe.comm.torch import TorchDispatcher
     from rocm_moe.comm.torch_fp8 import TorchFP8Dispatcher
+    from rocm_moe.weighting import ExpertsOutput
+    from tests.symm_shm import ShmSymmDispatcher
 
-    _fake_symmetric_memory()
     out = {}
-    pairs = ((SymmFP8Dispatcher, TorchFP8Dispatcher), (SymmDispatcher, TorchDispatcher))
-    for (sym_cls, ref_cls), hidden in ((pairs[0], 256), (pairs[0], 200), (pairs[1], 200)):
+    for fp8, hidden in ((True, 256), (True, 200), (False, 200)):
         kw = dict(hidden_size=hidden, top_k=3, dtype=torch.float16)  # K = 3: not a power of 2
         p = Placement.contiguous(E, 1)
-        ref, sym = ref_cls(p, **kw), sym_cls(p, max_tokens_per_rank=40, **kw)
+        ref = (TorchFP8Dispatcher if fp8 else TorchDispatcher)(p, **kw)
+        sym = ShmSymmDispatcher(p, max_tokens_per_rank=40, fp8_dtype="e4m3fn" if fp8 else None,
+                                **kw)
         for T in (33, 0, 5):  # buffers reused; rows past R marked empty each time
             x, w, ids = _batch(seed + T, 0, T, hidden, 3, "cpu")
             a, b = ref.dispatch(x.half(), w, ids), sym.dispatch(x.half(), w, ids)
             R = a.x.shape[0]
             storage = b.x.q if isinstance(b.x, FP8Rows) else b.x
+            y = torch.randn(R, hidden).half()
+            y_sym = torch.zeros(40, hidden, dtype=torch.float16)
+            y_sym[:R] = y
             out[f"{sym.name}_H{hidden}_T{T}"] = dict(
                 num_valid=int(b.num_valid) == R, capacity_rows=tuple(b.x.shape) == (40, hidden),
                 rows=_same_rows(a, b, R), ids=torch.equal(b.topk_ids[:R], a.topk_ids),
@@ -200,19 +180,19 @@ def _interpreted_worker(info, seed):
                 empty_ids=bool((b.topk_ids[R:] == -1).all()),
                 empty_weights=bool((b.topk_weights[R:] == 0).all()),
                 zero_copy=storage.untyped_storage().data_ptr() ==
-                sym._buf.untyped_storage().data_ptr())
-            # Combine's push kernel does not run in the interpreter: the batch is left
-            # uncombined, which a buffer-holding dispatcher must be told before the next one.
-            sym.abandon(b.handle, "test (dispatch only)", RuntimeError("not combined"))
+                sym._buf.untyped_storage().data_ptr(),
+                combine=torch.equal(
+                    sym.combine(ExpertsOutput(out=y_sym, weights_applied=True), b.handle),
+                    ref.combine(ExpertsOutput(out=y, weights_applied=True), a.handle)))
     return out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the kernels for real")
 def test_dispatch_kernels_in_the_interpreter_at_W1():
-    """The symm dispatch kernels run (interpreted) on FP8 and float16 payloads: the received
-    rows, bit for bit the torch backends', zero copy, and every row past R empty (ids -1 and
-    weights 0: K = 3 caught the scrub leaving the last weight of those rows). Combine's push
-    kernel does not run in Triton's interpreter; the GPU tests cover it."""
+    """The symm dispatch and combine kernels run (interpreted, tests/symm_shm.py) on FP8 and
+    float16 payloads: the received rows, bit for bit the torch backends', zero copy, every row
+    past R empty (ids -1 and weights 0: K = 3 caught the scrub leaving the last weight of
+    those rows), and combine equal to the torch backends'."""
     pytest.importorskip("triton")
     [res] = launch(1, _interpreted_worker, 7, backend="gloo", timeout_s=120)
     assert len(res) == 9

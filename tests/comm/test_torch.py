@@ -1,7 +1,8 @@
 """Multi-rank dispatchers on spawned ranks: MORI's semantics, checked exactly.
 
 TorchDispatcher on gloo (W = 2, 4) and NCCL (W = 2, GPUs); tests/comm/test_symm.py runs the
-same checks on SymmDispatcher (``_suite(..., backend="symm")``).
+same checks on SymmDispatcher (``_suite(..., backend="symm")`` on GPUs, ``"symm-shm"`` on gloo
+ranks: its kernels in Triton's interpreter over shared memory, tests/symm_shm.py).
 
 Every rank builds ALL ranks' inputs from one seed, so each knows exactly what it must receive.
 Inputs encode their sender (rank and token in the values) so a misrouted row is visible. One
@@ -27,11 +28,13 @@ _BACKEND = ["torch"]  # set per spawned rank by _suite
 
 def _dispatcher(placement: Placement, **kw):
     """The backend under test; symm needs a capacity (64 covers every case here)."""
-    if _BACKEND[0] == "symm":
+    if _BACKEND[0] in ("symm", "symm-shm"):  # symm-shm: on CPU ranks (tests/symm_shm.py)
         from rocm_moe.comm.symm import SymmDispatcher
+        from tests.symm_shm import ShmSymmDispatcher
 
         kw["max_tokens_per_rank"] = kw.get("max_tokens_per_rank") or 64
-        return SymmDispatcher(placement, **kw)
+        cls = SymmDispatcher if _BACKEND[0] == "symm" else ShmSymmDispatcher
+        return cls(placement, **kw)
     return TorchDispatcher(placement, **kw)
 
 
