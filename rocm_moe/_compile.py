@@ -192,8 +192,8 @@ _SPIN = symm.DEFAULT_SPIN
 _K_POW2 = tuple(sorted({1 << (k - 1).bit_length() for _, _, k, _ in MODEL_SHAPES}))
 _SYMM_PTRS = dict(ptrs_ptr="*i64", status_ptr="*i32", ids_ptr="*i32", dest1_ptr="*i32",
                   pos_ptr="*i64", x_ptr="*i32", w_ptr="*fp32", counts_ptr="*i32",
-                  recv_ptr="*i32", nvalid_ptr="*i32", meta_ptr="*i32", y_ptr="*bf16",
-                  sel_ptr="*i32")
+                  recv_ptr="*i32", nvalid_ptr="*i32", y_ptr="*bf16", sel_ptr="*i32",
+                  local_ptr="*i8", tok_ptr="*i32")
 
 def _fp8(c: dict) -> str:
     """The FP8 encoding each target's matrix cores take: e4m3fnuz on gfx942, e4m3fn on sm_90."""
@@ -551,11 +551,14 @@ KERNELS = [
     Kernel("rocm_moe.comm._symm_triton:route_counts_kernel", _SYMM_PTRS,
            grid(K_POW2=_K_POW2, W_POW2=(2, 4, 8), CHUNK=(16, 64, 256), SPIN=_SPIN)),
     Kernel("rocm_moe.comm._symm_triton:pack_put_kernel", _SYMM_PTRS,
-           grid(BLOCK=symm.BLOCK_WORDS)),
+           grid(K_POW2=_K_POW2, BLOCK=symm.BLOCK_WORDS)),
     Kernel("rocm_moe.comm._symm_triton:barrier_scrub_kernel", _SYMM_PTRS,
            grid(SPIN=_SPIN, K_POW2=_K_POW2, W_POW2=(2, 4, 8), BLOCK_R=symm.SCRUB_ROWS)),
     Kernel("rocm_moe.comm._symm_triton:push_back_kernel", _SYMM_PTRS,
-           grid(USE_SEL=(True, False), BLOCK_R=symm.PUSH_ROWS, BLOCK_H=symm.BLOCK_H)),
+           grid(USE_SEL=(True, False), ALIGNED=(True, False), BLOCK_R=symm.PUSH_ROWS,
+                BLOCK_H=symm.BLOCK_H)),
+    Kernel("rocm_moe.comm._symm_triton:push_raw_kernel", _SYMM_PTRS,
+           grid(ALIGNED=(True, False), BLOCK_R=symm.PUSH_ROWS, BLOCK_H=symm.BLOCK_H)),
 ]
 
 

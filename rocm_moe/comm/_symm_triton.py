@@ -90,12 +90,14 @@ def route_counts_kernel(ids_ptr, dest1_ptr, pos_ptr, ptrs_ptr, T, K, me, W, CAP,
 
 @triton.jit
 def pack_put_kernel(x_ptr, ids_ptr, w_ptr, pos_ptr, counts_ptr, ptrs_ptr, XW, K, RW, me, W,
-                    CAP, RECV_OFF, IDS_OFF, WTS_OFF, K_POW2: tl.constexpr, BLOCK: tl.constexpr):
+                    CAP, RECV_OFF, IDS_OFF, WTS_OFF, TOK_OFF, K_POW2: tl.constexpr,
+                    BLOCK: tl.constexpr):
     """Grid (T, blocks of row words): token t's payload row [x words | pad] goes to every peer
     d with pos[t, d] >= 0, at row (rows that ranks below this one send to d, from the [W, W]
     count matrix ``counts_ptr``) + pos[t, d] - d * CAP of d's receive section; the programs of
     the first block also write its K ids and K weights to the same row of d's ids and weights
-    sections ([rows, K] each, so the receiver's routing is contiguous).
+    sections ([rows, K] each, so the receiver's routing is contiguous) and t to its token
+    section (where combine_raw sends the row's slots back).
 
     x_ptr [T, XW] int32 words; ids_ptr [T, K] int32; w_ptr [T, K] float32; pos_ptr [T, W]
     int64 (``route_counts_kernel``'s). Example: W = 2, this is rank 1, its tokens 0 and 2 go
@@ -124,6 +126,8 @@ def pack_put_kernel(x_ptr, ids_ptr, w_ptr, pos_ptr, counts_ptr, ptrs_ptr, XW, K,
             meta = base * K * 4
             tl.store((peer + IDS_OFF + meta).to(tl.pointer_type(tl.int32)) + kk, ids, mask=km)
             tl.store((peer + WTS_OFF + meta).to(tl.pointer_type(tl.float32)) + kk, w, mask=km)
+            tok = (peer + TOK_OFF + base * 4).to(tl.pointer_type(tl.int32))
+            tl.store(tok + kk, t.to(tl.int32) + kk * 0, mask=(kk == 0) & km)
 
 
 @triton.jit
@@ -155,8 +159,8 @@ def barrier_scrub_kernel(ptrs_ptr, me, W, FLAG_OFF, status_ptr, counts_ptr, recv
 
 @triton.jit
 def push_back_kernel(y_ptr, y_stride, sel_ptr, sel_stride, recv_ptr, ptrs_ptr, me, W, CAP, H,
-                     BACK_OFF, USE_SEL: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_H: tl.constexpr):
+                     BACK_OFF, USE_SEL: tl.constexpr, ALIGNED: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
     """Grid (P programs over row blocks, blocks of H): received rows r < R send y[r] (row
     stride ``y_stride`` elements) to their source rank's back section, at row (this rank) *
     CAP + (r's index among the rows from that source); with USE_SEL only rows with
@@ -194,5 +198,44 @@ def push_back_kernel(y_ptr, y_stride, sel_ptr, sel_stride, recv_ptr, ptrs_ptr, m
             row = tl.load(ptrs_ptr + src, mask=ok, other=0) + BACK_OFF + \
                 (me * CAP + r - start).to(tl.int64) * H * ELEM
             dst = row.to(tl.pointer_type(y_ptr.dtype.element_ty))
-            dst = tl.multiple_of(dst, 16)  # as in pack_put_kernel: rows are 16-byte aligned
+            if ALIGNED:  # rows 16-byte aligned (H * itemsize % 16 == 0): vector stores
+                dst = tl.multiple_of(dst, 16)
             tl.store(dst + h, v, mask=m)
+
+
+@triton.jit
+def push_raw_kernel(y_ptr, local_ptr, recv_ptr, tok_ptr, ptrs_ptr, me, W, K, H, BACK_OFF,
+                    ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Grid (P programs over row blocks, blocks of H): combine_raw's one push. Received row
+    r < R's raw slot outputs y[r, k] ([R, K, H] contiguous) with ``local[r, k]`` != 0 (int8:
+    expert local here) go to row tok[r] * K + k of their source rank's back section, tok[r]
+    being the row's token index on its source (the lane's token section, written by
+    ``pack_put_kernel``). A slot has one owner, so each valid [t, k] of a source is written by
+    exactly one rank. Rows and their sources as in ``push_back_kernel``."""
+    ELEM: tl.constexpr = y_ptr.dtype.element_ty.primitive_bitwidth // 8
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = h < H
+    R = tl.load(recv_ptr)
+    for q in range(1, W):
+        R += tl.load(recv_ptr + q)
+    for r0 in range(tl.program_id(0) * BLOCK_R, R, tl.num_programs(0) * BLOCK_R):
+        for rr in tl.static_range(BLOCK_R):
+            r = r0 + rr
+            src = 0
+            end = 0
+            for q in range(W):
+                c = tl.load(recv_ptr + q)
+                src = tl.where(r >= end + c, q + 1, src)
+                end += c
+            ok = r < R
+            t = tl.load(tok_ptr + r, mask=ok, other=0).to(tl.int64)
+            base = tl.load(ptrs_ptr + src, mask=ok, other=0) + BACK_OFF
+            for k in range(K):
+                sel = tl.load(local_ptr + r.to(tl.int64) * K + k, mask=ok, other=0) != 0
+                # (a [BLOCK_H] mask: see push_back_kernel)
+                m = hm & ((tl.zeros([BLOCK_H], dtype=tl.int32) + (ok & sel).to(tl.int32)) != 0)
+                v = tl.load(y_ptr + (r.to(tl.int64) * K + k) * H + h, mask=m)
+                dst = (base + (t * K + k) * H * ELEM).to(tl.pointer_type(y_ptr.dtype.element_ty))
+                if ALIGNED:  # as in push_back_kernel
+                    dst = tl.multiple_of(dst, 16)
+                tl.store(dst + h, v, mask=m)

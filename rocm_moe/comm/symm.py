@@ -12,9 +12,12 @@ below) that every peer can address directly:
                                         (contiguous [R, K] results: no experts backend copies
                                         them, issue 33: two copies of the strided ids and
                                         weights cost 1.5-2.0 us each per decode layer)
-    back   [2, W * cap, H] x.dtype      partials returned to this rank: rank d's row j for the
-                                        j-th token this rank sent to d lands on row d * cap + j
-                                        of one half; consecutive combines alternate halves
+    token  [W * cap] int32              each received row's token index on its source rank
+    back   [2, max(W, K) * cap, H]      partials returned to this rank (x.dtype): rank d's row
+                                        j for the j-th token this rank sent to d lands on row
+                                        d * cap + j of one half (combine), slot k of token t
+                                        on row t * K + k (combine_raw); consecutive combines
+                                        alternate halves
     counts [W, W] int32                 row s: tokens rank s sends to each rank
     flags  [W] int32                    barrier signals, one per peer
 
@@ -36,8 +39,10 @@ for them and nothing reads their stale x.
 Combine: each expert rank pushes the partial of each received row i < R (read on the device)
 to row ``d * cap + j`` of its source's back section; a barrier; each rank sums its tokens'
 partials in float32 in rank order (``rows.gather_sum``, the torch backend's kernel) and casts
-once. combine_raw does the same once per slot k with only the rows whose slot k is local, and
-the owner takes each [t, k] from the one rank that owns expert k (zeros for empty slots).
+once. combine_raw is one push too (issue 28: it was one push, barrier and sum per slot k): each
+expert rank sends every local slot's raw output of received row i straight to row
+``token(i) * K + k`` of the source's back section (a slot has one owner, so every valid [t, k]
+is written once), a barrier, and the owner copies its [T, K, H] out, zeros for empty slots.
 The back section has two halves used in turn: a rank may push the next partials (another
 combine of the same batch, the next slot) while a slower peer still sums from the other half;
 any two uses of one half are separated by a barrier every rank passes after the first use
@@ -129,24 +134,30 @@ class BufferLayout:
     total: int
 
 
+def back_rows(world_size: int, max_tokens_per_rank: int, top_k: int) -> int:
+    """Rows of one back half: W * cap partials (combine) or cap * K slots (combine_raw)."""
+    return max(world_size, top_k) * max_tokens_per_rank
+
+
 def buffer_layout(world_size: int, max_tokens_per_rank: int, hidden_size: int, top_k: int,
                   dtype: torch.dtype, *, payload: tuple[int, torch.dtype] | None = None,
                   batches_in_flight: int = 1) -> BufferLayout:
     """The symmetric buffer's sections for these sizes (pure: what ``SymmDispatcher``
     allocates and ``pool.comm_bytes`` reports). ``payload``: (P, dtype) of the [T, P] rows as
     they travel (``comm.wire``); default x itself, [T, H] in ``dtype``. Per lane
-    (``batches_in_flight``): a receive section, an ids and a weights section, a count matrix,
-    each starting aligned; one back section and one set of flags for all."""
+    (``batches_in_flight``): a receive section, the ids, weights and token sections, a count
+    matrix, each starting aligned; one back section and one set of flags for all."""
     W, cap, H, K, L = world_size, max_tokens_per_rank, hidden_size, top_k, batches_in_flight
     P, wire_dtype = payload or (H, dtype)
     pbytes = P * wire_dtype.itemsize
     assert pbytes % rows.WORD == 0, "the payload must be whole 32-bit words"
     words = -(-(pbytes // rows.WORD) // rows.ALIGN_WORDS) * rows.ALIGN_WORDS
     lane = {"recv": _round_up(W * cap * words * rows.WORD), "ids": _round_up(W * cap * K * 4),
-            "weights": _round_up(W * cap * K * 4), "counts": _round_up(W * W * 4)}
-    sizes = {"recv": L * lane["recv"], "ids": L * lane["ids"], "weights": L * lane["weights"],
-             "back": 2 * W * cap * H * dtype.itemsize, "counts": L * lane["counts"],
-             "flags": W * 4}
+            "weights": _round_up(W * cap * K * 4), "token": _round_up(W * cap * 4),
+            "counts": _round_up(W * W * 4)}
+    sizes = {name: L * n for name, n in lane.items()}
+    sizes["back"] = 2 * back_rows(W, cap, K) * H * dtype.itemsize
+    sizes["flags"] = W * 4
     offsets, total = {}, 0
     for name, size in sizes.items():
         offsets[name] = total
@@ -256,7 +267,7 @@ class SymmDispatcher(Dispatcher):
             n = self._lane_bytes.get(name, lay.sizes[name])
             return buf[o:o + n].view(dtype)[:math.prod(shape)].view(shape)
 
-        self._recv_views, self._counts = [], []
+        self._recv_views, self._counts, self._tokens = [], [], []
         for lane in range(L):
             recv = section("recv", torch.int32, (W * cap, self.row_words), lane)
             payload = recv[:, :P * wire_dtype.itemsize // rows.WORD].view(wire_dtype)
@@ -265,8 +276,9 @@ class SymmDispatcher(Dispatcher):
                                      section("ids", torch.int32, (W * cap, K), lane),
                                      section("weights", torch.float32, (W * cap, K), lane)))
             self._counts.append(section("counts", torch.int32, (W, W), lane))
+            self._tokens.append(section("token", torch.int32, (W * cap,), lane))
         self._rows_of: list[int | None] = [None] * L  # the batch whose rows each lane holds
-        self._back = section("back", self.dtype, (2, W * cap, H))
+        self._back = section("back", self.dtype, (2, back_rows(W, cap, K), H))
         self._half = 0  # the back half the next push uses
         self._status = torch.zeros(W, dtype=torch.int32, device=self.device)
         self._dest1_i32 = self._dest1_on(self.device).to(torch.int32)
@@ -344,7 +356,7 @@ class SymmDispatcher(Dispatcher):
         W, me, cap, dev = self.world_size, self.rank, self.max_tokens_per_rank, self.device
         lane = self._free_lane()  # (the base class records the batch in it after this call)
         off = {name: self.offsets[name] + lane * self._lane_bytes[name]
-               for name in ("counts", "recv", "ids", "weights")}
+               for name in ("counts", "recv", "ids", "weights", "token")}
         counts_WW = self._counts[lane]
         ids = topk_ids_TK.contiguous()
         w = topk_weights_TK.contiguous()
@@ -359,7 +371,7 @@ class SymmDispatcher(Dispatcher):
             pack_put_kernel[(T, -(-self.row_words // BLOCK_WORDS))](
                 x_words, ids, w, pos_TW, counts_WW, self._ptrs, x_words.shape[1], K,
                 self.row_words, me, W, cap, off["recv"], off["ids"], off["weights"],
-                K_POW2=k_pow2, BLOCK=BLOCK_WORDS)
+                off["token"], K_POW2=k_pow2, BLOCK=BLOCK_WORDS)
         recv_W = torch.empty(W, dtype=torch.int32, device=dev)
         nvalid = torch.empty(1, dtype=torch.int32, device=dev)
         n_rows = W * cap
@@ -390,6 +402,10 @@ class SymmDispatcher(Dispatcher):
                 "later dispatch overwrote this one's rows)",
                 "combine each batch before dispatching past the buffers it holds"))
 
+    def _rows_aligned(self) -> bool:
+        """Back rows start 16-byte aligned (the section is; H * itemsize keeps every row so)."""
+        return self.hidden_size * self.dtype.itemsize % 16 == 0
+
     def _push(self, y_RH: torch.Tensor, handle, sel_R: torch.Tensor | None) -> torch.Tensor:
         """Send each valid received row's [H] partial to its source (only rows with sel != 0
         where ``sel_R`` is given); a barrier; returns this rank's back half that holds the
@@ -403,7 +419,7 @@ class SymmDispatcher(Dispatcher):
         push_back_kernel[(min(-(-n_rows // PUSH_ROWS), PUSH_PROGRAMS), -(-H // BLOCK_H))](
             y_RH, y_RH.stride(0), sel, sel.stride(0), handle.recv_from, self._ptrs, self.rank,
             self.world_size, self.max_tokens_per_rank, H, offset, USE_SEL=sel_R is not None,
-            BLOCK_R=PUSH_ROWS, BLOCK_H=BLOCK_H)
+            ALIGNED=self._rows_aligned(), BLOCK_R=PUSH_ROWS, BLOCK_H=BLOCK_H)
         self._barrier()
         return self._back[half]
 
@@ -414,17 +430,20 @@ class SymmDispatcher(Dispatcher):
         return rows.gather_sum(self._push(y_RH, handle, None), handle.pos)
 
     def _combine_raw(self, raw_RKH, handle):
+        from rocm_moe.comm._symm_triton import push_raw_kernel
+
         self._check_open(handle)
         raw_RKH = raw_RKH.contiguous()
-        K, W = raw_RKH.shape[1], self.world_size
+        R, K, H = raw_RKH.shape
         local_RK = local_slots(handle.recv_topk_ids, self.expert_map_on(self.device))
-        local_RK = local_RK.to(torch.int8)
-        owner_TK = self._dest1_on(self.device)[handle.topk_ids + 1] - 1
-        out = raw_RKH.new_zeros(handle.num_tokens, K, raw_RKH.shape[2])
-        ranks = torch.arange(W, device=self.device)
-        for k in range(K):  # one slot at a time through the back halves
-            back = self._push(raw_RKH[:, k], handle, local_RK[:, k])
-            pos_k = torch.where(owner_TK[:, k, None] == ranks, handle.pos, -1)
-            out[:, k] = rows.gather_sum(back, pos_k)
-        return out
-
+        local_RK = local_RK.to(torch.int8).contiguous()
+        half, self._half = self._half, 1 - self._half
+        offset = self.offsets["back"] + half * self._back[0].numel() * self.dtype.itemsize
+        push_raw_kernel[(min(-(-R // PUSH_ROWS), PUSH_PROGRAMS) if R else 1, -(-H // BLOCK_H))](
+            raw_RKH, local_RK, handle.recv_from, self._tokens[handle.lane], self._ptrs, self.rank,
+            self.world_size, K, H, offset, ALIGNED=self._rows_aligned(), BLOCK_R=PUSH_ROWS,
+            BLOCK_H=BLOCK_H)
+        self._barrier()
+        T = handle.num_tokens
+        back_TKH = self._back[half][:T * K].view(T, K, H)
+        return torch.where(handle.topk_ids[:, :, None] >= 0, back_TKH, back_TKH.new_zeros(()))
