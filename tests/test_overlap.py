@@ -6,8 +6,9 @@ experts; the comm backends sum each token's partials in rank order: torch, MORI'
 float64 oracle always (the default reference experts' CPU GEMMs round differently for other row
 counts, so bits differ there: 1e-5 at 33 tokens), for 1, 33 and 511 tokens spread
 unevenly over the ranks (one rank with none), all tokens on one expert, both weight modes,
-return_raw, invariant mode and shared experts, on the torch backend and on MORI's fakes (two ops,
-``batches_in_flight=2``). Bad values are refused on every rank before any collective; ranks that
+return_raw, invariant mode and shared experts, on the torch backend, on MORI's fakes (two ops,
+``batches_in_flight=2``) and, at W = 2, on the symm backend (two lanes; its kernels in Triton's
+interpreter over shared memory, tests/symm_shm.py). Bad values are refused on every rank before any collective; ranks that
 disagree on micro_batches are refused together at the first forward. The schedule itself (order,
 at most two batches in flight, abandoning on failure) is checked in-process, and so is the
 overlap report of ``rocm-moe bench layer --overlap``. On GPUs (W = 1, and 2 / 4 where there are
@@ -31,6 +32,7 @@ from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.weighting import ExpertsOutput
 from tests.conftest import TOL, rel_err
 from tests.fakes import FakeMori
+from tests.symm_shm import ShmSymmDispatcher, shm_available
 
 E, K, H, I, SHARED_I = 12, 3, 16, 8, 8
 SEED = 5
@@ -42,6 +44,7 @@ TOKENS = {1: [(1,), (33,), (511,)],
           3: [(0, 1, 0), (20, 0, 13), (300, 11, 200)],
           4: [(1, 0, 0, 0), (0, 30, 2, 1), (250, 1, 0, 260)]}
 MORI_W = (1, 2, 4)  # MORI's gpu_per_node must be a power of two dividing W
+SHM_W = (2,)  # the symm backend on gloo ranks (tests/symm_shm.py): its kernels interpreted
 
 
 def _layer(disp, micro_batches, mode="experts", **kw) -> EPMoE:
@@ -104,6 +107,9 @@ def _dispatchers(info):
     p = Placement.contiguous(E, W)
     out = {"torch": TorchDispatcher(p, hidden_size=H, top_k=K, dtype=torch.float32,
                                     max_tokens_per_rank=300)}
+    if W in SHM_W and shm_available() is None:  # two lanes; kernels interpreted, shared memory
+        out["symm"] = ShmSymmDispatcher(p, hidden_size=H, top_k=K, dtype=torch.float32,
+                                        max_tokens_per_rank=40, batches_in_flight=2)
     if W in MORI_W:  # two ops; AsyncLL: each op's sends and receives split (MORI's ROCm form)
         for name, kernel in (("mori", "auto"), ("mori_asyncll", "AsyncLL")):
             out[name] = MoriDispatcher(p, hidden_size=H, top_k=K, dtype=torch.float32,
@@ -120,8 +126,8 @@ def _equal_worker(info) -> dict:
             one, two = _layer(disp, 1, mode), _layer(disp, 2, mode)
             raw = not name.startswith("mori")  # (MORI has no raw return path)
             # (MORI's fakes move rows in Python: 511 tokens on the torch backend only)
-            for shares in dict(mori=TOKENS[W][:2], mori_asyncll=TOKENS[W][1:2]).get(name,
-                                                                                  TOKENS[W]):
+            for shares in dict(mori=TOKENS[W][:2], mori_asyncll=TOKENS[W][1:2],
+                               symm=TOKENS[W][:2]).get(name, TOKENS[W]):
                 T = shares[r]
                 x = syn.tokens(SEED + T, r, T, H) * 3
                 res[f"{name}_{mode}_T{sum(shares)}"] = _compare(one, two, x, raw=raw)
@@ -135,6 +141,10 @@ def _equal_worker(info) -> dict:
                 bits=all(a + "_recv" == b for a, b in zip(calls[::2], calls[1::2], strict=True)),
                 shape=len(disp.ops) == 2 and all(op.calls for op in disp.ops), err=0.0,
                 raw_err=0.0)
+        if name == "symm":  # invariant mode: combine_raw's one push per micro-batch
+            x = syn.tokens(SEED, r, TOKENS[W][1][r], H)
+            res["symm_invariant"] = _compare(_layer(disp, 1, invariant=True),
+                                             _layer(disp, 2, invariant=True), x)
         if name == "torch":  # invariant mode with shared experts; 3 micro-batches
             kw = dict(invariant=True, shared_intermediate_size=SHARED_I)
             x = syn.tokens(SEED, r, TOKENS[W][1][r], H)
@@ -199,7 +209,8 @@ def ranks():
 def test_two_micro_batches_equal_the_unsplit_layer_and_the_oracle(W, ranks):
     for r, res in enumerate(ranks(W)):
         cases = res["equal"]
-        assert len(cases) == (20 if W in MORI_W else 11), sorted(cases)
+        symm = 7 if W in SHM_W and shm_available() is None else 0  # 2 modes x 3 cases + 1
+        assert len(cases) == (20 if W in MORI_W else 11) + symm, sorted(cases)
         for case, got in cases.items():
             assert got["bits"], (W, r, case)
             assert got["shape"], (W, r, case)
