@@ -1,17 +1,16 @@
-"""EPMoE(micro_batches=2): the micro-batch overlap schedule (``rocm_moe.overlap``).
-
-On gloo ranks (W = 1-4) the schedule runs in order on the host: the result equals the un-split
-layer bit for bit with experts whose rows do not depend on the batch (the fixed-order reference
-experts; the comm backends sum each token's partials in rank order: torch, MORI's fakes) and the
-float64 oracle always (the default reference experts' CPU GEMMs round differently for other row
-counts, so bits differ there: 1e-5 at 33 tokens), for 1, 33 and 511 tokens spread
-unevenly over the ranks (one rank with none), all tokens on one expert, both weight modes,
-return_raw, invariant mode and shared experts, on the torch backend, on MORI's fakes (two ops,
-``batches_in_flight=2``) and, at W = 2, on the symm backend (two lanes; its kernels in Triton's
-interpreter over shared memory, tests/symm_shm.py). Bad values are refused on every rank before
-any collective; ranks that disagree on micro_batches are refused together at the first forward.
-The schedule itself (order, at most two batches in flight, abandoning on failure) is checked
-in-process, and so is the overlap report of ``rocm-moe bench layer --overlap``. On GPUs (W = 1, and 2 / 4 where there are
+"""EPMoE(micro_batches=2): the micro-batch overlap schedule (``rocm_moe.overlap``). On gloo ranks (W
+= 1-4) the schedule runs in order on the host: the result equals the un-split layer bit for bit
+with experts whose rows do not depend on the batch (the fixed-order reference experts; the comm
+backends sum each token's partials in rank order: torch, MORI's fakes) and the float64 oracle
+always (the default reference experts' CPU GEMMs round differently for other row counts, so bits
+differ there: 1e-5 at 33 tokens), for 1, 33 and 511 tokens spread unevenly over the ranks (one
+rank with none), all tokens on one expert, both weight modes, return_raw, invariant mode and
+shared experts, on the torch backend, on MORI's fakes (two ops, ``batches_in_flight=2``) and, at
+W = 2, on the symm backend (two lanes; its kernels in Triton's interpreter over shared memory,
+tests/symm_shm.py). Bad values are refused on every rank before any collective; ranks that
+disagree on micro_batches are refused together at the first forward. The schedule itself (order,
+at most two batches in flight, abandoning on failure) is checked in-process, and so is the
+overlap report of ``rocm-moe bench layer --overlap``. On GPUs (W = 1, and 2 / 4 where there are
 as many; skipped without CUDA): the two-stream run with the Triton experts on the torch (NCCL)
 and symm backends equals micro_batches=1 bit for bit (both weight modes, return_raw, invariant
 mode, shared experts) and the oracle, and the symm layer captures in a CUDA graph whose replay
