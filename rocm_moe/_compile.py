@@ -195,6 +195,12 @@ _SYMM_PTRS = dict(ptrs_ptr="*i64", status_ptr="*i32", ids_ptr="*i32", dest1_ptr=
                   recv_ptr="*i32", nvalid_ptr="*i32", y_ptr="*bf16", sel_ptr="*i32",
                   local_ptr="*i8", tok_ptr="*i32")
 
+# Byte offsets into the symmetric buffer pass 2**31 at DeepSeek-V3 scale (EP8, 16384 tokens per
+# rank, two lanes: about 7.5e9 to the flags), where Triton passes them as i64: build that form.
+_SYMM_OFFSETS = {name: "i64" for name in ("FLAG_OFF", "COUNTS_OFF", "RECV_OFF", "IDS_OFF",
+                                          "WTS_OFF", "TOK_OFF", "BACK_OFF")}
+
+
 def _fp8(c: dict) -> str:
     """The FP8 encoding each target's matrix cores take: e4m3fnuz on gfx942, e4m3fn on sm_90."""
     return "*fp8e4b8" if c["TARGET"] == "gfx942" else "*fp8e4nv"
@@ -547,18 +553,21 @@ KERNELS = [
     Kernel("rocm_moe._invariant_triton:softmax_kernel",
            dict(x_ptr="*fp32", out_ptr="*fp32"), grid(BLOCK_E=(8, 64, 128, 256))),
     Kernel("rocm_moe.comm._symm_triton:barrier_kernel", _SYMM_PTRS,
-           grid(SPIN=_SPIN, num_warps=1)),
+           grid(SPIN=_SPIN, num_warps=1), _SYMM_OFFSETS),
     Kernel("rocm_moe.comm._symm_triton:route_counts_kernel", _SYMM_PTRS,
-           grid(K_POW2=_K_POW2, W_POW2=(2, 4, 8), CHUNK=(16, 64, 256), SPIN=_SPIN)),
+           grid(K_POW2=_K_POW2, W_POW2=(2, 4, 8), CHUNK=(16, 64, 256), SPIN=_SPIN),
+           _SYMM_OFFSETS),
     Kernel("rocm_moe.comm._symm_triton:pack_put_kernel", _SYMM_PTRS,
-           grid(K_POW2=_K_POW2, BLOCK=symm.BLOCK_WORDS)),
+           grid(K_POW2=_K_POW2, BLOCK=symm.BLOCK_WORDS), _SYMM_OFFSETS),
     Kernel("rocm_moe.comm._symm_triton:barrier_scrub_kernel", _SYMM_PTRS,
-           grid(SPIN=_SPIN, K_POW2=_K_POW2, W_POW2=(2, 4, 8), BLOCK_R=symm.SCRUB_ROWS)),
+           grid(SPIN=_SPIN, K_POW2=_K_POW2, W_POW2=(2, 4, 8), BLOCK_R=symm.SCRUB_ROWS),
+           _SYMM_OFFSETS),
     Kernel("rocm_moe.comm._symm_triton:push_back_kernel", _SYMM_PTRS,
-           grid(USE_SEL=(True, False), ALIGNED=(True, False), BLOCK_R=symm.PUSH_ROWS,
-                BLOCK_H=symm.BLOCK_H)),
+           grid(ALIGNED=(True, False), BLOCK_R=symm.PUSH_ROWS, BLOCK_H=symm.BLOCK_H),
+           _SYMM_OFFSETS),
     Kernel("rocm_moe.comm._symm_triton:push_raw_kernel", _SYMM_PTRS,
-           grid(ALIGNED=(True, False), BLOCK_R=symm.PUSH_ROWS, BLOCK_H=symm.BLOCK_H)),
+           grid(ALIGNED=(True, False), BLOCK_R=symm.PUSH_ROWS, BLOCK_H=symm.BLOCK_H),
+           _SYMM_OFFSETS),
 ]
 
 

@@ -217,8 +217,9 @@ def test_shared_dispatcher_refuses_bad_arguments():
 
 
 def test_comm_memory_is_one_buffer_whatever_the_layer_count():
-    # DeepSeek-V3 at EP 8, 4096 tokens per rank: symm's buffer is W * cap rows in and 2 * W *
-    # cap partials back; MORI's heap share per the op's own layout (comm.mori.heap_bytes).
+    # DeepSeek-V3 at EP 8, 4096 tokens per rank: symm's buffer is W * cap rows in (payload,
+    # ids, weights, token) and 2 * W * cap partials back; MORI's heap share per the op's own
+    # layout (comm.mori.heap_bytes).
     symm = pool.comm_bytes("symm", 8, 4096, 7168, 8, torch.bfloat16)
     assert 2 * 8 * 4096 * 7168 * 2 < symm < 4 * 8 * 4096 * 7168 * 2
     assert pool.comm_bytes("torch", 8, 4096, 7168, 8) == 0

@@ -4,7 +4,8 @@ Every rank holds one symmetric buffer (same size on every rank, mapped into ever
 address space by torch symmetric memory). ``ptrs_ptr`` is a [W] int64 tensor of the buffers'
 base addresses as seen from this rank; a section of peer d's buffer is ``ptrs[d] + offset``
 (bytes), cast to a typed pointer. Sections (``comm.symm`` lays them out): received rows, their
-ids and weights, the partials coming back, the [W, W] count matrix, the barrier flags.
+ids, weights and token indices, the partials coming back, the [W, W] count matrix, the barrier
+flags.
 
 Only plain loads, stores and atomic compare-and-swap at system scope: nothing vendor-specific,
 so the same kernels build for CUDA and ROCm (gfx942).
@@ -158,18 +159,16 @@ def barrier_scrub_kernel(ptrs_ptr, me, W, FLAG_OFF, status_ptr, counts_ptr, recv
 
 
 @triton.jit
-def push_back_kernel(y_ptr, y_stride, sel_ptr, sel_stride, recv_ptr, ptrs_ptr, me, W, CAP, H,
-                     BACK_OFF, USE_SEL: tl.constexpr, ALIGNED: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Grid (P programs over row blocks, blocks of H): received rows r < R send y[r] (row
-    stride ``y_stride`` elements) to their source rank's back section, at row (this rank) *
-    CAP + (r's index among the rows from that source); with USE_SEL only rows with
-    sel[r * sel_stride] != 0. Row sources come from ``recv_ptr`` [W] (rows received from each
-    rank); program p takes row blocks p, p + P, ... below R, so the launch is sized by at most
-    P, not by the capacity (issue 33: a grid over 16384 rows' blocks, all but one exiting at
-    once, cost 4.3 us at 1 received row). Each row goes through one scalar base pointer, so
-    its stores stay contiguous and vectorised (a pointer per element, built from a tensor of
-    addresses, made the stores scalar: combine ran at a third of the speed)."""
+def push_back_kernel(y_ptr, y_stride, recv_ptr, ptrs_ptr, me, W, CAP, H, BACK_OFF,
+                     ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Grid (P programs over row blocks, blocks of H): received rows r < R send y[r] (row stride
+    ``y_stride`` elements) to their source rank's back section, at row (this rank) * CAP + (r's
+    index among the rows from that source). Row sources come from ``recv_ptr`` [W] (rows
+    received from each rank); program p takes row blocks p, p + P, ... below R, so the launch is
+    sized by at most P, not by the capacity (issue 33: a grid over 16384 rows' blocks, all but
+    one exiting at once, cost 4.3 us at 1 received row). Each row goes through one scalar base
+    pointer, so its stores stay contiguous and vectorised (a pointer per element, built from a
+    tensor of addresses, made the stores scalar: combine ran at a third of the speed)."""
     ELEM: tl.constexpr = y_ptr.dtype.element_ty.primitive_bitwidth // 8
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
@@ -189,8 +188,6 @@ def push_back_kernel(y_ptr, y_stride, sel_ptr, sel_stride, recv_ptr, ptrs_ptr, m
                 start = tl.where(past, end + c, start)
                 end += c
             ok = r < R
-            if USE_SEL:
-                ok = ok & (tl.load(sel_ptr + r * sel_stride, mask=ok, other=0) != 0)
             # (the row's flag as a [BLOCK_H] mask: Triton's interpreter refuses a tensor
             # mask and-ed with a scalar one, so CPU tests could not run this kernel)
             m = hm & ((tl.zeros([BLOCK_H], dtype=tl.int32) + ok.to(tl.int32)) != 0)
@@ -204,13 +201,15 @@ def push_back_kernel(y_ptr, y_stride, sel_ptr, sel_stride, recv_ptr, ptrs_ptr, m
 
 
 @triton.jit
-def push_raw_kernel(y_ptr, local_ptr, recv_ptr, tok_ptr, ptrs_ptr, me, W, K, H, BACK_OFF,
-                    ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Grid (P programs over row blocks, blocks of H): combine_raw's one push. Received row
-    r < R's raw slot outputs y[r, k] ([R, K, H] contiguous) with ``local[r, k]`` != 0 (int8:
-    expert local here) go to row tok[r] * K + k of their source rank's back section, tok[r]
-    being the row's token index on its source (the lane's token section, written by
-    ``pack_put_kernel``). A slot has one owner, so each valid [t, k] of a source is written by
+def push_raw_kernel(y_ptr, local_ptr, recv_ptr, tok_ptr, ptrs_ptr, me, W, K, H, K0, N, P,
+                    BACK_OFF, ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_H: tl.constexpr):
+    """Grid (P programs over row blocks, blocks of H): one round of combine_raw. Received row
+    r < R's raw outputs y[r, k] ([R, K, H] contiguous) of the round's slots k in [K0, K0 + N)
+    with ``local[r, k]`` != 0 (int8: expert local here) go to row tok[r] * P + k - K0 of their
+    source rank's back section, tok[r] being the row's token index on its source (the lane's
+    token section, written by ``pack_put_kernel``; P slots a round, so a source's T * P rows
+    fit its W * cap). A slot has one owner, so each valid [t, k] of a source is written by
     exactly one rank. Rows and their sources as in ``push_back_kernel``."""
     ELEM: tl.constexpr = y_ptr.dtype.element_ty.primitive_bitwidth // 8
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -230,12 +229,13 @@ def push_raw_kernel(y_ptr, local_ptr, recv_ptr, tok_ptr, ptrs_ptr, me, W, K, H, 
             ok = r < R
             t = tl.load(tok_ptr + r, mask=ok, other=0).to(tl.int64)
             base = tl.load(ptrs_ptr + src, mask=ok, other=0) + BACK_OFF
-            for k in range(K):
+            for i in range(N):
+                k = K0 + i
                 sel = tl.load(local_ptr + r.to(tl.int64) * K + k, mask=ok, other=0) != 0
                 # (a [BLOCK_H] mask: see push_back_kernel)
                 m = hm & ((tl.zeros([BLOCK_H], dtype=tl.int32) + (ok & sel).to(tl.int32)) != 0)
                 v = tl.load(y_ptr + (r.to(tl.int64) * K + k) * H + h, mask=m)
-                dst = (base + (t * K + k) * H * ELEM).to(tl.pointer_type(y_ptr.dtype.element_ty))
+                dst = (base + (t * P + i) * H * ELEM).to(tl.pointer_type(y_ptr.dtype.element_ty))
                 if ALIGNED:  # as in push_back_kernel
                     dst = tl.multiple_of(dst, 16)
                 tl.store(dst + h, v, mask=m)

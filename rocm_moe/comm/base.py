@@ -456,6 +456,7 @@ class Dispatcher(ABC):
     def combine(self, expert_output: ExpertsOutput, handle: CombineHandle) -> torch.Tensor:
         """[T, H] on the owner: weighted partials summed, raw ones weighted once first."""
         self._check_handle(handle, expert_output, raw=False)
+        self._check_live(handle)
         y_RH = weight_once(expert_output, handle.recv_topk_weights, handle.recv_topk_ids,
                            self.expert_map_on(expert_output.out.device))
         out = self._combine(y_RH, handle)
@@ -466,11 +467,17 @@ class Dispatcher(ABC):
         """[T, K, H] on the owner: slot k's unweighted output from the rank owning expert k;
         zeros for empty slots."""
         self._check_handle(handle, expert_output, raw=True)
+        self._check_live(handle)
         out = self._combine_raw(expert_output.out, handle)
         self._release(handle)
         return out
 
     # ---- backend hooks --------------------------------------------------------------------------
+    def _check_live(self, handle: CombineHandle) -> None:
+        """Refuse a handle whose received rows are gone (a buffer-holding backend whose later
+        dispatch reused them), before anything reads them; nothing to check by default."""
+        return None
+
     @abstractmethod
     def _dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, batch_id: int) -> DispatchResult:
         ...

@@ -137,16 +137,18 @@ def comm_bytes(name: str, world_size: int, max_tokens_per_rank: int, hidden_size
     memory, since every layer shares it): symm's symmetric buffer, MORI's heap share of one
     op per batch in flight; 0 for the torch and local backends (their buffers follow each
     batch). An unknown name is refused (it returned 0, as if the backend held nothing).
-    ``batches_in_flight=2`` (micro-batch overlap): symm adds a receive section and a count
-    matrix, MORI a second op."""
+    ``batches_in_flight=2`` (micro-batch overlap): symm adds a lane (receive, ids, weights
+    and token sections and a count matrix), MORI a second op."""
     _check_sizes(name=name, world_size=world_size, max_tokens_per_rank=max_tokens_per_rank,
                  hidden_size=hidden_size, top_k=top_k, num_experts=num_experts,
                  batches_in_flight=batches_in_flight)
     _check_dtype(dtype)
     W, cap, H, K, L = world_size, max_tokens_per_rank, hidden_size, top_k, batches_in_flight
     if name == "symm":
+        from rocm_moe.comm.base import check_row_bytes
         from rocm_moe.comm.symm import buffer_layout
 
+        check_row_bytes(H, dtype)
         return buffer_layout(W, cap, H, K, dtype, batches_in_flight=L).total
     if name == "mori":
         from rocm_moe.comm.mori import heap_bytes, mori_config

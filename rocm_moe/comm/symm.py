@@ -13,11 +13,11 @@ below) that every peer can address directly:
                                         them, issue 33: two copies of the strided ids and
                                         weights cost 1.5-2.0 us each per decode layer)
     token  [W * cap] int32              each received row's token index on its source rank
-    back   [2, max(W, K) * cap, H]      partials returned to this rank (x.dtype): rank d's row
-                                        j for the j-th token this rank sent to d lands on row
-                                        d * cap + j of one half (combine), slot k of token t
-                                        on row t * K + k (combine_raw); consecutive combines
-                                        alternate halves
+    back   [2, W * cap, H] x.dtype      partials returned to this rank: rank d's row j for the
+                                        j-th token this rank sent to d lands on row d * cap + j
+                                        of one half (combine); slot k of token t on row
+                                        t * P + k % P (combine_raw, P = min(W, K) slots a
+                                        push); consecutive pushes alternate halves
     counts [W, W] int32                 row s: tokens rank s sends to each rank
     flags  [W] int32                    barrier signals, one per peer
 
@@ -39,14 +39,18 @@ for them and nothing reads their stale x.
 Combine: each expert rank pushes the partial of each received row i < R (read on the device)
 to row ``d * cap + j`` of its source's back section; a barrier; each rank sums its tokens'
 partials in float32 in rank order (``rows.gather_sum``, the torch backend's kernel) and casts
-once. combine_raw is one push too (issue 28: it was one push, barrier and sum per slot k): each
-expert rank sends every local slot's raw output of received row i straight to row
-``token(i) * K + k`` of the source's back section (a slot has one owner, so every valid [t, k]
-is written once), a barrier, and the owner copies its [T, K, H] out, zeros for empty slots.
+once. combine_raw pushes P = min(W, K) slots at a time (one push for K <= W, e.g. DeepSeek-V3 at
+EP8; issue 28: it was one push, barrier and sum per slot k): each expert rank sends every local
+slot k of the round's P of received row i straight to row ``token(i) * P + k % P`` of the
+source's back section (a slot has one owner, so every valid [t, k] is written once, and T * P
+rows fit the W * cap of a half), a barrier, and the owner copies those P slots of its [T, K, H]
+out, zeros for empty slots.
 The back section has two halves used in turn: a rank may push the next partials (another
-combine of the same batch, the next slot) while a slower peer still sums from the other half;
-any two uses of one half are separated by a barrier every rank passes after the first use
-(the next dispatch's, or the other half's combine), so no extra barrier is needed.
+combine of the same batch, combine_raw's next round) while a slower peer still reads the other
+half; any two uses of one half are separated by a barrier every rank passes after the first use
+(the next dispatch's, or the other half's push), so no extra barrier is needed. (The half is
+chosen on the host: a CUDA graph that captures an odd number of pushes and no dispatch, replayed
+back to back, would use one half twice in a row; the layer's graphs hold a dispatch each.)
 
 Buffers are reused: DispatchResult tensors are views that the next dispatch into the same
 receive section overwrites (as MORI's are); one batch is in flight per dispatcher, or
@@ -134,11 +138,6 @@ class BufferLayout:
     total: int
 
 
-def back_rows(world_size: int, max_tokens_per_rank: int, top_k: int) -> int:
-    """Rows of one back half: W * cap partials (combine) or cap * K slots (combine_raw)."""
-    return max(world_size, top_k) * max_tokens_per_rank
-
-
 def buffer_layout(world_size: int, max_tokens_per_rank: int, hidden_size: int, top_k: int,
                   dtype: torch.dtype, *, payload: tuple[int, torch.dtype] | None = None,
                   batches_in_flight: int = 1) -> BufferLayout:
@@ -156,7 +155,7 @@ def buffer_layout(world_size: int, max_tokens_per_rank: int, hidden_size: int, t
             "weights": _round_up(W * cap * K * 4), "token": _round_up(W * cap * 4),
             "counts": _round_up(W * W * 4)}
     sizes = {name: L * n for name, n in lane.items()}
-    sizes["back"] = 2 * back_rows(W, cap, K) * H * dtype.itemsize
+    sizes["back"] = 2 * W * cap * H * dtype.itemsize
     sizes["flags"] = W * 4
     offsets, total = {}, 0
     for name, size in sizes.items():
@@ -278,7 +277,7 @@ class SymmDispatcher(Dispatcher):
             self._counts.append(section("counts", torch.int32, (W, W), lane))
             self._tokens.append(section("token", torch.int32, (W * cap,), lane))
         self._rows_of: list[int | None] = [None] * L  # the batch whose rows each lane holds
-        self._back = section("back", self.dtype, (2, back_rows(W, cap, K), H))
+        self._back = section("back", self.dtype, (2, W * cap, H))
         self._half = 0  # the back half the next push uses
         self._status = torch.zeros(W, dtype=torch.int32, device=self.device)
         self._dest1_i32 = self._dest1_on(self.device).to(torch.int32)
@@ -389,7 +388,15 @@ class SymmDispatcher(Dispatcher):
         return DispatchResult(x=x_R, topk_ids=ids_R, topk_weights=w_R, handle=handle,
                               num_valid=nvalid)
 
+    def abandon(self, handle, stage: str, exc: BaseException) -> None:
+        if self._rows_of[handle.lane] == handle.batch_id:  # never combined after this
+            self._rows_of[handle.lane] = None
+        super().abandon(handle, stage, exc)
+
     # ---- combine ----------------------------------------------------------------------------
+    def _check_live(self, handle) -> None:
+        self._check_open(handle)
+
     def _check_open(self, handle) -> None:
         """A batch may be combined again (another weight mode, combine_raw) until a later
         dispatch fills its lane: its received ids and weights are views of the lane, and
@@ -406,28 +413,31 @@ class SymmDispatcher(Dispatcher):
         """Back rows start 16-byte aligned (the section is; H * itemsize keeps every row so)."""
         return self.hidden_size * self.dtype.itemsize % 16 == 0
 
-    def _push(self, y_RH: torch.Tensor, handle, sel_R: torch.Tensor | None) -> torch.Tensor:
-        """Send each valid received row's [H] partial to its source (only rows with sel != 0
-        where ``sel_R`` is given); a barrier; returns this rank's back half that holds the
-        partials sent to it."""
+    def _next_half(self) -> tuple[torch.Tensor, int]:
+        """The back half the next push writes (this rank's view) and its byte offset."""
+        half, self._half = self._half, 1 - self._half
+        return self._back[half], self.offsets["back"] + half * self._back[0].numel() * \
+            self.dtype.itemsize
+
+    def _push(self, y_RH: torch.Tensor, handle) -> torch.Tensor:
+        """Send each valid received row's [H] partial to its source; a barrier; returns this
+        rank's back half that holds the partials sent to it."""
         from rocm_moe.comm._symm_triton import push_back_kernel
 
         n_rows, H = y_RH.shape
-        half, self._half = self._half, 1 - self._half
-        offset = self.offsets["back"] + half * self._back[0].numel() * self.dtype.itemsize
-        sel = sel_R if sel_R is not None else handle.recv_from
+        back, offset = self._next_half()
         push_back_kernel[(min(-(-n_rows // PUSH_ROWS), PUSH_PROGRAMS), -(-H // BLOCK_H))](
-            y_RH, y_RH.stride(0), sel, sel.stride(0), handle.recv_from, self._ptrs, self.rank,
-            self.world_size, self.max_tokens_per_rank, H, offset, USE_SEL=sel_R is not None,
-            ALIGNED=self._rows_aligned(), BLOCK_R=PUSH_ROWS, BLOCK_H=BLOCK_H)
+            y_RH, y_RH.stride(0), handle.recv_from, self._ptrs, self.rank, self.world_size,
+            self.max_tokens_per_rank, H, offset, ALIGNED=self._rows_aligned(),
+            BLOCK_R=PUSH_ROWS, BLOCK_H=BLOCK_H)
         self._barrier()
-        return self._back[half]
+        return back
 
     def _combine(self, y_RH, handle):
         self._check_open(handle)
         if y_RH.stride(1) != 1:
             y_RH = y_RH.contiguous()
-        return rows.gather_sum(self._push(y_RH, handle, None), handle.pos)
+        return rows.gather_sum(self._push(y_RH, handle), handle.pos)
 
     def _combine_raw(self, raw_RKH, handle):
         from rocm_moe.comm._symm_triton import push_raw_kernel
@@ -435,15 +445,20 @@ class SymmDispatcher(Dispatcher):
         self._check_open(handle)
         raw_RKH = raw_RKH.contiguous()
         R, K, H = raw_RKH.shape
+        T, P = handle.num_tokens, min(self.world_size, K)
         local_RK = local_slots(handle.recv_topk_ids, self.expert_map_on(self.device))
         local_RK = local_RK.to(torch.int8).contiguous()
-        half, self._half = self._half, 1 - self._half
-        offset = self.offsets["back"] + half * self._back[0].numel() * self.dtype.itemsize
-        push_raw_kernel[(min(-(-R // PUSH_ROWS), PUSH_PROGRAMS) if R else 1, -(-H // BLOCK_H))](
-            raw_RKH, local_RK, handle.recv_from, self._tokens[handle.lane], self._ptrs, self.rank,
-            self.world_size, K, H, offset, ALIGNED=self._rows_aligned(), BLOCK_R=PUSH_ROWS,
-            BLOCK_H=BLOCK_H)
-        self._barrier()
-        T = handle.num_tokens
-        back_TKH = self._back[half][:T * K].view(T, K, H)
-        return torch.where(handle.topk_ids[:, :, None] >= 0, back_TKH, back_TKH.new_zeros(()))
+        out = raw_RKH.new_empty(T, K, H)
+        for k0 in range(0, K, P):  # one round for K <= W
+            n = min(P, K - k0)
+            back, offset = self._next_half()
+            push_raw_kernel[(min(-(-R // PUSH_ROWS), PUSH_PROGRAMS) if R else 1,
+                             -(-H // BLOCK_H))](
+                raw_RKH, local_RK, handle.recv_from, self._tokens[handle.lane], self._ptrs,
+                self.rank, self.world_size, K, H, k0, n, P, offset,
+                ALIGNED=self._rows_aligned(), BLOCK_R=PUSH_ROWS, BLOCK_H=BLOCK_H)
+            self._barrier()
+            got = back[:T * P].view(T, P, H)[:, :n]
+            out[:, k0:k0 + n] = torch.where(handle.topk_ids[:, k0:k0 + n, None] >= 0, got,
+                                            got.new_zeros(()))
+        return out

@@ -188,3 +188,75 @@ def test_uneven_ranks_on_cpu_ranks():
     for rank, res in enumerate(launch(3, _uneven_worker, 5, backend="gloo", timeout_s=600)):
         for step, checks in res.items():
             assert all(checks.values()), (rank, step, checks)
+
+
+# ---- W = 2 on CPU ranks: rows wider than a kernel block, unaligned rows, combine_raw in two
+# rounds, stale handles ---------------------------------------------------------------------
+def _refused(call) -> str:
+    try:
+        call()
+    except ValueError as exc:
+        return str(exc)
+    return "accepted"
+
+
+def _edges_worker(info, seed):
+    from rocm_moe.comm import symm
+    from rocm_moe.comm.torch import TorchDispatcher
+    from rocm_moe.weighting import ExpertsOutput
+    from tests.symm_shm import ShmSymmDispatcher
+
+    p, K, out = Placement.contiguous(8, 2), 3, {}
+    # H = 20 fp16: 40-byte rows (not 16-byte aligned: the push kernels' ALIGNED=False form);
+    # H = 2100: 1050 words, two pack_put blocks of 1024. K = 3 > W: combine_raw in 2 rounds.
+    for H in (20, 2100):
+        kw = dict(hidden_size=H, top_k=K, dtype=torch.float16)
+        ref, sym = TorchDispatcher(p, **kw), ShmSymmDispatcher(p, max_tokens_per_rank=7, **kw)
+        g = torch.Generator().manual_seed(seed + H + info.rank)
+        T = (7, 2)[info.rank]
+        x = torch.randn(T, H, generator=g).half()
+        ids = torch.rand(T, 8, generator=g).topk(K, dim=1).indices.to(torch.int32)
+        ids[0, 1] = -1
+        w = torch.rand(T, K, generator=g)
+        a, b = ref.dispatch(x, w, ids), sym.dispatch(x, w, ids)
+        R = a.x.shape[0]
+        y = torch.randn(R, K, H, generator=g).half()
+        y_sym = torch.zeros(14, K, H, dtype=torch.float16)
+        y_sym[:R] = y
+        raw_a, raw_b = (ExpertsOutput(out=t, weights_applied=False) for t in (y, y_sym))
+        out[f"H{H}"] = dict(
+            aligned=sym._rows_aligned() == (H * 2 % 16 == 0), rows=torch.equal(b.x[:R], a.x),
+            ids=torch.equal(b.topk_ids[:R], a.topk_ids),
+            raw=torch.equal(sym.combine_raw(raw_b, b.handle), ref.combine_raw(raw_a, a.handle)),
+            combine=torch.equal(sym.combine(raw_b, b.handle), ref.combine(raw_a, a.handle)))
+    # Stale handles: refused once a later dispatch reused their lane (one lane, then two), or
+    # once abandoned; before anything reads the lane.
+    x, w, ids = torch.randn(2, 20).half(), torch.rand(2, K), torch.tensor([[0, 4, 7]] * 2)
+    one = ShmSymmDispatcher(p, max_tokens_per_rank=7, hidden_size=20, top_k=K,
+                            dtype=torch.float16)
+    eo = ExpertsOutput(out=torch.zeros(14, 20, dtype=torch.float16), weights_applied=True)
+    da = one.dispatch(x, w, ids)
+    one.combine(eo, da.handle)
+    one.combine(eo, one.dispatch(x, w, ids).handle)
+    out["one_lane"] = _refused(lambda: one.combine(eo, da.handle))
+    two = ShmSymmDispatcher(p, max_tokens_per_rank=7, hidden_size=20, top_k=K,
+                            dtype=torch.float16, batches_in_flight=2)
+    da, db = two.dispatch(x, w, ids), two.dispatch(x, w, ids)
+    two.combine(eo, da.handle)
+    dc = two.dispatch(x, w, ids)  # the lowest free lane: A's
+    out["two_lanes"] = _refused(lambda: two.combine(eo, da.handle))
+    two.combine(eo, db.handle)
+    two.abandon(dc.handle, "test", RuntimeError("left"))
+    out["abandoned"] = _refused(lambda: two.combine(eo, dc.handle))
+    out["layout"] = symm.buffer_layout(2, 7, 20, K, torch.float16).total == one._buf.numel()
+    return out
+
+
+@pytest.mark.skipif(shm_available() is not None, reason=str(shm_available()))
+def test_wide_and_unaligned_rows_raw_rounds_and_stale_handles_on_cpu_ranks():
+    for rank, res in enumerate(launch(2, _edges_worker, 3, backend="gloo", timeout_s=600)):
+        for case in ("H20", "H2100"):
+            assert all(res[case].values()), (rank, case, res[case])
+        for case in ("one_lane", "two_lanes", "abandoned"):
+            assert "the symm backend's buffers hold batch(es)" in res[case], (rank, res[case])
+        assert res["layout"], rank

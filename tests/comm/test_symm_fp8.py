@@ -79,9 +79,9 @@ def _unbuilt(hidden: int, top_k: int, dtype=torch.bfloat16) -> SymmFP8Dispatcher
 
 @pytest.mark.parametrize("hidden", [128, 200, 7168])
 def test_wire_round_trip_through_the_packed_row(hidden, gen):
-    """The payload packed as the symm kernels pack it ([payload words | ids | weights | pad],
-    the same row as ``rows.pack_rows``), then read back through the receive-section views:
-    the quantiser's bits, zero copy."""
+    """The payload packed into the torch backend's row ([payload words | ids | weights | pad],
+    ``rows.pack_rows``), then read back through ``_from_wire``'s views (as the symm receive
+    section's payload words are): the quantiser's bits, zero copy."""
     T, k = 33, 3
     d = _unbuilt(hidden, k)
     x = (torch.randn(T, hidden, generator=gen) * 30).bfloat16()
@@ -134,12 +134,12 @@ def test_wire_bytes_and_the_bench_line():
     from rocm_moe.benchmarks.comm import _wire_row_bytes, fp8_line
 
     wire = _wire_row_bytes(7168, torch.bfloat16, 8, ["symm", "symm-fp8"])
-    assert wire == {"torch": 14400, "symm": 14400, "symm-fp8": 7456}
+    assert wire == {"torch": 14400, "symm": 14404, "symm-fp8": 7460}  # symm: + token index
     assert 4 * rows.row_words(*_unbuilt(7168, 8)._wire_format(), 8) == 7456
     assert wire["symm"] / wire["symm-fp8"] >= 1.8
     line = fp8_line("symm", wire, [{"tokens": 4096, "symm dispatch us": 900.0,
                                     "symm-fp8 dispatch us": 500.0}])
-    assert line == ("dispatch row on the wire: symm 14400 B, symm-fp8 7456 B (1.93x fewer); "
+    assert line == ("dispatch row on the wire: symm 14404 B, symm-fp8 7460 B (1.93x fewer); "
                     "dispatch time symm / symm-fp8 per tokens/rank: 4096: 1.80x")
     assert fp8_row_bytes(200) == 208
 
@@ -254,13 +254,13 @@ def _bits_worker(info, seed):
         yb = sym.combine(ExpertsOutput(out=b.x.dequantize(torch.bfloat16), weights_applied=True),
                          b.handle)
         out[f"{case}_combine"] = torch.equal(ya, yb)
-        out[f"{case}_row_bytes"] = 4 * sym.row_words
+        out[f"{case}_row_bytes"] = 4 * sym.row_words  # the payload, padded (ids etc. apart)
         if (hidden, k) == BIT_CASES[-1]:  # the bf16 symm dispatch of the same batch
             bf = SymmDispatcher(p, max_tokens_per_rank=511, **kw)
             c = bf.dispatch(x, w, ids)
             out["bf16_row_bytes"] = 4 * bf.row_words
-            out["bf16_recv_bytes"] = bf.offsets["back"] - bf.offsets["recv"]
-            out["fp8_recv_bytes"] = sym.offsets["back"] - sym.offsets["recv"]
+            out["bf16_recv_bytes"] = bf._lane_bytes["recv"]
+            out["fp8_recv_bytes"] = sym._lane_bytes["recv"]
             out["fp8_vs_bf16_rows"] = rel_err(b.x.dequantize()[:R], c.x[:R]) if R else 0.0
         torch.cuda.synchronize()
     return out
@@ -275,8 +275,9 @@ def test_received_bits_equal_torch_fp8(W):
         assert "x.shape[0]=512: exceeds max_tokens_per_rank=511" in r["too_many_tokens"], r
         assert "x.dtype=torch.float32: must be one of (torch.bfloat16)" in r["float32_rows"], r
         assert r["fp8_vs_bf16_rows"] < 5e-2, (rank, r)
-        # the byte count: DeepSeek-V3's row (H = 7168, K = 8) and the receive section
-        assert (r["H7168_K8_row_bytes"], r["bf16_row_bytes"]) == (7456, 14400), r
+        # the byte count: DeepSeek-V3's payload row (H = 7168; its 8 ids, 8 weights and token
+        # index travel to sections of their own) and the receive section
+        assert (r["H7168_K8_row_bytes"], r["bf16_row_bytes"]) == (7392, 14336), r
         assert r["bf16_recv_bytes"] / r["fp8_recv_bytes"] >= 1.8, r
     assert sum(r["H256_K4_R"] for r in results) > 0  # rows moved (rank 1 sent none)
 
