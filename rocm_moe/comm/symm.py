@@ -413,6 +413,16 @@ class SymmDispatcher(Dispatcher):
         """Back rows start 16-byte aligned (the section is; H * itemsize keeps every row so)."""
         return self.hidden_size * self.dtype.itemsize % 16 == 0
 
+    def _push_programs(self, handle) -> int:
+        """Row programs of a push: enough for the rows this rank expects, W x its own T (the
+        received count R is on the device; the programs loop over R's row blocks whatever
+        the grid, so a skewed batch only takes more steps), at most ``PUSH_PROGRAMS``. Sized by
+        the capacity, a 1-token decode step at 16384 tokens per rank launched 512 programs
+        that found nothing to do (issue 33)."""
+        rows = min(self.world_size * max(handle.num_tokens, 1),
+                   self.world_size * self.max_tokens_per_rank)
+        return min(-(-rows // PUSH_ROWS), PUSH_PROGRAMS)
+
     def _next_half(self) -> tuple[torch.Tensor, int]:
         """The back half the next push writes (this rank's view) and its byte offset."""
         half, self._half = self._half, 1 - self._half
@@ -424,9 +434,9 @@ class SymmDispatcher(Dispatcher):
         rank's back half that holds the partials sent to it."""
         from rocm_moe.comm._symm_triton import push_back_kernel
 
-        n_rows, H = y_RH.shape
+        H = y_RH.shape[1]
         back, offset = self._next_half()
-        push_back_kernel[(min(-(-n_rows // PUSH_ROWS), PUSH_PROGRAMS), -(-H // BLOCK_H))](
+        push_back_kernel[(self._push_programs(handle), -(-H // BLOCK_H))](
             y_RH, y_RH.stride(0), handle.recv_from, self._ptrs, self.rank, self.world_size,
             self.max_tokens_per_rank, H, offset, ALIGNED=self._rows_aligned(),
             BLOCK_R=PUSH_ROWS, BLOCK_H=BLOCK_H)
@@ -444,7 +454,7 @@ class SymmDispatcher(Dispatcher):
 
         self._check_open(handle)
         raw_RKH = raw_RKH.contiguous()
-        R, K, H = raw_RKH.shape
+        K, H = raw_RKH.shape[1:]
         T, P = handle.num_tokens, min(self.world_size, K)
         local_RK = local_slots(handle.recv_topk_ids, self.expert_map_on(self.device))
         local_RK = local_RK.to(torch.int8).contiguous()
@@ -452,8 +462,7 @@ class SymmDispatcher(Dispatcher):
         for k0 in range(0, K, P):  # one round for K <= W
             n = min(P, K - k0)
             back, offset = self._next_half()
-            push_raw_kernel[(min(-(-R // PUSH_ROWS), PUSH_PROGRAMS) if R else 1,
-                             -(-H // BLOCK_H))](
+            push_raw_kernel[(self._push_programs(handle), -(-H // BLOCK_H))](
                 raw_RKH, local_RK, handle.recv_from, self._tokens[handle.lane], self._ptrs,
                 self.rank, self.world_size, K, H, k0, n, P, offset,
                 ALIGNED=self._rows_aligned(), BLOCK_R=PUSH_ROWS, BLOCK_H=BLOCK_H)
