@@ -12,6 +12,9 @@
 # XDIST=N (environment): N pytest-xdist workers, files kept whole per worker (--dist loadfile),
 # (the device image has pytest-xdist; else from the wheels in .whl/, carried: no network);
 # every test that fails there is then rerun alone, serially, and both results are written.
+# LIMIT=S (environment): stop pytest with SIGINT after S seconds (it still prints its summary of
+# what ran) and list every test's result as it finishes (-v), so a run cut short by the
+# device's time still says which tests passed and failed; no serial rerun then.
 set -uo pipefail
 OUT=${1:-${OUT:-bench/results}}
 TAG=${2:-h100}
@@ -41,6 +44,15 @@ fi
 machine_info "$FILE"
 echo "== python3 -m pytest ${XARGS[*]} ${PART:+part $PART: }(this machine's torch)" \
   "${TARGETS[*]} ==" | tee -a "$FILE"
+if [ -n "${LIMIT:-}" ]; then
+  timeout -s INT -k 30 "$LIMIT" python3 -m pytest -v -p no:cacheprovider -rfEs --durations=15 \
+    "${XARGS[@]}" "${TARGETS[@]}" >> "$FILE" 2>&1
+  rc=$?
+  grep -E "^(FAILED|ERROR) |\] (FAILED|ERROR) " "$FILE" | sort -u
+  echo "passed so far: $(grep -c '\] PASSED ' "$FILE"), exit $rc (124 or 130: cut at ${LIMIT} s)"
+  tail -n 1 "$FILE"
+  exit "$rc"
+fi
 python3 -m pytest -q -p no:cacheprovider -rfEs --durations=15 "${XARGS[@]}" "${TARGETS[@]}" \
   >> "$FILE" 2>&1
 rc=$?
