@@ -159,6 +159,30 @@ def barrier_scrub_kernel(ptrs_ptr, me, W, FLAG_OFF, status_ptr, counts_ptr, recv
 
 
 @triton.jit
+def _received(recv_ptr, W):
+    """R: the rows received from all W ranks (``recv_ptr`` [W], rank order)."""
+    R = tl.load(recv_ptr)
+    for q in range(1, W):
+        R += tl.load(recv_ptr + q)
+    return R
+
+
+@triton.jit
+def _row_source(recv_ptr, W, r):
+    """(source rank, its first received row) of received row r (rows are in rank order)."""
+    src = 0
+    start = 0
+    end = 0
+    for q in range(W):
+        c = tl.load(recv_ptr + q)
+        past = r >= end + c
+        src = tl.where(past, q + 1, src)
+        start = tl.where(past, end + c, start)
+        end += c
+    return src, start
+
+
+@triton.jit
 def push_back_kernel(y_ptr, y_stride, recv_ptr, ptrs_ptr, me, W, CAP, H, BACK_OFF,
                      ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
     """Grid (P programs over row blocks, blocks of H): received rows r < R send y[r] (row stride
@@ -172,21 +196,11 @@ def push_back_kernel(y_ptr, y_stride, recv_ptr, ptrs_ptr, me, W, CAP, H, BACK_OF
     ELEM: tl.constexpr = y_ptr.dtype.element_ty.primitive_bitwidth // 8
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
-    R = tl.load(recv_ptr)
-    for q in range(1, W):
-        R += tl.load(recv_ptr + q)
+    R = _received(recv_ptr, W)
     for r0 in range(tl.program_id(0) * BLOCK_R, R, tl.num_programs(0) * BLOCK_R):
         for rr in tl.static_range(BLOCK_R):
             r = r0 + rr
-            src = 0
-            start = 0
-            end = 0
-            for q in range(W):
-                c = tl.load(recv_ptr + q)
-                past = r >= end + c
-                src = tl.where(past, q + 1, src)
-                start = tl.where(past, end + c, start)
-                end += c
+            src, start = _row_source(recv_ptr, W, r)
             ok = r < R
             # (the row's flag as a [BLOCK_H] mask: Triton's interpreter refuses a tensor
             # mask and-ed with a scalar one, so CPU tests could not run this kernel)
@@ -214,18 +228,11 @@ def push_raw_kernel(y_ptr, local_ptr, recv_ptr, tok_ptr, ptrs_ptr, me, W, K, H, 
     ELEM: tl.constexpr = y_ptr.dtype.element_ty.primitive_bitwidth // 8
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
-    R = tl.load(recv_ptr)
-    for q in range(1, W):
-        R += tl.load(recv_ptr + q)
+    R = _received(recv_ptr, W)
     for r0 in range(tl.program_id(0) * BLOCK_R, R, tl.num_programs(0) * BLOCK_R):
         for rr in tl.static_range(BLOCK_R):
             r = r0 + rr
-            src = 0
-            end = 0
-            for q in range(W):
-                c = tl.load(recv_ptr + q)
-                src = tl.where(r >= end + c, q + 1, src)
-                end += c
+            src, _ = _row_source(recv_ptr, W, r)
             ok = r < R
             t = tl.load(tok_ptr + r, mask=ok, other=0).to(tl.int64)
             base = tl.load(ptrs_ptr + src, mask=ok, other=0) + BACK_OFF
