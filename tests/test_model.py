@@ -1,5 +1,6 @@
 """A model's worth of MoE layers on one dispatcher (``rocm_moe.model.MoEStack``): every layer
-against the float64 oracle on CPUs (gloo, W = 1 and 2), and on GPUs the whole N-layer stack
+against the float64 oracle on CPUs (gloo, W = 1 and 2; the symm backend at W = 2 over shared
+memory, one buffer for all layers, a batch above the capacity in chunks), and on GPUs the whole N-layer stack
 captured in one CUDA graph per bucket over symm + Triton: replay == eager bit for bit, one
 symmetric allocation whatever N, prefill batches above the capacity in chunks."""
 
@@ -14,6 +15,7 @@ from rocm_moe.comm import pool
 from rocm_moe.distributed import launch
 from rocm_moe.model import MoEStack
 from tests.conftest import TOL, rel_err
+from tests.symm_shm import shm_available
 
 E, K, H, I, N, CAP, SEED = 16, 4, 128, 64, 8, 64, 7
 ROUTER = RouterConfig.qwen3_moe(E, K)
@@ -58,6 +60,41 @@ def test_stack_of_layers_on_one_dispatcher_matches_the_oracle(W):
     for res in launch(W, _cpu_worker, backend="gloo"):
         assert res["pooled"] == 1
         assert max(res["errs"]) <= TOL[torch.float32], res["errs"]
+
+
+def _shm_worker(info) -> dict:
+    """The symm backend on CPU ranks (tests/symm_shm.py: its kernels interpreted over shared
+    memory), reached by name through the pool as an engine reaches it: one buffer for N
+    layers, every layer against the oracle, a prefill batch above the capacity in chunks (the
+    rank without tokens joins with empty ones)."""
+    from rocm_moe import backends
+    from tests import symm_shm
+
+    backends.BACKENDS["comm:symm"] = backends.Backend("symm", "comm", "tests.symm_shm",
+                                                      "ShmSymmDispatcher")
+    maps = []
+    real = symm_shm.ShmSymmDispatcher._map_buffer
+
+    def counting(self, nbytes):
+        maps.append(nbytes)
+        return real(self, nbytes)
+
+    symm_shm.ShmSymmDispatcher._map_buffer = counting
+    stack = _stack(info, "symm")
+    x = syn.tokens(SEED, info.rank, [9, 1][info.rank], H)
+    big = syn.tokens(SEED + 1, info.rank, [CAP + 5, 0][info.rank], H)  # 2 chunks, 1 empty
+    return dict(errs=_layer_errors(stack, x), prefill_errs=_layer_errors(stack, big),
+                allocations=len(maps), pooled=len(pool.shared_dispatchers()),
+                name=type(stack.layers[0].dispatcher).__name__)
+
+
+@pytest.mark.skipif(shm_available() is not None, reason=str(shm_available()))
+def test_stack_over_symm_on_cpu_ranks_shares_one_buffer():
+    for res in launch(2, _shm_worker, backend="gloo", timeout_s=600):
+        assert res["name"] == "ShmSymmDispatcher", res
+        assert res["allocations"] == 1 and res["pooled"] == 1, res  # one buffer, N layers
+        assert max(res["errs"]) <= TOL[torch.float32], res["errs"]
+        assert max(res["prefill_errs"]) <= TOL[torch.float32], res["prefill_errs"]
 
 
 def test_stack_refuses_layers_on_different_dispatchers():
