@@ -148,9 +148,7 @@ def buffer_layout(world_size: int, max_tokens_per_rank: int, hidden_size: int, t
     matrix, each starting aligned; one back section and one set of flags for all."""
     W, cap, H, K, L = world_size, max_tokens_per_rank, hidden_size, top_k, batches_in_flight
     P, wire_dtype = payload or (H, dtype)
-    pbytes = P * wire_dtype.itemsize
-    assert pbytes % rows.WORD == 0, "the payload must be whole 32-bit words"
-    words = -(-(pbytes // rows.WORD) // rows.ALIGN_WORDS) * rows.ALIGN_WORDS
+    words = rows.row_words(P, wire_dtype, 0)  # the payload alone, padded to 16 bytes
     lane = {"recv": _round_up(W * cap * words * rows.WORD), "ids": _round_up(W * cap * K * 4),
             "weights": _round_up(W * cap * K * 4), "token": _round_up(W * cap * 4),
             "counts": _round_up(W * W * 4)}
@@ -395,9 +393,6 @@ class SymmDispatcher(Dispatcher):
 
     # ---- combine ----------------------------------------------------------------------------
     def _check_live(self, handle) -> None:
-        self._check_open(handle)
-
-    def _check_open(self, handle) -> None:
         """A batch may be combined again (another weight mode, combine_raw) until a later
         dispatch fills its lane: its received ids and weights are views of the lane, and
         consecutive pushes alternate the back halves (module docstring)."""
@@ -444,7 +439,6 @@ class SymmDispatcher(Dispatcher):
         return back
 
     def _combine(self, y_RH, handle):
-        self._check_open(handle)
         if y_RH.stride(1) != 1:
             y_RH = y_RH.contiguous()
         return rows.gather_sum(self._push(y_RH, handle), handle.pos)
@@ -452,7 +446,6 @@ class SymmDispatcher(Dispatcher):
     def _combine_raw(self, raw_RKH, handle):
         from rocm_moe.comm._symm_triton import push_raw_kernel
 
-        self._check_open(handle)
         raw_RKH = raw_RKH.contiguous()
         K, H = raw_RKH.shape[1:]
         T, P = handle.num_tokens, min(self.world_size, K)
