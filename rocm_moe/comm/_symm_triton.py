@@ -183,6 +183,25 @@ def _row_source(recv_ptr, W, r):
 
 
 @triton.jit
+def _row_mask(hm, flag):
+    """``hm`` and-ed with one row's scalar flag, as a [BLOCK_H] mask (Triton's interpreter
+    refuses a tensor mask and-ed with a scalar one, so CPU tests could not run the push
+    kernels)."""
+    return hm & ((tl.zeros_like(hm).to(tl.int32) + flag.to(tl.int32)) != 0)
+
+
+@triton.jit
+def _store_row(addr, h, v, m, ALIGNED: tl.constexpr):
+    """Store one row's block ``v`` at the peer address ``addr`` (an int64 byte address) + h,
+    through one scalar base pointer, so the stores stay contiguous and vectorised; ALIGNED:
+    rows 16-byte aligned (H * itemsize % 16 == 0), so the 16-byte store hint holds."""
+    dst = addr.to(tl.pointer_type(v.dtype))
+    if ALIGNED:
+        dst = tl.multiple_of(dst, 16)
+    tl.store(dst + h, v, mask=m)
+
+
+@triton.jit
 def push_back_kernel(y_ptr, y_stride, recv_ptr, ptrs_ptr, me, W, CAP, H, BACK_OFF,
                      ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
     """Grid (P programs over row blocks, blocks of H): received rows r < R send y[r] (row stride
@@ -191,8 +210,8 @@ def push_back_kernel(y_ptr, y_stride, recv_ptr, ptrs_ptr, me, W, CAP, H, BACK_OF
     received from each rank); program p takes row blocks p, p + P, ... below R, so the launch is
     sized by at most P, not by the capacity (issue 33: a grid over 16384 rows' blocks, all but
     one exiting at once, cost 4.3 us at 1 received row). Each row goes through one scalar base
-    pointer, so its stores stay contiguous and vectorised (a pointer per element, built from a
-    tensor of addresses, made the stores scalar: combine ran at a third of the speed)."""
+    pointer (``_store_row``; a pointer per element, built from a tensor of addresses, made the
+    stores scalar: combine ran at a third of the speed)."""
     ELEM: tl.constexpr = y_ptr.dtype.element_ty.primitive_bitwidth // 8
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
@@ -202,16 +221,11 @@ def push_back_kernel(y_ptr, y_stride, recv_ptr, ptrs_ptr, me, W, CAP, H, BACK_OF
             r = r0 + rr
             src, start = _row_source(recv_ptr, W, r)
             ok = r < R
-            # (the row's flag as a [BLOCK_H] mask: Triton's interpreter refuses a tensor
-            # mask and-ed with a scalar one, so CPU tests could not run this kernel)
-            m = hm & ((tl.zeros([BLOCK_H], dtype=tl.int32) + ok.to(tl.int32)) != 0)
+            m = _row_mask(hm, ok)
             v = tl.load(y_ptr + r.to(tl.int64) * y_stride + h, mask=m)
             row = tl.load(ptrs_ptr + src, mask=ok, other=0) + BACK_OFF + \
                 (me * CAP + r - start).to(tl.int64) * H * ELEM
-            dst = row.to(tl.pointer_type(y_ptr.dtype.element_ty))
-            if ALIGNED:  # rows 16-byte aligned (H * itemsize % 16 == 0): vector stores
-                dst = tl.multiple_of(dst, 16)
-            tl.store(dst + h, v, mask=m)
+            _store_row(row, h, v, m, ALIGNED)
 
 
 @triton.jit
@@ -239,10 +253,6 @@ def push_raw_kernel(y_ptr, local_ptr, recv_ptr, tok_ptr, ptrs_ptr, me, W, K, H, 
             for i in range(N):
                 k = K0 + i
                 sel = tl.load(local_ptr + r.to(tl.int64) * K + k, mask=ok, other=0) != 0
-                # (a [BLOCK_H] mask: see push_back_kernel)
-                m = hm & ((tl.zeros([BLOCK_H], dtype=tl.int32) + (ok & sel).to(tl.int32)) != 0)
+                m = _row_mask(hm, ok & sel)
                 v = tl.load(y_ptr + (r.to(tl.int64) * K + k) * H + h, mask=m)
-                dst = (base + (t * P + i) * H * ELEM).to(tl.pointer_type(y_ptr.dtype.element_ty))
-                if ALIGNED:  # as in push_back_kernel
-                    dst = tl.multiple_of(dst, 16)
-                tl.store(dst + h, v, mask=m)
+                _store_row(base + (t * P + i) * H * ELEM, h, v, m, ALIGNED)
