@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -58,3 +59,26 @@ class ShmSymmDispatcher(SymmDispatcher):
         os.unlink(path(self.rank))  # the mappings stay
         ptrs = torch.tensor([t.data_ptr() for t in self._peer_maps], dtype=torch.int64)
         return self._peer_maps[self.rank], ptrs
+
+
+@contextmanager
+def as_symm_backend():
+    """comm="symm" served by ``ShmSymmDispatcher`` for the block, reached by name as an engine
+    reaches it (``backends.make_dispatcher``, the pool, the vLLM / SGLang plug-ins); yields a
+    list that gets each mapped buffer's bytes (one entry per symmetric buffer allocated)."""
+    from rocm_moe import backends
+
+    saved = backends.BACKENDS["comm:symm"], ShmSymmDispatcher._map_buffer
+    maps: list[int] = []
+
+    def counting(self, nbytes):
+        maps.append(nbytes)
+        return saved[1](self, nbytes)
+
+    backends.BACKENDS["comm:symm"] = backends.Backend("symm", "comm", __name__,
+                                                      "ShmSymmDispatcher")
+    ShmSymmDispatcher._map_buffer = counting
+    try:
+        yield maps
+    finally:
+        backends.BACKENDS["comm:symm"], ShmSymmDispatcher._map_buffer = saved

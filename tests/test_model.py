@@ -68,25 +68,15 @@ def _shm_worker(info) -> dict:
     memory), reached by name through the pool as an engine reaches it: one buffer for N
     layers, every layer against the oracle, a prefill batch above the capacity in chunks (the
     rank without tokens joins with empty ones)."""
-    from rocm_moe import backends
-    from tests import symm_shm
+    from tests.symm_shm import as_symm_backend
 
-    backends.BACKENDS["comm:symm"] = backends.Backend("symm", "comm", "tests.symm_shm",
-                                                      "ShmSymmDispatcher")
-    maps = []
-    real = symm_shm.ShmSymmDispatcher._map_buffer
-
-    def counting(self, nbytes):
-        maps.append(nbytes)
-        return real(self, nbytes)
-
-    symm_shm.ShmSymmDispatcher._map_buffer = counting
-    stack = _stack(info, "symm")
-    x = syn.tokens(SEED, info.rank, [9, 1][info.rank], H)
-    big = syn.tokens(SEED + 1, info.rank, [CAP + 5, 0][info.rank], H)  # 2 chunks, 1 empty
-    return dict(errs=_layer_errors(stack, x), prefill_errs=_layer_errors(stack, big),
-                allocations=len(maps), pooled=len(pool.shared_dispatchers()),
-                name=type(stack.layers[0].dispatcher).__name__)
+    with as_symm_backend() as maps:
+        stack = _stack(info, "symm")
+        x = syn.tokens(SEED, info.rank, [9, 1][info.rank], H)
+        big = syn.tokens(SEED + 1, info.rank, [CAP + 5, 0][info.rank], H)  # 2 chunks, 1 empty
+        return dict(errs=_layer_errors(stack, x), prefill_errs=_layer_errors(stack, big),
+                    allocations=len(maps), pooled=len(pool.shared_dispatchers()),
+                    name=type(stack.layers[0].dispatcher).__name__)
 
 
 @pytest.mark.skipif(shm_available() is not None, reason=str(shm_available()))

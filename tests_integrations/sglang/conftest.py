@@ -1,6 +1,14 @@
-"""Fixtures shared by the SGLang tests."""
+"""Fixtures shared by the SGLang tests. Without a GPU, rocm_moe's Triton kernels (the symm
+backend's, tests/symm_shm.py) run in Triton's interpreter, set before any kernel is defined
+(spawned ranks inherit it)."""
+
+import os
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

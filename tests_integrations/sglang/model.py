@@ -16,6 +16,7 @@ ids) and then ``process_weights_after_loading``. Layers are joined by a residual
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -317,9 +318,39 @@ def _sharing(layers) -> dict:
                               for layer in layers))
 
 
+def _served(spec, r: int, comm: str | None, layers, maps: list | None) -> dict:
+    """The 3-layer model on ``comm`` at capacity CAP: its sharing, the float64 oracle at every
+    size, chunked against one batch; ``maps``: the symmetric buffers allocated (symm)."""
+    res = _sharing(layers)
+    if maps is not None:
+        res["buffers"] = len(maps)  # before the one-batch model below allocates its own
+    for j in range(len(SIZES)):  # every rank a different size each round
+        x = tokens(spec, r, SIZES[(j + r) % len(SIZES)])
+        res[f"T={x.shape[0]}"] = o.rel_err(forward(layers, x), oracle(spec, x))
+    x = tokens(spec, r, SIZES[-1])
+    chunked = forward(layers, x)
+    if comm == "mori":
+        guard = CaptureGuard(_Patch(), layers)
+        try:
+            xs = tokens(spec, r, CAP - r)
+            res["captured_equal"] = torch.equal(guard.forward(layers, xs),
+                                                forward(layers, xs))
+            try:
+                guard.forward(layers, tokens(spec, r, CAP + 1))
+            except ValueError as e:
+                res["captured_over_cap"] = str(e)
+        finally:
+            guard.mp.undo_all()
+    one = forward(_model(spec, comm, 64), x)
+    res["chunks_bitwise"] = torch.equal(chunked, one)
+    res["chunks_err"] = o.rel_err(chunked, one.double())
+    return res
+
+
 def rank_scenarios(info) -> dict:
     """Every multi-rank check of the SGLang model on one rank (one SGLang import per rank)."""
     from rocm_moe import backends
+    from tests.symm_shm import as_symm_backend, shm_available
 
     W, r = info.world_size, info.rank
     spec = Spec()
@@ -327,34 +358,22 @@ def rank_scenarios(info) -> dict:
     publish(W, r)
     load_plugin()
     out: dict = {}
-    for comm in (None, "torch", "mori"):
-        try:
-            layers = _model(spec, comm, CAP)
-        except ValueError as e:  # MORI at W = 3: a power-of-two EP size only
-            out[comm or "default"] = dict(refused=str(e))
-            continue
-        res = _sharing(layers)
-        for j in range(len(SIZES)):  # every rank a different size each round
-            x = tokens(spec, r, SIZES[(j + r) % len(SIZES)])
-            res[f"T={x.shape[0]}"] = o.rel_err(forward(layers, x), oracle(spec, x))
-        x = tokens(spec, r, SIZES[-1])
-        chunked = forward(layers, x)
-        if comm == "mori":
-            guard = CaptureGuard(_Patch(), layers)
+    for comm in (None, "torch", "mori", "symm"):
+        label = {None: "default", "symm": "symm_shm"}.get(comm, comm)
+        with ExitStack() as scope:
+            if comm == "symm":  # served for real on CPU ranks: tests/symm_shm.py
+                if (reason := shm_available()) is not None:
+                    out[label] = dict(skipped=reason)
+                    continue
+                maps = scope.enter_context(as_symm_backend())
+            else:
+                maps = None
             try:
-                xs = tokens(spec, r, CAP - r)
-                res["captured_equal"] = torch.equal(guard.forward(layers, xs),
-                                                    forward(layers, xs))
-                try:
-                    guard.forward(layers, tokens(spec, r, CAP + 1))
-                except ValueError as e:
-                    res["captured_over_cap"] = str(e)
-            finally:
-                guard.mp.undo_all()
-        one = forward(_model(spec, comm, 64), x)
-        res["chunks_bitwise"] = torch.equal(chunked, one)
-        res["chunks_err"] = o.rel_err(chunked, one.double())
-        out[comm or "default"] = res
+                layers = _model(spec, comm, CAP)
+            except ValueError as e:  # MORI at W = 3: a power-of-two EP size only
+                out[label] = dict(refused=str(e))
+                continue
+            out[label] = _served(spec, r, comm, layers, maps)
     seen = {}
     real = backends.make_dispatcher
 

@@ -3,7 +3,8 @@ rocm_moe's dispatcher and experts step on 2 and 3 gloo ranks (uneven tokens, a r
 both weight modes, float32 and bfloat16) against a float64 oracle; the plug-in as SGLang's own
 loader applies it; the skipped all-reduce; signatures; diagnose and sanity on the layer; and, in
 the same launch, a 3-layer model of SGLang's own TopK + FusedMoE / DeepEPMoE (model.py) served
-with ROCM_MOE_SGLANG_COMM unset (the default), =torch, =mori (the MORI fake) and =symm."""
+with ROCM_MOE_SGLANG_COMM unset (the default), =torch, =mori (the MORI fake) and =symm (its CPU
+refusal, and served on CPU ranks through tests/symm_shm.py)."""
 
 from __future__ import annotations
 
@@ -297,7 +298,8 @@ def test_signatures_the_adapter_relies_on():
 
 
 # ---- the model on W ranks (model.rank_scenarios) ----------------------------------------------
-COMMS = ["default", "torch", "mori"]
+COMMS = ["default", "torch", "mori", "symm_shm"]  # symm_shm: symm served on CPU ranks
+BACKEND = {"default": "torch", "symm_shm": "symm"}  # the backend each setting builds
 
 
 @pytest.mark.parametrize("W", [2, 3])
@@ -306,7 +308,9 @@ def test_model_on_every_comm_setting_matches_float64_oracle(W, comm):
     """Batches of 1, max_tokens_per_rank (8) and 3.5 x max_tokens_per_rank (28), each rank a
     different size in each round (uneven chunk counts), through 3 layers that share ONE
     dispatcher of the named backend (unset: torch, the fastest on CPU ranks) with SGLang's
-    routed_scaling_factor 2.5 on layer 1 applied once, weights as loaded."""
+    routed_scaling_factor 2.5 on layer 1 applied once, weights as loaded. symm_shm: comm=symm
+    served for real, the symm backend with its buffer in shared memory of the ranks and its
+    kernels in Triton's interpreter (tests/symm_shm.py), ONE symmetric buffer for the model."""
     from tests_integrations.sglang.model import CAP, SIZES
 
     if comm == "mori" and W == 3:
@@ -315,9 +319,13 @@ def test_model_on_every_comm_setting_matches_float64_oracle(W, comm):
         pytest.skip("MORI takes power-of-two EP sizes only (refused with the reason: checked)")
     for r, rank in enumerate(results(W)):
         res = rank["model"][comm]
+        if "skipped" in res:
+            pytest.skip(res["skipped"])
         assert res["pooled"] == 1, (r, res)
         assert res["all_share"], (r, res)
-        assert res["backend"] == ("torch" if comm == "default" else comm)
+        assert res["backend"] == BACKEND.get(comm, comm)
+        if comm == "symm_shm":
+            assert res["buffers"] == 1, (r, res)
         assert res["cap"] == CAP
         assert res["classes"] == ["FusedMoE", "DeepEPMoE", "FusedMoE"]
         assert res["as_loaded"]

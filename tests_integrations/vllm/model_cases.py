@@ -267,6 +267,21 @@ def symm_case(info, cfg) -> dict:
     return out
 
 
+def shm_symm_case(info, cfg) -> dict:
+    """comm=symm served for real on CPU ranks: SymmDispatcher with its symmetric buffer in
+    shared memory and its kernels interpreted (tests/symm_shm.py), reached by name through the
+    plug-in; the same 3-layer chunked model as the torch and MORI cases; the symmetric buffers
+    allocated counted (one for the model)."""
+    from tests.symm_shm import as_symm_backend, shm_available
+
+    if (reason := shm_available()) is not None:
+        return dict(skipped=reason)
+    with as_symm_backend() as maps:
+        out = serve_case(info, cfg, "symm")
+    out["buffers"] = len(maps)
+    return out
+
+
 def placement_case(info) -> dict:
     """Placement as vLLM resolves it: round_robin requested without expert groups falls back
     to linear (the batch runs); with expert groups it stays round_robin (torch comm runs it,
@@ -588,6 +603,6 @@ def run(info) -> dict:
     out["dbo"] = dict(torch=dbo_case(info, "torch"))
     if info.world_size == 2:  # MORI needs a power-of-two group
         out.update(mori=mori_case(info, cfg), symm=symm_case(info, cfg),
-                   scaling=scaling_case(info, cfg))
+                   symm_shm=shm_symm_case(info, cfg), scaling=scaling_case(info, cfg))
         out["dbo"]["mori"] = with_fake_mori(lambda: dbo_case(info, "mori"))
     return out

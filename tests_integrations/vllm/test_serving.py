@@ -3,8 +3,10 @@ layers, any batch size, the decode-graph contract, and the layers the plug-in mu
 
 Multi-rank cases run inside the one launch per W that test_vllm.py makes (each rank imports vLLM
 once; ``model_cases.run``): vLLM's own layer classes on gloo ranks, W = 2 and 3, comm=torch,
-comm=mori through the MORI fake (W = 2: MORI needs a power-of-two group) and comm=symm's CPU
-contract. One-rank cases run here, in the test process."""
+comm=mori through the MORI fake (W = 2: MORI needs a power-of-two group), comm=symm's CPU
+contract (the real backend refuses CPU ranks) and comm=symm served on CPU ranks
+(tests/symm_shm.py: the symm backend with its buffer in shared memory, kernels interpreted).
+One-rank cases run here, in the test process."""
 
 from __future__ import annotations
 
@@ -85,12 +87,20 @@ def test_symm_gets_vllms_budget_and_a_clean_refusal_on_cpu():
         assert "no CUDA/ROCm device" in s["pool"], s
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="symm maps the memory of peer GPUs: "
-                    "no CUDA/ROCm device here (the CPU contract runs in "
-                    "test_symm_gets_vllms_budget_and_a_clean_refusal_on_cpu)")
-def test_symm_model_on_gpus():
-    pytest.skip("vLLM's CPU wheel test environment has no GPU path for symm yet: run "
-                "bench/gpu_model.sh for the shared-dispatcher graph on GPUs")
+def test_symm_model_matches_oracle_on_cpu_ranks():
+    """comm=symm through vLLM's layers at W = 2: SymmDispatcher with its buffer in shared
+    memory of the ranks and its kernels in Triton's interpreter (tests/symm_shm.py), the same
+    3-layer model chunked at capacity 8 as the torch and MORI cases; ONE dispatcher and ONE
+    symmetric buffer for every layer."""
+    for r, res in enumerate(model(2)):
+        s = res["symm_shm"]
+        if "skipped" in s:
+            pytest.skip(s["skipped"])
+        assert (s["pool"], s["same"], s["backend"], s["cap"]) == (1, True, "ShmSymmDispatcher",
+                                                                  mc.CAP), (r, s)
+        assert s["buffers"] == 1, s  # one symmetric buffer for the whole model
+        assert sorted(s["tokens"]) == sorted(mc.SIZES), s
+        assert max(s["err"]) <= 1e-5, (r, s)
 
 
 @pytest.mark.parametrize("W", [2, 3])
