@@ -208,19 +208,7 @@ def with_fake_mori(fn):
 def mori_case(info, cfg) -> dict:
     """comm=mori through the MORI fake (its contract: capacity, int32 ids, one batch in flight,
     combine's own ids)."""
-    import rocm_moe.comm.mori as rm
-    from tests.fakes import FakeMori
-
-    fake = FakeMori()
-    saved = (rm._import_mori, rm.MoriDispatcher.availability)
-    rm._import_mori = lambda: fake
-    rm.MoriDispatcher.availability = classmethod(lambda cls: None)
-    try:
-        out = serve_case(info, cfg, "mori")
-        out["ops"] = fake.built
-    finally:
-        rm._import_mori, rm.MoriDispatcher.availability = saved
-    return out
+    return with_fake_mori(lambda: serve_case(info, cfg, "mori"))
 
 
 def symm_case(info, cfg) -> dict:
@@ -267,19 +255,24 @@ def symm_case(info, cfg) -> dict:
     return out
 
 
-def shm_symm_case(info, cfg) -> dict:
-    """comm=symm served for real on CPU ranks: SymmDispatcher with its symmetric buffer in
-    shared memory and its kernels interpreted (tests/symm_shm.py), reached by name through the
-    plug-in; the same 3-layer chunked model as the torch and MORI cases; the symmetric buffers
-    allocated counted (one for the model)."""
+def with_shm_symm(fn):
+    """``fn()`` with comm=symm served for real on CPU ranks: SymmDispatcher with its symmetric
+    buffer in shared memory and its kernels interpreted (tests/symm_shm.py), reached by name
+    through the plug-in; the symmetric buffers allocated in ``fn``'s result."""
     from tests.symm_shm import as_symm_backend, shm_available
 
     if (reason := shm_available()) is not None:
         return dict(skipped=reason)
     with as_symm_backend() as maps:
-        out = serve_case(info, cfg, "symm")
+        out = fn()
     out["buffers"] = len(maps)
     return out
+
+
+def shm_symm_case(info, cfg) -> dict:
+    """comm=symm served on CPU ranks (``with_shm_symm``): the same 3-layer chunked model as the
+    torch and MORI cases."""
+    return with_shm_symm(lambda: serve_case(info, cfg, "symm"))
 
 
 def placement_case(info) -> dict:
@@ -605,4 +598,5 @@ def run(info) -> dict:
         out.update(mori=mori_case(info, cfg), symm=symm_case(info, cfg),
                    symm_shm=shm_symm_case(info, cfg), scaling=scaling_case(info, cfg))
         out["dbo"]["mori"] = with_fake_mori(lambda: dbo_case(info, "mori"))
+        out["dbo"]["symm"] = with_shm_symm(lambda: dbo_case(info, "symm"))
     return out

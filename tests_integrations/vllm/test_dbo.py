@@ -46,6 +46,20 @@ def test_two_micro_batches_on_a_dispatcher_that_holds_its_batch():
         assert d["err"] <= 1e-5, (r, d)
 
 
+def test_two_micro_batches_on_symm_served_on_cpu_ranks():
+    """symm (tests/symm_shm.py: the real backend, its buffer in shared memory, its kernels
+    interpreted) holds the received rows in its buffer: two lanes of ONE symmetric buffer under
+    DBO, both micro-batches in flight, the same bits as one batch."""
+    for r, res in enumerate(kernel_results(2)):
+        d = res["model"]["dbo"]["symm"]
+        if "skipped" in d:
+            pytest.skip(d["skipped"])
+        assert (d["holds"], d["lanes"], d["buffers"]) == (True, 2, 1), d
+        assert d["order"] == ["D0", "D1", "C0", "C1"], d
+        assert d["bitwise"], (r, d)
+        assert d["err"] <= 1e-5, (r, d)
+
+
 def test_lanes_follow_vllms_micro_batch_count():
     from rocm_moe.integrations import vllm as rv
 
