@@ -522,27 +522,37 @@ def tbo_scenario(info) -> dict:
     """A 3-layer model built with ``--enable-two-batch-overlap`` (SGLang's MoE flag
     ``tbo_enabled``) on comm torch and MORI (the fake, W = 2), run as SGLang's TBO runs it,
     prefill and decode strategies: equal to the same model's one-batch forward (to float32
-    rounding: the router GEMM of a sub-batch) and to the float64 oracle."""
+    rounding: the router GEMM of a sub-batch) and to the float64 oracle. At W = 2 also comm
+    symm served on CPU ranks (tests/symm_shm.py), two lanes of its one buffer."""
     from sglang.srt.runtime_context import get_flags
+
+    from tests.symm_shm import as_symm_backend, shm_available
 
     W, r = info.world_size, info.rank
     spec = Spec()
     out: dict = {}
     get_flags().moe.tbo_enabled = True
     try:
-        for comm in ("torch", "mori") if W == 2 else ("torch",):
-            layers = _model(spec, comm, 64)
-            rd = layers[0].moe.dispatcher
-            res = dict(lanes=rd.dispatcher.batches_in_flight,
-                       holds=rd.dispatcher.holds_batch)
-            T, split = ((9, 1), (33, 17), (2, 1))[r % 3]
-            x = tokens(spec, r, T)
-            for strategy in ("prefill", "decode"):
-                log: list = []
-                y = run_tbo(spec, layers, x, split, strategy, log)
-                res[strategy] = dict(order=log[:4], err=o.rel_err(y, oracle(spec, x)),
-                                     vs_one=o.rel_err(y, forward(layers, x).double()))
-            out[comm] = res
+        for comm in ("torch", "mori", "symm") if W == 2 else ("torch",):
+            with ExitStack() as scope:
+                if comm == "symm":
+                    if shm_available() is not None:
+                        continue
+                    maps = scope.enter_context(as_symm_backend())
+                layers = _model(spec, comm, 64)
+                rd = layers[0].moe.dispatcher
+                res = dict(lanes=rd.dispatcher.batches_in_flight,
+                           holds=rd.dispatcher.holds_batch)
+                T, split = ((9, 1), (33, 17), (2, 1))[r % 3]
+                x = tokens(spec, r, T)
+                for strategy in ("prefill", "decode"):
+                    log: list = []
+                    y = run_tbo(spec, layers, x, split, strategy, log)
+                    res[strategy] = dict(order=log[:4], err=o.rel_err(y, oracle(spec, x)),
+                                         vs_one=o.rel_err(y, forward(layers, x).double()))
+                if comm == "symm":
+                    res["buffers"] = len(maps)
+                out[comm] = res
     finally:
         get_flags().moe.tbo_enabled = False
         os.environ.pop("ROCM_MOE_SGLANG_COMM", None)

@@ -13,7 +13,8 @@ sub-batch's handle in its own dispatch output) and a buffer-holding dispatcher i
 The W = 2, 3 cases (``model.tbo_scenario``, in test_sglang.py's launch) run SGLang's own stage
 executor and its own ``Qwen3MoeSparseMoeBlock.op_*`` methods on a 3-layer model (attention left
 out: SGLang's TBO attention backend needs a GPU), prefill (delta 0) and decode (delta 2)
-strategies, comm torch and MORI (the fake)."""
+strategies, comm torch, MORI (the fake) and, at W = 2, symm served on CPU ranks
+(tests/symm_shm.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 
 from rocm_moe.integrations import sglang as rs
 from rocm_moe.placement import Placement
+from tests.symm_shm import shm_available
 from tests_integrations import oracle64 as o
 
 pytest.importorskip("sglang")
@@ -40,7 +42,10 @@ def test_two_sub_batches_equal_one_batch(W, strategy):
             assert c["err"] <= 1e-5, (r, comm, c)
             # the router GEMM of a sub-batch rounds differently from the whole batch's
             assert c["vs_one"] <= 1e-6, (r, comm, c)
-    assert set(results(W)[0]["model"]["tbo"]) == ({"torch", "mori"} if W == 2 else {"torch"})
+    want = {"torch", "mori", "symm"} if W == 2 else {"torch"}
+    if W == 2 and shm_available() is not None:
+        want.discard("symm")  # (tests/symm_shm.py: the symm backend on CPU ranks)
+    assert set(results(W)[0]["model"]["tbo"]) == want
 
 
 def test_buffer_holding_dispatcher_gets_a_lane_per_sub_batch():
@@ -48,6 +53,9 @@ def test_buffer_holding_dispatcher_gets_a_lane_per_sub_batch():
         t = res["model"]["tbo"]
         assert (t["mori"]["holds"], t["mori"]["lanes"]) == (True, 2), t
         assert (t["torch"]["holds"], t["torch"]["lanes"]) == (False, 1), t
+        if "symm" in t:  # two lanes of one symmetric buffer
+            assert (t["symm"]["holds"], t["symm"]["lanes"], t["symm"]["buffers"]) == \
+                (True, 2, 1), t
 
 
 def _disp():
