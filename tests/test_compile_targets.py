@@ -99,9 +99,12 @@ def test_compiles_and_fits(compiled):
 
 
 # Triton releases whose LLVM spills registers of the FP8 experts on gfx942 (measured on a CPU:
-# 3.6.0 spills 30-152 VGPRs, 124-612 scratch bytes per lane, at BLOCK_M 64 and 128; 3.8.0 and
-# 3.9.0 spill none; 3.7 not tried). Those kernels still compile and run, slower.
+# 3.6.0 spills 30-152 VGPRs, 124-612 scratch bytes per lane, at BLOCK_M 64 and 128, and 67 VGPRs,
+# 272 scratch bytes in the small path's per-row gate/up form (``_stream_gate_up_kernel``, S=8,
+# [8, 16, 512] tiles); 3.8.0 and 3.9.0 spill none; 3.7 not tried). Those kernels still compile
+# and run, slower.
 FP8_SPILLS_ON_GFX942_BEFORE = (3, 8)
+FP8_EXPERT_KERNELS = ("_fp8_", "_stream_")  # experts/_triton_fp8.py, _triton_small_fp8.py
 
 
 def test_no_register_spills(compiled):
@@ -110,7 +113,7 @@ def test_no_register_spills(compiled):
     every other kernel is still checked, then the test skips naming them."""
     target, rows = compiled
     spilled = [r for r, _, _ in rows if r is not None and (r.vgpr_spills or r.scratch)]
-    known = [r for r in spilled if target == "gfx942" and r.kernel.startswith("_fp8_")
+    known = [r for r in spilled if target == "gfx942" and r.kernel.startswith(FP8_EXPERT_KERNELS)
              and triton_version() < FP8_SPILLS_ON_GFX942_BEFORE]
     others = [r.row() for r in spilled if r not in known]
     assert not others, "register spills:\n" + "\n".join(others)
