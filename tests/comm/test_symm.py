@@ -147,9 +147,31 @@ def test_peer_that_never_arrives_is_named(backend):
 _UNEVEN = ([0, 1, 2, 3, 4], [5, 6], [7, 8, 9])  # 10 experts over 3 ranks, unevenly
 
 
+def _versus_torch(ref, sym, x, w, ids, g) -> tuple:
+    """One batch through the torch backend ``ref`` and the symm one ``sym`` with the same
+    random raw outputs for the rows both receive: (symm's dispatch, R, checks that
+    symm's rows, ids, weights, combine (twice: a batch may be combined again until the next
+    dispatch) and combine_raw equal torch's bit for bit)."""
+    from rocm_moe.weighting import ExpertsOutput
+
+    K, H = ids.shape[1], x.shape[1]
+    a, b = ref.dispatch(x, w, ids), sym.dispatch(x, w, ids)
+    R = a.x.shape[0]
+    y = torch.randn(R, K, H, generator=g).to(x.dtype)
+    y_sym = torch.zeros(b.x.shape[0], K, H, dtype=x.dtype)
+    y_sym[:R] = y
+    raw_a, raw_b = (ExpertsOutput(out=t, weights_applied=False) for t in (y, y_sym))
+    checks = dict(
+        rows=torch.equal(b.x[:R], a.x), ids=torch.equal(b.topk_ids[:R], a.topk_ids),
+        weights=torch.equal(b.topk_weights[:R], a.topk_weights),
+        combine=torch.equal(sym.combine(raw_b, b.handle), ref.combine(raw_a, a.handle)),
+        again=torch.equal(sym.combine(raw_b, b.handle), ref.combine(raw_a, a.handle)),
+        raw=torch.equal(sym.combine_raw(raw_b, b.handle), ref.combine_raw(raw_a, a.handle)))
+    return b, R, checks
+
+
 def _uneven_worker(info, seed):
     from rocm_moe.comm.torch import TorchDispatcher
-    from rocm_moe.weighting import ExpertsOutput
     from tests.symm_shm import ShmSymmDispatcher
 
     p = Placement.from_lists(_UNEVEN, 10)
@@ -162,21 +184,11 @@ def _uneven_worker(info, seed):
         ids = torch.rand(T, 10, generator=g).topk(3, dim=1).indices.to(torch.int32)
         ids[torch.rand(T, 3, generator=g) < 0.2] = -1
         w = torch.rand(T, 3, generator=g)
-        a, b = ref.dispatch(x, w, ids), sym.dispatch(x, w, ids)
-        R = a.x.shape[0]
-        y = torch.randn(a.x.shape[0], 3, 24, generator=g).half()
-        y_sym = torch.zeros(b.x.shape[0], 3, 24, dtype=torch.float16)
-        y_sym[:R] = y
-        raw_a, raw_b = (ExpertsOutput(out=t, weights_applied=False) for t in (y, y_sym))
+        b, R, checks = _versus_torch(ref, sym, x, w, ids, g)
         out[f"step{step}"] = dict(
-            capacity=tuple(b.x.shape) == (3 * 13, 24), num_valid=int(b.num_valid) == R,
-            rows=torch.equal(b.x[:R], a.x), ids=torch.equal(b.topk_ids[:R], a.topk_ids),
-            weights=torch.equal(b.topk_weights[:R], a.topk_weights),
+            checks, capacity=tuple(b.x.shape) == (3 * 13, 24), num_valid=int(b.num_valid) == R,
             contiguous=b.topk_ids.is_contiguous() and b.topk_weights.is_contiguous(),
-            empty=bool((b.topk_ids[R:] == -1).all() and (b.topk_weights[R:] == 0).all()),
-            combine=torch.equal(sym.combine(raw_b, b.handle), ref.combine(raw_a, a.handle)),
-            again=torch.equal(sym.combine(raw_b, b.handle), ref.combine(raw_a, a.handle)),
-            raw=torch.equal(sym.combine_raw(raw_b, b.handle), ref.combine_raw(raw_a, a.handle)))
+            empty=bool((b.topk_ids[R:] == -1).all() and (b.topk_weights[R:] == 0).all()))
     return out
 
 
@@ -220,17 +232,8 @@ def _edges_worker(info, seed):
         ids = torch.rand(T, 8, generator=g).topk(K, dim=1).indices.to(torch.int32)
         ids[0, 1] = -1
         w = torch.rand(T, K, generator=g)
-        a, b = ref.dispatch(x, w, ids), sym.dispatch(x, w, ids)
-        R = a.x.shape[0]
-        y = torch.randn(R, K, H, generator=g).half()
-        y_sym = torch.zeros(14, K, H, dtype=torch.float16)
-        y_sym[:R] = y
-        raw_a, raw_b = (ExpertsOutput(out=t, weights_applied=False) for t in (y, y_sym))
-        out[f"H{H}"] = dict(
-            aligned=sym._rows_aligned() == (H * 2 % 16 == 0), rows=torch.equal(b.x[:R], a.x),
-            ids=torch.equal(b.topk_ids[:R], a.topk_ids),
-            raw=torch.equal(sym.combine_raw(raw_b, b.handle), ref.combine_raw(raw_a, a.handle)),
-            combine=torch.equal(sym.combine(raw_b, b.handle), ref.combine(raw_a, a.handle)))
+        checks = _versus_torch(ref, sym, x, w, ids, g)[2]
+        out[f"H{H}"] = dict(checks, aligned=sym._rows_aligned() == (H * 2 % 16 == 0))
     # Stale handles: refused once a later dispatch reused their lane (one lane, then two), or
     # once abandoned; before anything reads the lane.
     x, w, ids = torch.randn(2, 20).half(), torch.rand(2, K), torch.tensor([[0, 4, 7]] * 2)
