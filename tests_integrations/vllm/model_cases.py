@@ -594,9 +594,10 @@ def run(info) -> dict:
                gelu=gelu_case(cfg),
                variants=dict(gpt_oss=gpt_oss_case(info, cfg), llama4=llama4_case(info, cfg)))
     out["dbo"] = dict(torch=dbo_case(info, "torch"))
+    out["symm_shm"] = shm_symm_case(info, cfg)
     if info.world_size == 2:  # MORI needs a power-of-two group
         out.update(mori=mori_case(info, cfg), symm=symm_case(info, cfg),
-                   symm_shm=shm_symm_case(info, cfg), scaling=scaling_case(info, cfg))
+                   scaling=scaling_case(info, cfg))
         out["dbo"]["mori"] = with_fake_mori(lambda: dbo_case(info, "mori"))
         out["dbo"]["symm"] = with_shm_symm(lambda: dbo_case(info, "symm"))
     return out

@@ -87,12 +87,13 @@ def test_symm_gets_vllms_budget_and_a_clean_refusal_on_cpu():
         assert "no CUDA/ROCm device" in s["pool"], s
 
 
-def test_symm_model_matches_oracle_on_cpu_ranks():
-    """comm=symm through vLLM's layers at W = 2: SymmDispatcher with its buffer in shared
+@pytest.mark.parametrize("W", [2, 3])
+def test_symm_model_matches_oracle_on_cpu_ranks(W):
+    """comm=symm through vLLM's layers at W = 2 and 3: SymmDispatcher with its buffer in shared
     memory of the ranks and its kernels in Triton's interpreter (tests/symm_shm.py), the same
     3-layer model chunked at capacity 8 as the torch and MORI cases; ONE dispatcher and ONE
     symmetric buffer for every layer."""
-    for r, res in enumerate(model(2)):
+    for r, res in enumerate(model(W)):
         s = res["symm_shm"]
         if "skipped" in s:
             pytest.skip(s["skipped"])
