@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -82,3 +82,9 @@ def as_symm_backend():
         yield maps
     finally:
         backends.BACKENDS["comm:symm"], ShmSymmDispatcher._map_buffer = saved
+
+
+def served_as(comm: str | None):
+    """The context a test serves ``comm`` in: ``as_symm_backend()`` for "symm" (it yields the
+    mapped buffers' list), nothing for any other backend (it yields None)."""
+    return as_symm_backend() if comm == "symm" else nullcontext()

@@ -16,7 +16,6 @@ ids) and then ``process_weights_after_loading``. Layers are joined by a residual
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -350,7 +349,7 @@ def _served(spec, r: int, comm: str | None, layers, maps: list | None) -> dict:
 def rank_scenarios(info) -> dict:
     """Every multi-rank check of the SGLang model on one rank (one SGLang import per rank)."""
     from rocm_moe import backends
-    from tests.symm_shm import as_symm_backend, shm_available
+    from tests.symm_shm import served_as, shm_available
 
     W, r = info.world_size, info.rank
     spec = Spec()
@@ -360,14 +359,10 @@ def rank_scenarios(info) -> dict:
     out: dict = {}
     for comm in (None, "torch", "mori", "symm"):
         label = {None: "default", "symm": "symm_shm"}.get(comm, comm)
-        with ExitStack() as scope:
-            if comm == "symm":  # served for real on CPU ranks: tests/symm_shm.py
-                if (reason := shm_available()) is not None:
-                    out[label] = dict(skipped=reason)
-                    continue
-                maps = scope.enter_context(as_symm_backend())
-            else:
-                maps = None
+        if comm == "symm" and (reason := shm_available()) is not None:
+            out[label] = dict(skipped=reason)
+            continue
+        with served_as(comm) as maps:  # symm served for real on CPU ranks: tests/symm_shm.py
             try:
                 layers = _model(spec, comm, CAP)
             except ValueError as e:  # MORI at W = 3: a power-of-two EP size only
@@ -526,7 +521,7 @@ def tbo_scenario(info) -> dict:
     symm served on CPU ranks (tests/symm_shm.py), two lanes of its one buffer."""
     from sglang.srt.runtime_context import get_flags
 
-    from tests.symm_shm import as_symm_backend, shm_available
+    from tests.symm_shm import served_as, shm_available
 
     W, r = info.world_size, info.rank
     spec = Spec()
@@ -534,11 +529,9 @@ def tbo_scenario(info) -> dict:
     get_flags().moe.tbo_enabled = True
     try:
         for comm in ("torch", "mori", "symm") if W == 2 else ("torch",):
-            with ExitStack() as scope:
-                if comm == "symm":
-                    if shm_available() is not None:
-                        continue
-                    maps = scope.enter_context(as_symm_backend())
+            if comm == "symm" and shm_available() is not None:
+                continue
+            with served_as(comm) as maps:
                 layers = _model(spec, comm, 64)
                 rd = layers[0].moe.dispatcher
                 res = dict(lanes=rd.dispatcher.batches_in_flight,
@@ -550,7 +543,7 @@ def tbo_scenario(info) -> dict:
                     y = run_tbo(spec, layers, x, split, strategy, log)
                     res[strategy] = dict(order=log[:4], err=o.rel_err(y, oracle(spec, x)),
                                          vs_one=o.rel_err(y, forward(layers, x).double()))
-                if comm == "symm":
+                if maps is not None:
                     res["buffers"] = len(maps)
                 out[comm] = res
     finally:
