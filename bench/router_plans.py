@@ -69,7 +69,7 @@ PLANS: dict[tuple[str, int], tuple[str, ...]] = {  # the missed target first
     ("qwen3-30b-a3b", 8): ("auto", "pdl", "fuse"),
     ("qwen3-30b-a3b", 1): ("auto", "pdl", "fuse", "fuse pdlin"),
 }
-SMOKE = {("deepseek-v3", 33): ("auto", "t64 e64 s4", "e32 rr2 rw2", "t16 e64 fuse"),
+SMOKE = {("deepseek-v3", 33): ("auto", "t64 e64 s4", "e32 rr4 rw2", "t16 e64 fuse"),
          ("qwen3-30b-a3b", 33): ("auto", "t64 e32 s2", "fuse")}
 
 

@@ -52,9 +52,9 @@ GATE_UP_SHARE = 0.65  # of the time budget, for the gate/up candidates (the down
 
 
 def _kernel(bn: int, warps: int, stages: int, *, desc: bool = True, ahead: bool = True,
-            ws: bool = False, fused: bool = False) -> dict:
+            fused: bool = False) -> dict:
     k = dict(BLOCK_N=bn, BLOCK_K=128, num_warps=warps, num_stages=stages)
-    k.update({f: True for f, on in (("desc", desc and not fused), ("ahead", ahead), ("ws", ws),
+    k.update({f: True for f, on in (("desc", desc and not fused), ("ahead", ahead),
                                     ("fused", fused)) if on})
     return k
 
@@ -78,7 +78,6 @@ GATE_UP = [
     (128, _kernel(128, 8, 2), {}),
     (64, _kernel(128, 4, 3), {}),
     (128, _kernel(128, 8, 3), {"persistent": True, "programs_per_sm": 1}),
-    (128, _kernel(128, 8, 3, ws=True), {}),
     (64, _kernel(128, 8, 5), {}),
 ]
 # the heuristic's down tiles at each BLOCK_M (``fp8_block_config``), for the gate/up pass
@@ -96,7 +95,6 @@ DOWN = [
     _kernel(256, 8, 2),
     _kernel(128, 8, 2),
     _kernel(64, 4, 3),
-    _kernel(128, 8, 4, ws=True),
 ]
 
 
@@ -107,7 +105,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _label(cfg: dict) -> str:
     def k(c):
         flags = "".join(f for f, on in (("d", c.get("desc")), ("a", c.get("ahead")),
-                                         ("w", c.get("ws")), ("f", c.get("fused"))) if on)
+                                         ("f", c.get("fused"))) if on)
         return f"{c['BLOCK_N']}w{c['num_warps']}s{c['num_stages']}{flags}"
     top = "".join(f for f, on in (("P", cfg.get("persistent")), ("F", cfg.get("flatten")))
                   if on) + str(cfg.get("programs_per_sm", ""))

@@ -228,33 +228,34 @@ def _fp8_configs(target: str) -> list[tuple[dict, str]]:
     return out
 
 
-def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
-    """``experts.triton_fp8``'s launches on the target (``_fp8_configs``), FP8 matrix
-    instructions (no upcast), the launch variants a config names (descriptors only where the
-    target loads through them)."""
-    def launches(target: str) -> list[Launch]:
-        from rocm_moe.experts.triton_fp8 import PERSISTENT_MAX_BLOCK_M
+def fp8_launches(c: dict, target: str, kernel: str, origin: str = "config") -> list[Launch]:
+    """The launches of FP8 config ``c``'s ``kernel`` ("gate_up" or "down") on ``target``: FP8
+    matrix instructions (no upcast), the launch variants the config names (descriptors only
+    where the target loads through them), persistent or not as ``_forward`` launches it."""
+    from rocm_moe.experts.triton_fp8 import PERSISTENT_MAX_BLOCK_M
 
-        fnuz = target == "gfx942"
-        out = []
-        for c, origin in _fp8_configs(target):
-            k = c["gate_up" if kernel == "gate_up" else "down"]
-            cx = dict(BLOCK_K=k["BLOCK_K"], BLOCK_M=c["BLOCK_M"], BLOCK_N=k["BLOCK_N"],
-                      UPCAST=False, PRECISE=False, DESC=TARGETS[target][5] and bool(k.get("desc")),
-                      WS=bool(k.get("ws")), AHEAD=bool(k.get("ahead")),
-                      FLATTEN=bool(c.get("flatten")))
-            if kernel == "gate_up":
-                cx.update(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6,
-                          ROUND=False, FUSED=bool(k.get("fused")))
-            persist = _persistent(target) if c["BLOCK_M"] <= PERSISTENT_MAX_BLOCK_M else (False,)
-            if c.get("persistent"):  # every launch persistent (where the target allows it)
-                persist = (True in _persistent(target),)
-            variants = [dict(WEIGHTED=w, PERSISTENT=p) for w in (True, False)
-                        for p in persist] if kernel == "down" \
-                else [dict(PERSISTENT=p) for p in persist]
-            out += [Launch(tuple(sorted({**cx, **v}.items())), k["num_warps"],
-                           k["num_stages"], origin) for v in variants]
-        return out
+    fnuz = target == "gfx942"
+    k = c["gate_up" if kernel == "gate_up" else "down"]
+    cx = dict(BLOCK_K=k["BLOCK_K"], BLOCK_M=c["BLOCK_M"], BLOCK_N=k["BLOCK_N"],
+              UPCAST=False, PRECISE=False, DESC=TARGETS[target][5] and bool(k.get("desc")),
+              AHEAD=bool(k.get("ahead")), FLATTEN=bool(c.get("flatten")))
+    if kernel == "gate_up":
+        cx.update(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6,
+                  ROUND=False, FUSED=bool(k.get("fused")))
+    persist = _persistent(target) if c["BLOCK_M"] <= PERSISTENT_MAX_BLOCK_M else (False,)
+    if c.get("persistent"):  # every launch persistent (where the target allows it)
+        persist = (True in _persistent(target),)
+    variants = [dict(WEIGHTED=w, PERSISTENT=p) for w in (True, False) for p in persist] \
+        if kernel == "down" else [dict(PERSISTENT=p) for p in persist]
+    return [Launch(tuple(sorted({**cx, **v}.items())), k["num_warps"], k["num_stages"], origin)
+            for v in variants]
+
+
+def _fp8_experts(kernel: str) -> Callable[[str], list[Launch]]:
+    """``experts.triton_fp8``'s launches on the target (``_fp8_configs``)."""
+    def launches(target: str) -> list[Launch]:
+        return [launch for c, origin in _fp8_configs(target)
+                for launch in fp8_launches(c, target, kernel, origin)]
     return launches
 
 

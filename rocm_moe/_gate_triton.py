@@ -148,9 +148,10 @@ def _gate_route_kernel(x_ptr, w_ptr, part_ptr, count_ptr, bias_ptr, logits_ptr, 
 class GatePlan:
     """Tiles and split of ``_gate_splitk_kernel`` for one call: ``splits`` S programs along H,
     each ``kb_per_split`` blocks of ``block_k``; and the split-K router's launch behind it:
-    ``route_rows`` tokens per program (None: 1 on GPUs, 64 interpreted), ``route_warps``
-    (None: ``_routing_triton.launch_config``'s), ``pdl`` (NVIDIA sm_90+: the router launched
-    as a programmatic dependent of the GEMM, so its launch overlaps the GEMM's tail); ``fuse``:
+    ``route_rows`` tokens per program (None: 1 on GPUs, 64 interpreted; 2 refused),
+    ``route_warps`` (None: ``_routing_triton.launch_config``'s), ``pdl`` (NVIDIA sm_90+: the
+    router launched as a programmatic dependent of the GEMM, so its launch overlaps the GEMM's
+    tail); ``fuse``:
     one launch (``_gate_route_kernel``: the last program of each T tile routes its rows,
     ``route_rows`` at a time, default min(block_t, 8), with the GEMM's warps; refused with pdl
     or route_warps); ``pdl_in`` (NVIDIA sm_90+: the GEMM, or the fused kernel, launched as a
@@ -236,8 +237,14 @@ def gate_plan(T: int, E: int, H: int, *, ieee_fp32: bool, sms: int, amd: bool,
 PLAN_ENV = "ROCM_MOE_GATE_PLAN"  # a plan_from_spec string for every call (bench sweeps)
 # Measured plans by gate shape: (E, H) -> ((T_max, spec), ...) in increasing T_max; a call
 # with T <= T_max takes the first such spec (else gate_plan's). Filled from
-# bench/router_plans.py's "best plan per size" on an H100 (bench/gpu_router_dsv3.sh).
-TUNED: dict[tuple[int, int], tuple[tuple[int, str], ...]] = {}
+# bench/router_plans.py's "best plan per size" on an H100 (bench/gpu_router_dsv3.sh; at
+# b13d4a4: bench/results/router_plans_h100.txt, gate + route 6.9-8.3 us for DeepSeek-V3,
+# 4.6-5.6 us for Qwen3, against 7.5-10.8 and 5.1-6.3 with gate_plan's plans).
+TUNED: dict[tuple[int, int], tuple[tuple[int, str], ...]] = {
+    (256, 7168): ((1, "pdl pdlin"), (8, "pdl"), (64, "t64 e64 s16 pdl"),
+                  (128, "t64 e64 s16 pdl pdlin")),  # DeepSeek-V3
+    (128, 2048): ((64, "pdl"), (128, "t64 e64 pdl")),  # Qwen3-30B-A3B
+}
 
 
 def default_spec(T: int, E: int, H: int, device: torch.device | None = None) -> str:

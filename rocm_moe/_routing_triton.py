@@ -432,8 +432,9 @@ def fused_route(*, logits_TE: torch.Tensor, config, bias_E: torch.Tensor | None 
         bias_E: [E] floating ``e_score_correction_bias`` (sigmoid routers), or None (zeros).
         warp: the warp width of the torch softmax whose order is kept (default: the
             device's, 32 on NVIDIA, 64 on AMD CDNA).
-        rows: tokens per program, a power of two (default 1 on GPUs, 64 under the
-            interpreter, where each program's operations cost the same for 1 or 64 rows).
+        rows: tokens per program, 1 or a power of two >= 4 (default 1 on GPUs, 64 under
+            the interpreter, where each program's operations cost the same for 1 or 64 rows;
+            2 is refused: miscompiled for grouped routers on an H100 with Triton 3.6).
 
     Example (a test asserts it): logits [[0, 0, log(2)]], softmax, K = 1,
     norm_topk_prob=False -> weights [[0.5]], ids [[2]].
@@ -459,6 +460,11 @@ def _launch(T: int, config, bias_E, device, warp: int | None, rows: int | None,
     """What both router launches share: (the [T, K] float32 weights and int32 ids to fill, the
     grid, the launch keywords: rows per program, warps (``num_warps``: launch_config's where
     None), the config's constexprs, exact math)."""
+    if rows == 2:
+        raise ValueError(error_message(
+            "router rows", rows, "is refused: Triton 3.6 on an H100 routes every row of a "
+            "grouped router wrongly with 2 rows per program (1, 4, 8, 16 exact; "
+            "bench/results/router_rows_h100.txt)", "use 1 or a power of two >= 4"))
     K = config.top_k
     w = torch.empty(T, K, dtype=torch.float32, device=device)
     ids = torch.empty(T, K, dtype=torch.int32, device=device)

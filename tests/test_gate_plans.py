@@ -106,8 +106,11 @@ def test_router_launch_fields_change_no_bit(gen):
         assert _same(kernel(**kw, plan=plan(spec)), base), spec
     old = os.environ.get(PLAN_ENV)
     try:
-        os.environ[PLAN_ENV] = "t32 e32 s2 rr2"
+        os.environ[PLAN_ENV] = "t32 e32 s2 rr16"
         assert _same(kernel(**kw), base)
+        os.environ[PLAN_ENV] = "t32 e32 s2 rr2"  # miscompiled on an H100 (Triton 3.6)
+        with pytest.raises(ValueError, match=r"router rows=2: is refused.*1 or a power of two"):
+            kernel(**kw)
         os.environ[PLAN_ENV] = "t32 e32 s3"  # another split of H: another float32 order
         other = kernel(**kw)
         torch.testing.assert_close(other[1], base[1], rtol=0,
@@ -140,6 +143,19 @@ def test_tuned_table_and_environment(monkeypatch):
     assert gt.default_spec(1, 256, 7168, torch.device("cpu")) == "t16"
 
 
+def test_tuned_entries_parse_in_order():
+    """Each measured TUNED spec is a valid plan for its gate shape, T_max increasing."""
+    from rocm_moe._gate_triton import TUNED, plan_from_spec
+
+    for (E, H), entries in TUNED.items():
+        t_max = [t for t, _ in entries]
+        assert t_max == sorted(set(t_max)), (E, H)
+        for t, spec in entries:
+            plan = plan_from_spec(spec, t, E, H, ieee_fp32=False, sms=132, amd=False)
+            assert plan.spec == plan_from_spec(plan.spec, t, E, H, ieee_fp32=False, sms=132,
+                                               amd=False).spec, spec
+
+
 def test_fused_worked_example():
     """``_gate_route_kernel``'s docstring: one launch, logits [[11, 17]], ids [[1]], and the
     tile counter back at zero."""
@@ -159,9 +175,9 @@ def test_fused_worked_example():
 
 
 # (router, T, dtype, spec): DeepSeek-V3's groups and bias, Qwen3's softmax and rounded logits,
-# a 3-group router with float32 operands; tiles of 16 / 32 rows routed 1-8 rows at a time.
+# a 3-group router with float32 operands; tiles of 16 / 32 rows routed 4-8 rows at a time.
 FUSED = [("dsv3", 33, torch.float16, "t16 e32 s2"), ("dsv3", 33, torch.float16, "t32 e64 s3 rr8"),
-         ("qwen3", 9, torch.float16, "t16 e64 s2 rr4"), ("g3", 17, torch.float32, "t16 e32 rr2")]
+         ("qwen3", 9, torch.float16, "t16 e64 s2 rr4"), ("g3", 17, torch.float32, "t16 e32 rr4")]
 CONFIGS = {"dsv3": DSV3, "qwen3": RouterConfig.qwen3_moe(128, 8),
            "g3": RouterConfig.deepseek_v3(96, 5, n_group=3, topk_group=2)}
 

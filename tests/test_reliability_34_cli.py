@@ -90,6 +90,8 @@ CASES = {
     "model_top_k_above_experts": (["bench", "model", "--num-experts", "8", "--top-k", "9",
                                    "--device", "cpu"], "RouterConfig.top_k=9: must lie in"),
     "fp8_sizes_0": (["bench", "experts-fp8", "--sizes", "0"], "argument --sizes: value='0'"),
+    "fp8_gpt_oss_shape": (["bench", "experts-fp8", "--shapes", "gpt-oss-20b"],  # I = 2880
+                          "argument --shapes: invalid choice: 'gpt-oss-20b'"),
     "experts_out_under_a_file": (["bench", "experts", "--out", f"{A_FILE}/x"], "is a file"),
     "scaling_efficiency_above_1": (["bench", "scaling", "--nic-efficiency", "1.5"],
                                    "must lie in (0, 1]"),

@@ -123,7 +123,9 @@ def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int],
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """This benchmark's flags (``rocm-moe bench experts-fp8``)."""
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    block = [n for n, s in SHAPES.items() if s["I"] % 128 == 0]  # whole 128-row scale blocks
+    p.add_argument("--shapes", nargs="+", default=block, choices=block,
+                   help=f"default {block} (gpt-oss's I = 2880 is not whole 128-row blocks)")
     p.add_argument("--sizes", nargs="+", type=argtypes.positive_int, default=None,
                    help="rows (dsv3) / tokens (qwen3) instead of each shape's default sizes")
     p.add_argument("--paths", nargs="+", default=["auto"], choices=["auto", "small", "grouped"],

@@ -13,10 +13,9 @@ binade (124.3 -> 64 instead of 128); on GPUs the cast itself rounds (RNE, satura
 
 Launch variants (constexprs, chosen by the launch config; issue 31): ``DESC``: the weights (and
 the down GEMM's intermediate rows, which are contiguous per block) through tensor descriptors
-(TMA on Hopper; the gathered activation rows stay pointer loads); ``WS``: the K loop as
-``tl.range(..., warp_specialize=True)`` (Hopper/Blackwell warp specialisation, where the
-installed Triton accepts it); ``FLATTEN``: the persistent tile loop as ``tl.range(...,
-flatten=True)`` (tile epilogues overlapped with the next tile's loads); ``AHEAD``: each K
+(TMA on Hopper; the gathered activation rows stay pointer loads); ``FLATTEN``: the persistent
+tile loop as ``tl.range(..., flatten=True)`` (tile epilogues overlapped with the next tile's
+loads); ``AHEAD``: each K
 step's scales loaded one step ahead (Triton's pipeliner prefetches only the dot operands: the
 scale loads otherwise stall every step on their latency); ``FUSED`` (gate/up): the gate and up
 tiles as one [BLOCK_K, 256] operand and one dot (one MMA chain and one wait per K step instead
@@ -90,7 +89,7 @@ def _fp8_gate_up_tile(
     N_SLOTS, H, I, K_TOPK, N_KB,
     stride_ar, stride_as, stride_wn, stride_wse, stride_wsn, stride_ip, stride_is,
     UPCAST: tl.constexpr, PRECISE: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
-    MIN_EXP: tl.constexpr, DESC: tl.constexpr, WS: tl.constexpr, AHEAD: tl.constexpr,
+    MIN_EXP: tl.constexpr, DESC: tl.constexpr, AHEAD: tl.constexpr,
     FUSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(
@@ -107,13 +106,7 @@ def _fp8_gate_up_tile(
     n0 = e * 2 * I + n_start  # the gate tile's first weight row; the up tile's is n0 + I
     ws_g = ws_ptr + e.to(tl.int64) * stride_wse + (n_start // 128) * stride_wsn
     ws_u = ws_g + (I // 128) * stride_wsn
-    if WS:  # (a constexpr branch: Triton releases without warp_specialize never see it)
-        for kb in tl.range(0, N_KB, warp_specialize=True):
-            a_s, w_g, w_u = _fp8_gate_up_scales(kb, as_ptr, row, valid, ws_g, ws_u, stride_as)
-            acc_g, acc_u = _fp8_gate_up_step(
-                kb, acc_g, acc_u, a_s, w_g, w_u, aq_ptr, w_ptr, row, valid, n0, n_ok, H, I,
-                stride_ar, stride_wn, UPCAST, PRECISE, DESC, FUSED, BLOCK_N, BLOCK_K)
-    elif AHEAD:  # the scales' loads one K step ahead of their use (their latency hidden)
+    if AHEAD:  # the scales' loads one K step ahead of their use (their latency hidden)
         a_s, w_g, w_u = _fp8_gate_up_scales(0, as_ptr, row, valid, ws_g, ws_u, stride_as)
         for kb in range(0, N_KB):
             n_a, n_g, n_u = _fp8_gate_up_scales(tl.minimum(kb + 1, N_KB - 1), as_ptr, row,
@@ -148,7 +141,7 @@ def _fp8_gate_up_kernel(
     UPCAST: tl.constexpr, PRECISE: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
     MIN_EXP: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DESC: tl.constexpr = False, WS: tl.constexpr = False, FLATTEN: tl.constexpr = False,
+    DESC: tl.constexpr = False, FLATTEN: tl.constexpr = False,
     AHEAD: tl.constexpr = False, FUSED: tl.constexpr = False,
 ):
     """iq[p], is[p] = quantise(silu(a[row(p)] @ gate[e].T) * (a[row(p)] @ up[e].T)) for the
@@ -156,7 +149,7 @@ def _fp8_gate_up_kernel(
     ``as`` [R, N_KB] scales; ``w`` [e * 2I, H] FP8 (pointer, or with DESC a descriptor of
     [BLOCK_N, BLOCK_K] tiles) with ``ws`` [e, 2I/128, N_KB]; the intermediate ``iq`` [P, I] FP8
     with ``is`` [P, I/128] scales, quantised in the epilogue (BLOCK_N == 128: a tile is one
-    scale group of each row). ``DESC``, ``WS``, ``FLATTEN``: the module's launch variants."""
+    scale group of each row). ``DESC``, ``FLATTEN``: the module's launch variants."""
     if PERSISTENT:  # the programs stride over the tiles in use (as _gate_up_kernel)
         n_tiles = _num_tiles(num_padded_ptr, I, BLOCK_M, BLOCK_N)
         if FLATTEN:
@@ -165,7 +158,7 @@ def _fp8_gate_up_kernel(
                     t, aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr,
                     block_expert_ptr, N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as,
                     stride_wn, stride_wse, stride_wsn, stride_ip, stride_is, UPCAST, PRECISE,
-                    FP8_MAX, ROUND, MIN_EXP, DESC, WS, AHEAD, FUSED, BLOCK_M, BLOCK_N,
+                    FP8_MAX, ROUND, MIN_EXP, DESC, AHEAD, FUSED, BLOCK_M, BLOCK_N,
                     BLOCK_K)
         else:
             for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
@@ -173,14 +166,14 @@ def _fp8_gate_up_kernel(
                     t, aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr,
                     block_expert_ptr, N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as,
                     stride_wn, stride_wse, stride_wsn, stride_ip, stride_is, UPCAST, PRECISE,
-                    FP8_MAX, ROUND, MIN_EXP, DESC, WS, AHEAD, FUSED, BLOCK_M, BLOCK_N,
+                    FP8_MAX, ROUND, MIN_EXP, DESC, AHEAD, FUSED, BLOCK_M, BLOCK_N,
                     BLOCK_K)
     else:
         _fp8_gate_up_tile(
             tl.program_id(0), aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr,
             block_expert_ptr, N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as, stride_wn,
             stride_wse, stride_wsn, stride_ip, stride_is, UPCAST, PRECISE, FP8_MAX, ROUND,
-            MIN_EXP, DESC, WS, AHEAD, FUSED, BLOCK_M, BLOCK_N, BLOCK_K)
+            MIN_EXP, DESC, AHEAD, FUSED, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -224,7 +217,7 @@ def _fp8_down_tile(
     N_SLOTS, H, I, N_KB,
     stride_ip, stride_is, stride_wn, stride_wse, stride_wsn, stride_os,
     WEIGHTED: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr, DESC: tl.constexpr,
-    WS: tl.constexpr, AHEAD: tl.constexpr,
+    AHEAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     e, offs_p, slot, valid, n_start, offs_n, n_ok = _tile(
@@ -238,14 +231,7 @@ def _fp8_down_tile(
     ws = ws_ptr + e.to(tl.int64) * stride_wse
     if BLOCK_N <= 128:
         ws += (n_start // 128) * stride_wsn
-    if WS:  # (a constexpr branch: Triton releases without warp_specialize never see it)
-        for kb in tl.range(0, N_KB, warp_specialize=True):
-            a_s, w_s = _fp8_down_scales(kb, is_ptr, ws, p64, offs_n, n_ok, stride_is,
-                                        stride_wsn, BLOCK_N)
-            acc = _fp8_down_step(kb, acc, a_s, w_s, iq_ptr, w_ptr, p0, p64, n0, n_ok,
-                                 stride_ip, stride_wn, UPCAST, PRECISE, DESC, BLOCK_M, BLOCK_N,
-                                 BLOCK_K)
-    elif AHEAD:  # the scales' loads one K step ahead of their use (their latency hidden)
+    if AHEAD:  # the scales' loads one K step ahead of their use (their latency hidden)
         a_s, w_s = _fp8_down_scales(0, is_ptr, ws, p64, offs_n, n_ok, stride_is, stride_wsn,
                                     BLOCK_N)
         for kb in range(0, N_KB):
@@ -276,7 +262,7 @@ def _fp8_down_kernel(
     stride_ip, stride_is, stride_wn, stride_wse, stride_wsn, stride_os,
     PERSISTENT: tl.constexpr, WEIGHTED: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DESC: tl.constexpr = False, WS: tl.constexpr = False, FLATTEN: tl.constexpr = False,
+    DESC: tl.constexpr = False, FLATTEN: tl.constexpr = False,
     AHEAD: tl.constexpr = False,
 ):
     """out[slot(p), n] = (d[p] @ down[e].T)[n] (times the slot's weight when WEIGHTED) with
@@ -290,18 +276,18 @@ def _fp8_down_kernel(
                 _fp8_down_tile(
                     t, iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr,
                     weight_ptr, N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn,
-                    stride_wse, stride_wsn, stride_os, WEIGHTED, UPCAST, PRECISE, DESC, WS,
+                    stride_wse, stride_wsn, stride_os, WEIGHTED, UPCAST, PRECISE, DESC,
                     AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
         else:
             for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
                 _fp8_down_tile(
                     t, iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr,
                     weight_ptr, N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn,
-                    stride_wse, stride_wsn, stride_os, WEIGHTED, UPCAST, PRECISE, DESC, WS,
+                    stride_wse, stride_wsn, stride_os, WEIGHTED, UPCAST, PRECISE, DESC,
                     AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         _fp8_down_tile(
             tl.program_id(0), iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr,
             block_expert_ptr, weight_ptr, N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn,
-            stride_wse, stride_wsn, stride_os, WEIGHTED, UPCAST, PRECISE, DESC, WS, AHEAD,
+            stride_wse, stride_wsn, stride_os, WEIGHTED, UPCAST, PRECISE, DESC, AHEAD,
             BLOCK_M, BLOCK_N, BLOCK_K)

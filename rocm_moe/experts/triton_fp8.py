@@ -141,13 +141,15 @@ def _args(block_m: int, kcfg: dict) -> dict:
 
 # Launch-variant keys a config may carry (issue 31; absent = today's launch): per kernel
 # ("gate_up" / "down") "desc" (weights, and the down GEMM's intermediate, through tensor
-# descriptors where ``tma_supported``), "ws" (warp-specialised K loop), "ahead" (each K
-# step's scales loaded one step ahead) and, gate/up only, "fused" (gate and up tiles as one
-# 256-wide dot; pointer loads); at the top level
+# descriptors where ``tma_supported``), "ahead" (each K step's scales loaded one step ahead)
+# and, gate/up only, "fused" (gate and up tiles as one 256-wide dot; pointer loads); at the
+# top level
 # "persistent" (a persistent grid at any batch and BLOCK_M), "flatten" (its tile loop
 # flattened) and "programs_per_sm" (its programs per SM, default ``PROGRAMS_PER_SM``; 1 or 2
-# for tiles of which only one or two fit an SM); the last two need "persistent".
-KERNEL_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "desc", "ws", "ahead", "fused")
+# for tiles of which only one or two fit an SM); the last two need "persistent". No
+# warp-specialised K loop ("ws", ``tl.range(warp_specialize=True)``): Triton 3.6 and 3.9 fail to
+# compile it for sm_90 in either kernel, with or without descriptors (PassManager::run failed).
+KERNEL_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "desc", "ahead", "fused")
 TOP_KEYS = ("BLOCK_M", "gate_up", "down", "persistent", "flatten", "programs_per_sm")
 
 
@@ -208,7 +210,7 @@ def check_config(cfg: dict) -> None:
 
 
 def _variant_args(kcfg: dict, desc: bool, persistent_cfg: dict, *, gate_up: bool) -> dict:
-    out = dict(DESC=desc, WS=bool(kcfg.get("ws", False)), AHEAD=bool(kcfg.get("ahead", False)),
+    out = dict(DESC=desc, AHEAD=bool(kcfg.get("ahead", False)),
                FLATTEN=bool(persistent_cfg.get("flatten", False)))
     return dict(out, FUSED=bool(kcfg.get("fused", False))) if gate_up else out
 

@@ -50,11 +50,10 @@ PATHS = ("auto", "small", "grouped")
 # the first H100 run (825871e, earlier forms) had them behind at 32 and 64 tokens.
 SMALL_MAX_SLOTS = 64
 # Block-FP8: "auto" takes the small path up to this many slots (ROCM_MOE_FP8_SMALL_MAX_SLOTS at
-# import, else triton_small_fp8.FP8_SMALL_MAX_SLOTS: 0, the grouped path, until the streaming
-# kernels of ``triton_small_fp8`` are timed on a GPU; path="small" runs them). The tl.dot
-# forms here took 86.5 / 362.6 / 874.3 us at 1 / 8 / 64 tokens on an H100 at c599ea3 against
-# the grouped path's 32.1 / 112.6 / 230.0 (bench/results/decode_check_qwen3_fp8_h100.txt) and
-# run only with an explicit config.
+# import, else triton_small_fp8.FP8_SMALL_MAX_SLOTS: 64, where its streaming kernels were
+# measured ahead of the grouped path on an H100). The tl.dot forms here took 86.5 / 362.6 /
+# 874.3 us at 1 / 8 / 64 tokens on an H100 at c599ea3 against the grouped path's 32.1 / 112.6 /
+# 230.0 (bench/results/decode_check_qwen3_fp8_h100.txt) and run only with an explicit config.
 FP8_SMALL_MAX_SLOTS = _fp8_max_slots()
 PER_SLOT_MAX_SLOTS = 64  # gate/up per slot (GEMV) up to here; per expert (tl.dot) above
 

@@ -51,27 +51,34 @@ from rocm_moe.weighting import ExpertsOutput
 
 CONFIG_ENV = "ROCM_MOE_FP8_SMALL_CONFIG"
 MAX_SLOTS_ENV = "ROCM_MOE_FP8_SMALL_MAX_SLOTS"
-# "auto" runs this path up to this many slots. 0: not under "auto" until it is measured
-# faster than the grouped path on a GPU (the tl.dot small path it replaces took 66.8 us at one
-# token, grouped 32.3, floor 15.4: bench/results/decode_paths_qwen3_fp8_h100.txt; no device
-# time was left on 2026-12-06 to time these kernels). bench/gpu_fp8_decode.sh measures both
-# and prints the limit to set (ROCM_MOE_FP8_SMALL_MAX_SLOTS, e.g. 8 for one token x top-8).
-FP8_SMALL_MAX_SLOTS = 0
+# "auto" runs this path up to this many slots: 8 tokens x top-8. Measured on an H100 at
+# b13d4a4 (bench/results/fp8_small_sweep_h100.txt, every routing its own weights: no L2 reuse):
+# Qwen3-30B-A3B 22.1 / 94.8 us at 1 / 8 tokens against the grouped path's 34.9 / 111.2, behind
+# it from 16 tokens (161.1 vs 158.7); DeepSeek-V3 (32 local experts) 31.9 / 119.3 against
+# 49.7 / 120.4.
+FP8_SMALL_MAX_SLOTS = 64
 FORMS = ("slot", "row")
 ACTS = ("fp8", "float")
-# Defaults by the slots expected (key: the most slots an entry serves). Heuristic, untuned:
-# per-slot gate/up (R * K * I / 16 programs: 384 at one Qwen3 token), 2 x 8 KiB of FP8 weights
-# per K step (64 bytes a thread in 16-byte loads; 80 registers on sm_90 compiled offline: 3
-# programs of 8 warps per SM); per-row down with the row's 8 slots as lanes of a [8, 8, 256]
-# tile (H / 8 programs: 256 at one Qwen3 token, 16 KiB a K step, 128 registers).
-DEFAULTS = {
-    "64": dict(kind="stream", ACT="fp8",
-               gate_up=dict(FORM="slot", BLOCK_N=16, BLOCK_K=512, num_warps=8, num_stages=1,
-                            PREFETCH=False),
-               down=dict(FORM="row", BLOCK_N=8, BLOCK_K=256, num_warps=8, num_stages=1,
-                         PREFETCH=False)),
-}
 
+
+def _stream(gate_up: tuple, down: tuple) -> dict:
+    """A stream config from (FORM, BLOCK_N, BLOCK_K, num_warps, num_stages) of each kernel."""
+    def k(form, bn, bk, warps, stages):
+        return dict(FORM=form, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                    PREFETCH=False)
+    return dict(kind="stream", ACT="fp8", gate_up=k(*gate_up), down=k(*down))
+
+
+# Defaults by the slots expected (key: the most slots an entry serves): the H100 sweep's best
+# for Qwen3-30B-A3B (bench/results/fp8_small_sweep_h100.txt). At one token: per-slot gate/up
+# (R * K * I / 16 programs: 384 at one Qwen3 token), 2 x 8 KiB of FP8 weights per K step;
+# per-row down with the row's 8 slots as lanes of a [8, 8, 256] tile (H / 8 programs).
+DEFAULTS = {
+    "8": _stream(("slot", 16, 512, 8, 3), ("row", 8, 256, 8, 1)),
+    "64": _stream(("slot", 16, 256, 4, 1), ("slot", 32, 256, 4, 1)),
+}
+# Per (H, I) where the sweep's best differs from DEFAULTS: DeepSeek-V3's one-token down.
+TUNED = {"7168x2048": {"8": _stream(("slot", 16, 512, 8, 3), ("slot", 16, 512, 4, 1))}}
 
 def _bad(field: str, value, rule: str):
     return ValueError(error_message(field, repr(value), rule,
@@ -129,9 +136,10 @@ def _is_shape(key: str) -> bool:
 
 def stream_config(slots: int, *, hidden: int = 0, inter: int = 0) -> dict:
     """The launch config for a batch of ``slots`` (rows x K) expected of experts with H =
-    ``hidden``, I = ``inter``: DEFAULTS, overridden by ROCM_MOE_FP8_SMALL_CONFIG (module
-    docstring; a table keyed "HxI" holds one per shape, other shapes keep the defaults)."""
-    cfg = _pick(DEFAULTS, slots)
+    ``hidden``, I = ``inter``: DEFAULTS with the shape's TUNED entries in their place,
+    overridden by ROCM_MOE_FP8_SMALL_CONFIG (module docstring; a table keyed "HxI" holds one
+    per shape, other shapes keep the defaults)."""
+    cfg = _pick({**DEFAULTS, **TUNED.get(f"{hidden}x{inter}", {})}, slots)
     env = os.environ.get(CONFIG_ENV)
     if env:
         try:

@@ -1,5 +1,5 @@
 """The Triton FP8 experts' launch variants (issue 31: tensor descriptors, scales loaded a K step
-ahead, warp-specialised K loops, persistent and flattened tile loops, 256-wide down tiles), the
+ahead, persistent and flattened tile loops, 256-wide down tiles), the
 config checks and table, the tuner's candidate lists and correctness gate, and the benchmarks'
 FP8 ceiling.
 
@@ -33,11 +33,10 @@ from rocm_moe.experts.triton_fp8 import (  # noqa: E402
 )
 
 
-def _cfg(block_m, *, desc=False, ws=False, ahead=False, down_n=128, persistent=False,
-         flatten=False, programs_per_sm=None):
+def _cfg(block_m, *, desc=False, ahead=False, down_n=128, persistent=False, flatten=False,
+         programs_per_sm=None):
     def k(bn):
-        return dict(BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=2, desc=desc, ws=ws,
-                    ahead=ahead)
+        return dict(BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=2, desc=desc, ahead=ahead)
     cfg = dict(BLOCK_M=block_m, gate_up=k(128), down=k(down_n))
     if persistent:
         cfg["persistent"] = True
@@ -50,8 +49,8 @@ def _cfg(block_m, *, desc=False, ws=False, ahead=False, down_n=128, persistent=F
 
 VARIANTS = [
     pytest.param(_cfg(16, desc=True), id="M16_desc"),
-    pytest.param(_cfg(16, desc=True, ws=True, down_n=256, persistent=True, flatten=True,
-                      programs_per_sm=1), id="M16_desc_ws_dn256_persistent1_flatten"),
+    pytest.param(_cfg(16, desc=True, down_n=256, persistent=True, flatten=True,
+                      programs_per_sm=1), id="M16_desc_dn256_persistent1_flatten"),
     pytest.param(_cfg(32, ahead=True, down_n=256, persistent=True),
                  id="M32_ptr_ahead_dn256_persistent"),
     pytest.param(_cfg(64, desc=True, ahead=True, down_n=64), id="M64_desc_ahead_dn64"),
@@ -110,6 +109,8 @@ def test_heuristic_config_is_valid():
      r"config\['down'\]\['BLOCK_K'\]=64: must be 128, the scale group"),
     (dict(down=dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2, tma=True)),
      r"config\['down'\]\['tma'\]=True: unknown key"),
+    (dict(down=dict(_cfg(16)["down"], ws=True)),  # warp_specialize: sm_90 cannot compile it
+     r"config\['down'\]\['ws'\]=True: unknown key"),
     (dict(flatten=True), r"config\['flatten'\]=True: sets the persistent launch"),
     (dict(programs_per_sm=1), r"config\['programs_per_sm'\]=1: sets the persistent launch"),
     (dict(persistent=True, programs_per_sm=0),
@@ -343,3 +344,46 @@ def test_compile_list_takes_the_table_variants(monkeypatch):
     assert {(c["BLOCK_N"], c["DESC"], c["AHEAD"], c["PERSISTENT"]) for c in dn} \
         == {(256, True, True, True)}
     assert {c["WEIGHTED"] for c in dn} == {True, False}
+
+
+
+def _compile_sm_90(job):
+    from rocm_moe import _compile
+
+    cfg, name = job
+    kernel = next(k for k in _compile.KERNELS if k.name == f"_fp8_{name}_kernel")
+    try:
+        _compile.compile_one(kernel, "sm_90", _compile.fp8_launches(cfg, "sm_90", name)[0])
+    except Exception as exc:  # reported with its variant below
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    return None
+
+
+def test_every_variant_compiles_for_sm_90():
+    """Each variant's two kernels compile ahead of time for the H100 (sm_90) with FP8 dots, on
+    any machine with the PyPI wheel: the interpreter ignores compile-only options (a
+    ``warp_specialize`` K loop passed every CPU test here and failed to compile on the GPU).
+    Spawned workers compile for real (this session's kernels are the interpreter's)."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    pairs = [(v, name) for v in VARIANTS for name in ("gate_up", "down")]
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        with ProcessPoolExecutor(min(4, os.cpu_count() or 2),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            errors = list(pool.map(_compile_sm_90, [(v.values[0], n) for v, n in pairs]))
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    failed = [f"{v.id} {name}: {err}" for (v, name), err in zip(pairs, errors, strict=True)
+              if err]
+    assert not failed, "\n".join(failed)

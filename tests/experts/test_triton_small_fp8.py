@@ -186,6 +186,9 @@ def test_worked_example_and_defaults():
     assert cfg["gate_up"]["FORM"] == "slot"
     assert cfg["down"]["FORM"] == "row"
     assert stream.check_config(cfg) is cfg
+    dsv3 = stream.stream_config(8, hidden=7168, inter=2048)  # TUNED: its own one-token down
+    assert (dsv3["down"]["FORM"], dsv3["gate_up"]) == ("slot", cfg["gate_up"])
+    assert stream.stream_config(64, hidden=7168, inter=2048) == stream.DEFAULTS["64"]
 
 
 def test_environment_overrides(monkeypatch):
@@ -204,7 +207,7 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv(stream.CONFIG_ENV, json.dumps(by_shape))
     assert stream.stream_config(8, hidden=2048, inter=768)["down"]["BLOCK_N"] == 4
     assert stream.stream_config(8, hidden=7168, inter=2048)["gate_up"]["SPLIT"] == 2
-    assert stream.stream_config(8, hidden=64, inter=128) == stream.DEFAULTS["64"]  # another
+    assert stream.stream_config(8, hidden=64, inter=128) == stream.DEFAULTS["8"]  # another
     monkeypatch.setenv(stream.MAX_SLOTS_ENV, "16")
     assert stream.max_slots() == 16
     monkeypatch.delenv(stream.MAX_SLOTS_ENV)
