@@ -326,7 +326,11 @@ def test_gpu_kernel_is_the_torch_paths_bits(gen, case, dtype):
             want = (ref.topk_weights, ref.topk_ids)
             got = _fused(x, cfg, bias)
             tied = _biased_ties(x, cfg, bias)
-            assert tied.sum().item() <= max(1.0, 1e-3 * T), f"{case} T={T}: many biased ties"
+            # Every row permutes the same E grid values, so one exact coincidence of two biased
+            # scores ties the 1 / (E (E - 1)) of the rows that place those two values on those
+            # two experts (0.4% at E = 16; an H100 drew 5 of 511 rows once): a bound that
+            # keeps nearly every row compared bit for bit.
+            assert tied.sum().item() <= max(1.0, 0.02 * T), f"{case} T={T}: many biased ties"
             assert torch.equal(got[1][tied].sort(1).values, want[1][tied].sort(1).values), (
                 f"{case} T={T}: a row with a biased tie chose other experts")
             _assert_equal((got[0][~tied], got[1][~tied]), (want[0][~tied], want[1][~tied]),
