@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 33's router target (<= 8 us at 1-128 tokens) on one GPU: bench/router_plans.py checks
 # every candidate plan of the Triton gate GEMM + router (tiles, splits of H, router rows /
-# warps, PDL either side, one fused launch) against the float64 GEMM, today's Triton router
+# warps, PDL either side) against the float64 GEMM, today's Triton router
 # bits and the torch router, eager and CUDA-graph replayed (exit 1 on any failure), and times
 # gate + route,
 # the GEMM alone and the router alone for Qwen3-30B-A3B and DeepSeek-V3 at 1, 8, 64, 128 tokens
-# (40 plans), then prints the best plan per size; then bench/router.py's tables for both
+# (26 plans), then prints the best plan per size; then bench/router.py's tables for both
 # routers at 1, 8, 128 tokens with today's defaults. At most 150 s (105 + 40 s limits);
 # "tests" as a third argument adds the Triton gate's and router's GPU tests (150 s more).
 # Usage on the device machine, from the repository root:

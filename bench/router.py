@@ -25,7 +25,7 @@ choice scores have a gap < 1e-4 around the top-k or its groups are left out and 
 "near"; Qwen3's bf16 logits tie often). ``--sweep`` also
 times a few other gate plans (expert tile 16-128, programs per SM) and prints the best;
 "(gemm route)" are the fused path's two launches timed alone (its gate GEMM into the split-K
-workspace, then the split-K router; for a default plan with ``fuse``, its tiles as two launches).
+workspace, then the split-K router).
 "plan" is the default plan (``_gate_triton.default_spec``: ``ROCM_MOE_GATE_PLAN``, ``TUNED``,
 else ``gate_plan``).
 

@@ -5,8 +5,7 @@ tokens).
 
 For every (router, T, plan): the medians (us per call, ``--inner`` calls per graph, ``--replays``
 replays) of gate + route (``gate_route`` with the plan), of its GEMM alone (into the [S, T, E]
-workspace) and of its split-K router alone (on that workspace; for a ``fuse`` plan these two are
-its tiles as two launches, for comparison); then the best plan per size.
+workspace) and of its split-K router alone (on that workspace); then the best plan per size.
 
 Every plan is checked first, and the run exits 1 naming the failures (after the table):
 - the logits within 1e-6 of sum |x w| of the float64 GEMM (float32 logits), or within one
@@ -47,31 +46,30 @@ from rocm_moe._gate_triton import (
 from rocm_moe._routing_triton import fused_route, splitk_route
 from rocm_moe.routing import _route_torch
 
-# (router, T) -> plan specs ("auto": gate_plan's choice today). DeepSeek-V3 at 64-128 tokens is
-# the one over 8 us (bench/results/router_gate_h100.txt: GEMM 5.7 + route 4.5 at T = 128): its
-# candidates trade the weight's re-reads (one per T tile), x's (one per expert tile) and the
-# [S, T, E] float32 partials (written by the GEMM, read by the router) against parallelism;
-# "pdl" overlaps the router's launch with the GEMM, "pdlin" the GEMM's with the kernel before
-# it (here the previous call's router), "fuse" drops the second launch (the last GEMM program
-# of each T tile routes its rows; "w1": one-warp programs). 40 plans; a SIGTERM
-# (the script's timeout) still prints the summary of the plans measured so far.
+# (router, T) -> plan specs ("auto": gate_plan's choice; the TUNED ones are shipped since
+# bench/results/router_plans_h100.txt). DeepSeek-V3 at 128 tokens is the one over 8 us there
+# (8.3: GEMM 4.0 + route 4.8): its candidates trade the weight's re-reads (one per T tile),
+# x's (one per expert tile) and the [S, T, E] float32 partials (written by the GEMM, read by the
+# router) against parallelism, and the router's rows / warps per program; "pdl" overlaps the
+# router's launch with the GEMM, "pdlin" the GEMM's with the kernel before it (here the
+# previous call's router). A SIGTERM (the script's timeout) still prints the summary of the
+# plans measured so far.
 PLANS: dict[tuple[str, int], tuple[str, ...]] = {  # the missed target first
-    ("deepseek-v3", 128): ("auto", "pdl", "t64 e64 s16", "t64 e64 s28", "t128 e64 s28",
-                           "t64 e128 s28 w8", "t64 e64 s16 pdl", "t64 e64 s16 pdl pdlin",
-                           "fuse", "t32 e64 w8 fuse",
-                           "t32 e64 w8 fuse rr32", "t16 e64 fuse"),
-    ("deepseek-v3", 64): ("auto", "pdl", "t64 e64 s16 pdl", "fuse", "w8 fuse rr32",
-                          "t16 e64 fuse"),
-    ("deepseek-v3", 8): ("auto", "pdl", "fuse"),
-    ("deepseek-v3", 1): ("auto", "pdl", "pdl pdlin", "fuse", "fuse pdlin", "w1 fuse rr1"),
-    ("qwen3-30b-a3b", 128): ("auto", "pdl", "fuse", "t64 e64 pdl"),
-    ("qwen3-30b-a3b", 64): ("auto", "pdl"),
-    ("qwen3-30b-a3b", 8): ("auto", "pdl", "fuse"),
-    ("qwen3-30b-a3b", 1): ("auto", "pdl", "fuse", "fuse pdlin"),
+    ("deepseek-v3", 128): ("auto", "t64 e64 s16 pdl pdlin", "t64 e64 s12 pdl pdlin",
+                           "t64 e32 s16 pdl pdlin", "t128 e64 s16 pdl pdlin",
+                           "t64 e64 s16 pdl pdlin rr4", "t64 e64 s16 pdl pdlin rr8 rw2",
+                           "t64 e64 s16 pdl pdlin rr16 rw4", "t64 e64 s8 pdl pdlin"),
+    ("deepseek-v3", 64): ("auto", "t64 e64 s16 pdl", "t64 e64 s16 pdl pdlin",
+                          "t64 e64 s16 pdl pdlin rr4"),
+    ("deepseek-v3", 8): ("auto", "pdl", "pdl pdlin"),
+    ("deepseek-v3", 1): ("auto", "pdl", "pdl pdlin"),
+    ("qwen3-30b-a3b", 128): ("auto", "t64 e64 pdl", "t64 e64 pdl pdlin"),
+    ("qwen3-30b-a3b", 64): ("auto", "pdl", "pdl pdlin"),
+    ("qwen3-30b-a3b", 8): ("auto", "pdl", "pdl pdlin"),
+    ("qwen3-30b-a3b", 1): ("auto", "pdl", "pdl pdlin"),
 }
-SMOKE = {("deepseek-v3", 33): ("auto", "t64 e64 s4", "e32 rr4 rw2", "t16 e64 fuse"),
-         ("qwen3-30b-a3b", 33): ("auto", "t64 e32 s2", "fuse")}
-
+SMOKE = {("deepseek-v3", 33): ("auto", "t64 e64 s4", "e32 rr4 rw2", "t16 e64 rr8"),
+         ("qwen3-30b-a3b", 33): ("auto", "t64 e32 s2", "rr4")}
 
 def _case(name: str, T: int, device: torch.device, smoke: bool) -> dict:
     """bench/router.py's case (bf16); the smoke test's in float16 with H = 256 (the

@@ -350,28 +350,6 @@ def _gate_gemm(target: str) -> list[Launch]:
     return [Launch(c, w, s, why) for (c, w, s), why in out.items()]
 
 
-def _gate_route(target: str) -> list[Launch]:
-    """``_gate_triton._gate_route_kernel`` (``fuse`` on gate_plan's tiles) for DeepSeek-V3
-    at 128 tokens (float32 logits, groups, bias) and Qwen3 at 1 token (bf16 logits, softmax);
-    two compiles per target (each ~10 s of CPU)."""
-    from rocm_moe._gate_triton import gate_plan
-    from rocm_moe._routing_triton import launch_config
-    from rocm_moe.routing import RouterConfig
-
-    out = []
-    for name, cfg, H, rnd, T in (("deepseek-v3", RouterConfig.deepseek_v3(), 7168, 0, 128),
-                                 ("qwen3", RouterConfig.qwen3_moe(), 2048, 1, 1)):
-        c, _ = launch_config(cfg, has_bias=cfg.scoring == "sigmoid", warp=TARGETS[target][2])
-        p = gate_plan(T, cfg.num_experts, H, ieee_fp32=False, amd=target == "gfx942",
-                      sms=304 if target == "gfx942" else 132)
-        g = dict(E=cfg.num_experts, BLOCK_T=p.block_t, BLOCK_E=p.block_e, BLOCK_K=p.block_k,
-                 IEEE=False, ROUND=rnd, ROWS=min(p.block_t, 8), ROW_WARPS=True,
-                 PDL_IN=False)
-        out.append(Launch(tuple(sorted({**c, **g}.items())), p.num_warps, p.num_stages,
-                          f"{name} T={T} fuse"))
-    return out
-
-
 def _small_ptr(fp8: str, dense: str):
     """A pointer of the small experts path: ``fp8`` ("fp8": the target's FP8 encoding, or a
     type) in FP8 mode, ``dense`` otherwise (the bf16 path passes x for unused scales)."""
@@ -544,10 +522,6 @@ KERNELS = [
            dict(x_ptr=lambda c: "*fp32" if c["IEEE"] else "*bf16",
                 w_ptr=lambda c: "*fp32" if c["IEEE"] else "*bf16", part_ptr="*fp32"),
            _gate_gemm),
-    Kernel("rocm_moe._gate_triton:_gate_route_kernel",
-           dict(x_ptr="*bf16", w_ptr="*bf16", part_ptr="*fp32", count_ptr="*i32",
-                bias_ptr="*fp32", logits_ptr=lambda c: "*bf16" if c["ROUND"] else "*fp32",
-                wout_ptr="*fp32", ids_ptr="*i32"), _gate_route, dict(eps="fp32", scale="fp32")),
     Kernel("rocm_moe._invariant_triton:linear_kernel",
            dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*fp32"),
            grid(IEEE=False, BLOCK_N=32, BLOCK_M=32, BLOCK_D=64)),  # invariant.LINEAR_CONFIG

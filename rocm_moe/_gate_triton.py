@@ -30,11 +30,11 @@ Plans (``GatePlan``; ``plan_from_spec`` reads them from a short spec such as "t6
 ``ROCM_MOE_GATE_PLAN`` sets one for every call, ``TUNED`` holds measured ones by gate shape,
 bench/router_plans.py sweeps them): the tiles and splits above; the router's rows and warps per
 program; ``pdl`` (NVIDIA sm_90+: the router launched as a programmatic dependent of the GEMM,
-``griddepcontrol``, so its launch overlaps the GEMM); ``pdlin`` (the GEMM, or the fused
-kernel, launched the same way behind whatever wrote x); ``fuse`` (one launch,
-``_gate_route_kernel``: each program counts itself done on its T tile's counter and the last
-one sums the tile's partials in the same order and routes its rows). The router's fields never
-change a bit; the GEMM's change only the order of the float32 additions.
+``griddepcontrol``, so its launch overlaps the GEMM); ``pdlin`` (the GEMM launched the same
+way behind whatever wrote x). The router's fields never change a bit; the GEMM's change only
+the order of the float32 additions. (A one-launch plan, the GEMM's last program per T tile
+routing its rows, measured 15-58 us against the two launches' 6.9-10.8 on an H100 and was
+removed: bench/results/router_plans_h100.txt.)
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from rocm_moe._checks import error_message
-from rocm_moe._routing_triton import _grid_launch_dependents, _grid_wait, _splitk_rows
+from rocm_moe._routing_triton import _grid_launch_dependents, _grid_wait
 
 
 @triton.jit(do_not_specialize=["T", "KB_PER_SPLIT"])
@@ -106,44 +106,6 @@ def _partial_tile(x_ptr, w_ptr, part_ptr, T, H, stride_xt, stride_we, KB_PER_SPL
     tl.store(out, acc, mask=t_in & (e[None, :] < E))
 
 
-@triton.jit(do_not_specialize=["T", "KB_PER_SPLIT", "S"])
-def _gate_route_kernel(x_ptr, w_ptr, part_ptr, count_ptr, bias_ptr, logits_ptr, wout_ptr,
-                       ids_ptr, T, H, stride_xt, stride_we, KB_PER_SPLIT, S, eps, scale,
-                       E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                       BLOCK_K: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr,
-                       SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                       K_TOPK: tl.constexpr, K_POW2: tl.constexpr, BW: tl.constexpr,
-                       N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, EPG: tl.constexpr,
-                       G_POW2: tl.constexpr, EPG_POW2: tl.constexpr, WARP: tl.constexpr,
-                       ROWS: tl.constexpr, ROW_WARPS: tl.constexpr = True,
-                       PDL_IN: tl.constexpr = False):
-    """Gate GEMM + router in one launch: program (e tile, s, t tile) stores its partial as
-    ``_gate_splitk_kernel`` does, then counts itself done on ``count[t tile]`` (int32, zero
-    before the launch; an acquire-release atomic after a barrier); the last of the tile's
-    (E tiles x S) programs sets the count back to zero and routes the tile's rows, ROWS at a
-    time, as ``_splitk_router_kernel`` does (the partials summed in the same fixed order: the
-    same bits), loading the partials past L1. PDL_IN: launched with ``launch_pdl=True``
-    behind whatever wrote x: wait for it before anything else.
-
-    Example: x [[1, 2]], w [[3, 4], [5, 6]], one split, softmax, K = 1 -> logits [[11, 17]],
-    ids [[1]], count [0]."""
-    if PDL_IN:
-        _grid_wait()
-    _partial_tile(x_ptr, w_ptr, part_ptr, T, H, stride_xt, stride_we, KB_PER_SPLIT, E, BLOCK_T,
-                  BLOCK_E, BLOCK_K, IEEE)
-    tl.debug_barrier()  # every thread's partial stored before the count (released by it)
-    pid_t = tl.program_id(2)
-    done = tl.atomic_add(count_ptr + pid_t, 1, sem="acq_rel", scope="gpu")
-    if done == tl.num_programs(0) * tl.num_programs(1) - 1:  # the tile's last program
-        tl.atomic_xchg(count_ptr + pid_t, 0, sem="relaxed", scope="gpu")
-        end = tl.minimum(pid_t * BLOCK_T + BLOCK_T, T)
-        for row0 in range(pid_t * BLOCK_T, end, ROWS):  # the tile's live rows, ROWS at a time
-            _splitk_rows(part_ptr, bias_ptr, logits_ptr, wout_ptr, ids_ptr, row0, T, S, eps,
-                         scale, ROUND, SIGMOID, HAS_BIAS, NORM, K_TOPK, K_POW2, BW, N_GROUP,
-                         TOPK_GROUP, EPG, G_POW2, EPG_POW2, WARP, ROWS, True, True,
-                         ROW_WARPS)
-
-
 @dataclass(frozen=True, kw_only=True)
 class GatePlan:
     """Tiles and split of ``_gate_splitk_kernel`` for one call: ``splits`` S programs along H,
@@ -151,11 +113,8 @@ class GatePlan:
     ``route_rows`` tokens per program (None: 1 on GPUs, 64 interpreted; 2 refused),
     ``route_warps`` (None: ``_routing_triton.launch_config``'s), ``pdl`` (NVIDIA sm_90+: the
     router launched as a programmatic dependent of the GEMM, so its launch overlaps the GEMM's
-    tail); ``fuse``:
-    one launch (``_gate_route_kernel``: the last program of each T tile routes its rows,
-    ``route_rows`` at a time, default min(block_t, 8), with the GEMM's warps; refused with pdl
-    or route_warps); ``pdl_in`` (NVIDIA sm_90+: the GEMM, or the fused kernel, launched as a
-    programmatic dependent of whatever ran before it, waiting for it before reading x). None of
+    tail); ``pdl_in`` (NVIDIA sm_90+: the GEMM launched as a programmatic dependent of whatever
+    ran before it, waiting for it before reading x). None of
     the router's fields changes a bit of the result; the GEMM's change the order of the
     float32 additions only."""
 
@@ -169,7 +128,6 @@ class GatePlan:
     route_rows: int | None = None
     route_warps: int | None = None
     pdl: bool = False
-    fuse: bool = False
     pdl_in: bool = False
 
     def grid(self, T: int, E: int) -> tuple[int, int, int]:
@@ -184,8 +142,7 @@ class GatePlan:
             out += f" rr{self.route_rows}"
         if self.route_warps:
             out += f" rw{self.route_warps}"
-        return out + (" pdl" if self.pdl else "") + (" fuse" if self.fuse else "") + \
-            (" pdlin" if self.pdl_in else "")
+        return out + (" pdl" if self.pdl else "") + (" pdlin" if self.pdl_in else "")
 
 
 def ieee(x_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
@@ -277,7 +234,7 @@ def _spec_fields(spec: str) -> dict:
     for word in spec.replace(",", " ").split():
         if word in ("auto", ""):
             continue
-        if word in ("pdl", "fuse", "pdlin"):
+        if word in ("pdl", "pdlin"):
             fields["pdl_in" if word == "pdlin" else word] = True
             continue
         key = word.rstrip("0123456789")
@@ -287,7 +244,7 @@ def _spec_fields(spec: str) -> dict:
             raise ValueError(error_message(
                 "gate plan", repr(word), "must be t<int> e<int> k<int> (tiles), s<int> "
                 "(splits of H), w<int> n<int> (GEMM warps, stages), rr<int> rw<int> (router "
-                "rows per program, warps), pdl, fuse or pdlin", f"fix {PLAN_ENV} or the spec"))
+                "rows per program, warps), pdl or pdlin", f"fix {PLAN_ENV} or the spec"))
         value = int(num)
         ok = {"block_t": (16, 256), "block_e": (16, 256), "block_k": (16, 512),
               "splits": (1, 1024), "num_warps": (1, 16), "num_stages": (1, 8),
@@ -328,14 +285,6 @@ def plan_from_spec(spec: str, T: int, E: int, H: int, *, ieee_fp32: bool, sms: i
         plan = replace(plan, splits=triton.cdiv(n_kb, kb), kb_per_split=kb)
     rest = {k: v for k, v in f.items() if k not in ("block_t", "block_e", "block_k", "splits")}
     plan = replace(plan, **rest)
-    if plan.fuse and (plan.pdl or plan.route_warps):
-        raise ValueError(error_message(
-            "gate plan", repr(spec), "fuse is one launch: no pdl, and it routes with the "
-            "GEMM's warps (w), not rw", "drop pdl / rw, or fuse"))
-    if plan.fuse and (plan.route_rows or 1) > plan.block_t:
-        raise ValueError(error_message("gate plan route_rows", plan.route_rows, "must be <= "
-                                       f"block_t={plan.block_t} with fuse (rows of one T tile)",
-                                       "lower rr or raise t"))
     return plan
 
 
@@ -378,9 +327,6 @@ def gate_route(*, x_TH: torch.Tensor, weight_EH: torch.Tensor, config,
             raise ValueError(error_message(f"gate plan {word}", True, "needs an NVIDIA GPU of "
                                            f"compute capability 9.0+ ({dev} is not)",
                                            f"drop {word} from {PLAN_ENV} or the plan"))
-    if plan.fuse:
-        return _fused(x_TH, weight_EH, part, logits, plan, config, bias_E, warp,
-                      pdl_in), logits
     if T > 0:
         gate_gemm(x_TH, weight_EH, part, plan, pdl=pdl, pdl_in=pdl_in)
     routing = splitk_route(part_STE=part, logits_TE=logits, config=config, bias_E=bias_E,
@@ -401,53 +347,3 @@ def gate_gemm(x_TH: torch.Tensor, weight_EH: torch.Tensor, part_STE: torch.Tenso
         plan.kb_per_split, E=E, BLOCK_T=plan.block_t, BLOCK_E=plan.block_e,
         BLOCK_K=plan.block_k, IEEE=ieee(x_TH.dtype, weight_EH.dtype), PDL=pdl, PDL_IN=pdl_in,
         num_warps=plan.num_warps, num_stages=plan.num_stages, **extra)
-
-
-RING_SLOTS, RING_TILES = 4096, 8  # the fused kernel's counters: launches x T tiles (T <= 128)
-_RINGS: dict = {}  # device -> (int32 zeros [RING_SLOTS * RING_TILES], itertools.count)
-
-
-def _counts(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters for one fused launch of ``n`` T tiles. Each launch leaves its
-    counters at zero; a launch takes the next of RING_SLOTS slots of one zeroed block per
-    device, so launches that may run at once (two streams, two micro-batches captured in one
-    CUDA graph) use different counters unless RING_SLOTS launches apart. A fresh zeroed
-    tensor (its memset recorded with the launch) where ``n`` > RING_TILES or the block does
-    not exist yet while a CUDA graph is being captured."""
-    import itertools
-
-    key = str(device)
-    ring = _RINGS.get(key)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if n > RING_TILES or (ring is None and capturing):
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    if ring is None:
-        ring = _RINGS[key] = (torch.zeros(RING_SLOTS * RING_TILES, dtype=torch.int32,
-                                          device=device), itertools.count())
-    slot = next(ring[1]) % RING_SLOTS
-    return ring[0][slot * RING_TILES:(slot + 1) * RING_TILES]
-
-
-def _fused(x_TH, weight_EH, part, logits, plan: GatePlan, config, bias_E, warp,
-           pdl_in: bool = False):
-    """``_gate_route_kernel``: the GEMM and the router in one launch -> ``RoutingResult``
-    (``pdl_in``: launched with ``launch_pdl=True`` behind whatever wrote x)."""
-    from rocm_moe._routing_triton import _ROUND, _launch, _scalars
-
-    (T, H), E = x_TH.shape, weight_EH.shape[0]
-    rows = plan.route_rows or min(plan.block_t, 8)
-    w, ids, _, kw = _launch(T, config, bias_E, x_TH.device, warp, rows, plan.num_warps)
-    kw.update(num_stages=plan.num_stages, PDL_IN=pdl_in)
-    if pdl_in:
-        kw["launch_pdl"] = True
-    if T > 0:
-        grid = plan.grid(T, E)
-        _gate_route_kernel[grid](
-            x_TH, weight_EH, part, _counts(x_TH.device, grid[2]),
-            bias_E if bias_E is not None else part, logits, w, ids, T, H, x_TH.stride(0),
-            weight_EH.stride(0), plan.kb_per_split, plan.splits, *_scalars(config), E=E,
-            BLOCK_T=plan.block_t, BLOCK_E=plan.block_e, BLOCK_K=plan.block_k,
-            IEEE=ieee(x_TH.dtype, weight_EH.dtype), ROUND=_ROUND[logits.dtype], **kw)
-    from rocm_moe.routing import RoutingResult
-
-    return RoutingResult(topk_weights=w, topk_ids=ids)

@@ -111,20 +111,14 @@ def _route_rows(x, row, live, r3, j, gid, valid, bias_ptr, w_ptr, ids_ptr, eps, 
                 EPG: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
                 NORM: tl.constexpr, K_TOPK: tl.constexpr, K_POW2: tl.constexpr, BW: tl.constexpr,
                 N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, EPG_POW2: tl.constexpr,
-                G_POW2: tl.constexpr, WARP: tl.constexpr, ROWS: tl.constexpr,
-                PICK_GATHER: tl.constexpr = False, bias_x=None):
+                G_POW2: tl.constexpr, WARP: tl.constexpr, ROWS: tl.constexpr):
     """The router on float32 logits x [ROWS, G_POW2, EPG_POW2] (-inf where not ``valid``, 0
-    in rows past T): scores, choice, groups, top-k, weights; stores w and ids of live rows.
-    PICK_GATHER: each pick's score gathered as it is picked ([ROWS, E] per pick) instead of all
-    K at once ([ROWS, K, E]: too many registers for many rows per program); the same bits.
-    bias_x: the bias already loaded as x's [ROWS, G_POW2, EPG_POW2] (0 where not valid), or
-    None (loaded here)."""
+    in rows past T): scores, choice, groups, top-k, weights; stores w and ids of live rows."""
     if SIGMOID:
         score = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + _expf(-x))
         if HAS_BIAS:
-            if bias_x is None:
-                bias_x = tl.load(bias_ptr + gid + r3 * 0, mask=valid, other=0.0)
-            choice = score + bias_x.to(tl.float32)
+            bias = tl.load(bias_ptr + gid + r3 * 0, mask=valid, other=0.0)
+            choice = score + bias.to(tl.float32)
         else:
             choice = score
     else:
@@ -169,21 +163,14 @@ def _route_rows(x, row, live, r3, j, gid, valid, bias_ptr, w_ptr, ids_ptr, eps, 
     flat = tl.arange(0, E_FLAT)[None, :]
     kk = tl.arange(0, K_POW2)[None, :]
     picks = tl.full([ROWS, K_POW2], -1, tl.int32)  # flat positions (-1: k >= K_TOPK)
-    if PICK_GATHER:
-        score_flat = tl.reshape(score, [ROWS, E_FLAT])
-        w = tl.zeros([ROWS, K_POW2], tl.float32)
     for k in tl.static_range(K_TOPK):
         _, at = tl.max(key, axis=1, return_indices=True, return_indices_tie_break_left=True)
         key = tl.where(flat == at[:, None], -2147483648, key)
         picks = tl.where(kk == k, at[:, None].to(tl.int32), picks)
-        if PICK_GATHER:  # one term: exact
-            wk = tl.sum(tl.where(flat == at[:, None], score_flat, 0.0), axis=1)
-            w = tl.where(kk == k, wk[:, None], w)
     ids = (picks // EPG_POW2) * EPG + picks % EPG_POW2
-    if not PICK_GATHER:
-        hit = flat[:, None, :] == picks[:, :, None]  # [ROWS, K_POW2, E_FLAT]: one position each
-        w = tl.sum(tl.where(hit, tl.reshape(score, [ROWS, E_FLAT])[:, None, :], 0.0),
-                   axis=2)  # one term: exact
+    hit = flat[:, None, :] == picks[:, :, None]  # [ROWS, K_POW2, E_FLAT]: one position each
+    w = tl.sum(tl.where(hit, tl.reshape(score, [ROWS, E_FLAT])[:, None, :], 0.0),
+               axis=2)  # one term: exact
 
     if NORM:
         lanes_k = tl.sum(tl.reshape(w, [ROWS, K_POW2 // BW, BW]), axis=1)  # w[l] + w[l + BW]
@@ -250,7 +237,7 @@ def _splitk_router_kernel(part_ptr, bias_ptr, logits_ptr, w_ptr, ids_ptr, T, S, 
         _grid_wait()
     _splitk_rows(part_ptr, bias_ptr, logits_ptr, w_ptr, ids_ptr, tl.program_id(0) * ROWS, T, S,
                  eps, scale, ROUND, SIGMOID, HAS_BIAS, NORM, K_TOPK, K_POW2, BW, N_GROUP,
-                 TOPK_GROUP, EPG, G_POW2, EPG_POW2, WARP, ROWS, False, False)
+                 TOPK_GROUP, EPG, G_POW2, EPG_POW2, WARP, ROWS)
 
 
 @triton.jit
@@ -259,14 +246,9 @@ def _splitk_rows(part_ptr, bias_ptr, logits_ptr, w_ptr, ids_ptr, row0, T, S, eps
                  NORM: tl.constexpr, K_TOPK: tl.constexpr, K_POW2: tl.constexpr,
                  BW: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                  EPG: tl.constexpr, G_POW2: tl.constexpr, EPG_POW2: tl.constexpr,
-                 WARP: tl.constexpr, ROWS: tl.constexpr, CG: tl.constexpr,
-                 PICK_GATHER: tl.constexpr, ROW_WARPS: tl.constexpr = False):
+                 WARP: tl.constexpr, ROWS: tl.constexpr):
     """``_splitk_router_kernel``'s rows [row0, row0 + ROWS): sum the S partials in order, round,
-    store the logits, route. CG: the partials loaded past L1 (``.cg``: written by other
-    programs of the same launch, ``_gate_triton._gate_route_kernel``). ROW_WARPS: the partials
-    loaded as [G_POW2, ROWS, EPG_POW2] and permuted, so that Triton's layout puts a program's
-    warps along the rows (each row's reductions within a warp, as with one warp per program)
-    rather than along the groups; the same operations, the same bits."""
+    store the logits, route."""
     E: tl.constexpr = N_GROUP * EPG
     row = row0 + tl.arange(0, ROWS)
     live = row < T
@@ -276,57 +258,30 @@ def _splitk_rows(part_ptr, bias_ptr, logits_ptr, w_ptr, ids_ptr, row0, T, S, eps
     gid = g * EPG + j
     valid = (g < N_GROUP) & (j < EPG) & live[:, None, None]
     step = T.to(tl.int64) * E
-    if ROW_WARPS:  # [G_POW2, ROWS, EPG_POW2]
-        rl = row[None, :, None].to(tl.int64)
-        gl = tl.arange(0, G_POW2)[:, None, None]
-        gid_l = gl * EPG + j
-        valid_l = (gl < N_GROUP) & (j < EPG) & (rl < T)
-        x = tl.zeros([G_POW2, ROWS, EPG_POW2], tl.float32)
-        base = part_ptr + rl * E + gid_l
-        r1 = rl
-    else:
-        valid_l = valid
-        x = tl.zeros([ROWS, G_POW2, EPG_POW2], tl.float32)
-        base = part_ptr + r3 * E + gid
-        r1 = r3
+    x = tl.zeros([ROWS, G_POW2, EPG_POW2], tl.float32)
+    base = part_ptr + r3 * E + gid
     for c in range(0, S, 8):  # 8 loads in flight, then added in order (L2 latency once)
         p = base + c * step
-        left = r1 * 0 + S - c  # partials left from c on ([ROWS, 1, 1]: a tensor mask)
-        p0 = _load_part(p, valid_l, CG)
-        p1 = _load_part(p + step, valid_l & (left > 1), CG)
-        p2 = _load_part(p + 2 * step, valid_l & (left > 2), CG)
-        p3 = _load_part(p + 3 * step, valid_l & (left > 3), CG)
-        p4 = _load_part(p + 4 * step, valid_l & (left > 4), CG)
-        p5 = _load_part(p + 5 * step, valid_l & (left > 5), CG)
-        p6 = _load_part(p + 6 * step, valid_l & (left > 6), CG)
-        p7 = _load_part(p + 7 * step, valid_l & (left > 7), CG)
+        left = r3 * 0 + S - c  # partials left from c on ([ROWS, 1, 1]: a tensor mask)
+        p0 = tl.load(p, mask=valid, other=0.0)
+        p1 = tl.load(p + step, mask=valid & (left > 1), other=0.0)
+        p2 = tl.load(p + 2 * step, mask=valid & (left > 2), other=0.0)
+        p3 = tl.load(p + 3 * step, mask=valid & (left > 3), other=0.0)
+        p4 = tl.load(p + 4 * step, mask=valid & (left > 4), other=0.0)
+        p5 = tl.load(p + 5 * step, mask=valid & (left > 5), other=0.0)
+        p6 = tl.load(p + 6 * step, mask=valid & (left > 6), other=0.0)
+        p7 = tl.load(p + 7 * step, mask=valid & (left > 7), other=0.0)
         x = (((((((x + p0) + p1) + p2) + p3) + p4) + p5) + p6) + p7  # (+ 0.0 past S: exact)
     if ROUND == 1:
         x = x.to(tl.bfloat16).to(tl.float32)
     elif ROUND == 2:
         x = x.to(tl.float16).to(tl.float32)
-    bias_x = None
-    if ROW_WARPS:
-        tl.store(logits_ptr + rl * E + gid_l, x.to(logits_ptr.dtype.element_ty), mask=valid_l)
-        x = tl.permute(x, (1, 0, 2))  # [ROWS, G_POW2, EPG_POW2], warps along the rows
-        if HAS_BIAS:  # loaded in the same layout (a load's own layout would put warps on G)
-            bias_x = tl.permute(tl.load(bias_ptr + gid_l + rl * 0, mask=valid_l, other=0.0),
-                                (1, 0, 2))
-    else:
-        tl.store(logits_ptr + r3 * E + gid, x.to(logits_ptr.dtype.element_ty), mask=valid)
+    tl.store(logits_ptr + r3 * E + gid, x.to(logits_ptr.dtype.element_ty), mask=valid)
     x = tl.where(valid, x, -float("inf"))
     x = tl.where(live[:, None, None], x, 0.0)  # rows past T: finite, unstored
     _route_rows(x, row, live, r3, j, gid, valid, bias_ptr, w_ptr, ids_ptr, eps, scale, EPG,
                 SIGMOID, HAS_BIAS, NORM, K_TOPK, K_POW2, BW, N_GROUP, TOPK_GROUP, EPG_POW2,
-                G_POW2, WARP, ROWS, PICK_GATHER, bias_x)
-
-
-@triton.jit
-def _load_part(p, mask, CG: tl.constexpr):
-    if CG:
-        return tl.load(p, mask=mask, other=0.0, cache_modifier=".cg")
-    else:
-        return tl.load(p, mask=mask, other=0.0)
+                G_POW2, WARP, ROWS)
 
 
 _MAX_E = 1024  # PyTorch's persistent warp softmax (whose order the kernel keeps) ends there

@@ -1,7 +1,7 @@
 """The Triton gate GEMM + router's selectable plans (``rocm_moe._gate_triton.plan_from_spec``,
 ``ROCM_MOE_GATE_PLAN``; bench/router_plans.py sweeps them): the spec's worked example, refusals
 naming the field, the environment variable read by ``gate_route``, the router's rows / warps /
-PDL and the one-launch ``fuse`` changing no bit of the result, and PDL compiled to
+PDL changing no bit of the result, and PDL compiled to
 ``griddepcontrol`` on sm_90 only where asked (float16/float32 under the interpreter; the GPU
 test in bf16 with a CUDA graph).
 """
@@ -68,7 +68,7 @@ def test_pdl_refused_on_amd():
     with pytest.raises(ValueError, match=r"pdl.*NVIDIA"):
         _plan("pdl", amd=True)
     with pytest.raises(ValueError, match=r"pdlin.*NVIDIA"):
-        _plan("fuse pdlin", amd=True)
+        _plan("t32 pdlin", amd=True)
     assert not _plan("t64", amd=True).pdl
 
 
@@ -156,39 +156,23 @@ def test_tuned_entries_parse_in_order():
                                                amd=False).spec, spec
 
 
-def test_fused_worked_example():
-    """``_gate_route_kernel``'s docstring: one launch, logits [[11, 17]], ids [[1]], and the
-    tile counter back at zero."""
-    from rocm_moe._gate_triton import _RINGS, plan_from_spec
-    from rocm_moe._gate_triton import gate_route as kernel
-
-    x = torch.tensor([[1.0, 2.0]], device=DEVICE)
-    w = torch.tensor([[3.0, 4.0], [5.0, 6.0]], device=DEVICE)
-    cfg = RouterConfig(num_experts=2, top_k=1, norm_topk_prob=False)
-    plan = plan_from_spec("fuse", 1, 2, 2, ieee_fp32=True, sms=8, amd=False)
-    r, logits = kernel(x_TH=x, weight_EH=w, config=cfg, plan=plan)
-    assert logits.tolist() == [[11.0, 17.0]]
-    assert r.topk_ids.tolist() == [[1]]
-    assert r.topk_weights.item() == pytest.approx(1 / (1 + math.exp(-6)), rel=1e-6)
-    assert _RINGS
-    assert all(int(ring.abs().sum()) == 0 for ring, _ in _RINGS.values())
-
-
 # (router, T, dtype, spec): DeepSeek-V3's groups and bias, Qwen3's softmax and rounded logits,
-# a 3-group router with float32 operands; tiles of 16 / 32 rows routed 4-8 rows at a time.
-FUSED = [("dsv3", 33, torch.float16, "t16 e32 s2"), ("dsv3", 33, torch.float16, "t32 e64 s3 rr8"),
-         ("qwen3", 9, torch.float16, "t16 e64 s2 rr4"), ("g3", 17, torch.float32, "t16 e32 rr4")]
+# a 3-group router with float32 operands; the router 4-16 rows per program.
+ROWS = [("dsv3", 33, torch.float16, "t16 e32 s2 rr8"),
+        ("dsv3", 33, torch.float16, "t32 e64 s3 rr16"),
+        ("qwen3", 9, torch.float16, "t16 e64 s2 rr4"), ("g3", 17, torch.float32, "t16 e32 rr4")]
 CONFIGS = {"dsv3": DSV3, "qwen3": RouterConfig.qwen3_moe(128, 8),
            "g3": RouterConfig.deepseek_v3(96, 5, n_group=3, topk_group=2)}
 
 
-@pytest.mark.parametrize(("name", "T", "dtype", "spec"), FUSED,
-                         ids=[f"{n}_T{T}_{s.replace(' ', '_')}" for n, T, _, s in FUSED])
-def test_fused_launch_same_bits(gen, name, T, dtype, spec):
-    """``fuse`` (the GEMM's last program per T tile routes its rows) gives the bits of the two
-    launches with the same GEMM plan, logits included, and leaves its counters at zero."""
-    from rocm_moe._gate_triton import _RINGS, ieee, plan_from_spec
+@pytest.mark.parametrize(("name", "T", "dtype", "spec"), ROWS,
+                         ids=[f"{n}_T{T}_{s.replace(' ', '_')}" for n, T, _, s in ROWS])
+def test_router_rows_same_bits(gen, name, T, dtype, spec):
+    """The router's rows per program change no bit (logits, weights, ids) for grouped,
+    ungrouped and softmax routers (2 rows, refused, routed every row of a grouped router
+    wrongly on an H100)."""
     from rocm_moe._gate_triton import gate_route as kernel
+    from rocm_moe._gate_triton import ieee, plan_from_spec
 
     cfg, H = CONFIGS[name], 96
     x = torch.randn(T, H, generator=gen).to(dtype).to(DEVICE)
@@ -201,42 +185,7 @@ def test_fused_launch_same_bits(gen, name, T, dtype, spec):
         return plan_from_spec(s, T, cfg.num_experts, H, ieee_fp32=ieee(dtype, dtype), sms=8,
                               amd=torch.version.hip is not None)
 
-    fused = plan(spec + " fuse" + (" pdlin" if torch.version.hip is None else ""))
-    assert fused.fuse
-    assert _same(kernel(**kw, plan=fused), kernel(**kw, plan=plan(spec)))
-    assert all(int(ring.abs().sum()) == 0 for ring, _ in _RINGS.values())
-
-
-def test_fused_counters(gen):
-    """Each fused launch takes the next slot of the device's zeroed block (launches that may
-    overlap use different counters); more T tiles than a slot holds get fresh zeros, and the
-    launch still gives the two launches' bits."""
-    from rocm_moe._gate_triton import RING_TILES, _counts, plan_from_spec
-    from rocm_moe._gate_triton import gate_route as kernel
-
-    a, b = _counts(DEVICE, 2), _counts(DEVICE, 2)
-    assert a.numel() == b.numel() == RING_TILES
-    assert a.data_ptr() != b.data_ptr()
-    assert _counts(DEVICE, RING_TILES + 1).numel() == RING_TILES + 1
-    cfg = RouterConfig(num_experts=16, top_k=2)
-    T = 16 * RING_TILES + 1
-    x = torch.randn(T, 32, generator=gen).to(DEVICE)
-    w = torch.randn(16, 32, generator=gen).to(DEVICE)
-
-    def plan(spec):
-        return plan_from_spec(spec, T, 16, 32, ieee_fp32=True, sms=8, amd=False)
-
-    kw = dict(x_TH=x, weight_EH=w, config=cfg)
-    assert _same(kernel(**kw, plan=plan("t16 e16 fuse rr16")), kernel(**kw, plan=plan("t16 e16")))
-
-
-def test_fused_rows_within_a_tile():
-    with pytest.raises(ValueError, match=r"route_rows.*32.*block_t=16"):
-        _plan("t16 rr32 fuse")
-    for spec in ("fuse pdl", "fuse rw2"):
-        with pytest.raises(ValueError, match=r"gate plan.*fuse is one launch"):
-            _plan(spec)
-    assert _plan("t16 rr32").route_rows == 32  # two launches: any rows per program
+    assert _same(kernel(**kw, plan=plan(spec)), kernel(**kw, plan=plan(spec + " rr1")))
 
 
 _PDL_PROBE = """
@@ -300,18 +249,16 @@ def test_gpu_pdl_refused_below_sm90(gen, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda" or torch.version.hip is not None,
                     reason="needs an NVIDIA GPU")
-def test_gpu_pdl_and_fused_same_bits_and_captured(gen):
-    """bf16 at DeepSeek-V3's size, T = 1 / 64 / 128: the PDL launch pair and the fused launch
-    give the plain pair's bits, eagerly and replayed (three times: the counters reset) from a
-    CUDA graph on new hidden states."""
+def test_gpu_pdl_same_bits_and_captured(gen):
+    """bf16 at DeepSeek-V3's size, T = 1 / 64 / 128: the PDL launch pairs give the plain pair's
+    bits, eagerly and replayed (three times) from a CUDA graph on new hidden states."""
     from rocm_moe._gate_triton import gate_route as kernel
 
     for T in (1, 64, 128):
         x, w, bias = _inputs(T, 7168, torch.bfloat16, gen)
         kw = dict(x_TH=x, weight_EH=w, config=DSV3, bias_E=bias)
         base = kernel(**kw, plan=_plan("t64 e64 s16", T))
-        for spec in ("t64 e64 s16 pdl", "t64 e64 s16 fuse", "t64 e64 s16 pdl pdlin",
-                     "t64 e64 s16 fuse pdlin"):
+        for spec in ("t64 e64 s16 pdl", "t64 e64 s16 pdl pdlin", "t64 e64 s16 pdl rr4"):
             plan = _plan(spec, T)
             assert _same(kernel(**kw, plan=plan), base), (T, spec)
             graph = torch.cuda.CUDAGraph()
