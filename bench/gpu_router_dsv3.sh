@@ -5,7 +5,7 @@
 # bits and the torch router, eager and CUDA-graph replayed (exit 1 on any failure), and times
 # gate + route,
 # the GEMM alone and the router alone for Qwen3-30B-A3B and DeepSeek-V3 at 1, 8, 64, 128 tokens
-# (26 plans), then prints the best plan per size; then bench/router.py's tables for both
+# (31 plans), then prints the best plan per size; then bench/router.py's tables for both
 # routers at 1, 8, 128 tokens with today's defaults. At most 150 s (105 + 40 s limits);
 # "tests" as a third argument adds the Triton gate's and router's GPU tests (150 s more).
 # Usage on the device machine, from the repository root:

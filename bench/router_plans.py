@@ -71,6 +71,7 @@ PLANS: dict[tuple[str, int], tuple[str, ...]] = {  # the missed target first
 SMOKE = {("deepseek-v3", 33): ("auto", "t64 e64 s4", "e32 rr4 rw2", "t16 e64 rr8"),
          ("qwen3-30b-a3b", 33): ("auto", "t64 e32 s2", "rr4")}
 
+
 def _case(name: str, T: int, device: torch.device, smoke: bool) -> dict:
     """bench/router.py's case (bf16); the smoke test's in float16 with H = 256 (the
     interpreter miscomputes bfloat16 and takes minutes at H = 7168)."""

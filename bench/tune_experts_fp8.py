@@ -3,7 +3,7 @@
 For every shape and size at once: whole-stage CUDA-graph replays (median, the benchmark's own
 measure) of the heuristic config, then of each GATE_UP candidate (BLOCK_M, gate/up tiles and
 the launch variants: tensor descriptors, scales loaded a step ahead, gate and up in one
-256-wide dot, warp specialisation, persistent and flattened tile loops; down at the
+256-wide dot, persistent and flattened tile loops; down at the
 heuristic's tiles for that BLOCK_M) on every size, then of each DOWN candidate with each
 size's best gate/up.
 Every candidate's output is checked against the FP8 torch reference (same quantisation) before

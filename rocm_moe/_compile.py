@@ -317,7 +317,8 @@ def _router(target: str) -> list[Launch]:
 
 def _splitk_router(target: str) -> list[Launch]:
     """``_routing_triton.splitk_route`` after the Triton gate GEMM (``_gate_triton``):
-    DeepSeek-V3 (float32 logits), Kimi K2 (384 experts, one group) and Qwen3 (bf16 logits)."""
+    DeepSeek-V3 (float32 logits), Kimi K2 (384 experts, one group) and Qwen3 (bf16 logits);
+    on sm_90 also as the TUNED plans launch it (PDL)."""
     from rocm_moe._routing_triton import launch_config
     from rocm_moe.routing import RouterConfig
 
@@ -327,18 +328,26 @@ def _splitk_router(target: str) -> list[Launch]:
                            ("qwen3", RouterConfig.qwen3_moe(), 1)):
         c, warps = launch_config(cfg, has_bias=cfg.scoring == "sigmoid",
                                  warp=TARGETS[target][2])
-        out.append(Launch(tuple(sorted({**c, "ROWS": 1, "ROUND": rnd, "PDL": False}.items())),
-                          warps, 1, name))
+        for pdl in (False, True) if target == "sm_90" else (False,):
+            out.append(Launch(tuple(sorted({**c, "ROWS": 1, "ROUND": rnd, "PDL": pdl}.items())),
+                              warps, 1, name + (" pdl" if pdl else "")))
     return out
 
 
 def _gate_gemm(target: str) -> list[Launch]:
     """``_gate_triton.gate_plan`` at 1-128 tokens and a 4096-token prefill for DeepSeek-V3's
     gate (E = 256, H = 7168, bf16; float32 operands too), Kimi K2's (E = 384) and Qwen3's
-    (E = 128, H = 2048) on the target's SM count."""
-    from rocm_moe._gate_triton import gate_plan
+    (E = 128, H = 2048) on the target's SM count; on sm_90 also the TUNED plans (bf16)."""
+    from rocm_moe._gate_triton import TUNED, gate_plan, plan_from_spec
 
     out = {}
+    if target == "sm_90":
+        for (E, H), entries in TUNED.items():
+            for T, spec in entries:
+                p = plan_from_spec(spec, T, E, H, ieee_fp32=False, sms=132, amd=False)
+                c = (("BLOCK_E", p.block_e), ("BLOCK_K", p.block_k), ("BLOCK_T", p.block_t),
+                     ("E", E), ("IEEE", False), ("PDL", p.pdl), ("PDL_IN", p.pdl_in))
+                out.setdefault((c, p.num_warps, p.num_stages), f"E={E} T={T} TUNED {spec}")
     for E, H in ((256, 7168), (384, 7168), (128, 2048)):
         for T in (1, 8, 33, 64, 128, 4096):
             for fp32 in (False, True):
@@ -437,17 +446,19 @@ _STREAM_PTRS = dict(x_ptr=lambda c: _fp8(c) if c["XFP8"] else "*bf16",
 
 
 def _stream(kernel: str) -> Callable[[str], list[Launch]]:
-    """``experts.triton_small_fp8``'s launches: each DEFAULTS entry at top-8 (gate/up on float
-    rows, quantised in the kernel, and on FP8Rows; down in both weight modes; both row bounds)
-    and its other FORM with the same tiles (float rows, weighted, unbounded)."""
+    """``experts.triton_small_fp8``'s launches: each DEFAULTS and TUNED entry at top-8 (gate/up
+    on float rows, quantised in the kernel, and on FP8Rows; down in both weight modes; both row
+    bounds) and its other FORM with the same tiles (float rows, weighted, unbounded)."""
     def launches(target: str) -> list[Launch]:
-        from rocm_moe.experts.triton_small_fp8 import DEFAULTS
+        from rocm_moe.experts.triton_small_fp8 import DEFAULTS, TUNED
 
         fnuz = target == "gfx942"
         quant = dict(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6, ROUND=False,
                      ACT_Q=True, K_TOPK=8)
         out = []
-        for bucket, cfg in DEFAULTS.items():
+        entries = [(bucket, cfg) for bucket, cfg in DEFAULTS.items()] + \
+            [(f"{shape} {bucket}", cfg) for shape, t in TUNED.items() for bucket, cfg in t.items()]
+        for bucket, cfg in entries:
             k = cfg[kernel]
             for form in ("slot", "row"):
                 cx = dict(quant, PER_ROW=form == "row", S=8 if form == "row" else 1,

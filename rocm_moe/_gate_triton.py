@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from rocm_moe._checks import error_message
-from rocm_moe._routing_triton import _grid_launch_dependents, _grid_wait
+from rocm_moe._routing_triton import ROWS_2_RULE, _grid_launch_dependents, _grid_wait
 
 
 @triton.jit(do_not_specialize=["T", "KB_PER_SPLIT"])
@@ -254,6 +254,9 @@ def _spec_fields(spec: str) -> dict:
             raise ValueError(error_message(
                 f"gate plan {name}", value, f"must be {'a power of two ' if pow2 else ''}"
                 f"in [{ok[0]}, {ok[1]}]", f"fix {PLAN_ENV} or the spec"))
+        if name == "route_rows" and value == 2:
+            raise ValueError(error_message("gate plan route_rows", 2, ROWS_2_RULE,
+                                           f"use rr1 or rr4 and up in {PLAN_ENV} or the spec"))
         fields[name] = value
     return fields
 

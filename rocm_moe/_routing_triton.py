@@ -198,7 +198,8 @@ def _router_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_t, eps, scale
     softmax's lanes are the flat ids). With TOPK_GROUP < N_GROUP the TOPK_GROUP groups with the
     largest top-2 sum of choice = score + bias are kept. BW: the largest power of two <= K_TOPK,
     K_POW2: the smallest >= it; WARP: the torch softmax's warp width (min(E_POW2, 32) on
-    NVIDIA, 64 on AMD). eps, scale: float32. A row's bits do not depend on ROWS.
+    NVIDIA, 64 on AMD). eps, scale: float32. A row's bits do not depend on ROWS (2 is refused:
+    miscompiled on an H100, ``ROWS_2_RULE``).
 
     Example: logits [[0, 0, log(2)]], softmax, K = 1, no normalisation -> w [[0.5]],
     ids [[2]]."""
@@ -410,16 +411,21 @@ def fused_route(*, logits_TE: torch.Tensor, config, bias_E: torch.Tensor | None 
     return RoutingResult(topk_weights=w, topk_ids=ids)
 
 
+# 2 rows per program: every row of DeepSeek-V3's grouped router came out wrong on an H100
+# (Triton 3.6), in both router kernels and with any warps; 1, 4, 8 and 16 rows, and the router
+# without groups, exact (bench/results/router_rows_h100.txt; other routers were not reached).
+ROWS_2_RULE = ("is refused: 2 rows per program routed every row of DeepSeek-V3's grouped router "
+               "wrongly on an H100 with Triton 3.6 (bench/results/router_rows_h100.txt)")
+
+
 def _launch(T: int, config, bias_E, device, warp: int | None, rows: int | None,
             num_warps: int | None = None):
     """What both router launches share: (the [T, K] float32 weights and int32 ids to fill, the
     grid, the launch keywords: rows per program, warps (``num_warps``: launch_config's where
     None), the config's constexprs, exact math)."""
     if rows == 2:
-        raise ValueError(error_message(
-            "router rows", rows, "is refused: Triton 3.6 on an H100 routes every row of a "
-            "grouped router wrongly with 2 rows per program (1, 4, 8, 16 exact; "
-            "bench/results/router_rows_h100.txt)", "use 1 or a power of two >= 4"))
+        raise ValueError(error_message("router rows", rows, ROWS_2_RULE,
+                                       "use 1 or a power of two >= 4"))
     K = config.top_k
     w = torch.empty(T, K, dtype=torch.float32, device=device)
     ids = torch.empty(T, K, dtype=torch.int32, device=device)

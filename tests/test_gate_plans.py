@@ -64,6 +64,18 @@ def test_bad_specs_refused(spec, match):
         _plan(spec)
 
 
+def test_two_router_rows_refused():
+    """2 rows per program (miscompiled on an H100): refused in a plan spec and by the router's
+    own launch, before anything runs."""
+    from rocm_moe._routing_triton import fused_route
+
+    with pytest.raises(ValueError, match=r"gate plan route_rows=2: is refused.*H100"):
+        _plan("t32 rr2")
+    with pytest.raises(ValueError, match=r"router rows=2: is refused.*1 or a power of two >= 4"):
+        fused_route(logits_TE=torch.zeros(3, 256, device=DEVICE), config=DSV3, rows=2)
+    assert _plan("t32 rr4").route_rows == 4
+
+
 def test_pdl_refused_on_amd():
     with pytest.raises(ValueError, match=r"pdl.*NVIDIA"):
         _plan("pdl", amd=True)
@@ -109,7 +121,7 @@ def test_router_launch_fields_change_no_bit(gen):
         os.environ[PLAN_ENV] = "t32 e32 s2 rr16"
         assert _same(kernel(**kw), base)
         os.environ[PLAN_ENV] = "t32 e32 s2 rr2"  # miscompiled on an H100 (Triton 3.6)
-        with pytest.raises(ValueError, match=r"router rows=2: is refused.*1 or a power of two"):
+        with pytest.raises(ValueError, match=r"gate plan route_rows=2: is refused.*rr1 or rr4"):
             kernel(**kw)
         os.environ[PLAN_ENV] = "t32 e32 s3"  # another split of H: another float32 order
         other = kernel(**kw)

@@ -51,12 +51,13 @@ from rocm_moe.weighting import ExpertsOutput
 
 CONFIG_ENV = "ROCM_MOE_FP8_SMALL_CONFIG"
 MAX_SLOTS_ENV = "ROCM_MOE_FP8_SMALL_MAX_SLOTS"
-# "auto" runs this path up to this many slots: 8 tokens x top-8. Measured on an H100 at
-# b13d4a4 (bench/results/fp8_small_sweep_h100.txt, every routing its own weights: no L2 reuse):
-# Qwen3-30B-A3B 22.1 / 94.8 us at 1 / 8 tokens against the grouped path's 34.9 / 111.2, behind
-# it from 16 tokens (161.1 vs 158.7); DeepSeek-V3 (32 local experts) 31.9 / 119.3 against
-# 49.7 / 120.4.
-FP8_SMALL_MAX_SLOTS = 64
+# "auto" runs this path up to this many slots: 8 tokens x top-8 on NVIDIA GPUs. Measured on an
+# H100 at b13d4a4 (bench/results/fp8_small_sweep_h100.txt, every routing its own weights: no L2
+# reuse): Qwen3-30B-A3B 22.1 / 94.8 us at 1 / 8 tokens against the grouped path's 34.9 / 111.2,
+# behind it from 16 tokens (161.1 vs 158.7); DeepSeek-V3 (32 local experts) 31.9 / 119.3
+# against 49.7 / 120.4. 0 on ROCm (the grouped path): never timed there, and Triton 3.6 spills
+# the per-row gate/up on gfx942 (tests/test_compile_targets.py).
+FP8_SMALL_MAX_SLOTS = 64 if torch.version.hip is None else 0
 FORMS = ("slot", "row")
 ACTS = ("fp8", "float")
 
@@ -79,6 +80,7 @@ DEFAULTS = {
 }
 # Per (H, I) where the sweep's best differs from DEFAULTS: DeepSeek-V3's one-token down.
 TUNED = {"7168x2048": {"8": _stream(("slot", 16, 512, 8, 3), ("slot", 16, 512, 4, 1))}}
+
 
 def _bad(field: str, value, rule: str):
     return ValueError(error_message(field, repr(value), rule,

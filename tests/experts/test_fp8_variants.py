@@ -346,14 +346,16 @@ def test_compile_list_takes_the_table_variants(monkeypatch):
     assert {c["WEIGHTED"] for c in dn} == {True, False}
 
 
-
 def _compile_sm_90(job):
     from rocm_moe import _compile
 
     cfg, name = job
     kernel = next(k for k in _compile.KERNELS if k.name == f"_fp8_{name}_kernel")
+    launches = {(la.constexprs, la.num_warps, la.num_stages): la
+                for la in _compile.fp8_launches(cfg, "sm_90", name)}
     try:
-        _compile.compile_one(kernel, "sm_90", _compile.fp8_launches(cfg, "sm_90", name)[0])
+        for launch in launches.values():  # both weight modes, persistent or not
+            _compile.compile_one(kernel, "sm_90", launch)
     except Exception as exc:  # reported with its variant below
         return f"{type(exc).__name__}: {str(exc)[:200]}"
     return None
