@@ -152,22 +152,12 @@ def _fp8_gate_up_kernel(
     scale group of each row). ``DESC``, ``FLATTEN``: the module's launch variants."""
     if PERSISTENT:  # the programs stride over the tiles in use (as _gate_up_kernel)
         n_tiles = _num_tiles(num_padded_ptr, I, BLOCK_M, BLOCK_N)
-        if FLATTEN:
-            for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=True):
-                _fp8_gate_up_tile(
-                    t, aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr,
-                    block_expert_ptr, N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as,
-                    stride_wn, stride_wse, stride_wsn, stride_ip, stride_is, UPCAST, PRECISE,
-                    FP8_MAX, ROUND, MIN_EXP, DESC, AHEAD, FUSED, BLOCK_M, BLOCK_N,
-                    BLOCK_K)
-        else:
-            for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-                _fp8_gate_up_tile(
-                    t, aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr,
-                    block_expert_ptr, N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as,
-                    stride_wn, stride_wse, stride_wsn, stride_ip, stride_is, UPCAST, PRECISE,
-                    FP8_MAX, ROUND, MIN_EXP, DESC, AHEAD, FUSED, BLOCK_M, BLOCK_N,
-                    BLOCK_K)
+        for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=FLATTEN):
+            _fp8_gate_up_tile(
+                t, aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr, block_expert_ptr,
+                N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as, stride_wn, stride_wse,
+                stride_wsn, stride_ip, stride_is, UPCAST, PRECISE, FP8_MAX, ROUND, MIN_EXP, DESC,
+                AHEAD, FUSED, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         _fp8_gate_up_tile(
             tl.program_id(0), aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr,
@@ -271,20 +261,12 @@ def _fp8_down_kernel(
     tiles. BLOCK_N: 16-128 (within one weight-scale block) or 256."""
     if PERSISTENT:  # the programs stride over the tiles in use (as _down_kernel)
         n_tiles = _num_tiles(num_padded_ptr, H, BLOCK_M, BLOCK_N)
-        if FLATTEN:
-            for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=True):
-                _fp8_down_tile(
-                    t, iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr,
-                    weight_ptr, N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn,
-                    stride_wse, stride_wsn, stride_os, WEIGHTED, UPCAST, PRECISE, DESC,
-                    AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
-        else:
-            for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-                _fp8_down_tile(
-                    t, iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr,
-                    weight_ptr, N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn,
-                    stride_wse, stride_wsn, stride_os, WEIGHTED, UPCAST, PRECISE, DESC,
-                    AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
+        for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=FLATTEN):
+            _fp8_down_tile(
+                t, iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr,
+                weight_ptr, N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn, stride_wse,
+                stride_wsn, stride_os, WEIGHTED, UPCAST, PRECISE, DESC, AHEAD, BLOCK_M, BLOCK_N,
+                BLOCK_K)
     else:
         _fp8_down_tile(
             tl.program_id(0), iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr,
