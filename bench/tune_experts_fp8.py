@@ -3,7 +3,7 @@
 For every shape and size at once: whole-stage CUDA-graph replays (median, the benchmark's own
 measure) of the heuristic config, then of each GATE_UP candidate (BLOCK_M, gate/up tiles and
 the launch variants: tensor descriptors, scales loaded a step ahead, gate and up in one
-256-wide dot, persistent and flattened tile loops; down at the
+256-wide dot, persistent tile loops; down at the
 heuristic's tiles for that BLOCK_M) on every size, then of each DOWN candidate with each
 size's best gate/up.
 Every candidate's output is checked against the FP8 torch reference (same quantisation) before
@@ -72,8 +72,7 @@ GATE_UP = [
     (128, _kernel(128, 8, 3, desc=False), {}),
     (128, _kernel(128, 8, 3, ahead=False), {}),
     (128, _kernel(128, 8, 4), {}),
-    (128, _kernel(128, 8, 3), {"persistent": True, "flatten": True, "programs_per_sm": 1}),
-    (64, _kernel(128, 4, 2), {"persistent": True, "flatten": True, "programs_per_sm": 2}),
+    (64, _kernel(128, 4, 2), {"persistent": True, "programs_per_sm": 2}),
     (64, _kernel(128, 8, 3), {}),
     (128, _kernel(128, 8, 2), {}),
     (64, _kernel(128, 4, 3), {}),
@@ -107,8 +106,7 @@ def _label(cfg: dict) -> str:
         flags = "".join(f for f, on in (("d", c.get("desc")), ("a", c.get("ahead")),
                                          ("f", c.get("fused"))) if on)
         return f"{c['BLOCK_N']}w{c['num_warps']}s{c['num_stages']}{flags}"
-    top = "".join(f for f, on in (("P", cfg.get("persistent")), ("F", cfg.get("flatten")))
-                  if on) + str(cfg.get("programs_per_sm", ""))
+    top = ("P" if cfg.get("persistent") else "") + str(cfg.get("programs_per_sm", ""))
     return f"M{cfg['BLOCK_M']} gu {k(cfg['gate_up'])} dn {k(cfg['down'])} {top}".rstrip()
     # (e.g. "M128 gu 128w8s3da dn 256w8s3da PF": descriptors, scales ahead, persistent, flat)
 

@@ -238,7 +238,7 @@ def fp8_launches(c: dict, target: str, kernel: str, origin: str = "config") -> l
     k = c["gate_up" if kernel == "gate_up" else "down"]
     cx = dict(BLOCK_K=k["BLOCK_K"], BLOCK_M=c["BLOCK_M"], BLOCK_N=k["BLOCK_N"],
               UPCAST=False, PRECISE=False, DESC=TARGETS[target][5] and bool(k.get("desc")),
-              AHEAD=bool(k.get("ahead")), FLATTEN=bool(c.get("flatten")))
+              AHEAD=bool(k.get("ahead")))
     if kernel == "gate_up":
         cx.update(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6,
                   ROUND=False, FUSED=bool(k.get("fused")))

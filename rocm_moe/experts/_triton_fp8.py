@@ -13,9 +13,7 @@ binade (124.3 -> 64 instead of 128); on GPUs the cast itself rounds (RNE, satura
 
 Launch variants (constexprs, chosen by the launch config; issue 31): ``DESC``: the weights (and
 the down GEMM's intermediate rows, which are contiguous per block) through tensor descriptors
-(TMA on Hopper; the gathered activation rows stay pointer loads); ``FLATTEN``: the persistent
-tile loop as ``tl.range(..., flatten=True)`` (tile epilogues overlapped with the next tile's
-loads); ``AHEAD``: each K
+(TMA on Hopper; the gathered activation rows stay pointer loads); ``AHEAD``: each K
 step's scales loaded one step ahead (Triton's pipeliner prefetches only the dot operands: the
 scale loads otherwise stall every step on their latency); ``FUSED`` (gate/up): the gate and up
 tiles as one [BLOCK_K, 256] operand and one dot (one MMA chain and one wait per K step instead
@@ -141,18 +139,17 @@ def _fp8_gate_up_kernel(
     UPCAST: tl.constexpr, PRECISE: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
     MIN_EXP: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DESC: tl.constexpr = False, FLATTEN: tl.constexpr = False,
-    AHEAD: tl.constexpr = False, FUSED: tl.constexpr = False,
+    DESC: tl.constexpr = False, AHEAD: tl.constexpr = False, FUSED: tl.constexpr = False,
 ):
     """iq[p], is[p] = quantise(silu(a[row(p)] @ gate[e].T) * (a[row(p)] @ up[e].T)) for the
     padded slot positions p of one block (one local expert e). ``aq`` [R, H] FP8 rows with
     ``as`` [R, N_KB] scales; ``w`` [e * 2I, H] FP8 (pointer, or with DESC a descriptor of
     [BLOCK_N, BLOCK_K] tiles) with ``ws`` [e, 2I/128, N_KB]; the intermediate ``iq`` [P, I] FP8
     with ``is`` [P, I/128] scales, quantised in the epilogue (BLOCK_N == 128: a tile is one
-    scale group of each row). ``DESC``, ``FLATTEN``: the module's launch variants."""
+    scale group of each row). ``DESC``, ``AHEAD``, ``FUSED``: the module's launch variants."""
     if PERSISTENT:  # the programs stride over the tiles in use (as _gate_up_kernel)
         n_tiles = _num_tiles(num_padded_ptr, I, BLOCK_M, BLOCK_N)
-        for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=FLATTEN):
+        for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             _fp8_gate_up_tile(
                 t, aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr, block_expert_ptr,
                 N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as, stride_wn, stride_wse,
@@ -252,8 +249,7 @@ def _fp8_down_kernel(
     stride_ip, stride_is, stride_wn, stride_wse, stride_wsn, stride_os,
     PERSISTENT: tl.constexpr, WEIGHTED: tl.constexpr, UPCAST: tl.constexpr, PRECISE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DESC: tl.constexpr = False, FLATTEN: tl.constexpr = False,
-    AHEAD: tl.constexpr = False,
+    DESC: tl.constexpr = False, AHEAD: tl.constexpr = False,
 ):
     """out[slot(p), n] = (d[p] @ down[e].T)[n] (times the slot's weight when WEIGHTED) with
     d = iq * is the FP8 intermediate; ``w`` [e * H, I] FP8, ``ws`` [e, ceil(H/128), I/128].
@@ -261,7 +257,7 @@ def _fp8_down_kernel(
     tiles. BLOCK_N: 16-128 (within one weight-scale block) or 256."""
     if PERSISTENT:  # the programs stride over the tiles in use (as _down_kernel)
         n_tiles = _num_tiles(num_padded_ptr, H, BLOCK_M, BLOCK_N)
-        for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=FLATTEN):
+        for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             _fp8_down_tile(
                 t, iq_ptr, is_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr,
                 weight_ptr, N_SLOTS, H, I, N_KB, stride_ip, stride_is, stride_wn, stride_wse,

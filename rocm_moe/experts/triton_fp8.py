@@ -143,14 +143,14 @@ def _args(block_m: int, kcfg: dict) -> dict:
 # ("gate_up" / "down") "desc" (weights, and the down GEMM's intermediate, through tensor
 # descriptors where ``tma_supported``), "ahead" (each K step's scales loaded one step ahead)
 # and, gate/up only, "fused" (gate and up tiles as one 256-wide dot; pointer loads); at the
-# top level
-# "persistent" (a persistent grid at any batch and BLOCK_M), "flatten" (its tile loop
-# flattened) and "programs_per_sm" (its programs per SM, default ``PROGRAMS_PER_SM``; 1 or 2
-# for tiles of which only one or two fit an SM); the last two need "persistent". No
-# warp-specialised K loop ("ws", ``tl.range(warp_specialize=True)``): Triton 3.6 and 3.9 fail to
-# compile it for sm_90 in either kernel, with or without descriptors (PassManager::run failed).
+# top level "persistent" (a persistent grid at any batch and BLOCK_M) and "programs_per_sm"
+# (its programs per SM, default ``PROGRAMS_PER_SM``; 1 or 2 for tiles of which only one or two
+# fit an SM; needs "persistent"). Removed on 2026-12-07: "ws" (a ``warp_specialize`` K loop:
+# Triton 3.6 and 3.9 fail to compile it for sm_90 in either kernel, with or without
+# descriptors, PassManager::run failed) and "flatten" (``tl.range(flatten=True)`` over the
+# tiles: the same sm_90 PTX as without it in both kernels, Triton 3.6 and 3.9).
 KERNEL_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "desc", "ahead", "fused")
-TOP_KEYS = ("BLOCK_M", "gate_up", "down", "persistent", "flatten", "programs_per_sm")
+TOP_KEYS = ("BLOCK_M", "gate_up", "down", "persistent", "programs_per_sm")
 
 
 def check_config(cfg: dict) -> None:
@@ -200,18 +200,16 @@ def check_config(cfg: dict) -> None:
     if bn not in (16, 32, 64, 128, 256):
         bad("config['down']['BLOCK_N']", bn, "must be 16, 32, 64, 128 (within one weight "
             "block) or 256 (two)", "pick one of those")
-    for k in ("flatten", "programs_per_sm"):
-        if k in cfg and not cfg.get("persistent"):
-            bad(f"config[{k!r}]", cfg[k], "sets the persistent launch",
-                f"set config['persistent'] = True too, or drop {k}")
+    if "programs_per_sm" in cfg and not cfg.get("persistent"):
+        bad("config['programs_per_sm']", cfg["programs_per_sm"], "sets the persistent launch",
+            "set config['persistent'] = True too, or drop programs_per_sm")
     pps = cfg.get("programs_per_sm", 1)
     if not isinstance(pps, int) or pps < 1:
         bad("config['programs_per_sm']", pps, "must be a positive int", "use 1, 2 or 4")
 
 
-def _variant_args(kcfg: dict, desc: bool, persistent_cfg: dict, *, gate_up: bool) -> dict:
-    out = dict(DESC=desc, AHEAD=bool(kcfg.get("ahead", False)),
-               FLATTEN=bool(persistent_cfg.get("flatten", False)))
+def _variant_args(kcfg: dict, desc: bool, *, gate_up: bool) -> dict:
+    out = dict(DESC=desc, AHEAD=bool(kcfg.get("ahead", False)))
     return dict(out, FUSED=bool(kcfg.get("fused", False))) if gate_up else out
 
 
@@ -340,7 +338,7 @@ class TritonFP8Experts(FP8Experts):
                 aq.stride(0), as_.stride(0), H, ws13.stride(0), ws13.stride(1), iq.stride(0),
                 is_.stride(0), UPCAST=upcast, PRECISE=self.precise, PERSISTENT=persistent,
                 FP8_MAX=fp8_max(rows.dtype),
-                **_rounding(rows.dtype), **_variant_args(gu, d13, cfg, gate_up=True),
+                **_rounding(rows.dtype), **_variant_args(gu, d13, gate_up=True),
                 **_args(cfg["BLOCK_M"], gu))
             want = tma and bool(dn.get("desc"))
             iq_op, d_iq = _operand(iq, [cfg["BLOCK_M"], BLOCK], want)
@@ -354,7 +352,7 @@ class TritonFP8Experts(FP8Experts):
                 layout.num_padded, layout.sentinel,
                 H, I, I // BLOCK, iq.stride(0), is_.stride(0), I, ws2.stride(0), ws2.stride(1),
                 out_slots.stride(0), PERSISTENT=persistent, WEIGHTED=weighted, UPCAST=upcast,
-                PRECISE=self.precise, **_variant_args(dn, d2, cfg, gate_up=False),
+                PRECISE=self.precise, **_variant_args(dn, d2, gate_up=False),
                 **_args(cfg["BLOCK_M"], dn))
         if weighted:
             out = torch.empty(R, H, dtype=out_dtype, device=dev)

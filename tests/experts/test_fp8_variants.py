@@ -1,5 +1,5 @@
 """The Triton FP8 experts' launch variants (issue 31: tensor descriptors, scales loaded a K step
-ahead, persistent and flattened tile loops, 256-wide down tiles), the
+ahead, persistent tile loops, 256-wide down tiles), the
 config checks and table, the tuner's candidate lists and correctness gate, and the benchmarks'
 FP8 ceiling.
 
@@ -33,15 +33,13 @@ from rocm_moe.experts.triton_fp8 import (  # noqa: E402
 )
 
 
-def _cfg(block_m, *, desc=False, ahead=False, down_n=128, persistent=False, flatten=False,
+def _cfg(block_m, *, desc=False, ahead=False, down_n=128, persistent=False,
          programs_per_sm=None):
     def k(bn):
         return dict(BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=2, desc=desc, ahead=ahead)
     cfg = dict(BLOCK_M=block_m, gate_up=k(128), down=k(down_n))
     if persistent:
         cfg["persistent"] = True
-    if flatten:
-        cfg["flatten"] = True
     if programs_per_sm:
         cfg["programs_per_sm"] = programs_per_sm
     return cfg
@@ -49,8 +47,8 @@ def _cfg(block_m, *, desc=False, ahead=False, down_n=128, persistent=False, flat
 
 VARIANTS = [
     pytest.param(_cfg(16, desc=True), id="M16_desc"),
-    pytest.param(_cfg(16, desc=True, down_n=256, persistent=True, flatten=True,
-                      programs_per_sm=1), id="M16_desc_dn256_persistent1_flatten"),
+    pytest.param(_cfg(16, desc=True, down_n=256, persistent=True, programs_per_sm=1),
+                 id="M16_desc_dn256_persistent1"),
     pytest.param(_cfg(32, ahead=True, down_n=256, persistent=True),
                  id="M32_ptr_ahead_dn256_persistent"),
     pytest.param(_cfg(64, desc=True, ahead=True, down_n=64), id="M64_desc_ahead_dn64"),
@@ -111,7 +109,8 @@ def test_heuristic_config_is_valid():
      r"config\['down'\]\['tma'\]=True: unknown key"),
     (dict(down=dict(_cfg(16)["down"], ws=True)),  # warp_specialize: sm_90 cannot compile it
      r"config\['down'\]\['ws'\]=True: unknown key"),
-    (dict(flatten=True), r"config\['flatten'\]=True: sets the persistent launch"),
+    (dict(persistent=True, flatten=True),  # the same PTX as without it: removed
+     r"config\['flatten'\]=True: unknown key"),
     (dict(programs_per_sm=1), r"config\['programs_per_sm'\]=1: sets the persistent launch"),
     (dict(persistent=True, programs_per_sm=0),
      r"config\['programs_per_sm'\]=0: must be a positive int"),
@@ -200,7 +199,7 @@ def test_tuner_flags_a_wrong_candidate_and_times_none(tuner, monkeypatch):
     assert bad["status"] == "WRONG"
     assert bad["rel_err"] == pytest.approx(0.05)
     assert len(timed) == 1
-    broken = tuner.measure(Case(), dict(_cfg(16), flatten=True), 20)  # refused config
+    broken = tuner.measure(Case(), dict(_cfg(16), programs_per_sm=1), 20)  # refused config
     assert broken["status"].startswith("ValueError")
 
 
@@ -327,10 +326,10 @@ def test_tuner_picks_the_fastest_correct_candidate(tuner, monkeypatch):
 
 def test_compile_list_takes_the_table_variants(monkeypatch):
     """A tuned sm_90 entry's variants reach the compile list (``_compile._fp8_experts``):
-    descriptors, scales ahead, fused gate/up, persistent + flattened at BLOCK_M 128."""
+    descriptors, scales ahead, fused gate/up, persistent at BLOCK_M 128."""
     from rocm_moe import _compile
 
-    entry = dict(_cfg(128, desc=True, ahead=True, down_n=256, persistent=True, flatten=True),
+    entry = dict(_cfg(128, desc=True, ahead=True, down_n=256, persistent=True),
                  programs_per_sm=1)
     entry["gate_up"] = dict(entry["gate_up"], desc=False, fused=True)
     device = _compile.TARGETS["sm_90"][3]
@@ -339,8 +338,8 @@ def test_compile_list_takes_the_table_variants(monkeypatch):
           if x.origin.startswith("table")]
     dn = [dict(x.constexprs) for x in _compile._fp8_experts("down")("sm_90")
           if x.origin.startswith("table")]
-    assert [(c["FUSED"], c["DESC"], c["AHEAD"], c["PERSISTENT"], c["FLATTEN"]) for c in gu] \
-        == [(True, False, True, True, True)]
+    assert [(c["FUSED"], c["DESC"], c["AHEAD"], c["PERSISTENT"]) for c in gu] \
+        == [(True, False, True, True)]
     assert {(c["BLOCK_N"], c["DESC"], c["AHEAD"], c["PERSISTENT"]) for c in dn} \
         == {(256, True, True, True)}
     assert {c["WEIGHTED"] for c in dn} == {True, False}
