@@ -4,8 +4,9 @@
 #   1. bench/gpu_router_dsv3.sh: the gate + router plans (the candidates for DeepSeek-V3's
 #      128-token miss; fills _gate_triton.TUNED)                                   <= 155 s
 #   2. rocm-moe bench decode, Qwen3-30B-A3B bf16 and block-FP8, 1 / 8 / 64 tokens, with the
-#      Triton gate (--fused-gate all): the layer targets (<= 40 us bf16, <= 25 us FP8 at one
-#      token; layer / experts <= 1.05 from 8 tokens)                           <= 90 s each
+#      Triton gate (--fused-gate all) and 16 token batches per graph (--batches: the experts'
+#      weights read from HBM, not left in L2 by the call before): the layer targets (<= 40 us
+#      bf16, <= 25 us FP8 at one token; layer / experts <= 1.05 from 8 tokens)  <= 90 s each
 #   3. the same for DeepSeek-V3 bf16 (all 256 experts on the GPU), 1 / 8 / 128 tokens <= 90 s
 #   4. rocm-moe bench decode --comm symm at capacity 128 vs 16384 with the kernel table (copies
 #      and memsets listed too): the capacity ratio (<= 1.1)                           <= 90 s
@@ -32,10 +33,12 @@ decode() {  # name, limit, then rocm-moe bench decode's flags
 
 echo "== 1. router plans (${SECONDS} s) =="
 timeout 155 bash bench/gpu_router_dsv3.sh "$OUT" "$TAG" | tail -16 || status=1
-decode decode_gate_qwen3_bf16 90 --model qwen3-30b-a3b --tokens 1 8 64 --fused-gate all
+decode decode_gate_qwen3_bf16 90 --model qwen3-30b-a3b --tokens 1 8 64 --fused-gate all \
+  --batches 16
 decode decode_gate_qwen3_fp8 90 --model qwen3-30b-a3b --format fp8 --tokens 1 8 64 \
-  --fused-gate all
-decode decode_gate_dsv3_bf16 90 --model deepseek-v3 --tokens 1 8 128 --fused-gate all
+  --fused-gate all --batches 16
+decode decode_gate_dsv3_bf16 90 --model deepseek-v3 --tokens 1 8 128 --fused-gate all \
+  --batches 16
 decode decode_symm_kernels 90 --model qwen3-30b-a3b --comm symm --max-tokens-per-rank 128 16384 \
   --tokens 1 8 --fused-gate all --kernel-table
 echo "== done in ${SECONDS} s, status ${status} =="

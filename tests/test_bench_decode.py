@@ -41,6 +41,8 @@ def test_smoke_run_writes_every_column(tmp_path):
     (["--format", "fp8", "--dtype", "float16"], "--format fp8"),
     (["--max-tokens-per-rank", "8", "16"], "--comm local"),
     (["--inner", "0"], "--inner"),
+    (["--batches", "21"], "--batches"),  # more than the graph's 20 calls
+    (["--batches", "0"], "--batches"),
 ])
 def test_bad_flags_refused(args, match, tmp_path):
     r = _bench(*args, tmp_path=tmp_path)
@@ -58,3 +60,46 @@ def test_experts_paths_give_a_row_set_each(tmp_path):
     rows = json.loads((tmp_path / "p.json").read_text())["summary"]
     assert [(row["path"], row["T"]) for row in rows] == [("small", 1), ("grouped", 1)]
     assert all(row["cap / first"] == 1.0 for row in rows)
+
+
+def test_batches_cycle_through_the_graph_calls(monkeypatch):
+    """--batches N: the timed calls take the N batches in turn (each its own routing), so a
+    graph of --inner calls reads other experts' weights call after call."""
+    import torch
+
+    from rocm_moe.benchmarks import decode
+
+    seen = []
+
+    class Layer:
+        weight_mode = "experts"
+
+        class dispatcher:
+            @staticmethod
+            def expert_map_on(dev):
+                return None
+
+        def route_tokens(self, x):
+            seen.append(("route", int(x[0, 0])))
+            return type("R", (), dict(topk_ids=x[:, :1].long(), topk_weights=x[:, :1]))()
+
+        def __call__(self, x):
+            seen.append(("layer", int(x[0, 0])))
+
+        def experts(self, x, ids, w, *rest, **kw):
+            assert int(ids[0, 0]) == int(x[0, 0])  # the batch's own routing
+            seen.append(("experts", int(x[0, 0])))
+
+        def expert_weights(self):
+            return ()
+
+    def timer(fn, device, inner):
+        return lambda: [fn() for _ in range(inner)] and 1e-6
+
+    monkeypatch.setattr(decode, "_timer", timer)
+    xs = [torch.full((1, 4), float(i)) for i in range(3)]
+    times, ids = decode._time_case(Layer(), xs, dict(inner=5, warmup=0, iters=1))
+    assert [int(i[0, 0]) for i in ids] == [0, 1, 2]
+    assert set(times) == {"layer", "router", "experts"}
+    for kind in ("layer", "experts"):
+        assert [b for k, b in seen if k == kind] == [0, 1, 2, 0, 1], kind

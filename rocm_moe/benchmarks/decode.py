@@ -15,7 +15,11 @@ tokens T (``--tokens``):
   for the layer's floor) / the device's copy rate measured in the same run (a graph-replayed
   device-to-device copy of 1 GiB, bytes read + written / time).
 Each graph holds ``--inner`` back-to-back calls; a replay is timed with CUDA events; the
-median over ``--iters`` replays (after ``--warmup``), in us per call. Columns ``layer /
+median over ``--iters`` replays (after ``--warmup``), in us per call. ``--batches N``: the
+calls cycle through N seeded token batches, each its own routing, so that consecutive calls
+read other experts' weights (from HBM: one Qwen3 token's 8 experts are 75 MB in bf16 and 38 MB
+in FP8, against an H100's 50 MB of L2, which one batch replayed keeps partly warm); the floor
+is then the mean over the batches. Columns ``layer /
 experts`` and ``experts / floor`` are the issue's ratios; ``cap / first`` is the layer's time
 over the same T at the first capacity of the run; ``kernels``: the GPU kernels one eager layer
 forward launches (torch.profiler; copies and memsets not counted; ``--kernel-table`` prints
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import statistics
 import time
 
@@ -145,16 +150,25 @@ def _is_copy(name: str) -> bool:
     return "memcpy" in name.lower() or "memset" in name.lower()
 
 
-def _time_case(layer, x: torch.Tensor, cfg: dict) -> tuple[dict, torch.Tensor]:
-    """us per call of the graph-replayed layer, router and experts on tokens x; the ids."""
-    dev = x.device
-    r = layer.route_tokens(x)
-    ids, w = r.topk_ids.to(torch.int32), r.topk_weights.float()
+def _time_case(layer, xs: list[torch.Tensor], cfg: dict) -> tuple[dict, list[torch.Tensor]]:
+    """us per call of the graph-replayed layer, router and experts, the calls cycling through
+    the token batches ``xs`` (a graph records each call's batch); each batch's ids."""
+    dev = xs[0].device
+    routes = [layer.route_tokens(x) for x in xs]
+    ids = [r.topk_ids.to(torch.int32) for r in routes]
+    ws = [r.topk_weights.float() for r in routes]
     emap = layer.dispatcher.expert_map_on(dev)
     weights = layer.expert_weights()
-    fns = {"layer": lambda: layer(x), "router": lambda: layer.route_tokens(x),
-           "experts": lambda: layer.experts(x, ids, w, *weights, emap,
-                                            weight_mode=layer.weight_mode, validate=False)}
+
+    def cycled(call):
+        turn = itertools.count()
+        return lambda: call(next(turn) % len(xs))
+
+    fns = {"layer": cycled(lambda i: layer(xs[i])),
+           "router": cycled(lambda i: layer.route_tokens(xs[i])),
+           "experts": cycled(lambda i: layer.experts(xs[i], ids[i], ws[i], *weights, emap,
+                                                     weight_mode=layer.weight_mode,
+                                                     validate=False))}
     return {k: _median_us(_timer(fn, dev, cfg["inner"]), cfg) for k, fn in fns.items()}, ids
 
 
@@ -169,10 +183,12 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
         for path in cfg["experts_path"]:
             layer = _layer(cfg, s, cap, info, dtype, path)
             for T in [t for t in cfg["tokens"] if t <= cap]:
-                x = syn.tokens(cfg["seed"], 0, T, s["hidden"]).to(dtype).to(dev)
-                times, ids = _time_case(layer, x, cfg)
-                floor = None if rate is None else _expert_bytes(layer, ids) / rate * 1e6
-                events = device_kernels(functools.partial(layer, x), dev)
+                xs = [syn.tokens(cfg["seed"] + i, 0, T, s["hidden"]).to(dtype).to(dev)
+                      for i in range(cfg["batches"])]
+                times, ids = _time_case(layer, xs, cfg)
+                floor = None if rate is None else \
+                    statistics.mean(_expert_bytes(layer, i) for i in ids) / rate * 1e6
+                events = device_kernels(functools.partial(layer, xs[0]), dev)
                 rows.append(dict(cap=cap, path=path, tokens=T,
                                  **{f"{k} us": v for k, v in times.items()},
                                  floor_us=floor, launches=None if events is None else
@@ -228,6 +244,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "time (one eager layer forward under torch.profiler; GPUs)")
     p.add_argument("--inner", type=argtypes.positive_int, default=20,
                    help="calls per CUDA graph")
+    p.add_argument("--batches", type=argtypes.positive_int, default=1,
+                   help="token batches the calls cycle through, each its own routing (at "
+                   "most --inner): N >= 2 reads the experts' weights from HBM, not L2")
     add_run_arguments(p)
     p.add_argument("--out", type=argtypes.output_dir, default="bench/results",
                    help="folder for the JSON")
@@ -242,6 +261,9 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--comm symm needs a GPU (torch symmetric memory)")
     if args.comm == "local" and len(args.max_tokens_per_rank) > 1:
         parser.error("--comm local has no buffers to size: pass one --max-tokens-per-rank")
+    if args.batches > args.inner:
+        parser.error(f"argument --batches: value={args.batches}: must be <= --inner="
+                     f"{args.inner} (a graph of --inner calls cycles through the batches)")
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -263,7 +285,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
              f"I={s['intermediate']} K={s['top_k']} {cfg['format']}, comm={cfg['comm']}, "
              f"router={'fused' if cfg['fused_router'] else 'torch'}, "
              f"gate={cfg.get('fused_gate') or 'default'}, "
-             + (f"CUDA-graph replay x{cfg['inner']}, median of {cfg['iters']}, copy rate "
+             + (f"CUDA-graph replay x{cfg['inner']} over {cfg['batches']} batch(es), median "
+                f"of {cfg['iters']}, copy rate "
                 f"{rate / 1e12:.2f} TB/s" if rate else "eager smoke run (no GPU)")
              + f", {device}")
     console = Console(width=220)
