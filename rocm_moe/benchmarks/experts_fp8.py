@@ -3,7 +3,10 @@ the bf16 Triton experts of the same shape beside them, all in one run on one GPU
 
 Whole stage (activation quantisation per 1x128 group, layout sort, both FP8 GEMMs with block
 scales, SiLU and the intermediate's quantisation, weighting, reduction) in "weighted" mode,
-timed as CUDA-graph replays (``triton.testing.do_bench_cudagraph``, median) after warm-up.
+timed as CUDA-graph replays (``triton.testing.do_bench_cudagraph``, median) after warm-up, the
+calls cycling through ``--batches`` routings (``benchmarks.experts.BATCHES``: one Qwen3
+token's FP8 experts, 38 MB, would otherwise stay in an H100's 50 MB L2); floor and counts are
+the routings' means.
 
 Floor = max(FP8 bytes / copy bandwidth, flops / FP8 matmul rate), both ceilings measured in
 the same run: a 1 GiB device-to-device copy (bytes read + written) and ``torch._scaled_mm`` of
@@ -28,11 +31,14 @@ import torch
 from rocm_moe._console import progress
 from rocm_moe.benchmarks import cell, write_json
 from rocm_moe.benchmarks.experts import (
+    BATCHES,
     SHAPES,
     _routing,
     ceiling_line,
     copy_rate,
     fp8_matmul_rates,
+    rotations,
+    touched_experts,
 )
 from rocm_moe.cli import argtypes
 from rocm_moe.experts.fp8 import FP8ReferenceExperts, quantize_experts
@@ -69,9 +75,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int],
-              paths: tuple[str, ...] = ("auto",), *, bf16: bool = True) -> list[dict]:
+              paths: tuple[str, ...] = ("auto",), *, bf16: bool = True,
+              batches: int = 1) -> list[dict]:
     """Rows of one shape: each size once per Triton experts ``path`` (auto, small, grouped);
-    ``bf16``: the bf16 Triton experts on the dequantised weights timed beside them."""
+    ``bf16``: the bf16 Triton experts on the dequantised weights timed beside them;
+    ``batches``: the timed calls cycle through that many routings (``rotations``)."""
     from triton.testing import do_bench_cudagraph
 
     gen = torch.Generator().manual_seed(0)
@@ -85,9 +93,8 @@ def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int],
         fw = quantize_experts(w13, w2, dtype=dt)
         d13, d2 = (t.bfloat16() for t in fw.dequantize(torch.float32))
         w13 = w2 = None
-        loc = emap.local_ids(ids)
-        pairs = int((loc >= 0).sum())
-        touched = int(loc[loc >= 0].unique().numel())
+        sets = [(x, ids, w)] + [_routing(shape, R, gen)[:3] for _ in range(batches - 1)]
+        pairs, touched = touched_experts(sets, emap)
         nbytes = touched * (fw.nbytes // e)
         flops = 2 * 3 * H * I * pairs
         floor = max(nbytes / (ceil["copy_GBps"] * 1e9),
@@ -97,14 +104,15 @@ def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int],
         for path in paths:
             fp8_ex, bf16_ex = TritonFP8Experts(path=path), TritonExperts(path=path)
 
-            def call_fp8(ex=fp8_ex, x=x, ids=ids, w=w, fw=fw, emap=emap):
+            def call_fp8(x, ids, w, ex=fp8_ex, fw=fw, emap=emap):
                 return ex(x, ids, w, fw.w13, fw.w2, emap, weight_mode="experts", validate=False)
 
-            def call_bf16(ex=bf16_ex, x=x, ids=ids, w=w, d13=d13, d2=d2, emap=emap):
+            def call_bf16(x, ids, w, ex=bf16_ex, d13=d13, d2=d2, emap=emap):
                 return ex(x, ids, w, d13, d2, emap, weight_mode="experts", validate=False)
 
-            out = call_fp8().out
-            t = do_bench_cudagraph(call_fp8, rep=200, return_mode="median") / 1e3
+            out = call_fp8(x, ids, w).out
+            t = do_bench_cudagraph(rotations(call_fp8, sets), rep=200,
+                                   return_mode="median") / 1e3
             row = dict(shape=name, path=path, rows=R, local_pairs=pairs,
                        experts_touched=touched, time_us=t * 1e6, floor_us=floor * 1e6,
                        time_over_floor=t / floor, bf16_time_us=None,
@@ -112,8 +120,9 @@ def run_shape(name: str, shape: dict, ceil: dict, sizes: list[int],
                        GBps=nbytes / t / 1e9, rel_err_vs_fp8_reference=_rel(out, ref),
                        rel_err_vs_bf16=None)
             if bf16:
-                out_bf16 = call_bf16().out
-                t_bf16 = do_bench_cudagraph(call_bf16, rep=200, return_mode="median") / 1e3
+                out_bf16 = call_bf16(x, ids, w).out
+                t_bf16 = do_bench_cudagraph(rotations(call_bf16, sets), rep=200,
+                                            return_mode="median") / 1e3
                 row.update(bf16_time_us=t_bf16 * 1e6, fp8_speedup_over_bf16=t_bf16 / t,
                            rel_err_vs_bf16=_rel(out, out_bf16))
             rows.append(row)
@@ -133,6 +142,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "small (no layout sort, experts/triton_small.py) or grouped")
     p.add_argument("--no-bf16", dest="bf16", action="store_false",
                    help="skip the bf16 Triton experts beside each row (half the run time)")
+    p.add_argument("--batches", type=argtypes.positive_int, default=BATCHES,
+                   help=f"routings the timed calls cycle through (default {BATCHES}: the "
+                   "experts' weights read from HBM, not left in L2 by the call before)")
     p.add_argument("--out", type=argtypes.output_dir, default="bench/results")
     p.add_argument("--name", type=argtypes.file_stem, default="experts_fp8")
 
@@ -151,7 +163,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     ceil = ceilings()
     rows = [r for name in args.shapes for r in run_shape(
         name, SHAPES[name], ceil, args.sizes or SHAPES[name]["sizes"], tuple(args.paths),
-        bf16=args.bf16)]
+        bf16=args.bf16, batches=args.batches)]
     table = Table(title=f"triton FP8 experts ({ceil['fp8_dtype']}), {device_description()}: "
                         f"{ceiling_line(ceil)}")
     for c in ("shape", "path", "rows", "time us", "floor us", "time/floor", "bf16 us", "bf16/fp8",

@@ -259,3 +259,40 @@ def test_bench_case_runs_in_the_interpreter(monkeypatch):
         row["experts_touched"] * per_expert / 1e12 * 1e6,
         2 * 3 * 256 * 128 * row["local_pairs"] / 100e12 * 1e6))
     assert row["rel_err_vs_fp8_reference"] < 1e-2  # bfloat16 output
+
+
+def test_bench_timed_calls_cycle_through_the_routings(monkeypatch):
+    """batches=3: the timed calls take three routings in turn (so the experts' weights come
+    from HBM on a GPU), and the floor counts their mean touched experts and pairs."""
+    import triton.testing
+
+    from rocm_moe.benchmarks import experts as be
+    from rocm_moe.benchmarks import experts_fp8 as b
+
+    if DEVICE.type == "cuda":
+        pytest.skip("the GPU runs the real benchmark")
+    seen = []
+
+    class Spy(b.TritonFP8Experts):
+        def __call__(self, x, ids, *args, **kwargs):
+            seen.append(ids.data_ptr())
+            return super().__call__(x, ids, *args, **kwargs)
+
+    def bench(fn, **kw):
+        seen.clear()
+        for _ in range(4):
+            fn()
+        return 1.0
+
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", bench)
+    monkeypatch.setattr(b, "_routing", lambda s, R, g: be._routing(s, R, g, device="cpu"))
+    monkeypatch.setattr(b, "TritonFP8Experts", Spy)
+    shape = dict(E=16, W=1, rank=0, H=256, I=128, K=2)
+    (row,) = b.run_shape("tiny", shape, dict(copy_GBps=1.0, fp8_matmul_TFLOPs=1e6), [1],
+                         bf16=False, batches=3)
+    assert len(set(seen[:3])) == 3  # three routings in turn
+    assert seen[3] == seen[0]
+    per_expert = 3 * 256 * 128 + 4 * (2 * 2 + 2 * 1)
+    assert row["floor_us"] == pytest.approx(row["experts_touched"] * per_expert / 1e9 * 1e6)
+    assert row["local_pairs"] == 2  # one token, two slots, every expert local
