@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 from pathlib import Path
 
@@ -17,6 +18,14 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def rotations(call, sets: list[tuple]):
+    """A callable that calls ``call(*sets[i])`` for i = 0, 1, 2, ... in turn: a CUDA graph of
+    several calls records each call's own set, so timed calls cycle through inputs that would
+    otherwise stay in the cache (decode and experts benchmarks' ``--batches``)."""
+    turn = itertools.count()
+    return lambda: call(*sets[next(turn) % len(sets)])
 
 
 NO_PLOT = "matplotlib is not installed: no plot (pip install 'rocm_moe[bench]')"

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import statistics
 import time
 
@@ -43,7 +42,7 @@ import torch.distributed as dist
 
 from rocm_moe import synthetic as syn
 from rocm_moe._console import progress
-from rocm_moe.benchmarks import print_rows, write_json
+from rocm_moe.benchmarks import print_rows, rotations, write_json
 from rocm_moe.benchmarks.layer import _router, add_run_arguments, add_shape_arguments, shape
 from rocm_moe.cli import argtypes
 from rocm_moe.distributed import WorkerInfo, launch
@@ -159,16 +158,13 @@ def _time_case(layer, xs: list[torch.Tensor], cfg: dict) -> tuple[dict, list[tor
     ws = [r.topk_weights.float() for r in routes]
     emap = layer.dispatcher.expert_map_on(dev)
     weights = layer.expert_weights()
-
-    def cycled(call):
-        turn = itertools.count()
-        return lambda: call(next(turn) % len(xs))
-
-    fns = {"layer": cycled(lambda i: layer(xs[i])),
-           "router": cycled(lambda i: layer.route_tokens(xs[i])),
-           "experts": cycled(lambda i: layer.experts(xs[i], ids[i], ws[i], *weights, emap,
-                                                     weight_mode=layer.weight_mode,
-                                                     validate=False))}
+    batches = [(x,) for x in xs]
+    fns = {"layer": rotations(layer, batches),
+           "router": rotations(layer.route_tokens, batches),
+           "experts": rotations(lambda x, i, w: layer.experts(x, i, w, *weights, emap,
+                                                              weight_mode=layer.weight_mode,
+                                                              validate=False),
+                                list(zip(xs, ids, ws, strict=True)))}
     return {k: _median_us(_timer(fn, dev, cfg["inner"]), cfg) for k, fn in fns.items()}, ids
 
 

@@ -28,14 +28,13 @@ path "auto" (its heuristic launch config) and "w8" (the same tiles on 8 warps, f
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 from pathlib import Path
 
 import torch
 
 from rocm_moe._console import progress
-from rocm_moe.benchmarks import NO_PLOT, cell, pyplot, write_json
+from rocm_moe.benchmarks import NO_PLOT, cell, pyplot, rotations, write_json
 from rocm_moe.cli import argtypes
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.experts.triton import TritonExperts
@@ -148,13 +147,6 @@ def _routing(shape: dict, rows: int, gen: torch.Generator, device: str = "cuda")
 
 
 BATCHES = 8  # routings the timed calls cycle through (``--batches``)
-
-
-def rotations(call, sets: list[tuple]):
-    """A callable that calls ``call(*sets[i])`` for i = 0, 1, 2, ... in turn (a CUDA graph of
-    several calls records each call's own set)."""
-    turn = itertools.count()
-    return lambda: call(*sets[next(turn) % len(sets)])
 
 
 def touched_experts(sets: list[tuple], emap) -> tuple[float, float]:

@@ -29,7 +29,7 @@ import argparse
 import torch
 
 from rocm_moe._console import progress
-from rocm_moe.benchmarks import cell, write_json
+from rocm_moe.benchmarks import cell, rotations, write_json
 from rocm_moe.benchmarks.experts import (
     BATCHES,
     SHAPES,
@@ -37,7 +37,6 @@ from rocm_moe.benchmarks.experts import (
     ceiling_line,
     copy_rate,
     fp8_matmul_rates,
-    rotations,
     touched_experts,
 )
 from rocm_moe.cli import argtypes
