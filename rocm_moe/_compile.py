@@ -340,22 +340,19 @@ def _gate_gemm(target: str) -> list[Launch]:
     (E = 128, H = 2048) on the target's SM count; on sm_90 also the TUNED plans (bf16)."""
     from rocm_moe._gate_triton import TUNED, gate_plan, plan_from_spec
 
+    amd = target == "gfx942"
+    plans = [(plan_from_spec(spec, T, E, H, ieee_fp32=False, sms=132, amd=False), E, False,
+              f"E={E} T={T} TUNED {spec}")
+             for (E, H), entries in TUNED.items() if target == "sm_90" for T, spec in entries]
+    plans += [(gate_plan(T, E, H, ieee_fp32=fp32, sms=304 if amd else 132, amd=amd), E, fp32,
+               f"E={E} T={T}")
+              for E, H in ((256, 7168), (384, 7168), (128, 2048))
+              for T in (1, 8, 33, 64, 128, 4096) for fp32 in (False, True)]
     out = {}
-    if target == "sm_90":
-        for (E, H), entries in TUNED.items():
-            for T, spec in entries:
-                p = plan_from_spec(spec, T, E, H, ieee_fp32=False, sms=132, amd=False)
-                c = (("BLOCK_E", p.block_e), ("BLOCK_K", p.block_k), ("BLOCK_T", p.block_t),
-                     ("E", E), ("IEEE", False), ("PDL", p.pdl), ("PDL_IN", p.pdl_in))
-                out.setdefault((c, p.num_warps, p.num_stages), f"E={E} T={T} TUNED {spec}")
-    for E, H in ((256, 7168), (384, 7168), (128, 2048)):
-        for T in (1, 8, 33, 64, 128, 4096):
-            for fp32 in (False, True):
-                p = gate_plan(T, E, H, ieee_fp32=fp32, sms=304 if target == "gfx942" else 132,
-                              amd=target == "gfx942")
-                c = (("BLOCK_E", p.block_e), ("BLOCK_K", p.block_k), ("BLOCK_T", p.block_t),
-                     ("E", E), ("IEEE", fp32), ("PDL", False), ("PDL_IN", False))
-                out.setdefault((c, p.num_warps, p.num_stages), f"E={E} T={T}")
+    for p, E, fp32, why in plans:
+        c = (("BLOCK_E", p.block_e), ("BLOCK_K", p.block_k), ("BLOCK_T", p.block_t), ("E", E),
+             ("IEEE", fp32), ("PDL", p.pdl), ("PDL_IN", p.pdl_in))
+        out.setdefault((c, p.num_warps, p.num_stages), why)
     return [Launch(c, w, s, why) for (c, w, s), why in out.items()]
 
 
@@ -456,7 +453,7 @@ def _stream(kernel: str) -> Callable[[str], list[Launch]]:
         quant = dict(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6, ROUND=False,
                      ACT_Q=True, K_TOPK=8)
         out = []
-        entries = [(bucket, cfg) for bucket, cfg in DEFAULTS.items()] + \
+        entries = list(DEFAULTS.items()) + \
             [(f"{shape} {bucket}", cfg) for shape, t in TUNED.items() for bucket, cfg in t.items()]
         for bucket, cfg in entries:
             k = cfg[kernel]
