@@ -69,15 +69,6 @@ def _gate_splitk_kernel(x_ptr, w_ptr, part_ptr, T, H, stride_xt, stride_we, KB_P
         _grid_wait()
     if PDL:
         _grid_launch_dependents()
-    _partial_tile(x_ptr, w_ptr, part_ptr, T, H, stride_xt, stride_we, KB_PER_SPLIT, E, BLOCK_T,
-                  BLOCK_E, BLOCK_K, IEEE)
-
-
-@triton.jit
-def _partial_tile(x_ptr, w_ptr, part_ptr, T, H, stride_xt, stride_we, KB_PER_SPLIT,
-                  E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    """``_gate_splitk_kernel``'s work for program (e tile, s, t tile): the partial stored."""
     pid_e = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)

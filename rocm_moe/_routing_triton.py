@@ -236,22 +236,8 @@ def _splitk_router_kernel(part_ptr, bias_ptr, logits_ptr, w_ptr, ids_ptr, T, S, 
     [[3, 5]], ids [[1]]."""
     if PDL:
         _grid_wait()
-    _splitk_rows(part_ptr, bias_ptr, logits_ptr, w_ptr, ids_ptr, tl.program_id(0) * ROWS, T, S,
-                 eps, scale, ROUND, SIGMOID, HAS_BIAS, NORM, K_TOPK, K_POW2, BW, N_GROUP,
-                 TOPK_GROUP, EPG, G_POW2, EPG_POW2, WARP, ROWS)
-
-
-@triton.jit
-def _splitk_rows(part_ptr, bias_ptr, logits_ptr, w_ptr, ids_ptr, row0, T, S, eps, scale,
-                 ROUND: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 NORM: tl.constexpr, K_TOPK: tl.constexpr, K_POW2: tl.constexpr,
-                 BW: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                 EPG: tl.constexpr, G_POW2: tl.constexpr, EPG_POW2: tl.constexpr,
-                 WARP: tl.constexpr, ROWS: tl.constexpr):
-    """``_splitk_router_kernel``'s rows [row0, row0 + ROWS): sum the S partials in order, round,
-    store the logits, route."""
     E: tl.constexpr = N_GROUP * EPG
-    row = row0 + tl.arange(0, ROWS)
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     live = row < T
     r3 = row[:, None, None].to(tl.int64)
     g = tl.arange(0, G_POW2)[None, :, None]
