@@ -28,6 +28,27 @@ rel_err = _sanity.rel_err
 TOL = _sanity.TOLERANCE
 
 
+def compile_in_workers(fn, jobs: list, workers: int) -> list:
+    """``fn`` over ``jobs`` in ``workers`` spawned processes that compile Triton kernels for
+    real: this session runs them under the interpreter (TRITON_INTERPRET=1 above turns
+    @triton.jit into a Python stand-in at import), and spawned workers start from this
+    environment, so it is switched off (and Triton's default FP fusion set) around the pool."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    os.environ.update(TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(fn, jobs))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     """A fresh seeded generator per test (the seed is in the failure's parameters)."""

@@ -11,9 +11,7 @@ once (Triton's cache makes reruns fast); the list of kernels is ``rocm_moe._comp
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -21,6 +19,7 @@ triton = pytest.importorskip("triton")
 
 from rocm_moe import _compile  # noqa: E402
 from rocm_moe.experts.triton import triton_version  # noqa: E402
+from tests.conftest import compile_in_workers  # noqa: E402
 
 
 def _has_backend(name: str) -> bool:
@@ -47,21 +46,7 @@ def compiled(request):
     if not _has_backend({"hip": "amd", "cuda": "nvidia"}[backend]):
         pytest.skip(f"this triton has no {backend} backend")
     jobs = [(target, i) for i in range(len(_compile.distinct_launches(target)))]
-    workers = max(1, min(8, (os.cpu_count() or 2)))
-    # Workers compile for real: the session runs kernels under the interpreter (conftest sets
-    # TRITON_INTERPRET=1, which turns @triton.jit into a Python stand-in at import); spawned
-    # workers start from this environment.
-    saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
-    os.environ.update(TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")  # 1: Triton's default
-    try:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rows = list(pool.map(_compile_row, jobs))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    rows = compile_in_workers(_compile_row, jobs, max(1, min(8, (os.cpu_count() or 2))))
     report = os.environ.get("ROCM_MOE_COMPILE_REPORT")
     lines = [r.row() + f" ({len(o)} uses)" if r else f"FAILED {err}" for r, o, err in rows]
     print("\n" + "\n".join(lines))

@@ -365,26 +365,17 @@ def test_every_variant_compiles_for_sm_90():
     any machine with the PyPI wheel: the interpreter ignores compile-only options (a
     ``warp_specialize`` K loop passed every CPU test here and failed to compile on the GPU).
     Spawned workers compile for real (this session's kernels are the interpreter's)."""
-    import multiprocessing
     import os
-    from concurrent.futures import ProcessPoolExecutor
 
     from triton.backends import backends
+
+    from tests.conftest import compile_in_workers
 
     if "nvidia" not in backends:
         pytest.skip("this triton has no NVIDIA backend")
     pairs = [(v, name) for v in VARIANTS for name in ("gate_up", "down")]
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        with ProcessPoolExecutor(min(4, os.cpu_count() or 2),
-                                 mp_context=multiprocessing.get_context("spawn")) as pool:
-            errors = list(pool.map(_compile_sm_90, [(v.values[0], n) for v, n in pairs]))
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+    errors = compile_in_workers(_compile_sm_90, [(v.values[0], n) for v, n in pairs],
+                                min(4, os.cpu_count() or 2))
     failed = [f"{v.id} {name}: {err}" for (v, name), err in zip(pairs, errors, strict=True)
               if err]
     assert not failed, "\n".join(failed)
