@@ -33,8 +33,9 @@ program; ``pdl`` (NVIDIA sm_90+: the router launched as a programmatic dependent
 ``griddepcontrol``, so its launch overlaps the GEMM); ``pdlin`` (the GEMM launched the same
 way behind whatever wrote x). The router's fields never change a bit; the GEMM's change only
 the order of the float32 additions. (A one-launch plan, the GEMM's last program per T tile
-routing its rows, measured 15-58 us against the two launches' 6.9-10.8 on an H100 and was
-removed: bench/results/router_plans_h100.txt.)
+routing its rows, measured 9.4-58.2 us for DeepSeek-V3 and 5.8-17.2 for Qwen3 at 1-128 tokens
+on an H100, against the best two launches' 6.9-8.3 and 4.6-5.6, and was removed:
+bench/results/router_plans_h100.txt.)
 """
 
 from __future__ import annotations

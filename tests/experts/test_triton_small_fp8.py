@@ -32,9 +32,9 @@ def _k(form, bn, bk, warps=4, prefetch=False):
 
 # (gate/up, down) forms: BLOCK_K 256 / 512 span several 128-groups (H = 200: a partial one),
 # 128 loops over two (with and without the next step's weights prefetched). Wide tiles for the
-# interpreter (few programs); on GPUs the defaults' widths (8-32), which compile in about a
-# second: a per-row [8, 128, 128] tile took 32 s to compile for sm_90 (Triton 3.6) and these
-# tests 40-173 s each on an H100 (bench/results/tests_gpu_b13d4a4_h100.txt).
+# interpreter (few programs); on GPUs the defaults' widths (8-32): with the interpreter's
+# 128-wide tiles (per-row [8, 128, 128]) these tests took 40-173 s each on an H100
+# (bench/results/tests_gpu_b13d4a4_h100.txt, its slowest durations).
 N = dict(slot=16, row=8, row_row=8) if GPU else dict(slot=128, row=128, row_row=32)  # BLOCK_N
 FORMS = {"slot_row": (_k("slot", N["slot"], 256), _k("row", N["row"], 128, prefetch=True)),
          "row_slot": (_k("row", N["row"], 128, prefetch=True), _k("slot", N["slot"], 256)),
