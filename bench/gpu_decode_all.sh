@@ -7,6 +7,8 @@
 #      Triton gate (--fused-gate all) and 16 token batches per graph (--batches: the experts'
 #      weights read from HBM, not left in L2 by the call before): the layer targets (<= 40 us
 #      bf16, <= 25 us FP8 at one token; layer / experts <= 1.05 from 8 tokens)  <= 90 s each
+#      FP8 again with the streaming experts' PDL launches (gate/up behind the router, down behind
+#      gate/up: ROCM_MOE_FP8_SMALL_CONFIG='{"PDL": true}') and the kernel table     <= 90 s
 #   3. the same for DeepSeek-V3 bf16 (all 256 experts on the GPU), 1 / 8 / 128 tokens <= 90 s
 #   4. rocm-moe bench decode --comm symm at capacity 128 vs 16384 with the kernel table (copies
 #      and memsets listed too): the capacity ratio (<= 1.1)                           <= 90 s
@@ -37,6 +39,8 @@ decode decode_gate_qwen3_bf16 90 --model qwen3-30b-a3b --tokens 1 8 64 --fused-g
   --batches 16
 decode decode_gate_qwen3_fp8 90 --model qwen3-30b-a3b --format fp8 --tokens 1 8 64 \
   --fused-gate all --batches 16
+ROCM_MOE_FP8_SMALL_CONFIG='{"PDL": true}' decode decode_gate_qwen3_fp8_pdl 90 \
+  --model qwen3-30b-a3b --format fp8 --tokens 1 8 64 --fused-gate all --batches 16 --kernel-table
 decode decode_gate_dsv3_bf16 90 --model deepseek-v3 --tokens 1 8 128 --fused-gate all \
   --batches 16
 decode decode_symm_kernels 90 --model qwen3-30b-a3b --comm symm --max-tokens-per-rank 128 16384 \

@@ -445,7 +445,8 @@ _STREAM_PTRS = dict(x_ptr=lambda c: _fp8(c) if c["XFP8"] else "*bf16",
 def _stream(kernel: str) -> Callable[[str], list[Launch]]:
     """``experts.triton_small_fp8``'s launches: each DEFAULTS and TUNED entry at top-8 (gate/up
     on float rows, quantised in the kernel, and on FP8Rows; down in both weight modes; both row
-    bounds) and its other FORM with the same tiles (float rows, weighted, unbounded)."""
+    bounds) and its other FORM with the same tiles (float rows, weighted, unbounded); on sm_90
+    also its FORM as a PDL launch."""
     def launches(target: str) -> list[Launch]:
         from rocm_moe.experts.triton_small_fp8 import DEFAULTS, TUNED
 
@@ -469,6 +470,10 @@ def _stream(kernel: str) -> Callable[[str], list[Launch]]:
                 out += [Launch(tuple(sorted({**cx, **v, "BOUNDED": b}.items())),
                                k["num_warps"], k["num_stages"], f"{bucket} slots {form}")
                         for v in extra for b in ((False, True) if form == k["FORM"] else (False,))]
+                if target == "sm_90" and form == k["FORM"]:  # (a config's PDL: NVIDIA only)
+                    pdl = {**cx, **extra[0], "BOUNDED": False, "PDL": True}
+                    out.append(Launch(tuple(sorted(pdl.items())), k["num_warps"],
+                                      k["num_stages"], f"{bucket} slots {form} pdl"))
         return out
     return launches
 

@@ -215,6 +215,13 @@ def _sm90(device: torch.device) -> bool:
         torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def pdl_supported(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can be programmatic dependent launches: compiled (not
+    Triton's interpreter) for an NVIDIA GPU of compute capability 9.0+."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1" and \
+        _sm90(device)
+
+
 _POW2_FIELDS = {"t": "block_t", "e": "block_e", "k": "block_k"}
 _INT_FIELDS = {"s": "splits", "w": "num_warps", "n": "num_stages", "rr": "route_rows",
                "rw": "route_warps"}

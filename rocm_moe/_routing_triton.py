@@ -230,12 +230,15 @@ def _splitk_router_kernel(part_ptr, bias_ptr, logits_ptr, w_ptr, ids_ptr, T, S, 
     rounded once to bfloat16 (ROUND = 1) or float16 (ROUND = 2) where the router's logits are
     in the model dtype (0: kept in float32), stored to ``logits`` [T, E] (its dtype; the
     layer's value checks read them), then routed as ``_router_kernel`` routes them. PDL: launched
-    with ``launch_pdl=True`` right behind the gate GEMM (NVIDIA): wait for it before the loads.
+    with ``launch_pdl=True`` right behind the gate GEMM (NVIDIA): wait for it before the loads;
+    then a kernel launched so behind this one (the small-batch experts) may start (it waits
+    for this grid before reading the routing).
 
     Example: part [[[1, 0]], [[2, 5]]] (S = 2, T = 1, E = 2), softmax, K = 1 -> logits
     [[3, 5]], ids [[1]]."""
     if PDL:
         _grid_wait()
+        _grid_launch_dependents()
     E: tl.constexpr = N_GROUP * EPG
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     live = row < T

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from rocm_moe._quant_triton import _to_fp8
+from rocm_moe._routing_triton import _grid_launch_dependents, _grid_wait
 from rocm_moe.experts._triton_small import _locals
 
 
@@ -118,7 +119,7 @@ def _stream_gate_up_kernel(
     K_TOPK: tl.constexpr, XFP8: tl.constexpr, ACT_Q: tl.constexpr, FP8_MAX: tl.constexpr,
     ROUND: tl.constexpr, MIN_EXP: tl.constexpr, BOUNDED: tl.constexpr, PER_ROW: tl.constexpr,
     S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """inter[slot, tile] = SiLU(a @ gate[e].T) * (a @ up[e].T) (float32) of the local slots;
     other slots' rows are not written. ``x`` [R, H] float rows, or FP8 (XFP8) with ``xs``
@@ -127,7 +128,12 @@ def _stream_gate_up_kernel(
     K_STEPS * BLOCK_K columns of H from sp times that and stores its gate and up partials (no
     SiLU) in planes 2 sp and 2 sp + 1 of ``inter`` [2 SPLIT, R * K, I] (``stride_ip``
     apart), which the down kernel adds up. Grid: (rows or slots expected, column tiles of I,
-    SPLIT)."""
+    SPLIT). PDL (NVIDIA sm_90+, compiled): launched with ``launch_pdl=True`` behind whatever
+    wrote its inputs (waits for it first), and lets the down kernel launched so behind it start
+    (it waits for this grid before reading ``inter``)."""
+    if PDL:
+        _grid_wait()
+        _grid_launch_dependents()
     n_rows = tl.load(num_rows_ptr) if BOUNDED else R
     n_slots = n_rows * K_TOPK
     n_units = n_rows if PER_ROW else n_slots
@@ -188,7 +194,7 @@ def _stream_down_kernel(
     K_TOPK: tl.constexpr, ACT_Q: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
     MIN_EXP: tl.constexpr, WEIGHTED: tl.constexpr, BOUNDED: tl.constexpr,
     PER_ROW: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
+    PREFETCH: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """y_slot = d_slot @ down[e].T for the local slots, d the float32 intermediate (ACT_Q:
     quantised per 1x128 group as it loads; SPLIT > 1: made from the gate/up kernel's split-K
@@ -197,7 +203,9 @@ def _stream_down_kernel(
     ([R, H], row stride ``stride_or``), else out[r, k] = y_k with exact zeros for other slots
     (``stride_or``, ``stride_ok``); per slot (S = 1): out[slot] = y (times its weight when
     WEIGHTED), rows of other slots not written (``stride_ok``: the slot row stride).
-    Grid: (rows or slots expected, column tiles of H)."""
+    Grid: (rows or slots expected, column tiles of H). PDL: launched with ``launch_pdl=True``
+    behind the gate/up kernel (its PDL): the ids (written before that kernel's own wait ended)
+    and the first weight tile (PREFETCH) load first, then it waits for ``inter``."""
     n_rows = tl.load(num_rows_ptr) if BOUNDED else R
     n_slots = n_rows * K_TOPK
     n_units = n_rows if PER_ROW else n_slots
@@ -216,6 +224,8 @@ def _stream_down_kernel(
         if tl.max(e, axis=0) >= 0:
             if PREFETCH:  # (as in the gate/up kernel)
                 b_n = _w_tile(w_ptr, rows_w, 0, wm, I, I, BLOCK_K)
+            if PDL:
+                _grid_wait()
             for k0 in range(0, I, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_ok = offs_k < I

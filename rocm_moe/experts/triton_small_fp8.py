@@ -95,6 +95,8 @@ def check_config(cfg: object) -> dict:
         raise _bad("config.kind", cfg.get("kind"), "must be 'stream'")
     if cfg.get("ACT") not in ACTS:
         raise _bad("config.ACT", cfg.get("ACT"), f"must be one of {list(ACTS)}")
+    if not isinstance(cfg.get("PDL", False), bool):
+        raise _bad("config.PDL", cfg.get("PDL"), "must be true or false")
     for stage in ("gate_up", "down"):
         k = cfg.get(stage)
         if not isinstance(k, dict):
@@ -184,6 +186,7 @@ def stream_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.T
     through ``triton_small.small_fp8_experts``): ``rows`` FP8Rows [R, H] or float rows [R, H];
     ``w13`` / ``w2`` BlockFP8Weights; ``config``: ``stream_config``'s form (default: by the
     slots expected). Returns [R, H] (``weighted``) or [R, K, H] in ``out_dtype``."""
+    from rocm_moe._gate_triton import pdl_supported
     from rocm_moe.experts import _triton_small as small_k
     from rocm_moe.experts import _triton_small_fp8 as k
     from rocm_moe.experts.triton_small import expected_rows_of
@@ -217,8 +220,10 @@ def stream_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.T
     nr = num_rows if bounded else ids
     ws13, ws2 = w13.scale_inv.contiguous(), w2.scale_inv.contiguous()
     w13q, w2q = w13.weight.contiguous(), w2.weight.contiguous()
+    pdl = cfg.get("PDL", False) and pdl_supported(dev)
     common = dict(ACT_Q=cfg["ACT"] == "fp8", FP8_MAX=fp8_max(w13.dtype),
-                  **fp8_rounding(w13.dtype), BOUNDED=bounded)
+                  **fp8_rounding(w13.dtype), BOUNDED=bounded, PDL=pdl)
+    extra = dict(launch_pdl=True) if pdl else {}
     split = gu.get("SPLIT", 1)  # split-K: gate and up partials per split, summed by the down
     inter = torch.empty(R * K, I, dtype=torch.float32, device=dev) if split == 1 else \
         torch.empty(2 * split, R * K, I, dtype=torch.float32, device=dev)
@@ -232,10 +237,10 @@ def stream_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.T
         K_TOPK=K, XFP8=xfp8, **common, PER_ROW=per_row, S=_lanes(K) if per_row else 1,
         SPLIT=split,
         BLOCK_N=gu["BLOCK_N"], BLOCK_K=gu["BLOCK_K"], PREFETCH=gu.get("PREFETCH", False),
-        num_warps=gu["num_warps"], num_stages=gu["num_stages"])
+        num_warps=gu["num_warps"], num_stages=gu["num_stages"], **extra)
     launch = dict(K_TOPK=K, **common, SPLIT=split, BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"],
                   PREFETCH=dn.get("PREFETCH", False), num_warps=dn["num_warps"],
-                  num_stages=dn["num_stages"])
+                  num_stages=dn["num_stages"], **extra)
     if row_down:
         k._stream_down_kernel[(expect, -(-H // dn["BLOCK_N"]))](
             inter, w2q, ws2, out, ids, emap, wts, nr, R, H, I, I, plane,

@@ -19,6 +19,7 @@ from tests.conftest import DEVICE, rel_err
 from tests.experts.test_triton_small import _fp8_case
 
 pytest.importorskip("triton")
+from rocm_moe._gate_triton import pdl_supported  # (needs triton)
 
 GPU = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if GPU else torch.float16
@@ -211,6 +212,8 @@ def test_environment_overrides(monkeypatch):
     assert stream.stream_config(8, hidden=2048, inter=768)["down"]["BLOCK_N"] == 4
     assert stream.stream_config(8, hidden=7168, inter=2048)["gate_up"]["SPLIT"] == 2
     assert stream.stream_config(8, hidden=64, inter=128) == stream.DEFAULTS["8"]  # another
+    monkeypatch.setenv(stream.CONFIG_ENV, json.dumps({"PDL": True}))
+    assert stream.stream_config(8) == dict(stream.DEFAULTS["8"], PDL=True)
     monkeypatch.setenv(stream.MAX_SLOTS_ENV, "16")
     assert stream.max_slots() == 16
     monkeypatch.delenv(stream.MAX_SLOTS_ENV)
@@ -224,7 +227,8 @@ def test_environment_overrides(monkeypatch):
     ('{"down": {"FORM": "expert"}}', r"down\.FORM"), ('{"ACT": "fp4"}', "ACT"),
     ('{"8": {"gate_up": {"num_warps": 3}}}', "num_warps"),
     ('{"down": {"PREFETCH": 1}}', r"down\.PREFETCH"),
-    ('{"gate_up": {"SPLIT": 0}}', r"gate_up\.SPLIT"), ('{"down": {"SPLIT": 2}}', r"down\.SPLIT")])
+    ('{"gate_up": {"SPLIT": 0}}', r"gate_up\.SPLIT"), ('{"down": {"SPLIT": 2}}', r"down\.SPLIT"),
+    ('{"PDL": 1}', r"config\.PDL")])
 def test_bad_config_refused(monkeypatch, env, match):
     monkeypatch.setenv(stream.CONFIG_ENV, env)
     with pytest.raises(ValueError, match=match):
@@ -294,3 +298,54 @@ def test_gpu_qwen3_shape_every_form_and_graph_replay(T, gen):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
+
+
+@pytest.mark.skipif(not GPU or not pdl_supported(DEVICE),
+                    reason="needs an NVIDIA GPU of compute capability 9.0+ (programmatic "
+                           "dependent launch)")
+@pytest.mark.parametrize("T", [1, 8])
+def test_gpu_pdl_launches_give_the_same_bits(T, gen):
+    """PDL (the down kernel a programmatic dependent of the gate/up kernel, which is one of
+    whatever ran before it): the bits of the plain launches in every form, both weight modes,
+    eager and in a CUDA graph of back-to-back calls on other routings, behind the gate +
+    router launched with PDL too (as a decode layer runs them)."""
+    from rocm_moe._gate_triton import gate_route, plan_from_spec
+    from rocm_moe.routing import RouterConfig
+
+    E, H, I, K = 128, 2048, 768, 8
+    cases = [_case(T, K, E, 1, H, I, "random", gen) for _ in range(3)]
+    fw, emap = cases[0][3], cases[0][4]
+    w13, w2, em = fw.w13.to(DEVICE), fw.w2.to(DEVICE), emap.to(DEVICE)
+    default = stream.stream_config(T * K)
+    cfgs = [default, dict(default, gate_up=dict(default["gate_up"], SPLIT=2, PREFETCH=True)),
+            dict(default, gate_up=_k("row", 16, 128, 8), down=_k("slot", 32, 256, 4))]
+    for mode in ("experts", "combine"):
+        for cfg in cfgs:
+            for x, ids, w, _, _ in cases:
+                args = (x.to(DEVICE), ids.to(DEVICE), w.to(DEVICE), w13, w2, em)
+                plain, pdl = (stream.stream_fp8_experts(
+                    *args, weighted=mode == "experts", out_dtype=torch.bfloat16,
+                    config=c).out for c in (cfg, dict(cfg, PDL=True)))
+                assert torch.equal(plain, pdl), (mode, cfg)
+    # a decode step's chain: gate GEMM -> router -> gate/up -> down, all PDL, in one graph
+    gate = torch.randn(E, H, generator=gen).to(torch.bfloat16).to(DEVICE)
+    router = RouterConfig(num_experts=E, top_k=K, scoring="softmax", norm_topk_prob=True)
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    plans = {pdl: plan_from_spec("pdl" if pdl else "auto", T, E, H, ieee_fp32=False, sms=sms,
+                                 amd=False) for pdl in (False, True)}
+    xs = [c[0].to(torch.bfloat16).to(DEVICE) for c in cases]
+
+    def step(x, pdl):
+        r, _ = gate_route(x_TH=x, weight_EH=gate, config=router, plan=plans[pdl])
+        return stream.stream_fp8_experts(x, r.topk_ids, r.topk_weights, w13, w2, em,
+                                         weighted=True, out_dtype=torch.bfloat16,
+                                         config=dict(default, PDL=pdl)).out
+    eager = [step(x, False).clone() for x in xs]
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        captured = [step(x, True) for x in xs]
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, eager, strict=True):
+        assert torch.equal(got, want)
