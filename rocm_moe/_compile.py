@@ -656,7 +656,10 @@ def compile_one(kernel: Kernel, target: str, launch: Launch) -> Compiled:
 
     module, name = kernel.path.split(":")
     fn = getattr(importlib.import_module(module), name)
-    constexprs = dict(launch.constexprs)
+    # a constexpr the launch leaves out takes its default, as a Python launch does (not a
+    # runtime argument: its branches would all be compiled)
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default},
+                  **dict(launch.constexprs)}
     backend, arch, warp = TARGETS[target][:3]
     sig = signature(fn, kernel, constexprs, target)
     attrs = aligned_attrs(fn, sig, kernel.aligned) if kernel.aligned else None
