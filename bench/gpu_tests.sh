@@ -14,7 +14,13 @@
 # every test that fails there is then rerun alone, serially, and both results are written.
 # LIMIT=S (environment): stop pytest with SIGINT after S seconds (it still prints its summary of
 # what ran) and list every test's result as it finishes (-v), so a run cut short by the
-# device's time still says which tests passed and failed; no serial rerun then.
+# device's time still says which tests passed and failed; no serial rerun then. The suite is
+# collected first, so a cut run also writes the ids it did not reach to
+# $OUT/tests_gpu_<tag>_unreached.txt and to /tmp/gpu_tests_unreached.txt (kept on the device
+# machine while it stays warm, for the next call).
+# ONLY=FILE (environment): run just the test ids listed in FILE, one a line (e.g.
+# ONLY=/tmp/gpu_tests_unreached.txt in a call chained to a cut one), spread test by test
+# (--dist load) under XDIST.
 set -uo pipefail
 OUT=${1:-${OUT:-bench/results}}
 TAG=${2:-h100}
@@ -32,25 +38,44 @@ if [ -n "$PART" ]; then
     if [ $(( i % N )) -eq $(( K - 1 )) ]; then TARGETS+=("${ALL[$i]}"); fi
   done
 fi
+if [ -n "${ONLY:-}" ]; then
+  mapfile -t TARGETS < "$ONLY"
+  FILE="$OUT/tests_gpu_${TAG}.txt"
+fi
+DIST=loadfile
+[ -n "${ONLY:-}" ] && DIST=load
 XARGS=()
 if [ -n "${XDIST:-}" ]; then
-  if python3 -c "import xdist" 2>/dev/null; then XARGS=(-n "$XDIST" --dist loadfile)
+  if python3 -c "import xdist" 2>/dev/null; then XARGS=(-n "$XDIST" --dist "$DIST")
   elif python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/execnet-*.whl .whl/pytest_xdist-*.whl
-  then export PYTHONPATH=/tmp/site:$PYTHONPATH; XARGS=(-n "$XDIST" --dist loadfile)
+  then export PYTHONPATH=/tmp/site:$PYTHONPATH; XARGS=(-n "$XDIST" --dist "$DIST")
   else echo "pytest-xdist did not install: running serially" | tee -a "$FILE"
   fi
 fi
 machine_info "$FILE"
-echo "== python3 -m pytest ${XARGS[*]} ${PART:+part $PART: }(this machine's torch)" \
-  "${TARGETS[*]} ==" | tee -a "$FILE"
+SHOWN="${TARGETS[*]}"
+[ -n "${ONLY:-}" ] && SHOWN="the ${#TARGETS[@]} ids in $ONLY"
+echo "== python3 -m pytest ${XARGS[*]} ${PART:+part $PART: }(this machine's torch) $SHOWN ==" \
+  | tee -a "$FILE"
 if [ -n "${LIMIT:-}" ]; then
+  COLLECTED=$(mktemp)
+  python3 -m pytest --collect-only -q -p no:cacheprovider "${TARGETS[@]}" 2>/dev/null \
+    | grep "::" | sort -u > "$COLLECTED"
   timeout -s INT -k 30 "$LIMIT" python3 -m pytest -v -p no:cacheprovider -rfEs --durations=15 \
     "${XARGS[@]}" "${TARGETS[@]}" >> "$FILE" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR) |\] (FAILED|ERROR) " "$FILE" | sort -u
   echo "passed so far: $(grep -c '\] PASSED ' "$FILE"), exit $rc (124 or 130: cut at ${LIMIT} s)"
   tail -n 1 "$FILE"
+  # the ids reported: "[gwN] [ p%] RESULT id" under xdist, "id RESULT [ p%]" without
+  R="(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)"
+  { grep -E "\] $R tests/" "$FILE" | sed -E "s/^.*\] $R //; s/ - .*$//"
+    grep -E "^tests/.* $R( |$)" "$FILE" | sed -E "s/ $R( .*)?$//"
+  } | sort -u | comm -23 "$COLLECTED" - > "$OUT/tests_gpu_${TAG}_unreached.txt"
+  cp "$OUT/tests_gpu_${TAG}_unreached.txt" /tmp/gpu_tests_unreached.txt
+  echo "unreached: $(wc -l < /tmp/gpu_tests_unreached.txt) of $(wc -l < "$COLLECTED") collected" \
+    "(ONLY=/tmp/gpu_tests_unreached.txt runs them)" | tee -a "$FILE"
   exit "$rc"
 fi
 python3 -m pytest -q -p no:cacheprovider -rfEs --durations=15 "${XARGS[@]}" "${TARGETS[@]}" \
