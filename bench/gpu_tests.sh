@@ -40,7 +40,7 @@ if [ -n "$PART" ]; then
 fi
 if [ -n "${ONLY:-}" ]; then
   mapfile -t TARGETS < "$ONLY"
-  FILE="$OUT/tests_gpu_${TAG}.txt"
+  if [ "${#TARGETS[@]}" -eq 0 ]; then echo "no test ids in $ONLY: nothing to run"; exit 0; fi
 fi
 DIST=loadfile
 [ -n "${ONLY:-}" ] && DIST=load
