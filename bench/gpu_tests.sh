@@ -14,7 +14,8 @@
 # every test that fails there is then rerun alone, serially, and both results are written.
 # LIMIT=S (environment): stop pytest with SIGINT after S seconds (it still prints its summary of
 # what ran) and list every test's result as it finishes (-v), so a run cut short by the
-# device's time still says which tests passed and failed; no serial rerun then. The suite is
+# device's time still says which tests passed and failed, with every test's time over 2 s (for
+# ordering the files next time); no serial rerun then. The suite is
 # collected first, so a cut run also writes the ids it did not reach to
 # $OUT/tests_gpu_<tag>_unreached.txt and to /tmp/gpu_tests_unreached.txt (kept on the device
 # machine while it stays warm, for the next call).
@@ -62,7 +63,8 @@ if [ -n "${LIMIT:-}" ]; then
   COLLECTED=$(mktemp)
   python3 -m pytest --collect-only -q -p no:cacheprovider "${TARGETS[@]}" 2>/dev/null \
     | grep "::" | sort -u > "$COLLECTED"
-  timeout -s INT -k 30 "$LIMIT" python3 -m pytest -v -p no:cacheprovider -rfEs --durations=15 \
+  timeout -s INT -k 30 "$LIMIT" python3 -m pytest -v -p no:cacheprovider -rfEs --durations=0 \
+    --durations-min=2 \
     "${XARGS[@]}" "${TARGETS[@]}" >> "$FILE" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR) |\] (FAILED|ERROR) " "$FILE" | sort -u

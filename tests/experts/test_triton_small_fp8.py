@@ -303,8 +303,7 @@ def test_gpu_qwen3_shape_every_form_and_graph_replay(T, gen):
 @pytest.mark.skipif(not GPU or not pdl_supported(DEVICE),
                     reason="needs an NVIDIA GPU of compute capability 9.0+ (programmatic "
                            "dependent launch)")
-@pytest.mark.parametrize("T", [1, 8])
-def test_gpu_pdl_launches_give_the_same_bits(T, gen):
+def test_gpu_pdl_launches_give_the_same_bits(gen):
     """PDL (the down kernel a programmatic dependent of the gate/up kernel, which is one of
     whatever ran before it): the bits of the plain launches in every form, both weight modes,
     eager and in a CUDA graph of back-to-back calls on other routings, behind the gate +
@@ -312,7 +311,8 @@ def test_gpu_pdl_launches_give_the_same_bits(T, gen):
     from rocm_moe._gate_triton import gate_route, plan_from_spec
     from rocm_moe.routing import RouterConfig
 
-    E, H, I, K = 128, 2048, 768, 8
+    # T = 8 passed as well (bench/results/tests_gpu_79f34e3_h100.txt), 78 s of compiles
+    T, E, H, I, K = 1, 128, 2048, 768, 8
     cases = [_case(T, K, E, 1, H, I, "random", gen) for _ in range(3)]
     fw, emap = cases[0][3], cases[0][4]
     w13, w2, em = fw.w13.to(DEVICE), fw.w2.to(DEVICE), emap.to(DEVICE)
