@@ -19,6 +19,8 @@
 # collected first, so a cut run also writes the ids it did not reach to
 # $OUT/tests_gpu_<tag>_unreached.txt and to /tmp/gpu_tests_unreached.txt (kept on the device
 # machine while it stays warm, for the next call).
+# ORDER_FROM=FILE (environment, with XDIST, whole suite): an earlier run's output whose test
+# times order the files, slowest first (default: the last committed H100 run).
 # ONLY=FILE (environment): run just the test ids listed in FILE, one a line (e.g.
 # ONLY=/tmp/gpu_tests_unreached.txt in a call chained to a cut one), spread test by test
 # (--dist load) under XDIST.
@@ -43,6 +45,23 @@ if [ -n "${ONLY:-}" ]; then
   mapfile -t TARGETS < "$ONLY"
   if [ "${#TARGETS[@]}" -eq 0 ]; then echo "no test ids in $ONLY: nothing to run"; exit 0; fi
 fi
+if [ -z "$PART" ] && [ -z "${ONLY:-}" ] && [ -n "${XDIST:-}" ]; then
+  # the whole suite, its slowest files first (the per-test times of ORDER_FROM, an earlier
+  # run's output): files are dealt to the workers in this order, so a long file no longer
+  # starts last and holds the run's end
+  mapfile -t TARGETS < <(python3 - "${ORDER_FROM:-bench/results/tests_gpu_79f34e3_h100.txt}" <<'PY'
+import collections, pathlib, re, sys
+weight = collections.Counter()
+path = pathlib.Path(sys.argv[1])
+for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+    m = re.match(r"\s*([\d.]+)s (?:call|setup|teardown)\s+(tests/\S+?\.py)::", line)
+    if m:
+        weight[m.group(2)] += float(m.group(1))
+files = sorted(str(p) for p in pathlib.Path("tests").rglob("test_*.py"))
+print(*sorted(files, key=lambda f: -weight[f]), sep="\n")  # (stable: the rest in order)
+PY
+)
+fi
 DIST=loadfile
 [ -n "${ONLY:-}" ] && DIST=load
 XARGS=()
@@ -57,6 +76,8 @@ fi
 machine_info "$FILE"
 SHOWN="${TARGETS[*]}"
 [ -n "${ONLY:-}" ] && SHOWN="the ${#TARGETS[@]} ids in $ONLY"
+[ -z "$PART" ] && [ -z "${ONLY:-}" ] && [ -n "${XDIST:-}" ] && \
+  SHOWN="the ${#TARGETS[@]} files of tests/, slowest first: ${TARGETS[*]:0:10} ..."
 echo "== python3 -m pytest ${XARGS[*]} ${PART:+part $PART: }(this machine's torch) $SHOWN ==" \
   | tee -a "$FILE"
 if [ -n "${LIMIT:-}" ]; then
