@@ -17,8 +17,8 @@
 # device's time still says which tests passed and failed, with every test's time over 2 s (for
 # ordering the files next time); no serial rerun then. The suite is
 # collected first, so a cut run also writes the ids it did not reach to
-# $OUT/tests_gpu_<tag>_unreached.txt and to /tmp/gpu_tests_unreached.txt (kept on the device
-# machine while it stays warm, for the next call).
+# $OUT/tests_gpu_<tag>[_KofN]_unreached.txt and to /tmp/gpu_tests_unreached.txt (kept on the
+# device machine while it stays warm, for the next call).
 # ORDER_FROM=FILE (environment, with XDIST, whole suite): an earlier run's output whose test
 # times order the files, slowest first (default: the last committed H100 run).
 # ONLY=FILE (environment): run just the test ids listed in FILE, one a line (e.g.
@@ -42,7 +42,8 @@ if [ -n "$PART" ]; then
   done
 fi
 if [ -n "${ONLY:-}" ]; then
-  mapfile -t TARGETS < "$ONLY"
+  [ -f "$ONLY" ] || { echo "ONLY=$ONLY: no such file (a cold machine lost /tmp)"; exit 2; }
+  mapfile -t TARGETS < <(grep -v '^[[:space:]]*$' "$ONLY")
   if [ "${#TARGETS[@]}" -eq 0 ]; then echo "no test ids in $ONLY: nothing to run"; exit 0; fi
 fi
 if [ -z "$PART" ] && [ -z "${ONLY:-}" ] && [ -n "${XDIST:-}" ]; then
@@ -82,23 +83,21 @@ echo "== python3 -m pytest ${XARGS[*]} ${PART:+part $PART: }(this machine's torc
   | tee -a "$FILE"
 if [ -n "${LIMIT:-}" ]; then
   COLLECTED=$(mktemp)
-  python3 -m pytest --collect-only -q -p no:cacheprovider "${TARGETS[@]}" 2>/dev/null \
-    | grep "::" | sort -u > "$COLLECTED"
+  python3 -m pytest --collect-only -q -p no:cacheprovider "${TARGETS[@]}" > "$COLLECTED" 2>&1 \
+    || echo "collection: exit $? (its errors: $COLLECTED)" | tee -a "$FILE"
   timeout -s INT -k 30 "$LIMIT" python3 -m pytest -v -p no:cacheprovider -rfEs --durations=0 \
     --durations-min=2 \
     "${XARGS[@]}" "${TARGETS[@]}" >> "$FILE" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR) |\] (FAILED|ERROR) " "$FILE" | sort -u
-  echo "passed so far: $(grep -c '\] PASSED ' "$FILE"), exit $rc (124 or 130: cut at ${LIMIT} s)"
+  echo "passed so far: $(grep -cE '\] PASSED |^tests/.* PASSED' "$FILE"), exit $rc" \
+    "(124 or 130: cut at ${LIMIT} s)"
   tail -n 1 "$FILE"
-  # the ids reported: "[gwN] [ p%] RESULT id" under xdist, "id RESULT [ p%]" without
-  R="(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)"
-  { grep -E "\] $R tests/" "$FILE" | sed -E "s/^.*\] $R //; s/ - .*$//"
-    grep -E "^tests/.* $R( |$)" "$FILE" | sed -E "s/ $R( .*)?$//"
-  } | sort -u | comm -23 "$COLLECTED" - > "$OUT/tests_gpu_${TAG}_unreached.txt"
-  cp "$OUT/tests_gpu_${TAG}_unreached.txt" /tmp/gpu_tests_unreached.txt
-  echo "unreached: $(wc -l < /tmp/gpu_tests_unreached.txt) of $(wc -l < "$COLLECTED") collected" \
-    "(ONLY=/tmp/gpu_tests_unreached.txt runs them)" | tee -a "$FILE"
+  UNREACHED="${FILE%.txt}_unreached.txt"
+  python3 bench/tests_unreached.py "$COLLECTED" "$FILE" > "$UNREACHED"
+  cp "$UNREACHED" /tmp/gpu_tests_unreached.txt
+  echo "unreached: $(grep -c . "$UNREACHED") of $(grep -c '::' "$COLLECTED") collected" \
+    "(ONLY=/tmp/gpu_tests_unreached.txt runs them; bench/tests_unreached.py)" | tee -a "$FILE"
   exit "$rc"
 fi
 python3 -m pytest -q -p no:cacheprovider -rfEs --durations=15 "${XARGS[@]}" "${TARGETS[@]}" \
