@@ -131,7 +131,7 @@ def _stream_gate_up_kernel(
     SPLIT). PDL (NVIDIA sm_90+, compiled): launched with ``launch_pdl=True`` behind whatever
     wrote its inputs (waits for it first), and lets the down kernel launched so behind it start
     (it waits for this grid before reading ``inter``)."""
-    if PDL:
+    if PDL:  # wait first: the down kernel, launched by the next line, reads the ids unwaited
         _grid_wait()
         _grid_launch_dependents()
     n_rows = tl.load(num_rows_ptr) if BOUNDED else R
@@ -204,8 +204,10 @@ def _stream_down_kernel(
     (``stride_or``, ``stride_ok``); per slot (S = 1): out[slot] = y (times its weight when
     WEIGHTED), rows of other slots not written (``stride_ok``: the slot row stride).
     Grid: (rows or slots expected, column tiles of H). PDL: launched with ``launch_pdl=True``
-    behind the gate/up kernel (its PDL): the ids (written before that kernel's own wait ended)
-    and the first weight tile (PREFETCH) load first, then it waits for ``inter``."""
+    behind the gate/up kernel (its PDL): the ids, the map and num_rows load first, then the
+    first weight tile (PREFETCH), then it waits for ``inter``. Reading the ids before the wait
+    is safe only because gate/up lets this grid launch after its own wait (so whatever wrote
+    the ids has finished): keep that order there."""
     n_rows = tl.load(num_rows_ptr) if BOUNDED else R
     n_slots = n_rows * K_TOPK
     n_units = n_rows if PER_ROW else n_slots
@@ -256,3 +258,5 @@ def _stream_down_kernel(
         else:
             tl.store(out_ptr + s64[:, None] * stride_ok + offs_n[None, :],
                      acc.to(out_ptr.dtype.element_ty), mask=ok[:, None] & n_ok[None, :])
+    if PDL:  # (every program waits, those without a local slot too: the grid then ends only
+        _grid_wait()  # after gate/up's, whatever the kernels behind it assume)

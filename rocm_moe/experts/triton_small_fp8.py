@@ -64,6 +64,8 @@ MAX_SLOTS_ENV = "ROCM_MOE_FP8_SMALL_MAX_SLOTS"
 FP8_SMALL_MAX_SLOTS = 64 if torch.version.hip is None else 0
 FORMS = ("slot", "row")
 ACTS = ("fp8", "float")
+TOP_KEYS = {"kind", "ACT", "PDL", "gate_up", "down"}
+STAGE_KEYS = {"FORM", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "PREFETCH", "SPLIT"}
 
 
 def _stream(gate_up: tuple, down: tuple) -> dict:
@@ -97,6 +99,9 @@ def check_config(cfg: object) -> dict:
         raise _bad("config", cfg, "must be a dict")
     if cfg.get("kind") != "stream":
         raise _bad("config.kind", cfg.get("kind"), "must be 'stream'")
+    extra = sorted(set(cfg) - TOP_KEYS)
+    if extra:
+        raise _bad(f"config.{extra[0]}", cfg[extra[0]], f"is not a key (keys: {sorted(TOP_KEYS)})")
     if cfg.get("ACT") not in ACTS:
         raise _bad("config.ACT", cfg.get("ACT"), f"must be one of {list(ACTS)}")
     if not isinstance(cfg.get("PDL", False), bool):
@@ -105,6 +110,10 @@ def check_config(cfg: object) -> dict:
         k = cfg.get(stage)
         if not isinstance(k, dict):
             raise _bad(f"config.{stage}", k, "must be a dict")
+        extra = sorted(set(k) - STAGE_KEYS)
+        if extra:
+            raise _bad(f"config.{stage}.{extra[0]}", k[extra[0]],
+                       f"is not a key (keys: {sorted(STAGE_KEYS)})")
         if k.get("FORM") not in FORMS:
             raise _bad(f"config.{stage}.FORM", k.get("FORM"), f"must be one of {list(FORMS)}")
         if k.get("BLOCK_K") not in (128, 256, 512):

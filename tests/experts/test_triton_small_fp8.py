@@ -228,7 +228,8 @@ def test_environment_overrides(monkeypatch):
     ('{"8": {"gate_up": {"num_warps": 3}}}', "num_warps"),
     ('{"down": {"PREFETCH": 1}}', r"down\.PREFETCH"),
     ('{"gate_up": {"SPLIT": 0}}', r"gate_up\.SPLIT"), ('{"down": {"SPLIT": 2}}', r"down\.SPLIT"),
-    ('{"PDL": 1}', r"config\.PDL")])
+    ('{"PDL": 1}', r"config\.PDL"), ('{"pdl": true}', r"config\.pdl=True: is not a key"),
+    ('{"down": {"PDL": true}}', r"config\.down\.PDL=True: is not a key")])
 def test_bad_config_refused(monkeypatch, env, match):
     monkeypatch.setenv(stream.CONFIG_ENV, env)
     with pytest.raises(ValueError, match=match):
@@ -306,8 +307,9 @@ def test_gpu_qwen3_shape_every_form_and_graph_replay(T, gen):
 def test_gpu_pdl_launches_give_the_same_bits(gen):
     """PDL (the down kernel a programmatic dependent of the gate/up kernel, which is one of
     whatever ran before it): the bits of the plain launches in every form, both weight modes,
-    eager and in a CUDA graph of back-to-back calls on other routings, behind the gate +
-    router launched with PDL too (as a decode layer runs them)."""
+    W = 1 and a rank of 4 (a token without a local slot; capacity-sized rows), eager and in a
+    CUDA graph of back-to-back calls on other routings, behind the gate + router launched
+    with PDL too (as a decode layer runs them)."""
     from rocm_moe._gate_triton import gate_route, plan_from_spec
     from rocm_moe.routing import RouterConfig
 
@@ -316,17 +318,30 @@ def test_gpu_pdl_launches_give_the_same_bits(gen):
     cases = [_case(T, K, E, 1, H, I, "random", gen) for _ in range(3)]
     fw, emap = cases[0][3], cases[0][4]
     w13, w2, em = fw.w13.to(DEVICE), fw.w2.to(DEVICE), emap.to(DEVICE)
+    # EP: the last of 4 ranks (32 local experts, other ranks' slots and -1 skipped), a token
+    # with no local slot (no down program reaches the loop's wait), capacity-sized rows
+    x4, ids4, w4, fw4, emap4 = _case(6, K, E, 4, H, I, "random", gen)
+    ep = [(x4[:1], ids4[:1], w4[:1], None),
+          (x4[:1], torch.randperm(E // 4, generator=gen)[:K].view(1, K).to(torch.int32),
+           w4[:1], None),
+          (x4, torch.where(torch.arange(6)[:, None] < 4, ids4, -1), w4,
+           torch.tensor([4], dtype=torch.int32, device=DEVICE))]
     default = stream.stream_config(T * K)
     cfgs = [default, dict(default, gate_up=dict(default["gate_up"], SPLIT=2, PREFETCH=True)),
             dict(default, gate_up=_k("row", 16, 128, 8), down=_k("slot", 32, 256, 4))]
+    runs = [(x, ids, w, None, (w13, w2, em)) for x, ids, w, _, _ in cases] + \
+        [(x, ids, w, n, (fw4.w13.to(DEVICE), fw4.w2.to(DEVICE), emap4.to(DEVICE)))
+         for x, ids, w, n in ep]
     for mode in ("experts", "combine"):
         for cfg in cfgs:
-            for x, ids, w, _, _ in cases:
-                args = (x.to(DEVICE), ids.to(DEVICE), w.to(DEVICE), w13, w2, em)
+            for x, ids, w, n, experts in runs:
+                args = (x.to(DEVICE), ids.to(DEVICE), w.to(DEVICE), *experts)
+                bound = {} if n is None else dict(num_rows=n, expected_rows=2)
                 plain, pdl = (stream.stream_fp8_experts(
-                    *args, weighted=mode == "experts", out_dtype=torch.bfloat16,
-                    config=c).out for c in (cfg, dict(cfg, PDL=True)))
-                assert torch.equal(plain, pdl), (mode, cfg)
+                    *args, weighted=mode == "experts", out_dtype=torch.bfloat16, config=c,
+                    **bound).out for c in (cfg, dict(cfg, PDL=True)))
+                rows = slice(None) if n is None else slice(0, 4)  # (rows past num_rows: unset)
+                assert torch.equal(plain[rows], pdl[rows]), (mode, cfg, n)
     # a decode step's chain: gate GEMM -> router -> gate/up -> down, all PDL, in one graph
     gate = torch.randn(E, H, generator=gen).to(torch.bfloat16).to(DEVICE)
     router = RouterConfig(num_experts=E, top_k=K, scoring="softmax", norm_topk_prob=True)
