@@ -18,18 +18,17 @@ their grids sized by ``expected_rows``. Sums are float32 per element (``precise`
 construction; ``upcast`` does not apply: no tl.dot).
 
 Config (``stream_config``): ``{"kind": "stream", "ACT": "fp8" | "float", "PDL": bool,
-"gate_up": {FORM, BLOCK_N, BLOCK_K, num_warps, num_stages, PREFETCH}, "down": {the same}}``;
-BLOCK_K 128, 256 or
-512 (whole 1x128 groups), BLOCK_N a power of two dividing 128 (a tile inside one weight block),
-gate/up SPLIT (default 1) split-K over H (partials summed by the down kernel), PREFETCH
-(default false) the next K step's weights loaded before this step's sums (twice the
-bytes in flight a thread, but 190-220 registers instead of 80-130 on sm_90 compiled offline:
-fewer programs per SM; the sweep times both); top-level PDL (default false; NVIDIA sm_90+,
-compiled, ignored elsewhere: the bits do not depend on it) launches gate/up as a programmatic
-dependent of the kernel before it (the router's, which lets it start early) and down of
-gate/up, whose programs load their ids and first weight tile before waiting for the
-intermediate. The environment overrides the defaults without a code change
-(``bench/gpu_fp8_decode.sh`` prints the lines to set):
+"gate_up": {FORM, BLOCK_N, BLOCK_K, num_warps, num_stages, PREFETCH}, "down": {the same}}``
+(other keys refused); BLOCK_K 128, 256 or 512 (whole 1x128 groups), BLOCK_N a power of two
+dividing 128 (a tile inside one weight block), gate/up SPLIT (default 1) split-K over H
+(partials summed by the down kernel), PREFETCH (default false) the next K step's weights
+loaded before this step's sums (twice the bytes in flight a thread, but 190-220 registers
+instead of 80-130 on sm_90 compiled offline: fewer programs per SM; the sweep times both);
+top-level PDL (default false; NVIDIA sm_90+, compiled, ignored elsewhere: the bits do not
+depend on it) launches gate/up as a programmatic dependent of the kernel before it (the
+router's, which lets it start early) and down of gate/up, whose programs load their ids and
+first weight tile before waiting for the intermediate. The environment overrides the
+defaults without a code change (``bench/gpu_fp8_decode.sh`` prints the lines to set):
   ROCM_MOE_FP8_SMALL_CONFIG     JSON: one config for every size, or {"<slots>": config, ...}
                                 (the entry of the smallest key >= the batch's slots, else the
                                 largest), either of them per shape as {"<H>x<I>": ...} (other
