@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Issue 31: the block-FP8 grouped GEMM's launch variants on one GPU (H100 expected; ~3 min).
 # Usage on the device machine, from the repository root:  bash bench/gpu_fp8_gemm.sh "$OUT"
+#  0. bench/gluon_fp8_probe.py (<= 90 s): a dense block-scaled FP8 GEMM in Gluon with each K
+#     step's promotion overlapped with the next MMA (and drained, as Triton does), checked
+#     against a float32 reference, TFLOP/s beside torch._scaled_mm's: is the overlap worth a
+#     grouped kernel? Writes $OUT/gluon_fp8_probe.txt;
 #  1. bench/tune_experts_fp8.py at Qwen3 4096 / 16384 tokens and DeepSeek-V3 8192 rows: every
 #     candidate (<= 24) checked against the FP8 reference (WRONG rows fail the run) and timed:
 #     us, TFLOP/s, time/floor, the torch._scaled_mm FP8 ceiling measured in the run; the best
@@ -18,6 +22,11 @@ mkdir -p "$OUT"
 source bench/gpu_env.sh
 machine_info "$OUT/machine_fp8_gemm.txt"
 status=0
+SECONDS=0
+echo "== 0. Gluon probe: async-wgmma promotion overlapped with the next MMA, vs drained =="
+timeout 90 python3 bench/gluon_fp8_probe.py --sizes 4096 8192 2>&1 | grep -v -i warn \
+  | tee "$OUT/gluon_fp8_probe.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || echo "gluon probe: failed or cut (not counted in the status)"
 SECONDS=0
 echo "== 1. sweep =="
 python3 bench/tune_experts_fp8.py --table "$OUT/triton_fp8_configs.json" \
