@@ -150,3 +150,26 @@ def test_amd_heuristic_defaults():
         assert amd["BLOCK_M"] == nv["BLOCK_M"] == block_m
         assert amd["gate_up"]["num_stages"] == 2
         assert nv["gate_up"]["num_stages"] == 3
+
+
+def test_gluon_fp8_probe_builds_for_sm_90():
+    """bench/gluon_fp8_probe.py (issue 31's measurement of a promotion overlapped with the next
+    async wgmma) builds for sm_90 with this Triton: the overlapped variant keeps one wgmma
+    group in flight (``wgmma.wait_group 1``), the drained one does not; neither spills."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not _has_backend("nvidia"):
+        pytest.skip("this triton has no nvidia backend")
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, str(root / "bench" / "gluon_fp8_probe.py"),
+                          "--compile"], capture_output=True, text=True, env=env, timeout=600,
+                         check=True, cwd=root).stdout
+    rows = {line.split(":")[0]: line for line in out.splitlines() if ": " in line}
+    assert "wait_group.sync.aligned 1" in rows["overlap"], out
+    assert "wait_group.sync.aligned 1" not in rows["drain"], out
+    assert all(" 0 B local" in rows[v] for v in ("overlap", "drain")), out
