@@ -5,9 +5,12 @@ In Triton (``experts/_triton_fp8.py``) every K step's ``tl.dot`` is waited for a
 (``warp_group_dot_wait {pendings = 0}``): the rescale drains the wgmma pipeline, and the best
 FP8 stages run at 455-575 TFLOP/s against ``torch._scaled_mm``'s 1416 on an H100
 (bench/results/tune_experts_fp8_variants_h100.txt). Gluon (Triton 3.6+) exposes the async
-wgmma and its wait: here step k's MMA is issued into a fresh accumulator, then step k - 1's
-product is waited for with one MMA still in flight (``warpgroup_mma_wait(1)``) and promoted
-while step k runs (OVERLAP), against waiting for every step (OVERLAP off: what Triton does).
+wgmma and its wait: here K steps go in pairs, each MMA into a fresh accumulator; step k's
+product is waited for with step k + 1's MMA still in flight (``warpgroup_mma_wait(1)``) and
+promoted while it runs, then step k + 1's (OVERLAP: half the promotions hidden), against
+waiting for every step (OVERLAP off: what Triton does). Pairs, not a rolling one-step lag:
+ptxas serialises every wgmma of a loop that carries one in flight across its back edge
+(warning C7514; the SASS check of ``--compile`` reports it).
 
 The kernel: C[M, N] (bf16) = sum_kb (A[:, kb] @ B[:, kb].T) * sa[:, kb] * sb[n // 128, kb]
 (A [M, K] FP8 with 1x128 row scales sa [M, K/128], B [N, K] FP8 with 128x128 block scales
@@ -16,7 +19,8 @@ NVMMA shared memory by cp.async (pointer loads, as the gathered rows of the expe
 GEMM must be: Hopper's TMA has no row gather), STAGES deep, 8 warps (BLOCK_M 128).
 
 Usage:
-  python3 bench/gluon_fp8_probe.py --compile      (any machine: the sm_90 build, registers)
+  python3 bench/gluon_fp8_probe.py --compile      (any machine: the sm_90 build, registers,
+      whether ptxas serialised the wgmmas)
   python3 bench/gluon_fp8_probe.py [--sizes 4096 8192]   (an sm_90 GPU: checks each variant
       against a float32 reference, then times OVERLAP on / off and torch._scaled_mm's rate)
 Not used by the package: a measurement for the next kernel, nothing else imports it.
@@ -77,6 +81,9 @@ def fp8_block_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
                           STAGES: gl.constexpr, OVERLAP: gl.constexpr,
                           num_warps: gl.constexpr):
     BK: gl.constexpr = 128
+    gl.static_assert(BLOCK_N == 128)  # (one weight-scale block a tile)
+    gl.static_assert(STAGES >= 3)
+    gl.static_assert(NKB >= 1)
     off_m = gl.program_id(0) * BLOCK_M
     off_n = gl.program_id(1) * BLOCK_N
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -86,38 +93,58 @@ def fp8_block_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
     a_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BK], a_layout)
     b_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, BK], b_layout)
     rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
-    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
-    for i in gl.static_range(STAGES - 1):  # prologue: STAGES - 1 steps in flight
+    da = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)  # products' registers (their
+    db = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)  # values unused: use_acc=False)
+    for i in gl.static_range(STAGES - 1):  # prologue: steps 0 .. STAGES - 2 in flight
         _load_stage(a_ptr, b_ptr, a_smem, b_smem, i, i, off_m, off_n, M, N, K,
                     BLOCK_M, BLOCK_N, BK, num_warps)
-    # step 0's MMA (its product carried into the loop, which promotes step kb - 1 each turn)
-    async_copy.wait_group(STAGES - 2)
-    fence_async_shared()
-    tok = warpgroup_mma(a_smem.index(0), b_smem.index(0).permute((1, 0)), zero, use_acc=False,
-                        is_async=True)
-    if not OVERLAP:
-        tok = warpgroup_mma_wait(num_outstanding=0, deps=(tok, ))
-    _load_stage(a_ptr, b_ptr, a_smem, b_smem, (STAGES - 1) % STAGES, STAGES - 1, off_m, off_n,
-                M, N, K, BLOCK_M, BLOCK_N, BK, num_warps)
-    for kb in range(1, NKB):
-        s = kb % STAGES
-        async_copy.wait_group(STAGES - 2)  # step kb's tiles have landed
-        fence_async_shared()
-        nxt = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), zero,
-                            use_acc=False, is_async=True)
-        if OVERLAP:  # step kb - 1's product, step kb still running
-            prev = warpgroup_mma_wait(num_outstanding=1, deps=(tok, ))
-        else:
-            nxt = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, ))
-            prev = tok
-        acc = _promote(acc, prev, as_ptr, bs_ptr, rows, kb - 1, off_n, M, NKB, BLOCK_N)
-        # the stage step kb - 1 read is free: step kb - 1 + STAGES loads into it
-        _load_stage(a_ptr, b_ptr, a_smem, b_smem, (kb - 1) % STAGES, kb - 1 + STAGES, off_m,
-                    off_n, M, N, K, BLOCK_M, BLOCK_N, BK, num_warps)
-        tok = nxt
-    last = warpgroup_mma_wait(num_outstanding=0, deps=(tok, ))
-    acc = _promote(acc, last, as_ptr, bs_ptr, rows, NKB - 1, off_n, M, NKB, BLOCK_N)
+    if OVERLAP:
+        # steps in pairs, nothing in flight at the loop's back edge (ptxas serialises every
+        # wgmma of a loop that carries one in flight across it: warning C7514): issue kb and
+        # kb + 1, promote kb while kb + 1 runs, then promote kb + 1
+        for kb in range(0, NKB - 1, 2):
+            s0 = kb % STAGES
+            s1 = (kb + 1) % STAGES
+            async_copy.wait_group(STAGES - 2)  # step kb's tiles have landed
+            fence_async_shared()
+            ta = warpgroup_mma(a_smem.index(s0), b_smem.index(s0).permute((1, 0)), da,
+                               use_acc=False, is_async=True)
+            async_copy.wait_group(STAGES - 3)  # step kb + 1's
+            fence_async_shared()
+            tb = warpgroup_mma(a_smem.index(s1), b_smem.index(s1).permute((1, 0)), db,
+                               use_acc=False, is_async=True)
+            pa = warpgroup_mma_wait(num_outstanding=1, deps=(ta, ))
+            acc = _promote(acc, pa, as_ptr, bs_ptr, rows, kb, off_n, M, NKB, BLOCK_N)
+            # step kb - 1's stage (retired by the last pair's wait) takes step kb + STAGES - 1
+            _load_stage(a_ptr, b_ptr, a_smem, b_smem, (kb + STAGES - 1) % STAGES,
+                        kb + STAGES - 1, off_m, off_n, M, N, K, BLOCK_M, BLOCK_N, BK, num_warps)
+            pb = warpgroup_mma_wait(num_outstanding=0, deps=(tb, ))
+            acc = _promote(acc, pb, as_ptr, bs_ptr, rows, kb + 1, off_n, M, NKB, BLOCK_N)
+            _load_stage(a_ptr, b_ptr, a_smem, b_smem, s0, kb + STAGES, off_m, off_n, M, N, K,
+                        BLOCK_M, BLOCK_N, BK, num_warps)
+            da = pa
+            db = pb
+        if NKB % 2 == 1:  # the last step alone
+            s = (NKB - 1) % STAGES
+            async_copy.wait_group(STAGES - 2)
+            fence_async_shared()
+            t = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), da,
+                              use_acc=False, is_async=True)
+            p = warpgroup_mma_wait(num_outstanding=0, deps=(t, ))
+            acc = _promote(acc, p, as_ptr, bs_ptr, rows, NKB - 1, off_n, M, NKB, BLOCK_N)
+    else:  # drained: every step's MMA waited for at once, then promoted (as Triton's tl.dot)
+        for kb in range(0, NKB):
+            s = kb % STAGES
+            async_copy.wait_group(STAGES - 2)
+            fence_async_shared()
+            t = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), da,
+                              use_acc=False, is_async=True)
+            p = warpgroup_mma_wait(num_outstanding=0, deps=(t, ))
+            acc = _promote(acc, p, as_ptr, bs_ptr, rows, kb, off_n, M, NKB, BLOCK_N)
+            _load_stage(a_ptr, b_ptr, a_smem, b_smem, (kb + STAGES - 1) % STAGES,
+                        kb + STAGES - 1, off_m, off_n, M, N, K, BLOCK_M, BLOCK_N, BK, num_warps)
+            da = p
     async_copy.wait_group(0)
     cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
     ptrs = c_ptr + gl.expand_dims(rows.to(gl.int64) * N, 1) + gl.expand_dims(cols, 0)
@@ -129,13 +156,44 @@ CONFIGS = {"overlap": dict(STAGES=4, OVERLAP=True), "drain": dict(STAGES=4, OVER
 
 
 def run(a, sa, b, sb, cfg: dict) -> torch.Tensor:
+    """C = the block-scaled product (bf16). a [M, K], b [N, K] float8_e4m3fn contiguous; sa
+    [M, K/128], sb [N/128, K/128] float32 contiguous; K and N multiples of 128."""
     M, K = a.shape
     N = b.shape[0]
+    fp8 = torch.float8_e4m3fn
+    if not (a.dtype == b.dtype == fp8 and a.is_contiguous() and b.is_contiguous()):
+        raise TypeError(f"a, b: {a.dtype}, {b.dtype}: must be contiguous {fp8}")
+    if K % BLOCK_K or N % 128 or K < BLOCK_K or b.shape[1] != K:
+        raise ValueError(f"(M, N, K) = {(M, N, K)}: K and N must be multiples of 128")
+    want = {"sa": (M, K // BLOCK_K), "sb": (N // 128, K // BLOCK_K)}
+    for name, t in (("sa", sa), ("sb", sb)):
+        if tuple(t.shape) != want[name] or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"{name}: {tuple(t.shape)} {t.dtype}: must be {want[name]} float32, "
+                             "contiguous")
     c = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
     grid = (triton.cdiv(M, 128), triton.cdiv(N, 128))
     fp8_block_gemm_kernel[grid](a, sa, b, sb, c, M, N, K, NKB=K // BLOCK_K, BLOCK_M=128,
                                 BLOCK_N=128, num_warps=8, **cfg)
     return c
+
+
+def _wgmma_sass(cubin: bytes) -> dict:
+    """The wgmma waits of a cubin's SASS (nvdisasm of the wheel): ptxas may serialise the
+    wgmmas (warning C7514) whatever the PTX asked: then every wait is ``gsb0, 0x0``, no
+    QGMMA chained without its own wait, and no MMA overlaps anything."""
+    import re
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([triton.knobs.nvidia.nvdisasm.path, "-c", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    mma = re.findall(r"[QH]GMMA\.[^;]*;", sass)
+    waits = sorted(set(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", sass)))
+    chained = sum("gsb0" not in m for m in mma)
+    return dict(waits=waits, serialised=bool(mma) and chained == 0 and waits == ["0x0"])
 
 
 def compile_sm90() -> int:
@@ -156,9 +214,10 @@ def compile_sm90() -> int:
         from rocm_moe._compile import _cubin_usage
 
         regs, local = _cubin_usage(k.asm["cubin"])
-        waits = sorted({ln.strip() for ln in k.asm["ptx"].splitlines() if "wgmma.wait_group" in ln})
+        sass = _wgmma_sass(k.asm["cubin"])
         print(f"{name}: {regs} registers, {local} B local (spills), shared "
-              f"{k.metadata.shared} B; waits {waits}")
+              f"{k.metadata.shared} B; SASS wgmma waits {sass['waits']}, "
+              f"serialised {sass['serialised']}")
     return 0
 
 
@@ -206,7 +265,17 @@ def main() -> int:
     gen = torch.Generator(device=dev).manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     bad = 0
-    for n in (256, *args.sizes):
+    # checked only: odd and even K-step counts (the pair loop's tail), M and N not equal, M not
+    # a multiple of the tile
+    for M, N, K in ((128, 128, 128), (200, 256, 384), (256, 384, 640), (130, 256, 1024)):
+        a, sa, b, sb = _inputs(M, N, K, gen, dev)
+        ref = reference(a, sa, b, sb)
+        errs = {name: ((run(a, sa, b, sb, cfg).float() - ref).norm() / ref.norm()).item()
+                for name, cfg in CONFIGS.items()}
+        bad += sum(not e < 1e-2 for e in errs.values())
+        print(f"check M={M} N={N} K={K}: rel err " +
+              "  ".join(f"{k} {e:.1e}" for k, e in errs.items()), flush=True)
+    for n in args.sizes:
         a, sa, b, sb = _inputs(n, n, n, gen, dev)
         ref = reference(a, sa, b, sb)
         flops = 2 * n**3
