@@ -215,11 +215,15 @@ def _sm90(device: torch.device) -> bool:
         torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def _compiled(device: torch.device) -> bool:
+    """Whether kernels on ``device`` are compiled for a GPU (not run in Triton's interpreter)."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
 def pdl_supported(device: torch.device) -> bool:
     """Whether kernels on ``device`` can be programmatic dependent launches: compiled (not
     Triton's interpreter) for an NVIDIA GPU of compute capability 9.0+."""
-    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1" and \
-        _sm90(device)
+    return _compiled(device) and _sm90(device)
 
 
 _POW2_FIELDS = {"t": "block_t", "e": "block_e", "k": "block_k"}
@@ -322,7 +326,7 @@ def gate_route(*, x_TH: torch.Tensor, weight_EH: torch.Tensor, config,
                               sms=_sm_count(dev), amd=torch.version.hip is not None)
     part = torch.empty(plan.splits, T, E, dtype=torch.float32, device=dev)
     logits = torch.empty(T, E, dtype=out_dtype, device=dev)
-    compiled = dev.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    compiled = _compiled(dev)
     pdl, pdl_in = plan.pdl and compiled, plan.pdl_in and compiled
     for word, on in (("pdl", pdl), ("pdlin", pdl_in)):
         if on and not _sm90(dev):
