@@ -76,6 +76,17 @@ def _promote(acc, p, as_ptr, bs_ptr, rows, kb, off_n, M, NKB: gl.constexpr,
 
 
 @gluon.jit
+def _issue(a_smem, b_smem, s, regs, LANDED: gl.constexpr):
+    """Step s's MMA issued, asynchronous, into a fresh accumulator (``regs``: registers to
+    reuse, their values ignored) once its cp.async tiles have landed (at most LANDED groups
+    left in flight) and are visible to the tensor cores."""
+    async_copy.wait_group(LANDED)
+    fence_async_shared()
+    return warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), regs, use_acc=False,
+                         is_async=True)
+
+
+@gluon.jit
 def fp8_block_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
                           NKB: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, OVERLAP: gl.constexpr,
@@ -106,14 +117,8 @@ def fp8_block_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
         for kb in range(0, NKB - 1, 2):
             s0 = kb % STAGES
             s1 = (kb + 1) % STAGES
-            async_copy.wait_group(STAGES - 2)  # step kb's tiles have landed
-            fence_async_shared()
-            ta = warpgroup_mma(a_smem.index(s0), b_smem.index(s0).permute((1, 0)), da,
-                               use_acc=False, is_async=True)
-            async_copy.wait_group(STAGES - 3)  # step kb + 1's
-            fence_async_shared()
-            tb = warpgroup_mma(a_smem.index(s1), b_smem.index(s1).permute((1, 0)), db,
-                               use_acc=False, is_async=True)
+            ta = _issue(a_smem, b_smem, s0, da, STAGES - 2)
+            tb = _issue(a_smem, b_smem, s1, db, STAGES - 3)  # (one group more landed)
             pa = warpgroup_mma_wait(num_outstanding=1, deps=(ta, ))
             acc = _promote(acc, pa, as_ptr, bs_ptr, rows, kb, off_n, M, NKB, BLOCK_N)
             # step kb - 1's stage (retired by the last pair's wait) takes step kb + STAGES - 1
@@ -126,20 +131,12 @@ def fp8_block_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
             da = pa
             db = pb
         if NKB % 2 == 1:  # the last step alone
-            s = (NKB - 1) % STAGES
-            async_copy.wait_group(STAGES - 2)
-            fence_async_shared()
-            t = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), da,
-                              use_acc=False, is_async=True)
+            t = _issue(a_smem, b_smem, (NKB - 1) % STAGES, da, STAGES - 2)
             p = warpgroup_mma_wait(num_outstanding=0, deps=(t, ))
             acc = _promote(acc, p, as_ptr, bs_ptr, rows, NKB - 1, off_n, M, NKB, BLOCK_N)
     else:  # drained: every step's MMA waited for at once, then promoted (as Triton's tl.dot)
         for kb in range(0, NKB):
-            s = kb % STAGES
-            async_copy.wait_group(STAGES - 2)
-            fence_async_shared()
-            t = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), da,
-                              use_acc=False, is_async=True)
+            t = _issue(a_smem, b_smem, kb % STAGES, da, STAGES - 2)
             p = warpgroup_mma_wait(num_outstanding=0, deps=(t, ))
             acc = _promote(acc, p, as_ptr, bs_ptr, rows, kb, off_n, M, NKB, BLOCK_N)
             _load_stage(a_ptr, b_ptr, a_smem, b_smem, (kb + STAGES - 1) % STAGES,
