@@ -46,22 +46,12 @@ if [ -n "${ONLY:-}" ]; then
   mapfile -t TARGETS < <(grep -v '^[[:space:]]*$' "$ONLY")
   if [ "${#TARGETS[@]}" -eq 0 ]; then echo "no test ids in $ONLY: nothing to run"; exit 0; fi
 fi
+WHOLE=""  # the whole suite on xdist workers: its slowest files first (by the times of
+# ORDER_FROM, an earlier run's output), so a long file no longer starts last and holds the end
 if [ -z "$PART" ] && [ -z "${ONLY:-}" ] && [ -n "${XDIST:-}" ]; then
-  # the whole suite, its slowest files first (the per-test times of ORDER_FROM, an earlier
-  # run's output): files are dealt to the workers in this order, so a long file no longer
-  # starts last and holds the run's end
-  mapfile -t TARGETS < <(python3 - "${ORDER_FROM:-bench/results/tests_gpu_79f34e3_h100.txt}" <<'PY'
-import collections, pathlib, re, sys
-weight = collections.Counter()
-path = pathlib.Path(sys.argv[1])
-for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
-    m = re.match(r"\s*([\d.]+)s (?:call|setup|teardown)\s+(tests/\S+?\.py)::", line)
-    if m:
-        weight[m.group(2)] += float(m.group(1))
-files = sorted(str(p) for p in pathlib.Path("tests").rglob("test_*.py"))
-print(*sorted(files, key=lambda f: -weight[f]), sep="\n")  # (stable: the rest in order)
-PY
-)
+  WHOLE=1
+  mapfile -t TARGETS < <(python3 bench/pytest_log.py slowest-first \
+    "${ORDER_FROM:-bench/results/tests_gpu_79f34e3_h100.txt}")
 fi
 DIST=loadfile
 [ -n "${ONLY:-}" ] && DIST=load
@@ -77,8 +67,7 @@ fi
 machine_info "$FILE"
 SHOWN="${TARGETS[*]}"
 [ -n "${ONLY:-}" ] && SHOWN="the ${#TARGETS[@]} ids in $ONLY"
-[ -z "$PART" ] && [ -z "${ONLY:-}" ] && [ -n "${XDIST:-}" ] && \
-  SHOWN="the ${#TARGETS[@]} files of tests/, slowest first: ${TARGETS[*]:0:10} ..."
+[ -n "$WHOLE" ] && SHOWN="the ${#TARGETS[@]} files of tests/, slowest first: ${TARGETS[*]:0:10} ..."
 echo "== python3 -m pytest ${XARGS[*]} ${PART:+part $PART: }(this machine's torch) $SHOWN ==" \
   | tee -a "$FILE"
 if [ -n "${LIMIT:-}" ]; then
@@ -94,10 +83,10 @@ if [ -n "${LIMIT:-}" ]; then
     "(124 or 130: cut at ${LIMIT} s)"
   tail -n 1 "$FILE"
   UNREACHED="${FILE%.txt}_unreached.txt"
-  python3 bench/tests_unreached.py "$COLLECTED" "$FILE" > "$UNREACHED"
+  python3 bench/pytest_log.py unreached "$COLLECTED" "$FILE" > "$UNREACHED"
   cp "$UNREACHED" /tmp/gpu_tests_unreached.txt
   echo "unreached: $(grep -c . "$UNREACHED") of $(grep -c '::' "$COLLECTED") collected" \
-    "(ONLY=/tmp/gpu_tests_unreached.txt runs them; bench/tests_unreached.py)" | tee -a "$FILE"
+    "(ONLY=/tmp/gpu_tests_unreached.txt runs them)" | tee -a "$FILE"
   exit "$rc"
 fi
 python3 -m pytest -q -p no:cacheprovider -rfEs --durations=15 "${XARGS[@]}" "${TARGETS[@]}" \
