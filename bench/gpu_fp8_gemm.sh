@@ -4,7 +4,9 @@
 #  0. bench/gluon_fp8_probe.py (<= 90 s): a dense block-scaled FP8 GEMM in Gluon with each K
 #     step's promotion overlapped with the next MMA (and drained, as Triton does), checked
 #     against a float32 reference, TFLOP/s beside torch._scaled_mm's: is the overlap worth a
-#     grouped kernel? Writes $OUT/gluon_fp8_probe.txt;
+#     grouped kernel? Writes $OUT/gluon_fp8_probe.txt; then bench/grouped_mm_probe.py (<= 120 s):
+#     bf16 torch._grouped_mm (CUTLASS) GEMMs alone and as a whole experts pipeline beside the
+#     Triton experts and the floor ($OUT/grouped_mm_probe.txt);
 #  1. bench/tune_experts_fp8.py at Qwen3 4096 / 16384 tokens and DeepSeek-V3 8192 rows: every
 #     candidate (<= 24) checked against the FP8 reference (WRONG rows fail the run) and timed:
 #     us, TFLOP/s, time/floor, the torch._scaled_mm FP8 ceiling measured in the run; the best
@@ -27,6 +29,8 @@ echo "== 0. Gluon probe: async-wgmma promotion overlapped with the next MMA, vs 
 timeout 90 python3 bench/gluon_fp8_probe.py --sizes 4096 8192 2>&1 | grep -v -i warn \
   | tee "$OUT/gluon_fp8_probe.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || echo "gluon probe: failed or cut (not counted in the status)"
+timeout 120 python3 bench/grouped_mm_probe.py 2>&1 | grep -v -i warn | tee "$OUT/grouped_mm_probe.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || echo "grouped_mm probe: failed or cut (not counted in the status)"
 SECONDS=0
 echo "== 1. sweep =="
 python3 bench/tune_experts_fp8.py --table "$OUT/triton_fp8_configs.json" \
