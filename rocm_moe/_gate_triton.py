@@ -189,10 +189,12 @@ PLAN_ENV = "ROCM_MOE_GATE_PLAN"  # a plan_from_spec string for every call (bench
 # bench/router_plans.py's "best plan per size" on an H100 (bench/gpu_router_dsv3.sh; at
 # b13d4a4: bench/results/router_plans_h100.txt, gate + route 6.9-8.3 us for DeepSeek-V3,
 # 4.6-5.6 us for Qwen3, against 7.5-10.8 and 5.1-6.3 with gate_plan's plans).
+# Measured on an H100 (bench/results/router_plans_5dbd0b3_h100.txt, 200 replays of 20 calls a
+# graph): "pdl pdlin" was the fastest at every size of both gates (DeepSeek-V3 6.7 / 6.9 / 7.6 /
+# 8.0 us at 1 / 8 / 64 / 128 tokens, Qwen3 4.5 / 4.7 / 5.0 / 5.3).
 TUNED: dict[tuple[int, int], tuple[tuple[int, str], ...]] = {
-    (256, 7168): ((1, "pdl pdlin"), (8, "pdl"), (64, "t64 e64 s16 pdl"),
-                  (128, "t64 e64 s16 pdl pdlin")),  # DeepSeek-V3
-    (128, 2048): ((64, "pdl"), (128, "t64 e64 pdl")),  # Qwen3-30B-A3B
+    (256, 7168): ((8, "pdl pdlin"), (128, "t64 e64 s16 pdl pdlin")),  # DeepSeek-V3
+    (128, 2048): ((64, "pdl pdlin"), (128, "t64 e64 pdl pdlin")),  # Qwen3-30B-A3B
 }
 
 
