@@ -25,10 +25,13 @@ entry point: with ``ROCM_MOE_SGLANG=1``, ``register()`` puts AROUND hooks (SGLan
 The handle travels inside the dispatch output and the combine input (nothing is kept on the
 dispatcher), so combine cannot be given another batch's ids. Weighting is rocm_moe's
 (``rocm_moe.weighting``): exactly once, by the experts (weight_mode "experts") or by combine
-("combine"). SGLang's runner applies ``routed_scaling_factor`` itself unless the top-k step fused
-it; the dispatcher does the same to the weights before they travel, so the experts' weighting
-and combine's both see it (scaling only the experts' weights was lost in weight_mode "combine",
-which weighs with the dispatched weights: a test caught it).
+("combine"). ``routed_scaling_factor`` is applied where SGLang 0.5.23 applies it, once
+(``routing_scale``): under an all-to-all backend (``--moe-a2a-backend mori``, which EP > 1
+needs) the runners' a2a formats leave it and the model scales the routed output itself
+(DeepSeek-V2/V3, Kimi K2 and GLM-4.5's ``forward_deepep``), or its top-k step fused it into the
+weights; so does the model off CUDA without one (``forward_normal``). Only on CUDA without an
+all-to-all backend does SGLang's runner scale: there the dispatcher scales the weights before
+they travel, so the experts' weighting and combine's both see it.
 
 The reduction: rocm_moe's combine already sums every expert's contribution on the token's rank.
 ``FusedMoE.forward_impl`` would all-reduce again when ``reduce_results`` (sglang#34006 is this
@@ -576,16 +579,44 @@ def _around_create_moe_dispatcher(original, moe_runner_config, quant_method, *a,
         raise _refuse("quant_method", type(quant_method).__name__,
                       "rocm_moe's SGLang backend runs unquantised experts only",
                       f"serve the unquantised model or unset {SWITCH}")
+    return make_sglang_dispatcher(
+        moe_runner_config, routed_scaling_factor=routing_scale(moe_runner_config, quant_method),
+        with_bias=_with_bias(moe_runner_config, quant_method))
+
+
+def routing_scale(moe_runner_config, quant_method) -> float | None:
+    """The ``routed_scaling_factor`` the dispatcher applies to the weights: the one SGLang's
+    runner would apply, else None (the model or the top-k step applies it).
+
+    In sglang 0.5.23 only the Standard dispatch format's runners scale (``post_permute_*_to_
+    standard``), on CUDA, and only unless the top-k step fused the factor into the weights
+    (``_fuses_routed_scaling_factor_in_topk``). Under an all-to-all backend the a2a formats'
+    post-permutes leave it and the model scales the routed output (``DeepseekV2MoE.
+    forward_deepep`` -> ``_scale_routed_and_add_shared``; GLM-4.5 alike); without one, off CUDA,
+    ``forward_normal`` scales it (``if not _is_cuda ...: final_hidden_states *= ...``). Scaling
+    here too gave DeepSeek-V3 2.5 ** 2 on its routed experts (tests_integrations/sglang/
+    test_deepseek.py builds SGLang's own DeepseekV2MoE)."""
     from sglang.srt.layers.moe.fused_moe_triton.layer import (
         _fuses_routed_scaling_factor_in_topk,
     )
+    from sglang.srt.utils import is_cuda
 
-    # SGLang's runner scales the output unless the top-k step already scaled the weights.
-    fused = _fuses_routed_scaling_factor_in_topk(quant_method, moe_runner_config.runner_backend)
-    return make_sglang_dispatcher(
-        moe_runner_config,
-        routed_scaling_factor=None if fused else moe_runner_config.routed_scaling_factor,
-        with_bias=_with_bias(moe_runner_config, quant_method))
+    if _a2a_backend_in_use() or not is_cuda():
+        return None
+    if _fuses_routed_scaling_factor_in_topk(quant_method, moe_runner_config.runner_backend):
+        return None
+    return moe_runner_config.routed_scaling_factor
+
+
+def _a2a_backend_in_use() -> bool:
+    """Whether SGLang runs an all-to-all MoE backend (``--moe-a2a-backend`` other than none;
+    False outside a server, with no published arguments)."""
+    try:
+        from sglang.srt.layers.moe.utils import get_moe_a2a_backend
+
+        return not get_moe_a2a_backend().is_none()
+    except (ImportError, AttributeError, RuntimeError, ValueError, AssertionError):
+        return False
 
 
 def _ours(layer) -> bool:

@@ -155,18 +155,32 @@ def forward_one(layer, x: torch.Tensor):
     """One MoE layer (no residual): (y [T, H], its routing weights [T, K], ids [T, K])."""
     out = layer.topk(x, x @ layer.gate.T) if x.shape[0] else \
         layer.topk.empty_topk_output(x.device)
-    return layer.moe(x, out), out.topk_weights, out.topk_ids
+    return as_the_block(layer, layer.moe(x, out)), out.topk_weights, out.topk_ids
+
+
+def as_the_block(layer, y: torch.Tensor) -> torch.Tensor:
+    """The MoE layer's output ``y`` as SGLang's model block leaves it. A block whose layer has a
+    routed_scaling_factor (DeepSeek-V2/V3, GLM-4.5) scales the routed output itself, unless
+    the layer scaled it: SGLang's runner does only on CUDA without an all-to-all backend, and
+    rocm_moe's dispatcher then scales the weights (``rocm_moe.integrations.sglang.
+    routing_scale``; test_deepseek.py runs SGLang's own DeepseekV2MoE)."""
+    factor = layer.moe.moe_runner_config.routed_scaling_factor
+    if factor in (None, 1.0) or getattr(layer.moe.dispatcher, "routed_scaling_factor",
+                                        None) not in (None, 1.0):
+        return y
+    return y * factor
 
 
 def forward(layers, x: torch.Tensor) -> torch.Tensor:
-    """Qwen3MoeSparseMoeBlock.forward_normal per layer, with a residual between layers."""
+    """The model blocks' forward per layer (routing, the MoE layer, ``as_the_block``), with a
+    residual between layers."""
     h = x
     for layer in layers:
         if h.shape[0]:
             out = layer.topk(h, h @ layer.gate.T)
         else:
             out = layer.topk.empty_topk_output(h.device)
-        h = h + layer.moe(h, out)
+        h = h + as_the_block(layer, layer.moe(h, out))
     return h
 
 
@@ -249,7 +263,7 @@ class CaptureGuard:
                 y = layer.moe(h, out)
             finally:
                 self.on = False
-            h = h + y
+            h = h + as_the_block(layer, y)
         return h
 
 
@@ -524,7 +538,7 @@ def tbo_scenario(info) -> dict:
     from tests.symm_shm import served_as, shm_available
 
     W, r = info.world_size, info.rank
-    spec = Spec()
+    spec = Spec(scale=(None,) * 3)  # (Qwen3's block: its op_output applies no routed factor)
     out: dict = {}
     get_flags().moe.tbo_enabled = True
     try:
