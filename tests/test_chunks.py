@@ -264,6 +264,17 @@ def test_fastest_backends_follow_the_rank_device(monkeypatch):
     assert pool.fastest_comm(8, gpu)[0] == "mori"
     assert pool.fastest_experts(gpu)[0] == "aiter"
     assert pool.fastest_comm(1, gpu)[0] == "local"
+    # A model MORI cannot place (60 experts on 8 ranks, Qwen1.5-MoE): the next fastest, why said.
+    from rocm_moe.integrations import vllm as rv
+
+    monkeypatch.setattr(pool, "_one_host", lambda group: True)
+    refusal = rv._mori_refusal(60, 8, "linear")
+    assert "num_experts=60" in refusal
+    assert rv._mori_refusal(64, 8, "linear") is None
+    assert "round_robin" in rv._mori_refusal(64, 8, "round_robin")
+    name, why = pool.fastest_comm(8, gpu, mori_refusal=refusal)
+    assert name != "mori"
+    assert f"not mori: {refusal}" in why
 
 
 def test_num_chunks_from_the_callers_group_maximum(monkeypatch):

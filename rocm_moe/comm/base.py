@@ -334,7 +334,10 @@ class Dispatcher(ABC):
 
         A refusal (ValueError / TypeError) on one rank is a refusal on every rank where the
         backend supports it (``share_refusal``): that rank raises its own error, the others
-        ``PeerRefusal`` naming it, and no payload moves."""
+        ``PeerRefusal`` naming it, and no payload moves. Under CUDA-graph capture a backend
+        that reads the host (``capture_unsupported_reason``) refuses before anything is
+        captured (every rank captures the same step: the refusal is everyone's, unshared)."""
+        self._check_capturable()
         try:
             ids = self.check_dispatch_inputs(x_TH, topk_weights_TK, topk_ids_TK,
                                              validate=validate)
@@ -347,6 +350,21 @@ class Dispatcher(ABC):
         if self.holds_batch:
             self._lanes[lane] = d.handle.batch_id
         return d
+
+    def capture_unsupported_reason(self) -> str | None:
+        """None if this dispatcher's dispatch and combine can be captured in a CUDA graph (no
+        host read, no host-sized allocation), else why not."""
+        return None
+
+    def _check_capturable(self) -> None:
+        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return
+        if (why := self.capture_unsupported_reason()) is not None:
+            raise ValueError(error_message(
+                f"comm={self.name}", "dispatch under CUDA-graph capture", why,
+                "use a graph-safe backend (symm on one host, mori with capacity_sized=True; "
+                "the engines' plug-ins: ROCM_MOE_VLLM_COMM / ROCM_MOE_SGLANG_COMM=symm or "
+                "mori) or run eagerly (vLLM --enforce-eager, SGLang --disable-cuda-graph)"))
 
     def _check_free(self) -> None:
         """A backend whose results are views of its buffers takes a batch only once the last

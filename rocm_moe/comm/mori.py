@@ -541,6 +541,12 @@ class MoriDispatcher(Dispatcher):
             weakref.finalize(self, _PROCESS[mori].release, nbytes)
         self.op = self.ops[0]
 
+    def capture_unsupported_reason(self) -> str | None:
+        if self.capacity_sized:
+            return None
+        return ("this MORI dispatcher reads the received row count on the host each batch "
+                "(built with capacity_sized=False)")
+
     def config(self) -> dict:
         return dict(super().config(), kernel_type=self.kernel_type,
                     gpu_per_node=self.mori_config["gpu_per_node"],

@@ -190,21 +190,25 @@ def _device(device: object) -> torch.device:
 
 
 def fastest_comm(world_size: int, device: torch.device, group=None, *,
-                 engine: str = "rocm_moe") -> tuple[str, str]:
+                 engine: str = "rocm_moe", mori_refusal: str | None = None) -> tuple[str, str]:
     """(backend, reason): the fastest comm backend that runs here: MORI on ROCm GPUs with MORI
-    installed, else ``backends.default_comm`` (local for one rank, symm on the GPUs of one host,
-    torch across hosts and on CPUs). Collective when ``world_size > 1`` on a GPU (the host
-    check); the choice is logged once per process."""
+    installed (unless ``mori_refusal`` says why MORI cannot take this model, e.g. experts that
+    do not split into equal contiguous ranges), else ``backends.default_comm`` (local for one
+    rank, symm on the GPUs of one host, torch across hosts and on CPUs). Collective when
+    ``world_size > 1`` on a GPU (the host check); the choice is logged once per process."""
     from rocm_moe import backends
 
     check_integer_value("world_size", world_size, minimum=1)
     device = _device(device)
     gpus = world_size > 1 and device.type == "cuda"
-    if gpus and backends.BACKENDS["comm:mori"].availability() is None:
+    mori = gpus and backends.BACKENDS["comm:mori"].availability() is None
+    if mori and mori_refusal is None:
         name, why = "mori", "ROCm GPUs with MORI installed"
     else:
         name, why = backends.default_comm(world_size, device,
                                           multi_host=gpus and not _one_host(group))
+        if mori:
+            why += f"; not mori: {mori_refusal}"
     _log_once(f"{engine}-comm", f"{engine} comm backend {name!r} ({why}); set it explicitly "
               "to override")
     return name, why

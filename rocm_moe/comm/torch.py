@@ -147,6 +147,10 @@ class TorchDispatcher(Dispatcher):
         self._collective("dispatch (refusal exchange)", None, lambda: dist.all_to_all_single(
             torch.empty_like(flags_W), flags_W, group=self.group))
 
+    def capture_unsupported_reason(self) -> str | None:
+        return ("the torch backend reads each batch's split sizes on the host (all_to_all_single "
+                "takes host counts), which a CUDA graph cannot capture")
+
     def _agree_max(self, value: int) -> int:
         """The chunk-count agreement of ``num_chunks`` as an exchange of the same shape as the
         refusal exchange ([W] int64 to every rank): a rank that refuses its batch before it

@@ -376,12 +376,20 @@ def token_budget(server_args=None) -> tuple[int, str]:
     (4096) and checks that the whole chunked prefill size fits it; rocm_moe chunks a larger
     batch instead, so a smaller budget only costs more chunks. Outside a server: 4096."""
     env = os.environ.get(ENV_MAX_TOKENS)
+    cfg = server_args if server_args is not None else _server_args()
+    graphs = [] if cfg is None or getattr(cfg, "disable_cuda_graph", False) else [
+        b for b in (getattr(cfg, "cuda_graph_max_bs_decode", None),
+                    getattr(cfg, "cuda_graph_max_bs_prefill", None)) if b]
     if env is not None:
         if not env.isdigit() or int(env) < 1:
             raise _refuse(ENV_MAX_TOKENS, env, "must be a positive integer (tokens per rank)",
                           f"unset it to take SGLang's budget, or set e.g. {ENV_MAX_TOKENS}=4096")
+        if graphs and int(env) < max(graphs):
+            raise _refuse(ENV_MAX_TOKENS, env, f"must be at least SGLang's largest CUDA-graph "
+                          f"bucket ({max(graphs)}: a captured batch runs as one chunk)",
+                          f"raise {ENV_MAX_TOKENS}, lower --cuda-graph-max-bs-decode / "
+                          "--cuda-graph-max-bs-prefill, or unset it (SGLang's budget)")
         return int(env), f"{ENV_MAX_TOKENS}={env}"
-    cfg = server_args if server_args is not None else _server_args()
     if cfg is None:
         return DEFAULT_MAX_TOKENS, "no SGLang server arguments published: MORI's default"
     chunk = getattr(cfg, "chunked_prefill_size", None)
@@ -394,8 +402,6 @@ def token_budget(server_args=None) -> tuple[int, str]:
         per_rank = -(-prefill // dp)
         prefill = -(-per_rank // align) * align
         why += f" over attn_dp_size={dp}"
-    graphs = [b for b in (getattr(cfg, "cuda_graph_max_bs_decode", None),
-                          getattr(cfg, "cuda_graph_max_bs_prefill", None)) if b]
     if graphs and max(graphs) > prefill:
         return max(graphs), f"the largest CUDA-graph bucket ({max(graphs)})"
     return prefill, why
@@ -563,6 +569,8 @@ def make_sglang_dispatcher(moe_runner_config, *, routed_scaling_factor: float | 
         pg = group.device_group if device.type == "cuda" else group.cpu_group
         if lanes > 1 and backends.BACKENDS[f"comm:{name}"].load().holds_batch:
             kw["batches_in_flight"] = lanes  # one lane per TBO sub-batch (symm, MORI)
+        if name == "mori":
+            kw["capacity_sized"] = True  # no host read in a captured dispatch (as vLLM's)
         disp = pool.shared_dispatcher(name, placement, group=pg, rank=group.rank_in_group, **kw)
     pool._log_once("sglang-budget", f"sglang dispatcher capacity {cap} tokens per rank ({why})")
     return _classes().RocmMoEDispatcher(

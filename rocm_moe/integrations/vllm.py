@@ -464,6 +464,13 @@ def check_layer_config(moe_config) -> ExpertVariant:
     collective. Returns the layer's ExpertVariant."""
     variant = expert_variant(moe_config)
     par = moe_config.moe_parallel_config
+    if par.dp_size > 1 and not par.use_ep:
+        raise _refuse("--data-parallel-size", par.dp_size, "without --enable-expert-parallel "
+                      "vLLM splits each expert's intermediate dimension over the DP x TP ranks "
+                      "and expects every DP rank's tokens gathered to all of them; rocm_moe's "
+                      "dispatcher would run each rank's own tokens through its slice only (a "
+                      "partial sum, silently)", "add --enable-expert-parallel, or unset "
+                      f"{SWITCH} for this model")
     if par.enable_eplb and par.use_ep and moe_config.num_experts % par.ep_size:
         raise _refuse("num_experts", moe_config.num_experts, f"with EPLB the physical experts "
                       f"(logical + redundant) must split evenly over ep_size={par.ep_size}",
@@ -952,21 +959,34 @@ def experts_name(device) -> str:
 _COMM_DEFAULT: dict[tuple, str] = {}
 
 
-def comm_name(world_size: int, device, group=None) -> str:
+def comm_name(world_size: int, device, group=None, *, mori_refusal: str | None = None) -> str:
     """``ROCM_MOE_VLLM_COMM`` if set, else the fastest comm backend for ``world_size`` ranks on
-    ``device`` (collective on ``group`` the first time on GPUs: the one-host check)."""
+    ``device`` (collective on ``group`` the first time on GPUs: the one-host check);
+    ``mori_refusal``: why MORI cannot take this layer (then never the default)."""
     from rocm_moe.comm import pool
 
     name = _explicit(ENV_COMM, "comm")
     if world_size == 1:
         return "local"
     if name is None:
-        key = (world_size, torch.device(device).type, id(group))
+        key = (world_size, torch.device(device).type, id(group), mori_refusal)
         if key not in _COMM_DEFAULT:
             _COMM_DEFAULT[key] = pool.fastest_comm(world_size, torch.device(device), group,
-                                                   engine="vllm")[0]
+                                                   engine="vllm", mori_refusal=mori_refusal)[0]
         name = _COMM_DEFAULT[key]
     return name
+
+
+def _mori_refusal(num_experts: int, ep_size: int, strategy: str) -> str | None:
+    """Why MORI cannot serve a layer of ``num_experts`` over ``ep_size`` ranks placed by
+    ``strategy``, or None: MORI owns expert e on rank e // (E / W)."""
+    if strategy != "linear":
+        return (f"MORI places expert e on rank e // (E / W); vLLM's placement is {strategy!r}, "
+                "not contiguous ranges")
+    if num_experts % ep_size:
+        return (f"MORI places expert e on rank e // (E / W): num_experts={num_experts} does "
+                f"not split into {ep_size} equal ranges")
+    return None
 
 
 def backends_from_env(device="cpu") -> dict:
@@ -1024,15 +1044,15 @@ def make_vllm_dispatcher(moe_config, *, strategy: str = "linear",
 
     group = get_ep_group()  # gloo's CPU group beside the device group on a CPU run
     pg = group.cpu_group if device.type == "cpu" else group.device_group
-    name = comm_name(par.ep_size, device, group.cpu_group)
+    refusal = _mori_refusal(moe_config.num_experts, par.ep_size, strategy)
+    name = comm_name(par.ep_size, device, group.cpu_group, mori_refusal=refusal)
     placement = vllm_placement(moe_config.num_experts, par.ep_size, strategy)
     kw = _lanes(name, micro_batches)
-    if name == "mori":
-        if strategy != "linear":
-            raise _refuse("expert placement", repr(strategy), "MORI places expert e on rank "
-                          "e // (E / W): contiguous ranges only",
-                          "serve with --expert-placement-strategy linear, or "
-                          f"{ENV_COMM}=torch")
+    if name == "mori":  # (named by ROCM_MOE_VLLM_COMM: the default skips MORI then)
+        if refusal is not None:
+            raise _refuse(ENV_COMM, "mori", refusal, "serve with --expert-placement-strategy "
+                          f"linear and E a multiple of the EP size, or {ENV_COMM}=symm "
+                          "(one host) or torch")
         kw["capacity_sized"] = True  # no host read in a captured dispatch
     return pool.shared_dispatcher(name, placement, group=pg, rank=par.ep_rank, **shape, **kw)
 

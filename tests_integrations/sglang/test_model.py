@@ -157,4 +157,9 @@ def test_token_budget_follows_sglangs_own(monkeypatch, kw, cap):
     monkeypatch.delenv(rs.ENV_MAX_TOKENS, raising=False)
     assert rs.token_budget(_args(**kw))[0] == cap
     monkeypatch.setenv(rs.ENV_MAX_TOKENS, "512")
+    if (kw.get("cuda_graph_max_bs_decode") or 0) > 512:  # below a graph bucket: refused
+        with pytest.raises(ValueError, match=f"{rs.ENV_MAX_TOKENS}=512.*CUDA-graph bucket "
+                           r"\(2048.*--cuda-graph-max-bs-decode"):
+            rs.token_budget(_args(**kw))
+        kw = dict(kw, disable_cuda_graph=True)  # no graphs: any value
     assert rs.token_budget(_args(**kw)) == (512, f"{rs.ENV_MAX_TOKENS}=512")

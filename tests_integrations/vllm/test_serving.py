@@ -117,7 +117,8 @@ def test_placement_is_the_one_vllm_resolved(W):
         for case in ("flat", "grouped"):
             assert p[case]["experts"] == p[case]["placement"], p
             assert p[case]["err"] <= 1e-5, p
-        assert "contiguous ranges only" in p["mori"], p
+        assert "ROCM_MOE_VLLM_COMM=mori" in p["mori"], p
+        assert "not contiguous" in p["mori"], p
 
 
 def test_routed_scaling_is_vllms():
@@ -145,7 +146,8 @@ def moe_config(dtype=torch.float32, *, num_experts: int = E, top_k: int = K, hid
     )
 
     eplb = kw.pop("enable_eplb", False)
-    par = FusedMoEParallelConfig(tp_size=1, pcp_size=1, dp_size=1, ep_size=1, tp_rank=0,
+    dp = kw.pop("dp_size", 1)
+    par = FusedMoEParallelConfig(tp_size=1, pcp_size=1, dp_size=dp, ep_size=1, tp_rank=0,
                                  pcp_rank=0, dp_rank=0, ep_rank=0, sp_size=1, use_ep=False,
                                  all2all_backend="allgather_reducescatter", enable_eplb=eplb)
     args = dict(num_experts=num_experts, experts_per_token=top_k, hidden_dim=hidden,
@@ -211,6 +213,9 @@ def test_one_rank_model_chunks_shares_and_is_bitwise(T, monkeypatch):
     shared = pool.shared_dispatchers()
     assert len(shared) == 1
     assert all(m.moe_kernel.prepare_finalize.dispatcher is shared[0] for m, _ in chunked)
+    # vLLM's runner gathers every DP rank's tokens itself (naive dispatch/combine, which would
+    # count rocm_moe's complete outputs W times) unless the method says it owns the kernel
+    assert all(m.supports_internal_mk for m, _ in chunked)
     assert shared[0].max_tokens_per_rank == mc.CAP
     assert shared[0].name == "local"
     monkeypatch.delenv(rv.ENV_MAX_TOKENS)
@@ -397,6 +402,13 @@ def test_layers_it_would_not_compute_are_refused_at_construction(kw, match):
         kw["activation"] = MoEActivation.from_str(kw["activation"])
     with pytest.raises(ValueError, match=match):
         method_for(moe_config(**kw))
+
+
+def test_data_parallel_without_expert_parallel_refused_at_construction():
+    """--data-parallel-size 2 without --enable-expert-parallel: vLLM slices every expert over
+    the DP x TP ranks and gathers the tokens itself; rocm_moe would return a partial sum."""
+    with pytest.raises(ValueError, match=r"--data-parallel-size=2.*--enable-expert-parallel"):
+        method_for(moe_config(dp_size=2))
 
 
 def test_fused_shared_experts_refused_at_create_weights():
