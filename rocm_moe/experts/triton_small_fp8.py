@@ -24,9 +24,10 @@ dividing 128 (a tile inside one weight block), gate/up SPLIT (default 1) split-K
 (partials summed by the down kernel), PREFETCH (default false) the next K step's weights
 loaded before this step's sums (twice the bytes in flight a thread, but 190-220 registers
 instead of 80-130 on sm_90 compiled offline: fewer programs per SM; the sweep times both);
-top-level PDL (default true since the H100 run of 2026-12-07: Qwen3 FP8 layer 27.2 -> 25.4 us
-at one token, 104.5 -> 102.4 at eight, bench/results/decode_gate_qwen3_fp8{,_pdl}_5dbd0b3_h100.json;
-NVIDIA sm_90+, compiled, ignored elsewhere: the bits do not depend on it, tested on the H100) launches gate/up as a programmatic dependent of the kernel before it (the
+top-level PDL (default true since the H100 run of 2026-12-07: Qwen3 FP8 layer 27.2 -> 25.4
+us at one token, 104.5 -> 102.4 at eight, bench/results/decode_gate_qwen3_fp8{,_pdl}_5dbd0b3_
+h100.json; NVIDIA sm_90+, compiled, ignored elsewhere: the bits do not depend on it, tested on
+the H100) launches gate/up as a programmatic dependent of the kernel before it (the
 router's, which lets it start early) and down of gate/up, whose programs load their ids and
 first weight tile before waiting for the intermediate. The environment overrides the
 defaults without a code change (``bench/gpu_fp8_decode.sh`` prints the lines to set):

@@ -25,13 +25,13 @@ entry point: with ``ROCM_MOE_SGLANG=1``, ``register()`` puts AROUND hooks (SGLan
 The handle travels inside the dispatch output and the combine input (nothing is kept on the
 dispatcher), so combine cannot be given another batch's ids. Weighting is rocm_moe's
 (``rocm_moe.weighting``): exactly once, by the experts (weight_mode "experts") or by combine
-("combine"). ``routed_scaling_factor`` is applied where SGLang 0.5.23 applies it, once
-(``routing_scale``): under an all-to-all backend (``--moe-a2a-backend mori``, which EP > 1
-needs) the runners' a2a formats leave it and the model scales the routed output itself
-(DeepSeek-V2/V3, Kimi K2 and GLM-4.5's ``forward_deepep``), or its top-k step fused it into the
-weights; so does the model off CUDA without one (``forward_normal``). Only on CUDA without an
-all-to-all backend does SGLang's runner scale: there the dispatcher scales the weights before
-they travel, so the experts' weighting and combine's both see it.
+("combine"). ``routed_scaling_factor`` is applied once, where sglang 0.5.23 applies it: by the
+MoE layer (SGLang's runner; here the dispatcher scales the weights before they travel, so the
+experts' weighting and combine's both see it) unless the top-k step fused it
+(``routing_scale``), except in the blocks that scale their routed output themselves:
+DeepSeek-V2/V3 (Kimi K2 runs the same class), GLM-4.5 and GLM-4.5-Lite, under an all-to-all
+backend or off CUDA (``SELF_SCALING_BLOCKS``: a hook on their constructor turns the
+dispatcher's scaling off for their layers).
 
 The reduction: rocm_moe's combine already sums every expert's contribution on the token's rank.
 ``FusedMoE.forward_impl`` would all-reduce again when ``reduce_results`` (sglang#34006 is this
@@ -594,26 +594,40 @@ def _around_create_moe_dispatcher(original, moe_runner_config, quant_method, *a,
 
 def routing_scale(moe_runner_config, quant_method) -> float | None:
     """The ``routed_scaling_factor`` the dispatcher applies to the weights: the one SGLang's
-    runner would apply, else None (the model or the top-k step applies it).
-
-    In sglang 0.5.23 only the Standard dispatch format's runners scale (``post_permute_*_to_
-    standard``), on CUDA, and only unless the top-k step fused the factor into the weights
-    (``_fuses_routed_scaling_factor_in_topk``). Under an all-to-all backend the a2a formats'
-    post-permutes leave it and the model scales the routed output (``DeepseekV2MoE.
-    forward_deepep`` -> ``_scale_routed_and_add_shared``; GLM-4.5 alike); without one, off CUDA,
-    ``forward_normal`` scales it (``if not _is_cuda ...: final_hidden_states *= ...``). Scaling
-    here too gave DeepSeek-V3 2.5 ** 2 on its routed experts (tests_integrations/sglang/
-    test_deepseek.py builds SGLang's own DeepseekV2MoE)."""
+    runner applies to the layer's output (``moe_runner_config.routed_scaling_factor``), unless
+    the top-k step fused it into the weights (``_fuses_routed_scaling_factor_in_topk``); None
+    when there is nothing to apply. The blocks that scale their routed output themselves turn
+    it off for their layers (``_around_self_scaling_block_init``)."""
     from sglang.srt.layers.moe.fused_moe_triton.layer import (
         _fuses_routed_scaling_factor_in_topk,
     )
-    from sglang.srt.utils import is_cuda
 
-    if _a2a_backend_in_use() or not is_cuda():
-        return None
     if _fuses_routed_scaling_factor_in_topk(quant_method, moe_runner_config.runner_backend):
         return None
     return moe_runner_config.routed_scaling_factor
+
+
+def block_scales_routed_output() -> bool:
+    """Whether a block of ``SELF_SCALING_BLOCKS`` scales its routed output itself (sglang
+    0.5.23), or its top-k step folded the factor in: under an all-to-all backend
+    (``forward_deepep`` -> ``_scale_routed_and_add_shared``, unless the top-k step fused it), and
+    off CUDA (``forward_normal``: ``if not _is_cuda ...: final_hidden_states *= ...``, or AITER's
+    top-k folded it). Only on CUDA without one does SGLang's runner scale their output."""
+    from sglang.srt.utils import is_cuda
+
+    return _a2a_backend_in_use() or not is_cuda()
+
+
+def _around_self_scaling_block_init(original, block, *args, **kwargs):
+    """After the block is built: its layer's dispatcher (rocm_moe's) applies no
+    routed_scaling_factor where the block scales the routed output itself. Scaling in both
+    gave DeepSeek-V3 2.5 ** 2 on its routed experts (tests_integrations/sglang/
+    test_deepseek.py builds SGLang's own DeepseekV2MoE, and Ling's block, which does not
+    scale)."""
+    original(block, *args, **kwargs)
+    rd = getattr(getattr(block, "experts", None), "dispatcher", None)
+    if isinstance(rd, _classes().RocmMoEDispatcher) and block_scales_routed_output():
+        rd.routed_scaling_factor = None
 
 
 def _a2a_backend_in_use() -> bool:
@@ -719,6 +733,12 @@ def _around_process_weights_after_loading(original, method, layer, *a, **kw):
     return None
 
 
+# The MoE blocks of sglang 0.5.23 that scale their routed output by routed_scaling_factor
+# themselves (under an all-to-all backend, and off CUDA); the others leave it to the layer.
+SELF_SCALING_BLOCKS = ("sglang.srt.models.deepseek_v2.DeepseekV2MoE",
+                       "sglang.srt.models.glm4_moe.Glm4MoeSparseMoeBlock",
+                       "sglang.srt.models.glm4_moe_lite.Glm4MoeLiteSparseMoeBlock")
+
 HOOKS = {
     f"{LAYER_MODULE}.create_moe_dispatcher": _around_create_moe_dispatcher,
     f"{LAYER_MODULE}.FusedMoE.run_moe_core": _around_run_moe_core,
@@ -727,6 +747,7 @@ HOOKS = {
     f"{EP_LAYER_MODULE}.DeepEPMoE.run_moe_core": _around_deepep_run_moe_core,
     f"{UNQUANT_MODULE}.UnquantizedFusedMoEMethod.process_weights_after_loading":
         _around_process_weights_after_loading,
+    **{f"{block}.__init__": _around_self_scaling_block_init for block in SELF_SCALING_BLOCKS},
 }
 
 

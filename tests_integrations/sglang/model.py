@@ -159,11 +159,12 @@ def forward_one(layer, x: torch.Tensor):
 
 
 def as_the_block(layer, y: torch.Tensor) -> torch.Tensor:
-    """The MoE layer's output ``y`` as SGLang's model block leaves it. A block whose layer has a
-    routed_scaling_factor (DeepSeek-V2/V3, GLM-4.5) scales the routed output itself, unless
-    the layer scaled it: SGLang's runner does only on CUDA without an all-to-all backend, and
-    rocm_moe's dispatcher then scales the weights (``rocm_moe.integrations.sglang.
-    routing_scale``; test_deepseek.py runs SGLang's own DeepseekV2MoE)."""
+    """The MoE layer's output ``y`` as SGLang's model block leaves it: where the layer did not
+    apply its routed_scaling_factor (rocm_moe's dispatcher scales the weights, as SGLang's
+    runner scales the output, except for the blocks that scale it themselves:
+    ``rocm_moe.integrations.sglang.SELF_SCALING_BLOCKS``, test_deepseek.py), the block does.
+    These Qwen3-style blocks never turn the dispatcher's scaling off, so this is the identity
+    for them: a factor applied twice or never fails their oracle."""
     factor = layer.moe.moe_runner_config.routed_scaling_factor
     if factor in (None, 1.0) or getattr(layer.moe.dispatcher, "routed_scaling_factor",
                                         None) not in (None, 1.0):
@@ -538,7 +539,7 @@ def tbo_scenario(info) -> dict:
     from tests.symm_shm import served_as, shm_available
 
     W, r = info.world_size, info.rank
-    spec = Spec(scale=(None,) * 3)  # (Qwen3's block: its op_output applies no routed factor)
+    spec = Spec()
     out: dict = {}
     get_flags().moe.tbo_enabled = True
     try:

@@ -5,7 +5,8 @@ by the plug-in on one EP rank: the routed experts scaled exactly once, whoever d
 In sglang 0.5.23 the block scales the routed output itself under an all-to-all backend
 (``forward_deepep``) and, off CUDA, without one (``forward_normal``); SGLang's runner scales it
 only on CUDA without one. The plug-in scaled the weights too until review found it: 2.5 ** 2
-on DeepSeek-V3's routed experts. The oracle: the block's own TopK weights and ids, the experts in
+on DeepSeek-V3's routed experts. A block that never scales (Ling's) gets the factor from the
+layer, once. The oracle: the block's own TopK weights and ids, the experts in
 float64, times 2.5, plus the shared expert."""
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def test_deepseek_block_scales_the_routed_experts_once(deepseek_rank, monkeypatc
     blk = _block()
     assert type(blk.experts.dispatcher) is rs.RocmMoEDispatcher
     assert blk._enable_a2a_moe == (deepseek_rank == "mori")
-    assert blk.experts.dispatcher.routed_scaling_factor is None  # the block scales (CPU)
+    assert blk.experts.dispatcher.routed_scaling_factor is None  # the block scales (CPU, mori)
     for T in (1, 5, m.CAP * 2):  # (2 x the capacity: chunks)
         x = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
         with torch.no_grad():
@@ -94,19 +95,49 @@ def test_deepseek_block_scales_the_routed_experts_once(deepseek_rank, monkeypatc
         assert o.rel_err(y, _oracle(blk, x)) <= 1e-5, (deepseek_rank, T)
 
 
-def test_routing_scale_follows_who_scales_in_sglang(deepseek_rank, monkeypatch):
-    """On CUDA without an all-to-all backend SGLang's runner scales (so the dispatcher does,
-    unless the top-k step fused it); under one, or off CUDA, never."""
+def test_who_scales_follows_sglang(deepseek_rank, monkeypatch):
+    """The layer (SGLang's runner; rocm_moe's dispatcher) scales unless the top-k step fused the
+    factor; the self-scaling blocks scale themselves under an all-to-all backend or off CUDA,
+    and only there turn the dispatcher's scaling off."""
     import sglang.srt.utils as su
     from sglang.srt.layers.moe.moe_runner.base import MoeRunnerConfig
 
     cfg = MoeRunnerConfig(num_experts=E, num_local_experts=E, hidden_size=H,
                           intermediate_size_per_partition=I, top_k=K,
                           params_dtype=torch.float32, routed_scaling_factor=FACTOR)
-    qm = SimpleNamespace()  # (an unquantised method: fuses nothing into the top-k step)
-    assert rs.routing_scale(cfg, qm) is None  # CPU
-    monkeypatch.setattr(su, "is_cuda", lambda: True)
-    want = None if deepseek_rank == "mori" else FACTOR
-    assert rs.routing_scale(cfg, qm) == want
+    assert rs.routing_scale(cfg, SimpleNamespace()) == FACTOR  # (an unquantised method)
     fused = SimpleNamespace(fuse_routed_scaling_factor_in_topk=True)
     assert rs.routing_scale(cfg, fused) is None  # the top-k step scaled the weights
+    assert rs.block_scales_routed_output()  # CPU (forward_normal scales), or mori
+    monkeypatch.setattr(su, "is_cuda", lambda: True)
+    assert rs.block_scales_routed_output() == (deepseek_rank == "mori")
+
+
+def test_a_block_that_does_not_scale_gets_the_factor_once(deepseek_rank):
+    """Ling's block (``models/bailing_moe.py``) gives the factor to its FusedMoE and never
+    scales the routed output itself: the dispatcher applies it (independent review: a version
+    that left every factor to the block returned Ling's routed experts unscaled)."""
+    from sglang.srt.models.bailing_moe import BailingMoESparseMoeBlock
+    from transformers import PretrainedConfig
+
+    cfg = PretrainedConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E,
+                           num_experts_per_tok=K, num_shared_experts=None, norm_topk_prob=True,
+                           routed_scaling_factor=FACTOR, hidden_act="silu")
+    blk = BailingMoESparseMoeBlock(0, cfg)
+    moe = blk.experts
+    assert moe.dispatcher.routed_scaling_factor == FACTOR
+    with torch.no_grad():
+        blk.gate.weight.copy_(torch.randn(E, H, generator=torch.Generator().manual_seed(5))
+                              / H ** 0.5)
+    for e in range(E):
+        w13, w2 = m.expert(SPEC, 0, e)
+        moe.weight_loader(moe.w13_weight, w13[:I], "w13_weight", "w1", e)
+        moe.weight_loader(moe.w13_weight, w13[I:], "w13_weight", "w3", e)
+        moe.weight_loader(moe.w2_weight, w2, "w2_weight", "w2", e)
+    moe.quant_method.process_weights_after_loading(moe)
+    x = torch.randn(5, H, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        tk = blk.topk(x, blk.gate(x))
+        y = blk._forward_router_experts(x, None)  # (the block's routed part, no shared expert)
+    routed = o.oracle(SPEC.seed * 100, x, tk.topk_weights, tk.topk_ids, H, I, torch.float32)
+    assert o.rel_err(y, FACTOR * routed) <= 1e-5
