@@ -162,6 +162,11 @@ def check_agreement(dispatcher: Dispatcher, group) -> None:
                 "derive it from one model config on every rank"))
 
 
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class Dispatcher(ABC):
     """Moves tokens to the ranks that own their experts and partial results back.
 
@@ -357,9 +362,8 @@ class Dispatcher(ABC):
         return None
 
     def _check_capturable(self) -> None:
-        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-            return
-        if (why := self.capture_unsupported_reason()) is not None:
+        # (the backend's answer first: graph-safe backends ask CUDA nothing on the hot path)
+        if (why := self.capture_unsupported_reason()) is not None and _capturing():
             raise ValueError(error_message(
                 f"comm={self.name}", "dispatch under CUDA-graph capture", why,
                 "use a graph-safe backend (symm on one host, mori with capacity_sized=True; "
@@ -404,7 +408,7 @@ class Dispatcher(ABC):
             return mine
         if group_max_tokens is not None:
             return max(1, -(-group_max_tokens // cap))
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if _capturing():
             if mine > 1:
                 raise ValueError(error_message(
                     "num_tokens", num_tokens, f"a captured batch must fit the dispatcher's "

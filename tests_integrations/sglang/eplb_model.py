@@ -69,11 +69,7 @@ def build(P: int):
                   routing_method_type=RoutingMethodType.Renormalize,
                   routed_scaling_factor=SPEC.scale[n])
         topk.bind_runner_backend(moe.runner_backend, routing_method_type=moe.routing_method_type)
-        for g in range(SPEC.E):
-            w13, w2 = m.expert(SPEC, n, g)
-            moe.weight_loader(moe.w13_weight, w13[:SPEC.I], "w13_weight", "w1", g)
-            moe.weight_loader(moe.w13_weight, w13[SPEC.I:], "w13_weight", "w3", g)
-            moe.weight_loader(moe.w2_weight, w2, "w2_weight", "w2", g)
+        m.load_experts(moe, SPEC, n)
         moe.quant_method.process_weights_after_loading(moe)
         gate = m.gate(SPEC, n).clone()
         gate[HOT] += 3.0 / SPEC.H ** 0.5  # skew the load towards one expert

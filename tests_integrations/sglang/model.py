@@ -79,6 +79,16 @@ def expert(spec: Spec, layer: int, g: int):
     return o.expert_weights(spec.seed * 100 + layer, g, spec.H, spec.I, torch.float32)
 
 
+def load_experts(moe, spec: Spec, layer: int) -> None:
+    """Layer ``layer``'s global experts into SGLang's MoE layer ``moe`` as a checkpoint loads
+    them: through its own ``weight_loader``, gate ``w1``, up ``w3``, down ``w2``."""
+    for g in range(spec.E):
+        w13, w2 = expert(spec, layer, g)
+        moe.weight_loader(moe.w13_weight, w13[:spec.I], "w13_weight", "w1", g)
+        moe.weight_loader(moe.w13_weight, w13[spec.I:], "w13_weight", "w3", g)
+        moe.weight_loader(moe.w2_weight, w2, "w2_weight", "w2", g)
+
+
 def build(spec: Spec, layer_cls=(), topk_kw: dict | None = None,
           **moe_kw) -> list[SimpleNamespace]:
     """The model's layers, weights loaded as SGLang loads a checkpoint; ``layer_cls``: the MoE
@@ -99,11 +109,7 @@ def build(spec: Spec, layer_cls=(), topk_kw: dict | None = None,
                   routing_method_type=RoutingMethodType.Renormalize,
                   routed_scaling_factor=spec.scale[n], **moe_kw)
         topk.bind_runner_backend(moe.runner_backend, routing_method_type=moe.routing_method_type)
-        for g in range(spec.E):
-            w13, w2 = expert(spec, n, g)
-            moe.weight_loader(moe.w13_weight, w13[:spec.I], "w13_weight", "w1", g)
-            moe.weight_loader(moe.w13_weight, w13[spec.I:], "w13_weight", "w3", g)
-            moe.weight_loader(moe.w2_weight, w2, "w2_weight", "w2", g)
+        load_experts(moe, spec, n)
         loaded = (moe.w13_weight.detach().clone(), moe.w2_weight.detach().clone())
         moe.quant_method.process_weights_after_loading(moe)
         layers.append(SimpleNamespace(gate=gate(spec, n), topk=topk, moe=moe, loaded=loaded))

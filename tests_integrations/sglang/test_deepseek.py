@@ -46,11 +46,7 @@ def _block():
         blk.gate.e_score_correction_bias.copy_(0.1 * torch.randn(E, generator=g))
         se.gate_up_proj.weight.copy_(torch.randn(2 * I, H, generator=g) / H ** 0.5)
         se.down_proj.weight.copy_(torch.randn(H, I, generator=g) / I ** 0.5)
-    for e in range(E):
-        w13, w2 = m.expert(SPEC, 0, e)
-        moe.weight_loader(moe.w13_weight, w13[:I], "w13_weight", "w1", e)
-        moe.weight_loader(moe.w13_weight, w13[I:], "w13_weight", "w3", e)
-        moe.weight_loader(moe.w2_weight, w2, "w2_weight", "w2", e)
+    m.load_experts(moe, SPEC, 0)
     moe.quant_method.process_weights_after_loading(moe)
     return blk
 
@@ -129,11 +125,7 @@ def test_a_block_that_does_not_scale_gets_the_factor_once(deepseek_rank):
     with torch.no_grad():
         blk.gate.weight.copy_(torch.randn(E, H, generator=torch.Generator().manual_seed(5))
                               / H ** 0.5)
-    for e in range(E):
-        w13, w2 = m.expert(SPEC, 0, e)
-        moe.weight_loader(moe.w13_weight, w13[:I], "w13_weight", "w1", e)
-        moe.weight_loader(moe.w13_weight, w13[I:], "w13_weight", "w3", e)
-        moe.weight_loader(moe.w2_weight, w2, "w2_weight", "w2", e)
+    m.load_experts(moe, SPEC, 0)
     moe.quant_method.process_weights_after_loading(moe)
     x = torch.randn(5, H, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
