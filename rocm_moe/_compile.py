@@ -436,8 +436,10 @@ def _small(kernel: str) -> Callable[[str], list[Launch]]:
 
 
 _STREAM_PTRS = dict(x_ptr=lambda c: _fp8(c) if c["XFP8"] else "*bf16",
-                    xs_ptr=lambda c: "*fp32" if c["XFP8"] else "*bf16", w_ptr=_fp8,
-                    ws_ptr="*fp32", inter_ptr="*fp32",
+                    xs_ptr=lambda c: "*fp32" if c["XFP8"] else "*bf16",
+                    w_ptr=lambda c: _fp8(c) if c.get("WFP8", True) else "*bf16",
+                    ws_ptr=lambda c: "*fp32" if c.get("WFP8", True) else "*bf16",
+                    inter_ptr="*fp32",
                     out_ptr=lambda c: "*bf16" if c["PER_ROW"] or not c["WEIGHTED"] else "*fp32",
                     ids_ptr="*i32", map_ptr="*i32", weight_ptr="*fp32", num_rows_ptr="*i32")
 
@@ -446,25 +448,33 @@ def _stream(kernel: str) -> Callable[[str], list[Launch]]:
     """``experts.triton_small_fp8``'s launches: each DEFAULTS and TUNED entry at top-8 (gate/up
     on float rows, quantised in the kernel, and on FP8Rows; down in both weight modes; both row
     bounds) and its other FORM with the same tiles (float rows, weighted, unbounded); on sm_90
-    also its FORM as a PDL launch."""
+    also its FORM as a PDL launch. The BF16_DEFAULTS entries alike with bf16 weights (WFP8
+    off, float rows, nothing quantised): on sm_90 only (the bf16 stream path is NVIDIA's)."""
     def launches(target: str) -> list[Launch]:
-        from rocm_moe.experts.triton_small_fp8 import DEFAULTS, TUNED
+        from rocm_moe.experts.triton_small_fp8 import BF16_DEFAULTS, DEFAULTS, TUNED
 
         fnuz = target == "gfx942"
         quant = dict(FP8_MAX=240.0 if fnuz else 448.0, MIN_EXP=-7 if fnuz else -6, ROUND=False,
                      ACT_Q=True, K_TOPK=8)
         out = []
-        entries = list(DEFAULTS.items()) + \
-            [(f"{shape} {bucket}", cfg) for shape, t in TUNED.items() for bucket, cfg in t.items()]
-        for bucket, cfg in entries:
+        entries = [(b, c, True) for b, c in DEFAULTS.items()] + \
+            [(f"{shape} {bucket}", cfg, True) for shape, t in TUNED.items()
+             for bucket, cfg in t.items()]
+        if target == "sm_90":
+            entries += [(f"bf16 {b}", c, False) for b, c in BF16_DEFAULTS.items()]
+        for bucket, cfg, wfp8 in entries:
             k = cfg[kernel]
             for form in ("slot", "row"):
                 cx = dict(quant, PER_ROW=form == "row", S=8 if form == "row" else 1,
                           BLOCK_N=k["BLOCK_N"], BLOCK_K=k["BLOCK_K"],
                           PREFETCH=k.get("PREFETCH", False),
                           SPLIT=cfg["gate_up"].get("SPLIT", 1))
+                if not wfp8:
+                    cx.update(WFP8=False, ACT_Q=False)
                 extra = [dict(XFP8=x) for x in (False, True)] if kernel == "gate_up" else \
                     [dict(WEIGHTED=w) for w in (True, False)]
+                if not wfp8 and kernel == "gate_up":
+                    extra = extra[:1]  # (float rows only)
                 if form != k["FORM"]:  # (the other form: one variant)
                     extra = extra[:1]
                 out += [Launch(tuple(sorted({**cx, **v, "BOUNDED": b}.items())),
@@ -479,6 +489,32 @@ def _stream(kernel: str) -> Callable[[str], list[Launch]]:
 
 
 _STREAM_ALIGNED = ("H", "I", "stride_xr", "stride_ir", "stride_or", "stride_ok")
+
+
+def _gluon(kernel: str) -> Callable[[str], list[Launch]]:
+    """``experts.triton_fp8.GLUON_CONFIGS``' launches of the Gluon FP8 kernels (sm_90 only:
+    Hopper's wgmma and cp.async), both weight modes of the down kernel."""
+    def launches(target: str) -> list[Launch]:
+        from rocm_moe.experts.triton_fp8 import GLUON_CONFIGS
+
+        if target != "sm_90":
+            return []
+        out = []
+        for bucket, cfg in GLUON_CONFIGS.items():
+            k = cfg[kernel]
+            cx = dict(BLOCK_M=cfg["BLOCK_M"], STAGES=k["num_stages"])
+            variants = [dict(FP8_MAX=448.0)] if kernel == "gate_up" else \
+                [dict(WEIGHTED=w) for w in (True, False)]
+            out += [Launch(tuple(sorted({**cx, **v}.items())), cfg["BLOCK_M"] // 16, 1,
+                           f"gluon {bucket}") for v in variants]
+        return out
+    return launches
+
+
+_GLUON_PTRS = dict(aq_ptr="*fp8e4nv", as_ptr="*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32",
+                   iq_ptr="*fp8e4nv", is_ptr="*fp32", sorted_ptr="*i32",
+                   block_expert_ptr="*i32", weight_ptr="*fp32",
+                   out_ptr="*bf16")
 
 
 # Every Triton kernel of the package: one line each.
@@ -509,6 +545,10 @@ KERNELS = [
            _stream("gate_up"), aligned=_STREAM_ALIGNED),
     Kernel("rocm_moe.experts._triton_small_fp8:_stream_down_kernel", _STREAM_PTRS,
            _stream("down"), aligned=_STREAM_ALIGNED),
+    Kernel("rocm_moe.experts._gluon_fp8:_gluon_fp8_gate_up_kernel", _GLUON_PTRS,
+           _gluon("gate_up"), aligned=("H", "I", "stride_ar", "stride_ip")),
+    Kernel("rocm_moe.experts._gluon_fp8:_gluon_fp8_down_kernel", _GLUON_PTRS, _gluon("down"),
+           aligned=("H", "I", "stride_ip", "stride_os")),
     Kernel("rocm_moe.experts._triton_mxfp4:_mxfp4_gate_up_kernel", _MXFP4_PTRS,
            _mxfp4_experts("gate_up")),
     Kernel("rocm_moe.experts._triton_mxfp4:_mxfp4_down_kernel", _MXFP4_PTRS,
@@ -663,7 +703,14 @@ def compile_one(kernel: Kernel, target: str, launch: Launch) -> Compiled:
     backend, arch, warp = TARGETS[target][:3]
     sig = signature(fn, kernel, constexprs, target)
     attrs = aligned_attrs(fn, sig, kernel.aligned) if kernel.aligned else None
-    src = ASTSource(fn, sig, constexprs, attrs)
+    if "num_warps" in fn.arg_names:  # a Gluon kernel: num_warps is its own constexpr
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        constexprs["num_warps"] = launch.num_warps
+        sig["num_warps"] = "constexpr"
+        src = GluonASTSource(fn, sig, constexprs, attrs)
+    else:
+        src = ASTSource(fn, sig, constexprs, attrs)
     options = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
     ck = triton.compile(src, target=GPUTarget(backend, arch, warp), options=options)
     md = ck.metadata

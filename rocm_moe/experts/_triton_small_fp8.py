@@ -27,6 +27,8 @@ SPLIT (split-K, for grids with too few programs: one local slot, DeepSeek-V3's H
 gate/up programs split H and store partial sums that the down kernel adds in a fixed order.
 PREFETCH: the weight tiles of K step k + 1 are loaded before step k's are summed (two steps of
 loads in flight a thread; Triton pipelines only loads that feed tl.dot).
+WFP8 False: bf16 / fp16 weights without scales (the bf16 small path, ``triton_small``): the
+same streaming, float rows and the float32 intermediate as they are (ACT_Q and XFP8 off).
 """
 
 import triton
@@ -119,7 +121,7 @@ def _stream_gate_up_kernel(
     K_TOPK: tl.constexpr, XFP8: tl.constexpr, ACT_Q: tl.constexpr, FP8_MAX: tl.constexpr,
     ROUND: tl.constexpr, MIN_EXP: tl.constexpr, BOUNDED: tl.constexpr, PER_ROW: tl.constexpr,
     S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    SPLIT: tl.constexpr, PDL: tl.constexpr = False,
+    SPLIT: tl.constexpr, PDL: tl.constexpr = False, WFP8: tl.constexpr = True,
 ):
     """inter[slot, tile] = SiLU(a @ gate[e].T) * (a @ up[e].T) (float32) of the local slots;
     other slots' rows are not written. ``x`` [R, H] float rows, or FP8 (XFP8) with ``xs``
@@ -171,10 +173,14 @@ def _stream_gate_up_kernel(
                 a = _act_tile(x_ptr, xs_ptr, row, ok, offs_k, k_ok, stride_xr, stride_xs,
                               w_ptr.dtype.element_ty, XFP8, ACT_Q, FP8_MAX, ROUND, MIN_EXP, S,
                               BLOCK_K)
-                sm = ok[:, None] & k_ok[None, :]
-                kb = (offs_k // 128)[None, :]
-                a_g = a * tl.load(ws_g[:, None] + kb, mask=sm, other=0.0)
-                a_u = a * tl.load(ws_u[:, None] + kb, mask=sm, other=0.0)
+                if WFP8:  # the activations times the weight blocks' scales
+                    sm = ok[:, None] & k_ok[None, :]
+                    kb = (offs_k // 128)[None, :]
+                    a_g = a * tl.load(ws_g[:, None] + kb, mask=sm, other=0.0)
+                    a_u = a * tl.load(ws_u[:, None] + kb, mask=sm, other=0.0)
+                else:
+                    a_g = a
+                    a_u = a
                 acc_g += tl.sum(g.to(tl.float32) * a_g[:, None, :], axis=2)
                 acc_u += tl.sum(up.to(tl.float32) * a_u[:, None, :], axis=2)
             ptrs = inter_ptr + slot.to(tl.int64)[:, None] * stride_ir + offs_n[None, :]
@@ -195,6 +201,7 @@ def _stream_down_kernel(
     MIN_EXP: tl.constexpr, WEIGHTED: tl.constexpr, BOUNDED: tl.constexpr,
     PER_ROW: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
+    WFP8: tl.constexpr = True,
 ):
     """y_slot = d_slot @ down[e].T for the local slots, d the float32 intermediate (ACT_Q:
     quantised per 1x128 group as it loads; SPLIT > 1: made from the gate/up kernel's split-K
@@ -240,8 +247,9 @@ def _stream_down_kernel(
                 if ACT_Q:
                     a = _dequant_groups(a, w_ptr.dtype.element_ty, S, BLOCK_K, FP8_MAX, ROUND,
                                         MIN_EXP)
-                a = a * tl.load(ws[:, None] + (offs_k // 128)[None, :],
-                                mask=ok[:, None] & k_ok[None, :], other=0.0)
+                if WFP8:
+                    a = a * tl.load(ws[:, None] + (offs_k // 128)[None, :],
+                                    mask=ok[:, None] & k_ok[None, :], other=0.0)
                 acc += tl.sum(b.to(tl.float32) * a[:, None, :], axis=2)
         if WEIGHTED:
             acc = acc * tl.load(weight_ptr + s64, mask=ok, other=0.0)[:, None]

@@ -150,7 +150,47 @@ def _args(block_m: int, kcfg: dict) -> dict:
 # descriptors, PassManager::run failed) and "flatten" (``tl.range(flatten=True)`` over the
 # tiles: the same sm_90 PTX as without it in both kernels, Triton 3.6 and 3.9).
 KERNEL_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "desc", "ahead", "fused")
-TOP_KEYS = ("BLOCK_M", "gate_up", "down", "persistent", "programs_per_sm")
+TOP_KEYS = ("BLOCK_M", "gate_up", "down", "persistent", "programs_per_sm", "gluon")
+
+
+def _gluon_config(block_m: int, gate_up_stages: int, down_stages: int) -> dict:
+    def k(stages):
+        return dict(BLOCK_N=BLOCK, BLOCK_K=BLOCK, num_warps=block_m // 16, num_stages=stages)
+    return dict(BLOCK_M=block_m, gluon=True, gate_up=k(gate_up_stages), down=k(down_stages))
+
+
+# "gluon": True (issue 31): the grouped GEMMs through the Gluon kernels of
+# ``experts/_gluon_fp8.py`` (NVIDIA sm_90: async wgmma, the down GEMM's promotion overlapped
+# with the next K step's MMA) instead of Triton's; BLOCK_M 64 (4 warps) or 128 (8 warps),
+# BLOCK_N 128, num_warps BLOCK_M / 16, num_stages the cp.async ring's depth (gate/up 2 up to
+# what fits 227 KiB of shared memory: 4 at BLOCK_M 128, 5 at 64; down 3 and up). These are the
+# launches compiled for sm_90 in CI (``_compile``) and timed by bench/gluon_fp8_experts.py.
+GLUON_CONFIGS = {"64": _gluon_config(64, 4, 4), "128": _gluon_config(128, 4, 4)}
+GLUON_STAGE_BYTES = {"gate_up": lambda m: m * BLOCK + 2 * BLOCK * BLOCK,
+                     "down": lambda m: m * BLOCK + BLOCK * BLOCK}
+GLUON_SHARED = 227 * 1024  # sm_90's shared memory a block may take
+
+
+def gluon_refusal(device: torch.device, dtype: torch.dtype, *, upcast: bool, precise: bool,
+                  inter: int) -> str | None:
+    """Why the Gluon FP8 kernels cannot run here (None: they can): NVIDIA sm_90 with FP8
+    (e4m3fn) matrix instructions, Gluon's Hopper modules in this Triton, native FP8 dots
+    (not ``upcast``), the tensor core's accumulator over a K step (not ``precise``), I a
+    multiple of 128."""
+    if device.type != "cuda" or torch.version.hip is not None or \
+            torch.cuda.get_device_capability(device) != (9, 0):
+        return "runs on NVIDIA sm_90 (Hopper) only"
+    if dtype != torch.float8_e4m3fn:
+        return f"takes float8_e4m3fn weights, not {dtype}"
+    if upcast or precise:
+        return "runs native FP8 wgmma over each 128-wide K step (no upcast, no precise)"
+    if inter % BLOCK:
+        return f"needs I (here {inter}) a multiple of {BLOCK}"
+    try:
+        import triton.experimental.gluon.language.nvidia.hopper  # noqa: F401
+    except ImportError:
+        return "needs Triton with Gluon's Hopper modules (3.6+)"
+    return None
 
 
 def check_config(cfg: dict) -> None:
@@ -200,12 +240,45 @@ def check_config(cfg: dict) -> None:
     if bn not in (16, 32, 64, 128, 256):
         bad("config['down']['BLOCK_N']", bn, "must be 16, 32, 64, 128 (within one weight "
             "block) or 256 (two)", "pick one of those")
+    if cfg.get("gluon"):
+        _check_gluon(cfg, bad)
     if "programs_per_sm" in cfg and not cfg.get("persistent"):
         bad("config['programs_per_sm']", cfg["programs_per_sm"], "sets the persistent launch",
             "set config['persistent'] = True too, or drop programs_per_sm")
     pps = cfg.get("programs_per_sm", 1)
     if not isinstance(pps, int) or pps < 1:
         bad("config['programs_per_sm']", pps, "must be a positive int", "use 1, 2 or 4")
+
+
+def _check_gluon(cfg: dict, bad) -> None:
+    """A config with "gluon": the tiles and rings the Gluon kernels take."""
+    if cfg["gluon"] is not True:
+        bad("config['gluon']", cfg["gluon"], "must be True or absent", "drop it or pass True")
+    m = cfg["BLOCK_M"]
+    if m not in (64, 128):
+        bad("config['BLOCK_M']", m, "must be 64 or 128 with 'gluon' (one or two warpgroups of "
+            "wgmma rows)", "pick 64 or 128")
+    if cfg.get("persistent"):
+        bad("config['persistent']", True, "is a Triton launch (the Gluon kernels take one "
+            "tile a program)", "drop 'persistent' or 'gluon'")
+    for name, least in (("gate_up", 2), ("down", 3)):
+        kc = cfg[name]
+        for key in ("desc", "ahead", "fused"):
+            if kc.get(key):
+                bad(f"config[{name!r}][{key!r}]", kc[key], "is a Triton kernel variant",
+                    "drop it with 'gluon'")
+        if kc.get("BLOCK_N") != BLOCK:
+            bad(f"config[{name!r}]['BLOCK_N']", kc.get("BLOCK_N"),
+                f"must be {BLOCK} with 'gluon' (one weight-scale block)", f"set it to {BLOCK}")
+        if kc["num_warps"] != m // 16:
+            bad(f"config[{name!r}]['num_warps']", kc["num_warps"],
+                f"must be BLOCK_M / 16 = {m // 16} with 'gluon' (16 rows a warp)",
+                f"set it to {m // 16}")
+        most = GLUON_SHARED // GLUON_STAGE_BYTES[name](m)
+        if not least <= kc["num_stages"] <= most:
+            bad(f"config[{name!r}]['num_stages']", kc["num_stages"],
+                f"must be {least}..{most} with 'gluon' at BLOCK_M {m} (the cp.async ring in "
+                f"{GLUON_SHARED // 1024} KiB of shared memory)", f"pick {least}..{most}")
 
 
 def _variant_args(kcfg: dict, desc: bool, *, gate_up: bool) -> dict:
@@ -322,7 +395,17 @@ class TritonFP8Experts(FP8Experts):
             and persistent_supported(amd=_on_amd(dev))
         persistent = persistent or (bool(cfg.get("persistent", False))
                                     and persistent_supported(amd=_on_amd(dev)))
-        if N and P:
+        if N and P and cfg.get("gluon"):
+            why = gluon_refusal(dev, w13.dtype, upcast=upcast, precise=self.precise, inter=I)
+            if why:
+                from rocm_moe._checks import error_message
+
+                raise ValueError(error_message(
+                    "config['gluon']", True, f"the Gluon FP8 kernels {why}",
+                    "drop 'gluon' from the config (the Triton kernels run everywhere)"))
+            _gluon_gemms(aq, as_, w13, w2, iq, is_, out_slots, layout, topk_weights_RK, cfg,
+                         weighted=weighted)
+        elif N and P:
             gu, dn = cfg["gate_up"], cfg["down"]
             assert gu["BLOCK_N"] == BLOCK, cfg  # the epilogue quantises whole groups
             assert BLOCK % dn["BLOCK_N"] == 0 or dn["BLOCK_N"] == 2 * BLOCK, cfg
@@ -359,3 +442,26 @@ class TritonFP8Experts(FP8Experts):
             slot_sum(out_slots, layout.local_ids, out, num_rows)
             return ExpertsOutput(out=out, weights_applied=True)
         return ExpertsOutput(out=out_slots.view(R, K, H), weights_applied=False)
+
+
+def _gluon_gemms(aq, as_, w13, w2, iq, is_, out_slots, layout, topk_weights_RK, cfg: dict, *,
+                 weighted: bool) -> None:
+    """Both grouped GEMMs through the Gluon kernels (``cfg`` checked, ``gluon_refusal`` None):
+    the same layout, buffers and contract as the Triton kernels' launch in ``_forward``."""
+    from rocm_moe.experts._gluon_fp8 import _gluon_fp8_down_kernel, _gluon_fp8_gate_up_kernel
+
+    H, I = w13.shape[2], w2.shape[2]
+    n_blocks = layout.block_expert_ids.numel()
+    m, warps = cfg["BLOCK_M"], cfg["BLOCK_M"] // 16
+    ws13, ws2 = w13.scale_inv, w2.scale_inv
+    _gluon_fp8_gate_up_kernel[(n_blocks * (I // BLOCK),)](
+        aq, as_, w13.weight, ws13, iq, is_, layout.sorted_slot_ids, layout.block_expert_ids,
+        layout.sentinel, H, I, layout.top_k, -(-H // BLOCK), aq.stride(0), as_.stride(0),
+        ws13.stride(0), ws13.stride(1), iq.stride(0), is_.stride(0),
+        FP8_MAX=fp8_max(aq.dtype), BLOCK_M=m, STAGES=cfg["gate_up"]["num_stages"],
+        num_warps=warps)
+    _gluon_fp8_down_kernel[(n_blocks * -(-H // BLOCK),)](
+        iq, is_, w2.weight, ws2, out_slots, layout.sorted_slot_ids, layout.block_expert_ids,
+        topk_weights_RK.contiguous().view(-1), layout.sentinel, H, I, I // BLOCK,
+        iq.stride(0), is_.stride(0), ws2.stride(0), ws2.stride(1), out_slots.stride(0),
+        WEIGHTED=weighted, BLOCK_M=m, STAGES=cfg["down"]["num_stages"], num_warps=warps)

@@ -56,6 +56,25 @@ SMALL_MAX_SLOTS = 64
 # 230.0 (bench/results/decode_check_qwen3_fp8_h100.txt) and run only with an explicit config.
 FP8_SMALL_MAX_SLOTS = _fp8_max_slots()
 PER_SLOT_MAX_SLOTS = 64  # gate/up per slot (GEMV) up to here; per expert (tl.dot) above
+# bf16 / fp16 batches of at most this many slots run the streaming kernels of
+# ``triton_small_fp8`` (float weights, BF16_DEFAULTS: two launches, the weighted sum in the
+# down launch, PDL on NVIDIA sm_90+) unless a config is given; 0 on ROCm (never timed there).
+# ROCM_MOE_BF16_STREAM_MAX_SLOTS (an int >= 0) overrides it (benchmarks: 0 is the tl.dot forms).
+BF16_STREAM_MAX_SLOTS = 8 if torch.version.hip is None else 0
+BF16_STREAM_ENV = "ROCM_MOE_BF16_STREAM_MAX_SLOTS"
+
+
+def bf16_stream_max_slots() -> int:
+    """The most slots of a bf16 / fp16 batch that the streaming kernels take by default:
+    ROCM_MOE_BF16_STREAM_MAX_SLOTS, else BF16_STREAM_MAX_SLOTS."""
+    env = os.environ.get(BF16_STREAM_ENV, "")
+    if env == "":
+        return BF16_STREAM_MAX_SLOTS
+    if not env.isdigit():
+        raise ValueError(error_message(BF16_STREAM_ENV, repr(env), "must be an int >= 0",
+                                       "set it to the most slots (rows x top_k), e.g. 8, or "
+                                       "0 for the tl.dot forms"))
+    return int(env)
 
 
 def check_path(path: object, small_max_slots: object, *, invariant: bool = False) -> None:
@@ -270,8 +289,16 @@ def small_experts(x_RH: torch.Tensor, topk_ids_RK: torch.Tensor, topk_weights_RK
     R, K = topk_ids_RK.shape
     H, I = x_RH.shape[1], w2.shape[2]
     dev = x_RH.device
-    cfg = config or small_config(expected_rows_of(R, num_rows, expected_rows) * K, fp8=False,
-                                 hidden=H, inter=I, device_name=_device_name(dev))
+    slots = expected_rows_of(R, num_rows, expected_rows) * K
+    if (config or {}).get("kind") == "stream" or (
+            config is None and slots <= bf16_stream_max_slots()):
+        from rocm_moe.experts.triton_small_fp8 import stream_fp8_experts
+
+        return stream_fp8_experts(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map,
+                                  weighted=weighted, out_dtype=x_RH.dtype, num_rows=num_rows,
+                                  expected_rows=expected_rows, config=config)
+    cfg = config or small_config(slots, fp8=False, hidden=H, inter=I,
+                                 device_name=_device_name(dev))
     x = x_RH if x_RH.stride(1) == 1 else x_RH.contiguous()
     out = _outputs(R, K, H, weighted=weighted, dtype=x.dtype, device=dev,
                    zeros=num_rows is not None or _per_slot_rows(cfg))

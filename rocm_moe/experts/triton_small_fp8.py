@@ -87,6 +87,13 @@ DEFAULTS = {
 }
 # Per (H, I) where the sweep's best differs from DEFAULTS: DeepSeek-V3's one-token down.
 TUNED = {"7168x2048": {"8": _stream(("slot", 16, 512, 8, 3), ("slot", 16, 512, 4, 1))}}
+# bf16 / fp16 weights (``triton_small.small_experts`` up to its BF16_STREAM_MAX_SLOTS): the FP8
+# tiles with half the columns of K a step, so that a step moves the same bytes (2 x 16 KiB of
+# gate/up weights a program, 16 KiB of down weights); ACT "float" (nothing is quantised).
+BF16_DEFAULTS = {
+    "8": dict(_stream(("slot", 16, 256, 8, 3), ("row", 8, 128, 8, 1)), ACT="float"),
+    "64": dict(_stream(("slot", 16, 128, 4, 1), ("slot", 32, 128, 4, 1)), ACT="float"),
+}
 
 
 def _bad(field: str, value, rule: str):
@@ -196,10 +203,13 @@ def stream_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.T
                        expert_map: ExpertMap, *, weighted: bool, out_dtype: torch.dtype,
                        num_rows: torch.Tensor | None = None, expected_rows: int | None = None,
                        config: dict | None = None) -> ExpertsOutput:
-    """The block-FP8 experts of a small batch (checked inputs: ``TritonFP8Experts`` calls it
-    through ``triton_small.small_fp8_experts``): ``rows`` FP8Rows [R, H] or float rows [R, H];
-    ``w13`` / ``w2`` BlockFP8Weights; ``config``: ``stream_config``'s form (default: by the
-    slots expected). Returns [R, H] (``weighted``) or [R, K, H] in ``out_dtype``."""
+    """The experts of a small batch through the streaming kernels (checked inputs:
+    ``TritonFP8Experts`` / ``TritonExperts`` call it through ``triton_small``): ``rows``
+    FP8Rows [R, H] or float rows [R, H]; ``w13`` / ``w2`` BlockFP8Weights, or bf16 / fp16
+    tensors [e, 2I, H] / [e, H, I] (float rows of their dtype; ACT is then "float" whatever
+    the config says: nothing is quantised); ``config``: ``stream_config``'s form (default: by
+    the slots expected, ``BF16_DEFAULTS`` for float weights). Returns [R, H] (``weighted``) or
+    [R, K, H] in ``out_dtype``."""
     from rocm_moe._gate_triton import pdl_supported
     from rocm_moe.experts import _triton_small as small_k
     from rocm_moe.experts import _triton_small_fp8 as k
@@ -209,9 +219,14 @@ def stream_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.T
     R, K = topk_ids_RK.shape
     H, I = w13.shape[2], w2.shape[2]
     dev = rows.device
+    wfp8 = not isinstance(w13, torch.Tensor)  # BlockFP8Weights, else float weights
     expect = max(1, min(R, expected_rows_of(R, num_rows, expected_rows)))
-    cfg = check_config(config) if config is not None else stream_config(expect * K, hidden=H,
-                                                                        inter=I)
+    if config is not None:
+        cfg = check_config(config)
+    elif wfp8:
+        cfg = stream_config(expect * K, hidden=H, inter=I)
+    else:
+        cfg = _pick(BF16_DEFAULTS, expect * K)
     gu, dn = cfg["gate_up"], cfg["down"]
     xfp8 = isinstance(rows, FP8Rows)
     if xfp8:
@@ -232,11 +247,17 @@ def stream_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.T
     wts = topk_weights_RK.contiguous().view(-1)
     emap = expert_map.map_E.to(dev)
     nr = num_rows if bounded else ids
-    ws13, ws2 = w13.scale_inv.contiguous(), w2.scale_inv.contiguous()
-    w13q, w2q = w13.weight.contiguous(), w2.weight.contiguous()
+    if wfp8:
+        ws13, ws2 = w13.scale_inv.contiguous(), w2.scale_inv.contiguous()
+        w13q, w2q = w13.weight.contiguous(), w2.weight.contiguous()
+        quant = dict(ACT_Q=cfg["ACT"] == "fp8", FP8_MAX=fp8_max(w13.dtype),
+                     **fp8_rounding(w13.dtype))
+    else:  # no scales (the kernels read none: WFP8 off), nothing quantised
+        w13q, w2q = w13.contiguous(), w2.contiguous()
+        ws13 = ws2 = w13q
+        quant = dict(ACT_Q=False, FP8_MAX=448.0, ROUND=False, MIN_EXP=-6)
     pdl = cfg.get("PDL", False) and pdl_supported(dev)
-    common = dict(ACT_Q=cfg["ACT"] == "fp8", FP8_MAX=fp8_max(w13.dtype),
-                  **fp8_rounding(w13.dtype), BOUNDED=bounded, PDL=pdl)
+    common = dict(**quant, BOUNDED=bounded, PDL=pdl, WFP8=wfp8)
     extra = dict(launch_pdl=True) if pdl else {}
     split = gu.get("SPLIT", 1)  # split-K: gate and up partials per split, summed by the down
     inter = torch.empty(R * K, I, dtype=torch.float32, device=dev) if split == 1 else \

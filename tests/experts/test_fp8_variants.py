@@ -379,3 +379,99 @@ def test_every_variant_compiles_for_sm_90():
     failed = [f"{v.id} {name}: {err}" for (v, name), err in zip(pairs, errors, strict=True)
               if err]
     assert not failed, "\n".join(failed)
+
+
+# ---- Gluon kernels (experts/_gluon_fp8.py: NVIDIA sm_90) -------------------------------------
+
+def _gluon_cfg(block_m=64, gu_stages=4, dn_stages=4):
+    return tf._gluon_config(block_m, gu_stages, dn_stages)
+
+
+@pytest.mark.parametrize("cfg", list(tf.GLUON_CONFIGS.values()))
+def test_gluon_configs_are_valid(cfg):
+    check_config(cfg)
+    assert cfg["gluon"] is True
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (dict(gluon=1), r"config\['gluon'\]=1: must be True or absent"),
+    (dict(BLOCK_M=32), r"config\['BLOCK_M'\]=32: must be 64 or 128 with 'gluon'"),
+    (dict(persistent=True), r"config\['persistent'\]=True: is a Triton launch"),
+    (dict(gate_up=dict(_gluon_cfg()["gate_up"], desc=True)),
+     r"config\['gate_up'\]\['desc'\]=True: is a Triton kernel variant"),
+    (dict(down=dict(_gluon_cfg()["down"], BLOCK_N=64)),
+     r"config\['down'\]\['BLOCK_N'\]=64: must be 128 with 'gluon'"),
+    (dict(down=dict(_gluon_cfg()["down"], num_warps=8)),
+     r"config\['down'\]\['num_warps'\]=8: must be BLOCK_M / 16 = 4"),
+    (dict(down=dict(_gluon_cfg()["down"], num_stages=2)),
+     r"config\['down'\]\['num_stages'\]=2: must be 3\.\.9 with 'gluon' at BLOCK_M 64"),
+    (dict(gate_up=dict(_gluon_cfg()["gate_up"], num_stages=6)),
+     r"config\['gate_up'\]\['num_stages'\]=6: must be 2\.\.5 with 'gluon' at BLOCK_M 64"),
+])
+def test_bad_gluon_config_is_refused_with_the_fix(change, match):
+    with pytest.raises(ValueError, match=match + r".*Fix: "):
+        TritonFP8Experts(config={**_gluon_cfg(), **change})
+
+
+def test_gluon_refused_off_sm_90_naming_the_fix(gen):
+    """A gluon config where its kernels cannot run: a ValueError naming why and the fix (here
+    on a CPU, or a GPU other than sm_90), never the Triton kernels in its place."""
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) == (9, 0):
+        pytest.skip("sm_90 runs the Gluon kernels (test_gpu_gluon_matches_reference)")
+    args, _ = _case(33, 2, 8, 2, 256, 256, gen)
+    with pytest.raises(ValueError, match=r"config\['gluon'\]=True: the Gluon FP8 kernels runs? "
+                       r".*Fix: drop 'gluon'"):
+        TritonFP8Experts(config=_gluon_cfg(), path="grouped")(*args, weight_mode="experts")
+    assert tf.gluon_refusal(torch.device("cpu"), torch.float8_e4m3fn, upcast=False,
+                            precise=False, inter=256) == "runs on NVIDIA sm_90 (Hopper) only"
+
+
+sm90 = pytest.mark.skipif(DEVICE.type != "cuda" or torch.version.hip is not None
+                          or torch.cuda.get_device_capability(DEVICE) != (9, 0),
+                          reason="the Gluon FP8 kernels need an NVIDIA sm_90 GPU")
+
+
+@sm90
+@pytest.mark.parametrize("shape", [(1024, 8, 128, 8, 2048, 768), (33, 4, 16, 2, 200, 256),
+                                   (3000, 8, 64, 8, 7168, 2048)],
+                         ids=lambda s: "R{}_K{}_E{}_W{}_H{}_I{}".format(*s))
+@pytest.mark.parametrize("cfg", list(tf.GLUON_CONFIGS.values()),
+                         ids=lambda c: f"M{c['BLOCK_M']}")
+def test_gpu_gluon_matches_reference(cfg, shape, gen):
+    """The Gluon kernels against the FP8 reference in both weight modes (-1 slots, other
+    ranks' experts, H = 200: a partial last K step and output tile, DeepSeek-V3's shape: 56
+    K steps, an even count, and 16 of the down GEMM's), and beside the Triton kernels of the
+    same BLOCK_M (the same sums: their difference is reported, not asserted equal)."""
+    args, _ = _case(*shape, gen)
+    local = args[5].local_ids(args[1]) >= 0
+    triton_cfg = fp8_block_config(8192 * 8, 8)
+    triton_cfg["BLOCK_M"] = cfg["BLOCK_M"]
+    for mode in ("experts", "combine"):
+        out = TritonFP8Experts(config=cfg, path="grouped")(*args, weight_mode=mode).out
+        ref = FP8ReferenceExperts()(*args, weight_mode=mode).out
+        assert rel_err(out, ref) < 1e-2, mode
+        other = TritonFP8Experts(config=triton_cfg, path="grouped")(*args, weight_mode=mode).out
+        assert rel_err(out, other) < 1e-2, mode
+        if mode == "combine":
+            assert out[~local].eq(0).all()
+
+
+@sm90
+def test_gpu_gluon_graph_replay_and_empty_blocks(gen):
+    """Under CUDA-graph capture (no host reads) with a capacity-sized batch (rows past
+    num_rows are -1: blocks of the layout unused), the replay gives the eager call's bits."""
+    args, _ = _case(1024, 8, 128, 8, 2048, 768, gen)
+    ids = args[1].clone()
+    ids[600:] = -1
+    args = (args[0], ids, *args[2:])
+    ex = TritonFP8Experts(config=tf.GLUON_CONFIGS["128"], path="grouped")
+    eager = ex(*args, weight_mode="experts", validate=False).out.clone()
+    ref = FP8ReferenceExperts()(*args, weight_mode="experts").out
+    assert rel_err(eager, ref) < 1e-2
+    g = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(g):
+        captured = ex(*args, weight_mode="experts", validate=False).out
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)

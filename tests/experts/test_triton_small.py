@@ -33,11 +33,31 @@ FORMS = ["gemv", "dot", "slot", "expert"]  # per slot (gate/up) and per row (dow
 # vector units or via tl.dot; per slot via tl.dot with the down into per-slot rows; per local
 # expert (the per-slot forms run up to PER_SLOT_MAX_SLOTS)
 CROSSED = {"gemv": "expert", "dot": "slot", "slot": "row", "expert": "row"}  # T = 2's down
+# bf16 / fp16 through the streaming kernels of triton_small_fp8 (float weights): the default
+# for up to BF16_STREAM_MAX_SLOTS slots (gate/up per slot, down per row) and the other forms
+# (gate/up per row, down per slot: the weighted sum a third launch)
+BF16_FORMS = [*FORMS, "stream", "stream_rows"]
+
+
+def _stream_config(form: str) -> dict:
+    from rocm_moe.experts.triton_small_fp8 import BF16_DEFAULTS
+
+    cfg = {**BF16_DEFAULTS["8"]}
+    if not GPU:  # (wide tiles for the interpreter)
+        cfg["gate_up"] = dict(cfg["gate_up"], BLOCK_N=32, BLOCK_K=128, num_warps=4)
+        cfg["down"] = dict(cfg["down"], BLOCK_N=32, BLOCK_K=128, num_warps=4)
+    if form == "stream_rows":
+        cfg["gate_up"] = dict(cfg["gate_up"], FORM="row", PREFETCH=True)
+        cfg["down"] = dict(cfg["down"], FORM="slot")
+    return cfg
 
 
 def _config(form: str, *, fp8: bool = False, down_form: str | None = None) -> dict:
-    """The launch config of ``form`` (FORMS), the down's FORM ``down_form`` if given.
-    Off-GPU: wide tiles for the interpreter (few programs); the kernels' logic is the same."""
+    """The launch config of ``form`` (FORMS, or the bf16 stream forms of BF16_FORMS), the
+    down's FORM ``down_form`` if given. Off-GPU: wide tiles for the interpreter (few
+    programs); the kernels' logic is the same."""
+    if form.startswith("stream"):
+        return _stream_config(form)
     cfg = small.small_config(10**6 if form == "expert" else 1, fp8=fp8)
     if not GPU:
         bk = 128 if fp8 else 32
@@ -94,14 +114,14 @@ def _oracle(args, mode):
 
 
 @pytest.mark.parametrize(("T", "K", "E", "W", "H", "I", "routing"), CASES)
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", BF16_FORMS)
 def test_matches_float64_oracle(T, K, E, W, H, I, routing, form, gen):
     """Both weight modes; T = 2 crosses the kernels' forms (CROSSED)."""
     args = _case(T, K, E, W, H, I, routing, gen)
     local = args[5].local_ids(args[1]) >= 0
     for mode in ("experts", "combine"):
         want = _oracle(args, mode)
-        cfg = _config(form, down_form=CROSSED[form] if T == 2 else None)
+        cfg = _config(form, down_form=CROSSED.get(form) if T == 2 else None)
         tma = form in ("slot", "expert")  # weights through tensor descriptors ("dot": pointers)
         out = small.small_experts(*_dev(args), weighted=mode == "experts", config=cfg, tma=tma)
         assert out.weights_applied == (mode == "experts")
@@ -116,7 +136,7 @@ def test_matches_float64_oracle(T, K, E, W, H, I, routing, form, gen):
             assert got[~local].eq(0).all()  # non-local and empty slots: exact zeros
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", BF16_FORMS)
 def test_zero_token_experts_and_nothing_local(form, gen):
     """A batch whose slots are all -1 or other ranks' experts: zeros, and no stale values."""
     args = _case(5, 2, 8, 2, 64, 32, "random", gen)
@@ -126,7 +146,7 @@ def test_zero_token_experts_and_nothing_local(form, gen):
         assert out.out.eq(0).all()
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", BF16_FORMS)
 def test_bounded_rows(form, gen):
     """A capacity-sized batch (num_rows on the device): rows past the count are never read
     (NaN there), raw rows past it stay zeros, and a grid sized for fewer rows than arrive
@@ -172,6 +192,35 @@ def test_auto_path_by_size_and_forced(monkeypatch, gen):
         out = experts(*args, weight_mode="experts").out
         assert bool(calls) == taken, experts.__dict__
         assert rel_err(out.cpu(), want) < TOL
+
+
+def test_bf16_default_streams_up_to_its_slots(monkeypatch, gen):
+    """Without a config, bf16 / fp16 batches of at most BF16_STREAM_MAX_SLOTS slots run the
+    streaming kernels (float weights), larger ones the tl.dot forms; both match the oracle."""
+    from rocm_moe.experts import triton_small_fp8 as stream
+
+    assert small.BF16_STREAM_MAX_SLOTS == (8 if torch.version.hip is None else 0)
+    calls = []
+    real = stream.stream_fp8_experts
+    monkeypatch.setattr(stream, "stream_fp8_experts",
+                        lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
+    args = _case(3, 2, 8, 1, 64, 32, "random", gen)
+    for limit, taken in ((6, True), (5, False)):
+        monkeypatch.setattr(small, "BF16_STREAM_MAX_SLOTS", limit)
+        calls.clear()
+        for mode in ("experts", "combine"):
+            out = small.small_experts(*_dev(args), weighted=mode == "experts").out
+            assert rel_err(out.cpu(), _oracle(args, mode)) < TOL, (limit, mode)
+        assert calls == ([(3, 2)] * 2 if taken else []), limit
+    monkeypatch.setenv(small.BF16_STREAM_ENV, "0")  # the environment's limit first
+    monkeypatch.setattr(small, "BF16_STREAM_MAX_SLOTS", 6)
+    calls.clear()
+    small.small_experts(*_dev(args), weighted=True)
+    assert calls == []
+    for bad in ("-1", "8.0", "all"):
+        monkeypatch.setenv(small.BF16_STREAM_ENV, bad)
+        with pytest.raises(ValueError, match=small.BF16_STREAM_ENV):
+            small.small_experts(*_dev(args), weighted=True)
 
 
 def test_fp8_sibling_keeps_the_path():
@@ -385,6 +434,15 @@ def test_gpu_qwen3_shape_small_equals_grouped(T, gen):
         for path in ("small", "grouped"):
             out = TritonExperts(path=path)(*args, weight_mode=mode).out
             assert rel_err(out, want) < 2e-2, (mode, path)
+        # the streaming kernels with float weights, each bucket's tiles, PDL on and off (the
+        # same bits: PDL only moves the launches)
+        from rocm_moe.experts.triton_small_fp8 import BF16_DEFAULTS
+
+        for cfg in BF16_DEFAULTS.values():
+            got = [small.small_experts(*args, weighted=mode == "experts",
+                                       config=dict(cfg, PDL=pdl)).out for pdl in (True, False)]
+            assert rel_err(got[0], want) < 2e-2, (mode, cfg)
+            assert torch.equal(got[0], got[1]), (mode, cfg)
     experts = TritonExperts(path="small")
     eager = experts(*args, weight_mode="experts", validate=False).out.clone()
     graph = torch.cuda.CUDAGraph()
