@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU checks of this session's code in ONE device call (under 600 s; each step capped, a
+# step cut by its cap leaves the others' files), most important first:
+#   1. rocm-moe bench decode, Qwen3-30B-A3B bf16, 1 / 8 tokens, --fused-gate all --batches 16:
+#      the bf16 streaming small path (default) and the tl.dot forms
+#      (ROCM_MOE_BF16_STREAM_MAX_SLOTS=0), same run                               2 x 70 s
+#   2. the Gluon FP8 kernels' GPU tests (test_fp8_variants.py -k gluon)                150 s
+#   3. bench/gluon_fp8_experts.py: Gluon vs Triton grouped FP8 experts, time / floor   150 s
+#   4. the bf16 small path's GPU tests (test_triton_small.py -k gpu_qwen3_shape_small)  80 s
+#   5. bench/sweep_bf16_small.py --shapes qwen3 --tokens 1 8 (what time is left)
+# Usage: bash bench/gpu_session11.sh DIR [tag]
+set -uo pipefail
+OUT=${1:-${OUT:-bench/results}}
+TAG=${2:-h100}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+SECONDS=0
+status=0
+step() {  # name, cap, command...
+  local name=$1 cap=$2
+  shift 2
+  echo "== $name (${SECONDS} s, cap ${cap} s) =="
+  timeout "$cap" "$@" 2>&1 | grep -v -i warn | tee "$OUT/${name}_$TAG.txt" | tail -14
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "STEP $name FAILED OR CUT"; status=1; }
+}
+DEC=(python3 -m rocm_moe.cli bench decode --model qwen3-30b-a3b --tokens 1 8 --fused-gate all
+     --batches 16 --out "$OUT")
+step decode_bf16_stream_qwen3 70 "${DEC[@]}" --name "decode_bf16_stream_qwen3_$TAG"
+step decode_bf16_dot_qwen3 70 env ROCM_MOE_BF16_STREAM_MAX_SLOTS=0 "${DEC[@]}" \
+  --name "decode_bf16_dot_qwen3_$TAG"
+step tests_gluon 150 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
+  tests/experts/test_fp8_variants.py -k gluon
+step gluon_fp8_experts 150 python3 bench/gluon_fp8_experts.py --qwen3 1024 4096 16384 \
+  --dsv3 8192 --json "$OUT/gluon_fp8_experts_$TAG.json"
+step tests_bf16_stream 80 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
+  tests/experts/test_triton_small.py -k gpu_qwen3_shape_small
+left=$((585 - SECONDS))
+[ "$left" -gt 30 ] && step bf16_small_sweep "$left" python3 bench/sweep_bf16_small.py \
+  --shapes qwen3 --tokens 1 8 --json "$OUT/bf16_small_sweep_$TAG.json"
+echo "== done in ${SECONDS} s, status ${status} =="
+exit $status
