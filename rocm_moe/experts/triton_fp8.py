@@ -172,24 +172,26 @@ GLUON_SHARED = 227 * 1024  # sm_90's shared memory a block may take
 
 
 def gluon_refusal(device: torch.device, dtype: torch.dtype, *, upcast: bool, precise: bool,
-                  inter: int) -> str | None:
-    """Why the Gluon FP8 kernels cannot run here (None: they can): NVIDIA sm_90 with FP8
-    (e4m3fn) matrix instructions, Gluon's Hopper modules in this Triton, native FP8 dots
-    (not ``upcast``), the tensor core's accumulator over a K step (not ``precise``), I a
-    multiple of 128."""
+                  hidden: int, inter: int) -> str | None:
+    """Why the Gluon FP8 kernels cannot run here (None: they can): H a multiple of 16 (the
+    rows' cp.async copies move 16 bytes), I of 128, NVIDIA sm_90 with FP8 (e4m3fn) matrix
+    instructions, Gluon's Hopper modules in this Triton, native FP8 dots (not ``upcast``),
+    the tensor core's accumulator over a K step (not ``precise``)."""
+    if hidden % 16:
+        return f"need H (here {hidden}) a multiple of 16 (16-byte cp.async row copies)"
+    if inter % BLOCK:
+        return f"need I (here {inter}) a multiple of {BLOCK}"
     if device.type != "cuda" or torch.version.hip is not None or \
             torch.cuda.get_device_capability(device) != (9, 0):
-        return "runs on NVIDIA sm_90 (Hopper) only"
+        return "run on NVIDIA sm_90 (Hopper) only"
     if dtype != torch.float8_e4m3fn:
-        return f"takes float8_e4m3fn weights, not {dtype}"
+        return f"take float8_e4m3fn weights, not {dtype}"
     if upcast or precise:
-        return "runs native FP8 wgmma over each 128-wide K step (no upcast, no precise)"
-    if inter % BLOCK:
-        return f"needs I (here {inter}) a multiple of {BLOCK}"
+        return "run native FP8 wgmma over each 128-wide K step (no upcast, no precise)"
     try:
         import triton.experimental.gluon.language.nvidia.hopper  # noqa: F401
     except ImportError:
-        return "needs Triton with Gluon's Hopper modules (3.6+)"
+        return "need Triton with Gluon's Hopper modules (3.6+)"
     return None
 
 
@@ -396,13 +398,16 @@ class TritonFP8Experts(FP8Experts):
         persistent = persistent or (bool(cfg.get("persistent", False))
                                     and persistent_supported(amd=_on_amd(dev)))
         if N and P and cfg.get("gluon"):
-            why = gluon_refusal(dev, w13.dtype, upcast=upcast, precise=self.precise, inter=I)
+            why = gluon_refusal(dev, w13.dtype, upcast=upcast, precise=self.precise, hidden=H,
+                                inter=I)
             if why:
                 from rocm_moe._checks import error_message
 
                 raise ValueError(error_message(
                     "config['gluon']", True, f"the Gluon FP8 kernels {why}",
                     "drop 'gluon' from the config (the Triton kernels run everywhere)"))
+            if aq.stride(0) % 16 or aq.data_ptr() % 16:  # (rows in place in a receive
+                aq = aq.clone(memory_format=torch.contiguous_format)  # buffer: 16-byte rows)
             _gluon_gemms(aq, as_, w13, w2, iq, is_, out_slots, layout, topk_weights_RK, cfg,
                          weighted=weighted)
         elif N and P:

@@ -58,7 +58,8 @@ FP8_SMALL_MAX_SLOTS = _fp8_max_slots()
 PER_SLOT_MAX_SLOTS = 64  # gate/up per slot (GEMV) up to here; per expert (tl.dot) above
 # bf16 / fp16 batches of at most this many slots run the streaming kernels of
 # ``triton_small_fp8`` (float weights, BF16_DEFAULTS: two launches, the weighted sum in the
-# down launch, PDL on NVIDIA sm_90+) unless a config is given; 0 on ROCm (never timed there).
+# down launch, PDL on NVIDIA sm_90+) unless a config is given or the tuned table has an entry
+# for the device and shape (``tuned_config``); 0 on ROCm (never timed there).
 # ROCM_MOE_BF16_STREAM_MAX_SLOTS (an int >= 0) overrides it (benchmarks: 0 is the tl.dot forms).
 BF16_STREAM_MAX_SLOTS = 8 if torch.version.hip is None else 0
 BF16_STREAM_ENV = "ROCM_MOE_BF16_STREAM_MAX_SLOTS"
@@ -290,15 +291,16 @@ def small_experts(x_RH: torch.Tensor, topk_ids_RK: torch.Tensor, topk_weights_RK
     H, I = x_RH.shape[1], w2.shape[2]
     dev = x_RH.device
     slots = expected_rows_of(R, num_rows, expected_rows) * K
+    name = _device_name(dev)
     if (config or {}).get("kind") == "stream" or (
-            config is None and slots <= bf16_stream_max_slots()):
+            config is None and slots <= bf16_stream_max_slots()
+            and tuned_config(slots, fp8=False, hidden=H, inter=I, device_name=name) is None):
         from rocm_moe.experts.triton_small_fp8 import stream_fp8_experts
 
         return stream_fp8_experts(x_RH, topk_ids_RK, topk_weights_RK, w13, w2, expert_map,
                                   weighted=weighted, out_dtype=x_RH.dtype, num_rows=num_rows,
                                   expected_rows=expected_rows, config=config)
-    cfg = config or small_config(slots, fp8=False, hidden=H, inter=I,
-                                 device_name=_device_name(dev))
+    cfg = config or small_config(slots, fp8=False, hidden=H, inter=I, device_name=name)
     x = x_RH if x_RH.stride(1) == 1 else x_RH.contiguous()
     out = _outputs(R, K, H, weighted=weighted, dtype=x.dtype, device=dev,
                    zeros=num_rows is not None or _per_slot_rows(cfg))

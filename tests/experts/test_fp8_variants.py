@@ -419,11 +419,15 @@ def test_gluon_refused_off_sm_90_naming_the_fix(gen):
     if DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) == (9, 0):
         pytest.skip("sm_90 runs the Gluon kernels (test_gpu_gluon_matches_reference)")
     args, _ = _case(33, 2, 8, 2, 256, 256, gen)
-    with pytest.raises(ValueError, match=r"config\['gluon'\]=True: the Gluon FP8 kernels runs? "
+    with pytest.raises(ValueError, match=r"config\['gluon'\]=True: the Gluon FP8 kernels run "
                        r".*Fix: drop 'gluon'"):
         TritonFP8Experts(config=_gluon_cfg(), path="grouped")(*args, weight_mode="experts")
-    assert tf.gluon_refusal(torch.device("cpu"), torch.float8_e4m3fn, upcast=False,
-                            precise=False, inter=256) == "runs on NVIDIA sm_90 (Hopper) only"
+    kw = dict(upcast=False, precise=False, hidden=256, inter=256)
+    cpu, fp8 = torch.device("cpu"), torch.float8_e4m3fn
+    assert tf.gluon_refusal(cpu, fp8, **kw) == "run on NVIDIA sm_90 (Hopper) only"
+    # shape rules first, on any device (H = 200: rows not 16-byte copies; I not whole blocks)
+    assert "H (here 200) a multiple of 16" in tf.gluon_refusal(cpu, fp8, **{**kw, "hidden": 200})
+    assert "I (here 320) a multiple of 128" in tf.gluon_refusal(cpu, fp8, **{**kw, "inter": 320})
 
 
 sm90 = pytest.mark.skipif(DEVICE.type != "cuda" or torch.version.hip is not None
@@ -432,14 +436,14 @@ sm90 = pytest.mark.skipif(DEVICE.type != "cuda" or torch.version.hip is not None
 
 
 @sm90
-@pytest.mark.parametrize("shape", [(1024, 8, 128, 8, 2048, 768), (33, 4, 16, 2, 200, 384),
+@pytest.mark.parametrize("shape", [(1024, 8, 128, 8, 2048, 768), (33, 4, 16, 2, 208, 384),
                                    (3000, 8, 64, 8, 7168, 2048)],
                          ids=lambda s: "R{}_K{}_E{}_W{}_H{}_I{}".format(*s))
 @pytest.mark.parametrize("cfg", list(tf.GLUON_CONFIGS.values()),
                          ids=lambda c: f"M{c['BLOCK_M']}")
 def test_gpu_gluon_matches_reference(cfg, shape, gen):
     """The Gluon kernels against the FP8 reference in both weight modes (-1 slots, other
-    ranks' experts; H = 200: a partial last K step and output tile, I = 384: an odd count of
+    ranks' experts; H = 208: a partial last K step and output tile, I = 384: an odd count of
     down K steps, the pair loop's tail; DeepSeek-V3's shape: 56 gate/up K steps, 16 down),
     and beside the Triton kernels of the
     same BLOCK_M (the same sums: their difference is reported, not asserted equal)."""

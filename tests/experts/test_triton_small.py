@@ -212,6 +212,15 @@ def test_bf16_default_streams_up_to_its_slots(monkeypatch, gen):
             out = small.small_experts(*_dev(args), weighted=mode == "experts").out
             assert rel_err(out.cpu(), _oracle(args, mode)) < TOL, (limit, mode)
         assert calls == ([(3, 2)] * 2 if taken else []), limit
+    # a tuned table entry for the device and shape is taken over the streaming default
+    monkeypatch.setattr(small, "BF16_STREAM_MAX_SLOTS", 6)
+    table = {"": {"64x32": {"bf16": {"8": _config("dot")}}}}
+    monkeypatch.setattr(small, "_table", lambda: table)
+    calls.clear()
+    out = small.small_experts(*_dev(args), weighted=True).out
+    assert calls == []
+    assert rel_err(out.cpu(), _oracle(args, "experts")) < TOL
+    monkeypatch.setattr(small, "_table", lambda: {})
     monkeypatch.setenv(small.BF16_STREAM_ENV, "0")  # the environment's limit first
     monkeypatch.setattr(small, "BF16_STREAM_MAX_SLOTS", 6)
     calls.clear()
