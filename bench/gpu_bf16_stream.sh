@@ -5,8 +5,8 @@
 #      Qwen3-30B-A3B and DeepSeek-V3 rank-local, 1 / 2 / 4 / 8 tokens, cold weights; every
 #      candidate checked against the float64 oracle first (exit 1 on a failure)      <= 240 s
 #   2. rocm-moe bench decode, bf16, --fused-gate all --batches 16 (as gpu_decode_all.sh), the
-#      layer with the bf16 streaming experts (the default up to 8 slots) and without them
-#      (ROCM_MOE_BF16_STREAM_MAX_SLOTS=0: the tl.dot forms), same run: Qwen3 1 / 8 tokens,
+#      layer with the bf16 streaming experts (ROCM_MOE_BF16_STREAM_MAX_SLOTS=8) and without
+#      them (0, the default: the tl.dot forms), same run: Qwen3 1 / 8 tokens,
 #      DeepSeek-V3 1 / 8 tokens                                                     <= 80 s each
 # Usage on the device machine, from the repository root:
 #   bash bench/gpu_bf16_stream.sh DIR [tag]      (tag default h100)
@@ -32,9 +32,9 @@ decode() {  # name, stream limit ("" = default), then rocm-moe bench decode's fl
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 
-decode decode_bf16_stream_qwen3 "" --model qwen3-30b-a3b --tokens 1 8
+decode decode_bf16_stream_qwen3 8 --model qwen3-30b-a3b --tokens 1 8
 decode decode_bf16_dot_qwen3 0 --model qwen3-30b-a3b --tokens 1 8
-decode decode_bf16_stream_dsv3 "" --model deepseek-v3 --tokens 1 8
+decode decode_bf16_stream_dsv3 8 --model deepseek-v3 --tokens 1 8
 decode decode_bf16_dot_dsv3 0 --model deepseek-v3 --tokens 1 8
 echo "== done in ${SECONDS} s, status ${status} =="
 exit $status

@@ -2,8 +2,8 @@
 # The GPU checks of this session's code in ONE device call (under 600 s; each step capped, a
 # step cut by its cap leaves the others' files), most important first:
 #   1. rocm-moe bench decode, Qwen3-30B-A3B bf16, 1 / 8 tokens, --fused-gate all --batches 16:
-#      the bf16 streaming small path (default) and the tl.dot forms
-#      (ROCM_MOE_BF16_STREAM_MAX_SLOTS=0), same run                               2 x 70 s
+#      the bf16 streaming small path (ROCM_MOE_BF16_STREAM_MAX_SLOTS=8) and the tl.dot forms
+#      (=0, the default), same run                              2 x 70 s
 #   2. the Gluon FP8 kernels' GPU tests (test_fp8_variants.py -k gluon)                150 s
 #   3. bench/gluon_fp8_experts.py: Gluon vs Triton grouped FP8 experts, time / floor   150 s
 #   4. the bf16 small path's GPU tests (test_triton_small.py -k gpu_qwen3_shape_small)  80 s
@@ -25,7 +25,8 @@ step() {  # name, cap, command...
 }
 DEC=(python3 -m rocm_moe.cli bench decode --model qwen3-30b-a3b --tokens 1 8 --fused-gate all
      --batches 16 --out "$OUT")
-step decode_bf16_stream_qwen3 70 "${DEC[@]}" --name "decode_bf16_stream_qwen3_$TAG"
+step decode_bf16_stream_qwen3 70 env ROCM_MOE_BF16_STREAM_MAX_SLOTS=8 "${DEC[@]}" \
+  --name "decode_bf16_stream_qwen3_$TAG"
 step decode_bf16_dot_qwen3 70 env ROCM_MOE_BF16_STREAM_MAX_SLOTS=0 "${DEC[@]}" \
   --name "decode_bf16_dot_qwen3_$TAG"
 step tests_gluon 150 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \

@@ -59,9 +59,11 @@ PER_SLOT_MAX_SLOTS = 64  # gate/up per slot (GEMV) up to here; per expert (tl.do
 # bf16 / fp16 batches of at most this many slots run the streaming kernels of
 # ``triton_small_fp8`` (float weights, BF16_DEFAULTS: two launches, the weighted sum in the
 # down launch, PDL on NVIDIA sm_90+) unless a config is given or the tuned table has an entry
-# for the device and shape (``tuned_config``); 0 on ROCm (never timed there).
-# ROCM_MOE_BF16_STREAM_MAX_SLOTS (an int >= 0) overrides it (benchmarks: 0 is the tl.dot forms).
-BF16_STREAM_MAX_SLOTS = 8 if torch.version.hip is None else 0
+# for the device and shape (``tuned_config``). 0 (off) until the bf16 form is timed on a GPU
+# (written 2026-12-07, tested in the interpreter and built for sm_90 only: no GPU could be
+# had that session); ROCM_MOE_BF16_STREAM_MAX_SLOTS=8 turns it on for one-token batches
+# (bench/gpu_session11.sh times both).
+BF16_STREAM_MAX_SLOTS = 0
 BF16_STREAM_ENV = "ROCM_MOE_BF16_STREAM_MAX_SLOTS"
 
 
