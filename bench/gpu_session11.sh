@@ -8,7 +8,8 @@
 #   3. bench/gluon_fp8_experts.py: Gluon vs Triton grouped FP8 experts, time / floor   150 s
 #   4. the bf16 small path's GPU tests (test_triton_small.py -k gpu_qwen3_shape_small)  80 s
 #   5. bench/sweep_bf16_small.py --shapes qwen3 --tokens 1 8 (what time is left)
-# Usage: bash bench/gpu_session11.sh DIR [tag]
+# Usage: [JSON_DIR=dir] [BUDGET_S=585] bash bench/gpu_session11.sh DIR [tag]   (each step's
+# text lands in DIR as it ends, so a call cut by its limit still returns the steps before)
 set -uo pipefail
 OUT=${1:-${OUT:-bench/results}}
 TAG=${2:-h100}
@@ -23,20 +24,22 @@ step() {  # name, cap, command...
   timeout "$cap" "$@" 2>&1 | grep -v -i warn | tee "$OUT/${name}_$TAG.txt" | tail -14
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "STEP $name FAILED OR CUT"; status=1; }
 }
+J=${JSON_DIR:-$OUT}  # the JSON files (the device returns 8 files of $OUT: give another dir)
+mkdir -p "$J"
 DEC=(python3 -m rocm_moe.cli bench decode --model qwen3-30b-a3b --tokens 1 8 --fused-gate all
-     --batches 16 --out "$OUT")
-step decode_bf16_stream_qwen3 70 env ROCM_MOE_BF16_STREAM_MAX_SLOTS=8 "${DEC[@]}" \
+     --batches 16 --out "$J")
+step decode_bf16_stream_qwen3 60 env ROCM_MOE_BF16_STREAM_MAX_SLOTS=8 "${DEC[@]}" \
   --name "decode_bf16_stream_qwen3_$TAG"
-step decode_bf16_dot_qwen3 70 env ROCM_MOE_BF16_STREAM_MAX_SLOTS=0 "${DEC[@]}" \
+step decode_bf16_dot_qwen3 60 env ROCM_MOE_BF16_STREAM_MAX_SLOTS=0 "${DEC[@]}" \
   --name "decode_bf16_dot_qwen3_$TAG"
-step tests_gluon 150 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
+step tests_gluon 130 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
   tests/experts/test_fp8_variants.py -k gluon
-step gluon_fp8_experts 150 python3 bench/gluon_fp8_experts.py --qwen3 1024 4096 16384 \
-  --dsv3 8192 --json "$OUT/gluon_fp8_experts_$TAG.json"
-step tests_bf16_stream 80 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
+step gluon_fp8_experts 130 python3 bench/gluon_fp8_experts.py --qwen3 1024 4096 16384 \
+  --dsv3 8192 --json "$J/gluon_fp8_experts_$TAG.json"
+step tests_bf16_stream 70 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
   tests/experts/test_triton_small.py -k gpu_qwen3_shape_small
-left=$((585 - SECONDS))
+left=$((${BUDGET_S:-585} - SECONDS))
 [ "$left" -gt 30 ] && step bf16_small_sweep "$left" python3 bench/sweep_bf16_small.py \
-  --shapes qwen3 --tokens 1 8 --json "$OUT/bf16_small_sweep_$TAG.json"
+  --shapes qwen3 --tokens 1 8 --json "$J/bf16_small_sweep_$TAG.json"
 echo "== done in ${SECONDS} s, status ${status} =="
 exit $status
