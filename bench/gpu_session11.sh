@@ -3,10 +3,10 @@
 # step cut by its cap leaves the others' files), most important first:
 #   1. rocm-moe bench decode, Qwen3-30B-A3B bf16, 1 / 8 tokens, --fused-gate all --batches 16:
 #      the bf16 streaming small path (ROCM_MOE_BF16_STREAM_MAX_SLOTS=8) and the tl.dot forms
-#      (=0, the default), same run                              2 x 70 s
-#   2. the Gluon FP8 kernels' GPU tests (test_fp8_variants.py -k gluon)                150 s
-#   3. bench/gluon_fp8_experts.py: Gluon vs Triton grouped FP8 experts, time / floor   150 s
-#   4. the bf16 small path's GPU tests (test_triton_small.py -k gpu_qwen3_shape_small)  80 s
+#      (=0, the default), same run                                             2 x 60 s
+#   2. the Gluon FP8 kernels' GPU tests (test_fp8_variants.py -k gluon)                130 s
+#   3. bench/gluon_fp8_experts.py: Gluon vs Triton grouped FP8 experts, time / floor   130 s
+#   4. the bf16 small path's GPU tests (test_triton_small.py -k gpu_qwen3_shape_small)  70 s
 #   5. bench/sweep_bf16_small.py --shapes qwen3 --tokens 1 8 (what time is left)
 # Usage: [JSON_DIR=dir] [BUDGET_S=585] bash bench/gpu_session11.sh DIR [tag]   (each step's
 # text lands in DIR as it ends, so a call cut by its limit still returns the steps before)
