@@ -59,11 +59,11 @@ PER_SLOT_MAX_SLOTS = 64  # gate/up per slot (GEMV) up to here; per expert (tl.do
 # bf16 / fp16 batches of at most this many slots run the streaming kernels of
 # ``triton_small_fp8`` (float weights, BF16_DEFAULTS: two launches, the weighted sum in the
 # down launch, PDL on NVIDIA sm_90+) unless a config is given or the tuned table has an entry
-# for the device and shape (``tuned_config``). 0 (off) until the bf16 form is timed on a GPU
-# (written 2026-12-07, tested in the interpreter and built for sm_90 only: no GPU could be
-# had that session); ROCM_MOE_BF16_STREAM_MAX_SLOTS=8 turns it on for one-token batches
-# (bench/gpu_session11.sh times both).
-BF16_STREAM_MAX_SLOTS = 0
+# for the device and shape (``tuned_config``). Measured on an H200 on 2026-12-07, Qwen3-30B-A3B,
+# the decode layer with 16 routings a graph (bench/results/decode_bf16_stream{64,0}_qwen3_h200
+# .txt): 27.8 against 33.1 us at one token (the tl.dot forms), 131.2 against 136.3 at eight.
+# 0 on ROCm (never timed there). ROCM_MOE_BF16_STREAM_MAX_SLOTS (an int >= 0) overrides it.
+BF16_STREAM_MAX_SLOTS = 64 if torch.version.hip is None else 0
 BF16_STREAM_ENV = "ROCM_MOE_BF16_STREAM_MAX_SLOTS"
 
 

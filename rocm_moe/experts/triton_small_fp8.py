@@ -87,12 +87,13 @@ DEFAULTS = {
 }
 # Per (H, I) where the sweep's best differs from DEFAULTS: DeepSeek-V3's one-token down.
 TUNED = {"7168x2048": {"8": _stream(("slot", 16, 512, 8, 3), ("slot", 16, 512, 4, 1))}}
-# bf16 / fp16 weights (``triton_small.small_experts`` up to its BF16_STREAM_MAX_SLOTS): the FP8
-# tiles with half the columns of K a step, so that a step moves the same bytes (2 x 16 KiB of
-# gate/up weights a program, 16 KiB of down weights); ACT "float" (nothing is quantised).
+# bf16 / fp16 weights (``triton_small.small_experts`` up to its BF16_STREAM_MAX_SLOTS), ACT
+# "float" (nothing is quantised): the best of bench/sweep_bf16_small.py on an H200, Qwen3's
+# experts, 16 routings a graph (bench/results/bf16_small_sweep_5c33a1e_h200.txt): 23.0 us at
+# one token (the tl.dot forms 28.5, the first tiles here 26.3), 124.3 at eight (131.1).
 BF16_DEFAULTS = {
-    "8": dict(_stream(("slot", 16, 256, 8, 3), ("row", 8, 128, 8, 1)), ACT="float"),
-    "64": dict(_stream(("slot", 16, 128, 4, 1), ("slot", 32, 128, 4, 1)), ACT="float"),
+    "8": dict(_stream(("slot", 8, 256, 4, 1), ("row", 8, 256, 8, 1)), ACT="float"),
+    "64": dict(_stream(("slot", 32, 128, 8, 1), ("row", 8, 128, 8, 1)), ACT="float"),
 }
 
 
