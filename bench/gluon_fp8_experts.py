@@ -1,6 +1,6 @@
 """Issue 31: the grouped block-FP8 experts with the Gluon kernels (``experts/_gluon_fp8.py``,
 config ``"gluon": True``) beside the Triton kernels (the tuned table or heuristic), same run,
-one sm_90 GPU. bench/gpu_gluon_fp8.sh runs it.
+one sm_90 GPU. bench/gpu_session11.sh runs it (its step 3).
 
 Per shape and size: the whole grouped stage (row quantisation, layout, both GEMMs, the slot
 sum) in "weighted" mode, CUDA-graph replay (``do_bench_cudagraph``, median); the floor of

@@ -2,8 +2,8 @@
 # The GPU checks of this session's code in ONE device call (under 600 s; each step capped, a
 # step cut by its cap leaves the others' files), most important first:
 #   1. rocm-moe bench decode, Qwen3-30B-A3B bf16, 1 / 8 tokens, --fused-gate all --batches 16:
-#      the bf16 streaming small path (ROCM_MOE_BF16_STREAM_MAX_SLOTS=8) and the tl.dot forms
-#      (=0, the default), same run                                             2 x 60 s
+#      the bf16 streaming small path (ROCM_MOE_BF16_STREAM_MAX_SLOTS=8: one token) and the
+#      tl.dot forms (=0; the default was 0 when this ran at 5c33a1e, 64 since)    2 x 60 s
 #   2. the Gluon FP8 kernels' GPU tests (test_fp8_variants.py -k gluon)                130 s
 #   3. bench/gluon_fp8_experts.py: Gluon vs Triton grouped FP8 experts, time / floor   130 s
 #   4. the bf16 small path's GPU tests (test_triton_small.py -k gpu_qwen3_shape_small)  70 s

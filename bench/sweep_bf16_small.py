@@ -1,7 +1,7 @@
 """Issue 33: the bf16 small-batch experts on this GPU, three ways side by side: the streaming
 kernels with bf16 weights (``triton_small_fp8.BF16_DEFAULTS`` and candidate tiles), the tl.dot
 forms of ``triton_small`` (its heuristic config: three launches at one token) and the grouped
-path. bench/gpu_bf16_stream.sh runs it.
+path. bench/gpu_session11.sh runs it (its step 5).
 
 1. check, per shape at T = 1 and 8 (10% of slots -1): every candidate against the float64
    oracle (``ReferenceExperts``) in both weight modes, tolerance 2e-2 (the GPU tests'); PDL on
