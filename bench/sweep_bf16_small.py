@@ -26,7 +26,7 @@ from rocm_moe import Placement, ReferenceExperts
 from rocm_moe.benchmarks.experts import SHAPES, copy_rate
 from rocm_moe.experts import triton_small as small
 from rocm_moe.experts.triton import TritonExperts
-from rocm_moe.experts.triton_small_fp8 import BF16_DEFAULTS
+from rocm_moe.experts.triton_small_fp8 import BF16_DEFAULTS, _pick
 from rocm_moe.oracle import rel_err
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -41,8 +41,8 @@ if SMOKE:
               "dsv3": dict(E=16, W=4, rank=1, H=256, I=128, K=4)}
 
 
-def _cfg(gate_up=None, down=None, pdl=True):
-    base = BF16_DEFAULTS["8"]
+def _cfg(gate_up=None, down=None, pdl=True, slots=8):
+    base = _pick(BF16_DEFAULTS, slots)  # (the batch's bucket)
     return dict(base, PDL=pdl, gate_up=dict(gate_up or base["gate_up"]),
                 down=dict(down or base["down"]))
 
@@ -52,7 +52,11 @@ GATE_UP = [BF16_DEFAULTS["8"]["gate_up"], _k("slot", 16, 128, 4), _k("slot", 16,
            _k("slot", 16, 256, 8, split=2), _k("row", 16, 128, 8)]
 DOWN = [BF16_DEFAULTS["8"]["down"], _k("row", 8, 128, 8, prefetch=True), _k("row", 8, 256, 8),
         _k("row", 16, 128, 8), _k("row", 4, 256, 4), _k("slot", 32, 128, 4),
-        _k("slot", 16, 256, 4)]
+        _k("slot", 16, 256, 4),
+        # PRELOAD: the first K steps' weights loaded before the wait for gate/up (PDL)
+        _k("row", 8, 256, 8, preload=3), _k("row", 8, 256, 8, preload=2, prefetch=True),
+        _k("row", 8, 128, 8, preload=4), _k("row", 4, 256, 4, preload=3),
+        _k("row", 8, 128, 8, preload=3), _k("slot", 32, 256, 4, preload=3)]
 
 
 def _weights(shape, gen):
@@ -102,7 +106,7 @@ def check(name, shape, w13, w2, emap, gen, failures):
                                     f"{'equal' if torch.equal(got, plain) else 'DIFFER'}")
 
 
-def sweep_case(name, shape, T, w13, w2, emap, rate, gen) -> dict:
+def sweep_case(name, shape, T, w13, w2, emap, rate, gen, down_only=False) -> dict:
     cases = [_routing(shape, T, gen) for _ in range(ROT)]
     touched = []
     for _, ids, _ in cases:
@@ -110,15 +114,21 @@ def sweep_case(name, shape, T, w13, w2, emap, rate, gen) -> dict:
         touched.append(loc[loc >= 0].unique().numel())
     per_expert = (w13.numel() + w2.numel()) * 2 / emap.num_local
     floor = statistics.mean(touched) * per_expert / rate * 1e6
-    res = {json.dumps(_cfg(gu)): _graph_us(_calls(cases, w13, w2, emap, _cfg(gu)))
-           for gu in GATE_UP}
+    slots = T * shape["K"]
+
+    def cfg_of(gu=None, dn=None, pdl=True):
+        return _cfg(gu, dn, pdl, slots)
+    res = {json.dumps(cfg_of(gu)): _graph_us(_calls(cases, w13, w2, emap, cfg_of(gu)))
+           for gu in ([None] if down_only else GATE_UP)}
     best_gu = json.loads(min(res, key=res.get))["gate_up"]
     for dn in DOWN[1:]:
-        res[json.dumps(_cfg(best_gu, dn))] = _graph_us(
-            _calls(cases, w13, w2, emap, _cfg(best_gu, dn)))
-    default = res[json.dumps(_cfg())]
+        res[json.dumps(cfg_of(best_gu, dn))] = _graph_us(
+            _calls(cases, w13, w2, emap, cfg_of(best_gu, dn)))
+    if json.dumps(cfg_of()) not in res:
+        res[json.dumps(cfg_of())] = _graph_us(_calls(cases, w13, w2, emap, cfg_of()))
+    default = res[json.dumps(cfg_of())]
     best = min(res, key=res.get)
-    nopdl = _graph_us(_calls(cases, w13, w2, emap, _cfg(pdl=False)))
+    nopdl = _graph_us(_calls(cases, w13, w2, emap, cfg_of(pdl=False)))
     dot = _graph_us(_calls(cases, w13, w2, emap, "dot"))
     grouped = _graph_us(_calls(cases, w13, w2, emap, "grouped"))
     cfg = json.loads(best)
@@ -141,6 +151,8 @@ def main() -> int:
     ap.add_argument("--shapes", nargs="+", default=["qwen3", "dsv3"])
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8])
     ap.add_argument("--json")
+    ap.add_argument("--down-only", action="store_true",
+                    help="gate/up at the bucket's default; time the down candidates only")
     args = ap.parse_args()
     rate = 1e11 if SMOKE else copy_rate() * 1e9
     print(f"{_device()}, torch {torch.__version__}; copy rate "
@@ -152,7 +164,8 @@ def main() -> int:
         shape = SHAPES[name]
         w13, w2, emap = _weights(shape, gen)
         check(name, shape, w13, w2, emap, gen, failures)
-        rows += [sweep_case(name, shape, T, w13, w2, emap, rate, gen) for T in args.tokens]
+        rows += [sweep_case(name, shape, T, w13, w2, emap, rate, gen, args.down_only)
+                 for T in args.tokens]
         del w13, w2
         torch.cuda.empty_cache()
     if args.json:

@@ -44,10 +44,11 @@ if SMOKE:
               "dsv3": dict(E=16, W=4, rank=1, H=256, I=128, K=4)}
 
 
-def _k(form, bn, bk, warps, stages=1, prefetch=False, split=1):
+def _k(form, bn, bk, warps, stages=1, prefetch=False, split=1, preload=0):
     k = dict(FORM=form, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
              PREFETCH=prefetch)
-    return dict(k, SPLIT=split) if split > 1 else k
+    k = dict(k, SPLIT=split) if split > 1 else k
+    return dict(k, PRELOAD=preload) if preload else k
 
 
 # candidates: the default first (triton_small_fp8.DEFAULTS), then tiles / warps / stages /
@@ -59,7 +60,11 @@ GATE_UP = [_k("slot", 16, 512, 8), _k("slot", 16, 512, 8, prefetch=True),
            _k("row", 16, 128, 8)]
 DOWN = [_k("row", 8, 256, 8), _k("row", 8, 256, 8, prefetch=True), _k("row", 16, 128, 8),
         _k("row", 8, 128, 4), _k("row", 8, 128, 4, prefetch=True), _k("slot", 32, 256, 4),
-        _k("slot", 16, 512, 4)]
+        _k("slot", 16, 512, 4),
+        # PRELOAD: the first K steps' weights loaded before the wait for gate/up (PDL)
+        _k("row", 8, 256, 8, preload=3), _k("row", 8, 256, 8, preload=2, prefetch=True),
+        _k("row", 8, 128, 8, preload=4), _k("row", 4, 256, 4, preload=3),
+        _k("slot", 16, 512, 4, preload=4), _k("slot", 32, 256, 4, preload=3)]
 
 
 def _cfg(gate_up=None, down=None, act="fp8"):
@@ -121,6 +126,7 @@ def _short(k: dict | None) -> str:
         return "default"
     return (f"{k['FORM']}/{k['BLOCK_N']}x{k['BLOCK_K']}/w{k['num_warps']}/s{k['num_stages']}"
             f"{'/prefetch' if k.get('PREFETCH') else ''}"
+            f"{'/pre' + str(k['PRELOAD']) if k.get('PRELOAD') else ''}"
             f"{'/split' + str(k['SPLIT']) if k.get('SPLIT', 1) > 1 else ''}")
 
 
@@ -210,7 +216,7 @@ def _timed(cases, fw, emap, cfg) -> float:
         return float("inf")
 
 
-def _sweep_case(name, T, fw, emap, rate, gen) -> dict:
+def _sweep_case(name, T, fw, emap, rate, gen, down_only=False) -> dict:
     shape = SHAPES[name]
     cases = [_routing(shape, T, gen) for _ in range(ROT)]
     touched = []
@@ -218,28 +224,36 @@ def _sweep_case(name, T, fw, emap, rate, gen) -> dict:
         loc = emap.local_ids(ids)
         touched.append(loc[loc >= 0].unique().numel())
     floor = statistics.mean(touched) * fw.nbytes / emap.num_local / rate * 1e6
-    res = {json.dumps(_cfg(gu)): _timed(cases, fw, emap, _cfg(gu)) for gu in GATE_UP}
+    base = stream.stream_config(T * shape["K"], hidden=shape["H"], inter=shape["I"])
+    if down_only:  # gate/up at the bucket's default (TUNED included)
+        res = {json.dumps(base): _timed(cases, fw, emap, base)}
+    else:
+        res = {json.dumps(_cfg(gu)): _timed(cases, fw, emap, _cfg(gu)) for gu in GATE_UP}
     best_gu = json.loads(min(res, key=res.get))["gate_up"]
-    for dn in DOWN[1:]:
-        res[json.dumps(_cfg(best_gu, dn))] = _timed(cases, fw, emap, _cfg(best_gu, dn))
+    for dn in DOWN if down_only else DOWN[1:]:
+        c = dict(base, down=dn, gate_up=best_gu) if down_only else _cfg(best_gu, dn)
+        res[json.dumps(c)] = _timed(cases, fw, emap, c)
+    default = res[json.dumps(base)] if down_only else float("nan")
     best = min(res, key=res.get)
     g_us = _graph_us(_stage(cases, fw, emap, None))
     us, cfg = res[best], json.loads(best)
     per = floor or float("nan")  # (no local expert in any routing: no floor)
-    print(f"{name:5} T={T:3}  best {us:7.1f} us  floor {floor:6.1f}  ratio "
+    print(f"{name:5} T={T:3}  default {default:7.1f} us  best {us:7.1f} us  floor {floor:6.1f}"
+          f"  ratio "
           f"{us / per:5.2f}  grouped {g_us:7.1f} ({g_us / per:5.2f})  "
           f"gate_up {_short(cfg['gate_up'])}  down {_short(cfg['down'])}  [{len(res)} configs]",
           flush=True)
-    return dict(shape=name, T=T, slots=T * shape["K"], us=us, floor=floor, grouped=g_us,
+    return dict(shape=name, T=T, slots=T * shape["K"], us=us, default=default, floor=floor,
+                grouped=g_us,
                 config=cfg, tried=len(res))
 
 
-def sweep(names, tokens, rate) -> list:
+def sweep(names, tokens, rate, down_only=False) -> list:
     rows = []
     gen = torch.Generator(device=DEV).manual_seed(0)
     for name in names:
         fw, emap = _weights(SHAPES[name], gen)
-        rows += [_sweep_case(name, T, fw, emap, rate, gen) for T in tokens]
+        rows += [_sweep_case(name, T, fw, emap, rate, gen, down_only) for T in tokens]
         del fw
         torch.cuda.empty_cache()
     return rows
@@ -255,6 +269,9 @@ def main() -> int:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--shapes", nargs="+", default=["qwen3", "dsv3"])
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 16, 32, 64])
+    ap.add_argument("--down-only", action="store_true",
+                    help="gate/up at the bucket's default; time the down candidates only")
+    ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     print(f"{_device()}, torch {torch.__version__}")
     failures = []
@@ -269,7 +286,11 @@ def main() -> int:
     rate = 1e11 if SMOKE else copy_rate() * 1e9
     print(f"copy rate {rate / 1e12:.2f} TB/s; stage = gate/up + down (weighted), graph of "
           f"{ROT} calls on {ROT} routings; defaults {json.dumps(stream.stream_config(8))}")
-    rows = sweep(args.shapes, args.tokens, rate)
+    rows = sweep(args.shapes, args.tokens, rate, args.down_only)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=_device(), copy_TBps=rate / 1e12, rows=rows,
+                           failures=failures), f, indent=1)
     table = {}  # "HxI" -> the batch's slots -> the best config
     for r in rows:
         shape = SHAPES[r["shape"]]

@@ -468,7 +468,8 @@ def _stream(kernel: str) -> Callable[[str], list[Launch]]:
                 cx = dict(quant, PER_ROW=form == "row", S=8 if form == "row" else 1,
                           BLOCK_N=k["BLOCK_N"], BLOCK_K=k["BLOCK_K"],
                           PREFETCH=k.get("PREFETCH", False),
-                          SPLIT=cfg["gate_up"].get("SPLIT", 1))
+                          SPLIT=cfg["gate_up"].get("SPLIT", 1),
+                          **({"PRELOAD": k["PRELOAD"]} if k.get("PRELOAD") else {}))
                 if not wfp8:
                     cx.update(WFP8=False, ACT_Q=False)
                 extra = [dict(XFP8=x) for x in (False, True)] if kernel == "gate_up" else \

@@ -12,8 +12,8 @@ tokens T (``--tokens``):
   Triton router, the default, or the torch path);
 - experts: ``layer.experts`` on the routed tokens (what a one-rank dispatch hands them);
 - floor: the weight bytes of the distinct experts the batch touches (plus the shared expert's
-  for the layer's floor) / the device's copy rate measured in the same run (a graph-replayed
-  device-to-device copy of 1 GiB, bytes read + written / time).
+  for the layer's floor) / the device's copy rate measured in the same run (a device-to-device
+  copy of 1 GiB, bytes read + written / time: ``benchmarks.experts.copy_rate``).
 Each graph holds ``--inner`` back-to-back calls; a replay is timed with CUDA events; the
 median over ``--iters`` replays (after ``--warmup``), in us per call. ``--batches N``: the
 calls cycle through N seeded token batches, each its own routing, so that consecutive calls
@@ -76,14 +76,16 @@ def _median_us(timer, cfg: dict) -> float:
     return statistics.median(times) * 1e6
 
 
-def copy_rate(device: torch.device, cfg: dict) -> float | None:
-    """Bytes per second of a device-to-device copy (read + write), graph-replayed."""
+def copy_rate(device: torch.device) -> float | None:
+    """Bytes per second of a device-to-device copy (read + write): ``benchmarks.experts``'
+    measurement (eager ``copy_``, median), the one every experts benchmark and sweep divides
+    by. (A graph-replayed ``copy_`` is a memcpy node, which an H200 ran at 2.75 TB/s against
+    4.24 eager: the floors of this benchmark's runs before 2026-12-07 19:30 used it.)"""
     if device.type != "cuda":
         return None
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    us = _median_us(_timer(lambda: b.copy_(a), device, 4), cfg)
-    return 2 * a.numel() / (us * 1e-6)
+    from rocm_moe.benchmarks.experts import copy_rate as gbps
+
+    return gbps() * 1e9
 
 
 def _layer(cfg: dict, s: dict, cap: int, info: WorkerInfo, dtype, path: str = "auto"):
@@ -173,7 +175,7 @@ def _bench_rank(info: WorkerInfo, cfg: dict) -> dict:
     s = shape(cfg)
     dtype = getattr(torch, cfg["dtype"])
     dev = info.device
-    rate = copy_rate(dev, cfg)
+    rate = copy_rate(dev)
     rows = []
     for cap in cfg["max_tokens_per_rank"]:
         for path in cfg["experts_path"]:

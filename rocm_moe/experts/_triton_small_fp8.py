@@ -27,6 +27,10 @@ SPLIT (split-K, for grids with too few programs: one local slot, DeepSeek-V3's H
 gate/up programs split H and store partial sums that the down kernel adds in a fixed order.
 PREFETCH: the weight tiles of K step k + 1 are loaded before step k's are summed (two steps of
 loads in flight a thread; Triton pipelines only loads that feed tl.dot).
+PRELOAD (down, 0-4): the first PRELOAD K steps' weight tiles are loaded before the kernel waits
+for the intermediate: with PDL the down programs that are resident while gate/up runs stream
+their weights then, instead of after gate/up's last program (the same sums in the same order:
+the same bits).
 WFP8 False: bf16 / fp16 weights without scales (the bf16 small path, ``triton_small``): the
 same streaming, float rows and the float32 intermediate as they are (ACT_Q and XFP8 off).
 """
@@ -95,6 +99,25 @@ def _inter_tile(inter_ptr, s64, ok, offs_k, k_ok, stride_ir, stride_ip, SPLIT: t
         g += tl.load(ptrs + (2 * sp) * stride_ip, mask=m, other=0.0)
         u += tl.load(ptrs + (2 * sp + 1) * stride_ip, mask=m, other=0.0)
     return g / (1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
+def _down_step(acc, b, k0, inter_ptr, ws, s64, ok, I, stride_ir, stride_ip, dtype,
+               ACT_Q: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
+               MIN_EXP: tl.constexpr, S: tl.constexpr, BLOCK_K: tl.constexpr,
+               SPLIT: tl.constexpr, WFP8: tl.constexpr):
+    """acc [S, BLOCK_N] plus K step ``k0`` of the down GEMM: the weight tile ``b`` [S, BLOCK_N,
+    BLOCK_K] times the intermediate's columns k0.. of slots ``s64`` (quantised per group with
+    ACT_Q, times the weight blocks' scales ``ws`` with WFP8)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < I
+    a = _inter_tile(inter_ptr, s64, ok, offs_k, k_ok, stride_ir, stride_ip, SPLIT)
+    if ACT_Q:
+        a = _dequant_groups(a, dtype, S, BLOCK_K, FP8_MAX, ROUND, MIN_EXP)
+    if WFP8:
+        a = a * tl.load(ws[:, None] + (offs_k // 128)[None, :], mask=ok[:, None] & k_ok[None, :],
+                        other=0.0)
+    return acc + tl.sum(b.to(tl.float32) * a[:, None, :], axis=2)
 
 
 @triton.jit
@@ -201,7 +224,7 @@ def _stream_down_kernel(
     MIN_EXP: tl.constexpr, WEIGHTED: tl.constexpr, BOUNDED: tl.constexpr,
     PER_ROW: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = False,
-    WFP8: tl.constexpr = True,
+    WFP8: tl.constexpr = True, PRELOAD: tl.constexpr = 0,
 ):
     """y_slot = d_slot @ down[e].T for the local slots, d the float32 intermediate (ACT_Q:
     quantised per 1x128 group as it loads; SPLIT > 1: made from the gate/up kernel's split-K
@@ -212,7 +235,8 @@ def _stream_down_kernel(
     WEIGHTED), rows of other slots not written (``stride_ok``: the slot row stride).
     Grid: (rows or slots expected, column tiles of H). PDL: launched with ``launch_pdl=True``
     behind the gate/up kernel (its PDL): the ids, the map and num_rows load first, then the
-    first weight tile (PREFETCH), then it waits for ``inter``. Reading the ids before the wait
+    first PRELOAD weight tiles and the next one (PREFETCH), then it waits for ``inter``.
+    Reading the ids before the wait
     is safe only because gate/up lets this grid launch after its own wait (so whatever wrote
     the ids has finished): keep that order there."""
     n_rows = tl.load(num_rows_ptr) if BOUNDED else R
@@ -231,26 +255,34 @@ def _stream_down_kernel(
         wm = ok[:, None, None] & n_ok[None, :, None]
         acc = tl.zeros((S, BLOCK_N), dtype=tl.float32)
         if tl.max(e, axis=0) >= 0:
+            # PRELOAD: the first K steps' weight tiles (up to 4; steps past I load nothing)
+            # into registers before the wait, so that with PDL they stream while gate/up runs
+            if PRELOAD > 0:
+                b0 = _w_tile(w_ptr, rows_w, 0, wm, I, I, BLOCK_K)
+            if PRELOAD > 1:
+                b1 = _w_tile(w_ptr, rows_w, BLOCK_K, wm, I, I, BLOCK_K)
+            if PRELOAD > 2:
+                b2 = _w_tile(w_ptr, rows_w, 2 * BLOCK_K, wm, I, I, BLOCK_K)
+            if PRELOAD > 3:
+                b3 = _w_tile(w_ptr, rows_w, 3 * BLOCK_K, wm, I, I, BLOCK_K)
             if PREFETCH:  # (as in the gate/up kernel)
-                b_n = _w_tile(w_ptr, rows_w, 0, wm, I, I, BLOCK_K)
+                b_n = _w_tile(w_ptr, rows_w, PRELOAD * BLOCK_K, wm, I, I, BLOCK_K)
             if PDL:
                 _grid_wait()
-            for k0 in range(0, I, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < I
+            for j in tl.static_range(PRELOAD):  # the preloaded steps, then the rest
+                acc = _down_step(acc, b0 if j == 0 else b1 if j == 1 else b2 if j == 2 else b3,
+                                 j * BLOCK_K, inter_ptr, ws, s64, ok, I, stride_ir, stride_ip,
+                                 w_ptr.dtype.element_ty, ACT_Q, FP8_MAX, ROUND, MIN_EXP, S,
+                                 BLOCK_K, SPLIT, WFP8)
+            for k0 in range(PRELOAD * BLOCK_K, I, BLOCK_K):  # (no step is preloaded twice)
                 if PREFETCH:
                     b = b_n
                     b_n = _w_tile(w_ptr, rows_w, k0 + BLOCK_K, wm, I, I, BLOCK_K)
                 else:
                     b = _w_tile(w_ptr, rows_w, k0, wm, I, I, BLOCK_K)
-                a = _inter_tile(inter_ptr, s64, ok, offs_k, k_ok, stride_ir, stride_ip, SPLIT)
-                if ACT_Q:
-                    a = _dequant_groups(a, w_ptr.dtype.element_ty, S, BLOCK_K, FP8_MAX, ROUND,
-                                        MIN_EXP)
-                if WFP8:
-                    a = a * tl.load(ws[:, None] + (offs_k // 128)[None, :],
-                                    mask=ok[:, None] & k_ok[None, :], other=0.0)
-                acc += tl.sum(b.to(tl.float32) * a[:, None, :], axis=2)
+                acc = _down_step(acc, b, k0, inter_ptr, ws, s64, ok, I, stride_ir, stride_ip,
+                                 w_ptr.dtype.element_ty, ACT_Q, FP8_MAX, ROUND, MIN_EXP, S,
+                                 BLOCK_K, SPLIT, WFP8)
         if WEIGHTED:
             acc = acc * tl.load(weight_ptr + s64, mask=ok, other=0.0)[:, None]
         if PER_ROW:

@@ -21,7 +21,9 @@ Config (``stream_config``): ``{"kind": "stream", "ACT": "fp8" | "float", "PDL": 
 "gate_up": {FORM, BLOCK_N, BLOCK_K, num_warps, num_stages, PREFETCH}, "down": {the same}}``
 (other keys refused); BLOCK_K 128, 256 or 512 (whole 1x128 groups), BLOCK_N a power of two
 dividing 128 (a tile inside one weight block), gate/up SPLIT (default 1) split-K over H
-(partials summed by the down kernel), PREFETCH (default false) the next K step's weights
+(partials summed by the down kernel), down PRELOAD (0-4, default 0) the first K steps' weight
+tiles loaded before the down kernel waits for gate/up (with PDL: streamed while gate/up
+runs; the same bits), PREFETCH (default false) the next K step's weights
 loaded before this step's sums (twice the bytes in flight a thread, but 190-220 registers
 instead of 80-130 on sm_90 compiled offline: fewer programs per SM; the sweep times both);
 top-level PDL (default true since the H100 run of 2026-12-07: Qwen3 FP8 layer 27.2 -> 25.4
@@ -66,7 +68,8 @@ FP8_SMALL_MAX_SLOTS = 64 if torch.version.hip is None else 0
 FORMS = ("slot", "row")
 ACTS = ("fp8", "float")
 TOP_KEYS = {"kind", "ACT", "PDL", "gate_up", "down"}
-STAGE_KEYS = {"FORM", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "PREFETCH", "SPLIT"}
+STAGE_KEYS = {"FORM", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "PREFETCH", "SPLIT",
+              "PRELOAD"}
 
 
 def _stream(gate_up: tuple, down: tuple) -> dict:
@@ -135,6 +138,11 @@ def check_config(cfg: object) -> dict:
                 stage == "down" and split != 1):
             raise _bad(f"config.{stage}.SPLIT", split,
                        "must be an int 1-16 (gate/up; the down kernel takes no split)")
+        pre = k.get("PRELOAD", 0)
+        if isinstance(pre, bool) or not isinstance(pre, int) or not 0 <= pre <= 4 or (
+                stage == "gate_up" and pre):
+            raise _bad(f"config.{stage}.PRELOAD", pre,
+                       "must be an int 0-4 (down; gate/up takes none: it needs the ids first)")
         if not isinstance(k.get("PREFETCH", False), bool):
             raise _bad(f"config.{stage}.PREFETCH", k.get("PREFETCH"), "must be true or false")
         for key, ok in (("num_warps", (1, 2, 4, 8, 16)), ("num_stages", (1, 2, 3, 4, 5))):
@@ -275,8 +283,8 @@ def stream_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.T
         BLOCK_N=gu["BLOCK_N"], BLOCK_K=gu["BLOCK_K"], PREFETCH=gu.get("PREFETCH", False),
         num_warps=gu["num_warps"], num_stages=gu["num_stages"], **extra)
     launch = dict(K_TOPK=K, **common, SPLIT=split, BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"],
-                  PREFETCH=dn.get("PREFETCH", False), num_warps=dn["num_warps"],
-                  num_stages=dn["num_stages"], **extra)
+                  PREFETCH=dn.get("PREFETCH", False), PRELOAD=dn.get("PRELOAD", 0),
+                  num_warps=dn["num_warps"], num_stages=dn["num_stages"], **extra)
     if row_down:
         k._stream_down_kernel[(expect, -(-H // dn["BLOCK_N"]))](
             inter, w2q, ws2, out, ids, emap, wts, nr, R, H, I, I, plane,

@@ -447,11 +447,14 @@ def test_gpu_qwen3_shape_small_equals_grouped(T, gen):
         # same bits: PDL only moves the launches)
         from rocm_moe.experts.triton_small_fp8 import BF16_DEFAULTS
 
+        # (and the first down K steps preloaded before the wait: the same bits again)
         for cfg in BF16_DEFAULTS.values():
-            got = [small.small_experts(*args, weighted=mode == "experts",
-                                       config=dict(cfg, PDL=pdl)).out for pdl in (True, False)]
+            pre = dict(cfg, down=dict(cfg["down"], PRELOAD=3))
+            got = [small.small_experts(*args, weighted=mode == "experts", config=c).out
+                   for c in (dict(cfg, PDL=True), dict(cfg, PDL=False), pre)]
             assert rel_err(got[0], want) < 2e-2, (mode, cfg)
             assert torch.equal(got[0], got[1]), (mode, cfg)
+            assert torch.equal(got[0], got[2]), (mode, cfg)
     experts = TritonExperts(path="small")
     eager = experts(*args, weight_mode="experts", validate=False).out.clone()
     graph = torch.cuda.CUDAGraph()

@@ -126,6 +126,33 @@ def test_split_k_matches_the_reference(split, form, gen):
     assert torch.equal(got, _run(x, ids, w, fw, emap, mode, cfg).out)
 
 
+@pytest.mark.parametrize("down_form", ["row", "slot"])
+def test_preloaded_down_steps_give_the_same_bits(down_form, gen):
+    """Down PRELOAD 1-4 (the first K steps' weights loaded before the wait for gate/up): the
+    bits of PRELOAD 0, with and without PREFETCH, FP8 and bf16-style float weights, both weight
+    modes; I = 384 in 128-wide steps (3: PRELOAD 4 reaches past I, 2 leaves one step to the
+    loop)."""
+    x, ids, w, fw, emap = _case(3, 4, 8, 2, 256, 384, "random", gen)
+    float_w = (fw.w13.weight.to(DTYPE) * 0.01, fw.w2.weight.to(DTYPE) * 0.01)  # [e, 2I, H] ...
+
+    def run(weights, mode, pre, prefetch):
+        cfg = _cfg("slot_row")
+        cfg["down"] = dict(_k(down_form, N[down_form], 128, prefetch=prefetch), PRELOAD=pre)
+        if weights == "fp8":
+            return _run(x, ids, w, fw, emap, mode, cfg).out
+        return stream.stream_fp8_experts(
+            x.to(DTYPE).to(DEVICE), ids.to(DEVICE), w.to(DEVICE),
+            *(t.to(DEVICE) for t in float_w), emap.to(DEVICE),
+            weighted=mode == "experts", out_dtype=torch.float32, config=cfg).out
+    for weights in ("fp8", "float"):
+        for mode in ("experts", "combine"):
+            want = run(weights, mode, 0, False)
+            assert want.abs().sum() > 0
+            for pre, prefetch in ((1, False), (2, True), (3, False), (4, False), (4, True)):
+                assert torch.equal(run(weights, mode, pre, prefetch), want), \
+                    (weights, mode, pre, prefetch)
+
+
 @pytest.mark.parametrize("form", ["slot_row", "row_slot"])
 def test_fp8_rows_give_the_bits_of_float_rows(form, gen):
     """FP8Rows (quantised before) and float rows (quantised per 1x128 group in the gate/up
@@ -227,6 +254,8 @@ def test_environment_overrides(monkeypatch):
     ('{"down": {"FORM": "expert"}}', r"down\.FORM"), ('{"ACT": "fp4"}', "ACT"),
     ('{"8": {"gate_up": {"num_warps": 3}}}', "num_warps"),
     ('{"down": {"PREFETCH": 1}}', r"down\.PREFETCH"),
+    ('{"down": {"PRELOAD": 5}}', r"down\.PRELOAD"), ('{"down": {"PRELOAD": true}}', "PRELOAD"),
+    ('{"gate_up": {"PRELOAD": 1}}', r"gate_up\.PRELOAD"),
     ('{"gate_up": {"SPLIT": 0}}', r"gate_up\.SPLIT"), ('{"down": {"SPLIT": 2}}', r"down\.SPLIT"),
     ('{"PDL": 1}', r"config\.PDL"), ('{"pdl": true}', r"config\.pdl=True: is not a key"),
     ('{"down": {"PDL": true}}', r"config\.down\.PDL=True: is not a key")])
@@ -270,15 +299,16 @@ def test_auto_takes_the_stream_path_by_size(monkeypatch, gen):
 @pytest.mark.parametrize("T", [1, 8, 33])
 def test_gpu_qwen3_shape_every_form_and_graph_replay(T, gen):
     """Qwen3-30B-A3B's experts in block-FP8 (E=128, H=2048, I=768, K=8, -1 slots): the default
-    config, split-K, prefetch and the row / slot forms agree with the FP8 reference in both
-    weight modes; a CUDA-graph replay gives the eager call's bits."""
+    config, split-K, prefetch, down preload and the row / slot forms agree with the FP8
+    reference in both weight modes; a CUDA-graph replay gives the eager call's bits."""
     from rocm_moe.experts.fp8 import FP8ReferenceExperts
 
     E, H, I, K = 128, 2048, 768, 8
     x, ids, w, fw, emap = _case(T, K, E, 1, H, I, "random", gen)
     default = stream.stream_config(T * K)
     cfgs = [default, dict(default, gate_up=dict(default["gate_up"], SPLIT=2, PREFETCH=True)),
-            dict(default, gate_up=_k("row", 16, 128, 8), down=_k("slot", 32, 256, 4))]
+            dict(default, gate_up=_k("row", 16, 128, 8), down=_k("slot", 32, 256, 4)),
+            dict(default, down=dict(default["down"], PRELOAD=3))]
     args = [t.to(DEVICE) for t in (x, ids, w)] + [fw.w13.to(DEVICE), fw.w2.to(DEVICE),
                                                   emap.to(DEVICE)]
     for mode in ("experts", "combine"):
@@ -328,7 +358,8 @@ def test_gpu_pdl_launches_give_the_same_bits(gen):
            torch.tensor([4], dtype=torch.int32, device=DEVICE))]
     default = stream.stream_config(T * K)
     cfgs = [default, dict(default, gate_up=dict(default["gate_up"], SPLIT=2, PREFETCH=True)),
-            dict(default, gate_up=_k("row", 16, 128, 8), down=_k("slot", 32, 256, 4))]
+            dict(default, gate_up=_k("row", 16, 128, 8), down=_k("slot", 32, 256, 4)),
+            dict(default, down=dict(default["down"], PRELOAD=3))]
     runs = [(x, ids, w, None, (w13, w2, em)) for x, ids, w, _, _ in cases] + \
         [(x, ids, w, n, (fw4.w13.to(DEVICE), fw4.w2.to(DEVICE), emap4.to(DEVICE)))
          for x, ids, w, n in ep]
