@@ -11,6 +11,8 @@ weights through tensor descriptors or pointers, "both" profiles each case both w
 --ncu: no timing; each case runs once to compile and once inside cudaProfilerStart/Stop, for
   ncu --profile-from-start off --clock-control none [--section ...] \
       python3 bench/profile_experts.py --ncu CASES
+--fp8: the block-FP8 experts (``TritonFP8Experts``, weights quantised from the same draws, its
+  tuned configs; --tma does not apply) in place of the bf16 ones.
 """
 
 import argparse
@@ -27,9 +29,19 @@ DEFAULT = ["qwen3:1", "qwen3:64", "qwen3:1024", "qwen3:4096", "qwen3:16384", "ds
            "dsv3:8192"]
 
 
-def profile_case(name: str, rows: int, tma: bool | None, ncu: bool = False) -> None:
+def profile_case(name: str, rows: int, tma: bool | None, ncu: bool = False,
+                 fp8: bool = False) -> None:
     args = _case(SHAPES[name], rows, torch.Generator().manual_seed(0))
     tri = TritonExperts(tma=tma)
+    if fp8:
+        from rocm_moe.experts.fp8 import quantize_experts
+        from rocm_moe.experts.triton_fp8 import TritonFP8Experts
+        from rocm_moe.quant import native_fp8_dtype
+
+        x, ids, w, w13, w2, emap = args
+        fw = quantize_experts(w13.float(), w2.float(), dtype=native_fp8_dtype("cuda"))
+        args = (x, ids, w, fw.w13, fw.w2, emap)
+        tri = TritonFP8Experts()  # (its tuned table says where TMA loads the weights)
 
     def call():
         return tri(*args, weight_mode="experts", validate=False)
@@ -53,7 +65,7 @@ def profile_case(name: str, rows: int, tma: bool | None, ncu: bool = False) -> N
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             per[ev.name[:60]] += ev.device_time / n
     total = sum(per.values())
-    label = {None: "", True: " tma=on", False: " tma=off"}[tma]
+    label = {None: "", True: " tma=on", False: " tma=off"}[tma] + (" fp8" if fp8 else "")
     print(f"\n{name} rows={rows}{label}: graph replay {t_graph:.1f} us, kernels {total:.1f} us, "
           f"{len(per)} kernel kinds")
     for k, v in sorted(per.items(), key=lambda kv: -kv[1]):
@@ -65,13 +77,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("cases", nargs="*", default=DEFAULT, help="shape:rows")
     p.add_argument("--tma", choices=["auto", "on", "off", "both"], default="auto")
     p.add_argument("--ncu", action="store_true", help="one untimed call per case, for ncu")
+    p.add_argument("--fp8", action="store_true", help="the block-FP8 experts")
     args = p.parse_args(argv)
     modes = {"auto": [None], "on": [True], "off": [False], "both": [True, False]}[args.tma]
     print(torch.cuda.get_device_name())
     for c in args.cases:
         name, rows = c.split(":")
         for tma in modes:
-            profile_case(name, int(rows), tma, args.ncu)
+            profile_case(name, int(rows), tma, args.ncu, args.fp8)
 
 
 if __name__ == "__main__":
