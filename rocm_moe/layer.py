@@ -66,6 +66,7 @@ from rocm_moe.experts.base import (
     variant_refusal,
 )
 from rocm_moe.experts.reference import ReferenceExperts
+from rocm_moe.experts.triton_small import stream_swiglu
 from rocm_moe.formats.base import WeightFormat, check_format_options, format_class
 from rocm_moe.placement import Placement
 from rocm_moe.replicas import ReplicaChoice, ReplicatedPlacement, check_choice
@@ -135,7 +136,9 @@ class SharedExperts(nn.Module):
         self._one_expert: dict = {}  # device -> ExpertMap of one expert (forward_invariant)
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        y = swiglu_expert(x_TH, self.w13, self.w2)
+        y = stream_swiglu(x_TH, self.w13, self.w2)  # (decode-sized batches on NVIDIA)
+        if y is None:
+            y = swiglu_expert(x_TH, self.w13, self.w2)
         if self.gate is not None:
             y = torch.sigmoid(self.gate(x_TH)) * y
         return y

@@ -362,3 +362,57 @@ def small_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.Te
                 topk_weights_RK, expert_map, weighted=weighted, num_rows=num_rows,
                 expected_rows=expected_rows, cfg=cfg, fp8=fp8)
     return ExpertsOutput(out=out, weights_applied=weighted)
+
+
+# A dense SwiGLU (the shared experts of DeepSeek-V3, Kimi K2, GLM-4.5, Qwen2-MoE) on at most
+# this many rows runs through the streaming kernels as one expert that every row goes to (two
+# launches, PDL-chained, instead of torch's GEMM, SiLU, multiply and GEMM): 0 (off) until
+# measured ahead of the torch path; ROCM_MOE_SHARED_STREAM_MAX_ROWS (an int >= 0) overrides it.
+SHARED_STREAM_MAX_ROWS = 0
+SHARED_STREAM_ENV = "ROCM_MOE_SHARED_STREAM_MAX_ROWS"
+SHARED_ROWS_CAP = 1024  # (the most rows the streaming SwiGLU takes, whatever the env says)
+
+
+def shared_stream_max_rows() -> int:
+    """ROCM_MOE_SHARED_STREAM_MAX_ROWS, else SHARED_STREAM_MAX_ROWS."""
+    env = os.environ.get(SHARED_STREAM_ENV, "")
+    if env == "":
+        return SHARED_STREAM_MAX_ROWS
+    if not env.isdigit():
+        raise ValueError(error_message(SHARED_STREAM_ENV, repr(env), "must be an int >= 0",
+                                       "set it to the most rows, e.g. 8, or 0 for torch's "
+                                       "GEMMs"))
+    return int(env)
+
+
+@functools.cache
+def _one_expert(device: torch.device) -> tuple[ExpertMap, torch.Tensor, torch.Tensor]:
+    """The map of a one-expert rank and [SHARED_ROWS_CAP, 1] zero ids / unit weights on
+    ``device`` (sliced per call: no fill launch in a decode step)."""
+    from rocm_moe.placement import Placement
+
+    emap = Placement.contiguous(1, 1).expert_map(0).to(device)
+    ids = torch.zeros(SHARED_ROWS_CAP, 1, dtype=torch.int32, device=device)
+    return emap, ids, torch.ones(SHARED_ROWS_CAP, 1, dtype=torch.float32, device=device)
+
+
+def stream_swiglu(x_TH: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor | None:
+    """``swiglu_expert(x, w13, w2)`` ([T, H] rows, w13 [2I, H], w2 [H, I]) through the
+    streaming kernels, or None where they do not take it: T above ``shared_stream_max_rows()``
+    (default 0: never) or SHARED_ROWS_CAP, not an NVIDIA GPU, rows and weights not one bf16 /
+    fp16 dtype, autograd on, weights not contiguous. Float32 sums (SiLU(gate) * up kept in
+    float32), rounded once to x's dtype: within bf16 rounding of torch's path, not its bits."""
+    T = x_TH.shape[0]
+    if not 0 < T <= min(shared_stream_max_rows(), SHARED_ROWS_CAP):
+        return None
+    if x_TH.device.type != "cuda" or torch.version.hip is not None or x_TH.dim() != 2 or \
+            x_TH.dtype not in (torch.bfloat16, torch.float16) or \
+            w13.dtype != x_TH.dtype or w2.dtype != x_TH.dtype or \
+            not (w13.is_contiguous() and w2.is_contiguous()) or \
+            (torch.is_grad_enabled() and (x_TH.requires_grad or w13.requires_grad)):
+        return None
+    from rocm_moe.experts.triton_small_fp8 import stream_fp8_experts
+
+    emap, ids, ones = _one_expert(x_TH.device)
+    return stream_fp8_experts(x_TH, ids[:T], ones[:T], w13[None], w2[None], emap,
+                              weighted=True, out_dtype=x_TH.dtype).out

@@ -498,3 +498,59 @@ def test_gpu_qwen3_shape_fp8_small_equals_grouped(T, gen):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
+
+
+# ---- the shared experts' streaming SwiGLU (stream_swiglu) ---------------------------------
+
+def test_shared_stream_rows_from_the_environment(monkeypatch):
+    """ROCM_MOE_SHARED_STREAM_MAX_ROWS: an int >= 0 (else a ValueError naming it); default
+    SHARED_STREAM_MAX_ROWS; with 0, or on a CPU, or rows over the limit, stream_swiglu declines
+    (None: the layer runs torch's SwiGLU)."""
+    monkeypatch.delenv(small.SHARED_STREAM_ENV, raising=False)
+    assert small.shared_stream_max_rows() == small.SHARED_STREAM_MAX_ROWS
+    monkeypatch.setenv(small.SHARED_STREAM_ENV, "8")
+    assert small.shared_stream_max_rows() == 8
+    x = torch.randn(2, 64, dtype=torch.float16)
+    w13, w2 = torch.randn(256, 64, dtype=torch.float16), torch.randn(64, 128, dtype=torch.float16)
+    if not GPU:
+        assert small.stream_swiglu(x, w13, w2) is None  # (CPU: torch's path)
+    assert small.stream_swiglu(torch.randn(9, 64, dtype=torch.float16).to(DEVICE), w13.to(DEVICE),
+                               w2.to(DEVICE)) is None  # 9 rows > 8
+    monkeypatch.setenv(small.SHARED_STREAM_ENV, "0")
+    assert small.stream_swiglu(x.to(DEVICE), w13.to(DEVICE), w2.to(DEVICE)) is None
+    for bad in ("-1", "eight", "1.5"):
+        monkeypatch.setenv(small.SHARED_STREAM_ENV, bad)
+        with pytest.raises(ValueError, match=small.SHARED_STREAM_ENV):
+            small.shared_stream_max_rows()
+
+
+@gpu_only
+@pytest.mark.parametrize("T", [1, 8, 33])
+def test_gpu_shared_experts_stream(T, monkeypatch, gen):
+    """DeepSeek-V3's shared expert (H = 7168, I = 2048) and an odd one (H = 200, I = 96, gated)
+    through the streaming SwiGLU: against the float64 reference within bf16 rounding, the
+    stream path taken (two launches, no torch GEMM), a CUDA-graph replay bit-equal to the eager
+    call; fp32 rows decline (None)."""
+    from rocm_moe.layer import SharedExperts
+
+    monkeypatch.setenv(small.SHARED_STREAM_ENV, "64")
+    for H, I, gated in ((7168, 2048, False), (200, 96, True)):
+        s = SharedExperts(H, I, gated=gated, dtype=torch.bfloat16, device=DEVICE)
+        with torch.no_grad():
+            s.w13.copy_(torch.randn(2 * I, H, generator=gen) / H**0.5)
+            s.w2.copy_(torch.randn(H, I, generator=gen) / I**0.5)
+            if gated:
+                s.gate.weight.copy_(torch.randn(1, H, generator=gen) / H**0.5)
+            x = torch.randn(T, H, generator=gen).bfloat16().to(DEVICE)
+            assert small.stream_swiglu(x, s.w13, s.w2) is not None
+            got = s(x)
+            assert rel_err(got, s.reference(x)) < 1e-2, (H, T)
+            eager = got.clone()
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                captured = s(x)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(captured, eager)
+            assert small.stream_swiglu(x.float(), s.w13, s.w2) is None
