@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Issue 33's decode measurements of session 12 in ONE device call (under 600 s; each step
-# capped, a step cut by its cap leaves the others' files), most important first:
-#   1. bench/copy_rate_probe.py: which copy rate the floors divide by                 40 s
-#   2. rocm-moe bench decode, Qwen3-30B-A3B bf16 and block-FP8, 1 / 8 tokens, --fused-gate
-#      all --batches 16, at the code's defaults (the floor from benchmarks.experts'
-#      copy rate since this session)                                                 2 x 70 s
-#   3. bench/sweep_bf16_small.py --down-only (the check against the oracle and PDL bits,
-#      then the down candidates, PRELOAD among them) at 1 / 8 tokens                   150 s
-#   4. bench/sweep_fp8_small.py --skip-check --down-only, Qwen3 and DeepSeek-V3 at 1 / 8
-#      tokens (what time is left)
+# Session 12's first device call (under 600 s; each step capped, a step cut by its cap leaves
+# the others' files), most important first:
+#   1. bench/copy_rate_probe.py: which copy rate the floors divide by                 30 s
+#   2. the GPU tests of this session's code: down PRELOAD (bf16 and FP8 streaming kernels,
+#      the same bits as without) and the shared experts' streaming SwiGLU              150 s
+#   3. bench/sweep_bf16_small.py --down-only, Qwen3 at 1 / 8 tokens (the check against the
+#      oracle and PDL bits, then the down candidates, PRELOAD among them)              150 s
+#   4. bench/sweep_fp8_small.py --skip-check --down-only, Qwen3 at 1 / 8 tokens        110 s
+#   5. rocm-moe bench decode, DeepSeek-V3 bf16 at 1 / 8 tokens, the shared expert through
+#      torch (ROCM_MOE_SHARED_STREAM_MAX_ROWS=0) and the streaming kernels (=64)   what is left
 # Usage: [JSON_DIR=dir] [BUDGET_S=585] bash bench/gpu_session12.sh DIR [tag]
 set -uo pipefail
 OUT=${1:-${OUT:-bench/results}}
@@ -27,16 +27,21 @@ step() {  # name, cap, command...
 J=${JSON_DIR:-$OUT}  # the JSON files (the device returns 8 files of $OUT: give another dir)
 mkdir -p "$J"
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader || true
-step copy_rate_probe 40 python3 bench/copy_rate_probe.py
-DEC=(python3 -m rocm_moe.cli bench decode --model qwen3-30b-a3b --tokens 1 8 --fused-gate all
-     --batches 16 --out "$J")
-step decode_bf16_qwen3 70 "${DEC[@]}" --name "decode_bf16_qwen3_$TAG"
-step decode_fp8_qwen3 70 "${DEC[@]}" --format fp8 --name "decode_fp8_qwen3_$TAG"
+step copy_rate_probe 30 python3 bench/copy_rate_probe.py
+step tests_s12 150 python3 -m pytest -q -p no:cacheprovider -rs --durations=8 \
+  tests/experts/test_triton_small.py tests/experts/test_triton_small_fp8.py \
+  -k "gpu_qwen3_shape_small_equals or shared or gpu_pdl"
 step bf16_down_sweep 150 python3 bench/sweep_bf16_small.py --shapes qwen3 --tokens 1 8 \
   --down-only --json "$J/bf16_down_sweep_$TAG.json"
-left=$((${BUDGET_S:-585} - SECONDS))
-[ "$left" -gt 30 ] && step fp8_down_sweep "$left" python3 bench/sweep_fp8_small.py \
-  "$J/fp8_down_sweep_$TAG.env" --skip-check --down-only --shapes qwen3 dsv3 --tokens 1 8 \
-  --json "$J/fp8_down_sweep_$TAG.json"
+step fp8_down_sweep 110 python3 bench/sweep_fp8_small.py "$J/fp8_down_sweep_$TAG.env" \
+  --skip-check --down-only --shapes qwen3 --tokens 1 8 --json "$J/fp8_down_sweep_$TAG.json"
+DEC=(python3 -m rocm_moe.cli bench decode --model deepseek-v3 --tokens 1 8 --fused-gate all
+     --batches 16 --kernel-table --out "$J")
+for rows in 0 64; do
+  left=$((${BUDGET_S:-585} - SECONDS))
+  [ "$left" -gt 50 ] && step "decode_dsv3_shared$rows" $(( left > 130 ? 130 : left )) \
+    env ROCM_MOE_SHARED_STREAM_MAX_ROWS=$rows "${DEC[@]}" \
+    --name "decode_bf16_dsv3_shared${rows}_$TAG"
+done
 echo "== done in ${SECONDS} s, status ${status} =="
 exit $status

@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
-# Session 12's second measuring call (under 600 s; each step capped, most important first):
+# Session 12's second device call (under 600 s; each step capped, most important first):
 #   1. rocm-moe bench decode, Qwen3-30B-A3B bf16 and block-FP8 at 1 / 8 tokens, the code's
-#      defaults (after the down sweep of gpu_session12.sh)                          2 x 70 s
+#      defaults (after gpu_session12.sh's down sweeps; the floor from benchmarks.experts'
+#      copy rate)                                                                   2 x 70 s
 #   2. ncu of the grouped block-FP8 experts' kernels (issue 31's limiting factor): Qwen3 4096
-#      tokens and DeepSeek-V3's 8192 rank-local rows, SpeedOfLight, compute and memory
-#      workload, warp states, occupancy                                                  200 s
-#   3. rocm-moe bench decode, DeepSeek-V3 bf16 at 1 / 8 tokens with --kernel-table, the shared
-#      expert through torch (ROCM_MOE_SHARED_STREAM_MAX_ROWS=0) and through the streaming
-#      kernels (=64)                                                            what is left
+#      tokens and DeepSeek-V3's 8192 rank-local rows: SpeedOfLight, compute and memory
+#      workload, warp states, occupancy                                         what is left
 # Usage: [JSON_DIR=dir] [BUDGET_S=585] bash bench/gpu_session12b.sh DIR [tag]
 set -uo pipefail
 OUT=${1:-${OUT:-bench/results}}
@@ -25,21 +23,16 @@ step() {  # name, cap, command...
 }
 J=${JSON_DIR:-$OUT}
 mkdir -p "$J"
-DEC=(python3 -m rocm_moe.cli bench decode --tokens 1 8 --fused-gate all --batches 16 --out "$J")
-step decode_bf16_qwen3_b 70 "${DEC[@]}" --model qwen3-30b-a3b --name "decode_bf16_qwen3_b_$TAG"
-step decode_fp8_qwen3_b 70 "${DEC[@]}" --model qwen3-30b-a3b --format fp8 \
-  --name "decode_fp8_qwen3_b_$TAG"
+DEC=(python3 -m rocm_moe.cli bench decode --model qwen3-30b-a3b --tokens 1 8 --fused-gate all
+     --batches 16 --out "$J")
+step decode_bf16_qwen3 70 "${DEC[@]}" --name "decode_bf16_qwen3_$TAG"
+step decode_fp8_qwen3 70 "${DEC[@]}" --format fp8 --name "decode_fp8_qwen3_$TAG"
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-step ncu_fp8_experts 200 "$NCU" --profile-from-start off --clock-control none \
+left=$((${BUDGET_S:-585} - SECONDS))
+step ncu_fp8_experts "$left" "$NCU" --profile-from-start off --clock-control none \
   -k 'regex:_fp8_gate_up_kernel|_fp8_down_kernel' --section SpeedOfLight \
   --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy \
   --section LaunchStats --section WarpStateStats --section SchedulerStats \
   python3 bench/profile_experts.py --ncu --fp8 qwen3:4096 dsv3:8192
-for rows in 0 64; do
-  left=$((${BUDGET_S:-585} - SECONDS))
-  [ "$left" -gt 60 ] && step "decode_dsv3_shared$rows" $(( left > 150 ? 150 : left )) \
-    env ROCM_MOE_SHARED_STREAM_MAX_ROWS=$rows "${DEC[@]}" --model deepseek-v3 --kernel-table \
-    --name "decode_bf16_dsv3_shared${rows}_$TAG"
-done
 echo "== done in ${SECONDS} s, status ${status} =="
 exit $status
