@@ -79,8 +79,9 @@ def _median_us(timer, cfg: dict) -> float:
 def copy_rate(device: torch.device) -> float | None:
     """Bytes per second of a device-to-device copy (read + write): ``benchmarks.experts``'
     measurement (eager ``copy_``, median), the one every experts benchmark and sweep divides
-    by. (A graph-replayed ``copy_`` is a memcpy node, which an H200 ran at 2.75 TB/s against
-    4.24 eager: the floors of this benchmark's runs before 2026-12-07 19:30 used it.)"""
+    by. (Until 2026-12-07 this benchmark timed ``copy_`` replayed from a CUDA graph: 2.75 TB/s
+    on an H200 where the sweeps' eager copy measured 4.24 the same hour, so its floors were too
+    high and its experts / floor ratios below 1; ``bench/copy_rate_probe.py`` times both.)"""
     if device.type != "cuda":
         return None
     from rocm_moe.benchmarks.experts import copy_rate as gbps
