@@ -10,22 +10,7 @@
 #   5. rocm-moe bench decode, DeepSeek-V3 bf16 at 1 / 8 tokens, the shared expert through
 #      torch (ROCM_MOE_SHARED_STREAM_MAX_ROWS=0) and the streaming kernels (=64)   what is left
 # Usage: [JSON_DIR=dir] [BUDGET_S=585] bash bench/gpu_session12.sh DIR [tag]
-set -uo pipefail
-OUT=${1:-${OUT:-bench/results}}
-TAG=${2:-h200}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-SECONDS=0
-status=0
-step() {  # name, cap, command...
-  local name=$1 cap=$2
-  shift 2
-  echo "== $name (${SECONDS} s, cap ${cap} s) =="
-  timeout "$cap" "$@" 2>&1 | grep -v -i warn | tee "$OUT/${name}_$TAG.txt" | tail -14
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "STEP $name FAILED OR CUT"; status=1; }
-}
-J=${JSON_DIR:-$OUT}  # the JSON files (the device returns 8 files of $OUT: give another dir)
-mkdir -p "$J"
+source bench/gpu_steps.sh  # OUT, TAG, J, step, finish
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader || true
 step copy_rate_probe 30 python3 bench/copy_rate_probe.py
 step tests_s12 150 python3 -m pytest -q -p no:cacheprovider -rs --durations=8 \
@@ -43,5 +28,4 @@ for rows in 0 64; do
     env ROCM_MOE_SHARED_STREAM_MAX_ROWS=$rows "${DEC[@]}" \
     --name "decode_bf16_dsv3_shared${rows}_$TAG"
 done
-echo "== done in ${SECONDS} s, status ${status} =="
-exit $status
+finish

@@ -7,22 +7,7 @@
 #      tokens and DeepSeek-V3's 8192 rank-local rows: SpeedOfLight, compute and memory
 #      workload, warp states, occupancy                                         what is left
 # Usage: [JSON_DIR=dir] [BUDGET_S=585] bash bench/gpu_session12b.sh DIR [tag]
-set -uo pipefail
-OUT=${1:-${OUT:-bench/results}}
-TAG=${2:-h200}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-SECONDS=0
-status=0
-step() {  # name, cap, command...
-  local name=$1 cap=$2
-  shift 2
-  echo "== $name (${SECONDS} s, cap ${cap} s) =="
-  timeout "$cap" "$@" 2>&1 | grep -v -i warn | tee "$OUT/${name}_$TAG.txt" | tail -14
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "STEP $name FAILED OR CUT"; status=1; }
-}
-J=${JSON_DIR:-$OUT}
-mkdir -p "$J"
+source bench/gpu_steps.sh  # OUT, TAG, J, step, finish
 DEC=(python3 -m rocm_moe.cli bench decode --model qwen3-30b-a3b --tokens 1 8 --fused-gate all
      --batches 16 --out "$J")
 step decode_bf16_qwen3 70 "${DEC[@]}" --name "decode_bf16_qwen3_$TAG"
@@ -34,5 +19,4 @@ step ncu_fp8_experts "$left" "$NCU" --profile-from-start off --clock-control non
   --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy \
   --section LaunchStats --section WarpStateStats --section SchedulerStats \
   python3 bench/profile_experts.py --ncu --fp8 qwen3:4096 dsv3:8192
-echo "== done in ${SECONDS} s, status ${status} =="
-exit $status
+finish
