@@ -3,7 +3,7 @@
 # the others' files), most important first:
 #   1. bench/copy_rate_probe.py: which copy rate the floors divide by                 30 s
 #   2. the GPU tests of this session's code: down PRELOAD (bf16 and FP8 streaming kernels,
-#      the same bits as without) and the shared experts' streaming SwiGLU              150 s
+#      the same bits as without) and the shared experts' streaming SwiGLU              200 s
 #   3. bench/sweep_bf16_small.py --down-only, Qwen3 at 1 / 8 tokens (the check against the
 #      oracle and PDL bits, then the down candidates, PRELOAD among them)              150 s
 #   4. bench/sweep_fp8_small.py --skip-check --down-only, Qwen3 at 1 / 8 tokens        110 s
@@ -13,7 +13,7 @@
 source bench/gpu_steps.sh  # OUT, TAG, J, step, finish
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader || true
 step copy_rate_probe 30 python3 bench/copy_rate_probe.py
-step tests_s12 150 python3 -m pytest -q -p no:cacheprovider -rs --durations=8 \
+step tests_s12 200 python3 -m pytest -q -p no:cacheprovider -rs --durations=8 \
   tests/experts/test_triton_small.py tests/experts/test_triton_small_fp8.py \
   -k "gpu_qwen3_shape_small_equals or shared or gpu_pdl"
 step bf16_down_sweep 150 python3 bench/sweep_bf16_small.py --shapes qwen3 --tokens 1 8 \

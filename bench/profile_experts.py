@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ncu", action="store_true", help="one untimed call per case, for ncu")
     p.add_argument("--fp8", action="store_true", help="the block-FP8 experts")
     args = p.parse_args(argv)
+    if args.fp8 and args.tma != "auto":
+        p.error("--fp8 takes its tuned table's TMA choice: leave --tma out")
     modes = {"auto": [None], "on": [True], "off": [False], "both": [True, False]}[args.tma]
     print(torch.cuda.get_device_name())
     for c in args.cases:

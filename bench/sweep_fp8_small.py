@@ -233,12 +233,13 @@ def _sweep_case(name, T, fw, emap, rate, gen, down_only=False) -> dict:
     for dn in DOWN if down_only else DOWN[1:]:
         c = dict(base, down=dn, gate_up=best_gu) if down_only else _cfg(best_gu, dn)
         res[json.dumps(c)] = _timed(cases, fw, emap, c)
-    default = res[json.dumps(base)] if down_only else float("nan")
+    default = res[json.dumps(base)] if down_only else None  # (JSON: null)
     best = min(res, key=res.get)
     g_us = _graph_us(_stage(cases, fw, emap, None))
     us, cfg = res[best], json.loads(best)
     per = floor or float("nan")  # (no local expert in any routing: no floor)
-    print(f"{name:5} T={T:3}  default {default:7.1f} us  best {us:7.1f} us  floor {floor:6.1f}"
+    shown = "   -   " if default is None else f"{default:7.1f}"
+    print(f"{name:5} T={T:3}  default {shown} us  best {us:7.1f} us  floor {floor:6.1f}"
           f"  ratio "
           f"{us / per:5.2f}  grouped {g_us:7.1f} ({g_us / per:5.2f})  "
           f"gate_up {_short(cfg['gate_up'])}  down {_short(cfg['down'])}  [{len(res)} configs]",

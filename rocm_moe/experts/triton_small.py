@@ -385,34 +385,60 @@ def shared_stream_max_rows() -> int:
     return int(env)
 
 
-@functools.cache
-def _one_expert(device: torch.device) -> tuple[ExpertMap, torch.Tensor, torch.Tensor]:
-    """The map of a one-expert rank and [SHARED_ROWS_CAP, 1] zero ids / unit weights on
-    ``device`` (sliced per call: no fill launch in a decode step)."""
-    from rocm_moe.placement import Placement
+_ONE_EXPERT: dict = {}  # device -> (map of a one-expert rank, zero ids, unit weights)
 
-    emap = Placement.contiguous(1, 1).expert_map(0).to(device)
-    ids = torch.zeros(SHARED_ROWS_CAP, 1, dtype=torch.int32, device=device)
-    return emap, ids, torch.ones(SHARED_ROWS_CAP, 1, dtype=torch.float32, device=device)
+
+def _one_expert(device: torch.device) -> tuple[ExpertMap, torch.Tensor, torch.Tensor] | None:
+    """The map of a one-expert rank and [SHARED_ROWS_CAP, 1] zero ids / unit weights on
+    ``device`` (sliced per call: no fill launch in a decode step), made on the first eager call
+    for the device; None while a CUDA graph is being captured before that (a host copy and
+    fills cannot be captured: the caller takes torch's path)."""
+    if device not in _ONE_EXPERT:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        from rocm_moe.placement import Placement
+
+        _ONE_EXPERT[device] = (
+            Placement.contiguous(1, 1).expert_map(0).to(device),
+            torch.zeros(SHARED_ROWS_CAP, 1, dtype=torch.int32, device=device),
+            torch.ones(SHARED_ROWS_CAP, 1, dtype=torch.float32, device=device))
+    return _ONE_EXPERT[device]
 
 
 def stream_swiglu(x_TH: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor | None:
     """``swiglu_expert(x, w13, w2)`` ([T, H] rows, w13 [2I, H], w2 [H, I]) through the
     streaming kernels, or None where they do not take it: T above ``shared_stream_max_rows()``
-    (default 0: never) or SHARED_ROWS_CAP, not an NVIDIA GPU, rows and weights not one bf16 /
-    fp16 dtype, autograd on, weights not contiguous. Float32 sums (SiLU(gate) * up kept in
-    float32), rounded once to x's dtype: within bf16 rounding of torch's path, not its bits."""
+    (default 0: never) or SHARED_ROWS_CAP, Triton not runnable on the device (an NVIDIA GPU, or
+    the interpreter), ROCm, rows and weights not one bf16 / fp16 dtype, x not 2-D, weights not
+    contiguous, autograd on for any of them, or a CUDA graph captured before the first eager
+    call. Float32 sums (SiLU(gate) * up kept in float32), rounded once to x's dtype: within
+    bf16 rounding of torch's path, not its bits. Shapes or devices that do not match: a
+    ValueError."""
+    from rocm_moe._libs import triton_runs_on
+
     T = x_TH.shape[0]
     if not 0 < T <= min(shared_stream_max_rows(), SHARED_ROWS_CAP):
         return None
-    if x_TH.device.type != "cuda" or torch.version.hip is not None or x_TH.dim() != 2 or \
+    ws = (x_TH, w13, w2)
+    if torch.version.hip is not None or not triton_runs_on(x_TH.device) or x_TH.dim() != 2 or \
             x_TH.dtype not in (torch.bfloat16, torch.float16) or \
-            w13.dtype != x_TH.dtype or w2.dtype != x_TH.dtype or \
+            any(t.dtype != x_TH.dtype for t in ws) or \
             not (w13.is_contiguous() and w2.is_contiguous()) or \
-            (torch.is_grad_enabled() and (x_TH.requires_grad or w13.requires_grad)):
+            (torch.is_grad_enabled() and any(t.requires_grad for t in ws)):
+        return None
+    H, I = x_TH.shape[1], w2.shape[-1]
+    if w13.shape != (2 * I, H) or w2.shape != (H, I) or \
+            any(t.device != x_TH.device for t in ws):
+        raise ValueError(error_message(
+            "stream_swiglu(w13, w2)", f"w13 {tuple(w13.shape)} on {w13.device}, w2 "
+            f"{tuple(w2.shape)} on {w2.device}, x {tuple(x_TH.shape)} on {x_TH.device}",
+            "w13 must be [2I, H] and w2 [H, I] for x [T, H], all on one device",
+            "pass the shared expert's own weights"))
+    one = _one_expert(x_TH.device)
+    if one is None:
         return None
     from rocm_moe.experts.triton_small_fp8 import stream_fp8_experts
 
-    emap, ids, ones = _one_expert(x_TH.device)
+    emap, ids, ones = one
     return stream_fp8_experts(x_TH, ids[:T], ones[:T], w13[None], w2[None], emap,
                               weighted=True, out_dtype=x_TH.dtype).out

@@ -504,36 +504,66 @@ def test_gpu_qwen3_shape_fp8_small_equals_grouped(T, gen):
 
 def test_shared_stream_rows_from_the_environment(monkeypatch):
     """ROCM_MOE_SHARED_STREAM_MAX_ROWS: an int >= 0 (else a ValueError naming it); default
-    SHARED_STREAM_MAX_ROWS; with 0, or on a CPU, or rows over the limit, stream_swiglu declines
-    (None: the layer runs torch's SwiGLU)."""
+    SHARED_STREAM_MAX_ROWS; with 0, rows over the limit, float32 rows, 3-D rows or autograd on
+    any of the three tensors, stream_swiglu declines (None: the layer runs torch's SwiGLU)."""
     monkeypatch.delenv(small.SHARED_STREAM_ENV, raising=False)
     assert small.shared_stream_max_rows() == small.SHARED_STREAM_MAX_ROWS
     monkeypatch.setenv(small.SHARED_STREAM_ENV, "8")
     assert small.shared_stream_max_rows() == 8
-    x = torch.randn(2, 64, dtype=torch.float16)
-    w13, w2 = torch.randn(256, 64, dtype=torch.float16), torch.randn(64, 128, dtype=torch.float16)
-    if not GPU:
-        assert small.stream_swiglu(x, w13, w2) is None  # (CPU: torch's path)
-    assert small.stream_swiglu(torch.randn(9, 64, dtype=torch.float16).to(DEVICE), w13.to(DEVICE),
-                               w2.to(DEVICE)) is None  # 9 rows > 8
+    w13 = torch.randn(256, 64, dtype=DTYPE, device=DEVICE)
+    w2 = torch.randn(64, 128, dtype=DTYPE, device=DEVICE)
+    x = torch.randn(9, 64, dtype=DTYPE, device=DEVICE)
+    assert small.stream_swiglu(x, w13, w2) is None  # 9 rows > 8
+    assert small.stream_swiglu(x[:2].float(), w13.float(), w2.float()) is None
+    assert small.stream_swiglu(x[None, :2], w13, w2) is None
+    with torch.enable_grad():
+        assert small.stream_swiglu(x[:2], w13, w2.requires_grad_()) is None
     monkeypatch.setenv(small.SHARED_STREAM_ENV, "0")
-    assert small.stream_swiglu(x.to(DEVICE), w13.to(DEVICE), w2.to(DEVICE)) is None
+    assert small.stream_swiglu(x[:2], w13, w2.detach()) is None
     for bad in ("-1", "eight", "1.5"):
         monkeypatch.setenv(small.SHARED_STREAM_ENV, bad)
         with pytest.raises(ValueError, match=small.SHARED_STREAM_ENV):
             small.shared_stream_max_rows()
 
 
+@pytest.mark.parametrize(("T", "H", "I"), [(1, 200, 96), (3, 64, 160), (33, 128, 128)])
+def test_shared_stream_matches_float64(T, H, I, monkeypatch, gen):
+    """stream_swiglu against swiglu_expert in float64 (fp16 rows and weights here; odd H and
+    I, a non-contiguous x; 33 rows: the 64-slot bucket's tiles); weights that do not fit x: a
+    ValueError naming them. (On GPUs the bf16 case and the layer's use are tested below.)"""
+    from rocm_moe.experts.base import swiglu_expert
+
+    monkeypatch.setenv(small.SHARED_STREAM_ENV, "64")
+    w13 = (torch.randn(2 * I, H, generator=gen) / H**0.5).to(DTYPE).to(DEVICE)
+    w2 = (torch.randn(H, I, generator=gen) / I**0.5).to(DTYPE).to(DEVICE)
+    x = torch.randn(H, T, generator=gen).to(DTYPE).to(DEVICE).T  # (non-contiguous)
+    got = small.stream_swiglu(x, w13, w2)
+    assert got.shape == (T, H)
+    assert got.dtype == DTYPE
+    want = swiglu_expert(x.double(), w13.double(), w2.double())
+    assert rel_err(got, want) < 5e-3
+    with pytest.raises(ValueError, match="w13 must be"):
+        small.stream_swiglu(x, w13[:, :-1].contiguous(), w2)
+
+
 @gpu_only
 @pytest.mark.parametrize("T", [1, 8, 33])
 def test_gpu_shared_experts_stream(T, monkeypatch, gen):
     """DeepSeek-V3's shared expert (H = 7168, I = 2048) and an odd one (H = 200, I = 96, gated)
-    through the streaming SwiGLU: against the float64 reference within bf16 rounding, the
-    stream path taken (two launches, no torch GEMM), a CUDA-graph replay bit-equal to the eager
-    call; fp32 rows decline (None)."""
+    in bf16: SharedExperts.forward takes the streaming SwiGLU (counted), matches the float64
+    reference within bf16 rounding, and a CUDA-graph replay gives the eager call's bits; a
+    graph captured before any eager call takes torch's path (nothing made during capture)."""
     from rocm_moe.layer import SharedExperts
 
     monkeypatch.setenv(small.SHARED_STREAM_ENV, "64")
+    monkeypatch.setattr(small, "_ONE_EXPERT", {})
+    calls, real = [], small.stream_swiglu
+
+    def spy(*args):  # (whether the layer's call took the streaming kernels)
+        y = real(*args)
+        calls.append(y is not None)
+        return y
+    monkeypatch.setattr("rocm_moe.layer.stream_swiglu", spy)
     for H, I, gated in ((7168, 2048, False), (200, 96, True)):
         s = SharedExperts(H, I, gated=gated, dtype=torch.bfloat16, device=DEVICE)
         with torch.no_grad():
@@ -542,8 +572,17 @@ def test_gpu_shared_experts_stream(T, monkeypatch, gen):
             if gated:
                 s.gate.weight.copy_(torch.randn(1, H, generator=gen) / H**0.5)
             x = torch.randn(T, H, generator=gen).bfloat16().to(DEVICE)
-            assert small.stream_swiglu(x, s.w13, s.w2) is not None
+            if not small._ONE_EXPERT:  # (the first case: capture before any eager call)
+                graph = torch.cuda.CUDAGraph()
+                torch.cuda.synchronize()
+                with torch.cuda.graph(graph):
+                    assert small.stream_swiglu(x, s.w13, s.w2) is None
+                    s(x)
+                assert not small._ONE_EXPERT
+            calls.clear()
             got = s(x)
+            assert calls == [True]
+            assert small._ONE_EXPERT
             assert rel_err(got, s.reference(x)) < 1e-2, (H, T)
             eager = got.clone()
             graph = torch.cuda.CUDAGraph()
@@ -553,4 +592,3 @@ def test_gpu_shared_experts_stream(T, monkeypatch, gen):
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(captured, eager)
-            assert small.stream_swiglu(x.float(), s.w13, s.w2) is None

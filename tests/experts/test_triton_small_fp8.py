@@ -126,14 +126,27 @@ def test_split_k_matches_the_reference(split, form, gen):
     assert torch.equal(got, _run(x, ids, w, fw, emap, mode, cfg).out)
 
 
-@pytest.mark.parametrize("down_form", ["row", "slot"])
-def test_preloaded_down_steps_give_the_same_bits(down_form, gen):
+@pytest.mark.parametrize(("down_form", "I"), [("row", 384), ("slot", 384), ("row", 200)])
+def test_preloaded_down_steps_give_the_same_bits(down_form, I, gen, monkeypatch):
     """Down PRELOAD 1-4 (the first K steps' weights loaded before the wait for gate/up): the
     bits of PRELOAD 0, with and without PREFETCH, FP8 and bf16-style float weights, both weight
-    modes; I = 384 in 128-wide steps (3: PRELOAD 4 reaches past I, 2 leaves one step to the
-    loop)."""
+    modes, and the launch given the PRELOAD asked for; I = 384 in 128-wide steps (3: PRELOAD 4
+    reaches past I, 2 leaves one step to the loop), I = 200 (a partial last step)."""
+    from rocm_moe.experts import _triton_small_fp8 as kernels
+
+    real, seen = kernels._stream_down_kernel, []
+
+    class Spy:  # records each down launch's PRELOAD
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                seen.append(kw.get("PRELOAD"))
+                return real[grid](*a, **kw)
+            return launch
+    monkeypatch.setattr(kernels, "_stream_down_kernel", Spy())
     x, ids, w, fw, emap = _case(3, 4, 8, 2, 256, 384, "random", gen)
-    float_w = (fw.w13.weight.to(DTYPE) * 0.01, fw.w2.weight.to(DTYPE) * 0.01)  # [e, 2I, H] ...
+    w13, w2 = fw.w13.weight.to(DTYPE) * 0.01, fw.w2.weight.to(DTYPE) * 0.01  # [e, 2I, H] ...
+    float_w = (torch.cat([w13[:, :I], w13[:, 384:384 + I]], 1).contiguous(),
+               w2[:, :, :I].contiguous())  # (I < 384: the first I gate, up and down columns)
 
     def run(weights, mode, pre, prefetch):
         cfg = _cfg("slot_row")
@@ -144,13 +157,14 @@ def test_preloaded_down_steps_give_the_same_bits(down_form, gen):
             x.to(DTYPE).to(DEVICE), ids.to(DEVICE), w.to(DEVICE),
             *(t.to(DEVICE) for t in float_w), emap.to(DEVICE),
             weighted=mode == "experts", out_dtype=torch.float32, config=cfg).out
-    for weights in ("fp8", "float"):
+    for weights in ("fp8", "float") if I % 128 == 0 else ("float",):  # (FP8: 128-blocks)
         for mode in ("experts", "combine"):
             want = run(weights, mode, 0, False)
             assert want.abs().sum() > 0
             for pre, prefetch in ((1, False), (2, True), (3, False), (4, False), (4, True)):
                 assert torch.equal(run(weights, mode, pre, prefetch), want), \
                     (weights, mode, pre, prefetch)
+                assert seen[-1] == pre
 
 
 @pytest.mark.parametrize("form", ["slot_row", "row_slot"])
@@ -313,10 +327,13 @@ def test_gpu_qwen3_shape_every_form_and_graph_replay(T, gen):
                                                   emap.to(DEVICE)]
     for mode in ("experts", "combine"):
         want = FP8ReferenceExperts()(*args, weight_mode=mode, out_dtype=torch.float32).out
+        outs = []
         for cfg in cfgs:
             got = stream.stream_fp8_experts(*args, weighted=mode == "experts",
                                             out_dtype=torch.bfloat16, config=cfg).out
             assert rel_err(got, want) < 1e-2, (mode, cfg)
+            outs.append(got)
+        assert torch.equal(outs[-1], outs[0]), mode  # (PRELOAD: the default's bits)
 
     def call():
         return stream.stream_fp8_experts(*args, weighted=True, out_dtype=torch.bfloat16).out
