@@ -12,26 +12,14 @@ import statistics
 
 import torch
 
+from rocm_moe.benchmarks.decode import _timer
+
 
 def graph_us(fn, inner=4, iters=20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(inner):
-            fn()
-    times = []
-    for _ in range(iters + 3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / inner)
-    return statistics.median(times[3:])
+    """us per call of fn replayed from a CUDA graph of ``inner`` calls, median of ``iters``
+    replays after 3: the decode benchmark's timer (``benchmarks.decode._timer``)."""
+    timer = _timer(fn, torch.device("cuda"), inner)
+    return statistics.median([timer() for _ in range(iters + 3)][3:]) * 1e6
 
 
 def main() -> None:

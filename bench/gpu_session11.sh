@@ -10,22 +10,8 @@
 #   5. bench/sweep_bf16_small.py --shapes qwen3 --tokens 1 8 (what time is left)
 # Usage: [JSON_DIR=dir] [BUDGET_S=585] bash bench/gpu_session11.sh DIR [tag]   (each step's
 # text lands in DIR as it ends, so a call cut by its limit still returns the steps before)
-set -uo pipefail
-OUT=${1:-${OUT:-bench/results}}
-TAG=${2:-h100}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-SECONDS=0
-status=0
-step() {  # name, cap, command...
-  local name=$1 cap=$2
-  shift 2
-  echo "== $name (${SECONDS} s, cap ${cap} s) =="
-  timeout "$cap" "$@" 2>&1 | grep -v -i warn | tee "$OUT/${name}_$TAG.txt" | tail -14
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "STEP $name FAILED OR CUT"; status=1; }
-}
-J=${JSON_DIR:-$OUT}  # the JSON files (the device returns 8 files of $OUT: give another dir)
-mkdir -p "$J"
+set -- "${1:-}" "${2:-h100}"  # (this script's tag default)
+source bench/gpu_steps.sh  # OUT, TAG, J, step, finish
 DEC=(python3 -m rocm_moe.cli bench decode --model qwen3-30b-a3b --tokens 1 8 --fused-gate all
      --batches 16 --out "$J")
 step decode_bf16_stream_qwen3 60 env ROCM_MOE_BF16_STREAM_MAX_SLOTS=8 "${DEC[@]}" \
@@ -41,5 +27,4 @@ step tests_bf16_stream 70 python3 -m pytest -q -p no:cacheprovider -rs --duratio
 left=$((${BUDGET_S:-585} - SECONDS))
 [ "$left" -gt 30 ] && step bf16_small_sweep "$left" python3 bench/sweep_bf16_small.py \
   --shapes qwen3 --tokens 1 8 --json "$J/bf16_small_sweep_$TAG.json"
-echo "== done in ${SECONDS} s, status ${status} =="
-exit $status
+finish

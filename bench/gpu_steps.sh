@@ -1,9 +1,10 @@
 # Sourced by the bench/gpu_session*.sh scripts (bash): OUT (arg 1, default bench/results) and TAG
 # (arg 2, default h200) made, PYTHONPATH set to the tree, SECONDS and status zeroed, J (JSON_DIR,
 # default OUT: the device returns only 8 files of $OUT, so give another dir) made, and
-#   step NAME CAP COMMAND...  runs COMMAND under `timeout CAP`, its output (Python's warning lines dropped, pytest's summary kept) in
-#                             $OUT/NAME_$TAG.txt and its last 14 lines on the console; a step
-#                             that fails or is cut sets status=1 and the next step still runs.
+#   step NAME CAP COMMAND...  runs COMMAND under `timeout CAP`, its output (Python's warning
+#                             lines dropped, pytest's summary kept) in $OUT/NAME_$TAG.txt and
+#                             its last 14 lines on the console; a step that fails or is cut
+#                             sets status=1 and the next step still runs.
 # A script ends with `finish`: the time taken and the status, and exits with it.
 set -uo pipefail
 OUT=${1:-${OUT:-bench/results}}

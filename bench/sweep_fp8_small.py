@@ -239,14 +239,12 @@ def _sweep_case(name, T, fw, emap, rate, gen, down_only=False) -> dict:
     us, cfg = res[best], json.loads(best)
     per = floor or float("nan")  # (no local expert in any routing: no floor)
     shown = "   -   " if default is None else f"{default:7.1f}"
-    print(f"{name:5} T={T:3}  default {shown} us  best {us:7.1f} us  floor {floor:6.1f}"
-          f"  ratio "
-          f"{us / per:5.2f}  grouped {g_us:7.1f} ({g_us / per:5.2f})  "
+    print(f"{name:5} T={T:3}  default {shown} us  best {us:7.1f} us  floor {floor:6.1f}  "
+          f"ratio {us / per:5.2f}  grouped {g_us:7.1f} ({g_us / per:5.2f})  "
           f"gate_up {_short(cfg['gate_up'])}  down {_short(cfg['down'])}  [{len(res)} configs]",
           flush=True)
     return dict(shape=name, T=T, slots=T * shape["K"], us=us, default=default, floor=floor,
-                grouped=g_us,
-                config=cfg, tried=len(res))
+                grouped=g_us, config=cfg, tried=len(res))
 
 
 def sweep(names, tokens, rate, down_only=False) -> list:

@@ -11,6 +11,7 @@ skipped automatically while a CUDA graph is being captured (a host read is illeg
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +23,17 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def error_message(field: str, value: object, rule: str, fix: str) -> str:
     """One format for every user error: ``field=value: rule. Fix: fix.``"""
     return f"{field}={value}: {rule}. Fix: {fix}."
+
+
+def env_count(name: str, default: int, fix: str) -> int:
+    """The environment variable ``name`` as an int >= 0 (digits only), ``default`` where it is
+    unset or empty; anything else a ValueError naming it, with ``fix``."""
+    env = os.environ.get(name, "")
+    if env == "":
+        return default
+    if not env.isdigit():
+        raise ValueError(error_message(name, repr(env), "must be an int >= 0", fix))
+    return int(env)
 
 
 def describe(t: object) -> str:

@@ -236,9 +236,8 @@ def _stream_down_kernel(
     Grid: (rows or slots expected, column tiles of H). PDL: launched with ``launch_pdl=True``
     behind the gate/up kernel (its PDL): the ids, the map and num_rows load first, then the
     first PRELOAD weight tiles and the next one (PREFETCH), then it waits for ``inter``.
-    Reading the ids before the wait
-    is safe only because gate/up lets this grid launch after its own wait (so whatever wrote
-    the ids has finished): keep that order there."""
+    Reading the ids before the wait is safe only because gate/up lets this grid launch after
+    its own wait (so whatever wrote the ids has finished): keep that order there."""
     n_rows = tl.load(num_rows_ptr) if BOUNDED else R
     n_slots = n_rows * K_TOPK
     n_units = n_rows if PER_ROW else n_slots

@@ -38,7 +38,7 @@ import os
 
 import torch
 
-from rocm_moe._checks import error_message
+from rocm_moe._checks import env_count, error_message
 from rocm_moe.experts.triton_small_fp8 import max_slots as _fp8_max_slots
 from rocm_moe.placement import ExpertMap
 from rocm_moe.weighting import ExpertsOutput
@@ -70,14 +70,8 @@ BF16_STREAM_ENV = "ROCM_MOE_BF16_STREAM_MAX_SLOTS"
 def bf16_stream_max_slots() -> int:
     """The most slots of a bf16 / fp16 batch that the streaming kernels take by default:
     ROCM_MOE_BF16_STREAM_MAX_SLOTS, else BF16_STREAM_MAX_SLOTS."""
-    env = os.environ.get(BF16_STREAM_ENV, "")
-    if env == "":
-        return BF16_STREAM_MAX_SLOTS
-    if not env.isdigit():
-        raise ValueError(error_message(BF16_STREAM_ENV, repr(env), "must be an int >= 0",
-                                       "set it to the most slots (rows x top_k), e.g. 8, or "
-                                       "0 for the tl.dot forms"))
-    return int(env)
+    return env_count(BF16_STREAM_ENV, BF16_STREAM_MAX_SLOTS,
+                     "set it to the most slots (rows x top_k), e.g. 8, or 0 for the tl.dot forms")
 
 
 def check_path(path: object, small_max_slots: object, *, invariant: bool = False) -> None:
@@ -375,14 +369,8 @@ SHARED_ROWS_CAP = 1024  # (the most rows the streaming SwiGLU takes, whatever th
 
 def shared_stream_max_rows() -> int:
     """ROCM_MOE_SHARED_STREAM_MAX_ROWS, else SHARED_STREAM_MAX_ROWS."""
-    env = os.environ.get(SHARED_STREAM_ENV, "")
-    if env == "":
-        return SHARED_STREAM_MAX_ROWS
-    if not env.isdigit():
-        raise ValueError(error_message(SHARED_STREAM_ENV, repr(env), "must be an int >= 0",
-                                       "set it to the most rows, e.g. 8, or 0 for torch's "
-                                       "GEMMs"))
-    return int(env)
+    return env_count(SHARED_STREAM_ENV, SHARED_STREAM_MAX_ROWS,
+                     "set it to the most rows, e.g. 8, or 0 for torch's GEMMs")
 
 
 _ONE_EXPERT: dict = {}  # device -> (map of a one-expert rank, zero ids, unit weights)

@@ -52,7 +52,7 @@ import os
 
 import torch
 
-from rocm_moe._checks import error_message
+from rocm_moe._checks import env_count, error_message
 from rocm_moe.placement import ExpertMap
 from rocm_moe.weighting import ExpertsOutput
 
@@ -195,13 +195,8 @@ def stream_config(slots: int, *, hidden: int = 0, inter: int = 0) -> dict:
 def max_slots() -> int:
     """The most slots "auto" sends here: ROCM_MOE_FP8_SMALL_MAX_SLOTS, else
     FP8_SMALL_MAX_SLOTS."""
-    env = os.environ.get(MAX_SLOTS_ENV)
-    if env is None or env == "":
-        return FP8_SMALL_MAX_SLOTS
-    if not env.isdigit():
-        raise ValueError(error_message(MAX_SLOTS_ENV, repr(env), "must be an int >= 0",
-                                       "set it to the most slots (rows x top_k), e.g. 8"))
-    return int(env)
+    return env_count(MAX_SLOTS_ENV, FP8_SMALL_MAX_SLOTS,
+                     "set it to the most slots (rows x top_k), e.g. 8")
 
 
 def _lanes(K: int) -> int:
