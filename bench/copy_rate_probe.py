@@ -37,7 +37,7 @@ def main() -> None:
          do_bench(lambda: torch.neg(a, out=b), return_mode="median") * 1e3),
         ("neg graph of 4", rw, graph_us(lambda: torch.neg(a, out=b))),
         ("sum graph of 4 (read only)", r,
-         graph_us(lambda: torch.sum(a, dtype=torch.float32, out=out))),
+         graph_us(lambda: torch.sum(a, 0, dtype=torch.float32, out=out))),
     ]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     for name, nbytes, us in rows:

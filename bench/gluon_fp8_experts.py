@@ -9,7 +9,7 @@ sum) in "weighted" mode, CUDA-graph replay (``do_bench_cudagraph``, median); the
 reference. Exit 1 if a Gluon result is off the reference by 1e-2 or more.
 
 Usage (GPU): python3 bench/gluon_fp8_experts.py [--qwen3 256 1024 4096 16384]
-             [--dsv3 1024 8192] [--json FILE]
+             [--dsv3 1024 8192] [--configs 64 128 ws] [--json FILE]
 """
 
 import argparse
@@ -26,7 +26,7 @@ from rocm_moe.experts.triton_fp8 import GLUON_CONFIGS, TritonFP8Experts
 from rocm_moe.oracle import rel_err
 
 
-def run(name, sizes, ceil, gen) -> list[dict]:
+def run(name, sizes, ceil, gen, configs) -> list[dict]:
     shape = SHAPES[name]
     rows = []
     for R in sizes:
@@ -41,8 +41,8 @@ def run(name, sizes, ceil, gen) -> list[dict]:
         ref = FP8ReferenceExperts()(x, ids, w, fw.w13, fw.w2, emap, weight_mode="experts",
                                     validate=False, out_dtype=torch.float32).out
         line = [f"{name:5} R={R:6}  floor {floor:8.1f} us"]
-        for label, cfg in [("triton", None)] + [(f"gluon{k}", c) for k, c in
-                                                GLUON_CONFIGS.items()]:
+        for label, cfg in [("triton", None)] + [(f"gluon{k}", GLUON_CONFIGS[k])
+                                                for k in configs]:
             ex = TritonFP8Experts(config=cfg, path="grouped")
 
             def call(ex=ex, fw=fw, x=x, ids=ids, w=w, emap=emap):
@@ -66,6 +66,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--qwen3", nargs="*", type=int, default=[256, 1024, 4096, 16384])
     ap.add_argument("--dsv3", nargs="*", type=int, default=[1024, 8192])
+    ap.add_argument("--configs", nargs="*", choices=list(GLUON_CONFIGS),
+                    default=list(GLUON_CONFIGS), help="GLUON_CONFIGS keys to time")
     ap.add_argument("--json")
     args = ap.parse_args()
     ceil = ceilings()
@@ -73,7 +75,8 @@ def main() -> int:
           f"{ceil['copy_GBps']:.0f} GB/s, FP8 _scaled_mm {ceil['fp8_matmul_TFLOPs']:.0f} "
           f"TFLOP/s; gluon configs {json.dumps(GLUON_CONFIGS)}", flush=True)
     gen = torch.Generator().manual_seed(0)
-    rows = run("qwen3", args.qwen3, ceil, gen) + run("dsv3", args.dsv3, ceil, gen)
+    rows = run("qwen3", args.qwen3, ceil, gen, args.configs) + \
+        run("dsv3", args.dsv3, ceil, gen, args.configs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), ceilings=ceil, rows=rows), f,

@@ -502,6 +502,8 @@ def _gluon(kernel: str) -> Callable[[str], list[Launch]]:
             return []
         out = []
         for bucket, cfg in GLUON_CONFIGS.items():
+            if cfg["gluon"] is not True:  # ("ws": _gluon_ws)
+                continue
             k = cfg[kernel]
             cx = dict(BLOCK_M=cfg["BLOCK_M"], STAGES=k["num_stages"])
             variants = [dict(FP8_MAX=448.0)] if kernel == "gate_up" else \
@@ -510,6 +512,42 @@ def _gluon(kernel: str) -> Callable[[str], list[Launch]]:
                            f"gluon {bucket}") for v in variants]
         return out
     return launches
+
+
+def _gluon_ws(kernel: str) -> Callable[[str], list[Launch]]:
+    """The warp-specialised Gluon FP8 kernels' launches (``GLUON_CONFIGS`` with "gluon":
+    "ws"; sm_90 only: TMA, mbarriers, wgmma), both weight modes of the down kernel."""
+    def launches(target: str) -> list[Launch]:
+        from rocm_moe.experts.triton_fp8 import GLUON_CONFIGS
+
+        if target != "sm_90":
+            return []
+        out = []
+        for bucket, cfg in GLUON_CONFIGS.items():
+            if cfg["gluon"] != "ws":
+                continue
+            cx = dict(STAGES=cfg[kernel]["num_stages"])
+            variants = [dict(FP8_MAX=448.0)] if kernel == "gate_up" else \
+                [dict(WEIGHTED=w) for w in (True, False)]
+            out += [Launch(tuple(sorted({**cx, **v}.items())), 4, 1, f"gluon {bucket}")
+                    for v in variants]
+        return out
+    return launches
+
+
+def _ws_desc(rows: int) -> Callable[[dict], str]:
+    """A Gluon TMA descriptor of [rows, 128] FP8 boxes in NVMMA shared memory."""
+    def ty(_c):
+        from triton.experimental.gluon import language as gl
+
+        layout = gl.NVMMASharedLayout.get_default_for([rows, 128], gl.float8e4nv)
+        return f"tensordesc<fp8e4nv[{rows}, 128],{layout!r}>"
+    return ty
+
+
+_GLUON_WS_PTRS = dict(a_desc=_ws_desc(64), w_desc=_ws_desc(128), as_ptr="*fp32",
+                      ws_ptr="*fp32", iq_ptr="*fp8e4nv", is_ptr="*fp32", sorted_ptr="*i32",
+                      block_expert_ptr="*i32", weight_ptr="*fp32", out_ptr="*bf16")
 
 
 _GLUON_PTRS = dict(aq_ptr="*fp8e4nv", as_ptr="*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32",
@@ -550,6 +588,10 @@ KERNELS = [
            _gluon("gate_up"), aligned=("H", "I", "stride_ar", "stride_ip")),
     Kernel("rocm_moe.experts._gluon_fp8:_gluon_fp8_down_kernel", _GLUON_PTRS, _gluon("down"),
            aligned=("H", "I", "stride_ip", "stride_os")),
+    Kernel("rocm_moe.experts._gluon_fp8_ws:_ws_fp8_gate_up_kernel", _GLUON_WS_PTRS,
+           _gluon_ws("gate_up"), aligned=("stride_ip",)),
+    Kernel("rocm_moe.experts._gluon_fp8_ws:_ws_fp8_down_kernel", _GLUON_WS_PTRS,
+           _gluon_ws("down"), aligned=("stride_os",)),
     Kernel("rocm_moe.experts._triton_mxfp4:_mxfp4_gate_up_kernel", _MXFP4_PTRS,
            _mxfp4_experts("gate_up")),
     Kernel("rocm_moe.experts._triton_mxfp4:_mxfp4_down_kernel", _MXFP4_PTRS,

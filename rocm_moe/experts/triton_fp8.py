@@ -153,19 +153,27 @@ KERNEL_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "desc", "ahead",
 TOP_KEYS = ("BLOCK_M", "gate_up", "down", "persistent", "programs_per_sm", "gluon")
 
 
-def _gluon_config(block_m: int, gate_up_stages: int, down_stages: int) -> dict:
+def _gluon_config(block_m: int, gate_up_stages: int, down_stages: int, *,
+                  ws: bool = False) -> dict:
     def k(stages):
-        return dict(BLOCK_N=BLOCK, BLOCK_K=BLOCK, num_warps=block_m // 16, num_stages=stages)
-    return dict(BLOCK_M=block_m, gluon=True, gate_up=k(gate_up_stages), down=k(down_stages))
+        return dict(BLOCK_N=BLOCK, BLOCK_K=BLOCK, num_warps=4 if ws else block_m // 16,
+                    num_stages=stages)
+    return dict(BLOCK_M=block_m, gluon="ws" if ws else True, gate_up=k(gate_up_stages),
+                down=k(down_stages))
 
 
 # "gluon": True (issue 31): the grouped GEMMs through the Gluon kernels of
 # ``experts/_gluon_fp8.py`` (NVIDIA sm_90: async wgmma, the down GEMM's promotion overlapped
 # with the next K step's MMA) instead of Triton's; BLOCK_M 64 (4 warps) or 128 (8 warps),
 # BLOCK_N 128, num_warps BLOCK_M / 16, num_stages the cp.async ring's depth (gate/up 2 up to
-# what fits 227 KiB of shared memory: 4 at BLOCK_M 128, 5 at 64; down 3 and up). These are the
-# launches compiled for sm_90 in CI (``_compile``) and timed by bench/gluon_fp8_experts.py.
-GLUON_CONFIGS = {"64": _gluon_config(64, 4, 4), "128": _gluon_config(128, 4, 4)}
+# what fits 227 KiB of shared memory: 4 at BLOCK_M 128, 5 at 64; down 3 and up).
+# "gluon": "ws": the warp-specialised kernels of ``experts/_gluon_fp8_ws.py`` (a TMA producer
+# warp, two consumer warpgroups of 64 rows each): BLOCK_M 128, num_warps 4 (a consumer
+# warpgroup), num_stages the TMA ring's depth (2 up to 4 for gate/up, 7 for down).
+# These are the launches compiled for sm_90 in CI (``_compile``) and timed by
+# bench/gluon_fp8_experts.py.
+GLUON_CONFIGS = {"64": _gluon_config(64, 4, 4), "128": _gluon_config(128, 4, 4),
+                 "ws": _gluon_config(128, 4, 6, ws=True)}
 GLUON_STAGE_BYTES = {"gate_up": lambda m: m * BLOCK + 2 * BLOCK * BLOCK,
                      "down": lambda m: m * BLOCK + BLOCK * BLOCK}
 GLUON_SHARED = 227 * 1024  # sm_90's shared memory a block may take
@@ -254,16 +262,20 @@ def check_config(cfg: dict) -> None:
 
 def _check_gluon(cfg: dict, bad) -> None:
     """A config with "gluon": the tiles and rings the Gluon kernels take."""
-    if cfg["gluon"] is not True:
-        bad("config['gluon']", cfg["gluon"], "must be True or absent", "drop it or pass True")
+    ws = cfg["gluon"] == "ws"
+    if cfg["gluon"] is not True and not ws:
+        bad("config['gluon']", cfg["gluon"], "must be True, 'ws' or absent",
+            "drop it, or pass True (the Gluon kernels) or 'ws' (the warp-specialised ones)")
     m = cfg["BLOCK_M"]
-    if m not in (64, 128):
-        bad("config['BLOCK_M']", m, "must be 64 or 128 with 'gluon' (one or two warpgroups of "
-            "wgmma rows)", "pick 64 or 128")
+    if m not in ((128,) if ws else (64, 128)):
+        bad("config['BLOCK_M']", m, "must be 128 with 'gluon': 'ws' (two consumer warpgroups "
+            "of 64 rows)" if ws else "must be 64 or 128 with 'gluon' (one or two warpgroups of "
+            "wgmma rows)", "pick 128" if ws else "pick 64 or 128")
     if cfg.get("persistent"):
         bad("config['persistent']", True, "is a Triton launch (the Gluon kernels take one "
             "tile a program)", "drop 'persistent' or 'gluon'")
-    for name, least in (("gate_up", 2), ("down", 3)):
+    warps = 4 if ws else m // 16
+    for name, least in (("gate_up", 2), ("down", 2 if ws else 3)):
         kc = cfg[name]
         for key in ("desc", "ahead", "fused"):
             if kc.get(key):
@@ -272,14 +284,16 @@ def _check_gluon(cfg: dict, bad) -> None:
         if kc.get("BLOCK_N") != BLOCK:
             bad(f"config[{name!r}]['BLOCK_N']", kc.get("BLOCK_N"),
                 f"must be {BLOCK} with 'gluon' (one weight-scale block)", f"set it to {BLOCK}")
-        if kc["num_warps"] != m // 16:
+        if kc["num_warps"] != warps:
             bad(f"config[{name!r}]['num_warps']", kc["num_warps"],
-                f"must be BLOCK_M / 16 = {m // 16} with 'gluon' (16 rows a warp)",
-                f"set it to {m // 16}")
+                "must be 4 with 'gluon': 'ws' (a consumer warpgroup)" if ws else
+                f"must be BLOCK_M / 16 = {warps} with 'gluon' (16 rows a warp)",
+                f"set it to {warps}")
         most = GLUON_SHARED // GLUON_STAGE_BYTES[name](m)
         if not least <= kc["num_stages"] <= most:
+            ring = "TMA" if ws else "cp.async"
             bad(f"config[{name!r}]['num_stages']", kc["num_stages"],
-                f"must be {least}..{most} with 'gluon' at BLOCK_M {m} (the cp.async ring in "
+                f"must be {least}..{most} with 'gluon' at BLOCK_M {m} (the {ring} ring in "
                 f"{GLUON_SHARED // 1024} KiB of shared memory)", f"pick {least}..{most}")
 
 
@@ -453,6 +467,9 @@ def _gluon_gemms(aq, as_, w13, w2, iq, is_, out_slots, layout, topk_weights_RK, 
                  weighted: bool) -> None:
     """Both grouped GEMMs through the Gluon kernels (``cfg`` checked, ``gluon_refusal`` None):
     the same layout, buffers and contract as the Triton kernels' launch in ``_forward``."""
+    if cfg["gluon"] == "ws":
+        return _ws_gemms(aq, as_, w13, w2, iq, is_, out_slots, layout, topk_weights_RK, cfg,
+                         weighted=weighted)
     from rocm_moe.experts._gluon_fp8 import _gluon_fp8_down_kernel, _gluon_fp8_gate_up_kernel
 
     H, I = w13.shape[2], w2.shape[2]
@@ -470,3 +487,39 @@ def _gluon_gemms(aq, as_, w13, w2, iq, is_, out_slots, layout, topk_weights_RK, 
         topk_weights_RK.contiguous().view(-1), layout.sentinel, H, I, I // BLOCK,
         iq.stride(0), is_.stride(0), ws2.stride(0), ws2.stride(1), out_slots.stride(0),
         WEIGHTED=weighted, BLOCK_M=m, STAGES=cfg["down"]["num_stages"], num_warps=warps)
+
+
+def _ws_gemms(aq, as_, w13, w2, iq, is_, out_slots, layout, topk_weights_RK, cfg: dict, *,
+              weighted: bool) -> None:
+    """``_gluon_gemms`` through the warp-specialised kernels: TMA cannot gather rows, so the
+    gate/up rows (and their scales, 0 on padding positions) are first put in block order, [P,
+    H] FP8 and [P, H/128] float32, one index_select each."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from rocm_moe.experts import _gluon_fp8_ws as k
+
+    H, I = w13.shape[2], w2.shape[2]
+    n_blocks = layout.block_expert_ids.numel()
+    sorted_ids = layout.sorted_slot_ids
+    used = sorted_ids < layout.sentinel
+    src = torch.where(used, sorted_ids // layout.top_k, 0)
+    a_p = aq.view(torch.uint8).index_select(0, src).view(aq.dtype)
+    as_p = as_.index_select(0, src) * used.unsqueeze(1)
+    half, tile = k.HALF_ROWS.value, k.TILE.value
+
+    def desc(t, rows):
+        return TensorDescriptor.from_tensor(
+            t, [rows, tile], gl.NVMMASharedLayout.get_default_for([rows, tile], gl.float8e4nv))
+
+    ws13, ws2 = w13.scale_inv, w2.scale_inv
+    k._ws_fp8_gate_up_kernel[(n_blocks * (I // tile),)](
+        desc(a_p, half), desc(w13.weight.view(-1, H), tile), as_p, ws13, iq, is_,
+        layout.block_expert_ids, I, -(-H // tile), as_p.stride(0), ws13.stride(0),
+        ws13.stride(1), iq.stride(0), is_.stride(0), FP8_MAX=fp8_max(aq.dtype),
+        STAGES=cfg["gate_up"]["num_stages"], num_warps=4)
+    k._ws_fp8_down_kernel[(n_blocks * -(-H // tile),)](
+        desc(iq, half), desc(w2.weight.view(-1, I), tile), is_, ws2, out_slots, sorted_ids,
+        layout.block_expert_ids, topk_weights_RK.contiguous().view(-1), layout.sentinel, H,
+        I // tile, is_.stride(0), ws2.stride(0), ws2.stride(1), out_slots.stride(0),
+        WEIGHTED=weighted, STAGES=cfg["down"]["num_stages"], num_warps=4)

@@ -390,11 +390,33 @@ def _gluon_cfg(block_m=64, gu_stages=4, dn_stages=4):
 @pytest.mark.parametrize("cfg", list(tf.GLUON_CONFIGS.values()))
 def test_gluon_configs_are_valid(cfg):
     check_config(cfg)
-    assert cfg["gluon"] is True
+    assert cfg["gluon"] in (True, "ws")
 
 
 @pytest.mark.parametrize(("change", "match"), [
-    (dict(gluon=1), r"config\['gluon'\]=1: must be True or absent"),
+    (dict(BLOCK_M=64), r"config\['BLOCK_M'\]=64: must be 128 with 'gluon': 'ws'"),
+    (dict(gate_up=dict(num_warps=8)), r"config\['gate_up'\]\['num_warps'\]=8: must be 4 with "
+     r"'gluon': 'ws'"),
+    (dict(gate_up=dict(num_stages=5)), r"config\['gate_up'\]\['num_stages'\]=5: must be 2\.\.4 "
+     r"with 'gluon' at BLOCK_M 128 \(the TMA ring"),
+    (dict(down=dict(num_stages=8)), r"config\['down'\]\['num_stages'\]=8: must be 2\.\.7"),
+    (dict(down=dict(num_stages=1)), r"config\['down'\]\['num_stages'\]=1: must be 2\.\.7"),
+    (dict(down=dict(desc=True)), r"config\['down'\]\['desc'\]=True: is a Triton kernel"),
+])
+def test_bad_ws_config_is_refused_with_the_fix(change, match):
+    """The warp-specialised kernels' config ("gluon": "ws"): BLOCK_M 128, 4 warps (a consumer
+    warpgroup), a TMA ring that fits 227 KiB; each refusal names the key and the fix."""
+    cfg = tf.GLUON_CONFIGS["ws"]
+    bad = {**cfg, **{k: dict(cfg[k], **v) if isinstance(v, dict) else v
+                     for k, v in change.items()}}
+    with pytest.raises(ValueError, match=match + r".*Fix: "):
+        TritonFP8Experts(config=bad)
+    for stages in ((2, 2), (4, 7)):  # the ring's ends are accepted
+        TritonFP8Experts(config=tf._gluon_config(128, *stages, ws=True))
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (dict(gluon=1), r"config\['gluon'\]=1: must be True, 'ws' or absent"),
     (dict(BLOCK_M=32), r"config\['BLOCK_M'\]=32: must be 64 or 128 with 'gluon'"),
     (dict(persistent=True), r"config\['persistent'\]=True: is a Triton launch"),
     (dict(gate_up=dict(_gluon_cfg()["gate_up"], desc=True)),
@@ -439,14 +461,15 @@ sm90 = pytest.mark.skipif(DEVICE.type != "cuda" or torch.version.hip is not None
 @pytest.mark.parametrize("shape", [(1024, 8, 128, 8, 2048, 768), (33, 4, 16, 2, 208, 384),
                                    (3000, 8, 64, 8, 7168, 2048)],
                          ids=lambda s: "R{}_K{}_E{}_W{}_H{}_I{}".format(*s))
-@pytest.mark.parametrize("cfg", list(tf.GLUON_CONFIGS.values()),
-                         ids=lambda c: f"M{c['BLOCK_M']}")
-def test_gpu_gluon_matches_reference(cfg, shape, gen):
+@pytest.mark.parametrize("name", list(tf.GLUON_CONFIGS))
+def test_gpu_gluon_matches_reference(name, shape, gen):
     """The Gluon kernels against the FP8 reference in both weight modes (-1 slots, other
     ranks' experts; H = 208: a partial last K step and output tile, I = 384: an odd count of
     down K steps, the pair loop's tail; DeepSeek-V3's shape: 56 gate/up K steps, 16 down),
     and beside the Triton kernels of the
-    same BLOCK_M (the same sums: their difference is reported, not asserted equal)."""
+    same BLOCK_M (the same sums: their difference is reported, not asserted equal). "ws": the
+    warp-specialised kernels (block-ordered rows by TMA, the two consumers' halves)."""
+    cfg = tf.GLUON_CONFIGS[name]
     args, _ = _case(*shape, gen)
     local = args[5].local_ids(args[1]) >= 0
     triton_cfg = fp8_block_config(8192 * 8, 8)
@@ -462,14 +485,15 @@ def test_gpu_gluon_matches_reference(cfg, shape, gen):
 
 
 @sm90
-def test_gpu_gluon_graph_replay_and_empty_blocks(gen):
+@pytest.mark.parametrize("name", ["128", "ws"])
+def test_gpu_gluon_graph_replay_and_empty_blocks(name, gen):
     """Under CUDA-graph capture (no host reads) with a capacity-sized batch (rows past
     num_rows are -1: blocks of the layout unused), the replay gives the eager call's bits."""
     args, _ = _case(1024, 8, 128, 8, 2048, 768, gen)
     ids = args[1].clone()
     ids[600:] = -1
     args = (args[0], ids, *args[2:])
-    ex = TritonFP8Experts(config=tf.GLUON_CONFIGS["128"], path="grouped")
+    ex = TritonFP8Experts(config=tf.GLUON_CONFIGS[name], path="grouped")
     eager = ex(*args, weight_mode="experts", validate=False).out.clone()
     ref = FP8ReferenceExperts()(*args, weight_mode="experts").out
     assert rel_err(eager, ref) < 1e-2
