@@ -459,13 +459,14 @@ sm90 = pytest.mark.skipif(DEVICE.type != "cuda" or torch.version.hip is not None
 
 @sm90
 @pytest.mark.parametrize("shape", [(1024, 8, 128, 8, 2048, 768), (33, 4, 16, 2, 208, 384),
-                                   (3000, 8, 64, 8, 7168, 2048)],
+                                   (5, 2, 4, 1, 128, 128), (3000, 8, 64, 8, 7168, 2048)],
                          ids=lambda s: "R{}_K{}_E{}_W{}_H{}_I{}".format(*s))
 @pytest.mark.parametrize("name", list(tf.GLUON_CONFIGS))
 def test_gpu_gluon_matches_reference(name, shape, gen):
     """The Gluon kernels against the FP8 reference in both weight modes (-1 slots, other
     ranks' experts; H = 208: a partial last K step and output tile, I = 384: an odd count of
-    down K steps, the pair loop's tail; DeepSeek-V3's shape: 56 gate/up K steps, 16 down),
+    down K steps, the pair loop's tail; H = I = 128: one K step in each GEMM; DeepSeek-V3's
+    shape: 56 gate/up K steps, 16 down),
     and beside the Triton kernels of the
     same BLOCK_M (the same sums: their difference is reported, not asserted equal). "ws": the
     warp-specialised kernels (block-ordered rows by TMA, the two consumers' halves)."""
