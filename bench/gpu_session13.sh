@@ -14,7 +14,7 @@ step tests_ws 170 python3 -m pytest -q -p no:cacheprovider -rs --durations=8 \
   tests/experts/test_fp8_variants.py -k "gluon and ws"
 if grep -q " passed" "$OUT/tests_ws_$TAG.txt" && ! grep -q "failed\|error" "$OUT/tests_ws_$TAG.txt"; then
   step gluon_ws_experts 200 python3 bench/gluon_fp8_experts.py --qwen3 1024 4096 16384 \
-    --dsv3 8192 --configs 128 ws --json "$J/gluon_ws_experts_$TAG.json"
+    --dsv3 8192 --configs 128 ws ws_persistent --json "$J/gluon_ws_experts_$TAG.json"
 fi
 step copy_rate_probe 25 python3 bench/copy_rate_probe.py
 DEC=(python3 -m rocm_moe.cli bench decode --model deepseek-v3 --tokens 1 --fused-gate all

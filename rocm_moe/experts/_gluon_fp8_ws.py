@@ -53,191 +53,225 @@ def _wait_stage(bars, kb, STAGES: gl.constexpr, FILLING: gl.constexpr):
 
 
 @gluon.jit
-def _gate_up_producer(a_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, p0, gate_row, up_row,
-                      N_KB, STAGES: gl.constexpr):
-    """Each K step: both row halves of the block and the tile's gate and up weight rows."""
-    for kb in range(N_KB):
-        _wait_stage(empty, kb, STAGES, True)
-        s = kb % STAGES
-        bar = ready.index(s)
-        mbarrier.expect(bar, 2 * HALF_ROWS * TILE + 2 * TILE * TILE)  # FP8: a byte an element
-        k = kb * TILE
-        _tma_load(a_desc, [p0, k], bar, a_smem.index(2 * s))
-        _tma_load(a_desc, [p0 + HALF_ROWS, k], bar, a_smem.index(2 * s + 1))
-        _tma_load(w_desc, [gate_row, k], bar, g_smem.index(s))
-        _tma_load(w_desc, [up_row, k], bar, u_smem.index(s))
+def _tile(tile, block_expert_ptr, n_cols):
+    """Tile ``tile`` of the grid's order (a block's column tiles in a row): its block, first
+    column and expert (-1: an unused block, skipped by every partition alike)."""
+    pid_m = tile // n_cols
+    return pid_m, tile % n_cols * TILE, gl.load(block_expert_ptr + pid_m)
 
 
 @gluon.jit
-def _gate_up_consumer(a_smem, g_smem, u_smem, ready, empty, as_ptr, ws_g, ws_u, iq_ptr, is_ptr,
-                      p0, n_start, N_KB, stride_as, stride_ip, stride_is,
-                      FP8_MAX: gl.constexpr, STAGES: gl.constexpr, HALF: gl.constexpr):
-    """Rows p0 + 64 HALF .. + 63: their gate and up sums over K, then the epilogue of
-    ``_gluon_fp8_gate_up_kernel`` (quantised SiLU(gate) * up and its 1x128 group scale)."""
+def _gate_up_producer(a_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, block_expert_ptr,
+                      n_total, I, N_KB, STAGES: gl.constexpr):
+    """Each K step of each of this program's tiles: both row halves of the block and the
+    tile's gate and up weight rows. The ring runs on across tiles (``step``), so the next
+    tile's stages fill while the consumers run the last one's epilogue."""
+    n_cols = I // TILE
+    step = 0
+    for tile in range(gl.program_id(0), n_total, gl.num_programs(0)):
+        pid_m, n_start, e = _tile(tile, block_expert_ptr, n_cols)
+        if e >= 0:
+            gate_row = e * 2 * I + n_start
+            for kb in range(N_KB):
+                _wait_stage(empty, step + kb, STAGES, True)
+                s = (step + kb) % STAGES
+                bar = ready.index(s)
+                mbarrier.expect(bar, 2 * HALF_ROWS * TILE + 2 * TILE * TILE)  # (FP8: a byte
+                k = kb * TILE  # an element)
+                _tma_load(a_desc, [pid_m * TILE, k], bar, a_smem.index(2 * s))
+                _tma_load(a_desc, [pid_m * TILE + HALF_ROWS, k], bar, a_smem.index(2 * s + 1))
+                _tma_load(w_desc, [gate_row, k], bar, g_smem.index(s))
+                _tma_load(w_desc, [gate_row + I, k], bar, u_smem.index(s))
+            step += N_KB
+
+
+@gluon.jit
+def _gate_up_consumer(a_smem, g_smem, u_smem, ready, empty, as_ptr, ws_ptr, iq_ptr, is_ptr,
+                      block_expert_ptr, n_total, I, N_KB, stride_as, stride_wse, stride_wsn,
+                      stride_ip, stride_is, FP8_MAX: gl.constexpr, STAGES: gl.constexpr,
+                      HALF: gl.constexpr):
+    """Per tile, rows p0 + 64 HALF .. + 63 of its block: their gate and up sums over K, then
+    the epilogue of ``_gluon_fp8_gate_up_kernel`` (quantised SiLU(gate) * up and its 1x128
+    group scale)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, 128, 32])
-    p = p0 + HALF * HALF_ROWS + gl.arange(0, HALF_ROWS, layout=gl.SliceLayout(1, mma))
-    p64 = p.to(gl.int64)
-    acc_g = gl.zeros([HALF_ROWS, TILE], gl.float32, layout=mma)
-    acc_u = gl.zeros([HALF_ROWS, TILE], gl.float32, layout=mma)
-    prod = gl.zeros([HALF_ROWS, TILE], gl.float32, layout=mma)  # (registers reused: use_acc
-    # False; three [64, 128] float32 sets, 192 registers a thread)
-    for kb in range(N_KB):
-        _wait_stage(ready, kb, STAGES, False)
-        s = kb % STAGES
-        a = a_smem.index(2 * s + HALF)
-        t = warpgroup_mma(a, g_smem.index(s).permute((1, 0)), prod, use_acc=False,
-                          is_async=True)
-        a_s = gl.load(as_ptr + p64 * stride_as + kb)  # (padding rows: scale 0)
-        sc_g = gl.expand_dims(a_s * gl.load(ws_g + kb), 1)
-        sc_u = gl.expand_dims(a_s * gl.load(ws_u + kb), 1)
-        prod = warpgroup_mma_wait(num_outstanding=0, deps=(t, ))
-        acc_g = acc_g + prod * sc_g
-        # (an empty wait through acc_g: the gate promotion is done before the up MMA is
-        # issued; otherwise LLVM sinks it below that MMA's wait, the two products are live at
-        # once, 256 registers, and ptxas spills about 20 values an iteration at 232)
-        acc_g = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, ))
-        t = warpgroup_mma(a, u_smem.index(s).permute((1, 0)), prod, use_acc=False,
-                          is_async=True)
-        prod = warpgroup_mma_wait(num_outstanding=0, deps=(t, ))
-        mbarrier.arrive(empty.index(s), count=1)  # (both MMAs of the stage done)
-        acc_u = acc_u + prod * sc_u
-    h = acc_g / (1.0 + gl.exp(-acc_g)) * acc_u
-    amax = gl.maximum(gl.max(gl.abs(h), axis=1), 1e-10)
-    sc = gl.div_rn(amax, amax * 0.0 + FP8_MAX)
-    q = gl.div_rn(h, gl.expand_dims(sc, 1) + gl.zeros_like(h))
-    q = gl.minimum(gl.maximum(q, -FP8_MAX), FP8_MAX)
-    cols = n_start + gl.arange(0, TILE, layout=gl.SliceLayout(0, mma))
-    gl.store(iq_ptr + gl.expand_dims(p64 * stride_ip, 1) + gl.expand_dims(cols, 0),
-             q.to(iq_ptr.dtype.element_ty))
-    gl.store(is_ptr + p64 * stride_is + n_start // TILE, sc)
+    n_cols = I // TILE
+    step = 0
+    for tile in range(gl.program_id(0), n_total, gl.num_programs(0)):
+        pid_m, n_start, e = _tile(tile, block_expert_ptr, n_cols)
+        if e >= 0:
+            ws_g = ws_ptr + e.to(gl.int64) * stride_wse + (n_start // TILE) * stride_wsn
+            ws_u = ws_g + n_cols * stride_wsn
+            p = pid_m * TILE + HALF * HALF_ROWS + gl.arange(0, HALF_ROWS,
+                                                            layout=gl.SliceLayout(1, mma))
+            p64 = p.to(gl.int64)
+            acc_g = gl.zeros([HALF_ROWS, TILE], gl.float32, layout=mma)
+            acc_u = gl.zeros([HALF_ROWS, TILE], gl.float32, layout=mma)
+            prod = gl.zeros([HALF_ROWS, TILE], gl.float32, layout=mma)  # (registers reused:
+            # use_acc False; three [64, 128] float32 sets, 192 registers a thread)
+            for kb in range(N_KB):
+                _wait_stage(ready, step + kb, STAGES, False)
+                s = (step + kb) % STAGES
+                a = a_smem.index(2 * s + HALF)
+                t = warpgroup_mma(a, g_smem.index(s).permute((1, 0)), prod, use_acc=False,
+                                  is_async=True)
+                a_s = gl.load(as_ptr + p64 * stride_as + kb)  # (padding rows: scale 0)
+                sc_g = gl.expand_dims(a_s * gl.load(ws_g + kb), 1)
+                sc_u = gl.expand_dims(a_s * gl.load(ws_u + kb), 1)
+                prod = warpgroup_mma_wait(num_outstanding=0, deps=(t, ))
+                acc_g = acc_g + prod * sc_g
+                # (an empty wait through acc_g: the gate promotion is done before the up MMA
+                # is issued; otherwise LLVM sinks it below that MMA's wait, the two products
+                # are live at once, 256 registers, and ptxas spills about 20 values an
+                # iteration at 232)
+                acc_g = warpgroup_mma_wait(num_outstanding=0, deps=(acc_g, ))
+                t = warpgroup_mma(a, u_smem.index(s).permute((1, 0)), prod, use_acc=False,
+                                  is_async=True)
+                prod = warpgroup_mma_wait(num_outstanding=0, deps=(t, ))
+                mbarrier.arrive(empty.index(s), count=1)  # (both MMAs of the stage done)
+                acc_u = acc_u + prod * sc_u
+            step += N_KB
+            h = acc_g / (1.0 + gl.exp(-acc_g)) * acc_u
+            amax = gl.maximum(gl.max(gl.abs(h), axis=1), 1e-10)
+            sc = gl.div_rn(amax, amax * 0.0 + FP8_MAX)
+            q = gl.div_rn(h, gl.expand_dims(sc, 1) + gl.zeros_like(h))
+            q = gl.minimum(gl.maximum(q, -FP8_MAX), FP8_MAX)
+            cols = n_start + gl.arange(0, TILE, layout=gl.SliceLayout(0, mma))
+            gl.store(iq_ptr + gl.expand_dims(p64 * stride_ip, 1) + gl.expand_dims(cols, 0),
+                     q.to(iq_ptr.dtype.element_ty))
+            gl.store(is_ptr + p64 * stride_is + n_start // TILE, sc)
 
 
 @gluon.jit
 def _ws_fp8_gate_up_kernel(
-    a_desc, w_desc, as_ptr, ws_ptr, iq_ptr, is_ptr, block_expert_ptr, I, N_KB, stride_as,
-    stride_wse, stride_wsn, stride_ip, stride_is, FP8_MAX: gl.constexpr, STAGES: gl.constexpr,
-    num_warps: gl.constexpr,
+    a_desc, w_desc, as_ptr, ws_ptr, iq_ptr, is_ptr, block_expert_ptr, n_total, I, N_KB,
+    stride_as, stride_wse, stride_wsn, stride_ip, stride_is, FP8_MAX: gl.constexpr,
+    STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
     """iq[p], is[p] = quantise(silu(a[p] @ gate[e].T) * (a[p] @ up[e].T)) for the 128 padded
-    positions p of one block and one 128-column tile of I. ``a_desc``: the block-ordered FP8
-    rows [P, H] in [64, 128] boxes; ``as`` [P, N_KB] float32 (0 on padding); ``w_desc``: the
-    weights [e * 2I, H] in [128, 128] boxes, ``ws`` [e, 2I/128, N_KB]; ``iq`` [P, I] FP8, ``is``
-    [P, I/128]. Grid: (blocks x I/128,); num_warps 4 (one consumer warpgroup; the kernel runs
-    12 warps: Triton pads the one-warp producer to a warpgroup, and the default partition's
-    registers are what is left, 504 - CONSUMER_REGS - PRODUCER_REGS = 232)."""
+    positions p of a block and a 128-column tile of I, for each of the ``n_total`` (blocks x
+    I/128) tiles this program takes (tile = program id, + the grid's size, ...: one a program
+    when the grid has them all, persistent when it has one program a SM). ``a_desc``: the
+    block-ordered FP8 rows [P, H] in [64, 128] boxes; ``as`` [P, N_KB] float32 (0 on
+    padding); ``w_desc``: the weights [e * 2I, H] in [128, 128] boxes, ``ws`` [e, 2I/128,
+    N_KB]; ``iq`` [P, I] FP8, ``is`` [P, I/128]. num_warps 4 (one consumer warpgroup; the
+    kernel runs 12 warps: Triton pads the one-warp producer to a warpgroup, and the default
+    partition's registers are what is left, 504 - CONSUMER_REGS - PRODUCER_REGS = 232)."""
     gl.static_assert(num_warps == 4)
-    n_tiles = I // TILE
-    pid_m = gl.program_id(0) // n_tiles
-    n_start = gl.program_id(0) % n_tiles * TILE
-    e = gl.load(block_expert_ptr + pid_m)
-    if e >= 0:
-        a_smem = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, HALF_ROWS, TILE],
-                                           a_desc.layout)
-        g_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, TILE, TILE], w_desc.layout)
-        u_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, TILE, TILE], w_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)  # (the producer's expect)
-            mbarrier.init(empty.index(i), count=2)  # (one arrive from each consumer)
-        ws_g = ws_ptr + e.to(gl.int64) * stride_wse + (n_start // TILE) * stride_wsn
-        ws_u = ws_g + n_tiles * stride_wsn
-        gate_row = e * 2 * I + n_start
-        p0 = pid_m * TILE
-        gl.warp_specialize([
-            (_gate_up_consumer, (a_smem, g_smem, u_smem, ready, empty, as_ptr, ws_g, ws_u, iq_ptr,
-                                 is_ptr, p0, n_start, N_KB, stride_as, stride_ip, stride_is,
-                                 FP8_MAX, STAGES, 0)),
-            (_gate_up_consumer, (a_smem, g_smem, u_smem, ready, empty, as_ptr, ws_g, ws_u, iq_ptr,
-                                 is_ptr, p0, n_start, N_KB, stride_as, stride_ip, stride_is,
-                                 FP8_MAX, STAGES, 1)),
-            (_gate_up_producer, (a_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, p0,
-                                 gate_row, gate_row + I, N_KB, STAGES)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, HALF_ROWS, TILE],
+                                       a_desc.layout)
+    g_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, TILE, TILE], w_desc.layout)
+    u_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, TILE, TILE], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)  # (the producer's expect)
+        mbarrier.init(empty.index(i), count=2)  # (one arrive from each consumer)
+    gl.warp_specialize([
+        (_gate_up_consumer, (a_smem, g_smem, u_smem, ready, empty, as_ptr, ws_ptr, iq_ptr,
+                             is_ptr, block_expert_ptr, n_total, I, N_KB, stride_as, stride_wse,
+                             stride_wsn, stride_ip, stride_is, FP8_MAX, STAGES, 0)),
+        (_gate_up_consumer, (a_smem, g_smem, u_smem, ready, empty, as_ptr, ws_ptr, iq_ptr,
+                             is_ptr, block_expert_ptr, n_total, I, N_KB, stride_as, stride_wse,
+                             stride_wsn, stride_ip, stride_is, FP8_MAX, STAGES, 1)),
+        (_gate_up_producer, (a_desc, w_desc, a_smem, g_smem, u_smem, ready, empty,
+                             block_expert_ptr, n_total, I, N_KB, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 @gluon.jit
-def _down_producer(a_desc, w_desc, a_smem, b_smem, ready, empty, p0, w_row, N_KB,
-                   STAGES: gl.constexpr):
-    """Each K step: both row halves of the block's intermediate and the tile's weight rows."""
-    for kb in range(N_KB):
-        _wait_stage(empty, kb, STAGES, True)
-        s = kb % STAGES
-        bar = ready.index(s)
-        mbarrier.expect(bar, 2 * HALF_ROWS * TILE + TILE * TILE)
-        k = kb * TILE
-        _tma_load(a_desc, [p0, k], bar, a_smem.index(2 * s))
-        _tma_load(a_desc, [p0 + HALF_ROWS, k], bar, a_smem.index(2 * s + 1))
-        _tma_load(w_desc, [w_row, k], bar, b_smem.index(s))
+def _down_producer(a_desc, w_desc, a_smem, b_smem, ready, empty, block_expert_ptr, n_total, H,
+                   N_KB, STAGES: gl.constexpr):
+    """Each K step of each of this program's tiles: both row halves of the block's
+    intermediate and the tile's weight rows (the ring runs on across tiles)."""
+    n_cols = gl.cdiv(H, TILE)
+    step = 0
+    for tile in range(gl.program_id(0), n_total, gl.num_programs(0)):
+        pid_m, n_start, e = _tile(tile, block_expert_ptr, n_cols)
+        if e >= 0:
+            for kb in range(N_KB):
+                _wait_stage(empty, step + kb, STAGES, True)
+                s = (step + kb) % STAGES
+                bar = ready.index(s)
+                mbarrier.expect(bar, 2 * HALF_ROWS * TILE + TILE * TILE)
+                k = kb * TILE
+                _tma_load(a_desc, [pid_m * TILE, k], bar, a_smem.index(2 * s))
+                _tma_load(a_desc, [pid_m * TILE + HALF_ROWS, k], bar, a_smem.index(2 * s + 1))
+                _tma_load(w_desc, [e * H + n_start, k], bar, b_smem.index(s))
+            step += N_KB
 
 
 @gluon.jit
-def _down_consumer(a_smem, b_smem, ready, empty, is_ptr, ws, out_ptr, sorted_ptr, weight_ptr,
-                   p0, n_start, N_SLOTS, H, N_KB, stride_is, stride_os,
-                   WEIGHTED: gl.constexpr, STAGES: gl.constexpr, HALF: gl.constexpr):
-    """Rows p0 + 64 HALF .. + 63: their sums over I, then ``_gluon_fp8_down_kernel``'s
-    epilogue (the slot's weight when WEIGHTED; the row stored at its slot)."""
+def _down_consumer(a_smem, b_smem, ready, empty, is_ptr, ws_ptr, out_ptr, sorted_ptr,
+                   weight_ptr, block_expert_ptr, n_total, N_SLOTS, H, N_KB, stride_is,
+                   stride_wse, stride_wsn, stride_os, WEIGHTED: gl.constexpr,
+                   STAGES: gl.constexpr, HALF: gl.constexpr):
+    """Per tile, rows p0 + 64 HALF .. + 63 of its block: their sums over I, then
+    ``_gluon_fp8_down_kernel``'s epilogue (the slot's weight when WEIGHTED; the row stored at
+    its slot)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, 128, 32])
-    p = p0 + HALF * HALF_ROWS + gl.arange(0, HALF_ROWS, layout=gl.SliceLayout(1, mma))
-    p64 = p.to(gl.int64)
-    acc = gl.zeros([HALF_ROWS, TILE], gl.float32, layout=mma)
-    prod = gl.zeros([HALF_ROWS, TILE], gl.float32, layout=mma)
-    for kb in range(N_KB):
-        _wait_stage(ready, kb, STAGES, False)
-        s = kb % STAGES
-        t = warpgroup_mma(a_smem.index(2 * s + HALF), b_smem.index(s).permute((1, 0)), prod,
-                          use_acc=False, is_async=True)
-        sc = gl.expand_dims(gl.load(is_ptr + p64 * stride_is + kb) * gl.load(ws + kb), 1)
-        prod = warpgroup_mma_wait(num_outstanding=0, deps=(t, ))
-        mbarrier.arrive(empty.index(s), count=1)
-        acc = acc + prod * sc
-    slot = gl.load(sorted_ptr + p)
-    ok = slot < N_SLOTS
-    if WEIGHTED:
-        acc = acc * gl.expand_dims(gl.load(weight_ptr + slot, mask=ok, other=0.0), 1)
-    cols = n_start + gl.arange(0, TILE, layout=gl.SliceLayout(0, mma))
-    safe = gl.where(ok, slot, 0).to(gl.int64)
-    gl.store(out_ptr + gl.expand_dims(safe * stride_os, 1) + gl.expand_dims(cols, 0),
-             acc.to(out_ptr.dtype.element_ty),
-             mask=gl.expand_dims(ok, 1) & gl.expand_dims(cols < H, 0))
+    n_cols = gl.cdiv(H, TILE)
+    step = 0
+    for tile in range(gl.program_id(0), n_total, gl.num_programs(0)):
+        pid_m, n_start, e = _tile(tile, block_expert_ptr, n_cols)
+        if e >= 0:
+            ws = ws_ptr + e.to(gl.int64) * stride_wse + (n_start // TILE) * stride_wsn
+            p = pid_m * TILE + HALF * HALF_ROWS + gl.arange(0, HALF_ROWS,
+                                                            layout=gl.SliceLayout(1, mma))
+            p64 = p.to(gl.int64)
+            acc = gl.zeros([HALF_ROWS, TILE], gl.float32, layout=mma)
+            prod = gl.zeros([HALF_ROWS, TILE], gl.float32, layout=mma)
+            for kb in range(N_KB):
+                _wait_stage(ready, step + kb, STAGES, False)
+                s = (step + kb) % STAGES
+                t = warpgroup_mma(a_smem.index(2 * s + HALF), b_smem.index(s).permute((1, 0)),
+                                  prod, use_acc=False, is_async=True)
+                sc = gl.expand_dims(gl.load(is_ptr + p64 * stride_is + kb) * gl.load(ws + kb),
+                                    1)
+                prod = warpgroup_mma_wait(num_outstanding=0, deps=(t, ))
+                mbarrier.arrive(empty.index(s), count=1)
+                acc = acc + prod * sc
+            step += N_KB
+            slot = gl.load(sorted_ptr + p)
+            ok = slot < N_SLOTS
+            if WEIGHTED:
+                acc = acc * gl.expand_dims(gl.load(weight_ptr + slot, mask=ok, other=0.0), 1)
+            cols = n_start + gl.arange(0, TILE, layout=gl.SliceLayout(0, mma))
+            safe = gl.where(ok, slot, 0).to(gl.int64)
+            gl.store(out_ptr + gl.expand_dims(safe * stride_os, 1) + gl.expand_dims(cols, 0),
+                     acc.to(out_ptr.dtype.element_ty),
+                     mask=gl.expand_dims(ok, 1) & gl.expand_dims(cols < H, 0))
 
 
 @gluon.jit
 def _ws_fp8_down_kernel(
-    a_desc, w_desc, is_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr, N_SLOTS,
-    H, N_KB, stride_is, stride_wse, stride_wsn, stride_os, WEIGHTED: gl.constexpr,
+    a_desc, w_desc, is_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr, n_total,
+    N_SLOTS, H, N_KB, stride_is, stride_wse, stride_wsn, stride_os, WEIGHTED: gl.constexpr,
     STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
     """out[slot(p), n] = (d[p] @ down[e].T)[n] (times the slot's weight when WEIGHTED), d = iq *
-    is the FP8 intermediate, for one block and one 128-column tile of H. ``a_desc``: ``iq`` [P,
-    I] in [64, 128] boxes, ``is`` [P, N_KB]; ``w_desc``: the weights [e * H, I] in [128, 128]
-    boxes (a tile past H reads the next expert's rows: its columns are not stored), ``ws`` [e,
-    ceil(H/128), N_KB]; ``out`` [N_SLOTS, H]. Grid: (blocks x ceil(H/128),); num_warps 4."""
+    is the FP8 intermediate, for a block and a 128-column tile of H, for each of the
+    ``n_total`` (blocks x ceil(H/128)) tiles this program takes (as the gate/up kernel).
+    ``a_desc``: ``iq`` [P, I] in [64, 128] boxes, ``is`` [P, N_KB]; ``w_desc``: the weights [e
+    * H, I] in [128, 128] boxes (a tile past H reads the next expert's rows: its columns are
+    not stored), ``ws`` [e, ceil(H/128), N_KB]; ``out`` [N_SLOTS, H]. num_warps 4."""
     gl.static_assert(num_warps == 4)
-    n_tiles = gl.cdiv(H, TILE)
-    pid_m = gl.program_id(0) // n_tiles
-    n_start = gl.program_id(0) % n_tiles * TILE
-    e = gl.load(block_expert_ptr + pid_m)
-    if e >= 0:
-        a_smem = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, HALF_ROWS, TILE],
-                                           a_desc.layout)
-        b_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, TILE, TILE], w_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
-        ws = ws_ptr + e.to(gl.int64) * stride_wse + (n_start // TILE) * stride_wsn
-        p0 = pid_m * TILE
-        gl.warp_specialize([
-            (_down_consumer, (a_smem, b_smem, ready, empty, is_ptr, ws, out_ptr, sorted_ptr,
-                              weight_ptr, p0, n_start, N_SLOTS, H, N_KB, stride_is, stride_os,
-                              WEIGHTED, STAGES, 0)),
-            (_down_consumer, (a_smem, b_smem, ready, empty, is_ptr, ws, out_ptr, sorted_ptr,
-                              weight_ptr, p0, n_start, N_SLOTS, H, N_KB, stride_is, stride_os,
-                              WEIGHTED, STAGES, 1)),
-            (_down_producer, (a_desc, w_desc, a_smem, b_smem, ready, empty, p0, e * H + n_start,
-                              N_KB, STAGES)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, HALF_ROWS, TILE],
+                                       a_desc.layout)
+    b_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, TILE, TILE], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    gl.warp_specialize([
+        (_down_consumer, (a_smem, b_smem, ready, empty, is_ptr, ws_ptr, out_ptr, sorted_ptr,
+                          weight_ptr, block_expert_ptr, n_total, N_SLOTS, H, N_KB, stride_is,
+                          stride_wse, stride_wsn, stride_os, WEIGHTED, STAGES, 0)),
+        (_down_consumer, (a_smem, b_smem, ready, empty, is_ptr, ws_ptr, out_ptr, sorted_ptr,
+                          weight_ptr, block_expert_ptr, n_total, N_SLOTS, H, N_KB, stride_is,
+                          stride_wse, stride_wsn, stride_os, WEIGHTED, STAGES, 1)),
+        (_down_producer, (a_desc, w_desc, a_smem, b_smem, ready, empty, block_expert_ptr,
+                          n_total, H, N_KB, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

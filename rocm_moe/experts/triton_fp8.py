@@ -154,12 +154,13 @@ TOP_KEYS = ("BLOCK_M", "gate_up", "down", "persistent", "programs_per_sm", "gluo
 
 
 def _gluon_config(block_m: int, gate_up_stages: int, down_stages: int, *,
-                  ws: bool = False) -> dict:
+                  ws: bool = False, persistent: bool = False) -> dict:
     def k(stages):
         return dict(BLOCK_N=BLOCK, BLOCK_K=BLOCK, num_warps=4 if ws else block_m // 16,
                     num_stages=stages)
-    return dict(BLOCK_M=block_m, gluon="ws" if ws else True, gate_up=k(gate_up_stages),
-                down=k(down_stages))
+    cfg = dict(BLOCK_M=block_m, gluon="ws" if ws else True, gate_up=k(gate_up_stages),
+               down=k(down_stages))
+    return dict(cfg, persistent=True) if persistent else cfg
 
 
 # "gluon": True (issue 31): the grouped GEMMs through the Gluon kernels of
@@ -169,11 +170,14 @@ def _gluon_config(block_m: int, gate_up_stages: int, down_stages: int, *,
 # what fits 227 KiB of shared memory: 4 at BLOCK_M 128, 5 at 64; down 3 and up).
 # "gluon": "ws": the warp-specialised kernels of ``experts/_gluon_fp8_ws.py`` (a TMA producer
 # warp, two consumer warpgroups of 64 rows each): BLOCK_M 128, num_warps 4 (a consumer
-# warpgroup), num_stages the TMA ring's depth (2 up to 4 for gate/up, 7 for down).
+# warpgroup), num_stages the TMA ring's depth (2 up to 4 for gate/up, 7 for down); with
+# "persistent": True, one program a SM walks the tiles, its ring running on from one tile to
+# the next (the next tile's loads under the last one's epilogue).
 # These are the launches compiled for sm_90 in CI (``_compile``) and timed by
 # bench/gluon_fp8_experts.py.
 GLUON_CONFIGS = {"64": _gluon_config(64, 4, 4), "128": _gluon_config(128, 4, 4),
-                 "ws": _gluon_config(128, 4, 6, ws=True)}
+                 "ws": _gluon_config(128, 4, 6, ws=True),
+                 "ws_persistent": _gluon_config(128, 4, 6, ws=True, persistent=True)}
 GLUON_STAGE_BYTES = {"gate_up": lambda m: m * BLOCK + 2 * BLOCK * BLOCK,
                      "down": lambda m: m * BLOCK + BLOCK * BLOCK}
 GLUON_SHARED = 227 * 1024  # sm_90's shared memory a block may take
@@ -271,9 +275,9 @@ def _check_gluon(cfg: dict, bad) -> None:
         bad("config['BLOCK_M']", m, "must be 128 with 'gluon': 'ws' (two consumer warpgroups "
             "of 64 rows)" if ws else "must be 64 or 128 with 'gluon' (one or two warpgroups of "
             "wgmma rows)", "pick 128" if ws else "pick 64 or 128")
-    if cfg.get("persistent"):
-        bad("config['persistent']", True, "is a Triton launch (the Gluon kernels take one "
-            "tile a program)", "drop 'persistent' or 'gluon'")
+    if cfg.get("persistent") and not ws:
+        bad("config['persistent']", True, "is a Triton launch (the 'gluon': True kernels take "
+            "one tile a program)", "drop 'persistent', or use 'gluon': 'ws'")
     warps = 4 if ws else m // 16
     for name, least in (("gate_up", 2), ("down", 2 if ws else 3)):
         kc = cfg[name]
@@ -512,14 +516,19 @@ def _ws_gemms(aq, as_, w13, w2, iq, is_, out_slots, layout, topk_weights_RK, cfg
         return TensorDescriptor.from_tensor(
             t, [rows, tile], gl.NVMMASharedLayout.get_default_for([rows, tile], gl.float8e4nv))
 
+    def grid(n_tiles):  # one program a tile, or (persistent) one a SM walking them
+        sms = _sm_count(aq.device.index or 0) if cfg.get("persistent") else n_tiles
+        return (max(1, min(n_tiles, sms)),)
+
     ws13, ws2 = w13.scale_inv, w2.scale_inv
-    k._ws_fp8_gate_up_kernel[(n_blocks * (I // tile),)](
+    n_gu, n_dn = n_blocks * (I // tile), n_blocks * -(-H // tile)
+    k._ws_fp8_gate_up_kernel[grid(n_gu)](
         desc(a_p, half), desc(w13.weight.view(-1, H), tile), as_p, ws13, iq, is_,
-        layout.block_expert_ids, I, -(-H // tile), as_p.stride(0), ws13.stride(0),
+        layout.block_expert_ids, n_gu, I, -(-H // tile), as_p.stride(0), ws13.stride(0),
         ws13.stride(1), iq.stride(0), is_.stride(0), FP8_MAX=fp8_max(aq.dtype),
         STAGES=cfg["gate_up"]["num_stages"], num_warps=4)
-    k._ws_fp8_down_kernel[(n_blocks * -(-H // tile),)](
+    k._ws_fp8_down_kernel[grid(n_dn)](
         desc(iq, half), desc(w2.weight.view(-1, I), tile), is_, ws2, out_slots, sorted_ids,
-        layout.block_expert_ids, topk_weights_RK.contiguous().view(-1), layout.sentinel, H,
-        I // tile, is_.stride(0), ws2.stride(0), ws2.stride(1), out_slots.stride(0),
+        layout.block_expert_ids, topk_weights_RK.contiguous().view(-1), n_dn, layout.sentinel,
+        H, I // tile, is_.stride(0), ws2.stride(0), ws2.stride(1), out_slots.stride(0),
         WEIGHTED=weighted, STAGES=cfg["down"]["num_stages"], num_warps=4)

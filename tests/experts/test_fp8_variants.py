@@ -411,8 +411,9 @@ def test_bad_ws_config_is_refused_with_the_fix(change, match):
                      for k, v in change.items()}}
     with pytest.raises(ValueError, match=match + r".*Fix: "):
         TritonFP8Experts(config=bad)
-    for stages in ((2, 2), (4, 7)):  # the ring's ends are accepted
+    for stages in ((2, 2), (4, 7)):  # the ring's ends are accepted, persistent or not
         TritonFP8Experts(config=tf._gluon_config(128, *stages, ws=True))
+        TritonFP8Experts(config=tf._gluon_config(128, *stages, ws=True, persistent=True))
 
 
 @pytest.mark.parametrize(("change", "match"), [
@@ -486,7 +487,7 @@ def test_gpu_gluon_matches_reference(name, shape, gen):
 
 
 @sm90
-@pytest.mark.parametrize("name", ["128", "ws"])
+@pytest.mark.parametrize("name", ["128", "ws", "ws_persistent"])
 def test_gpu_gluon_graph_replay_and_empty_blocks(name, gen):
     """Under CUDA-graph capture (no host reads) with a capacity-sized batch (rows past
     num_rows are -1: blocks of the layout unused), the replay gives the eager call's bits."""
