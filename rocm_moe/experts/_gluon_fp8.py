@@ -63,6 +63,40 @@ def _landed(LEFT: gl.constexpr):
 
 
 @gluon.jit
+def _quantised_store(acc_g, acc_u, p64, n_start, iq_ptr, is_ptr, stride_ip, stride_is,
+                     FP8_MAX: gl.constexpr, layout: gl.constexpr):
+    """The gate/up epilogue (``_fp8_gate_up_kernel``'s): SiLU(gate) * up of rows ``p64`` and
+    the 128 columns from ``n_start`` quantised as one 1x128 group a row (``div_rn``, the 1e-10
+    floor, the clamp), stored to ``iq`` with its scale in ``is``."""
+    h = acc_g / (1.0 + gl.exp(-acc_g)) * acc_u
+    amax = gl.maximum(gl.max(gl.abs(h), axis=1), 1e-10)
+    sc = gl.div_rn(amax, amax * 0.0 + FP8_MAX)
+    q = gl.div_rn(h, gl.expand_dims(sc, 1) + gl.zeros_like(h))
+    q = gl.minimum(gl.maximum(q, -FP8_MAX), FP8_MAX)
+    cols = n_start + gl.arange(0, 128, layout=gl.SliceLayout(0, layout))
+    gl.store(iq_ptr + gl.expand_dims(p64 * stride_ip, 1) + gl.expand_dims(cols, 0),
+             q.to(iq_ptr.dtype.element_ty))
+    gl.store(is_ptr + p64 * stride_is + n_start // 128, sc)
+
+
+@gluon.jit
+def _slot_store(acc, p, sorted_ptr, weight_ptr, out_ptr, N_SLOTS, H, n_start, stride_os,
+                WEIGHTED: gl.constexpr, layout: gl.constexpr):
+    """The down epilogue (``_fp8_down_kernel``'s): rows ``p``'s sums (times their slot's
+    routing weight when WEIGHTED) stored at their slots, columns ``n_start`` .. + 127 below
+    H; padding positions (slot N_SLOTS) store nothing."""
+    slot = gl.load(sorted_ptr + p)
+    ok = slot < N_SLOTS
+    if WEIGHTED:
+        acc = acc * gl.expand_dims(gl.load(weight_ptr + slot, mask=ok, other=0.0), 1)
+    cols = n_start + gl.arange(0, 128, layout=gl.SliceLayout(0, layout))
+    safe = gl.where(ok, slot, 0).to(gl.int64)
+    gl.store(out_ptr + gl.expand_dims(safe * stride_os, 1) + gl.expand_dims(cols, 0),
+             acc.to(out_ptr.dtype.element_ty),
+             mask=gl.expand_dims(ok, 1) & gl.expand_dims(cols < H, 0))
+
+
+@gluon.jit
 def _gluon_fp8_gate_up_kernel(
     aq_ptr, as_ptr, w_ptr, ws_ptr, iq_ptr, is_ptr, sorted_ptr, block_expert_ptr,
     N_SLOTS, H, I, K_TOPK, N_KB, stride_ar, stride_as, stride_wse, stride_wsn, stride_ip,
@@ -136,16 +170,8 @@ def _gluon_fp8_gate_up_kernel(
             _copy(u_smem.index(s_n), w_ptr, wu, all_n, H, nxt, H, ld)
             async_copy.commit_group()
         async_copy.wait_group(0)
-        h = acc_g / (1.0 + gl.exp(-acc_g)) * acc_u
-        amax = gl.maximum(gl.max(gl.abs(h), axis=1), 1e-10)
-        sc = gl.div_rn(amax, amax * 0.0 + FP8_MAX)
-        q = gl.div_rn(h, gl.expand_dims(sc, 1) + gl.zeros_like(h))
-        q = gl.minimum(gl.maximum(q, -FP8_MAX), FP8_MAX)
-        cols = n_start + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
-        p64 = p_mma.to(gl.int64)
-        gl.store(iq_ptr + gl.expand_dims(p64 * stride_ip, 1) + gl.expand_dims(cols, 0),
-                 q.to(iq_ptr.dtype.element_ty))
-        gl.store(is_ptr + p64 * stride_is + n_start // 128, sc)
+        _quantised_store(acc_g, acc_u, p_mma.to(gl.int64), n_start, iq_ptr, is_ptr, stride_ip,
+                         stride_is, FP8_MAX, mma)
 
 
 @gluon.jit
@@ -225,12 +251,5 @@ def _gluon_fp8_down_kernel(
             da = warpgroup_mma_wait(num_outstanding=0, deps=(t, ))
             acc = acc + da * sl
         async_copy.wait_group(0)
-        slot = gl.load(sorted_ptr + p_mma)
-        ok = slot < N_SLOTS
-        if WEIGHTED:
-            acc = acc * gl.expand_dims(gl.load(weight_ptr + slot, mask=ok, other=0.0), 1)
-        cols = n_start + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
-        safe = gl.where(ok, slot, 0).to(gl.int64)
-        gl.store(out_ptr + gl.expand_dims(safe * stride_os, 1) + gl.expand_dims(cols, 0),
-                 acc.to(out_ptr.dtype.element_ty),
-                 mask=gl.expand_dims(ok, 1) & gl.expand_dims(cols < H, 0))
+        _slot_store(acc, p_mma, sorted_ptr, weight_ptr, out_ptr, N_SLOTS, H, n_start, stride_os,
+                    WEIGHTED, mma)

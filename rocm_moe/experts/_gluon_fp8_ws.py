@@ -32,6 +32,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from rocm_moe.experts._gluon_fp8 import _quantised_store, _slot_store  # (the epilogues)
+
 # TMA global -> shared: async_copy_global_to_shared in Triton 3.6, async_load from 3.8
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
@@ -50,6 +52,18 @@ def _wait_stage(bars, kb, STAGES: gl.constexpr, FILLING: gl.constexpr):
     if FILLING:
         phase = phase ^ 1
     mbarrier.wait(bars.index(kb % STAGES), phase)
+
+
+@gluon.jit
+def _ring_barriers(STAGES: gl.constexpr):
+    """The ring's barriers: ``ready`` (count 1: the producer's expect, then the stage's TMA
+    bytes) and ``empty`` (count 2: one arrive from each consumer), a pair per stage."""
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    return ready, empty
 
 
 @gluon.jit
@@ -131,15 +145,8 @@ def _gate_up_consumer(a_smem, g_smem, u_smem, ready, empty, as_ptr, ws_ptr, iq_p
                 mbarrier.arrive(empty.index(s), count=1)  # (both MMAs of the stage done)
                 acc_u = acc_u + prod * sc_u
             step += N_KB
-            h = acc_g / (1.0 + gl.exp(-acc_g)) * acc_u
-            amax = gl.maximum(gl.max(gl.abs(h), axis=1), 1e-10)
-            sc = gl.div_rn(amax, amax * 0.0 + FP8_MAX)
-            q = gl.div_rn(h, gl.expand_dims(sc, 1) + gl.zeros_like(h))
-            q = gl.minimum(gl.maximum(q, -FP8_MAX), FP8_MAX)
-            cols = n_start + gl.arange(0, TILE, layout=gl.SliceLayout(0, mma))
-            gl.store(iq_ptr + gl.expand_dims(p64 * stride_ip, 1) + gl.expand_dims(cols, 0),
-                     q.to(iq_ptr.dtype.element_ty))
-            gl.store(is_ptr + p64 * stride_is + n_start // TILE, sc)
+            _quantised_store(acc_g, acc_u, p64, n_start, iq_ptr, is_ptr, stride_ip, stride_is,
+                             FP8_MAX, mma)
 
 
 @gluon.jit
@@ -162,11 +169,7 @@ def _ws_fp8_gate_up_kernel(
                                        a_desc.layout)
     g_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, TILE, TILE], w_desc.layout)
     u_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, TILE, TILE], w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)  # (the producer's expect)
-        mbarrier.init(empty.index(i), count=2)  # (one arrive from each consumer)
+    ready, empty = _ring_barriers(STAGES)
     gl.warp_specialize([
         (_gate_up_consumer, (a_smem, g_smem, u_smem, ready, empty, as_ptr, ws_ptr, iq_ptr,
                              is_ptr, block_expert_ptr, n_total, I, N_KB, stride_as, stride_wse,
@@ -233,15 +236,8 @@ def _down_consumer(a_smem, b_smem, ready, empty, is_ptr, ws_ptr, out_ptr, sorted
                 mbarrier.arrive(empty.index(s), count=1)
                 acc = acc + prod * sc
             step += N_KB
-            slot = gl.load(sorted_ptr + p)
-            ok = slot < N_SLOTS
-            if WEIGHTED:
-                acc = acc * gl.expand_dims(gl.load(weight_ptr + slot, mask=ok, other=0.0), 1)
-            cols = n_start + gl.arange(0, TILE, layout=gl.SliceLayout(0, mma))
-            safe = gl.where(ok, slot, 0).to(gl.int64)
-            gl.store(out_ptr + gl.expand_dims(safe * stride_os, 1) + gl.expand_dims(cols, 0),
-                     acc.to(out_ptr.dtype.element_ty),
-                     mask=gl.expand_dims(ok, 1) & gl.expand_dims(cols < H, 0))
+            _slot_store(acc, p, sorted_ptr, weight_ptr, out_ptr, N_SLOTS, H, n_start,
+                        stride_os, WEIGHTED, mma)
 
 
 @gluon.jit
@@ -260,11 +256,7 @@ def _ws_fp8_down_kernel(
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, HALF_ROWS, TILE],
                                        a_desc.layout)
     b_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, TILE, TILE], w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)
+    ready, empty = _ring_barriers(STAGES)
     gl.warp_specialize([
         (_down_consumer, (a_smem, b_smem, ready, empty, is_ptr, ws_ptr, out_ptr, sorted_ptr,
                           weight_ptr, block_expert_ptr, n_total, N_SLOTS, H, N_KB, stride_is,
