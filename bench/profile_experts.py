@@ -12,7 +12,8 @@ weights through tensor descriptors or pointers, "both" profiles each case both w
   ncu --profile-from-start off --clock-control none [--section ...] \
       python3 bench/profile_experts.py --ncu CASES
 --fp8: the block-FP8 experts (``TritonFP8Experts``, weights quantised from the same draws, its
-  tuned configs; --tma does not apply) in place of the bf16 ones.
+  tuned configs; --tma does not apply) in place of the bf16 ones; --gluon NAME: with --fp8,
+  the Gluon kernels of ``triton_fp8.GLUON_CONFIGS[NAME]`` (e.g. ws_persistent).
 """
 
 import argparse
@@ -30,7 +31,7 @@ DEFAULT = ["qwen3:1", "qwen3:64", "qwen3:1024", "qwen3:4096", "qwen3:16384", "ds
 
 
 def profile_case(name: str, rows: int, tma: bool | None, ncu: bool = False,
-                 fp8: bool = False) -> None:
+                 fp8: bool = False, gluon: str | None = None) -> None:
     args = _case(SHAPES[name], rows, torch.Generator().manual_seed(0))
     tri = TritonExperts(tma=tma)
     if fp8:
@@ -42,6 +43,10 @@ def profile_case(name: str, rows: int, tma: bool | None, ncu: bool = False,
         fw = quantize_experts(w13.float(), w2.float(), dtype=native_fp8_dtype("cuda"))
         args = (x, ids, w, fw.w13, fw.w2, emap)
         tri = TritonFP8Experts()  # (its tuned table says where TMA loads the weights)
+        if gluon is not None:
+            from rocm_moe.experts.triton_fp8 import GLUON_CONFIGS
+
+            tri = TritonFP8Experts(config=GLUON_CONFIGS[gluon], path="grouped")
 
     def call():
         return tri(*args, weight_mode="experts", validate=False)
@@ -78,15 +83,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tma", choices=["auto", "on", "off", "both"], default="auto")
     p.add_argument("--ncu", action="store_true", help="one untimed call per case, for ncu")
     p.add_argument("--fp8", action="store_true", help="the block-FP8 experts")
+    p.add_argument("--gluon", help="with --fp8: a triton_fp8.GLUON_CONFIGS key (e.g. "
+                   "ws_persistent) in place of the tuned Triton kernels")
     args = p.parse_args(argv)
     if args.fp8 and args.tma != "auto":
         p.error("--fp8 takes its tuned table's TMA choice: leave --tma out")
+    if args.gluon is not None:
+        from rocm_moe.experts.triton_fp8 import GLUON_CONFIGS
+
+        if not args.fp8 or args.gluon not in GLUON_CONFIGS:
+            p.error(f"--gluon takes --fp8 and one of {sorted(GLUON_CONFIGS)}, not "
+                    f"{args.gluon!r}")
     modes = {"auto": [None], "on": [True], "off": [False], "both": [True, False]}[args.tma]
     print(torch.cuda.get_device_name())
     for c in args.cases:
         name, rows = c.split(":")
         for tma in modes:
-            profile_case(name, int(rows), tma, args.ncu, args.fp8)
+            profile_case(name, int(rows), tma, args.ncu, args.fp8, args.gluon)
 
 
 if __name__ == "__main__":
