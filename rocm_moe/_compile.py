@@ -547,7 +547,8 @@ def _ws_desc(rows: int) -> Callable[[dict], str]:
 
 _GLUON_WS_PTRS = dict(a_desc=_ws_desc(64), w_desc=_ws_desc(128), as_ptr="*fp32",
                       ws_ptr="*fp32", iq_ptr="*fp8e4nv", is_ptr="*fp32", sorted_ptr="*i32",
-                      block_expert_ptr="*i32", weight_ptr="*fp32", out_ptr="*bf16")
+                      block_expert_ptr="*i32", num_padded_ptr="*i32", weight_ptr="*fp32",
+                      out_ptr="*bf16")
 
 
 _GLUON_PTRS = dict(aq_ptr="*fp8e4nv", as_ptr="*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32",

@@ -699,9 +699,16 @@ class EPMoE(nn.Module):
                        num_nodes=num_nodes, num_groups=self.router.n_group)
 
     @torch.no_grad()
-    def reset_parameters(self, seed: int = 0) -> None:
+    def reset_parameters(self, seed: int = 0, *, draws_on: torch.device | None = None) -> None:
         """Synthetic weights from ``rocm_moe.synthetic``: expert g's weights depend only on
-        (seed, g), so any rank (or a single-process reference) can regenerate them."""
+        (seed, g), so any rank (or a single-process reference) can regenerate them.
+        ``draws_on``: the experts' and shared experts' draws made by that device's generator
+        (other numbers than the CPU's default draws, which references reproduce; for
+        benchmarks that only time: DeepSeek-V3's 256 experts are 11G CPU draws)."""
+        if draws_on is not None and not isinstance(draws_on, torch.device):
+            raise TypeError(error_message("draws_on", repr(draws_on),
+                                          "must be a torch.device or None",
+                                          "pass torch.device('cuda', i), or leave it out"))
         E, H, I = self.router.num_experts, self.hidden_size, self.intermediate_size
         e = len(self.local_experts)
         if self.w13.shape[0] != e:  # a quantised format dropped the float weights
@@ -712,12 +719,12 @@ class EPMoE(nn.Module):
         if self.gate.bias is not None:
             self.gate.bias.zero_()
         for j, g in enumerate(self.local_experts):
-            w13, w2 = synthetic.expert_weights(seed, g, H, I)
+            w13, w2 = synthetic.expert_weights(seed, g, H, I, draws_on)
             self.w13[j].copy_(w13)
             self.w2[j].copy_(w2)
         if self.shared_experts is not None:
             s = self.shared_experts
-            w13, w2, gate = synthetic.shared_weights(seed, H, s.w2.shape[1])
+            w13, w2, gate = synthetic.shared_weights(seed, H, s.w2.shape[1], draws_on)
             s.w13.copy_(w13)
             s.w2.copy_(w2)
             if s.gate is not None:

@@ -302,3 +302,38 @@ def test_float32_gate_weight_is_cast_once_and_follows_updates():
         assert torch.equal(layer.router_logits(x), want())
         layer.gate.weight = torch.nn.Parameter(torch.randn(8, 16, dtype=torch.bfloat16))
         assert torch.equal(layer.router_logits(x), want())
+
+
+def test_reset_parameters_draws_on_a_device():
+    """``draws_on``: the experts' and shared experts' draws made by that device's generator
+    (benchmarks that only time); on the CPU the same bits as the default draws, any seed;
+    not a torch.device: a TypeError naming the field and the fix."""
+    layer = EPMoE(hidden_size=H, intermediate_size=I, router=ROUTERS["dsv3_E32_K4"],
+                  shared_intermediate_size=24, dtype=torch.float32)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    layer.reset_parameters(seed)
+    want = [t.clone() for t in (layer.w13, layer.w2, layer.shared_experts.w13,
+                                layer.shared_experts.w2)]
+    layer.reset_parameters(seed + 1, draws_on=torch.device("cpu"))
+    assert not torch.equal(layer.w13, want[0])
+    layer.reset_parameters(seed, draws_on=torch.device("cpu"))
+    got = (layer.w13, layer.w2, layer.shared_experts.w13, layer.shared_experts.w2)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(TypeError, match=r"draws_on='cuda'.*must be a torch\.device or None"
+                       r".*Fix: "):
+        layer.reset_parameters(seed, draws_on="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA generator")
+def test_gpu_reset_parameters_draws_on_the_gpu():
+    """On a GPU the draws come from its generator: the same per (seed, expert) call after
+    call, N(0, 1/fan_in) like the CPU's."""
+    dev = torch.device("cuda")
+    layer = EPMoE(hidden_size=64, intermediate_size=256, router=ROUTERS["qwen3_E16_K4"],
+                  dtype=torch.float32, device=dev)
+    layer.reset_parameters(7, draws_on=dev)
+    first = layer.w13.clone()
+    layer.reset_parameters(7, draws_on=dev)
+    assert torch.equal(layer.w13, first)
+    assert abs(first.std().item() * 64**0.5 - 1) < 0.05
+    assert abs(layer.w2.std().item() * 256**0.5 - 1) < 0.05

@@ -114,7 +114,8 @@ def _layer(cfg: dict, s: dict, cap: int, info: WorkerInfo, dtype, path: str = "a
                   shared_intermediate_size=s["shared_intermediate"],
                   dtype=dtype, device=info.device, validate=False,
                   fused_router=cfg["fused_router"] and gpu, fused_gate=cfg.get("fused_gate"))
-    layer.reset_parameters(cfg["seed"])
+    # (drawn on the GPU: the same distribution; DeepSeek-V3's 11G CPU draws took minutes)
+    layer.reset_parameters(cfg["seed"], draws_on=info.device if gpu else None)
     return layer
 
 

@@ -67,6 +67,13 @@ def _ring_barriers(STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _used_tiles(num_padded_ptr, n_cols):
+    """The tiles of the layout's used blocks (a prefix of its blocks: ``num_padded`` rows),
+    so a capacity-sized batch's unused blocks take no program and no loop step."""
+    return gl.load(num_padded_ptr) // TILE * n_cols
+
+
+@gluon.jit
 def _tile(tile, block_expert_ptr, n_cols):
     """Tile ``tile`` of the grid's order (a block's column tiles in a row): its block, first
     column and expert (-1: an unused block, skipped by every partition alike)."""
@@ -76,13 +83,14 @@ def _tile(tile, block_expert_ptr, n_cols):
 
 @gluon.jit
 def _gate_up_producer(a_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, block_expert_ptr,
-                      n_total, I, N_KB, STAGES: gl.constexpr):
+                      num_padded_ptr, I, N_KB, STAGES: gl.constexpr):
     """Each K step of each of this program's tiles: both row halves of the block and the
     tile's gate and up weight rows. The ring runs on across tiles (``step``), so the next
     tile's stages fill while the consumers run the last one's epilogue."""
     n_cols = I // TILE
     step = 0
-    for tile in range(gl.program_id(0), n_total, gl.num_programs(0)):
+    for tile in range(gl.program_id(0), _used_tiles(num_padded_ptr, n_cols),
+                      gl.num_programs(0)):
         pid_m, n_start, e = _tile(tile, block_expert_ptr, n_cols)
         if e >= 0:
             gate_row = e * 2 * I + n_start
@@ -101,7 +109,7 @@ def _gate_up_producer(a_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, bloc
 
 @gluon.jit
 def _gate_up_consumer(a_smem, g_smem, u_smem, ready, empty, as_ptr, ws_ptr, iq_ptr, is_ptr,
-                      block_expert_ptr, n_total, I, N_KB, stride_as, stride_wse, stride_wsn,
+                      block_expert_ptr, num_padded_ptr, I, N_KB, stride_as, stride_wse, stride_wsn,
                       stride_ip, stride_is, FP8_MAX: gl.constexpr, STAGES: gl.constexpr,
                       HALF: gl.constexpr):
     """Per tile, rows p0 + 64 HALF .. + 63 of its block: their gate and up sums over K, then
@@ -111,7 +119,8 @@ def _gate_up_consumer(a_smem, g_smem, u_smem, ready, empty, as_ptr, ws_ptr, iq_p
                                                   instr_shape=[16, 128, 32])
     n_cols = I // TILE
     step = 0
-    for tile in range(gl.program_id(0), n_total, gl.num_programs(0)):
+    for tile in range(gl.program_id(0), _used_tiles(num_padded_ptr, n_cols),
+                      gl.num_programs(0)):
         pid_m, n_start, e = _tile(tile, block_expert_ptr, n_cols)
         if e >= 0:
             ws_g = ws_ptr + e.to(gl.int64) * stride_wse + (n_start // TILE) * stride_wsn
@@ -151,14 +160,15 @@ def _gate_up_consumer(a_smem, g_smem, u_smem, ready, empty, as_ptr, ws_ptr, iq_p
 
 @gluon.jit
 def _ws_fp8_gate_up_kernel(
-    a_desc, w_desc, as_ptr, ws_ptr, iq_ptr, is_ptr, block_expert_ptr, n_total, I, N_KB,
+    a_desc, w_desc, as_ptr, ws_ptr, iq_ptr, is_ptr, block_expert_ptr, num_padded_ptr, I, N_KB,
     stride_as, stride_wse, stride_wsn, stride_ip, stride_is, FP8_MAX: gl.constexpr,
     STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
     """iq[p], is[p] = quantise(silu(a[p] @ gate[e].T) * (a[p] @ up[e].T)) for the 128 padded
-    positions p of a block and a 128-column tile of I, for each of the ``n_total`` (blocks x
-    I/128) tiles this program takes (tile = program id, + the grid's size, ...: one a program
-    when the grid has them all, persistent when it has one program a SM). ``a_desc``: the
+    positions p of a block and a 128-column tile of I, for each tile of the used blocks (the
+    first ``num_padded`` / 128; x I/128 tiles) this program takes (tile = program id, + the
+    grid's size, ...: one a program when the grid has them all, persistent when it has one
+    program a SM). ``a_desc``: the
     block-ordered FP8 rows [P, H] in [64, 128] boxes; ``as`` [P, N_KB] float32 (0 on
     padding); ``w_desc``: the weights [e * 2I, H] in [128, 128] boxes, ``ws`` [e, 2I/128,
     N_KB]; ``iq`` [P, I] FP8, ``is`` [P, I/128]. num_warps 4 (one consumer warpgroup; the
@@ -172,24 +182,27 @@ def _ws_fp8_gate_up_kernel(
     ready, empty = _ring_barriers(STAGES)
     gl.warp_specialize([
         (_gate_up_consumer, (a_smem, g_smem, u_smem, ready, empty, as_ptr, ws_ptr, iq_ptr,
-                             is_ptr, block_expert_ptr, n_total, I, N_KB, stride_as, stride_wse,
+                             is_ptr, block_expert_ptr, num_padded_ptr, I, N_KB, stride_as,
+                             stride_wse,
                              stride_wsn, stride_ip, stride_is, FP8_MAX, STAGES, 0)),
         (_gate_up_consumer, (a_smem, g_smem, u_smem, ready, empty, as_ptr, ws_ptr, iq_ptr,
-                             is_ptr, block_expert_ptr, n_total, I, N_KB, stride_as, stride_wse,
+                             is_ptr, block_expert_ptr, num_padded_ptr, I, N_KB, stride_as,
+                             stride_wse,
                              stride_wsn, stride_ip, stride_is, FP8_MAX, STAGES, 1)),
         (_gate_up_producer, (a_desc, w_desc, a_smem, g_smem, u_smem, ready, empty,
-                             block_expert_ptr, n_total, I, N_KB, STAGES)),
+                             block_expert_ptr, num_padded_ptr, I, N_KB, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 @gluon.jit
-def _down_producer(a_desc, w_desc, a_smem, b_smem, ready, empty, block_expert_ptr, n_total, H,
-                   N_KB, STAGES: gl.constexpr):
+def _down_producer(a_desc, w_desc, a_smem, b_smem, ready, empty, block_expert_ptr,
+                   num_padded_ptr, H, N_KB, STAGES: gl.constexpr):
     """Each K step of each of this program's tiles: both row halves of the block's
     intermediate and the tile's weight rows (the ring runs on across tiles)."""
     n_cols = gl.cdiv(H, TILE)
     step = 0
-    for tile in range(gl.program_id(0), n_total, gl.num_programs(0)):
+    for tile in range(gl.program_id(0), _used_tiles(num_padded_ptr, n_cols),
+                      gl.num_programs(0)):
         pid_m, n_start, e = _tile(tile, block_expert_ptr, n_cols)
         if e >= 0:
             for kb in range(N_KB):
@@ -206,7 +219,7 @@ def _down_producer(a_desc, w_desc, a_smem, b_smem, ready, empty, block_expert_pt
 
 @gluon.jit
 def _down_consumer(a_smem, b_smem, ready, empty, is_ptr, ws_ptr, out_ptr, sorted_ptr,
-                   weight_ptr, block_expert_ptr, n_total, N_SLOTS, H, N_KB, stride_is,
+                   weight_ptr, block_expert_ptr, num_padded_ptr, N_SLOTS, H, N_KB, stride_is,
                    stride_wse, stride_wsn, stride_os, WEIGHTED: gl.constexpr,
                    STAGES: gl.constexpr, HALF: gl.constexpr):
     """Per tile, rows p0 + 64 HALF .. + 63 of its block: their sums over I, then
@@ -216,7 +229,8 @@ def _down_consumer(a_smem, b_smem, ready, empty, is_ptr, ws_ptr, out_ptr, sorted
                                                   instr_shape=[16, 128, 32])
     n_cols = gl.cdiv(H, TILE)
     step = 0
-    for tile in range(gl.program_id(0), n_total, gl.num_programs(0)):
+    for tile in range(gl.program_id(0), _used_tiles(num_padded_ptr, n_cols),
+                      gl.num_programs(0)):
         pid_m, n_start, e = _tile(tile, block_expert_ptr, n_cols)
         if e >= 0:
             ws = ws_ptr + e.to(gl.int64) * stride_wse + (n_start // TILE) * stride_wsn
@@ -242,13 +256,13 @@ def _down_consumer(a_smem, b_smem, ready, empty, is_ptr, ws_ptr, out_ptr, sorted
 
 @gluon.jit
 def _ws_fp8_down_kernel(
-    a_desc, w_desc, is_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr, n_total,
-    N_SLOTS, H, N_KB, stride_is, stride_wse, stride_wsn, stride_os, WEIGHTED: gl.constexpr,
-    STAGES: gl.constexpr, num_warps: gl.constexpr,
+    a_desc, w_desc, is_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, weight_ptr,
+    num_padded_ptr, N_SLOTS, H, N_KB, stride_is, stride_wse, stride_wsn, stride_os,
+    WEIGHTED: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
     """out[slot(p), n] = (d[p] @ down[e].T)[n] (times the slot's weight when WEIGHTED), d = iq *
-    is the FP8 intermediate, for a block and a 128-column tile of H, for each of the
-    ``n_total`` (blocks x ceil(H/128)) tiles this program takes (as the gate/up kernel).
+    is the FP8 intermediate, for a block and a 128-column tile of H, for each tile of the used
+    blocks (x ceil(H/128)) this program takes (as the gate/up kernel).
     ``a_desc``: ``iq`` [P, I] in [64, 128] boxes, ``is`` [P, N_KB]; ``w_desc``: the weights [e
     * H, I] in [128, 128] boxes (a tile past H reads the next expert's rows: its columns are
     not stored), ``ws`` [e, ceil(H/128), N_KB]; ``out`` [N_SLOTS, H]. num_warps 4."""
@@ -259,11 +273,11 @@ def _ws_fp8_down_kernel(
     ready, empty = _ring_barriers(STAGES)
     gl.warp_specialize([
         (_down_consumer, (a_smem, b_smem, ready, empty, is_ptr, ws_ptr, out_ptr, sorted_ptr,
-                          weight_ptr, block_expert_ptr, n_total, N_SLOTS, H, N_KB, stride_is,
+                          weight_ptr, block_expert_ptr, num_padded_ptr, N_SLOTS, H, N_KB, stride_is,
                           stride_wse, stride_wsn, stride_os, WEIGHTED, STAGES, 0)),
         (_down_consumer, (a_smem, b_smem, ready, empty, is_ptr, ws_ptr, out_ptr, sorted_ptr,
-                          weight_ptr, block_expert_ptr, n_total, N_SLOTS, H, N_KB, stride_is,
+                          weight_ptr, block_expert_ptr, num_padded_ptr, N_SLOTS, H, N_KB, stride_is,
                           stride_wse, stride_wsn, stride_os, WEIGHTED, STAGES, 1)),
         (_down_producer, (a_desc, w_desc, a_smem, b_smem, ready, empty, block_expert_ptr,
-                          n_total, H, N_KB, STAGES)),
+                          num_padded_ptr, H, N_KB, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

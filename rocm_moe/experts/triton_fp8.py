@@ -516,7 +516,8 @@ def _ws_gemms(aq, as_, w13, w2, iq, is_, out_slots, layout, topk_weights_RK, cfg
         return TensorDescriptor.from_tensor(
             t, [rows, tile], gl.NVMMASharedLayout.get_default_for([rows, tile], gl.float8e4nv))
 
-    def grid(n_tiles):  # one program a tile, or (persistent) one a SM walking them
+    def grid(n_tiles):  # one program a tile of the most blocks, or (persistent) one a SM
+        # walking the used blocks' tiles (the kernels read num_padded: unused blocks cost none)
         sms = _sm_count(aq.device.index or 0) if cfg.get("persistent") else n_tiles
         return (max(1, min(n_tiles, sms)),)
 
@@ -524,11 +525,11 @@ def _ws_gemms(aq, as_, w13, w2, iq, is_, out_slots, layout, topk_weights_RK, cfg
     n_gu, n_dn = n_blocks * (I // tile), n_blocks * -(-H // tile)
     k._ws_fp8_gate_up_kernel[grid(n_gu)](
         desc(a_p, half), desc(w13.weight.view(-1, H), tile), as_p, ws13, iq, is_,
-        layout.block_expert_ids, n_gu, I, -(-H // tile), as_p.stride(0), ws13.stride(0),
-        ws13.stride(1), iq.stride(0), is_.stride(0), FP8_MAX=fp8_max(aq.dtype),
+        layout.block_expert_ids, layout.num_padded, I, -(-H // tile), as_p.stride(0),
+        ws13.stride(0), ws13.stride(1), iq.stride(0), is_.stride(0), FP8_MAX=fp8_max(aq.dtype),
         STAGES=cfg["gate_up"]["num_stages"], num_warps=4)
     k._ws_fp8_down_kernel[grid(n_dn)](
         desc(iq, half), desc(w2.weight.view(-1, I), tile), is_, ws2, out_slots, sorted_ids,
-        layout.block_expert_ids, topk_weights_RK.contiguous().view(-1), n_dn, layout.sentinel,
-        H, I // tile, is_.stride(0), ws2.stride(0), ws2.stride(1), out_slots.stride(0),
-        WEIGHTED=weighted, STAGES=cfg["down"]["num_stages"], num_warps=4)
+        layout.block_expert_ids, topk_weights_RK.contiguous().view(-1), layout.num_padded,
+        layout.sentinel, H, I // tile, is_.stride(0), ws2.stride(0), ws2.stride(1),
+        out_slots.stride(0), WEIGHTED=weighted, STAGES=cfg["down"]["num_stages"], num_warps=4)
