@@ -318,7 +318,7 @@ def test_reset_parameters_draws_on_a_device():
     assert not torch.equal(layer.w13, want[0])
     layer.reset_parameters(seed, draws_on=torch.device("cpu"))
     got = (layer.w13, layer.w2, layer.shared_experts.w13, layer.shared_experts.w2)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     with pytest.raises(TypeError, match=r"draws_on='cuda'.*must be a torch\.device or None"
                        r".*Fix: "):
         layer.reset_parameters(seed, draws_on="cuda")
