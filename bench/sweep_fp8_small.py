@@ -57,7 +57,10 @@ GATE_UP = [_k("slot", 16, 512, 8), _k("slot", 16, 512, 8, prefetch=True),
            _k("slot", 16, 256, 4), _k("slot", 16, 256, 4, prefetch=True),
            _k("slot", 16, 512, 8, split=2), _k("slot", 16, 256, 4, split=4),
            _k("slot", 8, 512, 4), _k("slot", 32, 256, 8), _k("slot", 16, 512, 8, 3),
-           _k("row", 16, 128, 8)]
+           _k("row", 16, 128, 8),
+           # (session 13: the one-token FP8 experts at 1.62x their floor; more of the default's
+           # neighbours: narrower and wider tiles with its 3-stage pipeline, a 4th stage)
+           _k("slot", 8, 512, 4, 3), _k("slot", 32, 512, 8, 3), _k("slot", 16, 512, 8, 4)]
 DOWN = [_k("row", 8, 256, 8), _k("row", 8, 256, 8, prefetch=True), _k("row", 16, 128, 8),
         _k("row", 8, 128, 4), _k("row", 8, 128, 4, prefetch=True), _k("slot", 32, 256, 4),
         _k("slot", 16, 512, 4),
