@@ -25,6 +25,7 @@ from triton.testing import do_bench_cudagraph
 
 from rocm_moe.benchmarks.experts import SHAPES, _case
 from rocm_moe.experts.triton import TritonExperts
+from rocm_moe.experts.triton_fp8 import GLUON_CONFIGS
 
 DEFAULT = ["qwen3:1", "qwen3:64", "qwen3:1024", "qwen3:4096", "qwen3:16384", "dsv3:128",
            "dsv3:8192"]
@@ -44,8 +45,6 @@ def profile_case(name: str, rows: int, tma: bool | None, ncu: bool = False,
         args = (x, ids, w, fw.w13, fw.w2, emap)
         tri = TritonFP8Experts()  # (its tuned table says where TMA loads the weights)
         if gluon is not None:
-            from rocm_moe.experts.triton_fp8 import GLUON_CONFIGS
-
             tri = TritonFP8Experts(config=GLUON_CONFIGS[gluon], path="grouped")
 
     def call():
@@ -88,12 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.fp8 and args.tma != "auto":
         p.error("--fp8 takes its tuned table's TMA choice: leave --tma out")
-    if args.gluon is not None:
-        from rocm_moe.experts.triton_fp8 import GLUON_CONFIGS
-
-        if not args.fp8 or args.gluon not in GLUON_CONFIGS:
-            p.error(f"--gluon takes --fp8 and one of {sorted(GLUON_CONFIGS)}, not "
-                    f"{args.gluon!r}")
+    if args.gluon is not None and (not args.fp8 or args.gluon not in GLUON_CONFIGS):
+        p.error(f"--gluon takes --fp8 and one of {sorted(GLUON_CONFIGS)}, not {args.gluon!r}")
     modes = {"auto": [None], "on": [True], "off": [False], "both": [True, False]}[args.tma]
     print(torch.cuda.get_device_name())
     for c in args.cases:

@@ -492,9 +492,11 @@ def _stream(kernel: str) -> Callable[[str], list[Launch]]:
 _STREAM_ALIGNED = ("H", "I", "stride_xr", "stride_ir", "stride_or", "stride_ok")
 
 
-def _gluon(kernel: str) -> Callable[[str], list[Launch]]:
-    """``experts.triton_fp8.GLUON_CONFIGS``' launches of the Gluon FP8 kernels (sm_90 only:
-    Hopper's wgmma and cp.async), both weight modes of the down kernel."""
+def _gluon(kernel: str, kind: object = True) -> Callable[[str], list[Launch]]:
+    """``experts.triton_fp8.GLUON_CONFIGS``' launches of the Gluon FP8 kernels whose "gluon"
+    is ``kind`` (True: ``_gluon_fp8.py``, BLOCK_M a constexpr, BLOCK_M / 16 warps; "ws": the
+    warp-specialised ``_gluon_fp8_ws.py``, 4 warps a partition); sm_90 only (Hopper's wgmma,
+    cp.async, TMA), both weight modes of the down kernel."""
     def launches(target: str) -> list[Launch]:
         from rocm_moe.experts.triton_fp8 import GLUON_CONFIGS
 
@@ -502,35 +504,15 @@ def _gluon(kernel: str) -> Callable[[str], list[Launch]]:
             return []
         out = []
         for bucket, cfg in GLUON_CONFIGS.items():
-            if cfg["gluon"] is not True:  # ("ws": _gluon_ws)
-                continue
-            k = cfg[kernel]
-            cx = dict(BLOCK_M=cfg["BLOCK_M"], STAGES=k["num_stages"])
-            variants = [dict(FP8_MAX=448.0)] if kernel == "gate_up" else \
-                [dict(WEIGHTED=w) for w in (True, False)]
-            out += [Launch(tuple(sorted({**cx, **v}.items())), cfg["BLOCK_M"] // 16, 1,
-                           f"gluon {bucket}") for v in variants]
-        return out
-    return launches
-
-
-def _gluon_ws(kernel: str) -> Callable[[str], list[Launch]]:
-    """The warp-specialised Gluon FP8 kernels' launches (``GLUON_CONFIGS`` with "gluon":
-    "ws"; sm_90 only: TMA, mbarriers, wgmma), both weight modes of the down kernel."""
-    def launches(target: str) -> list[Launch]:
-        from rocm_moe.experts.triton_fp8 import GLUON_CONFIGS
-
-        if target != "sm_90":
-            return []
-        out = []
-        for bucket, cfg in GLUON_CONFIGS.items():
-            if cfg["gluon"] != "ws":
+            if cfg["gluon"] != kind:
                 continue
             cx = dict(STAGES=cfg[kernel]["num_stages"])
+            if kind is True:
+                cx["BLOCK_M"] = cfg["BLOCK_M"]
             variants = [dict(FP8_MAX=448.0)] if kernel == "gate_up" else \
                 [dict(WEIGHTED=w) for w in (True, False)]
-            out += [Launch(tuple(sorted({**cx, **v}.items())), 4, 1, f"gluon {bucket}")
-                    for v in variants]
+            out += [Launch(tuple(sorted({**cx, **v}.items())), cfg[kernel]["num_warps"], 1,
+                           f"gluon {bucket}") for v in variants]
         return out
     return launches
 
@@ -590,9 +572,9 @@ KERNELS = [
     Kernel("rocm_moe.experts._gluon_fp8:_gluon_fp8_down_kernel", _GLUON_PTRS, _gluon("down"),
            aligned=("H", "I", "stride_ip", "stride_os")),
     Kernel("rocm_moe.experts._gluon_fp8_ws:_ws_fp8_gate_up_kernel", _GLUON_WS_PTRS,
-           _gluon_ws("gate_up"), aligned=("stride_ip",)),
+           _gluon("gate_up", "ws"), aligned=("stride_ip",)),
     Kernel("rocm_moe.experts._gluon_fp8_ws:_ws_fp8_down_kernel", _GLUON_WS_PTRS,
-           _gluon_ws("down"), aligned=("stride_os",)),
+           _gluon("down", "ws"), aligned=("stride_os",)),
     Kernel("rocm_moe.experts._triton_mxfp4:_mxfp4_gate_up_kernel", _MXFP4_PTRS,
            _mxfp4_experts("gate_up")),
     Kernel("rocm_moe.experts._triton_mxfp4:_mxfp4_down_kernel", _MXFP4_PTRS,

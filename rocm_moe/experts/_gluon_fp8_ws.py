@@ -47,11 +47,20 @@ CONSUMER_REGS = gl.constexpr(232)  # and of the worker consumer warpgroup
 def _wait_stage(bars, kb, STAGES: gl.constexpr, FILLING: gl.constexpr):
     """Wait for step ``kb``'s stage: its copies landed (``FILLING`` False, ``bars`` the ready
     barriers) or, for the producer (``FILLING`` True, ``bars`` the empty ones), its last use
-    released (the first round passes: a fresh mbarrier's previous phase counts as done)."""
+    released (the first round passes: a fresh mbarrier's previous phase counts as done).
+    Returns the stage's index."""
     phase = (kb // STAGES) & 1
     if FILLING:
         phase = phase ^ 1
     mbarrier.wait(bars.index(kb % STAGES), phase)
+    return kb % STAGES
+
+
+@gluon.jit
+def _load_rows(a_desc, a_smem, bar, row0, k, s):
+    """TMA of the block's two 64-row halves from ``row0`` at column ``k`` into stage ``s``."""
+    _tma_load(a_desc, [row0, k], bar, a_smem.index(2 * s))
+    _tma_load(a_desc, [row0 + HALF_ROWS, k], bar, a_smem.index(2 * s + 1))
 
 
 @gluon.jit
@@ -95,13 +104,11 @@ def _gate_up_producer(a_desc, w_desc, a_smem, g_smem, u_smem, ready, empty, bloc
         if e >= 0:
             gate_row = e * 2 * I + n_start
             for kb in range(N_KB):
-                _wait_stage(empty, step + kb, STAGES, True)
-                s = (step + kb) % STAGES
+                s = _wait_stage(empty, step + kb, STAGES, True)
                 bar = ready.index(s)
                 mbarrier.expect(bar, 2 * HALF_ROWS * TILE + 2 * TILE * TILE)  # (FP8: a byte
                 k = kb * TILE  # an element)
-                _tma_load(a_desc, [pid_m * TILE, k], bar, a_smem.index(2 * s))
-                _tma_load(a_desc, [pid_m * TILE + HALF_ROWS, k], bar, a_smem.index(2 * s + 1))
+                _load_rows(a_desc, a_smem, bar, pid_m * TILE, k, s)
                 _tma_load(w_desc, [gate_row, k], bar, g_smem.index(s))
                 _tma_load(w_desc, [gate_row + I, k], bar, u_smem.index(s))
             step += N_KB
@@ -133,8 +140,7 @@ def _gate_up_consumer(a_smem, g_smem, u_smem, ready, empty, as_ptr, ws_ptr, iq_p
             prod = gl.zeros([HALF_ROWS, TILE], gl.float32, layout=mma)  # (registers reused:
             # use_acc False; three [64, 128] float32 sets, 192 registers a thread)
             for kb in range(N_KB):
-                _wait_stage(ready, step + kb, STAGES, False)
-                s = (step + kb) % STAGES
+                s = _wait_stage(ready, step + kb, STAGES, False)
                 a = a_smem.index(2 * s + HALF)
                 t = warpgroup_mma(a, g_smem.index(s).permute((1, 0)), prod, use_acc=False,
                                   is_async=True)
@@ -206,13 +212,11 @@ def _down_producer(a_desc, w_desc, a_smem, b_smem, ready, empty, block_expert_pt
         pid_m, n_start, e = _tile(tile, block_expert_ptr, n_cols)
         if e >= 0:
             for kb in range(N_KB):
-                _wait_stage(empty, step + kb, STAGES, True)
-                s = (step + kb) % STAGES
+                s = _wait_stage(empty, step + kb, STAGES, True)
                 bar = ready.index(s)
                 mbarrier.expect(bar, 2 * HALF_ROWS * TILE + TILE * TILE)
                 k = kb * TILE
-                _tma_load(a_desc, [pid_m * TILE, k], bar, a_smem.index(2 * s))
-                _tma_load(a_desc, [pid_m * TILE + HALF_ROWS, k], bar, a_smem.index(2 * s + 1))
+                _load_rows(a_desc, a_smem, bar, pid_m * TILE, k, s)
                 _tma_load(w_desc, [e * H + n_start, k], bar, b_smem.index(s))
             step += N_KB
 
@@ -240,8 +244,7 @@ def _down_consumer(a_smem, b_smem, ready, empty, is_ptr, ws_ptr, out_ptr, sorted
             acc = gl.zeros([HALF_ROWS, TILE], gl.float32, layout=mma)
             prod = gl.zeros([HALF_ROWS, TILE], gl.float32, layout=mma)
             for kb in range(N_KB):
-                _wait_stage(ready, step + kb, STAGES, False)
-                s = (step + kb) % STAGES
+                s = _wait_stage(ready, step + kb, STAGES, False)
                 t = warpgroup_mma(a_smem.index(2 * s + HALF), b_smem.index(s).permute((1, 0)),
                                   prod, use_acc=False, is_async=True)
                 sc = gl.expand_dims(gl.load(is_ptr + p64 * stride_is + kb) * gl.load(ws + kb),
