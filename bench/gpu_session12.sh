@@ -13,7 +13,7 @@
 #   6. rocm-moe bench decode, DeepSeek-V3 bf16 at 1 / 8 tokens, the shared expert through
 #      torch (ROCM_MOE_SHARED_STREAM_MAX_ROWS=0) and the streaming kernels (=64)   what is left
 # Usage: [JSON_DIR=dir] [BUDGET_S=585] bash bench/gpu_session12.sh DIR [tag]
-source bench/gpu_steps.sh  # OUT, TAG, J, step, finish
+source bench/gpu_steps.sh  # OUT, TAG, J, step, shared_both_ways, finish
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader || true
 step copy_rate_probe 25 python3 bench/copy_rate_probe.py
 step bf16_down_sweep 140 python3 bench/sweep_bf16_small.py --shapes qwen3 --tokens 1 8 \
@@ -28,10 +28,5 @@ step decode_fp8_qwen3 60 python3 -m rocm_moe.cli bench decode --model qwen3-30b-
   --name "decode_fp8_qwen3_$TAG"
 DEC=(python3 -m rocm_moe.cli bench decode --model deepseek-v3 --tokens 1 8 --fused-gate all
      --batches 16 --kernel-table --out "$J")
-for rows in 0 64; do
-  left=$((${BUDGET_S:-585} - SECONDS))
-  [ "$left" -gt 50 ] && step "decode_dsv3_shared$rows" $(( left > 130 ? 130 : left )) \
-    env ROCM_MOE_SHARED_STREAM_MAX_ROWS=$rows "${DEC[@]}" \
-    --name "decode_bf16_dsv3_shared${rows}_$TAG"
-done
+shared_both_ways 50 130 "${DEC[@]}"
 finish

@@ -8,7 +8,7 @@
 #   4. rocm-moe bench decode, DeepSeek-V3 bf16 at 1 token, the shared expert through torch
 #      (ROCM_MOE_SHARED_STREAM_MAX_ROWS=0) and the streaming kernels (=64)          what is left
 # Usage: [JSON_DIR=dir] [BUDGET_S=585] bash bench/gpu_session13.sh DIR [tag]
-source bench/gpu_steps.sh  # OUT, TAG, J, step, finish
+source bench/gpu_steps.sh  # OUT, TAG, J, step, shared_both_ways, finish
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader || true
 step tests_ws 170 python3 -m pytest -q -p no:cacheprovider -rs --durations=8 \
   tests/experts/test_fp8_variants.py -k "gluon and ws"
@@ -19,10 +19,5 @@ fi
 step copy_rate_probe 25 python3 bench/copy_rate_probe.py
 DEC=(python3 -m rocm_moe.cli bench decode --model deepseek-v3 --tokens 1 --fused-gate all
      --batches 8 --kernel-table --out "$J")
-for rows in 0 64; do
-  left=$((${BUDGET_S:-585} - SECONDS))
-  [ "$left" -gt 60 ] && step "decode_dsv3_shared$rows" $(( left > 200 ? 200 : left )) \
-    env ROCM_MOE_SHARED_STREAM_MAX_ROWS=$rows "${DEC[@]}" \
-    --name "decode_bf16_dsv3_shared${rows}_$TAG"
-done
+shared_both_ways 60 200 "${DEC[@]}"
 finish

@@ -6,15 +6,10 @@
 #      expert through torch (ROCM_MOE_SHARED_STREAM_MAX_ROWS=0) then the streaming kernels
 #      (=64); the reset draws on the GPU now, the constructor's still on the CPU   what is left
 # Usage: [JSON_DIR=dir] [BUDGET_S=585] bash bench/gpu_session14b.sh DIR [tag]
-source bench/gpu_steps.sh  # OUT, TAG, J, step, finish
+source bench/gpu_steps.sh  # OUT, TAG, J, step, shared_both_ways, finish
 step fp8_sweep_t1 120 python3 bench/sweep_fp8_small.py "$J/fp8_sweep_t1_$TAG.env" --skip-check \
   --shapes qwen3 --tokens 1 --json "$J/fp8_sweep_t1_$TAG.json"
 DEC=(python3 -m rocm_moe.cli bench decode --model deepseek-v3 --tokens 1 --fused-gate all
      --batches 8 --kernel-table --out "$J")
-for rows in 0 64; do
-  left=$((${BUDGET_S:-585} - SECONDS))
-  [ "$left" -gt 60 ] && step "decode_dsv3_shared$rows" $(( left > 230 ? 230 : left )) \
-    env ROCM_MOE_SHARED_STREAM_MAX_ROWS=$rows "${DEC[@]}" \
-    --name "decode_bf16_dsv3_shared${rows}_$TAG"
-done
+shared_both_ways 60 230 "${DEC[@]}"
 finish
