@@ -36,6 +36,24 @@ def env_count(name: str, default: int, fix: str) -> int:
     return int(env)
 
 
+SWITCH_ON = ("1", "true", "yes", "on")
+SWITCH_OFF = ("", "0", "false", "no", "off")
+
+
+def env_switch(name: str) -> bool:
+    """The environment variable ``name`` as an on/off switch: 1/true/yes/on or unset/empty/
+    0/false/no/off (any case); anything else a ValueError naming it (a typo such as "ture"
+    must not leave a plug-in silently off)."""
+    env = os.environ.get(name, "")
+    if env.strip().lower() in SWITCH_ON:
+        return True
+    if env.strip().lower() in SWITCH_OFF:
+        return False
+    raise ValueError(error_message(name, repr(env), f"must be one of {list(SWITCH_ON)} (on) or "
+                                   f"{list(SWITCH_OFF[1:])} (off), any case",
+                                   f"set {name}=1 to turn it on, or unset it"))
+
+
 def describe(t: object) -> str:
     """Short description of a tensor for messages (shape, dtype, device), or the repr."""
     if isinstance(t, torch.Tensor):

@@ -1,15 +1,19 @@
-"""rocm-moe info: versions, the device, which backends can run here (and why not), and the ones
-run, sanity, diagnose and bench layer pick here when --comm / --experts are not given."""
+"""rocm-moe info: versions, the device, which backends can run here (and why not), the ones run,
+sanity, diagnose and bench layer pick here when --comm / --experts are not given, and every
+ROCM_MOE_* variable with its value here (exit status 1 when one of them holds a value its owner
+refuses)."""
 
 from __future__ import annotations
 
 import argparse
 import platform
+import sys
 
 import torch
 from rich.table import Table
+from rich.text import Text
 
-from rocm_moe import __version__, backends
+from rocm_moe import __version__, backends, env
 from rocm_moe._console import console
 from rocm_moe._libs import library_version
 from rocm_moe.cli import ranks
@@ -47,7 +51,28 @@ def command(args: argparse.Namespace) -> int:
     for lib in OPTIONAL_LIBRARIES:
         libs.add_row(lib, library_version(lib) or "not installed")
     console.print(libs)
-    return 0
+    console.print(environment_table())
+    bad = env.problems()
+    for line in bad:  # on stderr too, so that a deployment script sees why info failed
+        print(line, file=sys.stderr)
+    return 1 if bad else 0
+
+
+def environment_table() -> Table:
+    """Every ROCM_MOE_* variable (``rocm_moe.env``): its value here, or what holds while it is
+    unset, and what it changes; a value its owner refuses shows the owner's error."""
+    table = Table(title="environment (ROCM_MOE_*; docs: each variable's page)")
+    for col in ("variable", "here", "changes"):
+        table.add_column(col)
+    for var, value, verdict in env.settings():
+        here = Text(f"unset ({var.unset})" if value is None else repr(value))
+        if verdict is not None and verdict.startswith("not checked"):
+            here.append(f": {verdict}")
+        elif verdict is not None:
+            here.append(" REFUSED", style="red")
+            here.append(f": {verdict}")
+        table.add_row(var.name, here, var.effect)
+    return table
 
 
 def default_rows() -> list[tuple[str, str, str, str]]:

@@ -31,6 +31,7 @@ import os
 
 import torch
 
+from rocm_moe._checks import error_message
 from rocm_moe._libs import triton_runs_on
 from rocm_moe.experts.fp8 import FP8Experts
 from rocm_moe.experts.layout import build_layout
@@ -58,8 +59,14 @@ CONFIG_ENV = "ROCM_MOE_FP8_CONFIGS"  # a table file read instead of CONFIG_FILE 
 def fp8_config_table() -> dict:
     """The tuned table ``{device name: {"HxI": {bucket: config}}}`` (``bench/tune_experts_fp8.py
     --table`` writes it; buckets as ``experts.triton._bucket``): the file named by
-    $ROCM_MOE_FP8_CONFIGS, else the packaged ``triton_fp8_configs.json``, else empty."""
-    return _read_table(os.environ.get(CONFIG_ENV) or CONFIG_FILE)
+    $ROCM_MOE_FP8_CONFIGS (which must exist), else the packaged ``triton_fp8_configs.json``,
+    else empty."""
+    path = os.environ.get(CONFIG_ENV)
+    if path and not os.path.isfile(path):  # a typo must not fall back to the packaged table
+        raise ValueError(error_message(CONFIG_ENV, repr(path), "names no file here",
+                                       "point it at a table written by bench/tune_experts_fp8.py "
+                                       "--table, or unset it for the packaged table"))
+    return _read_table(path or CONFIG_FILE)
 
 
 @functools.cache
@@ -210,8 +217,6 @@ def gluon_refusal(device: torch.device, dtype: torch.dtype, *, upcast: bool, pre
 def check_config(cfg: dict) -> None:
     """ValueError naming the key, value, rule and fix for a launch config the FP8 kernels
     cannot run (a user's ``config=`` or a table entry)."""
-    from rocm_moe._checks import error_message
-
     def bad(field, value, rule, fix):
         raise ValueError(error_message(field, value, rule, fix))
 
@@ -326,7 +331,7 @@ class TritonFP8Experts(FP8Experts):
     ``small_max_slots``: as ``TritonExperts``; the FP8 small path is the streaming kernels of
     ``triton_small_fp8`` (FP8 weights into registers, float32 sums, so ``precise`` holds
     there by construction and ``upcast`` does not apply), which "auto" takes up to
-    ``triton_small.FP8_SMALL_MAX_SLOTS`` slots (ROCM_MOE_FP8_SMALL_MAX_SLOTS; 64 on NVIDIA,
+    ``triton_small_fp8.max_slots()`` slots (ROCM_MOE_FP8_SMALL_MAX_SLOTS; 64 on NVIDIA,
     measured on an H100; 0 on ROCm)."""
 
     name = "triton"
@@ -337,7 +342,8 @@ class TritonFP8Experts(FP8Experts):
 
     def __init__(self, *, config: dict | None = None, upcast: bool | None = None,
                  precise: bool = False, path: str = "auto", small_max_slots: int | None = None):
-        from rocm_moe.experts.triton_small import FP8_SMALL_MAX_SLOTS, check_path
+        from rocm_moe.experts.triton_small import check_path
+        from rocm_moe.experts.triton_small_fp8 import max_slots
 
         check_path(path, small_max_slots)
         if config is not None:
@@ -346,7 +352,7 @@ class TritonFP8Experts(FP8Experts):
         self.upcast = upcast
         self.precise = precise
         self.path = path
-        self.small_max_slots = FP8_SMALL_MAX_SLOTS if small_max_slots is None else small_max_slots
+        self.small_max_slots = max_slots() if small_max_slots is None else small_max_slots
 
     def supports(self, *, mode, dtype, device) -> str | None:
         if (reason := triton_availability()) is not None:
@@ -419,8 +425,6 @@ class TritonFP8Experts(FP8Experts):
             why = gluon_refusal(dev, w13.dtype, upcast=upcast, precise=self.precise, hidden=H,
                                 inter=I)
             if why:
-                from rocm_moe._checks import error_message
-
                 raise ValueError(error_message(
                     "config['gluon']", True, f"the Gluon FP8 kernels {why}",
                     "drop 'gluon' from the config (the Triton kernels run everywhere)"))

@@ -23,8 +23,9 @@ Block-FP8 batches run the streaming kernels of ``triton_small_fp8`` by default (
 here only with an explicit ``config``: they measured slower on an H100).
 ``TritonExperts`` and ``TritonFP8Experts`` take it (``path="auto"``) when the batch's slots
 (rows x K; with ``num_rows``, ``expected_rows`` x K) are at most their ``small_max_slots``
-(default SMALL_MAX_SLOTS; FP8: FP8_SMALL_MAX_SLOTS); ``path="small"`` / ``"grouped"`` force
-either (tests, benchmarks); invariant mode and a fixed tuning ``config`` keep the grouped path.
+(default SMALL_MAX_SLOTS; FP8: ``triton_small_fp8.max_slots()``); ``path="small"`` /
+``"grouped"`` force either (tests, benchmarks); invariant mode and a fixed tuning ``config``
+keep the grouped path.
 
 Worked example (the test asserts it): ``choose_path("auto", rows=1, top_k=8)`` is "small"
 (8 slots), ``choose_path("auto", rows=9, top_k=8)`` is "grouped" (72 > 64 slots).
@@ -39,7 +40,6 @@ import os
 import torch
 
 from rocm_moe._checks import env_count, error_message
-from rocm_moe.experts.triton_small_fp8 import max_slots as _fp8_max_slots
 from rocm_moe.placement import ExpertMap
 from rocm_moe.weighting import ExpertsOutput
 
@@ -49,12 +49,12 @@ PATHS = ("auto", "small", "grouped")
 # with path="small" until GPU timings (bench/gpu_small.sh) show them ahead of the grouped path:
 # the first H100 run (825871e, earlier forms) had them behind at 32 and 64 tokens.
 SMALL_MAX_SLOTS = 64
-# Block-FP8: "auto" takes the small path up to this many slots (ROCM_MOE_FP8_SMALL_MAX_SLOTS at
-# import, else triton_small_fp8.FP8_SMALL_MAX_SLOTS: 64, where its streaming kernels were
-# measured ahead of the grouped path on an H100). The tl.dot forms here took 86.5 / 362.6 /
-# 874.3 us at 1 / 8 / 64 tokens on an H100 at c599ea3 against the grouped path's 32.1 / 112.6 /
-# 230.0 (bench/results/decode_check_qwen3_fp8_h100.txt) and run only with an explicit config.
-FP8_SMALL_MAX_SLOTS = _fp8_max_slots()
+# Block-FP8: "auto" takes the small path up to ``triton_small_fp8.max_slots()`` slots
+# (ROCM_MOE_FP8_SMALL_MAX_SLOTS, read when TritonFP8Experts is built, else 64 on NVIDIA, where
+# its streaming kernels were measured ahead of the grouped path on an H100). The tl.dot forms
+# here took 86.5 / 362.6 / 874.3 us at 1 / 8 / 64 tokens on an H100 at c599ea3 against the
+# grouped path's 32.1 / 112.6 / 230.0 (bench/results/decode_check_qwen3_fp8_h100.txt) and run
+# only with an explicit config.
 PER_SLOT_MAX_SLOTS = 64  # gate/up per slot (GEMV) up to here; per expert (tl.dot) above
 # bf16 / fp16 batches of at most this many slots run the streaming kernels of
 # ``triton_small_fp8`` (float weights, BF16_DEFAULTS: two launches, the weighted sum in the

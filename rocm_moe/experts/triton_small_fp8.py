@@ -174,22 +174,50 @@ def stream_config(slots: int, *, hidden: int = 0, inter: int = 0) -> dict:
     overridden by ROCM_MOE_FP8_SMALL_CONFIG (module docstring; a table keyed "HxI" holds one
     per shape, other shapes keep the defaults)."""
     cfg = _pick({**DEFAULTS, **TUNED.get(f"{hidden}x{inter}", {})}, slots)
-    env = os.environ.get(CONFIG_ENV)
-    if env:
-        try:
-            over = json.loads(env)
-        except json.JSONDecodeError as exc:
-            raise _bad(CONFIG_ENV, env, f"must be JSON ({exc})") from None
-        if not isinstance(over, dict):
-            raise _bad(CONFIG_ENV, env, "must be a JSON object")
+    over = _env_override()
+    if over is not None:
         if over and all(_is_shape(k) for k in over):
             over = over.get(f"{hidden}x{inter}", {})
             if not isinstance(over, dict):
                 raise _bad(f"{CONFIG_ENV}[{hidden}x{inter}]", over, "must be a JSON object")
         if over and all(k.isdigit() for k in over):
             over = _pick(over, slots)
+        if not isinstance(over, dict):
+            raise _bad(CONFIG_ENV, over, "must hold configs as JSON objects")
+        for stage in ("gate_up", "down"):
+            if not isinstance(over.get(stage, {}), dict):
+                raise _bad(f"{CONFIG_ENV}.{stage}", over[stage], "must be a JSON object")
         cfg = _merge(cfg, over)
     return check_config({**cfg, "gate_up": dict(cfg["gate_up"]), "down": dict(cfg["down"])})
+
+
+def _env_override() -> dict | None:
+    """ROCM_MOE_FP8_SMALL_CONFIG parsed (None where unset or empty)."""
+    env = os.environ.get(CONFIG_ENV)
+    if not env:
+        return None
+    try:
+        over = json.loads(env)
+    except json.JSONDecodeError as exc:
+        raise _bad(CONFIG_ENV, env, f"must be JSON ({exc})") from None
+    if not isinstance(over, dict):
+        raise _bad(CONFIG_ENV, env, "must be a JSON object")
+    return over
+
+
+def check_env_config() -> None:
+    """ROCM_MOE_FP8_SMALL_CONFIG checked whole: every entry it holds (each shape's, each slot
+    count's) merged into the defaults as ``stream_config`` would merge it (``rocm-moe info``)."""
+    over = _env_override()
+    if not over:
+        return
+    shapes = [k for k in over if _is_shape(k)] if all(_is_shape(k) for k in over) else ["0x0"]
+    for shape in shapes:
+        entry = over.get(shape, over)
+        slots = [int(k) for k in entry if k.isdigit()] if isinstance(entry, dict) else []
+        hidden, _, inter = shape.partition("x")
+        for n in {1, *slots, *(int(k) for k in DEFAULTS)}:
+            stream_config(n, hidden=int(hidden), inter=int(inter))
 
 
 def max_slots() -> int:

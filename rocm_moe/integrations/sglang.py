@@ -94,7 +94,7 @@ from types import SimpleNamespace
 
 import torch
 
-from rocm_moe._checks import error_message
+from rocm_moe._checks import env_switch, error_message
 from rocm_moe._libs import import_engine
 from rocm_moe.comm.base import CombineHandle, Dispatcher
 from rocm_moe.experts.base import PLAIN, Experts, ExpertVariant, variant_kwargs, variant_refusal
@@ -754,7 +754,7 @@ HOOKS = {
 def register() -> bool:
     """The ``sglang.srt.plugins`` entry point: with ``ROCM_MOE_SGLANG=1`` the hooks of
     ``HOOKS`` are registered (SGLang's loader applies them); returns whether it is active."""
-    if os.environ.get(SWITCH, "0") not in ("1", "true", "True"):
+    if not env_switch(SWITCH):
         return False
     _require_sglang()  # the package's ImportError, not a bare ModuleNotFoundError
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType

@@ -93,7 +93,7 @@ from types import SimpleNamespace
 
 import torch
 
-from rocm_moe._checks import check_integer_value, error_message
+from rocm_moe._checks import check_integer_value, env_switch, error_message
 from rocm_moe._libs import import_engine
 from rocm_moe.comm.base import CombineHandle, Dispatcher
 from rocm_moe.experts.base import Experts, ExpertVariant, variant_kwargs, variant_refusal
@@ -277,14 +277,21 @@ def _policy_class(base):
     return RocmMoEEplbPolicy
 
 
+def eplb_policy_choice(value: str | None) -> str:
+    """``ROCM_MOE_VLLM_EPLB_POLICY``'s value as "rocm_moe" or "vllm" (unset or empty: "vllm"),
+    else refused naming it."""
+    choice = value or "vllm"
+    if choice not in ("rocm_moe", "vllm"):
+        raise _refuse(ENV_EPLB_POLICY, repr(choice), "must be 'rocm_moe' or 'vllm'",
+                      "set rocm_moe for rocm_moe's balancer, or unset it for vLLM's")
+    return choice
+
+
 def install_eplb_policy() -> bool:
     """With ``ROCM_MOE_VLLM_EPLB_POLICY=rocm_moe``: vLLM's EPLB policy "default" (the only
     name its config accepts in 0.33) becomes ``eplb_policy()`` in this process; unset or
     "vllm": vLLM's own. Returns whether rocm_moe's is in place."""
-    choice = os.environ.get(ENV_EPLB_POLICY) or "vllm"
-    if choice not in ("rocm_moe", "vllm"):
-        raise _refuse(ENV_EPLB_POLICY, repr(choice), "must be 'rocm_moe' or 'vllm'",
-                      "set rocm_moe for rocm_moe's balancer, or unset it for vLLM's")
+    choice = eplb_policy_choice(os.environ.get(ENV_EPLB_POLICY))
     from vllm.distributed.eplb import policy
 
     if choice == "rocm_moe":
@@ -1085,7 +1092,7 @@ def register() -> bool:
     """The ``vllm.general_plugins`` entry point: with ``ROCM_MOE_VLLM=1``, vLLM's unquantised MoE
     method becomes ``RocmMoEFusedMoEMethod`` in every process that loads plugins (idempotent).
     Returns whether the plug-in is active."""
-    if os.environ.get(SWITCH, "0") not in ("1", "true", "True"):
+    if not env_switch(SWITCH):
         return False
     _require_vllm()  # the package's ImportError, not a bare ModuleNotFoundError
     from vllm.model_executor.custom_op import op_registry_oot

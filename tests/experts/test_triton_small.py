@@ -391,12 +391,12 @@ def test_fp8_small_path_has_no_quantise_launch(monkeypatch, gen):
 def test_fp8_auto_path_and_bounded_rows(gen):
     """TritonFP8Experts (auto, small up to 64 slots) on a capacity-sized batch: the small
     path's rows agree with the grouped path's and with the reference; raw rows past the count
-    are zeros. (By default "auto" takes the FP8 small path up to FP8_SMALL_MAX_SLOTS slots: 64,
+    are zeros. (By default "auto" takes the FP8 small path up to max_slots() slots: 64,
     where an H100 timed the streaming kernels ahead of the grouped path.)"""
-    from rocm_moe.experts import triton_small
+    from rocm_moe.experts import triton_small, triton_small_fp8
     from rocm_moe.experts.triton_fp8 import TritonFP8Experts as F8
 
-    limit = triton_small.FP8_SMALL_MAX_SLOTS
+    limit = triton_small_fp8.max_slots()
     assert F8().small_max_slots == limit
     assert not triton_small.takes_small_path(F8(), limit + 1, 1, None, None)
     assert triton_small.takes_small_path(F8(), max(limit, 1), 1, None, None) == (limit > 0)

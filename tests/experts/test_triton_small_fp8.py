@@ -272,11 +272,27 @@ def test_environment_overrides(monkeypatch):
     ('{"gate_up": {"PRELOAD": 1}}', r"gate_up\.PRELOAD"),
     ('{"gate_up": {"SPLIT": 0}}', r"gate_up\.SPLIT"), ('{"down": {"SPLIT": 2}}', r"down\.SPLIT"),
     ('{"PDL": 1}', r"config\.PDL"), ('{"pdl": true}', r"config\.pdl=True: is not a key"),
-    ('{"down": {"PDL": true}}', r"config\.down\.PDL=True: is not a key")])
+    ('{"down": {"PDL": true}}', r"config\.down\.PDL=True: is not a key"),
+    ('{"8": 5}', "must hold configs as JSON objects"),
+    ('{"gate_up": 5}', r"CONFIG\.gate_up=5: must be a JSON object")])
 def test_bad_config_refused(monkeypatch, env, match):
     monkeypatch.setenv(stream.CONFIG_ENV, env)
     with pytest.raises(ValueError, match=match):
         stream.stream_config(8)
+    with pytest.raises(ValueError, match=match):
+        stream.check_env_config()
+
+
+def test_check_env_config_reads_every_entry(monkeypatch):
+    """``check_env_config`` (rocm-moe info) checks each shape's and each slot count's entry,
+    also those ``stream_config`` of one batch would not pick."""
+    monkeypatch.setenv(stream.CONFIG_ENV, json.dumps(
+        {"2048x768": {"8": {"down": {"BLOCK_N": 8}}, "512": {"down": {"BLOCK_K": 3}}}}))
+    assert stream.stream_config(8, hidden=2048, inter=768)["down"]["BLOCK_N"] == 8
+    with pytest.raises(ValueError, match=r"down\.BLOCK_K=3"):
+        stream.check_env_config()
+    monkeypatch.setenv(stream.CONFIG_ENV, json.dumps({"64": {"ACT": "float"}}))
+    stream.check_env_config()
 
 
 def test_bad_max_slots_refused(monkeypatch):
@@ -288,10 +304,9 @@ def test_bad_max_slots_refused(monkeypatch):
 def test_auto_takes_the_stream_path_by_size(monkeypatch, gen):
     """TritonFP8Experts(path="auto") runs the streaming kernels up to small_max_slots slots
     (float rows unquantised: no quantise launch) and the grouped path above."""
-    from rocm_moe.experts import triton_small
     from rocm_moe.experts.triton_fp8 import TritonFP8Experts
 
-    assert TritonFP8Experts().small_max_slots == triton_small.FP8_SMALL_MAX_SLOTS
+    assert TritonFP8Experts().small_max_slots == stream.max_slots()
     calls = []
     real = stream.stream_fp8_experts
     monkeypatch.setattr(stream, "stream_fp8_experts",
