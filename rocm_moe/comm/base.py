@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -110,6 +111,10 @@ def join_group(placement: Placement, group, backend: str):
     group's size must equal the placement's world size."""
     import torch.distributed as dist
 
+    if not isinstance(placement, Placement):
+        raise TypeError(error_message("placement", type(placement).__name__,
+                                      "must be a rocm_moe.Placement",
+                                      "use Placement.contiguous(E, W)"))
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(error_message(
             "torch.distributed", "not initialised", f"the {backend} backend runs on a process "
@@ -135,6 +140,35 @@ def group_hosts(group) -> list[str]:
     return hosts
 
 
+def check_dispatcher_args(*, hidden_size: object = None, top_k: object = None,
+                          dtype: object = None, max_tokens_per_rank: object = None) -> None:
+    """The shape arguments every dispatcher takes (None: not given, where a backend allows it):
+    ints >= 1 (not bools, not floats) and a floating torch.dtype; checked before anything else,
+    so a wrong one is a TypeError / ValueError naming it, not an AttributeError later."""
+    for field, value in (("hidden_size", hidden_size), ("top_k", top_k),
+                         ("max_tokens_per_rank", max_tokens_per_rank)):
+        if value is not None:
+            check_integer_value(field, value, minimum=1)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(error_message("dtype", repr(dtype), "must be a floating torch.dtype "
+                                      "(the rows' compute dtype)", "pass e.g. torch.bfloat16"))
+
+
+def local_refusal(check: Callable[[], object]) -> Exception | None:
+    """``check()``'s ValueError / TypeError, or None if it passes. Without an initialised
+    process group it is raised at once (no peer waits for this rank); with one, the caller
+    builds on and sends it through ``check_agreement``, so every rank raises together."""
+    try:
+        check()
+    except (ValueError, TypeError) as err:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        return err
+    return None
+
+
 def check_row_bytes(hidden_size: int, dtype: torch.dtype) -> None:
     """Rows travel as 32-bit words (torch and symm backends)."""
     if hidden_size * dtype.itemsize % 4:
@@ -143,14 +177,24 @@ def check_row_bytes(hidden_size: int, dtype: torch.dtype) -> None:
             "(rows travel as 32-bit words)", "use an even hidden size"))
 
 
-def check_agreement(dispatcher: Dispatcher, group) -> None:
+def check_agreement(dispatcher: Dispatcher, group, refusal: Exception | None = None) -> None:
     """Collective: every rank's ``dispatcher.config()`` must be the same; all ranks raise
-    together, naming the field and each rank's value, if not."""
+    together, naming the field and each rank's value, if not. ``refusal``: this rank's own
+    argument error, sent in place of its config (then raised here), so that its peers raise
+    too, naming it, instead of waiting for it in the next collective."""
     import torch.distributed as dist
 
-    mine = dispatcher.config()
-    everyone: list[dict | None] = [None] * dispatcher.world_size
+    mine = {"refused": f"{type(refusal).__name__}: {refusal}"} if refusal is not None \
+        else dispatcher.config()
+    everyone: list[dict | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
+    if refusal is not None:
+        raise refusal
+    refused = {r: cfg["refused"] for r, cfg in enumerate(everyone) if "refused" in cfg}
+    if refused:
+        raise ValueError(error_message(
+            "dispatcher arguments of rank(s)", sorted(refused), f"were refused there: {refused}",
+            "pass valid arguments on every rank (derive them from one model config)"))
     for field in mine:
         values = {r: cfg[field] for r, cfg in enumerate(everyone)}
         if len({repr(v) for v in values.values()}) > 1:
@@ -209,9 +253,8 @@ class Dispatcher(ABC):
                                           "must be a rocm_moe.Placement",
                                           "use Placement.contiguous(E, W)"))
         placement.num_local(rank)  # validates rank
-        if max_tokens_per_rank is not None and max_tokens_per_rank < 1:
-            raise ValueError(error_message("max_tokens_per_rank", max_tokens_per_rank,
-                                           "must be >= 1 or None", "pass the largest batch"))
+        check_dispatcher_args(hidden_size=hidden_size, top_k=top_k, dtype=dtype,
+                              max_tokens_per_rank=max_tokens_per_rank)
         self.placement = placement
         self.rank = rank
         self.max_tokens_per_rank = max_tokens_per_rank

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from rocm_moe._checks import error_message
-from rocm_moe.comm.base import CombineHandle, Dispatcher, DispatchResult
+from rocm_moe.comm.base import CombineHandle, Dispatcher, DispatchResult, check_dispatcher_args
 from rocm_moe.placement import Placement
 from rocm_moe.quant import quantize_rows_on_owner
 
@@ -23,6 +23,8 @@ class LocalDispatcher(Dispatcher):
 
     def __init__(self, placement: Placement, rank: int = 0, *,
                  fp8_dtype: str | torch.dtype | None = None, **kw):
+        check_dispatcher_args(**{k: kw.get(k) for k in ("hidden_size", "top_k", "dtype",
+                                                         "max_tokens_per_rank")})
         self._set_wire(fp8_dtype, kw.get("dtype"))
         super().__init__(placement, rank, **kw)
         if placement.world_size != 1:

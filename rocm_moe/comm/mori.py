@@ -75,8 +75,10 @@ from rocm_moe.comm.base import (
     Dispatcher,
     DispatchResult,
     check_agreement,
+    check_dispatcher_args,
     group_hosts,
     join_group,
+    local_refusal,
 )
 from rocm_moe.placement import Placement
 from rocm_moe.quant import BLOCK, FP8Rows, quantize_rows_on_owner
@@ -504,33 +506,41 @@ class MoriDispatcher(Dispatcher):
         fp8_dtype: str | torch.dtype | None = None,
         batches_in_flight: int = 1,
     ):
-        self._set_batches_in_flight(batches_in_flight)
-        if fp8_dtype is not None:
-            _check_fp8_wire(fp8_dtype, dtype, hidden_size)
-        self._set_wire(fp8_dtype, dtype)
+        def check():
+            check_dispatcher_args(hidden_size=hidden_size, top_k=top_k, dtype=dtype,
+                                  max_tokens_per_rank=max_tokens_per_rank)
+            self._set_batches_in_flight(batches_in_flight)
+            if fp8_dtype is not None:
+                _check_fp8_wire(fp8_dtype, dtype, hidden_size)
+            self._set_wire(fp8_dtype, dtype)
+            if max_total_recv_tokens is not None and capacity_sized:
+                raise _bad("max_total_recv_tokens", max_total_recv_tokens, "is checked per "
+                           "batch with a host read of the group's counts, which "
+                           "capacity_sized=True avoids", "drop one of the two")
+
+        refusal = local_refusal(check)  # (sent to the peers in check_agreement)
         group, rank = join_group(placement, group, self.name)
-        if max_total_recv_tokens is not None and capacity_sized:
-            raise _bad("max_total_recv_tokens", max_total_recv_tokens, "is checked per batch "
-                       "with a host read of the group's counts, which capacity_sized=True "
-                       "avoids", "drop one of the two")
         if gpu_per_node is None:
-            gpu_per_node = gpus_per_node(group_hosts(group))
-        self.mori_config = mori_config(placement, rank, hidden_size=hidden_size, top_k=top_k,
-                                       dtype=dtype, max_tokens_per_rank=max_tokens_per_rank,
-                                       kernel_type=kernel_type, gpu_per_node=gpu_per_node,
-                                       fp8_dtype=self.fp8_dtype,
-                                       max_total_recv_tokens=max_total_recv_tokens)
-        super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
-                         hidden_size=hidden_size, top_k=top_k, dtype=dtype)
+            gpu_per_node = gpus_per_node(group_hosts(group))  # (collective)
+        if refusal is None:
+            refusal = local_refusal(lambda: setattr(self, "mori_config", mori_config(
+                placement, rank, hidden_size=hidden_size, top_k=top_k, dtype=dtype,
+                max_tokens_per_rank=max_tokens_per_rank, kernel_type=kernel_type,
+                gpu_per_node=gpu_per_node, fp8_dtype=self.fp8_dtype,
+                max_total_recv_tokens=max_total_recv_tokens)))
+        if refusal is None:
+            super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
+                             hidden_size=hidden_size, top_k=top_k, dtype=dtype)
         self.group = group
-        self.kernel_type = self.mori_config["kernel_type"]
-        self.launch = LAUNCH.get(self.kernel_type, {})
+        if refusal is None:
+            self.kernel_type = self.mori_config["kernel_type"]
+            self.launch = LAUNCH.get(self.kernel_type, {})
         self.capacity_sized = capacity_sized
         # The raw value first: ranks that disagree (one with a bad value) fail together in
         # check_agreement; a bad value every rank shares is refused right after it.
         self.launch_mode = os.environ.get(LAUNCH_MODE_VAR) or "AUTO"
         self._abandoned: int | None = None  # a batch left uncombined: MORI's count is stale
-        check_agreement(self, group)  # every rank the same config, before MORI's barriers
+        check_agreement(self, group, refusal)  # one config on every rank, before MORI's barriers
         launch_mode()
         self._rows: dict[torch.device, torch.Tensor] = {}
         mori = mori or _import_mori()

@@ -79,7 +79,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from rocm_moe._checks import error_message, value_checks_allowed
+from rocm_moe._checks import check_integer_value, error_message, value_checks_allowed
 from rocm_moe._libs import triton_missing
 from rocm_moe.comm import rows, wire
 from rocm_moe.comm.base import (
@@ -87,9 +87,11 @@ from rocm_moe.comm.base import (
     Dispatcher,
     DispatchResult,
     check_agreement,
+    check_dispatcher_args,
     check_row_bytes,
     group_hosts,
     join_group,
+    local_refusal,
 )
 from rocm_moe.placement import Placement
 from rocm_moe.weighting import local_slots
@@ -217,8 +219,28 @@ class SymmDispatcher(Dispatcher):
         fp8_dtype: str | torch.dtype | None = None,
         batches_in_flight: int = 1,
     ):
-        self._set_wire(fp8_dtype, dtype)
-        self._set_batches_in_flight(batches_in_flight)
+        def check():
+            check_dispatcher_args(hidden_size=hidden_size, top_k=top_k, dtype=dtype,
+                                  max_tokens_per_rank=max_tokens_per_rank)
+            self._set_wire(fp8_dtype, dtype)
+            self._set_batches_in_flight(batches_in_flight)
+            self._check_args(spin_limit, max_tokens_per_rank)
+            check_row_bytes(hidden_size, dtype)
+
+        refusal = local_refusal(check)  # (sent to the peers in check_agreement)
+        group, rank = join_group(placement, group or dist.group.WORLD, self.name)
+        if refusal is None:
+            super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
+                             hidden_size=hidden_size, top_k=top_k, dtype=dtype)
+        self.group = group
+        self.spin_limit = spin_limit
+        check_agreement(self, group, refusal)
+        _check_one_host(group)
+        self.device = self._rank_device()
+        self._allocate()
+        self.expert_map_on(self.device)  # built now: its first use may be inside a graph capture
+
+    def _check_args(self, spin_limit: object, max_tokens_per_rank: object) -> None:
         if self.fp8_dtype == torch.float8_e4m3fnuz and torch.version.hip is None:
             raise ValueError(error_message(
                 "fp8_dtype", "e4m3fnuz", "NVIDIA Triton has no e4m3fnuz type (fp8e4b8 is "
@@ -227,24 +249,14 @@ class SymmDispatcher(Dispatcher):
         if (reason := self.availability()) is not None:
             raise ValueError(error_message("comm backend", "'symm'", f"unavailable: {reason}",
                                            "use the torch backend (TorchDispatcher)"))
-        if not 1 <= spin_limit < 2**31:
+        check_integer_value("spin_limit", spin_limit, minimum=1)
+        if not spin_limit < 2**31:
             raise ValueError(error_message("spin_limit", spin_limit, "must be in [1, 2**31)",
                                            "keep the default (minutes) or pass a smaller bound"))
         if max_tokens_per_rank is None:
             raise ValueError(error_message(
                 "max_tokens_per_rank", None, "the symm backend sizes its fixed buffers from it",
                 "pass the largest batch a rank will send (e.g. the engine's max batched tokens)"))
-        group, rank = join_group(placement, group or dist.group.WORLD, self.name)
-        check_row_bytes(hidden_size, dtype)
-        super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
-                         hidden_size=hidden_size, top_k=top_k, dtype=dtype)
-        self.group = group
-        self.spin_limit = spin_limit
-        check_agreement(self, group)
-        _check_one_host(group)
-        self.device = self._rank_device()
-        self._allocate()
-        self.expert_map_on(self.device)  # built now: its first use may be inside a graph capture
 
     # ---- buffers ----------------------------------------------------------------------------
     def _allocate(self) -> None:

@@ -49,8 +49,10 @@ from rocm_moe.comm.base import (
     DispatchResult,
     PeerRefusal,
     check_agreement,
+    check_dispatcher_args,
     check_row_bytes,
     join_group,
+    local_refusal,
 )
 from rocm_moe.placement import Placement
 from rocm_moe.weighting import local_slots
@@ -119,23 +121,32 @@ class TorchDispatcher(Dispatcher):
         timeout: datetime.timedelta | None = None,
         fp8_dtype: str | torch.dtype | None = None,
     ):
-        self._set_wire(fp8_dtype, dtype)
-        if timeout is not None and (not isinstance(timeout, datetime.timedelta)
-                                    or timeout.total_seconds() <= 0):
-            raise TypeError(error_message(
-                "timeout", repr(timeout), "must be a datetime.timedelta > 0 (or None: 300 s)",
-                "pass datetime.timedelta(seconds=...)"))
+        timeout_ok = timeout is None or (isinstance(timeout, datetime.timedelta)
+                                         and timeout.total_seconds() > 0)
+
+        def check():
+            if not timeout_ok:
+                raise TypeError(error_message(
+                    "timeout", repr(timeout), "must be a datetime.timedelta > 0 (or None: "
+                    "300 s)", "pass datetime.timedelta(seconds=...)"))
+            check_dispatcher_args(hidden_size=hidden_size, top_k=top_k, dtype=dtype,
+                                  max_tokens_per_rank=max_tokens_per_rank)
+            self._set_wire(fp8_dtype, dtype)
+            check_row_bytes(hidden_size, dtype)
+
+        refusal = local_refusal(check)  # (sent to the peers in check_agreement)
+        timeout = timeout if timeout_ok else None
         if group is None and dist.is_initialized():
             group, timeout = dist.group.WORLD, timeout or DEFAULT_TIMEOUT
         if timeout is not None and group is not None:
-            group = _group_with_timeout(group, timeout)
+            group = _group_with_timeout(group, timeout)  # (collective: every rank comes here)
         self.timeout = timeout
         group, rank = join_group(placement, group, self.name)
-        check_row_bytes(hidden_size, dtype)
-        super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
-                         hidden_size=hidden_size, top_k=top_k, dtype=dtype)
+        if refusal is None:
+            super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
+                             hidden_size=hidden_size, top_k=top_k, dtype=dtype)
         self.group = group
-        check_agreement(self, group)
+        check_agreement(self, group, refusal)
 
     def share_refusal(self) -> None:
         """The counts exchange with -1 in place of every count (see the module docstring)."""

@@ -88,3 +88,20 @@ def test_capacity_and_minus_one_slots():
     assert res.topk_ids.tolist() == [[-1, 2], [-1, -1]]
     with pytest.raises(ValueError, match="world_size"):
         LocalDispatcher(Placement.contiguous(4, 2))
+
+
+@pytest.mark.parametrize(("kw", "exc", "match"), [
+    (dict(hidden_size=-4), ValueError, r"hidden_size=-4: must be >= 1"),
+    (dict(hidden_size=16.5), TypeError, r"hidden_size=16.5: must be an int"),
+    (dict(top_k=0), ValueError, r"top_k=0: must be >= 1"),
+    (dict(top_k=True), TypeError, r"top_k=True: must be an int"),
+    (dict(dtype="bfloat16"), TypeError, r"dtype='bfloat16': must be a floating torch.dtype"),
+    (dict(dtype=torch.int32), TypeError, r"dtype=torch.int32: must be a floating"),
+    (dict(max_tokens_per_rank=2.5), TypeError, r"max_tokens_per_rank=2.5: must be an int"),
+    (dict(max_tokens_per_rank=0), ValueError, r"max_tokens_per_rank=0: must be >= 1"),
+])
+def test_shape_arguments_checked(kw, exc, match):
+    """Every dispatcher's shape arguments (``comm.base.check_dispatcher_args``): a wrong one is
+    named when the dispatcher is built, not an AttributeError in a later batch."""
+    with pytest.raises(exc, match=match):
+        LocalDispatcher(Placement.contiguous(8, 1), **kw)

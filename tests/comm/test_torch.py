@@ -32,7 +32,8 @@ def _dispatcher(placement: Placement, **kw):
         from rocm_moe.comm.symm import SymmDispatcher
         from tests.symm_shm import ShmSymmDispatcher
 
-        kw["max_tokens_per_rank"] = kw.get("max_tokens_per_rank") or 64
+        kw["max_tokens_per_rank"] = 64 if kw.get("max_tokens_per_rank") is None else \
+            kw["max_tokens_per_rank"]
         cls = SymmDispatcher if _BACKEND[0] == "symm" else ShmSymmDispatcher
         return cls(placement, **kw)
     return TorchDispatcher(placement, **kw)
@@ -220,6 +221,18 @@ def _check_config_mismatch(info, seed):
     raise AssertionError("mismatched hidden_size was accepted")
 
 
+def _check_bad_argument_on_one_rank(info, seed):
+    """One rank builds its dispatcher with a bad argument: it raises its own error and every
+    other rank raises naming it (the agreement exchange carries the refusal), none waits."""
+    failing = info.world_size - 1
+    try:
+        _dispatcher(Placement.contiguous(E, info.world_size), hidden_size=H, top_k=K,
+                    dtype=torch.float32, max_tokens_per_rank=0 if info.rank == failing else 40)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("the peers of a refusing rank built their dispatchers")
+
+
 def _expect_refusal(call, own: bool, own_match: str, failing: int) -> str:
     """``call()`` must raise: this rank's own error if ``own``, else PeerRefusal naming the
     failing rank."""
@@ -299,8 +312,8 @@ def suite(request):
     return W, seed, launch(W, _suite, seed, backend=backend, timeout_s=60)
 
 
-@pytest.mark.parametrize("check", [c for c in CHECKS if c not in ("bad_input",
-                                                                   "config_mismatch")])
+@pytest.mark.parametrize("check", [c for c in CHECKS if c not in (
+    "bad_input", "config_mismatch", "bad_argument_on_one_rank")])
 def test_check(suite, check):
     W, seed, results = suite
     for rank, res in enumerate(results):
@@ -335,6 +348,18 @@ def test_config_mismatch_fails_on_every_rank(suite):
         assert res["config_mismatch"]["ok"], res["config_mismatch"]["value"]
         assert "dispatcher hidden_size by rank" in res["config_mismatch"]["value"]
         assert "every rank of the EP group" in res["config_mismatch"]["value"]
+
+
+def test_bad_argument_on_one_rank_fails_every_rank(suite):
+    W = suite[0]
+    for rank, res in enumerate(suite[2]):
+        msg = res["bad_argument_on_one_rank"]["value"]
+        assert res["bad_argument_on_one_rank"]["ok"], msg
+        if rank == W - 1:
+            assert msg.startswith("max_tokens_per_rank=0: must be >= 1"), msg
+        else:
+            assert f"dispatcher arguments of rank(s)=[{W - 1}]: were refused there" in msg, msg
+            assert "max_tokens_per_rank=0" in msg, msg
 
 
 def test_torch_dispatcher_needs_a_group():
