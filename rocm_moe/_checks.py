@@ -130,6 +130,15 @@ def check_integer_value(field: str, value: object, *, minimum: int,
                                        fix or f"pass an int >= {minimum}"))
 
 
+def check_bool(field: str, value: object, *, allow_none: bool = False,
+               fix: str = "pass True or False") -> None:
+    """A bool (None too where ``allow_none``): a truthy string such as "no" must not switch a
+    mode on."""
+    if not (isinstance(value, bool) or (allow_none and value is None)):
+        rule = "must be True, False or None" if allow_none else "must be a bool"
+        raise TypeError(error_message(field, repr(value), rule, fix))
+
+
 def check_id_range(
     field: str, ids: torch.Tensor, num_experts: int, *, allow_minus_one: bool
 ) -> None:

@@ -44,6 +44,7 @@ from rocm_moe import invariant as inv
 from rocm_moe import overlap, synthetic
 from rocm_moe._checks import (
     FLOAT_DTYPES,
+    check_bool,
     check_finite,
     check_id_range,
     check_integer,
@@ -129,6 +130,7 @@ class SharedExperts(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, *, gated: bool, dtype, device):
         super().__init__()
+        check_bool("gated", gated)
         kw = dict(dtype=dtype, device=device)
         self.w13 = nn.Parameter(torch.empty(2 * intermediate_size, hidden_size, **kw))
         self.w2 = nn.Parameter(torch.empty(hidden_size, intermediate_size, **kw))
@@ -189,6 +191,28 @@ def _check_call(*, return_raw: object, trace: object, **tensors: object) -> None
         if isinstance(t, torch.Tensor) and t.is_meta:
             raise ValueError(error_message(f"{field}.device", t.device, "holds no data (a meta "
                                            "tensor)", "materialise it on the layer's device"))
+
+
+def _check_parts(*, dispatcher, experts, expert_variant, device) -> None:
+    """The layer's parts are objects, not names: ``experts="triton"`` would otherwise fail at
+    the first forward with an AttributeError."""
+    for field, value, cls, fix in (
+            ("dispatcher", dispatcher, Dispatcher, "build one, e.g. LocalDispatcher("
+             "Placement.contiguous(E, 1)), or leave it None (one rank)"),
+            ("experts", experts, Experts, "pass an instance, e.g. TritonExperts() (by name: "
+             "rocm_moe.backends.make_experts('triton'))"),
+            ("expert_variant", expert_variant, ExpertVariant, "pass an ExpertVariant(...), "
+             "e.g. the family's (rocm_moe.families)")):
+        if value is not None and not isinstance(value, cls):
+            raise TypeError(error_message(field, repr(value), f"must be an instance of "
+                                          f"{cls.__name__} or None", fix))
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(error_message("device", repr(device), f"is not a torch device "
+                                           f"({err})", "pass e.g. 'cuda', 'cuda:1' or 'cpu'")) \
+                from None
 
 
 def _check_sizes(**sizes: int | None) -> None:
@@ -366,6 +390,13 @@ class EPMoE(nn.Module):
         if not isinstance(router, RouterConfig):
             raise TypeError(error_message("router", type(router).__name__,
                                           "must be a RouterConfig", "use RouterConfig.qwen3_moe()"))
+        _check_parts(dispatcher=dispatcher, experts=experts, expert_variant=expert_variant,
+                     device=device)
+        check_bool("shared_expert_gate", shared_expert_gate)
+        if shared_expert_gate and not shared_intermediate_size:
+            raise ValueError(error_message(
+                "shared_expert_gate", True, "gates the shared experts, and the layer has none",
+                "pass shared_intermediate_size too, or leave the gate off"))
         world = dispatcher.world_size if isinstance(dispatcher, Dispatcher) else 1
         E_r = router.routed_experts  # the experts that compute; zero experts are not placed
         if router.zero_experts and (num_redundant_experts or replica_placement is not None):
@@ -378,9 +409,10 @@ class EPMoE(nn.Module):
         self.dispatcher = dispatcher or LocalDispatcher(Placement.contiguous(P, 1))
         if self._replicas is not None:
             _check_physical_dispatcher(self.dispatcher, self._replicas)
-        elif replica_nodes is not None or replica_choice != "spread":
+        elif replica_nodes is not None or replica_choice != "spread" or load_window != 64:
             raise ValueError(error_message(
-                "replica_nodes / replica_choice", (replica_nodes, replica_choice),
+                "replica_nodes / replica_choice / load_window",
+                (replica_nodes, replica_choice, load_window),
                 "only mean something with EPLB (replicas)",
                 "pass num_redundant_experts=R too, or leave them out"))
         elif self.dispatcher.placement.num_experts != E_r:
@@ -406,9 +438,7 @@ class EPMoE(nn.Module):
             raise TypeError(error_message("validate", repr(validate), "must be a bool",
                                           "pass True (check inputs) or False (hot path)"))
         self.validate = validate
-        if not isinstance(fused_router, bool):
-            raise TypeError(error_message("fused_router", repr(fused_router), "must be a bool",
-                                          "pass True or False"))
+        check_bool("fused_router", fused_router)
         self.fused_router = fused_router
         self.fused_gate = check_fused_gate(fused_gate)
         self._gate_f32: tuple[tuple, torch.Tensor] | None = None  # (key, float32 gate weight)
@@ -459,9 +489,7 @@ class EPMoE(nn.Module):
 
     @invariant.setter
     def invariant(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise TypeError(error_message("invariant", repr(value), "must be a bool",
-                                          "pass True or False"))
+        check_bool("invariant", value)
         if value == self._invariant:
             return
         if value:

@@ -268,8 +268,22 @@ def test_bsh_input_with_bsk_forced_ids():
         (dict(intermediate_size=0), ValueError, r"^intermediate_size=0: must be >= 1"),
         (dict(dtype=torch.int32), TypeError, r"^dtype=torch.int32: must be one of"),
         (dict(dtype="float32"), TypeError, r"^dtype=float32: must be one of"),
+        (dict(experts="triton"), TypeError,
+         r"^experts='triton': must be an instance of Experts or None"),
+        (dict(dispatcher="local"), TypeError,
+         r"^dispatcher='local': must be an instance of Dispatcher"),
+        (dict(expert_variant="swiglu_oai"), TypeError,
+         r"^expert_variant='swiglu_oai': must be an instance of ExpertVariant"),
+        (dict(device="cdua"), ValueError, r"^device='cdua': is not a torch device"),
+        (dict(shared_expert_gate=True), ValueError,
+         r"^shared_expert_gate=True: gates the shared experts, and the layer has none"),
+        (dict(shared_intermediate_size=8, shared_expert_gate="no"), TypeError,
+         r"^shared_expert_gate='no': must be a bool"),
+        (dict(load_window=10), ValueError, r"load_window.*only mean something with EPLB"),
     ],
-    ids=["H_negative", "H_str", "I_zero", "dtype_int", "dtype_str"],
+    ids=["H_negative", "H_str", "I_zero", "dtype_int", "dtype_str", "experts_name",
+         "dispatcher_name", "variant_name", "device_typo", "gate_without_shared", "gate_str",
+         "load_window_without_eplb"],
 )
 def test_bad_sizes_and_dtype(kw, exc, match):
     args = dict(hidden_size=H, intermediate_size=I, router=ROUTERS["mixtral_E8_K2"]) | kw

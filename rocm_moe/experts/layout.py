@@ -36,9 +36,11 @@ import torch
 
 from rocm_moe._checks import (
     FLOAT_DTYPES,
+    check_bool,
     check_id_range,
     check_integer,
     check_tensor,
+    check_unique_rows,
     error_message,
 )
 from rocm_moe._libs import triton_runs_on
@@ -100,7 +102,8 @@ def build_layout(
         block_size: grouped-GEMM row block; each expert's slots are padded to a multiple of it.
         tables: build the [e, R] expert -> row / slot / weight tables (False: block layout only,
             through the Triton kernels where they can run).
-        validate: check the id range (one host read; skipped under CUDA graph capture). The
+        validate: check the id range and that no row names an expert twice (host reads;
+            skipped under CUDA graph capture). The
             experts backends pass False: their public call has checked the ids already.
             Shapes and dtypes are always checked.
     """
@@ -110,11 +113,14 @@ def build_layout(
     if topk_weights_RK is not None:
         check_tensor("topk_weights", topk_weights_RK, shape=tuple(topk_ids_RK.shape),
                      dtypes=FLOAT_DTYPES, fix="pass one weight per slot, [R, K] like topk_ids")
-    if validate:
-        check_id_range("topk_ids", topk_ids_RK, expert_map.num_experts, allow_minus_one=True)
-    if not isinstance(block_size, int) or block_size < 1:
+    check_bool("tables", tables)
+    check_bool("validate", validate)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(error_message("block_size", block_size, "must be an int >= 1",
                                        "use a power of two such as 16, 32 or 64"))
+    if validate:
+        check_id_range("topk_ids", topk_ids_RK, expert_map.num_experts, allow_minus_one=True)
+        check_unique_rows("topk_ids", topk_ids_RK)
     if not tables and triton_runs_on(topk_ids_RK.device):
         return _block_layout_triton(topk_ids_RK, expert_map, block_size)
     R, K = topk_ids_RK.shape

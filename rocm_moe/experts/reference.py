@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from rocm_moe import invariant as inv
+from rocm_moe._checks import check_bool
 from rocm_moe.experts.base import PLAIN, Experts, ExpertVariant, expert_mlp, swiglu_expert
 from rocm_moe.experts.layout import build_layout
 from rocm_moe.weighting import (
@@ -35,6 +36,7 @@ class ReferenceExperts(Experts):
     name = "reference"
 
     def __init__(self, *, invariant: bool = False):
+        check_bool("invariant", invariant)
         self.invariant = invariant
 
     def invariant_unsupported_reason(self) -> str | None:

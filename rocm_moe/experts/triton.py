@@ -35,6 +35,7 @@ import os
 
 import torch
 
+from rocm_moe._checks import check_bool, error_message
 from rocm_moe._libs import triton_missing, triton_runs_on
 from rocm_moe.experts.base import PLAIN, Experts, ExpertVariant
 from rocm_moe.experts.layout import build_layout
@@ -74,7 +75,16 @@ def _table() -> dict:
     if not os.path.exists(CONFIG_FILE):
         return {}
     with open(CONFIG_FILE) as f:
-        return json.load(f)
+        table = json.load(f)
+    for device, shapes in table.items():
+        for hxi, buckets in shapes.items():
+            for bucket, cfg in buckets.items():
+                try:
+                    check_block_config(cfg)
+                except ValueError as err:  # a hand-edited table
+                    raise ValueError(f"{CONFIG_FILE}, entry [{device!r}][{hxi}][{bucket}]: "
+                                     f"{err}") from None
+    return table
 
 
 def block_config(num_slots: int, num_local: int, *, hidden: int = 0, inter: int = 0,
@@ -104,6 +114,47 @@ def invariant_config(*, hidden: int, inter: int, device_name: str = "") -> dict:
         return {k: dict(v) if isinstance(v, dict) else v for k, v in entry.items()}
     kernel = _AMD_KERNEL[64] if _is_amd(device_name) else _DEFAULT_KERNEL
     return dict(BLOCK_M=64, gate_up=dict(kernel), down=dict(kernel))
+
+
+KERNEL_KEYS = {"BLOCK_N", "BLOCK_K", "num_warps", "num_stages"}
+
+
+def check_block_config(cfg: object) -> dict:
+    """``cfg`` (a ``config=`` of TritonExperts, or a table entry) as the grouped kernels take
+    it: ``{"BLOCK_M": m, "gate_up": {...}, "down": {...}}``, each kernel's BLOCK_N and BLOCK_K
+    powers of two >= 16 (BLOCK_M too: one tl.dot tile of rows), num_warps 1-16 (a power of
+    two) and num_stages 1-8 (both optional); a missing, unknown or bad key is a ValueError
+    naming it."""
+    def bad(field, value, rule):
+        raise ValueError(error_message(f"config{field}", repr(value), rule, "pass a config of "
+                                       "the form block_config(...) returns"))
+
+    def pow2(field, value, lo, hi):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi \
+                or value & (value - 1):
+            bad(field, value, f"must be a power of two in [{lo}, {hi}]")
+
+    if not isinstance(cfg, dict):
+        bad("", cfg, "must be a dict")
+    extra = sorted(set(cfg) - {"BLOCK_M", "gate_up", "down"})
+    if extra:
+        bad(f"[{extra[0]!r}]", cfg[extra[0]], "is not a key (keys: BLOCK_M, gate_up, down)")
+    pow2("['BLOCK_M']", cfg.get("BLOCK_M"), 16, 256)
+    for stage in ("gate_up", "down"):
+        k = cfg.get(stage)
+        if not isinstance(k, dict):
+            bad(f"[{stage!r}]", k, "must be a dict of BLOCK_N, BLOCK_K, num_warps, num_stages")
+        extra = sorted(set(k) - KERNEL_KEYS)
+        if extra:
+            bad(f"[{stage!r}][{extra[0]!r}]", k[extra[0]],
+                f"is not a key (keys: {sorted(KERNEL_KEYS)})")
+        pow2(f"[{stage!r}]['BLOCK_N']", k.get("BLOCK_N"), 16, 512)
+        pow2(f"[{stage!r}]['BLOCK_K']", k.get("BLOCK_K"), 16, 512)
+        pow2(f"[{stage!r}]['num_warps']", k.get("num_warps", 4), 1, 16)
+        stages = k.get("num_stages", 3)
+        if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 8:
+            bad(f"[{stage!r}]['num_stages']", stages, "must be an int in [1, 8]")
+    return cfg
 
 
 def _launch_args(block_m: int, kcfg: dict) -> dict:
@@ -289,7 +340,12 @@ class TritonExperts(Experts):
                  invariant: bool = False, path: str = "auto", small_max_slots: int | None = None):
         from rocm_moe.experts.triton_small import check_path
 
+        check_bool("invariant", invariant)
+        check_bool("tma", tma, allow_none=True, fix="pass None (TMA where the GPU has it), "
+                   "True or False")
         check_path(path, small_max_slots, invariant=invariant)
+        if config is not None:
+            check_block_config(config)
         self.config = config
         self.tma = tma
         self.invariant = invariant  # one launch config for every batch (``invariant_config``)

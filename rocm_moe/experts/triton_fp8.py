@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from rocm_moe._checks import error_message
+from rocm_moe._checks import check_bool, error_message
 from rocm_moe._libs import triton_runs_on
 from rocm_moe.experts.fp8 import FP8Experts
 from rocm_moe.experts.layout import build_layout
@@ -345,6 +345,9 @@ class TritonFP8Experts(FP8Experts):
         from rocm_moe.experts.triton_small import check_path
         from rocm_moe.experts.triton_small_fp8 import max_slots
 
+        check_bool("precise", precise)
+        check_bool("upcast", upcast, allow_none=True, fix="pass None (where the device has no "
+                   "FP8 matrix instructions), True or False")
         check_path(path, small_max_slots)
         if config is not None:
             check_config(config)

@@ -81,6 +81,19 @@ def test_all_slots_on_one_expert_and_none_local():
     assert none_local.block_expert_ids.eq(-1).all()
 
 
+def test_rejects_repeated_experts_and_non_bool_flags():
+    p = Placement.contiguous(4, 1)
+    ids = torch.tensor([[1, 1], [2, 3]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"topk_ids\[0\]=\[1, 1\]: an expert may appear at most"):
+        build_layout(ids, p.expert_map(0))
+    build_layout(ids, p.expert_map(0), validate=False)  # (the experts' public call checked)
+    for kw, match in ((dict(block_size=True), "block_size=True"),
+                      (dict(tables="no"), "tables='no': must be a bool"),
+                      (dict(validate=1), "validate=1: must be a bool")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            build_layout(ids[1:], p.expert_map(0), **kw)
+
+
 def test_rejects_mask_and_bad_block():
     p = Placement.contiguous(8, 2)
     ids = torch.zeros(2, 2, dtype=torch.int32)
@@ -109,9 +122,9 @@ def test_triton_block_layout_equals_the_sort(R, K, E, W, bs, gen, monkeypatch):
         monkeypatch.setattr(layout, "_SCAN_TILE", 16)
 
     emap = Placement.contiguous(E, W).expert_map(W - 1).to(DEVICE)
-    ids = _random_ids(R, K, E, gen)
+    ids = _random_ids(R, K, E - 1 if R == 64 else E, gen)
     if R == 64:
-        ids[:, 0] = E - 1  # every row on the last local expert
+        ids[:, 0] = E - 1  # every row on the last local expert (still K distinct ids a row)
     ids = ids.to(torch.int32).to(DEVICE)
     assert triton_runs_on(ids.device)
     ref = build_layout(ids, emap, block_size=bs)

@@ -89,3 +89,37 @@ def test_bad_input(change, exc, match):
     with pytest.raises(exc, match=match):
         ReferenceExperts()(args["x"], args["ids"], args["w"], args["w13"], args["w2"],
                            args["emap"], weight_mode=args["mode"])
+
+
+def test_mode_flags_are_bools():
+    """A truthy string must not switch a mode on (``invariant="no"`` ran the invariant path)."""
+    from rocm_moe.experts.triton import TritonExperts
+    from rocm_moe.experts.triton_fp8 import TritonFP8Experts
+
+    for make, match in ((lambda: ReferenceExperts(invariant="no"), "invariant='no'"),
+                        (lambda: TritonExperts(invariant=1), "invariant=1"),
+                        (lambda: TritonExperts(tma="yes"), "tma='yes': must be True, False or"),
+                        (lambda: TritonFP8Experts(precise="no"), "precise='no': must be a bool"),
+                        (lambda: TritonFP8Experts(upcast=0), "upcast=0: must be True, False")):
+        with pytest.raises(TypeError, match=match):
+            make()
+
+
+@pytest.mark.parametrize(("config", "match"), [
+    ("fast", r"config='fast': must be a dict"),
+    ({"BLOCK_M": 16}, r"config\['gate_up'\]=None: must be a dict"),
+    ({"BLOCK_M": 24, "gate_up": {"BLOCK_N": 32, "BLOCK_K": 64},
+      "down": {"BLOCK_N": 32, "BLOCK_K": 64}}, r"config\['BLOCK_M'\]=24: must be a power of two"),
+    ({"BLOCK_M": 16, "persistant": True, "gate_up": {}, "down": {}},
+     r"config\['persistant'\]=True: is not a key"),
+    ({"BLOCK_M": 16, "gate_up": {"BLOCK_N": 32, "BLOCK_K": 64, "num_warp": 4},
+      "down": {"BLOCK_N": 32, "BLOCK_K": 64}}, r"config\['gate_up'\]\['num_warp'\]=4: is not"),
+    ({"BLOCK_M": 16, "gate_up": {"BLOCK_N": 32, "BLOCK_K": 64},
+      "down": {"BLOCK_N": 32, "BLOCK_K": 64, "num_stages": 0}}, r"\['num_stages'\]=0"),
+])
+def test_triton_config_checked_when_built(config, match):
+    from rocm_moe.experts.triton import TritonExperts, block_config
+
+    with pytest.raises(ValueError, match=match):
+        TritonExperts(config=config)
+    assert TritonExperts(config=block_config(8, 128)).config["BLOCK_M"] == 16
