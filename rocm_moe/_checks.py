@@ -31,7 +31,7 @@ def env_count(name: str, default: int, fix: str) -> int:
     env = os.environ.get(name, "")
     if env == "":
         return default
-    if not env.isdigit():
+    if not (env.isascii() and env.isdigit()):  # ("²".isdigit() is True; int() refuses it)
         raise ValueError(error_message(name, repr(env), "must be an int >= 0", fix))
     return int(env)
 

@@ -453,7 +453,7 @@ def _default_threads(world_size: int) -> int:
     raw = os.environ.get(THREADS_ENV)
     if raw is None:
         return max(1, (os.cpu_count() or 1) // world_size)
-    if not raw.strip().isdigit() or int(raw) < 1:
+    if not (raw.strip().isascii() and raw.strip().isdigit()) or int(raw) < 1:
         raise ValueError(error_message(
             THREADS_ENV, repr(raw), "must be an integer >= 1 (intra-op threads per CPU rank)",
             f"unset it, or set e.g. {THREADS_ENV}=1"))

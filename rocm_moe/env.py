@@ -110,7 +110,7 @@ def _tokens(name: str) -> Callable[[], int | None]:
         raw = os.environ.get(name)
         if raw is None:
             return None
-        if not raw.isdigit() or int(raw) < 1:
+        if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
             raise ValueError(error_message(name, repr(raw), "must be a positive integer (tokens "
                                            "per rank)", f"unset it or set e.g. {name}=4096"))
         return int(raw)

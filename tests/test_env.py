@@ -153,3 +153,31 @@ def test_fp8_table_file_must_exist(clean, tmp_path):
     table.write_text("{}")
     clean.setenv(triton_fp8.CONFIG_ENV, str(table))
     assert triton_fp8.fp8_config_table() == {}
+
+
+@pytest.mark.parametrize(("name", "value", "match"), [
+    ("ROCM_MOE_FP8_SMALL_CONFIG", '{"gateup": {"BLOCK_N": 8}}', r"\.gateup=.*is not a config key"),
+    ("ROCM_MOE_FP8_SMALL_CONFIG", '{"8x": {"PDL": true}}', r"\.8x=.*is not a config key"),
+    ("ROCM_MOE_FP8_SMALL_CONFIG", '{"8": {"PDL": true}, "down": {"BLOCK_N": 8}}', r"\.8="),
+    ("ROCM_MOE_FP8_SMALL_MAX_SLOTS", "\u00b2", "must be an int >= 0"),
+    ("ROCM_MOE_THREADS_PER_RANK", "\u00b2", "must be an integer >= 1"),
+    ("ROCM_MOE_SHARED_STREAM_MAX_ROWS", "5000", "must be at most 1024"),
+])
+def test_values_that_were_dropped_cut_or_crashed(clean, name, value, match):
+    """Each was taken wrongly before: an unknown config object dropped (the defaults ran), a
+    superscript digit passing ``isdigit`` into ``int()``, 5000 rows cut to 1024."""
+    clean.setenv(name, value)
+    with pytest.raises(ValueError, match=match):
+        env.BY_NAME[name].check()
+
+
+@pytest.mark.parametrize(("text", "match"), [("{", "not JSON"), ("[1]", "must be a JSON object"),
+                                             ('{"H100": [1]}', "must be a JSON object")])
+def test_fp8_table_that_is_not_a_table(clean, tmp_path, text, match):
+    from rocm_moe.experts import triton_fp8
+
+    path = tmp_path / f"t{len(text)}.json"
+    path.write_text(text)
+    clean.setenv(triton_fp8.CONFIG_ENV, str(path))
+    with pytest.raises(ValueError, match=match):
+        triton_fp8.fp8_config_table()

@@ -76,7 +76,18 @@ def _read_table(path: str) -> dict:
     if not os.path.exists(path):
         return {}
     with open(path) as f:
-        table = json.load(f)
+        try:
+            table = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(error_message(path, "not JSON", str(err), "write it with "
+                                           "bench/tune_experts_fp8.py --table")) from None
+    nested = isinstance(table, dict) and all(
+        isinstance(shapes, dict) and all(isinstance(b, dict) for b in shapes.values())
+        for shapes in table.values())
+    if not nested:
+        raise ValueError(error_message(path, type(table).__name__, "must be a JSON object "
+                                       "{device: {HxI: {bucket: config}}}",
+                                       "write it with bench/tune_experts_fp8.py --table"))
     for device, shapes in table.items():
         for hxi, buckets in shapes.items():
             for bucket, cfg in buckets.items():

@@ -364,13 +364,18 @@ def small_fp8_experts(rows, topk_ids_RK: torch.Tensor, topk_weights_RK: torch.Te
 # measured ahead of the torch path; ROCM_MOE_SHARED_STREAM_MAX_ROWS (an int >= 0) overrides it.
 SHARED_STREAM_MAX_ROWS = 0
 SHARED_STREAM_ENV = "ROCM_MOE_SHARED_STREAM_MAX_ROWS"
-SHARED_ROWS_CAP = 1024  # (the most rows the streaming SwiGLU takes, whatever the env says)
+SHARED_ROWS_CAP = 1024  # the most rows the streaming SwiGLU takes (a larger setting is refused)
 
 
 def shared_stream_max_rows() -> int:
     """ROCM_MOE_SHARED_STREAM_MAX_ROWS, else SHARED_STREAM_MAX_ROWS."""
-    return env_count(SHARED_STREAM_ENV, SHARED_STREAM_MAX_ROWS,
+    rows = env_count(SHARED_STREAM_ENV, SHARED_STREAM_MAX_ROWS,
                      "set it to the most rows, e.g. 8, or 0 for torch's GEMMs")
+    if rows > SHARED_ROWS_CAP:  # (it would be cut there: say so instead)
+        raise ValueError(error_message(SHARED_STREAM_ENV, rows, f"must be at most "
+                                       f"{SHARED_ROWS_CAP} (the most rows the streaming SwiGLU "
+                                       "takes)", f"set it to {SHARED_ROWS_CAP} or fewer"))
+    return rows
 
 
 _ONE_EXPERT: dict = {}  # device -> (map of a one-expert rank, zero ids, unit weights)

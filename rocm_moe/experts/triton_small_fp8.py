@@ -184,9 +184,13 @@ def stream_config(slots: int, *, hidden: int = 0, inter: int = 0) -> dict:
             over = _pick(over, slots)
         if not isinstance(over, dict):
             raise _bad(CONFIG_ENV, over, "must hold configs as JSON objects")
-        for stage in ("gate_up", "down"):
-            if not isinstance(over.get(stage, {}), dict):
-                raise _bad(f"{CONFIG_ENV}.{stage}", over[stage], "must be a JSON object")
+        for key, part in over.items():  # (an object under any other key would be dropped)
+            if key in ("gate_up", "down") and not isinstance(part, dict):
+                raise _bad(f"{CONFIG_ENV}.{key}", part, "must be a JSON object")
+            if key not in ("gate_up", "down") and isinstance(part, dict):
+                raise _bad(f"{CONFIG_ENV}.{key}", part, "is not a config key here: a config, "
+                           "a table of configs by slot count (digit keys only) or by shape "
+                           "(HxI keys only)")
         cfg = _merge(cfg, over)
     return check_config({**cfg, "gate_up": dict(cfg["gate_up"]), "down": dict(cfg["down"])})
 

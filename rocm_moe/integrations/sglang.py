@@ -381,7 +381,7 @@ def token_budget(server_args=None) -> tuple[int, str]:
         b for b in (getattr(cfg, "cuda_graph_max_bs_decode", None),
                     getattr(cfg, "cuda_graph_max_bs_prefill", None)) if b]
     if env is not None:
-        if not env.isdigit() or int(env) < 1:
+        if not (env.isascii() and env.isdigit()) or int(env) < 1:
             raise _refuse(ENV_MAX_TOKENS, env, "must be a positive integer (tokens per rank)",
                           f"unset it to take SGLang's budget, or set e.g. {ENV_MAX_TOKENS}=4096")
         if graphs and int(env) < max(graphs):
