@@ -107,6 +107,9 @@ def check_tensor(
 
 
 def check_integer(field: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(error_message(field, describe(t), "must be a tensor of integer ids",
+                                      f"pass a torch tensor, e.g. torch.tensor({field})"))
     if t.dtype not in _INT_DTYPES:
         raise TypeError(
             error_message(

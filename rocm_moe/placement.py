@@ -20,7 +20,13 @@ from functools import cached_property
 
 import torch
 
-from rocm_moe._checks import check_integer_value, error_message
+from rocm_moe._checks import (
+    check_bool,
+    check_id_range,
+    check_integer,
+    check_integer_value,
+    error_message,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,6 +42,7 @@ class ExpertMap:
             raise TypeError(error_message(
                 "ExpertMap.map_E", _desc(m), "must be a 1-D int32 tensor of local ids or -1",
                 "build it with Placement.expert_map(rank)"))
+        check_integer_value("ExpertMap.rank", self.rank, minimum=0)
         local = m[m >= 0].sort().values.cpu()
         if bool((m < -1).any()) or not torch.equal(local, torch.arange(local.numel(),
                                                                        dtype=torch.int32)):
@@ -58,7 +65,10 @@ class ExpertMap:
         return ExpertMap(self.map_E.to(device), self.rank)
 
     def local_ids(self, topk_ids_RK: torch.Tensor) -> torch.Tensor:
-        """[R, K] global ids (-1 = empty slot) -> [R, K] int64 local ids, -1 where not local."""
+        """[R, K] global ids (-1 = empty slot) -> [R, K] int64 local ids, -1 where not local.
+        Integer ids only (a float id is refused, never truncated); their range is the caller's
+        to check (the hot paths' public calls do: ``check_id_range``)."""
+        check_integer("topk_ids", topk_ids_RK)
         m = self.map_E.to(topk_ids_RK.device).long()
         valid = topk_ids_RK >= 0
         local = m[topk_ids_RK.long().clamp(min=0)]
@@ -66,6 +76,7 @@ class ExpertMap:
 
     def to_expert_mask(self, *, sentinel: bool) -> ExpertMask:
         """AITER's 0/1 mask; needs local ids in global order (AITER uses a prefix sum)."""
+        check_bool("sentinel", sentinel)
         owned = (self.map_E >= 0).nonzero().flatten()
         if owned.numel() > 1 and not bool((self.map_E[owned].diff() > 0).all()):
             raise ValueError(error_message(
@@ -86,6 +97,7 @@ class ExpertMask:
 
     def __post_init__(self) -> None:
         m, E = self.mask, self.num_experts
+        check_integer_value("ExpertMask.num_experts", E, minimum=1)
         if not isinstance(m, torch.Tensor) or m.dim() != 1 or m.dtype != torch.int32:
             raise TypeError(error_message(
                 "ExpertMask.mask", _desc(m), "must be a 1-D int32 tensor of 0/1",
@@ -224,6 +236,7 @@ class Placement:
         return hash((self.num_experts, self.experts_of_rank))
 
     def _check_rank(self, rank: int) -> None:
+        check_integer_value("rank", rank, minimum=0, fix="pass this process's EP rank")
         if not 0 <= rank < self.world_size:
             raise ValueError(error_message("rank", rank, f"must lie in [0, {self.world_size})",
                                            "pass this process's EP rank"))
@@ -237,7 +250,10 @@ class Placement:
         return self.experts_of_rank[rank]
 
     def owner(self, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Owner rank of each global id (int64, same shape); -1 for empty slots (id -1)."""
+        """Owner rank of each global id (int64, same shape); -1 for empty slots (id -1). Ids are
+        checked: integers in [0, E) or -1 (one host read)."""
+        check_integer("topk_ids", topk_ids)
+        check_id_range("topk_ids", topk_ids, self.num_experts, allow_minus_one=True)
         owner = self.owner_E.to(topk_ids.device).long()[topk_ids.long().clamp(min=0)]
         return torch.where(topk_ids >= 0, owner, torch.full_like(owner, -1))
 
@@ -252,9 +268,13 @@ class Placement:
         return self.expert_map(rank).to_expert_mask(sentinel=sentinel)
 
     def global_to_local(self, topk_ids: torch.Tensor, rank: int) -> torch.Tensor:
+        """``ExpertMap.local_ids`` of ``rank``, the ids checked (in [0, E) or -1)."""
+        check_integer("topk_ids", topk_ids)
+        check_id_range("topk_ids", topk_ids, self.num_experts, allow_minus_one=True)
         return self.expert_map(rank).local_ids(topk_ids)
 
     def local_to_global(self, local_ids: torch.Tensor, rank: int) -> torch.Tensor:
+        check_integer("local_ids", local_ids)
         experts = torch.tensor(self.local_experts(rank), dtype=torch.int64,
                                device=local_ids.device)
         if local_ids.numel() and (int(local_ids.min()) < 0

@@ -73,7 +73,7 @@ def test_non_contiguous_placement():
          r"\[E=4\] or \[E \+ 1=5\]"),
         (lambda: ExpertMask(torch.tensor([0, 1, 1], dtype=torch.int32), 2), ValueError,
          "sentinel slot must be 0"),
-        (lambda: require_expert_map("m", Placement.contiguous(4, 2).expert_mask(0, sentinel=0)),
+        (lambda: require_expert_map("m", Placement.contiguous(4, 2).expert_mask(0, sentinel=False)),
          TypeError, "ExpertMask is AITER's 0/1 ownership mask"),
         (lambda: require_expert_map("m", torch.tensor([0, 1], dtype=torch.int32)), TypeError,
          "raw tensors are ambiguous"),
@@ -84,3 +84,26 @@ def test_non_contiguous_placement():
 def test_errors(build, exc, match):
     with pytest.raises(exc, match=match):
         build()
+
+
+def test_ids_and_ranks_checked_not_truncated():
+    """Float ids were truncated (owner([[1.7, 5.2]]) gave [[0, 1]]), -5 read as an empty slot,
+    an id >= E an IndexError, a float or bool rank taken as an int."""
+    p = Placement.contiguous(8, 2)
+    for call, exc, match in (
+            (lambda: p.owner(torch.tensor([[1.7, 5.2]])), TypeError, r"topk_ids.dtype"),
+            (lambda: p.owner(torch.tensor([[1, -5]])), ValueError, r"topk_ids.*-5"),
+            (lambda: p.owner(torch.tensor([[1, 8]])), ValueError, r"topk_ids.*8"),
+            (lambda: p.global_to_local(torch.tensor([[9]]), 0), ValueError, r"topk_ids"),
+            (lambda: p.local_to_global(torch.tensor([0.7, 3.9]), 1), TypeError, "local_ids"),
+            (lambda: p.expert_map(0).local_ids(torch.tensor([[1.5]])), TypeError, "topk_ids"),
+            (lambda: p.expert_map(True), TypeError, "rank=True: must be an int"),
+            (lambda: p.expert_map(1.0), TypeError, "rank=1.0: must be an int"),
+            (lambda: ExpertMap(p.expert_map(0).map_E, rank=-7), ValueError, "ExpertMap.rank"),
+            (lambda: ExpertMap(p.expert_map(0).map_E, rank="x"), TypeError, "ExpertMap.rank"),
+            (lambda: ExpertMask(torch.ones(4, dtype=torch.int32), num_experts="4"), TypeError,
+             "ExpertMask.num_experts"),
+            (lambda: p.expert_mask(0, sentinel="no"), TypeError, "sentinel='no'")):
+        with pytest.raises(exc, match=match):
+            call()
+    assert p.owner(torch.tensor([[1, -1, 7]])).tolist() == [[0, -1, 1]]

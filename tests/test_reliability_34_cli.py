@@ -313,6 +313,18 @@ def test_flags_the_checkpoint_sets_are_refused_with_it(deepseek_checkpoint, caps
     assert f"Fix: drop {argv[1]}" in last, err
 
 
+@pytest.mark.parametrize("command", ["run", "sanity", "diagnose"])
+def test_layer_without_a_checkpoint_is_refused(capsys, no_ranks, command):
+    """--layer 7 without --checkpoint ran the synthetic layer, the flag ignored (exit 0)."""
+    rc = main([command, "--layer", "7", "--world-size", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"rocm-moe {command}: error: --layer=7: picks a layer of a "
+                           "checkpoint"), err
+    assert "Fix: pass --checkpoint DIR too, or drop --layer" in last, err
+
+
 def test_run_has_no_router_flag(capsys, no_ranks):
     """run builds a synthetic layer with the qwen3 router or a checkpoint's: --router is not
     one of its flags (argparse refuses it, exit 2), so it cannot be ignored either."""

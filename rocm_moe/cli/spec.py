@@ -197,8 +197,8 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="a safetensors checkpoint directory (a family of rocm_moe.families: "
                    "Qwen2/3-MoE, Mixtral, DeepSeek-V3, gpt-oss, ...): its MoE layer instead of "
                    "random weights; E, H, I, K come from it")
-    p.add_argument("--layer", type=argtypes.nonnegative_int, default=1,
-                   help="the checkpoint's MoE layer index")
+    p.add_argument("--layer", type=argtypes.nonnegative_int, default=1, action=argtypes.Given,
+                   help="the checkpoint's MoE layer index (with --checkpoint only)")
 
 
 def _variant_refusal(spec: LayerSpec, experts: str) -> str | None:
@@ -335,6 +335,11 @@ def check_layer_args(args: argparse.Namespace, world_size: int) -> None:
                     "shared experts (the flag would be ignored)",
                     f"drop {flag}, or drop --checkpoint to run synthetic weights"))
         return  # E, H, I, K come from the checkpoint's config (checked by its loader)
+    if "--layer" in argtypes.given(args):
+        raise ValueError(error_message(
+            "--layer", args.layer, "picks a layer of a checkpoint, and none is given (the "
+            "synthetic layer would run and the flag be ignored)",
+            "pass --checkpoint DIR too, or drop --layer"))
     if args.top_k > args.num_experts:
         raise ValueError(error_message("--top-k", args.top_k,
                                        f"must be <= --num-experts={args.num_experts}",
