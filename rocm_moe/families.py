@@ -178,20 +178,35 @@ class ModelFamily:
             return None
         return f"{self.block_prefix(layer)}.{self.shared_expert_gate}.weight"
 
+    def _key(self, config, key: str, kind: type | tuple[type, ...] = int):
+        """``config.<key>``, present and of ``kind`` (a bool is not an int here), else an error
+        naming the key: a missing key was an AttributeError, "false" became True by bool()."""
+        if not hasattr(config, key):
+            raise ValueError(error_message(f"config.{key}", "missing", f"the {self.name} "
+                                           "family reads it", "pass the model's own config"))
+        value = getattr(config, key)
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(
+                k.__name__ for k in kind)
+            raise TypeError(error_message(f"config.{key}", repr(value), f"must be {names}",
+                                          "pass the model's own config"))
+        return value
+
     def router_kwargs(self, config) -> dict:
         """``RouterConfig`` fields read from a transformers config of this family."""
         config = self.text(config)
-        kw = dict(num_experts=getattr(config, self.num_experts_key),
-                  top_k=config.num_experts_per_tok, scoring=self.scoring,
+        kw = dict(num_experts=self._key(config, self.num_experts_key),
+                  top_k=self._key(config, "num_experts_per_tok"), scoring=self.scoring,
                   norm_topk_prob=self.norm_topk_prob if self.norm_topk_prob_key is None
-                  else bool(getattr(config, self.norm_topk_prob_key)),
+                  else self._key(config, self.norm_topk_prob_key, bool),
                   score_after_topk=self.score_after_topk, gate_bias=self.gate_bias,
                   choice_bias=self.choice_bias)
         if self.grouped_router:
-            kw.update(n_group=config.n_group, topk_group=config.topk_group,
-                      routed_scaling_factor=float(config.routed_scaling_factor))
-        if self.scaled_router:
-            kw.update(routed_scaling_factor=float(config.routed_scaling_factor))
+            kw.update(n_group=self._key(config, "n_group"),
+                      topk_group=self._key(config, "topk_group"))
+        if self.grouped_router or self.scaled_router:
+            kw.update(routed_scaling_factor=float(self._key(config, "routed_scaling_factor",
+                                                            (int, float))))
         if self.float32_gate:
             kw.update(float32_logits=True)
         if self.zero_experts_key is not None:

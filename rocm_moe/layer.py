@@ -733,6 +733,8 @@ class EPMoE(nn.Module):
         ``draws_on``: the experts' and shared experts' draws made by that device's generator
         (other numbers than the CPU's default draws, which references reproduce; for
         benchmarks that only time: DeepSeek-V3's 256 experts are 11G CPU draws)."""
+        check_integer_value("seed", seed, minimum=0, fix="pass a seed >= 0 (the same on every "
+                            "rank: expert g's weights depend only on (seed, g))")
         if draws_on is not None and not isinstance(draws_on, torch.device):
             raise TypeError(error_message("draws_on", repr(draws_on),
                                           "must be a torch.device or None",

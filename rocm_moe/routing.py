@@ -347,6 +347,10 @@ def route(
     Example: logits [[0, 0, log(2)]] with softmax, K=1 and no normalisation gives ids [[2]] and
     weights [[0.5]].
     """
+    if not isinstance(config, RouterConfig):
+        raise TypeError(error_message("config", type(config).__name__, "must be a RouterConfig",
+                                      "build one, e.g. RouterConfig.qwen3_moe(E, K) or "
+                                      "RouterConfig.from_hf_config(cfg)"))
     check_tensor("router_logits", router_logits, dtypes=FLOAT_DTYPES)
     if router_logits.dim() not in (2, 3) or router_logits.shape[-1] != config.num_experts:
         raise ValueError(error_message(
@@ -357,6 +361,10 @@ def route(
     if forced_weights not in ("derived", "raw"):
         raise ValueError(error_message("forced_weights", repr(forced_weights),
                                        "must be 'derived' or 'raw'", "pick one"))
+    if forced_weights == "raw" and forced_expert_ids is None:
+        raise ValueError(error_message(
+            "forced_weights", "'raw'", "says how to weight forced_expert_ids, and none are "
+            "given (it would be ignored)", "pass forced_expert_ids too, or leave it 'derived'"))
     for field, flag in (("fused", fused), ("invariant", invariant), ("validate", validate)):
         if not isinstance(flag, bool):  # fused="no" is truthy: it took the Triton router
             raise TypeError(error_message(field, repr(flag), "must be a bool",

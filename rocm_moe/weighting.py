@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from rocm_moe._checks import error_message
+from rocm_moe._checks import check_integer, check_tensor, error_message
 from rocm_moe._libs import library_version
 from rocm_moe.placement import ExpertMap
 
@@ -124,6 +124,9 @@ def _check_slots(expert_output: ExpertsOutput, topk_weights_RK, topk_ids_RK) -> 
             raise ValueError(error_message(
                 f"{field}.shape", list(t.shape) if isinstance(t, torch.Tensor) else repr(t),
                 "must be a 2-D [R, K] tensor", "pass the dispatched rows' weights and ids"))
+    check_integer("topk_ids", topk_ids_RK)
+    check_tensor("topk_weights", topk_weights_RK, dtypes=(torch.float32,),
+                 fix="pass the router's float32 weights")
     want = tuple(topk_ids_RK.shape)
     if not expert_output.weights_applied:
         want = tuple(expert_output.out.shape[:2])

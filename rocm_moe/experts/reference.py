@@ -14,7 +14,14 @@ from collections.abc import Callable
 import torch
 
 from rocm_moe import invariant as inv
-from rocm_moe._checks import check_bool
+from rocm_moe._checks import (
+    FLOAT_DTYPES,
+    check_bool,
+    check_id_range,
+    check_integer,
+    check_tensor,
+    error_message,
+)
 from rocm_moe.experts.base import PLAIN, Experts, ExpertVariant, expert_mlp, swiglu_expert
 from rocm_moe.experts.layout import build_layout
 from rocm_moe.weighting import (
@@ -103,12 +110,26 @@ def dense_moe_reference(
     [H])`` appended for a variant with bias (nothing materialised). With
     ``variant.weights_on_input``, raw[t, k] = expert(w[t, k] * x[t]) and y[t] = sum_k raw[t, k].
     """
+    check_tensor("x", x_TH, shape=(None, None), dtypes=FLOAT_DTYPES)
+    check_tensor("topk_ids", topk_ids_TK, shape=(x_TH.shape[0], None))
+    check_integer("topk_ids", topk_ids_TK)
+    check_tensor("topk_weights", topk_weights_TK, shape=tuple(topk_ids_TK.shape),
+                 dtypes=FLOAT_DTYPES, fix="pass one weight per slot, [T, K] like topk_ids")
     if expert_weights is None:
+        if not isinstance(w13_E, torch.Tensor) or not isinstance(w2_E, torch.Tensor):
+            raise TypeError(error_message("w13_E / w2_E", (type(w13_E).__name__,
+                                                           type(w2_E).__name__),
+                                          "must be the [E, 2I, H] / [E, H, I] weights of every "
+                                          "global expert", "pass both, or expert_weights="))
+        check_id_range("topk_ids", topk_ids_TK, w13_E.shape[0], allow_minus_one=True)
+
         def expert_weights(g: int):
             if variant.bias:
                 return w13_E[g], w2_E[g], w13_bias_E[g], w2_bias_E[g]
             return w13_E[g], w2_E[g]
 
+    else:
+        check_id_range("topk_ids", topk_ids_TK, 2**31 - 1, allow_minus_one=True)
     T, K = topk_ids_TK.shape
     x = x_TH.double()
     w_TK = topk_weights_TK.double().to(x.device)

@@ -365,6 +365,9 @@ class TritonExperts(Experts):
             return "Triton kernels need a CUDA/ROCm device (or TRITON_INTERPRET=1 for tests)"
         if dtype not in TRITON_DTYPES:
             return f"the Triton experts compute in {TRITON_DTYPES}, not {dtype}"
+        if dtype == torch.bfloat16 and torch.device(device).type != "cuda":
+            return ("Triton's interpreter miscomputes bfloat16 tl.dot (Triton 3.9: errors of "
+                    "1e10); interpreted runs take float16")
         return None
 
     def variant_unsupported_reason(self, variant: ExpertVariant) -> str | None:

@@ -558,7 +558,9 @@ def make_sglang_dispatcher(moe_runner_config, *, routed_scaling_factor: float | 
               max_tokens_per_rank=cap)
     lanes = 2 if _tbo_enabled() else 1
     if W == 1:  # one EP rank: nothing moves, whatever ROCM_MOE_SGLANG_COMM names
-        _backend_choice("comm", ENV_COMM, lambda: ("local", ""))
+        if _backend_choice("comm", ENV_COMM, lambda: ("local", "")) != "local":
+            pool._log_once("sglang-comm-w1", f"{ENV_COMM}={os.environ[ENV_COMM]}: one EP rank "
+                           "moves nothing, so the local backend runs")
         disp = pool.shared_dispatcher("local", placement, **kw)
     else:
         from sglang.srt.distributed.parallel_state import get_moe_ep_group

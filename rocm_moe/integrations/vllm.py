@@ -974,6 +974,9 @@ def comm_name(world_size: int, device, group=None, *, mori_refusal: str | None =
 
     name = _explicit(ENV_COMM, "comm")
     if world_size == 1:
+        if name not in (None, "local"):  # (said, not silently replaced)
+            pool._log_once("vllm-comm-w1", f"{ENV_COMM}={name}: one EP rank moves nothing, so "
+                           "the local backend runs")
         return "local"
     if name is None:
         key = (world_size, torch.device(device).type, id(group), mori_refusal)
