@@ -36,6 +36,20 @@ def env_count(name: str, default: int, fix: str) -> int:
     return int(env)
 
 
+def env_tokens(name: str, fix: str) -> int | None:
+    """The environment variable ``name`` as a token capacity, an int >= 1 (ASCII digits), None
+    where it is unset or empty; anything else a ValueError naming it, with ``fix``. (The
+    serving plug-ins' ROCM_MOE_*_MAX_TOKENS: each engine then checks it against its largest
+    CUDA-graph batch.)"""
+    env = os.environ.get(name, "")
+    if env == "":
+        return None
+    if not (env.isascii() and env.isdigit()) or int(env) < 1:
+        raise ValueError(error_message(name, repr(env), "must be an integer >= 1 (tokens per "
+                                       "rank)", fix))
+    return int(env)
+
+
 SWITCH_ON = ("1", "true", "yes", "on")
 SWITCH_OFF = ("", "0", "false", "no", "off")
 

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rocm_moe._checks import env_switch, error_message
+from rocm_moe._checks import env_switch, env_tokens, error_message
 
 
 @dataclass(frozen=True)
@@ -99,22 +99,14 @@ def _weight_mode(name: str) -> Callable[[], str]:
     def check() -> str:
         from rocm_moe.weighting import resolve_weight_mode
 
-        return resolve_weight_mode(os.environ.get(name, "experts"), field=name)
+        return resolve_weight_mode(os.environ.get(name) or "experts", field=name)
     return check
 
 
 def _tokens(name: str) -> Callable[[], int | None]:
-    """A token capacity: a positive integer (the engine also checks it against its largest
-    CUDA-graph batch when it builds the dispatcher)."""
-    def check() -> int | None:
-        raw = os.environ.get(name)
-        if raw is None:
-            return None
-        if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-            raise ValueError(error_message(name, repr(raw), "must be a positive integer (tokens "
-                                           "per rank)", f"unset it or set e.g. {name}=4096"))
-        return int(raw)
-    return check
+    """A token capacity (the engine also checks it against its largest CUDA-graph batch when it
+    builds the dispatcher)."""
+    return lambda: env_tokens(name, f"unset it or set e.g. {name}=4096")
 
 
 def _eplb_policy() -> str:

@@ -4,6 +4,7 @@ on a refused one."""
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -181,3 +182,18 @@ def test_fp8_table_that_is_not_a_table(clean, tmp_path, text, match):
     clean.setenv(triton_fp8.CONFIG_ENV, str(path))
     with pytest.raises(ValueError, match=match):
         triton_fp8.fp8_config_table()
+
+
+def test_empty_means_unset_for_every_engine_variable(clean):
+    """rocm-moe info and the plug-ins read a variable alike: empty is unset for both engines'
+    (SGLang's plug-in refused an empty COMM / EXPERTS, vLLM's took it as unset)."""
+    from rocm_moe.integrations import sglang as rs
+    from rocm_moe.integrations import vllm as rv
+
+    for var in env.VARIABLES:
+        if var.name.startswith(("ROCM_MOE_VLLM_", "ROCM_MOE_SGLANG_")):
+            clean.setenv(var.name, "")
+    assert env.problems() == []
+    assert rs._backend_choice("comm", rs.ENV_COMM, lambda: ("local", "")) == "local"
+    assert rs.token_budget(None)[0] >= 1
+    assert rv.max_tokens_per_rank(SimpleNamespace(max_num_tokens=512, max_capture_size=8)) == 512

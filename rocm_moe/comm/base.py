@@ -141,10 +141,17 @@ def group_hosts(group) -> list[str]:
 
 
 def check_dispatcher_args(*, hidden_size: object = None, top_k: object = None,
-                          dtype: object = None, max_tokens_per_rank: object = None) -> None:
-    """The shape arguments every dispatcher takes (None: not given, where a backend allows it):
-    ints >= 1 (not bools, not floats) and a floating torch.dtype; checked before anything else,
-    so a wrong one is a TypeError / ValueError naming it, not an AttributeError later."""
+                          dtype: object = None, max_tokens_per_rank: object = None,
+                          required: bool = False) -> None:
+    """The shape arguments every dispatcher takes (None: not given, where a backend allows it;
+    ``required``: hidden_size, top_k and dtype must be given, as the multi-rank backends need
+    them): ints >= 1 (not bools, not floats) and a floating torch.dtype; checked before anything
+    else, so a wrong one is a TypeError / ValueError naming it, not an AttributeError later."""
+    for field, value in (("hidden_size", hidden_size), ("top_k", top_k), ("dtype", dtype)):
+        if required and value is None:
+            raise TypeError(error_message(field, None, "is required by this backend (its "
+                                          "buffers and rows are sized from it)",
+                                          f"pass {field}= (the layer's)"))
     for field, value in (("hidden_size", hidden_size), ("top_k", top_k),
                          ("max_tokens_per_rank", max_tokens_per_rank)):
         if value is not None:

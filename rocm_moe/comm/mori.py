@@ -508,7 +508,7 @@ class MoriDispatcher(Dispatcher):
     ):
         def check():
             check_dispatcher_args(hidden_size=hidden_size, top_k=top_k, dtype=dtype,
-                                  max_tokens_per_rank=max_tokens_per_rank)
+                                  max_tokens_per_rank=max_tokens_per_rank, required=True)
             self._set_batches_in_flight(batches_in_flight)
             if fp8_dtype is not None:
                 _check_fp8_wire(fp8_dtype, dtype, hidden_size)

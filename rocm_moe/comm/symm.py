@@ -221,7 +221,7 @@ class SymmDispatcher(Dispatcher):
     ):
         def check():
             check_dispatcher_args(hidden_size=hidden_size, top_k=top_k, dtype=dtype,
-                                  max_tokens_per_rank=max_tokens_per_rank)
+                                  max_tokens_per_rank=max_tokens_per_rank, required=True)
             self._set_wire(fp8_dtype, dtype)
             self._set_batches_in_flight(batches_in_flight)
             self._check_args(spin_limit, max_tokens_per_rank)

@@ -130,7 +130,7 @@ class TorchDispatcher(Dispatcher):
                     "timeout", repr(timeout), "must be a datetime.timedelta > 0 (or None: "
                     "300 s)", "pass datetime.timedelta(seconds=...)"))
             check_dispatcher_args(hidden_size=hidden_size, top_k=top_k, dtype=dtype,
-                                  max_tokens_per_rank=max_tokens_per_rank)
+                                  max_tokens_per_rank=max_tokens_per_rank, required=True)
             self._set_wire(fp8_dtype, dtype)
             check_row_bytes(hidden_size, dtype)
 
@@ -138,15 +138,20 @@ class TorchDispatcher(Dispatcher):
         timeout = timeout if timeout_ok else None
         if group is None and dist.is_initialized():
             group, timeout = dist.group.WORLD, timeout or DEFAULT_TIMEOUT
-        if timeout is not None and group is not None:
-            group = _group_with_timeout(group, timeout)  # (collective: every rank comes here)
-        self.timeout = timeout
         group, rank = join_group(placement, group, self.name)
+        self.timeout = timeout
         if refusal is None:
             super().__init__(placement, rank, max_tokens_per_rank=max_tokens_per_rank,
                              hidden_size=hidden_size, top_k=top_k, dtype=dtype)
-        self.group = group
+        # On the caller's group, before the timeout group's collective new_group: a refusing
+        # rank never leaves its peers waiting there, and agreeing ranks (the timeout is part of
+        # the config) all make it, or all do not.
         check_agreement(self, group, refusal)
+        self.group = group if timeout is None else _group_with_timeout(group, timeout)
+
+    def config(self) -> dict:
+        return dict(super().config(),
+                    timeout_s=None if self.timeout is None else self.timeout.total_seconds())
 
     def share_refusal(self) -> None:
         """The counts exchange with -1 in place of every count (see the module docstring)."""

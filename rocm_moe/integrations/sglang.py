@@ -94,7 +94,7 @@ from types import SimpleNamespace
 
 import torch
 
-from rocm_moe._checks import env_switch, error_message
+from rocm_moe._checks import env_switch, env_tokens, error_message
 from rocm_moe._libs import import_engine
 from rocm_moe.comm.base import CombineHandle, Dispatcher
 from rocm_moe.experts.base import PLAIN, Experts, ExpertVariant, variant_kwargs, variant_refusal
@@ -375,21 +375,19 @@ def token_budget(server_args=None) -> tuple[int, str]:
     SGLang's own MORI dispatcher takes ``SGLANG_MORI_NUM_MAX_DISPATCH_TOKENS_PER_RANK``
     (4096) and checks that the whole chunked prefill size fits it; rocm_moe chunks a larger
     batch instead, so a smaller budget only costs more chunks. Outside a server: 4096."""
-    env = os.environ.get(ENV_MAX_TOKENS)
+    cap = env_tokens(ENV_MAX_TOKENS, f"unset it to take SGLang's budget, or set e.g. "
+                     f"{ENV_MAX_TOKENS}=4096")
     cfg = server_args if server_args is not None else _server_args()
     graphs = [] if cfg is None or getattr(cfg, "disable_cuda_graph", False) else [
         b for b in (getattr(cfg, "cuda_graph_max_bs_decode", None),
                     getattr(cfg, "cuda_graph_max_bs_prefill", None)) if b]
-    if env is not None:
-        if not (env.isascii() and env.isdigit()) or int(env) < 1:
-            raise _refuse(ENV_MAX_TOKENS, env, "must be a positive integer (tokens per rank)",
-                          f"unset it to take SGLang's budget, or set e.g. {ENV_MAX_TOKENS}=4096")
-        if graphs and int(env) < max(graphs):
-            raise _refuse(ENV_MAX_TOKENS, env, f"must be at least SGLang's largest CUDA-graph "
+    if cap is not None:
+        if graphs and cap < max(graphs):
+            raise _refuse(ENV_MAX_TOKENS, cap, f"must be at least SGLang's largest CUDA-graph "
                           f"bucket ({max(graphs)}: a captured batch runs as one chunk)",
                           f"raise {ENV_MAX_TOKENS}, lower --cuda-graph-max-bs-decode / "
                           "--cuda-graph-max-bs-prefill, or unset it (SGLang's budget)")
-        return int(env), f"{ENV_MAX_TOKENS}={env}"
+        return cap, f"{ENV_MAX_TOKENS}={cap}"
     if cfg is None:
         return DEFAULT_MAX_TOKENS, "no SGLang server arguments published: MORI's default"
     chunk = getattr(cfg, "chunked_prefill_size", None)
@@ -411,7 +409,7 @@ def _backend_choice(kind: str, env: str, default) -> str:
     """The backend named by ``env``, checked against the known names, else ``default()``."""
     from rocm_moe import backends
 
-    name = os.environ.get(env)
+    name = os.environ.get(env) or None  # (empty: unset, as the vLLM plug-in reads it)
     if name is None:
         return default()[0]
     if name not in backends.names(kind):
@@ -550,7 +548,7 @@ def make_sglang_dispatcher(moe_runner_config, *, routed_scaling_factor: float | 
     W, device = E // e, _device()
     experts = backends.make_experts(_backend_choice(
         "experts", ENV_EXPERTS, lambda: pool.fastest_experts(device, engine="sglang")))
-    mode = resolve_weight_mode(os.environ.get(ENV_WEIGHT_MODE, "experts"),
+    mode = resolve_weight_mode(os.environ.get(ENV_WEIGHT_MODE) or "experts",
                                field=ENV_WEIGHT_MODE)
     cap, why = token_budget()
     placement = Placement.contiguous(E, W)

@@ -93,7 +93,7 @@ from types import SimpleNamespace
 
 import torch
 
-from rocm_moe._checks import check_integer_value, env_switch, error_message
+from rocm_moe._checks import check_integer_value, env_switch, env_tokens, error_message
 from rocm_moe._libs import import_engine
 from rocm_moe.comm.base import CombineHandle, Dispatcher
 from rocm_moe.experts.base import Experts, ExpertVariant, variant_kwargs, variant_refusal
@@ -1005,7 +1005,7 @@ def backends_from_env(device="cpu") -> dict:
     from rocm_moe import backends
 
     return dict(experts=backends.make_experts(experts_name(device)),
-                weight_mode=resolve_weight_mode(os.environ.get(ENV_WEIGHT_MODE, "experts"),
+                weight_mode=resolve_weight_mode(os.environ.get(ENV_WEIGHT_MODE) or "experts",
                                                 field=ENV_WEIGHT_MODE))
 
 
@@ -1015,17 +1015,14 @@ def max_tokens_per_rank(moe_config) -> int:
     run in chunks); never below vLLM's largest CUDA-graph size (a captured batch is one
     chunk)."""
     budget = moe_config.max_num_tokens
-    raw = os.environ.get(ENV_MAX_TOKENS)
-    if not raw:
+    cap = env_tokens(ENV_MAX_TOKENS, f"unset it (capacity = vLLM's budget, {budget} tokens) "
+                     "or set e.g. 4096")
+    if cap is None:
         return budget
     graphs = moe_config.max_capture_size or 0
-    try:
-        cap = int(raw)
-    except ValueError:
-        cap = 0
-    if cap < max(1, graphs):
-        raise _refuse(ENV_MAX_TOKENS, repr(raw), f"must be an integer >= 1 and >= vLLM's "
-                      f"largest CUDA-graph size {graphs} (a captured batch runs as one chunk)",
+    if cap < graphs:
+        raise _refuse(ENV_MAX_TOKENS, cap, f"must be >= vLLM's largest CUDA-graph "
+                      f"size {graphs} (a captured batch runs as one chunk)",
                       f"unset it (capacity = vLLM's budget, {budget} tokens) or raise it")
     return cap
 

@@ -233,6 +233,28 @@ def _check_bad_argument_on_one_rank(info, seed):
     raise AssertionError("the peers of a refusing rank built their dispatchers")
 
 
+def _check_bad_timeout_on_one_rank_with_a_group(info, seed):
+    """The same with ``group=`` and ``timeout=`` passed: the refusing rank still enters the
+    timeout group's collective new_group with its peers (it skipped it: they hung there)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if _BACKEND[0] != "torch":
+        return "the torch backend's timeout"
+    failing = info.world_size - 1
+    timeout = datetime.timedelta(seconds=-1 if info.rank == failing else 60)
+    try:
+        TorchDispatcher(Placement.contiguous(E, info.world_size), hidden_size=H, top_k=K,
+                        dtype=torch.float32, group=dist.group.WORLD, timeout=timeout)
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        assert ("timeout=datetime.timedelta(days=-1" in msg) if info.rank == failing else \
+            (f"dispatcher arguments of rank(s)=[{failing}]" in msg), msg
+        return msg
+    raise AssertionError("the peers of a refusing rank built their dispatchers")
+
+
 def _expect_refusal(call, own: bool, own_match: str, failing: int) -> str:
     """``call()`` must raise: this rank's own error if ``own``, else PeerRefusal naming the
     failing rank."""
