@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import shutil
 import signal
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rocm_moe._checks import error_message
+from rocm_moe._checks import check_integer_value, error_message
 from rocm_moe.comm import peers
 from rocm_moe.comm.base import PeerRefusal
 
@@ -482,9 +483,19 @@ def launch(
     collective timeout; ``grace_s``: how long the other ranks may still run after one failed.
     The ranks and the temporary folder never outlive this call, nor a SIGINT / SIGTERM of it.
     """
-    if world_size < 1:
-        raise ValueError(error_message("world_size", world_size, "must be >= 1",
-                                       "pass the number of EP ranks"))
+    check_integer_value("world_size", world_size, minimum=1, fix="pass the number of EP ranks")
+    if not callable(worker):
+        raise TypeError(error_message("worker", repr(worker)[:80], "must be callable "
+                                      "(worker(info, *args) runs on every rank)",
+                                      "pass a module-level function"))
+    if threads_per_rank is not None:
+        check_integer_value("threads_per_rank", threads_per_rank, minimum=1,
+                            fix="pass the intra-op threads of each rank, or None")
+    for field, value in (("timeout_s", timeout_s), ("grace_s", grace_s)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value <= 0:
+            raise ValueError(error_message(field, repr(value), "must be a finite number of "
+                                           "seconds > 0", "pass e.g. 60"))
     backend = backend or default_backend(world_size)
     _check_launch(world_size, worker, args, backend)
     if threads_per_rank is None and backend == "gloo":

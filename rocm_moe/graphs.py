@@ -23,7 +23,7 @@ import numbers
 
 import torch
 
-from rocm_moe._checks import check_integer_value, describe, error_message
+from rocm_moe._checks import check_integer_value, check_tensor, describe, error_message
 
 
 def _check_capturable(layer) -> torch.Tensor:
@@ -91,6 +91,7 @@ class GraphedEPMoE:
             self.graphs[T] = g
 
     def bucket(self, num_tokens: int) -> int:
+        check_integer_value("num_tokens", num_tokens, minimum=0)  # (0: a rank with no tokens)
         i = bisect.bisect_left(self.buckets, num_tokens)
         if i == len(self.buckets):
             raise ValueError(error_message(
@@ -99,6 +100,13 @@ class GraphedEPMoE:
         return self.buckets[i]
 
     def __call__(self, x_TH: torch.Tensor) -> torch.Tensor:
+        static = self.inputs[self.buckets[-1]]
+        check_tensor("x", x_TH, shape=(None, static.shape[1]), dtypes=(static.dtype,),
+                     fix=f"pass [T, {static.shape[1]}] {static.dtype} rows on {static.device} "
+                     "(the captured graph copies them as they are)")
+        if x_TH.device != static.device:
+            raise ValueError(error_message("x.device", x_TH.device, f"must be the captured "
+                                           f"graph's {static.device}", "move the rows there"))
         T = x_TH.shape[0]
         B = self.bucket(T)
         static = self.inputs[B]

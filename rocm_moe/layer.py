@@ -193,6 +193,24 @@ def _check_call(*, return_raw: object, trace: object, **tensors: object) -> None
                                            "tensor)", "materialise it on the layer's device"))
 
 
+def _num_nodes_refusal(num_nodes: object, world_size: int, phys_to_log) -> Exception | None:
+    """``rebalance``'s ``num_nodes``: an int >= 1 dividing the EP size, and only with a table
+    to compute (a given ``phys_to_log`` is not balanced: the value would be ignored)."""
+    try:
+        check_integer_value("num_nodes", num_nodes, minimum=1, fix="pass 1 for one node")
+        if phys_to_log is not None and num_nodes != 1:
+            raise ValueError(error_message(
+                "num_nodes", num_nodes, "places the balanced table, and phys_to_log is given "
+                "(it would be ignored)", "leave num_nodes out, or pass phys_to_log=None"))
+        if world_size % num_nodes:
+            raise ValueError(error_message("num_nodes", num_nodes, f"must divide the EP size "
+                                           f"{world_size} (every node has the same ranks)",
+                                           "pass the number of nodes the EP group spans"))
+    except (ValueError, TypeError) as exc:
+        return exc
+    return None
+
+
 def _check_parts(*, dispatcher, experts, expert_variant, device) -> None:
     """The layer's parts are objects, not names: ``experts="triton"`` would otherwise fail at
     the first forward with an AttributeError."""
@@ -685,9 +703,13 @@ class EPMoE(nn.Module):
                             fix="pass how many experts the group moves per round")
         old, rank = self._replicas, self.dispatcher.rank
         group, timeout_s = self._eplb_group()
-        if phys_to_log is None:
-            phys_to_log = self._balanced_placement(num_nodes)
-        try:
+        bad = _num_nodes_refusal(num_nodes, old.world_size, phys_to_log)
+        load = self.expert_load(scope="group") if phys_to_log is None else None  # (collective)
+        try:  # a rank's error joins the table exchange: its peers raise too, none waits
+            if bad is not None:
+                raise bad
+            if phys_to_log is None:
+                phys_to_log = self._balanced_placement(load, num_nodes)
             mine: ReplicatedPlacement | Exception = ReplicatedPlacement(
                 phys_to_log, old.world_size, old.num_experts)
             eplb.plan_move(old, mine)  # (checks the sizes)
@@ -713,15 +735,15 @@ class EPMoE(nn.Module):
             copied=sum(t.src_rank == t.dst_rank for t in plan),
             received_bytes=expert_bytes * sum(t.dst_rank == rank != t.src_rank for t in plan))
 
-    def _balanced_placement(self, num_nodes: int) -> torch.Tensor:
-        """``eplb_balance.rebalance`` of the group's logical load (the same on every rank)."""
+    def _balanced_placement(self, load, num_nodes: int) -> torch.Tensor:
+        """``eplb_balance.rebalance`` of the group's logical ``load`` (the same on every
+        rank)."""
         try:
             from rocm_moe.eplb_balance import rebalance as balance
         except ImportError as exc:
             raise ValueError(error_message(
                 "phys_to_log", None, f"no balancing algorithm to compute it ({exc})",
                 "pass the new phys_to_log [P] yourself")) from exc
-        load = self.expert_load(scope="group")
         r = self._replicas
         return balance(load.logical, num_physical=r.num_physical, num_ranks=r.world_size,
                        num_nodes=num_nodes, num_groups=self.router.n_group)
@@ -806,10 +828,14 @@ class EPMoE(nn.Module):
                     name, describe(src), f"must be [E or e, {shape[0]}, {shape[1]}]",
                     f"pass the experts' weights (float, or {cls.name}'s own)"))
         n = w13.shape[0]
+        if w2.shape[0] != n:  # (one of them [E], the other [e] or [P]: rows would be mixed)
+            raise ValueError(error_message(
+                "w13.shape[0], w2.shape[0]", (n, w2.shape[0]), "must be equal (the same experts)",
+                f"pass both for all E={E} experts or both for this rank's e={e}"))
         if n == E and (e != E or self._replicas is not None):
             idx = torch.tensor(self.local_experts, dtype=torch.long, device=w13.device)
             w13, w2 = w13[idx], w2[idx]  # (EPLB: [E] rows are the logical ones)
-        elif n != e or w2.shape[0] != n:
+        elif n != e:
             raise ValueError(error_message(
                 "w13.shape[0]", n, f"must be E={E} (global) or e={e} (local)",
                 "pass all experts or this rank's experts in local order"))

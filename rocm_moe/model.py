@@ -43,11 +43,23 @@ class MoEStack(nn.Module):
                                           "build them with MoEStack.build"))
         first = layers[0]
         for i, la in enumerate(layers):
-            if la.dispatcher is not first.dispatcher or la.hidden_size != first.hidden_size:
+            if any(la is other for other in layers[:i]):
+                raise ValueError(error_message(
+                    f"layers[{i}]", "the same EPMoE as an earlier entry", "each layer of a "
+                    "stack holds its own weights", "build a new EPMoE per layer"))
+            if la.dispatcher is not first.dispatcher:
                 raise ValueError(error_message(
                     f"layers[{i}].dispatcher", la.dispatcher.name, "every layer of a stack "
-                    "borrows layer 0's dispatcher and hidden size (one comm buffer per model)",
+                    "borrows layer 0's dispatcher (one comm buffer per model)",
                     "build the layers with one pool.shared_dispatcher"))
+            for field in ("hidden_size", "dtype"):
+                a, b = getattr(la, field, None), getattr(first, field, None)
+                if field == "dtype":
+                    a, b = la.gate.weight.dtype, first.gate.weight.dtype
+                if a != b:
+                    raise ValueError(error_message(
+                        f"layers[{i}].{field}", a, f"must be layer 0's {b} (the residual "
+                        "stream runs through every layer)", "build the layers from one config"))
         self.layers = nn.ModuleList(layers)
         self.hidden_size = first.hidden_size
 

@@ -155,6 +155,7 @@ class BlockFP8Weight:
 
     def dequantize(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The weight's values [..., N, K] in ``dtype`` (float64 default: exact)."""
+        _check_out_dtype(dtype)
         N, K = self.weight.shape[-2:]
         w = self.weight.to(torch.float64) * _expand(self.scale_inv.double(), N, K)
         return w.to(dtype)
@@ -228,12 +229,20 @@ class FP8Rows:
 
     def dequantize(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The rows' values [R, H] in ``dtype`` (float64 default: exact)."""
+        _check_out_dtype(dtype)
         H = self.q.shape[1]
         return (self.q.to(torch.float64) * _expand(self.scale.double(), H, None)).to(dtype)
 
     def to_format(self, dtype: str | torch.dtype) -> FP8Rows:
         q, s = convert_fp8(self.q, self.scale, fp8_dtype(dtype))
         return FP8Rows(q, s, self.source_dtype)
+
+
+def _check_out_dtype(dtype: object) -> None:
+    """A dequantised dtype: floating, not FP8 (an integer one wraps: 448 becomes -64 in int8)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype in FP8_DTYPES:
+        raise TypeError(error_message("dtype", repr(dtype), "must be a float16/bfloat16/"
+                                      "float32/float64 torch.dtype", "pass e.g. torch.float32"))
 
 
 def _check_float(field: str, t: object) -> None:
@@ -297,6 +306,11 @@ def convert_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     """(q, scale) re-encoded in FP8 ``dtype`` with the same dequantised values (see the module
     docstring): e4m3fn -> e4m3fnuz doubles the scale, e4m3fnuz -> e4m3fn halves it."""
     _check_fp8("q", q)
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 \
+            or scale.dim() != q.dim():
+        raise TypeError(error_message("scale", describe(scale), f"must be a float32 tensor of "
+                                      f"q's {q.dim()} dims (one scale per 128-wide group or "
+                                      "128x128 block)", "pass the scales that came with q"))
     dtype = fp8_dtype(dtype)
     if q.dtype == dtype:
         return q, scale

@@ -166,9 +166,11 @@ def _check_refusals(info) -> dict:
     good = torch.arange(E + R) % E
     for case, table in (("bad_on_last", torch.arange(E + R) % (E - 1) if rank == W - 1
                          else good),
-                        ("differ", good.flip(0) if rank == 0 else good)):
+                        ("differ", good.flip(0) if rank == 0 else good),
+                        ("num_nodes_on_last", None)):
+        kw = dict(num_nodes=W + 1) if case == "num_nodes_on_last" and rank == W - 1 else {}
         try:
-            layer.rebalance(table)
+            layer.rebalance(table, **kw)
             seen[case] = None
         except (ValueError, TypeError) as exc:
             seen[case] = (type(exc).__name__, isinstance(exc, PeerRefusal), str(exc))
@@ -277,6 +279,13 @@ def test_bad_or_differing_tables_are_refused_on_every_rank(W):
         if rank == W - 1:
             assert (kind, peer) == ("ValueError", False)
             assert "have no replica" in msg
+        else:
+            assert peer, msg
+            assert f"rank(s) [{W - 1}] refused" in msg
+        kind, peer, msg = seen["num_nodes_on_last"]  # (checked after the load all-reduce: the
+        if rank == W - 1:                              # peers waited in the table exchange)
+            assert (kind, peer) == ("ValueError", False)
+            assert f"num_nodes={W + 1}: must divide the EP size {W}" in msg
         else:
             assert peer, msg
             assert f"rank(s) [{W - 1}] refused" in msg

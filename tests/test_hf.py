@@ -320,3 +320,24 @@ def test_run_reports_the_failing_ranks_checkpoint_error(checkpoints, tmp_path, c
     assert err.startswith("rocm-moe run: error: rank 1: "), err
     assert f"{EXPERT5}.values=contains nan" in err, err
     assert "Fix: the checkpoint does not match" in err, err
+
+
+def test_checkpoint_placement_must_cover_its_experts(checkpoints):
+    """load_moe_layer loaded experts 0-3 of an 8-expert checkpoint for a 4-expert placement,
+    and read all 8 as half of 16, silently."""
+    family = FAMILIES[0]
+    directory = checkpoints[family][1]
+    layer = MOE_LAYER.get(family, 0)
+    E = _num_experts(hf.Checkpoint(directory).config())
+    for placement, match in ((Placement.contiguous(E // 2, 1), "placement.num_experts"),
+                             (Placement.contiguous(2 * E, 2), "placement.num_experts")):
+        with pytest.raises(ValueError, match=match):
+            hf.load_moe_layer(directory, layer, placement, 0)
+    for kw, match in ((dict(placement=None), "placement=NoneType"),
+                      (dict(layer="1"), "layer='1': must be an int"),
+                      (dict(checkpoint=str(directory)), "checkpoint=str")):
+        args = dict(directory=directory, layer=layer, placement=Placement.contiguous(E, 1), rank=0)
+        with pytest.raises(TypeError, match=match):
+            hf.load_moe_layer(**{**args, **kw})
+    with pytest.raises(TypeError, match="experts='reference': must be an Experts instance"):
+        hf.register("reference")

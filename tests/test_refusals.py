@@ -84,3 +84,81 @@ def test_dense_moe_reference_checks_its_inputs():
     y, raw = dense_moe_reference(x, w, torch.tensor([[0, -1], [1, 2]]), w13, w2)
     assert y.shape == (2, H)
     assert raw.shape == (2, K, H)
+
+
+# ---- the second audit (2026-12-08): EPLB, formats, checkpoints, graphs, stacks, launch -------
+def test_rebalance_num_nodes_checked_before_the_collectives():
+    """num_nodes was checked after the group's load all-reduce, outside the refusal exchange
+    (a peer waited in the table exchange); with a table given it was ignored."""
+    from tests.test_eplb import _layer as eplb_layer
+
+    layer = eplb_layer(R=4)
+    before = layer.replicas
+    for kw, exc, match in ((dict(num_nodes=3), ValueError, "num_nodes=3: must divide the EP "
+                            "size 1"), (dict(num_nodes="x"), TypeError, "num_nodes='x'"),
+                           (dict(phys_to_log=torch.arange(12) % 8, num_nodes=2), ValueError,
+                            "num_nodes=2: places the balanced table, and phys_to_log is given")):
+        with pytest.raises(exc, match=match):
+            layer.rebalance(**kw)
+        assert layer.replicas is before
+    layer.rebalance()  # the balanced table of this rank's load
+
+
+def test_quantised_load_needs_the_same_experts_in_w13_and_w2():
+    """An FP8 EPLB layer took w13 [E] with w2 [P] and read w2's rows as logical experts."""
+    layer = EPMoE(hidden_size=128, intermediate_size=128, router=RouterConfig.qwen3_moe(8, 2),
+                  weight_format="block_fp8", num_redundant_experts=4)
+    w13, w2 = torch.randn(8, 256, 128) / 11, torch.randn(12, 128, 128) / 11
+    with pytest.raises(ValueError, match=r"w13.shape\[0\], w2.shape\[0\]=\(8, 12\): must be "
+                       "equal"):
+        layer.load_experts(w13, w2)
+    with pytest.raises(ValueError, match=r"\(8, 3\)"):
+        layer.load_experts(w13, w2[:3])
+    layer.load_experts(w13, w2[:8])
+
+
+def test_stack_layers_are_distinct_and_alike():
+    from rocm_moe.model import MoEStack
+
+    router = RouterConfig.qwen3_moe(4, 2)
+    a = EPMoE(hidden_size=8, intermediate_size=4, router=router)
+    b = EPMoE(hidden_size=8, intermediate_size=4, router=router, dispatcher=a.dispatcher,
+              dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"layers\[1\]=the same EPMoE as an earlier entry"):
+        MoEStack([a, a])
+    with pytest.raises(ValueError, match=r"layers\[1\].dtype=torch.float64: must be layer 0's"):
+        MoEStack([a, b])
+
+
+@pytest.mark.parametrize(("kw", "exc", "match"), [
+    (dict(world_size=True), TypeError, "world_size=True: must be an int"),
+    (dict(world_size=2.0), TypeError, "world_size=2.0: must be an int"),
+    (dict(threads_per_rank=0), ValueError, "threads_per_rank=0: must be >= 1"),
+    (dict(timeout_s=-1), ValueError, "timeout_s=-1: must be a finite number"),
+    (dict(grace_s="x"), ValueError, "grace_s='x'"),
+    (dict(worker=42), TypeError, "worker=42: must be callable")])
+def test_launch_arguments_checked_before_any_rank_starts(kw, exc, match):
+    from rocm_moe.distributed import launch
+    from tests.dist_checks import collect_checks  # (any module-level callable)
+
+    args = dict(world_size=1, worker=collect_checks) | kw
+    world, worker = args.pop("world_size"), args.pop("worker")
+    with pytest.raises(exc, match=match):
+        launch(world, worker, **args)
+
+
+def test_fp8_conversion_and_dequantisation_check_their_arguments():
+    """convert_fp8 never looked at the scale (junk came back unchanged in the same encoding);
+    dequantize(torch.int8) wrapped 448 to -64."""
+    from rocm_moe.quant import convert_fp8, quantize_rows, quantize_weight_blocks
+
+    w = quantize_weight_blocks(torch.randn(128, 128))
+    for scale in ("junk", w.scale_inv.double(), w.scale_inv[0]):
+        with pytest.raises(TypeError, match="scale="):
+            convert_fp8(w.weight, scale, w.weight.dtype)
+    rows = quantize_rows(torch.randn(3, 128))
+    for obj in (w, rows):
+        for dtype in (torch.int8, "float32", torch.float8_e4m3fn):
+            with pytest.raises(TypeError, match="dtype="):
+                obj.dequantize(dtype)
+    assert rows.dequantize(torch.float32).dtype == torch.float32

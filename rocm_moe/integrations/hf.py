@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rocm_moe._checks import check_finite, error_message
+from rocm_moe._checks import check_finite, check_integer_value, error_message
 from rocm_moe.comm.base import Dispatcher
 from rocm_moe.experts.base import PLAIN, Experts, ExpertVariant, variant_kwargs
 from rocm_moe.experts.reference import ReferenceExperts
@@ -426,11 +426,23 @@ def load_moe_layer(directory: str | Path, layer: int, placement: Placement, rank
                    *, checkpoint: Checkpoint | None = None) -> MoELayerWeights:
     """Read layer ``layer``'s MoE weights for ``rank``: its experts only. Every tensor is
     checked (floating, finite, shaped as config.json says) before use."""
+    if not isinstance(placement, Placement):
+        raise TypeError(error_message("placement", type(placement).__name__, "must be a "
+                                      "rocm_moe.Placement", "pass Placement.contiguous(E, W)"))
+    if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
+        raise TypeError(error_message("checkpoint", type(checkpoint).__name__, "must be a "
+                                      "Checkpoint or None", "pass Checkpoint(directory)"))
+    check_integer_value("layer", layer, minimum=0, fix="pass the layer index as an int")
     ck = checkpoint or Checkpoint(directory)
     cfg = ck.config()
     fam = _family(cfg.model_type)
     shape = _shape(ck, cfg, fam)
     E, H, I = shape.router.num_experts, shape.hidden_size, shape.intermediate_size
+    if placement.num_experts != shape.router.routed_experts:  # (rows would be skipped or
+        raise ValueError(error_message(                       # read as other experts)
+            "placement.num_experts", placement.num_experts, f"must be the checkpoint's "
+            f"{shape.router.routed_experts} routed experts", "build the placement from the "
+            f"checkpoint's config: Placement.contiguous({shape.router.routed_experts}, W)"))
     gate = fam.gate_weight(layer)
     if not ck.has(gate):
         raise ValueError(error_message(
@@ -845,6 +857,10 @@ def register(experts: Experts | None = None) -> str:
     implementation's name."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+    if experts is not None and not isinstance(experts, Experts):  # (a name failed at forward)
+        raise TypeError(error_message("experts", repr(experts), "must be an Experts instance "
+                                      "or None", "pass e.g. ReferenceExperts() or "
+                                      "rocm_moe.backends.make_experts('triton')"))
     if experts is None:
         current = ALL_EXPERTS_FUNCTIONS.get(IMPLEMENTATION)
         if isinstance(current, ExpertsFunction):
