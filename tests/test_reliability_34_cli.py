@@ -101,6 +101,22 @@ CASES = {
                                 "is not an existing folder"),
     "scaling_json_no_folder": (["bench", "scaling", "--json", "/nonexistent-dir/s.json"],
                                "does not exist"),
+    # the second audit (2026-12-08): refused, not failing in every rank or ignored
+    "comm_top_k_above_experts": (["bench", "comm", "--num-experts", "4", "--top-k", "8"],
+                                 "--top-k 8: must be <= --num-experts 4"),
+    "layer_top_k_above_experts": (["bench", "layer", "--num-experts", "4", "--top-k", "8"],
+                                  "--top-k 8: must be <= the 4 experts"),
+    "decode_top_k_above_experts": (["bench", "decode", "--num-experts", "4", "--top-k", "8"],
+                                   "--top-k 8: must be <= the 4 experts"),
+    "comm_symm_capacity_without_symm": (["bench", "comm", "--comm", "torch",
+                                         "--symm-capacity", "64"],
+                                        "--symm-capacity sizes the symm backend's buffers"),
+    "layer_micro_batches_without_overlap": (["bench", "layer", "--micro-batches", "3"],
+                                            "--micro-batches only applies with --overlap"),
+    "layer_zipf_tau_without_zipf": (["bench", "layer", "--zipf-tau", "2"],
+                                    "--zipf-tau only applies with --skew zipf"),
+    "layer_skew_scale_without_zipf": (["bench", "layer", "--skew-scale", "2"],
+                                      "--skew-scale only applies with --skew zipf"),
 }
 
 

@@ -300,6 +300,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=argtypes.positive_int, default=30)
     p.add_argument("--inner", type=argtypes.positive_int, default=10, help="calls per graph replay")
     p.add_argument("--symm-capacity", type=argtypes.positive_int, default=None,
+                   action=argtypes.Given,
                    help="symm max_tokens_per_rank for every T (default: T itself)")
     p.add_argument("--p2p-mb", type=argtypes.positive_int, default=64,
                    help="MB per peer of the p2p ceiling")
@@ -319,6 +320,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rocm_moe.comm.symm import SymmDispatcher
 
     # --comm not given: each rank picks torch, and symm on GPUs (never on CPU ranks of a GPU host)
+    if args.top_k > args.num_experts:
+        parser.error(f"--top-k {args.top_k}: must be <= --num-experts {args.num_experts} (each "
+                     "token picks K distinct experts)")
+    if "--symm-capacity" in argtypes.given(args) and args.comm and \
+            not {"symm", "symm-fp8"} & set(args.comm):
+        parser.error(f"--symm-capacity sizes the symm backend's buffers, and --comm "
+                     f"{' '.join(args.comm)} has none (it would be ignored): add symm or drop it")
     for name in {"symm", "symm-fp8"} & set(args.comm or []):
         if (reason := SymmDispatcher.availability()) is not None:
             parser.error(f"--comm {name} cannot run here: {reason}")

@@ -43,7 +43,13 @@ import torch.distributed as dist
 from rocm_moe import synthetic as syn
 from rocm_moe._console import progress
 from rocm_moe.benchmarks import print_rows, rotations, write_json
-from rocm_moe.benchmarks.layer import _router, add_run_arguments, add_shape_arguments, shape
+from rocm_moe.benchmarks.layer import (
+    _router,
+    add_run_arguments,
+    add_shape_arguments,
+    check_shape_args,
+    shape,
+)
 from rocm_moe.cli import argtypes
 from rocm_moe.distributed import WorkerInfo, launch
 
@@ -255,6 +261,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    check_shape_args(args, parser)
     if args.format == "fp8" and args.dtype != "bfloat16":
         parser.error("--format fp8 computes in bfloat16: pass --dtype bfloat16")
     if args.comm == "symm" and not torch.cuda.is_available():

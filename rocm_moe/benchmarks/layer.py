@@ -673,11 +673,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time the layer with --micro-batches micro-batches (mode "
                    "'overlap': comm on a side stream) and print the overlap report")
     p.add_argument("--micro-batches", type=argtypes.positive_int, default=2,
+                   action=argtypes.Given,
                    help="with --overlap: micro-batches of the overlapped layer (>= 2)")
     p.add_argument("--skew", nargs="+", default=["uniform"], choices=["uniform", "zipf"])
     p.add_argument("--zipf-tau", type=argtypes.finite_nonnegative_float, default=1.0,
+                   action=argtypes.Given,
                    help="hot-expert strength: logit bias tau * log(1 / rank_e)")
     p.add_argument("--skew-scale", type=argtypes.finite_positive_float, default=4.0,
+                   action=argtypes.Given,
                    help="size of the tokens' common component that carries the bias")
     p.add_argument("--redundant-experts", type=argtypes.nonnegative_int, default=None,
                    help="EPLB: R redundant experts (E + R divisible by the ranks; 0: no "
@@ -697,6 +700,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="file stem (default: layer_<model>_W<N>)")
 
 
+def check_shape_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--top-k against --num-experts (or the model's), before any rank starts (the router
+    failed inside every rank)."""
+    s = shape(vars(args))
+    if s["top_k"] > s["num_experts"]:
+        parser.error(f"--top-k {s['top_k']}: must be <= the {s['num_experts']} experts (each "
+                     "token picks K distinct experts)")
+
+
 def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from rocm_moe.backends import BACKENDS
 
@@ -705,6 +717,7 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
     # numbers and paths: checked by their argparse types (rocm_moe.cli.argtypes)
     # --comm / --experts not given: each rank picks them from its own device (default_backends)
+    check_shape_args(args, parser)
     if getattr(args, "rebalance", False) and args.redundant_experts is None:
         parser.error("--rebalance needs --redundant-experts R (R = 0: rebalance without "
                      "replicas)")
@@ -716,6 +729,13 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--redundant-experts {R}: E + R = {E + R} must be divisible by the "
                          f"{W} ranks (each holds (E + R) / W physical experts); use R = "
                          f"{-E % W} + a multiple of {W}")
+    given = argtypes.given(args)  # flags that only mean something with another one
+    for flag, needs, on in (("--micro-batches", "--overlap", getattr(args, "overlap", False)),
+                            ("--zipf-tau", "--skew zipf", "zipf" in getattr(args, "skew", ())),
+                            ("--skew-scale", "--skew zipf", "zipf" in getattr(args, "skew", ()))):
+        if flag in given and not on:
+            parser.error(f"{flag} only applies with {needs} (it would be ignored): add "
+                         f"{needs} or drop {flag}")
     if getattr(args, "invariant", False) and "invariant" not in args.weight_modes:
         args.weight_modes = [*args.weight_modes, "invariant"]
     if getattr(args, "overlap", False):

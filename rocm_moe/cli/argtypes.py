@@ -178,9 +178,9 @@ class Given(argparse.Action):
         setattr(namespace, self.dest, values)
         flags = set(getattr(namespace, "_given", ()))
         flags.add(self.option_strings[0])
-        namespace._given = frozenset(flags)
+        namespace._given = sorted(flags)  # (a list: commands write vars(args) as JSON)
 
 
 def given(args: argparse.Namespace) -> frozenset[str]:
     """The ``Given`` flags that were on the command line."""
-    return getattr(args, "_given", frozenset())
+    return frozenset(getattr(args, "_given", ()))
