@@ -341,3 +341,26 @@ def test_checkpoint_placement_must_cover_its_experts(checkpoints):
             hf.load_moe_layer(**{**args, **kw})
     with pytest.raises(TypeError, match="experts='reference': must be an Experts instance"):
         hf.register("reference")
+
+
+def test_checkpoint_reads_refuse_unknown_names_rows_and_factories(checkpoints):
+    """tensor_shape("nope") was a KeyError, tensor_row(name, 99) an IndexError; a
+    dispatcher_factory of None a TypeError from the call, one returning None an AttributeError."""
+    from rocm_moe.families import family as fam_of
+
+    family = FAMILIES[0]
+    directory = checkpoints[family][1]
+    ck = hf.Checkpoint(directory)
+    gate = fam_of(ck.config().model_type).gate_weight(MOE_LAYER.get(family, 0))
+    E = _num_experts(ck.config())
+    with pytest.raises(ValueError, match="tensor=nope: is not in the checkpoint's index"):
+        ck.tensor_shape("nope")
+    for index in (E, -1, 1.0):
+        with pytest.raises(ValueError, match=rf"index={index!r}: must be a row of"):
+            ck.tensor_row(gate, index, (E, None))
+    assert ck.tensor_row(gate, E - 1, (E, None)).shape == ck.tensor_shape(gate)[1:]
+    model = _model(directory)
+    with pytest.raises(TypeError, match="dispatcher_factory=None: must be callable"):
+        hf.replace_moe_blocks(model, None)
+    with pytest.raises(TypeError, match=r"dispatcher_factory\(\)=NoneType: must return a "):
+        hf.replace_moe_blocks(model, lambda: None)

@@ -160,15 +160,18 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
+    def _require(self, name: str) -> None:
+        if name not in self.weight_map:
+            raise ValueError(error_message(
+                "tensor", name, f"is not in the checkpoint's index ({len(self.weight_map)} "
+                "tensors)", "check the layer index and the model family"))
+
     def tensor(self, name: str, shape: tuple[int | None, ...] | None = None) -> torch.Tensor:
         """Tensor ``name``, checked to be floating, finite and (if given) of ``shape``
         (``None``: any size in that dimension), before any caller uses it."""
         from safetensors import SafetensorError
 
-        if name not in self.weight_map:
-            raise ValueError(error_message(
-                "tensor", name, f"is not in the checkpoint's index ({len(self.weight_map)} "
-                "tensors)", "check the layer index and the model family"))
+        self._require(name)
         path = self.dir / self.weight_map[name]
         if not path.exists():
             raise ValueError(error_message(
@@ -190,6 +193,7 @@ class Checkpoint:
         """The shape of tensor ``name`` from its shard's header (no data read)."""
         from safetensors import SafetensorError
 
+        self._require(name)
         path = self.confined(self.weight_map[name], "shard")
         try:
             return tuple(self._shard(path).get_slice(name).get_shape())
@@ -206,10 +210,7 @@ class Checkpoint:
         scales)."""
         from safetensors import SafetensorError
 
-        if name not in self.weight_map:
-            raise ValueError(error_message(
-                "tensor", name, f"is not in the checkpoint's index ({len(self.weight_map)} "
-                "tensors)", "check the layer index and the model family"))
+        self._require(name)
         path = self.confined(self.weight_map[name], "shard")
         try:
             part = self._shard(path).get_slice(name)
@@ -221,6 +222,11 @@ class Checkpoint:
                     f"{path.name}: {name}.shape", list(full), f"must be {want} (from "
                     "config.json)", "the checkpoint does not match its config.json: "
                     "download it again or fix the config"))
+            if isinstance(index, bool) or not isinstance(index, int) or not (
+                    0 <= index < full[0]):
+                raise ValueError(error_message(
+                    "index", repr(index), f"must be a row of {name} [0, "
+                    f"{full[0]})", "pass an expert id of this checkpoint"))
             t = part[index:index + 1][0]
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise ValueError(error_message(
@@ -896,11 +902,19 @@ def replace_moe_blocks(model: nn.Module, dispatcher_factory: Callable[[], Dispat
     router, its shared experts and this rank's experts; the block is dropped. Returns how
     many blocks were replaced. Router logits are not recorded for an auxiliary loss."""
     config = model.config
+    if not callable(dispatcher_factory):
+        raise TypeError(error_message("dispatcher_factory", repr(dispatcher_factory), "must be "
+                                      "callable (one call per MoE block)",
+                                      "pass e.g. lambda: pool.shared_dispatcher(...)"))
     count = 0
     for name, module in list(model.named_modules()):
         if not _is_moe_block(module):
             continue
         dispatcher = dispatcher_factory()
+        if not isinstance(dispatcher, Dispatcher):
+            raise TypeError(error_message(
+                "dispatcher_factory()", type(dispatcher).__name__, "must return a Dispatcher",
+                "pass e.g. lambda: LocalDispatcher(Placement.contiguous(E, 1))"))
         w = weights_from_block(module, config, dispatcher.placement, dispatcher.rank)
         layer = build_layer(w, dispatcher=dispatcher, experts=experts, weight_mode=weight_mode,
                             dtype=w.gate.dtype, device=w.gate.device)
