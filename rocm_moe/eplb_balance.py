@@ -340,6 +340,10 @@ def max_over_mean(loads_W: torch.Tensor) -> torch.Tensor:
             or loads_W.shape[-1] == 0:
         raise TypeError(error_message("loads_W", describe(loads_W), "must be a [W] or [L, W] "
                                       "tensor", "pass rank_loads(...)"))
+    if loads_W.is_complex() or loads_W.dtype == torch.bool or (loads_W.numel() and not bool(
+            (torch.isfinite(loads_W) & (loads_W >= 0)).all())):  # ([nan, 1] read as balanced)
+        raise ValueError(error_message("loads_W", loads_W.tolist()[:8], "must be finite, real "
+                                       "loads >= 0", "pass rank_loads(...) of a measured load"))
     w = loads_W.to(torch.float64)
     mean, top = w.mean(-1), w.max(-1).values
     return torch.where(mean > 0, top / torch.where(mean > 0, mean, 1.0), 1.0)

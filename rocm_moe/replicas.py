@@ -39,7 +39,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from rocm_moe._checks import check_integer_value, describe, error_message
+from rocm_moe._checks import check_integer, check_integer_value, describe, error_message
 from rocm_moe.placement import ExpertMap, ExpertMask, Placement
 
 _FIX = "pass rocm_moe.eplb_balance.rebalance(...)'s result, or ReplicatedPlacement.initial"
@@ -179,6 +179,11 @@ class ReplicatedPlacement:
 
     def rank_load(self, physical_load_P: torch.Tensor) -> torch.Tensor:
         """[P] counts per physical expert -> [W] per rank (sum of each rank's block)."""
+        if not isinstance(physical_load_P, torch.Tensor) or tuple(physical_load_P.shape) != (
+                self.num_physical,):
+            raise ValueError(error_message(
+                "physical_load_P", describe(physical_load_P), f"must be a [P={self.num_physical}]"
+                " tensor (one count per physical expert)", "pass expert_load().physical"))
         return physical_load_P.reshape(self.world_size, self.num_local).sum(1)
 
     def __eq__(self, other: object) -> bool:
@@ -282,7 +287,12 @@ class ReplicaChoice(nn.Module):
 
     def to_physical(self, topk_ids_TK: torch.Tensor) -> torch.Tensor:
         """[T, K] logical ids (-1 = empty slot) -> [T, K] physical ids in the same dtype, -1
-        kept; candidate (t + k + rank) mod count (see the module docstring)."""
+        kept; candidate (t + k + rank) mod count (see the module docstring). Integer ids only
+        (the forward's routing checked their range; device ops only here)."""
+        check_integer("topk_ids", topk_ids_TK)
+        if topk_ids_TK.dim() != 2:
+            raise ValueError(error_message("topk_ids.shape", list(topk_ids_TK.shape),
+                                           "must be [T, K]", "pass the router's topk_ids"))
         T, K = topk_ids_TK.shape
         g = topk_ids_TK.long().clamp(min=0)
         dev = topk_ids_TK.device

@@ -127,6 +127,20 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (a - e).norm().item() / denom if denom else (a - e).norm().item()
 
 
+def _experts_to_try(experts: object, E: int) -> list[int]:
+    """``run_sanity``'s ``experts``: None (all E), or a non-empty list of distinct ids in
+    [0, E) (an empty list passed with no case run; 99 failed as "not in list")."""
+    if experts is None:
+        return list(range(E))
+    ok = isinstance(experts, (list, tuple)) and experts and all(
+        isinstance(g, int) and not isinstance(g, bool) and 0 <= g < E for g in experts)
+    if not ok or len(set(experts)) != len(experts):
+        raise ValueError(error_message("experts", repr(experts), f"must be None or a non-empty "
+                                       f"list of distinct expert ids in [0, {E})",
+                                       "pass e.g. [0, 3], or None for every expert"))
+    return list(experts)
+
+
 def run_sanity(
     layer: EPMoE,
     *,
@@ -152,7 +166,7 @@ def run_sanity(
     gen = torch.Generator().manual_seed(seed)
     H = layer.hidden_size
     local = list(layer.local_experts)
-    tried = experts if experts is not None else list(range(layer.router.routed_experts))
+    tried = _experts_to_try(experts, layer.router.routed_experts)
     tol = tolerance(layer)
     if expert_weights is None:
         if len(local) != layer.router.routed_experts:

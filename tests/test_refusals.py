@@ -162,3 +162,25 @@ def test_fp8_conversion_and_dequantisation_check_their_arguments():
             with pytest.raises(TypeError, match="dtype="):
                 obj.dequantize(dtype)
     assert rows.dequantize(torch.float32).dtype == torch.float32
+
+
+def test_eplb_helpers_and_sanity_check_their_inputs():
+    from rocm_moe.eplb_balance import max_over_mean
+    from rocm_moe.replicas import ReplicatedPlacement
+    from rocm_moe.sanity import _experts_to_try
+    from tests.test_eplb import _layer as eplb_layer
+
+    rp = ReplicatedPlacement.initial(8, 4, 2)  # E, R, W: P = 12
+    with pytest.raises(ValueError, match=r"physical_load_P=.*must be a \[P=12\]"):
+        rp.rank_load(torch.ones(6))
+    for loads in ([float("nan"), 1.0], [-1.0, 1.0]):  # (both read as balanced, 1.0)
+        with pytest.raises(ValueError, match=r"loads_W=.*must be finite, real loads >= 0"):
+            max_over_mean(torch.tensor(loads))
+    assert float(max_over_mean(torch.tensor([1.0, 3.0]))) == 1.5
+    layer = eplb_layer(R=4)
+    with pytest.raises(TypeError, match=r"topk_ids.dtype=torch.float32"):
+        layer.to_physical(torch.tensor([[1.7, 2.0]]))
+    for experts in ([], [99], 3, [1, 1]):
+        with pytest.raises(ValueError, match="experts="):
+            _experts_to_try(experts, 8)
+    assert _experts_to_try(None, 3) == [0, 1, 2]
