@@ -122,9 +122,18 @@ def torchrun_env() -> tuple[int, int]:
     return rank, world
 
 
+def _seconds(field: str, value: object) -> float:
+    """A finite number of seconds > 0 (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(error_message(field, repr(value), "must be a finite number of "
+                                       "seconds > 0", "pass e.g. 60"))
+    return float(value)
+
+
 def _rendezvous_timeout(given: float | None) -> float:
     if given is not None:
-        return given
+        return _seconds("rendezvous_timeout_s", given)
     raw = os.environ.get("ROCM_MOE_RENDEZVOUS_TIMEOUT_S", str(RENDEZVOUS_TIMEOUT_S))
     try:
         value = float(raw)
@@ -170,6 +179,11 @@ def init_from_env(timeout_s: float = 300, backend: str | None = None,
     once). Meeting the other ranks at MASTER_ADDR:MASTER_PORT takes at most
     ``rendezvous_timeout_s`` (default ``ROCM_MOE_RENDEZVOUS_TIMEOUT_S`` or 120 s), then raises
     ``RendezvousTimeout`` naming the variables; ``timeout_s`` is the collectives' timeout."""
+    _seconds("timeout_s", timeout_s)
+    if backend is not None and backend not in ("gloo", "nccl"):
+        raise ValueError(error_message("backend", repr(backend), "must be 'gloo' or 'nccl'",
+                                       "pass gloo for CPU ranks, nccl for a GPU per rank, or "
+                                       "None (the default for this host)"))
     rank, world_size = torchrun_env()
     wait_s = _rendezvous_timeout(rendezvous_timeout_s)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
@@ -492,10 +506,7 @@ def launch(
         check_integer_value("threads_per_rank", threads_per_rank, minimum=1,
                             fix="pass the intra-op threads of each rank, or None")
     for field, value in (("timeout_s", timeout_s), ("grace_s", grace_s)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or value <= 0:
-            raise ValueError(error_message(field, repr(value), "must be a finite number of "
-                                           "seconds > 0", "pass e.g. 60"))
+        _seconds(field, value)
     backend = backend or default_backend(world_size)
     _check_launch(world_size, worker, args, backend)
     if threads_per_rank is None and backend == "gloo":

@@ -184,3 +184,18 @@ def test_eplb_helpers_and_sanity_check_their_inputs():
         with pytest.raises(ValueError, match="experts="):
             _experts_to_try(experts, 8)
     assert _experts_to_try(None, 3) == [0, 1, 2]
+
+
+def test_init_from_env_checks_its_arguments_before_the_rendezvous(monkeypatch):
+    """backend="glooo" failed an assert after the rendezvous; rendezvous_timeout_s=-5 gave a
+    misleading RendezvousTimeout."""
+    from rocm_moe.distributed import init_from_env
+
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", "1")):
+        monkeypatch.setenv(var, value)
+    for kw, match in ((dict(backend="glooo"), "backend='glooo'"),
+                      (dict(rendezvous_timeout_s=-5), "rendezvous_timeout_s=-5"),
+                      (dict(timeout_s="x"), "timeout_s='x'")):
+        with pytest.raises(ValueError, match=match):
+            init_from_env(**kw)

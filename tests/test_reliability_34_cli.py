@@ -117,6 +117,8 @@ CASES = {
                                     "--zipf-tau only applies with --skew zipf"),
     "layer_skew_scale_without_zipf": (["bench", "layer", "--skew-scale", "2"],
                                       "--skew-scale only applies with --skew zipf"),
+    "experts_formats_without_gpt_oss": (["bench", "experts", "--shapes", "qwen3", "--formats",
+                                         "mxfp4"], "--formats picks the weight formats"),
 }
 
 

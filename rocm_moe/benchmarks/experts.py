@@ -330,6 +330,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"default {DEFAULT_SHAPES}; {list(GPT_OSS)}: gpt-oss's experts, a row "
                    "set per --formats")
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS),
+                   action=argtypes.Given,
                    help="gpt-oss shapes: the weight formats to time (bf16: the Triton experts, "
                    "mxfp4: the MXFP4 ones), each against its own weight-read floor")
     p.add_argument("--paths", nargs="+", default=["auto"], choices=["auto", "small", "grouped"],
@@ -347,6 +348,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run it with parsed ``args``; ``parser`` reports a machine that cannot run it."""
+    if "--formats" in argtypes.given(args) and not set(args.shapes) & set(GPT_OSS):
+        parser.error(f"--formats picks the weight formats of the gpt-oss shapes "
+                     f"{list(GPT_OSS)}, and --shapes {' '.join(args.shapes)} has none (it "
+                     "would be ignored): add one or drop --formats")
     if not torch.cuda.is_available():
         parser.error("needs a GPU (it times the Triton experts), and torch sees none here "
                      "(torch.cuda.is_available() is False); run it on a CUDA or ROCm machine")
