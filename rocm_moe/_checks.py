@@ -25,29 +25,23 @@ def error_message(field: str, value: object, rule: str, fix: str) -> str:
     return f"{field}={value}: {rule}. Fix: {fix}."
 
 
-def env_count(name: str, default: int, fix: str) -> int:
-    """The environment variable ``name`` as an int >= 0 (digits only), ``default`` where it is
-    unset or empty; anything else a ValueError naming it, with ``fix``."""
+def env_count(name: str, default: int | None, fix: str, *, minimum: int = 0,
+              rule: str = "must be an int >= 0") -> int | None:
+    """The environment variable ``name`` as an int >= ``minimum`` (ASCII digits only),
+    ``default`` where it is unset or empty; anything else a ValueError naming it, with ``rule``
+    and ``fix``."""
     env = os.environ.get(name, "")
     if env == "":
         return default
-    if not (env.isascii() and env.isdigit()):  # ("²".isdigit() is True; int() refuses it)
-        raise ValueError(error_message(name, repr(env), "must be an int >= 0", fix))
+    if not (env.isascii() and env.isdigit()) or int(env) < minimum:  # ("²".isdigit() is True)
+        raise ValueError(error_message(name, repr(env), rule, fix))
     return int(env)
 
 
 def env_tokens(name: str, fix: str) -> int | None:
-    """The environment variable ``name`` as a token capacity, an int >= 1 (ASCII digits), None
-    where it is unset or empty; anything else a ValueError naming it, with ``fix``. (The
-    serving plug-ins' ROCM_MOE_*_MAX_TOKENS: each engine then checks it against its largest
-    CUDA-graph batch.)"""
-    env = os.environ.get(name, "")
-    if env == "":
-        return None
-    if not (env.isascii() and env.isdigit()) or int(env) < 1:
-        raise ValueError(error_message(name, repr(env), "must be an integer >= 1 (tokens per "
-                                       "rank)", fix))
-    return int(env)
+    """The serving plug-ins' ROCM_MOE_*_MAX_TOKENS: a token capacity >= 1, None where unset or
+    empty (``env_count``; each engine then checks it against its largest CUDA-graph batch)."""
+    return env_count(name, None, fix, minimum=1, rule="must be an integer >= 1 (tokens per rank)")
 
 
 SWITCH_ON = ("1", "true", "yes", "on")
