@@ -106,15 +106,19 @@ class DispatchResult:
                     expected_rows=min(self.x.shape[0], num_tokens * world_size))
 
 
+def require_placement(placement: object) -> None:
+    if not isinstance(placement, Placement):
+        raise TypeError(error_message("placement", type(placement).__name__,
+                                      "must be a rocm_moe.Placement",
+                                      "use Placement.contiguous(E, W)"))
+
+
 def join_group(placement: Placement, group, backend: str):
     """(group, rank) of a multi-rank backend: torch.distributed must be initialised and the
     group's size must equal the placement's world size."""
     import torch.distributed as dist
 
-    if not isinstance(placement, Placement):
-        raise TypeError(error_message("placement", type(placement).__name__,
-                                      "must be a rocm_moe.Placement",
-                                      "use Placement.contiguous(E, W)"))
+    require_placement(placement)
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(error_message(
             "torch.distributed", "not initialised", f"the {backend} backend runs on a process "
@@ -255,10 +259,7 @@ class Dispatcher(ABC):
         top_k: int | None = None,
         dtype: torch.dtype | None = None,
     ):
-        if not isinstance(placement, Placement):
-            raise TypeError(error_message("placement", type(placement).__name__,
-                                          "must be a rocm_moe.Placement",
-                                          "use Placement.contiguous(E, W)"))
+        require_placement(placement)
         placement.num_local(rank)  # validates rank
         check_dispatcher_args(hidden_size=hidden_size, top_k=top_k, dtype=dtype,
                               max_tokens_per_rank=max_tokens_per_rank)

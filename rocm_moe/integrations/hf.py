@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from rocm_moe._checks import check_finite, check_integer_value, error_message
-from rocm_moe.comm.base import Dispatcher
+from rocm_moe.comm.base import Dispatcher, require_placement
 from rocm_moe.experts.base import PLAIN, Experts, ExpertVariant, variant_kwargs
 from rocm_moe.experts.reference import ReferenceExperts
 from rocm_moe.families import (
@@ -432,9 +432,7 @@ def load_moe_layer(directory: str | Path, layer: int, placement: Placement, rank
                    *, checkpoint: Checkpoint | None = None) -> MoELayerWeights:
     """Read layer ``layer``'s MoE weights for ``rank``: its experts only. Every tensor is
     checked (floating, finite, shaped as config.json says) before use."""
-    if not isinstance(placement, Placement):
-        raise TypeError(error_message("placement", type(placement).__name__, "must be a "
-                                      "rocm_moe.Placement", "pass Placement.contiguous(E, W)"))
+    require_placement(placement)
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         raise TypeError(error_message("checkpoint", type(checkpoint).__name__, "must be a "
                                       "Checkpoint or None", "pass Checkpoint(directory)"))
