@@ -92,6 +92,9 @@ class GraphedEPMoE:
 
     def bucket(self, num_tokens: int) -> int:
         check_integer_value("num_tokens", num_tokens, minimum=0)  # (0: a rank with no tokens)
+        return self._bucket(num_tokens)
+
+    def _bucket(self, num_tokens: int) -> int:
         i = bisect.bisect_left(self.buckets, num_tokens)
         if i == len(self.buckets):
             raise ValueError(error_message(
@@ -101,16 +104,23 @@ class GraphedEPMoE:
 
     def __call__(self, x_TH: torch.Tensor) -> torch.Tensor:
         static = self.inputs[self.buckets[-1]]
-        check_tensor("x", x_TH, shape=(None, static.shape[1]), dtypes=(static.dtype,),
-                     fix=f"pass [T, {static.shape[1]}] {static.dtype} rows on {static.device} "
-                     "(the captured graph copies them as they are)")
-        if x_TH.device != static.device:
-            raise ValueError(error_message("x.device", x_TH.device, f"must be the captured "
-                                           f"graph's {static.device}", "move the rows there"))
+        if not (isinstance(x_TH, torch.Tensor) and x_TH.dim() == 2  # (a replay's host cost:
+                and x_TH.shape[1] == static.shape[1] and x_TH.dtype == static.dtype  # these
+                and x_TH.device == static.device):  # compares; the messages only on a miss)
+            _refuse_rows(x_TH, static)
         T = x_TH.shape[0]
-        B = self.bucket(T)
+        B = self._bucket(T)
         static = self.inputs[B]
         static[:T].copy_(x_TH)
         static[T:].zero_()
         self.graphs[B].replay()
         return self.outputs[B][:T]
+
+
+def _refuse_rows(x_TH: object, static: torch.Tensor) -> None:
+    """The error for rows a captured graph cannot take (``GraphedEPMoE.__call__``)."""
+    check_tensor("x", x_TH, shape=(None, static.shape[1]), dtypes=(static.dtype,),
+                 fix=f"pass [T, {static.shape[1]}] {static.dtype} rows on {static.device} "
+                 "(the captured graph copies them as they are)")
+    raise ValueError(error_message("x.device", x_TH.device, f"must be the captured graph's "
+                                   f"{static.device}", "move the rows there"))
