@@ -193,10 +193,16 @@ def _check_call(*, return_raw: object, trace: object, **tensors: object) -> None
                                            "tensor)", "materialise it on the layer's device"))
 
 
-def _num_nodes_refusal(num_nodes: object, world_size: int, phys_to_log) -> Exception | None:
-    """``rebalance``'s ``num_nodes``: an int >= 1 dividing the EP size, and only with a table
-    to compute (a given ``phys_to_log`` is not balanced: the value would be ignored)."""
+def _rebalance_refusal(num_nodes: object, experts_per_round: object, world_size: int,
+                       phys_to_log) -> Exception | None:
+    """``rebalance``'s own arguments' error, or None (it joins the table exchange, so a rank
+    refusing them is named by its peers instead of leaving them in a collective):
+    ``experts_per_round`` an int >= 1; ``num_nodes`` an int >= 1 dividing the EP size, and
+    only with a table to compute (a given ``phys_to_log`` is not balanced: it would be
+    ignored)."""
     try:
+        check_integer_value("experts_per_round", experts_per_round, minimum=1,
+                            fix="pass how many experts the group moves per round")
         check_integer_value("num_nodes", num_nodes, minimum=1, fix="pass 1 for one node")
         if phys_to_log is not None and num_nodes != 1:
             raise ValueError(error_message(
@@ -699,11 +705,9 @@ class EPMoE(nn.Module):
         from rocm_moe import eplb
 
         self._require_eplb("rebalance")
-        check_integer_value("experts_per_round", experts_per_round, minimum=1,
-                            fix="pass how many experts the group moves per round")
         old, rank = self._replicas, self.dispatcher.rank
         group, timeout_s = self._eplb_group()
-        bad = _num_nodes_refusal(num_nodes, old.world_size, phys_to_log)
+        bad = _rebalance_refusal(num_nodes, experts_per_round, old.world_size, phys_to_log)
         load = self.expert_load(scope="group") if phys_to_log is None else None  # (collective)
         try:  # a rank's error joins the table exchange: its peers raise too, none waits
             if bad is not None:

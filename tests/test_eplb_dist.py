@@ -167,8 +167,9 @@ def _check_refusals(info) -> dict:
     for case, table in (("bad_on_last", torch.arange(E + R) % (E - 1) if rank == W - 1
                          else good),
                         ("differ", good.flip(0) if rank == 0 else good),
-                        ("num_nodes_on_last", None)):
-        kw = dict(num_nodes=W + 1) if case == "num_nodes_on_last" and rank == W - 1 else {}
+                        ("num_nodes_on_last", None), ("experts_per_round_on_last", good)):
+        kw = {"num_nodes_on_last": dict(num_nodes=W + 1), "experts_per_round_on_last": dict(
+            experts_per_round=0)}.get(case, {}) if rank == W - 1 else {}
         try:
             layer.rebalance(table, **kw)
             seen[case] = None
@@ -286,6 +287,13 @@ def test_bad_or_differing_tables_are_refused_on_every_rank(W):
         if rank == W - 1:                              # peers waited in the table exchange)
             assert (kind, peer) == ("ValueError", False)
             assert f"num_nodes={W + 1}: must divide the EP size {W}" in msg
+        else:
+            assert peer, msg
+            assert f"rank(s) [{W - 1}] refused" in msg
+        kind, peer, msg = seen["experts_per_round_on_last"]  # (was raised on that rank alone:
+        if rank == W - 1:                                      # its peers timed out)
+            assert (kind, peer) == ("ValueError", False)
+            assert "experts_per_round=0: must be >= 1" in msg
         else:
             assert peer, msg
             assert f"rank(s) [{W - 1}] refused" in msg
